@@ -1,0 +1,7 @@
+"""flowalign: align flow-matching generators with rewards.
+
+Heavy dependencies (diffusers, transformers, open_clip) are imported inside loader functions so that
+``import flowalign`` stays fast.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""The ``flowalign`` command.
+
+Each subcommand lives in the module that owns it and exposes ``cli_main(argv) -> int``; this file only
+dispatches (lazily, so ``flowalign --help`` is fast). A ``UserError`` anywhere prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from flowalign.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("flowalign.train", "fine-tune a model with GRPO from a YAML config (+ dotted overrides)"),
+    "sample": ("flowalign.sample", "sample an image grid from a model (optional LoRA, chosen sampler)"),
+    "eval": ("flowalign.evaluate", "evaluate a model on a prompt set x rewards -> results.jsonl, summary.json, report"),
+    "report": ("flowalign.report", "(re)build report.html for a run directory"),
+    "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes model)"),
+    "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
+    "bench": ("flowalign.bench", "benchmarks that print measured figures (e.g. `bench shapes-sample`)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: flowalign <command> [args]", "", "commands:"]
+    for name, (_, doc) in COMMANDS.items():
+        lines.append(f"  {name:<10} {doc}")
+    lines += ["", "Run `flowalign <command> --help` for the command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_usage() + "\n")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        sys.stderr.write(f"flowalign: unknown command {cmd!r}{hint} (see `flowalign --help`)\n")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    module = importlib.import_module(COMMANDS[cmd][0])
+    try:
+        return int(module.cli_main(rest) or 0)
+    except UserError as err:
+        sys.stderr.write(f"flowalign {cmd}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

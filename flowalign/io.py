@@ -1,0 +1,178 @@
+"""Safe file writes for run directories (DESIGN.md §5: writes are atomic, temp file + rename).
+
+A crash (or a kill from a scheduler) in the middle of a write must never leave a half-written
+``config.yaml``, ``summary.json``, checkpoint or PNG behind: every writer here writes a temporary file in the
+same directory, flushes and fsyncs it, then ``os.replace``s it over the target (atomic on POSIX and Windows
+within one filesystem). ``metrics.jsonl`` is appended one whole line per ``write`` call, and the reader
+tolerates a truncated last line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _tmp_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Make the rename itself durable; not supported everywhere (e.g. Windows), where it is skipped.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parents created). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (parents created). Returns the path."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, paths, tuples and dataclasses into plain JSON values (recursively)."""
+    import dataclasses
+
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    # torch / numpy without importing them: both expose .tolist() (and .item() for scalars)
+    if hasattr(obj, "tolist"):
+        return to_jsonable(obj.tolist())
+    if hasattr(obj, "item"):
+        return to_jsonable(obj.item())
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` (converted with :func:`to_jsonable`) as JSON atomically. NaN is written as ``NaN``."""
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=indent, sort_keys=False) + "\n")
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save(obj, path)`` atomically (optimizer / RNG / sampler state in checkpoints)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[Path]:
+    """Build a directory atomically: yields a temporary sibling directory; on success it replaces ``path``.
+
+    Used for ``checkpoints/step-N/``: a reader never sees a checkpoint with only some of its files. If ``path``
+    exists it is replaced (moved aside, then deleted) once the new one is complete. On an exception the
+    temporary directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        old.rmdir()
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def append_jsonl(path: PathLike, record: dict) -> None:
+    """Append one JSON object as one line (a single ``write`` on an ``O_APPEND`` file, then flush + fsync)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(to_jsonable(record)) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    """Read a JSONL file; blank lines are skipped and a truncated *last* line (a crash mid-append) is ignored
+    with a warning. A corrupt line elsewhere raises ``ValueError`` naming the line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: list[dict] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                logger.warning("%s:%d: ignoring a truncated last line (%s)", path, i + 1, err.msg)
+                break
+            raise ValueError(f"{path}:{i + 1}: invalid JSON line ({err.msg})") from None
+    return out
+
+
+def is_finite_number(x: Any) -> bool:
+    """True for int/float values (not bool) that are finite."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,178 @@
+"""Generic LoRA utilities over any ``nn.Module`` (peft backend), shared by every model adapter.
+
+* ``add_lora`` injects peft LoRA layers in place. With ``init="gaussian"`` (METHODS.md §3.7) B = 0,
+  so the adapter is an exact no-op at init. Base weights are frozen; LoRA weights are kept in fp32
+  (fp32 master weights; peft casts the activations to the LoRA dtype and the result back).
+* ``lora_disabled`` is the reference policy: the same module with the adapter switched off (no copy).
+* ``save_lora`` writes ``pytorch_lora_weights.safetensors`` in the diffusers/peft convention
+  (keys ``transformer.<module path>.lora_A.weight``; the peft ``LoraConfig`` as JSON in the
+  safetensors metadata under ``lora_adapter_metadata``, keys prefixed ``transformer.``), which
+  ``pipe.load_lora_weights(dir)`` reads with the right rank and alpha.
+* ``load_lora`` reads it back bitwise; it injects the adapter from the stored config when the module
+  has none yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+PREFIX = "transformer"  # diffusers' component prefix for the denoiser
+
+
+def _tuner_layers(module: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def has_lora(module: nn.Module, adapter_name: str = "default") -> bool:
+    return adapter_name in (getattr(module, "peft_config", None) or {})
+
+
+def add_lora(
+    module: nn.Module,
+    targets: Sequence[str],
+    rank: int,
+    alpha: int,
+    *,
+    init: str | bool = "gaussian",
+    adapter_name: str = "default",
+) -> list[nn.Parameter]:
+    """Inject LoRA (rank ``rank``, scale ``alpha / rank``) into ``module`` in place; returns the trainable LoRA parameters.
+
+    ``targets`` are peft ``target_modules`` names, matched as module-path suffixes (e.g. ``attn.to_q``).
+    Everything but the LoRA weights is frozen.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if has_lora(module, adapter_name):
+        raise ValueError(f"module already has a LoRA adapter named {adapter_name!r}")
+    config = LoraConfig(r=int(rank), lora_alpha=int(alpha), init_lora_weights=init, target_modules=list(targets))
+    if hasattr(module, "_hf_peft_config_loaded") and callable(getattr(module, "add_adapter", None)):
+        module.add_adapter(config, adapter_name=adapter_name)  # diffusers ModelMixin: keeps its adapter bookkeeping
+    else:
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    if not _tuner_layers(module):
+        raise ValueError(f"no module of {type(module).__name__} matches the LoRA targets {list(targets)}")
+    for name, p in module.named_parameters():
+        is_lora = ".lora_" in name and f".{adapter_name}." in name
+        p.requires_grad_(is_lora)
+        if is_lora and p.dtype != torch.float32:
+            p.data = p.data.float()  # fp32 master weights (METHODS.md §3.7)
+    params = lora_parameters(module, adapter_name)
+    logger.info("LoRA r=%d alpha=%d on %d tensors (%d parameters)", rank, alpha, len(params),
+                sum(p.numel() for p in params))
+    return params
+
+
+def lora_parameters(module: nn.Module, adapter_name: str = "default") -> list[nn.Parameter]:
+    """The LoRA tensors of ``adapter_name`` in ``module``, in ``named_parameters`` order."""
+    return [p for n, p in module.named_parameters() if ".lora_" in n and n.endswith(f".{adapter_name}.weight")]
+
+
+def lora_state_dict(module: nn.Module, adapter_name: str = "default") -> dict[str, Tensor]:
+    """peft-convention state dict (adapter name stripped: ``<path>.lora_A.weight``), detached, on CPU."""
+    from peft import get_peft_model_state_dict
+
+    if not has_lora(module, adapter_name):
+        raise ValueError(f"module has no LoRA adapter named {adapter_name!r}")
+    sd = get_peft_model_state_dict(module, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+@contextlib.contextmanager
+def lora_disabled(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` as its base model (every adapter off), restoring adapters and ``requires_grad`` after.
+
+    This is the reference policy of the KL term: exact, and no second copy of the weights.
+    """
+    layers = _tuner_layers(module)
+    was_disabled = [bool(m.disable_adapters) for m in layers]
+    grads = [(p, p.requires_grad) for n, p in module.named_parameters() if ".lora_" in n]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for m, off in zip(layers, was_disabled):
+            m.enable_adapters(not off)
+        for p, g in grads:  # peft's enable_adapters(True) sets requires_grad=True on every active adapter
+            p.requires_grad_(g)
+
+
+def _config_dict(module: nn.Module, adapter_name: str) -> dict:
+    cfg = module.peft_config[adapter_name].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+
+
+def save_lora(module: nn.Module, directory, *, adapter_name: str = "default", prefix: str = PREFIX) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` (atomically) as diffusers' ``load_lora_weights`` reads it."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{prefix}.{k}": v for k, v in lora_state_dict(module, adapter_name).items()}
+    meta = {f"{prefix}.{k}": v for k, v in _config_dict(module, adapter_name).items()}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True, default=str)}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, directory / WEIGHT_NAME)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return directory / WEIGHT_NAME
+
+
+def read_lora(directory, *, prefix: str = PREFIX) -> tuple[dict[str, Tensor], dict | None]:
+    """(peft state dict with ``prefix.`` stripped, LoraConfig kwargs or None) from a ``save_lora`` directory or file."""
+    from safetensors import safe_open
+
+    path = Path(directory)
+    path = path / WEIGHT_NAME if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"no LoRA file at {path}")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+        sd = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    config = None
+    if raw:
+        config = {k[len(prefix) + 1:]: v for k, v in json.loads(raw).items() if k.startswith(prefix + ".")}
+    if not sd:
+        raise ValueError(f"{path} holds no '{prefix}.' LoRA tensors")
+    return sd, config
+
+
+def load_lora(module: nn.Module, directory, *, adapter_name: str = "default", prefix: str = PREFIX) -> None:
+    """Load a ``save_lora`` file into ``module`` (bitwise); inject the adapter from the stored config if absent."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    sd, config = read_lora(directory, prefix=prefix)
+    if not has_lora(module, adapter_name):
+        if config is None:
+            raise ValueError(f"{directory}: no LoRA config metadata; add_lora(...) with the right targets first")
+        cfg = LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__})
+        add_lora(module, cfg.target_modules, cfg.r, cfg.lora_alpha, init=cfg.init_lora_weights,
+                 adapter_name=adapter_name)
+    expected = set(lora_state_dict(module, adapter_name))
+    if set(sd) != expected:
+        missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        raise ValueError(f"LoRA keys do not match the module: missing {missing[:3]}, unexpected {extra[:3]}")
+    result = set_peft_model_state_dict(module, sd, adapter_name=adapter_name)
+    bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
+    if bad:
+        raise ValueError(f"unexpected LoRA keys when loading {directory}: {bad[:3]}")

@@ -1,0 +1,284 @@
+"""The built-in shapes model: a small pixel-space MMDiT text-to-image flow model (SHAPES_WORLD.md §4).
+
+- Pixel space, no VAE: images in [0, 1] are scaled to x ∈ [-1, 1]; ``decode`` maps back and clamps.
+- Denoiser: diffusers' ``SD3Transformer2DModel`` with a small config (the same MMDiT code, LoRA target
+  names and timestep handling as SD3.5: the transformer receives ``timestep = 1000·σ``).
+- Text encoder: a word-level tokenizer over the grammar's vocabulary (+ ``<pad>``, ``<unk>``, ``<empty>``),
+  a learned embedding and a small ``nn.TransformerEncoder`` → ``encoder_hidden_states`` [B, L, D] and a
+  pooled vector [B, P]; trained jointly with the denoiser. The empty prompt is the unconditional branch
+  (caption dropout at pretraining), so classifier-free guidance works as for SD3.
+
+The checkpoint is one ``model.safetensors`` (keys ``transformer.*`` and ``text_encoder.*``) and a
+``config.json`` (architecture, vocabulary and sampling defaults); the shipped one lives in the package
+data ``flowalign/assets/shapes`` and loads with no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowalign.errors import UserError
+from flowalign.types import Cond
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<empty>")
+PAD, UNK, EMPTY = 0, 1, 2
+SHAPES_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass
+class ShapesConfig:
+    """Architecture, vocabulary and sampling defaults of a shapes model (saved as ``config.json``)."""
+
+    vocab: list[str] = field(default_factory=list)  # grammar words (special tokens are prepended)
+    image_size: int = 32  # H = W in pixels
+    channels: int = 3
+    # denoiser (SD3Transformer2DModel)
+    patch_size: int = 4
+    num_layers: int = 6
+    num_heads: int = 4
+    head_dim: int = 32
+    # text encoder
+    text_dim: int = 128  # = joint_attention_dim of the transformer
+    text_layers: int = 2
+    text_heads: int = 4
+    max_len: int = 12  # prompts are padded to this many tokens (the grammar's longest prompt has 10 words)
+    pooled_dim: int = 128
+    # sampling defaults
+    shift: float = 1.0  # shifted_linear(steps, shift)
+    guidance_scale: float = 4.0
+    sample_steps: int = 12
+    # LoRA defaults
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+    def transformer_config(self) -> dict[str, Any]:
+        return dict(sample_size=self.image_size, patch_size=self.patch_size, in_channels=self.channels,
+                    out_channels=self.channels, num_layers=self.num_layers, attention_head_dim=self.head_dim,
+                    num_attention_heads=self.num_heads, joint_attention_dim=self.text_dim,
+                    caption_projection_dim=self.num_heads * self.head_dim, pooled_projection_dim=self.pooled_dim,
+                    pos_embed_max_size=self.image_size // self.patch_size)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShapesConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown shapes model config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class ShapesTextEncoder(nn.Module):
+    """Word-level text encoder: tokens → embedding + positions → pre-LN transformer → hidden states, pooled.
+
+    The pooled vector is the masked mean of the final hidden states through a linear projection.
+    """
+
+    def __init__(self, vocab: Sequence[str], dim: int = 128, layers: int = 2, heads: int = 4, max_len: int = 12,
+                 pooled_dim: int = 128):
+        super().__init__()
+        self.tokens = list(SPECIAL_TOKENS) + [w for w in vocab if w not in SPECIAL_TOKENS]
+        self.index = {w: i for i, w in enumerate(self.tokens)}
+        self.max_len = max_len
+        self.embed = nn.Embedding(len(self.tokens), dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.pool = nn.Linear(dim, pooled_dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def words(self, prompt: str) -> list[str]:
+        return prompt.lower().replace(",", " ").replace(".", " ").split()
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token ids [B, L] and a validity mask [B, L]; raises UserError naming any unknown word."""
+        ids = torch.full((len(prompts), self.max_len), PAD, dtype=torch.long)  # [B, L]
+        mask = torch.zeros(len(prompts), self.max_len, dtype=torch.bool)  # [B, L]
+        for i, p in enumerate(prompts):
+            words = self.words(p)
+            if not words:
+                toks = [EMPTY]
+            else:
+                toks = []
+                for w in words:
+                    if w not in self.index or w in SPECIAL_TOKENS:
+                        raise UserError(f"prompt {p!r}: unknown word {w!r} (the shapes model knows only the "
+                                        f"shapes grammar: {', '.join(self.tokens[len(SPECIAL_TOKENS):])})")
+                    toks.append(self.index[w])
+            if len(toks) > self.max_len:
+                raise UserError(f"prompt {p!r} has {len(toks)} words; the shapes model takes at most {self.max_len}")
+            ids[i, : len(toks)] = torch.tensor(toks)
+            mask[i, : len(toks)] = True
+        return ids, mask
+
+    def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.embed(ids) + self.pos[: ids.shape[1]]  # [B, L, D]
+        h = self.encoder(h, src_key_padding_mask=~mask)  # [B, L, D]
+        h = self.norm(h)
+        m = mask.to(h.dtype).unsqueeze(-1)  # [B, L, 1]
+        pooled = self.pool((h * m).sum(1) / m.sum(1).clamp_min(1.0))  # [B, P]
+        return h, pooled
+
+
+def _asset_dir() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("flowalign") / "assets" / "shapes"))
+
+
+class ShapesModel(nn.Module):
+    """The shapes text-to-image flow model, implementing ``FlowModel`` (DESIGN.md §3).
+
+    ``velocity`` applies classifier-free guidance by batch doubling with ``self.guidance_scale``
+    (v = v_u + w·(v_c − v_u), METHODS.md §0.1); at w = 1 it runs one conditional forward.
+    """
+
+    def __init__(self, config: ShapesConfig, guidance_scale: Optional[float] = None):
+        super().__init__()
+        from diffusers import SD3Transformer2DModel
+
+        if not config.vocab:
+            raise UserError("shapes model config has an empty vocabulary")
+        self.config = config
+        self.transformer = SD3Transformer2DModel(**config.transformer_config())
+        self.text_encoder = ShapesTextEncoder(config.vocab, config.text_dim, config.text_layers, config.text_heads,
+                                              config.max_len, config.pooled_dim)
+        self.guidance_scale = float(config.guidance_scale if guidance_scale is None else guidance_scale)
+        self.lora_targets: tuple[str, ...] = SHAPES_LORA_TARGETS
+        self.lora_rank = config.lora_rank
+        self.lora_alpha = config.lora_alpha
+
+    # ---- construction / IO -------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ShapesConfig | dict[str, Any], **kwargs: Any) -> "ShapesModel":
+        """A freshly initialised model (random weights) from a config or its dict; vocab defaults to the grammar's."""
+        if isinstance(config, dict):
+            config = ShapesConfig.from_dict(config)
+        if not config.vocab:
+            from flowalign.shapes.grammar import vocabulary
+
+            config = dataclasses.replace(config, vocab=list(vocabulary()))
+        return cls(config, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str = "", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        guidance_scale: Optional[float] = None) -> "ShapesModel":
+        """Load a checkpoint directory (``model.safetensors`` + ``config.json``); '' = the shipped model."""
+        from safetensors.torch import load_file
+
+        root = _asset_dir() if path in ("", None) else Path(path)
+        cfg_file, w_file = root / "config.json", root / "model.safetensors"
+        if not cfg_file.is_file() or not w_file.is_file():
+            raise UserError(f"no shapes model at {str(root)!r} (expected config.json and model.safetensors there); "
+                            "use '' for the shipped model or a directory written by `flowalign pretrain`")
+        config = ShapesConfig.from_dict(json.loads(cfg_file.read_text()))
+        model = cls(config, guidance_scale=guidance_scale)
+        missing, unexpected = model.load_state_dict(load_file(str(w_file)), strict=False)
+        if missing or unexpected:
+            raise UserError(f"shapes checkpoint {str(w_file)!r} does not match its config "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        model.eval().requires_grad_(False)
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (atomically: temp files then rename)."""
+        from safetensors.torch import save_file
+
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        _atomic(root / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+        cfg = json.dumps(dataclasses.asdict(self.config), indent=1)
+        _atomic(root / "config.json", lambda p: Path(p).write_text(cfg))
+
+    # ---- FlowModel ---------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_encoder.embed.weight.dtype
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.channels, c.image_size, c.image_size)
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Per-prompt rows (dim 0 = len(prompts)): conditional and unconditional (empty prompt) embeddings."""
+        prompts = list(prompts)
+        ids, mask = self.text_encoder.tokenize(prompts + [""])
+        h, pooled = self.text_encoder(ids.to(self.device), mask.to(self.device))  # [N+1, L, D], [N+1, P]
+        n = len(prompts)
+        return {
+            "hidden": h[:n],  # [N, L, D]
+            "pooled": pooled[:n],  # [N, P]
+            "hidden_uncond": h[n:].expand(n, -1, -1),  # [N, L, D]
+            "pooled_uncond": pooled[n:].expand(n, -1),  # [N, P]
+        }
+
+    def schedule(self, steps: int) -> Tensor:
+        from flowalign.samplers.schedules import shifted_linear
+
+        return shifted_linear(steps, self.config.shift)  # [T+1]
+
+    def init_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        dev = generator.device if generator is not None else self.device
+        x = torch.randn((n, *self.latent_shape), generator=generator, device=dev, dtype=torch.float32)
+        return x.to(self.device)  # [n, C, H, W]
+
+    def forward_transformer(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Tensor) -> Tensor:
+        """One denoiser forward: v_θ(x, σ | text); σ → timestep 1000·σ as for SD3 (METHODS.md §1.5)."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])  # [B]
+        out = self.transformer(hidden_states=x.to(self.dtype), encoder_hidden_states=hidden.to(self.dtype),
+                               pooled_projections=pooled.to(self.dtype), timestep=(1000.0 * sigma).to(self.dtype),
+                               return_dict=False)[0]
+        return out  # [B, C, H, W]
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        w = self.guidance_scale
+        if w == 1.0:
+            return self.forward_transformer(x, sigma, cond["hidden"], cond["pooled"])
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])  # [B]
+        v = self.forward_transformer(
+            torch.cat([x, x]), torch.cat([sigma, sigma]),
+            torch.cat([cond["hidden_uncond"], cond["hidden"]]), torch.cat([cond["pooled_uncond"], cond["pooled"]]))
+        v_u, v_c = v.float().chunk(2)  # [B, C, H, W] each; fp32 for the guidance combination
+        return v_u + w * (v_c - v_u)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)  # [B, 3, H, W] in [0, 1]
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] → data x ∈ [-1, 1] (the inverse of ``decode``; used by pretraining)."""
+        return images.to(self.device, self.dtype) * 2.0 - 1.0
+
+    def num_parameters(self) -> dict[str, int]:
+        return {"transformer": sum(p.numel() for p in self.transformer.parameters()),
+                "text_encoder": sum(p.numel() for p in self.text_encoder.parameters())}
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,109 @@
+"""Core types shared by every part of flowalign (DESIGN.md §3).
+
+Index convention everywhere: step ``t`` maps ``x_t`` (at ``sigmas[t]``) to ``x_{t+1}`` (at
+``sigmas[t+1]``); ``sigmas[0] = 1`` is noise, ``sigmas[T] = 0`` is data, ``dt < 0``.
+
+This module imports nothing from the package (an import-direction test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor, nn
+
+Cond = dict[str, Tensor]
+"""Batch-first conditioning tensors; keys are private to the adapter that made them."""
+
+
+@runtime_checkable
+class FlowModel(Protocol):
+    """A flow-matching generator as a velocity field v(x, σ | prompt).
+
+    Path: x_σ = (1-σ)·x_data + σ·ε; velocity v = ε − x_data.
+    """
+
+    transformer: nn.Module  # the module that LoRA wraps
+    lora_targets: tuple[str, ...]
+
+    def encode(self, prompts: Sequence[str]) -> Cond:  # includes the unconditional branch if CFG
+        ...
+
+    def schedule(self, steps: int) -> Tensor:  # [T+1], 1 → 0, model-specific shift applied here
+        ...
+
+    def init_noise(self, n: int, generator: Any = None) -> Tensor:  # [n, *latent]
+        ...
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:  # CFG inside; σ → timestep inside
+        ...
+
+    def decode(self, x: Tensor) -> Tensor:  # [B,3,H,W] or [B,F,3,H,W] in [0,1]
+        ...
+
+
+class Transition(NamedTuple):
+    """One reverse step as a Gaussian N(mean, std²·I)."""
+
+    mean: Tensor  # [B, *latent]
+    std: Tensor  # broadcastable to mean; 0 ⇒ deterministic (not trainable)
+
+
+StepKernel = Callable[..., Transition]
+"""(x, v, sigma, sigma_next, eta, *, sigma_1=...) -> Transition. Pure; Euler exactly at eta = 0."""
+
+VelocityFn = Callable[[Tensor, Tensor, Cond], Tensor]
+"""(x [B,*latent], sigma [B], cond (batch-aligned)) -> v [B,*latent]."""
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A batch of chains. The shapes in comments are part of the contract."""
+
+    latents: Tensor  # [B, T+1, *latent]   fp32
+    sigmas: Tensor  # [T+1]
+    eta: Tensor  # [T]   noise scale per step; 0 ⇒ ODE step
+    log_probs: Tensor  # [B, T] log p_old(x_{t+1} | x_t), reduced; 0 where eta == 0
+    cond: Cond  # per prompt, indexed by cond_index
+    cond_index: Tensor  # [B]
+    group: Tensor  # [B]   rollouts compared with each other
+    prompts: tuple[str, ...]  # per prompt (len = number of cond rows)
+    velocities: Optional[Tensor] = None  # [B, T, *latent] cached v_t (for probes), if kept
+    means: Optional[Tensor] = None  # [B, T, *latent] kernel means μ_old (GRPO-Guard), if kept
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return int(self.sigmas.shape[0]) - 1
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def final(self) -> Tensor:  # [B, *latent]
+        return self.latents[:, -1]
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """Scores images [B,3,H,W] (or videos [B,F,3,H,W]) in [0,1] → float32 [B] (NaN = not applicable)."""
+
+    name: str
+    differentiable: bool
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        ...
+
+
+class Credit(NamedTuple):
+    """What a credit assigner returns, per transition of a trajectory batch."""
+
+    advantages: Tensor  # [B, T] (0 where a step is not trained)
+    weights: Optional[Tensor] = None  # [B, T] positive per-step weights, or None
+    heads: Optional[Mapping[str, Tensor]] = None  # extra advantage heads (e.g. a process head), [B, T] each
+
+
+CreditAssigner = Callable[..., Credit]
+"""(trajectory group data, terminal rewards, values if needed) -> Credit."""

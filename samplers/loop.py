@@ -1,0 +1,180 @@
+"""The sampling loop, branching, and re-scoring of stored transitions (METHODS.md §2, DESIGN.md §1).
+
+One loop serves ODE sampling, full SDE and windowed SDE: the per-step η tensor decides which steps are
+stochastic (η_t > 0) and carry a log-probability. The loop draws ξ; kernels only return Gaussians.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.samplers.kernels import gaussian_log_prob, get_kernel
+from flowalign.types import Cond, Trajectory, Transition, VelocityFn
+
+
+def gather_cond(cond: Cond, index: Tensor) -> Cond:
+    """Rows of a per-prompt Cond for each sample (``index`` [B] into dim 0 of every tensor)."""
+    return {k: v.index_select(0, index.to(v.device)) for k, v in cond.items()}
+
+
+def eta_schedule(steps: int, eta: float | Tensor = 0.0, *, window: Optional[tuple[int, int]] = None,
+                 last_step_noise: bool = False) -> Tensor:
+    """Per-step noise scale η [T].
+
+    A float gives η on every step; ``window=(t0, n)`` keeps η only on steps t0 … t0+n−1 (Flow-GRPO-Fast /
+    MixGRPO windows, METHODS.md §2.6) and 0 (Euler) elsewhere. The last step is deterministic unless
+    ``last_step_noise`` (quirk Q1: Flow-GRPO's noisy last step is never trained).
+    """
+    if isinstance(eta, Tensor) and eta.dim() == 1:
+        if eta.shape[0] != steps:
+            raise ValueError(f"eta has {eta.shape[0]} entries, expected one per step ({steps})")
+        out = eta.detach().to(torch.float32).clone()  # [T]
+    else:
+        out = torch.full((steps,), float(eta), dtype=torch.float32)  # [T]
+    if window is not None:
+        t0, n = window
+        mask = torch.zeros(steps, dtype=torch.bool)
+        mask[t0:t0 + n] = True
+        out = torch.where(mask, out, torch.zeros_like(out))
+    if not last_step_noise:
+        out[-1] = 0.0
+    return out
+
+
+def _noise_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    if generator is None:
+        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    return torch.randn(x.shape, dtype=x.dtype, device=generator.device, generator=generator).to(x.device)
+
+
+def _step(kernel, velocity: VelocityFn, x: Tensor, sig: Tensor, sig_next: Tensor, eta_t: Tensor, cond_b: Cond,
+          **kernel_kwargs) -> tuple[Tensor, Transition]:
+    b = x.shape[0]
+    v = velocity(x, sig.expand(b), cond_b)  # [B, *latent]
+    return v, kernel(x, v, sig, sig_next, eta_t, **kernel_kwargs)
+
+
+def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: float | Tensor = 0.0,
+           kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
+           group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
+           keep_means: bool = False, reduce: str = "mean", **kernel_kwargs) -> Trajectory:
+    """Sample a batch of chains x_0 → x_T and record per-step log-probabilities.
+
+    Args:
+        velocity: ``v(x [B,*latent], σ [B], cond_b) -> [B,*latent]`` (CFG inside).
+        x: initial noise [B, *latent].
+        sigmas: the grid [T+1], 1 → 0.
+        cond: per-prompt conditioning (dim 0 = prompts); ``cond_index`` [B] maps samples to rows
+            (default: one row per sample).
+        eta: a float for every step, or a per-step tensor [T] (0 ⇒ an exact Euler step, no log-prob).
+        kernel: a registry name or a kernel function.
+        generator: draws the step noise ξ (reproducible given its state).
+    """
+    kern = get_kernel(kernel)
+    steps = int(sigmas.shape[0]) - 1
+    eta_t = eta if isinstance(eta, Tensor) and eta.dim() == 1 else torch.full((steps,), float(eta))
+    eta_t = eta_t.to(torch.float32)  # [T]
+    eta_host = eta_t.tolist()  # one host read for the whole loop, not one per step
+    b = x.shape[0]
+    dev = x.device
+    if cond_index is None:
+        cond_index = torch.arange(b, device=dev)
+    if group is None:
+        group = cond_index.clone()
+    cond_b = gather_cond(cond, cond_index)
+    sig = sigmas.to(device=dev, dtype=torch.float32)  # [T+1]
+    x = x.to(torch.float32)  # latents stay fp32 for the whole loop
+    latents = [x]
+    logps = torch.zeros(b, steps, dtype=torch.float32, device=dev)  # [B, T]
+    vels, means = [], []
+    with torch.no_grad():
+        for t in range(steps):
+            v, tr = _step(kern, velocity, x, sig[t], sig[t + 1], eta_t[t].to(dev), cond_b, **kernel_kwargs)
+            if eta_host[t] > 0:
+                x_next = tr.mean + tr.std * _noise_like(tr.mean, generator)  # [B, *latent]
+                logps[:, t] = gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce)
+            else:
+                x_next = tr.mean
+            if keep_velocities:
+                vels.append(v.to(torch.float32))
+            if keep_means:
+                means.append(tr.mean)
+            latents.append(x_next)
+            x = x_next
+    return Trajectory(
+        latents=torch.stack(latents, dim=1),  # [B, T+1, *latent]
+        sigmas=sig,
+        eta=eta_t.to(dev),
+        log_probs=logps,
+        cond=cond,
+        cond_index=cond_index,
+        group=group,
+        prompts=tuple(prompts),
+        velocities=torch.stack(vels, dim=1) if keep_velocities else None,  # [B, T, *latent]
+        means=torch.stack(means, dim=1) if keep_means else None,  # [B, T, *latent]
+    )
+
+
+def branch(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, step: int, children: int, eta: float,
+           kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
+           group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
+           reduce: str = "mean", **kernel_kwargs) -> Trajectory:
+    """ODE prefix, K stochastic children at ``step``, ODE completion (TempFlow-GRPO; METHODS.md §2.7).
+
+    Each of the B trunks is integrated with Euler up to ``x_step`` (computed once per trunk), then K
+    children share μ_step and s_step and get independent noise; each child is ODE-completed on the
+    remaining grid. Returns B·K chains ordered trunk-major (children of trunk i are rows i·K … i·K+K−1);
+    only ``step`` carries a log-probability. ``extras["parent"]`` [B·K] holds each child's trunk index.
+    """
+    steps = int(sigmas.shape[0]) - 1
+    if not 0 <= step < steps:
+        raise ValueError(f"branch step {step} outside 0..{steps - 1}")
+    kern = get_kernel(kernel)
+    b = x.shape[0]
+    dev = x.device
+    if cond_index is None:
+        cond_index = torch.arange(b, device=dev)
+    if group is None:
+        group = cond_index.clone()
+    eta_vec = torch.zeros(steps, dtype=torch.float32)
+    eta_vec[step] = float(eta)
+    prefix = sample(velocity, x, sigmas[: step + 1], cond, eta=0.0, kernel="euler", cond_index=cond_index,
+                    keep_velocities=keep_velocities)
+    x_k = prefix.latents[:, -1]  # [B, *latent]
+    sig = sigmas.to(device=dev, dtype=torch.float32)
+    with torch.no_grad():
+        v_k, tr = _step(kern, velocity, x_k, sig[step], sig[step + 1], torch.tensor(float(eta), device=dev),
+                        gather_cond(cond, cond_index), **kernel_kwargs)
+    rep = torch.arange(b, device=dev).repeat_interleave(children)  # [B·K]
+    mean = tr.mean.index_select(0, rep)
+    std = tr.std.index_select(0, rep) if tr.std.dim() > 0 else tr.std
+    x_next = mean + std * _noise_like(mean, generator)  # [B·K, *latent]
+    lp = gaussian_log_prob(x_next, mean, std, reduce=reduce)  # [B·K]
+    suffix = sample(velocity, x_next, sigmas[step + 1:], cond, eta=0.0, kernel="euler",
+                    cond_index=cond_index.index_select(0, rep), keep_velocities=keep_velocities)
+    latents = torch.cat([prefix.latents.index_select(0, rep), suffix.latents], dim=1)  # [B·K, T+1, *latent]
+    logps = torch.zeros(b * children, steps, dtype=torch.float32, device=dev)
+    logps[:, step] = lp
+    vels = None
+    if keep_velocities:
+        vels = torch.cat([prefix.velocities.index_select(0, rep), v_k.to(torch.float32).index_select(0, rep)[:, None],
+                          suffix.velocities], dim=1)  # [B·K, T, *latent]
+    return Trajectory(latents=latents, sigmas=sig, eta=eta_vec.to(dev), log_probs=logps, cond=cond,
+                      cond_index=cond_index.index_select(0, rep), group=group.index_select(0, rep),
+                      prompts=tuple(prompts), velocities=vels, extras={"parent": rep})
+
+
+def step_log_prob(velocity: VelocityFn, x: Tensor, x_next: Tensor, sigma: Tensor, sigma_next: Tensor, eta: Tensor,
+                  cond: Cond, *, kernel="flow_sde", reduce: str = "mean", **kernel_kwargs) -> tuple[Tensor, Transition]:
+    """Re-score stored transitions with gradients through the same kernel (METHODS.md §2, §3.6).
+
+    ``x``, ``x_next`` [B, *latent]; ``sigma``, ``sigma_next``, ``eta`` [B] (a flat batch may mix steps);
+    ``cond`` batch-aligned. Returns the log-density [B] and the Transition (for the KL term).
+    """
+    kern = get_kernel(kernel)
+    v = velocity(x, sigma, cond)  # [B, *latent]
+    tr = kern(x, v, sigma, sigma_next, eta, **kernel_kwargs)
+    return gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce), tr

@@ -1,0 +1,315 @@
+"""Property tests of schedules, kernels, the log-density and the loop (METHODS.md §1–2, §2.9, §3.8)."""
+
+import math
+
+import pytest
+import torch
+
+from flowalign.samplers import KERNELS, branch, eta_schedule, gaussian_log_prob, sample, step_log_prob
+from flowalign.samplers import schedules
+from flowalign.samplers.kernels import cps, flow_sde
+
+# ---------------------------------------------------------------- schedules
+
+
+def test_sd3_grid_matches_reference_table():
+    s = schedules.sd3_diffusers(10, shift=3.0)
+    ref = [1.0, 0.960129, 0.913349, 0.857692, 0.790368, 0.707278, 0.602151, 0.464876, 0.278049, 0.008929, 0.0]
+    assert s.dtype == torch.float32 and s.shape == (11,)
+    assert torch.allclose(s, torch.tensor(ref), atol=1e-6)
+    s40 = schedules.sd3_diffusers(40, shift=3.0)
+    assert torch.allclose(s40[:4], torch.tensor([1.0, 0.99133, 0.98236, 0.97306]), atol=1e-5)
+    assert torch.allclose(s40[-4:], torch.tensor([0.14651, 0.08105, 0.008929, 0.0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("steps,shift", [(10, 3.0), (40, 3.0), (28, 3.0), (20, 1.0)])
+def test_sd3_grid_equals_diffusers(steps, shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sch.set_timesteps(steps)
+    ours = schedules.sd3_diffusers(steps, shift=shift)
+    assert (ours - sch.sigmas.to(torch.float32)).abs().max().item() < 1e-7
+    # the model timestep is exactly 1000σ
+    assert torch.allclose(sch.timesteps, ours[:-1] * 1000, atol=1e-3)
+
+
+def test_flux_grid_reference_values_and_diffusers():
+    ref = {1024: [1, 0.9037, 0.7897, 0.6525, 0.4842, 0.2730, 0], 4096: [1, 0.9404, 0.8633, 0.7595, 0.6123, 0.3871, 0]}
+    for seq_len, want in ref.items():
+        assert torch.allclose(schedules.flux_dynamic(6, seq_len), torch.tensor(want, dtype=torch.float32), atol=1e-4)
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                          base_image_seq_len=256, max_image_seq_len=4096)
+    mu = schedules.flux_mu(1024)
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=mu)
+    assert (schedules.flux_dynamic(6, 1024) - sch.sigmas.float()).abs().max() < 1e-6
+
+
+def test_shifted_linear_endpoints():
+    s = schedules.shifted_linear(7, 3.0)
+    assert s[0] == 1.0 and s[-1] == 0.0 and bool((s[1:] < s[:-1]).all())
+    assert torch.allclose(schedules.shifted_linear(4, 1.0), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+
+
+def test_flow_sde_std_table():
+    """s_t = g_t·√Δ_t of Flow-GRPO's SDE at a = 0.7 and CPS std (METHODS.md §1.2 table)."""
+    sig = schedules.sd3_diffusers(10, 3.0)
+    x = torch.zeros(1, 4)
+    want_s = [0.70000, 0.74296, 0.53615, 0.44590, 0.39179, 0.35280, 0.31907, 0.28201, 0.22536, 0.00628]
+    want_cps = [0.8555, 0.8138, 0.7642, 0.7042, 0.6302, 0.5365, 0.4142, 0.2477, 0.0080, 0.0]
+    for t in range(10):
+        tr = flow_sde(x, x, sig[t], sig[t + 1], torch.tensor(0.7))
+        assert abs(float(tr.std) - want_s[t]) < 1e-4, t
+        tr = cps(x, x, sig[t], sig[t + 1], torch.tensor(0.7))
+        assert abs(float(tr.std) - want_cps[t]) < 1e-4, t
+    assert float(flow_sde(x, x, sig[0], sig[1], torch.tensor(0.7)).std) == pytest.approx(0.7, abs=1e-6)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_kernel_is_exact_euler_at_eta_zero(name):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 4, 4, generator=g)
+    v = torch.randn(5, 3, 4, 4, generator=g)
+    sig = schedules.sd3_diffusers(10)
+    for t in range(10):
+        tr = KERNELS[name](x, v, sig[t], sig[t + 1], torch.tensor(0.0))
+        assert torch.equal(tr.mean, x + (sig[t + 1] - sig[t]) * v)
+        assert float(torch.as_tensor(tr.std).abs().max()) == 0.0
+    # per-sample sigma tensors [B], mixed steps, η = 0
+    idx = torch.tensor([0, 3, 5, 8, 9])
+    tr = KERNELS[name](x, v, sig[idx], sig[idx + 1], torch.zeros(5))
+    assert torch.equal(tr.mean, x + (sig[idx + 1] - sig[idx]).view(5, 1, 1, 1) * v)
+
+
+@pytest.mark.parametrize("name", ["flow_sde", "dance_sde", "cps"])
+def test_per_sample_sigmas_equal_scalar_calls(name):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 2, 3, generator=g)
+    v = torch.randn(4, 2, 3, generator=g)
+    sig = schedules.sd3_diffusers(10)
+    idx = torch.tensor([0, 2, 5, 8])
+    eta = torch.tensor([0.7, 0.5, 0.7, 0.3])
+    batched = KERNELS[name](x, v, sig[idx], sig[idx + 1], eta)
+    for i in range(4):
+        one = KERNELS[name](x[i:i + 1], v[i:i + 1], sig[idx[i]], sig[idx[i] + 1], eta[i])
+        assert torch.allclose(batched.mean[i:i + 1], one.mean, atol=1e-6, rtol=0)
+        assert torch.allclose(batched.std.reshape(-1)[i], torch.as_tensor(one.std).reshape(()), atol=1e-7)
+
+
+def test_flow_sde_finite_at_sigma_one_and_last_step():
+    sig = schedules.sd3_diffusers(10)
+    x = torch.randn(2, 8)
+    for t in (0, 9):
+        tr = flow_sde(x, x, sig[t], sig[t + 1], torch.tensor(0.7))
+        assert torch.isfinite(tr.mean).all() and torch.isfinite(torch.as_tensor(tr.std)).all()
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_gaussian_log_prob_equals_torch_normal(reduce):
+    g = torch.Generator().manual_seed(3)
+    mean = torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64)
+    std = torch.rand(6, 1, 1, 1, generator=g, dtype=torch.float64) + 0.1
+    x = mean + std * torch.randn(mean.shape, generator=g, dtype=torch.float64)
+    ref = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(x).flatten(1)
+    ref = ref.sum(1) if reduce == "sum" else ref.mean(1)
+    ours = gaussian_log_prob(x, mean, std, reduce=reduce)
+    assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+    # std given per sample as [B] and as a scalar
+    assert torch.allclose(gaussian_log_prob(x, mean, std.flatten(), reduce=reduce), ref, atol=1e-10)
+    sc = torch.distributions.Normal(mean, 0.3).log_prob(x).flatten(1)
+    sc = sc.sum(1) if reduce == "sum" else sc.mean(1)
+    assert torch.allclose(gaussian_log_prob(x, mean, torch.tensor(0.3, dtype=torch.float64), reduce=reduce), sc)
+
+
+def test_log_prob_zero_std_is_zero_without_nan_grad():
+    mean = torch.randn(3, 4, requires_grad=True)
+    lp = gaussian_log_prob(mean.detach() + 1, mean, torch.tensor([0.0, 0.5, 0.0]))
+    assert lp[0] == 0 and lp[2] == 0 and lp[1] != 0
+    lp.sum().backward()
+    assert torch.isfinite(mean.grad).all() and mean.grad[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("name,eta", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.7)])
+def test_draws_match_kernel_gaussian(name, eta):
+    """10^5 draws of one transition through the loop match μ and s within Monte-Carlo tolerance."""
+    n = 100_000
+    x0 = torch.full((n, 1), 0.3)
+    sig = torch.tensor([0.8, 0.6, 0.0])
+
+    def vel(x, s, c):
+        return 0.5 * x - 1.0
+
+    traj = sample(vel, x0, sig, {}, eta=torch.tensor([eta, 0.0]), kernel=name,
+                  generator=torch.Generator().manual_seed(0), cond_index=torch.zeros(n, dtype=torch.long))
+    tr = KERNELS[name](x0[:1], vel(x0[:1], None, None), sig[0], sig[1], torch.tensor(eta))
+    x1 = traj.latents[:, 1, 0]
+    s = float(torch.as_tensor(tr.std).reshape(()))
+    assert abs(x1.mean().item() - tr.mean.item()) < 4 * s / math.sqrt(n)
+    assert abs(x1.std().item() - s) / s < 0.01
+
+
+# ---------------------------------------------------------------- the Gaussian world (DESIGN.md §7)
+
+M, SD = 2.0, 0.5
+
+
+def gaussian_world_velocity(x, sigma, cond):
+    """Exact velocity when data ~ N(m, s_d²) per dimension (METHODS.md §2.9)."""
+    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+    x = x.to(torch.float64)
+    num = s - (1 - s) * SD**2
+    den = (1 - s) ** 2 * SD**2 + s**2
+    return (num / den * (x - (1 - s) * M) - M).to(torch.float32)
+
+
+def _final_std(kernel, eta, steps, n=40_000):
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(n, 1, generator=g)
+    sig = schedules.shifted_linear(steps, 1.0)
+    traj = sample(gaussian_world_velocity, x0, sig, {}, eta=eta_schedule(steps, eta), kernel=kernel,
+                  generator=g, cond_index=torch.zeros(n, dtype=torch.long))
+    xf = traj.final[:, 0].double()
+    return xf.mean().item(), xf.std().item()
+
+
+@pytest.mark.parametrize("kernel,eta,ref", [
+    ("euler", 0.0, {10: 0.431, 40: 0.481}),
+    ("flow_sde", 0.7, {10: 0.478, 40: 0.498}),
+    ("dance_sde", 0.3, {10: 0.442, 40: 0.484}),
+])
+def test_gaussian_world_marginal_preserved_and_converges(kernel, eta, ref):
+    errs = []
+    for steps in (10, 40, 200):
+        mean, std = _final_std(kernel, eta, steps)
+        assert abs(mean - M) < 0.02
+        if steps in ref:
+            assert abs(std - ref[steps]) < 0.012, (steps, std)
+        errs.append(abs(std - SD))
+    assert errs[2] < 0.01 * SD * 1.5 + 0.005  # < ~1% at T = 200 (MC error ~0.002)
+    assert errs[0] > errs[1] > errs[2] or errs[2] < 0.004
+
+
+def test_cps_records_underdispersion():
+    """CPS is coefficient-preserving but not a consistent SDE discretisation: it under-disperses (§2.4)."""
+    _, std10 = _final_std("cps", 0.7, 10)
+    _, std40 = _final_std("cps", 0.7, 40)
+    assert abs(std10 - 0.371) < 0.012 and abs(std40 - 0.406) < 0.012
+
+
+# ---------------------------------------------------------------- loop
+
+
+class LinearVelocity(torch.nn.Module):
+    """A tiny model with weights: v = W x + b·σ + c (cond shifts)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.t = torch.nn.Linear(1, d)
+
+    def forward(self, x, sigma, cond):
+        return self.lin(x) + self.t(sigma[:, None]) + cond["c"]
+
+
+def test_ode_sample_is_deterministic_and_has_zero_logp():
+    torch.manual_seed(0)
+    m = LinearVelocity()
+    x = torch.randn(3, 6)
+    cond = {"c": torch.randn(2, 6)}
+    ci = torch.tensor([0, 1, 1])
+    sig = schedules.sd3_diffusers(6)
+    a = sample(m, x, sig, cond, eta=0.0, kernel="flow_sde", cond_index=ci)
+    b = sample(m, x, sig, cond, eta=0.0, kernel="euler", cond_index=ci)
+    assert torch.equal(a.latents, b.latents) and a.log_probs.abs().sum() == 0
+    # Euler by hand
+    xx = x.clone()
+    with torch.no_grad():
+        for t in range(6):
+            xx = xx + (sig[t + 1] - sig[t]) * m(xx, sig[t].expand(3), {"c": cond["c"][ci]})
+    assert torch.allclose(a.final, xx, atol=1e-6)
+    assert a.latents.shape == (3, 7, 6) and a.log_probs.shape == (3, 6)
+
+
+@pytest.mark.parametrize("name,eta", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.8)])
+def test_on_policy_ratio_is_one(name, eta):
+    torch.manual_seed(0)
+    m = LinearVelocity()
+    x = torch.randn(4, 6)
+    cond = {"c": torch.randn(2, 6)}
+    ci = torch.tensor([0, 0, 1, 1])
+    sig = schedules.sd3_diffusers(8)
+    etas = eta_schedule(8, eta)
+    traj = sample(m, x, sig, cond, eta=etas, kernel=name, generator=torch.Generator().manual_seed(5), cond_index=ci)
+    trained = (etas > 0).nonzero().flatten().tolist()
+    assert len(trained) == 7 and etas[-1] == 0
+    for t in trained:
+        lp, _ = step_log_prob(m, traj.latents[:, t], traj.latents[:, t + 1], sig[t].expand(4), sig[t + 1].expand(4),
+                              etas[t].expand(4), {"c": cond["c"][ci]}, kernel=name)
+        assert (torch.exp(lp - traj.log_probs[:, t]) - 1).abs().max() < 1e-6
+    # a flat batch mixing timesteps re-scores the same values
+    b_idx = torch.arange(4).repeat_interleave(len(trained))
+    t_idx = torch.tensor(trained).repeat(4)
+    lp, _ = step_log_prob(m, traj.latents[b_idx, t_idx], traj.latents[b_idx, t_idx + 1], sig[t_idx], sig[t_idx + 1],
+                          etas[t_idx], {"c": cond["c"][ci[b_idx]]}, kernel=name)
+    assert (lp - traj.log_probs[b_idx, t_idx]).abs().max() < 1e-5
+    # gradients reach the weights
+    lp.sum().backward()
+    assert m.lin.weight.grad.abs().sum() > 0
+
+
+def test_windowed_sde_only_window_is_stochastic():
+    torch.manual_seed(0)
+    m = LinearVelocity()
+    x = torch.randn(2, 6)
+    cond = {"c": torch.zeros(2, 6)}
+    sig = schedules.sd3_diffusers(10)
+    etas = eta_schedule(10, 0.8, window=(2, 3))
+    assert etas.tolist() == [0, 0, 0.8, 0.8, 0.8, 0, 0, 0, 0, 0] or torch.allclose(
+        etas, torch.tensor([0, 0, 0.8, 0.8, 0.8, 0, 0, 0, 0, 0.0]))
+    tr = sample(m, x, sig, cond, eta=etas, kernel="cps", generator=torch.Generator().manual_seed(0))
+    ode = sample(m, x, sig, cond, eta=0.0, kernel="euler")
+    assert torch.equal(tr.latents[:, :3], ode.latents[:, :3])  # identical before the window
+    assert not torch.allclose(tr.latents[:, 3], ode.latents[:, 3])
+    assert (tr.log_probs[:, [0, 1, 5, 6, 7, 8, 9]] == 0).all() and (tr.log_probs[:, 2:5] != 0).all()
+
+
+def test_branch_children_share_prefix_and_differ_after():
+    torch.manual_seed(0)
+    m = LinearVelocity()
+    x = torch.randn(2, 6)
+    cond = {"c": torch.randn(2, 6)}
+    sig = schedules.sd3_diffusers(10)
+    k = 4
+    tr = branch(m, x, sig, cond, step=k, children=3, eta=0.7, kernel="flow_sde", keep_velocities=True,
+                generator=torch.Generator().manual_seed(1))
+    assert tr.latents.shape == (6, 11, 6) and tr.velocities.shape == (6, 10, 6)
+    ode = sample(m, x, sig, cond, eta=0.0, kernel="euler")
+    for i in range(2):
+        kids = tr.latents[i * 3:(i + 1) * 3]
+        assert torch.equal(kids[:, : k + 1], ode.latents[i, : k + 1].expand(3, -1, -1))  # shared prefix, exactly
+        d = (kids[:, k + 1:] - kids[0:1, k + 1:]).abs().flatten(1).sum(1)
+        assert d[0] == 0 and (d[1:] > 0).all()
+    assert (tr.log_probs[:, k] != 0).all() and (tr.log_probs[:, :k] == 0).all() and (tr.log_probs[:, k + 1:] == 0).all()
+    # the branch edge re-scores to ratio 1
+    ci = tr.cond_index
+    lp, _ = step_log_prob(m, tr.latents[:, k], tr.latents[:, k + 1], sig[k].expand(6), sig[k + 1].expand(6),
+                          torch.full((6,), 0.7), {"c": cond["c"][ci]}, kernel="flow_sde")
+    assert (lp - tr.log_probs[:, k]).abs().max() < 1e-6
+
+
+def test_sampling_is_reproducible_with_generator():
+    torch.manual_seed(0)
+    m = LinearVelocity()
+    x = torch.randn(3, 6)
+    cond = {"c": torch.zeros(3, 6)}
+    sig = schedules.sd3_diffusers(5)
+    a = sample(m, x, sig, cond, eta=0.7, generator=torch.Generator().manual_seed(3))
+    b = sample(m, x, sig, cond, eta=0.7, generator=torch.Generator().manual_seed(3))
+    c = sample(m, x, sig, cond, eta=0.7, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)

@@ -24,8 +24,29 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+_UMASK: int | None = None
+
+
+def _new_file_mode(path: Path) -> int:
+    """Mode for the replacement file: the existing file's, else what open() would give (0o666 & ~umask)."""
+    global _UMASK
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
 def _tmp_path(path: Path) -> Path:
+    # mkstemp creates 0600 files; give the final file ordinary permissions
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _new_file_mode(path))
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        pass
     os.close(fd)
     return Path(name)
 

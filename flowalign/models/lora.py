@@ -51,7 +51,7 @@ def add_lora(
     init: str | bool = "gaussian",
     adapter_name: str = "default",
 ) -> list[nn.Parameter]:
-    """Inject LoRA (rank ``rank``, scale ``alpha / rank``) into ``module`` in place; returns the trainable LoRA parameters.
+    """Inject LoRA (rank ``rank``, scale ``alpha / rank``) into ``module`` in place; returns the LoRA parameters.
 
     ``targets`` are peft ``target_modules`` names, matched as module-path suffixes (e.g. ``attn.to_q``).
     Everything but the LoRA weights is frozen.
@@ -61,12 +61,15 @@ def add_lora(
     if has_lora(module, adapter_name):
         raise ValueError(f"module already has a LoRA adapter named {adapter_name!r}")
     config = LoraConfig(r=int(rank), lora_alpha=int(alpha), init_lora_weights=init, target_modules=list(targets))
-    if hasattr(module, "_hf_peft_config_loaded") and callable(getattr(module, "add_adapter", None)):
-        module.add_adapter(config, adapter_name=adapter_name)  # diffusers ModelMixin: keeps its adapter bookkeeping
-    else:
-        inject_adapter_in_model(config, module, adapter_name=adapter_name)
-    if not _tuner_layers(module):
-        raise ValueError(f"no module of {type(module).__name__} matches the LoRA targets {list(targets)}")
+    try:
+        if hasattr(module, "_hf_peft_config_loaded") and callable(getattr(module, "add_adapter", None)):
+            module.add_adapter(config, adapter_name=adapter_name)  # diffusers ModelMixin: keeps its adapter bookkeeping
+        else:
+            inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    except ValueError as e:
+        if "not found" not in str(e):
+            raise
+        raise ValueError(f"no module of {type(module).__name__} matches the LoRA targets {list(targets)}") from e
     for name, p in module.named_parameters():
         is_lora = ".lora_" in name and f".{adapter_name}." in name
         p.requires_grad_(is_lora)
@@ -119,7 +122,7 @@ def _config_dict(module: nn.Module, adapter_name: str) -> dict:
 
 
 def save_lora(module: nn.Module, directory, *, adapter_name: str = "default", prefix: str = PREFIX) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` (atomically) as diffusers' ``load_lora_weights`` reads it."""
+    """Write ``directory/pytorch_lora_weights.safetensors`` atomically, as diffusers' ``load_lora_weights`` reads it."""
     from safetensors.torch import save_file
 
     directory = Path(directory)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError
+from flowalign.models.base import FlowAdapter
 from flowalign.types import Cond
 
 logger = logging.getLogger(__name__)
@@ -139,26 +140,29 @@ def _asset_dir() -> Path:
     return Path(str(resources.files("flowalign") / "assets" / "shapes"))
 
 
-class ShapesModel(nn.Module):
+class ShapesModel(FlowAdapter):
     """The shapes text-to-image flow model, implementing ``FlowModel`` (DESIGN.md §3).
 
-    ``velocity`` applies classifier-free guidance by batch doubling with ``self.guidance_scale``
-    (v = v_u + w·(v_c − v_u), METHODS.md §0.1); at w = 1 it runs one conditional forward.
+    ``components`` = {"transformer": SD3Transformer2DModel, "text_encoder": ShapesTextEncoder}; both are
+    trained at pretraining, LoRA (``add_lora``) wraps only the transformer. ``velocity`` applies
+    classifier-free guidance by batch doubling with ``self.guidance_scale`` (v = v_u + w·(v_c − v_u),
+    METHODS.md §0.1); at w = 1 it runs one conditional forward.
     """
 
     def __init__(self, config: ShapesConfig, guidance_scale: Optional[float] = None):
-        super().__init__()
         from diffusers import SD3Transformer2DModel
 
         if not config.vocab:
             raise UserError("shapes model config has an empty vocabulary")
         self.config = config
-        self.transformer = SD3Transformer2DModel(**config.transformer_config())
+        transformer = SD3Transformer2DModel(**config.transformer_config())
         self.text_encoder = ShapesTextEncoder(config.vocab, config.text_dim, config.text_layers, config.text_heads,
                                               config.max_len, config.pooled_dim)
-        self.guidance_scale = float(config.guidance_scale if guidance_scale is None else guidance_scale)
+        super().__init__(transformer, guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
+                         latent_shape=(config.channels, config.image_size, config.image_size), dtype=torch.float32,
+                         components={"text_encoder": self.text_encoder})
         self.lora_targets: tuple[str, ...] = SHAPES_LORA_TARGETS
-        self.lora_rank = config.lora_rank
+        self.lora_rank = int(config.lora_rank)
         self.lora_alpha = config.lora_alpha
 
     # ---- construction / IO -------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ class ShapesModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str = "", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         guidance_scale: Optional[float] = None) -> "ShapesModel":
-        """Load a checkpoint directory (``model.safetensors`` + ``config.json``); '' = the shipped model."""
+        """Load a checkpoint directory (``model.safetensors`` + ``config.json``); '' = the shipped model. Offline."""
         from safetensors.torch import load_file
 
         root = _asset_dir() if path in ("", None) else Path(path)
@@ -186,12 +190,24 @@ class ShapesModel(nn.Module):
                             "use '' for the shipped model or a directory written by `flowalign pretrain`")
         config = ShapesConfig.from_dict(json.loads(cfg_file.read_text()))
         model = cls(config, guidance_scale=guidance_scale)
-        missing, unexpected = model.load_state_dict(load_file(str(w_file)), strict=False)
-        if missing or unexpected:
-            raise UserError(f"shapes checkpoint {str(w_file)!r} does not match its config "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        model.eval().requires_grad_(False)
-        return model.to(device=device, dtype=dtype)
+        model.load_state_dict(load_file(str(w_file)), source=str(w_file))
+        for m in model.components.values():
+            m.eval().requires_grad_(False)
+            m.to(device=device, dtype=dtype)
+        model._dtype = dtype
+        return model
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """All weights, keyed ``<component>.<name>`` (the layout of ``model.safetensors``)."""
+        return {f"{c}.{k}": v for c, m in self.components.items() for k, v in m.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        for c, m in self.components.items():
+            part = {k[len(c) + 1:]: v for k, v in state.items() if k.startswith(c + ".")}
+            missing, unexpected = m.load_state_dict(part, strict=False)
+            if missing or unexpected:
+                raise UserError(f"shapes weights from {source} do not match the config ({c}: missing "
+                                f"{missing[:3]}, unexpected {unexpected[:3]})")
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``model.safetensors`` + ``config.json`` (atomically: temp files then rename)."""
@@ -201,25 +217,15 @@ class ShapesModel(nn.Module):
         root.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         _atomic(root / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-        cfg = json.dumps(dataclasses.asdict(self.config), indent=1)
-        _atomic(root / "config.json", lambda p: Path(p).write_text(cfg))
+        cfg = dataclasses.asdict(dataclasses.replace(self.config, guidance_scale=self.guidance_scale))
+        _atomic(root / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=1)))
 
     # ---- FlowModel ---------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.embed.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_encoder.embed.weight.dtype
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        c = self.config
-        return (c.channels, c.image_size, c.image_size)
-
     def encode(self, prompts: Sequence[str]) -> Cond:
-        """Per-prompt rows (dim 0 = len(prompts)): conditional and unconditional (empty prompt) embeddings."""
+        """Per-prompt rows (dim 0 = len(prompts)): conditional and unconditional (empty prompt) embeddings.
+
+        Raises UserError naming the word for text outside the shapes vocabulary.
+        """
         prompts = list(prompts)
         ids, mask = self.text_encoder.tokenize(prompts + [""])
         h, pooled = self.text_encoder(ids.to(self.device), mask.to(self.device))  # [N+1, L, D], [N+1, P]
@@ -236,28 +242,23 @@ class ShapesModel(nn.Module):
 
         return shifted_linear(steps, self.config.shift)  # [T+1]
 
-    def init_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        dev = generator.device if generator is not None else self.device
-        x = torch.randn((n, *self.latent_shape), generator=generator, device=dev, dtype=torch.float32)
-        return x.to(self.device)  # [n, C, H, W]
-
     def forward_transformer(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Tensor) -> Tensor:
-        """One denoiser forward: v_θ(x, σ | text); σ → timestep 1000·σ as for SD3 (METHODS.md §1.5)."""
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])  # [B]
+        """One denoiser forward v_θ(x, σ | text) in fp32; σ → timestep 1000·σ as for SD3 (METHODS.md §1.5)."""
+        sigma = self._sigma_batch(sigma, x.shape[0], x.device)  # [B]
         out = self.transformer(hidden_states=x.to(self.dtype), encoder_hidden_states=hidden.to(self.dtype),
                                pooled_projections=pooled.to(self.dtype), timestep=(1000.0 * sigma).to(self.dtype),
                                return_dict=False)[0]
-        return out  # [B, C, H, W]
+        return out.float()  # [B, C, H, W]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         w = self.guidance_scale
         if w == 1.0:
             return self.forward_transformer(x, sigma, cond["hidden"], cond["pooled"])
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])  # [B]
+        sigma = self._sigma_batch(sigma, x.shape[0], x.device)  # [B]
         v = self.forward_transformer(
             torch.cat([x, x]), torch.cat([sigma, sigma]),
             torch.cat([cond["hidden_uncond"], cond["hidden"]]), torch.cat([cond["pooled_uncond"], cond["pooled"]]))
-        v_u, v_c = v.float().chunk(2)  # [B, C, H, W] each; fp32 for the guidance combination
+        v_u, v_c = v.chunk(2)  # [B, C, H, W] each
         return v_u + w * (v_c - v_u)
 
     def decode(self, x: Tensor) -> Tensor:
@@ -268,8 +269,7 @@ class ShapesModel(nn.Module):
         return images.to(self.device, self.dtype) * 2.0 - 1.0
 
     def num_parameters(self) -> dict[str, int]:
-        return {"transformer": sum(p.numel() for p in self.transformer.parameters()),
-                "text_encoder": sum(p.numel() for p in self.text_encoder.parameters())}
+        return {c: sum(p.numel() for p in m.parameters()) for c, m in self.components.items()}
 
 
 def _atomic(path: Path, write) -> None:
@@ -277,6 +277,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared/packaged
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -34,12 +34,12 @@ from flowalign.errors import UserError
 # One palette for renderer and verifier. Chosen to be far apart from each other *and* in direction
 # from the background (the verifier classifies anti-aliased pixels by the background→color line).
 COLORS: dict[str, tuple[float, float, float]] = {
-    "red": (0.86, 0.08, 0.08),
+    "red": (0.84, 0.06, 0.10),
     "green": (0.10, 0.62, 0.16),
     "blue": (0.10, 0.22, 0.90),
-    "yellow": (0.96, 0.84, 0.06),
+    "yellow": (0.98, 0.88, 0.08),
     "purple": (0.56, 0.12, 0.72),
-    "orange": (0.98, 0.50, 0.00),
+    "orange": (1.00, 0.48, 0.00),
 }
 BACKGROUND: tuple[float, float, float] = (0.80, 0.80, 0.80)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")

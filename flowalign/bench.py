@@ -1,0 +1,103 @@
+"""``flowalign bench <name>``: benchmarks that measure and print figures (never estimates).
+
+``BENCHES`` maps a name to a function ``(argv) -> dict`` of measured figures; ``cli_main`` runs one and
+prints its figures as ``key: value`` lines (and optionally JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable, Sequence
+
+from flowalign.errors import UserError
+
+
+def bench_shapes_sample(argv: Sequence[str]) -> dict:
+    """Time loading the shipped shapes model and sampling N images (ODE, Euler, CFG) on this machine."""
+    ap = argparse.ArgumentParser(prog="flowalign bench shapes-sample")
+    ap.add_argument("--path", default="", help="model directory ('' = the shipped model)")
+    ap.add_argument("--n", type=int, default=16, help="images to sample")
+    ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample_steps)")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed sampling repeats after the first")
+    args = ap.parse_args(list(argv))
+
+    t_start = time.perf_counter()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_torch = time.perf_counter()
+    from flowalign.models.shapes import ShapesModel
+    from flowalign.samplers.loop import sample
+
+    model = ShapesModel.from_pretrained(args.path, guidance_scale=args.guidance)
+    t_load = time.perf_counter()
+    steps = args.steps or model.config.sample_steps
+    from flowalign.shapes.grammar import generate_prompts
+
+    prompts = [r["prompt"] for r in generate_prompts(max(1, -(-args.n // 6)), seed=1)][: args.n]
+
+    def run_once(seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            cond = model.encode(prompts)
+            x = model.init_noise(len(prompts), torch.Generator().manual_seed(seed))
+            traj = sample(model.velocity, x, model.schedule(steps), cond, eta=0.0, kernel="euler")
+            return model.decode(traj.final)
+
+    images = run_once(0)
+    t_first = time.perf_counter()
+    times = []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        run_once(r + 1)
+        times.append(time.perf_counter() - t0)
+    nfe = steps * (1 if model.guidance_scale == 1.0 else 2)
+    return {
+        "images": len(prompts),
+        "steps": steps,
+        "guidance": model.guidance_scale,
+        "transformer_forwards_per_image": nfe,
+        "threads": torch.get_num_threads(),
+        "params_M": round(sum(model.num_parameters().values()) / 1e6, 3),
+        "import_torch_s": round(t_torch - t_start, 3),
+        "load_model_s": round(t_load - t_torch, 3),
+        "first_sample_s": round(t_first - t_load, 3),
+        "load_plus_first_sample_s": round(t_first - t_torch, 3),
+        "warm_sample_s_median": round(sorted(times)[len(times) // 2], 3) if times else None,
+        "image_shape": list(images.shape),
+    }
+
+
+BENCHES: dict[str, tuple[Callable[[Sequence[str]], dict], str]] = {
+    "shapes-sample": (bench_shapes_sample, "load the shipped shapes model and sample 16 images; print timings"),
+}
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write("usage: flowalign bench <name> [args]\n\nbenchmarks:\n")
+        for name, (_, doc) in BENCHES.items():
+            sys.stdout.write(f"  {name:<16} {doc}\n")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in BENCHES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(BENCHES), n=1)
+        raise UserError(f"unknown benchmark {name!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                          f" (known: {', '.join(BENCHES)})"))
+    as_json = "--json" in rest
+    rest = [a for a in rest if a != "--json"]
+    figures = BENCHES[name][0](rest)
+    if as_json:
+        sys.stdout.write(json.dumps(figures) + "\n")
+    else:
+        for k, v in figures.items():
+            sys.stdout.write(f"{k}: {v}\n")
+    return 0

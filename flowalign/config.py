@@ -1,0 +1,822 @@
+"""Experiment configuration: frozen dataclasses are the schema, YAML files are experiments (DESIGN.md §5).
+
+    cfg = load_config("configs/shapes_grpo.yaml", ["train.lr=1e-4", "credit.name=turning_points"])
+
+* **Schema.** Nested frozen dataclasses; every field carries a one-line doc in ``metadata["doc"]``
+  (``describe(ExperimentConfig)`` prints them all, as a commented YAML template).
+* **Files.** A YAML file may include others with ``defaults: [base.yaml, ...]`` or ``base: base.yaml`` (paths
+  relative to the including file); includes are merged first, in order, then the file on top. So scale-out
+  is a second YAML that names the first as its base. Sections merge key by key; a mapping-valued *field*
+  (``reward.weights``, ``reward.kwargs``, ``credit.options``) set by a file replaces the inherited mapping as a
+  whole (a file naming ``weights: {pickscore: 1}`` means only PickScore).
+* **Overrides.** ``section.field=value`` with the value parsed by ``yaml.safe_load`` and coerced to the field
+  type. A dotted path that goes *into* a mapping field updates one key (``reward.weights.shapes_partial=0.5``;
+  ``=null`` removes the key); ``reward.weights={pickscore: 1}`` replaces it.
+* **Strict.** Unknown keys fail with the full dotted path and the closest valid key; values are coerced to the
+  field type (PyYAML 1.1 reads ``1e-4`` as a *string*; ints widen to floats; ``2.5`` for an int field fails;
+  Literal choices are listed). Every problem is one-line :class:`~flowalign.errors.UserError`.
+* **Derived.** :func:`derived` computes and checks rollouts per iteration, groups per rank, trained steps,
+  transitions and micro-batches; :func:`summary` prints them at start.
+
+Configs are data only: no arithmetic, no GPU counts (the world size comes from the launcher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+from flowalign.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelConfig", "SamplerConfig", "RewardConfig", "CreditConfig", "TrainConfig", "DataConfig", "EvalConfig",
+    "OutputConfig", "ExperimentConfig", "load_config", "apply_overrides", "from_dict", "to_dict", "dump_yaml",
+    "describe", "summary", "derived", "validate", "trained_steps",
+]
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a one-line doc; mutable defaults become factories."""
+    if isinstance(default, (dict, list)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def _section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The schema. Names are stable: train.py, evaluate.py and the configs code against them.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("shapes", "model family, a key of flowalign.models.MODELS (shapes | sd3 | flux | wan)")
+    path: str = _f("", "local directory or hub id of the weights; '' = the family default (shapes: the shipped model)")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "autocast dtype of transformer forwards; SDE math stays fp32")
+    device: str = _f("cpu", "torch device for this process (cpu, cuda, cuda:1); under accelerate the rank's device wins")
+    guidance: float = _f(4.5, "classifier-free guidance scale used for rollouts and training forwards (1 = no CFG)")
+    lora_rank: int = _f(0, "LoRA rank r; 0 = the family default (METHODS §3.7)")
+    lora_alpha: float = _f(0.0, "LoRA alpha; 0 = 2 x rank (the published recipes)")
+    resolution: int = _f(0, "image side in pixels; 0 = the model default")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    kernel: Literal["euler", "flow_sde", "dance_sde", "cps"] = _f("flow_sde", "rollout step kernel (flowalign.samplers.kernels.KERNELS)")
+    eta: float = _f(0.7, "noise level of the SDE kernel (Flow-GRPO a, DanceGRPO g, CPS a); 0 = ODE")
+    steps: int = _f(10, "rollout steps T (sigma grid has T+1 points)")
+    train_fraction: float = _f(0.99, "trained steps = the first floor(frac*T) steps (Flow-GRPO); the last step is never trained")
+    window_size: int = _f(0, "SDE window width n (Flow-GRPO-Fast); 0 = no window, every step stochastic")
+    window_range: tuple[int, int] = _f((0, 0), "window start t0 ~ U{lo..hi-n} per group; (0, 0) = (0, T-1)")
+    last_step_noise: bool = _f(False, "add SDE noise at the untrained last step (Flow-GRPO quirk Q1)")
+    logp_reduce: Literal["mean", "sum"] = _f("mean", "reduction of the per-step log-density over latent elements (clip ranges assume mean)")
+    logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    weights: dict[str, float] = _f({"shapes_partial": 1.0}, "training rewards and their weights (names from flowalign.rewards.REWARDS)")
+    aggregate: Literal["reward_sum", "advantage_sum"] = _f("advantage_sum", "multi-reward aggregation: sum raw rewards, or sum per-reward advantages (METHODS §3.4)")
+    kwargs: dict[str, dict] = _f({}, "per-reward constructor kwargs, e.g. {pickscore: {path: /weights/pickscore}}")
+
+
+@dataclass(frozen=True)
+class CreditConfig:
+    name: str = _f("outcome", "credit assigner, a key of flowalign.credit.CREDIT (outcome, dense_gain, turning_points, ...)")
+    std_scope: Literal["group", "global"] = _f("group", "advantage std over the group, or over all rewards of the iteration")
+    std_eps: float = _f(1e-4, "eps added to the std in the advantage denominator")
+    std_ddof: int = _f(0, "std estimator: 0 = population (Flow-GRPO), 1 = unbiased (DanceGRPO)")
+    adv_clip: float = _f(5.0, "advantages are clipped to [-A_max, A_max] before per-step weights")
+    options: dict = _f({}, "assigner-specific options (probe mode, balance scope, ...), passed as keyword arguments")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = _f(42, "master seed: prompt order, initial noise (seed, iteration, group, member), windows")
+    iterations: int = _f(100, "training iterations (rollout + update rounds)")
+    groups_per_iter: int = _f(8, "prompt groups per iteration, across all ranks")
+    group_size: int = _f(8, "rollouts per prompt G, compared with each other")
+    micro_batch: int = _f(16, "transitions per forward/backward in the update")
+    optimizer_steps_per_iter: int = _f(1, "optimizer steps per iteration (only the first is on-policy)")
+    lr: float = _f(3e-4, "AdamW learning rate (constant, no warm-up)")
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    adam_eps: float = _f(1e-8, "AdamW eps")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip; 0 = off")
+    clip_range: float = _f(1e-4, "PPO ratio clip epsilon (calibrated to mean-reduced log-probs)")
+    beta_kl: float = _f(0.0, "weight of the KL to the reference (LoRA disabled)")
+    kl_form: Literal["exact", "flow_grpo"] = _f("exact", "exact Gaussian KL, or Flow-GRPO's form without |dt| (Q3)")
+    ema: bool = _f(True, "keep an EMA of the trainable weights, used for evaluation and checkpoints")
+    ema_decay_max: float = _f(0.9, "EMA decay d_n = min((1+n)/(10+n), ema_decay_max)")
+    ema_every: int = _f(8, "EMA update every this many optimizer steps")
+    filter_zero_std: bool = _f(True, "drop rollouts whose advantage is 0 at every trained step")
+    checkpoint_every: int = _f(10, "save a checkpoint every this many iterations (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "number of most recent checkpoints kept (0 = keep all)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_prompts: str = _f("shapes-train", "training prompt set: built-in name (flowalign.data.BUILTIN_PROMPTS) or .txt/.jsonl path")
+    eval_prompts: str = _f("shapes-bench", "evaluation prompt set: built-in name or .txt/.jsonl path")
+    shuffle: bool = _f(True, "shuffle training prompts every epoch (deterministic from train.seed)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(0, "evaluate every this many iterations; 0 = only before and after training")
+    steps: int = _f(10, "sampling steps for evaluation")
+    guidance: float = _f(4.5, "CFG scale for evaluation (explicit, not the training one: Q8)")
+    kernel: Literal["euler", "flow_sde", "dance_sde", "cps"] = _f("euler", "evaluation kernel (euler = ODE, the protocol default)")
+    seeds_per_prompt: int = _f(4, "images per evaluation prompt, seeds 0..n-1")
+    batch_size: int = _f(64, "images per evaluation forward batch")
+    max_prompts: int = _f(0, "evaluate only the first N prompts; 0 = all")
+    grid_prompts: int = _f(8, "prompts shown in the before/after image grids")
+    rewards: tuple[str, ...] = _f(("shapes_strict", "shapes_partial"), "rewards reported at evaluation (first = headline metric)")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    run_dir: str = _f("runs/shapes_grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, grids/, eval/, report.html")
+    overwrite: bool = _f(False, "allow writing into a non-empty run directory without resuming (deletes nothing)")
+    resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
+    tensorboard: bool = _f(True, "also write TensorBoard event files")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = _section(ModelConfig, "the generator")
+    sampler: SamplerConfig = _section(SamplerConfig, "rollout sampling")
+    reward: RewardConfig = _section(RewardConfig, "training rewards")
+    credit: CreditConfig = _section(CreditConfig, "advantage / credit assignment")
+    train: TrainConfig = _section(TrainConfig, "GRPO optimisation")
+    data: DataConfig = _section(DataConfig, "prompt sets")
+    eval: EvalConfig = _section(EvalConfig, "evaluation during and after training")
+    output: OutputConfig = _section(OutputConfig, "run directory and logging")
+
+
+INCLUDE_KEYS = ("defaults", "base")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Type handling
+# ----------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return "any"
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        return " | ".join(inner) + (" | null" if type(None) in args else "")
+    if origin is not None:
+        args = typing.get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return f"list[{_type_name(args[0])}]"
+        name = {tuple: "tuple", list: "list", dict: "dict"}.get(origin, getattr(origin, "__name__", str(origin)))
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a YAML/override value to the annotated type, or raise a one-line UserError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expected: str) -> UserError:
+        return UserError(f"{where}: expected {expected}, got {_short(value)} ({type(value).__name__})")
+
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError:
+                pass
+        raise fail(_type_name(tp))
+    if origin is Literal:
+        choices = args
+        for choice in choices:
+            if value == choice and type(value) is type(choice):
+                return choice
+        # allow e.g. a YAML-parsed 1 for a Literal["1"] or "2" for Literal[2]
+        for choice in choices:
+            try:
+                if _coerce(value, type(choice), where) == choice:
+                    return choice
+            except UserError:
+                pass
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"{where}: {_short(value)} is not one of {', '.join(repr(c) for c in choices)}{hint}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise fail(f"a mapping (section {where})")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise fail("a bool (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail("an int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            text = value.strip().replace("_", "")
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    raise fail("an int") from None
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise fail("an int")
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail("a float")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip().replace("_", ""))
+            except ValueError:
+                raise fail("a float") from None
+        raise fail("a float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. run_dir=2024 or a numeric hub revision
+        raise fail("a string")
+    if origin in (tuple, list) or tp in (tuple, list):
+        if isinstance(value, str):
+            # `window_range=0,5` on the command line: parse as a YAML flow sequence
+            import yaml
+
+            try:
+                value = yaml.safe_load(f"[{value}]")
+            except yaml.YAMLError:
+                raise fail(_type_name(tp)) from None
+        if not isinstance(value, (list, tuple)):
+            raise fail(_type_name(tp))
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise UserError(f"{where}: expected {len(args)} values ({_type_name(tp)}), got {len(value)}: {_short(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        elem = args[0] if args else Any
+        items = [_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise fail("a mapping {key: value}")
+        ktp, vtp = (args if args else (Any, Any))
+        return {_coerce(k, ktp, f"{where} key"): _coerce(v, vtp, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise fail(_type_name(tp))
+
+
+def _closest_hint(key: str, cls: type, prefix: str, root: type | None = None) -> str:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{prefix}{close[0]}'?"
+    # the key may belong to another section (e.g. `lr` at the top level or under sampler): search every leaf path
+    leaves = _leaf_paths(root, "") if root is not None else _leaf_paths(cls, prefix)
+    matches = [p for p in leaves if p.rsplit(".", 1)[-1] == key]
+    if not matches:
+        tails = {p.rsplit(".", 1)[-1]: p for p in leaves}
+        close = difflib.get_close_matches(key, list(tails), n=1, cutoff=0.6)
+        matches = [tails[close[0]]] if close else []
+    if matches:
+        return f"did you mean '{matches[0]}'?"
+    return f"valid keys: {', '.join(prefix + n for n in names)}"
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _leaf_paths(tp, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _check_keys(raw: Mapping, cls: type, prefix: str, source: str, root: type | None = None) -> None:
+    """Fail on the first unknown key (full dotted path + closest valid key)."""
+    root = root or (cls if not prefix else None)
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise UserError(f"{source}: config keys must be strings, got {key!r} under '{prefix or '<top>'}'")
+        if key not in names:
+            raise UserError(f"{source}: unknown config key '{prefix}{key}'; {_closest_hint(key, cls, prefix, root)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise UserError(f"{source}: '{prefix}{key}' is a section and needs a mapping, got {_short(value)}")
+            _check_keys(value, tp, f"{prefix}{key}.", source, root)
+
+
+def _build(cls: type, raw: Mapping, where: str = "") -> Any:
+    """Construct dataclass ``cls`` from a (possibly partial) mapping, coercing every value."""
+    prefix = f"{where}." if where else ""
+    _check_keys(raw, cls, prefix, "config")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and value is None:
+            continue
+        kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read config file {path}: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{loc}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of sections (model:, train:, ...), got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, layer: Mapping, cls: type) -> dict:
+    """Merge ``layer`` on top of ``base`` (both plain dicts shaped like ``cls``): sections recurse, fields replace."""
+    out = dict(base)
+    hints = _hints(cls)
+    for key, value in layer.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                continue
+            out[key] = _merge(out.get(key) or {}, value, tp)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_file(path: Path, schema: type, stack: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(p.name for p in (*stack, path))
+        raise UserError(f"config include cycle: {chain}")
+    raw = _read_yaml(path)
+    includes: list[str] = []
+    for key in INCLUDE_KEYS:
+        if key in raw:
+            value = raw.pop(key)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(f"{path}: '{key}' must be a file name or a list of file names, got {_short(value)}")
+            includes += value
+    merged: dict = {}
+    for inc in includes:
+        inc_path = Path(inc).expanduser()
+        if not inc_path.is_absolute():
+            inc_path = path.parent / inc_path
+        if not inc_path.is_file():
+            raise UserError(f"{path}: included config '{inc}' not found (looked at {inc_path})")
+        merged = _merge(merged, _load_file(inc_path, schema, (*stack, path)), schema)
+    _check_keys(raw, schema, "", str(path))
+    _validate_values(raw, schema, "", str(path))
+    return _merge(merged, raw, schema)
+
+
+def _validate_values(raw: Mapping, cls: type, prefix: str, source: str) -> None:
+    """Coerce each value once so a type error names the file it came from."""
+    hints = _hints(cls)
+    for key, value in raw.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if isinstance(value, Mapping):
+                _validate_values(value, tp, f"{prefix}{key}.", source)
+            continue
+        try:
+            _coerce(value, tp, prefix + key)
+        except UserError as err:
+            raise UserError(f"{source}: {err}") from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any, str]:
+    import yaml
+
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise UserError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-4)")
+    key, raw_value = body.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {text!r}: empty key; expected section.key=value")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value  # not YAML (e.g. a path with ': '): keep the raw string, coercion decides
+    return key.split("."), value, raw_value.strip()
+
+
+def _apply_override(tree: dict, parts: list[str], value: Any, cls: type, text: str, prefix: str = "",
+                    root: type | None = None, raw: str | None = None) -> dict:
+    """Set one dotted override in the plain-dict tree shaped like ``cls`` (returns a new tree)."""
+    root = root or cls
+    tree = dict(tree)
+    key, rest = parts[0], parts[1:]
+    path = prefix + key
+    if key not in {f.name for f in dataclasses.fields(cls)}:
+        raise UserError(f"override {text!r}: unknown config key '{path}'; {_closest_hint(key, cls, prefix, root)}")
+    tp = _hints(cls)[key]
+    if dataclasses.is_dataclass(tp):
+        if rest:
+            tree[key] = _apply_override(tree.get(key) or {}, rest, value, tp, text, path + ".", root, raw)
+            return tree
+        if not isinstance(value, Mapping):
+            example = _leaf_paths(tp, path + ".")[0]
+            raise UserError(f"override {text!r}: '{path}' is a section; set one of its keys, e.g. {example}=...")
+        _check_keys(value, tp, path + ".", f"override {text!r}", root)
+        tree[key] = _merge(tree.get(key) or {}, value, tp)
+        return tree
+    if not rest:
+        if tp is str and raw is not None and not isinstance(value, str):
+            value = raw  # a string field takes the text as typed (e.g. a path containing ': ')
+        tree[key] = value
+        return tree
+    if typing.get_origin(tp) is dict or tp is dict:
+        # a dotted path into a mapping field updates (or, with null, removes) one key
+        current = dict(tree.get(key) or {})
+        node = current
+        for part in rest[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, Mapping) else {}
+            node = child
+        if value is None:
+            node.pop(rest[-1], None)
+        else:
+            node[rest[-1]] = value
+        tree[key] = current
+        return tree
+    raise UserError(f"override {text!r}: '{path}' is a {_type_name(tp)} value and has no sub-keys")
+
+
+def _apply_overrides_tree(tree: dict, overrides: Sequence[str], schema: type) -> dict:
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    for text in overrides:
+        parts, value, raw = _parse_override(text)
+        tree = _apply_override(tree, parts, value, schema, text, raw=raw)
+        # coerce now so the error names the override that caused it
+        try:
+            _build(schema, tree)
+        except UserError as err:
+            raise UserError(f"override {text!r}: {err}") from None
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: type = ExperimentConfig) -> Any:
+    """Load a YAML experiment (with its includes), apply dotted overrides, coerce, validate.
+
+    ``path=None`` starts from the schema defaults. Raises a one-line ``UserError`` on any problem.
+    """
+    tree = to_dict(schema())
+    if path is not None and str(path) != "":
+        tree = _merge(tree, _load_file(Path(path).expanduser(), schema, ()), schema)
+    tree = _apply_overrides_tree(tree, overrides, schema)
+    cfg = _build(schema, tree)
+    if schema is ExperimentConfig:
+        validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Return ``cfg`` with dotted overrides applied (e.g. a resumed run's config plus command-line changes)."""
+    schema = type(cfg)
+    out = _build(schema, _apply_overrides_tree(to_dict(cfg), overrides, schema))
+    if schema is ExperimentConfig:
+        validate(out)
+    return out
+
+
+def from_dict(data: Mapping, schema: type = ExperimentConfig) -> Any:
+    """Build (and validate) a config from a nested mapping; missing keys take their defaults."""
+    _check_keys(data, schema, "", "config")
+    cfg = _build(schema, _merge(to_dict(schema()), data, schema))
+    if schema is ExperimentConfig:
+        validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (tuples become lists) — what ``config.yaml`` holds."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:
+    """The resolved config as YAML (loads back to an equal config); written atomically when ``path`` is given."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    # block-style sections, but short lists ([0.9, 0.999]) on one line
+    _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    text = "# resolved flowalign config (load with flowalign.config.load_config)\n"
+    text += yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
+    if path is not None:
+        from flowalign.io import atomic_write_text
+
+        atomic_write_text(path, text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Documentation and summaries
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    if text.endswith("..."):  # PyYAML ends a bare scalar document with an explicit end marker
+        text = text[:-3].strip()
+    return text
+
+
+def describe(schema: type = ExperimentConfig) -> str:
+    """Every field with its type, default and doc, as a commented YAML template (valid YAML)."""
+    lines: list[str] = []
+
+    def walk(cls: type, indent: int) -> None:
+        hints = _hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            doc = f.metadata.get("doc", "")
+            pad = "  " * indent
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
+                walk(tp, indent + 1)
+            else:
+                value = _yaml_scalar(to_dict(getattr(default, f.name)))
+                lines.append(f"{pad}{f.name}: {value}  # ({_type_name(tp)}) {doc}")
+
+    walk(schema, 0)
+    return "\n".join(lines)
+
+
+def trained_steps(sampler: SamplerConfig) -> int:
+    """Trained steps per trajectory (METHODS §3.5, §2.6): the window's n, or the first floor(frac·T) steps,
+    never the last step (it is deterministic unless ``last_step_noise``, and Flow-GRPO never trains it)."""
+    T = sampler.steps
+    if sampler.window_size > 0:
+        return sampler.window_size
+    return min(int(math.floor(sampler.train_fraction * T + 1e-9)), T - 1)
+
+
+def _window_bounds(sampler: SamplerConfig) -> tuple[int, int]:
+    lo, hi = sampler.window_range
+    if (lo, hi) == (0, 0):
+        hi = sampler.steps - 1
+    return lo, hi
+
+
+def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
+    """Quantities implied by the config for ``world_size`` processes; raises ``UserError`` if they do not divide.
+
+    Keys: rollouts_per_iter, groups_per_rank, rollouts_per_rank, trained_steps, transitions_per_iter,
+    transitions_per_rank, micro_batches_per_rank (per iteration, before zero-std filtering),
+    micro_batches_per_optimizer_step, optimizer_steps_total, ema_updates_total, rollouts_total, nfe_rollout_per_iter
+    (sampling forwards, one per step per rollout; CFG pairs count as one), window_starts (possible t0 or None).
+    """
+    t, s = cfg.train, cfg.sampler
+    if world_size < 1:
+        raise UserError(f"world size must be >= 1, got {world_size}")
+    if t.groups_per_iter % world_size:
+        lower = (t.groups_per_iter // world_size) * world_size or world_size
+        upper = -(-t.groups_per_iter // world_size) * world_size
+        raise UserError(
+            f"train.groups_per_iter={t.groups_per_iter} is not divisible by the world size {world_size} (groups are "
+            f"rank-local); set train.groups_per_iter to a multiple of {world_size} (e.g. {lower} or {upper}) or change the number of processes"
+        )
+    n_trained = trained_steps(s)
+    groups_per_rank = t.groups_per_iter // world_size
+    rollouts_per_rank = groups_per_rank * t.group_size
+    transitions_per_rank = rollouts_per_rank * n_trained
+    micro_per_rank = -(-transitions_per_rank // t.micro_batch)
+    if t.optimizer_steps_per_iter > micro_per_rank:
+        raise UserError(
+            f"train.optimizer_steps_per_iter={t.optimizer_steps_per_iter} exceeds the {micro_per_rank} micro-batches per rank "
+            f"per iteration ({transitions_per_rank} transitions / micro_batch {t.micro_batch}); lower it or train.micro_batch"
+        )
+    window_starts = None
+    if s.window_size > 0:
+        lo, hi = _window_bounds(s)
+        window_starts = list(range(lo, hi - s.window_size + 1))
+    opt_total = t.iterations * t.optimizer_steps_per_iter
+    return {
+        "world_size": world_size,
+        "rollouts_per_iter": t.groups_per_iter * t.group_size,
+        "groups_per_rank": groups_per_rank,
+        "rollouts_per_rank": rollouts_per_rank,
+        "trained_steps": n_trained,
+        "transitions_per_iter": t.groups_per_iter * t.group_size * n_trained,
+        "transitions_per_rank": transitions_per_rank,
+        "micro_batches_per_rank": micro_per_rank,
+        "micro_batches_per_optimizer_step": -(-micro_per_rank // t.optimizer_steps_per_iter),
+        "optimizer_steps_total": opt_total,
+        "ema_updates_total": (opt_total // t.ema_every) if t.ema else 0,
+        "rollouts_total": t.iterations * t.groups_per_iter * t.group_size,
+        "nfe_rollout_per_iter": t.groups_per_iter * t.group_size * s.steps,
+        "window_starts": window_starts,
+    }
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and consistency checks that do not depend on the world size (one-line ``UserError``)."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise UserError(msg)
+
+    m, s, r, c, t, e = cfg.model, cfg.sampler, cfg.reward, cfg.credit, cfg.train, cfg.eval
+    try:
+        from flowalign.models import MODELS
+
+        if m.name not in MODELS:
+            close = difflib.get_close_matches(m.name, list(MODELS), n=1)
+            raise UserError(f"model.name={m.name!r} is not a known model family; " + (f"did you mean {close[0]!r}?" if close else f"known: {', '.join(MODELS)}"))
+    except ImportError:  # pragma: no cover - registry always ships with the package
+        pass
+    try:
+        from flowalign.rewards import REWARDS
+    except ImportError:  # pragma: no cover
+        REWARDS = None
+    need(len(r.weights) > 0, "reward.weights is empty; name at least one reward, e.g. reward.weights.shapes_partial=1.0")
+    if REWARDS is not None:
+        for where, names in (("reward.weights", list(r.weights)), ("reward.kwargs", list(r.kwargs)), ("eval.rewards", list(e.rewards))):
+            for name in names:
+                if name not in REWARDS:
+                    close = difflib.get_close_matches(name, list(REWARDS), n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(REWARDS))}"
+                    raise UserError(f"{where}: unknown reward {name!r}; {hint}")
+    for name, w in r.weights.items():
+        need(math.isfinite(w), f"reward.weights.{name}={w} must be finite")
+    need(m.guidance >= 0, f"model.guidance={m.guidance} must be >= 0 (1 = no CFG)")
+    need(m.lora_rank >= 0 and m.lora_alpha >= 0, "model.lora_rank and model.lora_alpha must be >= 0 (0 = family default)")
+    need(m.resolution >= 0, f"model.resolution={m.resolution} must be >= 0 (0 = model default)")
+    need(s.eta >= 0, f"sampler.eta={s.eta} must be >= 0")
+    need(s.steps >= 2, f"sampler.steps={s.steps} must be >= 2 (the last step is never trained)")
+    need(0 < s.train_fraction <= 1, f"sampler.train_fraction={s.train_fraction} must be in (0, 1]")
+    need(s.window_size >= 0, f"sampler.window_size={s.window_size} must be >= 0 (0 = no window)")
+    if s.window_size > 0:
+        lo, hi = _window_bounds(s)
+        need(0 <= lo and hi <= s.steps - 1,
+             f"sampler.window_range=({s.window_range[0]}, {s.window_range[1]}) must lie in [0, steps-1={s.steps - 1}] (the last step is never trained)")
+        need(hi - lo >= s.window_size,
+             f"sampler.window_range=({lo}, {hi}) is narrower than sampler.window_size={s.window_size}; widen the range or shrink the window")
+    need(trained_steps(s) >= 1,
+         f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x sampler.steps={s.steps}) = 0; raise train_fraction")
+    if s.kernel == "euler" or s.eta == 0:
+        logger.warning("sampler.kernel=%r with eta=%g is deterministic: no step can be trained (use flow_sde with eta > 0)", s.kernel, s.eta)
+    if s.logp_form == "cps_mse":
+        need(s.kernel == "cps", f"sampler.logp_form='cps_mse' is the CPS surrogate; it needs sampler.kernel='cps' (got {s.kernel!r})")
+    need(c.std_eps > 0, f"credit.std_eps={c.std_eps} must be > 0 (it keeps A finite for equal rewards)")
+    need(c.std_ddof in (0, 1), f"credit.std_ddof={c.std_ddof} must be 0 (population) or 1 (unbiased)")
+    need(c.adv_clip > 0, f"credit.adv_clip={c.adv_clip} must be > 0")
+    need(t.iterations >= 0, f"train.iterations={t.iterations} must be >= 0")
+    need(t.groups_per_iter >= 1, f"train.groups_per_iter={t.groups_per_iter} must be >= 1")
+    need(t.group_size >= 2,
+         f"train.group_size={t.group_size}: GRPO compares rollouts of the same prompt, so it needs >= 2 (e.g. train.group_size=8)")
+    need(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
+    need(t.optimizer_steps_per_iter >= 1, f"train.optimizer_steps_per_iter={t.optimizer_steps_per_iter} must be >= 1")
+    need(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    need(all(0 <= b < 1 for b in t.betas), f"train.betas={t.betas} must be in [0, 1)")
+    need(t.weight_decay >= 0 and t.adam_eps > 0, "train.weight_decay must be >= 0 and train.adam_eps > 0")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
+    need(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
+    need(t.beta_kl >= 0, f"train.beta_kl={t.beta_kl} must be >= 0")
+    need(0 <= t.ema_decay_max < 1, f"train.ema_decay_max={t.ema_decay_max} must be in [0, 1)")
+    need(t.ema_every >= 1, f"train.ema_every={t.ema_every} must be >= 1")
+    need(t.checkpoint_every >= 0 and t.keep_checkpoints >= 0, "train.checkpoint_every and train.keep_checkpoints must be >= 0")
+    need(e.every >= 0, f"eval.every={e.every} must be >= 0 (0 = before and after only)")
+    need(e.steps >= 1, f"eval.steps={e.steps} must be >= 1")
+    need(e.seeds_per_prompt >= 1 and e.batch_size >= 1, "eval.seeds_per_prompt and eval.batch_size must be >= 1")
+    need(e.max_prompts >= 0 and e.grid_prompts >= 0, "eval.max_prompts and eval.grid_prompts must be >= 0")
+    need(len(e.rewards) > 0, "eval.rewards is empty; name at least one reward, e.g. eval.rewards=[shapes_strict]")
+    need(bool(cfg.output.run_dir), "output.run_dir is empty; set output.run_dir=runs/NAME")
+    need(bool(cfg.data.train_prompts) and bool(cfg.data.eval_prompts), "data.train_prompts and data.eval_prompts must be set")
+    derived(cfg, 1)
+
+
+def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
+    """A compact block of the main settings and derived quantities, printed at the start of a run."""
+    d = derived(cfg, world_size)
+    m, s, r, c, t, e = cfg.model, cfg.sampler, cfg.reward, cfg.credit, cfg.train, cfg.eval
+    rewards = ", ".join(f"{k}x{v:g}" for k, v in r.weights.items())
+    window = f"window {s.window_size} in {_window_bounds(s)}" if s.window_size else f"first {d['trained_steps']} steps"
+    lora = f"r={m.lora_rank or 'default'}" + (f"/a={m.lora_alpha:g}" if m.lora_alpha else "")
+    rows = [
+        ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"
+                  + (f", {m.resolution}px" if m.resolution else "")),
+        ("sampler", f"{s.kernel} eta={s.eta:g}, T={s.steps}, train {window}, logp {s.logp_form}/{s.logp_reduce}"
+                    + (", last-step noise" if s.last_step_noise else "")),
+        ("reward", f"{rewards} ({r.aggregate})"),
+        ("credit", f"{c.name}, std {c.std_scope} (ddof {c.std_ddof}, eps {c.std_eps:g}), clip |A|<={c.adv_clip:g}"
+                   + (f", options {c.options}" if c.options else "")),
+        ("optim", f"AdamW lr {t.lr:g}, betas {tuple(t.betas)}, wd {t.weight_decay:g}, grad-clip {t.max_grad_norm:g}, "
+                  f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})"
+                  + (f", EMA<= {t.ema_decay_max:g}/{t.ema_every}" if t.ema else ", no EMA")),
+        ("batch", f"{t.groups_per_iter} groups x G={t.group_size} = {d['rollouts_per_iter']} rollouts/iter; "
+                  f"{d['groups_per_rank']} groups/rank on {world_size} rank(s)"),
+        ("update", f"{d['trained_steps']} trained steps -> {d['transitions_per_rank']} transitions/rank in "
+                   f"{d['micro_batches_per_rank']} micro-batches of {t.micro_batch}, {t.optimizer_steps_per_iter} optimizer step(s)/iter "
+                   f"({d['micro_batches_per_optimizer_step']} micro-batches each)"),
+        ("run", f"{t.iterations} iterations, {d['rollouts_total']} rollouts, {d['optimizer_steps_total']} optimizer steps, "
+                f"seed {t.seed}, rollout NFE/iter {d['nfe_rollout_per_iter']}"),
+        ("data", f"train {cfg.data.train_prompts} ({'shuffled' if cfg.data.shuffle else 'in order'}), eval {cfg.data.eval_prompts}"),
+        ("eval", f"{'every ' + str(e.every) + ' iters' if e.every else 'before/after'}, {e.kernel} T={e.steps} cfg {e.guidance:g}, "
+                 f"{e.seeds_per_prompt} seeds/prompt{', ' + str(e.max_prompts) + ' prompts' if e.max_prompts else ''}, rewards {', '.join(e.rewards)}"),
+        ("output", f"{cfg.output.run_dir}" + (" (resume)" if cfg.output.resume else "") + (" (overwrite)" if cfg.output.overwrite else "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

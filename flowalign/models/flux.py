@@ -1,0 +1,146 @@
+"""FLUX.1 adapter (diffusers ``FluxPipeline``) implementing ``FlowModel``.
+
+* Latents are the pipeline's **packed** tokens [B, L, 4C] (2×2 patches of the [B, C, h, w] VAE latent,
+  L = (h/2)·(w/2), 4C = 64 for FLUX.1), so ``velocity`` is one transformer call with no repacking;
+  ``init_noise`` draws [n, C, h, w] and packs it (the same noise as ``FluxPipeline`` for the same
+  generator); ``decode`` unpacks, undoes the VAE shift/scale and decodes.
+* Text: CLIP pooled embedding + T5 token embeddings (pipeline ``encode_prompt``); text ids are zeros,
+  image ids are (0, row, col) per token.
+* Guidance is distilled (FLUX.1-dev): the raw ``guidance_scale`` (e.g. 3.5) goes to the ``guidance``
+  input (the transformer scales it by 1000 inside); one forward per step, no CFG batch doubling.
+  Models without a guidance embedding (schnell) ignore ``guidance_scale``.
+* Timestep: σ itself in [0, 1] (the transformer multiplies by 1000 inside; METHODS.md §1.5).
+* Schedule: the resolution-dependent dynamic shift ``flux_dynamic(T, L)`` with the scheduler's μ
+  constants (METHODS.md §1.3).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.errors import UserError
+from flowalign.models.base import FlowAdapter, load_pipeline, pipeline_modules
+from flowalign.types import Cond
+
+DEFAULT_PATH = "black-forest-labs/FLUX.1-dev"
+
+
+def pack(z: Tensor) -> Tensor:
+    """[B, C, h, w] → [B, (h/2)(w/2), 4C] (2×2 patches, channel-major inside a patch, as FluxPipeline)."""
+    b, c, h, w = z.shape
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return z.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of ``pack``: [B, L, 4C] → [B, C, h, w]."""
+    b, _, c4 = x.shape
+    x = x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h2: int, w2: int, device: Any, dtype: torch.dtype) -> Tensor:
+    """Rotary position ids (0, row, col) of the packed image tokens, [h2·w2, 3]."""
+    ids = torch.zeros(h2, w2, 3)
+    ids[..., 1] = torch.arange(h2)[:, None]
+    ids[..., 2] = torch.arange(w2)[None, :]
+    return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
+
+
+class FluxModel(FlowAdapter):
+    # METHODS.md §3.7 (Flow-GRPO FLUX): r/α 64/128, the SD3 attention list plus both feed-forwards.
+    lora_targets = (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )
+    lora_rank = 64
+    lora_alpha = 128
+
+    def __init__(self, pipe: Any, *, guidance_scale: float = 3.5, height: int = 512, width: int = 512,
+                 max_sequence_length: int = 512, dtype: torch.dtype = torch.float32):
+        vsf = pipe.vae_scale_factor
+        if height % (2 * vsf) or width % (2 * vsf):
+            raise UserError(f"FLUX height/width must be multiples of {2 * vsf}, got {height}x{width}")
+        self.pipe = pipe
+        self.height, self.width = int(height), int(width)
+        self.max_sequence_length = int(max_sequence_length)
+        self.latent_hw = (height // vsf, width // vsf)  # unpacked VAE latent h, w
+        self.channels = pipe.transformer.config.in_channels // 4  # VAE latent channels
+        tokens = (self.latent_hw[0] // 2) * (self.latent_hw[1] // 2)
+        super().__init__(
+            pipe.transformer, guidance_scale=guidance_scale, dtype=dtype,
+            latent_shape=(tokens, 4 * self.channels), components=pipeline_modules(pipe),
+        )
+        self._img_ids: Optional[Tensor] = None
+
+    @classmethod
+    def from_pretrained(cls, path: str = "", *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+                        guidance_scale: float = 3.5, height: int = 512, width: int = 512,
+                        max_sequence_length: int = 512, **kwargs: Any) -> "FluxModel":
+        """Load from a local diffusers directory or hub id (default FLUX.1-dev); ``kwargs`` go to diffusers."""
+        from diffusers import FluxPipeline
+
+        pipe = load_pipeline(FluxPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="flux", **kwargs)
+        return cls(pipe, guidance_scale=guidance_scale, height=height, width=width,
+                   max_sequence_length=max_sequence_length, dtype=dtype)
+
+    # ---- FlowModel ------------------------------------------------------------------------------
+
+    def init_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Noise drawn as [n, C, h, w] and packed, so a seed gives the same start as ``FluxPipeline``."""
+        gen_device = generator.device if generator is not None else self.device
+        z = torch.randn((n, self.channels, *self.latent_hw), generator=generator, device=gen_device,
+                        dtype=torch.float32)
+        return pack(z).to(self.device)  # [n, L, 4C]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        pe, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device,
+                                                max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": pe, "pooled": pooled}  # [N, S, D], [N, P]
+
+    def schedule(self, steps: int) -> Tensor:
+        from flowalign.samplers.schedules import flux_dynamic
+
+        cfg = self.pipe.scheduler.config
+        return flux_dynamic(
+            steps, self.latent_shape[0],
+            base_seq_len=int(cfg.get("base_image_seq_len", 256)), max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
+            base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.15)),
+        )  # [T+1]
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """v(x, σ | c); x [B, L, 4C] fp32 → v [B, L, 4C] fp32."""
+        b = x.shape[0]
+        sig = self._sigma_batch(sigma, b, x.device)  # [B] in [0, 1]; the transformer scales by 1000
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)  # [B]
+        pe = cond["prompt_embeds"].to(self.dtype)
+        txt_ids = torch.zeros(pe.shape[1], 3, device=x.device, dtype=self.dtype)  # [S, 3]
+        if self._img_ids is None or self._img_ids.device != x.device:
+            self._img_ids = image_ids(self.latent_hw[0] // 2, self.latent_hw[1] // 2, x.device, self.dtype)
+        out = self.transformer(
+            hidden_states=x.to(self.dtype), timestep=sig, guidance=guidance,
+            pooled_projections=cond["pooled"].to(self.dtype), encoder_hidden_states=pe,
+            txt_ids=txt_ids, img_ids=self._img_ids, return_dict=False,
+        )[0]
+        return out.float()  # [B, L, 4C]
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Packed latents [B, L, 4C] → images [B, 3, H, W] in [0, 1] (fp32 VAE; differentiable)."""
+        vae = self.pipe.vae
+        z = unpack(x, *self.latent_hw).to(device=vae.device, dtype=vae.dtype)
+        z = z / vae.config.scaling_factor + vae.config.shift_factor
+        img = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] → packed latents (VAE mean)."""
+        vae = self.pipe.vae
+        z = vae.encode(images.to(device=vae.device, dtype=vae.dtype) * 2 - 1).latent_dist.mean
+        return pack(((z - vae.config.shift_factor) * vae.config.scaling_factor).float())

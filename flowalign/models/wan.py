@@ -1,0 +1,118 @@
+"""Wan 2.1 text-to-video adapter (diffusers ``WanPipeline``) implementing ``FlowModel`` (REWARDS_AND_EVAL.md §4.1).
+
+* Latents: [B, 16, F′, H/8, W/8] with F′ = (F − 1)/4 + 1, normalised per channel by the VAE config's
+  ``latents_mean`` / ``latents_std`` (the pipeline's latent space).
+* Text: UMT5 last hidden states, zero-padded to ``max_sequence_length`` (pipeline ``encode_prompt``);
+  negative-prompt CFG, ``encode`` returns both branches per prompt.
+* Velocity: CFG v = v_u + w·(v_c − v_u) with both branches in one batch-doubled forward [uncond, cond]
+  (the pipeline runs two forwards; the result agrees to float rounding); timestep = 1000·σ.
+* Schedule: ``shifted_linear(T, flow_shift)`` (METHODS.md §1.4) replaces the pipeline's UniPC scheduler;
+  ``flow_shift`` defaults to the scheduler config's (3.0 for 480p, 5.0 for 720p).
+* Decode: fp32 VAE → [B, F, 3, H, W] in [0, 1].
+Wan 2.2 two-expert pipelines (``transformer_2``) are not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.errors import UserError
+from flowalign.models.base import FlowAdapter, load_pipeline, pipeline_modules
+from flowalign.types import Cond
+
+DEFAULT_PATH = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+class WanModel(FlowAdapter):
+    # METHODS.md §3.7: r/α 32/64 on the attention projections (self- and cross-attention).
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_rank = 32
+    lora_alpha = 64
+
+    def __init__(self, pipe: Any, *, guidance_scale: float = 5.0, height: int = 480, width: int = 832,
+                 num_frames: int = 81, max_sequence_length: int = 512, negative_prompt: str = "",
+                 flow_shift: Optional[float] = None, dtype: torch.dtype = torch.float32):
+        if getattr(pipe, "transformer_2", None) is not None:
+            raise UserError("Wan 2.2 two-expert pipelines (transformer_2) are not supported; use a Wan 2.1 model")
+        vae_cfg = pipe.vae.config
+        tsf, ssf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+        patch = pipe.transformer.config.patch_size
+        if (num_frames - 1) % tsf:
+            raise UserError(f"Wan num_frames must be {tsf}k + 1 (e.g. 33 or 81), got {num_frames}")
+        if height % (ssf * patch[1]) or width % (ssf * patch[2]):
+            raise UserError(f"Wan height/width must be multiples of {ssf * patch[1]}, got {height}x{width}")
+        self.pipe = pipe
+        self.height, self.width, self.num_frames = int(height), int(width), int(num_frames)
+        self.max_sequence_length = int(max_sequence_length)
+        self.negative_prompt = negative_prompt
+        sched = pipe.scheduler.config
+        if flow_shift is None:
+            flow_shift = sched.get("flow_shift", sched.get("shift", 3.0))
+        self.flow_shift = float(flow_shift)
+        self._mean = torch.tensor(vae_cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)  # [1, C, 1, 1, 1]
+        self._std = torch.tensor(vae_cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)  # [1, C, 1, 1, 1]
+        latent_shape = (vae_cfg.z_dim, (num_frames - 1) // tsf + 1, height // ssf, width // ssf)
+        super().__init__(pipe.transformer, guidance_scale=guidance_scale, dtype=dtype, latent_shape=latent_shape,
+                         components=pipeline_modules(pipe))
+
+    @classmethod
+    def from_pretrained(cls, path: str = "", *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+                        guidance_scale: float = 5.0, height: int = 480, width: int = 832, num_frames: int = 81,
+                        max_sequence_length: int = 512, negative_prompt: str = "",
+                        flow_shift: Optional[float] = None, **kwargs: Any) -> "WanModel":
+        """Load from a local diffusers directory or hub id (default Wan2.1-T2V-1.3B); ``kwargs`` go to diffusers."""
+        from diffusers import WanPipeline
+
+        pipe = load_pipeline(WanPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="wan", **kwargs)
+        return cls(pipe, guidance_scale=guidance_scale, height=height, width=width, num_frames=num_frames,
+                   max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
+                   flow_shift=flow_shift, dtype=dtype)
+
+    # ---- FlowModel ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        prompts = list(prompts)
+        pe, neg_pe = self.pipe.encode_prompt(
+            prompt=prompts, negative_prompt=[self.negative_prompt] * len(prompts), do_classifier_free_guidance=True,
+            max_sequence_length=self.max_sequence_length, device=self.device,
+        )
+        return {"prompt_embeds": pe, "neg_prompt_embeds": neg_pe}  # [N, S, D] each
+
+    def schedule(self, steps: int) -> Tensor:
+        from flowalign.samplers.schedules import shifted_linear
+
+        return shifted_linear(steps, self.flow_shift)  # [T+1]
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """v(x, σ | c) with CFG; x [B, C, F′, h, w] fp32 → v of the same shape, fp32."""
+        b = x.shape[0]
+        t = self._sigma_batch(sigma, b, x.device) * 1000.0  # [B] model timestep in [0, 1000]
+        cfg = self.guidance_scale > 1.0
+        h, enc = x.to(self.dtype), cond["prompt_embeds"]
+        if cfg:
+            h, t = torch.cat([h, h]), torch.cat([t, t])  # [2B, ...] = [uncond, cond]
+            enc = torch.cat([cond["neg_prompt_embeds"], enc])
+        out = self.transformer(hidden_states=h, timestep=t, encoder_hidden_states=enc.to(self.dtype),
+                               return_dict=False)[0].float()
+        if not cfg:
+            return out
+        v_u, v_c = out.chunk(2)
+        return v_u + self.guidance_scale * (v_c - v_u)  # [B, C, F′, h, w]
+
+    def decode(self, x: Tensor) -> Tensor:
+        """Latents [B, C, F′, h, w] → video [B, F, 3, H, W] in [0, 1] (fp32 VAE; differentiable)."""
+        vae = self.pipe.vae
+        z = x.float() * self._std.to(x.device) + self._mean.to(x.device)  # z_raw = z·std + mean
+        video = vae.decode(z.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]  # [B, 3, F, H, W]
+        return (video.float().permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1)  # [B, F, 3, H, W]
+
+    def encode_videos(self, videos: Tensor) -> Tensor:
+        """Videos [B, F, 3, H, W] in [0, 1] → normalised latents (VAE mean)."""
+        vae = self.pipe.vae
+        v = videos.permute(0, 2, 1, 3, 4).to(device=vae.device, dtype=vae.dtype) * 2 - 1  # [B, 3, F, H, W]
+        z = vae.encode(v).latent_dist.mean.float()
+        return (z - self._mean.to(z.device)) / self._std.to(z.device)

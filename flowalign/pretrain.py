@@ -1,0 +1,413 @@
+"""Flow-matching pretraining (used to make the built-in shapes model; generic over model and data).
+
+Objective (rectified flow; Liu et al. 2022, Lipman et al. 2022; SD3 = Esser et al. 2024, Eq. 1–3 and §3.1):
+
+    x_σ = (1 − σ)·x + σ·ε,        L(θ) = E_{x, c, σ, ε} ‖v_θ(x_σ, σ | c) − (ε − x)‖²
+
+with σ drawn logit-normal (σ = sigmoid(m + s·n), n ~ N(0, 1); SD3's "lognorm(m, s)" sampling), captions
+replaced by the empty prompt with probability ``caption_dropout`` (so the model learns the unconditional
+branch for classifier-free guidance), AdamW with linear warm-up and cosine decay, gradient clipping, and an
+exponential moving average (EMA) of the weights — the exported weights are the EMA.
+
+The model only needs what a ``FlowModel`` adapter has plus a few members (a "pretrainable" model):
+``components`` (name → ``nn.Module``, as on ``FlowAdapter``; every parameter of every component is trained),
+``from_config(dict)`` (class method, fresh weights), ``encode_images(images [B,3,H,W] in [0,1]) -> x``,
+``save_pretrained(dir)``, and a ``velocity`` that runs one conditional forward when ``guidance_scale`` is 1.
+
+Data is a *stateless* function of the step: ``batch(step, batch_size) -> (captions, images)``; every random
+draw of step k (data, dropout, σ, ε) comes from generators seeded with (seed, k). Resuming from a checkpoint
+(model, optimizer, EMA, step, RNG) therefore reproduces the uninterrupted run bit for bit.
+
+Run directory::
+
+    OUT/config.yaml                       the resolved pretraining config
+    OUT/metrics.jsonl                     step, loss, lr, seconds (every ``log_every`` steps)
+    OUT/checkpoints/step-N/state.pt       model + optimizer + EMA + RNG + step (atomic directory rename)
+    OUT/final/{model.safetensors,config.json}   the EMA weights (what ships)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowalign.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BatchFn = Callable[[int, int], tuple[list[str], Tensor]]  # (step, batch_size) -> (captions, images [B,3,H,W] in [0,1])
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pretraining run depends on (one YAML file; CLI flags override single fields)."""
+
+    model: str = "shapes"  # model family in flowalign.models.MODELS; its class has from_config(dict)
+    model_config: dict = field(default_factory=dict)  # architecture + sampling defaults for from_config
+    data: str = "shapes"  # data source in DATA_SOURCES
+    data_config: dict = field(default_factory=dict)  # keyword arguments of the data source
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 64
+    lr: float = 5e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr·min_lr_ratio
+    warmup: int = 200  # linear warm-up steps
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    ema_decay: float = 0.999  # EMA decay (with warm-up min(decay, (1+k)/(10+k)))
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (CFG)
+    logit_mean: float = 0.0  # σ = sigmoid(logit_mean + logit_std·n)
+    logit_std: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 25
+    threads: int = 0  # torch.set_num_threads for the run (0 = leave as is)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if k not in known:
+                import difflib
+
+                close = difflib.get_close_matches(k, list(known), n=1)
+                raise UserError(f"unknown pretrain config key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            default = known[k].default
+            if isinstance(default, bool):
+                v = bool(v)
+            elif isinstance(default, int):
+                v = int(v)
+            elif isinstance(default, float):
+                v = float(v)  # PyYAML reads 5e-4 as a string
+            elif isinstance(default, tuple):
+                v = tuple(float(x) for x in v)
+            out[k] = v
+        return cls(**out)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def shapes_data(task_weights: Optional[dict[str, float]] = None, image_size: int = 32, seed: int = 0) -> BatchFn:
+    """Infinite (caption, image) stream from the shapes world: sample a spec, render a scene that satisfies it.
+
+    ``task_weights`` sets the task mix (default uniform over the grammar's tasks); image k of step t uses
+    ``numpy.random.default_rng((seed, t, k))``, so a batch depends only on (seed, step).
+    Rendering costs ~0.2 ms per 32×32 image, negligible next to a training step.
+    """
+    import numpy as np
+
+    from flowalign.shapes.grammar import TASKS, sample_spec, to_prompt
+    from flowalign.shapes.render import render
+
+    weights = dict(task_weights or {t: 1.0 for t in TASKS})
+    bad = sorted(set(weights) - set(TASKS))
+    if bad:
+        raise UserError(f"unknown shapes task(s) {bad} in task_weights (tasks: {', '.join(TASKS)})")
+    names = list(weights)
+    p = np.asarray([float(weights[t]) for t in names])
+    p = p / p.sum()
+
+    def batch(step: int, batch_size: int) -> tuple[list[str], Tensor]:
+        caps, imgs = [], np.empty((batch_size, image_size, image_size, 3), dtype=np.float32)
+        for k in range(batch_size):
+            rng = np.random.default_rng((seed, step, k))
+            spec = sample_spec(rng, names[int(rng.choice(len(names), p=p))])
+            caps.append(to_prompt(spec))
+            imgs[k] = render(spec, image_size, rng)
+        return caps, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # [B, 3, H, W]
+
+    return batch
+
+
+DATA_SOURCES: dict[str, Callable[..., BatchFn]] = {
+    "shapes": shapes_data,
+}
+
+
+# ------------------------------------------------------------------------------------------------ math
+
+
+def logit_normal_sigmas(n: int, mean: float, std: float, generator: torch.Generator) -> Tensor:
+    """σ = sigmoid(m + s·n), n ~ N(0, 1) (SD3 §3.1 "logit-normal sampling")."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))  # [B]
+
+
+def flow_matching_loss(v_pred: Tensor, x: Tensor, eps: Tensor) -> Tensor:
+    """Rectified-flow regression onto the velocity target ε − x (per-element mean of the squared error)."""
+    return (v_pred.float() - (eps - x).float()).pow(2).mean()
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up: min(decay, (1 + k)/(10 + k)) after k updates, so early averages are not stuck at init."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float) -> None:
+    """In place: ema ← decay·ema + (1 − decay)·θ."""
+    torch._foreach_lerp_(list(ema), [p.detach() for p in params], 1.0 - decay)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr·min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of every torch draw of one step (dropout, σ, ε): a pure function of (seed, step)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7919 + 17) % (2**63 - 1))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    d = out / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def components(model: Any) -> dict[str, nn.Module]:
+    """The trained modules of a pretrainable model (``model.components``; a bare nn.Module is its own component)."""
+    comps = getattr(model, "components", None)
+    if comps is None and isinstance(model, nn.Module):
+        comps = {"model": model}
+    if not comps:
+        raise UserError(f"{type(model).__name__} has no trainable components")
+    return dict(comps)
+
+
+def save_checkpoint(out: Path, step: int, model: Any, opt: torch.optim.Optimizer, ema: Sequence[Tensor],
+                    cfg: PretrainConfig, keep: int) -> Path:
+    """Write ``checkpoints/step-N/state.pt`` atomically (temp directory + rename); prune old ones."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save({"step": step, "model": {k: m.state_dict() for k, m in components(model).items()}, "optimizer": opt.state_dict(),
+                "ema": [t.clone() for t in ema], "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)},
+               tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def build_model(cfg: PretrainConfig) -> Any:
+    from flowalign.models import resolve
+
+    cls = resolve(cfg.model)
+    if not hasattr(cls, "from_config"):
+        raise UserError(f"model family {cfg.model!r} cannot be pretrained here (its class has no from_config)")
+    return cls.from_config(dict(cfg.model_config))
+
+
+def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, data: Optional[BatchFn] = None,
+             progress: bool = True, stop_after: Optional[int] = None) -> Any:
+    """Pretrain a fresh model (or resume the newest checkpoint in ``out``); returns the EMA model.
+
+    ``data`` overrides the registered data source (tests pass a tiny synthetic one); ``stop_after`` ends the
+    run early after that many total steps, as if killed right after the checkpoint at that step (tests).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
+    model = build_model(cfg)
+    comps = components(model)
+    for m in comps.values():
+        m.train().requires_grad_(True)
+    guidance = getattr(model, "guidance_scale", 1.0)
+    model.guidance_scale = 1.0  # training = one conditional (or dropped-caption) forward
+    if data is None:
+        if cfg.data not in DATA_SOURCES:
+            raise UserError(f"unknown data source {cfg.data!r} (known: {', '.join(DATA_SOURCES)})")
+        data = DATA_SOURCES[cfg.data](**dict(cfg.data_config), seed=cfg.seed)
+    params = [p for m in comps.values() for p in m.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases, norms, positional tables stay undecayed
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    ema = [p.detach().clone() for p in params]
+    start = 0
+    if resume:
+        ckpts = _checkpoints(out)
+        if ckpts:
+            state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+            for k, m in comps.items():
+                m.load_state_dict(state["model"][k])
+            opt.load_state_dict(state["optimizer"])
+            for e, s in zip(ema, state["ema"]):
+                e.copy_(s)
+            torch.set_rng_state(state["rng"])
+            start = int(state["step"])
+            logger.info("resumed from %s (step %d)", ckpts[-1], start)
+        else:
+            logger.info("--resume: no checkpoint in %s, starting fresh", out)
+    import yaml
+
+    _atomic_text(out / "config.yaml", yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False))
+    n_params = sum(p.numel() for p in params)
+    logger.info("pretraining %s (%.2fM params) for %d steps, batch %d, threads %d", cfg.model, n_params / 1e6,
+                cfg.steps, cfg.batch_size, torch.get_num_threads())
+
+    from tqdm.auto import tqdm
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="pretrain", unit="step", dynamic_ncols=True)
+    metrics = (out / "metrics.jsonl").open("a")
+    t0, loss_acc, n_acc = time.time(), 0.0, 0
+    try:
+        for step in range(start, end):
+            loss = train_step(model, opt, data, step, cfg)
+            ema_update(ema, params, ema_decay_at(step, cfg.ema_decay))
+            loss_acc, n_acc = loss_acc + loss, n_acc + 1
+            bar.update(1)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr_at(step, cfg), "seconds": time.time() - t0}
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+                loss_acc, n_acc = 0.0, 0
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
+                save_checkpoint(out, done, model, opt, ema, cfg, cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        metrics.close()
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    for m in comps.values():
+        m.eval().requires_grad_(False)
+    if end == cfg.steps:
+        model.guidance_scale = guidance
+        model.save_pretrained(out / "final")
+        logger.info("wrote the EMA model to %s (%.1f s)", out / "final", time.time() - t0)
+    return model
+
+
+def ema_model_from_checkpoint(checkpoint: str | os.PathLike) -> Any:
+    """The EMA model stored in ``checkpoints/step-N`` (or its ``state.pt``), in eval mode (e.g. to export it)."""
+    path = Path(checkpoint)
+    path = path / "state.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"no pretraining checkpoint at {str(path)!r}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = PretrainConfig.from_dict(state["config"])
+    model = build_model(cfg)
+    comps = components(model)
+    for k, m in comps.items():
+        m.load_state_dict(state["model"][k])
+    params = [p for m in comps.values() for p in m.parameters()]
+    with torch.no_grad():
+        for p, e in zip(params, state["ema"]):
+            p.copy_(e)
+    for m in comps.values():
+        m.eval().requires_grad_(False)
+    return model
+
+
+def train_step(model: Any, opt: torch.optim.Optimizer, data: BatchFn, step: int, cfg: PretrainConfig) -> float:
+    """One optimizer step of the rectified-flow objective; every random draw comes from (seed, step)."""
+    g = step_generator(cfg.seed, step)
+    captions, images = data(step, cfg.batch_size)
+    drop = torch.rand(len(captions), generator=g) < cfg.caption_dropout  # [B]
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    x = model.encode_images(images)  # [B, C, H, W] data
+    sigma = logit_normal_sigmas(x.shape[0], cfg.logit_mean, cfg.logit_std, g).to(x.device)  # [B]
+    eps = torch.randn(x.shape, generator=g).to(x.device, x.dtype)  # [B, C, H, W]
+    s = sigma.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    x_sigma = (1 - s) * x + s * eps  # [B, C, H, W]
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    v = model.velocity(x_sigma, sigma, model.encode(captions))  # [B, C, H, W]
+    loss = flow_matching_loss(v, x, eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], cfg.grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def load_config(path: Optional[str], overrides: dict[str, Any]) -> PretrainConfig:
+    d: dict[str, Any] = {}
+    if path:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"pretrain config {path!r} not found")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise UserError(f"pretrain config {path!r} must be a mapping")
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return PretrainConfig.from_dict(d)
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="flowalign pretrain", description="Flow-matching pretraining (rectified flow, "
+                                 "logit-normal σ, caption dropout, EMA); writes OUT/final/ with the EMA weights.")
+    ap.add_argument("--config", default=None, help="YAML file of PretrainConfig fields (e.g. configs/shapes_pretrain.yaml)")
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for this run (the config default applies)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(list(argv))
+    cfg = load_config(args.config, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                    "seed": args.seed, "threads": args.threads})
+    if not args.resume and _checkpoints(Path(args.out)):
+        raise UserError(f"{args.out!r} already holds checkpoints; pass --resume to continue or choose a new --out")
+    pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,642 @@
+"""Image grids, metric plots and a static, self-contained HTML report of a run directory.
+
+Run directory layout read here (written by train.py / evaluate.py)::
+
+    config.yaml                  the resolved config (flowalign.config.dump_yaml)
+    metrics.jsonl                one JSON object per logged step (see "Metric names" below)
+    eval/base/summary.json       evaluation of the base model (before training)
+    eval/step-N/summary.json     evaluations during training
+    eval/final/summary.json      evaluation after training
+    grids/base.png, grids/final.png   the same prompts and seeds before and after (other grids/*.png are shown too)
+    plots/*.png                  written by plot_metrics
+    report.html                  written by write_report
+
+``summary.json`` format (written by ``flowalign.evaluate.run_eval`` via ``evaluate.summarize``)::
+
+    {
+      "overall":  {"shapes_strict": 0.52, "shapes_partial": 0.71},  # per reward: mean over tasks when images carry
+                                                                     # a task label (GenEval's convention), else over images
+      "per_task": {"counting": {"shapes_strict": 0.30, ...}, ...},   # nan-aware mean over the task's images
+      "counts":   {"counting": 160, ...},                            # images per task
+      "n":        960,                                               # images in total
+      "settings": {"steps": 10, "guidance": 4.5, "kernel": "euler", "seeds_per_prompt": 4, ...}
+    }
+
+Only ``overall`` is required; NaN means "not applicable" and is shown as n/a. The first reward in ``overall``
+is the headline metric. ``n_images`` / ``n_per_task`` are accepted as synonyms of ``n`` / ``counts``.
+
+Metric names (``metrics.jsonl``; each line has ``iteration`` (or ``step``) plus any of these; a ``train/`` prefix
+is accepted everywhere): ``reward/<name>``; ``eval/<task>/<reward>`` and ``eval/overall/<reward>`` (one plot per
+reward, one line per task); ``approx_kl``, ``kl``; ``clipfrac_high``, ``clipfrac_low``; ``policy_loss``;
+``nfe/<phase>`` as **cumulative** counters since the start of the run (``nfe/total`` or the sum of the phases is
+the x axis of ``reward_vs_nfe.png``); ``zero_std_ratio``, ``kept_fraction``; ``grad_norm``; ``time/*``.
+Unmatched keys are ignored unless asked for. A key matching several groups goes to its most specific pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import fnmatch
+import html
+import io as _stdio
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from flowalign.errors import UserError
+from flowalign.io import atomic_write_bytes, atomic_write_text, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "save_image_grid", "grid_image", "plot_metrics", "plot_eval_history", "write_report", "read_summary",
+    "find_summaries", "DEFAULT_PLOT_GROUPS", "cli_main",
+]
+
+# group name -> fnmatch patterns; a key goes to the first group that matches it
+DEFAULT_PLOT_GROUPS: dict[str, list[str]] = {
+    "reward": ["reward", "reward/*", "train/reward/*", "reward_*"],
+    "eval": ["eval/*"],
+    "nfe": ["nfe", "nfe/*", "train/nfe/*"],
+    "kl": ["*kl", "*kl_*", "*/kl*"],
+    "clipfrac": ["clipfrac*", "*/clipfrac*"],
+    "loss": ["*loss*"],
+    "groups": ["*zero_std_ratio", "*kept_fraction", "*group_std*"],
+    "grad_norm": ["grad_norm*", "*/grad_norm*"],
+    "time": ["time/*"],
+}
+_STEP_KEYS = ("step", "iteration", "iter", "global_step")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image grids
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _font(size: int = 11):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType (>= 10.1)
+    except TypeError:  # pragma: no cover - older Pillow
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for word in words:
+        trial = f"{cur} {word}".strip()
+        if draw.textlength(trial, font=font) <= width or not cur:
+            cur = trial
+        else:
+            lines.append(cur)
+            cur = word
+    if cur:
+        lines.append(cur)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        last = lines[-1]
+        while last and draw.textlength(last + "…", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last + "…"
+    # a single word longer than the tile: cut it
+    out = []
+    for line in lines:
+        while len(line) > 1 and draw.textlength(line, font=font) > width:
+            line = line[:-2] + "…"
+        out.append(line)
+    return out
+
+
+def grid_image(images, nrow: int, upscale: int = 4, labels: Sequence[str] | None = None, pad: int = 2,
+               max_label_lines: int = 3):
+    """Compose ``images`` [N,3,H,W] in [0,1] into a PIL image, ``nrow`` tiles per row (torchvision's convention).
+
+    ``labels``: one per tile (caption under each tile) or one per column (header above each column).
+    Tiles are upscaled with nearest-neighbour so 32×32 samples stay crisp.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, 3, H, W] (or [N, 1, H, W]), got {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    if n == 0:
+        raise ValueError("no images to put in a grid")
+    ncol = max(1, min(int(nrow), n))
+    nrows = math.ceil(n / ncol)
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)  # [N, C, H, W]
+    arr = arr.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
+    th, tw = h * upscale, w * upscale
+
+    per_tile = per_col = False
+    if labels is not None:
+        labels = [str(x) for x in labels]
+        if len(labels) == n:
+            per_tile = True
+        elif len(labels) == ncol:
+            per_col = True
+        else:
+            raise ValueError(f"labels: expected {n} (one per image) or {ncol} (one per column), got {len(labels)}")
+
+    font = _font(11)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    top, bottom = font.getbbox("Ag")[1::2]
+    line_h = int(bottom - top) + 3
+    wrapped = [_wrap(scratch, lab, font, tw, max_label_lines) for lab in labels] if labels else []
+    cap_h = (max(len(x) for x in wrapped) * line_h + 2) if (per_tile and wrapped) else 0
+    head_h = (max(len(x) for x in wrapped) * line_h + 2) if (per_col and wrapped) else 0
+
+    cell_h = th + cap_h + pad
+    width = ncol * (tw + pad) + pad
+    height = head_h + nrows * cell_h + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        x, y = pad + c * (tw + pad), head_h + pad + r * cell_h
+        tile = Image.fromarray(arr[i]).resize((tw, th), Image.NEAREST)
+        canvas.paste(tile, (x, y))
+        if per_tile:
+            for k, line in enumerate(wrapped[i]):
+                draw.text((x, y + th + 1 + k * line_h), line, fill=(20, 20, 20), font=font)
+    if per_col:
+        for c in range(ncol):
+            for k, line in enumerate(wrapped[c]):
+                draw.text((pad + c * (tw + pad), 1 + k * line_h), line, fill=(20, 20, 20), font=font)
+    return canvas
+
+
+def save_image_grid(images, path: str | Path, nrow: int, upscale: int = 4, labels: Sequence[str] | None = None) -> Path:
+    """Save ``images`` [N,3,H,W] in [0,1] as a PNG grid (atomic write). See :func:`grid_image`."""
+    canvas = grid_image(images, nrow=nrow, upscale=upscale, labels=labels)
+    buf = _stdio.BytesIO()
+    canvas.save(buf, format="PNG", optimize=True)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _series(records: list[dict]) -> tuple[str | None, dict[str, tuple[list[float], list[float]]]]:
+    """Per numeric key: (x, y) with x = the step key (or the record index) and non-finite values dropped."""
+    step_key = next((k for k in _STEP_KEYS if any(k in r for r in records)), None)
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for i, rec in enumerate(records):
+        x = rec.get(step_key, i) if step_key else i
+        if not _is_num(x):
+            continue
+        for key, val in rec.items():
+            if key == step_key or not _is_num(val) or not math.isfinite(val):
+                continue
+            xs, ys = out.setdefault(key, ([], []))
+            xs.append(float(x))
+            ys.append(float(val))
+    return step_key, out
+
+
+def _specificity(pattern: str) -> int:
+    return sum(ch not in "*?[]" for ch in pattern)
+
+
+def _group_keys(keys: Sequence[str], groups: Mapping[str, Sequence[str]], keep_unmatched: bool) -> dict[str, list[str]]:
+    """Assign each key to the group of its most specific matching pattern (``reward/zero_std_ratio`` -> groups)."""
+    out: dict[str, list[str]] = {name: [] for name in groups}  # keeps the groups' order
+    for key in keys:
+        best, best_score = None, -1
+        for name, patterns in groups.items():
+            for p in patterns:
+                if fnmatch.fnmatchcase(key, p) and _specificity(p) > best_score:
+                    best, best_score = name, _specificity(p)
+        if best is not None:
+            out[best].append(key)
+        elif keep_unmatched:
+            out.setdefault(re.sub(r"[^A-Za-z0-9_.-]+", "_", key), []).append(key)
+    # evaluation keys eval/<task>/<reward>: one plot per reward, one line per task
+    if "eval" in out and any(k.count("/") >= 2 for k in out["eval"]):
+        ordered: dict[str, list[str]] = {}
+        for name, ks in out.items():
+            if name != "eval":
+                ordered[name] = ks
+                continue
+            for k in ks:  # the per-reward eval plots take the place of the eval group
+                reward = k.rsplit("/", 1)[-1] if k.count("/") >= 2 else "headline"
+                ordered.setdefault("eval_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", reward), []).append(k)
+        out = ordered
+    return {name: ks for name, ks in out.items() if ks}
+
+
+def _smooth(ys: list[float], alpha: float = 0.2) -> list[float]:
+    out, acc = [], None
+    for y in ys:
+        acc = y if acc is None else (1 - alpha) * acc + alpha * y
+        out.append(acc)
+    return out
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str = ""):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Figure + Agg canvas directly: no pyplot global state, no backend switching, safe in any process
+    fig = Figure(figsize=(6.4, 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save_fig(fig, path: Path) -> Path:
+    buf = _stdio.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+_TITLES = {
+    "reward": "training reward (mean over rollouts)", "eval": "evaluation (headline metric per task)",
+    "nfe": "model forwards spent (cumulative)", "kl": "KL", "clipfrac": "clipped fraction of ratios",
+    "loss": "losses", "groups": "group statistics", "grad_norm": "gradient norm", "time": "wall time",
+}
+
+
+def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
+                 keys: Sequence[str] | Mapping[str, Sequence[str]] | None = None) -> list[Path]:
+    """Plot ``metrics.jsonl`` to ``out_dir/<group>.png`` (one PNG per group of keys); returns the paths written.
+
+    ``keys``: None = every key matching :data:`DEFAULT_PLOT_GROUPS`; a list of fnmatch patterns = only those keys
+    (grouped by the default groups, others one plot each); a mapping = custom ``{group: [patterns]}``.
+    Also writes ``reward_vs_nfe.png`` when both a reward and ``nfe/total`` (or the sum of ``nfe/*``) are logged.
+    """
+    path = Path(metrics_jsonl_path)
+    if not path.is_file():
+        raise UserError(f"metrics file not found: {path}")
+    records = read_jsonl(path)
+    step_key, series = _series(records)
+    if isinstance(keys, Mapping):
+        groups = _group_keys(sorted(series), keys, keep_unmatched=False)
+    elif keys is not None:
+        wanted = [k for k in series if any(fnmatch.fnmatchcase(k, p) for p in keys)]
+        groups = _group_keys(wanted, DEFAULT_PLOT_GROUPS, keep_unmatched=True)
+    else:
+        groups = _group_keys(list(series), DEFAULT_PLOT_GROUPS, keep_unmatched=False)
+    out_dir = Path(out_dir)
+    xlabel = step_key or "record"
+    written: list[Path] = []
+    for name, gkeys in groups.items():
+        is_eval = name == "eval" or name.startswith("eval_")
+        title = _TITLES.get(name) or (f"evaluation: {name[5:]} per task" if is_eval else name)
+        fig, ax = _new_axes(title, xlabel)
+        for key in gkeys:
+            xs, ys = series[key]
+            marker = "o" if len(xs) <= 30 else None
+            label = key.split("/")[1] if (is_eval and key.count("/") >= 2) else key
+            if name == "reward" and len(xs) > 20:
+                line, = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, _smooth(ys), color=line.get_color(), label=f"{key} (EMA 0.2)")
+            elif is_eval and label == "overall":
+                ax.plot(xs, ys, marker=marker, markersize=4, label=label, color="black", linewidth=2.2)
+            else:
+                ax.plot(xs, ys, marker=marker, markersize=3, label=label)
+        if is_eval and all(0 <= y <= 1 for k in gkeys for y in series[k][1]):
+            ax.set_ylim(-0.02, 1.02)
+        if name == "nfe":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        ax.legend(fontsize=7, loc="best")
+        written.append(_save_fig(fig, out_dir / f"{name}.png"))
+    nfe = _total_nfe_series(series)
+    reward_keys = groups.get("reward", [])
+    if reward_keys and nfe:
+        steps_nfe = dict(zip(*nfe))
+        fig, ax = _new_axes("reward vs model forwards spent", "NFE (cumulative, all phases)")
+        drawn = 0
+        for key in reward_keys:
+            pts = [(steps_nfe[x], y) for x, y in zip(*series[key]) if x in steps_nfe]
+            if len(pts) >= 2:
+                ys = [p[1] for p in pts]
+                ax.plot([p[0] for p in pts], _smooth(ys) if len(pts) > 20 else ys, label=key)
+                drawn += 1
+        if drawn:
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+            ax.legend(fontsize=7, loc="best")
+            written.append(_save_fig(fig, out_dir / "reward_vs_nfe.png"))
+    return written
+
+
+def _total_nfe_series(series: Mapping[str, tuple[list[float], list[float]]]):
+    for key in ("nfe/total", "train/nfe/total", "nfe"):
+        if key in series:
+            return series[key]
+    phases = [k for k in series if k.startswith("nfe/")]
+    if not phases:
+        return None
+    totals: dict[float, float] = {}
+    for k in phases:
+        for x, y in zip(*series[k]):
+            totals[x] = totals.get(x, 0.0) + y
+    xs = sorted(totals)
+    return xs, [totals[x] for x in xs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation summaries
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_summary(path: str | Path) -> dict:
+    """Read and check a ``summary.json`` (``UserError`` naming the file if malformed)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"summary not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("overall"), dict):
+        raise UserError(f"{path}: not a flowalign summary (needs an \"overall\" mapping of reward -> value)")
+    return data
+
+
+def find_summaries(run_dir: str | Path) -> dict[str, Path]:
+    """``{label: summary.json}`` under ``run_dir/eval``, ordered base, step-N ascending, final."""
+    eval_dir = Path(run_dir) / "eval"
+    if not eval_dir.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    if (eval_dir / "base" / "summary.json").is_file():
+        found["base"] = eval_dir / "base" / "summary.json"
+    steps = []
+    for p in eval_dir.glob("step-*/summary.json"):
+        m = re.fullmatch(r"step-(\d+)", p.parent.name)
+        if m:
+            steps.append((int(m.group(1)), p))
+    for n, p in sorted(steps):
+        found[f"step-{n}"] = p
+    if (eval_dir / "final" / "summary.json").is_file():
+        found["final"] = eval_dir / "final" / "summary.json"
+    return found
+
+
+def plot_eval_history(run_dir: str | Path, records: Sequence[dict] = ()) -> list[Path]:
+    """``plots/eval_<reward>.png`` from ``eval/*/summary.json``: one line per task plus the overall mean, with
+    the base model at iteration 0, ``step-N`` at N and ``final`` after the last logged iteration."""
+    run_dir = Path(run_dir)
+    sums = {label: read_summary(p) for label, p in find_summaries(run_dir).items()}
+    if not sums:
+        return []
+    steps = [float(r[k]) for r in records for k in _STEP_KEYS if _is_num(r.get(k))]
+    xs: dict[str, float] = {}
+    for label in sums:
+        if label == "base":
+            xs[label] = 0.0
+        elif label.startswith("step-"):
+            xs[label] = float(label[5:])
+    if "final" in sums:
+        xs["final"] = max([*steps, *xs.values(), 0.0]) + (0.0 if steps else 1.0)
+    rewards = list(dict.fromkeys(r for s in sums.values() for r in s["overall"]))
+    written = []
+    for reward in rewards:
+        fig, ax = _new_axes(f"evaluation: {reward} per task", "iteration (base = 0)")
+        tasks = list(dict.fromkeys(t for s in sums.values() for t in (s.get("per_task") or {}) if t != "all"))
+        labels = list(sums)
+        for task in tasks:
+            pts = [(xs[lab], (sums[lab].get("per_task") or {}).get(task, {}).get(reward)) for lab in labels]
+            pts = [(x, y) for x, y in pts if _is_num(y) and math.isfinite(y)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=task)
+        pts = [(xs[lab], sums[lab]["overall"].get(reward)) for lab in labels]
+        pts = [(x, y) for x, y in pts if _is_num(y) and math.isfinite(y)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, color="black", linewidth=2.2,
+                label="overall")
+        values = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if values and all(0 <= v <= 1 for v in values):
+            ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7, loc="best")
+        written.append(_save_fig(fig, run_dir / "plots" / f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', reward)}.png"))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HTML report
+# ----------------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em} h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.92em;margin:.5em 0} th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4} td:first-child,th:first-child{text-align:left} tr.total td{font-weight:600;background:#fafafa}
+.up{color:#0a7a2f} .down{color:#b00020} pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
+.plots img{max-width:49%;margin:.2em 0} .grids figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
+.grids img{image-rendering:pixelated;max-width:100%} figcaption{font-size:.9em;color:#555} .muted{color:#777}
+"""
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if _is_num(v):
+        return "n/a" if not math.isfinite(v) else (f"{v:,}" if isinstance(v, int) else f"{v:.{digits}f}")
+    return html.escape(str(v)) if v is not None else "—"
+
+
+def _delta_cell(a: Any, b: Any) -> str:
+    if not (_is_num(a) and _is_num(b)) or not (math.isfinite(a) and math.isfinite(b)):
+        return "<td>—</td>"
+    d = b - a
+    cls = "up" if d > 0 else ("down" if d < 0 else "")
+    return f'<td class="{cls}">{d:+.3f}</td>'
+
+
+def _comparison_table(base: dict | None, final: dict | None, final_label: str) -> str:
+    sums = [s for s in (base, final) if s]
+    rewards: list[str] = []
+    for s in sums:
+        for k in s.get("overall", {}):
+            if k not in rewards:
+                rewards.append(k)
+    tasks: list[str] = []
+    for s in sums:
+        for t in s.get("per_task", {}) or {}:
+            if t not in tasks:
+                tasks.append(t)
+    both = base is not None and final is not None
+    cols = (["base", final_label, "Δ"] if both else (["base"] if base else [final_label]))
+    head1 = "<tr><th rowspan=2>task</th>" + "".join(f'<th colspan="{len(cols)}">{html.escape(r)}</th>' for r in rewards)
+    head1 += "<th rowspan=2>images</th></tr>"
+    head2 = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for _ in rewards for c in cols) + "</tr>"
+
+    def row(label: str, get, n_get, cls: str = "") -> str:
+        cells = []
+        for r in rewards:
+            a = get(base, r) if base else None
+            b = get(final, r) if final else None
+            if both:
+                cells += [f"<td>{_fmt(a)}</td>", f"<td>{_fmt(b)}</td>", _delta_cell(a, b)]
+            else:
+                cells.append(f"<td>{_fmt(a if base else b)}</td>")
+        n = n_get(final or base)
+        return f'<tr class="{cls}"><td>{html.escape(label)}</td>' + "".join(cells) + f"<td>{_fmt(n)}</td></tr>"
+
+    if tasks == ["all"]:  # summarize() without task labels: the single group is the overall row
+        tasks = []
+
+    def count(s: dict, t: str) -> Any:
+        return (s.get("counts") or s.get("n_per_task") or {}).get(t)
+
+    rows = [row(t, lambda s, r, t=t: ((s.get("per_task") or {}).get(t) or {}).get(r), lambda s, t=t: count(s, t))
+            for t in tasks]
+    label = "overall (mean over tasks)" if tasks else "overall"
+    rows.append(row(label, lambda s, r: s.get("overall", {}).get(r), lambda s: s.get("n", s.get("n_images")), "total"))
+    return f"<table>{head1}{head2}{''.join(rows)}</table>"
+
+
+def _img_src(path: Path, run_dir: Path, inline: bool) -> str:
+    if inline:
+        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return html.escape(path.relative_to(run_dir).as_posix())
+
+
+def _nfe_section(records: list[dict]) -> str:
+    last: dict[str, Any] = {}
+    for rec in records:
+        for k, v in rec.items():
+            if (k.startswith("nfe") or k.startswith("train/nfe")) and _is_num(v):
+                last[k] = v
+    if not last:
+        return '<p class="muted">no <code>nfe/*</code> counters in metrics.jsonl.</p>'
+    items = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(int(v) if float(v).is_integer() else v)}</td></tr>"
+                    for k, v in last.items())
+    return f"<table><tr><th>counter (cumulative, last logged)</th><th>forwards</th></tr>{items}</table>"
+
+
+def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots: bool = True) -> Path:
+    """(Re)build ``run_dir/plots/*.png`` and ``run_dir/report.html`` from whatever the run directory holds.
+
+    The page is static and self-contained (images inlined as base64 unless ``inline_images=False``, then
+    referenced relatively); no scripts.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    parts: list[str] = []
+    title = f"flowalign report — {run_dir.resolve().name}"
+    parts.append(f"<h1>{html.escape(title)}</h1>")
+    parts.append(f'<p class="muted">{html.escape(str(run_dir.resolve()))} · generated '
+                 f'{_dt.datetime.now().strftime("%Y-%m-%d %H:%M")}</p>')
+
+    # 1. evaluation: base vs aligned
+    sums = find_summaries(run_dir)
+    base = read_summary(sums["base"]) if "base" in sums else None
+    later = [k for k in sums if k != "base"]
+    final_label = later[-1] if later else None
+    final = read_summary(sums[final_label]) if final_label else None
+    shown_label = "aligned" if final_label == "final" else (f"aligned ({final_label})" if final_label else "")
+    parts.append("<h2>Evaluation: base vs aligned</h2>")
+    if base or final:
+        headline = next(iter((final or base)["overall"]), None)
+        if base and final and headline:
+            a, b = base["overall"].get(headline), final["overall"].get(headline)
+            if _is_num(a) and _is_num(b):
+                parts.append(f"<p><b>{html.escape(headline)}</b>: {_fmt(a)} → {_fmt(b)} "
+                             f"({'+' if b >= a else ''}{b - a:.3f} absolute)</p>")
+        parts.append(_comparison_table(base, final, shown_label or "aligned"))
+        ref = final or base
+        settings = ref.get("settings") if isinstance(ref.get("settings"), dict) else {
+            k: ref[k] for k in ("steps", "guidance", "kernel", "seeds_per_prompt", "seed", "prompts") if k in ref}
+        if settings:
+            desc = ", ".join(f"{k}={format(v, 'g') if _is_num(v) else v}" for k, v in settings.items())
+            parts.append(f'<p class="muted">protocol: {html.escape(desc)}</p>')
+        if len(sums) > 2:
+            headline_rows = "".join(
+                f"<tr><td>{html.escape(lab)}</td><td>{_fmt(read_summary(p)['overall'].get(headline))}</td></tr>"
+                for lab, p in sums.items())
+            parts.append(f"<details><summary>all evaluations ({len(sums)})</summary><table><tr><th>eval</th>"
+                         f"<th>{html.escape(str(headline))}</th></tr>{headline_rows}</table></details>")
+    else:
+        parts.append('<p class="muted">no evaluation summaries (eval/*/summary.json) yet.</p>')
+
+    # 2. image grids
+    grid_dir = run_dir / "grids"
+    grids = []
+    if grid_dir.is_dir():
+        named = [grid_dir / "base.png", grid_dir / "final.png"]
+        grids = [p for p in named if p.is_file()] + sorted(p for p in grid_dir.glob("*.png") if p not in named)
+    if grids:
+        parts.append("<h2>Samples (same prompts and seeds)</h2><div class=grids>")
+        for p in grids:
+            cap = {"base": "base model", "final": "aligned model"}.get(p.stem, p.stem)
+            parts.append(f'<figure><img src="{_img_src(p, run_dir, inline_images)}" alt="{html.escape(p.stem)}">'
+                         f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+        parts.append("</div>")
+
+    # 3. training curves and cost
+    metrics = run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics) if metrics.is_file() else []
+    plots: list[Path] = []
+    if make_plots:
+        history = len(sums) >= 2
+        if metrics.is_file():
+            # with >= 2 evaluation summaries the per-task curves come from them (they include the base model)
+            groups = {k: v for k, v in DEFAULT_PLOT_GROUPS.items() if not (history and k == "eval")}
+            plots = plot_metrics(metrics, run_dir / "plots", keys=groups)
+        if history:
+            plots += plot_eval_history(run_dir, records)
+    elif (run_dir / "plots").is_dir():
+        plots = sorted((run_dir / "plots").glob("*.png"))
+    parts.append("<h2>Compute spent</h2>")
+    if records:
+        steps = [r.get(k) for r in records for k in _STEP_KEYS if _is_num(r.get(k))]
+        if steps:
+            parts.append(f"<p>{len(records)} logged records, last step {_fmt(int(max(steps)))}.</p>")
+    parts.append(_nfe_section(records))
+    if plots:
+        parts.append("<h2>Training curves</h2><div class=plots>")
+        parts += [f'<img src="{_img_src(p, run_dir, inline_images)}" alt="{html.escape(p.stem)}">' for p in plots]
+        parts.append("</div>")
+
+    # 4. configuration
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        parts.append("<h2>Configuration</h2>")
+        raw = cfg_path.read_text(encoding="utf-8")
+        try:
+            from flowalign.config import load_config, summary
+
+            parts.append(f"<pre>{html.escape(summary(load_config(cfg_path)))}</pre>")
+        except UserError as err:
+            parts.append(f'<p class="muted">config.yaml does not load with this version ({html.escape(str(err))}); raw file below.</p>')
+        parts.append(f"<details><summary>config.yaml</summary><pre>{html.escape(raw)}</pre></details>")
+
+    page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    return atomic_write_text(run_dir / "report.html", page)
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    """``flowalign report RUN_DIR``: rebuild the plots and report.html of a run directory."""
+    parser = argparse.ArgumentParser(prog="flowalign report", description="(re)build plots and report.html for a run directory")
+    parser.add_argument("run_dir", help="run directory (holds config.yaml, metrics.jsonl, eval/, grids/)")
+    parser.add_argument("--no-plots", action="store_true", help="do not redraw plots/*.png (use the existing ones)")
+    parser.add_argument("--link-images", action="store_true", help="reference images by relative path instead of inlining them")
+    args = parser.parse_args(list(argv))
+    path = write_report(args.run_dir, inline_images=not args.link_images, make_plots=not args.no_plots)
+    sys.stdout.write(f"{path}\n")
+    return 0

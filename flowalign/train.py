@@ -1,0 +1,448 @@
+"""The GRPO recipe, read top to bottom (DESIGN.md §1, METHODS.md §3).
+
+    0. setup        run directory, resolved config, seeds, ranks
+    1. model        adapter + LoRA + AdamW + EMA
+    2. rewards      the weighted reward components
+    3. data         prompt sampler (rank-local whole groups)
+    4. resume       LoRA, optimizer, EMA, sampler state from the last good checkpoint
+    5. base eval    shapes-bench (or the configured set) before training, and the "before" grid
+    per iteration:
+      6. rollout    groups → CFG rollouts with the chosen kernel and per-step noise
+      7. rewards    decode → each reward component [B]
+      8. credit     the registered credit assigner → advantages [B, T] (+ weights)
+      9. update     re-score stored transitions with grad → clipped surrogate + KL → AdamW (NaN guard)
+     10. log        metrics.jsonl, TensorBoard, progress bar, periodic eval, checkpoints
+    11. final       eval with the EMA weights, the "after" grid, report.html
+
+Every method is a choice of kernel, noise schedule, credit assigner (and probes): the loop does not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from flowalign import config as C
+from flowalign import data as D
+from flowalign.credit import CreditInput, assign_credit, zero_std_ratio
+from flowalign.errors import UserError
+from flowalign.evaluate import run_eval
+from flowalign.sample import sample_grid
+from flowalign.io import append_jsonl, atomic_save, atomic_write_text
+from flowalign.loss import clipped_surrogate, gaussian_kl, ratio_stats
+from flowalign.models import load_model
+from flowalign.rewards import build_reward
+from flowalign.samplers import eta_schedule, gather_cond, sample, step_log_prob
+from flowalign.values import NFECounter
+
+logger = logging.getLogger(__name__)
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, iteration, group, member, ...): reproducible for any world size."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class EMA:
+    """EMA of the trainable tensors: d_n = min((1+n)/(10+n), d_max), once per `every` optimizer steps (§3.7, Q4)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay_max: float = 0.9, every: int = 8):
+        self.params, self.decay_max, self.every = list(params), decay_max, every
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, n: int) -> None:
+        if (n + 1) % self.every:
+            return
+        d = min((1 + n) / (10 + n), self.decay_max)
+        for s, p in zip(self.shadow, self.params):
+            s.add_(p.detach() - s, alpha=1 - d)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Swap the EMA weights in (for eval and checkpoints' LoRA file), then restore."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _dist():
+    """(rank, world_size, all_reduce_mean) — torch.distributed when launched by accelerate/torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from accelerate import Accelerator
+
+        Accelerator(cpu=not torch.cuda.is_available())
+    if dist.is_available() and dist.is_initialized():
+        ws = dist.get_world_size()
+
+        def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+            dist.all_reduce(t)
+            return t.div_(ws)
+
+        return dist.get_rank(), ws, reduce_mean, dist.barrier
+    return 0, 1, (lambda t: t), (lambda: None)
+
+
+def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
+    """Refuse to clobber an earlier run; return (run_dir, checkpoint to resume or None). Writes nothing."""
+    run = Path(cfg.output.run_dir)
+    if cfg.output.resume:
+        ckpt = _latest_checkpoint(run)
+        if ckpt is None:
+            logger.info("resume: no checkpoint in %s, starting fresh", run)
+        return run, ckpt
+    if run.exists() and any(run.iterdir()) and not cfg.output.overwrite:
+        raise UserError(f"run directory {run} already exists and is not empty; pass output.resume=true to continue it, "
+                        f"output.overwrite=true to replace it, or choose another output.run_dir")
+    return run, None
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (a killed run may have logged more)."""
+    if not path.exists():
+        return
+    import json
+
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("iteration", 0) <= iteration]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _latest_checkpoint(run: Path) -> Optional[Path]:
+    steps = sorted((int(p.name.split("-")[1]), p) for p in (run / "checkpoints").glob("step-*")
+                   if p.name.split("-")[1].isdigit()) if (run / "checkpoints").is_dir() else []
+    return steps[-1][1] if steps else None
+
+
+def _trained_mask(eta: torch.Tensor, fraction: float, batch: int) -> torch.Tensor:
+    """Flow-GRPO trains the first ⌊f·T⌋ steps that are stochastic (METHODS.md §3.5). [B, T] bool."""
+    steps = eta.shape[0]
+    first = torch.arange(steps) < int(math.floor(fraction * steps + 1e-9))
+    return ((eta.cpu() > 0) & first)[None].expand(batch, steps)
+
+
+# ------------------------------------------------------------------------------------------ the recipe
+
+
+def train(cfg: C.ExperimentConfig) -> Path:
+    # 0. setup (validate everything before the first write: bad input leaves no trace) --------------------
+    rank, world, reduce_mean, barrier = _dist()
+    derived = C.derived(cfg, world_size=world)
+    run, ckpt_dir = _check_run_dir(cfg)
+    device = torch.device(cfg.model.device)
+    torch.manual_seed(_seed(cfg.train.seed, rank))
+
+    # 1. model --------------------------------------------------------------------------------------
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+    model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype, guidance_scale=cfg.model.guidance,
+                       **dict(cfg.model.kwargs))
+    params = model.add_lora(cfg.model.lora_rank or None, int(cfg.model.lora_alpha) or None)
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+                            eps=cfg.train.adam_eps)
+    ema = EMA(params, cfg.train.ema_decay_max, cfg.train.ema_every) if cfg.train.ema else None
+    nfe = NFECounter(model)
+
+    # 2. rewards ------------------------------------------------------------------------------------
+    def make(name: str):
+        return build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
+
+    rewards = {name: make(name) for name in cfg.reward.weights}
+    eval_rewards = {name: make(name) for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
+
+    # 3. data ---------------------------------------------------------------------------------------
+    prompts = D.load_prompts(cfg.data.train_prompts)
+    eval_prompts = D.load_prompts(cfg.data.eval_prompts)
+    if cfg.eval.max_prompts:
+        eval_prompts = eval_prompts[: cfg.eval.max_prompts]
+    for text in dict.fromkeys(r.prompt for r in [*prompts, *eval_prompts]):
+        model.encode([text])  # fail early (one line, exit 2) on a prompt the model cannot read
+    sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+    sigmas = model.schedule(cfg.sampler.steps).to(device)  # [T+1]
+
+    # 4. resume -------------------------------------------------------------------------------------
+    start = 0
+    if ckpt_dir is not None:
+        start = _load_checkpoint(ckpt_dir, model, opt, ema, sampler, nfe)
+        logger.info("resumed from %s (iteration %d)", ckpt_dir, start)
+        _truncate_metrics(run / "metrics.jsonl", start)
+    if rank == 0:
+        if run.exists() and cfg.output.overwrite and not cfg.output.resume:
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        C.dump_yaml(cfg, run / "config.yaml")
+        logger.info("\n%s", C.summary(cfg, world))
+    barrier()
+    writer = _tensorboard(run, cfg) if rank == 0 else None
+
+    # 5. base eval ----------------------------------------------------------------------------------
+    def evaluate(tag: str) -> dict:
+        with (ema.applied() if ema is not None else contextlib.nullcontext()):
+            summ = run_eval(model, eval_prompts, eval_rewards, run / "eval" / tag, steps=cfg.eval.steps,
+                            guidance=cfg.eval.guidance, kernel=cfg.eval.kernel,
+                            seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size)
+            sample_grid(model, eval_prompts[:: max(1, len(eval_prompts) // max(1, cfg.eval.grid_prompts))]
+                        [: cfg.eval.grid_prompts], run / "grids" / f"{tag}.png", steps=cfg.eval.steps,
+                        guidance=cfg.eval.guidance, seed=cfg.train.seed, kernel=cfg.eval.kernel)
+        return summ
+
+    if rank == 0 and start == 0 and cfg.eval.before:
+        evaluate("base")
+    barrier()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, cfg.train.iterations), initial=start, total=cfg.train.iterations, desc="grpo",
+               unit="it", disable=rank != 0, dynamic_ncols=True)
+    n_opt = start * cfg.train.optimizer_steps_per_iter
+    for it in bar:
+        t_start = time.time()
+        metrics: dict[str, Any] = {"iteration": it + 1}
+
+        # 6. rollout: rank-local whole groups, noise seeded by (seed, iteration, group, member) (Q7) -----------
+        groups = D.shard_groups(sampler.next_groups(), rank, world)
+        g_size = cfg.train.group_size
+        cond_index, group = D.expand_groups(list(range(len(groups))), g_size)  # [B], [B]
+        batch_prompts = [prompts[i].prompt for i in groups]
+        cond = model.encode(batch_prompts)
+        noise = torch.cat([model.init_noise(1, torch.Generator().manual_seed(_seed(cfg.train.seed, it, gi, m)))
+                           for gi in groups for m in range(g_size)])  # [B, *latent]
+        window = None
+        if cfg.sampler.window_size:
+            lo, hi = cfg.sampler.window_range
+            g = torch.Generator().manual_seed(_seed(cfg.train.seed, it, 7))
+            t0 = int(torch.randint(lo, max(lo, hi - cfg.sampler.window_size) + 1, (1,), generator=g))
+            window = (t0, cfg.sampler.window_size)
+        eta = eta_schedule(cfg.sampler.steps, cfg.sampler.eta, window=window,
+                           last_step_noise=cfg.sampler.last_step_noise)  # [T]
+        step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
+        with nfe.phase("sampling"):
+            traj = sample(model.velocity, noise, sigmas, cond, eta=eta.to(device), kernel=cfg.sampler.kernel,
+                          generator=step_gen, cond_index=cond_index.to(device), group=group.to(device),
+                          prompts=batch_prompts, reduce=cfg.sampler.logp_reduce)
+
+        # 7. rewards ---------------------------------------------------------------------------------------
+        with torch.no_grad():
+            images = model.decode(traj.final)  # [B, 3, H, W] in [0, 1]
+            reward_vals = {k: r(images, [batch_prompts[int(i)] for i in cond_index]).float().cpu()
+                           for k, r in rewards.items()}  # name -> [B]
+        for k, v in reward_vals.items():
+            metrics[f"reward/{k}"] = float(reduce_mean(torch.nanmean(v).reshape(1)).item())
+        metrics["reward/zero_std_ratio"] = zero_std_ratio(sum(reward_vals.values()), group)
+
+        # 8. credit ----------------------------------------------------------------------------------------
+        trained = _trained_mask(eta, cfg.sampler.train_fraction, traj.batch_size)  # [B, T]
+        credit = assign_credit(cfg.credit.name, CreditInput(
+            traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
+            aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
+            std_ddof=cfg.credit.std_ddof), cfg.credit.options)
+        adv = credit.advantages.clamp(-cfg.credit.adv_clip, cfg.credit.adv_clip)  # [B, T]
+        if credit.weights is not None:
+            adv = adv * credit.weights  # positive per-step weights after the ±A_max clip (§3.6)
+        adv = torch.where(trained, adv, torch.zeros_like(adv))
+
+        # 9. update ----------------------------------------------------------------------------------------
+        keep = trained & (adv != 0) if cfg.train.filter_zero_std else trained
+        pairs = keep.nonzero()  # [N, 2] (rollout, step)
+        metrics["train/kept_fraction"] = float(keep.any(1).float().mean())
+        perm = torch.randperm(pairs.shape[0], generator=torch.Generator().manual_seed(_seed(cfg.train.seed, it, 3)))
+        pairs = pairs[perm] if cfg.data.shuffle else pairs
+        bad_input = not bool(torch.isfinite(adv).all()) or any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
+        metrics["train/nonfinite_inputs"] = int(bad_input)
+        stats = _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, skip=bad_input)
+        metrics.update(stats)
+        for _ in range(stats.pop("_steps_taken", 0)):
+            if ema is not None:
+                ema.update(n_opt)
+            n_opt += 1
+
+        # 10. log, eval, checkpoint -------------------------------------------------------------------------
+        metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})
+        metrics["time/iteration_s"] = time.time() - t_start
+        if rank == 0:
+            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
+                summ = evaluate(f"step-{it + 1}")
+                metrics.update({f"eval/{k}": v for k, v in _flat_summary(summ).items()})
+            append_jsonl(run / "metrics.jsonl", metrics)
+            if writer is not None:
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        writer.add_scalar(k, v, it + 1)
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
+                             if k.startswith("reward/") and "zero" not in k})
+            if cfg.train.checkpoint_every and ((it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations):
+                _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints)
+        barrier()
+
+    # 11. final eval and report ------------------------------------------------------------------------------
+    if rank == 0:
+        if cfg.eval.after:
+            summ = evaluate("final")
+            append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations,
+                                                  **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
+        if writer is not None:
+            writer.close()
+        from flowalign.report import write_report
+
+        path = write_report(run)
+        logger.info("report: %s", path)
+    barrier()
+    return run
+
+
+def _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, *, skip: bool) -> dict:
+    """Micro-batched re-scoring + clipped GRPO loss (+ exact KL to the adapter-disabled reference)."""
+    tr = cfg.train
+    out = {"train/skipped_updates": 0, "_steps_taken": 0}
+    n_steps = tr.optimizer_steps_per_iter
+    chunks = torch.tensor_split(pairs, n_steps) if pairs.shape[0] else [pairs] * n_steps
+    logs: dict[str, list[float]] = {}
+    for chunk in chunks:
+        opt.zero_grad(set_to_none=False)
+        n = max(1, chunk.shape[0])
+        finite = not skip
+        for mb in torch.split(chunk, tr.micro_batch) if finite else []:
+            b, t = mb[:, 0], mb[:, 1]
+            x, x_next = traj.latents[b, t], traj.latents[b, t + 1]  # [n, *latent]
+            sig, sig_next, eta = traj.sigmas[t], traj.sigmas[t + 1], traj.eta[t]  # [n]
+            cond = gather_cond(traj.cond, traj.cond_index[b])
+            with nfe.phase("training"):
+                logp, trans = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
+                                            kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce)
+            old = traj.log_probs[b, t]
+            a = adv[b.cpu(), t.cpu()].to(logp.device)
+            pol, ratio = clipped_surrogate(logp, old, a, tr.clip_range)
+            loss_sum = pol.sum()
+            kl = torch.zeros_like(pol)
+            if tr.beta_kl > 0:
+                with torch.no_grad(), model.reference(), nfe.phase("training"):
+                    _, ref = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
+                                           kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce)
+                kl = gaussian_kl(trans.mean, ref.mean, trans.std, sig_next - sig, form=tr.kl_form)
+                loss_sum = loss_sum + tr.beta_kl * kl.sum()
+            if not torch.isfinite(loss_sum):
+                finite = False
+                break
+            (loss_sum / n).backward()
+            for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.mean()),
+                         "kl": float(kl.mean())}.items():
+                logs.setdefault(k, []).append(v)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grads_ok = finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+        flag = reduce_mean(torch.tensor([1.0 if grads_ok else 0.0]))
+        if float(flag) < 1.0:  # any rank saw a non-finite reward/advantage/loss/grad: nothing reaches the weights
+            logger.warning("non-finite reward, advantage, loss or gradient: optimizer step skipped")
+            out["train/skipped_updates"] += 1
+            opt.zero_grad(set_to_none=False)
+            continue
+        for p in params:
+            if p.grad is not None:
+                reduce_mean(p.grad)
+        gn = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+        logs.setdefault("grad_norm", []).append(float(gn))
+        opt.step()
+        out["_steps_taken"] += 1
+    for k, v in logs.items():
+        out[f"train/{k}"] = sum(v) / len(v)
+    out["train/transitions"] = int(pairs.shape[0])
+    return out
+
+
+def _flat_summary(summ: dict) -> dict:
+    flat = {f"overall/{k}": v for k, v in summ.get("overall", {}).items()}
+    for task, d in summ.get("per_task", {}).items():
+        flat.update({f"{task}/{k}": v for k, v in d.items()})
+    return flat
+
+
+def _tensorboard(run: Path, cfg):
+    if not cfg.output.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: metrics.jsonl still has everything
+        logger.warning("tensorboard is not installed; writing metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run / "tb"))
+
+
+def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: int) -> Path:
+    """checkpoints/step-N/: the (EMA) LoRA in diffusers format + full training state; written atomically."""
+    final = run / "checkpoints" / f"step-{step}"
+    tmp = run / "checkpoints" / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with (ema.applied() if ema is not None else contextlib.nullcontext()):
+        model.save_lora(tmp)  # what users load: the EMA weights when EMA is on
+    (tmp / "raw").mkdir()
+    model.save_lora(tmp / "raw")  # the live weights, for exact resume
+    state = {"iteration": step, "optimizer": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
+             "sampler": sampler.state_dict(), "nfe": nfe.state_dict(), "torch_rng": torch.get_rng_state()}
+    atomic_save(state, tmp / "state.pt")
+    atomic_write_text(tmp / "COMPLETE", str(step))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    ckpts = sorted((int(p.name.split("-")[1]), p) for p in final.parent.glob("step-*") if p.name[5:].isdigit())
+    for _, old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> int:
+    try:
+        if not (ckpt / "COMPLETE").exists():
+            raise ValueError("incomplete (no COMPLETE marker)")
+        model.load_lora(ckpt / "raw")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None and state["ema"] is not None:
+            for s, v in zip(ema.shadow, state["ema"]):
+                s.copy_(v)
+        sampler.load_state_dict(state["sampler"])
+        nfe.load_state_dict(state.get("nfe", {}))
+        torch.set_rng_state(state["torch_rng"])
+        return int(state["iteration"])
+    except UserError:
+        raise
+    except Exception as e:  # a corrupted checkpoint is bad input: one line, exit 2
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot resume from {ckpt}: corrupted checkpoint ({first}); delete it or resume from an "
+                        f"earlier one") from e
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="flowalign train", description="GRPO fine-tuning from a YAML config.")
+    p.add_argument("config", help="experiment YAML (e.g. configs/shapes_grpo.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 credit.name=outcome")
+    p.add_argument("--describe", action="store_true", help="print every config field with its doc and exit")
+    args = p.parse_args(list(argv))
+    if args.describe:
+        print(C.describe(C.ExperimentConfig))  # noqa: T201 (CLI output)
+        return 0
+    cfg = C.load_config(args.config, args.overrides)
+    run = train(cfg)
+    logger.info("done: %s", run)
+    return 0

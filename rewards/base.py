@@ -1,0 +1,181 @@
+"""Shared pieces of the reward models (REWARDS_AND_EVAL.md §1).
+
+* ``Reward``: a small base class carrying the catalogue attributes (``name``, ``differentiable``, ``kind``,
+  ``measures``, ``checkpoints``, ``typical_range``) that ``flowalign rewards`` lists. A reward does not have to
+  inherit from it: anything with ``name``, ``differentiable`` and ``__call__`` is a ``RewardModel``.
+* ``Checkpoint``: what weights a reward needs and how a user with network obtains them.
+* ``Scaled``: scale/offset wrapper (scorers return raw scales; flow_grpo's /26, /30 live here).
+* ``resolve_source`` / ``hub_errors`` / ``hub_file``: local path or Hugging Face hub id, with a one-line ``UserError``
+  when a hub id is needed but not cached and downloads are off (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.errors import UserError
+
+logger = logging.getLogger("flowalign.rewards")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One artefact a reward needs.
+
+    ``arg`` is the constructor keyword that takes it, ``default`` the hub id (or file) used when that keyword is not
+    given, ``obtain`` one line telling a user with network how to get it for offline use.
+    """
+
+    arg: str
+    default: Optional[str]
+    obtain: str
+
+
+class Reward:
+    """Base class of flowalign's rewards: catalogue attributes plus input checks.
+
+    Subclasses implement ``__call__(images, prompts, metadata=None) -> Tensor[B] float32`` on the caller's device.
+    """
+
+    name: str = "reward"
+    differentiable: bool = False
+    kind: str = "image"  # "image": [B,3,H,W]; "video": [B,F,3,H,W]
+    measures: str = ""
+    checkpoints: tuple[Checkpoint, ...] = ()
+    typical_range: str = ""
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, differentiable={self.differentiable})"
+
+
+def check_inputs(images: Tensor, prompts: Sequence[str], kind: str = "image") -> None:
+    """Raise a one-line ``ValueError`` when ``images``/``prompts`` do not follow the reward interface."""
+    want = 4 if kind == "image" else 5
+    if not torch.is_tensor(images) or images.dim() != want or images.shape[-3] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        layout = "[B,3,H,W]" if kind == "image" else "[B,F,3,H,W]"
+        raise ValueError(f"{kind} reward expects images {layout} in [0,1], got {shape}")
+    if isinstance(prompts, str) or len(prompts) != images.shape[0]:
+        n = "a string" if isinstance(prompts, str) else len(prompts)
+        raise ValueError(f"reward expects one prompt per image: {images.shape[0]} images, prompts: {n}")
+
+
+class Scaled(Reward):
+    """``scale · reward + offset`` (e.g. flow_grpo's PickScore/26, CLIP/30, −JPEG kB/500); attributes forwarded."""
+
+    def __init__(self, reward, scale: float = 1.0, offset: float = 0.0):
+        self.reward = reward
+        self.scale = float(scale)
+        self.offset = float(offset)
+        self.name = getattr(reward, "name", "reward")
+        self.differentiable = bool(getattr(reward, "differentiable", False))
+        self.kind = getattr(reward, "kind", "image")
+        self.measures = getattr(reward, "measures", "")
+        self.checkpoints = getattr(reward, "checkpoints", ())
+        self.typical_range = f"{self.scale:g}·({getattr(reward, 'typical_range', '?')}) + {self.offset:g}"
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        return self.reward(images, prompts, metadata) * self.scale + self.offset
+
+    def __getattr__(self, item):  # e.g. embed_images of the wrapped reward
+        if item == "reward":
+            raise AttributeError(item)
+        return getattr(self.reward, item)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# weights: local path or hub id
+
+
+def is_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(str(source))) and not os.path.exists(os.path.expanduser(str(source)))
+
+
+def resolve_source(source, what: str) -> str:
+    """A local path (expanded) or a hub id; anything else is a ``UserError``."""
+    if source is None:
+        raise UserError(f"{what}: no path given (pass a local directory/file or a Hugging Face hub id)")
+    s = os.path.expanduser(str(source))
+    if os.path.exists(s):
+        return s
+    if _HUB_ID.match(str(source)):
+        return str(source)
+    raise UserError(f"{what}: {source!r} does not exist (pass a local directory/file or a Hugging Face hub id)")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_hint(repo: str, what: str, arg: str, filename: Optional[str] = None) -> str:
+    mode = "downloads are off (HF_HUB_OFFLINE=1)" if _offline() else "it could not be downloaded"
+    item = f"file {filename!r} of {repo!r}" if filename else repo
+    files = f" {filename}" if filename else ""
+    where = f"DIR/{filename}" if filename else "DIR"
+    return (
+        f"{what}: checkpoint {item} is not in the local Hugging Face cache and {mode}; on a machine with network run "
+        f"`hf download {repo}{files} --local-dir DIR`, copy DIR here and pass {arg}={where}"
+    )
+
+
+@contextlib.contextmanager
+def hub_errors(source: str, what: str, arg: str = "path") -> Iterator[None]:
+    """Turn a loader's failure on an uncached hub id into a one-line ``UserError`` (local paths re-raise as is)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:  # transformers/huggingface_hub raise OSError subclasses when offline
+        if is_hub_id(source):
+            raise UserError(hub_hint(source, what, arg)) from err
+        raise
+
+
+def hub_file(source: Optional[str], repo: str, filename: str, what: str, arg: str) -> str:
+    """A local file: ``source`` if it exists (a directory is searched for ``filename``), else ``repo/filename`` from the hub."""
+    if source is not None:
+        s = os.path.expanduser(str(source))
+        if os.path.isdir(s):
+            s = os.path.join(s, filename)
+        if os.path.isfile(s):
+            return s
+        if not _HUB_ID.match(str(source)):
+            raise UserError(f"{what}: {source!r} does not exist (pass the local file {filename!r} with {arg}=PATH)")
+        repo = str(source)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=repo, filename=filename)
+    except Exception as err:  # offline / not found / no network: all mean "get the file yourself"
+        raise UserError(hub_hint(repo, what, arg, filename)) from err
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    """``torch.float32`` from a dtype or a string ('fp32', 'bf16', 'float16', ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+    if str(dtype) not in names:
+        raise UserError(f"unknown dtype {dtype!r} (use one of {', '.join(names)})")
+    return names[str(dtype)]
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Frozen parameters, eval mode (dropout off)."""
+    module.eval()
+    module.requires_grad_(False)
+    return module

@@ -1,0 +1,143 @@
+"""``flowalign rewards``: the reward catalogue, and ``flowalign rewards serve`` (a reward behind HTTP).
+
+    flowalign rewards [list] [--json]        every registered reward: what it measures, weights, differentiable, range
+    flowalign rewards serve NAME [--host 127.0.0.1] [--port 8000] [--max-mb 256] [key=value ...]
+
+Descriptions come from each class's attributes (``measures``, ``checkpoints``, ``differentiable``, ``typical_range``,
+``kind``); rewards whose classes do not carry them are described by ``FALLBACK`` below. Importing a reward module is
+cheap (heavy libraries load inside constructors), so listing never loads weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+from flowalign.errors import UserError
+
+logger = logging.getLogger("flowalign.rewards")
+
+# For reward classes without catalogue attributes (owned by other modules).
+FALLBACK: dict[str, dict[str, Any]] = {
+    "shapes_strict": {"measures": "shapes world: 1 iff every clause of the prompt holds (exact scene verifier, GenEval-style)",
+                      "typical_range": "{0, 1}"},
+    "shapes_partial": {"measures": "shapes world: mean clause score (counts 1 − |found − want|/want; colours, relation 0/1)",
+                       "typical_range": "[0, 1]"},
+    "jpeg_compressibility": {"measures": "−JPEG size in kB at quality 95 (DDPO); drives images flat",
+                             "typical_range": "−kB, size-dependent (flow_grpo scales by 1/500)"},
+    "jpeg_incompressibility": {"measures": "+JPEG size in kB at quality 95 (DDPO); drives images to noise",
+                               "typical_range": "+kB, size-dependent"},
+    "edge_crispness": {"measures": "variance of the Laplacian of the luminance (sharpness / focus measure)",
+                       "typical_range": "≥ 0, image-dependent"},
+    "saturation": {"measures": "mean HSV saturation (max − min)/max", "typical_range": "[0, 1]"},
+}
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Catalogue entry for a registered reward: name, kind, differentiable, measures, checkpoints, typical_range."""
+    from flowalign.rewards import REWARDS, resolve
+
+    entry: dict[str, Any] = {"name": name, "target": REWARDS[name], "kind": "image", "differentiable": None,
+                             "measures": "", "checkpoints": [], "typical_range": ""}
+    fallback = FALLBACK.get(name, {})
+    try:
+        cls = resolve(name)
+    except Exception as err:  # module missing or broken: still list it
+        entry.update(fallback)
+        entry["error"] = f"{type(err).__name__}: {err}"
+        return entry
+    entry["kind"] = getattr(cls, "kind", "image")
+    diff = getattr(cls, "differentiable", None)
+    entry["differentiable"] = diff if isinstance(diff, bool) else None
+    doc = (getattr(cls, "__doc__", "") or "").strip().splitlines()
+    entry["measures"] = getattr(cls, "measures", "") or fallback.get("measures") or (doc[0] if doc else "")
+    entry["typical_range"] = getattr(cls, "typical_range", "") or fallback.get("typical_range", "")
+    entry["checkpoints"] = [
+        {"arg": c.arg, "default": c.default, "obtain": c.obtain} for c in getattr(cls, "checkpoints", ()) or ()
+    ]
+    return entry
+
+
+def catalog() -> list[dict[str, Any]]:
+    from flowalign.rewards import REWARDS
+
+    return [describe(n) for n in REWARDS]
+
+
+def format_catalog(entries: Sequence[dict[str, Any]]) -> str:
+    diff = {True: "differentiable", False: "not differentiable", None: "differentiable: ?"}
+    lines = []
+    for e in entries:
+        lines.append(f"{e['name']}  [{e['kind']}, {diff[e['differentiable']]}]  range: {e['typical_range'] or '?'}")
+        lines.append(f"    measures: {e['measures']}")
+        if e["checkpoints"]:
+            for c in e["checkpoints"]:
+                lines.append(f"    weights:  {c['arg']}= (default {c['default']}): {c['obtain']}")
+        else:
+            lines.append("    weights:  none")
+        if "error" in e:
+            lines.append(f"    (not importable here: {e['error']})")
+    lines += ["", "Wrappers: Combined({name: weight}) (flowalign.rewards.multi), PerFrame(reward, stride, reduce) for video "
+                  "(flowalign.rewards.video), Scaled(reward, scale, offset) (flowalign.rewards.base).",
+              "Serve a reward over HTTP: flowalign rewards serve NAME --port 8000 key=value ...; "
+              "score with RemoteReward('http://127.0.0.1:8000'). Details: docs/rewards.md."]
+    return "\n".join(lines)
+
+
+def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs → kwargs (values read as YAML scalars: 1 → int, true → bool, fp32 → str)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"reward argument {item!r} is not key=value (e.g. path=/models/PickScore_v1 device=cuda)")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v) if v else ""
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        return _serve(argv[1:])
+    p = argparse.ArgumentParser(prog="flowalign rewards", description="List every registered reward "
+                                "(or `flowalign rewards serve NAME ...` to serve one over HTTP).")
+    p.add_argument("command", nargs="?", default="list", choices=["list"])
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    entries = catalog()
+    sys.stdout.write((json.dumps(entries, indent=2, ensure_ascii=False) if args.json else format_catalog(entries)) + "\n")
+    return 0
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from flowalign.rewards import build_reward
+    from flowalign.rewards.remote import serve
+
+    p = argparse.ArgumentParser(prog="flowalign rewards serve", description="Serve a reward over HTTP (JSON protocol "
+                                "of flowalign.rewards.remote); reward constructor arguments as key=value.")
+    p.add_argument("name", help="a registered reward name (see `flowalign rewards`)")
+    p.add_argument("kwargs", nargs="*", help="constructor arguments, e.g. path=/models/PickScore_v1 device=cuda")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
+    p.add_argument("--max-mb", type=float, default=256.0, help="largest request body in MB (larger → HTTP 413)")
+    args = p.parse_args(list(argv))
+    reward = build_reward(args.name, **parse_kwargs(args.kwargs))
+    server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 1e6), background=False)
+    sys.stdout.write(f"serving reward {getattr(reward, 'name', args.name)!r} at {server.url} (POST /score, GET /health); "
+                     f"Ctrl-C stops\n")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,214 @@
+"""Differentiable CLIP preprocessing on tensors and a transformers-CLIP tower (REWARDS_AND_EVAL.md §1).
+
+Tensor path (differentiable, used by default):
+  1. resize the shortest side to ``size`` (bicubic, antialias, align_corners=False), clamp to [0, 1];
+  2. centre-crop ``crop × crop`` (torchvision's rounding of the offsets);
+  3. normalise with the CLIP mean/std.
+Parity path (``parity=True`` on a reward; not differentiable): q = round(255·clamp(x, 0, 1)) → uint8 HWC → PIL → the
+library's own processor, as flow_grpo does. ``tests/test_rewards_learned.py`` checks that both paths agree (Spearman
+ρ > 0.99, max |Δ| < 2 % of the score spread on synthetic images).
+
+transformers ≥ 5 returns an output object from ``get_image_features`` / ``get_text_features``; ``features`` accepts both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flowalign.rewards.base import freeze, hub_errors, resolve_source, torch_dtype
+
+logger = logging.getLogger("flowalign.rewards")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_shortest(images: Tensor, size: int) -> Tensor:
+    """Bicubic + antialias resize so that the shortest side is ``size`` (long side ``int(size·long/short)``, as
+    torchvision and transformers compute it); output clamped to [0, 1] because bicubic overshoots."""
+    h, w = images.shape[-2:]
+    if min(h, w) == size:
+        return images
+    if h <= w:
+        out_h, out_w = size, int(size * w / h)
+    else:
+        out_h, out_w = int(size * h / w), size
+    x = F.interpolate(images, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)  # [B,3,h',w']
+    return x.clamp(0.0, 1.0)
+
+
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """``size × size`` centre crop (torchvision offsets: round((h − size)/2)); zero-pads an image smaller than ``size``."""
+    h, w = images.shape[-2:]
+    if h < size or w < size:
+        ph, pw = max(size - h, 0), max(size - w, 0)
+        images = F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        h, w = images.shape[-2:]
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return images[..., top : top + size, left : left + size]
+
+
+def clip_preprocess(
+    images: Tensor,
+    size: int = 224,
+    crop: Optional[int] = None,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> Tensor:
+    """[B,3,H,W] in [0,1] (any float dtype) → normalised fp32 [B,3,crop,crop]; differentiable w.r.t. ``images``.
+
+    Upcast to fp32 because CPU bicubic/antialias kernels do not take half precision and the resize is the
+    step where low precision would shift scores.
+    """
+    x = images.float()  # [B,3,H,W]
+    x = resize_shortest(x, int(size))
+    x = center_crop(x, int(crop or size))  # [B,3,c,c]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def quantize(images: Tensor) -> Tensor:
+    """round(255·clamp(x, 0, 1)) as uint8, same layout."""
+    return (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def to_pil(images: Tensor) -> list:
+    """[B,3,H,W] in [0,1] → list of RGB PIL images (the parity path's quantisation)."""
+    from PIL import Image
+
+    q = quantize(images).permute(0, 2, 3, 1).cpu().numpy()  # [B,H,W,3] uint8
+    return [Image.fromarray(a, mode="RGB") for a in q]
+
+
+def features(out) -> Tensor:
+    """The projected embedding from ``get_*_features``: a tensor (transformers 4) or ``.pooler_output`` (5)."""
+    if torch.is_tensor(out):
+        return out
+    if getattr(out, "image_embeds", None) is not None:
+        return out.image_embeds
+    if getattr(out, "text_embeds", None) is not None:
+        return out.text_embeds
+    return out.pooler_output
+
+
+def l2n(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def unique_index(prompts: Sequence[str]) -> tuple[list[str], Tensor]:
+    """(unique prompts in first-seen order, index [B] into them): a GRPO batch repeats each prompt G times."""
+    uniq = list(dict.fromkeys(prompts))
+    pos = {p: i for i, p in enumerate(uniq)}
+    return uniq, torch.tensor([pos[p] for p in prompts], dtype=torch.long)
+
+
+class HFClip:
+    """A frozen transformers CLIP tower with its processor (PickScore, CLIPScore, aesthetic backbone).
+
+    ``path``: model directory or hub id; ``processor_path``: processor directory or hub id (default: ``path``).
+    ``vision_only``: no tokenizer (aesthetic ignores the prompt). The whole ``CLIPModel`` is still loaded: loading
+    ``CLIPVisionModelWithProjection`` from a ``CLIPModel`` checkpoint depends on the vision sub-config's projection_dim.
+    """
+
+    def __init__(self, path: str, processor_path: Optional[str], what: str, device="cpu", dtype=torch.float32,
+                 vision_only: bool = False, text_max_length: int = 77):
+        from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
+
+        self.device = torch.device(device)
+        self.dtype = torch_dtype(dtype)
+        path = resolve_source(path, f"{what} model")
+        processor_path = resolve_source(processor_path or path, f"{what} processor")
+        with hub_errors(path, f"{what} model", "path"):
+            self.model = freeze(CLIPModel.from_pretrained(path, dtype=self.dtype)).to(self.device)
+        with hub_errors(processor_path, f"{what} processor", "processor_path"):
+            if vision_only:
+                self.tokenizer = None
+                self.image_processor = CLIPImageProcessor.from_pretrained(processor_path)
+            else:
+                proc = AutoProcessor.from_pretrained(processor_path)
+                self.tokenizer, self.image_processor = proc.tokenizer, proc.image_processor
+        self.processor_path = processor_path
+        ip = self.image_processor
+        self.size = int(_get(ip.size, "shortest_edge") or _get(ip.size, "height"))
+        self.crop = int(_get(ip.crop_size, "height") or self.size) if getattr(ip, "do_center_crop", True) else self.size
+        self.mean = tuple(ip.image_mean)
+        self.std = tuple(ip.image_std)
+        self.text_max_length = int(text_max_length)
+        self._pil_processor = None
+
+    # -- images -------------------------------------------------------------------------------------------------
+    def pixels(self, images: Tensor) -> Tensor:
+        """Tensor path: [B,3,H,W] in [0,1] → model pixels [B,3,c,c] on the model's device/dtype."""
+        x = clip_preprocess(images.to(self.device), self.size, self.crop, self.mean, self.std)
+        return x.to(self.dtype)
+
+    def pixels_pil(self, images: Tensor) -> Tensor:
+        """Parity path: uint8 → PIL → the PIL image processor (transformers' ``CLIPImageProcessorPil`` when present,
+        i.e. the processor flow_grpo used with transformers 4)."""
+        if self._pil_processor is None:
+            import transformers
+
+            cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+            self._pil_processor = cls.from_pretrained(self.processor_path)
+        out = self._pil_processor(images=to_pil(images), return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype)
+
+    def encode_pixels(self, pixels: Tensor) -> Tensor:
+        """[N,3,c,c] → L2-normalised fp32 image embeddings [N,D]."""
+        return l2n(features(self.model.get_image_features(pixel_values=pixels)).float())
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts → L2-normalised fp32 text embeddings [N,D] (padding="max_length", 77 tokens, truncation)."""
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.text_max_length, truncation=True,
+                             return_tensors="pt")
+        out = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                           attention_mask=tok["attention_mask"].to(self.device))
+        return l2n(features(out).float())
+
+
+def _get(obj, key):
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    try:
+        return obj[key]
+    except (KeyError, TypeError):
+        return getattr(obj, key, None)
+
+
+def batched(n: int, batch_size: int):
+    """Slices covering range(n) in chunks of ``batch_size``."""
+    bs = max(1, int(batch_size))
+    return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+
+class ClipPairReward:
+    """Mixin: cosine between a prompt and an image with an ``HFClip`` tower, batched, on the caller's device.
+
+    Subclasses set ``self.clip`` (an ``HFClip``), ``self.batch_size``, ``self.parity`` and turn cosines into scores.
+    """
+
+    clip: HFClip
+    batch_size: int = 32
+    parity: bool = False
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """[N,3,H,W] in [0,1] → L2-normalised fp32 image embeddings [N,D] (used by the video temporal term)."""
+        prep = self.clip.pixels_pil if self.parity else self.clip.pixels
+        return torch.cat([self.clip.encode_pixels(prep(images[s])) for s in batched(images.shape[0], self.batch_size)])
+
+    def cosine(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """cos(e_img, e_txt) fp32 [B] on the model's device; text encoded once per distinct prompt."""
+        uniq, index = unique_index(prompts)
+        txt = self.clip.encode_text(uniq)[index.to(self.clip.device)]  # [B, D]
+        img = self.embed_images(images)  # [B, D]
+        return (img * txt).sum(-1)  # [B]

@@ -1,0 +1,76 @@
+"""Shapes-world verifier rewards (SHAPES_WORLD.md §3; REWARDS_AND_EVAL.md §1 interface).
+
+``ShapesStrict`` is GenEval-style correctness (1 iff every clause of the prompt holds) and
+``ShapesPartial`` the mean clause score (Flow-GRPO's partial credit, the dense training reward). Both run
+the exact scene verifier of :mod:`flowalign.shapes.verify` on CPU (numpy, < 1 ms per 32×32 image) and
+are not differentiable. Prompts must be in the shapes grammar; anything else raises ``UserError``
+naming the unknown word. An image with non-finite values scores NaN (a failed sample, masked by training).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowalign.shapes.grammar import Spec, parse
+from flowalign.shapes.verify import VerifyRecord, verify
+
+
+class _ShapesVerifierReward:
+    """Shared machinery: prompt parsing with a cache, batch verification, field extraction."""
+
+    name = "shapes"
+    differentiable = False
+    kind = "image"
+    field = "partial"
+
+    def __init__(self) -> None:
+        self._specs: dict[str, Spec] = {}
+
+    def spec(self, prompt: str) -> Spec:
+        """The parsed prompt (cached; the grammar is closed so the cache stays small)."""
+        s = self._specs.get(prompt)
+        if s is None:
+            s = self._specs[prompt] = parse(prompt)
+        return s
+
+    def records(self, images: Tensor, prompts: Sequence[str]) -> list[Optional[VerifyRecord]]:
+        """Full verifier records (detected objects, clause scores) per image; None for a non-finite image."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} takes images [B,3,H,W], got shape {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        specs = [self.spec(p) for p in prompts]  # parse first: a bad prompt fails before any work
+        arr = images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        finite = np.isfinite(arr).reshape(arr.shape[0], -1).all(-1)  # [B]
+        return [verify(arr[i], specs[i]) if finite[i] else None for i in range(arr.shape[0])]
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        recs = self.records(images, prompts)
+        vals = [float("nan") if r is None else getattr(r, self.field) for r in recs]
+        return torch.tensor(vals, dtype=torch.float32, device=images.device)  # [B]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ShapesStrict(_ShapesVerifierReward):
+    """1.0 iff the image satisfies every clause of its prompt (exact counts, colors, relation), else 0.0."""
+
+    name = "shapes_strict"
+    field = "strict"
+
+
+class ShapesPartial(_ShapesVerifierReward):
+    """Mean clause score in [0, 1]: counts by 1 − |found − want|/want, colors and relation 0/1."""
+
+    name = "shapes_partial"
+    field = "partial"
+
+
+def shapes_records(images: Tensor, prompts: Sequence[str]) -> list[Optional[VerifyRecord]]:
+    """Verifier records for reports (None where an image is non-finite)."""
+    return ShapesPartial().records(images, prompts)

@@ -1,0 +1,130 @@
+"""Per-frame video wrapper around an image reward (REWARDS_AND_EVAL.md §2.10).
+
+``PerFrame(image_reward, stride, reduce)`` scores frames 0, stride, 2·stride, … of [B,F,3,H,W] videos in ONE batched
+call of B·F′ images and reduces over frames (NaN frames are ignored; all-NaN gives NaN):
+
+| reduce          | definition                                   | reference use                               |
+|-----------------|----------------------------------------------|---------------------------------------------|
+| ``first``       | frame 0 only (only frame 0 is scored)        | DanceGRPO Wan2.1: HPS-v2.1 on the first frame |
+| ``mean_positive`` | mean over frames with reward > 0, else 0   | Flow-GRPO Wan OCR, stride 4                 |
+| ``mean``, ``min`` | plain mean / minimum                       | flowalign defaults: ``mean``, stride 4      |
+
+Optional temporal-consistency term [flowalign], added as ``temporal_weight · C`` over consecutive frames of the whole
+video (stride 1, so flicker between adjacent frames is seen):
+  * ``temporal="embedding"``: C = mean cosine between consecutive frames' image embeddings from the wrapped reward's
+    ``embed_images`` (CLIP-family rewards: PickScore, CLIPScore, HPS, aesthetic); C ∈ [−1, 1], 1 = identical content;
+  * ``temporal="pixel"``: C = 1 − mean |x_{f+1} − x_f| over pixels, ∈ [0, 1], 1 = a still video;
+  * ``temporal="auto"`` (default): ``embedding`` when the reward has ``embed_images``, else ``pixel``.
+It stops per-frame rewards from paying for flicker. Both terms are differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.errors import UserError
+from flowalign.rewards.base import Reward, check_inputs
+
+
+def _nanmean(s: Tensor) -> Tensor:  # [B, F'] -> [B]
+    return s.nanmean(dim=1)
+
+
+def _nanmin(s: Tensor) -> Tensor:
+    filled = torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s)
+    out = filled.min(dim=1).values  # [B]
+    return torch.where(torch.isinf(out) & torch.isnan(s).all(dim=1), torch.full_like(out, float("nan")), out)
+
+
+def _first(s: Tensor) -> Tensor:
+    return s[:, 0]
+
+
+def _mean_positive(s: Tensor) -> Tensor:
+    pos = s > 0  # NaN compares False
+    n = pos.sum(dim=1)  # [B]
+    total = torch.where(pos, s, torch.zeros_like(s)).sum(dim=1)
+    out = torch.where(n > 0, total / n.clamp_min(1), torch.zeros_like(total))
+    return torch.where(torch.isnan(s).all(dim=1), torch.full_like(out, float("nan")), out)
+
+
+REDUCTIONS = {"mean": _nanmean, "min": _nanmin, "first": _first, "mean_positive": _mean_positive}
+
+
+def pixel_consistency(videos: Tensor) -> Tensor:
+    """1 − mean |x_{f+1} − x_f| per video; [B,F,3,H,W] → [B]."""
+    return 1.0 - (videos[:, 1:].float() - videos[:, :-1].float()).abs().mean(dim=(1, 2, 3, 4))
+
+
+def embedding_consistency(embeddings: Tensor) -> Tensor:
+    """Mean cosine of consecutive frame embeddings; [B,F,D] (any norm) → [B]."""
+    e = embeddings / embeddings.norm(dim=-1, keepdim=True)
+    return (e[:, 1:] * e[:, :-1]).sum(-1).mean(dim=1)
+
+
+class PerFrame(Reward):
+    """Video reward from an image reward, scored per frame in one batched call.
+
+    Args:
+        reward: an image ``RewardModel``.
+        stride: score frames 0, stride, 2·stride, … (ignored for ``reduce="first"``).
+        reduce: ``mean`` | ``min`` | ``first`` | ``mean_positive`` (see module docstring).
+        temporal_weight: weight of the temporal-consistency term (0 = off).
+        temporal: ``auto`` | ``embedding`` | ``pixel``.
+    """
+
+    kind = "video"
+
+    def __init__(self, reward, stride: int = 4, reduce: str = "mean", temporal_weight: float = 0.0,
+                 temporal: str = "auto"):
+        if reduce not in REDUCTIONS:
+            raise UserError(f"per-frame reward: unknown reduce {reduce!r} (use one of {', '.join(REDUCTIONS)})")
+        if int(stride) < 1:
+            raise UserError(f"per-frame reward: stride must be >= 1, got {stride}")
+        if getattr(reward, "kind", "image") != "image":
+            raise UserError(f"per-frame reward: {getattr(reward, 'name', reward)!r} is not an image reward")
+        if temporal == "auto":
+            temporal = "embedding" if hasattr(reward, "embed_images") else "pixel"
+        if temporal not in ("embedding", "pixel"):
+            raise UserError(f"per-frame reward: unknown temporal {temporal!r} (use auto, embedding or pixel)")
+        if temporal == "embedding" and not hasattr(reward, "embed_images"):
+            raise UserError(f"per-frame reward: {getattr(reward, 'name', reward)!r} has no embed_images; use temporal='pixel'")
+        self.reward, self.stride, self.reduce = reward, int(stride), reduce
+        self.temporal_weight, self.temporal = float(temporal_weight), temporal
+        self.name = f"{getattr(reward, 'name', 'reward')}@frames"
+        self.differentiable = bool(getattr(reward, "differentiable", False))
+        self.measures = f"{getattr(reward, 'measures', '')} (per frame, {reduce})"
+        self.checkpoints = getattr(reward, "checkpoints", ())
+        self.typical_range = getattr(reward, "typical_range", "")
+
+    def frame_indices(self, num_frames: int) -> list[int]:
+        return [0] if self.reduce == "first" else list(range(0, num_frames, self.stride))
+
+    def frame_scores(self, videos: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        """Per-frame scores [B, F′] (frames ``frame_indices(F)``), float32 on the caller's device."""
+        check_inputs(videos, prompts, "video")
+        b, f = videos.shape[:2]
+        idx = self.frame_indices(f)
+        frames = videos[:, idx].reshape(b * len(idx), *videos.shape[2:])  # [B·F', 3, H, W]
+        reps = [p for p in prompts for _ in idx]
+        meta = None if metadata is None else [m for m in metadata for _ in idx]
+        return self.reward(frames, reps, meta).float().to(videos.device).view(b, len(idx))  # [B, F']
+
+    def temporal_consistency(self, videos: Tensor) -> Tensor:
+        """The temporal term C [B] over consecutive frames (see module docstring)."""
+        b, f = videos.shape[:2]
+        if f < 2:
+            raise ValueError("per-frame reward: temporal consistency needs at least 2 frames")
+        if self.temporal == "pixel":
+            return pixel_consistency(videos)
+        emb = self.reward.embed_images(videos.reshape(b * f, *videos.shape[2:]))  # [B·F, D]
+        return embedding_consistency(emb.float().to(videos.device).view(b, f, -1))
+
+    def __call__(self, videos: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        score = REDUCTIONS[self.reduce](self.frame_scores(videos, prompts, metadata))  # [B]
+        if self.temporal_weight != 0.0:
+            score = score + self.temporal_weight * self.temporal_consistency(videos)
+        return score.float()

@@ -1,0 +1,240 @@
+"""flowalign.config: schema, YAML merge, dotted overrides, strict coercion, derived quantities."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+
+from flowalign.config import (
+    ExperimentConfig,
+    apply_overrides,
+    derived,
+    describe,
+    dump_yaml,
+    from_dict,
+    load_config,
+    summary,
+    to_dict,
+    trained_steps,
+)
+from flowalign.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _err(fn, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, f"UserError must be one line: {msg!r}"
+    return msg
+
+
+def test_defaults_load_and_are_frozen():
+    cfg = load_config(None)
+    assert cfg == ExperimentConfig()
+    assert cfg.train.lr == 3e-4 and cfg.sampler.kernel == "flow_sde" and cfg.reward.weights == {"shapes_partial": 1.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    # mutable defaults are not shared between instances
+    assert ExperimentConfig().reward.weights is not ExperimentConfig().reward.weights
+
+
+def test_unknown_key_in_file_names_full_path_and_closest(tmp_path):
+    p = _write(tmp_path / "x.yaml", "train:\n  lrr: 1.0e-4\n")
+    msg = _err(load_config, p)
+    assert "train.lrr" in msg and "train.lr" in msg and "x.yaml" in msg
+    # a field put in the wrong section is found in the right one
+    p = _write(tmp_path / "y.yaml", "sampler:\n  lr: 0.1\n")
+    assert "train.lr" in _err(load_config, p)
+    # an unknown section
+    p = _write(tmp_path / "z.yaml", "trian:\n  lr: 0.1\n")
+    assert "'train'" in _err(load_config, p)
+
+
+def test_unknown_key_override():
+    msg = _err(load_config, None, ["credit.nmae=turning_points"])
+    assert "credit.nmae" in msg and "credit.name" in msg
+    assert "train.group_size" in _err(load_config, None, ["train.groupsize=4"])
+
+
+def test_pyyaml_string_float_is_coerced(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 without a dot as the *string* '1e-4'
+    import yaml
+
+    assert yaml.safe_load("lr: 1e-4")["lr"] == "1e-4"
+    p = _write(tmp_path / "x.yaml", "train:\n  lr: 1e-4\n  clip_range: 2e-6\n  iterations: 1e3\nmodel:\n  guidance: 5\n")
+    cfg = load_config(p)
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.clip_range == pytest.approx(2e-6)
+    assert cfg.train.iterations == 1000 and isinstance(cfg.train.iterations, int)
+    assert isinstance(cfg.model.guidance, float) and cfg.model.guidance == 5.0
+    cfg = load_config(None, ["train.lr=3e-5", "train.ema=false", "data.shuffle=no", "train.betas=[0.9, 0.99]"])
+    assert cfg.train.lr == pytest.approx(3e-5) and cfg.train.ema is False and cfg.data.shuffle is False
+    assert cfg.train.betas == (0.9, 0.99) and isinstance(cfg.train.betas, tuple)
+
+
+def test_wrong_types_fail():
+    assert "train.group_size" in _err(load_config, None, ["train.group_size=2.5"])
+    assert "train.lr" in _err(load_config, None, ["train.lr=fast"])
+    assert "train.ema" in _err(load_config, None, ["train.ema=maybe"])
+    assert "train.betas" in _err(load_config, None, ["train.betas=[0.9]"])
+    assert "reward.weights" in _err(load_config, None, ["reward.weights=3"])
+    msg = _err(load_config, None, ["sampler.kernel=flowsde"])
+    assert "flow_sde" in msg and "euler" in msg and "cps" in msg  # lists the valid choices
+    msg = _err(load_config, None, ["train=5"])
+    assert "section" in msg
+    assert "no sub-keys" in _err(load_config, None, ["train.lr.x=1"])
+
+
+def test_nested_dict_overrides(tmp_path):
+    cfg = load_config(None, ["reward.weights.pickscore=0.5"])
+    assert cfg.reward.weights == {"shapes_partial": 1.0, "pickscore": 0.5}
+    cfg = load_config(None, ["reward.weights.pickscore=1", "reward.weights.shapes_partial=null"])
+    assert cfg.reward.weights == {"pickscore": 1.0} and isinstance(cfg.reward.weights["pickscore"], float)
+    cfg = load_config(None, ["reward.weights={hps: 2, pickscore: 1}"])
+    assert cfg.reward.weights == {"hps": 2.0, "pickscore": 1.0}
+    cfg = load_config(None, ["reward.kwargs.pickscore.path=/w/pick", "credit.options.probe=ode:2"])
+    assert cfg.reward.kwargs == {"pickscore": {"path": "/w/pick"}} and cfg.credit.options == {"probe": "ode:2"}
+    assert "pickscore" in _err(load_config, None, ["reward.weights.pickscor=1"])  # reward names are checked
+    # a file that sets a mapping field replaces the default mapping as a whole
+    p = _write(tmp_path / "x.yaml", "reward:\n  weights: {pickscore: 1.0}\n")
+    assert load_config(p).reward.weights == {"pickscore": 1.0}
+
+
+def test_includes_merge_relative(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "base.yaml", "train:\n  lr: 1e-4\n  group_size: 4\nsampler:\n  eta: 0.5\n")
+    _write(tmp_path / "sub" / "scale.yaml", "defaults: [../base.yaml]\ntrain:\n  groups_per_iter: 48\n")
+    cfg = load_config(tmp_path / "sub" / "scale.yaml", ["sampler.steps=12"])
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.group_size == 4  # from base
+    assert cfg.train.groups_per_iter == 48 and cfg.sampler.eta == 0.5 and cfg.sampler.steps == 12
+    assert cfg.train.micro_batch == 16  # untouched default
+    # `base:` as a single string; the including file wins over its base
+    _write(tmp_path / "top.yaml", "base: base.yaml\ntrain:\n  lr: 2e-4\n")
+    assert load_config(tmp_path / "top.yaml").train.lr == pytest.approx(2e-4)
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    assert "cycle" in _err(load_config, tmp_path / "a.yaml")
+    _write(tmp_path / "c.yaml", "base: nope.yaml\n")
+    assert "nope.yaml" in _err(load_config, tmp_path / "c.yaml")
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    p = _write(tmp_path / "bad.yaml", "train:\n  lr: 1e-4\n  group_size: [1, 2\nmodel:\n  name: shapes\n")
+    msg = _err(load_config, p)
+    assert "bad.yaml:" in msg and "malformed YAML" in msg
+    line = int(msg.split("bad.yaml:")[1].split(":")[0])
+    assert 3 <= line <= 5
+    assert "not found" in _err(load_config, tmp_path / "missing.yaml")
+    p = _write(tmp_path / "list.yaml", "- 1\n- 2\n")
+    assert "mapping" in _err(load_config, p)
+    p = _write(tmp_path / "typed.yaml", "train:\n  iterations: many\n")
+    msg = _err(load_config, p)
+    assert "typed.yaml" in msg and "train.iterations" in msg
+
+
+def test_divisibility_error_names_numbers():
+    cfg = load_config(None, ["train.groups_per_iter=6"])
+    msg = _err(derived, cfg, 4)
+    assert "6" in msg and "4" in msg and "train.groups_per_iter" in msg
+    d = derived(cfg, 2)
+    assert d["groups_per_rank"] == 3 and d["rollouts_per_rank"] == 3 * cfg.train.group_size
+
+
+def test_derived_quantities():
+    cfg = load_config(None)
+    d = derived(cfg)
+    assert d["rollouts_per_iter"] == 64
+    assert d["trained_steps"] == 9  # floor(0.99 * 10), Flow-GRPO
+    assert d["transitions_per_iter"] == 64 * 9
+    assert d["micro_batches_per_rank"] == math.ceil(64 * 9 / 16)
+    cfg = load_config(None, ["sampler.train_fraction=1.0"])
+    assert trained_steps(cfg.sampler) == 9  # the last step is never trained
+    cfg = load_config(None, ["sampler.kernel=cps", "sampler.window_size=3", "sampler.window_range=[0, 5]"])
+    d = derived(cfg)
+    assert d["trained_steps"] == 3 and d["window_starts"] == [0, 1, 2]  # METHODS §3.10 Fast
+    cfg = load_config(None, ["train.optimizer_steps_per_iter=2", "train.micro_batch=4"])
+    assert derived(cfg)["micro_batches_per_optimizer_step"] == math.ceil(64 * 9 / 4 / 2)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("sampler.eta=-0.1", "sampler.eta"),
+        ("sampler.steps=1", "sampler.steps"),
+        ("sampler.train_fraction=0", "sampler.train_fraction"),
+        ("sampler.train_fraction=1.5", "sampler.train_fraction"),
+        ("train.clip_range=0", "train.clip_range"),
+        ("train.group_size=1", "train.group_size"),
+        ("credit.std_ddof=2", "credit.std_ddof"),
+        ("model.name=sd35", "model.name"),
+    ],
+)
+def test_range_validation(override, field):
+    assert field in _err(load_config, None, [override])
+
+
+def test_window_validation():
+    msg = _err(load_config, None, ["sampler.window_size=4", "sampler.window_range=[0, 3]"])
+    assert "window" in msg
+
+
+def test_dump_load_round_trip(tmp_path):
+    cfg = load_config(None, [
+        "train.lr=1e-5", "train.adam_eps=1e-12", "train.betas=[0.8, 0.95]", "sampler.window_range=[1, 6]",
+        "sampler.window_size=2", "sampler.kernel=cps", "reward.weights={pickscore: 0.5, hps: 1.5}",
+        "reward.kwargs.pickscore.path=/w/p", "credit.options={probe: 'ode:2', k: 3}", "model.path=/x: y",
+        "eval.rewards=[shapes_strict]", "output.run_dir=runs/t",
+    ])
+    path = tmp_path / "out" / "config.yaml"
+    dump_yaml(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert again.train.adam_eps == 1e-12 and again.model.path == "/x: y"
+    assert from_dict(to_dict(cfg)) == cfg
+    assert not list((tmp_path / "out").glob(".*tmp"))  # atomic write left no temp file
+
+
+def test_apply_overrides_on_config():
+    cfg = load_config(None)
+    new = apply_overrides(cfg, ["train.iterations=5", "credit.name=dense_gain"])
+    assert new.train.iterations == 5 and new.credit.name == "dense_gain" and cfg.train.iterations == 100
+
+
+def test_describe_documents_every_field():
+    import yaml
+
+    text = describe(ExperimentConfig)
+    parsed = yaml.safe_load(text)  # the description is a valid YAML template of the defaults
+    assert from_dict(parsed) == ExperimentConfig()
+
+    for section in dataclasses.fields(ExperimentConfig):
+        cls = type(getattr(ExperimentConfig(), section.name))
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no doc"
+            assert f"  {f.name}: " in text
+    assert "(float32|bfloat16|float16)" in text
+
+
+def test_summary_mentions_derived():
+    cfg = load_config(None, ["train.groups_per_iter=4", "train.group_size=6"])
+    text = summary(cfg, world_size=2)
+    assert "24 rollouts/iter" in text and "2 groups/rank" in text and "flow_sde" in text
+
+
+@pytest.mark.skipif(not CONFIG_FILES, reason="no configs/*.yaml yet")
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    derived(cfg, 1)
+    assert load_config(path) == cfg

@@ -1,0 +1,115 @@
+"""Group normalisation, outcome credit and the GRPO loss (METHODS.md §3.2–3.6)."""
+
+import math
+
+import pytest
+import torch
+
+from flowalign.credit import CREDIT, CreditInput, assign_credit, group_normalize, zero_std_ratio
+from flowalign.loss import clipped_surrogate, gaussian_kl, ratio_stats
+from flowalign.samplers.kernels import flow_sde
+from flowalign.types import Trajectory
+
+
+def _traj(group, steps=4):
+    b = group.shape[0]
+    return Trajectory(latents=torch.zeros(b, steps + 1, 2), sigmas=torch.linspace(1, 0, steps + 1),
+                      eta=torch.tensor([0.7] * (steps - 1) + [0.0]), log_probs=torch.zeros(b, steps), cond={},
+                      cond_index=group.clone(), group=group, prompts=())
+
+
+def test_group_normalize_matches_formula_and_is_invariant():
+    g = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    r = torch.tensor([1.0, 2.0, 4.0, 0.5, 0.5, 3.0, -1.0])
+    a = group_normalize(r, g)
+    for k in (0, 1):
+        rr = r[g == k].double()
+        want = (rr - rr.mean()) / (rr.std(unbiased=False) + 1e-4)
+        assert torch.allclose(a[g == k].double(), want, atol=1e-6)
+    # shift / positive scale invariance (eps scaled with the rewards) and permutation equivariance
+    assert torch.allclose(group_normalize(3 * r + 7, g, eps=3e-4), a, atol=1e-6)
+    p = torch.randperm(7)
+    assert torch.allclose(group_normalize(r[p], g[p]), a[p])
+    assert a.dtype == torch.float32
+
+
+def test_zero_std_group_and_nan_rewards_give_zero_not_nan():
+    g = torch.tensor([0, 0, 1, 1, 2])
+    r = torch.tensor([1.0, 1.0, float("nan"), 2.0, 5.0])
+    a = group_normalize(r, g)
+    assert torch.isfinite(a).all() and (a == 0).all()
+    assert zero_std_ratio(torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([0, 0, 1, 1])) == 0.5
+
+
+def test_global_std_scope_and_ddof():
+    g = torch.tensor([0, 0, 1, 1])
+    r = torch.tensor([0.0, 2.0, 10.0, 14.0])
+    a = group_normalize(r, g, scope="global")
+    assert torch.allclose(a, torch.tensor([-1.0, 1.0, -2.0, 2.0]) / (r.std(unbiased=False) + 1e-4), atol=1e-6)
+    a1 = group_normalize(r, g, ddof=1, eps=0.0)
+    assert torch.allclose(a1, torch.tensor([-1, 1, -1, 1.0]) / math.sqrt(2), atol=1e-6)
+
+
+def test_outcome_credit_broadcasts_over_trained_steps_and_aggregates():
+    g = torch.tensor([0, 0, 1, 1])
+    traj = _traj(g)
+    trained = torch.tensor([[True, True, True, False]]).expand(4, 4)
+    r1 = torch.tensor([0.0, 1.0, 2.0, 4.0])
+    r2 = torch.tensor([5.0, 1.0, 0.0, 0.0])
+    inp = CreditInput(traj=traj, rewards={"a": r1, "b": r2}, reward_weights={"a": 1.0, "b": 0.5}, trained=trained)
+    c = assign_credit("outcome", inp)
+    want = group_normalize(r1, g) + 0.5 * group_normalize(r2, g)
+    assert torch.allclose(c.advantages[:, 0], want) and (c.advantages[:, 3] == 0).all()
+    assert torch.equal(c.advantages[:, 0], c.advantages[:, 2])
+    inp2 = CreditInput(traj=traj, rewards={"a": r1, "b": r2}, reward_weights={"a": 1.0, "b": 0.5}, trained=trained,
+                       aggregate="reward_sum")
+    assert torch.allclose(assign_credit("outcome", inp2).advantages[:, 0], group_normalize(r1 + 0.5 * r2, g))
+    assert "outcome" in CREDIT
+    with pytest.raises(ValueError, match="did you mean 'outcome'"):
+        assign_credit("outcom", inp)
+
+
+def test_clipped_surrogate_values_and_gradient():
+    old = torch.zeros(4)
+    logp = torch.tensor([0.0, 0.5, -0.5, 0.5], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    loss, ratio = clipped_surrogate(logp, old, adv, 0.2)
+    e = math.exp(0.5)
+    want = torch.tensor([-1.0, -1.2, -math.exp(-0.5), e])
+    assert torch.allclose(loss, want, atol=1e-6)
+    loss.sum().backward()
+    # clipped above for a positive advantage ⇒ no gradient; unclipped terms have d/dlogp = -A·ρ
+    assert logp.grad[1] == 0 and torch.isclose(logp.grad[0], torch.tensor(-1.0))
+    assert torch.isclose(logp.grad[3], torch.tensor(e))
+    s = ratio_stats(ratio, logp, old, 0.2)
+    assert s["clipfrac_high"] == 0.5 and s["clipfrac_low"] == 0.25
+
+
+def test_on_policy_first_step_has_gradient_minus_advantage():
+    logp = torch.randn(5, requires_grad=True)
+    adv = torch.randn(5)
+    loss, ratio = clipped_surrogate(logp, logp.detach(), adv, 1e-4)
+    assert torch.allclose(ratio, torch.ones(5))
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -adv)
+
+
+def test_gaussian_kl_exact_and_flow_grpo_forms():
+    mu = torch.randn(3, 2, 4)
+    ref = mu + 0.1
+    std = torch.tensor([0.5, 0.2, 0.1]).view(3, 1, 1)
+    dt = torch.tensor([-0.1, -0.2, -0.3])
+    kl = gaussian_kl(mu, ref, std, dt)
+    want = torch.full((3,), 0.01) / (2 * std.flatten() ** 2)
+    assert torch.allclose(kl, want, atol=1e-6)
+    # equals the KL of the two Gaussians, element-mean reduced
+    p = torch.distributions.Normal(mu, std.expand_as(mu))
+    q = torch.distributions.Normal(ref, std.expand_as(mu))
+    assert torch.allclose(kl, torch.distributions.kl_divergence(p, q).flatten(1).mean(1), atol=1e-6)
+    assert torch.allclose(gaussian_kl(mu, ref, std, dt, form="flow_grpo"), want * 0.1 * torch.tensor([1, 2, 3.0]))
+
+
+def test_kl_is_zero_when_policy_equals_reference():
+    x, v = torch.randn(2, 3), torch.randn(2, 3)
+    tr = flow_sde(x, v, torch.tensor(0.8), torch.tensor(0.6), torch.tensor(0.7))
+    assert gaussian_kl(tr.mean, tr.mean, tr.std.expand(2, 1), torch.tensor([-0.2, -0.2])).abs().max() == 0

@@ -1,0 +1,211 @@
+"""LoRA utilities: no-op at init, exact reference policy, only LoRA trains, diffusers-compatible save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from flowalign.models import load_model
+from flowalign.models import lora as L
+from tiny_models import TINY_SIZES, tiny_sd3_dir  # noqa: F401  (fixture)
+
+PROMPTS = ["a red cat", "two blue squares"]
+
+
+def _sd3(directory):
+    return load_model("sd3", str(directory), max_sequence_length=16, **TINY_SIZES["sd3"])
+
+
+def _v(model, cond, x, sigma=0.6):
+    with torch.no_grad():
+        return model.velocity(x, torch.full((x.shape[0],), sigma), cond)
+
+
+def _perturb(params, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture()
+def sd3(tiny_sd3_dir):  # noqa: F811
+    model = _sd3(tiny_sd3_dir)
+    return model, model.encode(PROMPTS), model.init_noise(2, torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# generic module
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({"to_q": nn.Linear(6, 6), "to_k": nn.Linear(6, 6)})
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.attn["to_q"](x) * self.attn["to_k"](x)))
+
+
+def test_generic_module_targets_freezing_and_disable():
+    m = Tiny()
+    x = torch.randn(4, 6)
+    base = m(x)
+    params = L.add_lora(m, ["to_q", "to_k"], rank=2, alpha=4)
+    assert len(params) == 4 and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {
+        n for n, _ in m.named_parameters() if ".lora_" in n}
+    assert torch.equal(m(x), base)  # B = 0 ⇒ exact no-op
+    _perturb(params)
+    assert not torch.allclose(m(x), base)
+    with L.lora_disabled(m):
+        assert torch.equal(m(x), base)
+    assert all(p.requires_grad for p in params)  # restored after the context
+    with pytest.raises(ValueError, match="no module"):
+        L.add_lora(Tiny(), ["does_not_exist"], rank=2, alpha=4)
+    with pytest.raises(ValueError, match="already"):
+        L.add_lora(m, ["to_q"], rank=2, alpha=4)
+
+
+def test_lora_keeps_fp32_master_weights_on_a_bf16_module():
+    m = Tiny().to(torch.bfloat16)
+    params = L.add_lora(m, ["to_q"], rank=2, alpha=4)
+    assert all(p.dtype == torch.float32 for p in params)
+    _perturb(params)
+    assert m(torch.randn(2, 6, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# through the SD3 adapter
+
+
+def test_noop_at_init_and_family_defaults(sd3):
+    model, cond, x = sd3
+    base = _v(model, cond, x)
+    params = model.add_lora()
+    cfg = model.transformer.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.init_lora_weights) == (32, 64, "gaussian")
+    assert set(cfg.target_modules) == set(model.lora_targets)
+    names = [n for n, p in model.transformer.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n for n in names) and len(names) == len(params)
+    lora = {n: p.detach() for n, p in model.transformer.named_parameters() if ".lora_" in n}
+    assert all(float(p.abs().max()) == 0 for n, p in lora.items() if ".lora_B." in n)
+    assert all(float(p.abs().max()) > 0 for n, p in lora.items() if ".lora_A." in n)
+    assert torch.equal(_v(model, cond, x), base)
+
+
+def test_reference_reproduces_the_base_exactly(sd3):
+    model, cond, x = sd3
+    base = _v(model, cond, x)
+    model.add_lora(rank=4, alpha=8)
+    _perturb(model.lora_parameters())
+    tuned = _v(model, cond, x)
+    assert (tuned - base).abs().max() > 1e-3
+    with model.reference():
+        assert torch.equal(_v(model, cond, x), base)
+    assert torch.equal(_v(model, cond, x), tuned)
+    assert all(p.requires_grad for p in model.lora_parameters())
+
+
+def test_two_adamw_steps_change_only_lora(sd3):
+    """Step 1 moves only lora_B (A's gradient is Bᵀ·… = 0); step 2 moves lora_A too; base weights never move."""
+    model, cond, x = sd3
+    before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    params = model.add_lora(rank=4, alpha=8)
+    # weight_decay=0: decoupled decay would shrink lora_A on step 1 even though its gradient is zero.
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+
+    def snapshot():
+        return {k: v.clone() for k, v in model.transformer.state_dict().items()}
+
+    def step():
+        opt.zero_grad()
+        (model.velocity(x, torch.full((2,), 0.6), cond) ** 2).mean().backward()
+        opt.step()
+        return snapshot()
+
+    last = model.transformer.config.num_layers - 1
+    after0 = snapshot()
+    after1 = step()
+    after2 = step()
+    base_keys = [k for k in after0 if ".lora_" not in k]
+    a_keys = [k for k in after0 if ".lora_A." in k]
+    b_keys = [k for k in after0 if ".lora_B." in k]
+    assert len(base_keys) == len(before) and a_keys and len(a_keys) == len(b_keys)
+    for k in base_keys:  # peft renames a wrapped weight to <path>.base_layer.weight
+        assert torch.equal(after2[k], before[k.replace(".base_layer.", ".")]), k
+    # The last MMDiT block is context_pre_only: its add_q_proj only feeds the discarded text stream (zero gradient).
+    dead = {k for k in b_keys + a_keys if k.startswith(f"transformer_blocks.{last}.attn.add_q_proj.")}
+    assert len(dead) == 2
+    assert all(torch.equal(after1[k], after0[k]) for k in a_keys)
+    assert all(not torch.equal(after1[k], after0[k]) for k in b_keys if k not in dead)
+    assert all(not torch.equal(after2[k], after1[k]) for k in a_keys if k not in dead)
+
+
+def test_save_load_round_trip_is_bitwise(sd3, tiny_sd3_dir, tmp_path):  # noqa: F811
+    model, cond, x = sd3
+    model.add_lora(rank=4, alpha=8)
+    _perturb(model.lora_parameters())
+    path = model.save_lora(tmp_path / "ckpt")
+    assert path.name == "pytorch_lora_weights.safetensors"
+    want = model.lora_state_dict()
+    tuned = _v(model, cond, x)
+
+    fresh = _sd3(tiny_sd3_dir)  # no adapter yet: injected from the stored LoraConfig
+    fresh.load_lora(tmp_path / "ckpt")
+    got = fresh.lora_state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert torch.equal(_v(fresh, cond, x), tuned)
+
+    wrapped = _sd3(tiny_sd3_dir)  # already wrapped with the same shape
+    wrapped.add_lora(rank=4, alpha=8)
+    wrapped.load_lora(tmp_path / "ckpt")
+    assert torch.equal(_v(wrapped, cond, x), tuned)
+
+    wrong = _sd3(tiny_sd3_dir)
+    wrong.add_lora(rank=4, alpha=8, targets=("attn.to_q",))
+    with pytest.raises(ValueError, match="keys do not match"):
+        wrong.load_lora(tmp_path / "ckpt")
+
+
+def test_file_format_is_diffusers_convention(sd3, tmp_path):
+    from safetensors import safe_open
+
+    model, _, _ = sd3
+    model.add_lora()
+    path = model.save_lora(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k)
+                        for k in keys)
+    assert not any(".default." in k for k in keys)  # adapter name stripped (peft convention)
+    config = json.loads(meta["lora_adapter_metadata"])
+    assert config["transformer.r"] == 32 and config["transformer.lora_alpha"] == 64
+
+
+def test_saved_lora_loads_into_a_diffusers_pipeline(sd3, tiny_sd3_dir, tmp_path):  # noqa: F811
+    """``StableDiffusion3Pipeline.load_lora_weights(dir)`` reads our file, with rank and alpha, and reproduces us."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from flowalign.samplers import sample
+
+    model, cond, x = sd3
+    model.add_lora(rank=4, alpha=16)  # α ≠ r: a wrong scale would show
+    _perturb(model.lora_parameters(), scale=0.1)
+    model.save_lora(tmp_path)
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, guidance_scale=model.guidance_scale, max_sequence_length=16,
+              output_type="latent", **TINY_SIZES["sd3"])
+    with torch.no_grad():
+        base = pipe(PROMPTS, latents=x.clone(), **kw).images
+        pipe.load_lora_weights(str(tmp_path))
+        loaded = pipe(PROMPTS, latents=x.clone(), **kw).images
+        ours = sample(model.velocity, x, pipe.scheduler.sigmas.float(), cond, kernel="euler").final
+    assert (loaded - base).abs().max() > 1e-2
+    assert torch.allclose(loaded, ours, atol=1e-5, rtol=0), (loaded - ours).abs().max()

@@ -1,0 +1,248 @@
+"""SD3 / FLUX.1 / Wan2.1 adapters on tiny random pipelines saved to disk and reloaded (offline, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flowalign.errors import UserError
+from flowalign.models import load_model
+from flowalign.samplers import KERNELS, eta_schedule, gather_cond, sample, step_log_prob
+from flowalign.types import FlowModel
+from tiny_models import TINY_SIZES, tiny_flux_dir, tiny_sd3_dir, tiny_wan_dir  # noqa: F401  (fixtures)
+
+FAMILIES = ("sd3", "flux", "wan")
+PROMPTS = ["a red cat on the left of a blue dog", "two small yellow stars"]
+SEQ = 16  # T5 / UMT5 max_sequence_length for the tiny models
+
+
+def _load(family: str, directory, **kw):
+    return load_model(family, str(directory), max_sequence_length=SEQ, **TINY_SIZES[family], **kw)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_sd3_dir, tiny_flux_dir, tiny_wan_dir):  # noqa: F811
+    dirs = {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir, "wan": tiny_wan_dir}
+    return {f: _load(f, dirs[f]) for f in FAMILIES}, dirs
+
+
+@pytest.fixture(scope="module")
+def conds(adapters):
+    models, _ = adapters
+    return {f: models[f].encode(PROMPTS) for f in FAMILIES}
+
+
+def _pipeline(family: str, directory):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+
+    cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "wan": WanPipeline}[family]
+    pipe = cls.from_pretrained(str(directory))
+    if family == "wan":  # the real Wan scheduler is UniPC; an Euler scheduler makes the step comparable
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes and loading
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_protocol_and_shapes(adapters, conds, family):
+    model = adapters[0][family]
+    assert isinstance(model, FlowModel)
+    cond = conds[family]
+    assert all(v.shape[0] == len(PROMPTS) for v in cond.values()), {k: v.shape for k, v in cond.items()}
+    x = model.init_noise(3, torch.Generator().manual_seed(0))
+    assert x.shape == (3, *model.latent_shape) and x.dtype == torch.float32
+    cond_b = gather_cond(cond, torch.tensor([0, 1, 1]))
+    with torch.no_grad():
+        v = model.velocity(x, torch.full((3,), 0.7), cond_b)
+        img = model.decode(x)
+    assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
+    h, w = TINY_SIZES[family]["height"], TINY_SIZES[family]["width"]
+    expected = (3, TINY_SIZES["wan"]["num_frames"], 3, h, w) if family == "wan" else (3, 3, h, w)
+    assert img.shape == expected and img.min() >= 0 and img.max() <= 1
+    s = model.schedule(5)
+    assert s.shape == (6,) and s[0] == 1 and s[-1] == 0 and (s[1:] < s[:-1]).all()
+
+
+def test_latent_shapes_follow_the_vae(adapters):
+    models, _ = adapters
+    assert models["sd3"].latent_shape == (4, 16, 16)  # VAE ×2
+    assert models["flux"].latent_shape == (64, 16)  # packed: (16/2)² tokens × 4·4 channels
+    assert models["wan"].latent_shape == (4, 2, 4, 4)  # (5 − 1)/4 + 1 latent frames, ×8 spatial
+
+
+def test_bad_inputs_raise_user_errors(tiny_sd3_dir, tiny_wan_dir, tmp_path):  # noqa: F811
+    with pytest.raises(UserError, match="multiples"):
+        load_model("sd3", str(tiny_sd3_dir), height=30, width=32)
+    with pytest.raises(UserError, match="num_frames"):
+        load_model("wan", str(tiny_wan_dir), height=32, width=32, num_frames=6)
+    with pytest.raises(UserError, match="cannot load"):
+        load_model("sd3", str(tmp_path / "missing"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the adapter is the diffusers pipeline's denoiser
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_euler_sampling_matches_the_diffusers_pipeline(adapters, conds, family):
+    """Adapter velocity + our Euler kernel on the scheduler's grid == the pipeline's own CFG loop, then decode."""
+    models, dirs = adapters
+    model, pipe = models[family], _pipeline(family, dirs[family])
+    x0 = model.init_noise(2, torch.Generator().manual_seed(3))
+    size = dict(TINY_SIZES[family])
+    common = dict(num_inference_steps=3, guidance_scale=model.guidance_scale, max_sequence_length=SEQ, **size)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, latents=x0.clone(), output_type="latent", **common)
+        ref_latents = ref.frames if family == "wan" else ref.images
+        ref_px = pipe(PROMPTS, latents=x0.clone(), output_type="pt", **common)
+        ref_px = ref_px.frames if family == "wan" else ref_px.images
+        traj = sample(model.velocity, x0, pipe.scheduler.sigmas.float(), conds[family], eta=0.0, kernel="euler")
+        px = model.decode(traj.final)
+    assert torch.allclose(traj.final, ref_latents, atol=2e-5, rtol=0), (traj.final - ref_latents).abs().max()
+    assert (traj.final - x0).abs().max() > 0.1  # the comparison is not vacuous
+    assert torch.allclose(px, ref_px.float(), atol=1e-4), (px - ref_px).abs().max()
+
+
+def test_sd3_schedule_equals_diffusers_scheduler(adapters):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = adapters[0]["sd3"]
+    for steps in (10, 40):
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        sched.set_timesteps(steps)
+        assert torch.allclose(model.schedule(steps), sched.sigmas.float(), atol=1e-7, rtol=0)
+    assert abs(float(model.schedule(10)[9]) - 0.008929) < 1e-6  # the double-shift quirk (METHODS.md §1.2)
+
+
+def test_flux_schedule_equals_what_fluxpipeline_sets(adapters):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    model = adapters[0]["flux"]
+    cfg = model.pipe.scheduler.config
+    for steps in (6, 28):
+        sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        mu = calculate_shift(model.latent_shape[0], cfg["base_image_seq_len"], cfg["max_image_seq_len"],
+                             cfg["base_shift"], cfg["max_shift"])
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        assert torch.allclose(model.schedule(steps), sched.sigmas.float(), atol=1e-6, rtol=0)
+
+
+def test_wan_schedule_is_shifted_linear(adapters):
+    model = adapters[0]["wan"]
+    s = model.schedule(4).double()
+    u = torch.linspace(1, 0, 5, dtype=torch.float64)
+    assert model.flow_shift == 3.0
+    assert torch.allclose(s, 3 * u / (1 + 2 * u), atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# velocity properties
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_velocity_deterministic_and_batch_independent(adapters, conds, family):
+    model = adapters[0][family]
+    x = model.init_noise(2, torch.Generator().manual_seed(1))
+    sig = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        v = model.velocity(x, sig, conds[family])
+        assert torch.equal(v, model.velocity(x, sig, conds[family]))
+        v1 = model.velocity(x[1:], sig[1:], gather_cond(conds[family], torch.tensor([1])))
+    assert torch.allclose(v[1:], v1, atol=1e-5, rtol=0)
+    assert not torch.allclose(v[0], v[1])  # the rows really are different samples
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_cfg_is_affine_in_the_guidance_scale(adapters, conds, family):
+    """v(w) = v_u + w·(v_c − v_u): equal steps in w give equal steps in v; w = 1 is the conditional branch alone."""
+    model = adapters[0][family]
+    x = model.init_noise(2, torch.Generator().manual_seed(2))
+    sig = torch.full((2,), 0.5)
+    old = model.guidance_scale
+    try:
+        vs = {}
+        for w in (1.0, 2.0, 3.0):
+            model.guidance_scale = w
+            with torch.no_grad():
+                vs[w] = model.velocity(x, sig, conds[family])
+    finally:
+        model.guidance_scale = old
+    assert torch.allclose(vs[3.0] - vs[2.0], vs[2.0] - vs[1.0], atol=2e-5)
+    assert (vs[3.0] - vs[2.0]).abs().max() > 1e-3  # the negative branch matters
+
+
+def test_flux_guidance_embedding_is_used(adapters, conds):
+    model = adapters[0]["flux"]
+    x = model.init_noise(1, torch.Generator().manual_seed(4))
+    cond = gather_cond(conds["flux"], torch.tensor([0]))
+    old = model.guidance_scale
+    try:
+        with torch.no_grad():
+            model.guidance_scale = 1.0
+            v1 = model.velocity(x, torch.tensor([0.5]), cond)
+            model.guidance_scale = 3.5
+            v35 = model.velocity(x, torch.tensor([0.5]), cond)
+    finally:
+        model.guidance_scale = old
+    assert (v1 - v35).abs().max() > 1e-4
+
+
+def test_flux_noise_matches_fluxpipeline(adapters):
+    model = adapters[0]["flux"]
+    x = model.init_noise(2, torch.Generator().manual_seed(7))
+    ref, _ = model.pipe.prepare_latents(2, model.channels, 32, 32, torch.float32, "cpu",
+                                        torch.Generator().manual_seed(7))
+    assert torch.equal(x, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# on-policy sanity check (METHODS.md §3.8): re-scoring at unchanged weights gives ratio 1
+
+ETAS = {"euler": 0.0, "flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8}
+
+
+def _ratio_check(model, cond, kernel: str, steps: int = 3) -> None:
+    sig = model.schedule(steps)
+    eta = eta_schedule(steps, ETAS[kernel])
+    cond_index = torch.tensor([0, 0, 1])
+    x0 = model.init_noise(3, torch.Generator().manual_seed(11))
+    traj = sample(model.velocity, x0, sig, cond, eta=eta, kernel=kernel, generator=torch.Generator().manual_seed(12),
+                  cond_index=cond_index)
+    cond_b = gather_cond(traj.cond, traj.cond_index)
+    stochastic = [t for t in range(steps) if float(traj.eta[t]) > 0]
+    if kernel == "euler":
+        assert not stochastic and torch.equal(traj.log_probs, torch.zeros_like(traj.log_probs))
+        return
+    assert stochastic
+    b = traj.batch_size
+    for t in stochastic:
+        with torch.no_grad():
+            lp, tr = step_log_prob(model.velocity, traj.latents[:, t], traj.latents[:, t + 1],
+                                   traj.sigmas[t].expand(b), traj.sigmas[t + 1].expand(b), traj.eta[t].expand(b),
+                                   cond_b, kernel=kernel)
+        ratio = torch.exp(lp - traj.log_probs[:, t])
+        assert (ratio - 1).abs().max() < 1e-6, (kernel, t, ratio)
+        assert (tr.std > 0).all()
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_policy_ratio_is_one(adapters, conds, family, kernel):
+    _ratio_check(adapters[0][family], conds[family], kernel)
+
+
+def test_on_policy_ratio_is_one_with_trained_lora(tiny_sd3_dir):  # noqa: F811
+    model = _load("sd3", tiny_sd3_dir)
+    model.add_lora(rank=4, alpha=8)
+    with torch.no_grad():
+        for p in model.lora_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cond = model.encode(PROMPTS)
+    for kernel in ("flow_sde", "cps"):
+        _ratio_check(model, cond, kernel)

@@ -1,0 +1,137 @@
+"""Flow-matching pretraining: exact resume, EMA, loss, schedules, the shapes data stream, the CLI."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flowalign.errors import UserError
+from flowalign.pretrain import (PretrainConfig, cli_main, ema_decay_at, ema_model_from_checkpoint, ema_update,
+                                flow_matching_loss, logit_normal_sigmas, lr_at, pretrain, shapes_data, step_generator)
+
+TINY_MODEL = dict(vocab=["a", "red", "blue", "circle", "square"], image_size=8, patch_size=4, num_layers=1,
+                  num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=4, pooled_dim=16)
+
+
+def toy_data(step: int, batch_size: int):
+    """Captions + flat-colored images that depend only on the step (like every real data source)."""
+    g = torch.Generator().manual_seed(step)
+    which = torch.randint(0, 2, (batch_size,), generator=g)
+    caps = ["a red circle" if w == 0 else "a blue square" for w in which.tolist()]
+    col = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9]])[which]  # [B, 3]
+    imgs = col[:, :, None, None].expand(batch_size, 3, 8, 8) * (0.8 + 0.2 * torch.rand(batch_size, 1, 1, 1, generator=g))
+    return caps, imgs.contiguous()
+
+
+def tiny_cfg(**kw) -> PretrainConfig:
+    base = dict(model="shapes", model_config=TINY_MODEL, steps=6, batch_size=4, lr=1e-3, warmup=2,
+                checkpoint_every=3, keep_checkpoints=5, log_every=2, ema_decay=0.9, seed=3)
+    base.update(kw)
+    return PretrainConfig.from_dict(base)
+
+
+def _load(path):
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+    cfg = tiny_cfg()
+    full = pretrain(cfg, tmp_path / "a", data=toy_data, progress=False)
+    pretrain(cfg, tmp_path / "b", data=toy_data, progress=False, stop_after=3)  # "killed" after step 3
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = pretrain(cfg, tmp_path / "b", data=toy_data, progress=False, resume=True)
+    a, b = _load(tmp_path / "a" / "checkpoints" / "step-6"), _load(tmp_path / "b" / "checkpoints" / "step-6")
+    for comp in a["model"]:
+        for k, v in a["model"][comp].items():
+            assert torch.equal(v, b["model"][comp][k]), (comp, k)
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # training moved the weights, and the returned model carries the EMA (not the raw weights)
+    init = _load(tmp_path / "b" / "checkpoints" / "step-3")
+    assert not all(torch.equal(x, y) for x, y in zip(init["ema"], a["ema"]))
+    ema_first = a["ema"][0]
+    assert torch.equal(next(iter(full.transformer.parameters())), ema_first)
+    # the exported final model loads back as a ShapesModel, the checkpoint exports the same EMA weights
+    from flowalign.models.shapes import ShapesModel
+
+    back = ShapesModel.from_pretrained(str(tmp_path / "a" / "final"))
+    exported = ema_model_from_checkpoint(tmp_path / "a" / "checkpoints" / "step-6")
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]) and torch.equal(v, exported.state_dict()[k]), k
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_training_reduces_the_loss(tmp_path):
+    cfg = tiny_cfg(steps=40, checkpoint_every=0, log_every=10, lr=3e-3, warmup=5, batch_size=8)
+    pretrain(cfg, tmp_path, data=toy_data, progress=False)
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_ema_update_matches_the_formula():
+    torch.manual_seed(0)
+    params = [torch.randn(3, 4), torch.randn(5)]
+    ema = [torch.randn(3, 4), torch.randn(5)]
+    expect = [0.9 * e + 0.1 * p for e, p in zip(ema, params)]
+    ema_update(ema, params, 0.9)
+    for e, x in zip(ema, expect):
+        torch.testing.assert_close(e, x, rtol=0, atol=1e-6)
+    # decay warm-up: (1+k)/(10+k) early, the configured decay later
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(10**6, 0.999) == 0.999
+    assert all(ema_decay_at(k, 0.999) <= ema_decay_at(k + 1, 0.999) for k in range(0, 3000, 7))
+    # a constant parameter is a fixed point
+    c = [torch.ones(2)]
+    e = [torch.ones(2)]
+    ema_update(e, c, 0.5)
+    assert torch.equal(e[0], c[0])
+
+
+def test_loss_sigmas_and_schedules():
+    x, eps = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    assert flow_matching_loss(eps - x, x, eps) == 0
+    assert flow_matching_loss(torch.zeros_like(x), x, eps) == pytest.approx(((eps - x) ** 2).mean().item())
+    s = logit_normal_sigmas(20000, 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert 0 < s.min() and s.max() < 1 and abs(s.median().item() - 0.5) < 0.02
+    assert torch.equal(torch.randn(3, generator=step_generator(1, 5)), torch.randn(3, generator=step_generator(1, 5)))
+    assert step_generator(1, 5).initial_seed() != step_generator(1, 6).initial_seed()
+    cfg = PretrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert math.isclose(lr_at(55, cfg), 0.1 + 0.9 * 0.5, rel_tol=1e-9)
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="did you mean 'batch_size'"):
+        PretrainConfig.from_dict({"batchsize": 4})
+    assert PretrainConfig.from_dict({"lr": "5e-4"}).lr == 5e-4  # PyYAML reads 5e-4 as a string
+
+
+def test_shapes_data_stream_is_a_function_of_the_step():
+    from flowalign.shapes.grammar import parse
+
+    data = shapes_data({"single_object": 1.0, "counting": 1.0}, image_size=32, seed=7)
+    caps, imgs = data(11, 6)
+    caps2, imgs2 = data(11, 6)
+    caps3, _ = data(12, 6)
+    assert caps == caps2 and torch.equal(imgs, imgs2) and caps != caps3
+    assert imgs.shape == (6, 3, 32, 32) and imgs.dtype == torch.float32
+    assert 0 <= imgs.min() and imgs.max() <= 1
+    assert {parse(c).task for c in caps} <= {"single_object", "counting"}
+    with pytest.raises(UserError, match="unknown shapes task"):
+        shapes_data({"juggling": 1.0})
+
+
+def test_cli_refuses_to_overwrite_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / "step-3").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-3" / "state.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="--resume"):
+        cli_main(["--out", str(tmp_path), "--steps", "1"])

@@ -1,0 +1,81 @@
+"""Model-free quality rewards: JPEG (in)compressibility, edge crispness, saturation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flowalign.rewards import build_reward
+from flowalign.rewards.quality import hsv_saturation, jpeg_size_kb
+
+NAMES = ["jpeg_compressibility", "jpeg_incompressibility", "edge_crispness", "saturation"]
+
+
+def _scenes(n=8, size=32):
+    from flowalign.shapes.grammar import sample_spec
+    from flowalign.shapes.render import render_batch
+
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(render_batch([sample_spec(rng) for _ in range(n)], size, seed=1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_interface_dtype_shape_and_batch_independence(name):
+    r = build_reward(name)
+    assert r.name == name and r.kind == "image" and isinstance(r.differentiable, bool)
+    x = torch.cat([_scenes(6), torch.rand(2, 3, 32, 32)])  # [8, 3, 32, 32]
+    out = r(x, ["a red circle"] * 8)
+    assert out.dtype == torch.float32 and out.shape == (8,) and out.device == x.device
+    assert torch.isfinite(out).all()
+    alone = torch.stack([r(x[i : i + 1], ["a red circle"])[0] for i in range(8)])
+    torch.testing.assert_close(alone, out, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        r(x[0], ["a red circle"])  # [3, H, W] is not a batch
+
+
+def test_jpeg_orders_flat_above_noise():
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    scene = _scenes(1, 64)
+    noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([flat, scene, noise])
+    comp = build_reward("jpeg_compressibility")(x, [""] * 3)
+    inc = build_reward("jpeg_incompressibility")(x, [""] * 3)
+    assert comp[0] > comp[1] > comp[2]
+    torch.testing.assert_close(inc, -comp)
+    kb = jpeg_size_kb(x)
+    assert 0 < kb[0] < 1.5 and kb[2] > 5 * kb[0]  # kB = bytes / 1000
+    # lower JPEG quality → smaller files, so the scorer really uses its quality setting
+    assert build_reward("jpeg_incompressibility", quality=50)(noise, [""])[0] < inc[2]
+    bad = x.clone()
+    bad[1] = float("nan")
+    assert torch.isnan(build_reward("jpeg_compressibility")(bad, [""] * 3)[1])
+
+
+def test_edge_crispness_prefers_sharp_and_is_differentiable():
+    from scipy import ndimage
+
+    sharp = _scenes(4)
+    blurred = torch.from_numpy(ndimage.gaussian_filter(sharp.numpy(), (0, 0, 1.0, 1.0))).float()
+    r = build_reward("edge_crispness")
+    assert r.differentiable
+    assert (r(sharp, [""] * 4) > 2 * r(blurred, [""] * 4)).all()
+    assert r(torch.full((1, 3, 16, 16), 0.3), [""]).item() == 0.0
+    x = sharp.clone().requires_grad_(True)
+    r(x, [""] * 4).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_saturation_values_and_gradient():
+    r = build_reward("saturation")
+    gray = torch.full((1, 3, 8, 8), 0.6)
+    red = torch.zeros(1, 3, 8, 8)
+    red[:, 0] = 0.9
+    half = torch.zeros(1, 3, 8, 8)
+    half[:, 0], half[:, 1], half[:, 2] = 0.8, 0.4, 0.4
+    out = r(torch.cat([gray, red, half, torch.zeros(1, 3, 8, 8)]), [""] * 4)
+    torch.testing.assert_close(out, torch.tensor([0.0, 1.0, 0.5, 0.0]))
+    assert hsv_saturation(torch.rand(2, 3, 5, 5)).shape == (2, 5, 5)
+    x = _scenes(2).requires_grad_(True)
+    r(x, [""] * 2).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

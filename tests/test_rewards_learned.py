@@ -1,0 +1,252 @@
+"""Learned rewards on tiny random towers through their real loading code (REWARDS_AND_EVAL.md §1–2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowalign.errors import UserError
+from flowalign.rewards import build_reward
+from tiny_rewards import (  # noqa: F401  (session fixtures)
+    build_tiny_aesthetic_head,
+    build_tiny_hps_file,
+    tiny_aesthetic_files,
+    tiny_clip_dir,
+    tiny_hps_files,
+    tiny_imagereward_files,
+    tiny_reward_kwargs,
+)
+
+LEARNED = ["pickscore", "clipscore", "aesthetic", "hps", "hpsv21", "imagereward"]
+PROMPTS = ["a red circle", "two blue squares on the left", "a photo of a cat", "a green star",
+           "a big dog", "painting of a triangle", "three small stars", "a cat and a dog"]
+
+
+@pytest.fixture(scope="module")
+def rewards(tiny_reward_kwargs):
+    """Each learned reward built once per module: tensor path and parity (PIL) path."""
+    built = {}
+    for name in LEARNED:
+        built[name] = build_reward(name, **tiny_reward_kwargs[name])
+        built[name + ":parity"] = build_reward(name, parity=True, **tiny_reward_kwargs[name])
+    return built
+
+
+def synthetic_images(n: int, h: int = 44, w: int = 52, seed: int = 0) -> torch.Tensor:
+    """Varied smooth images in [0,1]: low-frequency noise + colour gradients + a bright square (non-square, odd crop)."""
+    g = torch.Generator().manual_seed(seed)
+    low = F.interpolate(torch.rand(n, 3, 6, 7, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    tint = torch.rand(n, 3, 1, 1, generator=g)
+    img = 0.5 * low + 0.3 * tint * (xx + yy) / 2 + 0.2 * torch.rand(n, 3, 1, 1, generator=g)
+    for i in range(n):
+        y0, x0 = int(torch.randint(0, h - 12, (1,), generator=g)), int(torch.randint(0, w - 12, (1,), generator=g))
+        img[i, :, y0 : y0 + 12, x0 : x0 + 12] = torch.rand(3, 1, 1, generator=g)
+    return img.clamp(0, 1)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_scores_float32_batch_independent(rewards, name):
+    r = rewards[name]
+    imgs = synthetic_images(8)
+    s = r(imgs, PROMPTS)
+    assert s.dtype == torch.float32 and s.shape == (8,) and s.device == imgs.device
+    assert torch.isfinite(s).all()
+    assert s.std() > 0  # the score depends on the image/prompt
+    # score alone vs inside a batch of 8 (different neighbours, different position)
+    for i in (0, 5):
+        alone = r(imgs[i : i + 1], PROMPTS[i : i + 1])
+        assert torch.allclose(alone, s[i : i + 1], atol=1e-5, rtol=0), (name, alone, s[i])
+    perm = torch.tensor([3, 1, 7, 0, 6, 2, 5, 4])
+    s_perm = r(imgs[perm], [PROMPTS[i] for i in perm])
+    assert torch.allclose(s_perm, s[perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_gradients_reach_pixels(rewards, name):
+    r = rewards[name]
+    assert r.differentiable and not rewards[name + ":parity"].differentiable
+    imgs = synthetic_images(3, seed=1).requires_grad_()
+    r(imgs, PROMPTS[:3]).sum().backward()
+    g = imgs.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    # every image gets its own gradient (no cross-talk, no dead branch)
+    assert (g.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_tensor_path_matches_pil_processor(rewards, name):
+    """Spec §1 parity test: 32 images, Spearman ρ > 0.99 and max |Δ| < 2 % of the score spread."""
+    imgs = synthetic_images(32, seed=2)
+    prompts = [PROMPTS[i % 8] for i in range(32)]
+    a = rewards[name](imgs, prompts)
+    b = rewards[name + ":parity"](imgs, prompts)
+    spread = float(b.max() - b.min())
+    assert spread > 0
+    rho, dmax = spearman(a, b), float((a - b).abs().max())
+    assert rho > 0.99, (name, rho)
+    assert dmax < 0.02 * spread, (name, dmax, spread)
+
+
+def test_clip_preprocess_matches_pil_pixels(tiny_clip_dir):
+    """Pixel-level: the tensor path vs transformers' PIL CLIP image processor on the same quantised images."""
+    from transformers import CLIPImageProcessorPil
+
+    from flowalign.rewards.clip_common import clip_preprocess, quantize, to_pil
+
+    imgs = quantize(synthetic_images(6, h=47, w=61, seed=3)).float() / 255  # same input to both paths
+    ref = CLIPImageProcessorPil.from_pretrained(tiny_clip_dir)(images=to_pil(imgs), return_tensors="pt")["pixel_values"]
+    ours = clip_preprocess(imgs, 32, 32)
+    assert ours.shape == ref.shape == (6, 3, 32, 32)
+    # PIL resizes uint8 (rounding ≤ 0.5/255 ≈ 0.007 in normalised units) with its own antialias filter support
+    assert (ours - ref).abs().mean() < 0.02
+    assert (ours - ref).abs().max() < 0.15
+
+
+def test_pickscore_is_logit_scale_times_cosine(rewards, tiny_clip_dir):
+    """PickScore = exp(logit_scale)·cos, checked against transformers' own CLIPModel forward (logits_per_image)."""
+    r = rewards["pickscore"]
+    imgs = synthetic_images(4, seed=4)
+    prompts = PROMPTS[:4]
+    tok = r.clip.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    out = r.clip.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=r.clip.pixels(imgs))
+    assert torch.allclose(r(imgs, prompts), out.logits_per_image.diagonal(), atol=1e-4)
+    c = rewards["clipscore"]
+    assert torch.allclose(c(imgs, prompts), out.logits_per_image.diagonal(), atol=1e-4)
+    cos = build_reward("clipscore", path=str(tiny_clip_dir), form="cos")(imgs, prompts)
+    hessel = build_reward("clipscore", path=str(tiny_clip_dir), form="clipscore", w=2.5)(imgs, prompts)
+    scale = r.clip.model.logit_scale.exp()
+    assert torch.allclose(cos * scale, out.logits_per_image.diagonal(), atol=1e-4)
+    assert torch.allclose(hessel, 2.5 * cos.clamp_min(0), atol=1e-6)
+    assert cos.abs().max() <= 1.0
+
+
+def test_hps_is_open_clip_cosine(rewards):
+    """HPS = cos of open_clip's normalised features (no logit scale); the DDP ``module.`` prefix was stripped."""
+    r = rewards["hps"]
+    imgs = synthetic_images(4, seed=5)
+    prompts = PROMPTS[:4]
+    from flowalign.rewards.clip_common import clip_preprocess
+
+    px = clip_preprocess(imgs, r.size, r.size, r.mean, r.std)
+    out = r.model(px, r.tokenizer(prompts))
+    ref = (out["image_features"] * out["text_features"]).sum(-1) if isinstance(out, dict) else (out[0] * out[1]).sum(-1)
+    assert torch.allclose(r(imgs, prompts), ref, atol=1e-5)
+    assert r(imgs, prompts).abs().max() <= 1.0
+    # v2.0 and v2.1 are different weights → different scores
+    assert not torch.allclose(rewards["hpsv21"](imgs, prompts), r(imgs, prompts))
+
+
+def test_hps_loading_variants_and_errors(tiny_hps_files, tmp_path):
+    arch = tiny_hps_files["arch"]
+    plain = build_tiny_hps_file(tmp_path, ddp_prefix=False)  # no module. prefix
+    imgs, prompts = synthetic_images(2, seed=6), PROMPTS[:2]
+    a = build_reward("hps", checkpoint=str(plain), arch=arch)(imgs, prompts)
+    b = build_reward("hps", path=str(tiny_hps_files["checkpoint"]), arch=arch)(imgs, prompts)  # path= alias, same seed
+    assert torch.allclose(a, b)
+    # a directory holding the file works too
+    c = build_reward("hps", checkpoint=str(tmp_path), arch=arch)(imgs, prompts)
+    assert torch.allclose(a, c)
+    with pytest.raises(UserError, match="does not exist"):
+        build_reward("hps", checkpoint=str(tmp_path / "nope.pt"), arch=arch)
+    torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="does not fit"):
+        build_reward("hps", checkpoint=str(tmp_path / "bad.pt"), arch=arch)
+
+
+def test_aesthetic_head_layout(rewards, tiny_aesthetic_files, tmp_path):
+    r = rewards["aesthetic"]
+    imgs = synthetic_images(3, seed=7)
+    e = r.clip.encode_pixels(r.clip.pixels(imgs))  # [3, 16] normalised
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    head = torch.load(tiny_aesthetic_files["head"], weights_only=True)
+    x = e
+    for i in (0, 2, 4, 6, 7):  # the five linears, no activations
+        x = x @ head[f"layers.{i}.weight"].T + head[f"layers.{i}.bias"]
+    assert torch.allclose(r(imgs, ["ignored"] * 3), x.squeeze(-1), atol=1e-5)
+    # the prompt is ignored
+    assert torch.equal(r(imgs, ["a"] * 3), r(imgs, ["b"] * 3))
+    bad = {k.replace("layers.7", "layers.8"): v for k, v in head.items()}
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="unexpected head keys"):
+        build_reward("aesthetic", path=tiny_aesthetic_files["path"], head=str(tmp_path / "bad.pth"))
+    with pytest.raises(UserError, match="head"):
+        build_reward("aesthetic", path=tiny_aesthetic_files["path"])
+
+
+def _blip_vit_reference(vit: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """BLIP's ViT forward written from its original key names (pre-norm blocks, LayerNorm eps 1e-6, exact GELU)."""
+    w = vit["patch_embed.proj.weight"]
+    t = F.conv2d(x, w, vit["patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)  # [B, N, D]
+    t = torch.cat([vit["cls_token"].expand(x.shape[0], -1, -1), t], 1) + vit["pos_embed"]
+    d = t.shape[-1]
+    ln = lambda z, k: F.layer_norm(z, (d,), vit[k + ".weight"], vit[k + ".bias"], eps=1e-6)  # noqa: E731
+    i = 0
+    while f"blocks.{i}.norm1.weight" in vit:
+        b = f"blocks.{i}."
+        h = ln(t, b + "norm1")
+        qkv = F.linear(h, vit[b + "attn.qkv.weight"], vit[b + "attn.qkv.bias"])
+        q, k, v = qkv.view(*h.shape[:2], 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), -1) @ v  # [B, h, N, d/h]
+        t = t + F.linear(a.transpose(1, 2).reshape(h.shape), vit[b + "attn.proj.weight"], vit[b + "attn.proj.bias"])
+        h = ln(t, b + "norm2")
+        h = F.linear(F.gelu(F.linear(h, vit[b + "mlp.fc1.weight"], vit[b + "mlp.fc1.bias"])),
+                     vit[b + "mlp.fc2.weight"], vit[b + "mlp.fc2.bias"])
+        t = t + h
+        i += 1
+    return ln(t, "norm")
+
+
+def test_imagereward_matches_blip_layout(rewards, tiny_imagereward_files):
+    from pathlib import Path
+
+    from flowalign.rewards.imagereward import split_checkpoint
+
+    r = rewards["imagereward"]
+    state = torch.load(Path(tiny_imagereward_files["path"]) / "ImageReward.pt", weights_only=True)
+    vit, _, _ = split_checkpoint(state)
+    px = r._pixels(synthetic_images(2, seed=8))
+    ours = r.vision(pixel_values=px).last_hidden_state
+    ref = _blip_vit_reference(vit, px, heads=2)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    # prompt matters (cross-attention text encoder); standardisation constants applied
+    imgs = synthetic_images(2, seed=9)
+    a, b = r(imgs, ["a red cat", "a red cat"]), r(imgs, ["three blue squares", "three blue squares"])
+    assert not torch.allclose(a, b)
+    # a checkpoint without the BLIP parts is refused with a one-line error
+    from flowalign.rewards.imagereward import blip_vit_to_hf
+
+    with pytest.raises(UserError, match="unexpected vision key"):
+        blip_vit_to_hf({"blocks.0.attn.qkv_x.weight": torch.zeros(1)})
+    with pytest.raises(UserError, match="lacks"):
+        split_checkpoint({"mlp.layers.0.weight": torch.zeros(1)})
+
+
+def test_bf16_tower_returns_float32(tiny_clip_dir):
+    r = build_reward("pickscore", path=str(tiny_clip_dir), dtype="bf16")
+    s = r(synthetic_images(2, seed=10), PROMPTS[:2])
+    assert s.dtype == torch.float32 and torch.isfinite(s).all()
+
+
+def test_offline_hub_ids_give_one_line_user_errors(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        build_reward("pickscore")
+    msg = str(e.value)
+    assert "\n" not in msg and "hf download" in msg and "yuvalkirstain/PickScore_v1" in msg
+    with pytest.raises(UserError, match=r"HPS_v2\.1_compressed\.pt.*hf download xswu/HPSv2"):
+        build_reward("hpsv21")
+    with pytest.raises(UserError, match="ImageReward.pt"):
+        build_reward("imagereward")
+    with pytest.raises(UserError, match="does not exist"):
+        build_reward("clipscore", path=str(tmp_path / "missing"))

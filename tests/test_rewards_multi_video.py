@@ -1,0 +1,177 @@
+"""Combined (multi-reward), PerFrame (video wrapper), Scaled, and the `flowalign rewards` catalogue."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flowalign.errors import UserError
+from flowalign.rewards import REWARDS, build_reward
+from flowalign.rewards.base import Scaled
+from flowalign.rewards.multi import Combined
+from flowalign.rewards.video import PerFrame
+from tiny_rewards import tiny_clip_dir  # noqa: F401  (session fixture)
+
+
+class Brightness:
+    """Mean pixel value (differentiable), NaN for images whose prompt is 'nan'; counts calls."""
+
+    name = "brightness"
+    differentiable = True
+    kind = "image"
+
+    def __init__(self):
+        self.calls = 0
+        self.batch_sizes = []
+
+    def __call__(self, images, prompts, metadata=None):
+        self.calls += 1
+        self.batch_sizes.append(images.shape[0])
+        s = images.float().mean(dim=(1, 2, 3))
+        bad = torch.tensor([p == "nan" for p in prompts], device=images.device)
+        return torch.where(bad, torch.full_like(s, float("nan")), s)
+
+
+class RedMinusBlue:
+    name = "red_minus_blue"
+    differentiable = False
+    kind = "image"
+
+    def __call__(self, images, prompts, metadata=None):
+        return (images[:, 0] - images[:, 2]).mean(dim=(1, 2)).float()
+
+
+def test_combined_components_and_weighted_sum():
+    imgs = torch.rand(5, 3, 8, 8)
+    prompts = ["p"] * 5
+    c = Combined([(Brightness(), 2.0), (RedMinusBlue(), -0.5)])
+    comps = c.components(imgs, prompts)
+    assert list(comps) == ["brightness", "red_minus_blue"]
+    b, r = Brightness()(imgs, prompts), RedMinusBlue()(imgs, prompts)
+    assert torch.allclose(comps["brightness"], b) and torch.allclose(comps["red_minus_blue"], r)
+    total = c(imgs, prompts)
+    assert total.dtype == torch.float32 and total.shape == (5,)
+    assert torch.allclose(total, 2.0 * b - 0.5 * r)
+    assert torch.allclose(c.aggregate(comps), total)
+    assert c.differentiable is False  # one component is not
+    assert c.weights == {"brightness": 2.0, "red_minus_blue": -0.5}
+
+
+def test_combined_by_name_duplicates_and_errors():
+    imgs = torch.rand(3, 3, 16, 16)
+    c = Combined({"saturation": 1.0, "edge_crispness": 0.25})
+    comps = c.components(imgs, ["x"] * 3)
+    assert set(comps) == {"saturation", "edge_crispness"}
+    ref = build_reward("saturation")(imgs, ["x"] * 3) + 0.25 * build_reward("edge_crispness")(imgs, ["x"] * 3)
+    assert torch.allclose(c(imgs, ["x"] * 3), ref)
+    assert c.differentiable  # both components are
+    dup = Combined([(Brightness(), 1.0), (Brightness(), 1.0)])
+    assert list(dup.weights) == ["brightness", "brightness_2"]
+    # NaN (not applicable) in a component → NaN aggregate for that sample only
+    out = Combined([(Brightness(), 1.0), (RedMinusBlue(), 1.0)])(imgs, ["ok", "nan", "ok"])
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+    with pytest.raises(UserError, match="not combined"):
+        Combined({"saturation": 1.0}, kwargs={"pickscore": {"path": "x"}})
+    with pytest.raises(UserError, match="unknown reward"):
+        Combined({"saturaton": 1.0})
+    with pytest.raises(UserError, match="mix"):
+        Combined([(Brightness(), 1.0), (PerFrame(Brightness()), 1.0)])
+
+
+def test_scaled():
+    imgs = torch.rand(4, 3, 8, 8)
+    s = Scaled(Brightness(), scale=1 / 26, offset=-1.0)
+    assert torch.allclose(s(imgs, ["p"] * 4), Brightness()(imgs, ["p"] * 4) / 26 - 1.0)
+    assert s.name == "brightness" and s.differentiable
+
+
+def test_per_frame_one_batched_call_and_reductions():
+    torch.manual_seed(0)
+    vid = torch.rand(3, 9, 3, 8, 8)
+    prompts = ["a", "b", "c"]
+    inner = Brightness()
+    pf = PerFrame(inner, stride=4, reduce="mean")
+    fs = pf.frame_scores(vid, prompts)
+    assert fs.shape == (3, 3)  # frames 0, 4, 8
+    assert inner.calls == 1 and inner.batch_sizes == [9]  # one batched call of B·F′ images
+    ref = torch.stack([vid[:, f].mean(dim=(1, 2, 3)) for f in (0, 4, 8)], 1)
+    assert torch.allclose(fs, ref)
+    assert torch.allclose(pf(vid, prompts), ref.mean(1))
+    assert torch.allclose(PerFrame(Brightness(), stride=4, reduce="min")(vid, prompts), ref.min(1).values)
+    first = Brightness()
+    assert torch.allclose(PerFrame(first, reduce="first")(vid, prompts), vid[:, 0].mean(dim=(1, 2, 3)))
+    assert first.batch_sizes == [3]  # only frame 0 is scored
+    assert pf.kind == "video" and pf.differentiable
+
+
+def test_per_frame_mean_positive_and_nan():
+    class Fixed:
+        name, differentiable, kind = "fixed", False, "image"
+
+        def __init__(self, values):
+            self.values = torch.tensor(values)
+
+        def __call__(self, images, prompts, metadata=None):
+            return self.values.clone()
+
+    # 2 videos × 3 frames, flattened video-major
+    vals = [0.0, 0.5, 0.3, -1.0, 0.0, float("nan")]
+    vid = torch.zeros(2, 3, 3, 4, 4)
+    mp = PerFrame(Fixed(vals), stride=1, reduce="mean_positive")(vid, ["a", "b"])
+    assert torch.allclose(mp, torch.tensor([0.4, 0.0]))  # mean of positives; none positive → 0
+    mean = PerFrame(Fixed(vals), stride=1, reduce="mean")(vid, ["a", "b"])
+    assert torch.allclose(mean, torch.tensor([0.8 / 3, -0.5]))  # NaN frames ignored
+    mn = PerFrame(Fixed([float("nan")] * 3 + [1.0, 2.0, 3.0]), stride=1, reduce="min")(vid, ["a", "b"])
+    assert torch.isnan(mn[0]) and mn[1] == 1.0  # all-NaN → NaN
+
+
+def test_per_frame_temporal_terms(tiny_clip_dir):
+    still = torch.rand(1, 1, 3, 16, 16).expand(2, 5, 3, 16, 16).clone()
+    flicker = still.clone()
+    flicker[1, 1::2] = 1.0 - flicker[1, 1::2]
+    prompts = ["a cat", "a cat"]
+    pix = PerFrame(Brightness(), stride=1, temporal_weight=1.0)
+    assert pix.temporal == "pixel"
+    c = pix.temporal_consistency(flicker)
+    assert torch.allclose(c[0], torch.tensor(1.0)) and c[1] < 0.9
+    base = PerFrame(Brightness(), stride=1)(flicker, prompts)
+    assert torch.allclose(pix(flicker, prompts), base + c)
+    with pytest.raises(UserError, match="embed_images"):
+        PerFrame(Brightness(), temporal="embedding")
+    # embedding term from a CLIP-family reward; differentiable end to end
+    ps = build_reward("pickscore", path=str(tiny_clip_dir))
+    emb = PerFrame(ps, stride=2, temporal_weight=0.5)
+    assert emb.temporal == "embedding"
+    ce = emb.temporal_consistency(flicker)
+    assert torch.allclose(ce[0], torch.tensor(1.0), atol=1e-5) and ce[1] < ce[0] - 1e-4
+    v = flicker.clone().requires_grad_()
+    emb(v, prompts).sum().backward()
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+
+
+def test_per_frame_rejects_images_and_bad_args():
+    pf = PerFrame(Brightness())
+    with pytest.raises(ValueError, match=r"\[B,F,3,H,W\]"):
+        pf(torch.rand(2, 3, 8, 8), ["a", "b"])
+    with pytest.raises(UserError, match="reduce"):
+        PerFrame(Brightness(), reduce="median")
+    with pytest.raises(UserError, match="stride"):
+        PerFrame(Brightness(), stride=0)
+
+
+def test_catalog_lists_every_registered_reward(capsys):
+    from flowalign.rewards.catalog import catalog, cli_main
+
+    assert cli_main([]) == 0
+    text = capsys.readouterr().out
+    for name in REWARDS:
+        assert f"\n{name}  [" in "\n" + text, name
+    assert cli_main(["--json"]) == 0
+    entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert set(entries) == set(REWARDS)
+    ps = entries["pickscore"]
+    assert ps["differentiable"] is True and ps["checkpoints"][0]["default"] == "yuvalkirstain/PickScore_v1"
+    assert entries["jpeg_compressibility"]["differentiable"] is False
+    assert all(e["measures"] and e["typical_range"] for e in catalog()), [e["name"] for e in catalog() if not e["measures"]]

@@ -1,0 +1,158 @@
+"""The HTTP reward server and client (flowalign.rewards.remote) and `flowalign rewards serve`."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from flowalign.errors import UserError
+from flowalign.rewards import build_reward
+from flowalign.rewards.remote import RemoteReward, encode_images, serve
+from tiny_rewards import tiny_clip_dir  # noqa: F401  (session fixture)
+
+
+class Toy:
+    """Deterministic, prompt-dependent; NaN for prompt 'nan'; raises for prompt 'boom'; sleeps for 'slow'."""
+
+    name = "toy"
+    differentiable = True
+    kind = "image"
+
+    def __call__(self, images, prompts, metadata=None):
+        if "boom" in prompts:
+            raise RuntimeError("kaboom")
+        if "slow" in prompts:
+            time.sleep(1.5)
+        s = images.float().mean(dim=(1, 2, 3)) * 3.1 + torch.tensor([len(p) * 0.01 for p in prompts])
+        if metadata is not None:
+            s = s + torch.tensor([float(m.get("bonus", 0)) for m in metadata])
+        return torch.where(torch.tensor([p == "nan" for p in prompts]), torch.full_like(s, float("nan")), s)
+
+
+@pytest.fixture(scope="module")
+def toy_server():
+    with serve(Toy(), max_bytes=200_000) as srv:
+        yield srv
+
+
+def raw(srv, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=5)
+    conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, json.loads(resp.read() or b"{}")
+    conn.close()
+    return out
+
+
+def good_payload(n=2, encoding="float32"):
+    return {"images": encode_images(torch.rand(n, 3, 8, 8), encoding), "prompts": ["a"] * n, "metadata": None}
+
+
+def test_round_trip_exact_float32_and_uint8_quantised(tiny_clip_dir):
+    local = build_reward("pickscore", path=str(tiny_clip_dir))
+    imgs = torch.rand(5, 3, 40, 36)
+    prompts = ["a red cat", "a dog", "a red cat", "two stars", "nan?"]
+    with serve(local) as srv:
+        assert srv.host == "127.0.0.1"
+        exact = RemoteReward(srv.url, encoding="float32", batch_size=2)(imgs, prompts)  # 3 requests
+        assert exact.dtype == torch.float32 and torch.equal(exact, local(imgs, prompts))
+        q = RemoteReward(srv.url)(imgs, prompts)  # default uint8
+        assert torch.equal(q, local((imgs * 255).round() / 255, prompts))
+        h = RemoteReward(srv.url, encoding="float16")(imgs, prompts)
+        assert torch.allclose(h, local(imgs, prompts), atol=1e-2)
+        status, info = raw(srv, "GET", "/health")
+        assert status == 200 and info["name"] == "pickscore" and info["differentiable"] is False
+
+
+def test_nan_metadata_and_video_shapes(toy_server):
+    imgs = torch.rand(3, 3, 8, 8)
+    client = RemoteReward(toy_server.url, encoding="float32")
+    out = client(imgs, ["x", "nan", "yy"], metadata=[{"bonus": 1}, {}, {"bonus": 2}])
+    ref = Toy()(imgs, ["x", "nan", "yy"], [{"bonus": 1}, {}, {"bonus": 2}])
+    assert torch.isnan(out[1]) and torch.equal(out[[0, 2]], ref[[0, 2]])
+    vid = torch.rand(2, 4, 3, 8, 8)  # the server forwards [B,F,3,H,W] as is
+    status, body = raw(toy_server, "POST", "/score",
+                       json.dumps({"images": encode_images(vid, "float32"), "prompts": ["a", "b"]}).encode())
+    assert status == 200 and len(body["scores"]) == 2
+
+
+def test_malformed_requests_get_4xx_and_server_keeps_serving(toy_server):
+    bad = {
+        "not json": b"{nope",
+        "not an object": b"[1, 2]",
+        "bad dtype": json.dumps({**good_payload(), "images": {**good_payload()["images"], "dtype": "int64"}}).encode(),
+        "bad shape": json.dumps({**good_payload(), "images": {**good_payload()["images"], "shape": [2, 4, 8, 8]}}).encode(),
+        "short data": json.dumps({**good_payload(), "images": {**good_payload()["images"], "shape": [3, 3, 8, 8]}}).encode(),
+        "bad base64": json.dumps({**good_payload(), "images": {**good_payload()["images"], "data": "@@@"}}).encode(),
+        "prompt count": json.dumps({**good_payload(), "prompts": ["a"]}).encode(),
+        "prompt type": json.dumps({**good_payload(), "prompts": [1, 2]}).encode(),
+        "metadata": json.dumps({**good_payload(), "metadata": [{}]}).encode(),
+    }
+    for what, body in bad.items():
+        status, reply = raw(toy_server, "POST", "/score", body)
+        assert status == 400, (what, status, reply)
+        assert "malformed" in reply["error"]
+    assert raw(toy_server, "GET", "/nope")[0] == 404
+    assert raw(toy_server, "POST", "/scores", json.dumps(good_payload()).encode())[0] == 404
+    big = json.dumps(good_payload(n=40)).encode()  # > 200 kB limit
+    assert len(big) > 200_000
+    status, reply = raw(toy_server, "POST", "/score", big)
+    assert status == 413 and "batch_size" in reply["error"]
+    # a reward that raises → 500 (client: one-line UserError), and the server still answers afterwards
+    with pytest.raises(UserError, match="HTTP 500.*kaboom"):
+        RemoteReward(toy_server.url, retries=0)(torch.rand(1, 3, 8, 8), ["boom"])
+    with pytest.raises(UserError, match="HTTP 413"):
+        RemoteReward(toy_server.url, batch_size=64, encoding="float32", retries=0)(torch.rand(40, 3, 8, 8), ["a"] * 40)
+    ok = RemoteReward(toy_server.url, batch_size=8, encoding="float32")(torch.rand(40, 3, 8, 8), ["a"] * 40)
+    assert ok.shape == (40,) and torch.isfinite(ok).all()
+
+
+def test_dead_or_slow_server_fails_fast_with_one_line_error():
+    srv = serve(Toy())
+    url = srv.url
+    assert torch.isfinite(RemoteReward(url)(torch.rand(1, 3, 4, 4), ["a"])).all()
+    srv.close()
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        RemoteReward(url, retries=2, backoff=0.05, timeout=2)(torch.rand(1, 3, 4, 4), ["a"])
+    assert time.monotonic() - t0 < 3.0
+    msg = str(e.value)
+    assert "\n" not in msg and "unreachable after 3 attempts" in msg and url in msg
+    with serve(Toy()) as slow:
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match="unreachable after 1 attempts"):
+            RemoteReward(slow.url, retries=0, timeout=0.3)(torch.rand(1, 3, 4, 4), ["slow"])
+        assert time.monotonic() - t0 < 1.4
+
+
+def test_client_argument_errors():
+    with pytest.raises(UserError, match="http"):
+        RemoteReward("127.0.0.1:8000")
+    with pytest.raises(UserError, match="encoding"):
+        RemoteReward("http://127.0.0.1:1", encoding="png")
+    with pytest.raises(ValueError, match="one prompt per image"):
+        RemoteReward("http://127.0.0.1:1")(torch.rand(2, 3, 4, 4), ["a"])
+
+
+def test_cli_serve_subprocess():
+    """`flowalign rewards serve saturation --port 0` serves the registered reward; we stop the process we started."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flowalign.cli", "rewards", "serve", "saturation", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "serving reward 'saturation' at http://127.0.0.1:" in line, line
+        url = line.split(" at ")[1].split(" ")[0]
+        imgs = torch.rand(3, 3, 8, 8)
+        out = RemoteReward(url, encoding="float32")(imgs, ["a"] * 3)
+        assert torch.equal(out, build_reward("saturation")(imgs, ["a"] * 3))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

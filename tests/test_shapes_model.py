@@ -1,0 +1,173 @@
+"""The built-in shapes model: shipped checkpoint, encoding, CFG, determinism, errors, save/load, LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flowalign.errors import UserError
+from flowalign.models.shapes import SHAPES_LORA_TARGETS, ShapesConfig, ShapesModel
+from flowalign.types import FlowModel
+
+TINY = dict(vocab=["a", "an", "red", "blue", "orange", "circle", "square", "and"], image_size=16, patch_size=4,
+            num_layers=1, num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=6, pooled_dim=16,
+            guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def shipped() -> ShapesModel:
+    return ShapesModel.from_pretrained("")
+
+
+@pytest.fixture()
+def tiny() -> ShapesModel:
+    torch.manual_seed(0)
+    m = ShapesModel.from_config(dict(TINY))
+    for c in m.components.values():
+        c.eval().requires_grad_(False)
+    return m
+
+
+def test_shipped_model_loads_offline_and_has_the_flowmodel_surface(shipped):
+    assert isinstance(shipped, FlowModel)
+    from importlib import resources
+
+    asset = resources.files("flowalign") / "assets" / "shapes"
+    assert (asset / "model.safetensors").is_file() and (asset / "config.json").is_file()
+    size = (asset / "model.safetensors").stat().st_size + (asset / "config.json").stat().st_size
+    assert size < 20 * 2**20
+    cfg = json.loads((asset / "config.json").read_text())
+    assert cfg["image_size"] == 32 and cfg["vocab"]
+    n = sum(shipped.num_parameters().values())
+    assert 1e6 < n < 10e6
+    assert not any(p.requires_grad for c in shipped.components.values() for p in c.parameters())
+
+
+def test_shipped_encode_velocity_decode_shapes(shipped):
+    prompts = ["a red circle", "three blue triangles", "a green square to the left of an orange circle"]
+    cond = shipped.encode(prompts)
+    for k, v in cond.items():
+        assert v.shape[0] == 3, k
+    assert cond["hidden"].shape[1:] == (shipped.config.max_len, shipped.config.text_dim)
+    # the unconditional rows are one shared embedding (the empty prompt), not the prompts'
+    assert torch.equal(cond["hidden_uncond"][0], cond["hidden_uncond"][2])
+    assert not torch.allclose(cond["hidden"][0], cond["hidden_uncond"][0])
+    x = shipped.init_noise(3, torch.Generator().manual_seed(0))
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
+    with torch.no_grad():
+        v = shipped.velocity(x, torch.full((3,), 0.5), cond)
+    assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
+    img = shipped.decode(torch.randn(2, 3, 32, 32) * 3)
+    assert img.shape == (2, 3, 32, 32) and img.min() >= 0 and img.max() <= 1
+    s = shipped.schedule(10)
+    assert s.shape == (11,) and s[0] == 1 and s[-1] == 0 and (s[1:] < s[:-1]).all()
+
+
+def _sample(model, prompts, seed, steps=4):
+    from flowalign.samplers.loop import sample
+
+    with torch.no_grad():
+        x = model.init_noise(len(prompts), torch.Generator().manual_seed(seed))
+        traj = sample(model.velocity, x, model.schedule(steps), model.encode(prompts), eta=0.0, kernel="euler")
+        return model.decode(traj.final)
+
+
+def test_sampling_is_deterministic_given_the_seed(shipped):
+    a = _sample(shipped, ["a red circle", "a blue square"], seed=3)
+    b = _sample(shipped, ["a red circle", "a blue square"], seed=3)
+    c = _sample(shipped, ["a red circle", "a blue square"], seed=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_shipped_model_draws_the_prompted_single_object(shipped):
+    """A property of the *trained* weights: a single-object prompt mostly yields that object."""
+    from flowalign.shapes.verify import verify_batch
+
+    prompts = ["a red circle", "a blue square", "a yellow triangle", "a green circle"] * 2
+    img = _sample(shipped, prompts, seed=0, steps=shipped.config.sample_steps)
+    strict = [r.strict for r in verify_batch(img, prompts)]
+    assert sum(strict) >= 5, strict
+
+
+def test_prompt_outside_the_grammar_names_the_word(tiny):
+    with pytest.raises(UserError, match="'dog'"):
+        tiny.encode(["a red dog"])
+    with pytest.raises(UserError, match="at most 6"):
+        tiny.encode(["a red circle and a blue square and"])
+    tiny.encode(["A Red Circle."])  # case and a trailing period are fine
+    tiny.encode([""])  # the empty prompt is the unconditional branch
+
+
+def test_guidance_one_is_a_single_conditional_forward(tiny):
+    cond = tiny.encode(["a red circle", "a blue square"])
+    x = torch.randn(2, 3, 16, 16)
+    sig = torch.tensor([0.3, 0.8])
+    calls = []
+    h = tiny.transformer.register_forward_hook(lambda m, a, kw, out: calls.append(kw["hidden_states"].shape[0]),
+                                               with_kwargs=True)
+    try:
+        tiny.guidance_scale = 1.0
+        v1 = tiny.velocity(x, sig, cond)
+        assert calls == [2]
+        direct = tiny.forward_transformer(x, sig, cond["hidden"], cond["pooled"])
+        assert torch.equal(v1, direct)
+        calls.clear()
+        tiny.guidance_scale = 3.0
+        v3 = tiny.velocity(x, sig, cond)
+        assert calls == [4]  # batch doubling
+    finally:
+        h.remove()
+    vu = tiny.forward_transformer(x, sig, cond["hidden_uncond"], cond["pooled_uncond"])
+    torch.testing.assert_close(v3, vu + 3.0 * (direct - vu), rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_is_1000_sigma(tiny):
+    seen = []
+    h = tiny.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(kw["timestep"].clone()),
+                                               with_kwargs=True)
+    try:
+        tiny.guidance_scale = 1.0
+        tiny.velocity(torch.randn(2, 3, 16, 16), torch.tensor([0.25, 1.0]), tiny.encode(["a red circle"] * 2))
+    finally:
+        h.remove()
+    torch.testing.assert_close(seen[0], torch.tensor([250.0, 1000.0]))
+
+
+def test_save_and_load_roundtrip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    back = ShapesModel.from_pretrained(str(tmp_path / "m"))
+    assert back.config == ShapesConfig.from_dict(dict(TINY))
+    assert back.guidance_scale == 3.0
+    assert all(torch.equal(a, back.state_dict()[k]) for k, a in tiny.state_dict().items())
+    assert ShapesModel.from_pretrained(str(tmp_path / "m"), guidance_scale=1.5).guidance_scale == 1.5
+
+
+def test_unknown_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no shapes model"):
+        ShapesModel.from_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="unknown shapes model config key"):
+        ShapesConfig.from_dict({"patch": 2})
+
+
+def test_lora_wraps_the_mmdit_attention_and_is_a_noop_at_init(tiny, tmp_path):
+    cond = tiny.encode(["a red circle"])
+    x, sig = torch.randn(1, 3, 16, 16), torch.tensor([0.5])
+    with torch.no_grad():
+        before = tiny.velocity(x, sig, cond)
+    params = tiny.add_lora()
+    names = [n for n, _ in tiny.transformer.named_parameters() if "lora_A" in n]
+    for t in SHAPES_LORA_TARGETS:
+        assert any(f".{t}.lora_A" in n for n in names), t
+    assert params and all(p.requires_grad for p in params)
+    with torch.no_grad():
+        assert torch.equal(tiny.velocity(x, sig, cond), before)
+        # perturb LoRA B: the model changes, the reference context does not
+        for n, p in tiny.transformer.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+        assert not torch.allclose(tiny.velocity(x, sig, cond), before)
+        with tiny.reference():
+            assert torch.equal(tiny.velocity(x, sig, cond), before)

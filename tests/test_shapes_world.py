@@ -1,0 +1,354 @@
+"""The shapes world: grammar, renderer, verifier, verifier rewards and the shipped prompt sets."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from flowalign.errors import UserError
+from flowalign.shapes.grammar import (
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    TASKS,
+    ObjectSpec,
+    Spec,
+    enumerate_specs,
+    generate_prompts,
+    parse,
+    sample_spec,
+    to_prompt,
+    vocabulary,
+)
+from flowalign.shapes.render import BORDER, GAP, draw, layout, render, render_batch
+from flowalign.shapes.verify import mismatch, relations_between, verify, verify_batch
+
+# ------------------------------------------------------------------------------------------- grammar
+
+
+def test_palette_and_constants():
+    assert len(COLORS) == 6 and SHAPES == ("circle", "square", "triangle")
+    vals = np.array(list(COLORS.values()))
+    assert ((vals >= 0) & (vals <= 1)).all()
+    d = np.linalg.norm(vals[:, None] - vals[None], axis=-1) + np.eye(6)
+    assert d.min() > 0.3  # well separated
+
+
+def test_parse_round_trip_every_spec():
+    n = 0
+    for task in TASKS:
+        for spec in enumerate_specs(task):
+            got = parse(to_prompt(spec))
+            want = replace(spec, task="single_object") if task == "colors" else spec
+            assert got == want, (to_prompt(spec), got)
+            n += 1
+    assert n == 18 + 18 + 54 + 216 + 1224 + 90
+
+
+def test_parse_examples_and_leniency():
+    assert parse("a red circle above a blue square") == Spec(
+        (ObjectSpec("red", "circle"), ObjectSpec("blue", "square")), "above", "position"
+    )
+    assert parse("  Three BLUE triangles. ") == Spec((ObjectSpec("blue", "triangle", 3),), None, "counting")
+    assert parse("a orange square") == parse("an orange square")
+    assert parse("a red triangle and a blue triangle").task == "color_attr"
+    assert parse("a green square and a yellow circle").task == "two_object"
+    assert parse("a red circle to the right of a red square").relation == "right of"
+
+
+@pytest.mark.parametrize(
+    "prompt, word",
+    [
+        ("a pink circle", "pink"),
+        ("a red hexagon", "hexagon"),
+        ("a photo of a red circle", "photo"),
+        ("five red circles", "five"),
+        ("a red circle near a blue square", "near"),
+    ],
+)
+def test_unknown_word_is_named(prompt, word):
+    with pytest.raises(UserError) as e:
+        parse(prompt)
+    msg = str(e.value)
+    assert f"'{word}'" in msg and "outside the shapes grammar" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["red circle", "two red circle", "a red circles", "a red circle and", "a red circle and two blue squares",
+     "a red circle to the left a blue square", "", "circle a red"],
+)
+def test_known_words_bad_structure_raise(prompt):
+    with pytest.raises(UserError):
+        parse(prompt)
+
+
+def test_vocabulary_covers_every_prompt():
+    vocab = vocabulary()
+    assert vocab == sorted(set(vocab)) and vocabulary() == vocab
+    words = {w for t in TASKS for s in enumerate_specs(t) for w in to_prompt(s).split()}
+    assert words == set(vocab)
+
+
+def test_sample_spec_valid_and_uniform_over_tasks():
+    rng = np.random.default_rng(0)
+    counts = {t: 0 for t in TASKS}
+    for _ in range(1200):
+        s = sample_spec(rng)
+        counts[s.task] += 1
+        assert s in enumerate_specs(s.task)
+    assert min(counts.values()) > 150  # ~200 each
+    # per-task sampling hits the whole small spaces
+    seen = {sample_spec(rng, "counting") for _ in range(600)}
+    assert len(seen) == 54
+    with pytest.raises(UserError):
+        sample_spec(rng, "video")
+
+
+def test_generate_prompts_deterministic_and_excludes():
+    a = generate_prompts(30, seed=3)
+    assert a == generate_prompts(30, seed=3) and a != generate_prompts(30, seed=4)
+    assert [r["task"] for r in a] == [t for t in TASKS for _ in range(30)]
+    excl = {r["prompt"] for r in a if r["task"] == "position"}
+    b = generate_prompts(30, seed=5, exclude=excl)
+    assert not excl & {r["prompt"] for r in b if r["task"] == "position"}
+    single = [r["prompt"] for r in generate_prompts(40, seed=1, tasks=["single_object"])]
+    cnt = np.bincount(np.unique(single, return_inverse=True)[1])
+    assert len(cnt) == 18 and cnt.min() == 2 and cnt.max() == 3  # whole passes, balanced
+
+
+# ------------------------------------------------------------------------------------------- render
+
+
+def test_render_deterministic_shapes_and_range():
+    spec = parse("four green triangles")
+    a = render(spec, 32, np.random.default_rng(7))
+    b = render(spec, 32, np.random.default_rng(7))
+    c = render(spec, 32, np.random.default_rng(8))
+    assert a.dtype == np.float32 and a.shape == (32, 32, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    big = render(spec, 64, np.random.default_rng(7))
+    assert big.shape == (64, 64, 3)
+    specs = [parse("a red circle"), parse("three blue squares"), parse("a red circle above a blue square")]
+    batch = render_batch(specs, 32, seed=1)
+    assert batch.shape == (3, 32, 32, 3) and np.array_equal(batch, render_batch(specs, 32, seed=1))
+    # image i depends only on (seed, i, spec i), not on the other specs
+    assert np.array_equal(render_batch([specs[0], specs[2], specs[2]], 32, seed=1)[2], batch[2])
+
+
+def test_render_is_antialiased():
+    img = render(parse("a red circle"), 32, np.random.default_rng(0))
+    gray = np.abs(img - np.array([0.8, 0.8, 0.8])).sum(-1)
+    red = np.abs(img - np.array(COLORS["red"])).sum(-1)
+    mixed = (gray > 0.05) & (red > 0.05)
+    assert 4 <= mixed.sum() <= 60  # an edge ring of partially covered pixels
+
+
+def test_layout_constraints():
+    rng = np.random.default_rng(0)
+    for task in TASKS:
+        for _ in range(60):
+            spec = sample_spec(rng, task)
+            pl = layout(spec, rng)
+            assert len(pl) == sum(o.count for o in spec.objects)
+            for p in pl:
+                (x, y), s = p["center"], p["size"]
+                assert BORDER - 1e-9 <= x - s / 2 and x + s / 2 <= 32 - BORDER + 1e-9
+                assert BORDER - 1e-9 <= y - s / 2 and y + s / 2 <= 32 - BORDER + 1e-9
+            for i in range(len(pl)):
+                for j in range(i + 1, len(pl)):
+                    d = np.abs(np.subtract(pl[i]["center"], pl[j]["center"])).max()
+                    assert d >= (pl[i]["size"] + pl[j]["size"]) / 2 + GAP - 1e-9
+            if spec.relation:
+                (xs, ys), (xr, yr) = pl[0]["center"], pl[1]["center"]
+                along = {"left of": xr - xs, "right of": xs - xr, "above": yr - ys, "below": ys - yr}[spec.relation]
+                assert along > max(pl[0]["size"], pl[1]["size"])  # more than an object size
+
+
+# ------------------------------------------------------------------------------------------- verifier
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_verifier_accepts_fresh_scenes(task):
+    rng = np.random.default_rng(TASKS.index(task))
+    specs = [sample_spec(rng, task) for _ in range(200)]
+    recs = verify_batch(render_batch(specs, 32, seed=11), specs)
+    acc = np.mean([r.strict for r in recs])
+    assert acc >= 0.99, (task, acc)
+    assert all(r.partial == 1.0 for r in recs if r.strict == 1.0)
+
+
+def test_verifier_accepts_fresh_scenes_64():
+    rng = np.random.default_rng(64)
+    specs = [sample_spec(rng, t) for t in TASKS for _ in range(25)]
+    recs = verify_batch(render_batch(specs, 64, seed=3), specs)
+    assert np.mean([r.strict for r in recs]) >= 0.99
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "count", "relation"])
+def test_verifier_catches_mismatched_scenes(kind):
+    rng = np.random.default_rng(1)
+    tasks = ["position"] if kind == "relation" else TASKS
+    specs = [sample_spec(rng, t) for t in tasks for _ in range(150 // len(tasks) + 1)]
+    wrong = [mismatch(s, rng, kind) for s in specs]
+    assert all(w != s for w, s in zip(wrong, specs))
+    recs = verify_batch(render_batch(wrong, 32, seed=5), specs)
+    caught = np.mean([r.strict == 0.0 for r in recs])
+    assert caught >= 0.97, (kind, caught)
+    assert np.mean([r.partial for r in recs]) < 0.8
+
+
+def test_verifier_robust_to_mild_noise_blur_and_tint():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    specs = [sample_spec(rng, t) for t in TASKS for _ in range(20)]
+    imgs = ndimage.gaussian_filter(render_batch(specs, 32, seed=9), (0, 0.6, 0.6, 0))
+    imgs = imgs + rng.normal(0, 0.05, (len(specs), 1, 1, 3)) + rng.normal(0, 0.04, imgs.shape)
+    recs = verify_batch(np.clip(imgs, 0, 1).astype(np.float32), specs)
+    assert np.mean([r.strict for r in recs]) >= 0.95
+
+
+def _scene(*objs, size=32):
+    """Hand-placed scene: objs are (color, shape, x, y) in 32-px units, size 8."""
+    return draw([{"color": c, "shape": s, "center": (x, y), "size": 8.0} for c, s, x, y in objs], size)
+
+
+def test_partial_credit_and_exact_count_semantics():
+    spec = parse("three blue triangles")
+    two = _scene(("blue", "triangle", 8, 8), ("blue", "triangle", 22, 8))
+    r = verify(two, spec)
+    assert r.strict == 0 and r.clauses == {"count[triangle]": pytest.approx(2 / 3), "color[blue triangle]": 1.0}
+    three = _scene(("blue", "triangle", 8, 8), ("blue", "triangle", 22, 8), ("blue", "triangle", 8, 22))
+    assert verify(three, spec).strict == 1
+    # an unrelated extra object (another shape) is allowed
+    plus_circle = _scene(("blue", "triangle", 8, 8), ("blue", "triangle", 22, 8), ("blue", "triangle", 8, 22),
+                         ("red", "circle", 22, 22))
+    assert verify(plus_circle, spec).strict == 1
+    # an extra object of the required shape breaks the exact count, even in another color
+    plus_tri = _scene(("blue", "triangle", 8, 8), ("blue", "triangle", 22, 8), ("blue", "triangle", 8, 22),
+                      ("red", "triangle", 22, 22))
+    r = verify(plus_tri, spec)
+    assert r.strict == 0 and r.clauses["count[triangle]"] == pytest.approx(2 / 3)
+    # wrong color: count met, color clause 0
+    r = verify(_scene(("red", "triangle", 8, 8), ("red", "triangle", 22, 8), ("red", "triangle", 8, 22)), spec)
+    assert r.clauses == {"count[triangle]": 1.0, "color[blue triangle]": 0.0} and r.partial == 0.5
+    # empty canvas: nothing
+    r = verify(_scene(), spec)
+    assert r.strict == 0 and r.partial == 0 and r.objects == []
+
+
+def test_color_binding_and_relation_clauses():
+    spec = parse("a red triangle and a blue triangle")
+    r = verify(_scene(("red", "triangle", 8, 16), ("red", "triangle", 24, 16)), spec)
+    assert r.clauses == {"count[triangle]": 1.0, "color[red triangle]": 1.0, "color[blue triangle]": 0.0}
+    assert verify(_scene(("red", "triangle", 8, 16), ("blue", "triangle", 24, 16)), spec).strict == 1
+    pos = parse("a red circle to the left of a blue square")
+    left = _scene(("red", "circle", 8, 16), ("blue", "square", 24, 18))
+    right = _scene(("red", "circle", 24, 16), ("blue", "square", 8, 18))
+    assert verify(left, pos).strict == 1
+    r = verify(right, pos)
+    assert r.strict == 0 and r.clauses["relation"] == 0.0 and r.partial == pytest.approx(4 / 5)
+    # GenEval's rule: at 45° both relations hold; a mostly horizontal offset gives only the horizontal one
+    a, b = {"bbox": (0, 0, 8, 8)}, {"bbox": (16, 16, 24, 24)}
+    assert relations_between(a, b) == {"left of", "above"}
+    assert relations_between({"bbox": (0, 10, 8, 18)}, b) == {"left of"}
+
+
+def test_detected_objects_record():
+    img = _scene(("yellow", "square", 10, 10), ("purple", "circle", 22, 22))
+    objs = {o["color"]: o for o in verify(img, parse("a yellow square and a purple circle")).objects}
+    assert objs["yellow"]["shape"] == "square" and objs["purple"]["shape"] == "circle"
+    cx, cy = objs["yellow"]["centroid"]
+    assert abs(cx - 10) < 0.3 and abs(cy - 10) < 0.3
+    assert 40 < objs["purple"]["area"] < 60  # π·4² ≈ 50
+    x0, y0, x1, y1 = objs["purple"]["bbox"]
+    assert x0 < 22 < x1 and y0 < 22 < y1
+
+
+def test_torch_and_numpy_inputs_agree():
+    rng = np.random.default_rng(4)
+    specs = [sample_spec(rng) for _ in range(12)]
+    arr = render_batch(specs, 32, seed=2)
+    t = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    a = [r.partial for r in verify_batch(arr, specs)]
+    b = [r.partial for r in verify_batch(t, [to_prompt(s) for s in specs])]
+    assert a == b
+    assert verify(t[0], specs[0]).clauses == verify(arr[0], specs[0]).clauses
+
+
+def test_verifier_speed():
+    rng = np.random.default_rng(5)
+    specs = [sample_spec(rng) for _ in range(300)]
+    imgs = render_batch(specs, 32, seed=0)
+    verify_batch(imgs[:20], specs[:20])  # warm up (scipy import)
+    t0 = time.perf_counter()
+    verify_batch(imgs, specs)
+    ms = (time.perf_counter() - t0) / len(specs) * 1e3
+    assert ms < 3.0, ms  # ≈ 0.5 ms on an idle core; generous for a shared CPU
+
+
+# ------------------------------------------------------------------------------------------- rewards
+
+
+def test_shapes_rewards_interface_and_batch_independence():
+    from flowalign.rewards import build_reward
+
+    strict, partial = build_reward("shapes_strict"), build_reward("shapes_partial")
+    assert strict.differentiable is False and strict.kind == "image" and strict.name == "shapes_strict"
+    rng = np.random.default_rng(6)
+    specs = [sample_spec(rng) for _ in range(8)]
+    prompts = [to_prompt(s) for s in specs]
+    good = torch.from_numpy(render_batch(specs, 32, seed=0)).permute(0, 3, 1, 2)  # [8, 3, 32, 32]
+    wrong = torch.from_numpy(render_batch([mismatch(s, rng) for s in specs], 32, seed=0)).permute(0, 3, 1, 2)
+    x = torch.cat([good[:4], wrong[4:]])
+    s, p = strict(x, prompts), partial(x, prompts)
+    assert s.dtype == torch.float32 and s.shape == (8,) and p.shape == (8,)
+    assert s.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert (p[:4] == 1).all() and (p[4:] < 1).all() and (p >= 0).all()
+    alone = torch.stack([partial(x[i : i + 1], prompts[i : i + 1])[0] for i in range(8)])
+    assert torch.equal(alone, p)
+    x2 = x.clone()
+    x2[3] = float("nan")
+    out = partial(x2, prompts)
+    assert torch.isnan(out[3]) and torch.equal(out[:3], p[:3])
+    with pytest.raises(UserError, match="'pink'"):
+        strict(x[:1], ["a pink circle"])
+    recs = strict.records(x[:2], prompts[:2])
+    assert recs[0].strict == 1 and recs[0].objects
+
+
+# --------------------------------------------------------------------------------------- prompt sets
+
+
+def _load(name):
+    from flowalign.shapes.make_prompt_sets import prompt_set_path
+
+    with open(prompt_set_path(name), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_shipped_prompt_sets():
+    from flowalign.shapes.make_prompt_sets import N_BENCH, N_TRAIN, PROMPTS_DIR, SEED, build_prompt_sets
+
+    train, bench = _load("shapes-train"), _load("shapes-bench")
+    assert len(train) == N_TRAIN * len(TASKS) and len(bench) == N_BENCH * len(TASKS)
+    for rows in (train, bench):
+        assert {r["task"]: sum(q["task"] == r["task"] for q in rows) for r in rows} == {
+            t: len(rows) // len(TASKS) for t in TASKS
+        }
+        for r in rows:
+            spec = parse(r["prompt"])
+            assert spec.task == ("single_object" if r["task"] == "colors" else r["task"])
+    for t in ("two_object", "position", "color_attr"):
+        b = {r["prompt"] for r in bench if r["task"] == t}
+        assert len(b) == N_BENCH and not b & {r["prompt"] for r in train if r["task"] == t}
+    # the files are exactly what the generator writes for the recorded seed
+    assert build_prompt_sets(SEED) == {"shapes-train": train, "shapes-bench": bench}
+    assert f"--seed {SEED}" in (PROMPTS_DIR / "PROVENANCE.md").read_text(encoding="utf-8")

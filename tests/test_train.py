@@ -1,0 +1,148 @@
+"""The GRPO recipe end to end on the shipped shapes model (small settings), exact resume, NaN guard, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowalign import config as C
+from flowalign.models.lora import WEIGHT_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = [
+    "train.iterations=3", "train.groups_per_iter=2", "train.group_size=4", "train.micro_batch=8",
+    "train.checkpoint_every=1", "train.keep_checkpoints=0", "sampler.steps=4", "eval.steps=4", "eval.max_prompts=2",
+    "eval.seeds_per_prompt=1", "eval.grid_prompts=2", "output.tensorboard=false", "train.lr=1e-3",
+    "train.ema_every=1", "eval.before=false", "eval.after=false",
+]
+
+
+def _cfg(tmp, *extra):
+    return C.load_config(str(ROOT / "configs" / "shapes_grpo.yaml"), [*SMALL, f"output.run_dir={tmp}", *extra])
+
+
+def _lora(run: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / f"step-{step}" / "raw" / WEIGHT_NAME))
+
+
+def test_train_end_to_end_writes_everything(tmp_path):
+    from flowalign.train import train
+
+    run = train(_cfg(tmp_path / "run", "train.iterations=2", "eval.before=true", "eval.after=true",
+                     "output.tensorboard=true"))
+    for f in ("config.yaml", "metrics.jsonl", "report.html", "eval/base/summary.json", "eval/final/summary.json",
+              "grids/base.png", "grids/final.png", f"checkpoints/step-2/{WEIGHT_NAME}", "checkpoints/step-2/state.pt"):
+        assert (run / f).exists(), f
+    assert list((run / "tb").glob("events.*"))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["iteration"] == 1 and "reward/shapes_partial" in lines[0] and lines[0]["nfe/sampling"] > 0
+    assert "eval/overall/shapes_strict" in lines[-1]
+    # the resolved config round-trips
+    assert C.load_config(str(run / "config.yaml")) == C.load_config(str(run / "config.yaml"))
+    # LoRA actually moved
+    sd = _lora(run, 2)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
+
+
+def test_first_update_is_on_policy(tmp_path):
+    """ρ ≡ 1 on the first micro-batches: same kernel, η, sigmas and CFG as the rollout (METHODS.md §3.8)."""
+    from flowalign.train import train
+
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", "train.micro_batch=1000", "data.shuffle=false",
+                     "train.filter_zero_std=false"))
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0 and m["train/clipfrac_low"] == 0
+    assert m["train/approx_kl"] < 1e-10
+
+
+def test_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):
+    from flowalign import rewards as R
+    from flowalign.train import train
+
+    monkeypatch.setitem(R.REWARDS, "nan_test", "tests.reward_fixtures:NaNEverySecondCall")
+    sys.path.insert(0, str(ROOT))
+    run = train(_cfg(tmp_path / "run", "train.iterations=2", "reward.weights={nan_test: 1.0}"))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train/skipped_updates"] == 1 and lines[1]["train/skipped_updates"] == 0
+    sd1, sd2 = _lora(run, 1), _lora(run, 2)
+    assert all(v.abs().sum() == 0 for k, v in sd1.items() if "lora_B" in k)  # step 1 skipped: B still 0
+    assert any(v.abs().sum() > 0 for k, v in sd2.items() if "lora_B" in k)
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "flowalign.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=kw.get("cwd", ROOT), timeout=kw.get("timeout", 300))
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    """Kill a run with SIGKILL after a checkpoint, resume it: LoRA bitwise equal to an uninterrupted run."""
+    base = [str(ROOT / "configs" / "shapes_grpo.yaml"), *SMALL, "train.iterations=3"]
+    full = _run_cli([*(["train"] + base), f"output.run_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "flowalign.cli", "train", *base, f"output.run_dir={tmp_path / 'cut'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    marker = tmp_path / "cut" / "checkpoints" / "step-1" / "COMPLETE"
+    t0 = time.time()
+    while not marker.exists() and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    resumed = _run_cli(["train", *base, f"output.run_dir={tmp_path / 'cut'}", "output.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _lora(tmp_path / "full", 3), _lora(tmp_path / "cut", 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+BAD = {
+    "malformed_yaml": ("model: [unclosed\n", [], "yaml"),
+    "unknown_key": ("train:\n  lrr: 0.1\n", [], "lr"),
+    "wrong_type": ("train:\n  iterations: many\n", [], "iterations"),
+    "missing_model": ("model:\n  path: /nonexistent/model\n", [], "/nonexistent/model"),
+    "empty_prompts": ("data:\n  train_prompts: {empty}\n", [], "empty"),
+    "bad_prompt": ("data:\n  train_prompts: {badp}\n", [], "pink"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    text, extra, needle = BAD[case]
+    (tmp_path / "empty.txt").write_text("\n# nothing here\n")
+    (tmp_path / "badp.txt").write_text("a red circle\na pink circle\n")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(f"base: {ROOT / 'configs' / 'shapes_grpo.yaml'}\n" +
+                   text.format(empty=tmp_path / "empty.txt", badp=tmp_path / "badp.txt"))
+    run = tmp_path / "run"
+    r = _run_cli(["train", str(cfg), *SMALL, f"output.run_dir={run}", *extra])
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    err = [ln for ln in r.stderr.strip().splitlines() if "error" in ln.lower()]
+    assert len(err) == 1 and err[0].startswith("flowalign train: error:"), r.stderr
+    assert needle.lower() in err[0].lower() and r.stderr.strip().splitlines()[-1] == err[0], r.stderr
+    assert not run.exists() or not any(run.iterdir())
+
+
+def test_existing_run_is_not_overwritten_and_corrupted_checkpoint_fails(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "keep.txt").write_text("precious")
+    r = _run_cli(["train", str(ROOT / "configs" / "shapes_grpo.yaml"), *SMALL, f"output.run_dir={run}"])
+    assert r.returncode == 2 and "already exists" in r.stderr and (run / "keep.txt").read_text() == "precious"
+    (run / "checkpoints" / "step-1" / "state.pt").write_bytes(b"garbage")
+    (run / "checkpoints" / "step-1" / "COMPLETE").write_text("1")
+    r = _run_cli(["train", str(ROOT / "configs" / "shapes_grpo.yaml"), *SMALL, f"output.run_dir={run}",
+                  "output.resume=true"])
+    assert r.returncode == 2 and "corrupted checkpoint" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("flowalign train: error: cannot resume")
+    assert (run / "keep.txt").read_text() == "precious"

@@ -31,7 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from flowalign.errors import UserError
 
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ModelConfig", "SamplerConfig", "RewardConfig", "CreditConfig", "TrainConfig", "DataConfig", "EvalConfig",
     "OutputConfig", "ExperimentConfig", "load_config", "apply_overrides", "from_dict", "to_dict", "dump_yaml",
-    "describe", "summary", "derived", "validate", "trained_steps",
+    "describe", "summary", "derived", "validate", "trained_steps", "window_bounds",
 ]
 
 
@@ -71,6 +71,7 @@ class ModelConfig:
     lora_rank: int = _f(0, "LoRA rank r; 0 = the family default (METHODS §3.7)")
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 = 2 x rank (the published recipes)")
     resolution: int = _f(0, "image side in pixels; 0 = the model default")
+    kwargs: dict = _f({}, "extra keyword arguments for the family's from_pretrained (family specific)")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class TrainConfig:
     ema_decay_max: float = _f(0.9, "EMA decay d_n = min((1+n)/(10+n), ema_decay_max)")
     ema_every: int = _f(8, "EMA update every this many optimizer steps")
     filter_zero_std: bool = _f(True, "drop rollouts whose advantage is 0 at every trained step")
+    shuffle_transitions: bool = _f(True, "shuffle the (rollout, step) transitions before splitting into micro-batches")
     checkpoint_every: int = _f(10, "save a checkpoint every this many iterations (0 = only at the end)")
     keep_checkpoints: int = _f(2, "number of most recent checkpoints kept (0 = keep all)")
 
@@ -145,12 +147,14 @@ class EvalConfig:
     max_prompts: int = _f(0, "evaluate only the first N prompts; 0 = all")
     grid_prompts: int = _f(8, "prompts shown in the before/after image grids")
     rewards: tuple[str, ...] = _f(("shapes_strict", "shapes_partial"), "rewards reported at evaluation (first = headline metric)")
+    before: bool = _f(True, "evaluate the base model before training (eval/base)")
+    after: bool = _f(True, "evaluate the trained model after training (eval/final)")
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     run_dir: str = _f("runs/shapes_grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, grids/, eval/, report.html")
-    overwrite: bool = _f(False, "allow writing into a non-empty run directory without resuming (deletes nothing)")
+    overwrite: bool = _f(False, "start afresh in a non-empty run directory: it is deleted first (default: refuse, nothing is overwritten)")
     resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
     tensorboard: bool = _f(True, "also write TensorBoard event files")
 
@@ -173,9 +177,6 @@ INCLUDE_KEYS = ("defaults", "base")
 # ----------------------------------------------------------------------------------------------------------
 # Type handling
 # ----------------------------------------------------------------------------------------------------------
-
-_MISSING = object()
-
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -653,7 +654,8 @@ def trained_steps(sampler: SamplerConfig) -> int:
     return min(int(math.floor(sampler.train_fraction * T + 1e-9)), T - 1)
 
 
-def _window_bounds(sampler: SamplerConfig) -> tuple[int, int]:
+def window_bounds(sampler: SamplerConfig) -> tuple[int, int]:
+    """(lo, hi) of the window start range, t0 ~ U{lo..hi-n} (METHODS §2.6); (0, 0) means (0, T-1)."""
     lo, hi = sampler.window_range
     if (lo, hi) == (0, 0):
         hi = sampler.steps - 1
@@ -690,7 +692,7 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
         )
     window_starts = None
     if s.window_size > 0:
-        lo, hi = _window_bounds(s)
+        lo, hi = window_bounds(s)
         window_starts = list(range(lo, hi - s.window_size + 1))
     opt_total = t.iterations * t.optimizer_steps_per_iter
     return {
@@ -749,7 +751,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(0 < s.train_fraction <= 1, f"sampler.train_fraction={s.train_fraction} must be in (0, 1]")
     need(s.window_size >= 0, f"sampler.window_size={s.window_size} must be >= 0 (0 = no window)")
     if s.window_size > 0:
-        lo, hi = _window_bounds(s)
+        lo, hi = window_bounds(s)
         need(0 <= lo and hi <= s.steps - 1,
              f"sampler.window_range=({s.window_range[0]}, {s.window_range[1]}) must lie in [0, steps-1={s.steps - 1}] (the last step is never trained)")
         need(hi - lo >= s.window_size,
@@ -792,8 +794,8 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     """A compact block of the main settings and derived quantities, printed at the start of a run."""
     d = derived(cfg, world_size)
     m, s, r, c, t, e = cfg.model, cfg.sampler, cfg.reward, cfg.credit, cfg.train, cfg.eval
-    rewards = ", ".join(f"{k}x{v:g}" for k, v in r.weights.items())
-    window = f"window {s.window_size} in {_window_bounds(s)}" if s.window_size else f"first {d['trained_steps']} steps"
+    rewards = ", ".join(f"{k}={v:g}" for k, v in r.weights.items())
+    window = f"window {s.window_size} in {window_bounds(s)}" if s.window_size else f"first {d['trained_steps']} steps"
     lora = f"r={m.lora_rank or 'default'}" + (f"/a={m.lora_alpha:g}" if m.lora_alpha else "")
     rows = [
         ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ class CreditInput:
     std_eps: float = 1e-4
     std_ddof: int = 0
     values: Optional[Mapping[str, Tensor]] = None  # name -> [B, T+1] per-state value estimates, if probed
+    # probe(mode, mask [B, T+1] bool) -> {reward name: [B, T+1] values, NaN where not probed}; the trainer builds it
+    # over the process-reward core (values.py) with θ_old, the rollout's CFG and an NFE phase "probing".
+    probe: Optional[Callable[[str, Tensor], Mapping[str, Tensor]]] = None
     extras: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -105,8 +108,396 @@ def outcome(inp: CreditInput) -> Credit:
     return Credit(advantages=adv[:, None] * inp.trained.to(adv.dtype))  # [B, T]
 
 
+# ------------------------------------------------------------------------------------------ dense credit helpers
+
+
+def step_normalize(x: Tensor, group: Tensor, valid: Optional[Tensor] = None, *, scope: str = "group",
+                   eps: float = 1e-4, ddof: int = 0) -> Tensor:
+    """Per-step group z-score: column t of ``x`` [B, T] normalised over each group (METHODS.md §4.1).
+
+    Entries outside ``valid`` [B, T] (or non-finite) are left out of the statistics and get 0; a column whose
+    group values are all equal gets 0. Returns float32 [B, T].
+    """
+    x = x.detach().to(torch.float64)
+    if valid is not None:
+        x = torch.where(valid.to(x.device), x, torch.full_like(x, float("nan")))
+    cols = [group_normalize(x[:, t], group, scope=scope, eps=eps, ddof=ddof) for t in range(x.shape[1])]
+    return torch.stack(cols, dim=1) if cols else torch.zeros_like(x, dtype=torch.float32)  # [B, T]
+
+
+def _norm_kw(inp: CreditInput, eps: Optional[float] = None) -> dict:
+    return dict(scope=inp.std_scope, eps=inp.std_eps if eps is None else eps, ddof=inp.std_ddof)
+
+
+def state_values(inp: CreditInput, mode: str, mask: Tensor) -> dict[str, Tensor]:
+    """{reward name: [B, T+1] float64} values of the states ``mask`` selects, V(x_T) = the terminal reward.
+
+    Uses ``inp.values`` when given (precomputed), else ``inp.probe(mode, mask)`` (the process-reward core).
+    Column T always holds ``inp.rewards`` (V(x_T) = R(x_T), METHODS.md §4.0), so x_T is never probed.
+    """
+    b, steps = inp.trained.shape
+    names = list(inp.reward_weights)
+    if inp.values is not None:
+        vals = {k: inp.values[k].detach().to(torch.float64).cpu() for k in names}
+    else:
+        if inp.probe is None:
+            raise ValueError("this credit method needs value probes: CreditInput.probe (or .values) is None; "
+                             "build it with flowalign.values.make_probe")
+        req = mask.detach().cpu().to(torch.bool).clone()
+        req[:, steps] = False
+        got = inp.probe(mode, req) if bool(req.any()) else {}
+        vals = {}
+        for k in names:
+            v = got.get(k)
+            vals[k] = (torch.full((b, steps + 1), float("nan"), dtype=torch.float64) if v is None
+                       else v.detach().to(torch.float64).cpu().clone())
+    for k in names:
+        vals[k][:, steps] = inp.rewards[k].detach().to(torch.float64).cpu()
+    return vals
+
+
+def _aggregate(inp: CreditInput, vals: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply ``fn(V [B, T+1]) -> normalised A [B, T]`` per ``inp.aggregate`` (METHODS.md §3.4).
+
+    ``reward_sum``: fn(Σ_k w_k·V_k). ``advantage_sum``: Σ_k w_k·fn(V_k).
+    """
+    if inp.aggregate == "reward_sum":
+        total = sum(float(w) * vals[k] for k, w in inp.reward_weights.items())
+        return fn(total).to(torch.float32)
+    if inp.aggregate == "advantage_sum":
+        return sum(float(w) * fn(vals[k]).to(torch.float32) for k, w in inp.reward_weights.items())
+    raise ValueError(f"aggregate must be 'reward_sum' or 'advantage_sum', got {inp.aggregate!r}")
+
+
+def _shared_eta(inp: CreditInput) -> Tensor:
+    return inp.traj.eta.detach().cpu().to(torch.float32)  # [T]
+
+
+# ------------------------------------------------------------------------------------------ DenseGRPO
+
+
+def dense_gain(inp: CreditInput, *, probe: str = "ode:full", signal: str = "gain") -> Credit:
+    """DenseGRPO step-wise reward gain (Deng et al. 2025, "From Sparse to Dense Reward…", §3; METHODS.md §4.1).
+
+    Paper → ours: the step reward ΔR_t^i = R(x̂_{t−1}^i) − R(x̂_t^i) in diffusion time is our
+    ΔR_it = V_{i,t+1} − V_{i,t}, with V_t = V_full(x_t) (the ODE completion of x_t on the native grid,
+    ``probe="ode:full"``; few-step probes "ode:m", "ode2:m" or "x0" are cheaper ablations), V_T = R_i.
+    Σ_t ΔR_it telescopes to R_i − V_{i,0}. Advantage: per-step group z-score
+    A_it = (ΔR_it − mean_j ΔR_jt)/(std_j ΔR_jt + eps). ``signal="value"`` uses V_{t+1} instead of the gain
+    (the paper's weaker variant). Probed states: the union of {t, t+1} over trained edges only.
+    """
+    if signal not in ("gain", "value"):
+        raise ValueError(f"signal must be 'gain' or 'value', got {signal!r}")
+    trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
+    b, steps = trained.shape
+    mask = torch.zeros(b, steps + 1, dtype=torch.bool)
+    mask[:, 1:] |= trained
+    if signal == "gain":
+        mask[:, :-1] |= trained
+    vals = state_values(inp, probe, mask)
+    group = inp.traj.group.detach().cpu()
+
+    def fn(v: Tensor) -> Tensor:
+        r = v[:, 1:] - v[:, :-1] if signal == "gain" else v[:, 1:]  # [B, T]
+        return step_normalize(r, group, trained, **_norm_kw(inp))
+
+    adv = _aggregate(inp, vals, fn)
+    return Credit(advantages=adv * trained.to(adv.dtype))
+
+
+# ------------------------------------------------------------------------------------------ TP-GRPO
+
+
+def turning_point_rewards(values: Tensor, *, constraint: bool = True, first_step: bool = True
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """TP-GRPO step rewards from a value sequence R^(0..n) [B, n+1] (METHODS.md §4.2).
+
+    d_j = R^(j) − R^(j−1); Δ = R^(n) − R^(0); c_j = sgn(d_j)·sgn(Δ); g_j = R^(n) − R^(j−1).
+    Turning point I_j (j ≥ 2): c_{j−1} < 0 ∧ c_j > 0, and with ``constraint`` also sgn(d_j)·sgn(R^(n) − R^(j)) > 0.
+    j = 1 (``first_step``): c_1 > 0, or with ``constraint`` sgn(d_1)·sgn(R^(n) − R^(1)) > 0.
+    r_j = I_j·g_j + (1 − I_j)·d_j. Returns (r, I, d, g, Δ): [B, n] ×4 (I bool) and [B].
+    """
+    v = values.to(torch.float64)
+    d = v[:, 1:] - v[:, :-1]  # [B, n]
+    delta = v[:, -1] - v[:, 0]  # [B]
+    g = v[:, -1:] - v[:, :-1]  # [B, n]
+    c = torch.sign(d) * torch.sign(delta)[:, None]  # [B, n]
+    tail = torch.sign(d) * torch.sign(v[:, -1:] - v[:, 1:])  # sgn(d_j)·sgn(R^(n) − R^(j))  [B, n]
+    turn = torch.zeros_like(d, dtype=torch.bool)
+    turn[:, 1:] = (c[:, :-1] < 0) & (c[:, 1:] > 0)
+    if first_step:
+        turn[:, 0] = c[:, 0] > 0
+    if constraint:
+        turn &= tail > 0
+    r = torch.where(turn, g, d)
+    return r, turn, d, g, delta
+
+
+def balance_turning_points(turn: Tensor, delta: Tensor, unit: Tensor) -> Tensor:
+    """Balance positive and negative turning points per scope unit (TP-GRPO; METHODS.md §4.2).
+
+    In each unit, P = {(i, j): I_ij, Δ_i > 0} and N = {(i, j): I_ij, Δ_i < 0}; if both are non-empty keep the
+    m = min(|P|, |N|) of each with the largest |Δ_i| (ties: lower step index, then lower row) and clear the
+    rest. ``turn`` [B, n] bool, ``delta`` [B], ``unit`` [B] → a new [B, n] bool.
+    """
+    out = turn.clone()
+    for u in unit.unique().tolist():
+        rows = (unit == u).nonzero().flatten().tolist()
+        pos = [(i, j) for i in rows for j in out[i].nonzero().flatten().tolist() if delta[i] > 0]
+        neg = [(i, j) for i in rows for j in out[i].nonzero().flatten().tolist() if delta[i] < 0]
+        if not pos or not neg:
+            continue
+        m = min(len(pos), len(neg))
+        for side in (pos, neg):
+            ranked = sorted(side, key=lambda ij: (-abs(float(delta[ij[0]])), ij[1], ij[0]))
+            for i, j in ranked[m:]:
+                out[i, j] = False
+    return out
+
+
+def turning_points(inp: CreditInput, *, probe: str = "ode:full", constraint: bool = True, first_step: bool = True,
+                   balance_scope: str = "group") -> Credit:
+    """TP-GRPO / TurningPoint-GRPO step rewards (METHODS.md §4.2; released code for the constraint and balancing).
+
+    Paper → ours: the window of n stochastic steps s_1 < … < s_n (η > 0); R^(0) = V_full(x_{s_1}) (equals
+    V_full of the trajectory's own x_0 when the prefix is ODE — quirk Q14 fixed: no fresh noise), R^(j) =
+    V_full(x_{s_j+1}); R^(n) = R(x_T) when the tail is ODE. Incremental reward d_j, global trend Δ,
+    turning points I_j (``constraint`` on = the shipped setting, ``first_step`` = the initial-step
+    extension), aggregated long-term reward g_j; step reward r_j = I_j·g_j + (1 − I_j)·d_j for step s_j.
+    ``balance_scope``: "group" (default, flowalign), "batch" (upstream's per-micro-batch), "none".
+    Advantage: per-step group z-score of r (std + eps), 0 off trained steps.
+    """
+    if balance_scope not in ("group", "batch", "none"):
+        raise ValueError(f"balance_scope must be 'group', 'batch' or 'none', got {balance_scope!r}")
+    trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
+    b, steps = trained.shape
+    stoch = (_shared_eta(inp) > 0).nonzero().flatten()  # [n] window steps s_j
+    if stoch.numel() == 0:
+        return Credit(advantages=torch.zeros(b, steps))
+    states = torch.cat([stoch[:1], stoch + 1])  # [n+1] R^(0) at x_{s_1}, R^(j) at x_{s_j+1}
+    mask = torch.zeros(b, steps + 1, dtype=torch.bool)
+    mask[:, states] = True
+    vals = state_values(inp, probe, mask)
+    group = inp.traj.group.detach().cpu()
+    unit = group if balance_scope == "group" else torch.zeros_like(group)
+
+    def fn(v: Tensor) -> Tensor:
+        r, turn, d, g, delta = turning_point_rewards(v[:, states], constraint=constraint, first_step=first_step)
+        if balance_scope != "none":
+            turn = balance_turning_points(turn, delta, unit)
+            r = torch.where(turn, g, d)
+        full = torch.full((b, steps), float("nan"), dtype=torch.float64)
+        full[:, stoch] = r
+        return step_normalize(full, group, trained, **_norm_kw(inp))
+
+    adv = _aggregate(inp, vals, fn)
+    return Credit(advantages=adv * trained.to(adv.dtype))
+
+
+# ------------------------------------------------------------------------------------------ TempFlow-GRPO
+
+
+def tempflow_weights(sigmas: Tensor, a: float | Tensor, trained_steps: Sequence[int] | Tensor,
+                     kernel: str = "flow_sde") -> Tensor:
+    """TempFlow-GRPO noise-aware weights w_k = s_k / mean_{k′∈trained} s_{k′} (METHODS.md §4.3).
+
+    Paper → ours: Norm(σ̃_t·√Δt) with their σ̃ = our g_k, so s_k = g_k·√Δ_k is the std of the branch kernel
+    (``kernel``, default Flow-GRPO's ``flow_sde`` with noise level ``a``, a float or per-step [T]) at step k.
+    Upstream's hand constant C = 2.25 (SD3.5) is 1/mean s_k; here it is computed from the schedule.
+    Returns [len(trained_steps)] float32, mean 1.
+    """
+    from flowalign.samplers.kernels import get_kernel
+
+    kern = get_kernel(kernel)
+    sig = sigmas.detach().cpu().to(torch.float32)
+    ks = torch.as_tensor(list(trained_steps) if not isinstance(trained_steps, Tensor) else trained_steps.cpu(),
+                         dtype=torch.long)
+    a_t = torch.as_tensor(a, dtype=torch.float32).cpu()
+    a_k = a_t[ks] if a_t.dim() == 1 else a_t.expand(ks.shape[0])  # [K]
+    x = torch.zeros(ks.shape[0], 1)
+    s = kern(x, x, sig[ks], sig[ks + 1], a_k).std.reshape(ks.shape[0], -1)[:, 0].to(torch.float64)  # [K]
+    if not bool((s > 0).all()):
+        raise ValueError("tempflow_weights: the kernel std is 0 at some trained step (η = 0 or last CPS step)")
+    return (s / s.mean()).to(torch.float32)
+
+
+def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool = True) -> Credit:
+    """TempFlow-GRPO credit on a branched rollout (He et al. 2025, "TempFlow-GRPO"; METHODS.md §4.3).
+
+    Needs a trajectory from ``flowalign.samplers.plans.branch``: each row is child b of (prompt, seed, k),
+    ``traj.group`` is that sibling key, ``extras["branch_step"]`` its k. Paper → ours: R_{k,b} =
+    V_full(x_{k+1}^{(b)}) is the child's terminal reward (the plan ODE-completes children, so no probe is
+    needed; ``probe="ode:m"`` values x_{k+1} instead). A_{k,b} = (R_{k,b} − mean_b)/(std_b + eps) lives on
+    the branch edge k only; ``weights`` carry w_k = s_k / mean s over the candidate branch steps
+    (``tempflow_weights``), folded by the trainer after the ±A_max clip (METHODS.md §3.6).
+    """
+    ex = inp.traj.extras or {}
+    if "branch_step" not in ex:
+        raise ValueError("credit 'branch' needs a branched rollout (sampler.plan=branch): extras['branch_step'] "
+                         "is missing")
+    trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
+    b, steps = trained.shape
+    k = ex["branch_step"].detach().cpu().long()  # [B]
+    rows = torch.arange(b)
+    if probe is None:
+        adv_row = terminal_advantage(inp)  # [B], normalised over traj.group = (prompt, seed, k)
+    else:
+        mask = torch.zeros(b, steps + 1, dtype=torch.bool)
+        mask[rows, k + 1] = True
+        vals = state_values(inp, probe, mask)
+        group = inp.traj.group.detach().cpu()
+        adv_row = _aggregate(inp, vals, lambda v: group_normalize(v[rows, k + 1], group, **_norm_kw(inp))[:, None]
+                             )[:, 0]
+    adv = torch.zeros(b, steps)
+    adv[rows, k] = adv_row
+    adv = adv * trained.to(adv.dtype)
+    weights = None
+    if noise_weights:
+        cands = ex.get("branch_candidates")
+        cands = cands.detach().cpu().long() if cands is not None else k.unique()
+        a = ex.get("branch_eta", inp.traj.eta).detach().cpu()
+        w_c = tempflow_weights(inp.traj.sigmas, a, cands, kernel=ex.get("kernel", "flow_sde"))  # [C]
+        w_step = torch.ones(steps)
+        w_step[cands] = w_c
+        weights = torch.ones(b, steps)
+        weights[rows, k] = w_step[k]
+    return Credit(advantages=adv, weights=weights)
+
+
+# ------------------------------------------------------------------------------------------ VGPO [recon]
+
+
+def process_q(instant: Tensor, gamma: float = 1.0) -> Tensor:
+    """Q_t = r_t + γ·Q_{t+1}, Q_{T−1} = r_{T−1} (VGPO process value, METHODS.md §4.4). [B, T] → [B, T]."""
+    q = torch.zeros_like(instant, dtype=torch.float64)
+    acc = torch.zeros(instant.shape[0], dtype=torch.float64)
+    for t in range(instant.shape[1] - 1, -1, -1):
+        acc = instant[:, t].to(torch.float64) + gamma * acc
+        q[:, t] = acc
+    return q
+
+
+def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kappa: float = 0.1,
+                 t_anchor: Optional[int] = None, omega: str = "group", z_floor: float = 1e-6) -> Credit:
+    """VGPO value-anchored advantage — a RECONSTRUCTION (METHODS.md §4.4 [recon]; exact paper formulas unconfirmed).
+
+    Instant reward r_it = V_x0(x_{i,t+1}) = R(decode(x̂0(x_{t+1}))) (free with velocity reuse; r_{T−1} = R_i);
+    process value Q_it = r_it + γ·Q_{i,t+1}; temporal weight ω_t = mean_{i∈g} Q_it / mean_{i∈g, t′ trained} Q_it′
+    (``omega="group"``; "batch" pools all rows; "none" → 1; falls back to 1 when the denominator is ≤ 0);
+    z_it = per-step group z-score of Q (0 when std < ``z_floor``); Â_it = ω_t·[z_it + κ·Q_it·1(t < t_anchor)],
+    t_anchor = ⌈T/2⌉ by default. Not invariant to reward shifts by design (the κ·Q anchor is absolute).
+    """
+    if omega not in ("group", "batch", "none"):
+        raise ValueError(f"omega must be 'group', 'batch' or 'none', got {omega!r}")
+    trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
+    b, steps = trained.shape
+    cols = trained.any(0)  # [T]
+    if not bool(cols.any()):
+        return Credit(advantages=torch.zeros(b, steps))
+    t_min = int(cols.nonzero()[0])
+    mask = torch.zeros(b, steps + 1, dtype=torch.bool)
+    mask[:, t_min + 1:] = True
+    vals = state_values(inp, probe, mask)
+    group = inp.traj.group.detach().cpu()
+    ta = math.ceil(steps / 2) if t_anchor is None else int(t_anchor)
+    anchor = (torch.arange(steps) < ta).to(torch.float64)  # [T]
+    unit = group if omega == "group" else torch.zeros_like(group)
+
+    def fn(v: Tensor) -> Tensor:
+        inst = torch.nan_to_num(v[:, 1:], nan=0.0)  # [B, T] r_t = V(x_{t+1}); unprobed early steps unused
+        q = process_q(inst, gamma)  # [B, T]
+        z = torch.zeros_like(q)
+        for g in group.unique():
+            m = group == g
+            qg = q[m]  # [G, T]
+            std = qg.std(dim=0, unbiased=False)
+            z[m] = torch.where(std >= z_floor, (qg - qg.mean(0)) / std.clamp_min(z_floor), torch.zeros_like(qg))
+        w = torch.ones_like(q)
+        if omega != "none":
+            for u in unit.unique():
+                m = unit == u
+                per_t = q[m].mean(0)  # [T]
+                den = per_t[cols].mean()
+                if bool(den > 0) and math.isfinite(float(den)):
+                    w[m] = (per_t / den)[None].expand(int(m.sum()), -1)
+        return w * (z + kappa * q * anchor[None])
+
+    adv = _aggregate(inp, vals, fn)
+    return Credit(advantages=adv * trained.to(adv.dtype))
+
+
+# ------------------------------------------------------------------------------------------ Euphonium
+
+
+def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post", pra_probe: Optional[str] = None,
+              eps: float = 1e-8, c_ora: float = 1.0, c_pra: float = 1.0, adv_clip: float = 5.0) -> Credit:
+    """Euphonium dual-reward heads (METHODS.md §4.5; released sampler/loss code): outcome (ORA) + process (PRA).
+
+    Paper → ours: ORA = the pixel ORM on x_T, group z-scored (std + ``eps``, 1e-8 upstream), the same at every
+    trained step → ``advantages``. PRA = the latent PRM R_φ at guided steps, z-scored per step (std + eps), 0 at
+    steps without a PRM evaluation → ``heads["process"]``. The PRM scores come from
+    ``CreditInput.extras["prm"]`` [B, T+1] (``flowalign.values.RewardGuidance.prm_values``), or, with
+    ``pra_probe`` (e.g. "x0"), from the value engine with the pixel rewards as a process proxy.
+    ``pra_index``: "post" (PRM(x_{t+1}), flowalign default), "pre" (PRM(x_t), upstream quirk Q16), "gain".
+    ``heads``: "both" | "ora" | "pra" (then the PRA head is the main ``advantages``).
+
+    Trainer contract (multi_head, METHODS.md §3.4): each head is its own clipped term,
+    L = c_ORA·ℓ_clip(ρ, clip(A^ORA, ±A_max)) + c_PRA·ℓ_clip(ρ, clip(A^PRA, ±A_max)). The coefficients are
+    folded here as c·clip(A, ±adv_clip) (exact since c > 0 and ℓ_clip is positively homogeneous in A); the
+    trainer's own ±A_max clip is then a no-op, which is why 0 < c ≤ 1 is required.
+    """
+    if heads not in ("both", "ora", "pra"):
+        raise ValueError(f"heads must be 'both', 'ora' or 'pra', got {heads!r}")
+    if pra_index not in ("post", "pre", "gain"):
+        raise ValueError(f"pra_index must be 'post', 'pre' or 'gain', got {pra_index!r}")
+    for c in (c_ora, c_pra):
+        if not 0 < c <= 1:
+            raise ValueError(f"Euphonium head coefficients must be in (0, 1] (got {c}); scale the lr instead")
+    trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
+    b, steps = trained.shape
+    group = inp.traj.group.detach().cpu()
+    tf = trained.to(torch.float32)
+    ora = None
+    if heads in ("both", "ora"):
+        norm = dict(scope=inp.std_scope, eps=eps, ddof=inp.std_ddof)
+        if inp.aggregate == "reward_sum":
+            tot = sum(float(w) * inp.rewards[k].to(torch.float64) for k, w in inp.reward_weights.items())
+            a_row = group_normalize(tot, group, **norm)
+        else:
+            a_row = sum(float(w) * group_normalize(inp.rewards[k], group, **norm) for k, w in inp.reward_weights.items())
+        ora = c_ora * a_row.clamp(-adv_clip, adv_clip)[:, None] * tf  # [B, T]
+    pra = None
+    if heads in ("both", "pra"):
+        if pra_probe is None:
+            prm = (inp.extras or {}).get("prm")
+            if prm is None:
+                raise ValueError("euphonium PRA head needs CreditInput.extras['prm'] [B, T+1] (RewardGuidance."
+                                 "prm_values) or the option pra_probe='x0'")
+            pv = prm.detach().to(torch.float64).cpu()  # [B, T+1]
+        else:
+            mask = torch.zeros(b, steps + 1, dtype=torch.bool)
+            mask[:, 1:] |= trained
+            mask[:, :-1] |= trained
+            vals = state_values(inp, pra_probe, mask)
+            pv = sum(float(w) * vals[k] for k, w in inp.reward_weights.items())
+        score = {"post": pv[:, 1:], "pre": pv[:, :-1], "gain": pv[:, 1:] - pv[:, :-1]}[pra_index]  # [B, T]
+        valid = trained & torch.isfinite(score)
+        pra = c_pra * step_normalize(score, group, valid, scope=inp.std_scope, eps=eps,
+                                     ddof=inp.std_ddof).clamp(-adv_clip, adv_clip) * tf
+    if heads == "ora":
+        return Credit(advantages=ora)
+    if heads == "pra":
+        return Credit(advantages=pra)
+    return Credit(advantages=ora, heads={"process": pra})
+
+
 CREDIT = {
     "outcome": outcome,
+    "dense_gain": dense_gain,
+    "turning_points": turning_points,
+    "branch": branch,
+    "value_anchor": value_anchor,
+    "euphonium": euphonium,
 }
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -92,9 +91,7 @@ def to_jsonable(obj: Any) -> Any:
     """Convert tensors, numpy values, paths, tuples and dataclasses into plain JSON values (recursively)."""
     import dataclasses
 
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
+    if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
@@ -193,7 +190,3 @@ def read_jsonl(path: PathLike) -> list[dict]:
             raise ValueError(f"{path}:{i + 1}: invalid JSON line ({err.msg})") from None
     return out
 
-
-def is_finite_number(x: Any) -> bool:
-    """True for int/float values (not bool) that are finite."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

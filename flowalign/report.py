@@ -118,7 +118,8 @@ def grid_image(images, nrow: int, upscale: int = 4, labels: Sequence[str] | None
                max_label_lines: int = 3):
     """Compose ``images`` [N,3,H,W] in [0,1] into a PIL image, ``nrow`` tiles per row (torchvision's convention).
 
-    ``labels``: one per tile (caption under each tile) or one per column (header above each column).
+    ``labels``: one per tile (caption under each tile; a caption followed by empty labels in its row spans
+    those tiles) or one per column (header above each column).
     Tiles are upscaled with nearest-neighbour so 32×32 samples stay crisp.
     """
     import numpy as np
@@ -152,7 +153,15 @@ def grid_image(images, nrow: int, upscale: int = 4, labels: Sequence[str] | None
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     top, bottom = font.getbbox("Ag")[1::2]
     line_h = int(bottom - top) + 3
-    wrapped = [_wrap(scratch, lab, font, tw, max_label_lines) for lab in labels] if labels else []
+    widths = [tw] * len(labels or [])
+    if per_tile:
+        # a caption followed by empty labels in the same row spans those tiles (e.g. one prompt per row)
+        for i in range(n):
+            span = 1
+            while (i + span) % ncol and i + span < n and not labels[i + span]:
+                span += 1
+            widths[i] = span * tw + (span - 1) * pad
+    wrapped = [_wrap(scratch, lab, font, wd, max_label_lines) for lab, wd in zip(labels, widths)] if labels else []
     cap_h = (max(len(x) for x in wrapped) * line_h + 2) if (per_tile and wrapped) else 0
     head_h = (max(len(x) for x in wrapped) * line_h + 2) if (per_col and wrapped) else 0
 
@@ -325,7 +334,7 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
         written.append(_save_fig(fig, out_dir / f"{name}.png"))
     nfe = _total_nfe_series(series)
     reward_keys = groups.get("reward", [])
-    if reward_keys and nfe:
+    if reward_keys and nfe and "nfe" in groups:
         steps_nfe = dict(zip(*nfe))
         fig, ax = _new_axes("reward vs model forwards spent", "NFE (cumulative, all phases)")
         drawn = 0
@@ -600,6 +609,8 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
             plots += plot_eval_history(run_dir, records)
     elif (run_dir / "plots").is_dir():
         plots = sorted((run_dir / "plots").glob("*.png"))
+    rank = {"reward": 0, "reward_vs_nfe": 2}
+    plots.sort(key=lambda p: rank.get(p.stem, 1 if p.stem.startswith("eval") else 3))
     parts.append("<h2>Compute spent</h2>")
     if records:
         steps = [r.get(k) for r in records for k in _STEP_KEYS if _is_num(r.get(k))]

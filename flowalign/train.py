@@ -139,7 +139,7 @@ def _latest_checkpoint(run: Path) -> Optional[Path]:
 def _trained_mask(eta: torch.Tensor, fraction: float, batch: int) -> torch.Tensor:
     """Flow-GRPO trains the first ⌊f·T⌋ steps that are stochastic (METHODS.md §3.5). [B, T] bool."""
     steps = eta.shape[0]
-    first = torch.arange(steps) < int(math.floor(fraction * steps + 1e-9))
+    first = torch.arange(steps) < min(int(math.floor(fraction * steps + 1e-9)), steps - 1)  # never the last step
     return ((eta.cpu() > 0) & first)[None].expand(batch, steps)
 
 
@@ -152,13 +152,18 @@ def train(cfg: C.ExperimentConfig) -> Path:
     derived = C.derived(cfg, world_size=world)
     run, ckpt_dir = _check_run_dir(cfg)
     device = torch.device(cfg.model.device)
-    torch.manual_seed(_seed(cfg.train.seed, rank))
+    torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (also broadcast below, as DDP does)
 
     # 1. model --------------------------------------------------------------------------------------
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype, guidance_scale=cfg.model.guidance,
                        **dict(cfg.model.kwargs))
     params = model.add_lora(cfg.model.lora_rank or None, int(cfg.model.lora_alpha) or None)
+    if world > 1:
+        import torch.distributed as dist
+
+        for p in params:
+            dist.broadcast(p.data, src=0)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
                             eps=cfg.train.adam_eps)
     ema = EMA(params, cfg.train.ema_decay_max, cfg.train.ema_every) if cfg.train.ema else None
@@ -221,16 +226,18 @@ def train(cfg: C.ExperimentConfig) -> Path:
         metrics: dict[str, Any] = {"iteration": it + 1}
 
         # 6. rollout: rank-local whole groups, noise seeded by (seed, iteration, group, member) (Q7) -----------
-        groups = D.shard_groups(sampler.next_groups(), rank, world)
+        all_groups = sampler.next_groups()  # prompt index per global group
+        positions = D.shard_groups(list(range(len(all_groups))), rank, world)  # this rank's global group ids
+        groups = [all_groups[p] for p in positions]
         g_size = cfg.train.group_size
         cond_index, group = D.expand_groups(list(range(len(groups))), g_size)  # [B], [B]
         batch_prompts = [prompts[i].prompt for i in groups]
         cond = model.encode(batch_prompts)
-        noise = torch.cat([model.init_noise(1, torch.Generator().manual_seed(_seed(cfg.train.seed, it, gi, m)))
-                           for gi in groups for m in range(g_size)])  # [B, *latent]
+        noise = torch.cat([model.init_noise(1, torch.Generator().manual_seed(_seed(cfg.train.seed, it, gp, m)))
+                           for gp in positions for m in range(g_size)])  # [B, *latent]
         window = None
         if cfg.sampler.window_size:
-            lo, hi = cfg.sampler.window_range
+            lo, hi = C.window_bounds(cfg.sampler)
             g = torch.Generator().manual_seed(_seed(cfg.train.seed, it, 7))
             t0 = int(torch.randint(lo, max(lo, hi - cfg.sampler.window_size) + 1, (1,), generator=g))
             window = (t0, cfg.sampler.window_size)
@@ -267,12 +274,13 @@ def train(cfg: C.ExperimentConfig) -> Path:
         pairs = keep.nonzero()  # [N, 2] (rollout, step)
         metrics["train/kept_fraction"] = float(keep.any(1).float().mean())
         perm = torch.randperm(pairs.shape[0], generator=torch.Generator().manual_seed(_seed(cfg.train.seed, it, 3)))
-        pairs = pairs[perm] if cfg.data.shuffle else pairs
+        pairs = pairs[perm] if cfg.train.shuffle_transitions else pairs
         bad_input = not bool(torch.isfinite(adv).all()) or any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
         metrics["train/nonfinite_inputs"] = int(bad_input)
         stats = _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, skip=bad_input)
+        steps_taken = stats.pop("_steps_taken")
         metrics.update(stats)
-        for _ in range(stats.pop("_steps_taken", 0)):
+        for _ in range(steps_taken):
             if ema is not None:
                 ema.update(n_opt)
             n_opt += 1
@@ -294,6 +302,14 @@ def train(cfg: C.ExperimentConfig) -> Path:
             if cfg.train.checkpoint_every and ((it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations):
                 _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints)
         barrier()
+
+    if world > 1:  # DDP sanity: every rank must hold the same weights
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        spread = reduce_mean((flat - reduce_mean(flat.clone())).abs().max().reshape(1)).item()
+        logger.info("max |weight difference| across %d ranks: %.3g", world, spread)
+        if rank == 0:
+            append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "dist/world_size": world,
+                                                  "dist/max_weight_diff": spread})
 
     # 11. final eval and report ------------------------------------------------------------------------------
     if rank == 0:
@@ -322,7 +338,7 @@ def _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, *, skip: bool) 
         opt.zero_grad(set_to_none=False)
         n = max(1, chunk.shape[0])
         finite = not skip
-        for mb in torch.split(chunk, tr.micro_batch) if finite else []:
+        for mb in torch.split(chunk, tr.micro_batch) if finite and chunk.shape[0] else []:
             b, t = mb[:, 0], mb[:, 1]
             x, x_next = traj.latents[b, t], traj.latents[b, t + 1]  # [n, *latent]
             sig, sig_next, eta = traj.sigmas[t], traj.sigmas[t + 1], traj.eta[t]  # [n]
@@ -345,8 +361,8 @@ def _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, *, skip: bool) 
                 finite = False
                 break
             (loss_sum / n).backward()
-            for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.mean()),
-                         "kl": float(kl.mean())}.items():
+            for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.detach().mean()),
+                         "kl": float(kl.detach().mean())}.items():
                 logs.setdefault(k, []).append(v)
         params = [p for g in opt.param_groups for p in g["params"]]
         grads_ok = finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
@@ -445,4 +461,14 @@ def cli_main(argv: Sequence[str]) -> int:
     cfg = C.load_config(args.config, args.overrides)
     run = train(cfg)
     logger.info("done: %s", run)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Clean exit of gloo workers: without it ~5-25% of CPU runs abort at interpreter exit (ENVIRONMENT.md).
+        import sys
+
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0

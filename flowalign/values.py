@@ -1,19 +1,49 @@
-"""The process-reward core (DESIGN.md §4): value probes of intermediate states, and the NFE counter.
+"""The process-reward core (DESIGN.md §4, METHODS.md §4.0, §5.3): value probes of intermediate states.
+
+One engine scores intermediate states x_t of a trajectory batch and is shared by every dense credit
+method (DenseGRPO, TP-GRPO, VGPO, TempFlow) and by steering:
+
+- probe modes (``parse_mode``): ``"x0"`` (R(x̂0_t), one Euler step to σ = 0, free with a cached velocity),
+  ``"ode:m"`` (m Euler steps on the sub-grid round(linspace(t, T, m+1)) of the native grid),
+  ``"ode:full"`` (the native remaining grid, V_full), ``"ode2:m"`` / ``"ode2:full"`` (explicit midpoint,
+  a second-order few-step completion, 2 NFE per sub-step);
+- **staggered batching**: all probes of all rows run as one loop over the shared grid
+  (``flowalign.samplers.plans.staggered_ode``), chunked by ``max_batch``;
+- **velocity reuse**: a probe's first step uses the velocity the sampler cached at x_t;
+- **skip around ODE steps** (``ode:full``): if η_t = 0, V_full(x_{t+1}) = V_full(x_t) exactly, so each
+  requested state is mapped to the last state of its ODE run and probed once (a state followed only by ODE
+  steps takes the terminal reward);
+- **group-shared work**: identical (state, prompt) pairs, e.g. the x_0 of a group with shared initial
+  noise, are integrated and scored once;
+- **probe only what is asked**: the caller passes a [B, T+1] mask.
 
 Cost is a first-class output: ``NFECounter`` wraps a model's velocity so every run reports model
 forwards for sampling, probing and training separately (1 NFE = one forward of one sample, the CFG pair
 counted once, as in METHODS.md §5.2).
+
+The ``score`` callable the caller supplies is ``score(latents [N, *latent], rows [N] long) -> {name: [N]}``:
+decode + every reward; ``rows`` are the trajectory rows the latents belong to (for prompts and metadata).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections import defaultdict
-from typing import Iterator
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
+import torch
 from torch import Tensor
 
-from flowalign.types import Cond
+from flowalign.samplers.loop import gather_cond
+from flowalign.samplers.plans import next_table, staggered_ode, subgrid
+from flowalign.types import Cond, Trajectory, VelocityFn
+
+logger = logging.getLogger(__name__)
+
+ScoreFn = Callable[[Tensor, Tensor], Mapping[str, Tensor]]
+"""score(latents [N, *latent], rows [N]) -> {reward name: [N]} (decode + rewards; rows index the trajectory)."""
 
 
 class NFECounter:
@@ -52,3 +82,290 @@ class NFECounter:
     def load_state_dict(self, state: dict) -> None:
         self.counts = defaultdict(int, state.get("counts", {}))
         self.calls = defaultdict(int, state.get("calls", {}))
+
+
+# ------------------------------------------------------------------------------------------ probe modes
+
+
+class ProbeMode(NamedTuple):
+    """A parsed probe mode: integration ``method`` ("euler" | "midpoint") and sub-steps ``m`` (None = native)."""
+
+    method: str
+    m: Optional[int]
+
+    @property
+    def exact_on_ode_steps(self) -> bool:
+        """V(x_{t+1}) = V(x_t) exactly after an Euler step (only for Euler on the native grid)."""
+        return self.method == "euler" and self.m is None
+
+
+def parse_mode(mode: str) -> ProbeMode:
+    """``"x0"`` | ``"ode:m"`` | ``"ode:full"`` | ``"ode2:m"`` | ``"ode2:full"`` → ProbeMode (METHODS.md §4.0)."""
+    if mode in ("x0", "x0hat"):
+        return ProbeMode("euler", 1)
+    head, _, tail = mode.partition(":")
+    method = {"ode": "euler", "ode2": "midpoint"}.get(head)
+    if method is not None and tail:
+        if tail == "full":
+            return ProbeMode(method, None)
+        if tail.isdigit() and int(tail) >= 1:
+            return ProbeMode(method, int(tail))
+    raise ValueError(f"unknown probe mode {mode!r}; use 'x0', 'ode:<m>', 'ode:full', 'ode2:<m>' or 'ode2:full'")
+
+
+def probe_nfe(mode: str, t: int, steps: int, reuse: bool = True) -> int:
+    """Model forwards of one probe from state t (METHODS.md §4.0 table): m, or m − 1 with velocity reuse."""
+    if t >= steps:
+        return 0
+    pm = parse_mode(mode)
+    n = len(subgrid(t, steps, pm.m)) - 1
+    per = 2 if pm.method == "midpoint" else 1
+    return per * n - (1 if reuse else 0)
+
+
+def row_eta(traj: Trajectory) -> Tensor:
+    """Per-row noise scale [B, T]: ``extras["eta_rows"]`` (branch plans) or ``traj.eta`` broadcast."""
+    er = traj.extras.get("eta_rows") if traj.extras else None
+    if er is not None:
+        return er.to(torch.float32)
+    return traj.eta.to(torch.float32)[None].expand(traj.batch_size, -1)
+
+
+def ode_canonical(eta_rows: Tensor) -> Tensor:
+    """[B, T+1] long: for each state t the last state t' ≥ t reached from it through η = 0 steps only.
+
+    With ``ode:full`` probes V_full(x_t) = V_full(x_{t'}) exactly (METHODS.md §5.3.4); t' = T means the
+    value is the terminal reward.
+    """
+    b, steps = eta_rows.shape
+    canon = torch.empty(b, steps + 1, dtype=torch.long)
+    canon[:, steps] = steps
+    ode = (eta_rows.cpu() == 0)  # [B, T]
+    for t in range(steps - 1, -1, -1):
+        canon[:, t] = torch.where(ode[:, t], canon[:, t + 1], torch.full_like(canon[:, t], t))
+    return canon
+
+
+def _dedupe(latents_t: Tensor, cond_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Identical (state bits, prompt row) pairs → (representative positions [U], inverse [n])."""
+    n = latents_t.shape[0]
+    if n < 2:
+        return torch.arange(n), torch.zeros(n, dtype=torch.long)
+    bits = latents_t.detach().to(torch.float32).contiguous().reshape(n, -1).view(torch.int32).cpu()  # [n, D]
+    key = torch.cat([cond_index.detach().cpu().to(torch.int32)[:, None], bits], dim=1)  # [n, 1 + D]
+    _, inv = torch.unique(key, dim=0, return_inverse=True)  # [n]
+    rep = torch.full((int(inv.max()) + 1,), n, dtype=torch.long)
+    rep = rep.scatter_reduce(0, inv, torch.arange(n), reduce="amin")  # first occurrence of each key
+    return rep, inv
+
+
+def _score_chunked(score: ScoreFn, latents: Tensor, rows: Tensor, chunk: Optional[int]) -> dict[str, Tensor]:
+    n = latents.shape[0]
+    size = chunk or max(1, n)
+    parts: dict[str, list[Tensor]] = {}
+    with torch.no_grad():
+        for i in range(0, n, size):
+            out = score(latents[i:i + size], rows[i:i + size])
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.detach().to(torch.float32).reshape(-1).cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+def probe_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mode: str = "ode:full",
+                 score: Optional[ScoreFn] = None, *, terminal: Optional[Mapping[str, Tensor]] = None,
+                 reuse_velocity: bool = True, skip_ode: bool = True, dedupe: bool = True,
+                 max_batch: Optional[int] = None, score_batch: Optional[int] = None,
+                 counter: Optional["NFECounter"] = None) -> dict[str, Tensor]:
+    """Value estimates V(x_t) of the states ``mask`` [B, T+1] selects (METHODS.md §4.0, §5.3; DESIGN.md §4).
+
+    Args:
+        velocity: θ_old's ``v(x, σ [n], cond_b)`` with the rollout's CFG (the NFE counter when one is installed).
+        traj: the rollout; ``traj.velocities`` (``keep_velocities=True``) enables velocity reuse.
+        mode: see ``parse_mode``.
+        score: ``score(latents, rows) -> {name: [N]}`` (decode + rewards).
+        terminal: {name: [B]} rewards of x_T already computed by the caller; reused for V(x_T) and for every
+            state that ``ode:full`` maps to x_T (otherwise x_T is scored here).
+        reuse_velocity / skip_ode / dedupe: the compute-saving techniques (on by default; off = reference).
+        max_batch: rows per model forward; ``score_batch``: latents per ``score`` call.
+        counter: an ``NFECounter`` whose ``"probing"`` phase the forwards are attributed to.
+
+    Returns {name: [B, T+1] float32} with NaN where a state was not requested. V(x_T) is never re-integrated.
+    """
+    b, steps = traj.batch_size, traj.steps
+    mask = mask.detach().cpu().to(torch.bool)
+    if tuple(mask.shape) != (b, steps + 1):
+        raise ValueError(f"probe mask must be [B, T+1] = [{b}, {steps + 1}], got {list(mask.shape)}")
+    pm = parse_mode(mode)
+    canon = ode_canonical(row_eta(traj)) if (skip_ode and pm.exact_on_ode_steps) else \
+        torch.arange(steps + 1).expand(b, -1)  # [B, T+1]
+    req_b, req_t = mask.nonzero(as_tuple=True)  # requested states
+    req_c = canon[req_b, req_t]  # the state actually probed
+    # unique probes (row, state) with state < T; state T takes the terminal reward
+    inner = req_c < steps
+    pair = torch.unique(req_b[inner] * (steps + 1) + req_c[inner])  # [P0]
+    pb, pt = pair // (steps + 1), pair % (steps + 1)
+    lat = traj.latents
+    dev = lat.device
+    # group-shared work: identical (state, prompt) pairs are probed once
+    rep_of = torch.arange(pb.shape[0])  # [P0] index of each pair's representative
+    if dedupe and pb.numel() > 1:
+        for t in pt.unique().tolist():
+            sel = (pt == t).nonzero().flatten()
+            if sel.numel() < 2:
+                continue
+            rep, inv = _dedupe(lat[pb[sel].to(dev), t], traj.cond_index[pb[sel].to(dev)])
+            rep_of[sel] = sel[rep[inv]]
+    uniq = rep_of.unique()  # [P] positions (into pair) of the probes that run
+    ub, ut = pb[uniq], pt[uniq]
+    values: dict[str, Tensor] = {}
+    if uniq.numel():
+        if score is None:
+            raise ValueError("probe_values needs a score function for states before x_T")
+        first = has = None
+        if reuse_velocity and traj.velocities is not None:
+            first = traj.velocities[ub.to(dev), ut.to(dev)]  # [P, *latent]
+            has = torch.isfinite(first.flatten(1)).all(1)  # [P]
+        nxt = next_table(ut, steps, pm.m)
+        ctx = counter.phase("probing") if counter is not None else contextlib.nullcontext()
+        with ctx:
+            comp = staggered_ode(velocity, lat[ub.to(dev), ut.to(dev)], ut.to(dev), traj.sigmas, traj.cond,
+                                 traj.cond_index[ub.to(dev)], nxt=nxt, method=pm.method, first_velocity=first,
+                                 has_first=has, max_batch=max_batch)
+        scored = _score_chunked(score, comp.final, ub.to(dev), score_batch)  # name -> [P]
+        slot = torch.full((pb.shape[0],), -1, dtype=torch.long)
+        slot[uniq] = torch.arange(uniq.shape[0])
+        pair_val = {k: v[slot[rep_of]] for k, v in scored.items()}  # name -> [P0]
+        values = pair_val
+    # terminal values for rows whose requests map to x_T
+    need_T = req_b[~inner].unique()
+    term: dict[str, Tensor] = {}
+    if need_T.numel():
+        if terminal is not None:
+            term = {k: v.detach().to(torch.float32).reshape(-1).cpu() for k, v in terminal.items()}
+        else:
+            if score is None:
+                raise ValueError("probe_values needs terminal rewards or a score function for x_T")
+            s_t = _score_chunked(score, lat[need_T.to(dev), steps], need_T.to(dev), score_batch)
+            term = {k: torch.full((b,), float("nan")).index_copy_(0, need_T, v) for k, v in s_t.items()}
+    names = list(values) or list(term)
+    out = {k: torch.full((b, steps + 1), float("nan")) for k in names}  # name -> [B, T+1]
+    if inner.any():
+        pos = torch.searchsorted(pair, req_b[inner] * (steps + 1) + req_c[inner])
+        for k in names:
+            out[k][req_b[inner], req_t[inner]] = values[k][pos]
+    if (~inner).any():
+        for k in names:
+            if k not in term:
+                raise ValueError(f"terminal rewards lack {k!r} (have {sorted(term)})")
+            out[k][req_b[~inner], req_t[~inner]] = term[k][req_b[~inner]]
+    return out
+
+
+def probe_values_naive(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mode: str = "ode:full",
+                       score: Optional[ScoreFn] = None) -> dict[str, Tensor]:
+    """Reference implementation: one probe at a time, no reuse, no skipping, no batching (for tests)."""
+    b, steps = traj.batch_size, traj.steps
+    pm = parse_mode(mode)
+    sig = traj.sigmas.to(torch.float32)
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for i, t in mask.detach().cpu().nonzero().tolist():
+            x = traj.latents[i, t][None].to(torch.float32)  # [1, *latent]
+            cb = gather_cond(traj.cond, traj.cond_index[i:i + 1])
+            lat = (1,) * (x.dim() - 1)
+            path = subgrid(t, steps, pm.m)
+            for a, c in zip(path[:-1], path[1:]):
+                sa, sc = sig[a].reshape(1), sig[c].reshape(1)
+                v = velocity(x, sa, cb).to(torch.float32)
+                if pm.method == "midpoint":
+                    sm = 0.5 * (sa + sc)
+                    v = velocity(x + (sm - sa).view(-1, *lat) * v, sm, cb).to(torch.float32)
+                x = x + (sc - sa).view(-1, *lat) * v
+            res = score(x, torch.tensor([i], device=x.device))
+            for k, v in res.items():
+                out.setdefault(k, torch.full((b, steps + 1), float("nan")))[i, t] = float(v.reshape(-1)[0])
+    return out
+
+
+def make_probe(velocity: VelocityFn, traj: Trajectory, score: ScoreFn, *,
+               terminal: Optional[Mapping[str, Tensor]] = None, counter: Optional["NFECounter"] = None,
+               **engine_options) -> Callable[[str, Tensor], dict[str, Tensor]]:
+    """The ``CreditInput.probe`` callable over this engine: ``probe(mode, mask) -> {name: [B, T+1]}``.
+
+    Results are cached per mode, so a second request probes only states not yet probed.
+    """
+    cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
+
+    def probe(mode: str, mask: Tensor) -> dict[str, Tensor]:
+        mask = mask.detach().cpu().to(torch.bool)
+        done, vals = cache.get(mode, (torch.zeros_like(mask), {}))
+        todo = mask & ~done
+        if bool(todo.any()):
+            new = probe_values(velocity, traj, todo, mode, score, terminal=terminal, counter=counter,
+                               **engine_options)
+            vals = {k: torch.where(todo, new[k], vals[k]) if k in vals else new[k] for k in new}
+            done = done | todo
+            cache[mode] = (done, vals)
+        return {k: torch.where(mask, v, torch.full_like(v, float("nan"))) for k, v in vals.items()}
+
+    return probe
+
+
+# ------------------------------------------------------------------------------------------ guidance hook
+
+
+class RewardGuidance:
+    """Process-reward gradient guidance of the sampler mean (Euphonium; METHODS.md §4.5).
+
+    A ``mean_shift`` hook for ``flowalign.samplers.loop.sample``: at guided steps t it returns
+    λ·Δ_t·∇_x R_φ(x_t, σ_t, c) (``scale_dt``; or λ·∇/‖∇‖ with ``normalize``), which the loop adds to the
+    kernel mean μ_t while the log-prob stays under the unguided μ_t. Paper → ours: the PRM R_φ(z_t, t, c) is
+    ``prm(x [B,*], sigma [B], cond_b) -> [B]`` (differentiable in x); their step size/λ is ``lam``
+    (λ = η²/(2β) in "KL mode"). λ = 0 reproduces the unguided kernel exactly (DanceGRPO with ``dance_sde``).
+
+    The PRM scores at guided states are recorded (``scores``); ``prm_values(traj)`` returns them as
+    [B, T+1] (NaN where not evaluated) after adding the post-states of guided steps (one extra no-grad PRM
+    forward at the last guided step), for ``credit.euphonium`` (``CreditInput.extras["prm"]``).
+    """
+
+    def __init__(self, prm: Callable[[Tensor, Tensor, Cond], Tensor], lam: float,
+                 steps: Optional[Sequence[int]] = None, *, scale_dt: bool = True, normalize: bool = False):
+        self.prm, self.lam = prm, float(lam)
+        self.steps = None if steps is None else set(int(s) for s in steps)
+        self.scale_dt, self.normalize = scale_dt, normalize
+        self.scores: dict[int, Tensor] = {}  # state index -> [B] PRM(x_t)
+        self._cond: Optional[Cond] = None
+
+    def __call__(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, t: int, cond_b: Cond) -> Optional[Tensor]:
+        if self.steps is not None and t not in self.steps:
+            return None
+        self._cond = cond_b
+        b = x.shape[0]
+        with torch.enable_grad():
+            xg = x.detach().to(torch.float32).requires_grad_(True)
+            r = self.prm(xg, sigma.reshape(-1).expand(b), cond_b)  # [B]
+            grad = torch.autograd.grad(r.sum(), xg)[0]  # [B, *latent]
+        self.scores[t] = r.detach().to(torch.float32)
+        lat = (1,) * (x.dim() - 1)
+        if self.normalize:
+            grad = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *lat)
+        coef = self.lam * ((sigma - sigma_next) if self.scale_dt else 1.0)
+        return coef * grad  # [B, *latent]
+
+    def prm_values(self, traj: Trajectory, post: bool = True) -> Tensor:
+        """[B, T+1] PRM scores at evaluated states; with ``post`` also at x_{t+1} of every guided step t."""
+        b, steps = traj.batch_size, traj.steps
+        out = torch.full((b, steps + 1), float("nan"))
+        for t, r in self.scores.items():
+            out[:, t] = r.cpu()
+        if post:
+            cond_b = gather_cond(traj.cond, traj.cond_index)
+            with torch.no_grad():
+                for t in sorted(self.scores):
+                    if t + 1 not in self.scores and t + 1 <= steps:
+                        x = traj.latents[:, t + 1]
+                        out[:, t + 1] = self.prm(x, traj.sigmas[t + 1].expand(b), cond_b).float().cpu()
+        return out

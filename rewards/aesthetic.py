@@ -103,6 +103,10 @@ class Aesthetic(Reward):
         self.parity = bool(parity)
         self.differentiable = not self.parity
 
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
     def embed_images(self, images: Tensor) -> Tensor:
         """[N,3,H,W] → L2-normalised fp32 CLIP image embeddings [N,768]."""
         prep = self.clip.pixels_pil if self.parity else self.clip.pixels

@@ -128,7 +128,7 @@ def _serve(argv: Sequence[str]) -> int:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--max-mb", type=float, default=256.0, help="largest request body in MB (larger → HTTP 413)")
-    args = p.parse_args(list(argv))
+    args = p.parse_intermixed_args(list(argv))  # options and key=value pairs in any order
     reward = build_reward(args.name, **parse_kwargs(args.kwargs))
     server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 1e6), background=False)
     sys.stdout.write(f"serving reward {getattr(reward, 'name', args.name)!r} at {server.url} (POST /score, GET /health); "

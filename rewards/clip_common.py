@@ -140,7 +140,8 @@ class HFClip:
         self.crop = int(_get(ip.crop_size, "height") or self.size) if getattr(ip, "do_center_crop", True) else self.size
         self.mean = tuple(ip.image_mean)
         self.std = tuple(ip.image_std)
-        self.text_max_length = int(text_max_length)
+        max_pos = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", text_max_length)
+        self.text_max_length = min(int(text_max_length), int(max_pos))
         self._pil_processor = None
 
     # -- images -------------------------------------------------------------------------------------------------
@@ -200,6 +201,10 @@ class ClipPairReward:
     clip: HFClip
     batch_size: int = 32
     parity: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
 
     def embed_images(self, images: Tensor) -> Tensor:
         """[N,3,H,W] in [0,1] → L2-normalised fp32 image embeddings [N,D] (used by the video temporal term)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from flowalign.errors import UserError

@@ -18,8 +18,8 @@ Protocol (version 1):
 * Errors: 400 malformed request (bad JSON, base64, dtype, shape, prompt count), 404 unknown path, 411 no
   Content-Length, 413 body above ``max_bytes``, 500 the reward raised. The server keeps serving after each.
 
-Exactness: with ``encoding="float32"`` the remote scores equal the local reward's scores bit for bit (same device and
-dtype); with the default ``uint8`` they equal the local reward applied to the quantised images q/255 (the parity path's
+Exactness: with ``encoding="float32"`` the remote scores equal the local reward's scores bit for bit (same device,
+dtype and batch; a different ``batch_size`` changes them only within the reward's batch independence, ~1e-6); with the default ``uint8`` they equal the local reward applied to the quantised images q/255 (the parity path's
 quantisation, 4× less traffic); ``float16`` keeps ~3 significant digits of each pixel.
 """
 

@@ -6,7 +6,7 @@ stochastic (η_t > 0) and carry a log-probability. The loop draws ξ; kernels on
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -60,7 +60,8 @@ def _step(kernel, velocity: VelocityFn, x: Tensor, sig: Tensor, sig_next: Tensor
 def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: float | Tensor = 0.0,
            kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
-           keep_means: bool = False, reduce: str = "mean", **kernel_kwargs) -> Trajectory:
+           keep_means: bool = False, reduce: str = "mean", mean_shift: Optional[Callable[..., Optional[Tensor]]] = None,
+           logprob_under: str = "unguided", **kernel_kwargs) -> Trajectory:
     """Sample a batch of chains x_0 → x_T and record per-step log-probabilities.
 
     Args:
@@ -72,7 +73,13 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
         eta: a float for every step, or a per-step tensor [T] (0 ⇒ an exact Euler step, no log-prob).
         kernel: a registry name or a kernel function.
         generator: draws the step noise ξ (reproducible given its state).
+        mean_shift: optional guidance hook ``mean_shift(x_t, v_t, σ_t, σ_{t+1}, t, cond_b) -> shift | None``;
+            the sample is drawn from N(μ_t + shift, s_t²) (Euphonium's guided SDE, METHODS.md §4.5) while the
+            stored log-prob (and ``means``) use the unguided μ_t unless ``logprob_under="guided"``.
+            None (default) leaves sampling untouched.
     """
+    if logprob_under not in ("unguided", "guided"):
+        raise ValueError(f"logprob_under must be 'unguided' or 'guided', got {logprob_under!r}")
     kern = get_kernel(kernel)
     steps = int(sigmas.shape[0]) - 1
     eta_t = eta if isinstance(eta, Tensor) and eta.dim() == 1 else torch.full((steps,), float(eta))
@@ -93,11 +100,17 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
     with torch.no_grad():
         for t in range(steps):
             v, tr = _step(kern, velocity, x, sig[t], sig[t + 1], eta_t[t].to(dev), cond_b, **kernel_kwargs)
+            center = tr.mean  # [B, *latent]
+            if mean_shift is not None:
+                shift = mean_shift(x, v, sig[t], sig[t + 1], t, cond_b)
+                if shift is not None:
+                    center = tr.mean + shift.to(tr.mean.dtype)  # guided mean μ^g
             if eta_host[t] > 0:
-                x_next = tr.mean + tr.std * _noise_like(tr.mean, generator)  # [B, *latent]
-                logps[:, t] = gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce)
+                x_next = center + tr.std * _noise_like(center, generator)  # [B, *latent]
+                logps[:, t] = gaussian_log_prob(x_next, center if logprob_under == "guided" else tr.mean, tr.std,
+                                                reduce=reduce)
             else:
-                x_next = tr.mean
+                x_next = center
             if keep_velocities:
                 vels.append(v.to(torch.float32))
             if keep_means:

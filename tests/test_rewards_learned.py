@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from flowalign.errors import UserError
 from flowalign.rewards import build_reward
 from tiny_rewards import (  # noqa: F401  (session fixtures)
-    build_tiny_aesthetic_head,
     build_tiny_hps_file,
     tiny_aesthetic_files,
     tiny_clip_dir,

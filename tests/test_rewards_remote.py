@@ -30,7 +30,7 @@ class Toy:
             raise RuntimeError("kaboom")
         if "slow" in prompts:
             time.sleep(1.5)
-        s = images.float().mean(dim=(1, 2, 3)) * 3.1 + torch.tensor([len(p) * 0.01 for p in prompts])
+        s = images.float().flatten(1).mean(1) * 3.1 + torch.tensor([len(p) * 0.01 for p in prompts])
         if metadata is not None:
             s = s + torch.tensor([float(m.get("bonus", 0)) for m in metadata])
         return torch.where(torch.tensor([p == "nan" for p in prompts]), torch.full_like(s, float("nan")), s)
@@ -38,7 +38,7 @@ class Toy:
 
 @pytest.fixture(scope="module")
 def toy_server():
-    with serve(Toy(), max_bytes=200_000) as srv:
+    with serve(Toy(), max_bytes=20_000) as srv:
         yield srv
 
 
@@ -61,8 +61,10 @@ def test_round_trip_exact_float32_and_uint8_quantised(tiny_clip_dir):
     prompts = ["a red cat", "a dog", "a red cat", "two stars", "nan?"]
     with serve(local) as srv:
         assert srv.host == "127.0.0.1"
-        exact = RemoteReward(srv.url, encoding="float32", batch_size=2)(imgs, prompts)  # 3 requests
+        exact = RemoteReward(srv.url, encoding="float32")(imgs, prompts)  # same batch as local: bit-exact
         assert exact.dtype == torch.float32 and torch.equal(exact, local(imgs, prompts))
+        split = RemoteReward(srv.url, encoding="float32", batch_size=2)(imgs, prompts)  # 3 requests
+        assert torch.allclose(split, exact, atol=1e-5, rtol=0)  # batch independence (§1), not bitwise
         q = RemoteReward(srv.url)(imgs, prompts)  # default uint8
         assert torch.equal(q, local((imgs * 255).round() / 255, prompts))
         h = RemoteReward(srv.url, encoding="float16")(imgs, prompts)
@@ -101,8 +103,8 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(toy_server):
         assert "malformed" in reply["error"]
     assert raw(toy_server, "GET", "/nope")[0] == 404
     assert raw(toy_server, "POST", "/scores", json.dumps(good_payload()).encode())[0] == 404
-    big = json.dumps(good_payload(n=40)).encode()  # > 200 kB limit
-    assert len(big) > 200_000
+    big = json.dumps(good_payload(n=40)).encode()  # > 20 kB limit
+    assert len(big) > 20_000
     status, reply = raw(toy_server, "POST", "/score", big)
     assert status == 413 and "batch_size" in reply["error"]
     # a reward that raises → 500 (client: one-line UserError), and the server still answers afterwards
@@ -142,17 +144,20 @@ def test_client_argument_errors():
 
 
 def test_cli_serve_subprocess():
-    """`flowalign rewards serve saturation --port 0` serves the registered reward; we stop the process we started."""
+    """`flowalign rewards serve NAME --port 0 key=value` serves the registered reward built with those kwargs;
+    we stop the process we started."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flowalign.cli", "rewards", "serve", "saturation", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "flowalign.cli", "rewards", "serve", "jpeg_compressibility",
+                             "--port", "0", "quality=50", "--max-mb", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         line = proc.stdout.readline()
-        assert "serving reward 'saturation' at http://127.0.0.1:" in line, line
+        assert "serving reward 'jpeg_compressibility' at http://127.0.0.1:" in line, line
         url = line.split(" at ")[1].split(" ")[0]
         imgs = torch.rand(3, 3, 8, 8)
         out = RemoteReward(url, encoding="float32")(imgs, ["a"] * 3)
-        assert torch.equal(out, build_reward("saturation")(imgs, ["a"] * 3))
+        assert torch.equal(out, build_reward("jpeg_compressibility", quality=50)(imgs, ["a"] * 3))
+        assert not torch.equal(out, build_reward("jpeg_compressibility")(imgs, ["a"] * 3))  # quality=50 was used
     finally:
         proc.terminate()
         proc.wait(timeout=10)

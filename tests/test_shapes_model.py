@@ -12,7 +12,7 @@ from flowalign.models.shapes import SHAPES_LORA_TARGETS, ShapesConfig, ShapesMod
 from flowalign.types import FlowModel
 
 TINY = dict(vocab=["a", "an", "red", "blue", "orange", "circle", "square", "and"], image_size=16, patch_size=4,
-            num_layers=1, num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=6, pooled_dim=16,
+            num_layers=2, num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=6, pooled_dim=16,
             guidance_scale=3.0)
 
 

@@ -57,8 +57,8 @@ def test_first_update_is_on_policy(tmp_path):
     """ρ ≡ 1 on the first micro-batches: same kernel, η, sigmas and CFG as the rollout (METHODS.md §3.8)."""
     from flowalign.train import train
 
-    run = train(_cfg(tmp_path / "run", "train.iterations=1", "train.micro_batch=1000", "data.shuffle=false",
-                     "train.filter_zero_std=false"))
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", "train.micro_batch=1000", 
+                     "train.filter_zero_std=false", "train.shuffle_transitions=false"))
     m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0 and m["train/clipfrac_low"] == 0
     assert m["train/approx_kl"] < 1e-10

@@ -1,0 +1,302 @@
+"""Rollout plans and the staggered ODE integrator (METHODS.md §2.7, §4.3, §5.1, §5.3).
+
+A **rollout plan** decides which chains are sampled: a plain chain per noise row (Flow-GRPO, DenseGRPO,
+TP-GRPO, VGPO, Euphonium) or an ODE trunk with K stochastic children per branch step (TempFlow-GRPO).
+Every plan has the signature::
+
+    plan(velocity, noise [S, *latent], sigmas [T+1], cond, *, cond_index [S], group [S], eta [T], kernel,
+         generator, keep_velocities, **options) -> Trajectory
+
+and is registered in ``PLANS``. The trainer calls ``PLANS[cfg.sampler.plan]``.
+
+``staggered_ode`` runs many ODE completions that start at different indices of one shared sigma grid in
+a single loop over the grid (at index j the forward batch holds every completion positioned at j), so
+the number of sequential model launches is T, not Σ(lengths). Branch children are completed with it
+here, and the value probes of ``flowalign.values`` are built on it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.samplers.kernels import gaussian_log_prob, get_kernel
+from flowalign.samplers.loop import _noise_like, gather_cond, sample
+from flowalign.types import Cond, Trajectory, VelocityFn
+
+
+class Completion(NamedTuple):
+    """Result of ``staggered_ode``."""
+
+    final: Tensor  # [N, *latent] the state reached at σ = 0
+    states: Optional[Tensor]  # [N, T+1, *latent] states on the native grid (keep_path; NaN before the start)
+    velocities: Optional[Tensor]  # [N, T, *latent] velocity used at each native step (keep_path; NaN elsewhere)
+
+
+def subgrid(start: int, steps: int, m: Optional[int]) -> list[int]:
+    """Grid indices of an m-step probe from ``start``: round(linspace(start, T, m+1)), deduplicated.
+
+    ``m=None`` is the native remaining grid start, start+1, …, T (METHODS.md §4.0 ``ode_m`` / ``ode_full``).
+    When m ≥ T − start the sub-grid is the native grid.
+    """
+    if start >= steps:
+        return [steps]
+    if m is None or m >= steps - start:
+        return list(range(start, steps + 1))
+    if m < 1:
+        raise ValueError(f"probe steps m must be ≥ 1, got {m}")
+    pts = torch.linspace(float(start), float(steps), m + 1, dtype=torch.float64).round().long().tolist()
+    out = [pts[0]]
+    for p in pts[1:]:
+        if p != out[-1]:
+            out.append(p)
+    return out
+
+
+def next_table(starts: Tensor, steps: int, m: Optional[int]) -> Tensor:
+    """[N, T+1] long: for each completion, the next grid index after j on its path (−1 where j is off-path)."""
+    per_start = torch.full((steps + 1, steps + 1), -1, dtype=torch.long)  # [T+1 (start), T+1 (j)]
+    for s in range(steps + 1):
+        path = subgrid(s, steps, m)
+        for a, b in zip(path[:-1], path[1:]):
+            per_start[s, a] = b
+    return per_start[starts.cpu()]  # [N, T+1]
+
+
+def staggered_ode(velocity: VelocityFn, x: Tensor, start: Tensor, sigmas: Tensor, cond: Cond, cond_index: Tensor, *,
+                  nxt: Optional[Tensor] = None, method: str = "euler", first_velocity: Optional[Tensor] = None,
+                  has_first: Optional[Tensor] = None, max_batch: Optional[int] = None,
+                  keep_path: bool = False) -> Completion:
+    """Integrate N states ``x`` [N, *latent], each from grid index ``start`` [N] to σ = 0, in one staggered loop.
+
+    Args:
+        nxt: [N, T+1] next-index table (``next_table``); default: the native grid (every index).
+        method: ``"euler"`` (x ← x + (σ_b − σ_a)·v(x, σ_a)) or ``"midpoint"`` (explicit RK2: v at
+            σ_mid = (σ_a + σ_b)/2 from an Euler half-step, 2 NFE per sub-step).
+        first_velocity: [N, *latent] cached v(x, σ_start) (velocity reuse, METHODS.md §5.3.1); used for the
+            first step of rows where ``has_first`` [N] is true (default: all rows).
+        max_batch: rows per model forward (chunking bounds memory); None = one forward per grid index.
+        keep_path: also return the native-grid states and velocities (for branch children).
+
+    The Euler update is written exactly like the sampler's Euler kernel (``x + (σ' − σ)·v`` in fp32), so
+    completing an all-ODE chain from any of its states reproduces its later states bit for bit when the
+    velocity is batch-invariant.
+    """
+    if method not in ("euler", "midpoint"):
+        raise ValueError(f"method must be 'euler' or 'midpoint', got {method!r}")
+    n = x.shape[0]
+    steps = int(sigmas.shape[0]) - 1
+    dev = x.device
+    sig = sigmas.to(device=dev, dtype=torch.float32)  # [T+1]
+    start = start.to(device=dev, dtype=torch.long)  # [N]
+    if nxt is None:
+        nxt = next_table(start.cpu(), steps, None)
+    nxt = nxt.to(dev)  # [N, T+1]
+    cur = x.detach().to(torch.float32).clone()  # [N, *latent]
+    pos = start.clone()  # [N] current grid index
+    lat = (1,) * (x.dim() - 1)
+    if first_velocity is not None and has_first is None:
+        has_first = torch.ones(n, dtype=torch.bool, device=dev)
+    states = vels = None
+    if keep_path:
+        states = torch.full((n, steps + 1, *x.shape[1:]), float("nan"), device=dev)  # [N, T+1, *latent]
+        states[torch.arange(n, device=dev), start] = cur
+        vels = torch.full((n, steps, *x.shape[1:]), float("nan"), device=dev)  # [N, T, *latent]
+
+    def forward(rows: Tensor, xs: Tensor, s: Tensor) -> Tensor:
+        chunk = max_batch or max(1, rows.shape[0])
+        outs = []
+        for i in range(0, rows.shape[0], chunk):
+            r = rows[i:i + chunk]
+            cb = gather_cond(cond, cond_index[r])
+            outs.append(velocity(xs[i:i + chunk], s[i:i + chunk], cb).to(torch.float32))
+        return torch.cat(outs) if outs else xs.new_zeros(xs.shape)
+
+    with torch.no_grad():
+        for j in range(steps):
+            idx = ((pos == j) & (start <= j)).nonzero().flatten()  # [n_j] completions positioned at j
+            if idx.numel() == 0:
+                continue
+            b = nxt[idx, j]  # [n_j] next grid index
+            if bool((b < 0).any()):
+                raise ValueError("next-index table has a hole on a completion's path")
+            xa = cur[idx]  # [n_j, *latent]
+            s_a = sig[j].expand(idx.shape[0])  # [n_j]
+            s_b = sig[b]  # [n_j]
+            v = torch.empty_like(xa)
+            use = torch.zeros(idx.shape[0], dtype=torch.bool, device=dev)
+            if first_velocity is not None:
+                use = has_first[idx] & (start[idx] == j)
+                if bool(use.any()):
+                    v[use] = first_velocity[idx[use]].to(torch.float32)
+            need = (~use).nonzero().flatten()
+            if need.numel():
+                v[need] = forward(idx[need], xa[need], s_a[need])
+            if keep_path:
+                vels[idx, j] = v
+            if method == "midpoint":
+                s_m = 0.5 * (s_a + s_b)  # [n_j]
+                x_mid = xa + (s_m - s_a).view(-1, *lat) * v
+                v = forward(idx, x_mid, s_m)
+            cur[idx] = xa + (s_b - s_a).view(-1, *lat) * v  # same expression as the Euler kernel
+            pos[idx] = b
+            if keep_path:
+                states[idx, b] = cur[idx]
+    return Completion(cur, states, vels)
+
+
+# ------------------------------------------------------------------------------------------ plans
+
+
+def chain(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
+          group: Optional[Tensor] = None, eta: float | Tensor = 0.0, kernel="flow_sde",
+          generator: Optional[torch.Generator] = None, keep_velocities: bool = False, **options) -> Trajectory:
+    """One chain per noise row: ``loop.sample`` (Flow-GRPO, DenseGRPO, TP-GRPO, VGPO, Euphonium)."""
+    return sample(velocity, noise, sigmas, cond, eta=eta, kernel=kernel, generator=generator, cond_index=cond_index,
+                  group=group, keep_velocities=keep_velocities, **options)
+
+
+def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
+           group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
+           generator: Optional[torch.Generator] = None, keep_velocities: bool = False, children: int = 6,
+           branch_steps: str | int | Sequence[int] = "all", prompts: Sequence[str] = (), reduce: str = "mean",
+           max_batch: Optional[int] = None, **kernel_kwargs) -> Trajectory:
+    """TempFlow-GRPO branching (He et al. 2025, "TempFlow-GRPO"; METHODS.md §2.7, §4.3).
+
+    Each noise row is a *seed*: a pure-ODE trunk x_0 → x_k (computed once per seed), then at every chosen
+    branch step k, K children x_{k+1}^{(b)} = μ_k + s_k·ξ_b share the trunk's kernel Gaussian (the trunk's
+    velocity at x_k is reused), and each child is ODE-completed on the native grid (``staggered_ode``).
+
+    Args:
+        noise: [S, *latent] one row per seed (the trainer's group_size = seeds per prompt).
+        eta: float or [T]; the candidate branch steps are those with η_k > 0 (by default 0…T−2), and the
+            branch noise at k is η_k (the paper's a; upstream hard-codes 0.7).
+        children: K children per (seed, k).
+        branch_steps: ``"all"`` (every candidate, the released SD3 code), ``"random"`` (one random
+            candidate per seed, drawn from ``generator``), an int n (n distinct random candidates per seed),
+            or an explicit list of steps.
+
+    Returns a Trajectory with N = Σ_seeds |K_s|·K rows ordered (seed, k, child). ``group`` is the sibling
+    key (prompt, seed, k), the normalisation unit of TempFlow's advantage; ``traj.eta`` [T] holds η at every
+    branch step used by some row. ``extras``:
+        ``parent`` [N] seed row; ``branch_step`` [N] k; ``prompt_group`` [N] the input group;
+        ``trained`` [N, T] bool (only the row's own branch edge); ``eta_rows`` [N, T] per-row η (0 off the
+        row's branch edge); ``branch_candidates`` [C] long; ``branch_eta`` [T] (the candidate η);
+        ``kernel`` (name, for the weights); ``children`` K.
+    """
+    steps = int(sigmas.shape[0]) - 1
+    kern = get_kernel(kernel)
+    s_rows = noise.shape[0]
+    dev = noise.device
+    if cond_index is None:
+        cond_index = torch.arange(s_rows, device=dev)
+    if group is None:
+        group = cond_index.clone()
+    cond_index, group = cond_index.to(dev), group.to(dev)
+    eta_vec = eta.detach().to(torch.float32).cpu() if isinstance(eta, Tensor) and eta.dim() == 1 else \
+        torch.full((steps,), float(eta))  # [T]
+    if eta_vec.shape[0] != steps:
+        raise ValueError(f"eta has {eta_vec.shape[0]} entries, expected {steps}")
+    cands = (eta_vec > 0).nonzero().flatten()  # [C]
+    if cands.numel() == 0:
+        raise ValueError("branch plan: no candidate branch step (η is 0 everywhere)")
+    if children < 1:
+        raise ValueError(f"children must be ≥ 1, got {children}")
+    per_seed = _choose_steps(branch_steps, cands, s_rows, generator)  # list of lists
+    kmax = max(max(ks) for ks in per_seed)
+    sig = sigmas.to(device=dev, dtype=torch.float32)
+
+    # trunk: ODE x_0 → x_kmax once per seed, velocities kept (the branch kernel reuses v_k)
+    if kmax > 0:
+        trunk = sample(velocity, noise, sig[: kmax + 1], cond, eta=0.0, kernel="euler", cond_index=cond_index,
+                       keep_velocities=True)
+        trunk_lat, trunk_vel = trunk.latents, trunk.velocities  # [S, kmax+1, *latent], [S, kmax, *latent]
+    else:
+        trunk_lat, trunk_vel = noise.to(torch.float32)[:, None], noise.new_zeros((s_rows, 0, *noise.shape[1:]))
+    with torch.no_grad():
+        v_last = velocity(trunk_lat[:, kmax], sig[kmax].expand(s_rows), gather_cond(cond, cond_index))
+    trunk_v = torch.cat([trunk_vel.to(torch.float32), v_last.to(torch.float32)[:, None]], dim=1)  # [S, kmax+1, *]
+
+    seed_of, k_of = [], []
+    for s, ks in enumerate(per_seed):
+        for k in ks:
+            seed_of += [s] * children
+            k_of += [k] * children
+    seed_t = torch.tensor(seed_of, dtype=torch.long, device=dev)  # [N]
+    k_t = torch.tensor(k_of, dtype=torch.long, device=dev)  # [N]
+    n = seed_t.shape[0]
+    x_k = trunk_lat[seed_t, k_t]  # [N, *latent]
+    v_k = trunk_v[seed_t, k_t]  # [N, *latent]
+    eta_k = eta_vec.to(dev)[k_t]  # [N]
+    tr = kern(x_k, v_k, sig[k_t], sig[k_t + 1], eta_k, **kernel_kwargs)
+    std = tr.std.expand_as(tr.mean) if tr.std.dim() == tr.mean.dim() else tr.std
+    x_next = tr.mean + std * _noise_like(tr.mean, generator)  # [N, *latent]
+    lp = gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce)  # [N]
+
+    comp = staggered_ode(velocity, x_next, k_t + 1, sig, cond, cond_index[seed_t], max_batch=max_batch,
+                         keep_path=True)
+    rows = torch.arange(n, device=dev)
+    t_idx = torch.arange(steps + 1, device=dev)
+    pre = t_idx[None, :] <= k_t[:, None]  # [N, T+1] trunk part
+    trunk_full = trunk_lat[seed_t]  # [N, kmax+1, *latent]
+    lat_shape = (1,) * (noise.dim() - 1)
+    latents = comp.states.clone()  # [N, T+1, *latent]
+    latents[:, : kmax + 1] = torch.where(pre[:, : kmax + 1].view(n, kmax + 1, *lat_shape), trunk_full,
+                                         latents[:, : kmax + 1])
+    latents[rows, k_t + 1] = x_next
+    logps = torch.zeros(n, steps, dtype=torch.float32, device=dev)  # [N, T]
+    logps[rows, k_t] = lp
+    onehot = torch.zeros(n, steps, dtype=torch.bool, device=dev)  # [N, T]
+    onehot[rows, k_t] = True
+    vels = None
+    if keep_velocities:
+        vels = comp.velocities.clone()  # [N, T, *latent]
+        pre_v = (t_idx[None, :steps] <= k_t[:, None])[:, : kmax + 1]  # [N, kmax+1]
+        vels[:, : kmax + 1] = torch.where(pre_v.view(n, kmax + 1, *lat_shape), trunk_v[seed_t],
+                                          vels[:, : kmax + 1])
+    used = torch.zeros(steps, dtype=torch.bool)
+    used[k_t.unique().cpu()] = True
+    traj_eta = torch.where(used, eta_vec, torch.zeros_like(eta_vec)).to(dev)  # [T]
+    sib = seed_t * (steps + 1) + k_t
+    _, sib_group = torch.unique(sib, return_inverse=True)  # [N] (prompt, seed, k) key
+    return Trajectory(
+        latents=latents, sigmas=sig, eta=traj_eta, log_probs=logps, cond=cond, cond_index=cond_index[seed_t],
+        group=sib_group, prompts=tuple(prompts), velocities=vels,
+        extras={"parent": seed_t, "branch_step": k_t, "prompt_group": group[seed_t], "trained": onehot,
+                "eta_rows": torch.where(onehot, eta_k[:, None].expand(n, steps), torch.zeros(n, steps, device=dev)),
+                "branch_candidates": cands.to(dev), "branch_eta": eta_vec.to(dev),
+                "kernel": kernel if isinstance(kernel, str) else getattr(kernel, "__name__", "custom"),
+                "children": int(children)})
+
+
+def _choose_steps(spec, cands: Tensor, seeds: int, generator: Optional[torch.Generator]) -> list[list[int]]:
+    c = cands.tolist()
+    if isinstance(spec, str):
+        if spec == "all":
+            return [list(c) for _ in range(seeds)]
+        if spec == "random":
+            spec = 1
+        else:
+            raise ValueError(f"branch_steps must be 'all', 'random', an int or a list of steps, got {spec!r}")
+    if isinstance(spec, int):
+        if not 1 <= spec <= len(c):
+            raise ValueError(f"branch_steps={spec}: choose between 1 and {len(c)} candidate steps")
+        gen_dev = generator.device if generator is not None else "cpu"
+        out = []
+        for _ in range(seeds):
+            perm = torch.randperm(len(c), generator=generator, device=gen_dev).cpu()[:spec]
+            out.append(sorted(c[i] for i in perm.tolist()))
+        return out
+    ks = sorted(int(k) for k in spec)
+    bad = [k for k in ks if k not in c]
+    if bad:
+        raise ValueError(f"branch steps {bad} are not stochastic (η = 0 there); candidates: {c}")
+    return [list(ks) for _ in range(seeds)]
+
+
+PLANS: dict[str, Callable[..., Trajectory]] = {
+    "chain": chain,
+    "branch": branch,
+}

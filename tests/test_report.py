@@ -1,0 +1,185 @@
+"""flowalign.report and flowalign.io: image grids, metric plots, the HTML report, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from flowalign.errors import UserError
+from flowalign.io import append_jsonl, atomic_dir, atomic_save, atomic_write_json, atomic_write_text, read_jsonl
+from flowalign.report import cli_main, grid_image, plot_metrics, save_image_grid, write_report
+
+TASKS = ["single_object", "counting", "position"]
+
+
+def _summary(strict: list[float], partial: list[float]) -> dict:
+    per = {t: {"shapes_strict": s, "shapes_partial": p} for t, s, p in zip(TASKS, strict, partial)}
+    return {"overall": {"shapes_strict": sum(strict) / 3, "shapes_partial": sum(partial) / 3},
+            "per_task": per, "counts": {t: 40 for t in TASKS}, "n": 120,
+            "settings": {"steps": 10, "guidance": 4.5, "kernel": "euler", "seeds_per_prompt": 4}}
+
+
+def test_grid_size_and_nearest_upscale(tmp_path):
+    images = torch.zeros(10, 3, 8, 8)
+    images[1, 0] = 1.0  # tile 1 pure red
+    images[5, 2] = 1.0  # tile 5 pure blue (second row, second column)
+    path = save_image_grid(images, tmp_path / "g" / "grid.png", nrow=4, upscale=4)
+    img = Image.open(path).convert("RGB")
+    pad, tile = 2, 32
+    assert img.size == (4 * (tile + pad) + pad, 3 * (tile + pad) + pad)  # ceil(10 / 4) = 3 rows
+    x1, y0 = pad + 1 * (tile + pad), pad
+    assert img.getpixel((x1, y0)) == (255, 0, 0) and img.getpixel((x1 + tile - 1, y0 + tile - 1)) == (255, 0, 0)
+    assert img.getpixel((x1 - 1, y0 + 5)) == (255, 255, 255)  # padding between tiles
+    y1 = pad + (tile + pad)
+    assert img.getpixel((x1 + 3, y1 + 3)) == (0, 0, 255)
+    assert img.getpixel((pad, pad)) == (0, 0, 0)
+
+
+def test_grid_labels(tmp_path):
+    images = torch.rand(6, 3, 8, 8)
+    plain = grid_image(images, nrow=3, upscale=4)
+    per_tile = grid_image(images, nrow=3, upscale=4, labels=[f"a red circle above a blue square {i}" for i in range(6)])
+    per_col = grid_image(images, nrow=3, upscale=4, labels=["base", "step 10", "final"])
+    assert per_tile.size[0] == plain.size[0] and per_tile.size[1] > plain.size[1]
+    assert per_col.size[0] == plain.size[0] and plain.size[1] < per_col.size[1] < per_tile.size[1]
+    # the caption band holds dark text pixels
+    band = per_col.crop((0, 0, per_col.size[0], per_col.size[1] - plain.size[1]))
+    import numpy as np
+
+    assert np.asarray(band).min() < 100
+    # a caption followed by empty labels spans its row, so a long prompt needs fewer lines
+    long = "three yellow triangles"
+    spanning = grid_image(images, nrow=3, upscale=8, labels=[long, "", "", long, "", ""])
+    single = grid_image(images, nrow=3, upscale=8, labels=[long, "x", "x", long, "x", "x"])
+    assert grid_image(images, nrow=3, upscale=8).size[1] < spanning.size[1] < single.size[1]
+    with pytest.raises(ValueError):
+        grid_image(images, nrow=3, labels=["a", "b"])
+    with pytest.raises(ValueError):
+        grid_image(torch.rand(3, 8, 8), nrow=3)
+
+
+def _synthetic_run(run, with_final=True):
+    from flowalign.config import dump_yaml, load_config
+
+    dump_yaml(load_config(None, ["output.run_dir=" + str(run)]), run / "config.yaml")
+    nfe = 0
+    for it in range(1, 26):
+        nfe += 100
+        rec = {"iteration": it, "reward/shapes_partial": 0.5 + 0.01 * it, "reward/zero_std_ratio": 0.1,
+               "train/approx_kl": 1e-6 * it, "train/clipfrac_high": 0.0, "train/clipfrac_low": 0.01,
+               "nfe/sampling": nfe, "nfe/training": 2 * nfe, "time/iteration_s": float("nan")}
+        if it == 10:
+            rec["eval/overall/shapes_strict"] = 0.5
+        append_jsonl(run / "metrics.jsonl", rec)
+    atomic_write_json(run / "eval" / "base" / "summary.json", _summary([0.8, 0.25, 0.125], [0.9, 0.5, 0.4]))
+    atomic_write_json(run / "eval" / "step-10" / "summary.json", _summary([0.85, 0.4, 0.2], [0.92, 0.6, 0.5]))
+    if with_final:
+        atomic_write_json(run / "eval" / "final" / "summary.json", _summary([0.9, 0.75, 0.5], [0.95, 0.85, 0.7]))
+    save_image_grid(torch.rand(4, 3, 8, 8), run / "grids" / "base.png", nrow=4)
+    save_image_grid(torch.rand(4, 3, 8, 8), run / "grids" / "final.png", nrow=4)
+
+
+def test_report_has_per_task_table(tmp_path):
+    run = tmp_path / "run"
+    _synthetic_run(run)
+    path = write_report(run)
+    assert path == run / "report.html"
+    page = path.read_text()
+    table = page[page.index("<table>"):page.index("</table>")]
+    for task in TASKS:
+        assert f"<td>{task}</td>" in table
+    # counting: base 0.250 -> aligned 0.750, delta +0.500; overall is the mean over tasks
+    row = re.search(r"<td>counting</td>(.*?)</tr>", table).group(1)
+    assert "<td>0.250</td><td>0.750</td>" in row and "+0.500" in row
+    assert "0.392" in table and "0.717" in table  # overall strict, base and aligned
+    assert "shapes_strict" in page and "shapes_partial" in page
+    # self-contained: every image is inlined, no scripts
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) >= 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<script" not in page
+    assert "nfe/training" in page and "5,000" in page  # compute spent: last cumulative counter
+    assert "train first 9 steps" in page  # config summary
+    plots = {p.name for p in (run / "plots").glob("*.png")}
+    assert {"reward.png", "nfe.png", "kl.png", "clipfrac.png", "groups.png", "eval_shapes_strict.png",
+            "reward_vs_nfe.png"} <= plots
+    assert "time.png" not in plots  # all-NaN series are dropped, not plotted
+
+
+def test_report_relative_images_and_partial_runs(tmp_path):
+    run = tmp_path / "run"
+    _synthetic_run(run, with_final=False)
+    page = write_report(run, inline_images=False, make_plots=False).read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert srcs and all((run / s).is_file() for s in srcs)
+    assert "aligned (step-10)" in page  # the latest evaluation stands in for the final one
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert "no evaluation summaries" in write_report(bare).read_text()
+
+
+def test_plot_metrics_groups(tmp_path):
+    run = tmp_path / "run"
+    _synthetic_run(run)
+    paths = plot_metrics(run / "metrics.jsonl", tmp_path / "plots", keys=["reward/*"])
+    names = sorted(p.name for p in paths)
+    assert names == ["groups.png", "reward.png"]  # reward/zero_std_ratio goes to its more specific group
+    with Image.open(paths[0]) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    with pytest.raises(UserError):
+        plot_metrics(tmp_path / "nope.jsonl", tmp_path)
+
+
+def test_cli(tmp_path, capsys):
+    with pytest.raises(UserError, match="not found"):
+        cli_main([str(tmp_path / "missing")])
+    run = tmp_path / "run"
+    _synthetic_run(run)
+    assert cli_main([str(run), "--no-plots"]) == 0
+    assert (run / "report.html").is_file() and "report.html" in capsys.readouterr().out
+
+
+def test_atomic_writes(tmp_path):
+    target = tmp_path / "a" / "x.txt"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in target.parent.iterdir()] == ["x.txt"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # like open(), not mkstemp's 0600
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with atomic_dir(tmp_path / "ckpt") as d:
+            (d / "weights.bin").write_bytes(b"x")
+            raise Boom
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))
+    with atomic_dir(tmp_path / "ckpt") as d:
+        atomic_save({"step": 3, "t": torch.arange(3)}, d / "state.pt")
+    with atomic_dir(tmp_path / "ckpt") as d:  # replaces a complete directory
+        atomic_save({"step": 4}, d / "state.pt")
+    assert torch.load(tmp_path / "ckpt" / "state.pt")["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "ckpt"]
+
+
+def test_jsonl_round_trip_and_truncated_tail(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"iteration": 1, "x": torch.tensor(0.5), "v": torch.arange(2), "nan": float("nan")})
+    append_jsonl(path, {"iteration": 2, "x": 1})
+    with open(path, "a") as fh:
+        fh.write('{"iteration": 3, "x"')  # a crash mid-append
+    recs = read_jsonl(path)
+    assert [r["iteration"] for r in recs] == [1, 2] and recs[0]["x"] == 0.5 and recs[0]["v"] == [0, 1]
+    assert math.isnan(recs[0]["nan"])
+    path.write_text('{"a": 1}\nnot json\n{"a": 2}\n')
+    with pytest.raises(ValueError, match=":2"):
+        read_jsonl(path)
+    assert json.loads(json.dumps({"ok": True}))

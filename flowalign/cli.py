@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("flowalign.report", "(re)build report.html for a run directory"),
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes model)"),
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
-    "bench": ("flowalign.bench", "benchmarks that print measured figures (e.g. `bench shapes-sample`)"),
+    "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample`, `bench credit`)"),
+    "calibrate": ("flowalign.calibrate", "DenseGRPO reward-aware per-step noise calibration -> a per-step eta file"),
 }
 
 

@@ -85,6 +85,9 @@ class SamplerConfig:
     last_step_noise: bool = _f(False, "add SDE noise at the untrained last step (Flow-GRPO quirk Q1)")
     logp_reduce: Literal["mean", "sum"] = _f("mean", "reduction of the per-step log-density over latent elements (clip ranges assume mean)")
     logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")
+    eta_file: str = _f("", "JSON with a per-step 'eta' list (e.g. from `flowalign calibrate`); overrides sampler.eta")
+    plan: Literal["chain", "branch"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, or TempFlow branching")
+    plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan")
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,12 @@ def _shared_eta(inp: CreditInput) -> Tensor:
 # ------------------------------------------------------------------------------------------ DenseGRPO
 
 
+def reward_gains(values: Tensor) -> Tensor:
+    """ΔR_t = V_{t+1} − V_t (DenseGRPO step reward, METHODS.md §4.1): [B, T+1] → [B, T] float64; Σ_t ΔR_t = V_T − V_0."""
+    v = values.to(torch.float64)
+    return v[:, 1:] - v[:, :-1]
+
+
 def dense_gain(inp: CreditInput, *, probe: str = "ode:full", signal: str = "gain") -> Credit:
     """DenseGRPO step-wise reward gain (Deng et al. 2025, "From Sparse to Dense Reward…", §3; METHODS.md §4.1).
 
@@ -198,7 +204,7 @@ def dense_gain(inp: CreditInput, *, probe: str = "ode:full", signal: str = "gain
     group = inp.traj.group.detach().cpu()
 
     def fn(v: Tensor) -> Tensor:
-        r = v[:, 1:] - v[:, :-1] if signal == "gain" else v[:, 1:]  # [B, T]
+        r = reward_gains(v) if signal == "gain" else v[:, 1:]  # [B, T]
         return step_normalize(r, group, trained, **_norm_kw(inp))
 
     adv = _aggregate(inp, vals, fn)
@@ -436,7 +442,9 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
     Paper → ours: ORA = the pixel ORM on x_T, group z-scored (std + ``eps``, 1e-8 upstream), the same at every
     trained step → ``advantages``. PRA = the latent PRM R_φ at guided steps, z-scored per step (std + eps), 0 at
     steps without a PRM evaluation → ``heads["process"]``. The PRM scores come from
-    ``CreditInput.extras["prm"]`` [B, T+1] (``flowalign.values.RewardGuidance.prm_values``), or, with
+    ``CreditInput.extras["prm"]`` [B, T+1] and the guided steps from ``extras["prm_steps"]`` [T] bool (both from
+    ``flowalign.values.RewardGuidance.credit_extras``; without ``prm_steps`` a step counts as guided when its
+    pre- and post-state are both scored), or, with
     ``pra_probe`` (e.g. "x0"), from the value engine with the pixel rewards as a process proxy.
     ``pra_index``: "post" (PRM(x_{t+1}), flowalign default), "pre" (PRM(x_t), upstream quirk Q16), "gain".
     ``heads``: "both" | "ora" | "pra" (then the PRA head is the main ``advantages``).
@@ -474,14 +482,20 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
                 raise ValueError("euphonium PRA head needs CreditInput.extras['prm'] [B, T+1] (RewardGuidance."
                                  "prm_values) or the option pra_probe='x0'")
             pv = prm.detach().to(torch.float64).cpu()  # [B, T+1]
+            guided = (inp.extras or {}).get("prm_steps")
+            if guided is None:  # a guided step has its pre- and post-state scored
+                fin = torch.isfinite(pv).all(0)  # [T+1]
+                guided = fin[:-1] & fin[1:]
+            guided = torch.as_tensor(guided).detach().cpu().to(torch.bool)  # [T]
         else:
             mask = torch.zeros(b, steps + 1, dtype=torch.bool)
             mask[:, 1:] |= trained
             mask[:, :-1] |= trained
             vals = state_values(inp, pra_probe, mask)
             pv = sum(float(w) * vals[k] for k, w in inp.reward_weights.items())
+            guided = trained.any(0)
         score = {"post": pv[:, 1:], "pre": pv[:, :-1], "gain": pv[:, 1:] - pv[:, :-1]}[pra_index]  # [B, T]
-        valid = trained & torch.isfinite(score)
+        valid = trained & guided[None] & torch.isfinite(score)
         pra = c_pra * step_normalize(score, group, valid, scope=inp.std_scope, eps=eps,
                                      ddof=inp.std_ddof).clamp(-adv_clip, adv_clip) * tf
     if heads == "ora":

@@ -40,8 +40,9 @@ from flowalign.io import append_jsonl, atomic_save, atomic_write_text
 from flowalign.loss import clipped_surrogate, gaussian_kl, ratio_stats
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
-from flowalign.samplers import eta_schedule, gather_cond, sample, step_log_prob
-from flowalign.values import NFECounter
+from flowalign.samplers import eta_schedule, gather_cond, step_log_prob
+from flowalign.samplers.plans import PLANS
+from flowalign.values import NFECounter, make_probe
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         model.encode([text])  # fail early (one line, exit 2) on a prompt the model cannot read
     sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     sigmas = model.schedule(cfg.sampler.steps).to(device)  # [T+1]
+    base_eta = _load_eta(cfg)  # float, or a per-step [T] tensor (calibrated noise)
 
     # 4. resume -------------------------------------------------------------------------------------
     start = 0
@@ -241,43 +243,60 @@ def train(cfg: C.ExperimentConfig) -> Path:
             g = torch.Generator().manual_seed(_seed(cfg.train.seed, it, 7))
             t0 = int(torch.randint(lo, max(lo, hi - cfg.sampler.window_size) + 1, (1,), generator=g))
             window = (t0, cfg.sampler.window_size)
-        eta = eta_schedule(cfg.sampler.steps, cfg.sampler.eta, window=window,
+        eta = eta_schedule(cfg.sampler.steps, base_eta, window=window,
                            last_step_noise=cfg.sampler.last_step_noise)  # [T]
         step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
         with nfe.phase("sampling"):
-            traj = sample(model.velocity, noise, sigmas, cond, eta=eta.to(device), kernel=cfg.sampler.kernel,
-                          generator=step_gen, cond_index=cond_index.to(device), group=group.to(device),
-                          prompts=batch_prompts, reduce=cfg.sampler.logp_reduce)
+            traj = PLANS[cfg.sampler.plan](model.velocity, noise, sigmas, cond, eta=eta.to(device),
+                                           kernel=cfg.sampler.kernel, generator=step_gen,
+                                           cond_index=cond_index.to(device), group=group.to(device),
+                                           prompts=batch_prompts, reduce=cfg.sampler.logp_reduce,
+                                           keep_velocities=True, **dict(cfg.sampler.plan_options))
+        row_prompts = [batch_prompts[int(i)] for i in traj.cond_index]  # plans may add rows (branch children)
 
         # 7. rewards ---------------------------------------------------------------------------------------
-        with torch.no_grad():
-            images = model.decode(traj.final)  # [B, 3, H, W] in [0, 1]
-            reward_vals = {k: r(images, [batch_prompts[int(i)] for i in cond_index]).float().cpu()
-                           for k, r in rewards.items()}  # name -> [B]
+        def score(latents: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                images = model.decode(latents)  # [N, 3, H, W] in [0, 1]
+                return {k: r(images, [row_prompts[int(i)] for i in rows]).float().cpu() for k, r in rewards.items()}
+
+        reward_vals = score(traj.final, torch.arange(traj.batch_size))  # name -> [B]
         for k, v in reward_vals.items():
             metrics[f"reward/{k}"] = float(reduce_mean(torch.nanmean(v).reshape(1)).item())
-        metrics["reward/zero_std_ratio"] = zero_std_ratio(sum(reward_vals.values()), group)
+        metrics["reward/zero_std_ratio"] = zero_std_ratio(sum(reward_vals.values()), traj.group.cpu())
 
-        # 8. credit ----------------------------------------------------------------------------------------
+        # 8. credit: a registered assigner, with the process-reward core as its probe -----------------------
         trained = _trained_mask(eta, cfg.sampler.train_fraction, traj.batch_size)  # [B, T]
-        credit = assign_credit(cfg.credit.name, CreditInput(
-            traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
-            aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
-            std_ddof=cfg.credit.std_ddof), cfg.credit.options)
-        adv = credit.advantages.clamp(-cfg.credit.adv_clip, cfg.credit.adv_clip)  # [B, T]
-        if credit.weights is not None:
-            adv = adv * credit.weights  # positive per-step weights after the ±A_max clip (§3.6)
-        adv = torch.where(trained, adv, torch.zeros_like(adv))
+        if "trained" in traj.extras:  # plans that make only some edges stochastic per row (branching)
+            trained = trained & traj.extras["trained"].cpu()
+        with nfe.phase("probing"):
+            credit = assign_credit(cfg.credit.name, CreditInput(
+                traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
+                aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
+                std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals)),
+                cfg.credit.options)
+        heads = {"main": credit.advantages, **dict(credit.heads or {})}
+        advs = {}
+        for h, a in heads.items():
+            a = a.clamp(-cfg.credit.adv_clip, cfg.credit.adv_clip)  # [B, T]
+            if credit.weights is not None:
+                a = a * credit.weights  # positive per-step weights after the ±A_max clip (§3.6)
+            advs[h] = torch.where(trained, a, torch.zeros_like(a))
+        # each head (the main one and any extra, e.g. Euphonium's process head) is its own clipped term (§3.4 multi_head)
+        metrics.update({f"credit/{h}_abs_mean": float(a[trained].abs().mean()) if trained.any() else 0.0
+                        for h, a in advs.items()})
 
         # 9. update ----------------------------------------------------------------------------------------
-        keep = trained & (adv != 0) if cfg.train.filter_zero_std else trained
+        any_adv = torch.stack([a != 0 for a in advs.values()]).any(0)  # [B, T]
+        keep = trained & any_adv if cfg.train.filter_zero_std else trained
         pairs = keep.nonzero()  # [N, 2] (rollout, step)
         metrics["train/kept_fraction"] = float(keep.any(1).float().mean())
         perm = torch.randperm(pairs.shape[0], generator=torch.Generator().manual_seed(_seed(cfg.train.seed, it, 3)))
         pairs = pairs[perm] if cfg.train.shuffle_transitions else pairs
-        bad_input = not bool(torch.isfinite(adv).all()) or any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
+        bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
+            any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
         metrics["train/nonfinite_inputs"] = int(bad_input)
-        stats = _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, skip=bad_input)
+        stats = _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, skip=bad_input)
         steps_taken = stats.pop("_steps_taken")
         metrics.update(stats)
         for _ in range(steps_taken):
@@ -327,8 +346,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
     return run
 
 
-def _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, *, skip: bool) -> dict:
-    """Micro-batched re-scoring + clipped GRPO loss (+ exact KL to the adapter-disabled reference)."""
+def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool) -> dict:
+    """Micro-batched re-scoring + clipped GRPO loss per advantage head (+ exact KL to the adapter-disabled reference)."""
     tr = cfg.train
     out = {"train/skipped_updates": 0, "_steps_taken": 0}
     n_steps = tr.optimizer_steps_per_iter
@@ -347,8 +366,10 @@ def _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, *, skip: bool) 
                 logp, trans = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
                                             kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce)
             old = traj.log_probs[b, t]
-            a = adv[b.cpu(), t.cpu()].to(logp.device)
-            pol, ratio = clipped_surrogate(logp, old, a, tr.clip_range)
+            pol = torch.zeros_like(logp)
+            for adv in advs.values():
+                term, ratio = clipped_surrogate(logp, old, adv[b.cpu(), t.cpu()].to(logp.device), tr.clip_range)
+                pol = pol + term
             loss_sum = pol.sum()
             kl = torch.zeros_like(pol)
             if tr.beta_kl > 0:
@@ -383,6 +404,23 @@ def _update(cfg, model, opt, traj, adv, pairs, reduce_mean, nfe, *, skip: bool) 
         out[f"train/{k}"] = sum(v) / len(v)
     out["train/transitions"] = int(pairs.shape[0])
     return out
+
+
+def _load_eta(cfg) -> float | torch.Tensor:
+    """sampler.eta, or the per-step list in sampler.eta_file (DenseGRPO's calibrated ψ_t)."""
+    if not cfg.sampler.eta_file:
+        return cfg.sampler.eta
+    import json
+
+    path = Path(cfg.sampler.eta_file)
+    try:
+        eta = json.loads(path.read_text())["eta"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read a per-step 'eta' list from sampler.eta_file={str(path)!r} ({type(e).__name__}); "
+                        f"write it with `flowalign calibrate`") from e
+    if len(eta) != cfg.sampler.steps:
+        raise UserError(f"sampler.eta_file has {len(eta)} etas but sampler.steps={cfg.sampler.steps}; they must match")
+    return torch.tensor([float(v) for v in eta], dtype=torch.float32)
 
 
 def _flat_summary(summ: dict) -> dict:

@@ -10,9 +10,9 @@ method (DenseGRPO, TP-GRPO, VGPO, TempFlow) and by steering:
 - **staggered batching**: all probes of all rows run as one loop over the shared grid
   (``flowalign.samplers.plans.staggered_ode``), chunked by ``max_batch``;
 - **velocity reuse**: a probe's first step uses the velocity the sampler cached at x_t;
-- **skip around ODE steps** (``ode:full``): if η_t = 0, V_full(x_{t+1}) = V_full(x_t) exactly, so each
-  requested state is mapped to the last state of its ODE run and probed once (a state followed only by ODE
-  steps takes the terminal reward);
+- **skip around ODE steps** (``ode:full``, and ``ode:m`` / ``x0`` where the sub-grid is the native one):
+  if η_t = 0, V_full(x_{t+1}) = V_full(x_t) exactly, so each requested state is mapped to the last state of
+  its ODE run and probed once (a state followed only by ODE steps takes the terminal reward);
 - **group-shared work**: identical (state, prompt) pairs, e.g. the x_0 of a group with shared initial
   noise, are integrated and scored once;
 - **probe only what is asked**: the caller passes a [B, T+1] mask.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections import defaultdict
 from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
@@ -92,11 +91,6 @@ class ProbeMode(NamedTuple):
 
     method: str
     m: Optional[int]
-
-    @property
-    def exact_on_ode_steps(self) -> bool:
-        """V(x_{t+1}) = V(x_t) exactly after an Euler step (only for Euler on the native grid)."""
-        return self.method == "euler" and self.m is None
 
 
 def parse_mode(mode: str) -> ProbeMode:
@@ -187,7 +181,7 @@ def probe_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mode: str
         mode: see ``parse_mode``.
         score: ``score(latents, rows) -> {name: [N]}`` (decode + rewards).
         terminal: {name: [B]} rewards of x_T already computed by the caller; reused for V(x_T) and for every
-            state that ``ode:full`` maps to x_T (otherwise x_T is scored here).
+            state the ODE-skip rule maps to x_T (otherwise x_T is scored here).
         reuse_velocity / skip_ode / dedupe: the compute-saving techniques (on by default; off = reference).
         max_batch: rows per model forward; ``score_batch``: latents per ``score`` call.
         counter: an ``NFECounter`` whose ``"probing"`` phase the forwards are attributed to.
@@ -199,10 +193,13 @@ def probe_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mode: str
     if tuple(mask.shape) != (b, steps + 1):
         raise ValueError(f"probe mask must be [B, T+1] = [{b}, {steps + 1}], got {list(mask.shape)}")
     pm = parse_mode(mode)
-    canon = ode_canonical(row_eta(traj)) if (skip_ode and pm.exact_on_ode_steps) else \
-        torch.arange(steps + 1).expand(b, -1)  # [B, T+1]
     req_b, req_t = mask.nonzero(as_tuple=True)  # requested states
-    req_c = canon[req_b, req_t]  # the state actually probed
+    req_c = req_t.clone()  # the state actually probed
+    if skip_ode and pm.method == "euler":
+        # Euler on the native grid from t passes through x_{t+1} exactly when step t is ODE, so V(x_t) = V(x_{t'})
+        # (t' = the end of t's ODE run). That holds for ode:full everywhere and for ode:m where T − t ≤ m.
+        native = torch.ones_like(req_t, dtype=torch.bool) if pm.m is None else (steps - req_t) <= pm.m
+        req_c = torch.where(native, ode_canonical(row_eta(traj))[req_b, req_t], req_t)
     # unique probes (row, state) with state < T; state T takes the terminal reward
     inner = req_c < steps
     pair = torch.unique(req_b[inner] * (steps + 1) + req_c[inner])  # [P0]
@@ -354,6 +351,22 @@ class RewardGuidance:
             grad = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *lat)
         coef = self.lam * ((sigma - sigma_next) if self.scale_dt else 1.0)
         return coef * grad  # [B, *latent]
+
+    def guided_steps(self, steps: int) -> Tensor:
+        """[T] bool: the steps where guidance was applied (and PRM(x_t) recorded)."""
+        out = torch.zeros(steps, dtype=torch.bool)
+        for t in self.scores:
+            if t < steps:
+                out[t] = True
+        return out
+
+    def credit_extras(self, traj: Trajectory) -> dict[str, Tensor]:
+        """``{"prm": [B, T+1], "prm_steps": [T]}`` for ``CreditInput.extras`` (credit ``euphonium``)."""
+        return {"prm": self.prm_values(traj, post=True), "prm_steps": self.guided_steps(traj.steps)}
+
+    def reset(self) -> None:
+        """Forget recorded scores (call before each rollout when the hook is reused)."""
+        self.scores.clear()
 
     def prm_values(self, traj: Trajectory, post: bool = True) -> Tensor:
         """[B, T+1] PRM scores at evaluated states; with ``post`` also at x_{t+1} of every guided step t."""

@@ -1,0 +1,311 @@
+"""``flowalign bench credit``: measured cost of every credit method (METHODS.md §5.2), never estimated.
+
+For each method (rollout plan + kernel + credit assigner + probe mode) this runs one real iteration's
+rollout, rewards and credit on a model with an ``NFECounter`` installed, and reports per prompt group:
+model forwards for sampling and probing (1 NFE = one sample's forward, the CFG pair counted once), the
+ratio to plain Flow-GRPO sampling (G·T), reward calls (images scored) and wall time, next to the
+reference implementations' costs from METHODS.md §5.2. It also measures how well few-step probes rank the
+members of each group like full-ODE probes (mean Spearman over (group, state)).
+
+Models: the shipped shapes model (``load_model("shapes")``; a randomly initialised shapes model when it
+is not shipped yet: the counts are exact, the ranking figures are not meaningful) and the tiny SD3
+pipeline of ``tests/tiny_models.py`` (only from a source checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+# name: (plan, kernel, eta, credit, credit options, plan options)
+METHODS: dict[str, tuple[str, str, float, str, dict, dict]] = {
+    "flow_grpo": ("chain", "flow_sde", 0.7, "outcome", {}, {}),
+    "dense_full": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "ode:full"}, {}),
+    "dense_ode3": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "ode:3"}, {}),
+    "dense_ode2": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "ode:2"}, {}),
+    "dense_mid1": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "ode2:1"}, {}),
+    "dense_x0": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "x0"}, {}),
+    "tp_full": ("chain", "cps", 0.7, "turning_points", {"probe": "ode:full"}, {}),
+    "tp_ode2": ("chain", "cps", 0.7, "turning_points", {"probe": "ode:2"}, {}),
+    "vgpo_x0": ("chain", "flow_sde", 0.7, "value_anchor", {"probe": "x0"}, {}),
+    "tempflow_all": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "all"}),
+    "tempflow_one": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "random"}),
+}
+
+# METHODS.md §5.2 (SD3.5-M-like, T = 10, G = 24): NFE as × Flow-GRPO, as released (with reuse)
+REFERENCE = {
+    "flow_grpo": "1× (240 NFE)",
+    "dense_full": "6.5× released; 5.5× with reuse",
+    "dense_ode3": "—",
+    "dense_ode2": "2.9× released; 1.9× with reuse",
+    "dense_mid1": "—",
+    "dense_x0": "2× released; 1× with reuse",
+    "tp_full": "6.4× released; ≈4.6× shared ODE + reuse",
+    "tp_ode2": "—",
+    "vgpo_x0": "2× (1× with reuse)",
+    "tempflow_all": "4.65× (4 seeds × 6 children)",
+    "tempflow_one": "≈0.6×",
+}
+
+RANK_MODES = ("x0", "ode:2", "ode2:1", "ode:3", "ode2:2")
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (average ranks for ties); NaN when either is constant."""
+
+    def ranks(x: Tensor) -> Tensor:
+        x = x.to(torch.float64)
+        order = torch.argsort(x, stable=True)
+        r = torch.empty_like(x)
+        r[order] = torch.arange(x.numel(), dtype=torch.float64)
+        for v in x.unique():  # average ties
+            m = x == v
+            if int(m.sum()) > 1:
+                r[m] = r[m].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+class _Setup:
+    """A model with an NFE counter, its rewards, and a fixed prompt batch."""
+
+    def __init__(self, name: str, model, rewards: dict, prompts: list[str], note: str):
+        from flowalign.values import NFECounter
+
+        self.name, self.model, self.rewards, self.prompts, self.note = name, model, rewards, prompts, note
+        self.nfe = NFECounter(model)
+        self.reward_calls = 0
+
+    def score(self, latents: Tensor, rows: Tensor, traj) -> dict[str, Tensor]:
+        self.reward_calls += int(latents.shape[0])
+        with torch.no_grad():
+            images = self.model.decode(latents)
+        ps = [traj.prompts[int(traj.cond_index[int(r)])] for r in rows]
+        return {k: r(images, ps).float().cpu() for k, r in self.rewards.items()}
+
+
+def _shapes_setup(n_groups: int, path: str = "") -> _Setup:
+    from flowalign.errors import UserError
+    from flowalign.models import load_model
+    from flowalign.rewards import build_reward
+    try:
+        model, note = load_model("shapes", path), f"shapes model {path or '(shipped)'}"
+    except UserError as e:
+        from flowalign.models.shapes import ShapesModel
+
+        logger.warning("%s", e)
+        model = ShapesModel.from_config({})
+        for m in model.components.values():
+            m.eval().requires_grad_(False)
+        note = "RANDOM-INIT shapes model (shipped weights not found): counts exact, rankings not meaningful"
+    prompts = _shapes_prompts(n_groups, seed=3)
+    return _Setup("shapes", model, {"shapes_partial": build_reward("shapes_partial")}, prompts, note)
+
+
+def _sd3_setup(n_groups: int, workdir: Path) -> Optional[_Setup]:
+    import flowalign
+    from flowalign.models import load_model
+    from flowalign.rewards import build_reward
+
+    src = Path(flowalign.__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+    if not src.is_file():
+        logger.warning("tiny SD3 skipped: %s not found (needs a source checkout)", src)
+        return None
+    spec = importlib.util.spec_from_file_location("_flowalign_tiny_models", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = mod.build_tiny_sd3(workdir / "tiny_sd3")
+    model = load_model("sd3", str(path), **mod.TINY_SIZES["sd3"])
+    prompts = ["a red cat", "a blue square above a green tree", "two yellow birds", "a white house"][:n_groups]
+    prompts += ["a black dog"] * max(0, n_groups - len(prompts))
+    return _Setup("tiny-sd3", model, {"saturation": build_reward("saturation")}, prompts,
+                  "tiny random SD3 pipeline (tests/tiny_models.py), saturation reward")
+
+
+def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, children: int, seed: int,
+               max_batch: Optional[int]) -> dict[str, Any]:
+    """One rollout + rewards + credit iteration of ``method``; measured counts per prompt group."""
+    from flowalign.credit import CreditInput, assign_credit
+    from flowalign.samplers.loop import eta_schedule
+    from flowalign.samplers.plans import PLANS
+    from flowalign.values import make_probe
+
+    plan, kernel, eta_val, credit, c_opts, p_opts = METHODS[method]
+    model, nfe = setup.model, setup.nfe
+    n_groups = len(setup.prompts)
+    nfe.counts.clear()
+    nfe.calls.clear()
+    setup.reward_calls = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cond = model.encode(setup.prompts)
+    sigmas = model.schedule(steps)
+    eta = eta_schedule(steps, eta_val)  # [T], last step deterministic
+    rows = group_size if plan == "chain" else max(1, group_size // children)
+    cond_index = torch.arange(n_groups).repeat_interleave(rows)
+    noise = model.init_noise(n_groups * rows, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    opts = dict(p_opts)
+    if plan == "branch":
+        opts.update(children=children, max_batch=max_batch)
+    with nfe.phase("sampling"):
+        traj = PLANS[plan](model.velocity, noise, sigmas, cond, cond_index=cond_index, group=cond_index.clone(),
+                           eta=eta, kernel=kernel, generator=gen, keep_velocities=True, prompts=setup.prompts,
+                           **opts)
+    t_sample = time.perf_counter()
+    rewards = setup.score(traj.final, torch.arange(traj.batch_size), traj)
+    trained = (traj.eta.cpu() > 0)[None].expand(traj.batch_size, -1) & \
+        (torch.arange(steps) < math.floor(0.99 * steps + 1e-9))[None]
+    if "trained" in traj.extras:
+        trained = trained & traj.extras["trained"].cpu()
+    probe = make_probe(model.velocity, traj, lambda z, r: setup.score(z, r, traj), terminal=rewards, counter=nfe,
+                       max_batch=max_batch)
+    inp = CreditInput(traj=traj, rewards=rewards, reward_weights={k: 1.0 for k in rewards}, trained=trained,
+                      probe=probe)
+    out = assign_credit(credit, inp, c_opts)
+    wall = time.perf_counter() - t0
+    tot = nfe.totals()
+    base = group_size * steps
+    per = 1.0 / n_groups
+    samp, prob = tot.get("sampling", 0) * per, tot.get("probing", 0) * per
+    return {
+        "model": setup.name, "method": method, "credit": credit, "probe": c_opts.get("probe", "-"),
+        "rollouts_per_group": traj.batch_size * per, "nfe_sampling": samp, "nfe_probing": prob,
+        "nfe_total": samp + prob, "x_flow_grpo": round((samp + prob) / base, 3),
+        "model_launches": sum(nfe.calls.values()), "reward_calls": setup.reward_calls * per,
+        "trained_transitions": int((trained & (out.advantages != 0)).sum()) * per,
+        "wall_s": round(wall, 2), "sampling_s": round(t_sample - t0, 2), "reference": REFERENCE.get(method, "—"),
+    }
+
+
+def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, modes: Sequence[str],
+                   max_batch: Optional[int]) -> dict[str, dict[str, float]]:
+    """Spearman between few-step and full-ODE values of every state, per (group, state) across members."""
+    from flowalign.samplers.loop import eta_schedule, sample
+    from flowalign.values import probe_values
+
+    model = setup.model
+    n_groups = len(setup.prompts)
+    with torch.no_grad():
+        cond = model.encode(setup.prompts)
+    cond_index = torch.arange(n_groups).repeat_interleave(group_size)
+    noise = model.init_noise(n_groups * group_size, torch.Generator().manual_seed(seed))
+    traj = sample(model.velocity, noise, model.schedule(steps), cond, eta=eta_schedule(steps, 0.7),
+                  kernel="flow_sde", generator=torch.Generator().manual_seed(seed + 1), cond_index=cond_index,
+                  group=cond_index.clone(), keep_velocities=True, prompts=setup.prompts)
+    mask = torch.ones(traj.batch_size, steps + 1, dtype=torch.bool)
+    mask[:, steps] = False
+    sc = lambda z, r: setup.score(z, r, traj)  # noqa: E731
+    term = sc(traj.final, torch.arange(traj.batch_size))
+    full = probe_values(model.velocity, traj, mask, "ode:full", sc, terminal=term, max_batch=max_batch)
+    out: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        vals = probe_values(model.velocity, traj, mask, mode, sc, terminal=term, max_batch=max_batch)
+        rs = []
+        for name in full:
+            for g in range(n_groups):
+                m = cond_index == g
+                for t in range(steps - 1):  # x_{T−1} → x_T is ODE, its value is R for every mode's complement
+                    r = spearman(vals[name][m, t], full[name][m, t])
+                    if math.isfinite(r):
+                        rs.append(r)
+        out[mode] = {"spearman_mean": round(sum(rs) / len(rs), 3) if rs else float("nan"),
+                     "spearman_min": round(min(rs), 3) if rs else float("nan"), "pairs": len(rs)}
+    return out
+
+
+def bench_credit(argv: Sequence[str]) -> int:
+    """``flowalign bench credit``: print measured NFE / reward calls / wall time per credit method."""
+    ap = argparse.ArgumentParser(prog="flowalign bench credit", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="shapes,sd3", help="comma list of: shapes, sd3")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
+    ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
+    ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
+    ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (METHODS §5.2 uses 24)")
+    ap.add_argument("--groups", type=int, default=1, help="prompt groups")
+    ap.add_argument("--children", type=int, default=4, help="TempFlow children K (seeds = G // K)")
+    ap.add_argument("--max-batch", type=int, default=None, help="rows per model forward while probing")
+    ap.add_argument("--rank-groups", type=int, default=4, help="groups for the Spearman measurement (0 = skip)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(list(argv))
+    torch.set_num_threads(max(1, args.threads))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        from flowalign.errors import UserError
+
+        raise UserError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
+    results: dict[str, Any] = {"runs": [], "ranking": {}, "notes": {}}
+    with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            setup = _shapes_setup(args.groups, args.shapes_path) if name == "shapes" else \
+                _sd3_setup(args.groups, Path(tmp)) if name == "sd3" else None
+            if setup is None:
+                results["notes"][name] = "skipped"
+                continue
+            results["notes"][name] = setup.note
+            print(f"\n== {setup.name}: {setup.note}; T={args.steps}, G={args.group_size}, groups={args.groups}")  # noqa: T201
+            print(f"{'method':<14}{'probe':<10}{'NFE samp':>9}{'NFE probe':>10}{'× FlowGRPO':>11}{'rewards':>8}"  # noqa: T201
+                  f"{'launch':>7}{'wall s':>8}   reference (METHODS §5.2)")
+            for m in methods:
+                r = run_method(setup, m, steps=args.steps, group_size=args.group_size, children=args.children,
+                               seed=args.seed, max_batch=args.max_batch)
+                results["runs"].append(r)
+                print(f"{m:<14}{r['probe']:<10}{r['nfe_sampling']:>9.0f}{r['nfe_probing']:>10.0f}"  # noqa: T201
+                      f"{r['x_flow_grpo']:>11.2f}{r['reward_calls']:>8.0f}{r['model_launches']:>7d}"
+                      f"{r['wall_s']:>8.2f}   {r['reference']}")
+            if args.rank_groups > 0 and name == "shapes":
+                setup.prompts = _shapes_prompts(args.rank_groups, seed=11)  # the cost runs are done; reuse the model
+                rk = rank_agreement(setup, steps=args.steps, group_size=args.group_size, seed=args.seed + 17,
+                                    modes=RANK_MODES, max_batch=args.max_batch)
+                results["ranking"][setup.name] = rk
+                print("ranking agreement with ode:full (Spearman across group members, per group and state):")  # noqa: T201
+                for mode, d in rk.items():
+                    print(f"  {mode:<8} mean {d['spearman_mean']:.3f}  min {d['spearman_min']:.3f}  "  # noqa: T201
+                          f"({d['pairs']} (group, state) pairs)")
+    if args.json:
+        from flowalign.io import atomic_write_json
+
+        atomic_write_json(args.json, results)
+    sys.stdout.flush()
+    return 0
+
+
+def _shapes_prompts(n: int, seed: int) -> list[str]:
+    """n shapes prompts, round-robin over the grammar's tasks."""
+    from flowalign.shapes.grammar import TASKS, generate_prompts
+
+    per = max(1, -(-n // len(TASKS)))
+    rows = generate_prompts(per, seed=seed)
+    by_task: dict[str, list[str]] = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r["prompt"])
+    mixed = [p for i in range(per) for ps in by_task.values() if i < len(ps) for p in [ps[i]]]
+    return mixed[:n]
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    return bench_credit(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig(level=logging.INFO)
+    raise SystemExit(bench_credit(sys.argv[1:]))

@@ -1,0 +1,179 @@
+"""DenseGRPO reward-aware noise calibration (METHODS.md §4.1) and ``flowalign calibrate``.
+
+The SDE's diffusion coefficient is replaced by a free per-step value ψ_t: the ``dance_sde`` kernel with a
+per-step η = ψ (s_t = ψ_t·√Δ_t). Before training, ψ is tuned so that each step's dense reward gains
+ΔR_it = V_full(x_{t+1}) − V_full(x_t) are balanced between positive and negative:
+
+    repeat I times: sample N trajectories with noise ψ, compute ΔR_it
+        for each calibrated t: if |#{ΔR_it > 0} − #{ΔR_it < 0}| < ε1: ψ_t += ε2  else ψ_t −= ε2;  ψ_t ≥ 0
+
+ε1 = 2, ε2 = 0.01 (paper); I = 10, N = 48 (flowalign defaults); ψ starts at Flow-GRPO's g_t with a = 0.7.
+The result is written as JSON whose ``eta`` list is a per-step η for ``dance_sde`` (the same ψ must be used
+for the rollout log-prob and the KL).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.samplers.loop import sample
+from flowalign.types import Cond, VelocityFn
+from flowalign.values import ScoreFn, probe_values
+
+logger = logging.getLogger(__name__)
+
+
+def initial_psi(sigmas: Tensor, a: float = 0.7, last_step_zero: bool = True) -> Tensor:
+    """Flow-GRPO's diffusion coefficient g_t = a·sqrt(σ_t/(1 − σ̃_t)) as a per-step ψ [T] (METHODS.md §2.2).
+
+    σ̃_t = σ_t if σ_t < 1 else σ_1. The last step is deterministic (ψ = 0) unless ``last_step_zero`` is off.
+    """
+    sig = sigmas.detach().cpu().to(torch.float64)
+    s, s1 = sig[:-1], sig[1]
+    s_tilde = torch.where(s < 1, s, s1)
+    psi = a * torch.sqrt(s / (1 - s_tilde))  # [T]
+    if last_step_zero:
+        psi[-1] = 0.0
+    return psi.to(torch.float32)
+
+
+def calibration_update(psi: Tensor, gains: Tensor, *, eps1: float = 2.0, eps2: float = 0.01,
+                       steps: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """One DenseGRPO calibration update (METHODS.md §4.1).
+
+    ``gains`` [N, T] reward gains ΔR of N trajectories (NaN entries ignored); ``steps`` [T] bool selects the
+    calibrated steps (default: all). A balanced step (|#pos − #neg| < ε1) gets ψ_t + ε2, an unbalanced one
+    ψ_t − ε2, clamped at 0. Returns (new ψ [T], imbalance #pos − #neg [T]).
+    """
+    g = gains.detach().to(torch.float64)
+    ok = torch.isfinite(g)
+    pos = ((g > 0) & ok).sum(0)  # [T]
+    neg = ((g < 0) & ok).sum(0)
+    imbalance = pos - neg  # [T]
+    balanced = imbalance.abs() < eps1
+    step = torch.where(balanced, torch.full_like(psi, eps2), torch.full_like(psi, -eps2))
+    if steps is not None:
+        step = torch.where(steps.to(torch.bool), step, torch.zeros_like(step))
+    return (psi + step).clamp_min(0.0), imbalance
+
+
+def reward_gains(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, cond_index: Tensor,
+                 psi: Tensor, score: ScoreFn, weights: Mapping[str, float], *,
+                 generator: Optional[torch.Generator] = None, probe: str = "ode:full",
+                 max_batch: Optional[int] = None) -> Tensor:
+    """ΔR [N, T] of N ``dance_sde`` rollouts with per-step η = ψ, values V_full of every state (weighted sum)."""
+    traj = sample(velocity, noise, sigmas, cond, eta=psi, kernel="dance_sde", generator=generator,
+                  cond_index=cond_index, keep_velocities=True)
+    mask = torch.ones(traj.batch_size, traj.steps + 1, dtype=torch.bool)
+    vals = probe_values(velocity, traj, mask, probe, score, max_batch=max_batch)
+    v = sum(float(w) * vals[k].to(torch.float64) for k, w in weights.items())  # [N, T+1]
+    return v[:, 1:] - v[:, :-1]
+
+
+def calibrate_noise(make_batch: Callable[[int], tuple[Tensor, Cond, Tensor]], velocity: VelocityFn, sigmas: Tensor,
+                    score: ScoreFn, weights: Mapping[str, float], *, psi0: Optional[Tensor] = None,
+                    iterations: int = 10, eps1: float = 2.0, eps2: float = 0.01, seed: int = 0,
+                    probe: str = "ode:full", max_batch: Optional[int] = None,
+                    steps: Optional[Tensor] = None) -> tuple[Tensor, list[dict]]:
+    """Run I calibration iterations (DenseGRPO §4.1). ``make_batch(i) -> (noise [N,*], cond, cond_index [N])``.
+
+    ``steps`` [T] bool = calibrated steps (default: every step but the last, which stays deterministic).
+    Returns (ψ [T], history: one dict per iteration with ψ before the update and the per-step imbalance).
+    """
+    t_steps = int(sigmas.shape[0]) - 1
+    psi = initial_psi(sigmas) if psi0 is None else psi0.detach().cpu().to(torch.float32).clone()
+    if steps is None:
+        steps = torch.arange(t_steps) < t_steps - 1
+    psi = torch.where(steps, psi, torch.zeros_like(psi))
+    history = []
+    for it in range(iterations):
+        noise, cond, cond_index = make_batch(it)
+        gen = torch.Generator(device=noise.device).manual_seed(seed * 1000003 + it)
+        gains = reward_gains(velocity, noise, sigmas, cond, cond_index, psi, score, weights, generator=gen,
+                             probe=probe, max_batch=max_batch)
+        new, imb = calibration_update(psi, gains, eps1=eps1, eps2=eps2, steps=steps)
+        history.append({"iteration": it, "psi": psi.tolist(), "imbalance": imb.tolist(),
+                        "mean_gain": torch.nanmean(gains, dim=0).tolist()})
+        logger.info("calibration %d/%d: imbalance %s", it + 1, iterations, imb.tolist())
+        psi = new
+    return psi, history
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    """``flowalign calibrate``: DenseGRPO noise calibration → a JSON per-step η for the ``dance_sde`` kernel."""
+    import argparse
+
+    from flowalign import data as D
+    from flowalign.errors import UserError
+    from flowalign.io import atomic_write_json
+    from flowalign.models import load_model
+    from flowalign.rewards import build_reward
+
+    ap = argparse.ArgumentParser(prog="flowalign calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="shapes", help="model family (flowalign.models.MODELS)")
+    ap.add_argument("--path", default="", help="model directory or hub id ('' = the family default)")
+    ap.add_argument("--prompts", default="shapes-train", help="prompt set (built-in name or file)")
+    ap.add_argument("--reward", action="append", default=None, metavar="NAME[=W]",
+                    help="reward and weight (repeatable; default shapes_partial=1)")
+    ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    ap.add_argument("--n", type=int, default=48, help="trajectories per iteration N")
+    ap.add_argument("--group-size", type=int, default=24, help="rollouts per prompt within the N")
+    ap.add_argument("--iterations", type=int, default=10, help="calibration iterations I")
+    ap.add_argument("--eps1", type=float, default=2.0, help="balance threshold ε1")
+    ap.add_argument("--eps2", type=float, default=0.01, help="ψ step ε2")
+    ap.add_argument("--init-a", type=float, default=0.7, help="initial ψ = Flow-GRPO g_t with this a")
+    ap.add_argument("--probe", default="ode:full", help="value probe mode")
+    ap.add_argument("--max-batch", type=int, default=None, help="rows per model forward while probing")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", required=True, help="output JSON (its 'eta' list is the per-step η of dance_sde)")
+    args = ap.parse_args(list(argv))
+    if args.n < 1 or args.group_size < 1 or args.n % args.group_size:
+        raise UserError(f"--n ({args.n}) must be a positive multiple of --group-size ({args.group_size})")
+    weights: dict[str, float] = {}
+    for spec in args.reward or ["shapes_partial=1"]:
+        name, _, w = spec.partition("=")
+        try:
+            weights[name] = float(w) if w else 1.0
+        except ValueError:
+            raise UserError(f"--reward {spec!r}: the weight must be a number, e.g. --reward {name}=1") from None
+    kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    model = load_model(args.model, args.path, device=args.device, **kw)
+    rewards = {k: build_reward(k) for k in weights}
+    records = D.load_prompts(args.prompts)
+    sigmas = model.schedule(args.steps).to(args.device)
+    n_groups = args.n // args.group_size
+    prompt_gen = torch.Generator().manual_seed(args.seed)
+
+    def make_batch(it: int):
+        idx = torch.randint(len(records), (n_groups,), generator=prompt_gen).tolist()
+        prompts = [records[i].prompt for i in idx]
+        cond = model.encode(prompts)
+        cond_index = torch.arange(n_groups, device=args.device).repeat_interleave(args.group_size)
+        noise = model.init_noise(args.n, torch.Generator().manual_seed(args.seed * 7919 + it))
+        make_batch.prompts = prompts
+        return noise.to(args.device), cond, cond_index
+
+    def score(latents: Tensor, rows: Tensor) -> dict[str, Tensor]:
+        images = model.decode(latents)
+        ps = [make_batch.prompts[int(r) // args.group_size] for r in rows]
+        return {k: r(images, ps).float() for k, r in rewards.items()}
+
+    psi0 = initial_psi(sigmas, args.init_a)
+    psi, history = calibrate_noise(make_batch, model.velocity, sigmas, score, weights, psi0=psi0,
+                                   iterations=args.iterations, eps1=args.eps1, eps2=args.eps2, seed=args.seed,
+                                   probe=args.probe, max_batch=args.max_batch)
+    out = {"kernel": "dance_sde", "eta": [round(float(p), 6) for p in psi], "sigmas": sigmas.cpu().tolist(),
+           "initial_eta": psi0.tolist(), "model": args.model, "path": args.path, "steps": args.steps,
+           "rewards": weights, "n": args.n, "group_size": args.group_size, "iterations": args.iterations,
+           "eps1": args.eps1, "eps2": args.eps2, "probe": args.probe, "history": history,
+           "final_imbalance": history[-1]["imbalance"] if history else None}
+    atomic_write_json(args.out, out)
+    logger.info("calibrated ψ written to %s: %s", args.out, out["eta"])
+    print(f"calibrated eta (dance_sde, T={args.steps}): {out['eta']}\nwritten to {args.out}")  # noqa: T201 (CLI)
+    return 0

@@ -1,0 +1,56 @@
+"""The `flowalign` command as a user runs it (subprocess): sample, eval, rewards, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flowalign.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+def test_sample_writes_a_grid(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    r = _cli("sample", "a red circle", "two blue squares", "--seeds", "3", "--steps", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    im = Image.open(out)
+    assert im.size[0] > 3 * 32 and im.size[1] > 2 * 32
+
+
+def test_sample_rejects_out_of_grammar_prompt_in_one_line(tmp_path):
+    out = tmp_path / "grid.png"
+    r = _cli("sample", "a pink circle", "--out", str(out))
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("flowalign sample: error:") and "'pink'" in lines[-1]
+    assert sum("error" in ln.lower() for ln in lines) == 1
+    assert not out.exists()
+
+
+def test_eval_on_shapes_bench_subset(tmp_path):
+    out = tmp_path / "ev"
+    r = _cli("eval", "--prompts", "shapes-bench", "--max-prompts", "6", "--seeds", "1", "--steps", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["n"] == 6 and 0.0 <= summ["overall"]["shapes_strict"] <= 1.0
+    assert (out / "report.html").exists()
+    again = _cli("eval", "--prompts", "shapes-bench", "--max-prompts", "6", "--out", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_rewards_lists_every_registered_reward():
+    from flowalign.rewards import REWARDS
+
+    r = _cli("rewards")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in REWARDS:
+        if name != "remote":
+            assert name in r.stdout, name

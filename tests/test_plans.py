@@ -1,0 +1,146 @@
+"""Rollout plans and the staggered ODE integrator (METHODS.md §2.7, §4.3, §5.3)."""
+
+import pytest
+import torch
+
+from flowalign.samplers import eta_schedule, sample, schedules, step_log_prob
+from flowalign.samplers.plans import PLANS, next_table, staggered_ode, subgrid
+
+M, SD = 2.0, 0.5
+
+
+def gaussian_world_velocity(x, sigma, cond):
+    """Exact velocity for data ~ N(m + c, s_d²) (METHODS.md §2.9), c a per-prompt offset; elementwise."""
+    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+    m = M + cond["c"].to(torch.float64)
+    x = x.to(torch.float64)
+    num = s - (1 - s) * SD**2
+    den = (1 - s) ** 2 * SD**2 + s**2
+    return (num / den * (x - (1 - s) * m) - m).to(torch.float32)
+
+
+class Counting:
+    def __init__(self, fn):
+        self.fn, self.nfe, self.calls = fn, 0, 0
+
+    def __call__(self, x, sigma, cond):
+        self.nfe += x.shape[0]
+        self.calls += 1
+        return self.fn(x, sigma, cond)
+
+
+def _cond(n_prompts=2, d=4):
+    return {"c": torch.linspace(-0.5, 0.5, n_prompts)[:, None].expand(n_prompts, d).contiguous()}
+
+
+def test_subgrid_is_rounded_linspace_of_native_grid():
+    assert subgrid(0, 10, 2) == [0, 5, 10]
+    assert subgrid(0, 10, None) == list(range(11))
+    assert subgrid(3, 10, 1) == [3, 10]
+    assert subgrid(9, 10, 4) == [9, 10]  # m ≥ T − t: the native grid
+    assert subgrid(1, 10, 4) == [1, 3, 6, 8, 10]  # round(linspace(1, 10, 5)) = round([1, 3.25, 5.5, 7.75, 10])
+    assert subgrid(10, 10, 3) == [10]
+    nt = next_table(torch.tensor([0, 4]), 10, 2)
+    assert nt[0, 0] == 5 and nt[0, 5] == 10 and nt[0, 1] == -1
+    assert nt[1, 4] == 7 and nt[1, 7] == 10
+
+
+def test_staggered_ode_equals_per_row_euler_and_launches_T_times():
+    g = torch.Generator().manual_seed(0)
+    steps = 8
+    sig = schedules.sd3_diffusers(steps)
+    cond = _cond()
+    x = torch.randn(5, 4, generator=g)
+    start = torch.tensor([0, 3, 3, 7, 5])
+    ci = torch.tensor([0, 1, 0, 1, 1])
+    vel = Counting(gaussian_world_velocity)
+    comp = staggered_ode(vel, x, start, sig, cond, ci, keep_path=True)
+    assert vel.calls == steps  # one launch per grid index, not Σ lengths
+    assert vel.nfe == int((steps - start).sum())
+    for i in range(5):
+        ref = sample(gaussian_world_velocity, x[i:i + 1], sig[start[i]:], cond, eta=0.0, kernel="euler",
+                     cond_index=ci[i:i + 1])
+        assert torch.equal(comp.final[i], ref.final[0])
+        assert torch.equal(comp.states[i, start[i]:], ref.latents[0])
+    # chunking and a cached first velocity give the same states
+    v0 = gaussian_world_velocity(x, sig[start], {"c": cond["c"][ci]})
+    vel2 = Counting(gaussian_world_velocity)
+    comp2 = staggered_ode(vel2, x, start, sig, cond, ci, first_velocity=v0, max_batch=2)
+    assert torch.equal(comp2.final, comp.final) and vel2.nfe == vel.nfe - 5
+
+
+def test_chain_plan_is_loop_sample():
+    cond = _cond()
+    x = torch.randn(4, 4)
+    sig = schedules.sd3_diffusers(6)
+    ci = torch.tensor([0, 0, 1, 1])
+    a = PLANS["chain"](gaussian_world_velocity, x, sig, cond, cond_index=ci, group=ci, eta=eta_schedule(6, 0.7),
+                       kernel="flow_sde", generator=torch.Generator().manual_seed(3), keep_velocities=True)
+    b = sample(gaussian_world_velocity, x, sig, cond, eta=eta_schedule(6, 0.7), kernel="flow_sde",
+               generator=torch.Generator().manual_seed(3), cond_index=ci, keep_velocities=True)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+
+
+def test_branch_plan_every_step():
+    steps, kids = 6, 3
+    sig = schedules.sd3_diffusers(steps)
+    cond = _cond()
+    x = torch.randn(2, 4)  # two seeds
+    ci = torch.tensor([0, 1])
+    eta = eta_schedule(steps, 0.7)  # candidates 0 … T−2
+    vel = Counting(gaussian_world_velocity)
+    tr = PLANS["branch"](vel, x, sig, cond, cond_index=ci, group=torch.tensor([7, 9]), eta=eta, kernel="flow_sde",
+                         generator=torch.Generator().manual_seed(1), keep_velocities=True, children=kids)
+    n_k = steps - 1
+    assert tr.latents.shape == (2 * n_k * kids, steps + 1, 4) and tr.velocities.shape == (2 * n_k * kids, steps, 4)
+    # NFE: trunk to k_max (plus v at x_kmax) once per seed, children completed on the native grid
+    assert vel.nfe == 2 * (n_k + kids * sum(steps - k - 1 for k in range(n_k)))
+    ex = tr.extras
+    ode = sample(gaussian_world_velocity, x, sig, cond, eta=0.0, kernel="euler", cond_index=ci, keep_velocities=True)
+    for r in range(tr.batch_size):
+        s, k = int(ex["parent"][r]), int(ex["branch_step"][r])
+        assert torch.equal(tr.latents[r, : k + 1], ode.latents[s, : k + 1])  # shared prefix, bit-exact
+        assert not torch.equal(tr.latents[r, k + 1], ode.latents[s, k + 1])
+        assert torch.equal(tr.velocities[r, : k + 1], ode.velocities[s, : k + 1])
+        # the child is exactly the ODE completion of its x_{k+1}
+        ref = sample(gaussian_world_velocity, tr.latents[r:r + 1, k + 1], sig[k + 1:], cond, eta=0.0, kernel="euler",
+                     cond_index=ci[s:s + 1])
+        assert torch.equal(tr.latents[r, k + 1:], ref.latents[0])
+        # only the branch edge is stochastic for this row
+        assert ex["eta_rows"][r].nonzero().flatten().tolist() == [k] and ex["trained"][r].sum() == 1
+        assert (tr.log_probs[r] != 0).nonzero().flatten().tolist() == [k]
+        assert int(ex["prompt_group"][r]) == [7, 9][s]
+    # sibling groups are (seed, k): K members each, siblings share the group, others do not
+    for grp in tr.group.unique():
+        m = tr.group == grp
+        assert int(m.sum()) == kids
+        assert ex["parent"][m].unique().numel() == 1 and ex["branch_step"][m].unique().numel() == 1
+    # re-scoring the branch edges gives ratio 1
+    k = ex["branch_step"]
+    rows = torch.arange(tr.batch_size)
+    lp, _ = step_log_prob(gaussian_world_velocity, tr.latents[rows, k], tr.latents[rows, k + 1], sig[k], sig[k + 1],
+                          ex["eta_rows"][rows, k], {"c": cond["c"][tr.cond_index]}, kernel="flow_sde")
+    assert (lp - tr.log_probs[rows, k]).abs().max() < 1e-5
+
+
+def test_branch_plan_random_steps_reproducible_and_validated():
+    steps = 8
+    sig = schedules.sd3_diffusers(steps)
+    cond = _cond()
+    x = torch.randn(3, 4)
+    ci = torch.tensor([0, 0, 1])
+    eta = eta_schedule(steps, 0.7)
+
+    def run(seed, spec="random"):
+        return PLANS["branch"](gaussian_world_velocity, x, sig, cond, cond_index=ci, group=ci, eta=eta,
+                               generator=torch.Generator().manual_seed(seed), children=2, branch_steps=spec)
+
+    a, b = run(5), run(5)
+    assert torch.equal(a.latents, b.latents) and a.batch_size == 3 * 2
+    assert set(a.extras["branch_step"].tolist()) <= set(range(steps - 1))
+    assert run(5, [2, 4]).extras["branch_step"].tolist() == [2, 2, 4, 4] * 3
+    assert run(5, 3).batch_size == 3 * 3 * 2
+    with pytest.raises(ValueError):
+        run(5, [steps - 1])  # the last step is ODE: not a branch candidate
+    one = run(5, [0])  # branch at step 0: no trunk forwards beyond v(x_0)
+    assert torch.equal(one.latents[:, 0], x[[0, 0, 1, 1, 2, 2]])

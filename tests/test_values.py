@@ -1,0 +1,195 @@
+"""The process-reward core: value probes, their compute savings and the guidance hook (DESIGN.md §4, METHODS.md §4–5)."""
+
+import pytest
+import torch
+
+from flowalign.samplers import eta_schedule, sample, schedules, step_log_prob
+from flowalign.values import (NFECounter, RewardGuidance, make_probe, ode_canonical, parse_mode, probe_nfe,
+                              probe_values, probe_values_naive)
+
+M, SD = 2.0, 0.5
+T = 8
+
+
+def gaussian_world_velocity(x, sigma, cond):
+    """Exact velocity for data ~ N(m + c, s_d²) per dimension (METHODS.md §2.9); elementwise, batch-invariant."""
+    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+    m = M + cond["c"].to(torch.float64)
+    x = x.to(torch.float64)
+    num = s - (1 - s) * SD**2
+    den = (1 - s) ** 2 * SD**2 + s**2
+    return (num / den * (x - (1 - s) * m) - m).to(torch.float32)
+
+
+class Counting:
+    def __init__(self, fn):
+        self.fn, self.nfe, self.calls = fn, 0, 0
+
+    def __call__(self, x, sigma, cond):
+        self.nfe += x.shape[0]
+        self.calls += 1
+        return self.fn(x, sigma, cond)
+
+
+class TinyNet(torch.nn.Module):
+    """A tiny model with weights: v = MLP([x, σ]) + c (batch composition may change the last bits)."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(d + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, d))
+
+    def forward(self, x, sigma, cond):
+        return self.net(torch.cat([x, sigma[:, None]], 1)) + cond["c"]
+
+
+def score(z, rows):
+    return {"r": -(z - 2.0).pow(2).mean(1), "s": torch.sin(3 * z).mean(1)}
+
+
+def _traj(eta, *, b=6, shared_noise=False, vel=gaussian_world_velocity, kernel="flow_sde", keep=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = {"c": torch.tensor([[-0.3] * 4, [0.4] * 4])}
+    ci = torch.arange(b) // (b // 2)
+    x = torch.randn(b, 4, generator=g)
+    if shared_noise:
+        x = x[ci * (b // 2)]
+    return sample(vel, x, schedules.sd3_diffusers(T), cond, eta=eta, kernel=kernel, generator=g, cond_index=ci,
+                  group=ci, keep_velocities=keep)
+
+
+def test_parse_mode_and_cost_table():
+    assert parse_mode("x0") == ("euler", 1) and parse_mode("ode:full") == ("euler", None)
+    assert parse_mode("ode:3") == ("euler", 3) and parse_mode("ode2:2") == ("midpoint", 2)
+    for bad in ("ode", "ode:0", "full", "ode3:2"):
+        with pytest.raises(ValueError):
+            parse_mode(bad)
+    # METHODS §4.1 cost: full probes at T = 10 from states 0..9 = Σ(10 − t) = 55; 45 with reuse
+    assert sum(probe_nfe("ode:full", t, 10, reuse=False) for t in range(10)) == 55
+    assert sum(probe_nfe("ode:full", t, 10) for t in range(10)) == 45
+    assert sum(probe_nfe("ode:2", t, 10) for t in range(10)) == 9 and probe_nfe("x0", 3, 10) == 0
+
+
+@pytest.mark.parametrize("mode", ["ode:full", "ode:2", "ode:3", "x0", "ode2:2", "ode2:full"])
+def test_batched_engine_equals_naive_reference(mode):
+    """All savings on (staggering, reuse, ODE-skip, dedupe) and the one-at-a-time reference agree bit for bit."""
+    eta = eta_schedule(T, 0.7, window=(2, 3))  # ODE prefix and tail: the skip rule applies
+    traj = _traj(eta, shared_noise=True)
+    mask = torch.rand(6, T + 1, generator=torch.Generator().manual_seed(1)) < 0.7
+    mask[:, 0] = True
+    fast = probe_values(gaussian_world_velocity, traj, mask, mode, score, max_batch=5)
+    ref = probe_values_naive(gaussian_world_velocity, traj, mask, mode, score)
+    for k in ("r", "s"):
+        assert torch.equal(torch.isnan(fast[k]), ~mask)
+        assert torch.equal(fast[k][mask], ref[k][mask]), (mode, k)
+
+
+def test_full_ode_probes_of_all_ode_trajectory_equal_final_reward():
+    traj = _traj(0.0)
+    final = score(traj.final, None)
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    vel = Counting(gaussian_world_velocity)
+    v = probe_values(vel, traj, mask, "ode:full", score)
+    assert vel.nfe == 0  # every state maps to x_T through η = 0 steps: nothing is integrated
+    for k in final:
+        assert torch.equal(v[k], final[k][:, None].expand(-1, T + 1))
+    # really integrating (skip off, no reuse) still reproduces the final reward bit-exactly
+    v2 = probe_values(vel, traj, mask, "ode:full", score, skip_ode=False, reuse_velocity=False)
+    assert vel.nfe == 6 * sum(T - t for t in range(T))
+    for k in final:
+        assert torch.equal(v2[k], final[k][:, None].expand(-1, T + 1))
+    # a model with weights: exact through reuse, equal to float tolerance when re-integrated
+    net = TinyNet()
+    tn = _traj(0.0, vel=net)
+    want = score(tn.final, None)["r"][:, None].expand(-1, T + 1)
+    assert torch.equal(probe_values(net, tn, mask, "ode:full", score)["r"], want)
+    assert torch.allclose(probe_values(net, tn, mask, "ode:full", score, skip_ode=False)["r"], want, atol=1e-5)
+
+
+def test_reuse_skip_and_dedupe_save_exactly_the_predicted_forwards():
+    eta = eta_schedule(T, 0.7)  # all SDE, last step ODE
+    traj = _traj(eta)
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    counts = {}
+    for name, kw in {"none": dict(reuse_velocity=False, skip_ode=False, dedupe=False), "all": {}}.items():
+        vel = Counting(gaussian_world_velocity)
+        probe_values(vel, traj, mask, "ode:full", score, terminal=score(traj.final, None), **kw)
+        counts[name] = (vel.nfe, vel.calls)
+    assert counts["none"][0] == 6 * sum(T - t for t in range(T))  # every state, native remaining grid
+    assert counts["all"][0] == 6 * sum(T - t - 1 for t in range(T - 1))  # x_{T−1} → x_T is ODE; reuse saves 1
+    assert counts["all"][1] <= T  # staggered: at most one launch per grid index
+    # x0 probes are free with cached velocities, cost one forward each without
+    vel = Counting(gaussian_world_velocity)
+    probe_values(vel, traj, mask, "x0", score)
+    assert vel.nfe == 0
+    probe_values(vel, _traj(eta, keep=False), mask, "x0", score)
+    assert vel.nfe == 6 * (T - 1)  # x̂0(x_{T−1}) through the ODE last step is x_T itself: no forward
+    # a group with shared initial noise probes V(x_0) once per group
+    shared = _traj(eta, shared_noise=True)
+    m0 = torch.zeros(6, T + 1, dtype=torch.bool)
+    m0[:, 0] = True
+    vel = Counting(gaussian_world_velocity)
+    v = probe_values(vel, shared, m0, "ode:full", score)
+    assert vel.nfe == 2 * (T - 1)
+    assert torch.equal(v["r"][:3, 0], v["r"][0, 0].expand(3)) and v["r"][0, 0] != v["r"][3, 0]
+
+
+def test_ode_canonical_maps_states_through_ode_runs():
+    eta = torch.tensor([[0.0, 0.7, 0.0, 0.0, 0.7, 0.0]])
+    assert ode_canonical(eta).tolist() == [[1, 1, 4, 4, 4, 6, 6]]
+
+
+def test_nfe_counter_phase_and_make_probe_cache():
+    class Model:
+        def velocity(self, x, sigma, cond):
+            return gaussian_world_velocity(x, sigma, cond)
+
+    model = Model()
+    nfe = NFECounter(model)
+    with nfe.phase("sampling"):
+        traj = _traj(eta_schedule(T, 0.7), vel=model.velocity)
+    probe = make_probe(model.velocity, traj, score, terminal=score(traj.final, None), counter=nfe)
+    mask = torch.zeros(6, T + 1, dtype=torch.bool)
+    mask[:, 2] = True
+    a = probe("ode:full", mask)
+    used = nfe.totals()["probing"]
+    assert nfe.totals()["sampling"] == 6 * T and used == 6 * (T - 3)
+    b = probe("ode:full", mask)  # cached: no new forwards
+    assert nfe.totals()["probing"] == used and torch.allclose(a["r"], b["r"], equal_nan=True)
+    mask[:, 3] = True
+    c = probe("ode:full", mask)
+    assert nfe.totals()["probing"] == used + 6 * (T - 4)
+    assert torch.equal(c["r"][:, 2], a["r"][:, 2]) and torch.isfinite(c["r"][:, 3]).all()
+
+
+def prm(x, sigma, cond):
+    return -((x - 1.0) ** 2).mean(1) * (1 - sigma)
+
+
+def test_guidance_hook_lambda_zero_is_the_dance_kernel_and_ratio_is_one():
+    sig = schedules.shifted_linear(T, 3.0)
+    cond = {"c": torch.zeros(1, 4)}
+    x = torch.randn(4, 4)
+    ci = torch.zeros(4, dtype=torch.long)
+    eta = eta_schedule(T, 0.3)
+    kw = dict(eta=eta, kernel="dance_sde", cond_index=ci, keep_means=True)
+    plain = sample(gaussian_world_velocity, x, sig, cond, generator=torch.Generator().manual_seed(2), **kw)
+    g0 = RewardGuidance(prm, 0.0, steps=[4, 5, 6])
+    zero = sample(gaussian_world_velocity, x, sig, cond, generator=torch.Generator().manual_seed(2), mean_shift=g0, **kw)
+    assert torch.equal(plain.latents, zero.latents) and torch.equal(plain.log_probs, zero.log_probs)
+    guide = RewardGuidance(prm, 5.0, steps=[4, 5, 6])
+    tr = sample(gaussian_world_velocity, x, sig, cond, generator=torch.Generator().manual_seed(2), mean_shift=guide,
+                **kw)
+    assert torch.equal(tr.latents[:, :5], plain.latents[:, :5]) and not torch.equal(tr.latents[:, 5], plain.latents[:, 5])
+    # guidance moves the samples up the PRM
+    assert prm(tr.latents[:, 5], sig[5].expand(4), None).mean() > prm(plain.latents[:, 5], sig[5].expand(4), None).mean()
+    # stored log p_old is the unguided density: re-scoring with the same kernel gives ratio 1
+    for t in range(T - 1):
+        lp, _ = step_log_prob(gaussian_world_velocity, tr.latents[:, t], tr.latents[:, t + 1], sig[t].expand(4),
+                              sig[t + 1].expand(4), eta[t].expand(4), {"c": cond["c"][ci]}, kernel="dance_sde")
+        assert (lp - tr.log_probs[:, t]).abs().max() < 1e-5
+    ex = guide.credit_extras(tr)
+    assert ex["prm_steps"].tolist() == [False] * 4 + [True] * 3 + [False]
+    pv = ex["prm"]
+    assert pv.shape == (4, T + 1) and torch.isfinite(pv[:, 4:8]).all() and torch.isnan(pv[:, :4]).all()
+    assert torch.isnan(pv[:, 8]).all()
+    assert torch.allclose(pv[:, 7], prm(tr.latents[:, 7], sig[7].expand(4), None))

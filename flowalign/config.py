@@ -147,7 +147,7 @@ class EvalConfig:
     kernel: Literal["euler", "flow_sde", "dance_sde", "cps"] = _f("euler", "evaluation kernel (euler = ODE, the protocol default)")
     seeds_per_prompt: int = _f(4, "images per evaluation prompt, seeds 0..n-1")
     batch_size: int = _f(64, "images per evaluation forward batch")
-    max_prompts: int = _f(0, "evaluate only the first N prompts; 0 = all")
+    max_prompts: int = _f(0, "evaluate an evenly spaced subset of N prompts (every task keeps its share); 0 = all")
     grid_prompts: int = _f(8, "prompts shown in the before/after image grids")
     rewards: tuple[str, ...] = _f(("shapes_strict", "shapes_partial"), "rewards reported at evaluation (first = headline metric)")
     before: bool = _f(True, "evaluate the base model before training (eval/base)")

@@ -280,3 +280,10 @@ def expand_groups(prompt_idx: Sequence[int], group_size: int, group_offset: int 
     cond_index = rows.repeat_interleave(group_size)  # [N]
     group = cond_index + int(group_offset)  # [N]
     return cond_index, group
+
+
+def spaced_subset(records: Sequence[Any], n: int) -> list:
+    """``n`` evenly spaced records (all if n <= 0 or n >= len): keeps each task's share in task-ordered sets."""
+    if n <= 0 or n >= len(records):
+        return list(records)
+    return [records[(i * len(records)) // n] for i in range(n)]

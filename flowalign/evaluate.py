@@ -178,7 +178,7 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N)")
     p.add_argument("--prompts", default="shapes-bench", help="built-in prompt set name or .txt/.jsonl path")
-    p.add_argument("--max-prompts", type=int, default=0, help="only the first N prompts (0 = all)")
+    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
     p.add_argument("--rewards", default="shapes_strict,shapes_partial", help="comma-separated reward names")
     p.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="reward constructor argument, e.g. pickscore.path=/weights/PickScore_v1 (repeatable)")
@@ -215,8 +215,7 @@ def cli_main(argv: Sequence[str]) -> int:
         n, k = key.split(".", 1)
         reward_kwargs[n][k] = value
     records = D.load_prompts(args.prompts)
-    if args.max_prompts:
-        records = records[: args.max_prompts]
+    records = D.spaced_subset(records, args.max_prompts)
     model = load_model(args.model, args.path, device=args.device, **dict(kv(t) for t in args.model_arg))
     if args.lora:
         if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():

@@ -180,8 +180,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     # 3. data ---------------------------------------------------------------------------------------
     prompts = D.load_prompts(cfg.data.train_prompts)
     eval_prompts = D.load_prompts(cfg.data.eval_prompts)
-    if cfg.eval.max_prompts:
-        eval_prompts = eval_prompts[: cfg.eval.max_prompts]
+    eval_prompts = D.spaced_subset(eval_prompts, cfg.eval.max_prompts)
     for text in dict.fromkeys(r.prompt for r in [*prompts, *eval_prompts]):
         model.encode([text])  # fail early (one line, exit 2) on a prompt the model cannot read
     sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from flowalign.errors import UserError
 
@@ -73,8 +73,18 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
     }
 
 
-BENCHES: dict[str, tuple[Callable[[Sequence[str]], dict], str]] = {
+def bench_credit(argv: Sequence[str]) -> None:
+    """NFE, reward calls and wall time per prompt group of every credit method (prints its own table)."""
+    from flowalign.bench_credit import bench_credit as run
+
+    code = run(list(argv))
+    if code:
+        raise SystemExit(code)
+
+
+BENCHES: dict[str, tuple[Callable[[Sequence[str]], Optional[dict]], str]] = {
     "shapes-sample": (bench_shapes_sample, "load the shipped shapes model and sample 16 images; print timings"),
+    "credit": (bench_credit, "NFE / reward calls / wall time per prompt group of each credit method vs upstream"),
 }
 
 
@@ -95,6 +105,8 @@ def cli_main(argv: Sequence[str]) -> int:
     as_json = "--json" in rest
     rest = [a for a in rest if a != "--json"]
     figures = BENCHES[name][0](rest)
+    if figures is None:  # the benchmark printed its own table
+        return 0
     if as_json:
         sys.stdout.write(json.dumps(figures) + "\n")
     else:

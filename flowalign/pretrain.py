@@ -70,6 +70,7 @@ class PretrainConfig:
     caption_dropout: float = 0.1  # probability of training on the empty prompt (CFG)
     logit_mean: float = 0.0  # σ = sigmoid(logit_mean + logit_std·n)
     logit_std: float = 1.0
+    uniform_fraction: float = 0.0  # share of each batch with σ ~ U(0, 1) instead (covers σ → 1, where layout is decided)
     seed: int = 0
     checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
@@ -142,9 +143,19 @@ DATA_SOURCES: dict[str, Callable[..., BatchFn]] = {
 # ------------------------------------------------------------------------------------------------ math
 
 
-def logit_normal_sigmas(n: int, mean: float, std: float, generator: torch.Generator) -> Tensor:
-    """σ = sigmoid(m + s·n), n ~ N(0, 1) (SD3 §3.1 "logit-normal sampling")."""
-    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))  # [B]
+def logit_normal_sigmas(n: int, mean: float, std: float, generator: torch.Generator,
+                        uniform_fraction: float = 0.0) -> Tensor:
+    """σ = sigmoid(m + s·n), n ~ N(0, 1) (SD3 §3.1 "logit-normal sampling"), mixed with U(0, 1).
+
+    Each draw is uniform with probability ``uniform_fraction``. Logit-normal(0, 1) almost never draws
+    σ > 0.95 (0.16%), yet for sparse pixel-space scenes that is where the layout is decided; without the
+    uniform share the first sampling steps run on an untrained region (measured: objects break into
+    patch-aligned blocks).
+    """
+    ln = torch.sigmoid(mean + std * torch.randn(n, generator=generator))  # [B]
+    u = torch.rand(n, generator=generator)  # [B]
+    pick = torch.rand(n, generator=generator) < uniform_fraction  # [B]
+    return torch.where(pick, u, ln)
 
 
 def flow_matching_loss(v_pred: Tensor, x: Tensor, eps: Tensor) -> Tensor:
@@ -350,7 +361,7 @@ def train_step(model: Any, opt: torch.optim.Optimizer, data: BatchFn, step: int,
     drop = torch.rand(len(captions), generator=g) < cfg.caption_dropout  # [B]
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     x = model.encode_images(images)  # [B, C, H, W] data
-    sigma = logit_normal_sigmas(x.shape[0], cfg.logit_mean, cfg.logit_std, g).to(x.device)  # [B]
+    sigma = logit_normal_sigmas(x.shape[0], cfg.logit_mean, cfg.logit_std, g, cfg.uniform_fraction).to(x.device)  # [B]
     eps = torch.randn(x.shape, generator=g).to(x.device, x.dtype)  # [B, C, H, W]
     s = sigma.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     x_sigma = (1 - s) * x + s * eps  # [B, C, H, W]

@@ -181,8 +181,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
     prompts = D.load_prompts(cfg.data.train_prompts)
     eval_prompts = D.load_prompts(cfg.data.eval_prompts)
     eval_prompts = D.spaced_subset(eval_prompts, cfg.eval.max_prompts)
-    for text in dict.fromkeys(r.prompt for r in [*prompts, *eval_prompts]):
-        model.encode([text])  # fail early (one line, exit 2) on a prompt the model cannot read
+    validate = getattr(model, "validate_prompts", None)  # adapters with a closed vocabulary (shapes) check text
+    if validate is not None:
+        validate(list(dict.fromkeys(r.prompt for r in [*prompts, *eval_prompts])))  # fail early: one line, exit 2
     sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     sigmas = model.schedule(cfg.sampler.steps).to(device)  # [T+1]
     base_eta = _load_eta(cfg)  # float, or a per-step [T] tensor (calibrated noise)
@@ -202,6 +203,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
     barrier()
     writer = _tensorboard(run, cfg) if rank == 0 else None
 
+    t_run = time.time()
+
     # 5. base eval ----------------------------------------------------------------------------------
     def evaluate(tag: str) -> dict:
         with (ema.applied() if ema is not None else contextlib.nullcontext()):
@@ -214,7 +217,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         return summ
 
     if rank == 0 and start == 0 and cfg.eval.before:
-        evaluate("base")
+        summ = evaluate("base")
+        append_jsonl(run / "metrics.jsonl", {"iteration": 0, "time/elapsed_s": time.time() - t_run,
+                                              **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
     barrier()
 
     from tqdm.auto import tqdm
@@ -306,6 +311,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         # 10. log, eval, checkpoint -------------------------------------------------------------------------
         metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})
         metrics["time/iteration_s"] = time.time() - t_start
+        metrics["time/elapsed_s"] = time.time() - t_run  # wall time of this session, base eval included
         if rank == 0:
             if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
                 summ = evaluate(f"step-{it + 1}")
@@ -333,7 +339,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     if rank == 0:
         if cfg.eval.after:
             summ = evaluate("final")
-            append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations,
+            append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "time/elapsed_s": time.time() - t_run,
                                                   **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
         if writer is not None:
             writer.close()
@@ -493,7 +499,9 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--describe", action="store_true", help="print every config field with its doc and exit")
     args = p.parse_args(list(argv))
     if args.describe:
-        print(C.describe(C.ExperimentConfig))  # noqa: T201 (CLI output)
+        import sys
+
+        sys.stdout.write(C.describe(C.ExperimentConfig) + "\n")
         return 0
     cfg = C.load_config(args.config, args.overrides)
     run = train(cfg)

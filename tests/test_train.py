@@ -44,7 +44,8 @@ def test_train_end_to_end_writes_everything(tmp_path):
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.*"))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["iteration"] == 1 and "reward/shapes_partial" in lines[0] and lines[0]["nfe/sampling"] > 0
+    assert lines[0]["iteration"] == 0 and "eval/overall/shapes_strict" in lines[0]
+    assert lines[1]["iteration"] == 1 and "reward/shapes_partial" in lines[1] and lines[1]["nfe/sampling"] > 0
     assert "eval/overall/shapes_strict" in lines[-1]
     # the resolved config round-trips
     assert C.load_config(str(run / "config.yaml")) == C.load_config(str(run / "config.yaml"))

@@ -50,6 +50,8 @@ class ShapesConfig:
     num_layers: int = 6
     num_heads: int = 4
     head_dim: int = 32
+    patch_embed_kernel: int = 0  # >patch_size: overlapping patch-embedding conv (0 = the standard p×p, stride p)
+    refiner_channels: int = 0  # >0: a residual 3×3-conv block on the unpatchified output (U-ViT style; 0 = none)
     # text encoder
     text_dim: int = 128  # = joint_attention_dim of the transformer
     text_layers: int = 2
@@ -134,6 +136,21 @@ class ShapesTextEncoder(nn.Module):
         return h, pooled
 
 
+class _Refiner(nn.Module):
+    """conv3×3 → GELU → conv3×3 on the transformer's pixel output, added residually; zero-initialised so it
+    starts as the identity. Smooths the patch-grid artifacts of small ViT denoisers (U-ViT, Bao et al. 2023, §3)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(nn.functional.gelu(self.conv1(x)))
+
+
 def _asset_dir() -> Path:
     from importlib import resources
 
@@ -156,11 +173,24 @@ class ShapesModel(FlowAdapter):
             raise UserError("shapes model config has an empty vocabulary")
         self.config = config
         transformer = SD3Transformer2DModel(**config.transformer_config())
+        k, p = int(config.patch_embed_kernel), int(config.patch_size)
+        if k and k != p:
+            if k < p or (k - p) % 2:
+                raise UserError(f"patch_embed_kernel must be patch_size + an even number, got {k} for patch {p}")
+            # Overlapping patch embedding: each token also sees its neighbours' border pixels (a locality prior
+            # that small ViT denoisers otherwise learn slowly). Same token grid: stride p, padding (k − p)/2.
+            old = transformer.pos_embed.proj
+            transformer.pos_embed.proj = nn.Conv2d(old.in_channels, old.out_channels, k, stride=p, padding=(k - p) // 2)
+        comps: dict[str, nn.Module] = {}
+        self.refiner: Optional[nn.Module] = None
+        if config.refiner_channels:
+            self.refiner = _Refiner(config.channels, config.refiner_channels)
+            comps["refiner"] = self.refiner
         self.text_encoder = ShapesTextEncoder(config.vocab, config.text_dim, config.text_layers, config.text_heads,
                                               config.max_len, config.pooled_dim)
         super().__init__(transformer, guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                          latent_shape=(config.channels, config.image_size, config.image_size), dtype=torch.float32,
-                         components={"text_encoder": self.text_encoder})
+                         components={"text_encoder": self.text_encoder, **comps})
         self.lora_targets: tuple[str, ...] = SHAPES_LORA_TARGETS
         self.lora_rank = int(config.lora_rank)
         self.lora_alpha = config.lora_alpha
@@ -237,6 +267,10 @@ class ShapesModel(FlowAdapter):
             "pooled_uncond": pooled[n:].expand(n, -1),  # [N, P]
         }
 
+    def validate_prompts(self, prompts: Sequence[str]) -> None:
+        """Raise UserError (one line, naming the word) for any prompt outside the vocabulary; no forward pass."""
+        self.text_encoder.tokenize(list(prompts))
+
     def schedule(self, steps: int) -> Tensor:
         from flowalign.samplers.schedules import shifted_linear
 
@@ -248,6 +282,8 @@ class ShapesModel(FlowAdapter):
         out = self.transformer(hidden_states=x.to(self.dtype), encoder_hidden_states=hidden.to(self.dtype),
                                pooled_projections=pooled.to(self.dtype), timestep=(1000.0 * sigma).to(self.dtype),
                                return_dict=False)[0]
+        if self.refiner is not None:
+            out = out + self.refiner(out)  # [B, C, H, W]
         return out.float()  # [B, C, H, W]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:

@@ -76,6 +76,7 @@ class PretrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     log_every: int = 25
     threads: int = 0  # torch.set_num_threads for the run (0 = leave as is)
+    init_from: str = ""  # model directory (e.g. an earlier run's final/) whose weights start this run ("" = fresh init)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
@@ -247,6 +248,26 @@ def build_model(cfg: PretrainConfig) -> Any:
     return cls.from_config(dict(cfg.model_config))
 
 
+def init_weights_from(model: Any, model_dir: str | os.PathLike) -> None:
+    """Copy the weights of a saved model directory (same family and architecture) into ``model``.
+
+    Used for staged recipes: a second stage starts from the first stage's ``final/`` with its own learning-rate
+    schedule and data mix. A different architecture fails with one line naming the directory.
+    """
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise UserError(f"init_from {str(d)!r} is not a model directory (no config.json); point it at a run's final/")
+    src = type(model).from_pretrained(str(d))
+    src_comps = components(src)
+    for k, m in components(model).items():
+        try:
+            m.load_state_dict(src_comps[k].state_dict())
+        except (KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"init_from {str(d)!r} does not match the configured architecture ({k}: {first})") from None
+    logger.info("initialised the weights from %s", d)
+
+
 def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = False, data: Optional[BatchFn] = None,
              progress: bool = True, stop_after: Optional[int] = None) -> Any:
     """Pretrain a fresh model (or resume the newest checkpoint in ``out``); returns the EMA model.
@@ -261,6 +282,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     model = build_model(cfg)
     comps = components(model)
+    if cfg.init_from and not resume:
+        init_weights_from(model, cfg.init_from)
     for m in comps.values():
         m.train().requires_grad_(True)
     guidance = getattr(model, "guidance_scale", 1.0)

@@ -12,7 +12,8 @@ from flowalign.pretrain import (PretrainConfig, cli_main, ema_decay_at, ema_mode
                                 flow_matching_loss, logit_normal_sigmas, lr_at, pretrain, shapes_data, step_generator)
 
 TINY_MODEL = dict(vocab=["a", "red", "blue", "circle", "square"], image_size=8, patch_size=4, num_layers=1,
-                  num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=4, pooled_dim=16)
+                  num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=4, pooled_dim=16,
+                  patch_embed_kernel=6, refiner_channels=4)
 
 
 def toy_data(step: int, batch_size: int):
@@ -135,3 +136,23 @@ def test_cli_refuses_to_overwrite_checkpoints(tmp_path):
     (tmp_path / "checkpoints" / "step-3" / "state.pt").write_bytes(b"x")
     with pytest.raises(UserError, match="--resume"):
         cli_main(["--out", str(tmp_path), "--steps", "1"])
+
+
+def test_init_from_starts_a_stage_from_a_saved_model(tmp_path):
+    from flowalign.pretrain import init_weights_from
+
+    stage1 = pretrain(tiny_cfg(checkpoint_every=0), tmp_path / "s1", data=toy_data, progress=False)
+    fresh = pretrain(tiny_cfg(steps=1, checkpoint_every=0, lr=0.0, warmup=0), tmp_path / "f", data=toy_data,
+                     progress=False)
+    # lr 0 and one step: a stage-2 run that starts from stage 1 returns stage 1's weights unchanged
+    stage2 = pretrain(tiny_cfg(steps=1, checkpoint_every=0, lr=0.0, warmup=0, init_from=str(tmp_path / "s1" / "final")),
+                      tmp_path / "s2", data=toy_data, progress=False)
+    for k, v in stage1.state_dict().items():
+        assert torch.equal(v, stage2.state_dict()[k]), k
+    assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in stage1.state_dict().items())
+    with pytest.raises(UserError, match="not a model directory"):
+        init_weights_from(fresh, tmp_path / "nowhere")
+    other = pretrain(tiny_cfg(steps=1, checkpoint_every=0, model_config=dict(TINY_MODEL, num_layers=2)),
+                     tmp_path / "o", data=toy_data, progress=False)
+    with pytest.raises(UserError, match="does not match"):
+        init_weights_from(other, tmp_path / "s1" / "final")

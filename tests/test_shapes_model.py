@@ -13,7 +13,7 @@ from flowalign.types import FlowModel
 
 TINY = dict(vocab=["a", "an", "red", "blue", "orange", "circle", "square", "and"], image_size=16, patch_size=4,
             num_layers=2, num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=6, pooled_dim=16,
-            guidance_scale=3.0)
+            guidance_scale=3.0, patch_embed_kernel=8, refiner_channels=4)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,8 @@ def test_unknown_path_is_a_user_error(tmp_path):
         ShapesModel.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="unknown shapes model config key"):
         ShapesConfig.from_dict({"patch": 2})
+    with pytest.raises(UserError, match="patch_embed_kernel"):
+        ShapesModel.from_config(dict(TINY, patch_embed_kernel=5))
 
 
 def test_lora_wraps_the_mmdit_attention_and_is_a_noop_at_init(tiny, tmp_path):
@@ -171,3 +173,19 @@ def test_lora_wraps_the_mmdit_attention_and_is_a_noop_at_init(tiny, tmp_path):
         assert not torch.allclose(tiny.velocity(x, sig, cond), before)
         with tiny.reference():
             assert torch.equal(tiny.velocity(x, sig, cond), before)
+
+
+def test_x_prediction_derives_the_velocity_from_the_clean_image_estimate():
+    torch.manual_seed(0)
+    m = ShapesModel.from_config(dict(TINY, prediction="x", x_min_sigma=0.05))
+    m.guidance_scale = 1.0
+    cond = m.encode(["a red circle", "a blue square"])
+    x, sig = torch.randn(2, 3, 16, 16), torch.tensor([0.6, 0.01])
+    with torch.no_grad():
+        v = m.velocity(x, sig, cond)
+        x_hat = m._net(x, sig, cond["hidden"], cond["pooled"])
+    # x̂0 = x − σ·v recovers the network's clean-image output (σ clamped at 0.05 near the data end)
+    torch.testing.assert_close(x[:1] - 0.6 * v[:1], x_hat[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x[1:] - 0.05 * v[1:], x_hat[1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="prediction"):
+        ShapesModel.from_config(dict(TINY, prediction="eps"))

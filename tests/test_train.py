@@ -59,7 +59,8 @@ def test_first_update_is_on_policy(tmp_path):
     from flowalign.train import train
 
     run = train(_cfg(tmp_path / "run", "train.iterations=1", "train.micro_batch=1000", 
-                     "train.filter_zero_std=false", "train.shuffle_transitions=false"))
+                     "train.filter_zero_std=false", "train.shuffle_transitions=false",
+                     "train.optimizer_steps_per_iter=1"))
     m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0 and m["train/clipfrac_low"] == 0
     assert m["train/approx_kl"] < 1e-10

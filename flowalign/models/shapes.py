@@ -52,6 +52,8 @@ class ShapesConfig:
     head_dim: int = 32
     patch_embed_kernel: int = 0  # >patch_size: overlapping patch-embedding conv (0 = the standard p×p, stride p)
     refiner_channels: int = 0  # >0: a residual 3×3-conv block on the unpatchified output (U-ViT style; 0 = none)
+    prediction: str = "v"  # what the transformer outputs: "v" (velocity) or "x" (clean image; v derived, JiT)
+    x_min_sigma: float = 0.05  # with prediction "x": v = (x_σ − x̂)/max(σ, x_min_sigma)
     # text encoder
     text_dim: int = 128  # = joint_attention_dim of the transformer
     text_layers: int = 2
@@ -171,6 +173,8 @@ class ShapesModel(FlowAdapter):
 
         if not config.vocab:
             raise UserError("shapes model config has an empty vocabulary")
+        if config.prediction not in ("v", "x"):
+            raise UserError(f"shapes model prediction must be 'v' or 'x', got {config.prediction!r}")
         self.config = config
         transformer = SD3Transformer2DModel(**config.transformer_config())
         k, p = int(config.patch_embed_kernel), int(config.patch_size)
@@ -223,7 +227,9 @@ class ShapesModel(FlowAdapter):
         model.load_state_dict(load_file(str(w_file)), source=str(w_file))
         for m in model.components.values():
             m.eval().requires_grad_(False)
-            m.to(device=device, dtype=dtype)
+            if dtype != torch.float32:
+                m.to(dtype=dtype)
+            m.to(device)
         model._dtype = dtype
         return model
 
@@ -277,8 +283,21 @@ class ShapesModel(FlowAdapter):
         return shifted_linear(steps, self.config.shift)  # [T+1]
 
     def forward_transformer(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Tensor) -> Tensor:
-        """One denoiser forward v_θ(x, σ | text) in fp32; σ → timestep 1000·σ as for SD3 (METHODS.md §1.5)."""
+        """One denoiser forward v_θ(x, σ | text) in fp32; σ → timestep 1000·σ as for SD3 (METHODS.md §1.5).
+
+        With ``prediction="x"`` the network outputs the clean image x̂ and the velocity is
+        v = (x_σ − x̂)/σ (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise" (JiT),
+        §3–4: x-prediction with a v-loss; their t = 1 − σ, clip 0.05). A small network cannot reproduce
+        the high-dimensional noise that v = ε − x contains at low σ, but the image lies on a simple manifold.
+        """
         sigma = self._sigma_batch(sigma, x.shape[0], x.device)  # [B]
+        out = self._net(x, sigma, hidden, pooled)  # [B, C, H, W]
+        if self.config.prediction == "x":
+            s = sigma.clamp_min(self.config.x_min_sigma).view(-1, *([1] * (x.dim() - 1)))  # [B, 1, 1, 1]
+            return (x.float() - out) / s  # [B, C, H, W]
+        return out
+
+    def _net(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Tensor) -> Tensor:
         out = self.transformer(hidden_states=x.to(self.dtype), encoder_hidden_states=hidden.to(self.dtype),
                                pooled_projections=pooled.to(self.dtype), timestep=(1000.0 * sigma).to(self.dtype),
                                return_dict=False)[0]

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("flowalign.sample", "sample an image grid from a model (optional LoRA, chosen sampler)"),
     "eval": ("flowalign.evaluate", "evaluate a model on a prompt set x rewards -> results.jsonl, summary.json, report"),
     "report": ("flowalign.report", "(re)build report.html for a run directory"),
+    "compare": ("flowalign.compare", "compare runs: eval metric against rollouts and NFE (plot + table)"),
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes model)"),
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
     "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample`, `bench credit`)"),

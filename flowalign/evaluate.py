@@ -184,7 +184,7 @@ def cli_main(argv: Sequence[str]) -> int:
                    help="reward constructor argument, e.g. pickscore.path=/weights/PickScore_v1 (repeatable)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter argument, e.g. height=64 (repeatable; values parsed as YAML)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -224,7 +224,8 @@ def cli_main(argv: Sequence[str]) -> int:
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
     rewards = {n: build_reward(n, **reward_kwargs[n]) for n in names}
-    summ = run_eval(model, records, rewards, out, steps=args.steps, guidance=args.guidance,
+    steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
+    summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed)
     from flowalign.report import write_report
 

@@ -86,11 +86,11 @@ def cli_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="flowalign sample", description="Sample an image grid from a model.")
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
     p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
-    p.add_argument("--max-prompts", type=int, default=8)
+    p.add_argument("--max-prompts", type=int, default=8, help="an evenly spaced subset of N prompts from --prompt-file")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default="euler", help="euler | flow_sde | dance_sde | cps")
     p.add_argument("--eta", type=float, default=0.0, help="noise level of an SDE kernel (0 = ODE)")
@@ -100,7 +100,7 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", default="samples.png", help="output PNG grid")
     args = p.parse_args(list(argv))
     if args.prompt_file:
-        prompts = [r.prompt for r in D.load_prompts(args.prompt_file)][: args.max_prompts]
+        prompts = [r.prompt for r in D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)]
     else:
         prompts = list(args.prompts)
     if not prompts:
@@ -115,7 +115,8 @@ def cli_main(argv: Sequence[str]) -> int:
         model.encode([pr])  # out-of-grammar / unreadable prompts fail before any sampling
     if args.eta > 0 and args.kernel == "euler":
         raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
-    out = sample_grid(model, prompts, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
+    out = sample_grid(model, prompts, args.out, steps=steps, guidance=args.guidance, seed=args.seed,
                       seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta)
     logger.info("wrote %s (%d prompts x %d seeds)", out, len(prompts), args.seeds)
     return 0

@@ -1,0 +1,128 @@
+"""``flowalign compare RUN... --out DIR``: several training runs on one plot and in one table.
+
+Used for the credit-method experiment (docs/credit.md): every run evaluates ``shapes-bench`` every few
+iterations (``eval.every``), and this command puts the headline metric of each run against the rollouts it
+consumed and against its cumulative transformer forwards (NFE: sampling + probing + training), so methods are
+compared at equal rollouts *and* at equal compute. Writes ``DIR/compare.png`` and ``DIR/compare.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from flowalign.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, Any]:
+    """Evaluation points of one run: ``{"label", "credit", "rollouts": [...], "nfe": [...], "value": [...], ...}``.
+
+    Point 0 is the base model (0 rollouts, 0 NFE); ``step-N`` is after iteration N; ``final`` after the last one.
+    Rollouts after N iterations = N · groups_per_iter · group_size (the trajectories sampled, whatever the
+    credit method spends on probes); NFE after N iterations = Σ of the per-iteration ``nfe/*`` counters.
+    """
+    import yaml
+
+    from flowalign.io import read_jsonl
+    from flowalign.report import find_summaries, read_summary
+
+    run = Path(run_dir)
+    cfg_file = run / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{run} is not a run directory (no config.yaml); pass directories written by `flowalign train`")
+    cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    train = cfg.get("train", {})
+    per_iter = int(train.get("groups_per_iter", 0)) * int(train.get("group_size", 0))
+    records = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    nfe_after: dict[int, float] = {0: 0.0}
+    total, last_it, wall = 0.0, 0, 0.0
+    for r in records:
+        it = r.get("iteration")
+        if not isinstance(it, int):
+            continue
+        total += sum(float(v) for k, v in r.items() if k.startswith("nfe/") and isinstance(v, (int, float)))
+        nfe_after[it] = total
+        last_it = max(last_it, it)
+        wall = float(r.get("time/elapsed_s", wall) or wall)
+    sums = find_summaries(run)
+    if not sums:
+        raise UserError(f"{run} has no evaluations (eval/*/summary.json); train with eval.before/eval.every/eval.after")
+    pts = []
+    for label, path in sums.items():
+        it = 0 if label == "base" else (last_it if label == "final" else int(label.split("-", 1)[1]))
+        value = read_summary(path)["overall"].get(reward)
+        if value is None or not math.isfinite(float(value)):
+            continue
+        pts.append((it, float(value)))
+    pts = sorted(dict(pts).items())  # a final eval at the last step replaces the step-N one
+    credit = cfg.get("credit", {})
+    name = credit.get("name", "outcome")
+    probe = (credit.get("options") or {}).get("probe")
+    return {
+        "label": run.name,
+        "credit": name + (f" ({probe})" if probe else ""),
+        "iterations": [p[0] for p in pts],
+        "rollouts": [p[0] * per_iter for p in pts],
+        "nfe": [nfe_after.get(p[0], float("nan")) for p in pts],
+        "value": [p[1] for p in pts],
+        "wall_s": wall,
+    }
+
+
+def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict") -> tuple[Path, Path]:
+    """Plot and tabulate ``reward`` of each run against rollouts and NFE; returns (png, md)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flowalign.io import atomic_write_bytes, atomic_write_text
+
+    curves = [run_curve(d, reward) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for c in curves:
+        name = f"{c['label']}: {c['credit']}"
+        axes[0].plot(c["rollouts"], c["value"], marker="o", markersize=3, label=name)
+        axes[1].plot([n / 1e3 for n in c["nfe"]], c["value"], marker="o", markersize=3, label=name)
+    axes[0].set_xlabel("rollouts (trajectories sampled)")
+    axes[1].set_xlabel("transformer forwards, thousands (sampling + probing + training)")
+    for ax in axes:
+        ax.set_ylabel(f"shapes-bench {reward}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = atomic_write_bytes(out / "compare.png", buf.getvalue())
+    lines = [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward} | Δ | best |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in curves:
+        v = c["value"]
+        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,} | {c['nfe'][-1]:,.0f} | {c['wall_s']:.0f} | "
+                     f"{v[0]:.3f} | {v[-1]:.3f} | {v[-1] - v[0]:+.3f} | {max(v):.3f} |")
+    md = atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    return png, md
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="flowalign compare", description="Compare training runs: the headline eval metric "
+                                "against rollouts and against NFE (compare.png) and a table (compare.md).")
+    p.add_argument("runs", nargs="+", help="run directories written by `flowalign train` (with eval.every > 0)")
+    p.add_argument("--out", required=True, help="output directory for compare.png and compare.md")
+    p.add_argument("--reward", default="shapes_strict", help="evaluation reward to compare (default shapes_strict)")
+    args = p.parse_args(list(argv))
+    png, md = compare(args.runs, args.out, args.reward)
+    sys.stdout.write(Path(md).read_text())
+    logger.info("wrote %s and %s", png, md)
+    return 0

@@ -1,0 +1,44 @@
+"""`flowalign compare`: eval points placed at the right rollouts and cumulative NFE, table and plot written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from flowalign.compare import compare, run_curve
+from flowalign.errors import UserError
+
+
+def _run(d, credit, values, nfe_per_iter):
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"train": {"groups_per_iter": 2, "group_size": 4},
+                                                   "credit": {"name": credit, "options": {"probe": "ode:2"}}}))
+    recs = [{"iteration": i, "nfe/sampling": nfe_per_iter[0], "nfe/probing": nfe_per_iter[1], "time/elapsed_s": 3.0 * i}
+            for i in range(1, 5)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for label, v in values.items():
+        (d / "eval" / label).mkdir(parents=True)
+        (d / "eval" / label / "summary.json").write_text(json.dumps({"overall": {"shapes_strict": v}, "per_task": {}}))
+    return d
+
+
+def test_points_sit_at_rollouts_and_cumulative_nfe(tmp_path):
+    a = _run(tmp_path / "a", "outcome", {"base": 0.3, "step-2": 0.4, "final": 0.5}, (10, 0))
+    b = _run(tmp_path / "b", "dense_gain", {"base": 0.3, "step-2": 0.45, "step-4": 0.6, "final": 0.6}, (10, 30))
+    ca, cb = run_curve(a), run_curve(b)
+    assert ca["rollouts"] == [0, 16, 32] and ca["nfe"] == [0.0, 20.0, 40.0] and ca["value"] == [0.3, 0.4, 0.5]
+    assert cb["iterations"] == [0, 2, 4] and cb["nfe"] == [0.0, 80.0, 160.0] and cb["credit"] == "dense_gain (ode:2)"
+    png, md = compare([a, b], tmp_path / "out")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    rows = md.read_text().splitlines()
+    assert len(rows) == 4 and "+0.200" in rows[2] and "+0.300" in rows[3]
+
+
+def test_not_a_run_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not a run directory"):
+        run_curve(tmp_path)
+    (tmp_path / "config.yaml").write_text("train: {}\n")
+    with pytest.raises(UserError, match="no evaluations"):
+        run_curve(tmp_path)

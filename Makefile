@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.flowalign-installed
 
-.PHONY: demo test install clean-venv shapes-base bench
+.PHONY: demo test install clean-venv shapes-base credit-experiment
 
 # Create the virtualenv and install flowalign with its test extras (about 90 s the first time, ~7 s after).
 $(STAMP): pyproject.toml
@@ -24,6 +24,17 @@ shapes-base: $(STAMP)
 	$(BIN)/flowalign pretrain --config configs/shapes_pretrain.yaml --out runs/shapes_pretrain --threads 2
 	$(BIN)/flowalign pretrain --config configs/shapes_pretrain_stage2.yaml --out runs/shapes_pretrain_stage2 --threads 2
 	cp runs/shapes_pretrain_stage2/final/config.json runs/shapes_pretrain_stage2/final/model.safetensors flowalign/assets/shapes/
+
+# Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each,
+# shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
+CREDIT_METHODS ?= outcome dense_gain turning_points
+CREDIT_ARGS := train.iterations=40 eval.every=10 eval.max_prompts=120 eval.seeds_per_prompt=2 train.ema=false train.checkpoint_every=40
+credit-experiment: $(STAMP)
+	for m in $(CREDIT_METHODS); do \
+	  opts='credit.options={}'; case $$m in dense_gain|turning_points) opts='credit.options={probe: "ode:2"}';; esac; \
+	  OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_grpo.yaml $(CREDIT_ARGS) credit.name=$$m "$$opts" \
+	    output.run_dir=runs/credit_$$m || exit 1; done
+	$(BIN)/flowalign compare $(addprefix runs/credit_,$(CREDIT_METHODS)) --out docs/credit_experiment
 
 # The whole test suite (CPU, offline).
 test: $(STAMP)

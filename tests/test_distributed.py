@@ -23,7 +23,8 @@ def test_two_process_training_keeps_ranks_identical(tmp_path):
            "--dynamo_backend", "no", "-m", "flowalign.cli", "train", str(ROOT / "configs" / "shapes_grpo.yaml"),
            f"output.run_dir={run}", "train.iterations=2", "train.groups_per_iter=2", "train.group_size=4",
            "sampler.steps=4", "eval.before=false", "eval.after=false", "output.tensorboard=false", "train.lr=1e-2",
-           "train.clip_range=0.2", "train.filter_zero_std=false", "train.checkpoint_every=2"]
+           "train.clip_range=0.2", "train.filter_zero_std=false", "train.checkpoint_every=2",
+           "train.optimizer_steps_per_iter=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -20,7 +20,7 @@ SMALL = [
     "train.iterations=3", "train.groups_per_iter=2", "train.group_size=4", "train.micro_batch=8",
     "train.checkpoint_every=1", "train.keep_checkpoints=0", "sampler.steps=4", "eval.steps=4", "eval.max_prompts=2",
     "eval.seeds_per_prompt=1", "eval.grid_prompts=2", "output.tensorboard=false", "train.lr=1e-3",
-    "train.ema_every=1", "eval.before=false", "eval.after=false",
+    "train.ema_every=1", "eval.before=false", "eval.after=false", "train.optimizer_steps_per_iter=2",
 ]
 
 
@@ -74,7 +74,7 @@ def test_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     run = train(_cfg(tmp_path / "run", "train.iterations=2", "reward.weights={nan_test: 1.0}"))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["train/skipped_updates"] == 1 and lines[1]["train/skipped_updates"] == 0
+    assert lines[0]["train/skipped_updates"] == 2 and lines[1]["train/skipped_updates"] == 0
     sd1, sd2 = _lora(run, 1), _lora(run, 2)
     assert all(v.abs().sum() == 0 for k, v in sd1.items() if "lora_B" in k)  # step 1 skipped: B still 0
     assert any(v.abs().sum() > 0 for k, v in sd2.items() if "lora_B" in k)

@@ -28,7 +28,7 @@ shapes-base: $(STAMP)
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each,
 # shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
 CREDIT_METHODS ?= outcome dense_gain turning_points
-CREDIT_ARGS := train.iterations=40 eval.every=10 eval.max_prompts=120 eval.seeds_per_prompt=2 train.ema=false train.checkpoint_every=40
+CREDIT_ARGS := train.iterations=40 train.optimizer_steps_per_iter=4 eval.every=10 eval.max_prompts=120 eval.seeds_per_prompt=2 train.ema=false train.checkpoint_every=40
 credit-experiment: $(STAMP)
 	for m in $(CREDIT_METHODS); do \
 	  opts='credit.options={}'; case $$m in dense_gain|turning_points) opts='credit.options={probe: "ode:2"}';; esac; \

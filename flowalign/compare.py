@@ -25,7 +25,8 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
 
     Point 0 is the base model (0 rollouts, 0 NFE); ``step-N`` is after iteration N; ``final`` after the last one.
     Rollouts after N iterations = N · groups_per_iter · group_size (the trajectories sampled, whatever the
-    credit method spends on probes); NFE after N iterations = Σ of the per-iteration ``nfe/*`` counters.
+    credit method spends on probes); NFE after N iterations = the sum over phases of the cumulative ``nfe/*``
+    counters logged at iteration N: sampling, probing and training (``nfe/other``, the evaluations, is left out).
     """
     import yaml
 
@@ -46,8 +47,11 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         it = r.get("iteration")
         if not isinstance(it, int):
             continue
-        total += sum(float(v) for k, v in r.items() if k.startswith("nfe/") and isinstance(v, (int, float)))
-        nfe_after[it] = total
+        counters = [float(v) for k, v in r.items() if k.startswith("nfe/") and k != "nfe/other"
+                    and isinstance(v, (int, float))]
+        if counters:  # the trainer logs cumulative counters per phase
+            total = sum(counters)
+            nfe_after[it] = total
         last_it = max(last_it, it)
         wall = float(r.get("time/elapsed_s", wall) or wall)
     sums = find_summaries(run)

@@ -217,7 +217,7 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
     out: dict[str, dict[str, float]] = {}
     for mode in modes:
         vals = probe_values(model.velocity, traj, mask, mode, sc, terminal=term, max_batch=max_batch)
-        rs = []
+        rs, by_t = [], {t: [] for t in range(steps - 1)}
         for name in full:
             for g in range(n_groups):
                 m = cond_index == g
@@ -225,8 +225,10 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
                     r = spearman(vals[name][m, t], full[name][m, t])
                     if math.isfinite(r):
                         rs.append(r)
+                        by_t[t].append(r)
         out[mode] = {"spearman_mean": round(sum(rs) / len(rs), 3) if rs else float("nan"),
-                     "spearman_min": round(min(rs), 3) if rs else float("nan"), "pairs": len(rs)}
+                     "spearman_min": round(min(rs), 3) if rs else float("nan"), "pairs": len(rs),
+                     "by_state": [round(sum(v) / len(v), 2) if v else float("nan") for v in by_t.values()]}
     return out
 
 
@@ -242,6 +244,8 @@ def bench_credit(argv: Sequence[str]) -> int:
     ap.add_argument("--children", type=int, default=4, help="TempFlow children K (seeds = G // K)")
     ap.add_argument("--max-batch", type=int, default=None, help="rows per model forward while probing")
     ap.add_argument("--rank-groups", type=int, default=4, help="groups for the Spearman measurement (0 = skip)")
+    ap.add_argument("--rank-reward", default="shapes_partial",
+                    help="reward whose probe values are ranked (shapes_partial, saturation, jpeg_compressibility, ...)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -274,13 +278,18 @@ def bench_credit(argv: Sequence[str]) -> int:
                       f"{r['wall_s']:>8.2f}   {r['reference']}")
             if args.rank_groups > 0 and name == "shapes":
                 setup.prompts = _shapes_prompts(args.rank_groups, seed=11)  # the cost runs are done; reuse the model
+                if args.rank_reward != "shapes_partial":
+                    from flowalign.rewards import build_reward
+
+                    setup.rewards = {args.rank_reward: build_reward(args.rank_reward)}
                 rk = rank_agreement(setup, steps=args.steps, group_size=args.group_size, seed=args.seed + 17,
                                     modes=RANK_MODES, max_batch=args.max_batch)
                 results["ranking"][setup.name] = rk
                 print("ranking agreement with ode:full (Spearman across group members, per group and state):")  # noqa: T201
                 for mode, d in rk.items():
                     print(f"  {mode:<8} mean {d['spearman_mean']:.3f}  min {d['spearman_min']:.3f}  "  # noqa: T201
-                          f"({d['pairs']} (group, state) pairs)")
+                          f"({d['pairs']} (group, state) pairs)  by state t=0..{args.steps - 2}: "
+                          + " ".join(f"{v:.2f}" for v in d["by_state"]))
     if args.json:
         from flowalign.io import atomic_write_json
 

@@ -42,11 +42,14 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     per_iter = int(train.get("groups_per_iter", 0)) * int(train.get("group_size", 0))
     records = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     nfe_after: dict[int, float] = {0: 0.0}
+    sampled: dict[int, int] = {}  # iteration -> final samples scored (plans like TempFlow branching add rows)
     total, last_it, wall = 0.0, 0, 0.0
     for r in records:
         it = r.get("iteration")
         if not isinstance(it, int):
             continue
+        if isinstance(r.get("rollouts/iteration"), (int, float)):
+            sampled[it] = int(r["rollouts/iteration"])  # a resumed run may repeat an iteration: keep the last
         counters = [float(v) for k, v in r.items() if k.startswith("nfe/") and k != "nfe/other"
                     and isinstance(v, (int, float))]
         if counters:  # the trainer logs cumulative counters per phase
@@ -72,7 +75,7 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         "label": run.name,
         "credit": name + (f" ({probe})" if probe else ""),
         "iterations": [p[0] for p in pts],
-        "rollouts": [p[0] * per_iter for p in pts],
+        "rollouts": [sum(sampled.get(i, per_iter) for i in range(1, p[0] + 1)) for p in pts],
         "nfe": [nfe_after.get(p[0], float("nan")) for p in pts],
         "value": [p[1] for p in pts],
         "wall_s": wall,

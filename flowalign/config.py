@@ -668,7 +668,7 @@ def window_bounds(sampler: SamplerConfig) -> tuple[int, int]:
 def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     """Quantities implied by the config for ``world_size`` processes; raises ``UserError`` if they do not divide.
 
-    Keys: rollouts_per_iter, groups_per_rank, rollouts_per_rank, trained_steps, transitions_per_iter,
+    Keys: rollouts_per_iter (final samples scored), samples_per_seed (plan: branch children), groups_per_rank, rollouts_per_rank, trained_steps, transitions_per_iter,
     transitions_per_rank, micro_batches_per_rank (per iteration, before zero-std filtering),
     micro_batches_per_optimizer_step, optimizer_steps_total, ema_updates_total, rollouts_total, nfe_rollout_per_iter
     (sampling forwards, one per step per rollout; CFG pairs count as one), window_starts (possible t0 or None).
@@ -683,10 +683,17 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
             f"train.groups_per_iter={t.groups_per_iter} is not divisible by the world size {world_size} (groups are "
             f"rank-local); set train.groups_per_iter to a multiple of {world_size} (e.g. {lower} or {upper}) or change the number of processes"
         )
+    from flowalign.samplers.plans import plan_shape
+
     n_trained = trained_steps(s)
+    stochastic = s.window_size if s.window_size > 0 else s.steps - (0 if s.last_step_noise else 1)
+    try:
+        per_seed, edges = plan_shape(s.plan, s.plan_options, stochastic)  # branch: K children per seed, 1 edge each
+    except (ValueError, TypeError) as e:
+        raise UserError(f"sampler.plan_options: {e}") from None
     groups_per_rank = t.groups_per_iter // world_size
-    rollouts_per_rank = groups_per_rank * t.group_size
-    transitions_per_rank = rollouts_per_rank * n_trained
+    rollouts_per_rank = groups_per_rank * t.group_size * per_seed
+    transitions_per_rank = rollouts_per_rank * (n_trained if edges is None else min(edges, n_trained))
     micro_per_rank = -(-transitions_per_rank // t.micro_batch)
     if t.optimizer_steps_per_iter > micro_per_rank:
         raise UserError(
@@ -700,18 +707,19 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     opt_total = t.iterations * t.optimizer_steps_per_iter
     return {
         "world_size": world_size,
-        "rollouts_per_iter": t.groups_per_iter * t.group_size,
+        "rollouts_per_iter": rollouts_per_rank * world_size,
+        "samples_per_seed": per_seed,
         "groups_per_rank": groups_per_rank,
         "rollouts_per_rank": rollouts_per_rank,
         "trained_steps": n_trained,
-        "transitions_per_iter": t.groups_per_iter * t.group_size * n_trained,
+        "transitions_per_iter": transitions_per_rank * world_size,
         "transitions_per_rank": transitions_per_rank,
         "micro_batches_per_rank": micro_per_rank,
         "micro_batches_per_optimizer_step": -(-micro_per_rank // t.optimizer_steps_per_iter),
         "optimizer_steps_total": opt_total,
         "ema_updates_total": (opt_total // t.ema_every) if t.ema else 0,
-        "rollouts_total": t.iterations * t.groups_per_iter * t.group_size,
-        "nfe_rollout_per_iter": t.groups_per_iter * t.group_size * s.steps,
+        "rollouts_total": t.iterations * rollouts_per_rank * world_size,
+        "nfe_rollout_per_iter": t.groups_per_iter * t.group_size * s.steps if s.plan == "chain" else None,
         "window_starts": window_starts,
     }
 
@@ -811,13 +819,15 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("optim", f"AdamW lr {t.lr:g}, betas {tuple(t.betas)}, wd {t.weight_decay:g}, grad-clip {t.max_grad_norm:g}, "
                   f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})"
                   + (f", EMA<= {t.ema_decay_max:g}/{t.ema_every}" if t.ema else ", no EMA")),
-        ("batch", f"{t.groups_per_iter} groups x G={t.group_size} = {d['rollouts_per_iter']} rollouts/iter; "
+        ("batch", f"{t.groups_per_iter} groups x G={t.group_size}"
+                  + (f" seeds x {d['samples_per_seed']} {s.plan} samples" if d["samples_per_seed"] > 1 else "")
+                  + f" = {d['rollouts_per_iter']} rollouts/iter; "
                   f"{d['groups_per_rank']} groups/rank on {world_size} rank(s)"),
         ("update", f"{d['trained_steps']} trained steps -> {d['transitions_per_rank']} transitions/rank in "
                    f"{d['micro_batches_per_rank']} micro-batches of {t.micro_batch}, {t.optimizer_steps_per_iter} optimizer step(s)/iter "
                    f"({d['micro_batches_per_optimizer_step']} micro-batches each)"),
         ("run", f"{t.iterations} iterations, {d['rollouts_total']} rollouts, {d['optimizer_steps_total']} optimizer steps, "
-                f"seed {t.seed}, rollout NFE/iter {d['nfe_rollout_per_iter']}"),
+                f"seed {t.seed}, rollout NFE/iter {d['nfe_rollout_per_iter'] or 'see nfe/sampling in metrics'}"),
         ("data", f"train {cfg.data.train_prompts} ({'shuffled' if cfg.data.shuffle else 'in order'}), eval {cfg.data.eval_prompts}"),
         ("eval", f"{'every ' + str(e.every) + ' iters' if e.every else 'before/after'}, {e.kernel} T={e.steps} cfg {e.guidance:g}, "
                  f"{e.seeds_per_prompt} seeds/prompt{', ' + str(e.max_prompts) + ' prompts' if e.max_prompts else ''}, rewards {', '.join(e.rewards)}"),

@@ -257,6 +257,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                            prompts=batch_prompts, reduce=cfg.sampler.logp_reduce,
                                            keep_velocities=True, **dict(cfg.sampler.plan_options))
         row_prompts = [batch_prompts[int(i)] for i in traj.cond_index]  # plans may add rows (branch children)
+        metrics["rollouts/iteration"] = traj.batch_size * world  # final samples scored (ranks hold equal shapes)
 
         # 7. rewards ---------------------------------------------------------------------------------------
         def score(latents: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ here, and the value probes of ``flowalign.values`` are built on it.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -294,6 +294,25 @@ def _choose_steps(spec, cands: Tensor, seeds: int, generator: Optional[torch.Gen
     if bad:
         raise ValueError(f"branch steps {bad} are not stochastic (η = 0 there); candidates: {c}")
     return [list(ks) for _ in range(seeds)]
+
+
+def plan_shape(plan: str, options: Mapping, stochastic_steps: int) -> tuple[int, Optional[int]]:
+    """(final samples per initial noise, trained edges per final sample — None: every trained step) of a plan.
+
+    ``chain``: (1, None). ``branch`` (TempFlow-GRPO): K = ``children`` per branch step of each seed, ``branch_steps``
+    "all" = every one of the ``stochastic_steps`` candidates, "random" = 1, an int n = n, a list = its length;
+    each child is trained on its own branch edge only. Used for the trainer's derived batch shapes.
+    """
+    if plan == "chain":
+        return 1, None
+    if plan == "branch":
+        spec = options.get("branch_steps", "all")
+        if isinstance(spec, str) and spec not in ("all", "random"):
+            raise ValueError(f"branch_steps must be 'all', 'random', an int or a list of steps, got {spec!r}")
+        n = stochastic_steps if spec == "all" else 1 if spec == "random" else \
+            int(spec) if isinstance(spec, int) else len(spec)
+        return int(options.get("children", 6)) * max(1, n), 1
+    raise ValueError(f"unknown rollout plan {plan!r}; choose from {', '.join(PLANS)}")
 
 
 PLANS: dict[str, Callable[..., Trajectory]] = {

@@ -42,3 +42,14 @@ def test_not_a_run_is_one_clear_error(tmp_path):
     (tmp_path / "config.yaml").write_text("train: {}\n")
     with pytest.raises(UserError, match="no evaluations"):
         run_curve(tmp_path)
+
+
+def test_logged_rollouts_count_what_was_sampled_and_resume_repeats_count_once(tmp_path):
+    """A plan that adds rows (TempFlow children) logs ``rollouts/iteration``; compare sums it, not the config."""
+    d = _run(tmp_path / "br", "branch", {"base": 0.3, "step-2": 0.4, "final": 0.5}, (10, 0))
+    recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        r["rollouts/iteration"] = 32  # 4× the config's groups_per_iter × group_size = 8
+    recs.insert(2, dict(recs[1]))  # iteration 2 logged twice (killed after logging, resumed from step 1)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert run_curve(d)["rollouts"] == [0, 64, 128]

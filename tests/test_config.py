@@ -165,6 +165,16 @@ def test_derived_quantities():
     assert d["trained_steps"] == 3 and d["window_starts"] == [0, 1, 2]  # METHODS §3.10 Fast
     cfg = load_config(None, ["train.optimizer_steps_per_iter=2", "train.micro_batch=4"])
     assert derived(cfg)["micro_batches_per_optimizer_step"] == math.ceil(64 * 9 / 4 / 2)
+    # TempFlow branching: G seeds x K children per branch step, each child trained on its branch edge only
+    cfg = load_config(None, ["sampler.plan=branch", "train.group_size=2", "train.micro_batch=16",
+                             "sampler.plan_options={children: 4, branch_steps: random}"])
+    d = derived(cfg)
+    assert d["rollouts_per_iter"] == 8 * 2 * 4 and d["samples_per_seed"] == 4
+    assert d["transitions_per_iter"] == 64 and d["micro_batches_per_rank"] == 4
+    cfg = load_config(None, ["sampler.plan=branch", "sampler.plan_options={children: 3, branch_steps: all}"])
+    assert derived(cfg)["rollouts_per_iter"] == 8 * 8 * 3 * 9  # every stochastic step (the last is ODE)
+    assert "sampler.plan_options" in _err(load_config, None, ["sampler.plan=branch",
+                                                             "sampler.plan_options={branch_steps: sometimes}"])
 
 
 @pytest.mark.parametrize(

@@ -156,3 +156,20 @@ def test_init_from_starts_a_stage_from_a_saved_model(tmp_path):
                      tmp_path / "o", data=toy_data, progress=False)
     with pytest.raises(UserError, match="does not match"):
         init_weights_from(other, tmp_path / "s1" / "final")
+
+
+def test_shipped_recipe_configs_validate_and_match_the_shipped_model():
+    """`make shapes-base` runs these two configs; the shipped model's config is what stage 2 builds."""
+    import json
+    from pathlib import Path
+
+    from flowalign.pretrain import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    s1 = load_config(str(root / "configs/shapes_pretrain.yaml"), {})
+    s2 = load_config(str(root / "configs/shapes_pretrain_stage2.yaml"), {})
+    assert s2.init_from == "runs/shapes_pretrain/final"
+    assert s1.model_config == s2.model_config  # stage 2 continues the same architecture
+    shipped = json.loads((root / "flowalign/assets/shapes/config.json").read_text())
+    for k, v in s2.model_config.items():
+        assert shipped[k] == v, k

@@ -688,7 +688,7 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     n_trained = trained_steps(s)
     stochastic = s.window_size if s.window_size > 0 else s.steps - (0 if s.last_step_noise else 1)
     try:
-        per_seed, edges = plan_shape(s.plan, s.plan_options, stochastic)  # branch: K children per seed, 1 edge each
+        per_seed, edges = plan_shape(s.plan, s.plan_options, min(stochastic, n_trained))  # branch: trained steps
     except (ValueError, TypeError) as e:
         raise UserError(f"sampler.plan_options: {e}") from None
     groups_per_rank = t.groups_per_iter // world_size

@@ -255,7 +255,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                            kernel=cfg.sampler.kernel, generator=step_gen,
                                            cond_index=cond_index.to(device), group=group.to(device),
                                            prompts=batch_prompts, reduce=cfg.sampler.logp_reduce,
-                                           keep_velocities=True, **dict(cfg.sampler.plan_options))
+                                           keep_velocities=True,
+                                           trainable=_trained_mask(eta, cfg.sampler.train_fraction, 1)[0],
+                                           **dict(cfg.sampler.plan_options))
         row_prompts = [batch_prompts[int(i)] for i in traj.cond_index]  # plans may add rows (branch children)
         metrics["rollouts/iteration"] = traj.batch_size * world  # final samples scored (ranks hold equal shapes)
 

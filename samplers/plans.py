@@ -152,8 +152,13 @@ def staggered_ode(velocity: VelocityFn, x: Tensor, start: Tensor, sigmas: Tensor
 
 def chain(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
           group: Optional[Tensor] = None, eta: float | Tensor = 0.0, kernel="flow_sde",
-          generator: Optional[torch.Generator] = None, keep_velocities: bool = False, **options) -> Trajectory:
-    """One chain per noise row: ``loop.sample`` (Flow-GRPO, DenseGRPO, TP-GRPO, VGPO, Euphonium)."""
+          generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
+          trainable: Optional[Tensor] = None, **options) -> Trajectory:
+    """One chain per noise row: ``loop.sample`` (Flow-GRPO, DenseGRPO, TP-GRPO, VGPO, Euphonium).
+
+    ``trainable`` [T] bool (the steps the trainer updates) is accepted for the plan interface and not needed:
+    a chain samples every step with its η whether or not the step is trained (Flow-GRPO).
+    """
     return sample(velocity, noise, sigmas, cond, eta=eta, kernel=kernel, generator=generator, cond_index=cond_index,
                   group=group, keep_velocities=keep_velocities, **options)
 
@@ -162,7 +167,7 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
            group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
            generator: Optional[torch.Generator] = None, keep_velocities: bool = False, children: int = 6,
            branch_steps: str | int | Sequence[int] = "all", prompts: Sequence[str] = (), reduce: str = "mean",
-           max_batch: Optional[int] = None, **kernel_kwargs) -> Trajectory:
+           max_batch: Optional[int] = None, trainable: Optional[Tensor] = None, **kernel_kwargs) -> Trajectory:
     """TempFlow-GRPO branching (He et al. 2025, "TempFlow-GRPO"; METHODS.md §2.7, §4.3).
 
     Each noise row is a *seed*: a pure-ODE trunk x_0 → x_k (computed once per seed), then at every chosen
@@ -177,6 +182,8 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
         branch_steps: ``"all"`` (every candidate, the released SD3 code), ``"random"`` (one random
             candidate per seed, drawn from ``generator``), an int n (n distinct random candidates per seed),
             or an explicit list of steps.
+        trainable: [T] bool, the steps the trainer updates; when given, candidates are restricted to them
+            (a child branched at an untrained step would carry no gradient).
 
     Returns a Trajectory with N = Σ_seeds |K_s|·K rows ordered (seed, k, child). ``group`` is the sibling
     key (prompt, seed, k), the normalisation unit of TempFlow's advantage; ``traj.eta`` [T] holds η at every
@@ -199,7 +206,13 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
         torch.full((steps,), float(eta))  # [T]
     if eta_vec.shape[0] != steps:
         raise ValueError(f"eta has {eta_vec.shape[0]} entries, expected {steps}")
-    cands = (eta_vec > 0).nonzero().flatten()  # [C]
+    stochastic = eta_vec > 0  # [T]
+    if trainable is not None:
+        trainable = torch.as_tensor(trainable, dtype=torch.bool).cpu()  # [T]
+        if trainable.shape != stochastic.shape:
+            raise ValueError(f"trainable has shape {tuple(trainable.shape)}, expected ({steps},)")
+        stochastic = stochastic & trainable
+    cands = stochastic.nonzero().flatten()  # [C]
     if cands.numel() == 0:
         raise ValueError("branch plan: no candidate branch step (η is 0 everywhere)")
     if children < 1:
@@ -292,15 +305,15 @@ def _choose_steps(spec, cands: Tensor, seeds: int, generator: Optional[torch.Gen
     ks = sorted(int(k) for k in spec)
     bad = [k for k in ks if k not in c]
     if bad:
-        raise ValueError(f"branch steps {bad} are not stochastic (η = 0 there); candidates: {c}")
+        raise ValueError(f"branch steps {bad} are not candidates (η = 0 there, or not trained); candidates: {c}")
     return [list(ks) for _ in range(seeds)]
 
 
-def plan_shape(plan: str, options: Mapping, stochastic_steps: int) -> tuple[int, Optional[int]]:
+def plan_shape(plan: str, options: Mapping, candidate_steps: int) -> tuple[int, Optional[int]]:
     """(final samples per initial noise, trained edges per final sample — None: every trained step) of a plan.
 
     ``chain``: (1, None). ``branch`` (TempFlow-GRPO): K = ``children`` per branch step of each seed, ``branch_steps``
-    "all" = every one of the ``stochastic_steps`` candidates, "random" = 1, an int n = n, a list = its length;
+    "all" = every one of the ``candidate_steps`` (stochastic and trained), "random" = 1, an int n = n, a list = its length;
     each child is trained on its own branch edge only. Used for the trainer's derived batch shapes.
     """
     if plan == "chain":
@@ -309,7 +322,7 @@ def plan_shape(plan: str, options: Mapping, stochastic_steps: int) -> tuple[int,
         spec = options.get("branch_steps", "all")
         if isinstance(spec, str) and spec not in ("all", "random"):
             raise ValueError(f"branch_steps must be 'all', 'random', an int or a list of steps, got {spec!r}")
-        n = stochastic_steps if spec == "all" else 1 if spec == "random" else \
+        n = candidate_steps if spec == "all" else 1 if spec == "random" else \
             int(spec) if isinstance(spec, int) else len(spec)
         return int(options.get("children", 6)) * max(1, n), 1
     raise ValueError(f"unknown rollout plan {plan!r}; choose from {', '.join(PLANS)}")

@@ -173,6 +173,9 @@ def test_derived_quantities():
     assert d["transitions_per_iter"] == 64 and d["micro_batches_per_rank"] == 4
     cfg = load_config(None, ["sampler.plan=branch", "sampler.plan_options={children: 3, branch_steps: all}"])
     assert derived(cfg)["rollouts_per_iter"] == 8 * 8 * 3 * 9  # every stochastic step (the last is ODE)
+    cfg = load_config(None, ["sampler.plan=branch", "sampler.train_fraction=0.6",
+                             "sampler.plan_options={children: 3, branch_steps: all}"])
+    assert derived(cfg)["rollouts_per_iter"] == 8 * 8 * 3 * 6  # only trained steps are branch candidates
     assert "sampler.plan_options" in _err(load_config, None, ["sampler.plan=branch",
                                                              "sampler.plan_options={branch_steps: sometimes}"])
 

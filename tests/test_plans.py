@@ -144,3 +144,33 @@ def test_branch_plan_random_steps_reproducible_and_validated():
         run(5, [steps - 1])  # the last step is ODE: not a branch candidate
     one = run(5, [0])  # branch at step 0: no trunk forwards beyond v(x_0)
     assert torch.equal(one.latents[:, 0], x[[0, 0, 1, 1, 2, 2]])
+
+
+def test_branch_candidates_are_restricted_to_trainable_steps():
+    """The trainer passes its trained-step mask: a child branched at an untrained step would carry no gradient."""
+    steps = 8
+    sig = schedules.sd3_diffusers(steps)
+    cond = _cond()
+    x = torch.randn(4, 4)
+    ci = torch.tensor([0, 0, 1, 1])
+    eta = eta_schedule(steps, 0.7)
+    trainable = torch.arange(steps) < 3  # [T]
+
+    def run(spec, mask):
+        return PLANS["branch"](gaussian_world_velocity, x, sig, cond, cond_index=ci, group=ci, eta=eta,
+                               generator=torch.Generator().manual_seed(1), children=2, branch_steps=spec,
+                               trainable=mask)
+
+    allk = run("all", trainable)
+    assert allk.extras["branch_candidates"].tolist() == [0, 1, 2] and allk.batch_size == 4 * 3 * 2
+    for seed in range(5):
+        r = PLANS["branch"](gaussian_world_velocity, x, sig, cond, cond_index=ci, group=ci, eta=eta,
+                            generator=torch.Generator().manual_seed(seed), children=2, branch_steps="random",
+                            trainable=trainable)
+        assert set(r.extras["branch_step"].tolist()) <= {0, 1, 2}
+    assert run("all", None).extras["branch_candidates"].tolist() == list(range(steps - 1))
+    with pytest.raises(ValueError):
+        run([4], trainable)  # an explicit untrained step is refused, not silently wasted
+    chained = PLANS["chain"](gaussian_world_velocity, x, sig, cond, cond_index=ci, eta=eta,
+                             generator=torch.Generator().manual_seed(1), trainable=trainable)
+    assert chained.batch_size == 4  # a chain ignores the mask (every step keeps its η)

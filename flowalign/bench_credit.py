@@ -40,6 +40,7 @@ METHODS: dict[str, tuple[str, str, float, str, dict, dict]] = {
     "tp_full": ("chain", "cps", 0.7, "turning_points", {"probe": "ode:full"}, {}),
     "tp_ode2": ("chain", "cps", 0.7, "turning_points", {"probe": "ode:2"}, {}),
     "vgpo_x0": ("chain", "flow_sde", 0.7, "value_anchor", {"probe": "x0"}, {}),
+    "euphonium_x0": ("chain", "flow_sde", 0.7, "euphonium", {"pra_probe": "x0"}, {}),
     "tempflow_all": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "all"}),
     "tempflow_one": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "random"}),
 }
@@ -55,6 +56,7 @@ REFERENCE = {
     "tp_full": "6.4× released; ≈4.6× shared ODE + reuse",
     "tp_ode2": "—",
     "vgpo_x0": "2× (1× with reuse)",
+    "euphonium_x0": "1× + PRM fwd/bwd at guided steps (here: x0 pixel-reward proxy, no guidance)",
     "tempflow_all": "4.65× (4 seeds × 6 children)",
     "tempflow_one": "≈0.6×",
 }
@@ -185,7 +187,8 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     per = 1.0 / n_groups
     samp, prob = tot.get("sampling", 0) * per, tot.get("probing", 0) * per
     return {
-        "model": setup.name, "method": method, "credit": credit, "probe": c_opts.get("probe", "-"),
+        "model": setup.name, "method": method, "credit": credit,
+        "probe": c_opts.get("probe", c_opts.get("pra_probe", "-")),
         "rollouts_per_group": traj.batch_size * per, "nfe_sampling": samp, "nfe_probing": prob,
         "nfe_total": samp + prob, "x_flow_grpo": round((samp + prob) / base, 3),
         "model_launches": sum(nfe.calls.values()), "reward_calls": setup.reward_calls * per,

@@ -668,8 +668,8 @@ def window_bounds(sampler: SamplerConfig) -> tuple[int, int]:
 def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     """Quantities implied by the config for ``world_size`` processes; raises ``UserError`` if they do not divide.
 
-    Keys: rollouts_per_iter (final samples scored), samples_per_seed (plan: branch children), groups_per_rank, rollouts_per_rank, trained_steps, transitions_per_iter,
-    transitions_per_rank, micro_batches_per_rank (per iteration, before zero-std filtering),
+    Keys: rollouts_per_iter (final samples scored), samples_per_seed (plan: branch children), groups_per_rank,
+    rollouts_per_rank, trained_steps, transitions_per_iter, transitions_per_rank, micro_batches_per_rank (per iteration, before zero-std filtering),
     micro_batches_per_optimizer_step, optimizer_steps_total, ema_updates_total, rollouts_total, nfe_rollout_per_iter
     (sampling forwards, one per step per rollout; CFG pairs count as one), window_starts (possible t0 or None).
     """

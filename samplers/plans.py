@@ -309,26 +309,38 @@ def _choose_steps(spec, cands: Tensor, seeds: int, generator: Optional[torch.Gen
     return [list(ks) for _ in range(seeds)]
 
 
-def plan_shape(plan: str, options: Mapping, candidate_steps: int) -> tuple[int, Optional[int]]:
-    """(final samples per initial noise, trained edges per final sample — None: every trained step) of a plan.
+def _chain_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional[int]]:
+    """A chain: one final sample per initial noise, trained at every trained step."""
+    return 1, None
 
-    ``chain``: (1, None). ``branch`` (TempFlow-GRPO): K = ``children`` per branch step of each seed, ``branch_steps``
-    "all" = every one of the ``candidate_steps`` (stochastic and trained), "random" = 1, an int n = n, a list = its length;
-    each child is trained on its own branch edge only. Used for the trainer's derived batch shapes.
-    """
-    if plan == "chain":
-        return 1, None
-    if plan == "branch":
-        spec = options.get("branch_steps", "all")
-        if isinstance(spec, str) and spec not in ("all", "random"):
-            raise ValueError(f"branch_steps must be 'all', 'random', an int or a list of steps, got {spec!r}")
-        n = candidate_steps if spec == "all" else 1 if spec == "random" else \
-            int(spec) if isinstance(spec, int) else len(spec)
-        return int(options.get("children", 6)) * max(1, n), 1
-    raise ValueError(f"unknown rollout plan {plan!r}; choose from {', '.join(PLANS)}")
+
+def _branch_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional[int]]:
+    """TempFlow-GRPO: K = ``children`` per branch step of each seed (``branch_steps`` "all" = every one of the
+    ``candidate_steps``, "random" = 1, an int n = n, a list = its length); each child trains its branch edge only."""
+    spec = options.get("branch_steps", "all")
+    if isinstance(spec, str) and spec not in ("all", "random"):
+        raise ValueError(f"branch_steps must be 'all', 'random', an int or a list of steps, got {spec!r}")
+    n = candidate_steps if spec == "all" else 1 if spec == "random" else \
+        int(spec) if isinstance(spec, int) else len(spec)
+    return int(options.get("children", 6)) * max(1, n), 1
+
+
+def plan_shape(plan: str, options: Mapping, candidate_steps: int) -> tuple[int, Optional[int]]:
+    """(final samples per initial noise, trained edges per final sample — None: every trained step) of a plan,
+    from ``PLAN_SHAPES`` (one entry per ``PLANS`` entry); ``candidate_steps`` = stochastic and trained steps.
+    Used for the trainer's derived batch shapes."""
+    if plan not in PLAN_SHAPES:
+        raise ValueError(f"unknown rollout plan {plan!r}; choose from {', '.join(PLANS)}")
+    return PLAN_SHAPES[plan](options, candidate_steps)
 
 
 PLANS: dict[str, Callable[..., Trajectory]] = {
     "chain": chain,
     "branch": branch,
+}
+
+# batch shape of each plan (for derived quantities); a new plan registers both entries
+PLAN_SHAPES: dict[str, Callable[[Mapping, int], tuple[int, Optional[int]]]] = {
+    "chain": _chain_shape,
+    "branch": _branch_shape,
 }

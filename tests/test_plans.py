@@ -174,3 +174,13 @@ def test_branch_candidates_are_restricted_to_trainable_steps():
     chained = PLANS["chain"](gaussian_world_velocity, x, sig, cond, cond_index=ci, eta=eta,
                              generator=torch.Generator().manual_seed(1), trainable=trainable)
     assert chained.batch_size == 4  # a chain ignores the mask (every step keeps its η)
+
+
+def test_every_plan_declares_its_batch_shape():
+    from flowalign.samplers.plans import PLAN_SHAPES, plan_shape
+
+    assert set(PLAN_SHAPES) == set(PLANS)
+    assert plan_shape("chain", {}, 9) == (1, None)
+    assert plan_shape("branch", {"children": 4, "branch_steps": [1, 3]}, 9) == (8, 1)
+    with pytest.raises(ValueError, match="unknown rollout plan"):
+        plan_shape("tree", {}, 9)

@@ -70,6 +70,7 @@ class ModelConfig:
     guidance: float = _f(4.5, "classifier-free guidance scale used for rollouts and training forwards (1 = no CFG)")
     lora_rank: int = _f(0, "LoRA rank r; 0 = the family default (METHODS §3.7)")
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 = 2 x rank (the published recipes)")
+    lora_targets: tuple[str, ...] = _f((), "LoRA target modules (peft names, matched as module-path suffixes); [] = the family default")
     resolution: int = _f(0, "image side in pixels; 0 = the model default")
     kwargs: dict = _f({}, "extra keyword arguments for the family's from_pretrained (family specific)")
 
@@ -86,6 +87,7 @@ class SamplerConfig:
     logp_reduce: Literal["mean", "sum"] = _f("mean", "reduction of the per-step log-density over latent elements (clip ranges assume mean)")
     logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")
     eta_file: str = _f("", "JSON with a per-step 'eta' list (e.g. from `flowalign calibrate`); overrides sampler.eta")
+    init_noise: Literal["member", "group"] = _f("member", "initial noise: one draw per rollout (Flow-GRPO) or one per group, shared by its members (DanceGRPO)")
     plan: Literal["chain", "branch"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, or TempFlow branching")
     plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan")
 
@@ -760,6 +762,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(s.eta >= 0, f"sampler.eta={s.eta} must be >= 0")
     need(s.steps >= 2, f"sampler.steps={s.steps} must be >= 2 (the last step is never trained)")
     need(0 < s.train_fraction <= 1, f"sampler.train_fraction={s.train_fraction} must be in (0, 1]")
+    need(not (s.init_noise == "group" and s.plan == "branch"),
+         "sampler.init_noise=group with sampler.plan=branch would make every seed of a TempFlow group identical; "
+         "use init_noise=member (the branch plan already shares the prefix among a seed's children)")
     need(s.window_size >= 0, f"sampler.window_size={s.window_size} must be >= 0 (0 = no window)")
     if s.window_size > 0:
         lo, hi = window_bounds(s)

@@ -55,6 +55,18 @@ def _seed(*parts: int) -> int:
     return h
 
 
+def initial_noise(model: Any, seed: int, it: int, positions: Sequence[int], group_size: int, mode: str = "member"):
+    """x_1 for the rows of global groups ``positions`` × members, seeded by (seed, iteration, group, member) (Q7).
+
+    ``mode`` "member": one draw per rollout (Flow-GRPO); "group": one draw per group shared by its members
+    (DanceGRPO), so members differ only by the SDE noise of the steps. Same rows for any world size.
+    """
+    if mode not in ("member", "group"):
+        raise ValueError(f"init_noise mode must be 'member' or 'group', got {mode!r}")
+    return torch.cat([model.init_noise(1, torch.Generator().manual_seed(_seed(seed, it, gp, 0 if mode == "group" else m)))
+                      for gp in positions for m in range(group_size)])  # [G·n, *latent]
+
+
 class EMA:
     """EMA of the trainable tensors: d_n = min((1+n)/(10+n), d_max), once per `every` optimizer steps (§3.7, Q4)."""
 
@@ -159,7 +171,11 @@ def train(cfg: C.ExperimentConfig) -> Path:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype, guidance_scale=cfg.model.guidance,
                        **dict(cfg.model.kwargs))
-    params = model.add_lora(cfg.model.lora_rank or None, int(cfg.model.lora_alpha) or None)
+    try:
+        params = model.add_lora(cfg.model.lora_rank or None, int(cfg.model.lora_alpha) or None,
+                                targets=tuple(cfg.model.lora_targets) or None)
+    except ValueError as e:  # no module matches model.lora_targets
+        raise UserError(f"model.lora_targets: {e}") from e
     if world > 1:
         import torch.distributed as dist
 
@@ -239,8 +255,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         cond_index, group = D.expand_groups(list(range(len(groups))), g_size)  # [B], [B]
         batch_prompts = [prompts[i].prompt for i in groups]
         cond = model.encode(batch_prompts)
-        noise = torch.cat([model.init_noise(1, torch.Generator().manual_seed(_seed(cfg.train.seed, it, gp, m)))
-                           for gp in positions for m in range(g_size)])  # [B, *latent]
+        noise = initial_noise(model, cfg.train.seed, it, positions, g_size, cfg.sampler.init_noise)  # [B, *latent]
         window = None
         if cfg.sampler.window_size:
             lo, hi = C.window_bounds(cfg.sampler)
@@ -497,7 +512,7 @@ def cli_main(argv: Sequence[str]) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="flowalign train", description="GRPO fine-tuning from a YAML config.")
-    p.add_argument("config", help="experiment YAML (e.g. configs/shapes_grpo.yaml)")
+    p.add_argument("config", nargs="?", help="experiment YAML (e.g. configs/shapes_grpo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 credit.name=outcome")
     p.add_argument("--describe", action="store_true", help="print every config field with its doc and exit")
     args = p.parse_args(list(argv))
@@ -506,6 +521,8 @@ def cli_main(argv: Sequence[str]) -> int:
 
         sys.stdout.write(C.describe(C.ExperimentConfig) + "\n")
         return 0
+    if not args.config:
+        p.error("the following argument is required: config (an experiment YAML, e.g. configs/shapes_grpo.yaml)")
     cfg = C.load_config(args.config, args.overrides)
     run = train(cfg)
     logger.info("done: %s", run)

@@ -15,6 +15,7 @@ REWARDS: dict[str, str] = {
     # the shapes world (verifiable, exact)
     "shapes_strict": "flowalign.rewards.shapes:ShapesStrict",
     "shapes_partial": "flowalign.rewards.shapes:ShapesPartial",
+    "shapes_soft": "flowalign.rewards.shapes:ShapesSoft",
     # model-free quality rewards
     "jpeg_compressibility": "flowalign.rewards.quality:JpegCompressibility",
     "jpeg_incompressibility": "flowalign.rewards.quality:JpegIncompressibility",

@@ -26,6 +26,8 @@ FALLBACK: dict[str, dict[str, Any]] = {
                       "typical_range": "{0, 1}"},
     "shapes_partial": {"measures": "shapes world: mean clause score (counts 1 − |found − want|/want; colours, relation 0/1)",
                        "typical_range": "[0, 1]"},
+    "shapes_soft": {"measures": "shapes world: shapes_partial with logistic thresholds (area, shape cues, relation); a training reward",
+                    "typical_range": "[0, 1]"},
     "jpeg_compressibility": {"measures": "−JPEG size in kB at quality 95 (DDPO); drives images flat",
                              "typical_range": "−kB, size-dependent (flow_grpo scales by 1/500)"},
     "jpeg_incompressibility": {"measures": "+JPEG size in kB at quality 95 (DDPO); drives images to noise",

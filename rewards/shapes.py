@@ -71,6 +71,40 @@ class ShapesPartial(_ShapesVerifierReward):
     field = "partial"
 
 
+class ShapesSoft(_ShapesVerifierReward):
+    """Smooth relaxation of ``shapes_partial`` for training (:func:`flowalign.shapes.verify.soft_score`).
+
+    The verifier's thresholds (speck area, triangle skewness, square kurtosis, relation margin) become logistic
+    with widths ``temps`` (default ``SOFT_TEMPS``), so the reward also ranks rollouts that tie on every hard
+    clause by how far each is from the next threshold. Evaluate with ``shapes_strict`` / ``shapes_partial``.
+    """
+
+    name = "shapes_soft"
+    field = "soft"
+
+    def __init__(self, temps: Optional[dict] = None) -> None:
+        super().__init__()
+        from flowalign.shapes.verify import SOFT_TEMPS
+
+        unknown = set(temps or {}) - set(SOFT_TEMPS)
+        if unknown:
+            raise ValueError(f"shapes_soft: unknown temps {sorted(unknown)}; known: {sorted(SOFT_TEMPS)}")
+        self.temps = dict(temps or {})
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        from flowalign.shapes.verify import verify_soft
+
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"ShapesSoft takes images [B,3,H,W], got shape {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        specs = [self.spec(p) for p in prompts]
+        arr = images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        vals = [verify_soft(arr[i], specs[i], self.temps)[0] if np.isfinite(arr[i]).all() else float("nan")
+                for i in range(arr.shape[0])]
+        return torch.tensor(vals, dtype=torch.float32, device=images.device)  # [B]
+
+
 def shapes_records(images: Tensor, prompts: Sequence[str]) -> list[Optional[VerifyRecord]]:
     """Verifier records for reports (None where an image is non-finite)."""
     return ShapesPartial().records(images, prompts)

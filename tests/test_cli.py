@@ -54,3 +54,12 @@ def test_rewards_lists_every_registered_reward():
     for name in REWARDS:
         if name != "remote":
             assert name in r.stdout, name
+
+
+def test_train_describe_needs_no_config_and_a_missing_config_is_one_line_exit_2():
+    r = _cli("train", "--describe")
+    assert r.returncode == 0, r.stderr
+    for field in ("lora_targets:", "init_noise:", "train_fraction:", "clip_range:"):
+        assert field in r.stdout
+    r = _cli("train")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("flowalign train: error:"), r.stderr

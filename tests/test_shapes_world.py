@@ -352,3 +352,86 @@ def test_shipped_prompt_sets():
     # the files are exactly what the generator writes for the recorded seed
     assert build_prompt_sets(SEED) == {"shapes-train": train, "shapes-bench": bench}
     assert f"--seed {SEED}" in (PROMPTS_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------- soft training score
+
+TINY = {"area": 1e-6, "skew": 1e-6, "kurt": 1e-6, "relation": 1e-6}
+
+
+def _scenes(n_per_task, seed):
+    """Correct, mismatched and noisy rendered scenes with their prompts' specs."""
+    rng = np.random.default_rng(seed)
+    specs = [sample_spec(rng, t) for t in TASKS for _ in range(n_per_task)]
+    good = render_batch(specs, 32, seed=seed)
+    wrong = render_batch([mismatch(s, rng) for s in specs], 32, seed=seed + 1)
+    noisy = np.clip(good + rng.normal(0, 0.08, good.shape).astype(np.float32), 0, 1)
+    return specs * 3, np.concatenate([good, wrong, noisy])
+
+
+def test_soft_score_becomes_the_hard_clauses_as_widths_vanish():
+    from flowalign.shapes.verify import MIN_AREA, detect, score, soft_score
+
+    specs, imgs = _scenes(12, 21)
+    n_color_frac = 0
+    for spec, img in zip(specs, imgs):
+        hard = score(detect(img), spec)
+        soft = soft_score(detect(img, min_area=2.0), spec, temps=TINY)
+        assert hard.keys() == soft.keys()
+        for k, h in hard.items():
+            if k.startswith("color") and h == 0.0:
+                assert 0.0 <= soft[k] < 1.0  # the one relaxation: a fraction of the requested colors
+                n_color_frac += soft[k] > 0
+            else:
+                assert soft[k] == pytest.approx(h, abs=1e-9), (spec, k, h, soft[k])
+    assert MIN_AREA > 2.0 and n_color_frac > 0
+
+
+def test_soft_clauses_move_continuously_across_each_hard_threshold():
+    from flowalign.shapes.verify import MIN_AREA, SQUARE_KURT, TRIANGLE_SKEW, score, soft_score
+
+    def obj(shape="circle", area=20.0, skew=0.0, kurt=0.0, x=10.0, color="red"):
+        return {"color": color, "shape": shape, "area": area, "skew": skew, "kurt_diff": kurt,
+                "bbox": (x - 3, 13, x + 3, 19), "centroid": (x, 16.0)}
+
+    def sweep(make, values, spec, clause):
+        soft = [soft_score(make(v), spec)[clause] for v in values]
+        assert all(b >= a - 1e-12 for a, b in zip(soft, soft[1:])), soft  # monotone
+        inner = [round(v, 6) for v in soft if 1e-3 < v < 1 - 1e-3]
+        assert len(set(inner)) == len(inner) >= len(values) // 2  # strictly moving between the two plateaus
+        assert soft[0] < 0.2 and soft[-1] > 0.8
+        return soft
+
+    one = parse("a red circle")
+    areas = np.linspace(MIN_AREA - 3, MIN_AREA + 3, 13)
+    sweep(lambda a: [obj(area=a)], areas, one, "count[circle]")
+    hard = [score([obj(area=a)] if a >= MIN_AREA else [], one)["count[circle]"] for a in areas]
+    assert set(hard) == {0.0, 1.0}  # the hard clause jumps at MIN_AREA
+    tri = parse("a red triangle")
+    sweep(lambda k: [obj(skew=k)], np.linspace(TRIANGLE_SKEW + 0.3, TRIANGLE_SKEW - 0.3, 13), tri, "count[triangle]")
+    sq = parse("a red square")
+    sweep(lambda k: [obj(kurt=k)], np.linspace(SQUARE_KURT - 0.3, SQUARE_KURT + 0.3, 13), sq, "count[square]")
+    rel = parse("a red circle to the left of a blue circle")
+    # subject at x, reference at 20: the subject moves from right of the reference to well left of it
+    sweep(lambda x: [obj(x=x), obj(x=20.0, color="blue")], np.linspace(18.6, 8.0, 12), rel, "relation")
+
+
+def test_shapes_soft_reward_interface():
+    from flowalign.rewards import build_reward
+
+    soft, partial = build_reward("shapes_soft"), build_reward("shapes_partial")
+    assert soft.name == "shapes_soft" and soft.differentiable is False
+    specs, imgs = _scenes(8, 4)
+    prompts = [to_prompt(s) for s in specs]
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2)  # [3·48, 3, 32, 32]: good, wrong, noisy
+    r, p = soft(x, prompts), partial(x, prompts)
+    assert r.shape == (len(prompts),) and ((r >= 0) & (r <= 1)).all()
+    n = len(prompts) // 3
+    assert r[:n].mean() > 0.93 and r[2 * n:].mean() > 0.88 and r[n:2 * n].mean() < p[:n].mean() - 0.25
+    assert np.corrcoef(r.numpy(), p.numpy())[0, 1] > 0.8
+    x2 = x[:3].clone()
+    x2[1] = float("nan")
+    out = soft(x2, prompts[:3])
+    assert torch.isnan(out[1]) and torch.equal(out[[0, 2]], r[[0, 2]])
+    with pytest.raises(ValueError, match="unknown temps"):
+        build_reward("shapes_soft", temps={"size": 1.0})

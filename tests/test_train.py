@@ -115,6 +115,7 @@ BAD = {
     "missing_model": ("model:\n  path: /nonexistent/model\n", [], "/nonexistent/model"),
     "empty_prompts": ("data:\n  train_prompts: {empty}\n", [], "empty"),
     "bad_prompt": ("data:\n  train_prompts: {badp}\n", [], "pink"),
+    "bad_lora_target": ("model:\n  lora_targets: [to_q, ff.net.9]\n", [], "ff.net.9"),
 }
 
 
@@ -148,3 +149,35 @@ def test_existing_run_is_not_overwritten_and_corrupted_checkpoint_fails(tmp_path
     assert r.returncode == 2 and "corrupted checkpoint" in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("flowalign train: error: cannot resume")
     assert (run / "keep.txt").read_text() == "precious"
+
+
+def test_initial_noise_per_member_or_shared_per_group():
+    from flowalign.models import load_model
+    from flowalign.train import initial_noise
+
+    model = load_model("shapes", "")
+    per_member = initial_noise(model, 42, 3, [0, 1], 4, "member")  # [8, 3, 32, 32]
+    shared = initial_noise(model, 42, 3, [0, 1], 4, "group")
+    assert per_member.shape == shared.shape == (8, *model.latent_shape)
+    assert all(not torch.equal(per_member[0], per_member[i]) for i in range(1, 8))
+    for g in range(2):  # one draw per group, equal to that group's member-0 draw; groups differ
+        assert all(torch.equal(shared[4 * g], shared[4 * g + m]) for m in range(4))
+        assert torch.equal(shared[4 * g], per_member[4 * g])
+    assert not torch.equal(shared[0], shared[4])
+    assert torch.equal(initial_noise(model, 42, 3, [1], 4, "group"), shared[4:])  # rank sharding keeps the rows
+    with pytest.raises(C.UserError, match="init_noise=group with sampler.plan=branch"):
+        C.load_config(str(ROOT / "configs" / "shapes_grpo.yaml"), ["sampler.init_noise=group", "sampler.plan=branch"])
+
+
+def test_lora_targets_from_config_train_save_and_load_back(tmp_path):
+    from flowalign.models import load_model
+    from flowalign.train import train
+
+    targets = "model.lora_targets=[to_q, to_v, ff.net.0.proj, proj_out]"
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", targets))
+    sd = _lora(run, 1)
+    assert any(".ff.net.0.proj.lora_B" in k for k in sd) and any(k.startswith("proj_out.lora_") or ".proj_out.lora_" in k for k in sd)
+    assert not any(".to_k.lora_" in k for k in sd)
+    fresh = load_model("shapes", "")
+    fresh.load_lora(run / "checkpoints" / "step-1" / "raw")  # the stored config re-creates the same targets
+    assert {f"transformer.{k}" for k in fresh.lora_state_dict()} == {k if k.startswith("transformer.") else f"transformer.{k}" for k in sd}

@@ -60,6 +60,10 @@ def add_lora(
 
     if has_lora(module, adapter_name):
         raise ValueError(f"module already has a LoRA adapter named {adapter_name!r}")
+    names = [n for n, _ in module.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:  # peft only fails when *no* target matches; a typo in one of several would pass silently
+        raise ValueError(f"no module of {type(module).__name__} matches the LoRA target(s) {missing}")
     config = LoraConfig(r=int(rank), lora_alpha=int(alpha), init_lora_weights=init, target_modules=list(targets))
     try:
         if hasattr(module, "_hf_peft_config_loaded") and callable(getattr(module, "add_adapter", None)):

@@ -139,8 +139,11 @@ def _classify_shape(skew: float, kurt_diff: float) -> str:
     return "square" if kurt_diff > SQUARE_KURT else "circle"
 
 
-def detect(image: Any) -> list[dict]:
-    """Objects in an image: [{"color", "shape", "area", "centroid", "bbox", "fill", "skew", "kurt_diff"}]."""
+def detect(image: Any, min_area: float = MIN_AREA) -> list[dict]:
+    """Objects in an image: [{"color", "shape", "area", "centroid", "bbox", "fill", "skew", "kurt_diff"}].
+
+    ``min_area`` (px at 32×32) is the speck threshold; the soft score lowers it to see near-specks too.
+    """
     from scipy import ndimage
 
     img = _to_hwc(image)
@@ -161,7 +164,7 @@ def detect(image: Any) -> list[dict]:
             take = mine | ((win_core < 0) & (soft[y0:y1, x0:x1] == ci))
             a = np.where(take, np.clip(alpha[y0:y1, x0:x1, ci], 0.0, 1.0), 0.0)  # [h', w']
             area = float(a.sum())
-            if area < MIN_AREA * scale2:
+            if area < min_area * scale2:
                 continue
             ys = (np.arange(y0, y1, dtype=np.float32) + 0.5)[:, None]  # [h', 1]
             xs = (np.arange(x0, x1, dtype=np.float32) + 0.5)[None, :]  # [1, w']
@@ -239,6 +242,92 @@ def verify(image: Any, spec: Union[Spec, str]) -> VerifyRecord:
         objects=objects,
         clauses=clauses,
     )
+
+
+# ---- the soft score: a smooth relaxation of the clauses, for training (not for evaluation) ----------------
+SOFT_TEMPS = {"area": 1.5, "skew": 0.08, "kurt": 0.08, "relation": 0.1}  # logistic widths of each threshold
+SOFT_MIN_AREA = 2.0  # near-specks down to this area (px at 32×32) count with a small existence weight
+
+
+def _sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -60.0, 60.0))))
+
+
+def soft_weights(obj: dict, scale2: float = 1.0, temps: Optional[dict] = None) -> tuple[float, dict[str, float]]:
+    """(existence e, shape probabilities p) of one detection: the verifier's hard thresholds made logistic.
+
+    e = σ((area − MIN_AREA·scale²)/τ_area); p(triangle) = σ((TRIANGLE_SKEW − skew)/τ_skew),
+    p(square) = (1 − p(triangle))·σ((kurt_diff − SQUARE_KURT)/τ_kurt), p(circle) = the rest. As every τ → 0
+    these become the hard rules of :func:`detect` / :func:`_classify_shape`.
+    """
+    t = {**SOFT_TEMPS, **(temps or {})}
+    e = _sigmoid((obj["area"] - MIN_AREA * scale2) / (t["area"] * scale2))
+    p_tri = _sigmoid((TRIANGLE_SKEW - obj["skew"]) / t["skew"])
+    p_sq = (1.0 - p_tri) * _sigmoid((obj["kurt_diff"] - SQUARE_KURT) / t["kurt"])
+    return e, {"triangle": p_tri, "square": p_sq, "circle": 1.0 - p_tri - p_sq}
+
+
+def _relation_margin(a: dict, b: dict, relation: str) -> float:
+    """The normalised component of GenEval's revised offset along ``relation`` (the hard rule is > 0.5)."""
+    ba, bb = np.asarray(a["bbox"], dtype=np.float64), np.asarray(b["bbox"], dtype=np.float64)
+    offset = (ba[:2] + ba[2:]) / 2 - (bb[:2] + bb[2:]) / 2
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * ((ba[2:] - ba[:2]) + (bb[2:] - bb[:2])), 0.0)
+    revised = revised * np.sign(offset) / max(float(np.linalg.norm(offset)), 1e-6)
+    axis, sign = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}[relation]
+    return float(sign * revised[axis])
+
+
+def soft_score(objects: Sequence[dict], spec: Spec, scale2: float = 1.0, temps: Optional[dict] = None) -> dict[str, float]:
+    """Smooth clause scores in [0, 1] (the relaxation of :func:`score` used by the ``shapes_soft`` reward).
+
+    Each detection (including near-specks, see ``SOFT_MIN_AREA``) carries an existence weight e and shape
+    probabilities p (:func:`soft_weights`). With found_s = Σ e·p(s) and n_cs = Σ_{color c} e·p(s):
+    ``count[s]`` = clip(1 − |found_s − want_s| / want_s, 0, 1); ``color[c s]`` = min(1, found_s) ·
+    min(1, n_cs / min(n, found_s)); ``relation`` = max over subject/reference pairs of
+    e_a p_a · e_b p_b · σ((margin − 0.5)/τ). As the widths go to 0 the count and relation clauses become the
+    hard ones exactly and a color clause gives n_cs / min(n, found) where the hard one gives 0 (a fraction of
+    the requested colors present). Unlike the hard clauses these move continuously with object size, shape
+    cues and placement, so rollouts that tie on every hard clause are still ranked by how close each is to
+    the next threshold.
+    """
+    t = {**SOFT_TEMPS, **(temps or {})}
+    ws = [soft_weights(o, scale2, t) for o in objects]
+    want: dict[str, int] = {}
+    for o in spec.objects:
+        want[o.shape] = want.get(o.shape, 0) + o.count
+    found = {s: sum(e * p[s] for e, p in ws) for s in want}
+    clauses: dict[str, float] = {}
+    for s, n in want.items():
+        clauses[f"count[{s}]"] = float(min(max(1.0 - abs(found[s] - n) / n, 0.0), 1.0))
+    for o in spec.objects:
+        n_cs = sum(e * p[o.shape] for (e, p), d in zip(ws, objects) if d["color"] == o.color)
+        denom = max(min(float(o.count), found[o.shape]), 1e-6)
+        clauses[f"color[{o.color} {o.shape}]"] = float(min(1.0, found[o.shape]) * min(1.0, n_cs / denom))
+    if spec.relation is not None:
+        subj, ref = spec.objects[0], spec.objects[1]
+        best = 0.0
+        for i, a in enumerate(objects):
+            if a["color"] != subj.color:
+                continue
+            wa = ws[i][0] * ws[i][1][subj.shape]
+            for j, b in enumerate(objects):
+                if i == j or b["color"] != ref.color:
+                    continue
+                wb = ws[j][0] * ws[j][1][ref.shape]
+                m = _relation_margin(a, b, spec.relation)
+                best = max(best, wa * wb * _sigmoid((m - 0.5) / t["relation"]))
+        clauses["relation"] = float(best)
+    return clauses
+
+
+def verify_soft(image: Any, spec: Union[Spec, str], temps: Optional[dict] = None) -> tuple[float, dict[str, float]]:
+    """(mean soft clause score, soft clauses) of one image; see :func:`soft_score`."""
+    if isinstance(spec, str):
+        spec = parse(spec)
+    img = _to_hwc(image)
+    scale2 = img.shape[0] * img.shape[1] / (32.0 * 32.0)
+    clauses = soft_score(detect(img, min_area=SOFT_MIN_AREA), spec, scale2, temps)
+    return float(np.mean(list(clauses.values()))), clauses
 
 
 def verify_batch(images: Any, specs: Sequence[Union[Spec, str]]) -> list[VerifyRecord]:

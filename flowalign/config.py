@@ -693,6 +693,9 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
         per_seed, edges = plan_shape(s.plan, s.plan_options, min(stochastic, n_trained))  # branch: trained steps
     except (ValueError, TypeError) as e:
         raise UserError(f"sampler.plan_options: {e}") from None
+    if per_seed > 1 and s.init_noise == "group":  # the plan already shares each initial noise among its samples
+        raise UserError(f"sampler.init_noise=group with sampler.plan={s.plan} (which grows {per_seed} samples from each "
+                        f"initial noise) would make every seed of a group identical; use sampler.init_noise=member")
     groups_per_rank = t.groups_per_iter // world_size
     rollouts_per_rank = groups_per_rank * t.group_size * per_seed
     transitions_per_rank = rollouts_per_rank * (n_trained if edges is None else min(edges, n_trained))
@@ -762,9 +765,6 @@ def validate(cfg: ExperimentConfig) -> None:
     need(s.eta >= 0, f"sampler.eta={s.eta} must be >= 0")
     need(s.steps >= 2, f"sampler.steps={s.steps} must be >= 2 (the last step is never trained)")
     need(0 < s.train_fraction <= 1, f"sampler.train_fraction={s.train_fraction} must be in (0, 1]")
-    need(not (s.init_noise == "group" and s.plan == "branch"),
-         "sampler.init_noise=group with sampler.plan=branch would make every seed of a TempFlow group identical; "
-         "use init_noise=member (the branch plan already shares the prefix among a seed's children)")
     need(s.window_size >= 0, f"sampler.window_size={s.window_size} must be >= 0 (0 = no window)")
     if s.window_size > 0:
         lo, hi = window_bounds(s)

@@ -37,15 +37,19 @@ class _ShapesVerifierReward:
             s = self._specs[prompt] = parse(prompt)
         return s
 
-    def records(self, images: Tensor, prompts: Sequence[str]) -> list[Optional[VerifyRecord]]:
-        """Full verifier records (detected objects, clause scores) per image; None for a non-finite image."""
+    def _inputs(self, images: Tensor, prompts: Sequence[str]) -> tuple[list[Spec], np.ndarray, np.ndarray]:
+        """(parsed specs, images as np [B, H, W, 3], finite mask [B]) after checking shapes and prompts."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{type(self).__name__} takes images [B,3,H,W], got shape {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         specs = [self.spec(p) for p in prompts]  # parse first: a bad prompt fails before any work
         arr = images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
-        finite = np.isfinite(arr).reshape(arr.shape[0], -1).all(-1)  # [B]
+        return specs, arr, np.isfinite(arr).reshape(arr.shape[0], -1).all(-1)  # ..., [B]
+
+    def records(self, images: Tensor, prompts: Sequence[str]) -> list[Optional[VerifyRecord]]:
+        """Full verifier records (detected objects, clause scores) per image; None for a non-finite image."""
+        specs, arr, finite = self._inputs(images, prompts)
         return [verify(arr[i], specs[i]) if finite[i] else None for i in range(arr.shape[0])]
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
@@ -94,14 +98,8 @@ class ShapesSoft(_ShapesVerifierReward):
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         from flowalign.shapes.verify import verify_soft
 
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"ShapesSoft takes images [B,3,H,W], got shape {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        specs = [self.spec(p) for p in prompts]
-        arr = images.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
-        vals = [verify_soft(arr[i], specs[i], self.temps)[0] if np.isfinite(arr[i]).all() else float("nan")
-                for i in range(arr.shape[0])]
+        specs, arr, finite = self._inputs(images, prompts)
+        vals = [verify_soft(arr[i], specs[i], self.temps)[0] if finite[i] else float("nan") for i in range(arr.shape[0])]
         return torch.tensor(vals, dtype=torch.float32, device=images.device)  # [B]
 
 

@@ -185,16 +185,24 @@ def detect(image: Any, min_area: float = MIN_AREA) -> list[dict]:
     return objects
 
 
+def _revised_offset(a: dict, b: dict) -> Optional[np.ndarray]:
+    """GenEval's box-centre offset of ``a`` from ``b``, shrunk by 0.1·(w₁+w₂, h₁+h₂) and divided by the raw
+    offset's length: (dx, dy), or None when the shrunk offset vanishes (no relation holds)."""
+    ba, bb = np.asarray(a["bbox"], dtype=np.float64), np.asarray(b["bbox"], dtype=np.float64)
+    offset = (ba[:2] + ba[2:]) / 2 - (bb[:2] + bb[2:]) / 2
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * ((ba[2:] - ba[:2]) + (bb[2:] - bb[:2])), 0.0)
+    revised = revised * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return None
+    return revised / np.linalg.norm(offset)
+
+
 def relations_between(a: dict, b: dict) -> set[str]:
     """GenEval's relative position of object ``a`` w.r.t. ``b`` from their boxes (image y grows downward)."""
-    ba, bb = np.asarray(a["bbox"], dtype=np.float64), np.asarray(b["bbox"], dtype=np.float64)
-    ca, cb = (ba[:2] + ba[2:]) / 2, (bb[:2] + bb[2:]) / 2
-    da, db = ba[2:] - ba[:2], bb[2:] - bb[:2]
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (da + db), 0.0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
+    d = _revised_offset(a, b)
+    if d is None:
         return set()
-    dx, dy = revised / np.linalg.norm(offset)
+    dx, dy = d
     out = set()
     if dx < -0.5:
         out.add("left of")
@@ -269,12 +277,11 @@ def soft_weights(obj: dict, scale2: float = 1.0, temps: Optional[dict] = None) -
 
 def _relation_margin(a: dict, b: dict, relation: str) -> float:
     """The normalised component of GenEval's revised offset along ``relation`` (the hard rule is > 0.5)."""
-    ba, bb = np.asarray(a["bbox"], dtype=np.float64), np.asarray(b["bbox"], dtype=np.float64)
-    offset = (ba[:2] + ba[2:]) / 2 - (bb[:2] + bb[2:]) / 2
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * ((ba[2:] - ba[:2]) + (bb[2:] - bb[:2])), 0.0)
-    revised = revised * np.sign(offset) / max(float(np.linalg.norm(offset)), 1e-6)
+    d = _revised_offset(a, b)
+    if d is None:
+        return 0.0
     axis, sign = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}[relation]
-    return float(sign * revised[axis])
+    return float(sign * d[axis])
 
 
 def soft_score(objects: Sequence[dict], spec: Spec, scale2: float = 1.0, temps: Optional[dict] = None) -> dict[str, float]:

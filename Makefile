@@ -26,20 +26,21 @@ shapes-base: $(STAMP)
 	cp runs/shapes_pretrain_stage2/final/config.json runs/shapes_pretrain_stage2/final/model.safetensors flowalign/assets/shapes/
 
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each
-# (TempFlow `branch`: 2 seeds x 4 children per prompt, so also 8 final samples per prompt),
+# (TempFlow `branch`: 2 seeds x 4 children per prompt, so also 8 final samples per prompt; `*_full` = full-ODE probes),
 # shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
-CREDIT_METHODS ?= outcome dense_gain turning_points value_anchor euphonium branch
+CREDIT_METHODS ?= outcome dense_gain turning_points value_anchor euphonium branch dense_gain_full turning_points_full
 CREDIT_THREADS ?= 2
 CREDIT_ARGS := train.iterations=40 train.optimizer_steps_per_iter=4 eval.every=10 eval.max_prompts=120 eval.seeds_per_prompt=2 train.ema=false train.checkpoint_every=40
 credit-experiment: $(STAMP)
 	for m in $(CREDIT_METHODS); do \
-	  opts='credit.options={}'; plan=chain; popts='sampler.plan_options={}'; extra=; \
+	  name=$$m; opts='credit.options={}'; plan=chain; popts='sampler.plan_options={}'; extra=; \
 	  case $$m in dense_gain|turning_points) opts='credit.options={probe: "ode:2"}';; \
+	    dense_gain_full|turning_points_full) name=$${m%_full}; opts='credit.options={probe: "ode:full"}';; \
 	    euphonium) opts='credit.options={pra_probe: x0}';; \
 	    branch) plan=branch; popts='sampler.plan_options={children: 4, branch_steps: random}'; \
 	            extra='train.group_size=2 train.micro_batch=64 train.optimizer_steps_per_iter=1';; esac; \
 	  OMP_NUM_THREADS=$(CREDIT_THREADS) $(BIN)/flowalign train configs/shapes_grpo.yaml $(CREDIT_ARGS) \
-	    credit.name=$$m "$$opts" sampler.plan=$$plan "$$popts" $$extra output.run_dir=runs/credit_$$m \
+	    credit.name=$$name "$$opts" sampler.plan=$$plan "$$popts" $$extra output.run_dir=runs/credit_$$m \
 	    || exit 1; done
 	$(BIN)/flowalign compare $(addprefix runs/credit_,$(CREDIT_METHODS)) --out docs/credit_experiment
 

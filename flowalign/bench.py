@@ -92,10 +92,19 @@ def bench_credit(argv: Sequence[str]) -> None:
         raise SystemExit(code)
 
 
+def bench_grad_snr(argv: Sequence[str]) -> None:
+    """Split-half cosine of GRPO gradient estimates per credit method (prints its own table)."""
+    from flowalign.bench_snr import bench_grad_snr as run
+
+    run(list(argv))
+
+
 BENCHES: dict[str, tuple[Callable[[Sequence[str]], Optional[dict]], str]] = {
     "shapes-sample": (bench_shapes_sample, "load the shipped shapes model and sample 16 images; print timings"),
     "credit": (bench_credit, "NFE / reward calls / wall time per prompt group of each credit method vs upstream"),
+    "grad-snr": (bench_grad_snr, "signal in one GRPO gradient estimate per credit method (split-half cosine)"),
 }
+OWN_TABLE = {"credit", "grad-snr"}
 
 
 def cli_main(argv: Sequence[str]) -> int:
@@ -112,6 +121,9 @@ def cli_main(argv: Sequence[str]) -> int:
         close = difflib.get_close_matches(name, list(BENCHES), n=1)
         raise UserError(f"unknown benchmark {name!r}" + (f" (did you mean {close[0]!r}?)" if close else
                                                           f" (known: {', '.join(BENCHES)})"))
+    if name in OWN_TABLE:  # these print their own table and take `--json PATH` themselves
+        BENCHES[name][0](rest)
+        return 0
     as_json = "--json" in rest
     rest = [a for a in rest if a != "--json"]
     figures = BENCHES[name][0](rest)

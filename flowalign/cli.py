@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("flowalign.compare", "compare runs: eval metric against rollouts and NFE (plot + table)"),
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes model)"),
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
-    "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample`, `bench credit`)"),
+    "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample`, `bench credit`, `bench grad-snr`)"),
     "calibrate": ("flowalign.calibrate", "DenseGRPO reward-aware per-step noise calibration -> a per-step eta file"),
 }
 

@@ -1,0 +1,91 @@
+"""`flowalign bench grad-snr`: per-step gradients, group halves and the split-half cosine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flowalign.bench_snr import group_halves, per_step_grads, split_half_cosine
+from flowalign.samplers import eta_schedule, gather_cond, sample, schedules, step_log_prob
+from test_values import TinyNet  # a tiny velocity model with weights
+
+
+def test_per_step_gradients_recombine_into_the_batched_grpo_gradient():
+    """Σ_{i,t} A[i,t]·G[t,i] must equal autograd of Σ A·log p over one flat batch that mixes steps and rollouts."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    params = list(net.parameters())
+    steps_t = 5
+    cond = {"c": torch.tensor([[-0.3] * 4, [0.4] * 4])}
+    ci = torch.tensor([0, 0, 0, 1, 1, 1])
+    with torch.no_grad():
+        traj = sample(net, torch.randn(6, 4), schedules.sd3_diffusers(steps_t), cond, eta=eta_schedule(steps_t, 0.7),
+                      kernel="flow_sde", generator=torch.Generator().manual_seed(1), cond_index=ci, group=ci)
+    steps = [0, 1, 3]
+    grads = per_step_grads(net, params, traj, steps, kernel="flow_sde")  # [3, 6, D]
+    assert grads.shape == (3, 6, sum(p.numel() for p in params))
+    adv = torch.randn(6, steps_t)
+    pairs = torch.tensor([(i, t) for i in range(6) for t in steps])
+    b, t = pairs[:, 0], pairs[:, 1]
+    for p in params:
+        p.grad = None
+    lp, _ = step_log_prob(net, traj.latents[b, t], traj.latents[b, t + 1], traj.sigmas[t], traj.sigmas[t + 1],
+                          traj.eta[t], gather_cond(traj.cond, traj.cond_index[b]), kernel="flow_sde")
+    (adv[b, t] * lp).sum().backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in params])
+    got = sum(adv[:, s] @ grads[h] for h, s in enumerate(steps))
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_group_halves_split_whole_groups_disjointly():
+    w = group_halves(6, 4, splits=5, seed=0)  # [5, 2, 24]
+    assert w.shape == (5, 2, 24)
+    for s in range(5):
+        a, b = w[s, 0] > 0, w[s, 1] > 0
+        assert not (a & b).any() and (a | b).all()  # disjoint, together every rollout
+        for half in (a, b):
+            per_group = half.view(6, 4)
+            assert ((per_group.sum(1) == 0) | (per_group.sum(1) == 4)).all()  # whole groups only
+        assert torch.allclose(w[s].sum(1), torch.ones(2))  # means
+    with pytest.raises(ValueError):
+        group_halves(1, 4, 2, 0)
+
+
+def test_split_half_cosine_is_one_for_pure_signal_and_near_zero_for_pure_noise():
+    b, d = 32, 20000
+    w = group_halves(8, 4, splits=10, seed=1)
+    signal = torch.randn(d).expand(1, b, d).clone()  # every rollout's gradient is the same vector
+    adv = torch.ones(b, 3)
+    assert torch.allclose(split_half_cosine(signal, adv, [1], w), torch.ones(10), atol=1e-5)
+    noise = torch.randn(1, b, d, generator=torch.Generator().manual_seed(2))  # independent per rollout
+    assert split_half_cosine(noise, adv, [1], w).abs().max() < 0.05
+    # signal + noise: in between, and the per-step selection only counts the selected steps
+    mixed = torch.cat([signal + 3 * noise, noise])  # step 0 carries signal, step 1 none
+    c_sig = split_half_cosine(mixed, adv, [0, 2], w, select=[0]).mean()
+    c_all = split_half_cosine(mixed, adv, [0, 2], w).mean()
+    assert 0.2 < c_sig < 0.95 and 0 < c_all < c_sig
+
+
+def test_bench_grad_snr_from_the_command_line(tmp_path):
+    """`flowalign bench grad-snr ... --json PATH` writes the figures; a bad method is one line, exit 2."""
+    out = tmp_path / "snr.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flowalign.cli", "bench", "grad-snr", *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=300)
+    r = run("--prompts", "2", "--groups-per-prompt", "2", "--group-size", "2", "--steps", "4", "--train-fraction",
+            "0.5", "--methods", "flow_grpo,dense_x0", "--splits", "4", "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["rollouts"] == 8 and res["steps"] == [0, 1]
+    for m in ("flow_grpo", "dense_x0"):
+        assert -1.0 <= res["methods"][m]["cos"] <= 1.0 and len(res["methods"][m]["per_step"]) == 2
+    assert "flow_grpo" in r.stdout
+    bad = run("--methods", "flow_grpo,nope", "--json", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "unknown grad-snr method" in bad.stderr
+    assert sum("error" in ln.lower() for ln in bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.json").exists()

@@ -127,10 +127,10 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 
+    reward = build_reward(args.reward)  # an unknown name fails before the model loads
     model = load_model("shapes", args.shapes_path)
     torch.manual_seed(args.seed)
     params = model.add_lora(args.lora_rank, 2 * args.lora_rank)
-    reward = build_reward(args.reward)
     prompts = _shapes_prompts(args.prompts, seed=3)
     per_prompt = args.groups_per_prompt * args.group_size
     cond_index = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [B]

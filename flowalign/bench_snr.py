@@ -92,7 +92,8 @@ def split_half_cosine(grads: Tensor, adv: Tensor, steps: Sequence[int], weights:
 def bench_grad_snr(argv: Sequence[str]) -> None:
     """Print the split-half gradient cosine of each credit method on one set of shapes-world rollouts."""
     from flowalign.bench_credit import METHODS, _shapes_prompts
-    from flowalign.credit import CreditInput, assign_credit
+    from flowalign.config import CreditConfig
+    from flowalign.credit import CreditInput, assign_credit, clipped_heads
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
     from flowalign.samplers.loop import eta_schedule, sample
@@ -110,6 +111,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     ap.add_argument("--eta", type=float, default=0.7, help="kernel noise level")
     ap.add_argument("--train-fraction", type=float, default=0.6, help="train the first ⌊f·T⌋ stochastic steps")
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--adv-clip", type=float, default=CreditConfig().adv_clip, help="advantage clip A_max (credit.adv_clip)")
     ap.add_argument("--splits", type=int, default=40, help="random half splits of the groups")
     ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
     ap.add_argument("--threads", type=int, default=2)
@@ -124,6 +126,9 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
         raise UserError("grad-snr needs at least 2 groups (--prompts × --groups-per-prompt) of at least 2 rollouts")
     if not 0 < args.train_fraction < 1:
         raise UserError(f"--train-fraction={args.train_fraction} must be in (0, 1)")
+    if args.adv_clip <= 0:
+        raise UserError(f"--adv-clip={args.adv_clip} must be > 0")
+    adv_clip = args.adv_clip
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 
@@ -171,10 +176,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
         out = assign_credit(credit, CreditInput(traj=traj, rewards=term, reward_weights={args.reward: 1.0},
                                                 trained=trained, probe=probe), opts)
         # at ratio 1 the clipped terms of all heads (main + e.g. Euphonium's process head) add up
-        adv = sum(a.clamp(-5.0, 5.0) for a in [out.advantages, *dict(out.heads or {}).values()])  # ±A_max  [B, T]
-        if out.weights is not None:
-            adv = adv * out.weights
-        adv = torch.where(trained, adv, torch.zeros_like(adv))  # [B, T]
+        adv = sum(clipped_heads(out, trained, adv_clip).values())  # [B, T]
         c = split_half_cosine(grads, adv, steps, weights)  # [splits]
         mean, spread = float(c.mean()), float(c.std()) if c.numel() > 1 else 0.0
         need = n_half * (1 - mean) / mean if mean > 0 else float("inf")

@@ -515,6 +515,20 @@ CREDIT = {
 }
 
 
+def clipped_heads(credit: Credit, trained: Tensor, adv_clip: float) -> dict[str, Tensor]:
+    """The advantages the loss uses, per head: clip to ±A_max, then the positive per-step weights, 0 off ``trained``.
+
+    Returns ``{"main": [B, T], **credit.heads}``; each head is its own clipped term of the loss (METHODS.md §3.4, §3.6).
+    """
+    out = {}
+    for h, a in {"main": credit.advantages, **dict(credit.heads or {})}.items():
+        a = a.clamp(-adv_clip, adv_clip)  # [B, T]
+        if credit.weights is not None:
+            a = a * credit.weights  # max(w·x, w·y) = w·max(x, y) for w > 0: weights after the clip
+        out[h] = torch.where(trained, a, torch.zeros_like(a))
+    return out
+
+
 def assign_credit(name: str, inp: CreditInput, options: Optional[Mapping[str, Any]] = None) -> Credit:
     """Run the credit assigner registered under ``name`` with ``options`` as keyword arguments."""
     if name not in CREDIT:

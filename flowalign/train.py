@@ -32,7 +32,7 @@ import torch
 
 from flowalign import config as C
 from flowalign import data as D
-from flowalign.credit import CreditInput, assign_credit, zero_std_ratio
+from flowalign.credit import CreditInput, assign_credit, clipped_heads, zero_std_ratio
 from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import sample_grid
@@ -297,13 +297,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                 aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
                 std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals)),
                 cfg.credit.options)
-        heads = {"main": credit.advantages, **dict(credit.heads or {})}
-        advs = {}
-        for h, a in heads.items():
-            a = a.clamp(-cfg.credit.adv_clip, cfg.credit.adv_clip)  # [B, T]
-            if credit.weights is not None:
-                a = a * credit.weights  # positive per-step weights after the ±A_max clip (§3.6)
-            advs[h] = torch.where(trained, a, torch.zeros_like(a))
+        advs = clipped_heads(credit, trained, cfg.credit.adv_clip)  # head -> [B, T], ±A_max then weights (§3.6)
         # each head (the main one and any extra, e.g. Euphonium's process head) is its own clipped term (§3.4 multi_head)
         metrics.update({f"credit/{h}_abs_mean": float(a[trained].abs().mean()) if trained.any() else 0.0
                         for h, a in advs.items()})

@@ -113,3 +113,19 @@ def test_kl_is_zero_when_policy_equals_reference():
     x, v = torch.randn(2, 3), torch.randn(2, 3)
     tr = flow_sde(x, v, torch.tensor(0.8), torch.tensor(0.6), torch.tensor(0.7))
     assert gaussian_kl(tr.mean, tr.mean, tr.std.expand(2, 1), torch.tensor([-0.2, -0.2])).abs().max() == 0
+
+
+def test_clipped_heads_clip_before_weights_and_zero_untrained_steps():
+    from flowalign.credit import clipped_heads
+    from flowalign.types import Credit
+
+    adv = torch.tensor([[9.0, -9.0, 1.0], [0.5, 2.0, -3.0]])
+    w = torch.tensor([[2.0, 2.0, 2.0], [1.0, 3.0, 1.0]])
+    trained = torch.tensor([[True, True, False], [True, True, True]])
+    out = clipped_heads(Credit(advantages=adv, weights=w, heads={"process": -adv}), trained, adv_clip=5.0)
+    assert set(out) == {"main", "process"}
+    # clip to ±5 first, then weight: 9 → 5 → 10 (weighting first then clipping would give 5)
+    assert torch.equal(out["main"], torch.tensor([[10.0, -10.0, 0.0], [0.5, 6.0, -3.0]]))
+    assert torch.equal(out["process"], torch.tensor([[-10.0, 10.0, 0.0], [-0.5, -6.0, 3.0]]))
+    plain = clipped_heads(Credit(advantages=adv), trained, adv_clip=1.0)
+    assert torch.equal(plain["main"], torch.tensor([[1.0, -1.0, 0.0], [0.5, 1.0, -1.0]]))

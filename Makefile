@@ -6,10 +6,15 @@ STAMP   := $(VENV)/.flowalign-installed
 
 .PHONY: demo test install clean-venv shapes-base credit-experiment
 
+# torch first: a CPU build (about 1.6 GB in the venv in all) where pip finds one, e.g. the 2.13.0 CPU wheel this
+# project's CI machines carry; set TORCH='torch' (or a CUDA build you have) for another one.
+TORCH   ?= torch==2.13.0
+
 # Create the virtualenv and install flowalign with its test extras (about 90 s the first time, ~7 s after).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q '$(TORCH)'
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,6 +1,6 @@
 """flowalign: align flow-matching generators with rewards.
 
-Heavy dependencies (diffusers, transformers, open_clip) are imported inside loader functions so that
+Heavy dependencies (diffusers, transformers, peft, accelerate) are imported inside loader functions so that
 ``import flowalign`` stays fast.
 """
 

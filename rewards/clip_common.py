@@ -87,6 +87,30 @@ def to_pil(images: Tensor) -> list:
     return [Image.fromarray(a, mode="RGB") for a in q]
 
 
+def pil_pixels(images: Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> Tensor:
+    """Parity path of open_clip (HPS) and BLIP (ImageReward), without torchvision: [B,3,H,W] in [0,1] → uint8 → PIL →
+    shortest side to ``size`` (PIL bicubic; long side ``int(size·long/short)``) → centre ``size × size`` crop
+    (offsets round((h − size)/2)) → /255 → normalise; fp32 [B,3,size,size]. The same numbers as torchvision's
+    ``Resize(size, BICUBIC)``, ``CenterCrop(size)``, ``ToTensor()``, ``Normalize(mean, std)`` that those libraries use
+    (checked against open_clip's transform in tests/test_rewards_learned.py)."""
+    import numpy as np
+    from PIL import Image
+
+    size = int(size)
+    out = []
+    for im in to_pil(images):
+        w, h = im.size
+        if (w, h) != (size, size) and min(w, h) != size:
+            nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3,h,w] uint8
+        out.append(center_crop(a.float().unsqueeze(0) / 255.0, size)[0])  # [3,size,size]
+    x = torch.stack(out)  # [B,3,size,size]
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 def features(out) -> Tensor:
     """The projected embedding from ``get_*_features``: a tensor (transformers 4) or ``.pooler_output`` (5)."""
     if torch.is_tensor(out):

@@ -1,9 +1,11 @@
 """Human Preference Score v2 / v2.1 (Wu et al. 2023, "HPSv2"; REWARDS_AND_EVAL.md §2.2).
 
-Architecture: open_clip ``ViT-H-14`` built with ``pretrained=None`` (naming the laion2B tag would download 3.9 GB of base
-weights that the HPS checkpoint overwrites), then the HPS ``state_dict`` loaded from a local file with
-``torch.load(weights_only=True)``. Score = cos(e_img, e_txt), both L2-normalised, no logit scale (the benchmark
-reports 100·cos). v2.0 and v2.1 scores are not comparable: the class records ``version``.
+Architecture: open_clip ``ViT-H-14``. The HPS ``state_dict`` (a local file, ``torch.load(weights_only=True)``) is
+converted to a transformers ``CLIPModel`` by ``flowalign.rewards.open_clip_convert`` (the same network; checked against
+open_clip's own features in the tests), so neither open_clip nor torchvision is needed and no 3.9 GB laion2B base is
+downloaded. The tokenizer is open_clip's BPE, i.e. the CLIP tokenizer of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``
+(77 tokens, truncated with the end-of-text token kept). Score = cos(e_img, e_txt), both L2-normalised, no logit scale
+(the benchmark reports 100·cos). v2.0 and v2.1 scores are not comparable: the class records ``version``.
 
 Do not use the ``hpsv2`` PyPI package (its wheel lacks the BPE vocabulary and it downloads at call time).
 """
@@ -17,17 +19,24 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import Checkpoint, Reward, check_inputs, freeze, hub_file, torch_dtype
-from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, l2n, to_pil, unique_index
+from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, resolve_source,
+                                    torch_dtype)
+from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, features, l2n, pil_pixels, \
+    unique_index
+from flowalign.rewards.open_clip_convert import build_hf_clip
 
 logger = logging.getLogger("flowalign.rewards")
 
 HPS_REPO = "xswu/HPSv2"
+HPS_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 def load_hps_state(path: str) -> dict:
     """The open_clip state dict inside an HPS checkpoint: ``{"state_dict": …}`` or a bare dict; ``module.`` stripped."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — any unreadable file is the user's input error
+        raise UserError(f"hps: cannot read {path!r} as a torch checkpoint ({type(err).__name__})") from err
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
         raise UserError(f"hps: {path!r} holds no state_dict (expected an HPS_v2*_compressed.pt checkpoint)")
@@ -42,7 +51,8 @@ class HPSv2(Reward):
     Args:
         checkpoint: the HPS ``.pt`` file, a directory holding it, or a hub repo id (default ``xswu/HPSv2``; hub only
             with network or a warm cache). ``path`` is an alias (so ``build_reward("hps", path=...)`` works).
-        arch: open_clip architecture name (``ViT-H-14``; tests register a tiny one with ``open_clip.add_model_config``).
+        arch: open_clip architecture: ``ViT-H-14`` or the path of an open_clip model-config JSON (tests use a tiny one).
+        tokenizer: CLIP tokenizer directory or hub id (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
         device, dtype, batch_size: as for ``PickScore``.
         parity: score through uint8 → PIL → open_clip's validation transform (not differentiable).
     """
@@ -55,9 +65,10 @@ class HPSv2(Reward):
     measures = "human preference (HPDv2): cos(image, prompt) of the HPS-tuned open_clip ViT-H/14"
     typical_range = "cos ~0.2–0.35 (benchmark reports ×100)"
 
-    def __init__(self, checkpoint: Optional[str] = None, arch: str = "ViT-H-14", device="cpu", dtype=torch.float32,
-                 batch_size: int = 32, parity: bool = False, path: Optional[str] = None):
-        import open_clip
+    def __init__(self, checkpoint: Optional[str] = None, arch: str = "ViT-H-14", tokenizer: str = HPS_TOKENIZER,
+                 device="cpu", dtype=torch.float32, batch_size: int = 32, parity: bool = False,
+                 path: Optional[str] = None):
+        from transformers import CLIPTokenizer
 
         if checkpoint is not None and path is not None and checkpoint != path:
             raise UserError("hps: pass the checkpoint once (checkpoint= or path=, not both)")
@@ -65,59 +76,44 @@ class HPSv2(Reward):
         file = hub_file(source, HPS_REPO, self.filename, f"hps {self.version}", "checkpoint")
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
-        try:
-            root = logging.getLogger()
-            level = root.level
-            root.setLevel(logging.ERROR)  # open_clip warns "initialized randomly": the HPS weights are loaded next
-            try:
-                model = open_clip.create_model(arch, pretrained=None, device="cpu")
-            finally:
-                root.setLevel(level)
-        except RuntimeError as err:
-            raise UserError(f"hps: unknown open_clip architecture {arch!r} ({err})") from err
-        missing, unexpected = model.load_state_dict(load_hps_state(file), strict=False)
-        n = len(model.state_dict())
-        if len(missing) > n // 2:
-            raise UserError(f"hps: {file!r} does not fit open_clip {arch!r} ({len(missing)}/{n} weights missing)")
-        if missing or unexpected:
-            logger.warning("hps: loading %s into %s: missing %s, unexpected %s", file, arch, missing[:8], unexpected[:8])
+        model = build_hf_clip(load_hps_state(file), arch, what=f"hps {self.version}")
         self.model = freeze(model).to(self.device, self.dtype)
-        self.tokenizer = open_clip.get_tokenizer(arch)
-        cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-        size = cfg.get("size", getattr(model.visual, "image_size", 224))
-        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.mean = tuple(cfg.get("mean", CLIP_MEAN))
-        self.std = tuple(cfg.get("std", CLIP_STD))
-        if cfg.get("resize_mode", "shortest") != "shortest" or cfg.get("interpolation", "bicubic") != "bicubic":
-            logger.warning("hps: %s preprocess %s differs from the tensor path (shortest side, bicubic)", arch, cfg)
-        self._cfg = cfg
-        self._pil_transform = None
+        tp = resolve_source(tokenizer, "hps tokenizer")
+        with hub_errors(tp, "hps tokenizer", "tokenizer"):
+            self.tokenizer = CLIPTokenizer.from_pretrained(tp)
+        self.size = int(model.config.vision_config.image_size)
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+        self.mean, self.std = CLIP_MEAN, CLIP_STD  # open_clip's OPENAI_DATASET_MEAN / _STD for ViT-H-14
         self.arch, self.checkpoint = arch, file
         self.batch_size = int(batch_size)
         self.parity = bool(parity)
         self.differentiable = not self.parity
 
     def _pixels(self, images: Tensor) -> Tensor:
-        if not self.parity:
-            return clip_preprocess(images.to(self.device), self.size, self.size, self.mean, self.std).to(self.dtype)
-        if self._pil_transform is None:
-            import open_clip
+        if self.parity:
+            return pil_pixels(images, self.size, self.mean, self.std).to(self.device, self.dtype)
+        return clip_preprocess(images.to(self.device), self.size, self.size, self.mean, self.std).to(self.dtype)
 
-            self._pil_transform = open_clip.image_transform(
-                self.size, is_train=False, mean=self.mean, std=self.std,
-                resize_mode=self._cfg.get("resize_mode"), interpolation=self._cfg.get("interpolation"))
-        return torch.stack([self._pil_transform(im) for im in to_pil(images)]).to(self.device, self.dtype)
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts → token ids [N, 77]: <start> BPE… <end>, truncated to 77 with <end> kept (as open_clip)."""
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.context_length, truncation=True,
+                             return_tensors="pt")
+        return tok["input_ids"].to(self.device)  # [N, 77]
+
+    def embed_text(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts → L2-normalised fp32 text embeddings [N, D] (causal tower pooled at <end>; no padding mask, as
+        open_clip: positions after <end> cannot reach it)."""
+        return l2n(features(self.model.get_text_features(input_ids=self.tokenize(prompts))).float())
 
     def embed_images(self, images: Tensor) -> Tensor:
         """[N,3,H,W] in [0,1] → L2-normalised fp32 image embeddings [N,D]."""
-        return torch.cat([l2n(self.model.encode_image(self._pixels(images[s])).float())
+        return torch.cat([l2n(features(self.model.get_image_features(pixel_values=self._pixels(images[s]))).float())
                           for s in batched(images.shape[0], self.batch_size)])
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)
         uniq, index = unique_index(prompts)
-        tokens = self.tokenizer(uniq).to(self.device)  # [U, 77]
-        txt = l2n(self.model.encode_text(tokens).float())[index.to(self.device)]  # [B, D]
+        txt = self.embed_text(uniq)[index.to(self.device)]  # [B, D]
         img = self.embed_images(images)  # [B, D]
         return (img * txt).sum(-1).float().to(images.device)  # [B]
 
@@ -131,7 +127,11 @@ class HPSv21(HPSv2):
     measures = "human preference (HPDv2), v2.1 weights: cos(image, prompt) of the HPS-tuned open_clip ViT-H/14"
 
 
+_TOKENIZER_CKPT = Checkpoint("tokenizer", HPS_TOKENIZER,
+                             f"hf download {HPS_TOKENIZER} --include '*.json' '*.txt' --local-dir DIR; tokenizer=DIR")
 HPSv2.checkpoints = (Checkpoint("checkpoint", f"{HPS_REPO}/{HPSv2.filename}",
-                                f"hf download {HPS_REPO} {HPSv2.filename} --local-dir DIR; checkpoint=DIR/{HPSv2.filename}"),)
+                                f"hf download {HPS_REPO} {HPSv2.filename} --local-dir DIR; checkpoint=DIR/{HPSv2.filename}"),
+                     _TOKENIZER_CKPT)
 HPSv21.checkpoints = (Checkpoint("checkpoint", f"{HPS_REPO}/{HPSv21.filename}",
-                                 f"hf download {HPS_REPO} {HPSv21.filename} --local-dir DIR; checkpoint=DIR/{HPSv21.filename}"),)
+                                 f"hf download {HPS_REPO} {HPSv21.filename} --local-dir DIR; checkpoint=DIR/{HPSv21.filename}"),
+                      _TOKENIZER_CKPT)

@@ -29,7 +29,7 @@ from torch import Tensor
 from flowalign.errors import UserError
 from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, resolve_source,
                                     torch_dtype)
-from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, to_pil, unique_index
+from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, pil_pixels, unique_index
 
 logger = logging.getLogger("flowalign.rewards")
 
@@ -130,7 +130,7 @@ class ImageReward(Reward):
             ``med_config.json`` next to it), or a hub id (default ``THUDM/ImageReward``).
         tokenizer_path: BERT tokenizer directory or hub id (default ``bert-base-uncased``).
         vision_heads: ViT attention heads (default width/64 = 16 for ViT-L; only tiny test models need it).
-        device, dtype, batch_size, parity: as for ``PickScore`` (parity: uint8 → PIL → torchvision transform).
+        device, dtype, batch_size, parity: as for ``PickScore`` (parity: uint8 → PIL → BLIP's validation transform).
     """
 
     name = "imagereward"
@@ -188,18 +188,11 @@ class ImageReward(Reward):
         self.batch_size = int(batch_size)
         self.parity = bool(parity)
         self.differentiable = not self.parity
-        self._pil_transform = None
 
     def _pixels(self, images: Tensor) -> Tensor:
-        if not self.parity:
-            return clip_preprocess(images.to(self.device), self.size, self.size, CLIP_MEAN, CLIP_STD).to(self.dtype)
-        if self._pil_transform is None:
-            from torchvision import transforms as T
-
-            self._pil_transform = T.Compose([
-                T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(self.size),
-                T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-        return torch.stack([self._pil_transform(im) for im in to_pil(images)]).to(self.device, self.dtype)
+        if self.parity:  # BLIP's validation transform: Resize(size, bicubic), CenterCrop, ToTensor, Normalize
+            return pil_pixels(images, self.size, CLIP_MEAN, CLIP_STD).to(self.device, self.dtype)
+        return clip_preprocess(images.to(self.device), self.size, self.size, CLIP_MEAN, CLIP_STD).to(self.dtype)
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,9 @@ import torch.nn.functional as F
 
 from flowalign.errors import UserError
 from flowalign.rewards import build_reward
+from flowalign.rewards.clip_common import clip_preprocess, features, pil_pixels
 from tiny_rewards import (  # noqa: F401  (session fixtures)
+    OPEN_CLIP_FIXTURE,
     build_tiny_hps_file,
     tiny_aesthetic_files,
     tiny_clip_dir,
@@ -101,7 +105,7 @@ def test_clip_preprocess_matches_pil_pixels(tiny_clip_dir):
     """Pixel-level: the tensor path vs transformers' PIL CLIP image processor on the same quantised images."""
     from transformers import CLIPImageProcessorPil
 
-    from flowalign.rewards.clip_common import clip_preprocess, quantize, to_pil
+    from flowalign.rewards.clip_common import quantize, to_pil
 
     imgs = quantize(synthetic_images(6, h=47, w=61, seed=3)).float() / 255  # same input to both paths
     ref = CLIPImageProcessorPil.from_pretrained(tiny_clip_dir)(images=to_pil(imgs), return_tensors="pt")["pixel_values"]
@@ -130,37 +134,91 @@ def test_pickscore_is_logit_scale_times_cosine(rewards, tiny_clip_dir):
     assert cos.abs().max() <= 1.0
 
 
-def test_hps_is_open_clip_cosine(rewards):
-    """HPS = cos of open_clip's normalised features (no logit scale); the DDP ``module.`` prefix was stripped."""
+@pytest.fixture(scope="module")
+def open_clip_reference() -> dict:
+    """Inputs and outputs that open_clip 3.3.0 itself computed (tests/fixtures/make_open_clip_tiny.py)."""
+    return torch.load(OPEN_CLIP_FIXTURE / "reference.pt", map_location="cpu", weights_only=True)
+
+
+def test_hps_matches_open_clip_features(rewards, open_clip_reference):
+    """The open_clip → transformers conversion computes open_clip's own features (the fixture's HPS checkpoint, with
+    DDP ``module.`` prefixes, is what open_clip saved): image and text towers, 0-padded ids, and the validation
+    transform of the parity path, bit for bit on pixels."""
+    ref = open_clip_reference
+    r = rewards["hps"]
+    img = features(r.model.get_image_features(pixel_values=ref["pixels"]))  # [4, 16]
+    txt = features(r.model.get_text_features(input_ids=ref["ids"]))  # [4, 16]
+    assert torch.allclose(img, ref["image_features"], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(txt, ref["text_features"], atol=1e-5, rtol=1e-4)
+    for im, px in zip(ref["images"], ref["pixels"]):  # odd sizes: wide, exact, tall, smaller than the crop
+        assert torch.allclose(pil_pixels(im.float().unsqueeze(0) / 255.0, 32)[0], px, atol=1e-6)
+    # our tokenizer path: same ids up to <end> (open_clip pads with 0, the CLIP tokenizer with <end>) → same features
+    ids = r.tokenize(ref["prompts"])
+    for row, want in zip(ids, ref["ids"]):
+        n = int(want.argmax()) + 1
+        assert torch.equal(row[:n], want[:n])
+    assert torch.allclose(r.embed_text(ref["prompts"]), F.normalize(ref["text_features"], dim=-1), atol=1e-5)
+    # the parity reward on the fixture's uint8 images is open_clip's cosine
+    for i, im in enumerate(ref["images"]):
+        score = rewards["hps:parity"](im.float().unsqueeze(0) / 255.0, [ref["prompts"][i]])
+        assert abs(float(score) - float(ref["cosine"][i])) < 1e-5
+
+
+def test_hps_is_cosine_of_normalised_features(rewards):
+    """HPS = cos of the normalised features (no logit scale); v2.0 and v2.1 weights give different scores."""
     r = rewards["hps"]
     imgs = synthetic_images(4, seed=5)
     prompts = PROMPTS[:4]
-    from flowalign.rewards.clip_common import clip_preprocess
-
     px = clip_preprocess(imgs, r.size, r.size, r.mean, r.std)
-    out = r.model(px, r.tokenizer(prompts))
-    ref = (out["image_features"] * out["text_features"]).sum(-1) if isinstance(out, dict) else (out[0] * out[1]).sum(-1)
+    out = r.model(input_ids=r.tokenize(prompts), pixel_values=px)
+    ref = out.logits_per_image.diagonal() / r.model.logit_scale.exp()
     assert torch.allclose(r(imgs, prompts), ref, atol=1e-5)
     assert r(imgs, prompts).abs().max() <= 1.0
-    # v2.0 and v2.1 are different weights → different scores
     assert not torch.allclose(rewards["hpsv21"](imgs, prompts), r(imgs, prompts))
 
 
 def test_hps_loading_variants_and_errors(tiny_hps_files, tmp_path):
-    arch = tiny_hps_files["arch"]
+    arch, tok = tiny_hps_files["arch"], str(tiny_hps_files["tokenizer"])
     plain = build_tiny_hps_file(tmp_path, ddp_prefix=False)  # no module. prefix
     imgs, prompts = synthetic_images(2, seed=6), PROMPTS[:2]
-    a = build_reward("hps", checkpoint=str(plain), arch=arch)(imgs, prompts)
-    b = build_reward("hps", path=str(tiny_hps_files["checkpoint"]), arch=arch)(imgs, prompts)  # path= alias, same seed
+    a = build_reward("hps", checkpoint=str(plain), arch=arch, tokenizer=tok)(imgs, prompts)
+    b = build_reward("hps", path=str(tiny_hps_files["checkpoint"]), arch=arch, tokenizer=tok)(imgs, prompts)  # alias
     assert torch.allclose(a, b)
     # a directory holding the file works too
-    c = build_reward("hps", checkpoint=str(tmp_path), arch=arch)(imgs, prompts)
+    c = build_reward("hps", checkpoint=str(tmp_path), arch=arch, tokenizer=tok)(imgs, prompts)
     assert torch.allclose(a, c)
     with pytest.raises(UserError, match="does not exist"):
-        build_reward("hps", checkpoint=str(tmp_path / "nope.pt"), arch=arch)
+        build_reward("hps", checkpoint=str(tmp_path / "nope.pt"), arch=arch, tokenizer=tok)
     torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="does not fit"):
-        build_reward("hps", checkpoint=str(tmp_path / "bad.pt"), arch=arch)
+        build_reward("hps", checkpoint=str(tmp_path / "bad.pt"), arch=arch, tokenizer=tok)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match="cannot read"):
+        build_reward("hps", checkpoint=str(tmp_path / "text.pt"), arch=arch, tokenizer=tok)
+    with pytest.raises(UserError, match="unknown open_clip architecture 'ViT-Q-99'"):
+        build_reward("hps", checkpoint=str(plain), arch="ViT-Q-99", tokenizer=tok)
+    with pytest.raises(UserError, match="does not fit open_clip 'ViT-H-14'"):  # real ViT-H-14 shapes vs tiny weights
+        build_reward("hps", checkpoint=str(plain), tokenizer=tok)
+    cfg = json.loads(Path(arch).read_text())
+    cfg["vision_cfg"]["ls_init_value"] = 1e-5  # layer scale: not a plain CLIP ViT
+    (tmp_path / "ls.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"vision_cfg\.ls_init_value=1e-05 is not supported"):
+        build_reward("hps", checkpoint=str(plain), arch=str(tmp_path / "ls.json"), tokenizer=tok)
+
+
+def test_open_clip_conversion_splits_qkv_and_transposes_projections():
+    from flowalign.rewards.open_clip_convert import open_clip_to_hf
+
+    w = torch.arange(12.0).view(6, 2)  # in_proj_weight of width 2: rows q(0:2) k(2:4) v(4:6)
+    out, unknown = open_clip_to_hf({"visual.transformer.resblocks.3.attn.in_proj_weight": w,
+                                    "transformer.resblocks.0.mlp.c_fc.bias": torch.ones(8),
+                                    "text_projection": torch.arange(6.0).view(2, 3), "attn_mask": torch.zeros(2, 2),
+                                    "visual.weird": torch.zeros(1)})
+    p = "vision_model.encoder.layers.3.self_attn."
+    assert torch.equal(out[p + "q_proj.weight"], w[0:2]) and torch.equal(out[p + "v_proj.weight"], w[4:6])
+    assert torch.equal(out["text_projection.weight"], torch.arange(6.0).view(2, 3).t())
+    assert "text_model.encoder.layers.0.mlp.fc1.bias" in out
+    assert unknown == ["visual.weird"]  # the causal-mask buffer is ignored, an unknown weight is reported
 
 
 def test_aesthetic_head_layout(rewards, tiny_aesthetic_files, tmp_path):

@@ -5,15 +5,15 @@ Builders (each returns paths; a finished directory is marked ``.complete`` and n
 
 * ``build_tiny_clip_dir(dir)``: a transformers ``CLIPModel`` (32 px, patch 8) + ``CLIPProcessor`` (byte-level BPE
   tokenizer from an in-memory vocabulary, so any prompt tokenizes) → PickScore, CLIPScore, aesthetic backbone.
-* ``register_tiny_open_clip()``: registers the open_clip architecture ``TINY_OPEN_CLIP`` (32 px, vocab 49408 so the
-  bundled BPE tokenizer works); ``build_tiny_hps_file(dir)`` saves an HPS-style checkpoint ``{"state_dict": …}`` with
-  DDP ``module.`` prefixes.
+* ``tiny_open_clip_arch()``: the open_clip model config of a tiny ViT (``fixtures/open_clip_tiny/model.json``, vocab of
+  the byte-level tokenizer); ``build_tiny_hps_file(dir)`` saves an HPS-style checkpoint ``{"state_dict": …}`` with DDP
+  ``module.`` prefixes, from weights that open_clip itself wrote (``fixtures/make_open_clip_tiny.py``).
 * ``build_tiny_aesthetic_head(dir, embed_dim)``: a ``sac+logos+ava1-l14-linearMSE.pth``-layout head.
 * ``build_tiny_imagereward_dir(dir)``: ``ImageReward.pt`` with BLIP's original key names + ``med_config.json`` + a BERT
   tokenizer directory.
 
 Session fixtures (import them into a test module or conftest: ``from tiny_rewards import tiny_reward_kwargs``):
-``tiny_clip_dir``, ``tiny_pickscore_dir`` (same directory), ``tiny_hps_files`` (``{"checkpoint", "arch"}``),
+``tiny_clip_dir``, ``tiny_pickscore_dir`` (same directory), ``tiny_hps_files`` (``{"checkpoint", "arch", "tokenizer"}``),
 ``tiny_aesthetic_files`` (``{"path", "head"}``), ``tiny_imagereward_files`` (``{"path", "tokenizer_path",
 "vision_heads"}``) and ``tiny_reward_kwargs``: name → kwargs, so that
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_OPEN_CLIP = "flowalign-tiny-ViT"
+OPEN_CLIP_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "open_clip_tiny"
 WORDS = ("a photo of the red green blue cat dog circle square triangle on left right big small and "
          "painting two three star").split()
 
@@ -93,37 +93,28 @@ def build_tiny_clip_dir(directory, seed: int = 0, image_size: int = 32) -> Path:
     return _mark(directory)
 
 
-def register_tiny_open_clip(directory) -> str:
-    """Register the tiny open_clip architecture ``TINY_OPEN_CLIP`` (idempotent) and return its name."""
-    import open_clip
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
-    path = directory / f"{TINY_OPEN_CLIP}.json"
-    path.write_text(json.dumps(cfg))
-    if TINY_OPEN_CLIP not in open_clip.list_models():
-        open_clip.add_model_config(path)
-    return TINY_OPEN_CLIP
+def tiny_open_clip_arch() -> str:
+    """Path of the tiny open_clip model config (``arch=`` of the HPS rewards)."""
+    return str(OPEN_CLIP_FIXTURE / "model.json")
 
 
 def build_tiny_hps_file(directory, seed: int = 0, name: str = "HPS_v2_compressed.pt", ddp_prefix: bool = True) -> Path:
-    """An HPS-style checkpoint of the tiny open_clip model: ``{"state_dict": {"module.<key>": tensor}}``."""
-    import open_clip
+    """An HPS-style checkpoint ``{"state_dict": {"module.<key>": tensor}}`` of the tiny open_clip model.
 
+    Seed 0 is the fixture that open_clip itself wrote (``fixtures/open_clip_tiny``); another seed adds seeded noise to
+    every weight (different weights, the same open_clip key names and shapes), e.g. for an HPS v2.1 stand-in.
+    """
     directory = Path(directory)
-    arch = register_tiny_open_clip(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     if path.exists():
         return path
-    torch.manual_seed(seed)
-    model = open_clip.create_model(arch, pretrained=None)
-    prefix = "module." if ddp_prefix else ""
-    torch.save({"state_dict": {prefix + k: v for k, v in model.state_dict().items()}}, path)
+    state = torch.load(OPEN_CLIP_FIXTURE / "HPS_v2_compressed.pt", map_location="cpu", weights_only=True)["state_dict"]
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.1 * torch.randn(v.shape, generator=g) if seed else v for k, v in state.items()}
+    if not ddp_prefix:
+        state = {k[len("module."):]: v for k, v in state.items()}
+    torch.save({"state_dict": state}, path)
     return path
 
 
@@ -218,9 +209,13 @@ def _cache(tmp_path_factory, name: str) -> Path:
     return tmp_path_factory.getbasetemp() / "tiny_rewards" / name
 
 
+def tiny_clip_dir_for(tmp_path_factory) -> Path:
+    return build_tiny_clip_dir(_cache(tmp_path_factory, "clip"))
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    return build_tiny_clip_dir(_cache(tmp_path_factory, "clip"))
+    return tiny_clip_dir_for(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -231,7 +226,8 @@ def tiny_pickscore_dir(tiny_clip_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hps_files(tmp_path_factory) -> dict:
     d = _cache(tmp_path_factory, "hps")
-    return {"checkpoint": build_tiny_hps_file(d), "arch": register_tiny_open_clip(d)}
+    return {"checkpoint": build_tiny_hps_file(d), "arch": tiny_open_clip_arch(),
+            "tokenizer": tiny_clip_dir_for(tmp_path_factory)}
 
 
 @pytest.fixture(scope="session")
@@ -253,8 +249,8 @@ def tiny_reward_kwargs(tiny_clip_dir, tiny_hps_files, tiny_aesthetic_files, tiny
         "pickscore": {"path": str(tiny_clip_dir)},
         "clipscore": {"path": str(tiny_clip_dir)},
         "aesthetic": {k: str(v) for k, v in tiny_aesthetic_files.items()},
-        "hps": {"checkpoint": str(tiny_hps_files["checkpoint"]), "arch": tiny_hps_files["arch"]},
+        "hps": {k: str(v) for k, v in tiny_hps_files.items()},
         "hpsv21": {"checkpoint": str(build_tiny_hps_file(d, seed=1, name="HPS_v2.1_compressed.pt")),
-                   "arch": tiny_hps_files["arch"]},
+                   "arch": tiny_hps_files["arch"], "tokenizer": str(tiny_hps_files["tokenizer"])},
         "imagereward": {k: (v if isinstance(v, int) else str(v)) for k, v in tiny_imagereward_files.items()},
     }

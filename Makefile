@@ -33,8 +33,17 @@ shapes-base: $(STAMP)
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each
 # (TempFlow `branch`: 2 seeds x 4 children per prompt, so also 8 final samples per prompt; `*_full` = full-ODE probes),
 # shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
+# CREDIT_EXTRA adds overrides to every run, CREDIT_TAG names the runs (runs/credit_<TAG><method>), CREDIT_OUT and
+# CREDIT_REWARD are where the plot goes and which evaluation reward it compares: the smooth-reward variant is
+#   make credit-experiment CREDIT_METHODS="outcome dense_gain_full" CREDIT_TAG=saturation_ \
+#     CREDIT_EXTRA="'reward.weights={saturation: 1.0}' 'eval.rewards=[saturation,shapes_strict]'" \
+#     CREDIT_OUT=docs/credit_experiment_saturation CREDIT_REWARD=saturation
 CREDIT_METHODS ?= outcome dense_gain turning_points value_anchor euphonium branch dense_gain_full turning_points_full
 CREDIT_THREADS ?= 2
+CREDIT_EXTRA ?=
+CREDIT_TAG ?=
+CREDIT_OUT ?= docs/credit_experiment
+CREDIT_REWARD ?= shapes_strict
 CREDIT_ARGS := train.iterations=40 train.optimizer_steps_per_iter=4 eval.every=10 eval.max_prompts=120 eval.seeds_per_prompt=2 train.ema=false train.checkpoint_every=40
 credit-experiment: $(STAMP)
 	for m in $(CREDIT_METHODS); do \
@@ -45,9 +54,10 @@ credit-experiment: $(STAMP)
 	    branch) plan=branch; popts='sampler.plan_options={children: 4, branch_steps: random}'; \
 	            extra='train.group_size=2 train.micro_batch=64 train.optimizer_steps_per_iter=1';; esac; \
 	  OMP_NUM_THREADS=$(CREDIT_THREADS) $(BIN)/flowalign train configs/shapes_grpo.yaml $(CREDIT_ARGS) \
-	    credit.name=$$name "$$opts" sampler.plan=$$plan "$$popts" $$extra output.run_dir=runs/credit_$$m \
-	    || exit 1; done
-	$(BIN)/flowalign compare $(addprefix runs/credit_,$(CREDIT_METHODS)) --out docs/credit_experiment
+	    credit.name=$$name "$$opts" sampler.plan=$$plan "$$popts" $$extra $(CREDIT_EXTRA) \
+	    output.run_dir=runs/credit_$(CREDIT_TAG)$$m || exit 1; done
+	$(BIN)/flowalign compare $(addprefix runs/credit_$(CREDIT_TAG),$(CREDIT_METHODS)) --out $(CREDIT_OUT) \
+	  --reward $(CREDIT_REWARD)
 
 # The whole test suite (CPU, offline).
 test: $(STAMP)

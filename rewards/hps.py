@@ -23,7 +23,7 @@ from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hu
                                     torch_dtype)
 from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, features, l2n, pil_pixels, \
     unique_index
-from flowalign.rewards.open_clip_convert import build_hf_clip
+from flowalign.rewards.open_clip_convert import build_hf_clip, load_arch
 
 logger = logging.getLogger("flowalign.rewards")
 
@@ -76,14 +76,16 @@ class HPSv2(Reward):
         file = hub_file(source, HPS_REPO, self.filename, f"hps {self.version}", "checkpoint")
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
-        model = build_hf_clip(load_hps_state(file), arch, what=f"hps {self.version}")
+        cfg = load_arch(arch)
+        model = build_hf_clip(load_hps_state(file), cfg, what=f"hps {self.version}", label=str(arch))
         self.model = freeze(model).to(self.device, self.dtype)
         tp = resolve_source(tokenizer, "hps tokenizer")
         with hub_errors(tp, "hps tokenizer", "tokenizer"):
             self.tokenizer = CLIPTokenizer.from_pretrained(tp)
         self.size = int(model.config.vision_config.image_size)
         self.context_length = int(model.config.text_config.max_position_embeddings)
-        self.mean, self.std = CLIP_MEAN, CLIP_STD  # open_clip's OPENAI_DATASET_MEAN / _STD for ViT-H-14
+        pre = cfg.get("preprocess_cfg") or {}  # open_clip configs may set it; ViT-H-14 uses the OpenAI mean / std
+        self.mean, self.std = tuple(pre.get("mean", CLIP_MEAN)), tuple(pre.get("std", CLIP_STD))
         self.arch, self.checkpoint = arch, file
         self.batch_size = int(batch_size)
         self.parity = bool(parity)

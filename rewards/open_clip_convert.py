@@ -152,11 +152,13 @@ def open_clip_to_hf(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[s
     return out, unknown
 
 
-def build_hf_clip(state: dict[str, Tensor], arch: Union[str, dict], what: str = "hps"):
-    """A transformers ``CLIPModel`` (fp32, eval) holding the open_clip ``state``; clear errors when it does not fit."""
+def build_hf_clip(state: dict[str, Tensor], arch: Union[str, dict], what: str = "hps", label: str = ""):
+    """A transformers ``CLIPModel`` (fp32, eval) holding the open_clip ``state``; clear errors when it does not fit.
+    ``label`` names the architecture in messages (default: ``arch`` when it is a name or path)."""
     from transformers import CLIPModel
 
     cfg = load_arch(arch)
+    arch = label or (arch if isinstance(arch, str) else "config")
     model = CLIPModel(hf_clip_config(cfg)).eval()
     converted, unknown = open_clip_to_hf(state)
     expected = model.state_dict()

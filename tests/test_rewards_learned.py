@@ -200,6 +200,11 @@ def test_hps_loading_variants_and_errors(tiny_hps_files, tmp_path):
     with pytest.raises(UserError, match="does not fit open_clip 'ViT-H-14'"):  # real ViT-H-14 shapes vs tiny weights
         build_reward("hps", checkpoint=str(plain), tokenizer=tok)
     cfg = json.loads(Path(arch).read_text())
+    pre = dict(cfg, preprocess_cfg={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})  # an open_clip config's own
+    (tmp_path / "pre.json").write_text(json.dumps(pre))
+    r = build_reward("hps", checkpoint=str(plain), arch=str(tmp_path / "pre.json"), tokenizer=tok)
+    assert r.mean == (0.5, 0.5, 0.5) and r.std == (0.25, 0.25, 0.25)
+    assert not torch.allclose(r(imgs, prompts), a)
     cfg["vision_cfg"]["ls_init_value"] = 1e-5  # layer scale: not a plain CLIP ViT
     (tmp_path / "ls.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"vision_cfg\.ls_init_value=1e-05 is not supported"):

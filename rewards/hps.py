@@ -68,7 +68,7 @@ class HPSv2(Reward):
     def __init__(self, checkpoint: Optional[str] = None, arch: str = "ViT-H-14", tokenizer: str = HPS_TOKENIZER,
                  device="cpu", dtype=torch.float32, batch_size: int = 32, parity: bool = False,
                  path: Optional[str] = None):
-        from transformers import CLIPTokenizer
+        from transformers import AutoTokenizer
 
         if checkpoint is not None and path is not None and checkpoint != path:
             raise UserError("hps: pass the checkpoint once (checkpoint= or path=, not both)")
@@ -80,8 +80,12 @@ class HPSv2(Reward):
         model = build_hf_clip(load_hps_state(file), cfg, what=f"hps {self.version}", label=str(arch))
         self.model = freeze(model).to(self.device, self.dtype)
         tp = resolve_source(tokenizer, "hps tokenizer")
-        with hub_errors(tp, "hps tokenizer", "tokenizer"):
-            self.tokenizer = CLIPTokenizer.from_pretrained(tp)
+        with hub_errors(tp, "hps tokenizer", "tokenizer"):  # AutoTokenizer: CLIPTokenizer builds an empty one offline
+            self.tokenizer = AutoTokenizer.from_pretrained(tp)
+        vocab = int(model.config.text_config.vocab_size)
+        if len(self.tokenizer) != vocab:
+            raise UserError(f"hps: tokenizer {tp!r} has {len(self.tokenizer)} tokens, the text tower {vocab}: pass the "
+                            f"CLIP tokenizer of the checkpoint with tokenizer= (default {HPS_TOKENIZER})")
         self.size = int(model.config.vision_config.image_size)
         self.context_length = int(model.config.text_config.max_position_embeddings)
         pre = cfg.get("preprocess_cfg") or {}  # open_clip configs may set it; ViT-H-14 uses the OpenAI mean / std

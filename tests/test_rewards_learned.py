@@ -177,8 +177,10 @@ def test_hps_is_cosine_of_normalised_features(rewards):
     assert not torch.allclose(rewards["hpsv21"](imgs, prompts), r(imgs, prompts))
 
 
-def test_hps_loading_variants_and_errors(tiny_hps_files, tmp_path):
+def test_hps_loading_variants_and_errors(tiny_hps_files, tiny_imagereward_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     arch, tok = tiny_hps_files["arch"], str(tiny_hps_files["tokenizer"])
+    bert_dir = tiny_imagereward_files["tokenizer_path"]
     plain = build_tiny_hps_file(tmp_path, ddp_prefix=False)  # no module. prefix
     imgs, prompts = synthetic_images(2, seed=6), PROMPTS[:2]
     a = build_reward("hps", checkpoint=str(plain), arch=arch, tokenizer=tok)(imgs, prompts)
@@ -195,6 +197,10 @@ def test_hps_loading_variants_and_errors(tiny_hps_files, tmp_path):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         build_reward("hps", checkpoint=str(tmp_path / "text.pt"), arch=arch, tokenizer=tok)
+    with pytest.raises(UserError, match="hps tokenizer.*hf download laion/CLIP-ViT-H-14"):  # offline, not cached
+        build_reward("hps", checkpoint=str(plain), arch=arch)
+    with pytest.raises(UserError, match=r"has \d+ tokens, the text tower 582"):
+        build_reward("hps", checkpoint=str(plain), arch=arch, tokenizer=str(bert_dir))
     with pytest.raises(UserError, match="unknown open_clip architecture 'ViT-Q-99'"):
         build_reward("hps", checkpoint=str(plain), arch="ViT-Q-99", tokenizer=tok)
     with pytest.raises(UserError, match="does not fit open_clip 'ViT-H-14'"):  # real ViT-H-14 shapes vs tiny weights

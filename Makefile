@@ -31,14 +31,16 @@ shapes-base: $(STAMP)
 	cp runs/shapes_pretrain_stage2/final/config.json runs/shapes_pretrain_stage2/final/model.safetensors flowalign/assets/shapes/
 
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each
-# (TempFlow `branch`: 2 seeds x 4 children per prompt, so also 8 final samples per prompt; `*_full` = full-ODE probes),
+# (TempFlow `branch`: 2 seeds x 4 children per prompt at one random step, so also 8 final samples per prompt;
+# `branch_all`: at all 6 trained steps, 48 final samples per prompt, so 4 prompts x 13 iterations for the same
+# budget; `*_full` = full-ODE probes),
 # shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
 # CREDIT_EXTRA adds overrides to every run, CREDIT_TAG names the runs (runs/credit_<TAG><method>), CREDIT_OUT and
 # CREDIT_REWARD are where the plot goes and which evaluation reward it compares: the smooth-reward variant is
 #   make credit-experiment CREDIT_METHODS="outcome dense_gain_full" CREDIT_TAG=saturation_ \
 #     CREDIT_EXTRA="'reward.weights={saturation: 1.0}' 'eval.rewards=[saturation,shapes_strict]'" \
 #     CREDIT_OUT=docs/credit_experiment_saturation CREDIT_REWARD=saturation
-CREDIT_METHODS ?= outcome dense_gain turning_points value_anchor euphonium branch dense_gain_full turning_points_full
+CREDIT_METHODS ?= outcome dense_gain turning_points value_anchor euphonium branch branch_all dense_gain_full turning_points_full
 CREDIT_THREADS ?= 2
 CREDIT_EXTRA ?=
 CREDIT_TAG ?=
@@ -52,7 +54,9 @@ credit-experiment: $(STAMP)
 	    dense_gain_full|turning_points_full) name=$${m%_full}; opts='credit.options={probe: "ode:full"}';; \
 	    euphonium) opts='credit.options={pra_probe: x0}';; \
 	    branch) plan=branch; popts='sampler.plan_options={children: 4, branch_steps: random}'; \
-	            extra='train.group_size=2 train.micro_batch=64 train.optimizer_steps_per_iter=1';; esac; \
+	            extra='train.group_size=2 train.micro_batch=64 train.optimizer_steps_per_iter=1';; \
+	    branch_all) name=branch; plan=branch; popts='sampler.plan_options={children: 4, branch_steps: all}'; \
+	            extra='train.group_size=2 train.groups_per_iter=4 train.iterations=13 eval.every=3 train.micro_batch=48 train.optimizer_steps_per_iter=2 train.checkpoint_every=13';; esac; \
 	  OMP_NUM_THREADS=$(CREDIT_THREADS) $(BIN)/flowalign train configs/shapes_grpo.yaml $(CREDIT_ARGS) \
 	    credit.name=$$name "$$opts" sampler.plan=$$plan "$$popts" $$extra $(CREDIT_EXTRA) \
 	    output.run_dir=runs/credit_$(CREDIT_TAG)$$m || exit 1; done

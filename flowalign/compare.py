@@ -69,11 +69,13 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         pts.append((it, float(value)))
     pts = sorted(dict(pts).items())  # a final eval at the last step replaces the step-N one
     credit = cfg.get("credit", {})
-    name = credit.get("name", "outcome")
-    probe = (credit.get("options") or {}).get("probe")
+    tags = [str(p)] if (p := (credit.get("options") or {}).get("probe")) else []
+    sampler = cfg.get("sampler", {})
+    if sampler.get("plan") == "branch":  # TempFlow: one random step vs every step are different methods in cost
+        tags.append(f"branch_steps {(sampler.get('plan_options') or {}).get('branch_steps', 'all')}")
     return {
         "label": run.name,
-        "credit": name + (f" ({probe})" if probe else ""),
+        "credit": credit.get("name", "outcome") + (f" ({', '.join(tags)})" if tags else ""),
         "iterations": [p[0] for p in pts],
         "rollouts": [sum(sampled.get(i, per_iter) for i in range(1, p[0] + 1)) for p in pts],
         "nfe": [nfe_after.get(p[0], float("nan")) for p in pts],

@@ -36,6 +36,18 @@ def test_points_sit_at_rollouts_and_cumulative_nfe(tmp_path):
     assert len(rows) == 4 and "+0.200" in rows[2] and "+0.300" in rows[3]
 
 
+def test_tempflow_runs_are_labelled_by_their_branch_steps(tmp_path):
+    d = _run(tmp_path / "t", "branch", {"base": 0.3, "final": 0.4}, (10, 0))
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["credit"]["options"] = {}
+    cfg["sampler"] = {"plan": "branch", "plan_options": {"children": 4, "branch_steps": "random"}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_curve(d)["credit"] == "branch (branch_steps random)"
+    cfg["sampler"]["plan_options"] = {"children": 4}  # the plan's default
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_curve(d)["credit"] == "branch (branch_steps all)"
+
+
 def test_not_a_run_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="not a run directory"):
         run_curve(tmp_path)

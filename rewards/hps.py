@@ -90,6 +90,8 @@ class HPSv2(Reward):
         self.context_length = int(model.config.text_config.max_position_embeddings)
         pre = cfg.get("preprocess_cfg") or {}  # open_clip configs may set it; ViT-H-14 uses the OpenAI mean / std
         self.mean, self.std = tuple(pre.get("mean", CLIP_MEAN)), tuple(pre.get("std", CLIP_STD))
+        if pre.get("resize_mode", "shortest") != "shortest" or pre.get("interpolation", "bicubic") != "bicubic":
+            logger.warning("hps: %s preprocess_cfg %s differs from the shortest-side bicubic resize used here", arch, pre)
         self.arch, self.checkpoint = arch, file
         self.batch_size = int(batch_size)
         self.parity = bool(parity)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -177,7 +178,7 @@ def test_hps_is_cosine_of_normalised_features(rewards):
     assert not torch.allclose(rewards["hpsv21"](imgs, prompts), r(imgs, prompts))
 
 
-def test_hps_loading_variants_and_errors(tiny_hps_files, tiny_imagereward_files, tmp_path, monkeypatch):
+def test_hps_loading_variants_and_errors(tiny_hps_files, tiny_imagereward_files, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     arch, tok = tiny_hps_files["arch"], str(tiny_hps_files["tokenizer"])
     bert_dir = tiny_imagereward_files["tokenizer_path"]
@@ -211,6 +212,11 @@ def test_hps_loading_variants_and_errors(tiny_hps_files, tiny_imagereward_files,
     r = build_reward("hps", checkpoint=str(plain), arch=str(tmp_path / "pre.json"), tokenizer=tok)
     assert r.mean == (0.5, 0.5, 0.5) and r.std == (0.25, 0.25, 0.25)
     assert not torch.allclose(r(imgs, prompts), a)
+    pre["preprocess_cfg"]["resize_mode"] = "squash"  # not what the reward computes: said, not silently ignored
+    (tmp_path / "squash.json").write_text(json.dumps(pre))
+    with caplog.at_level(logging.WARNING, logger="flowalign.rewards"):
+        build_reward("hps", checkpoint=str(plain), arch=str(tmp_path / "squash.json"), tokenizer=tok)
+    assert "differs from the shortest-side bicubic resize" in caplog.text
     cfg["vision_cfg"]["ls_init_value"] = 1e-5  # layer scale: not a plain CLIP ViT
     (tmp_path / "ls.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"vision_cfg\.ls_init_value=1e-05 is not supported"):

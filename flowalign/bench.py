@@ -99,12 +99,20 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     run(list(argv))
 
 
+def bench_noise_variance(argv: Sequence[str]) -> None:
+    """Share of the reward variance that each SDE window's noise explains (prints its own table)."""
+    from flowalign.bench_noise import bench_noise_variance as run
+
+    run(list(argv))
+
+
 BENCHES: dict[str, tuple[Callable[[Sequence[str]], Optional[dict]], str]] = {
     "shapes-sample": (bench_shapes_sample, "load the shipped shapes model and sample 16 images; print timings"),
     "credit": (bench_credit, "NFE / reward calls / wall time per prompt group of each credit method vs upstream"),
     "grad-snr": (bench_grad_snr, "signal in one GRPO gradient estimate per credit method (split-half cosine)"),
+    "noise-variance": (bench_noise_variance, "which steps' SDE noise decides the reward (variance split per window)"),
 }
-OWN_TABLE = {"credit", "grad-snr"}
+OWN_TABLE = {"credit", "grad-snr", "noise-variance"}
 
 
 def cli_main(argv: Sequence[str]) -> int:

@@ -89,6 +89,14 @@ def split_half_cosine(grads: Tensor, adv: Tensor, steps: Sequence[int], weights:
     return torch.nn.functional.cosine_similarity(g[:, 0], g[:, 1], dim=1)
 
 
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options every shapes-world diagnostic bench shares (model path, threads, seed, JSON output)."""
+    ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
 def bench_grad_snr(argv: Sequence[str]) -> None:
     """Print the split-half gradient cosine of each credit method on one set of shapes-world rollouts."""
     from flowalign.bench_credit import METHODS, _shapes_prompts
@@ -110,13 +118,15 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     ap.add_argument("--kernel", default="flow_sde", help="SDE kernel shared by every method")
     ap.add_argument("--eta", type=float, default=0.7, help="kernel noise level")
     ap.add_argument("--train-fraction", type=float, default=0.6, help="train the first ⌊f·T⌋ stochastic steps")
+    ap.add_argument("--window", default=None, metavar="LO,HI",
+                    help="SDE (and train) only steps LO..HI-1, Euler elsewhere (sampler.window_*); overrides "
+                         "--train-fraction")
+    ap.add_argument("--init-noise", choices=("member", "group"), default="member",
+                    help="one initial noise per rollout, or one per group (sampler.init_noise)")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--adv-clip", type=float, default=CreditConfig().adv_clip, help="advantage clip A_max (credit.adv_clip)")
     ap.add_argument("--splits", type=int, default=40, help="random half splits of the groups")
-    ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_common_args(ap)
     args = ap.parse_args(list(argv))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in CREDITS]
@@ -128,6 +138,15 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
         raise UserError(f"--train-fraction={args.train_fraction} must be in (0, 1)")
     if args.adv_clip <= 0:
         raise UserError(f"--adv-clip={args.adv_clip} must be > 0")
+    window = None
+    if args.window is not None:
+        try:
+            lo, hi = (int(v) for v in args.window.split(","))
+        except ValueError:
+            raise UserError(f"--window={args.window!r} must be two integers LO,HI, e.g. --window 2,8") from None
+        if not 0 <= lo < hi <= args.steps - 1:
+            raise UserError(f"--window={args.window} must satisfy 0 <= LO < HI <= T-1 = {args.steps - 1}")
+        window = (lo, hi - lo)
     adv_clip = args.adv_clip
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
@@ -140,12 +159,14 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     per_prompt = args.groups_per_prompt * args.group_size
     cond_index = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [B]
     group = torch.arange(cond_index.numel()) // args.group_size  # [B] consecutive members form a group
-    eta = eta_schedule(args.steps, args.eta)  # [T]
-    n_train = min(int(math.floor(args.train_fraction * args.steps + 1e-9)), args.steps - 1)
+    eta = eta_schedule(args.steps, args.eta, window=window)  # [T]
+    n_train = args.steps - 1 if window else min(int(math.floor(args.train_fraction * args.steps + 1e-9)), args.steps - 1)
     steps = [t for t in range(n_train) if float(eta[t]) > 0]
     with torch.no_grad():
         cond = model.encode(prompts)
-        noise = model.init_noise(cond_index.numel(), torch.Generator().manual_seed(args.seed))
+        gen = torch.Generator().manual_seed(args.seed)
+        noise = (model.init_noise(cond_index.numel(), gen) if args.init_noise == "member" else
+                 model.init_noise(int(group.max()) + 1, gen).repeat_interleave(args.group_size, 0))  # [B, *latent]
         traj = sample(model.velocity, noise, model.schedule(args.steps), cond, eta=eta, kernel=args.kernel,
                       generator=torch.Generator().manual_seed(args.seed + 1), cond_index=cond_index, group=group,
                       keep_velocities=True, prompts=prompts)
@@ -166,6 +187,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     n_half = traj.batch_size // 2
     print(f"grad-snr: {len(prompts)} prompts × {args.groups_per_prompt} groups × G={args.group_size} "  # noqa: T201
           f"= {traj.batch_size} rollouts ({n_half} per half), {args.kernel} a={args.eta:g}, T={args.steps}, "
+          f"initial noise per {args.init_noise}, "
           f"trained steps {steps}, reward {args.reward} (mean {float(term[args.reward].nanmean()):.3f}), "
           f"{grads.shape[-1]} LoRA parameters; rollout {t_roll - t_start:.0f}s, gradients {t_grad - t_roll:.0f}s")
     print(f"{'method':<14}{'cos':>7}{'± split':>9}{'n for c=0.5':>13}   per trained step")  # noqa: T201

@@ -85,6 +85,13 @@ def test_bench_grad_snr_from_the_command_line(tmp_path):
     for m in ("flow_grpo", "dense_x0"):
         assert -1.0 <= res["methods"][m]["cos"] <= 1.0 and len(res["methods"][m]["per_step"]) == 2
     assert "flow_grpo" in r.stdout
+    # an SDE window (Euler outside it) trains exactly the window's steps, whatever --train-fraction says
+    w = run("--prompts", "2", "--groups-per-prompt", "2", "--group-size", "2", "--steps", "5", "--window", "1,3",
+            "--init-noise", "group", "--methods", "flow_grpo", "--splits", "2", "--threads", "1", "--json", str(out))
+    assert w.returncode == 0, w.stderr[-2000:]
+    assert json.loads(out.read_text())["steps"] == [1, 2] and "initial noise per group" in w.stdout
+    badw = run("--window", "3,9", "--steps", "5")
+    assert badw.returncode == 2 and "--window=3,9 must satisfy" in badw.stderr
     bad = run("--methods", "flow_grpo,nope", "--json", str(tmp_path / "bad.json"))
     assert bad.returncode == 2 and "unknown grad-snr method" in bad.stderr
     assert sum("error" in ln.lower() for ln in bad.stderr.strip().splitlines()) == 1

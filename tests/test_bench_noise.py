@@ -1,0 +1,60 @@
+"""`flowalign bench noise-variance`: the law-of-total-variance split and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flowalign.bench_noise import step_std, variance_split
+from flowalign.samplers.kernels import cps, flow_sde
+
+
+def test_variance_split_adds_up_and_attributes_correctly():
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(5, 4, 6, generator=g)  # [P, K, M]
+    s = variance_split(r)
+    assert s["within"] + s["between"] == pytest.approx(s["total"], rel=1e-12)
+    assert s["mean"] == pytest.approx(float(r.double().mean()))
+    # a reward fixed by the initial noise: the window's noise explains none of it
+    by_init = torch.rand(5, 4, 1, generator=g).expand(5, 4, 6)
+    s = variance_split(by_init)
+    assert s["within"] == 0 and s["within_share"] == 0 and s["spread"] == 0 and s["between"] > 0
+    # a reward that ignores the initial noise (every x_1 sees the same member pattern): all of it
+    by_member = torch.rand(5, 1, 6, generator=g).expand(5, 4, 6)
+    s = variance_split(by_member)
+    assert s["between"] == pytest.approx(0, abs=1e-15) and s["within_share"] == pytest.approx(1) and s["spread"] == 1
+    with pytest.raises(ValueError, match=r"\[P, K, M\]"):
+        variance_split(torch.rand(3, 4))
+
+
+def test_step_std_is_the_kernels_std():
+    x = torch.randn(2, 3, 4, 4)
+    v = torch.randn(2, 3, 4, 4)
+    for kern, eta in ((flow_sde, 0.7), (cps, 0.5)):
+        for s, sn in ((1.0, 0.9), (0.6, 0.5)):
+            ref = kern(x, v, torch.tensor(s), torch.tensor(sn), torch.tensor(eta)).std
+            got = step_std(kern.__name__, torch.tensor(s), torch.tensor(sn), torch.tensor(eta))
+            assert float(got) == pytest.approx(float(torch.as_tensor(ref).reshape(-1)[0]), rel=1e-6)
+
+
+def test_bench_noise_variance_from_the_command_line(tmp_path):
+    out = tmp_path / "nv.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flowalign.cli", "bench", "noise-variance", *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=300)
+    r = run("--prompts", "2", "--inits", "2", "--members", "2", "--steps", "4", "--windows", "0,3;2,3",
+            "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [w["window"] for w in res["windows"]] == [[0, 3], [2, 3]]
+    for w in res["windows"]:
+        assert w["within"] + w["between"] == pytest.approx(w["total"], abs=1e-4)
+        assert len(w["step_std"]) == w["window"][1] - w["window"][0]
+    assert "steps 0..2" in r.stdout
+    bad = run("--windows", "0,12", "--json", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "--windows: 0,12 must satisfy" in bad.stderr
+    assert sum("error" in ln.lower() for ln in bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.json").exists()

@@ -97,10 +97,15 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for c in curves:
+    # more runs than the 10-colour cycle: each further cycle of colours gets its own line style and marker
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    for i, c in enumerate(curves):
         name = f"{c['label']}: {c['credit']}"
-        axes[0].plot(c["rollouts"], c["value"], marker="o", markersize=3, label=name)
-        axes[1].plot([n / 1e3 for n in c["nfe"]], c["value"], marker="o", markersize=3, label=name)
+        ls, mk = styles[(i // len(colours)) % len(styles)]
+        kw = dict(color=colours[i % len(colours)], linestyle=ls, marker=mk, markersize=3, label=name)
+        axes[0].plot(c["rollouts"], c["value"], **kw)
+        axes[1].plot([n / 1e3 for n in c["nfe"]], c["value"], **kw)
     axes[0].set_xlabel("rollouts (trajectories sampled)")
     axes[1].set_xlabel("transformer forwards, thousands (sampling + probing + training)")
     for ax in axes:

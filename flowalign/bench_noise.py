@@ -17,7 +17,6 @@ across windows, so the windows differ only in where the noise goes.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from typing import Any, Sequence
@@ -26,8 +25,6 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 
 def variance_split(r: Tensor) -> dict[str, float]:
@@ -80,14 +77,14 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     from tqdm.auto import tqdm
 
     from flowalign.bench_credit import _shapes_prompts
-    from flowalign.bench_snr import add_common_args
+    from flowalign.bench_snr import SDE_KERNELS, add_common_args
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
     from flowalign.samplers.loop import eta_schedule, sample
 
     ap = argparse.ArgumentParser(prog="flowalign bench noise-variance", description=__doc__.split("\n\n")[0])
     ap.add_argument("--reward", default="shapes_partial", help="reward to score (e.g. shapes_partial, saturation)")
-    ap.add_argument("--kernel", default="flow_sde", help="SDE kernel (flow_sde, dance_sde, cps)")
+    ap.add_argument("--kernel", default="flow_sde", choices=SDE_KERNELS, help="SDE kernel")
     ap.add_argument("--eta", type=float, default=0.7, help="kernel noise level")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
     ap.add_argument("--windows", default="0,9;0,6;6,9;0,1;1,2;2,3;3,6",

@@ -29,6 +29,8 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 
+SDE_KERNELS = ("flow_sde", "dance_sde", "cps")  # the stochastic kernels of flowalign.samplers.kernels
+
 # the chain-plan methods of `bench credit` (credit assigner + options); the kernel is shared (--kernel)
 CREDITS = ("flow_grpo", "dense_full", "dense_ode2", "dense_x0", "tp_full", "tp_ode2", "vgpo_x0", "euphonium_x0")
 
@@ -115,7 +117,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     ap.add_argument("--groups-per-prompt", type=int, default=8, help="groups of G rollouts per prompt")
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per group G")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
-    ap.add_argument("--kernel", default="flow_sde", help="SDE kernel shared by every method")
+    ap.add_argument("--kernel", default="flow_sde", choices=SDE_KERNELS, help="SDE kernel shared by every method")
     ap.add_argument("--eta", type=float, default=0.7, help="kernel noise level")
     ap.add_argument("--train-fraction", type=float, default=0.6, help="train the first ⌊f·T⌋ stochastic steps")
     ap.add_argument("--window", default=None, metavar="LO,HI",

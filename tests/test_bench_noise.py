@@ -58,3 +58,5 @@ def test_bench_noise_variance_from_the_command_line(tmp_path):
     assert bad.returncode == 2 and "--windows: 0,12 must satisfy" in bad.stderr
     assert sum("error" in ln.lower() for ln in bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.json").exists()
+    badk = run("--kernel", "euler")  # no step noise: every member would be the same ODE sample
+    assert badk.returncode == 2 and "invalid choice: 'euler'" in badk.stderr

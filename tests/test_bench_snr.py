@@ -92,6 +92,8 @@ def test_bench_grad_snr_from_the_command_line(tmp_path):
     assert json.loads(out.read_text())["steps"] == [1, 2] and "initial noise per group" in w.stdout
     badw = run("--window", "3,9", "--steps", "5")
     assert badw.returncode == 2 and "--window=3,9 must satisfy" in badw.stderr
+    badk = run("--kernel", "nope")
+    assert badk.returncode == 2 and "invalid choice: 'nope'" in badk.stderr
     bad = run("--methods", "flow_grpo,nope", "--json", str(tmp_path / "bad.json"))
     assert bad.returncode == 2 and "unknown grad-snr method" in bad.stderr
     assert sum("error" in ln.lower() for ln in bad.stderr.strip().splitlines()) == 1

@@ -33,7 +33,8 @@ shapes-base: $(STAMP)
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each
 # (TempFlow `branch`: 2 seeds x 4 children per prompt at one random step, so also 8 final samples per prompt;
 # `branch_all`: at all 6 trained steps, 48 final samples per prompt, so 4 prompts x 13 iterations for the same
-# budget; `*_full` = full-ODE probes),
+# budget; `*_full` = full-ODE probes; `euphonium_guided`: rollouts guided by the reward gradient at the trained
+# steps, which needs a differentiable training reward such as saturation, so it is not in the default list),
 # shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
 # CREDIT_EXTRA adds overrides to every run, CREDIT_TAG names the runs (runs/credit_<TAG><method>), CREDIT_OUT and
 # CREDIT_REWARD are where the plot goes and which evaluation reward it compares: the smooth-reward variant is
@@ -49,16 +50,17 @@ CREDIT_REWARD ?= shapes_strict
 CREDIT_ARGS := train.iterations=40 train.optimizer_steps_per_iter=4 eval.every=10 eval.max_prompts=120 eval.seeds_per_prompt=2 train.ema=false train.checkpoint_every=40
 credit-experiment: $(STAMP)
 	for m in $(CREDIT_METHODS); do \
-	  name=$$m; opts='credit.options={}'; plan=chain; popts='sampler.plan_options={}'; extra=; \
+	  name=$$m; opts='credit.options={}'; plan=chain; popts='sampler.plan_options={}'; guide=none; gopts='sampler.guide_options={}'; extra=; \
 	  case $$m in dense_gain|turning_points) opts='credit.options={probe: "ode:2"}';; \
 	    dense_gain_full|turning_points_full) name=$${m%_full}; opts='credit.options={probe: "ode:full"}';; \
 	    euphonium) opts='credit.options={pra_probe: x0}';; \
+	    euphonium_guided) name=euphonium; guide=reward_grad; gopts='sampler.guide_options={lam: 300.0}';; \
 	    branch) plan=branch; popts='sampler.plan_options={children: 4, branch_steps: random}'; \
 	            extra='train.group_size=2 train.micro_batch=64 train.optimizer_steps_per_iter=1';; \
 	    branch_all) name=branch; plan=branch; popts='sampler.plan_options={children: 4, branch_steps: all}'; \
 	            extra='train.group_size=2 train.groups_per_iter=4 train.iterations=13 eval.every=3 train.micro_batch=48 train.optimizer_steps_per_iter=2 train.checkpoint_every=13';; esac; \
 	  OMP_NUM_THREADS=$(CREDIT_THREADS) $(BIN)/flowalign train configs/shapes_grpo.yaml $(CREDIT_ARGS) \
-	    credit.name=$$name "$$opts" sampler.plan=$$plan "$$popts" $$extra $(CREDIT_EXTRA) \
+	    credit.name=$$name "$$opts" sampler.plan=$$plan "$$popts" sampler.guide=$$guide "$$gopts" $$extra $(CREDIT_EXTRA) \
 	    output.run_dir=runs/credit_$(CREDIT_TAG)$$m || exit 1; done
 	$(BIN)/flowalign compare $(addprefix runs/credit_$(CREDIT_TAG),$(CREDIT_METHODS)) --out $(CREDIT_OUT) \
 	  --reward $(CREDIT_REWARD)

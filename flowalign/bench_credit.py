@@ -41,6 +41,7 @@ METHODS: dict[str, tuple[str, str, float, str, dict, dict]] = {
     "tp_ode2": ("chain", "cps", 0.7, "turning_points", {"probe": "ode:2"}, {}),
     "vgpo_x0": ("chain", "flow_sde", 0.7, "value_anchor", {"probe": "x0"}, {}),
     "euphonium_x0": ("chain", "flow_sde", 0.7, "euphonium", {"pra_probe": "x0"}, {}),
+    "euphonium_guided": ("chain", "flow_sde", 0.7, "euphonium", {}, {}),
     "tempflow_all": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "all"}),
     "tempflow_one": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "random"}),
 }
@@ -57,11 +58,15 @@ REFERENCE = {
     "tp_ode2": "—",
     "vgpo_x0": "2× (1× with reuse)",
     "euphonium_x0": "1× + PRM fwd/bwd at guided steps (here: x0 pixel-reward proxy, no guidance)",
+    "euphonium_guided": "1× + PRM fwd/bwd at guided steps (here: saturation of x̂0, λ = 300; backward not counted)",
     "tempflow_all": "4.65× (4 seeds × 6 children)",
     "tempflow_one": "≈0.6×",
 }
 
 RANK_MODES = ("x0", "ode:2", "ode2:1", "ode:3", "ode2:2")
+
+# methods whose rollouts are guided (``sampler.guide=reward_grad``): the guide's options
+GUIDED: dict[str, dict] = {"euphonium_guided": {"lam": 300.0, "rewards": {"saturation": 1.0}}}
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
@@ -166,31 +171,45 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     opts = dict(p_opts)
     if plan == "branch":
         opts.update(children=children, max_batch=max_batch)
+    trained = (eta > 0)[None] & (torch.arange(steps) < math.floor(0.99 * steps + 1e-9))[None]  # [1, T]
+    guide = None
+    if method in GUIDED:
+        from flowalign.rewards import build_reward
+        from flowalign.values import reward_grad_guide
+
+        g = dict(GUIDED[method])
+        weights = g.pop("rewards")
+        guide = reward_grad_guide(velocity=model.velocity, decode=model.decode, counter=nfe,
+                                  rewards={k: build_reward(k) for k in weights}, weights=weights,
+                                  steps=trained[0].nonzero().flatten().tolist(), **g)
+        guide.prm.prompts = [setup.prompts[int(i)] for i in cond_index]
+        opts["mean_shift"] = guide
     with nfe.phase("sampling"):
         traj = PLANS[plan](model.velocity, noise, sigmas, cond, cond_index=cond_index, group=cond_index.clone(),
                            eta=eta, kernel=kernel, generator=gen, keep_velocities=True, prompts=setup.prompts,
                            **opts)
     t_sample = time.perf_counter()
     rewards = setup.score(traj.final, torch.arange(traj.batch_size), traj)
-    trained = (traj.eta.cpu() > 0)[None].expand(traj.batch_size, -1) & \
-        (torch.arange(steps) < math.floor(0.99 * steps + 1e-9))[None]
+    trained = trained.expand(traj.batch_size, -1) & (traj.eta.cpu() > 0)[None]  # [B, T]
     if "trained" in traj.extras:
         trained = trained & traj.extras["trained"].cpu()
     probe = make_probe(model.velocity, traj, lambda z, r: setup.score(z, r, traj), terminal=rewards, counter=nfe,
                        max_batch=max_batch)
+    extras = guide.credit_extras(traj) if guide is not None else {}  # PRM at the guided post-states
     inp = CreditInput(traj=traj, rewards=rewards, reward_weights={k: 1.0 for k in rewards}, trained=trained,
-                      probe=probe)
+                      probe=probe, extras=extras)
     out = assign_credit(credit, inp, c_opts)
     wall = time.perf_counter() - t0
     tot = nfe.totals()
     base = group_size * steps
     per = 1.0 / n_groups
     samp, prob = tot.get("sampling", 0) * per, tot.get("probing", 0) * per
+    guid = tot.get("guidance", 0) * per
     return {
         "model": setup.name, "method": method, "credit": credit,
-        "probe": c_opts.get("probe", c_opts.get("pra_probe", "-")),
+        "probe": c_opts.get("probe", c_opts.get("pra_probe", "prm" if guide is not None else "-")),
         "rollouts_per_group": traj.batch_size * per, "nfe_sampling": samp, "nfe_probing": prob,
-        "nfe_total": samp + prob, "x_flow_grpo": round((samp + prob) / base, 3),
+        "nfe_guidance": guid, "nfe_total": samp + prob + guid, "x_flow_grpo": round((samp + prob + guid) / base, 3),
         "model_launches": sum(nfe.calls.values()), "reward_calls": setup.reward_calls * per,
         "trained_transitions": int((trained & (out.advantages != 0)).sum()) * per,
         "wall_s": round(wall, 2), "sampling_s": round(t_sample - t0, 2), "reference": REFERENCE.get(method, "—"),
@@ -270,13 +289,13 @@ def bench_credit(argv: Sequence[str]) -> int:
                 continue
             results["notes"][name] = setup.note
             print(f"\n== {setup.name}: {setup.note}; T={args.steps}, G={args.group_size}, groups={args.groups}")  # noqa: T201
-            print(f"{'method':<14}{'probe':<10}{'NFE samp':>9}{'NFE probe':>10}{'× FlowGRPO':>11}{'rewards':>8}"  # noqa: T201
+            print(f"{'method':<17}{'probe':<10}{'NFE samp':>9}{'NFE probe':>10}{'NFE guide':>10}{'× FlowGRPO':>11}{'rewards':>8}"  # noqa: T201
                   f"{'launch':>7}{'wall s':>8}   reference (METHODS §5.2)")
             for m in methods:
                 r = run_method(setup, m, steps=args.steps, group_size=args.group_size, children=args.children,
                                seed=args.seed, max_batch=args.max_batch)
                 results["runs"].append(r)
-                print(f"{m:<14}{r['probe']:<10}{r['nfe_sampling']:>9.0f}{r['nfe_probing']:>10.0f}"  # noqa: T201
+                print(f"{m:<17}{r['probe']:<10}{r['nfe_sampling']:>9.0f}{r['nfe_probing']:>10.0f}{r['nfe_guidance']:>10.0f}"  # noqa: T201
                       f"{r['x_flow_grpo']:>11.2f}{r['reward_calls']:>8.0f}{r['model_launches']:>7d}"
                       f"{r['wall_s']:>8.2f}   {r['reference']}")
             if args.rank_groups > 0 and name == "shapes":

@@ -73,6 +73,9 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     sampler = cfg.get("sampler", {})
     if sampler.get("plan") == "branch":  # TempFlow: one random step vs every step are different methods in cost
         tags.append(f"branch_steps {(sampler.get('plan_options') or {}).get('branch_steps', 'all')}")
+    if sampler.get("guide", "none") != "none":  # guided rollouts (Euphonium): the guide and its strength
+        lam = (sampler.get("guide_options") or {}).get("lam")
+        tags.append(f"{sampler['guide']}" + (f" λ={lam:g}" if isinstance(lam, (int, float)) else ""))
     return {
         "label": run.name,
         "credit": credit.get("name", "outcome") + (f" ({', '.join(tags)})" if tags else ""),
@@ -96,7 +99,9 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     curves = [run_curve(d, reward) for d in run_dirs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    below = len(curves) > 6  # many runs: the legend goes under the plots instead of over the curves
+    rows = -(-len(curves) // 2) if below else 0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.15 * rows), dpi=110)
     # more runs than the 10-colour cycle: each further cycle of colours gets its own line style and marker
     colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
@@ -107,12 +112,17 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
         axes[0].plot(c["rollouts"], c["value"], **kw)
         axes[1].plot([n / 1e3 for n in c["nfe"]], c["value"], **kw)
     axes[0].set_xlabel("rollouts (trajectories sampled)")
-    axes[1].set_xlabel("transformer forwards, thousands (sampling + probing + training)")
+    axes[1].set_xlabel("transformer forwards, thousands (all phases)")
     for ax in axes:
         ax.set_ylabel(f"shapes-bench {reward}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    if below:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+        fig.tight_layout(rect=(0, 0.15 * rows / (4 + 0.15 * rows), 1, 1))
+    else:
+        axes[0].legend(fontsize=7, loc="best")
+        fig.tight_layout()
     import io
 
     buf = io.BytesIO()

@@ -90,6 +90,8 @@ class SamplerConfig:
     init_noise: Literal["member", "group"] = _f("member", "initial noise: one draw per rollout (Flow-GRPO) or one per group, shared by its members (DanceGRPO)")
     plan: Literal["chain", "branch"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, or TempFlow branching")
     plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan")
+    guide: str = _f("none", "rollout mean shift (flowalign.values.GUIDES): none, or reward_grad (Euphonium's reward-gradient-guided SDE; log-probs stay unguided)")
+    guide_options: dict = _f({}, "guide options, e.g. {lam: 300.0, rewards: {saturation: 1.0}, probe: x0, normalize: false, steps: [3, 4, 5]}; steps default to the trained steps")
 
 
 @dataclass(frozen=True)
@@ -776,6 +778,15 @@ def validate(cfg: ExperimentConfig) -> None:
          f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x sampler.steps={s.steps}) = 0; raise train_fraction")
     if s.kernel == "euler" or s.eta == 0:
         logger.warning("sampler.kernel=%r with eta=%g is deterministic: no step can be trained (use flow_sde with eta > 0)", s.kernel, s.eta)
+    from flowalign.values import GUIDES
+
+    if s.guide not in GUIDES:
+        close = difflib.get_close_matches(s.guide, list(GUIDES), n=1)
+        raise UserError(f"sampler.guide={s.guide!r} is not a known guide; " + (f"did you mean {close[0]!r}?" if close else f"known: {', '.join(GUIDES)}"))
+    if s.guide != "none":
+        need(s.plan == "chain", f"sampler.guide={s.guide!r} guides chains; it needs sampler.plan=chain (got {s.plan!r})")
+    elif s.guide_options:
+        raise UserError("sampler.guide_options is set but sampler.guide=none; set sampler.guide=reward_grad or drop the options")
     if s.logp_form == "cps_mse":
         need(s.kernel == "cps", f"sampler.logp_form='cps_mse' is the CPS surrogate; it needs sampler.kernel='cps' (got {s.kernel!r})")
     need(c.std_eps > 0, f"credit.std_eps={c.std_eps} must be > 0 (it keeps A finite for equal rewards)")
@@ -817,7 +828,8 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"
                   + (f", {m.resolution}px" if m.resolution else "")),
         ("sampler", f"{s.kernel} eta={s.eta:g}, T={s.steps}, train {window}, logp {s.logp_form}/{s.logp_reduce}"
-                    + (", last-step noise" if s.last_step_noise else "")),
+                    + (", last-step noise" if s.last_step_noise else "")
+                    + (f", guide {s.guide} {dict(s.guide_options)}" if s.guide != "none" else "")),
         ("reward", f"{rewards} ({r.aggregate})"),
         ("credit", f"{c.name}, std {c.std_scope} (ddof {c.std_ddof}, eps {c.std_eps:g}), clip |A|<={c.adv_clip:g}"
                    + (f", options {c.options}" if c.options else "")),

@@ -42,7 +42,7 @@ from flowalign.models import load_model
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, step_log_prob
 from flowalign.samplers.plans import PLANS
-from flowalign.values import NFECounter, make_probe
+from flowalign.values import GUIDES, NFECounter, make_probe
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,16 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
     rewards = {name: make(name) for name in cfg.reward.weights}
     eval_rewards = {name: make(name) for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
+    guide = None  # a rollout mean shift (Euphonium's reward-gradient guidance), flowalign.values.GUIDES
+    if GUIDES[cfg.sampler.guide] is not None:
+        g_opts = dict(cfg.sampler.guide_options)
+        g_weights = {str(k): float(w) for k, w in dict(g_opts.pop("rewards", None) or cfg.reward.weights).items()}
+        g_rewards = {k: rewards[k] if k in rewards else make(k) for k in g_weights}
+        try:
+            guide = GUIDES[cfg.sampler.guide](velocity=model.velocity, decode=model.decode, rewards=g_rewards,
+                                              weights=g_weights, counter=nfe, **g_opts)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"sampler.guide_options: {e}") from None
 
     # 3. data ---------------------------------------------------------------------------------------
     prompts = D.load_prompts(cfg.data.train_prompts)
@@ -265,6 +275,13 @@ def train(cfg: C.ExperimentConfig) -> Path:
         eta = eta_schedule(cfg.sampler.steps, base_eta, window=window,
                            last_step_noise=cfg.sampler.last_step_noise)  # [T]
         step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
+        shift = {}
+        if guide is not None:
+            guide.reset()
+            guide.prm.prompts = [batch_prompts[int(i)] for i in cond_index]  # [B] row prompts
+            if "steps" not in cfg.sampler.guide_options:  # default: guide the steps this iteration trains
+                guide.steps = set(_trained_mask(eta, cfg.sampler.train_fraction, 1)[0].nonzero().flatten().tolist())
+            shift = {"mean_shift": guide}
         with nfe.phase("sampling"):
             traj = PLANS[cfg.sampler.plan](model.velocity, noise, sigmas, cond, eta=eta.to(device),
                                            kernel=cfg.sampler.kernel, generator=step_gen,
@@ -272,7 +289,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                            prompts=batch_prompts, reduce=cfg.sampler.logp_reduce,
                                            keep_velocities=True,
                                            trainable=_trained_mask(eta, cfg.sampler.train_fraction, 1)[0],
-                                           **dict(cfg.sampler.plan_options))
+                                           **dict(cfg.sampler.plan_options), **shift)
         row_prompts = [batch_prompts[int(i)] for i in traj.cond_index]  # plans may add rows (branch children)
         metrics["rollouts/iteration"] = traj.batch_size * world  # final samples scored (ranks hold equal shapes)
 
@@ -291,11 +308,16 @@ def train(cfg: C.ExperimentConfig) -> Path:
         trained = _trained_mask(eta, cfg.sampler.train_fraction, traj.batch_size)  # [B, T]
         if "trained" in traj.extras:  # plans that make only some edges stochastic per row (branching)
             trained = trained & traj.extras["trained"].cpu()
+        extras = {}
+        if guide is not None:  # the PRM scores at guided states (+ post-states) for Euphonium's process head
+            extras = guide.credit_extras(traj)
+            prm = extras["prm"][torch.isfinite(extras["prm"])]
+            metrics["guide/prm_mean"] = float(prm.mean()) if prm.numel() else float("nan")
         with nfe.phase("probing"):
             credit = assign_credit(cfg.credit.name, CreditInput(
                 traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
                 aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
-                std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals)),
+                std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras),
                 cfg.credit.options)
         advs = clipped_heads(credit, trained, cfg.credit.adv_clip)  # head -> [B, T], ±A_max then weights (§3.6)
         # each head (the main one and any extra, e.g. Euphonium's process head) is its own clipped term (§3.4 multi_head)
@@ -335,7 +357,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                         writer.add_scalar(k, v, it + 1)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
                              if k.startswith("reward/") and "zero" not in k})
-            if cfg.train.checkpoint_every and ((it + 1) % cfg.train.checkpoint_every == 0 or it + 1 == cfg.train.iterations):
+            if (cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0) or it + 1 == cfg.train.iterations:
                 _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints)
         barrier()
 

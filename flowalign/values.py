@@ -17,6 +17,10 @@ method (DenseGRPO, TP-GRPO, VGPO, TempFlow) and by steering:
   noise, are integrated and scored once;
 - **probe only what is asked**: the caller passes a [B, T+1] mask.
 
+Guided rollouts (Euphonium, METHODS.md §4.5) live here too: ``RewardGuidance`` is the sampler's ``mean_shift``
+hook, ``RewardPRM`` a training-free differentiable process reward (the rewards of x̂0), and ``GUIDES`` the registry
+the trainer's ``sampler.guide`` selects from.
+
 Cost is a first-class output: ``NFECounter`` wraps a model's velocity so every run reports model
 forwards for sampling, probing and training separately (1 NFE = one forward of one sample, the CFG pair
 counted once, as in METHODS.md §5.2).
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections import defaultdict
 from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
@@ -382,3 +387,73 @@ class RewardGuidance:
                         x = traj.latents[:, t + 1]
                         out[:, t + 1] = self.prm(x, traj.sigmas[t + 1].expand(b), cond_b).float().cpu()
         return out
+
+
+# ------------------------------------------------------------------------------------------ guided rollouts
+
+
+class RewardPRM:
+    """A training-free differentiable process reward R_φ(x_t, σ_t, c) for ``RewardGuidance`` (METHODS.md §4.5).
+
+    Euphonium trains a latent PRM; without one, the standard stand-in scores the current clean-image estimate
+    with the (differentiable) outcome rewards: ``probe="x0"`` gives R_φ = Σ_k w_k·R_k(decode(x̂0)), with
+    x̂0 = x_t − σ_t·v_θ(x_t, σ_t, c) (gradient through the generator, 1 forward + 1 backward per guided step);
+    ``probe="latent"`` gives Σ_k w_k·R_k(decode(x_t)) (no generator forward; only sensible in pixel space).
+
+    The rewards need prompts: set ``prompts`` (one per trajectory row, in row order) before each rollout.
+    Generator forwards are attributed to ``counter``'s ``"guidance"`` phase when a counter is given.
+    """
+
+    def __init__(self, velocity: VelocityFn, decode: Callable[[Tensor], Tensor], rewards: Mapping[str, Callable],
+                 weights: Mapping[str, float], *, probe: str = "x0", counter: Optional[NFECounter] = None):
+        if probe not in ("x0", "latent"):
+            raise ValueError(f"PRM probe must be 'x0' or 'latent', got {probe!r}")
+        missing = [k for k in weights if k not in rewards]
+        if missing:
+            raise ValueError(f"PRM weights name rewards that were not built: {missing}")
+        self.velocity, self.decode, self.rewards = velocity, decode, dict(rewards)
+        self.weights = {k: float(w) for k, w in weights.items()}
+        self.probe, self.counter = probe, counter
+        self.prompts: Sequence[str] = ()
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond_b: Cond) -> Tensor:
+        b = x.shape[0]
+        if len(self.prompts) != b:
+            raise ValueError(f"RewardPRM.prompts has {len(self.prompts)} entries for a batch of {b}; set it per rollout")
+        z = x
+        if self.probe == "x0":
+            ctx = self.counter.phase("guidance") if self.counter is not None else contextlib.nullcontext()
+            with ctx:
+                v = self.velocity(x, sigma.reshape(-1).expand(b), cond_b).to(torch.float32)  # [B, *latent]
+            z = x.to(torch.float32) - sigma.reshape(-1, *((1,) * (x.dim() - 1))).to(torch.float32) * v  # x̂0 [B, *latent]
+        images = self.decode(z)  # [B, 3, H, W] (or video) in [0, 1]
+        total = torch.zeros(b, dtype=torch.float32, device=x.device)  # [B]
+        for k, w in self.weights.items():
+            total = total + w * self.rewards[k](images, list(self.prompts)).to(torch.float32).to(x.device)
+        return total
+
+
+def reward_grad_guide(*, velocity: VelocityFn, decode: Callable[[Tensor], Tensor], rewards: Mapping[str, Callable],
+                      weights: Mapping[str, float], counter: Optional[NFECounter] = None, lam: float = 1.0,
+                      probe: str = "x0", normalize: bool = False, scale_dt: bool = True,
+                      steps: Optional[Sequence[int]] = None) -> RewardGuidance:
+    """Euphonium's reward-gradient-guided SDE (METHODS.md §4.5) with ``RewardPRM`` as the process reward.
+
+    ``lam``: λ of μ^g = μ + λ·Δ_t·∇R_φ (or λ·∇/‖∇‖ with ``normalize``); ``steps``: the guided steps (None = the
+    trainer's trained steps of each iteration). Every reward in ``weights`` must be differentiable.
+    """
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam={lam} must be finite and >= 0")
+    flat = [k for k in weights if not getattr(rewards.get(k), "differentiable", False)]
+    if flat:
+        raise ValueError(f"reward guidance needs differentiable rewards; {flat} are not (see `flowalign rewards`), "
+                         f"e.g. rewards: {{saturation: 1.0}}")
+    prm = RewardPRM(velocity, decode, rewards, weights, probe=probe, counter=counter)
+    return RewardGuidance(prm, lam, steps, scale_dt=scale_dt, normalize=normalize)
+
+
+GUIDES: dict[str, Optional[Callable[..., RewardGuidance]]] = {
+    "none": None,
+    "reward_grad": reward_grad_guide,
+}
+"""Rollout mean-shift hooks the trainer can select (``sampler.guide``); ``"none"`` samples the plain kernel."""

@@ -20,6 +20,7 @@ Every method is a choice of kernel, noise schedule, credit assigner (and probes)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -195,6 +196,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
     guide = None  # a rollout mean shift (Euphonium's reward-gradient guidance), flowalign.values.GUIDES
     if GUIDES[cfg.sampler.guide] is not None:
         g_opts = dict(cfg.sampler.guide_options)
+        known = [k for k in inspect.signature(GUIDES[cfg.sampler.guide]).parameters
+                 if k not in ("velocity", "decode", "weights", "counter")]  # "rewards" is the option's name
+        bad = [k for k in g_opts if k not in known]
+        if bad:
+            raise UserError(f"sampler.guide_options: unknown option(s) {bad} for guide {cfg.sampler.guide!r}; "
+                            f"known: {', '.join(known)}")
         g_weights = {str(k): float(w) for k, w in dict(g_opts.pop("rewards", None) or cfg.reward.weights).items()}
         g_rewards = {k: rewards[k] if k in rewards else make(k) for k in g_weights}
         try:

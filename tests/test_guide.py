@@ -104,3 +104,9 @@ def test_trainer_guided_rollouts(tmp_path):
     # guided = trained steps (T = 4, train_fraction 0.6: steps 0, 1), one PRM forward each + the last post-state;
     # 2 iterations x 8 rollouts
     assert ms["nfe/guidance"] == 2 * 8 * (2 + 1)
+
+
+def test_unknown_guide_option_is_one_clear_error_before_any_write(tmp_path):
+    with pytest.raises(UserError, match=r"unknown option\(s\) \['lamda'\].*known: rewards, lam"):
+        _train(tmp_path / "bad", "sampler.guide=reward_grad", "sampler.guide_options={lamda: 300.0}")
+    assert not (tmp_path / "bad").exists()

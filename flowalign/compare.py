@@ -2,7 +2,7 @@
 
 Used for the credit-method experiment (docs/credit.md): every run evaluates ``shapes-bench`` every few
 iterations (``eval.every``), and this command puts the headline metric of each run against the rollouts it
-consumed and against its cumulative transformer forwards (NFE: sampling + probing + training), so methods are
+consumed and against its cumulative transformer forwards (NFE: every ``nfe/*`` phase, sampling + probing + guidance + training), so methods are
 compared at equal rollouts *and* at equal compute. Writes ``DIR/compare.png`` and ``DIR/compare.md``.
 """
 

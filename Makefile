@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.flowalign-installed
 
-.PHONY: demo test install clean-venv shapes-base credit-experiment
+.PHONY: demo demo-nft test install clean-venv shapes-base credit-experiment
 
 # torch first: a CPU build (about 1.6 GB in the venv in all) where pip finds one, e.g. the 2.13.0 CPU wheel this
 # project's CI machines carry; set TORCH='torch' (or a CUDA build you have) for another one.
@@ -23,6 +23,10 @@ install: $(STAMP)
 # The main job: GRPO-align the shipped shapes model on this CPU and write runs/shapes_grpo/report.html.
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_grpo.yaml
+
+# The same trainer with the DiffusionNFT objective (ODE rollouts, negative-aware flow matching): runs/shapes_nft.
+demo-nft: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_nft.yaml
 
 # Rebuild the shipped shapes base from scratch (docs/shapes.md): stage 1, stage 2, then install it as package data.
 shapes-base: $(STAMP)

@@ -63,7 +63,7 @@ REFERENCE = {
     "tempflow_one": "≈0.6×",
 }
 
-RANK_MODES = ("x0", "ode:2", "ode2:1", "ode:3", "ode2:2")
+RANK_MODES = ("x0", "ode:2", "ode2:1", "ode:3", "ode2:2", "ode:4")
 
 # methods whose rollouts are guided (``sampler.guide=reward_grad``): the guide's options
 GUIDED: dict[str, dict] = {"euphonium_guided": {"lam": 300.0, "rewards": {"saturation": 1.0}}}

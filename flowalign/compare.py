@@ -76,6 +76,9 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     if sampler.get("guide", "none") != "none":  # guided rollouts (Euphonium): the guide and its strength
         lam = (sampler.get("guide_options") or {}).get("lam")
         tags.append(f"{sampler['guide']}" + (f" λ={lam:g}" if isinstance(lam, (int, float)) else ""))
+    objective = (cfg.get("train") or {}).get("objective", "grpo")
+    if objective != "grpo":  # another update rule (DiffusionNFT) on the same rollouts and rewards
+        tags.append(f"objective {objective}")
     return {
         "label": run.name,
         "credit": credit.get("name", "outcome") + (f" ({', '.join(tags)})" if tags else ""),

@@ -115,6 +115,7 @@ class CreditConfig:
 class TrainConfig:
     seed: int = _f(42, "master seed: prompt order, initial noise (seed, iteration, group, member), windows")
     iterations: int = _f(100, "training iterations (rollout + update rounds)")
+    objective: Literal["grpo", "nft"] = _f("grpo", "update rule: grpo (clipped policy gradient on the stored SDE transitions) | nft (DiffusionNFT: negative-aware flow matching on the final samples; any sampler, ODE included)")
     groups_per_iter: int = _f(8, "prompt groups per iteration, across all ranks")
     group_size: int = _f(8, "rollouts per prompt G, compared with each other")
     micro_batch: int = _f(16, "transitions per forward/backward in the update")
@@ -130,6 +131,8 @@ class TrainConfig:
     ema: bool = _f(True, "keep an EMA of the trainable weights, used for evaluation and checkpoints")
     ema_decay_max: float = _f(0.9, "EMA decay d_n = min((1+n)/(10+n), ema_decay_max)")
     ema_every: int = _f(8, "EMA update every this many optimizer steps")
+    nft_beta: float = _f(1.0, "DiffusionNFT beta: implicit policies v± = v_old ± beta·(v_theta − v_old) (objective=nft)")
+    nft_times: int = _f(4, "DiffusionNFT: noise levels t ~ U(0.02, 0.98) drawn per final sample and iteration (objective=nft)")
     filter_zero_std: bool = _f(True, "drop rollouts whose advantage is 0 at every trained step")
     shuffle_transitions: bool = _f(True, "shuffle the (rollout, step) transitions before splitting into micro-batches")
     checkpoint_every: int = _f(10, "save a checkpoint every this many iterations (0 = only at the end)")
@@ -675,7 +678,8 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     Keys: rollouts_per_iter (final samples scored), samples_per_seed (plan: branch children), groups_per_rank,
     rollouts_per_rank, trained_steps, transitions_per_iter, transitions_per_rank, micro_batches_per_rank (per iteration, before zero-std filtering),
     micro_batches_per_optimizer_step, optimizer_steps_total, ema_updates_total, rollouts_total, nfe_rollout_per_iter
-    (sampling forwards, one per step per rollout; CFG pairs count as one), window_starts (possible t0 or None).
+    (sampling forwards, one per step per rollout; CFG pairs count as one), window_starts (possible t0 or None),
+    nft_rows_per_rank (objective=nft: (sample, noise level) rows before zero-advantage filtering).
     """
     t, s = cfg.train, cfg.sampler
     if world_size < 1:
@@ -702,7 +706,7 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     rollouts_per_rank = groups_per_rank * t.group_size * per_seed
     transitions_per_rank = rollouts_per_rank * (n_trained if edges is None else min(edges, n_trained))
     micro_per_rank = -(-transitions_per_rank // t.micro_batch)
-    if t.optimizer_steps_per_iter > micro_per_rank:
+    if t.objective == "grpo" and t.optimizer_steps_per_iter > micro_per_rank:  # grpo splits transitions across steps
         raise UserError(
             f"train.optimizer_steps_per_iter={t.optimizer_steps_per_iter} exceeds the {micro_per_rank} micro-batches per rank "
             f"per iteration ({transitions_per_rank} transitions / micro_batch {t.micro_batch}); lower it or train.micro_batch"
@@ -728,6 +732,7 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
         "rollouts_total": t.iterations * rollouts_per_rank * world_size,
         "nfe_rollout_per_iter": t.groups_per_iter * t.group_size * s.steps if s.plan == "chain" else None,
         "window_starts": window_starts,
+        "nft_rows_per_rank": rollouts_per_rank * t.nft_times,
     }
 
 
@@ -776,7 +781,13 @@ def validate(cfg: ExperimentConfig) -> None:
              f"sampler.window_range=({lo}, {hi}) is narrower than sampler.window_size={s.window_size}; widen the range or shrink the window")
     need(trained_steps(s) >= 1,
          f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x sampler.steps={s.steps}) = 0; raise train_fraction")
-    if s.kernel == "euler" or s.eta == 0:
+    if t.objective == "nft":
+        need(c.name == "outcome", f"train.objective=nft learns from whole samples; it needs credit.name=outcome (got {c.name!r})")
+        need(s.guide == "none", "train.objective=nft does not use guided rollouts; set sampler.guide=none")
+        need(t.beta_kl == 0, f"train.beta_kl={t.beta_kl}: the KL term belongs to objective=grpo; set train.beta_kl=0 with nft")
+        need(t.nft_beta > 0, f"train.nft_beta={t.nft_beta} must be > 0")
+        need(t.nft_times >= 1, f"train.nft_times={t.nft_times} must be >= 1")
+    elif s.kernel == "euler" or s.eta == 0:
         logger.warning("sampler.kernel=%r with eta=%g is deterministic: no step can be trained (use flow_sde with eta > 0)", s.kernel, s.eta)
     from flowalign.values import GUIDES
 
@@ -827,22 +838,28 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     rows = [
         ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"
                   + (f", {m.resolution}px" if m.resolution else "")),
-        ("sampler", f"{s.kernel} eta={s.eta:g}, T={s.steps}, train {window}, logp {s.logp_form}/{s.logp_reduce}"
+        ("sampler", f"{s.kernel} eta={s.eta:g}, T={s.steps}"
+                    + (f", train {window}, logp {s.logp_form}/{s.logp_reduce}" if t.objective == "grpo" else ", final samples only")
                     + (", last-step noise" if s.last_step_noise else "")
                     + (f", guide {s.guide} {dict(s.guide_options)}" if s.guide != "none" else "")),
         ("reward", f"{rewards} ({r.aggregate})"),
         ("credit", f"{c.name}, std {c.std_scope} (ddof {c.std_ddof}, eps {c.std_eps:g}), clip |A|<={c.adv_clip:g}"
                    + (f", options {c.options}" if c.options else "")),
         ("optim", f"AdamW lr {t.lr:g}, betas {tuple(t.betas)}, wd {t.weight_decay:g}, grad-clip {t.max_grad_norm:g}, "
-                  f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})"
+                  + (f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})" if t.objective == "grpo" else "no ratio clip, no KL")
                   + (f", EMA<= {t.ema_decay_max:g}/{t.ema_every}" if t.ema else ", no EMA")),
         ("batch", f"{t.groups_per_iter} groups x G={t.group_size}"
                   + (f" seeds x {d['samples_per_seed']} {s.plan} samples" if d["samples_per_seed"] > 1 else "")
                   + f" = {d['rollouts_per_iter']} rollouts/iter; "
                   f"{d['groups_per_rank']} groups/rank on {world_size} rank(s)"),
-        ("update", f"{d['trained_steps']} trained steps -> {d['transitions_per_rank']} transitions/rank in "
-                   f"{d['micro_batches_per_rank']} micro-batches of {t.micro_batch}, {t.optimizer_steps_per_iter} optimizer step(s)/iter "
-                   f"({d['micro_batches_per_optimizer_step']} micro-batches each)"),
+        ("update", {
+            "grpo": lambda: (f"grpo: {d['trained_steps']} trained steps -> {d['transitions_per_rank']} transitions/rank in "
+                             f"{d['micro_batches_per_rank']} micro-batches of {t.micro_batch}, {t.optimizer_steps_per_iter} "
+                             f"optimizer step(s)/iter ({d['micro_batches_per_optimizer_step']} micro-batches each)"),
+            "nft": lambda: (f"nft (DiffusionNFT, beta {t.nft_beta:g}): <= {d['rollouts_per_rank']} samples x {t.nft_times} noise "
+                            f"levels = <= {d['nft_rows_per_rank']} rows/rank in micro-batches of {t.micro_batch}, "
+                            f"{t.optimizer_steps_per_iter} optimizer step(s)/iter over all rows"),
+        }[t.objective]()),
         ("run", f"{t.iterations} iterations, {d['rollouts_total']} rollouts, {d['optimizer_steps_total']} optimizer steps, "
                 f"seed {t.seed}, rollout NFE/iter {d['nfe_rollout_per_iter'] or 'see nfe/sampling in metrics'}"),
         ("data", f"train {cfg.data.train_prompts} ({'shuffled' if cfg.data.shuffle else 'in order'}), eval {cfg.data.eval_prompts}"),

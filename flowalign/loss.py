@@ -1,4 +1,4 @@
-"""The clipped GRPO surrogate and the Gaussian KL to the reference policy (METHODS.md §3.6). Pure functions."""
+"""The clipped GRPO surrogate, the Gaussian KL to the reference policy (METHODS.md §3.6) and the DiffusionNFT loss. Pure functions."""
 
 from __future__ import annotations
 
@@ -52,3 +52,38 @@ def ratio_stats(ratio: Tensor, logp: Tensor, old_logp: Tensor, clip_range: float
         "clipfrac_low": float((ratio < 1 - clip_range).double().mean()) if d.numel() else 0.0,
         "ratio_mean": float(ratio.double().mean()) if d.numel() else 1.0,
     }
+
+
+def nft_optimality(adv: Tensor) -> Tensor:
+    """DiffusionNFT's optimality probability r = ½ + ½·clip(A, −1, 1) ∈ [0, 1] from a normalised advantage A.
+
+    Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with Forward Process" (arXiv:2509.16117): the
+    raw reward minus its per-prompt mean, divided by a normaliser and clipped, is mapped to the probability that
+    a sample is "positive". Here A is the trainer's group-normalised advantage; A = 0 (an average sample, or a
+    group whose rewards are all equal) gives r = ½, which contributes no improvement direction. Returns [B].
+    """
+    return 0.5 + 0.5 * adv.to(torch.float32).clamp(-1.0, 1.0)
+
+
+def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: float) -> Tensor:
+    """DiffusionNFT negative-aware flow-matching loss per row (Zheng et al. 2025, arXiv:2509.16117).
+
+    Paper symbols → ours: v_θ^+ = (1 − β)·v^old + β·v_θ (implicit positive policy), v_θ^- = (1 + β)·v^old − β·v_θ
+    (implicit negative policy), v = ε − x_0 the flow-matching target at x_t = (1 − t)·x_0 + t·ε, r the
+    optimality probability (``nft_optimality``):
+
+        L = r·‖v_θ^+ − v‖² + (1 − r)·‖v_θ^- − v‖²   (element-mean over the sample's dimensions).
+
+    Its gradient at v_θ = v^old is −2β·(2r − 1)·(v − v^old)/D: positives pull the velocity towards their own
+    targets, negatives push it away, and r = ½ adds nothing; its minimiser is v_θ = v^old + (2r − 1)(v − v^old)/β,
+    so β sets how far one update may move the policy. With r = 1 and β = 1 it is plain flow matching.
+    ``v_old`` is detached. Shapes: velocities [N, *latent], r [N] → [N] float32.
+    """
+    v_old = v_old.detach().float()
+    v_theta = v_theta.float()
+    diff = v_theta - v_old  # [N, *latent]
+    res = v_target.float() - v_old  # [N, *latent]
+    pos = (beta * diff - res).pow(2).flatten(1).mean(1)  # ‖v⁺ − v‖² / D  [N]
+    neg = (beta * diff + res).pow(2).flatten(1).mean(1)  # ‖v⁻ − v‖² / D  [N]
+    r = r.to(pos.dtype)
+    return r * pos + (1.0 - r) * neg  # [N]

@@ -10,7 +10,8 @@
       6. rollout    groups → CFG rollouts with the chosen kernel and per-step noise
       7. rewards    decode → each reward component [B]
       8. credit     the registered credit assigner → advantages [B, T] (+ weights)
-      9. update     re-score stored transitions with grad → clipped surrogate + KL → AdamW (NaN guard)
+      9. update     train.objective: grpo re-scores stored transitions with grad → clipped surrogate + KL;
+                    nft (DiffusionNFT) fits the final samples by negative-aware flow matching → AdamW (NaN guard)
      10. log        metrics.jsonl, TensorBoard, progress bar, periodic eval, checkpoints
     11. final       eval with the EMA weights, the "after" grid, report.html
 
@@ -33,12 +34,12 @@ import torch
 
 from flowalign import config as C
 from flowalign import data as D
-from flowalign.credit import CreditInput, assign_credit, clipped_heads, zero_std_ratio
+from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
 from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
-from flowalign.loss import clipped_surrogate, gaussian_kl, ratio_stats
+from flowalign.loss import clipped_surrogate, gaussian_kl, nft_loss, nft_optimality, ratio_stats
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, step_log_prob
@@ -257,7 +258,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, cfg.train.iterations), initial=start, total=cfg.train.iterations, desc="grpo",
+    bar = tqdm(range(start, cfg.train.iterations), initial=start, total=cfg.train.iterations, desc=cfg.train.objective,
                unit="it", disable=rank != 0, dynamic_ncols=True)
     n_opt = start * cfg.train.optimizer_steps_per_iter
     for it in bar:
@@ -320,12 +321,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
             extras = guide.credit_extras(traj)
             prm = extras["prm"][torch.isfinite(extras["prm"])]
             metrics["guide/prm_mean"] = float(prm.mean()) if prm.numel() else float("nan")
+        inp = CreditInput(
+            traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
+            aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
+            std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras)
         with nfe.phase("probing"):
-            credit = assign_credit(cfg.credit.name, CreditInput(
-                traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
-                aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
-                std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras),
-                cfg.credit.options)
+            credit = assign_credit(cfg.credit.name, inp, cfg.credit.options)
         advs = clipped_heads(credit, trained, cfg.credit.adv_clip)  # head -> [B, T], ±A_max then weights (§3.6)
         # each head (the main one and any extra, e.g. Euphonium's process head) is its own clipped term (§3.4 multi_head)
         metrics.update({f"credit/{h}_abs_mean": float(a[trained].abs().mean()) if trained.any() else 0.0
@@ -341,7 +342,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
             any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
         metrics["train/nonfinite_inputs"] = int(bad_input)
-        stats = _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, skip=bad_input)
+        gen = torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 13))  # the update's own draws (nft)
+        stats = UPDATES[cfg.train.objective](cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, skip=bad_input,
+                                             inp=inp, generator=gen)
         steps_taken = stats.pop("_steps_taken")
         metrics.update(stats)
         for _ in range(steps_taken):
@@ -392,7 +395,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     return run
 
 
-def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool) -> dict:
+def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool, **_: Any) -> dict:
     """Micro-batched re-scoring + clipped GRPO loss per advantage head (+ exact KL to the adapter-disabled reference)."""
     tr = cfg.train
     out = {"train/skipped_updates": 0, "_steps_taken": 0}
@@ -431,25 +434,96 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool)
             for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.detach().mean()),
                          "kl": float(kl.detach().mean())}.items():
                 logs.setdefault(k, []).append(v)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        grads_ok = finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-        flag = reduce_mean(torch.tensor([1.0 if grads_ok else 0.0]))
-        if float(flag) < 1.0:  # any rank saw a non-finite reward/advantage/loss/grad: nothing reaches the weights
-            logger.warning("non-finite reward, advantage, loss or gradient: optimizer step skipped")
-            out["train/skipped_updates"] += 1
-            opt.zero_grad(set_to_none=False)
-            continue
-        for p in params:
-            if p.grad is not None:
-                reduce_mean(p.grad)
-        gn = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
-        logs.setdefault("grad_norm", []).append(float(gn))
-        opt.step()
-        out["_steps_taken"] += 1
+        _optimizer_step(opt, finite, reduce_mean, tr, logs, out)
     for k, v in logs.items():
         out[f"train/{k}"] = sum(v) / len(v)
     out["train/transitions"] = int(pairs.shape[0])
     return out
+
+
+def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -> None:
+    """All-reduce the gradients and step, unless any rank saw a non-finite value (then nothing reaches the weights)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grads_ok = finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    flag = reduce_mean(torch.tensor([1.0 if grads_ok else 0.0]))
+    if float(flag) < 1.0:
+        logger.warning("non-finite reward, advantage, loss or gradient: optimizer step skipped")
+        out["train/skipped_updates"] += 1
+        opt.zero_grad(set_to_none=False)
+        return
+    for p in params:
+        if p.grad is not None:
+            reduce_mean(p.grad)
+    gn = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+    logs.setdefault("grad_norm", []).append(float(gn))
+    opt.step()
+    out["_steps_taken"] += 1
+
+
+def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool, inp: CreditInput,
+                generator: torch.Generator, **_: Any) -> dict:
+    """DiffusionNFT update (Zheng et al. 2025, arXiv:2509.16117): negative-aware flow matching on the final samples.
+
+    Each kept sample x_0 (advantage ≠ 0 with ``filter_zero_std``) gets ``nft_times`` draws (t, ε), x_t = (1−t)x_0 + tε,
+    target v = ε − x_0; v_old is the rollout policy's velocity (these weights, before this iteration's steps, with
+    the rollout's CFG) and r = ``nft_optimality``(A). Every optimizer step passes over all rows in micro-batches.
+    Log-probs and the sampler's steps are not used, so any kernel (the ODE included) can produce the samples.
+    """
+    tr = cfg.train
+    out = {"train/skipped_updates": 0, "_steps_taken": 0}
+    adv = terminal_advantage(inp).to(torch.float32)  # [B]
+    keep = (adv != 0) if tr.filter_zero_std else torch.ones_like(adv, dtype=torch.bool)
+    rows = keep.nonzero().flatten().repeat(tr.nft_times)  # [N] sample index of each (sample, t) row
+    n = rows.shape[0]
+    dev = traj.final.device
+    t = torch.rand(n, generator=generator).mul(0.96).add(0.02)  # [N] in [0.02, 0.98]
+    eps = torch.randn((n, *traj.final.shape[1:]), generator=generator)  # [N, *latent]
+    r = nft_optimality(adv[rows])  # [N]
+    out["train/nft_rows"] = n
+    out["train/nft_r_mean"] = float(r.mean()) if n else 0.5
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if n == 0 and not skip and not distributed:  # every group tied: nothing to learn (ranks must still meet below)
+        return out
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:  # every rank all-reduces the same tensors, even one without rows
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    lat = (1,) * (traj.final.dim() - 1)
+
+    def batch(idx: torch.Tensor):
+        x0 = traj.final[rows[idx].to(dev)].float()  # [n, *latent]
+        tt, e = t[idx].to(dev), eps[idx].to(dev)
+        xt = (1 - tt.view(-1, *lat)) * x0 + tt.view(-1, *lat) * e  # [n, *latent]
+        return xt, tt, e - x0, gather_cond(traj.cond, traj.cond_index[rows[idx].to(dev)])
+
+    micro = torch.split(torch.arange(n), tr.micro_batch) if n and not skip else []
+    v_old = [torch.empty(0, *traj.final.shape[1:], device=dev)]
+    with torch.no_grad(), nfe.phase("training"):
+        for idx in micro:
+            xt, tt, _, cond = batch(idx)
+            v_old.append(model.velocity(xt, tt, cond).float())
+    v_old = torch.cat(v_old)  # [N, *latent]
+    logs: dict[str, list[float]] = {}
+    for _ in range(tr.optimizer_steps_per_iter):
+        opt.zero_grad(set_to_none=False)
+        finite = not skip
+        for idx in micro:
+            xt, tt, target, cond = batch(idx)
+            with nfe.phase("training"):
+                v = model.velocity(xt, tt, cond)  # [n, *latent]
+            loss = nft_loss(v, v_old[idx.to(dev)], target, r[idx].to(dev), tr.nft_beta)  # [n]
+            if not bool(torch.isfinite(loss).all()):
+                finite = False
+                break
+            (loss.sum() / n).backward()  # the mean over all N rows of this step
+            logs.setdefault("nft_loss", []).append(float(loss.detach().mean()))
+        _optimizer_step(opt, finite, reduce_mean, tr, logs, out)
+    for k, v in logs.items():
+        out[f"train/{k}"] = sum(v) / len(v)
+    return out
+
+
+UPDATES = {"grpo": _update, "nft": _update_nft}  # train.objective → the update of phase 9
 
 
 def _load_eta(cfg) -> float | torch.Tensor:

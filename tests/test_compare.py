@@ -57,6 +57,15 @@ def test_guided_runs_are_labelled_by_their_guide_and_strength(tmp_path):
     assert run_curve(d)["credit"] == "euphonium (reward_grad λ=300)"
 
 
+def test_nft_runs_are_labelled_by_their_objective(tmp_path):
+    d = _run(tmp_path / "n", "outcome", {"base": 0.3, "final": 0.4}, (10, 0))
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    cfg["credit"]["options"] = {}
+    cfg.setdefault("train", {})["objective"] = "nft"
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_curve(d)["credit"] == "outcome (objective nft)"
+
+
 def test_not_a_run_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="not a run directory"):
         run_curve(tmp_path)

@@ -14,13 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate CLI not installed")
-def test_two_process_training_keeps_ranks_identical(tmp_path):
+@pytest.mark.parametrize("config", ["shapes_grpo.yaml", "shapes_nft.yaml"])  # both update rules all-reduce the same way
+def test_two_process_training_keeps_ranks_identical(tmp_path, config):
     from safetensors.torch import load_file
 
     acc = str(Path(sys.executable).parent / "accelerate")
     run = tmp_path / "run"
     cmd = [acc, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "flowalign.cli", "train", str(ROOT / "configs" / "shapes_grpo.yaml"),
+           "--dynamo_backend", "no", "-m", "flowalign.cli", "train", str(ROOT / "configs" / config),
            f"output.run_dir={run}", "train.iterations=2", "train.groups_per_iter=2", "train.group_size=4",
            "sampler.steps=4", "eval.before=false", "eval.after=false", "output.tensorboard=false", "train.lr=1e-2",
            "train.clip_range=0.2", "train.filter_zero_std=false", "train.checkpoint_every=2",

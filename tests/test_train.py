@@ -117,6 +117,7 @@ BAD = {
     "bad_prompt": ("data:\n  train_prompts: {badp}\n", [], "pink"),
     "bad_lora_target": ("model:\n  lora_targets: [to_q, ff.net.9]\n", [], "ff.net.9"),
     "guide_flat_reward": ("sampler:\n  guide: reward_grad\n", [], "differentiable"),  # shapes_partial has no gradient
+    "nft_dense_credit": ("train:\n  objective: nft\ncredit:\n  name: dense_gain\n", [], "credit.name=outcome"),
 }
 
 

@@ -1,0 +1,147 @@
+"""DiffusionNFT (train.objective=nft): the loss's properties and the objective in the one trainer."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowalign import config as C
+from flowalign.errors import UserError
+from flowalign.loss import nft_loss, nft_optimality
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _vel(seed, n=5, shape=(3, 4, 4)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((n, *shape), generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.0, 2.0])
+def test_nft_gradient_at_the_old_policy_points_to_positives_and_away_from_negatives(beta):
+    v_old, v, _ = _vel(0)
+    r = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    v_theta = v_old.clone().requires_grad_(True)
+    nft_loss(v_theta, v_old, v, r, beta).sum().backward()
+    d = v_old[0].numel()
+    expect = -2 * beta * (2 * r - 1).view(-1, 1, 1, 1) * (v - v_old) / d
+    torch.testing.assert_close(v_theta.grad, expect, rtol=1e-5, atol=1e-7)
+    assert v_theta.grad[2].abs().max() < 1e-7  # r = ½: no improvement direction
+
+
+def test_nft_minimiser_and_plain_flow_matching_limit():
+    v_old, v, v_theta = _vel(1)
+    r, beta = torch.tensor([0.1, 0.3, 0.6, 0.8, 0.95]), 0.7
+    best = (v_old + (2 * r - 1).view(-1, 1, 1, 1) * (v - v_old) / beta).requires_grad_(True)
+    nft_loss(best, v_old, v, r, beta).sum().backward()
+    assert best.grad.abs().max() < 1e-6
+    # r = 1, β = 1: the loss is the flow-matching MSE of v_θ, whatever v_old is
+    ones = torch.ones(v.shape[0])
+    torch.testing.assert_close(nft_loss(v_theta, v_old, v, ones, 1.0), (v_theta - v).pow(2).flatten(1).mean(1))
+
+
+def test_nft_optimality_probability():
+    a = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 7.0])
+    torch.testing.assert_close(nft_optimality(a), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+
+
+SMALL = [
+    "train.iterations=2", "train.groups_per_iter=2", "train.group_size=4", "train.micro_batch=8",
+    "train.checkpoint_every=1", "train.keep_checkpoints=0", "sampler.steps=4", "eval.steps=4", "eval.max_prompts=2",
+    "eval.seeds_per_prompt=1", "eval.grid_prompts=2", "output.tensorboard=false", "train.nft_times=2",
+    "eval.before=false", "eval.after=false", "train.optimizer_steps_per_iter=2", "train.filter_zero_std=false",
+]
+
+
+def test_nft_trains_on_ode_samples_with_counted_forwards(tmp_path):
+    from safetensors.torch import load_file
+
+    from flowalign.models.lora import WEIGHT_NAME
+    from flowalign.train import train
+
+    cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"), [*SMALL, f"output.run_dir={tmp_path / 'run'}"])
+    run = train(cfg)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = 2 * 4 * 2  # every sample (filter off) x nft_times
+    for it, m in enumerate(lines, 1):
+        assert m["train/nft_rows"] == rows and m["train/skipped_updates"] == 0 and "train/nft_loss" in m
+        # sampling: 8 ODE rollouts x 4 steps; training: v_old once + one forward per optimizer step, per row
+        assert m["nfe/sampling"] == it * 8 * 4 and m["nfe/training"] == it * rows * (1 + 2)
+    sd = load_file(str(run / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
+
+
+def test_nft_with_equal_rewards_leaves_the_weights_alone(tmp_path):
+    """All advantages 0 → r = ½ everywhere → zero gradient at v_θ = v_old; with zero-std filtering no rows at all."""
+    from safetensors.torch import load_file
+
+    from flowalign.models.lora import WEIGHT_NAME
+    from flowalign.train import train
+
+    cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
+                        [*SMALL, "train.iterations=1", "train.filter_zero_std=true", "train.weight_decay=0",
+                         "reward.weights={jpeg_compressibility: 0.0}", f"output.run_dir={tmp_path / 'run'}"])
+    run = train(cfg)
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["train/nft_rows"] == 0
+    sd = load_file(str(run / "checkpoints" / "step-1" / "raw" / WEIGHT_NAME))
+    assert all(v.abs().sum() == 0 for k, v in sd.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("credit.name=dense_gain", "credit.name=outcome"),
+    ("train.beta_kl=0.1", "beta_kl"),
+    ("train.nft_beta=0", "nft_beta"),
+    ("train.nft_times=0", "nft_times"),
+    ("train.objective=dpo", "objective"),
+])
+def test_nft_config_errors_are_one_line(override, needle):
+    with pytest.raises(UserError) as e:
+        cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"), [override])
+        C.validate(cfg)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nft_resume_is_exact(tmp_path):
+    """Stop after iteration 1, resume to 2: LoRA bitwise equal to the uninterrupted run (the update's (t, ε) draws
+    are seeded by (seed, iteration, rank), v_old comes from the restored weights)."""
+    from safetensors.torch import load_file
+
+    from flowalign.models.lora import WEIGHT_NAME
+    from flowalign.train import train
+
+    def run(name, *extra):
+        cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"), [*SMALL, f"output.run_dir={tmp_path / name}", *extra])
+        return train(cfg)
+
+    full = run("full")
+    run("cut", "train.iterations=1")
+    cut = run("cut", "output.resume=true")
+    a = load_file(str(full / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
+    b = load_file(str(cut / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2] and lines[1]["nfe/sampling"] == 2 * 8 * 4  # continued, not redone
+
+
+def test_nft_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):
+    import sys
+
+    from safetensors.torch import load_file
+
+    from flowalign import rewards as R
+    from flowalign.models.lora import WEIGHT_NAME
+    from flowalign.train import train
+
+    monkeypatch.setitem(R.REWARDS, "nan_test", "tests.reward_fixtures:NaNEverySecondCall")
+    sys.path.insert(0, str(ROOT))
+    cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
+                        [*SMALL, "reward.weights={nan_test: 1.0}", f"output.run_dir={tmp_path / 'run'}"])
+    run = train(cfg)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train/skipped_updates"] == 2 and lines[1]["train/skipped_updates"] == 0
+    sd1 = load_file(str(run / "checkpoints" / "step-1" / "raw" / WEIGHT_NAME))
+    sd2 = load_file(str(run / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
+    assert all(v.abs().sum() == 0 for k, v in sd1.items() if "lora_B" in k)
+    assert any(v.abs().sum() > 0 for k, v in sd2.items() if "lora_B" in k)

@@ -15,7 +15,8 @@
      10. log        metrics.jsonl, TensorBoard, progress bar, periodic eval, checkpoints
     11. final       eval with the EMA weights, the "after" grid, report.html
 
-Every method is a choice of kernel, noise schedule, credit assigner (and probes): the loop does not change.
+Every method is a choice of kernel, noise schedule, credit assigner (and probes) and update rule (``UPDATES``):
+the loop does not change.
 """
 
 from __future__ import annotations

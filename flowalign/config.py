@@ -126,12 +126,13 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW eps")
     max_grad_norm: float = _f(1.0, "gradient-norm clip; 0 = off")
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon (calibrated to mean-reduced log-probs)")
-    beta_kl: float = _f(0.0, "weight of the KL to the reference (LoRA disabled)")
+    beta_kl: float = _f(0.0, "weight of the KL to the reference (LoRA disabled); with objective=nft the velocity form β·‖v_θ − v_ref‖²")
     kl_form: Literal["exact", "flow_grpo"] = _f("exact", "exact Gaussian KL, or Flow-GRPO's form without |dt| (Q3)")
     ema: bool = _f(True, "keep an EMA of the trainable weights, used for evaluation and checkpoints")
     ema_decay_max: float = _f(0.9, "EMA decay d_n = min((1+n)/(10+n), ema_decay_max)")
     ema_every: int = _f(8, "EMA update every this many optimizer steps")
     nft_beta: float = _f(1.0, "DiffusionNFT beta: implicit policies v± = v_old ± beta·(v_theta − v_old) (objective=nft)")
+    nft_weighting: Literal["uniform", "adaptive"] = _f("uniform", "DiffusionNFT loss weight per row: uniform (velocity MSE) | adaptive (the paper's x_0-error self-normalisation) (objective=nft)")
     nft_times: int = _f(4, "DiffusionNFT: noise levels t ~ U(0.02, 0.98) drawn per final sample and iteration (objective=nft)")
     filter_zero_std: bool = _f(True, "drop rollouts whose advantage is 0 at every trained step")
     shuffle_transitions: bool = _f(True, "shuffle the (rollout, step) transitions before splitting into micro-batches")
@@ -784,7 +785,6 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.objective == "nft":
         need(c.name == "outcome", f"train.objective=nft learns from whole samples; it needs credit.name=outcome (got {c.name!r})")
         need(s.guide == "none", "train.objective=nft does not use guided rollouts; set sampler.guide=none")
-        need(t.beta_kl == 0, f"train.beta_kl={t.beta_kl}: the KL term belongs to objective=grpo; set train.beta_kl=0 with nft")
         need(t.nft_beta > 0, f"train.nft_beta={t.nft_beta} must be > 0")
         need(t.nft_times >= 1, f"train.nft_times={t.nft_times} must be >= 1")
     elif s.kernel == "euler" or s.eta == 0:
@@ -846,7 +846,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("credit", f"{c.name}, std {c.std_scope} (ddof {c.std_ddof}, eps {c.std_eps:g}), clip |A|<={c.adv_clip:g}"
                    + (f", options {c.options}" if c.options else "")),
         ("optim", f"AdamW lr {t.lr:g}, betas {tuple(t.betas)}, wd {t.weight_decay:g}, grad-clip {t.max_grad_norm:g}, "
-                  + (f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})" if t.objective == "grpo" else "no ratio clip, no KL")
+                  + (f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})" if t.objective == "grpo" else f"no ratio clip, beta_kl {t.beta_kl:g} (velocity)")
                   + (f", EMA<= {t.ema_decay_max:g}/{t.ema_every}" if t.ema else ", no EMA")),
         ("batch", f"{t.groups_per_iter} groups x G={t.group_size}"
                   + (f" seeds x {d['samples_per_seed']} {s.plan} samples" if d["samples_per_seed"] > 1 else "")
@@ -856,7 +856,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
             "grpo": lambda: (f"grpo: {d['trained_steps']} trained steps -> {d['transitions_per_rank']} transitions/rank in "
                              f"{d['micro_batches_per_rank']} micro-batches of {t.micro_batch}, {t.optimizer_steps_per_iter} "
                              f"optimizer step(s)/iter ({d['micro_batches_per_optimizer_step']} micro-batches each)"),
-            "nft": lambda: (f"nft (DiffusionNFT, beta {t.nft_beta:g}): <= {d['rollouts_per_rank']} samples x {t.nft_times} noise "
+            "nft": lambda: (f"nft (DiffusionNFT, beta {t.nft_beta:g}, {t.nft_weighting} weighting): <= {d['rollouts_per_rank']} samples x {t.nft_times} noise "
                             f"levels = <= {d['nft_rows_per_rank']} rows/rank in micro-batches of {t.micro_batch}, "
                             f"{t.optimizer_steps_per_iter} optimizer step(s)/iter over all rows"),
         }[t.objective]()),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -54,6 +54,17 @@ def ratio_stats(ratio: Tensor, logp: Tensor, old_logp: Tensor, clip_range: float
     }
 
 
+def velocity_kl(v_theta: Tensor, v_ref: Tensor) -> Tensor:
+    """The KL-to-reference term of ``objective=nft``: ‖v_θ − v_ref‖² per row, element-mean over the latent.
+
+    For two Gaussian transition kernels with the same std s and means x + dt·v, the KL is
+    dt²·‖v_θ − v_ref‖²/(2s²) (Flow-GRPO's closed-form KL, Liu et al. 2025, arXiv:2505.05470): proportional to
+    this at every step. NFT has no sampler steps, so it penalises the velocity gap itself at its noise points.
+    ``v_ref`` is detached. Shapes: [N, *latent] → [N] float32.
+    """
+    return (v_theta.float() - v_ref.detach().float()).pow(2).flatten(1).mean(1)  # [N]
+
+
 def nft_optimality(adv: Tensor) -> Tensor:
     """DiffusionNFT's optimality probability r = ½ + ½·clip(A, −1, 1) ∈ [0, 1] from a normalised advantage A.
 
@@ -65,7 +76,8 @@ def nft_optimality(adv: Tensor) -> Tensor:
     return 0.5 + 0.5 * adv.to(torch.float32).clamp(-1.0, 1.0)
 
 
-def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: float) -> Tensor:
+def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: float,
+             adaptive_t: Optional[Tensor] = None) -> Tensor:
     """DiffusionNFT negative-aware flow-matching loss per row (Zheng et al. 2025, arXiv:2509.16117).
 
     Paper symbols → ours: v_θ^+ = (1 − β)·v^old + β·v_θ (implicit positive policy), v_θ^- = (1 + β)·v^old − β·v_θ
@@ -78,12 +90,20 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: 
     targets, negatives push it away, and r = ½ adds nothing; its minimiser is v_θ = v^old + (2r − 1)(v − v^old)/β,
     so β sets how far one update may move the policy. With r = 1 and β = 1 it is plain flow matching.
     ``v_old`` is detached. Shapes: velocities [N, *latent], r [N] → [N] float32.
+
+    ``adaptive_t`` (the rows' noise levels t [N]) switches each branch to the paper's adaptive weighting: the
+    x_0-space error x̂_0 − x_0 = t·(v − v±) squared and divided by its own detached mean magnitude, i.e.
+    t·‖v± − v‖²/sg(mean|v± − v|) per row. It balances rows whose errors differ by orders of magnitude across t.
     """
     v_old = v_old.detach().float()
     v_theta = v_theta.float()
     diff = v_theta - v_old  # [N, *latent]
     res = v_target.float() - v_old  # [N, *latent]
-    pos = (beta * diff - res).pow(2).flatten(1).mean(1)  # ‖v⁺ − v‖² / D  [N]
-    neg = (beta * diff + res).pow(2).flatten(1).mean(1)  # ‖v⁻ − v‖² / D  [N]
+    e_pos, e_neg = (beta * diff - res).flatten(1), (beta * diff + res).flatten(1)  # v± − v  [N, D]
+    pos, neg = e_pos.pow(2).mean(1), e_neg.pow(2).mean(1)  # ‖v± − v‖² / D  [N]
+    if adaptive_t is not None:
+        t = adaptive_t.to(pos.dtype)  # [N]
+        pos = t * pos / e_pos.detach().abs().mean(1).clamp_min(1e-5)  # [N]
+        neg = t * neg / e_neg.detach().abs().mean(1).clamp_min(1e-5)  # [N]
     r = r.to(pos.dtype)
     return r * pos + (1.0 - r) * neg  # [N]

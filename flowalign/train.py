@@ -40,7 +40,7 @@ from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
-from flowalign.loss import clipped_surrogate, gaussian_kl, nft_loss, nft_optimality, ratio_stats
+from flowalign.loss import clipped_surrogate, gaussian_kl, nft_loss, nft_optimality, ratio_stats, velocity_kl
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, step_log_prob
@@ -499,11 +499,15 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
 
     micro = torch.split(torch.arange(n), tr.micro_batch) if n and not skip else []
     v_old = [torch.empty(0, *traj.final.shape[1:], device=dev)]
+    v_ref = [torch.empty(0, *traj.final.shape[1:], device=dev)]
     with torch.no_grad(), nfe.phase("training"):
         for idx in micro:
             xt, tt, _, cond = batch(idx)
             v_old.append(model.velocity(xt, tt, cond).float())
-    v_old = torch.cat(v_old)  # [N, *latent]
+            if tr.beta_kl > 0:  # the adapter-disabled reference at the same points, once per iteration
+                with model.reference():
+                    v_ref.append(model.velocity(xt, tt, cond).float())
+    v_old, v_ref = torch.cat(v_old), torch.cat(v_ref)  # [N, *latent] each ([0, ...] without KL)
     logs: dict[str, list[float]] = {}
     for _ in range(tr.optimizer_steps_per_iter):
         opt.zero_grad(set_to_none=False)
@@ -512,12 +516,18 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
             xt, tt, target, cond = batch(idx)
             with nfe.phase("training"):
                 v = model.velocity(xt, tt, cond)  # [n, *latent]
-            loss = nft_loss(v, v_old[idx.to(dev)], target, r[idx].to(dev), tr.nft_beta)  # [n]
-            if not bool(torch.isfinite(loss).all()):
+            loss = nft_loss(v, v_old[idx.to(dev)], target, r[idx].to(dev), tr.nft_beta,
+                            adaptive_t=tt if tr.nft_weighting == "adaptive" else None)  # [n]
+            kl = torch.zeros_like(loss)
+            if tr.beta_kl > 0:
+                kl = velocity_kl(v, v_ref[idx.to(dev)])  # [n]
+            total = loss + tr.beta_kl * kl  # [n]
+            if not bool(torch.isfinite(total).all()):
                 finite = False
                 break
-            (loss.sum() / n).backward()  # the mean over all N rows of this step
+            (total.sum() / n).backward()  # the mean over all N rows of this step
             logs.setdefault("nft_loss", []).append(float(loss.detach().mean()))
+            logs.setdefault("kl", []).append(float(kl.detach().mean()))
         _optimizer_step(opt, finite, reduce_mean, tr, logs, out)
     for k, v in logs.items():
         out[f"train/{k}"] = sum(v) / len(v)

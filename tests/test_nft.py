@@ -8,7 +8,7 @@ import torch
 
 from flowalign import config as C
 from flowalign.errors import UserError
-from flowalign.loss import nft_loss, nft_optimality
+from flowalign.loss import gaussian_kl, nft_loss, nft_optimality, velocity_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,34 @@ def test_nft_minimiser_and_plain_flow_matching_limit():
     torch.testing.assert_close(nft_loss(v_theta, v_old, v, ones, 1.0), (v_theta - v).pow(2).flatten(1).mean(1))
 
 
+def test_nft_adaptive_weighting_rescales_the_gradient_at_the_old_policy():
+    """At v_θ = v_old both branch errors have magnitude |v − v_old|, so the adaptive weight t/mean|v − v_old| only
+    rescales each row's uniform gradient; away from it the two branches are weighted differently."""
+    v_old, v, v_theta = _vel(3)
+    r, t, beta = torch.tensor([0.0, 0.3, 0.5, 0.8, 1.0]), torch.tensor([0.05, 0.2, 0.5, 0.7, 0.95]), 0.8
+    grads = []
+    for a in (None, t):
+        x = v_old.clone().requires_grad_(True)
+        nft_loss(x, v_old, v, r, beta, adaptive_t=a).sum().backward()
+        grads.append(x.grad)
+    scale = (t / (v - v_old).abs().flatten(1).mean(1)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(grads[1], grads[0] * scale, rtol=1e-5, atol=1e-8)
+    moved = nft_loss(v_theta, v_old, v, r, beta, adaptive_t=t)
+    assert torch.isfinite(moved).all() and not torch.allclose(moved, nft_loss(v_theta, v_old, v, r, beta) * scale.flatten())
+
+
 def test_nft_optimality_probability():
     a = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 7.0])
     torch.testing.assert_close(nft_optimality(a), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+
+
+def test_velocity_kl_is_the_gaussian_step_kl_up_to_its_constant():
+    """Means x + dt·v under one std s: KL = dt²·velocity_kl/(2s²) exactly; zero iff the velocities agree."""
+    x, v, v_ref = _vel(2)
+    dt, s = -0.1, torch.full((5,), 0.3)
+    kl = gaussian_kl(x + dt * v, x + dt * v_ref, s, torch.full((5,), dt))
+    torch.testing.assert_close(kl, dt ** 2 * velocity_kl(v, v_ref) / (2 * s ** 2))
+    assert velocity_kl(v, v).abs().max() == 0
 
 
 SMALL = [
@@ -72,6 +97,20 @@ def test_nft_trains_on_ode_samples_with_counted_forwards(tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
 
 
+def test_nft_kl_to_the_reference_costs_one_forward_per_row_and_starts_at_zero(tmp_path):
+    from flowalign.train import train
+
+    cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
+                        [*SMALL, "train.beta_kl=1.0", "train.optimizer_steps_per_iter=1", f"output.run_dir={tmp_path / 'run'}"])
+    run = train(cfg)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = 2 * 4 * 2
+    for it, m in enumerate(lines, 1):  # v_old and v_ref once per row, one forward per optimizer step
+        assert m["nfe/training"] == it * rows * (2 + 1)
+    assert lines[0]["train/kl"] == 0.0  # the LoRA starts at zero: v_θ = v_ref on the first step
+    assert lines[1]["train/kl"] > 0.0
+
+
 def test_nft_with_equal_rewards_leaves_the_weights_alone(tmp_path):
     """All advantages 0 → r = ½ everywhere → zero gradient at v_θ = v_old; with zero-std filtering no rows at all."""
     from safetensors.torch import load_file
@@ -91,7 +130,7 @@ def test_nft_with_equal_rewards_leaves_the_weights_alone(tmp_path):
 
 @pytest.mark.parametrize("override, needle", [
     ("credit.name=dense_gain", "credit.name=outcome"),
-    ("train.beta_kl=0.1", "beta_kl"),
+    ("train.beta_kl=-0.1", "beta_kl"),
     ("train.nft_beta=0", "nft_beta"),
     ("train.nft_times=0", "nft_times"),
     ("train.objective=dpo", "objective"),

@@ -469,6 +469,8 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     target v = ε − x_0; v_old is the rollout policy's velocity (these weights, before this iteration's steps, with
     the rollout's CFG) and r = ``nft_optimality``(A). Every optimizer step passes over all rows in micro-batches.
     Log-probs and the sampler's steps are not used, so any kernel (the ODE included) can produce the samples.
+    ``beta_kl`` > 0 adds β_KL·``velocity_kl``(v_θ, v_ref) with v_ref the adapter-disabled model at the same points
+    (one more forward per row, once per iteration); ``nft_weighting=adaptive`` passes t to ``nft_loss``.
     """
     tr = cfg.train
     out = {"train/skipped_updates": 0, "_steps_taken": 0}

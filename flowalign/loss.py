@@ -76,8 +76,25 @@ def nft_optimality(adv: Tensor) -> Tensor:
     return 0.5 + 0.5 * adv.to(torch.float32).clamp(-1.0, 1.0)
 
 
+def _uniform_branch(err: Tensor, t: Optional[Tensor]) -> Tensor:
+    """‖v± − v‖²/D: the velocity MSE of one implicit policy. err [N, D] → [N]."""
+    return err.pow(2).mean(1)
+
+
+def _adaptive_branch(err: Tensor, t: Optional[Tensor]) -> Tensor:
+    """DiffusionNFT's adaptive weighting (Zheng et al. 2025, arXiv:2509.16117): the x_0-space error
+    x̂_0 − x_0 = t·(v − v±) squared and divided by its own detached mean magnitude, t·‖v± − v‖²/sg(mean|v± − v|).
+    It balances rows whose errors differ by orders of magnitude across t. err [N, D], t [N] → [N]."""
+    if t is None:
+        raise ValueError("the adaptive NFT weighting needs the rows' noise levels t")
+    return t.to(err.dtype) * err.pow(2).mean(1) / err.detach().abs().mean(1).clamp_min(1e-5)
+
+
+NFT_WEIGHTINGS = {"uniform": _uniform_branch, "adaptive": _adaptive_branch}  # train.nft_weighting → branch loss
+
+
 def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: float,
-             adaptive_t: Optional[Tensor] = None) -> Tensor:
+             t: Optional[Tensor] = None, weighting: str = "uniform") -> Tensor:
     """DiffusionNFT negative-aware flow-matching loss per row (Zheng et al. 2025, arXiv:2509.16117).
 
     Paper symbols → ours: v_θ^+ = (1 − β)·v^old + β·v_θ (implicit positive policy), v_θ^- = (1 + β)·v^old − β·v_θ
@@ -91,19 +108,15 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: 
     so β sets how far one update may move the policy. With r = 1 and β = 1 it is plain flow matching.
     ``v_old`` is detached. Shapes: velocities [N, *latent], r [N] → [N] float32.
 
-    ``adaptive_t`` (the rows' noise levels t [N]) switches each branch to the paper's adaptive weighting: the
-    x_0-space error x̂_0 − x_0 = t·(v − v±) squared and divided by its own detached mean magnitude, i.e.
-    t·‖v± − v‖²/sg(mean|v± − v|) per row. It balances rows whose errors differ by orders of magnitude across t.
+    ``weighting`` names the per-branch loss in ``NFT_WEIGHTINGS``: ``uniform`` (the formula above) or ``adaptive``
+    (the paper's x_0-error self-normalisation, which needs the rows' noise levels ``t`` [N]).
     """
     v_old = v_old.detach().float()
     v_theta = v_theta.float()
     diff = v_theta - v_old  # [N, *latent]
     res = v_target.float() - v_old  # [N, *latent]
-    e_pos, e_neg = (beta * diff - res).flatten(1), (beta * diff + res).flatten(1)  # v± − v  [N, D]
-    pos, neg = e_pos.pow(2).mean(1), e_neg.pow(2).mean(1)  # ‖v± − v‖² / D  [N]
-    if adaptive_t is not None:
-        t = adaptive_t.to(pos.dtype)  # [N]
-        pos = t * pos / e_pos.detach().abs().mean(1).clamp_min(1e-5)  # [N]
-        neg = t * neg / e_neg.detach().abs().mean(1).clamp_min(1e-5)  # [N]
+    branch = NFT_WEIGHTINGS[weighting]
+    pos = branch((beta * diff - res).flatten(1), t)  # v⁺ − v → [N]
+    neg = branch((beta * diff + res).flatten(1), t)  # v⁻ − v → [N]
     r = r.to(pos.dtype)
     return r * pos + (1.0 - r) * neg  # [N]

@@ -470,7 +470,7 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     the rollout's CFG) and r = ``nft_optimality``(A). Every optimizer step passes over all rows in micro-batches.
     Log-probs and the sampler's steps are not used, so any kernel (the ODE included) can produce the samples.
     ``beta_kl`` > 0 adds β_KL·``velocity_kl``(v_θ, v_ref) with v_ref the adapter-disabled model at the same points
-    (one more forward per row, once per iteration); ``nft_weighting=adaptive`` passes t to ``nft_loss``.
+    (one more forward per row, once per iteration); ``nft_weighting`` picks the branch loss in ``loss.NFT_WEIGHTINGS``.
     """
     tr = cfg.train
     out = {"train/skipped_updates": 0, "_steps_taken": 0}
@@ -518,8 +518,8 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
             xt, tt, target, cond = batch(idx)
             with nfe.phase("training"):
                 v = model.velocity(xt, tt, cond)  # [n, *latent]
-            loss = nft_loss(v, v_old[idx.to(dev)], target, r[idx].to(dev), tr.nft_beta,
-                            adaptive_t=tt if tr.nft_weighting == "adaptive" else None)  # [n]
+            loss = nft_loss(v, v_old[idx.to(dev)], target, r[idx].to(dev), tr.nft_beta, t=tt,
+                            weighting=tr.nft_weighting)  # [n]
             kl = torch.zeros_like(loss)
             if tr.beta_kl > 0:
                 kl = velocity_kl(v, v_ref[idx.to(dev)])  # [n]

@@ -47,14 +47,23 @@ def test_nft_adaptive_weighting_rescales_the_gradient_at_the_old_policy():
     v_old, v, v_theta = _vel(3)
     r, t, beta = torch.tensor([0.0, 0.3, 0.5, 0.8, 1.0]), torch.tensor([0.05, 0.2, 0.5, 0.7, 0.95]), 0.8
     grads = []
-    for a in (None, t):
+    for w in ("uniform", "adaptive"):
         x = v_old.clone().requires_grad_(True)
-        nft_loss(x, v_old, v, r, beta, adaptive_t=a).sum().backward()
+        nft_loss(x, v_old, v, r, beta, t=t, weighting=w).sum().backward()
         grads.append(x.grad)
     scale = (t / (v - v_old).abs().flatten(1).mean(1)).view(-1, 1, 1, 1)
     torch.testing.assert_close(grads[1], grads[0] * scale, rtol=1e-5, atol=1e-8)
-    moved = nft_loss(v_theta, v_old, v, r, beta, adaptive_t=t)
+    moved = nft_loss(v_theta, v_old, v, r, beta, t=t, weighting="adaptive")
     assert torch.isfinite(moved).all() and not torch.allclose(moved, nft_loss(v_theta, v_old, v, r, beta) * scale.flatten())
+
+
+def test_nft_weighting_choices_are_the_registry():
+    import typing
+
+    from flowalign.loss import NFT_WEIGHTINGS
+
+    hint = typing.get_type_hints(C.TrainConfig)["nft_weighting"]
+    assert set(typing.get_args(hint)) == set(NFT_WEIGHTINGS)
 
 
 def test_nft_optimality_probability():

@@ -120,7 +120,8 @@ class TrainConfig:
     group_size: int = _f(8, "rollouts per prompt G, compared with each other")
     micro_batch: int = _f(16, "transitions per forward/backward in the update")
     optimizer_steps_per_iter: int = _f(1, "optimizer steps per iteration (only the first is on-policy)")
-    lr: float = _f(3e-4, "AdamW learning rate (constant, no warm-up)")
+    lr: float = _f(3e-4, "AdamW learning rate (peak, before train.lr_schedule's factor)")
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning-rate factor per iteration: constant | cosine (½·(1 + cos(π·it/iterations)), decays towards 0 at the last iteration)")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_eps: float = _f(1e-8, "AdamW eps")
@@ -845,7 +846,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("reward", f"{rewards} ({r.aggregate})"),
         ("credit", f"{c.name}, std {c.std_scope} (ddof {c.std_ddof}, eps {c.std_eps:g}), clip |A|<={c.adv_clip:g}"
                    + (f", options {c.options}" if c.options else "")),
-        ("optim", f"AdamW lr {t.lr:g}, betas {tuple(t.betas)}, wd {t.weight_decay:g}, grad-clip {t.max_grad_norm:g}, "
+        ("optim", f"AdamW lr {t.lr:g} ({t.lr_schedule}), betas {tuple(t.betas)}, wd {t.weight_decay:g}, grad-clip {t.max_grad_norm:g}, "
                   + (f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})" if t.objective == "grpo" else f"no ratio clip, beta_kl {t.beta_kl:g} (velocity)")
                   + (f", EMA<= {t.ema_decay_max:g}/{t.ema_every}" if t.ema else ", no EMA")),
         ("batch", f"{t.groups_per_iter} groups x G={t.group_size}"

@@ -1,7 +1,8 @@
-"""The clipped GRPO surrogate, the Gaussian KL to the reference policy (METHODS.md §3.6) and the DiffusionNFT loss. Pure functions."""
+"""The clipped GRPO surrogate, the Gaussian KL to the reference policy (METHODS.md §3.6), the DiffusionNFT loss and the learning-rate schedules. Pure functions."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -120,3 +121,19 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, beta: 
     neg = branch((beta * diff + res).flatten(1), t)  # v⁻ − v → [N]
     r = r.to(pos.dtype)
     return r * pos + (1.0 - r) * neg  # [N]
+
+
+def _lr_constant(it: int, total: int) -> float:
+    """1 at every iteration: the learning rate as configured."""
+    return 1.0
+
+
+def _lr_cosine(it: int, total: int) -> float:
+    """Cosine decay from 1 at iteration 0 towards 0 at ``total`` (Loshchilov & Hutter 2017, SGDR, eq. 5 without
+    restarts): ½·(1 + cos(π·it/total)). Iteration ``it`` is 0-based; the last one gets ½·(1 − cos(π/total)) > 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(it, 0), total) / max(total, 1)))
+
+
+# train.lr_schedule → the factor on train.lr at 0-based iteration `it` of `total`. A function of the iteration
+# alone, so a resumed run sets exactly the learning rate an uninterrupted one would (no scheduler state to save).
+LR_SCHEDULES = {"constant": _lr_constant, "cosine": _lr_cosine}

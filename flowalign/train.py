@@ -12,6 +12,7 @@
       8. credit     the registered credit assigner → advantages [B, T] (+ weights)
       9. update     train.objective: grpo re-scores stored transitions with grad → clipped surrogate + KL;
                     nft (DiffusionNFT) fits the final samples by negative-aware flow matching → AdamW (NaN guard)
+                    at this iteration's learning rate (train.lr × the train.lr_schedule factor)
      10. log        metrics.jsonl, TensorBoard, progress bar, periodic eval, checkpoints
     11. final       eval with the EMA weights, the "after" grid, report.html
 
@@ -40,7 +41,8 @@ from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
-from flowalign.loss import clipped_surrogate, gaussian_kl, nft_loss, nft_optimality, ratio_stats, velocity_kl
+from flowalign.loss import (LR_SCHEDULES, clipped_surrogate, gaussian_kl, nft_loss, nft_optimality, ratio_stats,
+                            velocity_kl)
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, step_log_prob
@@ -344,6 +346,10 @@ def train(cfg: C.ExperimentConfig) -> Path:
             any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
         metrics["train/nonfinite_inputs"] = int(bad_input)
         gen = torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 13))  # the update's own draws (nft)
+        lr = cfg.train.lr * LR_SCHEDULES[cfg.train.lr_schedule](it, cfg.train.iterations)  # a function of `it` alone
+        for g in opt.param_groups:
+            g["lr"] = lr
+        metrics["train/lr"] = lr
         stats = UPDATES[cfg.train.objective](cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, skip=bad_input,
                                              inp=inp, generator=gen)
         steps_taken = stats.pop("_steps_taken")

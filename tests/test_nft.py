@@ -66,6 +66,19 @@ def test_nft_weighting_choices_are_the_registry():
     assert set(typing.get_args(hint)) == set(NFT_WEIGHTINGS)
 
 
+def test_lr_schedules_are_the_registry_and_cosine_decays_from_one():
+    import math
+    import typing
+
+    from flowalign.loss import LR_SCHEDULES
+
+    assert set(typing.get_args(typing.get_type_hints(C.TrainConfig)["lr_schedule"])) == set(LR_SCHEDULES)
+    cos = [LR_SCHEDULES["cosine"](it, 4) for it in range(4)]
+    assert cos[0] == 1.0 and cos[2] == pytest.approx(0.5) and all(a > b > 0 for a, b in zip(cos, cos[1:]))
+    assert cos[3] == pytest.approx(0.5 * (1 - math.cos(math.pi / 4)))  # the last iteration still learns
+    assert [LR_SCHEDULES["constant"](it, 4) for it in range(4)] == [1.0] * 4
+
+
 def test_nft_optimality_probability():
     a = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 7.0])
     torch.testing.assert_close(nft_optimality(a), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
@@ -151,16 +164,19 @@ def test_nft_config_errors_are_one_line(override, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_nft_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_nft_resume_is_exact(tmp_path, schedule):
     """Stop after iteration 1, resume to 2: LoRA bitwise equal to the uninterrupted run (the update's (t, ε) draws
-    are seeded by (seed, iteration, rank), v_old comes from the restored weights)."""
+    are seeded by (seed, iteration, rank), v_old comes from the restored weights). With the cosine schedule the
+    resumed iteration must run at half the learning rate, not at the one the optimizer state was saved with."""
     from safetensors.torch import load_file
 
     from flowalign.models.lora import WEIGHT_NAME
     from flowalign.train import train
 
     def run(name, *extra):
-        cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"), [*SMALL, f"output.run_dir={tmp_path / name}", *extra])
+        cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
+                            [*SMALL, f"output.run_dir={tmp_path / name}", f"train.lr_schedule={schedule}", *extra])
         return train(cfg)
 
     full = run("full")
@@ -171,6 +187,8 @@ def test_nft_resume_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == [1, 2] and lines[1]["nfe/sampling"] == 2 * 8 * 4  # continued, not redone
+    lr = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"), []).train.lr
+    assert lines[1]["train/lr"] == pytest.approx(lr * (0.5 if schedule == "cosine" else 1.0))
 
 
 def test_nft_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):

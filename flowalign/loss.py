@@ -77,6 +77,17 @@ def nft_optimality(adv: Tensor) -> Tensor:
     return 0.5 + 0.5 * adv.to(torch.float32).clamp(-1.0, 1.0)
 
 
+def nft_positive_only(adv: Tensor) -> Tensor:
+    """Positives only: r = 1 where A > 0, else ½. A rejection-sampling fine-tuning (RAFT, Dong et al. 2023,
+    arXiv:2304.06767) variant of DiffusionNFT's r: better-than-average samples are fitted by flow matching, the others
+    add no direction, only the proximal term β²‖v_θ − v_old‖² that r = ½ leaves in ``nft_loss``. Returns [B]."""
+    return torch.where(adv.to(torch.float32) > 0, 1.0, 0.5)
+
+
+# train.nft_optimality → the map from normalised advantages A [B] to DiffusionNFT's r [B]
+NFT_OPTIMALITY = {"clip": nft_optimality, "positive": nft_positive_only}
+
+
 def _uniform_branch(err: Tensor, t: Optional[Tensor]) -> Tensor:
     """‖v± − v‖²/D: the velocity MSE of one implicit policy. err [N, D] → [N]."""
     return err.pow(2).mean(1)

@@ -41,7 +41,7 @@ from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
-from flowalign.loss import (LR_SCHEDULES, clipped_surrogate, gaussian_kl, nft_loss, nft_optimality, ratio_stats,
+from flowalign.loss import (LR_SCHEDULES, NFT_OPTIMALITY, clipped_surrogate, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
@@ -473,7 +473,7 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
 
     Each kept sample x_0 (advantage ≠ 0 with ``filter_zero_std``) gets ``nft_times`` draws (t, ε), x_t = (1−t)x_0 + tε,
     target v = ε − x_0; v_old is the rollout policy's velocity (these weights, before this iteration's steps, with
-    the rollout's CFG) and r = ``nft_optimality``(A). Every optimizer step passes over all rows in micro-batches.
+    the rollout's CFG) and r = ``loss.NFT_OPTIMALITY[nft_optimality]``(A). Every optimizer step passes over all rows in micro-batches.
     Log-probs and the sampler's steps are not used, so any kernel (the ODE included) can produce the samples.
     ``beta_kl`` > 0 adds β_KL·``velocity_kl``(v_θ, v_ref) with v_ref the adapter-disabled model at the same points
     (one more forward per row, once per iteration); ``nft_weighting`` picks the branch loss in ``loss.NFT_WEIGHTINGS``.
@@ -487,7 +487,7 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     dev = traj.final.device
     t = torch.rand(n, generator=generator).mul(0.96).add(0.02)  # [N] in [0.02, 0.98]
     eps = torch.randn((n, *traj.final.shape[1:]), generator=generator)  # [N, *latent]
-    r = nft_optimality(adv[rows])  # [N]
+    r = NFT_OPTIMALITY[tr.nft_optimality](adv[rows])  # [N]
     out["train/nft_rows"] = n
     out["train/nft_r_mean"] = float(r.mean()) if n else 0.5
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -8,7 +8,7 @@ import torch
 
 from flowalign import config as C
 from flowalign.errors import UserError
-from flowalign.loss import gaussian_kl, nft_loss, nft_optimality, velocity_kl
+from flowalign.loss import gaussian_kl, nft_loss, nft_optimality, nft_positive_only, velocity_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +84,24 @@ def test_nft_optimality_probability():
     torch.testing.assert_close(nft_optimality(a), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
 
 
+def test_positive_only_optimality_fits_the_better_samples_and_ignores_the_rest():
+    import typing
+
+    from flowalign.loss import NFT_OPTIMALITY
+
+    assert set(typing.get_args(typing.get_type_hints(C.TrainConfig)["nft_optimality"])) == set(NFT_OPTIMALITY)
+    a = torch.tensor([-3.0, -0.2, 0.0, 0.1, 4.0])
+    r = nft_positive_only(a)
+    torch.testing.assert_close(r, torch.tensor([0.5, 0.5, 0.5, 1.0, 1.0]))
+    # at v_θ = v_old the rows with A ≤ 0 give no gradient; those with A > 0 give plain flow matching's
+    v_old, v, _ = _vel(3)
+    theta = v_old.clone().requires_grad_(True)
+    nft_loss(theta, v_old, v, r, 1.0).sum().backward()
+    d = v_old[0].numel()
+    assert theta.grad[:3].abs().max() == 0
+    torch.testing.assert_close(theta.grad[3:], -2 * (v - v_old)[3:] / d)
+
+
 def test_velocity_kl_is_the_gaussian_step_kl_up_to_its_constant():
     """Means x + dt·v under one std s: KL = dt²·velocity_kl/(2s²) exactly; zero iff the velocities agree."""
     x, v, v_ref = _vel(2)
@@ -156,6 +174,8 @@ def test_nft_with_equal_rewards_leaves_the_weights_alone(tmp_path):
     ("train.nft_beta=0", "nft_beta"),
     ("train.nft_times=0", "nft_times"),
     ("train.objective=dpo", "objective"),
+    ("train.nft_optimality=best", "nft_optimality"),
+    ("train.lr_schedule=linear", "lr_schedule"),
 ])
 def test_nft_config_errors_are_one_line(override, needle):
     with pytest.raises(UserError) as e:

@@ -121,7 +121,7 @@ class TrainConfig:
     micro_batch: int = _f(16, "transitions per forward/backward in the update")
     optimizer_steps_per_iter: int = _f(1, "optimizer steps per iteration (only the first is on-policy)")
     lr: float = _f(3e-4, "AdamW learning rate (peak, before train.lr_schedule's factor)")
-    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning-rate factor per iteration: constant | cosine (½·(1 + cos(π·it/iterations)), decays towards 0 at the last iteration)")
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning-rate factor per iteration: constant | cosine (½·(1 + cos(π·it/iterations)), decays towards 0 at the last iteration; it follows train.iterations, so resuming with another value changes it)")
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     adam_eps: float = _f(1e-8, "AdamW eps")

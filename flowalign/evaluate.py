@@ -121,6 +121,52 @@ def summarize(records: Sequence[Mapping[str, Any]], reward_names: Optional[Seque
     return {"overall": overall, "per_task": per, "counts": {g: len(rs) for g, rs in groups.items()}, "n": len(records)}
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k images drawn without replacement from n, c of which pass, passes.
+
+    The unbiased pass@k estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code",
+    arXiv:2107.03374, eq. 1): 1 − C(n − c, k)/C(n, k). k = 1 gives c/n; k = n gives 1 iff any image passes.
+    """
+    if not 1 <= k <= n or not 0 <= c <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n and 0 <= c <= n (got n={n}, c={c}, k={k})")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize_pass_at_k(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str],
+                        group_key: str = "task") -> dict:
+    """pass@k of each pass/fail reward (every score 0 or 1, NaN skipped), per group and overall, for k = 1, 2, 4, …
+    up to the smallest number of images any prompt has (only when every prompt has at least 2).
+
+    Images are grouped into prompts by ``prompt_index``; a prompt's pass@k is ``pass_at_k``; a group's is the mean
+    over its prompts and the overall one the mean over groups (as ``summarize``). Rewards with other values
+    (e.g. ``shapes_partial``) are left out. Returns ``{name: {"k": [...], "overall": {k: p}, "per_task": {g: {k: p}}}}``.
+    """
+    out: dict[str, dict] = {}
+    for name in reward_names:
+        prompts: dict[Any, list[float]] = {}
+        group_of: dict[Any, str] = {}
+        for r in records:
+            v = r.get(name)
+            if v is None or math.isnan(float(v)):
+                continue
+            prompts.setdefault(r["prompt_index"], []).append(float(v))
+            group_of[r["prompt_index"]] = str(r.get(group_key, "all"))
+        if not prompts or any(v not in (0.0, 1.0) for vs in prompts.values() for v in vs):
+            continue
+        n_min = min(len(vs) for vs in prompts.values())
+        if n_min < 2:
+            continue
+        ks = [2 ** i for i in range(n_min.bit_length()) if 2 ** i <= n_min]
+        per: dict[str, dict[int, list[float]]] = {}
+        for idx, vs in prompts.items():
+            for k in ks:
+                per.setdefault(group_of[idx], {}).setdefault(k, []).append(pass_at_k(len(vs), int(sum(vs)), k))
+        per_task = {g: {k: sum(v) / len(v) for k, v in d.items()} for g, d in per.items()}
+        overall = {k: sum(d[k] for d in per_task.values()) / len(per_task) for k in ks}
+        out[name] = {"k": ks, "overall": overall, "per_task": per_task}
+    return out
+
+
 def as_records(prompts: Sequence[Any]) -> list[dict]:
     """Prompt records as dicts ({"prompt", **metadata}) from PromptRecords, dicts or strings."""
     out = []
@@ -153,6 +199,9 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
                                seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress)
     names = [n for n, _ in _reward_items(reward_fns)]
     summ = summarize(records, names)
+    passk = summarize_pass_at_k(records, names)
+    if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
+        summ["pass_at_k"] = passk
     summ["settings"] = {"steps": steps, "guidance": guidance, "kernel": kernel, "seeds_per_prompt": seeds_per_prompt,
                         "seed": seed, "prompts": len(prompts)}
     out = Path(out_dir)
@@ -186,7 +235,7 @@ def cli_main(argv: Sequence[str]) -> int:
                    help="adapter argument, e.g. height=64 (repeatable; values parsed as YAML)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (>= 2 adds pass@k of pass/fail rewards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
@@ -233,4 +282,7 @@ def cli_main(argv: Sequence[str]) -> int:
     for task, vals in summ["per_task"].items():
         logger.info("%-14s %s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()))
     logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
+    for name, pk in summ.get("pass_at_k", {}).items():
+        for task, vals in [*pk["per_task"].items(), ("overall", pk["overall"])]:
+            logger.info("%-14s %s", task, "  ".join(f"{name} pass@{k}={v:.3f}" for k, v in vals.items()))
     return 0

@@ -19,8 +19,9 @@ Run directory layout read here (written by train.py / evaluate.py)::
       "per_task": {"counting": {"shapes_strict": 0.30, ...}, ...},   # nan-aware mean over the task's images
       "counts":   {"counting": 160, ...},                            # images per task
       "n":        960,                                               # images in total
-      "settings": {"steps": 10, "guidance": 4.5, "kernel": "euler", "seeds_per_prompt": 4, ...}
-    }
+      "settings": {"steps": 10, "guidance": 4.5, "kernel": "euler", "seeds_per_prompt": 4, ...},
+      "pass_at_k": {"shapes_strict": {"k": [1, 2, 4], "overall": {"1": 0.40, ...}, "per_task": {...}}}
+    }                                                                # only with >= 2 images per prompt and a 0/1 reward
 
 Only ``overall`` is required; NaN means "not applicable" and is shown as n/a. The first reward in ``overall``
 is the headline metric. ``n_images`` / ``n_per_task`` are accepted as synonyms of ``n`` / ``counts``.

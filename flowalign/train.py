@@ -473,7 +473,8 @@ def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
 
     Each kept sample x_0 (advantage ≠ 0 with ``filter_zero_std``) gets ``nft_times`` draws (t, ε), x_t = (1−t)x_0 + tε,
     target v = ε − x_0; v_old is the rollout policy's velocity (these weights, before this iteration's steps, with
-    the rollout's CFG) and r = ``loss.NFT_OPTIMALITY[nft_optimality]``(A). Every optimizer step passes over all rows in micro-batches.
+    the rollout's CFG) and r = ``loss.NFT_OPTIMALITY[nft_optimality]``(A). Every optimizer step passes over all
+    rows in micro-batches.
     Log-probs and the sampler's steps are not used, so any kernel (the ODE included) can produce the samples.
     ``beta_kl`` > 0 adds β_KL·``velocity_kl``(v_θ, v_ref) with v_ref the adapter-disabled model at the same points
     (one more forward per row, once per iteration); ``nft_weighting`` picks the branch loss in ``loss.NFT_WEIGHTINGS``.

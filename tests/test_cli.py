@@ -37,10 +37,15 @@ def test_sample_rejects_out_of_grammar_prompt_in_one_line(tmp_path):
 
 def test_eval_on_shapes_bench_subset(tmp_path):
     out = tmp_path / "ev"
-    r = _cli("eval", "--prompts", "shapes-bench", "--max-prompts", "6", "--seeds", "1", "--steps", "4", "--out", str(out))
+    r = _cli("eval", "--prompts", "shapes-bench", "--max-prompts", "6", "--seeds", "2", "--steps", "4", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     summ = json.loads((out / "summary.json").read_text())
-    assert summ["n"] == 6 and 0.0 <= summ["overall"]["shapes_strict"] <= 1.0
+    assert summ["n"] == 12 and 0.0 <= summ["overall"]["shapes_strict"] <= 1.0
+    pk = summ["pass_at_k"]  # two seeds per prompt: pass@1 is the strict mean; the graded partial reward has none
+    assert set(pk) == {"shapes_strict"} and pk["shapes_strict"]["k"] == [1, 2]
+    assert abs(pk["shapes_strict"]["overall"]["1"] - summ["overall"]["shapes_strict"]) < 1e-9
+    assert pk["shapes_strict"]["overall"]["2"] >= pk["shapes_strict"]["overall"]["1"]
+    assert "shapes_strict pass@2=" in r.stderr
     assert (out / "report.html").exists()
     again = _cli("eval", "--prompts", "shapes-bench", "--max-prompts", "6", "--out", str(out))
     assert again.returncode == 2 and "not empty" in again.stderr

@@ -135,6 +135,7 @@ class TrainConfig:
     nft_beta: float = _f(1.0, "DiffusionNFT beta: implicit policies v± = v_old ± beta·(v_theta − v_old) (objective=nft)")
     nft_weighting: Literal["uniform", "adaptive"] = _f("uniform", "DiffusionNFT loss weight per row: uniform (velocity MSE) | adaptive (the paper's x_0-error self-normalisation) (objective=nft)")
     nft_optimality: Literal["clip", "positive"] = _f("clip", "DiffusionNFT r from the advantage A: clip (½ + ½·clip(A, −1, 1), the paper) | positive (1 where A > 0, else ½: fit the better samples only; collapses on the shapes world, docs/results.md) (objective=nft)")
+    nft_guidance: float | None = _f(None, "DiffusionNFT: CFG scale of the velocity the update fits; null = model.guidance (the rollouts'), 1 = the conditional velocity alone, one pass per row (objective=nft)")
     nft_times: int = _f(4, "DiffusionNFT: noise levels t ~ U(0.02, 0.98) drawn per final sample and iteration (objective=nft)")
     filter_zero_std: bool = _f(True, "drop rollouts whose advantage is 0 at every trained step")
     shuffle_transitions: bool = _f(True, "shuffle the (rollout, step) transitions before splitting into micro-batches")
@@ -789,6 +790,8 @@ def validate(cfg: ExperimentConfig) -> None:
         need(s.guide == "none", "train.objective=nft does not use guided rollouts; set sampler.guide=none")
         need(t.nft_beta > 0, f"train.nft_beta={t.nft_beta} must be > 0")
         need(t.nft_times >= 1, f"train.nft_times={t.nft_times} must be >= 1")
+        need(t.nft_guidance is None or t.nft_guidance >= 0,
+             f"train.nft_guidance={t.nft_guidance} must be >= 0 (1 = the conditional velocity) or null (= model.guidance)")
     elif s.kernel == "euler" or s.eta == 0:
         logger.warning("sampler.kernel=%r with eta=%g is deterministic: no step can be trained (use flow_sde with eta > 0)", s.kernel, s.eta)
     from flowalign.values import GUIDES
@@ -858,7 +861,8 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
             "grpo": lambda: (f"grpo: {d['trained_steps']} trained steps -> {d['transitions_per_rank']} transitions/rank in "
                              f"{d['micro_batches_per_rank']} micro-batches of {t.micro_batch}, {t.optimizer_steps_per_iter} "
                              f"optimizer step(s)/iter ({d['micro_batches_per_optimizer_step']} micro-batches each)"),
-            "nft": lambda: (f"nft (DiffusionNFT, beta {t.nft_beta:g}, r {t.nft_optimality}, {t.nft_weighting} weighting): <= {d['rollouts_per_rank']} samples x {t.nft_times} noise "
+            "nft": lambda: (f"nft (DiffusionNFT, beta {t.nft_beta:g}, r {t.nft_optimality}, {t.nft_weighting} weighting, "
+                            f"update cfg {m.guidance if t.nft_guidance is None else t.nft_guidance:g}): <= {d['rollouts_per_rank']} samples x {t.nft_times} noise "
                             f"levels = <= {d['nft_rows_per_rank']} rows/rank in micro-batches of {t.micro_batch}, "
                             f"{t.optimizer_steps_per_iter} optimizer step(s)/iter over all rows"),
         }[t.objective]()),

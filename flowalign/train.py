@@ -467,7 +467,31 @@ def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -
     out["_steps_taken"] += 1
 
 
-def _update_nft(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool, inp: CreditInput,
+@contextlib.contextmanager
+def _guidance_scale(model, scale: float):
+    """Run the block with ``model.guidance_scale = scale`` (read at every velocity call), restored afterwards."""
+    saved = model.guidance_scale
+    model.guidance_scale = float(scale)
+    try:
+        yield
+    finally:
+        model.guidance_scale = saved
+
+
+def _update_nft(cfg, model, *args: Any, **kwargs: Any) -> dict:
+    """The DiffusionNFT update (``_nft_update``) on the velocity of CFG scale ``train.nft_guidance``.
+
+    ``None`` keeps the rollouts' scale (``model.guidance``): the update fits the guided velocity
+    v_u + w·(v_c − v_u), whose gradient w·∂v_c − (w − 1)·∂v_u also moves the unconditional branch. ``1.0`` fits the
+    conditional velocity v_c alone, as the DiffusionNFT paper trains (one transformer pass per row instead of CFG's
+    two); the rollouts and evaluation keep their own scales, so the samples still come from the guided policy.
+    """
+    scale = cfg.train.nft_guidance
+    with _guidance_scale(model, model.guidance_scale if scale is None else scale):
+        return _nft_update(cfg, model, *args, **kwargs)
+
+
+def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool, inp: CreditInput,
                 generator: torch.Generator, **_: Any) -> dict:
     """DiffusionNFT update (Zheng et al. 2025, arXiv:2509.16117): negative-aware flow matching on the final samples.
 

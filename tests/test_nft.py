@@ -137,6 +137,33 @@ def test_nft_trains_on_ode_samples_with_counted_forwards(tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
 
 
+@pytest.mark.parametrize("override, fitted", [(None, 4.0), (1.0, 1.0)])
+def test_nft_guidance_picks_the_fitted_velocity_and_leaves_the_rollouts_guided(tmp_path, monkeypatch, override, fitted):
+    """train.nft_guidance sets the CFG scale of every update forward (v_old and the fitted v_θ); rollouts keep
+    model.guidance (4), also after an update, when the next iteration samples."""
+    from flowalign.models.shapes import ShapesModel
+    from flowalign.train import train
+
+    calls = []  # (grad enabled, guidance scale) of every velocity call, in order
+    velocity = ShapesModel.velocity
+
+    def spy(self, x, sigma, cond):
+        calls.append((torch.is_grad_enabled(), self.guidance_scale))
+        return velocity(self, x, sigma, cond)
+
+    monkeypatch.setattr(ShapesModel, "velocity", spy)
+    extra = [] if override is None else [f"train.nft_guidance={override}"]
+    cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
+                        [*SMALL, *extra, "train.optimizer_steps_per_iter=1", f"output.run_dir={tmp_path / 'run'}"])
+    train(cfg)
+    fits = [g for grad, g in calls if grad]
+    first_fit = next(i for i, (grad, _) in enumerate(calls) if grad)
+    assert len(fits) == 4 and set(fits) == {fitted}  # 16 rows in 2 micro-batches, 1 optimizer step, 2 iterations
+    assert calls[0] == (False, 4.0)  # the first rollout step
+    assert (False, 4.0) in calls[first_fit:]  # the second iteration's rollouts: the scale was restored
+    assert (False, fitted) in calls[:first_fit]  # v_old at the update's scale, before the first fit
+
+
 def test_nft_kl_to_the_reference_costs_one_forward_per_row_and_starts_at_zero(tmp_path):
     from flowalign.train import train
 
@@ -176,6 +203,7 @@ def test_nft_with_equal_rewards_leaves_the_weights_alone(tmp_path):
     ("train.objective=dpo", "objective"),
     ("train.nft_optimality=best", "nft_optimality"),
     ("train.lr_schedule=linear", "lr_schedule"),
+    ("train.nft_guidance=-1", "nft_guidance"),
 ])
 def test_nft_config_errors_are_one_line(override, needle):
     with pytest.raises(UserError) as e:

@@ -51,7 +51,7 @@ def group_normalize(rewards: Tensor, group: Tensor, *, scope: str = "group", eps
     r = rewards.detach().to(torch.float64)  # [B]
     ok = torch.isfinite(r)
     r0 = torch.where(ok, r, torch.zeros_like(r))
-    _, inv = torch.unique(group, return_inverse=True)  # [B] dense group ids
+    _, inv = torch.unique(group.to(r.device), return_inverse=True)  # [B] dense group ids, on the rewards' device
     n_groups = int(inv.max()) + 1 if inv.numel() else 0
     cnt = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, ok.double())  # [G]
     tot = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, r0)

@@ -39,7 +39,7 @@ from flowalign import data as D
 from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
 from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
-from flowalign.sample import sample_grid
+from flowalign.sample import guidance, sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
 from flowalign.loss import (LR_SCHEDULES, NFT_OPTIMALITY, clipped_surrogate, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
@@ -467,17 +467,6 @@ def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -
     out["_steps_taken"] += 1
 
 
-@contextlib.contextmanager
-def _guidance_scale(model, scale: float):
-    """Run the block with ``model.guidance_scale = scale`` (read at every velocity call), restored afterwards."""
-    saved = model.guidance_scale
-    model.guidance_scale = float(scale)
-    try:
-        yield
-    finally:
-        model.guidance_scale = saved
-
-
 def _update_nft(cfg, model, *args: Any, **kwargs: Any) -> dict:
     """The DiffusionNFT update (``_nft_update``) on the velocity of CFG scale ``train.nft_guidance``.
 
@@ -486,8 +475,7 @@ def _update_nft(cfg, model, *args: Any, **kwargs: Any) -> dict:
     conditional velocity v_c alone, as the DiffusionNFT paper trains (one transformer pass per row instead of CFG's
     two); the rollouts and evaluation keep their own scales, so the samples still come from the guided policy.
     """
-    scale = cfg.train.nft_guidance
-    with _guidance_scale(model, model.guidance_scale if scale is None else scale):
+    with guidance(model, cfg.train.nft_guidance):  # None: the rollouts' scale stays
         return _nft_update(cfg, model, *args, **kwargs)
 
 

@@ -106,13 +106,21 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     run(list(argv))
 
 
+def bench_sample_gap(argv: Sequence[str]) -> None:
+    """Pixel statistics, strict accuracy and x̂₀ error by noise level: renders against the model's samples."""
+    from flowalign.bench_gap import bench_sample_gap as run
+
+    run(list(argv))
+
+
 BENCHES: dict[str, tuple[Callable[[Sequence[str]], Optional[dict]], str]] = {
     "shapes-sample": (bench_shapes_sample, "load the shipped shapes model and sample 16 images; print timings"),
     "credit": (bench_credit, "NFE / reward calls / wall time per prompt group of each credit method vs upstream"),
     "grad-snr": (bench_grad_snr, "signal in one GRPO gradient estimate per credit method (split-half cosine)"),
     "noise-variance": (bench_noise_variance, "which steps' SDE noise decides the reward (variance split per window)"),
+    "sample-gap": (bench_sample_gap, "the model's own samples against rendered scenes: pixel stats, x0 error by t"),
 }
-OWN_TABLE = {"credit", "grad-snr", "noise-variance"}
+OWN_TABLE = {"credit", "grad-snr", "noise-variance", "sample-gap"}
 
 
 def cli_main(argv: Sequence[str]) -> int:

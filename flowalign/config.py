@@ -134,7 +134,7 @@ class TrainConfig:
     ema_every: int = _f(8, "EMA update every this many optimizer steps")
     nft_beta: float = _f(1.0, "DiffusionNFT beta: implicit policies v± = v_old ± beta·(v_theta − v_old) (objective=nft)")
     nft_weighting: Literal["uniform", "adaptive"] = _f("uniform", "DiffusionNFT loss weight per row: uniform (velocity MSE) | adaptive (the paper's x_0-error self-normalisation) (objective=nft)")
-    nft_optimality: Literal["clip", "positive"] = _f("clip", "DiffusionNFT r from the advantage A: clip (½ + ½·clip(A, −1, 1), the paper) | positive (1 where A > 0, else ½: fit the better samples only; collapses on the shapes world, docs/results.md) (objective=nft)")
+    nft_optimality: Literal["clip", "positive", "self"] = _f("clip", "DiffusionNFT r from the advantage A: clip (½ + ½·clip(A, −1, 1), the paper) | positive (1 where A > 0, else ½: fit the better samples only; collapses on the shapes world, docs/results.md) | self (r = 1 for all: reward-free self-distillation, a diagnostic; use with train.filter_zero_std=false) (objective=nft)")
     nft_guidance: float | None = _f(None, "DiffusionNFT: CFG scale of the velocity the update fits; null = model.guidance (the rollouts'), 1 = the conditional velocity alone, one pass per row (objective=nft)")
     nft_times: int = _f(4, "DiffusionNFT: noise levels t ~ U(0.02, 0.98) drawn per final sample and iteration (objective=nft)")
     filter_zero_std: bool = _f(True, "drop rollouts whose advantage is 0 at every trained step")

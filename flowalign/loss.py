@@ -84,8 +84,17 @@ def nft_positive_only(adv: Tensor) -> Tensor:
     return torch.where(adv.to(torch.float32) > 0, 1.0, 0.5)
 
 
+def nft_self_distill(adv: Tensor) -> Tensor:
+    """The reward-free control: r = 1 for every row, whatever its advantage. With β = 1 the update is plain flow
+    matching on the policy's own samples (self-distillation), the self-consuming loop of Alemohammad et al. 2023
+    ("Self-Consuming Generative Models Go MAD", arXiv:2307.01850). A diagnostic, not a method: it shows which part of
+    a run's change comes from fitting its own samples rather than from the reward (docs/results.md). Pair it with
+    ``train.filter_zero_std=false`` so that no rollout is dropped for its group's rewards. Returns [B]."""
+    return torch.ones_like(adv, dtype=torch.float32)
+
+
 # train.nft_optimality → the map from normalised advantages A [B] to DiffusionNFT's r [B]
-NFT_OPTIMALITY = {"clip": nft_optimality, "positive": nft_positive_only}
+NFT_OPTIMALITY = {"clip": nft_optimality, "positive": nft_positive_only, "self": nft_self_distill}
 
 
 def _uniform_branch(err: Tensor, t: Optional[Tensor]) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from flowalign import config as C
 from flowalign.errors import UserError
-from flowalign.loss import gaussian_kl, nft_loss, nft_optimality, nft_positive_only, velocity_kl
+from flowalign.loss import gaussian_kl, nft_loss, nft_optimality, nft_positive_only, nft_self_distill, velocity_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,19 @@ def test_positive_only_optimality_fits_the_better_samples_and_ignores_the_rest()
     d = v_old[0].numel()
     assert theta.grad[:3].abs().max() == 0
     torch.testing.assert_close(theta.grad[3:], -2 * (v - v_old)[3:] / d)
+
+
+def test_self_distillation_control_is_plain_flow_matching_whatever_the_advantage():
+    a = torch.tensor([-3.0, -0.2, 0.0, 0.1, 4.0])
+    r = nft_self_distill(a)
+    torch.testing.assert_close(r, torch.ones(5))
+    # with β = 1 the loss is ‖v_θ − v‖² row by row: its gradient ignores v_old and the advantages entirely
+    v_old, v, theta0 = _vel(4)
+    theta = theta0.clone().requires_grad_(True)
+    loss = nft_loss(theta, v_old, v, r, 1.0)
+    torch.testing.assert_close(loss, (theta0 - v).pow(2).flatten(1).mean(1))
+    loss.sum().backward()
+    torch.testing.assert_close(theta.grad, 2 * (theta0 - v) / v[0].numel())
 
 
 def test_velocity_kl_is_the_gaussian_step_kl_up_to_its_constant():

@@ -1,0 +1,46 @@
+"""`flowalign bench sample-gap`: the denoising-error measure and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flowalign.bench_gap import denoise_error
+
+
+def test_denoise_error_is_zero_for_the_exact_velocity_and_grows_as_t_squared():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1  # [B, 3, H, W]
+    eps = torch.randn(4, 3, 8, 8, generator=g)
+    levels = [0.05, 0.3, 0.9]
+    # the exact velocity of a point mass at x0: x_t = (1 − t)x0 + tε ⇒ v = (x_t − x0)/t = ε − x0
+    exact = lambda x, s, c: (x - x0) / s.view(-1, 1, 1, 1)  # noqa: E731
+    assert denoise_error(exact, x0, None, levels, eps) == pytest.approx([0.0] * 3, abs=1e-10)
+    # a velocity off by a constant δ everywhere: x̂0 = x0 − tδ, so the error is t²·δ²
+    off = lambda x, s, c: exact(x, s, c) + 0.5  # noqa: E731
+    assert denoise_error(off, x0, None, levels, eps) == pytest.approx([t * t * 0.25 for t in levels], rel=1e-5)
+
+
+def test_bench_sample_gap_from_the_command_line(tmp_path):
+    out = tmp_path / "gap.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flowalign.cli", "bench", "sample-gap", *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=300)
+    r = run("--prompts", "3", "--steps", "2,3", "--levels", "0.2,0.9", "--threads", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [s["source"] for s in res["sources"]] == ["renders", "ode 2 steps", "ode 3 steps"]
+    renders = res["sources"][0]
+    assert renders["strict"] == 1.0  # every rendered scene satisfies its prompt
+    assert all(set(s["x0_error"]) == {"0.2", "0.9"} and all(e >= 0 for e in s["x0_error"].values())
+               for s in res["sources"])
+    assert "renders" in r.stdout and "ode 3 steps" in r.stdout
+    for bad, needle in ((("--levels", "0.5,1.0"), "--levels=0.5,1.0: every noise level must lie in (0, 1)"),
+                        (("--lora", str(tmp_path)), "no pytorch_lora_weights.safetensors")):
+        b = run(*bad, "--json", str(tmp_path / "bad.json"))
+        assert b.returncode == 2 and needle in b.stderr, b.stderr[-1000:]
+        assert sum("error" in ln.lower() for ln in b.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "bad.json").exists()

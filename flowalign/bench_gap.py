@@ -1,9 +1,9 @@
 """``flowalign bench sample-gap``: how a shapes model's own samples differ from the scenes it was trained on.
 
 Fitting a model to its own samples (self-distillation, ``train.nft_optimality=self``) is a fixed point only if
-the samples look, to the model, like its training data. This benchmark draws the same prompts three ways, as
-rendered ground-truth scenes (the pretraining distribution) and as the model's ODE samples at one or more step
-counts, and reports for each source
+the samples look, to the model, like its training data. This benchmark draws the same prompts as rendered
+ground-truth scenes (the pretraining distribution) and as the model's ODE samples at each of the ``--steps`` step
+counts (10 and 40 by default), and reports for each source
 
 - pixel statistics (mean, std over all pixels of images in [0, 1]) and the verifier's strict accuracy;
 - the model's denoising error at fixed noise levels t: E‖x̂₀(x_t, t) − x₀‖² with x_t = (1 − t)·x₀ + t·ε and

@@ -177,6 +177,28 @@ def test_nft_guidance_picks_the_fitted_velocity_and_leaves_the_rollouts_guided(t
     assert (False, fitted) in calls[:first_fit]  # v_old at the update's scale, before the first fit
 
 
+def test_self_distillation_in_the_trainer_ignores_the_reward(tmp_path):
+    """train.nft_optimality=self: every sample is fitted with r = 1, so two runs that differ only in their reward end
+    with bitwise equal LoRA weights (and those weights did move)."""
+    from safetensors.torch import load_file
+
+    from flowalign.models.lora import WEIGHT_NAME
+    from flowalign.train import train
+
+    weights = []
+    for i, reward in enumerate(("{shapes_strict: 1.0}", "{jpeg_compressibility: 1.0}")):
+        cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
+                            [*SMALL, "train.iterations=1", "train.nft_optimality=self", f"reward.weights={reward}",
+                             f"output.run_dir={tmp_path / str(i)}"])
+        run = train(cfg)
+        m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert m["train/nft_r_mean"] == 1.0 and m["train/nft_rows"] == 2 * 4 * 2  # every sample, nft_times 2
+        weights.append(load_file(str(run / "checkpoints" / "step-1" / "raw" / WEIGHT_NAME)))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights[0].items())
+
+
 def test_nft_kl_to_the_reference_costs_one_forward_per_row_and_starts_at_zero(tmp_path):
     from flowalign.train import train
 

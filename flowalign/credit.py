@@ -46,19 +46,20 @@ def group_normalize(rewards: Tensor, group: Tensor, *, scope: str = "group", eps
 
     ``scope="global"`` uses the std of all rewards (Flow-GRPO's ``global_std``). NaN rewards are left out of
     the statistics and get A = 0. A group whose rewards are all equal gets A = 0 (never NaN); a group of one
-    gets 0. Returns float32 [B].
+    gets 0. Returns float32 [B] on the rewards' device (``group`` may live on another device).
     """
     r = rewards.detach().to(torch.float64)  # [B]
     ok = torch.isfinite(r)
     r0 = torch.where(ok, r, torch.zeros_like(r))
     _, inv = torch.unique(group.to(r.device), return_inverse=True)  # [B] dense group ids, on the rewards' device
     n_groups = int(inv.max()) + 1 if inv.numel() else 0
-    cnt = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, ok.double())  # [G]
-    tot = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, r0)
+    zeros = torch.zeros(n_groups, dtype=torch.float64, device=r.device)  # [G]
+    cnt = zeros.index_add(0, inv, ok.double())  # [G]
+    tot = zeros.index_add(0, inv, r0)
     mean = tot / cnt.clamp_min(1)  # [G]
     dev = torch.where(ok, r - mean[inv], torch.zeros_like(r))  # [B]
     if scope == "group":
-        ss = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inv, dev * dev)
+        ss = zeros.index_add(0, inv, dev * dev)
         std = torch.sqrt(ss / (cnt - ddof).clamp_min(1))[inv]  # [B]
     elif scope == "global":
         n = ok.sum().clamp_min(1)

@@ -33,6 +33,23 @@ def test_group_normalize_matches_formula_and_is_invariant():
     assert a.dtype == torch.float32
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("rdev", DEVICES)
+@pytest.mark.parametrize("gdev", DEVICES)
+@pytest.mark.parametrize("scope", ["group", "global"])
+def test_group_normalize_on_every_device_pair_equals_cpu(rdev, gdev, scope):
+    # the trainer passes CPU rewards with group ids from the rollouts' device (a CUDA run once failed here);
+    # on a CUDA machine this covers every pair, on a CPU-only one the CPU case
+    g = torch.tensor([3, 3, 3, 9, 9, 9, 9, 5])
+    r = torch.tensor([1.0, 2.0, float("nan"), 0.5, 0.5, 3.0, -1.0, 2.0])
+    want = group_normalize(r, g, scope=scope)
+    got = group_normalize(r.to(rdev), g.to(gdev), scope=scope)
+    assert got.device.type == rdev
+    assert torch.allclose(got.cpu(), want, atol=1e-6)
+
+
 def test_zero_std_group_and_nan_rewards_give_zero_not_nan():
     g = torch.tensor([0, 0, 1, 1, 2])
     r = torch.tensor([1.0, 1.0, float("nan"), 2.0, 5.0])

@@ -44,7 +44,17 @@ def test_group_normalize_on_every_device_pair_equals_cpu(rdev, gdev, scope):
     # on a CUDA machine this covers every pair, on a CPU-only one the CPU case
     g = torch.tensor([3, 3, 3, 9, 9, 9, 9, 5])
     r = torch.tensor([1.0, 2.0, float("nan"), 0.5, 0.5, 3.0, -1.0, 2.0])
-    want = group_normalize(r, g, scope=scope)
+    # written out by hand: NaN left out of the statistics and given 0; group 5 has one member and gets 0
+    finite = [1.0, 2.0, 0.5, 0.5, 3.0, -1.0, 2.0]
+    mean3, mean9 = 1.5, 0.75
+    if scope == "group":
+        s3 = math.sqrt(((1.0 - mean3) ** 2 + (2.0 - mean3) ** 2) / 2)
+        s9 = math.sqrt(sum((x - mean9) ** 2 for x in (0.5, 0.5, 3.0, -1.0)) / 4)
+    else:
+        gm = sum(finite) / len(finite)
+        s3 = s9 = math.sqrt(sum((x - gm) ** 2 for x in finite) / len(finite))
+    want = torch.tensor([(1.0 - mean3) / (s3 + 1e-4), (2.0 - mean3) / (s3 + 1e-4), 0.0,
+                         *[(x - mean9) / (s9 + 1e-4) for x in (0.5, 0.5, 3.0, -1.0)], 0.0])
     got = group_normalize(r.to(rdev), g.to(gdev), scope=scope)
     assert got.device.type == rdev
     assert torch.allclose(got.cpu(), want, atol=1e-6)

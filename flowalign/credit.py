@@ -377,7 +377,7 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
 def process_q(instant: Tensor, gamma: float = 1.0) -> Tensor:
     """Q_t = r_t + γ·Q_{t+1}, Q_{T−1} = r_{T−1} (VGPO process value, METHODS.md §4.4). [B, T] → [B, T]."""
     q = torch.zeros_like(instant, dtype=torch.float64)
-    acc = torch.zeros(instant.shape[0], dtype=torch.float64)
+    acc = torch.zeros(instant.shape[0], dtype=torch.float64, device=instant.device)
     for t in range(instant.shape[1] - 1, -1, -1):
         acc = instant[:, t].to(torch.float64) + gamma * acc
         q[:, t] = acc
@@ -390,7 +390,9 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
 
     Instant reward r_it = V_x0(x_{i,t+1}) = R(decode(x̂0(x_{t+1}))) (free with velocity reuse; r_{T−1} = R_i);
     process value Q_it = r_it + γ·Q_{i,t+1}; temporal weight ω_t = mean_{i∈g} Q_it / mean_{i∈g, t′ trained} Q_it′
-    (``omega="group"``; "batch" pools all rows; "none" → 1; falls back to 1 when the denominator is ≤ 0);
+    (``omega="group"``; "batch" pools all rows; "none" → 1; the ratio assumes a positive mean reward, so ω falls
+    back to 1 unless every trained step's mean Q is > 0 — with mixed signs a negative ω_t would flip that step's
+    advantages);
     z_it = per-step group z-score of Q (0 when std < ``z_floor``); Â_it = ω_t·[z_it + κ·Q_it·1(t < t_anchor)],
     t_anchor = ⌈T/2⌉ by default. Not invariant to reward shifts by design (the κ·Q anchor is absolute).
     """
@@ -425,7 +427,7 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
                 m = unit == u
                 per_t = q[m].mean(0)  # [T]
                 den = per_t[cols].mean()
-                if bool(den > 0) and math.isfinite(float(den)):
+                if bool((per_t[cols] > 0).all()) and math.isfinite(float(den)):  # implies den > 0
                     w[m] = (per_t / den)[None].expand(int(m.sum()), -1)
         return w * (z + kappa * q * anchor[None])
 

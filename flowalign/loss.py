@@ -35,7 +35,8 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, dt: Tensor, form: s
     """
     diff = (mean.float() - ref_mean.float().detach()) ** 2
     msd = diff.flatten(1).mean(dim=1)  # [N]
-    s2 = torch.as_tensor(std, dtype=msd.dtype, device=msd.device).reshape(msd.shape[0], -1)[:, 0] ** 2  # [N]
+    std = torch.as_tensor(std, dtype=msd.dtype, device=msd.device)
+    s2 = (std.expand(msd.shape[0]) if std.dim() == 0 else std.reshape(msd.shape[0], -1)[:, 0]) ** 2  # [N]
     kl = msd / (2.0 * s2.clamp_min(1e-20))
     if form == "exact":
         return kl

@@ -298,7 +298,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                            kernel=cfg.sampler.kernel, generator=step_gen,
                                            cond_index=cond_index.to(device), group=group.to(device),
                                            prompts=batch_prompts, reduce=cfg.sampler.logp_reduce,
-                                           keep_velocities=True,
+                                           logp_form=cfg.sampler.logp_form, keep_velocities=True,
                                            trainable=_trained_mask(eta, cfg.sampler.train_fraction, 1)[0],
                                            **dict(cfg.sampler.plan_options), **shift)
         row_prompts = [batch_prompts[int(i)] for i in traj.cond_index]  # plans may add rows (branch children)
@@ -420,7 +420,8 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             cond = gather_cond(traj.cond, traj.cond_index[b])
             with nfe.phase("training"):
                 logp, trans = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
-                                            kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce)
+                                            kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce,
+                                            logp_form=cfg.sampler.logp_form)
             old = traj.log_probs[b, t]
             pol = torch.zeros_like(logp)
             for adv in advs.values():

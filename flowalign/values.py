@@ -130,16 +130,19 @@ def row_eta(traj: Trajectory) -> Tensor:
     return traj.eta.to(torch.float32)[None].expand(traj.batch_size, -1)
 
 
-def ode_canonical(eta_rows: Tensor) -> Tensor:
-    """[B, T+1] long: for each state t the last state t' ≥ t reached from it through η = 0 steps only.
+def ode_canonical(eta_rows: Tensor, shifted: Optional[Tensor] = None) -> Tensor:
+    """[B, T+1] long: for each state t the last state t' ≥ t reached from it through plain Euler steps only.
 
-    With ``ode:full`` probes V_full(x_t) = V_full(x_{t'}) exactly (METHODS.md §5.3.4); t' = T means the
-    value is the terminal reward.
+    A plain Euler step has η = 0 and no guidance shift (``shifted`` [T] or [B, T] bool, the sampler's
+    ``extras["shifted"]``). With ``ode:full`` probes V_full(x_t) = V_full(x_{t'}) exactly (METHODS.md §5.3.4);
+    t' = T means the value is the terminal reward.
     """
     b, steps = eta_rows.shape
     canon = torch.empty(b, steps + 1, dtype=torch.long)
     canon[:, steps] = steps
     ode = (eta_rows.cpu() == 0)  # [B, T]
+    if shifted is not None:
+        ode = ode & ~shifted.detach().cpu().to(torch.bool).expand(b, steps)
     for t in range(steps - 1, -1, -1):
         canon[:, t] = torch.where(ode[:, t], canon[:, t + 1], torch.full_like(canon[:, t], t))
     return canon
@@ -204,7 +207,7 @@ def probe_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mode: str
         # Euler on the native grid from t passes through x_{t+1} exactly when step t is ODE, so V(x_t) = V(x_{t'})
         # (t' = the end of t's ODE run). That holds for ode:full everywhere and for ode:m where T − t ≤ m.
         native = torch.ones_like(req_t, dtype=torch.bool) if pm.m is None else (steps - req_t) <= pm.m
-        req_c = torch.where(native, ode_canonical(row_eta(traj))[req_b, req_t], req_t)
+        req_c = torch.where(native, ode_canonical(row_eta(traj), traj.extras.get("shifted"))[req_b, req_t], req_t)
     # unique probes (row, state) with state < T; state T takes the terminal reward
     inner = req_c < steps
     pair = torch.unique(req_b[inner] * (steps + 1) + req_c[inner])  # [P0]
@@ -323,7 +326,8 @@ class RewardGuidance:
     """Process-reward gradient guidance of the sampler mean (Euphonium; METHODS.md §4.5).
 
     A ``mean_shift`` hook for ``flowalign.samplers.loop.sample``: at guided steps t it returns
-    λ·Δ_t·∇_x R_φ(x_t, σ_t, c) (``scale_dt``; or λ·∇/‖∇‖ with ``normalize``), which the loop adds to the
+    λ·Δ_t·∇_x R_φ(x_t, σ_t, c) (without Δ_t when ``scale_dt=False``; ``normalize`` replaces ∇ by ∇/‖∇‖, so
+    ``normalize`` alone gives λ·Δ_t·∇/‖∇‖ and with ``scale_dt=False`` λ·∇/‖∇‖), which the loop adds to the
     kernel mean μ_t while the log-prob stays under the unguided μ_t. Paper → ours: the PRM R_φ(z_t, t, c) is
     ``prm(x [B,*], sigma [B], cond_b) -> [B]`` (differentiable in x); their step size/λ is ``lam``
     (λ = η²/(2β) in "KL mode"). λ = 0 reproduces the unguided kernel exactly (DanceGRPO with ``dance_sde``).
@@ -439,7 +443,8 @@ def reward_grad_guide(*, velocity: VelocityFn, decode: Callable[[Tensor], Tensor
                       steps: Optional[Sequence[int]] = None) -> RewardGuidance:
     """Euphonium's reward-gradient-guided SDE (METHODS.md §4.5) with ``RewardPRM`` as the process reward.
 
-    ``lam``: λ of μ^g = μ + λ·Δ_t·∇R_φ (or λ·∇/‖∇‖ with ``normalize``); ``steps``: the guided steps (None = the
+    ``lam``: λ of μ^g = μ + λ·Δ_t·∇R_φ (``normalize``: ∇/‖∇‖ in place of ∇; ``scale_dt=False``: no Δ_t);
+    ``steps``: the guided steps (None = the
     trainer's trained steps of each iteration). Every reward in ``weights`` must be differentiable.
     """
     if not math.isfinite(lam) or lam < 0:

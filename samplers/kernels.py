@@ -113,16 +113,24 @@ def get_kernel(kernel):
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {sorted(KERNELS)}") from None
 
 
-def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
-    """True log-density of x_{t+1} under N(mean, std²·I), reduced over the latent (METHODS.md §2.5).
+LOGP_FORMS = ("exact", "cps_mse")
 
-    ``reduce="sum"``: log p = −‖x′ − μ‖²/(2s²) − D·log s − (D/2)·log 2π.
+
+def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean", form: str = "exact") -> Tensor:
+    """Log-density of x_{t+1} under N(mean, std²·I), reduced over the latent (METHODS.md §2.5).
+
+    ``form="exact"`` (default), ``reduce="sum"``: log p = −‖x′ − μ‖²/(2s²) − D·log s − (D/2)·log 2π;
     ``reduce="mean"``: the same divided by D (Flow-GRPO's element-mean; published clip ranges assume it).
+    ``form="cps_mse"``: CPS's surrogate −‖x′ − μ‖² (÷ D for ``mean``; Flow-GRPO's ``cps`` code, METHODS.md §2.5
+    and Q6): no 1/(2s²) and no constants, so its log-ratios are the exact mean-reduced ones × 2s², and the
+    published CPS clip range (1e-5) is calibrated to it. For parity runs only.
     ``x_next`` is detached. Where s = 0 the density is undefined (a deterministic step): 0 is returned and
-    no gradient flows. Returns ``[B]`` in float32 (or wider).
+    no gradient flows (both forms). Returns ``[B]`` in float32 (or wider).
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    if form not in LOGP_FORMS:
+        raise ValueError(f"form must be one of {LOGP_FORMS}, got {form!r}")
     dtype = torch.promote_types(mean.dtype, torch.float32)
     mean = mean.to(dtype)
     x_next = x_next.detach().to(dtype)
@@ -130,7 +138,10 @@ def gaussian_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduce: str = "
     std = std.expand_as(mean) if std.dim() == mean.dim() else _bc(std, mean).expand_as(mean)
     live = std > 0
     safe = torch.where(live, std, torch.ones_like(std))
-    elem = -((x_next - mean) ** 2) / (2 * safe * safe) - torch.log(safe) - 0.5 * _LOG_2PI  # [B, *latent]
+    if form == "exact":
+        elem = -((x_next - mean) ** 2) / (2 * safe * safe) - torch.log(safe) - 0.5 * _LOG_2PI  # [B, *latent]
+    else:  # cps_mse
+        elem = -((x_next - mean) ** 2)  # [B, *latent]
     elem = torch.where(live, elem, torch.zeros_like(elem))
     dims = tuple(range(1, elem.dim()))
     out = elem.sum(dim=dims) if dims else elem  # [B]

@@ -36,7 +36,7 @@ def eta_schedule(steps: int, eta: float | Tensor = 0.0, *, window: Optional[tupl
         out = torch.full((steps,), float(eta), dtype=torch.float32)  # [T]
     if window is not None:
         t0, n = window
-        mask = torch.zeros(steps, dtype=torch.bool)
+        mask = torch.zeros(steps, dtype=torch.bool, device=out.device)
         mask[t0:t0 + n] = True
         out = torch.where(mask, out, torch.zeros_like(out))
     if not last_step_noise:
@@ -60,8 +60,9 @@ def _step(kernel, velocity: VelocityFn, x: Tensor, sig: Tensor, sig_next: Tensor
 def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: float | Tensor = 0.0,
            kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
-           keep_means: bool = False, reduce: str = "mean", mean_shift: Optional[Callable[..., Optional[Tensor]]] = None,
-           logprob_under: str = "unguided", **kernel_kwargs) -> Trajectory:
+           keep_means: bool = False, reduce: str = "mean", logp_form: str = "exact",
+           mean_shift: Optional[Callable[..., Optional[Tensor]]] = None, logprob_under: str = "unguided",
+           **kernel_kwargs) -> Trajectory:
     """Sample a batch of chains x_0 → x_T and record per-step log-probabilities.
 
     Args:
@@ -73,16 +74,20 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
         eta: a float for every step, or a per-step tensor [T] (0 ⇒ an exact Euler step, no log-prob).
         kernel: a registry name or a kernel function.
         generator: draws the step noise ξ (reproducible given its state).
+        reduce / logp_form: how the stored log-prob is reduced and which form (``gaussian_log_prob``).
         mean_shift: optional guidance hook ``mean_shift(x_t, v_t, σ_t, σ_{t+1}, t, cond_b) -> shift | None``;
             the sample is drawn from N(μ_t + shift, s_t²) (Euphonium's guided SDE, METHODS.md §4.5) while the
             stored log-prob (and ``means``) use the unguided μ_t unless ``logprob_under="guided"``.
-            None (default) leaves sampling untouched.
+            None (default) leaves sampling untouched. Steps it shifted are listed in ``extras["shifted"]`` [T]
+            (a shifted η = 0 step is not an ODE step: value probes must not skip it).
     """
     if logprob_under not in ("unguided", "guided"):
         raise ValueError(f"logprob_under must be 'unguided' or 'guided', got {logprob_under!r}")
     kern = get_kernel(kernel)
     steps = int(sigmas.shape[0]) - 1
     eta_t = eta if isinstance(eta, Tensor) and eta.dim() == 1 else torch.full((steps,), float(eta))
+    if eta_t.shape[0] != steps:
+        raise ValueError(f"eta has {eta_t.shape[0]} entries, expected one per step ({steps})")
     eta_t = eta_t.to(torch.float32)  # [T]
     eta_host = eta_t.tolist()  # one host read for the whole loop, not one per step
     b = x.shape[0]
@@ -97,6 +102,7 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
     latents = [x]
     logps = torch.zeros(b, steps, dtype=torch.float32, device=dev)  # [B, T]
     vels, means = [], []
+    shifted = torch.zeros(steps, dtype=torch.bool)  # [T] steps whose mean the hook moved
     with torch.no_grad():
         for t in range(steps):
             v, tr = _step(kern, velocity, x, sig[t], sig[t + 1], eta_t[t].to(dev), cond_b, **kernel_kwargs)
@@ -105,10 +111,11 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
                 shift = mean_shift(x, v, sig[t], sig[t + 1], t, cond_b)
                 if shift is not None:
                     center = tr.mean + shift.to(tr.mean.dtype)  # guided mean μ^g
+                    shifted[t] = True
             if eta_host[t] > 0:
                 x_next = center + tr.std * _noise_like(center, generator)  # [B, *latent]
                 logps[:, t] = gaussian_log_prob(x_next, center if logprob_under == "guided" else tr.mean, tr.std,
-                                                reduce=reduce)
+                                                reduce=reduce, form=logp_form)
             else:
                 x_next = center
             if keep_velocities:
@@ -128,13 +135,14 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
         prompts=tuple(prompts),
         velocities=torch.stack(vels, dim=1) if keep_velocities else None,  # [B, T, *latent]
         means=torch.stack(means, dim=1) if keep_means else None,  # [B, T, *latent]
+        extras={"shifted": shifted} if bool(shifted.any()) else {},
     )
 
 
 def branch(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, step: int, children: int, eta: float,
            kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
-           reduce: str = "mean", **kernel_kwargs) -> Trajectory:
+           reduce: str = "mean", logp_form: str = "exact", **kernel_kwargs) -> Trajectory:
     """ODE prefix, K stochastic children at ``step``, ODE completion (TempFlow-GRPO; METHODS.md §2.7).
 
     Each of the B trunks is integrated with Euler up to ``x_step`` (computed once per trunk), then K
@@ -165,7 +173,7 @@ def branch(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, step:
     mean = tr.mean.index_select(0, rep)
     std = tr.std.index_select(0, rep) if tr.std.dim() > 0 else tr.std
     x_next = mean + std * _noise_like(mean, generator)  # [B·K, *latent]
-    lp = gaussian_log_prob(x_next, mean, std, reduce=reduce)  # [B·K]
+    lp = gaussian_log_prob(x_next, mean, std, reduce=reduce, form=logp_form)  # [B·K]
     suffix = sample(velocity, x_next, sigmas[step + 1:], cond, eta=0.0, kernel="euler",
                     cond_index=cond_index.index_select(0, rep), keep_velocities=keep_velocities)
     latents = torch.cat([prefix.latents.index_select(0, rep), suffix.latents], dim=1)  # [B·K, T+1, *latent]
@@ -181,7 +189,8 @@ def branch(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, step:
 
 
 def step_log_prob(velocity: VelocityFn, x: Tensor, x_next: Tensor, sigma: Tensor, sigma_next: Tensor, eta: Tensor,
-                  cond: Cond, *, kernel="flow_sde", reduce: str = "mean", **kernel_kwargs) -> tuple[Tensor, Transition]:
+                  cond: Cond, *, kernel="flow_sde", reduce: str = "mean", logp_form: str = "exact",
+                  **kernel_kwargs) -> tuple[Tensor, Transition]:
     """Re-score stored transitions with gradients through the same kernel (METHODS.md §2, §3.6).
 
     ``x``, ``x_next`` [B, *latent]; ``sigma``, ``sigma_next``, ``eta`` [B] (a flat batch may mix steps);
@@ -190,4 +199,4 @@ def step_log_prob(velocity: VelocityFn, x: Tensor, x_next: Tensor, sigma: Tensor
     kern = get_kernel(kernel)
     v = velocity(x, sigma, cond)  # [B, *latent]
     tr = kern(x, v, sigma, sigma_next, eta, **kernel_kwargs)
-    return gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce), tr
+    return gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce, form=logp_form), tr

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from flowalign.samplers.kernels import gaussian_log_prob, get_kernel
-from flowalign.samplers.loop import _noise_like, gather_cond, sample
+from flowalign.samplers.loop import _noise_like, eta_schedule, gather_cond, sample
 from flowalign.types import Cond, Trajectory, VelocityFn
 
 
@@ -167,7 +167,7 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
            group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
            generator: Optional[torch.Generator] = None, keep_velocities: bool = False, children: int = 6,
            branch_steps: str | int | Sequence[int] = "all", prompts: Sequence[str] = (), reduce: str = "mean",
-           max_batch: Optional[int] = None, trainable: Optional[Tensor] = None, **kernel_kwargs) -> Trajectory:
+           logp_form: str = "exact", max_batch: Optional[int] = None, trainable: Optional[Tensor] = None, **kernel_kwargs) -> Trajectory:
     """TempFlow-GRPO branching (He et al. 2025, "TempFlow-GRPO"; METHODS.md §2.7, §4.3).
 
     Each noise row is a *seed*: a pure-ODE trunk x_0 → x_k (computed once per seed), then at every chosen
@@ -202,8 +202,9 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
     if group is None:
         group = cond_index.clone()
     cond_index, group = cond_index.to(dev), group.to(dev)
+    # a float η: every step but the last, which stays deterministic (as ``eta_schedule``)
     eta_vec = eta.detach().to(torch.float32).cpu() if isinstance(eta, Tensor) and eta.dim() == 1 else \
-        torch.full((steps,), float(eta))  # [T]
+        eta_schedule(steps, float(eta))  # [T]
     if eta_vec.shape[0] != steps:
         raise ValueError(f"eta has {eta_vec.shape[0]} entries, expected {steps}")
     stochastic = eta_vec > 0  # [T]
@@ -246,7 +247,7 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
     tr = kern(x_k, v_k, sig[k_t], sig[k_t + 1], eta_k, **kernel_kwargs)
     std = tr.std.expand_as(tr.mean) if tr.std.dim() == tr.mean.dim() else tr.std
     x_next = tr.mean + std * _noise_like(tr.mean, generator)  # [N, *latent]
-    lp = gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce)  # [N]
+    lp = gaussian_log_prob(x_next, tr.mean, tr.std, reduce=reduce, form=logp_form)  # [N]
 
     comp = staggered_ode(velocity, x_next, k_t + 1, sig, cond, cond_index[seed_t], max_batch=max_batch,
                          keep_path=True)

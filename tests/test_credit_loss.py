@@ -134,6 +134,8 @@ def test_gaussian_kl_exact_and_flow_grpo_forms():
     q = torch.distributions.Normal(ref, std.expand_as(mu))
     assert torch.allclose(kl, torch.distributions.kl_divergence(p, q).flatten(1).mean(1), atol=1e-6)
     assert torch.allclose(gaussian_kl(mu, ref, std, dt, form="flow_grpo"), want * 0.1 * torch.tensor([1, 2, 3.0]))
+    # a 0-d std (what the kernels return for 0-d sigmas) is shared by every row
+    assert torch.allclose(gaussian_kl(mu, ref, torch.tensor(0.2), dt), torch.full((3,), 0.01 / 0.08), atol=1e-6)
 
 
 def test_kl_is_zero_when_policy_equals_reference():

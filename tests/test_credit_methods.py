@@ -261,6 +261,18 @@ def test_vgpo_q_recursion_anchor_and_omega():
     assert torch.allclose(omega.mean(1), torch.ones(6), atol=1e-5) and not torch.allclose(omega, torch.ones(6, 3))
 
 
+def test_vgpo_omega_falls_back_to_one_when_a_step_mean_is_not_positive():
+    """Mixed-sign Q (e.g. ImageReward): ω_t < 0 would flip a step's advantages, so ω ≡ 1 (METHODS.md §4.4)."""
+    group = torch.zeros(3, dtype=torch.long)
+    eta = torch.tensor([0.7, 0.7, 0.0])
+    v = torch.tensor([[0.0, 6.2, -0.9, -1.0], [0.0, 5.8, -1.1, -0.8], [0.0, 6.0, -1.0, -1.2]])  # Q_t=1 < 0
+    adv = assign_credit("value_anchor", _inp({"r": v}, group, eta), {"kappa": 0.0}).advantages
+    ref = assign_credit("value_anchor", _inp({"r": v}, group, eta), {"kappa": 0.0, "omega": "none"}).advantages
+    assert torch.equal(adv, ref)
+    q = process_q(v[:, 1:])[:, 1]
+    assert (torch.sign(adv[:, 1]) == torch.sign(q - q.mean()).float()).all()  # the higher Q, the higher Â
+
+
 def test_vgpo_uses_free_x0_probes_of_post_step_states():
     traj = _gw_rollout(eta_schedule(T, 0.7))
     inp = _engine_inp(traj)

@@ -169,6 +169,10 @@ def test_branch_candidates_are_restricted_to_trainable_steps():
                             trainable=trainable)
         assert set(r.extras["branch_step"].tolist()) <= {0, 1, 2}
     assert run("all", None).extras["branch_candidates"].tolist() == list(range(steps - 1))
+    # a float η means every step but the deterministic last one, as eta_schedule (CPS has s = 0 there)
+    flt = PLANS["branch"](gaussian_world_velocity, x, sig, cond, cond_index=ci, group=ci, eta=0.7, kernel="cps",
+                          generator=torch.Generator().manual_seed(1), children=2)
+    assert flt.extras["branch_candidates"].tolist() == list(range(steps - 1)) and (flt.log_probs.sum(1) != 0).all()
     with pytest.raises(ValueError):
         run([4], trainable)  # an explicit untrained step is refused, not silently wasted
     chained = PLANS["chain"](gaussian_world_velocity, x, sig, cond, cond_index=ci, eta=eta,

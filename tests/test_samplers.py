@@ -135,6 +135,46 @@ def test_log_prob_zero_std_is_zero_without_nan_grad():
     assert torch.isfinite(mean.grad).all() and mean.grad[0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("reduce", ["sum", "mean"])
+def test_cps_mse_log_ratio_is_the_exact_one_times_2s2(reduce):
+    """CPS's −MSE surrogate (METHODS.md §2.5, Q6): log ρ_cps = 2·s²·log ρ_exact for either reduction; 0 where s = 0."""
+    g = torch.Generator().manual_seed(5)
+    m_old = torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    m_new = m_old + 0.05 * torch.randn(m_old.shape, generator=g, dtype=torch.float64)
+    std = torch.tensor([0.3, 0.7, 0.0, 1.2, 0.05], dtype=torch.float64)
+    x = m_old + std[:, None, None, None] * torch.randn(m_old.shape, generator=g, dtype=torch.float64)
+    ex = gaussian_log_prob(x, m_new, std, reduce) - gaussian_log_prob(x, m_old, std, reduce)
+    mse = gaussian_log_prob(x, m_new, std, reduce, "cps_mse") - gaussian_log_prob(x, m_old, std, reduce, "cps_mse")
+    assert torch.allclose(mse, 2 * std**2 * ex, atol=1e-12, rtol=1e-9)
+    sq = ((x - m_new) ** 2).flatten(1)
+    want = -(sq.sum(1) if reduce == "sum" else sq.mean(1))
+    want[2] = 0.0  # the deterministic row
+    assert torch.allclose(gaussian_log_prob(x, m_new, std, reduce, "cps_mse"), want, atol=1e-12)
+    with pytest.raises(ValueError, match="form must be one of"):
+        gaussian_log_prob(x, m_new, std, reduce, "mse")
+
+
+def test_sample_and_rescoring_store_the_chosen_logp_form():
+    """``logp_form="cps_mse"`` reaches the stored log-probs and the re-scored ones, so the first ratio is 1."""
+    torch.manual_seed(0)
+    m = LinearVelocity()
+    x = torch.randn(3, 6)
+    cond = {"c": torch.randn(3, 6)}
+    sig = schedules.sd3_diffusers(6)
+    eta = eta_schedule(6, 0.8)
+    tr = sample(m, x, sig, cond, eta=eta, kernel="cps", generator=torch.Generator().manual_seed(1),
+                keep_means=True, logp_form="cps_mse")
+    sq = -((tr.latents[:, 1:] - tr.means) ** 2).mean(dim=-1)  # [B, T]
+    live = eta > 0
+    assert torch.allclose(tr.log_probs[:, live], sq[:, live], atol=1e-7) and (tr.log_probs[:, ~live] == 0).all()
+    for t in range(5):
+        lp, _ = step_log_prob(m, tr.latents[:, t], tr.latents[:, t + 1], sig[t].expand(3), sig[t + 1].expand(3),
+                              eta[t].expand(3), cond, kernel="cps", logp_form="cps_mse")
+        assert torch.allclose(lp, tr.log_probs[:, t], atol=1e-7)
+    ex = sample(m, x, sig, cond, eta=eta, kernel="cps", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(ex.latents, tr.latents) and not torch.allclose(ex.log_probs[:, live], tr.log_probs[:, live])
+
+
 @pytest.mark.parametrize("name,eta", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.7)])
 def test_draws_match_kernel_gaussian(name, eta):
     """10^5 draws of one transition through the loop match μ and s within Monte-Carlo tolerance."""
@@ -261,6 +301,12 @@ def test_on_policy_ratio_is_one(name, eta):
     # gradients reach the weights
     lp.sum().backward()
     assert m.lin.weight.grad.abs().sum() > 0
+
+
+def test_eta_of_the_wrong_length_is_refused():
+    m = LinearVelocity()
+    with pytest.raises(ValueError, match="expected one per step"):
+        sample(m, torch.randn(2, 6), schedules.sd3_diffusers(6), {"c": torch.zeros(2, 6)}, eta=torch.full((9,), 0.7))
 
 
 def test_windowed_sde_only_window_is_stochastic():

@@ -54,16 +54,28 @@ def test_train_end_to_end_writes_everything(tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
 
 
-def test_first_update_is_on_policy(tmp_path):
-    """ρ ≡ 1 on the first micro-batches: same kernel, η, sigmas and CFG as the rollout (METHODS.md §3.8)."""
+@pytest.mark.parametrize("sampler", [[], ["sampler.kernel=cps", "sampler.logp_form=cps_mse", "train.clip_range=1e-5"]],
+                         ids=["flow_sde", "cps_mse"])
+def test_first_update_is_on_policy(tmp_path, monkeypatch, sampler):
+    """ρ ≡ 1 on the first micro-batches: same kernel, η, sigmas, CFG and log-prob form as the rollout (METHODS.md §3.8)."""
+    from flowalign.samplers import loop
     from flowalign.train import train
 
-    run = train(_cfg(tmp_path / "run", "train.iterations=1", "train.micro_batch=1000", 
+    forms = []
+    real = loop.gaussian_log_prob
+
+    def spy(*args, **kwargs):
+        forms.append(kwargs.get("form", "exact"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "gaussian_log_prob", spy)  # the rollout and the re-scoring both go through loop
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", "train.micro_batch=1000",
                      "train.filter_zero_std=false", "train.shuffle_transitions=false",
-                     "train.optimizer_steps_per_iter=1"))
+                     "train.optimizer_steps_per_iter=1", *sampler))
     m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0 and m["train/clipfrac_low"] == 0
     assert m["train/approx_kl"] < 1e-10
+    assert len(forms) > 1 and set(forms) == {"cps_mse" if sampler else "exact"}
 
 
 def test_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):

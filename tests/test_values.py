@@ -138,6 +138,26 @@ def test_ode_canonical_maps_states_through_ode_runs():
     assert ode_canonical(eta).tolist() == [[1, 1, 4, 4, 4, 6, 6]]
 
 
+def test_guided_deterministic_steps_are_not_skipped_as_ode():
+    """A guidance shift at an η = 0 step makes it a non-ODE step: skipping it would give V(x_{T−1}) = R (wrong)."""
+    steps = 8
+    cond = {"c": torch.tensor([[-0.3] * 4, [0.4] * 4])}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, generator=g)
+    guide = RewardGuidance(lambda z, s, c: -(z - 3.0).pow(2).mean(1), lam=5.0, steps=None)  # every step, η=0 too
+    tr = sample(gaussian_world_velocity, x, schedules.sd3_diffusers(steps), cond, eta=eta_schedule(steps, 0.7),
+                cond_index=torch.tensor([0, 0, 1, 1]), generator=g, keep_velocities=True, mean_shift=guide)
+    assert tr.extras["shifted"].all()
+    mask = torch.zeros(4, steps + 1, dtype=torch.bool)
+    mask[:, steps - 1] = True
+    term = score(tr.final, None)
+    fast = probe_values(gaussian_world_velocity, tr, mask, "ode:full", score, terminal=term)["r"][:, steps - 1]
+    ref = probe_values(gaussian_world_velocity, tr, mask, "ode:full", score, terminal=term,
+                       skip_ode=False)["r"][:, steps - 1]
+    assert torch.allclose(fast, ref) and not torch.allclose(fast, term["r"])
+    assert ode_canonical(torch.zeros(1, 3), torch.tensor([False, True, False])).tolist() == [[1, 1, 3, 3]]
+
+
 def test_nfe_counter_phase_and_make_probe_cache():
     class Model:
         def velocity(self, x, sigma, cond):

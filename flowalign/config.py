@@ -169,7 +169,7 @@ class EvalConfig:
 class OutputConfig:
     run_dir: str = _f("runs/shapes_grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, grids/, eval/, report.html")
     overwrite: bool = _f(False, "start afresh in a non-empty run directory: it is deleted first (default: refuse, nothing is overwritten)")
-    resume: bool = _f(False, "resume from the latest checkpoint in run_dir")
+    resume: bool = _f(False, "resume from the latest checkpoint in run_dir (exact; only output.*, eval.*, train.iterations, checkpointing and model.device may differ from the run's config.yaml)")
     tensorboard: bool = _f(True, "also write TensorBoard event files")
 
 
@@ -401,6 +401,27 @@ def _build(cls: type, raw: Mapping, where: str = "") -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
+
+
 def _read_yaml(path: Path) -> dict:
     import yaml
 
@@ -411,7 +432,7 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read config file {path}: {err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -869,7 +890,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("run", f"{t.iterations} iterations, {d['rollouts_total']} rollouts, {d['optimizer_steps_total']} optimizer steps, "
                 f"seed {t.seed}, rollout NFE/iter {d['nfe_rollout_per_iter'] or 'see nfe/sampling in metrics'}"),
         ("data", f"train {cfg.data.train_prompts} ({'shuffled' if cfg.data.shuffle else 'in order'}), eval {cfg.data.eval_prompts}"),
-        ("eval", f"{'every ' + str(e.every) + ' iters' if e.every else 'before/after'}, {e.kernel} T={e.steps} cfg {e.guidance:g}, "
+        ("eval", f"{', '.join(w for w, on in (('before', e.before), (f'every {e.every} iters', e.every), ('after', e.after)) if on) or 'off'}, {e.kernel} T={e.steps} cfg {e.guidance:g}, "
                  f"{e.seeds_per_prompt} seeds/prompt{', ' + str(e.max_prompts) + ' prompts' if e.max_prompts else ''}, rewards {', '.join(e.rewards)}"),
         ("output", f"{cfg.output.run_dir}" + (" (resume)" if cfg.output.resume else "") + (" (overwrite)" if cfg.output.overwrite else "")),
     ]

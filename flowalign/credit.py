@@ -106,7 +106,7 @@ def outcome(inp: CreditInput) -> Credit:
     Paper symbols: Â_t^i = (R(x_0^i, c) − mean({R_j})) / std({R_j}) for all t; our A[i, t] for trained t.
     """
     adv = terminal_advantage(inp)  # [B]
-    return Credit(advantages=adv[:, None] * inp.trained.to(adv.dtype))  # [B, T]
+    return Credit(advantages=adv[:, None] * inp.trained.to(device=adv.device, dtype=adv.dtype))  # [B, T]
 
 
 # ------------------------------------------------------------------------------------------ dense credit helpers

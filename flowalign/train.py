@@ -124,6 +124,86 @@ def _dist():
     return 0, 1, (lambda t: t), (lambda: None)
 
 
+# settings that may change between a run and its resume: where and how often it writes, how long it runs, how it
+# is evaluated, the device; everything else decides the training trajectory, so exact resume needs it unchanged
+RESUMABLE_CHANGES = ("output.", "train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "eval.",
+                     "data.eval_prompts", "model.device")
+
+
+def _flat_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_flat_config(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
+    """Exact resume needs the run's own settings: refuse (one line) when a trajectory-deciding field changed."""
+    saved = run / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        old = _flat_config(C.load_config(str(saved)))
+    except UserError as e:
+        raise UserError(f"cannot resume {run}: its config.yaml is unreadable ({e})") from None
+    new = _flat_config(cfg)
+    diff = [f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if diff:
+        raise UserError(f"cannot resume {run} with changed settings: {', '.join(diff)}; resume with the run's "
+                        f"config ({saved}) or start a new output.run_dir")
+
+
+def _check_components(cfg: C.ExperimentConfig) -> None:
+    """Registry names and option keys the config schema cannot check: refuse them before anything is written."""
+    import difflib
+
+    from flowalign.credit import CREDIT
+    from flowalign.samplers.kernels import get_kernel
+    from flowalign.samplers.loop import sample
+    from flowalign.values import parse_mode
+
+    c = cfg.credit
+    if c.name not in CREDIT:
+        close = difflib.get_close_matches(c.name, list(CREDIT), n=1)
+        raise UserError(f"credit.name: unknown credit method {c.name!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(CREDIT)}"))
+    known = [k for k in inspect.signature(CREDIT[c.name]).parameters if k != "inp"]
+    bad = [k for k in c.options if k not in known]
+    if bad:
+        raise UserError(f"credit.options: unknown option(s) {bad} for credit {c.name!r}; known: {', '.join(known) or 'none'}")
+    for k, v in c.options.items():
+        if (k == "probe" or k.endswith("_probe")) and v is not None:
+            try:
+                parse_mode(str(v))
+            except ValueError as e:
+                raise UserError(f"credit.options.{k}: {e}") from None
+    sp = cfg.sampler
+    skip = {"velocity", "noise", "x", "sigmas", "cond", "cond_index", "group", "eta", "kernel", "generator",
+            "keep_velocities", "trainable", "prompts", "reduce", "logp_form", "mean_shift", "options", "kernel_kwargs"}
+    plan_fn = sample if sp.plan == "chain" else PLANS[sp.plan]  # the chain plan forwards its options to sample
+    known = [k for k, p in inspect.signature(plan_fn).parameters.items() if k not in skip and p.kind != p.VAR_KEYWORD]
+    known += [k for k, p in inspect.signature(get_kernel(sp.kernel)).parameters.items()
+              if k not in ("x", "v", "sigma", "sigma_next", "eta") and p.kind == p.KEYWORD_ONLY]
+    bad = [k for k in sp.plan_options if k not in known]
+    if bad:
+        raise UserError(f"sampler.plan_options: unknown option(s) {bad} for plan {sp.plan!r} with kernel "
+                        f"{sp.kernel!r}; known: {', '.join(known) or 'none'}")
+    try:
+        dev = torch.device(cfg.model.device)
+    except RuntimeError:
+        raise UserError(f"model.device: unknown device {cfg.model.device!r}; e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={cfg.model.device!r} but this torch has no CUDA device "
+                        f"(torch {torch.__version__}); use model.device=cpu or install a CUDA build")
+
+
 def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
     """Refuse to clobber an earlier run; return (run_dir, checkpoint to resume or None). Writes nothing."""
     run = Path(cfg.output.run_dir)
@@ -131,6 +211,8 @@ def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
         ckpt = _latest_checkpoint(run)
         if ckpt is None:
             logger.info("resume: no checkpoint in %s, starting fresh", run)
+        else:
+            _check_resume_config(cfg, run)
         return run, ckpt
     if run.exists() and any(run.iterdir()) and not cfg.output.overwrite:
         raise UserError(f"run directory {run} already exists and is not empty; pass output.resume=true to continue it, "
@@ -144,7 +226,15 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
         return
     import json
 
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("iteration", 0) <= iteration]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            rec = json.loads(ln) if ln.strip() else None
+        except json.JSONDecodeError:  # a line cut short by the kill
+            logger.warning("metrics.jsonl: dropping a truncated line")
+            continue
+        if rec is not None and rec.get("iteration", 0) <= iteration:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -168,14 +258,18 @@ def train(cfg: C.ExperimentConfig) -> Path:
     # 0. setup (validate everything before the first write: bad input leaves no trace) --------------------
     rank, world, reduce_mean, barrier = _dist()
     derived = C.derived(cfg, world_size=world)
+    _check_components(cfg)
     run, ckpt_dir = _check_run_dir(cfg)
     device = torch.device(cfg.model.device)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (also broadcast below, as DDP does)
 
     # 1. model --------------------------------------------------------------------------------------
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype, guidance_scale=cfg.model.guidance,
-                       **dict(cfg.model.kwargs))
+    try:
+        model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype,
+                           guidance_scale=cfg.model.guidance, **dict(cfg.model.kwargs))
+    except TypeError as e:  # an unknown model.kwargs key
+        raise UserError(f"model.kwargs: {e}") from None
     try:
         params = model.add_lora(cfg.model.lora_rank or None, int(cfg.model.lora_alpha) or None,
                                 targets=tuple(cfg.model.lora_targets) or None)
@@ -193,7 +287,10 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
     # 2. rewards ------------------------------------------------------------------------------------
     def make(name: str):
-        return build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
+        try:
+            return build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
+        except TypeError as e:  # an unknown reward.kwargs key
+            raise UserError(f"reward.kwargs.{name}: {e}") from None
 
     rewards = {name: make(name) for name in cfg.reward.weights}
     eval_rewards = {name: make(name) for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
@@ -234,6 +331,11 @@ def train(cfg: C.ExperimentConfig) -> Path:
     if rank == 0:
         if run.exists() and cfg.output.overwrite and not cfg.output.resume:
             shutil.rmtree(run)
+        if cfg.output.resume and ckpt_dir is None:  # nothing to resume: a fresh start must not append to old logs
+            for stale in ("metrics.jsonl", "tb"):
+                if (run / stale).exists():
+                    logger.warning("resume: no checkpoint in %s; removing the earlier %s of this run", run, stale)
+                    shutil.rmtree(run / stale) if (run / stale).is_dir() else (run / stale).unlink()
         run.mkdir(parents=True, exist_ok=True)
         C.dump_yaml(cfg, run / "config.yaml")
         logger.info("\n%s", C.summary(cfg, world))

@@ -130,6 +130,14 @@ BAD = {
     "bad_lora_target": ("model:\n  lora_targets: [to_q, ff.net.9]\n", [], "ff.net.9"),
     "guide_flat_reward": ("sampler:\n  guide: reward_grad\n", [], "differentiable"),  # shapes_partial has no gradient
     "nft_dense_credit": ("train:\n  objective: nft\ncredit:\n  name: dense_gain\n", [], "credit.name=outcome"),
+    "duplicate_key": ("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n", [], "duplicate key 'lr'"),
+    # registry names and options the schema cannot check: refused before anything is written
+    "unknown_credit": ("", ["credit.name=outcom"], "did you mean 'outcome'"),
+    "credit_option": ("", ["credit.options.foo=1"], "unknown option(s) ['foo']"),
+    "probe_mode": ("", ["credit.name=dense_gain", "credit.options.probe=bogus"], "unknown probe mode 'bogus'"),
+    "plan_option": ("", ["sampler.plan_options.foo=1"], "sampler.plan_options"),
+    "model_kwargs": ("", ["model.kwargs.foo=1"], "model.kwargs"),
+    "bad_device": ("", ["model.device=cpux"], "model.device"),
 }
 
 
@@ -148,6 +156,48 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
     assert len(err) == 1 and err[0].startswith("flowalign train: error:"), r.stderr
     assert needle.lower() in err[0].lower() and r.stderr.strip().splitlines()[-1] == err[0], r.stderr
     assert not run.exists() or not any(run.iterdir())
+
+
+def test_overwrite_with_a_bad_setting_keeps_the_earlier_run(tmp_path):
+    """output.overwrite=true deletes the old run only once every setting is known to be valid."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    (run / "keep.txt").write_text("precious")
+    r = _run_cli(["train", str(ROOT / "configs" / "shapes_grpo.yaml"), *SMALL, f"output.run_dir={run}",
+                  "output.overwrite=true", "credit.name=outcom"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("flowalign train: error: credit.name")
+    assert (run / "keep.txt").read_text() == "precious" and (run / "checkpoints" / "step-1").is_dir()
+
+
+def test_resume_refuses_changed_settings_and_tolerates_a_cut_metrics_line(tmp_path):
+    from flowalign.errors import UserError
+    from flowalign.train import train
+
+    run = tmp_path / "run"
+    train(_cfg(run, "train.iterations=1"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for bad, needle in (("train.group_size=8", "train.group_size (4 → 8)"), ("model.lora_rank=4", "model.lora_rank"),
+                        ("sampler.steps=5", "sampler.steps")):
+        with pytest.raises(UserError, match="changed settings") as e:
+            train(_cfg(run, "train.iterations=2", "output.resume=true", bad))
+        assert needle in str(e.value)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 2, "cut')  # a line cut short by a kill
+    train(_cfg(run, "train.iterations=2", "output.resume=true", "eval.max_prompts=1"))  # allowed changes
+    its = [json.loads(x)["iteration"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert its == [1, 2]
+
+
+def test_resume_without_a_checkpoint_starts_fresh_logs(tmp_path):
+    from flowalign.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "stale": 1}) + "\n" for i in (1, 2, 3)))
+    train(_cfg(run, "train.iterations=1", "output.resume=true"))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1] and "stale" not in lines[0]
 
 
 def test_existing_run_is_not_overwritten_and_corrupted_checkpoint_fails(tmp_path):

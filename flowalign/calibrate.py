@@ -133,8 +133,24 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True, help="output JSON (its 'eta' list is the per-step η of dance_sde)")
     args = ap.parse_args(list(argv))
+    # every argument is checked before the model loads and before anything is written
+    from pathlib import Path
+
+    from flowalign.rewards import resolve as resolve_reward
+    from flowalign.sample import check_positive
+    from flowalign.values import parse_mode
+
+    check_positive(steps=args.steps, iterations=args.iterations, max_batch=args.max_batch)
     if args.n < 1 or args.group_size < 1 or args.n % args.group_size:
         raise UserError(f"--n ({args.n}) must be a positive multiple of --group-size ({args.group_size})")
+    try:
+        parse_mode(args.probe)
+    except ValueError:
+        raise UserError(f"--probe {args.probe!r} is not a probe mode; use x0, ode:M, ode:full, ode2:M or ode2:full "
+                        f"(M = sub-steps >= 1)") from None
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a directory; pass the path of a JSON file, e.g. "
+                        f"{Path(args.out) / 'eta.json'}")
     weights: dict[str, float] = {}
     for spec in args.reward or ["shapes_partial=1"]:
         name, _, w = spec.partition("=")
@@ -142,6 +158,7 @@ def cli_main(argv: Sequence[str]) -> int:
             weights[name] = float(w) if w else 1.0
         except ValueError:
             raise UserError(f"--reward {spec!r}: the weight must be a number, e.g. --reward {name}=1") from None
+        resolve_reward(name)  # an unknown name fails here, before the model loads
     kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
     model = load_model(args.model, args.path, device=args.device, **kw)
     rewards = {k: build_reward(k) for k in weights}

@@ -1,7 +1,8 @@
 """The ``flowalign`` command.
 
 Each subcommand lives in the module that owns it and exposes ``cli_main(argv) -> int``; this file only
-dispatches (lazily, so ``flowalign --help`` is fast). A ``UserError`` anywhere prints one line and exits 2.
+dispatches (lazily, so ``flowalign --help`` is fast). A ``UserError`` anywhere prints one line and exits 2; Ctrl-C
+prints one line and exits 130.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
     "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample`, `bench credit`, `bench grad-snr`)"),
     "calibrate": ("flowalign.calibrate", "DenseGRPO reward-aware per-step noise calibration -> a per-step eta file"),
+}
+
+
+# what to tell a user who pressed Ctrl-C, after "interrupted" (commands that can pick up where they stopped)
+INTERRUPT_HINTS: dict[str, str] = {
+    "train": "continue with output.resume=true",
+    "pretrain": "continue from the last checkpoint with --resume (same --out)",
 }
 
 
@@ -48,12 +56,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"flowalign: unknown command {cmd!r}{hint} (see `flowalign --help`)\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    module = importlib.import_module(COMMANDS[cmd][0])
     try:
+        module = importlib.import_module(COMMANDS[cmd][0])
         return int(module.cli_main(rest) or 0)
     except UserError as err:
         sys.stderr.write(f"flowalign {cmd}: error: {err}\n")
         return 2
+    except KeyboardInterrupt:
+        hint = f"; {INTERRUPT_HINTS[cmd]}" if cmd in INTERRUPT_HINTS else ""
+        sys.stderr.write(f"\nflowalign {cmd}: interrupted{hint}\n")
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

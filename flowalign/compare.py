@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, Any]:
-    """Evaluation points of one run: ``{"label", "credit", "rollouts": [...], "nfe": [...], "value": [...], ...}``.
+    """Evaluation points of one run: ``{"label", "credit", "rollouts": [...], "nfe": [...], "value": [...], ...}``
+    (``"rewards"``: every reward its evaluations hold; ``value`` is empty when ``reward`` is none of them).
 
     Point 0 is the base model (0 rollouts, 0 NFE); ``step-N`` is after iteration N; ``final`` after the last one.
     Rollouts after N iterations = N · groups_per_iter · group_size (the trajectories sampled, whatever the
@@ -61,9 +62,12 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     if not sums:
         raise UserError(f"{run} has no evaluations (eval/*/summary.json); train with eval.before/eval.every/eval.after")
     pts = []
+    available: set[str] = set()  # the rewards the evaluations of this run hold (to name them when ``reward`` is not one)
     for label, path in sums.items():
         it = 0 if label == "base" else (last_it if label == "final" else int(label.split("-", 1)[1]))
-        value = read_summary(path)["overall"].get(reward)
+        overall = read_summary(path)["overall"]
+        available.update(overall)
+        value = overall.get(reward)
         if value is None or not math.isfinite(float(value)):
             continue
         pts.append((it, float(value)))
@@ -87,7 +91,29 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         "nfe": [nfe_after.get(p[0], float("nan")) for p in pts],
         "value": [p[1] for p in pts],
         "wall_s": wall,
+        "rewards": sorted(available),
     }
+
+
+def _check_curves(curves: Sequence[dict[str, Any]], reward: str) -> None:
+    """One-line ``UserError`` when a run has no evaluation point of ``reward`` (suggesting the closest reward)."""
+    for c in curves:
+        if c["value"]:
+            continue
+        if reward in c["rewards"]:
+            raise UserError(f"run {c['label']}: no finite {reward!r} value in its evaluations (eval/*/summary.json)")
+        import difflib
+
+        close = difflib.get_close_matches(reward, c["rewards"], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"--reward {reward!r} is not in the evaluations of run {c['label']} "
+                        f"(they hold: {', '.join(c['rewards']) or 'nothing'}){hint}")
+
+
+def _check_out_dir(out: Path) -> None:
+    """One-line ``UserError`` when ``--out`` exists as a file (``mkdir`` would fail after the runs were read)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; pass a directory for compare.png and compare.md")
 
 
 def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict") -> tuple[Path, Path]:
@@ -99,9 +125,16 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
 
     from flowalign.io import atomic_write_bytes, atomic_write_text
 
-    curves = [run_curve(d, reward) for d in run_dirs]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(out)
+    curves = [run_curve(d, reward) for d in run_dirs]
+    _check_curves(curves, reward)  # before anything is written
+    lines = [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward} | Δ | best |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in curves:
+        v = c["value"]
+        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,} | {c['nfe'][-1]:,.0f} | {c['wall_s']:.0f} | "
+                     f"{v[0]:.3f} | {v[-1]:.3f} | {v[-1] - v[0]:+.3f} | {max(v):.3f} |")
     below = len(curves) > 6  # many runs: the legend goes under the plots instead of over the curves
     rows = -(-len(curves) // 2) if below else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.15 * rows), dpi=110)
@@ -132,12 +165,6 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     fig.savefig(buf, format="png")
     plt.close(fig)
     png = atomic_write_bytes(out / "compare.png", buf.getvalue())
-    lines = [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward} | Δ | best |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in curves:
-        v = c["value"]
-        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,} | {c['nfe'][-1]:,.0f} | {c['wall_s']:.0f} | "
-                     f"{v[0]:.3f} | {v[-1]:.3f} | {v[-1] - v[0]:+.3f} | {max(v):.3f} |")
     md = atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     return png, md
 

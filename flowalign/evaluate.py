@@ -202,8 +202,9 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     passk = summarize_pass_at_k(records, names)
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
         summ["pass_at_k"] = passk
-    summ["settings"] = {"steps": steps, "guidance": guidance, "kernel": kernel, "seeds_per_prompt": seeds_per_prompt,
-                        "seed": seed, "prompts": len(prompts)}
+    used = guidance if guidance is not None else getattr(model, "guidance_scale", None)  # the scale that sampled
+    summ["settings"] = {"steps": steps, "guidance": None if used is None else float(used), "kernel": kernel,
+                        "seeds_per_prompt": seeds_per_prompt, "seed": seed, "prompts": len(prompts)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -232,7 +233,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="reward constructor argument, e.g. pickscore.path=/weights/PickScore_v1 (repeatable)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="adapter argument, e.g. height=64 (repeatable; values parsed as YAML)")
+                   help="adapter argument, e.g. guidance_scale=3 (shapes) or height=1024 (sd3, flux) "
+                        "(repeatable; values parsed as YAML)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (>= 2 adds pass@k of pass/fail rewards)")
@@ -244,32 +246,52 @@ def cli_main(argv: Sequence[str]) -> int:
 
     import yaml
 
-    def kv(text: str) -> tuple[str, Any]:
-        if "=" not in text:
-            raise UserError(f"expected KEY=VALUE, got {text!r}")
-        k, v = text.split("=", 1)
-        return k.strip(), yaml.safe_load(v)
+    from flowalign.models import resolve as resolve_model
+    from flowalign.rewards import resolve as resolve_reward
+    from flowalign.rewards.catalog import check_kwargs
+    from flowalign.sample import check_lora_dir, check_positive, load_lora_checked
 
+    def kv(text: str, flag: str) -> tuple[str, Any]:
+        if "=" not in text:
+            raise UserError(f"{flag} {text!r}: expected KEY=VALUE")
+        k, v = text.split("=", 1)
+        try:
+            return k.strip(), yaml.safe_load(v)
+        except yaml.YAMLError:
+            return k.strip(), v
+
+    # every argument is checked before the model loads and before anything is written
+    check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; pass a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose a new --out")
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     if not names:
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
     reward_kwargs: dict[str, dict] = {n: {} for n in names}
     for text in args.reward_arg:
-        key, value = kv(text)
+        key, value = kv(text, "--reward-arg")
         if "." not in key or key.split(".", 1)[0] not in reward_kwargs:
             raise UserError(f"--reward-arg {text!r} must look like NAME.KEY=VALUE with NAME one of {names}")
         n, k = key.split(".", 1)
         reward_kwargs[n][k] = value
+    for n in names:
+        check_kwargs(resolve_reward(n), reward_kwargs[n], f"--reward-arg: reward {n!r}")
+    model_kwargs = dict(kv(t, "--model-arg") for t in args.model_arg)
+    for k in ("path", "device"):
+        if k in model_kwargs:
+            raise UserError(f"--model-arg {k}=...: pass --{k} instead")
+    check_kwargs(resolve_model(args.model).from_pretrained, model_kwargs, f"--model-arg: model {args.model!r}",
+                 reserved=("path", "device"))
+    if args.lora:
+        check_lora_dir(args.lora)
     records = D.load_prompts(args.prompts)
     records = D.spaced_subset(records, args.max_prompts)
-    model = load_model(args.model, args.path, device=args.device, **dict(kv(t) for t in args.model_arg))
+    model = load_model(args.model, args.path, device=args.device, **model_kwargs)
     if args.lora:
-        if not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-            raise UserError(f"no pytorch_lora_weights.safetensors in {args.lora}")
-        model.load_lora(args.lora)
+        load_lora_checked(model, args.lora)
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
     rewards = {n: build_reward(n, **reward_kwargs[n]) for n in names}

@@ -89,16 +89,40 @@ class PretrainConfig:
                 close = difflib.get_close_matches(k, list(known), n=1)
                 raise UserError(f"unknown pretrain config key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             default = known[k].default
-            if isinstance(default, bool):
-                v = bool(v)
-            elif isinstance(default, int):
-                v = int(v)
-            elif isinstance(default, float):
-                v = float(v)  # PyYAML reads 5e-4 as a string
-            elif isinstance(default, tuple):
-                v = tuple(float(x) for x in v)
+            try:
+                if isinstance(default, bool):
+                    v = bool(v)
+                elif isinstance(default, int):
+                    if isinstance(v, float) and not v.is_integer():
+                        raise ValueError(v)
+                    v = int(v)
+                elif isinstance(default, float):
+                    v = float(v)  # PyYAML reads 5e-4 as a string
+                elif isinstance(default, tuple):
+                    v = tuple(float(x) for x in v)
+            except (TypeError, ValueError):
+                raise UserError(f"pretrain config {k!r}: expected {type(default).__name__}, got {v!r}") from None
             out[k] = v
-        return cls(**out)
+        cfg = cls(**out)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """One-line ``UserError`` for a value no run can use (a run of 0 steps would write an untrained final/)."""
+        rules = [("steps", self.steps >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+                 ("lr", self.lr >= 0, ">= 0"), ("warmup", self.warmup >= 0, ">= 0"),
+                 ("min_lr_ratio", self.min_lr_ratio >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0"),
+                 ("ema_decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
+                 ("caption_dropout", 0 <= self.caption_dropout <= 1, "in [0, 1]"),
+                 ("uniform_fraction", 0 <= self.uniform_fraction <= 1, "in [0, 1]"),
+                 ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only at the end)"),
+                 ("keep_checkpoints", self.keep_checkpoints >= 1, "at least 1"),
+                 ("log_every", self.log_every >= 1, "at least 1"), ("threads", self.threads >= 0, ">= 0 (0 = as is)")]
+        flags = {"steps", "batch_size", "lr", "seed", "threads"}  # also settable on the command line
+        for name, ok, want in rules:
+            if not ok:
+                where = f"--{name.replace('_', '-')} or {name}: in the config" if name in flags else f"{name}: in the config"
+                raise UserError(f"pretrain {name} must be {want}, got {getattr(self, name)!r}; fix {where}")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -418,10 +442,21 @@ def load_config(path: Optional[str], overrides: dict[str, Any]) -> PretrainConfi
 
         p = Path(path)
         if not p.is_file():
-            raise UserError(f"pretrain config {path!r} not found")
-        d = yaml.safe_load(p.read_text()) or {}
+            raise UserError(f"pretrain config {path!r} not found" + (" (it is a directory)" if p.is_dir() else ""))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read pretrain config {path}: {err}") from None
+        try:
+            d = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:  # the same one-line form as `flowalign train`: FILE:LINE:COL: malformed YAML
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"{loc}: malformed YAML: {problem}") from None
         if not isinstance(d, dict):
-            raise UserError(f"pretrain config {path!r} must be a mapping")
+            raise UserError(f"pretrain config {path!r} must be a mapping of PretrainConfig fields (steps: ..., lr: ...), "
+                            f"got {type(d).__name__}")
     d.update({k: v for k, v in overrides.items() if v is not None})
     return PretrainConfig.from_dict(d)
 
@@ -441,6 +476,8 @@ def cli_main(argv: Sequence[str]) -> int:
     args = ap.parse_args(list(argv))
     cfg = load_config(args.config, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                     "seed": args.seed, "threads": args.threads})
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a file; pass a run directory (new, or one to --resume)")
     if not args.resume and _checkpoints(Path(args.out)):
         raise UserError(f"{args.out!r} already holds checkpoints; pass --resume to continue or choose a new --out")
     pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)

@@ -77,11 +77,57 @@ def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optio
     return save_image_grid(images, path, nrow=seeds_per_prompt, labels=labels)
 
 
+def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:
+    """``path`` as a LoRA checkpoint directory whose weight file reads as LoRA tensors, or a one-line ``UserError``.
+
+    Reads only the (small) LoRA file, so a command can refuse a bad ``--lora`` before it loads the model.
+    """
+    from safetensors import SafetensorError
+
+    from flowalign.models.lora import WEIGHT_NAME, read_lora
+
+    lora = Path(path)
+    if not (lora / WEIGHT_NAME).is_file():
+        raise UserError(f"{flag} {str(lora)!r}: no {WEIGHT_NAME} there; pass a checkpoint directory, "
+                        f"e.g. runs/NAME/checkpoints/step-N")
+    try:
+        read_lora(lora)
+    except (SafetensorError, OSError, ValueError) as err:  # garbage / truncated file, no LoRA tensors
+        raise UserError(f"{flag} {str(lora)!r}: cannot read {WEIGHT_NAME} ({_first_line(err)}); pass a checkpoint "
+                        f"directory written by `flowalign train`") from err
+    return lora
+
+
+def load_lora_checked(model, path: str | Path, flag: str = "--lora") -> None:
+    """``model.load_lora(path)`` with a one-line ``UserError`` when the file does not fit the model."""
+    from safetensors import SafetensorError
+
+    lora = check_lora_dir(path, flag)
+    try:
+        model.load_lora(lora)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:  # keys/shapes of another model
+        raise UserError(f"{flag} {str(lora)!r} does not fit this model ({_first_line(err)}); pass a LoRA trained on "
+                        f"the same --model/--path") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text[:200]
+
+
+def check_positive(**values: Optional[int]) -> None:
+    """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def cli_main(argv: Sequence[str]) -> int:
     import argparse
 
     from flowalign import data as D
     from flowalign.models import load_model
+    from flowalign.samplers import KERNELS
 
     p = argparse.ArgumentParser(prog="flowalign sample", description="Sample an image grid from a model.")
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
@@ -92,29 +138,40 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--kernel", default="euler", help="euler | flow_sde | dance_sde | cps")
+    p.add_argument("--kernel", default="euler", help=f"step kernel: {' | '.join(KERNELS)}")
     p.add_argument("--eta", type=float, default=0.0, help="noise level of an SDE kernel (0 = ODE)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="samples.png", help="output PNG grid")
     args = p.parse_args(list(argv))
+    # every argument is checked before the model loads and before anything is written
+    check_positive(seeds=args.seeds, steps=args.steps)
+    if args.kernel not in KERNELS:
+        import difflib
+
+        close = difflib.get_close_matches(args.kernel, list(KERNELS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"--kernel {args.kernel!r} is not a kernel (choose one of {', '.join(KERNELS)}){hint}")
+    if args.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if args.eta > 0 and args.kernel == "euler":
+        raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a directory; pass the path of a PNG file, e.g. {Path(args.out) / 'samples.png'}")
     if args.prompt_file:
         prompts = [r.prompt for r in D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)]
     else:
         prompts = list(args.prompts)
     if not prompts:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
+    if args.lora:
+        check_lora_dir(args.lora)
     model = load_model(args.model, args.path, device=torch.device(args.device))
     if args.lora:
-        lora = Path(args.lora)
-        if not (lora / "pytorch_lora_weights.safetensors").is_file():
-            raise UserError(f"no pytorch_lora_weights.safetensors in {lora}; pass a checkpoint directory")
-        model.load_lora(lora)
+        load_lora_checked(model, args.lora)
     for pr in prompts:
         model.encode([pr])  # out-of-grammar / unreadable prompts fail before any sampling
-    if args.eta > 0 and args.kernel == "euler":
-        raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     out = sample_grid(model, prompts, args.out, steps=steps, guidance=args.guidance, seed=args.seed,
                       seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta)

@@ -120,19 +120,23 @@ def _offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def hub_hint(repo: str, what: str, arg: str, filename: Optional[str] = None) -> str:
+def hub_hint(repo: str, what: str, arg: str, filename: Optional[str] = None, reward: Optional[str] = None) -> str:
+    """One line: the checkpoint is missing, how to download it, and how to pass it. With ``reward`` (its registry
+    name) the argument is named as a train config sets it and as ``flowalign eval`` takes it."""
     mode = "downloads are off (HF_HUB_OFFLINE=1)" if _offline() else "it could not be downloaded"
     item = f"file {filename!r} of {repo!r}" if filename else repo
     files = f" {filename}" if filename else ""
     where = f"DIR/{filename}" if filename else "DIR"
+    how = (f"set reward.kwargs.{reward}.{arg}={where} (train config) or pass --reward-arg {reward}.{arg}={where} "
+           f"(flowalign eval)" if reward else f"pass {arg}={where}")
     return (
         f"{what}: checkpoint {item} is not in the local Hugging Face cache and {mode}; on a machine with network run "
-        f"`hf download {repo}{files} --local-dir DIR`, copy DIR here and pass {arg}={where}"
+        f"`hf download {repo}{files} --local-dir DIR`, copy DIR here and {how}"
     )
 
 
 @contextlib.contextmanager
-def hub_errors(source: str, what: str, arg: str = "path") -> Iterator[None]:
+def hub_errors(source: str, what: str, arg: str = "path", reward: Optional[str] = None) -> Iterator[None]:
     """Turn a loader's failure on an uncached hub id into a one-line ``UserError`` (local paths re-raise as is)."""
     try:
         yield
@@ -140,7 +144,7 @@ def hub_errors(source: str, what: str, arg: str = "path") -> Iterator[None]:
         raise
     except (OSError, ValueError) as err:  # transformers/huggingface_hub raise OSError subclasses when offline
         if is_hub_id(source):
-            raise UserError(hub_hint(source, what, arg)) from err
+            raise UserError(hub_hint(source, what, arg, reward=reward)) from err
         raise
 
 

@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 from flowalign.errors import UserError
 
@@ -105,15 +105,46 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str, reserved: Collection[str] = ()) -> None:
+    """Raise a one-line ``UserError`` when ``fn`` (a class or function) has no keyword parameter named like a key
+    of ``kwargs``, naming the bad key, the valid ones and the closest. ``reserved`` parameters are set by the
+    command itself and are not offered. Functions taking ``**kwargs`` accept anything and are not checked.
+
+    Used by the commands that take constructor arguments from the user (``rewards serve``, ``eval --reward-arg``
+    and ``--model-arg``), before anything is built; it lives here, low in the import order, so all can use it."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature (a C builtin): let the call decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in reserved]
+    bad = [k for k in kwargs if k not in valid]
+    if not bad:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(bad[0], valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    takes = f"valid: {', '.join(valid)}" if valid else "it takes none"
+    raise UserError(f"{what} has no argument {bad[0]!r} ({takes}){hint}")
+
+
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return _serve(argv[1:])
     p = argparse.ArgumentParser(prog="flowalign rewards", description="List every registered reward "
                                 "(or `flowalign rewards serve NAME ...` to serve one over HTTP).")
-    p.add_argument("command", nargs="?", default="list", choices=["list"])
+    p.add_argument("command", nargs="?", default="list", choices=["list", "serve"],
+                   help="list (default): the catalogue; serve NAME [key=value ...]: serve a reward over HTTP "
+                        "(see `flowalign rewards serve --help`)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
+    if args.command == "serve":  # `serve` not first, e.g. `rewards --json serve`
+        raise UserError("`serve` must come first: flowalign rewards serve NAME [key=value ...] (see --help there)")
     entries = catalog()
     sys.stdout.write((json.dumps(entries, indent=2, ensure_ascii=False) if args.json else format_catalog(entries)) + "\n")
     return 0
@@ -131,7 +162,13 @@ def _serve(argv: Sequence[str]) -> int:
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--max-mb", type=float, default=256.0, help="largest request body in MB (larger → HTTP 413)")
     args = p.parse_intermixed_args(list(argv))  # options and key=value pairs in any order
-    reward = build_reward(args.name, **parse_kwargs(args.kwargs))
+    from flowalign.rewards import resolve
+
+    kwargs = parse_kwargs(args.kwargs)
+    check_kwargs(resolve(args.name), kwargs, f"reward {args.name!r}")  # before any weights load
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
+    reward = build_reward(args.name, **kwargs)
     server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 1e6), background=False)
     sys.stdout.write(f"serving reward {getattr(reward, 'name', args.name)!r} at {server.url} (POST /score, GET /health); "
                      f"Ctrl-C stops\n")

@@ -137,6 +137,7 @@ class HFClip:
     """A frozen transformers CLIP tower with its processor (PickScore, CLIPScore, aesthetic backbone).
 
     ``path``: model directory or hub id; ``processor_path``: processor directory or hub id (default: ``path``).
+    ``what``: the reward's registry name ("pickscore"), used in error messages to name its arguments.
     ``vision_only``: no tokenizer (aesthetic ignores the prompt). The whole ``CLIPModel`` is still loaded: loading
     ``CLIPVisionModelWithProjection`` from a ``CLIPModel`` checkpoint depends on the vision sub-config's projection_dim.
     """
@@ -149,9 +150,9 @@ class HFClip:
         self.dtype = torch_dtype(dtype)
         path = resolve_source(path, f"{what} model")
         processor_path = resolve_source(processor_path or path, f"{what} processor")
-        with hub_errors(path, f"{what} model", "path"):
+        with hub_errors(path, f"{what} model", "path", reward=what):  # ``what`` is the reward's registry name
             self.model = freeze(CLIPModel.from_pretrained(path, dtype=self.dtype)).to(self.device)
-        with hub_errors(processor_path, f"{what} processor", "processor_path"):
+        with hub_errors(processor_path, f"{what} processor", "processor_path", reward=what):
             if vision_only:
                 self.tokenizer = None
                 self.image_processor = CLIPImageProcessor.from_pretrained(processor_path)

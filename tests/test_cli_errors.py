@@ -1,0 +1,283 @@
+"""Bad input to the `flowalign` commands: one line naming the bad value, exit code 2, nothing written.
+
+Runs ``flowalign.cli.main`` in-process (no model sampling): every argument is checked before the model loads,
+which the ``no_model`` fixture enforces by making any model load fail the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from flowalign.cli import main
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command loads a model: its arguments must be refused before that."""
+    import flowalign.models
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad argument was refused")
+
+    monkeypatch.setattr(flowalign.models, "load_model", boom)
+
+
+def _fails(capsys, argv, *needles, cmd=None):
+    """Run ``flowalign argv``; assert exit 2 and one stderr line `flowalign CMD: error: ...` holding every needle."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"flowalign {cmd or argv[0]}: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _garbage_lora(tmp_path):
+    d = tmp_path / "lora"
+    d.mkdir()
+    (d / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file at all")
+    return d
+
+
+def _listing(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- sample
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--seeds", "0"], ["--seeds", "0"]),
+    (["--steps", "0"], ["--steps", "0"]),
+    (["--kernel", "foo"], ["'foo'", "dance_sde"]),
+    (["--kernel", "flow-sde"], ["'flow-sde'", "did you mean 'flow_sde'"]),
+])
+def test_sample_refuses_bad_numbers_and_kernels(tmp_path, capsys, no_model, extra, needles):
+    out = tmp_path / "grid.png"
+    _fails(capsys, ["sample", "a red circle", *extra, "--out", str(out)], *needles)
+    assert _listing(tmp_path) == []
+
+
+def test_sample_and_eval_refuse_a_garbage_lora_before_loading_the_model(tmp_path, capsys, no_model):
+    lora = _garbage_lora(tmp_path)
+    line = _fails(capsys, ["sample", "a red circle", "--lora", str(lora), "--out", str(tmp_path / "g.png")],
+                  str(lora), "cannot read")
+    assert "header" in line  # the library's reason, on the same line
+    _fails(capsys, ["eval", "--lora", str(lora), "--out", str(tmp_path / "ev")], str(lora), "cannot read")
+    assert _listing(tmp_path) == ["lora"]
+
+
+def test_a_lora_of_another_model_is_one_line(tmp_path, capsys):
+    """A readable LoRA file whose tensors do not fit the model is refused after loading it, still in one line."""
+    from safetensors.torch import save_file
+
+    d = tmp_path / "other"
+    d.mkdir()
+    save_file({"transformer.nope.lora_A.weight": __import__("torch").zeros(2, 2)},
+              str(d / "pytorch_lora_weights.safetensors"))
+    out = tmp_path / "g.png"
+    _fails(capsys, ["sample", "a red circle", "--lora", str(d), "--steps", "1", "--out", str(out)], str(d),
+           "does not fit this model")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- eval
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--steps", "0"], ["--steps", "0"]),
+    (["--batch-size", "0"], ["--batch-size", "0"]),
+    (["--seeds", "0"], ["--seeds", "0"]),
+    (["--reward-arg", "shapes_strict.foo=1"], ["'foo'", "shapes_strict", "takes none"]),
+    (["--model-arg", "foo=1"], ["'foo'", "guidance_scale"]),
+    (["--model-arg", "guidance=3"], ["'guidance'", "did you mean 'guidance_scale'"]),
+    (["--model-arg", "device=cuda"], ["--device"]),
+])
+def test_eval_refuses_bad_arguments_before_the_model_loads(tmp_path, capsys, no_model, extra, needles):
+    out = tmp_path / "ev"
+    _fails(capsys, ["eval", "--max-prompts", "2", *extra, "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_eval_refuses_an_out_that_is_a_file(tmp_path, capsys, no_model):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    _fails(capsys, ["eval", "--max-prompts", "2", "--out", str(f)], str(f), "is a file")
+    assert f.read_text() == "keep me" and _listing(tmp_path) == ["taken"]
+
+
+def test_eval_help_example_works_and_summary_records_the_guidance_used(tmp_path, capsys):
+    """The --model-arg example of `eval --help` runs on the default model; summary.json holds the effective scale."""
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    assert "guidance_scale=3" in help_text and "height=64" not in help_text
+    out = tmp_path / "ev"
+    code = main(["eval", "--max-prompts", "1", "--seeds", "1", "--steps", "2", "--model-arg", "guidance_scale=3",
+                 "--rewards", "shapes_partial", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["guidance"] == 3.0  # not null: the model's scale, set by --model-arg, is what sampled
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def test_rewards_serve_refuses_an_unknown_constructor_argument(capsys):
+    _fails(capsys, ["rewards", "serve", "shapes_partial", "foo=1"], "'foo'", "shapes_partial")
+
+
+def test_rewards_help_shows_serve(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["rewards", "--help"])
+    assert e.value.code == 0
+    assert "{list,serve}" in capsys.readouterr().out
+
+
+def test_offline_pickscore_error_names_the_config_and_the_cli_form(monkeypatch):
+    from flowalign.errors import UserError
+    from flowalign.rewards import build_reward
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        build_reward("pickscore")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "reward.kwargs.pickscore.path=DIR" in msg and "--reward-arg pickscore.path=DIR" in msg
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _run(d, values):
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"train": {"groups_per_iter": 2, "group_size": 4},
+                                                   "credit": {"name": "outcome"}}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "nfe/sampling": 10 * i}) + "\n"
+                                             for i in range(1, 3)))
+    for label, v in values.items():
+        (d / "eval" / label).mkdir(parents=True)
+        (d / "eval" / label / "summary.json").write_text(json.dumps({"overall": v, "per_task": {}}))
+    return d
+
+
+def test_compare_refuses_a_reward_the_runs_do_not_hold_before_writing(tmp_path, capsys):
+    run = _run(tmp_path / "run", {"base": {"shapes_strict": 0.3, "shapes_partial": 0.5},
+                                  "final": {"shapes_strict": 0.4, "shapes_partial": 0.6}})
+    out = tmp_path / "cmp5"
+    _fails(capsys, ["compare", str(run), "--out", str(out), "--reward", "shapes_strct"], "'shapes_strct'",
+           "did you mean 'shapes_strict'")
+    assert not out.exists()  # no half-written compare.png
+
+
+def test_compare_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    run = _run(tmp_path / "run", {"base": {"shapes_strict": 0.3}, "final": {"shapes_strict": 0.4}})
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    _fails(capsys, ["compare", str(run), "--out", str(f)], str(f), "is a file")
+    assert f.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+
+
+def test_calibrate_refuses_a_bad_probe_and_a_directory_out(tmp_path, capsys, no_model):
+    out = tmp_path / "eta.json"
+    _fails(capsys, ["calibrate", "--probe", "bogus", "--out", str(out)], "'bogus'", "ode:full")
+    assert not out.exists()
+    d = tmp_path / "adir"
+    d.mkdir()
+    _fails(capsys, ["calibrate", "--out", str(d)], str(d), "is a directory")
+    assert _listing(tmp_path) == ["adir"] and _listing(d) == []
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+
+
+def test_pretrain_malformed_yaml_is_file_line_col(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 10\nlr: [1, 2\nfoo: : bar\n")
+    out = tmp_path / "p"
+    _fails(capsys, ["pretrain", "--config", str(bad), "--out", str(out)], f"{bad}:3:", "malformed YAML")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--steps", "0"], ["steps", "0", "--steps"]),
+    (["--batch-size", "0"], ["batch_size", "--batch-size"]),
+])
+def test_pretrain_refuses_runs_that_cannot_train(tmp_path, capsys, argv, needles):
+    out = tmp_path / "p"
+    _fails(capsys, ["pretrain", "--out", str(out), *argv], *needles)
+    assert not out.exists()  # in particular no untrained final/
+
+
+def test_pretrain_config_with_a_wrongly_typed_value_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: lots\n")
+    _fails(capsys, ["pretrain", "--config", str(cfg), "--out", str(tmp_path / "p")], "'steps'", "'lots'")
+    assert _listing(tmp_path) == ["c.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.parametrize("cmd, module, tail", [
+    ("train", "flowalign.train", "; continue with output.resume=true"),
+    ("compare", "flowalign.compare", ""),
+])
+def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, cmd, module, tail):
+    import importlib
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), "cli_main", interrupted)
+    assert main([cmd, "whatever"]) == 130
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"flowalign {cmd}: interrupted{tail}"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")
+def test_ctrl_c_of_a_real_command_exits_130(tmp_path):
+    """A real SIGINT while a command runs (a pretraining run that would take minutes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from flowalign.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", code, "pretrain", "--out", str(tmp_path / "p"), "--no-progress"],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "p" / "config.yaml").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # training has started
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip() and " INFO " not in ln]
+    assert lines == ["flowalign pretrain: interrupted; continue from the last checkpoint with --resume (same --out)"], \
+        err[-2000:]
+
+
+def test_check_kwargs_names_the_bad_key_and_lets_var_keyword_functions_decide():
+    from flowalign.errors import UserError
+    from flowalign.rewards.catalog import check_kwargs
+
+    def f(path, *, device="cpu", batch_size=1):
+        return path
+
+    check_kwargs(f, {"device": "cuda", "batch_size": 2}, "f")
+    with pytest.raises(UserError, match=r"f has no argument 'batchsize' \(valid: device, batch_size\); "
+                                        r"did you mean 'batch_size'\?"):
+        check_kwargs(f, {"batchsize": 2}, "f", reserved=("path",))
+    check_kwargs(lambda **kw: kw, {"anything": 1}, "g")  # e.g. sd3's extra kwargs go to diffusers

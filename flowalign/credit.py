@@ -356,7 +356,7 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
         adv_row = _aggregate(inp, vals, lambda v: group_normalize(v[rows, k + 1], group, **_norm_kw(inp))[:, None]
                              )[:, 0]
     adv = torch.zeros(b, steps)
-    adv[rows, k] = adv_row
+    adv[rows, k] = adv_row.detach().cpu().to(adv.dtype)  # credit tensors live on the CPU
     adv = adv * trained.to(adv.dtype)
     weights = None
     if noise_weights:
@@ -394,7 +394,8 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
     back to 1 unless every trained step's mean Q is > 0 — with mixed signs a negative ω_t would flip that step's
     advantages);
     z_it = per-step group z-score of Q (0 when std < ``z_floor``); Â_it = ω_t·[z_it + κ·Q_it·1(t < t_anchor)],
-    t_anchor = ⌈T/2⌉ by default. Not invariant to reward shifts by design (the κ·Q anchor is absolute).
+    t_anchor = ⌈T/2⌉ by default. Not invariant to reward shifts by design (the κ·Q anchor is absolute). A row
+    whose reward is NaN ("not applicable") is left out of its group's statistics and gets Â = 0.
     """
     if omega not in ("group", "batch", "none"):
         raise ValueError(f"omega must be 'group', 'batch' or 'none', got {omega!r}")
@@ -413,23 +414,28 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
     unit = group if omega == "group" else torch.zeros_like(group)
 
     def fn(v: Tensor) -> Tensor:
+        ok = torch.isfinite(v[:, -1].to(torch.float64)).cpu()  # [B] rows with a reward (NaN = "not applicable")
         inst = torch.nan_to_num(v[:, 1:], nan=0.0)  # [B, T] r_t = V(x_{t+1}); unprobed early steps unused
         q = process_q(inst, gamma)  # [B, T]
         z = torch.zeros_like(q)
         for g in group.unique():
-            m = group == g
+            m = (group == g) & ok
+            if not bool(m.any()):
+                continue
             qg = q[m]  # [G, T]
             std = qg.std(dim=0, unbiased=False)
             z[m] = torch.where(std >= z_floor, (qg - qg.mean(0)) / std.clamp_min(z_floor), torch.zeros_like(qg))
         w = torch.ones_like(q)
         if omega != "none":
             for u in unit.unique():
-                m = unit == u
+                m = (unit == u) & ok
+                if not bool(m.any()):
+                    continue
                 per_t = q[m].mean(0)  # [T]
                 den = per_t[cols].mean()
                 if bool((per_t[cols] > 0).all()) and math.isfinite(float(den)):  # implies den > 0
                     w[m] = (per_t / den)[None].expand(int(m.sum()), -1)
-        return w * (z + kappa * q * anchor[None])
+        return w * (z + kappa * q * anchor[None]) * ok[:, None]  # rows without a reward get 0
 
     adv = _aggregate(inp, vals, fn)
     return Credit(advantages=adv * trained.to(adv.dtype))
@@ -476,7 +482,7 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
             a_row = group_normalize(tot, group, **norm)
         else:
             a_row = sum(float(w) * group_normalize(inp.rewards[k], group, **norm) for k, w in inp.reward_weights.items())
-        ora = c_ora * a_row.clamp(-adv_clip, adv_clip)[:, None] * tf  # [B, T]
+        ora = c_ora * a_row.detach().cpu().clamp(-adv_clip, adv_clip)[:, None] * tf  # [B, T]
     pra = None
     if heads in ("both", "pra"):
         if pra_probe is None:

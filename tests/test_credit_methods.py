@@ -273,6 +273,17 @@ def test_vgpo_omega_falls_back_to_one_when_a_step_mean_is_not_positive():
     assert (torch.sign(adv[:, 1]) == torch.sign(q - q.mean()).float()).all()  # the higher Q, the higher Â
 
 
+def test_vgpo_rows_without_a_reward_get_zero_and_leave_the_others_unchanged():
+    group = torch.tensor([0, 0, 0, 0])
+    eta = torch.tensor([0.7, 0.7, 0.0])
+    v = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) + 0.5
+    nan = v.clone()
+    nan[3, -1] = float("nan")  # row 3's reward is "not applicable"
+    adv = assign_credit("value_anchor", _inp({"r": nan}, group, eta), {}).advantages
+    ref = assign_credit("value_anchor", _inp({"r": v[:3]}, group[:3], eta), {}).advantages
+    assert (adv[3] == 0).all() and torch.allclose(adv[:3], ref, atol=1e-6)
+
+
 def test_vgpo_uses_free_x0_probes_of_post_step_states():
     traj = _gw_rollout(eta_schedule(T, 0.7))
     inp = _engine_inp(traj)

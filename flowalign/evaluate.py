@@ -107,7 +107,7 @@ def summarize(records: Sequence[Mapping[str, Any]], reward_names: Optional[Seque
                                if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)})
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
-        groups.setdefault(str(r.get(group_key, "all")), []).append(r)
+        groups.setdefault(_group_of(r, group_key), []).append(r)
 
     def mean(rs: Sequence[Mapping[str, Any]], name: str) -> float:
         vals = [float(r[name]) for r in rs if name in r and not math.isnan(float(r[name]))]
@@ -119,6 +119,17 @@ def summarize(records: Sequence[Mapping[str, Any]], reward_names: Optional[Seque
         vals = [v[n] for v in per.values() if not math.isnan(v[n])]
         overall[n] = sum(vals) / len(vals) if vals else float("nan")
     return {"overall": overall, "per_task": per, "counts": {g: len(rs) for g, rs in groups.items()}, "n": len(records)}
+
+
+def _group_of(record: Mapping[str, Any], group_key: str) -> str:
+    """A record's group: ``group_key``; for the default "task" also GenEval's ``tag`` and Parti's ``category``
+    (``data.task_of``'s order), so every benchmark gets its per-task table and task-averaged overall."""
+    keys = (group_key, "tag", "category") if group_key == "task" else (group_key,)
+    for k in keys:
+        v = record.get(k)
+        if isinstance(v, str) and v:
+            return v
+    return "all"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -150,7 +161,7 @@ def summarize_pass_at_k(records: Sequence[Mapping[str, Any]], reward_names: Sequ
             if v is None or math.isnan(float(v)):
                 continue
             prompts.setdefault(r["prompt_index"], []).append(float(v))
-            group_of[r["prompt_index"]] = str(r.get(group_key, "all"))
+            group_of[r["prompt_index"]] = _group_of(r, group_key)
         if not prompts or any(v not in (0.0, 1.0) for vs in prompts.values() for v in vs):
             continue
         n_min = min(len(vs) for vs in prompts.values())

@@ -387,10 +387,12 @@ def read_summary(path: str | Path) -> dict:
 
 
 def find_summaries(run_dir: str | Path) -> dict[str, Path]:
-    """``{label: summary.json}`` under ``run_dir/eval``, ordered base, step-N ascending, final."""
+    """``{label: summary.json}`` under ``run_dir/eval``, ordered base, step-N ascending, final; for the output
+    directory of ``flowalign eval`` (a ``summary.json`` at its top) ``{"eval": run_dir/summary.json}``."""
     eval_dir = Path(run_dir) / "eval"
     if not eval_dir.is_dir():
-        return {}
+        top = Path(run_dir) / "summary.json"
+        return {"eval": top} if top.is_file() else {}
     found: dict[str, Path] = {}
     if (eval_dir / "base" / "summary.json").is_file():
         found["base"] = eval_dir / "base" / "summary.json"
@@ -517,6 +519,22 @@ def _comparison_table(base: dict | None, final: dict | None, final_label: str) -
     return f"<table>{head1}{head2}{''.join(rows)}</table>"
 
 
+def _pass_at_k_table(summary: dict, label: str) -> str:
+    """pass@k of each pass/fail reward (``summary["pass_at_k"]``): rows overall + tasks, one column per k."""
+    out = []
+    for reward, d in (summary.get("pass_at_k") or {}).items():
+        ks = [str(k) for k in d.get("k", [])]
+        if not ks:
+            continue
+        rows = [("overall", d.get("overall") or {})] + list((d.get("per_task") or {}).items())
+        body = "".join(f"<tr><td>{html.escape(str(t))}</td>" + "".join(
+            f"<td>{_fmt((v or {}).get(k, (v or {}).get(int(k))))}</td>" for k in ks) + "</tr>" for t, v in rows)
+        head = "".join(f"<th>pass@{k}</th>" for k in ks)
+        out.append(f"<p><b>{html.escape(reward)}</b>, {html.escape(label)}: how often one of k images per prompt "
+                   f"passes</p><table><tr><th>task</th>{head}</tr>{body}</table>")
+    return "".join(out)
+
+
 def _img_src(path: Path, run_dir: Path, inline: bool) -> str:
     if inline:
         return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
@@ -573,6 +591,9 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         if settings:
             desc = ", ".join(f"{k}={format(v, 'g') if _is_num(v) else v}" for k, v in settings.items())
             parts.append(f'<p class="muted">protocol: {html.escape(desc)}</p>')
+        for lab, sm in (("base", base), (shown_label or "aligned", final)):
+            if sm:
+                parts.append(_pass_at_k_table(sm, lab))
         if len(sums) > 2:
             headline_rows = "".join(
                 f"<tr><td>{html.escape(lab)}</td><td>{_fmt(read_summary(p)['overall'].get(headline))}</td></tr>"

@@ -271,7 +271,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
     except TypeError as e:  # an unknown model.kwargs key
         raise UserError(f"model.kwargs: {e}") from None
     try:
-        params = model.add_lora(cfg.model.lora_rank or None, int(cfg.model.lora_alpha) or None,
+        lora_r = cfg.model.lora_rank or None  # None: the family default rank and alpha (alpha = 2 x rank for all)
+        lora_a = cfg.model.lora_alpha or (2 * lora_r if lora_r else None)  # 0 = 2 x rank (the config's doc)
+        params = model.add_lora(lora_r, lora_a,
                                 targets=tuple(cfg.model.lora_targets) or None)
     except ValueError as e:  # no module matches model.lora_targets
         raise UserError(f"model.lora_targets: {e}") from e

@@ -55,3 +55,13 @@ def test_pass_at_k_summary_needs_two_images_per_prompt_and_skips_nan():
     recs = _records()
     recs[0]["strict"] = math.nan  # prompt 0 now has 3 scored images: k stops at 2
     assert summarize_pass_at_k(recs, ["strict"])["strict"]["k"] == [1, 2]
+
+
+@pytest.mark.parametrize("key", ["task", "tag", "category"])
+def test_geneval_tags_and_parti_categories_are_the_groups(key):
+    """GenEval records carry ``tag``, Parti ``category``: per-task tables and a task-averaged overall for all three."""
+    recs = [{**{k: v for k, v in r.items() if k != "task"}, key: r["task"]} for r in _records()]
+    s = summarize(recs, ["strict"])
+    assert set(s["per_task"]) == {"a", "b"}
+    assert s["overall"]["strict"] == pytest.approx(((0.25 + 1.0) / 2 + 0.0) / 2)  # mean of tasks, not of images
+    assert set(summarize_pass_at_k(recs, ["strict"])["strict"]["per_task"]) == {"a", "b"}

@@ -183,3 +183,19 @@ def test_jsonl_round_trip_and_truncated_tail(tmp_path):
     with pytest.raises(ValueError, match=":2"):
         read_jsonl(path)
     assert json.loads(json.dumps({"ok": True}))
+
+
+def test_report_of_an_eval_directory_shows_its_numbers_and_pass_at_k(tmp_path):
+    """``flowalign eval --out D`` writes D/summary.json (no eval/ subfolder): the report must show it, with pass@k."""
+    import json
+
+    from flowalign.report import find_summaries, write_report
+
+    summ = {"overall": {"shapes_strict": 0.4375}, "per_task": {"counting": {"shapes_strict": 0.25}}, "counts": {"counting": 4},
+            "n": 8, "pass_at_k": {"shapes_strict": {"k": [1, 2, 4], "overall": {"1": 0.4375, "2": 0.625, "4": 0.8125},
+                                                    "per_task": {"counting": {"1": 0.25, "2": 0.5, "4": 0.75}}}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summ))
+    assert list(find_summaries(tmp_path)) == ["eval"]
+    page = write_report(tmp_path, make_plots=False).read_text()
+    assert "no evaluation summaries" not in page
+    assert "0.438" in page and "pass@4" in page and "0.812" in page and "0.750" in page

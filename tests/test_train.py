@@ -245,3 +245,14 @@ def test_lora_targets_from_config_train_save_and_load_back(tmp_path):
     fresh = load_model("shapes", "")
     fresh.load_lora(run / "checkpoints" / "step-1" / "raw")  # the stored config re-creates the same targets
     assert {f"transformer.{k}" for k in fresh.lora_state_dict()} == {k if k.startswith("transformer.") else f"transformer.{k}" for k in sd}
+
+
+@pytest.mark.parametrize("rank_alpha, want", [(("model.lora_rank=4", "model.lora_alpha=0"), 8.0),
+                                              (("model.lora_rank=4", "model.lora_alpha=0.5"), 0.5)])
+def test_lora_alpha_zero_means_twice_the_rank_and_fractions_are_kept(tmp_path, rank_alpha, want):
+    from flowalign.models.lora import read_lora
+    from flowalign.train import train
+
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", *rank_alpha))
+    _, meta = read_lora(run / "checkpoints" / "step-1")
+    assert int(meta["r"]) == 4 and float(meta["lora_alpha"]) == want

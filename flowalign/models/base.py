@@ -79,7 +79,7 @@ class FlowAdapter:
     def add_lora(
         self,
         rank: Optional[int] = None,
-        alpha: Optional[int] = None,
+        alpha: Optional[float] = None,
         *,
         targets: Optional[Sequence[str]] = None,
         init: str | bool = "gaussian",

@@ -64,7 +64,8 @@ def add_lora(
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:  # peft only fails when *no* target matches; a typo in one of several would pass silently
         raise ValueError(f"no module of {type(module).__name__} matches the LoRA target(s) {missing}")
-    config = LoraConfig(r=int(rank), lora_alpha=int(alpha), init_lora_weights=init, target_modules=list(targets))
+    alpha = int(alpha) if float(alpha).is_integer() else float(alpha)  # peft scales by alpha / r; keep 0.5 as 0.5
+    config = LoraConfig(r=int(rank), lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets))
     try:
         if hasattr(module, "_hf_peft_config_loaded") and callable(getattr(module, "add_adapter", None)):
             module.add_adapter(config, adapter_name=adapter_name)  # diffusers ModelMixin: keeps its adapter bookkeeping

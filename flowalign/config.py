@@ -439,6 +439,8 @@ def _read_yaml(path: Path) -> dict:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{loc}: malformed YAML: {problem}") from None
     if data is None:
+        logger.warning("config file %s is empty: every setting takes its default (see `flowalign train --describe`)",
+                       path)
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config file must be a mapping of sections (model:, train:, ...), got {type(data).__name__}")

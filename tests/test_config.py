@@ -253,3 +253,18 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     derived(cfg, 1)
     assert load_config(path) == cfg
+
+
+def test_an_empty_config_file_warns_and_uses_the_defaults(tmp_path, caplog):
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing yet\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(str(f))
+    assert cfg == ExperimentConfig() and "is empty" in caplog.text
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  lr: 1.0e-4\n  iterations: 3\n  lr: 2.0e-4\n")
+    with pytest.raises(UserError, match=r"dup.yaml:4:3: malformed YAML: duplicate key 'lr' \(first on line 2\)"):
+        load_config(str(f))

@@ -422,22 +422,30 @@ def _unique_key_loader():
     return UniqueKeyLoader
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document in ``path`` (None when empty); every failure is one ``UserError`` line, a malformed file
+    as ``FILE:LINE:COL: malformed YAML: …``, a key repeated in one mapping included. Shared by ``train`` and
+    ``pretrain``; ``what`` names the file in the messages."""
     import yaml
 
+    path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+        raise UserError(f"{what} not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read config file {path}: {err}") from None
+        raise UserError(f"cannot read {what} {path}: {err}") from None
     try:
-        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{loc}: malformed YAML: {problem}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    data = read_yaml_file(path)
     if data is None:
         logger.warning("config file %s is empty: every setting takes its default (see `flowalign train --describe`)",
                        path)

@@ -438,22 +438,9 @@ def _plain(obj: Any) -> Any:
 def load_config(path: Optional[str], overrides: dict[str, Any]) -> PretrainConfig:
     d: dict[str, Any] = {}
     if path:
-        import yaml
+        from flowalign.config import read_yaml_file
 
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"pretrain config {path!r} not found" + (" (it is a directory)" if p.is_dir() else ""))
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read pretrain config {path}: {err}") from None
-        try:
-            d = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:  # the same one-line form as `flowalign train`: FILE:LINE:COL: malformed YAML
-            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-            loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise UserError(f"{loc}: malformed YAML: {problem}") from None
+        d = read_yaml_file(path, "pretrain config") or {}
         if not isinstance(d, dict):
             raise UserError(f"pretrain config {path!r} must be a mapping of PretrainConfig fields (steps: ..., lr: ...), "
                             f"got {type(d).__name__}")

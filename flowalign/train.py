@@ -195,6 +195,14 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     if bad:
         raise UserError(f"sampler.plan_options: unknown option(s) {bad} for plan {sp.plan!r} with kernel "
                         f"{sp.kernel!r}; known: {', '.join(known) or 'none'}")
+    from flowalign.models import resolve as resolve_model
+    from flowalign.rewards import resolve as resolve_reward
+    from flowalign.rewards.catalog import check_kwargs
+
+    check_kwargs(resolve_model(cfg.model.name).from_pretrained, cfg.model.kwargs, f"model.kwargs ({cfg.model.name})",
+                 reserved=("path", "device", "dtype", "guidance_scale"))
+    for name, kw in cfg.reward.kwargs.items():
+        check_kwargs(resolve_reward(name), kw, f"reward.kwargs.{name}")
     try:
         dev = torch.device(cfg.model.device)
     except RuntimeError:
@@ -265,11 +273,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
     # 1. model --------------------------------------------------------------------------------------
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    try:
-        model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype,
-                           guidance_scale=cfg.model.guidance, **dict(cfg.model.kwargs))
-    except TypeError as e:  # an unknown model.kwargs key
-        raise UserError(f"model.kwargs: {e}") from None
+    model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype, guidance_scale=cfg.model.guidance,
+                       **dict(cfg.model.kwargs))
     try:
         lora_r = cfg.model.lora_rank or None  # None: the family default rank and alpha (alpha = 2 x rank for all)
         lora_a = cfg.model.lora_alpha or (2 * lora_r if lora_r else None)  # 0 = 2 x rank (the config's doc)
@@ -289,10 +294,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
     # 2. rewards ------------------------------------------------------------------------------------
     def make(name: str):
-        try:
-            return build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
-        except TypeError as e:  # an unknown reward.kwargs key
-            raise UserError(f"reward.kwargs.{name}: {e}") from None
+        return build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
 
     rewards = {name: make(name) for name in cfg.reward.weights}
     eval_rewards = {name: make(name) for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}

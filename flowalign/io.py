@@ -139,7 +139,8 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     """Build a directory atomically: yields a temporary sibling directory; on success it replaces ``path``.
 
     Used for ``checkpoints/step-N/``: a reader never sees a checkpoint with only some of its files. If ``path``
-    exists it is replaced (moved aside, then deleted) once the new one is complete. On an exception the
+    exists it is replaced once the new one is complete: swapped in atomically where the OS allows (Linux), else
+    moved aside first (briefly missing); the old contents are then deleted. On an exception the
     temporary directory is removed and ``path`` is untouched.
     """
     path = Path(path)
@@ -151,14 +152,32 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-        old.rmdir()
-        os.replace(path, old)
-    os.replace(tmp, path)
+    if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+        old = tmp  # the swap was atomic: ``path`` was never missing; tmp now holds the old contents
+    else:
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            old.rmdir()
+            os.replace(path, old)
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``). False where the platform, the C
+    library or the filesystem does not support it (the caller then falls back to two renames)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux / glibc < 2.28
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def append_jsonl(path: PathLike, record: dict) -> None:

@@ -203,6 +203,9 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
                  reserved=("path", "device", "dtype", "guidance_scale"))
     for name, kw in cfg.reward.kwargs.items():
         check_kwargs(resolve_reward(name), kw, f"reward.kwargs.{name}")
+    from flowalign.rewards.video import check_per_frame
+
+    check_per_frame(cfg.reward.per_frame, "reward.per_frame")
     try:
         dev = torch.device(cfg.model.device)
     except RuntimeError:
@@ -293,8 +296,11 @@ def train(cfg: C.ExperimentConfig) -> Path:
     nfe = NFECounter(model)
 
     # 2. rewards ------------------------------------------------------------------------------------
-    def make(name: str):
-        return build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
+    from flowalign.rewards.video import for_outputs
+
+    def make(name: str):  # image rewards score a video model's frames (reward.per_frame)
+        reward = build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
+        return for_outputs(reward, getattr(model, "output_kind", "image"), cfg.reward.per_frame)
 
     rewards = {name: make(name) for name in cfg.reward.weights}
     eval_rewards = {name: make(name) for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
@@ -327,9 +333,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
     base_eta = _load_eta(cfg)  # float, or a per-step [T] tensor (calibrated noise)
 
     # 4. resume -------------------------------------------------------------------------------------
-    start = 0
+    start, saved_steps = 0, None
     if ckpt_dir is not None:
-        start = _load_checkpoint(ckpt_dir, model, opt, ema, sampler, nfe)
+        start, saved_steps = _load_checkpoint(ckpt_dir, model, opt, ema, sampler, nfe)
         logger.info("resumed from %s (iteration %d)", ckpt_dir, start)
         _truncate_metrics(run / "metrics.jsonl", start)
     if rank == 0:
@@ -369,7 +375,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
     bar = tqdm(range(start, cfg.train.iterations), initial=start, total=cfg.train.iterations, desc=cfg.train.objective,
                unit="it", disable=rank != 0, dynamic_ncols=True)
-    n_opt = start * cfg.train.optimizer_steps_per_iter
+    # optimizer steps taken (the EMA's n): skipped updates do not count, so it is restored, not recomputed
+    n_opt = start * cfg.train.optimizer_steps_per_iter if saved_steps is None else saved_steps
     for it in bar:
         t_start = time.time()
         metrics: dict[str, Any] = {"iteration": it + 1}
@@ -443,7 +450,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
         # 9. update ----------------------------------------------------------------------------------------
         any_adv = torch.stack([a != 0 for a in advs.values()]).any(0)  # [B, T]
-        keep = trained & any_adv if cfg.train.filter_zero_std else trained
+        # drop whole rollouts whose advantage is 0 at every trained step (§3.3); a kept rollout keeps all its steps
+        keep = trained & any_adv.any(1, keepdim=True) if cfg.train.filter_zero_std else trained  # [B, T]
         pairs = keep.nonzero()  # [N, 2] (rollout, step)
         metrics["train/kept_fraction"] = float(keep.any(1).float().mean())
         perm = torch.randperm(pairs.shape[0], generator=torch.Generator().manual_seed(_seed(cfg.train.seed, it, 3)))
@@ -481,7 +489,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
                              if k.startswith("reward/") and "zero" not in k})
             if (cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0) or it + 1 == cfg.train.iterations:
-                _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints)
+                _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints, n_opt)
         barrier()
 
     if world > 1:  # DDP sanity: every rank must hold the same weights
@@ -514,8 +522,12 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
     out = {"train/skipped_updates": 0, "_steps_taken": 0}
     n_steps = tr.optimizer_steps_per_iter
     chunks = torch.tensor_split(pairs, n_steps) if pairs.shape[0] else [pairs] * n_steps
+    kernel_kw = _kernel_options(cfg.sampler)  # the rollout's kernel keywords (sampler.plan_options), for ρ ≡ 1
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     logs: dict[str, list[float]] = {}
     for chunk in chunks:
+        if not chunk.shape[0] and not skip and not distributed:  # nothing to learn: AdamW would still move the
+            continue  # weights (momentum, decay) on zero grads; ranks with pairs need this rank's all-reduce, though
         opt.zero_grad(set_to_none=False)
         n = max(1, chunk.shape[0])
         finite = not skip
@@ -527,7 +539,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             with nfe.phase("training"):
                 logp, trans = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
                                             kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce,
-                                            logp_form=cfg.sampler.logp_form)
+                                            logp_form=cfg.sampler.logp_form, **kernel_kw)
             old = traj.log_probs[b, t]
             pol = torch.zeros_like(logp)
             for adv in advs.values():
@@ -538,7 +550,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             if tr.beta_kl > 0:
                 with torch.no_grad(), model.reference(), nfe.phase("training"):
                     _, ref = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
-                                           kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce)
+                                           kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce, **kernel_kw)
                 kl = gaussian_kl(trans.mean, ref.mean, trans.std, sig_next - sig, form=tr.kl_form)
                 loss_sum = loss_sum + tr.beta_kl * kl.sum()
             if not torch.isfinite(loss_sum):
@@ -547,12 +559,21 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             (loss_sum / n).backward()
             for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.detach().mean()),
                          "kl": float(kl.detach().mean())}.items():
-                logs.setdefault(k, []).append(v)
+                logs.setdefault(k, []).extend([v] * mb.shape[0])  # weight by size: the means are over pairs
         _optimizer_step(opt, finite, reduce_mean, tr, logs, out)
     for k, v in logs.items():
         out[f"train/{k}"] = sum(v) / len(v)
     out["train/transitions"] = int(pairs.shape[0])
     return out
+
+
+def _kernel_options(sp) -> dict:
+    """The keyword-only kernel options in ``sampler.plan_options`` (e.g. flow_sde's ``sigma_1``): the rollout's plan
+    forwards them to the kernel, so re-scoring and the reference must use them too."""
+    from flowalign.samplers.kernels import get_kernel
+
+    params = inspect.signature(get_kernel(sp.kernel)).parameters
+    return {k: v for k, v in dict(sp.plan_options).items() if k in params and params[k].kind == params[k].KEYWORD_ONLY}
 
 
 def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -> None:
@@ -565,10 +586,13 @@ def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -
         out["train/skipped_updates"] += 1
         opt.zero_grad(set_to_none=False)
         return
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     for p in params:
+        if p.grad is None and distributed:  # a rank without pairs so far must still meet the others' all-reduce
+            p.grad = torch.zeros_like(p)
         if p.grad is not None:
             reduce_mean(p.grad)
-    gn = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+    gn = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm if tr.max_grad_norm > 0 else math.inf)  # 0 = off
     logs.setdefault("grad_norm", []).append(float(gn))
     opt.step()
     out["_steps_taken"] += 1
@@ -654,8 +678,8 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
                 finite = False
                 break
             (total.sum() / n).backward()  # the mean over all N rows of this step
-            logs.setdefault("nft_loss", []).append(float(loss.detach().mean()))
-            logs.setdefault("kl", []).append(float(kl.detach().mean()))
+            logs.setdefault("nft_loss", []).extend([float(loss.detach().mean())] * len(idx))  # means over rows
+            logs.setdefault("kl", []).extend([float(kl.detach().mean())] * len(idx))
         _optimizer_step(opt, finite, reduce_mean, tr, logs, out)
     for k, v in logs.items():
         out[f"train/{k}"] = sum(v) / len(v)
@@ -700,7 +724,8 @@ def _tensorboard(run: Path, cfg):
     return SummaryWriter(str(run / "tb"))
 
 
-def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: int) -> Path:
+def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: int,
+                     opt_steps: Optional[int] = None) -> Path:
     """checkpoints/step-N/: the (EMA) LoRA in diffusers format + full training state; written atomically."""
     final = run / "checkpoints" / f"step-{step}"
     tmp = run / "checkpoints" / f".tmp-step-{step}"
@@ -711,7 +736,8 @@ def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: 
     (tmp / "raw").mkdir()
     model.save_lora(tmp / "raw")  # the live weights, for exact resume
     state = {"iteration": step, "optimizer": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
-             "sampler": sampler.state_dict(), "nfe": nfe.state_dict(), "torch_rng": torch.get_rng_state()}
+             "sampler": sampler.state_dict(), "nfe": nfe.state_dict(), "torch_rng": torch.get_rng_state(),
+             "opt_steps": opt_steps}
     atomic_save(state, tmp / "state.pt")
     atomic_write_text(tmp / "COMPLETE", str(step))
     shutil.rmtree(final, ignore_errors=True)
@@ -722,7 +748,8 @@ def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: 
     return final
 
 
-def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> int:
+def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> tuple[int, Optional[int]]:
+    """Restore the training state; returns (iteration, optimizer steps taken, or None for older checkpoints)."""
     try:
         if not (ckpt / "COMPLETE").exists():
             raise ValueError("incomplete (no COMPLETE marker)")
@@ -735,7 +762,8 @@ def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> int:
         sampler.load_state_dict(state["sampler"])
         nfe.load_state_dict(state.get("nfe", {}))
         torch.set_rng_state(state["torch_rng"])
-        return int(state["iteration"])
+        steps = state.get("opt_steps")
+        return int(state["iteration"]), (None if steps is None else int(steps))
     except UserError:
         raise
     except Exception as e:  # a corrupted checkpoint is bad input: one line, exit 2
@@ -747,7 +775,7 @@ def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> int:
 def cli_main(argv: Sequence[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="flowalign train", description="GRPO fine-tuning from a YAML config.")
+    p = argparse.ArgumentParser(prog="flowalign train", description="GRPO or DiffusionNFT (train.objective=nft) fine-tuning from a YAML config.")
     p.add_argument("config", nargs="?", help="experiment YAML (e.g. configs/shapes_grpo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 credit.name=outcome")
     p.add_argument("--describe", action="store_true", help="print every config field with its doc and exit")

@@ -1,0 +1,280 @@
+"""The GRPO update path and its bookkeeping (flowalign/train.py): clipping off, on-policy ratio with kernel options,
+metrics over pairs, EMA resume after a skipped step, the zero-std filter per rollout, empty updates, two ranks."""
+
+import contextlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from flowalign import config as C
+from flowalign.models.lora import WEIGHT_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = [
+    "train.iterations=2", "train.groups_per_iter=2", "train.group_size=4", "train.micro_batch=8",
+    "train.checkpoint_every=1", "train.keep_checkpoints=0", "sampler.steps=4", "eval.steps=4", "eval.max_prompts=2",
+    "eval.seeds_per_prompt=1", "eval.grid_prompts=2", "output.tensorboard=false", "train.lr=1e-3",
+    "eval.before=false", "eval.after=false", "train.optimizer_steps_per_iter=2",
+]
+
+
+def _cfg(run, *extra):
+    return C.load_config(str(ROOT / "configs" / "shapes_grpo.yaml"), [*SMALL, f"output.run_dir={run}", *extra])
+
+
+# ------------------------------------------------------------------ a tiny stand-in for the update's inputs
+
+
+class _Lin(torch.nn.Module):
+    """v(x) = w·x: one trainable scalar, so gradients and ratios are easy to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.ref = False
+
+    def velocity(self, x, sigma, cond):
+        return (0.5 if self.ref else self.w) * x  # [n, D]
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.ref = True
+        try:
+            yield
+        finally:
+            self.ref = False
+
+
+def _update_inputs(B=3, T=2, D=4, shift=None):
+    """A model, optimizer, trajectory and pairs whose stored log-probs are the on-policy ones (+ ``shift`` [B])."""
+    from flowalign.samplers import step_log_prob
+    from flowalign.values import NFECounter
+
+    torch.manual_seed(0)
+    model = _Lin()
+    nfe = NFECounter(model)
+    opt = torch.optim.SGD([model.w], lr=0.1)
+    latents = torch.randn(B, T + 1, D)  # [B, T+1, D]
+    sigmas = torch.tensor([1.0, 0.6, 0.0])  # [T+1]
+    eta = torch.tensor([0.7, 0.0])  # [T]
+    cond = {"c": torch.zeros(B, 1)}
+    b = torch.arange(B)
+    with torch.no_grad():
+        logp, _ = step_log_prob(model.velocity, latents[:, 0], latents[:, 1], sigmas[[0] * B], sigmas[[1] * B],
+                                eta[[0] * B], cond, kernel="flow_sde")
+    log_probs = torch.zeros(B, T)  # [B, T]
+    log_probs[:, 0] = logp - (shift if shift is not None else 0.0)
+    traj = SimpleNamespace(latents=latents, sigmas=sigmas, eta=eta, log_probs=log_probs, cond=cond, cond_index=b)
+    advs = {"main": torch.ones(B, T)}  # [B, T]
+    pairs = torch.stack([b, torch.zeros(B, dtype=torch.long)], 1)  # [B, 2] (rollout, step 0)
+    return model, nfe, opt, traj, advs, pairs
+
+
+def _tr(**kw):
+    train = dict(optimizer_steps_per_iter=1, micro_batch=2, clip_range=0.2, beta_kl=0.0, kl_form="exact",
+                 max_grad_norm=1.0)
+    train.update(kw)
+    sampler = SimpleNamespace(kernel="flow_sde", logp_reduce="mean", logp_form="exact", plan_options={})
+    return SimpleNamespace(train=SimpleNamespace(**train), sampler=sampler)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_max_grad_norm_zero_means_no_clipping():
+    """train.max_grad_norm=0 is documented as "off"; clip_grad_norm_(…, 0) would scale every gradient to 0."""
+    from flowalign.train import _optimizer_step
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 0.0, 4.0])
+    opt = torch.optim.SGD([p], lr=1.0)
+    out, logs = {"train/skipped_updates": 0, "_steps_taken": 0}, {}
+    _optimizer_step(opt, True, lambda t: t, SimpleNamespace(max_grad_norm=0.0), logs, out)
+    assert torch.equal(p.detach(), torch.tensor([-3.0, 0.0, -4.0]))  # the full gradient step
+    assert out["_steps_taken"] == 1 and logs["grad_norm"] == [5.0]
+
+
+def test_ratio_metrics_are_means_over_pairs_not_over_micro_batches():
+    """3 pairs in micro-batches of 2 + 1: the clip fraction is 2/3 (pairs), not (1/2 + 1)/2 (micro-batch means)."""
+    from flowalign.train import _update
+
+    model, nfe, opt, traj, advs, pairs = _update_inputs(shift=torch.tensor([1.0, 0.0, 1.0]))  # ρ = e, 1, e
+    out = _update(_tr(), model, opt, traj, advs, pairs, lambda t: t, nfe, skip=False)
+    assert out["train/clipfrac_high"] == pytest.approx(2 / 3)
+    assert out["train/ratio_mean"] == pytest.approx((2 * torch.e + 1) / 3, rel=1e-5)
+    assert out["train/approx_kl"] == pytest.approx(0.5 * 2 / 3, rel=1e-5)
+
+
+def test_a_rank_without_pairs_meets_the_other_ranks_gradient_all_reduce(tmp_path):
+    """Zero-std filtering can leave a rank without pairs (or a chunk empty): before its first backward its grads are
+    None, and it must still join every all-reduce of the ranks that do have pairs (else DDP-style training hangs or
+    the ranks' weights diverge)."""
+    import torch.distributed as dist
+
+    from flowalign.train import _update
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        counts = []
+        for pairs_kept in (3, 0):
+            model, nfe, opt, traj, advs, pairs = _update_inputs()
+            calls = []
+
+            def reduce_mean(t, calls=calls):
+                calls.append(tuple(t.shape))
+                return t
+
+            _update(_tr(), model, opt, traj, advs, pairs[:pairs_kept], reduce_mean, nfe, skip=False)
+            counts.append(calls)
+        assert counts[0] == counts[1]  # the same collectives, in the same order, with or without pairs
+    finally:
+        dist.destroy_process_group()
+
+
+def test_first_update_is_on_policy_with_a_kernel_option(tmp_path):
+    """A kernel keyword set through sampler.plan_options (flow_sde's sigma_1) reaches the re-scoring too: ρ ≡ 1."""
+    from flowalign.train import train
+
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", "train.micro_batch=1000", "train.filter_zero_std=false",
+                     "train.shuffle_transitions=false", "train.optimizer_steps_per_iter=1",
+                     "sampler.plan_options.sigma_1=0.9", "train.beta_kl=0.1"))
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0 and m["train/clipfrac_low"] == 0
+    assert m["train/approx_kl"] < 1e-10
+    assert m["train/kl"] == 0.0  # the reference (adapter off) equals the policy at init, with the same kernel option
+
+
+def test_ema_resume_is_exact_after_a_skipped_update(tmp_path, monkeypatch):
+    """The EMA's step counter n counts optimizer steps taken; a skipped (NaN) update before a checkpoint must not
+    shift it on resume (iteration × steps per iteration is not the count)."""
+    from flowalign import train as T
+    from safetensors.torch import load_file
+
+    real = T.UPDATES["grpo"]
+    calls = {"n": 0}
+
+    def first_skipped(*args, skip, **kw):
+        calls["n"] += 1
+        return real(*args, skip=skip or calls["n"] == 1, **kw)
+
+    monkeypatch.setitem(T.UPDATES, "grpo", first_skipped)
+    ema = ["train.ema=true", "train.ema_every=1"]
+    full = T.train(_cfg(tmp_path / "full", *ema))
+    calls["n"] = 0
+    cut = T.train(_cfg(tmp_path / "cut", *ema, "train.iterations=1"))
+    calls["n"] = 1  # the resumed run does not skip: iteration 2 is its first update
+    T.train(_cfg(tmp_path / "cut", *ema, "output.resume=true"))
+    a = load_file(str(full / "checkpoints" / "step-2" / WEIGHT_NAME))  # the EMA weights
+    b = load_file(str(cut / "checkpoints" / "step-2" / WEIGHT_NAME))
+    ra = load_file(str(full / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
+    rb = load_file(str(cut / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)  # the training itself resumed exactly
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_std_filter_drops_rollouts_not_single_zero_advantage_steps(tmp_path, monkeypatch):
+    """train.filter_zero_std drops rollouts whose advantage is 0 at every trained step (METHODS.md §3.3); a kept
+    rollout's step whose dense advantage happens to be 0 stays in S (it counts in the mean and carries the KL)."""
+    from flowalign import credit as CR
+    from flowalign.train import train
+
+    seen = {}
+
+    def holes(inp):
+        adv = CR.outcome(inp).advantages.clone()  # [B, T]
+        adv[:, 0] = 0.0  # a dense credit may give exactly 0 at one step of every rollout
+        seen["rows"] = int((adv != 0).any(1).sum())
+        seen["steps"] = int(inp.trained[0].sum())
+        return CR.Credit(advantages=adv)
+
+    monkeypatch.setitem(CR.CREDIT, "review_holes", holes)
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", "credit.name=review_holes"))
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert seen["steps"] == 2 and seen["rows"] > 0
+    assert m["train/transitions"] == seen["rows"] * seen["steps"]
+
+
+def test_atomic_dir_rewrite_never_leaves_the_target_missing(tmp_path, monkeypatch):
+    """Rewriting an existing directory: a reader always finds ``path`` (old or new contents, never nothing)."""
+    import os
+
+    from flowalign import io
+
+    probe = [tmp_path / "x", tmp_path / "y"]
+    for d in probe:
+        d.mkdir()
+    if not io._exchange(*probe):
+        pytest.skip("this platform or filesystem has no atomic directory exchange (renameat2)")
+    for d in probe:
+        d.rmdir()
+    target = tmp_path / "step-3"
+    target.mkdir()
+    (target / "a").write_text("old")
+    real = os.replace
+    seen = []
+
+    def spy(src, dst):
+        real(src, dst)
+        seen.append(target.is_dir())
+
+    monkeypatch.setattr(os, "replace", spy)
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a").write_text("new")
+    assert all(seen)
+    assert (target / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["step-3"]
+
+
+def test_atomic_dir_falls_back_to_two_renames(tmp_path, monkeypatch):
+    from flowalign import io
+
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    for text in ("first", "second"):  # a new directory, then a rewrite
+        with io.atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text(text)
+        assert (tmp_path / "d" / "f").read_text() == text and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_an_update_without_pairs_leaves_the_weights_alone():
+    """Every group tied (all pairs filtered): nothing to learn, so AdamW must not move the weights on its momentum
+    and weight decay, nor count an optimizer step (the EMA's n), as the nft update already does."""
+    from flowalign.train import _update
+
+    model, nfe, opt, traj, advs, pairs = _update_inputs()
+    opt = torch.optim.AdamW([model.w], lr=0.1, weight_decay=0.1)
+    out = _update(_tr(), model, opt, traj, advs, pairs, lambda t: t, nfe, skip=False)  # a real step: momentum
+    assert out["_steps_taken"] == 1
+    w = model.w.detach().clone()
+    out = _update(_tr(), model, opt, traj, advs, pairs[:0], lambda t: t, nfe, skip=False)
+    assert torch.equal(model.w.detach(), w) and out["_steps_taken"] == 0 and out["train/skipped_updates"] == 0
+
+
+def test_two_processes_with_zero_std_filtering_when_one_rank_has_no_pairs(tmp_path):
+    """The shipped shapes config under 2 processes with train.filter_zero_std on (its default): with this seed rank
+    0's only group is tied in iteration 1, so rank 0 has no pairs while rank 1 has some. It used to abort with a
+    gloo "collective mismatch" (rank 0 skipped the gradient all-reduce)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    acc = Path(sys.executable).parent / "accelerate"
+    if not acc.exists() and shutil.which("accelerate") is None:
+        pytest.skip("accelerate CLI not installed")
+    run = tmp_path / "run"
+    cmd = [str(acc) if acc.exists() else "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flowalign.cli", "train",
+           str(ROOT / "configs" / "shapes_grpo.yaml"), f"output.run_dir={run}", "train.iterations=3",
+           "train.groups_per_iter=2", "train.group_size=4", "sampler.steps=4", "eval.before=false", "eval.after=false",
+           "output.tensorboard=false", "train.lr=1e-2", "train.clip_range=0.2", "train.filter_zero_std=true",
+           "train.checkpoint_every=3", "train.micro_batch=4", "train.optimizer_steps_per_iter=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["train/kept_fraction"] == 0.0  # rank 0 had nothing to train in iteration 1 (the case under test)
+    assert lines[-1]["dist/max_weight_diff"] == 0.0

@@ -99,6 +99,7 @@ class RewardConfig:
     weights: dict[str, float] = _f({"shapes_partial": 1.0}, "training rewards and their weights (names from flowalign.rewards.REWARDS)")
     aggregate: Literal["reward_sum", "advantage_sum"] = _f("advantage_sum", "multi-reward aggregation: sum raw rewards, or sum per-reward advantages (METHODS §3.4)")
     kwargs: dict[str, dict] = _f({}, "per-reward constructor kwargs, e.g. {pickscore: {path: /weights/pickscore}}")
+    per_frame: dict = _f({}, "on a video model, how image rewards score the frames: PerFrame options {stride: 4, reduce: mean|min|first|mean_positive, temporal_weight: 0.0, temporal: auto}; {} = every 4th frame, mean")
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class EvalConfig:
     every: int = _f(0, "evaluate every this many iterations; 0 = only before and after training")
     steps: int = _f(10, "sampling steps for evaluation")
     guidance: float = _f(4.5, "CFG scale for evaluation (explicit, not the training one: Q8)")
-    kernel: Literal["euler", "flow_sde", "dance_sde", "cps"] = _f("euler", "evaluation kernel (euler = ODE, the protocol default)")
+    kernel: Literal["euler"] = _f("euler", "evaluation kernel: euler only (the deterministic ODE protocol every reported number uses)")
     seeds_per_prompt: int = _f(4, "images per evaluation prompt, seeds 0..n-1")
     batch_size: int = _f(64, "images per evaluation forward batch")
     max_prompts: int = _f(0, "evaluate an evenly spaced subset of N prompts (every task keeps its share); 0 = all")
@@ -169,7 +170,7 @@ class EvalConfig:
 class OutputConfig:
     run_dir: str = _f("runs/shapes_grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, grids/, eval/, report.html")
     overwrite: bool = _f(False, "start afresh in a non-empty run directory: it is deleted first (default: refuse, nothing is overwritten)")
-    resume: bool = _f(False, "resume from the latest checkpoint in run_dir (exact; only output.*, eval.*, train.iterations, checkpointing and model.device may differ from the run's config.yaml)")
+    resume: bool = _f(False, "resume from the latest checkpoint in run_dir (exact; only output.*, eval.*, data.eval_prompts, train.iterations, checkpointing and model.device may differ from the run's config.yaml)")
     tensorboard: bool = _f(True, "also write TensorBoard event files")
 
 
@@ -526,7 +527,12 @@ def _parse_override(text: str) -> tuple[list[str], Any, str]:
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"override {text!r}: empty key; expected section.key=value")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = yaml.load(raw_value, Loader=_unique_key_loader()) if raw_value.strip() else ""  # noqa: S506
+    except yaml.constructor.ConstructorError as err:
+        if "duplicate key" not in str(err.problem):
+            value = raw_value  # e.g. an unknown YAML tag: keep the raw string, coercion decides
+        else:
+            raise UserError(f"override {text!r}: {str(err.problem).split(' (first')[0]} in the value; keep one") from None
     except yaml.YAMLError:
         value = raw_value  # not YAML (e.g. a path with ': '): keep the raw string, coercion decides
     return key.split("."), value, raw_value.strip()

@@ -243,6 +243,9 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--rewards", default="shapes_strict,shapes_partial", help="comma-separated reward names")
     p.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="reward constructor argument, e.g. pickscore.path=/weights/PickScore_v1 (repeatable)")
+    p.add_argument("--per-frame", action="append", default=[], metavar="KEY=VALUE",
+                   help="video models: how image rewards score the frames, e.g. reduce=first or stride=2 "
+                        "(PerFrame options; default every 4th frame, mean; repeatable)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter argument, e.g. guidance_scale=3 (shapes) or height=1024 (sd3, flux) "
                         "(repeatable; values parsed as YAML)")
@@ -260,6 +263,7 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.models import resolve as resolve_model
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwargs
+    from flowalign.rewards.video import check_per_frame, for_outputs
     from flowalign.sample import check_lora_dir, check_positive, load_lora_checked
 
     def kv(text: str, flag: str) -> tuple[str, Any]:
@@ -290,6 +294,8 @@ def cli_main(argv: Sequence[str]) -> int:
         reward_kwargs[n][k] = value
     for n in names:
         check_kwargs(resolve_reward(n), reward_kwargs[n], f"--reward-arg: reward {n!r}")
+    per_frame = dict(kv(t, "--per-frame") for t in args.per_frame)
+    check_per_frame(per_frame, "--per-frame")
     model_kwargs = dict(kv(t, "--model-arg") for t in args.model_arg)
     for k in ("path", "device"):
         if k in model_kwargs:
@@ -305,7 +311,8 @@ def cli_main(argv: Sequence[str]) -> int:
         load_lora_checked(model, args.lora)
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
-    rewards = {n: build_reward(n, **reward_kwargs[n]) for n in names}
+    outputs = getattr(model, "output_kind", "image")
+    rewards = {n: for_outputs(build_reward(n, **reward_kwargs[n]), outputs, per_frame) for n in names}
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed)

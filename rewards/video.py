@@ -20,7 +20,7 @@ It stops per-frame rewards from paying for flicker. Both terms are differentiabl
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -128,3 +128,36 @@ class PerFrame(Reward):
         if self.temporal_weight != 0.0:
             score = score + self.temporal_weight * self.temporal_consistency(videos)
         return score.float()
+
+
+def for_outputs(reward, outputs: str, per_frame: Optional[Mapping[str, Any]] = None):
+    """``reward`` as it must score a model whose decoded outputs are ``outputs`` ("image" or "video").
+
+    An image reward on a video model is wrapped in ``PerFrame(reward, **per_frame)`` (default: every 4th frame,
+    mean); a video reward on an image model is a one-line ``UserError``; otherwise ``reward`` itself. The trainer
+    and ``flowalign eval`` pass every reward through this, so e.g. HPS scores Wan videos frame by frame.
+    """
+    kind = getattr(reward, "kind", "image")
+    name = getattr(reward, "name", reward)
+    if outputs == "video" and kind == "image":
+        return PerFrame(reward, **dict(per_frame or {}))
+    if outputs == "image" and kind == "video":
+        raise UserError(f"reward {name!r} scores videos but the model makes images; choose an image reward")
+    return reward
+
+
+def check_per_frame(options: Mapping[str, Any], what: str = "reward.per_frame") -> None:
+    """One-line ``UserError`` for PerFrame options that ``PerFrame`` would refuse, checked before any model loads."""
+    from flowalign.rewards.catalog import check_kwargs
+
+    check_kwargs(PerFrame, options, what, reserved=("reward",))
+    if "reduce" in options and options["reduce"] not in REDUCTIONS:
+        raise UserError(f"{what}: unknown reduce {options['reduce']!r} (use one of {', '.join(REDUCTIONS)})")
+    stride = options.get("stride", 1)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise UserError(f"{what}: stride must be an integer >= 1, got {stride!r}")
+    if options.get("temporal", "auto") not in ("auto", "embedding", "pixel"):
+        raise UserError(f"{what}: unknown temporal {options['temporal']!r} (use auto, embedding or pixel)")
+    weight = options.get("temporal_weight", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise UserError(f"{what}: temporal_weight must be a number, got {weight!r}")

@@ -268,3 +268,18 @@ def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path):
     f.write_text("train:\n  lr: 1.0e-4\n  iterations: 3\n  lr: 2.0e-4\n")
     with pytest.raises(UserError, match=r"dup.yaml:4:3: malformed YAML: duplicate key 'lr' \(first on line 2\)"):
         load_config(str(f))
+
+
+def test_duplicate_keys_inside_an_override_value_are_refused(tmp_path):
+    # PyYAML keeps the last of two equal keys silently: {probe: x0, probe: "ode:2"} would have probed with ode:2
+    with pytest.raises(UserError, match=r"override 'credit.options=\{probe: x0, probe: ode:2\}': duplicate key 'probe' "
+                                        r"in the value; keep one"):
+        load_config(None, ["credit.options={probe: x0, probe: ode:2}"])
+    cfg = load_config(None, ['credit.options={probe: "ode:2"}'])
+    assert cfg.credit.options == {"probe": "ode:2"}
+
+
+def test_eval_kernel_other_than_the_ode_is_refused_at_load():
+    # evaluate.run_eval samples with the ODE only; an SDE kernel used to pass validation and crash after config.yaml
+    with pytest.raises(UserError, match=r"eval.kernel: 'flow_sde' is not one of 'euler'"):
+        load_config(None, ["eval.kernel=flow_sde"])

@@ -32,6 +32,7 @@ class FlowAdapter:
     """
 
     lora_targets: tuple[str, ...] = ()
+    output_kind: str = "image"  # what ``decode`` returns: "image" [B,3,H,W] or "video" [B,F,3,H,W]
     lora_rank: int = 32
     lora_alpha: int = 64
 

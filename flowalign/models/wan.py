@@ -29,6 +29,7 @@ DEFAULT_PATH = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 class WanModel(FlowAdapter):
     # METHODS.md §3.7: r/α 32/64 on the attention projections (self- and cross-attention).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    output_kind = "video"  # decode → [B, F, 3, H, W]; image rewards score it through rewards.video.for_outputs
     lora_rank = 32
     lora_alpha = 64
 

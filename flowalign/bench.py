@@ -30,11 +30,15 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=3, help="timed sampling repeats after the first")
     args = ap.parse_args(list(argv))
+    for flag, value, low in (("n", args.n, 1), ("steps", args.steps, 1), ("threads", args.threads, 1),
+                             ("repeats", args.repeats, 0)):
+        if value is not None and value < low:
+            raise UserError(f"--{flag} must be at least {low}, got {value}")
 
     t_start = time.perf_counter()
     import torch
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     t_torch = time.perf_counter()
     import diffusers.models.transformers.transformer_sd3  # noqa: F401  (diffusers pulls in transformers and peft)
@@ -45,7 +49,7 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
     t_libs = time.perf_counter()
     model = ShapesModel.from_pretrained(args.path, guidance_scale=args.guidance)
     t_load = time.perf_counter()
-    steps = args.steps or model.config.sample_steps
+    steps = model.config.sample_steps if args.steps is None else args.steps
     from flowalign.shapes.grammar import generate_prompts
 
     prompts = [r["prompt"] for r in generate_prompts(max(1, -(-args.n // 6)), seed=1)][: args.n]

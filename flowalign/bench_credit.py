@@ -114,6 +114,8 @@ def _shapes_setup(n_groups: int, path: str = "") -> _Setup:
     try:
         model, note = load_model("shapes", path), f"shapes model {path or '(shipped)'}"
     except UserError as e:
+        if path:  # an explicit directory that does not hold a model is the user's mistake, not a missing ship
+            raise
         from flowalign.models.shapes import ShapesModel
 
         logger.warning("%s", e)
@@ -256,12 +258,14 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
 
 def bench_credit(argv: Sequence[str]) -> int:
     """``flowalign bench credit``: print measured NFE / reward calls / wall time per credit method."""
-    ap = argparse.ArgumentParser(prog="flowalign bench credit", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="flowalign bench credit", description="Measured cost of every credit method (transformer "
+                                 "forwards, reward calls, wall time per prompt group) beside the reference "
+                                 "implementations' published costs, and the few-step probes' ranking agreement.")
     ap.add_argument("--models", default="shapes,sd3", help="comma list of: shapes, sd3")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
     ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
-    ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (METHODS §5.2 uses 24)")
+    ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (the reference cost table assumes 24)")
     ap.add_argument("--groups", type=int, default=1, help="prompt groups")
     ap.add_argument("--children", type=int, default=4, help="TempFlow children K (seeds = G // K)")
     ap.add_argument("--max-batch", type=int, default=None, help="rows per model forward while probing")
@@ -274,14 +278,28 @@ def bench_credit(argv: Sequence[str]) -> int:
     args = ap.parse_args(list(argv))
     torch.set_num_threads(max(1, args.threads))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from flowalign.bench_snr import check_json_out
+    from flowalign.errors import UserError
+    from flowalign.rewards import resolve as resolve_reward
+
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        from flowalign.errors import UserError
-
         raise UserError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in ("shapes", "sd3")]
+    if bad or not models:
+        raise UserError(f"--models {args.models!r}: unknown model(s) {bad}; choose from shapes, sd3")
+    for flag, value, low in (("steps", args.steps, 1), ("group-size", args.group_size, 1), ("groups", args.groups, 1),
+                             ("children", args.children, 1), ("max-batch", args.max_batch, 1),
+                             ("rank-groups", args.rank_groups, 0)):
+        if value is not None and value < low:
+            raise UserError(f"--{flag} must be at least {low}, got {value}")
+    if args.rank_groups > 0 and "shapes" in models:
+        resolve_reward(args.rank_reward)  # an unknown name fails here, not after the cost runs
+    check_json_out(args.json)
     results: dict[str, Any] = {"runs": [], "ranking": {}, "notes": {}}
     with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:
-        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        for name in models:
             setup = _shapes_setup(args.groups, args.shapes_path) if name == "shapes" else \
                 _sd3_setup(args.groups, Path(tmp)) if name == "sd3" else None
             if setup is None:

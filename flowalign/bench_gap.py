@@ -59,7 +59,7 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
     import numpy as np
 
     from flowalign.bench_credit import _shapes_prompts
-    from flowalign.bench_snr import add_common_args
+    from flowalign.bench_snr import add_common_args, check_json_out
     from flowalign.models import load_model
     from flowalign.sample import generate
     from flowalign.shapes.grammar import parse
@@ -75,6 +75,8 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
     ap.add_argument("--lora", default=None, help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N)")
     add_common_args(ap)
     args = ap.parse_args(list(argv))
+    if not all(s.is_integer() for s in _floats(args.steps, "steps")):
+        raise UserError(f"--steps={args.steps}: every step count must be a whole number, e.g. --steps 10,40")
     steps = [int(s) for s in _floats(args.steps, "steps")]
     levels = _floats(args.levels, "levels")
     if any(s < 1 for s in steps):
@@ -83,6 +85,7 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
         raise UserError(f"--levels={args.levels}: every noise level must lie in (0, 1)")
     if args.prompts < 1:
         raise UserError(f"--prompts={args.prompts} must be >= 1")
+    check_json_out(args.json)
     if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
         raise UserError(f"no pytorch_lora_weights.safetensors in {args.lora}; pass a checkpoint directory "
                         "such as runs/x/checkpoints/step-N")

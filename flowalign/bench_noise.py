@@ -77,7 +77,7 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     from tqdm.auto import tqdm
 
     from flowalign.bench_credit import _shapes_prompts
-    from flowalign.bench_snr import SDE_KERNELS, add_common_args
+    from flowalign.bench_snr import SDE_KERNELS, add_common_args, check_json_out
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
     from flowalign.samplers.loop import eta_schedule, sample
@@ -102,6 +102,7 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
         raise UserError("noise-variance needs --prompts >= 1, --inits >= 1 and --members >= 2")
     if args.eta <= 0:
         raise UserError(f"--eta={args.eta} must be > 0 (at 0 every member is the same ODE sample)")
+    check_json_out(args.json)
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 

@@ -99,6 +99,15 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
+def check_json_out(path: Optional[str]) -> None:
+    """One-line ``UserError`` when ``--json`` names a directory (the write would fail after the whole run)."""
+    from pathlib import Path
+
+    if path and Path(path).is_dir():
+        raise UserError(f"--json {path!r} is a directory; pass the path of a JSON file, "
+                        f"e.g. {Path(path) / 'bench.json'}")
+
+
 def bench_grad_snr(argv: Sequence[str]) -> None:
     """Print the split-half gradient cosine of each credit method on one set of shapes-world rollouts."""
     from flowalign.bench_credit import METHODS, _shapes_prompts
@@ -140,6 +149,10 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
         raise UserError(f"--train-fraction={args.train_fraction} must be in (0, 1)")
     if args.adv_clip <= 0:
         raise UserError(f"--adv-clip={args.adv_clip} must be > 0")
+    for flag, value in (("steps", args.steps), ("splits", args.splits), ("lora-rank", args.lora_rank)):
+        if value < 1:
+            raise UserError(f"--{flag} must be at least 1, got {value}")
+    check_json_out(args.json)
     window = None
     if args.window is not None:
         try:
@@ -150,6 +163,12 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
             raise UserError(f"--window={args.window} must satisfy 0 <= LO < HI <= T-1 = {args.steps - 1}")
         window = (lo, hi - lo)
     adv_clip = args.adv_clip
+    eta = eta_schedule(args.steps, args.eta, window=window)  # [T]
+    n_train = args.steps - 1 if window else min(int(math.floor(args.train_fraction * args.steps + 1e-9)), args.steps - 1)
+    steps = [t for t in range(n_train) if float(eta[t]) > 0]
+    if not steps:
+        raise UserError(f"no stochastic step is trained (--steps={args.steps}, --train-fraction={args.train_fraction}, "
+                        f"--eta={args.eta:g}); raise --eta, --steps or --train-fraction")
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 
@@ -161,9 +180,6 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     per_prompt = args.groups_per_prompt * args.group_size
     cond_index = torch.arange(len(prompts)).repeat_interleave(per_prompt)  # [B]
     group = torch.arange(cond_index.numel()) // args.group_size  # [B] consecutive members form a group
-    eta = eta_schedule(args.steps, args.eta, window=window)  # [T]
-    n_train = args.steps - 1 if window else min(int(math.floor(args.train_fraction * args.steps + 1e-9)), args.steps - 1)
-    steps = [t for t in range(n_train) if float(eta[t]) > 0]
     with torch.no_grad():
         cond = model.encode(prompts)
         gen = torch.Generator().manual_seed(args.seed)

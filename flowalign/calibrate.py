@@ -78,19 +78,22 @@ def calibrate_noise(make_batch: Callable[[int], tuple[Tensor, Cond, Tensor]], ve
                     score: ScoreFn, weights: Mapping[str, float], *, psi0: Optional[Tensor] = None,
                     iterations: int = 10, eps1: float = 2.0, eps2: float = 0.01, seed: int = 0,
                     probe: str = "ode:full", max_batch: Optional[int] = None,
-                    steps: Optional[Tensor] = None) -> tuple[Tensor, list[dict]]:
+                    steps: Optional[Tensor] = None, progress: bool = False) -> tuple[Tensor, list[dict]]:
     """Run I calibration iterations (DenseGRPO §4.1). ``make_batch(i) -> (noise [N,*], cond, cond_index [N])``.
 
     ``steps`` [T] bool = calibrated steps (default: every step but the last, which stays deterministic).
     Returns (ψ [T], history: one dict per iteration with ψ before the update and the per-step imbalance).
+    ``progress`` shows a progress bar over the iterations.
     """
+    from tqdm.auto import tqdm
+
     t_steps = int(sigmas.shape[0]) - 1
     psi = initial_psi(sigmas) if psi0 is None else psi0.detach().cpu().to(torch.float32).clone()
     if steps is None:
         steps = torch.arange(t_steps) < t_steps - 1
     psi = torch.where(steps, psi, torch.zeros_like(psi))
     history = []
-    for it in range(iterations):
+    for it in tqdm(range(iterations), desc="calibration", unit="it", disable=not progress):
         noise, cond, cond_index = make_batch(it)
         gen = torch.Generator(device=noise.device).manual_seed(seed * 1000003 + it)
         gains = reward_gains(velocity, noise, sigmas, cond, cond_index, psi, score, weights, generator=gen,
@@ -106,6 +109,7 @@ def calibrate_noise(make_batch: Callable[[int], tuple[Tensor, Cond, Tensor]], ve
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign calibrate``: DenseGRPO noise calibration → a JSON per-step η for the ``dance_sde`` kernel."""
     import argparse
+    import math
 
     from flowalign import data as D
     from flowalign.errors import UserError
@@ -113,7 +117,9 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
 
-    ap = argparse.ArgumentParser(prog="flowalign calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="flowalign calibrate", description="DenseGRPO's reward-aware per-step noise calibration: "
+                                 "adjusts each step's noise level until its reward gains balance, and writes the "
+                                 "per-step eta file that sampler.eta_file reads.")
     ap.add_argument("--model", default="shapes", help="model family (flowalign.models.MODELS)")
     ap.add_argument("--path", default="", help="model directory or hub id ('' = the family default)")
     ap.add_argument("--prompts", default="shapes-train", help="prompt set (built-in name or file)")
@@ -148,6 +154,11 @@ def cli_main(argv: Sequence[str]) -> int:
     except ValueError:
         raise UserError(f"--probe {args.probe!r} is not a probe mode; use x0, ode:M, ode:full, ode2:M or ode2:full "
                         f"(M = sub-steps >= 1)") from None
+    for flag, value in (("eps1", args.eps1), ("eps2", args.eps2)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag} must be a positive number, got {value}")
+    if not (math.isfinite(args.init_a) and args.init_a >= 0):
+        raise UserError(f"--init-a must be a number >= 0 (the initial noise level), got {args.init_a}")
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; pass the path of a JSON file, e.g. "
                         f"{Path(args.out) / 'eta.json'}")
@@ -156,6 +167,8 @@ def cli_main(argv: Sequence[str]) -> int:
         name, _, w = spec.partition("=")
         try:
             weights[name] = float(w) if w else 1.0
+            if not math.isfinite(weights[name]):
+                raise ValueError
         except ValueError:
             raise UserError(f"--reward {spec!r}: the weight must be a number, e.g. --reward {name}=1") from None
         resolve_reward(name)  # an unknown name fails here, before the model loads
@@ -172,7 +185,9 @@ def cli_main(argv: Sequence[str]) -> int:
         prompts = [records[i].prompt for i in idx]
         cond = model.encode(prompts)
         cond_index = torch.arange(n_groups, device=args.device).repeat_interleave(args.group_size)
-        noise = model.init_noise(args.n, torch.Generator().manual_seed(args.seed * 7919 + it))
+        # offset by 2**31: calibrate_noise seeds the SDE noise with seed·1000003 + it, and at seed 0 an equal seed
+        # made the first step's noise equal to the initial noise (the CPU generator keeps only the low 32 bits)
+        noise = model.init_noise(args.n, torch.Generator().manual_seed((1 << 31) + args.seed * 7919 + it))
         make_batch.prompts = prompts
         return noise.to(args.device), cond, cond_index
 
@@ -184,7 +199,7 @@ def cli_main(argv: Sequence[str]) -> int:
     psi0 = initial_psi(sigmas, args.init_a)
     psi, history = calibrate_noise(make_batch, model.velocity, sigmas, score, weights, psi0=psi0,
                                    iterations=args.iterations, eps1=args.eps1, eps2=args.eps2, seed=args.seed,
-                                   probe=args.probe, max_batch=args.max_batch)
+                                   probe=args.probe, max_batch=args.max_batch, progress=True)
     out = {"kernel": "dance_sde", "eta": [round(float(p), 6) for p in psi], "sigmas": sigmas.cpu().tolist(),
            "initial_eta": psi0.tolist(), "model": args.model, "path": args.path, "steps": args.steps,
            "rewards": weights, "n": args.n, "group_size": args.group_size, "iterations": args.iterations,

@@ -45,6 +45,7 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     nfe_after: dict[int, float] = {0: 0.0}
     sampled: dict[int, int] = {}  # iteration -> final samples scored (plans like TempFlow branching add rows)
     total, last_it, wall = 0.0, 0, 0.0
+    done = 0.0  # wall time of earlier sessions: ``time/elapsed_s`` restarts at 0 when a run is resumed
     for r in records:
         it = r.get("iteration")
         if not isinstance(it, int):
@@ -57,9 +58,13 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
             total = sum(counters)
             nfe_after[it] = total
         last_it = max(last_it, it)
-        wall = float(r.get("time/elapsed_s", wall) or wall)
+        elapsed = r.get("time/elapsed_s")
+        if isinstance(elapsed, (int, float)):
+            if elapsed < wall - done:  # a new session began
+                done = wall
+            wall = done + float(elapsed)
     sums = find_summaries(run)
-    if not sums:
+    if not sums or "eval" in sums:  # "eval": a lone `flowalign eval` summary.json, no eval/<label>/ of a run
         raise UserError(f"{run} has no evaluations (eval/*/summary.json); train with eval.before/eval.every/eval.after")
     pts = []
     available: set[str] = set()  # the rewards the evaluations of this run hold (to name them when ``reward`` is not one)
@@ -133,8 +138,10 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
              "|---|---|---|---|---|---|---|---|---|"]
     for c in curves:
         v = c["value"]
+        has_base = c["iterations"][0] == 0  # without eval.before the first point is a later step, not the base
+        base, delta = (f"{v[0]:.3f}", f"{v[-1] - v[0]:+.3f}") if has_base else ("–", "–")
         lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,} | {c['nfe'][-1]:,.0f} | {c['wall_s']:.0f} | "
-                     f"{v[0]:.3f} | {v[-1]:.3f} | {v[-1] - v[0]:+.3f} | {max(v):.3f} |")
+                     f"{base} | {v[-1]:.3f} | {delta} | {max(v):.3f} |")
     below = len(curves) > 6  # many runs: the legend goes under the plots instead of over the curves
     rows = -(-len(curves) // 2) if below else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.15 * rows), dpi=110)

@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.flowalign-installed
 # project's CI machines carry; set TORCH='torch' (or a CUDA build you have) for another one.
 TORCH   ?= torch==2.13.0
 
-# Create the virtualenv and install flowalign with its test extras (about 90 s the first time, ~7 s after).
+# Create the virtualenv and install flowalign with its test extras (about 2 min the first time, ~7 s after).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

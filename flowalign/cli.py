@@ -15,14 +15,14 @@ from typing import Optional, Sequence
 from flowalign.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("flowalign.train", "fine-tune a model with GRPO from a YAML config (+ dotted overrides)"),
+    "train": ("flowalign.train", "fine-tune a model (GRPO, or DiffusionNFT with train.objective=nft) from a YAML config (+ dotted overrides)"),
     "sample": ("flowalign.sample", "sample an image grid from a model (optional LoRA, chosen sampler)"),
     "eval": ("flowalign.evaluate", "evaluate a model on a prompt set x rewards -> results.jsonl, summary.json, report"),
     "report": ("flowalign.report", "(re)build report.html for a run directory"),
     "compare": ("flowalign.compare", "compare runs: eval metric against rollouts and NFE (plot + table)"),
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes model)"),
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
-    "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample`, `bench credit`, `bench grad-snr`)"),
+    "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample | credit | grad-snr | noise-variance | sample-gap`)"),
     "calibrate": ("flowalign.calibrate", "DenseGRPO reward-aware per-step noise calibration -> a per-step eta file"),
 }
 

@@ -82,7 +82,7 @@ class Aesthetic(Reward):
     typical_range = "~1–10; SD-class images ~5–6.5"
     checkpoints = (
         Checkpoint("path", CLIP_L14, f"hf download {CLIP_L14} --local-dir DIR; path=DIR"),
-        Checkpoint("head", HEAD_FILE, f"download {HEAD_URL} (3.7 MB, MIT; also in the DAS and flow_grpo repos); head=FILE"),
+        Checkpoint("head", None, f"{HEAD_FILE}: download {HEAD_URL} (3.7 MB, MIT; also in the DAS and flow_grpo repos); head=FILE"),
     )
 
     def __init__(self, path: str = CLIP_L14, head: Optional[str] = None, processor_path: Optional[str] = None,

@@ -77,7 +77,8 @@ def format_catalog(entries: Sequence[dict[str, Any]]) -> str:
         lines.append(f"    measures: {e['measures']}")
         if e["checkpoints"]:
             for c in e["checkpoints"]:
-                lines.append(f"    weights:  {c['arg']}= (default {c['default']}): {c['obtain']}")
+                given = f"default {c['default']}" if c["default"] else "required"
+                lines.append(f"    weights:  {c['arg']}= ({given}): {c['obtain']}")
         else:
             lines.append("    weights:  none")
         if "error" in e:
@@ -160,7 +161,7 @@ def _serve(argv: Sequence[str]) -> int:
     p.add_argument("kwargs", nargs="*", help="constructor arguments, e.g. path=/models/PickScore_v1 device=cuda")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    p.add_argument("--max-mb", type=float, default=256.0, help="largest request body in MB (larger → HTTP 413)")
+    p.add_argument("--max-mb", type=float, default=256.0, help="largest request body in MiB (larger → HTTP 413)")
     args = p.parse_intermixed_args(list(argv))  # options and key=value pairs in any order
     from flowalign.rewards import resolve
 
@@ -169,7 +170,7 @@ def _serve(argv: Sequence[str]) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
     reward = build_reward(args.name, **kwargs)
-    server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 1e6), background=False)
+    server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 2**20), background=False)
     sys.stdout.write(f"serving reward {getattr(reward, 'name', args.name)!r} at {server.url} (POST /score, GET /health); "
                      f"Ctrl-C stops\n")
     sys.stdout.flush()

@@ -9,6 +9,7 @@ compared at equal rollouts *and* at equal compute. Writes ``DIR/compare.png`` an
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -88,8 +89,12 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     objective = (cfg.get("train") or {}).get("objective", "grpo")
     if objective != "grpo":  # another update rule (DiffusionNFT) on the same rollouts and rewards
         tags.append(f"objective {objective}")
+    same = {k: v for k, v in cfg.items() if k != "output"}  # what must match for runs to be seeds of one setting
+    same["train"] = {k: v for k, v in train.items() if k != "seed"}
     return {
         "label": run.name,
+        "seed": train.get("seed"),
+        "setting": json.dumps(same, sort_keys=True, default=str),
         "credit": credit.get("name", "outcome") + (f" ({', '.join(tags)})" if tags else ""),
         "iterations": [p[0] for p in pts],
         "rollouts": [sum(sampled.get(i, per_iter) for i in range(1, p[0] + 1)) for p in pts],
@@ -115,14 +120,52 @@ def _check_curves(curves: Sequence[dict[str, Any]], reward: str) -> None:
                         f"(they hold: {', '.join(c['rewards']) or 'nothing'}){hint}")
 
 
+def mean_over_seeds(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs whose configs differ only in ``train.seed`` (and ``output.*``) merged into one curve per setting, in
+    the order of their first run: ``value`` is the mean over seeds at each evaluation point, ``lo``/``hi`` the
+    smallest and largest seed, ``seeds`` the seeds and ``finals`` each seed's last value; rollouts, NFE and wall
+    time are means. A one-line ``UserError`` when the runs of one setting were evaluated at different points."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for c in curves:
+        groups.setdefault(c["setting"], []).append(c)
+    out = []
+    for runs in groups.values():
+        first = runs[0]
+        for c in runs[1:]:
+            if c["iterations"] != first["iterations"]:
+                raise UserError(f"runs {first['label']} and {c['label']} have the same settings but were evaluated at "
+                                f"different iterations ({first['iterations']} vs {c['iterations']}); finish both or "
+                                f"compare them without --mean-over-seeds")
+        seeds = [c["seed"] for c in runs]
+        if len(set(seeds)) < len(seeds):
+            raise UserError(f"runs {', '.join(c['label'] for c in runs)} have the same settings and the same seed "
+                            f"({seeds}); pass each seed once")
+        cols = list(zip(*(c["value"] for c in runs)))  # per evaluation point: one value per seed
+
+        def mean(key: str) -> list[float]:
+            return [sum(v) / len(v) for v in zip(*(c[key] for c in runs))]
+
+        label = first["label"] if len(runs) == 1 else f"{first['label']} (+{len(runs) - 1} seed{'s' * (len(runs) > 2)})"
+        out.append({**first, "label": label, "value": [sum(v) / len(v) for v in cols], "lo": [min(v) for v in cols],
+                    "hi": [max(v) for v in cols], "rollouts": mean("rollouts"), "nfe": mean("nfe"),
+                    "wall_s": sum(c["wall_s"] for c in runs) / len(runs), "seeds": seeds,
+                    "finals": [c["value"][-1] for c in runs]})
+    return out
+
+
 def _check_out_dir(out: Path) -> None:
     """One-line ``UserError`` when ``--out`` exists as a file (``mkdir`` would fail after the runs were read)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a directory for compare.png and compare.md")
 
 
-def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict") -> tuple[Path, Path]:
-    """Plot and tabulate ``reward`` of each run against rollouts and NFE; returns (png, md)."""
+def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict", *,
+            seeds_mean: bool = False) -> tuple[Path, Path]:
+    """Plot and tabulate ``reward`` of each run against rollouts and NFE; returns (png, md).
+
+    ``seeds_mean``: runs that differ only in ``train.seed`` become one curve (the mean, with a band from the
+    lowest to the highest seed) and one table row that also lists every seed's final value (``mean_over_seeds``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,14 +177,19 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     _check_out_dir(out)
     curves = [run_curve(d, reward) for d in run_dirs]
     _check_curves(curves, reward)  # before anything is written
-    lines = [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward} | Δ | best |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    if seeds_mean:
+        curves = mean_over_seeds(curves)
+    per_seed = " | seeds: final each" if seeds_mean else ""
+    lines = [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward}{' (mean)' * seeds_mean} | Δ | "
+             f"best{' (mean curve)' * seeds_mean}{per_seed} |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * seeds_mean]
     for c in curves:
         v = c["value"]
         has_base = c["iterations"][0] == 0  # without eval.before the first point is a later step, not the base
         base, delta = (f"{v[0]:.3f}", f"{v[-1] - v[0]:+.3f}") if has_base else ("–", "–")
-        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,} | {c['nfe'][-1]:,.0f} | {c['wall_s']:.0f} | "
-                     f"{base} | {v[-1]:.3f} | {delta} | {max(v):.3f} |")
+        seeds = (" | " + ", ".join(f"{s}: {f:.3f}" for s, f in zip(c["seeds"], c["finals"]))) if seeds_mean else ""
+        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,.0f} | {c['nfe'][-1]:,.0f} | "
+                     f"{c['wall_s']:.0f} | {base} | {v[-1]:.3f} | {delta} | {max(v):.3f}{seeds} |")
     below = len(curves) > 6  # many runs: the legend goes under the plots instead of over the curves
     rows = -(-len(curves) // 2) if below else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.15 * rows), dpi=110)
@@ -154,6 +202,10 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
         kw = dict(color=colours[i % len(colours)], linestyle=ls, marker=mk, markersize=3, label=name)
         axes[0].plot(c["rollouts"], c["value"], **kw)
         axes[1].plot([n / 1e3 for n in c["nfe"]], c["value"], **kw)
+        if len(c.get("seeds", ())) > 1:  # the spread of the seeds around their mean
+            axes[0].fill_between(c["rollouts"], c["lo"], c["hi"], color=kw["color"], alpha=0.12, linewidth=0)
+            axes[1].fill_between([n / 1e3 for n in c["nfe"]], c["lo"], c["hi"], color=kw["color"], alpha=0.12,
+                                 linewidth=0)
     axes[0].set_xlabel("rollouts (trajectories sampled)")
     axes[1].set_xlabel("transformer forwards, thousands (all phases)")
     for ax in axes:
@@ -182,8 +234,11 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("runs", nargs="+", help="run directories written by `flowalign train` (with eval.every > 0)")
     p.add_argument("--out", required=True, help="output directory for compare.png and compare.md")
     p.add_argument("--reward", default="shapes_strict", help="evaluation reward to compare (default shapes_strict)")
+    p.add_argument("--mean-over-seeds", action="store_true",
+                   help="merge runs whose configs differ only in train.seed: mean curve with a min-max band, and "
+                        "every seed's final value in the table")
     args = p.parse_args(list(argv))
-    png, md = compare(args.runs, args.out, args.reward)
+    png, md = compare(args.runs, args.out, args.reward, seeds_mean=args.mean_over_seeds)
     sys.stdout.write(Path(md).read_text())
     logger.info("wrote %s and %s", png, md)
     return 0

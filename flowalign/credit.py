@@ -38,15 +38,20 @@ class CreditInput:
     # over the process-reward core (values.py) with θ_old, the rollout's CFG and an NFE phase "probing".
     probe: Optional[Callable[[str, Tensor], Mapping[str, Tensor]]] = None
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # sums a tensor over the ranks (all-reduce) under multi-process training, so std_scope="global" is the std of
+    # every rank's rewards (METHODS.md §3.2), not of this rank's; None = one process
+    reduce_sum: Optional[Callable[[Tensor], Tensor]] = None
 
 
 def group_normalize(rewards: Tensor, group: Tensor, *, scope: str = "group", eps: float = 1e-4,
-                    ddof: int = 0) -> Tensor:
+                    ddof: int = 0, reduce_sum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """A_i = (R_i − mean_group R) / (std + eps) in float64 (Flow-GRPO Eq. 4; METHODS.md §3.2).
 
     ``scope="global"`` uses the std of all rewards (Flow-GRPO's ``global_std``). NaN rewards are left out of
     the statistics and get A = 0. A group whose rewards are all equal gets A = 0 (never NaN); a group of one
     gets 0. Returns float32 [B] on the rewards' device (``group`` may live on another device).
+    ``reduce_sum`` (multi-process training) sums the global scope's statistics over the ranks; groups are
+    rank-local, so the group scope needs none.
     """
     r = rewards.detach().to(torch.float64)  # [B]
     ok = torch.isfinite(r)
@@ -62,10 +67,16 @@ def group_normalize(rewards: Tensor, group: Tensor, *, scope: str = "group", eps
         ss = zeros.index_add(0, inv, dev * dev)
         std = torch.sqrt(ss / (cnt - ddof).clamp_min(1))[inv]  # [B]
     elif scope == "global":
-        n = ok.sum().clamp_min(1)
-        gm = r0.sum() / n
+        total = torch.stack([ok.sum().to(torch.float64), r0.sum()])  # [2]: count, sum
+        if reduce_sum is not None:
+            total = reduce_sum(total.clone())
+        n = total[0].clamp_min(1)
+        gm = total[1] / n
         gdev = torch.where(ok, r - gm, torch.zeros_like(r))
-        std = torch.sqrt((gdev * gdev).sum() / (n - ddof).clamp_min(1)).expand_as(r)
+        ss = (gdev * gdev).sum()
+        if reduce_sum is not None:
+            ss = reduce_sum(ss.reshape(1).clone())[0]
+        std = torch.sqrt(ss / (n - ddof).clamp_min(1)).expand_as(r)
     else:
         raise ValueError(f"std scope must be 'group' or 'global', got {scope!r}")
     adv = dev / (std + eps)
@@ -91,7 +102,7 @@ def terminal_advantage(inp: CreditInput) -> Tensor:
     ``reward_sum``: normalise Σ_k w_k·R_k. ``advantage_sum``: Σ_k w_k·normalise(R_k) (scale-free).
     """
     group = inp.traj.group
-    norm = dict(scope=inp.std_scope, eps=inp.std_eps, ddof=inp.std_ddof)
+    norm = dict(scope=inp.std_scope, eps=inp.std_eps, ddof=inp.std_ddof, reduce_sum=inp.reduce_sum)
     if inp.aggregate == "reward_sum":
         total = sum(float(w) * inp.rewards[k].to(torch.float64) for k, w in inp.reward_weights.items())
         return group_normalize(total, group, **norm)
@@ -113,7 +124,7 @@ def outcome(inp: CreditInput) -> Credit:
 
 
 def step_normalize(x: Tensor, group: Tensor, valid: Optional[Tensor] = None, *, scope: str = "group",
-                   eps: float = 1e-4, ddof: int = 0) -> Tensor:
+                   eps: float = 1e-4, ddof: int = 0, reduce_sum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Per-step group z-score: column t of ``x`` [B, T] normalised over each group (METHODS.md §4.1).
 
     Entries outside ``valid`` [B, T] (or non-finite) are left out of the statistics and get 0; a column whose
@@ -122,12 +133,14 @@ def step_normalize(x: Tensor, group: Tensor, valid: Optional[Tensor] = None, *, 
     x = x.detach().to(torch.float64)
     if valid is not None:
         x = torch.where(valid.to(x.device), x, torch.full_like(x, float("nan")))
-    cols = [group_normalize(x[:, t], group, scope=scope, eps=eps, ddof=ddof) for t in range(x.shape[1])]
+    cols = [group_normalize(x[:, t], group, scope=scope, eps=eps, ddof=ddof, reduce_sum=reduce_sum)
+            for t in range(x.shape[1])]
     return torch.stack(cols, dim=1) if cols else torch.zeros_like(x, dtype=torch.float32)  # [B, T]
 
 
 def _norm_kw(inp: CreditInput, eps: Optional[float] = None) -> dict:
-    return dict(scope=inp.std_scope, eps=inp.std_eps if eps is None else eps, ddof=inp.std_ddof)
+    return dict(scope=inp.std_scope, eps=inp.std_eps if eps is None else eps, ddof=inp.std_ddof,
+                reduce_sum=inp.reduce_sum)
 
 
 def state_values(inp: CreditInput, mode: str, mask: Tensor) -> dict[str, Tensor]:
@@ -476,7 +489,7 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
     tf = trained.to(torch.float32)
     ora = None
     if heads in ("both", "ora"):
-        norm = dict(scope=inp.std_scope, eps=eps, ddof=inp.std_ddof)
+        norm = dict(scope=inp.std_scope, eps=eps, ddof=inp.std_ddof, reduce_sum=inp.reduce_sum)
         if inp.aggregate == "reward_sum":
             tot = sum(float(w) * inp.rewards[k].to(torch.float64) for k, w in inp.reward_weights.items())
             a_row = group_normalize(tot, group, **norm)
@@ -505,8 +518,8 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
             guided = trained.any(0)
         score = {"post": pv[:, 1:], "pre": pv[:, :-1], "gain": pv[:, 1:] - pv[:, :-1]}[pra_index]  # [B, T]
         valid = trained & guided[None] & torch.isfinite(score)
-        pra = c_pra * step_normalize(score, group, valid, scope=inp.std_scope, eps=eps,
-                                     ddof=inp.std_ddof).clamp(-adv_clip, adv_clip) * tf
+        pra = c_pra * step_normalize(score, group, valid, scope=inp.std_scope, eps=eps, ddof=inp.std_ddof,
+                                     reduce_sum=inp.reduce_sum).clamp(-adv_clip, adv_clip) * tf
     if heads == "ora":
         return Credit(advantages=ora)
     if heads == "pra":

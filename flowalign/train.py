@@ -115,10 +115,16 @@ def _dist():
         Accelerator(cpu=not torch.cuda.is_available())
     if dist.is_available() and dist.is_initialized():
         ws = dist.get_world_size()
+        # NCCL (accelerate's multi-GPU backend) reduces CUDA tensors only; metrics and flags live on the CPU
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
         def reduce_mean(t: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(t)
-            return t.div_(ws)
+            u = t if comm is None or t.device == comm else t.to(comm)
+            dist.all_reduce(u)
+            u.div_(ws)
+            if u is not t:
+                t.copy_(u)
+            return t
 
         return dist.get_rank(), ws, reduce_mean, dist.barrier
     return 0, 1, (lambda t: t), (lambda: None)
@@ -440,7 +446,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
         inp = CreditInput(
             traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
             aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
-            std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras)
+            std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras,
+            reduce_sum=(lambda t: reduce_mean(t).mul_(world)) if world > 1 else None)  # global std over all ranks
         with nfe.phase("probing"):
             credit = assign_credit(cfg.credit.name, inp, cfg.credit.options)
         advs = clipped_heads(credit, trained, cfg.credit.adv_clip)  # head -> [B, T], ±A_max then weights (§3.6)

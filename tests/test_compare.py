@@ -83,3 +83,42 @@ def test_logged_rollouts_count_what_was_sampled_and_resume_repeats_count_once(tm
     recs.insert(2, dict(recs[1]))  # iteration 2 logged twice (killed after logging, resumed from step 1)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert run_curve(d)["rollouts"] == [0, 64, 128]
+
+
+def _seeded(d, seed, values, credit="outcome", lr=1e-3):
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"train": {"groups_per_iter": 2, "group_size": 4, "seed": seed, "lr": lr},
+                                                   "credit": {"name": credit}, "output": {"run_dir": str(d)}}))
+    recs = [{"iteration": i, "nfe/sampling": 10 * i, "time/elapsed_s": 2.0 * i} for i in range(1, 5)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for label, v in values.items():
+        (d / "eval" / label).mkdir(parents=True)
+        (d / "eval" / label / "summary.json").write_text(json.dumps({"overall": {"shapes_strict": v}, "per_task": {}}))
+    return d
+
+
+def test_mean_over_seeds_merges_only_runs_that_differ_in_the_seed(tmp_path):
+    from flowalign.compare import cli_main
+
+    a42 = _seeded(tmp_path / "out42", 42, {"base": 0.4, "step-2": 0.5, "final": 0.6})
+    a43 = _seeded(tmp_path / "out43", 43, {"base": 0.4, "step-2": 0.3, "final": 0.5})
+    b42 = _seeded(tmp_path / "dense42", 42, {"base": 0.4, "step-2": 0.45, "final": 0.45}, credit="dense_gain")
+    c42 = _seeded(tmp_path / "lr42", 42, {"base": 0.4, "step-2": 0.5, "final": 0.7}, lr=3e-4)  # another setting
+    png, md = compare([a42, b42, a43, c42], tmp_path / "o", seeds_mean=True)
+    rows = md.read_text().splitlines()[2:]
+    assert len(rows) == 3 and rows[0].startswith("| out42 (+1 seed) | outcome |")
+    cells = [x.strip() for x in rows[0].split("|")]
+    assert cells[6:11] == ["0.400", "0.550", "+0.150", "0.550", "42: 0.600, 43: 0.500"]  # mean curve 0.4, 0.4, 0.55
+    assert rows[1].startswith("| dense42 | dense_gain |") and rows[2].startswith("| lr42 | outcome |")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # without the option every run is its own row, as before
+    assert len(compare([a42, a43], tmp_path / "p")[1].read_text().splitlines()) == 4
+    # the same seed twice, or seeds evaluated at different points, cannot be averaged: one line, exit 2
+    dup = _seeded(tmp_path / "again42", 42, {"base": 0.4, "step-2": 0.5, "final": 0.6})
+    with pytest.raises(UserError, match="the same seed"):
+        compare([a42, dup], tmp_path / "q", seeds_mean=True)
+    short = _seeded(tmp_path / "short44", 44, {"base": 0.4, "final": 0.5})
+    with pytest.raises(UserError, match="evaluated at different iterations"):
+        compare([a42, short], tmp_path / "r", seeds_mean=True)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
+    assert cli_main([str(a42), str(a43), "--out", str(tmp_path / "s"), "--mean-over-seeds"]) == 0

@@ -158,3 +158,42 @@ def test_clipped_heads_clip_before_weights_and_zero_untrained_steps():
     assert torch.equal(out["process"], torch.tensor([[-10.0, 10.0, 0.0], [-0.5, -6.0, 3.0]]))
     plain = clipped_heads(Credit(advantages=adv), trained, adv_clip=1.0)
     assert torch.equal(plain["main"], torch.tensor([[1.0, -1.0, 0.0], [0.5, 1.0, -1.0]]))
+
+
+def test_global_std_is_the_std_of_every_ranks_rewards():
+    """Under two processes each rank holds half the groups; with ``reduce_sum`` (an all-reduce) the global-scope
+    advantages equal those of one process holding all rewards. Ranks are emulated by two threads."""
+    import threading
+
+    torch.manual_seed(0)
+    r = torch.rand(16)  # [B]: 4 groups of 4, rank 0 holds groups 0-1, rank 1 groups 2-3
+    r[:8] *= 3.0  # ranks with different spreads, so a per-rank std is visibly wrong
+    g = torch.arange(4).repeat_interleave(4)
+    r[5] = float("nan")  # a NaN reward is left out of the global statistics too
+    one = group_normalize(r, g, scope="global", ddof=1)
+    barrier, box = threading.Barrier(2), [None, None]
+
+    def reduce_sum(rank):
+        def f(t):
+            box[rank] = t.clone()
+            barrier.wait()
+            total = box[0] + box[1]
+            barrier.wait()
+            return total
+        return f
+
+    out = [None, None]
+
+    def rank_main(rank):
+        sl = slice(8 * rank, 8 * rank + 8)
+        out[rank] = group_normalize(r[sl], g[sl], scope="global", ddof=1, reduce_sum=reduce_sum(rank))
+
+    threads = [threading.Thread(target=rank_main, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(out), one, atol=1e-6)
+    per_rank = torch.cat([group_normalize(r[:8], g[:8], scope="global", ddof=1),
+                          group_normalize(r[8:], g[8:], scope="global", ddof=1)])
+    assert not torch.allclose(per_rank, one, atol=1e-3)  # what each rank computed alone before

@@ -147,6 +147,9 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.values import parse_mode
 
     check_positive(steps=args.steps, iterations=args.iterations, max_batch=args.max_batch)
+    from flowalign.sample import check_device
+
+    check_device(args.device)
     if args.n < 1 or args.group_size < 1 or args.n % args.group_size:
         raise UserError(f"--n ({args.n}) must be a positive multiple of --group-size ({args.group_size})")
     try:

@@ -108,7 +108,8 @@ def _record_from_obj(obj: Any, where: str) -> PromptRecord:
 
 def _parse_jsonl(text: str, source: str) -> list[PromptRecord]:
     out = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # split on newlines only: str.splitlines() also breaks at U+2028, U+0085, form feeds, ... which JSON strings may hold
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -166,7 +167,7 @@ def load_prompts(name_or_path: str | Path) -> list[PromptRecord]:
     if parser is None:
         raise UserError(f"prompt file {path}: unsupported extension {suffix or '(none)'!r}; use .txt, .jsonl or .json")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
     except UnicodeDecodeError as err:
         raise UserError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     records = parser(text, str(path))
@@ -283,7 +284,22 @@ def expand_groups(prompt_idx: Sequence[int], group_size: int, group_offset: int 
 
 
 def spaced_subset(records: Sequence[Any], n: int) -> list:
-    """``n`` evenly spaced records (all if n <= 0 or n >= len): keeps each task's share in task-ordered sets."""
+    """``n`` evenly spaced records (all if n <= 0 or n >= len), in file order; every task keeps its share (±1),
+    also when the tasks are interleaved (then the spacing is within each task)."""
     if n <= 0 or n >= len(records):
         return list(records)
-    return [records[(i * len(records)) // n] for i in range(n)]
+    tasks = [task_of(r) if isinstance(r, PromptRecord) else None for r in records]
+    runs = [t for i, t in enumerate(tasks) if i == 0 or t != tasks[i - 1]]
+    if len(runs) == len(set(runs)):  # task-ordered (or unlabelled): even spacing keeps each task's share
+        return [records[(i * len(records)) // n] for i in range(n)]
+    # tasks interleaved (e.g. a shuffled set): even spacing would sample shares at random and can drop a task,
+    # so space evenly within each task and give out the shares by largest remainder (ties: first task seen)
+    by_task: dict[Any, list[int]] = {}
+    for i, t in enumerate(tasks):
+        by_task.setdefault(t, []).append(i)
+    quota = {t: n * len(ix) / len(records) for t, ix in by_task.items()}
+    take = {t: int(q) for t, q in quota.items()}
+    for t in sorted(quota, key=lambda t: take[t] - quota[t])[: n - sum(take.values())]:
+        take[t] += 1
+    picked = sorted(ix[(j * len(ix)) // take[t]] for t, ix in by_task.items() for j in range(take[t]))
+    return [records[i] for i in picked]

@@ -264,7 +264,7 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwargs
     from flowalign.rewards.video import check_per_frame, for_outputs
-    from flowalign.sample import check_lora_dir, check_positive, load_lora_checked
+    from flowalign.sample import check_device, check_lora_dir, check_positive, load_lora_checked
 
     def kv(text: str, flag: str) -> tuple[str, Any]:
         if "=" not in text:
@@ -277,6 +277,7 @@ def cli_main(argv: Sequence[str]) -> int:
 
     # every argument is checked before the model loads and before anything is written
     check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
+    check_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a new or empty directory")

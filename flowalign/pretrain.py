@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -89,6 +90,8 @@ class PretrainConfig:
                 close = difflib.get_close_matches(k, list(known), n=1)
                 raise UserError(f"unknown pretrain config key {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             default = known[k].default
+            if known[k].default_factory is dict and not isinstance(v, dict):
+                raise UserError(f"pretrain config {k!r}: expected a mapping of options (key: value lines), got {v!r}")
             try:
                 if isinstance(default, bool):
                     v = bool(v)
@@ -110,6 +113,8 @@ class PretrainConfig:
     def validate(self) -> None:
         """One-line ``UserError`` for a value no run can use (a run of 0 steps would write an untrained final/)."""
         rules = [("steps", self.steps >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+                 ("seed", self.seed >= 0, ">= 0"),
+                 ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
                  ("lr", self.lr >= 0, ">= 0"), ("warmup", self.warmup >= 0, ">= 0"),
                  ("min_lr_ratio", self.min_lr_ratio >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0"),
                  ("ema_decay", 0 <= self.ema_decay <= 1, "in [0, 1]"),
@@ -140,12 +145,22 @@ def shapes_data(task_weights: Optional[dict[str, float]] = None, image_size: int
     from flowalign.shapes.grammar import TASKS, sample_spec, to_prompt
     from flowalign.shapes.render import render
 
+    if task_weights is not None and not isinstance(task_weights, dict):
+        raise UserError(f"data_config.task_weights must map task names to weights (e.g. single_object: 2.0), "
+                        f"got {task_weights!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise UserError(f"data_config.image_size must be a positive integer, got {image_size!r}")
     weights = dict(task_weights or {t: 1.0 for t in TASKS})
     bad = sorted(set(weights) - set(TASKS))
     if bad:
         raise UserError(f"unknown shapes task(s) {bad} in task_weights (tasks: {', '.join(TASKS)})")
     names = list(weights)
-    p = np.asarray([float(weights[t]) for t in names])
+    try:
+        p = np.asarray([float(weights[t]) for t in names])
+    except (TypeError, ValueError):
+        p = np.asarray([np.nan])
+    if not (np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() > 0):
+        raise UserError(f"data_config.task_weights must be numbers >= 0 with a positive sum, got {weights}")
     p = p / p.sum()
 
     def batch(step: int, batch_size: int) -> tuple[list[str], Tensor]:
@@ -254,6 +269,21 @@ def save_checkpoint(out: Path, step: int, model: Any, opt: torch.optim.Optimizer
     return final
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep only the metric rows up to ``step``: a run killed after its last checkpoint logged rows that the
+    resumed run logs again (and a fresh run in the same directory starts the log over)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            continue
+    _atomic_text(path, "".join(keep))
+
+
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -300,13 +330,13 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     run early after that many total steps, as if killed right after the checkpoint at that step (tests).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     model = build_model(cfg)
     comps = components(model)
-    if cfg.init_from and not resume:
+    ckpts = _checkpoints(out) if resume else []
+    if cfg.init_from and not ckpts:  # also on --resume before the first checkpoint: that run started from init_from
         init_weights_from(model, cfg.init_from)
     for m in comps.values():
         m.train().requires_grad_(True)
@@ -315,7 +345,19 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     if data is None:
         if cfg.data not in DATA_SOURCES:
             raise UserError(f"unknown data source {cfg.data!r} (known: {', '.join(DATA_SOURCES)})")
+        known = set(inspect.signature(DATA_SOURCES[cfg.data]).parameters) - {"seed"}
+        bad = sorted(set(cfg.data_config) - known)
+        if bad:
+            raise UserError(f"unknown data_config key(s) {bad} for data source {cfg.data!r} (known: {', '.join(sorted(known))}; "
+                            "the seed is the top-level seed)")
         data = DATA_SOURCES[cfg.data](**dict(cfg.data_config), seed=cfg.seed)
+    # a data/model size mismatch would otherwise fail inside the first forward, after the run directory is written
+    with torch.no_grad():
+        got = tuple(model.encode_images(data(0, 1)[1]).shape[1:])
+        want = tuple(model.init_noise(1, torch.Generator().manual_seed(0)).shape[1:])
+    if got != want:
+        raise UserError(f"the data's images encode to {list(got)} but model {cfg.model!r} works on {list(want)}; "
+                        "make data_config.image_size match model_config.image_size")
     params = [p for m in comps.values() for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # biases, norms, positional tables stay undecayed
@@ -324,7 +366,6 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     ema = [p.detach().clone() for p in params]
     start = 0
     if resume:
-        ckpts = _checkpoints(out)
         if ckpts:
             state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
             for k, m in comps.items():
@@ -339,6 +380,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
             logger.info("--resume: no checkpoint in %s, starting fresh", out)
     import yaml
 
+    out.mkdir(parents=True, exist_ok=True)
+    _drop_metrics_after(out / "metrics.jsonl", start)
     _atomic_text(out / "config.yaml", yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False))
     n_params = sum(p.numel() for p in params)
     logger.info("pretraining %s (%.2fM params) for %d steps, batch %d, threads %d", cfg.model, n_params / 1e6,

@@ -55,10 +55,18 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
             cond = model.encode(uniq)
             idx = torch.tensor([uniq.index(p) for p in ps], device=model.device)
             x = torch.cat([model.init_noise(1, torch.Generator().manual_seed(int(sd))) for sd in ss])  # [n, *latent]
-            step_gen = torch.Generator().manual_seed(int(ss[0]) * 7919 + 1)
-            traj = sample(model.velocity, x, sigmas.to(model.device), cond, eta=etas.to(model.device), kernel=kernel,
-                          cond_index=idx, generator=step_gen if eta > 0 else None)
-            out.append(model.decode(traj.final).float().cpu())
+            if eta > 0:
+                # SDE: one step-noise stream per image, seeded by its own seed, so the image does not depend on
+                # its batch-mates or its place in the batch (one generator per batch would)
+                final = torch.cat([
+                    sample(model.velocity, x[i:i + 1], sigmas.to(model.device), cond, eta=etas.to(model.device),
+                           kernel=kernel, cond_index=idx[i:i + 1],
+                           generator=torch.Generator().manual_seed(int(sd) * 7919 + 1)).final
+                    for i, sd in enumerate(ss)])  # [n, *latent]
+            else:
+                final = sample(model.velocity, x, sigmas.to(model.device), cond, eta=etas.to(model.device), kernel=kernel,
+                               cond_index=idx, generator=None).final
+            out.append(model.decode(final).float().cpu())
     return torch.cat(out)
 
 
@@ -115,6 +123,18 @@ def _first_line(err: BaseException) -> str:
     return text[:200]
 
 
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    """``name`` as a ``torch.device`` that exists here, or a one-line ``UserError`` naming it."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"{flag} {name!r} is not a torch device; pass e.g. cpu, cuda or cuda:0") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"{flag} {name!r}: no such CUDA device here ({torch.cuda.device_count()} visible); "
+                        f"pass --device cpu or an index below the count")
+    return dev
+
+
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1."""
     for name, value in values.items():
@@ -147,6 +167,7 @@ def cli_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
     check_positive(seeds=args.seeds, steps=args.steps)
+    device = check_device(args.device)
     if args.kernel not in KERNELS:
         import difflib
 
@@ -167,7 +188,7 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:
         check_lora_dir(args.lora)
-    model = load_model(args.model, args.path, device=torch.device(args.device))
+    model = load_model(args.model, args.path, device=device)
     if args.lora:
         load_lora_checked(model, args.lora)
     for pr in prompts:

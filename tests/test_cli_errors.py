@@ -281,3 +281,14 @@ def test_check_kwargs_names_the_bad_key_and_lets_var_keyword_functions_decide():
                                         r"did you mean 'batch_size'\?"):
         check_kwargs(f, {"batchsize": 2}, "f", reserved=("path",))
     check_kwargs(lambda **kw: kw, {"anything": 1}, "g")  # e.g. sd3's extra kwargs go to diffusers
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--device", "nonsense", "--out", "ev"],
+    ["eval", "--device", "cuda:7", "--out", "ev"],
+    ["calibrate", "--device", "nonsense", "--out", "eta.json"],
+])
+def test_eval_and_calibrate_refuse_a_device_that_is_not_here(capsys, no_model, tmp_path, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, argv, "--device")
+    assert not any(tmp_path.iterdir())

@@ -152,7 +152,7 @@ def parse(prompt: str) -> Spec:
         raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
     text = prompt.strip().lower()
     if text.endswith("."):
-        text = text[:-1]
+        text = text[:-1].rstrip()  # "a red circle ." is the same prompt; a space left behind is no word
     words = re.split(r"\s+", text) if text else []
     if not words:
         raise _outside(prompt, f"it is empty ({_grammar_hint()})")

@@ -122,6 +122,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--n-bench", type=int, default=N_BENCH, help="bench prompts per task")
     ap.add_argument("--out", default=None, help=f"output folder (default {PROMPTS_DIR})")
     args = ap.parse_args(argv)
+    # one line + exit 2 before anything is written (an empty or negative set would crash or ship an empty file)
+    for flag, n in (("--n-train", args.n_train), ("--n-bench", args.n_bench)):
+        if n < 1:
+            ap.exit(2, f"{ap.prog}: error: {flag} must be at least 1, got {n}\n")
+    if args.seed < 0:
+        ap.exit(2, f"{ap.prog}: error: --seed must be >= 0, got {args.seed}\n")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.exit(2, f"{ap.prog}: error: --out {args.out!r} is a file; pass a folder\n")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     write_prompt_sets(args.out, args.seed, args.n_train, args.n_bench)
     return 0

@@ -9,34 +9,7 @@ import pytest
 import torch
 import yaml
 
-from flowalign.cli import main
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if a command loads a model: its arguments must be refused before that."""
-    import flowalign.models
-    from flowalign.models.shapes import ShapesModel
-
-    def boom(*a, **k):
-        raise AssertionError("the model was loaded before the bad argument was refused")
-
-    monkeypatch.setattr(flowalign.models, "load_model", boom)
-    monkeypatch.setattr(ShapesModel, "from_pretrained", classmethod(boom))
-    monkeypatch.setattr(ShapesModel, "from_config", classmethod(boom))
-
-
-def _fails(capsys, argv, *needles):
-    """Run ``flowalign argv``; assert exit 2 and one stderr line holding every needle."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"flowalign {argv[0]}: error: "), lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is used by name)
 
 
 # ------------------------------------------------------------------------------------------------- bench

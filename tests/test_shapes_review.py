@@ -97,17 +97,7 @@ def test_sample_bad_device_is_one_line_and_writes_nothing(tmp_path, device):
 
 # ---------------------------------------------------------------------------------------- pretraining
 
-TINY_PRE = dict(vocab=["a", "red", "blue", "circle", "square"], image_size=8, patch_size=4, num_layers=1,
-                num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=4, pooled_dim=16,
-                patch_embed_kernel=6, refiner_channels=4)
-
-
-def _toy_data(step: int, batch_size: int):
-    g = torch.Generator().manual_seed(step)
-    which = torch.randint(0, 2, (batch_size,), generator=g)
-    caps = ["a red circle" if w == 0 else "a blue square" for w in which.tolist()]
-    col = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.2, 0.9]])[which]  # [B, 3]
-    return caps, col[:, :, None, None].expand(batch_size, 3, 8, 8).contiguous()
+from test_pretrain import TINY_MODEL as TINY_PRE, toy_data as _toy_data  # noqa: E402  (the tiny model and its data)
 
 
 def _cfg(**kw):

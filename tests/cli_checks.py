@@ -1,0 +1,42 @@
+"""Shared checks of the `flowalign` commands' bad-input rule: one stderr line, exit code 2, no model loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowalign.cli import main
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command loads a model: its arguments must be refused before that."""
+    import functools
+
+    import flowalign.models
+    from flowalign.models.shapes import ShapesModel
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the bad argument was refused")
+
+    def like(fn):  # a new refusing function with ``fn``'s signature, which commands inspect to check arguments
+        @functools.wraps(fn)
+        def refuse(*a, **k):
+            boom()
+        return refuse
+
+    monkeypatch.setattr(flowalign.models, "load_model", boom)
+    monkeypatch.setattr(ShapesModel, "from_pretrained", classmethod(like(ShapesModel.from_pretrained.__func__)))
+    monkeypatch.setattr(ShapesModel, "from_config", classmethod(like(ShapesModel.from_config.__func__)))
+
+
+def fails(capsys, argv, *needles, cmd=None):
+    """Run ``flowalign argv``; assert exit 2 and one stderr line `flowalign CMD: error: ...` holding every needle."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"flowalign {cmd or argv[0]}: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

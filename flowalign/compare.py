@@ -89,8 +89,7 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     objective = (cfg.get("train") or {}).get("objective", "grpo")
     if objective != "grpo":  # another update rule (DiffusionNFT) on the same rollouts and rewards
         tags.append(f"objective {objective}")
-    same = {k: v for k, v in cfg.items() if k != "output"}  # what must match for runs to be seeds of one setting
-    same["train"] = {k: v for k, v in train.items() if k != "seed"}
+    same = _setting(cfg_file, cfg)  # what must match for runs to be seeds of one setting
     return {
         "label": run.name,
         "seed": train.get("seed"),
@@ -118,6 +117,20 @@ def _check_curves(curves: Sequence[dict[str, Any]], reward: str) -> None:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"--reward {reward!r} is not in the evaluations of run {c['label']} "
                         f"(they hold: {', '.join(c['rewards']) or 'nothing'}){hint}")
+
+
+def _setting(cfg_file: Path, raw: dict) -> dict:
+    """The run's resolved config (defaults filled in, so a run made before a field existed still matches a newer
+    one) without ``output.*`` and ``train.seed``; the raw YAML when it no longer loads."""
+    from flowalign import config as C
+
+    try:
+        tree = C.to_dict(C.load_config(str(cfg_file)))
+    except UserError:
+        tree = dict(raw)
+    tree = {k: v for k, v in tree.items() if k != "output"}
+    tree["train"] = {k: v for k, v in (tree.get("train") or {}).items() if k != "seed"}
+    return tree
 
 
 def mean_over_seeds(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -269,6 +269,23 @@ def save_checkpoint(out: Path, step: int, model: Any, opt: torch.optim.Optimizer
     return final
 
 
+# fields a resumed run may change: where and how often it writes, and the threads; every other field decides the
+# weights (``steps`` too: the cosine schedule ends at ``steps``), so an exact resume needs it unchanged
+RESUMABLE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "threads")
+
+
+def _check_resume_config(cfg: PretrainConfig, saved: Optional[dict[str, Any]], ckpt: Path) -> None:
+    """One line, before anything is written, when ``--resume`` would continue a checkpoint with other settings."""
+    if saved is None:  # a checkpoint written before configs were stored
+        return
+    new = _plain(dataclasses.asdict(cfg))
+    diff = [f"{k} ({_plain(saved.get(k))!r} → {new.get(k)!r})" for k in new
+            if k not in RESUMABLE_FIELDS and k in saved and _plain(saved[k]) != new[k]]
+    if diff:
+        raise UserError(f"cannot resume {ckpt} with changed settings: {', '.join(diff)}; resume with the run's "
+                        "config.yaml and flags, or choose a new --out")
+
+
 def _drop_metrics_after(path: Path, step: int) -> None:
     """Keep only the metric rows up to ``step``: a run killed after its last checkpoint logged rows that the
     resumed run logs again (and a fresh run in the same directory starts the log over)."""
@@ -368,6 +385,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     if resume:
         if ckpts:
             state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+            _check_resume_config(cfg, state.get("config"), ckpts[-1])
             for k, m in comps.items():
                 m.load_state_dict(state["model"][k])
             opt.load_state_dict(state["optimizer"])

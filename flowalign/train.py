@@ -308,6 +308,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         reward = build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
         return for_outputs(reward, getattr(model, "output_kind", "image"), cfg.reward.per_frame)
 
+    if cfg.reward.per_frame and getattr(model, "output_kind", "image") != "video":
+        logger.warning("reward.per_frame is set, but %s makes images, not videos: the option is ignored",
+                       cfg.model.name)
     rewards = {name: make(name) for name in cfg.reward.weights}
     eval_rewards = {name: make(name) for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
     guide = None  # a rollout mean shift (Euphonium's reward-gradient guidance), flowalign.values.GUIDES
@@ -530,13 +533,12 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
     n_steps = tr.optimizer_steps_per_iter
     chunks = torch.tensor_split(pairs, n_steps) if pairs.shape[0] else [pairs] * n_steps
     kernel_kw = _kernel_options(cfg.sampler)  # the rollout's kernel keywords (sampler.plan_options), for ρ ≡ 1
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    mean_n, skip = _global_counts([c.shape[0] for c in chunks], skip, reduce_mean)
     logs: dict[str, list[float]] = {}
-    for chunk in chunks:
-        if not chunk.shape[0] and not skip and not distributed:  # nothing to learn: AdamW would still move the
-            continue  # weights (momentum, decay) on zero grads; ranks with pairs need this rank's all-reduce, though
+    for chunk, n in zip(chunks, mean_n):
+        if n == 0 and not skip:  # no rank has pairs in this chunk: AdamW would still move the weights (momentum,
+            continue  # decay) on zero grads; every rank sees the same global count, so all of them skip together
         opt.zero_grad(set_to_none=False)
-        n = max(1, chunk.shape[0])
         finite = not skip
         for mb in torch.split(chunk, tr.micro_batch) if finite and chunk.shape[0] else []:
             b, t = mb[:, 0], mb[:, 1]
@@ -563,7 +565,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             if not torch.isfinite(loss_sum):
                 finite = False
                 break
-            (loss_sum / n).backward()
+            (loss_sum / n).backward()  # / the ranks' mean count: after the gradient all-reduce, the mean over all pairs
             for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.detach().mean()),
                          "kl": float(kl.detach().mean())}.items():
                 logs.setdefault(k, []).extend([v] * mb.shape[0])  # weight by size: the means are over pairs
@@ -581,6 +583,18 @@ def _kernel_options(sp) -> dict:
 
     params = inspect.signature(get_kernel(sp.kernel)).parameters
     return {k: v for k, v in dict(sp.plan_options).items() if k in params and params[k].kind == params[k].KEYWORD_ONLY}
+
+
+def _global_counts(counts: Sequence[int], skip: bool, reduce_mean) -> tuple[list[float], bool]:
+    """The ranks' mean of each optimizer step's local count of pairs (rows), and whether any rank must skip.
+
+    Dividing a rank's loss sum by the mean count makes the all-reduced (averaged) gradient the mean over every rank's
+    pairs, so a rank with few pairs (zero-std filtering, uneven chunks) weighs each of them like the others do, and
+    two processes take the step one process would take on the same pairs. One all-reduce; every rank gets the same
+    answer, so all of them skip an empty step or a non-finite update together.
+    """
+    vec = reduce_mean(torch.tensor([*map(float, counts), 1.0 if skip else 0.0], dtype=torch.float64))  # [S + 1]
+    return [float(v) for v in vec[:-1]], bool(vec[-1] > 0)
 
 
 def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -> None:
@@ -641,8 +655,8 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     r = NFT_OPTIMALITY[tr.nft_optimality](adv[rows])  # [N]
     out["train/nft_rows"] = n
     out["train/nft_r_mean"] = float(r.mean()) if n else 0.5
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if n == 0 and not skip and not distributed:  # every group tied: nothing to learn (ranks must still meet below)
+    (mean_n,), skip = _global_counts([n], skip, reduce_mean)
+    if mean_n == 0 and not skip:  # every group of every rank tied: nothing to learn (all ranks return together)
         return out
     params = [p for g in opt.param_groups for p in g["params"]]
     for p in params:  # every rank all-reduces the same tensors, even one without rows
@@ -684,7 +698,7 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
             if not bool(torch.isfinite(total).all()):
                 finite = False
                 break
-            (total.sum() / n).backward()  # the mean over all N rows of this step
+            (total.sum() / mean_n).backward()  # after the all-reduce: the mean over every rank's rows of this step
             logs.setdefault("nft_loss", []).extend([float(loss.detach().mean())] * len(idx))  # means over rows
             logs.setdefault("kl", []).extend([float(kl.detach().mean())] * len(idx))
         _optimizer_step(opt, finite, reduce_mean, tr, logs, out)

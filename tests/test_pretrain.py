@@ -173,3 +173,16 @@ def test_shipped_recipe_configs_validate_and_match_the_shipped_model():
     shipped = json.loads((root / "flowalign/assets/shapes/config.json").read_text())
     for k, v in s2.model_config.items():
         assert shipped[k] == v, k
+
+
+def test_resume_with_changed_settings_is_refused_before_anything_is_written(tmp_path):
+    """--resume continues the checkpoint's own run: another lr (or seed, steps, data…) would silently mix two runs,
+    so it is one line and the run directory stays as it was; output-only fields (log_every, …) may change."""
+    cfg = tiny_cfg()
+    pretrain(cfg, tmp_path / "b", data=toy_data, progress=False, stop_after=3)
+    before = {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"cannot resume .*step-3 with changed settings: lr \(0\.001 → 0\.002\)"):
+        pretrain(tiny_cfg(lr=2e-3), tmp_path / "b", data=toy_data, progress=False, resume=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
+    pretrain(tiny_cfg(log_every=3, keep_checkpoints=4), tmp_path / "b", data=toy_data, progress=False, resume=True)
+    assert (tmp_path / "b" / "final").is_dir()

@@ -109,30 +109,99 @@ def test_ratio_metrics_are_means_over_pairs_not_over_micro_batches():
     assert out["train/approx_kl"] == pytest.approx(0.5 * 2 / 3, rel=1e-5)
 
 
-def test_a_rank_without_pairs_meets_the_other_ranks_gradient_all_reduce(tmp_path):
-    """Zero-std filtering can leave a rank without pairs (or a chunk empty): before its first backward its grads are
-    None, and it must still join every all-reduce of the ranks that do have pairs (else DDP-style training hangs or
-    the ranks' weights diverge)."""
-    import torch.distributed as dist
+def _two_ranks(monkeypatch, work):
+    """Run ``work(rank, reduce_mean)`` on two threads that all-reduce (mean) through a barrier, as two processes would;
+    returns each rank's result and its list of collective shapes. torch.distributed reads as initialised, so the
+    update takes its multi-rank path."""
+    import threading
 
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    barrier, slots = threading.Barrier(2, timeout=60), [None, None]
+    results, calls, errors = [None, None], [[], []], []
+
+    def reduce_mean_of(rank):
+        def reduce_mean(t):
+            calls[rank].append(tuple(t.shape))
+            slots[rank] = t.detach().clone()
+            barrier.wait()  # a collective the other rank does not join times out here (BrokenBarrierError)
+            mean = (slots[0] + slots[1]) / 2
+            barrier.wait()
+            t.copy_(mean)
+            return t
+        return reduce_mean
+
+    def run(rank):
+        try:
+            results[rank] = work(rank, reduce_mean_of(rank))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results, calls
+
+
+def _one_process_step(pairs_slice=slice(None), **tr):
     from flowalign.train import _update
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        counts = []
-        for pairs_kept in (3, 0):
-            model, nfe, opt, traj, advs, pairs = _update_inputs()
-            calls = []
+    model, nfe, opt, traj, advs, pairs = _update_inputs(B=3, shift=torch.tensor([0.3, -0.2, 0.1]))
+    _update(_tr(**tr), model, opt, traj, advs, pairs[pairs_slice], lambda t: t, nfe, skip=False)
+    return model.w.detach().clone()
 
-            def reduce_mean(t, calls=calls):
-                calls.append(tuple(t.shape))
-                return t
 
-            _update(_tr(), model, opt, traj, advs, pairs[:pairs_kept], reduce_mean, nfe, skip=False)
-            counts.append(calls)
-        assert counts[0] == counts[1]  # the same collectives, in the same order, with or without pairs
-    finally:
-        dist.destroy_process_group()
+@pytest.mark.parametrize("split", [2, 0])
+def test_two_ranks_take_the_step_one_process_takes_on_their_pairs(monkeypatch, split):
+    """Rank 0 holds pairs [:split], rank 1 the rest (split = 0: rank 0 has none, as zero-std filtering can leave it).
+    The update is the mean over all pairs, not the mean of the ranks' means (which weighed rank 1's single pair like
+    rank 0's two); a rank without pairs joins every collective of the other, and both end with the same weights."""
+    from flowalign.train import _update
+
+    def work(rank, reduce_mean):
+        model, nfe, opt, traj, advs, pairs = _update_inputs(B=3, shift=torch.tensor([0.3, -0.2, 0.1]))
+        mine = pairs[:split] if rank == 0 else pairs[split:]
+        _update(_tr(max_grad_norm=0.0), model, opt, traj, advs, mine, reduce_mean, nfe, skip=False)
+        return model.w.detach().clone()
+
+    (w0, w1), calls = _two_ranks(monkeypatch, work)
+    assert calls[0] == calls[1]  # the same collectives, in the same order
+    assert torch.equal(w0, w1)
+    assert torch.allclose(w0, _one_process_step(max_grad_norm=0.0), rtol=0, atol=1e-6)
+
+
+def test_no_rank_with_pairs_means_no_step_on_any_rank(monkeypatch):
+    """Every rank tied in a step: all of them skip it together (no AdamW drift), agreeing through one all-reduce."""
+    from flowalign.train import _update
+
+    def work(rank, reduce_mean):
+        model, nfe, opt, traj, advs, pairs = _update_inputs()
+        opt = torch.optim.AdamW([model.w], lr=0.1, weight_decay=0.1)
+        model.w.grad = torch.ones_like(model.w)
+        opt.step()  # momentum that an empty step would apply
+        w = model.w.detach().clone()
+        out = _update(_tr(), model, opt, traj, advs, pairs[:0], reduce_mean, nfe, skip=False)
+        return torch.equal(model.w.detach(), w), out["_steps_taken"]
+
+    results, calls = _two_ranks(monkeypatch, work)
+    assert results == [(True, 0), (True, 0)] and calls[0] == calls[1] == [(2,)]
+
+
+def test_one_rank_with_a_nonfinite_reward_makes_every_rank_skip(monkeypatch):
+    """A non-finite reward on one rank (skip=True there) skips the update on both, with the same collectives."""
+    from flowalign.train import _update
+
+    def work(rank, reduce_mean):
+        model, nfe, opt, traj, advs, pairs = _update_inputs()
+        w = model.w.detach().clone()
+        out = _update(_tr(), model, opt, traj, advs, pairs if rank else pairs[:0], reduce_mean, nfe, skip=rank == 0)
+        return torch.equal(model.w.detach(), w), out["train/skipped_updates"]
+
+    results, calls = _two_ranks(monkeypatch, work)
+    assert results == [(True, 1), (True, 1)] and calls[0] == calls[1]
 
 
 def test_first_update_is_on_policy_with_a_kernel_option(tmp_path):
@@ -278,3 +347,14 @@ def test_two_processes_with_zero_std_filtering_when_one_rank_has_no_pairs(tmp_pa
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["train/kept_fraction"] == 0.0  # rank 0 had nothing to train in iteration 1 (the case under test)
     assert lines[-1]["dist/max_weight_diff"] == 0.0
+
+
+def test_per_frame_options_on_an_image_model_are_reported_not_silently_dropped(tmp_path, caplog):
+    """reward.per_frame only applies to video models; on the shapes model it is ignored, and the log says so."""
+    import logging
+
+    from flowalign.train import train
+
+    with caplog.at_level(logging.WARNING, logger="flowalign.train"):
+        train(_cfg(tmp_path / "run", "train.iterations=1", "reward.per_frame={stride: 2}"))
+    assert any("reward.per_frame is set, but shapes makes images" in r.getMessage() for r in caplog.records)

@@ -81,6 +81,7 @@ class SamplerConfig:
     eta: float = _f(0.7, "noise level of the SDE kernel (Flow-GRPO a, DanceGRPO g, CPS a); 0 = ODE")
     steps: int = _f(10, "rollout steps T (sigma grid has T+1 points)")
     train_fraction: float = _f(0.99, "trained steps = the first floor(frac*T) steps (Flow-GRPO); the last step is never trained")
+    train_steps: Literal["first", "random"] = _f("first", "which steps are trained: the first floor(frac*T) (Flow-GRPO), or per rollout a random floor(frac*(T-1)) of steps 0..T-2 (DanceGRPO)")
     window_size: int = _f(0, "SDE window width n (Flow-GRPO-Fast); 0 = no window, every step stochastic")
     window_range: tuple[int, int] = _f((0, 0), "window start t0 ~ U{lo..hi-n} per group; (0, 0) = (0, T-1)")
     last_step_noise: bool = _f(False, "add SDE noise at the untrained last step (Flow-GRPO quirk Q1)")
@@ -702,6 +703,8 @@ def trained_steps(sampler: SamplerConfig) -> int:
     T = sampler.steps
     if sampler.window_size > 0:
         return sampler.window_size
+    if sampler.train_steps == "random":  # DanceGRPO's count: floor(f·(T−1)) of steps 0…T−2 (METHODS §3.5)
+        return int(math.floor(sampler.train_fraction * (T - 1) + 1e-9))
     return min(int(math.floor(sampler.train_fraction * T + 1e-9)), T - 1)
 
 
@@ -820,8 +823,15 @@ def validate(cfg: ExperimentConfig) -> None:
              f"sampler.window_range=({s.window_range[0]}, {s.window_range[1]}) must lie in [0, steps-1={s.steps - 1}] (the last step is never trained)")
         need(hi - lo >= s.window_size,
              f"sampler.window_range=({lo}, {hi}) is narrower than sampler.window_size={s.window_size}; widen the range or shrink the window")
+    if s.train_steps == "random":
+        need(s.window_size == 0, "sampler.train_steps=random draws the trained steps itself; with sampler.window_size > 0 "
+                                 "the window's steps are trained: set sampler.train_steps=first")
+        need(s.plan == "chain", f"sampler.train_steps=random needs sampler.plan=chain (the {s.plan} plan trains its own "
+                                "edges); set sampler.train_steps=first")
     need(trained_steps(s) >= 1,
-         f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x sampler.steps={s.steps}) = 0; raise train_fraction")
+         f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x "
+         f"{'(sampler.steps - 1)' if s.train_steps == 'random' else 'sampler.steps'}={s.steps - (s.train_steps == 'random')}) "
+         "= 0; raise train_fraction")
     if t.objective == "nft":
         need(c.name == "outcome", f"train.objective=nft learns from whole samples; it needs credit.name=outcome (got {c.name!r})")
         need(s.guide == "none", "train.objective=nft does not use guided rollouts; set sampler.guide=none")
@@ -875,7 +885,9 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     d = derived(cfg, world_size)
     m, s, r, c, t, e = cfg.model, cfg.sampler, cfg.reward, cfg.credit, cfg.train, cfg.eval
     rewards = ", ".join(f"{k}={v:g}" for k, v in r.weights.items())
-    window = f"window {s.window_size} in {window_bounds(s)}" if s.window_size else f"first {d['trained_steps']} steps"
+    window = (f"window {s.window_size} in {window_bounds(s)}" if s.window_size else
+              f"random {d['trained_steps']} of steps 0..{s.steps - 2} per rollout" if s.train_steps == "random" else
+              f"first {d['trained_steps']} steps")
     lora = f"r={m.lora_rank or 'default'}" + (f"/a={m.lora_alpha:g}" if m.lora_alpha else "")
     rows = [
         ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"

@@ -261,11 +261,26 @@ def _latest_checkpoint(run: Path) -> Optional[Path]:
     return steps[-1][1] if steps else None
 
 
-def _trained_mask(eta: torch.Tensor, fraction: float, batch: int) -> torch.Tensor:
+def _trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: Optional[torch.Generator] = None
+                  ) -> torch.Tensor:
     """Flow-GRPO trains the first ⌊f·T⌋ steps that are stochastic (METHODS.md §3.5). [B, T] bool."""
     steps = eta.shape[0]
     first = torch.arange(steps) < min(int(math.floor(fraction * steps + 1e-9)), steps - 1)  # never the last step
     return ((eta.cpu() > 0) & first)[None].expand(batch, steps)
+
+
+def _random_trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """DanceGRPO / Euphonium (METHODS.md §3.5): per rollout, a random subset of size ⌊(T−1)·f⌋ of steps 0…T−2
+    (fewer if fewer of them are stochastic). [B, T] bool; a function of ``generator`` alone, so resume is exact."""
+    steps = eta.shape[0]
+    cand = (eta.cpu() > 0) & (torch.arange(steps) < steps - 1)  # [T] stochastic, not the last step
+    k = min(int(math.floor(fraction * (steps - 1) + 1e-9)), int(cand.sum()))
+    keys = torch.rand(batch, steps, generator=generator).masked_fill(~cand[None], 2.0)  # [B, T] non-candidates last
+    return torch.zeros(batch, steps, dtype=torch.bool).scatter_(1, keys.argsort(1)[:, :k], True)
+
+
+# sampler.train_steps → (eta [T], train_fraction, rows, generator) -> trained [rows, T] bool
+TRAINED_STEPS = {"first": _trained_mask, "random": _random_trained_mask}
 
 
 # ------------------------------------------------------------------------------------------ the recipe
@@ -408,12 +423,15 @@ def train(cfg: C.ExperimentConfig) -> Path:
         eta = eta_schedule(cfg.sampler.steps, base_eta, window=window,
                            last_step_noise=cfg.sampler.last_step_noise)  # [T]
         step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
+        selected = TRAINED_STEPS[cfg.sampler.train_steps](  # [B0, T] the steps each rollout trains
+            eta, cfg.sampler.train_fraction, noise.shape[0], torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 17)))
+        trainable = selected.any(0)  # [T] steps some rollout trains (the plan's and the guide's steps)
         shift = {}
         if guide is not None:
             guide.reset()
             guide.prm.prompts = [batch_prompts[int(i)] for i in cond_index]  # [B] row prompts
             if "steps" not in cfg.sampler.guide_options:  # default: guide the steps this iteration trains
-                guide.steps = set(_trained_mask(eta, cfg.sampler.train_fraction, 1)[0].nonzero().flatten().tolist())
+                guide.steps = set(trainable.nonzero().flatten().tolist())
             shift = {"mean_shift": guide}
         with nfe.phase("sampling"):
             traj = PLANS[cfg.sampler.plan](model.velocity, noise, sigmas, cond, eta=eta.to(device),
@@ -421,7 +439,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                            cond_index=cond_index.to(device), group=group.to(device),
                                            prompts=batch_prompts, reduce=cfg.sampler.logp_reduce,
                                            logp_form=cfg.sampler.logp_form, keep_velocities=True,
-                                           trainable=_trained_mask(eta, cfg.sampler.train_fraction, 1)[0],
+                                           trainable=trainable,
                                            **dict(cfg.sampler.plan_options), **shift)
         row_prompts = [batch_prompts[int(i)] for i in traj.cond_index]  # plans may add rows (branch children)
         metrics["rollouts/iteration"] = traj.batch_size * world  # final samples scored (ranks hold equal shapes)
@@ -438,7 +456,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
         metrics["reward/zero_std_ratio"] = zero_std_ratio(sum(reward_vals.values()), traj.group.cpu())
 
         # 8. credit: a registered assigner, with the process-reward core as its probe -----------------------
-        trained = _trained_mask(eta, cfg.sampler.train_fraction, traj.batch_size)  # [B, T]
+        # [B, T]; plans that add rows (branching) run with train_steps=first, whose rows are all alike
+        trained = selected if selected.shape[0] == traj.batch_size else selected[:1].expand(traj.batch_size, -1)
         if "trained" in traj.extras:  # plans that make only some edges stochastic per row (branching)
             trained = trained & traj.extras["trained"].cpu()
         extras = {}

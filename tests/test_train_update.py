@@ -358,3 +358,52 @@ def test_per_frame_options_on_an_image_model_are_reported_not_silently_dropped(t
     with caplog.at_level(logging.WARNING, logger="flowalign.train"):
         train(_cfg(tmp_path / "run", "train.iterations=1", "reward.per_frame={stride: 2}"))
     assert any("reward.per_frame is set, but shapes makes images" in r.getMessage() for r in caplog.records)
+
+
+def test_random_trained_steps_are_per_rollout_subsets_of_the_stochastic_steps():
+    """sampler.train_steps=random (DanceGRPO, METHODS §3.5): each rollout trains ⌊(T−1)·f⌋ = 9 of steps 0…T−2 at
+    T = 16, f = 0.6; never the last step or an ODE step; rollouts differ; the draw is a function of the generator."""
+    from flowalign.train import TRAINED_STEPS
+
+    pick = TRAINED_STEPS["random"]
+    eta = torch.full((16,), 0.3)
+    eta[-1] = 0.0
+    m = pick(eta, 0.6, 64, torch.Generator().manual_seed(5))  # [64, 16]
+    assert m.shape == (64, 16) and m.dtype == torch.bool
+    assert torch.equal(m.sum(1), torch.full((64,), 9)) and not m[:, 15].any()
+    assert len({tuple(r.tolist()) for r in m}) > 1 and m[:, :15].all(0).logical_not().all()  # every step sometimes skipped
+    assert torch.equal(m, pick(eta, 0.6, 64, torch.Generator().manual_seed(5)))
+    eta[3:6] = 0.0  # ODE steps (a window-less plan with Euler steps) are never trained
+    m = pick(eta, 0.6, 64, torch.Generator().manual_seed(6))
+    assert not m[:, 3:6].any() and torch.equal(m.sum(1), torch.full((64,), 9))
+    eta[:12] = 0.0  # fewer stochastic steps than ⌊(T−1)·f⌋: all of them
+    assert torch.equal(pick(eta, 0.6, 4, torch.Generator().manual_seed(7)), (eta > 0)[None].expand(4, -1) & (torch.arange(16) < 15))
+    first = TRAINED_STEPS["first"](torch.full((10,), 0.7), 0.99, 3)  # Flow-GRPO: the first ⌊0.99·10⌋ = 9, in order
+    assert first[:, :9].all() and not first[:, 9].any()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["sampler.train_steps=random", "sampler.window_size=2"], "sampler.train_steps=random draws the trained steps"),
+    (["sampler.train_steps=random", "sampler.plan=branch", "train.group_size=2"], "needs sampler.plan=chain"),
+    (["sampler.train_steps=random", "sampler.train_fraction=0.2"], r"floor\(sampler.train_fraction=0.2 x \(sampler.steps - 1\)=3\) = 0"),
+])
+def test_random_trained_steps_config_errors(tmp_path, extra, needle):
+    from flowalign.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        _cfg(tmp_path / "run", *extra)
+
+
+def test_trainer_trains_a_random_subset_of_steps_per_rollout(tmp_path):
+    """Outcome credit on every rollout (filter off): T = 4, f = 0.5 → ⌊0.5·3⌋ = 1 step per rollout (first: 2 steps),
+    so 8 rollouts give 8 transitions; the shipped Wan config selects DanceGRPO's random steps."""
+    from flowalign.train import train
+
+    extra = ["train.iterations=1", "train.filter_zero_std=false", "sampler.train_fraction=0.5", "train.micro_batch=4"]
+    got = {}
+    for mode in ("random", "first"):
+        run = train(_cfg(tmp_path / mode, *extra, f"sampler.train_steps={mode}"))
+        got[mode] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train/transitions"]
+    assert got == {"random": 8, "first": 16}
+    wan = C.load_config(str(ROOT / "configs" / "wan21_hps.yaml"))
+    assert wan.sampler.train_steps == "random" and C.trained_steps(wan.sampler) == 11

@@ -71,7 +71,7 @@ class ModelConfig:
     lora_rank: int = _f(0, "LoRA rank r; 0 = the family default (METHODS §3.7)")
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 = 2 x rank (the published recipes)")
     lora_targets: tuple[str, ...] = _f((), "LoRA target modules (peft names, matched as module-path suffixes); [] = the family default")
-    resolution: int = _f(0, "image side in pixels; 0 = the model default")
+    resolution: int = _f(0, "image side in pixels (the loader's height = width; sd3, flux, wan); 0 = the model default")
     kwargs: dict = _f({}, "extra keyword arguments for the family's from_pretrained (family specific)")
 
 

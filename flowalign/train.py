@@ -207,6 +207,7 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
 
     check_kwargs(resolve_model(cfg.model.name).from_pretrained, cfg.model.kwargs, f"model.kwargs ({cfg.model.name})",
                  reserved=("path", "device", "dtype", "guidance_scale"))
+    _resolution_kwargs(cfg.model)
     for name, kw in cfg.reward.kwargs.items():
         check_kwargs(resolve_reward(name), kw, f"reward.kwargs.{name}")
     from flowalign.rewards.video import check_per_frame
@@ -219,6 +220,24 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"model.device={cfg.model.device!r} but this torch has no CUDA device "
                         f"(torch {torch.__version__}); use model.device=cpu or install a CUDA build")
+
+
+def _resolution_kwargs(m: C.ModelConfig) -> dict[str, int]:
+    """``model.resolution`` as the family loader's ``height`` and ``width`` ({} for 0 = the model default); one line
+    when the family's size is fixed by its weights, or when ``model.kwargs`` sets the size too."""
+    if not m.resolution:
+        return {}
+    from flowalign.models import resolve as resolve_model
+
+    params = inspect.signature(resolve_model(m.name).from_pretrained).parameters
+    if not {"height", "width"} <= set(params):
+        raise UserError(f"model.resolution={m.resolution}: the {m.name} model's image size is fixed by its weights; "
+                        "set model.resolution=0")
+    both = sorted({"height", "width"} & set(m.kwargs))
+    if both:
+        raise UserError(f"model.resolution={m.resolution} and model.kwargs.{both[0]} both set the image size; "
+                        "keep one (model.kwargs.height/width for a non-square size)")
+    return {"height": int(m.resolution), "width": int(m.resolution)}
 
 
 def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
@@ -298,7 +317,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     # 1. model --------------------------------------------------------------------------------------
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype, guidance_scale=cfg.model.guidance,
-                       **dict(cfg.model.kwargs))
+                       **_resolution_kwargs(cfg.model), **dict(cfg.model.kwargs))
     try:
         lora_r = cfg.model.lora_rank or None  # None: the family default rank and alpha (alpha = 2 x rank for all)
         lora_a = cfg.model.lora_alpha or (2 * lora_r if lora_r else None)  # 0 = 2 x rank (the config's doc)

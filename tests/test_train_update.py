@@ -407,3 +407,30 @@ def test_trainer_trains_a_random_subset_of_steps_per_rollout(tmp_path):
     assert got == {"random": 8, "first": 16}
     wan = C.load_config(str(ROOT / "configs" / "wan21_hps.yaml"))
     assert wan.sampler.train_steps == "random" and C.trained_steps(wan.sampler) == 11
+
+
+def test_model_resolution_reaches_the_loader(tiny_sd3_dir, tmp_path, monkeypatch):
+    """model.resolution was validated and printed but never passed on: every family loaded at its default size
+    (the Wan config's 512 px ran at 480 x 832). Now it is the loader's height = width; the shapes model, whose size
+    its weights fix, and a second size in model.kwargs are one-line errors before anything is written."""
+    import flowalign.train as T
+    from flowalign.errors import UserError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    loaded = []
+    real = T.load_model
+    monkeypatch.setattr(T, "load_model", lambda *a, **kw: loaded.append(real(*a, **kw)) or loaded[-1])
+    base = ["model.name=sd3", f"model.path={tiny_sd3_dir}", "model.resolution=48", "sampler.steps=2",
+            "reward.weights={saturation: 1.0}", f"data.train_prompts={prompts}", "eval.rewards=[saturation]",
+            "eval.before=false", "eval.after=false", "train.iterations=1", "train.groups_per_iter=1",
+            "train.group_size=2", "train.micro_batch=2", "train.optimizer_steps_per_iter=1", "train.ema=false",
+            "output.tensorboard=false"]
+    T.train(C.load_config(None, [*base, f"output.run_dir={tmp_path / 'run'}"]))
+    assert (loaded[0].height, loaded[0].width, tuple(loaded[0].latent_shape[1:])) == (48, 48, (24, 24))
+    for extra, needle in ((["model.kwargs={height: 32}"], "both set the image size"),
+                          (["model.name=shapes", "model.path=", "reward.weights={shapes_partial: 1.0}"],
+                           "fixed by its weights")):
+        with pytest.raises(UserError, match=needle):
+            T.train(C.load_config(None, [*base, *extra, f"output.run_dir={tmp_path / 'bad'}"]))
+        assert not (tmp_path / "bad").exists()

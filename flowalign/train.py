@@ -368,6 +368,15 @@ def train(cfg: C.ExperimentConfig) -> Path:
     prompts = D.load_prompts(cfg.data.train_prompts)
     eval_prompts = D.load_prompts(cfg.data.eval_prompts)
     eval_prompts = D.spaced_subset(eval_prompts, cfg.eval.max_prompts)
+    seen = {r.prompt for r in prompts}
+    overlap = sum(r.prompt in seen for r in eval_prompts) / max(1, len(eval_prompts))
+    if rank == 0 and overlap > 0 and (cfg.eval.before or cfg.eval.after or cfg.eval.every):
+        # all of them (e.g. one file for both): a warning; a part (the shapes world's small tasks, whose whole prompt
+        # space is in shapes-train): a note
+        logger.log(logging.WARNING if overlap >= 1 else logging.INFO,
+                   "%.0f%% of the evaluation prompts (data.eval_prompts=%s) are training prompts (data.train_prompts=%s):"
+                   " on those the evaluation measures fit to the training set, not generalisation", 100 * overlap,
+                   cfg.data.eval_prompts, cfg.data.train_prompts)
     validate = getattr(model, "validate_prompts", None)  # adapters with a closed vocabulary (shapes) check text
     if validate is not None:
         validate(list(dict.fromkeys(r.prompt for r in [*prompts, *eval_prompts])))  # fail early: one line, exit 2

@@ -434,3 +434,24 @@ def test_model_resolution_reaches_the_loader(tiny_sd3_dir, tmp_path, monkeypatch
         with pytest.raises(UserError, match=needle):
             T.train(C.load_config(None, [*base, *extra, f"output.run_dir={tmp_path / 'bad'}"]))
         assert not (tmp_path / "bad").exists()
+
+
+def test_evaluating_on_the_training_prompts_is_reported(tmp_path, caplog):
+    """One prompt file for training and evaluation (the PickScore configs without the unshipped train split): a
+    warning; the shapes world's partial overlap (small tasks whose whole prompt space is in shapes-train): a note."""
+    import logging
+
+    from flowalign.train import train
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    with caplog.at_level(logging.INFO, logger="flowalign.train"):
+        train(_cfg(tmp_path / "same", "train.iterations=1", f"data.train_prompts={prompts}",
+                   f"data.eval_prompts={prompts}", "eval.after=true"))
+    hits = [r for r in caplog.records if "of the evaluation prompts" in r.getMessage()]
+    assert len(hits) == 1 and hits[0].levelno == logging.WARNING and hits[0].getMessage().startswith("100% ")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flowalign.train"):
+        train(_cfg(tmp_path / "shapes", "train.iterations=1", "eval.after=true"))
+    hits = [r for r in caplog.records if "of the evaluation prompts" in r.getMessage()]
+    assert len(hits) == 1 and hits[0].levelno == logging.INFO

@@ -96,13 +96,15 @@ def _parse_txt(text: str, source: str) -> list[PromptRecord]:
 
 def _record_from_obj(obj: Any, where: str) -> PromptRecord:
     if isinstance(obj, str):
-        return PromptRecord(obj, {})
+        obj = {"prompt": obj}
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object with a \"prompt\" key, got {type(obj).__name__}")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
         keys = ", ".join(map(str, obj)) or "none"
         raise UserError(f"{where}: no string \"prompt\" key (keys: {keys}); each line needs {{\"prompt\": \"...\", ...}}")
+    if not prompt.strip():  # an empty prompt would silently be sampled (unconditionally) and scored
+        raise UserError(f"{where}: empty prompt {prompt!r}; give each line a non-empty \"prompt\" or delete the line")
     return PromptRecord(prompt, {k: v for k, v in obj.items() if k != "prompt"})
 
 
@@ -206,7 +208,9 @@ class PromptSampler:
                 import numpy as np
 
                 # SeedSequence mixes (seed, epoch) into independent, well-spread streams
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n).tolist()
+                # (a negative seed such as train.seed=-1 as its 64-bit word: numpy refuses negative entropy)
+                seed = self.seed if self.seed >= 0 else self.seed & (2**64 - 1)
+                self._order = np.random.default_rng([seed, epoch]).permutation(self.n).tolist()
             else:
                 self._order = list(range(self.n))
             self._order_epoch = epoch

@@ -193,11 +193,12 @@ def as_records(prompts: Sequence[Any]) -> list[dict]:
 
 def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, steps: int,
              guidance: Optional[float] = None, kernel: str = "euler", seeds_per_prompt: int = 4, batch_size: int = 32,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, extra_settings: Optional[Mapping[str, Any]] = None) -> dict:
     """Evaluate and write ``out_dir/results.jsonl`` (one line per image) and ``out_dir/summary.json``.
 
     The protocol is the ODE sampler (``kernel`` must be "euler"); the summary is ``summarize``'s dict plus
-    the settings used, so a report can say how the numbers were made.
+    the settings used, so a report can say how the numbers were made; ``extra_settings`` (e.g. the model, its
+    LoRA, the prompt set) are added to them.
     """
     import json
     from pathlib import Path
@@ -216,10 +217,11 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     used = guidance if guidance is not None else getattr(model, "guidance_scale", None)  # the scale that sampled
     summ["settings"] = {"steps": steps, "guidance": None if used is None else float(used), "kernel": kernel,
                         "seeds_per_prompt": seeds_per_prompt, "seed": seed, "prompts": len(prompts)}
+    summ["settings"].update(extra_settings or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_text(out / "summary.json", json.dumps(summ, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summ, indent=2, default=str))  # str: e.g. a YAML date argument
     logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()})
     return summ
 
@@ -264,7 +266,7 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwargs
     from flowalign.rewards.video import check_per_frame, for_outputs
-    from flowalign.sample import check_device, check_lora_dir, check_positive, load_lora_checked
+    from flowalign.sample import check_device, check_lora_dir, check_out_parent, check_positive, load_lora_checked
 
     def kv(text: str, flag: str) -> tuple[str, Any]:
         if "=" not in text:
@@ -283,6 +285,7 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--out {str(out)!r} is a file; pass a new or empty directory")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose a new --out")
+    check_out_parent(out)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     if not names:
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
@@ -316,7 +319,11 @@ def cli_main(argv: Sequence[str]) -> int:
     rewards = {n: for_outputs(build_reward(n, **reward_kwargs[n]), outputs, per_frame) for n in names}
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
-                    seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed)
+                    seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed,
+                    extra_settings={"model": args.model, "path": args.path or None, "lora": args.lora,
+                                    "prompt_set": args.prompts, "max_prompts": args.max_prompts,
+                                    **({"model_args": model_kwargs} if model_kwargs else {}),
+                                    **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {})})
     from flowalign.report import write_report
 
     write_report(out)

@@ -151,6 +151,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_tree(tmp)  # the caller's files (e.g. safetensors' save_file) are not fsynced: make them durable first
     old = None
     if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
         old = tmp  # the swap was atomic: ``path`` was never missing; tmp now holds the old contents
@@ -163,6 +164,26 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` so a rename of ``root`` never outlives its contents (power loss)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -220,6 +220,19 @@ def _series(records: list[dict]) -> tuple[str | None, dict[str, tuple[list[float
     return step_key, out
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """``read_jsonl`` for the report: a corrupt line (or a non-object one, or bytes that are not UTF-8) is a
+    one-line ``UserError`` naming the file, not a traceback."""
+    try:
+        records = read_jsonl(path)
+    except ValueError as err:  # also UnicodeDecodeError
+        raise UserError(f"cannot read {path}: {err}; fix or delete that line and run `flowalign report` again") from None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}: record {i + 1} is a JSON {type(rec).__name__}, not an object")
+    return records
+
+
 def _specificity(pattern: str) -> int:
     return sum(ch not in "*?[]" for ch in pattern)
 
@@ -300,7 +313,7 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
     path = Path(metrics_jsonl_path)
     if not path.is_file():
         raise UserError(f"metrics file not found: {path}")
-    records = read_jsonl(path)
+    records = _read_metrics(path)
     step_key, series = _series(records)
     if isinstance(keys, Mapping):
         groups = _group_keys(sorted(series), keys, keep_unmatched=False)
@@ -381,6 +394,8 @@ def read_summary(path: str | Path) -> dict:
         raise UserError(f"summary not found: {path}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict) or not isinstance(data.get("overall"), dict):
         raise UserError(f"{path}: not a flowalign summary (needs an \"overall\" mapping of reward -> value)")
     return data
@@ -538,7 +553,10 @@ def _pass_at_k_table(summary: dict, label: str) -> str:
 def _img_src(path: Path, run_dir: Path, inline: bool) -> str:
     if inline:
         return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-    return html.escape(path.relative_to(run_dir).as_posix())
+    from urllib.parse import quote
+
+    # a URL, not a file name: "#", "?", "%" in a name would otherwise cut the link
+    return html.escape(quote(path.relative_to(run_dir).as_posix()))
 
 
 def _nfe_section(records: list[dict]) -> str:
@@ -576,12 +594,14 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
     final_label = later[-1] if later else None
     final = read_summary(sums[final_label]) if final_label else None
     shown_label = "aligned" if final_label == "final" else (f"aligned ({final_label})" if final_label else "")
-    parts.append("<h2>Evaluation: base vs aligned</h2>")
+    if final_label == "eval":  # `flowalign eval --out D`: one model, often the base one; do not call it aligned
+        shown_label = "model"
+    parts.append("<h2>Evaluation</h2>" if final_label == "eval" else "<h2>Evaluation: base vs aligned</h2>")
     if base or final:
         headline = next(iter((final or base)["overall"]), None)
         if base and final and headline:
             a, b = base["overall"].get(headline), final["overall"].get(headline)
-            if _is_num(a) and _is_num(b):
+            if _is_num(a) and _is_num(b) and math.isfinite(a) and math.isfinite(b):
                 parts.append(f"<p><b>{html.escape(headline)}</b>: {_fmt(a)} → {_fmt(b)} "
                              f"({'+' if b >= a else ''}{b - a:.3f} absolute)</p>")
         parts.append(_comparison_table(base, final, shown_label or "aligned"))
@@ -608,7 +628,9 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
     grids = []
     if grid_dir.is_dir():
         named = [grid_dir / "base.png", grid_dir / "final.png"]
-        grids = [p for p in named if p.is_file()] + sorted(p for p in grid_dir.glob("*.png") if p not in named)
+        # step-5 before step-10 (not by characters: step-10, step-100, step-20)
+        natural = lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", p.stem)]  # noqa: E731
+        grids = [p for p in named if p.is_file()] + sorted((p for p in grid_dir.glob("*.png") if p not in named), key=natural)
     if grids:
         parts.append("<h2>Samples (same prompts and seeds)</h2><div class=grids>")
         for p in grids:
@@ -619,7 +641,7 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
 
     # 3. training curves and cost
     metrics = run_dir / "metrics.jsonl"
-    records = read_jsonl(metrics) if metrics.is_file() else []
+    records = _read_metrics(metrics) if metrics.is_file() else []
     plots: list[Path] = []
     if make_plots:
         history = len(sums) >= 2

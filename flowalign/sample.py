@@ -135,6 +135,16 @@ def check_device(name: str, flag: str = "--device") -> torch.device:
     return dev
 
 
+def check_out_parent(path: str | Path, flag: str = "--out") -> None:
+    """One-line ``UserError`` when an existing ancestor of ``path`` is a file: writing the output would fail only
+    after all the sampling was done."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag} {str(path)!r}: {parent} is a file, not a directory; pass a path in a directory")
+            return
+
+
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1."""
     for name, value in values.items():
@@ -180,6 +190,9 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; pass the path of a PNG file, e.g. {Path(args.out) / 'samples.png'}")
+    check_out_parent(args.out)
+    if args.prompt_file and args.prompts:  # one of them would be silently ignored
+        raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:
         prompts = [r.prompt for r in D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)]
     else:

@@ -81,7 +81,13 @@ def group_normalize(rewards: Tensor, group: Tensor, *, scope: str = "group", eps
         raise ValueError(f"std scope must be 'group' or 'global', got {scope!r}")
     adv = dev / (std + eps)
     single = cnt[inv] < 2
-    flat = torch.isclose(std, torch.zeros_like(std), atol=1e-12) if scope == "group" else torch.zeros_like(single)
+    # all finite rewards of the group equal: A = 0 exactly in either scope (r − mean can be ~1e-17, not 0, in float64)
+    inf = torch.full((n_groups,), math.inf, dtype=torch.float64, device=r.device)  # [G]
+    gmax = (-inf).scatter_reduce(0, inv, torch.where(ok, r, -math.inf), reduce="amax")
+    gmin = inf.scatter_reduce(0, inv, torch.where(ok, r, math.inf), reduce="amin")
+    flat = (gmax == gmin)[inv]  # [B]
+    if scope == "group":
+        flat = flat | torch.isclose(std, torch.zeros_like(std), atol=1e-12)
     adv = torch.where(ok & ~single & ~flat, adv, torch.zeros_like(adv))
     return adv.to(torch.float32)
 

@@ -57,6 +57,11 @@ def _step(kernel, velocity: VelocityFn, x: Tensor, sig: Tensor, sig_next: Tensor
     return v, kernel(x, v, sig, sig_next, eta_t, **kernel_kwargs)
 
 
+def _stack_steps(items: list, x: Tensor) -> Tensor:
+    # T = 0 (a zero-step sub-grid, e.g. ``branch`` at step 0 or T−1) stacks nothing: [B, 0, *latent], not an error
+    return torch.stack(items, dim=1) if items else x.new_zeros((x.shape[0], 0, *x.shape[1:]), dtype=torch.float32)
+
+
 def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: float | Tensor = 0.0,
            kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
@@ -133,8 +138,8 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
         cond_index=cond_index,
         group=group,
         prompts=tuple(prompts),
-        velocities=torch.stack(vels, dim=1) if keep_velocities else None,  # [B, T, *latent]
-        means=torch.stack(means, dim=1) if keep_means else None,  # [B, T, *latent]
+        velocities=_stack_steps(vels, x) if keep_velocities else None,  # [B, T, *latent]
+        means=_stack_steps(means, x) if keep_means else None,  # [B, T, *latent]
         extras={"shifted": shifted} if bool(shifted.any()) else {},
     )
 

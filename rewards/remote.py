@@ -26,6 +26,7 @@ quantisation, 4× less traffic); ``float16`` keeps ~3 significant digits of each
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import math
@@ -134,6 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             n = int(length)
+            if n < 0:  # rfile.read(-1) would wait for the client to close the connection
+                raise ValueError
         except ValueError:
             self._reply(400, {"error": f"bad Content-Length {length!r}"})
             return
@@ -275,7 +278,7 @@ class RemoteReward(Reward):
                                          headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                    raw = resp.read()
             except urllib.error.HTTPError as err:
                 try:
                     msg = json.loads(err.read()).get("error", "")
@@ -285,8 +288,15 @@ class RemoteReward(Reward):
                     last = f"HTTP {err.code} {msg}"
                     continue
                 raise UserError(f"remote reward {self.url}: HTTP {err.code}: {msg}") from None
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as err:
-                last = str(getattr(err, "reason", err))
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError,
+                    http.client.HTTPException) as err:  # HTTPException: a reply cut short (IncompleteRead), not HTTP
+                last = str(getattr(err, "reason", err)) or type(err).__name__
+                continue
+            try:
+                return json.loads(raw)
+            except ValueError:  # e.g. an HTML page from another service on that port
+                raise UserError(f"remote reward {self.url}: the reply is not JSON ({raw[:80]!r}); is it a "
+                                f"`flowalign rewards serve` server?") from None
         raise UserError(
             f"remote reward {self.url} unreachable after {self.retries + 1} attempts (last error: {last}); start it with "
             f"`flowalign rewards serve NAME --port PORT` or fix the url"

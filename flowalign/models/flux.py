@@ -11,7 +11,7 @@
   Models without a guidance embedding (schnell) ignore ``guidance_scale``.
 * Timestep: σ itself in [0, 1] (the transformer multiplies by 1000 inside; METHODS.md §1.5).
 * Schedule: the resolution-dependent dynamic shift ``flux_dynamic(T, L)`` with the scheduler's μ
-  constants (METHODS.md §1.3).
+  constants (METHODS.md §1.3); a scheduler without dynamic shifting (schnell) uses its static shift.
 """
 
 from __future__ import annotations
@@ -104,9 +104,13 @@ class FluxModel(FlowAdapter):
         return {"prompt_embeds": pe, "pooled": pooled}  # [N, S, D], [N, P]
 
     def schedule(self, steps: int) -> Tensor:
-        from flowalign.samplers.schedules import flux_dynamic
+        from flowalign.samplers.schedules import flux_dynamic, shifted_linear
 
         cfg = self.pipe.scheduler.config
+        if not cfg.get("use_dynamic_shifting", False):
+            # FluxPipeline passes μ, but a scheduler without dynamic shifting (FLUX.1-schnell: shift 1) ignores it and
+            # applies its static shift to linspace(1, 1/T, T) (+ 0), which is shifted_linear(T, shift).
+            return shifted_linear(steps, float(cfg.get("shift", 1.0)))  # [T+1]
         return flux_dynamic(
             steps, self.latent_shape[0],
             base_seq_len=int(cfg.get("base_image_seq_len", 256)), max_seq_len=int(cfg.get("max_image_seq_len", 4096)),

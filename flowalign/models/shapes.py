@@ -195,7 +195,11 @@ class ShapesModel(FlowAdapter):
         super().__init__(transformer, guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                          latent_shape=(config.channels, config.image_size, config.image_size), dtype=torch.float32,
                          components={"text_encoder": self.text_encoder, **comps})
-        self.lora_targets: tuple[str, ...] = SHAPES_LORA_TARGETS
+        # the last MMDiT block is context_pre_only (no to_add_out): with num_layers=1 that target matches nothing and
+        # add_lora would refuse the whole list
+        names = [n for n, _ in transformer.named_modules()]
+        self.lora_targets: tuple[str, ...] = tuple(
+            t for t in SHAPES_LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names))
         self.lora_rank = int(config.lora_rank)
         self.lora_alpha = config.lora_alpha
 
@@ -299,8 +303,8 @@ class ShapesModel(FlowAdapter):
 
     def _net(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Tensor) -> Tensor:
         out = self.transformer(hidden_states=x.to(self.dtype), encoder_hidden_states=hidden.to(self.dtype),
-                               pooled_projections=pooled.to(self.dtype), timestep=(1000.0 * sigma).to(self.dtype),
-                               return_dict=False)[0]
+                               pooled_projections=pooled.to(self.dtype), timestep=1000.0 * sigma.float(),
+                               return_dict=False)[0]  # fp32 timestep: in bf16 1000·σ rounds by up to ±2 (as SD3)
         if self.refiner is not None:
             out = out + self.refiner(out)  # [B, C, H, W]
         return out.float()  # [B, C, H, W]

@@ -317,6 +317,10 @@ def cli_main(argv: Sequence[str]) -> int:
         model.encode([r])  # unreadable prompts fail before any work
     outputs = getattr(model, "output_kind", "image")
     rewards = {n: for_outputs(build_reward(n, **reward_kwargs[n]), outputs, per_frame) for n in names}
+    for fn in rewards.values():  # rewards that parse their prompts (the shapes verifier): before any sampling
+        check = getattr(fn, "validate_prompts", None)
+        if check is not None:
+            check([r.prompt for r in records])
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed,

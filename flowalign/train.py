@@ -380,6 +380,11 @@ def train(cfg: C.ExperimentConfig) -> Path:
     validate = getattr(model, "validate_prompts", None)  # adapters with a closed vocabulary (shapes) check text
     if validate is not None:
         validate(list(dict.fromkeys(r.prompt for r in [*prompts, *eval_prompts])))  # fail early: one line, exit 2
+    for fns, texts in ((rewards, [*prompts, *eval_prompts]), (eval_rewards, eval_prompts)):
+        for fn in fns.values():  # rewards that parse their prompts (the shapes verifier) check them before sampling
+            check = getattr(fn, "validate_prompts", None)
+            if check is not None:
+                check([r.prompt for r in texts])
     sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     sigmas = model.schedule(cfg.sampler.steps).to(device)  # [T+1]
     base_eta = _load_eta(cfg)  # float, or a per-step [T] tensor (calibrated noise)
@@ -496,7 +501,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         inp = CreditInput(
             traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
             aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
-            std_ddof=cfg.credit.std_ddof, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras,
+            std_ddof=cfg.credit.std_ddof, adv_clip=cfg.credit.adv_clip, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras,
             reduce_sum=(lambda t: reduce_mean(t).mul_(world)) if world > 1 else None)  # global std over all ranks
         with nfe.phase("probing"):
             credit = assign_credit(cfg.credit.name, inp, cfg.credit.options)

@@ -37,6 +37,12 @@ class _ShapesVerifierReward:
             s = self._specs[prompt] = parse(prompt)
         return s
 
+    def validate_prompts(self, prompts: Sequence[str]) -> None:
+        """One-line ``UserError`` for the first prompt outside the shapes grammar, before anything is sampled
+        (trainer and ``flowalign eval`` call it on their prompt sets; scoring would only fail after sampling)."""
+        for p in dict.fromkeys(prompts):
+            self.spec(p)
+
     def _inputs(self, images: Tensor, prompts: Sequence[str]) -> tuple[list[Spec], np.ndarray, np.ndarray]:
         """(parsed specs, images as np [B, H, W, 3], finite mask [B]) after checking shapes and prompts."""
         if images.ndim != 4 or images.shape[1] != 3:

@@ -171,3 +171,30 @@ def test_atomic_dir_fsyncs_the_files_written_into_it(tmp_path, monkeypatch):
     names = {os.path.basename(p) for p in synced}
     assert {"weights.bin", "state.json"} <= names
     assert (tmp_path / "ckpt" / "weights.bin").read_bytes() == b"x" * 10
+
+
+def test_ungrammatical_prompts_of_known_words_fail_before_sampling(tmp_path, capsys, monkeypatch):
+    """'circle red a' uses only the model's words, so the model's vocabulary check passes; the shapes verifier
+    refused it only when scoring, after sampling. Train and eval now parse every prompt of a shapes reward first."""
+    from pathlib import Path
+
+    import flowalign.evaluate as E
+    import flowalign.train as T
+    from flowalign import config as C
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\ncircle red a\n")
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampling started before the prompt was refused")
+
+    monkeypatch.setattr(E, "run_eval", no_sampling)
+    _fails(capsys, ["eval", "--prompts", str(bad), "--out", str(tmp_path / "ev"), "--rewards", "shapes_strict"],
+          "'circle red a' is outside the shapes grammar")
+    assert not (tmp_path / "ev").exists()
+    monkeypatch.setattr(T, "run_eval", no_sampling)
+    cfg = C.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "shapes_grpo.yaml"),
+                        [f"data.train_prompts={bad}", f"output.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="'circle red a' is outside the shapes grammar"):
+        T.train(cfg)
+    assert not (tmp_path / "run").exists()

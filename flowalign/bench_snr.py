@@ -214,7 +214,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     for m in methods:
         _plan, _kernel, _eta, credit, opts, _p = METHODS[m]
         out = assign_credit(credit, CreditInput(traj=traj, rewards=term, reward_weights={args.reward: 1.0},
-                                                trained=trained, probe=probe), opts)
+                                                trained=trained, probe=probe, adv_clip=adv_clip), opts)
         # at ratio 1 the clipped terms of all heads (main + e.g. Euphonium's process head) add up
         adv = sum(clipped_heads(out, trained, adv_clip).values())  # [B, T]
         c = split_half_cosine(grads, adv, steps, weights)  # [splits]

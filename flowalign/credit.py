@@ -33,6 +33,8 @@ class CreditInput:
     std_scope: str = "group"  # group | global
     std_eps: float = 1e-4
     std_ddof: int = 0
+    adv_clip: float = 5.0  # A_max of the loss (credit.adv_clip): clipped_heads clips to it; assigners that fold
+    # coefficients into their heads (Euphonium) clip to the same value first
     values: Optional[Mapping[str, Tensor]] = None  # name -> [B, T+1] per-state value estimates, if probed
     # probe(mode, mask [B, T+1] bool) -> {reward name: [B, T+1] values, NaN where not probed}; the trainer builds it
     # over the process-reward core (values.py) with θ_old, the rollout's CFG and an NFE phase "probing".
@@ -464,7 +466,7 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
 
 
 def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post", pra_probe: Optional[str] = None,
-              eps: float = 1e-8, c_ora: float = 1.0, c_pra: float = 1.0, adv_clip: float = 5.0) -> Credit:
+              eps: float = 1e-8, c_ora: float = 1.0, c_pra: float = 1.0, adv_clip: Optional[float] = None) -> Credit:
     """Euphonium dual-reward heads (METHODS.md §4.5; released sampler/loss code): outcome (ORA) + process (PRA).
 
     Paper → ours: ORA = the pixel ORM on x_T, group z-scored (std + ``eps``, 1e-8 upstream), the same at every
@@ -480,8 +482,11 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
     Trainer contract (multi_head, METHODS.md §3.4): each head is its own clipped term,
     L = c_ORA·ℓ_clip(ρ, clip(A^ORA, ±A_max)) + c_PRA·ℓ_clip(ρ, clip(A^PRA, ±A_max)). The coefficients are
     folded here as c·clip(A, ±adv_clip) (exact since c > 0 and ℓ_clip is positively homogeneous in A); the
-    trainer's own ±A_max clip is then a no-op, which is why 0 < c ≤ 1 is required.
+    trainer's own ±A_max clip is then a no-op, which is why 0 < c ≤ 1 is required. ``adv_clip`` None = the
+    loss's A_max (``CreditInput.adv_clip``, i.e. ``credit.adv_clip``); another value would make the trainer's
+    second clip cut c·A at A_max instead of A.
     """
+    adv_clip = inp.adv_clip if adv_clip is None else adv_clip
     if heads not in ("both", "ora", "pra"):
         raise ValueError(f"heads must be 'both', 'ora' or 'pra', got {heads!r}")
     if pra_index not in ("post", "pre", "gain"):

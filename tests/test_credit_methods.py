@@ -449,3 +449,17 @@ def test_calibrate_noise_runs_on_the_gaussian_world():
         want = torch.tensor(h["psi"]) + torch.where(torch.tensor(h["imbalance"]).abs() < 2, 0.01, -0.01)
         assert torch.allclose(torch.tensor(nxt)[steps], want[steps].clamp_min(0), atol=1e-6)
     assert math.isfinite(sum(psi.tolist()))
+
+
+def test_euphonium_folds_its_coefficients_at_the_losss_adv_clip():
+    """c·clip(A, ±A_max) must use the loss's A_max (credit.adv_clip): with its own 5.0 and credit.adv_clip = 0.5, the
+    trainer's second clip turned c·A (c = 0.5) into clip(0.5·A, ±0.5), i.e. 0.5·clip(A, ±1), not 0.5·clip(A, ±0.5)."""
+    from flowalign.credit import clipped_heads
+
+    group = torch.tensor([0, 0, 1, 1])
+    eta = torch.tensor([0.3, 0.0])
+    vals = {"r": torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 5.0]])}
+    inp = _inp(vals, group, eta, adv_clip=0.5)
+    cr = assign_credit("euphonium", inp, {"heads": "ora", "c_ora": 0.5})
+    loss_adv = clipped_heads(cr, inp.trained, inp.adv_clip)["main"][:, 0]  # what the loss sees
+    assert torch.allclose(loss_adv, torch.tensor([-0.25, 0.25, -0.25, 0.25]))  # 0.5 · clip(±1, ±0.5)

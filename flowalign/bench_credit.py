@@ -70,7 +70,8 @@ GUIDED: dict[str, dict] = {"euphonium_guided": {"lam": 300.0, "rewards": {"satur
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (average ranks for ties); NaN when either is constant."""
+    """Spearman rank correlation of two 1-D tensors (average ranks for ties); NaN when either is constant or
+    holds a non-finite value (a NaN reward would otherwise be ranked as the largest value)."""
 
     def ranks(x: Tensor) -> Tensor:
         x = x.to(torch.float64)
@@ -83,6 +84,8 @@ def spearman(a: Tensor, b: Tensor) -> float:
                 r[m] = r[m].mean()
         return r
 
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return float("nan")
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = float(ra.norm() * rb.norm())

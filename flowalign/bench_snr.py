@@ -66,15 +66,21 @@ def per_step_grads(velocity, params: Sequence[torch.nn.Parameter], traj, steps: 
 
 
 def group_halves(n_groups: int, group_size: int, splits: int, seed: int) -> Tensor:
-    """Random splits of whole groups into two halves, as per-rollout weights 1/|half|: [splits, 2, n_groups·G]."""
+    """Random splits of whole groups into two halves, as per-rollout weights 1/|half|: [splits, 2, n_groups·G].
+
+    Both halves hold ⌊n_groups/2⌋ groups (with an odd count one random group sits out each split): the
+    n(1 − c)/c reading of the cosine assumes two estimates of equal size n.
+    """
     if n_groups < 2:
         raise ValueError("a split-half test needs at least 2 groups")
     gen = torch.Generator().manual_seed(seed)
     w = torch.zeros(splits, 2, n_groups * group_size)
+    half = n_groups // 2
     for s in range(splits):
         perm = torch.randperm(n_groups, generator=gen)
         for k in range(2):
-            rows = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in perm[k::2].tolist()])
+            rows = torch.cat([torch.arange(g * group_size, (g + 1) * group_size)
+                              for g in perm[: 2 * half][k::2].tolist()])
             w[s, k, rows] = 1.0 / rows.numel()
     return w
 
@@ -84,11 +90,14 @@ def split_half_cosine(grads: Tensor, adv: Tensor, steps: Sequence[int], weights:
     """Cosine between the two halves' GRPO gradients ĝ = Σ_i w_i Σ_t A[i, t]·∇log p[i, t], per split: [splits].
 
     ``grads`` [S, B, D] from ``per_step_grads`` over ``steps``; ``adv`` [B, T]; ``select`` = the positions in
-    ``steps`` to include (default all).
+    ``steps`` to include (default all). NaN for a split where either half's gradient is exactly zero (e.g. all
+    its advantages are 0): the cosine is undefined there, not 0 (which would read as "pure noise").
     """
     sel = range(len(steps)) if select is None else select
     g = sum(torch.einsum("skb,bd->skd", weights * adv[:, steps[h]].float(), grads[h]) for h in sel)  # [splits, 2, D]
-    return torch.nn.functional.cosine_similarity(g[:, 0], g[:, 1], dim=1)
+    c = torch.nn.functional.cosine_similarity(g[:, 0], g[:, 1], dim=1)  # [splits]
+    zero = (g[:, 0] == 0).all(1) | (g[:, 1] == 0).all(1)  # [splits]
+    return torch.where(zero, torch.full_like(c, float("nan")), c)
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -202,7 +211,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     probe = make_probe(model.velocity, traj, score, terminal=term)
     trained = torch.zeros(traj.batch_size, args.steps, dtype=torch.bool)
     trained[:, steps] = True
-    n_half = traj.batch_size // 2
+    n_half = (len(prompts) * args.groups_per_prompt // 2) * args.group_size  # rollouts per half (group_halves)
     print(f"grad-snr: {len(prompts)} prompts × {args.groups_per_prompt} groups × G={args.group_size} "  # noqa: T201
           f"= {traj.batch_size} rollouts ({n_half} per half), {args.kernel} a={args.eta:g}, T={args.steps}, "
           f"initial noise per {args.init_noise}, "
@@ -217,14 +226,18 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
                                                 trained=trained, probe=probe, adv_clip=adv_clip), opts)
         # at ratio 1 the clipped terms of all heads (main + e.g. Euphonium's process head) add up
         adv = sum(clipped_heads(out, trained, adv_clip).values())  # [B, T]
-        c = split_half_cosine(grads, adv, steps, weights)  # [splits]
-        mean, spread = float(c.mean()), float(c.std()) if c.numel() > 1 else 0.0
+        c = split_half_cosine(grads, adv, steps, weights)  # [splits]; NaN where a half has no gradient
+        c = c[torch.isfinite(c)]
+        mean = float(c.mean()) if c.numel() else float("nan")  # NaN: the advantages give no gradient at all
+        spread = float(c.std()) if c.numel() > 1 else 0.0
         need = n_half * (1 - mean) / mean if mean > 0 else float("inf")
-        per = [float(split_half_cosine(grads, adv, steps, weights, [h]).mean()) for h in range(len(steps))]
+        per = [float(split_half_cosine(grads, adv, steps, weights, [h]).nanmean()) for h in range(len(steps))]
         results["methods"][m] = {"cos": round(mean, 4), "split_std": round(spread, 4),
                                  "rollouts_for_c_half": None if math.isinf(need) else round(need),
                                  "per_step": [round(v, 3) for v in per]}
-        print(f"{m:<14}{mean:>+7.3f}{spread:>9.3f}{('≥ ∞' if math.isinf(need) else f'{need:,.0f}'):>13}   "  # noqa: T201
+        need_txt = (("no gradient" if bool((adv == 0).all()) else "undefined") if math.isnan(mean) else
+                    "≥ ∞" if math.isinf(need) else f"{need:,.0f}")
+        print(f"{m:<14}{mean:>+7.3f}{spread:>9.3f}{need_txt:>13}   "  # noqa: T201
               + " ".join(f"t{t}:{v:+.2f}" for t, v in zip(steps, per)))
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     if args.json:

@@ -69,8 +69,14 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         raise UserError(f"{run} has no evaluations (eval/*/summary.json); train with eval.before/eval.every/eval.after")
     pts = []
     available: set[str] = set()  # the rewards the evaluations of this run hold (to name them when ``reward`` is not one)
+    # ``final`` is after the last iteration; without a logged iteration (no metrics.jsonl) fall back to the
+    # config's train.iterations, never 0, where it would silently replace the base point
+    final_it = last_it if last_it > 0 else int(train.get("iterations") or 0)
+    if "final" in sums and final_it <= 0:
+        raise UserError(f"{run}: cannot place eval/final (no iterations in metrics.jsonl or train.iterations in "
+                        f"config.yaml)")
     for label, path in sums.items():
-        it = 0 if label == "base" else (last_it if label == "final" else int(label.split("-", 1)[1]))
+        it = 0 if label == "base" else (final_it if label == "final" else int(label.split("-", 1)[1]))
         overall = read_summary(path)["overall"]
         available.update(overall)
         value = overall.get(reward)

@@ -249,8 +249,11 @@ def components(model: Any) -> dict[str, nn.Module]:
 
 
 def save_checkpoint(out: Path, step: int, model: Any, opt: torch.optim.Optimizer, ema: Sequence[Tensor],
-                    cfg: PretrainConfig, keep: int) -> Path:
-    """Write ``checkpoints/step-N/state.pt`` atomically (temp directory + rename); prune old ones."""
+                    cfg: PretrainConfig, keep: int, log_acc: tuple[float, int] = (0.0, 0)) -> Path:
+    """Write ``checkpoints/step-N/state.pt`` atomically (temp directory + rename); prune old ones.
+
+    ``log_acc`` = (loss sum, steps) of the metrics window still open at ``step`` (a checkpoint between two log rows),
+    so that a resumed run logs the same mean loss as the uninterrupted one."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -259,7 +262,8 @@ def save_checkpoint(out: Path, step: int, model: Any, opt: torch.optim.Optimizer
         shutil.rmtree(tmp)
     tmp.mkdir()
     torch.save({"step": step, "model": {k: m.state_dict() for k, m in components(model).items()}, "optimizer": opt.state_dict(),
-                "ema": [t.clone() for t in ema], "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg)},
+                "ema": [t.clone() for t in ema], "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
+                "log_acc": [float(log_acc[0]), int(log_acc[1])]},
                tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -381,7 +385,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     ema = [p.detach().clone() for p in params]
-    start = 0
+    start, log_acc = 0, (0.0, 0)
     if resume:
         if ckpts:
             state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
@@ -393,6 +397,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
                 e.copy_(s)
             torch.set_rng_state(state["rng"])
             start = int(state["step"])
+            log_acc = tuple(state.get("log_acc", (0.0, 0)))  # the open metrics window (older checkpoints: none)
             logger.info("resumed from %s (step %d)", ckpts[-1], start)
         else:
             logger.info("--resume: no checkpoint in %s, starting fresh", out)
@@ -410,7 +415,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="pretrain", unit="step", dynamic_ncols=True)
     metrics = (out / "metrics.jsonl").open("a")
-    t0, loss_acc, n_acc = time.time(), 0.0, 0
+    t0, (loss_acc, n_acc) = time.time(), (float(log_acc[0]), int(log_acc[1]))
     try:
         for step in range(start, end):
             loss = train_step(model, opt, data, step, cfg)
@@ -425,7 +430,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                 loss_acc, n_acc = 0.0, 0
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
-                save_checkpoint(out, done, model, opt, ema, cfg, cfg.keep_checkpoints)
+                save_checkpoint(out, done, model, opt, ema, cfg, cfg.keep_checkpoints, (loss_acc, n_acc))
     finally:
         bar.close()
         metrics.close()

@@ -10,7 +10,9 @@ Pipeline (numpy + ``scipy.ndimage``; well under 1 ms per 32×32 image):
 2. **Objects.** 8-connected components of the core pixels of each color; the soft coverage
    (Σ α over the component's core pixels and the non-core pixels within one pixel of its box whose
    closest line is c) is the object's area; components whose area is below ``MIN_AREA`` (scaled by
-   (size/32)²) are specks and dropped.
+   (size/32)²) are specks and dropped, and so are components over ``MAX_AREA_FRACTION`` of the canvas (the
+   background estimate assumes objects cover well under half of it; a flat canvas of one palette color
+   would otherwise be "a square" of that color).
 3. **Shape** from two moment cues of the coverage, calibrated on rendered scenes (noise-robust; see
    :func:`_shape_cues`): the *vertical skewness* (an upright triangle has its mass low: ≈ −0.5;
    circles and squares ≈ 0) → triangle below ``TRIANGLE_SKEW``; otherwise the *diagonal − axis
@@ -25,8 +27,9 @@ Pipeline (numpy + ``scipy.ndimage``; well under 1 ms per 32×32 image):
      detected objects with that shape in *any* color; score 1 − |found − want| / want, clipped to [0, 1].
      Exact counts: an extra object of a required shape (even in another color) breaks the clause, as
      GenEval's ``exclude`` does; objects of shapes the prompt does not mention are ignored.
-   * ``color[color shape]`` for each object phrase (n objects): 1 if at least one object of that shape was
-     found and at least min(n, found) of them have the color, else 0. For ``color_attr`` both phrases
+   * ``color[color shape]`` for each color–shape pair the prompt names (n objects, summed over the phrases that
+     name it): 1 if at least one object of that shape was found and at least min(n, found) of them have the
+     color, else 0. For ``color_attr`` both phrases
      share the shape, so both colors must be present on that shape (binding).
    * ``relation`` (position prompts): 1 if some detected subject object and reference object satisfy the
      relation by GenEval's rule (box-centre offset shrunk by 0.1·(w₁+w₂, h₁+h₂), then the normalised
@@ -49,6 +52,7 @@ RESIDUAL_MAX = 0.2  # max distance (RGB, [0,1]) of a core pixel from its backgro
 ALPHA_CORE = (0.5, 1.6)  # coverage range of a core pixel (>1: darker/more saturated than the palette)
 ALPHA_SOFT = 0.08  # coverage below this counts as background when summing soft area
 MIN_AREA = 6.0  # soft area (px at 32×32) below which a component is a speck
+MAX_AREA_FRACTION = 0.5  # a component over this share of the canvas is no object (a flat canvas is no scene)
 TRIANGLE_SKEW = -0.25  # vertical skewness of coverage below this → triangle (apex up; ≈ −0.5 rendered)
 SQUARE_KURT = 0.28  # diagonal − axis kurtosis above this → square (≈ 0.55 rendered; circle ≈ 0)
 BG_TOLERANCE = 0.15  # max per-channel deviation of the estimated background from the nominal gray
@@ -164,8 +168,8 @@ def detect(image: Any, min_area: float = MIN_AREA) -> list[dict]:
             take = mine | ((win_core < 0) & (soft[y0:y1, x0:x1] == ci))
             a = np.where(take, np.clip(alpha[y0:y1, x0:x1, ci], 0.0, 1.0), 0.0)  # [h', w']
             area = float(a.sum())
-            if area < min_area * scale2:
-                continue
+            if area < min_area * scale2 or area > MAX_AREA_FRACTION * h * w:
+                continue  # a speck; or more than half the canvas: the background estimate assumes otherwise
             ys = (np.arange(y0, y1, dtype=np.float32) + 0.5)[:, None]  # [h', 1]
             xs = (np.arange(x0, x1, dtype=np.float32) + 0.5)[None, :]  # [1, w']
             cy, cx = float((a * ys).sum()) / area, float((a * xs).sum()) / area
@@ -215,6 +219,15 @@ def relations_between(a: dict, b: dict) -> set[str]:
     return out
 
 
+def _phrases(spec: Spec) -> dict[tuple[str, str], int]:
+    """Wanted count per (color, shape): phrases naming the same class add up ("a red circle and a red circle"
+    wants two red circles, like "two red circles"; one clause per class, as the clause names are per class)."""
+    out: dict[tuple[str, str], int] = {}
+    for o in spec.objects:
+        out[(o.color, o.shape)] = out.get((o.color, o.shape), 0) + o.count
+    return out
+
+
 def score(objects: Sequence[dict], spec: Spec) -> dict[str, float]:
     """Clause scores of detected objects against a spec (see the module docstring)."""
     clauses: dict[str, float] = {}
@@ -224,10 +237,10 @@ def score(objects: Sequence[dict], spec: Spec) -> dict[str, float]:
     found = {s: sum(1 for d in objects if d["shape"] == s) for s in want}
     for s, n in want.items():
         clauses[f"count[{s}]"] = float(min(max(1.0 - abs(found[s] - n) / n, 0.0), 1.0))
-    for o in spec.objects:
-        n_cs = sum(1 for d in objects if d["shape"] == o.shape and d["color"] == o.color)
-        ok = found[o.shape] > 0 and n_cs >= min(o.count, found[o.shape])
-        clauses[f"color[{o.color} {o.shape}]"] = float(ok)
+    for (c, s), n in _phrases(spec).items():
+        n_cs = sum(1 for d in objects if d["shape"] == s and d["color"] == c)
+        ok = found[s] > 0 and n_cs >= min(n, found[s])
+        clauses[f"color[{c} {s}]"] = float(ok)
     if spec.relation is not None:
         subj, ref = spec.objects[0], spec.objects[1]
         a_list = [d for d in objects if d["shape"] == subj.shape and d["color"] == subj.color]
@@ -306,10 +319,10 @@ def soft_score(objects: Sequence[dict], spec: Spec, scale2: float = 1.0, temps: 
     clauses: dict[str, float] = {}
     for s, n in want.items():
         clauses[f"count[{s}]"] = float(min(max(1.0 - abs(found[s] - n) / n, 0.0), 1.0))
-    for o in spec.objects:
-        n_cs = sum(e * p[o.shape] for (e, p), d in zip(ws, objects) if d["color"] == o.color)
-        denom = max(min(float(o.count), found[o.shape]), 1e-6)
-        clauses[f"color[{o.color} {o.shape}]"] = float(min(1.0, found[o.shape]) * min(1.0, n_cs / denom))
+    for (c, s), n in _phrases(spec).items():
+        n_cs = sum(e * p[s] for (e, p), d in zip(ws, objects) if d["color"] == c)
+        denom = max(min(float(n), found[s]), 1e-6)
+        clauses[f"color[{c} {s}]"] = float(min(1.0, found[s]) * min(1.0, n_cs / denom))
     if spec.relation is not None:
         subj, ref = spec.objects[0], spec.objects[1]
         best = 0.0

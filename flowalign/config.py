@@ -80,7 +80,7 @@ class SamplerConfig:
     kernel: Literal["euler", "flow_sde", "dance_sde", "cps"] = _f("flow_sde", "rollout step kernel (flowalign.samplers.kernels.KERNELS)")
     eta: float = _f(0.7, "noise level of the SDE kernel (Flow-GRPO a, DanceGRPO g, CPS a); 0 = ODE")
     steps: int = _f(10, "rollout steps T (sigma grid has T+1 points)")
-    train_fraction: float = _f(0.99, "trained steps = the first floor(frac*T) steps (Flow-GRPO); the last step is never trained")
+    train_fraction: float = _f(0.99, "trained steps = the first floor(frac*T) steps (Flow-GRPO); the last step is never trained; with sampler.window_size > 0 the window's steps are trained instead")
     train_steps: Literal["first", "random"] = _f("first", "which steps are trained: the first floor(frac*T) (Flow-GRPO), or per rollout a random floor(frac*(T-1)) of steps 0..T-2 (DanceGRPO)")
     window_size: int = _f(0, "SDE window width n (Flow-GRPO-Fast); 0 = no window, every step stochastic")
     window_range: tuple[int, int] = _f((0, 0), "window start t0 ~ U{lo..hi-n} per group; (0, 0) = (0, T-1)")
@@ -161,7 +161,7 @@ class EvalConfig:
     seeds_per_prompt: int = _f(4, "images per evaluation prompt, seeds 0..n-1")
     batch_size: int = _f(64, "images per evaluation forward batch")
     max_prompts: int = _f(0, "evaluate an evenly spaced subset of N prompts (every task keeps its share); 0 = all")
-    grid_prompts: int = _f(8, "prompts shown in the before/after image grids")
+    grid_prompts: int = _f(8, "prompts shown in the before/after image grids; 0 = no grids")
     rewards: tuple[str, ...] = _f(("shapes_strict", "shapes_partial"), "rewards reported at evaluation (first = headline metric)")
     before: bool = _f(True, "evaluate the base model before training (eval/base)")
     after: bool = _f(True, "evaluate the trained model after training (eval/final)")
@@ -780,6 +780,24 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     }
 
 
+# float fields where +inf means "no limit" (as their own 0 = off or an unbounded clip would); NaN is refused everywhere
+_INF_MEANS_OFF = ("credit.adv_clip", "train.max_grad_norm", "train.clip_range")
+
+
+def _float_leaves(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted path, value) of every float, and float in a tuple such as train.betas, in the config."""
+    out: list[tuple[str, float]] = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out += _float_leaves(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float):
+            out.append((f"{prefix}{f.name}", v))
+        elif isinstance(v, tuple):
+            out += [(f"{prefix}{f.name}", x) for x in v if isinstance(x, float)]
+    return out
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Range and consistency checks that do not depend on the world size (one-line ``UserError``)."""
 
@@ -800,6 +818,9 @@ def validate(cfg: ExperimentConfig) -> None:
         from flowalign.rewards import REWARDS
     except ImportError:  # pragma: no cover
         REWARDS = None
+    for path, v in _float_leaves(cfg):  # an inf lr or weight decay would put inf/NaN into the weights
+        if not math.isfinite(v) and not (v == math.inf and path in _INF_MEANS_OFF):
+            raise UserError(f"{path}={v} must be a finite number" + (" or inf (no limit)" if path in _INF_MEANS_OFF else ""))
     need(len(r.weights) > 0, "reward.weights is empty; name at least one reward, e.g. reward.weights.shapes_partial=1.0")
     if REWARDS is not None:
         for where, names in (("reward.weights", list(r.weights)), ("reward.kwargs", list(r.kwargs)), ("eval.rewards", list(e.rewards))):
@@ -817,6 +838,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(s.steps >= 2, f"sampler.steps={s.steps} must be >= 2 (the last step is never trained)")
     need(0 < s.train_fraction <= 1, f"sampler.train_fraction={s.train_fraction} must be in (0, 1]")
     need(s.window_size >= 0, f"sampler.window_size={s.window_size} must be >= 0 (0 = no window)")
+    need(s.window_size > 0 or tuple(s.window_range) == (0, 0),
+         f"sampler.window_range={list(s.window_range)} has no effect without a window; set sampler.window_size "
+         "(e.g. sampler.window_size=3) or drop sampler.window_range")
     if s.window_size > 0:
         lo, hi = window_bounds(s)
         need(0 <= lo and hi <= s.steps - 1,
@@ -872,6 +896,7 @@ def validate(cfg: ExperimentConfig) -> None:
     need(t.checkpoint_every >= 0 and t.keep_checkpoints >= 0, "train.checkpoint_every and train.keep_checkpoints must be >= 0")
     need(e.every >= 0, f"eval.every={e.every} must be >= 0 (0 = before and after only)")
     need(e.steps >= 1, f"eval.steps={e.steps} must be >= 1")
+    need(e.guidance >= 0, f"eval.guidance={e.guidance} must be >= 0 (1 = no CFG)")
     need(e.seeds_per_prompt >= 1 and e.batch_size >= 1, "eval.seeds_per_prompt and eval.batch_size must be >= 1")
     need(e.max_prompts >= 0 and e.grid_prompts >= 0, "eval.max_prompts and eval.grid_prompts must be >= 0")
     need(len(e.rewards) > 0, "eval.rewards is empty; name at least one reward, e.g. eval.rewards=[shapes_strict]")

@@ -39,7 +39,7 @@ from flowalign import data as D
 from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
 from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
-from flowalign.sample import guidance, sample_grid
+from flowalign.sample import check_out_parent, guidance, sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
 from flowalign.loss import (LR_SCHEDULES, NFT_OPTIMALITY, clipped_surrogate, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
@@ -222,6 +222,15 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
                         f"(torch {torch.__version__}); use model.device=cpu or install a CUDA build")
 
 
+def _process_device(name: str, world: int) -> torch.device:
+    """``model.device``, except that under a multi-process launch each rank takes its own GPU (the one accelerate
+    made current: the local rank's), as the field's doc says; "cuda:1" on every rank would put all ranks on one GPU."""
+    dev = torch.device(name)
+    if world > 1 and dev.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def _resolution_kwargs(m: C.ModelConfig) -> dict[str, int]:
     """``model.resolution`` as the family loader's ``height`` and ``width`` ({} for 0 = the model default); one line
     when the family's size is fixed by its weights, or when ``model.kwargs`` sets the size too."""
@@ -243,6 +252,9 @@ def _resolution_kwargs(m: C.ModelConfig) -> dict[str, int]:
 def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
     """Refuse to clobber an earlier run; return (run_dir, checkpoint to resume or None). Writes nothing."""
     run = Path(cfg.output.run_dir)
+    if run.exists() and not run.is_dir():  # a traceback later (iterdir, rmtree, mkdir) instead of one line
+        raise UserError(f"output.run_dir={str(run)!r} is a file; set output.run_dir to a directory (new, or a run to resume)")
+    check_out_parent(run, "output.run_dir")
     if cfg.output.resume:
         ckpt = _latest_checkpoint(run)
         if ckpt is None:
@@ -256,8 +268,13 @@ def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
     return run, None
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (a killed run may have logged more)."""
+def _truncate_metrics(path: Path, iteration: int, rerun_end: bool = False) -> None:
+    """Drop metric lines written after the checkpoint we resume from (a killed run may have logged more).
+
+    ``rerun_end``: the checkpoint is the run's last iteration, so this session only repeats the end of the run (final
+    eval, the ranks' weight check): drop that iteration's end-of-run lines (those without ``train/`` metrics) too,
+    or they would appear twice.
+    """
     if not path.exists():
         return
     import json
@@ -269,8 +286,11 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
         except json.JSONDecodeError:  # a line cut short by the kill
             logger.warning("metrics.jsonl: dropping a truncated line")
             continue
-        if rec is not None and rec.get("iteration", 0) <= iteration:
-            keep.append(ln)
+        if rec is None or rec.get("iteration", 0) > iteration:
+            continue
+        if rerun_end and rec.get("iteration", 0) == iteration and not any(k.startswith("train/") for k in rec):
+            continue
+        keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -311,7 +331,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     derived = C.derived(cfg, world_size=world)
     _check_components(cfg)
     run, ckpt_dir = _check_run_dir(cfg)
-    device = torch.device(cfg.model.device)
+    device = _process_device(cfg.model.device, world)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (also broadcast below, as DDP does)
 
     # 1. model --------------------------------------------------------------------------------------
@@ -393,8 +413,11 @@ def train(cfg: C.ExperimentConfig) -> Path:
     start, saved_steps = 0, None
     if ckpt_dir is not None:
         start, saved_steps = _load_checkpoint(ckpt_dir, model, opt, ema, sampler, nfe)
+        if start > cfg.train.iterations:  # nothing written yet: refuse before the metrics are truncated
+            raise UserError(f"cannot resume {ckpt_dir} (iteration {start}) with train.iterations={cfg.train.iterations}: "
+                            f"the run is already past it; set train.iterations >= {start}")
         logger.info("resumed from %s (iteration %d)", ckpt_dir, start)
-        _truncate_metrics(run / "metrics.jsonl", start)
+        _truncate_metrics(run / "metrics.jsonl", start, rerun_end=start == cfg.train.iterations)
     if rank == 0:
         if run.exists() and cfg.output.overwrite and not cfg.output.resume:
             shutil.rmtree(run)
@@ -407,7 +430,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         C.dump_yaml(cfg, run / "config.yaml")
         logger.info("\n%s", C.summary(cfg, world))
     barrier()
-    writer = _tensorboard(run, cfg) if rank == 0 else None
+    writer = _tensorboard(run, cfg, start) if rank == 0 else None
 
     t_run = time.time()
 
@@ -417,9 +440,10 @@ def train(cfg: C.ExperimentConfig) -> Path:
             summ = run_eval(model, eval_prompts, eval_rewards, run / "eval" / tag, steps=cfg.eval.steps,
                             guidance=cfg.eval.guidance, kernel=cfg.eval.kernel,
                             seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size)
-            sample_grid(model, eval_prompts[:: max(1, len(eval_prompts) // max(1, cfg.eval.grid_prompts))]
-                        [: cfg.eval.grid_prompts], run / "grids" / f"{tag}.png", steps=cfg.eval.steps,
-                        guidance=cfg.eval.guidance, seed=cfg.train.seed, kernel=cfg.eval.kernel)
+            if cfg.eval.grid_prompts:  # 0 = no grids
+                sample_grid(model, eval_prompts[:: max(1, len(eval_prompts) // max(1, cfg.eval.grid_prompts))]
+                            [: cfg.eval.grid_prompts], run / "grids" / f"{tag}.png", steps=cfg.eval.steps,
+                            guidance=cfg.eval.guidance, seed=cfg.train.seed, kernel=cfg.eval.kernel)
         return summ
 
     if rank == 0 and start == 0 and cfg.eval.before:
@@ -456,8 +480,10 @@ def train(cfg: C.ExperimentConfig) -> Path:
         eta = eta_schedule(cfg.sampler.steps, base_eta, window=window,
                            last_step_noise=cfg.sampler.last_step_noise)  # [T]
         step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
+        # a window trains all its steps (METHODS §3.5, config.trained_steps): train_fraction must not cut it short
+        fraction = 1.0 if window is not None else cfg.sampler.train_fraction
         selected = TRAINED_STEPS[cfg.sampler.train_steps](  # [B0, T] the steps each rollout trains
-            eta, cfg.sampler.train_fraction, noise.shape[0], torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 17)))
+            eta, fraction, noise.shape[0], torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 17)))
         trainable = selected.any(0)  # [T] steps some rollout trains (the plan's and the guide's steps)
         shift = {}
         if guide is not None:
@@ -540,7 +566,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
         metrics["time/iteration_s"] = time.time() - t_start
         metrics["time/elapsed_s"] = time.time() - t_run  # wall time of this session, base eval included
         if rank == 0:
-            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
+            # the last iteration's periodic eval is the final eval (phase 11), unless that is off (eval.after=false)
+            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and (it + 1 < cfg.train.iterations or not cfg.eval.after):
                 summ = evaluate(f"step-{it + 1}")
                 metrics.update({f"eval/{k}": v for k, v in _flat_summary(summ).items()})
             append_jsonl(run / "metrics.jsonl", metrics)
@@ -786,7 +813,7 @@ def _flat_summary(summ: dict) -> dict:
     return flat
 
 
-def _tensorboard(run: Path, cfg):
+def _tensorboard(run: Path, cfg, start: int = 0):
     if not cfg.output.tensorboard:
         return None
     try:
@@ -794,7 +821,9 @@ def _tensorboard(run: Path, cfg):
     except Exception:  # tensorboard not installed: metrics.jsonl still has everything
         logger.warning("tensorboard is not installed; writing metrics.jsonl only")
         return None
-    return SummaryWriter(str(run / "tb"))
+    # on resume from iteration `start`, TensorBoard drops the earlier session's events from step start + 1 on (a
+    # killed run may have logged iterations after its last checkpoint), as _truncate_metrics does for metrics.jsonl
+    return SummaryWriter(str(run / "tb"), purge_step=start + 1 if start else None)
 
 
 def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: int,

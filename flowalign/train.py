@@ -446,6 +446,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                             guidance=cfg.eval.guidance, seed=cfg.train.seed, kernel=cfg.eval.kernel)
         return summ
 
+    nfe_seen = dict(nfe.totals())  # forwards already in the logged tally (all ranks'; restored on resume)
     if rank == 0 and start == 0 and cfg.eval.before:
         summ = evaluate("base")
         append_jsonl(run / "metrics.jsonl", {"iteration": 0, "time/elapsed_s": time.time() - t_run,
@@ -562,6 +563,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
             n_opt += 1
 
         # 10. log, eval, checkpoint -------------------------------------------------------------------------
+        if world > 1:  # totals over the ranks, like rollouts/iteration (METHODS §3.6: logged values reduced)
+            nfe_seen = _sync_nfe(nfe, nfe_seen, reduce_mean, world)
+            _reduce_metrics(metrics, cfg.train.objective, reduce_mean)
         metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})
         metrics["time/iteration_s"] = time.time() - t_start
         metrics["time/elapsed_s"] = time.time() - t_run  # wall time of this session, base eval included
@@ -653,6 +657,49 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
         out[f"train/{k}"] = sum(v) / len(v)
     out["train/transitions"] = int(pairs.shape[0])
     return out
+
+
+NFE_PHASES = ("sampling", "probing", "guidance", "training", "other")  # the counter's phases, in one order on all ranks
+# per-rank update statistics, averaged over the ranks weighted by each rank's pairs (grpo) or rows (nft)
+PAIR_STATS = {"grpo": ("train/approx_kl", "train/clipfrac_high", "train/clipfrac_low", "train/ratio_mean",
+                       "train/policy_loss", "train/kl"),
+              "nft": ("train/nft_loss", "train/kl", "train/nft_r_mean")}
+RANK_STATS = ("train/kept_fraction", "reward/zero_std_ratio", "train/nonfinite_inputs")  # ranks hold equal rollouts
+
+
+def _sync_nfe(nfe, seen: dict, reduce_mean, world: int) -> dict:
+    """Fold every rank's forwards since the last sync into every rank's counter: the logged ``nfe/*`` become totals
+    over the ranks (as ``rollouts/iteration`` is), and the checkpoint (rank 0's counter) holds them for resume.
+    ``seen`` = the tally at the last sync; returns the new one. One all-reduce."""
+    now = nfe.totals()
+    delta = torch.tensor([float(now.get(p, 0) - seen.get(p, 0)) for p in NFE_PHASES], dtype=torch.float64)  # [P]
+    total = reduce_mean(delta).mul_(world)  # [P] the forwards of all ranks
+    for p, d in zip(NFE_PHASES, total.tolist()):
+        if d or p in now:
+            nfe.counts[p] = seen.get(p, 0) + int(round(d))
+    return dict(nfe.totals())
+
+
+def _reduce_metrics(metrics: dict, objective: str, reduce_mean) -> None:
+    """Per-rank statistics → means over all ranks, in place: the update's per-pair means weighted by each rank's
+    pairs (a rank without pairs has none of them and weighs 0), the rollout/group fractions plainly (equal shares),
+    ``credit/*`` plainly. One all-reduce over a key list that is the same on every rank."""
+    n = float(metrics.get("train/transitions" if objective == "grpo" else "train/nft_rows", 0))
+    pair = PAIR_STATS[objective]
+    plain = [*RANK_STATS, *sorted(k for k in metrics if k.startswith("credit/"))]
+    w = [n if k in metrics else 0.0 for k in pair]
+    vec = torch.tensor([*(float(metrics.get(k, 0.0)) * wk for k, wk in zip(pair, w)), *w,
+                        *(float(metrics.get(k, 0.0)) for k in plain)], dtype=torch.float64)
+    vec = reduce_mean(vec)
+    sums, weights, means = vec[:len(pair)], vec[len(pair):2 * len(pair)], vec[2 * len(pair):]
+    for k, s_, w_ in zip(pair, sums.tolist(), weights.tolist()):
+        if w_ > 0:
+            metrics[k] = s_ / w_
+    for k, v in zip(plain, means.tolist()):
+        if k in metrics:
+            metrics[k] = v
+    if "train/nonfinite_inputs" in metrics:  # any rank: the update was skipped on all of them
+        metrics["train/nonfinite_inputs"] = int(metrics["train/nonfinite_inputs"] > 0)
 
 
 def _kernel_options(sp) -> dict:

@@ -345,7 +345,9 @@ def test_two_processes_with_zero_std_filtering_when_one_rank_has_no_pairs(tmp_pa
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["train/kept_fraction"] == 0.0  # rank 0 had nothing to train in iteration 1 (the case under test)
+    # the mean over the ranks, each holding one group: rank 0's tied group kept nothing in iteration 1 (the case under
+    # test), rank 1 kept all its rollouts
+    assert lines[0]["train/kept_fraction"] == 0.5
     assert lines[-1]["dist/max_weight_diff"] == 0.0
 
 
@@ -455,3 +457,46 @@ def test_evaluating_on_the_training_prompts_is_reported(tmp_path, caplog):
         train(_cfg(tmp_path / "shapes", "train.iterations=1", "eval.after=true"))
     hits = [r for r in caplog.records if "of the evaluation prompts" in r.getMessage()]
     assert len(hits) == 1 and hits[0].levelno == logging.INFO
+
+
+def test_logged_update_statistics_and_nfe_are_over_all_ranks(monkeypatch):
+    """METHODS §3.6: logged statistics are reduced across ranks (they were rank 0's): the update's per-pair means
+    weighted by each rank's pairs (a rank without pairs counts for nothing), fractions averaged, the skip flag any
+    rank's; nfe/* become totals over the ranks, folded into each counter so a checkpoint keeps them."""
+    from flowalign.train import _reduce_metrics, _sync_nfe
+    from flowalign.values import NFECounter
+
+    per_rank = [
+        {"train/transitions": 3, "train/approx_kl": 1.0, "train/clipfrac_high": 0.0, "train/clipfrac_low": 0.0,
+         "train/ratio_mean": 1.0, "train/policy_loss": 2.0, "train/kl": 0.0, "train/kept_fraction": 0.5,
+         "reward/zero_std_ratio": 0.5, "train/nonfinite_inputs": 0, "credit/main_abs_mean": 1.0},
+        {"train/transitions": 0, "train/kept_fraction": 0.0, "reward/zero_std_ratio": 1.0,
+         "train/nonfinite_inputs": 1, "credit/main_abs_mean": 0.0},
+    ]
+    per_rank_b = [dict(per_rank[0]), {**per_rank[0], "train/transitions": 1, "train/approx_kl": 5.0}]
+
+    def work(rank, reduce_mean):
+        m, mb = dict(per_rank[rank]), dict(per_rank_b[rank])
+        _reduce_metrics(m, "grpo", reduce_mean)
+        _reduce_metrics(mb, "grpo", reduce_mean)
+        model = SimpleNamespace(velocity=lambda x, s, c: x)
+        nfe = NFECounter(model)
+        seen = dict(nfe.totals())
+        with nfe.phase("sampling"):
+            model.velocity(torch.zeros(4 + rank, 1), None, None)  # 4 and 5 forwards
+        with nfe.phase("training"):
+            model.velocity(torch.zeros(3 * (1 - rank), 1), None, None)  # rank 1 trains nothing
+        seen = _sync_nfe(nfe, seen, reduce_mean, 2)
+        first = dict(nfe.totals())
+        with nfe.phase("sampling"):
+            model.velocity(torch.zeros(1, 1), None, None)
+        _sync_nfe(nfe, seen, reduce_mean, 2)
+        return m, mb, first, dict(nfe.totals())
+
+    (r0, r1), _ = _two_ranks(monkeypatch, work)
+    for m, mb, first, last in (r0, r1):
+        assert m["train/approx_kl"] == 1.0 and m["train/policy_loss"] == 2.0  # rank 1 had no pairs: weight 0
+        assert m["train/kept_fraction"] == 0.25 and m["reward/zero_std_ratio"] == 0.75
+        assert m["train/nonfinite_inputs"] == 1 and m["credit/main_abs_mean"] == 0.5
+        assert mb["train/approx_kl"] == pytest.approx((3 * 1.0 + 1 * 5.0) / 4)  # weighted by pairs, not 3.0
+        assert first == {"sampling": 9, "training": 3} and last == {"sampling": 11, "training": 3}

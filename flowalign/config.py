@@ -749,11 +749,16 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     groups_per_rank = t.groups_per_iter // world_size
     rollouts_per_rank = groups_per_rank * t.group_size * per_seed
     transitions_per_rank = rollouts_per_rank * (n_trained if edges is None else min(edges, n_trained))
-    micro_per_rank = -(-transitions_per_rank // t.micro_batch)
-    if t.objective == "grpo" and t.optimizer_steps_per_iter > micro_per_rank:  # grpo splits transitions across steps
+    # grpo splits the transitions into optimizer_steps_per_iter chunks (torch.tensor_split: the first N mod S get one
+    # more), then each chunk into micro-batches
+    n_steps = t.optimizer_steps_per_iter
+    big, small = -(-transitions_per_rank // n_steps), transitions_per_rank // n_steps
+    n_big = transitions_per_rank - small * n_steps
+    micro_per_rank = n_big * -(-big // t.micro_batch) + (n_steps - n_big) * -(-small // t.micro_batch)
+    if t.objective == "grpo" and n_steps > transitions_per_rank:  # a step without transitions
         raise UserError(
-            f"train.optimizer_steps_per_iter={t.optimizer_steps_per_iter} exceeds the {micro_per_rank} micro-batches per rank "
-            f"per iteration ({transitions_per_rank} transitions / micro_batch {t.micro_batch}); lower it or train.micro_batch"
+            f"train.optimizer_steps_per_iter={n_steps} exceeds the {transitions_per_rank} transitions per rank per "
+            f"iteration, so some optimizer steps would have nothing to train on; lower it"
         )
     window_starts = None
     if s.window_size > 0:
@@ -770,7 +775,7 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
         "transitions_per_iter": transitions_per_rank * world_size,
         "transitions_per_rank": transitions_per_rank,
         "micro_batches_per_rank": micro_per_rank,
-        "micro_batches_per_optimizer_step": -(-micro_per_rank // t.optimizer_steps_per_iter),
+        "micro_batches_per_optimizer_step": -(-big // t.micro_batch),  # at most
         "optimizer_steps_total": opt_total,
         "ema_updates_total": (opt_total // t.ema_every) if t.ema else 0,
         "rollouts_total": t.iterations * rollouts_per_rank * world_size,
@@ -934,7 +939,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("update", {
             "grpo": lambda: (f"grpo: {d['trained_steps']} trained steps -> {d['transitions_per_rank']} transitions/rank in "
                              f"{d['micro_batches_per_rank']} micro-batches of {t.micro_batch}, {t.optimizer_steps_per_iter} "
-                             f"optimizer step(s)/iter ({d['micro_batches_per_optimizer_step']} micro-batches each)"),
+                             f"optimizer step(s)/iter (<= {d['micro_batches_per_optimizer_step']} micro-batches each)"),
             "nft": lambda: (f"nft (DiffusionNFT, beta {t.nft_beta:g}, r {t.nft_optimality}, {t.nft_weighting} weighting, "
                             f"update cfg {m.guidance if t.nft_guidance is None else t.nft_guidance:g}): <= {d['rollouts_per_rank']} samples x {t.nft_times} noise "
                             f"levels = <= {d['nft_rows_per_rank']} rows/rank in micro-batches of {t.micro_batch}, "

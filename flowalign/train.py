@@ -331,6 +331,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     derived = C.derived(cfg, world_size=world)
     _check_components(cfg)
     run, ckpt_dir = _check_run_dir(cfg)
+    barrier()  # every rank checks the run directory before rank 0 writes into it (a slow rank would see its files)
     device = _process_device(cfg.model.device, world)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (also broadcast below, as DDP does)
 

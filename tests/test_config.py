@@ -283,3 +283,18 @@ def test_eval_kernel_other_than_the_ode_is_refused_at_load():
     # evaluate.run_eval samples with the ODE only; an SDE kernel used to pass validation and crash after config.yaml
     with pytest.raises(UserError, match=r"eval.kernel: 'flow_sde' is not one of 'euler'"):
         load_config(None, ["eval.kernel=flow_sde"])
+
+
+def test_derived_micro_batches_count_the_update_loop_per_optimizer_step():
+    """24 transitions, micro-batch 8, 2 optimizer steps: the update splits 12 + 12 and runs 2 + 2 = 4 micro-batches
+    (it said 3, counting before the split); 10 transitions with 4 steps are 3 + 3 + 2 + 2, one micro-batch each.
+    More optimizer steps than transitions is refused; as many micro-batches as steps is not needed."""
+    d = derived(load_config(None, ["train.groups_per_iter=1", "train.group_size=4", "sampler.steps=10",
+                                   "sampler.train_fraction=0.6", "train.micro_batch=8", "train.optimizer_steps_per_iter=2"]))
+    assert d["transitions_per_rank"] == 24 and d["micro_batches_per_rank"] == 4 and d["micro_batches_per_optimizer_step"] == 2
+    d = derived(load_config(None, ["train.groups_per_iter=1", "train.group_size=2", "sampler.steps=10",
+                                   "sampler.train_fraction=0.5", "train.micro_batch=16", "train.optimizer_steps_per_iter=4"]))
+    assert d["transitions_per_rank"] == 10 and d["micro_batches_per_rank"] == 4
+    with pytest.raises(UserError, match="exceeds the 10 transitions per rank"):
+        derived(load_config(None, ["train.groups_per_iter=1", "train.group_size=2", "sampler.steps=10",
+                                   "sampler.train_fraction=0.5", "train.optimizer_steps_per_iter=11"]))

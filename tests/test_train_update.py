@@ -54,11 +54,11 @@ def _update_inputs(B=3, T=2, D=4, shift=None):
     from flowalign.samplers import step_log_prob
     from flowalign.values import NFECounter
 
-    torch.manual_seed(0)
     model = _Lin()
     nfe = NFECounter(model)
     opt = torch.optim.SGD([model.w], lr=0.1)
-    latents = torch.randn(B, T + 1, D)  # [B, T+1, D]
+    # a local generator: the two-rank tests build these inputs on two threads at once (the global RNG would race)
+    latents = torch.randn(B, T + 1, D, generator=torch.Generator().manual_seed(0))  # [B, T+1, D]
     sigmas = torch.tensor([1.0, 0.6, 0.0])  # [T+1]
     eta = torch.tensor([0.7, 0.0])  # [T]
     cond = {"c": torch.zeros(B, 1)}

@@ -521,9 +521,11 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
                 guided = fin[:-1] & fin[1:]
             guided = torch.as_tensor(guided).detach().cpu().to(torch.bool)  # [T]
         else:
-            mask = torch.zeros(b, steps + 1, dtype=torch.bool)
-            mask[:, 1:] |= trained
-            mask[:, :-1] |= trained
+            mask = torch.zeros(b, steps + 1, dtype=torch.bool)  # probe only the states the index reads (§5.3.5)
+            if pra_index in ("post", "gain"):
+                mask[:, 1:] |= trained
+            if pra_index in ("pre", "gain"):
+                mask[:, :-1] |= trained
             vals = state_values(inp, pra_probe, mask)
             pv = sum(float(w) * vals[k] for k, w in inp.reward_weights.items())
             guided = trained.any(0)

@@ -341,6 +341,9 @@ class RewardGuidance:
                  steps: Optional[Sequence[int]] = None, *, scale_dt: bool = True, normalize: bool = False):
         self.prm, self.lam = prm, float(lam)
         self.steps = None if steps is None else set(int(s) for s in steps)
+        if self.steps is not None and any(s < 0 for s in self.steps):  # the loop's t is never negative: a silent no-op
+            raise ValueError(f"guided steps must be step indices 0 … T−1, got {sorted(self.steps)} "
+                             f"(no negative indices: for the last 4 of T = 16 steps write [12, 13, 14, 15])")
         self.scale_dt, self.normalize = scale_dt, normalize
         self.scores: dict[int, Tensor] = {}  # state index -> [B] PRM(x_t)
         self._cond: Optional[Cond] = None
@@ -371,6 +374,11 @@ class RewardGuidance:
 
     def credit_extras(self, traj: Trajectory) -> dict[str, Tensor]:
         """``{"prm": [B, T+1], "prm_steps": [T]}`` for ``CreditInput.extras`` (credit ``euphonium``)."""
+        late = sorted(s for s in (self.steps or ()) if s >= traj.steps)
+        if late and not getattr(self, "_warned_late", False):
+            self._warned_late = True
+            logger.warning("guided steps %s do not exist in a rollout of T = %d steps: they are never guided", late,
+                           traj.steps)
         return {"prm": self.prm_values(traj, post=True), "prm_steps": self.guided_steps(traj.steps)}
 
     def reset(self) -> None:

@@ -408,7 +408,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                 check([r.prompt for r in texts])
     sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     sigmas = model.schedule(cfg.sampler.steps).to(device)  # [T+1]
-    base_eta = _load_eta(cfg)  # float, or a per-step [T] tensor (calibrated noise)
+    base_eta = _load_eta(cfg, sigmas)  # float, or a per-step [T] tensor (calibrated noise)
 
     # 4. resume -------------------------------------------------------------------------------------
     start, saved_steps = 0, None
@@ -837,20 +837,36 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
 UPDATES = {"grpo": _update, "nft": _update_nft}  # train.objective → the update of phase 9
 
 
-def _load_eta(cfg) -> float | torch.Tensor:
-    """sampler.eta, or the per-step list in sampler.eta_file (DenseGRPO's calibrated ψ_t)."""
+def _load_eta(cfg, sigmas: Optional[torch.Tensor] = None) -> float | torch.Tensor:
+    """sampler.eta, or the per-step list in sampler.eta_file (DenseGRPO's calibrated ψ_t).
+
+    A file from ``flowalign calibrate`` also names its kernel and sigma grid: ψ is the ``dance_sde`` noise of that
+    grid, so another kernel (which would read ψ as its own η, e.g. Flow-GRPO's a) or another grid (model, shift,
+    steps) is refused in one line.
+    """
     if not cfg.sampler.eta_file:
         return cfg.sampler.eta
     import json
 
     path = Path(cfg.sampler.eta_file)
     try:
-        eta = json.loads(path.read_text())["eta"]
+        data = json.loads(path.read_text())
+        eta = data["eta"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read a per-step 'eta' list from sampler.eta_file={str(path)!r} ({type(e).__name__}); "
                         f"write it with `flowalign calibrate`") from e
     if len(eta) != cfg.sampler.steps:
         raise UserError(f"sampler.eta_file has {len(eta)} etas but sampler.steps={cfg.sampler.steps}; they must match")
+    kernel = data.get("kernel") if isinstance(data, dict) else None
+    if kernel is not None and kernel != cfg.sampler.kernel:
+        raise UserError(f"sampler.eta_file={str(path)!r} holds {kernel} noise levels but sampler.kernel="
+                        f"{cfg.sampler.kernel}; set sampler.kernel={kernel}")
+    grid = data.get("sigmas") if isinstance(data, dict) else None
+    if grid is not None and sigmas is not None:
+        g = torch.tensor([float(v) for v in grid], dtype=torch.float64)
+        if g.shape[0] != sigmas.shape[0] or not torch.allclose(g, sigmas.detach().cpu().double(), atol=1e-5):
+            raise UserError(f"sampler.eta_file={str(path)!r} was calibrated on another sigma grid (another model, shift "
+                            f"or step count) than this run's; calibrate for this model with --steps {cfg.sampler.steps}")
     return torch.tensor([float(v) for v in eta], dtype=torch.float32)
 
 

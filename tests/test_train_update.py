@@ -500,3 +500,25 @@ def test_logged_update_statistics_and_nfe_are_over_all_ranks(monkeypatch):
         assert m["train/nonfinite_inputs"] == 1 and m["credit/main_abs_mean"] == 0.5
         assert mb["train/approx_kl"] == pytest.approx((3 * 1.0 + 1 * 5.0) / 4)  # weighted by pairs, not 3.0
         assert first == {"sampling": 9, "training": 3} and last == {"sampling": 11, "training": 3}
+
+
+def test_calibrated_eta_file_must_match_the_kernel_and_the_sigma_grid(tmp_path):
+    """A `flowalign calibrate` file holds dance_sde noise ψ_t on one sigma grid. Under flow_sde (the shapes config's
+    kernel) ψ was read as Flow-GRPO's a, and a file from another model/shift/step count was used as is."""
+    from flowalign.errors import UserError
+    from flowalign.models import load_model
+    from flowalign.train import train
+
+    grid = load_model("shapes").schedule(4).tolist()
+    f = tmp_path / "eta.json"
+    f.write_text(json.dumps({"kernel": "dance_sde", "eta": [0.3, 0.3, 0.2, 0.0], "sigmas": grid}))
+    base = ["train.iterations=1", f"sampler.eta_file={f}"]
+    with pytest.raises(UserError, match="holds dance_sde noise levels but sampler.kernel=flow_sde"):
+        train(_cfg(tmp_path / "a", *base))
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"kernel": "dance_sde", "eta": [0.3, 0.3, 0.2, 0.0], "sigmas": [1.0, 0.9, 0.6, 0.3, 0.0]}))
+    with pytest.raises(UserError, match="calibrated on another sigma grid"):
+        train(_cfg(tmp_path / "b", "train.iterations=1", f"sampler.eta_file={bad}", "sampler.kernel=dance_sde"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    run = train(_cfg(tmp_path / "c", *base, "sampler.kernel=dance_sde"))
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train/transitions"] > 0

@@ -158,7 +158,7 @@ class EvalConfig:
     steps: int = _f(10, "sampling steps for evaluation")
     guidance: float = _f(4.5, "CFG scale for evaluation (explicit, not the training one: Q8)")
     kernel: Literal["euler"] = _f("euler", "evaluation kernel: euler only (the deterministic ODE protocol every reported number uses)")
-    seeds_per_prompt: int = _f(4, "images per evaluation prompt, seeds 0..n-1")
+    seeds_per_prompt: int = _f(4, "images per evaluation prompt (image k of prompt i gets the noise seed of (i, k))")
     batch_size: int = _f(64, "images per evaluation forward batch")
     max_prompts: int = _f(0, "evaluate an evenly spaced subset of N prompts (every task keeps its share); 0 = all")
     grid_prompts: int = _f(8, "prompts shown in the before/after image grids; 0 = no grids")
@@ -169,7 +169,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    run_dir: str = _f("runs/shapes_grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, grids/, eval/, report.html")
+    run_dir: str = _f("runs/shapes_grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, grids/, plots/, tb/, report.html")
     overwrite: bool = _f(False, "start afresh in a non-empty run directory: it is deleted first (default: refuse, nothing is overwritten)")
     resume: bool = _f(False, "resume from the latest checkpoint in run_dir (exact; only output.*, eval.*, data.eval_prompts, train.iterations, checkpointing and model.device may differ from the run's config.yaml)")
     tensorboard: bool = _f(True, "also write TensorBoard event files")
@@ -922,7 +922,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     rows = [
         ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"
                   + (f", {m.resolution}px" if m.resolution else "")),
-        ("sampler", f"{s.kernel} eta={s.eta:g}, T={s.steps}"
+        ("sampler", f"{s.kernel} eta={f'per step from {s.eta_file}' if s.eta_file else f'{s.eta:g}'}, T={s.steps}"
                     + (f", train {window}, logp {s.logp_form}/{s.logp_reduce}" if t.objective == "grpo" else ", final samples only")
                     + (", last-step noise" if s.last_step_noise else "")
                     + (f", guide {s.guide} {dict(s.guide_options)}" if s.guide != "none" else "")),

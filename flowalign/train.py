@@ -566,7 +566,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         # 10. log, eval, checkpoint -------------------------------------------------------------------------
         if world > 1:  # totals over the ranks, like rollouts/iteration (METHODS §3.6: logged values reduced)
             nfe_seen = _sync_nfe(nfe, nfe_seen, reduce_mean, world)
-            _reduce_metrics(metrics, cfg.train.objective, reduce_mean)
+            _reduce_metrics(metrics, cfg.train.objective, reduce_mean, world)
         metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})
         metrics["time/iteration_s"] = time.time() - t_start
         metrics["time/elapsed_s"] = time.time() - t_run  # wall time of this session, base eval included
@@ -681,17 +681,22 @@ def _sync_nfe(nfe, seen: dict, reduce_mean, world: int) -> dict:
     return dict(nfe.totals())
 
 
-def _reduce_metrics(metrics: dict, objective: str, reduce_mean) -> None:
-    """Per-rank statistics → means over all ranks, in place: the update's per-pair means weighted by each rank's
+def _reduce_metrics(metrics: dict, objective: str, reduce_mean, world: int = 1) -> None:
+    """Per-rank statistics → values over all ranks, in place: the update's per-pair means weighted by each rank's
     pairs (a rank without pairs has none of them and weighs 0), the rollout/group fractions plainly (equal shares),
-    ``credit/*`` plainly. One all-reduce over a key list that is the same on every rank."""
-    n = float(metrics.get("train/transitions" if objective == "grpo" else "train/nft_rows", 0))
+    ``credit/*`` plainly, the pair (row) count as the total. One all-reduce over a key list that is the same on every
+    rank."""
+    count_key = "train/transitions" if objective == "grpo" else "train/nft_rows"
+    n = float(metrics.get(count_key, 0))
     pair = PAIR_STATS[objective]
     plain = [*RANK_STATS, *sorted(k for k in metrics if k.startswith("credit/"))]
     w = [n if k in metrics else 0.0 for k in pair]
     vec = torch.tensor([*(float(metrics.get(k, 0.0)) * wk for k, wk in zip(pair, w)), *w,
-                        *(float(metrics.get(k, 0.0)) for k in plain)], dtype=torch.float64)
+                        *(float(metrics.get(k, 0.0)) for k in plain), n], dtype=torch.float64)
     vec = reduce_mean(vec)
+    if count_key in metrics:
+        metrics[count_key] = int(round(float(vec[-1]) * world))  # all ranks' pairs (rows), like rollouts/iteration
+    vec = vec[:-1]
     sums, weights, means = vec[:len(pair)], vec[len(pair):2 * len(pair)], vec[2 * len(pair):]
     for k, s_, w_ in zip(pair, sums.tolist(), weights.tolist()):
         if w_ > 0:

@@ -477,8 +477,8 @@ def test_logged_update_statistics_and_nfe_are_over_all_ranks(monkeypatch):
 
     def work(rank, reduce_mean):
         m, mb = dict(per_rank[rank]), dict(per_rank_b[rank])
-        _reduce_metrics(m, "grpo", reduce_mean)
-        _reduce_metrics(mb, "grpo", reduce_mean)
+        _reduce_metrics(m, "grpo", reduce_mean, 2)
+        _reduce_metrics(mb, "grpo", reduce_mean, 2)
         model = SimpleNamespace(velocity=lambda x, s, c: x)
         nfe = NFECounter(model)
         seen = dict(nfe.totals())
@@ -499,6 +499,7 @@ def test_logged_update_statistics_and_nfe_are_over_all_ranks(monkeypatch):
         assert m["train/kept_fraction"] == 0.25 and m["reward/zero_std_ratio"] == 0.75
         assert m["train/nonfinite_inputs"] == 1 and m["credit/main_abs_mean"] == 0.5
         assert mb["train/approx_kl"] == pytest.approx((3 * 1.0 + 1 * 5.0) / 4)  # weighted by pairs, not 3.0
+        assert m["train/transitions"] == 3 and mb["train/transitions"] == 4  # all ranks' pairs
         assert first == {"sampling": 9, "training": 3} and last == {"sampling": 11, "training": 3}
 
 

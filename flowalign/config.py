@@ -83,7 +83,7 @@ class SamplerConfig:
     train_fraction: float = _f(0.99, "trained steps = the first floor(frac*T) steps (Flow-GRPO); the last step is never trained; with sampler.window_size > 0 the window's steps are trained instead")
     train_steps: Literal["first", "random"] = _f("first", "which steps are trained: the first floor(frac*T) (Flow-GRPO), or per rollout a random floor(frac*(T-1)) of steps 0..T-2 (DanceGRPO)")
     window_size: int = _f(0, "SDE window width n (Flow-GRPO-Fast); 0 = no window, every step stochastic")
-    window_range: tuple[int, int] = _f((0, 0), "window start t0 ~ U{lo..hi-n} per group; (0, 0) = (0, T-1)")
+    window_range: tuple[int, int] = _f((0, 0), "window start t0 ~ U{lo..hi-n}, drawn once per iteration from (train.seed, iteration) and shared by its groups (the same for any world size); (0, 0) = (0, T-1)")
     last_step_noise: bool = _f(False, "add SDE noise at the untrained last step (Flow-GRPO quirk Q1)")
     logp_reduce: Literal["mean", "sum"] = _f("mean", "reduction of the per-step log-density over latent elements (clip ranges assume mean)")
     logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")

@@ -50,10 +50,11 @@ def _tmp_path(path: Path) -> Path:
     return Path(name)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable; not supported everywhere (e.g. Windows), where it is skipped.
+def _fsync_path(path: PathLike) -> None:
+    # fsync a file or a directory (a directory: make a rename in it durable); not supported everywhere (e.g. Windows,
+    # some filesystems), where it is skipped
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -62,6 +63,9 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = _fsync_path
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
@@ -171,19 +175,9 @@ def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
             p = os.path.join(dirpath, name)
-            if os.path.islink(p):
-                continue
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+            if not os.path.islink(p):
+                _fsync_path(p)
+        _fsync_path(dirpath)
 
 
 def _exchange(a: Path, b: Path) -> bool:

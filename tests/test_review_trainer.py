@@ -14,16 +14,11 @@ from flowalign.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SMALL = [
-    "train.iterations=2", "train.groups_per_iter=2", "train.group_size=4", "train.micro_batch=8",
-    "train.checkpoint_every=1", "train.keep_checkpoints=0", "sampler.steps=4", "eval.steps=4", "eval.max_prompts=2",
-    "eval.seeds_per_prompt=1", "eval.grid_prompts=2", "output.tensorboard=false", "train.lr=1e-3",
-    "eval.before=false", "eval.after=false", "train.optimizer_steps_per_iter=1",
-]
-
-
 def _cfg(run, *extra):
-    return C.load_config(str(ROOT / "configs" / "shapes_grpo.yaml"), [*SMALL, f"output.run_dir={run}", *extra])
+    """test_train_update's small shapes run, with one optimizer step per iteration."""
+    from test_train_update import _cfg as small
+
+    return small(run, "train.optimizer_steps_per_iter=1", *extra)
 
 
 def _lines(run: Path) -> list[dict]:

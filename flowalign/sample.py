@@ -191,6 +191,8 @@ def cli_main(argv: Sequence[str]) -> int:
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; pass the path of a PNG file, e.g. {Path(args.out) / 'samples.png'}")
     check_out_parent(args.out)
+    if Path(args.out).suffix.lower() != ".png":  # the grid is written as PNG bytes whatever the name says
+        raise UserError(f"--out {args.out!r}: the grid is a PNG image; give the file a .png name")
     if args.prompt_file and args.prompts:  # one of them would be silently ignored
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:

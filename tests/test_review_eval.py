@@ -198,3 +198,9 @@ def test_ungrammatical_prompts_of_known_words_fail_before_sampling(tmp_path, cap
     with pytest.raises(UserError, match="'circle red a' is outside the shapes grammar"):
         T.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_refuses_an_out_name_that_is_not_png(tmp_path, capsys, no_model):
+    """The grid is PNG bytes: samples.jpg would hold a PNG under a JPEG name."""
+    _fails(capsys, ["sample", "a red circle", "--out", str(tmp_path / "samples.jpg")], "give the file a .png name")
+    assert not (tmp_path / "samples.jpg").exists()

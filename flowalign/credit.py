@@ -480,7 +480,9 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
     ``heads``: "both" | "ora" | "pra" (then the PRA head is the main ``advantages``).
 
     Trainer contract (multi_head, METHODS.md §3.4): each head is its own clipped term,
-    L = c_ORA·ℓ_clip(ρ, clip(A^ORA, ±A_max)) + c_PRA·ℓ_clip(ρ, clip(A^PRA, ±A_max)). The coefficients are
+    L = c_ORA·Σ_r w_r·ℓ_clip(ρ, clip(A^ORA_r, ±A_max)) + c_PRA·ℓ_clip(ρ, clip(A^PRA, ±A_max)); with several rewards
+    (``advantage_sum``) the first reward's term is ``advantages`` and each further one a head ``"outcome/<name>"``
+    (with ``reward_sum`` one ORA term on the summed reward). The coefficients are
     folded here as c·clip(A, ±adv_clip) (exact since c > 0 and ℓ_clip is positively homogeneous in A); the
     trainer's own ±A_max clip is then a no-op, which is why 0 < c ≤ 1 is required. ``adv_clip`` None = the
     loss's A_max (``CreditInput.adv_clip``, i.e. ``credit.adv_clip``); another value would make the trainer's
@@ -498,15 +500,28 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
     b, steps = trained.shape
     group = inp.traj.group.detach().cpu()
     tf = trained.to(torch.float32)
-    ora = None
+    ora, ora_more = None, {}
     if heads in ("both", "ora"):
         norm = dict(scope=inp.std_scope, eps=eps, ddof=inp.std_ddof, reduce_sum=inp.reduce_sum)
         if inp.aggregate == "reward_sum":
             tot = sum(float(w) * inp.rewards[k].to(torch.float64) for k, w in inp.reward_weights.items())
             a_row = group_normalize(tot, group, **norm)
-        else:
-            a_row = sum(float(w) * group_normalize(inp.rewards[k], group, **norm) for k, w in inp.reward_weights.items())
-        ora = c_ora * a_row.detach().cpu().clamp(-adv_clip, adv_clip)[:, None] * tf  # [B, T]
+            ora = c_ora * a_row.detach().cpu().clamp(-adv_clip, adv_clip)[:, None] * tf  # [B, T]
+        elif len(inp.reward_weights) == 1:
+            (k, w), = inp.reward_weights.items()
+            a_row = float(w) * group_normalize(inp.rewards[k], group, **norm)
+            ora = c_ora * a_row.detach().cpu().clamp(-adv_clip, adv_clip)[:, None] * tf  # [B, T]
+        else:  # several rewards: c_ORA·Σ_r w_r·ℓ_clip(ρ, clip(A_r, ±A_max)), one clipped term per reward (§4.5)
+            for i, (k, w) in enumerate(inp.reward_weights.items()):
+                cw = c_ora * float(w)  # folded like c: ℓ_clip is positively homogeneous in A
+                if not 0 < cw <= 1:
+                    raise ValueError(f"euphonium with several rewards folds c_ora x weight into each reward's clipped "
+                                     f"term, which must be in (0, 1]; got {cw:g} for {k!r}: scale the reward weights")
+                a_r = cw * group_normalize(inp.rewards[k], group, **norm).detach().cpu().clamp(-adv_clip, adv_clip)
+                if i == 0:
+                    ora = a_r[:, None] * tf  # [B, T]
+                else:
+                    ora_more[f"outcome/{k}"] = a_r[:, None] * tf  # [B, T]
     pra = None
     if heads in ("both", "pra"):
         if pra_probe is None:
@@ -534,10 +549,10 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
         pra = c_pra * step_normalize(score, group, valid, scope=inp.std_scope, eps=eps, ddof=inp.std_ddof,
                                      reduce_sum=inp.reduce_sum).clamp(-adv_clip, adv_clip) * tf
     if heads == "ora":
-        return Credit(advantages=ora)
+        return Credit(advantages=ora, heads=ora_more or None)
     if heads == "pra":
         return Credit(advantages=pra)
-    return Credit(advantages=ora, heads={"process": pra})
+    return Credit(advantages=ora, heads={**ora_more, "process": pra})
 
 
 CREDIT = {

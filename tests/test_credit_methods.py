@@ -463,3 +463,29 @@ def test_euphonium_folds_its_coefficients_at_the_losss_adv_clip():
     cr = assign_credit("euphonium", inp, {"heads": "ora", "c_ora": 0.5})
     loss_adv = clipped_heads(cr, inp.trained, inp.adv_clip)["main"][:, 0]  # what the loss sees
     assert torch.allclose(loss_adv, torch.tensor([-0.25, 0.25, -0.25, 0.25]))  # 0.5 · clip(±1, ±0.5)
+
+
+def test_euphonium_outcome_head_is_one_clipped_term_per_reward():
+    """METHODS §4.5: L = c_ORA·Σ_r w_r·ℓ_clip(ρ, clip(A_r, ±5)) + c_PRA·ℓ_clip(...). One clipped term of the summed
+    advantages (the old head) differs from the sum of per-reward terms once the ratio leaves the trust region with
+    advantages of opposite signs."""
+    from flowalign.credit import clipped_heads
+
+    group = torch.tensor([0, 0, 0, 0])
+    eta = torch.tensor([0.3, 0.0])
+    r = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    q = torch.tensor([3.0, 2.0, 1.0, 0.0])  # opposite ranking: A_r + A_q = 0 for every row
+    vals = {"r": torch.zeros(4, 3), "q": torch.zeros(4, 3)}
+    inp = _inp(vals, group, eta, rewards={"r": r, "q": q})
+    inp = dataclasses.replace(inp, reward_weights={"r": 1.0, "q": 0.5})
+    cr = assign_credit("euphonium", inp, {"heads": "ora"})
+    assert set(cr.heads) == {"outcome/q"}
+    heads = clipped_heads(cr, inp.trained, inp.adv_clip)
+    logp, old = torch.full((4,), 0.5), torch.zeros(4)  # ρ = e^0.5, outside 1 ± 0.2
+    got = sum(clipped_surrogate(logp, old, a[:, 0], 0.2)[0] for a in heads.values())  # [4]
+    from flowalign.credit import group_normalize
+    want = sum(w * clipped_surrogate(logp, old, group_normalize(x, group, eps=1e-8), 0.2)[0]
+               for x, w in ((r, 1.0), (q, 0.5)))
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="scale the reward weights"):
+        assign_credit("euphonium", dataclasses.replace(inp, reward_weights={"r": 1.0, "q": 2.0}), {"heads": "ora"})

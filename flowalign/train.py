@@ -210,6 +210,9 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     _resolution_kwargs(cfg.model)
     for name, kw in cfg.reward.kwargs.items():
         check_kwargs(resolve_reward(name), kw, f"reward.kwargs.{name}")
+        if name not in cfg.reward.weights and name not in cfg.eval.rewards:
+            logger.warning("reward.kwargs.%s is set, but %s is neither a training reward (reward.weights) nor an "
+                           "evaluation reward (eval.rewards): the options are unused", name, name)
     from flowalign.rewards.video import check_per_frame
 
     check_per_frame(cfg.reward.per_frame, "reward.per_frame")

@@ -523,3 +523,13 @@ def test_calibrated_eta_file_must_match_the_kernel_and_the_sigma_grid(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     run = train(_cfg(tmp_path / "c", *base, "sampler.kernel=dance_sde"))
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train/transitions"] > 0
+
+
+def test_options_of_a_reward_that_is_not_used_are_reported(tmp_path, caplog):
+    import logging
+
+    from flowalign.train import _check_components
+
+    with caplog.at_level(logging.WARNING, logger="flowalign.train"):
+        _check_components(_cfg(tmp_path / "run", "reward.kwargs={saturation: {}}"))
+    assert any("reward.kwargs.saturation is set, but saturation is neither" in r.getMessage() for r in caplog.records)

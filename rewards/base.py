@@ -100,8 +100,16 @@ class Scaled(Reward):
 # weights: local path or hub id
 
 
+def _looks_local(source: str) -> bool:
+    """``owner/name`` whose ``owner`` is a directory here (e.g. ``weights/PickScore_v1``) is a local path that is
+    missing, not a hub id: trying the hub would only wait on the network and then suggest a download."""
+    head = str(source).split("/", 1)[0]
+    return os.path.isdir(os.path.expanduser(head))
+
+
 def is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(str(source))) and not os.path.exists(os.path.expanduser(str(source)))
+    s = str(source)
+    return bool(_HUB_ID.match(s)) and not os.path.exists(os.path.expanduser(s)) and not _looks_local(s)
 
 
 def resolve_source(source, what: str) -> str:
@@ -111,7 +119,7 @@ def resolve_source(source, what: str) -> str:
     s = os.path.expanduser(str(source))
     if os.path.exists(s):
         return s
-    if _HUB_ID.match(str(source)):
+    if is_hub_id(str(source)):
         return str(source)
     raise UserError(f"{what}: {source!r} does not exist (pass a local directory/file or a Hugging Face hub id)")
 
@@ -156,7 +164,7 @@ def hub_file(source: Optional[str], repo: str, filename: str, what: str, arg: st
             s = os.path.join(s, filename)
         if os.path.isfile(s):
             return s
-        if not _HUB_ID.match(str(source)):
+        if not is_hub_id(str(source)):
             raise UserError(f"{what}: {source!r} does not exist (pass the local file {filename!r} with {arg}=PATH)")
         repo = str(source)
     try:

@@ -92,7 +92,7 @@ class SamplerConfig:
     plan: Literal["chain", "branch"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, or TempFlow branching")
     plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan")
     guide: str = _f("none", "rollout mean shift (flowalign.values.GUIDES): none, or reward_grad (Euphonium's reward-gradient-guided SDE; log-probs stay unguided)")
-    guide_options: dict = _f({}, "guide options, e.g. {lam: 300.0, rewards: {saturation: 1.0}, probe: x0, normalize: false, steps: [3, 4, 5]}; steps default to the trained steps")
+    guide_options: dict = _f({}, "guide options, e.g. {lam: 300.0, rewards: {saturation: 1.0}, probe: x0, normalize: false, steps: [3, 4, 5], chunk: 4}; steps default to the trained steps; chunk = rows per PRM backward (default the whole batch)")
 
 
 @dataclass(frozen=True)

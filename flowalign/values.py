@@ -338,8 +338,12 @@ class RewardGuidance:
     """
 
     def __init__(self, prm: Callable[[Tensor, Tensor, Cond], Tensor], lam: float,
-                 steps: Optional[Sequence[int]] = None, *, scale_dt: bool = True, normalize: bool = False):
+                 steps: Optional[Sequence[int]] = None, *, scale_dt: bool = True, normalize: bool = False,
+                 chunk: Optional[int] = None):
         self.prm, self.lam = prm, float(lam)
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"chunk={chunk} must be >= 1 rows per PRM backward (or None: the whole batch)")
+        self.chunk = None if chunk is None else int(chunk)  # rows per PRM forward+backward (bounds activation memory)
         self.steps = None if steps is None else set(int(s) for s in steps)
         if self.steps is not None and any(s < 0 for s in self.steps):  # the loop's t is never negative: a silent no-op
             raise ValueError(f"guided steps must be step indices 0 … T−1, got {sorted(self.steps)} "
@@ -353,11 +357,18 @@ class RewardGuidance:
             return None
         self._cond = cond_b
         b = x.shape[0]
-        with torch.enable_grad():
-            xg = x.detach().to(torch.float32).requires_grad_(True)
-            r = self.prm(xg, sigma.reshape(-1).expand(b), cond_b)  # [B]
-            grad = torch.autograd.grad(r.sum(), xg)[0]  # [B, *latent]
-        self.scores[t] = r.detach().to(torch.float32)
+        rs, grads = [], []
+        for lo in range(0, b, self.chunk or b):  # the rows are independent: chunks give the same r and ∇
+            idx = torch.arange(lo, min(b, lo + (self.chunk or b)), device=x.device)
+            cond_c = cond_b if idx.shape[0] == b else gather_cond(cond_b, idx)
+            with torch.enable_grad():
+                xg = x[idx].detach().to(torch.float32).requires_grad_(True)
+                r = (self.prm(xg, sigma.reshape(-1).expand(b)[idx], cond_c) if idx.shape[0] == b else  # [n]
+                     self.prm(xg, sigma.reshape(-1).expand(b)[idx], cond_c, rows=idx))  # a chunk: the PRM takes rows=
+                grads.append(torch.autograd.grad(r.sum(), xg)[0])  # [n, *latent]
+            rs.append(r.detach().to(torch.float32))
+        r, grad = torch.cat(rs), torch.cat(grads)  # [B], [B, *latent]
+        self.scores[t] = r
         lat = (1,) * (x.dim() - 1)
         if self.normalize:
             grad = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *lat)
@@ -428,10 +439,13 @@ class RewardPRM:
         self.probe, self.counter = probe, counter
         self.prompts: Sequence[str] = ()
 
-    def __call__(self, x: Tensor, sigma: Tensor, cond_b: Cond) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, cond_b: Cond, rows: Optional[Tensor] = None) -> Tensor:
+        """R_φ of ``x`` [n, *latent]; ``rows`` [n]: the rollout rows they are (a chunk of the batch; None = all)."""
         b = x.shape[0]
-        if len(self.prompts) != b:
+        n_rows = b if rows is None else len(self.prompts)
+        if len(self.prompts) != n_rows:
             raise ValueError(f"RewardPRM.prompts has {len(self.prompts)} entries for a batch of {b}; set it per rollout")
+        prompts = list(self.prompts) if rows is None else [self.prompts[int(i)] for i in rows]
         z = x
         if self.probe == "x0":
             ctx = self.counter.phase("guidance") if self.counter is not None else contextlib.nullcontext()
@@ -441,19 +455,21 @@ class RewardPRM:
         images = self.decode(z)  # [B, 3, H, W] (or video) in [0, 1]
         total = torch.zeros(b, dtype=torch.float32, device=x.device)  # [B]
         for k, w in self.weights.items():
-            total = total + w * self.rewards[k](images, list(self.prompts)).to(torch.float32).to(x.device)
+            total = total + w * self.rewards[k](images, prompts).to(torch.float32).to(x.device)
         return total
 
 
 def reward_grad_guide(*, velocity: VelocityFn, decode: Callable[[Tensor], Tensor], rewards: Mapping[str, Callable],
                       weights: Mapping[str, float], counter: Optional[NFECounter] = None, lam: float = 1.0,
                       probe: str = "x0", normalize: bool = False, scale_dt: bool = True,
-                      steps: Optional[Sequence[int]] = None) -> RewardGuidance:
+                      steps: Optional[Sequence[int]] = None, chunk: Optional[int] = None) -> RewardGuidance:
     """Euphonium's reward-gradient-guided SDE (METHODS.md §4.5) with ``RewardPRM`` as the process reward.
 
     ``lam``: λ of μ^g = μ + λ·Δ_t·∇R_φ (``normalize``: ∇/‖∇‖ in place of ∇; ``scale_dt=False``: no Δ_t);
     ``steps``: the guided steps (None = the
-    trainer's trained steps of each iteration). Every reward in ``weights`` must be differentiable.
+    trainer's trained steps of each iteration); ``chunk``: rows per PRM forward+backward (None = the whole batch; set
+    it when the decode + reward graph of a batch does not fit in memory). Every reward in ``weights`` must be
+    differentiable.
     """
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam={lam} must be finite and >= 0")
@@ -462,7 +478,7 @@ def reward_grad_guide(*, velocity: VelocityFn, decode: Callable[[Tensor], Tensor
         raise ValueError(f"reward guidance needs differentiable rewards; {flat} are not (see `flowalign rewards`), "
                          f"e.g. rewards: {{saturation: 1.0}}")
     prm = RewardPRM(velocity, decode, rewards, weights, probe=probe, counter=counter)
-    return RewardGuidance(prm, lam, steps, scale_dt=scale_dt, normalize=normalize)
+    return RewardGuidance(prm, lam, steps, scale_dt=scale_dt, normalize=normalize, chunk=chunk)
 
 
 GUIDES: dict[str, Optional[Callable[..., RewardGuidance]]] = {

@@ -110,3 +110,29 @@ def test_unknown_guide_option_is_one_clear_error_before_any_write(tmp_path):
     with pytest.raises(UserError, match=r"unknown option\(s\) \['lamda'\].*known: rewards, lam"):
         _train(tmp_path / "bad", "sampler.guide=reward_grad", "sampler.guide_options={lamda: 300.0}")
     assert not (tmp_path / "bad").exists()
+
+
+def test_guidance_in_chunks_equals_the_whole_batch_with_each_rows_prompt():
+    """guide_options.chunk bounds the PRM's forward+backward memory; the rows are independent, so the shift and the
+    recorded scores are the whole batch's, and each chunk scores its rows with their own prompts."""
+    from flowalign.values import RewardGuidance
+
+    class PromptReward(MeanReward):
+        def __call__(self, images, prompts, metadata=None):
+            scale = torch.tensor([1.0 if p == "a" else -2.0 for p in prompts])
+            return scale * images.flatten(1).pow(2).mean(1)
+
+    vel = lambda x, s, c: 0.5 * x + c["c"].view(-1, 1, 1, 1)  # noqa: E731 (per-row conditioning)
+    x = torch.randn(5, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    cond = {"c": torch.arange(5, dtype=torch.float32)}
+    out = {}
+    for chunk in (None, 2, 1):
+        prm = RewardPRM(vel, lambda z: z, {"r": PromptReward()}, {"r": 1.0}, probe="x0")
+        prm.prompts = ["a", "b", "a", "b", "b"]
+        guide = RewardGuidance(prm, 0.5, steps=[0], chunk=chunk)
+        shift = guide(x, vel(x, None, cond), torch.tensor(0.8), torch.tensor(0.6), 0, cond)
+        out[chunk] = (shift, guide.scores[0])
+    for chunk in (2, 1):
+        assert torch.allclose(out[chunk][0], out[None][0], atol=1e-7) and torch.allclose(out[chunk][1], out[None][1])
+    with pytest.raises(ValueError, match="chunk"):
+        RewardGuidance(prm, 0.5, chunk=0)

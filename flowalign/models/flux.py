@@ -2,8 +2,8 @@
 
 * Latents are the pipeline's **packed** tokens [B, L, 4C] (2×2 patches of the [B, C, h, w] VAE latent,
   L = (h/2)·(w/2), 4C = 64 for FLUX.1), so ``velocity`` is one transformer call with no repacking;
-  ``init_noise`` draws [n, C, h, w] and packs it (the same noise as ``FluxPipeline`` for the same
-  generator); ``decode`` unpacks, undoes the VAE shift/scale and decodes.
+  ``init_noise`` draws [n, C, h, w] in the pipeline dtype and packs it (the same noise as ``FluxPipeline`` for the
+  same generator, upcast to fp32); ``decode`` unpacks, undoes the VAE shift/scale and decodes.
 * Text: CLIP pooled embedding + T5 token embeddings (pipeline ``encode_prompt``); text ids are zeros,
   image ids are (0, row, col) per token.
 * Guidance is distilled (FLUX.1-dev): the raw ``guidance_scale`` (e.g. 3.5) goes to the ``guidance``
@@ -91,11 +91,12 @@ class FluxModel(FlowAdapter):
     # ---- FlowModel ------------------------------------------------------------------------------
 
     def init_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Noise drawn as [n, C, h, w] and packed, so a seed gives the same start as ``FluxPipeline``."""
+        """Noise as ``FluxPipeline.prepare_latents`` draws it: [n, C, h, w] in the pipeline dtype
+        (``prompt_embeds.dtype``, the dtype the pipeline was loaded in), then packed, so a seed gives the pipeline's
+        start; then upcast, as the latents and the SDE maths are fp32."""
         gen_device = generator.device if generator is not None else self.device
-        z = torch.randn((n, self.channels, *self.latent_hw), generator=generator, device=gen_device,
-                        dtype=torch.float32)
-        return pack(z).to(self.device)  # [n, L, 4C]
+        z = torch.randn((n, self.channels, *self.latent_hw), generator=generator, device=gen_device, dtype=self.dtype)
+        return pack(z).to(device=self.device, dtype=torch.float32)  # [n, L, 4C]
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Cond:

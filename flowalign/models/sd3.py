@@ -6,12 +6,14 @@
   empty prompt (or ``negative_prompt``). ``encode`` returns both branches per prompt, batch-first.
 * Velocity: CFG by batch doubling [uncond, cond], v = v_u + w·(v_c − v_u) with w = ``guidance_scale``
   (no CFG when w ≤ 1, as in diffusers); timestep = 1000·σ (METHODS.md §1.5).
-* Schedule: ``sd3_diffusers(T, shift=scheduler.config.shift)``, the scheduler's own double-shift grid (§1.2).
+* Schedule: ``sd3_diffusers(T, shift=scheduler.config.shift)``, the scheduler's own double-shift grid (§1.2);
+  a scheduler with ``use_dynamic_shifting`` gets the pipeline's resolution-dependent μ instead (``schedule``).
+* Noise: drawn in the pipeline dtype and upcast, so a seed gives ``StableDiffusion3Pipeline``'s start.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -77,12 +79,39 @@ class SD3Model(FlowAdapter):
             "neg_pooled": neg_pooled,  # [N, P]
         }
 
+    def init_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """x_0 [n, C, h, w] as ``StableDiffusion3Pipeline.prepare_latents`` draws it: ``randn`` in the pipeline dtype
+        (``prompt_embeds.dtype``, the dtype the pipeline was loaded in), so a seed gives the pipeline's start; then
+        upcast, as the latents and the SDE maths are fp32."""
+        gen_device = generator.device if generator is not None else self.device
+        x = torch.randn((n, *self.latent_shape), generator=generator, device=gen_device, dtype=self.dtype)
+        return x.to(device=self.device, dtype=torch.float32)  # [n, C, h, w]
+
     def schedule(self, steps: int) -> Tensor:
-        from flowalign.samplers.schedules import sd3_diffusers
+        """The sigmas ``StableDiffusion3Pipeline`` sets on its scheduler (``set_timesteps(T)``, plus ``mu`` when the
+        scheduler has ``use_dynamic_shifting``)."""
+        import math
+
+        from flowalign.samplers.schedules import flux_mu, sd3_diffusers, shift
 
         cfg = self.pipe.scheduler.config
-        return sd3_diffusers(steps, shift=float(cfg.get("shift", 3.0)),
-                             num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))  # [T+1]
+        n = int(cfg.get("num_train_timesteps", 1000))
+        if not cfg.get("use_dynamic_shifting", False):
+            return sd3_diffusers(steps, shift=float(cfg.get("shift", 3.0)), num_train_timesteps=n)  # [T+1]
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        # The pipeline's μ = calculate_shift((h/p)·(w/p)), the scheduler's constants (pipeline max_shift default 1.16).
+        p = self.transformer.config.patch_size
+        mu = flux_mu((self.latent_shape[1] // p) * (self.latent_shape[2] // p),
+                     base_seq_len=int(cfg.get("base_image_seq_len", 256)),
+                     max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
+                     base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.16)))
+        # A dynamic scheduler's training table is unshifted (σ_min = 1/N), so set_timesteps(T, mu) time-shifts
+        # u = linspace(1, 1/N, T): e^μ/(e^μ + 1/u − 1) = shift_{e^μ}(u) ("exponential"); μ/(μ + 1/u − 1) = shift_μ(u)
+        # ("linear").
+        s = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
+        u = torch.linspace(n, 1, steps, dtype=torch.float64) / n  # [T]
+        return torch.cat([shift(u, s), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)  # [T+1]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """v(x, σ | c) with CFG; x [B, C, h, w] fp32 → v [B, C, h, w] fp32."""

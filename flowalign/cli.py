@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes model)"),
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
     "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample | credit | grad-snr | noise-variance | sample-gap`)"),
+    "steer": ("flowalign.steer", "steer a model toward a reward at inference: best-of-N, FK particles, reward guidance"),
     "calibrate": ("flowalign.calibrate", "DenseGRPO reward-aware per-step noise calibration -> a per-step eta file"),
 }
 

@@ -229,7 +229,6 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
     import argparse
-    from pathlib import Path
 
     from flowalign import data as D
     from flowalign.errors import UserError
@@ -266,7 +265,7 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwargs
     from flowalign.rewards.video import check_per_frame, for_outputs
-    from flowalign.sample import check_device, check_lora_dir, check_out_parent, check_positive, load_lora_checked
+    from flowalign.sample import check_device, check_lora_dir, check_new_dir, check_positive, load_lora_checked
 
     def kv(text: str, flag: str) -> tuple[str, Any]:
         if "=" not in text:
@@ -280,12 +279,7 @@ def cli_main(argv: Sequence[str]) -> int:
     # every argument is checked before the model loads and before anything is written
     check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
     check_device(args.device)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} is a file; pass a new or empty directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"output directory {out} is not empty; choose a new --out")
-    check_out_parent(out)
+    out = check_new_dir(args.out)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     if not names:
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")

@@ -660,7 +660,12 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         steps = [r.get(k) for r in records for k in _STEP_KEYS if _is_num(r.get(k))]
         if steps:
             parts.append(f"<p>{len(records)} logged records, last step {_fmt(int(max(steps)))}.</p>")
-    parts.append(_nfe_section(records))
+    cost = (final or base or {}).get("cost") if not records else None
+    if isinstance(cost, dict) and cost:  # `flowalign steer`: per-output cost, no training metrics
+        parts.append("<p>" + ", ".join(f"{html.escape(k.replace('_', ' '))}: {format(v, '.4g') if _is_num(v) else html.escape(str(v))}"
+                                       for k, v in cost.items()) + "</p>")
+    else:
+        parts.append(_nfe_section(records))
     if plots:
         parts.append("<h2>Training curves</h2><div class=plots>")
         parts += [f'<img src="{_img_src(p, run_dir, inline_images)}" alt="{html.escape(p.stem)}">' for p in plots]

@@ -145,6 +145,18 @@ def check_out_parent(path: str | Path, flag: str = "--out") -> None:
             return
 
 
+def check_new_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as an output directory that is new or empty (and creatable), or a one-line ``UserError``: nothing of
+    an earlier run is overwritten."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {str(out)!r} is a file; pass a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty; choose a new {flag}")
+    check_out_parent(out, flag)
+    return out
+
+
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1."""
     for name, value in values.items():

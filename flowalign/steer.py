@@ -1,0 +1,828 @@
+"""Inference-time steering toward a reward without training (DESIGN.md job 2, METHODS.md §6).
+
+Steering is the trainer's pieces without the update: the sampler's kernels, the probe modes of the
+process-reward core (``flowalign.values``) and the rewards, plus resampling or a tilted velocity.
+
+- ``fk_steer``: Feynman–Kac particle steering (Singhal et al. 2025, "A General Framework for Inference-time
+  Scaling and Steering of Diffusion Models", arXiv:2501.06848), with log-space potentials (``POTENTIALS``), the
+  final-step correction that makes the product of potentials exp(λ·r(x_T)) (METHODS.md §6.2), ESS-triggered
+  resampling (``RESAMPLERS``) and log-weights that carry over when the ESS test declines (quirk Q17).
+- ``best_of_n``: N independent samples, keep the best (METHODS.md §6.1). It is ``fk_steer`` without resampling
+  steps and with λ = 0: the same loop, so both count forwards the same way and compare at equal NFE.
+- ``TiltGuidance``: reward-gradient guidance of a flow sampler by the Doob h-transform (METHODS.md §6.3), a
+  ``mean_shift`` hook for ``flowalign.samplers.loop.sample``; ∇log h from the rewards of x̂0 (``"dps"``, through the
+  generator, Chung et al. 2023 "Diffusion Posterior Sampling", arXiv:2209.14687; ``"x0"``, the skip-Jacobian
+  variant) or from a caller's function.
+
+Index convention (DESIGN.md §3): step t maps x_t (σ_t) to x_{t+1}; FK scores r at x_t *before* taking step t and
+resamples x_t itself (the reference code scores the pre-step state but resamples the post-step latent).
+Particles are laid out group-major: rows p·k … p·k + k − 1 are the k particles of group p (one prompt and one
+output), and resampling never mixes groups.
+
+``cli_main`` is ``flowalign steer``: a prompt set × a steering method → one output image per (prompt, seed),
+scored with evaluation rewards, written as ``results.jsonl``, ``summary.json`` (the evaluation's format plus the
+steering settings and cost), ``grids/steered.png`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from flowalign.samplers.kernels import get_kernel
+from flowalign.samplers.loop import gather_cond
+from flowalign.samplers.plans import subgrid
+from flowalign.types import Cond, VelocityFn
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[Tensor, Tensor], Tensor]
+"""reward(latents [n, *latent], rows [n]) -> [n] float32: decode + the (weighted) steering reward of each row."""
+
+
+# ------------------------------------------------------------------------------------------ weights and resampling
+
+
+def normalized_weights(logw: Tensor) -> Tensor:
+    """Per-group normalised weights softmax(ℓw) [P, k] of log-weights ℓw [P, k].
+
+    A group whose log-weights are all −∞ (every particle scored a non-finite reward) gets uniform weights.
+    """
+    logw = logw.to(torch.float64)
+    dead = torch.isneginf(logw).all(dim=1, keepdim=True)  # [P, 1]
+    safe = torch.where(dead, torch.zeros_like(logw), logw)  # [P, k]
+    return torch.softmax(safe, dim=1)  # [P, k]
+
+
+def effective_sample_size(logw: Tensor) -> Tensor:
+    """ESS = 1 / Σ w̄² per group [P] (k for uniform weights, 1 when one particle holds all the weight)."""
+    w = normalized_weights(logw)  # [P, k]
+    return 1.0 / (w * w).sum(dim=1)  # [P]
+
+
+def systematic_resample(weights: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Ancestor indices [P, k] (within each group) by systematic resampling of ``weights`` [P, k] (rows sum to 1).
+
+    One u ~ U[0, 1/k) per group, positions u + i/k, ancestors = searchsorted(cumsum(w̄), positions) (METHODS.md
+    §6.2). Each particle gets ⌊k·w̄_i⌋ or ⌈k·w̄_i⌉ copies.
+    """
+    p, k = weights.shape
+    u = torch.rand(p, 1, generator=generator, dtype=torch.float64) / k  # [P, 1]
+    pos = u + torch.arange(k, dtype=torch.float64)[None] / k  # [P, k]
+    cdf = torch.cumsum(weights.to(torch.float64).cpu(), dim=1)  # [P, k]
+    cdf[:, -1] = 1.0  # guard against rounding: every position lands on a particle
+    return torch.searchsorted(cdf, pos, right=True).clamp_max(k - 1)  # [P, k]
+
+
+def multinomial_resample(weights: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Ancestor indices [P, k]: k independent draws with replacement from each group's ``weights`` [P, k]."""
+    k = weights.shape[1]
+    return torch.multinomial(weights.to(torch.float64).cpu(), k, replacement=True, generator=generator)  # [P, k]
+
+
+RESAMPLERS: dict[str, Callable[[Tensor, Optional[torch.Generator]], Tensor]] = {
+    "systematic": systematic_resample,
+    "multinomial": multinomial_resample,
+}
+"""Resampling schemes: ``(weights [P, k], generator) -> ancestors [P, k]``."""
+
+
+# ------------------------------------------------------------------------------------------ potentials
+
+
+class PotentialState(NamedTuple):
+    """Per-particle potential state [n] each (METHODS.md §6.2)."""
+
+    r_prev: Tensor  # the last intermediate reward (``diff``; r_init = 0)
+    m_prev: Tensor  # the running maximum (``max``; starts at −∞)
+    a_prev: Tensor  # the running sum (``sum``)
+    log_g: Tensor  # L: Σ log G applied along the particle's ancestry (never reset)
+
+
+def initial_state(n: int, device=None) -> PotentialState:
+    """The state before the first resampling step: r_prev = 0, m_prev = −∞, a_prev = 0, L = 0."""
+    z = torch.zeros(n, dtype=torch.float64, device=device)
+    return PotentialState(z, torch.full_like(z, -math.inf), z.clone(), z.clone())
+
+
+def _apply(state: PotentialState, log_g: Tensor, **changes: Tensor) -> tuple[Tensor, PotentialState]:
+    return log_g, state._replace(log_g=state.log_g + log_g, **changes)
+
+
+def potential_diff(r: Tensor, state: PotentialState, lam: float) -> tuple[Tensor, PotentialState]:
+    """log G = λ·(r_t − r_prev); r_prev ← r_t. The increments telescope to λ·(r_last − r_init)."""
+    return _apply(state, lam * (r - state.r_prev), r_prev=r)
+
+
+def potential_max(r: Tensor, state: PotentialState, lam: float) -> tuple[Tensor, PotentialState]:
+    """log G = λ·max(r_t, m_prev); m_prev ← max(r_t, m_prev) (m_prev starts at −∞, so negative r is not clipped)."""
+    m = torch.maximum(r, state.m_prev)
+    return _apply(state, lam * m, m_prev=m)
+
+
+def potential_sum(r: Tensor, state: PotentialState, lam: float) -> tuple[Tensor, PotentialState]:
+    """log G = λ·(r_t + a_prev); a_prev ← a_prev + r_t."""
+    a = state.a_prev + r
+    return _apply(state, lam * a, a_prev=a)
+
+
+def potential_rt(r: Tensor, state: PotentialState, lam: float) -> tuple[Tensor, PotentialState]:
+    """log G = λ·r_t."""
+    return _apply(state, lam * r)
+
+
+POTENTIALS: dict[str, Callable[[Tensor, PotentialState, float], tuple[Tensor, PotentialState]]] = {
+    "diff": potential_diff,
+    "max": potential_max,
+    "sum": potential_sum,
+    "rt": potential_rt,
+}
+"""FK potentials in log space: ``(r [n], state, λ) -> (log G [n], state')`` (METHODS.md §6.2 table)."""
+
+
+def final_log_potential(r_final: Tensor, state: PotentialState, lam: float) -> Tensor:
+    """log G_final = λ·r(x_T) − L: with it the potentials of every ancestral line multiply to exp(λ·r(x_T))."""
+    return lam * r_final.to(torch.float64) - state.log_g
+
+
+def gather_state(state: PotentialState, index: Tensor) -> PotentialState:
+    return PotentialState(*(s.index_select(0, index.to(s.device)) for s in state))
+
+
+def resample_steps(steps: int, every: Optional[int] = None, start: Optional[int] = None,
+                   end: Optional[int] = None) -> list[int]:
+    """Resampling steps S = arange(start, end + 1, every) ∪ {T − 1} (METHODS.md §6.2).
+
+    Defaults [flowalign]: every max(1, ⌊T/10⌋) steps from round(0.2·T) to round(0.8·T), plus the final step; at
+    high noise x̂0 is a blurred average, so resampling starts after about 20 % of the steps.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    every = max(1, steps // 10) if every is None else int(every)
+    start = round(0.2 * steps) if start is None else int(start)
+    end = round(0.8 * steps) if end is None else int(end)
+    if every < 1:
+        raise ValueError(f"resampling interval must be >= 1 step, got {every}")
+    if not 0 <= start < steps:
+        raise ValueError(f"first resampling step {start} must be a step index 0 … {steps - 1}")
+    return sorted(set(range(start, min(end, steps - 1) + 1, every)) | {steps - 1})
+
+
+# ------------------------------------------------------------------------------------------ the FK loop
+
+
+class SteerResult(NamedTuple):
+    """What ``fk_steer`` returns; rows are group-major particles [P·k]."""
+
+    final: Tensor  # [P·k, *latent] every particle at σ = 0
+    reward: Tensor  # [P·k] r(x_T) of every particle
+    log_weight: Tensor  # [P·k] ℓw after the final correction (weights within a group ∝ exp ℓw)
+    best: Tensor  # [P] long: row of each group's highest-reward particle (argmax output)
+    drawn: Tensor  # [P] long: row drawn from each group's final weights (a sample of the tilted target)
+    origin: Tensor  # [P·k] long: the initial particle (row) each final particle descends from
+    ess: Tensor  # [len(S), P] ESS at each resampling step, before resampling
+    resampled: Tensor  # [len(S), P] bool: groups resampled at each step
+    steps: tuple[int, ...]  # S
+    nfe: int  # per-sample model forwards: sampling + probes (a CFG pair counts once)
+    reward_calls: int  # rows scored: intermediate + final
+
+
+def _probe_states(velocity: VelocityFn, x: Tensor, v: Tensor, sig: Tensor, t: int, cond_b: Cond,
+                  mode: str) -> tuple[Tensor, int]:
+    """The clean-image estimate r is taken on: ``x0`` (x̂0 = x − σ_t·v, free) or ``ode:m`` / ``ode:full``
+    (Euler on ``subgrid``, its first step reusing v). Returns (latents [n, *latent], forwards per row)."""
+    from flowalign.values import parse_mode
+
+    pm = parse_mode(mode)
+    if pm.method != "euler":
+        raise ValueError(f"steering probes are Euler completions ('x0', 'ode:m', 'ode:full'), got {mode!r}")
+    steps = sig.shape[0] - 1
+    path = subgrid(t, steps, pm.m)
+    z, nfe = x, 0
+    for j, (a, c) in enumerate(zip(path[:-1], path[1:])):
+        if j == 0:
+            va = v
+        else:
+            va = velocity(z, sig[a].expand(z.shape[0]), cond_b).to(torch.float32)  # [n, *latent]
+            nfe += 1
+        z = z + (sig[c] - sig[a]) * va  # [n, *latent]
+    return z, nfe
+
+
+def _group_noise(x: Tensor, k: int, generator) -> Tensor:
+    """Standard normal noise like ``x`` [P·k, *latent]; a list of P generators draws each group's rows from its own
+    (results then do not depend on which groups share a batch)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, dtype=x.dtype, generator=generator,
+                           device=generator.device if generator is not None else x.device).to(x.device)
+    parts = [torch.randn((k, *x.shape[1:]), dtype=x.dtype, generator=g, device=g.device) for g in generator]
+    return torch.cat(parts).to(x.device)  # [P·k, *latent]
+
+
+def _resample(scheme, weights: Tensor, groups: Tensor, group_gens, generator) -> Tensor:
+    """Ancestors [n, k] for ``weights`` [n, k] of ``groups`` [n]: each group with its own generator when there is one
+    per group (so a group's draws do not depend on its batch-mates), else one ``generator`` for all."""
+    if group_gens is None:
+        return scheme(weights, generator)
+    return torch.cat([scheme(weights[i:i + 1], group_gens[int(g)]) for i, g in enumerate(groups.tolist())])
+
+
+@torch.no_grad()
+def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward: RewardFn, *, k: int,
+             lam: float, cond_index: Optional[Tensor] = None, steps_s: Optional[Sequence[int]] = None,
+             potential: str = "max", eta: float | Tensor = 0.7, kernel: str = "flow_sde", probe: str = "x0",
+             resampler: str = "systematic", ess_threshold: float = 0.5, generator=None,
+             resample_generator: Optional[torch.Generator] = None) -> SteerResult:
+    """Feynman–Kac steering of k particles per group (Singhal et al. 2025, arXiv:2501.06848; METHODS.md §6.2).
+
+    Target per group: p_tar(x_T) ∝ p(x_T | c)·exp(λ·r(x_T)), p the sampler's own distribution (kernel and CFG
+    included). At each step t ∈ S every particle is scored on its probe state (``probe``: ``x0`` = r(x̂0_t) with the
+    step's own velocity, or an ``ode:m`` completion), its log-weight ℓw grows by the potential's log G, and a group is
+    resampled when its ESS < ``ess_threshold``·k — and always at the last step of S unless its weights are exactly
+    uniform (then resampling is the identity). Resampling gathers the latents, the cached velocity and the potential
+    state by ancestor and resets ℓw to 0; a declined test carries ℓw over (quirk Q17). After the last step the final
+    correction λ·r(x_T) − L is added, so ℓw weighs each particle towards the target exactly.
+
+    Args:
+        velocity: ``v(x, σ [n], cond_b)`` with CFG inside.
+        x: initial noise [P·k, *latent], group-major (rows p·k … p·k + k − 1 are group p).
+        sigmas: the grid [T+1], 1 → 0; ``eta``: a float or per-step [T] noise scale of ``kernel`` (a stochastic
+            kernel after the first resampling step is mandatory; an ODE only duplicates particles, warned).
+        reward: ``reward(latents, rows) -> [n]`` (decode + rewards); rows index the particles.
+        k, lam: particles per group and λ (per reward unit; λ = 0 gives uniform weights and no resampling).
+        steps_s: S (default ``resample_steps(T)``); ``potential``: a ``POTENTIALS`` name.
+        generator: the step noise: one ``torch.Generator``, or a list of P, one per group, which then also draws
+            that group's resampling, so a group's result does not depend on the other groups in the batch;
+        resample_generator: with a single (or no) ``generator``, draws the resampling and ``drawn`` (None: torch's
+            global generator).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 particle per group, got {k}")
+    b = x.shape[0]
+    if b % k:
+        raise ValueError(f"{b} rows are not a whole number of groups of k = {k} particles")
+    if potential not in POTENTIALS:
+        raise ValueError(f"unknown potential {potential!r}; choose one of {', '.join(POTENTIALS)}")
+    if resampler not in RESAMPLERS:
+        raise ValueError(f"unknown resampler {resampler!r}; choose one of {', '.join(RESAMPLERS)}")
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam={lam} must be finite and >= 0")
+    if not 0.0 < ess_threshold <= 1.0:
+        raise ValueError(f"ess_threshold={ess_threshold} must lie in (0, 1]")
+    p = b // k
+    group_gens = list(generator) if isinstance(generator, (list, tuple)) else None
+    if group_gens is not None and len(group_gens) != p:
+        raise ValueError(f"{len(group_gens)} generators for {p} groups: pass one per group or a single generator")
+    kern = get_kernel(kernel)
+    steps = int(sigmas.shape[0]) - 1
+    eta_t = (eta.detach().to(torch.float32).cpu() if isinstance(eta, Tensor) and eta.dim() == 1
+             else torch.full((steps,), float(eta)))  # [T]
+    if eta_t.shape[0] != steps:
+        raise ValueError(f"eta has {eta_t.shape[0]} entries, expected one per step ({steps})")
+    s_list = resample_steps(steps) if steps_s is None else sorted(set(int(s) for s in steps_s))
+    if any(not 0 <= s < steps for s in s_list):
+        raise ValueError(f"resampling steps must be step indices 0 … {steps - 1}, got {s_list}")
+    if s_list and lam > 0 and k > 1 and not bool((eta_t[s_list[0]:] > 0).any()):
+        logger.warning("FK steering with a deterministic kernel after the first resampling step (%d): duplicated "
+                       "particles stay identical and FK reduces to best-of-N with wasted forwards; use a stochastic "
+                       "kernel (e.g. kernel flow_sde, eta 0.7)", s_list[0])
+    dev = x.device
+    if cond_index is None:
+        cond_index = torch.arange(b, device=dev)
+    cond_b = gather_cond(cond, cond_index)
+    sig = sigmas.to(device=dev, dtype=torch.float32)  # [T+1]
+    x = x.to(torch.float32)
+    state = initial_state(b)
+    logw = torch.zeros(p, k, dtype=torch.float64)  # [P, k]
+    origin = torch.arange(b)
+    base = (torch.arange(p) * k)[:, None]  # [P, 1] first row of each group
+    ess_hist, res_hist = [], []
+    nfe, calls = 0, 0
+    last_s = s_list[-1] if s_list else -1
+    for t in range(steps):
+        v = velocity(x, sig[t].expand(b), cond_b).to(torch.float32)  # [P·k, *latent]
+        nfe += 1
+        if t in s_list:
+            z, extra = _probe_states(velocity, x, v, sig, t, cond_b, probe)
+            nfe += extra
+            r = reward(z, torch.arange(b, device=dev)).detach().to(torch.float64).cpu().reshape(b)  # [P·k]
+            calls += b
+            r = torch.where(torch.isfinite(r), r, torch.full_like(r, -math.inf))
+            log_g, state = POTENTIALS[potential](r, state, lam)
+            log_g = torch.nan_to_num(log_g, nan=-math.inf)  # −∞ − (−∞): a particle already dead stays dead
+            logw = logw + log_g.view(p, k)
+            ess = effective_sample_size(logw)  # [P]
+            uniform = (logw == logw[:, :1]).all(dim=1)  # [P]
+            go = (ess < ess_threshold * k) | ((t == last_s) & ~uniform)  # [P]
+            ess_hist.append(ess.to(torch.float32))
+            res_hist.append(go)
+            if bool(go.any()):
+                anc = _resample(RESAMPLERS[resampler], normalized_weights(logw[go]), go.nonzero().flatten(),
+                                group_gens, resample_generator)  # [n_go, k]
+                idx = base.expand(p, k).clone() + torch.arange(k)[None]  # [P, k] identity
+                idx[go] = base[go] + anc
+                flat = idx.reshape(-1)  # [P·k]
+                x, v = x[flat.to(dev)], v[flat.to(dev)]
+                state = gather_state(state, flat)
+                origin = origin[flat]
+                logw[go] = 0.0
+        tr = kern(x, v, sig[t], sig[t + 1], eta_t[t].to(dev))
+        if float(eta_t[t]) > 0:
+            x = tr.mean + tr.std * _group_noise(tr.mean, k, generator)  # [P·k, *latent]
+        else:
+            x = tr.mean
+    r_final = reward(x, torch.arange(b, device=dev)).detach().to(torch.float64).cpu().reshape(b)  # [P·k]
+    calls += b
+    finite = torch.where(torch.isfinite(r_final), r_final, torch.full_like(r_final, -math.inf))
+    logw = logw + torch.nan_to_num(final_log_potential(finite, state, lam), nan=-math.inf).view(p, k)
+    best = base[:, 0] + finite.view(p, k).argmax(dim=1)  # [P]
+    drawn = base[:, 0] + _resample(multinomial_resample, normalized_weights(logw), torch.arange(p), group_gens,
+                                   resample_generator)[:, 0]  # [P]
+    return SteerResult(
+        final=x, reward=r_final.to(torch.float32), log_weight=logw.reshape(-1), best=best, drawn=drawn,
+        origin=origin,
+        ess=torch.stack(ess_hist) if ess_hist else torch.zeros(0, p),
+        resampled=torch.stack(res_hist) if res_hist else torch.zeros(0, p, dtype=torch.bool),
+        steps=tuple(s_list), nfe=nfe * b, reward_calls=calls)
+
+
+def best_of_n(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward: RewardFn, *, n: int,
+              cond_index: Optional[Tensor] = None, eta: float | Tensor = 0.0, kernel: str = "euler",
+              generator=None) -> SteerResult:
+    """Best-of-N (METHODS.md §6.1): n independent samples per group, ``best`` = the argmax of r(x_T).
+
+    ``fk_steer`` with no resampling step and λ = 0, so it runs the same loop and counts forwards the same way:
+    the baseline every steering result is compared with at equal NFE. ODE by default (``kernel="euler"``).
+    """
+    return fk_steer(velocity, x, sigmas, cond, reward, k=n, lam=0.0, cond_index=cond_index, steps_s=(),
+                    eta=eta, kernel=kernel, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------ reward-gradient guidance
+
+
+GradFn = Callable[[Tensor, Tensor, Tensor, Cond], Tensor]
+"""grad(x [n, *latent], σ [n], v [n, *latent], cond_b) -> [n, *latent]."""
+
+
+def tilt_shift(u: Tensor, sigma: Tensor, sigma_next: Tensor, g2: Tensor) -> Tensor:
+    """The h-transform's shift of a step's mean (METHODS.md §6.3), from u = (σ/(1−σ))·∇log h_σ(x).
+
+    ODE: v* = v − u. SDE (drift v − (g²/2)·∇log p): the drift gains −(σ/(1−σ) + g²/2)·∇log h, so the step mean moves
+    by Δ_t·(σ/(1−σ) + g²/2)·∇log h = Δ_t·(1 + g²·(1−σ)/(2σ))·u, with Δ_t = σ_t − σ_{t+1} > 0 (dt < 0, so the mean
+    moves toward higher reward). u is finite at σ = 1 even where σ/(1−σ) is not, which is why it is the argument.
+    """
+    delta = (sigma - sigma_next).to(torch.float32)
+    return delta * (1.0 + g2 * (1.0 - sigma) / (2.0 * sigma)) * u  # [n, *latent]
+
+
+class TiltGuidance:
+    """Reward-gradient guidance by the Doob h-transform, a ``mean_shift`` hook for ``samplers.loop.sample``
+    (METHODS.md §6.3).
+
+    Target p(x_data | c)·exp(r/β); h_σ(x) = E[exp(r(x_data)/β) | x_σ = x]. ∇log h is estimated by Tweedie/DPS,
+    log h ≈ r(D(x̂0(x)))/β:
+
+    - ``mode="dps"``: ∇_x r(decode(x − σ·v_θ(x))) through the generator (1 forward + 1 backward per guided step;
+      Chung et al. 2023, arXiv:2209.14687);
+    - ``mode="x0"``: the skip-Jacobian variant J ≈ I, ∇_{x̂0} r(decode(x̂0)) at x̂0 = x − σ·v with the step's own
+      (detached) velocity: no extra forward, good late in sampling where x̂0 is sharp;
+    - ``grad_fn``: a caller's u(x, σ, v, cond_b) = (σ/(1−σ))·∇log h directly (exact in the Gaussian world).
+
+    The per-sample gradient is then normalised (g ← c·g/‖g‖, ``normalize=c``) or norm-clipped (g ← g·min(1, c/‖g‖),
+    ``clip=c``), and applied only inside ``band`` = (σ_min, σ_max) (default [0.05, 0.8]: σ/(1−σ) is singular at
+    σ = 1). The shift is ``tilt_shift``, with g_t² = s_t²/Δ_t from the kernel's own step std (exact for ``flow_sde``,
+    ``dance_sde`` and Euler, g = 0; the CPS kernel is not an Euler–Maruyama step and is refused).
+    """
+
+    def __init__(self, *, kernel: str = "euler", eta: float | Tensor = 0.0, beta: float = 1.0,
+                 mode: str = "x0", reward: Optional[Callable[[Tensor, Sequence[str]], Tensor]] = None,
+                 decode: Optional[Callable[[Tensor], Tensor]] = None, velocity: Optional[VelocityFn] = None,
+                 grad_fn: Optional[GradFn] = None, band: tuple[float, float] = (0.05, 0.8),
+                 normalize: Optional[float] = None, clip: Optional[float] = None, counter=None):
+        if kernel == "cps":
+            raise ValueError("reward-gradient guidance needs an Euler–Maruyama step (euler, flow_sde, dance_sde); "
+                             "the CPS kernel is not one")
+        if not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"beta={beta} must be finite and > 0 (the tilt is exp(r/beta))")
+        if grad_fn is None and mode not in ("dps", "x0"):
+            raise ValueError(f"guidance mode must be 'dps' or 'x0', got {mode!r}")
+        if grad_fn is None and (reward is None or decode is None or (mode == "dps" and velocity is None)):
+            raise ValueError("guidance needs reward and decode (and velocity for mode 'dps'), or a grad_fn")
+        if normalize is not None and clip is not None:
+            raise ValueError("pass normalize or clip, not both")
+        lo, hi = float(band[0]), float(band[1])
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance band {band} must satisfy 0 <= sigma_min <= sigma_max <= 1")
+        self.kernel, self.eta, self.beta, self.mode = get_kernel(kernel), eta, float(beta), mode
+        self.reward, self.decode, self.velocity, self.grad_fn = reward, decode, velocity, grad_fn
+        self.band, self.normalize, self.clip, self.counter = (lo, hi), normalize, clip, counter
+        self.prompts: Sequence[str] = ()  # one per row, set before each rollout (the rewards need them)
+        self.guided: list[int] = []  # steps guided in the last rollout
+
+    def _eta(self, t: int) -> Tensor:
+        e = self.eta
+        return e[t].to(torch.float32) if isinstance(e, Tensor) and e.dim() == 1 else torch.tensor(float(e))
+
+    def _score(self, z: Tensor) -> Tensor:
+        if len(self.prompts) != z.shape[0]:
+            raise ValueError(f"TiltGuidance.prompts has {len(self.prompts)} entries for {z.shape[0]} rows; set it per "
+                             f"rollout")
+        return self.reward(self.decode(z), list(self.prompts)).to(torch.float32)  # [n]
+
+    def __call__(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, t: int, cond_b: Cond) -> Optional[Tensor]:
+        s = float(sigma)
+        if not self.band[0] <= s <= self.band[1]:
+            return None
+        n = x.shape[0]
+        lat = (1,) * (x.dim() - 1)
+        if self.grad_fn is None and s >= 1.0:
+            return None  # σ/(1−σ) is infinite at σ = 1: only a grad_fn that returns u itself can guide there
+        if self.grad_fn is not None:
+            u = self.grad_fn(x, sigma.reshape(-1).expand(n), v, cond_b).to(torch.float32)  # [n, *latent]
+        else:
+            with torch.enable_grad():
+                if self.mode == "dps":
+                    xg = x.detach().to(torch.float32).requires_grad_(True)
+                    ctx = self.counter.phase("guidance") if self.counter is not None else contextlib.nullcontext()
+                    with ctx:
+                        vg = self.velocity(xg, sigma.reshape(-1).expand(n), cond_b).to(torch.float32)
+                    r = self._score(xg - s * vg)  # [n]
+                    grad = torch.autograd.grad(r.sum(), xg)[0]  # [n, *latent]
+                else:
+                    z = (x - s * v).detach().to(torch.float32).requires_grad_(True)  # x̂0 [n, *latent]
+                    grad = torch.autograd.grad(self._score(z).sum(), z)[0]  # [n, *latent]
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *lat)  # [n, 1…]
+            if self.normalize is not None:
+                grad = self.normalize * grad / norm
+            elif self.clip is not None:
+                grad = grad * (self.clip / norm).clamp(max=1.0)
+            u = (s / (1.0 - s)) * grad / self.beta  # [n, *latent]
+        tr = self.kernel(x, v, sigma, sigma_next, self._eta(t).to(x.device))
+        delta = (sigma - sigma_next).to(torch.float32)
+        g2 = (tr.std.to(torch.float32) ** 2) / delta  # g_t² = s_t² / Δ_t
+        self.guided.append(int(t))
+        return tilt_shift(u, sigma.to(torch.float32), sigma_next.to(torch.float32), g2)
+
+
+# ------------------------------------------------------------------------------------------ prompts × a method
+
+
+METHODS = ("none", "best_of_n", "fk", "guided")
+"""``flowalign steer --method``: plain sampling, best-of-N, FK particles, h-transform reward guidance."""
+
+
+def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str, tuple[Callable, float]],
+                  eval_rewards: Mapping[str, Callable], *, method: str, steps: int, k: int = 4, lam: float = 10.0,
+                  kernel: str = "euler", eta: float = 0.0, seeds_per_prompt: int = 1, seed: int = 0,
+                  batch_size: int = 32, potential: str = "max", resampler: str = "systematic", probe: str = "x0",
+                  ess_threshold: float = 0.5, schedule: Optional[Sequence[int]] = None, output: str = "best",
+                  beta: float = 1.0, guide_mode: str = "x0", band: tuple[float, float] = (0.05, 0.8),
+                  normalize: Optional[float] = None, clip: Optional[float] = None, grid_prompts: int = 0,
+                  progress: bool = False) -> tuple[list[dict], Optional[Tensor], dict]:
+    """Steer every (prompt, sample) of ``records`` and score the outputs with ``eval_rewards``.
+
+    One output image per (prompt i, sample s). Its k particles (best-of-N and FK; 1 otherwise) start from the noise of
+    ``evaluate.image_seed(seed, i, s·k + j)`` and draw their step noise (and FK's resampling) from a generator seeded
+    by that output alone, so an output does not depend on the batch it is drawn in; with k = 1 and ``method="none"``
+    the images are ``flowalign eval``'s. ``steer_rewards`` maps names to (reward, weight): the steering reward is
+    Σ w·R(decode(x)). Returns (one record per output: the prompt's fields, ``prompt_index``, ``sample``, ``seed``,
+    ``particle``, ``steer_reward`` and one float per evaluation reward; the first ``grid_prompts`` prompts' images
+    [n, 3, H, W]; cost: forwards and steering-reward rows per output).
+    """
+    from flowalign.evaluate import image_seed
+    from flowalign.samplers.loop import eta_schedule, sample
+
+    if method not in METHODS:
+        raise ValueError(f"unknown steering method {method!r}; choose one of {', '.join(METHODS)}")
+    kk = k if method in ("best_of_n", "fk") else 1  # "none" is best-of-1: the same batched loop
+    sigmas = model.schedule(steps)  # [T+1]
+    etas = eta_schedule(steps, eta)  # [T]
+    forwards = [0]
+    inner = model.velocity
+
+    def velocity(x, sigma, cond):  # counts per-sample forwards of every phase (sampling, probes, DPS guidance)
+        forwards[0] += int(x.shape[0])
+        return inner(x, sigma, cond)
+
+    units = [(i, s) for i in range(len(records)) for s in range(seeds_per_prompt)]
+    per_batch = max(1, batch_size // kk)
+    out: list[dict] = []
+    grid: list[Tensor] = []
+    calls = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(units), desc=f"steer ({method})", unit="img", dynamic_ncols=True)
+    try:
+        for start in range(0, len(units), per_batch):
+            chunk = units[start:start + per_batch]
+            prompt_ids = sorted({i for i, _ in chunk})
+            row_of = {i: r for r, i in enumerate(prompt_ids)}
+            cond = model.encode([records[i]["prompt"] for i in prompt_ids])
+            unit_rows = [u for u in chunk for _ in range(kk)]  # particle rows, group-major
+            seeds = [image_seed(seed, i, s * kk + j) for i, s in chunk for j in range(kk)]
+            x = torch.cat([model.init_noise(1, torch.Generator().manual_seed(sd)) for sd in seeds])  # [B, *latent]
+            cond_index = torch.tensor([row_of[i] for i, _ in unit_rows], device=x.device)  # [B]
+            prompts = [records[i]["prompt"] for i, _ in unit_rows]
+            meta = [dict(records[i]) for i, _ in unit_rows]
+            gens = [torch.Generator().manual_seed(image_seed(seed, i, s) * 7919 + 1) for i, s in chunk]
+
+            def reward(z: Tensor, rows: Tensor) -> Tensor:
+                images = model.decode(z)  # [n, 3, H, W] in [0, 1]
+                ps = [prompts[int(r)] for r in rows]
+                ms = [meta[int(r)] for r in rows]
+                total = torch.zeros(z.shape[0], dtype=torch.float32)
+                for fn, w in steer_rewards.values():
+                    total = total + w * fn(images, ps, ms).detach().float().cpu()
+                return total  # [n]
+
+            if method != "guided":
+                res = fk_steer(velocity, x, sigmas, cond, reward, k=kk, lam=lam if method == "fk" else 0.0,
+                               cond_index=cond_index, steps_s=schedule if method == "fk" else (),
+                               potential=potential, eta=etas, kernel=kernel, probe=probe, resampler=resampler,
+                               ess_threshold=ess_threshold, generator=gens)
+                pick = res.best if output == "best" or method == "best_of_n" else res.drawn  # [P]
+                final, steer_r = res.final[pick.to(res.final.device)], res.reward[pick]
+                calls += res.reward_calls
+                particle = (pick - torch.arange(len(chunk)) * kk).tolist()
+            else:
+                def diff_reward(images, ps):
+                    rows = [prompts.index(p) for p in ps]
+                    total = 0.0
+                    for fn, w in steer_rewards.values():
+                        total = total + w * fn(images, ps, [meta[r] for r in rows]).float()
+                    return total
+
+                guide = TiltGuidance(kernel=kernel, eta=etas, beta=beta, mode=guide_mode, reward=diff_reward,
+                                     decode=model.decode, velocity=velocity, band=band, normalize=normalize, clip=clip)
+                guide.prompts = prompts
+                final = torch.cat([
+                    sample(velocity, x[j:j + 1], sigmas, cond, eta=etas, kernel=kernel, cond_index=cond_index[j:j + 1],
+                           generator=gens[j] if float(etas.max()) > 0 else None, mean_shift=_row_hook(guide, j)).final
+                    for j in range(len(chunk))])  # [P, *latent] one chain per output: batch-independent noise
+                with torch.no_grad():
+                    steer_r = reward(final, torch.arange(len(chunk)))
+                calls += len(chunk)
+                particle = [0] * len(chunk)
+            with torch.no_grad():
+                images = model.decode(final).float().cpu()  # [P, 3, H, W]
+            ps = [records[i]["prompt"] for i, _ in chunk]
+            ms = [dict(records[i]) for i, _ in chunk]
+            scores = {n: fn(images, ps, ms).detach().float().cpu().tolist() for n, fn in eval_rewards.items()}
+            for j, (i, s) in enumerate(chunk):
+                rec = dict(records[i])
+                rec.update(prompt_index=i, sample=s, seed=image_seed(seed, i, s * kk), particle=int(particle[j]),
+                           steer_reward=float(steer_r[j]))
+                rec.update({n: float(v[j]) for n, v in scores.items()})
+                out.append(rec)
+                if i < grid_prompts:
+                    grid.append(images[j])
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    n_out = max(1, len(units))
+    cost = {"forwards_per_image": forwards[0] / n_out, "steer_reward_rows_per_image": calls / n_out,
+            "particles": kk}
+    return out, (torch.stack(grid) if grid else None), cost
+
+
+def _row_hook(guide: TiltGuidance, row: int):
+    """The guidance hook for a one-row chain (its prompt is row ``row`` of the batch's prompts)."""
+    def hook(x, v, sigma, sigma_next, t, cond_b):
+        prompts = guide.prompts
+        guide.prompts = [prompts[row]]
+        try:
+            return guide(x, v, sigma, sigma_next, t, cond_b)
+        finally:
+            guide.prompts = prompts
+
+    return hook
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    """``"a,b:0.5"`` → {"a": 1.0, "b": 0.5} (one-line ``UserError`` on a bad weight)."""
+    from flowalign.errors import UserError
+
+    out: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, _, w = item.partition(":")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise UserError(f"--reward {item!r}: the weight after ':' must be a number, e.g. shapes_partial:1.0") from None
+        if not math.isfinite(weight):
+            raise UserError(f"--reward {item!r}: the weight must be finite")
+        out[name.strip()] = weight
+    return out
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    """``flowalign steer``: a prompt set × a steering method → results.jsonl, summary.json, grids/steered.png (the
+    first 8 prompts) and report.html."""
+    import argparse
+    import json
+
+    from flowalign import data as D
+    from flowalign.errors import UserError
+    from flowalign.evaluate import summarize, summarize_pass_at_k
+    from flowalign.io import atomic_write_text
+    from flowalign.models import load_model
+    from flowalign.rewards import build_reward
+    from flowalign.rewards import resolve as resolve_reward
+    from flowalign.rewards.video import for_outputs
+    from flowalign.samplers import KERNELS
+    from flowalign.sample import check_device, check_lora_dir, check_new_dir, check_positive, load_lora_checked
+
+    p = argparse.ArgumentParser(prog="flowalign steer", description=(
+        "Steer a model toward a reward at inference (no training): best-of-N, Feynman-Kac particles or "
+        "reward-gradient guidance; score the outputs with evaluation rewards."))
+    p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
+    p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
+    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
+    p.add_argument("--method", default="fk", help=f"{' | '.join(METHODS)} (default fk)")
+    p.add_argument("--particles", "-k", type=int, default=4, help="particles per output (fk) or N (best_of_n)")
+    p.add_argument("--reward", default="shapes_partial",
+                   help="the steering reward(s): NAME or NAME:WEIGHT, comma-separated (guided: differentiable ones)")
+    p.add_argument("--eval-rewards", default="shapes_strict,shapes_partial",
+                   help="comma-separated rewards that score the outputs (summary.json)")
+    p.add_argument("--lam", type=float, default=10.0, help="FK: λ of the tilt exp(λ·r) (per reward unit)")
+    p.add_argument("--potential", default="max", help=f"FK potential: {' | '.join(POTENTIALS)}")
+    p.add_argument("--resampler", default="systematic", help=f"FK resampling: {' | '.join(RESAMPLERS)}")
+    p.add_argument("--probe", default="x0", help="FK: what r_t scores: x0 (free) or ode:M (M Euler steps)")
+    p.add_argument("--ess", type=float, default=0.5, help="FK: resample a group when ESS < this fraction of k")
+    p.add_argument("--every", type=int, default=None, help="FK: resample every N steps (default max(1, T//10))")
+    p.add_argument("--start", type=int, default=None, help="FK: first resampling step (default round(0.2 T))")
+    p.add_argument("--end", type=int, default=None, help="FK: last regular resampling step (default round(0.8 T))")
+    p.add_argument("--output", default="best", choices=("best", "drawn"),
+                   help="FK: the highest-reward particle, or one drawn from the final weights (a target sample)")
+    p.add_argument("--beta", type=float, default=1.0, help="guided: the tilt is exp(r/beta)")
+    p.add_argument("--guide-mode", default="x0", help="guided: x0 (skip-Jacobian, free) or dps (through the model)")
+    p.add_argument("--band", default="0.05,0.8", help="guided: guide only where sigma lies in MIN,MAX")
+    p.add_argument("--normalize", type=float, default=None, help="guided: per-sample gradient norm set to this")
+    p.add_argument("--clip", type=float, default=None, help="guided: per-sample gradient norm clipped at this")
+    p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
+    p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
+    p.add_argument("--lora", help="a LoRA directory, e.g. a run's checkpoints/step-N")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--kernel", default=None,
+                   help=f"step kernel: {' | '.join(KERNELS)} (default flow_sde for fk, euler otherwise)")
+    p.add_argument("--eta", type=float, default=None, help="noise level of the kernel (default 0.7 for fk, else 0)")
+    p.add_argument("--seeds", type=int, default=1, help="outputs per prompt (seeds seed..seed+n-1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="particles per model batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    args = p.parse_args(list(argv))
+
+    # every argument is checked before the model loads and before anything is written
+    if args.method not in METHODS:
+        raise UserError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
+    check_positive(particles=args.particles, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+                   every=args.every)
+    device = check_device(args.device)
+    kernel = args.kernel or ("flow_sde" if args.method == "fk" else "euler")
+    eta = args.eta if args.eta is not None else (0.7 if kernel != "euler" else 0.0)
+    if kernel not in KERNELS:
+        raise UserError(f"--kernel {kernel!r} is not a kernel (choose one of {', '.join(KERNELS)})")
+    if not math.isfinite(eta) or eta < 0:
+        raise UserError(f"--eta must be a finite number >= 0, got {eta}")
+    if eta > 0 and kernel == "euler":
+        raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
+    if args.potential not in POTENTIALS:
+        raise UserError(f"--potential {args.potential!r}: choose one of {', '.join(POTENTIALS)}")
+    if args.resampler not in RESAMPLERS:
+        raise UserError(f"--resampler {args.resampler!r}: choose one of {', '.join(RESAMPLERS)}")
+    if args.probe != "x0" and not (args.probe.startswith("ode:") and (args.probe[4:].isdigit() or args.probe[4:] == "full")):
+        raise UserError(f"--probe {args.probe!r}: use x0, ode:M (M >= 1) or ode:full")
+    if args.probe.startswith("ode:") and args.probe[4:] == "0":
+        raise UserError("--probe ode:0: M must be at least 1")
+    if not math.isfinite(args.lam) or args.lam < 0:
+        raise UserError(f"--lam must be a finite number >= 0, got {args.lam}")
+    if not 0 < args.ess <= 1:
+        raise UserError(f"--ess must lie in (0, 1], got {args.ess}")
+    if not math.isfinite(args.beta) or args.beta <= 0:
+        raise UserError(f"--beta must be a finite number > 0, got {args.beta}")
+    if args.guide_mode not in ("x0", "dps"):
+        raise UserError(f"--guide-mode {args.guide_mode!r}: use x0 or dps")
+    if args.normalize is not None and args.clip is not None:
+        raise UserError("pass --normalize or --clip, not both")
+    try:
+        band = tuple(float(b) for b in args.band.split(","))
+    except ValueError:
+        band = ()
+    if len(band) != 2 or not 0 <= band[0] <= band[1] <= 1:
+        raise UserError(f"--band {args.band!r}: expected MIN,MAX with 0 <= MIN <= MAX <= 1, e.g. 0.05,0.8")
+    if args.method == "guided" and kernel == "cps":
+        raise UserError("--method guided needs an Euler-Maruyama kernel (euler, flow_sde or dance_sde), not cps")
+
+    def fk_schedule(steps: int) -> Optional[list[int]]:
+        if args.method != "fk":
+            return None
+        try:
+            return resample_steps(steps, args.every, args.start, args.end)
+        except ValueError as err:
+            raise UserError(f"FK resampling schedule: {err} (--every/--start/--end)") from None
+
+    if args.steps is not None:
+        fk_schedule(args.steps)  # known before the model loads
+    if args.method == "fk" and not (eta > 0) and args.particles > 1:
+        logger.warning("--method fk with an ODE kernel: duplicated particles stay identical (FK reduces to "
+                       "best-of-N); pass --kernel flow_sde --eta 0.7")
+    out = check_new_dir(args.out)
+    weights = _parse_weights(args.reward)
+    if not weights:
+        raise UserError("--reward is empty; pass e.g. --reward shapes_partial")
+    eval_names = [n.strip() for n in args.eval_rewards.split(",") if n.strip()]
+    if not eval_names:
+        raise UserError("--eval-rewards is empty; pass e.g. --eval-rewards shapes_strict")
+    for n in [*weights, *eval_names]:
+        resolve_reward(n)  # unknown names: one line with the closest one
+    if args.prompt_file and args.prompts:
+        raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
+    if args.prompt_file:
+        records = D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)
+    else:
+        records = [D.PromptRecord(pr) for pr in args.prompts]
+    if not records:
+        raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
+    if args.lora:
+        check_lora_dir(args.lora)
+    steer_fns = {n: build_reward(n) for n in weights}
+    if args.method == "guided":
+        flat = [n for n, fn in steer_fns.items() if not getattr(fn, "differentiable", False)]
+        if flat:
+            raise UserError(f"--method guided needs differentiable steering rewards; {flat} are not (see "
+                            f"`flowalign rewards`); steer them with --method fk or best_of_n")
+    model = load_model(args.model, args.path, device=device)
+    if args.lora:
+        load_lora_checked(model, args.lora)
+    rows = [{"prompt": r.prompt, **r.metadata} for r in records]
+    for pr in dict.fromkeys(r["prompt"] for r in rows):
+        model.encode([pr])  # out-of-grammar / unreadable prompts fail before any sampling
+    outputs = getattr(model, "output_kind", "image")
+    steer_fns = {n: for_outputs(fn, outputs) for n, fn in steer_fns.items()}
+    eval_fns = {n: for_outputs(build_reward(n), outputs) for n in eval_names}
+    for fn in [*steer_fns.values(), *eval_fns.values()]:
+        check = getattr(fn, "validate_prompts", None)
+        if check is not None:
+            check([r["prompt"] for r in rows])
+    steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
+    schedule = fk_schedule(steps)
+    guidance = args.guidance
+    if guidance is not None:
+        model.guidance_scale = float(guidance)
+    with torch.no_grad() if args.method != "guided" else contextlib.nullcontext():
+        records_out, grid, cost = steer_prompts(
+            model, rows, {n: (steer_fns[n], w) for n, w in weights.items()}, eval_fns, method=args.method,
+            steps=steps, k=args.particles, lam=args.lam, kernel=kernel, eta=eta, seeds_per_prompt=args.seeds,
+            seed=args.seed, batch_size=args.batch_size, potential=args.potential, resampler=args.resampler,
+            probe=args.probe, ess_threshold=args.ess, schedule=schedule, output=args.output, beta=args.beta,
+            guide_mode=args.guide_mode, band=band, normalize=args.normalize, clip=args.clip, grid_prompts=8,
+            progress=True)
+    summ = summarize(records_out, eval_names)
+    passk = summarize_pass_at_k(records_out, eval_names)
+    if passk:
+        summ["pass_at_k"] = passk
+    summ["settings"] = {
+        "method": args.method, "particles": cost["particles"], "steer_rewards": weights, "steps": steps,
+        "guidance": float(getattr(model, "guidance_scale", float("nan"))), "kernel": kernel, "eta": eta,
+        "seeds_per_prompt": args.seeds, "seed": args.seed, "prompts": len(rows), "model": args.model,
+        "path": args.path or None, "lora": args.lora, "prompt_set": args.prompt_file,
+        **({"lam": args.lam, "potential": args.potential, "resampler": args.resampler, "probe": args.probe,
+            "ess": args.ess, "resample_steps": schedule, "output": args.output} if args.method == "fk" else {}),
+        **({"beta": args.beta, "guide_mode": args.guide_mode, "band": list(band), "normalize": args.normalize,
+            "clip": args.clip} if args.method == "guided" else {}),
+    }
+    summ["cost"] = cost
+    summ["steer_reward_mean"] = sum(r["steer_reward"] for r in records_out) / len(records_out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records_out))
+    atomic_write_text(out / "summary.json", json.dumps(summ, indent=2, default=str))
+    if grid is not None:
+        from flowalign.report import save_image_grid
+
+        img = grid[:, 0] if grid.dim() == 5 else grid  # video: the first frame
+        n_prompts = min(8, len(rows))
+        labels = [r["prompt"] if j == 0 else "" for r in rows[:n_prompts] for j in range(args.seeds)]
+        save_image_grid(img, out / "grids" / "steered.png", nrow=args.seeds, labels=labels)
+    from flowalign.report import write_report
+
+    write_report(out)
+    for task, vals in summ["per_task"].items():
+        logger.info("%-14s %s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()))
+    logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
+    logger.info("cost: %.0f forwards and %.1f steering-reward rows per image (%s, k = %d); wrote %s",
+                cost["forwards_per_image"], cost["steer_reward_rows_per_image"], args.method, cost["particles"], out)
+    return 0

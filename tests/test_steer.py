@@ -1,0 +1,316 @@
+"""Inference-time steering (flowalign.steer; METHODS.md §6): FK potentials, resampling, best-of-N, h-transform guidance.
+
+Exactness checks run in the Gaussian world (data ~ N(m, s_d²) per dimension, exact velocity), where the tilted
+target of r(x) = b·x is N(m + s_d²·b/β, s_d²) and Tweedie is exact.
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from flowalign import steer as S
+from flowalign.samplers import eta_schedule, sample, schedules
+
+from test_samplers import M, SD, gaussian_world_velocity  # noqa: E402  (the exact velocity; differentiable in x)
+
+
+def linear_reward(b=1.0):
+    return lambda z, rows: b * z.flatten(1).mean(1)  # r(x) = b·x per 1-D particle
+
+
+def exact_u(b_over_beta=1.0):
+    """u = (σ/(1−σ))·∇log h = σ·s_d²·(b/β)/((1−σ)²s_d² + σ²), finite at σ = 1 (METHODS.md §6.3 exactness test)."""
+    def fn(x, sigma, v, cond):
+        s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+        u = s * SD**2 * b_over_beta / ((1 - s) ** 2 * SD**2 + s**2)
+        return u.expand_as(x).to(torch.float32)
+    return fn
+
+
+# ---------------------------------------------------------------- weights, resampling, potentials
+
+
+def test_ess_is_k_for_uniform_weights_and_one_for_a_point_mass():
+    logw = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf], [-math.inf] * 4])
+    ess = S.effective_sample_size(logw)
+    assert ess.tolist() == pytest.approx([4.0, 1.0, 4.0])  # an all-dead group falls back to uniform
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_systematic_resampling_gives_floor_or_ceil_copies(seed):
+    g = torch.Generator().manual_seed(seed)
+    k = 16
+    w = torch.softmax(3 * torch.randn(6, k, generator=g, dtype=torch.float64), dim=1)
+    anc = S.systematic_resample(w, g)  # [6, k]
+    counts = torch.stack([torch.bincount(a, minlength=k) for a in anc]).to(torch.float64)
+    assert (counts >= torch.floor(k * w) - 1e-9).all() and (counts <= torch.ceil(k * w) + 1e-9).all()
+    assert (anc.diff(dim=1) >= 0).all()  # ancestors come out sorted
+
+
+def test_systematic_resampling_of_uniform_weights_is_the_identity():
+    for seed in range(20):
+        anc = S.systematic_resample(torch.full((3, 7), 1 / 7, dtype=torch.float64), torch.Generator().manual_seed(seed))
+        assert (anc == torch.arange(7)).all()
+
+
+@pytest.mark.parametrize("name", list(S.POTENTIALS))
+def test_potentials_times_final_correction_equal_exp_lambda_final_reward(name):
+    g = torch.Generator().manual_seed(3)
+    lam, n = 2.5, 5
+    state = S.initial_state(n)
+    total = torch.zeros(n, dtype=torch.float64)
+    for _ in range(4):
+        r = torch.randn(n, generator=g, dtype=torch.float64) - 1.0  # negative rewards too (m_prev starts at −∞)
+        log_g, state = S.POTENTIALS[name](r, state, lam)
+        total += log_g
+    assert torch.allclose(state.log_g, total)
+    r_final = torch.randn(n, generator=g, dtype=torch.float64)
+    assert torch.allclose(total + S.final_log_potential(r_final, state, lam), lam * r_final)
+
+
+def test_diff_potentials_telescope_to_the_last_reward():
+    lam = 0.7
+    rs = [torch.tensor([0.3, -1.0]), torch.tensor([0.5, 2.0]), torch.tensor([-0.2, 1.5])]
+    state = S.initial_state(2)
+    logs = []
+    for r in rs:
+        lg, state = S.potential_diff(r.double(), state, lam)
+        logs.append(lg)
+    assert torch.allclose(sum(logs), lam * rs[-1].double())  # r_init = 0
+
+
+def test_max_potential_does_not_clip_negative_rewards():
+    state = S.initial_state(1)
+    lg, state = S.potential_max(torch.tensor([-3.0], dtype=torch.float64), state, 1.0)
+    assert lg.item() == -3.0  # the reference starts m_prev at 0 and would give 0
+
+
+def test_resample_steps_default_schedule():
+    assert S.resample_steps(10) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert S.resample_steps(100) == list(range(20, 81, 10)) + [99]
+    assert S.resample_steps(12, every=4, start=2, end=10) == [2, 6, 10, 11]
+    with pytest.raises(ValueError):
+        S.resample_steps(10, start=10)
+
+
+# ---------------------------------------------------------------- the FK loop in the Gaussian world
+
+
+def _noise(n, seed=0):
+    return torch.randn(n, 1, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lambda_zero_gives_uniform_weights_ess_k_and_no_resampling():
+    T, k, p = 10, 8, 3
+    sig = schedules.shifted_linear(T, 1.0)
+    res = S.fk_steer(gaussian_world_velocity, _noise(p * k), sig, {}, linear_reward(), k=k, lam=0.0,
+                     cond_index=torch.zeros(p * k, dtype=torch.long), eta=eta_schedule(T, 0.7),
+                     generator=torch.Generator().manual_seed(1), resample_generator=torch.Generator().manual_seed(2))
+    assert res.steps == tuple(S.resample_steps(T))
+    assert torch.allclose(res.ess, torch.full_like(res.ess, float(k)))
+    assert not res.resampled.any()
+    assert (res.origin == torch.arange(p * k)).all() and (res.log_weight == 0).all()
+    # and the particles are plain samples of the kernel: the same noise stream through `sample` gives them bit for bit
+    ref = sample(gaussian_world_velocity, _noise(p * k), sig, {}, eta=eta_schedule(T, 0.7), kernel="flow_sde",
+                 generator=torch.Generator().manual_seed(1), cond_index=torch.zeros(p * k, dtype=torch.long))
+    assert torch.equal(res.final, ref.final)
+    assert res.nfe == p * k * T and res.reward_calls == p * k * (len(res.steps) + 1)
+
+
+def test_fk_weighted_particles_reach_the_tilted_mean():
+    """r = b·x, λ = 3: the target is the sampler's own final law tilted by exp(3x), N(m_s + 3·v_s, v_s) for the
+    sampler's N(m_s, v_s); with many particles the self-normalised FK estimate of its mean gets there (resampling
+    several times; not resetting ℓw after a resampling lands 0.08 off)."""
+    T, k = 40, 6000
+    sig = schedules.shifted_linear(T, 1.0)
+    eta = eta_schedule(T, 0.7)
+    plain = sample(gaussian_world_velocity, _noise(40_000, 7), sig, {}, eta=eta, kernel="flow_sde",
+                   generator=torch.Generator().manual_seed(8), cond_index=torch.zeros(40_000, dtype=torch.long)).final
+    m_s, v_s = plain.double().mean().item(), plain.double().var().item()
+    res = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), k=k, lam=3.0,
+                     cond_index=torch.zeros(k, dtype=torch.long), eta=eta, potential="diff",
+                     generator=torch.Generator().manual_seed(2), resample_generator=torch.Generator().manual_seed(3))
+    assert res.resampled.sum() >= 2
+    w = torch.softmax(res.log_weight, 0)
+    mean = (w * res.final[:, 0].double()).sum().item()
+    assert abs(mean - (m_s + 3 * v_s)) < 0.02, (mean, m_s + 3 * v_s)
+    assert abs(mean - (M + 3 * SD**2)) < 0.03  # m + s_d²·λ·b = 2.75 up to the sampler's discretisation
+    assert abs(res.final[:, 0].double().mean().item() - M) > 0.1  # the particles themselves moved off the base law
+
+
+def test_ode_kernel_warns_and_duplicates_stay_identical(caplog):
+    T, k = 10, 8
+    sig = schedules.shifted_linear(T, 1.0)
+    with caplog.at_level(logging.WARNING, logger="flowalign.steer"):
+        res = S.fk_steer(gaussian_world_velocity, _noise(k), sig, {}, linear_reward(), k=k, lam=20.0,
+                         cond_index=torch.zeros(k, dtype=torch.long), eta=0.0, kernel="euler",
+                         resample_generator=torch.Generator().manual_seed(0))
+    assert "deterministic kernel" in caplog.text
+    assert res.resampled.any()
+    for o in res.origin.unique():
+        rows = res.final[res.origin == o]
+        assert (rows == rows[0]).all()  # copies of one particle never separate under an ODE
+    assert res.origin.unique().numel() < k
+
+
+def test_resampling_never_mixes_groups():
+    T, k, p = 10, 4, 3
+    sig = schedules.shifted_linear(T, 1.0)
+    res = S.fk_steer(gaussian_world_velocity, _noise(p * k), sig, {}, linear_reward(), k=k, lam=30.0,
+                     cond_index=torch.zeros(p * k, dtype=torch.long), eta=eta_schedule(T, 0.7),
+                     generator=torch.Generator().manual_seed(1), resample_generator=torch.Generator().manual_seed(2))
+    assert res.resampled.all(dim=1).any()
+    assert (res.origin // k == torch.arange(p * k) // k).all()
+    assert (res.best // k == torch.arange(p)).all() and (res.drawn // k == torch.arange(p)).all()
+
+
+def test_per_group_generators_make_a_group_independent_of_its_batch_mates():
+    T, k = 10, 4
+    sig = schedules.shifted_linear(T, 1.0)
+    kw = dict(k=k, lam=10.0, eta=eta_schedule(T, 0.7))
+    x = _noise(3 * k, 5)
+    both = S.fk_steer(gaussian_world_velocity, x, sig, {}, linear_reward(), cond_index=torch.zeros(3 * k, dtype=torch.long),
+                      generator=[torch.Generator().manual_seed(s) for s in (10, 11, 12)], **kw)
+    alone = S.fk_steer(gaussian_world_velocity, x[k:2 * k], sig, {}, linear_reward(),
+                       cond_index=torch.zeros(k, dtype=torch.long), generator=[torch.Generator().manual_seed(11)], **kw)
+    assert torch.equal(both.final[k:2 * k], alone.final)
+    assert both.best[1].item() - k == alone.best[0].item()
+
+
+def test_nonfinite_rewards_kill_a_particle_not_the_group():
+    T, k = 6, 4
+    sig = schedules.shifted_linear(T, 1.0)
+
+    def reward(z, rows):
+        r = z.flatten(1).mean(1).clone()
+        r[rows == 0] = float("nan")  # particle 0 is never applicable
+        return r
+
+    res = S.fk_steer(gaussian_world_velocity, _noise(k), sig, {}, reward, k=k, lam=1.0,
+                     cond_index=torch.zeros(k, dtype=torch.long), eta=eta_schedule(T, 0.7),
+                     generator=torch.Generator().manual_seed(0), resample_generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(res.ess).all()
+    assert res.best.item() != 0 or not torch.isfinite(res.reward[0])
+
+
+def test_best_of_n_is_the_argmax_of_n_plain_samples():
+    T, n, p = 8, 5, 2
+    sig = schedules.shifted_linear(T, 1.0)
+    x = _noise(p * n, 4)
+    res = S.best_of_n(gaussian_world_velocity, x, sig, {}, linear_reward(-1.0), n=n,
+                      cond_index=torch.zeros(p * n, dtype=torch.long))
+    plain = sample(gaussian_world_velocity, x, sig, {}, eta=0.0, kernel="euler",
+                   cond_index=torch.zeros(p * n, dtype=torch.long)).final
+    assert torch.equal(res.final, plain)
+    r = -plain[:, 0].view(p, n)
+    assert res.best.tolist() == (torch.arange(p) * n + r.argmax(1)).tolist()
+    assert res.nfe == p * n * T and res.reward_calls == p * n and res.ess.numel() == 0
+
+
+def test_fk_argument_errors():
+    sig = schedules.shifted_linear(4, 1.0)
+    x = _noise(6)
+    with pytest.raises(ValueError, match="whole number of groups"):
+        S.fk_steer(gaussian_world_velocity, x, sig, {}, linear_reward(), k=4, lam=1.0)
+    with pytest.raises(ValueError, match="unknown potential"):
+        S.fk_steer(gaussian_world_velocity, x, sig, {}, linear_reward(), k=3, lam=1.0, potential="mx")
+    with pytest.raises(ValueError, match="lam"):
+        S.fk_steer(gaussian_world_velocity, x, sig, {}, linear_reward(), k=3, lam=-1.0)
+    with pytest.raises(ValueError, match="step indices"):
+        S.fk_steer(gaussian_world_velocity, x, sig, {}, linear_reward(), k=3, lam=1.0, steps_s=[4])
+
+
+def test_ode_probe_costs_its_forwards_and_scores_the_completion():
+    T, k = 10, 2
+    sig = schedules.shifted_linear(T, 1.0)
+    seen = []
+
+    def reward(z, rows):
+        seen.append(z.clone())
+        return z.flatten(1).mean(1)
+
+    res = S.fk_steer(gaussian_world_velocity, _noise(k), sig, {}, reward, k=k, lam=0.0,
+                     cond_index=torch.zeros(k, dtype=torch.long), eta=0.0, kernel="euler", steps_s=[3], probe="ode:full")
+    # an ODE trajectory's full-ODE probe is its own final state, and costs T − t − 1 extra forwards per row
+    assert torch.allclose(seen[0], res.final, atol=1e-6)
+    assert res.nfe == k * (T + (T - 3 - 1))
+
+
+# ---------------------------------------------------------------- h-transform guidance (METHODS.md §6.3)
+
+
+@pytest.mark.parametrize("kernel,eta,steps", [("euler", 0.0, 10), ("euler", 0.0, 40), ("euler", 0.0, 200),
+                                              ("flow_sde", 0.7, 10), ("flow_sde", 0.7, 40)])
+def test_exact_tilt_reaches_the_tilted_mean(kernel, eta, steps):
+    """Guiding every step with the exact u: mean 2.250 (METHODS.md §6.3: Euler 2.250 at T = 10/40/200)."""
+    n = 20_000 if kernel == "euler" else 40_000
+    sig = schedules.shifted_linear(steps, 1.0)
+    etas = eta_schedule(steps, eta)
+    guide = S.TiltGuidance(kernel=kernel, eta=etas, grad_fn=exact_u(1.0), band=(0.0, 1.0))
+    x = _noise(n, 0)
+    out = sample(gaussian_world_velocity, x, sig, {}, eta=etas, kernel=kernel, mean_shift=guide,
+                 generator=torch.Generator().manual_seed(1), cond_index=torch.zeros(n, dtype=torch.long)).final
+    assert abs(out.double().mean().item() - (M + SD**2)) < 0.01
+    assert sorted(set(guide.guided)) == list(range(steps))
+
+
+def test_dps_guidance_is_exact_in_the_gaussian_world_away_from_sigma_one():
+    """Tweedie is exact here, so the DPS gradient through the velocity is ∇log h itself; only the σ = 1 step (where
+    σ/(1−σ) is infinite and the hook does not guide) is missing, negligible at T = 200."""
+    steps, n = 200, 4000
+    sig = schedules.shifted_linear(steps, 1.0)
+    guide = S.TiltGuidance(kernel="euler", mode="dps", reward=lambda img, prompts: img.flatten(1).mean(1),
+                           decode=lambda z: z, velocity=gaussian_world_velocity, band=(0.0, 1.0))
+    guide.prompts = [""] * n
+    out = sample(gaussian_world_velocity, _noise(n, 0), sig, {}, eta=0.0, kernel="euler", mean_shift=guide,
+                 cond_index=torch.zeros(n, dtype=torch.long)).final
+    plain = sample(gaussian_world_velocity, _noise(n, 0), sig, {}, eta=0.0, kernel="euler",
+                   cond_index=torch.zeros(n, dtype=torch.long)).final
+    shift = (out - plain).double().mean().item()
+    assert abs(shift - SD**2) < 0.01  # the tilt moves the mean by s_d²·b/β = 0.25
+    assert 0 not in guide.guided and len(guide.guided) == steps - 1
+
+
+def test_x0_guidance_raises_the_reward_and_normalize_fixes_the_gradient_norm():
+    steps, n = 12, 64
+    sig = schedules.shifted_linear(steps, 1.0)
+    grads = []
+
+    def reward(img, prompts):
+        return img.flatten(1).mean(1)
+
+    guide = S.TiltGuidance(kernel="euler", mode="x0", reward=reward, decode=lambda z: z, normalize=0.1)
+    guide.prompts = [""] * n
+    orig = guide.__class__.__call__
+
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    out = sample(gaussian_world_velocity, x, sig, {}, eta=0.0, kernel="euler", mean_shift=guide,
+                 cond_index=torch.zeros(n, dtype=torch.long)).final
+    plain = sample(gaussian_world_velocity, x, sig, {}, eta=0.0, kernel="euler",
+                   cond_index=torch.zeros(n, dtype=torch.long)).final
+    assert (out.mean(1) > plain.mean(1)).all()
+    # inside the band only: σ ∈ [0.05, 0.8] on the 12-step grid
+    assert guide.guided == [t for t in range(steps) if 0.05 <= float(sig[t]) <= 0.8]
+    # normalize=c: the shift at a step is Δ·(1 + 0)·(σ/(1−σ))·c·g/‖g‖ for Euler, so its norm is known exactly
+    t = guide.guided[0]
+    s, sn = sig[t], sig[t + 1]
+    xt = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    v = gaussian_world_velocity(xt, s.expand(4), {})
+    guide.prompts = [""] * 4
+    shift = guide(xt, v, s, sn, t, {})
+    expect = float(s - sn) * float(s / (1 - s)) * 0.1
+    assert torch.allclose(shift.norm(dim=1), torch.full((4,), expect), rtol=1e-5)
+    del grads, orig
+
+
+def test_guidance_argument_errors():
+    with pytest.raises(ValueError, match="Euler–Maruyama"):
+        S.TiltGuidance(kernel="cps", grad_fn=exact_u())
+    with pytest.raises(ValueError, match="beta"):
+        S.TiltGuidance(grad_fn=exact_u(), beta=0.0)
+    with pytest.raises(ValueError, match="reward and decode"):
+        S.TiltGuidance(mode="dps", reward=lambda i, p: i.mean(), decode=lambda z: z)
+    with pytest.raises(ValueError, match="band"):
+        S.TiltGuidance(grad_fn=exact_u(), band=(0.9, 0.1))

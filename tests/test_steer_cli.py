@@ -1,0 +1,122 @@
+"""``flowalign steer`` on the shipped shapes model: outputs, cost, equality with plain sampling, batch independence,
+and the bad-input rule (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_checks import fails, no_model  # noqa: F401  (the fixture is used by name)
+
+from flowalign.cli import main
+from flowalign.evaluate import image_seed
+from flowalign.models import load_model
+from flowalign.rewards import build_reward
+from flowalign.steer import steer_prompts
+
+PROMPTS = [{"prompt": "two red circles", "task": "counting"}, {"prompt": "a blue square", "task": "single_object"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("shapes", "")
+
+
+def _rewards():
+    return {"shapes_partial": (build_reward("shapes_partial"), 1.0)}, {"shapes_strict": build_reward("shapes_strict")}
+
+
+def test_method_none_gives_flowalign_eval_images(model):
+    from flowalign.sample import generate
+
+    steer_r, eval_r = _rewards()
+    recs, grid, cost = steer_prompts(model, PROMPTS, steer_r, eval_r, method="none", steps=4, seeds_per_prompt=2,
+                                     seed=3, grid_prompts=2)
+    seeds = [image_seed(3, i, s) for i in range(2) for s in range(2)]
+    ref = generate(model, [p["prompt"] for p in PROMPTS for _ in range(2)], seeds, steps=4)
+    assert torch.allclose(grid, ref, atol=1e-6)
+    assert [r["seed"] for r in recs] == seeds
+    assert cost["forwards_per_image"] == 4 and cost["particles"] == 1
+
+
+@pytest.mark.parametrize("method", ["best_of_n", "fk"])
+def test_outputs_do_not_depend_on_the_batch_size(model, method):
+    steer_r, eval_r = _rewards()
+    kw = dict(method=method, steps=5, k=3, lam=10.0, kernel="flow_sde" if method == "fk" else "euler",
+              eta=0.7 if method == "fk" else 0.0, seeds_per_prompt=2, seed=1, grid_prompts=2)
+    a, ga, ca = steer_prompts(model, PROMPTS, steer_r, eval_r, batch_size=3, **kw)  # one output per batch
+    b, gb, cb = steer_prompts(model, PROMPTS, steer_r, eval_r, batch_size=64, **kw)
+    assert a == b and torch.equal(ga, gb)
+    assert ca["forwards_per_image"] == 3 * 5
+
+
+def test_best_of_n_picks_the_best_of_its_particles(model):
+    """The output of best-of-4 has the highest steering reward of the 4 plain samples it was drawn from."""
+    from flowalign.sample import generate
+
+    steer_r, eval_r = _rewards()
+    recs, _, _ = steer_prompts(model, PROMPTS, steer_r, eval_r, method="best_of_n", steps=4, k=4, seed=2)
+    for i, rec in enumerate(recs):
+        seeds = [image_seed(2, i, j) for j in range(4)]
+        imgs = generate(model, [PROMPTS[i]["prompt"]] * 4, seeds, steps=4)
+        r = steer_r["shapes_partial"][0](imgs, [PROMPTS[i]["prompt"]] * 4)
+        assert rec["steer_reward"] == pytest.approx(float(r.max()), abs=1e-6)
+        assert r[rec["particle"]] == r.max()
+
+
+def test_steer_command_writes_results_summary_grid_and_report(tmp_path):
+    out = tmp_path / "fk"
+    code = main(["steer", "two red circles", "a green triangle", "--method", "fk", "-k", "2", "--steps", "4",
+                 "--seeds", "2", "--out", str(out)])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grids", "report.html", "results.jsonl", "summary.json"]
+    assert (out / "grids" / "steered.png").is_file()
+    page = (out / "report.html").read_text()
+    assert "forwards per image: 8<" in page or "forwards per image: 8," in page
+    assert "steered" in page
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["settings"]["method"] == "fk" and summ["settings"]["resample_steps"] == [1, 2, 3]
+    assert summ["cost"]["forwards_per_image"] == 2 * 4
+    assert summ["cost"]["steer_reward_rows_per_image"] == 2 * (3 + 1)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and {"shapes_strict", "shapes_partial", "steer_reward", "particle"} <= set(json.loads(lines[0]))
+
+
+def test_guided_steering_with_a_differentiable_reward_raises_it(tmp_path, model):
+    steer = {"saturation": (build_reward("saturation"), 1.0)}
+    kw = dict(steps=6, seeds_per_prompt=2, seed=0)
+    plain, _, _ = steer_prompts(model, PROMPTS, steer, {}, method="none", **kw)
+    guided, _, cost = steer_prompts(model, PROMPTS, steer, {}, method="guided", beta=0.02, **kw)
+    gain = [g["steer_reward"] - p["steer_reward"] for g, p in zip(guided, plain)]
+    assert all(d > 0 for d in gain), gain
+    assert cost["forwards_per_image"] == 6  # x0 mode reuses the step's velocity: no extra forwards
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--method", "smc"], ["--method 'smc'", "fk"]),
+    (["--particles", "0"], ["--particles", "0"]),
+    (["--potential", "mx"], ["--potential 'mx'", "diff"]),
+    (["--resampler", "stratified"], ["--resampler", "systematic"]),
+    (["--probe", "ode2:1"], ["--probe", "ode:M"]),
+    (["--lam", "-1"], ["--lam"]),
+    (["--ess", "0"], ["--ess"]),
+    (["--band", "0.9,0.1"], ["--band", "MIN,MAX"]),
+    (["--kernel", "euler", "--eta", "0.5"], ["--eta > 0"]),
+    (["--reward", "shapes_parital"], ["shapes_parital", "did you mean 'shapes_partial'"]),
+    (["--reward", "shapes_partial:x"], ["weight"]),
+    (["--method", "guided"], ["differentiable", "shapes_partial"]),
+    (["--method", "fk", "--steps", "12", "--start", "99"], ["resampling", "--start"]),
+])
+def test_steer_refuses_bad_input_before_loading_the_model(tmp_path, capsys, no_model, extra, needles):
+    out = tmp_path / "o"
+    fails(capsys, ["steer", "a red circle", *extra, "--out", str(out)], *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_steer_refuses_a_non_empty_out_and_an_out_of_grammar_prompt(tmp_path, capsys, no_model):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    fails(capsys, ["steer", "a red circle", "--out", str(tmp_path / "o")], "not empty")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "x"
+    fails(capsys, ["steer", "--out", str(tmp_path / "p")], "no prompts")

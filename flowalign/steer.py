@@ -650,7 +650,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
     p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
     p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
-    p.add_argument("--method", default="fk", help=f"{' | '.join(METHODS)} (default fk)")
+    p.add_argument("--method", default="best_of_n",
+                   help=f"{' | '.join(METHODS)} (default best_of_n: the strongest on shapes-bench, docs/steering.md)")
     p.add_argument("--particles", "-k", type=int, default=4, help="particles per output (fk) or N (best_of_n)")
     p.add_argument("--reward", default="shapes_partial",
                    help="the steering reward(s): NAME or NAME:WEIGHT, comma-separated (guided: differentiable ones)")

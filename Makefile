@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.flowalign-installed
 
-.PHONY: demo demo-nft test install clean-venv shapes-base credit-experiment
+.PHONY: demo demo-nft test install clean-venv shapes-base credit-experiment steer-experiment
 
 # torch first: a CPU build (about 1.6 GB in the venv in all) where pip finds one, e.g. the 2.13.0 CPU wheel this
 # project's CI machines carry; set TORCH='torch' (or a CUDA build you have) for another one.
@@ -68,6 +68,29 @@ credit-experiment: $(STAMP)
 	    output.run_dir=runs/credit_$(CREDIT_TAG)$$m || exit 1; done
 	$(BIN)/flowalign compare $(addprefix runs/credit_$(CREDIT_TAG),$(CREDIT_METHODS)) --out $(CREDIT_OUT) \
 	  --reward $(CREDIT_REWARD)
+
+# Steering at equal forwards on shapes-bench (docs/steering.md): all 240 prompts x 2 outputs per run, selecting on
+# shapes_partial and scoring shapes_strict; one directory per run, runs/steer_<STEER_TAG><run> (must not exist yet),
+# then one line per run. About 45 min for the whole list with 2 threads; e.g.
+#   make steer-experiment STEER_RUNS="none bon4_sde fk4_max" STEER_EXTRA="--max-prompts 60" STEER_TAG=small_
+STEER_RUNS ?= none none_sde bon2 bon2_sde bon4 bon4_sde bon8 bon8_sde fk2_max fk4_max fk4_diff fk4_lam3 fk4_late fk4_ode2 fk4_drawn fk8_max
+STEER_THREADS ?= 2
+STEER_EXTRA ?=
+STEER_TAG ?=
+steer-experiment: $(STAMP)
+	for r in $(STEER_RUNS); do \
+	  case $$r in none) a='--method none';; none_sde) a='--method none --kernel flow_sde --eta 0.7';; \
+	    bon*_sde) k=$${r#bon}; a="--method best_of_n -k $${k%_sde} --kernel flow_sde --eta 0.7";; \
+	    bon*) a="--method best_of_n -k $${r#bon}";; \
+	    fk4_diff) a='--method fk -k 4 --potential diff';; fk4_lam3) a='--method fk -k 4 --lam 3';; \
+	    fk4_late) a='--method fk -k 4 --start 6';; fk4_ode2) a='--method fk -k 4 --probe ode:2';; \
+	    fk4_drawn) a='--method fk -k 4 --output drawn';; fk*_max) k=$${r#fk}; a="--method fk -k $${k%_max}";; \
+	    *) echo "steer-experiment: unknown run '$$r' (see STEER_RUNS in the Makefile)"; exit 2;; esac; \
+	  OMP_NUM_THREADS=$(STEER_THREADS) $(BIN)/flowalign steer --prompt-file shapes-bench --seeds 2 $$a $(STEER_EXTRA) \
+	    --out runs/steer_$(STEER_TAG)$$r || exit 1; done
+	for r in $(STEER_RUNS); do $(BIN)/python -c "import json, sys; s = json.load(open(sys.argv[2])); \
+	  print(f\"{sys.argv[1]:10s} strict {s['overall']['shapes_strict']:.3f}  forwards/image {s['cost']['forwards_per_image']:.0f}\")" \
+	  $$r runs/steer_$(STEER_TAG)$$r/summary.json; done
 
 # The whole test suite (CPU, offline).
 test: $(STAMP)

@@ -314,8 +314,9 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
             calls += b
             r = torch.where(torch.isfinite(r), r, torch.full_like(r, -math.inf))
             log_g, state = POTENTIALS[potential](r, state, lam)
-            log_g = torch.nan_to_num(log_g, nan=-math.inf)  # −∞ − (−∞): a particle already dead stays dead
-            logw = logw + log_g.view(p, k)
+            # a dead particle stays dead: −∞ − (−∞) and −∞ + ∞ are NaN → −∞; ±∞ must stay ±∞ (nan_to_num's default
+            # makes them ±1.8e308, and a `diff` particle killed at one step came back with ℓw = 0 at the next)
+            logw = torch.nan_to_num(logw + log_g.view(p, k), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             ess = effective_sample_size(logw)  # [P]
             uniform = (logw == logw[:, :1]).all(dim=1)  # [P]
             go = (ess < ess_threshold * k) | ((t == last_s) & ~uniform)  # [P]
@@ -416,6 +417,9 @@ class TiltGuidance:
             raise ValueError("guidance needs reward and decode (and velocity for mode 'dps'), or a grad_fn")
         if normalize is not None and clip is not None:
             raise ValueError("pass normalize or clip, not both")
+        for name, c in (("normalize", normalize), ("clip", clip)):
+            if c is not None and not (math.isfinite(c) and c > 0):
+                raise ValueError(f"{name}={c} must be finite and > 0 (a per-sample gradient norm)")
         lo, hi = float(band[0]), float(band[1])
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"guidance band {band} must satisfy 0 <= sigma_min <= sigma_max <= 1")
@@ -423,7 +427,7 @@ class TiltGuidance:
         self.reward, self.decode, self.velocity, self.grad_fn = reward, decode, velocity, grad_fn
         self.band, self.normalize, self.clip, self.counter = (lo, hi), normalize, clip, counter
         self.prompts: Sequence[str] = ()  # one per row, set before each rollout (the rewards need them)
-        self.guided: list[int] = []  # steps guided in the last rollout
+        self.guided: list[int] = []  # the step of every guided call, in order (across rollouts: clear it to reuse)
 
     def _eta(self, t: int) -> Tensor:
         e = self.eta
@@ -491,8 +495,10 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
     ``evaluate.image_seed(seed, i, s·k + j)`` and draw their step noise (and FK's resampling) from a generator seeded
     by that output alone, so an output does not depend on the batch it is drawn in; with k = 1 and ``method="none"``
     the images are ``flowalign eval``'s. ``steer_rewards`` maps names to (reward, weight): the steering reward is
-    Σ w·R(decode(x)). Returns (one record per output: the prompt's fields, ``prompt_index``, ``sample``, ``seed``,
-    ``particle``, ``steer_reward`` and one float per evaluation reward; the first ``grid_prompts`` prompts' images
+    Σ w·R(decode(x)). Returns (one record per output: the prompt's fields, ``prompt_index``, ``sample``, ``seed`` (its
+    first particle's), ``particle`` (the chosen one), ``particle_seed`` (the initial-noise seed of the chosen particle's
+    ancestor: with best-of-N, ``flowalign eval``/``sample`` with that seed redraws the image), ``steer_reward`` and one
+    float per evaluation reward; the first ``grid_prompts`` prompts' images
     [n, 3, H, W]; cost: forwards and steering-reward rows per output).
     """
     from flowalign.evaluate import image_seed
@@ -552,8 +558,12 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
                 final, steer_r = res.final[pick.to(res.final.device)], res.reward[pick]
                 calls += res.reward_calls
                 particle = (pick - torch.arange(len(chunk)) * kk).tolist()
+                start_seed = [seeds[int(o)] for o in res.origin[pick]]  # the chosen particle's ancestor's noise
             else:
+                guide_rows = [0]  # rows the guidance scores (one per row and guided step): part of the cost
+
                 def diff_reward(images, ps):
+                    guide_rows[0] += len(ps)
                     rows = [prompts.index(p) for p in ps]
                     total = 0.0
                     for fn, w in steer_rewards.values():
@@ -569,8 +579,9 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
                     for j in range(len(chunk))])  # [P, *latent] one chain per output: batch-independent noise
                 with torch.no_grad():
                     steer_r = reward(final, torch.arange(len(chunk)))
-                calls += len(chunk)
+                calls += len(chunk) + guide_rows[0]
                 particle = [0] * len(chunk)
+                start_seed = list(seeds)
             with torch.no_grad():
                 images = model.decode(final).float().cpu()  # [P, 3, H, W]
             ps = [records[i]["prompt"] for i, _ in chunk]
@@ -579,7 +590,7 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
             for j, (i, s) in enumerate(chunk):
                 rec = dict(records[i])
                 rec.update(prompt_index=i, sample=s, seed=image_seed(seed, i, s * kk), particle=int(particle[j]),
-                           steer_reward=float(steer_r[j]))
+                           particle_seed=int(start_seed[j]), steer_reward=float(steer_r[j]))
                 rec.update({n: float(v[j]) for n, v in scores.items()})
                 out.append(rec)
                 if i < grid_prompts:
@@ -643,6 +654,7 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards.video import for_outputs
     from flowalign.samplers import KERNELS
     from flowalign.sample import check_device, check_lora_dir, check_new_dir, check_positive, load_lora_checked
+    from flowalign.values import parse_mode
 
     p = argparse.ArgumentParser(prog="flowalign steer", description=(
         "Steer a model toward a reward at inference (no training): best-of-N, Feynman-Kac particles or "
@@ -705,10 +717,12 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--potential {args.potential!r}: choose one of {', '.join(POTENTIALS)}")
     if args.resampler not in RESAMPLERS:
         raise UserError(f"--resampler {args.resampler!r}: choose one of {', '.join(RESAMPLERS)}")
-    if args.probe != "x0" and not (args.probe.startswith("ode:") and (args.probe[4:].isdigit() or args.probe[4:] == "full")):
+    try:
+        probe_ok = args.probe == "x0" or (args.probe.startswith("ode:") and parse_mode(args.probe).method == "euler")
+    except ValueError:  # e.g. ode:0, ode:00 (what fk_steer would refuse only after the model loaded)
+        probe_ok = False
+    if not probe_ok:
         raise UserError(f"--probe {args.probe!r}: use x0, ode:M (M >= 1) or ode:full")
-    if args.probe.startswith("ode:") and args.probe[4:] == "0":
-        raise UserError("--probe ode:0: M must be at least 1")
     if not math.isfinite(args.lam) or args.lam < 0:
         raise UserError(f"--lam must be a finite number >= 0, got {args.lam}")
     if not 0 < args.ess <= 1:
@@ -719,6 +733,9 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--guide-mode {args.guide_mode!r}: use x0 or dps")
     if args.normalize is not None and args.clip is not None:
         raise UserError("pass --normalize or --clip, not both")
+    for flag, c in (("--normalize", args.normalize), ("--clip", args.clip)):
+        if c is not None and not (math.isfinite(c) and c > 0):
+            raise UserError(f"{flag} must be a finite number > 0 (a per-sample gradient norm), got {c}")
     try:
         band = tuple(float(b) for b in args.band.split(","))
     except ValueError:

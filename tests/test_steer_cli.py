@@ -63,6 +63,7 @@ def test_best_of_n_picks_the_best_of_its_particles(model):
         r = steer_r["shapes_partial"][0](imgs, [PROMPTS[i]["prompt"]] * 4)
         assert rec["steer_reward"] == pytest.approx(float(r.max()), abs=1e-6)
         assert r[rec["particle"]] == r.max()
+        assert rec["particle_seed"] == seeds[rec["particle"]]  # regenerates the chosen image alone
 
 
 def test_steer_command_writes_results_summary_grid_and_report(tmp_path):

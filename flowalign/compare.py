@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,13 +40,24 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     cfg_file = run / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{run} is not a run directory (no config.yaml); pass directories written by `flowalign train`")
-    cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    train = cfg.get("train", {})
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{cfg_file}{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("train") or {}, dict):
+        raise UserError(f"{cfg_file}: not a flowalign config (needs a mapping with a train: mapping)")
+    train = cfg.get("train") or {}
     per_iter = int(train.get("groups_per_iter", 0)) * int(train.get("group_size", 0))
-    records = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    try:
+        records = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    except ValueError as err:  # a corrupt line before the last one
+        raise UserError(str(err)) from None
     nfe_after: dict[int, float] = {0: 0.0}
     sampled: dict[int, int] = {}  # iteration -> final samples scored (plans like TempFlow branching add rows)
     total, last_it, wall = 0.0, 0, 0.0
+    final_logged = 0  # the last end-of-run eval line (eval/*, no per-iteration keys): where eval/final was taken
     done = 0.0  # wall time of earlier sessions: ``time/elapsed_s`` restarts at 0 when a run is resumed
     for r in records:
         it = r.get("iteration")
@@ -58,6 +70,9 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         if counters:  # the trainer logs cumulative counters per phase
             total = sum(counters)
             nfe_after[it] = total
+        elif (it > 0 and any(k.startswith("eval/") for k in r) and "time/iteration_s" not in r
+              and not any(k.startswith(("train/", "rollouts/")) for k in r)):
+            final_logged = it
         last_it = max(last_it, it)
         elapsed = r.get("time/elapsed_s")
         if isinstance(elapsed, (int, float)):
@@ -71,7 +86,8 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     available: set[str] = set()  # the rewards the evaluations of this run hold (to name them when ``reward`` is not one)
     # ``final`` is after the last iteration; without a logged iteration (no metrics.jsonl) fall back to the
     # config's train.iterations, never 0, where it would silently replace the base point
-    final_it = last_it if last_it > 0 else int(train.get("iterations") or 0)
+    # a run resumed with a larger train.iterations keeps its earlier eval/final until the new one is written
+    final_it = final_logged or (last_it if last_it > 0 else int(train.get("iterations") or 0))
     if "final" in sums and final_it <= 0:
         raise UserError(f"{run}: cannot place eval/final (no iterations in metrics.jsonl or train.iterations in "
                         f"config.yaml)")
@@ -80,9 +96,15 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         overall = read_summary(path)["overall"]
         available.update(overall)
         value = overall.get(reward)
-        if value is None or not math.isfinite(float(value)):
+        if value is None:
             continue
-        pts.append((it, float(value)))
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: {reward} is {value!r}, not a number") from None
+        if not math.isfinite(value):
+            continue
+        pts.append((it, value))
     pts = sorted(dict(pts).items())  # a final eval at the last step replaces the step-N one
     credit = cfg.get("credit", {})
     tags = [str(p)] if (p := (credit.get("options") or {}).get("probe")) else []
@@ -127,7 +149,8 @@ def _check_curves(curves: Sequence[dict[str, Any]], reward: str) -> None:
 
 def _setting(cfg_file: Path, raw: dict) -> dict:
     """The run's resolved config (defaults filled in, so a run made before a field existed still matches a newer
-    one) without ``output.*`` and ``train.seed``; the raw YAML when it no longer loads."""
+    one) without ``output.*``, ``train.seed`` and what changes neither training nor the evaluation numbers (the
+    device, checkpointing, the eval batch size and grids); the raw YAML when it no longer loads."""
     from flowalign import config as C
 
     try:
@@ -135,13 +158,16 @@ def _setting(cfg_file: Path, raw: dict) -> dict:
     except UserError:
         tree = dict(raw)
     tree = {k: v for k, v in tree.items() if k != "output"}
-    tree["train"] = {k: v for k, v in (tree.get("train") or {}).items() if k != "seed"}
+    tree["train"] = {k: v for k, v in (tree.get("train") or {}).items()
+                     if k not in ("seed", "checkpoint_every", "keep_checkpoints")}
+    tree["model"] = {k: v for k, v in (tree.get("model") or {}).items() if k != "device"}
+    tree["eval"] = {k: v for k, v in (tree.get("eval") or {}).items() if k not in ("batch_size", "grid_prompts")}
     return tree
 
 
 def mean_over_seeds(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs whose configs differ only in ``train.seed`` (and ``output.*``) merged into one curve per setting, in
-    the order of their first run: ``value`` is the mean over seeds at each evaluation point, ``lo``/``hi`` the
+    """Runs whose configs differ only in ``train.seed`` (and ``output.*``, the device, checkpointing: ``_setting``)
+    merged into one curve per setting, in the order of their first run: ``value`` is the mean over seeds at each evaluation point, ``lo``/``hi`` the
     smallest and largest seed, ``seeds`` the seeds and ``finals`` each seed's last value; rollouts, NFE and wall
     time are means. A one-line ``UserError`` when the runs of one setting were evaluated at different points."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -176,6 +202,25 @@ def _check_out_dir(out: Path) -> None:
     """One-line ``UserError`` when ``--out`` exists as a file (``mkdir`` would fail after the runs were read)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a directory for compare.png and compare.md")
+    for parent in out.absolute().parents:  # mkdir under a file fails too
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {str(out)!r} is under {str(parent)!r}, a file; pass a directory")
+            break
+
+
+def _unique_labels(curves: Sequence[dict[str, Any]], run_dirs: Sequence[str | Path]) -> None:
+    """Runs of the same directory name (``runs/<method>/seed42``) are labelled by as many trailing path parts as
+    tell them apart; the same directory passed twice keeps its name."""
+    parts = [Path(os.path.abspath(d)).parts for d in run_dirs]
+    for i, c in enumerate(curves):
+        others = {parts[j] for j in range(len(parts)) if parts[j] != parts[i] and parts[j][-1] == parts[i][-1]}
+        if not others:
+            continue
+        k = 1
+        while k < len(parts[i]) and any(o[-k:] == parts[i][-k:] for o in others):
+            k += 1
+        c["label"] = "/".join(parts[i][-k:])
 
 
 def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict", *,
@@ -196,6 +241,7 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     _check_out_dir(out)
     curves = [run_curve(d, reward) for d in run_dirs]
     _check_curves(curves, reward)  # before anything is written
+    _unique_labels(curves, run_dirs)
     if seeds_mean:
         curves = mean_over_seeds(curves)
     per_seed = " | seeds: final each" if seeds_mean else ""

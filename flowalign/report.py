@@ -423,6 +423,18 @@ def find_summaries(run_dir: str | Path) -> dict[str, Path]:
     return found
 
 
+def _final_eval_iteration(records: Sequence[dict]) -> float | None:
+    """The iteration of the last end-of-run evaluation line in ``records`` (``eval/*`` keys and none of an
+    iteration's own: ``train/*``, ``rollouts/*``, ``nfe/*``, ``time/iteration_s``), or None."""
+    last = None
+    for r in records:
+        it = r.get("iteration")
+        if (_is_num(it) and it > 0 and any(k.startswith("eval/") for k in r) and "time/iteration_s" not in r
+                and not any(k.startswith(("train/", "rollouts/", "nfe/")) for k in r)):
+            last = float(it)
+    return last
+
+
 def plot_eval_history(run_dir: str | Path, records: Sequence[dict] = ()) -> list[Path]:
     """``plots/eval_<reward>.png`` from ``eval/*/summary.json``: one line per task plus the overall mean, with
     the base model at iteration 0, ``step-N`` at N and ``final`` after the last logged iteration."""
@@ -438,7 +450,9 @@ def plot_eval_history(run_dir: str | Path, records: Sequence[dict] = ()) -> list
         elif label.startswith("step-"):
             xs[label] = float(label[5:])
     if "final" in sums:
-        xs["final"] = max([*steps, *xs.values(), 0.0]) + (0.0 if steps else 1.0)
+        # where the final evaluation was taken: the last end-of-run line of metrics.jsonl (a run resumed with more
+        # iterations keeps its earlier eval/final until the new one is written), else after the last logged iteration
+        xs["final"] = _final_eval_iteration(records) or max([*steps, *xs.values(), 0.0]) + (0.0 if steps else 1.0)
     rewards = list(dict.fromkeys(r for s in sums.values() for r in s["overall"]))
     written = []
     for reward in rewards:

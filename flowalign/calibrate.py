@@ -47,7 +47,8 @@ def calibration_update(psi: Tensor, gains: Tensor, *, eps1: float = 2.0, eps2: f
 
     ``gains`` [N, T] reward gains ΔR of N trajectories (NaN entries ignored); ``steps`` [T] bool selects the
     calibrated steps (default: all). A balanced step (|#pos − #neg| < ε1) gets ψ_t + ε2, an unbalanced one
-    ψ_t − ε2, clamped at 0. Returns (new ψ [T], imbalance #pos − #neg [T]).
+    ψ_t − ε2, clamped at 0; a step without one finite gain keeps its ψ_t (0 positive and 0 negative there is no
+    evidence of balance). Returns (new ψ [T], imbalance #pos − #neg [T]).
     """
     g = gains.detach().to(torch.float64)
     ok = torch.isfinite(g)
@@ -56,6 +57,7 @@ def calibration_update(psi: Tensor, gains: Tensor, *, eps1: float = 2.0, eps2: f
     imbalance = pos - neg  # [T]
     balanced = imbalance.abs() < eps1
     step = torch.where(balanced, torch.full_like(psi, eps2), torch.full_like(psi, -eps2))
+    step = torch.where(ok.any(0).to(step.device), step, torch.zeros_like(step))
     if steps is not None:
         step = torch.where(steps.to(torch.bool), step, torch.zeros_like(step))
     return (psi + step).clamp_min(0.0), imbalance
@@ -143,10 +145,18 @@ def cli_main(argv: Sequence[str]) -> int:
     from pathlib import Path
 
     from flowalign.rewards import resolve as resolve_reward
-    from flowalign.sample import check_positive
+    from flowalign.sample import check_out_parent, check_positive
     from flowalign.values import parse_mode
 
     check_positive(steps=args.steps, iterations=args.iterations, max_batch=args.max_batch)
+    if args.steps < 2:  # the last step stays deterministic, so T = 1 leaves nothing to calibrate
+        raise UserError(f"--steps {args.steps}: nothing to calibrate (the last step is deterministic); use --steps >= 2")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UserError(f"--guidance must be a number >= 0 (1 = no CFG), got {args.guidance}")
+    # seed·1000003 must fit a generator seed (a traceback after the model loaded), and the CPU generator keeps only
+    # 32 bits, so larger seeds would only repeat smaller ones
+    if not -(1 << 32) < args.seed < (1 << 32):
+        raise UserError(f"--seed must be between -2**32 and 2**32 (exclusive), got {args.seed}")
     from flowalign.sample import check_device
 
     check_device(args.device)
@@ -165,6 +175,7 @@ def cli_main(argv: Sequence[str]) -> int:
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; pass the path of a JSON file, e.g. "
                         f"{Path(args.out) / 'eta.json'}")
+    check_out_parent(args.out)
     weights: dict[str, float] = {}
     for spec in args.reward or ["shapes_partial=1"]:
         name, _, w = spec.partition("=")
@@ -175,10 +186,16 @@ def cli_main(argv: Sequence[str]) -> int:
         except ValueError:
             raise UserError(f"--reward {spec!r}: the weight must be a number, e.g. --reward {name}=1") from None
         resolve_reward(name)  # an unknown name fails here, before the model loads
+    records = D.load_prompts(args.prompts)
     kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
     model = load_model(args.model, args.path, device=args.device, **kw)
     rewards = {k: build_reward(k) for k in weights}
-    records = D.load_prompts(args.prompts)
+    texts = list(dict.fromkeys(r.prompt for r in records))
+    # prompts are drawn at random per iteration: check them all here, not mid-run (as train and eval do)
+    for obj in [model, *rewards.values()]:
+        check = getattr(obj, "validate_prompts", None)
+        if check is not None:
+            check(texts)
     sigmas = model.schedule(args.steps).to(args.device)
     n_groups = args.n // args.group_size
     prompt_gen = torch.Generator().manual_seed(args.seed)

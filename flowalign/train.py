@@ -863,15 +863,26 @@ def _load_eta(cfg, sigmas: Optional[torch.Tensor] = None) -> float | torch.Tenso
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"cannot read a per-step 'eta' list from sampler.eta_file={str(path)!r} ({type(e).__name__}); "
                         f"write it with `flowalign calibrate`") from e
+    if not isinstance(eta, list):
+        raise UserError(f"sampler.eta_file={str(path)!r}: 'eta' must be a list of per-step noise levels, got "
+                        f"{type(eta).__name__}; write it with `flowalign calibrate`")
     if len(eta) != cfg.sampler.steps:
         raise UserError(f"sampler.eta_file has {len(eta)} etas but sampler.steps={cfg.sampler.steps}; they must match")
+    for t, v in enumerate(eta):  # a noise level is a finite number >= 0 (a NaN or a string would fail mid-rollout)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise UserError(f"sampler.eta_file={str(path)!r}: eta[{t}] = {v!r} is not a finite number >= 0; "
+                            f"write the file with `flowalign calibrate`")
     kernel = data.get("kernel") if isinstance(data, dict) else None
     if kernel is not None and kernel != cfg.sampler.kernel:
         raise UserError(f"sampler.eta_file={str(path)!r} holds {kernel} noise levels but sampler.kernel="
                         f"{cfg.sampler.kernel}; set sampler.kernel={kernel}")
     grid = data.get("sigmas") if isinstance(data, dict) else None
     if grid is not None and sigmas is not None:
-        g = torch.tensor([float(v) for v in grid], dtype=torch.float64)
+        try:
+            g = torch.tensor([float(v) for v in grid], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise UserError(f"sampler.eta_file={str(path)!r}: 'sigmas' must be a list of numbers; write the file with "
+                            f"`flowalign calibrate`") from None
         if g.shape[0] != sigmas.shape[0] or not torch.allclose(g, sigmas.detach().cpu().double(), atol=1e-5):
             raise UserError(f"sampler.eta_file={str(path)!r} was calibrated on another sigma grid (another model, shift "
                             f"or step count) than this run's; calibrate for this model with --steps {cfg.sampler.steps}")

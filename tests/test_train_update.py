@@ -3,6 +3,7 @@ metrics over pairs, EMA resume after a skipped step, the zero-std filter per rol
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -533,3 +534,21 @@ def test_options_of_a_reward_that_is_not_used_are_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="flowalign.train"):
         _check_components(_cfg(tmp_path / "run", "reward.kwargs={saturation: {}}"))
     assert any("reward.kwargs.saturation is set, but saturation is neither" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("eta, needle", [
+    (["0.3", 0.3, 0.2, 0.0], "eta[0] = '0.3'"),
+    ([0.3, float("nan"), 0.2, 0.0], "eta[1] = nan"),
+    ([0.3, 0.3, -0.2, 0.0], "eta[2] = -0.2"),
+    ({"0": 0.3}, "must be a list"),
+])
+def test_an_eta_file_with_a_bad_noise_level_is_one_line_before_the_run(tmp_path, eta, needle):
+    """A string, NaN or negative ψ_t used to pass (a traceback from float(), or NaN noise in every rollout)."""
+    from flowalign.errors import UserError
+    from flowalign.train import train
+
+    f = tmp_path / "eta.json"
+    f.write_text(json.dumps({"kernel": "dance_sde", "eta": eta}))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        train(_cfg(tmp_path / "run", "train.iterations=1", f"sampler.eta_file={f}", "sampler.kernel=dance_sde"))
+    assert not (tmp_path / "run").exists()

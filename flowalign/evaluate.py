@@ -226,22 +226,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     return summ
 
 
-def cli_main(argv: Sequence[str]) -> int:
-    """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
-    import argparse
-
-    from flowalign import data as D
-    from flowalign.errors import UserError
-    from flowalign.models import load_model
-    from flowalign.rewards import build_reward
-
-    p = argparse.ArgumentParser(prog="flowalign eval", description="Evaluate a model on a prompt set with rewards.")
-    p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
-    p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
-    p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N)")
-    p.add_argument("--prompts", default="shapes-bench", help="built-in prompt set name or .txt/.jsonl path")
-    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
-    p.add_argument("--rewards", default="shapes_strict,shapes_partial", help="comma-separated reward names")
+def add_component_args(p) -> None:
+    """``--reward-arg``, ``--per-frame`` and ``--model-arg`` on an argparse parser (``flowalign eval`` and ``steer``)."""
     p.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="reward constructor argument, e.g. pickscore.path=/weights/PickScore_v1 (repeatable)")
     p.add_argument("--per-frame", action="append", default=[], metavar="KEY=VALUE",
@@ -250,22 +236,18 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter argument, e.g. guidance_scale=3 (shapes) or height=1024 (sd3, flux) "
                         "(repeatable; values parsed as YAML)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (>= 2 adds pass@k of pass/fail rewards)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    args = p.parse_args(list(argv))
 
+
+def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, dict], dict, dict]:
+    """(reward kwargs per name, PerFrame options, model kwargs) from ``add_component_args``' options, each checked
+    against the constructor it goes to (one-line ``UserError``), before any model or reward is built."""
     import yaml
 
+    from flowalign.errors import UserError
     from flowalign.models import resolve as resolve_model
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwargs
-    from flowalign.rewards.video import check_per_frame, for_outputs
-    from flowalign.sample import check_device, check_lora_dir, check_new_dir, check_positive, load_lora_checked
+    from flowalign.rewards.video import check_per_frame
 
     def kv(text: str, flag: str) -> tuple[str, Any]:
         if "=" not in text:
@@ -276,13 +258,7 @@ def cli_main(argv: Sequence[str]) -> int:
         except yaml.YAMLError:
             return k.strip(), v
 
-    # every argument is checked before the model loads and before anything is written
-    check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
-    check_device(args.device)
-    out = check_new_dir(args.out)
-    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    if not names:
-        raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
+    names = list(dict.fromkeys(reward_names))
     reward_kwargs: dict[str, dict] = {n: {} for n in names}
     for text in args.reward_arg:
         key, value = kv(text, "--reward-arg")
@@ -300,6 +276,46 @@ def cli_main(argv: Sequence[str]) -> int:
             raise UserError(f"--model-arg {k}=...: pass --{k} instead")
     check_kwargs(resolve_model(args.model).from_pretrained, model_kwargs, f"--model-arg: model {args.model!r}",
                  reserved=("path", "device"))
+    return reward_kwargs, per_frame, model_kwargs
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
+    import argparse
+
+    from flowalign import data as D
+    from flowalign.errors import UserError
+    from flowalign.models import load_model
+    from flowalign.rewards import build_reward
+
+    p = argparse.ArgumentParser(prog="flowalign eval", description="Evaluate a model on a prompt set with rewards.")
+    p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
+    p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
+    p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N)")
+    p.add_argument("--prompts", default="shapes-bench", help="built-in prompt set name or .txt/.jsonl path")
+    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
+    p.add_argument("--rewards", default="shapes_strict,shapes_partial", help="comma-separated reward names")
+    add_component_args(p)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (>= 2 adds pass@k of pass/fail rewards)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    args = p.parse_args(list(argv))
+
+    from flowalign.rewards.video import for_outputs
+    from flowalign.sample import check_device, check_lora_dir, check_new_dir, check_positive, load_lora_checked
+
+    # every argument is checked before the model loads and before anything is written
+    check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
+    check_device(args.device)
+    out = check_new_dir(args.out)
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    if not names:
+        raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
+    reward_kwargs, per_frame, model_kwargs = parse_component_args(args, names)
     if args.lora:
         check_lora_dir(args.lora)
     records = D.load_prompts(args.prompts)

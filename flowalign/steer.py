@@ -646,7 +646,7 @@ def cli_main(argv: Sequence[str]) -> int:
 
     from flowalign import data as D
     from flowalign.errors import UserError
-    from flowalign.evaluate import summarize, summarize_pass_at_k
+    from flowalign.evaluate import add_component_args, parse_component_args, summarize, summarize_pass_at_k
     from flowalign.io import atomic_write_text
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
@@ -687,6 +687,7 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="a LoRA directory, e.g. a run's checkpoints/step-N")
+    add_component_args(p)  # --reward-arg (steering and evaluation rewards), --per-frame, --model-arg
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default=None,
@@ -767,6 +768,7 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError("--eval-rewards is empty; pass e.g. --eval-rewards shapes_strict")
     for n in [*weights, *eval_names]:
         resolve_reward(n)  # unknown names: one line with the closest one
+    reward_kwargs, per_frame, model_kwargs = parse_component_args(args, [*weights, *eval_names])
     if args.prompt_file and args.prompts:
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:
@@ -777,21 +779,22 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:
         check_lora_dir(args.lora)
-    steer_fns = {n: build_reward(n) for n in weights}
+    steer_fns = {n: build_reward(n, **reward_kwargs[n]) for n in weights}
     if args.method == "guided":
         flat = [n for n, fn in steer_fns.items() if not getattr(fn, "differentiable", False)]
         if flat:
             raise UserError(f"--method guided needs differentiable steering rewards; {flat} are not (see "
                             f"`flowalign rewards`); steer them with --method fk or best_of_n")
-    model = load_model(args.model, args.path, device=device)
+    model = load_model(args.model, args.path, device=device, **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
     rows = [{"prompt": r.prompt, **r.metadata} for r in records]
     for pr in dict.fromkeys(r["prompt"] for r in rows):
         model.encode([pr])  # out-of-grammar / unreadable prompts fail before any sampling
     outputs = getattr(model, "output_kind", "image")
-    steer_fns = {n: for_outputs(fn, outputs) for n, fn in steer_fns.items()}
-    eval_fns = {n: for_outputs(build_reward(n), outputs) for n in eval_names}
+    steer_fns = {n: for_outputs(fn, outputs, per_frame) for n, fn in steer_fns.items()}
+    eval_fns = {n: steer_fns[n] if n in steer_fns else for_outputs(build_reward(n, **reward_kwargs[n]), outputs, per_frame)
+                for n in eval_names}  # a reward both steers and scores: built (and its weights loaded) once
     for fn in [*steer_fns.values(), *eval_fns.values()]:
         check = getattr(fn, "validate_prompts", None)
         if check is not None:
@@ -818,6 +821,8 @@ def cli_main(argv: Sequence[str]) -> int:
         "guidance": float(getattr(model, "guidance_scale", float("nan"))), "kernel": kernel, "eta": eta,
         "seeds_per_prompt": args.seeds, "seed": args.seed, "prompts": len(rows), "model": args.model,
         "path": args.path or None, "lora": args.lora, "prompt_set": args.prompt_file,
+        **({"model_args": model_kwargs} if model_kwargs else {}),
+        **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
         **({"lam": args.lam, "potential": args.potential, "resampler": args.resampler, "probe": args.probe,
             "ess": args.ess, "resample_steps": schedule, "output": args.output} if args.method == "fk" else {}),
         **({"beta": args.beta, "guide_mode": args.guide_mode, "band": list(band), "normalize": args.normalize,

@@ -108,6 +108,9 @@ def test_guided_steering_with_a_differentiable_reward_raises_it(tmp_path, model)
     (["--reward", "shapes_partial:x"], ["weight"]),
     (["--method", "guided"], ["differentiable", "shapes_partial"]),
     (["--method", "fk", "--steps", "12", "--start", "99"], ["resampling", "--start"]),
+    (["--reward-arg", "shapes_partial.nope=1"], ["--reward-arg", "'shapes_partial'", "nope"]),
+    (["--reward-arg", "pickscore.path=/x"], ["NAME one of"]),
+    (["--model-arg", "nope=1"], ["--model-arg", "nope"]),
 ])
 def test_steer_refuses_bad_input_before_loading_the_model(tmp_path, capsys, no_model, extra, needles):
     out = tmp_path / "o"
@@ -121,3 +124,11 @@ def test_steer_refuses_a_non_empty_out_and_an_out_of_grammar_prompt(tmp_path, ca
     fails(capsys, ["steer", "a red circle", "--out", str(tmp_path / "o")], "not empty")
     assert (tmp_path / "o" / "keep.txt").read_text() == "x"
     fails(capsys, ["steer", "--out", str(tmp_path / "p")], "no prompts")
+
+
+def test_model_and_reward_arguments_reach_the_model_and_the_summary(tmp_path):
+    out = tmp_path / "o"
+    assert main(["steer", "a red circle", "--method", "none", "--steps", "3", "--model-arg", "guidance_scale=2",
+                 "--out", str(out)]) == 0
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["settings"]["guidance"] == 2.0 and summ["settings"]["model_args"] == {"guidance_scale": 2}

@@ -289,13 +289,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 except ValueError:
                     raise fail("an int") from None
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            if abs(value) >= 2**53:  # from 2**53 on, the float may have rounded the typed digits (another seed, silently)
+                raise UserError(f"{where}: {_short(value)} is too large to be an exact int as a float; "
+                                "write the digits without a decimal point or exponent")
             return int(value)
         raise fail("an int")
     if tp is float:
         if isinstance(value, bool):
             raise fail("a float")
         if isinstance(value, (int, float)):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond the float range
+                raise fail("a float") from None
         if isinstance(value, str):
             try:
                 return float(value.strip().replace("_", ""))
@@ -413,6 +419,8 @@ def _unique_key_loader():
     def mapping(loader, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: construct_mapping flattens it
+                continue
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -444,6 +452,9 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
         loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{loc}: malformed YAML: {problem}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # PyYAML's constructors, e.g. `!!float abc`
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: malformed YAML: cannot construct a value ({first})") from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -534,8 +545,10 @@ def _parse_override(text: str) -> tuple[list[str], Any, str]:
             value = raw_value  # e.g. an unknown YAML tag: keep the raw string, coercion decides
         else:
             raise UserError(f"override {text!r}: {str(err.problem).split(' (first')[0]} in the value; keep one") from None
-    except yaml.YAMLError:
-        value = raw_value  # not YAML (e.g. a path with ': '): keep the raw string, coercion decides
+    except (yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError):
+        # not YAML (e.g. a path with ': '), or a value PyYAML's constructors choke on (`!!bool maybe`, an int of
+        # more than 4300 digits): keep the raw string, coercion decides
+        value = raw_value
     return key.split("."), value, raw_value.strip()
 
 
@@ -573,7 +586,12 @@ def _apply_override(tree: dict, parts: list[str], value: Any, cls: type, text: s
             node[part] = child = dict(child) if isinstance(child, Mapping) else {}
             node = child
         if value is None:
-            node.pop(rest[-1], None)
+            if rest[-1] not in node:  # a typo would otherwise be a silent no-op
+                close = difflib.get_close_matches(rest[-1], [str(k) for k in node], n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"its keys: {', '.join(map(str, node)) or 'none'}"
+                raise UserError(f"override {text!r}: '{'.'.join([path, *rest])}' is not set, so there is nothing to "
+                                f"remove; {hint}")
+            node.pop(rest[-1])
         else:
             node[rest[-1]] = value
         tree[key] = current
@@ -884,6 +902,8 @@ def validate(cfg: ExperimentConfig) -> None:
     need(c.std_eps > 0, f"credit.std_eps={c.std_eps} must be > 0 (it keeps A finite for equal rewards)")
     need(c.std_ddof in (0, 1), f"credit.std_ddof={c.std_ddof} must be 0 (population) or 1 (unbiased)")
     need(c.adv_clip > 0, f"credit.adv_clip={c.adv_clip} must be > 0")
+    need(-(2**63) <= t.seed < 2**63,  # torch.manual_seed(seed) and the eval grid's seed + j must fit in 64 bits
+         f"train.seed={_short(t.seed)} must be in [-2**63, 2**63) (a 64-bit seed)")
     need(t.iterations >= 0, f"train.iterations={t.iterations} must be >= 0")
     need(t.groups_per_iter >= 1, f"train.groups_per_iter={t.groups_per_iter} must be >= 1")
     need(t.group_size >= 2,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
 import logging
@@ -87,11 +88,16 @@ def task_of(record: PromptRecord) -> str | None:
 
 def _parse_txt(text: str, source: str) -> list[PromptRecord]:
     out = []
-    for line in text.splitlines():
+    # newlines only (the reader already turned \r\n and \r into \n): str.splitlines() also breaks at U+2028, NEL,
+    # form feeds, ..., which would silently cut one prompt into two
+    for line in text.split("\n"):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         out.append(PromptRecord(line, {}))
     return out
+
+
+_JSON_TYPES = {type(None): "null", bool: "true/false", int: "number", float: "number", list: "list", dict: "object"}
 
 
 def _record_from_obj(obj: Any, where: str) -> PromptRecord:
@@ -100,6 +106,8 @@ def _record_from_obj(obj: Any, where: str) -> PromptRecord:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object with a \"prompt\" key, got {type(obj).__name__}")
     prompt = obj.get("prompt")
+    if "prompt" in obj and not isinstance(prompt, str):
+        raise UserError(f"{where}: \"prompt\" must be a string, got {_JSON_TYPES.get(type(prompt), type(prompt).__name__)}")
     if not isinstance(prompt, str):
         keys = ", ".join(map(str, obj)) or "none"
         raise UserError(f"{where}: no string \"prompt\" key (keys: {keys}); each line needs {{\"prompt\": \"...\", ...}}")
@@ -170,13 +178,27 @@ def load_prompts(name_or_path: str | Path) -> list[PromptRecord]:
         raise UserError(f"prompt file {path}: unsupported extension {suffix or '(none)'!r}; use .txt, .jsonl or .json")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
-    except UnicodeDecodeError as err:
-        raise UserError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     records = parser(text, str(path))
     if not records:
         raise UserError(f"prompt file {path} contains no prompts")
     logger.debug("loaded %d prompts from %s", len(records), path)
     return records
+
+
+def _not_utf8(path: Path) -> UserError:
+    """The error for a file that is not UTF-8, naming the line and the byte offset in the file (the utf-8-sig
+    decoder counts bytes after the BOM, so its own offset is 3 short when there is one)."""
+    raw = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        raw[skip:].decode("utf-8")
+        return UserError(f"prompt file {path} is not UTF-8 text; save it as UTF-8")  # changed while reading
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        line = 1 + raw.count(b"\n", 0, at) + raw.count(b"\r", 0, at) - raw.count(b"\r\n", 0, at)  # as the reader splits
+        return UserError(f"{path}:{line}: prompt file is not UTF-8 text ({err.reason} at byte {at}); save it as UTF-8")
 
 
 class PromptSampler:

@@ -71,7 +71,8 @@ credit-experiment: $(STAMP)
 
 # Steering at equal forwards on shapes-bench (docs/steering.md): all 240 prompts x 2 outputs per run, selecting on
 # shapes_partial and scoring shapes_strict; one directory per run, runs/steer_<STEER_TAG><run> (must not exist yet),
-# then one line per run (the listed runs took 64 min in all as one-thread runs, two at a time); e.g.
+# then one line per run and runs/steer_<STEER_TAG>plot.png (the listed runs took 64 min in all as one-thread
+# runs, two at a time); e.g.
 #   make steer-experiment STEER_RUNS="none bon4_sde fk4_max" STEER_EXTRA="--max-prompts 60" STEER_TAG=small_
 STEER_RUNS ?= none none_sde bon2 bon2_sde bon4 bon4_sde bon8 bon8_sde fk2_max fk4_max fk4_diff fk4_lam3 fk4_late fk4_ode2 fk4_drawn fk8_max
 STEER_THREADS ?= 2
@@ -91,6 +92,7 @@ steer-experiment: $(STAMP)
 	for r in $(STEER_RUNS); do $(BIN)/python -c "import json, sys; s = json.load(open(sys.argv[2])); \
 	  print(f\"{sys.argv[1]:10s} strict {s['overall']['shapes_strict']:.3f}  forwards/image {s['cost']['forwards_per_image']:.0f}\")" \
 	  $$r runs/steer_$(STEER_TAG)$$r/summary.json; done
+	$(BIN)/flowalign steer --plot $(addprefix runs/steer_$(STEER_TAG),$(STEER_RUNS)) --out runs/steer_$(STEER_TAG)plot.png
 
 # The whole test suite (CPU, offline).
 test: $(STAMP)

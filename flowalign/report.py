@@ -423,6 +423,37 @@ def find_summaries(run_dir: str | Path) -> dict[str, Path]:
     return found
 
 
+def plot_steering(summaries: Mapping[str, dict], path: str | Path, reward: str) -> Path:
+    """``reward`` of ``flowalign steer`` outputs against the forwards spent per image, one line per (method, kernel)
+    over its particle counts (``summaries``: label → ``summary.json`` with ``settings`` and ``cost``)."""
+    lines: dict[str, list[tuple[float, float, int]]] = {}
+    for s in summaries.values():
+        st, cost = s.get("settings") or {}, s.get("cost") or {}
+        y, x = (s.get("overall") or {}).get(reward), cost.get("forwards_per_image")
+        if not (_is_num(x) and _is_num(y) and math.isfinite(y)):
+            continue
+        method = st.get("method", "?")
+        extra = ""
+        if method == "fk":  # FK variants differ in more than k: name the settings that are not the defaults
+            opts = [f"{k}={st[k]}" for k, d in (("potential", "max"), ("lam", 10.0), ("probe", "x0"), ("output", "best"))
+                    if k in st and st[k] != d]
+            steps = st.get("resample_steps") or []
+            extra = (" " + " ".join(opts) if opts else "") + (f" from step {steps[0]}" if steps else "")
+        key = "plain" if method == "none" else method
+        if method in ("none", "best_of_n"):  # best-of-1 is plain sampling: one curve per kernel
+            key = "best-of-N"
+        label = f"{key}{extra}, {st.get('kernel', '?')}" + (f" {st['eta']:g}" if _is_num(st.get("eta")) and st["eta"] else "")
+        lines.setdefault(label, []).append((float(x), float(y), int(cost.get("particles", 1))))
+    fig, ax = _new_axes(f"steering: {reward} against cost", "model forwards per output image", reward)
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=label)
+        for x, y, k in pts:
+            ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6, color="#555")
+    ax.legend(fontsize=7, loc="best")
+    return _save_fig(fig, Path(path))
+
+
 def _final_eval_iteration(records: Sequence[dict]) -> float | None:
     """The iteration of the last end-of-run evaluation line in ``records`` (``eval/*`` keys and none of an
     iteration's own: ``train/*``, ``rollouts/*``, ``nfe/*``, ``time/iteration_s``), or None."""

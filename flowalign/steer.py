@@ -697,8 +697,14 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="particles per model batch")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty); with --plot, a .png file")
+    p.add_argument("--plot", nargs="+", metavar="STEER_DIR", default=None,
+                   help="sample nothing: plot --plot-reward of earlier `flowalign steer` outputs against the forwards "
+                        "per image (one line per method and kernel) into --out, and print one line per directory")
+    p.add_argument("--plot-reward", default="shapes_strict", help="the evaluation reward --plot shows")
     args = p.parse_args(list(argv))
+    if args.plot:
+        return _plot_runs(args.plot, args.out, args.plot_reward)
 
     # every argument is checked before the model loads and before anything is written
     if args.method not in METHODS:
@@ -848,4 +854,35 @@ def cli_main(argv: Sequence[str]) -> int:
     logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
     logger.info("cost: %.0f forwards and %.1f steering-reward rows per image (%s, k = %d); wrote %s",
                 cost["forwards_per_image"], cost["steer_reward_rows_per_image"], args.method, cost["particles"], out)
+    return 0
+
+
+def _plot_runs(dirs: Sequence[str], out: str, reward: str) -> int:
+    """``flowalign steer --plot DIR… --out F.png``: earlier outputs' ``reward`` against forwards per image."""
+    from pathlib import Path
+
+    from flowalign.errors import UserError
+    from flowalign.report import plot_steering, read_summary
+    from flowalign.sample import check_out_parent
+
+    if Path(out).suffix.lower() != ".png" or Path(out).is_dir():
+        raise UserError(f"--out {out!r}: with --plot, --out is the plot's .png file")
+    check_out_parent(out)
+    sums = {}
+    for d in dirs:
+        path = Path(d) / "summary.json"
+        if not path.is_file():
+            raise UserError(f"--plot {d!r}: no summary.json there; pass directories written by `flowalign steer`")
+        s = read_summary(path)
+        if "cost" not in s:
+            raise UserError(f"--plot {d!r}: its summary.json has no steering cost; pass directories written by "
+                            f"`flowalign steer` (not `flowalign eval`)")
+        if reward not in s["overall"]:
+            raise UserError(f"--plot {d!r} has no {reward!r} (it has {', '.join(s['overall'])}); pass --plot-reward")
+        sums[str(d)] = s
+    for d, s in sums.items():
+        logger.info("%-40s %s=%.3f  forwards/image=%.0f  (%s, k = %s)", d, reward, s["overall"][reward],
+                    s["cost"]["forwards_per_image"], s["settings"].get("method"), s["cost"].get("particles"))
+    written = plot_steering(sums, out, reward)
+    logger.info("wrote %s", written)
     return 0

@@ -153,3 +153,17 @@ def test_steering_runs_on_the_real_adapters(family, request):
     assert all(b["steer_reward"] >= p["steer_reward"] - 1e-6 for b, p in zip(bon, plain))  # particle 0 is plain's
     assert grid.shape[0] == 2 and torch.isfinite(grid).all()
     assert all(math.isfinite(r["steer_reward"]) for r in fk)
+
+
+def test_plot_mode_draws_earlier_outputs_and_refuses_other_directories(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, extra in ((a, ["--method", "none"]), (b, ["--method", "best_of_n", "-k", "2"])):
+        assert main(["steer", "a red circle", "--steps", "3", *extra, "--out", str(out)]) == 0
+    png = tmp_path / "plot.png"
+    assert main(["steer", "--plot", str(a), str(b), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    fails(capsys, ["steer", "--plot", str(tmp_path), "--out", str(tmp_path / "p.png")], "no summary.json")
+    fails(capsys, ["steer", "--plot", str(a), "--out", str(tmp_path / "p.jpg")], ".png")
+    fails(capsys, ["steer", "--plot", str(a), "--plot-reward", "hps", "--out", str(tmp_path / "p.png")], "--plot-reward")
+    assert not (tmp_path / "p.png").exists()

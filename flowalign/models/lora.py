@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -60,6 +61,12 @@ def add_lora(
 
     if has_lora(module, adapter_name):
         raise ValueError(f"module already has a LoRA adapter named {adapter_name!r}")
+    # peft checks only r > 0: a fractional rank would be truncated, alpha <= 0 gives a no-op (scale 0, zero
+    # gradient) or sign-flipped adapter, and a non-finite alpha makes every output NaN even at init (0 * nan)
+    if isinstance(rank, bool) or not float(rank).is_integer() or int(rank) < 1:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not math.isfinite(float(alpha)) or float(alpha) <= 0:
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
     names = [n for n, _ in module.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:  # peft only fails when *no* target matches; a typo in one of several would pass silently
@@ -165,15 +172,29 @@ def read_lora(directory, *, prefix: str = PREFIX) -> tuple[dict[str, Tensor], di
     return sd, config
 
 
+# LoraConfig fields that, with the tensors, determine the adapter's function (scale alpha/r or alpha/sqrt(r))
+_FUNCTION_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
+
+
 def load_lora(module: nn.Module, directory, *, adapter_name: str = "default", prefix: str = PREFIX) -> None:
     """Load a ``save_lora`` file into ``module`` (bitwise); inject the adapter from the stored config if absent."""
     from peft import LoraConfig, set_peft_model_state_dict
 
     sd, config = read_lora(directory, prefix=prefix)
+    cfg = None if config is None else LoraConfig(**{k: v for k, v in config.items()
+                                                     if k in LoraConfig.__dataclass_fields__})
+    if cfg is not None:
+        # Weights alone do not fix the function: copying them into an adapter of another alpha (or one add_lora
+        # builds without the stored rsLoRA / per-module patterns) would run them at the wrong scale, silently.
+        have = module.peft_config[adapter_name] if has_lora(module, adapter_name) else \
+            LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha)  # what add_lora below injects
+        diff = {f: (getattr(have, f), getattr(cfg, f)) for f in _FUNCTION_FIELDS if getattr(have, f) != getattr(cfg, f)}
+        if diff:
+            raise ValueError(f"{directory}: the stored LoRA config differs from the adapter it would load into "
+                             f"(field: (adapter, stored)): {diff}")
     if not has_lora(module, adapter_name):
-        if config is None:
+        if cfg is None:
             raise ValueError(f"{directory}: no LoRA config metadata; add_lora(...) with the right targets first")
-        cfg = LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__})
         add_lora(module, cfg.target_modules, cfg.r, cfg.lora_alpha, init=cfg.init_lora_weights,
                  adapter_name=adapter_name)
     expected = set(lora_state_dict(module, adapter_name))

@@ -113,7 +113,7 @@ class PretrainConfig:
     def validate(self) -> None:
         """One-line ``UserError`` for a value no run can use (a run of 0 steps would write an untrained final/)."""
         rules = [("steps", self.steps >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
-                 ("seed", self.seed >= 0, ">= 0"),
+                 ("seed", 0 <= self.seed < 2**64, "in [0, 2**64)"),  # torch.manual_seed takes 64 bits
                  ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
                  ("lr", self.lr >= 0, ">= 0"), ("warmup", self.warmup >= 0, ">= 0"),
                  ("min_lr_ratio", self.min_lr_ratio >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0"),
@@ -123,6 +123,9 @@ class PretrainConfig:
                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only at the end)"),
                  ("keep_checkpoints", self.keep_checkpoints >= 1, "at least 1"),
                  ("log_every", self.log_every >= 1, "at least 1"), ("threads", self.threads >= 0, ">= 0 (0 = as is)")]
+        # NaN/inf pass the range checks above (or have none) and train a NaN or degenerate model for the whole run
+        rules = [(f.name, math.isfinite(getattr(self, f.name)), "a finite number") for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), float)] + rules
         flags = {"steps", "batch_size", "lr", "seed", "threads"}  # also settable on the command line
         for name, ok, want in rules:
             if not ok:
@@ -234,7 +237,8 @@ def _checkpoints(out: Path) -> list[Path]:
     d = out / "checkpoints"
     if not d.is_dir():
         return []
-    found = [p for p in d.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file()]
+    found = [p for p in d.iterdir()  # not a copy such as step-250.bak
+             if p.name.startswith("step-") and p.name[5:].isdigit() and (p / "state.pt").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -351,6 +355,11 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     run early after that many total steps, as if killed right after the checkpoint at that step (tests).
     """
     out = Path(out)
+    for up in (out, *out.parents):  # the nearest existing ancestor: a file there fails only at mkdir, after the model is built
+        if up.exists():
+            if not up.is_dir():
+                raise UserError(f"run directory {str(out)!r} cannot be made: {str(up)!r} is a file")
+            break
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
@@ -533,5 +542,7 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--out {args.out!r} is a file; pass a run directory (new, or one to --resume)")
     if not args.resume and _checkpoints(Path(args.out)):
         raise UserError(f"{args.out!r} already holds checkpoints; pass --resume to continue or choose a new --out")
+    if (Path(args.out) / "final").exists() and not _checkpoints(Path(args.out)):  # its checkpoints were deleted
+        raise UserError(f"{args.out!r} holds a finished run (final/) and no checkpoint to resume; choose a new --out")
     pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     return 0

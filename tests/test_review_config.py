@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 
 from flowalign.config import ExperimentConfig, load_config
-from flowalign.errors import UserError
 
-
-def _err(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    msg = str(info.value)
-    assert "\n" not in msg, f"UserError must be one line: {msg!r}"
-    return msg
+from test_config import _err  # noqa: E402  (raises UserError, asserts one line, returns the message)
 
 
 def _write(path: Path, text: str) -> Path:

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from flowalign.models import load_model
 from flowalign.models import lora as L
@@ -16,14 +15,7 @@ from tiny_models import TINY_SIZES, tiny_flux_dir, tiny_wan_dir  # noqa: F401  (
 PROMPTS = ["a red cat", "two blue squares"]
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.ModuleDict({"to_q": nn.Linear(6, 6), "to_k": nn.Linear(6, 6)})
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.attn["to_q"](x) * self.attn["to_k"](x)))
+from test_lora import Tiny  # noqa: E402  (the small attention-like module the LoRA tests share)
 
 
 def _twin(m: Tiny) -> Tiny:

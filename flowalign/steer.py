@@ -561,22 +561,25 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
                 start_seed = [seeds[int(o)] for o in res.origin[pick]]  # the chosen particle's ancestor's noise
             else:
                 guide_rows = [0]  # rows the guidance scores (one per row and guided step): part of the cost
+                row = [0]  # the output whose chain is being guided (one chain per output, below)
 
                 def diff_reward(images, ps):
                     guide_rows[0] += len(ps)
-                    rows = [prompts.index(p) for p in ps]
                     total = 0.0
-                    for fn, w in steer_rewards.values():
-                        total = total + w * fn(images, ps, [meta[r] for r in rows]).float()
+                    for fn, w in steer_rewards.values():  # the row's own metadata, not the first with its prompt
+                        total = total + w * fn(images, ps, [meta[row[0]]] * len(ps)).float()
                     return total
 
                 guide = TiltGuidance(kernel=kernel, eta=etas, beta=beta, mode=guide_mode, reward=diff_reward,
                                      decode=model.decode, velocity=velocity, band=band, normalize=normalize, clip=clip)
                 guide.prompts = prompts
-                final = torch.cat([
-                    sample(velocity, x[j:j + 1], sigmas, cond, eta=etas, kernel=kernel, cond_index=cond_index[j:j + 1],
-                           generator=gens[j] if float(etas.max()) > 0 else None, mean_shift=_row_hook(guide, j)).final
-                    for j in range(len(chunk))])  # [P, *latent] one chain per output: batch-independent noise
+                finals = []
+                for j in range(len(chunk)):  # one chain per output: batch-independent noise
+                    row[0] = j
+                    finals.append(sample(velocity, x[j:j + 1], sigmas, cond, eta=etas, kernel=kernel,
+                                         cond_index=cond_index[j:j + 1], mean_shift=_row_hook(guide, j),
+                                         generator=gens[j] if float(etas.max()) > 0 else None).final)
+                final = torch.cat(finals)  # [P, *latent]
                 with torch.no_grad():
                     steer_r = reward(final, torch.arange(len(chunk)))
                 calls += len(chunk) + guide_rows[0]

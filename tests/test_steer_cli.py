@@ -167,3 +167,18 @@ def test_plot_mode_draws_earlier_outputs_and_refuses_other_directories(tmp_path,
     fails(capsys, ["steer", "--plot", str(a), "--out", str(tmp_path / "p.jpg")], ".png")
     fails(capsys, ["steer", "--plot", str(a), "--plot-reward", "hps", "--out", str(tmp_path / "p.png")], "--plot-reward")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_guided_reward_sees_each_outputs_own_metadata(model):
+    """Two records with the same prompt text and different metadata: the guidance must score each chain with its own
+    record (it used to look the row up by prompt text, so both got the first record's)."""
+    seen = []
+
+    def reward(images, prompts, meta):
+        seen.extend(m["tag"] for m in meta)
+        return images.flatten(1).mean(1)
+
+    reward.differentiable = True
+    recs = [{"prompt": "a red circle", "tag": "first"}, {"prompt": "a red circle", "tag": "second"}]
+    steer_prompts(model, recs, {"m": (reward, 1.0)}, {}, method="guided", steps=6, beta=0.05)
+    assert "second" in seen and seen.count("first") == seen.count("second")

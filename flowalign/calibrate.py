@@ -145,14 +145,13 @@ def cli_main(argv: Sequence[str]) -> int:
     from pathlib import Path
 
     from flowalign.rewards import resolve as resolve_reward
-    from flowalign.sample import check_out_parent, check_positive
+    from flowalign.sample import check_guidance, check_out_parent, check_positive
     from flowalign.values import parse_mode
 
     check_positive(steps=args.steps, iterations=args.iterations, max_batch=args.max_batch)
     if args.steps < 2:  # the last step stays deterministic, so T = 1 leaves nothing to calibrate
         raise UserError(f"--steps {args.steps}: nothing to calibrate (the last step is deterministic); use --steps >= 2")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise UserError(f"--guidance must be a number >= 0 (1 = no CFG), got {args.guidance}")
+    check_guidance(args.guidance)
     # seed·1000003 must fit a generator seed (a traceback after the model loaded), and the CPU generator keeps only
     # 32 bits, so larger seeds would only repeat smaller ones
     if not -(1 << 32) < args.seed < (1 << 32):

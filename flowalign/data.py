@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PromptRecord", "BUILTIN_PROMPTS", "load_prompts", "builtin_path", "describe_builtins", "task_of",
-    "PromptSampler", "shard_groups", "expand_groups",
+    "PromptSampler", "prompt_fingerprint", "shard_groups", "expand_groups",
 ]
 
 
@@ -206,11 +207,14 @@ class PromptSampler:
     ``0..n-1`` without shuffling); each iteration takes the next ``groups_per_iter`` indices, crossing epochs.
 
     The stream is a pure function of (seed, position), so ``state_dict()`` is tiny and resume is exact; the
-    same global list is produced on every rank, independent of the world size.
+    same global list is produced on every rank, independent of the world size. Built from records (not a
+    count), the state also holds a fingerprint of their text and metadata, so resuming over an edited prompt
+    file of the same length is refused instead of silently training on other prompts.
     """
 
     def __init__(self, records: Sequence[Any] | int, groups_per_iter: int, seed: int, shuffle: bool = True):
         self.n = records if isinstance(records, int) else len(records)
+        self.fingerprint = None if isinstance(records, int) else prompt_fingerprint(records)
         if self.n < 1:
             raise UserError("the training prompt set is empty")
         if groups_per_iter < 1:
@@ -253,8 +257,11 @@ class PromptSampler:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "iteration": self.iteration, "seed": self.seed,
-                "n": self.n, "groups_per_iter": self.groups_per_iter, "shuffle": self.shuffle}
+        state = {"epoch": self.epoch, "position": self.position, "iteration": self.iteration, "seed": self.seed,
+                 "n": self.n, "groups_per_iter": self.groups_per_iter, "shuffle": self.shuffle}
+        if self.fingerprint is not None:
+            state["prompts_sha256"] = self.fingerprint
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the stream position; fails if the prompt set or the seed/shuffle settings changed."""
@@ -263,6 +270,12 @@ class PromptSampler:
                 raise UserError(
                     f"cannot resume the prompt stream: the checkpoint has {key}={state[key]!r} but this run has {key}={mine!r} "
                     "(use the same prompt set, train.seed and data.shuffle as the original run)")
+        saved = state.get("prompts_sha256")  # absent in checkpoints written before it existed: nothing to check
+        if saved is not None and self.fingerprint is not None and saved != self.fingerprint:
+            raise UserError(
+                f"cannot resume the prompt stream: the training prompts changed since the checkpoint (same count, "
+                f"n={self.n}, but other prompt text or metadata: sha256 {saved[:12]}... vs {self.fingerprint[:12]}...); "
+                "resume with the original prompt file, or start a new run for the edited one")
         if state.get("groups_per_iter", self.groups_per_iter) != self.groups_per_iter:
             logger.warning("resuming with groups_per_iter=%d (checkpoint: %d): the stream continues from the same position",
                            self.groups_per_iter, state["groups_per_iter"])
@@ -276,6 +289,16 @@ class PromptSampler:
     def shard_groups(groups: Sequence[int], rank: int, world_size: int) -> list[int]:
         """See the module-level :func:`shard_groups`."""
         return shard_groups(groups, rank, world_size)
+
+
+def prompt_fingerprint(records: Sequence[Any]) -> str:
+    """sha256 hex of the prompts' text and metadata, in order: one JSON line per record (JSON escapes newlines,
+    so the joining is unambiguous; keys sorted so the metadata's key order does not matter)."""
+    h = hashlib.sha256()
+    for r in records:
+        item = [r.prompt, r.metadata] if isinstance(r, PromptRecord) else [r, {}]  # a bare string = a record without metadata
+        h.update(json.dumps(item, sort_keys=True, default=repr).encode("ascii") + b"\n")
+    return h.hexdigest()
 
 
 def shard_groups(groups: Sequence[int], rank: int, world_size: int) -> list[int]:

@@ -21,8 +21,32 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
     One seed per image, so any image can be regenerated alone: ``model.init_noise(1,
     torch.Generator().manual_seed(image_seed(...)))``. The same (seed, prompt index, k) gives the same
     noise whatever the batch size or the model, so base and fine-tuned models are compared on equal noise.
+
+    For ``0 <= k < 1009`` it is ``seed·1_000_003 + prompt_index·1_009 + k`` (every recorded measurement used
+    these). That formula repeats itself from k = 1009 on (``image_seed(0, 0, 1009) == image_seed(0, 1, 0)``), which
+    best-of-N and steering reach with seeds·particles >= 1009 per prompt, so larger k map elsewhere: bit 63 set
+    (never equal to a linear seed of a seed in [0, 2**63 / 1_000_003)), then ``seed mod 2**31`` in bits 32-62, and in
+    the low 32 bits (the only ones the CPU generator uses: ``manual_seed(v)`` and ``manual_seed(v % 2**32)`` draw
+    the same noise) a Cantor pairing of (prompt_index, k - 1009) placed half the 32-bit circle away from the run's
+    linear seeds, at a per-seed offset below 2**30. So within one run (one seed) every image has its own noise
+    as long as prompts·1009 < 2**31 and (prompts + k)²/2 < 2**30 (prompts + k up to about 46,000). The value
+    is below 2**64, as ``torch.Generator.manual_seed`` requires.
     """
-    return int(seed) * 1_000_003 + int(prompt_index) * 1_009 + int(k)
+    seed, i, k = int(seed), int(prompt_index), int(k)
+    if k < 1_009:
+        return seed * 1_000_003 + i * 1_009 + k
+    j = k - 1_009
+    pair = (i + j) * (i + j + 1) // 2 + j  # Cantor pairing: one number per (prompt, image), growing as (i + j)²/2
+    low = (seed * 1_000_003 + 2**31 + _splitmix64(seed) % 2**30 + pair) % 2**32
+    return 2**63 | ((seed % 2**31) << 32) | low
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64's output function (Steele et al. 2014): a well-mixed 64-bit word for an integer (mod 2**64)."""
+    z = (x + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
 
 
 def _reward_items(reward_fns: Any) -> list[tuple[str, Any]]:
@@ -306,10 +330,12 @@ def cli_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
 
     from flowalign.rewards.video import for_outputs
-    from flowalign.sample import check_device, check_lora_dir, check_new_dir, check_positive, load_lora_checked
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_new_dir, check_positive,
+                                  load_lora_checked)
 
     # every argument is checked before the model loads and before anything is written
     check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
+    check_guidance(args.guidance)
     check_device(args.device)
     out = check_new_dir(args.out)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]

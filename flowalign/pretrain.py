@@ -49,6 +49,7 @@ from flowalign.errors import UserError
 logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[int, int], tuple[list[str], Tensor]]  # (step, batch_size) -> (captions, images [B,3,H,W] in [0,1])
+MAX_THREADS = 1024  # the largest `threads` accepted: more would oversubscribe any machine this runs on
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,9 @@ class PretrainConfig:
                  ("uniform_fraction", 0 <= self.uniform_fraction <= 1, "in [0, 1]"),
                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only at the end)"),
                  ("keep_checkpoints", self.keep_checkpoints >= 1, "at least 1"),
-                 ("log_every", self.log_every >= 1, "at least 1"), ("threads", self.threads >= 0, ">= 0 (0 = as is)")]
+                 ("log_every", self.log_every >= 1, "at least 1"),
+                 # torch.set_num_threads overflows at 2**31 (a traceback) and below that would spawn a pool no machine has
+                 ("threads", 0 <= self.threads <= MAX_THREADS, f"in [0, {MAX_THREADS}] (0 = as is)")]
         # NaN/inf pass the range checks above (or have none) and train a NaN or degenerate model for the whole run
         rules = [(f.name, math.isfinite(getattr(self, f.name)), "a finite number") for f in dataclasses.fields(self)
                  if isinstance(getattr(self, f.name), float)] + rules
@@ -353,15 +356,25 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
 
     ``data`` overrides the registered data source (tests pass a tiny synthetic one); ``stop_after`` ends the
     run early after that many total steps, as if killed right after the checkpoint at that step (tests).
+    ``cfg.threads`` applies to this run only: the caller's torch thread count is restored on return or error.
     """
-    out = Path(out)
+    previous = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, Path(out), resume=resume, data=data, progress=progress, stop_after=stop_after)
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[BatchFn], progress: bool,
+              stop_after: Optional[int]) -> Any:
     for up in (out, *out.parents):  # the nearest existing ancestor: a file there fails only at mkdir, after the model is built
         if up.exists():
             if not up.is_dir():
                 raise UserError(f"run directory {str(out)!r} cannot be made: {str(up)!r} is a file")
             break
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     model = build_model(cfg)
     comps = components(model)

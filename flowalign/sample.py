@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -157,6 +158,20 @@ def check_new_dir(path: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+def check_guidance(value: Optional[float], flag: str = "--guidance") -> Optional[float]:
+    """``value`` (a CFG scale; None = the model's own) if it is a finite number >= 0, else a one-line ``UserError``
+    starting with ``flag``: NaN, inf or a negative scale would go straight into every model forward."""
+    if value is None:
+        return None
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} must be a finite number >= 0 (1 = no CFG), got {value!r}") from None
+    if not (math.isfinite(scale) and scale >= 0):
+        raise UserError(f"{flag} must be a finite number >= 0 (1 = no CFG), got {value}")
+    return scale
+
+
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1."""
     for name, value in values.items():
@@ -189,6 +204,7 @@ def cli_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
     check_positive(seeds=args.seeds, steps=args.steps)
+    check_guidance(args.guidance)
     device = check_device(args.device)
     if args.kernel not in KERNELS:
         import difflib

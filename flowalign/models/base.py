@@ -11,7 +11,9 @@ always runs in fp32; LoRA weights are fp32 master weights.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -152,3 +154,108 @@ def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: A
 def pipeline_modules(pipe: Any) -> dict[str, nn.Module]:
     """Every nn.Module component of a diffusers pipeline, by name."""
     return {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
+
+
+# ---- the scheduler's sigma grid ------------------------------------------------------------------
+#
+# flowalign builds the grid itself (samplers handle σ only), so every scheduler option that changes diffusers' grid is
+# either reproduced by ``flow_match_sigmas`` or refused at load time: a checkpoint is never silently sampled on a grid
+# other than the one its diffusers pipeline would use.
+
+# The FlowMatchEulerDiscreteScheduler options ``flow_match_sigmas`` reproduces. A non-default value of any other
+# __init__ option (invert_sigmas, stochastic_sampling, or one a newer diffusers adds) is refused.
+FLOW_MATCH_OPTIONS = frozenset({
+    "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "time_shift_type", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas",
+})
+
+
+def refuse_scheduler_options(scheduler: Any, family: str, expected: Mapping[str, Any]) -> None:
+    """``UserError`` (one line) for the first option in the scheduler's config whose value is not ``expected[option]``.
+
+    Options absent from the config are not checked. None, False and 0 are the same "off" value, as diffusers tests them
+    with ``if config.option``.
+    """
+    cfg = scheduler.config
+    for key, want in expected.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if value == want or (not value and not want):
+            continue
+        raise UserError(
+            f"{family}: the checkpoint's scheduler ({type(scheduler).__name__}) sets {key}={value!r}, which flowalign "
+            f"does not support yet; set {key} to {want!r} in scheduler/scheduler_config.json"
+        )
+
+
+def check_flow_match_scheduler(scheduler: Any, family: str) -> None:
+    """Refuse, at load time, a scheduler whose grid ``flow_match_sigmas`` does not reproduce: another scheduler class,
+    or a FlowMatchEulerDiscreteScheduler with a non-default option outside ``FLOW_MATCH_OPTIONS``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise UserError(
+            f"{family}: the pipeline's scheduler is {type(scheduler).__name__}; flowalign reproduces only "
+            f"FlowMatchEulerDiscreteScheduler's sigma grid, so load the checkpoint with that scheduler"
+        )
+    params = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    refuse_scheduler_options(scheduler, family, {
+        k: p.default for k, p in params.items() if k not in FLOW_MATCH_OPTIONS and p.default is not p.empty
+    })
+
+
+def flow_match_sigmas(config: Mapping[str, Any], steps: int, *, mu: Optional[float] = None,
+                      sigmas: Optional[Tensor] = None) -> Tensor:
+    """The sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.from_config(config)`` after
+    ``set_timesteps(steps, sigmas=sigmas, mu=mu)``, float32 [T+1] ending in 0, computed in float64 (METHODS.md §1.2-1.3).
+
+    The steps of ``set_timesteps``: (1) without ``sigmas``, u = linspace(σ_max, σ_min, T) over the training table
+    (σ_max = 1; σ_min = shift_s(1/N), or 1/N when the table is unshifted because of dynamic shifting); (2) the static
+    shift shift_s(u), or the dynamic time shift e^μ/(e^μ + 1/u − 1) ("exponential") or μ/(μ + 1/u − 1) ("linear");
+    (3) ``shift_terminal``: stretch 1 − σ so the last sigma is the terminal value; (4) Karras / exponential / beta
+    spacing between the first and last sigma (``config`` ``sigma_min`` / ``sigma_max`` override them, as in diffusers);
+    (6) append 0. Options ``check_flow_match_scheduler`` refuses are not handled here.
+    """
+    from flowalign.samplers.schedules import shift
+
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = int(steps)
+    dynamic = bool(config.get("use_dynamic_shifting", False))
+    s = float(config.get("shift", 1.0))
+    if sigmas is None:
+        n = int(config.get("num_train_timesteps", 1000))
+        sigma_min = 1.0 / n if dynamic else s * (1.0 / n) / (1.0 + (s - 1.0) * (1.0 / n))
+        u = torch.linspace(n, sigma_min * n, steps, dtype=torch.float64) / n  # [T]
+    else:
+        u = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)  # [T]
+    if dynamic:
+        if mu is None:
+            raise ValueError("mu is required when the scheduler has use_dynamic_shifting")
+        m = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else float(mu)
+        sig = m / (m + (1.0 / u - 1.0))  # [T]
+    else:
+        sig = shift(u, s)  # [T]
+    terminal = config.get("shift_terminal")
+    if terminal:  # LTX-Video's stretch: 1 − σ scaled so that σ_{T−1} = shift_terminal
+        one_minus = 1.0 - sig
+        sig = 1.0 - one_minus / (one_minus[-1] / (1.0 - float(terminal)))
+    if config.get("use_karras_sigmas") or config.get("use_exponential_sigmas") or config.get("use_beta_sigmas"):
+        lo = config.get("sigma_min")
+        hi = config.get("sigma_max")
+        lo = float(sig[-1]) if lo is None else float(lo)
+        hi = float(sig[0]) if hi is None else float(hi)
+        ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)  # [T]
+        if config.get("use_karras_sigmas"):  # Karras et al. 2022, ρ = 7
+            rho = 7.0
+            sig = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+        elif config.get("use_exponential_sigmas"):
+            sig = torch.exp(torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64))
+        else:  # "Beta Sampling is All You Need", α = β = 0.6
+            import scipy.stats
+
+            ppf = torch.from_numpy(scipy.stats.beta.ppf((1.0 - ramp).numpy(), 0.6, 0.6)).to(torch.float64)
+            sig = lo + ppf * (hi - lo)
+    return torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)  # [T+1]

@@ -9,9 +9,13 @@
 * Guidance is distilled (FLUX.1-dev): the raw ``guidance_scale`` (e.g. 3.5) goes to the ``guidance``
   input (the transformer scales it by 1000 inside); one forward per step, no CFG batch doubling.
   Models without a guidance embedding (schnell) ignore ``guidance_scale``.
-* Timestep: σ itself in [0, 1] (the transformer multiplies by 1000 inside; METHODS.md §1.5).
+* Timestep: σ itself in [0, 1] (the transformer multiplies by 1000 inside; METHODS.md §1.5); σ·N/1000 for a
+  scheduler with num_train_timesteps N ≠ 1000, as FluxPipeline passes it.
 * Schedule: the resolution-dependent dynamic shift ``flux_dynamic(T, L)`` with the scheduler's μ
-  constants (METHODS.md §1.3); a scheduler without dynamic shifting (schnell) uses its static shift.
+  constants (METHODS.md §1.3); a scheduler without dynamic shifting (schnell) uses its static shift; the scheduler's
+  ``time_shift_type``, ``shift_terminal`` and Karras / exponential / beta spacing are applied as diffusers does
+  (``base.flow_match_sigmas``). A scheduler option flowalign does not reproduce (another scheduler class,
+  ``invert_sigmas``, ``stochastic_sampling``) is refused when the model is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.models.base import FlowAdapter, load_pipeline, pipeline_modules
+from flowalign.models.base import (
+    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules,
+)
 from flowalign.types import Cond
 
 DEFAULT_PATH = "black-forest-labs/FLUX.1-dev"
@@ -65,7 +71,10 @@ class FluxModel(FlowAdapter):
         vsf = pipe.vae_scale_factor
         if height % (2 * vsf) or width % (2 * vsf):
             raise UserError(f"FLUX height/width must be multiples of {2 * vsf}, got {height}x{width}")
+        check_flow_match_scheduler(pipe.scheduler, "flux")
         self.pipe = pipe
+        # FluxPipeline passes the scheduler's timestep σ·N divided by 1000 (N = num_train_timesteps, 1000 for FLUX.1).
+        self.timestep_scale = float(pipe.scheduler.config.get("num_train_timesteps", 1000)) / 1000.0
         self.height, self.width = int(height), int(width)
         self.max_sequence_length = int(max_sequence_length)
         self.latent_hw = (height // vsf, width // vsf)  # unpacked VAE latent h, w
@@ -105,23 +114,26 @@ class FluxModel(FlowAdapter):
         return {"prompt_embeds": pe, "pooled": pooled}  # [N, S, D], [N, P]
 
     def schedule(self, steps: int) -> Tensor:
-        from flowalign.samplers.schedules import flux_dynamic, shifted_linear
+        """The sigmas ``FluxPipeline`` sets: ``set_timesteps(sigmas=linspace(1, 1/T, T), mu=μ(L))`` with the
+        scheduler's μ constants (a scheduler without dynamic shifting, FLUX.1-schnell, ignores μ and applies its static
+        shift), every grid option of the scheduler included (``flow_match_sigmas``)."""
+        from flowalign.samplers.schedules import flux_mu
 
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
         cfg = self.pipe.scheduler.config
-        if not cfg.get("use_dynamic_shifting", False):
-            # FluxPipeline passes μ, but a scheduler without dynamic shifting (FLUX.1-schnell: shift 1) ignores it and
-            # applies its static shift to linspace(1, 1/T, T) (+ 0), which is shifted_linear(T, shift).
-            return shifted_linear(steps, float(cfg.get("shift", 1.0)))  # [T+1]
-        return flux_dynamic(
-            steps, self.latent_shape[0],
+        mu = flux_mu(
+            self.latent_shape[0],
             base_seq_len=int(cfg.get("base_image_seq_len", 256)), max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
             base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.15)),
-        )  # [T+1]
+        )
+        u = torch.linspace(1.0, 1.0 / steps, int(steps), dtype=torch.float64)  # [T] FluxPipeline's sigmas
+        return flow_match_sigmas(cfg, steps, mu=mu, sigmas=u)  # [T+1]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """v(x, σ | c); x [B, L, 4C] fp32 → v [B, L, 4C] fp32."""
         b = x.shape[0]
-        sig = self._sigma_batch(sigma, b, x.device)  # [B] in [0, 1]; the transformer scales by 1000
+        sig = self._sigma_batch(sigma, b, x.device) * self.timestep_scale  # [B] σ·N/1000; ×1000 inside
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)  # [B]

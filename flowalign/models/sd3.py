@@ -5,9 +5,12 @@
 * Text: two CLIP encoders + T5 through the pipeline's own ``encode_prompt``; the negative branch is the
   empty prompt (or ``negative_prompt``). ``encode`` returns both branches per prompt, batch-first.
 * Velocity: CFG by batch doubling [uncond, cond], v = v_u + w·(v_c − v_u) with w = ``guidance_scale``
-  (no CFG when w ≤ 1, as in diffusers); timestep = 1000·σ (METHODS.md §1.5).
-* Schedule: ``sd3_diffusers(T, shift=scheduler.config.shift)``, the scheduler's own double-shift grid (§1.2);
-  a scheduler with ``use_dynamic_shifting`` gets the pipeline's resolution-dependent μ instead (``schedule``).
+  (no CFG when w ≤ 1, as in diffusers); timestep = N·σ, N = the scheduler's num_train_timesteps = 1000
+  (METHODS.md §1.5).
+* Schedule: the scheduler's own ``set_timesteps(T)`` grid (``base.flow_match_sigmas``): the double-shift grid of
+  §1.2 for SD3/3.5, the pipeline's resolution-dependent μ when the scheduler has ``use_dynamic_shifting``, and
+  ``shift_terminal`` / Karras / exponential / beta spacing when set. A scheduler option flowalign does not reproduce
+  (another scheduler class, ``invert_sigmas``, ``stochastic_sampling``) is refused when the model is loaded.
 * Noise: drawn in the pipeline dtype and upcast, so a seed gives ``StableDiffusion3Pipeline``'s start.
 """
 
@@ -19,7 +22,9 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.models.base import FlowAdapter, load_pipeline, pipeline_modules
+from flowalign.models.base import (
+    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules,
+)
 from flowalign.types import Cond
 
 DEFAULT_PATH = "stabilityai/stable-diffusion-3.5-medium"
@@ -40,7 +45,10 @@ class SD3Model(FlowAdapter):
         multiple = vsf * pipe.transformer.config.patch_size
         if height % multiple or width % multiple:
             raise UserError(f"SD3 height/width must be multiples of {multiple}, got {height}x{width}")
+        check_flow_match_scheduler(pipe.scheduler, "sd3")
         self.pipe = pipe
+        # The pipeline's timestep is the scheduler's σ·N (N = num_train_timesteps, 1000 for SD3/3.5).
+        self.timestep_scale = float(pipe.scheduler.config.get("num_train_timesteps", 1000))
         self.height, self.width = int(height), int(width)
         self.max_sequence_length = int(max_sequence_length)
         self.negative_prompt = negative_prompt
@@ -89,34 +97,25 @@ class SD3Model(FlowAdapter):
 
     def schedule(self, steps: int) -> Tensor:
         """The sigmas ``StableDiffusion3Pipeline`` sets on its scheduler (``set_timesteps(T)``, plus ``mu`` when the
-        scheduler has ``use_dynamic_shifting``)."""
-        import math
-
-        from flowalign.samplers.schedules import flux_mu, sd3_diffusers, shift
+        scheduler has ``use_dynamic_shifting``), every grid option of the scheduler included (``flow_match_sigmas``)."""
+        from flowalign.samplers.schedules import flux_mu
 
         cfg = self.pipe.scheduler.config
-        n = int(cfg.get("num_train_timesteps", 1000))
-        if not cfg.get("use_dynamic_shifting", False):
-            return sd3_diffusers(steps, shift=float(cfg.get("shift", 3.0)), num_train_timesteps=n)  # [T+1]
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        # The pipeline's μ = calculate_shift((h/p)·(w/p)), the scheduler's constants (pipeline max_shift default 1.16).
-        p = self.transformer.config.patch_size
-        mu = flux_mu((self.latent_shape[1] // p) * (self.latent_shape[2] // p),
-                     base_seq_len=int(cfg.get("base_image_seq_len", 256)),
-                     max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
-                     base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.16)))
-        # A dynamic scheduler's training table is unshifted (σ_min = 1/N), so set_timesteps(T, mu) time-shifts
-        # u = linspace(1, 1/N, T): e^μ/(e^μ + 1/u − 1) = shift_{e^μ}(u) ("exponential"); μ/(μ + 1/u − 1) = shift_μ(u)
-        # ("linear").
-        s = math.exp(mu) if cfg.get("time_shift_type", "exponential") == "exponential" else mu
-        u = torch.linspace(n, 1, steps, dtype=torch.float64) / n  # [T]
-        return torch.cat([shift(u, s), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)  # [T+1]
+        mu = None
+        if cfg.get("use_dynamic_shifting", False):
+            # The pipeline's μ = calculate_shift((h/p)·(w/p)), the scheduler's constants (pipeline max_shift
+            # default 1.16).
+            p = self.transformer.config.patch_size
+            mu = flux_mu((self.latent_shape[1] // p) * (self.latent_shape[2] // p),
+                         base_seq_len=int(cfg.get("base_image_seq_len", 256)),
+                         max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
+                         base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.16)))
+        return flow_match_sigmas(cfg, steps, mu=mu)  # [T+1]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """v(x, σ | c) with CFG; x [B, C, h, w] fp32 → v [B, C, h, w] fp32."""
         b = x.shape[0]
-        t = self._sigma_batch(sigma, b, x.device) * 1000.0  # [B] model timestep in [0, 1000]
+        t = self._sigma_batch(sigma, b, x.device) * self.timestep_scale  # [B] model timestep σ·N in [0, N]
         cfg = self.guidance_scale > 1.0
         h = x.to(self.dtype)
         enc, pooled = cond["prompt_embeds"], cond["pooled"]

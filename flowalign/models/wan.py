@@ -5,9 +5,13 @@
 * Text: UMT5 last hidden states, zero-padded to ``max_sequence_length`` (pipeline ``encode_prompt``);
   negative-prompt CFG, ``encode`` returns both branches per prompt.
 * Velocity: CFG v = v_u + w·(v_c − v_u) with both branches in one batch-doubled forward [uncond, cond]
-  (the pipeline runs two forwards; the result agrees to float rounding); timestep = 1000·σ.
+  (the pipeline runs two forwards; the result agrees to float rounding); timestep = N·σ, N = the scheduler's
+  num_train_timesteps = 1000.
 * Schedule: ``shifted_linear(T, flow_shift)`` (METHODS.md §1.4) replaces the pipeline's UniPC scheduler;
-  ``flow_shift`` defaults to the scheduler config's (3.0 for 480p, 5.0 for 720p).
+  ``flow_shift`` defaults to the scheduler config's (3.0 for 480p, 5.0 for 720p; ``shift`` for a
+  FlowMatchEulerDiscreteScheduler). A scheduler whose options reshape its grid beyond that shift
+  (``SCHEDULER_EXPECTED``: Karras / exponential / beta sigmas, dynamic shifting, ``shift_terminal``, non-flow sigmas)
+  is refused when the model is loaded.
 * Decode: fp32 VAE → [B, F, 3, H, W] in [0, 1].
 Wan 2.2 two-expert pipelines (``transformer_2``) are not supported.
 """
@@ -20,10 +24,25 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.models.base import FlowAdapter, load_pipeline, pipeline_modules
+from flowalign.models.base import FlowAdapter, load_pipeline, pipeline_modules, refuse_scheduler_options
 from flowalign.types import Cond
 
 DEFAULT_PATH = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+# The grid is flowalign's shifted_linear(T, flow_shift), not the scheduler's, and the step is flowalign's kernel, so the
+# scheduler's solver options (UniPC's order, corrector, final sigma; Euler's stochastic_sampling) do not apply. These
+# options would make the checkpoint's own schedule something other than a flow grid shifted by flow_shift (or its
+# timesteps something other than N·σ), so a scheduler that sets them is refused at load time.
+SCHEDULER_EXPECTED = {
+    "prediction_type": "flow_prediction",  # UniPC / DPM-Solver: a flow-matching model at all
+    "use_flow_sigmas": True,
+    "use_dynamic_shifting": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "invert_sigmas": False,
+}
 
 
 class WanModel(FlowAdapter):
@@ -49,7 +68,10 @@ class WanModel(FlowAdapter):
         self.height, self.width, self.num_frames = int(height), int(width), int(num_frames)
         self.max_sequence_length = int(max_sequence_length)
         self.negative_prompt = negative_prompt
+        refuse_scheduler_options(pipe.scheduler, "wan", SCHEDULER_EXPECTED)
         sched = pipe.scheduler.config
+        # The pipeline's timestep is the scheduler's σ·N (N = num_train_timesteps, 1000 for Wan 2.1).
+        self.timestep_scale = float(sched.get("num_train_timesteps", 1000))
         if flow_shift is None:
             flow_shift = sched.get("flow_shift", sched.get("shift", 3.0))
         self.flow_shift = float(flow_shift)
@@ -91,7 +113,7 @@ class WanModel(FlowAdapter):
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """v(x, σ | c) with CFG; x [B, C, F′, h, w] fp32 → v of the same shape, fp32."""
         b = x.shape[0]
-        t = self._sigma_batch(sigma, b, x.device) * 1000.0  # [B] model timestep in [0, 1000]
+        t = self._sigma_batch(sigma, b, x.device) * self.timestep_scale  # [B] model timestep σ·N in [0, N]
         cfg = self.guidance_scale > 1.0
         h, enc = x.to(self.dtype), cond["prompt_embeds"]
         if cfg:

@@ -1,0 +1,253 @@
+"""Review of the adapters' sigma grids against their diffusers schedulers' config options: one regression test per gap
+(each implemented or refused option fails on the old code, which read only shift / dynamic shifting and silently
+sampled every other option on a different grid than diffusers).
+
+(a) options flowalign reproduces: the adapter's grid equals the scheduler's own ``set_timesteps`` sigmas, called the way
+    the pipeline calls it, and a whole Euler run equals the pipeline's;
+(b) options it does not reproduce: loading refuses them with a one-line ``UserError``;
+(c) default configs keep exactly the old grids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flowalign.errors import UserError
+from flowalign.models import load_model
+from tiny_models import TINY_SIZES, tiny_flux_dir, tiny_sd3_dir, tiny_wan_dir  # noqa: F401  (fixtures)
+
+SEQ = 16  # T5 / UMT5 max_sequence_length of the tiny models
+PROMPTS = ["a red cat on the left of a blue dog", "two small yellow stars"]
+STEPS = (3, 10, 28)
+# Dynamic-shift constants away from the defaults, so the tests see each one read (tiny SD3/FLUX latents: 64 tokens).
+DYNAMIC = dict(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.3, max_shift=1.2)
+
+
+@pytest.fixture(scope="module")
+def srcs():
+    from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
+
+    return {"sd3": tiny_sd3_pipeline(), "flux": tiny_flux_pipeline(), "wan": tiny_wan_pipeline()}
+
+
+def _euler(**config):
+    """FlowMatchEulerDiscreteScheduler from a config dict (``from_config`` keeps extra keys such as sigma_min)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def _adapter(srcs, family, scheduler):
+    """The family's adapter on the tiny pipeline with ``scheduler`` swapped in (what loading a checkpoint with that
+    scheduler config gives)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, WanPipeline
+
+    from flowalign.models import resolve
+
+    cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline, "wan": WanPipeline}[family]
+    pipe = cls(**{**srcs[family].components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    return resolve(family)(pipe, max_sequence_length=SEQ, **TINY_SIZES[family])
+
+
+def _pipeline_sigmas(family, model, steps):
+    """The sigmas the family's diffusers pipeline sets on a fresh copy of the adapter's scheduler for ``steps``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    cfg = model.pipe.scheduler.config
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    if family == "flux":  # FluxPipeline.__call__, step 5: sigmas and μ always passed
+        mu = calculate_shift(model.latent_shape[0], cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        retrieve_timesteps(sched, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    else:  # StableDiffusion3Pipeline.__call__, step 5: μ only with dynamic shifting
+        kwargs = {}
+        if cfg.get("use_dynamic_shifting", False):
+            p = model.transformer.config.patch_size
+            kwargs["mu"] = calculate_shift((model.latent_shape[1] // p) * (model.latent_shape[2] // p),
+                                           cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+        retrieve_timesteps(sched, steps, "cpu", **kwargs)
+    return sched.sigmas.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) options flowalign reproduces: the grid is diffusers' grid
+
+IMPLEMENTED = {
+    "shift_terminal": dict(shift=3.0, shift_terminal=0.1),
+    "karras": dict(shift=3.0, use_karras_sigmas=True),
+    "exponential": dict(shift=3.0, use_exponential_sigmas=True),
+    "beta": dict(shift=3.0, use_beta_sigmas=True),
+    "karras+terminal": dict(shift=3.0, use_karras_sigmas=True, shift_terminal=0.05),
+    "exponential+config_sigma_min": dict(shift=3.0, use_exponential_sigmas=True, sigma_min=0.02),
+    "num_train_timesteps": dict(shift=3.0, num_train_timesteps=500),
+    "dynamic_exponential": dict(**DYNAMIC),
+    "dynamic_linear": dict(**DYNAMIC, time_shift_type="linear"),
+    "dynamic_linear+terminal": dict(**DYNAMIC, time_shift_type="linear", shift_terminal=0.1),
+    "dynamic+beta": dict(**DYNAMIC, use_beta_sigmas=True),
+    "dynamic+karras+terminal": dict(**DYNAMIC, use_karras_sigmas=True, shift_terminal=0.02),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPLEMENTED))
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_grid_option_gives_the_diffusers_grid(srcs, family, case):
+    """The adapter's grid == the scheduler's ``set_timesteps`` sigmas called as the pipeline calls it (1e-6)."""
+    model = _adapter(srcs, family, _euler(**IMPLEMENTED[case]))
+    for steps in STEPS:
+        ours, ref = model.schedule(steps), _pipeline_sigmas(family, model, steps)
+        assert ours.dtype == torch.float32 and ours.shape == ref.shape == (steps + 1,)
+        assert torch.allclose(ours, ref, atol=1e-6, rtol=0), (steps, ours, ref)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
+def test_euler_run_equals_the_pipeline_with_nondefault_options(srcs, family):
+    """A whole 3-step Euler run on the adapter's grid equals the pipeline's own run with ``num_train_timesteps=500`` (the
+    model then gets the timestep σ·500, not 1000·σ) and, for SD3/FLUX, ``shift_terminal`` (Wan: flowalign's own grid
+    replaces the scheduler's by design, so the run uses the pipeline's sigmas to check the timestep alone)."""
+    from flowalign.samplers import sample
+
+    options = dict(shift=3.0, num_train_timesteps=500)
+    if family != "wan":
+        options["shift_terminal"] = 0.1
+    model = _adapter(srcs, family, _euler(**options))
+    pipe = model.pipe
+    x0 = model.init_noise(2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = pipe(PROMPTS, latents=x0.clone(), num_inference_steps=3, guidance_scale=model.guidance_scale,
+                   max_sequence_length=SEQ, output_type="latent", **TINY_SIZES[family])
+        ref = out.frames if family == "wan" else out.images
+        sigmas = pipe.scheduler.sigmas.float()
+        if family != "wan":
+            assert torch.allclose(model.schedule(3), sigmas, atol=1e-6, rtol=0), (model.schedule(3), sigmas)
+            sigmas = model.schedule(3)
+        final = sample(model.velocity, x0, sigmas, model.encode(PROMPTS), eta=0.0, kernel="euler").final
+    assert (final - x0).abs().max() > 0.1  # the comparison is not vacuous
+    assert torch.allclose(final, ref, atol=2e-5, rtol=0), (final - ref).abs().max()
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) options flowalign does not reproduce: refused at load time, in one line
+
+
+def _assert_one_line_refusal(excinfo, *words):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+REFUSED_EULER = {
+    "invert_sigmas": dict(shift=3.0, invert_sigmas=True),
+    "stochastic_sampling": dict(shift=3.0, stochastic_sampling=True),
+}
+
+
+@pytest.mark.parametrize("option", list(REFUSED_EULER))
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_unreproduced_euler_option_is_refused(srcs, family, option):
+    with pytest.raises(UserError) as e:
+        _adapter(srcs, family, _euler(**REFUSED_EULER[option]))
+    _assert_one_line_refusal(e, family, f"{option}=True", "not support")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_other_scheduler_class_is_refused(srcs, family):
+    """SD3/FLUX grids are FlowMatchEulerDiscreteScheduler's; a Heun (or any other) scheduler samples on another grid."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    with pytest.raises(UserError) as e:
+        _adapter(srcs, family, FlowMatchHeunDiscreteScheduler(shift=3.0))
+    _assert_one_line_refusal(e, family, "FlowMatchHeunDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+def _unipc(**kw):
+    from diffusers import UniPCMultistepScheduler
+
+    base = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0)
+    return UniPCMultistepScheduler(**{**base, **kw})
+
+
+REFUSED_WAN = {
+    "unipc:use_karras_sigmas": (lambda: _unipc(use_karras_sigmas=True), "use_karras_sigmas=True"),
+    "unipc:use_exponential_sigmas": (lambda: _unipc(use_exponential_sigmas=True), "use_exponential_sigmas=True"),
+    "unipc:use_beta_sigmas": (lambda: _unipc(use_beta_sigmas=True), "use_beta_sigmas=True"),
+    "unipc:use_dynamic_shifting": (lambda: _unipc(use_dynamic_shifting=True), "use_dynamic_shifting=True"),
+    "unipc:shift_terminal": (lambda: _unipc(shift_terminal=0.1), "shift_terminal=0.1"),
+    "unipc:use_flow_sigmas": (lambda: _unipc(use_flow_sigmas=False), "use_flow_sigmas=False"),
+    "unipc:prediction_type": (lambda: _unipc(prediction_type="epsilon"), "prediction_type='epsilon'"),
+    "euler:shift_terminal": (lambda: _euler(shift=3.0, shift_terminal=0.1), "shift_terminal=0.1"),
+    "euler:use_karras_sigmas": (lambda: _euler(shift=3.0, use_karras_sigmas=True), "use_karras_sigmas=True"),
+    "euler:use_dynamic_shifting": (lambda: _euler(**DYNAMIC), "use_dynamic_shifting=True"),
+    "euler:invert_sigmas": (lambda: _euler(shift=3.0, invert_sigmas=True), "invert_sigmas=True"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_WAN))
+def test_wan_scheduler_that_reshapes_its_grid_is_refused(srcs, case):
+    """Wan samples on flowalign's ``shifted_linear(T, flow_shift)``; a scheduler whose own grid is more than that shift
+    (or not a flow grid) would be silently replaced by a different one."""
+    make, words = REFUSED_WAN[case]
+    with pytest.raises(UserError) as e:
+        _adapter(srcs, "wan", make())
+    _assert_one_line_refusal(e, "wan", words, "not support")
+
+
+@pytest.mark.parametrize("family,option,value", [
+    ("sd3", "invert_sigmas", True), ("flux", "stochastic_sampling", True), ("wan", "use_karras_sigmas", True),
+])
+def test_loading_a_checkpoint_with_a_refused_option(tiny_sd3_dir, tiny_flux_dir, tiny_wan_dir,  # noqa: F811
+                                                     tmp_path, family, option, value):
+    """The real loading path: the checkpoint's scheduler/scheduler_config.json sets the option."""
+    src = {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir, "wan": tiny_wan_dir}[family]
+    ckpt = shutil.copytree(src, tmp_path / family)
+    path = ckpt / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), option: value}))
+    with pytest.raises(UserError) as e:
+        load_model(family, str(ckpt), max_sequence_length=SEQ, **TINY_SIZES[family])
+    _assert_one_line_refusal(e, family, f"{option}={value!r}")
+
+
+@pytest.mark.parametrize("scheduler", [
+    lambda: _euler(shift=5.0, stochastic_sampling=True),
+    lambda: _unipc(flow_shift=5.0, solver_order=3, final_sigmas_type="sigma_min"),
+], ids=["euler_stochastic", "unipc_solver_options"])
+def test_wan_solver_options_do_not_apply(srcs, scheduler):
+    """The scheduler's step rule (UniPC's order and final sigma, Euler's stochastic_sampling) is replaced by flowalign's
+    kernel for Wan by design; only its shift matters: the grid is shifted_linear(T, 5)."""
+    from flowalign.samplers.schedules import shifted_linear
+
+    model = _adapter(srcs, "wan", scheduler())
+    assert torch.equal(model.schedule(10), shifted_linear(10, 5.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) default configs keep exactly the old grids
+
+
+def test_default_configs_keep_the_old_grids(srcs, tiny_sd3_dir, tiny_flux_dir, tiny_wan_dir):  # noqa: F811
+    from flowalign.samplers.schedules import flux_dynamic, sd3_diffusers, shift, shifted_linear
+
+    sd3 = load_model("sd3", str(tiny_sd3_dir), max_sequence_length=SEQ, **TINY_SIZES["sd3"])
+    flux = load_model("flux", str(tiny_flux_dir), max_sequence_length=SEQ, **TINY_SIZES["flux"])
+    wan = load_model("wan", str(tiny_wan_dir), max_sequence_length=SEQ, **TINY_SIZES["wan"])
+    flux_static = {s: _adapter(srcs, "flux", _euler(shift=s)) for s in (1.0, 3.0)}
+    sd3_dynamic = _adapter(srcs, "sd3", _euler(**DYNAMIC))
+    mu = 0.3 + (64 - 16) * (1.2 - 0.3) / (256 - 16)  # the tiny SD3 latent: (16/2)² = 64 tokens
+    for steps in range(1, 61):
+        assert torch.equal(sd3.schedule(steps), sd3_diffusers(steps, shift=3.0)), steps
+        assert torch.equal(flux.schedule(steps), flux_dynamic(steps, 64)), steps
+        for s, model in flux_static.items():
+            assert torch.equal(model.schedule(steps), shifted_linear(steps, s)), (steps, s)
+        assert torch.equal(wan.schedule(steps), shifted_linear(steps, 3.0)), steps
+        u = torch.linspace(1000, 1, steps, dtype=torch.float64) / 1000  # the old SD3 dynamic-shift grid
+        old = torch.cat([shift(u, math.exp(mu)), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
+        assert torch.equal(sd3_dynamic.schedule(steps), old), steps

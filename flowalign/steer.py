@@ -98,7 +98,7 @@ RESAMPLERS: dict[str, Callable[[Tensor, Optional[torch.Generator]], Tensor]] = {
 class PotentialState(NamedTuple):
     """Per-particle potential state [n] each (METHODS.md §6.2)."""
 
-    r_prev: Tensor  # the last intermediate reward (``diff``; r_init = 0)
+    r_prev: Tensor  # the last intermediate twist λ·r (``diff``; r_init = 0)
     m_prev: Tensor  # the running maximum (``max``; starts at −∞)
     a_prev: Tensor  # the running sum (``sum``)
     log_g: Tensor  # L: Σ log G applied along the particle's ancestry (never reset)
@@ -115,8 +115,14 @@ def _apply(state: PotentialState, log_g: Tensor, **changes: Tensor) -> tuple[Ten
 
 
 def potential_diff(r: Tensor, state: PotentialState, lam: float) -> tuple[Tensor, PotentialState]:
-    """log G = λ·(r_t − r_prev); r_prev ← r_t. The increments telescope to λ·(r_last − r_init)."""
-    return _apply(state, lam * (r - state.r_prev), r_prev=r)
+    """log G = λ_t·r_t − λ_prev·r_prev; r_prev ← r_t (stored as the applied twist λ_t·r_t).
+
+    With a constant λ this is λ·(r_t − r_prev) and the increments telescope to λ·(r_last − r_init); storing the
+    product keeps them telescoping under a tempered λ_t too (``fk_steer(temper=…)``), where log G is the ratio of
+    the DAS twists log ψ_t − log ψ_prev (METHODS.md §6.4).
+    """
+    twist = lam * r
+    return _apply(state, twist - state.r_prev, r_prev=twist)
 
 
 def potential_max(r: Tensor, state: PotentialState, lam: float) -> tuple[Tensor, PotentialState]:
@@ -171,6 +177,36 @@ def resample_steps(steps: int, every: Optional[int] = None, start: Optional[int]
     if not 0 <= start < steps:
         raise ValueError(f"first resampling step {start} must be a step index 0 … {steps - 1}")
     return sorted(set(range(start, min(end, steps - 1) + 1, every)) | {steps - 1})
+
+
+def temper_factors(steps: int, start: int, gamma: Optional[float]) -> Tensor:
+    """Tempering f_t of λ per step [T] (DAS, Kim et al. 2025, "Test-time Alignment of Diffusion Models without
+    Reward Over-optimization", arXiv:2501.05803; METHODS.md §6.4): λ_t = λ·f_t with f_t = min((1+γ)^(t−start+1) − 1, 1)
+    from the first resampling step on and 0 before it; ``gamma=None`` gives f = 1 everywhere.
+
+    DAS writes (1+γ)^(i−start) − 1, which is 0 at i = start; flowalign counts one step later so the first
+    resampling step is not a no-op [flowalign]. DAS's γ = 0.008 is for 100 steps; for T steps a ramp that reaches 1
+    at the end needs γ ≈ 2^(1/(T − start)) − 1 (0.09 for T = 12 from step 2).
+    """
+    if gamma is None:
+        return torch.ones(steps, dtype=torch.float64)
+    if not math.isfinite(gamma) or gamma <= 0:
+        raise ValueError(f"temper={gamma} must be finite and > 0 (DAS's γ, e.g. 0.008 for 100 steps)")
+    t = torch.arange(steps, dtype=torch.float64)
+    f = ((1.0 + gamma) ** (t - start + 1) - 1.0).clamp(max=1.0)  # [T]
+    return torch.where(t >= start, f, torch.zeros_like(f))
+
+
+def proposal_log_ratio(shift: Tensor, std: Tensor, noise: Tensor) -> Tensor:
+    """log p(x'|x) − log q(x'|x) per row [n] for x' = μ + δ + s·ξ drawn from the shifted proposal q = N(μ + δ, s²)
+    instead of the kernel p = N(μ, s²) (the importance correction of a guided proposal, DAS / TDS; METHODS.md §6.4).
+
+    −‖δ + sξ‖²/(2s²) + ‖sξ‖²/(2s²) = −Σ (δ²/(2s²) + δ·ξ/s), summed over the latent; ``shift`` δ and ``noise`` ξ
+    [n, *latent], ``std`` s broadcastable to them (> 0). Computed in float64.
+    """
+    d = shift.to(torch.float64)  # [n, *latent]
+    s = std.to(torch.float64).expand_as(d)  # [n, *latent]
+    return -(d * d / (2.0 * s * s) + d * noise.to(torch.float64) / s).flatten(1).sum(dim=1)  # [n]
 
 
 # ------------------------------------------------------------------------------------------ the FK loop
@@ -237,7 +273,9 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
              lam: float, cond_index: Optional[Tensor] = None, steps_s: Optional[Sequence[int]] = None,
              potential: str = "max", eta: float | Tensor = 0.7, kernel: str = "flow_sde", probe: str = "x0",
              resampler: str = "systematic", ess_threshold: float = 0.5, generator=None,
-             resample_generator: Optional[torch.Generator] = None) -> SteerResult:
+             resample_generator: Optional[torch.Generator] = None,
+             proposal: Optional[Callable[..., Optional[Tensor]]] = None,
+             temper: Optional[float] = None) -> SteerResult:
     """Feynman–Kac steering of k particles per group (Singhal et al. 2025, arXiv:2501.06848; METHODS.md §6.2).
 
     Target per group: p_tar(x_T) ∝ p(x_T | c)·exp(λ·r(x_T)), p the sampler's own distribution (kernel and CFG
@@ -260,6 +298,14 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
             that group's resampling, so a group's result does not depend on the other groups in the batch;
         resample_generator: with a single (or no) ``generator``, draws the resampling and ``drawn`` (None: torch's
             global generator).
+        proposal: a guided proposal (DAS, METHODS.md §6.4): a ``mean_shift`` hook ``(x, v, σ_t, σ_{t+1}, t, cond_b)
+            -> δ | None`` such as ``TiltGuidance``; at every stochastic step the particles are drawn from
+            N(μ_t + f_t·δ, s_t²) instead of the kernel's N(μ_t, s_t²), and ℓw gains the importance correction
+            log p − log q (``proposal_log_ratio``), so the weighted particles still target p·exp(λ·r). Not called at
+            deterministic (η = 0) steps, where q would be a point mass off p.
+        temper: DAS's γ: λ_t = λ·f_t (``temper_factors``) in the intermediate potentials and f_t scales the
+            proposal's shift; the final correction uses the full λ, so the target is unchanged. Use ``potential="diff"``
+            for DAS's twist ratios ψ_t/ψ_prev.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1 particle per group, got {k}")
@@ -287,6 +333,7 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
     s_list = resample_steps(steps) if steps_s is None else sorted(set(int(s) for s in steps_s))
     if any(not 0 <= s < steps for s in s_list):
         raise ValueError(f"resampling steps must be step indices 0 … {steps - 1}, got {s_list}")
+    fac = temper_factors(steps, s_list[0] if s_list else 0, temper)  # [T] f_t
     if s_list and lam > 0 and k > 1 and not bool((eta_t[s_list[0]:] > 0).any()):
         logger.warning("FK steering with a deterministic kernel after the first resampling step (%d): duplicated "
                        "particles stay identical and FK reduces to best-of-N with wasted forwards; use a stochastic "
@@ -313,7 +360,7 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
             r = reward(z, torch.arange(b, device=dev)).detach().to(torch.float64).cpu().reshape(b)  # [P·k]
             calls += b
             r = torch.where(torch.isfinite(r), r, torch.full_like(r, -math.inf))
-            log_g, state = POTENTIALS[potential](r, state, lam)
+            log_g, state = POTENTIALS[potential](r, state, lam * float(fac[t]))
             # a dead particle stays dead: −∞ − (−∞) and −∞ + ∞ are NaN → −∞; ±∞ must stay ±∞ (nan_to_num's default
             # makes them ±1.8e308, and a `diff` particle killed at one step came back with ℓw = 0 at the next)
             logw = torch.nan_to_num(logw + log_g.view(p, k), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
@@ -334,7 +381,17 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
                 logw[go] = 0.0
         tr = kern(x, v, sig[t], sig[t + 1], eta_t[t].to(dev))
         if float(eta_t[t]) > 0:
-            x = tr.mean + tr.std * _group_noise(tr.mean, k, generator)  # [P·k, *latent]
+            shift = None
+            if proposal is not None and float(fac[t]) > 0:
+                shift = proposal(x, v, sig[t], sig[t + 1], t, cond_b)  # [P·k, *latent] or None
+            xi = _group_noise(tr.mean, k, generator)  # [P·k, *latent]
+            if shift is None:
+                x = tr.mean + tr.std * xi  # [P·k, *latent]
+            else:
+                shift = float(fac[t]) * shift.to(torch.float32)  # [P·k, *latent]
+                x = tr.mean + shift + tr.std * xi  # [P·k, *latent]
+                corr = proposal_log_ratio(shift, tr.std, xi).cpu().view(p, k)  # [P, k]
+                logw = torch.nan_to_num(logw + corr, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         else:
             x = tr.mean
     r_final = reward(x, torch.arange(b, device=dev)).detach().to(torch.float64).cpu().reshape(b)  # [P·k]
@@ -480,6 +537,9 @@ class TiltGuidance:
 METHODS = ("none", "best_of_n", "fk", "guided")
 """``flowalign steer --method``: plain sampling, best-of-N, FK particles, h-transform reward guidance."""
 
+PROPOSALS = ("kernel", "guided")
+"""FK proposals: the sampler's own kernel, or the kernel shifted by ``TiltGuidance`` with importance weights (DAS)."""
+
 
 def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str, tuple[Callable, float]],
                   eval_rewards: Mapping[str, Callable], *, method: str, steps: int, k: int = 4, lam: float = 10.0,
@@ -488,6 +548,7 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
                   ess_threshold: float = 0.5, schedule: Optional[Sequence[int]] = None, output: str = "best",
                   beta: float = 1.0, guide_mode: str = "x0", band: tuple[float, float] = (0.05, 0.8),
                   normalize: Optional[float] = None, clip: Optional[float] = None, grid_prompts: int = 0,
+                  proposal: str = "kernel", temper: Optional[float] = None,
                   progress: bool = False) -> tuple[list[dict], Optional[Tensor], dict]:
     """Steer every (prompt, sample) of ``records`` and score the outputs with ``eval_rewards``.
 
@@ -500,12 +561,20 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
     ancestor: with best-of-N, ``flowalign eval``/``sample`` with that seed redraws the image), ``steer_reward`` and one
     float per evaluation reward; the first ``grid_prompts`` prompts' images
     [n, 3, H, W]; cost: forwards and steering-reward rows per output).
+
+    FK's ``proposal="guided"`` is DAS (METHODS.md §6.4): the particles move by ``TiltGuidance`` (``guide_mode``,
+    ``band``, ``normalize``, ``clip``) toward the same tilt exp(λ·r), β = 1/λ, with the importance correction in
+    the weights; ``temper`` is DAS's γ (``temper_factors``).
     """
     from flowalign.evaluate import image_seed
     from flowalign.samplers.loop import eta_schedule, sample
 
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; choose one of {', '.join(METHODS)}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"unknown FK proposal {proposal!r}; choose one of {', '.join(PROPOSALS)}")
+    if proposal == "guided" and (method != "fk" or not lam > 0):
+        raise ValueError("a guided proposal is FK's (DAS): it needs method='fk' and lam > 0")
     kk = k if method in ("best_of_n", "fk") else 1  # "none" is best-of-1: the same batched loop
     sigmas = model.schedule(steps)  # [T+1]
     etas = eta_schedule(steps, eta)  # [T]
@@ -538,7 +607,7 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
             cond_index = torch.tensor([row_of[i] for i, _ in unit_rows], device=x.device)  # [B]
             prompts = [records[i]["prompt"] for i, _ in unit_rows]
             meta = [dict(records[i]) for i, _ in unit_rows]
-            gens = [torch.Generator().manual_seed(image_seed(seed, i, s) * 7919 + 1) for i, s in chunk]
+            gens = [torch.Generator().manual_seed((image_seed(seed, i, s) * 7919 + 1) % 2**64) for i, s in chunk]
 
             def reward(z: Tensor, rows: Tensor) -> Tensor:
                 images = model.decode(z)  # [n, 3, H, W] in [0, 1]
@@ -549,18 +618,32 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
                     total = total + w * fn(images, ps, ms).detach().float().cpu()
                 return total  # [n]
 
+            guide_rows = [0]  # rows the guidance scores (one per row and guided step): part of the cost
             if method != "guided":
+                das = None
+                if proposal == "guided":
+                    def batch_reward(images, ps):  # rows are the batch's particles, in order (resampling keeps groups)
+                        guide_rows[0] += len(ps)
+                        total = 0.0
+                        for fn, w in steer_rewards.values():
+                            total = total + w * fn(images, ps, meta).float()
+                        return total
+
+                    das = TiltGuidance(kernel=kernel, eta=etas, beta=1.0 / lam, mode=guide_mode, reward=batch_reward,
+                                       decode=model.decode, velocity=velocity, band=band, normalize=normalize,
+                                       clip=clip)
+                    das.prompts = prompts
                 res = fk_steer(velocity, x, sigmas, cond, reward, k=kk, lam=lam if method == "fk" else 0.0,
                                cond_index=cond_index, steps_s=schedule if method == "fk" else (),
                                potential=potential, eta=etas, kernel=kernel, probe=probe, resampler=resampler,
-                               ess_threshold=ess_threshold, generator=gens)
+                               ess_threshold=ess_threshold, generator=gens, proposal=das,
+                               temper=temper if method == "fk" else None)  # (guidance enables grad inside)
                 pick = res.best if output == "best" or method == "best_of_n" else res.drawn  # [P]
                 final, steer_r = res.final[pick.to(res.final.device)], res.reward[pick]
-                calls += res.reward_calls
+                calls += res.reward_calls + guide_rows[0]
                 particle = (pick - torch.arange(len(chunk)) * kk).tolist()
                 start_seed = [seeds[int(o)] for o in res.origin[pick]]  # the chosen particle's ancestor's noise
             else:
-                guide_rows = [0]  # rows the guidance scores (one per row and guided step): part of the cost
                 row = [0]  # the output whose chain is being guided (one chain per output, below)
 
                 def diff_reward(images, ps):
@@ -656,7 +739,8 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.video import for_outputs
     from flowalign.samplers import KERNELS
-    from flowalign.sample import check_device, check_lora_dir, check_new_dir, check_positive, load_lora_checked
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_new_dir, check_positive,
+                                  load_lora_checked)
     from flowalign.values import parse_mode
 
     p = argparse.ArgumentParser(prog="flowalign steer", description=(
@@ -680,9 +764,19 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--every", type=int, default=None, help="FK: resample every N steps (default max(1, T//10))")
     p.add_argument("--start", type=int, default=None, help="FK: first resampling step (default round(0.2 T))")
     p.add_argument("--end", type=int, default=None, help="FK: last regular resampling step (default round(0.8 T))")
-    p.add_argument("--output", default="best", choices=("best", "drawn"),
-                   help="FK: the highest-reward particle, or one drawn from the final weights (a target sample)")
-    p.add_argument("--beta", type=float, default=1.0, help="guided: the tilt is exp(r/beta)")
+    p.add_argument("--output", default=None, choices=("best", "drawn"),
+                   help="FK: the highest-reward particle (default), or one drawn from the final weights (a target sample)")
+    p.add_argument("--proposal", default="kernel", choices=PROPOSALS,
+                   help="FK: move particles with the sampler's kernel, or 'guided': DAS, the kernel shifted by reward-"
+                        "gradient guidance toward exp(lam*r) with importance weights (--guide-mode/--band/--normalize/"
+                        "--clip; differentiable steering rewards)")
+    p.add_argument("--temper", type=float, default=None,
+                   help="FK: DAS tempering gamma: lam_t = lam*min((1+gamma)^(t-start+1)-1, 1) before the final step")
+    p.add_argument("--reward-std", default=None, metavar="STD_OR_DIR",
+                   help="express --lam (fk) and --beta (guided) per reward standard deviation: a number, or an earlier "
+                        "`flowalign steer`/`eval` output directory whose results.jsonl scored the steering rewards "
+                        "(their weighted sum's std over its images is used)")
+    p.add_argument("--beta", type=float, default=None, help="guided: the tilt is exp(r/beta) (default 1)")
     p.add_argument("--guide-mode", default="x0", help="guided: x0 (skip-Jacobian, free) or dps (through the model)")
     p.add_argument("--band", default="0.05,0.8", help="guided: guide only where sigma lies in MIN,MAX")
     p.add_argument("--normalize", type=float, default=None, help="guided: per-sample gradient norm set to this")
@@ -737,8 +831,26 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--lam must be a finite number >= 0, got {args.lam}")
     if not 0 < args.ess <= 1:
         raise UserError(f"--ess must lie in (0, 1], got {args.ess}")
-    if not math.isfinite(args.beta) or args.beta <= 0:
-        raise UserError(f"--beta must be a finite number > 0, got {args.beta}")
+    if args.beta is not None and args.method != "guided":
+        raise UserError("--beta is --method guided's; FK's tilt is exp(lam*r) (its guided proposal uses beta = 1/lam)")
+    beta = 1.0 if args.beta is None else args.beta
+    if not math.isfinite(beta) or beta <= 0:
+        raise UserError(f"--beta must be a finite number > 0, got {beta}")
+    if args.output is not None and args.method != "fk":
+        raise UserError(f"--output is FK's (best-of-N returns its best particle); drop it or use --method fk")
+    fk_only = [f for f, given in (("--proposal guided", args.proposal != "kernel"), ("--temper", args.temper is not None))
+               if given]
+    if fk_only and args.method != "fk":
+        raise UserError(f"{' and '.join(fk_only)}: only with --method fk")
+    if args.temper is not None and not (math.isfinite(args.temper) and args.temper > 0):
+        raise UserError(f"--temper must be a finite number > 0 (DAS's gamma, e.g. 0.09 for 12 steps), got {args.temper}")
+    if args.proposal == "guided" and not args.lam > 0:
+        raise UserError("--proposal guided tilts toward exp(lam*r): it needs --lam > 0")
+    if args.guidance is not None:
+        check_guidance(args.guidance)
+    if args.reward_std is not None and args.method not in ("fk", "guided"):
+        raise UserError("--reward-std scales --lam (fk) or --beta (guided); --method "
+                        f"{args.method} has neither")
     if args.guide_mode not in ("x0", "dps"):
         raise UserError(f"--guide-mode {args.guide_mode!r}: use x0 or dps")
     if args.normalize is not None and args.clip is not None:
@@ -752,8 +864,12 @@ def cli_main(argv: Sequence[str]) -> int:
         band = ()
     if len(band) != 2 or not 0 <= band[0] <= band[1] <= 1:
         raise UserError(f"--band {args.band!r}: expected MIN,MAX with 0 <= MIN <= MAX <= 1, e.g. 0.05,0.8")
-    if args.method == "guided" and kernel == "cps":
-        raise UserError("--method guided needs an Euler-Maruyama kernel (euler, flow_sde or dance_sde), not cps")
+    guides = args.method == "guided" or args.proposal == "guided"
+    if guides and kernel == "cps":
+        raise UserError(f"{'--method guided' if args.method == 'guided' else '--proposal guided'} needs an "
+                        f"Euler-Maruyama kernel (euler, flow_sde or dance_sde), not cps")
+    if args.proposal == "guided" and not eta > 0:
+        raise UserError("--proposal guided shifts stochastic steps only: pass --kernel flow_sde --eta 0.7 (or similar)")
 
     def fk_schedule(steps: int) -> Optional[list[int]]:
         if args.method != "fk":
@@ -789,11 +905,15 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.lora:
         check_lora_dir(args.lora)
     steer_fns = {n: build_reward(n, **reward_kwargs[n]) for n in weights}
-    if args.method == "guided":
+    if guides:
         flat = [n for n, fn in steer_fns.items() if not getattr(fn, "differentiable", False)]
         if flat:
-            raise UserError(f"--method guided needs differentiable steering rewards; {flat} are not (see "
+            what = "--method guided" if args.method == "guided" else "--proposal guided"
+            raise UserError(f"{what} needs differentiable steering rewards; {flat} are not (see "
                             f"`flowalign rewards`); steer them with --method fk or best_of_n")
+    reward_std = _reward_std(args.reward_std, weights) if args.reward_std is not None else None
+    lam = args.lam / reward_std if reward_std is not None else args.lam  # λ per reward std → per reward unit
+    beta_eff = beta * reward_std if reward_std is not None else beta
     model = load_model(args.model, args.path, device=device, **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
@@ -816,11 +936,11 @@ def cli_main(argv: Sequence[str]) -> int:
     with torch.no_grad() if args.method != "guided" else contextlib.nullcontext():
         records_out, grid, cost = steer_prompts(
             model, rows, {n: (steer_fns[n], w) for n, w in weights.items()}, eval_fns, method=args.method,
-            steps=steps, k=args.particles, lam=args.lam, kernel=kernel, eta=eta, seeds_per_prompt=args.seeds,
+            steps=steps, k=args.particles, lam=lam, kernel=kernel, eta=eta, seeds_per_prompt=args.seeds,
             seed=args.seed, batch_size=args.batch_size, potential=args.potential, resampler=args.resampler,
-            probe=args.probe, ess_threshold=args.ess, schedule=schedule, output=args.output, beta=args.beta,
+            probe=args.probe, ess_threshold=args.ess, schedule=schedule, output=args.output or "best", beta=beta_eff,
             guide_mode=args.guide_mode, band=band, normalize=args.normalize, clip=args.clip, grid_prompts=8,
-            progress=True)
+            proposal=args.proposal, temper=args.temper, progress=True)
     summ = summarize(records_out, eval_names)
     passk = summarize_pass_at_k(records_out, eval_names)
     if passk:
@@ -833,9 +953,15 @@ def cli_main(argv: Sequence[str]) -> int:
         **({"model_args": model_kwargs} if model_kwargs else {}),
         **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
         **({"lam": args.lam, "potential": args.potential, "resampler": args.resampler, "probe": args.probe,
-            "ess": args.ess, "resample_steps": schedule, "output": args.output} if args.method == "fk" else {}),
-        **({"beta": args.beta, "guide_mode": args.guide_mode, "band": list(band), "normalize": args.normalize,
-            "clip": args.clip} if args.method == "guided" else {}),
+            "ess": args.ess, "resample_steps": schedule, "output": args.output or "best", "proposal": args.proposal,
+            "temper": args.temper} if args.method == "fk" else {}),
+        **({"beta": beta} if args.method == "guided" else {}),
+        **({"guide_mode": args.guide_mode, "band": list(band), "normalize": args.normalize, "clip": args.clip}
+           if guides else {}),
+        **({"reward_std": reward_std, "reward_std_from": args.reward_std,
+            **({"lam_per_reward_unit": lam} if args.method == "fk" else {}),
+            **({"beta_per_reward_unit": beta_eff} if args.method == "guided" else {})}
+           if reward_std is not None else {}),
     }
     summ["cost"] = cost
     summ["steer_reward_mean"] = sum(r["steer_reward"] for r in records_out) / len(records_out)
@@ -858,6 +984,47 @@ def cli_main(argv: Sequence[str]) -> int:
     logger.info("cost: %.0f forwards and %.1f steering-reward rows per image (%s, k = %d); wrote %s",
                 cost["forwards_per_image"], cost["steer_reward_rows_per_image"], args.method, cost["particles"], out)
     return 0
+
+
+def _reward_std(spec: str, weights: Mapping[str, float]) -> float:
+    """``--reward-std``: a number, or the std of Σ w·R over an earlier output's ``results.jsonl`` (the reference std
+    that expresses λ per reward unit, METHODS.md §6.2 [flowalign]). One-line ``UserError`` on anything unusable."""
+    import json
+    from pathlib import Path
+
+    from flowalign.errors import UserError
+
+    try:
+        value = float(spec)
+    except ValueError:
+        value = None
+    if value is None:
+        path = Path(spec) / "results.jsonl"
+        if not path.is_file():
+            raise UserError(f"--reward-std {spec!r}: neither a number nor a directory with a results.jsonl (an earlier "
+                            f"`flowalign steer --method none` or `flowalign eval` output)")
+        totals = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    totals.append(sum(w * float(row[name]) for name, w in weights.items()))
+                except (ValueError, TypeError, AttributeError):
+                    raise UserError(f"--reward-std: {path}:{n} is not a results line with numbers") from None
+                except KeyError as e:
+                    raise UserError(f"--reward-std: {path}:{n} has no {e.args[0]!r} score; use a run that scored "
+                                    f"the steering rewards (--eval-rewards {','.join(weights)})") from None
+        finite = [t for t in totals if math.isfinite(t)]
+        if len(finite) < 2:
+            raise UserError(f"--reward-std: {path} has {len(finite)} finite scores; a std needs at least 2")
+        mean = sum(finite) / len(finite)
+        value = math.sqrt(sum((t - mean) ** 2 for t in finite) / (len(finite) - 1))
+        logger.info("reward std %.4g over %d images of %s", value, len(finite), path)
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"--reward-std must be a finite number > 0 (or a run whose scores vary), got {value}")
+    return value
 
 
 def _plot_runs(dirs: Sequence[str], out: str, reward: str) -> int:

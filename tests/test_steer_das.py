@@ -1,0 +1,186 @@
+"""DAS in ``fk_steer`` (METHODS.md §6.4): a guided proposal with its importance correction, tempering, and
+``flowalign steer --proposal guided / --temper / --reward-std``.
+
+The exactness checks run in the Gaussian world of tests/test_steer.py: r(x) = x, λ = 3, so the target is the
+sampler's own final law N(m_s, v_s) tilted by exp(3x), i.e. N(m_s + 3·v_s, v_s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from cli_checks import fails, no_model  # noqa: F401  (the fixture is used by name)
+
+from flowalign import steer as S
+from flowalign.cli import main
+from flowalign.rewards import build_reward
+from flowalign.samplers import eta_schedule, sample, schedules
+from flowalign.samplers.kernels import gaussian_log_prob
+
+from test_samplers import gaussian_world_velocity  # noqa: E402
+from test_steer import _noise, exact_u, linear_reward  # noqa: E402
+from test_steer_cli import PROMPTS, model  # noqa: F401,E402  (the shapes model fixture)
+
+T, LAM = 40, 3.0
+
+
+@pytest.fixture(scope="module")
+def target():
+    """Mean of the tilted target, m_s + λ·v_s, from 40,000 plain samples of the sampler."""
+    sig = schedules.shifted_linear(T, 1.0)
+    plain = sample(gaussian_world_velocity, _noise(40_000, 7), sig, {}, eta=eta_schedule(T, 0.7), kernel="flow_sde",
+                   generator=torch.Generator().manual_seed(8), cond_index=torch.zeros(40_000, dtype=torch.long)).final
+    return plain.double().mean().item() + LAM * plain.double().var().item()
+
+
+def _das(k, tilt, **kw):
+    """FK with a guided proposal that tilts toward exp(tilt·x) (exact h-transform), weighted toward exp(3x)."""
+    sig = schedules.shifted_linear(T, 1.0)
+    eta = eta_schedule(T, 0.7)
+    guide = S.TiltGuidance(kernel="flow_sde", eta=eta, grad_fn=exact_u(tilt), band=(0.0, 1.0))
+    res = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), k=k, lam=LAM,
+                     cond_index=torch.zeros(k, dtype=torch.long), eta=eta, potential="diff", proposal=guide,
+                     generator=torch.Generator().manual_seed(2), resample_generator=torch.Generator().manual_seed(3),
+                     **kw)
+    w = torch.softmax(res.log_weight, 0)
+    return res, (w * res.final[:, 0].double()).sum().item(), res.final[:, 0].double().mean().item()
+
+
+def test_proposal_log_ratio_is_the_difference_of_the_two_gaussian_log_densities():
+    g = torch.Generator().manual_seed(0)
+    mu, shift = torch.randn(5, 3, 4, generator=g), 0.3 * torch.randn(5, 3, 4, generator=g)
+    std, xi = torch.tensor(0.4), torch.randn(5, 3, 4, generator=g)
+    x_next = mu + shift + std * xi
+    want = (gaussian_log_prob(x_next, mu, std, reduce="sum") - gaussian_log_prob(x_next, mu + shift, std, reduce="sum"))
+    assert torch.allclose(S.proposal_log_ratio(shift, std, xi), want.double(), atol=1e-4)
+
+
+def test_a_wrong_proposal_is_corrected_by_its_importance_weights(target):
+    """The proposal tilts a third too hard (exp(4x)); its particles land near m + 4·s_d² = 3.0, yet the weighted
+    particles estimate the exp(3x) target's mean. Dropping the correction log p − log q lands near 3.75."""
+    _, weighted, unweighted = _das(6000, 4.0, steps_s=())  # no resampling: pure importance sampling
+    assert unweighted > target + 0.2  # the particles follow the over-tilted proposal
+    assert abs(weighted - target) < 0.03, (weighted, target)
+    res, weighted, _ = _das(6000, 4.0)  # and with FK's resampling along the way
+    assert abs(weighted - target) < 0.03, (weighted, target)
+    assert res.resampled.sum() >= 2
+
+
+@pytest.mark.parametrize("a, steps, max_std", [(math.sqrt(2), 40, 0.05), (math.sqrt(2), 160, 0.015)])
+def test_the_h_transform_proposal_is_doobs_at_the_time_reversal_noise_level(a, steps, max_std):
+    """At a = √2 the flow SDE's g²/2 = σ/(1−σ) and it is the time reversal of the noising process: the tilt
+    guidance's shift (σ/(1−σ) + g²/2)·∇log h is then g²·∇log h, Doob's h-transform, whose path law is the base's
+    times h_T/h_0, so the DAS weights p·exp(λ·r)/q are constant up to the step size (log-weight std ∝ 1/T). At
+    Flow-GRPO's a = 0.7 the same shift gives the tilted marginals but another path law: the weights spread with a
+    std near 1.1 at any T (measured; docs/steering.md), which the importance correction handles."""
+    k = 2000
+    sig = schedules.shifted_linear(steps, 1.0)
+    eta = eta_schedule(steps, a)
+    guide = S.TiltGuidance(kernel="flow_sde", eta=eta, grad_fn=exact_u(LAM), band=(0.0, 1.0))
+    kw = dict(k=k, lam=LAM, cond_index=torch.zeros(k, dtype=torch.long), potential="diff", steps_s=(),
+              generator=torch.Generator().manual_seed(2), resample_generator=torch.Generator().manual_seed(3))
+    res = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), eta=eta, proposal=guide, **kw)
+    assert res.log_weight.double().std().item() < max_std
+    assert abs(res.final.double().mean().item() - 2.75) < 0.03  # the particles are the target's m + λ·s_d²
+    eta7 = eta_schedule(steps, 0.7)
+    guide7 = S.TiltGuidance(kernel="flow_sde", eta=eta7, grad_fn=exact_u(LAM), band=(0.0, 1.0))
+    res7 = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), eta=eta7, proposal=guide7, **kw)
+    assert res7.log_weight.double().std().item() > 0.5
+
+
+def test_tempering_keeps_the_target_and_ramps_lambda():
+    f = S.temper_factors(12, 2, 0.1)
+    assert f[:2].tolist() == [0.0, 0.0] and f[2].item() == pytest.approx(0.1)
+    assert (f.diff() >= 0).all() and f.max().item() == 1.0
+    assert S.temper_factors(5, 0, None).tolist() == [1.0] * 5
+    # diff potentials under a tempered λ_t telescope to λ_last·r_last (the DAS twist ratios)
+    state, total = S.initial_state(3), torch.zeros(3, dtype=torch.float64)
+    rs = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for lam_t, r in zip((0.2, 0.5, 0.9, 1.0), rs):
+        lg, state = S.potential_diff(r, state, lam_t)
+        total += lg
+    assert torch.allclose(total, 1.0 * rs[-1])
+    with pytest.raises(ValueError, match="temper"):
+        S.temper_factors(10, 0, 0.0)
+
+
+def test_tempered_das_still_reaches_the_target(target):
+    _, weighted, _ = _das(6000, 4.0, temper=0.2)
+    assert abs(weighted - target) < 0.03, (weighted, target)
+
+
+def test_the_proposal_is_not_called_at_deterministic_steps():
+    steps, k = 8, 4
+    sig = schedules.shifted_linear(steps, 1.0)
+    eta = eta_schedule(steps, 0.7)
+    eta[5:] = 0.0
+    calls = []
+
+    def hook(x, v, s, sn, t, cond_b):
+        calls.append(t)
+        return torch.full_like(x, 0.01)
+
+    S.fk_steer(gaussian_world_velocity, _noise(k), sig, {}, linear_reward(), k=k, lam=1.0,
+               cond_index=torch.zeros(k, dtype=torch.long), eta=eta, proposal=hook,
+               generator=torch.Generator().manual_seed(0), resample_generator=torch.Generator().manual_seed(1))
+    assert calls == [0, 1, 2, 3, 4]
+
+
+def test_das_on_the_shapes_model_raises_a_differentiable_reward_over_plain_fk(model):
+    """The same FK run (k = 2, same seeds) with the guided proposal: the saturation of the chosen outputs rises,
+    and the guidance's reward rows count in the cost."""
+    steer = {"saturation": (build_reward("saturation"), 1.0)}
+    kw = dict(method="fk", steps=6, k=2, lam=50.0, kernel="flow_sde", eta=0.7, seeds_per_prompt=2, seed=0,
+              schedule=[2, 4, 5], band=(0.0, 1.0))
+    plain, _, c_plain = S.steer_prompts(model, PROMPTS, steer, {}, **kw)
+    das, _, c_das = S.steer_prompts(model, PROMPTS, steer, {}, proposal="guided", **kw)
+    assert sum(d["steer_reward"] for d in das) > sum(p["steer_reward"] for p in plain)
+    assert c_das["forwards_per_image"] == c_plain["forwards_per_image"]  # x0 mode: no extra forwards
+    assert c_das["steer_reward_rows_per_image"] > c_plain["steer_reward_rows_per_image"]
+    with pytest.raises(ValueError, match="method='fk'"):
+        S.steer_prompts(model, PROMPTS, steer, {}, **{**kw, "method": "best_of_n"}, proposal="guided")
+
+
+def test_steer_cli_das_and_reward_std(tmp_path):
+    base = tmp_path / "none"
+    assert main(["steer", "a red circle", "a blue square", "--method", "none", "--steps", "4", "--seeds", "2",
+                 "--eval-rewards", "saturation", "--reward", "saturation", "--out", str(base)]) == 0
+    scores = [json.loads(line)["saturation"] for line in (base / "results.jsonl").read_text().splitlines()]
+    m = sum(scores) / len(scores)
+    std = math.sqrt(sum((s - m) ** 2 for s in scores) / (len(scores) - 1))
+    out = tmp_path / "das"
+    assert main(["steer", "a red circle", "--method", "fk", "-k", "2", "--steps", "4", "--reward", "saturation",
+                 "--eval-rewards", "saturation", "--proposal", "guided", "--temper", "0.5", "--lam", "2",
+                 "--reward-std", str(base), "--out", str(out)]) == 0
+    st = json.loads((out / "summary.json").read_text())["settings"]
+    assert st["proposal"] == "guided" and st["temper"] == 0.5 and st["lam"] == 2.0
+    assert st["reward_std"] == pytest.approx(std) and st["lam_per_reward_unit"] == pytest.approx(2.0 / std)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--method", "fk", "--proposal", "guided"], ["differentiable", "shapes_partial"]),
+    (["--method", "fk", "--proposal", "guided", "--reward", "saturation", "--lam", "0"], ["--lam > 0"]),
+    (["--method", "fk", "--proposal", "guided", "--reward", "saturation", "--kernel", "euler"], ["stochastic"]),
+    (["--method", "best_of_n", "--proposal", "guided"], ["only with --method fk"]),
+    (["--method", "fk", "--temper", "0"], ["--temper"]),
+    (["--method", "best_of_n", "--output", "drawn"], ["--output is FK's"]),
+    (["--method", "fk", "--beta", "2"], ["--beta is --method guided's"]),
+    (["--method", "fk", "--reward-std", "0"], ["--reward-std", "> 0"]),
+    (["--method", "fk", "--reward-std", "/nonexistent"], ["--reward-std", "results.jsonl"]),
+    (["--method", "best_of_n", "--reward-std", "1"], ["--reward-std", "best_of_n"]),
+    (["--guidance", "nan"], ["--guidance"]),
+])
+def test_steer_refuses_bad_das_input_before_loading_the_model(tmp_path, capsys, no_model, extra, needles):
+    fails(capsys, ["steer", "a red circle", *extra, "--out", str(tmp_path / "o")], *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reward_std_from_a_run_without_the_steering_reward_is_one_line(tmp_path, capsys, no_model):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.jsonl").write_text(json.dumps({"prompt": "a red circle", "shapes_strict": 1.0}) + "\n")
+    fails(capsys, ["steer", "a red circle", "--method", "fk", "--reward-std", str(tmp_path / "r"),
+                   "--out", str(tmp_path / "o")], "no 'shapes_partial' score")
+    assert not (tmp_path / "o").exists()

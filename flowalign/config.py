@@ -129,6 +129,7 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW eps")
     max_grad_norm: float = _f(1.0, "gradient-norm clip; 0 = off")
     clip_range: float = _f(1e-4, "PPO ratio clip epsilon (calibrated to mean-reduced log-probs)")
+    surrogate: Literal["clipped", "guard"] = _f("clipped", "GRPO policy loss: clipped (Flow-GRPO's PPO ratio clip) | guard (GRPO-Guard: the ratio re-centred by the mean-shift bias and scaled by the step std, loss divided by the step size; METHODS §3.9; the reference clip is 2e-6; needs sampler.logp_form=exact)")
     beta_kl: float = _f(0.0, "weight of the KL to the reference (LoRA disabled); with objective=nft the velocity form β·‖v_θ − v_ref‖²")
     kl_form: Literal["exact", "flow_grpo"] = _f("exact", "exact Gaussian KL, or Flow-GRPO's form without |dt| (Q3)")
     ema: bool = _f(True, "keep an EMA of the trainable weights, used for evaluation and checkpoints")
@@ -915,6 +916,9 @@ def validate(cfg: ExperimentConfig) -> None:
     need(t.weight_decay >= 0 and t.adam_eps > 0, "train.weight_decay must be >= 0 and train.adam_eps > 0")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm} must be >= 0 (0 = off)")
     need(t.clip_range > 0, f"train.clip_range={t.clip_range} must be > 0")
+    need(t.surrogate != "guard" or s.logp_form == "exact",
+         f"train.surrogate=guard re-centres the exact Gaussian log-ratio; sampler.logp_form={s.logp_form} is not it "
+         "(set sampler.logp_form=exact)")
     need(t.beta_kl >= 0, f"train.beta_kl={t.beta_kl} must be >= 0")
     need(0 <= t.ema_decay_max < 1, f"train.ema_decay_max={t.ema_decay_max} must be in [0, 1)")
     need(t.ema_every >= 1, f"train.ema_every={t.ema_every} must be >= 1")
@@ -950,7 +954,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("credit", f"{c.name}, std {c.std_scope} (ddof {c.std_ddof}, eps {c.std_eps:g}), clip |A|<={c.adv_clip:g}"
                    + (f", options {c.options}" if c.options else "")),
         ("optim", f"AdamW lr {t.lr:g} ({t.lr_schedule}), betas {tuple(t.betas)}, wd {t.weight_decay:g}, grad-clip {t.max_grad_norm:g}, "
-                  + (f"ratio clip {t.clip_range:g}, beta_kl {t.beta_kl:g} ({t.kl_form})" if t.objective == "grpo" else f"no ratio clip, beta_kl {t.beta_kl:g} (velocity)")
+                  + (f"ratio clip {t.clip_range:g} ({t.surrogate}), beta_kl {t.beta_kl:g} ({t.kl_form})" if t.objective == "grpo" else f"no ratio clip, beta_kl {t.beta_kl:g} (velocity)")
                   + (f", EMA<= {t.ema_decay_max:g}/{t.ema_every}" if t.ema else ", no EMA")),
         ("batch", f"{t.groups_per_iter} groups x G={t.group_size}"
                   + (f" seeds x {d['samples_per_seed']} {s.plan} samples" if d["samples_per_seed"] > 1 else "")

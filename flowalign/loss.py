@@ -27,6 +27,44 @@ def clipped_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_range: f
     return torch.maximum(unclipped, clipped), ratio.detach()
 
 
+def guard_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_range: float, *, mean: Tensor,
+                    old_mean: Tensor, std: Tensor, delta: Tensor, reduce: str = "mean") -> tuple[Tensor, Tensor]:
+    """GRPO-Guard's regulated clipping (Wang et al. 2025, "GRPO-Guard: Mitigating Implicit Over-Optimization in Flow
+    Matching via Regulated Clipping", arXiv:2510.22319; METHODS.md §3.9).
+
+    For x' = μ_old + s·ξ the Gaussian log-ratio is ℓ_θ − ℓ_old = red(ξ·d)/s − red(d²)/(2s²) with d = μ_θ − μ_old and
+    red the log-prob's reduction over the latent (mean or sum): its mean over ξ is below 0 and its spread scales with
+    1/s, so the ratio sits left of 1 and its width depends on the step. RatioNorm adds the bias b = red(d²)/(2s²)
+    and multiplies by s: ρ = exp((ℓ_θ − ℓ_old + b)·s) = exp(red(ξ·d)), centred on 1 at every step. The clipped loss
+    max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε)) is divided by Δ_t = σ_t − σ_{t+1}, which evens the gradient across steps.
+    ``mean``: μ_θ [N, *latent] (with grad), ``old_mean``: μ_old (detached), ``std``: the step std s [N] or a scalar,
+    ``delta``: Δ_t [N]. Needs the exact Gaussian log-prob (not CPS's surrogate). Returns (loss [N], ρ [N]).
+    """
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    if old_mean is None:
+        raise ValueError("GRPO-Guard needs the rollout's step means μ_old (the trajectory kept no velocities)")
+    d2 = (mean.float() - old_mean.float().detach()).pow(2).flatten(1)  # [N, D]
+    d2 = d2.mean(1) if reduce == "mean" else d2.sum(1)  # [N]
+    s = torch.as_tensor(std, dtype=d2.dtype, device=d2.device)
+    s = s.expand(d2.shape[0]) if s.dim() == 0 else s.reshape(d2.shape[0], -1)[:, 0]  # [N]
+    bias = d2 / (2.0 * s.clamp_min(1e-20) ** 2)  # [N]
+    ratio = torch.exp((logp - old_logp.detach() + bias) * s)  # [N]
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped) / delta.to(ratio.dtype).clamp_min(1e-20)  # [N]
+    return loss, ratio.detach()
+
+
+def _clipped(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_range: float, **_: Tensor) -> tuple[Tensor, Tensor]:
+    return clipped_surrogate(logp, old_logp, adv, clip_range)
+
+
+# train.surrogate → the per-pair policy loss ``(logp, old_logp, adv, clip_range, *, mean, old_mean, std, delta,
+# reduce) -> (loss [N], ρ [N])``: the step's re-scored and rollout means ride along for the variants that need them
+SURROGATES = {"clipped": _clipped, "guard": guard_surrogate}
+
+
 def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, dt: Tensor, form: str = "exact") -> Tensor:
     """KL between two Gaussians that share the std s_t, element-mean reduced (METHODS.md §3.6).
 

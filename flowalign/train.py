@@ -41,11 +41,12 @@ from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import check_out_parent, guidance, sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
-from flowalign.loss import (LR_SCHEDULES, NFT_OPTIMALITY, clipped_surrogate, gaussian_kl, nft_loss, ratio_stats,
+from flowalign.loss import (LR_SCHEDULES, NFT_OPTIMALITY, SURROGATES, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, step_log_prob
+from flowalign.samplers.kernels import get_kernel
 from flowalign.samplers.plans import PLANS
 from flowalign.values import GUIDES, NFECounter, make_probe
 
@@ -637,9 +638,15 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
                                             kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce,
                                             logp_form=cfg.sampler.logp_form, **kernel_kw)
             old = traj.log_probs[b, t]
+            old_mean = None  # μ_old from the rollout's cached velocity: no forward (train.surrogate=guard reads it)
+            if traj.velocities is not None:
+                old_mean = get_kernel(cfg.sampler.kernel)(x, traj.velocities[b, t].to(x.device), sig, sig_next, eta,
+                                                          **kernel_kw).mean  # [n, *latent]
             pol = torch.zeros_like(logp)
             for adv in advs.values():
-                term, ratio = clipped_surrogate(logp, old, adv[b.cpu(), t.cpu()].to(logp.device), tr.clip_range)
+                term, ratio = SURROGATES[tr.surrogate](logp, old, adv[b.cpu(), t.cpu()].to(logp.device), tr.clip_range,
+                                                       mean=trans.mean, old_mean=old_mean, std=trans.std,
+                                                       delta=sig - sig_next, reduce=cfg.sampler.logp_reduce)
                 pol = pol + term
             loss_sum = pol.sum()
             kl = torch.zeros_like(pol)

@@ -69,7 +69,8 @@ def _update_inputs(B=3, T=2, D=4, shift=None):
                                 eta[[0] * B], cond, kernel="flow_sde")
     log_probs = torch.zeros(B, T)  # [B, T]
     log_probs[:, 0] = logp - (shift if shift is not None else 0.0)
-    traj = SimpleNamespace(latents=latents, sigmas=sigmas, eta=eta, log_probs=log_probs, cond=cond, cond_index=b)
+    traj = SimpleNamespace(latents=latents, sigmas=sigmas, eta=eta, log_probs=log_probs, cond=cond, cond_index=b,
+                           velocities=None)
     advs = {"main": torch.ones(B, T)}  # [B, T]
     pairs = torch.stack([b, torch.zeros(B, dtype=torch.long)], 1)  # [B, 2] (rollout, step 0)
     return model, nfe, opt, traj, advs, pairs
@@ -77,7 +78,7 @@ def _update_inputs(B=3, T=2, D=4, shift=None):
 
 def _tr(**kw):
     train = dict(optimizer_steps_per_iter=1, micro_batch=2, clip_range=0.2, beta_kl=0.0, kl_form="exact",
-                 max_grad_norm=1.0)
+                 max_grad_norm=1.0, surrogate="clipped")
     train.update(kw)
     sampler = SimpleNamespace(kernel="flow_sde", logp_reduce="mean", logp_form="exact", plan_options={})
     return SimpleNamespace(train=SimpleNamespace(**train), sampler=sampler)

@@ -115,6 +115,49 @@ def test_dense_gain_few_step_probe_modes_run_through_options():
         assert torch.isfinite(adv).all() and adv.abs().sum() > 0
 
 
+def test_stepwise_gain_normalises_jointly_and_keeps_the_steps_relative_scale():
+    """Stepwise-Flow-GRPO (METHODS §4.6): the gains of a group are z-scored over all its (i, t) together, so the
+    credit is a single affine map of the gains per group: zero mean and unit spread over the group's trained entries,
+    a step with 10× smaller gains keeps 10× smaller advantages (per-step normalisation would blow it up to unit
+    spread), and the same gains as DenseGRPO's rank within every step."""
+    g = torch.Generator().manual_seed(0)
+    b, steps = 8, 4
+    gains = torch.randn(b, steps, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 1.0, 0.1])
+    vals = {"r": torch.cat([torch.zeros(b, 1, dtype=torch.float64), gains.cumsum(1)], 1)}  # V_0 = 0, gains telescope
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    eta = torch.full((steps,), 0.7)
+    trained = torch.ones(b, steps, dtype=torch.bool)
+    trained[0, 1] = False  # an untrained entry is left out of the statistics and gets 0
+    adv = assign_credit("stepwise_gain", _inp(vals, group, eta, trained=trained)).advantages.double()
+    dense = assign_credit("dense_gain", _inp(vals, group, eta, trained=trained)).advantages.double()
+    assert adv[0, 1] == 0
+    for k in (0, 1):
+        rows = group == k
+        a, x = adv[rows][trained[rows]], gains[rows][trained[rows]]
+        assert abs(a.mean().item()) < 1e-6 and a.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+        assert torch.allclose(a, (x - x.mean()) / x.std(unbiased=False), atol=1e-3)
+        # the small last step's spread stays small jointly; per-step normalisation gives it unit spread
+        assert adv[rows][:, 3].std() < 0.3 * adv[rows][:, 1:3][trained[rows][:, 1:3].all(1)].std(0).mean()
+        assert dense[rows][:, 3].std() > 0.5 * dense[rows][:, 2].std()
+        for t in range(steps):  # within a step both order the rollouts alike
+            m = trained[rows][:, t]
+            assert torch.equal(adv[rows][m, t].argsort(), dense[rows][m, t].argsort())
+
+
+def test_stepwise_gain_on_engine_values_uses_the_five_step_probe():
+    traj = _gw_rollout(eta_schedule(T, 0.7))
+    inp = _engine_inp(traj)
+    adv = assign_credit("stepwise_gain", inp).advantages
+    vals = inp.probe("ode:5", torch.ones(8, T + 1, dtype=torch.bool))
+    want = {k: reward_gains(v) for k, v in vals.items()}
+    assert torch.isfinite(adv).all() and (adv[~inp.trained] == 0).all()
+    for grp in (0, 1):  # advantage_sum aggregation: each reward's gains jointly z-scored in the group, then weighted
+        rows = traj.group == grp
+        m = inp.trained[rows]
+        z = {k: (w[rows][m] - w[rows][m].mean()) / (w[rows][m].std(unbiased=False) + inp.std_eps) for k, w in want.items()}
+        assert torch.allclose(adv[rows][m].double(), z["r"] + 0.5 * z["q"], atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ TP-GRPO
 
 
@@ -363,6 +406,7 @@ def _cases():
     return {
         "outcome": (vals, group, eta, {}, {}, None),
         "dense_gain": (vals, group, eta, {}, {}, None),
+        "stepwise_gain": (vals, group, eta, {}, {}, None),
         "turning_points": (vals, group, eta, {}, {}, None),
         "turning_points_batch": (vals, group, eta, {}, {"balance_scope": "batch", "constraint": False}, None),
         "branch": (vals, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), eta, branch_extras, {}, trained_b),
@@ -413,7 +457,8 @@ def test_credit_invariances(case):
 
 
 def test_every_registered_assigner_is_covered():
-    assert set(CREDIT) == {"outcome", "dense_gain", "turning_points", "branch", "value_anchor", "euphonium"}
+    assert set(CREDIT) == {"outcome", "dense_gain", "stepwise_gain", "turning_points", "branch", "value_anchor",
+                           "euphonium"}
 
 
 # ------------------------------------------------------------------------------------------ calibration

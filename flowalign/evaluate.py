@@ -278,9 +278,14 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
             raise UserError(f"{flag} {text!r}: expected KEY=VALUE")
         k, v = text.split("=", 1)
         try:
-            return k.strip(), yaml.safe_load(v)
+            value = yaml.safe_load(v)
         except yaml.YAMLError:
-            return k.strip(), v
+            value = v
+        # NaN or inf is never a sensible option (a CFG scale, a threshold, a weight) and would pass into every forward
+        if (isinstance(value, float) and not math.isfinite(value)) or (
+                isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity")):
+            raise UserError(f"{flag} {text!r}: the value must be a finite number or a string, not {v.strip()!r}")
+        return k.strip(), value
 
     names = list(dict.fromkeys(reward_names))
     reward_kwargs: dict[str, dict] = {n: {} for n in names}

@@ -75,6 +75,10 @@ def test_a_lora_of_another_model_is_one_line(tmp_path, capsys):
     (["--model-arg", "foo=1"], ["'foo'", "guidance_scale"]),
     (["--model-arg", "guidance=3"], ["'guidance'", "did you mean 'guidance_scale'"]),
     (["--model-arg", "device=cuda"], ["--device"]),
+    (["--model-arg", "guidance_scale=.nan"], ["--model-arg", "finite"]),
+    (["--model-arg", "guidance_scale=nan"], ["--model-arg", "finite"]),
+    (["--model-arg", "guidance_scale=-inf"], ["--model-arg", "finite"]),
+    (["--per-frame", "stride=.inf"], ["--per-frame", "finite"]),
 ])
 def test_eval_refuses_bad_arguments_before_the_model_loads(tmp_path, capsys, no_model, extra, needles):
     out = tmp_path / "ev"

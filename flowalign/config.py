@@ -89,8 +89,8 @@ class SamplerConfig:
     logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")
     eta_file: str = _f("", "JSON with a per-step 'eta' list (e.g. from `flowalign calibrate`); overrides sampler.eta")
     init_noise: Literal["member", "group"] = _f("member", "initial noise: one draw per rollout (Flow-GRPO) or one per group, shared by its members (DanceGRPO)")
-    plan: Literal["chain", "branch"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, or TempFlow branching")
-    plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan")
+    plan: Literal["chain", "branch", "tree"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, TempFlow branching, or BranchGRPO trees")
+    plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan, {split_steps: [0, 3], branching: 2, split_noise_scale: 4.0} for the tree plan")
     guide: str = _f("none", "rollout mean shift (flowalign.values.GUIDES): none, or reward_grad (Euphonium's reward-gradient-guided SDE; log-probs stay unguided)")
     guide_options: dict = _f({}, "guide options, e.g. {lam: 300.0, rewards: {saturation: 1.0}, probe: x0, normalize: false, steps: [3, 4, 5], chunk: 4}; steps default to the trained steps; chunk = rows per PRM backward (default the whole batch)")
 
@@ -767,7 +767,8 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
                         f"initial noise) would make every seed of a group identical; use sampler.init_noise=member")
     groups_per_rank = t.groups_per_iter // world_size
     rollouts_per_rank = groups_per_rank * t.group_size * per_seed
-    transitions_per_rank = rollouts_per_rank * (n_trained if edges is None else min(edges, n_trained))
+    # int(): a tree's edges per sample are a Fraction (shared edges are trained once), exact per root
+    transitions_per_rank = int(rollouts_per_rank * (n_trained if edges is None else min(edges, n_trained)))
     # grpo splits the transitions into optimizer_steps_per_iter chunks (torch.tensor_split: the first N mod S get one
     # more), then each chunk into micro-batches
     n_steps = t.optimizer_steps_per_iter
@@ -876,6 +877,8 @@ def validate(cfg: ExperimentConfig) -> None:
                                  "the window's steps are trained: set sampler.train_steps=first")
         need(s.plan == "chain", f"sampler.train_steps=random needs sampler.plan=chain (the {s.plan} plan trains its own "
                                 "edges); set sampler.train_steps=first")
+    if s.plan == "tree":  # a window moves the stochastic steps every iteration, and the tree's splits (its shape) with them
+        need(s.window_size == 0, "sampler.plan=tree splits at fixed stochastic steps; it needs sampler.window_size=0")
     need(trained_steps(s) >= 1,
          f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x "
          f"{'(sampler.steps - 1)' if s.train_steps == 'random' else 'sampler.steps'}={s.steps - (s.train_steps == 'random')}) "

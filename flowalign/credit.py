@@ -433,6 +433,67 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
     return Credit(advantages=adv, weights=weights)
 
 
+# ------------------------------------------------------------------------------------------ BranchGRPO trees
+
+
+def tree_node_advantages(rewards: Tensor, node: Tensor, depth: Tensor, tree: Tensor, *, scope: str = "group",
+                         eps: float = 1e-4, ddof: int = 0,
+                         reduce_sum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """BranchGRPO's tree-based advantage (Li et al. 2025, "BranchGRPO", arXiv:2509.06040; METHODS.md §2.8).
+
+    Paper → ours: the reward of a leaf is ``rewards`` [B] (one row per leaf); the reward of an internal node is
+    the mean of its descendant leaves' rewards (NaN leaves left out); the advantage of a node is the z-score of
+    node rewards over all nodes of the same depth in the same tree (``group_normalize`` over the key
+    (tree, depth)), so a lone node (the root) gets 0. ``node`` [B, T] is the id of the node owning edge (row, t),
+    ``depth`` [B, T] its depth, ``tree`` [B] the tree of each row. Returns A [B, T] float32, the owning node's
+    advantage on every edge of every row (masking to one row per node is the caller's).
+    """
+    r = rewards.detach().to(torch.float64).cpu()  # [B]
+    node, depth, tree = node.detach().cpu().long(), depth.detach().cpu().long(), tree.detach().cpu().long()
+    b, steps = node.shape
+    ids, inv = torch.unique(node.flatten(), return_inverse=True)  # [U], [B·T] dense node index of each edge
+    inv = inv.view(b, steps)  # [B, T]
+    rows = torch.arange(b)[:, None].expand(b, steps)  # [B, T]
+    member = torch.zeros(ids.shape[0], b, dtype=torch.bool)  # [U, B] leaf row below node u
+    member[inv.flatten(), rows.flatten()] = True
+    ok = torch.isfinite(r)  # [B]
+    cnt = (member & ok[None]).sum(1).to(torch.float64)  # [U]
+    tot = (member.to(torch.float64) * torch.where(ok, r, torch.zeros_like(r))[None]).sum(1)  # [U]
+    node_r = torch.where(cnt > 0, tot / cnt.clamp_min(1), torch.full_like(tot, float("nan")))  # [U] mean of leaves
+    u_depth = torch.zeros(ids.shape[0], dtype=torch.long).scatter_(0, inv.flatten(), depth.flatten())  # [U]
+    u_tree = torch.zeros(ids.shape[0], dtype=torch.long).scatter_(0, inv.flatten(),
+                                                                  tree[:, None].expand(b, steps).flatten())  # [U]
+    _, key = torch.unique(torch.stack([u_tree, u_depth], 1), dim=0, return_inverse=True)  # [U] (tree, depth) id
+    node_a = group_normalize(node_r, key, scope=scope, eps=eps, ddof=ddof, reduce_sum=reduce_sum)  # [U]
+    return node_a[inv]  # [B, T]
+
+
+def tree(inp: CreditInput) -> Credit:
+    """BranchGRPO credit on a tree rollout (Li et al. 2025, "BranchGRPO", arXiv:2509.06040; METHODS.md §2.8).
+
+    Needs a trajectory from ``flowalign.samplers.plans.tree``: rows are leaves, ``traj.group`` the tree of each
+    row, ``extras["node"]`` / ``extras["depth"]`` [B, T] the node owning each edge and its depth. Node rewards
+    are the means of their descendant leaves' (weighted) rewards, node advantages the per-(tree, depth) z-scores
+    of ``tree_node_advantages``; every edge of a node carries its node's advantage on the node's representative
+    row only (``extras["trained"]``: each shared edge is trained once), 0 elsewhere. Several rewards follow
+    ``inp.aggregate``: ``reward_sum`` z-scores the node means of Σ_k w_k·R_k, ``advantage_sum`` sums
+    w_k·(advantage of R_k). The reference's optional softmax-over-log-prob node reward is not implemented.
+    """
+    ex = inp.traj.extras or {}
+    if "node" not in ex or "depth" not in ex:
+        raise ValueError("credit 'tree' needs a tree rollout (sampler.plan=tree): extras['node'] / ['depth'] missing")
+    trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
+    if "trained" in ex:
+        trained = trained & ex["trained"].detach().cpu().to(torch.bool)
+    tree_id = inp.traj.group.detach().cpu()  # [B]
+
+    def fn(r: Tensor) -> Tensor:
+        return tree_node_advantages(r, ex["node"], ex["depth"], tree_id, **_norm_kw(inp))
+
+    adv = _aggregate(inp, {k: inp.rewards[k].detach().to(torch.float64).cpu() for k in inp.reward_weights}, fn)
+    return Credit(advantages=adv * trained.to(adv.dtype))  # [B, T]
+
+
 # ------------------------------------------------------------------------------------------ VGPO [recon]
 
 
@@ -602,6 +663,7 @@ CREDIT = {
     "stepwise_gain": stepwise_gain,
     "turning_points": turning_points,
     "branch": branch,
+    "tree": tree,
     "value_anchor": value_anchor,
     "euphonium": euphonium,
 }

@@ -1,7 +1,8 @@
-"""Rollout plans and the staggered ODE integrator (METHODS.md §2.7, §4.3, §5.1, §5.3).
+"""Rollout plans and the staggered ODE integrator (METHODS.md §2.7, §2.8, §4.3, §5.1, §5.3).
 
 A **rollout plan** decides which chains are sampled: a plain chain per noise row (Flow-GRPO, DenseGRPO,
-TP-GRPO, VGPO, Euphonium) or an ODE trunk with K stochastic children per branch step (TempFlow-GRPO).
+TP-GRPO, VGPO, Euphonium), an ODE trunk with K stochastic children per branch step (TempFlow-GRPO), or an
+SDE tree that splits every frontier node at fixed steps (BranchGRPO).
 Every plan has the signature::
 
     plan(velocity, noise [S, *latent], sigmas [T+1], cond, *, cond_index [S], group [S], eta [T], kernel,
@@ -17,6 +18,7 @@ here, and the value probes of ``flowalign.values`` are built on it.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
@@ -310,6 +312,172 @@ def _choose_steps(spec, cands: Tensor, seeds: int, generator: Optional[torch.Gen
     return [list(ks) for _ in range(seeds)]
 
 
+TREE_SPLITS = (0, 3, 6, 9)  # BranchGRPO's split steps (METHODS.md §2.8), clipped to the allowed steps by default
+
+
+def _tree_splits(spec: Optional[Sequence[int]], allowed: Sequence[int]) -> list[int]:
+    """The split steps of a tree: ``spec`` (validated: distinct steps, each in ``allowed``) or, for None, the
+    default ``TREE_SPLITS`` clipped to ``allowed`` (the stochastic, trainable steps)."""
+    allowed = sorted(int(k) for k in allowed)
+    if spec is None:
+        ks = [k for k in TREE_SPLITS if k in allowed]
+        if not ks:
+            raise ValueError(f"tree plan: none of the default split steps {list(TREE_SPLITS)} is stochastic and "
+                             f"trained (allowed steps: {allowed}); set sampler.plan_options.split_steps")
+        return ks
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
+        raise ValueError(f"split_steps must be a list of steps, got {spec!r}")
+    ks = sorted(int(k) for k in spec)
+    if not ks or len(set(ks)) != len(ks):
+        raise ValueError(f"split_steps must be a non-empty list of distinct steps, got {list(spec)}")
+    bad = [k for k in ks if k not in allowed]
+    if bad:
+        raise ValueError(f"split steps {bad} are not stochastic and trained steps (η = 0 there, or not trained); "
+                         f"allowed: {allowed}")
+    return ks
+
+
+def tree(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
+         group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
+         generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
+         split_steps: Optional[Sequence[int]] = None, branching: int = 2, split_noise_scale: float = 4.0,
+         prompts: Sequence[str] = (), reduce: str = "mean", logp_form: str = "exact",
+         trainable: Optional[Tensor] = None, **kernel_kwargs) -> Trajectory:
+    """BranchGRPO tree rollouts (Li et al. 2025, "BranchGRPO: Stable and Efficient GRPO with Structured Branching
+    in Diffusion Models", arXiv:2509.06040, "branch sampling"; METHODS.md §2.8).
+
+    Each noise row is the root of one tree. The whole tree is sampled with the SDE kernel (every η_t > 0 step
+    stochastic, as ``chain``). At each split step k every frontier node splits into ``branching`` children that
+    share the node's state x_k and kernel Gaussian N(μ_k, s_k²) and draw independent noise ξ_b:
+    x_{k+1}^{(b)} = μ_k + s_k·ξ_b. Paper → ours: their split points {0, 3, 6, 9} of a 20-step FLUX grid are
+    ``split_steps``, the binary split is ``branching`` = 2, their noise multiplier 4 at split steps is
+    ``split_noise_scale``.
+
+    A **node** is the segment of a tree between two splits: depth 0 (the root) covers steps [0, k_1), a depth-j
+    node covers [k_j, k_{j+1}) (k_{D+1} = T), and its first edge is the split edge k_j. A node is shared by every
+    leaf below it.
+
+    The split noise is part of the per-step η, so the trainer's re-scoring (``traj.eta[t]``, the same kernel) sees
+    exactly the Gaussian that was sampled (ρ ≡ 1 on-policy): η_k ← ``split_noise_scale``·η_k at split steps. For
+    ``flow_sde`` and ``dance_sde`` the std is proportional to η, so s_k is multiplied by exactly that factor (their
+    mean is the marginal-preserving drift at the scaled level; the reference keeps μ at η and stores the log-prob
+    under the unscaled std). A kernel whose std is not proportional to η (``cps``) is refused unless
+    ``split_noise_scale`` = 1.
+
+    Args:
+        noise: [S, *latent] one root per row; the trainer's ``group_size`` = seeds (roots, trees) per prompt,
+            as for ``branch``.
+        eta: float or [T]; a float means every step but the deterministic last (``eta_schedule``).
+        split_steps: the split steps (sorted, distinct; each stochastic and, with ``trainable``, trained);
+            None = ``TREE_SPLITS`` = (0, 3, 6, 9) clipped to those steps.
+        branching: children per split (≥ 2).
+        split_noise_scale: multiplier of the split steps' η (> 0).
+        trainable: [T] bool, the steps the trainer updates; default split steps are restricted to them.
+
+    Returns a Trajectory with N = S·branching^D rows, the leaves, ordered (root, child at split 1, …, child at
+    split D); each row holds its full path (shared prefixes duplicated), log-probs and velocities. ``group`` is
+    the tree (root) of each row, the normalisation unit of ``flowalign.credit.tree``; ``traj.eta`` [T] the η used
+    (split steps scaled). ``extras``:
+        ``root`` [N] root row; ``prompt_group`` [N] the input group; ``node`` [N, T] long, the id of the node that
+        owns edge (row, t) (ids unique over the batch); ``depth`` [N, T] long, its depth; ``trained`` [N, T] bool,
+        each node's stochastic edges on ONE row only (the first leaf of its subtree), so a shared edge is trained
+        once, and never the root's edges (a lone node: advantage 0); ``split_steps`` [D] long; ``branching`` int.
+    """
+    steps = int(sigmas.shape[0]) - 1
+    kern = get_kernel(kernel)
+    s_rows = noise.shape[0]
+    dev = noise.device
+    if cond_index is None:
+        cond_index = torch.arange(s_rows, device=dev)
+    if group is None:
+        group = cond_index.clone()
+    cond_index, group = cond_index.to(dev), group.to(dev)
+    eta_vec = eta.detach().to(torch.float32).cpu() if isinstance(eta, Tensor) and eta.dim() == 1 else \
+        eta_schedule(steps, float(eta))  # [T]
+    if eta_vec.shape[0] != steps:
+        raise ValueError(f"eta has {eta_vec.shape[0]} entries, expected {steps}")
+    if int(branching) != branching or branching < 2:
+        raise ValueError(f"branching must be an integer ≥ 2, got {branching}")
+    branching = int(branching)
+    if not split_noise_scale > 0:
+        raise ValueError(f"split_noise_scale must be > 0, got {split_noise_scale}")
+    allowed = eta_vec > 0  # [T]
+    if trainable is not None:
+        trainable = torch.as_tensor(trainable, dtype=torch.bool).cpu()  # [T]
+        if trainable.shape != allowed.shape:
+            raise ValueError(f"trainable has shape {tuple(trainable.shape)}, expected ({steps},)")
+        allowed = allowed & trainable
+    splits = _tree_splits(split_steps, allowed.nonzero().flatten().tolist())
+    is_split = torch.zeros(steps, dtype=torch.bool)  # [T]
+    is_split[splits] = True
+    eta_used = torch.where(is_split, eta_vec * float(split_noise_scale), eta_vec)  # [T]
+    sig = sigmas.to(device=dev, dtype=torch.float32)  # [T+1]
+    ks = torch.tensor(splits, dtype=torch.long)
+    probe = torch.zeros(len(splits), 1, device=dev)  # the std does not depend on x or v
+    s_base = kern(probe, probe, sig[ks], sig[ks + 1], eta_vec[ks].to(dev), **kernel_kwargs).std.reshape(-1)
+    s_used = kern(probe, probe, sig[ks], sig[ks + 1], eta_used[ks].to(dev), **kernel_kwargs).std.reshape(-1)
+    if not bool((s_base > 0).all()):
+        raise ValueError(f"tree plan: the kernel std is 0 at a split step of {splits}: the children would coincide")
+    if not torch.allclose(s_used, float(split_noise_scale) * s_base, rtol=1e-4, atol=0.0):
+        raise ValueError(f"tree plan: the std of kernel {kernel!r} is not proportional to η, so scaling η by "
+                         f"split_noise_scale={split_noise_scale} does not scale the split noise by it; "
+                         f"set split_noise_scale=1 or use flow_sde / dance_sde")
+
+    eta_host = eta_used.tolist()
+    x = noise.detach().to(torch.float32)  # [F_0 = S, *latent] the frontier at grid index 0
+    front_root = torch.arange(s_rows, device=dev)  # [F_t] root of each frontier row
+    states, lps, vs, parents = [x], [], [], []  # per grid index / step, frontier-aligned
+    with torch.no_grad():
+        for t in range(steps):
+            v = velocity(x, sig[t].expand(x.shape[0]), gather_cond(cond, cond_index[front_root]))  # [F_t, *latent]
+            tr = kern(x, v, sig[t], sig[t + 1], eta_used[t].to(dev), **kernel_kwargs)
+            mean, std = tr.mean, tr.std  # [F_t, *latent], broadcastable
+            par = torch.arange(x.shape[0], device=dev)  # [F_{t+1}] frontier row at t of each row at t+1
+            if bool(is_split[t]):
+                par = par.repeat_interleave(branching)
+                mean = mean.index_select(0, par)  # children share μ_k and s_k
+                std = std.index_select(0, par) if std.dim() > 0 and std.shape[0] == tr.mean.shape[0] else std
+                front_root = front_root.index_select(0, par)
+            if eta_host[t] > 0:
+                x = mean + std * _noise_like(mean, generator)  # [F_{t+1}, *latent]
+                lps.append(gaussian_log_prob(x, mean, std, reduce=reduce, form=logp_form))  # [F_{t+1}]
+            else:
+                x = mean
+                lps.append(torch.zeros(x.shape[0], device=dev))
+            states.append(x)
+            vs.append(v.to(torch.float32))
+            parents.append(par)
+
+    # leaves' full paths: walk each leaf's ancestry back through the parent maps
+    n = x.shape[0]
+    depth_t = torch.cumsum(is_split.long(), 0)  # [T] depth of the node that owns step t
+    n_depth = [s_rows * branching ** d for d in range(len(splits) + 1)]  # nodes per depth over the batch
+    offset = torch.tensor([sum(n_depth[:d]) for d in range(len(splits) + 1)], dtype=torch.long, device=dev)
+    latents = torch.empty((n, steps + 1, *noise.shape[1:]), dtype=torch.float32, device=dev)  # [N, T+1, *latent]
+    logps = torch.zeros(n, steps, dtype=torch.float32, device=dev)  # [N, T]
+    vels = torch.empty((n, steps, *noise.shape[1:]), dtype=torch.float32, device=dev) if keep_velocities else None
+    node = torch.empty(n, steps, dtype=torch.long, device=dev)  # [N, T]
+    idx = torch.arange(n, device=dev)  # [N] each leaf's frontier row at grid index j
+    latents[:, steps] = states[steps]
+    for t in range(steps - 1, -1, -1):
+        logps[:, t] = lps[t][idx]
+        node[:, t] = offset[depth_t[t]] + idx  # a frontier row after step t is one node at its depth
+        idx = parents[t][idx]
+        latents[:, t] = states[t][idx]
+        if keep_velocities:
+            vels[:, t] = vs[t][idx]
+    depth = depth_t.to(dev)[None].expand(n, steps).clone()  # [N, T]
+    rows = torch.arange(n, device=dev)
+    first = torch.full((int(offset[-1]) + n_depth[-1],), n, dtype=torch.long, device=dev)  # [nodes]
+    first = first.scatter_reduce(0, node.flatten(), rows[:, None].expand(n, steps).flatten(), reduce="amin")
+    trained = (first[node] == rows[:, None]) & (eta_used.to(dev) > 0)[None] & (depth > 0)  # [N, T]
+    return Trajectory(
+        latents=latents, sigmas=sig, eta=eta_used.to(dev), log_probs=logps, cond=cond,
+        cond_index=cond_index[front_root], group=front_root.clone(), prompts=tuple(prompts), velocities=vels,
+        extras={"root": front_root, "prompt_group": group[front_root], "node": node, "depth": depth,
+                "trained": trained, "split_steps": ks.to(dev), "branching": branching})
+
+
 def _chain_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional[int]]:
     """A chain: one final sample per initial noise, trained at every trained step."""
     return 1, None
@@ -326,10 +494,24 @@ def _branch_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional
     return int(options.get("children", 6)) * max(1, n), 1
 
 
-def plan_shape(plan: str, options: Mapping, candidate_steps: int) -> tuple[int, Optional[int]]:
-    """(final samples per initial noise, trained edges per final sample — None: every trained step) of a plan,
-    from ``PLAN_SHAPES`` (one entry per ``PLANS`` entry); ``candidate_steps`` = stochastic and trained steps.
-    Used for the trainer's derived batch shapes."""
+def _tree_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional[Fraction]]:
+    """BranchGRPO tree: branching^D leaves per root (D = number of split steps), and the mean number of trained
+    edges per leaf, a Fraction (each node's edges are trained once, on one leaf; the root's never). Assumes the
+    candidate steps are 0 … candidate_steps − 1 (the trainer's first trained steps; the config refuses windows)."""
+    b = options.get("branching", 2)
+    if not isinstance(b, int) or b < 2:
+        raise ValueError(f"branching must be an integer ≥ 2, got {b!r}")
+    ks = _tree_splits(options.get("split_steps"), range(candidate_steps))
+    bounds = [*ks, candidate_steps]
+    per_root = sum(b ** (j + 1) * (bounds[j + 1] - bounds[j]) for j in range(len(ks)))  # trained node-steps
+    leaves = b ** len(ks)
+    return leaves, Fraction(per_root, leaves)
+
+
+def plan_shape(plan: str, options: Mapping, candidate_steps: int) -> tuple[int, Optional[int | Fraction]]:
+    """(final samples per initial noise, trained edges per final sample — None: every trained step; a Fraction when
+    edges shared by several samples are trained once) of a plan, from ``PLAN_SHAPES`` (one entry per ``PLANS``
+    entry); ``candidate_steps`` = stochastic and trained steps. Used for the trainer's derived batch shapes."""
     if plan not in PLAN_SHAPES:
         raise ValueError(f"unknown rollout plan {plan!r}; choose from {', '.join(PLANS)}")
     return PLAN_SHAPES[plan](options, candidate_steps)
@@ -338,10 +520,12 @@ def plan_shape(plan: str, options: Mapping, candidate_steps: int) -> tuple[int, 
 PLANS: dict[str, Callable[..., Trajectory]] = {
     "chain": chain,
     "branch": branch,
+    "tree": tree,
 }
 
 # batch shape of each plan (for derived quantities); a new plan registers both entries
-PLAN_SHAPES: dict[str, Callable[[Mapping, int], tuple[int, Optional[int]]]] = {
+PLAN_SHAPES: dict[str, Callable[[Mapping, int], tuple[int, Optional[int | Fraction]]]] = {
     "chain": _chain_shape,
     "branch": _branch_shape,
+    "tree": _tree_shape,
 }

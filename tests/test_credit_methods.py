@@ -458,7 +458,7 @@ def test_credit_invariances(case):
 
 def test_every_registered_assigner_is_covered():
     assert set(CREDIT) == {"outcome", "dense_gain", "stepwise_gain", "turning_points", "branch", "value_anchor",
-                           "euphonium"}
+                           "euphonium", "tree"}  # tree's invariances: tests/test_tree.py
 
 
 # ------------------------------------------------------------------------------------------ calibration

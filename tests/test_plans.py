@@ -187,4 +187,4 @@ def test_every_plan_declares_its_batch_shape():
     assert plan_shape("chain", {}, 9) == (1, None)
     assert plan_shape("branch", {"children": 4, "branch_steps": [1, 3]}, 9) == (8, 1)
     with pytest.raises(ValueError, match="unknown rollout plan"):
-        plan_shape("tree", {}, 9)
+        plan_shape("no_such_plan", {}, 9)

@@ -165,6 +165,29 @@ def chain(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, co
                   group=group, keep_velocities=keep_velocities, **options)
 
 
+def _plan_inputs(noise: Tensor, steps: int, cond_index: Optional[Tensor], group: Optional[Tensor],
+                 eta: float | Tensor, trainable: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A plan's common inputs: (cond_index [S], group [S] on the noise's device; η [T] on the CPU, a float meaning
+    every step but the deterministic last, as ``eta_schedule``; the steps that are stochastic and, with
+    ``trainable`` [T], trained [T] bool)."""
+    dev = noise.device
+    if cond_index is None:
+        cond_index = torch.arange(noise.shape[0], device=dev)
+    if group is None:
+        group = cond_index.clone()
+    eta_vec = eta.detach().to(torch.float32).cpu() if isinstance(eta, Tensor) and eta.dim() == 1 else \
+        eta_schedule(steps, float(eta))  # [T]
+    if eta_vec.shape[0] != steps:
+        raise ValueError(f"eta has {eta_vec.shape[0]} entries, expected {steps}")
+    allowed = eta_vec > 0  # [T]
+    if trainable is not None:
+        trainable = torch.as_tensor(trainable, dtype=torch.bool).cpu()  # [T]
+        if trainable.shape != allowed.shape:
+            raise ValueError(f"trainable has shape {tuple(trainable.shape)}, expected ({steps},)")
+        allowed = allowed & trainable
+    return cond_index.to(dev), group.to(dev), eta_vec, allowed
+
+
 def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
            generator: Optional[torch.Generator] = None, keep_velocities: bool = False, children: int = 6,
@@ -199,22 +222,7 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
     kern = get_kernel(kernel)
     s_rows = noise.shape[0]
     dev = noise.device
-    if cond_index is None:
-        cond_index = torch.arange(s_rows, device=dev)
-    if group is None:
-        group = cond_index.clone()
-    cond_index, group = cond_index.to(dev), group.to(dev)
-    # a float η: every step but the last, which stays deterministic (as ``eta_schedule``)
-    eta_vec = eta.detach().to(torch.float32).cpu() if isinstance(eta, Tensor) and eta.dim() == 1 else \
-        eta_schedule(steps, float(eta))  # [T]
-    if eta_vec.shape[0] != steps:
-        raise ValueError(f"eta has {eta_vec.shape[0]} entries, expected {steps}")
-    stochastic = eta_vec > 0  # [T]
-    if trainable is not None:
-        trainable = torch.as_tensor(trainable, dtype=torch.bool).cpu()  # [T]
-        if trainable.shape != stochastic.shape:
-            raise ValueError(f"trainable has shape {tuple(trainable.shape)}, expected ({steps},)")
-        stochastic = stochastic & trainable
+    cond_index, group, eta_vec, stochastic = _plan_inputs(noise, steps, cond_index, group, eta, trainable)
     cands = stochastic.nonzero().flatten()  # [C]
     if cands.numel() == 0:
         raise ValueError("branch plan: no candidate branch step (η is 0 everywhere)")
@@ -387,26 +395,12 @@ def tree(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, con
     kern = get_kernel(kernel)
     s_rows = noise.shape[0]
     dev = noise.device
-    if cond_index is None:
-        cond_index = torch.arange(s_rows, device=dev)
-    if group is None:
-        group = cond_index.clone()
-    cond_index, group = cond_index.to(dev), group.to(dev)
-    eta_vec = eta.detach().to(torch.float32).cpu() if isinstance(eta, Tensor) and eta.dim() == 1 else \
-        eta_schedule(steps, float(eta))  # [T]
-    if eta_vec.shape[0] != steps:
-        raise ValueError(f"eta has {eta_vec.shape[0]} entries, expected {steps}")
+    cond_index, group, eta_vec, allowed = _plan_inputs(noise, steps, cond_index, group, eta, trainable)
     if int(branching) != branching or branching < 2:
         raise ValueError(f"branching must be an integer ≥ 2, got {branching}")
     branching = int(branching)
     if not split_noise_scale > 0:
         raise ValueError(f"split_noise_scale must be > 0, got {split_noise_scale}")
-    allowed = eta_vec > 0  # [T]
-    if trainable is not None:
-        trainable = torch.as_tensor(trainable, dtype=torch.bool).cpu()  # [T]
-        if trainable.shape != allowed.shape:
-            raise ValueError(f"trainable has shape {tuple(trainable.shape)}, expected ({steps},)")
-        allowed = allowed & trainable
     splits = _tree_splits(split_steps, allowed.nonzero().flatten().tolist())
     is_split = torch.zeros(steps, dtype=torch.bool)  # [T]
     is_split[splits] = True

@@ -186,7 +186,7 @@ def temper_factors(steps: int, start: int, gamma: Optional[float]) -> Tensor:
 
     DAS writes (1+γ)^(i−start) − 1, which is 0 at i = start; flowalign counts one step later so the first
     resampling step is not a no-op [flowalign]. DAS's γ = 0.008 is for 100 steps; for T steps a ramp that reaches 1
-    at the end needs γ ≈ 2^(1/(T − start)) − 1 (0.09 for T = 12 from step 2).
+    at the end needs γ ≈ 2^(1/(T − start)) − 1 (0.072 for T = 12 from step 2; 0.09 reaches 1 at step 10).
     """
     if gamma is None:
         return torch.ones(steps, dtype=torch.float64)
@@ -365,8 +365,10 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
             # makes them ±1.8e308, and a `diff` particle killed at one step came back with ℓw = 0 at the next)
             logw = torch.nan_to_num(logw + log_g.view(p, k), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             ess = effective_sample_size(logw)  # [P]
-            uniform = (logw == logw[:, :1]).all(dim=1)  # [P]
-            go = (ess < ess_threshold * k) | ((t == last_s) & ~uniform)  # [P]
+            uniform = (logw == logw[:, :1]).all(dim=1)  # [P] (a group whose particles all died included)
+            # exactly uniform weights (ESS = k, e.g. 5 − 1e-15 by rounding) have nothing to resample toward: resampling
+            # a dead group would reset its ℓw to 0 and revive it (then `diff`'s +∞ made its weights NaN)
+            go = ((ess < ess_threshold * k) | (t == last_s)) & ~uniform  # [P]
             ess_hist.append(ess.to(torch.float32))
             res_hist.append(go)
             if bool(go.any()):
@@ -914,6 +916,15 @@ def cli_main(argv: Sequence[str]) -> int:
     reward_std = _reward_std(args.reward_std, weights) if args.reward_std is not None else None
     lam = args.lam / reward_std if reward_std is not None else args.lam  # λ per reward std → per reward unit
     beta_eff = beta * reward_std if reward_std is not None else beta
+    scaled = f" / --reward-std {reward_std:g}" if reward_std is not None else ""
+    if args.method == "fk" and (not math.isfinite(lam) or (args.lam > 0) != (lam > 0)):
+        raise UserError(f"--lam {args.lam:g}{scaled} is λ = {lam:g} per reward unit: out of range")
+    if args.proposal == "guided" and not math.isfinite(1.0 / lam):
+        raise UserError(f"--lam {args.lam:g}{scaled} = {lam:g} is too small for --proposal guided (its guidance uses "
+                        f"beta = 1/lam)")
+    if args.method == "guided" and not (math.isfinite(beta_eff) and beta_eff > 0):
+        raise UserError(f"--beta {beta:g} * --reward-std {reward_std:g} is beta = {beta_eff:g} per reward unit: out of "
+                        f"range")
     model = load_model(args.model, args.path, device=device, **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
@@ -1003,19 +1014,22 @@ def _reward_std(spec: str, weights: Mapping[str, float]) -> float:
         if not path.is_file():
             raise UserError(f"--reward-std {spec!r}: neither a number nor a directory with a results.jsonl (an earlier "
                             f"`flowalign steer --method none` or `flowalign eval` output)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--reward-std: cannot read {path} ({e})") from None
         totals = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    totals.append(sum(w * float(row[name]) for name, w in weights.items()))
-                except (ValueError, TypeError, AttributeError):
-                    raise UserError(f"--reward-std: {path}:{n} is not a results line with numbers") from None
-                except KeyError as e:
-                    raise UserError(f"--reward-std: {path}:{n} has no {e.args[0]!r} score; use a run that scored "
-                                    f"the steering rewards (--eval-rewards {','.join(weights)})") from None
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                totals.append(sum(w * float(row[name]) for name, w in weights.items()))
+            except (ValueError, TypeError, AttributeError):
+                raise UserError(f"--reward-std: {path}:{n} is not a results line with numbers") from None
+            except KeyError as e:
+                raise UserError(f"--reward-std: {path}:{n} has no {e.args[0]!r} score; use a run that scored "
+                                f"the steering rewards (--eval-rewards {','.join(weights)})") from None
         finite = [t for t in totals if math.isfinite(t)]
         if len(finite) < 2:
             raise UserError(f"--reward-std: {path} has {len(finite)} finite scores; a std needs at least 2")

@@ -879,6 +879,16 @@ def validate(cfg: ExperimentConfig) -> None:
                                 "edges); set sampler.train_steps=first")
     if s.plan == "tree":  # a window moves the stochastic steps every iteration, and the tree's splits (its shape) with them
         need(s.window_size == 0, "sampler.plan=tree splits at fixed stochastic steps; it needs sampler.window_size=0")
+        # a tree trains each shared edge once, on its first leaf: only the tree credit gives that edge its node's advantage
+        need(c.name == "tree", f"sampler.plan=tree trains each shared edge once, with its node's advantage; it needs "
+                               f"credit.name=tree (got {c.name!r})")
+        scale = dict(s.plan_options).get("split_noise_scale", 1.0)
+        need(s.kernel in ("flow_sde", "dance_sde") or scale == 1,  # the plan's check: the std must be ∝ η
+             f"sampler.plan=tree scales the split steps' eta by split_noise_scale={scale}, which scales the noise only "
+             f"for kernels whose std is proportional to eta (flow_sde, dance_sde), not {s.kernel}; set "
+             "sampler.plan_options.split_noise_scale=1.0 or another kernel")
+    need(c.name != "tree" or s.plan == "tree",
+         f"credit.name=tree assigns node advantages of a tree rollout; it needs sampler.plan=tree (got {s.plan!r})")
     need(trained_steps(s) >= 1,
          f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x "
          f"{'(sampler.steps - 1)' if s.train_steps == 'random' else 'sampler.steps'}={s.steps - (s.train_steps == 'random')}) "

@@ -348,7 +348,7 @@ def _tree_splits(spec: Optional[Sequence[int]], allowed: Sequence[int]) -> list[
 def tree(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
          group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
          generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
-         split_steps: Optional[Sequence[int]] = None, branching: int = 2, split_noise_scale: float = 4.0,
+         split_steps: Optional[Sequence[int]] = None, branching: int = 2, split_noise_scale: float = 1.0,
          prompts: Sequence[str] = (), reduce: str = "mean", logp_form: str = "exact",
          trainable: Optional[Tensor] = None, **kernel_kwargs) -> Trajectory:
     """BranchGRPO tree rollouts (Li et al. 2025, "BranchGRPO: Stable and Efficient GRPO with Structured Branching
@@ -379,7 +379,9 @@ def tree(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, con
         split_steps: the split steps (sorted, distinct; each stochastic and, with ``trainable``, trained);
             None = ``TREE_SPLITS`` = (0, 3, 6, 9) clipped to those steps.
         branching: children per split (≥ 2).
-        split_noise_scale: multiplier of the split steps' η (> 0).
+        split_noise_scale: multiplier of the split steps' η (> 0). Default 1: the reference's 4 goes with DanceGRPO's
+            η = 0.3 (``dance_sde``); on ``flow_sde`` at a = 0.7 it would make a = 2.8 at step 0, far off the model's
+            marginals (the scaled η moves the mean's drift too).
         trainable: [T] bool, the steps the trainer updates; default split steps are restricted to them.
 
     Returns a Trajectory with N = S·branching^D rows, the leaves, ordered (root, child at split 1, …, child at
@@ -495,6 +497,9 @@ def _tree_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional[F
     b = options.get("branching", 2)
     if not isinstance(b, int) or b < 2:
         raise ValueError(f"branching must be an integer ≥ 2, got {b!r}")
+    scale = options.get("split_noise_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ValueError(f"split_noise_scale must be a finite number > 0, got {scale!r}")
     ks = _tree_splits(options.get("split_steps"), range(candidate_steps))
     bounds = [*ks, candidate_steps]
     per_root = sum(b ** (j + 1) * (bounds[j + 1] - bounds[j]) for j in range(len(ks)))  # trained node-steps

@@ -118,8 +118,8 @@ def test_split_steps_are_validated_and_default_clipped():
     with pytest.raises(ValueError, match="branching"):
         run(branching=1)
     with pytest.raises(ValueError, match="proportional"):  # CPS: s = σ'·sin(aπ/2) is not linear in a
-        run(kernel="cps")
-    assert run(kernel="cps", split_noise_scale=1.0).batch_size == 2 * 8
+        run(kernel="cps", split_noise_scale=4.0)
+    assert run(kernel="cps").batch_size == 2 * 8  # the default scale 1 leaves the kernel's noise alone
     with pytest.raises(ValueError):
         plan_shape("tree", {"split_steps": [5]}, 3)  # the config reports it before any rollout
     assert plan_shape("tree", {}, 6) == (4, 18 / 4)  # splits (0, 3): 2·3 + 4·3 trained node-steps per root
@@ -131,7 +131,7 @@ def test_split_steps_are_validated_and_default_clipped():
 @pytest.mark.parametrize("kernel", ["flow_sde", "dance_sde"])
 def test_stored_log_probs_are_the_trainer_rescoring(kernel):
     """The trainer re-scores (row, t) with traj.eta[t] and the same kernel: ratio 1 on-policy, split edges included."""
-    tr, x, sig, cond = _tree(kernel=kernel)
+    tr, x, sig, cond = _tree(kernel=kernel, split_noise_scale=4.0)
     base = eta_schedule(T, 0.7)
     split = torch.zeros(T, dtype=torch.bool)
     split[SPLITS] = True

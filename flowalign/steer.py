@@ -399,7 +399,10 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
     r_final = reward(x, torch.arange(b, device=dev)).detach().to(torch.float64).cpu().reshape(b)  # [P·k]
     calls += b
     finite = torch.where(torch.isfinite(r_final), r_final, torch.full_like(r_final, -math.inf))
-    logw = logw + torch.nan_to_num(final_log_potential(finite, state, lam), nan=-math.inf).view(p, k)
+    # ±∞ stay ±∞ (nan_to_num's default would make a particle whose final reward is NaN −1.8e308, alive), and a dead
+    # particle's −∞ + ∞ is NaN → −∞: dead
+    final = final_log_potential(finite, state, lam).view(p, k)  # [P, k]
+    logw = torch.nan_to_num(logw + final, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     best = base[:, 0] + finite.view(p, k).argmax(dim=1)  # [P]
     drawn = base[:, 0] + _resample(multinomial_resample, normalized_weights(logw), torch.arange(p), group_gens,
                                    resample_generator)[:, 0]  # [P]
@@ -577,6 +580,9 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
         raise ValueError(f"unknown FK proposal {proposal!r}; choose one of {', '.join(PROPOSALS)}")
     if proposal == "guided" and (method != "fk" or not lam > 0):
         raise ValueError("a guided proposal is FK's (DAS): it needs method='fk' and lam > 0")
+    if proposal == "guided" and not eta > 0:
+        raise ValueError("a guided proposal shifts stochastic steps only: with eta = 0 it would be plain FK; pass a "
+                         "stochastic kernel and eta > 0")
     kk = k if method in ("best_of_n", "fk") else 1  # "none" is best-of-1: the same batched loop
     sigmas = model.schedule(steps)  # [T+1]
     etas = eta_schedule(steps, eta)  # [T]
@@ -779,8 +785,8 @@ def cli_main(argv: Sequence[str]) -> int:
                         "`flowalign steer`/`eval` output directory whose results.jsonl scored the steering rewards "
                         "(their weighted sum's std over its images is used)")
     p.add_argument("--beta", type=float, default=None, help="guided: the tilt is exp(r/beta) (default 1)")
-    p.add_argument("--guide-mode", default="x0", help="guided: x0 (skip-Jacobian, free) or dps (through the model)")
-    p.add_argument("--band", default="0.05,0.8", help="guided: guide only where sigma lies in MIN,MAX")
+    p.add_argument("--guide-mode", default=None, help="guided: x0 (skip-Jacobian, free; default) or dps (through the model)")
+    p.add_argument("--band", default=None, help="guided: guide only where sigma lies in MIN,MAX (default 0.05,0.8)")
     p.add_argument("--normalize", type=float, default=None, help="guided: per-sample gradient norm set to this")
     p.add_argument("--clip", type=float, default=None, help="guided: per-sample gradient norm clipped at this")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
@@ -844,6 +850,14 @@ def cli_main(argv: Sequence[str]) -> int:
                if given]
     if fk_only and args.method != "fk":
         raise UserError(f"{' and '.join(fk_only)}: only with --method fk")
+    guide_flags = [f for f, v in (("--guide-mode", args.guide_mode), ("--band", args.band), ("--normalize", args.normalize),
+                                  ("--clip", args.clip)) if v is not None]
+    if guide_flags and not (args.method == "guided" or args.proposal == "guided"):
+        raise UserError(f"{', '.join(guide_flags)}: only with --method guided or --method fk --proposal guided")
+    args.guide_mode = "x0" if args.guide_mode is None else args.guide_mode
+    args.band = "0.05,0.8" if args.band is None else args.band
+    if args.temper is not None and not args.lam > 0:
+        raise UserError("--temper ramps lam; with --lam 0 there is nothing to temper")
     if args.temper is not None and not (math.isfinite(args.temper) and args.temper > 0):
         raise UserError(f"--temper must be a finite number > 0 (DAS's gamma, e.g. 0.09 for 12 steps), got {args.temper}")
     if args.proposal == "guided" and not args.lam > 0:

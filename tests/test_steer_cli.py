@@ -103,7 +103,7 @@ def test_guided_steering_with_a_differentiable_reward_raises_it(tmp_path, model)
     (["--probe", "ode2:1"], ["--probe", "ode:M"]),
     (["--lam", "-1"], ["--lam"]),
     (["--ess", "0"], ["--ess"]),
-    (["--band", "0.9,0.1"], ["--band", "MIN,MAX"]),
+    (["--method", "guided", "--band", "0.9,0.1"], ["--band", "MIN,MAX"]),
     (["--kernel", "euler", "--eta", "0.5"], ["--eta > 0"]),
     (["--reward", "shapes_parital"], ["shapes_parital", "did you mean 'shapes_partial'"]),
     (["--reward", "shapes_partial:x"], ["weight"]),

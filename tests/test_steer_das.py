@@ -172,10 +172,39 @@ def test_steer_cli_das_and_reward_std(tmp_path):
     (["--method", "fk", "--reward-std", "/nonexistent"], ["--reward-std", "results.jsonl"]),
     (["--method", "best_of_n", "--reward-std", "1"], ["--reward-std", "best_of_n"]),
     (["--guidance", "nan"], ["--guidance"]),
+    (["--method", "fk", "--band", "0.1,0.5"], ["--band", "only with --method guided"]),
+    (["--method", "best_of_n", "--normalize", "0.1"], ["--normalize", "only with"]),
+    (["--method", "fk", "--temper", "0.1", "--lam", "0"], ["--temper", "--lam 0"]),
 ])
 def test_steer_refuses_bad_das_input_before_loading_the_model(tmp_path, capsys, no_model, extra, needles):
     fails(capsys, ["steer", "a red circle", *extra, "--out", str(tmp_path / "o")], *needles)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_final_reward_kills_its_particle():
+    """A particle alive until the end whose final reward is NaN gets ℓw = −∞ (nan_to_num's default made it
+    −1.8e308: alive, and `drawn` could pick it in a group whose other particles were dead)."""
+    steps, k = 6, 4
+    sig = schedules.shifted_linear(steps, 1.0)
+    calls = [0]
+
+    def reward(z, rows):
+        calls[0] += 1
+        r = z.flatten(1).mean(1).clone()
+        if calls[0] == 1 + len(S.resample_steps(steps)):  # the final scoring
+            r[rows == 2] = float("nan")
+        return r
+
+    res = S.fk_steer(gaussian_world_velocity, _noise(k), sig, {}, reward, k=k, lam=1.0,
+                     cond_index=torch.zeros(k, dtype=torch.long), eta=eta_schedule(steps, 0.7),
+                     generator=torch.Generator().manual_seed(0), resample_generator=torch.Generator().manual_seed(1))
+    assert res.log_weight[2].item() == -math.inf and torch.isfinite(res.log_weight[[0, 1, 3]]).all()
+
+
+def test_a_guided_proposal_without_stochastic_steps_is_refused(model):
+    steer = {"saturation": (build_reward("saturation"), 1.0)}
+    with pytest.raises(ValueError, match="stochastic"):
+        S.steer_prompts(model, PROMPTS, steer, {}, method="fk", steps=4, k=2, lam=5.0, proposal="guided")
 
 
 def test_reward_std_from_a_run_without_the_steering_reward_is_one_line(tmp_path, capsys, no_model):

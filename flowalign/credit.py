@@ -128,6 +128,55 @@ def outcome(inp: CreditInput) -> Credit:
     return Credit(advantages=adv[:, None] * inp.trained.to(device=adv.device, dtype=adv.dtype))  # [B, T]
 
 
+def group_win_rates(rewards: Tensor, group: Tensor, margin: float = 0.0) -> Tensor:
+    """Pref-GRPO's pairwise win rate within each group (Wang et al. 2025, "Pref-GRPO: Pairwise Preference
+    Reward-based GRPO for Stable Text-to-Image Reinforcement Learning", arXiv:2508.20751; METHODS.md §4.8).
+
+    R_i = (wins_i + ½·ties_i)/(n_g − 1) over the other members j of i's group, a pair judged by comparing rewards:
+    i wins when r_i > r_j + ``margin``, ties when |r_i − r_j| ≤ ``margin`` (a pointwise reward as the judge; the
+    paper's preference model judges the pair itself). A group's rates average ½ and depend only on the order of its
+    rewards. NaN rewards take no part and get NaN; a lone finite member gets NaN too (nothing to compare).
+    ``rewards`` [B], ``group`` [B] → float64 [B].
+    """
+    r = rewards.detach().to(torch.float64).cpu()  # [B]
+    g = group.detach().cpu()
+    ok = torch.isfinite(r)  # [B]
+    pair = (g[:, None] == g[None, :]) & ok[:, None] & ok[None, :]  # [B, B] comparable pairs
+    pair.fill_diagonal_(False)
+    d = r[:, None] - r[None, :]  # [B, B] r_i − r_j
+    wins = (pair & (d > margin)).sum(1).to(torch.float64)  # [B]
+    ties = (pair & (d.abs() <= margin)).sum(1).to(torch.float64)  # [B]
+    n = pair.sum(1).to(torch.float64)  # [B] members compared with
+    return torch.where(ok & (n > 0), (wins + 0.5 * ties) / n.clamp_min(1), torch.full_like(r, float("nan")))
+
+
+def win_rate(inp: CreditInput, *, margin: float = 0.0) -> Credit:
+    """Pref-GRPO credit (arXiv:2508.20751; METHODS.md §4.8): the group z-score of each rollout's pairwise win rate
+    (``group_win_rates``) instead of its reward, on every trained step.
+
+    Win rates spread a group's rewards over [0, 1] by rank, so the advantage depends only on the order of the
+    rewards (any increasing transform of the reward gives the same credit). ``margin``: reward differences up to it
+    count as ties, the pointwise stand-in for a preference judge that cannot tell two images apart (with 0, two
+    nearly equal rewards still split into a win and a loss, the "illusory advantage" the paper warns of). Several
+    rewards: ``reward_sum`` ranks Σ_k w_k·R_k, ``advantage_sum`` sums w_k·z(win rate of R_k).
+    """
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin={margin} must be finite and >= 0")
+    group = inp.traj.group.detach().cpu()
+    norm = _norm_kw(inp)
+
+    def z(r: Tensor) -> Tensor:
+        return group_normalize(group_win_rates(r, group, margin), group, **norm).to(torch.float32)  # [B]
+
+    if inp.aggregate == "reward_sum":
+        adv = z(sum(float(w) * inp.rewards[k].detach().to(torch.float64).cpu() for k, w in inp.reward_weights.items()))
+    elif inp.aggregate == "advantage_sum":
+        adv = sum(float(w) * z(inp.rewards[k]) for k, w in inp.reward_weights.items())
+    else:
+        raise ValueError(f"aggregate must be 'reward_sum' or 'advantage_sum', got {inp.aggregate!r}")
+    return Credit(advantages=adv[:, None] * inp.trained.detach().cpu().to(adv.dtype))  # [B, T]
+
+
 # ------------------------------------------------------------------------------------------ dense credit helpers
 
 
@@ -659,6 +708,7 @@ def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post",
 
 CREDIT = {
     "outcome": outcome,
+    "win_rate": win_rate,
     "dense_gain": dense_gain,
     "stepwise_gain": stepwise_gain,
     "turning_points": turning_points,

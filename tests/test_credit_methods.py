@@ -115,6 +115,39 @@ def test_dense_gain_few_step_probe_modes_run_through_options():
         assert torch.isfinite(adv).all() and adv.abs().sum() > 0
 
 
+def test_win_rates_by_hand_and_their_group_mean():
+    from flowalign.credit import group_win_rates
+
+    r = torch.tensor([1.0, 2.0, 2.0, 5.0, 0.3, float("nan"), 0.1, 7.0])
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2])
+    w = group_win_rates(r, g)
+    assert w[:4].tolist() == [0.0, 0.5, 0.5, 1.0]  # 1 beats none; 2 beats 1, ties 2, loses to 5; 5 beats all three
+    assert w[[4, 6]].tolist() == [1.0, 0.0] and w[5].isnan() and w[7].isnan()  # NaN and a lone member: no rate
+    assert w[:4].mean().item() == 0.5
+    assert group_win_rates(r, g, margin=1.5)[:4].tolist() == [1 / 3, 1 / 3, 1 / 3, 1.0]  # 1 and the 2s tie (|Δ| ≤ 1.5)
+
+
+def test_win_rate_credit_depends_only_on_the_order_of_the_rewards():
+    """Any increasing transform of the reward leaves Pref-GRPO's credit unchanged; outcome credit changes. A margin
+    turns nearly equal rewards into ties (advantage 0) where outcome credit blows their difference up."""
+    g = torch.Generator().manual_seed(4)
+    group = torch.arange(16) // 8
+    r = torch.randn(16, generator=g, dtype=torch.float64)
+    eta = torch.full((3,), 0.7)
+
+    def credit(name, rr, **opts):
+        vals = {"r": rr[:, None].expand(16, 4).clone()}
+        return assign_credit(name, _inp(vals, group, eta, eps=1e-12), opts).advantages[:, 0].double()
+
+    assert torch.allclose(credit("win_rate", r), credit("win_rate", torch.exp(3 * r) + r ** 3), atol=1e-6)
+    assert not torch.allclose(credit("outcome", r), credit("outcome", torch.exp(3 * r) + r ** 3), atol=1e-2)
+    near = 0.5 + 1e-6 * torch.arange(16, dtype=torch.float64)  # differences far below any judge's resolution
+    assert credit("outcome", near).abs().max() > 1.0  # the "illusory advantage"
+    assert (credit("win_rate", near, margin=1e-3) == 0).all()
+    with pytest.raises(ValueError, match="margin"):
+        credit("win_rate", r, margin=-1.0)
+
+
 def test_stepwise_gain_normalises_jointly_and_keeps_the_steps_relative_scale():
     """Stepwise-Flow-GRPO (METHODS §4.6): the gains of a group are z-scored over all its (i, t) together, so the
     credit is a single affine map of the gains per group: zero mean and unit spread over the group's trained entries,
@@ -407,6 +440,7 @@ def _cases():
         "outcome": (vals, group, eta, {}, {}, None),
         "dense_gain": (vals, group, eta, {}, {}, None),
         "stepwise_gain": (vals, group, eta, {}, {}, None),
+        "win_rate": (vals, group, eta, {}, {}, None),
         "turning_points": (vals, group, eta, {}, {}, None),
         "turning_points_batch": (vals, group, eta, {}, {"balance_scope": "batch", "constraint": False}, None),
         "branch": (vals, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), eta, branch_extras, {}, trained_b),
@@ -458,7 +492,7 @@ def test_credit_invariances(case):
 
 def test_every_registered_assigner_is_covered():
     assert set(CREDIT) == {"outcome", "dense_gain", "stepwise_gain", "turning_points", "branch", "value_anchor",
-                           "euphonium", "tree"}  # tree's invariances: tests/test_tree.py
+                           "euphonium", "tree", "win_rate"}  # tree's invariances: tests/test_tree.py
 
 
 # ------------------------------------------------------------------------------------------ calibration

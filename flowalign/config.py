@@ -90,7 +90,7 @@ class SamplerConfig:
     eta_file: str = _f("", "JSON with a per-step 'eta' list (e.g. from `flowalign calibrate`); overrides sampler.eta")
     init_noise: Literal["member", "group"] = _f("member", "initial noise: one draw per rollout (Flow-GRPO) or one per group, shared by its members (DanceGRPO)")
     plan: Literal["chain", "branch", "tree"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, TempFlow branching, or BranchGRPO trees")
-    plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan, {split_steps: [0, 3], branching: 2, split_noise_scale: 4.0} for the tree plan")
+    plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan, {split_steps: [0, 3], branching: 2} for the tree plan (split_noise_scale: 4.0 with kernel dance_sde, eta 0.3, as BranchGRPO)")
     guide: str = _f("none", "rollout mean shift (flowalign.values.GUIDES): none, or reward_grad (Euphonium's reward-gradient-guided SDE; log-probs stay unguided)")
     guide_options: dict = _f({}, "guide options, e.g. {lam: 300.0, rewards: {saturation: 1.0}, probe: x0, normalize: false, steps: [3, 4, 5], chunk: 4}; steps default to the trained steps; chunk = rows per PRM backward (default the whole batch)")
 

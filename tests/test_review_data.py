@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowalign.data import load_prompts
-from flowalign.errors import UserError
-
-
-def _err(fn, *args) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args)
-    assert "\n" not in str(info.value)
-    return str(info.value)
+from test_data import _err  # noqa: E402  (one-line UserError message of fn(*args))
 
 
 def test_txt_splits_prompts_only_at_newlines(tmp_path):

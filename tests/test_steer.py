@@ -102,12 +102,17 @@ def _noise(n, seed=0):
     return torch.randn(n, 1, generator=torch.Generator().manual_seed(seed))
 
 
+def _fk_groups(T, k, p, lam):
+    """FK on p groups of k Gaussian-world particles, flow SDE at a = 0.7, seeded noise and resampling."""
+    return S.fk_steer(gaussian_world_velocity, _noise(p * k), schedules.shifted_linear(T, 1.0), {}, linear_reward(),
+                      k=k, lam=lam, cond_index=torch.zeros(p * k, dtype=torch.long), eta=eta_schedule(T, 0.7),
+                      generator=torch.Generator().manual_seed(1), resample_generator=torch.Generator().manual_seed(2))
+
+
 def test_lambda_zero_gives_uniform_weights_ess_k_and_no_resampling():
     T, k, p = 10, 8, 3
     sig = schedules.shifted_linear(T, 1.0)
-    res = S.fk_steer(gaussian_world_velocity, _noise(p * k), sig, {}, linear_reward(), k=k, lam=0.0,
-                     cond_index=torch.zeros(p * k, dtype=torch.long), eta=eta_schedule(T, 0.7),
-                     generator=torch.Generator().manual_seed(1), resample_generator=torch.Generator().manual_seed(2))
+    res = _fk_groups(T, k, p, lam=0.0)
     assert res.steps == tuple(S.resample_steps(T))
     assert torch.allclose(res.ess, torch.full_like(res.ess, float(k)))
     assert not res.resampled.any()
@@ -157,10 +162,7 @@ def test_ode_kernel_warns_and_duplicates_stay_identical(caplog):
 
 def test_resampling_never_mixes_groups():
     T, k, p = 10, 4, 3
-    sig = schedules.shifted_linear(T, 1.0)
-    res = S.fk_steer(gaussian_world_velocity, _noise(p * k), sig, {}, linear_reward(), k=k, lam=30.0,
-                     cond_index=torch.zeros(p * k, dtype=torch.long), eta=eta_schedule(T, 0.7),
-                     generator=torch.Generator().manual_seed(1), resample_generator=torch.Generator().manual_seed(2))
+    res = _fk_groups(T, k, p, lam=30.0)
     assert res.resampled.all(dim=1).any()
     assert (res.origin // k == torch.arange(p * k) // k).all()
     assert (res.best // k == torch.arange(p)).all() and (res.drawn // k == torch.arange(p)).all()

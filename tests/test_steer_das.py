@@ -69,26 +69,30 @@ def test_a_wrong_proposal_is_corrected_by_its_importance_weights(target):
     assert res.resampled.sum() >= 2
 
 
-@pytest.mark.parametrize("a, steps, max_std", [(math.sqrt(2), 40, 0.05), (math.sqrt(2), 160, 0.015)])
-def test_the_h_transform_proposal_is_doobs_at_the_time_reversal_noise_level(a, steps, max_std):
-    """At a = √2 the flow SDE's g²/2 = σ/(1−σ) and it is the time reversal of the noising process: the tilt
-    guidance's shift (σ/(1−σ) + g²/2)·∇log h is then g²·∇log h, Doob's h-transform, whose path law is the base's
-    times h_T/h_0, so the DAS weights p·exp(λ·r)/q are constant up to the step size (log-weight std ∝ 1/T). At
-    Flow-GRPO's a = 0.7 the same shift gives the tilted marginals but another path law: the weights spread with a
-    std near 1.1 at any T (measured; docs/steering.md), which the importance correction handles."""
-    k = 2000
+def das_weight_spread(a, steps, k=4000):
+    """(log-weight std, final particle mean) of DAS with the exact h-transform proposal toward exp(3x), no resampling,
+    flow SDE at noise level a: the table of docs/steering.md ("When the guided proposal is exact")."""
     sig = schedules.shifted_linear(steps, 1.0)
     eta = eta_schedule(steps, a)
     guide = S.TiltGuidance(kernel="flow_sde", eta=eta, grad_fn=exact_u(LAM), band=(0.0, 1.0))
-    kw = dict(k=k, lam=LAM, cond_index=torch.zeros(k, dtype=torch.long), potential="diff", steps_s=(),
-              generator=torch.Generator().manual_seed(2), resample_generator=torch.Generator().manual_seed(3))
-    res = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), eta=eta, proposal=guide, **kw)
-    assert res.log_weight.double().std().item() < max_std
-    assert abs(res.final.double().mean().item() - 2.75) < 0.03  # the particles are the target's m + λ·s_d²
-    eta7 = eta_schedule(steps, 0.7)
-    guide7 = S.TiltGuidance(kernel="flow_sde", eta=eta7, grad_fn=exact_u(LAM), band=(0.0, 1.0))
-    res7 = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), eta=eta7, proposal=guide7, **kw)
-    assert res7.log_weight.double().std().item() > 0.5
+    res = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), k=k, lam=LAM, eta=eta,
+                     cond_index=torch.zeros(k, dtype=torch.long), potential="diff", steps_s=(), proposal=guide,
+                     generator=torch.Generator().manual_seed(2), resample_generator=torch.Generator().manual_seed(3))
+    return res.log_weight.double().std().item(), res.final.double().mean().item()
+
+
+def test_the_h_transform_proposal_is_doobs_at_the_time_reversal_noise_level():
+    """At a = √2 the flow SDE's g²/2 = σ/(1−σ) and it is the time reversal of the noising process: the tilt
+    guidance's shift (σ/(1−σ) + g²/2)·∇log h is then g²·∇log h, Doob's h-transform, whose path law is the base's
+    times h_T/h_0, so the DAS weights p·exp(λ·r)/q are constant up to the step size (log-weight std ∝ 1/T). At
+    Flow-GRPO's a = 0.7 the same shift gives the tilted marginals but another path law: the weights keep a spread
+    near 1.1 that a finer grid does not remove (the table in docs/steering.md is this function's output)."""
+    table = {(a, t): das_weight_spread(a, t) for a in (0.7, math.sqrt(2)) for t in (40, 160, 640)}
+    root2 = [table[(math.sqrt(2), t)][0] for t in (40, 160, 640)]
+    assert root2[0] < 0.05 and root2[1] < root2[0] / 3 and root2[2] < root2[1] / 3  # ∝ 1/T
+    a07 = [table[(0.7, t)][0] for t in (40, 160, 640)]
+    assert min(a07) > 1.0 and max(a07) < 1.25  # no decay with T
+    assert all(abs(mean - 2.75) < 0.03 for _, mean in table.values())  # the tilted marginal m + λ·s_d² at both a
 
 
 def test_tempering_keeps_the_target_and_ramps_lambda():

@@ -206,6 +206,17 @@ def check_flow_match_scheduler(scheduler: Any, family: str) -> None:
     })
 
 
+def scheduler_mu(config: Mapping[str, Any], seq_len: int, *, max_shift: float) -> float:
+    """The pipelines' dynamic-shift μ for ``seq_len`` image tokens with the scheduler's constants (METHODS.md §1.3):
+    linear in the token count between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift).
+    ``max_shift`` is the pipeline's default when the config has none (FLUX 1.15, SD3 1.16)."""
+    from flowalign.samplers.schedules import flux_mu
+
+    return flux_mu(seq_len, base_seq_len=int(config.get("base_image_seq_len", 256)),
+                   max_seq_len=int(config.get("max_image_seq_len", 4096)),
+                   base_shift=float(config.get("base_shift", 0.5)), max_shift=float(config.get("max_shift", max_shift)))
+
+
 def flow_match_sigmas(config: Mapping[str, Any], steps: int, *, mu: Optional[float] = None,
                       sigmas: Optional[Tensor] = None) -> Tensor:
     """The sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler.from_config(config)`` after

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules,
+    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules, scheduler_mu,
 )
 from flowalign.types import Cond
 
@@ -117,16 +117,10 @@ class FluxModel(FlowAdapter):
         """The sigmas ``FluxPipeline`` sets: ``set_timesteps(sigmas=linspace(1, 1/T, T), mu=μ(L))`` with the
         scheduler's μ constants (a scheduler without dynamic shifting, FLUX.1-schnell, ignores μ and applies its static
         shift), every grid option of the scheduler included (``flow_match_sigmas``)."""
-        from flowalign.samplers.schedules import flux_mu
-
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         cfg = self.pipe.scheduler.config
-        mu = flux_mu(
-            self.latent_shape[0],
-            base_seq_len=int(cfg.get("base_image_seq_len", 256)), max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
-            base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.15)),
-        )
+        mu = scheduler_mu(cfg, self.latent_shape[0], max_shift=1.15)
         u = torch.linspace(1.0, 1.0 / steps, int(steps), dtype=torch.float64)  # [T] FluxPipeline's sigmas
         return flow_match_sigmas(cfg, steps, mu=mu, sigmas=u)  # [T+1]
 

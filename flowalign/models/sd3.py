@@ -23,7 +23,7 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules,
+    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules, scheduler_mu,
 )
 from flowalign.types import Cond
 
@@ -98,18 +98,12 @@ class SD3Model(FlowAdapter):
     def schedule(self, steps: int) -> Tensor:
         """The sigmas ``StableDiffusion3Pipeline`` sets on its scheduler (``set_timesteps(T)``, plus ``mu`` when the
         scheduler has ``use_dynamic_shifting``), every grid option of the scheduler included (``flow_match_sigmas``)."""
-        from flowalign.samplers.schedules import flux_mu
-
         cfg = self.pipe.scheduler.config
         mu = None
         if cfg.get("use_dynamic_shifting", False):
-            # The pipeline's μ = calculate_shift((h/p)·(w/p)), the scheduler's constants (pipeline max_shift
-            # default 1.16).
+            # The pipeline's μ = calculate_shift((h/p)·(w/p)) with the scheduler's constants (its max_shift default 1.16)
             p = self.transformer.config.patch_size
-            mu = flux_mu((self.latent_shape[1] // p) * (self.latent_shape[2] // p),
-                         base_seq_len=int(cfg.get("base_image_seq_len", 256)),
-                         max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
-                         base_shift=float(cfg.get("base_shift", 0.5)), max_shift=float(cfg.get("max_shift", 1.16)))
+            mu = scheduler_mu(cfg, (self.latent_shape[1] // p) * (self.latent_shape[2] // p), max_shift=1.16)
         return flow_match_sigmas(cfg, steps, mu=mu)  # [T+1]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:

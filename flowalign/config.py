@@ -83,7 +83,7 @@ class SamplerConfig:
     train_fraction: float = _f(0.99, "trained steps = the first floor(frac*T) steps (Flow-GRPO); the last step is never trained; with sampler.window_size > 0 the window's steps are trained instead")
     train_steps: Literal["first", "random"] = _f("first", "which steps are trained: the first floor(frac*T) (Flow-GRPO), or per rollout a random floor(frac*(T-1)) of steps 0..T-2 (DanceGRPO)")
     window_size: int = _f(0, "SDE window width n (Flow-GRPO-Fast); 0 = no window, every step stochastic")
-    window_range: tuple[int, int] = _f((0, 0), "window start t0 ~ U{lo..hi-n}, drawn once per iteration from (train.seed, iteration) and shared by its groups (the same for any world size); (0, 0) = (0, T-1)")
+    window_range: tuple[int, int] = _f((0, 0), "window start t0 ~ U{lo..hi-n}, drawn per group from (train.seed, iteration, group) (the same for any world size); (0, 0) = (0, T-1)")
     last_step_noise: bool = _f(False, "add SDE noise at the untrained last step (Flow-GRPO quirk Q1)")
     logp_reduce: Literal["mean", "sum"] = _f("mean", "reduction of the per-step log-density over latent elements (clip ranges assume mean)")
     logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")
@@ -739,9 +739,9 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
     """Quantities implied by the config for ``world_size`` processes; raises ``UserError`` if they do not divide.
 
     Keys: rollouts_per_iter (final samples scored), samples_per_seed (plan: branch children), groups_per_rank,
-    rollouts_per_rank, trained_steps, transitions_per_iter, transitions_per_rank, micro_batches_per_rank (per iteration, before zero-std filtering),
+    rollouts_per_rank, trained_steps, transitions_per_iter, transitions_per_rank, micro_batches_per_rank (per iteration, before zero-std filtering and a credit's pruning, e.g. the tree credit's prune_steps / width),
     micro_batches_per_optimizer_step, optimizer_steps_total, ema_updates_total, rollouts_total, nfe_rollout_per_iter
-    (sampling forwards, one per step per rollout; CFG pairs count as one), window_starts (possible t0 or None),
+    (sampling forwards, one per step per rollout; CFG pairs count as one), window_starts (possible t0 of each group's window, or None),
     nft_rows_per_rank (objective=nft: (sample, noise level) rows before zero-advantage filtering).
     """
     t, s = cfg.train, cfg.sampler
@@ -872,6 +872,12 @@ def validate(cfg: ExperimentConfig) -> None:
              f"sampler.window_range=({s.window_range[0]}, {s.window_range[1]}) must lie in [0, steps-1={s.steps - 1}] (the last step is never trained)")
         need(hi - lo >= s.window_size,
              f"sampler.window_range=({lo}, {hi}) is narrower than sampler.window_size={s.window_size}; widen the range or shrink the window")
+        # each group draws its own window (Q5): only unguided chains sample rows with per-row η (a guide shifts
+        # whole steps, so it would move other groups' Euler steps too)
+        who = f"sampler.plan={s.plan}" if s.plan != "chain" else f"sampler.guide={s.guide}"
+        need((s.plan == "chain" and s.guide == "none") or hi - lo == s.window_size,
+             f"{who} needs one window for every group, but sampler.window_range=({lo}, {hi}) lets each group draw "
+             f"its start; pin it with sampler.window_range=[{lo}, {lo + s.window_size}]")
     if s.train_steps == "random":
         need(s.window_size == 0, "sampler.train_steps=random draws the trained steps itself; with sampler.window_size > 0 "
                                  "the window's steps are trained: set sampler.train_steps=first")
@@ -952,7 +958,9 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     d = derived(cfg, world_size)
     m, s, r, c, t, e = cfg.model, cfg.sampler, cfg.reward, cfg.credit, cfg.train, cfg.eval
     rewards = ", ".join(f"{k}={v:g}" for k, v in r.weights.items())
-    window = (f"window {s.window_size} in {window_bounds(s)}" if s.window_size else
+    moving = s.window_size and window_bounds(s)[1] - window_bounds(s)[0] > s.window_size
+    window = (f"window {s.window_size} in {window_bounds(s)}" + (", start drawn per group" if moving else "")
+              if s.window_size else
               f"random {d['trained_steps']} of steps 0..{s.steps - 2} per rollout" if s.train_steps == "random" else
               f"first {d['trained_steps']} steps")
     lora = f"r={m.lora_rank or 'default'}" + (f"/a={m.lora_alpha:g}" if m.lora_alpha else "")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from flowalign.types import Credit, Trajectory
+from flowalign.values import row_eta
 
 logger = logging.getLogger(__name__)
 
@@ -240,10 +241,6 @@ def _aggregate(inp: CreditInput, vals: Mapping[str, Tensor], fn: Callable[[Tenso
     raise ValueError(f"aggregate must be 'reward_sum' or 'advantage_sum', got {inp.aggregate!r}")
 
 
-def _shared_eta(inp: CreditInput) -> Tensor:
-    return inp.traj.eta.detach().cpu().to(torch.float32)  # [T]
-
-
 # ------------------------------------------------------------------------------------------ DenseGRPO
 
 
@@ -389,23 +386,29 @@ def turning_points(inp: CreditInput, *, probe: str = "ode:full", constraint: boo
         raise ValueError(f"balance_scope must be 'group', 'batch' or 'none', got {balance_scope!r}")
     trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
     b, steps = trained.shape
-    stoch = (_shared_eta(inp) > 0).nonzero().flatten()  # [n] window steps s_j
-    if stoch.numel() == 0:
+    stoch_rows = row_eta(inp.traj).detach().cpu() > 0  # [B, T] each row's window steps s_j (per-group windows)
+    # rows that share a window (every row of a group does) are scored together: [(rows [b_p], steps s_j [n_p])]
+    patterns = [((stoch_rows == p).all(1).nonzero().flatten(), p.nonzero().flatten())
+                for p in stoch_rows.unique(dim=0) if bool(p.any())]
+    if not patterns:
         return Credit(advantages=torch.zeros(b, steps))
-    states = torch.cat([stoch[:1], stoch + 1])  # [n+1] R^(0) at x_{s_1}, R^(j) at x_{s_j+1}
     mask = torch.zeros(b, steps + 1, dtype=torch.bool)
-    mask[:, states] = True
+    for rows, stoch in patterns:  # R^(0) at x_{s_1}, R^(j) at x_{s_j+1}
+        mask[rows[:, None], torch.cat([stoch[:1], stoch + 1])[None]] = True
     vals = state_values(inp, probe, mask)
     group = inp.traj.group.detach().cpu()
     unit = group if balance_scope == "group" else torch.zeros_like(group)
 
     def fn(v: Tensor) -> Tensor:
-        r, turn, d, g, delta = turning_point_rewards(v[:, states], constraint=constraint, first_step=first_step)
-        if balance_scope != "none":
-            turn = balance_turning_points(turn, delta, unit)
-            r = torch.where(turn, g, d)
         full = torch.full((b, steps), float("nan"), dtype=torch.float64)
-        full[:, stoch] = r
+        for rows, stoch in patterns:  # "batch" balancing runs within the rows of one window
+            states = torch.cat([stoch[:1], stoch + 1])  # [n+1]
+            r, turn, d, g, delta = turning_point_rewards(v[rows][:, states], constraint=constraint,
+                                                         first_step=first_step)  # [b_p, n] ×4, [b_p]
+            if balance_scope != "none":
+                turn = balance_turning_points(turn, delta, unit[rows])
+                r = torch.where(turn, g, d)
+            full[rows[:, None], stoch[None]] = r
         return step_normalize(full, group, trained, **_norm_kw(inp))
 
     adv = _aggregate(inp, vals, fn)
@@ -485,39 +488,120 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
 # ------------------------------------------------------------------------------------------ BranchGRPO trees
 
 
+def _tree_nodes(node: Tensor, depth: Tensor, tree: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Dense node table of a tree rollout: (inv [B, T] dense node index of each edge, member [U, B] leaf row below
+    node u, u_depth [U], u_tree [U], u_first [U] the first step of u, its split edge)."""
+    b, steps = node.shape
+    _, inv = torch.unique(node.flatten(), return_inverse=True)  # [B·T] dense node index of each edge
+    inv = inv.view(b, steps)  # [B, T]
+    u = int(inv.max()) + 1 if inv.numel() else 0
+    rows = torch.arange(b)[:, None].expand(b, steps)  # [B, T]
+    member = torch.zeros(u, b, dtype=torch.bool)  # [U, B]
+    member[inv.flatten(), rows.flatten()] = True
+    u_depth = torch.zeros(u, dtype=torch.long).scatter_(0, inv.flatten(), depth.flatten())  # [U]
+    u_tree = torch.zeros(u, dtype=torch.long).scatter_(0, inv.flatten(), tree[:, None].expand(b, steps).flatten())
+    t_idx = torch.arange(steps)[None].expand(b, steps).flatten()
+    u_first = torch.full((u,), steps, dtype=torch.long).scatter_reduce(0, inv.flatten(), t_idx, reduce="amin")  # [U]
+    return inv, member, u_depth, u_tree, u_first
+
+
+def tree_node_rewards(rewards: Tensor, node: Tensor, depth: Tensor, tree: Tensor, *, backup: str = "mean",
+                      log_probs: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
+    """Node rewards of a tree rollout [B, T] (BranchGRPO, Li et al. 2025, arXiv:2509.06040, "tree-based advantage";
+    METHODS.md §2.8): the reward of the node owning edge (row, t).
+
+    ``backup="mean"``: a node's reward is the mean of its descendant leaves' rewards (NaN leaves left out).
+    ``backup="softmax"`` (the reference's probability-weighted option): bottom-up, a node's reward is
+    Σ_c softmax_c(α·log p_c)·R_c over its children c, log p_c the child's split-edge log-probability
+    (``log_probs`` [B, T], the rollout's stored values) and α = ``temperature``; children without a finite reward
+    are left out (the weights renormalise over the rest). Equal log-probs give the mean of the children, which is
+    the mean of the leaves (every child has the same number of leaves).
+    """
+    if backup not in ("mean", "softmax"):
+        raise ValueError(f"backup must be 'mean' or 'softmax', got {backup!r}")
+    r = rewards.detach().to(torch.float64).cpu()  # [B]
+    node, depth, tree = node.detach().cpu().long(), depth.detach().cpu().long(), tree.detach().cpu().long()
+    inv, member, u_depth, _, u_first = _tree_nodes(node, depth, tree)
+    ok = torch.isfinite(r)  # [B]
+    if backup == "mean":
+        cnt = (member & ok[None]).sum(1).to(torch.float64)  # [U]
+        tot = (member.to(torch.float64) * torch.where(ok, r, torch.zeros_like(r))[None]).sum(1)  # [U]
+        node_r = torch.where(cnt > 0, tot / cnt.clamp_min(1), torch.full_like(tot, float("nan")))  # [U]
+        return node_r[inv]  # [B, T]
+    if log_probs is None:
+        raise ValueError("backup='softmax' needs the rollout's log_probs")
+    lp = log_probs.detach().to(torch.float64).cpu()  # [B, T]
+    n_u = member.shape[0]
+    node_r = torch.full((n_u,), float("nan"), dtype=torch.float64)  # [U]
+    leaf_row = member.to(torch.long).argmax(1)  # [U] one leaf row below each node
+    split_lp = lp[leaf_row, u_first.clamp_max(lp.shape[1] - 1)]  # [U] log p of each node's split edge
+    deepest = int(u_depth.max()) if n_u else 0
+    last = inv[:, -1]  # [B] the leaf node of each row
+    node_r[last] = torch.where(ok, r, torch.full_like(r, float("nan")))
+    for d in range(deepest - 1, -1, -1):  # parents from the deepest internal depth up
+        for p in (u_depth == d).nonzero().flatten().tolist():
+            kids = ((u_depth == d + 1) & (member[:, member[p]].any(1)) & ~(member & ~member[p]).any(1))
+            kids = kids.nonzero().flatten()  # [K] the children of p (nodes one deeper whose leaves lie below p)
+            if kids.numel() == 0:
+                continue
+            kr = node_r[kids]
+            fin = torch.isfinite(kr)
+            if not bool(fin.any()):
+                continue
+            w = torch.softmax(float(temperature) * split_lp[kids][fin], 0)  # [K'] over the children with a reward
+            node_r[p] = (w * kr[fin]).sum()
+    return node_r[inv]  # [B, T]
+
+
 def tree_node_advantages(rewards: Tensor, node: Tensor, depth: Tensor, tree: Tensor, *, scope: str = "group",
-                         eps: float = 1e-4, ddof: int = 0,
-                         reduce_sum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+                         eps: float = 1e-4, ddof: int = 0, reduce_sum: Optional[Callable[[Tensor], Tensor]] = None,
+                         backup: str = "mean", log_probs: Optional[Tensor] = None,
+                         temperature: float = 1.0) -> Tensor:
     """BranchGRPO's tree-based advantage (Li et al. 2025, "BranchGRPO", arXiv:2509.06040; METHODS.md §2.8).
 
     Paper → ours: the reward of a leaf is ``rewards`` [B] (one row per leaf); the reward of an internal node is
-    the mean of its descendant leaves' rewards (NaN leaves left out); the advantage of a node is the z-score of
-    node rewards over all nodes of the same depth in the same tree (``group_normalize`` over the key
-    (tree, depth)), so a lone node (the root) gets 0. ``node`` [B, T] is the id of the node owning edge (row, t),
-    ``depth`` [B, T] its depth, ``tree`` [B] the tree of each row. Returns A [B, T] float32, the owning node's
-    advantage on every edge of every row (masking to one row per node is the caller's).
+    backed up from its leaves (``tree_node_rewards``: their mean, or the softmax-over-log-prob weighting); the
+    advantage of a node is the z-score of node rewards over all nodes of the same depth in the same tree
+    (``group_normalize`` over the key (tree, depth)), so a lone node (the root) gets 0. ``node`` [B, T] is the id of
+    the node owning edge (row, t), ``depth`` [B, T] its depth, ``tree`` [B] the tree of each row. Returns A [B, T]
+    float32, the owning node's advantage on every edge of every row (masking to one row per node is the caller's).
     """
-    r = rewards.detach().to(torch.float64).cpu()  # [B]
     node, depth, tree = node.detach().cpu().long(), depth.detach().cpu().long(), tree.detach().cpu().long()
-    b, steps = node.shape
-    ids, inv = torch.unique(node.flatten(), return_inverse=True)  # [U], [B·T] dense node index of each edge
-    inv = inv.view(b, steps)  # [B, T]
-    rows = torch.arange(b)[:, None].expand(b, steps)  # [B, T]
-    member = torch.zeros(ids.shape[0], b, dtype=torch.bool)  # [U, B] leaf row below node u
-    member[inv.flatten(), rows.flatten()] = True
-    ok = torch.isfinite(r)  # [B]
-    cnt = (member & ok[None]).sum(1).to(torch.float64)  # [U]
-    tot = (member.to(torch.float64) * torch.where(ok, r, torch.zeros_like(r))[None]).sum(1)  # [U]
-    node_r = torch.where(cnt > 0, tot / cnt.clamp_min(1), torch.full_like(tot, float("nan")))  # [U] mean of leaves
-    u_depth = torch.zeros(ids.shape[0], dtype=torch.long).scatter_(0, inv.flatten(), depth.flatten())  # [U]
-    u_tree = torch.zeros(ids.shape[0], dtype=torch.long).scatter_(0, inv.flatten(),
-                                                                  tree[:, None].expand(b, steps).flatten())  # [U]
+    edge_r = tree_node_rewards(rewards, node, depth, tree, backup=backup, log_probs=log_probs,
+                               temperature=temperature)  # [B, T]
+    inv, _, u_depth, u_tree, _ = _tree_nodes(node, depth, tree)
+    node_r = torch.zeros(u_depth.shape[0], dtype=torch.float64).scatter_(0, inv.flatten(), edge_r.flatten())  # [U]
     _, key = torch.unique(torch.stack([u_tree, u_depth], 1), dim=0, return_inverse=True)  # [U] (tree, depth) id
     node_a = group_normalize(node_r, key, scope=scope, eps=eps, ddof=ddof, reduce_sum=reduce_sum)  # [U]
     return node_a[inv]  # [B, T]
 
 
-def tree(inp: CreditInput) -> Credit:
+def tree_width_mask(adv: Tensor, node: Tensor, depth: Tensor, tree: Tensor, ratio: float) -> Tensor:
+    """BranchGRPO width pruning, "best and worst" (the reference's mode 2; METHODS.md §2.8): of the deepest nodes
+    (the last split's children) of each tree, keep the ⌈ratio·n/2⌉ with the highest and as many with the lowest
+    advantage (``adv`` [B, T], each node's advantage on its edges; ties: lower node id first) and drop the edges of
+    the others; shallower nodes are kept. Returns keep [B, T] bool."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"width_ratio must be in (0, 1], got {ratio}")
+    node, depth, tree = node.detach().cpu().long(), depth.detach().cpu().long(), tree.detach().cpu().long()
+    inv, _, u_depth, u_tree, _ = _tree_nodes(node, depth, tree)
+    a = adv.detach().cpu().to(torch.float64)
+    u_adv = torch.zeros(u_depth.shape[0], dtype=torch.float64).scatter_(0, inv.flatten(), a.flatten())  # [U]
+    keep_u = torch.ones(u_depth.shape[0], dtype=torch.bool)  # [U]
+    deepest = int(u_depth.max()) if u_depth.numel() else 0
+    for t in u_tree.unique().tolist():
+        last = ((u_tree == t) & (u_depth == deepest)).nonzero().flatten()  # [n] ids in ascending order
+        if deepest == 0 or last.numel() <= 2:
+            continue
+        k = max(1, math.ceil(ratio * last.numel() / 2))
+        order = sorted(last.tolist(), key=lambda i: (-float(u_adv[i]), i))  # best first
+        kept = set(order[:k]) | set(order[-k:])
+        keep_u[last] = torch.tensor([i in kept for i in last.tolist()])
+    return keep_u[inv]  # [B, T]
+
+
+def tree(inp: CreditInput, *, backup: str = "mean", temperature: float = 1.0, prune_steps: Sequence[int] = (),
+         width: str = "all", width_ratio: float = 0.5) -> Credit:
     """BranchGRPO credit on a tree rollout (Li et al. 2025, "BranchGRPO", arXiv:2509.06040; METHODS.md §2.8).
 
     Needs a trajectory from ``flowalign.samplers.plans.tree``: rows are leaves, ``traj.group`` the tree of each
@@ -526,8 +610,18 @@ def tree(inp: CreditInput) -> Credit:
     of ``tree_node_advantages``; every edge of a node carries its node's advantage on the node's representative
     row only (``extras["trained"]``: each shared edge is trained once), 0 elsewhere. Several rewards follow
     ``inp.aggregate``: ``reward_sum`` z-scores the node means of Σ_k w_k·R_k, ``advantage_sum`` sums
-    w_k·(advantage of R_k). The reference's optional softmax-over-log-prob node reward is not implemented.
+    w_k·(advantage of R_k).
+
+    Options (the reference's, METHODS.md §2.8): ``backup`` "mean" (default) or "softmax" (node reward = the
+    softmax(``temperature``·log p)-weighted children's rewards, ``tree_node_rewards``); ``prune_steps`` (depth
+    pruning: edges at these steps are not trained; the reference's tree has one node per step, so its pruned
+    "depths" are steps); ``width`` "all" (default) or "extremes" (width pruning: of each tree's last-split nodes
+    only the ``width_ratio`` share with the best and worst advantages is trained, ``tree_width_mask``; the
+    reference's other width mode ranks a node's own steps, which share one advantage, so it is not offered).
+    Pruned edges come back in ``Credit.mask``: the trainer does not re-score them.
     """
+    if width not in ("all", "extremes"):
+        raise ValueError(f"width must be 'all' or 'extremes', got {width!r}")
     ex = inp.traj.extras or {}
     if "node" not in ex or "depth" not in ex:
         raise ValueError("credit 'tree' needs a tree rollout (sampler.plan=tree): extras['node'] / ['depth'] missing")
@@ -536,11 +630,24 @@ def tree(inp: CreditInput) -> Credit:
         trained = trained & ex["trained"].detach().cpu().to(torch.bool)
     tree_id = inp.traj.group.detach().cpu()  # [B]
 
+    steps = trained.shape[1]
+    bad = [int(k) for k in prune_steps if not 0 <= int(k) < steps]
+    if bad:
+        raise ValueError(f"prune_steps {bad} are not steps 0 … {steps - 1}")
+
     def fn(r: Tensor) -> Tensor:
-        return tree_node_advantages(r, ex["node"], ex["depth"], tree_id, **_norm_kw(inp))
+        return tree_node_advantages(r, ex["node"], ex["depth"], tree_id, backup=backup, temperature=temperature,
+                                    log_probs=inp.traj.log_probs, **_norm_kw(inp))
 
     adv = _aggregate(inp, {k: inp.rewards[k].detach().to(torch.float64).cpu() for k in inp.reward_weights}, fn)
-    return Credit(advantages=adv * trained.to(adv.dtype))  # [B, T]
+    mask = None
+    if len(prune_steps) or width != "all":
+        mask = torch.ones_like(trained)  # [B, T]
+        mask[:, [int(k) for k in prune_steps]] = False
+        if width == "extremes":
+            mask &= tree_width_mask(adv, ex["node"], ex["depth"], tree_id, width_ratio)
+        trained = trained & mask
+    return Credit(advantages=adv * trained.to(adv.dtype), mask=mask)  # [B, T]
 
 
 # ------------------------------------------------------------------------------------------ VGPO [recon]

@@ -73,6 +73,26 @@ def initial_noise(model: Any, seed: int, it: int, positions: Sequence[int], grou
                       for gp in positions for m in range(group_size)])  # [G·n, *latent]
 
 
+def group_windows(seed: int, it: int, positions: Sequence[int], lo: int, hi: int, size: int) -> list[int]:
+    """Flow-GRPO-Fast window starts t0 ~ U{lo … hi − n}, one per global group ``positions`` (METHODS.md §2.6, Q5).
+
+    Each group's draw comes from a generator seeded by (seed, iteration, group): upstream draws one t0 per
+    process, so its windows depend on the world size; here a group gets the same window on any number of
+    ranks, and the groups of one iteration spread their windows over the range.
+    """
+    top = max(lo, hi - size)
+    return [int(torch.randint(lo, top + 1, (1,), generator=torch.Generator().manual_seed(_seed(seed, it, gp, 7))))
+            for gp in positions]
+
+
+def window_eta(steps: int, base_eta: float | torch.Tensor, starts: Sequence[int], size: int, group_size: int, *,
+               last_step_noise: bool = False) -> torch.Tensor:
+    """Per-row η [B, T] of per-group windows: group g's ``group_size`` rows are stochastic on t0_g … t0_g + n − 1
+    (``eta_schedule`` with ``window=(t0_g, n)``), Euler elsewhere."""
+    rows = [eta_schedule(steps, base_eta, window=(t0, size), last_step_noise=last_step_noise) for t0 in starts]
+    return torch.stack(rows).repeat_interleave(group_size, dim=0)  # [G·n, T]
+
+
 class EMA:
     """EMA of the trainable tensors: d_n = min((1+n)/(10+n), d_max), once per `every` optimizer steps (§3.7, Q4)."""
 
@@ -306,10 +326,12 @@ def _latest_checkpoint(run: Path) -> Optional[Path]:
 
 def _trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: Optional[torch.Generator] = None
                   ) -> torch.Tensor:
-    """Flow-GRPO trains the first ⌊f·T⌋ steps that are stochastic (METHODS.md §3.5). [B, T] bool."""
-    steps = eta.shape[0]
+    """Flow-GRPO trains the first ⌊f·T⌋ steps that are stochastic (METHODS.md §3.5). [B, T] bool.
+
+    ``eta`` [T], or [B, T] per row (per-group windows)."""
+    steps = eta.shape[-1]
     first = torch.arange(steps) < min(int(math.floor(fraction * steps + 1e-9)), steps - 1)  # never the last step
-    return ((eta.cpu() > 0) & first)[None].expand(batch, steps)
+    return ((eta.cpu() > 0) & first).expand(batch, steps)
 
 
 def _random_trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -477,17 +499,19 @@ def train(cfg: C.ExperimentConfig) -> Path:
         batch_prompts = [prompts[i].prompt for i in groups]
         cond = model.encode(batch_prompts)
         noise = initial_noise(model, cfg.train.seed, it, positions, g_size, cfg.sampler.init_noise)  # [B, *latent]
-        window = None
-        if cfg.sampler.window_size:
+        if cfg.sampler.window_size:  # Flow-GRPO-Fast: one window per group, seeded by (seed, iteration, group) (Q5)
             lo, hi = C.window_bounds(cfg.sampler)
-            g = torch.Generator().manual_seed(_seed(cfg.train.seed, it, 7))
-            t0 = int(torch.randint(lo, max(lo, hi - cfg.sampler.window_size) + 1, (1,), generator=g))
-            window = (t0, cfg.sampler.window_size)
-        eta = eta_schedule(cfg.sampler.steps, base_eta, window=window,
-                           last_step_noise=cfg.sampler.last_step_noise)  # [T]
+            starts = group_windows(cfg.train.seed, it, positions, lo, hi, cfg.sampler.window_size)
+            eta = window_eta(cfg.sampler.steps, base_eta, starts, cfg.sampler.window_size, g_size,
+                             last_step_noise=cfg.sampler.last_step_noise)  # [B0, T]
+            eta = eta[0] if bool((eta == eta[:1]).all()) else eta  # one window for all (a pinned range): [T]
+            metrics["sampler/window_start_mean"] = float(reduce_mean(torch.tensor([float(sum(starts)) / len(starts)
+                                                                                   ])).item())
+        else:
+            eta = eta_schedule(cfg.sampler.steps, base_eta, last_step_noise=cfg.sampler.last_step_noise)  # [T]
         step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
         # a window trains all its steps (METHODS §3.5, config.trained_steps): train_fraction must not cut it short
-        fraction = 1.0 if window is not None else cfg.sampler.train_fraction
+        fraction = 1.0 if cfg.sampler.window_size else cfg.sampler.train_fraction
         selected = TRAINED_STEPS[cfg.sampler.train_steps](  # [B0, T] the steps each rollout trains
             eta, fraction, noise.shape[0], torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 17)))
         trainable = selected.any(0)  # [T] steps some rollout trains (the plan's and the guide's steps)
@@ -537,6 +561,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
             reduce_sum=(lambda t: reduce_mean(t).mul_(world)) if world > 1 else None)  # global std over all ranks
         with nfe.phase("probing"):
             credit = assign_credit(cfg.credit.name, inp, cfg.credit.options)
+        if credit.mask is not None:  # the credit pruned edges (BranchGRPO depth / width pruning): not re-scored
+            trained = trained & credit.mask.detach().cpu().to(torch.bool)
         advs = clipped_heads(credit, trained, cfg.credit.adv_clip)  # head -> [B, T], ±A_max then weights (§3.6)
         # each head (the main one and any extra, e.g. Euphonium's process head) is its own clipped term (§3.4 multi_head)
         metrics.update({f"credit/{h}_abs_mean": float(a[trained].abs().mean()) if trained.any() else 0.0
@@ -622,6 +648,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
     chunks = torch.tensor_split(pairs, n_steps) if pairs.shape[0] else [pairs] * n_steps
     kernel_kw = _kernel_options(cfg.sampler)  # the rollout's kernel keywords (sampler.plan_options), for ρ ≡ 1
     mean_n, skip = _global_counts([c.shape[0] for c in chunks], skip, reduce_mean)
+    eta_rows = (getattr(traj, "extras", None) or {}).get("eta_rows")  # [B, T] per-row η (windows, branches) or None
     logs: dict[str, list[float]] = {}
     for chunk, n in zip(chunks, mean_n):
         if n == 0 and not skip:  # no rank has pairs in this chunk: AdamW would still move the weights (momentum,
@@ -631,7 +658,8 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
         for mb in torch.split(chunk, tr.micro_batch) if finite and chunk.shape[0] else []:
             b, t = mb[:, 0], mb[:, 1]
             x, x_next = traj.latents[b, t], traj.latents[b, t + 1]  # [n, *latent]
-            sig, sig_next, eta = traj.sigmas[t], traj.sigmas[t + 1], traj.eta[t]  # [n]
+            sig, sig_next = traj.sigmas[t], traj.sigmas[t + 1]  # [n]
+            eta = traj.eta[t] if eta_rows is None else eta_rows[b, t].to(x.device)  # [n] each row's own η
             cond = gather_cond(traj.cond, traj.cond_index[b])
             with nfe.phase("training"):
                 logp, trans = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,

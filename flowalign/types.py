@@ -103,6 +103,7 @@ class Credit(NamedTuple):
     advantages: Tensor  # [B, T] (0 where a step is not trained)
     weights: Optional[Tensor] = None  # [B, T] positive per-step weights, or None
     heads: Optional[Mapping[str, Tensor]] = None  # extra advantage heads (e.g. a process head), [B, T] each
+    mask: Optional[Tensor] = None  # [B, T] bool, the trained edges the credit keeps (pruning), or None = all
 
 
 CreditAssigner = Callable[..., Credit]

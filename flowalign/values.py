@@ -123,7 +123,7 @@ def probe_nfe(mode: str, t: int, steps: int, reuse: bool = True) -> int:
 
 
 def row_eta(traj: Trajectory) -> Tensor:
-    """Per-row noise scale [B, T]: ``extras["eta_rows"]`` (branch plans) or ``traj.eta`` broadcast."""
+    """Per-row noise scale [B, T]: ``extras["eta_rows"]`` (branch plans, per-group windows) or ``traj.eta`` broadcast."""
     er = traj.extras.get("eta_rows") if traj.extras else None
     if er is not None:
         return er.to(torch.float32)

@@ -76,7 +76,11 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
         sigmas: the grid [T+1], 1 → 0.
         cond: per-prompt conditioning (dim 0 = prompts); ``cond_index`` [B] maps samples to rows
             (default: one row per sample).
-        eta: a float for every step, or a per-step tensor [T] (0 ⇒ an exact Euler step, no log-prob).
+        eta: a float for every step, a per-step tensor [T], or a per-row tensor [B, T] (rows with different
+            SDE windows, Flow-GRPO-Fast's per-group window, METHODS.md §2.6; 0 ⇒ an exact Euler step for that
+            row, no log-prob). With [B, T] rows that differ, ``traj.eta`` [T] holds the largest η of each step
+            and ``extras["eta_rows"]`` [B, T] the rows' own (``flowalign.values.row_eta``); identical rows are
+            sampled exactly as their shared [T] row.
         kernel: a registry name or a kernel function.
         generator: draws the step noise ξ (reproducible given its state).
         reduce / logp_form: how the stored log-prob is reduced and which form (``gaussian_log_prob``).
@@ -90,13 +94,22 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
         raise ValueError(f"logprob_under must be 'unguided' or 'guided', got {logprob_under!r}")
     kern = get_kernel(kernel)
     steps = int(sigmas.shape[0]) - 1
+    b = x.shape[0]
+    dev = x.device
+    eta_rows = None  # [B, T] when rows have their own η (per-group windows)
+    if isinstance(eta, Tensor) and eta.dim() == 2:
+        if tuple(eta.shape) != (b, steps):
+            raise ValueError(f"per-row eta has shape {tuple(eta.shape)}, expected (rows, steps) = ({b}, {steps})")
+        eta_rows = eta.detach().to(device=dev, dtype=torch.float32)  # [B, T]
+        if bool((eta_rows == eta_rows[:1]).all()):
+            eta, eta_rows = eta_rows[0], None  # one shared row: the [T] path, bit for bit
+        else:
+            eta = eta_rows.amax(0)  # [T] the largest η of each step
     eta_t = eta if isinstance(eta, Tensor) and eta.dim() == 1 else torch.full((steps,), float(eta))
     if eta_t.shape[0] != steps:
         raise ValueError(f"eta has {eta_t.shape[0]} entries, expected one per step ({steps})")
     eta_t = eta_t.to(torch.float32)  # [T]
     eta_host = eta_t.tolist()  # one host read for the whole loop, not one per step
-    b = x.shape[0]
-    dev = x.device
     if cond_index is None:
         cond_index = torch.arange(b, device=dev)
     if group is None:
@@ -110,14 +123,15 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
     shifted = torch.zeros(steps, dtype=torch.bool)  # [T] steps whose mean the hook moved
     with torch.no_grad():
         for t in range(steps):
-            v, tr = _step(kern, velocity, x, sig[t], sig[t + 1], eta_t[t].to(dev), cond_b, **kernel_kwargs)
+            eta_step = eta_t[t].to(dev) if eta_rows is None else eta_rows[:, t]  # [] or [B]
+            v, tr = _step(kern, velocity, x, sig[t], sig[t + 1], eta_step, cond_b, **kernel_kwargs)
             center = tr.mean  # [B, *latent]
             if mean_shift is not None:
                 shift = mean_shift(x, v, sig[t], sig[t + 1], t, cond_b)
                 if shift is not None:
                     center = tr.mean + shift.to(tr.mean.dtype)  # guided mean μ^g
                     shifted[t] = True
-            if eta_host[t] > 0:
+            if eta_host[t] > 0:  # rows with η = 0 here have s = 0: x_next = their Euler mean, log-prob 0
                 x_next = center + tr.std * _noise_like(center, generator)  # [B, *latent]
                 logps[:, t] = gaussian_log_prob(x_next, center if logprob_under == "guided" else tr.mean, tr.std,
                                                 reduce=reduce, form=logp_form)
@@ -140,7 +154,8 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
         prompts=tuple(prompts),
         velocities=_stack_steps(vels, x) if keep_velocities else None,  # [B, T, *latent]
         means=_stack_steps(means, x) if keep_means else None,  # [B, T, *latent]
-        extras={"shifted": shifted} if bool(shifted.any()) else {},
+        extras={**({"shifted": shifted} if bool(shifted.any()) else {}),
+                **({"eta_rows": eta_rows} if eta_rows is not None else {})},
     )
 
 

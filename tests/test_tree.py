@@ -306,3 +306,81 @@ def test_config_refuses_a_window_with_trees():
 
     with pytest.raises(C.UserError, match="plan=tree"):
         _cfg("unused", "sampler.plan=tree", "sampler.window_size=2")
+
+
+# ------------------------------------------------------------------------------------------ (e) the reference's options
+
+
+def test_softmax_backup_weights_children_by_their_split_edge_probability():
+    """backup=softmax: node reward = Σ_c softmax(α·log p_c)·R_c over the children's split edges (the reference's
+    probability-weighted option); equal log-probs (or α = 0) give the leaves' mean."""
+    from flowalign.credit import tree_node_rewards
+
+    node, depth, _ = _hand_tree()
+    r = torch.tensor([1.0, 3.0, 5.0, 11.0])
+    one = torch.zeros(4, dtype=torch.long)
+    lp = torch.zeros(4, 4)
+    lp[1, 2] = float(torch.tensor(3.0).log())  # node 4 (row 1) is 3× as likely as its sibling node 3 (row 0)
+    soft = tree_node_rewards(r, node, depth, one, backup="softmax", log_probs=lp)
+    assert soft[0, 0] == pytest.approx(0.25 * 1 + 0.75 * 3) and soft[2, 0] == pytest.approx(8.0)  # depth 1
+    assert soft[:, 2].tolist() == r.tolist()  # the leaves keep their own rewards
+    mean = tree_node_rewards(r, node, depth, one)
+    assert torch.equal(tree_node_rewards(r, node, depth, one, backup="softmax", log_probs=lp, temperature=0.0), mean)
+    # a large α backs up the most likely child alone; a child without a reward is left out of the softmax
+    assert tree_node_rewards(r, node, depth, one, backup="softmax", log_probs=lp, temperature=50.0)[0, 0] == \
+        pytest.approx(3.0, abs=1e-6)
+    nan = tree_node_rewards(torch.tensor([1.0, float("nan"), 5.0, 11.0]), node, depth, one, backup="softmax",
+                            log_probs=lp)
+    assert nan[0, 0] == pytest.approx(1.0)
+    # on a sampled tree with equal stored log-probs the two backups agree everywhere
+    tr, *_ = _tree(roots=3, splits=[0, 3, 6])
+    ex, rr = tr.extras, torch.randn(tr.batch_size, generator=torch.Generator().manual_seed(2))
+    flat = tree_node_rewards(rr, ex["node"], ex["depth"], tr.group, backup="softmax",
+                             log_probs=torch.full_like(tr.log_probs, -1.3))
+    assert torch.allclose(flat, tree_node_rewards(rr, ex["node"], ex["depth"], tr.group), atol=1e-12)
+    with pytest.raises(ValueError, match="backup"):
+        tree_node_rewards(r, node, depth, one, backup="max")
+
+
+def test_depth_and_width_pruning_drop_edges_and_keep_the_other_advantages():
+    base, tr, r = _random_tree_credit()
+    ex = tr.extras
+
+    def run(**opts):
+        inp = _inp(r, ex["node"], ex["depth"], ex["trained"], tr.group, std_eps=1e-12)
+        return assign_credit("tree", inp, opts)
+
+    pruned = run(prune_steps=[4, 7])
+    assert pruned.mask is not None and not pruned.mask[:, [4, 7]].any() and pruned.mask[:, [0, 3, 5]].all()
+    assert torch.equal(pruned.advantages, torch.where(pruned.mask, base, torch.zeros_like(base)))
+    assert run().mask is None
+    # width=extremes: of each tree's 8 deepest nodes (depth 3) the 2 best and 2 worst keep their edges
+    wide = run(width="extremes", width_ratio=0.5)
+    deep = ex["trained"] & (ex["depth"] == 3)  # [N, T] one row per deepest node
+    for g in tr.group.unique().tolist():
+        rows = deep & (tr.group == g)[:, None]
+        per_node = {int(ex["node"][i, t]): (float(base[i, t]), bool(wide.mask[i, t])) for i, t in rows.nonzero().tolist()}
+        assert len(per_node) == 8
+        ranked = sorted(per_node.values(), key=lambda av: -av[0])
+        assert [kept for _, kept in ranked] == [True, True, False, False, False, False, True, True]
+    shallow = ex["depth"] < 3
+    assert wide.mask[shallow].all() and torch.equal(wide.advantages, torch.where(wide.mask, base, torch.zeros_like(base)))
+    with pytest.raises(ValueError, match="prune_steps"):
+        run(prune_steps=[T])
+    with pytest.raises(ValueError, match="width"):
+        run(width="best")
+
+
+def test_the_trainer_does_not_rescore_pruned_edges(tmp_path):
+    from flowalign.train import train
+    from test_train_update import _cfg
+
+    cfg = _cfg(tmp_path / "run", "sampler.plan=tree", "credit.name=tree", "sampler.train_fraction=0.75",
+               "sampler.plan_options.split_steps=[0, 1]", "train.iterations=1", "train.micro_batch=1000",
+               "train.filter_zero_std=false", "train.optimizer_steps_per_iter=1",
+               "credit.options={prune_steps: [2], backup: softmax}")
+    run = train(cfg)
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    # 8 roots × (2 depth-1 nodes × step 0 + 4 depth-2 nodes × step 1; step 2 pruned) = 48 of the 80 edges
+    assert m["train/transitions"] == 48
+    assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0

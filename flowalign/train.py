@@ -649,6 +649,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
     kernel_kw = _kernel_options(cfg.sampler)  # the rollout's kernel keywords (sampler.plan_options), for ρ ≡ 1
     mean_n, skip = _global_counts([c.shape[0] for c in chunks], skip, reduce_mean)
     eta_rows = (getattr(traj, "extras", None) or {}).get("eta_rows")  # [B, T] per-row η (windows, branches) or None
+    wants_old_mean = "old_mean" in inspect.signature(SURROGATES[tr.surrogate]).parameters  # only GRPO-Guard's
     logs: dict[str, list[float]] = {}
     for chunk, n in zip(chunks, mean_n):
         if n == 0 and not skip:  # no rank has pairs in this chunk: AdamW would still move the weights (momentum,
@@ -667,7 +668,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
                                             logp_form=cfg.sampler.logp_form, **kernel_kw)
             old = traj.log_probs[b, t]
             old_mean = None  # μ_old from the rollout's cached velocity: no forward (train.surrogate=guard reads it)
-            if traj.velocities is not None:
+            if traj.velocities is not None and wants_old_mean:
                 old_mean = get_kernel(cfg.sampler.kernel)(x, traj.velocities[b, t].to(x.device), sig, sig_next, eta,
                                                           **kernel_kw).mean  # [n, *latent]
             pol = torch.zeros_like(logp)

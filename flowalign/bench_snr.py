@@ -29,7 +29,7 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 
-SDE_KERNELS = ("flow_sde", "dance_sde", "cps")  # the stochastic kernels of flowalign.samplers.kernels
+SDE_KERNELS = ("flow_sde", "dance_sde", "cps", "ddim_sde")  # the stochastic kernels of flowalign.samplers.kernels
 
 # the chain-plan methods of `bench credit` (credit assigner + options); the kernel is shared (--kernel)
 CREDITS = ("flow_grpo", "dense_full", "dense_ode2", "dense_x0", "tp_full", "tp_ode2", "vgpo_x0", "euphonium_x0")

@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    kernel: Literal["euler", "flow_sde", "dance_sde", "cps"] = _f("flow_sde", "rollout step kernel (flowalign.samplers.kernels.KERNELS)")
+    kernel: Literal["euler", "flow_sde", "dance_sde", "cps", "ddim_sde"] = _f("flow_sde", "rollout step kernel (flowalign.samplers.kernels.KERNELS)")
     eta: float = _f(0.7, "noise level of the SDE kernel (Flow-GRPO a, DanceGRPO g, CPS a); 0 = ODE")
     steps: int = _f(10, "rollout steps T (sigma grid has T+1 points)")
     train_fraction: float = _f(0.99, "trained steps = the first floor(frac*T) steps (Flow-GRPO); the last step is never trained; with sampler.window_size > 0 the window's steps are trained instead")
@@ -719,12 +719,15 @@ def describe(schema: type = ExperimentConfig) -> str:
 def trained_steps(sampler: SamplerConfig) -> int:
     """Trained steps per trajectory (METHODS §3.5, §2.6): the window's n, or the first floor(frac·T) steps,
     never the last step (it is deterministic unless ``last_step_noise``, and Flow-GRPO never trains it)."""
+    from flowalign.samplers.kernels import deterministic_at_sigma_one
+
     T = sampler.steps
-    if sampler.window_size > 0:
+    if sampler.window_size > 0:  # an upper bound for a kernel without noise at σ = 1 whose window holds step 0
         return sampler.window_size
+    dead = 1 if deterministic_at_sigma_one(sampler.kernel) else 0  # step 0 (σ = 1 on every model's grid) is Euler
     if sampler.train_steps == "random":  # DanceGRPO's count: floor(f·(T−1)) of steps 0…T−2 (METHODS §3.5)
-        return int(math.floor(sampler.train_fraction * (T - 1) + 1e-9))
-    return min(int(math.floor(sampler.train_fraction * T + 1e-9)), T - 1)
+        return min(int(math.floor(sampler.train_fraction * (T - 1) + 1e-9)), T - 1 - dead)
+    return max(0, min(int(math.floor(sampler.train_fraction * T + 1e-9)), T - 1) - dead)
 
 
 def window_bounds(sampler: SamplerConfig) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from typing import Callable, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.samplers.kernels import get_kernel
+from flowalign.samplers.kernels import NOT_EULER_MARUYAMA, get_kernel
 from flowalign.samplers.loop import gather_cond
 from flowalign.samplers.plans import subgrid
 from flowalign.types import Cond, VelocityFn
@@ -468,9 +468,9 @@ class TiltGuidance:
                  decode: Optional[Callable[[Tensor], Tensor]] = None, velocity: Optional[VelocityFn] = None,
                  grad_fn: Optional[GradFn] = None, band: tuple[float, float] = (0.05, 0.8),
                  normalize: Optional[float] = None, clip: Optional[float] = None, counter=None):
-        if kernel == "cps":
-            raise ValueError("reward-gradient guidance needs an Euler–Maruyama step (euler, flow_sde, dance_sde); "
-                             "the CPS kernel is not one")
+        if kernel in NOT_EULER_MARUYAMA:
+            raise ValueError(f"reward-gradient guidance needs an Euler–Maruyama step (euler, flow_sde, dance_sde); "
+                             f"the {kernel} kernel is not one")
         if not math.isfinite(beta) or beta <= 0:
             raise ValueError(f"beta={beta} must be finite and > 0 (the tilt is exp(r/beta))")
         if grad_fn is None and mode not in ("dps", "x0"):
@@ -824,7 +824,7 @@ def cli_main(argv: Sequence[str]) -> int:
     if not math.isfinite(eta) or eta < 0:
         raise UserError(f"--eta must be a finite number >= 0, got {eta}")
     if eta > 0 and kernel == "euler":
-        raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
+        raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde, cps or ddim_sde")
     if args.potential not in POTENTIALS:
         raise UserError(f"--potential {args.potential!r}: choose one of {', '.join(POTENTIALS)}")
     if args.resampler not in RESAMPLERS:
@@ -881,9 +881,9 @@ def cli_main(argv: Sequence[str]) -> int:
     if len(band) != 2 or not 0 <= band[0] <= band[1] <= 1:
         raise UserError(f"--band {args.band!r}: expected MIN,MAX with 0 <= MIN <= MAX <= 1, e.g. 0.05,0.8")
     guides = args.method == "guided" or args.proposal == "guided"
-    if guides and kernel == "cps":
+    if guides and kernel in NOT_EULER_MARUYAMA:
         raise UserError(f"{'--method guided' if args.method == 'guided' else '--proposal guided'} needs an "
-                        f"Euler-Maruyama kernel (euler, flow_sde or dance_sde), not cps")
+                        f"Euler-Maruyama kernel (euler, flow_sde or dance_sde), not {kernel}")
     if args.proposal == "guided" and not eta > 0:
         raise UserError("--proposal guided shifts stochastic steps only: pass --kernel flow_sde --eta 0.7 (or similar)")
 

@@ -45,7 +45,7 @@ from flowalign.loss import (LR_SCHEDULES, NFT_OPTIMALITY, SURROGATES, gaussian_k
                             velocity_kl)
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
-from flowalign.samplers import eta_schedule, gather_cond, step_log_prob
+from flowalign.samplers import eta_schedule, gather_cond, live_eta, step_log_prob
 from flowalign.samplers.kernels import get_kernel
 from flowalign.samplers.plans import PLANS
 from flowalign.values import GUIDES, NFECounter, make_probe
@@ -509,6 +509,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                                                                    ])).item())
         else:
             eta = eta_schedule(cfg.sampler.steps, base_eta, last_step_noise=cfg.sampler.last_step_noise)  # [T]
+        eta = live_eta(cfg.sampler.kernel, sigmas, eta, **_kernel_options(cfg.sampler))  # a zero-std step is Euler
         step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
         # a window trains all its steps (METHODS §3.5, config.trained_steps): train_fraction must not cut it short
         fraction = 1.0 if cfg.sampler.window_size else cfg.sampler.train_fraction

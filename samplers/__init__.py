@@ -6,8 +6,8 @@
 """
 
 from flowalign.samplers.kernels import KERNELS, gaussian_log_prob, get_kernel
-from flowalign.samplers.loop import branch, eta_schedule, gather_cond, sample, step_log_prob
+from flowalign.samplers.loop import branch, eta_schedule, gather_cond, live_eta, sample, step_log_prob
 from flowalign.samplers.schedules import SCHEDULES, flux_dynamic, sd3_diffusers, shifted_linear
 
-__all__ = ["KERNELS", "SCHEDULES", "branch", "eta_schedule", "flux_dynamic", "gather_cond", "gaussian_log_prob",
+__all__ = ["KERNELS", "SCHEDULES", "branch", "eta_schedule", "live_eta", "flux_dynamic", "gather_cond", "gaussian_log_prob",
            "get_kernel", "sample", "sd3_diffusers", "shifted_linear", "step_log_prob"]

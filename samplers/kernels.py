@@ -95,12 +95,43 @@ def cps(x: Tensor, v: Tensor, sigma, sigma_next, eta) -> Transition:
     return Transition(mean, std)
 
 
+def ddim_sde(x: Tensor, v: Tensor, sigma, sigma_next, eta) -> Transition:
+    """DDIM-like stochastic step of Stepwise-Flow-GRPO (METHODS.md §4.6), η = a.
+
+    s = a·σ'·sqrt(1 − σ); μ = (1 − σ')·x̂0 + sqrt(σ'² − s²)·x̂1 (DDIM's form, as CPS: the x̂1 coefficient and the
+    noise share σ'², so x_{t+1} keeps the flow's coefficients). Unlike ``flow_sde`` the noise vanishes at σ = 1 and
+    grows as σ falls, so the first, image-deciding steps are nearly deterministic. σ'² − s² is clamped at 0 (s > σ'
+    needs a > 1/sqrt(1 − σ)). Deterministic at the last step (σ' = 0).
+    """
+    x, v, s, sn, a = _prep(x, v, sigma, sigma_next, eta)
+    x0_hat = x - s * v
+    x1_hat = x + (1 - s) * v
+    std = a * sn * torch.sqrt((1 - s).clamp_min(0))
+    ddim_mean = (1 - sn) * x0_hat + torch.sqrt((sn * sn - std * std).clamp_min(0)) * x1_hat
+    mean = torch.where(a == 0, x + (sn - s) * v, ddim_mean)  # [B, *latent]  bit-exact Euler at η = 0
+    return Transition(mean, std)
+
+
 KERNELS = {
     "euler": euler,
     "flow_sde": flow_sde,
     "dance_sde": dance_sde,
     "cps": cps,
+    "ddim_sde": ddim_sde,
 }
+
+
+# kernels whose step is not an Euler–Maruyama step of the flow SDE (g_t² = s_t²/Δ_t does not hold): reward-gradient
+# tilts (flowalign.steer) refuse them
+NOT_EULER_MARUYAMA = frozenset({"cps", "ddim_sde"})
+
+
+def deterministic_at_sigma_one(kernel) -> bool:
+    """Whether a stochastic kernel's std is 0 at σ = 1 (η > 0) but not inside the grid: ``ddim_sde``. Every model
+    grid starts at σ = 1, so its step 0 is an Euler step (``flowalign.samplers.loop.live_eta``), never trained."""
+    kern, z = get_kernel(kernel), torch.zeros(1, 1)
+    at_one, inside = (torch.as_tensor(kern(z, z, s, sn, 1.0).std) for s, sn in ((1.0, 0.9), (0.5, 0.4)))
+    return bool((at_one == 0).all() and (inside > 0).all())
 
 
 def get_kernel(kernel):

@@ -44,6 +44,22 @@ def eta_schedule(steps: int, eta: float | Tensor = 0.0, *, window: Optional[tupl
     return out
 
 
+def live_eta(kernel, sigmas: Tensor, eta: Tensor, **kernel_kwargs) -> Tensor:
+    """``eta`` [T] or [B, T] with η set to 0 on the steps where the kernel's std is 0 at η > 0 (``ddim_sde`` at σ = 1,
+    a step whose density is undefined, METHODS.md §2.5): such a step draws no noise, so it is an ODE step — sampled
+    as Euler, never trained, skipped by value probes. Other steps are unchanged."""
+    kern = get_kernel(kernel)
+    steps = int(sigmas.shape[0]) - 1
+    sig = sigmas.detach().to(torch.float32).cpu()  # [T+1]
+    e = eta.detach().to(torch.float32).cpu()
+    probe = torch.zeros(steps, 1)  # the std depends on (σ, σ', η) only
+    unit = kern(probe, probe, sig[:-1], sig[1:], torch.ones(steps), **kernel_kwargs).std  # [T] or [T, 1]
+    dead = torch.as_tensor(unit).reshape(-1).expand(steps) == 0  # [T] a structural zero (each kernel's std is 0 at one η > 0 iff at all)
+    if not bool(dead.any()):
+        return eta
+    return torch.where(dead.to(eta.device), torch.zeros_like(eta), eta)
+
+
 def _noise_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     if generator is None:
         return torch.randn(x.shape, dtype=x.dtype, device=x.device)

@@ -8,7 +8,7 @@ import torch
 
 from flowalign.errors import UserError
 from flowalign.models import load_model
-from flowalign.samplers import KERNELS, eta_schedule, gather_cond, sample, step_log_prob
+from flowalign.samplers import KERNELS, eta_schedule, gather_cond, live_eta, sample, step_log_prob
 from flowalign.types import FlowModel
 from tiny_models import TINY_SIZES, tiny_flux_dir, tiny_sd3_dir, tiny_wan_dir  # noqa: F401  (fixtures)
 
@@ -204,12 +204,12 @@ def test_flux_noise_matches_fluxpipeline(adapters):
 # --------------------------------------------------------------------------------------------------
 # on-policy sanity check (METHODS.md §3.8): re-scoring at unchanged weights gives ratio 1
 
-ETAS = {"euler": 0.0, "flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8}
+ETAS = {"euler": 0.0, "flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8, "ddim_sde": 0.7}
 
 
 def _ratio_check(model, cond, kernel: str, steps: int = 3) -> None:
     sig = model.schedule(steps)
-    eta = eta_schedule(steps, ETAS[kernel])
+    eta = live_eta(kernel, sig, eta_schedule(steps, ETAS[kernel]))  # as the trainer: ddim_sde's σ = 1 step is Euler
     cond_index = torch.tensor([0, 0, 1])
     x0 = model.init_noise(3, torch.Generator().manual_seed(11))
     traj = sample(model.velocity, x0, sig, cond, eta=eta, kernel=kernel, generator=torch.Generator().manual_seed(12),

@@ -175,7 +175,7 @@ def test_sample_and_rescoring_store_the_chosen_logp_form():
     assert torch.equal(ex.latents, tr.latents) and not torch.allclose(ex.log_probs[:, live], tr.log_probs[:, live])
 
 
-@pytest.mark.parametrize("name,eta", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.7)])
+@pytest.mark.parametrize("name,eta", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.7), ("ddim_sde", 0.7)])
 def test_draws_match_kernel_gaussian(name, eta):
     """10^5 draws of one transition through the loop match μ and s within Monte-Carlo tolerance."""
     n = 100_000
@@ -276,7 +276,7 @@ def test_ode_sample_is_deterministic_and_has_zero_logp():
     assert a.latents.shape == (3, 7, 6) and a.log_probs.shape == (3, 6)
 
 
-@pytest.mark.parametrize("name,eta", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.8)])
+@pytest.mark.parametrize("name,eta", [("flow_sde", 0.7), ("dance_sde", 0.3), ("cps", 0.8), ("ddim_sde", 0.7)])
 def test_on_policy_ratio_is_one(name, eta):
     torch.manual_seed(0)
     m = LinearVelocity()
@@ -359,3 +359,71 @@ def test_sampling_is_reproducible_with_generator():
     b = sample(m, x, sig, cond, eta=0.7, generator=torch.Generator().manual_seed(3))
     c = sample(m, x, sig, cond, eta=0.7, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
+
+
+# ---------------------------------------------------------------- the DDIM-like kernel (Stepwise-Flow-GRPO, §4.6)
+
+
+def test_ddim_sde_std_mean_and_coefficients():
+    """s = a·σ'·sqrt(1 − σ); μ = (1 − σ')x̂0 + sqrt(σ'² − s²)·x̂1: the noise vanishes at σ = 1, and the x̂1 coefficient
+    and the noise share σ'² (coefficient-preserving, as CPS); deterministic at the last step."""
+    from flowalign.samplers.kernels import ddim_sde
+
+    g = torch.Generator().manual_seed(3)
+    x, v = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    for sig, sn, a in ((1.0, 0.9, 0.7), (0.6, 0.45, 0.7), (0.3, 0.2, 1.0), (0.2, 0.0, 0.7)):
+        tr = ddim_sde(x, v, torch.tensor(sig), torch.tensor(sn), torch.tensor(a))
+        s = a * sn * math.sqrt(1 - sig)
+        assert float(tr.std) == pytest.approx(s, abs=1e-7)
+        x0, x1 = x - sig * v, x + (1 - sig) * v
+        want = (1 - sn) * x0 + math.sqrt(sn * sn - s * s) * x1
+        assert torch.allclose(tr.mean, want, atol=1e-6)
+    assert float(ddim_sde(x, v, torch.tensor(1.0), torch.tensor(0.9), torch.tensor(0.7)).std) == 0.0  # σ = 1
+    # a > 1/sqrt(1 − σ) would need s > σ': the x̂1 coefficient is clamped at 0, never NaN
+    tr = ddim_sde(x, v, torch.tensor(0.1), torch.tensor(0.05), torch.tensor(3.0))
+    assert torch.isfinite(tr.mean).all() and float(tr.std) > 0.05
+
+
+def test_ddim_sde_records_the_gaussian_world_marginal():
+    """Coefficient-preserving like CPS, and under-dispersed like it (true std 0.5; Euler 0.431 / 0.482, CPS a = 0.7
+    0.372 / 0.407 at T = 10 / 40; ddim_sde 0.463 at T = 200): recorded values, as METHODS §2.9 asks for CPS."""
+    mean10, std10 = _final_std("ddim_sde", 0.7, 10)
+    mean40, std40 = _final_std("ddim_sde", 0.7, 40)
+    assert abs(mean10 - M) < 0.02 and abs(mean40 - M) < 0.02
+    assert abs(std10 - DDIM_STD[10]) < 0.012 and abs(std40 - DDIM_STD[40]) < 0.012
+
+
+DDIM_STD = {10: 0.415, 40: 0.456}  # measured: _final_std("ddim_sde", 0.7, T), 40,000 particles
+
+
+def test_live_eta_makes_zero_std_steps_euler():
+    """ddim_sde has no noise at σ = 1: live_eta turns that step into an Euler (ODE) step, so it is neither trained
+    nor given a 0/0 density; other kernels' schedules come back unchanged."""
+    from flowalign.samplers import live_eta
+
+    sig = schedules.sd3_diffusers(6)
+    eta = eta_schedule(6, 0.7)
+    assert sig[0] == 1.0
+    out = live_eta("ddim_sde", sig, eta)
+    assert out[0] == 0 and torch.equal(out[1:], eta[1:])
+    for name in ("flow_sde", "dance_sde", "cps"):  # (cps has no noise at σ' = 0, the last step, whose η is 0 anyway)
+        assert torch.equal(live_eta(name, sig, eta), eta)
+    rows = torch.stack([eta, eta_schedule(6, 0.7, window=(2, 2))])  # [2, T] per-row η
+    assert torch.equal(live_eta("ddim_sde", sig, rows), torch.stack([out, rows[1]]))
+
+
+def test_the_trainer_trains_ddim_sde_on_policy_without_its_first_step(tmp_path):
+    import json
+
+    from flowalign import config as C
+    from flowalign.train import train
+    from test_train_update import _cfg
+
+    cfg = _cfg(tmp_path / "run", "sampler.kernel=ddim_sde", "train.iterations=1", "train.filter_zero_std=false",
+               "train.optimizer_steps_per_iter=1", "train.beta_kl=0.04")
+    d = C.derived(cfg)
+    assert d["trained_steps"] == 1  # T = 4, train_fraction 0.6: the first 2 steps, of which step 0 is Euler
+    run = train(cfg)
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["train/transitions"] == d["transitions_per_iter"]
+    assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/skipped_updates"] == 0

@@ -228,7 +228,7 @@ def state_values(inp: CreditInput, mode: str, mask: Tensor) -> dict[str, Tensor]
     return vals
 
 
-def _aggregate(inp: CreditInput, vals: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor:
+def aggregate_rewards(inp: CreditInput, vals: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply ``fn(V [B, T+1]) -> normalised A [B, T]`` per ``inp.aggregate`` (METHODS.md §3.4).
 
     ``reward_sum``: fn(Σ_k w_k·V_k). ``advantage_sum``: Σ_k w_k·fn(V_k).
@@ -275,7 +275,7 @@ def dense_gain(inp: CreditInput, *, probe: str = "ode:full", signal: str = "gain
         r = reward_gains(v) if signal == "gain" else v[:, 1:]  # [B, T]
         return step_normalize(r, group, trained, **_norm_kw(inp))
 
-    adv = _aggregate(inp, vals, fn)
+    adv = aggregate_rewards(inp, vals, fn)
     return Credit(advantages=adv * trained.to(adv.dtype))
 
 
@@ -316,7 +316,7 @@ def stepwise_gain(inp: CreditInput, *, probe: str = "ode:5") -> Credit:
     def fn(v: Tensor) -> Tensor:
         return joint_normalize(reward_gains(v), group, trained, **_norm_kw(inp))
 
-    adv = _aggregate(inp, vals, fn)
+    adv = aggregate_rewards(inp, vals, fn)
     return Credit(advantages=adv * trained.to(adv.dtype))
 
 
@@ -411,7 +411,7 @@ def turning_points(inp: CreditInput, *, probe: str = "ode:full", constraint: boo
             full[rows[:, None], stoch[None]] = r
         return step_normalize(full, group, trained, **_norm_kw(inp))
 
-    adv = _aggregate(inp, vals, fn)
+    adv = aggregate_rewards(inp, vals, fn)
     return Credit(advantages=adv * trained.to(adv.dtype))
 
 
@@ -467,7 +467,7 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
         mask[rows, k + 1] = True
         vals = state_values(inp, probe, mask)
         group = inp.traj.group.detach().cpu()
-        adv_row = _aggregate(inp, vals, lambda v: group_normalize(v[rows, k + 1], group, **_norm_kw(inp))[:, None]
+        adv_row = aggregate_rewards(inp, vals, lambda v: group_normalize(v[rows, k + 1], group, **_norm_kw(inp))[:, None]
                              )[:, 0]
     adv = torch.zeros(b, steps)
     adv[rows, k] = adv_row.detach().cpu().to(adv.dtype)  # credit tensors live on the CPU
@@ -639,7 +639,7 @@ def tree(inp: CreditInput, *, backup: str = "mean", temperature: float = 1.0, pr
         return tree_node_advantages(r, ex["node"], ex["depth"], tree_id, backup=backup, temperature=temperature,
                                     log_probs=inp.traj.log_probs, **_norm_kw(inp))
 
-    adv = _aggregate(inp, {k: inp.rewards[k].detach().to(torch.float64).cpu() for k in inp.reward_weights}, fn)
+    adv = aggregate_rewards(inp, {k: inp.rewards[k].detach().to(torch.float64).cpu() for k in inp.reward_weights}, fn)
     mask = None
     if len(prune_steps) or width != "all":
         mask = torch.ones_like(trained)  # [B, T]
@@ -716,7 +716,7 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
                     w[m] = (per_t / den)[None].expand(int(m.sum()), -1)
         return w * (z + kappa * q * anchor[None]) * ok[:, None]  # rows without a reward get 0
 
-    adv = _aggregate(inp, vals, fn)
+    adv = aggregate_rewards(inp, vals, fn)
     return Credit(advantages=adv * trained.to(adv.dtype))
 
 

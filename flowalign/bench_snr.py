@@ -124,7 +124,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     from flowalign.credit import CreditInput, assign_credit, clipped_heads
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
-    from flowalign.samplers.loop import eta_schedule, sample
+    from flowalign.samplers.loop import eta_schedule, live_eta, sample
     from flowalign.values import make_probe
 
     ap = argparse.ArgumentParser(prog="flowalign bench grad-snr", description=__doc__.split("\n\n")[0])
@@ -183,6 +183,11 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
 
     reward = build_reward(args.reward)  # an unknown name fails before the model loads
     model = load_model("shapes", args.shapes_path)
+    eta = live_eta(args.kernel, model.schedule(args.steps), eta)  # as the trainer: a zero-std step (ddim_sde's σ = 1) is Euler
+    steps = [t for t in steps if float(eta[t]) > 0]
+    if not steps:
+        raise UserError(f"no trained step has noise: --kernel {args.kernel} draws none at σ = 1 (step 0); widen --window "
+                        "or raise --train-fraction")
     torch.manual_seed(args.seed)
     params = model.add_lora(args.lora_rank, 2 * args.lora_rank)
     prompts = _shapes_prompts(args.prompts, seed=3)

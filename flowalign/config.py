@@ -716,15 +716,22 @@ def describe(schema: type = ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
+def _dead_first(kernel: str) -> bool:
+    from flowalign.samplers.kernels import deterministic_at_sigma_one
+
+    return deterministic_at_sigma_one(kernel)
+
+
 def trained_steps(sampler: SamplerConfig) -> int:
     """Trained steps per trajectory (METHODS §3.5, §2.6): the window's n, or the first floor(frac·T) steps,
     never the last step (it is deterministic unless ``last_step_noise``, and Flow-GRPO never trains it)."""
     from flowalign.samplers.kernels import deterministic_at_sigma_one
 
     T = sampler.steps
-    if sampler.window_size > 0:  # an upper bound for a kernel without noise at σ = 1 whose window holds step 0
-        return sampler.window_size
     dead = 1 if deterministic_at_sigma_one(sampler.kernel) else 0  # step 0 (σ = 1 on every model's grid) is Euler
+    if sampler.window_size > 0:  # a window free to move: an upper bound when it may hold step 0 of such a kernel
+        lo, hi = window_bounds(sampler)
+        return sampler.window_size - (dead if (lo, hi) == (0, sampler.window_size) else 0)  # pinned at step 0
     if sampler.train_steps == "random":  # DanceGRPO's count: floor(f·(T−1)) of steps 0…T−2 (METHODS §3.5)
         return min(int(math.floor(sampler.train_fraction * (T - 1) + 1e-9)), T - 1 - dead)
     return max(0, min(int(math.floor(sampler.train_fraction * T + 1e-9)), T - 1) - dead)
@@ -888,6 +895,11 @@ def validate(cfg: ExperimentConfig) -> None:
                                 "edges); set sampler.train_steps=first")
     if s.plan == "tree":  # a window moves the stochastic steps every iteration, and the tree's splits (its shape) with them
         need(s.window_size == 0, "sampler.plan=tree splits at fixed stochastic steps; it needs sampler.window_size=0")
+        from flowalign.samplers.kernels import deterministic_at_sigma_one
+
+        need(not deterministic_at_sigma_one(s.kernel),
+             f"sampler.plan=tree splits from step 0 on, where sampler.kernel={s.kernel} draws no noise (σ = 1); use "
+             "sampler.kernel=dance_sde (the reference's) or flow_sde")
         # a tree trains each shared edge once, on its first leaf: only the tree credit gives that edge its node's advantage
         need(c.name == "tree", f"sampler.plan=tree trains each shared edge once, with its node's advantage; it needs "
                                f"credit.name=tree (got {c.name!r})")
@@ -898,10 +910,19 @@ def validate(cfg: ExperimentConfig) -> None:
              "sampler.plan_options.split_noise_scale=1.0 or another kernel")
     need(c.name != "tree" or s.plan == "tree",
          f"credit.name=tree assigns node advantages of a tree rollout; it needs sampler.plan=tree (got {s.plan!r})")
-    need(trained_steps(s) >= 1,
-         f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x "
-         f"{'(sampler.steps - 1)' if s.train_steps == 'random' else 'sampler.steps'}={s.steps - (s.train_steps == 'random')}) "
-         "= 0; raise train_fraction")
+    if trained_steps(s) < 1:
+        span = s.steps - (s.train_steps == "random")
+        picked = int(math.floor(s.train_fraction * span + 1e-9))
+        need(s.window_size > 0 or picked >= 1,
+             f"no trained steps: floor(sampler.train_fraction={s.train_fraction} x "
+             f"{'(sampler.steps - 1)' if s.train_steps == 'random' else 'sampler.steps'}={span}) = 0; raise train_fraction")
+        # else the window or the picked steps hold only step 0, where the kernel draws no noise (ddim_sde at σ = 1)
+        need(s.window_size == 0,
+             f"no trained steps: sampler.window_range={list(window_bounds(s))} holds only step 0, where "
+             f"sampler.kernel={s.kernel} draws no noise (σ = 1); pin the window later, e.g. "
+             f"sampler.window_range=[1, {1 + s.window_size}]")
+        need(False, f"no trained steps: the {picked} step(s) sampler.train_fraction={s.train_fraction} picks hold only "
+                     f"step 0, where sampler.kernel={s.kernel} draws no noise (σ = 1); raise sampler.train_fraction or sampler.steps")
     if t.objective == "nft":
         need(c.name == "outcome", f"train.objective=nft learns from whole samples; it needs credit.name=outcome (got {c.name!r})")
         need(s.guide == "none", "train.objective=nft does not use guided rollouts; set sampler.guide=none")
@@ -965,7 +986,8 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     window = (f"window {s.window_size} in {window_bounds(s)}" + (", start drawn per group" if moving else "")
               if s.window_size else
               f"random {d['trained_steps']} of steps 0..{s.steps - 2} per rollout" if s.train_steps == "random" else
-              f"first {d['trained_steps']} steps")
+              (f"steps 1..{d['trained_steps']} ({s.kernel} has no noise at step 0)" if _dead_first(s.kernel) else
+               f"first {d['trained_steps']} steps"))
     lora = f"r={m.lora_rank or 'default'}" + (f"/a={m.lora_alpha:g}" if m.lora_alpha else "")
     rows = [
         ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"

@@ -631,6 +631,8 @@ def tree(inp: CreditInput, *, backup: str = "mean", temperature: float = 1.0, pr
     tree_id = inp.traj.group.detach().cpu()  # [B]
 
     steps = trained.shape[1]
+    if isinstance(prune_steps, (str, bytes)) or not isinstance(prune_steps, Sequence):  # "12" would prune 1 and 2
+        raise ValueError(f"prune_steps must be a list of steps, got {prune_steps!r}")
     bad = [int(k) for k in prune_steps if not 0 <= int(k) < steps]
     if bad:
         raise ValueError(f"prune_steps {bad} are not steps 0 … {steps - 1}")

@@ -1,0 +1,67 @@
+"""Review of the per-group windows, tree options and ddim_sde commits (243b53e..198d880): regressions for the bugs
+found (derived counts vs the trainer, config errors)."""
+
+import json
+
+import pytest
+import torch
+
+from flowalign import config as C
+from flowalign.errors import UserError
+
+from test_train_update import _cfg
+
+
+def test_ddim_sde_window_pinned_at_step_zero_counts_what_the_trainer_trains(tmp_path):
+    """ddim_sde draws no noise at σ = 1 (live_eta makes step 0 Euler): a window pinned at [0, 2) trains step 1 only,
+    and the derived counts (which size the update) must say so."""
+    from flowalign.train import train
+
+    cfg = _cfg(tmp_path / "run", "sampler.kernel=ddim_sde", "sampler.window_size=2", "sampler.window_range=[0, 2]",
+               "train.iterations=1", "train.filter_zero_std=false", "train.optimizer_steps_per_iter=1")
+    d = C.derived(cfg)
+    assert d["trained_steps"] == 1
+    run = train(cfg)
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["train/transitions"] == d["transitions_per_iter"]
+
+
+def test_ddim_sde_window_holding_only_step_zero_is_refused_in_one_line():
+    """A one-step window pinned at step 0 with ddim_sde trains nothing, every iteration: refuse it up front."""
+    with pytest.raises(UserError, match="no trained steps.*ddim_sde"):
+        _cfg("unused", "sampler.kernel=ddim_sde", "sampler.window_size=1", "sampler.window_range=[0, 1]")
+
+
+def test_no_trained_steps_error_tells_the_true_cause_for_ddim_sde():
+    """floor(0.25 × 4) = 1, but that one step is ddim_sde's noiseless σ = 1 step: the message must not claim the
+    floor is 0."""
+    with pytest.raises(UserError) as e:
+        _cfg("unused", "sampler.kernel=ddim_sde", "sampler.train_fraction=0.25")
+    msg = str(e.value)
+    assert "= 0;" not in msg and "ddim_sde" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("bad", [3, "12"])
+def test_tree_prune_steps_that_are_not_a_list_of_steps_are_refused_in_one_line(bad):
+    """credit.options.prune_steps=3 raised "'int' object is not iterable", and "12" silently pruned steps 1 and 2."""
+    from flowalign.credit import assign_credit
+
+    from test_tree import _inp, _tree
+
+    tr, *_ = _tree(roots=2, splits=[0, 3, 6])
+    ex = tr.extras
+    inp = _inp(torch.randn(tr.batch_size, generator=torch.Generator().manual_seed(0)), ex["node"], ex["depth"],
+               ex["trained"], tr.group)
+    with pytest.raises(ValueError, match="prune_steps must be a list of steps"):
+        assign_credit("tree", inp, {"prune_steps": bad})
+    assign_credit("tree", inp, {"prune_steps": (4,)})  # a tuple (or list) of steps is fine
+
+
+def test_trees_refuse_a_kernel_without_noise_at_step_zero():
+    """The tree's derived shape assumes candidate steps 0 … n−1 (BranchGRPO splits at 0); ddim_sde has none at σ = 1:
+    at T = 10 derived said 8 leaves while the sampler grew 4, at T = 4 training failed after the base evaluation."""
+    from flowalign import config as C
+    from flowalign.errors import UserError
+
+    with pytest.raises(UserError, match="draws no noise"):
+        C.load_config(None, ["sampler.plan=tree", "credit.name=tree", "sampler.kernel=ddim_sde"])

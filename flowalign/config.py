@@ -63,7 +63,7 @@ def _section(cls: type, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("shapes", "model family, a key of flowalign.models.MODELS (shapes | sd3 | flux | wan)")
+    name: str = _f("shapes", "model family, a key of flowalign.models.MODELS (shapes | shapes_video | sd3 | flux | wan)")
     path: str = _f("", "local directory or hub id of the weights; '' = the family default (shapes: the shipped model)")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "autocast dtype of transformer forwards; SDE math stays fp32")
     device: str = _f("cpu", "torch device for this process (cpu, cuda, cuda:1); under accelerate the rank's device wins")

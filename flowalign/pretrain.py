@@ -139,6 +139,28 @@ class PretrainConfig:
 # ------------------------------------------------------------------------------------------------ data
 
 
+def _task_mix(task_weights: Optional[dict[str, float]], tasks: Sequence[str], world: str):
+    """(task names, their probabilities as a numpy array) from ``data_config.task_weights`` (default uniform);
+    one-line ``UserError`` for unknown tasks or weights that are not numbers >= 0 with a positive sum."""
+    import numpy as np
+
+    if task_weights is not None and not isinstance(task_weights, dict):
+        raise UserError(f"data_config.task_weights must map task names to weights (e.g. {tasks[0]}: 2.0), "
+                        f"got {task_weights!r}")
+    weights = dict(task_weights or {t: 1.0 for t in tasks})
+    bad = sorted(set(weights) - set(tasks))
+    if bad:
+        raise UserError(f"unknown {world} task(s) {bad} in task_weights (tasks: {', '.join(tasks)})")
+    names = list(weights)
+    try:
+        p = np.asarray([float(weights[t]) for t in names])
+    except (TypeError, ValueError):
+        p = np.asarray([np.nan])
+    if not (np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() > 0):
+        raise UserError(f"data_config.task_weights must be numbers >= 0 with a positive sum, got {weights}")
+    return names, p / p.sum()
+
+
 def shapes_data(task_weights: Optional[dict[str, float]] = None, image_size: int = 32, seed: int = 0) -> BatchFn:
     """Infinite (caption, image) stream from the shapes world: sample a spec, render a scene that satisfies it.
 
@@ -151,23 +173,9 @@ def shapes_data(task_weights: Optional[dict[str, float]] = None, image_size: int
     from flowalign.shapes.grammar import TASKS, sample_spec, to_prompt
     from flowalign.shapes.render import render
 
-    if task_weights is not None and not isinstance(task_weights, dict):
-        raise UserError(f"data_config.task_weights must map task names to weights (e.g. single_object: 2.0), "
-                        f"got {task_weights!r}")
     if not isinstance(image_size, int) or image_size < 1:
         raise UserError(f"data_config.image_size must be a positive integer, got {image_size!r}")
-    weights = dict(task_weights or {t: 1.0 for t in TASKS})
-    bad = sorted(set(weights) - set(TASKS))
-    if bad:
-        raise UserError(f"unknown shapes task(s) {bad} in task_weights (tasks: {', '.join(TASKS)})")
-    names = list(weights)
-    try:
-        p = np.asarray([float(weights[t]) for t in names])
-    except (TypeError, ValueError):
-        p = np.asarray([np.nan])
-    if not (np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() > 0):
-        raise UserError(f"data_config.task_weights must be numbers >= 0 with a positive sum, got {weights}")
-    p = p / p.sum()
+    names, p = _task_mix(task_weights, TASKS, "shapes")
 
     def batch(step: int, batch_size: int) -> tuple[list[str], Tensor]:
         caps, imgs = [], np.empty((batch_size, image_size, image_size, 3), dtype=np.float32)
@@ -181,8 +189,38 @@ def shapes_data(task_weights: Optional[dict[str, float]] = None, image_size: int
     return batch
 
 
+def shapes_motion_data(task_weights: Optional[dict[str, float]] = None, image_size: int = 32, frames: int = 8,
+                       seed: int = 0) -> BatchFn:
+    """Infinite (caption, video [F, 3, H, W]) stream from the shapes world in motion (SHAPES_WORLD.md §6): a motion
+    spec drawn uniformly from the task chosen by ``task_weights`` (default uniform), rendered by
+    :func:`flowalign.shapes.motion.render_motion`. Video k of step t uses ``default_rng((seed, t, k))``."""
+    import numpy as np
+
+    from flowalign.shapes.motion import TASKS, enumerate_specs, render_motion, to_prompt
+
+    if not isinstance(frames, int) or frames < 2:
+        raise UserError(f"data_config.frames must be an integer >= 2, got {frames!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise UserError(f"data_config.image_size must be a positive integer, got {image_size!r}")
+    names, p = _task_mix(task_weights, TASKS, "shapes motion")
+    specs = {t: enumerate_specs(t) for t in names}
+
+    def batch(step: int, batch_size: int) -> tuple[list[str], Tensor]:
+        caps, vids = [], np.empty((batch_size, frames, image_size, image_size, 3), dtype=np.float32)
+        for k in range(batch_size):
+            rng = np.random.default_rng((seed, step, k))
+            pool = specs[names[int(rng.choice(len(names), p=p))]]
+            spec = pool[int(rng.integers(len(pool)))]
+            caps.append(to_prompt(spec))
+            vids[k] = render_motion(spec, frames, image_size, rng)
+        return caps, torch.from_numpy(vids).permute(0, 1, 4, 2, 3).contiguous()  # [B, F, 3, H, W]
+
+    return batch
+
+
 DATA_SOURCES: dict[str, Callable[..., BatchFn]] = {
     "shapes": shapes_data,
+    "shapes_motion": shapes_motion_data,
 }
 
 

@@ -16,6 +16,8 @@ REWARDS: dict[str, str] = {
     "shapes_strict": "flowalign.rewards.shapes:ShapesStrict",
     "shapes_partial": "flowalign.rewards.shapes:ShapesPartial",
     "shapes_soft": "flowalign.rewards.shapes:ShapesSoft",
+    "shapes_motion_strict": "flowalign.rewards.shapes:ShapesMotionStrict",
+    "shapes_motion_partial": "flowalign.rewards.shapes:ShapesMotionPartial",
     # model-free quality rewards
     "jpeg_compressibility": "flowalign.rewards.quality:JpegCompressibility",
     "jpeg_incompressibility": "flowalign.rewards.quality:JpegIncompressibility",

@@ -9,7 +9,7 @@ naming the unknown word. An image with non-finite values scores NaN (a failed sa
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,11 +30,15 @@ class _ShapesVerifierReward:
     def __init__(self) -> None:
         self._specs: dict[str, Spec] = {}
 
+    @staticmethod
+    def _parse(prompt: str) -> Any:
+        return parse(prompt)
+
     def spec(self, prompt: str) -> Spec:
         """The parsed prompt (cached; the grammar is closed so the cache stays small)."""
         s = self._specs.get(prompt)
         if s is None:
-            s = self._specs[prompt] = parse(prompt)
+            s = self._specs[prompt] = self._parse(prompt)
         return s
 
     def validate_prompts(self, prompts: Sequence[str]) -> None:
@@ -112,3 +116,46 @@ class ShapesSoft(_ShapesVerifierReward):
 def shapes_records(images: Tensor, prompts: Sequence[str]) -> list[Optional[VerifyRecord]]:
     """Verifier records for reports (None where an image is non-finite)."""
     return ShapesPartial().records(images, prompts)
+
+
+class _ShapesMotionReward(_ShapesVerifierReward):
+    """Verifier rewards of the shapes world in motion (:mod:`flowalign.shapes.motion`, SHAPES_WORLD.md §6) on videos
+    [B, F, 3, H, W] in [0, 1]: per-object presence in every frame, direction and steadiness of the tracked centroid.
+    Prompts must be in the motion grammar (a one-line ``UserError`` otherwise); a video with non-finite values
+    scores NaN."""
+
+    name = "shapes_motion"
+    kind = "video"
+
+    @staticmethod
+    def _parse(prompt: str) -> Any:
+        from flowalign.shapes.motion import parse as parse_motion
+
+        return parse_motion(prompt)
+
+    def records(self, videos: Tensor, prompts: Sequence[str]) -> list:
+        """Full verifier records (clauses, tracks) per video; None for a non-finite one."""
+        from flowalign.shapes.motion import verify_motion
+
+        if videos.ndim != 5 or videos.shape[2] != 3:
+            raise ValueError(f"{type(self).__name__} takes videos [B,F,3,H,W], got shape {tuple(videos.shape)}")
+        if len(prompts) != videos.shape[0]:
+            raise ValueError(f"{videos.shape[0]} videos but {len(prompts)} prompts")
+        specs = [self.spec(p) for p in prompts]  # parse first: a bad prompt fails before any work
+        arr = videos.detach().to("cpu", torch.float32).permute(0, 1, 3, 4, 2).numpy()  # [B, F, H, W, 3]
+        finite = np.isfinite(arr).reshape(arr.shape[0], -1).all(-1)  # [B]
+        return [verify_motion(arr[i], specs[i]) if finite[i] else None for i in range(arr.shape[0])]
+
+
+class ShapesMotionStrict(_ShapesMotionReward):
+    """1.0 iff every object of the prompt is held in every frame and moves steadily in its direction, else 0.0."""
+
+    name = "shapes_motion_strict"
+    field = "strict"
+
+
+class ShapesMotionPartial(_ShapesMotionReward):
+    """Mean clause score in [0, 1]: per object the share of frames that hold it, direction 0/1, steady 0/1."""
+
+    name = "shapes_motion_partial"
+    field = "partial"

@@ -13,6 +13,7 @@ from flowalign.errors import UserError
 
 MODELS: dict[str, str] = {
     "shapes": "flowalign.models.shapes:ShapesModel",
+    "shapes_video": "flowalign.models.shapes_video:ShapesVideoModel",
     "sd3": "flowalign.models.sd3:SD3Model",
     "flux": "flowalign.models.flux:FluxModel",
     "wan": "flowalign.models.wan:WanModel",

@@ -77,11 +77,16 @@ class ShapesConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShapesConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown shapes model config key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "shapes model")
+
+
+def config_from_dict(cls: Any, d: dict[str, Any], what: str) -> Any:
+    """``cls(**d)`` for a config dataclass; a one-line ``UserError`` naming unknown keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"unknown {what} config key(s) {unknown}; known: {sorted(known)}")
+    return cls(**d)
 
 
 class ShapesTextEncoder(nn.Module):
@@ -153,10 +158,10 @@ class _Refiner(nn.Module):
         return self.conv2(nn.functional.gelu(self.conv1(x)))
 
 
-def _asset_dir() -> Path:
+def _asset_dir(name: str = "shapes") -> Path:
     from importlib import resources
 
-    return Path(str(resources.files("flowalign") / "assets" / "shapes"))
+    return Path(str(resources.files("flowalign") / "assets" / name))
 
 
 class ShapesModel(FlowAdapter):
@@ -168,14 +173,36 @@ class ShapesModel(FlowAdapter):
     METHODS.md §0.1); at w = 1 it runs one conditional forward.
     """
 
-    def __init__(self, config: ShapesConfig, guidance_scale: Optional[float] = None):
-        from diffusers import SD3Transformer2DModel
+    CONFIG: Any = ShapesConfig  # the config class (a subclass family swaps it, e.g. the video shapes model)
+    ASSET = "shapes"  # the shipped checkpoint: flowalign/assets/<ASSET>
+    LORA_TARGETS: tuple[str, ...] = SHAPES_LORA_TARGETS
 
+    def __init__(self, config: ShapesConfig, guidance_scale: Optional[float] = None):
         if not config.vocab:
             raise UserError("shapes model config has an empty vocabulary")
         if config.prediction not in ("v", "x"):
             raise UserError(f"shapes model prediction must be 'v' or 'x', got {config.prediction!r}")
         self.config = config
+        transformer, comps = self._build(config)
+        self.text_encoder = ShapesTextEncoder(config.vocab, config.text_dim, config.text_layers, config.text_heads,
+                                              config.max_len, config.pooled_dim)
+        super().__init__(transformer, guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
+                         latent_shape=self._latent_shape(config), dtype=torch.float32,
+                         components={"text_encoder": self.text_encoder, **comps})
+        names = [n for n, _ in transformer.named_modules()]
+        self.lora_targets: tuple[str, ...] = tuple(  # only targets the network has (see _build)
+            t for t in self.LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names))
+        self.lora_rank = int(config.lora_rank)
+        self.lora_alpha = config.lora_alpha
+
+    @staticmethod
+    def _latent_shape(config: Any) -> tuple[int, ...]:
+        return (config.channels, config.image_size, config.image_size)  # [C, H, W]
+
+    def _build(self, config: ShapesConfig) -> tuple[nn.Module, dict[str, nn.Module]]:
+        """The denoiser and the extra trained components (the refiner)."""
+        from diffusers import SD3Transformer2DModel
+
         transformer = SD3Transformer2DModel(**config.transformer_config())
         k, p = int(config.patch_embed_kernel), int(config.patch_size)
         if k and k != p:
@@ -190,30 +217,25 @@ class ShapesModel(FlowAdapter):
         if config.refiner_channels:
             self.refiner = _Refiner(config.channels, config.refiner_channels)
             comps["refiner"] = self.refiner
-        self.text_encoder = ShapesTextEncoder(config.vocab, config.text_dim, config.text_layers, config.text_heads,
-                                              config.max_len, config.pooled_dim)
-        super().__init__(transformer, guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
-                         latent_shape=(config.channels, config.image_size, config.image_size), dtype=torch.float32,
-                         components={"text_encoder": self.text_encoder, **comps})
         # the last MMDiT block is context_pre_only (no to_add_out): with num_layers=1 that target matches nothing and
-        # add_lora would refuse the whole list
-        names = [n for n, _ in transformer.named_modules()]
-        self.lora_targets: tuple[str, ...] = tuple(
-            t for t in SHAPES_LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names))
-        self.lora_rank = int(config.lora_rank)
-        self.lora_alpha = config.lora_alpha
+        # add_lora would refuse the whole list, so __init__ keeps only the targets the network has
+        return transformer, comps
 
     # ---- construction / IO -------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: ShapesConfig | dict[str, Any], **kwargs: Any) -> "ShapesModel":
         """A freshly initialised model (random weights) from a config or its dict; vocab defaults to the grammar's."""
         if isinstance(config, dict):
-            config = ShapesConfig.from_dict(config)
+            config = cls.CONFIG.from_dict(config)
         if not config.vocab:
-            from flowalign.shapes.grammar import vocabulary
-
-            config = dataclasses.replace(config, vocab=list(vocabulary()))
+            config = dataclasses.replace(config, vocab=list(cls._vocabulary()))
         return cls(config, **kwargs)
+
+    @staticmethod
+    def _vocabulary() -> list[str]:
+        from flowalign.shapes.grammar import vocabulary
+
+        return vocabulary()
 
     @classmethod
     def from_pretrained(cls, path: str = "", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -221,12 +243,12 @@ class ShapesModel(FlowAdapter):
         """Load a checkpoint directory (``model.safetensors`` + ``config.json``); '' = the shipped model. Offline."""
         from safetensors.torch import load_file
 
-        root = _asset_dir() if path in ("", None) else Path(path)
+        root = _asset_dir(cls.ASSET) if path in ("", None) else Path(path)
         cfg_file, w_file = root / "config.json", root / "model.safetensors"
         if not cfg_file.is_file() or not w_file.is_file():
             raise UserError(f"no shapes model at {str(root)!r} (expected config.json and model.safetensors there); "
                             "use '' for the shipped model or a directory written by `flowalign pretrain`")
-        config = ShapesConfig.from_dict(json.loads(cfg_file.read_text()))
+        config = cls.CONFIG.from_dict(json.loads(cfg_file.read_text()))
         model = cls(config, guidance_scale=guidance_scale)
         model.load_state_dict(load_file(str(w_file)), source=str(w_file))
         for m in model.components.values():

@@ -71,6 +71,14 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     return torch.cat(out)
 
 
+def film_strip(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
+    """Videos [N, F, 3, H, W] → images [N, 3, H, k·W]: k = min(F, max_frames) evenly spaced frames side by side, first
+    and last included, so a grid cell shows the motion."""
+    f = videos.shape[1]
+    idx = torch.linspace(0, f - 1, min(f, max_frames)).round().long()  # [k]
+    return torch.cat(list(videos[:, idx].unbind(1)), dim=-1)  # [N, 3, H, k·W]
+
+
 def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optional[float] = None, seed: int = 0,
                 seeds_per_prompt: int = 4, kernel: str = "euler", eta: float = 0.0) -> Path:
     """A PNG grid: one row per prompt (records or strings), one column per seed; captions are the prompts."""
@@ -80,8 +88,8 @@ def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optio
     rows = [(p, seed + j) for p in prompts for j in range(seeds_per_prompt)]
     images = generate(model, [p for p, _ in rows], [s for _, s in rows], steps=steps, guidance_scale=guidance,
                       kernel=kernel, eta=eta)
-    if images.dim() == 5:  # video: show the first frame
-        images = images[:, 0]
+    if images.dim() == 5:  # video: a film strip of up to 8 evenly spaced frames per tile
+        images = film_strip(images)
     labels = [p if j == 0 else "" for p in prompts for j in range(seeds_per_prompt)]
     return save_image_grid(images, path, nrow=seeds_per_prompt, labels=labels)
 

@@ -120,3 +120,14 @@ def test_pretraining_on_rendered_motion_and_one_grpo_iteration_with_the_motion_r
     summ = json.loads((run / "eval" / "final" / "summary.json").read_text())
     assert summ["n"] == 2 and 0.0 <= summ["overall"]["shapes_motion_strict"] <= 1.0
     assert (run / "report.html").is_file()
+
+
+def test_video_grids_show_a_film_strip_of_each_sample():
+    """Sample grids of video models tile up to 8 evenly spaced frames side by side (first and last included)."""
+    from flowalign.sample import film_strip
+
+    v = torch.arange(12.0).view(1, 12, 1, 1, 1).expand(2, 12, 3, 2, 2)  # frame f filled with f
+    strip = film_strip(v)  # [2, 3, 2, 8·2]
+    assert strip.shape == (2, 3, 2, 16)
+    assert strip[0, 0, 0, ::2].tolist() == [0, 2, 3, 5, 6, 8, 9, 11]
+    assert film_strip(v[:, :4]).shape == (2, 3, 2, 8)  # fewer frames than 8: all of them

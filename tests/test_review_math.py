@@ -93,6 +93,9 @@ def _ref_transition(name, x, v, s, sn, a, s1):
         return x + dt * (v + g * g / (2 * s) * x1), g * math.sqrt(-dt)
     if name == "dance_sde":
         return x + dt * (v + a * a / (2 * s) * x1), a * math.sqrt(-dt)
+    if name == "ddim_sde":  # METHODS §4.6: s = a·σ'·√(1 − σ), DDIM's coefficient-preserving mean
+        std = a * sn * math.sqrt(1 - s)
+        return (1 - sn) * x0 + math.sqrt(max(sn * sn - std * std, 0.0)) * x1, std
     std = sn * math.sin(a * math.pi / 2)
     return (1 - sn) * x0 + math.sqrt(max(sn * sn - std * std, 0.0)) * x1, std
 
@@ -102,7 +105,7 @@ def test_stored_log_probs_equal_an_independent_float64_gaussian(name):
     """The rollout's stored log p (reduce=sum and mean) equals the Gaussian density of METHODS §2.5 with μ, s from
     an independent float64 implementation of §2.1–2.4; η = 0 steps store 0 and are exact Euler."""
     sig = sd3_diffusers(T)
-    a = {"flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8, "euler": 0.5}[name]
+    a = {"flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8, "ddim_sde": 0.7, "euler": 0.5}[name]
     eta = eta_schedule(T, a, window=(1, 3))
     cond = _cond()
     x0 = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(5))

@@ -45,6 +45,8 @@ class PromptRecord:
 BUILTIN_PROMPTS: dict[str, tuple[str, str]] = {
     "shapes-train": ("shapes-train.jsonl", "shapes world: training specifications for RL (metadata: task)"),
     "shapes-bench": ("shapes-bench.jsonl", "shapes world: evaluation prompts, disjoint from train (metadata: task)"),
+    "shapes-motion-train": ("shapes-motion-train.jsonl", "shapes world in motion: training prompts for video models (metadata: task)"),
+    "shapes-motion-bench": ("shapes-motion-bench.jsonl", "shapes world in motion: evaluation prompts (metadata: task)"),
     "geneval": ("benchmarks/geneval/evaluation_metadata.jsonl", "GenEval, 553 prompts with tag/include/exclude (MIT)"),
     "parti": ("benchmarks/parti/prompts.jsonl", "PartiPrompts, 1,632 prompts with category/challenge (Apache-2.0)"),
     "pickscore": ("benchmarks/pickscore_sfw/test.txt", "Pick-a-Pic v1 SFW test captions via Flow-GRPO, 1,024 (MIT repo)"),

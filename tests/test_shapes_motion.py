@@ -122,3 +122,19 @@ def test_video_rewards_score_batches_and_refuse_bad_input():
         strict.validate_prompts(["a red circle"])
     with pytest.raises(UserError, match="scores videos"):
         for_outputs(strict, "image")
+
+
+def test_shipped_motion_prompt_sets_are_what_the_generator_writes():
+    from flowalign.data import load_prompts
+    from flowalign.shapes.make_prompt_sets import PROMPTS_DIR, SEED, build_motion_prompt_sets
+
+    sets = build_motion_prompt_sets(SEED)
+    for name, rows in sets.items():
+        loaded = load_prompts(name)
+        assert [(r.prompt, r.metadata.get("task")) for r in loaded] == [(r["prompt"], r["task"]) for r in rows]
+        assert all(M.parse(r["prompt"]).task == r["task"] for r in rows)
+    bench, train = sets["shapes-motion-bench"], sets["shapes-motion-train"]
+    assert {t: sum(r["task"] == t for r in bench) for t in M.TASKS} == {"motion": 40, "two_motion": 40}
+    two = {r["prompt"] for r in bench if r["task"] == "two_motion"}
+    assert len(two) == 40 and not two & {r["prompt"] for r in train}
+    assert "shapes-motion-bench.jsonl" in (PROMPTS_DIR / "PROVENANCE.md").read_text(encoding="utf-8")

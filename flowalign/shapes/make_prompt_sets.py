@@ -1,4 +1,5 @@
-"""Write the shipped shapes prompt sets (``shapes-train``, ``shapes-bench``) and their PROVENANCE.md.
+"""Write the shipped shapes prompt sets (``shapes-train``, ``shapes-bench``, and for the world in motion
+``shapes-motion-train``, ``shapes-motion-bench``) and their PROVENANCE.md.
 
     python -m flowalign.shapes.make_prompt_sets [--seed 0] [--out flowalign/assets/prompts]
 
@@ -54,6 +55,21 @@ def build_prompt_sets(seed: int = SEED, n_train: int = N_TRAIN, n_bench: int = N
     return {"shapes-train": train, "shapes-bench": bench}
 
 
+def build_motion_prompt_sets(seed: int = SEED, n_train: int = N_TRAIN, n_bench: int = N_BENCH) -> dict[str, list[dict]]:
+    """``{"shapes-motion-train": [...], "shapes-motion-bench": [...]}`` for the world in motion (SHAPES_WORLD.md §6):
+    ``n_bench`` distinct prompts per motion task; train takes up to ``n_train`` distinct prompts per task, disjoint
+    from bench where the task has at least 2 × ``n_bench`` prompts (``two_motion``: 1,728; ``motion`` has 72, so its
+    train prompts cover the whole space), shuffled."""
+    from flowalign.shapes import motion
+
+    bench = motion.generate_prompts(n_bench, seed=seed)
+    disjoint = {t for t in motion.TASKS if len(motion.enumerate_specs(t)) >= 2 * n_bench}
+    exclude = {r["prompt"] for r in bench if r["task"] in disjoint}
+    train = motion.generate_prompts(n_train, seed=seed + 1, exclude=exclude)
+    order = np.random.default_rng(seed + 2).permutation(len(train))
+    return {"shapes-motion-train": [train[int(i)] for i in order], "shapes-motion-bench": bench}
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -95,16 +111,43 @@ def _provenance(sets: dict[str, list[dict]], seed: int, n_train: int, n_bench: i
         "  may have been seen in pretraining; disjointness is between RL training and the benchmark.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _motion_provenance(build_motion_prompt_sets(seed, n_train, n_bench), n_bench))
+
+
+def _motion_provenance(sets: dict[str, list[dict]], n_bench: int) -> list[str]:
+    from flowalign.shapes import motion
+
+    lines = [
+        "## The world in motion",
+        "",
+        "`shapes-motion-train.jsonl` and `shapes-motion-bench.jsonl`, from the motion grammar",
+        "(`flowalign/shapes/motion.py`), written by the same command; tasks: " + ", ".join(motion.TASKS) + ".",
+        "",
+        "| file | task | lines | distinct | task space | in train too |",
+        "|---|---|---|---|---|---|",
+    ]
+    train_prompts = {r["prompt"] for r in sets["shapes-motion-train"]}
+    for name in ("shapes-motion-train", "shapes-motion-bench"):
+        for t in motion.TASKS:
+            ps = [r["prompt"] for r in sets[name] if r["task"] == t]
+            overlap = "—" if name.endswith("train") else str(len(set(ps) & train_prompts))
+            lines.append(f"| {name}.jsonl | {t} | {len(ps)} | {len(set(ps))} | {len(motion.enumerate_specs(t))} | {overlap} |")
+    lines += [
+        "",
+        f"* `shapes-motion-bench`: {n_bench} distinct prompts per task. `shapes-motion-train`: every `motion` prompt",
+        "  (72, so it overlaps bench) and `two_motion` prompts disjoint from bench, shuffled.",
+        "",
+    ]
+    return lines
 
 
 def write_prompt_sets(
     out_dir: Optional[os.PathLike] = None, seed: int = SEED, n_train: int = N_TRAIN, n_bench: int = N_BENCH
 ) -> dict[str, Path]:
-    """Write ``shapes-train.jsonl``, ``shapes-bench.jsonl`` and ``PROVENANCE.md`` into ``out_dir``."""
+    """Write ``shapes-train.jsonl``, ``shapes-bench.jsonl``, the two motion sets and ``PROVENANCE.md`` into ``out_dir``."""
     out = Path(out_dir) if out_dir is not None else PROMPTS_DIR
     out.mkdir(parents=True, exist_ok=True)
-    sets = build_prompt_sets(seed, n_train, n_bench)
+    sets = {**build_prompt_sets(seed, n_train, n_bench), **build_motion_prompt_sets(seed, n_train, n_bench)}
     paths = {}
     for name, rows in sets.items():
         paths[name] = out / f"{name}.jsonl"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -250,7 +250,7 @@ def reward_gains(values: Tensor) -> Tensor:
     return v[:, 1:] - v[:, :-1]
 
 
-def dense_gain(inp: CreditInput, *, probe: str = "ode:full", signal: str = "gain") -> Credit:
+def dense_gain(inp: CreditInput, *, probe: str = "ode:full", signal: Literal["gain", "value"] = "gain") -> Credit:
     """DenseGRPO step-wise reward gain (Deng et al. 2025, "From Sparse to Dense Reward…", §3; METHODS.md §4.1).
 
     Paper → ours: the step reward ΔR_t^i = R(x̂_{t−1}^i) − R(x̂_t^i) in diffusion time is our
@@ -371,7 +371,7 @@ def balance_turning_points(turn: Tensor, delta: Tensor, unit: Tensor) -> Tensor:
 
 
 def turning_points(inp: CreditInput, *, probe: str = "ode:full", constraint: bool = True, first_step: bool = True,
-                   balance_scope: str = "group") -> Credit:
+                   balance_scope: Literal["group", "batch", "none"] = "group") -> Credit:
     """TP-GRPO / TurningPoint-GRPO step rewards (METHODS.md §4.2; released code for the constraint and balancing).
 
     Paper → ours: the window of n stochastic steps s_1 < … < s_n (η > 0); R^(0) = V_full(x_{s_1}) (equals
@@ -600,8 +600,8 @@ def tree_width_mask(adv: Tensor, node: Tensor, depth: Tensor, tree: Tensor, rati
     return keep_u[inv]  # [B, T]
 
 
-def tree(inp: CreditInput, *, backup: str = "mean", temperature: float = 1.0, prune_steps: Sequence[int] = (),
-         width: str = "all", width_ratio: float = 0.5) -> Credit:
+def tree(inp: CreditInput, *, backup: Literal["mean", "softmax"] = "mean", temperature: float = 1.0,
+         prune_steps: Sequence[int] = (), width: Literal["all", "extremes"] = "all", width_ratio: float = 0.5) -> Credit:
     """BranchGRPO credit on a tree rollout (Li et al. 2025, "BranchGRPO", arXiv:2509.06040; METHODS.md §2.8).
 
     Needs a trajectory from ``flowalign.samplers.plans.tree``: rows are leaves, ``traj.group`` the tree of each
@@ -666,7 +666,8 @@ def process_q(instant: Tensor, gamma: float = 1.0) -> Tensor:
 
 
 def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kappa: float = 0.1,
-                 t_anchor: Optional[int] = None, omega: str = "group", z_floor: float = 1e-6) -> Credit:
+                 t_anchor: Optional[int] = None, omega: Literal["group", "batch", "none"] = "group",
+                 z_floor: float = 1e-6) -> Credit:
     """VGPO value-anchored advantage — a RECONSTRUCTION (METHODS.md §4.4 [recon]; exact paper formulas unconfirmed).
 
     Instant reward r_it = V_x0(x_{i,t+1}) = R(decode(x̂0(x_{t+1}))) (free with velocity reuse; r_{T−1} = R_i);
@@ -725,7 +726,8 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
 # ------------------------------------------------------------------------------------------ Euphonium
 
 
-def euphonium(inp: CreditInput, *, heads: str = "both", pra_index: str = "post", pra_probe: Optional[str] = None,
+def euphonium(inp: CreditInput, *, heads: Literal["both", "ora", "pra"] = "both",
+              pra_index: Literal["post", "pre", "gain"] = "post", pra_probe: Optional[str] = None,
               eps: float = 1e-8, c_ora: float = 1.0, c_pra: float = 1.0, adv_clip: Optional[float] = None) -> Credit:
     """Euphonium dual-reward heads (METHODS.md §4.5; released sampler/loss code): outcome (ORA) + process (PRA).
 

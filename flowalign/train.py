@@ -22,6 +22,7 @@ the loop does not change.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import inspect
 import logging
@@ -29,6 +30,7 @@ import math
 import os
 import shutil
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -187,6 +189,35 @@ def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
                         f"config ({saved}) or start a new output.run_dir")
 
 
+def option_value_error(hint: Any, value: Any) -> Optional[str]:
+    """Why ``value`` does not fit the annotation ``hint`` of a registry function's option, or None. Checks what a
+    config can get wrong before a run starts: a Literal's choices, bool / int / float / str, a list of ints, and
+    Optional; other annotations are left to the function."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is None or hint is Any:
+        return None
+    if origin is typing.Union:  # Optional[X] and unions: fits if it fits one member
+        errs = [option_value_error(a, value) for a in args]
+        return None if any(e is None for e in errs) else next(e for e in errs if e)
+    if hint is type(None):
+        return None if value is None else "expected null"
+    if origin is typing.Literal:
+        return None if value in args else f"choose one of {', '.join(repr(a) for a in args)}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "expected true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "expected a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "expected a string"
+    if origin in (collections.abc.Sequence, list, tuple) and args and args[0] is int:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+        return None if ok else "expected a list of integers, e.g. [1, 4]"
+    return None
+
+
 def _check_components(cfg: C.ExperimentConfig) -> None:
     """Registry names and option keys the config schema cannot check: refuse them before anything is written."""
     import difflib
@@ -205,7 +236,11 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     bad = [k for k in c.options if k not in known]
     if bad:
         raise UserError(f"credit.options: unknown option(s) {bad} for credit {c.name!r}; known: {', '.join(known) or 'none'}")
+    hints = typing.get_type_hints(CREDIT[c.name])
     for k, v in c.options.items():
+        bad_value = option_value_error(hints.get(k), v)
+        if bad_value:
+            raise UserError(f"credit.options.{k}={v!r}: {bad_value} (credit {c.name!r})")
         if (k == "probe" or k.endswith("_probe")) and v is not None:
             try:
                 parse_mode(str(v))

@@ -65,3 +65,34 @@ def test_trees_refuse_a_kernel_without_noise_at_step_zero():
 
     with pytest.raises(UserError, match="draws no noise"):
         C.load_config(None, ["sampler.plan=tree", "credit.name=tree", "sampler.kernel=ddim_sde"])
+
+
+@pytest.mark.parametrize("options, needle", [
+    ("{width: best}", "credit.options.width='best': choose one of 'all', 'extremes'"),
+    ("{temperature: .nan}", "credit.options.temperature=nan: expected a finite number"),
+    ("{prune_steps: '12'}", "expected a list of integers"),
+    ("{backup: 2}", "choose one of 'mean', 'softmax'"),
+])
+def test_bad_credit_option_values_are_one_line_errors_before_anything_is_written(tmp_path, options, needle):
+    """Credit option values used to fail only inside the first iteration (a ValueError traceback after the base
+    evaluation had written the run directory); the trainer now checks them against the function's annotations."""
+    from flowalign.train import train
+
+    cfg = _cfg(tmp_path / "run", "sampler.plan=tree", "credit.name=tree", "sampler.plan_options.split_steps=[0, 1]",
+               f"credit.options={options}")
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_option_value_error_reads_the_annotations():
+    from typing import Literal, Optional, Sequence
+
+    from flowalign.train import option_value_error as err
+
+    assert err(Literal["a", "b"], "a") is None and "choose one of" in err(Literal["a", "b"], "c")
+    assert err(Optional[int], None) is None and err(Optional[int], 3) is None and err(Optional[int], 2.5)
+    assert err(float, 1) is None and err(float, True) and err(float, float("inf"))
+    assert err(bool, 1) and err(bool, False) is None and err(int, True)
+    assert err(Sequence[int], [1, 2]) is None and err(Sequence[int], (3,)) is None and err(Sequence[int], [1.5])
+    assert err(dict, {"x": 1}) is None  # not checked here: left to the function

@@ -131,3 +131,8 @@ def test_video_grids_show_a_film_strip_of_each_sample():
     assert strip.shape == (2, 3, 2, 16)
     assert strip[0, 0, 0, ::2].tolist() == [0, 2, 3, 5, 6, 8, 9, 11]
     assert film_strip(v[:, :4]).shape == (2, 3, 2, 8)  # fewer frames than 8: all of them
+
+
+def test_the_unshipped_default_checkpoint_is_a_one_line_error_naming_the_recipe():
+    with pytest.raises(UserError, match=r"no shapes_video model ships .* configs/shapes_video_pretrain.yaml"):
+        ShapesVideoModel.from_pretrained("")

@@ -175,6 +175,7 @@ class ShapesModel(FlowAdapter):
 
     CONFIG: Any = ShapesConfig  # the config class (a subclass family swaps it, e.g. the video shapes model)
     ASSET = "shapes"  # the shipped checkpoint: flowalign/assets/<ASSET>
+    PRETRAIN_CONFIG = ""  # a family without a shipped checkpoint names the config that makes one
     LORA_TARGETS: tuple[str, ...] = SHAPES_LORA_TARGETS
 
     def __init__(self, config: ShapesConfig, guidance_scale: Optional[float] = None):
@@ -245,6 +246,10 @@ class ShapesModel(FlowAdapter):
 
         root = _asset_dir(cls.ASSET) if path in ("", None) else Path(path)
         cfg_file, w_file = root / "config.json", root / "model.safetensors"
+        if path in ("", None) and not w_file.is_file() and cls.PRETRAIN_CONFIG:
+            raise UserError(f"no {cls.ASSET} model ships with flowalign yet; pretrain one with `flowalign pretrain "
+                            f"--config {cls.PRETRAIN_CONFIG} --out runs/{cls.ASSET}` and pass its final/ directory as "
+                            f"the model path")
         if not cfg_file.is_file() or not w_file.is_file():
             raise UserError(f"no shapes model at {str(root)!r} (expected config.json and model.safetensors there); "
                             "use '' for the shipped model or a directory written by `flowalign pretrain`")

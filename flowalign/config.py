@@ -716,12 +716,6 @@ def describe(schema: type = ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-def _dead_first(kernel: str) -> bool:
-    from flowalign.samplers.kernels import deterministic_at_sigma_one
-
-    return deterministic_at_sigma_one(kernel)
-
-
 def trained_steps(sampler: SamplerConfig) -> int:
     """Trained steps per trajectory (METHODS §3.5, §2.6): the window's n, or the first floor(frac·T) steps,
     never the last step (it is deterministic unless ``last_step_noise``, and Flow-GRPO never trains it)."""
@@ -982,11 +976,13 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     d = derived(cfg, world_size)
     m, s, r, c, t, e = cfg.model, cfg.sampler, cfg.reward, cfg.credit, cfg.train, cfg.eval
     rewards = ", ".join(f"{k}={v:g}" for k, v in r.weights.items())
+    from flowalign.samplers.kernels import deterministic_at_sigma_one
+
     moving = s.window_size and window_bounds(s)[1] - window_bounds(s)[0] > s.window_size
     window = (f"window {s.window_size} in {window_bounds(s)}" + (", start drawn per group" if moving else "")
               if s.window_size else
               f"random {d['trained_steps']} of steps 0..{s.steps - 2} per rollout" if s.train_steps == "random" else
-              (f"steps 1..{d['trained_steps']} ({s.kernel} has no noise at step 0)" if _dead_first(s.kernel) else
+              (f"steps 1..{d['trained_steps']} ({s.kernel} has no noise at step 0)" if deterministic_at_sigma_one(s.kernel) else
                f"first {d['trained_steps']} steps"))
     lora = f"r={m.lora_rank or 'default'}" + (f"/a={m.lora_alpha:g}" if m.lora_alpha else "")
     rows = [

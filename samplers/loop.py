@@ -51,7 +51,6 @@ def live_eta(kernel, sigmas: Tensor, eta: Tensor, **kernel_kwargs) -> Tensor:
     kern = get_kernel(kernel)
     steps = int(sigmas.shape[0]) - 1
     sig = sigmas.detach().to(torch.float32).cpu()  # [T+1]
-    e = eta.detach().to(torch.float32).cpu()
     probe = torch.zeros(steps, 1)  # the std depends on (σ, σ', η) only
     unit = kern(probe, probe, sig[:-1], sig[1:], torch.ones(steps), **kernel_kwargs).std  # [T] or [T, 1]
     dead = torch.as_tensor(unit).reshape(-1).expand(steps) == 0  # [T] a structural zero (each kernel's std is 0 at one η > 0 iff at all)

@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.flowalign-installed
 
-.PHONY: demo demo-nft test install clean-venv shapes-base credit-experiment steer-experiment
+.PHONY: demo demo-nft demo-video test install clean-venv shapes-base shapes-video-base credit-experiment steer-experiment
 
 # torch first: a CPU build (about 1.6 GB in the venv in all) where pip finds one, e.g. the 2.13.0 CPU wheel this
 # project's CI machines carry; set TORCH='torch' (or a CUDA build you have) for another one.
@@ -27,6 +27,17 @@ demo: $(STAMP)
 # The same trainer with the DiffusionNFT objective (ODE rollouts, negative-aware flow matching): runs/shapes_nft.
 demo-nft: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_nft.yaml
+
+# The video job: GRPO-align the shipped shapes video model (Wan 2.1 DiT on pixels): runs/shapes_video_grpo.
+demo-video: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_video_grpo.yaml
+
+# Rebuild the shipped shapes video model from scratch (docs/shapes.md): two stages, then install it as package data.
+shapes-video-base: $(STAMP)
+	$(BIN)/flowalign pretrain --config configs/shapes_video_pretrain.yaml --out runs/shapes_video_pretrain --threads 2
+	$(BIN)/flowalign pretrain --config configs/shapes_video_pretrain_stage2.yaml --out runs/shapes_video_pretrain_stage2 --threads 2
+	mkdir -p flowalign/assets/shapes_video
+	cp runs/shapes_video_pretrain_stage2/final/config.json runs/shapes_video_pretrain_stage2/final/model.safetensors flowalign/assets/shapes_video/
 
 # Rebuild the shipped shapes base from scratch (docs/shapes.md): stage 1, stage 2, then install it as package data.
 shapes-base: $(STAMP)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from flowalign.types import Credit, Trajectory
+from flowalign.types import Credit, Interval, Trajectory
 from flowalign.values import row_eta
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def group_win_rates(rewards: Tensor, group: Tensor, margin: float = 0.0) -> Tens
     return torch.where(ok & (n > 0), (wins + 0.5 * ties) / n.clamp_min(1), torch.full_like(r, float("nan")))
 
 
-def win_rate(inp: CreditInput, *, margin: float = 0.0) -> Credit:
+def win_rate(inp: CreditInput, *, margin: Annotated[float, Interval(0.0)] = 0.0) -> Credit:
     """Pref-GRPO credit (arXiv:2508.20751; METHODS.md §4.8): the group z-score of each rollout's pairwise win rate
     (``group_win_rates``) instead of its reward, on every trained step.
 
@@ -601,7 +601,8 @@ def tree_width_mask(adv: Tensor, node: Tensor, depth: Tensor, tree: Tensor, rati
 
 
 def tree(inp: CreditInput, *, backup: Literal["mean", "softmax"] = "mean", temperature: float = 1.0,
-         prune_steps: Sequence[int] = (), width: Literal["all", "extremes"] = "all", width_ratio: float = 0.5) -> Credit:
+         prune_steps: Sequence[int] = (), width: Literal["all", "extremes"] = "all",
+         width_ratio: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 0.5) -> Credit:
     """BranchGRPO credit on a tree rollout (Li et al. 2025, "BranchGRPO", arXiv:2509.06040; METHODS.md §2.8).
 
     Needs a trajectory from ``flowalign.samplers.plans.tree``: rows are leaves, ``traj.group`` the tree of each
@@ -728,7 +729,8 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
 
 def euphonium(inp: CreditInput, *, heads: Literal["both", "ora", "pra"] = "both",
               pra_index: Literal["post", "pre", "gain"] = "post", pra_probe: Optional[str] = None,
-              eps: float = 1e-8, c_ora: float = 1.0, c_pra: float = 1.0, adv_clip: Optional[float] = None) -> Credit:
+              eps: float = 1e-8, c_ora: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1.0,
+              c_pra: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1.0, adv_clip: Optional[float] = None) -> Credit:
     """Euphonium dual-reward heads (METHODS.md §4.5; released sampler/loss code): outcome (ORA) + process (PRA).
 
     Paper → ours: ORA = the pixel ORM on x_T, group z-scored (std + ``eps``, 1e-8 upstream), the same at every

@@ -50,6 +50,7 @@ from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, live_eta, step_log_prob
 from flowalign.samplers.kernels import get_kernel
 from flowalign.samplers.plans import PLANS
+from flowalign.types import Interval
 from flowalign.values import GUIDES, NFECounter, make_probe
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,30 @@ def _seed(*parts: int) -> int:
     return h
 
 
+# The per-rank streams of an iteration: (seed, it, rank, tag) seeds the SDE step noise (11), the random trained-step
+# choice (17) and NFT's update draws (13). Those 4-part keys have the form of a rollout's initial-noise key
+# (seed, it, group, member), so a member whose index is a tag (groups of 12 or more) takes a 5-part key; before this
+# rule (and the window key's own tag) such a member's x_1 repeated the first draws of a rank's step noise.
+RANK_STREAMS = {"step_noise": 11, "update": 13, "trained_steps": 17}
+
+
+def rank_stream_seed(seed: int, it: int, rank: int, stream: str) -> int:
+    """The seed of rank ``rank``'s stream ``stream`` (a key of ``RANK_STREAMS``) in iteration ``it``."""
+    return _seed(seed, it, rank, RANK_STREAMS[stream])
+
+
+def init_noise_seed(seed: int, it: int, group: int, member: int) -> int:
+    """The seed of the initial noise x_1 of ``member`` of global group ``group`` in iteration ``it``."""
+    if member in RANK_STREAMS.values():
+        return _seed(seed, it, group, member, 1)
+    return _seed(seed, it, group, member)
+
+
+def window_seed(seed: int, it: int, group: int) -> int:
+    """The seed of global group ``group``'s Flow-GRPO-Fast window start in iteration ``it`` (its own 5-part key)."""
+    return _seed(seed, it, group, 7, 2)
+
+
 def initial_noise(model: Any, seed: int, it: int, positions: Sequence[int], group_size: int, mode: str = "member"):
     """x_1 for the rows of global groups ``positions`` × members, seeded by (seed, iteration, group, member) (Q7).
 
@@ -71,8 +96,8 @@ def initial_noise(model: Any, seed: int, it: int, positions: Sequence[int], grou
     """
     if mode not in ("member", "group"):
         raise ValueError(f"init_noise mode must be 'member' or 'group', got {mode!r}")
-    return torch.cat([model.init_noise(1, torch.Generator().manual_seed(_seed(seed, it, gp, 0 if mode == "group" else m)))
-                      for gp in positions for m in range(group_size)])  # [G·n, *latent]
+    return torch.cat([model.init_noise(1, torch.Generator().manual_seed(
+        init_noise_seed(seed, it, gp, 0 if mode == "group" else m))) for gp in positions for m in range(group_size)])  # [G·n, *latent]
 
 
 def group_windows(seed: int, it: int, positions: Sequence[int], lo: int, hi: int, size: int) -> list[int]:
@@ -83,7 +108,7 @@ def group_windows(seed: int, it: int, positions: Sequence[int], lo: int, hi: int
     ranks, and the groups of one iteration spread their windows over the range.
     """
     top = max(lo, hi - size)
-    return [int(torch.randint(lo, top + 1, (1,), generator=torch.Generator().manual_seed(_seed(seed, it, gp, 7))))
+    return [int(torch.randint(lo, top + 1, (1,), generator=torch.Generator().manual_seed(window_seed(seed, it, gp))))
             for gp in positions]
 
 
@@ -196,6 +221,13 @@ def option_value_error(hint: Any, value: Any) -> Optional[str]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is None or hint is Any:
         return None
+    if origin is typing.Annotated:  # Annotated[float, Interval(...)]: the type, then the range
+        err = option_value_error(args[0], value)
+        if err is None:
+            for meta in args[1:]:
+                if isinstance(meta, Interval) and not meta.contains(value):
+                    return f"expected a value in {meta}"
+        return err
     if origin is typing.Union:  # Optional[X] and unions: fits if it fits one member
         errs = [option_value_error(a, value) for a in args]
         return None if any(e is None for e in errs) else next(e for e in errs if e)
@@ -236,7 +268,7 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     bad = [k for k in c.options if k not in known]
     if bad:
         raise UserError(f"credit.options: unknown option(s) {bad} for credit {c.name!r}; known: {', '.join(known) or 'none'}")
-    hints = typing.get_type_hints(CREDIT[c.name])
+    hints = typing.get_type_hints(CREDIT[c.name], include_extras=True)
     for k, v in c.options.items():
         bad_value = option_value_error(hints.get(k), v)
         if bad_value:
@@ -545,11 +577,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
         else:
             eta = eta_schedule(cfg.sampler.steps, base_eta, last_step_noise=cfg.sampler.last_step_noise)  # [T]
         eta = live_eta(cfg.sampler.kernel, sigmas, eta, **_kernel_options(cfg.sampler))  # a zero-std step is Euler
-        step_gen = torch.Generator(device=device).manual_seed(_seed(cfg.train.seed, it, rank, 11))
+        step_gen = torch.Generator(device=device).manual_seed(rank_stream_seed(cfg.train.seed, it, rank, "step_noise"))
         # a window trains all its steps (METHODS §3.5, config.trained_steps): train_fraction must not cut it short
         fraction = 1.0 if cfg.sampler.window_size else cfg.sampler.train_fraction
         selected = TRAINED_STEPS[cfg.sampler.train_steps](  # [B0, T] the steps each rollout trains
-            eta, fraction, noise.shape[0], torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 17)))
+            eta, fraction, noise.shape[0],
+            torch.Generator().manual_seed(rank_stream_seed(cfg.train.seed, it, rank, "trained_steps")))
         trainable = selected.any(0)  # [T] steps some rollout trains (the plan's and the guide's steps)
         shift = {}
         if guide is not None:
@@ -615,7 +648,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
             any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
         metrics["train/nonfinite_inputs"] = int(bad_input)
-        gen = torch.Generator().manual_seed(_seed(cfg.train.seed, it, rank, 13))  # the update's own draws (nft)
+        gen = torch.Generator().manual_seed(rank_stream_seed(cfg.train.seed, it, rank, "update"))  # the update's own draws (nft)
         lr = cfg.train.lr * LR_SCHEDULES[cfg.train.lr_schedule](it, cfg.train.iterations)  # a function of `it` alone
         for g in opt.param_groups:
             g["lr"] = lr

@@ -108,3 +108,26 @@ class Credit(NamedTuple):
 
 CreditAssigner = Callable[..., Credit]
 """(trajectory group data, terminal rewards, values if needed) -> Credit."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Range metadata of a registry function's numeric option, ``Annotated[float, Interval(0, 1, low_open=True)]``:
+    the trainer checks a config's value against it before a run starts (``train.option_value_error``), and the
+    function keeps its own check for direct calls."""
+
+    low: float = float("-inf")
+    high: float = float("inf")
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.low == float("-inf") else f"{self.low:g}"
+        hi = "inf" if self.high == float("inf") else f"{self.high:g}"
+        return f"{'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+

@@ -72,6 +72,8 @@ def test_trees_refuse_a_kernel_without_noise_at_step_zero():
     ("{temperature: .nan}", "credit.options.temperature=nan: expected a finite number"),
     ("{prune_steps: '12'}", "expected a list of integers"),
     ("{backup: 2}", "choose one of 'mean', 'softmax'"),
+    ("{width: extremes, width_ratio: 0}", "credit.options.width_ratio=0: expected a value in (0, 1]"),
+    ("{width_ratio: 1.5}", "expected a value in (0, 1]"),
 ])
 def test_bad_credit_option_values_are_one_line_errors_before_anything_is_written(tmp_path, options, needle):
     """Credit option values used to fail only inside the first iteration (a ValueError traceback after the base
@@ -96,3 +98,24 @@ def test_option_value_error_reads_the_annotations():
     assert err(bool, 1) and err(bool, False) is None and err(int, True)
     assert err(Sequence[int], [1, 2]) is None and err(Sequence[int], (3,)) is None and err(Sequence[int], [1.5])
     assert err(dict, {"x": 1}) is None  # not checked here: left to the function
+
+
+def test_option_ranges_come_from_interval_annotations():
+    """Annotated[float, Interval(...)]: the type first, then the range; the credit registry's ranged options carry
+    one, so `margin: -1` or `c_ora: 2` is refused before a run as `width_ratio: 0` is."""
+    import typing
+    from typing import Annotated
+
+    from flowalign.credit import CREDIT
+    from flowalign.train import option_value_error as err
+    from flowalign.types import Interval
+
+    half_open = Annotated[float, Interval(0.0, 1.0, low_open=True)]
+    assert err(half_open, 1.0) is None and err(half_open, 0.5) is None
+    assert err(half_open, 0.0) == "expected a value in (0, 1]" and err(half_open, 1.01)
+    assert err(half_open, "x") == "expected a finite number"  # the type is checked before the range
+    assert str(Interval(0.0)) == "[0, inf]" and str(Interval(high=2, high_open=True)) == "[-inf, 2)"
+    for name, option, bad, good in [("win_rate", "margin", -0.1, 0.0), ("euphonium", "c_ora", 2.0, 0.5),
+                                    ("euphonium", "c_pra", 0.0, 1.0), ("tree", "width_ratio", 0.0, 1.0)]:
+        hint = typing.get_type_hints(CREDIT[name], include_extras=True)[option]
+        assert err(hint, bad) and err(hint, good) is None, (name, option)

@@ -1,7 +1,7 @@
 """The shapes video model family (SHAPES_WORLD.md §6): a pixel-space WanTransformer3DModel with the shapes text
 encoder over the motion grammar, pretrained on rendered motion videos, trained by the one GRPO trainer with the
-``shapes_motion_*`` verifier rewards. Tiny configs only (random or 2-step weights): shapes, layouts, round trips and
-on-policy ratios, not quality."""
+``shapes_motion_*`` verifier rewards. Tiny configs (random or 2-step weights) for shapes, layouts, round trips and
+on-policy ratios; the shipped model's tests check that it loads offline and draws the prompted objects."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from flowalign.samplers import eta_schedule, gather_cond, sample, step_log_prob
 TINY = {"frames": 4, "image_size": 16, "patch_size": 4, "num_layers": 1, "num_heads": 2, "head_dim": 12,
         "ffn_dim": 32, "freq_dim": 16, "text_dim": 24, "text_layers": 1, "text_heads": 2, "pooled_dim": 8,
         "sample_steps": 3}
+PRESENT_MIN = 0.6  # measured 0.81: the shipped model's mean share of frames holding the prompted object, 8 prompts below
 PROMPTS = ["a red circle moving to the right", "a blue square moving up and a green triangle moving to the left"]
 
 
@@ -133,6 +134,91 @@ def test_video_grids_show_a_film_strip_of_each_sample():
     assert film_strip(v[:, :4]).shape == (2, 3, 2, 8)  # fewer frames than 8: all of them
 
 
-def test_the_unshipped_default_checkpoint_is_a_one_line_error_naming_the_recipe():
+def test_a_family_without_a_shipped_checkpoint_names_its_recipe(monkeypatch, tmp_path):
+    """A shapes family whose asset directory holds no weights fails in one line naming the config that makes one."""
+    import flowalign.models.shapes as S
+
+    monkeypatch.setattr(S, "_asset_dir", lambda name="shapes": tmp_path / name)
     with pytest.raises(UserError, match=r"no shapes_video model ships .* configs/shapes_video_pretrain.yaml"):
         ShapesVideoModel.from_pretrained("")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return ShapesVideoModel.from_pretrained("")
+
+
+def test_the_shipped_video_model_loads_offline(shipped):
+    from importlib import resources
+
+    asset = resources.files("flowalign") / "assets" / "shapes_video"
+    size = (asset / "model.safetensors").stat().st_size + (asset / "config.json").stat().st_size
+    assert size < 20 * 2**20 and 1e6 < sum(shipped.num_parameters().values()) < 10e6
+    assert shipped.latent_shape == (3, 8, 32, 32) and shipped.output_kind == "video"
+    assert not any(p.requires_grad for c in shipped.components.values() for p in c.parameters())
+
+
+def _shipped_videos(model, prompts, seed):
+    with torch.no_grad():
+        x = model.init_noise(len(prompts), torch.Generator().manual_seed(seed))
+        traj = sample(model.velocity, x, model.schedule(model.config.sample_steps), model.encode(prompts), eta=0.0,
+                      kernel="euler")
+        return model.decode(traj.final)  # [B, F, 3, H, W]
+
+
+def test_the_shipped_video_model_draws_the_prompted_objects(shipped):
+    """A property of the *trained* weights (docs/shapes.md): single-object motion prompts mostly show that object,
+    in colour and shape, in most frames; deterministic given the seed."""
+    from flowalign.shapes.motion import verify_motion
+
+    prompts = ["a red circle moving to the right", "a blue square moving up", "a yellow triangle moving down",
+               "a green circle moving to the left"] * 2
+    videos = _shipped_videos(shipped, prompts, seed=0)
+    assert torch.equal(videos, _shipped_videos(shipped, prompts, seed=0))
+    present = [verify_motion(v.permute(0, 2, 3, 1).numpy(), p).clauses for v, p in zip(videos, prompts)]
+    present = [sum(v for k, v in c.items() if k.startswith("present")) for c in present]
+    assert sum(present) / len(present) >= PRESENT_MIN, present
+
+
+RICH = {**TINY, "patch_embed_kernel": 8, "refiner_channels": 4, "pooled_conditioning": True}
+
+
+def test_overlapping_patches_refiner_and_pooled_conditioning(tmp_path):
+    """The shipped recipe's additions (docs/shapes.md): an overlapping patch embedding keeps Wan's token grid but lets
+    a token see its neighbours' border pixels; the zero-initialised per-frame refiner starts as the identity and
+    never mixes frames; the pooled text vector reaches the adaLN (the output depends on it with the hidden states
+    fixed) and is cleared after every forward; all of it saves and loads, and LoRA targets stay Wan's."""
+    torch.manual_seed(0)
+    m = ShapesVideoModel.from_config(dict(RICH))
+    assert m.lora_targets == ("to_q", "to_k", "to_v", "to_out.0") and "refiner" in m.components
+    pe = m.transformer.patch_embedding
+    assert pe.kernel_size == (1, 8, 8) and pe.stride == (1, 4, 4) and pe.padding == (0, 2, 2)
+    x = torch.randn(1, 3, 4, 16, 16)
+    tokens = pe(x)  # [1, D, F, 4, 4]: the same grid as a 4×4, stride-4 embedding
+    assert tokens.shape[2:] == (4, 4, 4)
+    y = x.clone()
+    y[0, :, 0, 0, 4] += 1.0  # the first column of the second patch of frame 0
+    d = (pe(y) - tokens).abs().sum(1)[0]  # [F, 4, 4]
+    assert d[0, 0, 0] > 0 and d[0, 0, 1] > 0 and d[1:].sum() == 0  # the neighbouring token sees it, no other frame
+    with torch.no_grad():
+        r = m.refiner(x)  # [1, 3, F, H, W]
+    assert r.abs().max() == 0  # zero-initialised: the identity at the start of pretraining
+    with torch.no_grad():
+        torch.nn.init.normal_(m.refiner.conv2.weight)
+        z = x.clone()
+        z[:, :, 2] += 1.0
+        assert torch.equal(m.refiner(z)[:, :, :2], m.refiner(x)[:, :, :2])  # frame 2 only changes frame 2
+    cond = m.encode(PROMPTS)
+    xs = m.init_noise(2, torch.Generator().manual_seed(1))
+    m.guidance_scale = 1.0
+    with torch.no_grad():
+        v = m.velocity(xs, torch.tensor(0.6), cond)
+        v_swapped = m.velocity(xs, torch.tensor(0.6), {**cond, "pooled": cond["pooled"].flip(0)})
+    assert m.pooled_embedder.pooled is None
+    assert (v - v_swapped).abs().max() > 1e-4  # same hidden states, other pooled vectors → another velocity
+    m.save_pretrained(tmp_path / "m")
+    back = ShapesVideoModel.from_pretrained(str(tmp_path / "m"), guidance_scale=1.0)
+    with torch.no_grad():
+        assert torch.allclose(back.velocity(xs, torch.tensor(0.6), back.encode(PROMPTS)), v, atol=1e-5)
+    with pytest.raises(UserError, match="patch_embed_kernel must be patch_size \\+ an even number, got 7"):
+        ShapesVideoConfig.from_dict({**RICH, "patch_embed_kernel": 7})

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError
-from flowalign.models.shapes import ShapesModel, config_from_dict
+from flowalign.models.shapes import ShapesModel, _Refiner, config_from_dict
 
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -48,9 +48,10 @@ class ShapesVideoConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_len: int = 16  # the motion grammar's longest prompt has 16 words
-    pooled_dim: int = 128  # the text encoder's pooled vector (Wan does not read it)
-    refiner_channels: int = 0  # not used by the video model (kept 0; the image model's 2-D refiner)
-    patch_embed_kernel: int = 0  # not used by the video model
+    pooled_dim: int = 128  # the text encoder's pooled vector (read only with pooled_conditioning)
+    patch_embed_kernel: int = 0  # >patch_size: overlapping spatial patch embedding (0 = Wan's p×p, stride p)
+    refiner_channels: int = 0  # >0: a residual per-frame 3×3-conv block on the output (0 = none)
+    pooled_conditioning: bool = False  # add an MLP of the pooled text vector to Wan's timestep embedding (adaLN)
     # sampling defaults
     shift: float = 1.0
     guidance_scale: float = 4.0
@@ -68,13 +69,44 @@ class ShapesVideoConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShapesVideoConfig":
         cfg = config_from_dict(cls, d, "shapes video model")
-        if cfg.refiner_channels or cfg.patch_embed_kernel:
-            raise UserError("the shapes video model has no refiner or overlapping patch embedding: set "
-                            "refiner_channels and patch_embed_kernel to 0")
+        k, p = int(cfg.patch_embed_kernel), int(cfg.patch_size)
+        if k and k != p and (k < p or (k - p) % 2):
+            raise UserError(f"patch_embed_kernel must be patch_size + an even number, got {k} for patch {p}")
         if cfg.image_size % cfg.patch_size or cfg.frames % cfg.temporal_patch:
             raise UserError(f"image_size={cfg.image_size} must be a multiple of patch_size={cfg.patch_size} and "
                             f"frames={cfg.frames} of temporal_patch={cfg.temporal_patch}")
         return cfg
+
+
+class _FrameRefiner(_Refiner):
+    """The image model's zero-initialised residual conv3×3 → GELU → conv3×3 refiner, applied to every frame of
+    x [B, C, F, H, W] on its own (a (1, 3, 3) kernel: it smooths patch-grid artifacts without mixing frames)."""
+
+    def __init__(self, channels: int, hidden: int):
+        nn.Module.__init__(self)
+        self.conv1 = nn.Conv3d(channels, hidden, (1, 3, 3), padding=(0, 1, 1))
+        self.conv2 = nn.Conv3d(hidden, channels, (1, 3, 3), padding=(0, 1, 1))
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+
+class _PooledTimeEmbedder(nn.Module):
+    """Wan's timestep MLP plus an MLP of the pooled text vector: temb = MLP_t(t) + MLP_p(pooled), the global
+    conditioning that SD3's MMDiT adds to its adaLN (Esser et al. 2024, §3, "pooled text representation"). Wan reads
+    text only through cross-attention; a model this small binds colour, shape and direction to the prompt much faster
+    through adaLN. ``pooled`` [B, P] is set by :meth:`ShapesVideoModel._net` around each forward."""
+
+    def __init__(self, inner: nn.Module, pooled_dim: int, dim: int):
+        super().__init__()
+        self.inner = inner
+        self.pooled_mlp = nn.Sequential(nn.Linear(pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.pooled: Optional[Tensor] = None
+
+    def forward(self, t: Tensor) -> Tensor:
+        temb = self.inner(t)  # [B, D]
+        if self.pooled is None:
+            raise RuntimeError("the pooled text vector was not set before the Wan forward")
+        return temb + self.pooled_mlp(self.pooled.to(temb.dtype))  # [B, D]
 
 
 class ShapesVideoModel(ShapesModel):
@@ -83,7 +115,7 @@ class ShapesVideoModel(ShapesModel):
 
     CONFIG = ShapesVideoConfig
     ASSET = "shapes_video"
-    PRETRAIN_CONFIG = "configs/shapes_video_pretrain.yaml"  # not shipped yet (docs/shapes.md)
+    PRETRAIN_CONFIG = "configs/shapes_video_pretrain.yaml"  # stage 1 of the recipe that made the shipped model
     LORA_TARGETS = WAN_LORA_TARGETS
     output_kind = "video"
 
@@ -94,8 +126,26 @@ class ShapesVideoModel(ShapesModel):
     def _build(self, config: Any) -> tuple[nn.Module, dict[str, nn.Module]]:
         from diffusers import WanTransformer3DModel
 
-        self.refiner = None
-        return WanTransformer3DModel(**config.transformer_config()), {}
+        transformer = WanTransformer3DModel(**config.transformer_config())
+        k, p, tp = int(config.patch_embed_kernel), int(config.patch_size), int(config.temporal_patch)
+        if k and k != p:
+            # the image model's overlapping patch embedding, per frame: each token also sees its neighbours'
+            # border pixels; the same (frame, row, column) token grid (stride (tp, p, p), spatial padding (k − p)/2)
+            old = transformer.patch_embedding
+            transformer.patch_embedding = nn.Conv3d(old.in_channels, old.out_channels, (tp, k, k), stride=(tp, p, p),
+                                                    padding=(0, (k - p) // 2, (k - p) // 2))
+        self.pooled_embedder: Optional[_PooledTimeEmbedder] = None
+        if config.pooled_conditioning:
+            ce = transformer.condition_embedder
+            self.pooled_embedder = _PooledTimeEmbedder(ce.time_embedder, config.pooled_dim,
+                                                       config.num_heads * config.head_dim)
+            ce.time_embedder = self.pooled_embedder
+        comps: dict[str, nn.Module] = {}
+        self.refiner: Optional[nn.Module] = None
+        if config.refiner_channels:
+            self.refiner = _FrameRefiner(config.channels, config.refiner_channels)
+            comps["refiner"] = self.refiner
+        return transformer, comps
 
     @staticmethod
     def _vocabulary() -> list[str]:
@@ -104,8 +154,16 @@ class ShapesVideoModel(ShapesModel):
         return vocabulary()
 
     def _net(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Optional[Tensor]) -> Tensor:
-        out = self.transformer(hidden_states=x.to(self.dtype), timestep=1000.0 * sigma.float(),
-                               encoder_hidden_states=hidden.to(self.dtype), return_dict=False)[0]
+        if self.pooled_embedder is not None:
+            self.pooled_embedder.pooled = pooled
+        try:
+            out = self.transformer(hidden_states=x.to(self.dtype), timestep=1000.0 * sigma.float(),
+                                   encoder_hidden_states=hidden.to(self.dtype), return_dict=False)[0]
+        finally:
+            if self.pooled_embedder is not None:
+                self.pooled_embedder.pooled = None
+        if self.refiner is not None:
+            out = out + self.refiner(out)  # [B, C, F, H, W]
         return out.float()  # [B, C, F, H, W]
 
     def decode(self, x: Tensor) -> Tensor:

@@ -89,15 +89,16 @@ def window_seed(seed: int, it: int, group: int) -> int:
 
 
 def initial_noise(model: Any, seed: int, it: int, positions: Sequence[int], group_size: int, mode: str = "member"):
-    """x_1 for the rows of global groups ``positions`` × members, seeded by (seed, iteration, group, member) (Q7).
+    """x_1 for the rows of global groups ``positions`` × members, seeded by (seed, iteration, group, member) (Q7;
+    ``init_noise_seed``).
 
     ``mode`` "member": one draw per rollout (Flow-GRPO); "group": one draw per group shared by its members
     (DanceGRPO), so members differ only by the SDE noise of the steps. Same rows for any world size.
     """
     if mode not in ("member", "group"):
         raise ValueError(f"init_noise mode must be 'member' or 'group', got {mode!r}")
-    return torch.cat([model.init_noise(1, torch.Generator().manual_seed(
-        init_noise_seed(seed, it, gp, 0 if mode == "group" else m))) for gp in positions for m in range(group_size)])  # [G·n, *latent]
+    seeds = [init_noise_seed(seed, it, gp, 0 if mode == "group" else m) for gp in positions for m in range(group_size)]
+    return torch.cat([model.init_noise(1, torch.Generator().manual_seed(s)) for s in seeds])  # [G·n, *latent]
 
 
 def group_windows(seed: int, it: int, positions: Sequence[int], lo: int, hi: int, size: int) -> list[int]:

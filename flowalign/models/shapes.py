@@ -147,15 +147,28 @@ class _Refiner(nn.Module):
     """conv3×3 → GELU → conv3×3 on the transformer's pixel output, added residually; zero-initialised so it
     starts as the identity. Smooths the patch-grid artifacts of small ViT denoisers (U-ViT, Bao et al. 2023, §3)."""
 
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, per_frame: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        # per_frame: x [B, C, F, H, W], a (1, 3, 3) kernel that refines every frame on its own (the video model)
+        conv, k, pad = (nn.Conv3d, (1, 3, 3), (0, 1, 1)) if per_frame else (nn.Conv2d, 3, 1)
+        self.conv1 = conv(channels, hidden, k, padding=pad)
+        self.conv2 = conv(hidden, channels, k, padding=pad)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(nn.functional.gelu(self.conv1(x)))
+
+
+def overlap_padding(kernel: int, patch: int) -> int:
+    """Spatial padding (k − p)/2 of an overlapping k×k, stride-p patch embedding (same token grid as p×p); 0 when
+    ``kernel`` is 0 or p (the standard embedding). One-line ``UserError`` unless k = p + an even number."""
+    k, p = int(kernel), int(patch)
+    if not k or k == p:
+        return 0
+    if k < p or (k - p) % 2:
+        raise UserError(f"patch_embed_kernel must be patch_size + an even number, got {k} for patch {p}")
+    return (k - p) // 2
 
 
 def _asset_dir(name: str = "shapes") -> Path:
@@ -206,13 +219,12 @@ class ShapesModel(FlowAdapter):
 
         transformer = SD3Transformer2DModel(**config.transformer_config())
         k, p = int(config.patch_embed_kernel), int(config.patch_size)
-        if k and k != p:
-            if k < p or (k - p) % 2:
-                raise UserError(f"patch_embed_kernel must be patch_size + an even number, got {k} for patch {p}")
+        pad = overlap_padding(k, p)
+        if pad:
             # Overlapping patch embedding: each token also sees its neighbours' border pixels (a locality prior
             # that small ViT denoisers otherwise learn slowly). Same token grid: stride p, padding (k − p)/2.
             old = transformer.pos_embed.proj
-            transformer.pos_embed.proj = nn.Conv2d(old.in_channels, old.out_channels, k, stride=p, padding=(k - p) // 2)
+            transformer.pos_embed.proj = nn.Conv2d(old.in_channels, old.out_channels, k, stride=p, padding=pad)
         comps: dict[str, nn.Module] = {}
         self.refiner: Optional[nn.Module] = None
         if config.refiner_channels:

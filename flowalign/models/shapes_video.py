@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError
-from flowalign.models.shapes import ShapesModel, _Refiner, config_from_dict
+from flowalign.models.shapes import ShapesModel, _Refiner, config_from_dict, overlap_padding
 
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -69,25 +69,11 @@ class ShapesVideoConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShapesVideoConfig":
         cfg = config_from_dict(cls, d, "shapes video model")
-        k, p = int(cfg.patch_embed_kernel), int(cfg.patch_size)
-        if k and k != p and (k < p or (k - p) % 2):
-            raise UserError(f"patch_embed_kernel must be patch_size + an even number, got {k} for patch {p}")
+        overlap_padding(cfg.patch_embed_kernel, cfg.patch_size)  # a one-line error for a kernel that cannot overlap
         if cfg.image_size % cfg.patch_size or cfg.frames % cfg.temporal_patch:
             raise UserError(f"image_size={cfg.image_size} must be a multiple of patch_size={cfg.patch_size} and "
                             f"frames={cfg.frames} of temporal_patch={cfg.temporal_patch}")
         return cfg
-
-
-class _FrameRefiner(_Refiner):
-    """The image model's zero-initialised residual conv3×3 → GELU → conv3×3 refiner, applied to every frame of
-    x [B, C, F, H, W] on its own (a (1, 3, 3) kernel: it smooths patch-grid artifacts without mixing frames)."""
-
-    def __init__(self, channels: int, hidden: int):
-        nn.Module.__init__(self)
-        self.conv1 = nn.Conv3d(channels, hidden, (1, 3, 3), padding=(0, 1, 1))
-        self.conv2 = nn.Conv3d(hidden, channels, (1, 3, 3), padding=(0, 1, 1))
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
 
 
 class _PooledTimeEmbedder(nn.Module):
@@ -128,12 +114,13 @@ class ShapesVideoModel(ShapesModel):
 
         transformer = WanTransformer3DModel(**config.transformer_config())
         k, p, tp = int(config.patch_embed_kernel), int(config.patch_size), int(config.temporal_patch)
-        if k and k != p:
+        pad = overlap_padding(k, p)
+        if pad:
             # the image model's overlapping patch embedding, per frame: each token also sees its neighbours'
             # border pixels; the same (frame, row, column) token grid (stride (tp, p, p), spatial padding (k − p)/2)
             old = transformer.patch_embedding
             transformer.patch_embedding = nn.Conv3d(old.in_channels, old.out_channels, (tp, k, k), stride=(tp, p, p),
-                                                    padding=(0, (k - p) // 2, (k - p) // 2))
+                                                    padding=(0, pad, pad))
         self.pooled_embedder: Optional[_PooledTimeEmbedder] = None
         if config.pooled_conditioning:
             ce = transformer.condition_embedder
@@ -143,7 +130,7 @@ class ShapesVideoModel(ShapesModel):
         comps: dict[str, nn.Module] = {}
         self.refiner: Optional[nn.Module] = None
         if config.refiner_channels:
-            self.refiner = _FrameRefiner(config.channels, config.refiner_channels)
+            self.refiner = _Refiner(config.channels, config.refiner_channels, per_frame=True)
             comps["refiner"] = self.refiner
         return transformer, comps
 

@@ -28,7 +28,8 @@ demo: $(STAMP)
 demo-nft: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_nft.yaml
 
-# The video job: GRPO-align the shipped shapes video model (Wan 2.1 DiT on pixels): runs/shapes_video_grpo.
+# The video job: Flow-GRPO on the shipped shapes video model (Wan 2.1 DiT on pixels), runs/shapes_video_grpo; it runs
+# the video path end to end but does not improve the model yet (docs/results.md).
 demo-video: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_video_grpo.yaml
 

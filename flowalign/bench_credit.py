@@ -8,8 +8,9 @@ reference implementations' costs from METHODS.md §5.2. It also measures how wel
 members of each group like full-ODE probes (mean Spearman over (group, state)).
 
 Models: the shipped shapes model (``load_model("shapes")``; a randomly initialised shapes model when it
-is not shipped yet: the counts are exact, the ranking figures are not meaningful) and the tiny SD3
-pipeline of ``tests/tiny_models.py`` (only from a source checkout).
+is not shipped yet: the counts are exact, the ranking figures are not meaningful), the shipped shapes video model
+(``load_model("shapes_video")``, rewarded by ``shapes_motion_partial``: the same methods on [C, F, H, W] latents) and
+the tiny SD3 pipeline of ``tests/tiny_models.py`` (only from a source checkout).
 """
 
 from __future__ import annotations
@@ -97,10 +98,11 @@ def spearman(a: Tensor, b: Tensor) -> float:
 class _Setup:
     """A model with an NFE counter, its rewards, and a fixed prompt batch."""
 
-    def __init__(self, name: str, model, rewards: dict, prompts: list[str], note: str):
+    def __init__(self, name: str, model, rewards: dict, prompts: list[str], note: str, prompt_fn=None):
         from flowalign.values import NFECounter
 
         self.name, self.model, self.rewards, self.prompts, self.note = name, model, rewards, prompts, note
+        self.prompt_fn = prompt_fn  # (n, seed) → n prompts, for the ranking measurement
         self.nfe = NFECounter(model)
         self.reward_calls = 0
 
@@ -129,7 +131,18 @@ def _shapes_setup(n_groups: int, path: str = "") -> _Setup:
             m.eval().requires_grad_(False)
         note = "RANDOM-INIT shapes model (shipped weights not found): counts exact, rankings not meaningful"
     prompts = _shapes_prompts(n_groups, seed=3)
-    return _Setup("shapes", model, {"shapes_partial": build_reward("shapes_partial")}, prompts, note)
+    return _Setup("shapes", model, {"shapes_partial": build_reward("shapes_partial")}, prompts, note, _shapes_prompts)
+
+
+def _video_setup(n_groups: int) -> _Setup:
+    """The shipped shapes video model with ``shapes_motion_partial`` (the video job's reward)."""
+    from flowalign.models import load_model
+    from flowalign.rewards import build_reward
+
+    model = load_model("shapes_video", "")
+    return _Setup("shapes-video", model, {"shapes_motion_partial": build_reward("shapes_motion_partial")},
+                  _motion_prompts(n_groups, seed=3), "shapes video model (shipped), shapes_motion_partial reward",
+                  _motion_prompts)
 
 
 def _sd3_setup(n_groups: int, workdir: Path) -> Optional[_Setup]:
@@ -182,12 +195,14 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     guide = None
     if method in GUIDED:
         from flowalign.rewards import build_reward
+        from flowalign.rewards.video import for_outputs
         from flowalign.values import reward_grad_guide
 
         g = dict(GUIDED[method])
         weights = g.pop("rewards")
+        kind = getattr(model, "output_kind", "image")  # a video model's frames, as the trainer scores them
         guide = reward_grad_guide(velocity=model.velocity, decode=model.decode, counter=nfe,
-                                  rewards={k: build_reward(k) for k in weights}, weights=weights,
+                                  rewards={k: for_outputs(build_reward(k), kind, {}) for k in weights}, weights=weights,
                                   steps=trained[0].nonzero().flatten().tolist(), **g)
         guide.prm.prompts = [setup.prompts[int(i)] for i in cond_index]
         opts["mean_shift"] = guide
@@ -266,7 +281,7 @@ def bench_credit(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(prog="flowalign bench credit", description="Measured cost of every credit method (transformer "
                                  "forwards, reward calls, wall time per prompt group) beside the reference "
                                  "implementations' published costs, and the few-step probes' ranking agreement.")
-    ap.add_argument("--models", default="shapes,sd3", help="comma list of: shapes, sd3")
+    ap.add_argument("--models", default="shapes,sd3", help="comma list of: shapes, shapes_video, sd3")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
     ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
@@ -276,7 +291,8 @@ def bench_credit(argv: Sequence[str]) -> int:
     ap.add_argument("--max-batch", type=int, default=None, help="rows per model forward while probing")
     ap.add_argument("--rank-groups", type=int, default=4, help="groups for the Spearman measurement (0 = skip)")
     ap.add_argument("--rank-reward", default="shapes_partial",
-                    help="reward whose probe values are ranked (shapes_partial, saturation, jpeg_compressibility, ...)")
+                    help="reward whose probe values are ranked on the shapes model (shapes_partial, saturation, "
+                         "jpeg_compressibility, ...); the video model ranks shapes_motion_partial")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -291,9 +307,9 @@ def bench_credit(argv: Sequence[str]) -> int:
     if unknown:
         raise UserError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in ("shapes", "sd3")]
+    bad = [m for m in models if m not in ("shapes", "shapes_video", "sd3")]
     if bad or not models:
-        raise UserError(f"--models {args.models!r}: unknown model(s) {bad}; choose from shapes, sd3")
+        raise UserError(f"--models {args.models!r}: unknown model(s) {bad}; choose from shapes, shapes_video, sd3")
     for flag, value, low in (("steps", args.steps, 1), ("group-size", args.group_size, 1), ("groups", args.groups, 1),
                              ("children", args.children, 1), ("max-batch", args.max_batch, 1),
                              ("rank-groups", args.rank_groups, 0)):
@@ -306,6 +322,7 @@ def bench_credit(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:
         for name in models:
             setup = _shapes_setup(args.groups, args.shapes_path) if name == "shapes" else \
+                _video_setup(args.groups) if name == "shapes_video" else \
                 _sd3_setup(args.groups, Path(tmp)) if name == "sd3" else None
             if setup is None:
                 results["notes"][name] = "skipped"
@@ -321,9 +338,9 @@ def bench_credit(argv: Sequence[str]) -> int:
                 print(f"{m:<17}{r['probe']:<10}{r['nfe_sampling']:>9.0f}{r['nfe_probing']:>10.0f}{r['nfe_guidance']:>10.0f}"  # noqa: T201
                       f"{r['x_flow_grpo']:>11.2f}{r['reward_calls']:>8.0f}{r['model_launches']:>7d}"
                       f"{r['wall_s']:>8.2f}   {r['reference']}")
-            if args.rank_groups > 0 and name == "shapes":
-                setup.prompts = _shapes_prompts(args.rank_groups, seed=11)  # the cost runs are done; reuse the model
-                if args.rank_reward != "shapes_partial":
+            if args.rank_groups > 0 and name in ("shapes", "shapes_video"):
+                setup.prompts = setup.prompt_fn(args.rank_groups, seed=11)  # the cost runs are done; reuse the model
+                if name == "shapes" and args.rank_reward != "shapes_partial":
                     from flowalign.rewards import build_reward
 
                     setup.rewards = {args.rank_reward: build_reward(args.rank_reward)}
@@ -343,17 +360,26 @@ def bench_credit(argv: Sequence[str]) -> int:
     return 0
 
 
+def _round_robin(generate, tasks: Sequence[str], n: int, seed: int) -> list[str]:
+    """n prompts from a grammar's ``generate_prompts(n_per_task, seed)``, taking its tasks in turn."""
+    per = max(1, -(-n // len(tasks)))
+    rows = generate(per, seed=seed)
+    by_task = [[r["prompt"] for r in rows if r["task"] == t] for t in tasks]
+    return [p for i in range(per) for ps in by_task if i < len(ps) for p in [ps[i]]][:n]
+
+
 def _shapes_prompts(n: int, seed: int) -> list[str]:
     """n shapes prompts, round-robin over the grammar's tasks."""
     from flowalign.shapes.grammar import TASKS, generate_prompts
 
-    per = max(1, -(-n // len(TASKS)))
-    rows = generate_prompts(per, seed=seed)
-    by_task: dict[str, list[str]] = {}
-    for r in rows:
-        by_task.setdefault(r["task"], []).append(r["prompt"])
-    mixed = [p for i in range(per) for ps in by_task.values() if i < len(ps) for p in [ps[i]]]
-    return mixed[:n]
+    return _round_robin(generate_prompts, TASKS, n, seed)
+
+
+def _motion_prompts(n: int, seed: int) -> list[str]:
+    """n shapes-motion prompts, alternating its tasks (motion, two_motion)."""
+    from flowalign.shapes.motion import TASKS, generate_prompts
+
+    return _round_robin(generate_prompts, TASKS, n, seed)
 
 
 def cli_main(argv: Sequence[str]) -> int:

@@ -8,6 +8,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from flowalign.types import Trajectory
+
 
 class LossTerms(NamedTuple):
     policy: Tensor  # [N] per-pair clipped surrogate (to be summed and divided by |S|)
@@ -134,6 +136,39 @@ def nft_self_distill(adv: Tensor) -> Tensor:
 
 # train.nft_optimality → the map from normalised advantages A [B] to DiffusionNFT's r [B]
 NFT_OPTIMALITY = {"clip": nft_optimality, "positive": nft_positive_only, "self": nft_self_distill}
+
+
+def nft_fresh_noise(traj: Trajectory, rows: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """DiffusionNFT's forward process (Zheng et al. 2025, arXiv:2509.16117): an independent ε ~ N(0, I) per row,
+    x_t = (1 − t)·x_0 + t·ε. rows [N] (sample index per row), t [N] → (t, ε [N, *latent]) on the CPU."""
+    return t, torch.randn((rows.shape[0], *traj.final.shape[1:]), generator=generator)
+
+
+def nft_initial_noise(traj: Trajectory, rows: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The rollout's own initial noise x_1 as ε, so each row lies on the straight line from the noise that produced
+    its sample to the sample. That is the coupling of rectified flow's reflow (Liu et al. 2023, "Flow Straight and
+    Fast", arXiv:2209.03003, §2.3: fit v on the pairs (X_0, X_1) = (noise, its own ODE sample)), here weighted by
+    DiffusionNFT's r: positives are fitted along their own noise→sample line, negatives pushed off it, so the update
+    acts on the noise-to-image map that an ODE evaluation from fixed seeds reads. → (t, ε [N, *latent]) (CPU)."""
+    return t, traj.latents[rows.to(traj.latents.device), 0].detach().float().cpu()
+
+
+def nft_path_noise(traj: Trajectory, rows: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The rollout's own states: each row takes a step k ~ U{0 … T−1} of its trajectory, t = σ_k and
+    ε = (x_k − (1 − σ_k)·x_0)/σ_k, so that x_t = (1 − t)·x_0 + t·ε is the state x_k the sampler visited and the target
+    v = ε − x_0 = (x_k − x_0)/σ_k points from it straight at the sample it reached. Positives then sharpen x̂_0 along
+    the path that produced them, negatives are pushed off theirs: the update acts where the sampler (and an
+    evaluation with the same grid) actually passes. Replaces the drawn t. → (t [N], ε [N, *latent]) (CPU)."""
+    lat = traj.latents.detach().float().cpu()  # [B, T+1, *latent]
+    k = torch.randint(0, traj.steps, (rows.shape[0],), generator=generator)  # [N]
+    s = traj.sigmas.detach().float().cpu()[k]  # [N]
+    view = (-1,) + (1,) * (lat.dim() - 2)
+    x0, xk = lat[rows, -1], lat[rows, k]  # [N, *latent] each
+    return s, (xk - (1 - s.view(view)) * x0) / s.view(view)
+
+
+# train.nft_noise → (t [N], ε [N, *latent]) of each DiffusionNFT row's x_t = (1 − t)·x_0 + t·ε
+NFT_NOISE = {"fresh": nft_fresh_noise, "initial": nft_initial_noise, "path": nft_path_noise}
 
 
 def _uniform_branch(err: Tensor, t: Optional[Tensor]) -> Tensor:

@@ -43,7 +43,7 @@ from flowalign.errors import UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import check_out_parent, guidance, sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
-from flowalign.loss import (LR_SCHEDULES, NFT_OPTIMALITY, SURROGATES, gaussian_kl, nft_loss, ratio_stats,
+from flowalign.loss import (LR_SCHEDULES, NFT_NOISE, NFT_OPTIMALITY, SURROGATES, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
 from flowalign.models import load_model
 from flowalign.rewards import build_reward
@@ -876,7 +876,8 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
                 generator: torch.Generator, **_: Any) -> dict:
     """DiffusionNFT update (Zheng et al. 2025, arXiv:2509.16117): negative-aware flow matching on the final samples.
 
-    Each kept sample x_0 (advantage ≠ 0 with ``filter_zero_std``) gets ``nft_times`` draws (t, ε), x_t = (1−t)x_0 + tε,
+    Each kept sample x_0 (advantage ≠ 0 with ``filter_zero_std``) gets ``nft_times`` draws (t, ε), x_t = (1−t)x_0 + tε
+    (ε from ``loss.NFT_NOISE[nft_noise]``: fresh, or the rollout's own initial noise),
     target v = ε − x_0; v_old is the rollout policy's velocity (these weights, before this iteration's steps, with
     the rollout's CFG) and r = ``loss.NFT_OPTIMALITY[nft_optimality]``(A). Every optimizer step passes over all
     rows in micro-batches.
@@ -892,7 +893,7 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     n = rows.shape[0]
     dev = traj.final.device
     t = torch.rand(n, generator=generator).mul(0.96).add(0.02)  # [N] in [0.02, 0.98]
-    eps = torch.randn((n, *traj.final.shape[1:]), generator=generator)  # [N, *latent]
+    t, eps = NFT_NOISE[tr.nft_noise](traj, rows, t, generator)  # [N], [N, *latent]
     r = NFT_OPTIMALITY[tr.nft_optimality](adv[rows])  # [N]
     out["train/nft_rows"] = n
     out["train/nft_r_mean"] = float(r.mean()) if n else 0.5

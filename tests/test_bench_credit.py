@@ -21,3 +21,19 @@ def test_bench_credit_counts_on_tiny_sd3(tmp_path, capsys):
     assert runs["euphonium_guided"]["nfe_guidance"] == 80 and runs["euphonium_guided"]["x_flow_grpo"] == 2.0
     assert runs["tempflow_one"]["x_flow_grpo"] < 1.0  # one branching step per seed: fewer forwards than chains
     assert "dense_ode2" in capsys.readouterr().out
+
+
+def test_bench_credit_runs_on_the_shipped_video_model(tmp_path, capsys):
+    """The same methods and probe engine on [C, F, H, W] latents, rewarded by the motion verifier; the ranking block
+    measures the video model too."""
+    out = tmp_path / "bench.json"
+    rc = bench_credit(["--models", "shapes_video", "--methods", "flow_grpo,dense_ode2,euphonium_guided", "--steps", "4",
+                       "--group-size", "2", "--rank-groups", "1", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    runs = {r["method"]: r for r in res["runs"]}
+    assert runs["flow_grpo"]["nfe_sampling"] == 8 and runs["flow_grpo"]["reward_calls"] == 2  # G·T, G videos scored
+    assert runs["dense_ode2"]["x_flow_grpo"] == 1.75  # T = 4: states 0–2 probed, one extra forward each
+    assert runs["euphonium_guided"]["nfe_guidance"] == 8  # the guide scores frames: G·(3 guided steps + the last)
+    assert set(res["ranking"]["shapes-video"]) and "shapes_motion_partial" in res["notes"]["shapes_video"]
+    assert "== shapes-video" in capsys.readouterr().out

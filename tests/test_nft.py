@@ -294,3 +294,53 @@ def test_nft_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):
     sd2 = load_file(str(run / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
     assert all(v.abs().sum() == 0 for k, v in sd1.items() if "lora_B" in k)
     assert any(v.abs().sum() > 0 for k, v in sd2.items() if "lora_B" in k)
+
+
+def test_nft_noise_is_fresh_or_the_rollouts_own_initial_noise():
+    """train.nft_noise: `fresh` is the draw the update always made (so default runs are unchanged); `initial` takes
+    each row's ε from its rollout's first state x_1 and draws nothing, so x_t = (1 − t)·x_0 + t·x_1 lies on the
+    straight line from the noise that produced the sample (rectified flow's reflow coupling); `path` puts every row
+    on a state the rollout visited (t = its σ)."""
+    from flowalign.loss import NFT_NOISE
+    from flowalign.types import Trajectory
+
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(3, 5, 2, 4, 4, generator=g)  # [B, T+1, *latent]
+    traj = Trajectory(latents=lat, sigmas=torch.linspace(1, 0, 5), eta=torch.zeros(4), log_probs=torch.zeros(3, 4),
+                      cond={}, cond_index=torch.arange(3), group=torch.arange(3), prompts=("a", "b", "c"))
+    rows = torch.tensor([2, 0, 2, 1])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    t = torch.tensor([0.5, 0.2, 0.9, 0.4])
+    t1, eps = NFT_NOISE["fresh"](traj, rows, t, g1)
+    assert t1 is t and torch.equal(eps, torch.randn((4, 2, 4, 4), generator=g2))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    t1, eps = NFT_NOISE["initial"](traj, rows, t, g1)
+    assert t1 is t and torch.equal(eps, lat[rows, 0])
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # nothing drawn
+    # path: x_t = (1 − t)·x_0 + t·ε is a state the rollout visited, at its σ, for every row
+    t1, eps = NFT_NOISE["path"](traj, rows, t, torch.Generator().manual_seed(1))
+    xt = (1 - t1.view(-1, 1, 1, 1)) * lat[rows, -1] + t1.view(-1, 1, 1, 1) * eps  # [N, *latent]
+    for i, b in enumerate(rows.tolist()):
+        k = int((traj.sigmas - t1[i]).abs().argmin())
+        assert k < 4 and torch.allclose(xt[i], lat[b, k], atol=1e-5)
+
+
+def test_nft_with_the_initial_noise_trains_and_differs_from_fresh_noise(tmp_path):
+    from safetensors.torch import load_file
+
+    from flowalign.models.lora import WEIGHT_NAME
+    from flowalign.train import train
+
+    weights = []
+    for noise in ("fresh", "initial", "path"):
+        cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
+                            [*SMALL, "train.iterations=1", f"train.nft_noise={noise}",
+                             f"output.run_dir={tmp_path / noise}"])
+        run = train(cfg)
+        m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert m["train/nft_rows"] == 2 * 4 * 2 and m["train/skipped_updates"] == 0
+        weights.append(load_file(str(run / "checkpoints" / "step-1" / "raw" / WEIGHT_NAME)))
+    for other in weights[1:]:
+        assert any(not torch.equal(weights[0][k], other[k]) for k in weights[0] if "lora_B" in k)
+    with pytest.raises(UserError, match="nft_noise"):
+        C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"), ["train.nft_noise=fixed"])

@@ -222,3 +222,19 @@ def test_overlapping_patches_refiner_and_pooled_conditioning(tmp_path):
         assert torch.allclose(back.velocity(xs, torch.tensor(0.6), back.encode(PROMPTS)), v, atol=1e-5)
     with pytest.raises(UserError, match="patch_embed_kernel must be patch_size \\+ an even number, got 7"):
         ShapesVideoConfig.from_dict({**RICH, "patch_embed_kernel": 7})
+
+
+def test_the_video_recipe_configs_chain_and_build_the_shipped_model():
+    """`make shapes-video-base` runs two configs: stage 2 starts from stage 1's final/ with the same architecture and
+    fresh data; the shipped model's config is what stage 2 builds."""
+    from pathlib import Path
+
+    from flowalign.pretrain import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    s1, s2 = (load_config(str(root / f"configs/shapes_video_pretrain{s}.yaml"), {}) for s in ("", "_stage2"))
+    assert s2.init_from == "runs/shapes_video_pretrain/final" and s1.model_config == s2.model_config
+    assert s1.seed != s2.seed  # stage 2 draws fresh data
+    shipped = json.loads((root / "flowalign/assets/shapes_video/config.json").read_text())
+    for k, v in s2.model_config.items():
+        assert shipped[k] == v, k

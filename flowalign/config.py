@@ -139,7 +139,7 @@ class TrainConfig:
     nft_weighting: Literal["uniform", "adaptive"] = _f("uniform", "DiffusionNFT loss weight per row: uniform (velocity MSE) | adaptive (the paper's x_0-error self-normalisation) (objective=nft)")
     nft_optimality: Literal["clip", "positive", "self"] = _f("clip", "DiffusionNFT r from the advantage A: clip (½ + ½·clip(A, −1, 1), the paper) | positive (1 where A > 0, else ½: fit the better samples only; collapses on the shapes world, docs/results.md) | self (r = 1 for all: reward-free self-distillation, a diagnostic; use with train.filter_zero_std=false) (objective=nft)")
     nft_guidance: float | None = _f(None, "DiffusionNFT: CFG scale of the velocity the update fits; null = model.guidance (the rollouts'), 1 = the conditional velocity alone, one pass per row (objective=nft)")
-    nft_noise: Literal["fresh", "initial", "path"] = _f("fresh", "DiffusionNFT: the noise ε of each row's x_t = (1−t)x_0 + tε: fresh (a new draw, the paper) | initial (the rollout's own initial noise, so the update fits the straight line from the noise that produced the sample: a reward-weighted reflow coupling) | path (a state x_k the rollout visited, t = σ_k, target (x_k − x_0)/σ_k) (objective=nft)")
+    nft_noise: Literal["fresh", "initial", "path"] = _f("fresh", "DiffusionNFT: the noise ε of each row's x_t = (1−t)x_0 + tε: fresh (a new draw, the paper) | initial (the rollout's own initial noise, so the update fits the straight line from the noise that produced the sample: a reward-weighted reflow coupling) | path (a state x_k the rollout visited, t = σ_k, target (x_k − x_0)/σ_k); neither beat fresh on the shapes world, docs/results.md (objective=nft)")
     nft_times: int = _f(4, "DiffusionNFT: noise levels t ~ U(0.02, 0.98) drawn per final sample and iteration (objective=nft)")
     filter_zero_std: bool = _f(True, "drop rollouts whose advantage is 0 at every trained step")
     shuffle_transitions: bool = _f(True, "shuffle the (rollout, step) transitions before splitting into micro-batches")
@@ -905,6 +905,11 @@ def validate(cfg: ExperimentConfig) -> None:
              "sampler.plan_options.split_noise_scale=1.0 or another kernel")
     need(c.name != "tree" or s.plan == "tree",
          f"credit.name=tree assigns node advantages of a tree rollout; it needs sampler.plan=tree (got {s.plan!r})")
+    prune = dict(c.options).get("prune_steps", ()) if c.name == "tree" else ()
+    if isinstance(prune, (list, tuple)):  # its type is the credit function's to check; its range needs sampler.steps
+        bad = [k for k in prune if isinstance(k, int) and not 0 <= k < s.steps]
+        need(not bad, f"credit.options.prune_steps={list(prune)}: {bad} are not steps 0 … {s.steps - 1} of "
+                      f"sampler.steps={s.steps}; pick depths inside the rollout")
     if trained_steps(s) < 1:
         span = s.steps - (s.train_steps == "random")
         picked = int(math.floor(s.train_fraction * span + 1e-9))

@@ -877,7 +877,7 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     """DiffusionNFT update (Zheng et al. 2025, arXiv:2509.16117): negative-aware flow matching on the final samples.
 
     Each kept sample x_0 (advantage ≠ 0 with ``filter_zero_std``) gets ``nft_times`` draws (t, ε), x_t = (1−t)x_0 + tε
-    (ε from ``loss.NFT_NOISE[nft_noise]``: fresh, or the rollout's own initial noise),
+    (ε from ``loss.NFT_NOISE[nft_noise]``: fresh, the rollout's own initial noise, or a state it visited, t then = σ),
     target v = ε − x_0; v_old is the rollout policy's velocity (these weights, before this iteration's steps, with
     the rollout's CFG) and r = ``loss.NFT_OPTIMALITY[nft_optimality]``(A). Every optimizer step passes over all
     rows in micro-batches.

@@ -119,3 +119,14 @@ def test_option_ranges_come_from_interval_annotations():
                                     ("euphonium", "c_pra", 0.0, 1.0), ("tree", "width_ratio", 0.0, 1.0)]:
         hint = typing.get_type_hints(CREDIT[name], include_extras=True)[option]
         assert err(hint, bad) and err(hint, good) is None, (name, option)
+
+
+def test_tree_prune_steps_outside_the_rollout_are_refused_when_the_config_loads():
+    """A prune step ≥ sampler.steps used to fail only inside the first iteration's credit, after the base evaluation;
+    the config now refuses it in one line, and steps inside the rollout still load."""
+    tree = ["sampler.plan=tree", "credit.name=tree", "sampler.kernel=flow_sde", "train.group_size=2",
+            "sampler.plan_options={split_steps: [0, 1]}"]
+    with pytest.raises(UserError, match=r"prune_steps=\[1, 4\]: \[4\] are not steps 0 … 3 of sampler.steps=4") as e:
+        _cfg("unused", *tree, "credit.options={prune_steps: [1, 4]}")
+    assert "\n" not in str(e.value)
+    _cfg("unused", *tree, "credit.options={prune_steps: [1, 3]}")

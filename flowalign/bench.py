@@ -117,14 +117,22 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
     run(list(argv))
 
 
+def bench_motion_prior(argv: Sequence[str]) -> None:
+    """Centroid travel of the prompted object in the video model's x̂₀, by noise level (prints its own table)."""
+    from flowalign.bench_motion import bench_motion_prior as run
+
+    run(list(argv))
+
+
 BENCHES: dict[str, tuple[Callable[[Sequence[str]], Optional[dict]], str]] = {
     "shapes-sample": (bench_shapes_sample, "load the shipped shapes model and sample 16 images; print timings"),
     "credit": (bench_credit, "NFE / reward calls / wall time per prompt group of each credit method vs upstream"),
     "grad-snr": (bench_grad_snr, "signal in one GRPO gradient estimate per credit method (split-half cosine)"),
     "noise-variance": (bench_noise_variance, "which steps' SDE noise decides the reward (variance split per window)"),
     "sample-gap": (bench_sample_gap, "the model's own samples against rendered scenes: pixel stats, x0 error by t"),
+    "motion-prior": (bench_motion_prior, "how far the shapes video model's x0 moves the prompted object, by noise level"),
 }
-OWN_TABLE = {"credit", "grad-snr", "noise-variance", "sample-gap"}
+OWN_TABLE = {"credit", "grad-snr", "noise-variance", "sample-gap", "motion-prior"}
 
 
 def cli_main(argv: Sequence[str]) -> int:

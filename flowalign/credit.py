@@ -600,7 +600,8 @@ def tree_width_mask(adv: Tensor, node: Tensor, depth: Tensor, tree: Tensor, rati
     return keep_u[inv]  # [B, T]
 
 
-def tree(inp: CreditInput, *, backup: Literal["mean", "softmax"] = "mean", temperature: float = 1.0,
+def tree(inp: CreditInput, *, backup: Literal["mean", "softmax"] = "mean",
+         temperature: Annotated[float, Interval(0.0)] = 1.0,
          prune_steps: Sequence[int] = (), width: Literal["all", "extremes"] = "all",
          width_ratio: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 0.5) -> Credit:
     """BranchGRPO credit on a tree rollout (Li et al. 2025, "BranchGRPO", arXiv:2509.06040; METHODS.md §2.8).
@@ -623,6 +624,8 @@ def tree(inp: CreditInput, *, backup: Literal["mean", "softmax"] = "mean", tempe
     """
     if width not in ("all", "extremes"):
         raise ValueError(f"width must be 'all' or 'extremes', got {width!r}")
+    if not float(temperature) >= 0:  # α < 0 would favour the less likely children; 0 weighs them equally
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     ex = inp.traj.extras or {}
     if "node" not in ex or "depth" not in ex:
         raise ValueError("credit 'tree' needs a tree rollout (sampler.plan=tree): extras['node'] / ['depth'] missing")

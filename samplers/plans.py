@@ -487,7 +487,10 @@ def _branch_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional
         raise ValueError(f"branch_steps must be 'all', 'random', an int or a list of steps, got {spec!r}")
     n = candidate_steps if spec == "all" else 1 if spec == "random" else \
         int(spec) if isinstance(spec, int) else len(spec)
-    return int(options.get("children", 6)) * max(1, n), 1
+    k = options.get("children", 6)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # else the derived counts go to 0 or below
+        raise ValueError(f"children must be an integer ≥ 1, got {k!r}")
+    return k * max(1, n), 1
 
 
 def _tree_shape(options: Mapping, candidate_steps: int) -> tuple[int, Optional[Fraction]]:

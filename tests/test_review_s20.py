@@ -74,6 +74,7 @@ def test_trees_refuse_a_kernel_without_noise_at_step_zero():
     ("{backup: 2}", "choose one of 'mean', 'softmax'"),
     ("{width: extremes, width_ratio: 0}", "credit.options.width_ratio=0: expected a value in (0, 1]"),
     ("{width_ratio: 1.5}", "expected a value in (0, 1]"),
+    ("{backup: softmax, temperature: -1.0}", "credit.options.temperature=-1.0: expected a value in [0, inf]"),
 ])
 def test_bad_credit_option_values_are_one_line_errors_before_anything_is_written(tmp_path, options, needle):
     """Credit option values used to fail only inside the first iteration (a ValueError traceback after the base
@@ -116,7 +117,8 @@ def test_option_ranges_come_from_interval_annotations():
     assert err(half_open, "x") == "expected a finite number"  # the type is checked before the range
     assert str(Interval(0.0)) == "[0, inf]" and str(Interval(high=2, high_open=True)) == "[-inf, 2)"
     for name, option, bad, good in [("win_rate", "margin", -0.1, 0.0), ("euphonium", "c_ora", 2.0, 0.5),
-                                    ("euphonium", "c_pra", 0.0, 1.0), ("tree", "width_ratio", 0.0, 1.0)]:
+                                    ("euphonium", "c_pra", 0.0, 1.0), ("tree", "width_ratio", 0.0, 1.0),
+                                    ("tree", "temperature", -1.0, 0.0)]:
         hint = typing.get_type_hints(CREDIT[name], include_extras=True)[option]
         assert err(hint, bad) and err(hint, good) is None, (name, option)
 
@@ -130,3 +132,30 @@ def test_tree_prune_steps_outside_the_rollout_are_refused_when_the_config_loads(
         _cfg("unused", *tree, "credit.options={prune_steps: [1, 4]}")
     assert "\n" not in str(e.value)
     _cfg("unused", *tree, "credit.options={prune_steps: [1, 3]}")
+
+
+@pytest.mark.parametrize("extra, needle", [
+    # the branch plan's children: 0 and -2 were reported as "exceeds the 0 (-96) transitions per rank"
+    (["sampler.plan=branch", "sampler.plan_options={children: 0}"], "children must be an integer ≥ 1, got 0"),
+    (["sampler.plan=branch", "sampler.plan_options={children: -2}"], "children must be an integer ≥ 1, got -2"),
+])
+def test_branch_children_out_of_range_are_one_line_config_errors(extra, needle):
+    with pytest.raises(UserError, match=needle) as e:
+        _cfg("unused", *extra)
+    assert "\n" not in str(e.value)
+
+
+def test_tree_credit_refuses_a_negative_temperature_when_called_directly():
+    """A negative softmax-backup temperature ran and favoured the less likely children; the trainer refuses it from
+    the annotation (above), a direct call from the function's own check."""
+    from flowalign.credit import assign_credit
+
+    from test_tree import _inp, _tree
+
+    tr, *_ = _tree(roots=2, splits=[0, 3, 6])
+    ex = tr.extras
+    inp = _inp(torch.randn(tr.batch_size, generator=torch.Generator().manual_seed(0)), ex["node"], ex["depth"],
+               ex["trained"], tr.group)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        assign_credit("tree", inp, {"backup": "softmax", "temperature": -1.0})
+    assign_credit("tree", inp, {"backup": "softmax", "temperature": 0.0})  # 0 weighs the children equally

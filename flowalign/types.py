@@ -130,4 +130,3 @@ class Interval:
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
         return above and below
-

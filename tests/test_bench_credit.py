@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flowalign.bench_credit import bench_credit
+from flowalign.bench_credit import RANK_MODES, bench_credit
 
 
 def test_bench_credit_counts_on_tiny_sd3(tmp_path, capsys):
@@ -35,5 +35,6 @@ def test_bench_credit_runs_on_the_shipped_video_model(tmp_path, capsys):
     assert runs["flow_grpo"]["nfe_sampling"] == 8 and runs["flow_grpo"]["reward_calls"] == 2  # G·T, G videos scored
     assert runs["dense_ode2"]["x_flow_grpo"] == 1.75  # T = 4: states 0–2 probed, one extra forward each
     assert runs["euphonium_guided"]["nfe_guidance"] == 8  # the guide scores frames: G·(3 guided steps + the last)
-    assert set(res["ranking"]["shapes-video"]) and "shapes_motion_partial" in res["notes"]["shapes_video"]
+    assert set(res["ranking"]["shapes-video"]) == set(RANK_MODES)  # every few-step mode against ode:full
+    assert "shapes_motion_partial" in res["notes"]["shapes_video"]
     assert "== shapes-video" in capsys.readouterr().out

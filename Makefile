@@ -49,7 +49,8 @@ shapes-base: $(STAMP)
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each
 # (TempFlow `branch`: 2 seeds x 4 children per prompt at one random step, so also 8 final samples per prompt;
 # `branch_all`: at all 6 trained steps, 48 final samples per prompt, so 4 prompts x 13 iterations for the same
-# budget; `*_full` = full-ODE probes; `euphonium_guided`: rollouts guided by the reward gradient at the trained
+# budget; `g2rpo`: G²RPO, one seed per prompt, 8 children at each of steps 0-4 (the high-noise half), credit summed over
+# completions with strides 1, 2, 3, so 40 final samples per prompt and 4 prompts x 16 iterations; `*_full` = full-ODE probes; `euphonium_guided`: rollouts guided by the reward gradient at the trained
 # steps, which needs a differentiable training reward such as saturation, so it is not in the default list),
 # shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
 # CREDIT_EXTRA adds overrides to every run, CREDIT_TAG names the runs (runs/credit_<TAG><method>), CREDIT_OUT and
@@ -74,7 +75,9 @@ credit-experiment: $(STAMP)
 	    branch) plan=branch; popts='sampler.plan_options={children: 4, branch_steps: random}'; \
 	            extra='train.group_size=2 train.micro_batch=64 train.optimizer_steps_per_iter=1';; \
 	    branch_all) name=branch; plan=branch; popts='sampler.plan_options={children: 4, branch_steps: all}'; \
-	            extra='train.group_size=2 train.groups_per_iter=4 train.iterations=13 eval.every=3 train.micro_batch=48 train.optimizer_steps_per_iter=2 train.checkpoint_every=13';; esac; \
+	            extra='train.group_size=2 train.groups_per_iter=4 train.iterations=13 eval.every=3 train.micro_batch=48 train.optimizer_steps_per_iter=2 train.checkpoint_every=13';; \
+	    g2rpo) name=granular; plan=branch; popts='sampler.plan_options={children: 8, branch_steps: all}'; \
+	            extra='sampler.train_fraction=0.5 train.group_size=1 train.groups_per_iter=4 train.iterations=16 eval.every=4 train.micro_batch=40 train.optimizer_steps_per_iter=2 train.checkpoint_every=16';; esac; \
 	  OMP_NUM_THREADS=$(CREDIT_THREADS) $(BIN)/flowalign train configs/shapes_grpo.yaml $(CREDIT_ARGS) \
 	    credit.name=$$name "$$opts" sampler.plan=$$plan "$$popts" sampler.guide=$$guide "$$gopts" $$extra $(CREDIT_EXTRA) \
 	    output.run_dir=runs/credit_$(CREDIT_TAG)$$m || exit 1; done

@@ -46,7 +46,11 @@ METHODS: dict[str, tuple[str, str, float, str, dict, dict]] = {
     "euphonium_guided": ("chain", "flow_sde", 0.7, "euphonium", {}, {}),
     "tempflow_all": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "all"}),
     "tempflow_one": ("branch", "flow_sde", 0.7, "branch", {}, {"branch_steps": "random"}),
+    "g2rpo": ("branch", "flow_sde", 0.7, "granular", {"strides": [1, 2, 3]}, {"branch_steps": "all"}),
 }
+
+# methods that train (and so branch at) only the first part of the steps: the fraction (sampler.train_fraction)
+TRAIN_FRACTION: dict[str, float] = {"g2rpo": 0.5}  # G²RPO branches in the high-noise half (METHODS.md §4.7)
 
 # METHODS.md §5.2 (SD3.5-M-like, T = 10, G = 24): NFE as × Flow-GRPO, as released (with reuse)
 REFERENCE = {
@@ -64,6 +68,7 @@ REFERENCE = {
     "euphonium_guided": "1× + PRM fwd/bwd at guided steps (here: saturation of x̂0, λ = 300; backward not counted)",
     "tempflow_all": "4.65× (4 seeds × 6 children)",
     "tempflow_one": "≈0.6×",
+    "g2rpo": "≈11× (FLUX, T = 16, G = 12: ≈2.2k vs 192 NFE; 8 branch steps × 3 grids)",
 }
 
 RANK_MODES = ("x0", "ode:2", "ode2:1", "ode:3", "ode2:2", "ode:4")
@@ -189,9 +194,10 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     noise = model.init_noise(n_groups * rows, torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
     opts = dict(p_opts)
+    fraction = TRAIN_FRACTION.get(method, 0.99)
+    trained = (eta > 0)[None] & (torch.arange(steps) < math.floor(fraction * steps + 1e-9))[None]  # [1, T]
     if plan == "branch":
-        opts.update(children=children, max_batch=max_batch)
-    trained = (eta > 0)[None] & (torch.arange(steps) < math.floor(0.99 * steps + 1e-9))[None]  # [1, T]
+        opts.update(children=children, max_batch=max_batch, trainable=trained[0])
     guide = None
     if method in GUIDED:
         from flowalign.rewards import build_reward
@@ -229,7 +235,9 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     guid = tot.get("guidance", 0) * per
     return {
         "model": setup.name, "method": method, "credit": credit,
-        "probe": c_opts.get("probe", c_opts.get("pra_probe", "prm" if guide is not None else "-")),
+        "probe": c_opts.get("probe", c_opts.get("pra_probe", "prm" if guide is not None else
+                                                 "ode/" + ",".join(map(str, c_opts["strides"])) if "strides" in c_opts
+                                                 else "-")),
         "rollouts_per_group": traj.batch_size * per, "nfe_sampling": samp, "nfe_probing": prob,
         "nfe_guidance": guid, "nfe_total": samp + prob + guid, "x_flow_grpo": round((samp + prob + guid) / base, 3),
         "model_launches": sum(nfe.calls.values()), "reward_calls": setup.reward_calls * per,

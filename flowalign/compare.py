@@ -22,6 +22,13 @@ from flowalign.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+def _short_value(v: Any) -> str:
+    """A credit option's value for a run label: lists without brackets' padding ([1, 2, 3] → 1,2,3)."""
+    if isinstance(v, (list, tuple)):
+        return ",".join(_short_value(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, Any]:
     """Evaluation points of one run: ``{"label", "credit", "rollouts": [...], "nfe": [...], "value": [...], ...}``
     (``"rewards"``: every reward its evaluations hold; ``value`` is empty when ``reward`` is none of them).
@@ -107,7 +114,9 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         pts.append((it, value))
     pts = sorted(dict(pts).items())  # a final eval at the last step replaces the step-N one
     credit = cfg.get("credit", {})
-    tags = [str(p)] if (p := (credit.get("options") or {}).get("probe")) else []
+    c_opts = credit.get("options") or {}
+    tags = [str(p)] if (p := c_opts.get("probe")) else []
+    tags += [f"{k} {_short_value(v)}" for k, v in c_opts.items() if k != "probe"]  # e.g. G²RPO's strides
     sampler = cfg.get("sampler", {})
     if sampler.get("plan") == "branch":  # TempFlow: one random step vs every step are different methods in cost
         tags.append(f"branch_steps {(sampler.get('plan_options') or {}).get('branch_steps', 'all')}")

@@ -903,6 +903,8 @@ def validate(cfg: ExperimentConfig) -> None:
              f"sampler.plan=tree scales the split steps' eta by split_noise_scale={scale}, which scales the noise only "
              f"for kernels whose std is proportional to eta (flow_sde, dance_sde), not {s.kernel}; set "
              "sampler.plan_options.split_noise_scale=1.0 or another kernel")
+    need(c.name not in ("branch", "granular") or s.plan == "branch",
+         f"credit.name={c.name} scores the children of branched rollouts; it needs sampler.plan=branch (got {s.plan!r})")
     need(c.name != "tree" or s.plan == "tree",
          f"credit.name=tree assigns node advantages of a tree rollout; it needs sampler.plan=tree (got {s.plan!r})")
     prune = dict(c.options).get("prune_steps", ()) if c.name == "tree" else ()
@@ -950,8 +952,9 @@ def validate(cfg: ExperimentConfig) -> None:
          f"train.seed={_short(t.seed)} must be in [-2**63, 2**63) (a 64-bit seed)")
     need(t.iterations >= 0, f"train.iterations={t.iterations} must be >= 0")
     need(t.groups_per_iter >= 1, f"train.groups_per_iter={t.groups_per_iter} must be >= 1")
-    need(t.group_size >= 2,
-         f"train.group_size={t.group_size}: GRPO compares rollouts of the same prompt, so it needs >= 2 (e.g. train.group_size=8)")
+    need(t.group_size >= 2 or (t.group_size == 1 and s.plan != "chain"),  # branch / tree: siblings of one seed compare
+         f"train.group_size={t.group_size}: GRPO compares rollouts of the same prompt, so it needs >= 2 (e.g. train.group_size=8)"
+         + ("" if s.plan == "chain" else f"; sampler.plan={s.plan} takes 1 (its samples of one seed are the group)"))
     need(t.micro_batch >= 1, f"train.micro_batch={t.micro_batch} must be >= 1")
     need(t.optimizer_steps_per_iter >= 1, f"train.optimizer_steps_per_iter={t.optimizer_steps_per_iter} must be >= 1")
     need(t.lr > 0, f"train.lr={t.lr} must be > 0")

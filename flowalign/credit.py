@@ -485,6 +485,42 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
     return Credit(advantages=adv, weights=weights)
 
 
+def granular(inp: CreditInput, *, strides: Annotated[Sequence[int], Interval(1)] = (1, 2, 3)) -> Credit:
+    """G²RPO's multi-granularity advantage on a branched rollout (Zhou et al. 2025, "G²RPO: Granular GRPO for
+    Precise Reward in Flow Models"; METHODS.md §4.7, §5.1).
+
+    Rollouts come from ``flowalign.samplers.plans.branch`` (G²RPO's "singular stochastic sampling": an ODE trunk to
+    x_k, one SDE step into G children, ODE elsewhere); restrict the branch steps to the high-noise half with
+    ``sampler.train_fraction`` (the paper's k ≤ T − ⌊T/2⌋). Paper → ours: each child x_{k+1}^{(i)} is completed on
+    J coarsened grids, every λ_j-th native grid index (``strides`` λ_j; probe mode ``ode/λ``, Euler on
+    ``subgrid(k+1, T, None, λ)``; λ = 1 is the child's own ODE completion, its terminal reward, no probe).
+    A^mix_{k,i} = Σ_j z_i(R(completion_j of child i)), each z-score over the siblings (``traj.group`` = (prompt,
+    seed, k)), lives on the branch edge k only. No per-step weights (TempFlow's noise weights are ``branch``'s).
+    """
+    ex = inp.traj.extras or {}
+    if "branch_step" not in ex:
+        raise ValueError("credit 'granular' needs a branched rollout (sampler.plan=branch): extras['branch_step'] "
+                         "is missing")
+    lams = [int(x) for x in strides]
+    if not lams or any(x < 1 for x in lams):
+        raise ValueError(f"strides must be a non-empty list of integers >= 1, e.g. [1, 2, 3]; got {list(strides)}")
+    trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
+    b, steps = trained.shape
+    k = ex["branch_step"].detach().cpu().long()  # [B]
+    rows = torch.arange(b)
+    group = inp.traj.group.detach().cpu()
+    mask = torch.zeros(b, steps + 1, dtype=torch.bool)  # [B, T+1]
+    mask[rows, k + 1] = True
+    adv_row = torch.zeros(b)
+    for lam in lams:
+        vals = state_values(inp, f"ode/{lam}", mask)  # {name: [B, T+1]}
+        z = aggregate_rewards(inp, vals, lambda v: group_normalize(v[rows, k + 1], group, **_norm_kw(inp))[:, None])
+        adv_row = adv_row + z[:, 0].detach().cpu().to(adv_row.dtype)  # [B]
+    adv = torch.zeros(b, steps)
+    adv[rows, k] = adv_row  # credit tensors live on the CPU
+    return Credit(advantages=adv * trained.to(adv.dtype))
+
+
 # ------------------------------------------------------------------------------------------ BranchGRPO trees
 
 
@@ -829,6 +865,7 @@ CREDIT = {
     "stepwise_gain": stepwise_gain,
     "turning_points": turning_points,
     "branch": branch,
+    "granular": granular,
     "tree": tree,
     "value_anchor": value_anchor,
     "euphonium": euphonium,

@@ -36,7 +36,6 @@ from torch import Tensor
 
 from flowalign.samplers.kernels import NOT_EULER_MARUYAMA, get_kernel
 from flowalign.samplers.loop import gather_cond
-from flowalign.samplers.plans import subgrid
 from flowalign.types import Cond, VelocityFn
 
 logger = logging.getLogger(__name__)
@@ -238,7 +237,7 @@ def _probe_states(velocity: VelocityFn, x: Tensor, v: Tensor, sig: Tensor, t: in
     if pm.method != "euler":
         raise ValueError(f"steering probes are Euler completions ('x0', 'ode:m', 'ode:full'), got {mode!r}")
     steps = sig.shape[0] - 1
-    path = subgrid(t, steps, pm.m)
+    path = pm.grid(t, steps)
     z, nfe = x, 0
     for j, (a, c) in enumerate(zip(path[:-1], path[1:])):
         if j == 0:

@@ -225,9 +225,10 @@ def option_value_error(hint: Any, value: Any) -> Optional[str]:
     if origin is typing.Annotated:  # Annotated[float, Interval(...)]: the type, then the range
         err = option_value_error(args[0], value)
         if err is None:
+            items = value if isinstance(value, (list, tuple)) else [value]  # a list option: every element
             for meta in args[1:]:
-                if isinstance(meta, Interval) and not meta.contains(value):
-                    return f"expected a value in {meta}"
+                if isinstance(meta, Interval) and not all(meta.contains(v) for v in items):
+                    return f"expected {'values' if items is value else 'a value'} in {meta}"
         return err
     if origin is typing.Union:  # Optional[X] and unions: fits if it fits one member
         errs = [option_value_error(a, value) for a in args]

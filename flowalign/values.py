@@ -5,8 +5,9 @@ method (DenseGRPO, TP-GRPO, VGPO, TempFlow) and by steering:
 
 - probe modes (``parse_mode``): ``"x0"`` (R(x̂0_t), one Euler step to σ = 0, free with a cached velocity),
   ``"ode:m"`` (m Euler steps on the sub-grid round(linspace(t, T, m+1)) of the native grid),
-  ``"ode:full"`` (the native remaining grid, V_full), ``"ode2:m"`` / ``"ode2:full"`` (explicit midpoint,
-  a second-order few-step completion, 2 NFE per sub-step);
+  ``"ode:full"`` (the native remaining grid, V_full), ``"ode/λ"`` (every λ-th native index, then σ = 0:
+  G²RPO's coarsened grids), ``"ode2:m"`` / ``"ode2:full"`` / ``"ode2/λ"`` (explicit midpoint, a second-order
+  few-step completion, 2 NFE per sub-step);
 - **staggered batching**: all probes of all rows run as one loop over the shared grid
   (``flowalign.samplers.plans.staggered_ode``), chunked by ``max_batch``;
 - **velocity reuse**: a probe's first step uses the velocity the sampler cached at x_t;
@@ -92,16 +93,28 @@ class NFECounter:
 
 
 class ProbeMode(NamedTuple):
-    """A parsed probe mode: integration ``method`` ("euler" | "midpoint") and sub-steps ``m`` (None = native)."""
+    """A parsed probe mode: integration ``method`` ("euler" | "midpoint"), sub-steps ``m`` (None = native or
+    strided) and the ``stride`` λ of a coarsened native grid (1 = every native index)."""
 
     method: str
     m: Optional[int]
+    stride: int = 1
+
+    def grid(self, t: int, steps: int) -> list[int]:
+        """The grid indices of this probe from state ``t`` (``subgrid``)."""
+        return subgrid(t, steps, self.m, self.stride)
 
 
 def parse_mode(mode: str) -> ProbeMode:
-    """``"x0"`` | ``"ode:m"`` | ``"ode:full"`` | ``"ode2:m"`` | ``"ode2:full"`` → ProbeMode (METHODS.md §4.0)."""
+    """``"x0"`` | ``"ode:m"`` | ``"ode:full"`` | ``"ode/λ"`` | ``"ode2:m"`` | ``"ode2:full"`` | ``"ode2/λ"`` →
+    ProbeMode (METHODS.md §4.0; ``/λ``: every λ-th native grid index, G²RPO's coarsened grids, §4.7)."""
     if mode in ("x0", "x0hat"):
         return ProbeMode("euler", 1)
+    if "/" in mode and ":" not in mode:
+        head, _, tail = mode.partition("/")
+        method = {"ode": "euler", "ode2": "midpoint"}.get(head)
+        if method is not None and tail.isdigit() and int(tail) >= 1:
+            return ProbeMode(method, None, int(tail))
     head, _, tail = mode.partition(":")
     method = {"ode": "euler", "ode2": "midpoint"}.get(head)
     if method is not None and tail:
@@ -109,7 +122,8 @@ def parse_mode(mode: str) -> ProbeMode:
             return ProbeMode(method, None)
         if tail.isdigit() and int(tail) >= 1:
             return ProbeMode(method, int(tail))
-    raise ValueError(f"unknown probe mode {mode!r}; use 'x0', 'ode:<m>', 'ode:full', 'ode2:<m>' or 'ode2:full'")
+    raise ValueError(f"unknown probe mode {mode!r}; use 'x0', 'ode:<m>', 'ode:full', 'ode/<stride>', 'ode2:<m>', "
+                     "'ode2:full' or 'ode2/<stride>'")
 
 
 def probe_nfe(mode: str, t: int, steps: int, reuse: bool = True) -> int:
@@ -117,7 +131,7 @@ def probe_nfe(mode: str, t: int, steps: int, reuse: bool = True) -> int:
     if t >= steps:
         return 0
     pm = parse_mode(mode)
-    n = len(subgrid(t, steps, pm.m)) - 1
+    n = len(pm.grid(t, steps)) - 1
     per = 2 if pm.method == "midpoint" else 1
     return per * n - (1 if reuse else 0)
 
@@ -206,7 +220,8 @@ def probe_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mode: str
     if skip_ode and pm.method == "euler":
         # Euler on the native grid from t passes through x_{t+1} exactly when step t is ODE, so V(x_t) = V(x_{t'})
         # (t' = the end of t's ODE run). That holds for ode:full everywhere and for ode:m where T − t ≤ m.
-        native = torch.ones_like(req_t, dtype=torch.bool) if pm.m is None else (steps - req_t) <= pm.m
+        on_native = torch.tensor([pm.grid(t, steps) == list(range(t, steps + 1)) for t in range(steps + 1)])
+        native = on_native[req_t]  # [R] the probe's grid from t is the native one
         req_c = torch.where(native, ode_canonical(row_eta(traj), traj.extras.get("shifted"))[req_b, req_t], req_t)
     # unique probes (row, state) with state < T; state T takes the terminal reward
     inner = req_c < steps
@@ -233,7 +248,7 @@ def probe_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mode: str
         if reuse_velocity and traj.velocities is not None:
             first = traj.velocities[ub.to(dev), ut.to(dev)]  # [P, *latent]
             has = torch.isfinite(first.flatten(1)).all(1)  # [P]
-        nxt = next_table(ut, steps, pm.m)
+        nxt = next_table(ut, steps, pm.m, pm.stride)
         ctx = counter.phase("probing") if counter is not None else contextlib.nullcontext()
         with ctx:
             comp = staggered_ode(velocity, lat[ub.to(dev), ut.to(dev)], ut.to(dev), traj.sigmas, traj.cond,
@@ -281,7 +296,7 @@ def probe_values_naive(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mod
             x = traj.latents[i, t][None].to(torch.float32)  # [1, *latent]
             cb = gather_cond(traj.cond, traj.cond_index[i:i + 1])
             lat = (1,) * (x.dim() - 1)
-            path = subgrid(t, steps, pm.m)
+            path = pm.grid(t, steps)
             for a, c in zip(path[:-1], path[1:]):
                 sa, sc = sig[a].reshape(1), sig[c].reshape(1)
                 v = velocity(x, sa, cb).to(torch.float32)

@@ -37,14 +37,22 @@ class Completion(NamedTuple):
     velocities: Optional[Tensor]  # [N, T, *latent] velocity used at each native step (keep_path; NaN elsewhere)
 
 
-def subgrid(start: int, steps: int, m: Optional[int]) -> list[int]:
+def subgrid(start: int, steps: int, m: Optional[int], stride: int = 1) -> list[int]:
     """Grid indices of an m-step probe from ``start``: round(linspace(start, T, m+1)), deduplicated.
 
     ``m=None`` is the native remaining grid start, start+1, …, T (METHODS.md §4.0 ``ode_m`` / ``ode_full``).
-    When m ≥ T − start the sub-grid is the native grid.
+    When m ≥ T − start the sub-grid is the native grid. ``stride`` λ > 1 (with ``m=None``) is every λ-th native
+    index start, start+λ, …, then T (G²RPO's coarsened completion grids, METHODS.md §4.7; the last step may be
+    shorter).
     """
     if start >= steps:
         return [steps]
+    if stride < 1:
+        raise ValueError(f"probe stride must be ≥ 1, got {stride}")
+    if stride > 1:
+        if m is not None:
+            raise ValueError("a probe grid takes either m sub-steps or a stride, not both")
+        return list(range(start, steps, stride)) + [steps]
     if m is None or m >= steps - start:
         return list(range(start, steps + 1))
     if m < 1:
@@ -57,11 +65,11 @@ def subgrid(start: int, steps: int, m: Optional[int]) -> list[int]:
     return out
 
 
-def next_table(starts: Tensor, steps: int, m: Optional[int]) -> Tensor:
+def next_table(starts: Tensor, steps: int, m: Optional[int], stride: int = 1) -> Tensor:
     """[N, T+1] long: for each completion, the next grid index after j on its path (−1 where j is off-path)."""
     per_start = torch.full((steps + 1, steps + 1), -1, dtype=torch.long)  # [T+1 (start), T+1 (j)]
     for s in range(steps + 1):
-        path = subgrid(s, steps, m)
+        path = subgrid(s, steps, m, stride)
         for a, b in zip(path[:-1], path[1:]):
             per_start[s, a] = b
     return per_start[starts.cpu()]  # [N, T+1]

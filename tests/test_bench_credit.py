@@ -9,7 +9,7 @@ from flowalign.bench_credit import RANK_MODES, bench_credit
 
 def test_bench_credit_counts_on_tiny_sd3(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = bench_credit(["--models", "sd3", "--methods", "flow_grpo,dense_ode2,dense_full,euphonium_x0,euphonium_guided,tempflow_one",
+    rc = bench_credit(["--models", "sd3", "--methods", "flow_grpo,dense_ode2,dense_full,euphonium_x0,euphonium_guided,tempflow_one,g2rpo",
                        "--rank-groups", "0", "--json", str(out)])
     assert rc == 0
     runs = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
@@ -20,6 +20,11 @@ def test_bench_credit_counts_on_tiny_sd3(tmp_path, capsys):
     # guided rollouts: one PRM forward (on x̂0, through the generator) per guided = trained step (9) + the last post-state
     assert runs["euphonium_guided"]["nfe_guidance"] == 80 and runs["euphonium_guided"]["x_flow_grpo"] == 2.0
     assert runs["tempflow_one"]["x_flow_grpo"] < 1.0  # one branching step per seed: fewer forwards than chains
+    # G²RPO: 2 seeds × branch steps 0–4 (the high-noise half) × 4 children = 40 children; λ = 2, 3 completions of
+    # x_{k+1} cost Σ_k (⌈(9 − k)/λ⌉ − 1) = 14 + 8 forwards per child pair of grids; 3 rewards per child
+    g = runs["g2rpo"]
+    assert g["rollouts_per_group"] == 40 and g["nfe_probing"] == 8 * 22 and g["reward_calls"] == 120
+    assert g["trained_transitions"] == 40 and g["probe"] == "ode/1,2,3"
     assert "dense_ode2" in capsys.readouterr().out
 
 

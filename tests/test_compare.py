@@ -46,6 +46,9 @@ def test_tempflow_runs_are_labelled_by_their_branch_steps(tmp_path):
     cfg["sampler"]["plan_options"] = {"children": 4}  # the plan's default
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert run_curve(d)["credit"] == "branch (branch_steps all)"
+    cfg["credit"] = {"name": "granular", "options": {"strides": [1, 2, 3]}}  # G²RPO: its options name the run
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_curve(d)["credit"] == "granular (strides 1,2,3, branch_steps all)"
 
 
 def test_guided_runs_are_labelled_by_their_guide_and_strength(tmp_path):

@@ -444,6 +444,7 @@ def _cases():
         "turning_points": (vals, group, eta, {}, {}, None),
         "turning_points_batch": (vals, group, eta, {}, {"balance_scope": "batch", "constraint": False}, None),
         "branch": (vals, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), eta, branch_extras, {}, trained_b),
+        "granular": (vals, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), eta, branch_extras, {}, trained_b),
         "euphonium": (vals, group, eta, {"prm_traj": prm}, {}, None),
         "value_anchor": (vals, group, eta, {}, {}, None),
     }
@@ -492,7 +493,7 @@ def test_credit_invariances(case):
 
 def test_every_registered_assigner_is_covered():
     assert set(CREDIT) == {"outcome", "dense_gain", "stepwise_gain", "turning_points", "branch", "value_anchor",
-                           "euphonium", "tree", "win_rate"}  # tree's invariances: tests/test_tree.py
+                           "euphonium", "tree", "win_rate", "granular"}  # tree's invariances: tests/test_tree.py
 
 
 # ------------------------------------------------------------------------------------------ calibration

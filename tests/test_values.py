@@ -58,18 +58,25 @@ def _traj(eta, *, b=6, shared_noise=False, vel=gaussian_world_velocity, kernel="
 
 
 def test_parse_mode_and_cost_table():
-    assert parse_mode("x0") == ("euler", 1) and parse_mode("ode:full") == ("euler", None)
-    assert parse_mode("ode:3") == ("euler", 3) and parse_mode("ode2:2") == ("midpoint", 2)
-    for bad in ("ode", "ode:0", "full", "ode3:2"):
+    assert parse_mode("x0") == ("euler", 1, 1) and parse_mode("ode:full") == ("euler", None, 1)
+    assert parse_mode("ode:3") == ("euler", 3, 1) and parse_mode("ode2:2") == ("midpoint", 2, 1)
+    assert parse_mode("ode/2") == ("euler", None, 2) and parse_mode("ode2/3") == ("midpoint", None, 3)
+    assert parse_mode("ode/1").grid(4, 10) == parse_mode("ode:full").grid(4, 10) == list(range(4, 11))
+    assert parse_mode("ode/3").grid(2, 10) == [2, 5, 8, 10] and parse_mode("ode/3").grid(8, 10) == [8, 10]
+    for bad in ("ode", "ode:0", "full", "ode3:2", "ode/0", "ode/", "ode/x", "ode:2/2", "x0/2"):
         with pytest.raises(ValueError):
             parse_mode(bad)
     # METHODS §4.1 cost: full probes at T = 10 from states 0..9 = Σ(10 − t) = 55; 45 with reuse
     assert sum(probe_nfe("ode:full", t, 10, reuse=False) for t in range(10)) == 55
     assert sum(probe_nfe("ode:full", t, 10) for t in range(10)) == 45
     assert sum(probe_nfe("ode:2", t, 10) for t in range(10)) == 9 and probe_nfe("x0", 3, 10) == 0
+    # G²RPO's coarsened grids: ⌈(T − t)/λ⌉ Euler steps, one of them reused
+    assert [probe_nfe("ode/2", t, 10) for t in (0, 1, 8, 9)] == [4, 4, 0, 0]
+    assert [probe_nfe("ode/3", t, 10, reuse=False) for t in (0, 1, 2)] == [4, 3, 3]
 
 
-@pytest.mark.parametrize("mode", ["ode:full", "ode:2", "ode:3", "x0", "ode2:2", "ode2:full"])
+@pytest.mark.parametrize("mode", ["ode:full", "ode:2", "ode:3", "x0", "ode2:2", "ode2:full", "ode/2", "ode/3",
+                                  "ode2/2"])
 def test_batched_engine_equals_naive_reference(mode):
     """All savings on (staggering, reuse, ODE-skip, dedupe) and the one-at-a-time reference agree bit for bit."""
     eta = eta_schedule(T, 0.7, window=(2, 3))  # ODE prefix and tail: the skip rule applies

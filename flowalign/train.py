@@ -246,6 +246,8 @@ def option_value_error(hint: Any, value: Any) -> Optional[str]:
         return None if ok else "expected a finite number"
     if hint is str:
         return None if isinstance(value, str) else "expected a string"
+    if hint is torch.Tensor:  # a config value is never a tensor: a union with a number checks the number
+        return None if isinstance(value, torch.Tensor) else "expected a tensor"
     if origin in (collections.abc.Sequence, list, tuple) and args and args[0] is int:
         ok = isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
         return None if ok else "expected a list of integers, e.g. [1, 4]"
@@ -291,6 +293,12 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     if bad:
         raise UserError(f"sampler.plan_options: unknown option(s) {bad} for plan {sp.plan!r} with kernel "
                         f"{sp.kernel!r}; known: {', '.join(known) or 'none'}")
+    hints = {**typing.get_type_hints(plan_fn, include_extras=True),
+             **typing.get_type_hints(get_kernel(sp.kernel), include_extras=True)}
+    for k, v in sp.plan_options.items():  # values against the plan's and the kernel's annotations (types, ranges)
+        bad_value = option_value_error(hints.get(k), v)
+        if bad_value:
+            raise UserError(f"sampler.plan_options.{k}={v!r}: {bad_value} (plan {sp.plan!r}, kernel {sp.kernel!r})")
     from flowalign.models import resolve as resolve_model
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwargs

@@ -12,12 +12,12 @@ Every kernel is **exactly** Euler at η = 0: s = 0 and μ = x + dt·v bit for bi
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 from torch import Tensor
 
-from flowalign.types import Transition
+from flowalign.types import Interval, Transition
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -48,7 +48,8 @@ def euler(x: Tensor, v: Tensor, sigma, sigma_next, eta=0.0, **_: object) -> Tran
     return Transition(mean, torch.zeros_like(sn))
 
 
-def flow_sde(x: Tensor, v: Tensor, sigma, sigma_next, eta, *, sigma_1: Optional[float | Tensor] = None) -> Transition:
+def flow_sde(x: Tensor, v: Tensor, sigma, sigma_next, eta, *,
+             sigma_1: Optional[Annotated[float, Interval(0.0, 1.0, high_open=True)] | Tensor] = None) -> Transition:
     """Flow-GRPO SDE step (Liu et al. 2025, "Flow-GRPO", Eq. 9; METHODS.md §2.2), η = a ("noise level").
 
     g_t = a·sqrt(σ_t / (1 − σ̃_t)) with σ̃_t = σ_t if σ_t < 1 else σ_1; μ = x + dt·[v + g²/(2σ)·x̂1];

@@ -19,14 +19,14 @@ here, and the value probes of ``flowalign.values`` are built on it.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Annotated, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from flowalign.samplers.kernels import gaussian_log_prob, get_kernel
 from flowalign.samplers.loop import _noise_like, eta_schedule, gather_cond, sample
-from flowalign.types import Cond, Trajectory, VelocityFn
+from flowalign.types import Cond, Interval, Trajectory, VelocityFn
 
 
 class Completion(NamedTuple):
@@ -198,9 +198,11 @@ def _plan_inputs(noise: Tensor, steps: int, cond_index: Optional[Tensor], group:
 
 def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
-           generator: Optional[torch.Generator] = None, keep_velocities: bool = False, children: int = 6,
-           branch_steps: str | int | Sequence[int] = "all", prompts: Sequence[str] = (), reduce: str = "mean",
-           logp_form: str = "exact", max_batch: Optional[int] = None, trainable: Optional[Tensor] = None, **kernel_kwargs) -> Trajectory:
+           generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
+           children: Annotated[int, Interval(1)] = 6, branch_steps: str | int | Sequence[int] = "all",
+           prompts: Sequence[str] = (), reduce: str = "mean", logp_form: str = "exact",
+           max_batch: Optional[Annotated[int, Interval(1)]] = None, trainable: Optional[Tensor] = None,
+           **kernel_kwargs) -> Trajectory:
     """TempFlow-GRPO branching (He et al. 2025, "TempFlow-GRPO"; METHODS.md §2.7, §4.3).
 
     Each noise row is a *seed*: a pure-ODE trunk x_0 → x_k (computed once per seed), then at every chosen
@@ -356,7 +358,8 @@ def _tree_splits(spec: Optional[Sequence[int]], allowed: Sequence[int]) -> list[
 def tree(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
          group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
          generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
-         split_steps: Optional[Sequence[int]] = None, branching: int = 2, split_noise_scale: float = 1.0,
+         split_steps: Optional[Sequence[int]] = None, branching: Annotated[int, Interval(2)] = 2,
+         split_noise_scale: Annotated[float, Interval(0.0, low_open=True)] = 1.0,
          prompts: Sequence[str] = (), reduce: str = "mean", logp_form: str = "exact",
          trainable: Optional[Tensor] = None, **kernel_kwargs) -> Trajectory:
     """BranchGRPO tree rollouts (Li et al. 2025, "BranchGRPO: Stable and Efficient GRPO with Structured Branching

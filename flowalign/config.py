@@ -89,6 +89,7 @@ class SamplerConfig:
     logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")
     eta_file: str = _f("", "JSON with a per-step 'eta' list (e.g. from `flowalign calibrate`); overrides sampler.eta")
     init_noise: Literal["member", "group"] = _f("member", "initial noise: one draw per rollout (Flow-GRPO) or one per group, shared by its members (DanceGRPO)")
+    step_noise: Literal["rank", "group"] = _f("rank", "SDE step-noise streams (train.STEP_NOISE): one per process (rank; the documented runs), or one per prompt group (group: rollouts do not depend on the number of processes)")
     plan: Literal["chain", "branch", "tree"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, TempFlow branching, or BranchGRPO trees")
     plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan, {split_steps: [0, 3], branching: 2} for the tree plan (split_noise_scale: 4.0 with kernel dance_sde, eta 0.3, as BranchGRPO)")
     guide: str = _f("none", "rollout mean shift (flowalign.values.GUIDES): none, or reward_grad (Euphonium's reward-gradient-guided SDE; log-probs stay unguided)")
@@ -1000,6 +1001,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("sampler", f"{s.kernel} eta={f'per step from {s.eta_file}' if s.eta_file else f'{s.eta:g}'}, T={s.steps}"
                     + (f", train {window}, logp {s.logp_form}/{s.logp_reduce}" if t.objective == "grpo" else ", final samples only")
                     + (", last-step noise" if s.last_step_noise else "")
+                    + (", step noise per group" if s.step_noise == "group" else "")
                     + (f", guide {s.guide} {dict(s.guide_options)}" if s.guide != "none" else "")),
         ("reward", f"{rewards} ({r.aggregate})"),
         ("credit", f"{c.name}, std {c.std_scope} (ddof {c.std_ddof}, eps {c.std_eps:g}), clip |A|<={c.adv_clip:g}"

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from flowalign.samplers.kernels import NOT_EULER_MARUYAMA, get_kernel
-from flowalign.samplers.loop import gather_cond
+from flowalign.samplers.loop import _noise_like, gather_cond
 from flowalign.types import Cond, VelocityFn
 
 logger = logging.getLogger(__name__)
@@ -249,16 +249,6 @@ def _probe_states(velocity: VelocityFn, x: Tensor, v: Tensor, sig: Tensor, t: in
     return z, nfe
 
 
-def _group_noise(x: Tensor, k: int, generator) -> Tensor:
-    """Standard normal noise like ``x`` [P·k, *latent]; a list of P generators draws each group's rows from its own
-    (results then do not depend on which groups share a batch)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, dtype=x.dtype, generator=generator,
-                           device=generator.device if generator is not None else x.device).to(x.device)
-    parts = [torch.randn((k, *x.shape[1:]), dtype=x.dtype, generator=g, device=g.device) for g in generator]
-    return torch.cat(parts).to(x.device)  # [P·k, *latent]
-
-
 def _resample(scheme, weights: Tensor, groups: Tensor, group_gens, generator) -> Tensor:
     """Ancestors [n, k] for ``weights`` [n, k] of ``groups`` [n]: each group with its own generator when there is one
     per group (so a group's draws do not depend on its batch-mates), else one ``generator`` for all."""
@@ -385,7 +375,7 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
             shift = None
             if proposal is not None and float(fac[t]) > 0:
                 shift = proposal(x, v, sig[t], sig[t + 1], t, cond_b)  # [P·k, *latent] or None
-            xi = _group_noise(tr.mean, k, generator)  # [P·k, *latent]
+            xi = _noise_like(tr.mean, generator)  # [P·k, *latent], one generator per group or one for all
             if shift is None:
                 x = tr.mean + tr.std * xi  # [P·k, *latent]
             else:

@@ -49,6 +49,7 @@ from flowalign.models import load_model
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, live_eta, step_log_prob
 from flowalign.samplers.kernels import get_kernel
+from flowalign.samplers.loop import Generators, draw_rows
 from flowalign.samplers.plans import PLANS
 from flowalign.types import Interval
 from flowalign.values import GUIDES, NFECounter, make_probe
@@ -74,6 +75,32 @@ RANK_STREAMS = {"step_noise": 11, "update": 13, "trained_steps": 17}
 def rank_stream_seed(seed: int, it: int, rank: int, stream: str) -> int:
     """The seed of rank ``rank``'s stream ``stream`` (a key of ``RANK_STREAMS``) in iteration ``it``."""
     return _seed(seed, it, rank, RANK_STREAMS[stream])
+
+
+def group_stream_seed(seed: int, it: int, group: int, stream: str) -> int:
+    """The seed of global group ``group``'s stream ``stream`` (a key of ``RANK_STREAMS``) in iteration ``it``, for
+    ``sampler.step_noise=group`` (a 5-part key of its own, like the window's)."""
+    return _seed(seed, it, group, RANK_STREAMS[stream], 3)
+
+
+def rank_streams(seed: int, it: int, rank: int, positions: Sequence[int], stream: str, device: Any = "cpu"
+                 ) -> torch.Generator:
+    """``sampler.step_noise=rank``: one generator per process, seeded by (seed, iteration, rank, stream). A rollout's
+    SDE noise depends on which groups share its process, so runs depend on the number of processes."""
+    return torch.Generator(device=device).manual_seed(rank_stream_seed(seed, it, rank, stream))
+
+
+def group_streams(seed: int, it: int, rank: int, positions: Sequence[int], stream: str, device: Any = "cpu"
+                  ) -> list[torch.Generator]:
+    """``sampler.step_noise=group``: one generator per global prompt group ``positions``, seeded by (seed, iteration,
+    group, stream); the samplers draw each group's rows from its own (``samplers.loop.draw_rows``), so rollouts do
+    not depend on the number of processes."""
+    return [torch.Generator(device=device).manual_seed(group_stream_seed(seed, it, g, stream)) for g in positions]
+
+
+# sampler.step_noise → (seed, it, rank, positions, stream, device) -> the generator(s) of the step noise and of the
+# random trained-step choice
+STEP_NOISE = {"rank": rank_streams, "group": group_streams}
 
 
 def init_noise_seed(seed: int, it: int, group: int, member: int) -> int:
@@ -401,8 +428,7 @@ def _latest_checkpoint(run: Path) -> Optional[Path]:
     return steps[-1][1] if steps else None
 
 
-def _trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: Optional[torch.Generator] = None
-                  ) -> torch.Tensor:
+def _trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: Generators = None) -> torch.Tensor:
     """Flow-GRPO trains the first ⌊f·T⌋ steps that are stochastic (METHODS.md §3.5). [B, T] bool.
 
     ``eta`` [T], or [B, T] per row (per-group windows)."""
@@ -411,13 +437,13 @@ def _trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: Opt
     return ((eta.cpu() > 0) & first).expand(batch, steps)
 
 
-def _random_trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: torch.Generator) -> torch.Tensor:
+def _random_trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: Generators) -> torch.Tensor:
     """DanceGRPO / Euphonium (METHODS.md §3.5): per rollout, a random subset of size ⌊(T−1)·f⌋ of steps 0…T−2
     (fewer if fewer of them are stochastic). [B, T] bool; a function of ``generator`` alone, so resume is exact."""
     steps = eta.shape[0]
     cand = (eta.cpu() > 0) & (torch.arange(steps) < steps - 1)  # [T] stochastic, not the last step
     k = min(int(math.floor(fraction * (steps - 1) + 1e-9)), int(cand.sum()))
-    keys = torch.rand(batch, steps, generator=generator).masked_fill(~cand[None], 2.0)  # [B, T] non-candidates last
+    keys = draw_rows(torch.rand, (batch, steps), generator).masked_fill(~cand[None], 2.0)  # [B, T] non-candidates last
     return torch.zeros(batch, steps, dtype=torch.bool).scatter_(1, keys.argsort(1)[:, :k], True)
 
 
@@ -587,12 +613,13 @@ def train(cfg: C.ExperimentConfig) -> Path:
         else:
             eta = eta_schedule(cfg.sampler.steps, base_eta, last_step_noise=cfg.sampler.last_step_noise)  # [T]
         eta = live_eta(cfg.sampler.kernel, sigmas, eta, **_kernel_options(cfg.sampler))  # a zero-std step is Euler
-        step_gen = torch.Generator(device=device).manual_seed(rank_stream_seed(cfg.train.seed, it, rank, "step_noise"))
+        streams = STEP_NOISE[cfg.sampler.step_noise]
+        step_gen = streams(cfg.train.seed, it, rank, positions, "step_noise", device)  # the SDE steps' ξ
         # a window trains all its steps (METHODS §3.5, config.trained_steps): train_fraction must not cut it short
         fraction = 1.0 if cfg.sampler.window_size else cfg.sampler.train_fraction
         selected = TRAINED_STEPS[cfg.sampler.train_steps](  # [B0, T] the steps each rollout trains
             eta, fraction, noise.shape[0],
-            torch.Generator().manual_seed(rank_stream_seed(cfg.train.seed, it, rank, "trained_steps")))
+            streams(cfg.train.seed, it, rank, positions, "trained_steps"))
         trainable = selected.any(0)  # [T] steps some rollout trains (the plan's and the guide's steps)
         shift = {}
         if guide is not None:

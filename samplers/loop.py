@@ -59,10 +59,31 @@ def live_eta(kernel, sigmas: Tensor, eta: Tensor, **kernel_kwargs) -> Tensor:
     return torch.where(dead.to(eta.device), torch.zeros_like(eta), eta)
 
 
-def _noise_like(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+Generators = Optional[torch.Generator | Sequence[torch.Generator]]
+"""What draws the step noise: None (the global RNG), one generator, or one generator per group (``_noise_like``)."""
+
+
+def draw_rows(draw: Callable[..., Tensor], shape: Sequence[int], generator: Generators, *,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """``draw`` (torch.randn or torch.rand) of ``shape`` [N, ...] on ``device``. With a sequence of P generators (one
+    per group), the N rows are P equal contiguous blocks and each block is drawn from its own generator, so a
+    group's draws do not depend on which groups share the batch or the process."""
     if generator is None:
-        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
-    return torch.randn(x.shape, dtype=x.dtype, device=generator.device, generator=generator).to(x.device)
+        return draw(tuple(shape), dtype=dtype, device=device)
+    if isinstance(generator, torch.Generator):
+        return draw(tuple(shape), dtype=dtype, device=generator.device, generator=generator).to(device)
+    gens = list(generator)
+    if not gens or shape[0] % len(gens):
+        raise ValueError(f"{len(gens)} per-group generators for {shape[0]} rows: the rows must split into equal "
+                         "contiguous blocks, one per generator")
+    k = shape[0] // len(gens)
+    parts = [draw((k, *shape[1:]), dtype=dtype, generator=g, device=g.device).to(device) for g in gens]
+    return torch.cat(parts)  # [P·k, ...]
+
+
+def _noise_like(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise like ``x`` [N, *latent] (``draw_rows``)."""
+    return draw_rows(torch.randn, x.shape, generator, dtype=x.dtype, device=x.device)
 
 
 def _step(kernel, velocity: VelocityFn, x: Tensor, sig: Tensor, sig_next: Tensor, eta_t: Tensor, cond_b: Cond,
@@ -78,7 +99,7 @@ def _stack_steps(items: list, x: Tensor) -> Tensor:
 
 
 def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: float | Tensor = 0.0,
-           kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
+           kernel="flow_sde", generator: Generators = None, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
            keep_means: bool = False, reduce: str = "mean", logp_form: str = "exact",
            mean_shift: Optional[Callable[..., Optional[Tensor]]] = None, logprob_under: str = "unguided",
@@ -97,7 +118,8 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
             and ``extras["eta_rows"]`` [B, T] the rows' own (``flowalign.values.row_eta``); identical rows are
             sampled exactly as their shared [T] row.
         kernel: a registry name or a kernel function.
-        generator: draws the step noise ξ (reproducible given its state).
+        generator: draws the step noise ξ (reproducible given its state); a sequence of P generators draws each
+            of P equal contiguous row blocks (groups) from its own.
         reduce / logp_form: how the stored log-prob is reduced and which form (``gaussian_log_prob``).
         mean_shift: optional guidance hook ``mean_shift(x_t, v_t, σ_t, σ_{t+1}, t, cond_b) -> shift | None``;
             the sample is drawn from N(μ_t + shift, s_t²) (Euphonium's guided SDE, METHODS.md §4.5) while the
@@ -175,7 +197,7 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
 
 
 def branch(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, step: int, children: int, eta: float,
-           kernel="flow_sde", generator: Optional[torch.Generator] = None, cond_index: Optional[Tensor] = None,
+           kernel="flow_sde", generator: Generators = None, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, prompts: Sequence[str] = (), keep_velocities: bool = False,
            reduce: str = "mean", logp_form: str = "exact", **kernel_kwargs) -> Trajectory:
     """ODE prefix, K stochastic children at ``step``, ODE completion (TempFlow-GRPO; METHODS.md §2.7).

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from flowalign.samplers.kernels import gaussian_log_prob, get_kernel
-from flowalign.samplers.loop import _noise_like, eta_schedule, gather_cond, sample
+from flowalign.samplers.loop import Generators, _noise_like, eta_schedule, gather_cond, sample
 from flowalign.types import Cond, Interval, Trajectory, VelocityFn
 
 
@@ -162,7 +162,7 @@ def staggered_ode(velocity: VelocityFn, x: Tensor, start: Tensor, sigmas: Tensor
 
 def chain(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
           group: Optional[Tensor] = None, eta: float | Tensor = 0.0, kernel="flow_sde",
-          generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
+          generator: Generators = None, keep_velocities: bool = False,
           trainable: Optional[Tensor] = None, **options) -> Trajectory:
     """One chain per noise row: ``loop.sample`` (Flow-GRPO, DenseGRPO, TP-GRPO, VGPO, Euphonium).
 
@@ -198,7 +198,7 @@ def _plan_inputs(noise: Tensor, steps: int, cond_index: Optional[Tensor], group:
 
 def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
            group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
-           generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
+           generator: Generators = None, keep_velocities: bool = False,
            children: Annotated[int, Interval(1)] = 6, branch_steps: str | int | Sequence[int] = "all",
            prompts: Sequence[str] = (), reduce: str = "mean", logp_form: str = "exact",
            max_batch: Optional[Annotated[int, Interval(1)]] = None, trainable: Optional[Tensor] = None,
@@ -305,7 +305,9 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
                 "children": int(children)})
 
 
-def _choose_steps(spec, cands: Tensor, seeds: int, generator: Optional[torch.Generator]) -> list[list[int]]:
+def _choose_steps(spec, cands: Tensor, seeds: int, generator: Generators) -> list[list[int]]:
+    """Each seed's branch steps. Per-group generators (a sequence of P, seeds in P equal contiguous blocks) draw
+    each block's choices from its own, as ``_noise_like`` draws their noise."""
     c = cands.tolist()
     if isinstance(spec, str):
         if spec == "all":
@@ -317,10 +319,16 @@ def _choose_steps(spec, cands: Tensor, seeds: int, generator: Optional[torch.Gen
     if isinstance(spec, int):
         if not 1 <= spec <= len(c):
             raise ValueError(f"branch_steps={spec}: choose between 1 and {len(c)} candidate steps")
-        gen_dev = generator.device if generator is not None else "cpu"
+        if generator is None or isinstance(generator, torch.Generator):
+            per_seed = [generator] * seeds
+        else:
+            gens = list(generator)
+            if not gens or seeds % len(gens):
+                raise ValueError(f"{len(gens)} per-group generators for {seeds} seeds: one block of seeds per generator")
+            per_seed = [g for g in gens for _ in range(seeds // len(gens))]
         out = []
-        for _ in range(seeds):
-            perm = torch.randperm(len(c), generator=generator, device=gen_dev).cpu()[:spec]
+        for gen in per_seed:
+            perm = torch.randperm(len(c), generator=gen, device=gen.device if gen is not None else "cpu").cpu()[:spec]
             out.append(sorted(c[i] for i in perm.tolist()))
         return out
     ks = sorted(int(k) for k in spec)
@@ -357,7 +365,7 @@ def _tree_splits(spec: Optional[Sequence[int]], allowed: Sequence[int]) -> list[
 
 def tree(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, cond_index: Optional[Tensor] = None,
          group: Optional[Tensor] = None, eta: float | Tensor = 0.7, kernel="flow_sde",
-         generator: Optional[torch.Generator] = None, keep_velocities: bool = False,
+         generator: Generators = None, keep_velocities: bool = False,
          split_steps: Optional[Sequence[int]] = None, branching: Annotated[int, Interval(2)] = 2,
          split_noise_scale: Annotated[float, Interval(0.0, low_open=True)] = 1.0,
          prompts: Sequence[str] = (), reduce: str = "mean", logp_form: str = "exact",

@@ -35,3 +35,33 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, config):
     assert all(m["train/skipped_updates"] == 0 for m in lines if "train/skipped_updates" in m)
     sd = load_file(str(run / "checkpoints" / "step-2" / "raw" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k)  # the updates really happened
+
+
+def _first_reward(run: Path) -> float:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["reward/saturation"]
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate CLI not installed")
+def test_group_step_noise_makes_rollouts_independent_of_the_process_count(tmp_path):
+    """`sampler.step_noise=group`: the first iteration's rollouts (their mean `saturation`, a continuous reward) are
+    the same on one process and on two; with the default per-process streams they are not."""
+    acc = str(Path(sys.executable).parent / "accelerate")
+    args = [str(ROOT / "configs" / "shapes_grpo.yaml"), "train.iterations=1", "train.groups_per_iter=2",
+            "train.group_size=4", "sampler.steps=4", "eval.before=false", "eval.after=false", "output.tensorboard=false",
+            "'reward.weights={saturation: 1.0}'", "train.checkpoint_every=1", "train.optimizer_steps_per_iter=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    got = {}
+    for noise in ("group", "rank"):
+        for procs in (1, 2):
+            run = tmp_path / f"{noise}{procs}"
+            launch = [acc, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                      "no", "--dynamo_backend", "no", "-m"] if procs == 2 else [sys.executable, "-m"]
+            cmd = [*launch, "flowalign.cli", "train", *[a.strip("'") for a in args], f"sampler.step_noise={noise}",
+                   f"output.run_dir={run}"]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            got[noise, procs] = _first_reward(run)
+    assert abs(got["group", 1] - got["group", 2]) < 1e-6
+    assert abs(got["rank", 1] - got["rank", 2]) > 1e-4  # the per-process streams: a different draw on two ranks
+    assert got["rank", 1] != got["group", 1]

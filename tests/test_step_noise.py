@@ -1,0 +1,87 @@
+"""`sampler.step_noise=group`: one generator per prompt group draws that group's SDE step noise (and its random
+trained steps), so a group's rollouts are the same whichever groups share its batch or process; the default `rank`
+keeps one generator per process (the documented runs)."""
+
+import pytest
+import torch
+
+from flowalign import config as C
+from flowalign.samplers import eta_schedule, schedules
+from flowalign.samplers.loop import draw_rows
+from flowalign.samplers.plans import PLANS
+from flowalign.train import (STEP_NOISE, _random_trained_mask, group_stream_seed, init_noise_seed, rank_stream_seed,
+                             window_seed)
+
+from test_plans import _cond, gaussian_world_velocity  # noqa: E402  (conftest puts tests/ on sys.path)
+
+T = 6
+
+
+def _gens(groups, stream="step_noise"):
+    return STEP_NOISE["group"](42, 3, 0, groups, stream)
+
+
+def test_per_group_draws_do_not_depend_on_the_batch():
+    both = draw_rows(torch.randn, (6, 5), _gens([4, 9]))
+    assert torch.equal(both[:3], draw_rows(torch.randn, (3, 5), _gens([4])))
+    assert torch.equal(both[3:], draw_rows(torch.randn, (3, 5), _gens([9])))
+    assert not torch.equal(both[:3], both[3:])
+    with pytest.raises(ValueError, match="equal contiguous blocks"):
+        draw_rows(torch.randn, (5, 5), _gens([4, 9]))
+    one = torch.Generator().manual_seed(0)
+    assert torch.equal(draw_rows(torch.rand, (2, 3), one), torch.rand(2, 3, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("plan,opts", [("chain", {}), ("branch", {"children": 2, "branch_steps": "random"}),
+                                       ("tree", {"split_steps": [0, 2], "branching": 2})])
+def test_a_groups_rollouts_are_the_same_alone_or_beside_another(plan, opts):
+    """What makes a run independent of the number of processes: the rows of groups {0, 1} sampled in one batch equal
+    group 0 and group 1 sampled apart (each process holds a contiguous share of whole groups)."""
+    sig = schedules.sd3_diffusers(T)
+    cond = _cond(2)
+    size = 2  # rollouts (chain) / seeds (branch) / roots (tree) per group
+    noise = torch.randn(2 * size, 4, generator=torch.Generator().manual_seed(1))
+    ci = torch.arange(2).repeat_interleave(size)
+
+    def run(groups):
+        rows = torch.cat([torch.arange(g * size, (g + 1) * size) for g in groups])
+        return PLANS[plan](gaussian_world_velocity, noise[rows], sig, cond, cond_index=ci[rows], group=ci[rows],
+                           eta=eta_schedule(T, 0.7), kernel="flow_sde", generator=_gens(groups), **opts)
+
+    both, a, b = run([0, 1]), run([0]), run([1])
+    half = both.batch_size // 2
+    assert a.batch_size == b.batch_size == half
+    assert torch.allclose(both.latents[:half], a.latents, atol=1e-6)
+    assert torch.allclose(both.latents[half:], b.latents, atol=1e-6)
+    assert torch.allclose(both.log_probs, torch.cat([a.log_probs, b.log_probs]), atol=1e-5)
+    # one generator for the batch (the rank streams) couples the groups: group 1 alone differs from its rows in the pair
+    pair = PLANS[plan](gaussian_world_velocity, noise, sig, cond, cond_index=ci, group=ci, eta=eta_schedule(T, 0.7),
+                       generator=torch.Generator().manual_seed(5), **opts)
+    alone = PLANS[plan](gaussian_world_velocity, noise[size:], sig, cond, cond_index=ci[size:], group=ci[size:],
+                        eta=eta_schedule(T, 0.7), generator=torch.Generator().manual_seed(5), **opts)
+    assert not torch.allclose(pair.latents[half:], alone.latents, atol=1e-3)
+
+
+def test_random_trained_steps_are_drawn_per_group_too():
+    eta = eta_schedule(T, 0.7)
+    both = _random_trained_mask(eta, 0.5, 8, _gens([0, 1], "trained_steps"))
+    assert torch.equal(both[4:], _random_trained_mask(eta, 0.5, 4, _gens([1], "trained_steps")))
+    assert (both.sum(1) == 2).all()
+
+
+def test_group_stream_keys_are_distinct_from_every_other_stream():
+    seed, it, groups, size, world = 42, 3, 8, 24, 4
+    keys = [init_noise_seed(seed, it, g, m) for g in range(groups) for m in range(size)]
+    keys += [rank_stream_seed(seed, it, r, s) for r in range(world) for s in ("step_noise", "update", "trained_steps")]
+    keys += [window_seed(seed, it, g) for g in range(groups)]
+    keys += [group_stream_seed(seed, it, g, s) for g in range(groups) for s in ("step_noise", "trained_steps")]
+    assert len(set(keys)) == len(keys)
+
+
+def test_config_field_and_its_choices():
+    assert C.load_config(None, []).sampler.step_noise == "rank"
+    assert C.load_config(None, ["sampler.step_noise=group"]).sampler.step_noise == "group"
+    from flowalign.errors import UserError
+
+    with pytest.raises(UserError, match="step_noise"):
+        C.load_config(None, ["sampler.step_noise=process"])

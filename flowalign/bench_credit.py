@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[str, str, float, str, dict, dict]] = {
     "dense_ode2": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "ode:2"}, {}),
     "dense_mid1": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "ode2:1"}, {}),
     "dense_x0": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "x0"}, {}),
+    "dense_stride3": ("chain", "flow_sde", 0.7, "dense_gain", {"probe": "ode/3"}, {}),
     "stepwise_ode5": ("chain", "flow_sde", 0.7, "stepwise_gain", {"probe": "ode:5"}, {}),
     "tp_full": ("chain", "cps", 0.7, "turning_points", {"probe": "ode:full"}, {}),
     "tp_ode2": ("chain", "cps", 0.7, "turning_points", {"probe": "ode:2"}, {}),
@@ -60,6 +61,7 @@ REFERENCE = {
     "dense_ode2": "2.9× released; 1.9× with reuse",
     "dense_mid1": "—",
     "dense_x0": "2× released; 1× with reuse",
+    "dense_stride3": "— (every 3rd native step: more sub-steps from the noisy states, fewer late)",
     "stepwise_ode5": "— (5-step ODE probes at every state)",
     "tp_full": "6.4× released; ≈4.6× shared ODE + reuse",
     "tp_ode2": "—",
@@ -71,7 +73,7 @@ REFERENCE = {
     "g2rpo": "≈11× (FLUX, T = 16, G = 12: ≈2.2k vs 192 NFE; 8 branch steps × 3 grids)",
 }
 
-RANK_MODES = ("x0", "ode:2", "ode2:1", "ode:3", "ode2:2", "ode:4")
+RANK_MODES = ("x0", "ode:2", "ode2:1", "ode:3", "ode2:2", "ode:4", "ode/3")
 
 # methods whose rollouts are guided (``sampler.guide=reward_grad``): the guide's options
 GUIDED: dict[str, dict] = {"euphonium_guided": {"lam": 300.0, "rewards": {"saturation": 1.0}}}

@@ -9,13 +9,15 @@ from flowalign.bench_credit import RANK_MODES, bench_credit
 
 def test_bench_credit_counts_on_tiny_sd3(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = bench_credit(["--models", "sd3", "--methods", "flow_grpo,dense_ode2,dense_full,euphonium_x0,euphonium_guided,tempflow_one,g2rpo",
+    rc = bench_credit(["--models", "sd3", "--methods", "flow_grpo,dense_ode2,dense_full,euphonium_x0,euphonium_guided,tempflow_one,g2rpo,dense_stride3",
                        "--rank-groups", "0", "--json", str(out)])
     assert rc == 0
     runs = {r["method"]: r for r in json.loads(out.read_text())["runs"]}
     assert runs["flow_grpo"]["nfe_sampling"] == 80 and runs["flow_grpo"]["nfe_probing"] == 0  # T = 10, G = 8
     assert runs["dense_ode2"]["x_flow_grpo"] == 1.9  # one extra forward per probed state (first step reused)
     assert runs["dense_full"]["x_flow_grpo"] == 5.5  # vs 6.5× upstream (METHODS §5.2)
+    # every 3rd native step: states 0–8 take 3, 2, 2, 2, 1, 1, 1, 0, 0 extra forwards (first step reused)
+    assert runs["dense_stride3"]["x_flow_grpo"] == 2.2 and runs["dense_stride3"]["probe"] == "ode/3"
     assert runs["euphonium_x0"]["x_flow_grpo"] == 1.0 and runs["euphonium_x0"]["probe"] == "x0"
     # guided rollouts: one PRM forward (on x̂0, through the generator) per guided = trained step (9) + the last post-state
     assert runs["euphonium_guided"]["nfe_guidance"] == 80 and runs["euphonium_guided"]["x_flow_grpo"] == 2.0

@@ -680,8 +680,11 @@ def train(cfg: C.ExperimentConfig) -> Path:
         keep = trained & any_adv.any(1, keepdim=True) if cfg.train.filter_zero_std else trained  # [B, T]
         pairs = keep.nonzero()  # [N, 2] (rollout, step)
         metrics["train/kept_fraction"] = float(keep.any(1).float().mean())
-        perm = torch.randperm(pairs.shape[0], generator=torch.Generator().manual_seed(_seed(cfg.train.seed, it, 3)))
-        pairs = pairs[perm] if cfg.train.shuffle_transitions else pairs
+        counts = _rank_counts(pairs.shape[0], reduce_mean, rank, world)  # every rank's pair count
+        total = sum(counts)
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(_seed(cfg.train.seed, it, 3))) \
+            if cfg.train.shuffle_transitions else torch.arange(total)  # one order of all ranks' pairs, on every rank
+        chunks = step_chunks(pairs, counts, rank, order, cfg.train.optimizer_steps_per_iter)
         bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
             any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
         metrics["train/nonfinite_inputs"] = int(bad_input)
@@ -691,7 +694,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
             g["lr"] = lr
         metrics["train/lr"] = lr
         stats = UPDATES[cfg.train.objective](cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, skip=bad_input,
-                                             inp=inp, generator=gen)
+                                             inp=inp, generator=gen, chunks=chunks)
         steps_taken = stats.pop("_steps_taken")
         metrics.update(stats)
         for _ in range(steps_taken):
@@ -746,12 +749,44 @@ def train(cfg: C.ExperimentConfig) -> Path:
     return run
 
 
-def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool, **_: Any) -> dict:
-    """Micro-batched re-scoring + clipped GRPO loss per advantage head (+ exact KL to the adapter-disabled reference)."""
+def _rank_counts(n: int, reduce_mean, rank: int, world: int) -> list[int]:
+    """Every rank's count ``n`` (an all-gather through the mean all-reduce: rank r fills slot r)."""
+    if world == 1:
+        return [n]
+    vec = torch.zeros(world, dtype=torch.float64)
+    vec[rank] = float(n)
+    return [int(round(v)) for v in reduce_mean(vec).mul_(world).tolist()]
+
+
+def step_chunks(pairs: torch.Tensor, counts: Sequence[int], rank: int, order: torch.Tensor, n_steps: int
+                ) -> list[torch.Tensor]:
+    """This rank's (rollout, step) pairs [n_s, 2] of each of the iteration's ``n_steps`` optimizer steps.
+
+    The ranks' pair lists, concatenated in rank order, are the one-process list (ranks hold contiguous shares of
+    whole groups, row-major); that global list is put in ``order`` (a permutation of its ``sum(counts)`` indices,
+    the same on every rank) and split into ``n_steps`` equal chunks, and each rank takes its own pairs of each chunk.
+    So every optimizer step sees the same pairs on any number of processes, and one process gets exactly the old
+    local shuffle and split."""
+    offset, mine = sum(counts[:rank]), counts[rank]
+    if pairs.shape[0] != mine:
+        raise ValueError(f"rank {rank} holds {pairs.shape[0]} pairs, counts say {mine}")
+    out = []
+    for part in torch.tensor_split(order, n_steps):
+        local = part[(part >= offset) & (part < offset + mine)] - offset  # this rank's pairs of the chunk, in order
+        out.append(pairs[local])
+    return out
+
+
+def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
+            chunks: Optional[Sequence[torch.Tensor]] = None, **_: Any) -> dict:
+    """Micro-batched re-scoring + clipped GRPO loss per advantage head (+ exact KL to the adapter-disabled reference).
+
+    ``chunks``: this rank's pairs of each optimizer step (``step_chunks``); None splits ``pairs`` in order."""
     tr = cfg.train
     out = {"train/skipped_updates": 0, "_steps_taken": 0}
     n_steps = tr.optimizer_steps_per_iter
-    chunks = torch.tensor_split(pairs, n_steps) if pairs.shape[0] else [pairs] * n_steps
+    if chunks is None:
+        chunks = torch.tensor_split(pairs, n_steps) if pairs.shape[0] else [pairs] * n_steps
     kernel_kw = _kernel_options(cfg.sampler)  # the rollout's kernel keywords (sampler.plan_options), for ρ ≡ 1
     mean_n, skip = _global_counts([c.shape[0] for c in chunks], skip, reduce_mean)
     eta_rows = (getattr(traj, "extras", None) or {}).get("eta_rows")  # [B, T] per-row η (windows, branches) or None

@@ -45,11 +45,16 @@ def _first_reward(run: Path) -> float:
                     reason="accelerate CLI not installed")
 def test_group_step_noise_makes_rollouts_independent_of_the_process_count(tmp_path):
     """`sampler.step_noise=group`: the first iteration's rollouts (their mean `saturation`, a continuous reward) are
-    the same on one process and on two; with the default per-process streams they are not."""
+    the same on one process and on two, and so are the LoRA weights after its two optimizer steps (the ranks split
+    one global shuffle of the pairs, `train.step_chunks`; equal up to float summation order); with the default
+    per-process streams neither is."""
+    from safetensors.torch import load_file
+
     acc = str(Path(sys.executable).parent / "accelerate")
     args = [str(ROOT / "configs" / "shapes_grpo.yaml"), "train.iterations=1", "train.groups_per_iter=2",
             "train.group_size=4", "sampler.steps=4", "eval.before=false", "eval.after=false", "output.tensorboard=false",
-            "'reward.weights={saturation: 1.0}'", "train.checkpoint_every=1", "train.optimizer_steps_per_iter=1"]
+            "'reward.weights={saturation: 1.0}'", "train.checkpoint_every=1", "train.optimizer_steps_per_iter=2",
+            "train.filter_zero_std=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     got = {}
     for noise in ("group", "rank"):
@@ -62,6 +67,16 @@ def test_group_step_noise_makes_rollouts_independent_of_the_process_count(tmp_pa
             r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
             assert r.returncode == 0, r.stderr[-3000:]
             got[noise, procs] = _first_reward(run)
+            got[noise, procs, "w"] = load_file(str(run / "checkpoints" / "step-1" / "raw" /
+                                                   "pytorch_lora_weights.safetensors"))
     assert abs(got["group", 1] - got["group", 2]) < 1e-6
+    w1, w2 = got["group", 1, "w"], got["group", 2, "w"]
+    assert any(v.abs().sum() > 0 for k, v in w1.items() if "lora_B" in k)  # the steps moved the weights
+    step = max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k)  # ≈ 2·lr (lora_B starts at 0)
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert diff < 0.01 * step  # float summation order only (measured ≈ 5e-4 of the step: Adam's g/√v amplifies it
+    # where a gradient is a near-cancelling sum)
+    r1, r2 = got["rank", 1, "w"], got["rank", 2, "w"]
+    assert max(float((r1[k] - r2[k]).abs().max()) for k in r1) > 0.1 * step  # per-process streams: other rollouts
     assert abs(got["rank", 1] - got["rank", 2]) > 1e-4  # the per-process streams: a different draw on two ranks
     assert got["rank", 1] != got["group", 1]

@@ -85,3 +85,22 @@ def test_config_field_and_its_choices():
 
     with pytest.raises(UserError, match="step_noise"):
         C.load_config(None, ["sampler.step_noise=process"])
+
+
+def test_step_chunks_split_one_global_order_among_the_ranks():
+    from flowalign.train import step_chunks
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [torch.randint(0, 9, (n, 2), generator=g) for n in (5, 0, 7)]  # three ranks' pairs (one has none)
+    counts = [p.shape[0] for p in pairs]
+    order = torch.randperm(sum(counts), generator=g)
+    glob = torch.cat(pairs)  # the one-process list: ranks' lists in rank order
+    one = step_chunks(glob, [sum(counts)], 0, order, 3)
+    assert all(torch.equal(a, b) for a, b in zip(one, torch.tensor_split(glob[order], 3)))  # one process: as before
+    per_rank = [step_chunks(p, counts, r, order, 3) for r, p in enumerate(pairs)]
+    for s in range(3):  # each optimizer step: the ranks' pairs are exactly that step's global pairs
+        mine = torch.cat([per_rank[r][s] for r in range(3)])
+        want = one[s]
+        assert sorted(map(tuple, mine.tolist())) == sorted(map(tuple, want.tolist()))
+    with pytest.raises(ValueError, match="holds 5 pairs"):
+        step_chunks(pairs[0], [4, 0, 7], 0, order, 3)

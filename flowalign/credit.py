@@ -486,8 +486,8 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
 
 
 def granular(inp: CreditInput, *, strides: Annotated[Sequence[int], Interval(1)] = (1, 2, 3)) -> Credit:
-    """G²RPO's multi-granularity advantage on a branched rollout (Zhou et al. 2025, "G²RPO: Granular GRPO for
-    Precise Reward in Flow Models"; METHODS.md §4.7, §5.1).
+    """G²RPO's (Granular-GRPO's) multi-granularity advantage on a branched rollout (METHODS.md §4.7, from secondary
+    notes on the paper; §5.1's table).
 
     Rollouts come from ``flowalign.samplers.plans.branch`` (G²RPO's "singular stochastic sampling": an ODE trunk to
     x_k, one SDE step into G children, ODE elsewhere); restrict the branch steps to the high-noise half with

@@ -89,7 +89,7 @@ class SamplerConfig:
     logp_form: Literal["exact", "cps_mse"] = _f("exact", "true Gaussian log-density, or CPS's -MSE surrogate for parity (Q6)")
     eta_file: str = _f("", "JSON with a per-step 'eta' list (e.g. from `flowalign calibrate`); overrides sampler.eta")
     init_noise: Literal["member", "group"] = _f("member", "initial noise: one draw per rollout (Flow-GRPO) or one per group, shared by its members (DanceGRPO)")
-    step_noise: Literal["rank", "group"] = _f("rank", "SDE step-noise streams (train.STEP_NOISE): one per process (rank; the documented runs), or one per prompt group (group: rollouts do not depend on the number of processes)")
+    step_noise: Literal["rank", "group"] = _f("rank", "SDE step-noise and NFT-draw streams (train.STEP_NOISE): one per process (rank; the documented runs), or one per prompt group (group: runs do not depend on the number of processes)")
     plan: Literal["chain", "branch", "tree"] = _f("chain", "rollout plan (flowalign.samplers.plans.PLANS): chains, TempFlow branching, or BranchGRPO trees")
     plan_options: dict = _f({}, "plan options, e.g. {children: 4, branch_steps: random} for the branch plan, {split_steps: [0, 3], branching: 2} for the tree plan (split_noise_scale: 4.0 with kernel dance_sde, eta 0.3, as BranchGRPO)")
     guide: str = _f("none", "rollout mean shift (flowalign.values.GUIDES): none, or reward_grad (Euphonium's reward-gradient-guided SDE; log-probs stay unguided)")

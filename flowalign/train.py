@@ -93,13 +93,13 @@ def rank_streams(seed: int, it: int, rank: int, positions: Sequence[int], stream
 def group_streams(seed: int, it: int, rank: int, positions: Sequence[int], stream: str, device: Any = "cpu"
                   ) -> list[torch.Generator]:
     """``sampler.step_noise=group``: one generator per global prompt group ``positions``, seeded by (seed, iteration,
-    group, stream); the samplers draw each group's rows from its own (``samplers.loop.draw_rows``), so rollouts do
-    not depend on the number of processes."""
+    group, stream); the samplers (``samplers.loop.draw_rows``) and NFT's update (``nft_row_draws``) draw each group's
+    rows from its own, so rollouts and NFT's draws do not depend on the number of processes."""
     return [torch.Generator(device=device).manual_seed(group_stream_seed(seed, it, g, stream)) for g in positions]
 
 
-# sampler.step_noise → (seed, it, rank, positions, stream, device) -> the generator(s) of the step noise and of the
-# random trained-step choice
+# sampler.step_noise → (seed, it, rank, positions, stream, device) -> the generator(s) of the step noise, the random
+# trained-step choice and NFT's update draws
 STEP_NOISE = {"rank": rank_streams, "group": group_streams}
 
 
@@ -688,7 +688,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
             any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
         metrics["train/nonfinite_inputs"] = int(bad_input)
-        gen = torch.Generator().manual_seed(rank_stream_seed(cfg.train.seed, it, rank, "update"))  # the update's own draws (nft)
+        gen = streams(cfg.train.seed, it, rank, positions, "update")  # the update's own draws (nft)
         lr = cfg.train.lr * LR_SCHEDULES[cfg.train.lr_schedule](it, cfg.train.iterations)  # a function of `it` alone
         for g in opt.param_groups:
             g["lr"] = lr
@@ -931,6 +931,26 @@ def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -
     out["_steps_taken"] += 1
 
 
+def nft_row_draws(traj, rows: torch.Tensor, mode: str, generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (t [N], ε [N, *latent]) of DiffusionNFT's rows ``rows`` [N] (sample index per row): t ~ U[0.02, 0.98], then
+    ``loss.NFT_NOISE[mode]``. One generator draws all rows in order; per-group generators (``sampler.step_noise=group``;
+    the samples are equal contiguous blocks, one per generator) draw each group's rows, in order, from its own, so the
+    draws do not depend on which groups share the process."""
+    if generator is None or isinstance(generator, torch.Generator):
+        t = torch.rand(rows.shape[0], generator=generator).mul(0.96).add(0.02)  # [N] in [0.02, 0.98]
+        return NFT_NOISE[mode](traj, rows, t, generator)
+    gens = list(generator)
+    per = traj.batch_size // len(gens)  # samples per group
+    t = torch.empty(rows.shape[0])
+    eps = torch.empty((rows.shape[0], *traj.final.shape[1:]))
+    for g, gen in enumerate(gens):
+        sel = ((rows >= g * per) & (rows < (g + 1) * per)).nonzero().flatten()  # this group's rows, in order
+        if sel.numel():
+            t_g = torch.rand(sel.shape[0], generator=gen).mul(0.96).add(0.02)
+            t[sel], eps[sel] = NFT_NOISE[mode](traj, rows[sel], t_g, gen)
+    return t, eps
+
+
 def _update_nft(cfg, model, *args: Any, **kwargs: Any) -> dict:
     """The DiffusionNFT update (``_nft_update``) on the velocity of CFG scale ``train.nft_guidance``.
 
@@ -963,8 +983,7 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     rows = keep.nonzero().flatten().repeat(tr.nft_times)  # [N] sample index of each (sample, t) row
     n = rows.shape[0]
     dev = traj.final.device
-    t = torch.rand(n, generator=generator).mul(0.96).add(0.02)  # [N] in [0.02, 0.98]
-    t, eps = NFT_NOISE[tr.nft_noise](traj, rows, t, generator)  # [N], [N, *latent]
+    t, eps = nft_row_draws(traj, rows, tr.nft_noise, generator)  # [N], [N, *latent]
     r = NFT_OPTIMALITY[tr.nft_optimality](adv[rows])  # [N]
     out["train/nft_rows"] = n
     out["train/nft_r_mean"] = float(r.mean()) if n else 0.5

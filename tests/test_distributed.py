@@ -43,17 +43,19 @@ def _first_reward(run: Path) -> float:
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate CLI not installed")
-def test_group_step_noise_makes_rollouts_independent_of_the_process_count(tmp_path):
+@pytest.mark.parametrize("config", ["shapes_grpo.yaml", "shapes_nft.yaml"])
+def test_group_step_noise_makes_runs_independent_of_the_process_count(tmp_path, config):
     """`sampler.step_noise=group`: the first iteration's rollouts (their mean `saturation`, a continuous reward) are
-    the same on one process and on two, and so are the LoRA weights after its two optimizer steps (the ranks split
-    one global shuffle of the pairs, `train.step_chunks`; equal up to float summation order); with the default
-    per-process streams neither is."""
+    the same on one process and on two, and so are the LoRA weights after its two optimizer steps (GRPO: the ranks
+    split one global shuffle of the pairs, `train.step_chunks`; NFT: each group's (t, ε) from its own generator,
+    `train.nft_row_draws`; equal up to float summation order). With the default per-process streams the weights
+    differ (GRPO's SDE rollouts differ too; NFT's are ODE rollouts, the same either way)."""
     from safetensors.torch import load_file
 
     acc = str(Path(sys.executable).parent / "accelerate")
-    args = [str(ROOT / "configs" / "shapes_grpo.yaml"), "train.iterations=1", "train.groups_per_iter=2",
+    args = [str(ROOT / "configs" / config), "train.iterations=1", "train.groups_per_iter=2",
             "train.group_size=4", "sampler.steps=4", "eval.before=false", "eval.after=false", "output.tensorboard=false",
-            "'reward.weights={saturation: 1.0}'", "train.checkpoint_every=1", "train.optimizer_steps_per_iter=2",
+            "reward.weights={saturation: 1.0}", "train.checkpoint_every=1", "train.optimizer_steps_per_iter=2",
             "train.filter_zero_std=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     got = {}
@@ -62,21 +64,20 @@ def test_group_step_noise_makes_rollouts_independent_of_the_process_count(tmp_pa
             run = tmp_path / f"{noise}{procs}"
             launch = [acc, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
                       "no", "--dynamo_backend", "no", "-m"] if procs == 2 else [sys.executable, "-m"]
-            cmd = [*launch, "flowalign.cli", "train", *[a.strip("'") for a in args], f"sampler.step_noise={noise}",
-                   f"output.run_dir={run}"]
+            cmd = [*launch, "flowalign.cli", "train", *args, f"sampler.step_noise={noise}", f"output.run_dir={run}"]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
             assert r.returncode == 0, r.stderr[-3000:]
             got[noise, procs] = _first_reward(run)
             got[noise, procs, "w"] = load_file(str(run / "checkpoints" / "step-1" / "raw" /
                                                    "pytorch_lora_weights.safetensors"))
     assert abs(got["group", 1] - got["group", 2]) < 1e-6
-    w1, w2 = got["group", 1, "w"], got["group", 2, "w"]
-    assert any(v.abs().sum() > 0 for k, v in w1.items() if "lora_B" in k)  # the steps moved the weights
-    step = max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k)  # ≈ 2·lr (lora_B starts at 0)
-    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert diff < 0.01 * step  # float summation order only (measured ≈ 5e-4 of the step: Adam's g/√v amplifies it
-    # where a gradient is a near-cancelling sum)
-    r1, r2 = got["rank", 1, "w"], got["rank", 2, "w"]
-    assert max(float((r1[k] - r2[k]).abs().max()) for k in r1) > 0.1 * step  # per-process streams: other rollouts
-    assert abs(got["rank", 1] - got["rank", 2]) > 1e-4  # the per-process streams: a different draw on two ranks
-    assert got["rank", 1] != got["group", 1]
+    def rel(a, b):  # ‖a − b‖ / ‖a‖ over the LoRA B matrices (they start at 0: their norm is the steps' size)
+        keys = [k for k in a if "lora_B" in k]
+        return (sum(float((a[k] - b[k]).pow(2).sum()) for k in keys) / sum(float(a[k].pow(2).sum()) for k in keys)) ** 0.5
+
+    # float summation order only: measured 3e-6 (GRPO) and 8e-5 (NFT; a handful of parameters whose gradient is a
+    # near-cancelling sum differ more, as Adam's g/(√v + eps) amplifies the rounding; the median one differs by 0)
+    assert rel(got["group", 1, "w"], got["group", 2, "w"]) < 0.01
+    assert rel(got["rank", 1, "w"], got["rank", 2, "w"]) > 0.1  # per-process streams: other draws
+    if config == "shapes_grpo.yaml":  # SDE rollouts: the per-process step noise draws other rollouts on two ranks
+        assert abs(got["rank", 1] - got["rank", 2]) > 1e-4 and got["rank", 1] != got["group", 1]

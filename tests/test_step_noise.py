@@ -74,7 +74,7 @@ def test_group_stream_keys_are_distinct_from_every_other_stream():
     keys = [init_noise_seed(seed, it, g, m) for g in range(groups) for m in range(size)]
     keys += [rank_stream_seed(seed, it, r, s) for r in range(world) for s in ("step_noise", "update", "trained_steps")]
     keys += [window_seed(seed, it, g) for g in range(groups)]
-    keys += [group_stream_seed(seed, it, g, s) for g in range(groups) for s in ("step_noise", "trained_steps")]
+    keys += [group_stream_seed(seed, it, g, s) for g in range(groups) for s in ("step_noise", "trained_steps", "update")]
     assert len(set(keys)) == len(keys)
 
 
@@ -104,3 +104,23 @@ def test_step_chunks_split_one_global_order_among_the_ranks():
         assert sorted(map(tuple, mine.tolist())) == sorted(map(tuple, want.tolist()))
     with pytest.raises(ValueError, match="holds 5 pairs"):
         step_chunks(pairs[0], [4, 0, 7], 0, order, 3)
+
+
+@pytest.mark.parametrize("mode", ["fresh", "path"])
+def test_nft_draws_per_group_do_not_depend_on_the_batch(mode):
+    from flowalign.train import nft_row_draws
+
+    sig = schedules.sd3_diffusers(T)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    ci = torch.arange(2).repeat_interleave(3)
+    traj = PLANS["chain"](gaussian_world_velocity, x, sig, _cond(2), cond_index=ci, group=ci, eta=0.0, kernel="euler")
+    rows = torch.tensor([0, 2, 3, 4, 5]).repeat(2)  # kept samples (sample 1 dropped) × 2 noise levels
+    t, eps = nft_row_draws(traj, rows, mode, _gens([0, 1], "update"))
+    second = PLANS["chain"](gaussian_world_velocity, x[3:], sig, _cond(2), cond_index=ci[3:], group=ci[3:], eta=0.0,
+                            kernel="euler")
+    t1, eps1 = nft_row_draws(second, torch.tensor([0, 1, 2]).repeat(2), mode, _gens([1], "update"))
+    g1 = rows >= 3
+    assert torch.equal(t[g1], t1) and torch.allclose(eps[g1], eps1, atol=1e-6)
+    one = torch.Generator().manual_seed(7)  # one generator: the former draws, all rows in order
+    t_r, _ = nft_row_draws(traj, rows, mode, one)
+    assert t_r.shape == t.shape and not torch.equal(t_r, t)

@@ -58,11 +58,17 @@ shapes-base: $(STAMP)
 #   make credit-experiment CREDIT_METHODS="outcome dense_gain_full" CREDIT_TAG=saturation_ \
 #     CREDIT_EXTRA="'reward.weights={saturation: 1.0}' 'eval.rewards=[saturation,shapes_strict]'" \
 #     CREDIT_OUT=docs/credit_experiment_saturation CREDIT_REWARD=saturation
-CREDIT_METHODS ?= outcome dense_gain turning_points value_anchor euphonium branch branch_all dense_gain_full turning_points_full
+CREDIT_DEFAULT := outcome dense_gain turning_points value_anchor euphonium branch branch_all dense_gain_full turning_points_full
+CREDIT_METHODS ?= $(CREDIT_DEFAULT)
 CREDIT_THREADS ?= 2
 CREDIT_EXTRA ?=
 CREDIT_TAG ?=
+# the plot in docs/ is redrawn only by the full default list; a subset draws its own under runs/
+ifeq ($(strip $(CREDIT_METHODS)),$(strip $(CREDIT_DEFAULT)))
 CREDIT_OUT ?= docs/credit_experiment
+else
+CREDIT_OUT ?= runs/credit_$(CREDIT_TAG)compare
+endif
 CREDIT_REWARD ?= shapes_strict
 CREDIT_ARGS := train.iterations=40 train.optimizer_steps_per_iter=4 eval.every=10 eval.max_prompts=120 eval.seeds_per_prompt=2 train.ema=false train.checkpoint_every=40
 credit-experiment: $(STAMP)

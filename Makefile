@@ -49,8 +49,9 @@ shapes-base: $(STAMP)
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each
 # (TempFlow `branch`: 2 seeds x 4 children per prompt at one random step, so also 8 final samples per prompt;
 # `branch_all`: at all 6 trained steps, 48 final samples per prompt, so 4 prompts x 13 iterations for the same
-# budget; `g2rpo`: G²RPO, one seed per prompt, 8 children at each of steps 0-4 (the high-noise half), credit summed over
-# completions with strides 1, 2, 3, so 40 final samples per prompt and 4 prompts x 16 iterations; `*_full` = full-ODE probes; `euphonium_guided`: rollouts guided by the reward gradient at the trained
+# budget; `g2rpo`: G²RPO, one seed per prompt, 8 children at each of steps 0-4 (the high-noise half), credit
+# summed over completions with strides 1, 2, 3, so 40 final samples per prompt and 4 prompts x 16 iterations;
+# `*_full` = full-ODE probes; `euphonium_guided`: rollouts guided by the reward gradient at the trained
 # steps, which needs a differentiable training reward such as saturation, so it is not in the default list),
 # shapes-bench (120 prompts x 2 seeds) every 10 iterations, then one plot + table in docs/.
 # CREDIT_EXTRA adds overrides to every run, CREDIT_TAG names the runs (runs/credit_<TAG><method>), CREDIT_OUT and

@@ -491,7 +491,8 @@ def granular(inp: CreditInput, *, strides: Annotated[Sequence[int], Interval(1)]
 
     Rollouts come from ``flowalign.samplers.plans.branch`` (G²RPO's "singular stochastic sampling": an ODE trunk to
     x_k, one SDE step into G children, ODE elsewhere); restrict the branch steps to the high-noise half with
-    ``sampler.train_fraction`` (the paper's k ≤ T − ⌊T/2⌋). Paper → ours: each child x_{k+1}^{(i)} is completed on
+    ``sampler.train_fraction=0.5`` (k < T/2: 8 branch steps at T = 16, as METHODS §5.2's cost row counts; §4.7
+    writes k ≤ T − ⌊T/2⌋ and marks that boundary unconfirmed). Paper → ours: each child x_{k+1}^{(i)} is completed on
     J coarsened grids, every λ_j-th native grid index (``strides`` λ_j; probe mode ``ode/λ``, Euler on
     ``subgrid(k+1, T, None, λ)``; λ = 1 is the child's own ODE completion, its terminal reward, no probe).
     A^mix_{k,i} = Σ_j z_i(R(completion_j of child i)), each z-score over the siblings (``traj.group`` = (prompt,

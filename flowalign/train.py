@@ -940,6 +940,9 @@ def nft_row_draws(traj, rows: torch.Tensor, mode: str, generator: Generators) ->
         t = torch.rand(rows.shape[0], generator=generator).mul(0.96).add(0.02)  # [N] in [0.02, 0.98]
         return NFT_NOISE[mode](traj, rows, t, generator)
     gens = list(generator)
+    if not gens or traj.batch_size % len(gens):
+        raise ValueError(f"{len(gens)} per-group generators for {traj.batch_size} samples: the samples must split "
+                         "into equal contiguous blocks, one per generator")
     per = traj.batch_size // len(gens)  # samples per group
     t = torch.empty(rows.shape[0])
     eps = torch.empty((rows.shape[0], *traj.final.shape[1:]))

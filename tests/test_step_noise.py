@@ -124,3 +124,14 @@ def test_nft_draws_per_group_do_not_depend_on_the_batch(mode):
     one = torch.Generator().manual_seed(7)  # one generator: the former draws, all rows in order
     t_r, _ = nft_row_draws(traj, rows, mode, one)
     assert t_r.shape == t.shape and not torch.equal(t_r, t)
+
+
+def test_nft_draws_refuse_generators_that_do_not_split_the_samples():
+    from flowalign.train import nft_row_draws
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    ci = torch.arange(2).repeat_interleave(3)
+    traj = PLANS["chain"](gaussian_world_velocity, x, schedules.sd3_diffusers(T), _cond(2), cond_index=ci, group=ci,
+                          eta=0.0, kernel="euler")
+    with pytest.raises(ValueError, match="equal contiguous blocks"):
+        nft_row_draws(traj, torch.arange(6), "fresh", _gens([0, 1, 2, 3]))

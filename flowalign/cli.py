@@ -20,9 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("flowalign.evaluate", "evaluate a model on a prompt set x rewards -> results.jsonl, summary.json, report"),
     "report": ("flowalign.report", "(re)build report.html for a run directory"),
     "compare": ("flowalign.compare", "compare runs: eval metric against rollouts and NFE (plot + table)"),
-    "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes model)"),
+    "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes image and video models)"),
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
-    "bench": ("flowalign.bench", "benchmarks that print measured figures (`bench shapes-sample | credit | grad-snr | noise-variance | sample-gap`)"),
+    "bench": ("flowalign.bench", "benchmarks that print measured figures (`flowalign bench --help` lists them)"),
     "steer": ("flowalign.steer", "steer a model toward a reward at inference: best-of-N, FK particles, reward guidance"),
     "calibrate": ("flowalign.calibrate", "DenseGRPO reward-aware per-step noise calibration -> a per-step eta file"),
 }

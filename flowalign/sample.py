@@ -243,7 +243,12 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.lora:
         load_lora_checked(model, args.lora)
     for pr in prompts:
-        model.encode([pr])  # out-of-grammar / unreadable prompts fail before any sampling
+        model.encode([pr])  # prompts with words the model does not know fail before any sampling
+    note = getattr(model, "prompt_note", None)  # a closed-grammar model (shapes): known words, unknown sentence
+    for pr in dict.fromkeys(prompts if note else ()):
+        why = note(pr)
+        if why:
+            logger.warning("%s. Sampling it anyway; the model was trained on prompts of its grammar only", why)
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     out = sample_grid(model, prompts, args.out, steps=steps, guidance=args.guidance, seed=args.seed,
                       seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta)

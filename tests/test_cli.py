@@ -35,6 +35,18 @@ def test_sample_rejects_out_of_grammar_prompt_in_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_sample_warns_on_known_words_outside_the_grammar_and_still_draws(tmp_path):
+    """'a red circle above a blue squares' uses only the model's words, so it encodes; the grid is drawn, with one
+    warning that quotes the grammar's error (train/eval/steer refuse such prompts: their verifier cannot score them)."""
+    out = tmp_path / "grid.png"
+    r = _cli("sample", "a red circle above a blue squares", "a red circle", "--seeds", "1", "--steps", "2",
+             "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [ln for ln in r.stderr.splitlines() if "WARNING" in ln]
+    assert len(warnings) == 1 and "'a red circle above a blue squares' is outside the shapes grammar" in warnings[0]
+    assert "expected a singular shape after 'blue', got 'squares'" in warnings[0] and out.exists()
+
+
 def test_eval_on_shapes_bench_subset(tmp_path):
     out = tmp_path / "ev"
     r = _cli("eval", "--prompts", "shapes-bench", "--max-prompts", "6", "--seeds", "2", "--steps", "4", "--out", str(out))

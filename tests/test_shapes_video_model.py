@@ -238,3 +238,17 @@ def test_the_video_recipe_configs_chain_and_build_the_shipped_model():
     shipped = json.loads((root / "flowalign/assets/shapes_video/config.json").read_text())
     for k, v in s2.model_config.items():
         assert shipped[k] == v, k
+
+
+def test_prompt_note_names_the_grammar_each_shapes_family_was_trained_on(tiny):
+    """``flowalign sample`` warns with ``prompt_note``: the motion grammar for the video model, the image grammar for
+    the image model; None for a prompt inside it."""
+    from flowalign.models.shapes import ShapesModel
+
+    assert tiny.prompt_note("a red circle moving to the right") is None
+    assert "outside the shapes motion grammar" in tiny.prompt_note("a red circle moving right")
+    assert "outside the shapes motion grammar" in tiny.prompt_note("a red circle")  # an image prompt: not a video one
+    image = ShapesModel.from_config({"num_layers": 1, "num_heads": 2, "head_dim": 8, "text_dim": 16, "pooled_dim": 16,
+                                     "text_layers": 1, "text_heads": 2})
+    assert image.prompt_note("a red circle") is None
+    assert "outside the shapes grammar" in image.prompt_note("a red circles")

@@ -250,6 +250,22 @@ class ShapesModel(FlowAdapter):
 
         return vocabulary()
 
+    @staticmethod
+    def _parse_prompt(prompt: str) -> Any:
+        from flowalign.shapes.grammar import parse
+
+        return parse(prompt)
+
+    def prompt_note(self, prompt: str) -> Optional[str]:
+        """Why ``prompt`` is outside the grammar this model was trained on, or None when it is inside. A prompt of
+        known words in another order or number still encodes and samples (``flowalign sample`` warns), but the model
+        never saw it and the verifier rewards refuse it."""
+        try:
+            self._parse_prompt(prompt)
+        except UserError as e:
+            return str(e)
+        return None
+
     @classmethod
     def from_pretrained(cls, path: str = "", *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         guidance_scale: Optional[float] = None) -> "ShapesModel":

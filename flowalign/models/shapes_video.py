@@ -140,6 +140,12 @@ class ShapesVideoModel(ShapesModel):
 
         return vocabulary()
 
+    @staticmethod
+    def _parse_prompt(prompt: str) -> Any:
+        from flowalign.shapes.motion import parse
+
+        return parse(prompt)
+
     def _net(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Optional[Tensor]) -> Tensor:
         if self.pooled_embedder is not None:
             self.pooled_embedder.pooled = pooled

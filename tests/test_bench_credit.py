@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
+import torch
+from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is used by name)
 
 from flowalign.bench_credit import RANK_MODES, bench_credit
 
@@ -45,3 +50,47 @@ def test_bench_credit_runs_on_the_shipped_video_model(tmp_path, capsys):
     assert set(res["ranking"]["shapes-video"]) == set(RANK_MODES)  # every few-step mode against ode:full
     assert "shapes_motion_partial" in res["notes"]["shapes_video"]
     assert "== shapes-video" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------- NaN rewards
+
+
+def test_spearman_does_not_rank_a_nan_reward_as_the_largest_value():
+    """A NaN value was ranked last by argsort (the largest), giving a finite ρ (−0.4 here) that entered the mean;
+    like a constant side, a non-finite one makes the (group, state) pair undefined, so it is skipped."""
+    from flowalign.bench_credit import spearman
+
+    nan = float("nan")
+    assert math.isnan(spearman(torch.tensor([1.0, nan, 2.0, 0.5]), torch.tensor([1.0, 2.0, 3.0, 4.0])))
+    assert math.isnan(spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, float("inf"), 1.0])))
+    # finite inputs are unchanged (ties get average ranks, as scipy.stats.spearmanr)
+    assert abs(spearman(torch.tensor([1.0, 1.0, 2.0, 0.5]), torch.tensor([1.0, 2.0, 3.0, 4.0])) + 0.316227766) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--groups", "0"], ["--groups"]),
+    (["--group-size", "0"], ["--group-size"]),
+    (["--children", "0"], ["--children"]),
+    (["--steps", "0"], ["--steps"]),
+    (["--max-batch", "0"], ["--max-batch"]),
+    (["--rank-groups", "-1"], ["--rank-groups"]),
+    (["--models", "shape"], ["'shape'", "shapes"]),  # was skipped silently: exit 0 and an empty table
+    (["--rank-reward", "bogus"], ["'bogus'"]),  # was refused only after every cost run
+])
+def test_bench_credit_refuses_bad_input_before_loading(capsys, no_model, tmp_path, extra, needles):
+    out = tmp_path / "b.json"
+    _fails(capsys, ["bench", "credit", "--models", "shapes", "--json", str(out), *extra], *needles)
+    assert not out.exists()
+
+
+def test_bench_credit_does_not_swap_a_wrong_shapes_path_for_a_random_model(capsys, tmp_path):
+    """A typo in --shapes-path silently benchmarked a RANDOM-INIT model (exit 0); the fallback is for the
+    shipped model only."""
+    bad = tmp_path / "nope"
+    out = tmp_path / "b.json"
+    _fails(capsys, ["bench", "credit", "--models", "shapes", "--methods", "flow_grpo", "--steps", "2", "--group-size",
+                    "2", "--rank-groups", "0", "--shapes-path", str(bad), "--json", str(out)], str(bad))
+    assert not out.exists()

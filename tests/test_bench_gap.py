@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is used by name)
 
 from flowalign.bench_gap import denoise_error
 
@@ -44,3 +45,8 @@ def test_bench_sample_gap_from_the_command_line(tmp_path):
         assert b.returncode == 2 and needle in b.stderr, b.stderr[-1000:]
         assert sum("error" in ln.lower() for ln in b.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "bad.json").exists()
+
+
+def test_sample_gap_refuses_fractional_step_counts(capsys, no_model):
+    """`--steps 2.5` was truncated to 2 and reported as 'ode 2 steps'."""
+    _fails(capsys, ["bench", "sample-gap", "--steps", "2.5"], "2.5")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is used by name)
 
 from flowalign.bench_snr import group_halves, per_step_grads, split_half_cosine
 from flowalign.samplers import eta_schedule, gather_cond, sample, schedules, step_log_prob
@@ -98,3 +100,79 @@ def test_bench_grad_snr_from_the_command_line(tmp_path):
     assert bad.returncode == 2 and "unknown grad-snr method" in bad.stderr
     assert sum("error" in ln.lower() for ln in bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.json").exists()
+
+
+# -------------------------------------------------------------------------- undefined cosines and odd group counts
+
+
+def test_split_half_cosine_is_undefined_not_zero_without_a_gradient():
+    """All-zero advantages (e.g. a reward that is constant in every group) give two zero gradients; torch's
+    cosine_similarity returns 0 for them, which the bench printed as c = +0.000, 'no signal detected'."""
+    from flowalign.bench_snr import group_halves, split_half_cosine
+
+    w = group_halves(4, 2, splits=3, seed=0)  # [3, 2, 8]
+    grads = torch.randn(1, 8, 5, generator=torch.Generator().manual_seed(0))  # [S, B, D]
+    assert torch.isnan(split_half_cosine(grads, torch.zeros(8, 2), [0], w)).all()
+    # one half without gradient: undefined as well; a split with both halves non-zero stays finite
+    adv = torch.zeros(8, 2)
+    adv[:2, 0] = 1.0  # only group 0 has credit
+    c = split_half_cosine(grads, adv, [0], w)
+    assert torch.isnan(c).all()
+    assert torch.isfinite(split_half_cosine(grads, torch.ones(8, 2), [0], w)).all()
+
+
+def test_group_halves_are_equal_for_an_odd_number_of_groups():
+    """With 3 groups the halves held 2 groups and 1 group, but the bench read the cosine with the equal-halves
+    formula n(1 − c)/c and n = B // 2 (a size neither half had)."""
+    from flowalign.bench_snr import group_halves
+
+    w = group_halves(3, 2, splits=20, seed=0)  # [20, 2, 6]
+    sizes = (w > 0).sum(2)  # [20, 2]
+    assert (sizes == 2).all()
+    for s in range(20):
+        assert not ((w[s, 0] > 0) & (w[s, 1] > 0)).any()
+        for k in range(2):
+            per_group = (w[s, k] > 0).view(3, 2).sum(1)
+            assert ((per_group == 0) | (per_group == 2)).all()  # whole groups only
+    assert ((group_halves(6, 4, splits=5, seed=0) > 0).sum(1) == 1).all()  # even counts: every rollout, as before
+
+
+def test_grad_snr_reports_no_gradient_and_the_true_half_size(monkeypatch, capsys, tmp_path):
+    """A constant reward gives no gradient at all: reported as such, not as c = +0.000 'no signal'; with an odd
+    number of groups the printed rollouts per half are the halves' real size."""
+    import flowalign.rewards as R
+    from flowalign.bench_snr import bench_grad_snr
+
+    class Constant:
+        name, differentiable = "constant", False
+
+        def __call__(self, images, prompts, metadata=None):
+            return torch.full((images.shape[0],), 0.5)
+
+    monkeypatch.setattr(R, "build_reward", lambda name, **kw: Constant())
+    out = tmp_path / "snr.json"
+    bench_grad_snr(["--prompts", "3", "--groups-per-prompt", "1", "--group-size", "2", "--steps", "3",
+                    "--train-fraction", "0.5", "--methods", "flow_grpo", "--splits", "3", "--threads", "1",
+                    "--lora-rank", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "(2 per half)" in text  # 3 groups of 2: each half is 1 group = 2 rollouts (was "3 per half")
+    row = next(ln for ln in text.splitlines() if ln.startswith("flow_grpo"))
+    assert "no gradient" in row and "+0.000" not in row
+    res = json.loads(out.read_text())
+    assert res["per_half"] == 2 and math.isnan(res["methods"]["flow_grpo"]["cos"])
+    assert res["methods"]["flow_grpo"]["rollouts_for_c_half"] is None
+
+
+# ------------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--splits", "0"], "--splits"),  # was a NaN table
+    (["--splits", "-1"], "--splits"),
+    (["--lora-rank", "0"], "--lora-rank"),
+    (["--eta", "0"], "no stochastic step"),  # was a TypeError after the rollouts and gradients
+    (["--steps", "1"], "no stochastic step"),
+    (["--steps", "2", "--train-fraction", "0.4"], "no stochastic step"),
+])
+def test_grad_snr_refuses_runs_without_a_gradient_to_compare(capsys, no_model, extra, needle):
+    _fails(capsys, ["bench", "grad-snr", *extra], needle)

@@ -10,10 +10,12 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is used by name)
 
 from flowalign.cli import main
+from flowalign.errors import UserError
 
 def _garbage_lora(tmp_path):
     d = tmp_path / "lora"
@@ -272,3 +274,140 @@ def test_eval_and_calibrate_refuse_a_device_that_is_not_here(capsys, no_model, t
     monkeypatch.chdir(tmp_path)
     _fails(capsys, argv, "--device")
     assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------- eval / sample
+
+
+def test_eval_refuses_an_empty_jsonl_prompt_in_one_line_before_the_model_loads(tmp_path, capsys, no_model):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a red circle"}\n{"prompt": ""}\n')
+    out = tmp_path / "ev"
+    _fails(capsys, ["eval", "--prompts", str(p), "--out", str(out)], f"{p}:2", "empty prompt")
+    assert not out.exists()
+    _fails(capsys, ["sample", "--prompt-file", str(p), "--out", str(tmp_path / "g.png")], f"{p}:2", "empty prompt")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p.jsonl"]
+
+
+def test_eval_and_sample_refuse_an_out_under_a_file_before_the_model_loads(tmp_path, capsys, no_model):
+    """Else the whole evaluation ran and the final mkdir / write failed with a traceback."""
+    f = tmp_path / "file"
+    f.write_text("keep")
+    _fails(capsys, ["eval", "--max-prompts", "1", "--out", str(f / "ev")], str(f), "not a directory")
+    _fails(capsys, ["sample", "a red circle", "--out", str(f / "sub" / "g.png")], str(f), "not a directory")
+    assert f.read_text() == "keep" and sorted(x.name for x in tmp_path.iterdir()) == ["file"]
+
+
+def test_sample_refuses_prompts_and_a_prompt_file_together(tmp_path, capsys, no_model):
+    """One of the two was silently ignored (the positional prompts)."""
+    _fails(capsys, ["sample", "a red circle", "--prompt-file", "shapes-bench", "--out", str(tmp_path / "g.png")],
+           "--prompt-file", "not both")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_refuses_an_out_name_that_is_not_png(tmp_path, capsys, no_model):
+    """The grid is PNG bytes: samples.jpg would hold a PNG under a JPEG name."""
+    _fails(capsys, ["sample", "a red circle", "--out", str(tmp_path / "samples.jpg")], "give the file a .png name")
+    assert not (tmp_path / "samples.jpg").exists()
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda:0"])
+def test_sample_bad_device_is_one_line_and_writes_nothing(tmp_path, device):
+    from flowalign.sample import cli_main
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "g.png"
+    with pytest.raises(UserError) as info:
+        cli_main(["a red circle", "--device", device, "--steps", "1", "--seeds", "1", "--out", str(out)])
+    assert "--device" in str(info.value) and device in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ungrammatical_prompts_of_known_words_fail_before_sampling(tmp_path, capsys, monkeypatch):
+    """'circle red a' uses only the model's words, so the model's vocabulary check passes; the shapes verifier
+    refused it only when scoring, after sampling. Train and eval now parse every prompt of a shapes reward first."""
+    from pathlib import Path
+
+    import flowalign.evaluate as E
+    import flowalign.train as T
+    from flowalign import config as C
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a red circle\ncircle red a\n")
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampling started before the prompt was refused")
+
+    monkeypatch.setattr(E, "run_eval", no_sampling)
+    _fails(capsys, ["eval", "--prompts", str(bad), "--out", str(tmp_path / "ev"), "--rewards", "shapes_strict"],
+          "'circle red a' is outside the shapes grammar")
+    assert not (tmp_path / "ev").exists()
+    monkeypatch.setattr(T, "run_eval", no_sampling)
+    cfg = C.load_config(str(Path(__file__).resolve().parents[1] / "configs" / "shapes_grpo.yaml"),
+                        [f"data.train_prompts={bad}", f"output.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="'circle red a' is outside the shapes grammar"):
+        T.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ --guidance
+
+BAD_GUIDANCE = ["nan", "inf", "-inf", "-0.5"]
+
+
+@pytest.mark.parametrize("value", BAD_GUIDANCE)
+def test_sample_refuses_a_bad_guidance_before_the_model_loads(tmp_path, capsys, no_model, value):
+    out = tmp_path / "grid.png"
+    _fails(capsys, ["sample", "a red circle", "--out", str(out), f"--guidance={value}"], "--guidance", value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", BAD_GUIDANCE)
+def test_eval_refuses_a_bad_guidance_before_the_model_loads(tmp_path, capsys, no_model, value):
+    out = tmp_path / "ev"
+    _fails(capsys, ["eval", "--out", str(out), f"--guidance={value}"], "--guidance", value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", BAD_GUIDANCE)
+def test_calibrate_refuses_a_bad_guidance_before_the_model_loads(tmp_path, capsys, no_model, value):
+    out = tmp_path / "eta.json"
+    _fails(capsys, ["calibrate", "--out", str(out), f"--guidance={value}"], "--guidance", value)
+    assert not out.exists()
+
+
+def test_check_guidance_is_shared():
+    from flowalign.sample import check_guidance
+
+    assert check_guidance(None) is None
+    assert check_guidance(0) == 0.0 and check_guidance(4.5) == 4.5
+    for bad in (float("nan"), float("inf"), -1.0, "x"):
+        with pytest.raises(UserError) as info:
+            check_guidance(bad)
+        assert str(info.value).startswith("--guidance") and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------------------- bench
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--n", "0"], "--n"),
+    (["--steps", "0"], "--steps"),  # was silently replaced by the model's default
+    (["--steps", "-2"], "--steps"),
+    (["--threads", "0"], "--threads"),  # was silently ignored
+    (["--repeats", "-1"], "--repeats"),
+])
+def test_shapes_sample_refuses_bad_counts(capsys, no_model, extra, needle):
+    _fails(capsys, ["bench", "shapes-sample", *extra], needle)
+
+
+@pytest.mark.parametrize("bench, extra", [
+    ("credit", ["--models", "shapes"]),
+    ("grad-snr", []),
+    ("noise-variance", []),
+    ("sample-gap", []),
+])
+def test_benches_refuse_a_directory_json_before_running(capsys, no_model, tmp_path, bench, extra):
+    """`--json DIR` failed with IsADirectoryError only after the whole benchmark had run."""
+    _fails(capsys, ["bench", bench, *extra, "--json", str(tmp_path)], str(tmp_path), "directory")

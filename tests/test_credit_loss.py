@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from flowalign.credit import CREDIT, CreditInput, assign_credit, group_normalize, zero_std_ratio
+from flowalign.credit import (CREDIT, CreditInput, assign_credit, group_normalize, outcome, step_normalize,
+                              zero_std_ratio)
 from flowalign.loss import clipped_surrogate, gaussian_kl, ratio_stats
+from flowalign.samplers import eta_schedule, sd3_diffusers
 from flowalign.samplers.kernels import flow_sde
 from flowalign.types import Trajectory
 
@@ -197,3 +199,33 @@ def test_global_std_is_the_std_of_every_ranks_rewards():
     per_rank = torch.cat([group_normalize(r[:8], g[:8], scope="global", ddof=1),
                           group_normalize(r[8:], g[8:], scope="global", ddof=1)])
     assert not torch.allclose(per_rank, one, atol=1e-3)  # what each rank computed alone before
+
+
+T = 6  # sampling steps of the trajectory below
+
+
+def test_global_scope_all_equal_group_gets_exactly_zero():
+    """METHODS §3.2: a group whose rewards are all equal gets A = 0 — also with std_scope="global" (Flow-GRPO's
+    default), where float64 rewards (e.g. reward_sum with weight 1/26) left r − mean ≈ 1e-16 ≠ 0, so zero-std
+    filtering (A != 0) kept those rollouts."""
+    flat = [0.7] * 24
+    r = torch.tensor(flat + [0.0, 1.0, 2.0], dtype=torch.float64)
+    g = torch.tensor([0] * 24 + [1, 1, 1])
+    for scope in ("global", "group"):
+        a = group_normalize(r, g, scope=scope)
+        assert bool((a[:24] == 0).all()), (scope, a[:3].tolist())
+        assert bool((a[24:] != 0).any())
+    # per-step columns (dense credit under the global scope)
+    x = torch.stack([r, r / 3.0], dim=1)  # [B, 2]
+    a = step_normalize(x, g, scope="global")
+    assert bool((a[:24] == 0).all())
+    # the outcome assigner with reward_sum aggregation and weight 1/26 (PickScore/26)
+    traj = Trajectory(latents=torch.zeros(27, T + 1, 2), sigmas=sd3_diffusers(T), eta=eta_schedule(T, 0.7),
+                      log_probs=torch.zeros(27, T), cond={"c": torch.zeros(1, 2)},
+                      cond_index=torch.zeros(27, dtype=torch.long), group=g, prompts=("p",))
+    rw = torch.tensor([22.37] * 24 + [21.0, 22.0, 23.0], dtype=torch.float32)
+    inp = CreditInput(traj=traj, rewards={"pick": rw}, reward_weights={"pick": 1 / 26}, aggregate="reward_sum",
+                      std_scope="global", trained=torch.ones(27, T, dtype=torch.bool))
+    adv = outcome(inp).advantages
+    assert bool((adv[:24] == 0).all())
+    assert bool((adv[24:] != 0).any())

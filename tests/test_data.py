@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -156,3 +157,155 @@ def test_expand_groups():
     # gathering prompt rows by cond_index gives every rollout its own group's prompt
     prompts = ["p7", "p2", "p7"]
     assert [prompts[i] for i in cond_index.tolist()][4:8] == ["p2"] * 4
+
+
+# ------------------------------------------------------------------------------------------ prompt-file edge cases
+
+
+def test_txt_splits_prompts_only_at_newlines(tmp_path):
+    # str.splitlines() also breaks at U+2028/U+2029 (pasted web text), NEL, form feed, vertical tab and the
+    # \x1c-\x1e separators: one line of the file silently became two prompts (and the count changed)
+    p = tmp_path / "p.txt"
+    lines = ["a red\u2028circle", "two\u2029cows", "a\x85b", "page\x0cbreak", "tab\x0bbed", "file\x1csep"]
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [r.prompt for r in load_prompts(p)] == lines
+    crlf = tmp_path / "crlf.txt"  # Windows and old-Mac line ends still end a line, and are not kept
+    crlf.write_bytes(b"\xef\xbb\xbfa cat\r\n\r\n# note\r\na dog\rthree birds\r\n")
+    assert [r.prompt for r in load_prompts(crlf)] == ["a cat", "a dog", "three birds"]
+
+
+def test_load_prompts_ignores_a_utf8_bom(tmp_path):
+    from flowalign.data import load_prompts
+
+    bom = "\ufeff"
+    (tmp_path / "p.txt").write_text(bom + "a red circle\n# note\na blue square\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text(bom + json.dumps({"prompt": "a red circle", "task": "t"}) + "\n", encoding="utf-8")
+    (tmp_path / "p.json").write_text(bom + json.dumps(["a red circle"]), encoding="utf-8")
+    assert [r.prompt for r in load_prompts(tmp_path / "p.txt")] == ["a red circle", "a blue square"]
+    assert [(r.prompt, r.metadata) for r in load_prompts(tmp_path / "p.jsonl")] == [("a red circle", {"task": "t"})]
+    assert [r.prompt for r in load_prompts(tmp_path / "p.json")] == ["a red circle"]
+
+
+def test_jsonl_keeps_prompts_that_contain_unicode_line_breaks(tmp_path):
+    from flowalign.data import load_prompts
+
+    rows = [{"prompt": "line\u2028sep"}, {"prompt": "next\x85line"}, {"prompt": "form\x0cfeed"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                                      encoding="utf-8")
+    assert [r.prompt for r in load_prompts(tmp_path / "p.jsonl")] == [r["prompt"] for r in rows]
+
+
+@pytest.mark.parametrize("raw, line, byte", [
+    (b"ok\nbad \xff here\n", 2, 7),
+    (b"\xef\xbb\xbfok\nok2\nbad \xff here\n", 3, 14),  # the BOM counts: the offset is in the file, not after it
+    (b"ok\r\nok2\r\n\xc3(\r\n", 3, 9),
+    (b"\xff\xfea\x00", 1, 0),  # UTF-16
+])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_not_utf8_names_file_line_and_true_byte(tmp_path, raw, line, byte, suffix):
+    p = tmp_path / f"bad{suffix}"
+    p.write_bytes(raw)
+    msg = _err(load_prompts, p)
+    assert f"{p}:{line}:" in msg and f"byte {byte}" in msg and "UTF-8" in msg
+
+
+@pytest.mark.parametrize("value, shown", [("null", "null"), ("3", "number"), ('["a"]', "list")])
+def test_non_string_prompt_says_so(tmp_path, value, shown):
+    # it used to say 'no string "prompt" key (keys: prompt)', which reads as if the key were missing
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "ok"}\n{"prompt": ' + value + ', "tag": "x"}\n')
+    msg = _err(load_prompts, p)
+    assert f"{p}:2:" in msg and "must be a string" in msg and shown in msg
+    missing = tmp_path / "m.jsonl"
+    missing.write_text('{"text": "a cat"}\n')
+    assert "keys: text" in _err(load_prompts, missing)  # a missing key still lists the keys it has
+
+
+@pytest.mark.parametrize("empty", ["", "   ", "\t"])
+def test_an_empty_jsonl_prompt_is_refused_naming_the_file_and_line(tmp_path, empty):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "a red circle"}) + "\n" + json.dumps({"prompt": empty, "task": "x"}) + "\n")
+    with pytest.raises(UserError) as err:
+        load_prompts(p)
+    msg = str(err.value)
+    assert f"{p}:2" in msg and "empty prompt" in msg and "\n" not in msg
+    j = tmp_path / "p.json"  # the same rule for a .json list, of objects or of strings
+    j.write_text(json.dumps(["a red circle", empty]))
+    with pytest.raises(UserError, match=r"p\.json\[1\].*empty prompt"):
+        load_prompts(j)
+
+
+def test_spaced_subset_keeps_every_task_share_in_a_shuffled_set():
+    from flowalign.data import load_prompts, spaced_subset, task_of
+
+    train = load_prompts("shapes-train")  # 6 tasks x 500, shuffled
+    for n in (6, 12, 60):
+        counts = collections.Counter(task_of(r) for r in spaced_subset(train, n))
+        assert set(counts.values()) == {n // 6}, (n, counts)
+    # a task-ordered set keeps its evenly spaced picks (same records as before)
+    bench = load_prompts("shapes-bench")
+    for n in (7, 8, 100):
+        assert spaced_subset(bench, n) == [bench[(i * len(bench)) // n] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- the prompt stream: seeds and resume
+
+
+def test_prompt_sampler_takes_a_negative_seed():
+    """train.seed=-1 crashed the first iteration (numpy refuses negative entropy) after the base evaluation ran."""
+    s = PromptSampler(7, 3, seed=-1)
+    a = [s.next_groups() for _ in range(5)]
+    b = PromptSampler(7, 3, seed=-1)
+    assert a == [b.next_groups() for _ in range(5)]
+    assert sorted(a[0] + a[1] + [a[2][0]]) == list(range(7))  # epoch 0 is a permutation
+
+
+def _records(texts, meta=None):
+    from flowalign.data import PromptRecord
+
+    return [PromptRecord(t, dict(meta or {})) for t in texts]
+
+
+def _saved_state(records):
+    from flowalign.data import PromptSampler
+
+    s = PromptSampler(records, groups_per_iter=2, seed=5)
+    s.next_groups()
+    return json.loads(json.dumps(s.state_dict()))  # as stored: plain data
+
+
+def test_resume_refuses_an_edited_prompt_set_of_the_same_length():
+    """Only the count was compared: an edited prompt file with as many lines resumed silently on other prompts."""
+    from flowalign.data import PromptSampler
+
+    a = _records(["a red circle", "a blue square", "two circles"])
+    b = _records(["a red circle", "a green square", "two circles"])
+    state = _saved_state(a)
+    with pytest.raises(UserError) as info:
+        PromptSampler(b, groups_per_iter=2, seed=5).load_state_dict(state)
+    msg = str(info.value)
+    assert "\n" not in msg and "prompt" in msg and "changed" in msg, msg
+    # metadata counts too (GenEval's tag/include decide the reward)
+    with pytest.raises(UserError):
+        PromptSampler(_records([r.prompt for r in a], {"task": "x"}), 2, seed=5).load_state_dict(state)
+    # prompt text is compared exactly: a trailing space (kept by load_prompts) is another prompt
+    with pytest.raises(UserError):
+        PromptSampler(_records(["a red circle ", "a blue square", "two circles"]), 2, seed=5).load_state_dict(state)
+
+
+def test_resume_over_the_same_prompts_and_from_old_checkpoints_still_works():
+    from flowalign.data import PromptSampler
+
+    a = _records(["a red circle", "a blue square", "two circles"], {"task": "t", "b": 1})
+    ref = PromptSampler(a, 2, seed=5)
+    uninterrupted = [ref.next_groups() for _ in range(4)]
+    state = _saved_state(a)
+    same = PromptSampler(_records([r.prompt for r in a], {"b": 1, "task": "t"}), 2, seed=5)  # key order is not content
+    same.load_state_dict(state)
+    assert [uninterrupted[0]] + [same.next_groups() for _ in range(3)] == uninterrupted
+    old = {k: v for k, v in state.items() if k not in ("prompts_sha256",)}  # written before the fingerprint existed
+    assert set(old) == {"epoch", "position", "iteration", "seed", "n", "groups_per_iter", "shuffle"}
+    PromptSampler(_records(["x", "y", "z"]), 2, seed=5).load_state_dict(old)
+    PromptSampler(3, 2, seed=5).load_state_dict(state)  # built from a count: nothing to compare
+    with pytest.raises(UserError, match="n=3"):  # a changed count is still reported as such
+        PromptSampler(_records(["x", "y"]), 2, seed=5).load_state_dict(state)

@@ -1,10 +1,13 @@
-"""Evaluation summaries: the pass@k estimator and its per-task summary."""
+"""Evaluation: the pass@k estimator and its per-task summary, the settings a summary records, image seeds."""
 
 import itertools
+import json
 import math
 
 import pytest
+import torch
 
+from flowalign.cli import main
 from flowalign.evaluate import pass_at_k, summarize, summarize_pass_at_k
 
 
@@ -65,3 +68,49 @@ def test_geneval_tags_and_parti_categories_are_the_groups(key):
     assert set(s["per_task"]) == {"a", "b"}
     assert s["overall"]["strict"] == pytest.approx(((0.25 + 1.0) / 2 + 0.0) / 2)  # mean of tasks, not of images
     assert set(summarize_pass_at_k(recs, ["strict"])["strict"]["per_task"]) == {"a", "b"}
+
+
+# ------------------------------------------------------------------------------------------ the summary's settings
+
+
+def test_eval_summary_records_which_model_lora_and_prompt_set_were_evaluated(tmp_path, capsys):
+    """REWARDS_AND_EVAL §3.2: the results record the LoRA state; two eval dirs (base, LoRA) must be told apart."""
+    out = tmp_path / "ev"
+    code = main(["eval", "--max-prompts", "1", "--seeds", "1", "--steps", "1", "--rewards", "shapes_partial",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["model"] == "shapes" and settings["lora"] is None and settings["prompt_set"] == "shapes-bench"
+    assert "model=shapes" in (out / "report.html").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------- image seeds
+
+
+def test_image_seed_is_unchanged_below_1009():
+    from flowalign.evaluate import image_seed
+
+    assert image_seed(0, 0, 0) == 0
+    assert image_seed(0, 1, 0) == 1009
+    assert image_seed(3, 2, 5) == 3 * 1_000_003 + 2 * 1_009 + 5 == 3_002_032
+    assert image_seed(1, 0, 1008) == 1_001_011
+    assert image_seed(7, 500, 17) == 7_000_021 + 504_500 + 17
+
+
+def test_image_seeds_are_distinct_past_1009_and_usable():
+    """seed·1_000_003 + i·1_009 + k repeats from k = 1009 on: image_seed(0, 0, 1009) == image_seed(0, 1, 0), so
+    best-of-N / steering with 1009+ images per prompt started two images from the same noise."""
+    from flowalign.evaluate import image_seed
+
+    vals = {(s, i, k): image_seed(s, i, k) for s in (0, 1) for i in range(3) for k in range(3000)}
+    assert len(set(vals.values())) == len(vals)
+    # the CPU generator keeps only the low 32 bits of a seed, so those must differ within a run too
+    g = torch.Generator()
+    assert torch.equal(torch.randn(3, generator=g.manual_seed(2**40 + 7)), torch.randn(3, generator=g.manual_seed(7)))
+    for s in (0, 1):
+        low = [v % 2**32 for (s2, _, _), v in vals.items() if s2 == s]
+        assert len(set(low)) == len(low)
+    for v in vals.values():
+        assert 0 <= v < 2**64
+    for v in (max(vals.values()), image_seed(2**40, 10**4, 10**5)):
+        torch.Generator().manual_seed(v)  # does not overflow

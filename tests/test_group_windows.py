@@ -106,7 +106,7 @@ def _subset(traj, rows, eta):
 def test_the_trainer_draws_one_window_per_group(tmp_path):
     """A 1-iteration shapes run with a window free to move: each group's rollouts train exactly its own window
     (window_size steps per rollout), and the groups' starts differ (the old trainer shared one per iteration)."""
-    from test_review_trainer import _cfg
+    from test_train import _one_step_cfg as _cfg
 
     from flowalign.train import train
 

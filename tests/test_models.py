@@ -246,3 +246,33 @@ def test_on_policy_ratio_is_one_with_trained_lora(tiny_sd3_dir):  # noqa: F811
     cond = model.encode(PROMPTS)
     for kernel in ("flow_sde", "cps"):
         _ratio_check(model, cond, kernel)
+
+
+# -------------------------- initial noise: drawn in the pipeline dtype (as prepare_latents does), returned in fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_init_noise_is_the_pipelines_noise(tiny_sd3_dir, tiny_flux_dir, family, dtype):  # noqa: F811
+    """SD3 and FLUX pipelines draw the start with ``randn_tensor(shape, generator, device, prompt_embeds.dtype)``; the
+    adapters drew fp32, so a bf16 model's seed did not give the pipeline's start. Now the same seed gives the
+    pipeline's noise (packed for FLUX), upcast to fp32; fp32 models are unchanged."""
+    directory = {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir}[family]
+    model = load_model(family, str(directory), dtype=dtype, max_sequence_length=SEQ, **TINY_SIZES[family])
+    pipe = model.pipe
+    with torch.no_grad():  # the dtype the pipeline hands to prepare_latents
+        if family == "sd3":
+            pipe_dtype = pipe.encode_prompt(prompt=PROMPTS[:1], prompt_2=None, prompt_3=None, device="cpu",
+                                            do_classifier_free_guidance=False, max_sequence_length=SEQ)[0].dtype
+        else:
+            pipe_dtype = pipe.encode_prompt(prompt=PROMPTS[:1], prompt_2=None, device="cpu",
+                                            max_sequence_length=SEQ)[0].dtype
+    assert pipe_dtype == dtype
+
+    x = model.init_noise(3, torch.Generator().manual_seed(7))
+    channels = pipe.transformer.config.in_channels // (4 if family == "flux" else 1)
+    ref = pipe.prepare_latents(3, channels, TINY_SIZES[family]["height"], TINY_SIZES[family]["width"], pipe_dtype,
+                               "cpu", torch.Generator().manual_seed(7))
+    ref = ref[0] if family == "flux" else ref  # FluxPipeline also returns the image ids
+    assert x.dtype == torch.float32 and ref.dtype == dtype
+    assert torch.equal(x, ref.float())

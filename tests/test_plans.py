@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from flowalign.samplers import eta_schedule, sample, schedules, step_log_prob
+from flowalign.loss import clipped_surrogate, gaussian_kl
+from flowalign.samplers import eta_schedule, sample, schedules, sd3_diffusers, step_log_prob
 from flowalign.samplers.plans import PLANS, next_table, staggered_ode, subgrid
+from flowalign.samplers.plans import branch as plan_branch
+
+from test_samplers import T, _cond as _e_cond, elementwise_velocity  # noqa: E402  (a batch-invariant velocity)
 
 M, SD = 2.0, 0.5
 
@@ -188,3 +192,27 @@ def test_every_plan_declares_its_batch_shape():
     assert plan_shape("branch", {"children": 4, "branch_steps": [1, 3]}, 9) == (8, 1)
     with pytest.raises(ValueError, match="unknown rollout plan"):
         plan_shape("no_such_plan", {}, 9)
+
+
+@pytest.mark.parametrize("kernel", ["flow_sde", "cps", "dance_sde"])
+def test_branch_plan_on_policy_ratio_is_exactly_one_in_shuffled_micro_batches(kernel):
+    """§3.8 for the branch plan: re-scoring the branch edges in shuffled flat micro-batches (mixed k) with the
+    same kernel gives ρ ≡ 1 bit for bit, and the first update's clipfrac is 0; the exact KL to itself is 0."""
+    sig = sd3_diffusers(T)
+    cond = _e_cond()
+    noise = torch.randn(3, 3, 2, generator=torch.Generator().manual_seed(3))
+    ci = torch.tensor([0, 0, 1])
+    a = {"flow_sde": 0.7, "cps": 0.8, "dance_sde": 0.3}[kernel]
+    tr = plan_branch(elementwise_velocity, noise, sig, cond, eta=eta_schedule(T, a), children=2, kernel=kernel,
+                     cond_index=ci, generator=torch.Generator().manual_seed(4))
+    b_idx, t_idx = tr.extras["trained"].nonzero(as_tuple=True)
+    perm = torch.randperm(b_idx.shape[0], generator=torch.Generator().manual_seed(5))
+    b_idx, t_idx = b_idx[perm], t_idx[perm]
+    for mb in torch.split(torch.arange(b_idx.shape[0]), 5):
+        b, t = b_idx[mb], t_idx[mb]
+        logp, trn = step_log_prob(elementwise_velocity, tr.latents[b, t], tr.latents[b, t + 1], tr.sigmas[t],
+                                  tr.sigmas[t + 1], tr.eta[t], {"e": cond["e"][tr.cond_index[b]]}, kernel=kernel)
+        assert torch.equal(logp, tr.log_probs[b, t])
+        _, ratio = clipped_surrogate(logp, tr.log_probs[b, t], torch.ones_like(logp), 1e-5)
+        assert bool((ratio == 1).all())
+        assert bool((gaussian_kl(trn.mean, trn.mean, trn.std, tr.sigmas[t + 1] - tr.sigmas[t]) == 0).all())

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
+import yaml
+from cli_checks import fails as _cli_fails
 
+from flowalign.cli import main
 from flowalign.errors import UserError
 from flowalign.pretrain import (PretrainConfig, cli_main, ema_decay_at, ema_model_from_checkpoint, ema_update,
                                 flow_matching_loss, logit_normal_sigmas, lr_at, pretrain, shapes_data, step_generator)
@@ -186,3 +191,237 @@ def test_resume_with_changed_settings_is_refused_before_anything_is_written(tmp_
     assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before
     pretrain(tiny_cfg(log_every=3, keep_checkpoints=4), tmp_path / "b", data=toy_data, progress=False, resume=True)
     assert (tmp_path / "b" / "final").is_dir()
+
+
+# ----------------------- bad input is one line (exit 2) before any heavy work, and never overwrites an earlier run
+
+
+def _fails(capsys, argv, *needles):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, (rc, err)
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def _tiny_yaml(path):
+    """A shapes run that takes about a second (the grammar's vocabulary, 8×8 images)."""
+    mc = {k: v for k, v in TINY_MODEL.items() if k not in ("vocab", "max_len")}
+    path.write_text(yaml.safe_dump(dict(model="shapes", model_config=mc, data_config={"image_size": 8}, steps=2,
+                                        batch_size=2, warmup=1, checkpoint_every=0, log_every=1)))
+    return path
+
+
+@pytest.mark.parametrize("key, value", [("logit_std", "nan"), ("logit_mean", "-inf"), ("lr", "inf"),
+                                        ("weight_decay", "nan"), ("min_lr_ratio", "inf")])
+def test_non_finite_float_settings_are_refused_at_load(key, value):
+    """NaN σ parameters, an infinite lr or a NaN weight decay used to run the whole pretraining and write a NaN
+    (or σ = 0 only) model to final/."""
+    with pytest.raises(UserError, match=f"pretrain {key} must be") as info:
+        PretrainConfig.from_dict({key: value})
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_lr_flag_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    conf = _tiny_yaml(tmp_path / "tiny.yaml")
+    _fails(capsys, ["pretrain", "--config", str(conf), "--out", str(out), "--lr", "inf", "--no-progress"], "lr", "finite")
+    assert not out.exists()
+
+
+def test_seed_beyond_64_bits_is_one_line_exit_2(tmp_path, capsys):
+    """torch.manual_seed overflowed with a ValueError traceback (exit 1)."""
+    out = tmp_path / "run"
+    conf = _tiny_yaml(tmp_path / "tiny.yaml")
+    _fails(capsys, ["pretrain", "--config", str(conf), "--out", str(out), "--seed", str(2**64), "--no-progress"],
+           "--seed", str(2**64))
+    assert not out.exists()
+    assert PretrainConfig.from_dict({"seed": 2**64 - 1}).seed == 2**64 - 1  # the whole 64-bit range is fine
+
+
+def test_out_below_a_file_is_one_line_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    """--out a_file/run crashed with NotADirectoryError at mkdir, after building the model and rendering data."""
+    import flowalign.pretrain as pre
+
+    def no_build(cfg):
+        raise AssertionError("the model was built before --out was checked")
+
+    monkeypatch.setattr(pre, "build_model", no_build)
+    (tmp_path / "a_file").write_text("keep me")
+    _fails(capsys, ["pretrain", "--out", str(tmp_path / "a_file" / "run"), "--no-progress"], "a_file", "is a file")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path, capsys, resume):
+    """A finished run whose checkpoints were deleted (they are most of its disk) had its metrics.jsonl emptied at
+    once and its final/ model replaced by a new run's; --resume 'started fresh' and did the same."""
+    conf = _tiny_yaml(tmp_path / "tiny.yaml")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(conf), "--out", str(run), "--no-progress"]) == 0
+    shutil.rmtree(run / "checkpoints")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    argv = ["pretrain", "--config", str(conf), "--out", str(run), "--seed", "5", "--no-progress"]
+    _fails(capsys, argv + (["--resume"] if resume else []), "final/", "choose a new --out")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def _cfg(**kw):
+    from flowalign.pretrain import PretrainConfig
+
+    base = dict(model="shapes", model_config=TINY_MODEL, steps=4, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=2,
+                keep_checkpoints=5, log_every=1, ema_decay=0.9, seed=3)
+    base.update(kw)
+    return PretrainConfig.from_dict(base)
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"seed": -1}, "seed"),
+    ({"data_config": None}, "data_config"),
+    ({"model_config": "patch_size: 4"}, "model_config"),
+    ({"betas": [0.9]}, "betas"),
+])
+def test_pretrain_config_rejects_values_that_crash_later(bad, needle):
+    from flowalign.pretrain import PretrainConfig
+
+    with pytest.raises(UserError, match=needle) as info:
+        PretrainConfig.from_dict(bad)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("data_config, needle", [
+    ({"task_weights": {"single_object": 0.0}}, "task_weights"),
+    ({"task_weights": {"single_object": -1.0, "counting": 2.0}}, "task_weights"),
+    ({"task_weights": ["single_object"]}, "task_weights"),
+    ({"image_sise": 8}, "image_sise"),
+    ({"seed": 4}, "seed"),
+    ({"image_size": 16}, "image_size"),  # the model is 8x8
+])
+def test_pretrain_bad_data_config_is_one_line_before_anything_is_written(tmp_path, data_config, needle):
+    from flowalign.pretrain import pretrain
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=needle) as info:
+        model_config = {k: v for k, v in TINY_MODEL.items() if k not in ("vocab", "max_len")}  # the grammar's words
+        pretrain(_cfg(model_config=model_config, data_config=dict({"image_size": 8}, **data_config)), out, progress=False)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------------- --threads
+
+
+@pytest.mark.parametrize("value", [str(2**31), str(2**70), "-1", "100000"])
+def test_pretrain_refuses_impossible_thread_counts_in_one_line(tmp_path, capsys, value):
+    """2**31 overflowed torch.set_num_threads (a ValueError traceback, exit 1); 100000 threads was accepted."""
+
+    out = tmp_path / "run"
+    conf = _tiny_yaml(tmp_path / "tiny.yaml")
+    before = torch.get_num_threads()
+    _cli_fails(capsys, ["pretrain", "--config", str(conf), "--out", str(out), "--threads", value, "--no-progress"],
+           "--threads", value)
+    assert not out.exists()
+    assert torch.get_num_threads() == before
+
+
+def test_pretrain_restores_the_callers_thread_count(tmp_path, monkeypatch):
+    """An in-process run (tests, notebooks) left torch at the run's thread count for the rest of the process."""
+    import flowalign.pretrain as P
+
+    before = torch.get_num_threads()
+    want = before + 1
+    seen = []
+    real = P.train_step
+    monkeypatch.setattr(P, "train_step", lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    P.pretrain(tiny_cfg(steps=1, checkpoint_every=0, threads=want), tmp_path / "a", data=toy_data, progress=False)
+    assert seen == [want]  # the run used its threads...
+    assert torch.get_num_threads() == before  # ...and gave the caller's back
+    # also when the run fails (here: images of another size than the model's)
+    with pytest.raises(UserError):
+        P.pretrain(tiny_cfg(steps=1, threads=want), tmp_path / "b",
+                   data=lambda step, bs: (["a red circle"] * bs, torch.rand(bs, 3, 16, 16)), progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_pretrain_cli_in_process_keeps_the_thread_count(tmp_path, capsys):
+    before = torch.get_num_threads()
+    conf = _tiny_yaml(tmp_path / "tiny.yaml")
+    assert main(["pretrain", "--config", str(conf), "--out", str(tmp_path / "run"), "--threads", str(before + 1),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "run" / "final").is_dir()
+    assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------------------------------------------------- resume
+
+
+def test_a_copied_checkpoint_directory_does_not_break_resume(tmp_path, capsys):
+    """`cp -r step-3 step-3.bak` (a backup before an experiment) made every later run in that directory die with
+    ValueError: invalid literal for int() ... '3.bak'."""
+    cfg = tiny_cfg()
+    full = pretrain(cfg, tmp_path / "full", data=toy_data, progress=False)
+    run = tmp_path / "cut"
+    pretrain(cfg, run, data=toy_data, progress=False, stop_after=3)
+    shutil.copytree(run / "checkpoints" / "step-3", run / "checkpoints" / "step-3.bak")
+    (run / "checkpoints" / "step-").mkdir()
+    (run / "checkpoints" / "step-" / "state.pt").write_bytes(b"x")
+    resumed = pretrain(cfg, run, data=toy_data, progress=False, resume=True)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    # the CLI still sees the real checkpoints and refuses a fresh run over them
+    _fails(capsys, ["pretrain", "--out", str(run), "--steps", "1", "--no-progress"], "already holds checkpoints")
+
+
+def test_resume_without_a_checkpoint_still_starts_from_init_from(tmp_path):
+    from flowalign.pretrain import pretrain
+
+    stage1 = pretrain(_cfg(checkpoint_every=0), tmp_path / "s1", data=toy_data, progress=False)
+    cfg2 = _cfg(steps=1, checkpoint_every=0, lr=0.0, warmup=0, init_from=str(tmp_path / "s1" / "final"))
+    # e.g. stage 2 was interrupted before its first checkpoint and restarted with --resume, as the CLI suggests
+    stage2 = pretrain(cfg2, tmp_path / "s2", data=toy_data, progress=False, resume=True)
+    for k, v in stage1.state_dict().items():
+        assert torch.equal(v, stage2.state_dict()[k]), k
+
+
+def test_resume_rewrites_the_metrics_logged_after_the_last_checkpoint(tmp_path):
+    from flowalign.pretrain import pretrain
+
+    cfg = _cfg(steps=6, checkpoint_every=3, log_every=1)
+    full = tmp_path / "full"
+    pretrain(cfg, full, data=toy_data, progress=False)
+
+    def dies_at_step_5(step, bs):
+        if step == 5:
+            raise KeyboardInterrupt
+        return toy_data(step, bs)
+
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, killed, data=dies_at_step_5, progress=False)  # logged steps 1..5, last checkpoint at 3
+    pretrain(cfg, killed, data=toy_data, progress=False, resume=True)
+
+    def rows(d):
+        return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in rows(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in rows(killed)] == [r["loss"] for r in rows(full)]
+
+
+def test_resume_logs_the_same_loss_when_a_checkpoint_falls_inside_a_log_window(tmp_path):
+    """checkpoint_every = 3, log_every = 2: the row of step 4 averages steps 3 and 4; the resumed run used to average
+    only step 4 (its window restarted at the checkpoint)."""
+    from flowalign.pretrain import pretrain
+
+    cfg = tiny_cfg()
+    assert (cfg.checkpoint_every, cfg.log_every, cfg.steps) == (3, 2, 6)
+    pretrain(cfg, tmp_path / "full", data=toy_data, progress=False)
+    pretrain(cfg, tmp_path / "cut", data=toy_data, progress=False, stop_after=3)
+    pretrain(cfg, tmp_path / "cut", data=toy_data, progress=False, resume=True)
+
+    def rows(d):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+    assert [s for s, _ in rows(tmp_path / "full")] == [2, 4, 6]

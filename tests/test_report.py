@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+from cli_checks import fails as _fails
 from PIL import Image
 
 from flowalign.errors import UserError
@@ -199,3 +200,96 @@ def test_report_of_an_eval_directory_shows_its_numbers_and_pass_at_k(tmp_path):
     page = write_report(tmp_path, make_plots=False).read_text()
     assert "no evaluation summaries" not in page
     assert "0.438" in page and "pass@4" in page and "0.812" in page and "0.750" in page
+
+
+# -------------------------------------------- headline, corrupt logs, single evaluations, linked and ordered grids
+
+
+def _run_with(tmp_path, base: dict, final: dict):
+    run = tmp_path / "run"
+    for label, s in (("base", base), ("final", final)):
+        (run / "eval" / label).mkdir(parents=True)
+        (run / "eval" / label / "summary.json").write_text(json.dumps(s))
+    return run
+
+
+def test_report_headline_with_a_missing_base_value_says_nothing_rather_than_nan(tmp_path):
+    from flowalign.report import write_report
+
+    run = _run_with(tmp_path, {"overall": {"ocr": float("nan")}}, {"overall": {"ocr": 0.5}})
+    page = write_report(run, make_plots=False).read_text()
+    assert "nan" not in page.lower().replace("n/a", "")
+
+
+def test_report_of_a_corrupt_metrics_line_is_one_line_and_writes_nothing(tmp_path, capsys):
+    run = _run_with(tmp_path, {"overall": {"r": 0.1}}, {"overall": {"r": 0.2}})
+    (run / "metrics.jsonl").write_text('{"iteration": 1, "reward/r": 0.1}\n{"iteration": 2, "rew\n'
+                                       '{"iteration": 3, "reward/r": 0.2}\n')
+    _fails(capsys, ["report", str(run)], "metrics.jsonl:2")
+    assert not (run / "report.html").exists() and not (run / "plots").exists()
+    (run / "metrics.jsonl").write_text('{"iteration": 1}\n[1, 2]\n')  # valid JSON, not a record
+    _fails(capsys, ["report", str(run)], "metrics.jsonl")
+    (run / "metrics.jsonl").write_bytes(b'{"iteration": 1}\n\xff\xfe\n')
+    _fails(capsys, ["report", str(run)], "metrics.jsonl")
+    assert not (run / "report.html").exists()
+
+
+def test_report_of_a_single_eval_does_not_call_the_model_aligned(tmp_path):
+    """`flowalign eval --out D` of the base model: its report must not label the numbers "aligned"."""
+    from flowalign.report import write_report
+
+    (tmp_path / "summary.json").write_text(json.dumps({"overall": {"r": 0.25}, "per_task": {"a": {"r": 0.25}}}))
+    page = write_report(tmp_path, make_plots=False).read_text()
+    assert "0.250" in page and "aligned" not in page
+
+
+def test_linked_image_paths_are_urls(tmp_path):
+    """--link-images: a grid named with '#' or '%' must still resolve (a raw name cuts the URL at '#')."""
+    import torch
+    from urllib.parse import unquote
+
+    from flowalign.report import save_image_grid, write_report
+
+    run = tmp_path / "run"
+    save_image_grid(torch.rand(2, 3, 4, 4), run / "grids" / "try #2 100%.png", nrow=2)
+    page = write_report(run, inline_images=False, make_plots=False).read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert srcs and all("#" not in s and (run / unquote(s)).is_file() for s in srcs)
+
+
+def test_report_shows_step_grids_in_step_order(tmp_path):
+    """grids/step-N.png were sorted as text: step-10, step-100, step-20, step-5."""
+    import torch
+
+    from flowalign.report import save_image_grid, write_report
+
+    run = tmp_path / "run"
+    for name in ("base", "step-100", "step-20", "step-5", "final"):
+        save_image_grid(torch.rand(1, 3, 4, 4), run / "grids" / f"{name}.png", nrow=1)
+    page = write_report(run, inline_images=False, make_plots=False).read_text()
+    assert re.findall(r'<img src="grids/([^"]+)\.png"', page) == ["base", "final", "step-5", "step-20", "step-100"]
+
+
+# -------------------------------------------------------------------------------------------------------------- io
+
+
+def test_atomic_dir_fsyncs_the_files_written_into_it(tmp_path, monkeypatch):
+    """A checkpoint's files (e.g. safetensors' save_file, which does not fsync) must be durable before the rename
+    publishes the directory, else a power loss can leave a complete-looking checkpoint with empty files."""
+    from flowalign import io as fio
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(fio.os, "fsync", spy)
+    with fio.atomic_dir(tmp_path / "ckpt") as d:
+        (d / "weights.bin").write_bytes(b"x" * 10)  # written by another library, not fsynced by it
+        (d / "sub").mkdir()
+        (d / "sub" / "state.json").write_text("{}")
+    names = {os.path.basename(p) for p in synced}
+    assert {"weights.bin", "state.json"} <= names
+    assert (tmp_path / "ckpt" / "weights.bin").read_bytes() == b"x" * 10

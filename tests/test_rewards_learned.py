@@ -324,3 +324,18 @@ def test_offline_hub_ids_give_one_line_user_errors(monkeypatch, tmp_path):
         build_reward("imagereward")
     with pytest.raises(UserError, match="does not exist"):
         build_reward("clipscore", path=str(tmp_path / "missing"))
+
+
+def test_a_missing_local_path_shaped_like_a_hub_id_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`path=weights/PickScore_v1` with a `weights/` directory here but no such subdirectory: a missing local path
+    (one line at once), not a hub id (which waited on the network, then suggested a download)."""
+    from flowalign.errors import UserError
+    from flowalign.rewards.base import hub_file, is_hub_id, resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    assert not is_hub_id("weights/PickScore_v1") and is_hub_id("yuvalkirstain/PickScore_v1")
+    with pytest.raises(UserError, match="'weights/PickScore_v1' does not exist"):
+        resolve_source("weights/PickScore_v1", "pickscore model")
+    with pytest.raises(UserError, match="does not exist"):
+        hub_file("weights/hps", "xswu/HPSv2", "HPS_v2_compressed.pt", "hps checkpoint", "checkpoint")

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -161,3 +163,102 @@ def test_cli_serve_subprocess():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------- protocol robustness
+
+
+class _Const:
+    name = "const"
+    differentiable = False
+    kind = "image"
+
+    def __call__(self, images, prompts, metadata=None):
+        return torch.ones(images.shape[0])
+
+
+def test_reward_server_answers_a_negative_content_length_at_once():
+    """``Content-Length: -1`` made the handler call ``rfile.read(-1)``, which waits for the client to close the
+    connection: the client hung (until the 120 s handler timeout) instead of getting a 400."""
+    from flowalign.rewards.remote import serve
+
+    with serve(_Const()) as srv:
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=5)
+        conn.putrequest("POST", "/score")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "-1")
+        conn.endheaders()
+        resp = conn.getresponse()  # old code: socket timeout here
+        assert resp.status == 400
+        assert "Content-Length" in json.loads(resp.read())["error"]
+        conn.close()
+
+
+class _FakeServer:
+    """A stdlib HTTP server answering every POST with a fixed (bad) reply; counts the requests."""
+
+    def __init__(self, reply):
+        self.calls = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                outer.calls += 1
+                self.rfile.read(int(self.headers["Content-Length"]))
+                reply(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _html(handler):
+    body = b"<html><body>not a reward server</body></html>"
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/html")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def _truncated(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", "100")
+    handler.end_headers()
+    handler.wfile.write(b'{"scores": [')  # the connection closes before the announced 100 bytes
+    handler.close_connection = True
+
+
+def test_remote_client_non_json_reply_is_a_one_line_user_error():
+    """A 200 reply that is not JSON (another service on that port) raised a bare JSONDecodeError."""
+    from flowalign.rewards.remote import RemoteReward
+
+    fake = _FakeServer(_html)
+    try:
+        with pytest.raises(UserError, match="not JSON"):
+            RemoteReward(fake.url, retries=0, timeout=5)(torch.rand(2, 3, 8, 8), ["a", "b"])
+    finally:
+        fake.close()
+
+
+def test_remote_client_retries_a_cut_reply_then_gives_a_user_error():
+    """A reply cut short (http.client.IncompleteRead, an HTTPException rather than an OSError) escaped the retry loop
+    as a raw exception on the first attempt; it is a transient failure like a reset connection."""
+    from flowalign.rewards.remote import RemoteReward
+
+    fake = _FakeServer(_truncated)
+    try:
+        with pytest.raises(UserError, match="unreachable after 2 attempts"):
+            RemoteReward(fake.url, retries=1, backoff=0.0, timeout=5)(torch.rand(2, 3, 8, 8), ["a", "b"])
+        assert fake.calls == 2
+    finally:
+        fake.close()

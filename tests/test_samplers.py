@@ -1,13 +1,18 @@
 """Property tests of schedules, kernels, the log-density and the loop (METHODS.md §1–2, §2.9, §3.8)."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from flowalign.samplers import KERNELS, branch, eta_schedule, gaussian_log_prob, sample, step_log_prob
+from flowalign import config as C
+from flowalign.errors import UserError
+from flowalign.samplers import KERNELS, branch, eta_schedule, gaussian_log_prob, sample, sd3_diffusers, step_log_prob
 from flowalign.samplers import schedules
 from flowalign.samplers.kernels import cps, flow_sde
+
+from test_train_update import _cfg  # noqa: E402  (conftest puts tests/ on sys.path)
 
 # ---------------------------------------------------------------- schedules
 
@@ -427,3 +432,138 @@ def test_the_trainer_trains_ddim_sde_on_policy_without_its_first_step(tmp_path):
     m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert m["train/transitions"] == d["transitions_per_iter"]
     assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/skipped_updates"] == 0
+
+
+# -------------------------------------------------- kernels against an independent float64 reference; branch edges
+
+T = 6
+
+
+def elementwise_velocity(x, sigma, cond):
+    """Batch-invariant (elementwise) velocity: bit-exact comparisons across batch compositions are meaningful."""
+    s = sigma.to(torch.float32).view(-1, *([1] * (x.dim() - 1)))
+    return torch.tanh(x) * (0.5 + s) - cond["e"] * (1 - s) + 0.1 * x * x
+
+
+def _cond(n=2, shape=(3, 2), seed=0):
+    return {"e": torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))}
+
+
+@pytest.mark.parametrize("step", [0, T - 1])
+def test_branch_at_first_and_last_step_keeps_velocities(step):
+    """``loop.branch`` at step 0 (empty ODE prefix) or T−1 (empty suffix) with keep_velocities used to fail in
+    torch.stack([]); velocities must be [B·K, T, *latent] with v(x_t, σ_t) at every state."""
+    cond = _cond()
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(1))
+    sig = sd3_diffusers(T)
+    tr = branch(elementwise_velocity, x, sig, cond, step=step, children=3, eta=0.7, keep_velocities=True,
+                generator=torch.Generator().manual_seed(2))
+    assert tuple(tr.velocities.shape) == (6, T, 3, 2)
+    ci = tr.cond_index
+    for t in range(T):
+        v = elementwise_velocity(tr.latents[:, t], sig[t].expand(6), {"e": cond["e"][ci]})
+        assert torch.equal(tr.velocities[:, t], v)
+    assert bool((tr.log_probs[:, step] != 0).all())
+    # a zero-step sample returns empty [B, 0, *latent] velocities / means
+    z = sample(elementwise_velocity, x, sig[:1], cond, eta=0.0, kernel="euler", keep_velocities=True, keep_means=True)
+    assert tuple(z.velocities.shape) == (2, 0, 3, 2) and tuple(z.means.shape) == (2, 0, 3, 2)
+
+
+def _ref_transition(name, x, v, s, sn, a, s1):
+    """METHODS §2.1–2.4 in float64, written independently of samplers.kernels."""
+    x, v = x.double(), v.double()
+    dt = sn - s
+    if name == "euler" or a == 0:
+        return x + dt * v, 0.0
+    x1 = x + (1 - s) * v
+    x0 = x - s * v
+    if name == "flow_sde":
+        st = s if s < 1 else s1
+        g = a * math.sqrt(s / (1 - st))
+        return x + dt * (v + g * g / (2 * s) * x1), g * math.sqrt(-dt)
+    if name == "dance_sde":
+        return x + dt * (v + a * a / (2 * s) * x1), a * math.sqrt(-dt)
+    if name == "ddim_sde":  # METHODS §4.6: s = a·σ'·√(1 − σ), DDIM's coefficient-preserving mean
+        std = a * sn * math.sqrt(1 - s)
+        return (1 - sn) * x0 + math.sqrt(max(sn * sn - std * std, 0.0)) * x1, std
+    std = sn * math.sin(a * math.pi / 2)
+    return (1 - sn) * x0 + math.sqrt(max(sn * sn - std * std, 0.0)) * x1, std
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_stored_log_probs_equal_an_independent_float64_gaussian(name):
+    """The rollout's stored log p (reduce=sum and mean) equals the Gaussian density of METHODS §2.5 with μ, s from
+    an independent float64 implementation of §2.1–2.4; η = 0 steps store 0 and are exact Euler."""
+    sig = sd3_diffusers(T)
+    a = {"flow_sde": 0.7, "dance_sde": 0.3, "cps": 0.8, "ddim_sde": 0.7, "euler": 0.5}[name]
+    eta = eta_schedule(T, a, window=(1, 3))
+    cond = _cond()
+    x0 = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(5))
+    ci = torch.tensor([0, 0, 1, 1])
+    for reduce in ("sum", "mean"):
+        tr = sample(elementwise_velocity, x0, sig, cond, eta=eta, kernel=name, reduce=reduce, cond_index=ci,
+                    generator=torch.Generator().manual_seed(6), keep_velocities=True)
+        for t in range(T):
+            x, xn, v = tr.latents[:, t], tr.latents[:, t + 1], tr.velocities[:, t]
+            mu, std = _ref_transition(name, x, v, float(sig[t]), float(sig[t + 1]), float(eta[t]), float(sig[1]))
+            if std == 0:
+                assert bool((tr.log_probs[:, t] == 0).all())
+                assert torch.equal(xn, x + (sig[t + 1] - sig[t]) * v)  # exact Euler (fp32)
+                continue
+            ref = (-(xn.double() - mu) ** 2 / (2 * std * std) - math.log(std) - 0.5 * math.log(2 * math.pi))
+            ref = ref.flatten(1).sum(1) if reduce == "sum" else ref.flatten(1).mean(1)
+            torch.testing.assert_close(tr.log_probs[:, t].double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_bf16_inputs_still_do_fp32_kernel_math(name):
+    """METHODS §2: x, v (and x_{t+1}) are cast to fp32 before any kernel arithmetic."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 3, generator=g).to(torch.bfloat16)
+    v = torch.randn(5, 4, 3, generator=g).to(torch.bfloat16)
+    sig = sd3_diffusers(T)
+    s, sn = sig[:5], sig[1:6]
+    eta = torch.tensor([0.7, 0.0, 0.5, 0.7, 0.0])
+    tr = KERNELS[name](x, v, s, sn, eta)
+    ref = KERNELS[name](x.float(), v.float(), s, sn, eta)
+    assert tr.mean.dtype == torch.float32 and torch.as_tensor(tr.std).dtype == torch.float32
+    assert torch.equal(tr.mean, ref.mean) and torch.equal(torch.as_tensor(tr.std), torch.as_tensor(ref.std))
+    lp = gaussian_log_prob(x, tr.mean.to(torch.bfloat16), tr.std)
+    assert lp.dtype == torch.float32
+    # rows with η = 0 are bit-exact Euler even in a mixed batch
+    eu = x.float() + (sn - s).view(-1, 1, 1) * v.float()
+    zero = eta == 0
+    assert torch.equal(tr.mean[zero], eu[zero])
+    assert bool((torch.as_tensor(tr.std).reshape(5, -1)[zero] == 0).all())
+
+
+# ----------------------------------------------------------------------- ddim_sde windows: what the trainer trains
+
+
+def test_ddim_sde_window_pinned_at_step_zero_counts_what_the_trainer_trains(tmp_path):
+    """ddim_sde draws no noise at σ = 1 (live_eta makes step 0 Euler): a window pinned at [0, 2) trains step 1 only,
+    and the derived counts (which size the update) must say so."""
+    from flowalign.train import train
+
+    cfg = _cfg(tmp_path / "run", "sampler.kernel=ddim_sde", "sampler.window_size=2", "sampler.window_range=[0, 2]",
+               "train.iterations=1", "train.filter_zero_std=false", "train.optimizer_steps_per_iter=1")
+    d = C.derived(cfg)
+    assert d["trained_steps"] == 1
+    run = train(cfg)
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["train/transitions"] == d["transitions_per_iter"]
+
+
+def test_ddim_sde_window_holding_only_step_zero_is_refused_in_one_line():
+    """A one-step window pinned at step 0 with ddim_sde trains nothing, every iteration: refuse it up front."""
+    with pytest.raises(UserError, match="no trained steps.*ddim_sde"):
+        _cfg("unused", "sampler.kernel=ddim_sde", "sampler.window_size=1", "sampler.window_range=[0, 1]")
+
+
+def test_no_trained_steps_error_tells_the_true_cause_for_ddim_sde():
+    """floor(0.25 × 4) = 1, but that one step is ddim_sde's noiseless σ = 1 step: the message must not claim the
+    floor is 0."""
+    with pytest.raises(UserError) as e:
+        _cfg("unused", "sampler.kernel=ddim_sde", "sampler.train_fraction=0.25")
+    msg = str(e.value)
+    assert "= 0;" not in msg and "ddim_sde" in msg and "\n" not in msg

@@ -189,3 +189,60 @@ def test_x_prediction_derives_the_velocity_from_the_clean_image_estimate():
     torch.testing.assert_close(x[1:] - 0.05 * v[1:], x_hat[1:], rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="prediction"):
         ShapesModel.from_config(dict(TINY, prediction="eps"))
+
+
+# -------------------------------------------- timestep dtype, default LoRA targets, batch-independent SDE sampling
+
+
+def test_shapes_bf16_model_gets_the_exact_fp32_timestep(tmp_path):
+    """A bf16 shapes model passed ``(1000·σ).to(bf16)``: 999 became 1000 (bf16 spacing is 4 above 512), so the
+    sinusoidal timestep embedding saw the wrong time. SD3 (and the fp32 shapes model) pass the exact fp32 1000·σ."""
+    from flowalign.models.shapes import ShapesModel
+
+    tiny = dict(vocab=["a", "red", "blue", "circle", "square"], image_size=8, patch_size=4, num_layers=1, num_heads=2,
+                head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=4, pooled_dim=16)
+    torch.manual_seed(0)
+    ShapesModel.from_config(tiny).save_pretrained(tmp_path)
+    model = ShapesModel.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    seen = []
+    model.transformer.time_text_embed.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    cond = model.encode(["a red circle"])
+    x = model.init_noise(1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = model.velocity(x, torch.tensor(0.999), cond)
+    assert v.dtype == torch.float32
+    t = torch.cat(seen)
+    assert t.dtype == torch.float32, t.dtype
+    assert torch.equal(t, torch.full_like(t, 1000.0 * torch.tensor(0.999).item())), t
+
+
+def test_shapes_one_layer_model_takes_the_default_lora():
+    """With ``num_layers=1`` the only MMDiT block is context_pre_only and has no ``to_add_out``; the default target
+    list named it anyway, so ``add_lora()`` raised "no module ... matches the LoRA target(s) ['to_add_out']"."""
+    from flowalign.models.shapes import SHAPES_LORA_TARGETS, ShapesModel
+
+    tiny = dict(vocab=["a", "red", "circle"], image_size=8, patch_size=4, num_layers=1, num_heads=2, head_dim=8,
+                text_dim=16, text_layers=1, text_heads=2, max_len=4, pooled_dim=16)
+    torch.manual_seed(0)
+    model = ShapesModel.from_config(tiny)
+    params = model.add_lora()
+    assert params and set(model.lora_targets) == set(SHAPES_LORA_TARGETS) - {"to_add_out"}
+    deeper = ShapesModel.from_config(dict(tiny, num_layers=2))
+    assert deeper.lora_targets == SHAPES_LORA_TARGETS  # unchanged where every target exists
+
+
+def test_sde_sample_of_a_prompt_and_seed_does_not_depend_on_its_batch():
+    from flowalign.models.shapes import ShapesModel
+    from flowalign.sample import generate
+
+    torch.manual_seed(0)
+    m = ShapesModel.from_config(dict(TINY))
+    for c in m.components.values():
+        c.eval().requires_grad_(False)
+    kw = dict(steps=4, kernel="flow_sde", eta=0.7)
+    alone = generate(m, ["a red circle"], [0], **kw)
+    in_batch = generate(m, ["a blue square", "a red circle"], [5, 0], **kw)[1:]
+    split = generate(m, ["a blue square", "a red circle"], [5, 0], batch_size=1, **kw)[1:]
+    assert torch.allclose(alone, in_batch, atol=1e-4) and torch.allclose(alone, split, atol=1e-4)
+    assert torch.equal(alone, generate(m, ["a red circle"], [0], **kw))  # still reproducible
+    assert not torch.allclose(alone, generate(m, ["a red circle"], [1], **kw), atol=1e-3)

@@ -314,3 +314,64 @@ def test_guidance_argument_errors():
         S.TiltGuidance(mode="dps", reward=lambda i, p: i.mean(), decode=lambda z: z)
     with pytest.raises(ValueError, match="band"):
         S.TiltGuidance(grad_fn=exact_u(), band=(0.9, 0.1))
+
+
+# -------------------------------------------------------------------- dead particles stay dead; guidance arguments
+
+
+@pytest.mark.parametrize("potential", list(S.POTENTIALS))
+def test_a_particle_killed_by_a_nonfinite_reward_stays_dead(potential):
+    """Particle 0 scores NaN at the first resampling step only; every other reward is 0. It must keep zero weight:
+    ESS 3 of 4 afterwards, and the forced resampling at the last step drops it. (torch.nan_to_num turned its
+    ℓw = −∞ into −1.8e308 and `diff`'s next log G = λ·(r − (−∞)) into +1.8e308, so it came back with ℓw = 0.)"""
+    T, k = 6, 4
+    sig = schedules.shifted_linear(T, 1.0)
+    calls = []
+
+    def reward(z, rows):
+        r = torch.zeros(z.shape[0])
+        if not calls:
+            r[0] = float("nan")
+        calls.append(1)
+        return r
+
+    res = S.fk_steer(gaussian_world_velocity, torch.randn(k, 1, generator=torch.Generator().manual_seed(0)), sig, {},
+                     reward, k=k, lam=1.0, cond_index=torch.zeros(k, dtype=torch.long), steps_s=[2, 4, 5],
+                     potential=potential, eta=eta_schedule(T, 0.7), generator=torch.Generator().manual_seed(0),
+                     resample_generator=torch.Generator().manual_seed(1))
+    assert res.ess[:, 0].tolist() == pytest.approx([3.0, 3.0, 3.0])
+    assert res.resampled[-1, 0] and 0 not in res.origin.tolist()
+    assert torch.isfinite(res.log_weight).all()
+
+
+@pytest.mark.parametrize("potential", list(S.POTENTIALS))
+def test_an_all_dead_group_is_not_revived_by_resampling_at_ess_threshold_one(potential):
+    """Group 0's 5 particles all score NaN at the first resampling step; group 1 lives. With ``ess_threshold=1``
+    (resample at every step of S) the dead group's ESS is 5 − 1e-15 by rounding, so it was "resampled": ℓw reset to 0,
+    every dead particle came back with weight, `diff`'s next log G = λ·r − (−∞) = +∞ made the weights NaN and the run
+    crashed in the final draw (the other potentials ended with ℓw = 1.8e308). With k = 4 the same group stays dead."""
+    T, k = 6, 5
+    sig = schedules.shifted_linear(T, 1.0)
+    calls = []
+
+    def reward(z, rows):
+        r = z[:, 0].float().clone()
+        if not calls:
+            r[:k] = float("nan")
+        calls.append(1)
+        return r
+
+    res = S.fk_steer(gaussian_world_velocity, torch.randn(2 * k, 1, generator=torch.Generator().manual_seed(0)), sig,
+                     {}, reward, k=k, lam=1.0, cond_index=torch.zeros(2 * k, dtype=torch.long), steps_s=[2, 4, 5],
+                     potential=potential, eta=eta_schedule(T, 0.7), ess_threshold=1.0,
+                     generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    assert not res.resampled[:, 0].any()  # nothing to resample toward
+    assert torch.isneginf(res.log_weight[:k]).all()  # and it stays dead
+    assert res.resampled[:, 1].all() and torch.isfinite(res.log_weight[k:]).all()  # the live group is unaffected
+
+
+def test_tilt_guidance_refuses_a_nonpositive_gradient_scale():
+    with pytest.raises(ValueError, match="normalize"):
+        S.TiltGuidance(grad_fn=lambda *a: a[0], normalize=-0.1)
+    with pytest.raises(ValueError, match="clip"):
+        S.TiltGuidance(grad_fn=lambda *a: a[0], clip=float("nan"))

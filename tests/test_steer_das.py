@@ -217,3 +217,33 @@ def test_reward_std_from_a_run_without_the_steering_reward_is_one_line(tmp_path,
     fails(capsys, ["steer", "a red circle", "--method", "fk", "--reward-std", str(tmp_path / "r"),
                    "--out", str(tmp_path / "o")], "no 'shapes_partial' score")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--method", "fk", "--reward-std", "1e-320"], ["--lam", "--reward-std"]),  # λ/std = inf
+    (["--method", "fk", "--reward", "saturation", "--proposal", "guided", "--lam", "1e-320"], ["--lam", "1/"]),
+    (["--method", "fk", "--reward", "saturation", "--proposal", "guided", "--lam", "1e-300", "--reward-std", "1e30"],
+     ["--lam"]),  # λ/std underflows to 0
+    (["--method", "guided", "--reward", "saturation", "--beta", "1e-200", "--reward-std", "1e-200"], ["--beta"]),
+])
+def test_lam_and_beta_out_of_range_after_scaling_are_refused_before_loading_the_model(tmp_path, capsys, no_model,
+                                                                                      extra, needles):
+    fails(capsys, ["steer", "a red circle", *extra, "--out", str(tmp_path / "o")], *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_guided_method_ignores_a_lam_that_reward_std_would_overflow(tmp_path):
+    """--method guided does not use --lam: a tiny --reward-std that overflows λ/std must not refuse it."""
+    from flowalign.cli import main
+
+    assert main(["steer", "a red circle", "--method", "guided", "--reward", "saturation", "--eval-rewards",
+                 "saturation", "--steps", "2", "--reward-std", "1e-320", "--beta", "1e300",
+                 "--out", str(tmp_path / "o")]) == 0
+
+
+def test_reward_std_from_an_unreadable_results_file_is_one_line(tmp_path, capsys, no_model):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.jsonl").write_bytes(b"\xff\xfe\x00not utf-8\n")
+    fails(capsys, ["steer", "a red circle", "--method", "fk", "--reward-std", str(tmp_path / "r"),
+                   "--out", str(tmp_path / "o")], "--reward-std")
+    assert not (tmp_path / "o").exists()

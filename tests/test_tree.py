@@ -14,12 +14,14 @@ import torch
 
 from flowalign import config as C
 from flowalign.credit import CreditInput, assign_credit, tree_node_advantages
+from flowalign.errors import UserError
 from flowalign.samplers import eta_schedule, schedules, step_log_prob
 from flowalign.samplers.kernels import get_kernel
 from flowalign.samplers.plans import PLANS, plan_shape
 from flowalign.types import Trajectory
 
 from test_plans import _cond, gaussian_world_velocity  # noqa: E402  (conftest puts tests/ on sys.path)
+from test_train_update import _cfg  # noqa: E402
 
 T = 8
 SPLITS = [1, 3, 6]
@@ -384,3 +386,84 @@ def test_the_trainer_does_not_rescore_pruned_edges(tmp_path):
     # 8 roots × (2 depth-1 nodes × step 0 + 4 depth-2 nodes × step 1; step 2 pruned) = 48 of the 80 edges
     assert m["train/transitions"] == 48
     assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0
+
+
+# --------------------------------------------------------------------------------------------------- config checks
+# Combinations that used to pass ``validate`` and then fail in the first rollout (after the model load and the base
+# evaluation) or train silently wrong.
+
+
+def test_tree_credit_needs_the_tree_plan():
+    """credit.name=tree reads extras['node'] of a tree rollout: with the chain plan it raised ValueError mid-run."""
+    with pytest.raises(C.UserError, match="sampler.plan=tree"):
+        _cfg("unused", "credit.name=tree")
+
+
+def test_tree_plan_needs_the_tree_credit():
+    """A tree trains each shared edge once, on its first leaf (extras['trained']): a per-row credit such as outcome
+    would credit a shared edge with that one leaf's terminal advantage, silently ignoring its siblings."""
+    with pytest.raises(C.UserError, match="credit.name=tree"):
+        _cfg("unused", "sampler.plan=tree")
+    _cfg("unused", "sampler.plan=tree", "credit.name=tree")  # the documented pair is accepted
+
+
+def test_tree_split_noise_scale_is_checked_before_anything_loads():
+    """CPS's std is not proportional to η, so the plan refuses split_noise_scale != 1 with it, and a
+    scale <= 0 is refused too; both used to pass the config and fail in the first rollout."""
+    tree = ("sampler.plan=tree", "credit.name=tree")
+    with pytest.raises(C.UserError, match="split_noise_scale"):
+        _cfg("unused", *tree, "sampler.kernel=cps", "sampler.plan_options.split_noise_scale=4.0")
+    _cfg("unused", *tree, "sampler.kernel=cps")  # the default scale 1 leaves the kernel's noise alone
+    for bad in ("0", "-2.0", "nan"):
+        with pytest.raises(C.UserError, match="split_noise_scale"):
+            _cfg("unused", *tree, f"sampler.plan_options.split_noise_scale={bad}")
+    _cfg("unused", *tree, "sampler.kernel=dance_sde", "sampler.plan_options.split_noise_scale=4.0")
+
+
+def test_trees_refuse_a_kernel_without_noise_at_step_zero():
+    """The tree's derived shape assumes candidate steps 0 … n−1 (BranchGRPO splits at 0); ddim_sde has none at σ = 1:
+    at T = 10 derived said 8 leaves while the sampler grew 4, at T = 4 training failed after the base evaluation."""
+    from flowalign import config as C
+    from flowalign.errors import UserError
+
+    with pytest.raises(UserError, match="draws no noise"):
+        C.load_config(None, ["sampler.plan=tree", "credit.name=tree", "sampler.kernel=ddim_sde"])
+
+
+def test_tree_prune_steps_outside_the_rollout_are_refused_when_the_config_loads():
+    """A prune step ≥ sampler.steps used to fail only inside the first iteration's credit, after the base evaluation;
+    the config now refuses it in one line, and steps inside the rollout still load."""
+    tree = ["sampler.plan=tree", "credit.name=tree", "sampler.kernel=flow_sde", "train.group_size=2",
+            "sampler.plan_options={split_steps: [0, 1]}"]
+    with pytest.raises(UserError, match=r"prune_steps=\[1, 4\]: \[4\] are not steps 0 … 3 of sampler.steps=4") as e:
+        _cfg("unused", *tree, "credit.options={prune_steps: [1, 4]}")
+    assert "\n" not in str(e.value)
+    _cfg("unused", *tree, "credit.options={prune_steps: [1, 3]}")
+
+
+@pytest.mark.parametrize("bad", [3, "12"])
+def test_tree_prune_steps_that_are_not_a_list_of_steps_are_refused_in_one_line(bad):
+    """credit.options.prune_steps=3 raised "'int' object is not iterable", and "12" silently pruned steps 1 and 2."""
+    from flowalign.credit import assign_credit
+
+    tr, *_ = _tree(roots=2, splits=[0, 3, 6])
+    ex = tr.extras
+    inp = _inp(torch.randn(tr.batch_size, generator=torch.Generator().manual_seed(0)), ex["node"], ex["depth"],
+               ex["trained"], tr.group)
+    with pytest.raises(ValueError, match="prune_steps must be a list of steps"):
+        assign_credit("tree", inp, {"prune_steps": bad})
+    assign_credit("tree", inp, {"prune_steps": (4,)})  # a tuple (or list) of steps is fine
+
+
+def test_tree_credit_refuses_a_negative_temperature_when_called_directly():
+    """A negative softmax-backup temperature ran and favoured the less likely children; the trainer refuses it from
+    the annotation (test_plan_options.py), a direct call from the function's own check."""
+    from flowalign.credit import assign_credit
+
+    tr, *_ = _tree(roots=2, splits=[0, 3, 6])
+    ex = tr.extras
+    inp = _inp(torch.randn(tr.batch_size, generator=torch.Generator().manual_seed(0)), ex["node"], ex["depth"],
+               ex["trained"], tr.group)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        assign_credit("tree", inp, {"backup": "softmax", "temperature": -1.0})
+    assign_credit("tree", inp, {"backup": "softmax", "temperature": 0.0})  # 0 weighs the children equally

@@ -1,6 +1,4 @@
-"""Review of the adapters' sigma grids against their diffusers schedulers' config options: one regression test per gap
-(each implemented or refused option fails on the old code, which read only shift / dynamic shifting and silently
-sampled every other option on a different grid than diffusers).
+"""The SD3 / FLUX / Wan adapters' sigma grids against their diffusers schedulers' config options.
 
 (a) options flowalign reproduces: the adapter's grid equals the scheduler's own ``set_timesteps`` sigmas, called the way
     the pipeline calls it, and a whole Euler run equals the pipeline's;
@@ -34,6 +32,13 @@ def srcs():
     from tiny_models import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_wan_pipeline
 
     return {"sd3": tiny_sd3_pipeline(), "flux": tiny_flux_pipeline(), "wan": tiny_wan_pipeline()}
+
+
+@pytest.fixture(scope="module")
+def sd3_src():
+    from tiny_models import tiny_sd3_pipeline
+
+    return tiny_sd3_pipeline()
 
 
 def _euler(**config):
@@ -78,7 +83,88 @@ def _pipeline_sigmas(family, model, steps):
     return sched.sigmas.float()
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
+# SD3 with use_dynamic_shifting gets the pipeline's μ; FLUX without it (FLUX.1-schnell) keeps its static shift
+
+
+@pytest.mark.parametrize("shifting", ["static", "exponential", "linear"])
+def test_sd3_dynamic_shifting_schedule_matches_the_pipeline(sd3_src, shifting):
+    """StableDiffusion3Pipeline passes ``mu = calculate_shift((h/p)·(w/p), …)`` to ``set_timesteps`` when the
+    scheduler has ``use_dynamic_shifting``; the adapter used the static double-shift grid for every SD3 scheduler. The
+    reference is the pipeline itself (3-step Euler run, its scheduler's sigmas) and its scheduler called the way the
+    pipeline calls it for longer grids. A static scheduler must keep the ``sd3_diffusers`` grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+    from flowalign.models.sd3 import SD3Model
+    from flowalign.samplers import sample
+
+    dynamic = shifting != "static"
+    # Constants away from the defaults, so the test sees that each is read (tiny latent: 16×16, patch 2 → 64 tokens).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=dynamic, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.3,
+        max_shift=1.2, time_shift_type="linear" if shifting == "linear" else "exponential",
+    )
+    pipe = StableDiffusion3Pipeline(**{**sd3_src.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    model = SD3Model(pipe, guidance_scale=4.5, max_sequence_length=SEQ, **TINY_SIZES["sd3"])
+
+    x0 = model.init_noise(2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = pipe(PROMPTS, latents=x0.clone(), num_inference_steps=3, guidance_scale=4.5, max_sequence_length=SEQ,
+                   output_type="latent", **TINY_SIZES["sd3"]).images
+        sigmas = model.schedule(3)
+        assert torch.allclose(sigmas, pipe.scheduler.sigmas.float(), atol=1e-7, rtol=0), (sigmas, pipe.scheduler.sigmas)
+        final = sample(model.velocity, x0, sigmas, model.encode(PROMPTS), eta=0.0, kernel="euler").final
+    assert torch.allclose(final, ref, atol=2e-5, rtol=0), (final - ref).abs().max()
+
+    cfg, p = pipe.scheduler.config, pipe.transformer.config.patch_size
+    h, w = (TINY_SIZES["sd3"][k] // pipe.vae_scale_factor for k in ("height", "width"))
+    kwargs = {}
+    if dynamic:  # as in StableDiffusion3Pipeline.__call__, step 5
+        kwargs["mu"] = calculate_shift((h // p) * (w // p), cfg.get("base_image_seq_len", 256),
+                                       cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                       cfg.get("max_shift", 1.16))
+    for steps in (10, 28):
+        sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        retrieve_timesteps(sched, steps, "cpu", sigmas=None, **kwargs)
+        assert torch.allclose(model.schedule(steps), sched.sigmas.float(), atol=1e-7, rtol=0), steps
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flux_static_shift_scheduler_samples_like_fluxpipeline(shift):
+    """FLUX.1-schnell's scheduler has ``use_dynamic_shifting=False``: FluxPipeline passes μ but the scheduler ignores it
+    and applies its static shift. The adapter used the dynamic (μ) grid for every FLUX model, so schnell sampled on the
+    wrong sigmas; with a no-guidance-embedding transformer the whole Euler run must equal the pipeline's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from flowalign.models.flux import FluxModel
+    from flowalign.samplers import sample
+    from tiny_models import tiny_flux_pipeline
+
+    src = tiny_flux_pipeline()
+    torch.manual_seed(1)
+    transformer = FluxTransformer2DModel(  # schnell-like: no guidance embedding
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False),
+                        vae=src.vae, text_encoder=src.text_encoder, tokenizer=src.tokenizer,
+                        text_encoder_2=src.text_encoder_2, tokenizer_2=src.tokenizer_2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    model = FluxModel(pipe, max_sequence_length=16, **TINY_SIZES["flux"])
+    prompts = ["a red cat", "two small yellow stars"]
+    x0 = model.init_noise(2, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = pipe(prompts, latents=x0.clone(), num_inference_steps=3, max_sequence_length=16, output_type="latent",
+                   **TINY_SIZES["flux"]).images
+        sigmas = model.schedule(3)
+        assert torch.allclose(sigmas, pipe.scheduler.sigmas.float(), atol=1e-6, rtol=0), (sigmas, pipe.scheduler.sigmas)
+        final = sample(model.velocity, x0, sigmas, model.encode(prompts), eta=0.0, kernel="euler").final
+    assert torch.allclose(final, ref, atol=2e-5, rtol=0), (final - ref).abs().max()
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # (a) options flowalign reproduces: the grid is diffusers' grid
 
 IMPLEMENTED = {
@@ -134,7 +220,7 @@ def test_euler_run_equals_the_pipeline_with_nondefault_options(srcs, family):
     assert torch.allclose(final, ref, atol=2e-5, rtol=0), (final - ref).abs().max()
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # (b) options flowalign does not reproduce: refused at load time, in one line
 
 
@@ -229,7 +315,7 @@ def test_wan_solver_options_do_not_apply(srcs, scheduler):
     assert torch.equal(model.schedule(10), shifted_linear(10, 5.0))
 
 
-# --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------------------------------------------
 # (c) default configs keep exactly the old grids
 
 

@@ -1,6 +1,6 @@
-"""Review of `flowalign calibrate` (DenseGRPO noise calibration): bad input is one line and exit 2 before the model
-loads (or, for prompt text only the model or the reward can read, before any rollout), and the update rule does not
-raise ψ on a step it has no evidence about. Each test failed on the code before the review."""
+"""`flowalign calibrate` (DenseGRPO noise calibration): bad input is one line and exit 2 before the model loads (or,
+for prompt text only the model or the reward can read, before any rollout); the update rule does not raise ψ on a
+step it has no evidence about; the step noise is not the initial noise; progress is shown."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is used by name)
-from flowalign.cli import main
+
+
+# ------------------------------------------------------------------------------------------------------- bad input
 
 TINY = ["--steps", "2", "--n", "2", "--group-size", "1", "--iterations", "1", "--probe", "x0"]
 
@@ -38,6 +40,18 @@ def test_calibrate_refuses_bad_settings_before_loading(capsys, no_model, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra, needle", [
+    (["--init-a", "-1"], "--init-a"),  # negative ψ rolled out, then clamped to an all-zero result
+    (["--eps1", "0"], "--eps1"),  # no step can be balanced: ψ only falls
+    (["--eps2", "-0.5"], "--eps2"),  # inverts the update
+    (["--reward", "shapes_partial=nan"], "shapes_partial=nan"),  # every gain NaN: every step 'balanced'
+])
+def test_calibrate_refuses_bad_settings(capsys, no_model, tmp_path, extra, needle):
+    out = tmp_path / "eta.json"
+    _fails(capsys, ["calibrate", "--out", str(out), *extra], needle)
+    assert not out.exists()
+
+
 def test_calibrate_checks_prompt_text_before_any_rollout(capsys, monkeypatch, tmp_path):
     """A prompt outside the reward's grammar failed inside the first probe's scoring, after the rollouts (and with a
     mixed file, only at whichever iteration first drew it)."""
@@ -53,6 +67,9 @@ def test_calibrate_checks_prompt_text_before_any_rollout(capsys, monkeypatch, tm
     assert calls == [] and not out.exists()
 
 
+# -------------------------------------------------------------------------------------------- the calibration loop
+
+
 def test_calibration_update_keeps_psi_on_a_step_without_a_finite_gain():
     """NaN gains are ignored, so a step whose gains were all NaN counted 0 positive and 0 negative: 'balanced', and
     ψ rose by ε2 on no evidence at all (every step, every iteration when the rewards were NaN)."""
@@ -65,3 +82,35 @@ def test_calibration_update_keeps_psi_on_a_step_without_a_finite_gain():
     assert imb.tolist() == [0, 0, 0]
     assert new[0] == psi[0]  # no evidence: unchanged
     assert torch.allclose(new[1:], torch.tensor([0.51, 0.51]))  # balanced and all-zero gains still rise (spec)
+
+
+def test_calibrate_step_noise_is_not_the_initial_noise(monkeypatch, tmp_path):
+    """With the default --seed 0 the rollout's SDE generator was seeded like the initial noise, so the first
+    step's noise ξ_0 was exactly x_0 (same shape, same stream): the calibrated gains came from correlated noise."""
+    import flowalign.calibrate as C
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_sample(velocity, noise, sigmas, cond, *, generator=None, **kw):
+        seen["noise"], seen["xi"] = noise.clone(), torch.randn(noise.shape, generator=generator)
+        raise Stop
+
+    monkeypatch.setattr(C, "sample", fake_sample)
+    with pytest.raises(Stop):
+        C.cli_main(["--steps", "2", "--n", "2", "--group-size", "1", "--iterations", "1", "--probe", "x0",
+                    "--out", str(tmp_path / "eta.json")])
+    assert not torch.equal(seen["noise"], seen["xi"])
+
+
+def test_calibrate_shows_progress(monkeypatch, capsys):
+    """The calibration loop (minutes at the defaults) shows a progress bar."""
+    import flowalign.calibrate as C
+
+    monkeypatch.setattr(C, "reward_gains", lambda *a, **k: torch.tensor([[0.1, -0.1], [0.2, 0.3]]))
+    C.calibrate_noise(lambda it: (torch.zeros(2, 1), {}, torch.zeros(2, dtype=torch.long)), None,
+                      torch.tensor([1.0, 0.5, 0.0]), None, {"r": 1.0}, iterations=3, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrat" in err and "3/3" in err

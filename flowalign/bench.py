@@ -124,6 +124,13 @@ def bench_motion_prior(argv: Sequence[str]) -> None:
     run(list(argv))
 
 
+def bench_train_memory(argv: Sequence[str]) -> None:
+    """Activation memory and time of a training forward + backward, without and with gradient checkpointing."""
+    from flowalign.bench_memory import bench_train_memory as run
+
+    run(list(argv))
+
+
 BENCHES: dict[str, tuple[Callable[[Sequence[str]], Optional[dict]], str]] = {
     "shapes-sample": (bench_shapes_sample, "load the shipped shapes model and sample 16 images; print timings"),
     "credit": (bench_credit, "NFE / reward calls / wall time per prompt group of each credit method vs upstream"),
@@ -131,8 +138,9 @@ BENCHES: dict[str, tuple[Callable[[Sequence[str]], Optional[dict]], str]] = {
     "noise-variance": (bench_noise_variance, "which steps' SDE noise decides the reward (variance split per window)"),
     "sample-gap": (bench_sample_gap, "the model's own samples against rendered scenes: pixel stats, x0 error by t"),
     "motion-prior": (bench_motion_prior, "how far the shapes video model's x0 moves the prompted object, by noise level"),
+    "train-memory": (bench_train_memory, "activation memory and time of a training step, without and with gradient checkpointing"),
 }
-OWN_TABLE = {"credit", "grad-snr", "noise-variance", "sample-gap", "motion-prior"}
+OWN_TABLE = {"credit", "grad-snr", "noise-variance", "sample-gap", "motion-prior", "train-memory"}
 
 
 def cli_main(argv: Sequence[str]) -> int:

@@ -73,6 +73,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = _f((), "LoRA target modules (peft names, matched as module-path suffixes); [] = the family default")
     resolution: int = _f(0, "image side in pixels (the loader's height = width; sd3, flux, wan); 0 = the model default")
     kwargs: dict = _f({}, "extra keyword arguments for the family's from_pretrained (family specific)")
+    gradient_checkpointing: bool = _f(False, "recompute the transformer blocks' activations in the backward pass (diffusers' enable_gradient_checkpointing): far less activation memory per training forward (`flowalign bench train-memory`), about one more forward of compute, the same gradients")
 
 
 @dataclass(frozen=True)
@@ -997,7 +998,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
     lora = f"r={m.lora_rank or 'default'}" + (f"/a={m.lora_alpha:g}" if m.lora_alpha else "")
     rows = [
         ("model", f"{m.name} ({m.path or 'default weights'}), {m.dtype}, {m.device}, cfg {m.guidance:g}, LoRA {lora}"
-                  + (f", {m.resolution}px" if m.resolution else "")),
+                  + (f", {m.resolution}px" if m.resolution else "") + (", gradient checkpointing" if m.gradient_checkpointing else "")),
         ("sampler", f"{s.kernel} eta={f'per step from {s.eta_file}' if s.eta_file else f'{s.eta:g}'}, T={s.steps}"
                     + (f", train {window}, logp {s.logp_form}/{s.logp_reduce}" if t.objective == "grpo" else ", final samples only")
                     + (", last-step noise" if s.last_step_noise else "")

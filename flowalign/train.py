@@ -475,6 +475,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                 targets=tuple(cfg.model.lora_targets) or None)
     except ValueError as e:  # no module matches model.lora_targets
         raise UserError(f"model.lora_targets: {e}") from e
+    if cfg.model.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
     if world > 1:
         import torch.distributed as dist
 

@@ -69,6 +69,17 @@ class FlowAdapter:
             module.to(device)
         return self
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the transformer blocks' activations in the backward pass instead of keeping them (diffusers'
+        non-reentrant ``enable_gradient_checkpointing``). Gradients are unchanged; activation memory per training
+        forward falls to the blocks' inputs. Only forwards with gradients enabled are affected (rollouts run
+        under ``no_grad``)."""
+        tr = self.transformer
+        if not getattr(tr, "_supports_gradient_checkpointing", False) or not hasattr(tr, "enable_gradient_checkpointing"):
+            raise UserError(f"model.gradient_checkpointing: the {type(tr).__name__} transformer does not support "
+                            "gradient checkpointing; set model.gradient_checkpointing=false")
+        tr.enable_gradient_checkpointing() if enabled else tr.disable_gradient_checkpointing()
+
     # ---- noise ----------------------------------------------------------------------------------
 
     def init_noise(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -121,6 +132,19 @@ class FlowAdapter:
         """σ as float32 [B] (accepts a 0-d tensor, a float or [B])."""
         s = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
         return s.expand(batch) if s.numel() == 1 else s  # [B]
+
+
+def build_transformer(transformer_cls: Any, config: Mapping[str, Any], dtype: torch.dtype, device: Any = "meta") -> nn.Module:
+    """A ``transformer_cls(**config)`` with uninitialised weights in ``dtype``, except the parameters and buffers the
+    class keeps in float32 (``_keep_in_fp32_modules``, as ``from_pretrained`` loads them). On the meta device (the
+    default) it holds shapes only: what a step would keep can be counted without the weights."""
+    with torch.device(device):
+        tr = transformer_cls(**config)
+    keep = tuple(getattr(tr, "_keep_in_fp32_modules", None) or ())
+    for name, t in [*tr.named_parameters(), *tr.named_buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return tr
 
 
 def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: Any, family: str, **kwargs: Any):

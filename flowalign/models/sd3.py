@@ -29,6 +29,28 @@ from flowalign.types import Cond
 
 DEFAULT_PATH = "stabilityai/stable-diffusion-3.5-medium"
 
+# Published transformer architectures (the checkpoints' transformer/config.json), to count what a training step keeps
+# without the weights (`flowalign bench train-memory --arch`, built by `base.build_transformer`).
+TRANSFORMER = "SD3Transformer2DModel"  # the diffusers class these configs build
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "sd3.5-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+}
+
+
+def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
+                device: Any = "meta", frames: int = 1, max_sequence_length: int = 128) -> dict[str, Tensor]:
+    """The transformer inputs of one training forward of ``prompts`` prompts as ``SD3Model.velocity`` batches them:
+    both CFG branches (2·prompts rows), CLIP's 77 + T5's ``max_sequence_length`` text tokens (zeros)."""
+    rows = 2 * prompts
+    m = {"device": device, "dtype": dtype}
+    return dict(hidden_states=torch.zeros(rows, config["in_channels"], height // 8, width // 8, **m),  # [2P, C, h, w]
+                timestep=torch.zeros(rows, device=device),  # [2P]
+                encoder_hidden_states=torch.zeros(rows, 77 + max_sequence_length, config["joint_attention_dim"], **m),
+                pooled_projections=torch.zeros(rows, config["pooled_projection_dim"], **m))  # [2P, S, D], [2P, P]
+
 
 class SD3Model(FlowAdapter):
     # METHODS.md §3.7: r/α 32/64 on the joint-attention projections of every MMDiT block.

@@ -29,6 +29,28 @@ from flowalign.types import Cond
 
 DEFAULT_PATH = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
+# Published transformer architectures (the checkpoints' transformer/config.json), to count what a training step keeps
+# without the weights (`flowalign bench train-memory --arch`, built by `base.build_transformer`).
+TRANSFORMER = "WanTransformer3DModel"  # the diffusers class these configs build
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", eps=1e-6),
+}
+
+
+def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
+                device: Any = "meta", frames: int = 1, max_sequence_length: int = 512) -> dict[str, Tensor]:
+    """The transformer inputs of one training forward of ``prompts`` prompts as ``WanModel.velocity`` batches them:
+    both CFG branches (2·prompts rows), (frames − 1)/4 + 1 latent frames, ``max_sequence_length`` UMT5 tokens
+    (zeros)."""
+    rows = 2 * prompts
+    m = {"device": device, "dtype": dtype}
+    lat = (rows, config["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)  # [2P, C, F', h, w]
+    return dict(hidden_states=torch.zeros(lat, **m), timestep=torch.zeros(rows, device=device),  # ..., [2P]
+                encoder_hidden_states=torch.zeros(rows, max_sequence_length, config["text_dim"], **m))  # [2P, S, D]
+
+
 # The grid is flowalign's shifted_linear(T, flow_shift), not the scheduler's, and the step is flowalign's kernel, so the
 # scheduler's solver options (UniPC's order, corrector, final sigma; Euler's stochastic_sampling) do not apply. These
 # options would make the checkpoint's own schedule something other than a flow grid shifted by flow_shift (or its

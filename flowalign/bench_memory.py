@@ -1,0 +1,332 @@
+"""``flowalign bench train-memory``: what one training forward keeps for its backward, with and without gradient
+checkpointing (``model.gradient_checkpointing``), and what the backward then costs.
+
+The figure is exact on any device. Every tensor that autograd saves for the backward passes through a
+``torch.autograd.graph.saved_tensors_hooks`` pack hook; :func:`saved_bytes` sums the bytes of their distinct
+storages and leaves out the model's own parameters, which exist whether or not anything trains. With diffusers'
+non-reentrant checkpointing a block saves only its inputs (through torch's input saver, which the hook sees) and
+recomputes the rest in the backward, so the figure falls to the blocks' inputs plus what lies outside the blocks.
+On CUDA the step's peak allocated memory is printed as well.
+
+The forward is the trainer's: the guided velocity (both CFG branches in one batch) of a LoRA-wrapped model at one
+noise level, reduced to a scalar. The LoRA gradients of the two modes are compared, so the table also shows that
+checkpointing leaves the update unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flowalign.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("shapes", "shapes_video", "sd3", "flux", "wan")
+PROMPTS = {"shapes": "a red circle above a blue square", "shapes_video": "a red circle moving to the right"}
+
+
+@contextmanager
+def saved_bytes(exclude: Iterable[nn.Parameter] = ()) -> Iterator[dict[int, int]]:
+    """Collect, while the block runs, the storages autograd saves for the backward: {storage pointer: bytes}.
+
+    Tensors sharing a storage count once; storages of ``exclude`` (the model's parameters, saved by every linear
+    layer's backward but not allocated by the forward) do not count. ``sum(result.values())`` is the memory the
+    forward keeps alive for its backward beyond the model itself. Storages are told apart by identity, so this
+    also counts meta tensors (shapes without memory).
+    """
+    skip = {p.untyped_storage()._cdata for p in exclude}  # the storage object itself: meta storages all sit at 0
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s._cdata not in skip:
+            seen[s._cdata] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+class _FusedAttentionSaves(torch.autograd.Function):
+    """Scaled dot-product attention on the meta device, keeping for the backward what the fused kernels (flash,
+    memory-efficient) keep: q, k, v, the output and a float32 log-sum-exp per query (and the mask, if any). Without
+    it the meta device takes the math path, which keeps the whole attention matrix, as no GPU run does."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, *mask: Tensor) -> Tensor:
+        # [B, H, Lq, Dv], laid out [B, Lq, H, Dv] as the fused kernels write it (a later transpose is then a view)
+        out = torch.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]), device=q.device, dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)  # [B, H, Lq]
+        ctx.save_for_backward(q, k, v, out, lse, *mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:  # pragma: no cover (meta tensors are only counted)
+        raise RuntimeError("the meta-device attention stand-in only counts memory")
+
+
+@contextmanager
+def fused_attention_on_meta() -> Iterator[None]:
+    """Route ``F.scaled_dot_product_attention`` on meta tensors through :class:`_FusedAttentionSaves`."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, *args: Any,
+             **kwargs: Any) -> Tensor:  # torch's parameter names: diffusers passes them by keyword
+        if query.device.type != "meta":
+            return real(query, key, value, attn_mask, *args, **kwargs)
+        return _FusedAttentionSaves.apply(query, key, value, *([attn_mask] if attn_mask is not None else []))
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def architectures() -> dict[str, str]:
+    """{published architecture: model family} over the families that list theirs (``ARCHITECTURES``)."""
+    import importlib
+
+    return {arch: fam for fam in ("sd3", "flux", "wan")
+            for arch in importlib.import_module(f"flowalign.models.{fam}").ARCHITECTURES}
+
+
+def count_config(family: str, config: dict[str, Any], prompts: int, height: int, width: int, *, frames: int = 1,
+                 dtype: torch.dtype = torch.bfloat16, device: Any = "meta") -> dict[str, Any]:
+    """Bytes a training forward of a ``family`` transformer built from ``config`` keeps for its backward, without and
+    with checkpointing: the transformer in ``dtype`` with the family's default LoRA (fp32), fed the inputs its
+    adapter's ``velocity`` batches for ``prompts`` prompts. On the meta device (the default) nothing is allocated and
+    attention is counted as the fused kernels keep it."""
+    import importlib
+
+    from flowalign.models import resolve
+    from flowalign.models.lora import add_lora
+
+    import diffusers
+
+    from flowalign.models.base import build_transformer
+
+    mod = importlib.import_module(f"flowalign.models.{family}")
+    cls = resolve(family)
+    tr = build_transformer(getattr(diffusers, mod.TRANSFORMER), config, dtype, device)
+    lora = add_lora(tr, cls.lora_targets, cls.lora_rank, cls.lora_alpha)
+    inputs = mod.step_inputs(config, prompts, height, width, dtype, device=device, frames=frames)
+    kept = []
+    for mode in (False, True):
+        tr.enable_gradient_checkpointing() if mode else tr.disable_gradient_checkpointing()
+        with fused_attention_on_meta(), saved_bytes(tr.parameters()) as seen:
+            tr(**inputs, return_dict=False)
+        kept.append(sum(seen.values()))
+    return {"family": family, "prompts": prompts, "rows": int(inputs["timestep"].shape[0]), "height": height,
+            "width": width, "frames": frames, "dtype": str(dtype).replace("torch.", ""),
+            "parameters": sum(p.numel() for p in tr.parameters()), "lora_parameters": sum(p.numel() for p in lora),
+            "saved_bytes_off": kept[0], "saved_bytes_on": kept[1]}
+
+
+def count_architecture(arch: str, prompts: int, height: int, width: int, *, frames: int = 1,
+                       dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """:func:`count_config` for a published architecture (``ARCHITECTURES`` of its family), on the meta device."""
+    import importlib
+
+    family = architectures()[arch]
+    config = importlib.import_module(f"flowalign.models.{family}").ARCHITECTURES[arch]
+    return {"arch": arch, **count_config(family, config, prompts, height, width, frames=frames, dtype=dtype)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: Any, prompt: str, batch: int, *, sigma: float = 0.5, repeat: int = 3, seed: int = 0
+            ) -> list[dict[str, Any]]:
+    """One row per mode (checkpointing off, on): saved bytes, forward and backward seconds (median of ``repeat``
+    after a warm-up), CUDA peak bytes, and the max |Δ| of the LoRA gradients against the first mode."""
+    params = model.lora_parameters()
+    device = model.device
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *model.latent_shape), generator=gen).to(device)  # [B, *latent]
+    sig = torch.full((batch,), float(sigma), device=device)  # [B]
+    with torch.no_grad():
+        cond = model.encode([prompt] * batch)
+    rows: list[dict[str, Any]] = []
+    ref: Optional[Tensor] = None
+    for mode in (False, True):
+        model.set_gradient_checkpointing(mode)
+        fwd_s, bwd_s, kept, peak = [], [], 0, None
+        for i in range(repeat + 1):  # the first pass warms up (allocator, kernels) and is not timed
+            for p in params:
+                p.grad = None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            with saved_bytes(model.transformer.parameters()) as seen:
+                loss = model.velocity(x, sig, cond).float().pow(2).mean()  # [] (the trainer's forward, a scalar)
+            _sync(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            kept = sum(seen.values())
+            if i:
+                fwd_s.append(t1 - t0)
+                bwd_s.append(t2 - t1)
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device)
+        grad = torch.cat([p.grad.detach().flatten().float() for p in params if p.grad is not None])  # [n_lora]
+        diff = 0.0 if ref is None else float((grad - ref).abs().max())
+        ref = grad if ref is None else ref
+        rows.append({"checkpointing": mode, "rows_per_forward": batch * (2 if model.guidance_scale != 1.0 else 1),
+                     "saved_bytes": kept, "forward_s": statistics.median(fwd_s), "backward_s": statistics.median(bwd_s),
+                     "cuda_peak_bytes": peak, "grad_max_abs_diff": diff})
+    model.set_gradient_checkpointing(False)
+    return rows
+
+
+def _load(family: str, path: str, *, device: str, dtype: torch.dtype, resolution: int, workdir: Path
+          ) -> Optional[tuple[Any, str]]:
+    """(model, description) for a family: the shipped shapes models, a local checkpoint (``path``) of any family,
+    or the tiny random SD3 / FLUX / Wan pipelines of ``tests/tiny_models.py`` (only from a source checkout)."""
+    import importlib.util
+
+    import flowalign
+    from flowalign.models import load_model
+
+    kw: dict[str, Any] = {"device": device, "dtype": dtype}
+    if path or family in ("shapes", "shapes_video"):
+        if resolution and family not in ("shapes", "shapes_video"):
+            kw.update(height=resolution, width=resolution)
+        what = path or "the shipped model"
+        return load_model(family, path, **kw), what
+    src = Path(flowalign.__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+    if not src.is_file():
+        logger.warning("%s skipped: no --path and %s not found (the tiny pipelines need a source checkout)", family, src)
+        return None
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()  # building and loading the tiny pipelines is instant; their bars are noise here
+    tlog.disable_progress_bar()
+    spec = importlib.util.spec_from_file_location("_flowalign_tiny_models", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    built = getattr(mod, f"build_tiny_{family}")(workdir / f"tiny_{family}")
+    return load_model(family, str(built), **kw, **mod.TINY_SIZES[family]), "tiny random pipeline (tests/tiny_models.py)"
+
+
+def _print_architectures(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    known = architectures()
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    bad = [a for a in archs if a not in known]
+    if bad or not archs:
+        raise UserError(f"--arch {args.arch!r}: unknown or no architecture(s) {bad}; choose from {', '.join(known)}")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise UserError(f"--frames {args.frames}: Wan takes 4k + 1 frames (1, 33, 81)")
+    side = args.resolution or 512
+    if side % 16:
+        raise UserError(f"--resolution {side}: use a multiple of 16")
+    print(f"train-memory --arch: bytes one training forward keeps for its backward, counted on the meta device "  # noqa: T201
+          f"(no weights), {args.batch} prompt(s), {side}x{side}, {args.dtype} weights, fp32 LoRA (family defaults), "
+          "attention as the fused kernels keep it")
+    print(f"{'architecture':<16}{'rows':>5}{'frames':>7}{'params':>9}{'off GiB':>10}{'on GiB':>9}{'less':>7}")  # noqa: T201
+    out = []
+    for arch in archs:
+        r = count_architecture(arch, args.batch, side, side, frames=args.frames if known[arch] == "wan" else 1,
+                               dtype=dtype)
+        out.append(r)
+        print(f"{arch:<16}{r['rows']:>5}{r['frames']:>7}{r['parameters'] / 1e9:>8.2f}B"  # noqa: T201
+              f"{r['saved_bytes_off'] / 2**30:>10.2f}{r['saved_bytes_on'] / 2**30:>9.2f}"
+              f"{r['saved_bytes_off'] / max(r['saved_bytes_on'], 1):>6.1f}x")
+    if args.json:
+        from flowalign.io import atomic_write_json
+
+        atomic_write_json(args.json, {"meta": True, "architectures": out})
+    sys.stdout.flush()
+
+
+def _mib(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def bench_train_memory(argv: Sequence[str]) -> None:
+    """Print, per model, the activation memory and time of a training forward + backward without and with
+    gradient checkpointing."""
+    ap = argparse.ArgumentParser(prog="flowalign bench train-memory", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="shapes,shapes_video",
+                    help=f"comma list of: {', '.join(FAMILIES)} (sd3/flux/wan: the tiny test pipelines unless --path)")
+    ap.add_argument("--arch", default="", help="comma list of published architectures to count on the meta device "
+                    "instead (no weights needed): " + ", ".join(architectures()))
+    ap.add_argument("--frames", type=int, default=1, help="video frames for --arch wan2.1-1.3b (4k + 1; 1 = DanceGRPO's images)")
+    ap.add_argument("--path", default="", help="a local checkpoint of the (single) --models family, e.g. an SD3.5 directory")
+    ap.add_argument("--batch", type=int, default=8, help="prompts per training forward (rows = 2 x batch with CFG)")
+    ap.add_argument("--resolution", type=int, default=0, help="image side for --path models of sd3/flux/wan (0 = 512)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="model dtype (default float32; bfloat16 with --arch)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed passes per mode (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = ap.parse_args(list(argv))
+    from flowalign.bench_snr import check_json_out
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in FAMILIES]
+    if bad or not models:
+        raise UserError(f"--models {args.models!r}: unknown or no model(s) {bad}; choose from {', '.join(FAMILIES)}")
+    if args.path and len(models) != 1:
+        raise UserError(f"--path {args.path!r} belongs to one model family; pass a single --models, e.g. --models sd3")
+    if args.path and not Path(args.path).is_dir():
+        raise UserError(f"--path {args.path!r} is not a directory; pass a local checkpoint directory")
+    if args.batch < 1 or args.repeat < 1 or args.threads < 1 or args.resolution < 0:
+        raise UserError("--batch, --repeat and --threads must be >= 1 and --resolution >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    check_json_out(args.json)
+    torch.set_num_threads(args.threads)
+    args.dtype = args.dtype or ("bfloat16" if args.arch else "float32")
+    dtype = getattr(torch, args.dtype)
+    if args.arch:
+        _print_architectures(args, dtype)
+        return
+    out: list[dict[str, Any]] = []
+    print(f"train-memory: one training forward (guided velocity, LoRA) + backward, batch {args.batch}, "  # noqa: T201
+          f"{args.device}, {args.dtype}; 'kept' = bytes saved for the backward (parameters excluded)")
+    print(f"{'model':<14}{'rows':>5}  {'checkpointing':<14}{'kept MiB':>10}{'fwd s':>9}{'bwd s':>9}"  # noqa: T201
+          f"{'cuda peak MiB':>15}{'grad max |d|':>14}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in models:
+            loaded = _load(family, args.path, device=args.device, dtype=dtype, resolution=args.resolution,
+                           workdir=Path(tmp))
+            if loaded is None:
+                continue
+            model, what = loaded
+            model.add_lora()
+            rows = measure(model, PROMPTS.get(family, "a red cat on a blue chair"), args.batch, repeat=args.repeat)
+            for r in rows:
+                print(f"{family:<14}{r['rows_per_forward']:>5}  {'on' if r['checkpointing'] else 'off':<14}"  # noqa: T201
+                      f"{_mib(r['saved_bytes']):>10}{r['forward_s']:>9.3f}{r['backward_s']:>9.3f}"
+                      f"{_mib(r['cuda_peak_bytes']):>15}{r['grad_max_abs_diff']:>14.2e}")
+            off, on = rows
+            print(f"{'':<14}kept {off['saved_bytes'] / max(on['saved_bytes'], 1):.1f}x less with checkpointing, "  # noqa: T201
+                  f"backward {on['backward_s'] / max(off['backward_s'], 1e-9):.2f}x the time ({what})")
+            out.append({"model": family, "weights": what, "batch": args.batch, "rows": rows})
+            del model
+    if args.json:
+        from flowalign.io import atomic_write_json
+
+        atomic_write_json(args.json, {"device": args.device, "dtype": args.dtype, "models": out})
+    sys.stdout.flush()

@@ -188,6 +188,7 @@ class ShapesModel(FlowAdapter):
 
     CONFIG: Any = ShapesConfig  # the config class (a subclass family swaps it, e.g. the video shapes model)
     ASSET = "shapes"  # the shipped checkpoint: flowalign/assets/<ASSET>
+    GRAMMAR = "flowalign.shapes.grammar"  # the module whose vocabulary() and parse() define this family's prompts
     PRETRAIN_CONFIG = ""  # a family without a shipped checkpoint names the config that makes one
     LORA_TARGETS: tuple[str, ...] = SHAPES_LORA_TARGETS
 
@@ -244,17 +245,16 @@ class ShapesModel(FlowAdapter):
             config = dataclasses.replace(config, vocab=list(cls._vocabulary()))
         return cls(config, **kwargs)
 
-    @staticmethod
-    def _vocabulary() -> list[str]:
-        from flowalign.shapes.grammar import vocabulary
+    @classmethod
+    def _vocabulary(cls) -> list[str]:
+        import importlib
 
-        return vocabulary()
+        return importlib.import_module(cls.GRAMMAR).vocabulary()
 
-    @staticmethod
-    def _parse_prompt(prompt: str) -> Any:
-        from flowalign.shapes.grammar import parse
+    def _parse_prompt(self, prompt: str) -> Any:
+        import importlib
 
-        return parse(prompt)
+        return importlib.import_module(self.GRAMMAR).parse(prompt)
 
     def prompt_note(self, prompt: str) -> Optional[str]:
         """Why ``prompt`` is outside the grammar this model was trained on, or None when it is inside. A prompt of

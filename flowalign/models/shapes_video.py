@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError
@@ -101,6 +100,7 @@ class ShapesVideoModel(ShapesModel):
 
     CONFIG = ShapesVideoConfig
     ASSET = "shapes_video"
+    GRAMMAR = "flowalign.shapes.motion"  # the motion grammar: its vocabulary() and parse()
     PRETRAIN_CONFIG = "configs/shapes_video_pretrain.yaml"  # stage 1 of the recipe that made the shipped model
     LORA_TARGETS = WAN_LORA_TARGETS
     output_kind = "video"
@@ -134,17 +134,6 @@ class ShapesVideoModel(ShapesModel):
             comps["refiner"] = self.refiner
         return transformer, comps
 
-    @staticmethod
-    def _vocabulary() -> list[str]:
-        from flowalign.shapes.motion import vocabulary
-
-        return vocabulary()
-
-    @staticmethod
-    def _parse_prompt(prompt: str) -> Any:
-        from flowalign.shapes.motion import parse
-
-        return parse(prompt)
 
     def _net(self, x: Tensor, sigma: Tensor, hidden: Tensor, pooled: Optional[Tensor]) -> Tensor:
         if self.pooled_embedder is not None:

@@ -105,11 +105,13 @@ def architectures() -> dict[str, str]:
 
 
 def count_config(family: str, config: dict[str, Any], prompts: int, height: int, width: int, *, frames: int = 1,
-                 dtype: torch.dtype = torch.bfloat16, device: Any = "meta") -> dict[str, Any]:
+                 dtype: torch.dtype = torch.bfloat16, device: Any = "meta", lora: Optional[tuple] = None,
+                 **input_kwargs: Any) -> dict[str, Any]:
     """Bytes a training forward of a ``family`` transformer built from ``config`` keeps for its backward, without and
     with checkpointing: the transformer in ``dtype`` with the family's default LoRA (fp32), fed the inputs its
     adapter's ``velocity`` batches for ``prompts`` prompts. On the meta device (the default) nothing is allocated and
-    attention is counted as the fused kernels keep it."""
+    attention is counted as the fused kernels keep it. ``lora`` = (targets, rank, alpha) replaces the family's
+    default LoRA; ``input_kwargs`` (e.g. ``max_sequence_length``) go to the family's ``step_inputs``."""
     import importlib
 
     from flowalign.models import resolve
@@ -122,8 +124,8 @@ def count_config(family: str, config: dict[str, Any], prompts: int, height: int,
     mod = importlib.import_module(f"flowalign.models.{family}")
     cls = resolve(family)
     tr = build_transformer(getattr(diffusers, mod.TRANSFORMER), config, dtype, device)
-    lora = add_lora(tr, cls.lora_targets, cls.lora_rank, cls.lora_alpha)
-    inputs = mod.step_inputs(config, prompts, height, width, dtype, device=device, frames=frames)
+    lora = add_lora(tr, *(lora or (cls.lora_targets, cls.lora_rank, cls.lora_alpha)))
+    inputs = mod.step_inputs(config, prompts, height, width, dtype, device=device, frames=frames, **input_kwargs)
     kept = []
     for mode in (False, True):
         tr.enable_gradient_checkpointing() if mode else tr.disable_gradient_checkpointing()
@@ -144,6 +146,46 @@ def count_architecture(arch: str, prompts: int, height: int, width: int, *, fram
     family = architectures()[arch]
     config = importlib.import_module(f"flowalign.models.{family}").ARCHITECTURES[arch]
     return {"arch": arch, **count_config(family, config, prompts, height, width, frames=frames, dtype=dtype)}
+
+
+def preflight(model: Any, family: str, micro_batch: int, *, checkpointing: bool, lora: tuple,
+              free_bytes: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """Before a GPU run's first rollout: what one update micro-batch will keep for its backward, counted on the meta
+    device from the loaded transformer's own config, size, text length and dtype and the run's LoRA = (targets, rank,
+    alpha) (:func:`count_config`), plus
+    the LoRA's gradients and AdamW moments (12 bytes per LoRA parameter), against the device's free memory. Logs the
+    estimate; warns, naming both fixes, when it exceeds 90 % of what is free. None (and nothing logged) for a
+    family without ``step_inputs`` (the shapes models). ``free_bytes`` defaults to ``torch.cuda.mem_get_info``."""
+    import importlib
+
+    from flowalign.models.lora import lora_parameters
+
+    try:
+        mod = importlib.import_module(f"flowalign.models.{family}")
+    except ImportError:
+        return None
+    if not hasattr(mod, "step_inputs"):
+        return None
+    tr = model.transformer
+    config = {k: v for k, v in dict(tr.config).items() if not k.startswith("_")}
+    est = count_config(family, config, micro_batch, model.height, model.width,
+                       frames=int(getattr(model, "num_frames", 1)), dtype=model.dtype, lora=tuple(lora),
+                       max_sequence_length=int(model.max_sequence_length))
+    kept = est["saved_bytes_on" if checkpointing else "saved_bytes_off"]
+    need = kept + 12 * sum(p.numel() for p in lora_parameters(tr))
+    if free_bytes is None:
+        free_bytes = int(torch.cuda.mem_get_info(model.device)[0])
+    gib = 2.0 ** 30
+    logger.info("memory: an update micro-batch of %d keeps about %.1f GiB for its backward (%.1f GiB with gradient "
+                "checkpointing, %.1f without) plus %.1f GiB of LoRA gradients and AdamW state; %.1f GiB free on %s",
+                micro_batch, kept / gib, est["saved_bytes_on"] / gib, est["saved_bytes_off"] / gib,
+                (need - kept) / gib, free_bytes / gib, model.device)
+    if need > 0.9 * free_bytes:
+        fixes = ("a smaller train.micro_batch" if checkpointing else
+                 "model.gradient_checkpointing=true (the same gradients) or a smaller train.micro_batch")
+        logger.warning("memory: the update needs about %.1f GiB but %.1f GiB are free on %s; it will likely run out of "
+                       "memory: set %s", need / gib, free_bytes / gib, model.device, fixes)
+    return {**est, "needed_bytes": need, "free_bytes": free_bytes}
 
 
 def _sync(device: torch.device) -> None:

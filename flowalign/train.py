@@ -477,6 +477,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
         raise UserError(f"model.lora_targets: {e}") from e
     if cfg.model.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
+    if device.type == "cuda" and rank == 0:  # what an update micro-batch will keep, before a rollout can run out
+        from flowalign.bench_memory import preflight
+
+        preflight(model, cfg.model.name, cfg.train.micro_batch, checkpointing=cfg.model.gradient_checkpointing,
+                  lora=(tuple(cfg.model.lora_targets) or model.lora_targets, lora_r or model.lora_rank,
+                        lora_a or model.lora_alpha))
     if world > 1:
         import torch.distributed as dist
 

@@ -179,3 +179,35 @@ def test_published_architecture_counts_and_keeps_fp32_modules():
 ])
 def test_bench_train_memory_arch_refuses_bad_input_in_one_line(capsys, argv, needle):
     _fails(capsys, ["bench", "train-memory", *argv], needle)
+
+
+def test_preflight_estimates_the_update_from_the_loaded_model_and_warns_when_it_will_not_fit(tiny_sd3_dir, caplog):
+    """A GPU run checks, before its first rollout, what an update micro-batch will keep for the backward (counted on
+    the meta device from the loaded transformer's config) against the free memory, and names both fixes."""
+    import logging
+
+    from flowalign.bench_memory import count_config, preflight
+
+    model = load_model("sd3", str(tiny_sd3_dir), **TINY_SIZES["sd3"])
+    model.add_lora(4, 8)
+    spec = (model.lora_targets, 4, 8)
+    with caplog.at_level(logging.INFO, logger="flowalign.bench_memory"):
+        est = preflight(model, "sd3", 8, checkpointing=False, lora=spec, free_bytes=2**40)
+    cfg = {k: v for k, v in dict(model.transformer.config).items() if not k.startswith("_")}
+    ref = count_config("sd3", cfg, 8, model.height, model.width, dtype=model.dtype, lora=spec,
+                       max_sequence_length=model.max_sequence_length)
+    assert (est["saved_bytes_off"], est["saved_bytes_on"]) == (ref["saved_bytes_off"], ref["saved_bytes_on"])
+    n_lora = sum(p.numel() for p in model.lora_parameters())
+    assert est["needed_bytes"] == est["saved_bytes_off"] + 12 * n_lora
+    assert "memory: an update micro-batch of 8 keeps" in caplog.text and "WARNING" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flowalign.bench_memory"):
+        preflight(model, "sd3", 8, checkpointing=False, lora=spec, free_bytes=est["needed_bytes"] // 2)
+    warn = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warn) == 1 and "model.gradient_checkpointing=true" in warn[0] and "train.micro_batch" in warn[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flowalign.bench_memory"):  # with checkpointing on, it fits
+        preflight(model, "sd3", 8, checkpointing=True, lora=spec, free_bytes=est["needed_bytes"] // 2)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert preflight(ShapesModel.from_config(_SMALL_SHAPES), "shapes", 8, checkpointing=False,
+                     lora=((), 8, 16), free_bytes=1) is None  # no step_inputs: nothing to count

@@ -11,6 +11,10 @@ On CUDA the step's peak allocated memory is printed as well.
 The forward is the trainer's: the guided velocity (both CFG branches in one batch) of a LoRA-wrapped model at one
 noise level, reduced to a scalar. The LoRA gradients of the two modes are compared, so the table also shows that
 checkpointing leaves the update unchanged.
+
+``--arch`` counts the published SD3.5 / FLUX / Wan transformers without their weights: built on the meta device
+(shapes only) from ``ARCHITECTURES`` of their family file and fed that family's ``step_inputs``
+(:func:`count_config`). :func:`preflight` runs the same count for a loaded model before a GPU training run.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ PROMPTS = {"shapes": "a red circle above a blue square", "shapes_video": "a red 
 
 @contextmanager
 def saved_bytes(exclude: Iterable[nn.Parameter] = ()) -> Iterator[dict[int, int]]:
-    """Collect, while the block runs, the storages autograd saves for the backward: {storage pointer: bytes}.
+    """Collect, while the block runs, the storages autograd saves for the backward: {storage id: bytes}.
 
     Tensors sharing a storage count once; storages of ``exclude`` (the model's parameters, saved by every linear
     layer's backward but not allocated by the forward) do not count. ``sum(result.values())`` is the memory the
@@ -114,17 +118,16 @@ def count_config(family: str, config: dict[str, Any], prompts: int, height: int,
     default LoRA; ``input_kwargs`` (e.g. ``max_sequence_length``) go to the family's ``step_inputs``."""
     import importlib
 
-    from flowalign.models import resolve
-    from flowalign.models.lora import add_lora
-
     import diffusers
 
+    from flowalign.models import resolve
     from flowalign.models.base import build_transformer
+    from flowalign.models.lora import add_lora
 
     mod = importlib.import_module(f"flowalign.models.{family}")
     cls = resolve(family)
     tr = build_transformer(getattr(diffusers, mod.TRANSFORMER), config, dtype, device)
-    lora = add_lora(tr, *(lora or (cls.lora_targets, cls.lora_rank, cls.lora_alpha)))
+    lora_params = add_lora(tr, *(lora or (cls.lora_targets, cls.lora_rank, cls.lora_alpha)))
     inputs = mod.step_inputs(config, prompts, height, width, dtype, device=device, frames=frames, **input_kwargs)
     kept = []
     for mode in (False, True):
@@ -134,7 +137,7 @@ def count_config(family: str, config: dict[str, Any], prompts: int, height: int,
         kept.append(sum(seen.values()))
     return {"family": family, "prompts": prompts, "rows": int(inputs["timestep"].shape[0]), "height": height,
             "width": width, "frames": frames, "dtype": str(dtype).replace("torch.", ""),
-            "parameters": sum(p.numel() for p in tr.parameters()), "lora_parameters": sum(p.numel() for p in lora),
+            "parameters": sum(p.numel() for p in tr.parameters()), "lora_parameters": sum(p.numel() for p in lora_params),
             "saved_bytes_off": kept[0], "saved_bytes_on": kept[1]}
 
 

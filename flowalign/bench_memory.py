@@ -242,7 +242,7 @@ def measure(model: Any, prompt: str, batch: int, *, sigma: float = 0.5, repeat: 
     return rows
 
 
-def _load(family: str, path: str, *, device: str, dtype: torch.dtype, resolution: int, workdir: Path
+def _load(family: str, path: str, *, device: str, dtype: torch.dtype, resolution: int, workdir: Path, frames: int = 1
           ) -> Optional[tuple[Any, str]]:
     """(model, description) for a family: the shipped shapes models, a local checkpoint (``path``) of any family,
     or the tiny random SD3 / FLUX / Wan pipelines of ``tests/tiny_models.py`` (only from a source checkout)."""
@@ -255,6 +255,8 @@ def _load(family: str, path: str, *, device: str, dtype: torch.dtype, resolution
     if path or family in ("shapes", "shapes_video"):
         if resolution and family not in ("shapes", "shapes_video"):
             kw.update(height=resolution, width=resolution)
+        if family == "wan":
+            kw.update(num_frames=frames)  # the adapter's default is 81 frames
         what = path or "the shipped model"
         return load_model(family, path, **kw), what
     src = Path(flowalign.__file__).resolve().parents[1] / "tests" / "tiny_models.py"
@@ -279,8 +281,6 @@ def _print_architectures(args: argparse.Namespace, dtype: torch.dtype) -> None:
     bad = [a for a in archs if a not in known]
     if bad or not archs:
         raise UserError(f"--arch {args.arch!r}: unknown or no architecture(s) {bad}; choose from {', '.join(known)}")
-    if args.frames < 1 or (args.frames - 1) % 4:
-        raise UserError(f"--frames {args.frames}: Wan takes 4k + 1 frames (1, 33, 81)")
     side = args.resolution or 512
     if side % 16:
         raise UserError(f"--resolution {side}: use a multiple of 16")
@@ -315,7 +315,7 @@ def bench_train_memory(argv: Sequence[str]) -> None:
                     help=f"comma list of: {', '.join(FAMILIES)} (sd3/flux/wan: the tiny test pipelines unless --path)")
     ap.add_argument("--arch", default="", help="comma list of published architectures to count on the meta device "
                     "instead (no weights needed): " + ", ".join(architectures()))
-    ap.add_argument("--frames", type=int, default=1, help="video frames for --arch wan2.1-1.3b (4k + 1; 1 = DanceGRPO's images)")
+    ap.add_argument("--frames", type=int, default=1, help="Wan video frames, for --arch and --path (4k + 1; 1 = DanceGRPO's images)")
     ap.add_argument("--path", default="", help="a local checkpoint of the (single) --models family, e.g. an SD3.5 directory")
     ap.add_argument("--batch", type=int, default=8, help="prompts per training forward (rows = 2 x batch with CFG)")
     ap.add_argument("--resolution", type=int, default=0, help="image side for --path models of sd3/flux/wan (0 = 512)")
@@ -338,6 +338,8 @@ def bench_train_memory(argv: Sequence[str]) -> None:
         raise UserError(f"--path {args.path!r} is not a directory; pass a local checkpoint directory")
     if args.batch < 1 or args.repeat < 1 or args.threads < 1 or args.resolution < 0:
         raise UserError("--batch, --repeat and --threads must be >= 1 and --resolution >= 0")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise UserError(f"--frames {args.frames}: Wan takes 4k + 1 frames (1, 33, 81)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     check_json_out(args.json)
@@ -355,7 +357,7 @@ def bench_train_memory(argv: Sequence[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in models:
             loaded = _load(family, args.path, device=args.device, dtype=dtype, resolution=args.resolution,
-                           workdir=Path(tmp))
+                           workdir=Path(tmp), frames=args.frames)
             if loaded is None:
                 continue
             model, what = loaded

@@ -163,6 +163,10 @@ def test_published_architecture_counts_and_keeps_fp32_modules():
     from flowalign.models import wan
     from flowalign.models.base import build_transformer
 
+    from flowalign.bench_memory import architectures
+
+    assert architectures() == {"sd3.5-medium": "sd3", "sd3.5-large": "sd3", "flux.1-dev": "flux",
+                               "flux.1-schnell": "flux", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan"}
     r = count_architecture("sd3.5-medium", 1, 256, 256)
     assert r["rows"] == 2 and r["saved_bytes_off"] > 10 * r["saved_bytes_on"] > 0
     tr = build_transformer(getattr(diffusers, wan.TRANSFORMER), wan.ARCHITECTURES["wan2.1-1.3b"], torch.bfloat16)

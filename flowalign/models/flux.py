@@ -40,18 +40,22 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "flux.1-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                        guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    "flux.1-schnell": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                           num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                           guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
 }
 
 
 def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
                 device: Any = "meta", frames: int = 1, max_sequence_length: int = 512) -> dict[str, Tensor]:
     """The transformer inputs of one training forward of ``prompts`` prompts as ``FluxModel.velocity`` batches them:
-    one row per prompt (guidance-distilled: the scale is an input, no second branch), 2×2-packed latent tokens,
-    ``max_sequence_length`` T5 tokens (zeros)."""
+    one row per prompt (guidance-distilled: the scale is an input, no second branch; schnell has none), 2×2-packed
+    latent tokens, ``max_sequence_length`` T5 tokens (zeros)."""
     h2, w2 = height // 16, width // 16
     m = {"device": device, "dtype": dtype}
+    guidance = torch.zeros(prompts, device=device) if config.get("guidance_embeds") else None  # [P]
     return dict(hidden_states=torch.zeros(prompts, h2 * w2, config["in_channels"], **m),  # [P, L, 4C]
-                timestep=torch.zeros(prompts, device=device), guidance=torch.zeros(prompts, device=device),  # [P]
+                timestep=torch.zeros(prompts, device=device), guidance=guidance,  # [P]
                 pooled_projections=torch.zeros(prompts, config["pooled_projection_dim"], **m),  # [P, 768]
                 encoder_hidden_states=torch.zeros(prompts, max_sequence_length, config["joint_attention_dim"], **m),
                 txt_ids=torch.zeros(max_sequence_length, 3, **m), img_ids=image_ids(h2, w2, device, dtype))  # [S|L, 3]

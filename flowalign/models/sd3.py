@@ -37,6 +37,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                          num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                          pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
                          dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "sd3.5-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, dual_attention_layers=(),
+                        qk_norm="rms_norm"),
 }
 
 

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError
+from flowalign.models import MODELS  # names and module paths only: no model code is imported
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("shapes", "shapes_video", "sd3", "flux", "wan")
+FAMILIES = tuple(MODELS)
 PROMPTS = {"shapes": "a red circle above a blue square", "shapes_video": "a red circle moving to the right"}
 
 
@@ -100,12 +101,16 @@ def fused_attention_on_meta() -> Iterator[None]:
         F.scaled_dot_product_attention = real
 
 
-def architectures() -> dict[str, str]:
-    """{published architecture: model family} over the families that list theirs (``ARCHITECTURES``)."""
+def family_module(family: str) -> Any:
+    """The module of a registered model family (``flowalign.models.MODELS``)."""
     import importlib
 
-    return {arch: fam for fam in ("sd3", "flux", "wan")
-            for arch in importlib.import_module(f"flowalign.models.{fam}").ARCHITECTURES}
+    return importlib.import_module(MODELS[family].split(":")[0])
+
+
+def architectures() -> dict[str, str]:
+    """{published architecture: model family} over the registered families that list theirs (``ARCHITECTURES``)."""
+    return {arch: fam for fam in MODELS for arch in getattr(family_module(fam), "ARCHITECTURES", {})}
 
 
 def count_config(family: str, config: dict[str, Any], prompts: int, height: int, width: int, *, frames: int = 1,
@@ -116,15 +121,13 @@ def count_config(family: str, config: dict[str, Any], prompts: int, height: int,
     adapter's ``velocity`` batches for ``prompts`` prompts. On the meta device (the default) nothing is allocated and
     attention is counted as the fused kernels keep it. ``lora`` = (targets, rank, alpha) replaces the family's
     default LoRA; ``input_kwargs`` (e.g. ``max_sequence_length``) go to the family's ``step_inputs``."""
-    import importlib
-
     import diffusers
 
     from flowalign.models import resolve
     from flowalign.models.base import build_transformer
     from flowalign.models.lora import add_lora
 
-    mod = importlib.import_module(f"flowalign.models.{family}")
+    mod = family_module(family)
     cls = resolve(family)
     tr = build_transformer(getattr(diffusers, mod.TRANSFORMER), config, dtype, device)
     lora_params = add_lora(tr, *(lora or (cls.lora_targets, cls.lora_rank, cls.lora_alpha)))
@@ -144,10 +147,8 @@ def count_config(family: str, config: dict[str, Any], prompts: int, height: int,
 def count_architecture(arch: str, prompts: int, height: int, width: int, *, frames: int = 1,
                        dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """:func:`count_config` for a published architecture (``ARCHITECTURES`` of its family), on the meta device."""
-    import importlib
-
     family = architectures()[arch]
-    config = importlib.import_module(f"flowalign.models.{family}").ARCHITECTURES[arch]
+    config = family_module(family).ARCHITECTURES[arch]
     return {"arch": arch, **count_config(family, config, prompts, height, width, frames=frames, dtype=dtype)}
 
 
@@ -155,19 +156,13 @@ def preflight(model: Any, family: str, micro_batch: int, *, checkpointing: bool,
               free_bytes: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Before a GPU run's first rollout: what one update micro-batch will keep for its backward, counted on the meta
     device from the loaded transformer's own config, size, text length and dtype and the run's LoRA = (targets, rank,
-    alpha) (:func:`count_config`), plus
-    the LoRA's gradients and AdamW moments (12 bytes per LoRA parameter), against the device's free memory. Logs the
+    alpha) (:func:`count_config`), plus the LoRA's gradients and AdamW moments (12 bytes per LoRA parameter), against
+    the device's free memory. Logs the
     estimate; warns, naming both fixes, when it exceeds 90 % of what is free. None (and nothing logged) for a
     family without ``step_inputs`` (the shapes models). ``free_bytes`` defaults to ``torch.cuda.mem_get_info``."""
-    import importlib
-
     from flowalign.models.lora import lora_parameters
 
-    try:
-        mod = importlib.import_module(f"flowalign.models.{family}")
-    except ImportError:
-        return None
-    if not hasattr(mod, "step_inputs"):
+    if family not in MODELS or not hasattr(family_module(family), "step_inputs"):
         return None
     tr = model.transformer
     config = {k: v for k, v in dict(tr.config).items() if not k.startswith("_")}
@@ -199,7 +194,8 @@ def _sync(device: torch.device) -> None:
 def measure(model: Any, prompt: str, batch: int, *, sigma: float = 0.5, repeat: int = 3, seed: int = 0
             ) -> list[dict[str, Any]]:
     """One row per mode (checkpointing off, on): saved bytes, forward and backward seconds (median of ``repeat``
-    after a warm-up), CUDA peak bytes, and the max |Δ| of the LoRA gradients against the first mode."""
+    after a warm-up), CUDA peak bytes, the max |Δ| of the LoRA gradients against the first mode, and the rows the
+    transformer was fed (counted by a forward pre-hook)."""
     params = model.lora_parameters()
     device = model.device
     gen = torch.Generator().manual_seed(seed)
@@ -207,6 +203,23 @@ def measure(model: Any, prompt: str, batch: int, *, sigma: float = 0.5, repeat: 
     sig = torch.full((batch,), float(sigma), device=device)  # [B]
     with torch.no_grad():
         cond = model.encode([prompt] * batch)
+    fed: list[int] = []  # rows the transformer is fed per call: 2 x batch with CFG, batch for guidance-distilled FLUX
+
+    def count_rows(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if x is not None:
+            fed.append(int(x.shape[0]))
+
+    hook = model.transformer.register_forward_pre_hook(count_rows, with_kwargs=True)
+    try:
+        return _measure_modes(model, params, device, x, sig, cond, repeat, fed)
+    finally:
+        hook.remove()
+        model.set_gradient_checkpointing(False)
+
+
+def _measure_modes(model: Any, params: list, device: torch.device, x: Tensor, sig: Tensor, cond: Any, repeat: int,
+                   fed: list[int]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     ref: Optional[Tensor] = None
     for mode in (False, True):
@@ -218,6 +231,7 @@ def measure(model: Any, prompt: str, batch: int, *, sigma: float = 0.5, repeat: 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
+            fed.clear()
             t0 = time.perf_counter()
             with saved_bytes(model.transformer.parameters()) as seen:
                 loss = model.velocity(x, sig, cond).float().pow(2).mean()  # [] (the trainer's forward, a scalar)
@@ -235,10 +249,9 @@ def measure(model: Any, prompt: str, batch: int, *, sigma: float = 0.5, repeat: 
         grad = torch.cat([p.grad.detach().flatten().float() for p in params if p.grad is not None])  # [n_lora]
         diff = 0.0 if ref is None else float((grad - ref).abs().max())
         ref = grad if ref is None else ref
-        rows.append({"checkpointing": mode, "rows_per_forward": batch * (2 if model.guidance_scale != 1.0 else 1),
+        rows.append({"checkpointing": mode, "rows_per_forward": sum(fed),
                      "saved_bytes": kept, "forward_s": statistics.median(fwd_s), "backward_s": statistics.median(bwd_s),
                      "cuda_peak_bytes": peak, "grad_max_abs_diff": diff})
-    model.set_gradient_checkpointing(False)
     return rows
 
 

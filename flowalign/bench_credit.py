@@ -5,7 +5,9 @@ rollout, rewards and credit on a model with an ``NFECounter`` installed, and rep
 model forwards for sampling and probing (1 NFE = one sample's forward, the CFG pair counted once), the
 ratio to plain Flow-GRPO sampling (G·T), reward calls (images scored) and wall time, next to the
 reference implementations' costs from METHODS.md §5.2. It also measures how well few-step probes rank the
-members of each group like full-ODE probes (mean Spearman over (group, state)).
+members of each group like full-ODE probes (mean Spearman over (group, state)), and with ``--rank-references``
+how every probe, ``ode:full`` included, ranks against the same ODE solved F times finer (``fine:F``) and against the
+mean reward of K SDE completions per state (``sde:K``, with that estimate's split-half agreement).
 
 Models: the shipped shapes model (``load_model("shapes")``; a randomly initialised shapes model when it
 is not shipped yet: the counts are exact, the ranking figures are not meaningful), the shipped shapes video model
@@ -248,11 +250,56 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     }
 
 
+def parse_references(spec: str) -> list[tuple[str, int]]:
+    """``"fine:4,sde:16"`` → [("fine", 4), ("sde", 16)]: the extra references the ranking is measured against."""
+    from flowalign.errors import UserError
+
+    out: list[tuple[str, int]] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        kind, _, num = item.partition(":")
+        n = int(num) if num.isdigit() else 0
+        if kind == "fine" and n >= 2:
+            out.append(("fine", n))
+        elif kind == "sde" and n >= 2 and n % 2 == 0:
+            out.append(("sde", n))
+        else:
+            raise UserError(f"--rank-references: {item!r} is not a reference; use fine:F (F ≥ 2: the same Euler ODE "
+                            "with every step split in F) or sde:K (K even ≥ 2: K SDE completions per state)")
+    return out
+
+
+def _agreement(vals: dict[str, Tensor], ref: dict[str, Tensor], cond_index: Tensor, n_groups: int,
+               steps: int) -> dict[str, Any]:
+    """Mean Spearman over (group, state) pairs of states 0 … T−2, and its mean per state."""
+    rs, by_t = [], {t: [] for t in range(steps - 1)}
+    for name in ref:
+        for g in range(n_groups):
+            m = cond_index == g
+            for t in range(steps - 1):  # x_{T−1} → x_T is ODE, its value is R for every mode's complement
+                r = spearman(vals[name][m, t], ref[name][m, t])
+                if math.isfinite(r):
+                    rs.append(r)
+                    by_t[t].append(r)
+    return {"spearman_mean": round(sum(rs) / len(rs), 3) if rs else float("nan"),
+            "spearman_min": round(min(rs), 3) if rs else float("nan"), "pairs": len(rs),
+            "by_state": [round(sum(v) / len(v), 2) if v else float("nan") for v in by_t.values()]}
+
+
 def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, modes: Sequence[str],
-                   max_batch: Optional[int]) -> dict[str, dict[str, float]]:
-    """Spearman between few-step and full-ODE values of every state, per (group, state) across members."""
+                   max_batch: Optional[int], references: Sequence[tuple[str, int]] = (),
+                   progress: bool = False) -> dict[str, Any]:
+    """Spearman between few-step and full-ODE values of every state, per (group, state) across members.
+
+    With ``references`` also against each of them (key ``"references"``): ``("fine", F)``, the same Euler ODE on a
+    grid F times finer (``values.refined_ode_values``), and ``("sde", K)``, the mean reward of K completions with
+    the rollouts' own SDE (``values.sde_mc_values``), whose split-half agreement (two halves of K/2) bounds how
+    well any value can rank against a K-sample estimate."""
+    from tqdm.auto import tqdm
+
     from flowalign.samplers.loop import eta_schedule, sample
-    from flowalign.values import probe_values
+    from flowalign.values import probe_values, refined_ode_values, sde_mc_values
 
     model = setup.model
     n_groups = len(setup.prompts)
@@ -267,22 +314,38 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
     mask[:, steps] = False
     sc = lambda z, r: setup.score(z, r, traj)  # noqa: E731
     term = sc(traj.final, torch.arange(traj.batch_size))
+    bar = tqdm(total=1 + len(modes) + len(references), desc="ranking", unit="probe mode", disable=not progress,
+               leave=False)
     full = probe_values(model.velocity, traj, mask, "ode:full", sc, terminal=term, max_batch=max_batch)
-    out: dict[str, dict[str, float]] = {}
+    bar.update()
+    vals = {}
     for mode in modes:
-        vals = probe_values(model.velocity, traj, mask, mode, sc, terminal=term, max_batch=max_batch)
-        rs, by_t = [], {t: [] for t in range(steps - 1)}
-        for name in full:
-            for g in range(n_groups):
-                m = cond_index == g
-                for t in range(steps - 1):  # x_{T−1} → x_T is ODE, its value is R for every mode's complement
-                    r = spearman(vals[name][m, t], full[name][m, t])
-                    if math.isfinite(r):
-                        rs.append(r)
-                        by_t[t].append(r)
-        out[mode] = {"spearman_mean": round(sum(rs) / len(rs), 3) if rs else float("nan"),
-                     "spearman_min": round(min(rs), 3) if rs else float("nan"), "pairs": len(rs),
-                     "by_state": [round(sum(v) / len(v), 2) if v else float("nan") for v in by_t.values()]}
+        bar.set_postfix_str(mode)
+        vals[mode] = probe_values(model.velocity, traj, mask, mode, sc, terminal=term, max_batch=max_batch)
+        bar.update()
+    out: dict[str, Any] = {mode: _agreement(v, full, cond_index, n_groups, steps) for mode, v in vals.items()}
+    if references:
+        refs: dict[str, Any] = {}
+        every = {"ode:full": full, **vals}
+        for kind, n in references:
+            label = f"{kind}:{n}"
+            bar.set_postfix_str(label)
+            if kind == "fine":
+                ref = refined_ode_values(model.velocity, traj, mask, sc, n, max_batch=max_batch)
+                extra = {}
+            else:
+                mc = sde_mc_values(model.velocity, traj, mask, sc, k=n, kernel="flow_sde", max_batch=max_batch,
+                                   generator=torch.Generator().manual_seed(seed + 2))  # name -> [K, B, T+1]
+                ref = {k: v.mean(0) for k, v in mc.items()}
+                halves = _agreement({k: v[: n // 2].mean(0) for k, v in mc.items()},
+                                    {k: v[n // 2:].mean(0) for k, v in mc.items()}, cond_index, n_groups, steps)
+                extra = {f"split-half ({n // 2} vs {n // 2})": halves}
+            refs[label] = {**{mode: _agreement(v, ref, cond_index, n_groups, steps) for mode, v in every.items()},
+                           **extra}  # every mode, ode:full and the earlier references against this one
+            every[label] = ref
+            bar.update()
+        out["references"] = refs
+    bar.close()
     return out
 
 
@@ -303,6 +366,11 @@ def bench_credit(argv: Sequence[str]) -> int:
     ap.add_argument("--rank-reward", default="shapes_partial",
                     help="reward whose probe values are ranked on the shapes model (shapes_partial, saturation, "
                          "jpeg_compressibility, ...); the video model ranks shapes_motion_partial")
+    ap.add_argument("--rank-references", default="",
+                    help="also rank against these references (comma list): fine:F = the same Euler ODE with every step "
+                         "split in F (does ode:full's ranking survive a finer solver?), sde:K = the mean reward of K "
+                         "completions with the rollouts' SDE (the sampling policy's own value; its split-half "
+                         "agreement is printed too). Costly: fine:4 + sde:16 take ≈ 4× the default ranking time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -325,6 +393,7 @@ def bench_credit(argv: Sequence[str]) -> int:
                              ("rank-groups", args.rank_groups, 0)):
         if value is not None and value < low:
             raise UserError(f"--{flag} must be at least {low}, got {value}")
+    references = parse_references(args.rank_references)
     if args.rank_groups > 0 and "shapes" in models:
         resolve_reward(args.rank_reward)  # an unknown name fails here, not after the cost runs
     check_json_out(args.json)
@@ -355,13 +424,18 @@ def bench_credit(argv: Sequence[str]) -> int:
 
                     setup.rewards = {args.rank_reward: build_reward(args.rank_reward)}
                 rk = rank_agreement(setup, steps=args.steps, group_size=args.group_size, seed=args.seed + 17,
-                                    modes=RANK_MODES, max_batch=args.max_batch)
+                                    modes=RANK_MODES, max_batch=args.max_batch, references=references,
+                                    progress=True)
+                refs = rk.pop("references", {})
                 results["ranking"][setup.name] = rk
-                print("ranking agreement with ode:full (Spearman across group members, per group and state):")  # noqa: T201
-                for mode, d in rk.items():
-                    print(f"  {mode:<8} mean {d['spearman_mean']:.3f}  min {d['spearman_min']:.3f}  "  # noqa: T201
-                          f"({d['pairs']} (group, state) pairs)  by state t=0..{args.steps - 2}: "
-                          + " ".join(f"{v:.2f}" for v in d["by_state"]))
+                if refs:
+                    results.setdefault("ranking_references", {})[setup.name] = refs
+                for title, table in [("ode:full", rk), *refs.items()]:
+                    print(f"ranking agreement with {title} (Spearman across group members, per group and state):")  # noqa: T201
+                    for mode, d in table.items():
+                        print(f"  {mode:<10} mean {d['spearman_mean']:.3f}  min {d['spearman_min']:.3f}  "  # noqa: T201
+                              f"({d['pairs']} (group, state) pairs)  by state t=0..{args.steps - 2}: "
+                              + " ".join(f"{v:.2f}" for v in d["by_state"]))
     if args.json:
         from flowalign.io import atomic_write_json
 

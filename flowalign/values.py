@@ -18,6 +18,10 @@ method (DenseGRPO, TP-GRPO, VGPO, TempFlow) and by steering:
   noise, are integrated and scored once;
 - **probe only what is asked**: the caller passes a [B, T+1] mask.
 
+Two reference estimators, for measuring the probes (``flowalign bench credit --rank-references``), not for credit:
+``refined_ode_values`` (the same Euler ODE with every native step split in F, ``refine_grid``) and
+``sde_mc_values`` (K completions of each state with the rollouts' own SDE kernel: the sampling policy's value).
+
 Guided rollouts (Euphonium, METHODS.md §4.5) live here too: ``RewardGuidance`` is the sampler's ``mean_shift``
 hook, ``RewardPRM`` a training-free differentiable process reward (the rewards of x̂0), and ``GUIDES`` the registry
 the trainer's ``sampler.guide`` selects from.
@@ -41,7 +45,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.samplers.loop import gather_cond
+from flowalign.samplers.loop import gather_cond, sample
 from flowalign.samplers.plans import next_table, staggered_ode, subgrid
 from flowalign.types import Cond, Trajectory, VelocityFn
 
@@ -307,6 +311,86 @@ def probe_values_naive(velocity: VelocityFn, traj: Trajectory, mask: Tensor, mod
             res = score(x, torch.tensor([i], device=x.device))
             for k, v in res.items():
                 out.setdefault(k, torch.full((b, steps + 1), float("nan")))[i, t] = float(v.reshape(-1)[0])
+    return out
+
+
+def refine_grid(sigmas: Tensor, factor: int) -> Tensor:
+    """[T+1] → [F·T+1]: every step of the grid split into ``factor`` equal steps in σ (every F-th point is the
+    original grid, so a refined probe starts where the sampler's state lies)."""
+    if factor < 1:
+        raise ValueError(f"the refinement factor must be at least 1, got {factor}")
+    sig = sigmas.detach().to(torch.float32).cpu()  # [T+1]
+    frac = torch.arange(factor, dtype=torch.float32) / factor  # [F]
+    inner = sig[:-1, None] + (sig[1:] - sig[:-1])[:, None] * frac  # [T, F]
+    return torch.cat([inner.reshape(-1), sig[-1:]])  # [F·T+1]
+
+
+def refined_ode_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, score: ScoreFn, factor: int,
+                       *, max_batch: Optional[int] = None, score_batch: Optional[int] = None) -> dict[str, Tensor]:
+    """Reference values R(ODE_F(x_t)): Euler from each state ``mask`` [B, T+1] selects to σ = 0 on the trajectory's
+    grid with every step split into ``factor`` equal steps (``refine_grid``) → {name: [B, T+1]}.
+
+    The probe of METHODS.md §4.0 ``ode_full`` integrates the probability-flow ODE on the sampler's own grid, so its
+    value carries that grid's discretisation error. Solving the same ODE F times finer tells how much of a ranking
+    by ``ode:full`` is the ODE's and how much is the grid's (``flowalign bench credit --rank-references fine:F``).
+    F = 1 is ``ode:full`` without its savings (no velocity reuse or ODE skipping: a diagnostic, not a credit probe).
+    """
+    b, steps = traj.batch_size, traj.steps
+    fine = refine_grid(traj.sigmas, factor)  # [F·T+1]
+    req_b, req_t = mask.detach().cpu().to(torch.bool).nonzero(as_tuple=True)  # [P], [P]
+    out: dict[str, Tensor] = {}
+    if req_b.numel() == 0:
+        return out
+    dev = traj.latents.device
+    with torch.no_grad():
+        comp = staggered_ode(velocity, traj.latents[req_b.to(dev), req_t.to(dev)], (req_t * factor).to(dev),
+                             fine.to(dev), traj.cond, traj.cond_index[req_b.to(dev)], max_batch=max_batch)
+        scored = _score_chunked(score, comp.final, req_b.to(dev), score_batch)  # name -> [P]
+    for k, v in scored.items():
+        out[k] = torch.full((b, steps + 1), float("nan"))
+        out[k][req_b, req_t] = v
+    return out
+
+
+def sde_mc_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, score: ScoreFn, *, k: int, kernel: str,
+                  generator: torch.Generator, max_batch: Optional[int] = None,
+                  score_batch: Optional[int] = None) -> dict[str, Tensor]:
+    """Monte-Carlo values of the sampling policy itself: for each selected state x_t (``mask`` [B, T+1]), the
+    rewards of ``k`` completions to σ = 0 with the trajectory's own kernel and per-row η → {name: [k, B, T+1]}.
+
+    Their mean estimates E[R(x_T) | x_t] under the SDE that is being trained, the quantity an RL value function is
+    (METHODS.md §4.0 uses the deterministic ODE completion as a cheap stand-in for it). A completion of a row whose
+    remaining steps all have η = 0 is the ``ode:full`` value, k times. ``generator`` draws every completion's noise
+    (state by state, in chunks of ``max_batch`` rows), so the values are reproducible.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    b, steps = traj.batch_size, traj.steps
+    eta = row_eta(traj)  # [B, T]
+    mask = mask.detach().cpu().to(torch.bool)
+    dev = traj.latents.device
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for t in range(steps + 1):
+            rows = mask[:, t].nonzero(as_tuple=True)[0]  # [n]
+            if rows.numel() == 0:
+                continue
+            if t == steps:  # x_T itself: its reward, k times
+                for name, v in _score_chunked(score, traj.latents[rows.to(dev), t], rows.to(dev), score_batch).items():
+                    out.setdefault(name, torch.full((k, b, steps + 1), float("nan")))[:, rows, t] = v
+                continue
+            rr = rows.repeat(k)  # [k·n], completion j of row i at j·n + i
+            chunk = max_batch or rr.numel()
+            for s in range(0, rr.numel(), chunk):
+                part = rr[s:s + chunk]
+                ci = traj.cond_index[part.to(dev)]
+                rest = sample(velocity, traj.latents[part.to(dev), t], traj.sigmas[t:], traj.cond,
+                              eta=eta[part, t:], kernel=kernel, generator=generator, cond_index=ci)
+                scored = _score_chunked(score, rest.final, part.to(dev), score_batch)  # name -> [len(part)]
+                for name, v in scored.items():
+                    dst = out.setdefault(name, torch.full((k, b, steps + 1), float("nan")))
+                    j = torch.arange(s, s + part.numel()) // rows.numel()  # completion index
+                    dst[j, part, t] = v
     return out
 
 

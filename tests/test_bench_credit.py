@@ -94,3 +94,29 @@ def test_bench_credit_does_not_swap_a_wrong_shapes_path_for_a_random_model(capsy
     _fails(capsys, ["bench", "credit", "--models", "shapes", "--methods", "flow_grpo", "--steps", "2", "--group-size",
                     "2", "--rank-groups", "0", "--shapes-path", str(bad), "--json", str(out)], str(bad))
     assert not out.exists()
+
+
+def test_bench_credit_ranks_against_a_finer_ode_and_the_sde_value(tmp_path, capsys):
+    """--rank-references: every mode (ode:full included) against the same ODE on a finer grid and against the mean
+    of K SDE completions, with that mean's split-half agreement."""
+    out = tmp_path / "bench.json"
+    rc = bench_credit(["--models", "shapes", "--methods", "flow_grpo", "--steps", "4", "--group-size", "4",
+                       "--rank-groups", "1", "--rank-references", "fine:2,sde:4", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    refs = res["ranking_references"]["shapes"]
+    assert set(refs) == {"fine:2", "sde:4"}
+    assert set(refs["fine:2"]) == {"ode:full", *RANK_MODES}
+    assert set(refs["sde:4"]) == {"ode:full", "fine:2", "split-half (2 vs 2)", *RANK_MODES}
+    for table in refs.values():
+        for d in table.values():
+            assert len(d["by_state"]) == 3 and (math.isnan(d["spearman_mean"]) or -1 <= d["spearman_mean"] <= 1)
+    text = capsys.readouterr().out
+    assert "ranking agreement with fine:2" in text and "ranking agreement with sde:4" in text
+
+
+@pytest.mark.parametrize("spec", ["fine:1", "sde:3", "sde", "ode:4", "fine:x"])
+def test_bench_credit_refuses_a_bad_rank_reference(capsys, no_model, tmp_path, spec):
+    out = tmp_path / "b.json"
+    _fails(capsys, ["bench", "credit", "--models", "shapes", "--rank-references", spec, "--json", str(out)], repr(spec))
+    assert not out.exists()

@@ -259,3 +259,82 @@ def test_probe_engine_equals_naive_on_shared_noise_chains_and_branch_trees():
         got = probe_values(elementwise_velocity, trb, mask, mode, score)
         for k in ref:
             assert torch.equal(got[k], ref[k]), (mode, k)
+
+
+# ------------------------------------------------------------------------------ reference values (bench credit)
+
+
+def _gaussian_flow_endpoint(x, sigma, c):
+    """The exact probability-flow ODE map x_σ → x_0 of the Gaussian world (data N(m, s_d²) per dimension): affine,
+    matching the marginal N((1 − σ)m, (1 − σ)²s_d² + σ²) to N(m, s_d²)."""
+    m = M + c
+    std = ((1 - sigma) ** 2 * SD**2 + sigma**2) ** 0.5
+    return m + SD * (x - (1 - sigma) * m) / std
+
+
+def test_refine_grid_nests_the_native_grid():
+    from flowalign.values import refine_grid
+
+    sig = schedules.sd3_diffusers(T)  # not nested under sd3_diffusers(4T) (double shift): refine by splitting steps
+    fine = refine_grid(sig, 4)
+    assert fine.shape == (4 * T + 1,) and torch.equal(fine[::4], sig.float())
+    assert bool((fine[1:] < fine[:-1]).all())  # strictly decreasing
+    assert torch.equal(refine_grid(sig, 1), sig.float())
+    with pytest.raises(ValueError):
+        refine_grid(sig, 0)
+
+
+def test_refined_ode_values_equal_ode_full_at_factor_one_and_converge_to_the_exact_flow():
+    from flowalign.values import refined_ode_values
+
+    traj = _traj(eta_schedule(T, 0.7))
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    mask[:, T] = False
+    ref = probe_values_naive(gaussian_world_velocity, traj, mask, "ode:full", score)
+    one = refined_ode_values(gaussian_world_velocity, traj, mask, score, 1, max_batch=7)
+    for k in ("r", "s"):
+        assert torch.equal(one[k][mask], ref[k][mask]) and bool(one[k][~mask].isnan().all())  # the same Euler steps on the same grid, bit for bit
+    # the first coordinate of the endpoint: Euler error shrinks with the refinement towards the exact flow map
+    first = lambda z, rows: {"z": z[:, 0]}  # noqa: E731
+    c = torch.tensor([-0.3, 0.4])[traj.cond_index]  # [B]
+    sig = traj.sigmas.to(torch.float64)
+    err = []
+    for factor in (1, 4, 16):
+        v = refined_ode_values(gaussian_world_velocity, traj, mask, first, factor)["z"]  # [B, T+1]
+        exact = torch.stack([_gaussian_flow_endpoint(traj.latents[:, t, 0].double(), sig[t], c.double())
+                             for t in range(T)], 1)  # [B, T]
+        err.append(float((v[:, :T].double() - exact).abs().max()))
+    assert err[0] > 3 * err[1] and err[1] > 3 * err[2], err  # first order: ≈ 4× less per 4× finer (0.239, 0.064, 0.017)
+    assert err[2] < 0.03
+
+
+def test_sde_mc_values_are_the_ode_value_on_ode_rows_and_reproducible():
+    from flowalign.values import sde_mc_values
+
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    # all-ODE trajectory: every completion of every state is the trajectory's own final state
+    traj = _traj(0.0)
+    v = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=3, kernel="flow_sde",
+                      generator=torch.Generator().manual_seed(0))
+    final = score(traj.final, None)
+    for key in final:
+        assert v[key].shape == (3, 6, T + 1)
+        assert torch.equal(v[key], final[key][None, :, None].expand(3, -1, T + 1))
+    # SDE trajectory: the last step is ODE, so x_{T-1} and x_T complete deterministically; earlier states spread
+    traj = _traj(eta_schedule(T, 0.7))
+    a = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde",
+                      generator=torch.Generator().manual_seed(5), max_batch=10)
+    b = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde",
+                      generator=torch.Generator().manual_seed(5), max_batch=10)
+    assert torch.equal(a["r"], b["r"])  # the generator draws every completion's noise
+    final = score(traj.final, None)["r"]
+    assert torch.equal(a["r"][:, :, T], final[None].expand(4, -1))
+    ode_last = probe_values_naive(gaussian_world_velocity, traj, mask, "ode:full", score)["r"][:, T - 1]
+    assert torch.allclose(a["r"][:, :, T - 1], ode_last[None].expand(4, -1), atol=1e-6)
+    assert bool((a["r"][:, :, 0].std(0) > 1e-3).all())  # different noise per completion
+    c = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde",
+                      generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(a["r"][:, :, 0], c["r"][:, :, 0])
+    with pytest.raises(ValueError):
+        sde_mc_values(gaussian_world_velocity, traj, mask, score, k=0, kernel="flow_sde",
+                      generator=torch.Generator())

@@ -314,7 +314,8 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
     mask[:, steps] = False
     sc = lambda z, r: setup.score(z, r, traj)  # noqa: E731
     term = sc(traj.final, torch.arange(traj.batch_size))
-    bar = tqdm(total=1 + len(modes) + len(references), desc="ranking", unit="probe mode", disable=not progress,
+    # one tick per probe mode, and per state of each reference (an sde:16 reference takes most of the time)
+    bar = tqdm(total=1 + len(modes) + len(references) * steps, desc="ranking", unit="stage", disable=not progress,
                leave=False)
     full = probe_values(model.velocity, traj, mask, "ode:full", sc, terminal=term, max_batch=max_batch)
     bar.update()
@@ -330,20 +331,29 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
         for kind, n in references:
             label = f"{kind}:{n}"
             bar.set_postfix_str(label)
+            gen = torch.Generator().manual_seed(seed + 2)  # draws the sde completions state after state
+            parts: dict[str, Tensor] = {}
+            for t in range(steps):  # state by state (the same values as one call), so the bar moves
+                m_t = torch.zeros_like(mask)
+                m_t[:, t] = mask[:, t]
+                if kind == "fine":
+                    got = refined_ode_values(model.velocity, traj, m_t, sc, n, max_batch=max_batch)
+                else:
+                    got = sde_mc_values(model.velocity, traj, m_t, sc, k=n, kernel="flow_sde", max_batch=max_batch,
+                                        generator=gen)  # name -> [K, B, T+1]
+                for k, v in got.items():
+                    parts[k] = v if k not in parts else torch.where(torch.isnan(v), parts[k], v)
+                bar.update()
             if kind == "fine":
-                ref = refined_ode_values(model.velocity, traj, mask, sc, n, max_batch=max_batch)
-                extra = {}
+                ref, extra = parts, {}
             else:
-                mc = sde_mc_values(model.velocity, traj, mask, sc, k=n, kernel="flow_sde", max_batch=max_batch,
-                                   generator=torch.Generator().manual_seed(seed + 2))  # name -> [K, B, T+1]
-                ref = {k: v.mean(0) for k, v in mc.items()}
-                halves = _agreement({k: v[: n // 2].mean(0) for k, v in mc.items()},
-                                    {k: v[n // 2:].mean(0) for k, v in mc.items()}, cond_index, n_groups, steps)
+                ref = {k: v.mean(0) for k, v in parts.items()}
+                halves = _agreement({k: v[: n // 2].mean(0) for k, v in parts.items()},
+                                    {k: v[n // 2:].mean(0) for k, v in parts.items()}, cond_index, n_groups, steps)
                 extra = {f"split-half ({n // 2} vs {n // 2})": halves}
             refs[label] = {**{mode: _agreement(v, ref, cond_index, n_groups, steps) for mode, v in every.items()},
                            **extra}  # every mode, ode:full and the earlier references against this one
             every[label] = ref
-            bar.update()
         out["references"] = refs
     bar.close()
     return out

@@ -338,3 +338,23 @@ def test_sde_mc_values_are_the_ode_value_on_ode_rows_and_reproducible():
     with pytest.raises(ValueError):
         sde_mc_values(gaussian_world_velocity, traj, mask, score, k=0, kernel="flow_sde",
                       generator=torch.Generator())
+
+
+def test_reference_values_state_by_state_equal_one_call():
+    """bench credit computes the references one state at a time (so its progress bar moves): with one generator
+    drawn in state order, the SDE completions are the same draws, and the refined ODE the same steps."""
+    from flowalign.values import refined_ode_values, sde_mc_values
+
+    traj = _traj(eta_schedule(T, 0.7))
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    mask[:, T] = False
+    whole = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=2, kernel="flow_sde",
+                          generator=torch.Generator().manual_seed(3))["r"]
+    fine = refined_ode_values(gaussian_world_velocity, traj, mask, score, 3)["r"]
+    gen = torch.Generator().manual_seed(3)
+    for t in range(T):
+        m_t = torch.zeros_like(mask)
+        m_t[:, t] = mask[:, t]
+        part = sde_mc_values(gaussian_world_velocity, traj, m_t, score, k=2, kernel="flow_sde", generator=gen)["r"]
+        assert torch.equal(part[:, :, t], whole[:, :, t])
+        assert torch.equal(refined_ode_values(gaussian_world_velocity, traj, m_t, score, 3)["r"][:, t], fine[:, t])

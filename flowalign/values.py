@@ -361,7 +361,8 @@ def sde_mc_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, score: S
     Their mean estimates E[R(x_T) | x_t] under the SDE that is being trained, the quantity an RL value function is
     (METHODS.md §4.0 uses the deterministic ODE completion as a cheap stand-in for it). A completion of a row whose
     remaining steps all have η = 0 is the ``ode:full`` value, k times. ``generator`` draws every completion's noise
-    (state by state, in chunks of ``max_batch`` rows), so the values are reproducible.
+    (state by state, in chunks of ``max_batch`` rows), so the values are reproducible; another
+    ``max_batch`` draws in another order and so gives other completions.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")

@@ -381,6 +381,8 @@ def bench_credit(argv: Sequence[str]) -> int:
                          "split in F (does ode:full's ranking survive a finer solver?), sde:K = the mean reward of K "
                          "completions with the rollouts' SDE (the sampling policy's own value; its split-half "
                          "agreement is printed too). Costly: fine:4 + sde:16 take ≈ 4× the default ranking time")
+    ap.add_argument("--plot", default=None, help="also draw the ranking agreement by state to this PNG (one panel "
+                    "per reference, one line per probe mode; with several models, one file each: NAME-<model>.png)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -407,6 +409,8 @@ def bench_credit(argv: Sequence[str]) -> int:
     if args.rank_groups > 0 and "shapes" in models:
         resolve_reward(args.rank_reward)  # an unknown name fails here, not after the cost runs
     check_json_out(args.json)
+    if args.plot and (Path(args.plot).is_dir() or not args.plot.lower().endswith(".png")):
+        raise UserError(f"--plot {args.plot!r}: pass the path of a .png file, e.g. ranking.png")
     results: dict[str, Any] = {"runs": [], "ranking": {}, "notes": {}}
     with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:
         for name in models:
@@ -440,6 +444,15 @@ def bench_credit(argv: Sequence[str]) -> int:
                 results["ranking"][setup.name] = rk
                 if refs:
                     results.setdefault("ranking_references", {})[setup.name] = refs
+                if args.plot:
+                    from flowalign.report import plot_ranking
+
+                    target = Path(args.plot) if len(models) == 1 else \
+                        Path(args.plot).with_name(f"{Path(args.plot).stem}-{name}.png")
+                    reward = args.rank_reward if name == "shapes" else "shapes_motion_partial"
+                    plot_ranking({"ode:full": rk, **refs}, target, f"{setup.name}, {reward}: {args.rank_groups} "
+                                 f"groups of {args.group_size}, T = {args.steps}")
+                    results.setdefault("plots", {})[setup.name] = str(target)
                 for title, table in [("ode:full", rk), *refs.items()]:
                     print(f"ranking agreement with {title} (Spearman across group members, per group and state):")  # noqa: T201
                     for mode, d in table.items():

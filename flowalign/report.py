@@ -454,6 +454,37 @@ def plot_steering(summaries: Mapping[str, dict], path: str | Path, reward: str) 
     return _save_fig(fig, Path(path))
 
 
+def plot_ranking(tables: Mapping[str, Mapping[str, dict]], path: str | Path, title: str) -> Path:
+    """``flowalign bench credit``'s ranking agreement by state: one panel per reference (``tables``: reference →
+    {probe mode → {"by_state": [ρ per state], "spearman_mean": ρ}}), one line per probe mode."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = max(1, len(tables))
+    fig = Figure(figsize=(4.6 * n, 3.9), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
+    names = list(dict.fromkeys(m for table in tables.values() for m in table))  # one colour per mode in every panel
+    palette = [f"C{i}" for i in range(10)] + ["#444444", "#bcbd22", "#17becf", "#8c564b"]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(names)}
+    for ax, (ref, table) in zip(axes, tables.items()):
+        for mode, d in table.items():
+            ys = [float(v) if _is_num(v) else float("nan") for v in d.get("by_state", [])]
+            mean = d.get("spearman_mean")
+            dashed = mode.startswith(("split-half", "ode:full", "fine:", "sde:"))  # references, not probes
+            ax.plot(range(len(ys)), ys, marker="o", markersize=3, linestyle="--" if dashed else "-", color=color[mode],
+                    label=f"{mode} ({mean:.2f})" if _is_num(mean) and math.isfinite(mean) else mode)
+        ax.axhline(0.9, color="#999", linewidth=0.8, linestyle=":")
+        ax.set_ylim(-0.4, 1.02)
+        ax.set_title(f"against {ref}", fontsize=10)
+        ax.set_xlabel("state t (0 = pure noise)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    axes[0].set_ylabel("Spearman ρ across a group's members")
+    fig.suptitle(title, fontsize=10)
+    return _save_fig(fig, Path(path))
+
+
 def _final_eval_iteration(records: Sequence[dict]) -> float | None:
     """The iteration of the last end-of-run evaluation line in ``records`` (``eval/*`` keys and none of an
     iteration's own: ``train/*``, ``rollouts/*``, ``nfe/*``, ``time/iteration_s``), or None."""

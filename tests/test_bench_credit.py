@@ -79,6 +79,7 @@ def test_spearman_does_not_rank_a_nan_reward_as_the_largest_value():
     (["--rank-groups", "-1"], ["--rank-groups"]),
     (["--models", "shape"], ["'shape'", "shapes"]),  # was skipped silently: exit 0 and an empty table
     (["--rank-reward", "bogus"], ["'bogus'"]),  # was refused only after every cost run
+    (["--plot", "ranking.txt"], ["'ranking.txt'", ".png"]),
 ])
 def test_bench_credit_refuses_bad_input_before_loading(capsys, no_model, tmp_path, extra, needles):
     out = tmp_path / "b.json"
@@ -101,8 +102,10 @@ def test_bench_credit_ranks_against_a_finer_ode_and_the_sde_value(tmp_path, caps
     of K SDE completions, with that mean's split-half agreement."""
     out = tmp_path / "bench.json"
     rc = bench_credit(["--models", "shapes", "--methods", "flow_grpo", "--steps", "4", "--group-size", "4",
-                       "--rank-groups", "1", "--rank-references", "fine:2,sde:4", "--json", str(out)])
+                       "--rank-groups", "1", "--rank-references", "fine:2,sde:4", "--json", str(out),
+                       "--plot", str(tmp_path / "rank.png")])
     assert rc == 0
+    assert (tmp_path / "rank.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # one panel per reference
     res = json.loads(out.read_text())
     refs = res["ranking_references"]["shapes"]
     assert set(refs) == {"fine:2", "sde:4"}

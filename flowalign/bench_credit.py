@@ -327,20 +327,23 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
     out: dict[str, Any] = {mode: _agreement(v, full, cond_index, n_groups, steps) for mode, v in vals.items()}
     if references:
         refs: dict[str, Any] = {}
+        costs: dict[str, dict[str, float]] = {}
         every = {"ode:full": full, **vals}
         for kind, n in references:
             label = f"{kind}:{n}"
             bar.set_postfix_str(label)
             gen = torch.Generator().manual_seed(seed + 2)  # draws the sde completions state after state
             parts: dict[str, Tensor] = {}
+            before = setup.nfe.totals().get("reference", 0)
             for t in range(steps):  # state by state (the same values as one call), so the bar moves
                 m_t = torch.zeros_like(mask)
                 m_t[:, t] = mask[:, t]
-                if kind == "fine":
-                    got = refined_ode_values(model.velocity, traj, m_t, sc, n, max_batch=max_batch)
-                else:
-                    got = sde_mc_values(model.velocity, traj, m_t, sc, k=n, kernel="flow_sde", max_batch=max_batch,
-                                        generator=gen)  # name -> [K, B, T+1]
+                with setup.nfe.phase("reference"):
+                    if kind == "fine":
+                        got = refined_ode_values(model.velocity, traj, m_t, sc, n, max_batch=max_batch)
+                    else:
+                        got = sde_mc_values(model.velocity, traj, m_t, sc, k=n, kernel="flow_sde",
+                                            max_batch=max_batch, generator=gen)  # name -> [K, B, T+1]
                 for k, v in got.items():
                     parts[k] = v if k not in parts else torch.where(torch.isnan(v), parts[k], v)
                 bar.update()
@@ -351,10 +354,13 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
                 halves = _agreement({k: v[: n // 2].mean(0) for k, v in parts.items()},
                                     {k: v[n // 2:].mean(0) for k, v in parts.items()}, cond_index, n_groups, steps)
                 extra = {f"split-half ({n // 2} vs {n // 2})": halves}
+            per = (setup.nfe.totals().get("reference", 0) - before) / traj.batch_size  # measured forwards per rollout
+            costs[label] = {"nfe_per_rollout": per, "x_flow_grpo": round(1 + per / steps, 2)}
             refs[label] = {**{mode: _agreement(v, ref, cond_index, n_groups, steps) for mode, v in every.items()},
                            **extra}  # every mode, ode:full and the earlier references against this one
             every[label] = ref
         out["references"] = refs
+        out["reference_cost"] = costs
     bar.close()
     return out
 
@@ -442,9 +448,11 @@ def bench_credit(argv: Sequence[str]) -> int:
                                     modes=RANK_MODES, max_batch=args.max_batch, references=references,
                                     progress=True)
                 refs = rk.pop("references", {})
+                ref_cost = rk.pop("reference_cost", {})
                 results["ranking"][setup.name] = rk
                 if refs:
                     results.setdefault("ranking_references", {})[setup.name] = refs
+                    results.setdefault("reference_cost", {})[setup.name] = ref_cost
                 if args.plot:
                     from flowalign.report import plot_ranking
 
@@ -454,6 +462,9 @@ def bench_credit(argv: Sequence[str]) -> int:
                     plot_ranking({"ode:full": rk, **refs}, target, f"{setup.name}, {reward}: {args.rank_groups} "
                                  f"groups of {args.group_size}, T = {args.steps}")
                     results.setdefault("plots", {})[setup.name] = str(target)
+                for label, c in ref_cost.items():
+                    print(f"reference {label}: {c['nfe_per_rollout']:.0f} forwards per rollout, measured "  # noqa: T201
+                          f"({c['x_flow_grpo']:.2f}× Flow-GRPO's sampling)")
                 for title, table in [("ode:full", rk), *refs.items()]:
                     print(f"ranking agreement with {title} (Spearman across group members, per group and state):")  # noqa: T201
                     for mode, d in table.items():

@@ -315,7 +315,7 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
     sc = lambda z, r: setup.score(z, r, traj)  # noqa: E731
     term = sc(traj.final, torch.arange(traj.batch_size))
     # one tick per probe mode, and per state of each reference (an sde:16 reference takes most of the time)
-    bar = tqdm(total=1 + len(modes) + len(references) * steps, desc="ranking", unit="stage", disable=not progress,
+    bar = tqdm(total=1 + len(modes) + len(references) * (steps - 1), desc="ranking", unit="stage", disable=not progress,
                leave=False)
     full = probe_values(model.velocity, traj, mask, "ode:full", sc, terminal=term, max_batch=max_batch)
     bar.update()
@@ -332,10 +332,10 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
         for kind, n in references:
             label = f"{kind}:{n}"
             bar.set_postfix_str(label)
-            gen = torch.Generator().manual_seed(seed + 2)  # draws the sde completions state after state
             parts: dict[str, Tensor] = {}
             before = setup.nfe.totals().get("reference", 0)
-            for t in range(steps):  # state by state (the same values as one call), so the bar moves
+            # state by state (the same values as one call), so the bar moves; only the ranked states 0 … T−2
+            for t in range(steps - 1):
                 m_t = torch.zeros_like(mask)
                 m_t[:, t] = mask[:, t]
                 with setup.nfe.phase("reference"):
@@ -343,7 +343,7 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
                         got = refined_ode_values(model.velocity, traj, m_t, sc, n, max_batch=max_batch)
                     else:
                         got = sde_mc_values(model.velocity, traj, m_t, sc, k=n, kernel="flow_sde",
-                                            max_batch=max_batch, generator=gen)  # name -> [K, B, T+1]
+                                            max_batch=max_batch, seed=seed + 2)  # name -> [K, B, T+1]
                 for k, v in got.items():
                     parts[k] = v if k not in parts else torch.where(torch.isnan(v), parts[k], v)
                 bar.update()

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,15 @@ def _fsync_path(path: PathLike) -> None:
 _fsync_dir = _fsync_path
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (parents created). Returns the path."""
+def _atomic_write(path: PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """``write(fh)`` into a temporary file beside ``path``, fsync, then rename it onto ``path`` (parents created): a
+    reader sees the old file or the whole new one, never a part. On any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -84,6 +85,11 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parents created). Returns the path."""
+    return _atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
@@ -122,20 +128,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj, path)`` atomically (optimizer / RNG / sampler state in checkpoints)."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 @contextlib.contextmanager

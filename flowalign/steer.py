@@ -834,7 +834,7 @@ def cli_main(argv: Sequence[str]) -> int:
     if not math.isfinite(beta) or beta <= 0:
         raise UserError(f"--beta must be a finite number > 0, got {beta}")
     if args.output is not None and args.method != "fk":
-        raise UserError(f"--output is FK's (best-of-N returns its best particle); drop it or use --method fk")
+        raise UserError("--output is FK's (best-of-N returns its best particle); drop it or use --method fk")
     fk_only = [f for f, given in (("--proposal guided", args.proposal != "kernel"), ("--temper", args.temper is not None))
                if given]
     if fk_only and args.method != "fk":

@@ -49,20 +49,12 @@ from flowalign.models import load_model
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, gather_cond, live_eta, step_log_prob
 from flowalign.samplers.kernels import get_kernel
-from flowalign.samplers.loop import Generators, draw_rows
+from flowalign.samplers.loop import Generators, draw_rows, mix_seed
 from flowalign.samplers.plans import PLANS
 from flowalign.types import Interval
 from flowalign.values import GUIDES, NFECounter, make_probe
 
 logger = logging.getLogger(__name__)
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, iteration, group, member, ...): reproducible for any world size."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
 
 
 # The per-rank streams of an iteration: (seed, it, rank, tag) seeds the SDE step noise (11), the random trained-step
@@ -74,13 +66,13 @@ RANK_STREAMS = {"step_noise": 11, "update": 13, "trained_steps": 17}
 
 def rank_stream_seed(seed: int, it: int, rank: int, stream: str) -> int:
     """The seed of rank ``rank``'s stream ``stream`` (a key of ``RANK_STREAMS``) in iteration ``it``."""
-    return _seed(seed, it, rank, RANK_STREAMS[stream])
+    return mix_seed(seed, it, rank, RANK_STREAMS[stream])
 
 
 def group_stream_seed(seed: int, it: int, group: int, stream: str) -> int:
     """The seed of global group ``group``'s stream ``stream`` (a key of ``RANK_STREAMS``) in iteration ``it``, for
     ``sampler.step_noise=group`` (a 5-part key of its own, like the window's)."""
-    return _seed(seed, it, group, RANK_STREAMS[stream], 3)
+    return mix_seed(seed, it, group, RANK_STREAMS[stream], 3)
 
 
 def rank_streams(seed: int, it: int, rank: int, positions: Sequence[int], stream: str, device: Any = "cpu"
@@ -106,13 +98,13 @@ STEP_NOISE = {"rank": rank_streams, "group": group_streams}
 def init_noise_seed(seed: int, it: int, group: int, member: int) -> int:
     """The seed of the initial noise x_1 of ``member`` of global group ``group`` in iteration ``it``."""
     if member in RANK_STREAMS.values():
-        return _seed(seed, it, group, member, 1)
-    return _seed(seed, it, group, member)
+        return mix_seed(seed, it, group, member, 1)
+    return mix_seed(seed, it, group, member)
 
 
 def window_seed(seed: int, it: int, group: int) -> int:
     """The seed of global group ``group``'s Flow-GRPO-Fast window start in iteration ``it`` (its own 5-part key)."""
-    return _seed(seed, it, group, 7, 2)
+    return mix_seed(seed, it, group, 7, 2)
 
 
 def initial_noise(model: Any, seed: int, it: int, positions: Sequence[int], group_size: int, mode: str = "member"):
@@ -457,7 +449,7 @@ TRAINED_STEPS = {"first": _trained_mask, "random": _random_trained_mask}
 def train(cfg: C.ExperimentConfig) -> Path:
     # 0. setup (validate everything before the first write: bad input leaves no trace) --------------------
     rank, world, reduce_mean, barrier = _dist()
-    derived = C.derived(cfg, world_size=world)
+    C.derived(cfg, world_size=world)  # the batch shapes divide on this world size (else a one-line UserError)
     _check_components(cfg)
     run, ckpt_dir = _check_run_dir(cfg)
     barrier()  # every rank checks the run directory before rank 0 writes into it (a slow rank would see its files)
@@ -690,7 +682,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         metrics["train/kept_fraction"] = float(keep.any(1).float().mean())
         counts = _rank_counts(pairs.shape[0], reduce_mean, rank, world)  # every rank's pair count
         total = sum(counts)
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(_seed(cfg.train.seed, it, 3))) \
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(mix_seed(cfg.train.seed, it, 3))) \
             if cfg.train.shuffle_transitions else torch.arange(total)  # one order of all ranks' pairs, on every rank
         chunks = step_chunks(pairs, counts, rank, order, cfg.train.optimizer_steps_per_iter)
         bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \

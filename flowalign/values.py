@@ -45,7 +45,7 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.samplers.loop import gather_cond, sample
+from flowalign.samplers.loop import gather_cond, mix_seed, sample
 from flowalign.samplers.plans import next_table, staggered_ode, subgrid
 from flowalign.types import Cond, Trajectory, VelocityFn
 
@@ -353,16 +353,16 @@ def refined_ode_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, sco
 
 
 def sde_mc_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, score: ScoreFn, *, k: int, kernel: str,
-                  generator: torch.Generator, max_batch: Optional[int] = None,
+                  seed: int, max_batch: Optional[int] = None,
                   score_batch: Optional[int] = None) -> dict[str, Tensor]:
     """Monte-Carlo values of the sampling policy itself: for each selected state x_t (``mask`` [B, T+1]), the
     rewards of ``k`` completions to σ = 0 with the trajectory's own kernel and per-row η → {name: [k, B, T+1]}.
 
     Their mean estimates E[R(x_T) | x_t] under the SDE that is being trained, the quantity an RL value function is
     (METHODS.md §4.0 uses the deterministic ODE completion as a cheap stand-in for it). A completion of a row whose
-    remaining steps all have η = 0 is the ``ode:full`` value, k times. ``generator`` draws every completion's noise
-    (state by state, in chunks of ``max_batch`` rows), so the values are reproducible; another
-    ``max_batch`` draws in another order and so gives other completions.
+    remaining steps all have η = 0 is the ``ode:full`` value, k times. Completion j of row i from state t draws its
+    noise from its own generator, seeded by ``mix_seed(seed, t, i, j)``, so a completion is the same whatever
+    ``max_batch``, ``mask`` or call order (one call, or one call per state) computes it.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -381,17 +381,19 @@ def sde_mc_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, score: S
                     out.setdefault(name, torch.full((k, b, steps + 1), float("nan")))[:, rows, t] = v
                 continue
             rr = rows.repeat(k)  # [k·n], completion j of row i at j·n + i
+            jj = torch.arange(k).repeat_interleave(rows.numel())  # [k·n] completion index j
             chunk = max_batch or rr.numel()
             for s in range(0, rr.numel(), chunk):
                 part = rr[s:s + chunk]
                 ci = traj.cond_index[part.to(dev)]
+                gens = [torch.Generator(device=dev).manual_seed(mix_seed(seed, t, int(i), int(j)))
+                        for i, j in zip(part, jj[s:s + chunk])]  # one stream per completion
                 rest = sample(velocity, traj.latents[part.to(dev), t], traj.sigmas[t:], traj.cond,
-                              eta=eta[part, t:], kernel=kernel, generator=generator, cond_index=ci)
+                              eta=eta[part, t:], kernel=kernel, generator=gens, cond_index=ci)
                 scored = _score_chunked(score, rest.final, part.to(dev), score_batch)  # name -> [len(part)]
                 for name, v in scored.items():
                     dst = out.setdefault(name, torch.full((k, b, steps + 1), float("nan")))
-                    j = torch.arange(s, s + part.numel()) // rows.numel()  # completion index
-                    dst[j, part, t] = v
+                    dst[jj[s:s + part.numel()], part, t] = v
     return out
 
 

@@ -59,6 +59,16 @@ def live_eta(kernel, sigmas: Tensor, eta: Tensor, **kernel_kwargs) -> Tensor:
     return torch.where(dead.to(eta.device), torch.zeros_like(eta), eta)
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, iteration, group, member, ...), FNV-1a style: the same parts give the same
+    seed on every machine and for any world size, so one generator per (group, member, state, ...) draws noise that
+    does not depend on how rows are batched."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
 Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 """What draws the step noise: None (the global RNG), one generator, or one generator per group (``_noise_like``)."""
 

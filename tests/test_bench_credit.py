@@ -111,10 +111,11 @@ def test_bench_credit_ranks_against_a_finer_ode_and_the_sde_value(tmp_path, caps
     assert set(refs) == {"fine:2", "sde:4"}
     assert set(refs["fine:2"]) == {"ode:full", *RANK_MODES}
     assert set(refs["sde:4"]) == {"ode:full", "fine:2", "split-half (2 vs 2)", *RANK_MODES}
-    # measured forwards per rollout, states 0–3 of T = 4: fine:2 = 2·(4 + 3 + 2 + 1), sde:4 = 4·(4 + 3 + 2 + 1)
+    # measured forwards per rollout, the ranked states 0–2 of T = 4 (state 3's last step is ODE, never ranked):
+    # fine:2 = 2·(4 + 3 + 2), sde:4 = 4·(4 + 3 + 2)
     cost = res["reference_cost"]["shapes"]
-    assert cost["fine:2"] == {"nfe_per_rollout": 20.0, "x_flow_grpo": 6.0}
-    assert cost["sde:4"] == {"nfe_per_rollout": 40.0, "x_flow_grpo": 11.0}
+    assert cost["fine:2"] == {"nfe_per_rollout": 18.0, "x_flow_grpo": 5.5}
+    assert cost["sde:4"] == {"nfe_per_rollout": 36.0, "x_flow_grpo": 10.0}
     for table in refs.values():
         for d in table.values():
             assert len(d["by_state"]) == 3 and (math.isnan(d["spearman_mean"]) or -1 <= d["spearman_mean"] <= 1)

@@ -15,17 +15,9 @@ from flowalign.samplers.plans import PLANS
 from flowalign.types import Trajectory
 from flowalign.values import make_probe, probe_values_naive
 
-M, SD = 2.0, 0.5
+from gaussian_world import gaussian_world_velocity  # noqa: E402
+
 T = 6
-
-
-def gaussian_world_velocity(x, sigma, cond):
-    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
-    m = M + cond["c"].to(torch.float64)
-    x = x.to(torch.float64)
-    num = s - (1 - s) * SD**2
-    den = (1 - s) ** 2 * SD**2 + s**2
-    return (num / den * (x - (1 - s) * m) - m).to(torch.float32)
 
 
 def score(z, rows):

@@ -11,7 +11,7 @@ from flowalign.credit import CreditInput, assign_credit, group_normalize
 from flowalign.errors import UserError
 from flowalign.samplers import eta_schedule, schedules
 from flowalign.samplers.plans import PLANS, subgrid
-from flowalign.values import NFECounter, make_probe, probe_nfe, probe_values_naive
+from flowalign.values import make_probe, probe_nfe, probe_values_naive
 
 from test_credit_methods import T, gaussian_world_velocity, score  # noqa: E402  (conftest puts tests/ on sys.path)
 

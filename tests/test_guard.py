@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 
-from flowalign import config as C
 from flowalign.errors import UserError
 from flowalign.loss import SURROGATES, clipped_surrogate, guard_surrogate
 from flowalign.samplers.kernels import gaussian_log_prob

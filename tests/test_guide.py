@@ -144,18 +144,9 @@ def test_guidance_in_chunks_equals_the_whole_batch_with_each_rows_prompt():
 
 # ----------------- guided rollouts in the Gaussian world: guided steps, Euphonium's process head, the probe engine
 
-M, SD = 2.0, 0.5
-
+from gaussian_world import gaussian_world_velocity as gw_velocity  # noqa: E402  (exact; batch-invariant)
 
 T = 6
-
-
-def gw_velocity(x, sigma, cond):
-    """Exact velocity of data ~ N(m + c, s_d²) per dimension; elementwise, so batch-invariant."""
-    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
-    m = M + cond["c"].to(torch.float64)
-    x = x.to(torch.float64)
-    return ((s - (1 - s) * SD**2) / ((1 - s) ** 2 * SD**2 + s**2) * (x - (1 - s) * m) - m).to(torch.float32)
 
 
 def score(z, rows):

@@ -10,17 +10,7 @@ from flowalign.samplers.plans import branch as plan_branch
 
 from test_samplers import T, _cond as _e_cond, elementwise_velocity  # noqa: E402  (a batch-invariant velocity)
 
-M, SD = 2.0, 0.5
-
-
-def gaussian_world_velocity(x, sigma, cond):
-    """Exact velocity for data ~ N(m + c, s_d²) (METHODS.md §2.9), c a per-prompt offset; elementwise."""
-    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
-    m = M + cond["c"].to(torch.float64)
-    x = x.to(torch.float64)
-    num = s - (1 - s) * SD**2
-    den = (1 - s) ** 2 * SD**2 + s**2
-    return (num / den * (x - (1 - s) * m) - m).to(torch.float32)
+from gaussian_world import gaussian_world_velocity  # noqa: E402  (c: a per-prompt offset)
 
 
 class Counting:

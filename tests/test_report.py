@@ -171,6 +171,15 @@ def test_atomic_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "ckpt"]
 
 
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temp_file(tmp_path):
+    target = tmp_path / "state.pt"
+    atomic_save({"step": 1}, target)
+    with pytest.raises(Exception):
+        atomic_save({"f": lambda: 0}, target)  # a lambda cannot be pickled: torch.save fails mid-write
+    assert torch.load(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
 def test_jsonl_round_trip_and_truncated_tail(tmp_path):
     path = tmp_path / "m.jsonl"
     append_jsonl(path, {"iteration": 1, "x": torch.tensor(0.5), "v": torch.arange(2), "nan": float("nan")})

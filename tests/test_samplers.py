@@ -201,16 +201,7 @@ def test_draws_match_kernel_gaussian(name, eta):
 
 # ---------------------------------------------------------------- the Gaussian world (DESIGN.md §7)
 
-M, SD = 2.0, 0.5
-
-
-def gaussian_world_velocity(x, sigma, cond):
-    """Exact velocity when data ~ N(m, s_d²) per dimension (METHODS.md §2.9)."""
-    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
-    x = x.to(torch.float64)
-    num = s - (1 - s) * SD**2
-    den = (1 - s) ** 2 * SD**2 + s**2
-    return (num / den * (x - (1 - s) * M) - M).to(torch.float32)
+from gaussian_world import M, SD, gaussian_world_velocity  # noqa: E402  (data ~ N(m, s_d²): no cond offset)
 
 
 def _final_std(kernel, eta, steps, n=40_000):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from flowalign.train import RANK_STREAMS, _seed, init_noise_seed, rank_stream_seed, window_seed
+from flowalign.samplers.loop import mix_seed as _seed
+from flowalign.train import RANK_STREAMS, init_noise_seed, rank_stream_seed, window_seed
 
 
 def test_no_two_streams_of_an_iteration_share_a_seed():

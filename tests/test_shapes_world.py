@@ -14,7 +14,6 @@ import torch
 from flowalign.errors import UserError
 from flowalign.shapes.grammar import (
     COLORS,
-    RELATIONS,
     SHAPES,
     TASKS,
     ObjectSpec,

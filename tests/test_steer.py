@@ -13,7 +13,7 @@ import torch
 from flowalign import steer as S
 from flowalign.samplers import eta_schedule, sample, schedules
 
-from test_samplers import M, SD, gaussian_world_velocity  # noqa: E402  (the exact velocity; differentiable in x)
+from gaussian_world import M, SD, gaussian_world_velocity  # noqa: E402  (the exact velocity; differentiable in x)
 
 
 def linear_reward(b=1.0):

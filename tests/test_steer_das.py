@@ -20,7 +20,7 @@ from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, sample, schedules
 from flowalign.samplers.kernels import gaussian_log_prob
 
-from test_samplers import gaussian_world_velocity  # noqa: E402
+from gaussian_world import gaussian_world_velocity  # noqa: E402
 from test_steer import _noise, exact_u, linear_reward  # noqa: E402
 from test_steer_cli import PROMPTS, model  # noqa: F401,E402  (the shapes model fixture)
 

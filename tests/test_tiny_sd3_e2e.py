@@ -1,7 +1,6 @@
 """The real SD3 path end to end on a tiny pipeline: GRPO training, diffusers LoRA loading, `flowalign eval`."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

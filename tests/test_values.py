@@ -12,18 +12,9 @@ from flowalign.values import (NFECounter, RewardGuidance, make_probe, ode_canoni
 
 from test_samplers import T as T6, _cond, elementwise_velocity  # noqa: E402  (a batch-invariant velocity, 6 steps)
 
-M, SD = 2.0, 0.5
+from gaussian_world import M, SD, gaussian_world_velocity  # noqa: E402  (exact; elementwise, batch-invariant)
+
 T = 8
-
-
-def gaussian_world_velocity(x, sigma, cond):
-    """Exact velocity for data ~ N(m + c, s_d²) per dimension (METHODS.md §2.9); elementwise, batch-invariant."""
-    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
-    m = M + cond["c"].to(torch.float64)
-    x = x.to(torch.float64)
-    num = s - (1 - s) * SD**2
-    den = (1 - s) ** 2 * SD**2 + s**2
-    return (num / den * (x - (1 - s) * m) - m).to(torch.float32)
 
 
 class Counting:
@@ -314,47 +305,62 @@ def test_sde_mc_values_are_the_ode_value_on_ode_rows_and_reproducible():
     mask = torch.ones(6, T + 1, dtype=torch.bool)
     # all-ODE trajectory: every completion of every state is the trajectory's own final state
     traj = _traj(0.0)
-    v = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=3, kernel="flow_sde",
-                      generator=torch.Generator().manual_seed(0))
+    v = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=3, kernel="flow_sde", seed=0)
     final = score(traj.final, None)
     for key in final:
         assert v[key].shape == (3, 6, T + 1)
         assert torch.equal(v[key], final[key][None, :, None].expand(3, -1, T + 1))
     # SDE trajectory: the last step is ODE, so x_{T-1} and x_T complete deterministically; earlier states spread
     traj = _traj(eta_schedule(T, 0.7))
-    a = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde",
-                      generator=torch.Generator().manual_seed(5), max_batch=10)
-    b = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde",
-                      generator=torch.Generator().manual_seed(5), max_batch=10)
-    assert torch.equal(a["r"], b["r"])  # the generator draws every completion's noise
+    a = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde", seed=5, max_batch=10)
+    b = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde", seed=5, max_batch=10)
+    assert torch.equal(a["r"], b["r"])  # the seed draws every completion's noise
     final = score(traj.final, None)["r"]
     assert torch.equal(a["r"][:, :, T], final[None].expand(4, -1))
     ode_last = probe_values_naive(gaussian_world_velocity, traj, mask, "ode:full", score)["r"][:, T - 1]
     assert torch.allclose(a["r"][:, :, T - 1], ode_last[None].expand(4, -1), atol=1e-6)
     assert bool((a["r"][:, :, 0].std(0) > 1e-3).all())  # different noise per completion
-    c = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde",
-                      generator=torch.Generator().manual_seed(6))
+    c = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=4, kernel="flow_sde", seed=6)
     assert not torch.equal(a["r"][:, :, 0], c["r"][:, :, 0])
     with pytest.raises(ValueError):
-        sde_mc_values(gaussian_world_velocity, traj, mask, score, k=0, kernel="flow_sde",
-                      generator=torch.Generator())
+        sde_mc_values(gaussian_world_velocity, traj, mask, score, k=0, kernel="flow_sde", seed=0)
 
 
 def test_reference_values_state_by_state_equal_one_call():
-    """bench credit computes the references one state at a time (so its progress bar moves): with one generator
-    drawn in state order, the SDE completions are the same draws, and the refined ODE the same steps."""
+    """bench credit computes the references one state at a time (so its progress bar moves): each SDE completion
+    draws from its own (seed, state, row, completion) stream, so the completions are the same draws, and the
+    refined ODE the same steps."""
     from flowalign.values import refined_ode_values, sde_mc_values
 
     traj = _traj(eta_schedule(T, 0.7))
     mask = torch.ones(6, T + 1, dtype=torch.bool)
     mask[:, T] = False
-    whole = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=2, kernel="flow_sde",
-                          generator=torch.Generator().manual_seed(3))["r"]
+    whole = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=2, kernel="flow_sde", seed=3)["r"]
     fine = refined_ode_values(gaussian_world_velocity, traj, mask, score, 3)["r"]
-    gen = torch.Generator().manual_seed(3)
-    for t in range(T):
+    for t in reversed(range(T)):  # in any order
         m_t = torch.zeros_like(mask)
         m_t[:, t] = mask[:, t]
-        part = sde_mc_values(gaussian_world_velocity, traj, m_t, score, k=2, kernel="flow_sde", generator=gen)["r"]
+        part = sde_mc_values(gaussian_world_velocity, traj, m_t, score, k=2, kernel="flow_sde", seed=3)["r"]
         assert torch.equal(part[:, :, t], whole[:, :, t])
         assert torch.equal(refined_ode_values(gaussian_world_velocity, traj, m_t, score, 3)["r"][:, t], fine[:, t])
+
+
+def test_sde_mc_values_do_not_depend_on_the_batching_or_the_selected_rows():
+    """A completion is drawn from its own (seed, state, row, completion) stream: the rows per forward (max_batch)
+    and which other rows are completed in the same call change nothing (they changed every draw before)."""
+    from flowalign.values import sde_mc_values
+
+    traj = _traj(eta_schedule(T, 0.7))
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    mask[:, T] = False
+    ref = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=3, kernel="flow_sde", seed=9)["r"]
+    for max_batch in (1, 4, 7):
+        got = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=3, kernel="flow_sde", seed=9,
+                            max_batch=max_batch)["r"]
+        assert torch.equal(got[..., :T], ref[..., :T]) and bool(got[..., T].isnan().all()), max_batch
+    odd = mask.clone()
+    odd[::2] = False  # rows 1, 3, 5 only
+    got = sde_mc_values(gaussian_world_velocity, traj, odd, score, k=3, kernel="flow_sde", seed=9)["r"]
+    assert torch.equal(got[:, 1::2, :T], ref[:, 1::2, :T])
+    assert bool(got[:, ::2].isnan().all())
+    assert bool((ref[0, :, :T - 1] != ref[1, :, :T - 1]).any())  # completions differ from each other

@@ -386,8 +386,8 @@ def bench_credit(argv: Sequence[str]) -> int:
                     help="also rank against these references (comma list): fine:F = the same Euler ODE with every step "
                          "split in F (does ode:full's ranking survive a finer solver?), sde:K = the mean reward of K "
                          "completions with the rollouts' SDE (the sampling policy's own value; its split-half "
-                         "agreement is printed too). Costly: with fine:4,sde:16 the video model's 8 groups took 46 min "
-                         "instead of 4.4 (two threads), the shapes model's 6 groups about 12 min (one thread)")
+                         "agreement is printed too). Costly: with fine:4,sde:16 the video model's 8 groups took 42 min "
+                         "instead of 4.4 (two threads), the shapes model's 6 groups 10-11 min (one thread)")
     ap.add_argument("--plot", default=None, help="also draw the ranking agreement by state to this PNG (one panel "
                     "per reference, one line per probe mode; with several models, one file each: NAME-<model>.png)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")

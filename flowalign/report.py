@@ -454,6 +454,13 @@ def plot_steering(summaries: Mapping[str, dict], path: str | Path, reward: str) 
     return _save_fig(fig, Path(path))
 
 
+def ranking_ylim(tables: Mapping[str, Mapping[str, dict]]) -> tuple[float, float]:
+    """The y-range of ``plot_ranking``: −0.4 … 1.02, lowered (to −1.02 at most) so that no ρ by state falls off."""
+    lows = [float(v) for table in tables.values() for d in table.values() for v in d.get("by_state", [])
+            if _is_num(v) and math.isfinite(float(v))]
+    return max(-1.02, min([-0.4] + [v - 0.05 for v in lows])), 1.02
+
+
 def plot_ranking(tables: Mapping[str, Mapping[str, dict]], path: str | Path, title: str) -> Path:
     """``flowalign bench credit``'s ranking agreement by state: one panel per reference (``tables``: reference →
     {probe mode → {"by_state": [ρ per state], "spearman_mean": ρ}}), one line per probe mode."""
@@ -475,7 +482,7 @@ def plot_ranking(tables: Mapping[str, Mapping[str, dict]], path: str | Path, tit
             ax.plot(range(len(ys)), ys, marker="o", markersize=3, linestyle="--" if dashed else "-", color=color[mode],
                     label=f"{mode} ({mean:.2f})" if _is_num(mean) and math.isfinite(mean) else mode)
         ax.axhline(0.9, color="#999", linewidth=0.8, linestyle=":")
-        ax.set_ylim(-0.4, 1.02)
+        ax.set_ylim(*ranking_ylim(tables))
         ax.set_title(f"against {ref}", fontsize=10)
         ax.set_xlabel("state t (0 = pure noise)")
         ax.grid(True, alpha=0.3)

@@ -302,3 +302,16 @@ def test_atomic_dir_fsyncs_the_files_written_into_it(tmp_path, monkeypatch):
     names = {os.path.basename(p) for p in synced}
     assert {"weights.bin", "state.json"} <= names
     assert (tmp_path / "ckpt" / "weights.bin").read_bytes() == b"x" * 10
+
+
+def test_ranking_plot_range_keeps_every_state_on_the_plot():
+    """The ranking plot's y-range was fixed at −0.4 … 1.02, and a probe's ρ of −0.41 fell on the frame."""
+    from flowalign.report import ranking_ylim
+
+    tables = {"ode:full": {"ode:2": {"by_state": [0.1, 0.5]}, "x0": {"by_state": [float("nan"), 0.3]}}}
+    assert ranking_ylim(tables) == (-0.4, 1.02)
+    tables["sde:16"] = {"x0": {"by_state": [-0.41, 0.9], "spearman_mean": 0.2}}
+    lo, hi = ranking_ylim(tables)
+    assert lo < -0.41 and hi == 1.02
+    tables["sde:16"]["x0"]["by_state"][0] = -1.0
+    assert ranking_ylim(tables)[0] == -1.02  # never below ρ's own range

@@ -361,8 +361,9 @@ def sde_mc_values(velocity: VelocityFn, traj: Trajectory, mask: Tensor, score: S
     Their mean estimates E[R(x_T) | x_t] under the SDE that is being trained, the quantity an RL value function is
     (METHODS.md §4.0 uses the deterministic ODE completion as a cheap stand-in for it). A completion of a row whose
     remaining steps all have η = 0 is the ``ode:full`` value, k times. Completion j of row i from state t draws its
-    noise from its own generator, seeded by ``mix_seed(seed, t, i, j)``, so a completion is the same whatever
-    ``max_batch``, ``mask`` or call order (one call, or one call per state) computes it.
+    noise from its own generator, seeded by ``mix_seed(seed, t, i, j)``, so a completion draws the same noise whatever
+    ``max_batch``, ``mask`` or call order (one call, or one call per state) computes it (with a batch-invariant
+    velocity the same values, bit for bit; a network's forwards may differ in the last bits between batch sizes).
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")

@@ -315,8 +315,9 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
     sc = lambda z, r: setup.score(z, r, traj)  # noqa: E731
     term = sc(traj.final, torch.arange(traj.batch_size))
     # one tick per probe mode, and per state of each reference (an sde:16 reference takes most of the time)
-    bar = tqdm(total=1 + len(modes) + len(references) * (steps - 1), desc="ranking", unit="stage", disable=not progress,
-               leave=False)
+    # the bar is kept (leave=True): closing it ends its line, so a log file's next line starts on its own
+    bar = tqdm(total=1 + len(modes) + len(references) * (steps - 1), desc="ranking", unit="stage",
+               disable=not progress)
     full = probe_values(model.velocity, traj, mask, "ode:full", sc, terminal=term, max_batch=max_batch)
     bar.update()
     vals = {}

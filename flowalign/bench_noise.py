@@ -124,7 +124,7 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
           f"reward {args.reward}")
     print(f"{'window':<14}{'std of noise':>22}{'mean':>8}{'Var total':>11}{'within x_1':>12}"  # noqa: T201
           f"{'share':>7}{'cells with spread':>19}")
-    for lo, hi in tqdm(windows, desc="windows", unit="window", leave=False):
+    for lo, hi in tqdm(windows, desc="windows", unit="window"):
         eta = eta_schedule(args.steps, args.eta, window=(lo, hi - lo))  # [T]
         with torch.no_grad():
             traj = sample(model.velocity, noise, sigmas, cond, eta=eta, kernel=args.kernel,

@@ -18,3 +18,15 @@ def gaussian_world_velocity(x, sigma, cond=None):
     num = s - (1 - s) * SD**2
     den = (1 - s) ** 2 * SD**2 + s**2
     return (num / den * (x - (1 - s) * m) - m).to(torch.float32)
+
+
+class Counting:
+    """Wraps a velocity function and counts its per-sample evaluations (``nfe``) and launches (``calls``)."""
+
+    def __init__(self, fn):
+        self.fn, self.nfe, self.calls = fn, 0, 0
+
+    def __call__(self, x, sigma, cond):
+        self.nfe += x.shape[0]
+        self.calls += 1
+        return self.fn(x, sigma, cond)

@@ -10,17 +10,7 @@ from flowalign.samplers.plans import branch as plan_branch
 
 from test_samplers import T, _cond as _e_cond, elementwise_velocity  # noqa: E402  (a batch-invariant velocity)
 
-from gaussian_world import gaussian_world_velocity  # noqa: E402  (c: a per-prompt offset)
-
-
-class Counting:
-    def __init__(self, fn):
-        self.fn, self.nfe, self.calls = fn, 0, 0
-
-    def __call__(self, x, sigma, cond):
-        self.nfe += x.shape[0]
-        self.calls += 1
-        return self.fn(x, sigma, cond)
+from gaussian_world import Counting, gaussian_world_velocity  # noqa: E402  (c: a per-prompt offset)
 
 
 def _cond(n_prompts=2, d=4):

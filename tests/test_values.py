@@ -12,19 +12,9 @@ from flowalign.values import (NFECounter, RewardGuidance, make_probe, ode_canoni
 
 from test_samplers import T as T6, _cond, elementwise_velocity  # noqa: E402  (a batch-invariant velocity, 6 steps)
 
-from gaussian_world import M, SD, gaussian_world_velocity  # noqa: E402  (exact; elementwise, batch-invariant)
+from gaussian_world import M, SD, Counting, gaussian_world_velocity  # noqa: E402  (exact; elementwise, batch-invariant)
 
 T = 8
-
-
-class Counting:
-    def __init__(self, fn):
-        self.fn, self.nfe, self.calls = fn, 0, 0
-
-    def __call__(self, x, sigma, cond):
-        self.nfe += x.shape[0]
-        self.calls += 1
-        return self.fn(x, sigma, cond)
 
 
 class TinyNet(torch.nn.Module):

@@ -185,6 +185,9 @@ def cli_main(argv: Sequence[str]) -> int:
         except ValueError:
             raise UserError(f"--reward {spec!r}: the weight must be a number, e.g. --reward {name}=1") from None
         resolve_reward(name)  # an unknown name fails here, before the model loads
+    if not any(weights.values()):  # a reward that is 0 everywhere: no step gains anything, the eta is noise
+        raise UserError(f"--reward weights are all 0 ({', '.join(args.reward or [])}); give at least one reward a "
+                        f"non-zero weight, e.g. --reward shapes_partial=1")
     records = D.load_prompts(args.prompts)
     kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
     model = load_model(args.model, args.path, device=args.device, **kw)

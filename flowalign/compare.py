@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from flowalign.errors import UserError
+from flowalign.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +48,50 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     if not cfg_file.is_file():
         raise UserError(f"{run} is not a run directory (no config.yaml); pass directories written by `flowalign train`")
     try:
-        cfg = yaml.safe_load(cfg_file.read_text()) or {}
+        cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{cfg_file}{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{cfg_file} is not UTF-8 text ({err.reason} at byte {err.start}); restore the run's "
+                        f"config.yaml") from None
+    except (ValueError, TypeError) as err:  # PyYAML's constructors, e.g. `!!float abc`
+        raise UserError(f"{cfg_file}: invalid YAML ({first_line(err)})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("train") or {}, dict):
         raise UserError(f"{cfg_file}: not a flowalign config (needs a mapping with a train: mapping)")
+    # a hand-edited config.yaml: a section or an option that is not a mapping, a count that is not a number
+    for section, sub in (("credit", "options"), ("sampler", "plan_options"), ("sampler", "guide_options")):
+        sec = cfg.get(section) or {}
+        if not isinstance(sec, dict):
+            raise UserError(f"{cfg_file}: {section}: must be a mapping of options, got {sec!r}")
+        if not isinstance(sec.get(sub) or {}, dict):
+            raise UserError(f"{cfg_file}: {section}.{sub}: must be a mapping of options, got {sec[sub]!r}")
     train = cfg.get("train") or {}
-    per_iter = int(train.get("groups_per_iter", 0)) * int(train.get("group_size", 0))
+
+    def count(key: str, unset_is_zero: bool = False) -> int:
+        value = train.get(key, 0)
+        if value is None and unset_is_zero:
+            return 0
+        try:
+            if isinstance(value, bool) or int(value) != value:
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{cfg_file}: train.{key} must be an integer, got {value!r}; restore the run's "
+                            f"config.yaml") from None
+
+    per_iter = count("groups_per_iter") * count("group_size")
+    metrics = run / "metrics.jsonl"
     try:
-        records = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        records = read_jsonl(metrics) if metrics.is_file() else []
+    except UnicodeDecodeError as err:  # a ValueError too, whose text does not name the file
+        raise UserError(f"{metrics} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except ValueError as err:  # a corrupt line before the last one
         raise UserError(str(err)) from None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise UserError(f"{metrics}: record {i + 1} is a JSON {type(rec).__name__}, not an object")
     nfe_after: dict[int, float] = {0: 0.0}
     sampled: dict[int, int] = {}  # iteration -> final samples scored (plans like TempFlow branching add rows)
     total, last_it, wall = 0.0, 0, 0.0
@@ -94,7 +125,7 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     # ``final`` is after the last iteration; without a logged iteration (no metrics.jsonl) fall back to the
     # config's train.iterations, never 0, where it would silently replace the base point
     # a run resumed with a larger train.iterations keeps its earlier eval/final until the new one is written
-    final_it = final_logged or (last_it if last_it > 0 else int(train.get("iterations") or 0))
+    final_it = final_logged or (last_it if last_it > 0 else count("iterations", unset_is_zero=True))
     if "final" in sums and final_it <= 0:
         raise UserError(f"{run}: cannot place eval/final (no iterations in metrics.jsonl or train.iterations in "
                         f"config.yaml)")
@@ -113,11 +144,11 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
             continue
         pts.append((it, value))
     pts = sorted(dict(pts).items())  # a final eval at the last step replaces the step-N one
-    credit = cfg.get("credit", {})
+    credit = cfg.get("credit") or {}
     c_opts = credit.get("options") or {}
     tags = [str(p)] if (p := c_opts.get("probe")) else []
     tags += [f"{k} {_short_value(v)}" for k, v in c_opts.items() if k != "probe"]  # e.g. G²RPO's strides
-    sampler = cfg.get("sampler", {})
+    sampler = cfg.get("sampler") or {}
     if sampler.get("plan") == "branch":  # TempFlow: one random step vs every step are different methods in cost
         tags.append(f"branch_steps {(sampler.get('plan_options') or {}).get('branch_steps', 'all')}")
     if sampler.get("guide", "none") != "none":  # guided rollouts (Euphonium): the guide and its strength
@@ -131,7 +162,7 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         "label": run.name,
         "seed": train.get("seed"),
         "setting": json.dumps(same, sort_keys=True, default=str),
-        "credit": credit.get("name", "outcome") + (f" ({', '.join(tags)})" if tags else ""),
+        "credit": str(credit.get("name", "outcome")) + (f" ({', '.join(tags)})" if tags else ""),
         "iterations": [p[0] for p in pts],
         "rollouts": [sum(sampled.get(i, per_iter) for i in range(1, p[0] + 1)) for p in pts],
         "nfe": [nfe_after.get(p[0], float("nan")) for p in pts],

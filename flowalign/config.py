@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from flowalign.errors import UserError
+from flowalign.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{loc}: malformed YAML: {problem}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # PyYAML's constructors, e.g. `!!float abc`
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise UserError(f"{path}: malformed YAML: cannot construct a value ({first})") from None
 
 

@@ -335,11 +335,13 @@ def cli_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
 
     from flowalign.rewards.video import for_outputs
-    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_new_dir, check_positive,
-                                  load_lora_checked)
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_new_dir,
+                                  check_positive, check_seed, load_lora_checked)
 
     # every argument is checked before the model loads and before anything is written
     check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
+    check_max_prompts(args.max_prompts)
+    check_seed(args.seed)
     check_guidance(args.guidance)
     check_device(args.device)
     out = check_new_dir(args.out)

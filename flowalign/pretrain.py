@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowalign.errors import UserError
+from flowalign.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,30 @@ def build_model(cfg: PretrainConfig) -> Any:
     cls = resolve(cfg.model)
     if not hasattr(cls, "from_config"):
         raise UserError(f"model family {cfg.model!r} cannot be pretrained here (its class has no from_config)")
-    return cls.from_config(dict(cfg.model_config))
+    try:
+        return cls.from_config(dict(cfg.model_config))
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, AssertionError) as err:  # e.g. head_dim: -3
+        first = first_line(err, 200)
+        raise UserError(f"model_config does not make a {cfg.model} model ({first}); fix model_config in the "
+                        f"config") from None
+
+
+def _check_forward(model: Any, data: BatchFn, cfg: PretrainConfig) -> None:
+    """One forward on one training image before the run directory is written: an architecture whose output does not
+    match its input (e.g. model_config.image_size not a multiple of patch_size) fails here in one line, not in the
+    first training step after config.yaml and metrics.jsonl were written. The RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        captions, images = data(0, 1)
+        x = model.encode_images(images)
+        try:
+            v = model.velocity(x, torch.full((x.shape[0],), 0.5, device=x.device), model.encode(list(captions)))
+        except (RuntimeError, ValueError, TypeError) as err:
+            first = first_line(err, 200)
+            raise UserError(f"model_config of model {cfg.model!r} cannot run on the data ({first}); fix "
+                            f"model_config in the config") from None
+    if tuple(v.shape) != tuple(x.shape):
+        raise UserError(f"model_config of model {cfg.model!r} maps inputs {list(x.shape[1:])} to outputs "
+                        f"{list(v.shape[1:])} (is image_size a multiple of patch_size?); fix model_config in the config")
 
 
 def init_weights_from(model: Any, model_dir: str | os.PathLike) -> None:
@@ -439,6 +462,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
     if got != want:
         raise UserError(f"the data's images encode to {list(got)} but model {cfg.model!r} works on {list(want)}; "
                         "make data_config.image_size match model_config.image_size")
+    _check_forward(model, data, cfg)
     params = [p for m in comps.values() for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # biases, norms, positional tables stay undecayed
@@ -448,7 +472,14 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
     start, log_acc = 0, (0.0, 0)
     if resume:
         if ckpts:
-            state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+            try:
+                state = torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)
+                if not isinstance(state, dict) or not {"model", "optimizer", "ema", "rng", "step"} <= set(state):
+                    raise ValueError("not a pretraining checkpoint")
+            except Exception as err:  # truncated / overwritten file: torch raises pickle, zip, EOF, ... errors
+                first = first_line(err, 200)
+                raise UserError(f"cannot read checkpoint {ckpts[-1] / 'state.pt'} ({first}); delete {ckpts[-1]} to "
+                                f"resume from an earlier checkpoint, or choose a new --out") from None
             _check_resume_config(cfg, state.get("config"), ckpts[-1])
             for k, m in comps.items():
                 m.load_state_dict(state["model"][k])

@@ -758,7 +758,7 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         parts.append("<h2>Configuration</h2>")
-        raw = cfg_path.read_text(encoding="utf-8")
+        raw = cfg_path.read_text(encoding="utf-8", errors="replace")  # shown as is; load_config names a bad byte
         try:
             from flowalign.config import load_config, summary
 
@@ -773,6 +773,10 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
     return atomic_write_text(run_dir / "report.html", page)
 
 
+# what a run directory holds at least one of (train: config.yaml, metrics.jsonl; eval / steer: summary.json)
+_RUN_MARKERS = ("config.yaml", "metrics.jsonl", "eval", "grids", "summary.json")
+
+
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign report RUN_DIR``: rebuild the plots and report.html of a run directory."""
     parser = argparse.ArgumentParser(prog="flowalign report", description="(re)build plots and report.html for a run directory")
@@ -780,6 +784,14 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-plots", action="store_true", help="do not redraw plots/*.png (use the existing ones)")
     parser.add_argument("--link-images", action="store_true", help="reference images by relative path instead of inlining them")
     args = parser.parse_args(list(argv))
+    run = Path(args.run_dir)
+    if run.exists() and not run.is_dir():
+        raise UserError(f"{args.run_dir!r} is a file, not a run directory; pass the --out of `flowalign train`, "
+                        f"`eval` or `steer`")
+    if run.is_dir() and not any((run / name).exists() for name in _RUN_MARKERS):
+        # e.g. a typo'd parent directory: a report.html (and plots/) of nothing would be written into it
+        raise UserError(f"{args.run_dir!r} is not a run directory (none of {', '.join(_RUN_MARKERS)} there); pass the "
+                        f"--out of `flowalign train`, `eval` or `steer`")
     path = write_report(args.run_dir, inline_images=not args.link_images, make_plots=not args.no_plots)
     sys.stdout.write(f"{path}\n")
     return 0

@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.errors import UserError
+from flowalign.errors import UserError, first_line
 from flowalign.samplers import eta_schedule, sample
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:
     try:
         read_lora(lora)
     except (SafetensorError, OSError, ValueError) as err:  # garbage / truncated file, no LoRA tensors
-        raise UserError(f"{flag} {str(lora)!r}: cannot read {WEIGHT_NAME} ({_first_line(err)}); pass a checkpoint "
+        raise UserError(f"{flag} {str(lora)!r}: cannot read {WEIGHT_NAME} ({first_line(err)}); pass a checkpoint "
                         f"directory written by `flowalign train`") from err
     return lora
 
@@ -123,13 +123,8 @@ def load_lora_checked(model, path: str | Path, flag: str = "--lora") -> None:
     try:
         model.load_lora(lora)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:  # keys/shapes of another model
-        raise UserError(f"{flag} {str(lora)!r} does not fit this model ({_first_line(err)}); pass a LoRA trained on "
+        raise UserError(f"{flag} {str(lora)!r} does not fit this model ({first_line(err)}); pass a LoRA trained on "
                         f"the same --model/--path") from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text[:200]
 
 
 def check_device(name: str, flag: str = "--device") -> torch.device:
@@ -180,6 +175,30 @@ def check_guidance(value: Optional[float], flag: str = "--guidance") -> Optional
     return scale
 
 
+def check_seed(value: int, flag: str = "--seed") -> int:
+    """``value`` if it is a usable base seed, else a one-line ``UserError``: the per-image seeds derived from it
+    (e.g. ``seed·1_000_003 + …``) must fit ``torch.Generator.manual_seed``, or sampling fails after the model loaded."""
+    if not -(1 << 32) < value < (1 << 32):
+        raise UserError(f"{flag} must be between -2**32 and 2**32 (exclusive), got {value}")
+    return value
+
+
+def check_max_prompts(value: int, flag: str = "--max-prompts") -> int:
+    """``value`` if it is >= 0 (0 = every prompt), else a one-line ``UserError`` (a negative count silently meant all)."""
+    if value < 0:
+        raise UserError(f"{flag} must be >= 0 (0 = every prompt), got {value}")
+    return value
+
+
+def check_prompt_args(prompts: Sequence[str]) -> list[str]:
+    """Prompts given as arguments, or a one-line ``UserError`` for an empty one: it would be sampled unconditionally
+    (prompt files refuse empty prompts the same way)."""
+    for i, pr in enumerate(prompts, 1):
+        if not pr.strip():
+            raise UserError(f"prompt argument {i} is empty ({pr!r}); pass a non-empty prompt or drop it")
+    return list(prompts)
+
+
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1."""
     for name, value in values.items():
@@ -212,6 +231,8 @@ def cli_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
     check_positive(seeds=args.seeds, steps=args.steps)
+    check_max_prompts(args.max_prompts)
+    check_seed(args.seed)
     check_guidance(args.guidance)
     device = check_device(args.device)
     if args.kernel not in KERNELS:
@@ -220,8 +241,8 @@ def cli_main(argv: Sequence[str]) -> int:
         close = difflib.get_close_matches(args.kernel, list(KERNELS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"--kernel {args.kernel!r} is not a kernel (choose one of {', '.join(KERNELS)}){hint}")
-    if args.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if not (math.isfinite(args.eta) and args.eta >= 0):  # NaN/inf noise gives a NaN (black) grid, no error
+        raise UserError(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.eta > 0 and args.kernel == "euler":
         raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
     if Path(args.out).is_dir():
@@ -234,7 +255,7 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.prompt_file:
         prompts = [r.prompt for r in D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)]
     else:
-        prompts = list(args.prompts)
+        prompts = check_prompt_args(args.prompts)
     if not prompts:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:

@@ -736,8 +736,8 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.video import for_outputs
     from flowalign.samplers import KERNELS
-    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_new_dir, check_positive,
-                                  load_lora_checked)
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_new_dir,
+                                  check_positive, check_prompt_args, check_seed, load_lora_checked)
     from flowalign.values import parse_mode
 
     p = argparse.ArgumentParser(prog="flowalign steer", description=(
@@ -805,6 +805,8 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
     check_positive(particles=args.particles, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
                    every=args.every)
+    check_max_prompts(args.max_prompts)
+    check_seed(args.seed)
     device = check_device(args.device)
     kernel = args.kernel or ("flow_sde" if args.method == "fk" else "euler")
     eta = args.eta if args.eta is not None else (0.7 if kernel != "euler" else 0.0)
@@ -904,7 +906,7 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.prompt_file:
         records = D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)
     else:
-        records = [D.PromptRecord(pr) for pr in args.prompts]
+        records = [D.PromptRecord(pr) for pr in check_prompt_args(args.prompts)]
     if not records:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:

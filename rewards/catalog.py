@@ -155,6 +155,25 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _check_bind(host: str, port: int) -> None:
+    """One-line ``UserError`` if ``host:port`` cannot be bound (an unknown or foreign address, a port in use), found
+    with a throw-away socket set up like the server's (SO_REUSEADDR), so nothing loads first."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"--host {host!r} is not an address of this machine ({err}); use 127.0.0.1 or 0.0.0.0") from None
+    family = infos[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"cannot serve on {host}:{port} ({err.strerror or err}); pass another --port (0 = any free "
+                            "port) or --host") from None
+
+
 def _serve(argv: Sequence[str]) -> int:
     from flowalign.rewards import build_reward
     from flowalign.rewards.remote import serve
@@ -173,8 +192,13 @@ def _serve(argv: Sequence[str]) -> int:
     check_kwargs(resolve(args.name), kwargs, f"reward {args.name!r}")  # before any weights load
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
+    _check_bind(args.host, args.port)  # before any weights load
     reward = build_reward(args.name, **kwargs)
-    server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 2**20), background=False)
+    try:
+        server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 2**20), background=False)
+    except OSError as err:  # taken between the check and the bind
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); pass another --port "
+                        "(0 = any free port) or --host") from None
     sys.stdout.write(f"serving reward {getattr(reward, 'name', args.name)!r} at {server.url} (POST /score, GET /health); "
                      f"Ctrl-C stops\n")
     sys.stdout.flush()

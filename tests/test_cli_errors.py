@@ -17,6 +17,7 @@ from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is 
 from flowalign.cli import main
 from flowalign.errors import UserError
 
+
 def _garbage_lora(tmp_path):
     d = tmp_path / "lora"
     d.mkdir()
@@ -114,6 +115,20 @@ def test_eval_help_example_works_and_summary_records_the_guidance_used(tmp_path,
 
 def test_rewards_serve_refuses_an_unknown_constructor_argument(capsys):
     _fails(capsys, ["rewards", "serve", "shapes_partial", "foo=1"], "'foo'", "shapes_partial")
+
+
+def test_rewards_serve_refuses_a_port_in_use_and_a_foreign_host_before_loading(capsys, monkeypatch):
+    import socket
+
+    import flowalign.rewards as R
+
+    monkeypatch.setattr(R, "build_reward", lambda *a, **k: pytest.fail("the reward was built before the bind check"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        _fails(capsys, ["rewards", "serve", "saturation", "--port", port], f"127.0.0.1:{port}", "in use", "--port")
+    _fails(capsys, ["rewards", "serve", "saturation", "--host", "256.1.1.1"], "'256.1.1.1'", "127.0.0.1")
 
 
 def test_rewards_help_shows_serve(capsys):
@@ -411,3 +426,155 @@ def test_shapes_sample_refuses_bad_counts(capsys, no_model, extra, needle):
 def test_benches_refuse_a_directory_json_before_running(capsys, no_model, tmp_path, bench, extra):
     """`--json DIR` failed with IsADirectoryError only after the whole benchmark had run."""
     _fails(capsys, ["bench", bench, *extra, "--json", str(tmp_path)], str(tmp_path), "directory")
+
+
+# ------------------------------------------------------------------------------- audit: sample / eval / steer inputs
+
+
+@pytest.mark.parametrize("eta", ["nan", "inf"])
+def test_sample_refuses_a_non_finite_eta(tmp_path, capsys, no_model, eta):
+    """NaN/inf passed the `--eta < 0` check and sampled a black (NaN) grid with exit code 0."""
+    out = tmp_path / "g.png"
+    _fails(capsys, ["sample", "a red circle", "--kernel", "flow_sde", f"--eta={eta}", "--out", str(out)],
+           "--eta", eta)
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--prompt-file", "shapes-bench", "--out", "g.png"],
+    ["eval", "--out", "ev"],
+    ["steer", "--prompt-file", "shapes-bench", "--out", "st"],
+])
+def test_a_negative_max_prompts_is_refused_not_read_as_all(tmp_path, capsys, monkeypatch, no_model, argv):
+    """`--max-prompts -1` silently sampled every prompt of the set (240 for shapes-bench)."""
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, [*argv, "--max-prompts", "-1"], "--max-prompts", "-1", "0 = every prompt")
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "a red circle", "--out", "g.png"],
+    ["eval", "--max-prompts", "1", "--out", "ev"],
+    ["steer", "a red circle", "--out", "st"],
+])
+@pytest.mark.parametrize("seed", [str(2**64), str(-2**40)])
+def test_a_seed_too_large_for_the_generator_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model,
+                                                                               argv, seed):
+    """Was `ValueError: Overflow when unpacking long long` from manual_seed, after the model loaded."""
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, [*argv, "--seed", seed], "--seed", seed)
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "a red circle", "", "--out", "g.png"],
+    ["steer", "  ", "--reward", "saturation", "--eval-rewards", "saturation", "--out", "st"],
+])
+def test_an_empty_prompt_argument_is_refused_like_an_empty_line_of_a_prompt_file(tmp_path, capsys, monkeypatch,
+                                                                                 no_model, argv):
+    """An empty positional prompt was sampled unconditionally (steer refused it only through the shapes rewards,
+    after the model loaded)."""
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, argv, "prompt argument", "is empty")
+    assert _listing(tmp_path) == []
+
+
+def test_a_lora_of_another_shape_names_the_mismatched_tensor(tmp_path, capsys):
+    """The message was cut at torch's `Error(s) in loading state_dict for SD3Transformer2DModel:`, saying nothing."""
+    import dataclasses
+
+    from flowalign.models.shapes import ShapesModel
+
+    cfg = dataclasses.asdict(ShapesModel.from_pretrained("").config)
+    other = ShapesModel.from_config({**cfg, "head_dim": cfg["head_dim"] // 2})
+    other.add_lora()
+    other.save_lora(tmp_path / "lora")
+    out = tmp_path / "g.png"
+    _fails(capsys, ["sample", "a red circle", "--lora", str(tmp_path / "lora"), "--steps", "1", "--seeds", "1",
+                    "--out", str(out)], "does not fit this model", "size mismatch for")
+    assert not out.exists()
+
+
+def test_calibrate_refuses_rewards_that_are_all_weighted_zero(tmp_path, capsys, no_model):
+    out = tmp_path / "eta.json"
+    _fails(capsys, ["calibrate", "--reward", "shapes_partial=0", "--out", str(out)], "shapes_partial=0", "non-zero")
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------- audit: report
+
+
+def test_report_refuses_a_directory_that_is_not_a_run_and_a_file(tmp_path, capsys):
+    """A report.html (of nothing) was written into any directory, e.g. a typo'd parent of the run."""
+    d = tmp_path / "runs"
+    d.mkdir()
+    _fails(capsys, ["report", str(d)], "not a run directory", "config.yaml")
+    assert _listing(d) == []
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    _fails(capsys, ["report", str(f)], "is a file")
+    assert f.read_text() == "keep"
+
+
+def test_report_of_a_run_whose_config_is_not_utf8_still_builds(tmp_path, capsys):
+    """Was a UnicodeDecodeError traceback; now the page says the config does not load and shows it as is."""
+    run = _run(tmp_path / "run", {"base": {"shapes_strict": 0.3}, "final": {"shapes_strict": 0.4}})
+    (run / "config.yaml").write_bytes(b"train:\n  seed: \xff\xfe\n")
+    assert main(["report", str(run), "--no-plots"]) == 0, capsys.readouterr().err
+    assert "does not load" in (run / "report.html").read_text()
+
+
+# -------------------------------------------------------------------------------------------- audit: compare
+
+
+@pytest.mark.parametrize("config, needles", [
+    (b"train:\n  groups_per_iter: \xff\n", ["config.yaml", "not UTF-8"]),
+    (b"train:\n  groups_per_iter: abc\n  group_size: 4\n", ["train.groups_per_iter", "'abc'"]),
+    (b"train:\n  groups_per_iter: 2\n  group_size: 4\ncredit: outcome\n", ["credit:", "'outcome'"]),
+    (b"train:\n  groups_per_iter: 2\n  group_size: 4\nsampler: fast\n", ["sampler:", "'fast'"]),
+    (b"train:\n  groups_per_iter: 2\n  group_size: 4\ncredit:\n  options: [1]\n", ["credit.options"]),
+    (b"train:\n  groups_per_iter: !!float abc\n", ["config.yaml", "invalid YAML"]),
+])
+def test_compare_of_a_hand_edited_config_is_one_line(tmp_path, capsys, config, needles):
+    """Each was a traceback (UnicodeDecodeError, ValueError from int(), AttributeError from .get on a string)."""
+    run = _run(tmp_path / "run", {"base": {"shapes_strict": 0.3}, "final": {"shapes_strict": 0.4}})
+    (run / "config.yaml").write_bytes(config)
+    out = tmp_path / "cmp"
+    _fails(capsys, ["compare", str(run), "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("metrics, needle", [(b"[1, 2]\n", "record 1 is a JSON list"), (b"\xff\n{}\n", "not UTF-8")])
+def test_compare_of_a_bad_metrics_file_names_it(tmp_path, capsys, metrics, needle):
+    run = _run(tmp_path / "run", {"base": {"shapes_strict": 0.3}, "final": {"shapes_strict": 0.4}})
+    (run / "metrics.jsonl").write_bytes(metrics)
+    out = tmp_path / "cmp"
+    _fails(capsys, ["compare", str(run), "--out", str(out)], "metrics.jsonl", needle)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- audit: pretrain
+
+
+@pytest.mark.parametrize("model_config, needles", [
+    ({"head_dim": -3}, ["model_config", "negative dimension"]),
+    ({"patch_size": 5}, ["model_config", "[3, 30, 30]", "patch_size"]),  # 32 px is no multiple of 5
+])
+def test_pretrain_refuses_a_model_config_that_cannot_train_before_writing(tmp_path, capsys, model_config, needles):
+    """A traceback; for patch_size 5 in the first training step, after config.yaml and metrics.jsonl were written."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model_config": model_config}))
+    out = tmp_path / "p"
+    _fails(capsys, ["pretrain", "--config", str(cfg), "--steps", "1", "--batch-size", "2", "--out", str(out),
+                    "--no-progress"], *needles)
+    assert not out.exists()
+
+
+def test_pretrain_resume_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
+    """Was an UnpicklingError traceback."""
+    state = tmp_path / "p" / "checkpoints" / "step-1" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"\xda garbage, not a torch file")
+    _fails(capsys, ["pretrain", "--resume", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "p"),
+                    "--no-progress"], str(state), "cannot read checkpoint", "delete")
+    assert _listing(tmp_path / "p") == ["checkpoints"] and state.read_bytes().startswith(b"\xda")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -34,6 +35,10 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
                              ("repeats", args.repeats, 0)):
         if value is not None and value < low:
             raise UserError(f"--{flag} must be at least {low}, got {value}")
+    # NaN or a negative scale sampled NaN images with exit code 0 (checked here: flowalign.sample imports torch,
+    # which import_torch_s times)
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UserError(f"--guidance must be a finite number >= 0 (1 = no CFG), got {args.guidance}")
 
     t_start = time.perf_counter()
     import torch

@@ -395,30 +395,44 @@ def bench_credit(argv: Sequence[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(list(argv))
-    torch.set_num_threads(max(1, args.threads))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from flowalign.bench_snr import check_json_out
     from flowalign.errors import UserError
     from flowalign.rewards import resolve as resolve_reward
+    from flowalign.sample import check_out_parent, check_seed
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown bench method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if not methods:  # the models loaded and printed an empty table, exit code 0
+        raise UserError(f"--methods {args.methods!r} names no method; choose from {', '.join(METHODS)}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in ("shapes", "shapes_video", "sd3")]
     if bad or not models:
         raise UserError(f"--models {args.models!r}: unknown model(s) {bad}; choose from shapes, shapes_video, sd3")
     for flag, value, low in (("steps", args.steps, 1), ("group-size", args.group_size, 1), ("groups", args.groups, 1),
                              ("children", args.children, 1), ("max-batch", args.max_batch, 1),
-                             ("rank-groups", args.rank_groups, 0)):
+                             ("rank-groups", args.rank_groups, 0), ("threads", args.threads, 1)):
         if value is not None and value < low:
             raise UserError(f"--{flag} must be at least {low}, got {value}")
+    check_seed(args.seed)
     references = parse_references(args.rank_references)
+    ranked = [m for m in models if m in ("shapes", "shapes_video")] if args.rank_groups > 0 else []
+    if ranked and (args.steps < 2 or args.group_size < 2):  # Spearman across members of states 0 … T−2
+        raise UserError(f"the ranking needs --steps >= 2 and --group-size >= 2 (got {args.steps} and "
+                        f"{args.group_size}): it ranks the members of a group at states 0 … T-2; or pass --rank-groups 0")
+    for flag, value in (("--plot", args.plot), ("--rank-references", args.rank_references)):
+        if value and not ranked:  # was ignored silently: no plot, no reference figures, exit code 0
+            raise UserError(f"{flag} {value!r} needs the ranking, which runs only with --rank-groups >= 1 on "
+                            "--models shapes or shapes_video")
     if args.rank_groups > 0 and "shapes" in models:
         resolve_reward(args.rank_reward)  # an unknown name fails here, not after the cost runs
     check_json_out(args.json)
     if args.plot and (Path(args.plot).is_dir() or not args.plot.lower().endswith(".png")):
         raise UserError(f"--plot {args.plot!r}: pass the path of a .png file, e.g. ranking.png")
+    if args.plot:
+        check_out_parent(args.plot, "--plot")
+    torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"runs": [], "ranking": {}, "notes": {}}
     with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:
         for name in models:

@@ -59,9 +59,9 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
     import numpy as np
 
     from flowalign.bench_credit import _shapes_prompts
-    from flowalign.bench_snr import add_common_args, check_json_out
+    from flowalign.bench_snr import add_common_args, check_common
     from flowalign.models import load_model
-    from flowalign.sample import generate
+    from flowalign.sample import check_guidance, generate
     from flowalign.shapes.grammar import parse
     from flowalign.shapes.render import render
     from flowalign.shapes.verify import verify
@@ -85,7 +85,8 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
         raise UserError(f"--levels={args.levels}: every noise level must lie in (0, 1)")
     if args.prompts < 1:
         raise UserError(f"--prompts={args.prompts} must be >= 1")
-    check_json_out(args.json)
+    check_guidance(args.guidance)
+    check_common(args, seed_min=0)  # the renders' numpy generators take no negative seed
     if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
         raise UserError(f"no pytorch_lora_weights.safetensors in {args.lora}; pass a checkpoint directory "
                         "such as runs/x/checkpoints/step-N")

@@ -340,6 +340,7 @@ def bench_train_memory(argv: Sequence[str]) -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(list(argv))
     from flowalign.bench_snr import check_json_out
+    from flowalign.sample import check_device
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in FAMILIES]
@@ -355,6 +356,7 @@ def bench_train_memory(argv: Sequence[str]) -> None:
         raise UserError(f"--frames {args.frames}: Wan takes 4k + 1 frames (1, 33, 81)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    check_device(args.device)  # e.g. 'gpu' failed in the model's .to() with torch's list of device types
     check_json_out(args.json)
     torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.arch else "float32")

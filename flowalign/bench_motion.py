@@ -67,6 +67,7 @@ def bench_motion_prior(argv: Sequence[str]) -> None:
     from flowalign.bench_gap import _floats
     from flowalign.bench_snr import check_json_out
     from flowalign.models import load_model
+    from flowalign.sample import check_guidance
     from flowalign.shapes import motion as M
     from flowalign.shapes.grammar import COLORS, SHAPES
 
@@ -91,6 +92,9 @@ def bench_motion_prior(argv: Sequence[str]) -> None:
     for flag, value in (("clips", args.clips), ("mean-clips", args.mean_clips), ("threads", args.threads)):
         if value < 1:
             raise UserError(f"--{flag}={value} must be >= 1")
+    check_guidance(args.guidance)
+    if not 0 <= args.seed < (1 << 32):  # the renders' numpy generators take no negative seed
+        raise UserError(f"--seed must be between 0 and 2**32 (exclusive), got {args.seed}")
     check_json_out(args.json)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()

@@ -17,6 +17,7 @@ across windows, so the windows differ only in where the noise goes.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import Any, Sequence
@@ -77,9 +78,10 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     from tqdm.auto import tqdm
 
     from flowalign.bench_credit import _shapes_prompts
-    from flowalign.bench_snr import SDE_KERNELS, add_common_args, check_json_out
+    from flowalign.bench_snr import SDE_KERNELS, add_common_args, check_common
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
+    from flowalign.sample import check_guidance
     from flowalign.samplers.loop import eta_schedule, sample
 
     ap = argparse.ArgumentParser(prog="flowalign bench noise-variance", description=__doc__.split("\n\n")[0])
@@ -100,9 +102,10 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     windows = _parse_windows(args.windows, args.steps)
     if args.prompts < 1 or args.inits < 1 or args.members < 2:
         raise UserError("noise-variance needs --prompts >= 1, --inits >= 1 and --members >= 2")
-    if args.eta <= 0:
-        raise UserError(f"--eta={args.eta} must be > 0 (at 0 every member is the same ODE sample)")
-    check_json_out(args.json)
+    if not (math.isfinite(args.eta) and args.eta > 0):  # NaN/inf noise gave a NaN table with exit code 0
+        raise UserError(f"--eta={args.eta} must be a finite number > 0 (at 0 every member is the same ODE sample)")
+    check_guidance(args.guidance)
+    check_common(args)
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 

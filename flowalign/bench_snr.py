@@ -109,12 +109,31 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 
 
 def check_json_out(path: Optional[str]) -> None:
-    """One-line ``UserError`` when ``--json`` names a directory (the write would fail after the whole run)."""
+    """One-line ``UserError`` when ``--json`` names a directory or lies under a file (the write would fail after the
+    whole run)."""
     from pathlib import Path
+
+    from flowalign.sample import check_out_parent
 
     if path and Path(path).is_dir():
         raise UserError(f"--json {path!r} is a directory; pass the path of a JSON file, "
                         f"e.g. {Path(path) / 'bench.json'}")
+    if path:
+        check_out_parent(path, "--json")
+
+
+def check_common(args: argparse.Namespace, *, seed_min: Optional[int] = None) -> None:
+    """One-line ``UserError`` for ``add_common_args``' ``--threads`` below 1 (was silently 1) and a ``--seed`` that
+    the generators would refuse only after the model loaded (``seed_min=0`` where numpy draws from it), then
+    ``check_json_out``."""
+    from flowalign.sample import check_seed
+
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if seed_min is not None and not seed_min <= args.seed < (1 << 32):
+        raise UserError(f"--seed must be between {seed_min} and 2**32 (exclusive), got {args.seed}")
+    check_seed(args.seed)
+    check_json_out(args.json)
 
 
 def bench_grad_snr(argv: Sequence[str]) -> None:
@@ -152,16 +171,23 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     bad = [m for m in methods if m not in CREDITS]
     if bad:
         raise UserError(f"unknown grad-snr method(s) {bad}; choose from {', '.join(CREDITS)}")
+    if not methods:  # was a table without rows, after the rollouts and gradients
+        raise UserError(f"--methods {args.methods!r} names no method; choose from {', '.join(CREDITS)}")
+    for flag, value in (("prompts", args.prompts), ("groups-per-prompt", args.groups_per_prompt)):
+        if value < 1:  # two negative counts multiply to a positive number of groups
+            raise UserError(f"--{flag} must be at least 1, got {value}")
     if args.prompts * args.groups_per_prompt < 2 or args.group_size < 2:
         raise UserError("grad-snr needs at least 2 groups (--prompts × --groups-per-prompt) of at least 2 rollouts")
     if not 0 < args.train_fraction < 1:
         raise UserError(f"--train-fraction={args.train_fraction} must be in (0, 1)")
-    if args.adv_clip <= 0:
+    if not args.adv_clip > 0:  # NaN too: it clips every advantage to NaN
         raise UserError(f"--adv-clip={args.adv_clip} must be > 0")
+    if not math.isfinite(args.eta):  # inf noise gives NaN rollouts and rewards, no error
+        raise UserError(f"--eta must be a finite number, got {args.eta}")
     for flag, value in (("steps", args.steps), ("splits", args.splits), ("lora-rank", args.lora_rank)):
         if value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
-    check_json_out(args.json)
+    check_common(args)
     window = None
     if args.window is not None:
         try:

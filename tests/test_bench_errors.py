@@ -1,0 +1,124 @@
+"""Bad input to the `flowalign bench ...` commands: one line naming the bad value, exit code 2, nothing written.
+
+Every case is refused before the model loads (the ``no_model`` fixture fails the test otherwise); before these
+checks each one loaded the model and then either ran to exit code 0 on NaN figures / an empty table / a silently
+dropped option, or failed with a traceback after the work was done.
+"""
+
+from __future__ import annotations
+
+import pytest
+from cli_checks import fails as _fails, no_model  # noqa: F401  (the fixture is used by name)
+
+from flowalign.cli import main
+
+HUGE_SEED = str(2 ** 70)  # past what torch.Generator.manual_seed takes
+
+
+def _file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    return f
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--guidance", "nan"], ["--guidance", "nan"]),  # sampled NaN images, exit code 0
+    (["--guidance", "-1"], ["--guidance", "-1"]),
+])
+def test_shapes_sample_refuses_a_bad_guidance(capsys, no_model, extra, needles):
+    _fails(capsys, ["bench", "shapes-sample", *extra], *needles)
+
+
+@pytest.mark.parametrize("bench, extra", [
+    ("credit", ["--models", "shapes"]),
+    ("grad-snr", []),
+    ("noise-variance", []),
+    ("sample-gap", []),
+    ("motion-prior", []),
+    ("train-memory", ["--models", "shapes"]),
+])
+def test_benches_refuse_a_json_path_under_a_file(capsys, no_model, tmp_path, bench, extra):
+    """The write failed with NotADirectoryError (a traceback) only after the whole benchmark had run."""
+    f = _file(tmp_path)
+    _fails(capsys, ["bench", bench, *extra, "--json", str(f / "b.json")], str(f), "not a directory")
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--methods", ","], ["--methods", "','", "flow_grpo"]),  # loaded the models, printed an empty table, exit 0
+    (["--threads", "0"], ["--threads", "0"]),  # was silently 1
+    (["--seed", HUGE_SEED], ["--seed", HUGE_SEED]),  # ValueError from manual_seed after the model loaded
+    (["--plot", "rank.png", "--rank-groups", "0"], ["--plot", "--rank-groups"]),  # no plot, exit code 0
+    (["--rank-references", "fine:2", "--rank-groups", "0"], ["--rank-references", "--rank-groups"]),
+    (["--steps", "1"], ["--steps", "--rank-groups 0"]),  # a ranking of no state: every figure NaN, exit 0
+    (["--group-size", "1"], ["--group-size", "--rank-groups 0"]),  # Spearman of one member: all NaN, exit 0
+])
+def test_bench_credit_refuses_before_loading(capsys, no_model, tmp_path, extra, needles):
+    out = tmp_path / "b.json"
+    _fails(capsys, ["bench", "credit", "--models", "shapes", "--json", str(out), *extra], *needles)
+    assert not out.exists()
+
+
+def test_bench_credit_refuses_a_plot_that_nothing_ranks_or_that_lies_under_a_file(capsys, no_model, tmp_path):
+    # the tiny SD3 pipeline is never ranked: the plot was silently not drawn (exit code 0)
+    _fails(capsys, ["bench", "credit", "--models", "sd3", "--plot", str(tmp_path / "r.png")], "--plot", "shapes")
+    f = _file(tmp_path)
+    _fails(capsys, ["bench", "credit", "--models", "shapes", "--plot", str(f / "r.png")], "--plot", str(f))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--methods", ","], ["--methods", "','"]),  # rollouts + gradients, then a table without rows, exit 0
+    (["--eta", "inf"], ["--eta", "inf"]),  # NaN rollouts and rewards, exit 0
+    (["--eta", "nan"], ["--eta", "nan", "finite"]),  # was "raise --eta"
+    (["--adv-clip", "nan"], ["--adv-clip", "nan"]),  # every advantage clipped to NaN, exit 0
+    (["--prompts", "-1", "--groups-per-prompt", "-4"], ["--prompts", "-1"]),  # passed the product check
+    (["--threads", "0"], ["--threads", "0"]),
+    (["--seed", HUGE_SEED], ["--seed"]),
+])
+def test_grad_snr_refuses_before_loading(capsys, no_model, tmp_path, extra, needles):
+    out = tmp_path / "g.json"
+    _fails(capsys, ["bench", "grad-snr", "--json", str(out), *extra], *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--eta", "nan"], ["--eta", "nan"]),  # a NaN table with exit code 0
+    (["--eta", "inf"], ["--eta", "inf"]),
+    (["--guidance", "nan"], ["--guidance", "nan"]),  # NaN rewards with exit code 0
+    (["--guidance", "-2"], ["--guidance", "-2"]),
+    (["--threads", "0"], ["--threads", "0"]),
+])
+def test_noise_variance_refuses_before_loading(capsys, no_model, tmp_path, extra, needles):
+    out = tmp_path / "n.json"
+    _fails(capsys, ["bench", "noise-variance", "--json", str(out), *extra], *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bench, extra, needles", [
+    ("sample-gap", ["--guidance", "nan"], ["--guidance", "nan"]),  # NaN samples and errors, exit code 0
+    ("sample-gap", ["--seed", "-1"], ["--seed", "-1"]),  # numpy's ValueError after the model had sampled
+    ("sample-gap", ["--threads", "0"], ["--threads", "0"]),
+    ("motion-prior", ["--guidance", "nan"], ["--guidance", "nan"]),  # NaN travel, exit code 0
+    ("motion-prior", ["--guidance", "-1"], ["--guidance", "-1"]),
+    ("motion-prior", ["--seed", "-1"], ["--seed", "-1"]),  # numpy's ValueError after the model loaded
+    ("train-memory", ["--device", "gpu"], ["--device", "'gpu'", "cpu"]),  # torch's RuntimeError traceback
+])
+def test_gap_motion_and_memory_refuse_before_loading(capsys, no_model, tmp_path, bench, extra, needles):
+    out = tmp_path / "b.json"
+    _fails(capsys, ["bench", bench, "--json", str(out), *extra], *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["credit", "--models", "shapes", "--steps", "1", "--group-size", "1", "--rank-groups", "0", "--threads", "1"],
+    ["grad-snr", "--eta", "0.3", "--adv-clip", "inf", "--seed", "-1", "--threads", "1"],
+    ["noise-variance", "--guidance", "0", "--seed", "-1", "--threads", "1"],
+    ["sample-gap", "--seed", "0", "--threads", "1"],
+    ["motion-prior", "--seed", "0", "--guidance", "4", "--threads", "1"],
+])
+def test_boundary_values_still_reach_the_model(no_model, tmp_path, argv):
+    """The new checks refuse only what cannot work: these arguments get as far as loading the model."""
+    with pytest.raises(AssertionError, match="model was loaded"):
+        main(["bench", *argv, "--json", str(tmp_path / "sub" / "b.json")])
+    assert not (tmp_path / "sub").exists()

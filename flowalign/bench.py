@@ -6,14 +6,13 @@ prints its figures as ``key: value`` lines (and optionally JSON).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 
 
 def bench_shapes_sample(argv: Sequence[str]) -> dict:
@@ -23,7 +22,7 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
     library cost; ``load_plus_first_sample_s`` is building the model, reading its weights and sampling the
     images; ``process_total_s`` is everything from the first import.
     """
-    ap = argparse.ArgumentParser(prog="flowalign bench shapes-sample")
+    ap = CommandParser(prog="flowalign bench shapes-sample")
     ap.add_argument("--path", default="", help="model directory ('' = the shipped model)")
     ap.add_argument("--n", type=int, default=16, help="images to sample")
     ap.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's sample_steps)")

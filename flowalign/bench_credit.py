@@ -17,7 +17,6 @@ the tiny SD3 pipeline of ``tests/tiny_models.py`` (only from a source checkout).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import math
@@ -29,6 +28,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from flowalign.errors import CommandParser
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
 
 def bench_credit(argv: Sequence[str]) -> int:
     """``flowalign bench credit``: print measured NFE / reward calls / wall time per credit method."""
-    ap = argparse.ArgumentParser(prog="flowalign bench credit", description="Measured cost of every credit method (transformer "
+    ap = CommandParser(prog="flowalign bench credit", description="Measured cost of every credit method (transformer "
                                  "forwards, reward calls, wall time per prompt group) beside the reference "
                                  "implementations' published costs, and the few-step probes' ranking agreement.")
     ap.add_argument("--models", default="shapes,sd3", help="comma list of: shapes, shapes_video, sd3")

@@ -16,7 +16,6 @@ high-noise prediction (a blurred average) than real scenes do: the gap a self-co
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 
 
 @torch.no_grad()
@@ -66,7 +65,7 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
     from flowalign.shapes.render import render
     from flowalign.shapes.verify import verify
 
-    ap = argparse.ArgumentParser(prog="flowalign bench sample-gap", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="flowalign bench sample-gap", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=96, help="shapes prompts (round-robin over the grammar's tasks)")
     ap.add_argument("--steps", default="10,40", help="comma-separated Euler step counts of the ODE samples")
     ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the samples and of the denoiser")

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 from flowalign.models import MODELS  # names and module paths only: no model code is imported
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ def _mib(n: Optional[int]) -> str:
 def bench_train_memory(argv: Sequence[str]) -> None:
     """Print, per model, the activation memory and time of a training forward + backward without and with
     gradient checkpointing."""
-    ap = argparse.ArgumentParser(prog="flowalign bench train-memory", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="flowalign bench train-memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="shapes,shapes_video",
                     help=f"comma list of: {', '.join(FAMILIES)} (sd3/flux/wan: the tiny test pipelines unless --path)")
     ap.add_argument("--arch", default="", help="comma list of published architectures to count on the meta device "

@@ -12,7 +12,6 @@ start one (docs/shapes.md, "Why it does not move").
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import Any, Sequence
@@ -20,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 
 
 def motion_travel(frames: Tensor, color: Sequence[float], direction: Sequence[float]) -> Tensor:
@@ -71,7 +70,7 @@ def bench_motion_prior(argv: Sequence[str]) -> None:
     from flowalign.shapes import motion as M
     from flowalign.shapes.grammar import COLORS, SHAPES
 
-    ap = argparse.ArgumentParser(prog="flowalign bench motion-prior", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="flowalign bench motion-prior", description=__doc__.split("\n\n")[0])
     ap.add_argument("--path", default="", help="shapes video model directory ('' = the shipped model)")
     ap.add_argument("--color", default="red", help=f"object colour ({', '.join(COLORS)})")
     ap.add_argument("--shape", default="circle", help=f"object shape ({', '.join(SHAPES)})")

@@ -16,7 +16,6 @@ across windows, so the windows differ only in where the noise goes.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 
 
 def variance_split(r: Tensor) -> dict[str, float]:
@@ -84,7 +83,7 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     from flowalign.sample import check_guidance
     from flowalign.samplers.loop import eta_schedule, sample
 
-    ap = argparse.ArgumentParser(prog="flowalign bench noise-variance", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="flowalign bench noise-variance", description=__doc__.split("\n\n")[0])
     ap.add_argument("--reward", default="shapes_partial", help="reward to score (e.g. shapes_partial, saturation)")
     ap.add_argument("--kernel", default="flow_sde", choices=SDE_KERNELS, help="SDE kernel")
     ap.add_argument("--eta", type=float, default=0.7, help="kernel noise level")

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 
 SDE_KERNELS = ("flow_sde", "dance_sde", "cps", "ddim_sde")  # the stochastic kernels of flowalign.samplers.kernels
 
@@ -146,7 +146,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     from flowalign.samplers.loop import eta_schedule, live_eta, sample
     from flowalign.values import make_probe
 
-    ap = argparse.ArgumentParser(prog="flowalign bench grad-snr", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="flowalign bench grad-snr", description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="flow_grpo,dense_full,dense_ode2,dense_x0,tp_full,vgpo_x0",
                     help=f"comma list of: {', '.join(CREDITS)}")
     ap.add_argument("--reward", default="shapes_partial", help="reward to credit (e.g. shapes_partial, saturation)")

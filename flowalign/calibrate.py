@@ -110,16 +110,15 @@ def calibrate_noise(make_batch: Callable[[int], tuple[Tensor, Cond, Tensor]], ve
 
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign calibrate``: DenseGRPO noise calibration → a JSON per-step η for the ``dance_sde`` kernel."""
-    import argparse
     import math
 
     from flowalign import data as D
-    from flowalign.errors import UserError
+    from flowalign.errors import CommandParser, UserError
     from flowalign.io import atomic_write_json
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
 
-    ap = argparse.ArgumentParser(prog="flowalign calibrate", description="DenseGRPO's reward-aware per-step noise calibration: "
+    ap = CommandParser(prog="flowalign calibrate", description="DenseGRPO's reward-aware per-step noise calibration: "
                                  "adjusts each step's noise level until its reward gains balance, and writes the "
                                  "per-step eta file that sampler.eta_file reads.")
     ap.add_argument("--model", default="shapes", help="model family (flowalign.models.MODELS)")

@@ -8,7 +8,6 @@ compared at equal rollouts *and* at equal compute. Writes ``DIR/compare.png`` an
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from flowalign.errors import UserError, first_line
+from flowalign.errors import CommandParser, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +333,7 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="flowalign compare", description="Compare training runs: the headline eval metric "
+    p = CommandParser(prog="flowalign compare", description="Compare training runs: the headline eval metric "
                                 "against rollouts and against NFE (compare.png) and a table (compare.md).")
     p.add_argument("runs", nargs="+", help="run directories written by `flowalign train` (with eval.every > 0)")
     p.add_argument("--out", required=True, help="output directory for compare.png and compare.md")

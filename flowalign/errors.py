@@ -1,5 +1,11 @@
 """User-facing errors: the CLI prints ``str(err)`` on one line and exits with code 2."""
 
+from __future__ import annotations
+
+import argparse
+import difflib
+from typing import NoReturn
+
 
 class UserError(Exception):
     """Bad input from the user (config, paths, prompts). One line: what is wrong and how to fix it."""
@@ -13,3 +19,18 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     if text.endswith(":") and len(lines) > 1:
         text = f"{text} {lines[1]}"
     return text[:limit]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are the commands' one line: ``PROG: error: WHAT (see `PROG --help`)``,
+    exit code 2, without the usage block argparse prints first. An unknown option names the closest known one."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f"see `{self.prog} --help`"
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()
+            option = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), None)
+            close = difflib.get_close_matches(option, list(self._option_string_actions), n=1) if option else []
+            if close:
+                hint = f"did you mean {close[0]!r}? {hint}"
+        self.exit(2, f"{self.prog}: error: {message} ({hint})\n")

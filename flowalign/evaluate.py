@@ -310,14 +310,12 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
 
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
-    import argparse
-
     from flowalign import data as D
-    from flowalign.errors import UserError
+    from flowalign.errors import CommandParser, UserError
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
 
-    p = argparse.ArgumentParser(prog="flowalign eval", description="Evaluate a model on a prompt set with rewards.")
+    p = CommandParser(prog="flowalign eval", description="Evaluate a model on a prompt set with rewards.")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N)")

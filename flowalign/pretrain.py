@@ -28,7 +28,6 @@ Run directory::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
@@ -44,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowalign.errors import UserError, first_line
+from flowalign.errors import CommandParser, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -606,7 +605,7 @@ def load_config(path: Optional[str], overrides: dict[str, Any]) -> PretrainConfi
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="flowalign pretrain", description="Flow-matching pretraining (rectified flow, "
+    ap = CommandParser(prog="flowalign pretrain", description="Flow-matching pretraining (rectified flow, "
                                  "logit-normal σ, caption dropout, EMA); writes OUT/final/ with the EMA weights.")
     ap.add_argument("--config", default=None, help="YAML file of PretrainConfig fields (e.g. configs/shapes_pretrain.yaml)")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")

@@ -36,7 +36,6 @@ Unmatched keys are ignored unless asked for. A key matching several groups goes 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime as _dt
 import fnmatch
@@ -50,7 +49,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 from flowalign.io import atomic_write_bytes, atomic_write_text, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -779,7 +778,7 @@ _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "eval", "grids", "summary.json")
 
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign report RUN_DIR``: rebuild the plots and report.html of a run directory."""
-    parser = argparse.ArgumentParser(prog="flowalign report", description="(re)build plots and report.html for a run directory")
+    parser = CommandParser(prog="flowalign report", description="(re)build plots and report.html for a run directory")
     parser.add_argument("run_dir", help="run directory (holds config.yaml, metrics.jsonl, eval/, grids/)")
     parser.add_argument("--no-plots", action="store_true", help="do not redraw plots/*.png (use the existing ones)")
     parser.add_argument("--link-images", action="store_true", help="reference images by relative path instead of inlining them")

@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.errors import UserError, first_line
+from flowalign.errors import CommandParser, UserError, first_line
 from flowalign.samplers import eta_schedule, sample
 
 logger = logging.getLogger(__name__)
@@ -207,13 +207,12 @@ def check_positive(**values: Optional[int]) -> None:
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    import argparse
 
     from flowalign import data as D
     from flowalign.models import load_model
     from flowalign.samplers import KERNELS
 
-    p = argparse.ArgumentParser(prog="flowalign sample", description="Sample an image grid from a model.")
+    p = CommandParser(prog="flowalign sample", description="Sample an image grid from a model.")
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
     p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
     p.add_argument("--max-prompts", type=int, default=8, help="an evenly spaced subset of N prompts from --prompt-file")

@@ -724,11 +724,10 @@ def _parse_weights(text: str) -> dict[str, float]:
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign steer``: a prompt set × a steering method → results.jsonl, summary.json, grids/steered.png (the
     first 8 prompts) and report.html."""
-    import argparse
     import json
 
     from flowalign import data as D
-    from flowalign.errors import UserError
+    from flowalign.errors import CommandParser, UserError
     from flowalign.evaluate import add_component_args, parse_component_args, summarize, summarize_pass_at_k
     from flowalign.io import atomic_write_text
     from flowalign.models import load_model
@@ -740,7 +739,7 @@ def cli_main(argv: Sequence[str]) -> int:
                                   check_positive, check_prompt_args, check_seed, load_lora_checked)
     from flowalign.values import parse_mode
 
-    p = argparse.ArgumentParser(prog="flowalign steer", description=(
+    p = CommandParser(prog="flowalign steer", description=(
         "Steer a model toward a reward at inference (no training): best-of-N, Feynman-Kac particles or "
         "reward-gradient guidance; score the outputs with evaluation rewards."))
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")

@@ -39,7 +39,7 @@ import torch
 from flowalign import config as C
 from flowalign import data as D
 from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import check_out_parent, guidance, sample_grid
 from flowalign.io import append_jsonl, atomic_save, atomic_write_text
@@ -1158,9 +1158,8 @@ def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> tuple[int, Op
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    import argparse
 
-    p = argparse.ArgumentParser(prog="flowalign train", description="GRPO or DiffusionNFT (train.objective=nft) fine-tuning from a YAML config.")
+    p = CommandParser(prog="flowalign train", description="GRPO or DiffusionNFT (train.objective=nft) fine-tuning from a YAML config.")
     p.add_argument("config", nargs="?", help="experiment YAML (e.g. configs/shapes_grpo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 credit.name=outcome")
     p.add_argument("--describe", action="store_true", help="print every config field with its doc and exit")

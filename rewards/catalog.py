@@ -10,13 +10,12 @@ cheap (heavy libraries load inside constructors), so listing never loads weights
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
-from flowalign.errors import UserError
+from flowalign.errors import CommandParser, UserError
 
 logger = logging.getLogger("flowalign.rewards")
 
@@ -141,7 +140,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return _serve(argv[1:])
-    p = argparse.ArgumentParser(prog="flowalign rewards", description="List every registered reward "
+    p = CommandParser(prog="flowalign rewards", description="List every registered reward "
                                 "(or `flowalign rewards serve NAME ...` to serve one over HTTP).")
     p.add_argument("command", nargs="?", default="list", choices=["list", "serve"],
                    help="list (default): the catalogue; serve NAME [key=value ...]: serve a reward over HTTP "
@@ -178,10 +177,10 @@ def _serve(argv: Sequence[str]) -> int:
     from flowalign.rewards import build_reward
     from flowalign.rewards.remote import serve
 
-    p = argparse.ArgumentParser(prog="flowalign rewards serve", description="Serve a reward over HTTP (JSON protocol "
+    p = CommandParser(prog="flowalign rewards serve", description="Serve a reward over HTTP (JSON protocol "
                                 "of flowalign.rewards.remote); reward constructor arguments as key=value.")
     p.add_argument("name", help="a registered reward name (see `flowalign rewards`)")
-    p.add_argument("kwargs", nargs="*", help="constructor arguments, e.g. path=/models/PickScore_v1 device=cuda")
+    p.add_argument("kwargs", nargs="*", default=[], help="constructor arguments, e.g. path=/models/PickScore_v1 device=cuda")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
     p.add_argument("--max-mb", type=float, default=256.0, help="largest request body in MiB (larger → HTTP 413)")

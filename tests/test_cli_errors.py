@@ -578,3 +578,43 @@ def test_pretrain_resume_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     _fails(capsys, ["pretrain", "--resume", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "p"),
                     "--no-progress"], str(state), "cannot read checkpoint", "delete")
     assert _listing(tmp_path / "p") == ["checkpoints"] and state.read_bytes().startswith(b"\xda")
+
+
+# ------------------------------------------------------------------------------------------- argparse's errors
+
+_REQUIRED = {"train": ["configs/shapes_grpo.yaml"], "report": ["runs/x"], "compare": ["runs/x", "--out", "o"],
+             "pretrain": ["--out", "o"], "steer": ["--out", "o"], "calibrate": ["--out", "o"], "eval": ["--out", "o"],
+             "rewards serve": ["saturation"]}
+
+
+def _argparse_error(capsys, argv, prog):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert info.value.code == 2, err
+    assert len(lines) == 1, err  # no usage block before the error
+    assert lines[0].startswith(f"{prog}: error: ") and lines[0].endswith(f"see `{prog} --help`)"), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("cmd", ["train", "sample", "eval", "report", "compare", "pretrain", "steer", "calibrate",
+                                 "rewards", "rewards serve", "bench shapes-sample", "bench credit", "bench grad-snr",
+                                 "bench noise-variance", "bench sample-gap", "bench motion-prior",
+                                 "bench train-memory"])
+def test_an_unknown_option_is_one_line_in_every_command(tmp_path, capsys, monkeypatch, no_model, cmd):
+    """argparse's own errors (unknown option, bad type) follow the one-line rule too, naming `--help`."""
+    monkeypatch.chdir(tmp_path)
+    argv = [*cmd.split(), *_REQUIRED.get(cmd, []), "--no-such-option"]
+    line = _argparse_error(capsys, argv, f"flowalign {cmd}")
+    assert "unrecognized arguments: --no-such-option" in line
+    assert _listing(tmp_path) == []
+
+
+def test_a_misspelt_option_names_the_closest_one_and_a_bad_type_is_one_line(capsys, no_model):
+    line = _argparse_error(capsys, ["bench", "credit", "--modles", "shapes"], "flowalign bench credit")
+    assert "did you mean '--models'?" in line
+    line = _argparse_error(capsys, ["sample", "a red circle", "--steps", "abc"], "flowalign sample")
+    assert "--steps" in line and "'abc'" in line
+    line = _argparse_error(capsys, ["rewards", "serve"], "flowalign rewards serve")
+    assert line.startswith("flowalign rewards serve: error: the following arguments are required: name (")

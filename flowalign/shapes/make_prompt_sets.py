@@ -20,7 +20,6 @@ Output is a deterministic function of the arguments (the same seed rewrites iden
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 
+from flowalign.errors import CommandParser
 from flowalign.shapes.grammar import TASKS, enumerate_specs, generate_prompts
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def write_prompt_sets(
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = CommandParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--n-train", type=int, default=N_TRAIN, help="train prompts per task")
     ap.add_argument("--n-bench", type=int, default=N_BENCH, help="bench prompts per task")

@@ -204,6 +204,11 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     if not steps:
         raise UserError(f"no stochastic step is trained (--steps={args.steps}, --train-fraction={args.train_fraction}, "
                         f"--eta={args.eta:g}); raise --eta, --steps or --train-fraction")
+    # the kernel's noiseless steps on the unshifted grid, before the model loads: a shift moves only interior σ, and a
+    # kernel's std vanishes at the grid's ends (ddim_sde at σ = 1); the model's own grid is checked again below
+    if not [t for t in steps if float(live_eta(args.kernel, torch.linspace(1.0, 0.0, args.steps + 1), eta)[t]) > 0]:
+        raise UserError(f"no trained step has noise: --kernel {args.kernel} draws none at σ = 1 (step 0); widen --window "
+                        "or raise --train-fraction")
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 

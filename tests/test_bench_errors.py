@@ -75,6 +75,7 @@ def test_bench_credit_refuses_a_plot_that_nothing_ranks_or_that_lies_under_a_fil
     (["--prompts", "-1", "--groups-per-prompt", "-4"], ["--prompts", "-1"]),  # passed the product check
     (["--threads", "0"], ["--threads", "0"]),
     (["--seed", HUGE_SEED], ["--seed"]),
+    (["--kernel", "ddim_sde", "--window", "0,1"], ["ddim_sde", "σ = 1", "--window"]),  # refused after the model loaded
 ])
 def test_grad_snr_refuses_before_loading(capsys, no_model, tmp_path, extra, needles):
     out = tmp_path / "g.json"

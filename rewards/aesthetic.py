@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from flowalign.errors import UserError
 from flowalign.rewards.base import Checkpoint, Reward, check_inputs, freeze
-from flowalign.rewards.clip_common import HFClip, batched
+from flowalign.rewards.clip_common import ClipImageReward, HFClip
 
 logger = logging.getLogger("flowalign.rewards")
 
@@ -65,7 +65,7 @@ class _Wrap(nn.Module):
         self.layers = layers
 
 
-class Aesthetic(Reward):
+class Aesthetic(ClipImageReward, Reward):
     """LAION aesthetic v2: CLIP ViT-L/14 embedding → MLP head (raw output, higher is better).
 
     Args:
@@ -102,15 +102,6 @@ class Aesthetic(Reward):
         self.batch_size = int(batch_size)
         self.parity = bool(parity)
         self.differentiable = not self.parity
-
-    @property
-    def device(self) -> torch.device:
-        return self.clip.device
-
-    def embed_images(self, images: Tensor) -> Tensor:
-        """[N,3,H,W] → L2-normalised fp32 CLIP image embeddings [N,768]."""
-        prep = self.clip.pixels_pil if self.parity else self.clip.pixels
-        return torch.cat([self.clip.encode_pixels(prep(images[s])) for s in batched(images.shape[0], self.batch_size)])
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)

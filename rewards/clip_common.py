@@ -217,10 +217,10 @@ def batched(n: int, batch_size: int):
     return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
 
 
-class ClipPairReward:
-    """Mixin: cosine between a prompt and an image with an ``HFClip`` tower, batched, on the caller's device.
+class ClipImageReward:
+    """Mixin: image embeddings of an ``HFClip`` tower, batched, on the caller's device.
 
-    Subclasses set ``self.clip`` (an ``HFClip``), ``self.batch_size``, ``self.parity`` and turn cosines into scores.
+    Subclasses set ``self.clip`` (an ``HFClip``), ``self.batch_size``, ``self.parity`` and turn embeddings into scores.
     """
 
     clip: HFClip
@@ -235,6 +235,10 @@ class ClipPairReward:
         """[N,3,H,W] in [0,1] → L2-normalised fp32 image embeddings [N,D] (used by the video temporal term)."""
         prep = self.clip.pixels_pil if self.parity else self.clip.pixels
         return torch.cat([self.clip.encode_pixels(prep(images[s])) for s in batched(images.shape[0], self.batch_size)])
+
+
+class ClipPairReward(ClipImageReward):
+    """Mixin: cosine between a prompt and an image with an ``HFClip`` tower (text and vision), batched."""
 
     def cosine(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """cos(e_img, e_txt) fp32 [B] on the model's device; text encoded once per distinct prompt."""

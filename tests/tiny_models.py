@@ -36,6 +36,21 @@ TINY_SIZES = {
 # tokenizers from in-memory vocabularies (transformers 5 builds them from Python objects)
 
 
+def word_merges(vocab: dict[str, int], words) -> list[tuple[str, str]]:
+    """BPE merges that spell each word of ``words`` as one token, left to right; every partial spelling is added to
+    ``vocab`` (in place) after its symbols, so the ids follow the words' order."""
+    merges: list[tuple[str, str]] = []
+    for w in dict.fromkeys(words):
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = parts[0]
+        for p in parts[1:]:
+            if (cur, p) not in merges:
+                merges.append((cur, p))
+            cur = cur + p
+            vocab.setdefault(cur, len(vocab))
+    return merges
+
+
 def clip_tokenizer(model_max_length: int = 16):
     """A byte-level-BPE CLIP tokenizer whose merges spell every word of WORDS as one token."""
     from transformers import CLIPTokenizer
@@ -44,15 +59,7 @@ def clip_tokenizer(model_max_length: int = 16):
     for c in sorted(set("".join(WORDS))):
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for w in dict.fromkeys(WORDS):
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            if (cur, p) not in merges:
-                merges.append((cur, p))
-            cur = cur + p
-            vocab.setdefault(cur, len(vocab))
+    merges = word_merges(vocab, WORDS)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import word_merges
 
 OPEN_CLIP_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "open_clip_tiny"
 WORDS = ("a photo of the red green blue cat dog circle square triangle on left right big small and "
@@ -53,15 +54,7 @@ def byte_level_clip_tokenizer(model_max_length: int = 77):
     for c in bytes_to_unicode().values():
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    for w in dict.fromkeys(WORDS):
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            if (cur, p) not in merges:
-                merges.append((cur, p))
-            cur = cur + p
-            vocab.setdefault(cur, len(vocab))
+    merges = word_merges(vocab, WORDS)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

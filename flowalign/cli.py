@@ -36,7 +36,7 @@ INTERRUPT_HINTS: dict[str, str] = {
 
 
 def _usage() -> str:
-    lines = ["usage: flowalign <command> [args]", "", "commands:"]
+    lines = ["usage: flowalign <command> [args]   (flowalign --version: the installed version)", "", "commands:"]
     for name, (_, doc) in COMMANDS.items():
         lines.append(f"  {name:<10} {doc}")
     lines += ["", "Run `flowalign <command> --help` for the command's options."]
@@ -47,6 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(_usage() + "\n")
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from flowalign import __version__
+
+        sys.stdout.write(f"flowalign {__version__}\n")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:

@@ -80,3 +80,11 @@ def test_train_describe_needs_no_config_and_a_missing_config_is_one_line_exit_2(
         assert field in r.stdout
     r = _cli("train")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("flowalign train: error:"), r.stderr
+
+
+def test_version_is_the_installed_one():
+    from importlib.metadata import version
+
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout == f"flowalign {version('flowalign')}\n"

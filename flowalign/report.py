@@ -193,6 +193,28 @@ def save_image_grid(images, path: str | Path, nrow: int, upscale: int = 4, label
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def save_video_grid(videos, path: str | Path, nrow: int, upscale: int = 4, labels: Sequence[str] | None = None,
+                    fps: float = 8.0) -> Path:
+    """Save ``videos`` [N,F,3,H,W] in [0,1] as an animated GIF that loops: frame f is the :func:`grid_image` of every
+    video's frame f, so all tiles play in step. One palette for every frame (colours do not flicker between
+    frames), no dithering. Atomic write."""
+    from PIL import Image
+
+    if getattr(videos, "ndim", 0) != 5:
+        raise ValueError(f"videos must be [N, F, 3, H, W], got {tuple(getattr(videos, 'shape', ()))}")
+    frames = [grid_image(videos[:, f], nrow=nrow, upscale=upscale, labels=labels) for f in range(videos.shape[1])]
+    w, h = frames[0].size
+    sheet = Image.new("RGB", (w, h * len(frames)))  # every frame's colours go into the shared palette
+    for k, fr in enumerate(frames):
+        sheet.paste(fr, (0, k * h))
+    palette = sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    quantized = [fr.quantize(palette=palette, dither=Image.Dither.NONE) for fr in frames]
+    buf = _stdio.BytesIO()
+    quantized[0].save(buf, format="GIF", save_all=True, append_images=quantized[1:], loop=0,
+                      duration=max(20, int(round(1000.0 / fps))), disposal=1, optimize=False)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------------
@@ -634,7 +656,8 @@ def _pass_at_k_table(summary: dict, label: str) -> str:
 
 def _img_src(path: Path, run_dir: Path, inline: bool) -> str:
     if inline:
-        return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        mime = "image/gif" if path.suffix.lower() == ".gif" else "image/png"
+        return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
     from urllib.parse import quote
 
     # a URL, not a file name: "#", "?", "%" in a name would otherwise cut the link
@@ -717,8 +740,11 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         parts.append("<h2>Samples (same prompts and seeds)</h2><div class=grids>")
         for p in grids:
             cap = {"base": "base model", "final": "aligned model"}.get(p.stem, p.stem)
-            parts.append(f'<figure><img src="{_img_src(p, run_dir, inline_images)}" alt="{html.escape(p.stem)}">'
-                         f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+            gif = p.with_suffix(".gif")  # a video model's grid plays beside its film strip (sample.sample_grid)
+            shown = [gif, p] if gif.is_file() else [p]
+            imgs = "".join(f'<img src="{_img_src(q, run_dir, inline_images)}" alt="{html.escape(q.name)}">' for q in shown)
+            note = " (animated; below, a film strip of up to 8 frames)" if gif.is_file() else ""
+            parts.append(f"<figure>{imgs}<figcaption>{html.escape(cap + note)}</figcaption></figure>")
         parts.append("</div>")
 
     # 3. training curves and cost

@@ -81,16 +81,21 @@ def film_strip(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
 
 def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optional[float] = None, seed: int = 0,
                 seeds_per_prompt: int = 4, kernel: str = "euler", eta: float = 0.0) -> Path:
-    """A PNG grid: one row per prompt (records or strings), one column per seed; captions are the prompts."""
-    from flowalign.report import save_image_grid
+    """A PNG grid: one row per prompt (records or strings), one column per seed; captions are the prompts.
+
+    For a video model each tile is a film strip of up to 8 frames, and the same grid is also written as an animated
+    GIF beside the PNG (``path`` with the suffix ``.gif``)."""
+    from flowalign.report import save_image_grid, save_video_grid
 
     prompts = [getattr(r, "prompt", r) for r in records]
     rows = [(p, seed + j) for p in prompts for j in range(seeds_per_prompt)]
     images = generate(model, [p for p, _ in rows], [s for _, s in rows], steps=steps, guidance_scale=guidance,
                       kernel=kernel, eta=eta)
-    if images.dim() == 5:  # video: a film strip of up to 8 evenly spaced frames per tile
-        images = film_strip(images)
     labels = [p if j == 0 else "" for p in prompts for j in range(seeds_per_prompt)]
+    if images.dim() == 5:  # video: an animated grid, and a film strip of up to 8 evenly spaced frames per tile
+        gif = save_video_grid(images, Path(path).with_suffix(".gif"), nrow=seeds_per_prompt, labels=labels)
+        logger.info("wrote %s (%d frames)", gif, images.shape[1])
+        images = film_strip(images)
     return save_image_grid(images, path, nrow=seeds_per_prompt, labels=labels)
 
 
@@ -226,7 +231,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="samples.png", help="output PNG grid")
+    p.add_argument("--out", default="samples.png", help="output PNG grid (a video model also writes the grid as an "
+                                                        "animated GIF beside it: the same name with .gif)")
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
     check_positive(seeds=args.seeds, steps=args.steps)

@@ -120,7 +120,50 @@ def test_pretraining_on_rendered_motion_and_one_grpo_iteration_with_the_motion_r
     assert abs(line["train/ratio_mean"] - 1) < 1e-4
     summ = json.loads((run / "eval" / "final" / "summary.json").read_text())
     assert summ["n"] == 2 and 0.0 <= summ["overall"]["shapes_motion_strict"] <= 1.0
-    assert (run / "report.html").is_file()
+    assert (run / "grids" / "final.gif").is_file()  # the grid plays in the report, above its film strip
+    html = (run / "report.html").read_text()
+    assert html.index('alt="final.gif"') < html.index('alt="final.png"') and "data:image/gif;base64," in html
+
+    # `flowalign sample` and `flowalign steer` on the video model: a film-strip PNG and the same grid animated
+    from flowalign.cli import main
+
+    out = tmp_path / "s.png"
+    assert main(["sample", PROMPTS[0], "--model", "shapes_video", "--path", str(model_dir), "--steps", "2",
+                 "--seeds", "2", "--out", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out.with_suffix(".gif")) as gif:
+        assert gif.n_frames == 4 and gif.size[0] * 4 < Image.open(out).size[0] + 50  # one frame vs a 4-frame strip
+    st = tmp_path / "steer"
+    assert main(["steer", PROMPTS[0], "--model", "shapes_video", "--path", str(model_dir), "--reward",
+                 "shapes_motion_partial", "--eval-rewards", "shapes_motion_strict", "--method", "best_of_n", "-k", "2",
+                 "--kernel", "flow_sde", "--eta", "0.7",
+                 "--steps", "2", "--seeds", "1", "--out", str(st)]) == 0
+    with Image.open(st / "grids" / "steered.gif") as gif:
+        assert gif.n_frames == 4
+
+
+def test_an_animated_video_grid_holds_every_frame_exactly(tmp_path):
+    """save_video_grid: one GIF frame per video frame, each the image grid of that frame (one shared palette, so a
+    few flat colours come back exactly), looping; a tensor that is not [N, F, 3, H, W] is refused."""
+    from PIL import Image
+
+    from flowalign.report import grid_image, save_video_grid
+
+    torch.manual_seed(0)
+    colours = torch.rand(2, 5, 3, 1, 1)  # 2 videos x 5 frames, each frame one flat colour ...
+    v = colours.expand(2, 5, 3, 4, 4).clone()
+    v[:, :, :, 1, 1] = 1.0  # ... with one white pixel
+    path = save_video_grid(v, tmp_path / "g.gif", nrow=2, upscale=2, fps=10)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 5 and gif.info.get("loop") == 0 and gif.info.get("duration") == 100
+        for f in range(5):
+            gif.seek(f)
+            want = grid_image(v[:, f], nrow=2, upscale=2)
+            assert gif.convert("RGB").tobytes() == want.tobytes(), f
+    with pytest.raises(ValueError, match="N, F, 3, H, W"):
+        save_video_grid(v[:, 0], tmp_path / "bad.gif", nrow=2)
+    assert not (tmp_path / "bad.gif").exists()
 
 
 def test_video_grids_show_a_film_strip_of_each_sample():

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def _reward_items(reward_fns: Any) -> list[tuple[str, Any]]:
 
 def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fns: Any, *, steps: int,
                      guidance: Optional[float] = None, seeds_per_prompt: int = 4, batch_size: int = 32, seed: int = 0,
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False,
+                     on_images: Optional[Callable[[Sequence[tuple[int, int]], Tensor], None]] = None) -> list[dict]:
     """ODE-sample ``seeds_per_prompt`` images per prompt and score each with every reward.
 
     Args:
@@ -69,6 +71,8 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
         guidance: CFG scale; None keeps the model's.
         seeds_per_prompt, seed: image k of prompt i starts from the noise of ``image_seed(seed, i, k)``.
         batch_size: images per sampling batch (results do not depend on it).
+        on_images: called with each batch's (prompt index, k) pairs and its decoded images [B, 3, H, W] (videos
+            [B, F, 3, H, W]) in [0, 1], e.g. to keep a few for a grid.
 
     Returns one dict per image, in (prompt, k) order: the prompt record's fields, ``prompt_index``,
     ``sample`` (k), ``seed`` (the image seed) and one float per reward name.
@@ -99,6 +103,8 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
                 index = torch.tensor([row[i] for i, _ in chunk], device=x.device)  # [B]
                 traj = sample(model.velocity, x, sigmas, cond, eta=0.0, kernel="euler", cond_index=index)
                 images = model.decode(traj.final)  # [B, 3, H, W] in [0, 1]
+                if on_images is not None:
+                    on_images(chunk, images)
                 prompts = [records[i]["prompt"] for i, _ in chunk]
                 meta = [dict(records[i]) for i, _ in chunk]
                 scores = {name: fn(images, prompts, meta).detach().float().cpu().tolist() for name, fn in rewards}
@@ -217,8 +223,13 @@ def as_records(prompts: Sequence[Any]) -> list[dict]:
 
 def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, steps: int,
              guidance: Optional[float] = None, kernel: str = "euler", seeds_per_prompt: int = 4, batch_size: int = 32,
-             seed: int = 0, progress: bool = True, extra_settings: Optional[Mapping[str, Any]] = None) -> dict:
+             seed: int = 0, progress: bool = True, extra_settings: Optional[Mapping[str, Any]] = None,
+             grid_prompts: int = 0) -> dict:
     """Evaluate and write ``out_dir/results.jsonl`` (one line per image) and ``out_dir/summary.json``.
+
+    ``grid_prompts`` > 0 also writes ``out_dir/grids/eval.png``: the images of that many evenly spaced prompts
+    (every seed, at most 8), each row captioned with its prompt and the first reward's score of each image, from
+    the very images that were scored (no extra sampling; a video model adds ``eval.gif``, see ``sample.save_grid``).
 
     The protocol is the ODE sampler (``kernel`` must be "euler"); the summary is ``summarize``'s dict plus
     the settings used, so a report can say how the numbers were made; ``extra_settings`` (e.g. the model, its
@@ -231,8 +242,19 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
 
     if kernel != "euler":
         raise ValueError("evaluation uses the deterministic ODE sampler (kernel 'euler')")
-    records = sample_and_score(model, as_records(prompts), reward_fns, steps=steps, guidance=guidance,
-                               seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress)
+    shown = set(range(len(prompts))[:: max(1, len(prompts) // grid_prompts)][:grid_prompts]) if grid_prompts > 0 else set()
+    cols = min(seeds_per_prompt, 8)
+    kept: dict[tuple[int, int], Tensor] = {}
+
+    def keep(chunk: Sequence[tuple[int, int]], images: Tensor) -> None:
+        for j, (i, k) in enumerate(chunk):
+            if i in shown and k < cols:
+                kept[(i, k)] = images[j].detach().float().cpu()  # [3, H, W] (video: [F, 3, H, W])
+
+    prompt_records = as_records(prompts)
+    records = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
+                               seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress,
+                               on_images=keep if shown else None)
     names = [n for n, _ in _reward_items(reward_fns)]
     summ = summarize(records, names)
     passk = summarize_pass_at_k(records, names)
@@ -246,6 +268,17 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_text(out / "summary.json", json.dumps(summ, indent=2, default=str))  # str: e.g. a YAML date argument
+    if kept:
+        from flowalign.sample import save_grid
+
+        score = {(r["prompt_index"], r["sample"]): r.get(names[0]) for r in records} if names else {}
+        labels = []
+        for i in sorted(shown):
+            vals = " ".join(format(float(score[(i, k)]), ".3g") for k in range(cols) if score.get((i, k)) is not None)
+            head = prompt_records[i]["prompt"] + (f"  [{names[0]}: {vals}]" if vals else "")
+            labels += [head] + [""] * (cols - 1)
+        images = torch.stack([kept[(i, k)] for i in sorted(shown) for k in range(cols)])  # [n·cols, (F,) 3, H, W]
+        save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels)
     logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()})
     return summ
 
@@ -328,6 +361,9 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (>= 2 adds pass@k of pass/fail rewards)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grid", type=int, default=8, metavar="N",
+                   help="grids/eval.png: the scored images of N evenly spaced prompts, each row captioned with the "
+                        "first reward's scores (0 = no grid)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     args = p.parse_args(list(argv))
@@ -339,6 +375,8 @@ def cli_main(argv: Sequence[str]) -> int:
     # every argument is checked before the model loads and before anything is written
     check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
     check_max_prompts(args.max_prompts)
+    if args.grid < 0:
+        raise UserError(f"--grid must be >= 0 (0 = no grid), got {args.grid}")
     check_seed(args.seed)
     check_guidance(args.guidance)
     check_device(args.device)
@@ -364,7 +402,7 @@ def cli_main(argv: Sequence[str]) -> int:
             check([r.prompt for r in records])
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
-                    seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed,
+                    seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
                     extra_settings={"model": args.model, "path": args.path or None, "lora": args.lora,
                                     "prompt_set": args.prompts, "max_prompts": args.max_prompts,
                                     **({"model_args": model_kwargs} if model_kwargs else {}),

@@ -739,7 +739,8 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
     if grids:
         parts.append("<h2>Samples (same prompts and seeds)</h2><div class=grids>")
         for p in grids:
-            cap = {"base": "base model", "final": "aligned model"}.get(p.stem, p.stem)
+            cap = {"base": "base model", "final": "aligned model",
+                   "eval": "evaluated images (each row: its prompt and the first reward's score per seed)"}.get(p.stem, p.stem)
             gif = p.with_suffix(".gif")  # a video model's grid plays beside its film strip (sample.sample_grid)
             shown = [gif, p] if gif.is_file() else [p]
             imgs = "".join(f'<img src="{_img_src(q, run_dir, inline_images)}" alt="{html.escape(q.name)}">' for q in shown)

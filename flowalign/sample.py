@@ -79,24 +79,30 @@ def film_strip(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
     return torch.cat(list(videos[:, idx].unbind(1)), dim=-1)  # [N, 3, H, k·W]
 
 
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, labels: Optional[Sequence[str]] = None) -> Path:
+    """Save samples as a PNG grid (``report.save_image_grid``). Videos [N, F, 3, H, W] become film strips of up to 8
+    frames per tile, and the same grid is also written as a looping GIF beside the PNG (``path`` with ``.gif``)."""
+    from flowalign.report import save_image_grid, save_video_grid
+
+    if images.dim() == 5:
+        gif = save_video_grid(images, Path(path).with_suffix(".gif"), nrow=nrow, labels=labels)
+        logger.info("wrote %s (%d frames)", gif, images.shape[1])
+        images = film_strip(images)
+    return save_image_grid(images, path, nrow=nrow, labels=labels)
+
+
 def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optional[float] = None, seed: int = 0,
                 seeds_per_prompt: int = 4, kernel: str = "euler", eta: float = 0.0) -> Path:
     """A PNG grid: one row per prompt (records or strings), one column per seed; captions are the prompts.
 
     For a video model each tile is a film strip of up to 8 frames, and the same grid is also written as an animated
     GIF beside the PNG (``path`` with the suffix ``.gif``)."""
-    from flowalign.report import save_image_grid, save_video_grid
-
     prompts = [getattr(r, "prompt", r) for r in records]
     rows = [(p, seed + j) for p in prompts for j in range(seeds_per_prompt)]
     images = generate(model, [p for p, _ in rows], [s for _, s in rows], steps=steps, guidance_scale=guidance,
                       kernel=kernel, eta=eta)
     labels = [p if j == 0 else "" for p in prompts for j in range(seeds_per_prompt)]
-    if images.dim() == 5:  # video: an animated grid, and a film strip of up to 8 evenly spaced frames per tile
-        gif = save_video_grid(images, Path(path).with_suffix(".gif"), nrow=seeds_per_prompt, labels=labels)
-        logger.info("wrote %s (%d frames)", gif, images.shape[1])
-        images = film_strip(images)
-    return save_image_grid(images, path, nrow=seeds_per_prompt, labels=labels)
+    return save_grid(images, path, nrow=seeds_per_prompt, labels=labels)
 
 
 def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:

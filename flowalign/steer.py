@@ -984,15 +984,11 @@ def cli_main(argv: Sequence[str]) -> int:
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records_out))
     atomic_write_text(out / "summary.json", json.dumps(summ, indent=2, default=str))
     if grid is not None:
-        from flowalign.report import save_image_grid, save_video_grid
-        from flowalign.sample import film_strip
+        from flowalign.sample import save_grid
 
         n_prompts = min(8, len(rows))
         labels = [r["prompt"] if j == 0 else "" for r in rows[:n_prompts] for j in range(args.seeds)]
-        if grid.dim() == 5:  # video: the grid animated, and a film strip of up to 8 frames per tile
-            save_video_grid(grid, out / "grids" / "steered.gif", nrow=args.seeds, labels=labels)
-            grid = film_strip(grid)
-        save_image_grid(grid, out / "grids" / "steered.png", nrow=args.seeds, labels=labels)
+        save_grid(grid, out / "grids" / "steered.png", nrow=args.seeds, labels=labels)  # video: + steered.gif
     from flowalign.report import write_report
 
     write_report(out)

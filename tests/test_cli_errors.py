@@ -82,6 +82,7 @@ def test_a_lora_of_another_model_is_one_line(tmp_path, capsys):
     (["--model-arg", "guidance_scale=nan"], ["--model-arg", "finite"]),
     (["--model-arg", "guidance_scale=-inf"], ["--model-arg", "finite"]),
     (["--per-frame", "stride=.inf"], ["--per-frame", "finite"]),
+    (["--grid", "-1"], ["--grid", "-1"]),
 ])
 def test_eval_refuses_bad_arguments_before_the_model_loads(tmp_path, capsys, no_model, extra, needles):
     out = tmp_path / "ev"

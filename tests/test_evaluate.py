@@ -114,3 +114,53 @@ def test_image_seeds_are_distinct_past_1009_and_usable():
         assert 0 <= v < 2**64
     for v in (max(vals.values()), image_seed(2**40, 10**4, 10**5)):
         torch.Generator().manual_seed(v)  # does not overflow
+
+
+# ----------------------------------------------------------------------------------------------------- eval grid
+
+
+def test_on_images_sees_every_scored_image_once_and_exactly_what_was_scored():
+    from flowalign.data import load_prompts
+    from flowalign.evaluate import as_records, sample_and_score
+    from flowalign.models import load_model
+    from flowalign.rewards import build_reward
+
+    model = load_model("shapes", "")
+    records = as_records(load_prompts("shapes-bench")[:3])
+    reward = build_reward("shapes_partial")
+    seen = {}
+
+    def grab(chunk, images):
+        for j, ik in enumerate(chunk):
+            assert ik not in seen
+            seen[ik] = images[j].clone()
+
+    rows = sample_and_score(model, records, {"shapes_partial": reward}, steps=2, seeds_per_prompt=2, batch_size=4,
+                            on_images=grab)
+    assert sorted(seen) == [(i, k) for i in range(3) for k in range(2)]
+    again = reward(torch.stack([seen[(r["prompt_index"], r["sample"])] for r in rows]), [r["prompt"] for r in rows],
+                   rows)
+    assert again.tolist() == [r["shapes_partial"] for r in rows]
+
+
+def test_eval_writes_a_grid_of_spaced_prompts_and_grid_0_writes_none(tmp_path, capsys):
+    from PIL import Image
+
+    from flowalign.report import grid_image
+
+    out = tmp_path / "ev"
+    assert main(["eval", "--max-prompts", "6", "--seeds", "2", "--steps", "2", "--rewards", "shapes_strict",
+                 "--grid", "3", "--out", str(out)]) == 0, capsys.readouterr().err
+    png = Image.open(out / "grids" / "eval.png")
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    labels = []
+    for i in (0, 2, 4):  # every second of the 6 prompts
+        vals = " ".join(format(r["shapes_strict"], ".3g") for r in rows if r["prompt_index"] == i)
+        labels += [f"{rows[2 * i]['prompt']}  [shapes_strict: {vals}]", ""]
+    want = grid_image(torch.zeros(6, 3, 32, 32), nrow=2, labels=labels)  # the same layout: 3 rows of 2, captions
+    assert png.size == want.size
+    assert 'alt="eval.png"' in (out / "report.html").read_text()
+    out0 = tmp_path / "ev0"
+    assert main(["eval", "--max-prompts", "2", "--seeds", "1", "--steps", "1", "--rewards", "shapes_strict",
+                 "--grid", "0", "--out", str(out0)]) == 0
+    assert not (out0 / "grids").exists()

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 INTERRUPT_HINTS: dict[str, str] = {
     "train": "continue with output.resume=true",
     "pretrain": "continue from the last checkpoint with --resume (same --out)",
+    "eval": "continue with --resume (same arguments and --out)",
 }
 
 

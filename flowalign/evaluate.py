@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -58,8 +58,9 @@ def _reward_items(reward_fns: Any) -> list[tuple[str, Any]]:
 
 def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fns: Any, *, steps: int,
                      guidance: Optional[float] = None, seeds_per_prompt: int = 4, batch_size: int = 32, seed: int = 0,
-                     progress: bool = False,
-                     on_images: Optional[Callable[[Sequence[tuple[int, int]], Tensor], None]] = None) -> list[dict]:
+                     progress: bool = False, skip_batches: Collection[int] = (),
+                     on_batch: Optional[Callable[[Sequence[tuple[int, int]], Tensor, list[dict]], None]] = None
+                     ) -> list[dict]:
     """ODE-sample ``seeds_per_prompt`` images per prompt and score each with every reward.
 
     Args:
@@ -70,9 +71,11 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
         steps: Euler steps on ``model.schedule(steps)`` (η = 0, kernel "euler": the deterministic ODE).
         guidance: CFG scale; None keeps the model's.
         seeds_per_prompt, seed: image k of prompt i starts from the noise of ``image_seed(seed, i, k)``.
-        batch_size: images per sampling batch (results do not depend on it).
-        on_images: called with each batch's (prompt index, k) pairs and its decoded images [B, 3, H, W] (videos
-            [B, F, 3, H, W]) in [0, 1], e.g. to keep a few for a grid.
+        batch_size: images per sampling batch (results do not depend on it beyond the matmul kernels' last bits).
+        skip_batches: indices of batches (of ``batch_size`` consecutive (prompt, k) jobs) not to sample: those an
+            interrupted run finished (``run_eval``'s resume); their images get no record here.
+        on_batch: called after each batch with its (prompt index, k) pairs, its decoded images [B, 3, H, W] (videos
+            [B, F, 3, H, W]) in [0, 1] and its records, e.g. to save them as they come or keep a few for a grid.
 
     Returns one dict per image, in (prompt, k) order: the prompt record's fields, ``prompt_index``,
     ``sample`` (k), ``seed`` (the image seed) and one float per reward name.
@@ -90,10 +93,13 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc="eval", unit="img", dynamic_ncols=True)
+        skipped = sum(len(jobs[b * batch_size:(b + 1) * batch_size]) for b in set(skip_batches))
+        bar = tqdm(total=len(jobs), initial=skipped, desc="eval", unit="img", dynamic_ncols=True)
     try:
         with torch.no_grad():
             for start in range(0, len(jobs), batch_size):
+                if start // batch_size in skip_batches:
+                    continue
                 chunk = jobs[start:start + batch_size]
                 prompt_ids = sorted({i for i, _ in chunk})
                 row = {i: r for r, i in enumerate(prompt_ids)}
@@ -103,16 +109,18 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
                 index = torch.tensor([row[i] for i, _ in chunk], device=x.device)  # [B]
                 traj = sample(model.velocity, x, sigmas, cond, eta=0.0, kernel="euler", cond_index=index)
                 images = model.decode(traj.final)  # [B, 3, H, W] in [0, 1]
-                if on_images is not None:
-                    on_images(chunk, images)
                 prompts = [records[i]["prompt"] for i, _ in chunk]
                 meta = [dict(records[i]) for i, _ in chunk]
                 scores = {name: fn(images, prompts, meta).detach().float().cpu().tolist() for name, fn in rewards}
+                batch_records = []
                 for j, (i, k) in enumerate(chunk):
                     rec = dict(records[i])
                     rec.update(prompt_index=i, sample=k, seed=seeds[j])
                     rec.update({name: float(v[j]) for name, v in scores.items()})
-                    out.append(rec)
+                    batch_records.append(rec)
+                out += batch_records
+                if on_batch is not None:
+                    on_batch(chunk, images, batch_records)
                 if bar is not None:
                     bar.update(len(chunk))
     finally:
@@ -221,15 +229,24 @@ def as_records(prompts: Sequence[Any]) -> list[dict]:
     return out
 
 
+PARTIAL = "results.partial.jsonl"  # a resumable evaluation's scored batches so far (run_eval(resumable=True))
+
+
 def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, steps: int,
              guidance: Optional[float] = None, kernel: str = "euler", seeds_per_prompt: int = 4, batch_size: int = 32,
              seed: int = 0, progress: bool = True, extra_settings: Optional[Mapping[str, Any]] = None,
-             grid_prompts: int = 0) -> dict:
+             grid_prompts: int = 0, resumable: bool = False, resume: bool = False) -> dict:
     """Evaluate and write ``out_dir/results.jsonl`` (one line per image) and ``out_dir/summary.json``.
 
     ``grid_prompts`` > 0 also writes ``out_dir/grids/eval.png``: the images of that many evenly spaced prompts
     (every seed, at most 8), each row captioned with its prompt and the first reward's score of each image, from
     the very images that were scored (no extra sampling; a video model adds ``eval.gif``, see ``sample.save_grid``).
+
+    ``resumable``: each finished batch's records are appended to ``out_dir/results.partial.jsonl`` (after a header
+    with the settings), which is removed once results.jsonl is written. ``resume`` continues from that file: the
+    settings must be the same (else a one-line ``UserError`` naming the differences), its complete batches are not
+    sampled again (those holding grid images are, for their pixels), and the results equal an uninterrupted run's,
+    batch for batch.
 
     The protocol is the ODE sampler (``kernel`` must be "euler"); the summary is ``summarize``'s dict plus
     the settings used, so a report can say how the numbers were made; ``extra_settings`` (e.g. the model, its
@@ -238,33 +255,68 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     import json
     from pathlib import Path
 
-    from flowalign.io import atomic_write_text
+    from flowalign.errors import UserError
+    from flowalign.io import append_jsonl_records, atomic_write_text, read_jsonl
 
     if kernel != "euler":
         raise ValueError("evaluation uses the deterministic ODE sampler (kernel 'euler')")
+    out = Path(out_dir)
+    names = [n for n, _ in _reward_items(reward_fns)]
+    used = guidance if guidance is not None else getattr(model, "guidance_scale", None)  # the scale that samples
+    settings = {"steps": steps, "guidance": None if used is None else float(used), "kernel": kernel,
+                "seeds_per_prompt": seeds_per_prompt, "seed": seed, "prompts": len(prompts)}
+    settings.update(extra_settings or {})
     shown = set(range(len(prompts))[:: max(1, len(prompts) // grid_prompts)][:grid_prompts]) if grid_prompts > 0 else set()
     cols = min(seeds_per_prompt, 8)
+    batch_of = lambda i, k: (i * seeds_per_prompt + k) // batch_size  # noqa: E731  (run_eval's job order)
+    n_jobs = len(prompts) * seeds_per_prompt
+    size_of = lambda b: min(batch_size, n_jobs - b * batch_size)  # noqa: E731
+
+    # what an interrupted run finished: whole batches only (a crash mid-append leaves a truncated line, skipped)
+    done: dict[int, list[dict]] = {}
+    key = json.loads(json.dumps({**settings, "rewards": names, "batch_size": batch_size}, default=str))
+    partial = out / PARTIAL
+    if resume:
+        rows = read_jsonl(partial) if partial.is_file() else []
+        if not rows or "eval_resume" not in rows[0]:
+            raise UserError(f"--resume: {partial} is missing or has no settings header; run without --resume into a "
+                            "new --out")
+        before = rows[0]["eval_resume"]
+        diff = [f"{k} {before.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(before) | set(key))
+                if before.get(k) != key.get(k)]
+        if diff:
+            raise UserError(f"--resume: the interrupted evaluation in {out} used other settings ({'; '.join(diff)}); "
+                            "pass the same arguments, or choose a new --out")
+        for r in rows[1:]:
+            done.setdefault(batch_of(r["prompt_index"], r["sample"]), []).append(r)
+        done = {b: rs for b, rs in done.items() if len(rs) == size_of(b)}
+        redo = {batch_of(i, k) for i in shown for k in range(cols)}  # the grid needs their pixels
+        done = {b: rs for b, rs in done.items() if b not in redo}
+        logger.info("resuming %s: %d of %d images already scored", out, sum(map(len, done.values())), n_jobs)
+    if resumable:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(partial, "".join(json.dumps(r) + "\n" for r in
+                                           [{"eval_resume": key}, *(r for b in sorted(done) for r in done[b])]))
+
     kept: dict[tuple[int, int], Tensor] = {}
 
-    def keep(chunk: Sequence[tuple[int, int]], images: Tensor) -> None:
+    def on_batch(chunk: Sequence[tuple[int, int]], images: Tensor, batch_records: list[dict]) -> None:
+        if resumable:
+            append_jsonl_records(partial, batch_records)
         for j, (i, k) in enumerate(chunk):
             if i in shown and k < cols:
                 kept[(i, k)] = images[j].detach().float().cpu()  # [3, H, W] (video: [F, 3, H, W])
 
     prompt_records = as_records(prompts)
-    records = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
-                               seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress,
-                               on_images=keep if shown else None)
-    names = [n for n, _ in _reward_items(reward_fns)]
+    new = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
+                           seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress,
+                           skip_batches=set(done), on_batch=on_batch if (shown or resumable) else None)
+    records = sorted([r for b in done for r in done[b]] + new, key=lambda r: (r["prompt_index"], r["sample"]))
     summ = summarize(records, names)
     passk = summarize_pass_at_k(records, names)
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
         summ["pass_at_k"] = passk
-    used = guidance if guidance is not None else getattr(model, "guidance_scale", None)  # the scale that sampled
-    summ["settings"] = {"steps": steps, "guidance": None if used is None else float(used), "kernel": kernel,
-                        "seeds_per_prompt": seeds_per_prompt, "seed": seed, "prompts": len(prompts)}
-    summ["settings"].update(extra_settings or {})
-    out = Path(out_dir)
+    summ["settings"] = settings
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_text(out / "summary.json", json.dumps(summ, indent=2, default=str))  # str: e.g. a YAML date argument
@@ -279,6 +331,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
             labels += [head] + [""] * (cols - 1)
         images = torch.stack([kept[(i, k)] for i in sorted(shown) for k in range(cols)])  # [n·cols, (F,) 3, H, W]
         save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels)
+    if resumable:
+        partial.unlink(missing_ok=True)
     logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()})
     return summ
 
@@ -343,6 +397,8 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
 
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
+    from pathlib import Path
+
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
     from flowalign.models import load_model
@@ -365,7 +421,10 @@ def cli_main(argv: Sequence[str]) -> int:
                    help="grids/eval.png: the scored images of N evenly spaced prompts, each row captioned with the "
                         "first reward's scores (0 = no grid)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted evaluation in --out ({PARTIAL}) with the same arguments: batches "
+                        "it finished are not sampled again, and the results equal an uninterrupted run's")
     args = p.parse_args(list(argv))
 
     from flowalign.rewards.video import for_outputs
@@ -380,7 +439,17 @@ def cli_main(argv: Sequence[str]) -> int:
     check_seed(args.seed)
     check_guidance(args.guidance)
     check_device(args.device)
-    out = check_new_dir(args.out)
+    if args.resume:
+        out = Path(args.out)
+        if not (out / PARTIAL).is_file():
+            finished = (out / "summary.json").is_file()
+            raise UserError(f"--resume: {out} holds no interrupted evaluation (no {PARTIAL})"
+                            + ("; it finished already" if finished else "; run without --resume"))
+    elif (Path(args.out) / PARTIAL).is_file():
+        raise UserError(f"{args.out} holds an interrupted evaluation ({PARTIAL}); continue it with --resume (same "
+                        "arguments), or choose a new --out")
+    else:
+        out = check_new_dir(args.out)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     if not names:
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
@@ -403,7 +472,7 @@ def cli_main(argv: Sequence[str]) -> int:
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
-                    extra_settings={"model": args.model, "path": args.path or None, "lora": args.lora,
+                    resumable=True, resume=args.resume, extra_settings={"model": args.model, "path": args.path or None, "lora": args.lora,
                                     "prompt_set": args.prompts, "max_prompts": args.max_prompts,
                                     **({"model_args": model_kwargs} if model_kwargs else {}),
                                     **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {})})

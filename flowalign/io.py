@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Union
+from typing import Any, BinaryIO, Callable, Iterator, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +190,17 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def append_jsonl(path: PathLike, record: dict) -> None:
     """Append one JSON object as one line (a single ``write`` on an ``O_APPEND`` file, then flush + fsync)."""
+    append_jsonl_records(path, [record])
+
+
+def append_jsonl_records(path: PathLike, records: Sequence[dict]) -> None:
+    """Append JSON objects, one per line, in a single ``write`` on an ``O_APPEND`` file, then flush + fsync: a crash
+    leaves at most a truncated last line, which ``read_jsonl`` skips."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(to_jsonable(record)) + "\n"
+    text = "".join(json.dumps(to_jsonable(r)) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
 

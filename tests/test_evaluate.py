@@ -119,7 +119,7 @@ def test_image_seeds_are_distinct_past_1009_and_usable():
 # ----------------------------------------------------------------------------------------------------- eval grid
 
 
-def test_on_images_sees_every_scored_image_once_and_exactly_what_was_scored():
+def test_on_batch_sees_every_scored_image_once_with_its_record():
     from flowalign.data import load_prompts
     from flowalign.evaluate import as_records, sample_and_score
     from flowalign.models import load_model
@@ -130,13 +130,14 @@ def test_on_images_sees_every_scored_image_once_and_exactly_what_was_scored():
     reward = build_reward("shapes_partial")
     seen = {}
 
-    def grab(chunk, images):
+    def grab(chunk, images, batch_records):
+        assert [(r["prompt_index"], r["sample"]) for r in batch_records] == list(chunk)
         for j, ik in enumerate(chunk):
             assert ik not in seen
             seen[ik] = images[j].clone()
 
     rows = sample_and_score(model, records, {"shapes_partial": reward}, steps=2, seeds_per_prompt=2, batch_size=4,
-                            on_images=grab)
+                            on_batch=grab)
     assert sorted(seen) == [(i, k) for i in range(3) for k in range(2)]
     again = reward(torch.stack([seen[(r["prompt_index"], r["sample"])] for r in rows]), [r["prompt"] for r in rows],
                    rows)
@@ -164,3 +165,66 @@ def test_eval_writes_a_grid_of_spaced_prompts_and_grid_0_writes_none(tmp_path, c
     assert main(["eval", "--max-prompts", "2", "--seeds", "1", "--steps", "1", "--rewards", "shapes_strict",
                  "--grid", "0", "--out", str(out0)]) == 0
     assert not (out0 / "grids").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- resume
+
+
+def test_an_interrupted_eval_resumes_to_the_uninterrupted_results(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after two of five batches leaves results.partial.jsonl; --resume samples only what is missing (and the
+    grid's batches, for their pixels) and writes results, summary and grid byte for byte as one uninterrupted run."""
+    import flowalign.evaluate as E
+    import flowalign.io as IO
+
+    args = ["eval", "--max-prompts", "5", "--seeds", "2", "--steps", "2", "--batch-size", "2", "--grid", "1",
+            "--rewards", "shapes_strict,shapes_partial"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    assert not (ref / E.PARTIAL).exists()
+
+    out = tmp_path / "ev"
+    real, calls = IO.append_jsonl_records, []
+
+    def interrupt_after_two(path, records):
+        real(path, records)
+        calls.append(len(records))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(IO, "append_jsonl_records", interrupt_after_two)
+    assert main([*args, "--out", str(out)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [E.PARTIAL]  # nothing else written
+    assert len((out / E.PARTIAL).read_text().splitlines()) == 1 + 4  # header + two batches of 2
+
+    with open(out / E.PARTIAL, "a") as fh:  # a crash mid-append: a truncated last line (dropped, its batch redone)
+        fh.write('{"prompt": "x", "prompt_index": 2, "sam')
+    monkeypatch.setattr(IO, "append_jsonl_records", real)
+    sampled = []
+    real_sas = E.sample_and_score
+    monkeypatch.setattr(E, "sample_and_score", lambda *a, **k: sampled.append(sorted(k["skip_batches"]))
+                        or real_sas(*a, **k))
+    assert main([*args, "--resume", "--out", str(out)]) == 0
+    assert sampled == [[1]]  # batch 0 holds the grid's images (prompt 0), so only batch 1 is skipped
+    for name in ("results.jsonl", "summary.json", "grids/eval.png"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not (out / E.PARTIAL).exists()
+
+
+def test_resume_refuses_other_settings_a_finished_run_and_a_fresh_dir(tmp_path, capsys, monkeypatch):
+    import flowalign.evaluate as E
+    from cli_checks import fails
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    fails(capsys, ["eval", "--resume", "--out", str(out)], "no interrupted evaluation", "without --resume")
+    args = ["eval", "--max-prompts", "2", "--seeds", "1", "--steps", "1", "--rewards", "shapes_strict"]
+    (out / E.PARTIAL).write_text(json.dumps({"eval_resume": {"steps": 1}}) + "\n")
+    fails(capsys, [*args, "--out", str(out)], "interrupted evaluation", "--resume")
+    line = fails(capsys, [*args, "--steps", "3", "--resume", "--out", str(out)], "other settings", "steps 1 -> 3")
+    assert "--out" in line
+    assert sorted(p.name for p in out.iterdir()) == [E.PARTIAL]  # untouched
+    done = tmp_path / "done"
+    assert main([*args, "--out", str(done)]) == 0
+    capsys.readouterr()
+    fails(capsys, [*args, "--resume", "--out", str(done)], "finished already")

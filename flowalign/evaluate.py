@@ -277,8 +277,13 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     key = json.loads(json.dumps({**settings, "rewards": names, "batch_size": batch_size}, default=str))
     partial = out / PARTIAL
     if resume:
-        rows = read_jsonl(partial) if partial.is_file() else []
-        if not rows or "eval_resume" not in rows[0]:
+        try:
+            rows = read_jsonl(partial) if partial.is_file() else []
+            jobs = [(int(r["prompt_index"]), int(r["sample"])) for r in rows[1:]]
+        except (ValueError, KeyError, TypeError) as err:  # a corrupt line (not the last), a hand-edited record
+            raise UserError(f"--resume: cannot read {partial} ({type(err).__name__}: {err}); delete it and run "
+                            "without --resume into a new --out") from None
+        if not rows or not isinstance(rows[0].get("eval_resume"), dict):
             raise UserError(f"--resume: {partial} is missing or has no settings header; run without --resume into a "
                             "new --out")
         before = rows[0]["eval_resume"]
@@ -287,8 +292,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         if diff:
             raise UserError(f"--resume: the interrupted evaluation in {out} used other settings ({'; '.join(diff)}); "
                             "pass the same arguments, or choose a new --out")
-        for r in rows[1:]:
-            done.setdefault(batch_of(r["prompt_index"], r["sample"]), []).append(r)
+        for (i, k), r in zip(jobs, rows[1:]):
+            done.setdefault(batch_of(i, k), []).append(r)
         done = {b: rs for b, rs in done.items() if len(rs) == size_of(b)}
         redo = {batch_of(i, k) for i in shown for k in range(cols)}  # the grid needs their pixels
         done = {b: rs for b, rs in done.items() if b not in redo}

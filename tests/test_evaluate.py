@@ -224,6 +224,8 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_fresh_dir(tmp_path, 
     line = fails(capsys, [*args, "--steps", "3", "--resume", "--out", str(out)], "other settings", "steps 1 -> 3")
     assert "--out" in line
     assert sorted(p.name for p in out.iterdir()) == [E.PARTIAL]  # untouched
+    (out / E.PARTIAL).write_text(json.dumps({"eval_resume": {"steps": 1}}) + "\n{broken\n" + json.dumps({"a": 1}) + "\n")
+    fails(capsys, [*args, "--resume", "--out", str(out)], "cannot read", E.PARTIAL)
     done = tmp_path / "done"
     assert main([*args, "--out", str(done)]) == 0
     capsys.readouterr()

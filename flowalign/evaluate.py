@@ -242,8 +242,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     (every seed, at most 8), each row captioned with its prompt and the first reward's score of each image, from
     the very images that were scored (no extra sampling; a video model adds ``eval.gif``, see ``sample.save_grid``).
 
-    ``resumable``: each finished batch's records are appended to ``out_dir/results.partial.jsonl`` (after a header
-    with the settings), which is removed once results.jsonl is written. ``resume`` continues from that file: the
+    ``resumable``: each finished batch's records are appended to ``out_dir/results.partial.jsonl`` (an ``io.BatchJournal``
+    with the settings in its header), removed once results.jsonl is written. ``resume`` continues from that file: the
     settings must be the same (else a one-line ``UserError`` naming the differences), its complete batches are not
     sampled again (those holding grid images are, for their pixels), and the results equal an uninterrupted run's,
     batch for batch.
@@ -255,8 +255,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     import json
     from pathlib import Path
 
-    from flowalign.errors import UserError
-    from flowalign.io import append_jsonl_records, atomic_write_text, read_jsonl
+    from flowalign.io import BatchJournal, atomic_write_text
 
     if kernel != "euler":
         raise ValueError("evaluation uses the deterministic ODE sampler (kernel 'euler')")
@@ -270,44 +269,22 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     cols = min(seeds_per_prompt, 8)
     batch_of = lambda i, k: (i * seeds_per_prompt + k) // batch_size  # noqa: E731  (run_eval's job order)
     n_jobs = len(prompts) * seeds_per_prompt
-    size_of = lambda b: min(batch_size, n_jobs - b * batch_size)  # noqa: E731
 
-    # what an interrupted run finished: whole batches only (a crash mid-append leaves a truncated line, skipped)
-    done: dict[int, list[dict]] = {}
-    key = json.loads(json.dumps({**settings, "rewards": names, "batch_size": batch_size}, default=str))
-    partial = out / PARTIAL
-    if resume:
-        try:
-            rows = read_jsonl(partial) if partial.is_file() else []
-            jobs = [(int(r["prompt_index"]), int(r["sample"])) for r in rows[1:]]
-        except (ValueError, KeyError, TypeError) as err:  # a corrupt line (not the last), a hand-edited record
-            raise UserError(f"--resume: cannot read {partial} ({type(err).__name__}: {err}); delete it and run "
-                            "without --resume into a new --out") from None
-        if not rows or not isinstance(rows[0].get("eval_resume"), dict):
-            raise UserError(f"--resume: {partial} is missing or has no settings header; run without --resume into a "
-                            "new --out")
-        before = rows[0]["eval_resume"]
-        diff = [f"{k} {before.get(k)!r} -> {key.get(k)!r}" for k in sorted(set(before) | set(key))
-                if before.get(k) != key.get(k)]
-        if diff:
-            raise UserError(f"--resume: the interrupted evaluation in {out} used other settings ({'; '.join(diff)}); "
-                            "pass the same arguments, or choose a new --out")
-        for (i, k), r in zip(jobs, rows[1:]):
-            done.setdefault(batch_of(i, k), []).append(r)
-        done = {b: rs for b, rs in done.items() if len(rs) == size_of(b)}
-        redo = {batch_of(i, k) for i in shown for k in range(cols)}  # the grid needs their pixels
-        done = {b: rs for b, rs in done.items() if b not in redo}
-        logger.info("resuming %s: %d of %d images already scored", out, sum(map(len, done.values())), n_jobs)
+    # what an interrupted run finished (whole batches: io.BatchJournal); the grid's batches run again for their pixels
+    journal = None
     if resumable:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(partial, "".join(json.dumps(r) + "\n" for r in
-                                           [{"eval_resume": key}, *(r for b in sorted(done) for r in done[b])]))
+        journal = BatchJournal(out / PARTIAL, {**settings, "rewards": names, "batch_size": batch_size}, resume=resume,
+                               redo={batch_of(i, k) for i in shown for k in range(cols)})
+        if resume:
+            logger.info("resuming %s: %d of %d images already scored", out, len(journal.records()), n_jobs)
+    done = journal.done if journal is not None else {}
 
     kept: dict[tuple[int, int], Tensor] = {}
 
     def on_batch(chunk: Sequence[tuple[int, int]], images: Tensor, batch_records: list[dict]) -> None:
-        if resumable:
-            append_jsonl_records(partial, batch_records)
+        if journal is not None:
+            journal.add(batch_of(*chunk[0]), batch_records)
         for j, (i, k) in enumerate(chunk):
             if i in shown and k < cols:
                 kept[(i, k)] = images[j].detach().float().cpu()  # [3, H, W] (video: [F, 3, H, W])
@@ -316,7 +293,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     new = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
                            seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress,
                            skip_batches=set(done), on_batch=on_batch if (shown or resumable) else None)
-    records = sorted([r for b in done for r in done[b]] + new, key=lambda r: (r["prompt_index"], r["sample"]))
+    records = sorted((journal.records() if journal is not None else []) + new,
+                     key=lambda r: (r["prompt_index"], r["sample"]))
     summ = summarize(records, names)
     passk = summarize_pass_at_k(records, names)
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
@@ -336,8 +314,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
             labels += [head] + [""] * (cols - 1)
         images = torch.stack([kept[(i, k)] for i in sorted(shown) for k in range(cols)])  # [n·cols, (F,) 3, H, W]
         save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels)
-    if resumable:
-        partial.unlink(missing_ok=True)
+    if journal is not None:
+        journal.close()
     logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()})
     return summ
 

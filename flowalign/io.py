@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence, Union
+from typing import Any, BinaryIO, Callable, Collection, Iterator, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +223,63 @@ def read_jsonl(path: PathLike) -> list[dict]:
             raise ValueError(f"{path}:{i + 1}: invalid JSON line ({err.msg})") from None
     return out
 
+
+
+class BatchJournal:
+    """The finished batches of a long job (``flowalign eval``, ``flowalign steer``), so an interrupted run can resume.
+
+    ``path`` is a JSONL file: a header ``{"journal": settings}``, then per finished batch its records followed by an
+    end line ``{"journal_batch": b, **meta}``, all of a batch in one appending ``write``. A batch counts as done only
+    with its end line, so a crash mid-write (a truncated or missing end line) loses just that batch.
+
+    ``resume=False`` starts a new journal (the file is replaced); ``resume=True`` reads the old one. Its settings must
+    equal ``settings`` (JSON-compared), else a one-line ``UserError`` names the differences. ``done`` maps each
+    finished batch to (records, meta), leaving out the batches in ``redo``; the file is rewritten with just those, so
+    what it holds is always what is done. ``close()`` deletes it once the job's own outputs are written.
+    """
+
+    def __init__(self, path: PathLike, settings: dict, *, resume: bool = False, redo: Collection[int] = ()):
+        from flowalign.errors import UserError
+
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(to_jsonable(settings)))
+        self.done: dict[int, tuple[list[dict], dict]] = {}
+        if resume:
+            try:
+                rows = read_jsonl(self.path) if self.path.is_file() else []
+            except ValueError as err:  # a corrupt line that is not the last
+                raise UserError(f"--resume: cannot read {self.path} ({err}); delete it and start again without "
+                                "--resume") from None
+            if not rows or not isinstance(rows[0].get("journal"), dict):
+                raise UserError(f"--resume: {self.path} is missing or has no settings header; start again without "
+                                "--resume")
+            before = rows[0]["journal"]
+            diff = [f"{k} {before.get(k)!r} -> {self.settings.get(k)!r}" for k in sorted(set(before) | set(self.settings))
+                    if before.get(k) != self.settings.get(k)]
+            if diff:
+                raise UserError(f"--resume: the interrupted run in {self.path.parent} used other settings "
+                                f"({'; '.join(diff)}); pass the same arguments, or choose a new --out")
+            pending: list[dict] = []
+            for row in rows[1:]:
+                if "journal_batch" in row:
+                    meta = {k: v for k, v in row.items() if k != "journal_batch"}
+                    if isinstance(row["journal_batch"], int) and row["journal_batch"] not in redo:
+                        self.done[row["journal_batch"]] = (pending, meta)
+                    pending = []
+                else:
+                    pending.append(row)
+        lines = [{"journal": self.settings}]
+        for b in sorted(self.done):
+            lines += [*self.done[b][0], {"journal_batch": b, **self.done[b][1]}]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in lines))
+
+    def records(self) -> list[dict]:
+        """Every record of the finished batches, in batch order."""
+        return [r for b in sorted(self.done) for r in self.done[b][0]]
+
+    def add(self, batch: int, records: Sequence[dict], **meta: Any) -> None:
+        """Record a finished batch (its records, and e.g. its cost) in one appending write."""
+        append_jsonl_records(self.path, [*records, {"journal_batch": int(batch), **meta}])
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -195,7 +195,7 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_results(tmp_path, caps
     assert main([*args, "--out", str(out)]) == 130
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [E.PARTIAL]  # nothing else written
-    assert len((out / E.PARTIAL).read_text().splitlines()) == 1 + 4  # header + two batches of 2
+    assert len((out / E.PARTIAL).read_text().splitlines()) == 1 + 2 * 3  # header + two batches: 2 records + an end line
 
     with open(out / E.PARTIAL, "a") as fh:  # a crash mid-append: a truncated last line (dropped, its batch redone)
         fh.write('{"prompt": "x", "prompt_index": 2, "sam')
@@ -219,12 +219,12 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_fresh_dir(tmp_path, 
     out.mkdir()
     fails(capsys, ["eval", "--resume", "--out", str(out)], "no interrupted evaluation", "without --resume")
     args = ["eval", "--max-prompts", "2", "--seeds", "1", "--steps", "1", "--rewards", "shapes_strict"]
-    (out / E.PARTIAL).write_text(json.dumps({"eval_resume": {"steps": 1}}) + "\n")
+    (out / E.PARTIAL).write_text(json.dumps({"journal": {"steps": 1}}) + "\n")
     fails(capsys, [*args, "--out", str(out)], "interrupted evaluation", "--resume")
     line = fails(capsys, [*args, "--steps", "3", "--resume", "--out", str(out)], "other settings", "steps 1 -> 3")
     assert "--out" in line
     assert sorted(p.name for p in out.iterdir()) == [E.PARTIAL]  # untouched
-    (out / E.PARTIAL).write_text(json.dumps({"eval_resume": {"steps": 1}}) + "\n{broken\n" + json.dumps({"a": 1}) + "\n")
+    (out / E.PARTIAL).write_text(json.dumps({"journal": {"steps": 1}}) + "\n{broken\n" + json.dumps({"a": 1}) + "\n")
     fails(capsys, [*args, "--resume", "--out", str(out)], "cannot read", E.PARTIAL)
     done = tmp_path / "done"
     assert main([*args, "--out", str(done)]) == 0

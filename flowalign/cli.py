@@ -33,6 +33,7 @@ INTERRUPT_HINTS: dict[str, str] = {
     "train": "continue with output.resume=true",
     "pretrain": "continue from the last checkpoint with --resume (same --out)",
     "eval": "continue with --resume (same arguments and --out)",
+    "steer": "continue with --resume (same arguments and --out)",
 }
 
 

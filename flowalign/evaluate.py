@@ -380,8 +380,6 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
 
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
-    from pathlib import Path
-
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
     from flowalign.models import load_model
@@ -411,7 +409,7 @@ def cli_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
 
     from flowalign.rewards.video import for_outputs
-    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_new_dir,
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_out_dir,
                                   check_positive, check_seed, load_lora_checked)
 
     # every argument is checked before the model loads and before anything is written
@@ -422,17 +420,7 @@ def cli_main(argv: Sequence[str]) -> int:
     check_seed(args.seed)
     check_guidance(args.guidance)
     check_device(args.device)
-    if args.resume:
-        out = Path(args.out)
-        if not (out / PARTIAL).is_file():
-            finished = (out / "summary.json").is_file()
-            raise UserError(f"--resume: {out} holds no interrupted evaluation (no {PARTIAL})"
-                            + ("; it finished already" if finished else "; run without --resume"))
-    elif (Path(args.out) / PARTIAL).is_file():
-        raise UserError(f"{args.out} holds an interrupted evaluation ({PARTIAL}); continue it with --resume (same "
-                        "arguments), or choose a new --out")
-    else:
-        out = check_new_dir(args.out)
+    out = check_out_dir(args.out, args.resume, PARTIAL)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     if not names:
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")

@@ -172,6 +172,23 @@ def check_new_dir(path: str | Path, flag: str = "--out") -> Path:
     return out
 
 
+def check_out_dir(path: str | Path, resume: bool, journal: str, flag: str = "--out") -> Path:
+    """The output directory of a resumable command (``eval``, ``steer``): with ``resume``, one holding an interrupted
+    run's ``journal`` file; without, a new or empty one (``check_new_dir``), and one holding a journal is refused with
+    a hint to resume it. A one-line ``UserError`` otherwise."""
+    out = Path(path)
+    if resume:
+        if not (out / journal).is_file():
+            finished = (out / "summary.json").is_file()
+            raise UserError(f"--resume: {out} holds no interrupted run (no {journal})"
+                            + ("; it finished already" if finished else "; run without --resume"))
+        return out
+    if (out / journal).is_file():
+        raise UserError(f"{out} holds an interrupted run ({journal}); continue it with --resume (same arguments), "
+                        f"or choose a new {flag}")
+    return check_new_dir(out, flag)
+
+
 def check_guidance(value: Optional[float], flag: str = "--guidance") -> Optional[float]:
     """``value`` (a CFG scale; None = the model's own) if it is a finite number >= 0, else a one-line ``UserError``
     starting with ``flag``: NaN, inf or a negative scale would go straight into every model forward."""

@@ -531,6 +531,9 @@ class TiltGuidance:
 METHODS = ("none", "best_of_n", "fk", "guided")
 """``flowalign steer --method``: plain sampling, best-of-N, FK particles, h-transform reward guidance."""
 
+GRID_PROMPTS = 8
+"""``flowalign steer`` shows the outputs of the first 8 prompts in ``grids/steered.png``."""
+
 PROPOSALS = ("kernel", "guided")
 """FK proposals: the sampler's own kernel, or the kernel shifted by ``TiltGuidance`` with importance weights (DAS)."""
 
@@ -543,7 +546,7 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
                   beta: float = 1.0, guide_mode: str = "x0", band: tuple[float, float] = (0.05, 0.8),
                   normalize: Optional[float] = None, clip: Optional[float] = None, grid_prompts: int = 0,
                   proposal: str = "kernel", temper: Optional[float] = None,
-                  progress: bool = False) -> tuple[list[dict], Optional[Tensor], dict]:
+                  progress: bool = False, journal=None) -> tuple[list[dict], Optional[Tensor], dict]:
     """Steer every (prompt, sample) of ``records`` and score the outputs with ``eval_rewards``.
 
     One output image per (prompt i, sample s). Its k particles (best-of-N and FK; 1 otherwise) start from the noise of
@@ -555,6 +558,10 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
     ancestor: with best-of-N, ``flowalign eval``/``sample`` with that seed redraws the image), ``steer_reward`` and one
     float per evaluation reward; the first ``grid_prompts`` prompts' images
     [n, 3, H, W]; cost: forwards and steering-reward rows per output).
+
+    ``journal`` (an ``io.BatchJournal``) makes the run resumable: each finished batch (``outputs_per_batch`` outputs)
+    is added with its records and cost, and the batches it already holds are not steered again (except those with
+    grid images, for their pixels), so a resumed run returns what an uninterrupted one does.
 
     FK's ``proposal="guided"`` is DAS (METHODS.md §6.4): the particles move by ``TiltGuidance`` (``guide_mode``,
     ``band``, ``normalize``, ``clip``) toward the same tilt exp(λ·r), β = 1/λ, with the importance correction in
@@ -583,7 +590,9 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
         return inner(x, sigma, cond)
 
     units = [(i, s) for i in range(len(records)) for s in range(seeds_per_prompt)]
-    per_batch = max(1, batch_size // kk)
+    per_batch = outputs_per_batch(method, k, batch_size)
+    redo = grid_batches(len(records), seeds_per_prompt, grid_prompts, per_batch)
+    done = {b: v for b, v in (journal.done if journal is not None else {}).items() if b not in redo}
     out: list[dict] = []
     grid: list[Tensor] = []
     calls = 0
@@ -591,9 +600,17 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(units), desc=f"steer ({method})", unit="img", dynamic_ncols=True)
+        bar = tqdm(total=len(units), initial=sum(len(v[0]) for v in done.values()), desc=f"steer ({method})",
+                   unit="img", dynamic_ncols=True)
     try:
         for start in range(0, len(units), per_batch):
+            if start // per_batch in done:  # finished by an interrupted run: its records and cost as they were
+                recs, meta = done[start // per_batch]
+                out += recs
+                forwards[0] += int(meta["forwards"])
+                calls += int(meta["calls"])
+                continue
+            forwards_before, calls_before = forwards[0], calls
             chunk = units[start:start + per_batch]
             prompt_ids = sorted({i for i, _ in chunk})
             row_of = {i: r for r, i in enumerate(prompt_ids)}
@@ -670,14 +687,19 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
             ps = [records[i]["prompt"] for i, _ in chunk]
             ms = [dict(records[i]) for i, _ in chunk]
             scores = {n: fn(images, ps, ms).detach().float().cpu().tolist() for n, fn in eval_rewards.items()}
+            batch_records = []
             for j, (i, s) in enumerate(chunk):
                 rec = dict(records[i])
                 rec.update(prompt_index=i, sample=s, seed=image_seed(seed, i, s * kk), particle=int(particle[j]),
                            particle_seed=int(start_seed[j]), steer_reward=float(steer_r[j]))
                 rec.update({n: float(v[j]) for n, v in scores.items()})
-                out.append(rec)
+                batch_records.append(rec)
                 if i < grid_prompts:
                     grid.append(images[j])
+            out += batch_records
+            if journal is not None:
+                journal.add(start // per_batch, batch_records, forwards=forwards[0] - forwards_before,
+                            calls=calls - calls_before)
             if bar is not None:
                 bar.update(len(chunk))
     finally:
@@ -687,6 +709,18 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
     cost = {"forwards_per_image": forwards[0] / n_out, "steer_reward_rows_per_image": calls / n_out,
             "particles": kk}
     return out, (torch.stack(grid) if grid else None), cost
+
+
+def outputs_per_batch(method: str, k: int, batch_size: int) -> int:
+    """Outputs ``steer_prompts`` steers per model batch: ``batch_size`` particle rows hold batch_size // k outputs of
+    k particles (best-of-N, FK; one row per output otherwise), at least one."""
+    return max(1, batch_size // (k if method in ("best_of_n", "fk") else 1))
+
+
+def grid_batches(n_prompts: int, seeds_per_prompt: int, grid_prompts: int, per_batch: int) -> set[int]:
+    """The batches (of ``per_batch`` outputs, prompt-major) holding the first ``grid_prompts`` prompts' outputs."""
+    n = min(n_prompts, grid_prompts) * seeds_per_prompt
+    return {u // per_batch for u in range(n)}
 
 
 def _row_hook(guide: TiltGuidance, row: int):
@@ -728,14 +762,14 @@ def cli_main(argv: Sequence[str]) -> int:
 
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
-    from flowalign.evaluate import add_component_args, parse_component_args, summarize, summarize_pass_at_k
-    from flowalign.io import atomic_write_text
+    from flowalign.evaluate import PARTIAL, add_component_args, parse_component_args, summarize, summarize_pass_at_k
+    from flowalign.io import BatchJournal, atomic_write_text
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.video import for_outputs
     from flowalign.samplers import KERNELS
-    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_new_dir,
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_out_dir,
                                   check_positive, check_prompt_args, check_seed, load_lora_checked)
     from flowalign.values import parse_mode
 
@@ -790,7 +824,11 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="particles per model batch")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty); with --plot, a .png file")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --resume); with --plot, "
+                                                "a .png file")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out (results.partial.jsonl) with the same arguments: batches "
+                        "it finished are not steered again, and the outputs equal an uninterrupted run's")
     p.add_argument("--plot", nargs="+", metavar="STEER_DIR", default=None,
                    help="sample nothing: plot --plot-reward of earlier `flowalign steer` outputs against the forwards "
                         "per image (one line per method and kernel) into --out, and print one line per directory")
@@ -890,7 +928,7 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.method == "fk" and not (eta > 0) and args.particles > 1:
         logger.warning("--method fk with an ODE kernel: duplicated particles stay identical (FK reduces to "
                        "best-of-N); pass --kernel flow_sde --eta 0.7")
-    out = check_new_dir(args.out)
+    out = check_out_dir(args.out, args.resume, PARTIAL)
     weights = _parse_weights(args.reward)
     if not weights:
         raise UserError("--reward is empty; pass e.g. --reward shapes_partial")
@@ -948,14 +986,24 @@ def cli_main(argv: Sequence[str]) -> int:
     guidance = args.guidance
     if guidance is not None:
         model.guidance_scale = float(guidance)
+    # every setting that shapes the outputs, as resolved: a resumed run must use the same ones (io.BatchJournal)
+    resolved = {"steps": steps, "kernel": kernel, "eta": eta, "lam_per_unit": lam, "beta_per_unit": beta_eff,
+                "resample_steps": schedule, "guidance_used": getattr(model, "guidance_scale", None)}
+    redo = grid_batches(len(rows), args.seeds, GRID_PROMPTS, outputs_per_batch(args.method, args.particles,
+                                                                               args.batch_size))  # for their pixels
+    journal = BatchJournal(out / PARTIAL, {**{k: v for k, v in vars(args).items() if k not in ("out", "resume")},
+                                           **resolved}, resume=args.resume, redo=redo)
+    if args.resume:
+        logger.info("resuming %s: %d of %d outputs already steered", out, len(journal.records()),
+                    len(rows) * args.seeds)
     with torch.no_grad() if args.method != "guided" else contextlib.nullcontext():
         records_out, grid, cost = steer_prompts(
             model, rows, {n: (steer_fns[n], w) for n, w in weights.items()}, eval_fns, method=args.method,
             steps=steps, k=args.particles, lam=lam, kernel=kernel, eta=eta, seeds_per_prompt=args.seeds,
             seed=args.seed, batch_size=args.batch_size, potential=args.potential, resampler=args.resampler,
             probe=args.probe, ess_threshold=args.ess, schedule=schedule, output=args.output or "best", beta=beta_eff,
-            guide_mode=args.guide_mode, band=band, normalize=args.normalize, clip=args.clip, grid_prompts=8,
-            proposal=args.proposal, temper=args.temper, progress=True)
+            guide_mode=args.guide_mode, band=band, normalize=args.normalize, clip=args.clip, grid_prompts=GRID_PROMPTS,
+            proposal=args.proposal, temper=args.temper, progress=True, journal=journal)
     summ = summarize(records_out, eval_names)
     passk = summarize_pass_at_k(records_out, eval_names)
     if passk:
@@ -986,12 +1034,13 @@ def cli_main(argv: Sequence[str]) -> int:
     if grid is not None:
         from flowalign.sample import save_grid
 
-        n_prompts = min(8, len(rows))
+        n_prompts = min(GRID_PROMPTS, len(rows))
         labels = [r["prompt"] if j == 0 else "" for r in rows[:n_prompts] for j in range(args.seeds)]
         save_grid(grid, out / "grids" / "steered.png", nrow=args.seeds, labels=labels)  # video: + steered.gif
     from flowalign.report import write_report
 
     write_report(out)
+    journal.close()
     for task, vals in summ["per_task"].items():
         logger.info("%-14s %s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()))
     logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))

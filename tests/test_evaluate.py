@@ -217,10 +217,10 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_fresh_dir(tmp_path, 
 
     out = tmp_path / "ev"
     out.mkdir()
-    fails(capsys, ["eval", "--resume", "--out", str(out)], "no interrupted evaluation", "without --resume")
+    fails(capsys, ["eval", "--resume", "--out", str(out)], "no interrupted run", "without --resume")
     args = ["eval", "--max-prompts", "2", "--seeds", "1", "--steps", "1", "--rewards", "shapes_strict"]
     (out / E.PARTIAL).write_text(json.dumps({"journal": {"steps": 1}}) + "\n")
-    fails(capsys, [*args, "--out", str(out)], "interrupted evaluation", "--resume")
+    fails(capsys, [*args, "--out", str(out)], "interrupted run", "--resume")
     line = fails(capsys, [*args, "--steps", "3", "--resume", "--out", str(out)], "other settings", "steps 1 -> 3")
     assert "--out" in line
     assert sorted(p.name for p in out.iterdir()) == [E.PARTIAL]  # untouched

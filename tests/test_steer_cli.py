@@ -214,3 +214,39 @@ def test_steer_refuses_bad_probe_and_gradient_scale_before_loading_the_model(tmp
                                                                             needles):
     fails(capsys, ["steer", "a red circle", *extra, "--out", str(tmp_path / "o")], *needles)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_steer_resumes_to_the_uninterrupted_outputs(tmp_path, capsys, caplog, monkeypatch):
+    """Ctrl-C after the last batch is journalled: --resume steers only the grid's batches again (the first 8 prompts,
+    for their pixels) and writes results, summary (cost included) and grid byte for byte as one uninterrupted run."""
+    import logging
+
+    import flowalign.io as IO
+    from flowalign.evaluate import PARTIAL
+
+    args = ["steer", "--prompt-file", "shapes-bench", "--max-prompts", "10", "--method", "fk", "-k", "2",
+            "--batch-size", "4", "--steps", "3", "--seed", "5"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--out", str(ref)]) == 0
+    out = tmp_path / "st"
+    real, calls = IO.append_jsonl_records, []
+
+    def interrupt_after_five(path, records):
+        real(path, records)
+        calls.append(1)
+        if len(calls) == 5:  # 10 outputs, 2 per batch: batch 4 (prompts 8-9) is the last
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(IO, "append_jsonl_records", interrupt_after_five)
+    assert main([*args, "--out", str(out)]) == 130
+    assert sorted(p.name for p in out.iterdir()) == [PARTIAL]
+    capsys.readouterr()
+    monkeypatch.setattr(IO, "append_jsonl_records", real)
+    fails(capsys, [*args, "--out", str(out)], "interrupted run", "--resume")
+    fails(capsys, [*args, "--steps", "4", "--resume", "--out", str(out)], "other settings", "steps 3 -> 4")
+    with caplog.at_level(logging.INFO, logger="flowalign.steer"):
+        assert main([*args, "--resume", "--out", str(out)]) == 0
+    assert "2 of 10 outputs already steered" in caplog.text
+    for name in ("results.jsonl", "summary.json", "grids/steered.png"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not (out / PARTIAL).exists()

@@ -393,7 +393,7 @@ def bench_credit(argv: Sequence[str]) -> int:
     ap.add_argument("--plot", default=None, help="also draw the ranking agreement by state to this PNG (one panel "
                     "per reference, one line per probe mode; with several models, one file each: NAME-<model>.png)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rollouts' noise (and of the ranking check's states)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(list(argv))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

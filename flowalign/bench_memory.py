@@ -332,11 +332,11 @@ def bench_train_memory(argv: Sequence[str]) -> None:
     ap.add_argument("--path", default="", help="a local checkpoint of the (single) --models family, e.g. an SD3.5 directory")
     ap.add_argument("--batch", type=int, default=8, help="prompts per training forward (rows = 2 x batch with CFG)")
     ap.add_argument("--resolution", type=int, default=0, help="image side for --path models of sd3/flux/wan (0 = 512)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (peak memory is measured on CUDA)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="model dtype (default float32; bfloat16 with --arch)")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes per mode (after one warm-up)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(list(argv))
     from flowalign.bench_snr import check_json_out

@@ -103,8 +103,8 @@ def split_half_cosine(grads: Tensor, adv: Tensor, steps: Sequence[int], weights:
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     """The options every shapes-world diagnostic bench shares (model path, threads, seed, JSON output)."""
     ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts' noise and of every random draw")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
 
 
@@ -162,7 +162,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
                          "--train-fraction")
     ap.add_argument("--init-noise", choices=("member", "group"), default="member",
                     help="one initial noise per rollout, or one per group (sampler.init_noise)")
-    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA whose gradients are measured (alpha = 2 x rank)")
     ap.add_argument("--adv-clip", type=float, default=CreditConfig().adv_clip, help="advantage clip A_max (credit.adv_clip)")
     ap.add_argument("--splits", type=int, default=40, help="random half splits of the groups")
     add_common_args(ap)

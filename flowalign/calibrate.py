@@ -136,8 +136,8 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--init-a", type=float, default=0.7, help="initial ψ = Flow-GRPO g_t with this a")
     ap.add_argument("--probe", default="ode:full", help="value probe mode")
     ap.add_argument("--max-batch", type=int, default=None, help="rows per model forward while probing")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompt draws and initial noise of every iteration")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     ap.add_argument("--out", required=True, help="output JSON (its 'eta' list is the per-step η of dance_sde)")
     args = ap.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written

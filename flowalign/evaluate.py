@@ -396,12 +396,13 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (>= 2 adds pass@k of pass/fail rewards)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="run seed: image k of prompt i starts from the noise of "
+                   "image_seed(seed, i, k), so any image can be regenerated alone")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model batch (memory and speed; each image has its own noise seed)")
     p.add_argument("--grid", type=int, default=8, metavar="N",
                    help="grids/eval.png: the scored images of N evenly spaced prompts, each row captioned with the "
                         "first reward's scores (0 = no grid)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue an interrupted evaluation in --out ({PARTIAL}) with the same arguments: batches "

@@ -252,8 +252,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--kernel", default="euler", help=f"step kernel: {' | '.join(KERNELS)}")
     p.add_argument("--eta", type=float, default=0.0, help="noise level of an SDE kernel (0 = ODE)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="first noise seed: image j of every prompt starts from seed + j")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", default="samples.png", help="output PNG grid (a video model also writes the grid as an "
                                                         "animated GIF beside it: the same name with .gif)")
     args = p.parse_args(list(argv))

@@ -821,9 +821,10 @@ def cli_main(argv: Sequence[str]) -> int:
                    help=f"step kernel: {' | '.join(KERNELS)} (default flow_sde for fk, euler otherwise)")
     p.add_argument("--eta", type=float, default=None, help="noise level of the kernel (default 0.7 for fk, else 0)")
     p.add_argument("--seeds", type=int, default=1, help="outputs per prompt (seeds seed..seed+n-1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="run seed: output k of prompt i starts from the noise of "
+                   "image_seed(seed, i, k) (its particles from their own seeds)")
     p.add_argument("--batch-size", type=int, default=32, help="particles per model batch")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --resume); with --plot, "
                                                 "a .png file")
     p.add_argument("--resume", action="store_true",

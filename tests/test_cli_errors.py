@@ -619,3 +619,28 @@ def test_a_misspelt_option_names_the_closest_one_and_a_bad_type_is_one_line(caps
     assert "--steps" in line and "'abc'" in line
     line = _argparse_error(capsys, ["rewards", "serve"], "flowalign rewards serve")
     assert line.startswith("flowalign rewards serve: error: the following arguments are required: name (")
+
+
+@pytest.mark.parametrize("cmd", ["train", "sample", "eval", "report", "compare", "pretrain", "steer", "calibrate",
+                                 "rewards", "rewards serve", "bench shapes-sample", "bench credit", "bench grad-snr",
+                                 "bench noise-variance", "bench sample-gap", "bench motion-prior",
+                                 "bench train-memory"])
+def test_every_option_of_every_command_says_what_it_does(capsys, monkeypatch, no_model, cmd):
+    """`--help` documents every option: none is listed with an empty description."""
+    from flowalign.errors import CommandParser
+
+    seen = []
+    original = CommandParser.parse_known_args
+
+    def recording(self, *args, **kwargs):
+        seen.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CommandParser, "parse_known_args", recording)
+    with pytest.raises(SystemExit) as info:
+        main([*cmd.split(), "--help"])
+    assert info.value.code == 0
+    parser = seen[-1]
+    assert parser.prog == f"flowalign {cmd}"
+    bare = [a.option_strings[-1] for a in parser._actions if a.option_strings and not a.help]
+    assert bare == [], f"{cmd}: options without a help line: {bare}"

@@ -92,15 +92,17 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, labels: Optiona
 
 
 def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optional[float] = None, seed: int = 0,
-                seeds_per_prompt: int = 4, kernel: str = "euler", eta: float = 0.0) -> Path:
+                seeds_per_prompt: int = 4, kernel: str = "euler", eta: float = 0.0, batch_size: int = 64,
+                progress: bool = False) -> Path:
     """A PNG grid: one row per prompt (records or strings), one column per seed; captions are the prompts.
 
     For a video model each tile is a film strip of up to 8 frames, and the same grid is also written as an animated
-    GIF beside the PNG (``path`` with the suffix ``.gif``)."""
+    GIF beside the PNG (``path`` with the suffix ``.gif``). ``batch_size`` images share a model forward (memory and
+    speed only: each image has its own noise), ``progress`` shows a bar over the batches."""
     prompts = [getattr(r, "prompt", r) for r in records]
     rows = [(p, seed + j) for p in prompts for j in range(seeds_per_prompt)]
     images = generate(model, [p for p, _ in rows], [s for _, s in rows], steps=steps, guidance_scale=guidance,
-                      kernel=kernel, eta=eta)
+                      kernel=kernel, eta=eta, batch_size=batch_size, progress=progress)
     labels = [p if j == 0 else "" for p in prompts for j in range(seeds_per_prompt)]
     return save_grid(images, path, nrow=seeds_per_prompt, labels=labels)
 
@@ -253,12 +255,14 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--eta", type=float, default=0.0, help="noise level of an SDE kernel (0 = ODE)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed: image j of every prompt starts from seed + j")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model forward (memory and speed; each "
+                   "image has its own noise, so the grid does not depend on it)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", default="samples.png", help="output PNG grid (a video model also writes the grid as an "
                                                         "animated GIF beside it: the same name with .gif)")
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
-    check_positive(seeds=args.seeds, steps=args.steps)
+    check_positive(seeds=args.seeds, steps=args.steps, batch_size=args.batch_size)
     check_max_prompts(args.max_prompts)
     check_seed(args.seed)
     check_guidance(args.guidance)
@@ -300,6 +304,7 @@ def cli_main(argv: Sequence[str]) -> int:
             logger.warning("%s. Sampling it anyway; the model was trained on prompts of its grammar only", why)
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
     out = sample_grid(model, prompts, args.out, steps=steps, guidance=args.guidance, seed=args.seed,
-                      seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta)
+                      seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta, batch_size=args.batch_size,
+                      progress=True)
     logger.info("wrote %s (%d prompts x %d seeds)", out, len(prompts), args.seeds)
     return 0

@@ -25,6 +25,24 @@ def test_sample_writes_a_grid(tmp_path):
     assert im.size[0] > 3 * 32 and im.size[1] > 2 * 32
 
 
+def test_sample_grid_does_not_depend_on_the_batch_size(tmp_path):
+    """Each image has its own noise seed, so --batch-size changes memory and speed, not the grid (to the last
+    rounding of a pixel); the progress bar goes to stderr."""
+    import numpy as np
+    from PIL import Image
+
+    grids = []
+    for bs in ("1", "32"):
+        out = tmp_path / f"grid{bs}.png"
+        r = _cli("sample", "a red circle", "two blue squares", "--seeds", "2", "--steps", "3", "--batch-size", bs,
+                 "--out", str(out))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "sampling" in r.stderr  # the progress bar
+        grids.append(np.asarray(Image.open(out), dtype=np.int16))
+    assert grids[0].shape == grids[1].shape
+    assert np.abs(grids[0] - grids[1]).max() <= 1
+
+
 def test_sample_rejects_out_of_grammar_prompt_in_one_line(tmp_path):
     out = tmp_path / "grid.png"
     r = _cli("sample", "a pink circle", "--out", str(out))

@@ -35,6 +35,7 @@ def _listing(path):
 @pytest.mark.parametrize("extra, needles", [
     (["--seeds", "0"], ["--seeds", "0"]),
     (["--steps", "0"], ["--steps", "0"]),
+    (["--batch-size", "0"], ["--batch-size", "0"]),
     (["--kernel", "foo"], ["'foo'", "dance_sde"]),
     (["--kernel", "flow-sde"], ["'flow-sde'", "did you mean 'flow_sde'"]),
 ])

@@ -492,9 +492,14 @@ def granular(inp: CreditInput, *, strides: Annotated[Sequence[int], Interval(1)]
     Rollouts come from ``flowalign.samplers.plans.branch`` (G²RPO's "singular stochastic sampling": an ODE trunk to
     x_k, one SDE step into G children, ODE elsewhere); restrict the branch steps to the high-noise half with
     ``sampler.train_fraction=0.5`` (k < T/2: 8 branch steps at T = 16, as METHODS §5.2's cost row counts; §4.7
-    writes k ≤ T − ⌊T/2⌋ and marks that boundary unconfirmed). Paper → ours: each child x_{k+1}^{(i)} is completed on
-    J coarsened grids, every λ_j-th native grid index (``strides`` λ_j; probe mode ``ode/λ``, Euler on
-    ``subgrid(k+1, T, None, λ)``; λ = 1 is the child's own ODE completion, its terminal reward, no probe).
+    writes k ≤ T − ⌊T/2⌋ and marks that boundary unconfirmed; the released FLUX script bcmi/Granular-GRPO
+    ``scripts/finetune/finetune_g2rpo_hps.sh`` confirms k < T/2: ``--eta_step_list 0 … 7`` at ``--sampling_steps
+    16``). Paper → ours: each child x_{k+1}^{(i)} is completed on J coarsened grids, every λ_j-th native grid index
+    (``strides`` λ_j; probe mode ``ode/λ``, Euler on ``subgrid(k+1, T, None, λ)``; λ = 1 is the child's own ODE
+    completion, its terminal reward, no probe). The paper's Λ is {1, 2, 3}, our default; the released script trains
+    with ``--granular_list 1 2`` (``strides: [1, 2]`` here). Our coarse grid strides from the child (k+1, k+1+λ, …, T);
+    the release takes the child's next native step first (k+1, k+2, k+2+λ, …) and, where the stride misses σ = 0,
+    ends at the x̂_0 prediction of its last point.
     A^mix_{k,i} = Σ_j z_i(R(completion_j of child i)), each z-score over the siblings (``traj.group`` = (prompt,
     seed, k)), lives on the branch edge k only. No per-step weights (TempFlow's noise weights are ``branch``'s).
     """

@@ -777,6 +777,72 @@ def step_chunks(pairs: torch.Tensor, counts: Sequence[int], rank: int, order: to
     return out
 
 
+def state_classes(latents: torch.Tensor, cond_index: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """For each (rollout, step) pair [n, 2], the position of the first pair with the same state: the same step, the
+    same prompt row and bit-identical latents x_t. [n] long (i where pair i is the first of its state).
+
+    Branched rollouts store one state several times: every child of a TempFlow-GRPO / G²RPO branch step (and of a
+    BranchGRPO split) starts from its parent's x_k, and a group with one initial noise shares x_0. Within each
+    optimizer step the update evaluates the velocity once per state (the released G²RPO trainer also runs one
+    forward per branch step and repeats it over the children); which pairs go to which step is not changed. Rows are hashed exactly (their bits times fixed random integers, summed with
+    int64 wrap-around, which does not depend on the order of summation), a few at a time, and a hash match counts
+    only when the bits are equal.
+    """
+    n = int(pairs.shape[0])
+    out = torch.arange(n)
+    if n < 2:
+        return out
+    dev = latents.device
+    b, t = pairs[:, 0].to(dev), pairs[:, 1].to(dev)
+    d = latents[0, 0].numel()
+    weights = torch.randint(1, 2**62, (d,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).to(dev)
+    slab = max(1, 2**22 // d)  # rows hashed at once (32 MiB of int64)
+    hashes = []
+    for s in range(0, n, slab):
+        bits = latents[b[s:s + slab], t[s:s + slab]].to(torch.float32).reshape(-1, d).view(torch.int32)  # [s, D]
+        hashes.append((bits.to(torch.int64) * weights).sum(dim=1))  # [s]
+    h = torch.cat(hashes).cpu().tolist()
+    prompt_rows = cond_index.index_select(0, pairs[:, 0].to(cond_index.device)).cpu().tolist()
+    steps = pairs[:, 1].cpu().tolist()
+    first: dict[tuple, list[int]] = {}
+    for i in range(n):
+        key = (steps[i], prompt_rows[i], h[i])
+        for j in first.get(key, ()):  # a hash match is a candidate; equal bits make it the same state
+            if torch.equal(latents[b[i], t[i]], latents[b[j], t[j]]):
+                out[i] = j
+                break
+        else:
+            first.setdefault(key, []).append(i)
+    return out
+
+
+def shared_micro_batches(classes: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
+    """Positions of one optimizer step's pairs in micro-batches of at most ``micro_batch`` distinct states, the pairs
+    of one state together (states in order of first appearance). With no repeated state this is
+    ``torch.split(arange(n), micro_batch)``, so runs without shared states keep their exact arithmetic."""
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(classes.tolist()):
+        members.setdefault(c, []).append(i)
+    out, cur, n_states = [], [], 0
+    for group in members.values():
+        if n_states == micro_batch:
+            out.append(torch.tensor(cur, dtype=torch.long))
+            cur, n_states = [], 0
+        cur.extend(group)
+        n_states += 1
+    if cur:
+        out.append(torch.tensor(cur, dtype=torch.long))
+    return out
+
+
+def _once_per_state(velocity, rep: torch.Tensor, inv: torch.Tensor):
+    """``velocity`` evaluated on the rows ``rep`` only (one per distinct state) and expanded to every row by ``inv``:
+    the backward sums the rows' gradients into their shared forward."""
+    def fn(x, sigma, cond, *args, **kwargs):
+        return velocity(x[rep], sigma[rep], gather_cond(cond, rep), *args, **kwargs)[inv]  # [n, *latent]
+    return fn
+
+
 def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             chunks: Optional[Sequence[torch.Tensor]] = None, **_: Any) -> dict:
     """Micro-batched re-scoring + clipped GRPO loss per advantage head (+ exact KL to the adapter-disabled reference).
@@ -797,14 +863,22 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             continue  # decay) on zero grads; every rank sees the same global count, so all of them skip together
         opt.zero_grad(set_to_none=False)
         finite = not skip
-        for mb in torch.split(chunk, tr.micro_batch) if finite and chunk.shape[0] else []:
+        classes = state_classes(traj.latents, traj.cond_index, chunk) if finite else None  # [n_s] shared states
+        for pos in shared_micro_batches(classes, tr.micro_batch) if finite and chunk.shape[0] else []:
+            mb = chunk[pos]  # [n, 2] (rollout, step); the pairs of one state are adjacent
             b, t = mb[:, 0], mb[:, 1]
             x, x_next = traj.latents[b, t], traj.latents[b, t + 1]  # [n, *latent]
             sig, sig_next = traj.sigmas[t], traj.sigmas[t + 1]  # [n]
             eta = traj.eta[t] if eta_rows is None else eta_rows[b, t].to(x.device)  # [n] each row's own η
             cond = gather_cond(traj.cond, traj.cond_index[b])
+            ids, inv = torch.unique_consecutive(classes[pos], return_inverse=True)  # [U], [n]
+            velocity = model.velocity
+            if ids.shape[0] < mb.shape[0]:  # children of one branch state: one forward (and backward) per state
+                rep = torch.zeros(ids.shape[0], dtype=torch.long).scatter_reduce(
+                    0, inv, torch.arange(mb.shape[0]), reduce="amin", include_self=False)  # [U] first row of each
+                velocity = _once_per_state(model.velocity, rep.to(x.device), inv.to(x.device))
             with nfe.phase("training"):
-                logp, trans = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
+                logp, trans = step_log_prob(velocity, x, x_next, sig, sig_next, eta, cond,
                                             kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce,
                                             logp_form=cfg.sampler.logp_form, **kernel_kw)
             old = traj.log_probs[b, t]
@@ -822,7 +896,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             kl = torch.zeros_like(pol)
             if tr.beta_kl > 0:
                 with torch.no_grad(), model.reference(), nfe.phase("training"):
-                    _, ref = step_log_prob(model.velocity, x, x_next, sig, sig_next, eta, cond,
+                    _, ref = step_log_prob(velocity, x, x_next, sig, sig_next, eta, cond,
                                            kernel=cfg.sampler.kernel, reduce=cfg.sampler.logp_reduce, **kernel_kw)
                 kl = gaussian_kl(trans.mean, ref.mean, trans.std, sig_next - sig, form=tr.kl_form)
                 loss_sum = loss_sum + tr.beta_kl * kl.sum()

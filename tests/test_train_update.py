@@ -553,3 +553,64 @@ def test_an_eta_file_with_a_bad_noise_level_is_one_line_before_the_run(tmp_path,
     with pytest.raises(UserError, match=re.escape(needle)):
         train(_cfg(tmp_path / "run", "train.iterations=1", f"sampler.eta_file={f}", "sampler.kernel=dance_sde"))
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ states shared by several rollouts
+
+
+def test_state_classes_are_exact_repeats_of_step_prompt_and_bits():
+    from flowalign.train import state_classes
+
+    lat = torch.randn(5, 3, 2, 4, generator=torch.Generator().manual_seed(1))  # [B, T+1, *latent]
+    lat[1, 1] = lat[0, 1]  # a branch child: its parent's state
+    lat[2, 1] = lat[0, 1]
+    lat[2, 1, 0, 0] = torch.nextafter(lat[2, 1, 0, 0], torch.tensor(float("inf")))  # one ulp away: another state
+    lat[3, 1] = lat[0, 1]  # the same bits for another prompt: another state
+    lat[4, 0] = lat[0, 1]  # the same bits at another step: another state
+    cond_index = torch.tensor([0, 0, 0, 1, 0])
+    pairs = torch.tensor([[0, 1], [1, 1], [2, 1], [3, 1], [4, 0], [1, 1]])  # the last: a pair seen twice
+    assert state_classes(lat, cond_index, pairs).tolist() == [0, 0, 2, 3, 4, 0]
+    nan = lat.clone()
+    nan[:, 1] = float("nan")  # NaN bits never compare equal: every row stays its own state (no silent merge)
+    assert state_classes(nan, torch.zeros(5, dtype=torch.long), pairs[:3]).tolist() == [0, 1, 2]
+
+
+def test_micro_batches_keep_a_states_pairs_together_and_are_the_plain_split_without_repeats():
+    from flowalign.train import shared_micro_batches
+
+    plain = shared_micro_batches(torch.arange(7), 3)
+    assert [p.tolist() for p in plain] == [p.tolist() for p in torch.split(torch.arange(7), 3)]
+    packed = shared_micro_batches(torch.tensor([0, 1, 0, 3, 1, 5, 0]), 2)  # states 0, 1 | 3, 5
+    assert [p.tolist() for p in packed] == [[0, 2, 6, 1, 4], [3, 5]]
+
+
+def test_branch_children_are_rescored_once_per_state_with_the_same_update(tmp_path, monkeypatch):
+    """TempFlow-GRPO / G²RPO children of one branch step share x_k: one forward (and backward) per state gives the
+    weights of one forward per child, with children-fold fewer training forwards; on-policy ratio 1 either way.
+    With two optimizer steps the pairs of each step are those of the plain run (the shuffle is not changed), and the
+    children of a state that share a step share its forward."""
+    from safetensors.torch import load_file
+
+    import flowalign.train as T
+
+    def run(name, *extra):
+        cfg = _cfg(tmp_path / name, "sampler.plan=branch", "sampler.plan_options.children=4",
+                   "sampler.plan_options.branch_steps=all", "credit.name=branch", "train.group_size=8",
+                   "train.iterations=1", "train.micro_batch=6", "train.filter_zero_std=false", *extra)
+        out = T.train(cfg)
+        m = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        return load_file(str(out / "checkpoints" / "step-1" / WEIGHT_NAME)), m
+
+    one_step = "train.optimizer_steps_per_iter=1"
+    shared, m_shared = run("shared", one_step)
+    _, m_two = run("shared_two_steps")  # SMALL's two optimizer steps per iteration
+    with monkeypatch.context() as mp:
+        mp.setattr(T, "state_classes", lambda latents, cond_index, pairs: torch.arange(pairs.shape[0]))
+        per_row, m_rows = run("per_row", one_step)
+    assert m_shared["train/transitions"] == m_rows["train/transitions"] == m_two["train/transitions"] > 0
+    assert m_rows["nfe/training"] == 4 * m_shared["nfe/training"]  # 4 children per branch state
+    assert m_shared["nfe/training"] < m_two["nfe/training"] < m_rows["nfe/training"]
+    assert abs(m_shared["train/ratio_mean"] - 1) < 1e-5 and abs(m_rows["train/ratio_mean"] - 1) < 1e-5
+    assert shared.keys() == per_row.keys()
+    for k in shared:
+        assert torch.allclose(shared[k], per_row[k], atol=1e-6, rtol=1e-4), k

@@ -3,7 +3,9 @@
 For each method (rollout plan + kernel + credit assigner + probe mode) this runs one real iteration's
 rollout, rewards and credit on a model with an ``NFECounter`` installed, and reports per prompt group:
 model forwards for sampling and probing (1 NFE = one sample's forward, the CFG pair counted once), the
-ratio to plain Flow-GRPO sampling (G·T), reward calls (images scored) and wall time, next to the
+ratio to plain Flow-GRPO sampling (G·T), reward calls (images scored), the training forwards of one optimizer step
+over the trained transitions (one per distinct state: branch children share their parent's; β = 0, no reference
+forward; not in the × Flow-GRPO ratio, which compares sampling) and wall time, next to the
 reference implementations' costs from METHODS.md §5.2. It also measures how well few-step probes rank the
 members of each group like full-ODE probes (mean Spearman over (group, state)), and with ``--rank-references``
 how every probe, ``ode:full`` included, ranks against the same ODE solved F times finer (``fine:F``) and against the
@@ -180,6 +182,7 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     """One rollout + rewards + credit iteration of ``method``; measured counts per prompt group."""
     from flowalign.credit import CreditInput, assign_credit
     from flowalign.samplers.loop import eta_schedule
+    from flowalign.train import state_classes
     from flowalign.samplers.plans import PLANS
     from flowalign.values import make_probe
 
@@ -233,6 +236,12 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
                       probe=probe, extras=extras)
     out = assign_credit(credit, inp, c_opts)
     wall = time.perf_counter() - t0
+    nonzero = trained & (out.advantages != 0)  # [B, T]
+    if out.mask is not None:  # pruned edges are not re-scored
+        trained = trained & out.mask.detach().cpu().to(torch.bool)
+    # as the trainer (filter_zero_std): a rollout with a nonzero advantage anywhere keeps all its trained steps
+    pairs = (trained & nonzero.any(1, keepdim=True)).nonzero()  # [n, 2] the (rollout, step) pairs re-scored
+    n_states = int(torch.unique(state_classes(traj.latents, traj.cond_index, pairs)).numel()) if len(pairs) else 0
     tot = nfe.totals()
     base = group_size * steps
     per = 1.0 / n_groups
@@ -246,7 +255,7 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
         "rollouts_per_group": traj.batch_size * per, "nfe_sampling": samp, "nfe_probing": prob,
         "nfe_guidance": guid, "nfe_total": samp + prob + guid, "x_flow_grpo": round((samp + prob + guid) / base, 3),
         "model_launches": sum(nfe.calls.values()), "reward_calls": setup.reward_calls * per,
-        "trained_transitions": int((trained & (out.advantages != 0)).sum()) * per,
+        "trained_transitions": int(nonzero.sum()) * per, "nfe_training": n_states * per,
         "wall_s": round(wall, 2), "sampling_s": round(t_sample - t0, 2), "reference": REFERENCE.get(method, "—"),
     }
 
@@ -446,13 +455,13 @@ def bench_credit(argv: Sequence[str]) -> int:
             results["notes"][name] = setup.note
             print(f"\n== {setup.name}: {setup.note}; T={args.steps}, G={args.group_size}, groups={args.groups}")  # noqa: T201
             print(f"{'method':<17}{'probe':<10}{'NFE samp':>9}{'NFE probe':>10}{'NFE guide':>10}{'× FlowGRPO':>11}{'rewards':>8}"  # noqa: T201
-                  f"{'launch':>7}{'wall s':>8}   reference (METHODS §5.2)")
+                  f"{'NFE train':>10}{'launch':>7}{'wall s':>8}   reference (METHODS §5.2)")
             for m in methods:
                 r = run_method(setup, m, steps=args.steps, group_size=args.group_size, children=args.children,
                                seed=args.seed, max_batch=args.max_batch)
                 results["runs"].append(r)
                 print(f"{m:<17}{r['probe']:<10}{r['nfe_sampling']:>9.0f}{r['nfe_probing']:>10.0f}{r['nfe_guidance']:>10.0f}"  # noqa: T201
-                      f"{r['x_flow_grpo']:>11.2f}{r['reward_calls']:>8.0f}{r['model_launches']:>7d}"
+                      f"{r['x_flow_grpo']:>11.2f}{r['reward_calls']:>8.0f}{r['nfe_training']:>10.0f}{r['model_launches']:>7d}"
                       f"{r['wall_s']:>8.2f}   {r['reference']}")
             if args.rank_groups > 0 and name in ("shapes", "shapes_video"):
                 setup.prompts = setup.prompt_fn(args.rank_groups, seed=11)  # the cost runs are done; reuse the model

@@ -32,6 +32,9 @@ def test_bench_credit_counts_on_tiny_sd3(tmp_path, capsys):
     g = runs["g2rpo"]
     assert g["rollouts_per_group"] == 40 and g["nfe_probing"] == 8 * 22 and g["reward_calls"] == 120
     assert g["trained_transitions"] == 40 and g["probe"] == "ode/1,2,3"
+    # the update re-scores each branch state once: 2 seeds × 5 branch steps, whose 4 children share x_k
+    assert g["nfe_training"] == 10
+    assert runs["flow_grpo"]["nfe_training"] == runs["flow_grpo"]["trained_transitions"] > 0  # chains share no state
     assert "dense_ode2" in capsys.readouterr().out
 
 

@@ -122,7 +122,7 @@ class TrainConfig:
     objective: Literal["grpo", "nft"] = _f("grpo", "update rule: grpo (clipped policy gradient on the stored SDE transitions) | nft (DiffusionNFT: negative-aware flow matching on the final samples; any sampler, ODE included)")
     groups_per_iter: int = _f(8, "prompt groups per iteration, across all ranks")
     group_size: int = _f(8, "rollouts per prompt G, compared with each other")
-    micro_batch: int = _f(16, "transitions per forward/backward in the update")
+    micro_batch: int = _f(16, "transitions per forward/backward in the update (GRPO: distinct states; branch children sharing x_k ride along)")
     optimizer_steps_per_iter: int = _f(1, "optimizer steps per iteration (only the first is on-policy)")
     lr: float = _f(3e-4, "AdamW learning rate (peak, before train.lr_schedule's factor)")
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning-rate factor per iteration: constant | cosine (½·(1 + cos(π·it/iterations)), decays towards 0 at the last iteration; it follows train.iterations, so resuming with another value changes it)")

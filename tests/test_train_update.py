@@ -614,3 +614,17 @@ def test_branch_children_are_rescored_once_per_state_with_the_same_update(tmp_pa
     assert shared.keys() == per_row.keys()
     for k in shared:
         assert torch.allclose(shared[k], per_row[k], atol=1e-6, rtol=1e-4), k
+
+
+def test_a_group_sharing_its_initial_noise_rescores_step_zero_once(tmp_path):
+    """DanceGRPO's one initial noise per group (``sampler.init_noise=group``): the G members share x_0, so step 0
+    costs one training forward per group, the later (diverged) steps one per member; on-policy ratio 1."""
+    import flowalign.train as T
+
+    cfg = _cfg(tmp_path / "run", "sampler.init_noise=group", "train.optimizer_steps_per_iter=1",
+               "train.filter_zero_std=false", "train.iterations=1", "train.checkpoint_every=0")
+    m = json.loads((T.train(cfg) / "metrics.jsonl").read_text().splitlines()[0])
+    groups, g = cfg.train.groups_per_iter, cfg.train.group_size
+    assert m["train/transitions"] > groups * g  # step 0 and later steps are trained
+    assert m["nfe/training"] == m["train/transitions"] - groups * (g - 1)
+    assert abs(m["train/ratio_mean"] - 1) < 1e-5

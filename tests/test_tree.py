@@ -299,6 +299,9 @@ def test_trainer_on_trees_is_on_policy_and_checkpoints(tmp_path):
     run = train(cfg)
     m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert m["rollouts/iteration"] == 32 and m["train/transitions"] == 80
+    # the edges of a split share their parent's state: per root 1 + 2 + 4 states for the 2 + 4 + 4 edges of
+    # steps 0, 1, 2, so the update runs 8 · 7 training forwards, not 80 (flowalign.train.state_classes)
+    assert m["nfe/training"] == 56
     assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0 and m["train/clipfrac_low"] == 0
     assert (run / "checkpoints" / "step-1" / WEIGHT_NAME).exists()
 

@@ -52,7 +52,7 @@ from flowalign.samplers.kernels import get_kernel
 from flowalign.samplers.loop import Generators, draw_rows, mix_seed
 from flowalign.samplers.plans import PLANS
 from flowalign.types import Interval
-from flowalign.values import GUIDES, NFECounter, make_probe
+from flowalign.values import GUIDES, NFECounter, first_equal, make_probe
 
 logger = logging.getLogger(__name__)
 
@@ -784,36 +784,13 @@ def state_classes(latents: torch.Tensor, cond_index: torch.Tensor, pairs: torch.
     Branched rollouts store one state several times: every child of a TempFlow-GRPO / G²RPO branch step (and of a
     BranchGRPO split) starts from its parent's x_k, and a group with one initial noise shares x_0. Within each
     optimizer step the update evaluates the velocity once per state (the released G²RPO trainer also runs one
-    forward per branch step and repeats it over the children); which pairs go to which step is not changed. Rows are hashed exactly (their bits times fixed random integers, summed with
-    int64 wrap-around, which does not depend on the order of summation), a few at a time, and a hash match counts
-    only when the bits are equal.
+    forward per branch step and repeats it over the children); which pairs go to which step is not changed. The
+    match is exact (``values.first_equal``, the probe engine's dedupe too).
     """
-    n = int(pairs.shape[0])
-    out = torch.arange(n)
-    if n < 2:
-        return out
-    dev = latents.device
-    b, t = pairs[:, 0].to(dev), pairs[:, 1].to(dev)
-    d = latents[0, 0].numel()
-    weights = torch.randint(1, 2**62, (d,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).to(dev)
-    slab = max(1, 2**22 // d)  # rows hashed at once (32 MiB of int64)
-    hashes = []
-    for s in range(0, n, slab):
-        bits = latents[b[s:s + slab], t[s:s + slab]].to(torch.float32).reshape(-1, d).view(torch.int32)  # [s, D]
-        hashes.append((bits.to(torch.int64) * weights).sum(dim=1))  # [s]
-    h = torch.cat(hashes).cpu().tolist()
+    b, t = pairs[:, 0].to(latents.device), pairs[:, 1].to(latents.device)  # [n]
     prompt_rows = cond_index.index_select(0, pairs[:, 0].to(cond_index.device)).cpu().tolist()
-    steps = pairs[:, 1].cpu().tolist()
-    first: dict[tuple, list[int]] = {}
-    for i in range(n):
-        key = (steps[i], prompt_rows[i], h[i])
-        for j in first.get(key, ()):  # a hash match is a candidate; equal bits make it the same state
-            if torch.equal(latents[b[i], t[i]], latents[b[j], t[j]]):
-                out[i] = j
-                break
-        else:
-            first.setdefault(key, []).append(i)
-    return out
+    keys = list(zip(pairs[:, 1].cpu().tolist(), prompt_rows))  # (step, prompt row)
+    return first_equal(lambda idx: latents[b[idx.to(b.device)], t[idx.to(t.device)]], keys)
 
 
 def shared_micro_batches(classes: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:

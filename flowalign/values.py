@@ -40,7 +40,7 @@ import contextlib
 import logging
 import math
 from collections import defaultdict
-from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, Hashable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -166,16 +166,44 @@ def ode_canonical(eta_rows: Tensor, shifted: Optional[Tensor] = None) -> Tensor:
     return canon
 
 
+def first_equal(rows: Callable[[Tensor], Tensor], keys: Sequence[Hashable]) -> Tensor:
+    """For n rows with ``keys`` [n], the position of the first row with the same key and bit-identical contents
+    ([n] long; i where row i is the first of its kind). ``rows(idx)`` returns rows ``idx`` [s, *shape].
+
+    Exact: each row's float32 bits are hashed (times fixed random integers, summed with int64 wrap-around, which does
+    not depend on the order of summation), a few rows at a time so memory stays bounded, and a hash match counts only
+    when the bits compare equal. NaN never equals itself, so a row holding a NaN is its own kind.
+    """
+    n = len(keys)
+    out = torch.arange(n)
+    if n < 2:
+        return out
+    probe = rows(torch.arange(1))
+    d = probe[0].numel()
+    weights = torch.randint(1, 2**62, (d,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    weights = weights.to(probe.device)  # [D]
+    slab = max(1, 2**22 // d)  # rows hashed at once (32 MiB of int64)
+    hashes = []
+    for s in range(0, n, slab):
+        bits = rows(torch.arange(s, min(n, s + slab))).to(torch.float32).reshape(-1, d).view(torch.int32)  # [s, D]
+        hashes.append((bits.to(torch.int64) * weights).sum(dim=1))  # [s]
+    h = torch.cat(hashes).cpu().tolist()
+    first: dict[tuple, list[int]] = {}
+    for i in range(n):
+        key = (keys[i], h[i])
+        for j in first.get(key, ()):  # a hash match is a candidate; equal bits make it the same row
+            if torch.equal(rows(torch.tensor([i])), rows(torch.tensor([j]))):
+                out[i] = j
+                break
+        else:
+            first.setdefault(key, []).append(i)
+    return out
+
+
 def _dedupe(latents_t: Tensor, cond_index: Tensor) -> tuple[Tensor, Tensor]:
     """Identical (state bits, prompt row) pairs → (representative positions [U], inverse [n])."""
-    n = latents_t.shape[0]
-    if n < 2:
-        return torch.arange(n), torch.zeros(n, dtype=torch.long)
-    bits = latents_t.detach().to(torch.float32).contiguous().reshape(n, -1).view(torch.int32).cpu()  # [n, D]
-    key = torch.cat([cond_index.detach().cpu().to(torch.int32)[:, None], bits], dim=1)  # [n, 1 + D]
-    _, inv = torch.unique(key, dim=0, return_inverse=True)  # [n]
-    rep = torch.full((int(inv.max()) + 1,), n, dtype=torch.long)
-    rep = rep.scatter_reduce(0, inv, torch.arange(n), reduce="amin")  # first occurrence of each key
+    first = first_equal(lambda idx: latents_t[idx.to(latents_t.device)], cond_index.detach().cpu().tolist())  # [n]
+    rep, inv = torch.unique(first, return_inverse=True)  # [U] first occurrences, [n]
     return rep, inv
 
 

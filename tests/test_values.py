@@ -354,3 +354,24 @@ def test_sde_mc_values_do_not_depend_on_the_batching_or_the_selected_rows():
     assert torch.equal(got[:, 1::2, :T], ref[:, 1::2, :T])
     assert bool(got[:, ::2].isnan().all())
     assert bool((ref[0, :, :T - 1] != ref[1, :, :T - 1]).any())  # completions differ from each other
+
+
+def test_first_equal_partitions_rows_like_a_sort_of_their_key_and_bits():
+    """The hashed exact-duplicate finder (probe dedupe and the update's shared states) gives the partition that
+    ``torch.unique`` over (key, bits) gives, across several hashing slabs, with each class led by its first row."""
+    from flowalign.values import first_equal
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(7, 3, 5, generator=g)  # [7, *row]
+    pick = torch.randint(0, 7, (40,), generator=g)  # [40] rows drawn with repeats
+    rows = base[pick].clone()  # [40, 3, 5]
+    keys = torch.randint(0, 2, (40,), generator=g)  # [40] e.g. prompt rows: same bits, other key = other class
+    got = first_equal(lambda idx: rows[idx], keys.tolist())  # [40]
+    packed = torch.cat([keys[:, None].to(torch.int32), rows.reshape(40, -1).view(torch.int32)], dim=1)  # [40, 1 + D]
+    _, inv = torch.unique(packed, dim=0, return_inverse=True)  # [40]
+    for i in range(40):
+        same = (inv == inv[i]).nonzero().flatten()
+        assert int(got[i]) == int(same.min())  # the first row of its class
+    big = torch.randn(3, 2**21, generator=g)  # [3, 2M]: two rows per hashing slab, so two slabs
+    big[2] = big[0]
+    assert first_equal(lambda idx: big[idx], [0, 0, 0]).tolist() == [0, 1, 0]

@@ -182,8 +182,8 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     """One rollout + rewards + credit iteration of ``method``; measured counts per prompt group."""
     from flowalign.credit import CreditInput, assign_credit
     from flowalign.samplers.loop import eta_schedule
-    from flowalign.train import state_classes
     from flowalign.samplers.plans import PLANS
+    from flowalign.train import state_classes
     from flowalign.values import make_probe
 
     plan, kernel, eta_val, credit, c_opts, p_opts = METHODS[method]
@@ -237,10 +237,9 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     out = assign_credit(credit, inp, c_opts)
     wall = time.perf_counter() - t0
     nonzero = trained & (out.advantages != 0)  # [B, T]
-    if out.mask is not None:  # pruned edges are not re-scored
-        trained = trained & out.mask.detach().cpu().to(torch.bool)
-    # as the trainer (filter_zero_std): a rollout with a nonzero advantage anywhere keeps all its trained steps
-    pairs = (trained & nonzero.any(1, keepdim=True)).nonzero()  # [n, 2] the (rollout, step) pairs re-scored
+    kept = trained if out.mask is None else trained & out.mask.detach().cpu().to(torch.bool)  # pruned: not re-scored
+    # as the trainer (filter_zero_std): a rollout with a nonzero advantage on a kept step keeps all its kept steps
+    pairs = (kept & (kept & nonzero).any(1, keepdim=True)).nonzero()  # [n, 2] the (rollout, step) pairs re-scored
     n_states = int(torch.unique(state_classes(traj.latents, traj.cond_index, pairs)).numel()) if len(pairs) else 0
     tot = nfe.totals()
     base = group_size * steps

@@ -815,8 +815,8 @@ def shared_micro_batches(classes: torch.Tensor, micro_batch: int) -> list[torch.
 def _once_per_state(velocity, rep: torch.Tensor, inv: torch.Tensor):
     """``velocity`` evaluated on the rows ``rep`` only (one per distinct state) and expanded to every row by ``inv``:
     the backward sums the rows' gradients into their shared forward."""
-    def fn(x, sigma, cond, *args, **kwargs):
-        return velocity(x[rep], sigma[rep], gather_cond(cond, rep), *args, **kwargs)[inv]  # [n, *latent]
+    def fn(x, sigma, cond):
+        return velocity(x[rep], sigma[rep], gather_cond(cond, rep))[inv]  # [n, *latent]
     return fn
 
 

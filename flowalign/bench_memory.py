@@ -155,10 +155,10 @@ def count_architecture(arch: str, prompts: int, height: int, width: int, *, fram
 def preflight(model: Any, family: str, micro_batch: int, *, checkpointing: bool, lora: tuple,
               free_bytes: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Before a GPU run's first rollout: what one update micro-batch will keep for its backward, counted on the meta
-    device from the loaded transformer's own config, size, text length and dtype and the run's LoRA = (targets, rank,
-    alpha) (:func:`count_config`), plus the LoRA's gradients and AdamW moments (12 bytes per LoRA parameter), against
-    the device's free memory. Logs the
-    estimate; warns, naming both fixes, when it exceeds 90 % of what is free. None (and nothing logged) for a
+    device from the loaded transformer's own config, size, text length, dtype and guidance scale (the rows ``velocity``
+    runs: both CFG branches only when it is > 1) and the run's LoRA = (targets, rank, alpha) (:func:`count_config`),
+    plus the LoRA's gradients and AdamW moments (12 bytes per LoRA parameter), against the device's free memory. Logs
+    the estimate; warns, naming both fixes, when it exceeds 90 % of what is free. None (and nothing logged) for a
     family without ``step_inputs`` (the shapes models). ``free_bytes`` defaults to ``torch.cuda.mem_get_info``."""
     from flowalign.models.lora import lora_parameters
 
@@ -168,7 +168,8 @@ def preflight(model: Any, family: str, micro_batch: int, *, checkpointing: bool,
     config = {k: v for k, v in dict(tr.config).items() if not k.startswith("_")}
     est = count_config(family, config, micro_batch, model.height, model.width,
                        frames=int(getattr(model, "num_frames", 1)), dtype=model.dtype, lora=tuple(lora),
-                       max_sequence_length=int(model.max_sequence_length))
+                       max_sequence_length=int(model.max_sequence_length),
+                       guidance_scale=float(model.guidance_scale))
     kept = est["saved_bytes_on" if checkpointing else "saved_bytes_off"]
     need = kept + 12 * sum(p.numel() for p in lora_parameters(tr))
     if free_bytes is None:
@@ -337,9 +338,10 @@ def bench_train_memory(argv: Sequence[str]) -> None:
                     help="model dtype (default float32; bfloat16 with --arch)")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes per mode (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    from flowalign.bench_snr import add_output_args, check_json_out
+
+    add_output_args(ap)
     args = ap.parse_args(list(argv))
-    from flowalign.bench_snr import check_json_out
     from flowalign.sample import check_device
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -357,7 +359,7 @@ def bench_train_memory(argv: Sequence[str]) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     check_device(args.device)  # e.g. 'gpu' failed in the model's .to() with torch's list of device types
-    check_json_out(args.json)
+    check_json_out(args.json, args.overwrite)
     torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.arch else "float32")
     dtype = getattr(torch, args.dtype)

@@ -74,10 +74,15 @@ Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 
 
 def draw_rows(draw: Callable[..., Tensor], shape: Sequence[int], generator: Generators, *,
-              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              active: Optional[Tensor] = None) -> Tensor:
     """``draw`` (torch.randn or torch.rand) of ``shape`` [N, ...] on ``device``. With a sequence of P generators (one
     per group), the N rows are P equal contiguous blocks and each block is drawn from its own generator, so a
-    group's draws do not depend on which groups share the batch or the process."""
+    group's draws do not depend on which groups share the batch or the process.
+
+    ``active`` [N] bool (only with a sequence of generators): a block none of whose rows is active draws nothing
+    and gets zeros, so its generator advances only on the draws that block itself uses (per-row SDE windows: a
+    group's noise does not depend on the other groups' windows)."""
     if generator is None:
         return draw(tuple(shape), dtype=dtype, device=device)
     if isinstance(generator, torch.Generator):
@@ -87,13 +92,15 @@ def draw_rows(draw: Callable[..., Tensor], shape: Sequence[int], generator: Gene
         raise ValueError(f"{len(gens)} per-group generators for {shape[0]} rows: the rows must split into equal "
                          "contiguous blocks, one per generator")
     k = shape[0] // len(gens)
-    parts = [draw((k, *shape[1:]), dtype=dtype, generator=g, device=g.device).to(device) for g in gens]
+    used = [True] * len(gens) if active is None else active.reshape(len(gens), k).any(1).tolist()  # [P]
+    parts = [draw((k, *shape[1:]), dtype=dtype, generator=g, device=g.device).to(device) if on
+             else torch.zeros((k, *shape[1:]), dtype=dtype, device=device) for g, on in zip(gens, used)]
     return torch.cat(parts)  # [P·k, ...]
 
 
-def _noise_like(x: Tensor, generator: Generators) -> Tensor:
-    """Standard normal noise like ``x`` [N, *latent] (``draw_rows``)."""
-    return draw_rows(torch.randn, x.shape, generator, dtype=x.dtype, device=x.device)
+def _noise_like(x: Tensor, generator: Generators, active: Optional[Tensor] = None) -> Tensor:
+    """Standard normal noise like ``x`` [N, *latent] (``draw_rows``; ``active`` [N]: rows that use it)."""
+    return draw_rows(torch.randn, x.shape, generator, dtype=x.dtype, device=x.device, active=active)
 
 
 def _step(kernel, velocity: VelocityFn, x: Tensor, sig: Tensor, sig_next: Tensor, eta_t: Tensor, cond_b: Cond,
@@ -179,7 +186,9 @@ def sample(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, *, eta: 
                     center = tr.mean + shift.to(tr.mean.dtype)  # guided mean μ^g
                     shifted[t] = True
             if eta_host[t] > 0:  # rows with η = 0 here have s = 0: x_next = their Euler mean, log-prob 0
-                x_next = center + tr.std * _noise_like(center, generator)  # [B, *latent]
+                # with per-row η, a group's generator draws only at its own stochastic steps (alone = batched)
+                active = None if eta_rows is None else (eta_rows[:, t] > 0).cpu()  # [B]
+                x_next = center + tr.std * _noise_like(center, generator, active)  # [B, *latent]
                 logps[:, t] = gaussian_log_prob(x_next, center if logprob_under == "guided" else tr.mean, tr.std,
                                                 reduce=reduce, form=logp_form)
             else:

@@ -226,21 +226,26 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
         ``parent`` [N] seed row; ``branch_step`` [N] k; ``prompt_group`` [N] the input group;
         ``trained`` [N, T] bool (only the row's own branch edge); ``eta_rows`` [N, T] per-row η (0 off the
         row's branch edge); ``branch_candidates`` [C] long; ``branch_eta`` [T] (the candidate η);
-        ``kernel`` (name, for the weights); ``children`` K.
+        ``kernel`` (name, for the weights); ``kernel_options`` (its keyword options, e.g. ``sigma_1``);
+        ``children`` K.
     """
     steps = int(sigmas.shape[0]) - 1
     kern = get_kernel(kernel)
     s_rows = noise.shape[0]
     dev = noise.device
     cond_index, group, eta_vec, stochastic = _plan_inputs(noise, steps, cond_index, group, eta, trainable)
+    sig = sigmas.to(device=dev, dtype=torch.float32)
     cands = stochastic.nonzero().flatten()  # [C]
+    if cands.numel():  # a step whose kernel std is 0 despite η > 0 (ddim_sde at σ = 1) would give identical children
+        probe = torch.zeros(cands.numel(), 1, device=dev)  # the std does not depend on x or v
+        s_c = kern(probe, probe, sig[cands], sig[cands + 1], eta_vec[cands].to(dev), **kernel_kwargs).std.reshape(-1)
+        cands = cands[(s_c > 0).cpu()]
     if cands.numel() == 0:
-        raise ValueError("branch plan: no candidate branch step (η is 0 everywhere)")
+        raise ValueError("branch plan: no candidate branch step (η or the kernel std is 0 everywhere)")
     if children < 1:
         raise ValueError(f"children must be ≥ 1, got {children}")
     per_seed = _choose_steps(branch_steps, cands, s_rows, generator)  # list of lists
     kmax = max(max(ks) for ks in per_seed)
-    sig = sigmas.to(device=dev, dtype=torch.float32)
 
     # trunk: ODE x_0 → x_kmax once per seed, velocities kept (the branch kernel reuses v_k)
     if kmax > 0:
@@ -302,6 +307,7 @@ def branch(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, c
                 "eta_rows": torch.where(onehot, eta_k[:, None].expand(n, steps), torch.zeros(n, steps, device=dev)),
                 "branch_candidates": cands.to(dev), "branch_eta": eta_vec.to(dev),
                 "kernel": kernel if isinstance(kernel, str) else getattr(kernel, "__name__", "custom"),
+                "kernel_options": dict(kernel_kwargs),  # e.g. sigma_1: TempFlow's weights use the children's own std
                 "children": int(children)})
 
 

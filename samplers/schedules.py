@@ -13,7 +13,11 @@ from torch import Tensor
 
 
 def shift(u: Tensor, s: float) -> Tensor:
-    """shift_s(u) = s·u / (1 + (s−1)·u) (METHODS.md §1.1); s = 1 is the identity."""
+    """shift_s(u) = s·u / (1 + (s−1)·u) (METHODS.md §1.1); s = 1 is the identity.
+
+    ``s`` must be finite and > 0: at s = 0 the grid is 0/0 at u = 1, and for s < 0 the denominator crosses 0 inside
+    (0, 1], so the grid is neither finite nor monotone (ValueError)."""
+    _check_shift(s)
     return s * u / (1.0 + (s - 1.0) * u)
 
 
@@ -32,6 +36,7 @@ def sd3_diffusers(steps: int, shift: float = 3.0, num_train_timesteps: int = 100
     s = 3 is 0.008929), then appends 0.
     """
     _check_steps(steps)
+    _check_shift(shift)
     s = float(shift)
     n = num_train_timesteps
     # diffusers: timesteps = linspace(1, N, N)[::-1]; sigmas = timesteps / N; sigmas = shift(sigmas)
@@ -64,6 +69,15 @@ def flux_dynamic(steps: int, image_seq_len: int, **mu_kwargs: float) -> Tensor:
 def _check_steps(steps: int) -> None:
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def _check_shift(s: float) -> None:
+    try:
+        ok = math.isfinite(float(s)) and float(s) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"the shift must be a finite number > 0 (1 = no shift), got {s!r}")
 
 
 SCHEDULES = {

@@ -216,3 +216,32 @@ def test_preflight_estimates_the_update_from_the_loaded_model_and_warns_when_it_
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
     assert preflight(ShapesModel.from_config(_SMALL_SHAPES), "shapes", 8, checkpointing=False,
                      lora=((), 8, 16), free_bytes=1) is None  # no step_inputs: nothing to count
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "wan"])
+def test_preflight_counts_the_rows_velocity_runs(request, family):
+    """SD3 and Wan run both CFG branches only when guidance_scale > 1; preflight counted 2 rows per prompt at any scale,
+    doubling the estimate of a no-CFG run. FLUX (guidance-distilled) runs one row per prompt at any scale."""
+    from flowalign.bench_memory import preflight
+
+    model = load_model(family, str(request.getfixturevalue(f"tiny_{family}_dir")), max_sequence_length=16,
+                       **TINY_SIZES[family])
+    fed: list[int] = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: fed.append(int(kwargs["hidden_states"].shape[0])), with_kwargs=True)
+    cond = model.encode(["a red cat"] * 3)
+    seen = {}
+    try:
+        for w in (1.0, 0.5, 4.5):
+            model.guidance_scale = w
+            fed.clear()
+            with torch.no_grad():
+                model.velocity(model.init_noise(3), torch.tensor(0.5), cond)
+            est = preflight(model, family, 3, checkpointing=False, lora=(model.lora_targets, 4, 8), free_bytes=2**40)
+            assert fed == [est["rows"]], (w, fed, est["rows"])
+            seen[w] = est
+    finally:
+        hook.remove()
+    assert seen[1.0]["rows"] == 3 and seen[4.5]["rows"] == (3 if family == "flux" else 6)
+    if family != "flux":  # half the rows keep less for the backward
+        assert seen[1.0]["saved_bytes_off"] < seen[4.5]["saved_bytes_off"]

@@ -337,3 +337,76 @@ def test_default_configs_keep_the_old_grids(srcs, tiny_sd3_dir, tiny_flux_dir, t
         u = torch.linspace(1000, 1, steps, dtype=torch.float64) / 1000  # the old SD3 dynamic-shift grid
         old = torch.cat([shift(u, math.exp(mu)), torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
         assert torch.equal(sd3_dynamic.schedule(steps), old), steps
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# (d) the shift: finite and > 0, or a one-line refusal (s = 0, s < 0, NaN gave NaN / non-monotone grids, NaN samples)
+
+BAD_SHIFTS = [0.0, -3.0, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("s", BAD_SHIFTS, ids=["zero", "negative", "nan", "inf"])
+def test_shift_grids_refuse_a_shift_that_is_not_finite_and_positive(s):
+    from flowalign.samplers.schedules import sd3_diffusers, shift, shifted_linear
+
+    u = torch.linspace(1, 0, 5, dtype=torch.float64)
+    for make in (lambda: shift(u, s), lambda: shifted_linear(4, s), lambda: sd3_diffusers(4, shift=s)):
+        with pytest.raises(ValueError, match="shift"):
+            make()
+
+
+@pytest.mark.parametrize("s", [0.05, 0.5, 1.0, 3.0, 20.0])
+def test_every_positive_shift_gives_a_finite_decreasing_grid(s):
+    from flowalign.samplers.schedules import sd3_diffusers, shifted_linear
+
+    for grid in (shifted_linear(9, s), sd3_diffusers(9, shift=s)):
+        assert torch.isfinite(grid).all() and grid[0] == 1 and grid[-1] == 0 and (grid[1:] < grid[:-1]).all(), grid
+
+
+@pytest.mark.parametrize("s", [0.0, -3.0, float("nan"), "abc"], ids=["zero", "negative", "nan", "text"])
+def test_wan_flow_shift_argument_is_refused_before_loading(tmp_path, s):
+    """`--model-arg flow_shift=0` sampled NaN videos and exited 0; now one line naming the fix, before any load (the
+    path does not even exist)."""
+    with pytest.raises(UserError) as e:
+        load_model("wan", str(tmp_path / "nowhere"), flow_shift=s, max_sequence_length=SEQ, **TINY_SIZES["wan"])
+    _assert_one_line_refusal(e, "flow_shift=", "> 0", "3.0 for 480p", "5.0 for 720p")
+
+
+def test_wan_flow_shift_from_the_checkpoint_is_checked_and_can_be_overridden(srcs):
+    from diffusers import WanPipeline
+
+    from flowalign.models.wan import WanModel
+    from flowalign.samplers.schedules import shifted_linear
+
+    with pytest.raises(UserError) as e:
+        _adapter(srcs, "wan", _unipc(flow_shift=0.0))
+    _assert_one_line_refusal(e, "flow_shift=0.0", "scheduler_config.json", "> 0")
+    with pytest.raises(UserError) as e:
+        _adapter(srcs, "wan", _euler(shift=-1.0))  # a FlowMatchEuler scheduler's shift is the flow shift
+    _assert_one_line_refusal(e, "shift=-1.0", "> 0")
+    pipe = WanPipeline(**{**srcs["wan"].components, "scheduler": _unipc(flow_shift=0.0)})
+    model = WanModel(pipe, flow_shift=5.0, max_sequence_length=SEQ, **TINY_SIZES["wan"])  # the argument wins
+    assert torch.equal(model.schedule(6), shifted_linear(6, 5.0))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("s", [0.0, -3.0, float("nan")], ids=["zero", "negative", "nan"])
+def test_static_scheduler_shift_must_be_positive(srcs, family, s):
+    with pytest.raises(UserError) as e:
+        _adapter(srcs, family, _euler(shift=s))
+    _assert_one_line_refusal(e, family, f"shift={s!r}", "scheduler_config.json", "> 0")
+
+
+def test_dynamic_shifting_ignores_the_static_shift(srcs):
+    """With use_dynamic_shifting diffusers never applies ``shift`` (μ shifts the grid), so its value is not refused."""
+    model = _adapter(srcs, "flux", _euler(**{**DYNAMIC, "shift": 0.0}))
+    assert torch.allclose(model.schedule(6), _pipeline_sigmas("flux", model, 6), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("s", [0.0, -1.0, float("nan")], ids=["zero", "negative", "nan"])
+def test_shapes_config_shift_must_be_positive(s):
+    from flowalign.models.shapes import ShapesModel
+
+    with pytest.raises(UserError) as e:
+        ShapesModel.from_config({"shift": s, "num_layers": 1})
+    _assert_one_line_refusal(e, "shapes model config shift=", "> 0", "config.json")

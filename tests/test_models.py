@@ -276,3 +276,126 @@ def test_init_noise_is_the_pipelines_noise(tiny_sd3_dir, tiny_flux_dir, family, 
     ref = ref[0] if family == "flux" else ref  # FluxPipeline also returns the image ids
     assert x.dtype == torch.float32 and ref.dtype == dtype
     assert torch.equal(x, ref.float())
+
+
+# --------------------------------------------------------------------------------------------------
+# loading refuses, in one line, what would otherwise fail later or be silently ignored
+
+
+def _one_line(excinfo, *words):
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "wan": "WanPipeline"}
+
+
+@pytest.mark.parametrize("family,other", [(f, o) for f in FAMILIES for o in FAMILIES if f != o])
+def test_a_checkpoint_of_another_family_is_refused_naming_its_family(
+        tiny_sd3_dir, tiny_flux_dir, tiny_wan_dir, family, other):  # noqa: F811
+    """`--model flux --path <sd3 dir>` loaded an SD3 transformer under FluxPipeline (AttributeError at the first
+    forward) and wan on an SD3 directory crashed inside diffusers; now model_index.json is read first."""
+    dirs = {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir, "wan": tiny_wan_dir}
+    with pytest.raises(UserError) as e:
+        _load(family, dirs[other])
+    _one_line(e, f"is a {PIPELINES[other]}", f"not a {family} checkpoint", f"--model {other}")
+
+
+def _relabelled(src, dst, class_name):
+    """A copy of the checkpoint ``src`` whose model_index.json names ``class_name`` as its pipeline."""
+    import json
+    import shutil
+
+    ckpt = shutil.copytree(src, dst)
+    index = ckpt / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": class_name}))
+    return ckpt
+
+
+def test_the_transformer_class_is_checked_after_loading(tiny_sd3_dir, tmp_path):  # noqa: F811
+    """When model_index.json does not tell (here: it claims FluxPipeline), the loaded transformer does."""
+    ckpt = _relabelled(tiny_sd3_dir, tmp_path / "sd3_as_flux", "FluxPipeline")
+    with pytest.raises(UserError) as e:
+        _load("flux", ckpt)
+    _one_line(e, "SD3Transformer2DModel transformer", "FluxTransformer2DModel", "--model sd3")
+
+
+def test_a_pipeline_no_family_loads_is_refused(tiny_sd3_dir, tmp_path):  # noqa: F811
+    ckpt = _relabelled(tiny_sd3_dir, tmp_path / "sdxl", "StableDiffusionXLPipeline")
+    with pytest.raises(UserError) as e:
+        _load("sd3", ckpt)
+    _one_line(e, "StableDiffusionXLPipeline", "no flowalign model family", "sd3 (StableDiffusion3Pipeline)")
+
+
+def test_pipeline_class_names_map_to_their_family():
+    from flowalign.models.base import _families, _pipeline_family
+
+    fams = _families()
+    assert {f: p for f, (p, _) in fams.items()} == PIPELINES  # the shapes families have no diffusers pipeline
+    cases = {"StableDiffusion3Pipeline": "sd3", "StableDiffusion3Img2ImgPipeline": "sd3", "FluxPipeline": "flux",
+             "FluxImg2ImgPipeline": "flux", "WanPipeline": "wan", "WanImageToVideoPipeline": "wan",
+             "Flux2Pipeline": None, "StableDiffusionPipeline": None, "StableDiffusionXLPipeline": None,
+             "Wan": None, "CogVideoXPipeline": None}
+    assert {c: _pipeline_family(c, fams) for c in cases} == cases
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loader_arguments_are_checked_by_name(family):
+    """`from_pretrained(**kwargs)` let check_kwargs accept any name and diffusers ignore a typo; the loaders now take
+    explicit arguments, so model.kwargs / --model-arg typos are refused in one line before anything loads."""
+    import inspect
+
+    from flowalign.models import resolve
+    from flowalign.rewards.catalog import check_kwargs
+
+    fn = resolve(family).from_pretrained
+    params = inspect.signature(fn).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values())
+    assert {"variant", "revision", "use_safetensors", "local_files_only"} <= set(params)
+    with pytest.raises(UserError) as e:
+        check_kwargs(fn, {"max_seqence_length": 16}, f"--model-arg: model {family!r}")
+    _one_line(e, "'max_seqence_length'", "did you mean 'max_sequence_length'")
+    if family == "flux":  # SD3 and Wan take a negative prompt, guidance-distilled FLUX does not
+        with pytest.raises(UserError, match="'negative_prompt'"):
+            check_kwargs(fn, {"negative_prompt": "ugly"}, "model.kwargs (flux)")
+
+
+def test_loading_options_reach_diffusers(tiny_sd3_dir):  # noqa: F811
+    model = _load("sd3", tiny_sd3_dir, use_safetensors=True, local_files_only=True, revision="main")
+    assert model.latent_shape == (4, 16, 16)  # a local directory: revision is not used, safetensors are there
+    with pytest.raises(UserError) as e:  # forwarded: diffusers looks for *.fp16.safetensors files
+        _load("sd3", tiny_sd3_dir, variant="fp16")
+    _one_line(e, "cannot load the sd3 pipeline", "variant")
+    for bad in (dict(use_safetensors="yes"), dict(local_files_only=1), dict(variant=""), dict(revision=[1])):
+        with pytest.raises(UserError) as e:
+            _load("sd3", tiny_sd3_dir, **bad)
+        _one_line(e, next(iter(bad)))
+
+
+SIZE_ARGS = [("height", 0), ("height", -32), ("width", 0), ("max_sequence_length", 0), ("max_sequence_length", -1),
+             ("height", 32.5), ("height", True), ("height", "32")]
+
+
+@pytest.mark.parametrize("family,key,value", [(f, k, v) for f in FAMILIES for k, v in SIZE_ARGS]
+                         + [("wan", "num_frames", -3), ("wan", "num_frames", 0)])
+def test_sizes_must_be_positive_integers(adapters, tmp_path, family, key, value):
+    """0 and negative sizes passed the multiple-of checks and failed inside the transformer (or the text encoder)."""
+    kw = {"max_sequence_length": SEQ, **TINY_SIZES[family], key: value}
+    with pytest.raises(UserError) as e:  # before loading: the directory does not exist
+        load_model(family, str(tmp_path / "nowhere"), **kw)
+    _one_line(e, f"{key}={value!r}", ">= 1")
+    model = adapters[0][family]
+    with pytest.raises(UserError) as e:  # the adapter's constructor checks too
+        type(model)(model.pipe, **kw)
+    _one_line(e, f"{key}={value!r}", ">= 1")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_non_finite_or_negative_guidance_scale_is_refused_at_load(bad):
+    """A NaN scale passed straight to the library loader gave NaN images without a word."""
+    from flowalign.models import load_model
+
+    with pytest.raises(UserError, match="guidance_scale"):
+        load_model("shapes", guidance_scale=bad)

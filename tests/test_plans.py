@@ -130,6 +130,24 @@ def test_branch_plan_random_steps_reproducible_and_validated():
     assert torch.equal(one.latents[:, 0], x[[0, 0, 1, 1, 2, 2]])
 
 
+def test_branch_candidates_exclude_steps_whose_kernel_std_is_zero():
+    """ddim_sde's std a·σ'·√(1 − σ) is 0 at σ = 1 although η > 0 there: children branched at step 0 would coincide
+    (log-prob 0, yet marked trained), so step 0 is no candidate and asking for it is refused."""
+    steps = 6
+    sig = schedules.sd3_diffusers(steps)
+    x = torch.randn(2, 4)
+    ci = torch.tensor([0, 1])
+
+    def run(spec):
+        return PLANS["branch"](gaussian_world_velocity, x, sig, _cond(), cond_index=ci, group=ci,
+                               eta=eta_schedule(steps, 0.7), kernel="ddim_sde", children=3, branch_steps=spec,
+                               generator=torch.Generator().manual_seed(0))
+
+    assert run("all").extras["branch_candidates"].tolist() == [1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        run([0])
+
+
 def test_branch_candidates_are_restricted_to_trainable_steps():
     """The trainer passes its trained-step mask: a child branched at an untrained step would carry no gradient."""
     steps = 8

@@ -7,7 +7,7 @@ import torch
 
 from flowalign import config as C
 from flowalign.samplers import eta_schedule, schedules
-from flowalign.samplers.loop import draw_rows
+from flowalign.samplers.loop import draw_rows, sample
 from flowalign.samplers.plans import PLANS
 from flowalign.train import (STEP_NOISE, _random_trained_mask, group_stream_seed, init_noise_seed, rank_stream_seed,
                              window_seed)
@@ -60,6 +60,25 @@ def test_a_groups_rollouts_are_the_same_alone_or_beside_another(plan, opts):
     alone = PLANS[plan](gaussian_world_velocity, noise[size:], sig, cond, cond_index=ci[size:], group=ci[size:],
                         eta=eta_schedule(T, 0.7), generator=torch.Generator().manual_seed(5), **opts)
     assert not torch.allclose(pair.latents[half:], alone.latents, atol=1e-3)
+
+
+def test_a_groups_window_draws_the_same_noise_beside_a_group_with_another_window():
+    """Flow-GRPO-Fast windows per group (per-row η [B, T]): group 0's generator must not advance at group 1's window
+    steps, or its own window's noise would depend on which groups share its batch (alone: the [T] path)."""
+    sig = schedules.sd3_diffusers(T)
+    cond = _cond(2)
+    noise = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    ci = torch.tensor([0, 0, 1, 1])
+    win = [eta_schedule(T, 0.7, window=(3, 2)), eta_schedule(T, 0.7, window=(0, 2))]  # group 0 late, group 1 early
+    both = sample(gaussian_world_velocity, noise, sig, cond, eta=torch.stack([win[0], win[0], win[1], win[1]]),
+                  kernel="flow_sde", generator=_gens([0, 1]), cond_index=ci, group=ci)
+    for g in (0, 1):
+        rows = slice(2 * g, 2 * g + 2)
+        alone = sample(gaussian_world_velocity, noise[rows], sig, cond, eta=win[g], kernel="flow_sde",
+                       generator=_gens([g]), cond_index=ci[rows], group=ci[rows])
+        assert torch.equal(both.latents[rows], alone.latents)
+        assert torch.equal(both.log_probs[rows], alone.log_probs)
+        assert (alone.log_probs != 0).sum(1).tolist() == [2, 2]  # each group's own window, nothing else
 
 
 def test_random_trained_steps_are_drawn_per_group_too():

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -49,6 +51,8 @@ class FlowAdapter:
     ) -> None:
         self.transformer = transformer
         self.guidance_scale = float(guidance_scale)
+        if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):  # NaN would give NaN images
+            raise UserError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 = no CFG)")
         self.latent_shape = tuple(int(s) for s in latent_shape)  # per sample, without the batch dim
         self._dtype = dtype
         self.components: dict[str, nn.Module] = {"transformer": transformer, **dict(components or {})}
@@ -147,13 +151,143 @@ def build_transformer(transformer_cls: Any, config: Mapping[str, Any], dtype: to
     return tr
 
 
+def uses_cfg(guidance_scale: float) -> bool:
+    """Whether a CFG adapter's ``velocity`` runs both branches (2 transformer rows per sample): w > 1, as diffusers."""
+    return float(guidance_scale) > 1.0
+
+
+def check_sizes(family: str, **sizes: Any) -> None:
+    """One-line ``UserError`` unless every value (height, width, num_frames, max_sequence_length) is an integer ≥ 1;
+    0 or a negative size passes the multiple-of checks and fails later inside the transformer."""
+    for key, value in sizes.items():
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+              and value == int(value) and value >= 1)
+        if not ok:
+            raise UserError(f"{family}: {key}={value!r} must be an integer >= 1 (model.kwargs.{key} / --model-arg "
+                            f"{key}=...)")
+
+
+def loading_options(*, variant: Optional[str] = None, revision: Optional[str] = None,
+                    use_safetensors: Optional[bool] = None, local_files_only: Optional[bool] = None) -> dict[str, Any]:
+    """The diffusers ``from_pretrained`` loading options the adapters forward, type-checked (one-line ``UserError``);
+    options left at None are not passed, so diffusers' own defaults apply."""
+    out: dict[str, Any] = {}
+    for key, value in (("variant", variant), ("revision", revision)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+            raise UserError(f"{key}={value!r} must be a non-empty string (e.g. variant=fp16, revision=main)")
+        out[key] = str(value)  # a YAML-parsed numeric revision is still a revision
+    for key, value in (("use_safetensors", use_safetensors), ("local_files_only", local_files_only)):
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r} must be true or false")
+        out[key] = value
+    return out
+
+
+def _families() -> dict[str, tuple[str, str]]:
+    """{family: (pipeline class name, transformer class name)} of the registered diffusers-backed families (the family
+    modules' ``PIPELINE`` and ``TRANSFORMER``)."""
+    import importlib
+
+    from flowalign.models import MODELS
+
+    out = {}
+    for fam, spec in MODELS.items():
+        mod = importlib.import_module(spec.split(":")[0])
+        if getattr(mod, "PIPELINE", None) and getattr(mod, "TRANSFORMER", None):
+            out[fam] = (mod.PIPELINE, mod.TRANSFORMER)
+    return out
+
+
+def _pipeline_family(class_name: str, families: Mapping[str, tuple[str, str]]) -> Optional[str]:
+    """The family whose pipelines ``class_name`` names: its pipeline class, or a variant of it (the class's stem
+    followed by a capital: FluxImg2ImgPipeline is flux, Flux2Pipeline is not); None for no registered family."""
+    for fam, (pipe, _) in families.items():
+        stem = pipe[: -len("Pipeline")] if pipe.endswith("Pipeline") else pipe
+        rest = class_name[len(stem):]
+        if class_name == pipe or (class_name.startswith(stem) and rest[:1].isupper()):
+            return fam
+    return None
+
+
+def checkpoint_class(path: str, revision: Optional[str] = None) -> Optional[str]:
+    """``_class_name`` of a checkpoint's ``model_index.json``: read from a local directory, or for a hub id from the
+    local hub cache (no network); None when there is none to read."""
+    root = Path(path)
+    if root.is_dir():
+        index: Any = root / "model_index.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            index = try_to_load_from_cache(str(path), "model_index.json", revision=revision)
+        except Exception:  # an id the hub client refuses (a missing local path, say): diffusers reports it
+            return None
+        if not isinstance(index, str):
+            return None
+        index = Path(index)
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # no or an unreadable model_index.json: diffusers reports it
+    return name if isinstance(name, str) else None
+
+
+def _use_family(owner: str) -> str:
+    return f"load it as {owner} (--model {owner}, or model.name: {owner} in a config)"
+
+
+def check_checkpoint_family(path: str, pipeline_cls: Any, family: str, revision: Optional[str] = None) -> None:
+    """Before loading: one-line ``UserError`` when the checkpoint's ``model_index.json`` names another family's pipeline
+    (naming the right family) or a pipeline no family loads. A variant of the family's own pipeline (e.g.
+    FluxImg2ImgPipeline) is loaded with a warning; the transformer is checked after loading (``check_transformer``)."""
+    found = checkpoint_class(path, revision)
+    want = pipeline_cls.__name__
+    if found is None or found == want:
+        return
+    families = _families()
+    owner = _pipeline_family(found, families)
+    if owner == family:
+        logger.warning("the checkpoint at %r is a %s; the %s adapter loads it as a %s", path, found, family, want)
+        return
+    if owner is not None:
+        raise UserError(f"the checkpoint at {path!r} is a {found}, not a {family} checkpoint ({want}); "
+                        f"{_use_family(owner)}")
+    known = ", ".join(f"{f} ({p})" for f, (p, _) in families.items())
+    raise UserError(f"the checkpoint at {path!r} is a {found}, which no flowalign model family loads; "
+                    f"families: {known}")
+
+
+def check_transformer(pipe: Any, path: str, family: str) -> None:
+    """After loading: one-line ``UserError`` when the pipeline's transformer is not the family's transformer class (a
+    checkpoint of another family loaded under this family's pipeline class), naming the family it belongs to."""
+    import diffusers
+
+    families = _families()
+    want = families[family][1]
+    tr = getattr(pipe, "transformer", None)
+    cls = getattr(diffusers, want, None)
+    if tr is None or cls is None or isinstance(tr, cls):
+        return
+    found = type(tr).__name__
+    owner = next((f for f, (_, t) in families.items() if t == found), None)
+    fix = _use_family(owner) if owner else f"pass a {families[family][0]} checkpoint"
+    raise UserError(f"the checkpoint at {path!r} has a {found} transformer, not the {family} family's {want}; {fix}")
+
+
 def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: Any, family: str, **kwargs: Any):
     """``pipeline_cls.from_pretrained(path)`` in ``dtype`` with the VAE in fp32, every module frozen and in eval mode.
 
-    ``path`` is a local diffusers directory or a hub id (offline runs need a local directory).
+    ``path`` is a local diffusers directory or a hub id (offline runs need a local directory); ``kwargs`` are diffusers
+    loading options (``loading_options``). A checkpoint of another family is refused in one line, before loading
+    when its ``model_index.json`` can be read (``check_checkpoint_family``), else by its transformer class.
     """
     import diffusers.pipelines.pipeline_utils as pu
 
+    check_checkpoint_family(path, pipeline_cls, family, kwargs.get("revision"))
     # Per-component dtypes ({"default": dtype, "vae": fp32}) load the VAE directly in fp32. diffusers renamed
     # ``torch_dtype`` to ``dtype`` (the old name warns); older versions only know torch_dtype.
     dtype_key = "dtype" if hasattr(pu, "_resolve_dtype") else "torch_dtype"
@@ -164,6 +298,7 @@ def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: A
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         msg = f"cannot load the {family} pipeline from {path!r} ({first}); pass a local diffusers directory"
         raise UserError(msg) from e
+    check_transformer(pipe, path, family)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "vae", None) is not None and pipe.vae.dtype != torch.float32:
         pipe.vae.to(torch.float32)  # VAE in fp32 (METHODS.md §3.7, REWARDS_AND_EVAL.md §4.1)
@@ -228,6 +363,19 @@ def check_flow_match_scheduler(scheduler: Any, family: str) -> None:
     refuse_scheduler_options(scheduler, family, {
         k: p.default for k, p in params.items() if k not in FLOW_MATCH_OPTIONS and p.default is not p.empty
     })
+    cfg = scheduler.config
+    if not cfg.get("use_dynamic_shifting", False):  # the static shift shapes the grid (dynamic shifting ignores it)
+        check_shift(cfg.get("shift", 1.0), f"{family}: shift={cfg.get('shift', 1.0)!r} in the checkpoint's "
+                    "scheduler/scheduler_config.json", "set it there (1.0 = no shift; SD3/3.5 use 3.0)")
+
+
+def check_shift(value: Any, what: str, fix: str) -> float:
+    """``value`` as a float when it is a finite number > 0, else a one-line ``UserError`` "{what} must be ...; {fix}":
+    a shift of 0, below 0 or NaN makes the shifted grid NaN or non-monotone (``samplers.schedules.shift``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise UserError(f"{what} must be a finite number > 0; {fix}")
+    return float(value)
 
 
 def scheduler_mu(config: Mapping[str, Any], seq_len: int, *, max_shift: float) -> float:

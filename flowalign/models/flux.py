@@ -27,7 +27,8 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules, scheduler_mu,
+    FlowAdapter, check_flow_match_scheduler, check_sizes, flow_match_sigmas, load_pipeline, loading_options,
+    pipeline_modules, scheduler_mu,
 )
 from flowalign.types import Cond
 
@@ -36,6 +37,7 @@ DEFAULT_PATH = "black-forest-labs/FLUX.1-dev"
 # Published transformer architectures (the checkpoints' transformer/config.json), to count what a training step keeps
 # without the weights (`flowalign bench train-memory --arch`, built by `base.build_transformer`).
 TRANSFORMER = "FluxTransformer2DModel"  # the diffusers class these configs build
+PIPELINE = "FluxPipeline"  # the diffusers pipeline of this family's checkpoints (model_index.json)
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "flux.1-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
@@ -47,10 +49,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
-                device: Any = "meta", frames: int = 1, max_sequence_length: int = 512) -> dict[str, Tensor]:
+                device: Any = "meta", frames: int = 1, max_sequence_length: int = 512,
+                guidance_scale: float = 3.5) -> dict[str, Tensor]:
     """The transformer inputs of one training forward of ``prompts`` prompts as ``FluxModel.velocity`` batches them:
-    one row per prompt (guidance-distilled: the scale is an input, no second branch; schnell has none), 2×2-packed
-    latent tokens, ``max_sequence_length`` T5 tokens (zeros)."""
+    one row per prompt at any ``guidance_scale`` (guidance-distilled: the scale is an input, no second branch; schnell
+    has none), 2×2-packed latent tokens, ``max_sequence_length`` T5 tokens (zeros)."""
     h2, w2 = height // 16, width // 16
     m = {"device": device, "dtype": dtype}
     guidance = torch.zeros(prompts, device=device) if config.get("guidance_embeds") else None  # [P]
@@ -95,6 +98,7 @@ class FluxModel(FlowAdapter):
 
     def __init__(self, pipe: Any, *, guidance_scale: float = 3.5, height: int = 512, width: int = 512,
                  max_sequence_length: int = 512, dtype: torch.dtype = torch.float32):
+        check_sizes("FLUX", height=height, width=width, max_sequence_length=max_sequence_length)
         vsf = pipe.vae_scale_factor
         if height % (2 * vsf) or width % (2 * vsf):
             raise UserError(f"FLUX height/width must be multiples of {2 * vsf}, got {height}x{width}")
@@ -116,11 +120,16 @@ class FluxModel(FlowAdapter):
     @classmethod
     def from_pretrained(cls, path: str = "", *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
                         guidance_scale: float = 3.5, height: int = 512, width: int = 512,
-                        max_sequence_length: int = 512, **kwargs: Any) -> "FluxModel":
-        """Load from a local diffusers directory or hub id (default FLUX.1-dev); ``kwargs`` go to diffusers."""
+                        max_sequence_length: int = 512, variant: Optional[str] = None, revision: Optional[str] = None,
+                        use_safetensors: Optional[bool] = None, local_files_only: Optional[bool] = None) -> "FluxModel":
+        """Load from a local diffusers directory or hub id (default FLUX.1-dev). ``variant``, ``revision``,
+        ``use_safetensors`` and ``local_files_only`` go to diffusers' ``from_pretrained`` (None: its default)."""
         from diffusers import FluxPipeline
 
-        pipe = load_pipeline(FluxPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="flux", **kwargs)
+        check_sizes("FLUX", height=height, width=width, max_sequence_length=max_sequence_length)  # before loading
+        options = loading_options(variant=variant, revision=revision, use_safetensors=use_safetensors,
+                                  local_files_only=local_files_only)
+        pipe = load_pipeline(FluxPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="flux", **options)
         return cls(pipe, guidance_scale=guidance_scale, height=height, width=width,
                    max_sequence_length=max_sequence_length, dtype=dtype)
 

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_flow_match_scheduler, flow_match_sigmas, load_pipeline, pipeline_modules, scheduler_mu,
+    FlowAdapter, check_flow_match_scheduler, check_sizes, flow_match_sigmas, load_pipeline, loading_options,
+    pipeline_modules, scheduler_mu, uses_cfg,
 )
 from flowalign.types import Cond
 
@@ -32,6 +33,7 @@ DEFAULT_PATH = "stabilityai/stable-diffusion-3.5-medium"
 # Published transformer architectures (the checkpoints' transformer/config.json), to count what a training step keeps
 # without the weights (`flowalign bench train-memory --arch`, built by `base.build_transformer`).
 TRANSFORMER = "SD3Transformer2DModel"  # the diffusers class these configs build
+PIPELINE = "StableDiffusion3Pipeline"  # the diffusers pipeline of this family's checkpoints (model_index.json)
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "sd3.5-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                          num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -45,15 +47,17 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
-                device: Any = "meta", frames: int = 1, max_sequence_length: int = 128) -> dict[str, Tensor]:
+                device: Any = "meta", frames: int = 1, max_sequence_length: int = 128,
+                guidance_scale: float = 4.5) -> dict[str, Tensor]:
     """The transformer inputs of one training forward of ``prompts`` prompts as ``SD3Model.velocity`` batches them:
-    both CFG branches (2·prompts rows), CLIP's 77 + T5's ``max_sequence_length`` text tokens (zeros)."""
-    rows = 2 * prompts
+    both CFG branches (R = 2·prompts rows) when ``guidance_scale`` > 1, else the conditional branch alone
+    (R = prompts), CLIP's 77 + T5's ``max_sequence_length`` text tokens (zeros)."""
+    rows = 2 * prompts if uses_cfg(guidance_scale) else prompts
     m = {"device": device, "dtype": dtype}
-    return dict(hidden_states=torch.zeros(rows, config["in_channels"], height // 8, width // 8, **m),  # [2P, C, h, w]
-                timestep=torch.zeros(rows, device=device),  # [2P]
+    return dict(hidden_states=torch.zeros(rows, config["in_channels"], height // 8, width // 8, **m),  # [R, C, h, w]
+                timestep=torch.zeros(rows, device=device),  # [R]
                 encoder_hidden_states=torch.zeros(rows, 77 + max_sequence_length, config["joint_attention_dim"], **m),
-                pooled_projections=torch.zeros(rows, config["pooled_projection_dim"], **m))  # [2P, S, D], [2P, P]
+                pooled_projections=torch.zeros(rows, config["pooled_projection_dim"], **m))  # [R, S, D], [R, P]
 
 
 class SD3Model(FlowAdapter):
@@ -67,6 +71,7 @@ class SD3Model(FlowAdapter):
 
     def __init__(self, pipe: Any, *, guidance_scale: float = 4.5, height: int = 512, width: int = 512,
                  max_sequence_length: int = 128, negative_prompt: str = "", dtype: torch.dtype = torch.float32):
+        check_sizes("SD3", height=height, width=width, max_sequence_length=max_sequence_length)
         vsf = pipe.vae_scale_factor
         multiple = vsf * pipe.transformer.config.patch_size
         if height % multiple or width % multiple:
@@ -87,12 +92,18 @@ class SD3Model(FlowAdapter):
     @classmethod
     def from_pretrained(cls, path: str = "", *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
                         guidance_scale: float = 4.5, height: int = 512, width: int = 512,
-                        max_sequence_length: int = 128, negative_prompt: str = "", **kwargs: Any) -> "SD3Model":
-        """Load from a local diffusers directory or hub id (default SD3.5-medium); ``kwargs`` go to diffusers."""
+                        max_sequence_length: int = 128, negative_prompt: str = "", variant: Optional[str] = None,
+                        revision: Optional[str] = None, use_safetensors: Optional[bool] = None,
+                        local_files_only: Optional[bool] = None) -> "SD3Model":
+        """Load from a local diffusers directory or hub id (default SD3.5-medium). ``variant``, ``revision``,
+        ``use_safetensors`` and ``local_files_only`` go to diffusers' ``from_pretrained`` (None: its default)."""
         from diffusers import StableDiffusion3Pipeline
 
+        check_sizes("SD3", height=height, width=width, max_sequence_length=max_sequence_length)  # before loading
+        options = loading_options(variant=variant, revision=revision, use_safetensors=use_safetensors,
+                                  local_files_only=local_files_only)
         pipe = load_pipeline(StableDiffusion3Pipeline, path or DEFAULT_PATH, dtype=dtype, device=device,
-                             family="sd3", **kwargs)
+                             family="sd3", **options)
         return cls(pipe, guidance_scale=guidance_scale, height=height, width=width,
                    max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, dtype=dtype)
 
@@ -136,7 +147,7 @@ class SD3Model(FlowAdapter):
         """v(x, σ | c) with CFG; x [B, C, h, w] fp32 → v [B, C, h, w] fp32."""
         b = x.shape[0]
         t = self._sigma_batch(sigma, b, x.device) * self.timestep_scale  # [B] model timestep σ·N in [0, N]
-        cfg = self.guidance_scale > 1.0
+        cfg = uses_cfg(self.guidance_scale)
         h = x.to(self.dtype)
         enc, pooled = cond["prompt_embeds"], cond["pooled"]
         if cfg:  # one forward on [uncond, cond], as the diffusers pipeline does

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError
-from flowalign.models.base import FlowAdapter
+from flowalign.models.base import FlowAdapter, check_shift
 from flowalign.types import Cond
 
 logger = logging.getLogger(__name__)
@@ -197,6 +197,8 @@ class ShapesModel(FlowAdapter):
             raise UserError("shapes model config has an empty vocabulary")
         if config.prediction not in ("v", "x"):
             raise UserError(f"shapes model prediction must be 'v' or 'x', got {config.prediction!r}")
+        check_shift(config.shift, f"shapes model config shift={config.shift!r}",
+                    "fix shift in the model's config.json (or model_config.shift when pretraining); 1.0 = no shift")
         self.config = config
         transformer, comps = self._build(config)
         self.text_encoder = ShapesTextEncoder(config.vocab, config.text_dim, config.text_layers, config.text_heads,

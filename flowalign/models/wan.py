@@ -9,9 +9,9 @@
   num_train_timesteps = 1000.
 * Schedule: ``shifted_linear(T, flow_shift)`` (METHODS.md §1.4) replaces the pipeline's UniPC scheduler;
   ``flow_shift`` defaults to the scheduler config's (3.0 for 480p, 5.0 for 720p; ``shift`` for a
-  FlowMatchEulerDiscreteScheduler). A scheduler whose options reshape its grid beyond that shift
-  (``SCHEDULER_EXPECTED``: Karras / exponential / beta sigmas, dynamic shifting, ``shift_terminal``, non-flow sigmas)
-  is refused when the model is loaded.
+  FlowMatchEulerDiscreteScheduler); one that is not a finite number > 0 is refused. A scheduler whose options
+  reshape its grid beyond that shift (``SCHEDULER_EXPECTED``: Karras / exponential / beta sigmas, dynamic shifting,
+  ``shift_terminal``, non-flow sigmas) is refused when the model is loaded.
 * Decode: fp32 VAE → [B, F, 3, H, W] in [0, 1].
 Wan 2.2 two-expert pipelines (``transformer_2``) are not supported.
 """
@@ -24,7 +24,10 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.models.base import FlowAdapter, load_pipeline, pipeline_modules, refuse_scheduler_options
+from flowalign.models.base import (
+    FlowAdapter, check_shift, check_sizes, load_pipeline, loading_options, pipeline_modules, refuse_scheduler_options,
+    uses_cfg,
+)
 from flowalign.types import Cond
 
 DEFAULT_PATH = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -32,6 +35,7 @@ DEFAULT_PATH = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # Published transformer architectures (the checkpoints' transformer/config.json), to count what a training step keeps
 # without the weights (`flowalign bench train-memory --arch`, built by `base.build_transformer`).
 TRANSFORMER = "WanTransformer3DModel"  # the diffusers class these configs build
+PIPELINE = "WanPipeline"  # the diffusers pipeline of this family's checkpoints (model_index.json)
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "wan2.1-1.3b": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                         out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -43,15 +47,16 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
-                device: Any = "meta", frames: int = 1, max_sequence_length: int = 512) -> dict[str, Tensor]:
+                device: Any = "meta", frames: int = 1, max_sequence_length: int = 512,
+                guidance_scale: float = 5.0) -> dict[str, Tensor]:
     """The transformer inputs of one training forward of ``prompts`` prompts as ``WanModel.velocity`` batches them:
-    both CFG branches (2·prompts rows), (frames − 1)/4 + 1 latent frames, ``max_sequence_length`` UMT5 tokens
-    (zeros)."""
-    rows = 2 * prompts
+    both CFG branches (R = 2·prompts rows) when ``guidance_scale`` > 1, else the conditional branch alone
+    (R = prompts), (frames − 1)/4 + 1 latent frames, ``max_sequence_length`` UMT5 tokens (zeros)."""
+    rows = 2 * prompts if uses_cfg(guidance_scale) else prompts
     m = {"device": device, "dtype": dtype}
-    lat = (rows, config["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)  # [2P, C, F', h, w]
-    return dict(hidden_states=torch.zeros(lat, **m), timestep=torch.zeros(rows, device=device),  # ..., [2P]
-                encoder_hidden_states=torch.zeros(rows, max_sequence_length, config["text_dim"], **m))  # [2P, S, D]
+    lat = (rows, config["in_channels"], (frames - 1) // 4 + 1, height // 8, width // 8)  # [R, C, F', h, w]
+    return dict(hidden_states=torch.zeros(lat, **m), timestep=torch.zeros(rows, device=device),  # ..., [R]
+                encoder_hidden_states=torch.zeros(rows, max_sequence_length, config["text_dim"], **m))  # [R, S, D]
 
 
 # The grid is flowalign's shifted_linear(T, flow_shift), not the scheduler's, and the step is flowalign's kernel, so the
@@ -70,6 +75,9 @@ SCHEDULER_EXPECTED = {
 }
 
 
+FLOW_SHIFT_FIX = "use 3.0 for 480p or 5.0 for 720p (model.kwargs.flow_shift / --model-arg flow_shift=3.0)"
+
+
 class WanModel(FlowAdapter):
     # METHODS.md §3.7: r/α 32/64 on the attention projections (self- and cross-attention).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
@@ -82,6 +90,7 @@ class WanModel(FlowAdapter):
                  flow_shift: Optional[float] = None, dtype: torch.dtype = torch.float32):
         if getattr(pipe, "transformer_2", None) is not None:
             raise UserError("Wan 2.2 two-expert pipelines (transformer_2) are not supported; use a Wan 2.1 model")
+        check_sizes("Wan", height=height, width=width, num_frames=num_frames, max_sequence_length=max_sequence_length)
         vae_cfg = pipe.vae.config
         tsf, ssf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
         patch = pipe.transformer.config.patch_size
@@ -98,8 +107,10 @@ class WanModel(FlowAdapter):
         # The pipeline's timestep is the scheduler's σ·N (N = num_train_timesteps, 1000 for Wan 2.1).
         self.timestep_scale = float(sched.get("num_train_timesteps", 1000))
         if flow_shift is None:
-            flow_shift = sched.get("flow_shift", sched.get("shift", 3.0))
-        self.flow_shift = float(flow_shift)
+            key = "flow_shift" if "flow_shift" in sched else "shift"
+            flow_shift = check_shift(sched.get(key, 3.0), f"wan: {key}={sched.get(key)!r} in the checkpoint's "
+                                     "scheduler/scheduler_config.json", FLOW_SHIFT_FIX)
+        self.flow_shift = check_shift(flow_shift, f"wan: flow_shift={flow_shift!r}", FLOW_SHIFT_FIX)
         self._mean = torch.tensor(vae_cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)  # [1, C, 1, 1, 1]
         self._std = torch.tensor(vae_cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)  # [1, C, 1, 1, 1]
         latent_shape = (vae_cfg.z_dim, (num_frames - 1) // tsf + 1, height // ssf, width // ssf)
@@ -110,11 +121,20 @@ class WanModel(FlowAdapter):
     def from_pretrained(cls, path: str = "", *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
                         guidance_scale: float = 5.0, height: int = 480, width: int = 832, num_frames: int = 81,
                         max_sequence_length: int = 512, negative_prompt: str = "",
-                        flow_shift: Optional[float] = None, **kwargs: Any) -> "WanModel":
-        """Load from a local diffusers directory or hub id (default Wan2.1-T2V-1.3B); ``kwargs`` go to diffusers."""
+                        flow_shift: Optional[float] = None, variant: Optional[str] = None,
+                        revision: Optional[str] = None, use_safetensors: Optional[bool] = None,
+                        local_files_only: Optional[bool] = None) -> "WanModel":
+        """Load from a local diffusers directory or hub id (default Wan2.1-T2V-1.3B). ``variant``, ``revision``,
+        ``use_safetensors`` and ``local_files_only`` go to diffusers' ``from_pretrained`` (None: its default)."""
         from diffusers import WanPipeline
 
-        pipe = load_pipeline(WanPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="wan", **kwargs)
+        # the user's values are checked before anything loads
+        check_sizes("Wan", height=height, width=width, num_frames=num_frames, max_sequence_length=max_sequence_length)
+        if flow_shift is not None:
+            check_shift(flow_shift, f"wan: flow_shift={flow_shift!r}", FLOW_SHIFT_FIX)
+        options = loading_options(variant=variant, revision=revision, use_safetensors=use_safetensors,
+                                  local_files_only=local_files_only)
+        pipe = load_pipeline(WanPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="wan", **options)
         return cls(pipe, guidance_scale=guidance_scale, height=height, width=width, num_frames=num_frames,
                    max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
                    flow_shift=flow_shift, dtype=dtype)
@@ -139,7 +159,7 @@ class WanModel(FlowAdapter):
         """v(x, σ | c) with CFG; x [B, C, F′, h, w] fp32 → v of the same shape, fp32."""
         b = x.shape[0]
         t = self._sigma_batch(sigma, b, x.device) * self.timestep_scale  # [B] model timestep σ·N in [0, N]
-        cfg = self.guidance_scale > 1.0
+        cfg = uses_cfg(self.guidance_scale)
         h, enc = x.to(self.dtype), cond["prompt_embeds"]
         if cfg:
             h, t = torch.cat([h, h]), torch.cat([t, t])  # [2B, ...] = [uncond, cond]

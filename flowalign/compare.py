@@ -157,8 +157,12 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     if objective != "grpo":  # another update rule (DiffusionNFT) on the same rollouts and rewards
         tags.append(f"objective {objective}")
     same = _setting(cfg_file, cfg)  # what must match for runs to be seeds of one setting
+    from flowalign.config import DataConfig
+
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
     return {
         "label": run.name,
+        "prompt_set": str(data.get("eval_prompts") or DataConfig().eval_prompts),  # unset: the config's default
         "seed": train.get("seed"),
         "setting": json.dumps(same, sort_keys=True, default=str),
         "credit": str(credit.get("name", "outcome")) + (f" ({', '.join(tags)})" if tags else ""),
@@ -238,7 +242,10 @@ def mean_over_seeds(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _check_out_dir(out: Path) -> None:
-    """One-line ``UserError`` when ``--out`` exists as a file (``mkdir`` would fail after the runs were read)."""
+    """One-line ``UserError`` when ``--out`` exists as a file, lies under one, or cannot be written (not writable
+    itself, or its nearest existing parent is not): ``mkdir`` or the write would fail after the runs were read."""
+    from flowalign.sample import check_out_parent
+
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a directory for compare.png and compare.md")
     for parent in out.absolute().parents:  # mkdir under a file fails too
@@ -246,6 +253,7 @@ def _check_out_dir(out: Path) -> None:
             if not parent.is_dir():
                 raise UserError(f"--out {str(out)!r} is under {str(parent)!r}, a file; pass a directory")
             break
+    check_out_parent(out)
 
 
 def _unique_labels(curves: Sequence[dict[str, Any]], run_dirs: Sequence[str | Path]) -> None:
@@ -260,6 +268,13 @@ def _unique_labels(curves: Sequence[dict[str, Any]], run_dirs: Sequence[str | Pa
         while k < len(parts[i]) and any(o[-k:] == parts[i][-k:] for o in others):
             k += 1
         c["label"] = "/".join(parts[i][-k:])
+
+
+def y_label(curves: Sequence[dict[str, Any]], reward: str) -> str:
+    """The plots' y label: the evaluation prompt set(s) of the runs (``data.eval_prompts``; a file by its name) and
+    the reward, e.g. ``shapes-bench shapes_strict`` or ``prompts.txt, shapes-bench pickscore`` for mixed runs."""
+    sets = dict.fromkeys(Path(str(c["prompt_set"])).name for c in curves)
+    return f"{', '.join(sets)} {reward}"
 
 
 def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict", *,
@@ -312,8 +327,9 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
                                  linewidth=0)
     axes[0].set_xlabel("rollouts (trajectories sampled)")
     axes[1].set_xlabel("transformer forwards, thousands (all phases)")
+    ylabel = y_label(curves, reward)
     for ax in axes:
-        ax.set_ylabel(f"shapes-bench {reward}")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     if below:
         handles, labels = axes[0].get_legend_handles_labels()
@@ -336,7 +352,9 @@ def cli_main(argv: Sequence[str]) -> int:
     p = CommandParser(prog="flowalign compare", description="Compare training runs: the headline eval metric "
                                 "against rollouts and against NFE (compare.png) and a table (compare.md).")
     p.add_argument("runs", nargs="+", help="run directories written by `flowalign train` (with eval.every > 0)")
-    p.add_argument("--out", required=True, help="output directory for compare.png and compare.md")
+    p.add_argument("--out", required=True, help="output directory for compare.png and compare.md (made if missing; "
+                                                "a compare.png or compare.md already there is replaced, the rest of "
+                                                "the directory is left alone)")
     p.add_argument("--reward", default="shapes_strict", help="evaluation reward to compare (default shapes_strict)")
     p.add_argument("--mean-over-seeds", action="store_true",
                    help="merge runs whose configs differ only in train.seed: mean curve with a min-max band, and "

@@ -244,9 +244,9 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
 
     ``resumable``: each finished batch's records are appended to ``out_dir/results.partial.jsonl`` (an ``io.BatchJournal``
     with the settings in its header), removed once results.jsonl is written. ``resume`` continues from that file: the
-    settings must be the same (else a one-line ``UserError`` naming the differences), its complete batches are not
-    sampled again (those holding grid images are, for their pixels), and the results equal an uninterrupted run's,
-    batch for batch.
+    settings and the prompts (text and metadata, by their SHA-256; a journal without it is refused) must be the same
+    (else a one-line ``UserError`` naming the differences), its complete batches are not sampled again (those holding
+    grid images are, for their pixels), and the results equal an uninterrupted run's, batch for batch.
 
     The protocol is the ODE sampler (``kernel`` must be "euler"); the summary is ``summarize``'s dict plus
     the settings used, so a report can say how the numbers were made; ``extra_settings`` (e.g. the model, its
@@ -270,12 +270,14 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     batch_of = lambda i, k: (i * seeds_per_prompt + k) // batch_size  # noqa: E731  (run_eval's job order)
     n_jobs = len(prompts) * seeds_per_prompt
 
-    # what an interrupted run finished (whole batches: io.BatchJournal); the grid's batches run again for their pixels
+    prompt_records = as_records(prompts)
+    # what an interrupted run finished (whole batches: io.BatchJournal, which also checks that the prompts are the
+    # same, text and metadata); the grid's batches run again for their pixels
     journal = None
     if resumable:
         out.mkdir(parents=True, exist_ok=True)
         journal = BatchJournal(out / PARTIAL, {**settings, "rewards": names, "batch_size": batch_size}, resume=resume,
-                               redo={batch_of(i, k) for i in shown for k in range(cols)})
+                               redo={batch_of(i, k) for i in shown for k in range(cols)}, prompts=prompt_records)
         if resume:
             logger.info("resuming %s: %d of %d images already scored", out, len(journal.records()), n_jobs)
     done = journal.done if journal is not None else {}
@@ -289,7 +291,6 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
             if i in shown and k < cols:
                 kept[(i, k)] = images[j].detach().float().cpu()  # [3, H, W] (video: [F, 3, H, W])
 
-    prompt_records = as_records(prompts)
     new = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
                            seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress,
                            skip_batches=set(done), on_batch=on_batch if (shown or resumable) else None)
@@ -328,19 +329,21 @@ def add_component_args(p) -> None:
                    help="video models: how image rewards score the frames, e.g. reduce=first or stride=2 "
                         "(PerFrame options; default every 4th frame, mean; repeatable)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="adapter argument, e.g. guidance_scale=3 (shapes) or height=1024 (sd3, flux) "
-                        "(repeatable; values parsed as YAML)")
+                   help="adapter argument, e.g. guidance_scale=3 (shapes), dtype=bfloat16 (float32, bfloat16 or "
+                        "float16) or height=1024 (sd3, flux) (repeatable; values parsed as YAML)")
 
 
 def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, dict], dict, dict]:
     """(reward kwargs per name, PerFrame options, model kwargs) from ``add_component_args``' options, each checked
-    against the constructor it goes to (one-line ``UserError``), before any model or reward is built."""
+    against the constructor it goes to (one-line ``UserError``), before any model or reward is built. A model
+    ``dtype`` is returned as its ``torch.dtype`` (``model_dtype``; ``model_args_jsonable`` names it back) and a
+    ``guidance_scale`` is checked as ``--guidance`` is."""
     import yaml
 
     from flowalign.errors import UserError
     from flowalign.models import resolve as resolve_model
     from flowalign.rewards import resolve as resolve_reward
-    from flowalign.rewards.catalog import check_kwargs
+    from flowalign.rewards.catalog import check_kwarg_types, check_kwargs
     from flowalign.rewards.video import check_per_frame
 
     def kv(text: str, flag: str) -> tuple[str, Any]:
@@ -367,15 +370,42 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
         reward_kwargs[n][k] = value
     for n in names:
         check_kwargs(resolve_reward(n), reward_kwargs[n], f"--reward-arg: reward {n!r}")
+        check_kwarg_types(resolve_reward(n), reward_kwargs[n], f"--reward-arg: reward {n!r}")
     per_frame = dict(kv(t, "--per-frame") for t in args.per_frame)
     check_per_frame(per_frame, "--per-frame")
     model_kwargs = dict(kv(t, "--model-arg") for t in args.model_arg)
     for k in ("path", "device"):
         if k in model_kwargs:
             raise UserError(f"--model-arg {k}=...: pass --{k} instead")
-    check_kwargs(resolve_model(args.model).from_pretrained, model_kwargs, f"--model-arg: model {args.model!r}",
-                 reserved=("path", "device"))
+    loader = resolve_model(args.model).from_pretrained
+    check_kwargs(loader, model_kwargs, f"--model-arg: model {args.model!r}", reserved=("path", "device"))
+    if "dtype" in model_kwargs:  # the loaders take a torch.dtype; the command line names it as the train config does
+        model_kwargs["dtype"] = model_dtype(model_kwargs["dtype"], "--model-arg dtype")
+    if "guidance_scale" in model_kwargs:  # what --guidance refuses is refused here too (null keeps the model's)
+        from flowalign.sample import check_guidance
+
+        check_guidance(model_kwargs["guidance_scale"], "--model-arg guidance_scale")
+    check_kwarg_types(loader, model_kwargs, f"--model-arg: model {args.model!r}")
     return reward_kwargs, per_frame, model_kwargs
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype's values
+
+
+def model_dtype(value: Any, flag: str = "--model-arg dtype") -> torch.dtype:
+    """The ``torch.dtype`` named by ``value`` (float32, bfloat16 or float16, the values of the train config's
+    ``model.dtype``), else a one-line ``UserError`` starting with ``flag``."""
+    from flowalign.errors import UserError
+
+    if isinstance(value, str) and value.strip() in DTYPES:
+        return DTYPES[value.strip()]
+    raise UserError(f"{flag} must be one of {', '.join(DTYPES)}, got {value!r}")
+
+
+def model_args_jsonable(model_kwargs: Mapping[str, Any]) -> dict:
+    """``parse_component_args``' model kwargs as JSON values for a summary or a journal: a dtype by its name."""
+    names = {v: k for k, v in DTYPES.items()}
+    return {k: names.get(v, str(v)) if isinstance(v, torch.dtype) else v for k, v in model_kwargs.items()}
 
 
 def cli_main(argv: Sequence[str]) -> int:
@@ -383,7 +413,7 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
     from flowalign.models import load_model
-    from flowalign.rewards import build_reward
+    from flowalign.rewards.catalog import build_reward_checked
 
     p = CommandParser(prog="flowalign eval", description="Evaluate a model on a prompt set with rewards.")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
@@ -436,7 +466,8 @@ def cli_main(argv: Sequence[str]) -> int:
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
     outputs = getattr(model, "output_kind", "image")
-    rewards = {n: for_outputs(build_reward(n, **reward_kwargs[n]), outputs, per_frame) for n in names}
+    rewards = {n: for_outputs(build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}"), outputs,
+                              per_frame) for n in names}
     for fn in rewards.values():  # rewards that parse their prompts (the shapes verifier): before any sampling
         check = getattr(fn, "validate_prompts", None)
         if check is not None:
@@ -446,7 +477,7 @@ def cli_main(argv: Sequence[str]) -> int:
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
                     resumable=True, resume=args.resume, extra_settings={"model": args.model, "path": args.path or None, "lora": args.lora,
                                     "prompt_set": args.prompts, "max_prompts": args.max_prompts,
-                                    **({"model_args": model_kwargs} if model_kwargs else {}),
+                                    **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
                                     **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {})})
     from flowalign.report import write_report
 

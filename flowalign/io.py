@@ -225,6 +225,30 @@ def read_jsonl(path: PathLike) -> list[dict]:
 
 
 
+PROMPTS_KEY = "prompts_sha256"  # BatchJournal's settings key for the digest of the job's prompts
+
+
+def prompts_digest(prompts: Sequence[Any]) -> str:
+    """SHA-256 (hex) of ``prompts`` in order, texts and metadata (their JSON with sorted keys, via ``to_jsonable``):
+    equal exactly when a job would sample the same prompts."""
+    import hashlib
+
+    text = json.dumps(to_jsonable(list(prompts)), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _setting_change(key: str, before: Any, now: Any) -> str:
+    """One difference between a journal's settings and a resume's, as ``BatchJournal`` names it."""
+    if key == PROMPTS_KEY:
+        if before is None:
+            return ("the prompts cannot be checked: the journal is from a flowalign that did not record them, so start "
+                    "again without --resume")
+        if now is None:
+            return "the prompts cannot be checked: this command does not pass them to the journal"
+        return f"the prompts differ in text, order or metadata, sha256 {before[:12]} -> {now[:12]}"
+    return f"{key} {before!r} -> {now!r}"
+
+
 class BatchJournal:
     """The finished batches of a long job (``flowalign eval``, ``flowalign steer``), so an interrupted run can resume.
 
@@ -236,13 +260,21 @@ class BatchJournal:
     equal ``settings`` (JSON-compared), else a one-line ``UserError`` names the differences. ``done`` maps each
     finished batch to (records, meta), leaving out the batches in ``redo``; the file is rewritten with just those, so
     what it holds is always what is done. ``close()`` deletes it once the job's own outputs are written.
+
+    ``prompts`` (the job's prompt records, in order, as sampled: after any subset) adds their ``prompts_digest`` to the
+    settings as ``prompts_sha256``, so a resume whose prompts differ (an edited prompt file, other metadata) is refused
+    even where the path and the count are the same. A journal written without it (flowalign before this check) cannot
+    show its prompts were the same, so a resume that passes ``prompts`` refuses it too (start the run again).
     """
 
-    def __init__(self, path: PathLike, settings: dict, *, resume: bool = False, redo: Collection[int] = ()):
+    def __init__(self, path: PathLike, settings: dict, *, resume: bool = False, redo: Collection[int] = (),
+                 prompts: Sequence[Any] | None = None):
         from flowalign.errors import UserError
 
         self.path = Path(path)
         self.settings = json.loads(json.dumps(to_jsonable(settings)))
+        if prompts is not None:
+            self.settings[PROMPTS_KEY] = prompts_digest(prompts)
         self.done: dict[int, tuple[list[dict], dict]] = {}
         if resume:
             try:
@@ -254,8 +286,8 @@ class BatchJournal:
                 raise UserError(f"--resume: {self.path} is missing or has no settings header; start again without "
                                 "--resume")
             before = rows[0]["journal"]
-            diff = [f"{k} {before.get(k)!r} -> {self.settings.get(k)!r}" for k in sorted(set(before) | set(self.settings))
-                    if before.get(k) != self.settings.get(k)]
+            diff = [_setting_change(k, before.get(k), self.settings.get(k))
+                    for k in sorted(set(before) | set(self.settings)) if before.get(k) != self.settings.get(k)]
             if diff:
                 raise UserError(f"--resume: the interrupted run in {self.path.parent} used other settings "
                                 f"({'; '.join(diff)}); pass the same arguments, or choose a new --out")

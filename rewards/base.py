@@ -6,7 +6,8 @@
 * ``Checkpoint``: what weights a reward needs and how a user with network obtains them.
 * ``Scaled``: scale/offset wrapper (scorers return raw scales; flow_grpo's /26, /30 live here).
 * ``resolve_source`` / ``hub_errors`` / ``hub_file``: local path or Hugging Face hub id, with a one-line ``UserError``
-  when a hub id is needed but not cached and downloads are off (``HF_HUB_OFFLINE=1``).
+  when a hub id is needed but not cached and downloads are off (``HF_HUB_OFFLINE=1``) or the hub does not answer
+  (checked once, before the hub library's download retries).
 """
 
 from __future__ import annotations
@@ -143,9 +144,64 @@ def hub_hint(repo: str, what: str, arg: str, filename: Optional[str] = None, rew
     )
 
 
+def hub_cached(repo: str, filename: Optional[str] = None) -> bool:
+    """Whether the local Hugging Face cache holds hub id ``repo``: its file ``filename``, or without one any snapshot
+    of it. Reads the cache only (no network)."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return True  # cannot tell: the loader decides, as before
+    try:
+        if filename is not None:
+            return isinstance(try_to_load_from_cache(repo, filename), str)
+        snapshots = os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo, repo_type="model"), "snapshots")
+        with os.scandir(snapshots) as entries:
+            return any(True for _ in entries)
+    except (OSError, ValueError):  # no such cache directory; an id the hub library refuses
+        return False
+
+
+def hub_unreachable(repo: str, filename: str) -> bool:
+    """True when the hub cannot be asked for ``repo``'s ``filename``: downloads are off (``HF_HUB_OFFLINE=1``), or one
+    metadata request, without retries, gets no answer (no network, a timeout). huggingface_hub's own download of a
+    file that is not cached retries such failures with a back-off (about 25 s and ten warning lines per file), so an
+    uncached hub id is probed once first. An answer, even an error (no such file, a gated repo), is False: the
+    loader then runs as it would have."""
+    if _offline():
+        return True
+    try:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.utils import HfHubHTTPError
+    except ImportError:  # pragma: no cover
+        return False
+    http_log = logging.getLogger("huggingface_hub.utils._http")  # it warns about the failed request: the caller says it
+    level = http_log.level
+    http_log.setLevel(logging.ERROR)
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, filename))
+    except HfHubHTTPError:  # the hub answered
+        return False
+    except Exception:  # no answer: connection, DNS, timeout, offline mode
+        return True
+    finally:
+        http_log.setLevel(level)
+    return False
+
+
+def _check_reachable(repo: str, filename: Optional[str], hint: str) -> None:
+    """A one-line ``UserError`` (``hint``) at once when hub id ``repo`` (its ``filename``) is not in the local cache
+    and the hub cannot be reached, instead of the hub library's retries; a cached id is left to the loader."""
+    if not hub_cached(repo, filename) and hub_unreachable(repo, filename or "config.json"):
+        raise UserError(hint)
+
+
 @contextlib.contextmanager
 def hub_errors(source: str, what: str, arg: str = "path", reward: Optional[str] = None) -> Iterator[None]:
-    """Turn a loader's failure on an uncached hub id into a one-line ``UserError`` (local paths re-raise as is)."""
+    """Turn a loader's failure on an uncached hub id into a one-line ``UserError`` (local paths re-raise as is). A hub
+    id that is neither cached nor reachable is refused before the loader runs (``hub_unreachable``)."""
+    if is_hub_id(source):
+        _check_reachable(source, None, hub_hint(source, what, arg, reward=reward))
     try:
         yield
     except UserError:
@@ -157,16 +213,21 @@ def hub_errors(source: str, what: str, arg: str = "path", reward: Optional[str] 
 
 
 def hub_file(source: Optional[str], repo: str, filename: str, what: str, arg: str) -> str:
-    """A local file: ``source`` if it exists (a directory is searched for ``filename``), else ``repo/filename`` from the hub."""
+    """A local file: ``source`` if it exists (a directory is searched for ``filename``), else ``repo/filename`` from the
+    hub: the cached file, or a download when the hub answers (``hub_unreachable``), else a one-line ``UserError``."""
     if source is not None:
         s = os.path.expanduser(str(source))
         if os.path.isdir(s):
-            s = os.path.join(s, filename)
+            if os.path.isfile(os.path.join(s, filename)):
+                return os.path.join(s, filename)
+            raise UserError(f"{what}: {source!r} holds no {filename!r} (pass the directory holding it, or the file "
+                            f"itself, with {arg}=PATH)")
         if os.path.isfile(s):
             return s
         if not is_hub_id(str(source)):
             raise UserError(f"{what}: {source!r} does not exist (pass the local file {filename!r} with {arg}=PATH)")
         repo = str(source)
+    _check_reachable(repo, filename, hub_hint(repo, what, arg, filename))
     try:
         from huggingface_hub import hf_hub_download
 

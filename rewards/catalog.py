@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
@@ -136,6 +137,75 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str, r
     raise UserError(f"{what} has no argument {bad[0]!r} ({takes}){hint}")
 
 
+_SCALARS = {"bool": "true or false", "int": "an integer", "float": "a number"}  # kind -> what a value must be
+
+
+def _scalar_kind(param) -> Optional[str]:
+    """"bool" | "int" | "float" when ``param`` takes that scalar (its annotation, ``Optional[...]`` too, else the type
+    of its default), else None (paths, dtypes, mappings: the constructor decides)."""
+    ann = param.annotation
+    if isinstance(ann, type):
+        ann = ann.__name__
+    if isinstance(ann, str):
+        text = ann.replace(" ", "")
+        for form in ("Optional[{}]", "{}|None", "None|{}", "{}"):
+            for kind in _SCALARS:
+                if text == form.format(kind):
+                    return kind
+        if text not in ("", "inspect._empty", "_empty"):
+            return None
+    d = param.default
+    if d is param.empty or d is None:
+        return None
+    return "bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "float" if isinstance(d, float) else None
+
+
+def check_kwarg_types(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:
+    """A one-line ``UserError`` naming the first argument of ``kwargs`` whose value cannot be what ``fn``'s parameter
+    takes (by annotation or default): an integer for ``int``, a number for ``float``, true/false for ``bool`` (None
+    passes where the annotation is ``Optional``). Run with ``check_kwargs`` before anything is built, so that
+    ``batch_size=abc`` is one line rather than a traceback after the weights loaded."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in kwargs.items():
+        param = params.get(key)
+        kind = _scalar_kind(param) if param is not None else None
+        if kind is None or (value is None and (param.default is None or "None" in str(param.annotation)
+                                               or "Optional" in str(param.annotation))):
+            continue
+        ok = (isinstance(value, bool) if kind == "bool" else
+              not isinstance(value, bool) and isinstance(value, int if kind == "int" else (int, float)))
+        if not ok:
+            default = "" if param.default is param.empty else f", default {param.default!r}"
+            raise UserError(f"{what}: {key}={value!r} must be {_SCALARS[kind]}{default}")
+
+
+def build_reward_checked(name: str, kwargs: Mapping[str, Any], what: Optional[str] = None):
+    """``build_reward(name, **kwargs)`` for the commands: a ``TypeError``/``ValueError`` raised while building (a value
+    of the wrong type or range that only the constructor sees) becomes a one-line ``UserError`` naming the reward and
+    the argument(s) it came from (those whose value the error quotes, else all given)."""
+    from flowalign.errors import first_line
+    from flowalign.rewards import build_reward
+
+    what = what or f"reward {name!r}"
+    try:
+        return build_reward(name, **kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as err:
+        text = str(err)
+        named = [k for k, v in kwargs.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                 and (repr(v) in text or (isinstance(v, str) and len(v) > 1 and v in text))]
+        args = ", ".join(f"{k}={kwargs[k]!r}" for k in (named or list(kwargs)))
+        raise UserError(f"{what}: cannot be built with {args or 'its defaults'} ({first_line(err)}); fix the "
+                        f"value{'s' * (len(named or kwargs) > 1)} (`flowalign rewards` lists what each reward takes)"
+                        ) from err
+
+
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
@@ -173,8 +243,17 @@ def _check_bind(host: str, port: int) -> None:
                             "port) or --host") from None
 
 
+def check_max_mb(value: float, flag: str = "--max-mb") -> int:
+    """The request limit in bytes for ``value`` MiB, or a one-line ``UserError`` unless ``value`` is a finite number
+    whose limit is at least one byte: NaN or inf cannot be converted, and a limit of 0 bytes or less would make the
+    server answer every request with 413."""
+    if not (math.isfinite(value) and value > 0) or int(value * 2**20) < 1:
+        raise UserError(f"{flag} must be a finite number of MiB > 0 (the largest request body; default 256), "
+                        f"got {value:g}")
+    return int(value * 2**20)
+
+
 def _serve(argv: Sequence[str]) -> int:
-    from flowalign.rewards import build_reward
     from flowalign.rewards.remote import serve
 
     p = CommandParser(prog="flowalign rewards serve", description="Serve a reward over HTTP (JSON protocol "
@@ -183,18 +262,21 @@ def _serve(argv: Sequence[str]) -> int:
     p.add_argument("kwargs", nargs="*", default=[], help="constructor arguments, e.g. path=/models/PickScore_v1 device=cuda")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no authentication)")
     p.add_argument("--port", type=int, default=8000, help="port (0 = any free port)")
-    p.add_argument("--max-mb", type=float, default=256.0, help="largest request body in MiB (larger → HTTP 413)")
+    p.add_argument("--max-mb", type=float, default=256.0,
+                   help="largest request body in MiB, a number > 0 (larger → HTTP 413)")
     args = p.parse_intermixed_args(list(argv))  # options and key=value pairs in any order
     from flowalign.rewards import resolve
 
     kwargs = parse_kwargs(args.kwargs)
     check_kwargs(resolve(args.name), kwargs, f"reward {args.name!r}")  # before any weights load
+    check_kwarg_types(resolve(args.name), kwargs, f"reward {args.name!r}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
+    max_bytes = check_max_mb(args.max_mb)
     _check_bind(args.host, args.port)  # before any weights load
-    reward = build_reward(args.name, **kwargs)
+    reward = build_reward_checked(args.name, kwargs)
     try:
-        server = serve(reward, host=args.host, port=args.port, max_bytes=int(args.max_mb * 2**20), background=False)
+        server = serve(reward, host=args.host, port=args.port, max_bytes=max_bytes, background=False)
     except OSError as err:  # taken between the check and the bind
         raise UserError(f"cannot serve on {args.host}:{args.port} ({err.strerror or err}); pass another --port "
                         "(0 = any free port) or --host") from None

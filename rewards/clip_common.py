@@ -140,6 +140,7 @@ class HFClip:
     ``what``: the reward's registry name ("pickscore"), used in error messages to name its arguments.
     ``vision_only``: no tokenizer (aesthetic ignores the prompt). The whole ``CLIPModel`` is still loaded: loading
     ``CLIPVisionModelWithProjection`` from a ``CLIPModel`` checkpoint depends on the vision sub-config's projection_dim.
+    ``logit_scale``: the checkpoint's logit scale as an fp32 scalar on ``device``, whatever ``dtype`` the tower runs in.
     """
 
     def __init__(self, path: str, processor_path: Optional[str], what: str, device="cpu", dtype=torch.float32,
@@ -151,7 +152,11 @@ class HFClip:
         path = resolve_source(path, f"{what} model")
         processor_path = resolve_source(processor_path or path, f"{what} processor")
         with hub_errors(path, f"{what} model", "path", reward=what):  # ``what`` is the reward's registry name
-            self.model = freeze(CLIPModel.from_pretrained(path, dtype=self.dtype)).to(self.device)
+            model = CLIPModel.from_pretrained(path, dtype=torch.float32)  # cast below, after logit_scale is read
+        # exp(logit_scale) ≈ 100 multiplies every score: read in fp32 before the cast (bf16 rounds log 100 = 4.6052
+        # to 4.59375, i.e. every PickScore 1.1% low)
+        self.logit_scale = model.logit_scale.detach().float().clone().to(self.device)  # [] fp32
+        self.model = freeze(model).to(self.device, self.dtype)
         with hub_errors(processor_path, f"{what} processor", "processor_path", reward=what):
             if vision_only:
                 self.tokenizer = None

@@ -64,5 +64,5 @@ class CLIPScore(ClipPairReward, Reward):
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)
-        scale = self.clip.model.logit_scale.float().exp()
+        scale = self.clip.logit_scale.exp()  # [] fp32, read before the tower's cast to dtype
         return FORMS[self.form](self.cosine(images, prompts), scale, self.w).float().to(images.device)  # [B]

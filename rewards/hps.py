@@ -13,6 +13,7 @@ Do not use the ``hpsv2`` PyPI package (its wheel lacks the BPE vocabulary and it
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -73,6 +74,7 @@ class HPSv2(Reward):
         if checkpoint is not None and path is not None and checkpoint != path:
             raise UserError("hps: pass the checkpoint once (checkpoint= or path=, not both)")
         source = checkpoint if checkpoint is not None else path
+        self._refuse_other_version(source)
         file = hub_file(source, HPS_REPO, self.filename, f"hps {self.version}", "checkpoint")
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
@@ -96,6 +98,24 @@ class HPSv2(Reward):
         self.batch_size = int(batch_size)
         self.parity = bool(parity)
         self.differentiable = not self.parity
+
+    def _refuse_other_version(self, source: Optional[str]) -> None:
+        """One-line ``UserError`` when ``source`` is the other version's checkpoint (by its canonical file name, or a
+        directory holding only that one): v2.0 and v2.1 scores differ, so ``version`` must name the weights scored."""
+        if source is None:
+            return
+        s = os.path.expanduser(str(source))
+        for other in (HPSv2, HPSv21):
+            if other.filename == self.filename:
+                continue
+            named = os.path.basename(os.path.normpath(s)) == other.filename
+            only = (os.path.isdir(s) and not os.path.isfile(os.path.join(s, self.filename))
+                    and os.path.isfile(os.path.join(s, other.filename)))
+            if named or only:
+                held = "is" if named else "holds only"
+                raise UserError(f"{self.name}: {str(source)!r} {held} the HPS {other.version} checkpoint "
+                                f"({other.filename}) but reward {self.name!r} is HPS {self.version}: use reward "
+                                f"{other.name!r} for it, or pass {self.filename}")
 
     def _pixels(self, images: Tensor) -> Tensor:
         if self.parity:

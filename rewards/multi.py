@@ -69,6 +69,13 @@ class Combined(Reward):
         self.differentiable = all(bool(getattr(r, "differentiable", False)) for r in self.rewards.values())
         self.name = "+".join(f"{w:g}*{k}" for k, w in self.weights.items())
 
+    def validate_prompts(self, prompts: Sequence[str]) -> None:
+        """Every component's prompt check (rewards that parse their prompts have one), before anything is sampled."""
+        for r in self.rewards.values():
+            check = getattr(r, "validate_prompts", None)
+            if check is not None:
+                check(prompts)
+
     def components(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> dict[str, Tensor]:
         """Each component's raw score, float32 [B] on the caller's device, keyed like ``weights``."""
         return {k: r(images, prompts, metadata).float().to(images.device) for k, r in self.rewards.items()}

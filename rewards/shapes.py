@@ -9,14 +9,16 @@ naming the unknown word. An image with non-finite values scores NaN (a failed sa
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import math
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from flowalign.errors import UserError
 from flowalign.shapes.grammar import Spec, parse
-from flowalign.shapes.verify import VerifyRecord, verify
+from flowalign.shapes.verify import SOFT_TEMPS, VerifyRecord, verify
 
 
 class _ShapesVerifierReward:
@@ -85,6 +87,27 @@ class ShapesPartial(_ShapesVerifierReward):
     field = "partial"
 
 
+def check_temps(temps: Any) -> dict[str, float]:
+    """``temps`` of ``shapes_soft`` as a dict of floats, or a one-line ``UserError``: a mapping (or None) whose keys
+    are ``SOFT_TEMPS``' and whose values are finite numbers > 0 (a width of 0 divides by zero, a negative one turns
+    a threshold around)."""
+    known = ", ".join(SOFT_TEMPS)
+    if temps is None:
+        return {}
+    if not isinstance(temps, Mapping):
+        raise UserError(f"shapes_soft: temps must be a mapping of logistic widths (keys: {known}), got {temps!r}")
+    unknown = [k for k in temps if k not in SOFT_TEMPS]
+    if unknown:
+        raise UserError(f"shapes_soft: unknown temps key {unknown[0]!r} (known: {known})")
+    out: dict[str, float] = {}
+    for k, v in temps.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise UserError(f"shapes_soft: temps.{k} must be a finite number > 0 (default {SOFT_TEMPS[k]:g}), "
+                            f"got {v!r}")
+        out[k] = float(v)
+    return out
+
+
 class ShapesSoft(_ShapesVerifierReward):
     """Smooth relaxation of ``shapes_partial`` for training (:func:`flowalign.shapes.verify.soft_score`).
 
@@ -96,14 +119,9 @@ class ShapesSoft(_ShapesVerifierReward):
     name = "shapes_soft"
     field = "soft"
 
-    def __init__(self, temps: Optional[dict] = None) -> None:
+    def __init__(self, temps: Optional[Mapping[str, float]] = None) -> None:
         super().__init__()
-        from flowalign.shapes.verify import SOFT_TEMPS
-
-        unknown = set(temps or {}) - set(SOFT_TEMPS)
-        if unknown:
-            raise ValueError(f"shapes_soft: unknown temps {sorted(unknown)}; known: {sorted(SOFT_TEMPS)}")
-        self.temps = dict(temps or {})
+        self.temps = check_temps(temps)  # e.g. {"area": 1.0}: a one-line UserError for any other key or value
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         from flowalign.shapes.verify import verify_soft

@@ -100,6 +100,13 @@ class PerFrame(Reward):
         self.checkpoints = getattr(reward, "checkpoints", ())
         self.typical_range = getattr(reward, "typical_range", "")
 
+    def validate_prompts(self, prompts: Sequence[str]) -> None:
+        """The wrapped reward's prompt check (the shapes verifier parses its prompts), so that the trainer and
+        ``flowalign eval`` refuse a prompt set before sampling, as they do for the image reward itself."""
+        check = getattr(self.reward, "validate_prompts", None)
+        if check is not None:
+            check(prompts)
+
     def frame_indices(self, num_frames: int) -> list[int]:
         return [0] if self.reduce == "first" else list(range(0, num_frames, self.stride))
 

@@ -192,6 +192,29 @@ def test_compare_out_under_a_file_is_one_line_error(tmp_path, capsys):
     _fails_in_one_line(capsys, ["compare", str(d), "--out", str(f / "sub")], str(f))
 
 
+def test_compare_refuses_an_out_it_cannot_write_in_one_line(tmp_path, capsys, monkeypatch):
+    """`--out /sys/cmp` (root may not create files there, though os.access says it may) or under a directory that
+    cannot be made: a PermissionError / FileNotFoundError traceback after every run was read and plotted."""
+    import matplotlib.figure
+
+    d = _make_run(tmp_path / "r", {"base": 0.3, "final": 0.5})
+
+    def no_plot(*a, **k):
+        raise AssertionError("plotted before --out was checked")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_plot)
+    for out in ("/sys/cmp", "/proc/sub/cmp"):
+        _fails(capsys, ["compare", str(d), "--out", out], f"--out {out!r}", "cannot be written")
+
+
+def test_compare_help_says_earlier_outputs_in_out_are_replaced(capsys):
+    try:
+        main(["compare", "--help"])
+    except SystemExit:
+        pass
+    assert "compare.png or compare.md already there is replaced" in " ".join(capsys.readouterr().out.split())
+
+
 def test_compare_refuses_an_eval_output_directory_in_one_line(tmp_path, capsys):
     """A run directory holding only a `flowalign eval` summary (no eval/) crashed with IndexError."""
     d = tmp_path / "r"
@@ -285,3 +308,25 @@ def test_compare_does_not_put_the_final_evaluation_at_the_base(tmp_path):
     assert c["iterations"] == [0, 5] and c["value"] == [0.3, 0.5] and c["rollouts"] == [0, 40]
     row = compare([d], tmp_path / "out")[1].read_text().splitlines()[2].split("|")
     assert row[6].strip() == "0.300" and row[8].strip() == "+0.200"
+
+
+def test_the_y_label_names_the_runs_eval_prompt_set(tmp_path, monkeypatch):
+    """The plots' y axis names the prompt set the runs were evaluated on (data.eval_prompts), not always shapes-bench."""
+    from flowalign.compare import y_label
+
+    a = _run(tmp_path / "a", "outcome", {"base": 0.3, "final": 0.5}, (10, 0))
+    assert run_curve(a)["prompt_set"] == "shapes-bench"  # unset: the config's default
+    cfg = yaml.safe_load((a / "config.yaml").read_text())
+    cfg["data"] = {"eval_prompts": "geneval"}
+    (a / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert y_label([run_curve(a)], "shapes_strict") == "geneval shapes_strict"
+    b = _run(tmp_path / "b", "outcome", {"base": 0.3, "final": 0.5}, (10, 0))
+    cfg["data"] = {"eval_prompts": str(tmp_path / "prompts" / "mine.txt")}
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert y_label([run_curve(a), run_curve(b), run_curve(a)], "shapes_strict") == "geneval, mine.txt shapes_strict"
+    import matplotlib.axes
+
+    seen = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, text, *a, **k: seen.append(text))
+    compare([a], tmp_path / "out")
+    assert seen == ["geneval shapes_strict"] * 2  # both plots

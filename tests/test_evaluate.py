@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cli_checks import no_model  # noqa: F401  (the fixture is used by name)
 from flowalign.cli import main
 from flowalign.evaluate import pass_at_k, summarize, summarize_pass_at_k
 
@@ -230,3 +231,135 @@ def test_resume_refuses_other_settings_a_finished_run_and_a_fresh_dir(tmp_path, 
     assert main([*args, "--out", str(done)]) == 0
     capsys.readouterr()
     fails(capsys, [*args, "--resume", "--out", str(done)], "finished already")
+
+
+# ------------------------------------------------------------------------------- bad rewards: refused before sampling
+
+
+def test_an_image_verifier_on_a_video_model_refuses_the_prompts_before_sampling(tmp_path, capsys, monkeypatch):
+    """shapes_strict on shapes_video is wrapped in PerFrame, which forwards the verifier's prompt check: the motion
+    prompts are refused in one line before anything is sampled or written (was: a crash mid-run, a partial file)."""
+    from cli_checks import fails
+
+    import flowalign.evaluate as E
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the prompts were checked")
+
+    monkeypatch.setattr(E, "run_eval", no_sampling)
+    out = tmp_path / "x"
+    fails(capsys, ["eval", "--model", "shapes_video", "--prompts", "shapes-motion-bench", "--rewards", "shapes_strict",
+                   "--max-prompts", "2", "--seeds", "1", "--steps", "2", "--grid", "0", "--out", str(out)],
+          "outside the shapes grammar", "unknown word 'moving'")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("arg, needles", [
+    ("jpeg_compressibility.quality=high", ("reward 'jpeg_compressibility'", "quality='high' must be an integer")),
+    ("jpeg_compressibility.quality=[95]", ("quality=[95] must be an integer",)),
+    ("shapes_soft.temps={area: 0}", ("shapes_soft: temps.area must be a finite number > 0",)),
+])
+def test_a_reward_argument_of_the_wrong_type_is_one_line(tmp_path, capsys, arg, needles):
+    from cli_checks import fails
+
+    name = arg.split(".", 1)[0]
+    out = tmp_path / "o"
+    fails(capsys, ["eval", "--rewards", name, "--reward-arg", arg, "--max-prompts", "1", "--seeds", "1", "--steps", "1",
+                   "--grid", "0", "--out", str(out)], *needles)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_value_error_while_building_a_reward_names_the_reward_and_argument(monkeypatch):
+    """What only the constructor sees (no annotation or default to check against) is one line too, naming the
+    argument whose value the error quotes."""
+    from flowalign.errors import UserError
+    from flowalign.rewards.catalog import build_reward_checked
+    from flowalign.rewards.quality import JpegCompressibility
+
+    def init(self, quality=95):  # no annotation: the check before building cannot tell
+        self.quality = int(quality)
+
+    monkeypatch.setattr(JpegCompressibility, "__init__", init)
+    with pytest.raises(UserError, match=r"^--reward-arg: reward 'jpeg_compressibility': cannot be built with "
+                                        r"quality='high' \(invalid literal for int"):
+        build_reward_checked("jpeg_compressibility", {"quality": "high"}, "--reward-arg: reward 'jpeg_compressibility'")
+
+
+# ------------------------------------------------------------------------------ --out, --model-arg, resumed prompts
+
+@pytest.mark.parametrize("out", ["/sys/flowalign-test-evalx", "/proc/flowalign-test/x"])
+def test_an_unwritable_out_is_one_line_before_the_model_loads(capsys, no_model, out):
+    """--out under /sys (read-only even for root) or /proc (nothing can be created) failed with a traceback at the
+    journal's mkdir: the directory's nearest existing ancestor is probed for a write first."""
+    from cli_checks import fails
+
+    fails(capsys, ["eval", "--max-prompts", "1", "--seeds", "1", "--out", out], f"--out {out!r} cannot be written")
+
+
+@pytest.mark.parametrize("arg, needles", [
+    ("dtype=half", ("--model-arg dtype must be one of float32, bfloat16, float16, got 'half'",)),
+    ("dtype=16", ("--model-arg dtype must be one of", "got 16")),
+    ("guidance_scale=abc", ("--model-arg guidance_scale must be a finite number >= 0", "'abc'")),
+    ("guidance_scale=-3", ("--model-arg guidance_scale must be a finite number >= 0", "got -3")),
+    ("guidance_scale=true", ("guidance_scale=True must be a number",)),
+])
+def test_model_args_are_checked_like_the_flags_before_the_model_loads(tmp_path, capsys, no_model, arg, needles):
+    """dtype=float16 reached torch's .to() as a string (TypeError), guidance_scale=abc a ValueError traceback, and
+    guidance_scale=-3 ran negative CFG although --guidance -3 is refused."""
+    from cli_checks import fails
+
+    out = tmp_path / "o"
+    fails(capsys, ["eval", "--model-arg", arg, "--max-prompts", "1", "--seeds", "1", "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_a_model_dtype_is_passed_as_a_torch_dtype_and_recorded_by_name(tmp_path, capsys, monkeypatch):
+    import flowalign.models
+    from flowalign.models.shapes import ShapesModel
+
+    loaded = []
+    real = ShapesModel.from_pretrained.__func__
+
+    def spy(cls, path="", **kw):
+        loaded.append(kw)
+        return real(cls, path, **kw)
+
+    monkeypatch.setattr(ShapesModel, "from_pretrained", classmethod(spy))
+    assert flowalign.models.resolve("shapes") is ShapesModel
+    out = tmp_path / "ev"
+    assert main(["eval", "--model-arg", "dtype=bfloat16", "--model-arg", "guidance_scale=2", "--max-prompts", "1",
+                 "--seeds", "1", "--steps", "1", "--grid", "0", "--rewards", "shapes_partial", "--out", str(out)]) == 0
+    assert loaded[0]["dtype"] is torch.bfloat16 and loaded[0]["guidance_scale"] == 2
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["model_args"] == {"dtype": "bfloat16", "guidance_scale": 2} and settings["guidance"] == 2.0
+
+
+def test_resume_refuses_an_edited_prompt_file(tmp_path, capsys, monkeypatch):
+    """The journal held the prompt file's path and count only: an interrupted eval resumed after line 1 was edited
+    exited 0 with the old prompt's scores in results.jsonl. Now the prompts' digest differs: refused in one line."""
+    import flowalign.evaluate as E
+    import flowalign.io as IO
+    from cli_checks import fails
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na yellow square\n")
+    args = ["eval", "--prompts", str(prompts), "--seeds", "1", "--steps", "1", "--batch-size", "1", "--grid", "0",
+            "--rewards", "shapes_strict"]
+    out = tmp_path / "ev"
+    real = IO.append_jsonl_records
+
+    def interrupt(path, records):
+        real(path, records)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IO, "append_jsonl_records", interrupt)
+    assert main([*args, "--out", str(out)]) == 130
+    monkeypatch.setattr(IO, "append_jsonl_records", real)
+    capsys.readouterr()
+    prompts.write_text("a green circle\na blue square\na yellow square\n")
+    fails(capsys, [*args, "--resume", "--out", str(out)], "other settings", "the prompts differ")
+    assert sorted(p.name for p in out.iterdir()) == [E.PARTIAL]  # untouched
+    prompts.write_text("a red circle\na blue square\na yellow square\n")
+    assert main([*args, "--resume", "--out", str(out)]) == 0
+    assert [json.loads(line)["prompt"] for line in (out / "results.jsonl").read_text().splitlines()] == [
+        "a red circle", "a blue square", "a yellow square"]

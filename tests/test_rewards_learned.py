@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,145 @@ def test_a_missing_local_path_shaped_like_a_hub_id_is_not_looked_up_on_the_hub(t
         resolve_source("weights/PickScore_v1", "pickscore model")
     with pytest.raises(UserError, match="does not exist"):
         hub_file("weights/hps", "xswu/HPSv2", "HPS_v2_compressed.pt", "hps checkpoint", "checkpoint")
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clipscore"])
+def test_bf16_towers_keep_the_logit_scale_in_fp32(tiny_clip_dir, name, monkeypatch):
+    """exp(logit_scale) multiplies every score; rounded to bf16 first it read ~1.1% low at PickScore's log 100.
+    The bf16 and fp32 instances score a cosine of 1 as exactly the fp32 checkpoint's exp(logit_scale)."""
+    from transformers import CLIPModel
+
+    want = CLIPModel.from_pretrained(str(tiny_clip_dir)).logit_scale.detach().float().exp()
+    assert want.to(torch.bfloat16).float() != want  # the tiny tower's scale is not exact in bf16: the test can fail
+    scores = {}
+    for dt in ("fp32", "bf16"):
+        r = build_reward(name, path=str(tiny_clip_dir), dtype=dt)
+        monkeypatch.setattr(r, "cosine", lambda images, prompts: torch.ones(len(prompts)))  # [B] cos = 1
+        scores[dt] = r(synthetic_images(2, seed=11), PROMPTS[:2])  # [B] = exp(logit_scale)
+        assert r.clip.model.logit_scale.dtype == (torch.bfloat16 if dt == "bf16" else torch.float32)
+    assert torch.equal(scores["bf16"], scores["fp32"]) and torch.equal(scores["fp32"], want.expand(2))
+
+
+def test_hps_refuses_the_other_versions_checkpoint(tiny_hps_files, tmp_path):
+    """The recorded ``version`` must be that of the weights scored: v2.1's canonical file given to `hps` (v2.0), or
+    v2.0's to `hpsv21`, is refused in one line naming the reward to use, as is a directory holding only the other."""
+    arch, tok = tiny_hps_files["arch"], str(tiny_hps_files["tokenizer"])
+    v20 = build_tiny_hps_file(tmp_path / "v20", name="HPS_v2_compressed.pt")
+    v21 = build_tiny_hps_file(tmp_path / "v21", seed=1, name="HPS_v2.1_compressed.pt")
+    for name, wrong, use in (("hps", v21, "hpsv21"), ("hpsv21", v20, "hps")):
+        for given in (wrong, wrong.parent):
+            with pytest.raises(UserError, match=f"use reward '{use}' for it") as err:
+                build_reward(name, checkpoint=str(given), arch=arch, tokenizer=tok)
+            assert "\n" not in str(err.value)
+    assert build_reward("hps", checkpoint=str(v20), arch=arch, tokenizer=tok).version == "v2.0"
+    assert build_reward("hpsv21", checkpoint=str(v21.parent), arch=arch, tokenizer=tok).version == "v2.1"
+    both = tmp_path / "both"
+    both.mkdir()
+    for f in (v20, v21):
+        (both / f.name).write_bytes(f.read_bytes())
+    r20, r21 = (build_reward(n, checkpoint=str(both), arch=arch, tokenizer=tok) for n in ("hps", "hpsv21"))
+    assert (r20.version, r21.version) == ("v2.0", "v2.1") and r21.checkpoint.endswith("HPS_v2.1_compressed.pt")
+
+
+def test_a_directory_without_the_checkpoint_file_is_said_to_lack_it(tiny_hps_files, tiny_imagereward_files, tmp_path):
+    """An existing directory that lacks the file: 'DIR holds no FILE', not 'DIR does not exist'."""
+    from flowalign.rewards.base import hub_file
+
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    with pytest.raises(UserError, match=re.escape(f"'{empty}' holds no 'HPS_v2_compressed.pt'")) as err:
+        build_reward("hps", checkpoint=str(empty), arch=tiny_hps_files["arch"], tokenizer=str(tiny_hps_files["tokenizer"]))
+    assert "does not exist" not in str(err.value)
+    with pytest.raises(UserError, match=re.escape(f"'{empty}' holds no 'ImageReward.pt'")):
+        build_reward("imagereward", path=str(empty), tokenizer_path=str(tiny_imagereward_files["tokenizer_path"]))
+    (empty / "ImageReward.pt").write_bytes(b"")  # the checkpoint but not its med_config.json
+    with pytest.raises(UserError, match=re.escape(f"'{empty}' holds no 'med_config.json'")):
+        build_reward("imagereward", path=str(empty), tokenizer_path=str(tiny_imagereward_files["tokenizer_path"]))
+    with pytest.raises(UserError, match="does not exist"):  # a path that is not there at all still says so
+        hub_file(str(empty / "nope"), "xswu/HPSv2", "HPS_v2_compressed.pt", "hps", "checkpoint")
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """No network and an empty Hugging Face cache: the hub's metadata request fails as a DNS failure would, counting
+    its calls; the loaders (transformers, hf_hub_download) must not run at all."""
+    import huggingface_hub
+    import transformers
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    calls = []
+
+    def no_network(url, *a, **k):
+        calls.append(url)
+        raise OSError("[Errno -2] Name or service not known")
+
+    def no_loader(*a, **k):
+        raise AssertionError("a loader ran (and retried the network) for an uncached hub id")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_loader)
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", no_loader)
+    return calls
+
+
+def test_an_uncached_hub_id_without_network_fails_at_once_with_one_line(no_hub):
+    """Without network, PickScore's uncached default id went through huggingface_hub's download retries (~45 warning
+    lines, ~50 s) before the one-line error: now one metadata request without retries, then the same line."""
+    with pytest.raises(UserError) as e:
+        build_reward("pickscore")
+    msg = str(e.value)
+    assert "\n" not in msg and "yuvalkirstain/PickScore_v1 is not in the local Hugging Face cache" in msg
+    assert "--reward-arg pickscore.path=DIR" in msg  # the message hub_errors gave after the loader failed
+    assert len(no_hub) == 1 and "yuvalkirstain/PickScore_v1" in no_hub[0]
+    with pytest.raises(UserError, match=r"file 'HPS_v2\.1_compressed\.pt' of 'xswu/HPSv2' is not in the local"):
+        build_reward("hpsv21")  # hub_file: the file itself is asked for, once
+    assert len(no_hub) == 2 and no_hub[1].endswith("HPS_v2.1_compressed.pt")
+
+
+def test_offline_mode_refuses_an_uncached_hub_id_without_any_request(no_hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="downloads are off"):
+        build_reward("pickscore")
+    assert no_hub == []
+
+
+def test_a_cached_or_answering_hub_id_is_left_to_the_loader(no_hub, monkeypatch):
+    """A cached id is not probed (the loader reads the cache, with or without network, as before); an uncached one the
+    hub answers for, even with an error, goes to the loader too (its download or its own error, as before)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HfHubHTTPError
+
+    from flowalign.rewards.base import hub_errors, hub_file
+
+    repo_dir = Path(constants.HF_HUB_CACHE) / "models--owner--cached"  # the cache's layout: refs/main -> snapshot
+    (repo_dir / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("0" * 40)
+    snap = repo_dir / "snapshots" / ("0" * 40)
+    (snap / "model.pt").write_bytes(b"x")
+    with hub_errors("owner/cached", "test model"):
+        ran = True
+    assert ran and no_hub == []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: f"{repo_id}:{filename}")
+    assert hub_file(None, "owner/cached", "model.pt", "test", "path") == "owner/cached:model.pt"  # the download call
+    assert no_hub == []
+
+    import importlib.util
+
+    # the HTTP library huggingface_hub is built on (httpx2 from 2.x, httpx in 1.x)
+    http = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
+
+    def answers(url, *a, **k):
+        no_hub.append(url)
+        raise HfHubHTTPError("404 Client Error: entry not found",
+                             response=http.Response(404, request=http.Request("HEAD", url)))
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", answers)
+    assert hub_file(None, "owner/online", "model.pt", "test", "path") == "owner/online:model.pt"
+    with hub_errors("owner/online", "test model"):
+        ran = "again"
+    assert ran == "again" and len(no_hub) == 2

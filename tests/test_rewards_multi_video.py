@@ -175,3 +175,18 @@ def test_catalog_lists_every_registered_reward(capsys):
     assert ps["differentiable"] is True and ps["checkpoints"][0]["default"] == "yuvalkirstain/PickScore_v1"
     assert entries["jpeg_compressibility"]["differentiable"] is False
     assert all(e["measures"] and e["typical_range"] for e in catalog()), [e["name"] for e in catalog() if not e["measures"]]
+
+
+def test_wrappers_forward_the_prompt_check_of_the_rewards_they_wrap():
+    """The trainer and `flowalign eval` call ``validate_prompts`` before sampling; a wrapper must not hide the
+    shapes verifier's (PerFrame on a video model was scored only after sampling, and crashed there)."""
+    strict = build_reward("shapes_strict")
+    good, bad = ["a red circle", "two blue squares"], ["a red circle", "a red circle moving up"]
+    wrapped = [PerFrame(strict, stride=1), Scaled(strict, 2.0), Combined([(strict, 1.0), (Brightness(), 0.5)]),
+               PerFrame(Scaled(strict, 0.5)), Combined([(PerFrame(strict), 1.0)])]
+    for w in wrapped:
+        w.validate_prompts(good)
+        with pytest.raises(UserError, match="unknown word 'moving'"):
+            w.validate_prompts(bad)
+    for w in (PerFrame(Brightness()), Combined([(Brightness(), 1.0)])):  # nothing to check: no error, no attribute error
+        w.validate_prompts(bad)

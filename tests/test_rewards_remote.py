@@ -262,3 +262,52 @@ def test_remote_client_retries_a_cut_reply_then_gives_a_user_error():
         assert fake.calls == 2
     finally:
         fake.close()
+
+
+def test_serve_refuses_a_reward_argument_of_the_wrong_type_in_one_line(capsys, monkeypatch, tmp_path):
+    """`rewards serve clipscore path=… batch_size=abc`: one line naming the reward and the argument, before any
+    weights load; a wrong value that only the constructor sees is one line too (not a traceback)."""
+    from cli_checks import fails
+
+    from flowalign.rewards.quality import JpegCompressibility
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the argument was checked")
+
+    monkeypatch.setattr("flowalign.rewards.clip_common.HFClip.__init__", no_load)
+    fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "batch_size=abc", "--port", "0"],
+          "reward 'clipscore': batch_size='abc' must be an integer", cmd="rewards")
+    fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "w=high", "--port", "0"],
+          "w='high' must be a number", cmd="rewards")
+
+    def init(self, quality=None):  # neither annotation nor default type: only the constructor sees the bad value
+        self.quality = int(quality or 95)
+
+    monkeypatch.setattr(JpegCompressibility, "__init__", init)
+    fails(capsys, ["rewards", "serve", "jpeg_compressibility", "quality=high", "--port", "0"],
+          "reward 'jpeg_compressibility': cannot be built with quality='high'", cmd="rewards")
+
+
+@pytest.mark.parametrize("mb", ["nan", "inf", "-inf", "0", "-1", "1e-9"])
+def test_serve_refuses_a_max_mb_that_is_not_a_finite_positive_size(capsys, monkeypatch, mb):
+    """`rewards serve … --max-mb nan|inf` raised a traceback at int(), and 0 or -1 started a server that answered
+    every request with 413: one line, exit 2, before the reward is built or a port bound."""
+    from cli_checks import fails
+
+    import flowalign.rewards.catalog as catalog
+
+    def no_build(*a, **k):
+        raise AssertionError("the reward was built before --max-mb was checked")
+
+    monkeypatch.setattr(catalog, "build_reward_checked", no_build)
+    monkeypatch.setattr(catalog, "_check_bind", no_build)
+    fails(capsys, ["rewards", "serve", "shapes_strict", "--port", "0", f"--max-mb={mb}"],
+          "--max-mb must be a finite number of MiB > 0", cmd="rewards")
+
+
+def test_check_max_mb_converts_mib_to_bytes():
+    from flowalign.rewards.catalog import check_max_mb
+
+    assert check_max_mb(256.0) == 256 << 20
+    assert check_max_mb(0.5) == 1 << 19
+    assert check_max_mb(1 / 2**20) == 1  # one byte is the smallest limit

@@ -433,8 +433,36 @@ def test_shapes_soft_reward_interface():
     x2[1] = float("nan")
     out = soft(x2, prompts[:3])
     assert torch.isnan(out[1]) and torch.equal(out[[0, 2]], r[[0, 2]])
-    with pytest.raises(ValueError, match="unknown temps"):
+    with pytest.raises(UserError, match="unknown temps"):
         build_reward("shapes_soft", temps={"size": 1.0})
+
+
+@pytest.mark.parametrize("temps, match", [
+    ({"size": 1.0}, "unknown temps key 'size' \\(known: area, skew, kurt, relation\\)"),
+    ({"area": 0}, r"temps\.area must be a finite number > 0 \(default 1\.5\), got 0"),  # was ZeroDivisionError
+    ({"skew": -0.08}, r"temps\.skew must be a finite number > 0"),  # was a silently reversed threshold
+    ({"kurt": "wide"}, r"temps\.kurt must be a finite number > 0"),  # was TypeError mid-scoring
+    ({"relation": float("inf")}, r"temps\.relation must be a finite number > 0"),
+    ({"area": True}, r"temps\.area must be a finite number > 0"),
+    ([1.0, 2.0], "temps must be a mapping"),
+])
+def test_shapes_soft_refuses_bad_temps_in_one_line(temps, match):
+    from flowalign.rewards import build_reward
+
+    with pytest.raises(UserError, match=match) as err:
+        build_reward("shapes_soft", temps=temps)
+    assert "\n" not in str(err.value)
+
+
+def test_shapes_soft_temps_take_effect():
+    from flowalign.rewards import build_reward
+
+    specs, imgs = _scenes(4, 4)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2)  # [3·16, 3, 32, 32]
+    prompts = [to_prompt(s) for s in specs]
+    soft = build_reward("shapes_soft", temps={"area": 3, "skew": 0.2})
+    assert soft.temps == {"area": 3.0, "skew": 0.2}
+    assert not torch.equal(soft(x, prompts), build_reward("shapes_soft")(x, prompts))
 
 
 # ---------------------------------------------------------------------------------------- grammar: trailing period

@@ -65,7 +65,7 @@ def _section(cls: type, doc: str) -> Any:
 class ModelConfig:
     name: str = _f("shapes", "model family, a key of flowalign.models.MODELS (shapes | shapes_video | sd3 | flux | wan)")
     path: str = _f("", "local directory or hub id of the weights; '' = the family default (shapes: the shipped model)")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "autocast dtype of transformer forwards; SDE math stays fp32")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "autocast dtype of transformer forwards; SDE math stays fp32; float16 trains with dynamic loss scaling")
     device: str = _f("cpu", "torch device for this process (cpu, cuda, cuda:1); under accelerate the rank's device wins")
     guidance: float = _f(4.5, "classifier-free guidance scale used for rollouts and training forwards (1 = no CFG)")
     lora_rank: int = _f(0, "LoRA rank r; 0 = the family default (METHODS §3.7)")
@@ -113,6 +113,8 @@ class CreditConfig:
     std_ddof: int = _f(0, "std estimator: 0 = population (Flow-GRPO), 1 = unbiased (DanceGRPO)")
     adv_clip: float = _f(5.0, "advantages are clipped to [-A_max, A_max] before per-step weights")
     options: dict = _f({}, "assigner-specific options (probe mode, balance scope, ...), passed as keyword arguments")
+    probe_max_batch: int = _f(0, "rows per transformer forward in the value probes of dense credit (0 = all probed states at once); bounds their memory")
+    probe_score_batch: int = _f(0, "probe endpoints per decode + reward call (0 = all at once)")
 
 
 @dataclass(frozen=True)
@@ -697,25 +699,25 @@ def _yaml_scalar(value: Any) -> str:
     return text
 
 
-def describe(schema: type = ExperimentConfig) -> str:
-    """Every field with its type, default and doc, as a commented YAML template (valid YAML)."""
+def describe(schema: type = ExperimentConfig, config: Any = None) -> str:
+    """Every field with its type, value and doc, as a commented YAML template (valid YAML): the values of ``config``
+    (an instance of ``schema``, e.g. a loaded experiment with its overrides), or the defaults."""
     lines: list[str] = []
 
-    def walk(cls: type, indent: int) -> None:
+    def walk(cls: type, inst: Any, indent: int) -> None:
         hints = _hints(cls)
-        default = cls()
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             doc = f.metadata.get("doc", "")
             pad = "  " * indent
             if dataclasses.is_dataclass(tp):
                 lines.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
-                walk(tp, indent + 1)
+                walk(tp, getattr(inst, f.name), indent + 1)
             else:
-                value = _yaml_scalar(to_dict(getattr(default, f.name)))
+                value = _yaml_scalar(to_dict(getattr(inst, f.name)))
                 lines.append(f"{pad}{f.name}: {value}  # ({_type_name(tp)}) {doc}")
 
-    walk(schema, 0)
+    walk(schema, config if config is not None else schema(), 0)
     return "\n".join(lines)
 
 
@@ -968,6 +970,8 @@ def validate(cfg: ExperimentConfig) -> None:
          f"train.surrogate=guard re-centres the exact Gaussian log-ratio; sampler.logp_form={s.logp_form} is not it "
          "(set sampler.logp_form=exact)")
     need(t.beta_kl >= 0, f"train.beta_kl={t.beta_kl} must be >= 0")
+    need(cfg.credit.probe_max_batch >= 0 and cfg.credit.probe_score_batch >= 0,
+         "credit.probe_max_batch and credit.probe_score_batch must be >= 0 (0 = no bound)")
     need(0 <= t.ema_decay_max < 1, f"train.ema_decay_max={t.ema_decay_max} must be in [0, 1)")
     need(t.ema_every >= 1, f"train.ema_every={t.ema_every} must be >= 1")
     need(t.checkpoint_every >= 0 and t.keep_checkpoints >= 0, "train.checkpoint_every and train.keep_checkpoints must be >= 0")

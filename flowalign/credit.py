@@ -105,6 +105,27 @@ def zero_std_ratio(rewards: Tensor, group: Tensor) -> float:
     return float(sum(zs) / max(1, len(zs)))
 
 
+def rows_with_reward(rewards: Mapping[str, Tensor], reward_weights: Mapping[str, float], aggregate: str) -> Tensor:
+    """[B] bool: the rollouts that carry a reward under ``aggregate`` (METHODS.md §3.4; REWARDS_AND_EVAL.md §1: NaN =
+    "not applicable", masked out of the group statistics and the loss).
+
+    The masking unit follows the aggregation. ``reward_sum`` trains on Σ_k w_k·R_k, which is undefined when any
+    weighted R_k is non-finite, so such a rollout has no reward. ``advantage_sum`` sums one term per reward, so the
+    unit is the (rollout, reward) pair: a rollout with a non-finite R_k sits out reward k's statistics and its term
+    is 0, while its other rewards still count; only a rollout whose every weighted reward is non-finite has none.
+    Every registered credit assigner gives a rollout without a reward A = 0 on every step and head.
+    """
+    fin = [torch.isfinite(rewards[k].detach()).cpu() for k in reward_weights]  # [B] each
+    if not fin:
+        raise ValueError("no reward weights: credit needs at least one weighted reward")
+    ok = torch.stack(fin)  # [K, B]
+    if aggregate == "reward_sum":
+        return ok.all(0)
+    if aggregate == "advantage_sum":
+        return ok.any(0)
+    raise ValueError(f"aggregate must be 'reward_sum' or 'advantage_sum', got {aggregate!r}")
+
+
 def terminal_advantage(inp: CreditInput) -> Tensor:
     """Per-rollout advantage [B] from the weighted terminal rewards, as ``inp.aggregate`` says (METHODS.md §3.4).
 
@@ -231,13 +252,23 @@ def state_values(inp: CreditInput, mode: str, mask: Tensor) -> dict[str, Tensor]
 def aggregate_rewards(inp: CreditInput, vals: Mapping[str, Tensor], fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply ``fn(V [B, T+1]) -> normalised A [B, T]`` per ``inp.aggregate`` (METHODS.md §3.4).
 
-    ``reward_sum``: fn(Σ_k w_k·V_k). ``advantage_sum``: Σ_k w_k·fn(V_k).
+    ``reward_sum``: fn(Σ_k w_k·V_k). ``advantage_sum``: Σ_k w_k·fn(V_k). The last column of V is the terminal
+    reward (``state_values``; a [B] V is the rewards themselves). A row whose terminal value is not finite (a NaN,
+    "not applicable" reward; with ``reward_sum`` any weighted reward NaN) is handed to ``fn`` as NaN on every
+    state, so statistics that skip non-finite entries leave it out, and gets 0 from that term on every step
+    whatever ``fn`` returns for it (``rows_with_reward``).
     """
+    def masked(v: Tensor) -> Tensor:
+        ok = torch.isfinite(v if v.dim() == 1 else v[:, -1])  # [B] rows with a terminal reward
+        shape = (-1,) + (1,) * (v.dim() - 1)
+        out = fn(torch.where(ok.view(shape), v, torch.full_like(v, float("nan")))).to(torch.float32)  # [B, T]
+        keep = ok.to(out.device).view((-1,) + (1,) * (out.dim() - 1))
+        return torch.where(keep, out, torch.zeros_like(out))
+
     if inp.aggregate == "reward_sum":
-        total = sum(float(w) * vals[k] for k, w in inp.reward_weights.items())
-        return fn(total).to(torch.float32)
+        return masked(sum(float(w) * vals[k] for k, w in inp.reward_weights.items()))
     if inp.aggregate == "advantage_sum":
-        return sum(float(w) * fn(vals[k]).to(torch.float32) for k, w in inp.reward_weights.items())
+        return sum(float(w) * masked(vals[k]) for k, w in inp.reward_weights.items())
     raise ValueError(f"aggregate must be 'reward_sum' or 'advantage_sum', got {inp.aggregate!r}")
 
 
@@ -419,13 +450,15 @@ def turning_points(inp: CreditInput, *, probe: str = "ode:full", constraint: boo
 
 
 def tempflow_weights(sigmas: Tensor, a: float | Tensor, trained_steps: Sequence[int] | Tensor,
-                     kernel: str = "flow_sde") -> Tensor:
+                     kernel: str = "flow_sde", **kernel_kwargs) -> Tensor:
     """TempFlow-GRPO noise-aware weights w_k = s_k / mean_{k′∈trained} s_{k′} (METHODS.md §4.3).
 
     Paper → ours: Norm(σ̃_t·√Δt) with their σ̃ = our g_k, so s_k = g_k·√Δ_k is the std of the branch kernel
     (``kernel``, default Flow-GRPO's ``flow_sde`` with noise level ``a``, a float or per-step [T]) at step k.
     Upstream's hand constant C = 2.25 (SD3.5) is 1/mean s_k; here it is computed from the schedule.
-    Returns [len(trained_steps)] float32, mean 1.
+    ``kernel_kwargs`` are the kernel's keyword options the children were drawn with (e.g. ``flow_sde``'s
+    ``sigma_1``, which sets s_0); without them s_k is the kernel's default. Returns [len(trained_steps)] float32,
+    mean 1.
     """
     from flowalign.samplers.kernels import get_kernel
 
@@ -436,7 +469,8 @@ def tempflow_weights(sigmas: Tensor, a: float | Tensor, trained_steps: Sequence[
     a_t = torch.as_tensor(a, dtype=torch.float32).cpu()
     a_k = a_t[ks] if a_t.dim() == 1 else a_t.expand(ks.shape[0])  # [K]
     x = torch.zeros(ks.shape[0], 1)
-    s = kern(x, x, sig[ks], sig[ks + 1], a_k).std.reshape(ks.shape[0], -1)[:, 0].to(torch.float64)  # [K]
+    s = kern(x, x, sig[ks], sig[ks + 1], a_k, **kernel_kwargs).std  # [K, 1] (or [K]): the std is scalar per row
+    s = s.reshape(ks.shape[0], -1)[:, 0].to(torch.float64)  # [K]
     if not bool((s > 0).all()):
         raise ValueError("tempflow_weights: the kernel std is 0 at some trained step (η = 0 or last CPS step)")
     return (s / s.mean()).to(torch.float32)
@@ -450,7 +484,10 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
     V_full(x_{k+1}^{(b)}) is the child's terminal reward (the plan ODE-completes children, so no probe is
     needed; ``probe="ode:m"`` values x_{k+1} instead). A_{k,b} = (R_{k,b} − mean_b)/(std_b + eps) lives on
     the branch edge k only; ``weights`` carry w_k = s_k / mean s over the candidate branch steps
-    (``tempflow_weights``), folded by the trainer after the ±A_max clip (METHODS.md §3.6).
+    (``tempflow_weights``), folded by the trainer after the ±A_max clip (METHODS.md §3.6). s_k is the std the
+    children were drawn with: the plan's kernel (``extras["kernel"]``) with its keyword options
+    (``extras["kernel_options"]``, e.g. ``sampler.plan_options.sigma_1``) at the candidate η (``extras["branch_eta"]``).
+    A child without a reward (NaN) sits out its siblings' statistics and gets A = 0.
     """
     ex = inp.traj.extras or {}
     if "branch_step" not in ex:
@@ -477,7 +514,8 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
         cands = ex.get("branch_candidates")
         cands = cands.detach().cpu().long() if cands is not None else k.unique()
         a = ex.get("branch_eta", inp.traj.eta).detach().cpu()
-        w_c = tempflow_weights(inp.traj.sigmas, a, cands, kernel=ex.get("kernel", "flow_sde"))  # [C]
+        w_c = tempflow_weights(inp.traj.sigmas, a, cands, kernel=ex.get("kernel", "flow_sde"),
+                               **dict(ex.get("kernel_options") or {}))  # [C]
         w_step = torch.ones(steps)
         w_step[cands] = w_c
         weights = torch.ones(b, steps)
@@ -662,7 +700,9 @@ def tree(inp: CreditInput, *, backup: Literal["mean", "softmax"] = "mean",
     "depths" are steps); ``width`` "all" (default) or "extremes" (width pruning: of each tree's last-split nodes
     only the ``width_ratio`` share with the best and worst advantages is trained, ``tree_width_mask``; the
     reference's other width mode ranks a node's own steps, which share one advantage, so it is not offered).
-    Pruned edges come back in ``Credit.mask``: the trainer does not re-score them.
+    Pruned edges come back in ``Credit.mask``: the trainer does not re-score them. A leaf without a reward (NaN,
+    ``rows_with_reward``) sits out the node rewards and gets 0 on all its edges, shared ones included: a shared edge
+    whose training row is that leaf is not trained this iteration.
     """
     if width not in ("all", "extremes"):
         raise ValueError(f"width must be 'all' or 'extremes', got {width!r}")
@@ -711,9 +751,56 @@ def process_q(instant: Tensor, gamma: float = 1.0) -> Tensor:
     return q
 
 
+def floored_z(x: Tensor, group: Tensor, ok: Tensor, *, floor: float, scope: str = "group", ddof: int = 0,
+              reduce_sum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """VGPO's per-step z-score with a floor (METHODS.md §4.4): z_it = (x_it − mean_{j∈g(i)} x_jt) / std_t where
+    std_t ≥ ``floor``, else 0.
+
+    std_t is the std of column t over the row's group (``scope="group"``) or over every row (``"global"``, summed
+    over the ranks with ``reduce_sum``, like ``group_normalize``), with ``ddof``; the mean is always the group's.
+    Rows outside ``ok`` [B] are left out of the statistics and get 0; a column whose group values are all equal
+    gets 0. ``x`` [B, T] → float64 [B, T].
+    """
+    if not (math.isfinite(floor) and floor > 0):
+        raise ValueError(f"the z-score floor must be a finite number > 0, got {floor!r}")
+    x = x.detach().to(torch.float64)  # [B, T]
+    ok = ok.detach().to(device=x.device, dtype=torch.bool)  # [B]
+    okc = ok[:, None]  # [B, 1]
+    _, inv = torch.unique(group.to(x.device), return_inverse=True)  # [B] dense group ids
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    zeros = torch.zeros(n_groups, x.shape[1], dtype=torch.float64, device=x.device)  # [G, T]
+    cnt = torch.zeros(n_groups, dtype=torch.float64, device=x.device).index_add(0, inv, ok.double())  # [G]
+    x0 = torch.where(okc, x, torch.zeros_like(x))  # [B, T]
+    mean = zeros.index_add(0, inv, x0) / cnt.clamp_min(1)[:, None]  # [G, T]
+    dev = torch.where(okc, x - mean[inv], torch.zeros_like(x))  # [B, T]
+    if scope == "group":
+        ss = zeros.index_add(0, inv, dev * dev)  # [G, T]
+        std = torch.sqrt(ss / (cnt - ddof).clamp_min(1)[:, None])[inv]  # [B, T]
+    elif scope == "global":
+        total = torch.cat([ok.sum().to(torch.float64).reshape(1), x0.sum(0)])  # [1 + T]: count, column sums
+        if reduce_sum is not None:
+            total = reduce_sum(total.clone())
+        n = total[0].clamp_min(1)
+        gdev = torch.where(okc, x - total[1:] / n, torch.zeros_like(x))  # [B, T] around the global mean
+        ss = (gdev * gdev).sum(0)  # [T]
+        if reduce_sum is not None:
+            ss = reduce_sum(ss.clone())
+        std = torch.sqrt(ss / (n - ddof).clamp_min(1))[None].expand_as(x)  # [B, T]
+    else:
+        raise ValueError(f"std scope must be 'group' or 'global', got {scope!r}")
+    # all values of a group's column equal: z = 0 exactly (x − mean can be ~1e-17, not 0, in float64)
+    inf = torch.full_like(zeros, math.inf)  # [G, T]
+    idx = inv[:, None].expand_as(x)  # [B, T]
+    gmax = (-inf).scatter_reduce(0, idx, torch.where(okc, x, -math.inf), reduce="amax")
+    gmin = inf.scatter_reduce(0, idx, torch.where(okc, x, math.inf), reduce="amin")
+    flat = (gmax == gmin)[inv]  # [B, T]
+    z = dev / std.clamp_min(floor)
+    return torch.where(okc & ~flat & (std >= floor), z, torch.zeros_like(z))
+
+
 def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kappa: float = 0.1,
                  t_anchor: Optional[int] = None, omega: Literal["group", "batch", "none"] = "group",
-                 z_floor: float = 1e-6) -> Credit:
+                 z_floor: Annotated[float, Interval(0.0, low_open=True)] = 1e-6) -> Credit:
     """VGPO value-anchored advantage — a RECONSTRUCTION (METHODS.md §4.4 [recon]; exact paper formulas unconfirmed).
 
     Instant reward r_it = V_x0(x_{i,t+1}) = R(decode(x̂0(x_{t+1}))) (free with velocity reuse; r_{T−1} = R_i);
@@ -721,12 +808,17 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
     (``omega="group"``; "batch" pools all rows; "none" → 1; the ratio assumes a positive mean reward, so ω falls
     back to 1 unless every trained step's mean Q is > 0 — with mixed signs a negative ω_t would flip that step's
     advantages);
-    z_it = per-step group z-score of Q (0 when std < ``z_floor``); Â_it = ω_t·[z_it + κ·Q_it·1(t < t_anchor)],
-    t_anchor = ⌈T/2⌉ by default. Not invariant to reward shifts by design (the κ·Q anchor is absolute). A row
-    whose reward is NaN ("not applicable") is left out of its group's statistics and gets Â = 0.
+    z_it = per-step z-score of Q (``floored_z``): Q minus its group mean, over the std of the group
+    (``credit.std_scope=group``) or of all rollouts (``global``), with ``credit.std_ddof``, and 0 where that std is
+    below ``z_floor`` (> 0), which stands in for ``credit.std_eps`` (not used here);
+    Â_it = ω_t·[z_it + κ·Q_it·1(t < t_anchor)], t_anchor = ⌈T/2⌉ by default. Not invariant to reward shifts by
+    design (the κ·Q anchor is absolute). A row whose reward is NaN ("not applicable"; ``rows_with_reward``) is left
+    out of its group's statistics and gets Â = 0.
     """
     if omega not in ("group", "batch", "none"):
         raise ValueError(f"omega must be 'group', 'batch' or 'none', got {omega!r}")
+    if not (math.isfinite(z_floor) and z_floor > 0):  # a floor of 0 divides a tied group's 0 by 0: NaN credit
+        raise ValueError(f"z_floor must be a finite number > 0, got {z_floor!r}")
     trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
     b, steps = trained.shape
     cols = trained.any(0)  # [T]
@@ -745,14 +837,8 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
         ok = torch.isfinite(v[:, -1].to(torch.float64)).cpu()  # [B] rows with a reward (NaN = "not applicable")
         inst = torch.nan_to_num(v[:, 1:], nan=0.0)  # [B, T] r_t = V(x_{t+1}); unprobed early steps unused
         q = process_q(inst, gamma)  # [B, T]
-        z = torch.zeros_like(q)
-        for g in group.unique():
-            m = (group == g) & ok
-            if not bool(m.any()):
-                continue
-            qg = q[m]  # [G, T]
-            std = qg.std(dim=0, unbiased=False)
-            z[m] = torch.where(std >= z_floor, (qg - qg.mean(0)) / std.clamp_min(z_floor), torch.zeros_like(qg))
+        z = floored_z(q, group, ok, floor=z_floor, scope=inp.std_scope, ddof=inp.std_ddof,
+                      reduce_sum=inp.reduce_sum)  # [B, T]
         w = torch.ones_like(q)
         if omega != "none":
             for u in unit.unique():
@@ -774,8 +860,10 @@ def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kap
 
 def euphonium(inp: CreditInput, *, heads: Literal["both", "ora", "pra"] = "both",
               pra_index: Literal["post", "pre", "gain"] = "post", pra_probe: Optional[str] = None,
-              eps: float = 1e-8, c_ora: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1.0,
-              c_pra: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1.0, adv_clip: Optional[float] = None) -> Credit:
+              eps: Annotated[float, Interval(0.0)] = 1e-8,
+              c_ora: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1.0,
+              c_pra: Annotated[float, Interval(0.0, 1.0, low_open=True)] = 1.0,
+              adv_clip: Optional[Annotated[float, Interval(0.0, low_open=True)]] = None) -> Credit:
     """Euphonium dual-reward heads (METHODS.md §4.5; released sampler/loss code): outcome (ORA) + process (PRA).
 
     Paper → ours: ORA = the pixel ORM on x_T, group z-scored (std + ``eps``, 1e-8 upstream), the same at every
@@ -796,6 +884,11 @@ def euphonium(inp: CreditInput, *, heads: Literal["both", "ora", "pra"] = "both"
     trainer's own ±A_max clip is then a no-op, which is why 0 < c ≤ 1 is required. ``adv_clip`` None = the
     loss's A_max (``CreditInput.adv_clip``, i.e. ``credit.adv_clip``); another value would make the trainer's
     second clip cut c·A at A_max instead of A.
+
+    A rollout without a reward (``rows_with_reward``: NaN, "not applicable") gets 0 in every head: each outcome term
+    leaves it out of that reward's statistics, and the process head leaves it out of its per-step statistics.
+    ``preflight`` refuses, before a run, the settings that would fail here (the PRA head without PRM scores or
+    ``pra_probe``, c_ora·w outside (0, 1] with several rewards).
     """
     adv_clip = inp.adv_clip if adv_clip is None else adv_clip
     if heads not in ("both", "ora", "pra"):
@@ -805,6 +898,8 @@ def euphonium(inp: CreditInput, *, heads: Literal["both", "ora", "pra"] = "both"
     for c in (c_ora, c_pra):
         if not 0 < c <= 1:
             raise ValueError(f"Euphonium head coefficients must be in (0, 1] (got {c}); scale the lr instead")
+    if not adv_clip > 0:
+        raise ValueError(f"adv_clip must be > 0, got {adv_clip!r}")
     trained = inp.trained.detach().cpu().to(torch.bool)  # [B, T]
     b, steps = trained.shape
     group = inp.traj.group.detach().cpu()
@@ -854,7 +949,8 @@ def euphonium(inp: CreditInput, *, heads: Literal["both", "ora", "pra"] = "both"
             pv = sum(float(w) * vals[k] for k, w in inp.reward_weights.items())
             guided = trained.any(0)
         score = {"post": pv[:, 1:], "pre": pv[:, :-1], "gain": pv[:, 1:] - pv[:, :-1]}[pra_index]  # [B, T]
-        valid = trained & guided[None] & torch.isfinite(score)
+        has = rows_with_reward(inp.rewards, inp.reward_weights, inp.aggregate)  # [B] NaN-reward rows sit out
+        valid = trained & guided[None] & torch.isfinite(score) & has[:, None]
         pra = c_pra * step_normalize(score, group, valid, scope=inp.std_scope, eps=eps, ddof=inp.std_ddof,
                                      reduce_sum=inp.reduce_sum).clamp(-adv_clip, adv_clip) * tf
     if heads == "ora":
@@ -876,6 +972,45 @@ CREDIT = {
     "value_anchor": value_anchor,
     "euphonium": euphonium,
 }
+
+
+def preflight(name: str, options: Mapping[str, Any], *, reward_weights: Mapping[str, float], aggregate: str,
+              guided: bool) -> Optional[str]:
+    """Why credit ``name`` with ``options`` would fail in the middle of a run under these settings, as one line
+    naming the config keys to change; None when nothing is wrong.
+
+    Meant for the trainer's config check (``train._check_components``), before anything is written, with
+    ``reward.weights``, ``reward.aggregate`` and ``guided`` = ``sampler.guide`` is not "none". It checks what an option's annotation cannot see alone (each value's own
+    type and range are ``flowalign.train.option_value_error``'s): Euphonium's process (PRA) head needs PRM scores,
+    from a guide or from ``pra_probe``, unless ``heads: ora``; with several rewards under ``advantage_sum`` its
+    outcome head folds c_ora·w_k into one clipped term per reward, which must lie in (0, 1] for every reward.
+    Options it cannot read as numbers are left to the annotation check.
+    """
+    import inspect
+
+    if name not in CREDIT:
+        return f"credit.name: unknown credit method {name!r}; known: {', '.join(CREDIT)}"
+    if aggregate not in ("reward_sum", "advantage_sum"):
+        return f"reward.aggregate={aggregate!r}: choose 'reward_sum' or 'advantage_sum'"
+    defaults = {k: p.default for k, p in inspect.signature(CREDIT[name]).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    opts = {**defaults, **dict(options or {})}
+    if name == "euphonium":
+        heads = opts.get("heads")
+        if heads in ("both", "pra") and opts.get("pra_probe") is None and not guided:
+            return (f"credit.name=euphonium with heads={heads!r} needs process-reward scores for its PRA head: set "
+                    "sampler.guide=reward_grad, or credit.options.pra_probe=x0, or credit.options.heads=ora")
+        c = opts.get("c_ora")
+        numeric = isinstance(c, (int, float)) and not isinstance(c, bool)
+        if heads in ("both", "ora") and aggregate == "advantage_sum" and len(reward_weights) > 1 and numeric:
+            bad = [f"{k}: {float(c) * float(w):g}" for k, w in reward_weights.items()
+                   if not 0 < float(c) * float(w) <= 1]
+            if bad:
+                return (f"credit.name=euphonium with several rewards (reward.aggregate=advantage_sum) folds "
+                        f"credit.options.c_ora={c:g} x reward.weights into one clipped term per reward, which must be "
+                        f"in (0, 1]; got {', '.join(bad)}: scale reward.weights (or c_ora) down, or use "
+                        "reward.aggregate=reward_sum")
+    return None
 
 
 def clipped_heads(credit: Credit, trained: Tensor, adv_clip: float) -> dict[str, Tensor]:

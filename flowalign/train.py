@@ -32,7 +32,7 @@ import shutil
 import time
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -42,11 +42,11 @@ from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal
 from flowalign.errors import CommandParser, UserError
 from flowalign.evaluate import run_eval
 from flowalign.sample import check_out_parent, guidance, sample_grid
-from flowalign.io import append_jsonl, atomic_save, atomic_write_text
+from flowalign.io import append_jsonl, atomic_dir, atomic_save, atomic_write_text
 from flowalign.loss import (LR_SCHEDULES, NFT_NOISE, NFT_OPTIMALITY, SURROGATES, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
 from flowalign.models import load_model
-from flowalign.rewards import build_reward
+from flowalign.rewards.catalog import build_reward_checked
 from flowalign.samplers import eta_schedule, gather_cond, live_eta, step_log_prob
 from flowalign.samplers.kernels import get_kernel
 from flowalign.samplers.loop import Generators, draw_rows, mix_seed
@@ -168,6 +168,50 @@ class EMA:
             with torch.no_grad():
                 for p, b in zip(self.params, backup):
                     p.copy_(b)
+
+
+class LossScale:
+    """Dynamic loss scaling for float16 forwards (``model.dtype=float16``; METHODS.md §3.7: fp16 for SD3).
+
+    The GRPO loss's gradient at the transformer output is about A/(n·D·s), ~1e-9 at SD3.5 scale: below float16's
+    smallest subnormal (6e-8), so without scaling the backward through fp16 activations returns exact zeros. The
+    update multiplies its loss by ``scale`` before backward and divides the (fp32) LoRA gradients by it before the
+    all-reduce, the clip and the step. A step whose gradients overflow is skipped on every rank and the scale halves;
+    after ``growth_interval`` clean steps it doubles. Disabled (bf16, fp32) it is 1 and touches nothing.
+    """
+
+    def __init__(self, enabled: bool, init: float = 2.0 ** 16, growth_interval: int = 200):
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.scale = float(init) if enabled else 1.0
+        self.good = 0  # clean steps since the last change
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.good = max(self.scale / 2, 1.0), 0
+            return
+        self.good += 1
+        if self.good >= self.growth_interval:
+            self.scale, self.good = min(self.scale * 2, 2.0 ** 24), 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good": self.good}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state and self.enabled:
+            self.scale, self.good = float(state["scale"]), int(state["good"])
+
+
+def mean_group_std(rewards: torch.Tensor, group: torch.Tensor) -> float:
+    """Mean over prompt groups of the within-group std of the (finite) rewards [B] (METHODS.md §3.2 logs it beside
+    ``zero_std_ratio``); population std, groups with fewer than two finite rewards count as 0."""
+    stds = []
+    for g in torch.unique(group):
+        r = rewards[group == g].double()
+        r = r[torch.isfinite(r)]
+        stds.append(float(r.std(unbiased=False)) if r.numel() > 1 else 0.0)
+    return sum(stds) / max(1, len(stds))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -301,6 +345,12 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
                 parse_mode(str(v))
             except ValueError as e:
                 raise UserError(f"credit.options.{k}: {e}") from None
+    from flowalign.credit import preflight
+
+    msg = preflight(c.name, c.options, reward_weights=cfg.reward.weights, aggregate=cfg.reward.aggregate,
+                    guided=cfg.sampler.guide != "none")
+    if msg:  # option combinations that would otherwise fail mid-run (after the model loaded and rollouts ran)
+        raise UserError(msg)
     sp = cfg.sampler
     skip = {"velocity", "noise", "x", "sigmas", "cond", "cond_index", "group", "eta", "kernel", "generator",
             "keep_velocities", "trainable", "prompts", "reduce", "logp_form", "mean_shift", "options", "kernel_kwargs"}
@@ -320,13 +370,14 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
             raise UserError(f"sampler.plan_options.{k}={v!r}: {bad_value} (plan {sp.plan!r}, kernel {sp.kernel!r})")
     from flowalign.models import resolve as resolve_model
     from flowalign.rewards import resolve as resolve_reward
-    from flowalign.rewards.catalog import check_kwargs
+    from flowalign.rewards.catalog import check_kwarg_types, check_kwargs
 
     check_kwargs(resolve_model(cfg.model.name).from_pretrained, cfg.model.kwargs, f"model.kwargs ({cfg.model.name})",
                  reserved=("path", "device", "dtype", "guidance_scale"))
     _resolution_kwargs(cfg.model)
     for name, kw in cfg.reward.kwargs.items():
         check_kwargs(resolve_reward(name), kw, f"reward.kwargs.{name}")
+        check_kwarg_types(resolve_reward(name), kw, f"reward.kwargs.{name}")
         if name not in cfg.reward.weights and name not in cfg.eval.rewards:
             logger.warning("reward.kwargs.%s is set, but %s is neither a training reward (reward.weights) nor an "
                            "evaluation reward (eval.rewards): the options are unused", name, name)
@@ -382,10 +433,30 @@ def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
         else:
             _check_resume_config(cfg, run)
         return run, ckpt
-    if run.exists() and any(run.iterdir()) and not cfg.output.overwrite:
-        raise UserError(f"run directory {run} already exists and is not empty; pass output.resume=true to continue it, "
-                        f"output.overwrite=true to replace it, or choose another output.run_dir")
+    if run.exists() and any(run.iterdir()):
+        if not cfg.output.overwrite:
+            raise UserError(f"run directory {run} already exists and is not empty; pass output.resume=true to continue "
+                            f"it, output.overwrite=true to replace it, or choose another output.run_dir")
+        _check_replaceable(run)
     return run, None
+
+
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "checkpoints", "eval", "grids", "plots", "tb", "report.html"})
+"""What a training run writes at the top of its directory: ``output.overwrite`` deletes only such a directory."""
+
+
+def _check_replaceable(run: Path) -> None:
+    """``output.overwrite=true`` deletes ``run``: refuse (one line) unless it is an earlier training run, i.e. it holds
+    ``config.yaml`` and nothing but what a run writes, and it is neither the working directory nor above it."""
+    target, here = run.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise UserError(f"output.overwrite=true would delete {str(run)!r}, the working directory or one above it; "
+                        f"choose a run directory inside it")
+    foreign = sorted(p.name for p in run.iterdir() if p.name not in RUN_ENTRIES)
+    if foreign or not (run / "config.yaml").is_file():
+        what = f"it holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}" if foreign else "no config.yaml"
+        raise UserError(f"output.overwrite=true deletes only an earlier training run, and {str(run)!r} is not one "
+                        f"({what}); choose another output.run_dir, or remove it yourself")
 
 
 def _truncate_metrics(path: Path, iteration: int, rerun_end: bool = False) -> None:
@@ -483,13 +554,14 @@ def train(cfg: C.ExperimentConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
                             eps=cfg.train.adam_eps)
     ema = EMA(params, cfg.train.ema_decay_max, cfg.train.ema_every) if cfg.train.ema else None
+    loss_scale = LossScale(enabled=dtype == torch.float16)  # fp16 forwards: gradients would underflow unscaled
     nfe = NFECounter(model)
 
     # 2. rewards ------------------------------------------------------------------------------------
     from flowalign.rewards.video import for_outputs
 
     def make(name: str):  # image rewards score a video model's frames (reward.per_frame)
-        reward = build_reward(name, **dict(cfg.reward.kwargs.get(name, {})))
+        reward = build_reward_checked(name, dict(cfg.reward.kwargs.get(name, {})), f"reward.kwargs.{name}")
         return for_outputs(reward, getattr(model, "output_kind", "image"), cfg.reward.per_frame)
 
     if cfg.reward.per_frame and getattr(model, "output_kind", "image") != "video":
@@ -542,7 +614,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     # 4. resume -------------------------------------------------------------------------------------
     start, saved_steps = 0, None
     if ckpt_dir is not None:
-        start, saved_steps = _load_checkpoint(ckpt_dir, model, opt, ema, sampler, nfe)
+        start, saved_steps = _load_checkpoint(ckpt_dir, model, opt, ema, sampler, nfe, loss_scale)
         if start > cfg.train.iterations:  # nothing written yet: refuse before the metrics are truncated
             raise UserError(f"cannot resume {ckpt_dir} (iteration {start}) with train.iterations={cfg.train.iterations}: "
                             f"the run is already past it; set train.iterations >= {start}")
@@ -588,7 +660,13 @@ def train(cfg: C.ExperimentConfig) -> Path:
     bar = tqdm(range(start, cfg.train.iterations), initial=start, total=cfg.train.iterations, desc=cfg.train.objective,
                unit="it", disable=rank != 0, dynamic_ncols=True)
     # optimizer steps taken (the EMA's n): skipped updates do not count, so it is restored, not recomputed
-    n_opt = start * cfg.train.optimizer_steps_per_iter if saved_steps is None else saved_steps
+    n_opt = [start * cfg.train.optimizer_steps_per_iter if saved_steps is None else saved_steps]  # mutable for on_step
+
+    def on_step() -> None:  # after every optimizer step taken: the EMA reads that step's weights (§3.7, Q4)
+        if ema is not None:
+            ema.update(n_opt[0])
+        n_opt[0] += 1
+    warned_nan = False
     for it in bar:
         t_start = time.time()
         metrics: dict[str, Any] = {"iteration": it + 1}
@@ -649,6 +727,14 @@ def train(cfg: C.ExperimentConfig) -> Path:
         for k, v in reward_vals.items():
             metrics[f"reward/{k}"] = float(reduce_mean(torch.nanmean(v).reshape(1)).item())
         metrics["reward/zero_std_ratio"] = zero_std_ratio(sum(reward_vals.values()), traj.group.cpu())
+        metrics["reward/group_std"] = mean_group_std(sum(reward_vals.values()), traj.group.cpu())
+        # NaN = "not applicable" (REWARDS_AND_EVAL §1): the credit gives that rollout A = 0 and the filter drops it
+        nan_rows = int(torch.stack([v.isnan() for v in reward_vals.values()]).any(0).sum())
+        metrics["reward/nan_rows"] = nan_rows
+        if nan_rows and not warned_nan:
+            logger.warning("%d rollout(s) with a NaN reward (not applicable): masked out of the advantages and the "
+                           "loss (counted as reward/nan_rows)", nan_rows)
+            warned_nan = True
 
         # 8. credit: a registered assigner, with the process-reward core as its probe -----------------------
         # [B, T]; plans that add rows (branching) run with train_steps=first, whose rows are all alike
@@ -663,7 +749,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         inp = CreditInput(
             traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
             aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
-            std_ddof=cfg.credit.std_ddof, adv_clip=cfg.credit.adv_clip, probe=make_probe(model.velocity, traj, score, terminal=reward_vals), extras=extras,
+            std_ddof=cfg.credit.std_ddof, adv_clip=cfg.credit.adv_clip, probe=make_probe(
+                model.velocity, traj, score, terminal=reward_vals, max_batch=cfg.credit.probe_max_batch or None,
+                score_batch=cfg.credit.probe_score_batch or None), extras=extras,
             reduce_sum=(lambda t: reduce_mean(t).mul_(world)) if world > 1 else None)  # global std over all ranks
         with nfe.phase("probing"):
             credit = assign_credit(cfg.credit.name, inp, cfg.credit.options)
@@ -686,7 +774,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
             if cfg.train.shuffle_transitions else torch.arange(total)  # one order of all ranks' pairs, on every rank
         chunks = step_chunks(pairs, counts, rank, order, cfg.train.optimizer_steps_per_iter)
         bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
-            any(not bool(torch.isfinite(v).all()) for v in reward_vals.values())
+            any(bool(v.isinf().any()) for v in reward_vals.values())  # ±inf: a broken reward, not "not applicable"
         metrics["train/nonfinite_inputs"] = int(bad_input)
         gen = streams(cfg.train.seed, it, rank, positions, "update")  # the update's own draws (nft)
         lr = cfg.train.lr * LR_SCHEDULES[cfg.train.lr_schedule](it, cfg.train.iterations)  # a function of `it` alone
@@ -694,13 +782,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
             g["lr"] = lr
         metrics["train/lr"] = lr
         stats = UPDATES[cfg.train.objective](cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, skip=bad_input,
-                                             inp=inp, generator=gen, chunks=chunks)
-        steps_taken = stats.pop("_steps_taken")
+                                             inp=inp, generator=gen, chunks=chunks, loss_scale=loss_scale,
+                                             on_step=on_step)
+        stats.pop("_steps_taken")
         metrics.update(stats)
-        for _ in range(steps_taken):
-            if ema is not None:
-                ema.update(n_opt)
-            n_opt += 1
+        if loss_scale.enabled:
+            metrics["train/loss_scale"] = loss_scale.scale
 
         # 10. log, eval, checkpoint -------------------------------------------------------------------------
         if world > 1:  # totals over the ranks, like rollouts/iteration (METHODS §3.6: logged values reduced)
@@ -720,9 +807,10 @@ def train(cfg: C.ExperimentConfig) -> Path:
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         writer.add_scalar(k, v, it + 1)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
-                             if k.startswith("reward/") and "zero" not in k})
+                             if k.startswith("reward/") and k[len("reward/"):] in reward_vals})  # the rewards only
             if (cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0) or it + 1 == cfg.train.iterations:
-                _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints, n_opt)
+                _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints, n_opt[0],
+                                 loss_scale)
         barrier()
 
     if world > 1:  # DDP sanity: every rank must hold the same weights
@@ -821,10 +909,12 @@ def _once_per_state(velocity, rep: torch.Tensor, inv: torch.Tensor):
 
 
 def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
-            chunks: Optional[Sequence[torch.Tensor]] = None, **_: Any) -> dict:
+            chunks: Optional[Sequence[torch.Tensor]] = None, loss_scale: Optional[LossScale] = None,
+            on_step: Optional[Callable[[], None]] = None, **_: Any) -> dict:
     """Micro-batched re-scoring + clipped GRPO loss per advantage head (+ exact KL to the adapter-disabled reference).
 
-    ``chunks``: this rank's pairs of each optimizer step (``step_chunks``); None splits ``pairs`` in order."""
+    ``chunks``: this rank's pairs of each optimizer step (``step_chunks``); None splits ``pairs`` in order.
+    ``loss_scale`` / ``on_step``: see ``_optimizer_step``."""
     tr = cfg.train
     out = {"train/skipped_updates": 0, "_steps_taken": 0}
     n_steps = tr.optimizer_steps_per_iter
@@ -880,11 +970,12 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             if not torch.isfinite(loss_sum):
                 finite = False
                 break
-            (loss_sum / n).backward()  # / the ranks' mean count: after the gradient all-reduce, the mean over all pairs
+            loss = loss_sum / n  # / the ranks' mean count: after the gradient all-reduce, the mean over all pairs
+            (loss * loss_scale.scale if loss_scale is not None and loss_scale.enabled else loss).backward()
             for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.detach().mean()),
                          "kl": float(kl.detach().mean())}.items():
                 logs.setdefault(k, []).extend([v] * mb.shape[0])  # weight by size: the means are over pairs
-        _optimizer_step(opt, finite, reduce_mean, tr, logs, out)
+        _optimizer_step(opt, finite, reduce_mean, tr, logs, out, loss_scale=loss_scale, on_step=on_step)
     for k, v in logs.items():
         out[f"train/{k}"] = sum(v) / len(v)
     out["train/transitions"] = int(pairs.shape[0])
@@ -896,7 +987,7 @@ NFE_PHASES = ("sampling", "probing", "guidance", "training", "other")  # the cou
 PAIR_STATS = {"grpo": ("train/approx_kl", "train/clipfrac_high", "train/clipfrac_low", "train/ratio_mean",
                        "train/policy_loss", "train/kl"),
               "nft": ("train/nft_loss", "train/kl", "train/nft_r_mean")}
-RANK_STATS = ("train/kept_fraction", "reward/zero_std_ratio", "train/nonfinite_inputs")  # ranks hold equal rollouts
+RANK_STATS = ("train/kept_fraction", "reward/zero_std_ratio", "reward/group_std", "train/nonfinite_inputs")  # ranks hold equal rollouts
 
 
 def _sync_nfe(nfe, seen: dict, reduce_mean, world: int) -> dict:
@@ -960,14 +1051,26 @@ def _global_counts(counts: Sequence[int], skip: bool, reduce_mean) -> tuple[list
     return [float(v) for v in vec[:-1]], bool(vec[-1] > 0)
 
 
-def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -> None:
-    """All-reduce the gradients and step, unless any rank saw a non-finite value (then nothing reaches the weights)."""
+def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict, *,
+                    loss_scale: Optional[LossScale] = None, on_step: Optional[Callable[[], None]] = None) -> None:
+    """All-reduce the gradients and step, unless any rank saw a non-finite value (then nothing reaches the weights).
+
+    ``loss_scale`` (float16): the gradients are divided by its scale; an overflow in them (inputs and loss finite)
+    skips the step on every rank and halves the scale (counted as ``train/overflow_steps``, not as a skipped update).
+    ``on_step`` runs after each step taken (the EMA of optimizer step n reads step n's weights, METHODS.md §3.7)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     grads_ok = finite and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-    flag = reduce_mean(torch.tensor([1.0 if grads_ok else 0.0]))
-    if float(flag) < 1.0:
-        logger.warning("non-finite reward, advantage, loss or gradient: optimizer step skipped")
-        out["train/skipped_updates"] += 1
+    flag = reduce_mean(torch.tensor([1.0 if finite else 0.0, 1.0 if grads_ok else 0.0]))  # [2]
+    inputs_ok, all_ok = float(flag[0]) >= 1.0, float(flag[1]) >= 1.0
+    scaled = loss_scale is not None and loss_scale.enabled
+    if not all_ok:
+        if inputs_ok and scaled:  # float16 overflow of the scaled gradients: the next step retries at half the scale
+            logger.info("float16 gradient overflow at loss scale %g: step skipped, scale halved", loss_scale.scale)
+            loss_scale.update(overflow=True)
+            out["train/overflow_steps"] = out.get("train/overflow_steps", 0) + 1
+        else:
+            logger.warning("non-finite reward, advantage, loss or gradient: optimizer step skipped")
+            out["train/skipped_updates"] += 1
         opt.zero_grad(set_to_none=False)
         return
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -976,10 +1079,16 @@ def _optimizer_step(opt, finite: bool, reduce_mean, tr, logs: dict, out: dict) -
             p.grad = torch.zeros_like(p)
         if p.grad is not None:
             reduce_mean(p.grad)
+            if scaled:
+                p.grad.div_(loss_scale.scale)
     gn = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm if tr.max_grad_norm > 0 else math.inf)  # 0 = off
     logs.setdefault("grad_norm", []).append(float(gn))
     opt.step()
+    if scaled:
+        loss_scale.update(overflow=False)
     out["_steps_taken"] += 1
+    if on_step is not None:
+        on_step()
 
 
 def nft_row_draws(traj, rows: torch.Tensor, mode: str, generator: Generators) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1018,7 +1127,8 @@ def _update_nft(cfg, model, *args: Any, **kwargs: Any) -> dict:
 
 
 def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool, inp: CreditInput,
-                generator: torch.Generator, **_: Any) -> dict:
+                generator: torch.Generator, loss_scale: Optional[LossScale] = None,
+                on_step: Optional[Callable[[], None]] = None, **_: Any) -> dict:
     """DiffusionNFT update (Zheng et al. 2025, arXiv:2509.16117): negative-aware flow matching on the final samples.
 
     Each kept sample x_0 (advantage ≠ 0 with ``filter_zero_std``) gets ``nft_times`` draws (t, ε), x_t = (1−t)x_0 + tε
@@ -1084,10 +1194,11 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
             if not bool(torch.isfinite(total).all()):
                 finite = False
                 break
-            (total.sum() / mean_n).backward()  # after the all-reduce: the mean over every rank's rows of this step
+            loss_mb = total.sum() / mean_n  # after the all-reduce: the mean over every rank's rows of this step
+            (loss_mb * loss_scale.scale if loss_scale is not None and loss_scale.enabled else loss_mb).backward()
             logs.setdefault("nft_loss", []).extend([float(loss.detach().mean())] * len(idx))  # means over rows
             logs.setdefault("kl", []).extend([float(kl.detach().mean())] * len(idx))
-        _optimizer_step(opt, finite, reduce_mean, tr, logs, out)
+        _optimizer_step(opt, finite, reduce_mean, tr, logs, out, loss_scale=loss_scale, on_step=on_step)
     for k, v in logs.items():
         out[f"train/{k}"] = sum(v) / len(v)
     return out
@@ -1161,30 +1272,30 @@ def _tensorboard(run: Path, cfg, start: int = 0):
 
 
 def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: int,
-                     opt_steps: Optional[int] = None) -> Path:
-    """checkpoints/step-N/: the (EMA) LoRA in diffusers format + full training state; written atomically."""
+                     opt_steps: Optional[int] = None, loss_scale: Optional[LossScale] = None) -> Path:
+    """checkpoints/step-N/: the (EMA) LoRA in diffusers format + full training state; written atomically
+    (``io.atomic_dir``: every file fsynced before the directory appears under its name)."""
     final = run / "checkpoints" / f"step-{step}"
-    tmp = run / "checkpoints" / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with (ema.applied() if ema is not None else contextlib.nullcontext()):
-        model.save_lora(tmp)  # what users load: the EMA weights when EMA is on
-    (tmp / "raw").mkdir()
-    model.save_lora(tmp / "raw")  # the live weights, for exact resume
-    state = {"iteration": step, "optimizer": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
-             "sampler": sampler.state_dict(), "nfe": nfe.state_dict(), "torch_rng": torch.get_rng_state(),
-             "opt_steps": opt_steps}
-    atomic_save(state, tmp / "state.pt")
-    atomic_write_text(tmp / "COMPLETE", str(step))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a process killed while writing this step
+        shutil.rmtree(stale, ignore_errors=True)
+    with atomic_dir(final) as tmp:
+        with (ema.applied() if ema is not None else contextlib.nullcontext()):
+            model.save_lora(tmp)  # what users load: the EMA weights when EMA is on
+        (tmp / "raw").mkdir()
+        model.save_lora(tmp / "raw")  # the live weights, for exact resume
+        state = {"iteration": step, "optimizer": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
+                 "sampler": sampler.state_dict(), "nfe": nfe.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "opt_steps": opt_steps, "loss_scale": loss_scale.state_dict() if loss_scale is not None else None}
+        atomic_save(state, tmp / "state.pt")
+        atomic_write_text(tmp / "COMPLETE", str(step))
     ckpts = sorted((int(p.name.split("-")[1]), p) for p in final.parent.glob("step-*") if p.name[5:].isdigit())
     for _, old in ckpts[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> tuple[int, Optional[int]]:
+def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe,
+                     loss_scale: Optional[LossScale] = None) -> tuple[int, Optional[int]]:
     """Restore the training state; returns (iteration, optimizer steps taken, or None for older checkpoints)."""
     try:
         if not (ckpt / "COMPLETE").exists():
@@ -1197,6 +1308,8 @@ def _load_checkpoint(ckpt: Path, model, opt, ema, sampler, nfe) -> tuple[int, Op
                 s.copy_(v)
         sampler.load_state_dict(state["sampler"])
         nfe.load_state_dict(state.get("nfe", {}))
+        if loss_scale is not None:
+            loss_scale.load_state_dict(state.get("loss_scale"))
         torch.set_rng_state(state["torch_rng"])
         steps = state.get("opt_steps")
         return int(state["iteration"]), (None if steps is None else int(steps))
@@ -1213,12 +1326,18 @@ def cli_main(argv: Sequence[str]) -> int:
     p = CommandParser(prog="flowalign train", description="GRPO or DiffusionNFT (train.objective=nft) fine-tuning from a YAML config.")
     p.add_argument("config", nargs="?", help="experiment YAML (e.g. configs/shapes_grpo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 credit.name=outcome")
-    p.add_argument("--describe", action="store_true", help="print every config field with its doc and exit")
+    p.add_argument("--describe", action="store_true",
+                   help="print every config field with its doc and exit: the values of CONFIG and its overrides when "
+                        "given (validated), else the defaults")
     args = p.parse_args(list(argv))
     if args.describe:
         import sys
 
-        sys.stdout.write(C.describe(C.ExperimentConfig) + "\n")
+        config, overrides = args.config, list(args.overrides)
+        if config and "=" in config and not Path(config).exists():  # `--describe train.lr=1e-4`: overrides only
+            config, overrides = None, [config, *overrides]
+        cfg = C.load_config(config, overrides) if config or overrides else None
+        sys.stdout.write(C.describe(C.ExperimentConfig, cfg) + "\n")
         return 0
     if not args.config:
         p.error("the following argument is required: config (an experiment YAML, e.g. configs/shapes_grpo.yaml)")

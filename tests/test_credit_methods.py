@@ -561,3 +561,206 @@ def test_euphonium_outcome_head_is_one_clipped_term_per_reward():
     assert torch.allclose(got, want, atol=1e-6)
     with pytest.raises(ValueError, match="scale the reward weights"):
         assign_credit("euphonium", dataclasses.replace(inp, reward_weights={"r": 1.0, "q": 2.0}), {"heads": "ora"})
+
+
+# ------------------------------------------------------------------------------------------ NaN ("not applicable") rewards
+
+
+def _drop(case, keep):
+    """``_cases()[case]`` restricted to the rows ``keep`` (as if the dropped rollouts had never been sampled)."""
+    vals, group, eta, ex, opts, trained = _cases()[case]
+    ex = {k: (v[keep] if k in ("branch_step", "prm_traj") else v) for k, v in ex.items()}
+    return ({k: v[keep] for k, v in vals.items()}, group[keep], eta, ex, opts,
+            None if trained is None else trained[keep])
+
+
+def _nan_case_credit(vals, group, eta, ex, opts, trained, name, **kw):
+    prm = ex.get("prm_traj")
+    tex = {k: v for k, v in ex.items() if k != "prm_traj"}
+    inp = _inp(vals, group, eta, trained=trained, extras_traj=tex, extras={"prm": prm} if prm is not None else {}, **kw)
+    return assign_credit(name, inp, opts)
+
+
+@pytest.mark.parametrize("name", sorted(CREDIT))
+def test_a_rollout_without_a_reward_gets_zero_credit_and_sits_out_the_statistics(name):
+    """REWARDS_AND_EVAL.md §1: a NaN reward masks the rollout out of the group statistics and the loss. DenseGRPO,
+    TP-GRPO, Stepwise-Flow-GRPO, G²RPO and Euphonium's process head used to credit such a row from its (finite)
+    probe values, e.g. A = [-0.17, 0.35, 0.30, 0] under dense_gain, and let it shift its group's statistics."""
+    if name == "tree":
+        from test_tree import _hand_tree
+        from test_tree import _inp as tree_inp
+
+        node, depth, trained = _hand_tree()
+        r = torch.tensor([float("nan"), 3.0, 5.0, 11.0])  # row 0 represents shared edges (node 1) too
+        cr = assign_credit("tree", tree_inp(r, node, depth, trained, torch.zeros(4, dtype=torch.long)))
+        heads = {"main": cr.advantages, **dict(cr.heads or {})}
+        assert all((a[0] == 0).all() and torch.isfinite(a).all() for a in heads.values())
+        assert (cr.advantages[1:] != 0).any()
+        return
+    vals, group, eta, ex, opts, trained = _cases()[name]
+    nan = {k: v.clone() for k, v in vals.items()}
+    for v in nan.values():
+        v[0, -1] = float("nan")  # row 0: every reward "not applicable"
+    cr = _nan_case_credit(nan, group, eta, ex, opts, trained, name)
+    heads = {"main": cr.advantages, **dict(cr.heads or {})}
+    for h, a in heads.items():
+        assert (a[0] == 0).all(), (h, a[0])
+        assert torch.isfinite(a[1:]).all(), h
+    assert (cr.advantages[1:] != 0).any()
+    # the other rows' credit is what they get when row 0 was never sampled: it took no part in any statistic
+    keep = torch.arange(1, 8)
+    ref = _nan_case_credit(*_drop(name, keep), name)
+    for h, a in {"main": ref.advantages, **dict(ref.heads or {})}.items():
+        assert torch.allclose(heads[h][1:], a, atol=1e-5), h
+
+
+@pytest.mark.parametrize("name", ["outcome", "dense_gain", "turning_points", "value_anchor"])
+def test_the_masking_unit_follows_the_aggregation(name):
+    """reward_sum: Σ_k w_k·R_k is undefined when one R_k is NaN, so the rollout gets 0. advantage_sum: the unit is
+    the (rollout, reward) pair, so the rollout keeps the other rewards' terms (a prompt a reward does not apply to
+    still trains on the rest)."""
+    from flowalign.credit import rows_with_reward
+
+    vals, group, eta, *_ = _cases()[name]
+    nan = {k: v.clone() for k, v in vals.items()}
+    nan["r"][0, -1] = float("nan")  # row 0: reward r "not applicable", q fine
+    rew = {k: v[:, -1].clone() for k, v in nan.items()}
+    assert rows_with_reward(rew, {"r": 1.0, "q": 1.0}, "reward_sum").tolist() == [False] + [True] * 7
+    assert rows_with_reward(rew, {"r": 1.0, "q": 1.0}, "advantage_sum").all()
+    summed = assign_credit(name, _inp(nan, group, eta, aggregate="reward_sum")).advantages
+    assert (summed[0] == 0).all() and torch.isfinite(summed).all() and (summed[1:] != 0).any()
+    both = assign_credit(name, _inp(nan, group, eta)).advantages  # advantage_sum, weights 1
+    only_q = assign_credit(name, _inp({"q": nan["q"]}, group, eta)).advantages
+    only_r = assign_credit(name, _inp({"r": nan["r"]}, group, eta)).advantages
+    assert (only_r[0] == 0).all() and (only_q[0] != 0).any()
+    assert torch.allclose(both, only_r + only_q, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ preflight
+
+
+def test_preflight_names_the_settings_that_would_fail_mid_run():
+    from flowalign.credit import preflight
+
+    one, two = {"r": 1.0}, {"r": 1.0, "q": 0.5}
+
+    def pf(name, options=None, weights=one, aggregate="advantage_sum", guided=False):
+        return preflight(name, options or {}, reward_weights=weights, aggregate=aggregate, guided=guided)
+
+    msg = pf("euphonium")
+    assert msg and "\n" not in msg and "sampler.guide=reward_grad" in msg and "pra_probe" in msg
+    assert "heads=ora" in msg and "pra" in pf("euphonium", {"heads": "pra"})
+    assert pf("euphonium", guided=True) is None and pf("euphonium", {"pra_probe": "x0"}) is None
+    assert pf("euphonium", {"heads": "ora"}) is None
+    # several rewards: c_ora·w_k folds into each reward's clipped term, which must be in (0, 1]
+    assert pf("euphonium", {"heads": "ora"}, weights=two) is None
+    msg = pf("euphonium", {"heads": "ora"}, weights={"r": 1.0, "q": 2.0})
+    assert msg and "q: 2" in msg and "reward.weights" in msg and "\n" not in msg
+    assert pf("euphonium", {"heads": "ora", "c_ora": 0.5}, weights={"r": 1.0, "q": 2.0}) is None
+    assert "r: -1" in pf("euphonium", {"heads": "ora"}, weights={"r": -1.0, "q": 1.0})
+    assert pf("euphonium", {"heads": "ora"}, weights={"r": 1.0, "q": 2.0}, aggregate="reward_sum") is None
+    assert pf("euphonium", {"heads": "pra", "pra_probe": "x0"}, weights={"r": 1.0, "q": 2.0}) is None
+    assert pf("euphonium", {"heads": "ora"}, weights={"r": 3.0}) is None  # one reward: one term, nothing folded
+    # every combination preflight accepts runs; every one it refuses fails inside the credit
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    eta = torch.tensor([0.7, 0.7, 0.0])
+    vals = {k: torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i, k in enumerate("rq")}
+    for opts, weights in [({}, one), ({"heads": "ora"}, {"r": 1.0, "q": 2.0}), ({"heads": "ora"}, two)]:
+        inp = dataclasses.replace(_inp({k: vals[k] for k in weights}, group, eta), reward_weights=weights)
+        if pf("euphonium", opts, weights=weights) is None:
+            assign_credit("euphonium", inp, opts)
+        else:
+            with pytest.raises(ValueError):
+                assign_credit("euphonium", inp, opts)
+    # the other methods need nothing beyond their annotations; unknown names say so
+    assert all(pf(n, weights=two) is None for n in CREDIT if n != "euphonium")
+    assert "unknown credit method" in pf("dense_gains")
+    # Euphonium's own eps and adv_clip carry ranges too: a negative eps can divide by 0, adv_clip <= 0 inverts the clip
+    import typing
+
+    from flowalign.train import option_value_error
+
+    hints = typing.get_type_hints(CREDIT["euphonium"], include_extras=True)
+    assert option_value_error(hints["adv_clip"], 0.0) and option_value_error(hints["adv_clip"], None) is None
+    assert option_value_error(hints["eps"], -1e-8) and option_value_error(hints["eps"], 0.0) is None
+    with pytest.raises(ValueError, match="adv_clip"):
+        assign_credit("euphonium", _inp(vals, group, eta), {"heads": "ora", "adv_clip": -1.0})
+
+
+# ------------------------------------------------------------------------------------------ VGPO's z_floor and std settings
+
+
+def test_vgpo_z_floor_must_be_positive_in_the_config_and_the_function():
+    """z_floor = 0 divided a tied group's 0 by 0: NaN credit for the whole group."""
+    from flowalign import config as C
+    from flowalign.errors import UserError
+    from flowalign.train import _check_components
+
+    for bad in ("0", "-0.5"):
+        cfg = C.load_config(None, ["credit.name=value_anchor", f"credit.options.z_floor={bad}"])
+        with pytest.raises(UserError, match=r"credit.options.z_floor=.*expected a value in \(0, inf\]"):
+            _check_components(cfg)
+    _check_components(C.load_config(None, ["credit.name=value_anchor", "credit.options.z_floor=0.001"]))
+    group = torch.tensor([0, 0, 1, 1])
+    v = torch.tensor([[.1, .2, .3, .4, .5], [.1, .2, .3, .4, .5], [.3, .5, .2, .1, .2], [.0, .3, .3, .6, .9]])
+    eta = torch.tensor([.7, .7, .7, .0])
+    with pytest.raises(ValueError, match="z_floor"):
+        assign_credit("value_anchor", _inp({"r": v}, group, eta), {"z_floor": 0.0})
+    adv = assign_credit("value_anchor", _inp({"r": v}, group, eta), {"z_floor": 1e-12}).advantages
+    assert torch.isfinite(adv).all()
+
+
+def test_vgpo_honours_the_std_scope_and_ddof():
+    """credit.std_scope / credit.std_ddof were ignored by value_anchor (its z used the group's population std)."""
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    eta = torch.tensor([.7, .7, .7, .0])
+    v = torch.rand(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    v[3:] *= 10
+    z_only = {"kappa": 0.0, "omega": "none"}
+
+    def adv(**kw):
+        return assign_credit("value_anchor", _inp({"r": v.clone()}, group, eta, **kw), z_only).advantages[:, :3]
+
+    q = process_q(v[:, 1:])[:, :3]  # [B, 3]
+    mean = torch.stack([q[group == g].mean(0) for g in (0, 1)])[group]  # [B, 3] group means
+    pop = torch.stack([q[group == g].std(0, unbiased=False) for g in (0, 1)])[group]
+    assert torch.allclose(adv(), ((q - mean) / pop).float(), atol=1e-5)
+    samp = torch.stack([q[group == g].std(0, unbiased=True) for g in (0, 1)])[group]
+    assert torch.allclose(adv(std_ddof=1), ((q - mean) / samp).float(), atol=1e-5)
+    glob = torch.sqrt(((q - q.mean(0)) ** 2).mean(0))  # [3] the std of every rollout's Q at each step
+    assert torch.allclose(adv(std_scope="global"), ((q - mean) / glob).float(), atol=1e-5)
+    # global scope across two identical ranks (reduce_sum doubles every statistic) is the one-process value
+    assert torch.allclose(adv(std_scope="global", reduce_sum=lambda t: 2 * t), adv(std_scope="global"), atol=1e-6)
+    tied = v.clone()
+    tied[:3] = tied[0]
+    assert (assign_credit("value_anchor", _inp({"r": tied}, group, eta, std_scope="global"), z_only)
+            .advantages[:3] == 0).all()  # a tied group gets 0 under the global std too
+
+
+# ------------------------------------------------------------------------------------------ TempFlow weights, kernel options
+
+
+def test_branch_weights_use_the_kernel_options_the_children_were_drawn_with():
+    """sampler.plan_options.sigma_1 reaches the branch kernel (s_0 = a·sqrt(1/(1 − σ_1))·sqrt(Δ_0)), but the
+    weights recomputed s_k with the kernel's default σ_1 (= σ_1 of the grid): w_0 = 1.58 instead of 0.51."""
+    from flowalign.samplers.kernels import flow_sde
+
+    steps = 10
+    sig = schedules.sd3_diffusers(steps)
+    eta = eta_schedule(steps, 0.7)
+    cond = {"c": torch.zeros(1, 3)}
+    tr = PLANS["branch"](gaussian_world_velocity, torch.randn(2, 3), sig, cond, cond_index=torch.zeros(2, dtype=torch.long),
+                         eta=eta, children=2, branch_steps="all", sigma_1=0.5,
+                         generator=torch.Generator().manual_seed(0))
+    # the plan records the kernel options it drew with (extras["kernel_options"]; samplers/plans.py)
+    tr = dataclasses.replace(tr, extras={**tr.extras, "kernel_options": {"sigma_1": 0.5}})
+    z = torch.zeros(1, 1)
+    drawn = torch.stack([flow_sde(z, z, sig[j], sig[j + 1], 0.7, sigma_1=0.5).std.reshape(()) for j in range(9)])
+    inp = CreditInput(traj=tr, rewards={"r": torch.randn(tr.batch_size)}, reward_weights={"r": 1.0},
+                      trained=tr.extras["trained"].clone())
+    cr = assign_credit("branch", inp)
+    k = tr.extras["branch_step"]
+    got = torch.stack([cr.weights[(k == j).nonzero()[0, 0], j] for j in range(9)])
+    assert torch.allclose(got, (drawn / drawn.mean()).float(), atol=1e-5)
+    assert abs(float(got[0]) - 0.509) < 1e-3  # not the default-σ_1 weight 1.577 (test_tempflow_weights_sd35_vector)
+    assert torch.allclose(tempflow_weights(sig, 0.7, range(9), sigma_1=0.5), got, atol=1e-6)

@@ -274,7 +274,7 @@ def test_nft_resume_is_exact(tmp_path, schedule):
     assert lines[1]["train/lr"] == pytest.approx(lr * (0.5 if schedule == "cosine" else 1.0))
 
 
-def test_nft_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):
+def test_nft_inf_reward_never_reaches_the_weights(tmp_path, monkeypatch):
     import sys
 
     from safetensors.torch import load_file
@@ -283,10 +283,10 @@ def test_nft_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):
     from flowalign.models.lora import WEIGHT_NAME
     from flowalign.train import train
 
-    monkeypatch.setitem(R.REWARDS, "nan_test", "tests.reward_fixtures:NaNEverySecondCall")
+    monkeypatch.setitem(R.REWARDS, "inf_test", "tests.reward_fixtures:InfEverySecondCall")
     sys.path.insert(0, str(ROOT))
     cfg = C.load_config(str(ROOT / "configs" / "shapes_nft.yaml"),
-                        [*SMALL, "reward.weights={nan_test: 1.0}", f"output.run_dir={tmp_path / 'run'}"])
+                        [*SMALL, "reward.weights={inf_test: 1.0}", f"output.run_dir={tmp_path / 'run'}"])
     run = train(cfg)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["train/skipped_updates"] == 2 and lines[1]["train/skipped_updates"] == 0

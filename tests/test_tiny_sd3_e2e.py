@@ -53,6 +53,28 @@ def test_tiny_sd3_trains_and_lora_loads_into_diffusers(tiny_sd3_dir, prompt_file
     assert (after - before).abs().max() > 1e-6  # the trained LoRA changes the diffusers pipeline's output
 
 
+def test_tiny_sd3_trains_in_float16_with_a_loss_scale_that_the_checkpoint_keeps(tiny_sd3_dir, prompt_file, tmp_path):
+    """model.dtype=float16: the update scales its loss (train/loss_scale), steps, and the checkpoint holds the scale
+    for exact resume (the underflow it prevents: tests/test_train_update.py::test_float16_gradients_need_…)."""
+    from flowalign.train import train
+
+    size = TINY_SIZES["sd3"]
+    run = train(C.load_config(None, [
+        "model.name=sd3", f"model.path={tiny_sd3_dir}", f"model.kwargs={{height: {size['height']}, width: {size['width']}}}",
+        "model.dtype=float16", "model.guidance=2.0", "model.lora_rank=4", "model.lora_alpha=8",
+        "sampler.steps=4", "reward.weights={saturation: 1.0}", f"data.train_prompts={prompt_file}",
+        f"data.eval_prompts={prompt_file}", "eval.rewards=[saturation]", "eval.before=false", "eval.after=false",
+        "train.iterations=1", "train.groups_per_iter=2", "train.group_size=2", "train.micro_batch=4",
+        "train.lr=1e-2", "train.clip_range=0.2", "train.ema=false", "train.filter_zero_std=false",
+        "output.tensorboard=false", f"output.run_dir={tmp_path / 'run'}",
+    ]))
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["train/loss_scale"] == 2.0 ** 16 and m["train/skipped_updates"] == 0 and m["train/grad_norm"] > 0
+    assert abs(m["train/ratio_mean"] - 1) < 1e-3  # on-policy in float16 too
+    state = torch.load(run / "checkpoints" / "step-1" / "state.pt", weights_only=False)
+    assert state["loss_scale"] == {"scale": 2.0 ** 16, "good": 1}
+
+
 def test_flowalign_eval_with_pickscore_and_hps_on_tiny_sd3(tiny_sd3_dir, prompt_file, tiny_reward_kwargs, tmp_path):
     from flowalign.evaluate import cli_main
 

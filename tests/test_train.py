@@ -80,18 +80,34 @@ def test_first_update_is_on_policy(tmp_path, monkeypatch, sampler):
     assert len(forms) > 1 and set(forms) == {"cps_mse" if sampler else "exact"}
 
 
-def test_nan_reward_never_reaches_the_weights(tmp_path, monkeypatch):
+def test_inf_reward_never_reaches_the_weights(tmp_path, monkeypatch):
+    """A ±inf reward is a broken reward: the whole update is skipped, warned and counted."""
     from flowalign import rewards as R
     from flowalign.train import train
 
-    monkeypatch.setitem(R.REWARDS, "nan_test", "tests.reward_fixtures:NaNEverySecondCall")
+    monkeypatch.setitem(R.REWARDS, "inf_test", "tests.reward_fixtures:InfEverySecondCall")
     sys.path.insert(0, str(ROOT))
-    run = train(_cfg(tmp_path / "run", "train.iterations=2", "reward.weights={nan_test: 1.0}"))
+    run = train(_cfg(tmp_path / "run", "train.iterations=2", "reward.weights={inf_test: 1.0}"))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["train/skipped_updates"] == 2 and lines[1]["train/skipped_updates"] == 0
+    assert lines[0]["train/nonfinite_inputs"] == 1 and lines[1]["train/nonfinite_inputs"] == 0
     sd1, sd2 = _lora(run, 1), _lora(run, 2)
     assert all(v.abs().sum() == 0 for k, v in sd1.items() if "lora_B" in k)  # step 1 skipped: B still 0
     assert any(v.abs().sum() > 0 for k, v in sd2.items() if "lora_B" in k)
+
+
+def test_a_nan_reward_is_masked_not_a_reason_to_skip_the_update(tmp_path, monkeypatch):
+    """NaN = "not applicable" (REWARDS_AND_EVAL §1): that rollout gets A = 0 and leaves the loss, the others train."""
+    from flowalign import rewards as R
+    from flowalign.train import train
+
+    monkeypatch.setitem(R.REWARDS, "nan_first", "tests.reward_fixtures:NaNForFirstSample")
+    sys.path.insert(0, str(ROOT))
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", "reward.weights={nan_first: 1.0}"))
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["train/skipped_updates"] == 0 and m["train/nonfinite_inputs"] == 0 and m["reward/nan_rows"] == 1
+    assert m["train/kept_fraction"] <= 7 / 8  # 2 groups x 4: the NaN rollout is filtered out of the update
+    assert any(v.abs().sum() > 0 for k, v in _lora(run, 1).items() if "lora_B" in k)
 
 
 def _run_cli(args, **kw):
@@ -169,6 +185,50 @@ def test_overwrite_with_a_bad_setting_keeps_the_earlier_run(tmp_path):
                   "output.overwrite=true", "credit.name=outcom"])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("flowalign train: error: credit.name")
     assert (run / "keep.txt").read_text() == "precious" and (run / "checkpoints" / "step-1").is_dir()
+
+
+@pytest.mark.parametrize("case", ["foreign_file", "no_config", "working_dir"])
+def test_overwrite_deletes_only_an_earlier_training_run(tmp_path, monkeypatch, case):
+    """output.overwrite=true used to rmtree any directory: a project folder with its data, or `.` itself."""
+    from flowalign.errors import UserError
+    from flowalign.train import _check_run_dir
+
+    run = tmp_path / "proj"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    if case != "no_config":
+        (run / "config.yaml").write_text("{}\n")
+    if case == "foreign_file":
+        (run / "notes.txt").write_text("precious")
+    if case == "working_dir":
+        monkeypatch.chdir(run / "checkpoints")  # the run directory is above the working directory
+    with pytest.raises(UserError) as e:
+        _check_run_dir(_cfg(run, "output.overwrite=true"))
+    assert "\n" not in str(e.value) and "output.overwrite" in str(e.value)
+    assert (run / "metrics.jsonl").exists() and (case != "foreign_file" or (run / "notes.txt").exists())
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path):
+    from flowalign.train import _check_run_dir
+
+    run = tmp_path / "run"
+    for name in ("checkpoints", "eval", "grids", "plots", "tb"):
+        (run / name).mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "report.html"):
+        (run / name).write_text("x")
+    assert _check_run_dir(_cfg(run, "output.overwrite=true")) == (run, None)
+
+
+def test_describe_shows_a_configs_values_and_validates_its_overrides(capsys):
+    from flowalign.cli import main
+
+    assert main(["train", "--describe", str(ROOT / "configs" / "shapes_grpo.yaml"), "train.iterations=7"]) == 0
+    out = capsys.readouterr().out
+    assert "  iterations: 7  # (int)" in out and "  lr: 0.001  # (float)" in out  # the config's lr, not 3e-4
+    assert main(["train", "--describe", "train.iterations=7"]) == 0  # overrides alone: on the defaults
+    assert "  iterations: 7  # (int)" in capsys.readouterr().out
+    assert main(["train", "--describe", "train.itrations=7"]) == 2
+    assert "did you mean 'train.iterations'" in capsys.readouterr().err
 
 
 def test_resume_refuses_changed_settings_and_tolerates_a_cut_metrics_line(tmp_path):

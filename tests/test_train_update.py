@@ -628,3 +628,94 @@ def test_a_group_sharing_its_initial_noise_rescores_step_zero_once(tmp_path):
     assert m["train/transitions"] > groups * g  # step 0 and later steps are trained
     assert m["nfe/training"] == m["train/transitions"] - groups * (g - 1)
     assert abs(m["train/ratio_mean"] - 1) < 1e-5
+
+
+# ------------------------------------------------------------------ float16 loss scaling, EMA per step, group std
+
+
+class _Half(torch.nn.Module):
+    """v(x) = w·x computed in float16 (an fp16 transformer with an fp32 trainable weight, as model.dtype=float16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def velocity(self, x, sigma, cond):
+        return (self.w.half() * x.half()).float()  # [n, D]; the backward crosses float16 activations
+
+
+def _half_step(scale):
+    """One GRPO step with tiny advantages (1e-9: the order of SD3.5's output gradients) through float16."""
+    from flowalign.train import LossScale, _update
+
+    model, nfe, opt, traj, advs, pairs = _update_inputs()
+    half = _Half()
+    opt = torch.optim.SGD([half.w], lr=1e6)
+    loss_scale = LossScale(enabled=scale is not None, init=scale or 1.0)
+    out = _update(_tr(max_grad_norm=0.0), half, opt, traj, {"main": advs["main"] * 1e-9}, pairs, lambda t: t, nfe,
+                  skip=False, loss_scale=loss_scale)
+    return float(half.w.detach()) - 0.5, out, loss_scale
+
+
+def test_float16_gradients_need_the_loss_scale_and_equal_fp32_with_it():
+    from flowalign.train import _update
+
+    model, nfe, opt, traj, advs, pairs = _update_inputs()
+    opt = torch.optim.SGD([model.w], lr=1e6)
+    _update(_tr(max_grad_norm=0.0), model, opt, traj, {"main": advs["main"] * 1e-9}, pairs, lambda t: t, nfe,
+            skip=False)
+    fp32 = float(model.w.detach()) - 0.5  # the fp32 reference step
+    unscaled, _, _ = _half_step(None)
+    scaled, out, ls = _half_step(2.0 ** 16)
+    assert fp32 != 0 and unscaled == 0.0  # without scaling the fp16 backward underflows to exact zeros
+    assert scaled == pytest.approx(fp32, rel=2e-3) and out["_steps_taken"] == 1 and ls.good == 1
+
+
+def test_a_float16_overflow_skips_the_step_and_halves_the_scale():
+    step, out, ls = _half_step(2.0 ** 60)  # the scaled gradient overflows float16
+    assert step == 0.0 and out["_steps_taken"] == 0 and out["train/skipped_updates"] == 0
+    assert out["train/overflow_steps"] == 1 and ls.scale == 2.0 ** 59
+
+
+def test_loss_scale_grows_after_clean_steps_and_round_trips():
+    from flowalign.train import LossScale
+
+    ls = LossScale(enabled=True, init=8.0, growth_interval=2)
+    for overflow in (False, False, False, True):
+        ls.update(overflow)
+    assert ls.scale == 8.0 and ls.good == 0  # 8 → 16 after two clean steps, 16 → 8 on the overflow
+    again = LossScale(enabled=True)
+    again.load_state_dict(ls.state_dict())
+    assert again.state_dict() == ls.state_dict()
+    off = LossScale(enabled=False)
+    off.update(True)
+    assert off.scale == 1.0
+
+
+def test_the_ema_reads_each_optimizer_steps_own_weights():
+    """METHODS §3.7 (Q4): EMA update n uses the weights after optimizer step n, not those after the iteration's last."""
+    from flowalign.train import EMA, _update
+
+    model, nfe, opt, traj, advs, pairs = _update_inputs()
+    ema = EMA([model.w], decay_max=0.9, every=1)
+    seen = []
+
+    def on_step():
+        seen.append(float(model.w.detach()))
+        ema.update(len(seen) - 1)
+
+    out = _update(_tr(optimizer_steps_per_iter=3, max_grad_norm=0.0), model, opt, traj, advs, pairs, lambda t: t,
+                  nfe, skip=False, on_step=on_step)
+    assert out["_steps_taken"] == 3 and len(set(seen)) == 3 and seen[-1] == float(model.w.detach())
+    expect = 0.5
+    for n, w in enumerate(seen):
+        expect += (w - expect) * (1 - min((1 + n) / (10 + n), 0.9))
+    assert float(ema.shadow[0]) == pytest.approx(expect, rel=1e-6)
+
+
+def test_mean_group_std_is_the_mean_of_population_stds_over_finite_rewards():
+    from flowalign.train import mean_group_std
+
+    r = torch.tensor([0.0, 1.0, float("nan"), 2.0, 2.0, 5.0])
+    g = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert mean_group_std(r, g) == pytest.approx((0.5 + 0.0 + 0.0) / 3)

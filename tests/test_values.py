@@ -375,3 +375,30 @@ def test_first_equal_partitions_rows_like_a_sort_of_their_key_and_bits():
     big = torch.randn(3, 2**21, generator=g)  # [3, 2M]: two rows per hashing slab, so two slabs
     big[2] = big[0]
     assert first_equal(lambda idx: big[idx], [0, 0, 0]).tolist() == [0, 1, 0]
+
+
+def test_make_probe_bounds_the_rows_per_forward_and_per_score_call():
+    """The trainer's probe: ``make_probe(..., max_batch=M, score_batch=S)`` reaches the engine, so no forward sees
+    more than M rows and no ``score`` (decode + rewards) call more than S latents; the values do not change
+    (the Gaussian world's velocity is elementwise, so batch composition cannot change a bit)."""
+    traj = _traj(eta_schedule(T, 0.7), b=6)
+    term = score(traj.final, None)
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    sizes, scored = [], []
+
+    def vel(x, s, c):
+        sizes.append(x.shape[0])
+        return gaussian_world_velocity(x, s, c)
+
+    def sc(z, rows):
+        scored.append(z.shape[0])
+        return score(z, rows)
+
+    free = make_probe(vel, traj, sc, terminal=term)("ode:full", mask)
+    assert max(sizes) > 4 and max(scored) > 3  # unbounded: one batch of every probe
+    sizes.clear()
+    scored.clear()
+    bounded = make_probe(vel, traj, sc, terminal=term, max_batch=4, score_batch=3)("ode:full", mask)
+    assert sizes and max(sizes) <= 4 and scored and max(scored) <= 3
+    for k in ("r", "s"):
+        assert torch.equal(bounded[k], free[k])

@@ -375,6 +375,12 @@ def rank_agreement(setup: _Setup, *, steps: int, group_size: int, seed: int, mod
     return out
 
 
+def _plot_target(plot: str, model: str, n_models: int) -> Path:
+    """Where ``bench credit --plot PLOT`` draws ``model``'s ranking: PLOT itself for one model, else
+    PLOT-<model>.png."""
+    return Path(plot) if n_models == 1 else Path(plot).with_name(f"{Path(plot).stem}-{model}.png")
+
+
 def bench_credit(argv: Sequence[str]) -> int:
     """``flowalign bench credit``: print measured NFE / reward calls / wall time per credit method."""
     ap = CommandParser(prog="flowalign bench credit", description="Measured cost of every credit method (transformer "
@@ -399,16 +405,22 @@ def bench_credit(argv: Sequence[str]) -> int:
                          "agreement is printed too). Costly: with fine:4,sde:16 the video model's 8 groups took 42 min "
                          "instead of 4.4 (two threads), the shapes model's 6 groups 10-11 min (one thread)")
     ap.add_argument("--plot", default=None, help="also draw the ranking agreement by state to this PNG (one panel "
-                    "per reference, one line per probe mode; with several models, one file each: NAME-<model>.png)")
+                    "per reference, one line per probe mode; with several models, one file each: NAME-<model>.png); "
+                    "an existing file is refused unless --overwrite")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the rollouts' noise (and of the ranking check's states)")
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    from flowalign.bench_snr import JSON_HELP
+
+    ap.add_argument("--json", default=None, help=JSON_HELP)
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file or --plot image (the "
+                    "figures of an earlier run)")
     args = ap.parse_args(list(argv))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from flowalign.bench_snr import check_json_out
+    from flowalign.bench_snr import check_json_out, check_out_file
     from flowalign.errors import UserError
     from flowalign.rewards import resolve as resolve_reward
-    from flowalign.sample import check_out_parent, check_seed
+    from flowalign.rewards.video import for_outputs
+    from flowalign.sample import check_seed
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -435,12 +447,13 @@ def bench_credit(argv: Sequence[str]) -> int:
             raise UserError(f"{flag} {value!r} needs the ranking, which runs only with --rank-groups >= 1 on "
                             "--models shapes or shapes_video")
     if args.rank_groups > 0 and "shapes" in models:
-        resolve_reward(args.rank_reward)  # an unknown name fails here, not after the cost runs
-    check_json_out(args.json)
+        # an unknown name, or a video reward for the image model, fails here, not after the cost runs
+        for_outputs(resolve_reward(args.rank_reward), "image")
+    check_json_out(args.json, args.overwrite)
     if args.plot and (Path(args.plot).is_dir() or not args.plot.lower().endswith(".png")):
         raise UserError(f"--plot {args.plot!r}: pass the path of a .png file, e.g. ranking.png")
-    if args.plot:
-        check_out_parent(args.plot, "--plot")
+    for name in ranked if args.plot else ():
+        check_out_file(str(_plot_target(args.plot, name, len(models))), "--plot", args.overwrite, "ranking.png")
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"runs": [], "ranking": {}, "notes": {}}
     with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:
@@ -467,7 +480,8 @@ def bench_credit(argv: Sequence[str]) -> int:
                 if name == "shapes" and args.rank_reward != "shapes_partial":
                     from flowalign.rewards import build_reward
 
-                    setup.rewards = {args.rank_reward: build_reward(args.rank_reward)}
+                    kind = getattr(setup.model, "output_kind", "image")
+                    setup.rewards = {args.rank_reward: for_outputs(build_reward(args.rank_reward), kind)}
                 rk = rank_agreement(setup, steps=args.steps, group_size=args.group_size, seed=args.seed + 17,
                                     modes=RANK_MODES, max_batch=args.max_batch, references=references,
                                     progress=True)
@@ -480,8 +494,7 @@ def bench_credit(argv: Sequence[str]) -> int:
                 if args.plot:
                     from flowalign.report import plot_ranking
 
-                    target = Path(args.plot) if len(models) == 1 else \
-                        Path(args.plot).with_name(f"{Path(args.plot).stem}-{name}.png")
+                    target = _plot_target(args.plot, name, len(models))
                     reward = args.rank_reward if name == "shapes" else "shapes_motion_partial"
                     plot_ranking({"ode:full": rk, **refs}, target, f"{setup.name}, {reward}: {args.rank_groups} "
                                  f"groups of {args.group_size}, T = {args.steps}")

@@ -64,7 +64,7 @@ def bench_motion_prior(argv: Sequence[str]) -> None:
     import numpy as np
 
     from flowalign.bench_gap import _floats
-    from flowalign.bench_snr import check_json_out
+    from flowalign.bench_snr import add_output_args, check_json_out
     from flowalign.models import load_model
     from flowalign.sample import check_guidance
     from flowalign.shapes import motion as M
@@ -80,7 +80,7 @@ def bench_motion_prior(argv: Sequence[str]) -> None:
     ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the velocity (1 = the conditional branch)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the rendered clips and their noise")
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_output_args(ap)
     args = ap.parse_args(list(argv))
     levels = _floats(args.levels, "levels")
     if any(not 0.0 < s <= 1.0 for s in levels):
@@ -94,7 +94,7 @@ def bench_motion_prior(argv: Sequence[str]) -> None:
     check_guidance(args.guidance)
     if not 0 <= args.seed < (1 << 32):  # the renders' numpy generators take no negative seed
         raise UserError(f"--seed must be between 0 and 2**32 (exclusive), got {args.seed}")
-    check_json_out(args.json)
+    check_json_out(args.json, args.overwrite)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     model = load_model("shapes_video", args.path, guidance_scale=args.guidance)

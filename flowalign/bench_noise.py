@@ -80,6 +80,7 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     from flowalign.bench_snr import SDE_KERNELS, add_common_args, check_common
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
+    from flowalign.rewards.video import for_outputs
     from flowalign.sample import check_guidance
     from flowalign.samplers.loop import eta_schedule, sample
 
@@ -108,7 +109,8 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 
-    reward = build_reward(args.reward)  # an unknown name fails before the model loads
+    # an unknown name, or a video reward for this image model, fails before the model loads (as train and eval do)
+    reward = for_outputs(build_reward(args.reward), "image")
     model = load_model("shapes", args.shapes_path, guidance_scale=args.guidance)
     prompts = _shapes_prompts(args.prompts, seed=3)
     P, K, M = len(prompts), args.inits, args.members

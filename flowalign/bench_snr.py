@@ -101,25 +101,45 @@ def split_half_cosine(grads: Tensor, adv: Tensor, steps: Sequence[int], weights:
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
-    """The options every shapes-world diagnostic bench shares (model path, threads, seed, JSON output)."""
+    """The options every shapes-world diagnostic bench shares (model path, threads, seed, JSON output, --overwrite)."""
     ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts' noise and of every random draw")
-    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    add_output_args(ap)
 
 
-def check_json_out(path: Optional[str]) -> None:
-    """One-line ``UserError`` when ``--json`` names a directory or lies under a file (the write would fail after the
-    whole run)."""
+JSON_HELP = "also write the figures to this JSON file (an existing file is refused unless --overwrite)"
+OVERWRITE_HELP = "replace an existing --json file (the figures of an earlier run)"
+
+
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+    """Every bench's ``--json PATH`` and ``--overwrite``: a bench's figures are a measurement that may have taken long,
+    so an existing file is not replaced silently."""
+    ap.add_argument("--json", default=None, help=JSON_HELP)
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def check_out_file(path: Optional[str], flag: str, overwrite: bool, example: str) -> None:
+    """One-line ``UserError``, before the bench runs, when its output file ``path`` (given as ``flag``) names a
+    directory, exists and ``overwrite`` is off, or cannot be written (under a file, an unwritable directory: the write
+    would fail after the whole run)."""
     from pathlib import Path
 
     from flowalign.sample import check_out_parent
 
-    if path and Path(path).is_dir():
-        raise UserError(f"--json {path!r} is a directory; pass the path of a JSON file, "
-                        f"e.g. {Path(path) / 'bench.json'}")
-    if path:
-        check_out_parent(path, "--json")
+    if not path:
+        return
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path!r} is a directory; pass the path of a {Path(example).suffix[1:].upper()} "
+                        f"file, e.g. {Path(path) / example}")
+    if Path(path).exists() and not overwrite:
+        raise UserError(f"{flag} {path!r} exists already; pass --overwrite to replace it, or choose a new {flag}")
+    check_out_parent(path, flag)
+
+
+def check_json_out(path: Optional[str], overwrite: bool = False) -> None:
+    """``check_out_file`` for ``--json``."""
+    check_out_file(path, "--json", overwrite, "bench.json")
 
 
 def check_common(args: argparse.Namespace, *, seed_min: Optional[int] = None) -> None:
@@ -133,7 +153,7 @@ def check_common(args: argparse.Namespace, *, seed_min: Optional[int] = None) ->
     if seed_min is not None and not seed_min <= args.seed < (1 << 32):
         raise UserError(f"--seed must be between {seed_min} and 2**32 (exclusive), got {args.seed}")
     check_seed(args.seed)
-    check_json_out(args.json)
+    check_json_out(args.json, args.overwrite)
 
 
 def bench_grad_snr(argv: Sequence[str]) -> None:
@@ -143,6 +163,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     from flowalign.credit import CreditInput, assign_credit, clipped_heads
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
+    from flowalign.rewards.video import for_outputs
     from flowalign.samplers.loop import eta_schedule, live_eta, sample
     from flowalign.values import make_probe
 
@@ -212,7 +233,8 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 
-    reward = build_reward(args.reward)  # an unknown name fails before the model loads
+    # an unknown name, or a video reward for this image model, fails before the model loads (as train and eval do)
+    reward = for_outputs(build_reward(args.reward), "image")
     model = load_model("shapes", args.shapes_path)
     eta = live_eta(args.kernel, model.schedule(args.steps), eta)  # as the trainer: a zero-std step (ddim_sde's σ = 1) is Euler
     steps = [t for t in steps if float(eta[t]) > 0]

@@ -138,7 +138,9 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--max-batch", type=int, default=None, help="rows per model forward while probing")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt draws and initial noise of every iteration")
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    ap.add_argument("--out", required=True, help="output JSON (its 'eta' list is the per-step η of dance_sde)")
+    ap.add_argument("--out", required=True, help="output JSON (its 'eta' list is the per-step η of dance_sde); an "
+                                                 "existing file is refused unless --overwrite")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out file (an earlier calibration)")
     args = ap.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
     from pathlib import Path
@@ -173,6 +175,8 @@ def cli_main(argv: Sequence[str]) -> int:
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; pass the path of a JSON file, e.g. "
                         f"{Path(args.out) / 'eta.json'}")
+    if Path(args.out).exists() and not args.overwrite:  # the result of an earlier (long) calibration
+        raise UserError(f"--out {args.out!r} exists already; pass --overwrite to replace it, or choose a new --out")
     check_out_parent(args.out)
     weights: dict[str, float] = {}
     for spec in args.reward or ["shapes_partial=1"]:

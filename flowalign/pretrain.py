@@ -604,11 +604,56 @@ def load_config(path: Optional[str], overrides: dict[str, Any]) -> PretrainConfi
     return PretrainConfig.from_dict(d)
 
 
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "final"}  # what a pretraining run writes in --out
+
+
+def is_pretrain_run(out: Path) -> bool:
+    """Whether the directory ``out`` holds (the start of) a pretraining run: only what ``pretrain`` writes there
+    (hidden files aside: its temporary files), with a ``config.yaml`` of ``PretrainConfig`` fields or a checkpoint."""
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    if not names <= RUN_ENTRIES:
+        return False
+    if _checkpoints(out):
+        return True
+    try:
+        import yaml
+
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return isinstance(saved, dict) and bool(saved) and set(saved) <= fields
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """The ``--out`` of ``flowalign pretrain``, checked before anything is built: new or empty, or (with ``resume``)
+    a pretraining run to continue; never another command's directory, a finished run or one whose checkpoints a
+    fresh run would overwrite; and writable. A one-line ``UserError`` otherwise."""
+    from flowalign.sample import check_out_parent
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; pass a run directory (new, or one to --resume)")
+    if not out.is_dir() or not any(out.iterdir()):
+        check_out_parent(out)
+        return
+    if not is_pretrain_run(out):
+        raise UserError(f"--out {str(out)!r} is not empty and holds no pretraining run; choose a new or empty --out")
+    if not resume and _checkpoints(out):
+        raise UserError(f"{str(out)!r} already holds checkpoints; pass --resume to continue or choose a new --out")
+    if (out / "final").exists() and not _checkpoints(out):  # its checkpoints were deleted
+        raise UserError(f"{str(out)!r} holds a finished run (final/) and no checkpoint to resume; choose a new --out")
+    if not resume:  # a run stopped before its first checkpoint: --resume starts it over
+        raise UserError(f"{str(out)!r} holds a pretraining run without a checkpoint; pass --resume to start it over "
+                        f"there, or choose a new --out")
+    check_out_parent(out)
+
+
 def cli_main(argv: Sequence[str]) -> int:
     ap = CommandParser(prog="flowalign pretrain", description="Flow-matching pretraining (rectified flow, "
                                  "logit-normal σ, caption dropout, EMA); writes OUT/final/ with the EMA weights.")
     ap.add_argument("--config", default=None, help="YAML file of PretrainConfig fields (e.g. configs/shapes_pretrain.yaml)")
-    ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/): new or empty, or a run "
+                                                 "to --resume")
     ap.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
     ap.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     ap.add_argument("--lr", type=float, default=None, help="override the config's peak learning rate")
@@ -619,11 +664,6 @@ def cli_main(argv: Sequence[str]) -> int:
     args = ap.parse_args(list(argv))
     cfg = load_config(args.config, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                     "seed": args.seed, "threads": args.threads})
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out!r} is a file; pass a run directory (new, or one to --resume)")
-    if not args.resume and _checkpoints(Path(args.out)):
-        raise UserError(f"{args.out!r} already holds checkpoints; pass --resume to continue or choose a new --out")
-    if (Path(args.out) / "final").exists() and not _checkpoints(Path(args.out)):  # its checkpoints were deleted
-        raise UserError(f"{args.out!r} holds a finished run (final/) and no checkpoint to resume; choose a new --out")
+    check_run_dir(Path(args.out), args.resume)
     pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     return 0

@@ -444,26 +444,67 @@ def find_summaries(run_dir: str | Path) -> dict[str, Path]:
     return found
 
 
+_FK_LABEL_DEFAULTS = (("potential", "max"), ("resampler", "systematic"), ("probe", "x0"), ("ess", 0.5),
+                      ("output", "best"), ("proposal", "kernel"), ("temper", None))
+_GUIDE_LABEL_DEFAULTS = (("guide_mode", "x0"), ("band", [0.05, 0.8]), ("normalize", None), ("clip", None))
+
+
+def _label_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(_label_value(x) for x in v)
+    return f"{v:g}" if _is_num(v) else str(v)
+
+
+def steer_line_label(st: Mapping[str, Any]) -> str:
+    """The ``plot_steering`` line of a ``flowalign steer`` run's ``settings``: its method and kernel, and every setting
+    that shapes its outputs and is not the default (FK: λ, potential, resampler, probe, ESS, output, proposal (DAS),
+    temper, a resampling schedule other than every step from its first; guided and DAS: β, guide mode, band,
+    normalize, clip). A λ or β per reward std (``--reward-std``) is always named with that std, so it never shares
+    a line with a raw one."""
+    method = st.get("method", "?")
+    std = st.get("reward_std")
+    per_std = f" per std {_label_value(std)}" if std is not None else ""
+    opts = []
+    if method == "fk":  # FK variants differ in more than k: name the settings that are not the defaults
+        lam = st.get("lam")
+        if lam is not None and (std is not None or lam != 10.0):
+            opts.append(f"lam={_label_value(lam)}{per_std}")
+        opts += [f"{k}={_label_value(st[k])}" for k, d in _FK_LABEL_DEFAULTS if st.get(k, d) != d]
+    if method == "guided":
+        b = st.get("beta", 1.0)
+        if std is not None or b != 1.0:
+            opts.append(f"beta={_label_value(b)}{per_std}")
+    if method == "guided" or st.get("proposal") == "guided":
+        opts += [f"{k}={_label_value(st[k])}" for k, d in _GUIDE_LABEL_DEFAULTS if st.get(k, d) != d]
+    extra = " " + " ".join(opts) if opts else ""
+    if method == "fk":
+        steps = [int(t) for t in st.get("resample_steps") or []]
+        regular = steps[:-1]  # S without the final step T − 1, which always resamples
+        gaps = {b - a for a, b in zip(regular, regular[1:])}
+        if steps and steps == list(range(steps[0], steps[-1] + 1)):
+            extra += f" from step {steps[0]}"
+        elif len(regular) > 2 and len(gaps) == 1:
+            extra += f" resampling at {regular[0]}..{regular[-1]} every {gaps.pop()}, {steps[-1]}"
+        elif steps:
+            extra += f" resampling at {','.join(map(str, steps))}"
+    key = "plain" if method == "none" else method
+    if method in ("none", "best_of_n"):  # best-of-1 is plain sampling: one curve per kernel
+        key = "best-of-N"
+    eta = st.get("eta")
+    return f"{key}{extra}, {st.get('kernel', '?')}" + (f" {eta:g}" if _is_num(eta) and eta else "")
+
+
 def plot_steering(summaries: Mapping[str, dict], path: str | Path, reward: str) -> Path:
-    """``reward`` of ``flowalign steer`` outputs against the forwards spent per image, one line per (method, kernel)
-    over its particle counts (``summaries``: label → ``summary.json`` with ``settings`` and ``cost``)."""
+    """``reward`` of ``flowalign steer`` outputs against the forwards spent per image, one line per method, kernel and
+    non-default settings (``steer_line_label``) over its particle counts (``summaries``: label → ``summary.json`` with
+    ``settings`` and ``cost``)."""
     lines: dict[str, list[tuple[float, float, int]]] = {}
     for s in summaries.values():
         st, cost = s.get("settings") or {}, s.get("cost") or {}
         y, x = (s.get("overall") or {}).get(reward), cost.get("forwards_per_image")
         if not (_is_num(x) and _is_num(y) and math.isfinite(y)):
             continue
-        method = st.get("method", "?")
-        extra = ""
-        if method == "fk":  # FK variants differ in more than k: name the settings that are not the defaults
-            opts = [f"{k}={st[k]}" for k, d in (("potential", "max"), ("lam", 10.0), ("probe", "x0"), ("output", "best"))
-                    if k in st and st[k] != d]
-            steps = st.get("resample_steps") or []
-            extra = (" " + " ".join(opts) if opts else "") + (f" from step {steps[0]}" if steps else "")
-        key = "plain" if method == "none" else method
-        if method in ("none", "best_of_n"):  # best-of-1 is plain sampling: one curve per kernel
-            key = "best-of-N"
-        label = f"{key}{extra}, {st.get('kernel', '?')}" + (f" {st['eta']:g}" if _is_num(st.get("eta")) and st["eta"] else "")
+        label = steer_line_label(st)
         lines.setdefault(label, []).append((float(x), float(y), int(cost.get("particles", 1))))
     fig, ax = _new_axes(f"steering: {reward} against cost", "model forwards per output image", reward)
     for label, pts in sorted(lines.items()):

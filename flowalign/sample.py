@@ -152,14 +152,47 @@ def check_device(name: str, flag: str = "--device") -> torch.device:
     return dev
 
 
+def check_writable_dir(directory: str | Path, path: str | Path, flag: str = "--out") -> None:
+    """One-line ``UserError`` naming ``path`` when no file can be created in the existing ``directory`` (where the
+    output ``path``, or the first of its missing parent directories, would be made): no write permission, or a
+    read-only or virtual file system. Checked by ``os.access`` and then for real, by creating and deleting an empty
+    temporary file there: ``os.access`` tells root that it may write anywhere, /sys and /proc included."""
+    import os
+    import tempfile
+
+    d = Path(directory)
+    why = None if os.access(d, os.W_OK | os.X_OK) else "permission denied"
+    if why is None:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".flowalign-write-probe-", dir=d)
+        except OSError as err:
+            why = err.strerror or first_line(err)
+        else:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    if why is not None:
+        raise UserError(f"{flag} {str(path)!r} cannot be written: no file can be created in {d} ({why}); pass a path "
+                        f"in a writable directory")
+
+
 def check_out_parent(path: str | Path, flag: str = "--out") -> None:
-    """One-line ``UserError`` when an existing ancestor of ``path`` is a file: writing the output would fail only
-    after all the sampling was done."""
-    for parent in Path(path).absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{flag} {str(path)!r}: {parent} is a file, not a directory; pass a path in a directory")
-            return
+    """One-line ``UserError``, before any work, when the output ``path`` could not be written: an existing ancestor
+    is a file, or the nearest existing directory on its way (``path`` itself when it is an existing directory, e.g.
+    an output directory) is not writable (``check_writable_dir``). Without this, the write failed only after all the
+    sampling (training, calibration, ...) was done. An existing file at ``path`` is judged by its directory: outputs
+    are replaced through a temporary file beside them."""
+    out = Path(path).absolute()
+    for d in (out, *out.parents):
+        try:
+            if not d.exists() or (d == out and not d.is_dir()):
+                continue
+        except OSError:  # e.g. a parent without search permission: an answer further up
+            continue
+        if not d.is_dir():
+            raise UserError(f"{flag} {str(path)!r}: {d} is a file, not a directory; pass a path in a directory")
+        check_writable_dir(d, path, flag)
+        return
 
 
 def check_new_dir(path: str | Path, flag: str = "--out") -> Path:
@@ -184,6 +217,7 @@ def check_out_dir(path: str | Path, resume: bool, journal: str, flag: str = "--o
             finished = (out / "summary.json").is_file()
             raise UserError(f"--resume: {out} holds no interrupted run (no {journal})"
                             + ("; it finished already" if finished else "; run without --resume"))
+        check_out_parent(out, flag)  # the directory itself must still be writable
         return out
     if (out / journal).is_file():
         raise UserError(f"{out} holds an interrupted run ({journal}); continue it with --resume (same arguments), "
@@ -259,7 +293,8 @@ def cli_main(argv: Sequence[str]) -> int:
                    "image has its own noise, so the grid does not depend on it)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", default="samples.png", help="output PNG grid (a video model also writes the grid as an "
-                                                        "animated GIF beside it: the same name with .gif)")
+                                                        "animated GIF beside it: the same name with .gif); an existing "
+                                                        "file of that name is replaced")
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
     check_positive(seeds=args.seeds, steps=args.steps, batch_size=args.batch_size)
@@ -275,8 +310,10 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--kernel {args.kernel!r} is not a kernel (choose one of {', '.join(KERNELS)}){hint}")
     if not (math.isfinite(args.eta) and args.eta >= 0):  # NaN/inf noise gives a NaN (black) grid, no error
         raise UserError(f"--eta must be a finite number >= 0, got {args.eta}")
-    if args.eta > 0 and args.kernel == "euler":
-        raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde or cps")
+    if args.eta > 0 and args.kernel == "euler":  # the registry's one ODE kernel; every other one draws noise
+        stochastic = [k for k in KERNELS if k != "euler"]
+        raise UserError(f"--eta > 0 needs a stochastic kernel: --kernel {', '.join(stochastic[:-1])} or "
+                        f"{stochastic[-1]}")
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; pass the path of a PNG file, e.g. {Path(args.out) / 'samples.png'}")
     check_out_parent(args.out)

@@ -163,18 +163,26 @@ def resample_steps(steps: int, every: Optional[int] = None, start: Optional[int]
                    end: Optional[int] = None) -> list[int]:
     """Resampling steps S = arange(start, end + 1, every) ∪ {T − 1} (METHODS.md §6.2).
 
-    Defaults [flowalign]: every max(1, ⌊T/10⌋) steps from round(0.2·T) to round(0.8·T), plus the final step; at
-    high noise x̂0 is a blurred average, so resampling starts after about 20 % of the steps.
+    Defaults [flowalign]: every max(1, ⌊T/10⌋) steps from round(0.2·T) to round(0.8·T) (or to ``start`` when that is
+    later, so S always holds ``start``), plus the final step; at high noise x̂0 is a blurred average, so resampling
+    starts after about 20 % of the steps. An ``end`` before ``start`` is refused (it would leave only the final step).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     every = max(1, steps // 10) if every is None else int(every)
+    start_given = start is not None
     start = round(0.2 * steps) if start is None else int(start)
-    end = round(0.8 * steps) if end is None else int(end)
     if every < 1:
         raise ValueError(f"resampling interval must be >= 1 step, got {every}")
     if not 0 <= start < steps:
         raise ValueError(f"first resampling step {start} must be a step index 0 … {steps - 1}")
+    if end is None:
+        end = max(round(0.8 * steps), start)
+    elif int(end) < start:
+        first = f"{start}" if start_given else f"{start} (the default round(0.2·T))"
+        raise ValueError(f"last regular resampling step {int(end)} is before the first, {first}: the end must be >= the "
+                         f"start")
+    end = int(end)
     return sorted(set(range(start, min(end, steps - 1) + 1, every)) | {steps - 1})
 
 
@@ -281,7 +289,7 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
         sigmas: the grid [T+1], 1 → 0; ``eta``: a float or per-step [T] noise scale of ``kernel`` (a stochastic
             kernel after the first resampling step is mandatory; an ODE only duplicates particles, warned).
         reward: ``reward(latents, rows) -> [n]`` (decode + rewards); rows index the particles.
-        k, lam: particles per group and λ (per reward unit; λ = 0 gives uniform weights and no resampling).
+        k, lam: particles per group and λ (per raw reward unit; λ = 0 gives uniform weights and no resampling).
         steps_s: S (default ``resample_steps(T)``); ``potential``: a ``POTENTIALS`` name.
         generator: the step noise: one ``torch.Generator``, or a list of P, one per group, which then also draws
             that group's resampling, so a group's result does not depend on the other groups in the batch;
@@ -324,9 +332,17 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
         raise ValueError(f"resampling steps must be step indices 0 … {steps - 1}, got {s_list}")
     fac = temper_factors(steps, s_list[0] if s_list else 0, temper)  # [T] f_t
     if s_list and lam > 0 and k > 1 and not bool((eta_t[s_list[0]:] > 0).any()):
-        logger.warning("FK steering with a deterministic kernel after the first resampling step (%d): duplicated "
-                       "particles stay identical and FK reduces to best-of-N with wasted forwards; use a stochastic "
-                       "kernel (e.g. kernel flow_sde, eta 0.7)", s_list[0])
+        if bool((eta_t > 0).any()) or steps == 1:
+            # a stochastic kernel whose noise ends before the first resampling: e.g. only the deterministic last step
+            # (eta_schedule's η = 0 there) follows a resampling at step T − 1 (a late start, or T = 1)
+            logger.warning("FK steering: no stochastic step follows the first resampling step (%d of steps 0 … %d: η is "
+                           "0 from there on, as at the kernel's deterministic last step), so resampled duplicates stay "
+                           "identical and FK only selects, like best-of-N with extra reward rows; resample earlier (a "
+                           "smaller start) or use more steps", s_list[0], steps - 1)
+        else:
+            logger.warning("FK steering with a deterministic kernel after the first resampling step (%d): duplicated "
+                           "particles stay identical and FK reduces to best-of-N with wasted forwards; use a "
+                           "stochastic kernel (e.g. kernel flow_sde, eta 0.7)", s_list[0])
     dev = x.device
     if cond_index is None:
         cond_index = torch.arange(b, device=dev)
@@ -448,8 +464,10 @@ class TiltGuidance:
 
     The per-sample gradient is then normalised (g ← c·g/‖g‖, ``normalize=c``) or norm-clipped (g ← g·min(1, c/‖g‖),
     ``clip=c``), and applied only inside ``band`` = (σ_min, σ_max) (default [0.05, 0.8]: σ/(1−σ) is singular at
-    σ = 1). The shift is ``tilt_shift``, with g_t² = s_t²/Δ_t from the kernel's own step std (exact for ``flow_sde``,
-    ``dance_sde`` and Euler, g = 0; the CPS kernel is not an Euler–Maruyama step and is refused).
+    σ = 1, so the ``x0`` and ``dps`` modes never guide at σ = 1, the first step, even with σ_max = 1; only a
+    ``grad_fn``, which returns u itself, can). The shift is ``tilt_shift``, with g_t² = s_t²/Δ_t from the kernel's own
+    step std (exact for ``flow_sde``, ``dance_sde`` and Euler, g = 0; the CPS kernel is not an Euler–Maruyama step and
+    is refused).
     """
 
     def __init__(self, *, kernel: str = "euler", eta: float | Tensor = 0.0, beta: float = 1.0,
@@ -580,6 +598,8 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
         raise ValueError("a guided proposal shifts stochastic steps only: with eta = 0 it would be plain FK; pass a "
                          "stochastic kernel and eta > 0")
     kk = k if method in ("best_of_n", "fk") else 1  # "none" is best-of-1: the same batched loop
+    if batch_size < kk:  # a group's particles are resampled together, so they run as one model batch
+        raise ValueError(f"batch_size={batch_size} is below k={kk}: a group's k particles run in one model batch")
     sigmas = model.schedule(steps)  # [T+1]
     etas = eta_schedule(steps, eta)  # [T]
     forwards = [0]
@@ -713,7 +733,8 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
 
 def outputs_per_batch(method: str, k: int, batch_size: int) -> int:
     """Outputs ``steer_prompts`` steers per model batch: ``batch_size`` particle rows hold batch_size // k outputs of
-    k particles (best-of-N, FK; one row per output otherwise), at least one."""
+    k particles (best-of-N, FK; one row per output otherwise), at least one (``steer_prompts`` refuses a
+    ``batch_size`` below k)."""
     return max(1, batch_size // (k if method in ("best_of_n", "fk") else 1))
 
 
@@ -737,7 +758,7 @@ def _row_hook(guide: TiltGuidance, row: int):
 
 
 def _parse_weights(text: str) -> dict[str, float]:
-    """``"a,b:0.5"`` → {"a": 1.0, "b": 0.5} (one-line ``UserError`` on a bad weight)."""
+    """``"a,b:0.5"`` → {"a": 1.0, "b": 0.5} (one-line ``UserError`` on a bad weight or a name given twice)."""
     from flowalign.errors import UserError
 
     out: dict[str, float] = {}
@@ -751,27 +772,27 @@ def _parse_weights(text: str) -> dict[str, float]:
             raise UserError(f"--reward {item!r}: the weight after ':' must be a number, e.g. shapes_partial:1.0") from None
         if not math.isfinite(weight):
             raise UserError(f"--reward {item!r}: the weight must be finite")
+        if name.strip() in out:
+            raise UserError(f"--reward names {name.strip()!r} twice; give each reward once, with its total weight "
+                            f"(NAME:WEIGHT)")
         out[name.strip()] = weight
     return out
 
 
-def cli_main(argv: Sequence[str]) -> int:
-    """``flowalign steer``: a prompt set × a steering method → results.jsonl, summary.json, grids/steered.png (the
-    first 8 prompts) and report.html."""
-    import json
+FK_DEFAULTS = {"lam": 10.0, "potential": "max", "resampler": "systematic", "probe": "x0", "ess": 0.5,
+               "proposal": "kernel"}
+"""``flowalign steer``'s FK-only settings as used when not given (the flags default to None so that passing one to
+another method is refused rather than ignored)."""
 
-    from flowalign import data as D
-    from flowalign.errors import CommandParser, UserError
-    from flowalign.evaluate import PARTIAL, add_component_args, parse_component_args, summarize, summarize_pass_at_k
-    from flowalign.io import BatchJournal, atomic_write_text
-    from flowalign.models import load_model
-    from flowalign.rewards import build_reward
-    from flowalign.rewards import resolve as resolve_reward
-    from flowalign.rewards.video import for_outputs
+DEFAULT_BATCH_ROWS = 32
+"""``flowalign steer --batch-size`` when not given: 32 particle rows per model batch, or k if that is more."""
+
+
+def build_parser():
+    """The ``flowalign steer`` argument parser."""
+    from flowalign.errors import CommandParser
+    from flowalign.evaluate import add_component_args
     from flowalign.samplers import KERNELS
-    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_out_dir,
-                                  check_positive, check_prompt_args, check_seed, load_lora_checked)
-    from flowalign.values import parse_mode
 
     p = CommandParser(prog="flowalign steer", description=(
         "Steer a model toward a reward at inference (no training): best-of-N, Feynman-Kac particles or "
@@ -781,25 +802,34 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
     p.add_argument("--method", default="best_of_n",
                    help=f"{' | '.join(METHODS)} (default best_of_n: the strongest on shapes-bench, docs/steering.md)")
-    p.add_argument("--particles", "-k", type=int, default=4, help="particles per output (fk) or N (best_of_n)")
+    p.add_argument("--particles", "-k", type=int, default=None,
+                   help="best_of_n: N; fk: particles per output (default 4; not with none or guided, one sample each)")
     p.add_argument("--reward", default="shapes_partial",
-                   help="the steering reward(s): NAME or NAME:WEIGHT, comma-separated (guided: differentiable ones)")
+                   help="the steering reward(s): NAME or NAME:WEIGHT, comma-separated, each name once (guided: "
+                        "differentiable ones)")
     p.add_argument("--eval-rewards", default="shapes_strict,shapes_partial",
                    help="comma-separated rewards that score the outputs (summary.json)")
-    p.add_argument("--lam", type=float, default=10.0, help="FK: λ of the tilt exp(λ·r) (per reward unit)")
-    p.add_argument("--potential", default="max", help=f"FK potential: {' | '.join(POTENTIALS)}")
-    p.add_argument("--resampler", default="systematic", help=f"FK resampling: {' | '.join(RESAMPLERS)}")
-    p.add_argument("--probe", default="x0", help="FK: what r_t scores: x0 (free) or ode:M (M Euler steps)")
-    p.add_argument("--ess", type=float, default=0.5, help="FK: resample a group when ESS < this fraction of k")
+    d = FK_DEFAULTS
+    p.add_argument("--lam", type=float, default=None,
+                   help=f"FK: λ of the tilt exp(λ·r), per raw reward unit (per reward std with --reward-std; default "
+                        f"{d['lam']:g})")
+    p.add_argument("--potential", default=None, help=f"FK potential: {' | '.join(POTENTIALS)} (default {d['potential']})")
+    p.add_argument("--resampler", default=None,
+                   help=f"FK resampling: {' | '.join(RESAMPLERS)} (default {d['resampler']})")
+    p.add_argument("--probe", default=None, help="FK: what r_t scores: x0 (free; default) or ode:M (M Euler steps)")
+    p.add_argument("--ess", type=float, default=None,
+                   help=f"FK: resample a group when ESS < this fraction of k (default {d['ess']:g})")
     p.add_argument("--every", type=int, default=None, help="FK: resample every N steps (default max(1, T//10))")
     p.add_argument("--start", type=int, default=None, help="FK: first resampling step (default round(0.2 T))")
-    p.add_argument("--end", type=int, default=None, help="FK: last regular resampling step (default round(0.8 T))")
+    p.add_argument("--end", type=int, default=None,
+                   help="FK: last regular resampling step, >= --start (default round(0.8 T), or --start if later); the "
+                        "last step T-1 always resamples")
     p.add_argument("--output", default=None, choices=("best", "drawn"),
                    help="FK: the highest-reward particle (default), or one drawn from the final weights (a target sample)")
-    p.add_argument("--proposal", default="kernel", choices=PROPOSALS,
-                   help="FK: move particles with the sampler's kernel, or 'guided': DAS, the kernel shifted by reward-"
-                        "gradient guidance toward exp(lam*r) with importance weights (--guide-mode/--band/--normalize/"
-                        "--clip; differentiable steering rewards)")
+    p.add_argument("--proposal", default=None, choices=PROPOSALS,
+                   help="FK: move particles with the sampler's kernel (default), or 'guided': DAS, the kernel shifted by "
+                        "reward-gradient guidance toward exp(lam*r) with importance weights (--guide-mode/--band/"
+                        "--normalize/--clip; differentiable steering rewards)")
     p.add_argument("--temper", type=float, default=None,
                    help="FK: DAS tempering gamma: lam_t = lam*min((1+gamma)^(t-start+1)-1, 1) before the final step")
     p.add_argument("--reward-std", default=None, metavar="STD_OR_DIR",
@@ -808,7 +838,9 @@ def cli_main(argv: Sequence[str]) -> int:
                         "(their weighted sum's std over its images is used)")
     p.add_argument("--beta", type=float, default=None, help="guided: the tilt is exp(r/beta) (default 1)")
     p.add_argument("--guide-mode", default=None, help="guided: x0 (skip-Jacobian, free; default) or dps (through the model)")
-    p.add_argument("--band", default=None, help="guided: guide only where sigma lies in MIN,MAX (default 0.05,0.8)")
+    p.add_argument("--band", default=None,
+                   help="guided: guide only where sigma lies in MIN,MAX (default 0.05,0.8); sigma = 1, the first step, "
+                        "is never guided (sigma/(1-sigma) is infinite there), even when MAX is 1")
     p.add_argument("--normalize", type=float, default=None, help="guided: per-sample gradient norm set to this")
     p.add_argument("--clip", type=float, default=None, help="guided: per-sample gradient norm clipped at this")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
@@ -819,21 +851,49 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default=None,
                    help=f"step kernel: {' | '.join(KERNELS)} (default flow_sde for fk, euler otherwise)")
-    p.add_argument("--eta", type=float, default=None, help="noise level of the kernel (default 0.7 for fk, else 0)")
-    p.add_argument("--seeds", type=int, default=1, help="outputs per prompt (seeds seed..seed+n-1)")
-    p.add_argument("--seed", type=int, default=0, help="run seed: output k of prompt i starts from the noise of "
-                   "image_seed(seed, i, k) (its particles from their own seeds)")
-    p.add_argument("--batch-size", type=int, default=32, help="particles per model batch")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise level of the kernel (default 0.7 for every kernel but euler, 0 for euler)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="outputs per prompt: output s of prompt i starts from the noise of image_seed(seed, i, s*k) (its "
+                        "k particles from s*k ... s*k+k-1; k = 1 for none and guided)")
+    p.add_argument("--seed", type=int, default=0, help="run seed: output s of prompt i starts from the noise of "
+                   "image_seed(seed, i, s*k) (see --seeds)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"the most particle rows per model batch (default {DEFAULT_BATCH_ROWS}, or k if more); "
+                        f"best_of_n and fk run a group's k particles in one batch, so it must be >= k")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --resume); with --plot, "
-                                                "a .png file")
+                                                "a .png file (a re-render: an existing file is replaced)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (results.partial.jsonl) with the same arguments: batches "
                         "it finished are not steered again, and the outputs equal an uninterrupted run's")
     p.add_argument("--plot", nargs="+", metavar="STEER_DIR", default=None,
                    help="sample nothing: plot --plot-reward of earlier `flowalign steer` outputs against the forwards "
-                        "per image (one line per method and kernel) into --out, and print one line per directory")
+                        "per image (one line per method, kernel and non-default settings) into --out, and print one "
+                        "line per directory")
     p.add_argument("--plot-reward", default="shapes_strict", help="the evaluation reward --plot shows")
+    return p
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    """``flowalign steer``: a prompt set × a steering method → results.jsonl, summary.json, grids/steered.png (the
+    first 8 prompts) and report.html."""
+    import json
+
+    from flowalign import data as D
+    from flowalign.errors import UserError
+    from flowalign.evaluate import PARTIAL, model_args_jsonable, parse_component_args, summarize, summarize_pass_at_k
+    from flowalign.io import BatchJournal, atomic_write_text
+    from flowalign.models import load_model
+    from flowalign.rewards.catalog import build_reward_checked
+    from flowalign.rewards import resolve as resolve_reward
+    from flowalign.rewards.video import for_outputs
+    from flowalign.samplers import KERNELS
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_out_dir,
+                                  check_positive, check_prompt_args, check_seed, load_lora_checked)
+    from flowalign.values import parse_mode
+
+    p = build_parser()
     args = p.parse_args(list(argv))
     if args.plot:
         return _plot_runs(args.plot, args.out, args.plot_reward)
@@ -854,20 +914,24 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--eta must be a finite number >= 0, got {eta}")
     if eta > 0 and kernel == "euler":
         raise UserError("--eta > 0 needs a stochastic kernel: --kernel flow_sde, dance_sde, cps or ddim_sde")
-    if args.potential not in POTENTIALS:
+    if args.potential is not None and args.potential not in POTENTIALS:
         raise UserError(f"--potential {args.potential!r}: choose one of {', '.join(POTENTIALS)}")
-    if args.resampler not in RESAMPLERS:
+    if args.resampler is not None and args.resampler not in RESAMPLERS:
         raise UserError(f"--resampler {args.resampler!r}: choose one of {', '.join(RESAMPLERS)}")
-    try:
-        probe_ok = args.probe == "x0" or (args.probe.startswith("ode:") and parse_mode(args.probe).method == "euler")
-    except ValueError:  # e.g. ode:0, ode:00 (what fk_steer would refuse only after the model loaded)
-        probe_ok = False
-    if not probe_ok:
-        raise UserError(f"--probe {args.probe!r}: use x0, ode:M (M >= 1) or ode:full")
-    if not math.isfinite(args.lam) or args.lam < 0:
+    if args.probe is not None:
+        try:
+            probe_ok = args.probe == "x0" or (args.probe.startswith("ode:") and parse_mode(args.probe).method == "euler")
+        except ValueError:  # e.g. ode:0, ode:00 (what fk_steer would refuse only after the model loaded)
+            probe_ok = False
+        if not probe_ok:
+            raise UserError(f"--probe {args.probe!r}: use x0, ode:M (M >= 1) or ode:full")
+    if args.lam is not None and (not math.isfinite(args.lam) or args.lam < 0):
         raise UserError(f"--lam must be a finite number >= 0, got {args.lam}")
-    if not 0 < args.ess <= 1:
+    if args.ess is not None and not 0 < args.ess <= 1:
         raise UserError(f"--ess must lie in (0, 1], got {args.ess}")
+    if args.start is not None and args.end is not None and args.end < args.start:
+        raise UserError(f"--end {args.end} is before --start {args.start}: the last regular resampling step must be >= "
+                        f"the first")
     if args.beta is not None and args.method != "guided":
         raise UserError("--beta is --method guided's; FK's tilt is exp(lam*r) (its guided proposal uses beta = 1/lam)")
     beta = 1.0 if args.beta is None else args.beta
@@ -875,10 +939,26 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"--beta must be a finite number > 0, got {beta}")
     if args.output is not None and args.method != "fk":
         raise UserError("--output is FK's (best-of-N returns its best particle); drop it or use --method fk")
-    fk_only = [f for f, given in (("--proposal guided", args.proposal != "kernel"), ("--temper", args.temper is not None))
-               if given]
+    if args.particles is not None and args.method not in ("best_of_n", "fk"):
+        raise UserError(f"--particles/-k: only with --method best_of_n or fk (--method {args.method} draws one sample "
+                        f"per output); drop it")
+    fk_only = [f for f, v in (("--lam", args.lam), ("--potential", args.potential), ("--resampler", args.resampler),
+                              ("--probe", args.probe), ("--ess", args.ess), ("--every", args.every),
+                              ("--start", args.start), ("--end", args.end), ("--proposal", args.proposal),
+                              ("--temper", args.temper)) if v is not None]
     if fk_only and args.method != "fk":
-        raise UserError(f"{' and '.join(fk_only)}: only with --method fk")
+        raise UserError(f"{', '.join(fk_only)}: only with --method fk (--method {args.method} would ignore "
+                        f"{'it' if len(fk_only) == 1 else 'them'}); drop {'it' if len(fk_only) == 1 else 'them'}")
+    for name, default in FK_DEFAULTS.items():  # as used (the journal and summary.json record the resolved values)
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.particles = 4 if args.particles is None else args.particles
+    if args.batch_size is None:
+        args.batch_size = max(DEFAULT_BATCH_ROWS, args.particles) if args.method in ("best_of_n", "fk") \
+            else DEFAULT_BATCH_ROWS
+    elif args.method in ("best_of_n", "fk") and args.batch_size < args.particles:
+        raise UserError(f"--batch-size {args.batch_size} is below -k {args.particles}: a group's particles run in one "
+                        f"model batch; pass --batch-size {args.particles} or more (or fewer particles)")
     guide_flags = [f for f, v in (("--guide-mode", args.guide_mode), ("--band", args.band), ("--normalize", args.normalize),
                                   ("--clip", args.clip)) if v is not None]
     if guide_flags and not (args.method == "guided" or args.proposal == "guided"):
@@ -949,7 +1029,7 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:
         check_lora_dir(args.lora)
-    steer_fns = {n: build_reward(n, **reward_kwargs[n]) for n in weights}
+    steer_fns = {n: build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}") for n in weights}
     if guides:
         flat = [n for n, fn in steer_fns.items() if not getattr(fn, "differentiable", False)]
         if flat:
@@ -961,7 +1041,7 @@ def cli_main(argv: Sequence[str]) -> int:
     beta_eff = beta * reward_std if reward_std is not None else beta
     scaled = f" / --reward-std {reward_std:g}" if reward_std is not None else ""
     if args.method == "fk" and (not math.isfinite(lam) or (args.lam > 0) != (lam > 0)):
-        raise UserError(f"--lam {args.lam:g}{scaled} is λ = {lam:g} per reward unit: out of range")
+        raise UserError(f"--lam {args.lam:g}{scaled} is λ = {lam:g} per raw reward unit: out of range")
     if args.proposal == "guided" and not math.isfinite(1.0 / lam):
         raise UserError(f"--lam {args.lam:g}{scaled} = {lam:g} is too small for --proposal guided (its guidance uses "
                         f"beta = 1/lam)")
@@ -976,7 +1056,7 @@ def cli_main(argv: Sequence[str]) -> int:
         model.encode([pr])  # out-of-grammar / unreadable prompts fail before any sampling
     outputs = getattr(model, "output_kind", "image")
     steer_fns = {n: for_outputs(fn, outputs, per_frame) for n, fn in steer_fns.items()}
-    eval_fns = {n: steer_fns[n] if n in steer_fns else for_outputs(build_reward(n, **reward_kwargs[n]), outputs, per_frame)
+    eval_fns = {n: steer_fns[n] if n in steer_fns else for_outputs(build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}"), outputs, per_frame)
                 for n in eval_names}  # a reward both steers and scores: built (and its weights loaded) once
     for fn in [*steer_fns.values(), *eval_fns.values()]:
         check = getattr(fn, "validate_prompts", None)
@@ -993,7 +1073,7 @@ def cli_main(argv: Sequence[str]) -> int:
     redo = grid_batches(len(rows), args.seeds, GRID_PROMPTS, outputs_per_batch(args.method, args.particles,
                                                                                args.batch_size))  # for their pixels
     journal = BatchJournal(out / PARTIAL, {**{k: v for k, v in vars(args).items() if k not in ("out", "resume")},
-                                           **resolved}, resume=args.resume, redo=redo)
+                                           **resolved}, resume=args.resume, redo=redo, prompts=rows)
     if args.resume:
         logger.info("resuming %s: %d of %d outputs already steered", out, len(journal.records()),
                     len(rows) * args.seeds)
@@ -1014,7 +1094,7 @@ def cli_main(argv: Sequence[str]) -> int:
         "guidance": float(getattr(model, "guidance_scale", float("nan"))), "kernel": kernel, "eta": eta,
         "seeds_per_prompt": args.seeds, "seed": args.seed, "prompts": len(rows), "model": args.model,
         "path": args.path or None, "lora": args.lora, "prompt_set": args.prompt_file,
-        **({"model_args": model_kwargs} if model_kwargs else {}),
+        **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
         **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
         **({"lam": args.lam, "potential": args.potential, "resampler": args.resampler, "probe": args.probe,
             "ess": args.ess, "resample_steps": schedule, "output": args.output or "best", "proposal": args.proposal,

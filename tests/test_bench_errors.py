@@ -29,19 +29,72 @@ def test_shapes_sample_refuses_a_bad_guidance(capsys, no_model, extra, needles):
     _fails(capsys, ["bench", "shapes-sample", *extra], *needles)
 
 
-@pytest.mark.parametrize("bench, extra", [
+BENCHES_WITH_JSON = [
     ("credit", ["--models", "shapes"]),
     ("grad-snr", []),
     ("noise-variance", []),
     ("sample-gap", []),
     ("motion-prior", []),
     ("train-memory", ["--models", "shapes"]),
-])
+    ("train-memory", ["--arch", "sd3.5-medium"]),  # the meta-device count writes its own JSON
+]
+
+
+@pytest.mark.parametrize("bench, extra", BENCHES_WITH_JSON[:-1])
 def test_benches_refuse_a_json_path_under_a_file(capsys, no_model, tmp_path, bench, extra):
     """The write failed with NotADirectoryError (a traceback) only after the whole benchmark had run."""
     f = _file(tmp_path)
     _fails(capsys, ["bench", bench, *extra, "--json", str(f / "b.json")], str(f), "not a directory")
     assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bench, extra", BENCHES_WITH_JSON)
+def test_benches_refuse_a_json_path_they_cannot_write(capsys, no_model, bench, extra):
+    """`--json /sys/b.json` (root may not create files there, though os.access says it may) or under a directory
+    that cannot be made: a traceback after the whole benchmark had run."""
+    for out in ("/sys/b.json", "/proc/sub/b.json"):
+        _fails(capsys, ["bench", bench, *extra, "--json", out], f"--json {out!r}", "cannot be written")
+
+
+@pytest.mark.parametrize("bench, extra", BENCHES_WITH_JSON)
+def test_benches_keep_an_earlier_json_unless_overwrite(capsys, no_model, tmp_path, bench, extra):
+    """An existing --json (the figures of an earlier, possibly long run) was silently replaced."""
+    f = tmp_path / "b.json"
+    f.write_text('{"earlier": true}')
+    _fails(capsys, ["bench", bench, *extra, "--json", str(f)], f"--json {str(f)!r}", "exists", "--overwrite")
+    assert f.read_text() == '{"earlier": true}'
+    if "--arch" not in extra:  # with --overwrite every check passes (the meta count loads no model: not run here)
+        with pytest.raises(AssertionError, match="model was loaded"):
+            main(["bench", bench, *extra, "--json", str(f), "--overwrite"])
+        assert f.read_text() == '{"earlier": true}'
+
+
+def test_bench_credit_keeps_an_earlier_plot_unless_overwrite(capsys, no_model, tmp_path):
+    """--plot: the ranking behind it took minutes to an hour; with several models, each model's own file counts."""
+    one = tmp_path / "rank.png"
+    one.write_bytes(b"earlier")
+    _fails(capsys, ["bench", "credit", "--models", "shapes", "--plot", str(one)], "--plot", str(one), "--overwrite")
+    per_model = tmp_path / "rank-shapes_video.png"  # what `--models shapes,shapes_video --plot rank.png` draws
+    per_model.write_bytes(b"earlier")
+    one.unlink()
+    _fails(capsys, ["bench", "credit", "--models", "shapes,shapes_video", "--plot", str(one)], str(per_model),
+           "--overwrite")
+    assert per_model.read_bytes() == b"earlier"
+    _fails(capsys, ["bench", "credit", "--models", "shapes", "--plot", "/sys/rank.png"], "/sys/rank.png",
+           "cannot be written")
+
+
+@pytest.mark.parametrize("bench, extra", [
+    ("noise-variance", ["--reward", "shapes_motion_strict"]),
+    ("grad-snr", ["--reward", "shapes_motion_partial"]),
+    ("credit", ["--models", "shapes", "--rank-reward", "shapes_motion_strict", "--rank-groups", "1"]),
+])
+def test_a_video_reward_for_the_image_model_is_one_line_before_loading(capsys, no_model, tmp_path, bench, extra):
+    """The shapes image model's samples reached the video reward after all the sampling: a ValueError traceback."""
+    reward = extra[extra.index("--reward" if "--reward" in extra else "--rank-reward") + 1]
+    _fails(capsys, ["bench", bench, *extra, "--json", str(tmp_path / "b.json")], repr(reward), "videos",
+           "image reward")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("extra, needles", [

@@ -87,9 +87,11 @@ def test_bench_grad_snr_from_the_command_line(tmp_path):
     for m in ("flow_grpo", "dense_x0"):
         assert -1.0 <= res["methods"][m]["cos"] <= 1.0 and len(res["methods"][m]["per_step"]) == 2
     assert "flow_grpo" in r.stdout
-    # an SDE window (Euler outside it) trains exactly the window's steps, whatever --train-fraction says
+    # an SDE window (Euler outside it) trains exactly the window's steps, whatever --train-fraction says; the
+    # earlier figures are replaced only with --overwrite
     w = run("--prompts", "2", "--groups-per-prompt", "2", "--group-size", "2", "--steps", "5", "--window", "1,3",
-            "--init-noise", "group", "--methods", "flow_grpo", "--splits", "2", "--threads", "1", "--json", str(out))
+            "--init-noise", "group", "--methods", "flow_grpo", "--splits", "2", "--threads", "1", "--json", str(out),
+            "--overwrite")
     assert w.returncode == 0, w.stderr[-2000:]
     assert json.loads(out.read_text())["steps"] == [1, 2] and "initial noise per group" in w.stdout
     badw = run("--window", "3,9", "--steps", "5")

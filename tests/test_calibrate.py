@@ -22,6 +22,26 @@ def test_calibrate_refuses_an_out_below_a_file_before_loading(capsys, no_model, 
     _fails(capsys, ["calibrate", "--out", str(f / "eta.json")], str(f), "not a directory")
 
 
+def test_calibrate_refuses_an_out_it_cannot_write_before_loading(capsys, no_model):
+    """`--out /sys/eta.json` (even root cannot create files there) or under a directory that cannot be made failed
+    with a traceback after the whole calibration."""
+    for out in ("/sys/eta.json", "/proc/sub/eta.json"):
+        _fails(capsys, ["calibrate", "--out", out], f"--out {out!r}", "cannot be written")
+
+
+def test_calibrate_keeps_an_earlier_calibration_unless_overwrite(capsys, no_model, tmp_path):
+    """An existing --out (the result of an earlier, long calibration) was silently replaced."""
+    from flowalign.cli import main
+
+    out = tmp_path / "eta.json"
+    out.write_text('{"eta": [0.5]}')
+    _fails(capsys, ["calibrate", "--out", str(out)], f"--out {str(out)!r}", "exists", "--overwrite")
+    assert out.read_text() == '{"eta": [0.5]}'
+    with pytest.raises(AssertionError, match="model was loaded"):  # --overwrite passes every check
+        main(["calibrate", "--out", str(out), "--overwrite"])
+    assert out.read_text() == '{"eta": [0.5]}'
+
+
 def test_calibrate_reads_the_prompt_set_before_the_model(capsys, no_model, tmp_path):
     """A missing --prompts file was reported only after the model had loaded (slow for SD3/FLUX)."""
     _fails(capsys, ["calibrate", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "e.json")],

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli_checks import fails, no_model  # noqa: F401  (the fixture is used by name)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,3 +108,49 @@ def test_version_is_the_installed_one():
     r = _cli("--version")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout == f"flowalign {version('flowalign')}\n"
+
+
+# ---------------------------------------------------------------- sample: outputs that cannot be written (in process)
+
+def test_sample_refuses_an_out_it_cannot_write_before_loading(capsys, no_model):
+    """`--out /sys/a.png` (a directory even root cannot write in, though os.access says it may) or under a directory
+    that cannot be made sampled the whole grid and then failed with a PermissionError traceback, exit code 1."""
+    for out in ("/sys/a.png", "/proc/sub/a.png"):
+        line = fails(capsys, ["sample", "a red circle", "--out", out], f"--out {out!r}", "cannot be written")
+        assert "writable directory" in line
+
+
+def test_the_write_probe_is_real_not_os_access(capsys, no_model, tmp_path, monkeypatch):
+    """os.access answers yes to root everywhere; the check must try to create a file (and leave nothing behind)."""
+    import tempfile
+
+    from flowalign.sample import check_out_parent
+
+    check_out_parent(tmp_path / "new" / "sub" / "a.png")  # a writable ancestor: fine, and nothing is left there
+    assert list(tmp_path.iterdir()) == []
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    fails(capsys, ["sample", "a red circle", "--out", str(tmp_path / "a.png")], str(tmp_path), "Permission denied")
+
+
+def test_sample_eta_without_a_stochastic_kernel_lists_every_stochastic_kernel(capsys, no_model):
+    from flowalign.samplers import KERNELS
+
+    line = fails(capsys, ["sample", "a red circle", "--eta", "0.5"], "--eta", "--kernel")
+    stochastic = [k for k in KERNELS if k != "euler"]
+    assert "ddim_sde" in stochastic
+    for k in stochastic:
+        assert k in line, (k, line)
+
+
+def test_sample_help_says_an_existing_grid_is_replaced(capsys):
+    from flowalign.cli import main
+
+    try:
+        main(["sample", "--help"])
+    except SystemExit:
+        pass
+    assert "an existing file of that name is replaced" in " ".join(capsys.readouterr().out.split())

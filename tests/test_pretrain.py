@@ -253,6 +253,53 @@ def test_out_below_a_file_is_one_line_before_the_model_is_built(tmp_path, capsys
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
+def _no_build(monkeypatch):
+    import flowalign.pretrain as pre
+
+    def no_build(cfg):
+        raise AssertionError("the model was built before --out was checked")
+
+    monkeypatch.setattr(pre, "build_model", no_build)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_another_commands_directory_is_not_written_into(tmp_path, capsys, monkeypatch, resume):
+    """--out DIR holding e.g. a sample grid and an eval summary got config.yaml, metrics.jsonl, checkpoints/ and final/
+    written among them (only checkpoints or final/ were refused)."""
+    _no_build(monkeypatch)
+    d = tmp_path / "evals"
+    d.mkdir()
+    (d / "summary.json").write_text("{}")
+    (d / "config.yaml").write_text("model: {name: shapes}\nsampler: {steps: 4}\n")  # a train run's, not pretrain's
+    argv = ["pretrain", "--out", str(d), "--no-progress"] + (["--resume"] if resume else [])
+    _cli_fails(capsys, argv, str(d), "not empty", "no pretraining run")
+    assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "summary.json"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_needs_resume(tmp_path, capsys, monkeypatch):
+    """Without --resume a fresh run is refused there (as train refuses a non-empty run_dir); --resume starts it over."""
+    _no_build(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "shapes", "steps": 4, "lr": 1e-3}))
+    (run / "metrics.jsonl").write_text("")
+    _cli_fails(capsys, ["pretrain", "--out", str(run), "--no-progress"], str(run), "--resume")
+    with pytest.raises(AssertionError, match="model was built"):  # --resume passes every check on --out
+        main(["pretrain", "--out", str(run), "--no-progress", "--resume"])
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "new"):  # and so do an empty and a new directory
+        with pytest.raises(AssertionError, match="model was built"):
+            main(["pretrain", "--out", str(out), "--no-progress"])
+
+
+def test_an_out_that_cannot_be_written_is_one_line_before_the_model_is_built(capsys, monkeypatch):
+    """--out /sys/pt (root may not create files there, though os.access says it may) or under a directory that cannot
+    be made failed at mkdir with a traceback, after building the model and rendering data."""
+    _no_build(monkeypatch)
+    for out in ("/sys/pt", "/proc/sub/pt"):
+        _cli_fails(capsys, ["pretrain", "--out", out, "--no-progress"], f"--out {out!r}", "cannot be written")
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_finished_run_without_checkpoints_is_not_overwritten(tmp_path, capsys, resume):
     """A finished run whose checkpoints were deleted (they are most of its disk) had its metrics.jsonl emptied at

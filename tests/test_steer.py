@@ -95,6 +95,16 @@ def test_resample_steps_default_schedule():
         S.resample_steps(10, start=10)
 
 
+def test_resample_steps_refuse_an_end_before_the_start_and_keep_a_late_start():
+    """end < start left only the final step, silently; a start after the default end was dropped the same way."""
+    with pytest.raises(ValueError, match="3 is before the first, 6"):
+        S.resample_steps(12, start=6, end=3)
+    with pytest.raises(ValueError, match="default"):
+        S.resample_steps(12, end=1)  # the default start is round(0.2·12) = 2
+    assert S.resample_steps(12, start=6, end=6) == [6, 11]
+    assert S.resample_steps(20, start=18) == [18, 19]  # the default end round(0.8·20) = 16 would give [19]
+
+
 # ---------------------------------------------------------------- the FK loop in the Gaussian world
 
 
@@ -158,6 +168,28 @@ def test_ode_kernel_warns_and_duplicates_stay_identical(caplog):
         rows = res.final[res.origin == o]
         assert (rows == rows[0]).all()  # copies of one particle never separate under an ODE
     assert res.origin.unique().numel() < k
+
+
+@pytest.mark.parametrize("steps, steps_s", [(12, [11]), (1, [0])])
+def test_a_stochastic_kernel_with_only_its_deterministic_last_step_left_is_not_called_deterministic(caplog, steps,
+                                                                                                   steps_s):
+    """flow_sde at a = 0.7 with the first resampling at T − 1 (a late start, or T = 1): only eta_schedule's
+    deterministic last step follows, so FK only selects; the warning said the kernel was deterministic."""
+    k = 4
+    with caplog.at_level(logging.WARNING, logger="flowalign.steer"):
+        S.fk_steer(gaussian_world_velocity, _noise(k), schedules.shifted_linear(steps, 1.0), {}, linear_reward(), k=k,
+                   lam=5.0, cond_index=torch.zeros(k, dtype=torch.long), eta=eta_schedule(steps, 0.7),
+                   kernel="flow_sde", steps_s=steps_s, generator=torch.Generator().manual_seed(0),
+                   resample_generator=torch.Generator().manual_seed(1))
+    assert "no stochastic step follows the first resampling step" in caplog.text
+    assert "deterministic kernel" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flowalign.steer"):  # resampling before a stochastic step: silent
+        S.fk_steer(gaussian_world_velocity, _noise(k), schedules.shifted_linear(12, 1.0), {}, linear_reward(), k=k,
+                   lam=5.0, cond_index=torch.zeros(k, dtype=torch.long), eta=eta_schedule(12, 0.7),
+                   kernel="flow_sde", steps_s=[10], generator=torch.Generator().manual_seed(0),
+                   resample_generator=torch.Generator().manual_seed(1))
+    assert caplog.text == ""
 
 
 def test_resampling_never_mixes_groups():

@@ -122,6 +122,32 @@ def test_steer_refuses_bad_input_before_loading_the_model(tmp_path, capsys, no_m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_steer_refuses_an_out_it_cannot_write_before_any_work(tmp_path, capsys, no_model):
+    """`--out /sys/st` (root may not create files there, though os.access says it may) or under a directory that
+    cannot be made: a traceback after the steering ran; with --plot, after the plot was drawn."""
+    for out in ("/sys/st", "/proc/sub/st"):
+        fails(capsys, ["steer", "a red circle", "--out", out], f"--out {out!r}", "cannot be written")
+        fails(capsys, ["steer", "--plot", str(tmp_path), "--out", f"{out}.png"], f"--out {out + '.png'!r}",
+              "cannot be written")
+
+
+def test_steer_resume_refuses_an_out_that_is_no_longer_writable(tmp_path, capsys, no_model, monkeypatch):
+    """--resume skipped the writability check: the first finished batch failed to append to the journal."""
+    import tempfile
+
+    from flowalign.evaluate import PARTIAL
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / PARTIAL).write_text("")
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    fails(capsys, ["steer", "a red circle", "--out", str(tmp_path / "o"), "--resume"], str(tmp_path / "o"),
+          "cannot be written")
+
+
 def test_steer_refuses_a_non_empty_out_and_an_out_of_grammar_prompt(tmp_path, capsys, no_model):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("x")
@@ -250,3 +276,213 @@ def test_an_interrupted_steer_resumes_to_the_uninterrupted_outputs(tmp_path, cap
     for name in ("results.jsonl", "summary.json", "grids/steered.png"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     assert not (out / PARTIAL).exists()
+
+
+def test_steer_resume_refuses_an_edited_prompt_file(tmp_path, capsys, monkeypatch):
+    """The journal records the prompts' digest: the same path with other text is not the interrupted run's work."""
+    import flowalign.io as IO
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "st"
+    args = ["steer", "--prompt-file", str(prompts), "--method", "best_of_n", "-k", "1", "--batch-size", "1",
+            "--steps", "2", "--out", str(out)]
+    real = IO.append_jsonl_records
+
+    def interrupt(path, records):
+        real(path, records)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IO, "append_jsonl_records", interrupt)
+    assert main(args) == 130
+    monkeypatch.setattr(IO, "append_jsonl_records", real)
+    capsys.readouterr()
+    prompts.write_text("a red circle\na green square\n")
+    fails(capsys, [*args, "--resume"], "prompts differ")
+
+
+# ------------------------------------------------------------- flags a method does not use; batch size; labels; help
+
+
+class _Stop(Exception):
+    """Raised by a stand-in ``steer_prompts`` once it has recorded what the command passed it."""
+
+
+def _steer_kwargs(monkeypatch, tmp_path, argv):
+    """The keyword arguments ``flowalign steer argv`` gives ``steer_prompts`` (the model loads; nothing is sampled)."""
+    seen = {}
+
+    def record(model, rows, steer, evals, **kw):
+        seen.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(S, "steer_prompts", record)
+    out = tmp_path / f"o{len(list(tmp_path.iterdir()))}"
+    with pytest.raises(_Stop):
+        main(["steer", "a red circle", "--steps", "2", *argv, "--out", str(out)])
+    return seen
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--lam", "3"], ["--lam", "only with --method fk", "best_of_n"]),  # the default method, best_of_n
+    (["--potential", "diff"], ["--potential", "only with --method fk"]),
+    (["--resampler", "multinomial"], ["--resampler", "only with --method fk"]),
+    (["--probe", "ode:2"], ["--probe", "only with --method fk"]),
+    (["--ess", "0.9"], ["--ess", "only with --method fk"]),
+    (["--every", "2", "--start", "3", "--end", "8"], ["--every, --start, --end: only with --method fk"]),
+    (["--proposal", "kernel"], ["--proposal", "only with --method fk"]),
+    (["--method", "none", "--lam", "3"], ["--lam", "only with --method fk", "none"]),
+    (["--method", "guided", "--reward", "saturation", "--potential", "diff"], ["--potential", "guided"]),
+    (["--method", "none", "-k", "4"], ["--particles/-k", "best_of_n or fk", "none"]),
+    (["--method", "guided", "--reward", "saturation", "--particles", "2"], ["--particles/-k", "guided"]),
+])
+def test_flags_the_method_does_not_use_are_refused_not_ignored(tmp_path, capsys, no_model, extra, needles):
+    """FK's flags under best-of-N (the default method) and -k under none/guided were silently ignored."""
+    fails(capsys, ["steer", "a red circle", *extra, "--out", str(tmp_path / "o")], *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--method", "fk", "-k", "8", "--batch-size", "2"], ["--batch-size 2", "-k 8", "--batch-size 8"]),
+    (["-k", "8", "--batch-size", "7"], ["--batch-size 7", "-k 8"]),  # best_of_n
+    (["--method", "fk", "--start", "6", "--end", "3"], ["--end 3", "--start 6"]),
+    (["--method", "fk", "--steps", "12", "--end", "1"], ["resampling", "1", "before the first, 2"]),
+    (["--reward", "saturation:1,saturation:-1", "--eval-rewards", "saturation"], ["'saturation' twice"]),
+])
+def test_batch_size_below_k_end_before_start_and_a_repeated_reward_are_refused(tmp_path, capsys, no_model, extra,
+                                                                              needles):
+    fails(capsys, ["steer", "a red circle", *extra, "--out", str(tmp_path / "o")], *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_steer_prompts_refuses_a_batch_size_below_k(model):
+    """A group of k particles ran as one batch whatever batch_size said (8 rows for batch_size=2)."""
+    steer_r, eval_r = _rewards()
+    with pytest.raises(ValueError, match="batch_size=2 is below k=8"):
+        steer_prompts(model, PROMPTS, steer_r, eval_r, method="fk", steps=2, k=8, lam=1.0, kernel="flow_sde",
+                      eta=0.7, batch_size=2)
+    recs, _, _ = steer_prompts(model, PROMPTS[:1], steer_r, eval_r, method="none", steps=2, k=8, batch_size=2)
+    assert len(recs) == 1  # one row per output: -k does not bound the batch
+
+
+def test_defaults_reach_steer_prompts_resolved(monkeypatch, tmp_path):
+    """The FK flags default to None only to detect them: fk gets the documented values, the default batch holds a
+    whole group, and any kernel but euler defaults to eta 0.7."""
+    kw = _steer_kwargs(monkeypatch, tmp_path, ["--method", "fk"])
+    assert (kw["lam"], kw["potential"], kw["resampler"], kw["probe"], kw["ess_threshold"], kw["proposal"], kw["k"],
+            kw["batch_size"], kw["kernel"], kw["eta"]) == (10.0, "max", "systematic", "x0", 0.5, "kernel", 4, 32,
+                                                           "flow_sde", 0.7)
+    kw = _steer_kwargs(monkeypatch, tmp_path, ["-k", "40"])
+    assert (kw["method"], kw["k"], kw["batch_size"]) == ("best_of_n", 40, 40)
+    kw = _steer_kwargs(monkeypatch, tmp_path, ["--method", "none", "--kernel", "dance_sde"])
+    assert (kw["batch_size"], kw["eta"]) == (32, 0.7)
+
+
+def _documented_steer_commands():
+    """Every `flowalign steer ...` command line of README.md, docs/steering.md and docs/results.md (continuations
+    joined, comments dropped), with each `[a | b]` alternative expanded: one command without it and one per option."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmds = []
+    for doc in ("README.md", "docs/steering.md", "docs/results.md"):
+        text = (root / doc).read_text(encoding="utf-8").replace("\\\n", " ")
+        for m in re.finditer(r"flowalign steer ([^`\n]*)", text):
+            line = re.sub(r"\s#.*", "", m.group(1)).strip()
+            if "--plot" in line or len(line.split()) < 2:  # the plot command; `--method` in a table's header
+                continue
+            variants = [line]
+            while any("[" in v for v in variants):
+                nxt = []
+                for v in variants:
+                    g = re.search(r"\[([^\[\]]*)\]", v)
+                    if g is None:
+                        nxt.append(v)
+                        continue
+                    for alt in ["", *(a.strip() for a in g.group(1).split("|"))]:
+                        nxt.append(v[:g.start()] + alt + v[g.end():])
+                variants = nxt
+            cmds += [(doc, v) for v in variants]
+    return cmds
+
+
+def test_every_documented_steer_command_is_accepted(tmp_path, monkeypatch, no_model):
+    """The documented commands must pass every argument check (they reach the model load, which `no_model` stops)."""
+    import shlex
+
+    cmds = _documented_steer_commands()
+    assert len(cmds) >= 10 and any("--method fk" in c and "--lam" in c for _, c in cmds)
+    monkeypatch.chdir(tmp_path)
+    ref = tmp_path / "runs" / "steer_sat_none"  # the reference run `--reward-std runs/steer_sat_none` reads
+    ref.mkdir(parents=True)
+    (ref / "results.jsonl").write_text('{"saturation": 0.1}\n{"saturation": 0.2}\n')
+    for n, (doc, line) in enumerate(cmds):
+        argv = shlex.split(line)
+        if "--prompt-file" not in argv and argv[0].startswith("-"):  # an inline fragment: the method's flags only
+            argv = ["a red circle", *argv]
+        if "--out" in argv:
+            argv[argv.index("--out") + 1] = f"out{n}"
+        else:
+            argv += ["--out", f"out{n}"]
+        with pytest.raises(AssertionError, match="model was loaded"):
+            main(["steer", *argv])
+            pytest.fail(f"{doc}: `flowalign steer {line}` was refused")
+
+
+def test_plot_labels_separate_fk_das_tempered_das_and_lambda_per_std(tmp_path, monkeypatch):
+    """FK, DAS and tempered DAS at equal cost were one line (the label named neither proposal nor temper), and so
+    were λ = 30 raw and λ = 30 per reward std."""
+    import flowalign.report as R
+
+    base = {"method": "fk", "kernel": "flow_sde", "eta": 0.7, "potential": "diff", "lam": 30.0, "probe": "x0",
+            "output": "best", "resample_steps": list(range(2, 12))}
+    settings = {
+        "fk": {**base, "proposal": "kernel", "temper": None},
+        "das": {**base, "proposal": "guided", "temper": None},
+        "das_t": {**base, "proposal": "guided", "temper": 0.09},
+        "fk_std": {**base, "proposal": "kernel", "temper": None, "reward_std": 0.068},
+        "das_dps": {**base, "proposal": "guided", "temper": None, "guide_mode": "dps", "band": [0.05, 0.8]},
+        "fk_every2": {**base, "resample_steps": [2, 4, 6, 8, 11]},
+    }
+    labels = {n: R.steer_line_label(st) for n, st in settings.items()}
+    assert len(set(labels.values())) == len(labels), labels
+    assert "proposal=guided" in labels["das"] and "temper=0.09" in labels["das_t"]
+    assert "per std 0.068" in labels["fk_std"] and "dps" in labels["das_dps"]
+    # the defaults add nothing: the shapes-bench rows of docs/steering.md keep their labels
+    assert R.steer_line_label({"method": "fk", "kernel": "flow_sde", "eta": 0.7, "potential": "max", "lam": 10.0,
+                               "probe": "x0", "output": "best", "proposal": "kernel", "temper": None, "ess": 0.5,
+                               "resampler": "systematic", "resample_steps": list(range(2, 12))}) \
+        == "fk from step 2, flow_sde 0.7"
+    assert R.steer_line_label({"method": "guided", "kernel": "euler", "eta": 0.0, "beta": 1e-3, "guide_mode": "x0",
+                               "band": [0.05, 0.8], "normalize": None, "clip": None}) == "guided beta=0.001, euler"
+    drawn = []
+    real = R._new_axes
+
+    def spy(*a, **k):
+        fig, ax = real(*a, **k)
+        plot = ax.plot
+        ax.plot = lambda xs, ys, **kw: (drawn.append(kw["label"]), plot(xs, ys, **kw))[1]
+        return fig, ax
+
+    monkeypatch.setattr(R, "_new_axes", spy)
+    sums = {n: {"overall": {"saturation": 0.1}, "cost": {"forwards_per_image": 48, "particles": 4}, "settings": st}
+            for n, st in settings.items()}
+    R.plot_steering(sums, tmp_path / "p.png", "saturation")
+    assert len(drawn) == len(settings)
+
+
+def test_help_texts_say_what_the_code_does():
+    """--eta's default is 0.7 for every kernel but euler (not only fk); output s starts from image_seed(seed, i, s*k)
+    (not seed + s); λ is per raw reward unit unless --reward-std; σ = 1 is never guided; --batch-size bounds rows."""
+    helps = {a.dest: a.help for a in S.build_parser()._actions}
+    assert "every kernel but euler" in helps["eta"] and "0.7 for fk" not in helps["eta"]
+    assert "image_seed(seed, i, s*k)" in helps["seeds"] and "seed+n-1" not in helps["seeds"]
+    assert "image_seed(seed, i, s*k)" in helps["seed"]
+    assert "per raw reward unit" in helps["lam"] and "--reward-std" in helps["lam"]
+    assert "sigma = 1" in helps["band"] and "never guided" in helps["band"]
+    assert ">= k" in helps["batch_size"]
+    assert "an existing file is replaced" in helps["out"]  # --plot's .png: a re-render
+    for dest in ("lam", "potential", "resampler", "probe", "ess", "every", "start", "end", "proposal", "particles",
+                 "batch_size"):
+        assert S.build_parser().get_default(dest) is None, dest  # None = not given: refusable under other methods

@@ -244,7 +244,7 @@ def mean_over_seeds(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _check_out_dir(out: Path) -> None:
     """One-line ``UserError`` when ``--out`` exists as a file, lies under one, or cannot be written (not writable
     itself, or its nearest existing parent is not): ``mkdir`` or the write would fail after the runs were read."""
-    from flowalign.sample import check_out_parent
+    from flowalign.io import check_out_parent
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a directory for compare.png and compare.md")

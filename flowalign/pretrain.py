@@ -629,7 +629,7 @@ def check_run_dir(out: Path, resume: bool) -> None:
     """The ``--out`` of ``flowalign pretrain``, checked before anything is built: new or empty, or (with ``resume``)
     a pretraining run to continue; never another command's directory, a finished run or one whose checkpoints a
     fresh run would overwrite; and writable. A one-line ``UserError`` otherwise."""
-    from flowalign.sample import check_out_parent
+    from flowalign.io import check_out_parent
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a run directory (new, or one to --resume)")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import CommandParser, UserError, first_line
+from flowalign.io import check_out_parent  # re-exported: the commands import it from here (it lives in io, a lower layer)
 from flowalign.samplers import eta_schedule, sample
 
 logger = logging.getLogger(__name__)
@@ -150,49 +151,6 @@ def check_device(name: str, flag: str = "--device") -> torch.device:
         raise UserError(f"{flag} {name!r}: no such CUDA device here ({torch.cuda.device_count()} visible); "
                         f"pass --device cpu or an index below the count")
     return dev
-
-
-def check_writable_dir(directory: str | Path, path: str | Path, flag: str = "--out") -> None:
-    """One-line ``UserError`` naming ``path`` when no file can be created in the existing ``directory`` (where the
-    output ``path``, or the first of its missing parent directories, would be made): no write permission, or a
-    read-only or virtual file system. Checked by ``os.access`` and then for real, by creating and deleting an empty
-    temporary file there: ``os.access`` tells root that it may write anywhere, /sys and /proc included."""
-    import os
-    import tempfile
-
-    d = Path(directory)
-    why = None if os.access(d, os.W_OK | os.X_OK) else "permission denied"
-    if why is None:
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".flowalign-write-probe-", dir=d)
-        except OSError as err:
-            why = err.strerror or first_line(err)
-        else:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(probe)
-    if why is not None:
-        raise UserError(f"{flag} {str(path)!r} cannot be written: no file can be created in {d} ({why}); pass a path "
-                        f"in a writable directory")
-
-
-def check_out_parent(path: str | Path, flag: str = "--out") -> None:
-    """One-line ``UserError``, before any work, when the output ``path`` could not be written: an existing ancestor
-    is a file, or the nearest existing directory on its way (``path`` itself when it is an existing directory, e.g.
-    an output directory) is not writable (``check_writable_dir``). Without this, the write failed only after all the
-    sampling (training, calibration, ...) was done. An existing file at ``path`` is judged by its directory: outputs
-    are replaced through a temporary file beside them."""
-    out = Path(path).absolute()
-    for d in (out, *out.parents):
-        try:
-            if not d.exists() or (d == out and not d.is_dir()):
-                continue
-        except OSError:  # e.g. a parent without search permission: an answer further up
-            continue
-        if not d.is_dir():
-            raise UserError(f"{flag} {str(path)!r}: {d} is a file, not a directory; pass a path in a directory")
-        check_writable_dir(d, path, flag)
-        return
 
 
 def check_new_dir(path: str | Path, flag: str = "--out") -> Path:

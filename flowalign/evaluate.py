@@ -264,6 +264,9 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     used = guidance if guidance is not None else getattr(model, "guidance_scale", None)  # the scale that samples
     settings = {"steps": steps, "guidance": None if used is None else float(used), "kernel": kernel,
                 "seeds_per_prompt": seeds_per_prompt, "seed": seed, "prompts": len(prompts)}
+    size = getattr(model, "output_size", None)  # the resolution the scores belong to (REWARDS_AND_EVAL §3.2)
+    if callable(size):
+        settings["resolution"] = size()
     settings.update(extra_settings or {})
     shown = set(range(len(prompts))[:: max(1, len(prompts) // grid_prompts)][:grid_prompts]) if grid_prompts > 0 else set()
     cols = min(seeds_per_prompt, 8)

@@ -987,7 +987,8 @@ NFE_PHASES = ("sampling", "probing", "guidance", "training", "other")  # the cou
 PAIR_STATS = {"grpo": ("train/approx_kl", "train/clipfrac_high", "train/clipfrac_low", "train/ratio_mean",
                        "train/policy_loss", "train/kl"),
               "nft": ("train/nft_loss", "train/kl", "train/nft_r_mean")}
-RANK_STATS = ("train/kept_fraction", "reward/zero_std_ratio", "reward/group_std", "train/nonfinite_inputs")  # ranks hold equal rollouts
+RANK_STATS = ("train/kept_fraction", "reward/zero_std_ratio", "reward/group_std", "train/nonfinite_inputs")
+SUM_STATS = ("reward/nan_rows",)  # per-rank counts, logged as totals over the ranks  # ranks hold equal rollouts
 
 
 def _sync_nfe(nfe, seen: dict, reduce_mean, world: int) -> dict:
@@ -1014,11 +1015,15 @@ def _reduce_metrics(metrics: dict, objective: str, reduce_mean, world: int = 1) 
     plain = [*RANK_STATS, *sorted(k for k in metrics if k.startswith("credit/"))]
     w = [n if k in metrics else 0.0 for k in pair]
     vec = torch.tensor([*(float(metrics.get(k, 0.0)) * wk for k, wk in zip(pair, w)), *w,
-                        *(float(metrics.get(k, 0.0)) for k in plain), n], dtype=torch.float64)
+                        *(float(metrics.get(k, 0.0)) for k in plain), *(float(metrics.get(k, 0)) for k in SUM_STATS),
+                        n], dtype=torch.float64)
     vec = reduce_mean(vec)
     if count_key in metrics:
         metrics[count_key] = int(round(float(vec[-1]) * world))  # all ranks' pairs (rows), like rollouts/iteration
-    vec = vec[:-1]
+    for k, v in zip(SUM_STATS, vec[-1 - len(SUM_STATS):-1].tolist()):
+        if k in metrics:
+            metrics[k] = int(round(v * world))  # a count over all ranks
+    vec = vec[:-1 - len(SUM_STATS)]
     sums, weights, means = vec[:len(pair)], vec[len(pair):2 * len(pair)], vec[2 * len(pair):]
     for k, s_, w_ in zip(pair, sums.tolist(), weights.tolist()):
         if w_ > 0:

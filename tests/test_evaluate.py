@@ -82,6 +82,7 @@ def test_eval_summary_records_which_model_lora_and_prompt_set_were_evaluated(tmp
     assert code == 0, capsys.readouterr().err
     settings = json.loads((out / "summary.json").read_text())["settings"]
     assert settings["model"] == "shapes" and settings["lora"] is None and settings["prompt_set"] == "shapes-bench"
+    assert settings["resolution"] == {"height": 32, "width": 32}  # the size the scores belong to (§3.2)
     assert "model=shapes" in (out / "report.html").read_text()
 
 

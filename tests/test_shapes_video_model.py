@@ -198,6 +198,7 @@ def test_the_shipped_video_model_loads_offline(shipped):
     size = (asset / "model.safetensors").stat().st_size + (asset / "config.json").stat().st_size
     assert size < 20 * 2**20 and 1e6 < sum(shipped.num_parameters().values()) < 10e6
     assert shipped.latent_shape == (3, 8, 32, 32) and shipped.output_kind == "video"
+    assert shipped.output_size() == {"height": 32, "width": 32, "num_frames": 8}  # what eval records as resolution
     assert not any(p.requires_grad for c in shipped.components.values() for p in c.parameters())
 
 

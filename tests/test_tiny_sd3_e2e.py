@@ -92,4 +92,5 @@ def test_flowalign_eval_with_pickscore_and_hps_on_tiny_sd3(tiny_sd3_dir, prompt_
     assert all(isinstance(r["pickscore"], float) and isinstance(r["hps"], float) for r in rows)
     summ = json.loads((out / "summary.json").read_text())
     assert set(summ["overall"]) == {"pickscore", "hps"} and summ["n"] == 8
+    assert summ["settings"]["resolution"] == {"height": size["height"], "width": size["width"]}
     assert (out / "report.html").exists()

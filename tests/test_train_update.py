@@ -471,9 +471,10 @@ def test_logged_update_statistics_and_nfe_are_over_all_ranks(monkeypatch):
     per_rank = [
         {"train/transitions": 3, "train/approx_kl": 1.0, "train/clipfrac_high": 0.0, "train/clipfrac_low": 0.0,
          "train/ratio_mean": 1.0, "train/policy_loss": 2.0, "train/kl": 0.0, "train/kept_fraction": 0.5,
-         "reward/zero_std_ratio": 0.5, "train/nonfinite_inputs": 0, "credit/main_abs_mean": 1.0},
+         "reward/zero_std_ratio": 0.5, "train/nonfinite_inputs": 0, "credit/main_abs_mean": 1.0,
+         "reward/nan_rows": 2},
         {"train/transitions": 0, "train/kept_fraction": 0.0, "reward/zero_std_ratio": 1.0,
-         "train/nonfinite_inputs": 1, "credit/main_abs_mean": 0.0},
+         "train/nonfinite_inputs": 1, "credit/main_abs_mean": 0.0, "reward/nan_rows": 1},
     ]
     per_rank_b = [dict(per_rank[0]), {**per_rank[0], "train/transitions": 1, "train/approx_kl": 5.0}]
 
@@ -500,6 +501,7 @@ def test_logged_update_statistics_and_nfe_are_over_all_ranks(monkeypatch):
         assert m["train/approx_kl"] == 1.0 and m["train/policy_loss"] == 2.0  # rank 1 had no pairs: weight 0
         assert m["train/kept_fraction"] == 0.25 and m["reward/zero_std_ratio"] == 0.75
         assert m["train/nonfinite_inputs"] == 1 and m["credit/main_abs_mean"] == 0.5
+        assert m["reward/nan_rows"] == 3  # a count: summed over the ranks
         assert mb["train/approx_kl"] == pytest.approx((3 * 1.0 + 1 * 5.0) / 4)  # weighted by pairs, not 3.0
         assert m["train/transitions"] == 3 and mb["train/transitions"] == 4  # all ranks' pairs
         assert first == {"sampling": 9, "training": 3} and last == {"sampling": 11, "training": 3}

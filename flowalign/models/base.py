@@ -68,6 +68,12 @@ class FlowAdapter:
         """The transformer's compute dtype (LoRA master weights stay fp32 regardless)."""
         return self._dtype
 
+    def output_size(self) -> dict[str, int]:
+        """The size of what ``decode`` returns, for results to record (REWARDS_AND_EVAL.md §3.2): ``height``,
+        ``width`` and, for video, ``num_frames`` (the diffusers adapters' sampling sizes)."""
+        return {k: int(getattr(self, k)) for k in ("height", "width", "num_frames")
+                if isinstance(getattr(self, k, None), int)}
+
     def to(self, device: Any) -> "FlowAdapter":
         for module in self.components.values():
             module.to(device)

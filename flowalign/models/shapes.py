@@ -216,6 +216,9 @@ class ShapesModel(FlowAdapter):
     def _latent_shape(config: Any) -> tuple[int, ...]:
         return (config.channels, config.image_size, config.image_size)  # [C, H, W]
 
+    def output_size(self) -> dict[str, int]:
+        return {"height": self.config.image_size, "width": self.config.image_size}
+
     def _build(self, config: ShapesConfig) -> tuple[nn.Module, dict[str, nn.Module]]:
         """The denoiser and the extra trained components (the refiner)."""
         from diffusers import SD3Transformer2DModel

@@ -148,6 +148,9 @@ class ShapesVideoModel(ShapesModel):
             out = out + self.refiner(out)  # [B, C, F, H, W]
         return out.float()  # [B, C, F, H, W]
 
+    def output_size(self) -> dict[str, int]:
+        return {**super().output_size(), "num_frames": self.config.frames}
+
     def decode(self, x: Tensor) -> Tensor:
         """x [B, 3, F, H, W] → videos [B, F, 3, H, W] in [0, 1]."""
         return ((x.float().permute(0, 2, 1, 3, 4) + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -46,6 +46,49 @@ class CreditInput:
     reduce_sum: Optional[Callable[[Tensor], Tensor]] = None
 
 
+def group_moments(x: Tensor, group: Tensor, ok: Tensor, *, scope: str = "group", ddof: int = 0,
+                  reduce_sum: Optional[Callable[[Tensor], Tensor]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-column group statistics of ``x`` [B, T] (float64) over the rows ``ok`` [B] (METHODS.md §3.2), shared by
+    ``group_normalize`` and VGPO's ``floored_z``. Returns, each [B, T] but the last:
+
+    * ``dev``: x minus its group's mean (0 outside ``ok``);
+    * ``std``: the std of the row's group (``scope="group"``) or of every ``ok`` row (``"global"``, summed over the
+      ranks by ``reduce_sum``), with ``ddof``;
+    * ``flat``: every ``ok`` value of the row's group in that column is equal (x − mean can be ~1e-17, not 0);
+    * ``count`` [B]: the ``ok`` rows of the row's group.
+    """
+    x = x.detach().to(torch.float64)  # [B, T]
+    ok = ok.detach().to(device=x.device, dtype=torch.bool)  # [B]
+    okc = ok[:, None]  # [B, 1]
+    _, inv = torch.unique(group.to(x.device), return_inverse=True)  # [B] dense group ids, on x's device
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    zeros = torch.zeros(n_groups, x.shape[1], dtype=torch.float64, device=x.device)  # [G, T]
+    cnt = torch.zeros(n_groups, dtype=torch.float64, device=x.device).index_add(0, inv, ok.double())  # [G]
+    x0 = torch.where(okc, x, torch.zeros_like(x))  # [B, T]
+    mean = zeros.index_add(0, inv, x0) / cnt.clamp_min(1)[:, None]  # [G, T]
+    dev = torch.where(okc, x - mean[inv], torch.zeros_like(x))  # [B, T]
+    if scope == "group":
+        ss = zeros.index_add(0, inv, dev * dev)  # [G, T]
+        std = torch.sqrt(ss / (cnt - ddof).clamp_min(1)[:, None])[inv]  # [B, T]
+    elif scope == "global":
+        total = torch.cat([ok.sum().to(torch.float64).reshape(1), x0.sum(0)])  # [1 + T]: count, column sums
+        if reduce_sum is not None:
+            total = reduce_sum(total.clone())
+        n = total[0].clamp_min(1)
+        gdev = torch.where(okc, x - total[1:] / n, torch.zeros_like(x))  # [B, T] around the global mean
+        ss = (gdev * gdev).sum(0)  # [T]
+        if reduce_sum is not None:
+            ss = reduce_sum(ss.clone())
+        std = torch.sqrt(ss / (n - ddof).clamp_min(1))[None].expand_as(x)  # [B, T]
+    else:
+        raise ValueError(f"std scope must be 'group' or 'global', got {scope!r}")
+    inf = torch.full_like(zeros, math.inf)  # [G, T]
+    idx = inv[:, None].expand_as(x)  # [B, T]
+    gmax = (-inf).scatter_reduce(0, idx, torch.where(okc, x, -math.inf), reduce="amax")
+    gmin = inf.scatter_reduce(0, idx, torch.where(okc, x, math.inf), reduce="amin")
+    return dev, std, (gmax == gmin)[inv], cnt[inv]
+
+
 def group_normalize(rewards: Tensor, group: Tensor, *, scope: str = "group", eps: float = 1e-4,
                     ddof: int = 0, reduce_sum: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """A_i = (R_i − mean_group R) / (std + eps) in float64 (Flow-GRPO Eq. 4; METHODS.md §3.2).
@@ -58,40 +101,12 @@ def group_normalize(rewards: Tensor, group: Tensor, *, scope: str = "group", eps
     """
     r = rewards.detach().to(torch.float64)  # [B]
     ok = torch.isfinite(r)
-    r0 = torch.where(ok, r, torch.zeros_like(r))
-    _, inv = torch.unique(group.to(r.device), return_inverse=True)  # [B] dense group ids, on the rewards' device
-    n_groups = int(inv.max()) + 1 if inv.numel() else 0
-    zeros = torch.zeros(n_groups, dtype=torch.float64, device=r.device)  # [G]
-    cnt = zeros.index_add(0, inv, ok.double())  # [G]
-    tot = zeros.index_add(0, inv, r0)
-    mean = tot / cnt.clamp_min(1)  # [G]
-    dev = torch.where(ok, r - mean[inv], torch.zeros_like(r))  # [B]
-    if scope == "group":
-        ss = zeros.index_add(0, inv, dev * dev)
-        std = torch.sqrt(ss / (cnt - ddof).clamp_min(1))[inv]  # [B]
-    elif scope == "global":
-        total = torch.stack([ok.sum().to(torch.float64), r0.sum()])  # [2]: count, sum
-        if reduce_sum is not None:
-            total = reduce_sum(total.clone())
-        n = total[0].clamp_min(1)
-        gm = total[1] / n
-        gdev = torch.where(ok, r - gm, torch.zeros_like(r))
-        ss = (gdev * gdev).sum()
-        if reduce_sum is not None:
-            ss = reduce_sum(ss.reshape(1).clone())[0]
-        std = torch.sqrt(ss / (n - ddof).clamp_min(1)).expand_as(r)
-    else:
-        raise ValueError(f"std scope must be 'group' or 'global', got {scope!r}")
+    dev, std, flat, cnt = group_moments(r[:, None], group, ok, scope=scope, ddof=ddof, reduce_sum=reduce_sum)
+    dev, std, flat = dev[:, 0], std[:, 0], flat[:, 0]  # [B]
     adv = dev / (std + eps)
-    single = cnt[inv] < 2
-    # all finite rewards of the group equal: A = 0 exactly in either scope (r − mean can be ~1e-17, not 0, in float64)
-    inf = torch.full((n_groups,), math.inf, dtype=torch.float64, device=r.device)  # [G]
-    gmax = (-inf).scatter_reduce(0, inv, torch.where(ok, r, -math.inf), reduce="amax")
-    gmin = inf.scatter_reduce(0, inv, torch.where(ok, r, math.inf), reduce="amin")
-    flat = (gmax == gmin)[inv]  # [B]
     if scope == "group":
         flat = flat | torch.isclose(std, torch.zeros_like(std), atol=1e-12)
-    adv = torch.where(ok & ~single & ~flat, adv, torch.zeros_like(adv))
+    adv = torch.where(ok & (cnt >= 2) & ~flat, adv, torch.zeros_like(adv))  # one reward, or all equal: A = 0
     return adv.to(torch.float32)
 
 
@@ -757,45 +772,16 @@ def floored_z(x: Tensor, group: Tensor, ok: Tensor, *, floor: float, scope: str 
     std_t ≥ ``floor``, else 0.
 
     std_t is the std of column t over the row's group (``scope="group"``) or over every row (``"global"``, summed
-    over the ranks with ``reduce_sum``, like ``group_normalize``), with ``ddof``; the mean is always the group's.
-    Rows outside ``ok`` [B] are left out of the statistics and get 0; a column whose group values are all equal
-    gets 0. ``x`` [B, T] → float64 [B, T].
+    over the ranks with ``reduce_sum``, like ``group_normalize``), with ``ddof``; the mean is always the group's
+    (``group_moments``). Rows outside ``ok`` [B] are left out of the statistics and get 0; a column whose group
+    values are all equal gets 0. ``x`` [B, T] → float64 [B, T].
     """
     if not (math.isfinite(floor) and floor > 0):
         raise ValueError(f"the z-score floor must be a finite number > 0, got {floor!r}")
-    x = x.detach().to(torch.float64)  # [B, T]
     ok = ok.detach().to(device=x.device, dtype=torch.bool)  # [B]
-    okc = ok[:, None]  # [B, 1]
-    _, inv = torch.unique(group.to(x.device), return_inverse=True)  # [B] dense group ids
-    n_groups = int(inv.max()) + 1 if inv.numel() else 0
-    zeros = torch.zeros(n_groups, x.shape[1], dtype=torch.float64, device=x.device)  # [G, T]
-    cnt = torch.zeros(n_groups, dtype=torch.float64, device=x.device).index_add(0, inv, ok.double())  # [G]
-    x0 = torch.where(okc, x, torch.zeros_like(x))  # [B, T]
-    mean = zeros.index_add(0, inv, x0) / cnt.clamp_min(1)[:, None]  # [G, T]
-    dev = torch.where(okc, x - mean[inv], torch.zeros_like(x))  # [B, T]
-    if scope == "group":
-        ss = zeros.index_add(0, inv, dev * dev)  # [G, T]
-        std = torch.sqrt(ss / (cnt - ddof).clamp_min(1)[:, None])[inv]  # [B, T]
-    elif scope == "global":
-        total = torch.cat([ok.sum().to(torch.float64).reshape(1), x0.sum(0)])  # [1 + T]: count, column sums
-        if reduce_sum is not None:
-            total = reduce_sum(total.clone())
-        n = total[0].clamp_min(1)
-        gdev = torch.where(okc, x - total[1:] / n, torch.zeros_like(x))  # [B, T] around the global mean
-        ss = (gdev * gdev).sum(0)  # [T]
-        if reduce_sum is not None:
-            ss = reduce_sum(ss.clone())
-        std = torch.sqrt(ss / (n - ddof).clamp_min(1))[None].expand_as(x)  # [B, T]
-    else:
-        raise ValueError(f"std scope must be 'group' or 'global', got {scope!r}")
-    # all values of a group's column equal: z = 0 exactly (x − mean can be ~1e-17, not 0, in float64)
-    inf = torch.full_like(zeros, math.inf)  # [G, T]
-    idx = inv[:, None].expand_as(x)  # [B, T]
-    gmax = (-inf).scatter_reduce(0, idx, torch.where(okc, x, -math.inf), reduce="amax")
-    gmin = inf.scatter_reduce(0, idx, torch.where(okc, x, math.inf), reduce="amin")
-    flat = (gmax == gmin)[inv]  # [B, T]
+    dev, std, flat, _ = group_moments(x, group, ok, scope=scope, ddof=ddof, reduce_sum=reduce_sum)  # [B, T] each
     z = dev / std.clamp_min(floor)
-    return torch.where(okc & ~flat & (std >= floor), z, torch.zeros_like(z))
+    return torch.where(ok[:, None] & ~flat & (std >= floor), z, torch.zeros_like(z))
 
 
 def value_anchor(inp: CreditInput, *, probe: str = "x0", gamma: float = 1.0, kappa: float = 0.1,
@@ -981,7 +967,7 @@ def preflight(name: str, options: Mapping[str, Any], *, reward_weights: Mapping[
 
     Meant for the trainer's config check (``train._check_components``), before anything is written, with
     ``reward.weights``, ``reward.aggregate`` and ``guided`` = ``sampler.guide`` is not "none". It checks what an option's annotation cannot see alone (each value's own
-    type and range are ``flowalign.train.option_value_error``'s): Euphonium's process (PRA) head needs PRM scores,
+    type and range are ``flowalign.types.option_value_error``'s): Euphonium's process (PRA) head needs PRM scores,
     from a guide or from ``pra_probe``, unless ``heads: ora``; with several rewards under ``advantage_sum`` its
     outcome head folds c_ora·w_k into one clipped term per reward, which must lie in (0, 1] for every reward.
     Options it cannot read as numbers are left to the annotation check.

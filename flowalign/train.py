@@ -22,7 +22,6 @@ the loop does not change.
 
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import inspect
 import logging
@@ -51,7 +50,7 @@ from flowalign.samplers import eta_schedule, gather_cond, live_eta, step_log_pro
 from flowalign.samplers.kernels import get_kernel
 from flowalign.samplers.loop import Generators, draw_rows, mix_seed
 from flowalign.samplers.plans import PLANS
-from flowalign.types import Interval
+from flowalign.types import option_value_error
 from flowalign.values import GUIDES, NFECounter, first_equal, make_probe
 
 logger = logging.getLogger(__name__)
@@ -276,45 +275,6 @@ def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
     if diff:
         raise UserError(f"cannot resume {run} with changed settings: {', '.join(diff)}; resume with the run's "
                         f"config ({saved}) or start a new output.run_dir")
-
-
-def option_value_error(hint: Any, value: Any) -> Optional[str]:
-    """Why ``value`` does not fit the annotation ``hint`` of a registry function's option, or None. Checks what a
-    config can get wrong before a run starts: a Literal's choices, bool / int / float / str, a list of ints, and
-    Optional; other annotations are left to the function."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is None or hint is Any:
-        return None
-    if origin is typing.Annotated:  # Annotated[float, Interval(...)]: the type, then the range
-        err = option_value_error(args[0], value)
-        if err is None:
-            items = value if isinstance(value, (list, tuple)) else [value]  # a list option: every element
-            for meta in args[1:]:
-                if isinstance(meta, Interval) and not all(meta.contains(v) for v in items):
-                    return f"expected {'values' if items is value else 'a value'} in {meta}"
-        return err
-    if origin is typing.Union:  # Optional[X] and unions: fits if it fits one member
-        errs = [option_value_error(a, value) for a in args]
-        return None if any(e is None for e in errs) else next(e for e in errs if e)
-    if hint is type(None):
-        return None if value is None else "expected null"
-    if origin is typing.Literal:
-        return None if value in args else f"choose one of {', '.join(repr(a) for a in args)}"
-    if hint is bool:
-        return None if isinstance(value, bool) else "expected true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else "expected a finite number"
-    if hint is str:
-        return None if isinstance(value, str) else "expected a string"
-    if hint is torch.Tensor:  # a config value is never a tensor: a union with a number checks the number
-        return None if isinstance(value, torch.Tensor) else "expected a tensor"
-    if origin in (collections.abc.Sequence, list, tuple) and args and args[0] is int:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-        return None if ok else "expected a list of integers, e.g. [1, 4]"
-    return None
 
 
 def _check_components(cfg: C.ExperimentConfig) -> None:
@@ -666,7 +626,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
         if ema is not None:
             ema.update(n_opt[0])
         n_opt[0] += 1
-    warned_nan = False
+
+    warned_nan = False  # the first NaN reward of the run is a warning; later ones are counted (reward/nan_rows)
     for it in bar:
         t_start = time.time()
         metrics: dict[str, Any] = {"iteration": it + 1}
@@ -987,8 +948,9 @@ NFE_PHASES = ("sampling", "probing", "guidance", "training", "other")  # the cou
 PAIR_STATS = {"grpo": ("train/approx_kl", "train/clipfrac_high", "train/clipfrac_low", "train/ratio_mean",
                        "train/policy_loss", "train/kl"),
               "nft": ("train/nft_loss", "train/kl", "train/nft_r_mean")}
+# ranks hold equal rollouts: these are averaged plainly
 RANK_STATS = ("train/kept_fraction", "reward/zero_std_ratio", "reward/group_std", "train/nonfinite_inputs")
-SUM_STATS = ("reward/nan_rows",)  # per-rank counts, logged as totals over the ranks  # ranks hold equal rollouts
+SUM_STATS = ("reward/nan_rows",)  # per-rank counts, logged as totals over the ranks
 
 
 def _sync_nfe(nfe, seen: dict, reduce_mean, world: int) -> dict:

@@ -8,6 +8,9 @@ This module imports nothing from the package (an import-direction test checks it
 
 from __future__ import annotations
 
+import collections.abc
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
@@ -113,7 +116,7 @@ CreditAssigner = Callable[..., Credit]
 @dataclass(frozen=True)
 class Interval:
     """Range metadata of a registry function's numeric option, ``Annotated[float, Interval(0, 1, low_open=True)]``:
-    the trainer checks a config's value against it before a run starts (``train.option_value_error``), and the
+    the trainer checks a config's value against it before a run starts (``option_value_error``), and the
     function keeps its own check for direct calls."""
 
     low: float = float("-inf")
@@ -130,3 +133,42 @@ class Interval:
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
         return above and below
+
+
+def option_value_error(hint: Any, value: Any) -> Optional[str]:
+    """Why ``value`` does not fit the annotation ``hint`` of a registry function's option, or None. Checks what a
+    config can get wrong before a run starts: a Literal's choices, bool / int / float / str, a list of ints, and
+    Optional; other annotations are left to the function."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is None or hint is Any:
+        return None
+    if origin is typing.Annotated:  # Annotated[float, Interval(...)]: the type, then the range
+        err = option_value_error(args[0], value)
+        if err is None:
+            items = value if isinstance(value, (list, tuple)) else [value]  # a list option: every element
+            for meta in args[1:]:
+                if isinstance(meta, Interval) and not all(meta.contains(v) for v in items):
+                    return f"expected {'values' if items is value else 'a value'} in {meta}"
+        return err
+    if origin is typing.Union:  # Optional[X] and unions: fits if it fits one member
+        errs = [option_value_error(a, value) for a in args]
+        return None if any(e is None for e in errs) else next(e for e in errs if e)
+    if hint is type(None):
+        return None if value is None else "expected null"
+    if origin is typing.Literal:
+        return None if value in args else f"choose one of {', '.join(repr(a) for a in args)}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "expected true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "expected a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "expected a string"
+    if hint is Tensor:  # a config value is never a tensor: a union with a number checks the number
+        return None if isinstance(value, Tensor) else "expected a tensor"
+    if origin in (collections.abc.Sequence, list, tuple) and args and args[0] is int:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+        return None if ok else "expected a list of integers, e.g. [1, 4]"
+    return None

@@ -137,51 +137,54 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str, r
     raise UserError(f"{what} has no argument {bad[0]!r} ({takes}){hint}")
 
 
-_SCALARS = {"bool": "true or false", "int": "an integer", "float": "a number"}  # kind -> what a value must be
+def _scalar_hint(hint: Any) -> bool:
+    """Whether ``hint`` is bool, int or float, possibly ``Optional`` or ``Annotated`` (with an ``Interval``): the
+    annotations whose values a command line can get wrong; paths, dtypes, mappings and unions of other types are
+    left to the constructor."""
+    import typing
 
-
-def _scalar_kind(param) -> Optional[str]:
-    """"bool" | "int" | "float" when ``param`` takes that scalar (its annotation, ``Optional[...]`` too, else the type
-    of its default), else None (paths, dtypes, mappings: the constructor decides)."""
-    ann = param.annotation
-    if isinstance(ann, type):
-        ann = ann.__name__
-    if isinstance(ann, str):
-        text = ann.replace(" ", "")
-        for form in ("Optional[{}]", "{}|None", "None|{}", "{}"):
-            for kind in _SCALARS:
-                if text == form.format(kind):
-                    return kind
-        if text not in ("", "inspect._empty", "_empty"):
-            return None
-    d = param.default
-    if d is param.empty or d is None:
-        return None
-    return "bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "float" if isinstance(d, float) else None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return _scalar_hint(args[0])
+    if origin is typing.Union:
+        rest = [a for a in args if a is not type(None)]
+        return len(rest) == 1 and _scalar_hint(rest[0])
+    return hint in (bool, int, float)
 
 
 def check_kwarg_types(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:
-    """A one-line ``UserError`` naming the first argument of ``kwargs`` whose value cannot be what ``fn``'s parameter
-    takes (by annotation or default): an integer for ``int``, a number for ``float``, true/false for ``bool`` (None
-    passes where the annotation is ``Optional``). Run with ``check_kwargs`` before anything is built, so that
-    ``batch_size=abc`` is one line rather than a traceback after the weights loaded."""
+    """A one-line ``UserError`` naming the first argument of ``kwargs`` whose value does not fit ``fn``'s parameter:
+    its resolved annotation when that is bool / int / float (``Optional`` and ``Interval`` ranges included), else the
+    type of its default, checked by ``flowalign.types.option_value_error`` (the trainer's check of registry options).
+    Run with ``check_kwargs`` before anything is built, so that ``batch_size=abc`` is one line rather than a traceback
+    after the weights loaded."""
     import inspect
+    import typing
+
+    from flowalign.types import option_value_error
 
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return
+    target = fn.__init__ if isinstance(fn, type) else fn  # a reward class: its constructor's annotations
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except Exception:  # an annotation that does not resolve here: fall back to the defaults' types
+        hints = {}
     for key, value in kwargs.items():
         param = params.get(key)
-        kind = _scalar_kind(param) if param is not None else None
-        if kind is None or (value is None and (param.default is None or "None" in str(param.annotation)
-                                               or "Optional" in str(param.annotation))):
+        if param is None:
             continue
-        ok = (isinstance(value, bool) if kind == "bool" else
-              not isinstance(value, bool) and isinstance(value, int if kind == "int" else (int, float)))
-        if not ok:
-            default = "" if param.default is param.empty else f", default {param.default!r}"
-            raise UserError(f"{what}: {key}={value!r} must be {_SCALARS[kind]}{default}")
+        hint = hints.get(key)
+        if hint is None and isinstance(param.default, (bool, int, float)):
+            hint = type(param.default)
+        if not _scalar_hint(hint):
+            continue
+        err = option_value_error(hint, value)
+        if err:
+            default = "" if param.default in (param.empty, None) else f", default {param.default!r}"
+            raise UserError(f"{what}: {key}={value!r}: {err}{default}")
 
 
 def build_reward_checked(name: str, kwargs: Mapping[str, Any], what: Optional[str] = None):

@@ -276,9 +276,9 @@ def test_serve_refuses_a_reward_argument_of_the_wrong_type_in_one_line(capsys, m
 
     monkeypatch.setattr("flowalign.rewards.clip_common.HFClip.__init__", no_load)
     fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "batch_size=abc", "--port", "0"],
-          "reward 'clipscore': batch_size='abc' must be an integer", cmd="rewards")
+          "reward 'clipscore': batch_size='abc': expected an integer", cmd="rewards")
     fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "w=high", "--port", "0"],
-          "w='high' must be a number", cmd="rewards")
+          "w='high': expected a finite number", cmd="rewards")
 
     def init(self, quality=None):  # neither annotation nor default type: only the constructor sees the bad value
         self.quality = int(quality or 95)

@@ -110,6 +110,30 @@ def test_a_nan_reward_is_masked_not_a_reason_to_skip_the_update(tmp_path, monkey
     assert any(v.abs().sum() > 0 for k, v in _lora(run, 1).items() if "lora_B" in k)
 
 
+def test_probe_batches_are_bounded_by_the_credit_config(tmp_path, monkeypatch):
+    """credit.probe_max_batch / probe_score_batch reach the probe engine: dense credit's probes run in forwards of at
+    most that many rows and decode + score at most that many endpoints per call (before, all at once)."""
+    import flowalign.train as T
+
+    rows, scored, real = [], [], T.make_probe
+
+    def spy(velocity, traj, score, **kw):
+        def v(x, sigma, cond):
+            rows.append(x.shape[0])
+            return velocity(x, sigma, cond)
+
+        def s(latents, idx):
+            scored.append(latents.shape[0])
+            return score(latents, idx)
+        return real(v, traj, s, **kw)
+
+    monkeypatch.setattr(T, "make_probe", spy)
+    T.train(_cfg(tmp_path / "run", "train.iterations=1", "credit.name=dense_gain",
+                 "credit.probe_max_batch=5", "credit.probe_score_batch=3"))
+    assert rows and max(rows) <= 5 and scored and max(scored) <= 3
+    assert sum(rows) > 5  # the probes needed more than one forward's worth of rows
+
+
 def _run_cli(args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "flowalign.cli", *args], capture_output=True, text=True, env=env,

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from flowalign.report import benchmark_line
 
 logger = logging.getLogger(__name__)
 
@@ -132,13 +136,16 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
 
 
 def summarize(records: Sequence[Mapping[str, Any]], reward_names: Optional[Sequence[str]] = None,
-              group_key: str = "task") -> dict:
+              group_key: str = "task", overall: str = "groups") -> dict:
     """Means of each reward per group (``records[i][group_key]``) and overall.
 
-    Overall is the mean over groups when records carry ``group_key`` (GenEval's convention: every task
-    weighs the same), else the mean over images. NaN scores (reward not applicable) are skipped.
+    ``overall="groups"``: the mean over groups (GenEval's convention: every task weighs the same; the mean over images
+    when records carry no group). ``overall="images"``: the mean over all images, the groups only a breakdown (reward
+    averages on PartiPrompts, whose 12 categories differ in size). NaN scores (reward not applicable) are skipped.
     Returns ``{"overall": {name: mean}, "per_task": {task: {name: mean}}, "counts": {task: n}, "n": N}``.
     """
+    if overall not in OVERALL:
+        raise ValueError(f"overall must be one of {OVERALL}, got {overall!r}")
     if reward_names is None:
         skip = {"prompt", "task", "prompt_index", "sample", "seed", group_key}
         reward_names = sorted({k for r in records for k, v in r.items()
@@ -152,11 +159,14 @@ def summarize(records: Sequence[Mapping[str, Any]], reward_names: Optional[Seque
         return sum(vals) / len(vals) if vals else float("nan")
 
     per = {g: {n: mean(rs, n) for n in reward_names} for g, rs in groups.items()}
-    overall = {}
+    means = {}
     for n in reward_names:
+        if overall == "images":
+            means[n] = mean(records, n)
+            continue
         vals = [v[n] for v in per.values() if not math.isnan(v[n])]
-        overall[n] = sum(vals) / len(vals) if vals else float("nan")
-    return {"overall": overall, "per_task": per, "counts": {g: len(rs) for g, rs in groups.items()}, "n": len(records)}
+        means[n] = sum(vals) / len(vals) if vals else float("nan")
+    return {"overall": means, "per_task": per, "counts": {g: len(rs) for g, rs in groups.items()}, "n": len(records)}
 
 
 def _group_of(record: Mapping[str, Any], group_key: str) -> str:
@@ -182,12 +192,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def summarize_pass_at_k(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str],
-                        group_key: str = "task") -> dict:
+                        group_key: str = "task", overall: str = "groups") -> dict:
     """pass@k of each pass/fail reward (every score 0 or 1, NaN skipped), per group and overall, for k = 1, 2, 4, …
     up to the smallest number of images any prompt has (only when every prompt has at least 2).
 
     Images are grouped into prompts by ``prompt_index``; a prompt's pass@k is ``pass_at_k``; a group's is the mean
-    over its prompts and the overall one the mean over groups (as ``summarize``). Rewards with other values
+    over its prompts and the overall one the mean over groups, or over all prompts with ``overall="images"`` (as
+    ``summarize``). Rewards with other values
     (e.g. ``shapes_partial``) are left out. Returns ``{name: {"k": [...], "overall": {k: p}, "per_task": {g: {k: p}}}}``.
     """
     out: dict[str, dict] = {}
@@ -211,8 +222,11 @@ def summarize_pass_at_k(records: Sequence[Mapping[str, Any]], reward_names: Sequ
             for k in ks:
                 per.setdefault(group_of[idx], {}).setdefault(k, []).append(pass_at_k(len(vs), int(sum(vs)), k))
         per_task = {g: {k: sum(v) / len(v) for k, v in d.items()} for g, d in per.items()}
-        overall = {k: sum(d[k] for d in per_task.values()) / len(per_task) for k in ks}
-        out[name] = {"k": ks, "overall": overall, "per_task": per_task}
+        if overall == "images":  # every prompt weighs the same
+            means = {k: sum(sum(d[k]) for d in per.values()) / len(prompts) for k in ks}
+        else:
+            means = {k: sum(d[k] for d in per_task.values()) / len(per_task) for k in ks}
+        out[name] = {"k": ks, "overall": means, "per_task": per_task}
     return out
 
 
@@ -229,13 +243,260 @@ def as_records(prompts: Sequence[Any]) -> list[dict]:
     return out
 
 
+# ---- frozen benchmark protocols (REWARDS_AND_EVAL.md §3.2) ---------------------------------------------------------
+
+OVERALL = ("groups", "images")  # summarize's conventions for the overall mean
+SAMPLING_KEYS = ("steps", "guidance", "height", "width", "num_frames")  # what a protocol fixes per model family
+_PROTOCOL_KEYS = ("name", "version", "description", "source", "prompts", "prompts_sha256", "images_per_prompt", "seed",
+                  "rewards", "overall", "sampling")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A frozen benchmark protocol: what a benchmark number means (REWARDS_AND_EVAL.md §3.2).
+
+    Read from a YAML file (``flowalign/assets/protocols/NAME.yaml``, or a user's file): the prompt set and the SHA-256
+    of its records (text and metadata, ``io.prompts_digest``), images per prompt and the run seed (image k of prompt i
+    starts from ``image_seed(seed, i, k)``), the rewards, how the overall mean is taken (``summarize``'s ``overall``),
+    and per model family the ODE steps, guidance and, where the family has one, the resolution. An evaluation whose
+    settings all equal the protocol's is a benchmark result; overriding any of them makes it a non-benchmark one
+    (``protocol_status``). The built-in files are never edited: a change is a new name or version, and
+    tests/test_protocols.py pins each file's SHA-256 (``sha256`` here).
+    """
+
+    name: str
+    version: int
+    description: str
+    source: str
+    prompts: str
+    prompts_sha256: str
+    images_per_prompt: int
+    seed: int
+    rewards: tuple[str, ...]
+    overall: str
+    sampling: Mapping[str, Mapping[str, Any]]
+    sha256: str = ""
+
+    def families(self) -> list[str]:
+        return list(self.sampling)
+
+
+def protocol_dir():
+    """The directory of the built-in protocol files."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent / "assets" / "protocols"
+
+
+def list_protocols() -> list[str]:
+    """Names of the built-in protocols, sorted."""
+    return sorted(p.stem for p in protocol_dir().glob("*.yaml"))
+
+
+def load_protocol(name_or_path: str) -> Protocol:
+    """A built-in protocol by name, or a protocol YAML file by path; a one-line ``UserError`` when it does not exist
+    or its fields are not a protocol's (unknown or missing keys, wrong types, a family or reward flowalign lacks)."""
+    import difflib
+    import hashlib
+    from pathlib import Path
+
+    import yaml
+
+    from flowalign.errors import UserError, first_line
+
+    text_name = str(name_or_path)
+    path = Path(text_name) if text_name.endswith((".yaml", ".yml")) else protocol_dir() / f"{text_name}.yaml"
+    if not path.is_file():
+        if text_name.endswith((".yaml", ".yml")):
+            raise UserError(f"--benchmark {text_name!r}: no such protocol file")
+        close = difflib.get_close_matches(text_name, list_protocols(), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(list_protocols())}"
+        raise UserError(f"unknown benchmark {text_name!r} ({hint}; `flowalign eval --list-benchmarks` lists them)")
+    raw = path.read_bytes()
+    where = f"protocol {str(path)!r}"
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{where} is not valid YAML ({first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping with keys {', '.join(_PROTOCOL_KEYS)}")
+    unknown = [k for k in data if k not in _PROTOCOL_KEYS]
+    missing = [k for k in _PROTOCOL_KEYS if k not in data]
+    if unknown or missing:
+        what = "; ".join(x for x in (f"unknown keys {unknown}" if unknown else "",
+                                     f"missing keys {missing}" if missing else "") if x)
+        raise UserError(f"{where}: {what} (a protocol has exactly {', '.join(_PROTOCOL_KEYS)})")
+
+    def typed(key: str, kind: type, value: Any = None) -> Any:
+        v = data[key] if value is None else value
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise UserError(f"{where}: {key} must be a {kind.__name__}, got {v!r}")
+        return v
+
+    from flowalign.models import MODELS
+    from flowalign.rewards import REWARDS
+
+    rewards = data["rewards"]
+    if not isinstance(rewards, list) or not rewards or not all(isinstance(r, str) and r in REWARDS for r in rewards):
+        raise UserError(f"{where}: rewards must be a non-empty list of reward names (`flowalign rewards list`), "
+                        f"got {rewards!r}")
+    if len(set(rewards)) != len(rewards):
+        raise UserError(f"{where}: rewards {rewards!r} names a reward twice")
+    if data["overall"] not in OVERALL:
+        raise UserError(f"{where}: overall must be one of {', '.join(OVERALL)}, got {data['overall']!r}")
+    sampling = data["sampling"]
+    if not isinstance(sampling, dict) or not sampling:
+        raise UserError(f"{where}: sampling must map model families ({', '.join(MODELS)}) to their settings")
+    fixed: dict[str, dict[str, Any]] = {}
+    for family, cfg in sampling.items():
+        if family not in MODELS:
+            raise UserError(f"{where}: sampling names an unknown model family {family!r} (known: {', '.join(MODELS)})")
+        if not isinstance(cfg, dict) or not {"steps", "guidance"} <= set(cfg) or set(cfg) - set(SAMPLING_KEYS):
+            raise UserError(f"{where}: sampling.{family} must give steps and guidance, and may give "
+                            f"{', '.join(SAMPLING_KEYS[2:])}; got {cfg!r}")
+        fixed[family] = {k: typed(f"sampling.{family}.{k}", float if k == "guidance" else int, v)
+                         for k, v in cfg.items()}
+        if fixed[family]["steps"] < 1 or fixed[family]["guidance"] < 0:
+            raise UserError(f"{where}: sampling.{family} needs steps >= 1 and guidance >= 0, got {cfg!r}")
+    proto = Protocol(name=typed("name", str), version=typed("version", int), description=typed("description", str),
+                     source=typed("source", str), prompts=typed("prompts", str),
+                     prompts_sha256=typed("prompts_sha256", str), images_per_prompt=typed("images_per_prompt", int),
+                     seed=typed("seed", int), rewards=tuple(rewards), overall=data["overall"], sampling=fixed,
+                     sha256=hashlib.sha256(raw).hexdigest())
+    if proto.images_per_prompt < 1 or proto.seed < 0:
+        raise UserError(f"{where}: images_per_prompt must be >= 1 and seed >= 0")
+    return proto
+
+
+def find_protocol(prompt_set: Any) -> Optional[Protocol]:
+    """The built-in protocol of a built-in prompt set (by name), or None: an evaluation of that set is labelled with
+    it (a benchmark result when every setting matches, ``protocol_status``)."""
+    if not isinstance(prompt_set, str):
+        return None
+    for name in list_protocols():
+        proto = load_protocol(name)
+        if proto.prompts == prompt_set:
+            return proto
+    return None
+
+
+def protocol_defaults(protocol: Protocol, family: str) -> dict:
+    """What ``protocol`` fixes for a run of model family ``family``: ``prompt_set``, ``seeds_per_prompt``, ``seed``,
+    ``rewards`` and, when it has that family, ``steps``, ``guidance`` and ``resolution`` (height/width/num_frames)."""
+    out: dict[str, Any] = {"prompt_set": protocol.prompts, "seeds_per_prompt": protocol.images_per_prompt,
+                           "seed": protocol.seed, "rewards": list(protocol.rewards)}
+    fam = protocol.sampling.get(family)
+    if fam is not None:
+        out.update(steps=fam["steps"], guidance=fam["guidance"])
+        res = {k: fam[k] for k in ("height", "width", "num_frames") if k in fam}
+        if res:
+            out["resolution"] = res
+    return out
+
+
+def protocol_status(protocol: Protocol, settings: Mapping[str, Any]) -> dict:
+    """Whether an evaluation's ``settings`` (``run_eval``'s: ``model``, ``prompts_sha256``, ``seeds_per_prompt``, ``seed``,
+    ``rewards``, ``steps``, ``guidance``, ``resolution``) are ``protocol``'s; recorded as ``settings["benchmark"]``.
+
+    Returns ``{"name", "version", "sha256", "benchmark": bool, "overrides": {field: {"protocol": x, "used": y}}}``:
+    ``benchmark`` is true exactly when nothing is overridden. The prompts are compared by the digest of their records,
+    so a subset (``--max-prompts``), an edited copy or another file is an override whatever its name.
+    """
+    family = settings.get("model")
+    want = protocol_defaults(protocol, str(family))
+    overrides: dict[str, dict[str, Any]] = {}
+
+    def differ(field: str, expected: Any, used: Any) -> None:
+        if expected != used:
+            overrides[field] = {"protocol": expected, "used": used}
+
+    if family not in protocol.sampling:
+        differ("model", protocol.families(), family)
+    if settings.get("prompts_sha256") != protocol.prompts_sha256:
+        overrides["prompts"] = {"protocol": f"{protocol.prompts} (sha256 {protocol.prompts_sha256[:12]})",
+                                "used": f"{settings.get('prompt_set', '?')}, {settings.get('prompts', '?')} prompts "
+                                        f"(sha256 {str(settings.get('prompts_sha256'))[:12]})"}
+    differ("images_per_prompt", want["seeds_per_prompt"], settings.get("seeds_per_prompt"))
+    differ("seed", want["seed"], settings.get("seed"))
+    differ("rewards", sorted(want["rewards"]), sorted(settings.get("rewards") or []))
+    if "steps" in want:
+        differ("steps", want["steps"], settings.get("steps"))
+        used_g = settings.get("guidance")
+        differ("guidance", want["guidance"], None if used_g is None else float(used_g))
+        res = settings.get("resolution") or {}
+        for k, v in want.get("resolution", {}).items():
+            differ(k, v, res.get(k))
+    return {"name": protocol.name, "version": protocol.version, "sha256": protocol.sha256,
+            "benchmark": not overrides, "overrides": overrides}
+
+
+def format_protocols() -> str:
+    """The built-in protocols as a table (``flowalign eval --list-benchmarks``)."""
+    rows = [("name", "prompts", "images", "rewards", "overall", "families (steps, guidance[, HxW])")]
+    for name in list_protocols():
+        p = load_protocol(name)
+        fams = "; ".join(f"{f} ({c['steps']}, {c['guidance']:g}" + (f", {c['height']}x{c['width']}" if "height" in c else "")
+                         + ")" for f, c in p.sampling.items())
+        rows.append((f"{p.name} v{p.version}", p.prompts, str(p.images_per_prompt), ",".join(p.rewards), p.overall, fams))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    return "\n".join(lines)
+
+
+def eval_settings(model: Any, prompts: Sequence[Any], reward_fns: Any, *, steps: int, guidance: Optional[float] = None,
+                  kernel: str = "euler", seeds_per_prompt: int = 4, seed: int = 0,
+                  extra_settings: Optional[Mapping[str, Any]] = None, protocol: Optional[Protocol] = None) -> dict:
+    """The settings ``run_eval`` records with its numbers (REWARDS_AND_EVAL.md §3.2): steps, the guidance that samples,
+    kernel, images per prompt, seed, the prompt count and digest, the resolution (``model.output_size()``), the
+    reward versions (``version`` of the rewards that have one, e.g. HPS v2.1), ``extra_settings`` (the model family
+    as ``model``, its LoRA, the prompt set, ...), the ``overall`` convention and, with a ``protocol``,
+    ``benchmark``: its ``protocol_status``."""
+    from flowalign.io import prompts_digest
+
+    used = guidance if guidance is not None else getattr(model, "guidance_scale", None)  # the scale that samples
+    settings = {"steps": steps, "guidance": None if used is None else float(used), "kernel": kernel,
+                "seeds_per_prompt": seeds_per_prompt, "seed": seed, "prompts": len(prompts)}
+    size = getattr(model, "output_size", None)  # the resolution the scores belong to
+    if callable(size):
+        settings["resolution"] = size()
+    items = _reward_items(reward_fns)
+    versions = {n: str(fn.version) for n, fn in items if getattr(fn, "version", None) is not None}
+    if versions:
+        settings["reward_versions"] = versions
+    settings.update(extra_settings or {})
+    settings["prompts_sha256"] = prompts_digest(as_records(prompts))
+    settings["overall"] = protocol.overall if protocol is not None else "groups"
+    if protocol is not None:
+        settings["benchmark"] = protocol_status(protocol, {**settings, "rewards": [n for n, _ in items]})
+    return settings
+
+
+def lora_ema(lora: Any) -> Optional[bool]:
+    """Whether a training checkpoint's LoRA file holds EMA weights (``flowalign train`` saves the EMA when
+    ``train.ema`` is on), read from its run's ``config.yaml`` (``RUN/checkpoints/step-N``); None when unknown."""
+    from pathlib import Path
+
+    import yaml
+
+    cfg = Path(lora).resolve().parent.parent / "config.yaml"
+    try:
+        data = yaml.safe_load(cfg.read_text())
+        value = data["train"]["ema"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
 PARTIAL = "results.partial.jsonl"  # a resumable evaluation's scored batches so far (run_eval(resumable=True))
 
 
 def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, steps: int,
              guidance: Optional[float] = None, kernel: str = "euler", seeds_per_prompt: int = 4, batch_size: int = 32,
              seed: int = 0, progress: bool = True, extra_settings: Optional[Mapping[str, Any]] = None,
-             grid_prompts: int = 0, resumable: bool = False, resume: bool = False) -> dict:
+             grid_prompts: int = 0, resumable: bool = False, resume: bool = False,
+             protocol: Optional[Protocol] = None) -> dict:
     """Evaluate and write ``out_dir/results.jsonl`` (one line per image) and ``out_dir/summary.json``.
 
     ``grid_prompts`` > 0 also writes ``out_dir/grids/eval.png``: the images of that many evenly spaced prompts
@@ -249,8 +510,12 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     grid images are, for their pixels), and the results equal an uninterrupted run's, batch for batch.
 
     The protocol is the ODE sampler (``kernel`` must be "euler"); the summary is ``summarize``'s dict plus
-    the settings used, so a report can say how the numbers were made; ``extra_settings`` (e.g. the model, its
-    LoRA, the prompt set) are added to them.
+    the settings used, so a report can say how the numbers were made: steps, guidance, resolution, images per prompt,
+    seed, the digest of the prompts, the reward versions (``version`` of the rewards that have one, e.g. HPS v2.1)
+    and ``extra_settings`` (e.g. the model family as ``model``, its LoRA, the prompt set).
+
+    ``protocol`` (a frozen benchmark, ``load_protocol``): its ``overall`` convention is used and
+    ``settings["benchmark"]`` records ``protocol_status``, whether this evaluation is a benchmark result.
     """
     import json
     from pathlib import Path
@@ -261,19 +526,16 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         raise ValueError("evaluation uses the deterministic ODE sampler (kernel 'euler')")
     out = Path(out_dir)
     names = [n for n, _ in _reward_items(reward_fns)]
-    used = guidance if guidance is not None else getattr(model, "guidance_scale", None)  # the scale that samples
-    settings = {"steps": steps, "guidance": None if used is None else float(used), "kernel": kernel,
-                "seeds_per_prompt": seeds_per_prompt, "seed": seed, "prompts": len(prompts)}
-    size = getattr(model, "output_size", None)  # the resolution the scores belong to (REWARDS_AND_EVAL §3.2)
-    if callable(size):
-        settings["resolution"] = size()
-    settings.update(extra_settings or {})
+    prompt_records = as_records(prompts)
+    settings = eval_settings(model, prompt_records, reward_fns, steps=steps, guidance=guidance, kernel=kernel,
+                             seeds_per_prompt=seeds_per_prompt, seed=seed, extra_settings=extra_settings,
+                             protocol=protocol)
+    overall = settings["overall"]
     shown = set(range(len(prompts))[:: max(1, len(prompts) // grid_prompts)][:grid_prompts]) if grid_prompts > 0 else set()
     cols = min(seeds_per_prompt, 8)
     batch_of = lambda i, k: (i * seeds_per_prompt + k) // batch_size  # noqa: E731  (run_eval's job order)
     n_jobs = len(prompts) * seeds_per_prompt
 
-    prompt_records = as_records(prompts)
     # what an interrupted run finished (whole batches: io.BatchJournal, which also checks that the prompts are the
     # same, text and metadata); the grid's batches run again for their pixels
     journal = None
@@ -299,8 +561,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
                            skip_batches=set(done), on_batch=on_batch if (shown or resumable) else None)
     records = sorted((journal.records() if journal is not None else []) + new,
                      key=lambda r: (r["prompt_index"], r["sample"]))
-    summ = summarize(records, names)
-    passk = summarize_pass_at_k(records, names)
+    summ = summarize(records, names, overall=overall)
+    passk = summarize_pass_at_k(records, names, overall=overall)
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
         summ["pass_at_k"] = passk
     summ["settings"] = settings
@@ -331,9 +593,14 @@ def add_component_args(p) -> None:
     p.add_argument("--per-frame", action="append", default=[], metavar="KEY=VALUE",
                    help="video models: how image rewards score the frames, e.g. reduce=first or stride=2 "
                         "(PerFrame options; default every 4th frame, mean; repeatable)")
+    add_model_arg(p)
+
+
+def add_model_arg(p) -> None:
+    """``--model-arg KEY=VALUE`` on an argparse parser (``eval``, ``steer``, ``sample``): the adapter's loader options."""
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter argument, e.g. guidance_scale=3 (shapes), dtype=bfloat16 (float32, bfloat16 or "
-                        "float16) or height=1024 (sd3, flux) (repeatable; values parsed as YAML)")
+                        "float16), height=1024 (sd3, flux) or num_frames=33 (wan) (repeatable; values parsed as YAML)")
 
 
 def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, dict], dict, dict]:
@@ -341,28 +608,12 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
     against the constructor it goes to (one-line ``UserError``), before any model or reward is built. A model
     ``dtype`` is returned as its ``torch.dtype`` (``model_dtype``; ``model_args_jsonable`` names it back) and a
     ``guidance_scale`` is checked as ``--guidance`` is."""
-    import yaml
-
     from flowalign.errors import UserError
-    from flowalign.models import resolve as resolve_model
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwarg_types, check_kwargs
     from flowalign.rewards.video import check_per_frame
 
-    def kv(text: str, flag: str) -> tuple[str, Any]:
-        if "=" not in text:
-            raise UserError(f"{flag} {text!r}: expected KEY=VALUE")
-        k, v = text.split("=", 1)
-        try:
-            value = yaml.safe_load(v)
-        except yaml.YAMLError:
-            value = v
-        # NaN or inf is never a sensible option (a CFG scale, a threshold, a weight) and would pass into every forward
-        if (isinstance(value, float) and not math.isfinite(value)) or (
-                isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity")):
-            raise UserError(f"{flag} {text!r}: the value must be a finite number or a string, not {v.strip()!r}")
-        return k.strip(), value
-
+    kv = _key_value
     names = list(dict.fromkeys(reward_names))
     reward_kwargs: dict[str, dict] = {n: {} for n in names}
     for text in args.reward_arg:
@@ -376,20 +627,50 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
         check_kwarg_types(resolve_reward(n), reward_kwargs[n], f"--reward-arg: reward {n!r}")
     per_frame = dict(kv(t, "--per-frame") for t in args.per_frame)
     check_per_frame(per_frame, "--per-frame")
-    model_kwargs = dict(kv(t, "--model-arg") for t in args.model_arg)
+    return reward_kwargs, per_frame, parse_model_args(args.model, args.model_arg)
+
+
+def _key_value(text: str, flag: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (the value parsed as YAML) or a one-line ``UserError``; NaN and inf are refused."""
+    import yaml
+
+    from flowalign.errors import UserError
+
+    if "=" not in text:
+        raise UserError(f"{flag} {text!r}: expected KEY=VALUE")
+    k, v = text.split("=", 1)
+    try:
+        value = yaml.safe_load(v)
+    except yaml.YAMLError:
+        value = v
+    # NaN or inf is never a sensible option (a CFG scale, a threshold, a weight) and would pass into every forward
+    if (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity")):
+        raise UserError(f"{flag} {text!r}: the value must be a finite number or a string, not {v.strip()!r}")
+    return k.strip(), value
+
+
+def parse_model_args(family: str, items: Sequence[str]) -> dict:
+    """``--model-arg KEY=VALUE`` items as the loader kwargs of model ``family``, each checked against its
+    ``from_pretrained`` (one-line ``UserError``) before anything loads; ``dtype`` as a ``torch.dtype``."""
+    from flowalign.errors import UserError
+    from flowalign.models import resolve as resolve_model
+    from flowalign.rewards.catalog import check_kwarg_types, check_kwargs
+
+    model_kwargs = dict(_key_value(t, "--model-arg") for t in items)
     for k in ("path", "device"):
         if k in model_kwargs:
             raise UserError(f"--model-arg {k}=...: pass --{k} instead")
-    loader = resolve_model(args.model).from_pretrained
-    check_kwargs(loader, model_kwargs, f"--model-arg: model {args.model!r}", reserved=("path", "device"))
+    loader = resolve_model(family).from_pretrained
+    check_kwargs(loader, model_kwargs, f"--model-arg: model {family!r}", reserved=("path", "device"))
     if "dtype" in model_kwargs:  # the loaders take a torch.dtype; the command line names it as the train config does
         model_kwargs["dtype"] = model_dtype(model_kwargs["dtype"], "--model-arg dtype")
     if "guidance_scale" in model_kwargs:  # what --guidance refuses is refused here too (null keeps the model's)
         from flowalign.sample import check_guidance
 
         check_guidance(model_kwargs["guidance_scale"], "--model-arg guidance_scale")
-    check_kwarg_types(loader, model_kwargs, f"--model-arg: model {args.model!r}")
-    return reward_kwargs, per_frame, model_kwargs
+    check_kwarg_types(loader, model_kwargs, f"--model-arg: model {family!r}")
+    return model_kwargs
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype's values
@@ -422,31 +703,61 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N)")
-    p.add_argument("--prompts", default="shapes-bench", help="built-in prompt set name or .txt/.jsonl path")
-    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
-    p.add_argument("--rewards", default="shapes_strict,shapes_partial", help="comma-separated reward names")
+    p.add_argument("--benchmark", metavar="NAME|FILE.yaml",
+                   help="run a frozen benchmark protocol (--list-benchmarks): it sets the prompts, images per prompt, "
+                        "seed, rewards, steps, guidance and resolution; any of these flags given with another value "
+                        "makes the run a non-benchmark evaluation, recorded as such")
+    p.add_argument("--list-benchmarks", action="store_true", help="list the built-in benchmark protocols and exit")
+    p.add_argument("--prompts", default=None, help="built-in prompt set name or .txt/.jsonl path (default: "
+                   "shapes-bench, or the benchmark's)")
+    p.add_argument("--max-prompts", type=int, default=None, help="an evenly spaced subset of N prompts (0 = all, "
+                   "the default)")
+    p.add_argument("--rewards", default=None, help="comma-separated reward names (default: shapes_strict,"
+                   "shapes_partial, or the benchmark's)")
     add_component_args(p)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (>= 2 adds pass@k of pass/fail rewards)")
-    p.add_argument("--seed", type=int, default=0, help="run seed: image k of prompt i starts from the noise of "
-                   "image_seed(seed, i, k), so any image can be regenerated alone")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the benchmark's, else the "
+                   "model's, e.g. 12 for shapes)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the benchmark's, else the model's)")
+    p.add_argument("--seeds", type=int, default=None, help="images per prompt (default 4, or the benchmark's; >= 2 "
+                   "adds pass@k of pass/fail rewards)")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default 0, or the benchmark's): image k of "
+                   "prompt i starts from the noise of image_seed(seed, i, k), so any image can be regenerated alone")
     p.add_argument("--batch-size", type=int, default=32, help="images per model batch (memory and speed; each image has its own noise seed)")
     p.add_argument("--grid", type=int, default=8, metavar="N",
                    help="grids/eval.png: the scored images of N evenly spaced prompts, each row captioned with the "
                         "first reward's scores (0 = no grid)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty, unless --resume)")
+    p.add_argument("--out", help="output directory (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue an interrupted evaluation in --out ({PARTIAL}) with the same arguments: batches "
                         "it finished are not sampled again, and the results equal an uninterrupted run's")
     args = p.parse_args(list(argv))
+    if args.list_benchmarks:
+        sys.stdout.write(format_protocols() + "\n")
+        return 0
+    if not args.out:
+        raise UserError("--out is required: the output directory for results.jsonl, summary.json and report.html")
 
     from flowalign.rewards.video import for_outputs
     from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_out_dir,
                                   check_positive, check_seed, load_lora_checked)
 
     # every argument is checked before the model loads and before anything is written
+    protocol = load_protocol(args.benchmark) if args.benchmark else None
+    fixed = protocol_defaults(protocol, args.model) if protocol is not None else {}
+    if protocol is not None and "steps" not in fixed and (args.steps is None or args.guidance is None):
+        raise UserError(f"benchmark {protocol.name!r} fixes sampling for {', '.join(protocol.families())}, not "
+                        f"--model {args.model}; pass --steps and --guidance to run its prompts and rewards as a "
+                        f"non-benchmark evaluation")
+    if args.prompts is None:
+        args.prompts = fixed.get("prompt_set", "shapes-bench")
+    if args.rewards is None:
+        args.rewards = ",".join(fixed.get("rewards", ("shapes_strict", "shapes_partial")))
+    args.seeds = fixed.get("seeds_per_prompt", 4) if args.seeds is None else args.seeds
+    args.seed = fixed.get("seed", 0) if args.seed is None else args.seed
+    args.max_prompts = 0 if args.max_prompts is None else args.max_prompts
+    args.steps = fixed.get("steps") if args.steps is None else args.steps
+    args.guidance = fixed.get("guidance") if args.guidance is None else args.guidance
     check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
     check_max_prompts(args.max_prompts)
     if args.grid < 0:
@@ -461,6 +772,10 @@ def cli_main(argv: Sequence[str]) -> int:
     reward_kwargs, per_frame, model_kwargs = parse_component_args(args, names)
     if args.lora:
         check_lora_dir(args.lora)
+    # --benchmark: its resolution unless --model-arg sets one (then an override, recorded)
+    model_kwargs = {**fixed.get("resolution", {}), **model_kwargs}
+    if protocol is None:
+        protocol = find_protocol(args.prompts)  # a built-in set with a protocol: label the run with it
     records = D.load_prompts(args.prompts)
     records = D.spaced_subset(records, args.max_prompts)
     model = load_model(args.model, args.path, device=args.device, **model_kwargs)
@@ -476,12 +791,19 @@ def cli_main(argv: Sequence[str]) -> int:
         if check is not None:
             check([r.prompt for r in records])
     steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
+    ema = lora_ema(args.lora) if args.lora else None
+    extra = {"model": args.model, "path": args.path or None, "lora": args.lora,
+             **({"lora_ema": ema} if ema is not None else {}),
+             "prompt_set": args.prompts, "max_prompts": args.max_prompts,
+             **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
+             **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {})}
+    if protocol is not None:  # say before the long part whether this will be a benchmark number
+        status = eval_settings(model, records, rewards, steps=steps, guidance=args.guidance, seeds_per_prompt=args.seeds,
+                               seed=args.seed, extra_settings=extra, protocol=protocol)["benchmark"]
+        (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
-                    resumable=True, resume=args.resume, extra_settings={"model": args.model, "path": args.path or None, "lora": args.lora,
-                                    "prompt_set": args.prompts, "max_prompts": args.max_prompts,
-                                    **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
-                                    **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {})})
+                    resumable=True, resume=args.resume, extra_settings=extra, protocol=protocol)
     from flowalign.report import write_report
 
     write_report(out)
@@ -491,4 +813,7 @@ def cli_main(argv: Sequence[str]) -> int:
     for name, pk in summ.get("pass_at_k", {}).items():
         for task, vals in [*pk["per_task"].items(), ("overall", pk["overall"])]:
             logger.info("%-14s %s", task, "  ".join(f"{name} pass@{k}={v:.3f}" for k, v in vals.items()))
+    if "benchmark" in summ["settings"]:
+        status = summ["settings"]["benchmark"]
+        (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
     return 0

@@ -618,7 +618,7 @@ table{border-collapse:collapse;font-size:.92em;margin:.5em 0} th,td{border:1px s
 th{background:#f4f4f4} td:first-child,th:first-child{text-align:left} tr.total td{font-weight:600;background:#fafafa}
 .up{color:#0a7a2f} .down{color:#b00020} pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}
 .plots img{max-width:49%;margin:.2em 0} .grids figure{display:inline-block;margin:.5em 1em .5em 0;vertical-align:top}
-.grids img{image-rendering:pixelated;max-width:100%} figcaption{font-size:.9em;color:#555} .muted{color:#777}
+.grids img{image-rendering:pixelated;max-width:100%} figcaption{font-size:.9em;color:#555} .muted{color:#777} .ok{color:#1a7f37} .warn{color:#b35900;font-weight:bold}
 """
 
 
@@ -718,6 +718,15 @@ def _nfe_section(records: list[dict]) -> str:
     return f"<table><tr><th>counter (cumulative, last logged)</th><th>forwards</th></tr>{items}</table>"
 
 
+def benchmark_line(status: Mapping[str, Any]) -> str:
+    """A ``settings["benchmark"]`` (``evaluate.protocol_status``) as one line for logs and reports: 'benchmark NAME vN' or 'not a benchmark result: protocol NAME vN with ...'."""
+    head = f"{status.get('name')} v{status.get('version')}"
+    if status.get("benchmark"):
+        return f"benchmark {head} (every setting as the frozen protocol)"
+    changes = ", ".join(f"{k} {v.get('protocol')} -> {v.get('used')}" for k, v in (status.get("overrides") or {}).items())
+    return f"not a benchmark result: protocol {head} with {changes}"
+
+
 def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots: bool = True) -> Path:
     """(Re)build ``run_dir/plots/*.png`` and ``run_dir/report.html`` from whatever the run directory holds.
 
@@ -754,9 +763,15 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         ref = final or base
         settings = ref.get("settings") if isinstance(ref.get("settings"), dict) else {
             k: ref[k] for k in ("steps", "guidance", "kernel", "seeds_per_prompt", "seed", "prompts") if k in ref}
+        status = settings.get("benchmark") if settings else None
+        if isinstance(status, dict):  # a frozen protocol's set: say whether these are benchmark numbers
+            cls = "ok" if status.get("benchmark") else "warn"
+            parts.append(f'<p class="{cls}">{html.escape(benchmark_line(status))}</p>')
         if settings:
-            desc = ", ".join(f"{k}={format(v, 'g') if _is_num(v) else v}" for k, v in settings.items())
-            parts.append(f'<p class="muted">protocol: {html.escape(desc)}</p>')
+            shown_settings = {k: (v[:12] if k == "prompts_sha256" and isinstance(v, str) else v)
+                              for k, v in settings.items() if k != "benchmark"}
+            desc = ", ".join(f"{k}={format(v, 'g') if _is_num(v) else v}" for k, v in shown_settings.items())
+            parts.append(f'<p class="muted">evaluation settings: {html.escape(desc)}</p>')
         for lab, sm in (("base", base), (shown_label or "aligned", final)):
             if sm:
                 parts.append(_pass_at_k_table(sm, lab))

@@ -231,6 +231,7 @@ def check_positive(**values: Optional[int]) -> None:
 def cli_main(argv: Sequence[str]) -> int:
 
     from flowalign import data as D
+    from flowalign.evaluate import add_model_arg, parse_model_args
     from flowalign.models import load_model
     from flowalign.samplers import KERNELS
 
@@ -241,6 +242,7 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N")
+    add_model_arg(p)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default="euler", help=f"step kernel: {' | '.join(KERNELS)}")
@@ -255,6 +257,7 @@ def cli_main(argv: Sequence[str]) -> int:
                                                         "file of that name is replaced")
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
+    model_kwargs = parse_model_args(args.model, args.model_arg)
     check_positive(seeds=args.seeds, steps=args.steps, batch_size=args.batch_size)
     check_max_prompts(args.max_prompts)
     check_seed(args.seed)
@@ -287,7 +290,7 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:
         check_lora_dir(args.lora)
-    model = load_model(args.model, args.path, device=device)
+    model = load_model(args.model, args.path, device=device, **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
     for pr in prompts:

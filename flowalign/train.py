@@ -39,9 +39,10 @@ from flowalign import config as C
 from flowalign import data as D
 from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
 from flowalign.errors import CommandParser, UserError
-from flowalign.evaluate import run_eval
+from flowalign.evaluate import find_protocol, run_eval
 from flowalign.sample import check_out_parent, guidance, sample_grid
 from flowalign.io import append_jsonl, atomic_dir, atomic_save, atomic_write_text
+from flowalign.report import benchmark_line
 from flowalign.loss import (LR_SCHEDULES, NFT_NOISE, NFT_OPTIMALITY, SURROGATES, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
 from flowalign.models import load_model
@@ -597,11 +598,19 @@ def train(cfg: C.ExperimentConfig) -> Path:
     t_run = time.time()
 
     # 5. base eval ----------------------------------------------------------------------------------
+    # a built-in evaluation set with a frozen protocol labels its numbers: benchmark or not (REWARDS_AND_EVAL §3.2)
+    eval_protocol = find_protocol(cfg.data.eval_prompts)
+    eval_extra = {"model": cfg.model.name, "prompt_set": cfg.data.eval_prompts, "max_prompts": cfg.eval.max_prompts,
+                  "lora_ema": cfg.train.ema}
+
     def evaluate(tag: str) -> dict:
         with (ema.applied() if ema is not None else contextlib.nullcontext()):
             summ = run_eval(model, eval_prompts, eval_rewards, run / "eval" / tag, steps=cfg.eval.steps,
                             guidance=cfg.eval.guidance, kernel=cfg.eval.kernel,
-                            seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size)
+                            seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size,
+                            extra_settings=eval_extra, protocol=eval_protocol)
+            if "benchmark" in summ["settings"]:
+                logger.info("eval/%s: %s", tag, benchmark_line(summ["settings"]["benchmark"]))
             if cfg.eval.grid_prompts:  # 0 = no grids
                 sample_grid(model, eval_prompts[:: max(1, len(eval_prompts) // max(1, cfg.eval.grid_prompts))]
                             [: cfg.eval.grid_prompts], run / "grids" / f"{tag}.png", steps=cfg.eval.steps,

@@ -145,7 +145,12 @@ class HFClip:
 
     def __init__(self, path: str, processor_path: Optional[str], what: str, device="cpu", dtype=torch.float32,
                  vision_only: bool = False, text_max_length: int = 77):
-        from transformers import AutoProcessor, CLIPImageProcessor, CLIPModel
+        import transformers
+        from transformers import AutoTokenizer, CLIPModel
+
+        # only the processor's settings are read (size, crop, mean, std); its PIL class needs no torchvision (the
+        # default class warns that it falls back to it when torchvision is missing, which flowalign does not install)
+        image_processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
@@ -158,12 +163,8 @@ class HFClip:
         self.logit_scale = model.logit_scale.detach().float().clone().to(self.device)  # [] fp32
         self.model = freeze(model).to(self.device, self.dtype)
         with hub_errors(processor_path, f"{what} processor", "processor_path", reward=what):
-            if vision_only:
-                self.tokenizer = None
-                self.image_processor = CLIPImageProcessor.from_pretrained(processor_path)
-            else:
-                proc = AutoProcessor.from_pretrained(processor_path)
-                self.tokenizer, self.image_processor = proc.tokenizer, proc.image_processor
+            self.tokenizer = None if vision_only else AutoTokenizer.from_pretrained(processor_path)
+            self.image_processor = image_processor_cls.from_pretrained(processor_path)
         self.processor_path = processor_path
         ip = self.image_processor
         self.size = int(_get(ip.size, "shortest_edge") or _get(ip.size, "height"))

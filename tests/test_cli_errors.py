@@ -645,3 +645,25 @@ def test_every_option_of_every_command_says_what_it_does(capsys, monkeypatch, no
     assert parser.prog == f"flowalign {cmd}"
     bare = [a.option_strings[-1] for a in parser._actions if a.option_strings and not a.help]
     assert bare == [], f"{cmd}: options without a help line: {bare}"
+
+
+def test_sample_refuses_a_model_arg_the_loader_does_not_take_before_loading(tmp_path, capsys, no_model):
+    _fails(capsys, ["sample", "a red circle", "--model-arg", "heigth=64", "--out", str(tmp_path / "g.png")],
+           "--model-arg", "'heigth'")
+    _fails(capsys, ["sample", "a red circle", "--model-arg", "dtype=float8", "--out", str(tmp_path / "g.png")],
+           "--model-arg dtype must be one of float32, bfloat16, float16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_model_args_reach_the_loader(tmp_path, tiny_sd3_dir):
+    """`sample --model-arg` sets the adapter's resolution (SD3 at another size than its 512x512 default)."""
+    from PIL import Image
+
+    sizes = {}
+    for w in (32, 64):
+        out = tmp_path / f"w{w}.png"
+        assert main(["sample", "a cat", "--model", "sd3", "--path", str(tiny_sd3_dir), "--model-arg", "height=32",
+                     "--model-arg", f"width={w}", "--steps", "1", "--seeds", "2", "--out", str(out)]) == 0
+        sizes[w] = Image.open(out).size
+    wider = sizes[64][0] - sizes[32][0]  # two tiles, each 32 px wider (times the grid's upscaling of small images)
+    assert wider > 0 and wider % (2 * 32) == 0 and sizes[64][1] == sizes[32][1], sizes

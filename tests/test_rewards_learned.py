@@ -118,6 +118,28 @@ def test_clip_preprocess_matches_pil_pixels(tiny_clip_dir):
     assert (ours - ref).abs().max() < 0.15
 
 
+def test_clip_rewards_load_the_processor_settings_without_a_torchvision_warning(tiny_clip_dir):
+    """The rewards read only the processor's settings and tokenizer: the same as transformers' CLIPProcessor gives,
+    without its default image processor, which warns on every load that torchvision is missing (not installed here)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoProcessor
+
+    r = build_reward("pickscore", path=str(tiny_clip_dir))
+    ref = AutoProcessor.from_pretrained(tiny_clip_dir)
+    texts = PROMPTS[:3]
+    assert r.clip.tokenizer(texts, padding="max_length", max_length=77)["input_ids"] == \
+        ref.tokenizer(texts, padding="max_length", max_length=77)["input_ids"]
+    for key in ("size", "crop_size", "image_mean", "image_std", "do_center_crop"):
+        assert getattr(r.clip.image_processor, key) == getattr(ref.image_processor, key), key
+    code = (f"from flowalign.rewards import build_reward\n"
+            f"for n in ('pickscore', 'clipscore'): build_reward(n, path={str(tiny_clip_dir)!r})\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "torchvision" not in run.stderr, run.stderr
+
+
 def test_pickscore_is_logit_scale_times_cosine(rewards, tiny_clip_dir):
     """PickScore = exp(logit_scale)·cos, checked against transformers' own CLIPModel forward (logits_per_image)."""
     r = rewards["pickscore"]

@@ -1,0 +1,201 @@
+"""Frozen benchmark protocols (REWARDS_AND_EVAL.md §3.2): pinned files, the benchmark / non-benchmark label, the
+overall conventions, and `flowalign eval --benchmark`."""
+
+import hashlib
+import json
+import logging
+
+import pytest
+
+from cli_checks import fails, no_model  # noqa: F401  (the fixture is used by name)
+from flowalign import data as D
+from flowalign.cli import main
+from flowalign.evaluate import (as_records, find_protocol, list_protocols, load_protocol, protocol_defaults,
+                                protocol_dir, protocol_status, summarize, summarize_pass_at_k)
+from flowalign.io import prompts_digest
+from flowalign.report import benchmark_line
+
+# The SHA-256 of every built-in protocol file. A protocol is frozen: a test that fails here means a file was edited;
+# add a new protocol (or a new version under a new name) instead, so earlier results keep their meaning.
+PINNED = {
+    "imagereward-bench": "e336f403753697c425c3d5d6f60dc69bb2dcead5562d35cac5b6ff768eb2c58c",
+    "parti": "3bcbcf6ca1ed248fafe76c23eb72d785fb883e3d427f4b7e50d098f984a3e3e7",
+    "pickscore-sfw": "878ca9c82171fc2605c3e046782142b5e44ef54152404336bad91b427e180eae",
+    "shapes-bench": "725be933bc0e91b1e00bd02b5f4fc38abba63dcad057a96061f82143d86febe5",
+    "shapes-motion-bench": "5e0c02f2cf9ad9b47db14a03b1b3c5ddd5ffc18216a41833c7114b4338aa60e5",
+}
+
+
+def test_every_builtin_protocol_is_pinned_and_unchanged():
+    assert list_protocols() == sorted(PINNED)
+    for name, digest in PINNED.items():
+        raw = (protocol_dir() / f"{name}.yaml").read_bytes()
+        assert hashlib.sha256(raw).hexdigest() == digest, f"{name}.yaml was edited: a frozen protocol never changes"
+        assert load_protocol(name).sha256 == digest
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_a_protocol_pins_the_exact_prompts_of_its_builtin_set(name):
+    """Its prompts_sha256 is the digest of the vendored set's records (text and metadata): an edited prompt file
+    turns every later run into a non-benchmark one instead of silently changing what the number means."""
+    proto = load_protocol(name)
+    assert proto.name == name and proto.version >= 1
+    assert prompts_digest(as_records(D.load_prompts(proto.prompts))) == proto.prompts_sha256
+    assert find_protocol(proto.prompts) == proto  # each built-in set has at most one protocol
+
+
+def test_shapes_bench_is_what_the_main_job_evaluates():
+    """configs/shapes_grpo.yaml's evaluation (the README's numbers) uses exactly the protocol's settings."""
+    from flowalign import config as C
+
+    cfg = C.load_config("configs/shapes_grpo.yaml")
+    want = protocol_defaults(load_protocol("shapes-bench"), cfg.model.name)
+    assert (cfg.data.eval_prompts, cfg.eval.max_prompts, cfg.eval.seeds_per_prompt) == (want["prompt_set"], 0,
+                                                                                       want["seeds_per_prompt"])
+    assert (cfg.eval.steps, cfg.eval.guidance, sorted(cfg.eval.rewards)) == (want["steps"], want["guidance"],
+                                                                            sorted(want["rewards"]))
+
+
+def _settings(proto, family):
+    """The settings an evaluation that follows ``proto`` records (``run_eval``'s keys)."""
+    want = protocol_defaults(proto, family)
+    records = as_records(D.load_prompts(proto.prompts))
+    return {"model": family, "prompt_set": proto.prompts, "prompts": len(records),
+            "prompts_sha256": prompts_digest(records), "seeds_per_prompt": want["seeds_per_prompt"],
+            "seed": want["seed"], "rewards": list(reversed(want["rewards"])),  # the order does not matter
+            "steps": want["steps"], "guidance": want["guidance"], "resolution": want.get("resolution", {})}
+
+
+@pytest.mark.parametrize("field, change", [
+    ("steps", {"steps": 10}), ("guidance", {"guidance": 7.0}), ("seed", {"seed": 1}),
+    ("images_per_prompt", {"seeds_per_prompt": 4}), ("rewards", {"rewards": ["pickscore", "hpsv21"]}),
+    ("model", {"model": "shapes"}), ("height", {"resolution": {"height": 1024, "width": 512}}),
+    ("prompts", {"prompts_sha256": "0" * 64}),
+])
+def test_any_overridden_field_makes_a_non_benchmark_result(field, change):
+    proto = load_protocol("pickscore-sfw")
+    exact = protocol_status(proto, _settings(proto, "sd3"))
+    assert exact["benchmark"] is True and exact["overrides"] == {} and exact["sha256"] == proto.sha256
+    assert benchmark_line(exact).startswith("benchmark pickscore-sfw v1")
+    status = protocol_status(proto, {**_settings(proto, "sd3"), **change})
+    assert status["benchmark"] is False and field in status["overrides"], status
+    assert benchmark_line(status).startswith("not a benchmark result: protocol pickscore-sfw v1 with " + field)
+
+
+def test_a_subset_of_the_prompts_is_an_override():
+    proto = load_protocol("shapes-bench")
+    records = as_records(D.spaced_subset(D.load_prompts("shapes-bench"), 12))
+    status = protocol_status(proto, {**_settings(proto, "shapes"), "prompts": 12,
+                                     "prompts_sha256": prompts_digest(records)})
+    assert not status["benchmark"] and list(status["overrides"]) == ["prompts"]
+    assert "12 prompts" in status["overrides"]["prompts"]["used"]
+
+
+def _grouped_records():
+    """Group a: 3 images scoring 1; group b: 1 image scoring 0 (sizes differ, as Parti's categories)."""
+    return [{"prompt": f"p{i}", "category": "a" if i < 3 else "b", "prompt_index": i, "sample": 0,
+             "r": 1.0 if i < 3 else 0.0} for i in range(4)]
+
+
+def test_overall_over_groups_weighs_groups_equally_and_over_images_weighs_images():
+    recs = _grouped_records()
+    assert summarize(recs, ["r"])["overall"]["r"] == 0.5  # GenEval: (1 + 0) / 2
+    assert summarize(recs, ["r"], overall="images")["overall"]["r"] == 0.75  # reward average: 3 / 4
+    assert summarize(recs, ["r"], overall="images")["per_task"] == summarize(recs, ["r"])["per_task"]
+    with pytest.raises(ValueError):
+        summarize(recs, ["r"], overall="tasks")
+    two = [dict(r, sample=k) for r in recs for k in range(2)]  # two images per prompt: pass@k exists
+    assert summarize_pass_at_k(two, ["r"], overall="images")["r"]["overall"][2] == 0.75
+    assert summarize_pass_at_k(two, ["r"])["r"]["overall"][2] == 0.5
+
+
+def _user_protocol(tmp_path, **change):
+    """A protocol file of the user's own: three shapes prompts from a file, one image each, 2 steps."""
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("a red circle\na blue square\ntwo green triangles\n")
+    digest = prompts_digest(as_records(D.load_prompts(str(prompts))))
+    body = {"name": "mine", "version": 1, "description": "a test protocol", "source": "tests", "prompts": str(prompts),
+            "prompts_sha256": digest, "images_per_prompt": 1, "seed": 3, "rewards": ["shapes_partial"],
+            "overall": "images", "sampling": {"shapes": {"steps": 2, "guidance": 4.0}}, **change}
+    path = tmp_path / "mine.yaml"
+    path.write_text(json.dumps(body))  # JSON is YAML
+    return path
+
+
+def test_eval_benchmark_takes_every_setting_from_the_protocol_and_labels_the_result(tmp_path, caplog):
+    path = _user_protocol(tmp_path)
+    out = tmp_path / "bench"
+    with caplog.at_level(logging.INFO, logger="flowalign"):
+        assert main(["eval", "--benchmark", str(path), "--grid", "0", "--out", str(out)]) == 0
+    summ = json.loads((out / "summary.json").read_text())
+    st = summ["settings"]
+    assert (st["steps"], st["guidance"], st["seed"], st["seeds_per_prompt"], st["prompts"]) == (2, 4.0, 3, 1, 3)
+    assert set(summ["overall"]) == {"shapes_partial"} and st["overall"] == "images"
+    assert st["benchmark"]["benchmark"] is True and st["benchmark"]["name"] == "mine"
+    assert "benchmark mine v1 (every setting as the frozen protocol)" in caplog.text
+    assert "benchmark mine v1" in (out / "report.html").read_text()
+
+    caplog.clear()
+    other = tmp_path / "other"  # one flag changed: the same protocol, but not a benchmark number, and it says so
+    with caplog.at_level(logging.INFO, logger="flowalign"):
+        assert main(["eval", "--benchmark", str(path), "--steps", "3", "--grid", "0", "--out", str(other)]) == 0
+    st = json.loads((other / "summary.json").read_text())["settings"]
+    assert st["benchmark"]["benchmark"] is False and st["benchmark"]["overrides"] == {"steps": {"protocol": 2, "used": 3}}
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "not a benchmark result" in r.message]
+    assert len(warned) == 2  # before sampling, so a user can stop, and again at the end
+    assert "not a benchmark result: protocol mine v1 with steps 2 -&gt; 3" in (other / "report.html").read_text()
+
+
+def test_eval_benchmark_sets_the_resolution_of_the_model(tmp_path, tiny_sd3_dir):
+    """A protocol's height/width reach the model (--model-arg overriding them is recorded as an override)."""
+    path = _user_protocol(tmp_path, rewards=["saturation"],
+                          sampling={"sd3": {"steps": 2, "guidance": 4.5, "height": 32, "width": 32}})
+    common = ["eval", "--benchmark", str(path), "--model", "sd3", "--path", str(tiny_sd3_dir), "--grid", "0"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    st = json.loads((tmp_path / "a" / "summary.json").read_text())["settings"]
+    assert st["resolution"] == {"height": 32, "width": 32} and st["benchmark"]["benchmark"] is True
+    assert main([*common, "--model-arg", "height=64", "--out", str(tmp_path / "b")]) == 0
+    st = json.loads((tmp_path / "b" / "summary.json").read_text())["settings"]
+    assert st["resolution"] == {"height": 64, "width": 32}
+    assert st["benchmark"]["overrides"] == {"height": {"protocol": 32, "used": 64}}
+
+
+def test_eval_of_a_builtin_set_is_labelled_with_its_protocol_without_asking(tmp_path):
+    out = tmp_path / "ev"
+    assert main(["eval", "--max-prompts", "6", "--seeds", "1", "--steps", "2", "--grid", "0", "--out", str(out)]) == 0
+    status = json.loads((out / "summary.json").read_text())["settings"]["benchmark"]
+    assert status["name"] == "shapes-bench" and not status["benchmark"]
+    assert set(status["overrides"]) == {"prompts", "images_per_prompt", "steps"}
+
+
+def test_list_benchmarks_names_every_protocol(capsys):
+    assert main(["eval", "--list-benchmarks"]) == 0
+    out = capsys.readouterr().out
+    for name in list_protocols():
+        assert f"{name} v1" in out
+
+
+@pytest.mark.parametrize("change, needles", [
+    ({"steps": 2}, ["unknown keys ['steps']"]),
+    ({"overall": "tasks"}, ["overall must be one of groups, images"]),
+    ({"rewards": ["pickscroe"]}, ["rewards must be a non-empty list of reward names"]),
+    ({"sampling": {"sdxl": {"steps": 2, "guidance": 4.0}}}, ["unknown model family 'sdxl'"]),
+    ({"sampling": {"shapes": {"steps": 2}}}, ["sampling.shapes must give steps and guidance"]),
+    ({"images_per_prompt": "four"}, ["images_per_prompt must be a int"]),
+])
+def test_a_bad_protocol_file_is_one_line_and_nothing_is_written(tmp_path, capsys, no_model, change, needles):
+    path = _user_protocol(tmp_path, **change)
+    out = tmp_path / "out"
+    fails(capsys, ["eval", "--benchmark", str(path), "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_eval_benchmark_refusals_before_the_model_loads(tmp_path, capsys, no_model):
+    out = tmp_path / "out"
+    fails(capsys, ["eval", "--benchmark", "shapes-bnch", "--out", str(out)], "unknown benchmark 'shapes-bnch'",
+          "did you mean 'shapes-bench'?")
+    fails(capsys, ["eval", "--benchmark", "pickscore-sfw", "--out", str(out)],
+          "fixes sampling for sd3, flux, not --model shapes", "pass --steps and --guidance")
+    fails(capsys, ["eval", "--benchmark", str(tmp_path / "missing.yaml"), "--out", str(out)], "no such protocol file")
+    fails(capsys, ["eval", "--benchmark", "shapes-bench"], "--out is required")
+    assert not out.exists()

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from flowalign.errors import CommandParser, UserError, first_line
 
@@ -348,10 +348,158 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     return png, md
 
 
+# ---- evaluations of several models on the same prompts and seeds -------------------------------------------------
+
+# settings that say which model was evaluated (a comparison's subject) or that every evaluation repeats anyway
+_SUBJECT = {"model", "path", "lora", "lora_ema", "model_args", "reward_args", "benchmark", "reward_versions"}
+
+
+def is_eval_dir(path: str | Path) -> bool:
+    """An evaluation's output (``flowalign eval --out``, a training run's ``eval/<tag>``): summary.json and
+    results.jsonl, and no config.yaml (a training run's own directory)."""
+    d = Path(path)
+    return (d / "summary.json").is_file() and (d / "results.jsonl").is_file() and not (d / "config.yaml").is_file()
+
+
+def _eval_label(path: Path) -> str:
+    """A training run's ``RUN/eval/final`` as ``RUN/final``; anything else by its directory name."""
+    p = Path(os.path.abspath(path))
+    return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "eval" else p.name
+
+
+def read_eval(path: str | Path, reward: str) -> dict[str, Any]:
+    """``{"label", "dir", "settings", "summary", "records"}`` of one evaluation directory, or a one-line ``UserError``
+    (not an evaluation, unreadable files, ``reward`` not scored there)."""
+    from flowalign.io import read_jsonl
+    from flowalign.report import read_summary
+
+    d = Path(path)
+    if not is_eval_dir(d):
+        raise UserError(f"{d} is not an evaluation directory (summary.json and results.jsonl, written by "
+                        f"`flowalign eval` or a training run's eval/<tag>)")
+    try:
+        summary = read_summary(d / "summary.json")
+        records = read_jsonl(d / "results.jsonl")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{d}: cannot read its evaluation ({first_line(err)})") from None
+    if not records or not all(isinstance(r, dict) and "prompt_index" in r and "sample" in r for r in records):
+        raise UserError(f"{d / 'results.jsonl'} holds no per-image records (prompt_index, sample); re-run the evaluation")
+    scored = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                    - {"prompt_index", "sample", "seed"})
+    if reward not in scored:
+        import difflib
+
+        close = difflib.get_close_matches(reward, scored, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"--reward {reward!r} is not scored in {d} (it holds: {', '.join(scored) or 'nothing'}){hint}")
+    settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    return {"label": _eval_label(d), "dir": d, "settings": settings, "summary": summary, "records": records}
+
+
+def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict", *,
+                  n_boot: int = 2000) -> tuple[Path, Path]:
+    """Several models evaluated on the same prompts and noise seeds, against the first: ``compare.md`` (per task and
+    overall: each model's mean ``reward`` and its change from the first with a 95 % paired-bootstrap interval,
+    ``evaluate.paired_bootstrap``; * where the interval excludes 0) and ``compare.png`` (the same as bars).
+
+    Evaluations that did not sample the same (prompt, image) jobs from the same seeds are refused in one line; other
+    differences (steps, guidance, resolution, ...) are allowed and listed above the table, as is each one's benchmark
+    label. The overall convention is the first evaluation's (``settings["overall"]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flowalign.evaluate import paired_bootstrap
+    from flowalign.io import atomic_write_bytes, atomic_write_text
+    from flowalign.report import benchmark_line
+
+    out = Path(out_dir)
+    _check_out_dir(out)
+    evals = [read_eval(d, reward) for d in eval_dirs]
+    _unique_labels(evals, eval_dirs)
+    ref = evals[0]
+    overall = ref["settings"].get("overall", "groups")
+    results = []
+    for e in evals[1:]:  # before anything is written: every pair must be comparable
+        try:
+            results.append(paired_bootstrap(ref["records"], e["records"], reward, overall=overall, n_boot=n_boot))
+        except ValueError as err:
+            raise UserError(f"{e['label']} and {ref['label']} cannot be compared image for image: {err}; evaluate "
+                            f"both with the same prompts, --seeds and --seed") from None
+    keys = sorted({k for e in evals for k in e["settings"]} - _SUBJECT)
+    differ = [k for k in keys if len({json.dumps(e["settings"].get(k), sort_keys=True, default=str) for e in evals}) > 1]
+    lines = [f"# {reward}: {len(evals)} evaluations on the same prompts and seeds (reference: {ref['label']})", ""]
+    for e in evals:
+        st = e["settings"]
+        what = ", ".join(f"{k}={st[k]}" for k in ("model", "path", "lora") if st.get(k)) or "settings not recorded"
+        bench = f"; {benchmark_line(st['benchmark'])}" if isinstance(st.get("benchmark"), dict) else ""
+        lines.append(f"- **{e['label']}**: {what}{bench}")
+    if differ:
+        lines.append("- settings that differ: " + "; ".join(
+            f"{k}: " + " / ".join(str(e["settings"].get(k)) for e in evals) for k in differ))
+    lines += ["", f"Δ: change from {ref['label']} with its {int(100 * results[0]['level']) if results else 95} % "
+                  f"paired-bootstrap interval over prompts ({n_boot} resamples); * the interval excludes 0. "
+                  f"Overall: the mean over {'tasks' if overall == 'groups' else 'images'}.", ""]
+    tasks = list(ref["summary"].get("per_task", {}))
+    lines.append("| task | " + " | ".join(e["label"] for e in evals) + " |")
+    lines.append("|---|" + "---|" * len(evals))
+
+    def cell(mean: Any, r: Optional[dict]) -> str:
+        m = f"{mean:.3f}" if isinstance(mean, (int, float)) and math.isfinite(mean) else "–"
+        if r is None:
+            return m
+        star = "*" if r["lo"] > 0 or r["hi"] < 0 else ""
+        return f"{m} ({r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]){star}"
+
+    def mean_of(e: dict, task: Optional[str]) -> Any:
+        s = e["summary"]
+        return (s.get("overall", {}) if task is None else s.get("per_task", {}).get(task, {})).get(reward)
+
+    for task in [*tasks, None]:
+        row = [cell(mean_of(ref, task), None)]
+        row += [cell(mean_of(e, task), r if task is None else r["per_task"].get(task)) for e, r in zip(evals[1:], results)]
+        name = "**overall**" if task is None else task
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+
+    names = [*tasks, "overall"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) * max(1, len(evals)) ** 0.5 + 2), 4), dpi=110)
+    width = 0.8 / len(evals)
+    for j, e in enumerate(evals):
+        ys = [mean_of(e, t) for t in tasks] + [mean_of(e, None)]
+        ys = [y if isinstance(y, (int, float)) and math.isfinite(y) else 0.0 for y in ys]
+        xs = [i + (j - (len(evals) - 1) / 2) * width for i in range(len(names))]
+        err = None
+        if j > 0:  # the interval of this model's change, placed around its own bar
+            r = results[j - 1]
+            iv = [r["per_task"].get(t, {"delta": 0, "lo": 0, "hi": 0}) for t in tasks] + [r]
+            err = [[max(0.0, v["delta"] - v["lo"]) for v in iv], [max(0.0, v["hi"] - v["delta"]) for v in iv]]
+        ax.bar(xs, ys, width=width, label=e["label"], yerr=err, capsize=2)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(reward)
+    ax.set_title(f"{reward} (error bars: 95 % interval of the change from {ref['label']})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = atomic_write_bytes(out / "compare.png", buf.getvalue())
+    md = atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    return png, md
+
+
 def cli_main(argv: Sequence[str]) -> int:
     p = CommandParser(prog="flowalign compare", description="Compare training runs: the headline eval metric "
-                                "against rollouts and against NFE (compare.png) and a table (compare.md).")
-    p.add_argument("runs", nargs="+", help="run directories written by `flowalign train` (with eval.every > 0)")
+                                "against rollouts and against NFE (compare.png) and a table (compare.md). Or compare "
+                                "evaluations of several models on the same prompts and seeds: per task, each one's "
+                                "change from the first with a paired-bootstrap 95% interval.")
+    p.add_argument("runs", nargs="+", help="run directories written by `flowalign train` (with eval.every > 0), or "
+                                           "evaluation directories (`flowalign eval --out`, a run's eval/final), the "
+                                           "first one the reference")
     p.add_argument("--out", required=True, help="output directory for compare.png and compare.md (made if missing; "
                                                 "a compare.png or compare.md already there is replaced, the rest of "
                                                 "the directory is left alone)")
@@ -360,7 +508,19 @@ def cli_main(argv: Sequence[str]) -> int:
                    help="merge runs whose configs differ only in train.seed: mean curve with a min-max band, and "
                         "every seed's final value in the table")
     args = p.parse_args(list(argv))
-    png, md = compare(args.runs, args.out, args.reward, seeds_mean=args.mean_over_seeds)
+    kinds = [is_eval_dir(d) for d in args.runs]
+    if any(kinds) and not all(kinds):
+        mixed = next(d for d, k in zip(args.runs, kinds) if not k)
+        raise UserError(f"{mixed} is not an evaluation directory while {args.runs[kinds.index(True)]} is; compare "
+                        f"training runs with training runs, or evaluations (summary.json + results.jsonl) together")
+    if all(kinds):
+        if args.mean_over_seeds:
+            raise UserError("--mean-over-seeds merges training runs; evaluations are compared image for image")
+        if len(args.runs) < 2:
+            raise UserError("pass at least two evaluation directories: the reference first, then the models to compare")
+        png, md = compare_evals(args.runs, args.out, args.reward)
+    else:
+        png, md = compare(args.runs, args.out, args.reward, seeds_mean=args.mean_over_seeds)
     sys.stdout.write(Path(md).read_text())
     logger.info("wrote %s and %s", png, md)
     return 0

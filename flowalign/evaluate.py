@@ -19,6 +19,8 @@ from flowalign.report import benchmark_line
 
 logger = logging.getLogger(__name__)
 
+OVERALL = ("groups", "images")  # summarize's conventions for the overall mean
+
 
 def image_seed(seed: int, prompt_index: int, k: int) -> int:
     """Seed of the initial noise of image ``k`` of prompt ``prompt_index``.
@@ -230,6 +232,88 @@ def summarize_pass_at_k(records: Sequence[Mapping[str, Any]], reward_names: Sequ
     return out
 
 
+def paired_bootstrap(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]], reward: str, *,
+                     overall: str = "groups", group_key: str = "task", n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """The change of ``reward`` from evaluation ``base`` to ``other`` on the same images' jobs, with a paired bootstrap
+    confidence interval (Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 13, percentile interval).
+
+    Both record lists (``results.jsonl``) must hold the same (``prompt_index``, ``sample``) jobs with the same noise
+    ``seed``: the pairs differ only in the model, so the noise of the prompts and seeds cancels in the difference. Prompts
+    are resampled with replacement within each group (``_group_of``: every group keeps its size), the same prompts
+    for both evaluations, ``n_boot`` times; each resample's means follow ``summarize`` (a group's mean over its
+    images, NaN skipped; ``overall`` over groups or over images), so the unresampled data give exactly
+    ``summarize(other) − summarize(base)``.
+
+    Returns ``{"delta", "lo", "hi", "per_task": {group: {"delta", "lo", "hi"}}, "n_boot", "level"}``; ``lo``/``hi``
+    are the (1 − level)/2 and (1 + level)/2 quantiles of the resampled differences. A ``ValueError`` when the jobs
+    or their seeds differ.
+    """
+    import numpy as np
+
+    if overall not in OVERALL:
+        raise ValueError(f"overall must be one of {OVERALL}, got {overall!r}")
+
+    def by_job(records: Sequence[Mapping[str, Any]]) -> dict:
+        return {(int(r["prompt_index"]), int(r["sample"])): r for r in records}
+
+    a, b = by_job(base), by_job(other)
+    if a.keys() != b.keys():
+        raise ValueError(f"the evaluations hold different images ({len(a)} vs {len(b)} (prompt, sample) jobs, "
+                         f"{len(a.keys() ^ b.keys())} not in both)")
+    if any(a[k].get("seed") != b[k].get("seed") for k in a):
+        raise ValueError("the evaluations sampled the same jobs from different noise seeds (another --seed)")
+    prompts = sorted({i for i, _ in a})
+    group_of = {i: _group_of(a[(i, k)], group_key) for i, k in a}
+    groups = list(dict.fromkeys(group_of[i] for i in prompts))
+
+    def sums(records: dict) -> tuple[Any, Any]:  # per prompt: the sum and count of its finite scores
+        s, c = np.zeros(len(prompts)), np.zeros(len(prompts))
+        pos = {i: j for j, i in enumerate(prompts)}
+        for (i, _), r in records.items():
+            v = r.get(reward)
+            if v is not None and not math.isnan(float(v)):
+                s[pos[i]] += float(v)
+                c[pos[i]] += 1
+        return s, c
+
+    (sa, ca), (sb, cb) = sums(a), sums(b)
+    rng = np.random.default_rng(seed)
+    members = {g: np.array([j for j, i in enumerate(prompts) if group_of[i] == g]) for g in groups}
+    draws = {g: np.vstack([np.arange(len(m)), rng.integers(0, len(m), size=(n_boot, len(m)))]) for g, m in
+             members.items()}  # row 0: the data themselves; rows 1..n_boot: resamples [1 + n_boot, |group|]
+
+    def ratio(num: Any, den: Any) -> Any:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+    per_group, tot = {}, {"a": [0, 0], "b": [0, 0]}
+    for g, m in members.items():
+        idx = m[draws[g]]  # [1 + n_boot, |group|] prompt positions
+        ga, gb = (sa[idx].sum(1), ca[idx].sum(1)), (sb[idx].sum(1), cb[idx].sum(1))
+        per_group[g] = (ratio(*ga), ratio(*gb))  # [1 + n_boot] each
+        for key, (s_, c_) in (("a", ga), ("b", gb)):
+            tot[key][0] = tot[key][0] + s_
+            tot[key][1] = tot[key][1] + c_
+    if overall == "images":
+        ma, mb = ratio(*tot["a"]), ratio(*tot["b"])
+    else:
+        ma = np.nanmean(np.vstack([v[0] for v in per_group.values()]), axis=0)
+        mb = np.nanmean(np.vstack([v[1] for v in per_group.values()]), axis=0)
+
+    q = ((1 - level) / 2, (1 + level) / 2)
+
+    def interval(d: Any) -> dict:
+        rest = d[1:][~np.isnan(d[1:])]
+        lo, hi = (np.quantile(rest, q) if rest.size else (math.nan, math.nan))
+        return {"delta": float(d[0]), "lo": float(lo), "hi": float(hi)}
+
+    out = interval(mb - ma)
+    out["per_task"] = {g: interval(vb - va) for g, (va, vb) in per_group.items()}
+    out.update(n_boot=n_boot, level=level)
+    return out
+
+
 def as_records(prompts: Sequence[Any]) -> list[dict]:
     """Prompt records as dicts ({"prompt", **metadata}) from PromptRecords, dicts or strings."""
     out = []
@@ -245,7 +329,6 @@ def as_records(prompts: Sequence[Any]) -> list[dict]:
 
 # ---- frozen benchmark protocols (REWARDS_AND_EVAL.md §3.2) ---------------------------------------------------------
 
-OVERALL = ("groups", "images")  # summarize's conventions for the overall mean
 SAMPLING_KEYS = ("steps", "guidance", "height", "width", "num_frames")  # what a protocol fixes per model family
 _PROTOCOL_KEYS = ("name", "version", "description", "source", "prompts", "prompts_sha256", "images_per_prompt", "seed",
                   "rewards", "overall", "sampling")

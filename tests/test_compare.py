@@ -330,3 +330,50 @@ def test_the_y_label_names_the_runs_eval_prompt_set(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, text, *a, **k: seen.append(text))
     compare([a], tmp_path / "out")
     assert seen == ["geneval shapes_strict"] * 2  # both plots
+
+
+# ------------------------------------------------------------------------------------ evaluations of several models
+
+
+def _eval_dir(d, scores, steps=12, seed_offset=0, tasks=("a", "a", "b")):
+    """A `flowalign eval` output: one record per (prompt, sample), scores[i][k] of prompt i, its task from ``tasks``."""
+    from flowalign.evaluate import summarize
+
+    d.mkdir(parents=True)
+    recs = [{"prompt": f"p{i}", "task": tasks[i], "prompt_index": i, "sample": k, "seed": 100 * i + k + seed_offset,
+             "shapes_strict": float(v)} for i, row in enumerate(scores) for k, v in enumerate(row)]
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summ = summarize(recs, ["shapes_strict"])
+    summ["settings"] = {"steps": steps, "model": "shapes", "overall": "groups", "seed": 0}
+    (d / "summary.json").write_text(json.dumps(summ))
+    return d
+
+
+def test_compare_evaluations_tabulates_each_models_change_with_a_paired_interval(tmp_path, capsys):
+    base = _eval_dir(tmp_path / "base", [[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    lora = _eval_dir(tmp_path / "lora", [[1, 0, 1, 1], [1, 1, 0, 1], [0, 0, 0, 1]], steps=10)
+    assert main(["compare", str(base), str(lora), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    assert "settings that differ: steps: 12 / 10" in md
+    # task a: 0.25 -> 0.75 (+0.5); task b: 0 -> 0.25; overall (mean over tasks): 0.125 -> 0.5
+    assert "| a | 0.250 | 0.750 (+0.500 [" in md and "| **overall** | 0.125 | 0.500 (+0.375 [" in md
+    assert capsys.readouterr().out == md
+
+
+def test_compare_refuses_evaluations_of_other_images_or_seeds_and_mixed_kinds(tmp_path, capsys):
+    base = _eval_dir(tmp_path / "base", [[0, 1], [1, 0], [0, 0]])
+    fewer = _eval_dir(tmp_path / "fewer", [[0, 1], [1, 0]], tasks=("a", "a"))
+    reseeded = _eval_dir(tmp_path / "reseeded", [[0, 1], [1, 0], [0, 0]], seed_offset=7)
+    out = tmp_path / "cmp"
+    _fails(capsys, ["compare", str(base), str(fewer), "--out", str(out)], "cannot be compared image for image",
+           "different images")
+    _fails(capsys, ["compare", str(base), str(reseeded), "--out", str(out)], "different noise seeds")
+    _fails(capsys, ["compare", str(base), "--out", str(out)], "at least two evaluation directories")
+    _fails(capsys, ["compare", str(base), str(base), "--reward", "shapes_partial", "--out", str(out)],
+           "'shapes_partial' is not scored", "shapes_strict")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {}\n")
+    _fails(capsys, ["compare", str(base), str(run), "--out", str(out)], "is not an evaluation directory")
+    assert not out.exists()

@@ -364,3 +364,73 @@ def test_resume_refuses_an_edited_prompt_file(tmp_path, capsys, monkeypatch):
     assert main([*args, "--resume", "--out", str(out)]) == 0
     assert [json.loads(line)["prompt"] for line in (out / "results.jsonl").read_text().splitlines()] == [
         "a red circle", "a blue square", "a yellow square"]
+
+
+# --------------------------------------------------------------------------- paired bootstrap between two evaluations
+
+
+def _paired(n_prompts=30, shift=None, seed=0, nan_at=None):
+    import random
+
+    rng = random.Random(seed)
+    base, other = [], []
+    for i in range(n_prompts):
+        task = "a" if i < 10 else ("b" if i < 25 else "c")  # groups of unequal size
+        for k in range(4):
+            x = rng.random()
+            y = x + shift if shift is not None else (x + 0.1 if rng.random() < 0.7 else x - 0.05)
+            base.append({"prompt_index": i, "sample": k, "seed": 10 * i + k, "task": task, "r": x})
+            other.append({"prompt_index": i, "sample": k, "seed": 10 * i + k, "task": task, "r": y})
+    if nan_at is not None:
+        other[nan_at]["r"] = math.nan
+    return base, other
+
+
+@pytest.mark.parametrize("overall", ["groups", "images"])
+def test_paired_bootstrap_point_estimate_is_the_difference_of_the_summaries(overall):
+    from flowalign.evaluate import paired_bootstrap
+
+    base, other = _paired(nan_at=3)  # a NaN score is skipped as summarize skips it
+    res = paired_bootstrap(base, other, "r", overall=overall, n_boot=500)
+    sa, sb = summarize(base, ["r"], overall=overall), summarize(other, ["r"], overall=overall)
+    assert res["delta"] == pytest.approx(sb["overall"]["r"] - sa["overall"]["r"], abs=1e-12)
+    for g, v in res["per_task"].items():
+        assert v["delta"] == pytest.approx(sb["per_task"][g]["r"] - sa["per_task"][g]["r"], abs=1e-12)
+        assert v["lo"] <= v["delta"] <= v["hi"]
+    assert res["lo"] < res["delta"] < res["hi"]
+
+
+def test_paired_bootstrap_cancels_what_the_pairs_share():
+    """Identical evaluations differ by exactly 0; a constant change of every image is known exactly (interval of
+    width 0), however noisy the images themselves are: the pairs share prompt and noise."""
+    from flowalign.evaluate import paired_bootstrap
+
+    base, _ = _paired()
+    same = paired_bootstrap(base, base, "r", n_boot=200)
+    assert same["delta"] == same["lo"] == same["hi"] == 0.0
+    base, shifted = _paired(shift=0.1)
+    res = paired_bootstrap(base, shifted, "r", n_boot=200)
+    assert res["lo"] == pytest.approx(0.1, abs=1e-12) and res["hi"] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_paired_bootstrap_interval_covers_the_true_change_about_95_times_in_100():
+    """Coverage on simulated pairs whose true mean change is known (0.1·0.7 − 0.05·0.3 = 0.055 per image)."""
+    from flowalign.evaluate import paired_bootstrap
+
+    hits = 0
+    for s in range(100):
+        base, other = _paired(n_prompts=40, seed=s)
+        res = paired_bootstrap(base, other, "r", overall="images", n_boot=400, seed=s)
+        hits += res["lo"] <= 0.055 <= res["hi"]
+    assert 88 <= hits <= 99, hits
+
+
+def test_paired_bootstrap_refuses_unpaired_evaluations():
+    from flowalign.evaluate import paired_bootstrap
+
+    base, other = _paired()
+    with pytest.raises(ValueError, match="different images"):
+        paired_bootstrap(base, other[:-1], "r")
+    other = [dict(r, seed=r["seed"] + 1) for r in other]
+    with pytest.raises(ValueError, match="different noise seeds"):
+        paired_bootstrap(base, other, "r")

@@ -810,7 +810,7 @@ def cli_main(argv: Sequence[str]) -> int:
                    help="grids/eval.png: the scored images of N evenly spaced prompts, each row captioned with the "
                         "first reward's scores (0 = no grid)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--out", help="output directory (must be new or empty, unless --resume)")
+    p.add_argument("--out", help="output directory, required (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue an interrupted evaluation in --out ({PARTIAL}) with the same arguments: batches "
                         "it finished are not sampled again, and the results equal an uninterrupted run's")

@@ -199,3 +199,23 @@ def test_eval_benchmark_refusals_before_the_model_loads(tmp_path, capsys, no_mod
     fails(capsys, ["eval", "--benchmark", str(tmp_path / "missing.yaml"), "--out", str(out)], "no such protocol file")
     fails(capsys, ["eval", "--benchmark", "shapes-bench"], "--out is required")
     assert not out.exists()
+
+
+def test_every_documented_eval_command_is_accepted(tmp_path, monkeypatch, no_model):
+    """The `flowalign eval` command lines of README.md and docs/benchmarks.md pass every argument check (they reach
+    the model load, which `no_model` stops); a user's own protocol file is the one line that needs a file."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmds = []
+    for doc in ("README.md", "docs/benchmarks.md"):
+        for line in (root / doc).read_text(encoding="utf-8").splitlines():
+            if line.startswith("flowalign eval ") and "my_protocol.yaml" not in line:
+                cmds.append(shlex.split(re.sub(r"\s#.*", "", line))[1:])
+    assert len(cmds) >= 6 and sum("--benchmark" in c for c in cmds) >= 5
+    monkeypatch.chdir(tmp_path)
+    for argv in cmds:
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            main(argv)

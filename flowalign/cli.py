@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flowalign.train", "fine-tune a model (GRPO, or DiffusionNFT with train.objective=nft) from a YAML config (+ dotted overrides)"),
     "sample": ("flowalign.sample", "sample an image grid from a model (optional LoRA, chosen sampler)"),
     "eval": ("flowalign.evaluate", "evaluate a model on a prompt set x rewards -> results.jsonl, summary.json, report"),
+    "import-scores": ("flowalign.external", "add an external evaluator's per-image results (GenEval) to an eval directory"),
     "report": ("flowalign.report", "(re)build report.html for a run directory"),
     "compare": ("flowalign.compare", "compare runs: eval metric against rollouts and NFE (plot + table)"),
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes image and video models)"),
@@ -45,6 +46,16 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' "`XImageProcessor` requires torchvision (not installed); falling back to
+    `XImageProcessorPil`" lines, which importing a diffusers pipeline prints (its IP-adapter image processors):
+    flowalign installs no torchvision on purpose (rewards preprocess with their own tensor code) and never uses
+    those processors, so the line only alarms. Every other transformers message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -64,6 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"flowalign: unknown command {cmd!r}{hint} (see `flowalign --help`)\n")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, TorchvisionFallbackFilter) for f in quiet.filters):
+        quiet.addFilter(TorchvisionFallbackFilter())
     try:
         module = importlib.import_module(COMMANDS[cmd][0])
         return int(module.cli_main(rest) or 0)

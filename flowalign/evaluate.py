@@ -579,7 +579,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
              guidance: Optional[float] = None, kernel: str = "euler", seeds_per_prompt: int = 4, batch_size: int = 32,
              seed: int = 0, progress: bool = True, extra_settings: Optional[Mapping[str, Any]] = None,
              grid_prompts: int = 0, resumable: bool = False, resume: bool = False,
-             protocol: Optional[Protocol] = None) -> dict:
+             protocol: Optional[Protocol] = None,
+             on_images: Optional[Callable[[Sequence[tuple[int, int]], Tensor, list[dict]], None]] = None) -> dict:
     """Evaluate and write ``out_dir/results.jsonl`` (one line per image) and ``out_dir/summary.json``.
 
     ``grid_prompts`` > 0 also writes ``out_dir/grids/eval.png``: the images of that many evenly spaced prompts
@@ -599,6 +600,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
 
     ``protocol`` (a frozen benchmark, ``load_protocol``): its ``overall`` convention is used and
     ``settings["benchmark"]`` records ``protocol_status``, whether this evaluation is a benchmark result.
+    ``on_images``: called with each sampled batch (as ``sample_and_score``'s ``on_batch``), e.g. to export the images
+    for an external evaluator (``external.GenEvalExport``).
     """
     import json
     from pathlib import Path
@@ -633,6 +636,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     kept: dict[tuple[int, int], Tensor] = {}
 
     def on_batch(chunk: Sequence[tuple[int, int]], images: Tensor, batch_records: list[dict]) -> None:
+        if on_images is not None:  # before the journal marks the batch done: a crash between them samples it again
+            on_images(chunk, images, batch_records)
         if journal is not None:
             journal.add(batch_of(*chunk[0]), batch_records)
         for j, (i, k) in enumerate(chunk):
@@ -641,7 +646,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
 
     new = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
                            seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress,
-                           skip_batches=set(done), on_batch=on_batch if (shown or resumable) else None)
+                           skip_batches=set(done), on_batch=on_batch if (shown or resumable or on_images) else None)
     records = sorted((journal.records() if journal is not None else []) + new,
                      key=lambda r: (r["prompt_index"], r["sample"]))
     summ = summarize(records, names, overall=overall)
@@ -779,6 +784,7 @@ def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
+    from flowalign.external import EXPORTS, GENEVAL_DIR, GenEvalExport, check_geneval_records
     from flowalign.models import load_model
     from flowalign.rewards.catalog import build_reward_checked
 
@@ -809,6 +815,9 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--grid", type=int, default=8, metavar="N",
                    help="grids/eval.png: the scored images of N evenly spaced prompts, each row captioned with the "
                         "first reward's scores (0 = no grid)")
+    p.add_argument("--export", choices=EXPORTS, help="also write every image in an external evaluator's layout under "
+                   "--out: geneval -> OUT/geneval/<prompt>/samples/<image>.png + metadata.jsonl, for GenEval's "
+                   "evaluate_images.py; then `flowalign import-scores geneval RESULTS --into OUT`")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", help="output directory, required (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
@@ -861,7 +870,11 @@ def cli_main(argv: Sequence[str]) -> int:
         protocol = find_protocol(args.prompts)  # a built-in set with a protocol: label the run with it
     records = D.load_prompts(args.prompts)
     records = D.spaced_subset(records, args.max_prompts)
+    if args.export == "geneval":
+        check_geneval_records(as_records(records))
     model = load_model(args.model, args.path, device=args.device, **model_kwargs)
+    if args.export and getattr(model, "output_kind", "image") != "image":
+        raise UserError(f"--export {args.export} takes images; --model {args.model} makes videos")
     if args.lora:
         load_lora_checked(model, args.lora)
     for r in dict.fromkeys(r.prompt for r in records):
@@ -878,6 +891,7 @@ def cli_main(argv: Sequence[str]) -> int:
     extra = {"model": args.model, "path": args.path or None, "lora": args.lora,
              **({"lora_ema": ema} if ema is not None else {}),
              "prompt_set": args.prompts, "max_prompts": args.max_prompts,
+             **({"export": args.export} if args.export else {}),
              **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
              **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {})}
     if protocol is not None:  # say before the long part whether this will be a benchmark number
@@ -886,7 +900,8 @@ def cli_main(argv: Sequence[str]) -> int:
         (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
-                    resumable=True, resume=args.resume, extra_settings=extra, protocol=protocol)
+                    resumable=True, resume=args.resume, extra_settings=extra, protocol=protocol,
+                    on_images=GenEvalExport(out / GENEVAL_DIR, as_records(records)) if args.export == "geneval" else None)
     from flowalign.report import write_report
 
     write_report(out)
@@ -896,6 +911,10 @@ def cli_main(argv: Sequence[str]) -> int:
     for name, pk in summ.get("pass_at_k", {}).items():
         for task, vals in [*pk["per_task"].items(), ("overall", pk["overall"])]:
             logger.info("%-14s %s", task, "  ".join(f"{name} pass@{k}={v:.3f}" for k, v in vals.items()))
+    if args.export == "geneval":
+        logger.info("GenEval layout in %s; score it with GenEval's `python evaluation/evaluate_images.py %s --outfile "
+                    "%s --model-path <OBJECT_DETECTOR_FOLDER>`, then `flowalign import-scores geneval %s --into %s`",
+                    out / GENEVAL_DIR, out / GENEVAL_DIR, out / "geneval_results.jsonl", out / "geneval_results.jsonl", out)
     if "benchmark" in summ["settings"]:
         status = summ["settings"]["benchmark"]
         (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))

@@ -154,3 +154,24 @@ def test_sample_help_says_an_existing_grid_is_replaced(capsys):
     except SystemExit:
         pass
     assert "an existing file of that name is replaced" in " ".join(capsys.readouterr().out.split())
+
+
+def test_loading_a_diffusers_pipeline_prints_no_torchvision_fallback_warning(tmp_path, tiny_sd3_dir):
+    """Importing diffusers' SD3 pipeline makes transformers warn that torchvision is missing for image processors
+    flowalign never uses (torchvision is not installed on purpose); the commands drop that line, nothing else."""
+    out = tmp_path / "g.png"
+    r = _cli("sample", "a cat", "--model", "sd3", "--path", str(tiny_sd3_dir), "--model-arg", "height=32",
+             "--model-arg", "width=32", "--steps", "1", "--seeds", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.is_file() and "torchvision" not in r.stderr, r.stderr[-2000:]
+
+
+def test_the_torchvision_filter_drops_only_that_line():
+    import logging
+
+    from flowalign.cli import TorchvisionFallbackFilter
+
+    f = TorchvisionFallbackFilter()
+    rec = lambda msg: logging.LogRecord("transformers.utils.import_utils", logging.WARNING, "", 0, msg, None, None)  # noqa: E731
+    assert not f.filter(rec("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"))
+    assert f.filter(rec("Some weights of the model checkpoint were not used"))

@@ -13,7 +13,7 @@ LEVEL = {
     "samplers": 1, "rewards": 1, "models": 1, "shapes": 1, "io": 1,
     "values": 2, "data": 2, "config": 2,
     "credit": 3, "loss": 3, "pretrain": 3, "report": 3,
-    "train": 4, "steer": 4, "evaluate": 4, "sample": 4, "bench": 4, "calibrate": 4,
+    "train": 4, "steer": 4, "evaluate": 4, "external": 4, "sample": 4, "bench": 4, "calibrate": 4,
     "cli": 5,
 }
 

@@ -277,6 +277,21 @@ def y_label(curves: Sequence[dict[str, Any]], reward: str) -> str:
     return f"{', '.join(sets)} {reward}"
 
 
+def _write_outputs(out: Path, fig: Any, lines: Sequence[str]) -> tuple[Path, Path]:
+    """``out/compare.png`` (the figure, then closed) and ``out/compare.md`` (the lines), each written atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from flowalign.io import atomic_write_bytes, atomic_write_text
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(out / "compare.png", buf.getvalue()), atomic_write_text(out / "compare.md",
+                                                                                      "\n".join(lines) + "\n")
+
+
 def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict", *,
             seeds_mean: bool = False) -> tuple[Path, Path]:
     """Plot and tabulate ``reward`` of each run against rollouts and NFE; returns (png, md).
@@ -289,7 +304,6 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flowalign.io import atomic_write_bytes, atomic_write_text
 
     out = Path(out_dir)
     _check_out_dir(out)
@@ -338,14 +352,7 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     else:
         axes[0].legend(fontsize=7, loc="best")
         fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    png = atomic_write_bytes(out / "compare.png", buf.getvalue())
-    md = atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
-    return png, md
+    return _write_outputs(out, fig, lines)
 
 
 # ---- evaluations of several models on the same prompts and seeds -------------------------------------------------
@@ -411,7 +418,6 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
     import matplotlib.pyplot as plt
 
     from flowalign.evaluate import paired_bootstrap
-    from flowalign.io import atomic_write_bytes, atomic_write_text
     from flowalign.report import benchmark_line
 
     out = Path(out_dir)
@@ -482,14 +488,7 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    png = atomic_write_bytes(out / "compare.png", buf.getvalue())
-    md = atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
-    return png, md
+    return _write_outputs(out, fig, lines)
 
 
 def cli_main(argv: Sequence[str]) -> int:

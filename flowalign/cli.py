@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("flowalign.evaluate", "evaluate a model on a prompt set x rewards -> results.jsonl, summary.json, report"),
     "import-scores": ("flowalign.external", "add an external evaluator's per-image results (GenEval) to an eval directory"),
     "report": ("flowalign.report", "(re)build report.html for a run directory"),
-    "compare": ("flowalign.compare", "compare runs: eval metric against rollouts and NFE (plot + table)"),
+    "compare": ("flowalign.compare", "compare runs (eval metric against rollouts and NFE) or evaluations (per-task change, paired intervals)"),
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes image and video models)"),
     "rewards": ("flowalign.rewards.catalog", "list every reward: what it measures, weights, differentiable, range"),
     "bench": ("flowalign.bench", "benchmarks that print measured figures (`flowalign bench --help` lists them)"),

@@ -358,7 +358,8 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
 # ---- evaluations of several models on the same prompts and seeds -------------------------------------------------
 
 # settings that say which model was evaluated (a comparison's subject) or that every evaluation repeats anyway
-_SUBJECT = {"model", "path", "lora", "lora_ema", "model_args", "reward_args", "benchmark", "reward_versions"}
+_SUBJECT = {"model", "path", "lora", "lora_ema", "trained_iterations", "model_args", "reward_args", "benchmark",
+            "reward_versions", "external_scores", "export"}
 
 
 def is_eval_dir(path: str | Path) -> bool:
@@ -426,6 +427,10 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
     _unique_labels(evals, eval_dirs)
     ref = evals[0]
     overall = ref["settings"].get("overall", "groups")
+    for e in evals[1:]:
+        if e["settings"].get("overall", "groups") != overall:
+            raise UserError(f"{e['label']} averages its overall over {e['settings'].get('overall', 'groups')}, "
+                            f"{ref['label']} over {overall}; compare evaluations of the same protocol")
     results = []
     for e in evals[1:]:  # before anything is written: every pair must be comparable
         try:
@@ -446,7 +451,8 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
             f"{k}: " + " / ".join(str(e["settings"].get(k)) for e in evals) for k in differ))
     lines += ["", f"Δ: change from {ref['label']} with its {int(100 * results[0]['level']) if results else 95} % "
                   f"paired-bootstrap interval over prompts ({n_boot} resamples); * the interval excludes 0. "
-                  f"Overall: the mean over {'tasks' if overall == 'groups' else 'images'}.", ""]
+                  f"Overall: the mean over {'tasks' if overall == 'groups' else 'images'}. n/a: a task of one prompt "
+                  f"(nothing to resample; overall too when there is one).", ""]
     tasks = list(ref["summary"].get("per_task", {}))
     lines.append("| task | " + " | ".join(e["label"] for e in evals) + " |")
     lines.append("|---|" + "---|" * len(evals))
@@ -455,6 +461,10 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
         m = f"{mean:.3f}" if isinstance(mean, (int, float)) and math.isfinite(mean) else "–"
         if r is None:
             return m
+        if not math.isfinite(r["delta"]):
+            return f"{m} (–)"
+        if not (math.isfinite(r["lo"]) and math.isfinite(r["hi"])):  # one prompt: nothing to resample
+            return f"{m} ({r['delta']:+.3f} [n/a])"
         star = "*" if r["lo"] > 0 or r["hi"] < 0 else ""
         return f"{m} ({r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]){star}"
 
@@ -479,7 +489,8 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
         if j > 0:  # the interval of this model's change, placed around its own bar
             r = results[j - 1]
             iv = [r["per_task"].get(t, {"delta": 0, "lo": 0, "hi": 0}) for t in tasks] + [r]
-            err = [[max(0.0, v["delta"] - v["lo"]) for v in iv], [max(0.0, v["hi"] - v["delta"]) for v in iv]]
+            span = lambda a, b: a - b if math.isfinite(a - b) else 0.0  # noqa: E731  (n/a: no bar)
+            err = [[max(0.0, span(v["delta"], v["lo"])) for v in iv], [max(0.0, span(v["hi"], v["delta"])) for v in iv]]
         ax.bar(xs, ys, width=width, label=e["label"], yerr=err, capsize=2)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)

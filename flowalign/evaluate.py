@@ -246,8 +246,9 @@ def paired_bootstrap(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[
     ``summarize(other) − summarize(base)``.
 
     Returns ``{"delta", "lo", "hi", "per_task": {group: {"delta", "lo", "hi"}}, "n_boot", "level"}``; ``lo``/``hi``
-    are the (1 − level)/2 and (1 + level)/2 quantiles of the resampled differences. A ``ValueError`` when the jobs
-    or their seeds differ.
+    are the (1 − level)/2 and (1 + level)/2 quantiles of the resampled differences, NaN for a group of one prompt
+    (nothing to resample) and, if there is one, overall. A ``ValueError`` when the jobs, their seeds or their prompts
+    differ.
     """
     import numpy as np
 
@@ -263,6 +264,11 @@ def paired_bootstrap(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[
                          f"{len(a.keys() ^ b.keys())} not in both)")
     if any(a[k].get("seed") != b[k].get("seed") for k in a):
         raise ValueError("the evaluations sampled the same jobs from different noise seeds (another --seed)")
+    other_prompt = next((k for k in a if a[k].get("prompt") != b[k].get("prompt")), None)
+    if other_prompt is not None:
+        i, k = other_prompt
+        raise ValueError(f"the evaluations sampled different prompts (prompt {i}: {a[(i, k)].get('prompt')!r} vs "
+                         f"{b[(i, k)].get('prompt')!r})")
     prompts = sorted({i for i, _ in a})
     group_of = {i: _group_of(a[(i, k)], group_key) for i, k in a}
     groups = list(dict.fromkeys(group_of[i] for i in prompts))
@@ -303,13 +309,16 @@ def paired_bootstrap(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[
 
     q = ((1 - level) / 2, (1 + level) / 2)
 
-    def interval(d: Any) -> dict:
+    def interval(d: Any, resampled: bool = True) -> dict:
         rest = d[1:][~np.isnan(d[1:])]
-        lo, hi = (np.quantile(rest, q) if rest.size else (math.nan, math.nan))
+        lo, hi = (np.quantile(rest, q) if rest.size and resampled else (math.nan, math.nan))
         return {"delta": float(d[0]), "lo": float(lo), "hi": float(hi)}
 
-    out = interval(mb - ma)
-    out["per_task"] = {g: interval(vb - va) for g, (va, vb) in per_group.items()}
+    # a group of one prompt cannot be resampled: its interval (and the overall one, which holds it fixed) would have
+    # width 0 whatever the noise, so they are NaN ("n/a"), not falsely certain
+    few = {g for g, m in members.items() if len(m) < 2}
+    out = interval(mb - ma, resampled=not few)
+    out["per_task"] = {g: interval(vb - va, resampled=g not in few) for g, (va, vb) in per_group.items()}
     out.update(n_boot=n_boot, level=level)
     return out
 
@@ -359,6 +368,7 @@ class Protocol:
     overall: str
     sampling: Mapping[str, Mapping[str, Any]]
     sha256: str = ""
+    file: str = ""  # a user's protocol file ("" = built-in)
 
     def families(self) -> list[str]:
         return list(self.sampling)
@@ -397,9 +407,10 @@ def load_protocol(name_or_path: str) -> Protocol:
         raise UserError(f"unknown benchmark {text_name!r} ({hint}; `flowalign eval --list-benchmarks` lists them)")
     raw = path.read_bytes()
     where = f"protocol {str(path)!r}"
+    builtin = path.resolve().parent == protocol_dir().resolve()
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        data = yaml.load(raw.decode("utf-8"), Loader=_unique_key_loader())
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError, TypeError, AttributeError) as err:  # !!float abc, ...
         raise UserError(f"{where} is not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping with keys {', '.join(_PROTOCOL_KEYS)}")
@@ -415,7 +426,7 @@ def load_protocol(name_or_path: str) -> Protocol:
         if kind is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if not isinstance(v, kind) or isinstance(v, bool):
-            raise UserError(f"{where}: {key} must be a {kind.__name__}, got {v!r}")
+            raise UserError(f"{where}: {key} must be {_KIND_NAMES[kind]}, got {v!r}")
         return v
 
     from flowalign.models import MODELS
@@ -441,16 +452,47 @@ def load_protocol(name_or_path: str) -> Protocol:
                             f"{', '.join(SAMPLING_KEYS[2:])}; got {cfg!r}")
         fixed[family] = {k: typed(f"sampling.{family}.{k}", float if k == "guidance" else int, v)
                          for k, v in cfg.items()}
-        if fixed[family]["steps"] < 1 or fixed[family]["guidance"] < 0:
-            raise UserError(f"{where}: sampling.{family} needs steps >= 1 and guidance >= 0, got {cfg!r}")
+        if fixed[family]["steps"] < 1 or not (math.isfinite(fixed[family]["guidance"]) and fixed[family]["guidance"] >= 0):
+            raise UserError(f"{where}: sampling.{family} needs steps >= 1 and a finite guidance >= 0, got {cfg!r}")
+    from flowalign.data import BUILTIN_PROMPTS
+
+    prompts = typed("prompts", str)
+    if prompts not in BUILTIN_PROMPTS and not Path(prompts).is_absolute():
+        prompts = str(path.parent / prompts)  # a prompt file beside the protocol, wherever the command runs
     proto = Protocol(name=typed("name", str), version=typed("version", int), description=typed("description", str),
-                     source=typed("source", str), prompts=typed("prompts", str),
+                     source=typed("source", str), prompts=prompts,
                      prompts_sha256=typed("prompts_sha256", str), images_per_prompt=typed("images_per_prompt", int),
                      seed=typed("seed", int), rewards=tuple(rewards), overall=data["overall"], sampling=fixed,
-                     sha256=hashlib.sha256(raw).hexdigest())
+                     sha256=hashlib.sha256(raw).hexdigest(), file="" if builtin else str(path))
     if proto.images_per_prompt < 1 or proto.seed < 0:
         raise UserError(f"{where}: images_per_prompt must be >= 1 and seed >= 0")
+    if not builtin and proto.name in list_protocols() and proto.sha256 != load_protocol(proto.name).sha256:
+        raise UserError(f"{where} is named {proto.name!r} like the built-in protocol but differs from it; give your "
+                        f"protocol another name (a built-in protocol never changes)")
     return proto
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a mapping with a repeated key (plain YAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
 
 
 def find_protocol(prompt_set: Any) -> Optional[Protocol]:
@@ -512,7 +554,7 @@ def protocol_status(protocol: Protocol, settings: Mapping[str, Any]) -> dict:
         for k, v in want.get("resolution", {}).items():
             differ(k, v, res.get(k))
     return {"name": protocol.name, "version": protocol.version, "sha256": protocol.sha256,
-            "benchmark": not overrides, "overrides": overrides}
+            **({"file": protocol.file} if protocol.file else {}), "benchmark": not overrides, "overrides": overrides}
 
 
 def format_protocols() -> str:
@@ -548,6 +590,7 @@ def eval_settings(model: Any, prompts: Sequence[Any], reward_fns: Any, *, steps:
     versions = {n: str(fn.version) for n, fn in items if getattr(fn, "version", None) is not None}
     if versions:
         settings["reward_versions"] = versions
+    settings["rewards"] = [n for n, _ in items]
     settings.update(extra_settings or {})
     settings["prompts_sha256"] = prompts_digest(as_records(prompts))
     settings["overall"] = protocol.overall if protocol is not None else "groups"
@@ -722,15 +765,17 @@ def _key_value(text: str, flag: str) -> tuple[str, Any]:
     """``KEY=VALUE`` (the value parsed as YAML) or a one-line ``UserError``; NaN and inf are refused."""
     import yaml
 
-    from flowalign.errors import UserError
+    from flowalign.errors import UserError, first_line
 
     if "=" not in text:
         raise UserError(f"{flag} {text!r}: expected KEY=VALUE")
     k, v = text.split("=", 1)
     try:
         value = yaml.safe_load(v)
-    except yaml.YAMLError:
+    except yaml.YAMLError:  # not YAML (e.g. a path with ': '): the text itself
         value = v
+    except (ValueError, TypeError, AttributeError) as err:  # an explicit tag that does not convert: !!float abc
+        raise UserError(f"{flag} {text!r}: the value is not valid YAML ({first_line(err)})") from None
     # NaN or inf is never a sensible option (a CFG scale, a threshold, a weight) and would pass into every forward
     if (isinstance(value, float) and not math.isfinite(value)) or (
             isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity")):

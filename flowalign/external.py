@@ -91,8 +91,10 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
     """Add GenEval's per-image ``correct`` to an evaluation (``flowalign eval --export geneval``) as the score
     ``geneval``; rewrite its results.jsonl, summary.json and report.html. Returns the new summary.
 
-    Every image of the evaluation must have exactly one GenEval result with the same prompt (else a one-line
-    ``UserError`` and nothing is written): results of another export, or of part of one, cannot be mixed in."""
+    Every image of the evaluation must have exactly one GenEval result with the same prompt, and every scored file
+    that exists on this machine must be byte for byte this export's image (GenEval may run elsewhere, on a copy);
+    else a one-line ``UserError`` and nothing is written: results of another export, or of part of one, cannot be
+    mixed in."""
     import hashlib
     import json
 
@@ -115,6 +117,7 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
     summary = read_summary(d / "summary.json")
     scores: dict[tuple[int, int], float] = {}
     prompts: dict[tuple[int, int], Any] = {}
+    files: dict[tuple[int, int], Path] = {}
     for n, r in enumerate(theirs, 1):
         if not isinstance(r, dict) or "filename" not in r or not isinstance(r.get("correct"), bool):
             raise UserError(f"{src}:{n}: not a GenEval result (filename, correct); pass the --outfile of "
@@ -125,7 +128,7 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
             raise UserError(f"{src}:{n}: {err}") from None
         if job in scores:
             raise UserError(f"{src}:{n}: image {job[1]} of prompt {job[0]} is scored twice; evaluate each export once")
-        scores[job], prompts[job] = float(r["correct"]), r.get("prompt")
+        scores[job], prompts[job], files[job] = float(r["correct"]), r.get("prompt"), Path(str(r["filename"]))
     jobs = {(int(r["prompt_index"]), int(r["sample"])): r for r in ours}
     missing, extra = sorted(jobs.keys() - scores.keys()), sorted(scores.keys() - jobs.keys())
     if missing or extra:
@@ -137,6 +140,12 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
         i, k = wrong[0]
         raise UserError(f"{src}: image {k} of prompt {i} is scored for {prompts[(i, k)]!r}, but the evaluation sampled "
                         f"{jobs[(i, k)].get('prompt')!r}: these are results of another export")
+    for job, scored in files.items():  # images the evaluator read that are here: they must be this export's
+        if scored.is_file():
+            ours = d / GENEVAL_DIR / f"{job[0]:05d}" / "samples" / f"{job[1]:04d}.png"
+            if not ours.is_file() or scored.read_bytes() != ours.read_bytes():
+                raise UserError(f"{src} scored {scored}, which is not this evaluation's image {ours}: these are results "
+                                f"of another export (same prompts, other images)")
     for job, r in jobs.items():
         r[GENEVAL_SCORE] = scores[job]
     records = sorted(jobs.values(), key=lambda r: (r["prompt_index"], r["sample"]))

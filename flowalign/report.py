@@ -721,6 +721,8 @@ def _nfe_section(records: list[dict]) -> str:
 def benchmark_line(status: Mapping[str, Any]) -> str:
     """A ``settings["benchmark"]`` (``evaluate.protocol_status``) as one line for logs and reports: 'benchmark NAME vN' or 'not a benchmark result: protocol NAME vN with ...'."""
     head = f"{status.get('name')} v{status.get('version')}"
+    if status.get("file"):  # a user's protocol: its file and digest, so it is never mistaken for a built-in one
+        head += f" (user protocol {status['file']}, sha256 {str(status.get('sha256'))[:12]})"
     if status.get("benchmark"):
         return f"benchmark {head} (every setting as the frozen protocol)"
     changes = ", ".join(f"{k} {v.get('protocol')} -> {v.get('used')}" for k, v in (status.get("overrides") or {}).items())

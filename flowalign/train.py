@@ -600,15 +600,18 @@ def train(cfg: C.ExperimentConfig) -> Path:
     # 5. base eval ----------------------------------------------------------------------------------
     # a built-in evaluation set with a frozen protocol labels its numbers: benchmark or not (REWARDS_AND_EVAL §3.2)
     eval_protocol = find_protocol(cfg.data.eval_prompts)
-    eval_extra = {"model": cfg.model.name, "prompt_set": cfg.data.eval_prompts, "max_prompts": cfg.eval.max_prompts,
-                  "lora_ema": cfg.train.ema}
+    eval_extra = {"model": cfg.model.name, "path": cfg.model.path or None, "prompt_set": cfg.data.eval_prompts,
+                  "max_prompts": cfg.eval.max_prompts}
 
-    def evaluate(tag: str) -> dict:
+    def evaluate(tag: str, iterations: int) -> dict:
+        # which weights were evaluated: the base (no LoRA) or this run's LoRA after `iterations` iterations
+        trained = {"lora": f"{run.name} after {iterations} iterations", "trained_iterations": iterations,
+                   "lora_ema": cfg.train.ema} if iterations else {}
         with (ema.applied() if ema is not None else contextlib.nullcontext()):
             summ = run_eval(model, eval_prompts, eval_rewards, run / "eval" / tag, steps=cfg.eval.steps,
                             guidance=cfg.eval.guidance, kernel=cfg.eval.kernel,
                             seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size,
-                            extra_settings=eval_extra, protocol=eval_protocol)
+                            extra_settings={**eval_extra, **trained}, protocol=eval_protocol)
             if "benchmark" in summ["settings"]:
                 logger.info("eval/%s: %s", tag, benchmark_line(summ["settings"]["benchmark"]))
             if cfg.eval.grid_prompts:  # 0 = no grids
@@ -619,7 +622,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
     nfe_seen = dict(nfe.totals())  # forwards already in the logged tally (all ranks'; restored on resume)
     if rank == 0 and start == 0 and cfg.eval.before:
-        summ = evaluate("base")
+        summ = evaluate("base", 0)
         append_jsonl(run / "metrics.jsonl", {"iteration": 0, "time/elapsed_s": time.time() - t_run,
                                               **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
     barrier()
@@ -769,7 +772,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         if rank == 0:
             # the last iteration's periodic eval is the final eval (phase 11), unless that is off (eval.after=false)
             if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and (it + 1 < cfg.train.iterations or not cfg.eval.after):
-                summ = evaluate(f"step-{it + 1}")
+                summ = evaluate(f"step-{it + 1}", it + 1)
                 metrics.update({f"eval/{k}": v for k, v in _flat_summary(summ).items()})
             append_jsonl(run / "metrics.jsonl", metrics)
             if writer is not None:
@@ -794,7 +797,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     # 11. final eval and report ------------------------------------------------------------------------------
     if rank == 0:
         if cfg.eval.after:
-            summ = evaluate("final")
+            summ = evaluate("final", cfg.train.iterations)
             append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "time/elapsed_s": time.time() - t_run,
                                                   **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
         if writer is not None:

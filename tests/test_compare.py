@@ -376,4 +376,22 @@ def test_compare_refuses_evaluations_of_other_images_or_seeds_and_mixed_kinds(tm
     run.mkdir()
     (run / "config.yaml").write_text("train: {}\n")
     _fails(capsys, ["compare", str(base), str(run), "--out", str(out)], "is not an evaluation directory")
+    other = _eval_dir(tmp_path / "other", [[0, 1], [1, 0], [0, 0]])  # the same jobs and seeds, other prompts
+    recs = [json.loads(x) for x in (other / "results.jsonl").read_text().splitlines()]
+    (other / "results.jsonl").write_text("".join(json.dumps(dict(r, prompt="q" + r["prompt"])) + "\n" for r in recs))
+    _fails(capsys, ["compare", str(base), str(other), "--out", str(out)], "different prompts")
+    images = _eval_dir(tmp_path / "images", [[0, 1], [1, 0], [0, 0]])  # summarised over images, not tasks
+    summ = json.loads((images / "summary.json").read_text())
+    summ["settings"]["overall"] = "images"
+    (images / "summary.json").write_text(json.dumps(summ))
+    _fails(capsys, ["compare", str(base), str(images), "--out", str(out)], "averages its overall over images")
     assert not out.exists()
+
+
+def test_compare_evaluations_of_one_prompt_per_task_has_no_interval(tmp_path, capsys):
+    base = _eval_dir(tmp_path / "base", [[0, 0], [1, 0]], tasks=("a", "b"))
+    lora = _eval_dir(tmp_path / "lora", [[1, 1], [1, 1]], tasks=("a", "b"))
+    assert main(["compare", str(base), str(lora), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| a | 0.000 | 1.000 (+1.000 [n/a]) |" in md and "| **overall** | 0.250 | 1.000 (+0.750 [n/a]) |" in md
+    assert ")*" not in md  # no interval, no claim

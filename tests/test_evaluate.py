@@ -434,3 +434,23 @@ def test_paired_bootstrap_refuses_unpaired_evaluations():
     other = [dict(r, seed=r["seed"] + 1) for r in other]
     with pytest.raises(ValueError, match="different noise seeds"):
         paired_bootstrap(base, other, "r")
+
+
+def test_paired_bootstrap_has_no_interval_for_a_task_of_one_prompt():
+    """One prompt cannot be resampled: its interval, and the overall one that holds it fixed, are NaN (not a
+    zero-width, falsely certain interval); the point estimates stay."""
+    from flowalign.evaluate import paired_bootstrap
+
+    base, other = _paired(n_prompts=26)  # task c: prompt 25 alone
+    res = paired_bootstrap(base, other, "r", n_boot=200)
+    assert math.isnan(res["per_task"]["c"]["lo"]) and math.isnan(res["lo"]) and math.isnan(res["hi"])
+    assert not math.isnan(res["per_task"]["a"]["lo"]) and not math.isnan(res["delta"])
+
+
+def test_paired_bootstrap_refuses_evaluations_of_other_prompts():
+    from flowalign.evaluate import paired_bootstrap
+
+    base, other = _paired()
+    other = [dict(r, prompt="another prompt") if r["prompt_index"] == 3 else r for r in other]
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_bootstrap(base, other, "r")

@@ -97,6 +97,14 @@ def test_import_refuses_results_that_do_not_match_the_export_and_writes_nothing(
     bad.write_text(json.dumps({"image": "x.png", "score": 1}) + "\n")
     fails(capsys, ["import-scores", "geneval", str(bad), "--into", str(out)], "not a GenEval result")
     fails(capsys, ["import-scores", "geneval", str(part), "--into", str(tmp_path)], "not an evaluation directory")
+    # the same prompts but other images (another export of another model): its files exist here and differ
+    twin = tmp_path / "twin"
+    shutil.copytree(exported, twin)
+    png = twin / "geneval" / "00000" / "samples" / "0000.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(png)
+    theirs = _geneval_results(twin, lambda i, k: True, path=tmp_path / "twin.jsonl")
+    fails(capsys, ["import-scores", "geneval", str(theirs), "--into", str(out)], "results of another export",
+          "other images")
     assert ((out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()) == before
 
 

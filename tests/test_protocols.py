@@ -132,7 +132,8 @@ def test_eval_benchmark_takes_every_setting_from_the_protocol_and_labels_the_res
     assert (st["steps"], st["guidance"], st["seed"], st["seeds_per_prompt"], st["prompts"]) == (2, 4.0, 3, 1, 3)
     assert set(summ["overall"]) == {"shapes_partial"} and st["overall"] == "images"
     assert st["benchmark"]["benchmark"] is True and st["benchmark"]["name"] == "mine"
-    assert "benchmark mine v1 (every setting as the frozen protocol)" in caplog.text
+    assert f"benchmark mine v1 (user protocol {path}, sha256 " in caplog.text
+    assert "(every setting as the frozen protocol)" in caplog.text
     assert "benchmark mine v1" in (out / "report.html").read_text()
 
     caplog.clear()
@@ -143,7 +144,8 @@ def test_eval_benchmark_takes_every_setting_from_the_protocol_and_labels_the_res
     assert st["benchmark"]["benchmark"] is False and st["benchmark"]["overrides"] == {"steps": {"protocol": 2, "used": 3}}
     warned = [r for r in caplog.records if r.levelno == logging.WARNING and "not a benchmark result" in r.message]
     assert len(warned) == 2  # before sampling, so a user can stop, and again at the end
-    assert "not a benchmark result: protocol mine v1 with steps 2 -&gt; 3" in (other / "report.html").read_text()
+    assert "not a benchmark result: protocol mine v1 (user protocol" in (other / "report.html").read_text()
+    assert "with steps 2 -&gt; 3" in (other / "report.html").read_text()
 
 
 def test_eval_benchmark_sets_the_resolution_of_the_model(tmp_path, tiny_sd3_dir):
@@ -181,7 +183,7 @@ def test_list_benchmarks_names_every_protocol(capsys):
     ({"rewards": ["pickscroe"]}, ["rewards must be a non-empty list of reward names"]),
     ({"sampling": {"sdxl": {"steps": 2, "guidance": 4.0}}}, ["unknown model family 'sdxl'"]),
     ({"sampling": {"shapes": {"steps": 2}}}, ["sampling.shapes must give steps and guidance"]),
-    ({"images_per_prompt": "four"}, ["images_per_prompt must be a int"]),
+    ({"images_per_prompt": "four"}, ["images_per_prompt must be an integer"]),
 ])
 def test_a_bad_protocol_file_is_one_line_and_nothing_is_written(tmp_path, capsys, no_model, change, needles):
     path = _user_protocol(tmp_path, **change)
@@ -219,3 +221,52 @@ def test_every_documented_eval_command_is_accepted(tmp_path, monkeypatch, no_mod
     for argv in cmds:
         with pytest.raises(AssertionError, match="the model was loaded"):
             main(argv)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("version: !!float abc", "is not valid YAML"),
+    ("seed: 0\nseed: 5", "key 'seed' appears twice"),
+])
+def test_a_protocol_that_yaml_cannot_build_is_one_line(tmp_path, capsys, no_model, text, needle):
+    path = _user_protocol(tmp_path)
+    body = json.loads(path.read_text())
+    lines = [f"{k}: {json.dumps(v)}" for k, v in body.items() if k not in ("version", "seed")]
+    path.write_text("\n".join([*lines, text, *(["version: 1"] if "version" not in text else []),
+                                *(["seed: 0"] if "seed" not in text else [])]) + "\n")
+    fails(capsys, ["eval", "--benchmark", str(path), "--out", str(tmp_path / "o")], needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_protocol_guidance_must_be_finite(tmp_path, capsys, no_model):
+    path = _user_protocol(tmp_path, sampling={"shapes": {"steps": 2, "guidance": 4.0}})
+    path.write_text(path.read_text().replace('"guidance": 4.0', '"guidance": .nan'))
+    fails(capsys, ["eval", "--benchmark", str(path), "--out", str(tmp_path / "o")], "a finite guidance >= 0")
+
+
+def test_a_user_protocol_cannot_pass_for_a_builtin_one(tmp_path, capsys, no_model):
+    """A copy of shapes-bench.yaml with other settings under the same name would label its runs 'benchmark
+    shapes-bench v1'; it is refused, and an unchanged copy is the built-in protocol itself."""
+    builtin = (protocol_dir() / "shapes-bench.yaml").read_text()
+    same = tmp_path / "copy.yaml"
+    same.write_text(builtin)
+    assert load_protocol(str(same)).sha256 == PINNED["shapes-bench"]
+    fake = tmp_path / "fake.yaml"
+    fake.write_text(builtin.replace("images_per_prompt: 4", "images_per_prompt: 1"))
+    fails(capsys, ["eval", "--benchmark", str(fake), "--out", str(tmp_path / "o")],
+          "is named 'shapes-bench' like the built-in protocol but differs from it")
+
+
+def test_a_user_protocol_is_labelled_with_its_file_and_reads_its_prompts_beside_it(tmp_path, monkeypatch):
+    path = _user_protocol(tmp_path)
+    body = json.loads(path.read_text())
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "mine.txt").write_text((tmp_path / "mine.txt").read_text())
+    (sub / "mine.yaml").write_text(json.dumps({**body, "prompts": "mine.txt"}))  # relative: beside the protocol
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", "--benchmark", str(sub / "mine.yaml"), "--grid", "0", "--out", "o"]) == 0
+    status = json.loads((elsewhere / "o" / "summary.json").read_text())["settings"]["benchmark"]
+    assert status["benchmark"] and status["file"] == str(sub / "mine.yaml")
+    assert benchmark_line(status).startswith(f"benchmark mine v1 (user protocol {sub / 'mine.yaml'}, sha256 ")

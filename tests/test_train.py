@@ -54,6 +54,12 @@ def test_train_end_to_end_writes_everything(tmp_path):
     # LoRA actually moved
     sd = _lora(run, 2)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
+    # each evaluation records which weights it scored: the base without a LoRA, the final one with this run's
+    base, final = (json.loads((run / "eval" / t / "summary.json").read_text())["settings"] for t in ("base", "final"))
+    assert "lora" not in base and "lora_ema" not in base
+    assert final["trained_iterations"] == 2 and final["lora_ema"] is False and final["lora"] == "run after 2 iterations"
+    assert base["benchmark"]["name"] == final["benchmark"]["name"] == "shapes-bench"  # a 2-prompt subset: an override
+    assert not final["benchmark"]["benchmark"] and "prompts" in final["benchmark"]["overrides"]
 
 
 @pytest.mark.parametrize("sampler", [[], ["sampler.kernel=cps", "sampler.logp_form=cps_mse", "train.clip_range=1e-5"]],

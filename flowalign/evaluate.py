@@ -829,7 +829,8 @@ def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
-    from flowalign.external import EXPORTS, GENEVAL_DIR, GenEvalExport, check_geneval_records
+    from flowalign.external import (EXPORTS, GENEVAL_DIR, T2I_DIR, GenEvalExport, T2ICompBenchExport,
+                                    check_geneval_records, check_t2i_records)
     from flowalign.models import load_model
     from flowalign.rewards.catalog import build_reward_checked
 
@@ -862,7 +863,8 @@ def cli_main(argv: Sequence[str]) -> int:
                         "first reward's scores (0 = no grid)")
     p.add_argument("--export", choices=EXPORTS, help="also write every image in an external evaluator's layout under "
                    "--out: geneval -> OUT/geneval/<prompt>/samples/<image>.png + metadata.jsonl, for GenEval's "
-                   "evaluate_images.py; then `flowalign import-scores geneval RESULTS --into OUT`")
+                   "evaluate_images.py; t2i-compbench -> OUT/t2i-compbench/samples/<prompt>_<n>.png, for its "
+                   "BLIP-VQA, UniDet and CLIPScore scripts; then `flowalign import-scores ... --into OUT`")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", help="output directory, required (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
@@ -917,6 +919,8 @@ def cli_main(argv: Sequence[str]) -> int:
     records = D.spaced_subset(records, args.max_prompts)
     if args.export == "geneval":
         check_geneval_records(as_records(records))
+    elif args.export == "t2i-compbench":
+        check_t2i_records(as_records(records))
     model = load_model(args.model, args.path, device=args.device, **model_kwargs)
     if args.export and getattr(model, "output_kind", "image") != "image":
         raise UserError(f"--export {args.export} takes images; --model {args.model} makes videos")
@@ -943,10 +947,13 @@ def cli_main(argv: Sequence[str]) -> int:
         status = eval_settings(model, records, rewards, steps=steps, guidance=args.guidance, seeds_per_prompt=args.seeds,
                                seed=args.seed, extra_settings=extra, protocol=protocol)["benchmark"]
         (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
+    exporter = {"geneval": lambda: GenEvalExport(out / GENEVAL_DIR, as_records(records)),
+                "t2i-compbench": lambda: T2ICompBenchExport(out / T2I_DIR, as_records(records), args.seeds),
+                None: lambda: None}[args.export]()
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
                     resumable=True, resume=args.resume, extra_settings=extra, protocol=protocol,
-                    on_images=GenEvalExport(out / GENEVAL_DIR, as_records(records)) if args.export == "geneval" else None)
+                    on_images=exporter)
     from flowalign.report import write_report
 
     write_report(out)
@@ -960,6 +967,10 @@ def cli_main(argv: Sequence[str]) -> int:
         logger.info("GenEval layout in %s; score it with GenEval's `python evaluation/evaluate_images.py %s --outfile "
                     "%s --model-path <OBJECT_DETECTOR_FOLDER>`, then `flowalign import-scores geneval %s --into %s`",
                     out / GENEVAL_DIR, out / GENEVAL_DIR, out / "geneval_results.jsonl", out / "geneval_results.jsonl", out)
+    elif args.export == "t2i-compbench":
+        logger.info("T2I-CompBench layout in %s; run its evaluator for the category (e.g. `python BLIP_vqa.py --out_dir "
+                    "%s/`), then `flowalign import-scores t2i-compbench %s/annotation_blip/vqa_result.json --into %s "
+                    "--name blip_vqa`", out / T2I_DIR, out / T2I_DIR, out / T2I_DIR, out)
     if "benchmark" in summ["settings"]:
         status = summ["settings"]["benchmark"]
         (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))

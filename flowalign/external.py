@@ -1,5 +1,9 @@
 """External evaluators: images in the layout their official tool reads, and its per-image results back in.
 
+GenEval below; T2I-CompBench (``--export t2i-compbench``: ``D/t2i-compbench/samples/<prompt>_<n:06d>.png``, then
+``flowalign import-scores t2i-compbench VQA_RESULT.json --into D --name blip_vqa``) works the same way, see
+``T2ICompBenchExport`` and docs/benchmarks.md.
+
 GenEval (Ghosh et al. 2023, "GenEval: An Object-Focused Framework for Evaluating Text-to-Image Alignment",
 arXiv:2310.11513; REWARDS_AND_EVAL.md §2.8, §3.5) scores images with a Mask2Former detector (mmdet) and a CLIP
 colour classifier that flowalign does not ship. So (REWARDS_AND_EVAL.md §3.6: "generates images in the layout the
@@ -16,6 +20,7 @@ official evaluator expects and runs it as an external tool"):
    it like any other reward.
 
     flowalign import-scores geneval RESULTS.jsonl --into EVAL_DIR
+    flowalign import-scores t2i-compbench VQA_RESULT.json --into EVAL_DIR --name NAME
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from flowalign.errors import CommandParser, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
-EXPORTS = ("geneval",)  # layouts `flowalign eval --export` writes
+EXPORTS = ("geneval", "t2i-compbench")  # layouts `flowalign eval --export` writes
 GENEVAL_DIR = "geneval"  # under an evaluation's --out
+T2I_DIR = "t2i-compbench"  # under an evaluation's --out: T2I_DIR/samples/<prompt>_<n:06d>.png
 GENEVAL_SCORE = "geneval"  # the reward column an import adds
 _GENEVAL_FILE = re.compile(r"(\d+)[/\\]samples[/\\](\d+)\.png$")  # .../<prompt>/samples/<image>.png
 
@@ -61,22 +67,56 @@ class GenEvalExport:
     def __call__(self, chunk: Sequence[tuple[int, int]], images: torch.Tensor, batch_records: Sequence[Mapping[str, Any]]) -> None:
         import json
 
-        from PIL import Image
-
         from flowalign.io import atomic_write_bytes, atomic_write_text
 
-        if images.dim() != 4:
-            raise UserError("--export geneval takes images, not videos")
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)  # [B, 3, H, W]
-        pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
         for j, (i, k) in enumerate(chunk):
             folder = self.root / f"{i:05d}"
             meta = folder / "metadata.jsonl"
             if not meta.is_file():
                 atomic_write_text(meta, json.dumps(dict(self.records[i])) + "\n")
-            buf = io.BytesIO()
-            Image.fromarray(pixels[j]).save(buf, format="PNG")
-            atomic_write_bytes(folder / "samples" / f"{k:04d}.png", buf.getvalue())
+            atomic_write_bytes(folder / "samples" / f"{k:04d}.png", _png(images[j]))
+
+
+def check_t2i_records(records: Sequence[Mapping[str, Any]]) -> None:
+    """One-line ``UserError`` unless every prompt can be a T2I-CompBench file name: its evaluators read the prompt back
+    as the text before the first '_' of ``<prompt>_<n>.png``, so a prompt must hold no '_' or path separator and fit a
+    file name (the vendored ``t2i-compbench-*`` sets do)."""
+    for r in records:
+        text = str(r.get("prompt", ""))
+        if any(c in text for c in "_/\\\0") or len(text.encode("utf-8")) > 240 or not text.strip():
+            raise UserError(f"--export t2i-compbench: prompt {text[:80]!r} cannot be a T2I-CompBench file name (no '_', "
+                            f"'/', '\\', at most 240 bytes); use the t2i-compbench-* prompt sets")
+
+
+class T2ICompBenchExport:
+    """Writes each evaluated image as ``root/samples/<prompt>_<n:06d>.png`` (T2I-CompBench's layout; Huang et al. 2023,
+    "T2I-CompBench", arXiv:2307.06350), with n = i·seeds + k running over all images from 0.
+
+    Its evaluators (BLIP-VQA, UniDet, CLIPScore) read ``samples/`` of the directory they are given, take the prompt
+    from the file name and number their results by n: BLIP-VQA and CLIPScore by the position in the files sorted by
+    n, UniDet by n itself; with n contiguous from 0 both are n, which ``import_t2i_compbench`` maps back to (i, k)."""
+
+    def __init__(self, root: str | Path, records: Sequence[Mapping[str, Any]], seeds_per_prompt: int):
+        self.root, self.records, self.seeds = Path(root), records, int(seeds_per_prompt)
+
+    def __call__(self, chunk: Sequence[tuple[int, int]], images: torch.Tensor, batch_records: Sequence[Mapping[str, Any]]) -> None:
+        from flowalign.io import atomic_write_bytes
+
+        for j, (i, k) in enumerate(chunk):
+            name = f"{self.records[i]['prompt']}_{i * self.seeds + k:06d}.png"
+            atomic_write_bytes(self.root / "samples" / name, _png(images[j]))
+
+
+def _png(image: torch.Tensor) -> bytes:
+    """One [3, H, W] image in [0, 1] as 8-bit RGB PNG bytes."""
+    from PIL import Image
+
+    if image.dim() != 3:
+        raise UserError("--export takes images, not videos")
+    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def geneval_job(filename: str) -> tuple[int, int]:
@@ -87,6 +127,62 @@ def geneval_job(filename: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _read_evaluation(eval_dir: str | Path, results_file: str | Path, what: str, how: str) -> tuple:
+    """(directory, results path, its per-image records keyed by (prompt index, sample), summary) of an evaluation
+    to import into, or a one-line ``UserError``."""
+    from flowalign.io import read_jsonl
+    from flowalign.report import read_summary
+
+    d, src = Path(eval_dir), Path(results_file)
+    if not (d / "results.jsonl").is_file() or not (d / "summary.json").is_file():
+        raise UserError(f"--into {str(d)!r} is not an evaluation directory (results.jsonl, summary.json); pass the "
+                        f"--out of the `flowalign eval --export ...` run")
+    if not src.is_file():
+        raise UserError(f"{what} results {str(src)!r} not found; write them with {how}")
+    try:
+        ours = read_jsonl(d / "results.jsonl")
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {d / 'results.jsonl'} ({first_line(err)})") from None
+    jobs = {(int(r["prompt_index"]), int(r["sample"])): r for r in ours}
+    return d, src, jobs, read_summary(d / "summary.json")
+
+
+def _check_coverage(src: Path, d: Path, jobs: Mapping, scores: Mapping, what: str, where: Path) -> None:
+    missing, extra = sorted(jobs.keys() - scores.keys()), sorted(scores.keys() - jobs.keys())
+    if missing or extra:
+        raise UserError(f"{src} scores {len(scores)} images, the evaluation in {d} holds {len(jobs)} ({len(missing)} "
+                        f"without a {what} result, {len(extra)} not in the evaluation); run {what} on the whole {where}")
+
+
+def _write_scores(d: Path, src: Path, jobs: Mapping, scores: Mapping, summary: dict, name: str, tool: str) -> dict:
+    """Add ``scores[job]`` to every record as the column ``name``; rewrite results.jsonl, summary.json (per task,
+    overall in the evaluation's own convention, pass@k) and report.html. Returns the new summary."""
+    import hashlib
+    import json
+
+    from flowalign.evaluate import summarize, summarize_pass_at_k
+    from flowalign.io import atomic_write_text
+    from flowalign.report import write_report
+
+    for job, r in jobs.items():
+        r[name] = scores[job]
+    records = sorted(jobs.values(), key=lambda r: (r["prompt_index"], r["sample"]))
+    settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    names = [*[n for n in summary.get("overall", {}) if n != name], name]
+    overall = settings.get("overall", "groups")
+    new = summarize(records, names, overall=overall)
+    passk = summarize_pass_at_k(records, names, overall=overall)
+    if passk:
+        new["pass_at_k"] = passk
+    settings["external_scores"] = {**settings.get("external_scores", {}), name: {
+        "tool": tool, "results": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}}
+    new["settings"] = settings
+    atomic_write_text(d / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write_text(d / "summary.json", json.dumps(new, indent=2, default=str))
+    write_report(d)
+    return new
+
+
 def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
     """Add GenEval's per-image ``correct`` to an evaluation (``flowalign eval --export geneval``) as the score
     ``geneval``; rewrite its results.jsonl, summary.json and report.html. Returns the new summary.
@@ -95,26 +191,14 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
     that exists on this machine must be byte for byte this export's image (GenEval may run elsewhere, on a copy);
     else a one-line ``UserError`` and nothing is written: results of another export, or of part of one, cannot be
     mixed in."""
-    import hashlib
-    import json
+    from flowalign.io import read_jsonl
 
-    from flowalign.evaluate import summarize, summarize_pass_at_k
-    from flowalign.io import atomic_write_text, read_jsonl
-    from flowalign.report import read_summary, write_report
-
-    d, src = Path(eval_dir), Path(results_file)
-    if not (d / "results.jsonl").is_file() or not (d / "summary.json").is_file():
-        raise UserError(f"--into {str(d)!r} is not an evaluation directory (results.jsonl, summary.json); pass the "
-                        f"--out of the `flowalign eval --export geneval` run")
-    if not src.is_file():
-        raise UserError(f"GenEval results {str(src)!r} not found; write them with GenEval's evaluation/evaluate_images.py "
-                        f"{d / GENEVAL_DIR} --outfile {src}")
+    d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "GenEval", "GenEval's "
+                                             f"evaluation/evaluate_images.py {Path(eval_dir) / GENEVAL_DIR} --outfile {results_file}")
     try:
-        ours = read_jsonl(d / "results.jsonl")
         theirs = read_jsonl(src)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the results ({first_line(err)})") from None
-    summary = read_summary(d / "summary.json")
     scores: dict[tuple[int, int], float] = {}
     prompts: dict[tuple[int, int], Any] = {}
     files: dict[tuple[int, int], Path] = {}
@@ -129,12 +213,7 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
         if job in scores:
             raise UserError(f"{src}:{n}: image {job[1]} of prompt {job[0]} is scored twice; evaluate each export once")
         scores[job], prompts[job], files[job] = float(r["correct"]), r.get("prompt"), Path(str(r["filename"]))
-    jobs = {(int(r["prompt_index"]), int(r["sample"])): r for r in ours}
-    missing, extra = sorted(jobs.keys() - scores.keys()), sorted(scores.keys() - jobs.keys())
-    if missing or extra:
-        raise UserError(f"{src} scores {len(scores)} images, the evaluation in {d} holds {len(jobs)} ({len(missing)} "
-                        f"without a GenEval result, {len(extra)} not in the evaluation); run GenEval on the whole "
-                        f"{d / GENEVAL_DIR}")
+    _check_coverage(src, d, jobs, scores, "GenEval", d / GENEVAL_DIR)
     wrong = [j for j in jobs if prompts[j] is not None and prompts[j] != jobs[j].get("prompt")]
     if wrong:
         i, k = wrong[0]
@@ -146,37 +225,67 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
             if not ours.is_file() or scored.read_bytes() != ours.read_bytes():
                 raise UserError(f"{src} scored {scored}, which is not this evaluation's image {ours}: these are results "
                                 f"of another export (same prompts, other images)")
-    for job, r in jobs.items():
-        r[GENEVAL_SCORE] = scores[job]
-    records = sorted(jobs.values(), key=lambda r: (r["prompt_index"], r["sample"]))
+    return _write_scores(d, src, jobs, scores, summary, GENEVAL_SCORE,
+                         "GenEval evaluation/evaluate_images.py (djghosh13/geneval)")
+
+
+def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: str) -> dict:
+    """Add a T2I-CompBench evaluator's per-image scores (its ``vqa_result.json``: ``[{"question_id": n, "answer":
+    score}, ...]``, e.g. ``annotation_blip/vqa_result.json``) to an evaluation exported with ``--export t2i-compbench``
+    as the score ``name`` (e.g. ``blip_vqa``); image n is image k of prompt i with n = i·seeds + k. Every image must
+    have exactly one finite score, else a one-line ``UserError`` and nothing is written."""
+    import json
+    import math
+
+    d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "T2I-CompBench",
+                                             f"T2I-CompBench's evaluator on {Path(eval_dir) / T2I_DIR}")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name or ""):
+        raise UserError(f"--name {name!r} must be a score name (letters, digits, '_'), e.g. blip_vqa")
     settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
-    names = [*[n for n in summary.get("overall", {}) if n != GENEVAL_SCORE], GENEVAL_SCORE]
-    overall = settings.get("overall", "groups")
-    new = summarize(records, names, overall=overall)
-    passk = summarize_pass_at_k(records, names, overall=overall)
-    if passk:
-        new["pass_at_k"] = passk
-    settings["external_scores"] = {**settings.get("external_scores", {}), GENEVAL_SCORE: {
-        "tool": "GenEval evaluation/evaluate_images.py (djghosh13/geneval)", "results": str(src),
-        "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}}
-    new["settings"] = settings
-    atomic_write_text(d / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    atomic_write_text(d / "summary.json", json.dumps(new, indent=2, default=str))
-    write_report(d)
-    return new
+    if name in settings.get("rewards", []):
+        raise UserError(f"--name {name!r} is one of the evaluation's own rewards; pick another name")
+    seeds = int(settings.get("seeds_per_prompt") or 0)
+    if settings.get("export") != "t2i-compbench" or seeds < 1:
+        raise UserError(f"{d} was not exported for T2I-CompBench; evaluate with `flowalign eval --export t2i-compbench`")
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {src} ({first_line(err)})") from None
+    scores: dict[tuple[int, int], float] = {}
+    for n, r in enumerate(data if isinstance(data, list) else [None]):
+        try:
+            qid, value = int(r["question_id"]), float(r["answer"])
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{src}: entry {n} is not a T2I-CompBench result (question_id, answer); pass a "
+                            f"vqa_result.json of its evaluators") from None
+        job = divmod(qid, seeds)
+        if job in scores or not math.isfinite(value):
+            raise UserError(f"{src}: image {qid} is scored twice or not with a finite number ({r['answer']!r})")
+        scores[job] = value
+    _check_coverage(src, d, jobs, scores, "T2I-CompBench", d / T2I_DIR)
+    return _write_scores(d, src, jobs, scores, summary, name, f"T2I-CompBench ({src.parent.name}/{src.name})")
 
 
 def cli_main(argv: Sequence[str]) -> int:
     p = CommandParser(prog="flowalign import-scores",
                       description="Add an external evaluator's per-image results to a `flowalign eval` directory "
-                                  "(GenEval: after `flowalign eval --prompts geneval --export geneval`).")
+                                  "(GenEval: after `flowalign eval --prompts geneval --export geneval`; T2I-CompBench: "
+                                  "after `flowalign eval --prompts t2i-compbench-<category> --export t2i-compbench`).")
     p.add_argument("tool", choices=EXPORTS, help="the evaluator that wrote RESULTS")
     p.add_argument("results", help="its per-image results, e.g. the --outfile of GenEval's evaluation/evaluate_images.py")
     p.add_argument("--into", required=True, help="the evaluation directory (the --out of `flowalign eval --export`)")
+    p.add_argument("--name", help="t2i-compbench: the score's name in results.jsonl, e.g. blip_vqa, unidet_spatial, "
+                                  "clip_score (GenEval's is always 'geneval')")
     args = p.parse_args(list(argv))
-    summ = import_geneval(args.into, args.results)
+    if args.tool == "geneval":
+        if args.name not in (None, GENEVAL_SCORE):
+            raise UserError(f"--name: GenEval's score is always called {GENEVAL_SCORE!r}")
+        name, summ = GENEVAL_SCORE, import_geneval(args.into, args.results)
+    else:
+        if not args.name:
+            raise UserError("--name is required for t2i-compbench: what the results measure, e.g. --name blip_vqa")
+        name, summ = args.name, import_t2i_compbench(args.into, args.results, args.name)
     for task, vals in summ["per_task"].items():
-        logger.info("%-14s %s=%.3f", task, GENEVAL_SCORE, vals.get(GENEVAL_SCORE, float("nan")))
-    logger.info("overall        %s=%.3f (GenEval overall: the mean over tasks)", GENEVAL_SCORE,
-                summ["overall"][GENEVAL_SCORE])
+        logger.info("%-14s %s=%.3f", task, name, vals.get(name, float("nan")))
+    logger.info("overall        %s=%.3f", name, summ["overall"][name])
     return 0

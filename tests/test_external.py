@@ -18,14 +18,18 @@ from flowalign.external import geneval_job
 SIZE = ["--model-arg", "height=32", "--model-arg", "width=32"]
 
 
+def _export(tmp_path_factory, model_dir, prompts, n, layout):
+    """A tiny SD3 evaluated on ``n`` prompts of ``prompts`` x 2 images with ``--export layout``."""
+    out = tmp_path_factory.mktemp(layout) / "eval"
+    assert main(["eval", "--model", "sd3", "--path", str(model_dir), *SIZE, "--prompts", prompts,
+                 "--max-prompts", str(n), "--seeds", "2", "--steps", "1", "--rewards", "saturation", "--grid", "0",
+                 "--export", layout, "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_sd3_dir):
-    """A tiny SD3 evaluated on 6 GenEval prompts x 2 images with --export geneval."""
-    out = tmp_path_factory.mktemp("gx") / "eval"
-    assert main(["eval", "--model", "sd3", "--path", str(tiny_sd3_dir), *SIZE, "--prompts", "geneval",
-                 "--max-prompts", "6", "--seeds", "2", "--steps", "1", "--rewards", "saturation", "--grid", "0",
-                 "--export", "geneval", "--out", str(out)]) == 0
-    return out
+    return _export(tmp_path_factory, tiny_sd3_dir, "geneval", 6, "geneval")
 
 
 def _geneval_results(out, correct, path=None, drop=0, prompt=None):
@@ -126,4 +130,57 @@ def test_export_refuses_a_video_model(tmp_path, capsys):
     prompts.write_text(json.dumps({"prompt": "a red circle moving to the left", "tag": "motion", "include": []}) + "\n")
     fails(capsys, ["eval", "--model", "shapes_video", "--prompts", str(prompts), "--rewards", "shapes_motion_partial",
                    "--export", "geneval", "--out", str(tmp_path / "o")], "--export geneval takes images")
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------- T2I-CompBench
+
+
+@pytest.fixture(scope="module")
+def exported_t2i(tmp_path_factory, tiny_sd3_dir):
+    return _export(tmp_path_factory, tiny_sd3_dir, "t2i-compbench-color", 3, "t2i-compbench")
+
+
+def test_t2i_export_names_files_as_its_evaluators_read_them(exported_t2i):
+    """BLIP_vqa.py / CLIP_similarity.py sort samples/ by the number after the last '_' and read the prompt as the text
+    before the first '_'; UniDet numbers its results by that number. Image n = i·seeds + k."""
+    records = as_records(D.spaced_subset(D.load_prompts("t2i-compbench-color"), 3))
+    names = os.listdir(exported_t2i / "t2i-compbench" / "samples")
+    names.sort(key=lambda x: int(x.split("_")[-1].split(".")[0]))  # their sort
+    assert len(names) == 6
+    for n, name in enumerate(names):
+        assert int(name.split("_")[-1].split(".")[0]) == n  # position == number: both numberings agree
+        assert name.split("_")[0] == records[n // 2]["prompt"]
+        assert Image.open(exported_t2i / "t2i-compbench" / "samples" / name).size == (32, 32)
+
+
+def test_t2i_import_maps_question_ids_back_to_images(exported_t2i, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "eval"
+    shutil.copytree(exported_t2i, out)
+    blip = out / "t2i-compbench" / "annotation_blip" / "vqa_result.json"
+    blip.parent.mkdir(parents=True)
+    blip.write_text(json.dumps([{"question_id": n, "answer": f"{n / 10:.4f}"} for n in range(6)]))  # BLIP: strings
+    fails(capsys, ["import-scores", "t2i-compbench", str(blip), "--into", str(out)], "--name is required")
+    assert main(["import-scores", "t2i-compbench", str(blip), "--into", str(out), "--name", "blip_vqa"]) == 0
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["blip_vqa"] == pytest.approx((2 * r["prompt_index"] + r["sample"]) / 10) for r in recs)
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["overall"]["blip_vqa"] == pytest.approx(0.25) and "saturation" in summ["overall"]
+    before = (out / "results.jsonl").read_bytes()
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([{"question_id": n, "answer": 1.0} for n in range(5)]))
+    fails(capsys, ["import-scores", "t2i-compbench", str(short), "--into", str(out), "--name", "x"],
+          "1 without a T2I-CompBench result")
+    fails(capsys, ["import-scores", "t2i-compbench", str(blip), "--into", str(out), "--name", "saturation"],
+          "one of the evaluation's own rewards")
+    assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_t2i_export_refuses_prompts_that_cannot_be_its_file_names(tmp_path, capsys, no_model):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red_car\n")
+    fails(capsys, ["eval", "--prompts", str(prompts), "--export", "t2i-compbench", "--out", str(tmp_path / "o")],
+          "cannot be a T2I-CompBench file name")
     assert not (tmp_path / "o").exists()

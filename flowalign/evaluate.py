@@ -599,6 +599,30 @@ def eval_settings(model: Any, prompts: Sequence[Any], reward_fns: Any, *, steps:
     return settings
 
 
+def _check_out_dir_once(path: str, resume: bool, rank: int, world: int):
+    """``sample.check_out_dir`` on rank 0 only (its writability probe would make the directory look non-empty to the
+    other ranks), its verdict shared with every rank, so all raise the same one-line error or none does."""
+    from pathlib import Path
+
+    from flowalign.errors import UserError
+    from flowalign.sample import check_out_dir
+
+    if world == 1:
+        return check_out_dir(path, resume, PARTIAL)
+    import torch.distributed as dist
+
+    verdict: list[Any] = [None]
+    if rank == 0:
+        try:
+            check_out_dir(path, resume, PARTIAL)
+        except UserError as err:
+            verdict[0] = str(err)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise UserError(verdict[0])
+    return Path(path)
+
+
 def lora_ema(lora: Any) -> Optional[bool]:
     """Whether a training checkpoint's LoRA file holds EMA weights (``flowalign train`` saves the EMA when
     ``train.ema`` is on), read from its run's ``config.yaml`` (``RUN/checkpoints/step-N``); None when unknown."""
@@ -623,7 +647,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
              seed: int = 0, progress: bool = True, extra_settings: Optional[Mapping[str, Any]] = None,
              grid_prompts: int = 0, resumable: bool = False, resume: bool = False,
              protocol: Optional[Protocol] = None,
-             on_images: Optional[Callable[[Sequence[tuple[int, int]], Tensor, list[dict]], None]] = None) -> dict:
+             on_images: Optional[Callable[[Sequence[tuple[int, int]], Tensor, list[dict]], None]] = None,
+             shard: tuple[int, int] = (0, 1)) -> dict:
     """Evaluate and write ``out_dir/results.jsonl`` (one line per image) and ``out_dir/summary.json``.
 
     ``grid_prompts`` > 0 also writes ``out_dir/grids/eval.png``: the images of that many evenly spaced prompts
@@ -645,6 +670,11 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     ``settings["benchmark"]`` records ``protocol_status``, whether this evaluation is a benchmark result.
     ``on_images``: called with each sampled batch (as ``sample_and_score``'s ``on_batch``), e.g. to export the images
     for an external evaluator (``external.GenEvalExport``).
+
+    ``shard=(rank, world)`` (every process of a multi-process launch calls with its own; ``dist.process_group``): rank r
+    samples the batches b with b mod world = r, the records and grid images are gathered, every rank returns the whole
+    summary and only rank 0 writes. Batches are the same whatever the world size, so the results equal one process's.
+    Not resumable (``resumable`` must be False).
     """
     import json
     from pathlib import Path
@@ -675,6 +705,11 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         if resume:
             logger.info("resuming %s: %d of %d images already scored", out, len(journal.records()), n_jobs)
     done = journal.done if journal is not None else {}
+    rank, world = shard
+    if world > 1 and resumable:
+        raise ValueError("a sharded evaluation is not resumable")
+    n_batches = -(-n_jobs // batch_size)
+    others = {b for b in range(n_batches) if b % world != rank}  # the other ranks' batches
 
     kept: dict[tuple[int, int], Tensor] = {}
 
@@ -688,8 +723,16 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
                 kept[(i, k)] = images[j].detach().float().cpu()  # [3, H, W] (video: [F, 3, H, W])
 
     new = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
-                           seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed, progress=progress,
-                           skip_batches=set(done), on_batch=on_batch if (shown or resumable or on_images) else None)
+                           seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed,
+                           progress=progress and rank == 0, skip_batches=set(done) | others,
+                           on_batch=on_batch if (shown or resumable or on_images) else None)
+    if world > 1:  # every rank's records and grid images, on every rank
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (new, kept))
+        new = [r for part, _ in parts for r in part]
+        kept = {key: img for _, part in parts for key, img in part.items()}
     records = sorted((journal.records() if journal is not None else []) + new,
                      key=lambda r: (r["prompt_index"], r["sample"]))
     summ = summarize(records, names, overall=overall)
@@ -697,6 +740,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
         summ["pass_at_k"] = passk
     summ["settings"] = settings
+    if rank != 0:  # rank 0 writes what every rank now holds
+        return summ
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_text(out / "summary.json", json.dumps(summ, indent=2, default=str))  # str: e.g. a YAML date argument
@@ -829,6 +874,7 @@ def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
+    from flowalign.dist import process_device, process_group
     from flowalign.external import (EXPORTS, GENEVAL_DIR, T2I_DIR, GenEvalExport, T2ICompBenchExport,
                                     check_geneval_records, check_t2i_records)
     from flowalign.models import load_model
@@ -878,8 +924,8 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError("--out is required: the output directory for results.jsonl, summary.json and report.html")
 
     from flowalign.rewards.video import for_outputs
-    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_out_dir,
-                                  check_positive, check_seed, load_lora_checked)
+    from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_positive,
+                                  check_seed, load_lora_checked)
 
     # every argument is checked before the model loads and before anything is written
     protocol = load_protocol(args.benchmark) if args.benchmark else None
@@ -904,7 +950,12 @@ def cli_main(argv: Sequence[str]) -> int:
     check_seed(args.seed)
     check_guidance(args.guidance)
     check_device(args.device)
-    out = check_out_dir(args.out, args.resume, PARTIAL)
+    # under `accelerate launch` / torchrun every process runs this command and samples its share of the batches
+    rank, world, _, _ = process_group()
+    if world > 1 and args.resume:
+        raise UserError(f"--resume is not available under a multi-process launch ({world} processes); resume with "
+                        f"one process, or start the evaluation again")
+    out = _check_out_dir_once(args.out, args.resume, rank, world)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     if not names:
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
@@ -921,7 +972,7 @@ def cli_main(argv: Sequence[str]) -> int:
         check_geneval_records(as_records(records))
     elif args.export == "t2i-compbench":
         check_t2i_records(as_records(records))
-    model = load_model(args.model, args.path, device=args.device, **model_kwargs)
+    model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
     if args.export and getattr(model, "output_kind", "image") != "image":
         raise UserError(f"--export {args.export} takes images; --model {args.model} makes videos")
     if args.lora:
@@ -946,14 +997,17 @@ def cli_main(argv: Sequence[str]) -> int:
     if protocol is not None:  # say before the long part whether this will be a benchmark number
         status = eval_settings(model, records, rewards, steps=steps, guidance=args.guidance, seeds_per_prompt=args.seeds,
                                seed=args.seed, extra_settings=extra, protocol=protocol)["benchmark"]
-        (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
+        if rank == 0:
+            (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
     exporter = {"geneval": lambda: GenEvalExport(out / GENEVAL_DIR, as_records(records)),
                 "t2i-compbench": lambda: T2ICompBenchExport(out / T2I_DIR, as_records(records), args.seeds),
                 None: lambda: None}[args.export]()
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
-                    resumable=True, resume=args.resume, extra_settings=extra, protocol=protocol,
-                    on_images=exporter)
+                    resumable=world == 1, resume=args.resume, extra_settings=extra, protocol=protocol,
+                    on_images=exporter, shard=(rank, world))
+    if rank != 0:  # rank 0 writes the results, the report and the log
+        return 0
     from flowalign.report import write_report
 
     write_report(out)

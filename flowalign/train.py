@@ -37,6 +37,7 @@ import torch
 
 from flowalign import config as C
 from flowalign import data as D
+from flowalign.dist import process_device, process_group
 from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
 from flowalign.errors import CommandParser, UserError
 from flowalign.evaluate import find_protocol, run_eval
@@ -217,31 +218,6 @@ def mean_group_std(rewards: torch.Tensor, group: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _dist():
-    """(rank, world_size, all_reduce_mean) — torch.distributed when launched by accelerate/torchrun."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from accelerate import Accelerator
-
-        Accelerator(cpu=not torch.cuda.is_available())
-    if dist.is_available() and dist.is_initialized():
-        ws = dist.get_world_size()
-        # NCCL (accelerate's multi-GPU backend) reduces CUDA tensors only; metrics and flags live on the CPU
-        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-
-        def reduce_mean(t: torch.Tensor) -> torch.Tensor:
-            u = t if comm is None or t.device == comm else t.to(comm)
-            dist.all_reduce(u)
-            u.div_(ws)
-            if u is not t:
-                t.copy_(u)
-            return t
-
-        return dist.get_rank(), ws, reduce_mean, dist.barrier
-    return 0, 1, (lambda t: t), (lambda: None)
-
-
 # settings that may change between a run and its resume: where and how often it writes, how long it runs, how it
 # is evaluated, the device; everything else decides the training trajectory, so exact resume needs it unchanged
 RESUMABLE_CHANGES = ("output.", "train.iterations", "train.checkpoint_every", "train.keep_checkpoints", "eval.",
@@ -352,15 +328,6 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"model.device={cfg.model.device!r} but this torch has no CUDA device "
                         f"(torch {torch.__version__}); use model.device=cpu or install a CUDA build")
-
-
-def _process_device(name: str, world: int) -> torch.device:
-    """``model.device``, except that under a multi-process launch each rank takes its own GPU (the one accelerate
-    made current: the local rank's), as the field's doc says; "cuda:1" on every rank would put all ranks on one GPU."""
-    dev = torch.device(name)
-    if world > 1 and dev.type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 def _resolution_kwargs(m: C.ModelConfig) -> dict[str, int]:
@@ -480,12 +447,12 @@ TRAINED_STEPS = {"first": _trained_mask, "random": _random_trained_mask}
 
 def train(cfg: C.ExperimentConfig) -> Path:
     # 0. setup (validate everything before the first write: bad input leaves no trace) --------------------
-    rank, world, reduce_mean, barrier = _dist()
+    rank, world, reduce_mean, barrier = process_group()
     C.derived(cfg, world_size=world)  # the batch shapes divide on this world size (else a one-line UserError)
     _check_components(cfg)
     run, ckpt_dir = _check_run_dir(cfg)
     barrier()  # every rank checks the run directory before rank 0 writes into it (a slow rank would see its files)
-    device = _process_device(cfg.model.device, world)
+    device = process_device(cfg.model.device, world)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (also broadcast below, as DDP does)
 
     # 1. model --------------------------------------------------------------------------------------

@@ -667,3 +667,11 @@ def test_sample_model_args_reach_the_loader(tmp_path, tiny_sd3_dir):
         sizes[w] = Image.open(out).size
     wider = sizes[64][0] - sizes[32][0]  # two tiles, each 32 px wider (times the grid's upscaling of small images)
     assert wider > 0 and wider % (2 * 32) == 0 and sizes[64][1] == sizes[32][1], sizes
+
+
+@pytest.mark.parametrize("cmd", [["sample", "a red circle"], ["steer", "a red circle"], ["calibrate"], ["bench", "shapes-sample"]])
+def test_single_process_commands_refuse_a_multi_process_launch(tmp_path, capsys, monkeypatch, no_model, cmd):
+    """Under `accelerate launch` every process would run the whole command and write the same files."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fails(capsys, [*cmd, "--out", str(tmp_path / "o")], "runs in one process, but this is one of 2", "train and eval")
+    assert list(tmp_path.iterdir()) == []

@@ -81,3 +81,31 @@ def test_group_step_noise_makes_runs_independent_of_the_process_count(tmp_path, 
     assert rel(got["rank", 1, "w"], got["rank", 2, "w"]) > 0.1  # per-process streams: other draws
     if config == "shapes_grpo.yaml":  # SDE rollouts: the per-process step noise draws other rollouts on two ranks
         assert abs(got["rank", 1] - got["rank", 2]) > 1e-4 and got["rank", 1] != got["group", 1]
+
+
+def _launch_eval(tmp_path, *args):
+    acc = str(Path(sys.executable).parent / "accelerate")
+    cmd = [acc, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "flowalign.cli", "eval", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate CLI not installed")
+def test_two_process_eval_shards_the_batches_and_equals_one_process(tmp_path):
+    """Each rank samples every other batch; rank 0 gathers and writes: results, summary and grid are byte for byte
+    those of one process (the batches, hence the images, are the same). Errors are one line on every rank, no hang."""
+    from flowalign.cli import main
+
+    args = ["--max-prompts", "12", "--seeds", "2", "--steps", "2", "--batch-size", "5"]
+    assert main(["eval", *args, "--out", str(tmp_path / "one")]) == 0
+    r = _launch_eval(tmp_path, *args, "--out", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("results.jsonl", "summary.json", "grids/eval.png"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert (tmp_path / "two" / "report.html").is_file() and not (tmp_path / "two" / "results.partial.jsonl").exists()
+    r = _launch_eval(tmp_path, *args, "--out", str(tmp_path / "two"))  # not empty: refused on both ranks
+    assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 2 and "not empty" in r.stderr
+    r = _launch_eval(tmp_path, *args, "--resume", "--out", str(tmp_path / "two"))
+    assert r.returncode != 0 and "--resume is not available under a multi-process launch" in r.stderr

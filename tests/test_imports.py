@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LEVEL = {
     "types": 0, "errors": 0,
-    "samplers": 1, "rewards": 1, "models": 1, "shapes": 1, "io": 1,
+    "samplers": 1, "rewards": 1, "models": 1, "shapes": 1, "io": 1, "dist": 1,
     "values": 2, "data": 2, "config": 2,
     "credit": 3, "loss": 3, "pretrain": 3, "report": 3,
     "train": 4, "steer": 4, "evaluate": 4, "external": 4, "sample": 4, "bench": 4, "calibrate": 4,

@@ -458,14 +458,13 @@ def test_resuming_a_finished_run_does_not_duplicate_its_final_eval(tmp_path):
 
 
 def test_each_rank_takes_its_own_gpu_under_a_multi_process_launch(monkeypatch):
-    from flowalign import train as T
+    from flowalign.dist import process_device
 
-    assert hasattr(T, "_process_device")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # what accelerate set for local rank 3
-    assert T._process_device("cuda:1", 4) == torch.device("cuda", 3)
-    assert T._process_device("cuda", 4) == torch.device("cuda", 3)
-    assert T._process_device("cuda:1", 1) == torch.device("cuda", 1)
-    assert T._process_device("cpu", 4) == torch.device("cpu")
+    assert process_device("cuda:1", 4) == torch.device("cuda", 3)
+    assert process_device("cuda", 4) == torch.device("cuda", 3)
+    assert process_device("cuda:1", 1) == torch.device("cuda", 1)
+    assert process_device("cpu", 4) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("where", ["file", "under_file"])

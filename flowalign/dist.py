@@ -1,0 +1,44 @@
+"""The process group of a multi-process launch (``accelerate launch`` / ``torchrun``): rank, world size, collectives.
+
+One process (the default) gives rank 0 of 1 and no-op collectives, so every caller runs the same code either way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def process_group():
+    """(rank, world_size, all_reduce_mean) — torch.distributed when launched by accelerate/torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from accelerate import Accelerator
+
+        Accelerator(cpu=not torch.cuda.is_available())
+    if dist.is_available() and dist.is_initialized():
+        ws = dist.get_world_size()
+        # NCCL (accelerate's multi-GPU backend) reduces CUDA tensors only; metrics and flags live on the CPU
+        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+
+        def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+            u = t if comm is None or t.device == comm else t.to(comm)
+            dist.all_reduce(u)
+            u.div_(ws)
+            if u is not t:
+                t.copy_(u)
+            return t
+
+        return dist.get_rank(), ws, reduce_mean, dist.barrier
+    return 0, 1, (lambda t: t), (lambda: None)
+
+
+def process_device(name: str, world: int) -> torch.device:
+    """``model.device``, except that under a multi-process launch each rank takes its own GPU (the one accelerate
+    made current: the local rank's), as the field's doc says; "cuda:1" on every rank would put all ranks on one GPU."""
+    dev = torch.device(name)
+    if world > 1 and dev.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev

@@ -44,8 +44,9 @@ INTERRUPT_HINTS: dict[str, str] = {
 
 def _usage() -> str:
     lines = ["usage: flowalign <command> [args]   (flowalign --version: the installed version)", "", "commands:"]
+    width = max(map(len, COMMANDS))
     for name, (_, doc) in COMMANDS.items():
-        lines.append(f"  {name:<10} {doc}")
+        lines.append(f"  {name:<{width}}  {doc}")
     lines += ["", "Run `flowalign <command> --help` for the command's options."]
     return "\n".join(lines)
 

@@ -29,9 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# commands that split their work over the processes of `accelerate launch` / torchrun; the others would each do all
-# of it and write the same files at once
+# commands that split their work over the processes of `accelerate launch` / torchrun
 MULTI_PROCESS = ("train", "eval")
+# commands that, launched so, would each do all of the work and write the same files at once
+SINGLE_PROCESS = ("sample", "steer", "pretrain", "calibrate", "bench")
 
 # what to tell a user who pressed Ctrl-C, after "interrupted" (commands that can pick up where they stopped)
 INTERRUPT_HINTS: dict[str, str] = {
@@ -87,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import os
 
         world = os.environ.get("WORLD_SIZE", "1")
-        if cmd not in MULTI_PROCESS and world.isdigit() and int(world) > 1 and not {"-h", "--help"} & set(rest):
+        if cmd in SINGLE_PROCESS and rest and world.isdigit() and int(world) > 1 and not {"-h", "--help"} & set(rest):
             raise UserError(f"{cmd} runs in one process, but this is one of {world} (accelerate launch / torchrun "
                             f"sets WORLD_SIZE); run it without the launcher ({' and '.join(MULTI_PROCESS)} use several)")
         module = importlib.import_module(COMMANDS[cmd][0])

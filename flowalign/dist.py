@@ -17,7 +17,14 @@ def process_group():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         from accelerate import Accelerator
 
-        Accelerator(cpu=not torch.cuda.is_available())
+        try:
+            Accelerator(cpu=not torch.cuda.is_available())
+        except (ValueError, RuntimeError, KeyError) as err:  # WORLD_SIZE set by hand: no group to join
+            from flowalign.errors import UserError, first_line
+
+            raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but there is no process group to join "
+                            f"({first_line(err)}); start the processes with accelerate launch or torchrun, or unset "
+                            f"WORLD_SIZE") from None
     if dist.is_available() and dist.is_initialized():
         ws = dist.get_world_size()
         # NCCL (accelerate's multi-GPU backend) reduces CUDA tensors only; metrics and flags live on the CPU

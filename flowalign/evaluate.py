@@ -457,8 +457,10 @@ def load_protocol(name_or_path: str) -> Protocol:
     from flowalign.data import BUILTIN_PROMPTS
 
     prompts = typed("prompts", str)
-    if prompts not in BUILTIN_PROMPTS and not Path(prompts).is_absolute():
-        prompts = str(path.parent / prompts)  # a prompt file beside the protocol, wherever the command runs
+    if prompts not in BUILTIN_PROMPTS:
+        prompts = str(Path(prompts).expanduser())
+        if not Path(prompts).is_absolute():
+            prompts = str(path.parent / prompts)  # a prompt file beside the protocol, wherever the command runs
     proto = Protocol(name=typed("name", str), version=typed("version", int), description=typed("description", str),
                      source=typed("source", str), prompts=prompts,
                      prompts_sha256=typed("prompts_sha256", str), images_per_prompt=typed("images_per_prompt", int),
@@ -1020,11 +1022,12 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.export == "geneval":
         logger.info("GenEval layout in %s; score it with GenEval's `python evaluation/evaluate_images.py %s --outfile "
                     "%s --model-path <OBJECT_DETECTOR_FOLDER>`, then `flowalign import-scores geneval %s --into %s`",
-                    out / GENEVAL_DIR, out / GENEVAL_DIR, out / "geneval_results.jsonl", out / "geneval_results.jsonl", out)
+                    out / GENEVAL_DIR, (out / GENEVAL_DIR).resolve(), (out / "geneval_results.jsonl").resolve(),
+                    out / "geneval_results.jsonl", out)
     elif args.export == "t2i-compbench":
         logger.info("T2I-CompBench layout in %s; run its evaluator for the category (e.g. `python BLIP_vqa.py --out_dir "
                     "%s/`), then `flowalign import-scores t2i-compbench %s/annotation_blip/vqa_result.json --into %s "
-                    "--name blip_vqa`", out / T2I_DIR, out / T2I_DIR, out / T2I_DIR, out)
+                    "--name blip_vqa`", out / T2I_DIR, (out / T2I_DIR).resolve(), out / T2I_DIR, out)
     if "benchmark" in summ["settings"]:
         status = summ["settings"]["benchmark"]
         (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))

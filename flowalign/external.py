@@ -83,9 +83,10 @@ def check_t2i_records(records: Sequence[Mapping[str, Any]]) -> None:
     file name (the vendored ``t2i-compbench-*`` sets do)."""
     for r in records:
         text = str(r.get("prompt", ""))
-        if any(c in text for c in "_/\\\0") or len(text.encode("utf-8")) > 240 or not text.strip():
+        if (any(c in text for c in "_/\\\0") or ".png" in text or len(text.encode("utf-8")) > 240
+                or not text.strip()):
             raise UserError(f"--export t2i-compbench: prompt {text[:80]!r} cannot be a T2I-CompBench file name (no '_', "
-                            f"'/', '\\', at most 240 bytes); use the t2i-compbench-* prompt sets")
+                            f"'/', '\\' or '.png', at most 240 bytes); use the t2i-compbench-* prompt sets")
 
 
 class T2ICompBenchExport:
@@ -141,10 +142,22 @@ def _read_evaluation(eval_dir: str | Path, results_file: str | Path, what: str, 
         raise UserError(f"{what} results {str(src)!r} not found; write them with {how}")
     try:
         ours = read_jsonl(d / "results.jsonl")
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {d / 'results.jsonl'} ({first_line(err)})") from None
-    jobs = {(int(r["prompt_index"]), int(r["sample"])): r for r in ours}
+        jobs = {(int(r["prompt_index"]), int(r["sample"])): r for r in ours}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read {d / 'results.jsonl'} as an evaluation's records ({first_line(err)}); re-run "
+                        f"the evaluation") from None
     return d, src, jobs, read_summary(d / "summary.json")
+
+
+def _check_name(name: str, jobs: Mapping, settings: Mapping) -> None:
+    """A new score column may not overwrite what the records already hold (prompt, prompt_index, sample, seed, the
+    prompt's metadata such as task, the evaluation's rewards); an earlier import of the same name is replaced."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name or ""):
+        raise UserError(f"--name {name!r} must be a score name (letters, digits, '_'), e.g. blip_vqa")
+    held = {k for r in jobs.values() for k in r} - set(settings.get("external_scores") or {})
+    if name in held:
+        raise UserError(f"--name {name!r} is already a field of the evaluation's records ({', '.join(sorted(held))}); "
+                        f"pick another name")
 
 
 def _check_coverage(src: Path, d: Path, jobs: Mapping, scores: Mapping, what: str, where: Path) -> None:
@@ -239,14 +252,16 @@ def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: s
 
     d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "T2I-CompBench",
                                              f"T2I-CompBench's evaluator on {Path(eval_dir) / T2I_DIR}")
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name or ""):
-        raise UserError(f"--name {name!r} must be a score name (letters, digits, '_'), e.g. blip_vqa")
     settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
-    if name in settings.get("rewards", []):
-        raise UserError(f"--name {name!r} is one of the evaluation's own rewards; pick another name")
-    seeds = int(settings.get("seeds_per_prompt") or 0)
-    if settings.get("export") != "t2i-compbench" or seeds < 1:
+    _check_name(name, jobs, settings)
+    seeds = settings.get("seeds_per_prompt")
+    if settings.get("export") != "t2i-compbench" or not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise UserError(f"{d} was not exported for T2I-CompBench; evaluate with `flowalign eval --export t2i-compbench`")
+    # the evaluators write their results inside the directory they scored: one under another export's is not ours
+    ours = (d / T2I_DIR).resolve()
+    theirs = next((a for a in src.resolve().parents if a.name == T2I_DIR), None)
+    if theirs is not None and theirs != ours:
+        raise UserError(f"{src} lies under {theirs}, another export than {ours}: these are results of other images")
     try:
         data = json.loads(src.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -254,10 +269,13 @@ def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: s
     scores: dict[tuple[int, int], float] = {}
     for n, r in enumerate(data if isinstance(data, list) else [None]):
         try:
-            qid, value = int(r["question_id"]), float(r["answer"])
+            qid, answer = r["question_id"], r["answer"]
+            if not isinstance(qid, int) or isinstance(qid, bool) or isinstance(answer, bool) or qid < 0:
+                raise TypeError
+            value = float(answer)  # a number, or BLIP-VQA's '0.1234'
         except (TypeError, KeyError, ValueError):
-            raise UserError(f"{src}: entry {n} is not a T2I-CompBench result (question_id, answer); pass a "
-                            f"vqa_result.json of its evaluators") from None
+            raise UserError(f"{src}: entry {n} is not a T2I-CompBench result (an integer question_id, a numeric "
+                            f"answer); pass a vqa_result.json of its evaluators") from None
         job = divmod(qid, seeds)
         if job in scores or not math.isfinite(value):
             raise UserError(f"{src}: image {qid} is scored twice or not with a finite number ({r['answer']!r})")

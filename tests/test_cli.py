@@ -175,3 +175,16 @@ def test_the_torchvision_filter_drops_only_that_line():
     rec = lambda msg: logging.LogRecord("transformers.utils.import_utils", logging.WARNING, "", 0, msg, None, None)  # noqa: E731
     assert not f.filter(rec("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"))
     assert f.filter(rec("Some weights of the model checkpoint were not used"))
+
+
+def test_eval_with_world_size_but_no_launcher_is_one_line(tmp_path):
+    env_extra = {"WORLD_SIZE": "2"}
+    r = subprocess.run([sys.executable, "-m", "flowalign.cli", "eval", "--max-prompts", "1", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env_extra},
+                       cwd=ROOT, timeout=300)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "no process group to join" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+    r = subprocess.run([sys.executable, "-m", "flowalign.cli", "rewards", "list"], capture_output=True, text=True,
+                       env={**os.environ, **env_extra}, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "shapes_strict" in r.stdout  # a listing is not refused

@@ -173,14 +173,36 @@ def test_t2i_import_maps_question_ids_back_to_images(exported_t2i, tmp_path, cap
     short.write_text(json.dumps([{"question_id": n, "answer": 1.0} for n in range(5)]))
     fails(capsys, ["import-scores", "t2i-compbench", str(short), "--into", str(out), "--name", "x"],
           "1 without a T2I-CompBench result")
-    fails(capsys, ["import-scores", "t2i-compbench", str(blip), "--into", str(out), "--name", "saturation"],
-          "one of the evaluation's own rewards")
+    for taken in ("saturation", "sample", "prompt", "seed", "prompt_index"):  # would overwrite the records
+        fails(capsys, ["import-scores", "t2i-compbench", str(blip), "--into", str(out), "--name", taken],
+              f"--name {taken!r} is already a field of the evaluation's records")
+    for bad in ([{"question_id": 0.7, "answer": 1}], [{"question_id": 0, "answer": True}]):
+        short.write_text(json.dumps(bad))
+        fails(capsys, ["import-scores", "t2i-compbench", str(short), "--into", str(out), "--name", "x"],
+              "is not a T2I-CompBench result")
+    twin = tmp_path / "twin"  # another export's directory: its results are of other images
+    shutil.copytree(exported_t2i, twin)
+    theirs = twin / "t2i-compbench" / "annotation_blip" / "vqa_result.json"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text(blip.read_text())
+    fails(capsys, ["import-scores", "t2i-compbench", str(theirs), "--into", str(out), "--name", "x"],
+          "another export than")
     assert (out / "results.jsonl").read_bytes() == before
+    # the same name again replaces the earlier import
+    blip.write_text(json.dumps([{"question_id": n, "answer": 1.0} for n in range(6)]))
+    assert main(["import-scores", "t2i-compbench", str(blip), "--into", str(out), "--name", "blip_vqa"]) == 0
+    assert json.loads((out / "summary.json").read_text())["overall"]["blip_vqa"] == 1.0
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "results.jsonl").write_text("{}\n")
+    fails(capsys, ["import-scores", "t2i-compbench", str(blip), "--into", str(broken), "--name", "y"],
+          "cannot read", "as an evaluation's records")
 
 
 def test_t2i_export_refuses_prompts_that_cannot_be_its_file_names(tmp_path, capsys, no_model):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a red_car\n")
-    fails(capsys, ["eval", "--prompts", str(prompts), "--export", "t2i-compbench", "--out", str(tmp_path / "o")],
-          "cannot be a T2I-CompBench file name")
+    for text in ("a red_car", "a logo.png on a wall"):  # UniDet's numeracy script splits the name at '.png'
+        prompts.write_text(text + "\n")
+        fails(capsys, ["eval", "--prompts", str(prompts), "--export", "t2i-compbench", "--out", str(tmp_path / "o")],
+              "cannot be a T2I-CompBench file name")
     assert not (tmp_path / "o").exists()

@@ -270,3 +270,10 @@ def test_a_user_protocol_is_labelled_with_its_file_and_reads_its_prompts_beside_
     status = json.loads((elsewhere / "o" / "summary.json").read_text())["settings"]["benchmark"]
     assert status["benchmark"] and status["file"] == str(sub / "mine.yaml")
     assert benchmark_line(status).startswith(f"benchmark mine v1 (user protocol {sub / 'mine.yaml'}, sha256 ")
+
+
+def test_a_user_protocol_prompt_path_may_start_with_the_home_directory(tmp_path, monkeypatch):
+    path = _user_protocol(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prompts": "~/mine.txt"}))
+    assert load_protocol(str(path)).prompts == str(tmp_path / "mine.txt")

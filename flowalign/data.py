@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "PromptRecord", "BUILTIN_PROMPTS", "load_prompts", "builtin_path", "describe_builtins", "task_of",
-    "PromptSampler", "prompt_fingerprint", "shard_groups", "expand_groups",
+    "PromptSampler", "prompt_fingerprint", "shard_groups", "expand_groups", "HPD_STYLES", "load_hpd_benchmark",
 ]
 
 
@@ -174,7 +174,10 @@ def load_prompts(name_or_path: str | Path) -> list[PromptRecord]:
             raise _unknown_name_error(name) if not (path.suffix or "/" in name) else UserError(
                 f"prompt file not found: {path}; pass a .txt/.jsonl path or a built-in name ({_builtin_names_short()})")
         if path.is_dir():
-            raise UserError(f"prompt path {path} is a directory; pass a .txt, .jsonl or .json file")
+            if all((path / f"{style}.json").is_file() for style in HPD_STYLES):
+                return load_hpd_benchmark(path)
+            raise UserError(f"prompt path {path} is a directory; pass a .txt, .jsonl or .json file (or the HPSv2 "
+                            f"benchmark's directory, holding {', '.join(s + '.json' for s in HPD_STYLES)})")
     suffix = path.suffix.lower()
     parser = _PARSERS.get(suffix)
     if parser is None:
@@ -188,6 +191,29 @@ def load_prompts(name_or_path: str | Path) -> list[PromptRecord]:
         raise UserError(f"prompt file {path} contains no prompts")
     logger.debug("loaded %d prompts from %s", len(records), path)
     return records
+
+
+HPD_STYLES = ("anime", "concept-art", "paintings", "photo")  # the HPSv2 benchmark's styles (REWARDS_AND_EVAL §3.3)
+
+
+def load_hpd_benchmark(directory: str | Path) -> list[PromptRecord]:
+    """The HPSv2 benchmark's prompts (Wu et al. 2023, "Human Preference Score v2", arXiv:2306.09341; REWARDS_AND_EVAL.md
+    §3.3): ``directory`` holds ``<style>.json`` for the four styles (HPDv2's ``benchmark/``, 800 prompts each, not
+    vendored), each a JSON list of strings. Records come style by style in ``HPD_STYLES`` order, with ``task`` = the
+    style and ``style_index`` = the prompt's index in its file (the official image name is ``<style>/<index:05d>.jpg``)."""
+    out = []
+    for style in HPD_STYLES:
+        path = Path(directory) / f"{style}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(data, list) or not data or not all(isinstance(x, str) and x.strip() for x in data):
+            raise UserError(f"{path}: the HPSv2 benchmark's style files hold a non-empty JSON list of prompt strings")
+        out += [PromptRecord(text, {"task": style, "style_index": i}) for i, text in enumerate(data)]
+    return out
 
 
 def _not_utf8(path: Path) -> UserError:

@@ -323,6 +323,36 @@ def paired_bootstrap(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[
     return out
 
 
+def summarize_chunks(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str], size: int = 80,
+                     group_key: str = "task") -> dict:
+    """The HPSv2 benchmark's statistic (REWARDS_AND_EVAL.md §3.3; HPSv2's ``evaluate_benchmark``): per group, its
+    images in (prompt, sample) order split into consecutive chunks of ``size``, and the mean and (population) std of
+    the chunk means. Groups whose image count is not a positive multiple of ``size`` are left out; NaN scores are
+    skipped within a chunk. Returns ``{name: {group: {"mean", "std", "chunks"}}}`` in the reward's own units (HPS
+    rewards give cos; the benchmark's tables show 100·cos)."""
+    import statistics
+
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: (r["prompt_index"], r["sample"])):
+        groups.setdefault(_group_of(r, group_key), []).append(r)
+    out: dict[str, dict] = {}
+    for name in reward_names:
+        per = {}
+        for g, rs in groups.items():
+            if not rs or len(rs) % size:
+                continue
+            means = []
+            for c in range(0, len(rs), size):
+                vals = [float(r[name]) for r in rs[c:c + size] if name in r and not math.isnan(float(r[name]))]
+                if vals:
+                    means.append(sum(vals) / len(vals))
+            if means:
+                per[g] = {"mean": sum(means) / len(means), "std": statistics.pstdev(means), "chunks": len(means)}
+        if per:
+            out[name] = per
+    return out
+
+
 def as_records(prompts: Sequence[Any]) -> list[dict]:
     """Prompt records as dicts ({"prompt", **metadata}) from PromptRecords, dicts or strings."""
     out = []
@@ -681,6 +711,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     import json
     from pathlib import Path
 
+    from flowalign.data import HPD_STYLES
     from flowalign.io import BatchJournal, atomic_write_text
 
     if kernel != "euler":
@@ -741,6 +772,10 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     passk = summarize_pass_at_k(records, names, overall=overall)
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
         summ["pass_at_k"] = passk
+    if prompt_records and all("style_index" in r and r.get("task") in HPD_STYLES for r in prompt_records):
+        chunks = summarize_chunks(records, names)  # the HPSv2 benchmark: 10 chunks of 80 per style
+        if chunks:
+            summ["chunks"] = chunks
     summ["settings"] = settings
     if rank != 0:  # rank 0 writes what every rank now holds
         return summ
@@ -877,8 +912,8 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
     from flowalign.dist import process_device, process_group
-    from flowalign.external import (EXPORTS, GENEVAL_DIR, T2I_DIR, GenEvalExport, T2ICompBenchExport,
-                                    check_geneval_records, check_t2i_records)
+    from flowalign.external import (EXPORTS, GENEVAL_DIR, HPSV2_DIR, T2I_DIR, GenEvalExport, HPSv2Export,
+                                    T2ICompBenchExport, check_geneval_records, check_hpsv2_records, check_t2i_records)
     from flowalign.models import load_model
     from flowalign.rewards.catalog import build_reward_checked
 
@@ -912,7 +947,9 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--export", choices=EXPORTS, help="also write every image in an external evaluator's layout under "
                    "--out: geneval -> OUT/geneval/<prompt>/samples/<image>.png + metadata.jsonl, for GenEval's "
                    "evaluate_images.py; t2i-compbench -> OUT/t2i-compbench/samples/<prompt>_<n>.png, for its "
-                   "BLIP-VQA, UniDet and CLIPScore scripts; then `flowalign import-scores ... --into OUT`")
+                   "BLIP-VQA, UniDet and CLIPScore scripts, then `flowalign import-scores ... --into OUT`; hpsv2 -> "
+                   "OUT/hpsv2/<style>/<index>.jpg, for HPSv2's benchmark evaluation (--prompts: the HPDv2 benchmark "
+                   "directory, --seeds 1)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", help="output directory, required (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
@@ -974,6 +1011,8 @@ def cli_main(argv: Sequence[str]) -> int:
         check_geneval_records(as_records(records))
     elif args.export == "t2i-compbench":
         check_t2i_records(as_records(records))
+    elif args.export == "hpsv2":
+        check_hpsv2_records(as_records(records), args.seeds)
     model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
     if args.export and getattr(model, "output_kind", "image") != "image":
         raise UserError(f"--export {args.export} takes images; --model {args.model} makes videos")
@@ -1003,6 +1042,7 @@ def cli_main(argv: Sequence[str]) -> int:
             (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
     exporter = {"geneval": lambda: GenEvalExport(out / GENEVAL_DIR, as_records(records)),
                 "t2i-compbench": lambda: T2ICompBenchExport(out / T2I_DIR, as_records(records), args.seeds),
+                "hpsv2": lambda: HPSv2Export(out / HPSV2_DIR, as_records(records)),
                 None: lambda: None}[args.export]()
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
@@ -1016,6 +1056,9 @@ def cli_main(argv: Sequence[str]) -> int:
     for task, vals in summ["per_task"].items():
         logger.info("%-14s %s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()))
     logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
+    for name, per in summ.get("chunks", {}).items():  # the HPSv2 benchmark's statistic
+        for style, c in per.items():
+            logger.info("%-14s %s over %d chunks: %.4f ± %.4f", style, name, c["chunks"], c["mean"], c["std"])
     for name, pk in summ.get("pass_at_k", {}).items():
         for task, vals in [*pk["per_task"].items(), ("overall", pk["overall"])]:
             logger.info("%-14s %s", task, "  ".join(f"{name} pass@{k}={v:.3f}" for k, v in vals.items()))

@@ -37,9 +37,10 @@ from flowalign.errors import CommandParser, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
-EXPORTS = ("geneval", "t2i-compbench")  # layouts `flowalign eval --export` writes
+EXPORTS = ("geneval", "t2i-compbench", "hpsv2")  # layouts `flowalign eval --export` writes
 GENEVAL_DIR = "geneval"  # under an evaluation's --out
 T2I_DIR = "t2i-compbench"  # under an evaluation's --out: T2I_DIR/samples/<prompt>_<n:06d>.png
+HPSV2_DIR = "hpsv2"  # under an evaluation's --out: HPSV2_DIR/<style>/<index:05d>.jpg
 GENEVAL_SCORE = "geneval"  # the reward column an import adds
 _GENEVAL_FILE = re.compile(r"(\d+)[/\\]samples[/\\](\d+)\.png$")  # .../<prompt>/samples/<image>.png
 
@@ -108,15 +109,48 @@ class T2ICompBenchExport:
             atomic_write_bytes(self.root / "samples" / name, _png(images[j]))
 
 
+def check_hpsv2_records(records: Sequence[Mapping[str, Any]], seeds_per_prompt: int) -> None:
+    """One-line ``UserError`` unless the prompts are the HPSv2 benchmark's (``data.load_hpd_benchmark``: a directory of
+    the four style files) sampled once each, as its evaluator reads one image per prompt."""
+    if not all("style_index" in r and "task" in r for r in records):
+        raise UserError("--export hpsv2 needs the HPSv2 benchmark's prompts: --prompts DIR, the directory of HPDv2's "
+                        "benchmark/ (anime.json, concept-art.json, paintings.json, photo.json)")
+    if seeds_per_prompt != 1:
+        raise UserError(f"--export hpsv2 writes one image per prompt, as its evaluator reads; pass --seeds 1 "
+                        f"(got {seeds_per_prompt})")
+
+
+class HPSv2Export:
+    """Writes each evaluated image as ``root/<style>/<index:05d>.jpg`` (JPEG, quality 95), the layout of the HPSv2
+    benchmark's images (REWARDS_AND_EVAL.md §3.3), which HPSv2's ``evaluate(mode="benchmark")`` scores against the
+    same style files."""
+
+    def __init__(self, root: str | Path, records: Sequence[Mapping[str, Any]]):
+        self.root, self.records = Path(root), records
+
+    def __call__(self, chunk: Sequence[tuple[int, int]], images: torch.Tensor, batch_records: Sequence[Mapping[str, Any]]) -> None:
+        from flowalign.io import atomic_write_bytes
+
+        for j, (i, _) in enumerate(chunk):
+            rec = self.records[i]
+            atomic_write_bytes(self.root / str(rec["task"]) / f"{int(rec['style_index']):05d}.jpg",
+                               _encode(images[j], "JPEG", quality=95))
+
+
 def _png(image: torch.Tensor) -> bytes:
     """One [3, H, W] image in [0, 1] as 8-bit RGB PNG bytes."""
+    return _encode(image, "PNG")
+
+
+def _encode(image: torch.Tensor, fmt: str, **options: Any) -> bytes:
+    """One [3, H, W] image in [0, 1] as 8-bit RGB bytes of ``fmt`` (PIL's format name)."""
     from PIL import Image
 
     if image.dim() != 3:
         raise UserError("--export takes images, not videos")
     pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 

@@ -206,3 +206,66 @@ def test_t2i_export_refuses_prompts_that_cannot_be_its_file_names(tmp_path, caps
         fails(capsys, ["eval", "--prompts", str(prompts), "--export", "t2i-compbench", "--out", str(tmp_path / "o")],
               "cannot be a T2I-CompBench file name")
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------- HPSv2 benchmark
+
+
+def _hpd_dir(tmp_path, n=80):
+    """HPDv2's benchmark/ layout: one JSON list of prompts per style (shapes prompts, so the shapes model runs)."""
+    from flowalign.data import HPD_STYLES
+
+    d = tmp_path / "hpd"
+    d.mkdir()
+    words = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square", "triangle")]
+    for j, style in enumerate(HPD_STYLES):
+        (d / f"{style}.json").write_text(json.dumps([words[(i + j) % len(words)] for i in range(n)]))
+    return d
+
+
+def test_hpd_benchmark_directory_loads_style_by_style(tmp_path, capsys, no_model):
+    from flowalign.data import HPD_STYLES
+
+    d = _hpd_dir(tmp_path, n=3)
+    recs = D.load_prompts(str(d))
+    assert [r.metadata["task"] for r in recs] == [s for s in HPD_STYLES for _ in range(3)]
+    assert [r.metadata["style_index"] for r in recs] == [0, 1, 2] * 4
+    (d / "photo.json").write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(Exception, match="non-empty JSON list of prompt strings"):
+        D.load_prompts(str(d))
+    (d / "photo.json").unlink()
+    fails(capsys, ["eval", "--prompts", str(d), "--out", str(tmp_path / "o")], "is a directory",
+          "the HPSv2 benchmark's directory")
+
+
+def test_summarize_chunks_is_the_hpsv2_benchmark_statistic():
+    import statistics
+
+    from flowalign.evaluate import summarize_chunks
+
+    recs = [{"prompt_index": i, "sample": 0, "task": "photo", "hps": float(i // 80)} for i in range(160)]
+    recs += [{"prompt_index": 160 + i, "sample": 0, "task": "anime", "hps": 1.0} for i in range(100)]  # not 80·k
+    out = summarize_chunks(recs, ["hps"])
+    assert out["hps"]["photo"] == {"mean": 0.5, "std": statistics.pstdev([0.0, 1.0]), "chunks": 2}
+    assert "anime" not in out["hps"]
+
+
+def test_hpsv2_export_writes_its_layout_and_the_summary_its_chunks(tmp_path, capsys, monkeypatch):
+    d = _hpd_dir(tmp_path)
+    out = tmp_path / "eval"
+    assert main(["eval", "--prompts", str(d), "--seeds", "1", "--steps", "1", "--rewards", "shapes_partial",
+                 "--grid", "0", "--export", "hpsv2", "--batch-size", "64", "--out", str(out)]) == 0
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        names = sorted(os.listdir(out / "hpsv2" / style))
+        assert names == [f"{i:05d}.jpg" for i in range(80)]  # HPSv2's evaluate reads <style>/<idx:05d>.jpg
+        assert Image.open(out / "hpsv2" / style / names[0]).format == "JPEG"
+    summ = json.loads((out / "summary.json").read_text())
+    chunks = summ["chunks"]["shapes_partial"]
+    assert set(chunks) == {"anime", "concept-art", "paintings", "photo"}
+    assert all(c["chunks"] == 1 and c["mean"] == pytest.approx(summ["per_task"][s]["shapes_partial"])
+               for s, c in chunks.items())
+    capsys.readouterr()  # the run's progress bars
+    fails(capsys, ["eval", "--prompts", str(d), "--seeds", "2", "--export", "hpsv2", "--out", str(tmp_path / "o")],
+          "one image per prompt", "--seeds 1")
+    fails(capsys, ["eval", "--seeds", "1", "--export", "hpsv2", "--out", str(tmp_path / "o")],
+          "needs the HPSv2 benchmark's prompts")

@@ -218,6 +218,11 @@ def test_every_documented_eval_command_is_accepted(tmp_path, monkeypatch, no_mod
                 cmds.append(shlex.split(re.sub(r"\s#.*", "", line))[1:])
     assert len(cmds) >= 6 and sum("--benchmark" in c for c in cmds) >= 5
     monkeypatch.chdir(tmp_path)
+    hpd = tmp_path / "hpd"  # the HPSv2 benchmark's prompt directory (not vendored) where the docs put /data/HPDv2/...
+    hpd.mkdir()
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (hpd / f"{style}.json").write_text('["a cat"]')
+    cmds = [[str(hpd) if a == "/data/HPDv2/benchmark" else a for a in argv] for argv in cmds]
     for argv in cmds:
         with pytest.raises(AssertionError, match="the model was loaded"):
             main(argv)

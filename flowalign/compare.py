@@ -392,19 +392,25 @@ def read_eval(path: str | Path, reward: str) -> dict[str, Any]:
         raise UserError(f"{d}: cannot read its evaluation ({first_line(err)})") from None
     if not records or not all(isinstance(r, dict) and "prompt_index" in r and "sample" in r for r in records):
         raise UserError(f"{d / 'results.jsonl'} holds no per-image records (prompt_index, sample); re-run the evaluation")
-    scored = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-                    - {"prompt_index", "sample", "seed"})
+    settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    if isinstance(settings.get("rewards"), list):  # the scores: its rewards and what was imported, not metadata
+        scored = [*settings["rewards"], *(settings.get("external_scores") or {})]
+    else:  # an evaluation written before settings listed its rewards: every numeric field but the job's own
+        scored = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)} - {"prompt_index", "sample", "seed", "style_index"})
+    if reward is None:
+        reward = scored[0] if scored else "shapes_strict"
     if reward not in scored:
         import difflib
 
         close = difflib.get_close_matches(reward, scored, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"--reward {reward!r} is not scored in {d} (it holds: {', '.join(scored) or 'nothing'}){hint}")
-    settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
-    return {"label": _eval_label(d), "dir": d, "settings": settings, "summary": summary, "records": records}
+    return {"label": _eval_label(d), "dir": d, "settings": settings, "summary": summary, "records": records,
+            "reward": reward}
 
 
-def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict", *,
+def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optional[str] = None, *,
                   n_boot: int = 2000) -> tuple[Path, Path]:
     """Several models evaluated on the same prompts and noise seeds, against the first: ``compare.md`` (per task and
     overall: each model's mean ``reward`` and its change from the first with a 95 % paired-bootstrap interval,
@@ -412,7 +418,8 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
 
     Evaluations that did not sample the same (prompt, image) jobs from the same seeds are refused in one line; other
     differences (steps, guidance, resolution, ...) are allowed and listed above the table, as is each one's benchmark
-    label. The overall convention is the first evaluation's (``settings["overall"]``)."""
+    label. The overall convention is the first evaluation's (``settings["overall"]``); ``reward`` None = the first
+    evaluation's first reward."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,7 +430,9 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
 
     out = Path(out_dir)
     _check_out_dir(out)
-    evals = [read_eval(d, reward) for d in eval_dirs]
+    first = read_eval(eval_dirs[0], reward)
+    reward = first["reward"]
+    evals = [first, *(read_eval(d, reward) for d in eval_dirs[1:])]
     _unique_labels(evals, eval_dirs)
     ref = evals[0]
     overall = ref["settings"].get("overall", "groups")
@@ -513,7 +522,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", required=True, help="output directory for compare.png and compare.md (made if missing; "
                                                 "a compare.png or compare.md already there is replaced, the rest of "
                                                 "the directory is left alone)")
-    p.add_argument("--reward", default="shapes_strict", help="evaluation reward to compare (default shapes_strict)")
+    p.add_argument("--reward", default=None, help="evaluation reward to compare (default: shapes_strict for training "
+                                                  "runs; the first evaluation's first reward for evaluations)")
     p.add_argument("--mean-over-seeds", action="store_true",
                    help="merge runs whose configs differ only in train.seed: mean curve with a min-max band, and "
                         "every seed's final value in the table")
@@ -530,7 +540,7 @@ def cli_main(argv: Sequence[str]) -> int:
             raise UserError("pass at least two evaluation directories: the reference first, then the models to compare")
         png, md = compare_evals(args.runs, args.out, args.reward)
     else:
-        png, md = compare(args.runs, args.out, args.reward, seeds_mean=args.mean_over_seeds)
+        png, md = compare(args.runs, args.out, args.reward or "shapes_strict", seeds_mean=args.mean_over_seeds)
     sys.stdout.write(Path(md).read_text())
     logger.info("wrote %s and %s", png, md)
     return 0

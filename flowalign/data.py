@@ -174,8 +174,12 @@ def load_prompts(name_or_path: str | Path) -> list[PromptRecord]:
             raise _unknown_name_error(name) if not (path.suffix or "/" in name) else UserError(
                 f"prompt file not found: {path}; pass a .txt/.jsonl path or a built-in name ({_builtin_names_short()})")
         if path.is_dir():
-            if all((path / f"{style}.json").is_file() for style in HPD_STYLES):
+            present = [style for style in HPD_STYLES if (path / f"{style}.json").is_file()]
+            if len(present) == len(HPD_STYLES):
                 return load_hpd_benchmark(path)
+            if present:
+                missing = [f"{style}.json" for style in HPD_STYLES if style not in present]
+                raise UserError(f"prompt directory {path} looks like the HPSv2 benchmark's but lacks {', '.join(missing)}")
             raise UserError(f"prompt path {path} is a directory; pass a .txt, .jsonl or .json file (or the HPSv2 "
                             f"benchmark's directory, holding {', '.join(s + '.json' for s in HPD_STYLES)})")
     suffix = path.suffix.lower()

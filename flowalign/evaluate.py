@@ -712,6 +712,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     from pathlib import Path
 
     from flowalign.data import HPD_STYLES
+    from flowalign.external import hpd_complete
     from flowalign.io import BatchJournal, atomic_write_text
 
     if kernel != "euler":
@@ -772,8 +773,9 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     passk = summarize_pass_at_k(records, names, overall=overall)
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
         summ["pass_at_k"] = passk
-    if prompt_records and all("style_index" in r and r.get("task") in HPD_STYLES for r in prompt_records):
-        chunks = summarize_chunks(records, names)  # the HPSv2 benchmark: 10 chunks of 80 per style
+    if (seeds_per_prompt == 1 and prompt_records and hpd_complete(prompt_records)
+            and all(r.get("task") in HPD_STYLES for r in prompt_records)):
+        chunks = summarize_chunks(records, names)  # the HPSv2 benchmark: 10 chunks of 80 prompts per style
         if chunks:
             summ["chunks"] = chunks
     summ["settings"] = settings
@@ -926,8 +928,8 @@ def cli_main(argv: Sequence[str]) -> int:
                         "seed, rewards, steps, guidance and resolution; any of these flags given with another value "
                         "makes the run a non-benchmark evaluation, recorded as such")
     p.add_argument("--list-benchmarks", action="store_true", help="list the built-in benchmark protocols and exit")
-    p.add_argument("--prompts", default=None, help="built-in prompt set name or .txt/.jsonl path (default: "
-                   "shapes-bench, or the benchmark's)")
+    p.add_argument("--prompts", default=None, help="built-in prompt set name, a .txt/.jsonl/.json file, or the HPSv2 "
+                   "benchmark's directory (HPDv2 benchmark/; default: shapes-bench, or the benchmark's)")
     p.add_argument("--max-prompts", type=int, default=None, help="an evenly spaced subset of N prompts (0 = all, "
                    "the default)")
     p.add_argument("--rewards", default=None, help="comma-separated reward names (default: shapes_strict,"

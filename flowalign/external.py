@@ -38,6 +38,7 @@ from flowalign.errors import CommandParser, UserError, first_line
 logger = logging.getLogger(__name__)
 
 EXPORTS = ("geneval", "t2i-compbench", "hpsv2")  # layouts `flowalign eval --export` writes
+IMPORTS = ("geneval", "t2i-compbench")  # evaluators whose per-image results `flowalign import-scores` reads
 GENEVAL_DIR = "geneval"  # under an evaluation's --out
 T2I_DIR = "t2i-compbench"  # under an evaluation's --out: T2I_DIR/samples/<prompt>_<n:06d>.png
 HPSV2_DIR = "hpsv2"  # under an evaluation's --out: HPSV2_DIR/<style>/<index:05d>.jpg
@@ -118,6 +119,17 @@ def check_hpsv2_records(records: Sequence[Mapping[str, Any]], seeds_per_prompt: 
     if seeds_per_prompt != 1:
         raise UserError(f"--export hpsv2 writes one image per prompt, as its evaluator reads; pass --seeds 1 "
                         f"(got {seeds_per_prompt})")
+    if not hpd_complete(records):  # HPSv2's loader would silently score the next image for a missing one
+        raise UserError("--export hpsv2 needs every prompt of each style (HPSv2's evaluator reads <style>/00000.jpg "
+                        "onwards and silently skips a missing file); drop --max-prompts")
+
+
+def hpd_complete(records: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether HPSv2 benchmark records hold each style's prompts 0..n-1, all of them, in order (no subset)."""
+    seen: dict[str, list[int]] = {}
+    for r in records:
+        seen.setdefault(str(r.get("task")), []).append(int(r.get("style_index", -1)))
+    return bool(seen) and all(v == list(range(len(v))) for v in seen.values())
 
 
 class HPSv2Export:
@@ -323,7 +335,8 @@ def cli_main(argv: Sequence[str]) -> int:
                       description="Add an external evaluator's per-image results to a `flowalign eval` directory "
                                   "(GenEval: after `flowalign eval --prompts geneval --export geneval`; T2I-CompBench: "
                                   "after `flowalign eval --prompts t2i-compbench-<category> --export t2i-compbench`).")
-    p.add_argument("tool", choices=EXPORTS, help="the evaluator that wrote RESULTS")
+    p.add_argument("tool", choices=IMPORTS, help="the evaluator that wrote RESULTS (HPSv2's writes no per-image "
+                                                 "results: flowalign's hpsv21 reward scores the same images)")
     p.add_argument("results", help="its per-image results, e.g. the --outfile of GenEval's evaluation/evaluate_images.py")
     p.add_argument("--into", required=True, help="the evaluation directory (the --out of `flowalign eval --export`)")
     p.add_argument("--name", help="t2i-compbench: the score's name in results.jsonl, e.g. blip_vqa, unidet_spatial, "

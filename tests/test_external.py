@@ -233,8 +233,9 @@ def test_hpd_benchmark_directory_loads_style_by_style(tmp_path, capsys, no_model
     (d / "photo.json").write_text(json.dumps({"not": "a list"}))
     with pytest.raises(Exception, match="non-empty JSON list of prompt strings"):
         D.load_prompts(str(d))
-    (d / "photo.json").unlink()
-    fails(capsys, ["eval", "--prompts", str(d), "--out", str(tmp_path / "o")], "is a directory",
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(capsys, ["eval", "--prompts", str(empty), "--out", str(tmp_path / "o")], "is a directory",
           "the HPSv2 benchmark's directory")
 
 
@@ -269,3 +270,37 @@ def test_hpsv2_export_writes_its_layout_and_the_summary_its_chunks(tmp_path, cap
           "one image per prompt", "--seeds 1")
     fails(capsys, ["eval", "--seeds", "1", "--export", "hpsv2", "--out", str(tmp_path / "o")],
           "needs the HPSv2 benchmark's prompts")
+
+
+def test_hpd_subsets_and_several_seeds_get_no_chunk_statistic_and_no_export(tmp_path, capsys):
+    """HPSv2's statistic is over each style's full list, one image per prompt; its loader would silently score the
+    next file for a missing one, so a subset is not exported."""
+    d = _hpd_dir(tmp_path)
+    fails(capsys, ["eval", "--prompts", str(d), "--seeds", "1", "--max-prompts", "160", "--export", "hpsv2",
+                   "--out", str(tmp_path / "o")], "needs every prompt of each style")
+    for extra, name in ((["--max-prompts", "160"], "sub"), (["--seeds", "2"], "two")):
+        args = ["--seeds", "1", *extra] if name == "sub" else extra
+        assert main(["eval", "--prompts", str(d), *args, "--steps", "1", "--rewards", "shapes_partial", "--grid", "0",
+                     "--batch-size", "64", "--out", str(tmp_path / name)]) == 0
+        assert "chunks" not in json.loads((tmp_path / name / "summary.json").read_text())
+    (d / "photo.json").unlink()
+    capsys.readouterr()
+    fails(capsys, ["eval", "--prompts", str(d), "--out", str(tmp_path / "o")], "lacks photo.json")
+
+
+def test_compare_offers_rewards_not_prompt_metadata_and_defaults_to_the_first_reward(tmp_path, capsys):
+    d = _hpd_dir(tmp_path)
+    for name in ("a", "b"):
+        assert main(["eval", "--prompts", str(d), "--seeds", "1", "--max-prompts", "8", "--steps", "1", "--rewards",
+                     "shapes_partial", "--grid", "0", "--out", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    fails(capsys, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--reward", "style_index", "--out",
+                   str(tmp_path / "c")], "it holds: shapes_partial)")
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "compare.md").read_text().startswith("# shapes_partial: 2 evaluations")
+
+
+def test_import_scores_offers_only_evaluators_with_per_image_results(capsys):
+    with pytest.raises(SystemExit):
+        main(["import-scores", "hpsv2", "x.json", "--into", "y"])
+    assert "invalid choice: 'hpsv2'" in capsys.readouterr().err

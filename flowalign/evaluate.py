@@ -371,6 +371,11 @@ def as_records(prompts: Sequence[Any]) -> list[dict]:
 SAMPLING_KEYS = ("steps", "guidance", "height", "width", "num_frames")  # what a protocol fixes per model family
 _PROTOCOL_KEYS = ("name", "version", "description", "source", "prompts", "prompts_sha256", "images_per_prompt", "seed",
                   "rewards", "overall", "sampling")
+_OPTIONAL_PROTOCOL_KEYS = ("external",)
+# A protocol's ``external`` scorer: an evaluator that runs outside flowalign on the images `eval --export NAME` writes,
+# whose per-image results `flowalign import-scores NAME` adds as the score NAME (REWARDS_AND_EVAL.md §3.5). The
+# layout, the import and the score share the name.
+EXTERNAL_SCORERS = {"geneval": "GenEval's evaluation/evaluate_images.py"}
 
 
 @dataclass(frozen=True)
@@ -380,7 +385,10 @@ class Protocol:
     Read from a YAML file (``flowalign/assets/protocols/NAME.yaml``, or a user's file): the prompt set and the SHA-256
     of its records (text and metadata, ``io.prompts_digest``), images per prompt and the run seed (image k of prompt i
     starts from ``image_seed(seed, i, k)``), the rewards, how the overall mean is taken (``summarize``'s ``overall``),
-    and per model family the ODE steps, guidance and, where the family has one, the resolution. An evaluation whose
+    per model family the ODE steps, guidance and, where the family has one, the resolution, and optionally an
+    ``external`` scorer (``EXTERNAL_SCORERS``: the benchmark's number is that evaluator's, run on the images of
+    ``eval --export NAME`` and added per image by ``flowalign import-scores NAME``; ``rewards`` may then be empty;
+    the label says whether its scores are in yet). An evaluation whose
     settings all equal the protocol's is a benchmark result; overriding any of them makes it a non-benchmark one
     (``protocol_status``). The built-in files are never edited: a change is a new name or version, and
     tests/test_protocols.py pins each file's SHA-256 (``sha256`` here).
@@ -399,6 +407,7 @@ class Protocol:
     sampling: Mapping[str, Mapping[str, Any]]
     sha256: str = ""
     file: str = ""  # a user's protocol file ("" = built-in)
+    external: str = ""  # an EXTERNAL_SCORERS name: the benchmark's score comes from that evaluator ("" = none)
 
     def families(self) -> list[str]:
         return list(self.sampling)
@@ -444,12 +453,13 @@ def load_protocol(name_or_path: str) -> Protocol:
         raise UserError(f"{where} is not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping with keys {', '.join(_PROTOCOL_KEYS)}")
-    unknown = [k for k in data if k not in _PROTOCOL_KEYS]
+    unknown = [k for k in data if k not in _PROTOCOL_KEYS + _OPTIONAL_PROTOCOL_KEYS]
     missing = [k for k in _PROTOCOL_KEYS if k not in data]
     if unknown or missing:
         what = "; ".join(x for x in (f"unknown keys {unknown}" if unknown else "",
                                      f"missing keys {missing}" if missing else "") if x)
-        raise UserError(f"{where}: {what} (a protocol has exactly {', '.join(_PROTOCOL_KEYS)})")
+        raise UserError(f"{where}: {what} (a protocol has exactly {', '.join(_PROTOCOL_KEYS)}, and may have "
+                        f"{', '.join(_OPTIONAL_PROTOCOL_KEYS)})")
 
     def typed(key: str, kind: type, value: Any = None) -> Any:
         v = data[key] if value is None else value
@@ -462,10 +472,15 @@ def load_protocol(name_or_path: str) -> Protocol:
     from flowalign.models import MODELS
     from flowalign.rewards import REWARDS
 
+    external = data.get("external", "")
+    if external not in ("", *EXTERNAL_SCORERS):
+        raise UserError(f"{where}: external must be one of {', '.join(EXTERNAL_SCORERS)} (an evaluator flowalign "
+                        f"exports for and imports from), got {external!r}")
     rewards = data["rewards"]
-    if not isinstance(rewards, list) or not rewards or not all(isinstance(r, str) and r in REWARDS for r in rewards):
-        raise UserError(f"{where}: rewards must be a non-empty list of reward names (`flowalign rewards list`), "
-                        f"got {rewards!r}")
+    if (not isinstance(rewards, list) or not (rewards or external)
+            or not all(isinstance(r, str) and r in REWARDS for r in rewards)):
+        raise UserError(f"{where}: rewards must be a {'' if external else 'non-empty '}list of reward names "
+                        f"(`flowalign rewards list`), got {rewards!r}")
     if len(set(rewards)) != len(rewards):
         raise UserError(f"{where}: rewards {rewards!r} names a reward twice")
     if data["overall"] not in OVERALL:
@@ -495,7 +510,7 @@ def load_protocol(name_or_path: str) -> Protocol:
                      source=typed("source", str), prompts=prompts,
                      prompts_sha256=typed("prompts_sha256", str), images_per_prompt=typed("images_per_prompt", int),
                      seed=typed("seed", int), rewards=tuple(rewards), overall=data["overall"], sampling=fixed,
-                     sha256=hashlib.sha256(raw).hexdigest(), file="" if builtin else str(path))
+                     sha256=hashlib.sha256(raw).hexdigest(), file="" if builtin else str(path), external=external)
     if proto.images_per_prompt < 1 or proto.seed < 0:
         raise UserError(f"{where}: images_per_prompt must be >= 1 and seed >= 0")
     if not builtin and proto.name in list_protocols() and proto.sha256 != load_protocol(proto.name).sha256:
@@ -541,9 +556,12 @@ def find_protocol(prompt_set: Any) -> Optional[Protocol]:
 
 def protocol_defaults(protocol: Protocol, family: str) -> dict:
     """What ``protocol`` fixes for a run of model family ``family``: ``prompt_set``, ``seeds_per_prompt``, ``seed``,
-    ``rewards`` and, when it has that family, ``steps``, ``guidance`` and ``resolution`` (height/width/num_frames)."""
+    ``rewards``, ``export`` (its external scorer's layout, if it has one) and, when it has that family, ``steps``,
+    ``guidance`` and ``resolution`` (height/width/num_frames)."""
     out: dict[str, Any] = {"prompt_set": protocol.prompts, "seeds_per_prompt": protocol.images_per_prompt,
                            "seed": protocol.seed, "rewards": list(protocol.rewards)}
+    if protocol.external:
+        out["export"] = protocol.external
     fam = protocol.sampling.get(family)
     if fam is not None:
         out.update(steps=fam["steps"], guidance=fam["guidance"])
@@ -585,18 +603,25 @@ def protocol_status(protocol: Protocol, settings: Mapping[str, Any]) -> dict:
         res = settings.get("resolution") or {}
         for k, v in want.get("resolution", {}).items():
             differ(k, v, res.get(k))
+    scorer = {}
+    if protocol.external:  # the images must be in its evaluator's layout; its score is in once imported
+        differ("export", protocol.external, settings.get("export"))
+        scorer = {"external": protocol.external,
+                  "scored": protocol.external in (settings.get("external_scores") or {})}
     return {"name": protocol.name, "version": protocol.version, "sha256": protocol.sha256,
-            **({"file": protocol.file} if protocol.file else {}), "benchmark": not overrides, "overrides": overrides}
+            **({"file": protocol.file} if protocol.file else {}), "benchmark": not overrides, "overrides": overrides,
+            **scorer}
 
 
 def format_protocols() -> str:
     """The built-in protocols as a table (``flowalign eval --list-benchmarks``)."""
-    rows = [("name", "prompts", "images", "rewards", "overall", "families (steps, guidance[, HxW])")]
+    rows = [("name", "prompts", "images", "scores", "overall", "families (steps, guidance[, HxW])")]
     for name in list_protocols():
         p = load_protocol(name)
         fams = "; ".join(f"{f} ({c['steps']}, {c['guidance']:g}" + (f", {c['height']}x{c['width']}" if "height" in c else "")
                          + ")" for f, c in p.sampling.items())
-        rows.append((f"{p.name} v{p.version}", p.prompts, str(p.images_per_prompt), ",".join(p.rewards), p.overall, fams))
+        scores = ",".join([*p.rewards, *([f"{p.external} (external)"] if p.external else [])])
+        rows.append((f"{p.name} v{p.version}", p.prompts, str(p.images_per_prompt), scores, p.overall, fams))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
     return "\n".join(lines)
@@ -797,7 +822,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels)
     if journal is not None:
         journal.close()
-    logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()})
+    logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()} if names else
+                f"{len(records)} images, no rewards")
     return summ
 
 
@@ -984,6 +1010,11 @@ def cli_main(argv: Sequence[str]) -> int:
     args.max_prompts = 0 if args.max_prompts is None else args.max_prompts
     args.steps = fixed.get("steps") if args.steps is None else args.steps
     args.guidance = fixed.get("guidance") if args.guidance is None else args.guidance
+    if "export" in fixed:  # a benchmark scored by an external evaluator: its images in that evaluator's layout
+        if args.export not in (None, fixed["export"]):
+            raise UserError(f"benchmark {protocol.name!r} is scored by {EXTERNAL_SCORERS[protocol.external]} on "
+                            f"--export {fixed['export']} images; drop --export {args.export}")
+        args.export = fixed["export"]
     check_positive(steps=args.steps, seeds=args.seeds, batch_size=args.batch_size)
     check_max_prompts(args.max_prompts)
     if args.grid < 0:
@@ -998,7 +1029,7 @@ def cli_main(argv: Sequence[str]) -> int:
                         f"one process, or start the evaluation again")
     out = _check_out_dir_once(args.out, args.resume, rank, world)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    if not names:
+    if not names and not (protocol is not None and protocol.external):  # an external scorer's benchmark needs none
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
     reward_kwargs, per_frame, model_kwargs = parse_component_args(args, names)
     if args.lora:
@@ -1055,9 +1086,10 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.report import write_report
 
     write_report(out)
-    for task, vals in summ["per_task"].items():
+    for task, vals in summ["per_task"].items() if names else ():  # no rewards: an external scorer's benchmark
         logger.info("%-14s %s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()))
-    logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
+    if names:
+        logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
     for name, per in summ.get("chunks", {}).items():  # the HPSv2 benchmark's statistic
         for style, c in per.items():
             logger.info("%-14s %s over %d chunks: %.4f ± %.4f", style, name, c["chunks"], c["mean"], c["std"])

@@ -235,6 +235,9 @@ def _write_scores(d: Path, src: Path, jobs: Mapping, scores: Mapping, summary: d
         new["pass_at_k"] = passk
     settings["external_scores"] = {**settings.get("external_scores", {}), name: {
         "tool": tool, "results": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}}
+    status = settings.get("benchmark")
+    if isinstance(status, dict) and status.get("external") == name:  # a protocol scored by this evaluator: now it is
+        status["scored"] = True
     new["settings"] = settings
     atomic_write_text(d / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_text(d / "summary.json", json.dumps(new, indent=2, default=str))
@@ -353,4 +356,9 @@ def cli_main(argv: Sequence[str]) -> int:
     for task, vals in summ["per_task"].items():
         logger.info("%-14s %s=%.3f", task, name, vals.get(name, float("nan")))
     logger.info("overall        %s=%.3f", name, summ["overall"][name])
+    status = summ["settings"].get("benchmark")
+    if isinstance(status, dict):
+        from flowalign.report import benchmark_line
+
+        (logger.info if status.get("benchmark") else logger.warning)("%s", benchmark_line(status))
     return 0

@@ -723,10 +723,15 @@ def benchmark_line(status: Mapping[str, Any]) -> str:
     head = f"{status.get('name')} v{status.get('version')}"
     if status.get("file"):  # a user's protocol: its file and digest, so it is never mistaken for a built-in one
         head += f" (user protocol {status['file']}, sha256 {str(status.get('sha256'))[:12]})"
+    pending = ""
+    if status.get("external") and not status.get("scored"):  # the number comes from an evaluator run elsewhere
+        pending = (f"; its score comes from {status['external']}'s own evaluator: run it on the exported images, then "
+                   f"add its results with `flowalign import-scores {status['external']}`")
     if status.get("benchmark"):
-        return f"benchmark {head} (every setting as the frozen protocol)"
+        done = f"; {status['external']} scores imported" if status.get("scored") else ""
+        return f"benchmark {head} (every setting as the frozen protocol{done}){pending}"
     changes = ", ".join(f"{k} {v.get('protocol')} -> {v.get('used')}" for k, v in (status.get("overrides") or {}).items())
-    return f"not a benchmark result: protocol {head} with {changes}"
+    return f"not a benchmark result: protocol {head} with {changes}{pending}"
 
 
 def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots: bool = True) -> Path:

@@ -85,3 +85,17 @@ def test_cli_help_lists_subcommands():
         assert cmd in out.stdout
     bad = subprocess.run([sys.executable, "-m", "flowalign.cli", "trian"], capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'train'" in bad.stderr
+
+
+def test_every_asset_folder_is_a_listed_package():
+    """setuptools ships package data only of listed packages (and warns about the others at every install): each
+    folder under flowalign/assets must be in pyproject.toml's packages, so a new asset folder cannot be left out of
+    the wheel unnoticed."""
+    import re
+
+    block = re.search(r"^packages = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M)
+    listed = set(re.findall(r'"([\w.]+)"', block.group(1)))   # no tomllib: Python 3.10 is supported
+    folders = {"flowalign.assets"} | {
+        "flowalign.assets." + ".".join(p.relative_to(ROOT / "flowalign" / "assets").parts)
+        for p in (ROOT / "flowalign" / "assets").rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    assert folders <= listed, f"add to pyproject.toml packages: {sorted(folders - listed)}"

@@ -374,6 +374,52 @@ def test_loading_options_reach_diffusers(tiny_sd3_dir):  # noqa: F811
         _one_line(e, next(iter(bad)))
 
 
+def test_missing_weights_is_one_line_without_diffusers_interim_lines(tiny_sd3_dir, tmp_path, capfd):  # noqa: F811
+    """diffusers logs "An error occurred while trying to fetch …" and "Defaulting to unsafe serialization" before it
+    raises, and its error names only the .bin file it tried last; the loader holds those lines and names both files."""
+    import shutil
+
+    broken = tmp_path / "sd3"
+    shutil.copytree(tiny_sd3_dir, broken)
+    for f in (broken / "transformer").glob("*.safetensors"):
+        f.unlink()
+    capfd.readouterr()
+    with pytest.raises(UserError) as e:
+        _load("sd3", broken)
+    _one_line(e, "no weights file (diffusion_pytorch_model.safetensors or .bin)", str(broken / "transformer"))
+    err = capfd.readouterr().err
+    assert "unsafe serialization" not in err and "An error occurred" not in err, err
+
+
+def test_held_library_logs_replay_on_success_only():
+    import logging
+
+    from flowalign.models.base import _library_logs_held
+
+    seen: list[str] = []
+
+    class _List(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    root, handler = logging.getLogger("diffusers"), _List()
+    root.addHandler(handler)
+    try:
+        log = logging.getLogger("diffusers.some.module")
+        with _library_logs_held("diffusers"):
+            log.warning("kept warning")
+            assert seen == []  # held, not yet shown
+        assert seen == ["kept warning"]
+        with pytest.raises(RuntimeError):
+            with _library_logs_held("diffusers"):
+                log.warning("dropped warning")
+                raise RuntimeError("boom")
+        assert seen == ["kept warning"]
+        assert handler in root.handlers and len([h for h in root.handlers if type(h).__name__ == "_Hold"]) == 0
+    finally:
+        root.removeHandler(handler)
+
+
 SIZE_ARGS = [("height", 0), ("height", -32), ("width", 0), ("max_sequence_length", 0), ("max_sequence_length", -1),
              ("height", 32.5), ("height", True), ("height", "32")]
 

@@ -18,6 +18,7 @@ from flowalign.report import benchmark_line
 # The SHA-256 of every built-in protocol file. A protocol is frozen: a test that fails here means a file was edited;
 # add a new protocol (or a new version under a new name) instead, so earlier results keep their meaning.
 PINNED = {
+    "geneval": "65a9931648f7dc0ecb787ebde56f1c5064a8837d4f6abacd7259da77f7a914df",
     "imagereward-bench": "e336f403753697c425c3d5d6f60dc69bb2dcead5562d35cac5b6ff768eb2c58c",
     "parti": "3bcbcf6ca1ed248fafe76c23eb72d785fb883e3d427f4b7e50d098f984a3e3e7",
     "pickscore-sfw": "878ca9c82171fc2605c3e046782142b5e44ef54152404336bad91b427e180eae",
@@ -181,6 +182,8 @@ def test_list_benchmarks_names_every_protocol(capsys):
     ({"steps": 2}, ["unknown keys ['steps']"]),
     ({"overall": "tasks"}, ["overall must be one of groups, images"]),
     ({"rewards": ["pickscroe"]}, ["rewards must be a non-empty list of reward names"]),
+    ({"rewards": []}, ["rewards must be a non-empty list of reward names"]),
+    ({"external": "vbench"}, ["external must be one of geneval", "got 'vbench'"]),
     ({"sampling": {"sdxl": {"steps": 2, "guidance": 4.0}}}, ["unknown model family 'sdxl'"]),
     ({"sampling": {"shapes": {"steps": 2}}}, ["sampling.shapes must give steps and guidance"]),
     ({"images_per_prompt": "four"}, ["images_per_prompt must be an integer"]),
@@ -282,3 +285,70 @@ def test_a_user_protocol_prompt_path_may_start_with_the_home_directory(tmp_path,
     monkeypatch.setenv("HOME", str(tmp_path))
     path.write_text(json.dumps({**json.loads(path.read_text()), "prompts": "~/mine.txt"}))
     assert load_protocol(str(path)).prompts == str(tmp_path / "mine.txt")
+
+
+def test_geneval_is_a_benchmark_scored_by_its_own_evaluator():
+    """REWARDS_AND_EVAL §3.5: 553 prompts x 4 images, the mean of the six task accuracies; Flow-GRPO's SD3.5 / FLUX
+    evaluation sampling (METHODS §3.10). Its number is GenEval's, imported per image; flowalign computes no reward."""
+    proto = load_protocol("geneval")
+    assert (proto.external, proto.rewards, proto.images_per_prompt, proto.overall) == ("geneval", (), 4, "groups")
+    assert len(D.load_prompts(proto.prompts)) == 553
+    assert protocol_defaults(proto, "sd3") == {"prompt_set": "geneval", "seeds_per_prompt": 4, "seed": 0, "rewards": [],
+                                               "export": "geneval", "steps": 40, "guidance": 4.5,
+                                               "resolution": {"height": 512, "width": 512}}
+    exact = {**_settings(proto, "sd3"), "export": "geneval"}
+    status = protocol_status(proto, exact)
+    assert status["benchmark"] and (status["external"], status["scored"]) == ("geneval", False)
+    assert "import-scores geneval" in benchmark_line(status)
+    status = protocol_status(proto, {**exact, "external_scores": {"geneval": {}}})
+    assert status["scored"] and "geneval scores imported" in benchmark_line(status)
+    assert "import-scores" not in benchmark_line(status)
+    assert list(protocol_status(proto, {**exact, "export": None})["overrides"]) == ["export"]
+
+
+def _geneval_protocol(tmp_path):
+    """A user protocol scored by GenEval on three of its prompts at the tiny SD3's size: a benchmark run that fits a
+    test (the built-in one samples 2,212 images at 512x512)."""
+    prompts = tmp_path / "geneval3.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in as_records(D.spaced_subset(D.load_prompts("geneval"), 3))))
+    return _user_protocol(tmp_path, name="geneval-tiny", prompts=str(prompts),
+                          prompts_sha256=prompts_digest(as_records(D.load_prompts(str(prompts)))), images_per_prompt=2,
+                          rewards=[], external="geneval", overall="groups",
+                          sampling={"sd3": {"steps": 1, "guidance": 4.5, "height": 32, "width": 32}})
+
+
+def test_an_externally_scored_benchmark_exports_then_is_complete_once_its_scores_are_imported(tmp_path, tiny_sd3_dir,
+                                                                                             caplog, capsys):
+    path = _geneval_protocol(tmp_path)
+    out = tmp_path / "ev"
+    with caplog.at_level(logging.INFO, logger="flowalign"):
+        assert main(["eval", "--benchmark", str(path), "--model", "sd3", "--path", str(tiny_sd3_dir), "--grid", "0",
+                     "--out", str(out)]) == 0
+    summ = json.loads((out / "summary.json").read_text())
+    st = summ["settings"]
+    assert st["export"] == "geneval" and st["rewards"] == [] and summ["overall"] == {}  # the export is implied
+    assert (st["benchmark"]["benchmark"], st["benchmark"]["scored"]) == (True, False)
+    assert "then add its results with `flowalign import-scores geneval`" in caplog.text
+    pngs = sorted(p.relative_to(out / "geneval").as_posix() for p in (out / "geneval").rglob("*.png"))
+    assert pngs == [f"{i:05d}/samples/{k:04d}.png" for i in range(3) for k in range(2)]
+    results = tmp_path / "geneval_results.jsonl"  # what GenEval's evaluate_images.py writes for these images
+    lines = []
+    for i in range(3):
+        meta = json.loads((out / "geneval" / f"{i:05d}" / "metadata.jsonl").read_text())
+        lines += [{"filename": str(out / "geneval" / f"{i:05d}" / "samples" / f"{k:04d}.png"), "tag": meta["tag"],
+                   "prompt": meta["prompt"], "correct": k == 0, "reason": "", "metadata": json.dumps(meta),
+                   "details": "{}"} for k in range(2)]
+    results.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flowalign"):
+        assert main(["import-scores", "geneval", str(results), "--into", str(out)]) == 0
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["overall"] == {"geneval": 0.5} and summ["settings"]["benchmark"]["scored"] is True
+    assert "benchmark geneval-tiny v1" in caplog.text and "geneval scores imported" in caplog.text
+    assert "geneval scores imported" in (out / "report.html").read_text()
+
+
+def test_an_externally_scored_benchmark_refuses_another_export(tmp_path, capsys, no_model):
+    fails(capsys, ["eval", "--benchmark", "geneval", "--model", "sd3", "--export", "t2i-compbench", "--out",
+                   str(tmp_path / "o")], "benchmark 'geneval' is scored by GenEval", "drop --export t2i-compbench")
+    assert not (tmp_path / "o").exists()

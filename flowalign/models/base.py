@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import numbers
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -284,6 +285,33 @@ def check_transformer(pipe: Any, path: str, family: str) -> None:
     raise UserError(f"the checkpoint at {path!r} has a {found} transformer, not the {family} family's {want}; {fix}")
 
 
+@contextlib.contextmanager
+def _library_logs_held(library: str):
+    """Hold the log records a library (diffusers, transformers: their root logger does not propagate) emits inside the
+    block and replay them through its handlers if the block succeeds. On failure they are dropped: the caller's
+    one-line error says what went wrong, and diffusers' interim lines ("An error occurred while trying to fetch …",
+    "Defaulting to unsafe serialization …") would only precede it with a half-truth."""
+    root = logging.getLogger(library)
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, hold = root.handlers[:], _Hold()
+    for h in handlers:
+        root.removeHandler(h)
+    root.addHandler(hold)
+    try:
+        yield
+    finally:
+        root.removeHandler(hold)
+        for h in handlers:
+            root.addHandler(h)
+    for record in held:  # only reached on success
+        root.handle(record)
+
+
 def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: Any, family: str, **kwargs: Any):
     """``pipeline_cls.from_pretrained(path)`` in ``dtype`` with the VAE in fp32, every module frozen and in eval mode.
 
@@ -299,9 +327,13 @@ def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: A
     dtype_key = "dtype" if hasattr(pu, "_resolve_dtype") else "torch_dtype"
     dtypes = {"default": dtype, "vae": torch.float32}
     try:
-        pipe = pipeline_cls.from_pretrained(path, **{dtype_key: dtypes}, **kwargs)
+        with _library_logs_held("diffusers"):
+            pipe = pipeline_cls.from_pretrained(path, **{dtype_key: dtypes}, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        missing = re.search(r"no file named (\S+) found in directory (\S+?)\.?$", first)
+        if missing:  # diffusers tried .safetensors, then .bin, and names only the last
+            first = f"no weights file ({missing.group(1).rsplit('.', 1)[0]}.safetensors or .bin) in {missing.group(2)}"
         msg = f"cannot load the {family} pipeline from {path!r} ({first}); pass a local diffusers directory"
         raise UserError(msg) from e
     check_transformer(pipe, path, family)

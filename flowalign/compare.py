@@ -440,16 +440,25 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
         if e["settings"].get("overall", "groups") != overall:
             raise UserError(f"{e['label']} averages its overall over {e['settings'].get('overall', 'groups')}, "
                             f"{ref['label']} over {overall}; compare evaluations of the same protocol")
+    # `flowalign steer` outputs are other images than plain samples of the same seeds (best of k, resampled): they are
+    # paired with the others by prompt and output index, not by noise
+    steered = [e["label"] for e in evals if "steer_rewards" in e["settings"]]
     results = []
     for e in evals[1:]:  # before anything is written: every pair must be comparable
         try:
-            results.append(paired_bootstrap(ref["records"], e["records"], reward, overall=overall, n_boot=n_boot))
+            results.append(paired_bootstrap(ref["records"], e["records"], reward, overall=overall, n_boot=n_boot,
+                                            same_noise=not steered))
         except ValueError as err:
-            raise UserError(f"{e['label']} and {ref['label']} cannot be compared image for image: {err}; evaluate "
+            how = "image for image" if not steered else "prompt for prompt"
+            raise UserError(f"{e['label']} and {ref['label']} cannot be compared {how}: {err}; evaluate (steer) "
                             f"both with the same prompts, --seeds and --seed") from None
     keys = sorted({k for e in evals for k in e["settings"]} - _SUBJECT)
     differ = [k for k in keys if len({json.dumps(e["settings"].get(k), sort_keys=True, default=str) for e in evals}) > 1]
-    lines = [f"# {reward}: {len(evals)} evaluations on the same prompts and seeds (reference: {ref['label']})", ""]
+    same = "prompts and seeds" if not steered else "prompts"
+    lines = [f"# {reward}: {len(evals)} evaluations on the same {same} (reference: {ref['label']})", ""]
+    if steered:
+        lines += [f"Steered outputs ({', '.join(steered)}) are not the images plain sampling draws from the same "
+                  f"seeds: the pairs share their prompt and output index, not their noise.", ""]
     for e in evals:
         st = e["settings"]
         what = ", ".join(f"{k}={st[k]}" for k in ("model", "path", "lora") if st.get(k)) or "settings not recorded"

@@ -48,6 +48,18 @@ def image_seed(seed: int, prompt_index: int, k: int) -> int:
     return 2**63 | ((seed % 2**31) << 32) | low
 
 
+def step_noise_seed(init_seed: int) -> int:
+    """Seed of the SDE step noise of the image (or steered output) whose initial noise has seed ``init_seed``
+    (``image_seed``): one stream per image, so it does not depend on its batch-mates.
+
+    A splitmix64 hash of the initial seed, in the low 32 bits the CPU generator uses. The earlier ``init·7919 + 1`` was
+    itself an initial seed: image 0 of prompt 0 at run seed 0 drew its step noise from seed 1, the initial noise of
+    image 1 (or of particle 1 of the same output), so two supposedly independent samples were correlated. A hash meets
+    one of a run's n initial seeds only by chance (about n / 2**32 per image; tests/test_seed_streams.py checks that
+    none of the first seeds' streams meets an initial seed)."""
+    return _splitmix64(int(init_seed) ^ 0x5DEECE66D) % 2**32
+
+
 def _splitmix64(x: int) -> int:
     """splitmix64's output function (Steele et al. 2014): a well-mixed 64-bit word for an integer (mod 2**64)."""
     z = (x + 0x9E3779B97F4A7C15) % 2**64
@@ -234,12 +246,14 @@ def summarize_pass_at_k(records: Sequence[Mapping[str, Any]], reward_names: Sequ
 
 def paired_bootstrap(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]], reward: str, *,
                      overall: str = "groups", group_key: str = "task", n_boot: int = 2000, level: float = 0.95,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, same_noise: bool = True) -> dict:
     """The change of ``reward`` from evaluation ``base`` to ``other`` on the same images' jobs, with a paired bootstrap
     confidence interval (Efron & Tibshirani 1993, "An Introduction to the Bootstrap", ch. 13, percentile interval).
 
     Both record lists (``results.jsonl``) must hold the same (``prompt_index``, ``sample``) jobs with the same noise
-    ``seed``: the pairs differ only in the model, so the noise of the prompts and seeds cancels in the difference. Prompts
+    ``seed``: the pairs differ only in the model, so the noise of the prompts and seeds cancels in the difference
+    (``same_noise=False``: the seeds may differ, e.g. steered outputs against plain samples; the pairs then share
+    only their prompt, and the interval is over prompts all the same). Prompts
     are resampled with replacement within each group (``_group_of``: every group keeps its size), the same prompts
     for both evaluations, ``n_boot`` times; each resample's means follow ``summarize`` (a group's mean over its
     images, NaN skipped; ``overall`` over groups or over images), so the unresampled data give exactly
@@ -262,7 +276,7 @@ def paired_bootstrap(base: Sequence[Mapping[str, Any]], other: Sequence[Mapping[
     if a.keys() != b.keys():
         raise ValueError(f"the evaluations hold different images ({len(a)} vs {len(b)} (prompt, sample) jobs, "
                          f"{len(a.keys() ^ b.keys())} not in both)")
-    if any(a[k].get("seed") != b[k].get("seed") for k in a):
+    if same_noise and any(a[k].get("seed") != b[k].get("seed") for k in a):
         raise ValueError("the evaluations sampled the same jobs from different noise seeds (another --seed)")
     other_prompt = next((k for k in a if a[k].get("prompt") != b[k].get("prompt")), None)
     if other_prompt is not None:
@@ -1046,9 +1060,11 @@ def cli_main(argv: Sequence[str]) -> int:
         check_t2i_records(as_records(records))
     elif args.export == "hpsv2":
         check_hpsv2_records(as_records(records), args.seeds)
-    model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
-    if args.export and getattr(model, "output_kind", "image") != "image":
+    from flowalign.models import resolve as resolve_model
+
+    if args.export and getattr(resolve_model(args.model), "output_kind", "image") != "image":  # before the load
         raise UserError(f"--export {args.export} takes images; --model {args.model} makes videos")
+    model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
     for r in dict.fromkeys(r.prompt for r in records):

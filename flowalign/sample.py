@@ -58,12 +58,14 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
             idx = torch.tensor([uniq.index(p) for p in ps], device=model.device)
             x = torch.cat([model.init_noise(1, torch.Generator().manual_seed(int(sd))) for sd in ss])  # [n, *latent]
             if eta > 0:
+                from flowalign.evaluate import step_noise_seed
+
                 # SDE: one step-noise stream per image, seeded by its own seed, so the image does not depend on
                 # its batch-mates or its place in the batch (one generator per batch would)
                 final = torch.cat([
                     sample(model.velocity, x[i:i + 1], sigmas.to(model.device), cond, eta=etas.to(model.device),
                            kernel=kernel, cond_index=idx[i:i + 1],
-                           generator=torch.Generator().manual_seed(int(sd) * 7919 + 1)).final
+                           generator=torch.Generator().manual_seed(step_noise_seed(int(sd)))).final
                     for i, sd in enumerate(ss)])  # [n, *latent]
             else:
                 final = sample(model.velocity, x, sigmas.to(model.device), cond, eta=etas.to(model.device), kernel=kernel,

@@ -281,7 +281,14 @@ def fk_steer(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, reward
     resampled when its ESS < ``ess_threshold``·k — and always at the last step of S unless its weights are exactly
     uniform (then resampling is the identity). Resampling gathers the latents, the cached velocity and the potential
     state by ancestor and resets ℓw to 0; a declined test carries ℓw over (quirk Q17). After the last step the final
-    correction λ·r(x_T) − L is added, so ℓw weighs each particle towards the target exactly.
+    correction λ·r(x_T) − L is added, so the product of the potentials along every ancestral line is exp(λ·r(x_T)) and
+    the weighted particles target p_tar for every potential as k → ∞ (METHODS §6.2). At practical k only ``diff``
+    gives usable final weights: its intermediate targets telescope to the final one, while ``max``, ``sum`` and ``rt``
+    apply (about) the whole tilt again at every resampling step, so the particles end up tilted ~|S| times too strongly
+    and the final correction leaves a handful of them with weight. In the Gaussian world (r = x, λ = 3, T = 20) ``max``
+    ends with a final ESS of about 11 of 64,000 particles and a weighted mean 0.5 above the target's, ``diff`` on
+    target with all 64,000 (tests/test_steer.py). For a target sample (``output="drawn"``) use ``diff``; ``max``
+    (the reference's SDXL setting) is a search heuristic whose best particle is what it returns by default.
 
     Args:
         velocity: ``v(x, σ [n], cond_b)`` with CFG inside.
@@ -585,7 +592,7 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
     ``band``, ``normalize``, ``clip``) toward the same tilt exp(λ·r), β = 1/λ, with the importance correction in
     the weights; ``temper`` is DAS's γ (``temper_factors``).
     """
-    from flowalign.evaluate import image_seed
+    from flowalign.evaluate import image_seed, step_noise_seed
     from flowalign.samplers.loop import eta_schedule, sample
 
     if method not in METHODS:
@@ -641,7 +648,7 @@ def steer_prompts(model, records: Sequence[Mapping], steer_rewards: Mapping[str,
             cond_index = torch.tensor([row_of[i] for i, _ in unit_rows], device=x.device)  # [B]
             prompts = [records[i]["prompt"] for i, _ in unit_rows]
             meta = [dict(records[i]) for i, _ in unit_rows]
-            gens = [torch.Generator().manual_seed((image_seed(seed, i, s) * 7919 + 1) % 2**64) for i, s in chunk]
+            gens = [torch.Generator().manual_seed(step_noise_seed(image_seed(seed, i, s))) for i, s in chunk]
 
             def reward(z: Tensor, rows: Tensor) -> Tensor:
                 images = model.decode(z)  # [n, 3, H, W] in [0, 1]
@@ -799,7 +806,8 @@ def build_parser():
         "reward-gradient guidance; score the outputs with evaluation rewards."))
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
     p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
-    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts (0 = all)")
+    p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts, of --prompt-file's "
+                   "or of the arguments (0 = all)")
     p.add_argument("--method", default="best_of_n",
                    help=f"{' | '.join(METHODS)} (default best_of_n: the strongest on shapes-bench, docs/steering.md)")
     p.add_argument("--particles", "-k", type=int, default=None,
@@ -825,7 +833,8 @@ def build_parser():
                    help="FK: last regular resampling step, >= --start (default round(0.8 T), or --start if later); the "
                         "last step T-1 always resamples")
     p.add_argument("--output", default=None, choices=("best", "drawn"),
-                   help="FK: the highest-reward particle (default), or one drawn from the final weights (a target sample)")
+                   help="FK: the highest-reward particle (default), or one drawn from the final weights (a sample of "
+                        "p*exp(lam*r) with --potential diff; the other potentials' final weights degenerate)")
     p.add_argument("--proposal", default=None, choices=PROPOSALS,
                    help="FK: move particles with the sampler's kernel (default), or 'guided': DAS, the kernel shifted by "
                         "reward-gradient guidance toward exp(lam*r) with importance weights (--guide-mode/--band/"
@@ -882,7 +891,10 @@ def cli_main(argv: Sequence[str]) -> int:
 
     from flowalign import data as D
     from flowalign.errors import UserError
-    from flowalign.evaluate import PARTIAL, model_args_jsonable, parse_component_args, summarize, summarize_pass_at_k
+    from flowalign.evaluate import (PARTIAL, as_records, find_protocol, model_args_jsonable, parse_component_args,
+                                    protocol_status, summarize, summarize_pass_at_k)
+    from flowalign.io import prompts_digest
+    from flowalign.report import benchmark_line
     from flowalign.io import BatchJournal, atomic_write_text
     from flowalign.models import load_model
     from flowalign.rewards.catalog import build_reward_checked
@@ -952,6 +964,10 @@ def cli_main(argv: Sequence[str]) -> int:
     for name, default in FK_DEFAULTS.items():  # as used (the journal and summary.json record the resolved values)
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.output == "drawn" and args.potential != "diff":
+        logger.warning("--output drawn with --potential %s: its final weights fall on a handful of particles (it tilts "
+                       "about |S| times too strongly before the final correction), so the drawn output is a poor "
+                       "sample of p*exp(lam*r); use --potential diff for a target sample", args.potential)
     args.particles = 4 if args.particles is None else args.particles
     if args.batch_size is None:
         args.batch_size = max(DEFAULT_BATCH_ROWS, args.particles) if args.method in ("best_of_n", "fk") \
@@ -1022,9 +1038,10 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.prompt_file and args.prompts:
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:
-        records = D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)
+        records = D.load_prompts(args.prompt_file)
     else:
         records = [D.PromptRecord(pr) for pr in check_prompt_args(args.prompts)]
+    records = D.spaced_subset(records, args.max_prompts)  # of the file's prompts or of the arguments
     if not records:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:
@@ -1085,15 +1102,22 @@ def cli_main(argv: Sequence[str]) -> int:
             probe=args.probe, ess_threshold=args.ess, schedule=schedule, output=args.output or "best", beta=beta_eff,
             guide_mode=args.guide_mode, band=band, normalize=args.normalize, clip=args.clip, grid_prompts=GRID_PROMPTS,
             proposal=args.proposal, temper=args.temper, progress=True, journal=journal)
-    summ = summarize(records_out, eval_names)
-    passk = summarize_pass_at_k(records_out, eval_names)
+    # as `flowalign eval` averages and labels its numbers: a built-in set's protocol gives the overall convention,
+    # and a steered result is never a benchmark one (the protocols sample one ODE image per seed)
+    protocol = find_protocol(args.prompt_file)
+    overall = protocol.overall if protocol is not None else "groups"
+    summ = summarize(records_out, eval_names, overall=overall)
+    passk = summarize_pass_at_k(records_out, eval_names, overall=overall)
     if passk:
         summ["pass_at_k"] = passk
+    size = getattr(model, "output_size", None)
     summ["settings"] = {
         "method": args.method, "particles": cost["particles"], "steer_rewards": weights, "steps": steps,
         "guidance": float(getattr(model, "guidance_scale", float("nan"))), "kernel": kernel, "eta": eta,
         "seeds_per_prompt": args.seeds, "seed": args.seed, "prompts": len(rows), "model": args.model,
-        "path": args.path or None, "lora": args.lora, "prompt_set": args.prompt_file,
+        "path": args.path or None, "lora": args.lora, "prompt_set": args.prompt_file, "max_prompts": args.max_prompts,
+        "rewards": eval_names, "prompts_sha256": prompts_digest(as_records(records)), "overall": overall,
+        **({"resolution": size()} if callable(size) else {}),
         **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
         **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
         **({"lam": args.lam, "potential": args.potential, "resampler": args.resampler, "probe": args.probe,
@@ -1107,6 +1131,14 @@ def cli_main(argv: Sequence[str]) -> int:
             **({"beta_per_reward_unit": beta_eff} if args.method == "guided" else {})}
            if reward_std is not None else {}),
     }
+    if protocol is not None:
+        status = protocol_status(protocol, summ["settings"])
+        if args.method != "none" or eta > 0:  # the protocol's sampler is the ODE, one image per seed
+            status["overrides"]["sampler"] = {"protocol": "ODE (euler), one image per seed",
+                                              "used": f"steer --method {args.method} (k = {cost['particles']}, "
+                                                      f"{kernel}, eta {eta:g})"}
+            status["benchmark"] = False
+        summ["settings"]["benchmark"] = status
     summ["cost"] = cost
     summ["steer_reward_mean"] = sum(r["steer_reward"] for r in records_out) / len(records_out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1127,6 +1159,9 @@ def cli_main(argv: Sequence[str]) -> int:
     logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
     logger.info("cost: %.0f forwards and %.1f steering-reward rows per image (%s, k = %d); wrote %s",
                 cost["forwards_per_image"], cost["steer_reward_rows_per_image"], args.method, cost["particles"], out)
+    if "benchmark" in summ["settings"]:
+        status = summ["settings"]["benchmark"]
+        (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
     return 0
 
 

@@ -125,7 +125,7 @@ def test_export_refuses_prompts_without_geneval_metadata_before_the_model_loads(
     assert not (tmp_path / "o").exists()
 
 
-def test_export_refuses_a_video_model(tmp_path, capsys):
+def test_export_refuses_a_video_model_before_it_loads(tmp_path, capsys, no_model):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "a red circle moving to the left", "tag": "motion", "include": []}) + "\n")
     fails(capsys, ["eval", "--model", "shapes_video", "--prompts", str(prompts), "--rewards", "shapes_motion_partial",

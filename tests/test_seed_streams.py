@@ -34,3 +34,20 @@ def test_keys_of_groups_smaller_than_the_tags_are_unchanged():
     for m in range(11):
         assert init_noise_seed(5, 2, 1, m) == _seed(5, 2, 1, m)
     assert rank_stream_seed(5, 2, 1, "step_noise") == _seed(5, 2, 1, 11)
+
+
+def test_step_noise_streams_of_sample_and_steer_never_start_from_an_initial_noise():
+    """`flowalign sample` and `steer` draw an image's (an output's) SDE step noise from step_noise_seed(its initial
+    seed). It was init·7919 + 1: at run seed 0, image 0 of prompt 0 took its step noise from seed 1, the initial noise
+    of image 1 (of particle 1 of the same steered output). The CPU generator reads the low 32 bits only."""
+    from flowalign.evaluate import image_seed, step_noise_seed
+
+    for run_seed in (0, 1, 7, 42):
+        inits = {image_seed(run_seed, i, k) % 2**32 for i in range(240) for k in range(64)}
+        inits |= {image_seed(run_seed, i, k) % 2**32 for i in range(4) for k in range(1009, 1100)}  # the far range
+        steps = {step_noise_seed(sd) % 2**32 for sd in inits}
+        assert not steps & inits and len(steps) == len(inits)
+    eps = torch.randn(8, generator=torch.Generator().manual_seed(step_noise_seed(image_seed(0, 0, 0))))
+    x1 = torch.randn(8, generator=torch.Generator().manual_seed(image_seed(0, 0, 1)))
+    assert not torch.allclose(eps, x1)
+    assert step_noise_seed(image_seed(0, 0, 0)) != image_seed(0, 0, 1)

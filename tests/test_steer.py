@@ -155,6 +155,27 @@ def test_fk_weighted_particles_reach_the_tilted_mean():
     assert abs(res.final[:, 0].double().mean().item() - M) > 0.1  # the particles themselves moved off the base law
 
 
+@pytest.mark.parametrize("potential", ["max", "sum", "rt"])
+def test_only_diff_keeps_usable_final_weights(potential):
+    """Every potential's final correction makes the product of log G along a line λ·r(x_T) (METHODS §6.2), so all
+    target p·exp(λr) as k → ∞; but max / sum / rt apply about the whole tilt again at each resampling step, and at
+    k = 6000 their final weights fall on a few particles (ESS 2–16) with a weighted mean far off the target, where
+    diff keeps all 6000 and lands on it. Hence `--output drawn` warns unless the potential is diff (docs/steering.md)."""
+    T, k = 40, 6000
+    sig = schedules.shifted_linear(T, 1.0)
+    eta = eta_schedule(T, 0.7)
+    out = {}
+    for pot in ("diff", potential):
+        res = S.fk_steer(gaussian_world_velocity, _noise(k, 1), sig, {}, linear_reward(), k=k, lam=3.0,
+                         cond_index=torch.zeros(k, dtype=torch.long), eta=eta, potential=pot,
+                         generator=torch.Generator().manual_seed(2), resample_generator=torch.Generator().manual_seed(3))
+        w = torch.softmax(res.log_weight.double(), 0)
+        out[pot] = ((w * res.final[:, 0].double()).sum().item(), 1 / (w * w).sum().item())
+    target = M + 3 * SD**2
+    assert abs(out["diff"][0] - target) < 0.03 and out["diff"][1] > 0.9 * k
+    assert out[potential][1] < 0.01 * k and abs(out[potential][0] - target) > 0.2, out
+
+
 def test_ode_kernel_warns_and_duplicates_stay_identical(caplog):
     T, k = 10, 8
     sig = schedules.shifted_linear(T, 1.0)

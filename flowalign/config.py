@@ -628,10 +628,19 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: 
     if path is not None and str(path) != "":
         tree = _merge(tree, _load_file(Path(path).expanduser(), schema, ()), schema)
     tree = _apply_overrides_tree(tree, overrides, schema)
+    if schema is ExperimentConfig:  # the shell leaves '~' in `output.run_dir=~/x` alone: a literal ./~ would be made
+        for section, key in _USER_PATHS:
+            value = tree.get(section, {}).get(key)
+            if isinstance(value, str) and value.startswith("~"):
+                tree[section][key] = str(Path(value).expanduser())
     cfg = _build(schema, tree)
     if schema is ExperimentConfig:
         validate(cfg)
     return cfg
+
+
+# the path-valued fields whose leading '~' is the user's home (the prompt fields are expanded where they are read)
+_USER_PATHS = (("output", "run_dir"), ("model", "path"), ("sampler", "eta_file"))
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:

@@ -61,6 +61,8 @@ __all__ = [
 
 # group name -> fnmatch patterns; a key goes to the first group that matches it
 DEFAULT_PLOT_GROUPS: dict[str, list[str]] = {
+    "counts": ["reward/nan_rows", "*/nonfinite*", "*skipped*"],  # counts, not rewards: before the reward group
+    "credit": ["credit/*"],
     "reward": ["reward", "reward/*", "train/reward/*", "reward_*"],
     "eval": ["eval/*"],
     "nfe": ["nfe", "nfe/*", "train/nfe/*"],
@@ -320,6 +322,8 @@ _TITLES = {
     "reward": "training reward (mean over rollouts)", "eval": "evaluation (headline metric per task)",
     "nfe": "model forwards spent (cumulative)", "kl": "KL", "clipfrac": "clipped fraction of ratios",
     "loss": "losses", "groups": "group statistics", "grad_norm": "gradient norm", "time": "wall time",
+    "counts": "NaN reward rows, non-finite inputs, skipped updates (counts)",
+    "credit": "credit: mean |advantage| per head (over the trained transitions; NFT: over the samples)",
 }
 
 
@@ -347,6 +351,8 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
     xlabel = step_key or "record"
     written: list[Path] = []
     for name, gkeys in groups.items():
+        if name == "counts" and not any(y for k in gkeys for y in series[k][1]):
+            continue  # nothing went wrong: no plot
         is_eval = name == "eval" or name.startswith("eval_")
         title = _TITLES.get(name) or (f"evaluation: {name[5:]} per task" if is_eval else name)
         fig, ax = _new_axes(title, xlabel)
@@ -371,7 +377,7 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
     reward_keys = groups.get("reward", [])
     if reward_keys and nfe and "nfe" in groups:
         steps_nfe = dict(zip(*nfe))
-        fig, ax = _new_axes("reward vs model forwards spent", "NFE (cumulative, all phases)")
+        fig, ax = _new_axes("reward vs model forwards spent", "NFE (cumulative: sampling, probing, training)")
         drawn = 0
         for key in reward_keys:
             pts = [(steps_nfe[x], y) for x, y in zip(*series[key]) if x in steps_nfe]
@@ -390,7 +396,8 @@ def _total_nfe_series(series: Mapping[str, tuple[list[float], list[float]]]):
     for key in ("nfe/total", "train/nfe/total", "nfe"):
         if key in series:
             return series[key]
-    phases = [k for k in series if k.startswith("nfe/")]
+    # the training cost, as `flowalign compare` counts it: nfe/other (evaluations, grids) is not spent on training
+    phases = [k for k in series if k.startswith("nfe/") and k != "nfe/other"]
     if not phases:
         return None
     totals: dict[float, float] = {}
@@ -734,6 +741,23 @@ def benchmark_line(status: Mapping[str, Any]) -> str:
     return f"not a benchmark result: protocol {head} with {changes}{pending}"
 
 
+# what makes two evaluations' numbers comparable (the model aside): the images' jobs, noise and sampler, the scores
+_EVAL_PROTOCOL_KEYS = ("prompts_sha256", "prompts", "seeds_per_prompt", "seed", "steps", "guidance", "kernel",
+                       "resolution", "overall")
+
+
+def eval_mismatch(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    """'' when two summaries were evaluated the same way, else the differing settings ('steps 12 vs 3, ...')."""
+    sa = a.get("settings") if isinstance(a.get("settings"), dict) else {}
+    sb = b.get("settings") if isinstance(b.get("settings"), dict) else {}
+    diff = []
+    for k in _EVAL_PROTOCOL_KEYS:
+        if k in sa and k in sb and sa[k] != sb[k]:
+            va, vb = (str(v)[:12] if k == "prompts_sha256" else v for v in (sa[k], sb[k]))
+            diff.append(f"{k} {va} vs {vb}")
+    return ", ".join(diff)
+
+
 def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots: bool = True) -> Path:
     """(Re)build ``run_dir/plots/*.png`` and ``run_dir/report.html`` from whatever the run directory holds.
 
@@ -766,6 +790,11 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
             if _is_num(a) and _is_num(b) and math.isfinite(a) and math.isfinite(b):
                 parts.append(f"<p><b>{html.escape(headline)}</b>: {_fmt(a)} → {_fmt(b)} "
                              f"({'+' if b >= a else ''}{b - a:.3f} absolute)</p>")
+        mismatch = eval_mismatch(base, final) if base and final else ""
+        if mismatch:  # e.g. a resume that changed eval.*: the change is not the model's alone
+            parts.append(f'<p class="warn">base and {html.escape(shown_label or "aligned")} were evaluated with other '
+                         f'settings ({html.escape(mismatch)}): their difference is not the model\'s change alone; '
+                         f'evaluate both the same way (`flowalign eval`) to compare them</p>')
         parts.append(_comparison_table(base, final, shown_label or "aligned"))
         ref = final or base
         settings = ref.get("settings") if isinstance(ref.get("settings"), dict) else {

@@ -31,7 +31,7 @@ import shutil
 import time
 import typing
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ from flowalign.errors import CommandParser, UserError
 from flowalign.evaluate import find_protocol, run_eval
 from flowalign.sample import check_out_parent, guidance, sample_grid
 from flowalign.io import append_jsonl, atomic_dir, atomic_save, atomic_write_text
-from flowalign.report import benchmark_line
+from flowalign.report import benchmark_line, eval_mismatch, read_summary
 from flowalign.loss import (LR_SCHEDULES, NFT_NOISE, NFT_OPTIMALITY, SURROGATES, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
 from flowalign.models import load_model
@@ -348,6 +348,15 @@ def _resolution_kwargs(m: C.ModelConfig) -> dict[str, int]:
     return {"height": int(m.resolution), "width": int(m.resolution)}
 
 
+def _tb_scalars(writer: Any, values: Mapping[str, Any], step: int) -> None:
+    """The finite numbers of ``values`` as TensorBoard scalars at ``step`` (no writer: nothing)."""
+    if writer is None:
+        return
+    for k, v in values.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            writer.add_scalar(k, v, step)
+
+
 def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
     """Refuse to clobber an earlier run; return (run_dir, checkpoint to resume or None). Writes nothing."""
     run = Path(cfg.output.run_dir)
@@ -356,6 +365,11 @@ def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
     check_out_parent(run, "output.run_dir")
     if cfg.output.resume:
         ckpt = _latest_checkpoint(run)
+        if ckpt is None and run.exists() and any(run.iterdir()):  # a fresh start replaces its logs and report
+            foreign = _foreign_entries(run)
+            if foreign:
+                raise UserError(f"output.resume=true: {str(run)!r} holds no checkpoint and is not a training run "
+                                f"({foreign}); choose another output.run_dir")
         if ckpt is None:
             logger.info("resume: no checkpoint in %s, starting fresh", run)
         else:
@@ -380,11 +394,19 @@ def _check_replaceable(run: Path) -> None:
     if target == here or target in here.parents:
         raise UserError(f"output.overwrite=true would delete {str(run)!r}, the working directory or one above it; "
                         f"choose a run directory inside it")
-    foreign = sorted(p.name for p in run.iterdir() if p.name not in RUN_ENTRIES)
-    if foreign or not (run / "config.yaml").is_file():
-        what = f"it holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}" if foreign else "no config.yaml"
+    what = _foreign_entries(run)
+    if what:
         raise UserError(f"output.overwrite=true deletes only an earlier training run, and {str(run)!r} is not one "
                         f"({what}); choose another output.run_dir, or remove it yourself")
+
+
+def _foreign_entries(run: Path) -> str:
+    """'' if ``run`` looks like a training run (config.yaml, and nothing but what a run writes), else what it holds
+    instead, for an error line."""
+    foreign = sorted(p.name for p in run.iterdir() if p.name not in RUN_ENTRIES)
+    if not foreign and (run / "config.yaml").is_file():
+        return ""
+    return f"it holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}" if foreign else "no config.yaml"
 
 
 def _truncate_metrics(path: Path, iteration: int, rerun_end: bool = False) -> None:
@@ -581,6 +603,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
                             extra_settings={**eval_extra, **trained}, protocol=eval_protocol)
             if "benchmark" in summ["settings"]:
                 logger.info("eval/%s: %s", tag, benchmark_line(summ["settings"]["benchmark"]))
+            base_summary = run / "eval" / "base" / "summary.json"
+            if tag != "base" and base_summary.is_file():  # e.g. a resume that changed eval.*
+                mismatch = eval_mismatch(read_summary(base_summary), summ)
+                if mismatch:
+                    logger.warning("eval/%s and eval/base were evaluated with other settings (%s): their difference "
+                                   "is not the model's change alone", tag, mismatch)
             if cfg.eval.grid_prompts:  # 0 = no grids
                 sample_grid(model, eval_prompts[:: max(1, len(eval_prompts) // max(1, cfg.eval.grid_prompts))]
                             [: cfg.eval.grid_prompts], run / "grids" / f"{tag}.png", steps=cfg.eval.steps,
@@ -592,6 +620,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         summ = evaluate("base", 0)
         append_jsonl(run / "metrics.jsonl", {"iteration": 0, "time/elapsed_s": time.time() - t_run,
                                               **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
+        _tb_scalars(writer, {f"eval/{k}": v for k, v in _flat_summary(summ).items()}, 0)
     barrier()
 
     from tqdm.auto import tqdm
@@ -742,10 +771,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                 summ = evaluate(f"step-{it + 1}", it + 1)
                 metrics.update({f"eval/{k}": v for k, v in _flat_summary(summ).items()})
             append_jsonl(run / "metrics.jsonl", metrics)
-            if writer is not None:
-                for k, v in metrics.items():
-                    if isinstance(v, (int, float)) and math.isfinite(v):
-                        writer.add_scalar(k, v, it + 1)
+            _tb_scalars(writer, metrics, it + 1)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
                              if k.startswith("reward/") and k[len("reward/"):] in reward_vals})  # the rewards only
             if (cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0) or it + 1 == cfg.train.iterations:
@@ -767,6 +793,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
             summ = evaluate("final", cfg.train.iterations)
             append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "time/elapsed_s": time.time() - t_run,
                                                   **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
+            _tb_scalars(writer, {f"eval/{k}": v for k, v in _flat_summary(summ).items()}, cfg.train.iterations)
         if writer is not None:
             writer.close()
         from flowalign.report import write_report
@@ -1096,6 +1123,9 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
     t, eps = nft_row_draws(traj, rows, tr.nft_noise, generator)  # [N], [N, *latent]
     r = NFT_OPTIMALITY[tr.nft_optimality](adv[rows])  # [N]
     out["train/nft_rows"] = n
+    # the GRPO mask these metrics come from elsewhere holds no trained transitions here: the samples' own
+    out["train/kept_fraction"] = float(keep.float().mean())
+    out["credit/main_abs_mean"] = float(adv.abs().mean())
     out["train/nft_r_mean"] = float(r.mean()) if n else 0.5
     (mean_n,), skip = _global_counts([n], skip, reduce_mean)
     if mean_n == 0 and not skip:  # every group of every rank tied: nothing to learn (all ranks return together)

@@ -146,6 +146,9 @@ def test_nft_trains_on_ode_samples_with_counted_forwards(tmp_path):
         assert m["train/nft_rows"] == rows and m["train/skipped_updates"] == 0 and "train/nft_loss" in m
         # sampling: 8 ODE rollouts x 4 steps; training: v_old once + one forward per optimizer step, per row
         assert m["nfe/sampling"] == it * 8 * 4 and m["nfe/training"] == it * rows * (1 + 2)
+        # from the samples NFT fits (they were 0: read off GRPO's mask of trained transitions, empty for ODE rollouts)
+        assert m["train/kept_fraction"] == 1.0  # filter_zero_std=false keeps every sample
+        assert m["credit/main_abs_mean"] > 0 or m["reward/zero_std_ratio"] == 1.0
     sd = load_file(str(run / "checkpoints" / "step-2" / "raw" / WEIGHT_NAME))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sd.items())
 

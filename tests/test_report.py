@@ -315,3 +315,36 @@ def test_ranking_plot_range_keeps_every_state_on_the_plot():
     assert lo < -0.41 and hi == 1.02
     tables["sde:16"]["x0"]["by_state"][0] = -1.0
     assert ranking_ylim(tables)[0] == -1.02  # never below ρ's own range
+
+
+def test_plots_keep_counts_off_the_reward_axis_and_training_nfe_without_evaluations(tmp_path):
+    """reward/nan_rows (a count) was drawn on the reward axis, and reward_vs_nfe's x counted nfe/other (evaluations
+    and grids) as training cost, unlike `flowalign compare`; the credit heads had no plot at all."""
+    from flowalign.report import _group_keys, _series, _total_nfe_series, DEFAULT_PLOT_GROUPS
+
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"iteration": i, "reward/shapes_partial": 0.5, "reward/nan_rows": 3 * (i == 2), "nfe/sampling": 10 * i,
+             "nfe/training": 5 * i, "nfe/other": 1000, "credit/main_abs_mean": 0.4} for i in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _, series = _series([json.loads(x) for x in path.read_text().splitlines()])
+    groups = _group_keys(list(series), DEFAULT_PLOT_GROUPS, keep_unmatched=False)
+    assert groups["reward"] == ["reward/shapes_partial"] and groups["counts"] == ["reward/nan_rows"]
+    assert groups["credit"] == ["credit/main_abs_mean"]
+    assert _total_nfe_series(series)[1] == [15.0, 30.0, 45.0]
+    names = sorted(p.name for p in plot_metrics(path, tmp_path / "plots"))
+    assert {"counts.png", "credit.png", "reward.png", "reward_vs_nfe.png"} <= set(names)
+    path.write_text("".join(json.dumps({**r, "reward/nan_rows": 0}) + "\n" for r in recs))
+    assert "counts.png" not in {p.name for p in plot_metrics(path, tmp_path / "plots2")}  # nothing went wrong
+
+
+def test_report_warns_when_base_and_final_were_evaluated_differently(tmp_path):
+    """A resume may change eval.*; the base evaluation is not run again, so base vs final then mixes the model's
+    change with the evaluation's."""
+    from flowalign.report import eval_mismatch, write_report
+
+    base, final = _summary([0.8, 0.25, 0.125], [0.9, 0.5, 0.4]), _summary([0.9, 0.75, 0.5], [0.95, 0.85, 0.7])
+    assert eval_mismatch(base, final) == ""
+    final["settings"] = {**final["settings"], "steps": 3, "seeds_per_prompt": 1}
+    assert eval_mismatch(base, final) == "seeds_per_prompt 4 vs 1, steps 10 vs 3"
+    page = write_report(_run_with(tmp_path, base, final), make_plots=False).read_text()
+    assert "were evaluated with other settings (seeds_per_prompt 4 vs 1, steps 10 vs 3)" in page

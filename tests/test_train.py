@@ -45,6 +45,11 @@ def test_train_end_to_end_writes_everything(tmp_path):
               "grids/base.png", "grids/final.png", f"checkpoints/step-2/{WEIGHT_NAME}", "checkpoints/step-2/state.pt"):
         assert (run / f).exists(), f
     assert list((run / "tb").glob("events.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()  # the base and final evaluations reach TensorBoard too (they were only in metrics.jsonl)
+    assert [e.step for e in ea.Scalars("eval/overall/shapes_strict")] == [0, 2]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["iteration"] == 0 and "eval/overall/shapes_strict" in lines[0]
     assert lines[1]["iteration"] == 1 and "reward/shapes_partial" in lines[1] and lines[1]["nfe/sampling"] > 0
@@ -286,10 +291,35 @@ def test_resume_without_a_checkpoint_starts_fresh_logs(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
+    C.dump_yaml(_cfg(run), run / "config.yaml")  # a run killed before its first checkpoint: config and some metrics
     (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "stale": 1}) + "\n" for i in (1, 2, 3)))
     train(_cfg(run, "train.iterations=1", "output.resume=true"))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1] and "stale" not in lines[0]
+
+
+@pytest.mark.parametrize("held", [["notes.txt"], ["metrics.jsonl", "report.html"]], ids=["foreign", "no-config"])
+def test_resume_without_a_checkpoint_touches_only_a_training_run(tmp_path, held):
+    """A fresh start under output.resume=true replaces metrics.jsonl, tb/ and report.html: in a directory that is not
+    a training run (another command's output, the user's files) it deleted them; now it is refused in one line."""
+    run = tmp_path / "d"
+    run.mkdir()
+    for name in held:
+        (run / name).write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    res = _run_cli(["train", str(ROOT / "configs" / "shapes_grpo.yaml"), *SMALL, f"output.run_dir={run}",
+                    "output.resume=true"])
+    assert res.returncode == 2 and "holds no checkpoint and is not a training run" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_home_relative_run_dir_is_the_users_home(tmp_path, monkeypatch):
+    """`output.run_dir=~/x` reaches the program unexpanded (the shell expands ~ only at a word's start): it made a
+    directory named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = _cfg("~/runs/x", "model.path=~/weights")
+    assert cfg.output.run_dir == str(tmp_path / "runs" / "x") and cfg.model.path == str(tmp_path / "weights")
 
 
 def test_existing_run_is_not_overwritten_and_corrupted_checkpoint_fails(tmp_path):

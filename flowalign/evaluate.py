@@ -962,7 +962,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p = CommandParser(prog="flowalign eval", description="Evaluate a model on a prompt set with rewards.")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
-    p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N)")
+    p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N, or one written by "
+                   "diffusers' save_lora_weights)")
     p.add_argument("--benchmark", metavar="NAME|FILE.yaml",
                    help="run a frozen benchmark protocol (--list-benchmarks): it sets the prompts, images per prompt, "
                         "seed, rewards, steps, guidance and resolution; any of these flags given with another value "
@@ -976,7 +977,7 @@ def cli_main(argv: Sequence[str]) -> int:
                    "shapes_partial, or the benchmark's)")
     add_component_args(p)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the benchmark's, else the "
-                   "model's, e.g. 12 for shapes)")
+                   "model's own: 28 for sd3 and flux, 50 for wan, the config's sample_steps for shapes, 12)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the benchmark's, else the model's)")
     p.add_argument("--seeds", type=int, default=None, help="images per prompt (default 4, or the benchmark's; >= 2 "
                    "adds pass@k of pass/fail rewards)")
@@ -1006,7 +1007,7 @@ def cli_main(argv: Sequence[str]) -> int:
 
     from flowalign.rewards.video import for_outputs
     from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_positive,
-                                  check_seed, load_lora_checked)
+                                  check_seed, load_lora_checked, resolve_steps)
 
     # every argument is checked before the model loads and before anything is written
     protocol = load_protocol(args.benchmark) if args.benchmark else None
@@ -1076,7 +1077,7 @@ def cli_main(argv: Sequence[str]) -> int:
         check = getattr(fn, "validate_prompts", None)
         if check is not None:
             check([r.prompt for r in records])
-    steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
+    steps = resolve_steps(model, args.steps)
     ema = lora_ema(args.lora) if args.lora else None
     extra = {"model": args.model, "path": args.path or None, "lora": args.lora,
              **({"lora_ema": ema} if ema is not None else {}),

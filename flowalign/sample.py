@@ -46,11 +46,11 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
     etas = eta_schedule(steps, eta)  # [T]
     out = []
     starts = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    with guidance(model, guidance_scale):  # first: a model's warning about the scale comes before the progress bar
+        if progress:
+            from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="sampling", unit="batch")
-    with guidance(model, guidance_scale):
+            starts = tqdm(starts, desc="sampling", unit="batch")
         for s in starts:
             ps, ss = list(prompts[s:s + batch_size]), list(seeds[s:s + batch_size])
             uniq = list(dict.fromkeys(ps))
@@ -113,21 +113,27 @@ def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optio
 def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:
     """``path`` as a LoRA checkpoint directory whose weight file reads as LoRA tensors, or a one-line ``UserError``.
 
-    Reads only the (small) LoRA file, so a command can refuse a bad ``--lora`` before it loads the model.
+    Reads only the (small) LoRA file, so a command can refuse a bad ``--lora`` before it loads the model. A file
+    without flowalign's stored LoRA config must be in the diffusers/peft layout (``models.lora.infer_config``).
     """
     from safetensors import SafetensorError
 
-    from flowalign.models.lora import WEIGHT_NAME, read_lora
+    from flowalign.models.lora import WEIGHT_NAME, infer_config, read_lora
 
     lora = Path(path)
     if not (lora / WEIGHT_NAME).is_file():
         raise UserError(f"{flag} {str(lora)!r}: no {WEIGHT_NAME} there; pass a checkpoint directory, "
                         f"e.g. runs/NAME/checkpoints/step-N")
     try:
-        read_lora(lora)
+        sd, config = read_lora(lora)
     except (SafetensorError, OSError, ValueError) as err:  # garbage / truncated file, no LoRA tensors
         raise UserError(f"{flag} {str(lora)!r}: cannot read {WEIGHT_NAME} ({first_line(err)}); pass a checkpoint "
                         f"directory written by `flowalign train`") from err
+    if config is None:  # not written by flowalign: a diffusers/peft-format file loads too, another layout does not
+        try:
+            infer_config(sd, f"{flag} {str(lora)!r}")
+        except ValueError as err:
+            raise UserError(first_line(err)) from err
     return lora
 
 
@@ -223,6 +229,18 @@ def check_prompt_args(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
+def resolve_steps(model, steps: Optional[int]) -> int:
+    """``steps`` (the ``--steps`` of sample, eval and steer) when given, else the model's own default: its
+    ``default_steps`` (the diffusers pipeline's for sd3 and flux, 28, and wan, 50; the config's ``sample_steps`` for the
+    shapes models, 12)."""
+    if steps is not None:
+        return int(steps)
+    default = getattr(model, "default_steps", None)
+    if default is None:  # a family registered without one: no number is better than a made-up one
+        raise UserError(f"the {type(model).__name__} model declares no default number of sampling steps; pass --steps N")
+    return int(default)
+
+
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1."""
     for name, value in values.items():
@@ -243,9 +261,11 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--max-prompts", type=int, default=8, help="an evenly spaced subset of N prompts from --prompt-file")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
-    p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N")
+    p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N "
+                   "or one written by diffusers' save_lora_weights")
     add_model_arg(p)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: 28 for sd3 "
+                   "and flux, 50 for wan, the config's sample_steps for shapes, 12)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default="euler", help=f"step kernel: {' | '.join(KERNELS)}")
     p.add_argument("--eta", type=float, default=0.0, help="noise level of an SDE kernel (0 = ODE)")
@@ -302,7 +322,7 @@ def cli_main(argv: Sequence[str]) -> int:
         why = note(pr)
         if why:
             logger.warning("%s. Sampling it anyway; the model was trained on prompts of its grammar only", why)
-    steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
+    steps = resolve_steps(model, args.steps)
     out = sample_grid(model, prompts, args.out, steps=steps, guidance=args.guidance, seed=args.seed,
                       seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta, batch_size=args.batch_size,
                       progress=True)

@@ -854,9 +854,11 @@ def build_parser():
     p.add_argument("--clip", type=float, default=None, help="guided: per-sample gradient norm clipped at this")
     p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
-    p.add_argument("--lora", help="a LoRA directory, e.g. a run's checkpoints/step-N")
+    p.add_argument("--lora", help="a LoRA directory, e.g. a run's checkpoints/step-N or one written by diffusers' "
+                   "save_lora_weights")
     add_component_args(p)  # --reward-arg (steering and evaluation rewards), --per-frame, --model-arg
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, e.g. 12 for shapes)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: 28 for sd3 "
+                   "and flux, 50 for wan, the config's sample_steps for shapes, 12)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default=None,
                    help=f"step kernel: {' | '.join(KERNELS)} (default flow_sde for fk, euler otherwise)")
@@ -902,7 +904,8 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards.video import for_outputs
     from flowalign.samplers import KERNELS
     from flowalign.sample import (check_device, check_guidance, check_lora_dir, check_max_prompts, check_out_dir,
-                                  check_positive, check_prompt_args, check_seed, load_lora_checked)
+                                  check_positive, check_prompt_args, check_seed, load_lora_checked,
+                                  resolve_steps)
     from flowalign.values import parse_mode
 
     p = build_parser()
@@ -1079,7 +1082,7 @@ def cli_main(argv: Sequence[str]) -> int:
         check = getattr(fn, "validate_prompts", None)
         if check is not None:
             check([r["prompt"] for r in rows])
-    steps = args.steps if args.steps is not None else int(getattr(getattr(model, "config", None), "sample_steps", 0) or 10)
+    steps = resolve_steps(model, args.steps)
     schedule = fk_schedule(steps)
     guidance = args.guidance
     if guidance is not None:

@@ -675,3 +675,61 @@ def test_single_process_commands_refuse_a_multi_process_launch(tmp_path, capsys,
     monkeypatch.setenv("WORLD_SIZE", "2")
     _fails(capsys, [*cmd, "--out", str(tmp_path / "o")], "runs in one process, but this is one of 2", "train and eval")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- diffusers checkpoints
+
+
+def test_a_lora_in_another_layout_is_refused_before_loading(tmp_path, capsys, no_model):
+    """A file without flowalign's LoRA config must be in the diffusers/peft layout (diffusers' save_lora_weights); a
+    kohya-style one (lora_down / lora_up / alpha) is refused in one line saying what flowalign loads."""
+    from safetensors.torch import save_file
+
+    d = tmp_path / "kohya"
+    d.mkdir()
+    save_file({"transformer.blocks.0.to_q.lora_down.weight": torch.zeros(4, 8),
+               "transformer.blocks.0.to_q.lora_up.weight": torch.zeros(8, 4),
+               "transformer.blocks.0.to_q.alpha": torch.tensor(4.0)}, str(d / "pytorch_lora_weights.safetensors"))
+    _fails(capsys, ["sample", "a red circle", "--lora", str(d), "--out", str(tmp_path / "g.png")], str(d),
+           "is not a LoRA A or B matrix", "diffusers/peft-format", "lora_A.weight")
+    assert _listing(tmp_path) == ["kohya"]
+
+
+def test_an_sd3_size_beyond_pos_embed_max_size_is_one_line_before_loading(tmp_path, capsys, monkeypatch,
+                                                                           tiny_sd3_dir):  # noqa: F811
+    """It was a ValueError traceback from diffusers' cropped_pos_embed (exit 1) after the whole pipeline had loaded."""
+    import diffusers
+
+    def boom(*a, **k):
+        raise AssertionError("the pipeline was loaded before the size was refused")
+
+    monkeypatch.setattr(diffusers.StableDiffusion3Pipeline, "from_pretrained", classmethod(boom))
+    _fails(capsys, ["sample", "a red cat", "--model", "sd3", "--path", str(tiny_sd3_dir), "--model-arg", "height=160",
+                    "--model-arg", "width=32", "--steps", "1", "--out", str(tmp_path / "g.png")],
+           "160x32", "pos_embed_max_size=32", "at most 128")
+    assert _listing(tmp_path) == []
+
+
+def test_sample_eval_and_steer_default_to_the_models_own_steps(tmp_path, capsys, monkeypatch):
+    """Without --steps the commands used the shapes config's sample_steps, else a hard-coded 10 (SD3 / FLUX / Wan:
+    their pipelines default to 28, 28 and 50); they now all ask the model (``default_steps``)."""
+    import flowalign.sample as S
+    from flowalign.models.shapes import ShapesModel
+
+    monkeypatch.setattr(ShapesModel, "default_steps", property(lambda self: 3))
+    seen = []
+    real = S.sample_grid
+    monkeypatch.setattr(S, "sample_grid", lambda *a, **k: seen.append(k["steps"]) or real(*a, **k))
+    assert main(["sample", "a red circle", "--seeds", "1", "--out", str(tmp_path / "g.png")]) == 0
+    assert seen == [3]
+    assert main(["eval", "--max-prompts", "1", "--seeds", "1", "--rewards", "shapes_partial", "--grid", "0",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["settings"]["steps"] == 3
+    assert main(["steer", "a red circle", "--method", "best_of_n", "-k", "2", "--seeds", "1",
+                 "--out", str(tmp_path / "st")]) == 0
+    assert json.loads((tmp_path / "st" / "summary.json").read_text())["settings"]["steps"] == 3
+    capsys.readouterr()
+    for cmd in (["sample"], ["eval"], ["steer"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        assert "28 for sd3 and flux, 50 for wan" in " ".join(capsys.readouterr().out.split()), cmd

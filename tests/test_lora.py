@@ -308,3 +308,77 @@ def test_saved_lora_loads_into_flux_and_wan_pipelines(family, request, tmp_path)
     ours_loaded = load()
     ours_loaded.load_lora(tmp_path)
     assert torch.equal(v(ours_loaded), ours)
+
+
+# ---------------------------------------------- a LoRA saved by diffusers itself (no flowalign config in the file)
+
+
+def _diffusers_lora(tiny_sd3_dir, directory, *, alpha, metadata):  # noqa: F811
+    """A LoRA written by ``StableDiffusion3Pipeline.save_lora_weights`` (as diffusers' train_dreambooth_lora_sd3.py
+    does) on the tiny SD3, r = 4 on to_q/k/v/out.0 with B ≠ 0; the LoraConfig goes into the file only with
+    ``metadata``."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
+    config = LoraConfig(r=4, lora_alpha=alpha, init_lora_weights="gaussian",
+                        target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    pipe.transformer.add_adapter(config)
+    _perturb([p for n, p in pipe.transformer.named_parameters() if "lora_B" in n], scale=0.1)
+    kw = {"transformer_lora_adapter_metadata": config.to_dict()} if metadata else {}
+    StableDiffusion3Pipeline.save_lora_weights(str(directory), get_peft_model_state_dict(pipe.transformer), **kw)
+    return directory
+
+
+@pytest.mark.parametrize("metadata", [False, True])
+def test_a_lora_saved_by_diffusers_loads_as_diffusers_loads_it(sd3, tiny_sd3_dir, tmp_path, metadata):  # noqa: F811
+    """`sample --lora <diffusers-saved dir>` failed with "no LoRA config metadata; add_lora(...) with the right targets
+    first" (a Python API, to a command-line user). flowalign now builds the adapter as diffusers' load_lora_weights does:
+    targets and rank from the tensors, alpha from the file's metadata, else alpha = r."""
+    model, cond, x = sd3
+    lora = _diffusers_lora(tiny_sd3_dir, tmp_path / "lora", alpha=8, metadata=metadata)  # α = 2r: a scale that shows
+    base = _v(model, cond, x)
+    ref = _sd3(tiny_sd3_dir)
+    ref.pipe.load_lora_weights(str(lora))
+    want = _v(ref, cond, x)
+    model.load_lora(lora)
+    got = _v(model, cond, x)
+    assert (want - base).abs().max() > 1e-2
+    assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
+    cfg = model.transformer.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha) == (4, 8 if metadata else 4)
+
+
+def test_sample_takes_a_lora_saved_by_diffusers(tiny_sd3_dir, tmp_path):  # noqa: F811
+    from flowalign.cli import main
+
+    lora = _diffusers_lora(tiny_sd3_dir, tmp_path / "lora", alpha=4, metadata=False)
+    out = tmp_path / "g.png"
+    assert main(["sample", "a red cat", "--model", "sd3", "--path", str(tiny_sd3_dir), "--model-arg", "height=32",
+                 "--model-arg", "width=32", "--model-arg", "max_sequence_length=16", "--steps", "1", "--seeds", "1",
+                 "--lora", str(lora), "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_infer_config_reads_peft_keys_and_refuses_other_layouts():
+    sd = {"a.to_q.lora_A.weight": torch.zeros(4, 6), "a.to_q.lora_B.weight": torch.zeros(6, 4),
+          "b.to_k.lora_A.weight": torch.zeros(4, 6), "b.to_k.lora_B.weight": torch.zeros(6, 4)}
+    assert L.infer_config(sd) == {"r": 4, "lora_alpha": 4, "target_modules": ["a.to_q", "b.to_k"]}
+    with pytest.raises(ValueError, match="different ranks"):
+        L.infer_config({**sd, "c.lora_A.weight": torch.zeros(2, 6)})
+    for bad in ({"a.to_q.lora.down.weight": torch.zeros(4, 6)}, {"a.to_q.alpha": torch.tensor(4.0)},
+                {"a.to_q.lora_magnitude_vector": torch.zeros(6)}):
+        with pytest.raises(ValueError, match="lora_A.weight"):
+            L.infer_config({**sd, **bad})
+
+
+def test_a_lora_with_text_encoder_layers_is_refused_not_half_applied(tmp_path):
+    """diffusers' save_lora_weights can add text-encoder LoRA layers, which flowalign does not apply: loading only the
+    transformer's part would sample another model than diffusers' load_lora_weights, without a word."""
+    from safetensors.torch import save_file
+
+    save_file({"transformer.a.to_q.lora_A.weight": torch.zeros(2, 6), "transformer.a.to_q.lora_B.weight": torch.zeros(6, 2),
+               "text_encoder.q_proj.lora_A.weight": torch.zeros(2, 6)}, str(tmp_path / L.WEIGHT_NAME))
+    with pytest.raises(ValueError, match=r"\['text_encoder'\], which flowalign does not apply"):
+        L.read_lora(tmp_path)

@@ -445,3 +445,195 @@ def test_a_non_finite_or_negative_guidance_scale_is_refused_at_load(bad):
 
     with pytest.raises(UserError, match="guidance_scale"):
         load_model("shapes", guidance_scale=bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints the adapters cannot sample: refused from their config.json before loading, and by the adapter after
+
+
+def _variant_dir(src, dst, class_name, **transformer_config):
+    """A copy of ``src`` whose model_index.json names ``class_name`` and whose transformer/config.json is changed, with
+    the transformer's weights removed: a refusal from the configs must come before anything loads."""
+    import json
+
+    ckpt = _relabelled(src, dst, class_name)
+    cfg = ckpt / "transformer" / "config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **transformer_config}))
+    for f in (ckpt / "transformer").glob("*.safetensors"):
+        f.unlink()
+    return ckpt
+
+
+@pytest.mark.parametrize("family,class_name,config,words", [
+    # FLUX.1 Fill: latent + masked-image latent + packed mask (384 for 64 out); Canny / Depth: latent + control (128)
+    ("flux", "FluxFillPipeline", dict(in_channels=36, out_channels=16), ["36 input channels", "16 output", "16 of"]),
+    ("flux", "FluxControlPipeline", dict(in_channels=32, out_channels=16), ["32 input channels", "16 output"]),
+    # Wan2.1 I2V: latent + conditioning frames' latents + mask (36 for z_dim 16; 2·4 + 4 = 12 for the tiny VAE)
+    ("wan", "WanImageToVideoPipeline", dict(in_channels=12, out_channels=4), ["12 input channels", "z_dim=4"]),
+])
+def test_image_conditioned_variants_are_refused_before_loading(tiny_flux_dir, tiny_wan_dir, tmp_path, caplog,
+                                                               family, class_name, config, words):  # noqa: F811
+    """FluxFillPipeline / WanImageToVideoPipeline checkpoints were loaded as variants with a warning and crashed with a
+    RuntimeError at the first forward; their transformer's input channels now refuse them from the configs."""
+    src = {"flux": tiny_flux_dir, "wan": tiny_wan_dir}[family]
+    ckpt = _variant_dir(src, tmp_path / class_name, class_name, **config)
+    with pytest.raises(UserError) as e:  # the weights are gone: loading would fail with another message
+        _load(family, ckpt)
+    _one_line(e, "image-conditioned variant", "cannot sample", *words)
+    assert "loads it as" not in caplog.text  # no "loading it anyway" warning before the refusal
+
+
+def test_image_conditioned_variants_are_refused_after_loading(adapters):
+    """Where the configs cannot be read before loading (a hub id), the adapter refuses the loaded pipeline."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel, WanImageToVideoPipeline, WanTransformer3DModel
+
+    models, _ = adapters
+    flux, wan = models["flux"].pipe, models["wan"].pipe
+    shared = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    fill = FluxFillPipeline(**{k: flux.components[k] for k in shared}, transformer=FluxTransformer2DModel(
+        patch_size=1, in_channels=36, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6)))
+    with pytest.raises(UserError) as e:
+        type(models["flux"])(fill, max_sequence_length=SEQ, **TINY_SIZES["flux"])
+    _one_line(e, "image-conditioned variant", "36 input channels")
+    i2v = WanImageToVideoPipeline(
+        tokenizer=wan.tokenizer, text_encoder=wan.text_encoder, vae=wan.vae, scheduler=wan.scheduler,
+        image_encoder=None, image_processor=None, transformer=WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32))
+    with pytest.raises(UserError) as e:
+        type(models["wan"])(i2v, max_sequence_length=SEQ, **TINY_SIZES["wan"])
+    _one_line(e, "image-conditioned variant", "12 input channels", "z_dim=4")
+
+
+def _refuse_loading(monkeypatch):
+    """Make every family's pipeline loading fail the test: the size must be refused from the configs first."""
+    import diffusers
+
+    def boom(*a, **k):
+        raise AssertionError("the pipeline was loaded before the size was refused")
+
+    for name in PIPELINES.values():
+        monkeypatch.setattr(getattr(diffusers, name), "from_pretrained", classmethod(boom))
+
+
+# the tiny checkpoints: SD3 VAE ×2, patch 2, pos_embed_max_size 32 (at most 32·4 = 128 px); FLUX VAE ×2, packed 2×2
+# (multiples of 4); Wan VAE ×8 spatial, ×4 temporal, patch 2 (multiples of 16, 4k + 1 frames)
+SIZE_REFUSALS = [
+    ("sd3", dict(height=160), ["160x32", "pos_embed_max_size=32", "at most 128"]),
+    ("sd3", dict(width=136), ["32x136", "at most 128"]),
+    ("sd3", dict(height=30), ["multiples of 4", "30x32"]),
+    ("flux", dict(width=34), ["multiples of 4", "32x34"]),
+    ("wan", dict(height=40), ["multiples of 16", "40x32"]),
+    ("wan", dict(num_frames=6), ["4k + 1", "got 6"]),
+]
+
+
+@pytest.mark.parametrize("family,size,words", SIZE_REFUSALS)
+def test_sizes_are_checked_against_the_configs_before_loading(tiny_sd3_dir, tiny_flux_dir, tiny_wan_dir, monkeypatch,
+                                                              family, size, words):  # noqa: F811
+    """SD3's pos_embed_max_size limit was a raw ValueError traceback at the first forward, and the multiple-of checks
+    ran only once the whole pipeline had loaded; both now read transformer/ and vae/config.json first."""
+    dirs = {"sd3": tiny_sd3_dir, "flux": tiny_flux_dir, "wan": tiny_wan_dir}
+    _refuse_loading(monkeypatch)
+    with pytest.raises(UserError) as e:
+        load_model(family, str(dirs[family]), max_sequence_length=SEQ, **{**TINY_SIZES[family], **size})
+    _one_line(e, *words)
+
+
+@pytest.mark.parametrize("family,size,words", SIZE_REFUSALS)
+def test_sizes_are_checked_after_loading_too(adapters, family, size, words):
+    """A hub id whose configs are not in the local cache is checked by the adapter, on the loaded modules' configs."""
+    model = adapters[0][family]
+    with pytest.raises(UserError) as e:
+        type(model)(model.pipe, max_sequence_length=SEQ, **{**TINY_SIZES[family], **size})
+    _one_line(e, *words)
+
+
+def test_a_size_at_the_pos_embed_limit_samples(adapters):
+    """128 px = pos_embed_max_size (32) patches of 4 px: the largest size the tiny SD3 takes, and it does."""
+    model = adapters[0]["sd3"]
+    big = type(model)(model.pipe, max_sequence_length=SEQ, height=128, width=32)
+    x = big.init_noise(1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert big.velocity(x, torch.tensor([0.5]), big.encode(PROMPTS[:1])).shape == (1, 4, 64, 16)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_max_sequence_length_above_512_is_refused(adapters, tmp_path, family):
+    """diffusers' SD3 and FLUX pipelines refuse max_sequence_length > 512 in check_inputs; the adapters call
+    encode_prompt directly and accepted it."""
+    kw = {**TINY_SIZES[family], "max_sequence_length": 513}
+    with pytest.raises(UserError) as e:  # before loading: the directory does not exist
+        load_model(family, str(tmp_path / "nowhere"), **kw)
+    _one_line(e, "max_sequence_length=513", "512")
+    model = adapters[0][family]
+    with pytest.raises(UserError) as e:
+        type(model)(model.pipe, **kw)
+    _one_line(e, "max_sequence_length=513", "512")
+
+
+# --------------------------------------------------------------------------------------------------
+# FLUX without a guidance embedding (schnell): a scale changes nothing, and says so once
+
+
+def _schnell(flux_pipe):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(1)
+    tr = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    return FluxPipeline(**{**flux_pipe.components, "transformer": tr})
+
+
+def test_flux_without_guidance_embedding_warns_once_for_an_explicit_scale(adapters, conds, caplog):
+    from flowalign.sample import generate
+
+    models, _ = adapters
+    pipe = _schnell(models["flux"].pipe)
+    cls = type(models["flux"])
+    warned = lambda: [r for r in caplog.records if "no guidance embedding" in r.getMessage()]  # noqa: E731
+    kw = dict(max_sequence_length=SEQ, **TINY_SIZES["flux"])
+    for quiet in ({}, {"guidance_scale": 3.5}, {"guidance_scale": 0.0}):  # the default, or schnell's documented 0
+        model = cls(pipe, **kw, **quiet)
+        model.guidance_scale = 0.0
+        assert warned() == [], quiet
+    model = cls(pipe, **kw)
+    x = model.init_noise(1, torch.Generator().manual_seed(0))
+    cond = gather_cond(conds["flux"], torch.tensor([0]))
+    with torch.no_grad():
+        v_default = model.velocity(x, torch.tensor([0.5]), cond)
+        generate(model, PROMPTS[:1], [0], steps=1, guidance_scale=9.0)  # --guidance 9
+        model.guidance_scale = 7.0
+        v_seven = model.velocity(x, torch.tensor([0.5]), cond)
+    assert torch.equal(v_default, v_seven)  # no effect, as the warning says
+    [record] = warned()  # once per model
+    assert record.levelname == "WARNING" and "guidance_scale=9 has no effect" in record.getMessage()
+    caplog.clear()
+    cls(pipe, guidance_scale=4.5, **kw)  # a config's model.guidance (default 4.5) is explicit too
+    assert len(warned()) == 1
+    caplog.clear()
+    models["flux"].guidance_scale, old = 9.0, models["flux"].guidance_scale  # FLUX.1-dev: the scale is an input
+    models["flux"].guidance_scale = old
+    assert warned() == []
+
+
+# --------------------------------------------------------------------------------------------------
+# default number of sampling steps
+
+
+def test_each_family_declares_its_pipelines_default_steps(adapters):
+    """The commands used a hard-coded 10 steps for sd3/flux/wan while their help said "the model's"."""
+    from flowalign.models import load_model as load, resolve
+    from flowalign.sample import resolve_steps
+
+    assert {f: resolve(f).default_steps for f in FAMILIES} == {"sd3": 28, "flux": 28, "wan": 50}
+    for f in FAMILIES:
+        assert resolve_steps(adapters[0][f], None) == adapters[0][f].default_steps
+        assert resolve_steps(adapters[0][f], 3) == 3
+    shapes = load("shapes")
+    assert shapes.default_steps == shapes.config.sample_steps == resolve_steps(shapes, None) == 12
+    with pytest.raises(UserError, match="--steps"):
+        resolve_steps(object(), None)

@@ -18,7 +18,7 @@ import math
 import numbers
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 class FlowAdapter:
-    """Base of the model adapters. Subclasses set ``lora_targets``, ``lora_rank``, ``lora_alpha``.
+    """Base of the model adapters. Subclasses set ``lora_targets``, ``lora_rank``, ``lora_alpha`` and
+    ``default_steps``, the sampling steps the commands use when given no ``--steps`` (the diffusers pipeline's default
+    for a diffusers family).
 
     ``guidance_scale`` is read at every ``velocity`` call, so it can be changed between training
     (e.g. 4.5) and evaluation without re-encoding prompts.
@@ -174,6 +176,15 @@ def check_sizes(family: str, **sizes: Any) -> None:
                             f"{key}=...)")
 
 
+def check_text_length(family: str, max_sequence_length: int, limit: int = 512) -> None:
+    """One-line ``UserError`` when ``max_sequence_length`` exceeds ``limit``, the most T5 tokens the family's diffusers
+    pipeline accepts (its ``check_inputs`` refuses more; the adapters call ``encode_prompt`` directly, which does not)."""
+    if max_sequence_length > limit:
+        raise UserError(f"{family}: max_sequence_length={max_sequence_length} is above {limit}, the most T5 tokens the "
+                        f"diffusers pipeline takes; pass at most {limit} (model.kwargs.max_sequence_length / "
+                        f"--model-arg max_sequence_length=...)")
+
+
 def loading_options(*, variant: Optional[str] = None, revision: Optional[str] = None,
                     use_safetensors: Optional[bool] = None, local_files_only: Optional[bool] = None) -> dict[str, Any]:
     """The diffusers ``from_pretrained`` loading options the adapters forward, type-checked (one-line ``UserError``);
@@ -220,46 +231,74 @@ def _pipeline_family(class_name: str, families: Mapping[str, tuple[str, str]]) -
     return None
 
 
-def checkpoint_class(path: str, revision: Optional[str] = None) -> Optional[str]:
-    """``_class_name`` of a checkpoint's ``model_index.json``: read from a local directory, or for a hub id from the
-    local hub cache (no network); None when there is none to read."""
+def _checkpoint_json(path: str, filename: str, revision: Optional[str] = None) -> Optional[dict]:
+    """A JSON file of a checkpoint (``model_index.json``, ``transformer/config.json``): read from a local directory, or
+    for a hub id from the local hub cache (no network); None when there is none to read."""
     root = Path(path)
     if root.is_dir():
-        index: Any = root / "model_index.json"
+        file: Any = root / filename
     else:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            index = try_to_load_from_cache(str(path), "model_index.json", revision=revision)
+            file = try_to_load_from_cache(str(path), filename, revision=revision)
         except Exception:  # an id the hub client refuses (a missing local path, say): diffusers reports it
             return None
-        if not isinstance(index, str):
+        if not isinstance(file, str):
             return None
-        index = Path(index)
+        file = Path(file)
     try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None  # no or an unreadable model_index.json: diffusers reports it
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None  # no or an unreadable file: diffusers reports it
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_class(path: str, revision: Optional[str] = None) -> Optional[str]:
+    """``_class_name`` of a checkpoint's ``model_index.json`` (``_checkpoint_json``); None when there is none to read."""
+    name = (_checkpoint_json(path, "model_index.json", revision) or {}).get("_class_name")
     return name if isinstance(name, str) else None
+
+
+def checkpoint_config(path: str, component: str, revision: Optional[str] = None) -> Optional[dict]:
+    """The ``config.json`` of a checkpoint's component (``transformer``, ``vae``) as a dict, read before anything loads
+    (``_checkpoint_json``); None when there is none to read."""
+    return _checkpoint_json(path, f"{component}/config.json", revision)
+
+
+def config_value(config: Mapping[str, Any], key: str, class_name: str) -> Any:
+    """``config[key]``, or when the config (a ``config.json`` written by an older diffusers) lacks it, the default of
+    that ``__init__`` argument of the diffusers class ``class_name``: the value ``from_pretrained`` would use."""
+    if key in config:
+        return config[key]
+    import diffusers
+
+    param = inspect.signature(getattr(diffusers, class_name).__init__).parameters.get(key)
+    return None if param is None or param.default is param.empty else param.default
+
+
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """The image pipelines' (SD3, FLUX) ``vae_scale_factor``: 2^(number of VAE blocks − 1)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def _use_family(owner: str) -> str:
     return f"load it as {owner} (--model {owner}, or model.name: {owner} in a config)"
 
 
-def check_checkpoint_family(path: str, pipeline_cls: Any, family: str, revision: Optional[str] = None) -> None:
+def check_checkpoint_family(path: str, pipeline_cls: Any, family: str, revision: Optional[str] = None) -> Optional[str]:
     """Before loading: one-line ``UserError`` when the checkpoint's ``model_index.json`` names another family's pipeline
-    (naming the right family) or a pipeline no family loads. A variant of the family's own pipeline (e.g.
-    FluxImg2ImgPipeline) is loaded with a warning; the transformer is checked after loading (``check_transformer``)."""
+    (naming the right family) or a pipeline no family loads. Returns the class name of a variant of the family's own
+    pipeline (e.g. FluxImg2ImgPipeline), which ``load_pipeline`` loads with a warning once its transformer and VAE
+    configs pass the family's checks (an image-conditioned variant does not); else None."""
     found = checkpoint_class(path, revision)
     want = pipeline_cls.__name__
     if found is None or found == want:
-        return
+        return None
     families = _families()
     owner = _pipeline_family(found, families)
     if owner == family:
-        logger.warning("the checkpoint at %r is a %s; the %s adapter loads it as a %s", path, found, family, want)
-        return
+        return found
     if owner is not None:
         raise UserError(f"the checkpoint at {path!r} is a {found}, not a {family} checkpoint ({want}); "
                         f"{_use_family(owner)}")
@@ -268,21 +307,28 @@ def check_checkpoint_family(path: str, pipeline_cls: Any, family: str, revision:
                     f"families: {known}")
 
 
+def _refuse_transformer(found: str, path: str, family: str) -> None:
+    """One-line ``UserError`` unless ``found`` (a transformer class name) is the family's transformer class, naming
+    the family it belongs to."""
+    families = _families()
+    want = families[family][1]
+    if found == want:
+        return
+    owner = next((f for f, (_, t) in families.items() if t == found), None)
+    fix = _use_family(owner) if owner else f"pass a {families[family][0]} checkpoint"
+    raise UserError(f"the checkpoint at {path!r} has a {found} transformer, not the {family} family's {want}; {fix}")
+
+
 def check_transformer(pipe: Any, path: str, family: str) -> None:
     """After loading: one-line ``UserError`` when the pipeline's transformer is not the family's transformer class (a
     checkpoint of another family loaded under this family's pipeline class), naming the family it belongs to."""
     import diffusers
 
-    families = _families()
-    want = families[family][1]
     tr = getattr(pipe, "transformer", None)
-    cls = getattr(diffusers, want, None)
+    cls = getattr(diffusers, _families()[family][1], None)
     if tr is None or cls is None or isinstance(tr, cls):
         return
-    found = type(tr).__name__
-    owner = next((f for f, (_, t) in families.items() if t == found), None)
-    fix = _use_family(owner) if owner else f"pass a {families[family][0]} checkpoint"
-    raise UserError(f"the checkpoint at {path!r} has a {found} transformer, not the {family} family's {want}; {fix}")
+    _refuse_transformer(type(tr).__name__, path, family)
 
 
 @contextlib.contextmanager
@@ -312,16 +358,36 @@ def _library_logs_held(library: str):
         root.handle(record)
 
 
-def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: Any, family: str, **kwargs: Any):
+def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: Any, family: str,
+                  check: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], None]] = None, **kwargs: Any):
     """``pipeline_cls.from_pretrained(path)`` in ``dtype`` with the VAE in fp32, every module frozen and in eval mode.
 
     ``path`` is a local diffusers directory or a hub id (offline runs need a local directory); ``kwargs`` are diffusers
     loading options (``loading_options``). A checkpoint of another family is refused in one line, before loading
     when its ``model_index.json`` can be read (``check_checkpoint_family``), else by its transformer class.
+    ``check(transformer_config, vae_config)`` is the family's one-line refusal of a checkpoint it cannot sample (an
+    image-conditioned variant, a size the transformer cannot take): it runs here on the components' ``config.json``
+    when both can be read before loading; the adapter runs it again on the loaded modules' configs.
     """
     import diffusers.pipelines.pipeline_utils as pu
 
-    check_checkpoint_family(path, pipeline_cls, family, kwargs.get("revision"))
+    revision = kwargs.get("revision")
+    variant_of = check_checkpoint_family(path, pipeline_cls, family, revision)
+    if check is not None:
+        configs = [checkpoint_config(path, c, revision) for c in ("transformer", "vae")]
+        if all(c is not None for c in configs):
+            name, families = configs[0].get("_class_name"), _families()
+            if name in (None, families[family][1]):
+                try:
+                    check(*configs)
+                except (KeyError, TypeError, ValueError, IndexError):  # a config.json without the keys it needs:
+                    pass  # diffusers reports it when loading, or the adapter checks the loaded modules' configs
+            elif any(t == name for _, t in families.values()):  # another family's: say so, not why its channels
+                _refuse_transformer(name, path, family)  # do not fit this family's
+            # any other class is judged once loaded (check_transformer, then the adapter's own check)
+    if variant_of is not None:
+        logger.warning("the checkpoint at %r is a %s; the %s adapter loads it as a %s", path, variant_of, family,
+                       pipeline_cls.__name__)
     # Per-component dtypes ({"default": dtype, "vae": fp32}) load the VAE directly in fp32. diffusers renamed
     # ``torch_dtype`` to ``dtype`` (the old name warns); older versions only know torch_dtype.
     dtype_key = "dtype" if hasattr(pu, "_resolve_dtype") else "torch_dtype"

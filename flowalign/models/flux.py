@@ -8,7 +8,8 @@
   image ids are (0, row, col) per token.
 * Guidance is distilled (FLUX.1-dev): the raw ``guidance_scale`` (e.g. 3.5) goes to the ``guidance``
   input (the transformer scales it by 1000 inside); one forward per step, no CFG batch doubling.
-  Models without a guidance embedding (schnell) ignore ``guidance_scale``.
+  Models without a guidance embedding (schnell) ignore ``guidance_scale``; setting one other than the adapter's
+  default 3.5 or schnell's documented 0 logs a warning once per model, as it changes nothing.
 * Timestep: σ itself in [0, 1] (the transformer multiplies by 1000 inside; METHODS.md §1.5); σ·N/1000 for a
   scheduler with num_train_timesteps N ≠ 1000, as FluxPipeline passes it.
 * Schedule: the resolution-dependent dynamic shift ``flux_dynamic(T, L)`` with the scheduler's μ
@@ -16,21 +17,29 @@
   ``time_shift_type``, ``shift_terminal`` and Karras / exponential / beta spacing are applied as diffusers does
   (``base.flow_match_sigmas``). A scheduler option flowalign does not reproduce (another scheduler class,
   ``invert_sigmas``, ``stochastic_sampling``) is refused when the model is loaded.
+* Checked before loading (from the checkpoint's ``transformer/config.json`` and ``vae/config.json``; after loading
+  when those cannot be read first): height/width multiples of 2·vae_scale_factor, a transformer that takes the
+  packed VAE latent alone (image-conditioned variants such as FLUX.1 Fill, Canny and Depth take extra channels, and
+  are refused), and ``max_sequence_length`` <= 512 (FluxPipeline's limit). ``default_steps`` is the pipeline's 28.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import logging
+import math
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_flow_match_scheduler, check_sizes, flow_match_sigmas, load_pipeline, loading_options,
-    pipeline_modules, scheduler_mu,
+    FlowAdapter, check_flow_match_scheduler, check_sizes, check_text_length, config_value, flow_match_sigmas,
+    load_pipeline, loading_options, pipeline_modules, scheduler_mu, vae_scale_factor,
 )
 from flowalign.types import Cond
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "black-forest-labs/FLUX.1-dev"
 
@@ -46,6 +55,31 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                            guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
 }
+
+
+DEFAULT_GUIDANCE = 3.5  # FluxPipeline's guidance_scale
+
+
+def check_checkpoint(transformer: Mapping[str, Any], vae: Mapping[str, Any], *, height: int, width: int,
+                     path: str = "") -> None:
+    """One-line ``UserError`` when the checkpoint (its transformer's and VAE's configs: the ``config.json`` files before
+    loading, the modules' configs after) is not one FluxPipeline samples at ``height`` x ``width``: a transformer that
+    takes more than the 2×2-packed VAE latent (FLUX.1 Fill: 384 input channels, Canny / Depth: 128, for 64 output
+    channels; their pipelines concatenate the conditioning image's latents), or a size that is not a multiple of
+    2·vae_scale_factor."""
+    where = f"the checkpoint at {path!r}" if path else "the checkpoint"
+    packed = 4 * int(vae["latent_channels"])
+    c_in = int(config_value(transformer, "in_channels", TRANSFORMER))
+    c_out = config_value(transformer, "out_channels", TRANSFORMER) or c_in
+    if c_in != packed or c_out != c_in:
+        raise UserError(f"flux: {where} is an image-conditioned variant (such as FLUX.1 Fill, Canny or Depth): its "
+                        f"transformer takes {c_in} input channels for {c_out} output channels, where text-to-image "
+                        f"takes the {packed} of the packed VAE latent; flowalign's text-to-image adapter cannot sample "
+                        f"it, pass a FluxPipeline checkpoint (FLUX.1-dev or -schnell)")
+    multiple = 2 * vae_scale_factor(vae)
+    if height % multiple or width % multiple:
+        raise UserError(f"FLUX height/width must be multiples of {multiple}, got {height}x{width} (model.kwargs / "
+                        f"--model-arg height=... width=...)")
 
 
 def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
@@ -95,15 +129,19 @@ class FluxModel(FlowAdapter):
     )
     lora_rank = 64
     lora_alpha = 128
+    default_steps = 28  # FluxPipeline's num_inference_steps
 
-    def __init__(self, pipe: Any, *, guidance_scale: float = 3.5, height: int = 512, width: int = 512,
+    def __init__(self, pipe: Any, *, guidance_scale: float = DEFAULT_GUIDANCE, height: int = 512, width: int = 512,
                  max_sequence_length: int = 512, dtype: torch.dtype = torch.float32):
         check_sizes("FLUX", height=height, width=width, max_sequence_length=max_sequence_length)
+        check_text_length("FLUX", max_sequence_length)
+        check_checkpoint(pipe.transformer.config, pipe.vae.config, height=height, width=width,
+                         path=getattr(pipe, "name_or_path", None) or "")
         vsf = pipe.vae_scale_factor
-        if height % (2 * vsf) or width % (2 * vsf):
-            raise UserError(f"FLUX height/width must be multiples of {2 * vsf}, got {height}x{width}")
         check_flow_match_scheduler(pipe.scheduler, "flux")
         self.pipe = pipe
+        self.guidance_embeds = bool(pipe.transformer.config.guidance_embeds)
+        self._warned_guidance = False
         # FluxPipeline passes the scheduler's timestep σ·N divided by 1000 (N = num_train_timesteps, 1000 for FLUX.1).
         self.timestep_scale = float(pipe.scheduler.config.get("num_train_timesteps", 1000)) / 1000.0
         self.height, self.width = int(height), int(width)
@@ -117,9 +155,27 @@ class FluxModel(FlowAdapter):
         )
         self._img_ids: Optional[Tensor] = None
 
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        """Every scale is kept (results record it), but without a guidance embedding it changes nothing: say so once,
+        unless it is the default (what a run gets without asking) or 0 (schnell's documented "no guidance")."""
+        self._guidance_scale = value
+        explicit = isinstance(value, (int, float)) and math.isfinite(value) and value > 0 \
+            and value != DEFAULT_GUIDANCE
+        if explicit and not self.guidance_embeds and not self._warned_guidance:
+            self._warned_guidance = True
+            logger.warning("flux: the checkpoint's transformer has no guidance embedding (guidance_embeds=false, like "
+                           "FLUX.1-schnell), so guidance_scale=%g has no effect: every scale gives the same images; "
+                           "leave the scale unset or 0 (--guidance, model.guidance, eval.guidance, --model-arg "
+                           "guidance_scale)", value)
+
     @classmethod
     def from_pretrained(cls, path: str = "", *, dtype: torch.dtype = torch.float32, device: Any = "cpu",
-                        guidance_scale: float = 3.5, height: int = 512, width: int = 512,
+                        guidance_scale: float = DEFAULT_GUIDANCE, height: int = 512, width: int = 512,
                         max_sequence_length: int = 512, variant: Optional[str] = None, revision: Optional[str] = None,
                         use_safetensors: Optional[bool] = None, local_files_only: Optional[bool] = None) -> "FluxModel":
         """Load from a local diffusers directory or hub id (default FLUX.1-dev). ``variant``, ``revision``,
@@ -127,9 +183,13 @@ class FluxModel(FlowAdapter):
         from diffusers import FluxPipeline
 
         check_sizes("FLUX", height=height, width=width, max_sequence_length=max_sequence_length)  # before loading
+        check_text_length("FLUX", max_sequence_length)
         options = loading_options(variant=variant, revision=revision, use_safetensors=use_safetensors,
                                   local_files_only=local_files_only)
-        pipe = load_pipeline(FluxPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="flux", **options)
+        path = path or DEFAULT_PATH
+        pipe = load_pipeline(FluxPipeline, path, dtype=dtype, device=device, family="flux",
+                             check=lambda tr, vae: check_checkpoint(tr, vae, height=height, width=width, path=path),
+                             **options)
         return cls(pipe, guidance_scale=guidance_scale, height=height, width=width,
                    max_sequence_length=max_sequence_length, dtype=dtype)
 
@@ -165,7 +225,7 @@ class FluxModel(FlowAdapter):
         b = x.shape[0]
         sig = self._sigma_batch(sigma, b, x.device) * self.timestep_scale  # [B] σ·N/1000; ×1000 inside
         guidance = None
-        if self.transformer.config.guidance_embeds:
+        if self.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)  # [B]
         pe = cond["prompt_embeds"].to(self.dtype)
         txt_ids = torch.zeros(pe.shape[1], 3, device=x.device, dtype=self.dtype)  # [S, 3]

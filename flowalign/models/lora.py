@@ -9,7 +9,9 @@
   safetensors metadata under ``lora_adapter_metadata``, keys prefixed ``transformer.``), which
   ``pipe.load_lora_weights(dir)`` reads with the right rank and alpha.
 * ``load_lora`` reads it back bitwise; it injects the adapter from the stored config when the module
-  has none yet.
+  has none yet. A file without that config (diffusers' ``save_lora_weights`` writes none unless given
+  ``transformer_lora_adapter_metadata``) is loaded as diffusers' ``load_lora_weights`` loads it (``infer_config``):
+  the modules its tensors name, their rank, and alpha = rank.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -164,6 +167,10 @@ def read_lora(directory, *, prefix: str = PREFIX) -> tuple[dict[str, Tensor], di
     with safe_open(str(path), framework="pt", device="cpu") as f:
         raw = (f.metadata() or {}).get(METADATA_KEY)
         sd = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+        others = sorted({k.split(".", 1)[0] for k in f.keys() if not k.startswith(prefix + ".")})
+    if others:  # e.g. diffusers' text-encoder LoRA layers: applying the rest alone would be another model, silently
+        raise ValueError(f"{path} also holds LoRA weights of {others}, which flowalign does not apply (it adapts the "
+                         f"{prefix} only); save the {prefix} LoRA alone")
     config = None
     if raw:
         config = {k[len(prefix) + 1:]: v for k, v in json.loads(raw).items() if k.startswith(prefix + ".")}
@@ -172,12 +179,38 @@ def read_lora(directory, *, prefix: str = PREFIX) -> tuple[dict[str, Tensor], di
     return sd, config
 
 
+_PEFT_KEY = re.compile(r"(.+)\.lora_([AB])\.weight")
+FORMAT_HINT = (f"flowalign loads the LoRAs it saves and diffusers/peft-format ones ({PREFIX}.<module>.lora_A.weight "
+               f"and .lora_B.weight, as diffusers' save_lora_weights writes them)")
+
+
+def infer_config(sd: dict[str, Tensor], source="the LoRA") -> dict:
+    """LoraConfig kwargs of a peft-format state dict that carries no config, as diffusers' ``load_lora_weights`` infers
+    them (``diffusers.utils.peft_utils.get_peft_kwargs`` without network alphas): ``target_modules`` = the module
+    paths the tensors name, ``r`` = their rank (lora_A's rows), ``lora_alpha`` = ``r`` (scale 1: W + B·A, the
+    diffusers/peft convention for a file without alphas). ``ValueError`` (one line) for keys in another layout
+    (kohya's ``lora_down`` / ``.alpha``, DoRA magnitudes, LoRA biases) or ranks that differ between modules."""
+    ranks: dict[str, int] = {}
+    for key, tensor in sd.items():
+        m = _PEFT_KEY.fullmatch(key)
+        if m is None or tensor.dim() != 2:
+            raise ValueError(f"{source}: tensor {PREFIX}.{key!r} is not a LoRA A or B matrix; {FORMAT_HINT}")
+        rank = tensor.shape[0] if m.group(2) == "A" else tensor.shape[1]
+        ranks.setdefault(m.group(1), int(rank))
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"{source}: its modules have different ranks ({sorted(set(ranks.values()))}); flowalign "
+                         f"loads a LoRA of one rank")
+    r = next(iter(ranks.values()))
+    return {"r": r, "lora_alpha": r, "target_modules": sorted(ranks)}
+
+
 # LoraConfig fields that, with the tensors, determine the adapter's function (scale alpha/r or alpha/sqrt(r))
 _FUNCTION_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora")
 
 
 def load_lora(module: nn.Module, directory, *, adapter_name: str = "default", prefix: str = PREFIX) -> None:
-    """Load a ``save_lora`` file into ``module`` (bitwise); inject the adapter from the stored config if absent."""
+    """Load a ``save_lora`` file into ``module`` (bitwise); inject the adapter from the stored config if absent, or
+    from the tensors (``infer_config``) for a file without one."""
     from peft import LoraConfig, set_peft_model_state_dict
 
     sd, config = read_lora(directory, prefix=prefix)
@@ -193,8 +226,8 @@ def load_lora(module: nn.Module, directory, *, adapter_name: str = "default", pr
             raise ValueError(f"{directory}: the stored LoRA config differs from the adapter it would load into "
                              f"(field: (adapter, stored)): {diff}")
     if not has_lora(module, adapter_name):
-        if cfg is None:
-            raise ValueError(f"{directory}: no LoRA config metadata; add_lora(...) with the right targets first")
+        if cfg is None:  # e.g. diffusers' save_lora_weights: built as diffusers' load_lora_weights builds it
+            cfg = LoraConfig(**infer_config(sd, directory))
         add_lora(module, cfg.target_modules, cfg.r, cfg.lora_alpha, init=cfg.init_lora_weights,
                  adapter_name=adapter_name)
     expected = set(lora_state_dict(module, adapter_name))

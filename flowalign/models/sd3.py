@@ -12,19 +12,23 @@
   ``shift_terminal`` / Karras / exponential / beta spacing when set. A scheduler option flowalign does not reproduce
   (another scheduler class, ``invert_sigmas``, ``stochastic_sampling``) is refused when the model is loaded.
 * Noise: drawn in the pipeline dtype and upcast, so a seed gives ``StableDiffusion3Pipeline``'s start.
+* Checked before loading (from the checkpoint's ``transformer/config.json`` and ``vae/config.json``; after loading
+  when those cannot be read first): height/width multiples of vae_scale_factor·patch_size and at most
+  pos_embed_max_size patches a side, a transformer whose channels are the VAE's latent channels, and
+  ``max_sequence_length`` <= 512 (StableDiffusion3Pipeline's limit). ``default_steps`` is the pipeline's 28.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_flow_match_scheduler, check_sizes, flow_match_sigmas, load_pipeline, loading_options,
-    pipeline_modules, scheduler_mu, uses_cfg,
+    FlowAdapter, check_flow_match_scheduler, check_sizes, check_text_length, config_value, flow_match_sigmas,
+    load_pipeline, loading_options, pipeline_modules, scheduler_mu, uses_cfg, vae_scale_factor,
 )
 from flowalign.types import Cond
 
@@ -44,6 +48,32 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, dual_attention_layers=(),
                         qk_norm="rms_norm"),
 }
+
+
+def check_checkpoint(transformer: Mapping[str, Any], vae: Mapping[str, Any], *, height: int, width: int,
+                     path: str = "") -> None:
+    """One-line ``UserError`` when the checkpoint (its transformer's and VAE's configs: the ``config.json`` files before
+    loading, the modules' configs after) cannot be sampled at ``height`` x ``width`` as StableDiffusion3Pipeline would:
+    a transformer whose channels are not the VAE's latent channels, a size that is not a multiple of
+    vae_scale_factor·patch_size, or one beyond the positional embedding (``pos_embed_max_size`` patches a side, which
+    the transformer crops: diffusers' ``cropped_pos_embed`` raises past it)."""
+    where = f"the checkpoint at {path!r}" if path else "the checkpoint"
+    latent = int(vae["latent_channels"])
+    c_in = int(config_value(transformer, "in_channels", TRANSFORMER))
+    c_out = config_value(transformer, "out_channels", TRANSFORMER) or c_in
+    if c_in != latent or c_out != c_in:
+        raise UserError(f"SD3: {where} has a transformer of {c_in} input and {c_out} output channels for the VAE's "
+                        f"{latent} latent channels, so it is not a text-to-image SD3 checkpoint flowalign can sample; "
+                        f"pass a StableDiffusion3Pipeline checkpoint such as {DEFAULT_PATH}")
+    multiple = vae_scale_factor(vae) * int(config_value(transformer, "patch_size", TRANSFORMER))
+    if height % multiple or width % multiple:
+        raise UserError(f"SD3 height/width must be multiples of {multiple}, got {height}x{width} (model.kwargs / "
+                        f"--model-arg height=... width=...)")
+    max_pos = config_value(transformer, "pos_embed_max_size", TRANSFORMER)
+    if max_pos and max(height, width) > int(max_pos) * multiple:
+        raise UserError(f"SD3: {height}x{width} is beyond the transformer's positional embedding of {where} "
+                        f"(pos_embed_max_size={max_pos} patches of {multiple} px a side): height and width must be at "
+                        f"most {int(max_pos) * multiple} (model.kwargs / --model-arg height=... width=...)")
 
 
 def step_inputs(config: dict[str, Any], prompts: int, height: int, width: int, dtype: torch.dtype, *,
@@ -68,14 +98,15 @@ class SD3Model(FlowAdapter):
     )
     lora_rank = 32
     lora_alpha = 64
+    default_steps = 28  # StableDiffusion3Pipeline's num_inference_steps
 
     def __init__(self, pipe: Any, *, guidance_scale: float = 4.5, height: int = 512, width: int = 512,
                  max_sequence_length: int = 128, negative_prompt: str = "", dtype: torch.dtype = torch.float32):
         check_sizes("SD3", height=height, width=width, max_sequence_length=max_sequence_length)
+        check_text_length("SD3", max_sequence_length)
+        check_checkpoint(pipe.transformer.config, pipe.vae.config, height=height, width=width,
+                         path=getattr(pipe, "name_or_path", None) or "")
         vsf = pipe.vae_scale_factor
-        multiple = vsf * pipe.transformer.config.patch_size
-        if height % multiple or width % multiple:
-            raise UserError(f"SD3 height/width must be multiples of {multiple}, got {height}x{width}")
         check_flow_match_scheduler(pipe.scheduler, "sd3")
         self.pipe = pipe
         # The pipeline's timestep is the scheduler's σ·N (N = num_train_timesteps, 1000 for SD3/3.5).
@@ -100,10 +131,13 @@ class SD3Model(FlowAdapter):
         from diffusers import StableDiffusion3Pipeline
 
         check_sizes("SD3", height=height, width=width, max_sequence_length=max_sequence_length)  # before loading
+        check_text_length("SD3", max_sequence_length)
         options = loading_options(variant=variant, revision=revision, use_safetensors=use_safetensors,
                                   local_files_only=local_files_only)
-        pipe = load_pipeline(StableDiffusion3Pipeline, path or DEFAULT_PATH, dtype=dtype, device=device,
-                             family="sd3", **options)
+        path = path or DEFAULT_PATH
+        pipe = load_pipeline(StableDiffusion3Pipeline, path, dtype=dtype, device=device, family="sd3",
+                             check=lambda tr, vae: check_checkpoint(tr, vae, height=height, width=width, path=path),
+                             **options)
         return cls(pipe, guidance_scale=guidance_scale, height=height, width=width,
                    max_sequence_length=max_sequence_length, negative_prompt=negative_prompt, dtype=dtype)
 

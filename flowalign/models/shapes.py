@@ -212,6 +212,11 @@ class ShapesModel(FlowAdapter):
         self.lora_rank = int(config.lora_rank)
         self.lora_alpha = config.lora_alpha
 
+    @property
+    def default_steps(self) -> int:
+        """Sampling steps when a command is given none (``--steps``): the config's ``sample_steps``."""
+        return int(self.config.sample_steps)
+
     @staticmethod
     def _latent_shape(config: Any) -> tuple[int, ...]:
         return (config.channels, config.image_size, config.image_size)  # [C, H, W]

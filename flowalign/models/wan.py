@@ -13,20 +13,24 @@
   reshape its grid beyond that shift (``SCHEDULER_EXPECTED``: Karras / exponential / beta sigmas, dynamic shifting,
   ``shift_terminal``, non-flow sigmas) is refused when the model is loaded.
 * Decode: fp32 VAE → [B, F, 3, H, W] in [0, 1].
+* Checked before loading (from the checkpoint's ``transformer/config.json`` and ``vae/config.json``; after loading
+  when those cannot be read first): num_frames = k·(temporal VAE factor) + 1, height/width multiples of the spatial
+  factor times the patch, and a transformer that takes the VAE latent alone (image-to-video checkpoints, whose
+  transformer also takes the conditioning frames' latents and mask, are refused). ``default_steps`` is WanPipeline's 50.
 Wan 2.2 two-expert pipelines (``transformer_2``) are not supported.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_shift, check_sizes, load_pipeline, loading_options, pipeline_modules, refuse_scheduler_options,
-    uses_cfg,
+    FlowAdapter, check_shift, check_sizes, config_value, load_pipeline, loading_options, pipeline_modules,
+    refuse_scheduler_options, uses_cfg,
 )
 from flowalign.types import Cond
 
@@ -75,6 +79,32 @@ SCHEDULER_EXPECTED = {
 }
 
 
+def check_checkpoint(transformer: Mapping[str, Any], vae: Mapping[str, Any], *, height: int, width: int,
+                     num_frames: int, path: str = "") -> None:
+    """One-line ``UserError`` when the checkpoint (its transformer's and VAE's configs: the ``config.json`` files before
+    loading, the modules' configs after) is not one WanPipeline samples at ``num_frames`` x ``height`` x ``width``:
+    a transformer that takes more than the VAE latent (Wan2.1 I2V / FLF2V: 36 input channels for the VAE's z_dim 16,
+    the conditioning video's latents and mask concatenated), or sizes the VAE and patch do not divide."""
+    where = f"the checkpoint at {path!r}" if path else "the checkpoint"
+    z_dim = int(config_value(vae, "z_dim", "AutoencoderKLWan"))
+    c_in = int(config_value(transformer, "in_channels", TRANSFORMER))
+    c_out = config_value(transformer, "out_channels", TRANSFORMER) or c_in
+    if c_in != z_dim or c_out != c_in:
+        raise UserError(f"wan: {where} is an image-conditioned variant (such as Wan2.1 I2V or FLF2V): its transformer "
+                        f"takes {c_in} input channels for {c_out} output channels, where text-to-video takes the VAE's "
+                        f"z_dim={z_dim}; flowalign's text-to-video adapter cannot sample it, pass a WanPipeline (T2V) "
+                        f"checkpoint such as Wan2.1-T2V-1.3B")
+    tsf = int(config_value(vae, "scale_factor_temporal", "AutoencoderKLWan"))
+    ssf = int(config_value(vae, "scale_factor_spatial", "AutoencoderKLWan"))
+    patch = config_value(transformer, "patch_size", TRANSFORMER)
+    if (num_frames - 1) % tsf:
+        raise UserError(f"Wan num_frames must be {tsf}k + 1 (e.g. 33 or 81), got {num_frames} (model.kwargs / "
+                        f"--model-arg num_frames=...)")
+    if height % (ssf * patch[1]) or width % (ssf * patch[2]):
+        raise UserError(f"Wan height/width must be multiples of {ssf * patch[1]}, got {height}x{width} (model.kwargs / "
+                        f"--model-arg height=... width=...)")
+
+
 FLOW_SHIFT_FIX = "use 3.0 for 480p or 5.0 for 720p (model.kwargs.flow_shift / --model-arg flow_shift=3.0)"
 
 
@@ -84,6 +114,7 @@ class WanModel(FlowAdapter):
     output_kind = "video"  # decode → [B, F, 3, H, W]; image rewards score it through rewards.video.for_outputs
     lora_rank = 32
     lora_alpha = 64
+    default_steps = 50  # WanPipeline's num_inference_steps
 
     def __init__(self, pipe: Any, *, guidance_scale: float = 5.0, height: int = 480, width: int = 832,
                  num_frames: int = 81, max_sequence_length: int = 512, negative_prompt: str = "",
@@ -92,12 +123,9 @@ class WanModel(FlowAdapter):
             raise UserError("Wan 2.2 two-expert pipelines (transformer_2) are not supported; use a Wan 2.1 model")
         check_sizes("Wan", height=height, width=width, num_frames=num_frames, max_sequence_length=max_sequence_length)
         vae_cfg = pipe.vae.config
+        check_checkpoint(pipe.transformer.config, vae_cfg, height=height, width=width, num_frames=num_frames,
+                         path=getattr(pipe, "name_or_path", None) or "")
         tsf, ssf = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
-        patch = pipe.transformer.config.patch_size
-        if (num_frames - 1) % tsf:
-            raise UserError(f"Wan num_frames must be {tsf}k + 1 (e.g. 33 or 81), got {num_frames}")
-        if height % (ssf * patch[1]) or width % (ssf * patch[2]):
-            raise UserError(f"Wan height/width must be multiples of {ssf * patch[1]}, got {height}x{width}")
         self.pipe = pipe
         self.height, self.width, self.num_frames = int(height), int(width), int(num_frames)
         self.max_sequence_length = int(max_sequence_length)
@@ -134,7 +162,10 @@ class WanModel(FlowAdapter):
             check_shift(flow_shift, f"wan: flow_shift={flow_shift!r}", FLOW_SHIFT_FIX)
         options = loading_options(variant=variant, revision=revision, use_safetensors=use_safetensors,
                                   local_files_only=local_files_only)
-        pipe = load_pipeline(WanPipeline, path or DEFAULT_PATH, dtype=dtype, device=device, family="wan", **options)
+        path = path or DEFAULT_PATH
+        pipe = load_pipeline(WanPipeline, path, dtype=dtype, device=device, family="wan",
+                             check=lambda tr, vae: check_checkpoint(tr, vae, height=height, width=width,
+                                                                    num_frames=num_frames, path=path), **options)
         return cls(pipe, guidance_scale=guidance_scale, height=height, width=width, num_frames=num_frames,
                    max_sequence_length=max_sequence_length, negative_prompt=negative_prompt,
                    flow_shift=flow_shift, dtype=dtype)

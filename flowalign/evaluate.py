@@ -866,7 +866,8 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
     from flowalign.errors import UserError
     from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.catalog import check_kwarg_types, check_kwargs
-    from flowalign.rewards.video import check_per_frame
+    from flowalign.models import resolve as resolve_model
+    from flowalign.rewards.video import check_per_frame, check_temporal
 
     kv = _key_value
     names = list(dict.fromkeys(reward_names))
@@ -882,6 +883,8 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
         check_kwarg_types(resolve_reward(n), reward_kwargs[n], f"--reward-arg: reward {n!r}")
     per_frame = dict(kv(t, "--per-frame") for t in args.per_frame)
     check_per_frame(per_frame, "--per-frame")
+    if getattr(resolve_model(args.model), "output_kind", "image") == "video":  # image models ignore --per-frame
+        check_temporal(per_frame, names, "--per-frame")
     return reward_kwargs, per_frame, parse_model_args(args.model, args.model_arg)
 
 

@@ -318,9 +318,11 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
         if name not in cfg.reward.weights and name not in cfg.eval.rewards:
             logger.warning("reward.kwargs.%s is set, but %s is neither a training reward (reward.weights) nor an "
                            "evaluation reward (eval.rewards): the options are unused", name, name)
-    from flowalign.rewards.video import check_per_frame
+    from flowalign.rewards.video import check_per_frame, check_temporal
 
     check_per_frame(cfg.reward.per_frame, "reward.per_frame")
+    if getattr(resolve_model(cfg.model.name), "output_kind", "image") == "video":  # image models ignore per_frame
+        check_temporal(cfg.reward.per_frame, [*cfg.reward.weights, *cfg.eval.rewards], "reward.per_frame")
     try:
         dev = torch.device(cfg.model.device)
     except RuntimeError:
@@ -518,7 +520,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         logger.warning("reward.per_frame is set, but %s makes images, not videos: the option is ignored",
                        cfg.model.name)
     rewards = {name: make(name) for name in cfg.reward.weights}
-    eval_rewards = {name: make(name) for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
+    # a training reward that also evaluates is the same object: built (and its weights loaded) once
+    eval_rewards = {name: rewards[name] if name in rewards else make(name)
+                    for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
     guide = None  # a rollout mean shift (Euphonium's reward-gradient guidance), flowalign.values.GUIDES
     if GUIDES[cfg.sampler.guide] is not None:
         g_opts = dict(cfg.sampler.guide_options)

@@ -168,3 +168,19 @@ def check_per_frame(options: Mapping[str, Any], what: str = "reward.per_frame") 
     weight = options.get("temporal_weight", 0.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise UserError(f"{what}: temporal_weight must be a number, got {weight!r}")
+
+
+def check_temporal(options: Mapping[str, Any], reward_names: Sequence[str], what: str = "reward.per_frame") -> None:
+    """``temporal="embedding"`` needs every image reward it wraps to have ``embed_images`` (the CLIP-family rewards):
+    a one-line ``UserError`` otherwise, from the reward classes, so before the (video) model loads rather than when
+    ``PerFrame`` is built after it."""
+    if options.get("temporal") != "embedding":
+        return
+    from flowalign.rewards import resolve
+
+    lacking = [n for n in dict.fromkeys(reward_names)
+               if getattr(resolve(n), "kind", "image") == "image" and not hasattr(resolve(n), "embed_images")]
+    if lacking:
+        raise UserError(f"{what}: temporal=embedding needs image embeddings, which {', '.join(map(repr, lacking))} "
+                        f"{'has' if len(lacking) == 1 else 'have'} not (pickscore, clipscore, hps, hpsv21 and aesthetic "
+                        f"have them); use temporal=pixel")

@@ -733,3 +733,16 @@ def test_sample_eval_and_steer_default_to_the_models_own_steps(tmp_path, capsys,
         with pytest.raises(SystemExit):
             main([*cmd, "--help"])
         assert "28 for sd3 and flux, 50 for wan" in " ".join(capsys.readouterr().out.split()), cmd
+
+
+def test_per_frame_temporal_embedding_without_embeddings_is_refused_before_the_video_model_loads(tmp_path, capsys,
+                                                                                                   no_model):
+    """PerFrame refused it only once built, after the (video) model had loaded; an image model ignores --per-frame."""
+    fails = _fails
+    fails(capsys, ["eval", "--model", "shapes_video", "--prompts", "shapes-motion-bench", "--rewards",
+                   "shapes_motion_partial,saturation", "--per-frame", "temporal=embedding", "--out", str(tmp_path / "o")],
+          "--per-frame: temporal=embedding needs image embeddings, which 'saturation' has not", "use temporal=pixel")
+    fails(capsys, ["train", "configs/shapes_video_grpo.yaml", "reward.per_frame={temporal: embedding}",
+                   "reward.weights={saturation: 1.0}", f"output.run_dir={tmp_path / 'r'}"],
+          "reward.per_frame: temporal=embedding needs image embeddings", "'saturation'")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()

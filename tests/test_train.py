@@ -510,3 +510,23 @@ def test_a_run_dir_that_is_or_is_under_a_file_is_one_line_exit_2(tmp_path, capsy
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("flowalign train: error: output.run_dir"), err
     assert f.read_text() == "keep me"
+
+
+def test_a_reward_that_trains_and_evaluates_is_built_once(tmp_path, monkeypatch):
+    """eval_rewards built every training reward a second time: two PickScore/HPS towers in memory, twice the load."""
+    import collections
+
+    import flowalign.train as T
+    from flowalign.train import train
+
+    built = collections.Counter()
+    real = T.build_reward_checked
+
+    def counting(name, *a, **k):
+        built[name] += 1
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(T, "build_reward_checked", counting)
+    train(_cfg(tmp_path / "run", "train.iterations=1", "reward.weights={saturation: 1.0}",
+               "eval.rewards=[saturation, shapes_strict]"))
+    assert dict(built) == {"saturation": 1, "shapes_strict": 1}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import Checkpoint, Reward, check_inputs, freeze
+from flowalign.rewards.base import Checkpoint, Reward, check_inputs, freeze, nan_unless_finite
 from flowalign.rewards.clip_common import ClipImageReward, HFClip
 
 logger = logging.getLogger("flowalign.rewards")
@@ -105,4 +105,5 @@ class Aesthetic(ClipImageReward, Reward):
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)
-        return self.head(self.embed_images(images)).squeeze(-1).float().to(images.device)  # [B]
+        s = self.head(self.embed_images(images)).squeeze(-1).float().to(images.device)  # [B]
+        return nan_unless_finite(s, images)  # [B]

@@ -74,6 +74,20 @@ def check_inputs(images: Tensor, prompts: Sequence[str], kind: str = "image") ->
         raise ValueError(f"reward expects one prompt per image: {images.shape[0]} images, prompts: {n}")
 
 
+def finite_images(images: Tensor) -> Tensor:
+    """[B] bool: True where every value of image (or video) b is finite."""
+    return torch.isfinite(images.detach()).flatten(1).all(dim=1)  # [B]
+
+
+def nan_unless_finite(scores: Tensor, images: Tensor) -> Tensor:
+    """``scores`` [B] with NaN for every image (or video) holding a non-finite value (spec §1: a failed sample is NaN,
+    so training masks it). Applied by every reward whatever its path: a tower need not carry a NaN through, clamps
+    map ±inf into [0, 1], and uint8 quantisation turns NaN into a pixel value. Gradients of the other scores are
+    untouched."""
+    keep = finite_images(images).to(scores.device)  # [B]
+    return torch.where(keep, scores, torch.full_like(scores, float("nan")))  # [B]
+
+
 class Scaled(Reward):
     """``scale · reward + offset`` (e.g. flow_grpo's PickScore/26, CLIP/30, −JPEG kB/500); attributes forwarded."""
 

@@ -187,14 +187,54 @@ def check_kwarg_types(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: s
             raise UserError(f"{what}: {key}={value!r}: {err}{default}")
 
 
+def check_device(value: Any, what: str) -> None:
+    """A one-line ``UserError`` unless ``value`` (a reward's ``device`` argument) names a device this machine has:
+    a string torch cannot parse, a CUDA device without a CUDA build or GPU (or an index beyond the GPUs seen), MPS
+    where it is not available. Checked before the reward's weights load; torch itself only fails inside the first
+    ``.to(device)``, with a multi-line traceback (``Torch not compiled with CUDA enabled``)."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"{what}: device={value!r} is not a torch device; pass e.g. device=cpu, device=cuda or "
+                        f"device=cuda:1") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            have = ("no CUDA device is visible here" if torch.backends.cuda.is_built() else
+                    f"this torch ({torch.__version__}) has no CUDA")
+            raise UserError(f"{what}: device={value!r} but {have}; pass device=cpu")
+        if (dev.index or 0) >= count:
+            raise UserError(f"{what}: device={value!r} but {count} CUDA device(s) are visible here; pass an index "
+                            f"below {count} or device=cpu")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"{what}: device={value!r} but MPS is not available here; pass device=cpu")
+
+
+def _takes(fn: Callable[..., Any], arg: str) -> bool:
+    """Whether ``fn`` (a class or function) accepts keyword ``arg`` (a ``**kwargs`` parameter counts)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == arg and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
 def build_reward_checked(name: str, kwargs: Mapping[str, Any], what: Optional[str] = None):
-    """``build_reward(name, **kwargs)`` for the commands: a ``TypeError``/``ValueError`` raised while building (a value
-    of the wrong type or range that only the constructor sees) becomes a one-line ``UserError`` naming the reward and
-    the argument(s) it came from (those whose value the error quotes, else all given)."""
+    """``build_reward(name, **kwargs)`` for the commands: a ``device`` the reward takes is checked first
+    (``check_device``: an unavailable CUDA/MPS device or a malformed name is one line before any weights load); a
+    ``TypeError``/``ValueError`` raised while building (a value of the wrong type or range that only the constructor
+    sees) becomes a one-line ``UserError`` naming the reward and the argument(s) it came from (those whose value the
+    error quotes, else all given)."""
     from flowalign.errors import first_line
-    from flowalign.rewards import build_reward
+    from flowalign.rewards import build_reward, resolve
 
     what = what or f"reward {name!r}"
+    if kwargs.get("device") is not None and _takes(resolve(name), "device"):
+        check_device(kwargs["device"], what)
     try:
         return build_reward(name, **kwargs)
     except UserError:

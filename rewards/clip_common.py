@@ -1,12 +1,16 @@
 """Differentiable CLIP preprocessing on tensors and a transformers-CLIP tower (REWARDS_AND_EVAL.md §1).
 
 Tensor path (differentiable, used by default):
-  1. resize the shortest side to ``size`` (bicubic, antialias, align_corners=False), clamp to [0, 1];
-  2. centre-crop ``crop × crop`` (torchvision's rounding of the offsets);
+  1. resize the shortest side to ``size`` (bicubic, antialias, align_corners=False), clamp to [0, 1] (also when no
+     resize is needed);
+  2. centre-crop ``crop × crop`` with the offsets of the library whose processor the reward reproduces: torchvision's
+     ``CenterCrop`` (round((h − crop)/2); open_clip for HPS, BLIP for ImageReward) or transformers'
+     ``CLIPImageProcessor`` ((h − crop)//2; PickScore, CLIPScore, aesthetic). See ``CROP_STARTS``;
   3. normalise with the CLIP mean/std.
 Parity path (``parity=True`` on a reward; not differentiable): q = round(255·clamp(x, 0, 1)) → uint8 HWC → PIL → the
 library's own processor, as flow_grpo does. ``tests/test_rewards_learned.py`` checks that both paths agree (Spearman
-ρ > 0.99, max |Δ| < 2 % of the score spread on synthetic images).
+ρ > 0.99, max |Δ| < 2 % of the score spread on synthetic images). uint8 cannot hold NaN, so the parity path makes
+the pixels of an image with any non-finite value NaN after quantising: such an image scores NaN on both paths.
 
 transformers ≥ 5 returns an output object from ``get_image_features`` / ``get_text_features``; ``features`` accepts both.
 """
@@ -14,13 +18,13 @@ transformers ≥ 5 returns an output object from ``get_image_features`` / ``get_
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowalign.rewards.base import freeze, hub_errors, resolve_source, torch_dtype
+from flowalign.rewards.base import finite_images, freeze, hub_errors, resolve_source, torch_dtype
 
 logger = logging.getLogger("flowalign.rewards")
 
@@ -30,10 +34,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def resize_shortest(images: Tensor, size: int) -> Tensor:
     """Bicubic + antialias resize so that the shortest side is ``size`` (long side ``int(size·long/short)``, as
-    torchvision and transformers compute it); output clamped to [0, 1] because bicubic overshoots."""
+    torchvision and transformers compute it); output clamped to [0, 1] because bicubic overshoots, and also when the
+    shortest side is ``size`` already (spec §1 step 1: the tower never sees values outside [0, 1])."""
     h, w = images.shape[-2:]
     if min(h, w) == size:
-        return images
+        return images.clamp(0.0, 1.0)
     if h <= w:
         out_h, out_w = size, int(size * w / h)
     else:
@@ -42,15 +47,33 @@ def resize_shortest(images: Tensor, size: int) -> Tensor:
     return x.clamp(0.0, 1.0)
 
 
-def center_crop(images: Tensor, size: int) -> Tensor:
-    """``size × size`` centre crop (torchvision offsets: round((h − size)/2)); zero-pads an image smaller than ``size``."""
+def torchvision_start(excess: int) -> int:
+    """Where torchvision's ``CenterCrop`` starts its window along an axis ``excess`` = length − crop pixels longer:
+    round(excess/2) (Python's rounding, half to even); a shorter axis (excess < 0) is zero-padded with
+    (−excess)//2 pixels before it, i.e. the window starts −((−excess)//2) pixels before the image."""
+    return int(round(excess / 2.0)) if excess >= 0 else -((-excess) // 2)
+
+
+def transformers_start(excess: int) -> int:
+    """Where transformers' image processors (``CLIPImageProcessor``, its PIL variant; ``image_transforms.center_crop``)
+    start the crop window: excess//2, which for a shorter axis is the ceil((−excess)/2) pixels of zero padding
+    before the image that transformers adds."""
+    return excess // 2
+
+
+CROP_STARTS = {"torchvision": torchvision_start, "transformers": transformers_start}
+
+
+def center_crop(images: Tensor, size: int, start: Callable[[int], int] = torchvision_start) -> Tensor:
+    """``size × size`` centre crop; ``start(length − size)`` gives the window's first pixel along each axis (one of
+    ``CROP_STARTS``; default torchvision's offsets); an axis shorter than ``size`` is zero-padded."""
     h, w = images.shape[-2:]
-    if h < size or w < size:
-        ph, pw = max(size - h, 0), max(size - w, 0)
-        images = F.pad(images, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        h, w = images.shape[-2:]
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    top, left = start(h - size), start(w - size)
+    pad_top, pad_left = max(-top, 0), max(-left, 0)
+    pad_bottom, pad_right = max(size - h - pad_top, 0), max(size - w - pad_left, 0)
+    if pad_top or pad_left or pad_bottom or pad_right:
+        images = F.pad(images, (pad_left, pad_right, pad_top, pad_bottom))
+        top, left = top + pad_top, left + pad_left
     return images[..., top : top + size, left : left + size]
 
 
@@ -60,23 +83,33 @@ def clip_preprocess(
     crop: Optional[int] = None,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    crop_start: Callable[[int], int] = torchvision_start,
 ) -> Tensor:
     """[B,3,H,W] in [0,1] (any float dtype) → normalised fp32 [B,3,crop,crop]; differentiable w.r.t. ``images``.
+    ``crop_start``: the centre crop's offsets (``CROP_STARTS``), those of the processor the reward reproduces.
 
     Upcast to fp32 because CPU bicubic/antialias kernels do not take half precision and the resize is the
     step where low precision would shift scores.
     """
     x = images.float()  # [B,3,H,W]
     x = resize_shortest(x, int(size))
-    x = center_crop(x, int(crop or size))  # [B,3,c,c]
+    x = center_crop(x, int(crop or size), crop_start)  # [B,3,c,c]
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
 
 
 def quantize(images: Tensor) -> Tensor:
-    """round(255·clamp(x, 0, 1)) as uint8, same layout."""
-    return (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    """round(255·clamp(x, 0, 1)) as uint8, same layout. uint8 has no NaN: a non-finite value becomes some pixel value,
+    so callers mark those images themselves (``finite_images``, ``nan_images``)."""
+    return (images.detach().float().nan_to_num(0.0).clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def nan_images(pixels: Tensor, finite: Tensor) -> Tensor:
+    """``pixels`` [B,...] with every value of image b NaN where ``finite[b]`` is False: the quantised parity paths lose
+    the NaN of a failed sample, this puts it back so the tower scores it NaN (spec §1: a failed sample is NaN)."""
+    keep = finite.to(pixels.device).view(-1, *([1] * (pixels.dim() - 1)))  # [B,1,...]
+    return torch.where(keep, pixels, torch.full_like(pixels, float("nan")))
 
 
 def to_pil(images: Tensor) -> list:
@@ -90,9 +123,10 @@ def to_pil(images: Tensor) -> list:
 def pil_pixels(images: Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> Tensor:
     """Parity path of open_clip (HPS) and BLIP (ImageReward), without torchvision: [B,3,H,W] in [0,1] → uint8 → PIL →
     shortest side to ``size`` (PIL bicubic; long side ``int(size·long/short)``) → centre ``size × size`` crop
-    (offsets round((h − size)/2)) → /255 → normalise; fp32 [B,3,size,size]. The same numbers as torchvision's
-    ``Resize(size, BICUBIC)``, ``CenterCrop(size)``, ``ToTensor()``, ``Normalize(mean, std)`` that those libraries use
-    (checked against open_clip's transform in tests/test_rewards_learned.py)."""
+    (offsets round((h − size)/2)) → /255 → normalise; fp32 [B,3,size,size], all NaN for an image with a non-finite
+    value. The same numbers as torchvision's ``Resize(size, BICUBIC)``, ``CenterCrop(size)``, ``ToTensor()``,
+    ``Normalize(mean, std)`` that those libraries use (checked against open_clip's transform in
+    tests/test_rewards_learned.py)."""
     import numpy as np
     from PIL import Image
 
@@ -108,7 +142,7 @@ def pil_pixels(images: Tensor, size: int, mean: Sequence[float] = CLIP_MEAN, std
     x = torch.stack(out)  # [B,3,size,size]
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
+    return nan_images((x - m) / s, finite_images(images))
 
 
 def features(out) -> Tensor:
@@ -177,8 +211,9 @@ class HFClip:
 
     # -- images -------------------------------------------------------------------------------------------------
     def pixels(self, images: Tensor) -> Tensor:
-        """Tensor path: [B,3,H,W] in [0,1] → model pixels [B,3,c,c] on the model's device/dtype."""
-        x = clip_preprocess(images.to(self.device), self.size, self.crop, self.mean, self.std)
+        """Tensor path: [B,3,H,W] in [0,1] → model pixels [B,3,c,c] on the model's device/dtype (the processor's
+        crop offsets, ``transformers_start``)."""
+        x = clip_preprocess(images.to(self.device), self.size, self.crop, self.mean, self.std, transformers_start)
         return x.to(self.dtype)
 
     def pixels_pil(self, images: Tensor) -> Tensor:
@@ -190,7 +225,7 @@ class HFClip:
             cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
             self._pil_processor = cls.from_pretrained(self.processor_path)
         out = self._pil_processor(images=to_pil(images), return_tensors="pt")
-        return out["pixel_values"].to(self.device, self.dtype)
+        return nan_images(out["pixel_values"], finite_images(images)).to(self.device, self.dtype)
 
     def encode_pixels(self, pixels: Tensor) -> Tensor:
         """[N,3,c,c] → L2-normalised fp32 image embeddings [N,D]."""

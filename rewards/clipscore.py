@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import Checkpoint, Reward, check_inputs
+from flowalign.rewards.base import Checkpoint, Reward, check_inputs, nan_unless_finite
 from flowalign.rewards.clip_common import ClipPairReward, HFClip
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
@@ -65,4 +65,5 @@ class CLIPScore(ClipPairReward, Reward):
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)
         scale = self.clip.logit_scale.exp()  # [] fp32, read before the tower's cast to dtype
-        return FORMS[self.form](self.cosine(images, prompts), scale, self.w).float().to(images.device)  # [B]
+        s = FORMS[self.form](self.cosine(images, prompts), scale, self.w).float().to(images.device)  # [B]
+        return nan_unless_finite(s, images)  # [B]

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, resolve_source,
-                                    torch_dtype)
+from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, nan_unless_finite,
+                                    resolve_source, torch_dtype)
 from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, features, l2n, pil_pixels, \
     unique_index
 from flowalign.rewards.open_clip_convert import build_hf_clip, load_arch
@@ -143,7 +143,7 @@ class HPSv2(Reward):
         uniq, index = unique_index(prompts)
         txt = self.embed_text(uniq)[index.to(self.device)]  # [B, D]
         img = self.embed_images(images)  # [B, D]
-        return (img * txt).sum(-1).float().to(images.device)  # [B]
+        return nan_unless_finite((img * txt).sum(-1).float().to(images.device), images)  # [B]
 
 
 class HPSv21(HPSv2):

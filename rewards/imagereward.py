@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, resolve_source,
-                                    torch_dtype)
+from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, nan_unless_finite,
+                                    resolve_source, torch_dtype)
 from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, pil_pixels, unique_index
 
 logger = logging.getLogger("flowalign.rewards")
@@ -209,4 +209,4 @@ class ImageReward(Reward):
                           encoder_attention_mask=atts, is_decoder=False).last_hidden_state[:, 0]  # [n, Dt]
             out.append(self.head(h.float()).squeeze(-1))  # [n]
         raw = torch.cat(out)  # [B]
-        return ((raw - IR_MEAN) / IR_STD).float().to(images.device)
+        return nan_unless_finite(((raw - IR_MEAN) / IR_STD).float().to(images.device), images)  # [B]

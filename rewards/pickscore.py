@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.rewards.base import Checkpoint, Reward, check_inputs
+from flowalign.rewards.base import Checkpoint, Reward, check_inputs, nan_unless_finite
 from flowalign.rewards.clip_common import ClipPairReward, HFClip
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -60,4 +60,4 @@ class PickScore(ClipPairReward, Reward):
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)
         scale = self.clip.logit_scale.exp()  # [] fp32, read before the tower's cast to dtype
-        return (scale * self.cosine(images, prompts)).float().to(images.device)  # [B]
+        return nan_unless_finite((scale * self.cosine(images, prompts)).float().to(images.device), images)  # [B]

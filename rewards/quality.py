@@ -1,7 +1,8 @@
 """Model-free image quality rewards (REWARDS_AND_EVAL.md §2.6; SHAPES_WORLD.md §3).
 
 All take images [B, 3, H, W] in [0, 1] and return float32 [B] on the images' device, at raw scale
-(scaling lives in a wrapper). Each image is scored on its own, so a score never depends on its batch.
+(scaling lives in a wrapper). Each image is scored on its own, so a score never depends on its batch; an
+image with a non-finite value (a diverged sample) scores NaN.
 
 * ``JpegCompressibility`` / ``JpegIncompressibility`` — DDPO's (Black et al. 2023, §6.1) classic
   objective: the JPEG file size of the image at quality 95 in kB (bytes / 1000), negated for
@@ -20,6 +21,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from flowalign.rewards.base import nan_unless_finite
 
 
 def _check_images(images: Tensor, who: str) -> None:
@@ -92,7 +95,7 @@ class EdgeCrispness:
     def __call__(self, images: Tensor, prompts: Sequence[str] = (), metadata: Optional[Sequence[dict]] = None) -> Tensor:
         _check_images(images, type(self).__name__)
         # fp32: squared second differences of [0,1] values lose precision in half precision
-        return laplacian_variance(images.float())  # [B]
+        return nan_unless_finite(laplacian_variance(images.float()), images)  # [B]
 
 
 def hsv_saturation(images: Tensor, eps: float = 1e-6) -> Tensor:
@@ -111,4 +114,5 @@ class Saturation:
 
     def __call__(self, images: Tensor, prompts: Sequence[str] = (), metadata: Optional[Sequence[dict]] = None) -> Tensor:
         _check_images(images, type(self).__name__)
-        return hsv_saturation(images.float().clamp(0, 1)).flatten(1).mean(1)  # [B]
+        # the clamp maps ±inf into [0, 1] and hsv_saturation's max > eps test reads NaN as 0: mark those images
+        return nan_unless_finite(hsv_saturation(images.float().clamp(0, 1)).flatten(1).mean(1), images)  # [B]

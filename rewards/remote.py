@@ -33,8 +33,7 @@ import math
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Sequence
 
@@ -43,7 +42,7 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import Reward, check_inputs
+from flowalign.rewards.base import Reward, check_inputs, nan_unless_finite
 from flowalign.rewards.clip_common import batched, quantize
 
 logger = logging.getLogger("flowalign.rewards")
@@ -243,14 +242,18 @@ class RemoteReward(Reward):
 
     Args:
         url: server base URL, e.g. ``http://127.0.0.1:8000``.
-        timeout: seconds per HTTP request (connect + score).
+        timeout: seconds per attempt for the whole request: connect, send, and read of the complete reply. A server
+            that answers slowly (or trickles its reply) is cut off at the deadline and the attempt counts as a timeout.
         retries: extra attempts after a connection error, timeout or 502/503/504 (0 = one attempt).
         backoff: sleep ``backoff · 2**attempt`` seconds between attempts.
         batch_size: images per request.
         encoding: ``uint8`` (default) | ``float16`` | ``float32`` (exact; see the module docstring).
         name, kind: reported attributes (the server's reward name is not fetched at construction).
     Unreachable after all attempts → ``UserError`` (one line, with the URL and the last error). A 4xx/500 reply →
-    ``UserError`` with the server's message (not retried: the same request would fail again).
+    ``UserError`` with the server's message on one line (not retried: the same request would fail again). A reply
+    whose scores are not numbers or null → ``UserError`` naming the first bad entry. An image with a non-finite value
+    scores NaN whatever the encoding (uint8 cannot carry NaN to the server). The client connects directly: proxy
+    variables (``HTTP_PROXY``, ...) are not used.
     """
 
     differentiable = False
@@ -263,10 +266,64 @@ class RemoteReward(Reward):
             raise UserError(f"remote reward: unknown encoding {encoding!r} (use one of {', '.join(ENCODINGS)})")
         if not str(url).startswith(("http://", "https://")):
             raise UserError(f"remote reward: url must start with http:// or https://, got {url!r}")
+        if not (math.isfinite(float(timeout)) and float(timeout) > 0):
+            raise UserError(f"remote reward: timeout must be a finite number of seconds > 0, got {timeout!r}")
         self.url = str(url).rstrip("/")
+        parts = urllib.parse.urlsplit(self.url)
+        try:
+            self._port = parts.port
+        except ValueError:
+            self._port = -1
+        if not parts.hostname or self._port == -1:
+            raise UserError(f"remote reward: url {url!r} has no valid host or port; pass e.g. http://127.0.0.1:8000")
+        self._https, self._host, self._path = parts.scheme == "https", parts.hostname, parts.path + "/score"
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.batch_size, self.encoding = int(batch_size), encoding
         self.name, self.kind = name, kind
+
+    def _attempt(self, body: bytes) -> tuple[int, str, bytes]:
+        """One POST /score within ``timeout`` seconds → (status, reason, body). Raises ``TimeoutError`` at the
+        deadline, ``OSError`` / ``http.client.HTTPException`` on a failed connection or a cut reply.
+
+        A socket timeout only bounds each single read, so a server that sends a byte now and then would hold the
+        client indefinitely: a timer shuts the socket down at the deadline, which wakes the blocked call."""
+        conn_cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = conn_cls(self._host, self._port, timeout=self.timeout)
+        expired = threading.Event()
+        held: list[socket.socket] = []  # the connected socket: http.client drops conn.sock once a reply says "close"
+
+        def expire() -> None:
+            expired.set()
+            for sock in held:
+                try:  # the base class's shutdown: an SSL socket's would also tear down its TLS state under the reader
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timer = threading.Timer(self.timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            conn.connect()  # TCP connect (and a TLS handshake's reads) bounded by the socket timeout (= timeout)
+            held.append(conn.sock)
+            if expired.is_set():  # before the socket was held: expire() could not shut it down
+                raise TimeoutError
+            conn.request("POST", self._path, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+            if expired.is_set():  # a reply without Content-Length reads as complete when the socket shuts down
+                raise TimeoutError
+            return resp.status, resp.reason, data
+        except (OSError, http.client.HTTPException):
+            if expired.is_set():
+                raise TimeoutError(f"no complete reply within timeout={self.timeout:g} s") from None
+            raise
+        finally:
+            timer.cancel()
+            conn.close()
 
     def _post(self, payload: dict) -> dict:
         body = json.dumps(payload).encode()
@@ -274,24 +331,18 @@ class RemoteReward(Reward):
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url + "/score", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as err:
-                try:
-                    msg = json.loads(err.read()).get("error", "")
-                except Exception:
-                    msg = err.reason
-                if err.code in (502, 503, 504):
-                    last = f"HTTP {err.code} {msg}"
-                    continue
-                raise UserError(f"remote reward {self.url}: HTTP {err.code}: {msg}") from None
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError,
-                    http.client.HTTPException) as err:  # HTTPException: a reply cut short (IncompleteRead), not HTTP
-                last = str(getattr(err, "reason", err)) or type(err).__name__
+                status, reason, raw = self._attempt(body)
+            except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as err:
+                # HTTPException: a reply cut short (IncompleteRead) or garbled, not an HTTP error status
+                last = _one_line(str(err) or type(err).__name__)
                 continue
+            if not 200 <= status < 300:
+                msg = _error_message(raw) or reason
+                if status in (502, 503, 504):
+                    last = f"HTTP {status} {msg}"
+                    continue
+                raise UserError(f"remote reward {self.url}: HTTP {status}: {msg}")
             try:
                 return json.loads(raw)
             except ValueError:  # e.g. an HTML page from another service on that port
@@ -304,7 +355,7 @@ class RemoteReward(Reward):
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
         check_inputs(images, prompts, self.kind)
-        out = []
+        out: list[float] = []
         for s in batched(images.shape[0], self.batch_size):
             payload = {"images": encode_images(images[s], self.encoding), "prompts": list(prompts[s]),
                        "metadata": None if metadata is None else list(metadata[s])}
@@ -312,5 +363,35 @@ class RemoteReward(Reward):
             scores = reply.get("scores") if isinstance(reply, dict) else None
             if not isinstance(scores, list) or len(scores) != s.stop - s.start:
                 raise UserError(f"remote reward {self.url}: bad reply (expected {s.stop - s.start} scores)")
-            out.extend(float("nan") if v is None else float(v) for v in scores)
-        return torch.tensor(out, dtype=torch.float32, device=images.device)
+            out.extend(self._score(v, s.start + i) for i, v in enumerate(scores))
+        return nan_unless_finite(torch.tensor(out, dtype=torch.float32, device=images.device), images)  # [B]
+
+    def _score(self, value: Any, index: int) -> float:
+        """A reply's score: a JSON number, or null for NaN (the protocol); anything else is a one-line error."""
+        if value is None:
+            return float("nan")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # JSON true/false arrive as bool
+            try:
+                return float(value)
+            except OverflowError:  # an integer literal beyond float range
+                pass
+        shown = _one_line(json.dumps(value), 60)
+        raise UserError(f"remote reward {self.url}: bad reply: the score of image {index} is {shown}, expected a "
+                        f"number or null; is it a `flowalign rewards serve` server (protocol {PROTOCOL})?")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` with its line breaks and runs of white space folded to single spaces, cut to ``limit`` characters: a
+    server's or socket's message inside a one-line ``UserError``."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _error_message(raw: bytes) -> str:
+    """The ``error`` text of an error reply's JSON body, on one line; "" when the body is not such JSON."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return ""
+    msg = obj.get("error") if isinstance(obj, dict) else None
+    return _one_line(msg) if isinstance(msg, str) else ""

@@ -79,3 +79,16 @@ def test_saturation_values_and_gradient():
     x = _scenes(2).requires_grad_(True)
     r(x, [""] * 2).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_image_with_a_non_finite_pixel_scores_nan(name):
+    """Spec §1: a failed sample is NaN so training masks it. Saturation read a NaN pixel as saturation 0 and clamped
+    ±inf into [0, 1], so a diverged sample got a finite score."""
+    x = _scenes(4)
+    x[0, :, 3:9, 3:9] = float("nan")
+    x[1, 2, 5, 5] = float("inf")
+    x[2, 0, 0, 0] = float("-inf")
+    out = build_reward(name)(x, [""] * 4)
+    assert torch.isnan(out[:3]).all() and torch.isfinite(out[3]), out
+    torch.testing.assert_close(out[3:], build_reward(name)(x[3:], [""]), atol=1e-6, rtol=0)

@@ -504,3 +504,95 @@ def test_a_cached_or_answering_hub_id_is_left_to_the_loader(no_hub, monkeypatch)
     with hub_errors("owner/online", "test model"):
         ran = "again"
     assert ran == "again" and len(no_hub) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# review fixes: non-finite images, clamp at the target size, crop offsets per library
+
+
+def _with_failed_samples(n_clean: int = 2, h: int = 44, w: int = 52) -> torch.Tensor:
+    """Two failed samples (a NaN patch, a +inf patch) followed by ``n_clean`` clean images."""
+    x = synthetic_images(2 + n_clean, h=h, w=w, seed=12)
+    x[0, :, 5:20, 5:20] = float("nan")
+    x[1, 1, 3, 7] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_an_image_with_a_non_finite_pixel_scores_nan_on_every_path(rewards, name):
+    """A diverged sample is NaN (spec §1: training masks it). The parity path quantises to uint8, which turned NaN
+    into a pixel value and gave a finite score; a +inf pixel was clamped to 1 on the tensor path as well."""
+    x = _with_failed_samples()
+    prompts = PROMPTS[:4]
+    for key in (name, name + ":parity"):
+        s = rewards[key](x, prompts)
+        assert torch.isnan(s[:2]).all(), (key, s)
+        assert torch.isfinite(s[2:]).all(), (key, s)
+        assert torch.allclose(s[2:], rewards[key](x[2:], prompts[2:]), atol=1e-5, rtol=0)  # neighbours do not leak
+    if name in ("pickscore", "clipscore", "aesthetic", "hps"):  # embed_images feeds the video temporal term
+        e = rewards[name + ":parity"].embed_images(x)
+        assert torch.isnan(e[0]).all() and torch.isfinite(e[2:]).all()
+
+
+def test_clip_preprocess_clamps_when_the_image_is_already_at_size():
+    """resize_shortest returned early when the shortest side was already ``size``, skipping the clamp of spec §1
+    step 1: out-of-range images at exactly 224 px reached the tower unclamped. Gradients flow as on the resize path
+    (through the clamp: 0 outside [0, 1])."""
+    x = (synthetic_images(2, h=32, w=37, seed=13) * 1.6 - 0.3).requires_grad_()  # values in [-0.3, 1.3]
+    out = clip_preprocess(x, 32, 32)
+    assert torch.equal(out, clip_preprocess(x.detach().clamp(0, 1), 32, 32))
+    out.sum().backward()
+    inside = (x.detach() > 0) & (x.detach() < 1)
+    assert (x.grad[~inside] == 0).all() and (x.grad[inside] != 0).any()
+    big = torch.full((1, 3, 224, 224), 1.3)
+    assert torch.allclose(clip_preprocess(big), clip_preprocess(torch.ones(1, 3, 224, 224)))
+
+
+@pytest.mark.parametrize("name", LEARNED)
+def test_out_of_range_images_at_the_tower_size_score_as_clamped(rewards, name):
+    x = synthetic_images(2, h=32, w=32, seed=5) * 1.6 - 0.3  # tiny towers take 32 px: no resize
+    assert torch.allclose(rewards[name](x, PROMPTS[:2]), rewards[name](x.clamp(0, 1), PROMPTS[:2]), atol=1e-6, rtol=0)
+
+
+def test_crop_starts_follow_torchvision_and_transformers():
+    """torchvision's CenterCrop starts at round((h − c)/2) (half to even) and pads (c − h)//2 before a short axis;
+    transformers' image_transforms.center_crop starts at (h − c)//2 and pads ceil((c − h)/2) before it."""
+    import numpy as np
+    from transformers.image_transforms import center_crop as hf_center_crop
+
+    from flowalign.rewards.clip_common import CROP_STARTS, center_crop, torchvision_start, transformers_start
+
+    assert set(CROP_STARTS) == {"torchvision", "transformers"}
+    assert [torchvision_start(e) for e in (0, 1, 2, 3, 5, 7, 199, -1, -3, -4)] == [0, 0, 1, 2, 2, 4, 100, 0, -1, -2]
+    assert [transformers_start(e) for e in (0, 1, 2, 3, 5, 7, 199, -1, -3, -4)] == [0, 0, 1, 1, 2, 3, 99, -1, -2, -2]
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(32, 39), (39, 32), (35, 41), (32, 231), (29, 40), (40, 27), (25, 30), (32, 32)]:
+        x = torch.rand(1, 3, h, w, generator=g)
+        ref = hf_center_crop(x[0].numpy(), (32, 32), input_data_format="channels_first")
+        ours = center_crop(x, 32, transformers_start)[0]
+        assert ours.shape == (3, 32, 32) and np.array_equal(ours.numpy(), ref), (h, w)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clipscore", "aesthetic"])
+def test_transformers_clip_rewards_crop_like_their_processor(rewards, name):
+    """PickScore, CLIPScore and aesthetic reproduce transformers' CLIPImageProcessor, which crops at (h − c)//2, not
+    torchvision's round((h − c)/2): on odd differences the tensor path was one pixel off the processor. Inputs are
+    uint8 values at the tower's size (no resize), so both paths see the same pixels and must agree exactly."""
+    from flowalign.rewards.clip_common import quantize
+
+    clip = rewards[name].clip
+    for h, w in [(32, 39), (39, 32), (32, 41), (32, 231)]:
+        x = quantize(synthetic_images(2, h=h, w=w, seed=14)).float() / 255
+        assert torch.allclose(clip.pixels(x), clip.pixels_pil(x), atol=1e-5, rtol=0), (name, h, w)
+
+
+@pytest.mark.parametrize("name", ["hps", "imagereward"])
+def test_open_clip_and_blip_rewards_keep_torchvisions_crop(rewards, name):
+    """HPS (open_clip) and ImageReward (BLIP) use torchvision transforms: their tensor and parity paths share
+    torchvision's offsets, so at the tower's size they agree exactly on odd differences too."""
+    from flowalign.rewards.clip_common import quantize
+
+    for h, w in [(32, 39), (39, 32), (32, 41)]:
+        x = quantize(synthetic_images(2, h=h, w=w, seed=14)).float() / 255
+        a, b = rewards[name]._pixels(x), rewards[name + ":parity"]._pixels(x)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (name, h, w)

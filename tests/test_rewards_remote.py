@@ -311,3 +311,154 @@ def test_check_max_mb_converts_mib_to_bytes():
     assert check_max_mb(256.0) == 256 << 20
     assert check_max_mb(0.5) == 1 << 19
     assert check_max_mb(1 / 2**20) == 1  # one byte is the smallest limit
+
+
+# --------------------------------------------------------------------------------------------- review fixes
+
+
+def _drip(with_length: bool):
+    """A 200 reply whose body trickles out one byte every 0.1 s (~4 s in all): each socket read succeeds in time."""
+
+    def reply(handler):
+        body = json.dumps({"scores": [0.5, 0.5]}).encode()
+        handler.send_response(200)
+        if with_length:
+            handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        try:
+            for ch in body:
+                handler.wfile.write(bytes([ch]))
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except OSError:  # the client gave up and closed the connection
+            pass
+        handler.close_connection = True
+
+    return reply
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_remote_timeout_bounds_the_whole_attempt(with_length):
+    """`urlopen(timeout=…)` bounded each socket read only: a server dripping a byte every 0.3 s held a client with
+    timeout=1 for 6 s and its scores were accepted. Each attempt now ends at `timeout` (connect + send + reply), then
+    the client retries and fails as documented. Without Content-Length a cut reply would read as complete."""
+    fake = _FakeServer(_drip(with_length))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(UserError) as e:
+            RemoteReward(fake.url, timeout=0.5, retries=1, backoff=0.0)(torch.rand(2, 3, 8, 8), ["a", "b"])
+        took = time.monotonic() - t0
+        msg = str(e.value)
+        assert "\n" not in msg and "unreachable after 2 attempts" in msg and "timeout=0.5 s" in msg, msg
+        assert fake.calls == 2 and 0.9 < took < 2.0, took
+    finally:
+        fake.close()
+
+
+def _scores_reply(text: bytes):
+    def reply(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(text)))
+        handler.end_headers()
+        handler.wfile.write(text)
+
+    return reply
+
+
+@pytest.mark.parametrize("scores, bad", [(b'["abc", 1.0]', '"abc"'), (b'[1.0, {"x": 1}]', '{"x": 1}'),
+                                         (b"[[1.0], [2.0]]", "[1.0]"), (b"[true, false]", "true")])
+def test_remote_scores_that_are_not_numbers_are_a_one_line_error(scores, bad):
+    """Strings, objects and lists were a raw ValueError/TypeError, and JSON booleans were read as 1.0 and 0.0."""
+    fake = _FakeServer(_scores_reply(b'{"scores": ' + scores + b"}"))
+    try:
+        with pytest.raises(UserError) as e:
+            RemoteReward(fake.url, retries=0, timeout=5)(torch.rand(2, 3, 8, 8), ["a", "b"])
+        msg = str(e.value)
+        index = 1 if bad.startswith("{") else 0
+        assert "\n" not in msg and f"the score of image {index} is {bad}" in msg and "a number or null" in msg, msg
+    finally:
+        fake.close()
+
+
+def test_remote_null_is_nan_and_integers_are_numbers():
+    fake = _FakeServer(_scores_reply(b'{"scores": [null, 2, 1.5]}'))
+    try:
+        out = RemoteReward(fake.url, retries=0, timeout=5)(torch.rand(3, 3, 8, 8), ["a", "b", "c"])
+        assert torch.isnan(out[0]) and out[1:].tolist() == [2.0, 1.5]
+    finally:
+        fake.close()
+
+
+class _Raises:
+    name, kind, differentiable = "raises", "image", False
+
+    def __call__(self, images, prompts, metadata=None):
+        raise RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s): 'a'\n\tUnexpected key(s): 'b'")
+
+
+def test_remote_multi_line_server_error_stays_one_line(caplog):
+    """The server's 500 carries the reward's exception text, which may span lines; the client's error is one line."""
+    with caplog.at_level("CRITICAL", logger="flowalign.rewards"), serve(_Raises()) as srv:
+        with pytest.raises(UserError) as e:
+            RemoteReward(srv.url, retries=0)(torch.rand(1, 3, 8, 8), ["x"])
+    msg = str(e.value)
+    assert "\n" not in msg and "HTTP 500: RuntimeError: Error(s) in loading state_dict: Missing key(s): 'a'" in msg
+
+
+@pytest.mark.parametrize("encoding", ["uint8", "float16", "float32"])
+def test_remote_non_finite_images_score_nan_with_every_encoding(toy_server, encoding):
+    """uint8 has no NaN: quantising turned a diverged sample into a real image with a finite score (spec §1: NaN)."""
+    x = torch.rand(3, 3, 8, 8)
+    x[0, :, 2:5, 2:5] = float("nan")
+    x[1, 0, 0, 0] = float("inf")
+    out = RemoteReward(toy_server.url, encoding=encoding)(x, ["a", "b", "c"])
+    assert torch.isnan(out[:2]).all() and torch.isfinite(out[2])
+
+
+def test_remote_client_refuses_a_bad_timeout_or_url():
+    for t in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="timeout must be a finite number"):
+            RemoteReward("http://127.0.0.1:1", timeout=t)
+    with pytest.raises(UserError, match="no valid host or port"):
+        RemoteReward("http://127.0.0.1:notaport")
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA or MPS, whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+def test_serve_refuses_an_unavailable_or_malformed_device_in_one_line(capsys, monkeypatch, tmp_path, no_cuda):
+    """`rewards serve pickscore path=… device=cuda` without CUDA was a 20-line traceback (Torch not compiled with
+    CUDA enabled) after the weights loaded; now one line before anything loads."""
+    from cli_checks import fails
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the device was checked")
+
+    monkeypatch.setattr("flowalign.rewards.clip_common.HFClip.__init__", no_load)
+    fails(capsys, ["rewards", "serve", "pickscore", f"path={tmp_path}", "device=cuda", "--port", "0"],
+          "reward 'pickscore': device='cuda'", "pass device=cpu", cmd="rewards")
+    fails(capsys, ["rewards", "serve", "pickscore", f"path={tmp_path}", "device=mps", "--port", "0"],
+          "device='mps' but MPS is not available", cmd="rewards")
+    fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "device=gpu0", "--port", "0"],
+          "device='gpu0' is not a torch device", cmd="rewards")
+
+
+def test_build_reward_checked_checks_the_device_first(monkeypatch, no_cuda, tiny_clip_dir):
+    from flowalign.rewards.catalog import build_reward_checked
+
+    with pytest.raises(UserError, match=r"^reward\.kwargs\.pickscore: device='cuda:1' but .*; pass device=cpu$"):
+        build_reward_checked("pickscore", {"path": str(tiny_clip_dir), "device": "cuda:1"}, "reward.kwargs.pickscore")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="1 CUDA device"):
+        build_reward_checked("pickscore", {"path": str(tiny_clip_dir), "device": "cuda:1"})
+    assert build_reward_checked("pickscore", {"path": str(tiny_clip_dir), "device": "cpu"}).device.type == "cpu"
+    # a reward without a device argument: the unknown argument is what the constructor refuses, not the device
+    with pytest.raises(UserError, match="cannot be built with device='cuda'"):
+        build_reward_checked("saturation", {"device": "cuda"})

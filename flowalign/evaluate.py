@@ -963,7 +963,8 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards.catalog import build_reward_checked
 
     p = CommandParser(prog="flowalign eval", description="Evaluate a model on a prompt set with rewards.")
-    p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
+    p.add_argument("--model", default=None, help="model family (shapes, shapes_video, sd3, flux, wan; default "
+                   "shapes, or the --benchmark's family when it has one)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N, or one written by "
                    "diffusers' save_lora_weights)")
@@ -973,11 +974,13 @@ def cli_main(argv: Sequence[str]) -> int:
                         "makes the run a non-benchmark evaluation, recorded as such")
     p.add_argument("--list-benchmarks", action="store_true", help="list the built-in benchmark protocols and exit")
     p.add_argument("--prompts", default=None, help="built-in prompt set name, a .txt/.jsonl/.json file, or the HPSv2 "
-                   "benchmark's directory (HPDv2 benchmark/; default: shapes-bench, or the benchmark's)")
+                   "benchmark's directory (HPDv2 benchmark/; default: the benchmark's, else shapes-bench for shapes "
+                   "and shapes-motion-bench for shapes_video; required for sd3, flux and wan)")
     p.add_argument("--max-prompts", type=int, default=None, help="an evenly spaced subset of N prompts (0 = all, "
                    "the default)")
-    p.add_argument("--rewards", default=None, help="comma-separated reward names (default: shapes_strict,"
-                   "shapes_partial, or the benchmark's)")
+    p.add_argument("--rewards", default=None, help="comma-separated reward names (default: the benchmark's, else "
+                   "the shapes models' verifier: shapes_strict,shapes_partial or shapes_motion_strict,"
+                   "shapes_motion_partial; required for sd3, flux and wan)")
     add_component_args(p)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the benchmark's, else the "
                    "model's own: 28 for sd3 and flux, 50 for wan, the config's sample_steps for shapes, 12)")
@@ -1014,15 +1017,27 @@ def cli_main(argv: Sequence[str]) -> int:
 
     # every argument is checked before the model loads and before anything is written
     protocol = load_protocol(args.benchmark) if args.benchmark else None
+    if args.model is None:  # a benchmark of one family (shapes-motion-bench: shapes_video) runs on that family
+        args.model = protocol.families()[0] if protocol is not None and len(protocol.families()) == 1 else "shapes"
+    from flowalign.models import resolve as resolve_model
+
+    family = resolve_model(args.model)  # an unknown name: one line with the closest one
     fixed = protocol_defaults(protocol, args.model) if protocol is not None else {}
     if protocol is not None and "steps" not in fixed and (args.steps is None or args.guidance is None):
         raise UserError(f"benchmark {protocol.name!r} fixes sampling for {', '.join(protocol.families())}, not "
-                        f"--model {args.model}; pass --steps and --guidance to run its prompts and rewards as a "
-                        f"non-benchmark evaluation")
+                        f"--model {args.model}; pass --model {protocol.families()[0]}, or --steps and --guidance to run "
+                        f"its prompts and rewards as a non-benchmark evaluation")
     if args.prompts is None:
-        args.prompts = fixed.get("prompt_set", "shapes-bench")
+        args.prompts = fixed.get("prompt_set", getattr(family, "default_prompts", None))
+        if args.prompts is None:
+            raise UserError(f"--prompts is required for --model {args.model}: a built-in set (e.g. geneval, parti, "
+                            f"pickscore) or a .txt/.jsonl file; or --benchmark NAME (--list-benchmarks)")
     if args.rewards is None:
-        args.rewards = ",".join(fixed.get("rewards", ("shapes_strict", "shapes_partial")))
+        default = fixed.get("rewards", getattr(family, "default_rewards", None))
+        if default is None:
+            raise UserError(f"--rewards is required for --model {args.model} (it has no built-in verifier): e.g. "
+                            f"--rewards pickscore --reward-arg pickscore.path=/weights/PickScore_v1")
+        args.rewards = ",".join(default)
     args.seeds = fixed.get("seeds_per_prompt", 4) if args.seeds is None else args.seeds
     args.seed = fixed.get("seed", 0) if args.seed is None else args.seed
     args.max_prompts = 0 if args.max_prompts is None else args.max_prompts
@@ -1064,9 +1079,14 @@ def cli_main(argv: Sequence[str]) -> int:
         check_t2i_records(as_records(records))
     elif args.export == "hpsv2":
         check_hpsv2_records(as_records(records), args.seeds)
-    from flowalign.models import resolve as resolve_model
+    from flowalign.rewards import resolve as resolve_reward
 
-    if args.export and getattr(resolve_model(args.model), "output_kind", "image") != "image":  # before the load
+    outputs = getattr(family, "output_kind", "image")
+    if args.per_frame and (outputs != "video" or all(getattr(resolve_reward(n), "kind", "image") == "video"
+                                                        for n in names)):
+        logger.warning("--per-frame is set, but no image reward scores video frames here (%s): the options are "
+                       "unused", "the model makes images" if outputs != "video" else "every reward scores videos")
+    if args.export and outputs != "image":  # before the load
         raise UserError(f"--export {args.export} takes images; --model {args.model} makes videos")
     model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
     if args.lora:
@@ -1087,7 +1107,8 @@ def cli_main(argv: Sequence[str]) -> int:
              "prompt_set": args.prompts, "max_prompts": args.max_prompts,
              **({"export": args.export} if args.export else {}),
              **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
-             **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {})}
+             **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
+             **({"per_frame": per_frame} if per_frame and outputs == "video" else {})}
     if protocol is not None:  # say before the long part whether this will be a benchmark number
         status = eval_settings(model, records, rewards, steps=steps, guidance=args.guidance, seeds_per_prompt=args.seeds,
                                seed=args.seed, extra_settings=extra, protocol=protocol)["benchmark"]

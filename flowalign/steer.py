@@ -812,11 +812,14 @@ def build_parser():
                    help=f"{' | '.join(METHODS)} (default best_of_n: the strongest on shapes-bench, docs/steering.md)")
     p.add_argument("--particles", "-k", type=int, default=None,
                    help="best_of_n: N; fk: particles per output (default 4; not with none or guided, one sample each)")
-    p.add_argument("--reward", default="shapes_partial",
+    p.add_argument("--reward", default=None,
                    help="the steering reward(s): NAME or NAME:WEIGHT, comma-separated, each name once (guided: "
-                        "differentiable ones)")
-    p.add_argument("--eval-rewards", default="shapes_strict,shapes_partial",
-                   help="comma-separated rewards that score the outputs (summary.json)")
+                        "differentiable ones; default: the shapes models' partial credit, shapes_partial or "
+                        "shapes_motion_partial; required for sd3, flux and wan)")
+    p.add_argument("--eval-rewards", default=None,
+                   help="comma-separated rewards that score the outputs (summary.json; default: the shapes models' "
+                        "verifier, shapes_strict,shapes_partial or shapes_motion_strict,shapes_motion_partial; "
+                        "else the steering rewards)")
     d = FK_DEFAULTS
     p.add_argument("--lam", type=float, default=None,
                    help=f"FK: λ of the tilt exp(λ·r), per raw reward unit (per reward std with --reward-std; default "
@@ -1028,6 +1031,18 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.method == "fk" and not (eta > 0) and args.particles > 1:
         logger.warning("--method fk with an ODE kernel: duplicated particles stay identical (FK reduces to "
                        "best-of-N); pass --kernel flow_sde --eta 0.7")
+    from flowalign.models import resolve as resolve_model
+
+    family = resolve_model(args.model)  # an unknown name: one line with the closest one
+    default = getattr(family, "default_rewards", None)  # (verdict, partial credit) of a family's own verifier
+    if args.reward is None:
+        if default is None:
+            raise UserError(f"--reward is required for --model {args.model} (it has no built-in verifier): e.g. "
+                            f"--reward pickscore --reward-arg pickscore.path=/weights/PickScore_v1")
+        args.reward = default[-1]
+    if args.eval_rewards is None:
+        args.eval_rewards = ",".join(default) if default is not None else \
+            ",".join(n.split(":")[0].strip() for n in args.reward.split(","))
     out = check_out_dir(args.out, args.resume, PARTIAL)
     weights = _parse_weights(args.reward)
     if not weights:
@@ -1123,6 +1138,7 @@ def cli_main(argv: Sequence[str]) -> int:
         **({"resolution": size()} if callable(size) else {}),
         **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
         **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
+        **({"per_frame": per_frame} if per_frame and outputs == "video" else {}),
         **({"lam": args.lam, "potential": args.potential, "resampler": args.resampler, "probe": args.probe,
             "ess": args.ess, "resample_steps": schedule, "output": args.output or "best", "proposal": args.proposal,
             "temper": args.temper} if args.method == "fk" else {}),

@@ -594,7 +594,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
     # a built-in evaluation set with a frozen protocol labels its numbers: benchmark or not (REWARDS_AND_EVAL §3.2)
     eval_protocol = find_protocol(cfg.data.eval_prompts)
     eval_extra = {"model": cfg.model.name, "path": cfg.model.path or None, "prompt_set": cfg.data.eval_prompts,
-                  "max_prompts": cfg.eval.max_prompts}
+                  "max_prompts": cfg.eval.max_prompts,
+                  **({"per_frame": dict(cfg.reward.per_frame)}
+                     if cfg.reward.per_frame and getattr(model, "output_kind", "image") == "video" else {})}
 
     def evaluate(tag: str, iterations: int) -> dict:
         # which weights were evaluated: the base (no LoRA) or this run's LoRA after `iterations` iterations

@@ -746,3 +746,18 @@ def test_per_frame_temporal_embedding_without_embeddings_is_refused_before_the_v
                    "reward.weights={saturation: 1.0}", f"output.run_dir={tmp_path / 'r'}"],
           "reward.per_frame: temporal=embedding needs image embeddings", "'saturation'")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+def test_eval_and_steer_need_rewards_and_prompts_for_a_model_without_a_verifier(tmp_path, capsys, no_model):
+    """sd3/flux/wan have no built-in verifier: the shapes defaults used to reach them and failed as 'outside the
+    shapes grammar'; now the missing option is named."""
+    fails = _fails
+    fails(capsys, ["eval", "--model", "sd3", "--prompts", "parti", "--out", str(tmp_path / "a")],
+          "--rewards is required for --model sd3", "--rewards pickscore --reward-arg pickscore.path=")
+    fails(capsys, ["eval", "--model", "flux", "--rewards", "pickscore", "--out", str(tmp_path / "b")],
+          "--prompts is required for --model flux", "--benchmark NAME")
+    fails(capsys, ["steer", "--model", "wan", "a cat", "--out", str(tmp_path / "c")],
+          "--reward is required for --model wan")
+    fails(capsys, ["eval", "--benchmark", "shapes-bench", "--model", "shapes_video", "--out", str(tmp_path / "d")],
+          "fixes sampling for shapes, not --model shapes_video", "pass --model shapes, or --steps and --guidance")
+    assert not any((tmp_path / x).exists() for x in "abcd")

@@ -200,7 +200,7 @@ def test_eval_benchmark_refusals_before_the_model_loads(tmp_path, capsys, no_mod
     fails(capsys, ["eval", "--benchmark", "shapes-bnch", "--out", str(out)], "unknown benchmark 'shapes-bnch'",
           "did you mean 'shapes-bench'?")
     fails(capsys, ["eval", "--benchmark", "pickscore-sfw", "--out", str(out)],
-          "fixes sampling for sd3, flux, not --model shapes", "pass --steps and --guidance")
+          "fixes sampling for sd3, flux, not --model shapes", "pass --model sd3, or --steps and --guidance")
     fails(capsys, ["eval", "--benchmark", str(tmp_path / "missing.yaml"), "--out", str(out)], "no such protocol file")
     fails(capsys, ["eval", "--benchmark", "shapes-bench"], "--out is required")
     assert not out.exists()
@@ -352,3 +352,31 @@ def test_an_externally_scored_benchmark_refuses_another_export(tmp_path, capsys,
     fails(capsys, ["eval", "--benchmark", "geneval", "--model", "sd3", "--export", "t2i-compbench", "--out",
                    str(tmp_path / "o")], "benchmark 'geneval' is scored by GenEval", "drop --export t2i-compbench")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_video_benchmark_and_model_bring_their_own_prompts_and_rewards(tmp_path, caplog):
+    """`eval --benchmark shapes-motion-bench` ran the image model (refused: fixes sampling for shapes_video), and
+    `eval/steer --model shapes_video` defaulted to the image verifier and image prompts (refused as outside the
+    grammar); --per-frame is recorded (two reductions of the same videos no longer look like one setting)."""
+    out = tmp_path / "bench"
+    assert main(["eval", "--benchmark", "shapes-motion-bench", "--max-prompts", "2", "--seeds", "1", "--steps", "2",
+                 "--grid", "0", "--out", str(out)]) == 0
+    st = json.loads((out / "summary.json").read_text())["settings"]
+    assert st["model"] == "shapes_video" and st["rewards"] == ["shapes_motion_strict", "shapes_motion_partial"]
+    out = tmp_path / "plain"
+    assert main(["eval", "--model", "shapes_video", "--max-prompts", "2", "--seeds", "1", "--steps", "2", "--grid", "0",
+                 "--rewards", "shapes_motion_partial,saturation", "--per-frame", "reduce=first", "--out", str(out)]) == 0
+    st = json.loads((out / "summary.json").read_text())["settings"]
+    assert st["prompt_set"] == "shapes-motion-bench" and st["per_frame"] == {"reduce": "first"}
+    out = tmp_path / "steer"
+    assert main(["steer", "--model", "shapes_video", "a red circle moving up", "-k", "2", "--steps", "2", "--seeds",
+                 "1", "--out", str(out)]) == 0
+    st = json.loads((out / "summary.json").read_text())["settings"]
+    assert st["steer_rewards"] == {"shapes_motion_partial": 1.0}
+    assert st["rewards"] == ["shapes_motion_strict", "shapes_motion_partial"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flowalign"):
+        assert main(["eval", "--max-prompts", "2", "--seeds", "1", "--steps", "2", "--grid", "0", "--per-frame",
+                     "reduce=first", "--out", str(tmp_path / "img")]) == 0
+    assert "--per-frame is set, but no image reward scores video frames here (the model makes images)" in caplog.text
+    assert "per_frame" not in json.loads((tmp_path / "img" / "summary.json").read_text())["settings"]

@@ -189,6 +189,10 @@ class ShapesModel(FlowAdapter):
     CONFIG: Any = ShapesConfig  # the config class (a subclass family swaps it, e.g. the video shapes model)
     ASSET = "shapes"  # the shipped checkpoint: flowalign/assets/<ASSET>
     GRAMMAR = "flowalign.shapes.grammar"  # the module whose vocabulary() and parse() define this family's prompts
+    # the rewards eval and steer use when given none: the family's exact verifier, (pass/fail verdict, partial credit);
+    # the diffusers families have none (a preference reward needs its weights: --rewards pickscore --reward-arg ...)
+    default_rewards: tuple[str, ...] = ("shapes_strict", "shapes_partial")
+    default_prompts = "shapes-bench"  # what `flowalign eval` evaluates when given no --prompts: the family's benchmark
     PRETRAIN_CONFIG = ""  # a family without a shipped checkpoint names the config that makes one
     LORA_TARGETS: tuple[str, ...] = SHAPES_LORA_TARGETS
 

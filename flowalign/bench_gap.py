@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -60,7 +59,7 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
     from flowalign.bench_credit import _shapes_prompts
     from flowalign.bench_snr import add_common_args, check_common
     from flowalign.models import load_model
-    from flowalign.sample import check_guidance, generate
+    from flowalign.sample import check_guidance, check_lora_dir, generate, load_lora_checked
     from flowalign.shapes.grammar import parse
     from flowalign.shapes.render import render
     from flowalign.shapes.verify import verify
@@ -86,15 +85,14 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
         raise UserError(f"--prompts={args.prompts} must be >= 1")
     check_guidance(args.guidance)
     check_common(args, seed_min=0)  # the renders' numpy generators take no negative seed
-    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        raise UserError(f"no pytorch_lora_weights.safetensors in {args.lora}; pass a checkpoint directory "
-                        "such as runs/x/checkpoints/step-N")
+    if args.lora:
+        check_lora_dir(args.lora)  # a missing or unreadable LoRA file fails here, before the model loads
     torch.set_num_threads(max(1, args.threads))
     t_start = time.perf_counter()
 
     model = load_model("shapes", args.shapes_path, guidance_scale=args.guidance)
     if args.lora:
-        model.load_lora(args.lora)
+        load_lora_checked(model, args.lora)  # a LoRA of another model fails in one line, not a traceback
     prompts = _shapes_prompts(args.prompts, seed=args.seed + 5)
     n = len(prompts)
     size = model.latent_shape[-1]

@@ -321,22 +321,57 @@ def _mib(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
+def _refuse_with_arch(args: argparse.Namespace) -> None:
+    """``--arch`` counts on the meta device from published configs: options that pick, load or time a model would be
+    silently ignored, so they are refused in one line."""
+    for flag, value in (("--models", args.models), ("--path", args.path or None), ("--device", args.device),
+                        ("--repeat", args.repeat)):
+        if value is not None:
+            raise UserError(f"{flag} does not apply to --arch (a meta-device count of published architectures, no "
+                            f"model loaded or timed); drop {flag}, or drop --arch to measure --models")
+    known = architectures()
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    if args.frames != 1 and archs and all(known.get(a) not in (None, "wan") for a in archs):
+        raise UserError(f"--frames {args.frames} applies to the Wan architectures only and --arch {args.arch!r} has "
+                        f"none; drop --frames or add e.g. wan2.1-1.3b")
+
+
+def _refuse_unused_sizes(args: argparse.Namespace, models: list[str]) -> None:
+    """Without ``--arch`` only a ``--path`` checkpoint takes a size: the shapes models and the tiny test pipelines
+    have theirs fixed, so ``--resolution`` / ``--frames`` would change nothing."""
+    sized = bool(args.path) and models[0] not in ("shapes", "shapes_video")
+    if args.resolution and not sized:
+        raise UserError(f"--resolution {args.resolution} applies only to --arch or a --path checkpoint of "
+                        "sd3/flux/wan (the shapes models and the tiny test pipelines have fixed sizes); drop it")
+    if args.frames != 1 and not (args.path and models == ["wan"]):
+        raise UserError(f"--frames {args.frames} applies only to Wan: --arch with a Wan architecture, or --models wan "
+                        "with --path (the shapes_video model and the tiny pipeline have fixed frames); drop it")
+
+
 def bench_train_memory(argv: Sequence[str]) -> None:
     """Print, per model, the activation memory and time of a training forward + backward without and with
     gradient checkpointing."""
     ap = CommandParser(prog="flowalign bench train-memory", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="shapes,shapes_video",
-                    help=f"comma list of: {', '.join(FAMILIES)} (sd3/flux/wan: the tiny test pipelines unless --path)")
+    ap.add_argument("--models", default=None,
+                    help=f"comma list of: {', '.join(FAMILIES)} (default shapes,shapes_video; sd3/flux/wan: the tiny "
+                    "test pipelines unless --path); not with --arch")
     ap.add_argument("--arch", default="", help="comma list of published architectures to count on the meta device "
-                    "instead (no weights needed): " + ", ".join(architectures()))
-    ap.add_argument("--frames", type=int, default=1, help="Wan video frames, for --arch and --path (4k + 1; 1 = DanceGRPO's images)")
-    ap.add_argument("--path", default="", help="a local checkpoint of the (single) --models family, e.g. an SD3.5 directory")
+                    "instead (no weights needed; takes --batch, --resolution, --frames, --dtype): "
+                    + ", ".join(architectures()))
+    ap.add_argument("--frames", type=int, default=1, help="Wan video frames (4k + 1; 1 = DanceGRPO's images): for "
+                    "the Wan architectures of --arch, or --models wan with --path")
+    ap.add_argument("--path", default="", help="a local checkpoint of the (single) --models family, e.g. an SD3.5 "
+                    "directory; not with --arch")
     ap.add_argument("--batch", type=int, default=8, help="prompts per training forward (rows = 2 x batch with CFG)")
-    ap.add_argument("--resolution", type=int, default=0, help="image side for --path models of sd3/flux/wan (0 = 512)")
-    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (peak memory is measured on CUDA)")
+    ap.add_argument("--resolution", type=int, default=0, help="image side: for --arch (0 = 512) or a --path "
+                    "checkpoint of sd3/flux/wan (0 = the adapter's default); the shapes models and the tiny test "
+                    "pipelines have fixed sizes")
+    ap.add_argument("--device", default=None, help="torch device, e.g. cpu (default), cuda (peak memory is measured "
+                    "on CUDA); not with --arch, which counts on the meta device")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="model dtype (default float32; bfloat16 with --arch)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed passes per mode (after one warm-up)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed passes per mode after one warm-up (default 3); "
+                    "not with --arch, which times nothing")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     from flowalign.bench_snr import add_output_args, check_json_out
 
@@ -344,6 +379,11 @@ def bench_train_memory(argv: Sequence[str]) -> None:
     args = ap.parse_args(list(argv))
     from flowalign.sample import check_device
 
+    if args.arch:
+        _refuse_with_arch(args)
+    args.models = "shapes,shapes_video" if args.models is None else args.models
+    args.device = "cpu" if args.device is None else args.device
+    args.repeat = 3 if args.repeat is None else args.repeat
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in FAMILIES]
     if bad or not models:
@@ -356,6 +396,8 @@ def bench_train_memory(argv: Sequence[str]) -> None:
         raise UserError("--batch, --repeat and --threads must be >= 1 and --resolution >= 0")
     if args.frames < 1 or (args.frames - 1) % 4:
         raise UserError(f"--frames {args.frames}: Wan takes 4k + 1 frames (1, 33, 81)")
+    if not args.arch:
+        _refuse_unused_sizes(args, models)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     check_device(args.device)  # e.g. 'gpu' failed in the model's .to() with torch's list of device types

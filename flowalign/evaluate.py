@@ -833,7 +833,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
             head = prompt_records[i]["prompt"] + (f"  [{names[0]}: {vals}]" if vals else "")
             labels += [head] + [""] * (cols - 1)
         images = torch.stack([kept[(i, k)] for i in sorted(shown) for k in range(cols)])  # [n·cols, (F,) 3, H, W]
-        save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels)
+        save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels, fps=getattr(model, "fps", None))
     if journal is not None:
         journal.close()
     logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()} if names else

@@ -192,13 +192,13 @@ def shapes_motion_data(task_weights: Optional[dict[str, float]] = None, image_si
                        seed: int = 0) -> BatchFn:
     """Infinite (caption, video [F, 3, H, W]) stream from the shapes world in motion (SHAPES_WORLD.md §6): a motion
     spec drawn uniformly from the task chosen by ``task_weights`` (default uniform), rendered by
-    :func:`flowalign.shapes.motion.render_motion`. Video k of step t uses ``default_rng((seed, t, k))``."""
+    :func:`flowalign.shapes.motion.render_motion`. Video k of step t uses ``default_rng((seed, t, k))``.
+    ``frames`` must be at least ``shapes.motion.MIN_FRAMES`` (5), the fewest the motion verifier can judge."""
     import numpy as np
 
-    from flowalign.shapes.motion import TASKS, enumerate_specs, render_motion, to_prompt
+    from flowalign.shapes.motion import TASKS, check_frames, enumerate_specs, render_motion, to_prompt
 
-    if not isinstance(frames, int) or frames < 2:
-        raise UserError(f"data_config.frames must be an integer >= 2, got {frames!r}")
+    check_frames(frames, "data_config.frames")  # shorter clips would fail the motion reward they are rendered for
     if not isinstance(image_size, int) or image_size < 1:
         raise UserError(f"data_config.image_size must be a positive integer, got {image_size!r}")
     names, p = _task_mix(task_weights, TASKS, "shapes motion")
@@ -390,6 +390,22 @@ def _check_forward(model: Any, data: BatchFn, cfg: PretrainConfig) -> None:
                         f"{list(v.shape[1:])} (is image_size a multiple of patch_size?); fix model_config in the config")
 
 
+def _data_sizes(cfg: PretrainConfig) -> dict[str, Any]:
+    """The registered data source's settings other than the seed and task mix, defaults filled in."""
+    params = inspect.signature(DATA_SOURCES[cfg.data]).parameters
+    out = {k: p.default for k, p in params.items() if k not in ("seed", "task_weights")}
+    out.update({k: v for k, v in cfg.data_config.items() if k in out})
+    return out
+
+
+def _size_fix(data: dict[str, Any], arch: dict[str, Any]) -> str:
+    """How to fix a data/model size mismatch: the settings the data source and the model's config share (e.g.
+    ``frames``, ``image_size``) whose values differ; the data source's size keys if none do."""
+    keys = [k for k in data if k in arch and arch[k] != data[k]] or [k for k in ("frames", "image_size") if k in data]
+    return "make " + " and ".join(f"data_config.{k} ({data[k]!r}) match model_config.{k}"
+                                  + (f" ({arch[k]!r})" if k in arch else "") for k in keys)
+
+
 def init_weights_from(model: Any, model_dir: str | os.PathLike) -> None:
     """Copy the weights of a saved model directory (same family and architecture) into ``model``.
 
@@ -435,6 +451,19 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
             if not up.is_dir():
                 raise UserError(f"run directory {str(out)!r} cannot be made: {str(up)!r} is a file")
             break
+    sizes: dict[str, Any] = {}  # the registered data source's settings (none for data passed in)
+    if data is None:  # a bad data_config (e.g. data_config.frames: 3) fails here, before the model is built
+        if cfg.data not in DATA_SOURCES:
+            raise UserError(f"unknown data source {cfg.data!r} (known: {', '.join(DATA_SOURCES)})")
+        known = set(inspect.signature(DATA_SOURCES[cfg.data]).parameters) - {"seed"}
+        bad = sorted(set(cfg.data_config) - known)
+        if bad:
+            raise UserError(f"unknown data_config key(s) {bad} for data source {cfg.data!r} (known: {', '.join(sorted(known))}; "
+                            "the seed is the top-level seed)")
+        data = DATA_SOURCES[cfg.data](**dict(cfg.data_config), seed=cfg.seed)
+        sizes = _data_sizes(cfg)
+        if any(k in cfg.model_config and cfg.model_config[k] != v for k, v in sizes.items()):
+            raise UserError(f"the data does not fit model {cfg.model!r}: {_size_fix(sizes, dict(cfg.model_config))}")
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
     model = build_model(cfg)
     comps = components(model)
@@ -445,22 +474,14 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
         m.train().requires_grad_(True)
     guidance = getattr(model, "guidance_scale", 1.0)
     model.guidance_scale = 1.0  # training = one conditional (or dropped-caption) forward
-    if data is None:
-        if cfg.data not in DATA_SOURCES:
-            raise UserError(f"unknown data source {cfg.data!r} (known: {', '.join(DATA_SOURCES)})")
-        known = set(inspect.signature(DATA_SOURCES[cfg.data]).parameters) - {"seed"}
-        bad = sorted(set(cfg.data_config) - known)
-        if bad:
-            raise UserError(f"unknown data_config key(s) {bad} for data source {cfg.data!r} (known: {', '.join(sorted(known))}; "
-                            "the seed is the top-level seed)")
-        data = DATA_SOURCES[cfg.data](**dict(cfg.data_config), seed=cfg.seed)
     # a data/model size mismatch would otherwise fail inside the first forward, after the run directory is written
     with torch.no_grad():
         got = tuple(model.encode_images(data(0, 1)[1]).shape[1:])
         want = tuple(model.init_noise(1, torch.Generator().manual_seed(0)).shape[1:])
     if got != want:
         raise UserError(f"the data's images encode to {list(got)} but model {cfg.model!r} works on {list(want)}; "
-                        "make data_config.image_size match model_config.image_size")
+                        + (_size_fix(sizes, dict(getattr(getattr(model, "config", None), "__dict__", {})))
+                           if sizes else "make the data's size match model_config"))
     _check_forward(model, data, cfg)
     params = [p for m in comps.values() for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]

@@ -195,15 +195,22 @@ def save_image_grid(images, path: str | Path, nrow: int, upscale: int = 4, label
     return atomic_write_bytes(path, buf.getvalue())
 
 
+DEFAULT_FPS = 8.0  # GIF frame rate for a video model without an ``fps`` attribute
+
+
 def save_video_grid(videos, path: str | Path, nrow: int, upscale: int = 4, labels: Sequence[str] | None = None,
-                    fps: float = 8.0) -> Path:
+                    fps: float | None = None) -> Path:
     """Save ``videos`` [N,F,3,H,W] in [0,1] as an animated GIF that loops: frame f is the :func:`grid_image` of every
     video's frame f, so all tiles play in step. One palette for every frame (colours do not flicker between
-    frames), no dithering. Atomic write."""
+    frames), no dithering. Atomic write. ``fps`` is the generating model's frame rate (its ``fps`` attribute: Wan
+    16, shapes_video 8; None = ``DEFAULT_FPS``)."""
     from PIL import Image
 
     if getattr(videos, "ndim", 0) != 5:
         raise ValueError(f"videos must be [N, F, 3, H, W], got {tuple(getattr(videos, 'shape', ()))}")
+    fps = DEFAULT_FPS if fps is None else float(fps)
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
     frames = [grid_image(videos[:, f], nrow=nrow, upscale=upscale, labels=labels) for f in range(videos.shape[1])]
     w, h = frames[0].size
     sheet = Image.new("RGB", (w, h * len(frames)))  # every frame's colours go into the shared palette
@@ -212,8 +219,13 @@ def save_video_grid(videos, path: str | Path, nrow: int, upscale: int = 4, label
     palette = sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     quantized = [fr.quantize(palette=palette, dither=Image.Dither.NONE) for fr in frames]
     buf = _stdio.BytesIO()
+    # GIF delays are whole centiseconds: frame k ends at 1000·(k+1)/fps ms rounded to 10 ms, so 16 fps alternates
+    # 60 and 70 ms and keeps 62.5 ms on average (one fixed 60 ms delay would play at 16.7 fps); browsers slow delays
+    # under 20 ms down to 100 ms, hence the floor
+    ends = [int(round(100.0 * (k + 1) / fps)) * 10 for k in range(len(frames))]
+    durations = [max(20, b - a) for a, b in zip([0, *ends[:-1]], ends)]
     quantized[0].save(buf, format="GIF", save_all=True, append_images=quantized[1:], loop=0,
-                      duration=max(20, int(round(1000.0 / fps))), disposal=1, optimize=False)
+                      duration=durations, disposal=1, optimize=False)
     return atomic_write_bytes(path, buf.getvalue())
 
 

@@ -82,13 +82,15 @@ def film_strip(videos: torch.Tensor, max_frames: int = 8) -> torch.Tensor:
     return torch.cat(list(videos[:, idx].unbind(1)), dim=-1)  # [N, 3, H, k·W]
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, labels: Optional[Sequence[str]] = None) -> Path:
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, labels: Optional[Sequence[str]] = None,
+              fps: Optional[float] = None) -> Path:
     """Save samples as a PNG grid (``report.save_image_grid``). Videos [N, F, 3, H, W] become film strips of up to 8
-    frames per tile, and the same grid is also written as a looping GIF beside the PNG (``path`` with ``.gif``)."""
+    frames per tile, and the same grid is also written as a looping GIF beside the PNG (``path`` with ``.gif``) that
+    plays at ``fps``: pass the video model's ``fps`` (Wan 16; None = ``report.DEFAULT_FPS``)."""
     from flowalign.report import save_image_grid, save_video_grid
 
     if images.dim() == 5:
-        gif = save_video_grid(images, Path(path).with_suffix(".gif"), nrow=nrow, labels=labels)
+        gif = save_video_grid(images, Path(path).with_suffix(".gif"), nrow=nrow, labels=labels, fps=fps)
         logger.info("wrote %s (%d frames)", gif, images.shape[1])
         images = film_strip(images)
     return save_image_grid(images, path, nrow=nrow, labels=labels)
@@ -100,14 +102,15 @@ def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optio
     """A PNG grid: one row per prompt (records or strings), one column per seed; captions are the prompts.
 
     For a video model each tile is a film strip of up to 8 frames, and the same grid is also written as an animated
-    GIF beside the PNG (``path`` with the suffix ``.gif``). ``batch_size`` images share a model forward (memory and
-    speed only: each image has its own noise), ``progress`` shows a bar over the batches."""
+    GIF beside the PNG (``path`` with the suffix ``.gif``) that plays at the model's ``fps``. ``batch_size`` images
+    share a model forward (memory and speed only: each image has its own noise), ``progress`` shows a bar over the
+    batches."""
     prompts = [getattr(r, "prompt", r) for r in records]
     rows = [(p, seed + j) for p in prompts for j in range(seeds_per_prompt)]
     images = generate(model, [p for p, _ in rows], [s for _, s in rows], steps=steps, guidance_scale=guidance,
                       kernel=kernel, eta=eta, batch_size=batch_size, progress=progress)
     labels = [p if j == 0 else "" for p in prompts for j in range(seeds_per_prompt)]
-    return save_grid(images, path, nrow=seeds_per_prompt, labels=labels)
+    return save_grid(images, path, nrow=seeds_per_prompt, labels=labels, fps=getattr(model, "fps", None))
 
 
 def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:

@@ -1168,7 +1168,8 @@ def cli_main(argv: Sequence[str]) -> int:
 
         n_prompts = min(GRID_PROMPTS, len(rows))
         labels = [r["prompt"] if j == 0 else "" for r in rows[:n_prompts] for j in range(args.seeds)]
-        save_grid(grid, out / "grids" / "steered.png", nrow=args.seeds, labels=labels)  # video: + steered.gif
+        save_grid(grid, out / "grids" / "steered.png", nrow=args.seeds, labels=labels,
+                  fps=getattr(model, "fps", None))  # video: + steered.gif at the model's frame rate
     from flowalign.report import write_report
 
     write_report(out)

@@ -164,6 +164,51 @@ def test_gap_motion_and_memory_refuse_before_loading(capsys, no_model, tmp_path,
     assert not out.exists()
 
 
+def test_sample_gap_refuses_an_unreadable_lora_before_loading(capsys, no_model, tmp_path):
+    """A garbage pytorch_lora_weights.safetensors crashed with a SafetensorError traceback (exit code 1) after the
+    model had loaded; now `flowalign sample`'s check_lora_dir refuses it first."""
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_text("garbage\n")
+    out = tmp_path / "b.json"
+    _fails(capsys, ["bench", "sample-gap", "--lora", str(lora), "--json", str(out)], f"--lora {str(lora)!r}",
+           "cannot read pytorch_lora_weights.safetensors")
+    _fails(capsys, ["bench", "sample-gap", "--lora", str(tmp_path / "none")], "no pytorch_lora_weights.safetensors")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    # --arch counts published configs on the meta device: --models/--path/--device/--repeat were silently ignored
+    (["--arch", "sd3.5-medium", "--models", "shapes"], ["--models does not apply to --arch", "drop --models"]),
+    (["--arch", "sd3.5-medium", "--path", "."], ["--path does not apply to --arch"]),
+    (["--arch", "sd3.5-medium", "--device", "cpu"], ["--device does not apply to --arch"]),
+    (["--arch", "sd3.5-medium", "--repeat", "2"], ["--repeat does not apply to --arch"]),
+    # --frames sizes Wan only: the SD3 row showed frames 1
+    (["--arch", "sd3.5-medium,flux.1-dev", "--frames", "33"], ["--frames 33 applies to the Wan architectures only"]),
+    # the shapes models and the tiny pipelines have fixed sizes: --resolution 64 printed what 32 prints
+    (["--models", "shapes_video", "--resolution", "64"], ["--resolution 64 applies only to --arch or a --path"]),
+    (["--models", "sd3", "--resolution", "64"], ["--resolution 64 applies only to --arch or a --path"]),
+    (["--models", "shapes_video", "--frames", "33"], ["--frames 33 applies only to Wan"]),
+    (["--models", "wan", "--frames", "33"], ["--frames 33 applies only to Wan", "with --path"]),
+    (["--models", "sd3", "--path", ".", "--frames", "33"], ["--frames 33 applies only to Wan"]),
+])
+def test_train_memory_refuses_options_it_would_ignore(capsys, no_model, tmp_path, extra, needles):
+    out = tmp_path / "m.json"
+    _fails(capsys, ["bench", "train-memory", *extra, "--json", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_train_memory_arch_honours_resolution_frames_and_batch(capsys, tmp_path):
+    """What --arch does take reaches the count: a Wan architecture gets --frames, the others run on images."""
+    import json
+
+    out = tmp_path / "m.json"
+    assert main(["bench", "train-memory", "--arch", "sd3.5-medium", "--resolution", "256", "--batch", "1",
+                 "--threads", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["architectures"]
+    assert (row["height"], row["width"], row["frames"], row["prompts"]) == (256, 256, 1, 1)
+
+
 @pytest.mark.parametrize("argv", [
     ["credit", "--models", "shapes", "--steps", "1", "--group-size", "1", "--rank-groups", "0", "--threads", "1"],
     ["grad-snr", "--eta", "0.3", "--adv-clip", "inf", "--seed", "-1", "--threads", "1"],

@@ -50,3 +50,17 @@ def test_bench_sample_gap_from_the_command_line(tmp_path):
 def test_sample_gap_refuses_fractional_step_counts(capsys, no_model):
     """`--steps 2.5` was truncated to 2 and reported as 'ode 2 steps'."""
     _fails(capsys, ["bench", "sample-gap", "--steps", "2.5"], "2.5")
+
+
+def test_sample_gap_refuses_a_lora_of_another_model_in_one_line(capsys, tmp_path):
+    """A readable LoRA whose keys do not fit the shapes model ended in `ValueError: LoRA keys do not match` (a
+    traceback, exit code 1); it now goes through `flowalign sample`'s load_lora_checked."""
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "other"
+    lora.mkdir()
+    save_file({"transformer.nope.lora_A.weight": torch.zeros(2, 2)}, str(lora / "pytorch_lora_weights.safetensors"))
+    out = tmp_path / "gap.json"
+    _fails(capsys, ["bench", "sample-gap", "--prompts", "1", "--steps", "1", "--levels", "0.5", "--threads", "1",
+                    "--lora", str(lora), "--json", str(out)], f"--lora {str(lora)!r} does not fit this model")
+    assert not out.exists()

@@ -357,6 +357,45 @@ def test_pretrain_bad_data_config_is_one_line_before_anything_is_written(tmp_pat
     assert not out.exists()
 
 
+VIDEO_MODEL = {"image_size": 32, "patch_size": 4, "num_layers": 1, "num_heads": 2, "head_dim": 8, "ffn_dim": 16,
+               "freq_dim": 8, "text_dim": 16, "text_layers": 1, "text_heads": 2, "pooled_dim": 8}
+
+
+@pytest.mark.parametrize("frames", [2, 3, 4])
+def test_motion_data_too_short_for_the_verifier_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch,
+                                                                                     frames):
+    """data_config.frames 2-4 pretrained on clips that their own motion reward fails (the slowest object travels
+    under MIN_TRAVEL): now one line naming the minimum and why, before the model is built or anything written."""
+    _no_build(monkeypatch)
+    cfg = tmp_path / "pt.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "shapes_video", "model_config": {**VIDEO_MODEL, "frames": frames},
+                                   "data": "shapes_motion", "data_config": {"image_size": 32, "frames": frames},
+                                   "steps": 1, "batch_size": 2, "threads": 1}))
+    out = tmp_path / "run"
+    _fails(capsys, ["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress"],
+           f"data_config.frames must be an integer >= 5, got {frames}", "motion verifier", "slowest speed")
+    assert not out.exists()
+
+
+def test_a_frame_count_mismatch_names_the_frames(tmp_path, monkeypatch):
+    """data_config.frames 16 against model_config.frames 8 said 'make data_config.image_size match
+    model_config.image_size'. Both given: refused before the model is built; the model's default (8) against the
+    data's: refused after it is built, before anything is written, naming both values."""
+    cfg = _cfg(model="shapes_video", model_config={**VIDEO_MODEL, "frames": 8}, data="shapes_motion",
+               data_config={"image_size": 32, "frames": 16})
+    with monkeypatch.context() as m:
+        _no_build(m)
+        with pytest.raises(UserError, match=r"make data_config.frames \(16\) match model_config.frames \(8\)$") as e:
+            pretrain(cfg, tmp_path / "a", progress=False)
+    assert "image_size" not in str(e.value) and "\n" not in str(e.value)
+    cfg = _cfg(model="shapes_video", model_config=VIDEO_MODEL, data="shapes_motion",
+               data_config={"image_size": 32, "frames": 16})
+    with pytest.raises(UserError, match=r"encode to \[3, 16, 32, 32\] but model 'shapes_video' works on "
+                       r"\[3, 8, 32, 32\]; make data_config.frames \(16\) match model_config.frames \(8\)$"):
+        pretrain(cfg, tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 # ------------------------------------------------------------------------------------------------------- --threads
 
 

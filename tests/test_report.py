@@ -42,6 +42,29 @@ def test_grid_size_and_nearest_upscale(tmp_path):
     assert img.getpixel((pad, pad)) == (0, 0, 0)
 
 
+def test_a_video_grid_plays_at_the_given_frame_rate(tmp_path):
+    """GIFs always played at 8 fps (Wan generates at 16). GIF delays are whole centiseconds, so frame k ends at
+    1000·(k+1)/fps ms rounded to 10 ms: 16 fps alternates 60 and 70 ms and keeps 62.5 ms on average."""
+    from PIL import ImageSequence
+
+    from flowalign.report import DEFAULT_FPS, save_video_grid
+
+    v = torch.rand(2, 8, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # [N, F, 3, H, W]: no two frames equal
+
+    def durations(fps):
+        with Image.open(save_video_grid(v, tmp_path / "g.gif", nrow=2, fps=fps)) as gif:
+            return [fr.info["duration"] for fr in ImageSequence.Iterator(gif)]
+
+    assert durations(16) == [60, 60, 70, 60, 60, 70, 60, 60] and sum(durations(16)) == 8 * 1000 / 16
+    assert durations(10) == [100] * 8
+    assert DEFAULT_FPS == 8.0 and durations(None) == durations(8) and sum(durations(8)) == 1000
+    assert durations(200) == [20] * 8  # browsers slow delays under 20 ms down to 100 ms
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="fps must be a finite number > 0"):
+            save_video_grid(v, tmp_path / "bad.gif", nrow=2, fps=bad)
+    assert not (tmp_path / "bad.gif").exists()
+
+
 def test_grid_labels(tmp_path):
     images = torch.rand(6, 3, 8, 8)
     plain = grid_image(images, nrow=3, upscale=4)

@@ -60,6 +60,28 @@ def test_every_rendered_video_passes_and_the_renderer_is_deterministic():
     assert big.shape == (6, 64, 64, 3) and M.verify_motion(big, specs[0]).strict == 1.0
 
 
+def test_clips_too_short_for_the_verifier_are_refused_and_the_shortest_allowed_all_pass(monkeypatch):
+    """With 2-4 frames correctly rendered clips failed the verifier (4 frames: 17 of 72 one-object clips), as an object
+    at the slowest speed travels 0.8 px x 3 = 2.4 px < MIN_TRAVEL. The renderer now refuses fewer than MIN_FRAMES,
+    derived from MIN_TRAVEL and the slowest speed; at MIN_FRAMES every clip passes, even all at the slowest speed."""
+    assert M.MIN_FRAMES == 5
+    assert M.SPEED_RANGE[0] * (M.MIN_FRAMES - 1) >= M.MIN_TRAVEL > M.SPEED_RANGE[0] * (M.MIN_FRAMES - 2)
+    spec = M.parse("a red circle moving to the right")
+    for frames in (1, 2, 3, 4, 5.0, True):
+        with pytest.raises(UserError, match=r"frames must be an integer >= 5, got .*slowest speed") as e:
+            M.render_motion(spec, frames, rng=np.random.default_rng(0))
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="frames must be an integer >= 5, got 4"):
+        M.render_motion_batch([spec], frames=4)
+    specs = M.enumerate_specs("motion") + M.enumerate_specs("two_motion")[::8]
+    vids = M.render_motion_batch(specs, frames=M.MIN_FRAMES, seed=11)
+    assert vids.shape[1] == 5 and all(M.verify_motion(v, s).strict == 1.0 for v, s in zip(vids, specs))
+    monkeypatch.setattr(M, "SPEED_RANGE", (M.SPEED_RANGE[0], M.SPEED_RANGE[0]))  # the worst case: every object slowest
+    specs = M.enumerate_specs("motion")
+    vids = M.render_motion_batch(specs, frames=M.MIN_FRAMES, seed=12)
+    assert all(M.verify_motion(v, s).strict == 1.0 for v, s in zip(vids, specs))
+
+
 def test_reversed_frozen_and_wrong_direction_videos_fail_the_direction_clause():
     for s in _sample_specs(40, seed=1):
         v = M.render_motion(s, rng=np.random.default_rng(2))

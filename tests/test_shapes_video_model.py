@@ -86,24 +86,32 @@ def test_on_policy_ratio_is_one_with_a_lora(tiny, kernel):
         assert (torch.exp(lp - traj.log_probs[:, t]) - 1).abs().max() < 1e-5
 
 
+def _durations(gif):
+    """Every frame's delay in ms."""
+    from PIL import ImageSequence
+
+    return [fr.info["duration"] for fr in ImageSequence.Iterator(gif)]
+
+
 def test_pretraining_on_rendered_motion_and_one_grpo_iteration_with_the_motion_reward(tmp_path):
     """Two pretraining steps on shapes_motion data write a loadable model; the one trainer then runs a GRPO
-    iteration on it with shapes_motion_partial and evaluates shapes_motion_strict (a 32×32, 4-frame tiny config)."""
+    iteration on it with shapes_motion_partial and evaluates shapes_motion_strict (a 32×32, 5-frame tiny config: the
+    fewest the motion verifier can judge)."""
     from flowalign import config as C
     from flowalign.pretrain import PretrainConfig, pretrain, shapes_motion_data
     from flowalign.train import train
 
-    caps, vids = shapes_motion_data(image_size=32, frames=4, seed=1)(0, 3)
-    assert len(caps) == 3 and vids.shape == (3, 4, 3, 32, 32) and 0 <= float(vids.min()) <= float(vids.max()) <= 1
-    assert torch.equal(shapes_motion_data(image_size=32, frames=4, seed=1)(0, 3)[1], vids)  # a function of the step
-    with pytest.raises(UserError, match="frames must be an integer >= 2"):
-        shapes_motion_data(frames=1)
-    cfg = PretrainConfig.from_dict({"model": "shapes_video", "model_config": {**TINY, "image_size": 32},
-                                    "data": "shapes_motion", "data_config": {"image_size": 32, "frames": 4},
+    caps, vids = shapes_motion_data(image_size=32, frames=5, seed=1)(0, 3)
+    assert len(caps) == 3 and vids.shape == (3, 5, 3, 32, 32) and 0 <= float(vids.min()) <= float(vids.max()) <= 1
+    assert torch.equal(shapes_motion_data(image_size=32, frames=5, seed=1)(0, 3)[1], vids)  # a function of the step
+    with pytest.raises(UserError, match="data_config.frames must be an integer >= 5"):
+        shapes_motion_data(frames=4)
+    cfg = PretrainConfig.from_dict({"model": "shapes_video", "model_config": {**TINY, "image_size": 32, "frames": 5},
+                                    "data": "shapes_motion", "data_config": {"image_size": 32, "frames": 5},
                                     "steps": 2, "batch_size": 2, "warmup": 1, "checkpoint_every": 0, "log_every": 1})
     pretrain(cfg, tmp_path / "pre", progress=False)
     model_dir = tmp_path / "pre" / "final"
-    assert ShapesVideoModel.from_pretrained(str(model_dir)).latent_shape == (3, 4, 32, 32)
+    assert ShapesVideoModel.from_pretrained(str(model_dir)).latent_shape == (3, 5, 32, 32)
 
     prompts = tmp_path / "motion.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -133,14 +141,16 @@ def test_pretraining_on_rendered_motion_and_one_grpo_iteration_with_the_motion_r
     from PIL import Image
 
     with Image.open(out.with_suffix(".gif")) as gif:
-        assert gif.n_frames == 4 and gif.size[0] * 4 < Image.open(out).size[0] + 50  # one frame vs a 4-frame strip
+        assert gif.n_frames == 5 and gif.size[0] * 5 < Image.open(out).size[0] + 50  # one frame vs a 5-frame strip
+        # it plays at the model's frame rate (ShapesVideoModel.fps = 8: 120/130 ms, 125 ms on average)
+        assert _durations(gif) == [120, 130, 130, 120, 120]
     st = tmp_path / "steer"
     assert main(["steer", PROMPTS[0], "--model", "shapes_video", "--path", str(model_dir), "--reward",
                  "shapes_motion_partial", "--eval-rewards", "shapes_motion_strict", "--method", "best_of_n", "-k", "2",
                  "--kernel", "flow_sde", "--eta", "0.7",
                  "--steps", "2", "--seeds", "1", "--out", str(st)]) == 0
     with Image.open(st / "grids" / "steered.gif") as gif:
-        assert gif.n_frames == 4
+        assert gif.n_frames == 5
 
 
 def test_an_animated_video_grid_holds_every_frame_exactly(tmp_path):
@@ -164,6 +174,24 @@ def test_an_animated_video_grid_holds_every_frame_exactly(tmp_path):
     with pytest.raises(ValueError, match="N, F, 3, H, W"):
         save_video_grid(v[:, 0], tmp_path / "bad.gif", nrow=2)
     assert not (tmp_path / "bad.gif").exists()
+
+
+def test_sample_grids_play_at_the_models_frame_rate(tiny, tmp_path, monkeypatch):
+    """The GIF beside a sample grid played at 8 fps whatever the model: sample_grid now passes the video model's
+    ``fps`` (Wan 16, as it generates; shapes_video 8) to the GIF writer."""
+    from PIL import Image
+
+    from flowalign.models.wan import WanModel
+    from flowalign.sample import sample_grid
+
+    assert WanModel.fps == 16.0 and ShapesVideoModel.fps == 8.0 and tiny.fps == 8.0
+    with Image.open(sample_grid(tiny, PROMPTS[:1], tmp_path / "a.png", steps=1, seeds_per_prompt=1)
+                    .with_suffix(".gif")) as gif:
+        assert sum(_durations(gif)) == 4 * 1000 / 8  # 4 frames at 8 fps
+    monkeypatch.setattr(tiny, "fps", 16.0, raising=False)  # a Wan-rate video model
+    with Image.open(sample_grid(tiny, PROMPTS[:1], tmp_path / "b.png", steps=1, seeds_per_prompt=1)
+                    .with_suffix(".gif")) as gif:
+        assert _durations(gif) == [60, 60, 70, 60] and sum(_durations(gif)) == 4 * 1000 / 16
 
 
 def test_video_grids_show_a_film_strip_of_each_sample():

@@ -101,9 +101,12 @@ class ShapesVideoModel(ShapesModel):
     CONFIG = ShapesVideoConfig
     ASSET = "shapes_video"
     GRAMMAR = "flowalign.shapes.motion"  # the motion grammar: its vocabulary() and parse()
+    default_rewards = ("shapes_motion_strict", "shapes_motion_partial")  # its verifier: verdict, partial credit
+    default_prompts = "shapes-motion-bench"
     PRETRAIN_CONFIG = "configs/shapes_video_pretrain.yaml"  # stage 1 of the recipe that made the shipped model
     LORA_TARGETS = WAN_LORA_TARGETS
     output_kind = "video"
+    fps = 8.0  # nothing sets the shapes world's frame rate (SHAPES_WORLD.md §6): 8 frames play as one second
 
     @staticmethod
     def _latent_shape(config: Any) -> tuple[int, ...]:

@@ -115,6 +115,7 @@ class WanModel(FlowAdapter):
     lora_rank = 32
     lora_alpha = 64
     default_steps = 50  # WanPipeline's num_inference_steps
+    fps = 16.0  # Wan 2.1 generates at 16 fps (REWARDS_AND_EVAL.md §4.1): the frame rate its GIF grids play at
 
     def __init__(self, pipe: Any, *, guidance_scale: float = 5.0, height: int = 480, width: int = 832,
                  num_frames: int = 81, max_sequence_length: int = 512, negative_prompt: str = "",

@@ -12,10 +12,12 @@ two_motion  a {c1} {s1} moving {d1} and a {c2} {s2} moving {d2}    a blue square
 
 ``direction`` ∈ {to the left, to the right, up, down} (image x grows rightward, y downward).
 
-**Renderer.** F frames (default 8) of the 32×32 scene: each object keeps its color, shape and size and moves in a
-straight line at a constant speed of ``SPEED_RANGE`` base px per frame (a path of 5.6–9.8 px over 8 frames),
-with a small cross-axis drift of at most ``DRIFT_MAX`` of the along-axis speed; the whole path stays ≥ 1 px from
-the border, and two objects' boxes keep the shapes world's 2 px gap in every frame. Deterministic given the rng.
+**Renderer.** F frames (default 8; at least ``MIN_FRAMES`` = 5, the fewest in which the slowest object travels
+``MIN_TRAVEL``, so that every rendered clip passes the verifier) of the 32×32 scene: each object keeps its color,
+shape and size and moves in a straight line at a constant speed of ``SPEED_RANGE`` base px per frame (a path of
+5.6–9.8 px over 8 frames), with a small cross-axis drift of at most ``DRIFT_MAX`` of the along-axis speed; the
+whole path stays ≥ 1 px from the border, and two objects' boxes keep the shapes world's 2 px gap in every frame.
+Deterministic given the rng.
 
 **Verifier** (numpy; the image verifier's :func:`~flowalign.shapes.verify.detect` on every frame). For each object
 the prompt names, in each frame: the detected objects of its shape (any color); the frame *holds* the object when
@@ -36,6 +38,7 @@ are the caller's to mask (the reward classes give NaN).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -56,6 +59,19 @@ DRIFT_MAX = 0.15  # cross-axis speed / along-axis speed in the renderer
 MIN_TRAVEL = 3.0  # base px of along-axis displacement first → last holding frame for the direction clause
 CROSS_MAX = 0.5  # |cross-axis| / along-axis displacement allowed by the direction clause
 BACKSTEP = 0.75  # base px per frame a step may move back along the axis before steady fails
+# The fewest frames in which the slowest rendered object still travels MIN_TRAVEL first → last (speed·(F − 1) ≥
+# MIN_TRAVEL): with fewer, the direction clause fails correctly rendered clips (4 frames: 2.4 px at 0.8 px/frame).
+MIN_FRAMES = math.ceil(MIN_TRAVEL / SPEED_RANGE[0]) + 1  # 5
+
+
+def check_frames(frames: Any, what: str = "frames") -> int:
+    """``frames`` as a frame count the motion verifier can judge (≥ ``MIN_FRAMES``), or a one-line ``UserError``
+    naming ``what`` (the option or config key it came from) and why."""
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < MIN_FRAMES:
+        raise UserError(f"{what} must be an integer >= {MIN_FRAMES}, got {frames!r}: the motion verifier needs an "
+                        f"object at the slowest speed ({SPEED_RANGE[0]:g} px/frame) to travel {MIN_TRAVEL:g} px from "
+                        f"the first frame to the last, so shorter clips fail even when rendered correctly")
+    return int(frames)
 
 
 @dataclass(frozen=True)
@@ -196,9 +212,9 @@ def _paths(spec: MotionSpec, frames: int, rng: np.random.Generator) -> list[dict
 
 def render_motion(spec: MotionSpec, frames: int = FRAMES, size: int = 32, rng: Optional[np.random.Generator] = None
                   ) -> np.ndarray:
-    """A video satisfying ``spec``: float32 [frames, size, size, 3] in [0, 1]. ``rng=None`` draws fresh entropy."""
-    if frames < 2:
-        raise ValueError(f"a motion video needs at least 2 frames, got {frames}")
+    """A video satisfying ``spec``: float32 [frames, size, size, 3] in [0, 1]. ``rng=None`` draws fresh entropy.
+    ``frames`` below ``MIN_FRAMES`` is refused (``check_frames``): the verifier could not pass such a clip."""
+    frames = check_frames(frames)
     rng = np.random.default_rng() if rng is None else rng
     paths = _paths(spec, frames, rng)
     return np.stack([draw([{"color": p["color"], "shape": p["shape"], "size": p["size"],

@@ -194,11 +194,17 @@ def check_device(value: Any, what: str) -> None:
     ``.to(device)``, with a multi-line traceback (``Torch not compiled with CUDA enabled``)."""
     import torch
 
+    if isinstance(value, int) and not isinstance(value, bool):  # `device=0` reads as YAML's integer 0
+        raise UserError(f"{what}: device={value!r} is a bare index; pass device=cuda:{value} (or device=cpu)")
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
         raise UserError(f"{what}: device={value!r} is not a torch device; pass e.g. device=cpu, device=cuda or "
                         f"device=cuda:1") from None
+    backend = getattr(torch, dev.type, None) if dev.type not in ("cpu", "meta", "cuda", "mps") else None
+    if backend is not None and callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        raise UserError(f"{what}: device={value!r} but this torch ({torch.__version__}) has no {dev.type} device "
+                        f"here; pass device=cpu")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

@@ -269,14 +269,21 @@ class RemoteReward(Reward):
         if not (math.isfinite(float(timeout)) and float(timeout) > 0):
             raise UserError(f"remote reward: timeout must be a finite number of seconds > 0, got {timeout!r}")
         self.url = str(url).rstrip("/")
-        parts = urllib.parse.urlsplit(self.url)
         try:
-            self._port = parts.port
-        except ValueError:
-            self._port = -1
-        if not parts.hostname or self._port == -1:
-            raise UserError(f"remote reward: url {url!r} has no valid host or port; pass e.g. http://127.0.0.1:8000")
-        self._https, self._host, self._path = parts.scheme == "https", parts.hostname, parts.path + "/score"
+            parts = urllib.parse.urlsplit(self.url)
+            port = parts.port
+            host = parts.hostname
+            host.encode("idna") if host else None  # an empty or over-long label: refused here, not mid-training
+            (parts.path + "/score").encode("ascii")
+        except (ValueError, UnicodeError):
+            host = port = None
+            parts = None
+        if parts is None or not host:
+            raise UserError(f"remote reward: url {url!r} has no valid host, port or ASCII path; pass e.g. "
+                            f"http://127.0.0.1:8000")
+        self._https, self._host, self._path = parts.scheme == "https", host, parts.path + "/score"
+        # the port always explicit: http.client would read the last ':…' of a bare IPv6 host ('::1') as one
+        self._port = port if port is not None else (443 if self._https else 80)
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.batch_size, self.encoding = int(batch_size), encoding
         self.name, self.kind = name, kind
@@ -289,6 +296,9 @@ class RemoteReward(Reward):
         client indefinitely: a timer shuts the socket down at the deadline, which wakes the blocked call."""
         conn_cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         conn = conn_cls(self._host, self._port, timeout=self.timeout)
+        deadline = time.monotonic() + self.timeout
+        conn._create_connection = lambda address, timeout=None, source_address=None: _connect_within(  # noqa: SLF001
+            address, deadline, source_address)  # socket.create_connection gives every address the whole timeout
         expired = threading.Event()
         held: list[socket.socket] = []  # the connected socket: http.client drops conn.sock once a reply says "close"
 
@@ -304,7 +314,7 @@ class RemoteReward(Reward):
         timer.daemon = True
         timer.start()
         try:
-            conn.connect()  # TCP connect (and a TLS handshake's reads) bounded by the socket timeout (= timeout)
+            conn.connect()  # TCP connect within the deadline (_connect_within), a TLS handshake's reads by the timer
             held.append(conn.sock)
             if expired.is_set():  # before the socket was held: expire() could not shut it down
                 raise TimeoutError
@@ -395,3 +405,28 @@ def _error_message(raw: bytes) -> str:
         return ""
     msg = obj.get("error") if isinstance(obj, dict) else None
     return _one_line(msg) if isinstance(msg, str) else ""
+
+
+def _connect_within(address: tuple[str, int], deadline: float, source_address: Any = None):
+    """``socket.create_connection`` with one deadline for every address the host resolves to: each try gets the time
+    left, not the whole timeout (a host whose IPv6 address is black-holed would take twice the timeout). The name
+    lookup itself is the system resolver's and is not bounded."""
+    host, port = address
+    last: Optional[BaseException] = None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(left)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            last = err
+            sock.close()
+    if last is not None and deadline - time.monotonic() > 0:
+        raise last
+    raise TimeoutError("connecting timed out")

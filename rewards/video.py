@@ -131,10 +131,13 @@ class PerFrame(Reward):
         return embedding_consistency(emb.float().to(videos.device).view(b, f, -1))
 
     def __call__(self, videos: Tensor, prompts: Sequence[str], metadata: Optional[Sequence[dict]] = None) -> Tensor:
+        from flowalign.rewards.base import nan_unless_finite
+
         score = REDUCTIONS[self.reduce](self.frame_scores(videos, prompts, metadata))  # [B]
         if self.temporal_weight != 0.0:
             score = score + self.temporal_weight * self.temporal_consistency(videos)
-        return score.float()
+        # a non-finite pixel in any frame, sampled or not, is a diverged video: NaN (as the remote path scores it)
+        return nan_unless_finite(score.float(), videos)
 
 
 def for_outputs(reward, outputs: str, per_frame: Optional[Mapping[str, Any]] = None):

@@ -190,3 +190,24 @@ def test_wrappers_forward_the_prompt_check_of_the_rewards_they_wrap():
             w.validate_prompts(bad)
     for w in (PerFrame(Brightness()), Combined([(Brightness(), 1.0)])):  # nothing to check: no error, no attribute error
         w.validate_prompts(bad)
+
+
+def test_a_video_with_a_non_finite_pixel_in_a_skipped_frame_scores_nan():
+    """With stride 4 frame 1 is never scored: a NaN there left the video a finite score locally while the remote
+    path (which checks the whole video) gave NaN; a diverged video is NaN on every path."""
+    vid = torch.rand(2, 9, 3, 8, 8)
+    vid[1, 1, 0, 0, 0] = float("nan")
+    out = PerFrame(Brightness(), stride=4)(vid, ["a", "b"])
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
+
+
+def test_devices_this_torch_cannot_use_are_refused_before_building():
+    from flowalign.rewards.catalog import check_device
+
+    for ok in ("cpu", "cpu:0", "meta", torch.device("cpu")):
+        check_device(ok, "r")
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        with pytest.raises(UserError, match="has no xpu device here"):
+            check_device("xpu", "r")
+    with pytest.raises(UserError, match=r"device=0 is a bare index; pass device=cuda:0"):
+        check_device(0, "r")

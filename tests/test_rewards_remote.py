@@ -420,7 +420,7 @@ def test_remote_client_refuses_a_bad_timeout_or_url():
     for t in (0, -1, float("nan"), float("inf")):
         with pytest.raises(UserError, match="timeout must be a finite number"):
             RemoteReward("http://127.0.0.1:1", timeout=t)
-    with pytest.raises(UserError, match="no valid host or port"):
+    with pytest.raises(UserError, match="no valid host, port or ASCII path"):
         RemoteReward("http://127.0.0.1:notaport")
 
 
@@ -462,3 +462,48 @@ def test_build_reward_checked_checks_the_device_first(monkeypatch, no_cuda, tiny
     # a reward without a device argument: the unknown argument is what the constructor refuses, not the device
     with pytest.raises(UserError, match="cannot be built with device='cuda'"):
         build_reward_checked("saturation", {"device": "cuda"})
+
+
+def test_remote_url_forms_resolve_before_any_request():
+    """A bare IPv6 host took its last ':1' as the port (http.client parses host:port when no port is given), and an
+    empty or over-long host label or a non-ASCII path escaped as a UnicodeError traceback at the first score."""
+    r = RemoteReward("http://[::1]")
+    assert (r._host, r._port) == ("::1", 80)
+    assert RemoteReward("https://[2001:db8::5]/x")._port == 443
+    assert RemoteReward("http://127.0.0.1:8000")._port == 8000
+    for bad in ("http://a..b:8000", "http://" + "x" * 70 + ":8000", "http://127.0.0.1:8000/\u00fc", "http://[::1"):
+        with pytest.raises(UserError, match="no valid host, port or ASCII path"):
+            RemoteReward(bad)
+
+
+def test_remote_connect_shares_one_deadline_over_every_address(monkeypatch):
+    """socket.create_connection gives each address of a host the whole timeout: 4 unanswering addresses took 4 x
+    timeout per attempt. The accept queue of a listener is filled so that further connects hang (SYNs dropped)."""
+    import socket
+
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    port = ls.getsockname()[1]
+    fill = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fill.append(s)
+    time.sleep(0.2)
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo",
+                        lambda host, *a, **k: real("127.0.0.1", *a, **k) * 4 if host == "multi.test" else real(host, *a, **k))
+    r = RemoteReward(f"http://multi.test:{port}", timeout=0.5, retries=0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(UserError, match="unreachable after 1 attempts"):
+            r(torch.rand(1, 3, 4, 4), ["a"])
+        assert time.monotonic() - t0 < 1.2  # one deadline (0.5 s), not 4 x 0.5 s
+    finally:
+        for s in [*fill, ls]:
+            s.close()

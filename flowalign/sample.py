@@ -131,7 +131,7 @@ def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:
         sd, config = read_lora(lora)
     except (SafetensorError, OSError, ValueError) as err:  # garbage / truncated file, no LoRA tensors
         raise UserError(f"{flag} {str(lora)!r}: cannot read {WEIGHT_NAME} ({first_line(err)}); pass a checkpoint "
-                        f"directory written by `flowalign train`") from err
+                        f"directory written by `flowalign train` or diffusers' save_lora_weights") from err
     if config is None:  # not written by flowalign: a diffusers/peft-format file loads too, another layout does not
         try:
             infer_config(sd, f"{flag} {str(lora)!r}")

@@ -380,5 +380,40 @@ def test_a_lora_with_text_encoder_layers_is_refused_not_half_applied(tmp_path):
 
     save_file({"transformer.a.to_q.lora_A.weight": torch.zeros(2, 6), "transformer.a.to_q.lora_B.weight": torch.zeros(6, 2),
                "text_encoder.q_proj.lora_A.weight": torch.zeros(2, 6)}, str(tmp_path / L.WEIGHT_NAME))
-    with pytest.raises(ValueError, match=r"\['text_encoder'\], which flowalign does not apply"):
+    with pytest.raises(ValueError, match=r"also holds LoRA weights of text_encoder, which flowalign does not apply"):
         L.read_lora(tmp_path)
+    save_file({"text_encoder.q_proj.lora_A.weight": torch.zeros(2, 6)}, str(tmp_path / L.WEIGHT_NAME))
+    with pytest.raises(ValueError, match=r"holds no transformer LoRA, only LoRA weights of text_encoder"):
+        L.read_lora(tmp_path)
+
+
+def test_a_kohya_lora_is_named_as_another_layout(tmp_path):
+    """kohya's keys (lora_unet_<module>.lora_down.weight, .alpha) were listed module by module as 'also holds LoRA
+    weights of [...]', cut mid-name by the one-line limit, never saying what flowalign reads."""
+    from safetensors.torch import save_file
+
+    keys = {f"lora_unet_double_blocks_{i}_img_attn_proj.{k}": torch.zeros(2, 2) for i in range(20)
+            for k in ("lora_down.weight", "lora_up.weight")}
+    save_file(keys, str(tmp_path / L.WEIGHT_NAME))
+    with pytest.raises(ValueError, match=r"a LoRA in another layout \(kohya's .*transformer.<module>.lora_A.weight"):
+        L.read_lora(tmp_path)
+
+
+def test_a_stored_config_that_selects_modules_by_regex_loads_the_modules_the_file_holds(sd3, tiny_sd3_dir, tmp_path):  # noqa: F811
+    """diffusers' training scripts may store target_modules as a regex string (or exclude_modules / layers_to_transform):
+    add_lora iterated the string character by character. The adapter now covers exactly the modules the tensors name."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model, cond, x = sd3
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=r".*attn\.to_(q|v)")
+    pipe.transformer.add_adapter(config)
+    _perturb([p for n, p in pipe.transformer.named_parameters() if "lora_B" in n], scale=0.1)
+    StableDiffusion3Pipeline.save_lora_weights(str(tmp_path), get_peft_model_state_dict(pipe.transformer),
+                                               transformer_lora_adapter_metadata=config.to_dict())
+    ref = _sd3(tiny_sd3_dir)
+    ref.pipe.load_lora_weights(str(tmp_path))
+    model.load_lora(tmp_path)
+    assert torch.allclose(_v(model, cond, x), _v(ref, cond, x), atol=1e-6, rtol=0)

@@ -169,9 +169,8 @@ class FluxModel(FlowAdapter):
         if explicit and not self.guidance_embeds and not self._warned_guidance:
             self._warned_guidance = True
             logger.warning("flux: the checkpoint's transformer has no guidance embedding (guidance_embeds=false, like "
-                           "FLUX.1-schnell), so guidance_scale=%g has no effect: every scale gives the same images; "
-                           "leave the scale unset or 0 (--guidance, model.guidance, eval.guidance, --model-arg "
-                           "guidance_scale)", value)
+                           "FLUX.1-schnell): guidance scales have no effect on it, so guidance_scale=%g (as given, "
+                           "or a config's default) samples the same images as any other and is only recorded", value)
 
     @classmethod
     def from_pretrained(cls, path: str = "", *, dtype: torch.dtype = torch.float32, device: Any = "cpu",

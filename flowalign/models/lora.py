@@ -168,9 +168,14 @@ def read_lora(directory, *, prefix: str = PREFIX) -> tuple[dict[str, Tensor], di
         raw = (f.metadata() or {}).get(METADATA_KEY)
         sd = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
         others = sorted({k.split(".", 1)[0] for k in f.keys() if not k.startswith(prefix + ".")})
+    if others and not sd and any(k in o for o in others for k in ("lora_down", "lora_up", "lora_unet", "lora_te")):
+        raise ValueError(f"{path} is a LoRA in another layout (kohya's lora_unet_… / lora_down / lora_up names); "
+                         f"{FORMAT_HINT}")
     if others:  # e.g. diffusers' text-encoder LoRA layers: applying the rest alone would be another model, silently
-        raise ValueError(f"{path} also holds LoRA weights of {others}, which flowalign does not apply (it adapts the "
-                         f"{prefix} only); save the {prefix} LoRA alone")
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        what = f"also holds LoRA weights of {shown}" if sd else f"holds no {prefix} LoRA, only LoRA weights of {shown}"
+        raise ValueError(f"{path} {what}, which flowalign does not apply (it adapts the {prefix} only); save the "
+                         f"{prefix} LoRA alone")
     config = None
     if raw:
         config = {k[len(prefix) + 1:]: v for k, v in json.loads(raw).items() if k.startswith(prefix + ".")}
@@ -226,9 +231,12 @@ def load_lora(module: nn.Module, directory, *, adapter_name: str = "default", pr
             raise ValueError(f"{directory}: the stored LoRA config differs from the adapter it would load into "
                              f"(field: (adapter, stored)): {diff}")
     if not has_lora(module, adapter_name):
+        inferred = infer_config(sd, directory)  # the module paths the tensors name, and their rank
         if cfg is None:  # e.g. diffusers' save_lora_weights: built as diffusers' load_lora_weights builds it
-            cfg = LoraConfig(**infer_config(sd, directory))
-        add_lora(module, cfg.target_modules, cfg.r, cfg.lora_alpha, init=cfg.init_lora_weights,
+            cfg = LoraConfig(**inferred)
+        # the exact modules the file holds: a stored config may select them by a regex, exclude_modules or
+        # layers_to_transform, which add_lora's list of names does not reproduce
+        add_lora(module, inferred["target_modules"], cfg.r, cfg.lora_alpha, init=cfg.init_lora_weights,
                  adapter_name=adapter_name)
     expected = set(lora_state_dict(module, adapter_name))
     if set(sd) != expected:

@@ -277,6 +277,19 @@ def config_value(config: Mapping[str, Any], key: str, class_name: str) -> Any:
     return None if param is None or param.default is param.empty else param.default
 
 
+def refuse_conditioned_variant(family: str, where: str, transformer: Mapping[str, Any], class_name: str,
+                               expected: int, expected_what: str, variants: str, fix: str) -> None:
+    """One-line ``UserError`` when a transformer config takes other than ``expected`` input channels (or gives out
+    other than it takes): an image-conditioned variant (``variants``) whose pipeline concatenates a conditioning
+    latent, which a text-to-image/video adapter cannot sample."""
+    c_in = int(config_value(transformer, "in_channels", class_name))
+    c_out = config_value(transformer, "out_channels", class_name) or c_in
+    if c_in != expected or c_out != c_in:
+        raise UserError(f"{family}: {where} is an image-conditioned variant (such as {variants}): its transformer takes "
+                        f"{c_in} input channels for {c_out} output channels, where {expected_what}; flowalign's "
+                        f"adapter cannot sample it, {fix}")
+
+
 def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
     """The image pipelines' (SD3, FLUX) ``vae_scale_factor``: 2^(number of VAE blocks − 1)."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.models.base import (
-    FlowAdapter, check_flow_match_scheduler, check_sizes, check_text_length, config_value, flow_match_sigmas,
-    load_pipeline, loading_options, pipeline_modules, scheduler_mu, vae_scale_factor,
+    FlowAdapter, check_flow_match_scheduler, check_sizes, check_text_length, flow_match_sigmas,
+    load_pipeline, loading_options, pipeline_modules, refuse_conditioned_variant, scheduler_mu, vae_scale_factor,
 )
 from flowalign.types import Cond
 
@@ -69,13 +69,9 @@ def check_checkpoint(transformer: Mapping[str, Any], vae: Mapping[str, Any], *, 
     2·vae_scale_factor."""
     where = f"the checkpoint at {path!r}" if path else "the checkpoint"
     packed = 4 * int(vae["latent_channels"])
-    c_in = int(config_value(transformer, "in_channels", TRANSFORMER))
-    c_out = config_value(transformer, "out_channels", TRANSFORMER) or c_in
-    if c_in != packed or c_out != c_in:
-        raise UserError(f"flux: {where} is an image-conditioned variant (such as FLUX.1 Fill, Canny or Depth): its "
-                        f"transformer takes {c_in} input channels for {c_out} output channels, where text-to-image "
-                        f"takes the {packed} of the packed VAE latent; flowalign's text-to-image adapter cannot sample "
-                        f"it, pass a FluxPipeline checkpoint (FLUX.1-dev or -schnell)")
+    refuse_conditioned_variant("flux", where, transformer, TRANSFORMER, packed,
+                               f"text-to-image takes the {packed} of the packed VAE latent", "FLUX.1 Fill, Canny or Depth",
+                               "pass a FluxPipeline checkpoint (FLUX.1-dev or -schnell)")
     multiple = 2 * vae_scale_factor(vae)
     if height % multiple or width % multiple:
         raise UserError(f"FLUX height/width must be multiples of {multiple}, got {height}x{width} (model.kwargs / "

@@ -28,7 +28,7 @@ from torch import Tensor
 from flowalign.errors import UserError
 from flowalign.models.base import (
     FlowAdapter, check_flow_match_scheduler, check_sizes, check_text_length, config_value, flow_match_sigmas,
-    load_pipeline, loading_options, pipeline_modules, scheduler_mu, uses_cfg, vae_scale_factor,
+    load_pipeline, loading_options, pipeline_modules, refuse_conditioned_variant, scheduler_mu, uses_cfg, vae_scale_factor,
 )
 from flowalign.types import Cond
 
@@ -59,12 +59,9 @@ def check_checkpoint(transformer: Mapping[str, Any], vae: Mapping[str, Any], *, 
     the transformer crops: diffusers' ``cropped_pos_embed`` raises past it)."""
     where = f"the checkpoint at {path!r}" if path else "the checkpoint"
     latent = int(vae["latent_channels"])
-    c_in = int(config_value(transformer, "in_channels", TRANSFORMER))
-    c_out = config_value(transformer, "out_channels", TRANSFORMER) or c_in
-    if c_in != latent or c_out != c_in:
-        raise UserError(f"SD3: {where} has a transformer of {c_in} input and {c_out} output channels for the VAE's "
-                        f"{latent} latent channels, so it is not a text-to-image SD3 checkpoint flowalign can sample; "
-                        f"pass a StableDiffusion3Pipeline checkpoint such as {DEFAULT_PATH}")
+    refuse_conditioned_variant("SD3", where, transformer, TRANSFORMER, latent,
+                               f"text-to-image takes the VAE's {latent} latent channels", "an SD3 ControlNet or inpainting "
+                               "transformer", f"pass a StableDiffusion3Pipeline checkpoint such as {DEFAULT_PATH}")
     multiple = vae_scale_factor(vae) * int(config_value(transformer, "patch_size", TRANSFORMER))
     if height % multiple or width % multiple:
         raise UserError(f"SD3 height/width must be multiples of {multiple}, got {height}x{width} (model.kwargs / "

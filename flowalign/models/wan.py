@@ -30,7 +30,7 @@ from torch import Tensor
 from flowalign.errors import UserError
 from flowalign.models.base import (
     FlowAdapter, check_shift, check_sizes, config_value, load_pipeline, loading_options, pipeline_modules,
-    refuse_scheduler_options, uses_cfg,
+    refuse_conditioned_variant, refuse_scheduler_options, uses_cfg,
 )
 from flowalign.types import Cond
 
@@ -87,13 +87,9 @@ def check_checkpoint(transformer: Mapping[str, Any], vae: Mapping[str, Any], *, 
     the conditioning video's latents and mask concatenated), or sizes the VAE and patch do not divide."""
     where = f"the checkpoint at {path!r}" if path else "the checkpoint"
     z_dim = int(config_value(vae, "z_dim", "AutoencoderKLWan"))
-    c_in = int(config_value(transformer, "in_channels", TRANSFORMER))
-    c_out = config_value(transformer, "out_channels", TRANSFORMER) or c_in
-    if c_in != z_dim or c_out != c_in:
-        raise UserError(f"wan: {where} is an image-conditioned variant (such as Wan2.1 I2V or FLF2V): its transformer "
-                        f"takes {c_in} input channels for {c_out} output channels, where text-to-video takes the VAE's "
-                        f"z_dim={z_dim}; flowalign's text-to-video adapter cannot sample it, pass a WanPipeline (T2V) "
-                        f"checkpoint such as Wan2.1-T2V-1.3B")
+    refuse_conditioned_variant("wan", where, transformer, TRANSFORMER, z_dim,
+                               f"text-to-video takes the VAE's z_dim={z_dim}", "Wan2.1 I2V or FLF2V",
+                               "pass a WanPipeline (T2V) checkpoint such as Wan2.1-T2V-1.3B")
     tsf = int(config_value(vae, "scale_factor_temporal", "AutoencoderKLWan"))
     ssf = int(config_value(vae, "scale_factor_spatial", "AutoencoderKLWan"))
     patch = config_value(transformer, "patch_size", TRANSFORMER)

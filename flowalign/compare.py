@@ -442,14 +442,19 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
                             f"{ref['label']} over {overall}; compare evaluations of the same protocol")
     # `flowalign steer` outputs are other images than plain samples of the same seeds (best of k, resampled): they are
     # paired with the others by prompt and output index, not by noise
-    steered = [e["label"] for e in evals if "steer_rewards" in e["settings"]]
+    def is_steered(e: dict) -> bool:  # `steer --method none` with the ODE draws the evaluation's own images
+        st = e["settings"]
+        return "steer_rewards" in st and (st.get("method") != "none" or bool(st.get("eta")))
+
+    steered = [e["label"] for e in evals if is_steered(e)]
     results = []
     for e in evals[1:]:  # before anything is written: every pair must be comparable
+        pair_steered = is_steered(ref) or is_steered(e)
         try:
             results.append(paired_bootstrap(ref["records"], e["records"], reward, overall=overall, n_boot=n_boot,
-                                            same_noise=not steered))
+                                            same_noise=not pair_steered))
         except ValueError as err:
-            how = "image for image" if not steered else "prompt for prompt"
+            how = "image for image" if not pair_steered else "prompt for prompt"
             raise UserError(f"{e['label']} and {ref['label']} cannot be compared {how}: {err}; evaluate (steer) "
                             f"both with the same prompts, --seeds and --seed") from None
     keys = sorted({k for e in evals for k in e["settings"]} - _SUBJECT)
@@ -458,7 +463,8 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
     lines = [f"# {reward}: {len(evals)} evaluations on the same {same} (reference: {ref['label']})", ""]
     if steered:
         lines += [f"Steered outputs ({', '.join(steered)}) are not the images plain sampling draws from the same "
-                  f"seeds: the pairs share their prompt and output index, not their noise.", ""]
+                  f"seeds: their pairs share the prompt and output index, not the noise (the other pairs are image "
+                  f"for image).", ""]
     for e in evals:
         st = e["settings"]
         what = ", ".join(f"{k}={st[k]}" for k in ("model", "path", "lora") if st.get(k)) or "settings not recorded"

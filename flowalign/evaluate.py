@@ -1108,7 +1108,8 @@ def cli_main(argv: Sequence[str]) -> int:
              **({"export": args.export} if args.export else {}),
              **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
              **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
-             **({"per_frame": per_frame} if per_frame and outputs == "video" else {})}
+             **({"per_frame": per_frame} if per_frame and outputs == "video"
+                and any(getattr(fn, "kind", "image") == "image" for fn in map(resolve_reward, names)) else {})}
     if protocol is not None:  # say before the long part whether this will be a benchmark number
         status = eval_settings(model, records, rewards, steps=steps, guidance=args.guidance, seeds_per_prompt=args.seeds,
                                seed=args.seed, extra_settings=extra, protocol=protocol)["benchmark"]

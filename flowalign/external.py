@@ -213,7 +213,8 @@ def _check_coverage(src: Path, d: Path, jobs: Mapping, scores: Mapping, what: st
                         f"without a {what} result, {len(extra)} not in the evaluation); run {what} on the whole {where}")
 
 
-def _write_scores(d: Path, src: Path, jobs: Mapping, scores: Mapping, summary: dict, name: str, tool: str) -> dict:
+def _write_scores(d: Path, src: Path, jobs: Mapping, scores: Mapping, summary: dict, name: str, tool: str,
+                  scorer: str = "") -> dict:
     """Add ``scores[job]`` to every record as the column ``name``; rewrite results.jsonl, summary.json (per task,
     overall in the evaluation's own convention, pass@k) and report.html. Returns the new summary."""
     import hashlib
@@ -236,7 +237,7 @@ def _write_scores(d: Path, src: Path, jobs: Mapping, scores: Mapping, summary: d
     settings["external_scores"] = {**settings.get("external_scores", {}), name: {
         "tool": tool, "results": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}}
     status = settings.get("benchmark")
-    if isinstance(status, dict) and status.get("external") == name:  # a protocol scored by this evaluator: now it is
+    if isinstance(status, dict) and scorer and status.get("external") == scorer:  # scored by its own evaluator now
         status["scored"] = True
     new["settings"] = settings
     atomic_write_text(d / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -288,7 +289,7 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
                 raise UserError(f"{src} scored {scored}, which is not this evaluation's image {ours}: these are results "
                                 f"of another export (same prompts, other images)")
     return _write_scores(d, src, jobs, scores, summary, GENEVAL_SCORE,
-                         "GenEval evaluation/evaluate_images.py (djghosh13/geneval)")
+                         "GenEval evaluation/evaluate_images.py (djghosh13/geneval)", scorer="geneval")
 
 
 def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: str) -> dict:

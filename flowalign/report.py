@@ -743,7 +743,8 @@ def benchmark_line(status: Mapping[str, Any]) -> str:
     if status.get("file"):  # a user's protocol: its file and digest, so it is never mistaken for a built-in one
         head += f" (user protocol {status['file']}, sha256 {str(status.get('sha256'))[:12]})"
     pending = ""
-    if status.get("external") and not status.get("scored"):  # the number comes from an evaluator run elsewhere
+    if (status.get("external") and not status.get("scored")  # the number comes from an evaluator run elsewhere
+            and "export" not in (status.get("overrides") or {})):  # on images exported for it
         pending = (f"; its score comes from {status['external']}'s own evaluator: run it on the exported images, then "
                    f"add its results with `flowalign import-scores {status['external']}`")
     if status.get("benchmark"):

@@ -367,11 +367,11 @@ def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
     check_out_parent(run, "output.run_dir")
     if cfg.output.resume:
         ckpt = _latest_checkpoint(run)
-        if ckpt is None and run.exists() and any(run.iterdir()):  # a fresh start replaces its logs and report
-            foreign = _foreign_entries(run)
-            if foreign:
-                raise UserError(f"output.resume=true: {str(run)!r} holds no checkpoint and is not a training run "
-                                f"({foreign}); choose another output.run_dir")
+        if ckpt is None and run.exists() and any(run.iterdir()) and not (run / "config.yaml").is_file():
+            # a fresh start replaces metrics.jsonl, tb/ and report.html: only in a run's own directory (a run writes
+            # config.yaml first; files of the user's beside it, e.g. a train.log, are left alone)
+            raise UserError(f"output.resume=true: {str(run)!r} holds no checkpoint and is not a training run "
+                            f"({_foreign_entries(run)}); choose another output.run_dir")
         if ckpt is None:
             logger.info("resume: no checkpoint in %s, starting fresh", run)
         else:
@@ -1249,8 +1249,18 @@ def _tensorboard(run: Path, cfg, start: int = 0):
         logger.warning("tensorboard is not installed; writing metrics.jsonl only")
         return None
     # on resume from iteration `start`, TensorBoard drops the earlier session's events from step start + 1 on (a
-    # killed run may have logged iterations after its last checkpoint), as _truncate_metrics does for metrics.jsonl
-    return SummaryWriter(str(run / "tb"), purge_step=start + 1 if start else None)
+    # killed run may have logged iterations after its last checkpoint), as _truncate_metrics does for metrics.jsonl.
+    # A resume that only re-runs the end (start = train.iterations) re-writes the final evaluation at step `start`:
+    # that step is purged too and the lines metrics.jsonl keeps for it (the last iteration's) written again.
+    rerun_end = bool(start) and start == cfg.train.iterations
+    writer = SummaryWriter(str(run / "tb"), purge_step=(start if rerun_end else start + 1) if start else None)
+    if rerun_end and (run / "metrics.jsonl").is_file():
+        from flowalign.io import read_jsonl
+
+        for rec in read_jsonl(run / "metrics.jsonl"):
+            if rec.get("iteration") == start:
+                _tb_scalars(writer, {k: v for k, v in rec.items() if k != "iteration"}, start)
+    return writer
 
 
 def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: int,

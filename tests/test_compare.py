@@ -395,3 +395,27 @@ def test_compare_evaluations_of_one_prompt_per_task_has_no_interval(tmp_path, ca
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| a | 0.000 | 1.000 (+1.000 [n/a]) |" in md and "| **overall** | 0.250 | 1.000 (+0.750 [n/a]) |" in md
     assert ")*" not in md  # no interval, no claim
+
+
+def _as_steered(d, method="best_of_n", eta=0.7):
+    summ = json.loads((d / "summary.json").read_text())
+    summ["settings"].update(steer_rewards={"shapes_partial": 1.0}, method=method, eta=eta)
+    (d / "summary.json").write_text(json.dumps(summ))
+    return d
+
+
+def test_steered_outputs_pair_by_prompt_and_other_pairs_keep_the_seed_check(tmp_path, capsys):
+    """A steered directory in the list turned the seed check off for every pair: two plain evaluations of other seeds
+    were then compared image for image. And `steer --method none` with the ODE draws the evaluation's own images."""
+    base = _eval_dir(tmp_path / "base", [[0, 1], [1, 0], [0, 0]])
+    reseeded = _eval_dir(tmp_path / "reseeded", [[0, 1], [1, 0], [0, 0]], seed_offset=7)
+    steered = _as_steered(_eval_dir(tmp_path / "bon", [[1, 1], [1, 0], [0, 1]], seed_offset=3))
+    out = tmp_path / "cmp"
+    _fails(capsys, ["compare", str(base), str(reseeded), str(steered), "--out", str(out)], "different noise seeds")
+    assert main(["compare", str(base), str(steered), "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "Steered outputs (bon)" in md and "on the same prompts (reference" in md
+    plain = _as_steered(_eval_dir(tmp_path / "none", [[0, 1], [1, 0], [0, 0]]), method="none", eta=0.0)
+    assert main(["compare", str(base), str(plain), "--out", str(tmp_path / "cmp2")]) == 0
+    assert "Steered outputs" not in (tmp_path / "cmp2" / "compare.md").read_text()
+    _fails(capsys, ["compare", str(reseeded), str(plain), "--out", str(tmp_path / "cmp3")], "different noise seeds")

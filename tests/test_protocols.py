@@ -380,3 +380,27 @@ def test_the_video_benchmark_and_model_bring_their_own_prompts_and_rewards(tmp_p
                      "reduce=first", "--out", str(tmp_path / "img")]) == 0
     assert "--per-frame is set, but no image reward scores video frames here (the model makes images)" in caplog.text
     assert "per_frame" not in json.loads((tmp_path / "img" / "summary.json").read_text())["settings"]
+
+
+def test_the_pending_hint_and_the_scored_mark_belong_to_the_external_scorers_own_export(tmp_path):
+    """Without --export geneval there are no images for GenEval to score, so no hint to run it; and a score imported
+    under the name 'geneval' from another tool (T2I-CompBench's import takes any --name) does not complete it."""
+    from flowalign.external import _write_scores
+
+    proto = load_protocol("geneval")
+    status = protocol_status(proto, {**_settings(proto, "sd3"), "export": None})
+    assert "export" in status["overrides"] and "import-scores" not in benchmark_line(status)
+    d = tmp_path / "ev"
+    d.mkdir()
+    recs = [{"prompt": "p", "tag": "single_object", "prompt_index": 0, "sample": 0, "seed": 0}]
+    (d / "results.jsonl").write_text(json.dumps(recs[0]) + "\n")
+    src = tmp_path / "vqa_result.json"
+    src.write_text("[]")
+    summary = {"overall": {}, "per_task": {}, "settings": {"benchmark": protocol_status(proto, {**_settings(proto, "sd3"),
+                                                                                             "export": "geneval"})}}
+    jobs = {(0, 0): dict(recs[0])}
+    new = _write_scores(d, src, jobs, {(0, 0): 1.0}, json.loads(json.dumps(summary)), "geneval", "T2I-CompBench")
+    assert new["settings"]["benchmark"]["scored"] is False
+    new = _write_scores(d, src, jobs, {(0, 0): 1.0}, json.loads(json.dumps(summary)), "geneval", "GenEval",
+                        scorer="geneval")
+    assert new["settings"]["benchmark"]["scored"] is True

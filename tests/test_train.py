@@ -293,9 +293,11 @@ def test_resume_without_a_checkpoint_starts_fresh_logs(tmp_path):
     run.mkdir()
     C.dump_yaml(_cfg(run), run / "config.yaml")  # a run killed before its first checkpoint: config and some metrics
     (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "stale": 1}) + "\n" for i in (1, 2, 3)))
+    (run / "train.log").write_text("the user's own log of the run (| tee)\n")  # kept, and no reason to refuse
     train(_cfg(run, "train.iterations=1", "output.resume=true"))
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == [1] and "stale" not in lines[0]
+    assert (run / "train.log").read_text().startswith("the user's own log")
 
 
 @pytest.mark.parametrize("held", [["notes.txt"], ["metrics.jsonl", "report.html"]], ids=["foreign", "no-config"])
@@ -477,9 +479,16 @@ def test_resuming_a_finished_run_does_not_duplicate_its_final_eval(tmp_path):
     """A run killed in (or after) its final eval repeats it on resume: the earlier final-eval line was kept too."""
     from flowalign.train import train
 
-    run = train(_one_step_cfg(tmp_path / "run", "train.iterations=1", "eval.after=true"))
-    train(_one_step_cfg(tmp_path / "run", "train.iterations=1", "eval.after=true", "output.resume=true"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = ("output.tensorboard=true",)
+    run = train(_one_step_cfg(tmp_path / "run", "train.iterations=1", "eval.after=true", *tb))
+    train(_one_step_cfg(tmp_path / "run", "train.iterations=1", "eval.after=true", "output.resume=true", *tb))
     assert [m["iteration"] for m in _lines(run) if "eval/overall/shapes_strict" in m] == [1]
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()  # TensorBoard too: the repeated final eval replaces the earlier one, the iteration's scalars stay
+    assert [e.step for e in ea.Scalars("eval/overall/shapes_strict")] == [1]
+    assert [e.step for e in ea.Scalars("reward/shapes_partial")] == [1]
 
     train(_one_step_cfg(tmp_path / "run", "train.iterations=2", "eval.after=true", "output.resume=true"))  # a longer run
     lines = _lines(run)

@@ -42,6 +42,28 @@ def process_group():
     return 0, 1, (lambda t: t), (lambda: None)
 
 
+def device_unavailable(dev: torch.device) -> str:
+    """'' when this machine can use ``dev``, else why not, phrased to follow "but": no CUDA build or no GPU visible, a
+    CUDA index beyond the GPUs seen, MPS not available, another backend (xpu, ...) this torch lacks. The one check
+    behind every device a command takes (--device, model.device, a reward's device=), before anything loads; torch
+    itself fails only inside the first ``.to(device)``, with a multi-line traceback."""
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return ("no CUDA device is visible here" if torch.backends.cuda.is_built() else
+                    f"this torch ({torch.__version__}) has no CUDA")
+        if (dev.index or 0) >= count:
+            return f"{count} CUDA device(s) are visible here (indices below {count})"
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            return "MPS is not available here"
+    elif dev.type not in ("cpu", "meta"):
+        backend = getattr(torch, dev.type, None)
+        if backend is not None and callable(getattr(backend, "is_available", None)) and not backend.is_available():
+            return f"this torch ({torch.__version__}) has no {dev.type} device here"
+    return ""
+
+
 def process_device(name: str, world: int) -> torch.device:
     """``model.device``, except that under a multi-process launch each rank takes its own GPU (the one accelerate
     made current: the local rank's), as the field's doc says; "cuda:1" on every rank would put all ranks on one GPU."""

@@ -158,9 +158,11 @@ def check_device(name: str, flag: str = "--device") -> torch.device:
         dev = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         raise UserError(f"{flag} {name!r} is not a torch device; pass e.g. cpu, cuda or cuda:0") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"{flag} {name!r}: no such CUDA device here ({torch.cuda.device_count()} visible); "
-                        f"pass --device cpu or an index below the count")
+    from flowalign.dist import device_unavailable
+
+    why = device_unavailable(dev)
+    if why:
+        raise UserError(f"{flag} {name!r}: {why}; pass {flag} cpu")
     return dev
 
 

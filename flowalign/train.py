@@ -323,13 +323,16 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     check_per_frame(cfg.reward.per_frame, "reward.per_frame")
     if getattr(resolve_model(cfg.model.name), "output_kind", "image") == "video":  # image models ignore per_frame
         check_temporal(cfg.reward.per_frame, [*cfg.reward.weights, *cfg.eval.rewards], "reward.per_frame")
+    from flowalign.dist import device_unavailable
+
     try:
         dev = torch.device(cfg.model.device)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise UserError(f"model.device: unknown device {cfg.model.device!r}; e.g. cpu, cuda, cuda:1") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"model.device={cfg.model.device!r} but this torch has no CUDA device "
-                        f"(torch {torch.__version__}); use model.device=cpu or install a CUDA build")
+    why = device_unavailable(dev)
+    if why:
+        raise UserError(f"model.device={cfg.model.device!r} but {why}; use model.device=cpu (or install a CUDA "
+                        f"build)")
 
 
 def _resolution_kwargs(m: C.ModelConfig) -> dict[str, int]:

@@ -189,9 +189,8 @@ def check_kwarg_types(fn: Callable[..., Any], kwargs: Mapping[str, Any], what: s
 
 def check_device(value: Any, what: str) -> None:
     """A one-line ``UserError`` unless ``value`` (a reward's ``device`` argument) names a device this machine has:
-    a string torch cannot parse, a CUDA device without a CUDA build or GPU (or an index beyond the GPUs seen), MPS
-    where it is not available. Checked before the reward's weights load; torch itself only fails inside the first
-    ``.to(device)``, with a multi-line traceback (``Torch not compiled with CUDA enabled``)."""
+    a string torch cannot parse, a bare integer, or a device this machine lacks (``dist.device_unavailable``, the
+    check of every command's devices). Checked before the reward's weights load."""
     import torch
 
     if isinstance(value, int) and not isinstance(value, bool):  # `device=0` reads as YAML's integer 0
@@ -201,21 +200,11 @@ def check_device(value: Any, what: str) -> None:
     except (RuntimeError, TypeError, ValueError):
         raise UserError(f"{what}: device={value!r} is not a torch device; pass e.g. device=cpu, device=cuda or "
                         f"device=cuda:1") from None
-    backend = getattr(torch, dev.type, None) if dev.type not in ("cpu", "meta", "cuda", "mps") else None
-    if backend is not None and callable(getattr(backend, "is_available", None)) and not backend.is_available():
-        raise UserError(f"{what}: device={value!r} but this torch ({torch.__version__}) has no {dev.type} device "
-                        f"here; pass device=cpu")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            have = ("no CUDA device is visible here" if torch.backends.cuda.is_built() else
-                    f"this torch ({torch.__version__}) has no CUDA")
-            raise UserError(f"{what}: device={value!r} but {have}; pass device=cpu")
-        if (dev.index or 0) >= count:
-            raise UserError(f"{what}: device={value!r} but {count} CUDA device(s) are visible here; pass an index "
-                            f"below {count} or device=cpu")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"{what}: device={value!r} but MPS is not available here; pass device=cpu")
+    from flowalign.dist import device_unavailable
+
+    why = device_unavailable(dev)
+    if why:
+        raise UserError(f"{what}: device={value!r} but {why}; pass device=cpu")
 
 
 def _takes(fn: Callable[..., Any], arg: str) -> bool:

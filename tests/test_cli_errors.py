@@ -761,3 +761,25 @@ def test_eval_and_steer_need_rewards_and_prompts_for_a_model_without_a_verifier(
     fails(capsys, ["eval", "--benchmark", "shapes-bench", "--model", "shapes_video", "--out", str(tmp_path / "d")],
           "fixes sampling for shapes, not --model shapes_video", "pass --model shapes, or --steps and --guidance")
     assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_every_device_a_command_takes_goes_through_one_check(monkeypatch):
+    """--device, model.device and a reward's device= had three checks that disagreed: model.device took cuda:3 on a
+    one-GPU machine and --device took mps where MPS is missing (both failed later in .to()). One check now."""
+    from flowalign import config as C
+    from flowalign.dist import device_unavailable
+    from flowalign.rewards.catalog import check_device as reward_device
+    from flowalign.sample import check_device
+    from flowalign.train import _check_components as check_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert device_unavailable(torch.device("cuda:0")) == "" and device_unavailable(torch.device("cpu")) == ""
+    assert device_unavailable(torch.device("cuda:3")).startswith("1 CUDA device(s) are visible here")
+    for check in (lambda d: check_device(d), lambda d: reward_device(d, "reward 'x'"),
+                  lambda d: check_config(C.load_config("configs/shapes_grpo.yaml", [f"model.device={d}"]))):
+        for bad, why in (("cuda:3", r"1 CUDA device\(s\) are visible here"), ("mps", "MPS is not available here")):
+            with pytest.raises(UserError, match=why) as e:
+                check(bad)
+            assert "\n" not in str(e.value)

@@ -389,7 +389,8 @@ _OPTIONAL_PROTOCOL_KEYS = ("external",)
 # A protocol's ``external`` scorer: an evaluator that runs outside flowalign on the images `eval --export NAME` writes,
 # whose per-image results `flowalign import-scores NAME` adds as the score NAME (REWARDS_AND_EVAL.md §3.5). The
 # layout, the import and the score share the name.
-EXTERNAL_SCORERS = {"geneval": "GenEval's evaluation/evaluate_images.py"}
+EXTERNAL_SCORERS = {"geneval": "GenEval's evaluation/evaluate_images.py",
+                    "vbench": "VBench's evaluate.py"}  # vbench: one score per dimension, vbench_<dimension>
 
 
 @dataclass(frozen=True)
@@ -603,7 +604,10 @@ def protocol_status(protocol: Protocol, settings: Mapping[str, Any]) -> dict:
 
     if family not in protocol.sampling:
         differ("model", protocol.families(), family)
-    if settings.get("prompts_sha256") != protocol.prompts_sha256:
+    # --export vbench samples a repeated prompt once (external.unique_vbench_prompts): the prompts are then those
+    # before that, which determine the ones sampled
+    digest = (settings.get("unique_prompts") or {}).get("prompts_sha256", settings.get("prompts_sha256"))
+    if digest != protocol.prompts_sha256:
         overrides["prompts"] = {"protocol": f"{protocol.prompts} (sha256 {protocol.prompts_sha256[:12]})",
                                 "used": f"{settings.get('prompt_set', '?')}, {settings.get('prompts', '?')} prompts "
                                         f"(sha256 {str(settings.get('prompts_sha256'))[:12]})"}
@@ -675,22 +679,10 @@ def _check_out_dir_once(path: str, resume: bool, rank: int, world: int):
     other ranks), its verdict shared with every rank, so all raise the same one-line error or none does."""
     from pathlib import Path
 
-    from flowalign.errors import UserError
+    from flowalign.dist import once_on_rank0
     from flowalign.sample import check_out_dir
 
-    if world == 1:
-        return check_out_dir(path, resume, PARTIAL)
-    import torch.distributed as dist
-
-    verdict: list[Any] = [None]
-    if rank == 0:
-        try:
-            check_out_dir(path, resume, PARTIAL)
-        except UserError as err:
-            verdict[0] = str(err)
-    dist.broadcast_object_list(verdict, src=0)
-    if verdict[0] is not None:
-        raise UserError(verdict[0])
+    once_on_rank0(lambda: check_out_dir(path, resume, PARTIAL), rank, world)
     return Path(path)
 
 
@@ -957,8 +949,9 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign import data as D
     from flowalign.errors import CommandParser, UserError
     from flowalign.dist import process_device, process_group
-    from flowalign.external import (EXPORTS, GENEVAL_DIR, HPSV2_DIR, T2I_DIR, GenEvalExport, HPSv2Export,
-                                    T2ICompBenchExport, check_geneval_records, check_hpsv2_records, check_t2i_records)
+    from flowalign.external import (EXPORTS, GENEVAL_DIR, HPSV2_DIR, T2I_DIR, VBENCH_DIR, VIDEO_EXPORTS, GenEvalExport,
+                                    HPSv2Export, T2ICompBenchExport, VBenchExport, check_geneval_records,
+                                    check_hpsv2_records, check_t2i_records, check_vbench_export, unique_vbench_prompts)
     from flowalign.models import load_model
     from flowalign.rewards.catalog import build_reward_checked
 
@@ -998,7 +991,8 @@ def cli_main(argv: Sequence[str]) -> int:
                    "evaluate_images.py; t2i-compbench -> OUT/t2i-compbench/samples/<prompt>_<n>.png, for its "
                    "BLIP-VQA, UniDet and CLIPScore scripts, then `flowalign import-scores ... --into OUT`; hpsv2 -> "
                    "OUT/hpsv2/<style>/<index>.jpg, for HPSv2's benchmark evaluation (--prompts: the HPDv2 benchmark "
-                   "directory, --seeds 1)")
+                   "directory, --seeds 1); vbench (video models, --seeds 5, PyAV) -> OUT/vbench/<prompt>-<k>.mp4, for "
+                   "VBench's evaluate.py, each repeated prompt sampled once")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", help="output directory, required (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
@@ -1086,8 +1080,21 @@ def cli_main(argv: Sequence[str]) -> int:
                                                         for n in names)):
         logger.warning("--per-frame is set, but no image reward scores video frames here (%s): the options are "
                        "unused", "the model makes images" if outputs != "video" else "every reward scores videos")
-    if args.export and outputs != "image":  # before the load
-        raise UserError(f"--export {args.export} takes images; --model {args.model} makes videos")
+    takes = "video" if args.export in VIDEO_EXPORTS else "image"
+    if args.export and outputs != takes:  # before the load
+        raise UserError(f"--export {args.export} takes {takes}s; --model {args.model} makes {outputs}s")
+    unique = {}
+    if args.export == "vbench":  # VBench names videos by prompt: a repeated prompt is sampled once
+        from flowalign.io import prompts_digest
+
+        check_vbench_export(as_records(records), args.seeds)
+        source_sha256, source_n = prompts_digest(as_records(records)), len(records)
+        records, dropped = unique_vbench_prompts(records)
+        if dropped:
+            logger.info("--export vbench: %d repeated prompt(s) dropped (VBench names videos by prompt; each is sampled "
+                        "once and scored for every dimension that lists it): %d of %d prompts", dropped, len(records),
+                        source_n)
+            unique = {"unique_prompts": {"dropped": dropped, "prompts": source_n, "prompts_sha256": source_sha256}}
     model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
@@ -1105,7 +1112,7 @@ def cli_main(argv: Sequence[str]) -> int:
     extra = {"model": args.model, "path": args.path or None, "lora": args.lora,
              **({"lora_ema": ema} if ema is not None else {}),
              "prompt_set": args.prompts, "max_prompts": args.max_prompts,
-             **({"export": args.export} if args.export else {}),
+             **({"export": args.export} if args.export else {}), **unique,
              **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
              **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
              **({"per_frame": per_frame} if per_frame and outputs == "video"
@@ -1118,6 +1125,9 @@ def cli_main(argv: Sequence[str]) -> int:
     exporter = {"geneval": lambda: GenEvalExport(out / GENEVAL_DIR, as_records(records)),
                 "t2i-compbench": lambda: T2ICompBenchExport(out / T2I_DIR, as_records(records), args.seeds),
                 "hpsv2": lambda: HPSv2Export(out / HPSV2_DIR, as_records(records)),
+                "vbench": lambda: VBenchExport(out / VBENCH_DIR, as_records(records), fps=getattr(model, "fps", None),
+                                               size=model.output_size() if callable(getattr(model, "output_size", None))
+                                               else None),
                 None: lambda: None}[args.export]()
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
@@ -1147,6 +1157,11 @@ def cli_main(argv: Sequence[str]) -> int:
         logger.info("T2I-CompBench layout in %s; run its evaluator for the category (e.g. `python BLIP_vqa.py --out_dir "
                     "%s/`), then `flowalign import-scores t2i-compbench %s/annotation_blip/vqa_result.json --into %s "
                     "--name blip_vqa`", out / T2I_DIR, (out / T2I_DIR).resolve(), out / T2I_DIR, out)
+    elif args.export == "vbench":
+        logger.info("VBench layout in %s (%d videos); score it on a GPU machine with VBench's `python evaluate.py "
+                    "--videos_path %s --dimension <DIMENSION ...> --output_path %s`, then `flowalign import-scores "
+                    "vbench %s/<name>_eval_results.json --into %s`", out / VBENCH_DIR, len(records) * args.seeds,
+                    (out / VBENCH_DIR).resolve(), (out / "vbench_results").resolve(), out / "vbench_results", out)
     if "benchmark" in summ["settings"]:
         status = summ["settings"]["benchmark"]
         (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))

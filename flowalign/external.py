@@ -1,8 +1,10 @@
 """External evaluators: images in the layout their official tool reads, and its per-image results back in.
 
 GenEval below; T2I-CompBench (``--export t2i-compbench``: ``D/t2i-compbench/samples/<prompt>_<n:06d>.png``, then
-``flowalign import-scores t2i-compbench VQA_RESULT.json --into D --name blip_vqa``) works the same way, see
-``T2ICompBenchExport`` and docs/benchmarks.md.
+``flowalign import-scores t2i-compbench VQA_RESULT.json --into D --name blip_vqa``) and VBench (video models,
+``--export vbench``: ``D/vbench/<prompt>-<k>.mp4``, then ``flowalign import-scores vbench
+<name>_eval_results.json --into D``, one column ``vbench_<dimension>`` per dimension) work the same way, see
+``T2ICompBenchExport``, ``VBenchExport`` and docs/benchmarks.md.
 
 GenEval (Ghosh et al. 2023, "GenEval: An Object-Focused Framework for Evaluating Text-to-Image Alignment",
 arXiv:2310.11513; REWARDS_AND_EVAL.md §2.8, §3.5) scores images with a Mask2Former detector (mmdet) and a CLIP
@@ -21,12 +23,14 @@ official evaluator expects and runs it as an external tool"):
 
     flowalign import-scores geneval RESULTS.jsonl --into EVAL_DIR
     flowalign import-scores t2i-compbench VQA_RESULT.json --into EVAL_DIR --name NAME
+    flowalign import-scores vbench RESULTS_eval_results.json --into EVAL_DIR
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,11 +41,15 @@ from flowalign.errors import CommandParser, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
-EXPORTS = ("geneval", "t2i-compbench", "hpsv2")  # layouts `flowalign eval --export` writes
-IMPORTS = ("geneval", "t2i-compbench")  # evaluators whose per-image results `flowalign import-scores` reads
+EXPORTS = ("geneval", "t2i-compbench", "hpsv2", "vbench")  # layouts `flowalign eval --export` writes
+VIDEO_EXPORTS = ("vbench",)  # of those, the ones that take videos (the others take images)
+IMPORTS = ("geneval", "t2i-compbench", "vbench")  # evaluators whose per-image results `flowalign import-scores` reads
 GENEVAL_DIR = "geneval"  # under an evaluation's --out
 T2I_DIR = "t2i-compbench"  # under an evaluation's --out: T2I_DIR/samples/<prompt>_<n:06d>.png
 HPSV2_DIR = "hpsv2"  # under an evaluation's --out: HPSV2_DIR/<style>/<index:05d>.jpg
+VBENCH_DIR = "vbench"  # under an evaluation's --out: VBENCH_DIR/<prompt>-<k>.mp4
+VBENCH_VIDEOS = 5  # videos per prompt: VBench's standard mode reads exactly <prompt>-0.mp4 ... <prompt>-4.mp4
+VBENCH_SCORE = "vbench_"  # an import adds the column vbench_<dimension> per dimension
 GENEVAL_SCORE = "geneval"  # the reward column an import adds
 _GENEVAL_FILE = re.compile(r"(\d+)[/\\]samples[/\\](\d+)\.png$")  # .../<prompt>/samples/<image>.png
 
@@ -166,6 +174,122 @@ def _encode(image: torch.Tensor, fmt: str, **options: Any) -> bytes:
     return buf.getvalue()
 
 
+# ------------------------------------------------------------------------------------------------------------ VBench
+# VBench (Huang et al. 2024, "VBench: Comprehensive Benchmark Suite for Video Generative Models", arXiv:2311.17982;
+# REWARDS_AND_EVAL.md §3.8) scores videos with many external models (DINO, CLIP, RAFT, AMT, MUSIQ, GRiT, ViCLIP, UMT)
+# that flowalign does not ship. Its prompts/README.md: one flat folder of `<prompt>-<index>.mp4`, 5 videos per prompt
+# (prompt = the prompt file's line stripped), written as H.264; its standard mode reads exactly indices 0..4 of the
+# prompts of each dimension's list and writes `<name>_eval_results.json`: {dimension: [aggregate, [{"video_path",
+# "video_results", ...}, ...]]}.
+
+# a file name's 255 bytes, less the 14 that io.atomic_write_bytes' temporary name adds ("." before, ".XXXXXXXX.tmp" after)
+_VBENCH_NAME_BYTES = 255 - 14
+
+
+def vbench_file(prompt: str, k: int) -> str:
+    """The file name VBench reads for video ``k`` of ``prompt``: ``<prompt>-<k>.mp4``, the prompt stripped as VBench
+    strips its prompt files' lines."""
+    return f"{prompt.strip()}-{k}.mp4"
+
+
+def check_vbench_export(records: Sequence[Mapping[str, Any]], seeds_per_prompt: int) -> None:
+    """One-line ``UserError`` unless ``--export vbench`` can write these prompts' videos where VBench reads them:
+    PyAV with the libx264 encoder is installed, there are exactly ``VBENCH_VIDEOS`` videos per prompt, and every
+    prompt can be a file name (not empty, no '/', '\\', NUL or control character, ``<prompt>-<k>.mp4`` at most
+    241 bytes: the 255 of a file name less the export's temporary name)."""
+    try:
+        import av
+
+        av.codec.Codec("libx264", "w")
+    except ImportError:
+        raise UserError("--export vbench writes MP4 videos with PyAV, which is not installed: pip install av (or "
+                        "pip install 'flowalign[video]')") from None
+    except Exception as err:  # noqa: BLE001  (PyAV's own error types differ between versions)
+        raise UserError(f"--export vbench needs PyAV's libx264 (H.264) encoder, which this PyAV lacks "
+                        f"({first_line(err)}); pip install --force-reinstall av") from None
+    if seeds_per_prompt != VBENCH_VIDEOS:
+        raise UserError(f"--export vbench writes {VBENCH_VIDEOS} videos per prompt, the <prompt>-0.mp4 ... "
+                        f"<prompt>-{VBENCH_VIDEOS - 1}.mp4 VBench reads (no more, no fewer); pass --seeds "
+                        f"{VBENCH_VIDEOS} (got {seeds_per_prompt})")
+    for r in records:
+        text = str(r.get("prompt", ""))
+        name = vbench_file(text, VBENCH_VIDEOS - 1)
+        if (not text.strip() or any(c in text for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in text)
+                or len(name.encode("utf-8")) > _VBENCH_NAME_BYTES):
+            raise UserError(f"--export vbench: prompt {text[:80]!r} cannot be a file name (VBench names each video "
+                            f"<prompt>-<k>.mp4: no '/', '\\', NUL or control character, not empty, at most "
+                            f"{_VBENCH_NAME_BYTES} bytes with the suffix)")
+
+
+def unique_vbench_prompts(records: Sequence[Any]) -> tuple[list, int]:
+    """``records`` (``data.PromptRecord``) with each VBench video name (the prompt stripped) kept once, at its first
+    occurrence, and how many repeats were dropped. VBench names videos by prompt, so a repeated prompt (two of
+    ``all_dimension.txt``'s, listed under two dimensions) would write the same five files twice; sampled once, its
+    videos are scored for every dimension that lists it. A kept record of a repeated prompt gets the metadata
+    ``repeats`` (its number of records), which results.jsonl then carries."""
+    from flowalign.data import PromptRecord
+
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.prompt.strip()] = counts.get(r.prompt.strip(), 0) + 1
+    out, seen = [], set()
+    for r in records:
+        key = r.prompt.strip()
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(r if counts[key] == 1 else PromptRecord(r.prompt, {**r.metadata, "repeats": counts[key]}))
+    return out, len(records) - len(out)
+
+
+class VBenchExport:
+    """Writes each evaluated video as ``root/<prompt>-<k>.mp4`` (``vbench_file``), VBench's layout: H.264 (libx264,
+    default settings), yuv420p, at the model's frame rate, as VBench's sampling recipe writes with
+    ``torchvision.io.write_video``; each file atomically. Needs prompts that ``check_vbench_export`` accepts, each
+    once (``unique_vbench_prompts``)."""
+
+    def __init__(self, root: str | Path, records: Sequence[Mapping[str, Any]], fps: Any = None,
+                 size: Mapping[str, int] | None = None):
+        from flowalign.report import DEFAULT_FPS
+
+        self.root, self.records = Path(root), records
+        self.fps = DEFAULT_FPS if fps is None else float(fps)  # as the GIF grids play (report.save_video_grid)
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise UserError(f"--export vbench: the model's fps must be a finite number > 0, got {fps!r}")
+        odd = {k: v for k, v in (size or {}).items() if k in ("height", "width") and int(v) % 2}
+        if odd:  # yuv420p stores colour at half resolution
+            raise UserError(f"--export vbench encodes yuv420p H.264, which needs an even height and width; the model "
+                            f"makes {odd}")
+
+    def __call__(self, chunk: Sequence[tuple[int, int]], images: torch.Tensor, batch_records: Sequence[Mapping[str, Any]]) -> None:
+        from flowalign.io import atomic_write_bytes
+
+        for j, (i, k) in enumerate(chunk):
+            name = vbench_file(str(self.records[i]["prompt"]), k)
+            atomic_write_bytes(self.root / name, mp4_bytes(images[j], self.fps))
+
+
+def mp4_bytes(video: torch.Tensor, fps: float) -> bytes:
+    """One video [F, 3, H, W] in [0, 1] as MP4 bytes: 8-bit RGB (quantised as every image a reward scores) encoded
+    with libx264 at its default settings into yuv420p, ``fps`` frames a second."""
+    from fractions import Fraction
+
+    import av
+
+    if video.dim() != 4:
+        raise UserError("--export vbench takes videos, not images")
+    frames = (video.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)  # [F, 3, H, W]
+    frames = frames.permute(0, 2, 3, 1).cpu().numpy()  # [F, H, W, 3]
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+    return buf.getvalue()
+
+
 def geneval_job(filename: str) -> tuple[int, int]:
     """(prompt index, image index) of a GenEval result's ``filename`` (``.../<i>/samples/<k>.png``), or ValueError."""
     m = _GENEVAL_FILE.search(str(filename))
@@ -217,6 +341,16 @@ def _write_scores(d: Path, src: Path, jobs: Mapping, scores: Mapping, summary: d
                   scorer: str = "") -> dict:
     """Add ``scores[job]`` to every record as the column ``name``; rewrite results.jsonl, summary.json (per task,
     overall in the evaluation's own convention, pass@k) and report.html. Returns the new summary."""
+    return _write_columns(d, src, jobs, {name: scores}, summary, tool, scorer=scorer)
+
+
+def _write_columns(d: Path, src: Path, jobs: Mapping, columns: Mapping[str, Mapping], summary: dict, tool: str,
+                   scorer: str = "", info: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+    """Add each column ``name: {job: score}`` of ``columns`` to the records it scores (a record it does not score
+    holds no such field, which ``summarize`` skips; an earlier import of the same name is replaced, on every record);
+    record the results file under ``settings["external_scores"][name]`` with ``info[name]`` beside it; rewrite
+    results.jsonl, summary.json (per task, overall in the evaluation's own convention, pass@k) and report.html.
+    Returns the new summary."""
     import hashlib
     import json
 
@@ -224,18 +358,22 @@ def _write_scores(d: Path, src: Path, jobs: Mapping, scores: Mapping, summary: d
     from flowalign.io import atomic_write_text
     from flowalign.report import write_report
 
-    for job, r in jobs.items():
-        r[name] = scores[job]
+    for name, scores in columns.items():
+        for job, r in jobs.items():
+            r.pop(name, None)
+            if job in scores:
+                r[name] = scores[job]
     records = sorted(jobs.values(), key=lambda r: (r["prompt_index"], r["sample"]))
     settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
-    names = [*[n for n in summary.get("overall", {}) if n != name], name]
+    names = [*[n for n in summary.get("overall", {}) if n not in columns], *columns]
     overall = settings.get("overall", "groups")
     new = summarize(records, names, overall=overall)
     passk = summarize_pass_at_k(records, names, overall=overall)
     if passk:
         new["pass_at_k"] = passk
-    settings["external_scores"] = {**settings.get("external_scores", {}), name: {
-        "tool": tool, "results": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}}
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    settings["external_scores"] = {**settings.get("external_scores", {}), **{name: {
+        "tool": tool, "results": str(src), "sha256": digest, **((info or {}).get(name) or {})} for name in columns}}
     status = settings.get("benchmark")
     if isinstance(status, dict) and scorer and status.get("external") == scorer:  # scored by its own evaluator now
         status["scored"] = True
@@ -334,29 +472,124 @@ def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: s
     return _write_scores(d, src, jobs, scores, summary, name, f"T2I-CompBench ({src.parent.name}/{src.name})")
 
 
+def import_vbench(eval_dir: str | Path, results_file: str | Path) -> dict:
+    """Add VBench's per-video results (its ``<name>_eval_results.json``: ``{dimension: [aggregate, [{"video_path",
+    "video_results", ...}, ...]]}``) to an evaluation exported with ``--export vbench``: per dimension the column
+    ``vbench_<dimension>`` on the records of the videos it scored (``video_path``'s file name ``<prompt>-<k>.mp4`` is
+    video k of that prompt; true/false as 1/0). Each dimension scores its own prompt list only, so the other records
+    get no value (``summarize`` skips them); VBench's own aggregate is kept in ``settings["external_scores"]``.
+    Importing several results files (one per dimension) adds their columns; a dimension imported again is replaced.
+
+    A file that is not VBench's results, a video this evaluation did not export, a video scored twice in one dimension,
+    a score that is not a finite number or boolean, or a scored file that exists on this machine and is not byte for
+    byte this export's video (VBench may run elsewhere, on a copy) is a one-line ``UserError``, and nothing is
+    written. Rewrites results.jsonl, summary.json and report.html; returns the new summary."""
+    import json
+
+    d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "VBench", f"VBench's evaluate.py "
+                                             f"--videos_path {Path(eval_dir) / VBENCH_DIR} --dimension ...")
+    settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    if settings.get("export") != "vbench":
+        raise UserError(f"{d} was not exported for VBench; evaluate a video model with `flowalign eval --export vbench`")
+    videos = {vbench_file(str(r.get("prompt", "")), job[1]): job for job, r in jobs.items()}
+    what = "pass the <name>_eval_results.json that VBench's evaluate.py writes in its --output_path"
+    try:
+        data = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {src} ({first_line(err)}); {what}") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{src} is not a VBench results file ({{dimension: [score, per-video results]}}); {what}")
+    columns: dict[str, dict[tuple[int, int], float]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    same: dict[str, bool] = {}  # scored file -> whether it is this export's video (each file read once)
+    for dim, entry in data.items():
+        if (not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(dim)) or not isinstance(entry, list) or len(entry) != 2
+                or not isinstance(entry[1], list) or _vbench_score(entry[0]) is None):
+            raise UserError(f"{src}: {str(dim)[:60]!r} is not a VBench dimension's result ([aggregate score, "
+                            f"[per-video results]]); {what}")
+        col: dict[tuple[int, int], float] = {}
+        for n, v in enumerate(entry[1]):
+            if not isinstance(v, dict) or not isinstance(v.get("video_path"), str) or "video_results" not in v:
+                raise UserError(f"{src}: {dim} entry {n} is not a VBench video result (video_path, video_results); "
+                                f"{what}")
+            base = re.split(r"[/\\]", v["video_path"])[-1]
+            job = videos.get(base)
+            if job is None:
+                raise UserError(f"{src}: {dim} scores {base[:100]!r}, which is not a video of this evaluation "
+                                f"({d / VBENCH_DIR}): these are results of another export")
+            if job in col:
+                raise UserError(f"{src}: {dim} scores {base[:100]!r} twice; evaluate each export once")
+            value = _vbench_score(v["video_results"])
+            if value is None:
+                raise UserError(f"{src}: {dim} scores {base[:100]!r} with {str(v['video_results'])[:40]!r}, not a "
+                                f"finite number or true/false")
+            scored = v["video_path"]
+            if scored not in same:
+                same[scored] = _same_file(Path(scored), d / VBENCH_DIR / base)
+            if not same[scored]:
+                raise UserError(f"{src} scored {scored}, which is not this evaluation's video {d / VBENCH_DIR / base}: "
+                                f"these are results of another export (same prompts, other videos)")
+            col[job] = value
+        name = VBENCH_SCORE + str(dim)
+        _check_name(name, jobs, settings)
+        columns[name] = col
+        info[name] = {"vbench_aggregate": _vbench_score(entry[0]), "videos": len(col)}
+    new = _write_columns(d, src, jobs, columns, summary, f"VBench ({src.name})", scorer="vbench", info=info)
+    for name, col in columns.items():
+        mean = sum(col.values()) / len(col) if col else float("nan")
+        logger.info("%-32s VBench's aggregate %.4f, mean over its %d videos %.4f", name,
+                    info[name]["vbench_aggregate"], len(col), mean)
+    return new
+
+
+def _vbench_score(value: Any) -> float | None:
+    """A VBench score as a float (true/false as 1/0), or None when it is not a finite number or a boolean."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _same_file(scored: Path, ours: Path) -> bool:
+    """Whether a file a scorer read is this export's ``ours``: true when it does not exist here (the scorer ran on
+    another machine, on a copy), else when both hold the same bytes."""
+    if not scored.is_file():
+        return True
+    return ours.is_file() and (scored.resolve() == ours.resolve() or scored.read_bytes() == ours.read_bytes())
+
+
 def cli_main(argv: Sequence[str]) -> int:
     p = CommandParser(prog="flowalign import-scores",
                       description="Add an external evaluator's per-image results to a `flowalign eval` directory "
                                   "(GenEval: after `flowalign eval --prompts geneval --export geneval`; T2I-CompBench: "
-                                  "after `flowalign eval --prompts t2i-compbench-<category> --export t2i-compbench`).")
+                                  "after `flowalign eval --prompts t2i-compbench-<category> --export t2i-compbench`; "
+                                  "VBench: after `flowalign eval --prompts vbench --seeds 5 --export vbench` of a "
+                                  "video model).")
     p.add_argument("tool", choices=IMPORTS, help="the evaluator that wrote RESULTS (HPSv2's writes no per-image "
                                                  "results: flowalign's hpsv21 reward scores the same images)")
-    p.add_argument("results", help="its per-image results, e.g. the --outfile of GenEval's evaluation/evaluate_images.py")
+    p.add_argument("results", help="its per-image results, e.g. the --outfile of GenEval's evaluation/evaluate_images.py "
+                                   "or VBench's <output_path>/<name>_eval_results.json")
     p.add_argument("--into", required=True, help="the evaluation directory (the --out of `flowalign eval --export`)")
     p.add_argument("--name", help="t2i-compbench: the score's name in results.jsonl, e.g. blip_vqa, unidet_spatial, "
-                                  "clip_score (GenEval's is always 'geneval')")
+                                  "clip_score (GenEval's is always 'geneval', VBench's vbench_<dimension>)")
     args = p.parse_args(list(argv))
     if args.tool == "geneval":
         if args.name not in (None, GENEVAL_SCORE):
             raise UserError(f"--name: GenEval's score is always called {GENEVAL_SCORE!r}")
         name, summ = GENEVAL_SCORE, import_geneval(args.into, args.results)
+    elif args.tool == "vbench":
+        if args.name is not None:
+            raise UserError(f"--name: VBench's scores are always called {VBENCH_SCORE}<dimension>, one per dimension")
+        name, summ = None, import_vbench(args.into, args.results)  # it logs each dimension
     else:
         if not args.name:
             raise UserError("--name is required for t2i-compbench: what the results measure, e.g. --name blip_vqa")
         name, summ = args.name, import_t2i_compbench(args.into, args.results, args.name)
-    for task, vals in summ["per_task"].items():
-        logger.info("%-14s %s=%.3f", task, name, vals.get(name, float("nan")))
-    logger.info("overall        %s=%.3f", name, summ["overall"][name])
+    if name is not None:
+        for task, vals in summ["per_task"].items():
+            logger.info("%-14s %s=%.3f", task, name, vals.get(name, float("nan")))
+        logger.info("overall        %s=%.3f", name, summ["overall"][name])
     status = summ["settings"].get("benchmark")
     if isinstance(status, dict):
         from flowalign.report import benchmark_line

@@ -24,6 +24,7 @@ PINNED = {
     "pickscore-sfw": "878ca9c82171fc2605c3e046782142b5e44ef54152404336bad91b427e180eae",
     "shapes-bench": "725be933bc0e91b1e00bd02b5f4fc38abba63dcad057a96061f82143d86febe5",
     "shapes-motion-bench": "5e0c02f2cf9ad9b47db14a03b1b3c5ddd5ffc18216a41833c7114b4338aa60e5",
+    "vbench": "077a856fe9211cbbaafe187b6a34ad3513feeda4b0ba4555b2d2e6a4e5b1dbc1",
 }
 
 
@@ -183,7 +184,7 @@ def test_list_benchmarks_names_every_protocol(capsys):
     ({"overall": "tasks"}, ["overall must be one of groups, images"]),
     ({"rewards": ["pickscroe"]}, ["rewards must be a non-empty list of reward names"]),
     ({"rewards": []}, ["rewards must be a non-empty list of reward names"]),
-    ({"external": "vbench"}, ["external must be one of geneval", "got 'vbench'"]),
+    ({"external": "vbench2"}, ["external must be one of geneval, vbench", "got 'vbench2'"]),
     ({"sampling": {"sdxl": {"steps": 2, "guidance": 4.0}}}, ["unknown model family 'sdxl'"]),
     ({"sampling": {"shapes": {"steps": 2}}}, ["sampling.shapes must give steps and guidance"]),
     ({"images_per_prompt": "four"}, ["images_per_prompt must be an integer"]),

@@ -37,7 +37,7 @@ SINGLE_PROCESS = ("sample", "steer", "pretrain", "calibrate", "bench")
 # what to tell a user who pressed Ctrl-C, after "interrupted" (commands that can pick up where they stopped)
 INTERRUPT_HINTS: dict[str, str] = {
     "train": "continue with output.resume=true",
-    "pretrain": "continue from the last checkpoint with --resume (same --out)",
+    "pretrain": "continue from the last checkpoint with --resume (same --out; --config and flags as before, or none)",
     "eval": "continue with --resume (same arguments and --out)",
     "steer": "continue with --resume (same arguments and --out)",
 }
@@ -85,10 +85,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not any(isinstance(f, TorchvisionFallbackFilter) for f in quiet.filters):
         quiet.addFilter(TorchvisionFallbackFilter())
     try:
-        import os
+        from flowalign.dist import world_size_env
 
-        world = os.environ.get("WORLD_SIZE", "1")
-        if cmd in SINGLE_PROCESS and rest and world.isdigit() and int(world) > 1 and not {"-h", "--help"} & set(rest):
+        world = world_size_env()
+        if cmd in SINGLE_PROCESS and rest and world > 1 and not {"-h", "--help"} & set(rest):
             raise UserError(f"{cmd} runs in one process, but this is one of {world} (accelerate launch / torchrun "
                             f"sets WORLD_SIZE); run it without the launcher ({' and '.join(MULTI_PROCESS)} use several)")
         module = importlib.import_module(COMMANDS[cmd][0])

@@ -319,6 +319,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. run_dir=2024 or a numeric hub revision
+        import datetime
+
+        if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads `run_dir: 2024-06-01` as a date
+            return value.isoformat()
         raise fail("a string")
     if origin in (tuple, list) or tp in (tuple, list):
         if isinstance(value, str):
@@ -348,9 +352,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise fail(_type_name(tp))
 
 
+ALIASES = {  # names other tools (diffusers, Flow-GRPO's configs, `flowalign eval`'s flags) give to our fields
+    "learning_rate": "train.lr", "seeds": "eval.seeds_per_prompt", "num_seeds": "eval.seeds_per_prompt",
+    "prompts": "data.train_prompts or data.eval_prompts", "prompt_file": "data.train_prompts or data.eval_prompts",
+    "batch_size": "train.micro_batch (update) or eval.batch_size (evaluation)",
+    "num_inference_steps": "sampler.steps (rollouts) or eval.steps", "num_steps": "sampler.steps or eval.steps",
+    "guidance_scale": "model.guidance or eval.guidance", "cfg": "model.guidance or eval.guidance",
+    "num_generations": "train.group_size", "group": "train.group_size", "num_iterations": "train.iterations",
+    "epochs": "train.iterations", "beta": "train.beta_kl (KL) or train.nft_beta (NFT)", "kl": "train.beta_kl",
+    "clip": "train.clip_range", "output_dir": "output.run_dir", "out": "output.run_dir", "lora_r": "model.lora_rank",
+}
+
+
 def _closest_hint(key: str, cls: type, prefix: str, root: type | None = None) -> str:
     names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if key in ALIASES:
+        return f"did you mean {ALIASES[key]}?"
+    # a field that starts with what was typed (eval.seeds -> eval.seeds_per_prompt) before one a few letters away
+    longer = [n for n in names if n.startswith(key) and len(key) >= 3]
+    close = longer[:1] or difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     if close:
         return f"did you mean '{prefix}{close[0]}'?"
     # the key may belong to another section (e.g. `lr` at the top level or under sampler): search every leaf path

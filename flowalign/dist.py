@@ -6,19 +6,58 @@ One process (the default) gives rank 0 of 1 and no-op collectives, so every call
 from __future__ import annotations
 
 import os
+from typing import Any, Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+
+TIMEOUT_ENV = "FLOWALIGN_DIST_TIMEOUT_MIN"  # minutes a collective may wait for the slowest rank
+DEFAULT_TIMEOUT_MIN = 120
+
+
+def world_size_env() -> int:
+    """``WORLD_SIZE`` as set by accelerate launch / torchrun (1 when unset), or a one-line ``UserError`` for a value
+    that is not a process count (e.g. ``WORLD_SIZE=$SLURM_NTASKS`` with the variable unset)."""
+    from flowalign.errors import UserError
+
+    raw = os.environ.get("WORLD_SIZE", "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not a process count; unset it, or start the "
+                        f"processes with accelerate launch or torchrun")
+    return int(raw)
+
+
+def _timeout():
+    """The process group's collective timeout: ``FLOWALIGN_DIST_TIMEOUT_MIN`` minutes (default 120; torch's own
+    default, 10 or 30 min by backend, is shorter than one evaluation or checkpoint of a large model can take)."""
+    from datetime import timedelta
+
+    from flowalign.errors import UserError
+
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        minutes = float(raw) if raw else DEFAULT_TIMEOUT_MIN
+        if not minutes > 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of minutes (default "
+                        f"{DEFAULT_TIMEOUT_MIN})") from None
+    return timedelta(minutes=minutes)
 
 
 def process_group():
     """(rank, world_size, all_reduce_mean) — torch.distributed when launched by accelerate/torchrun."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if world_size_env() > 1 and not dist.is_initialized():
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
+        timeout = _timeout()
         try:
-            Accelerator(cpu=not torch.cuda.is_available())
+            Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
         except (ValueError, RuntimeError, KeyError) as err:  # WORLD_SIZE set by hand: no group to join
             from flowalign.errors import UserError, first_line
 
@@ -40,6 +79,29 @@ def process_group():
 
         return dist.get_rank(), ws, reduce_mean, dist.barrier
     return 0, 1, (lambda t: t), (lambda: None)
+
+
+def once_on_rank0(fn: Callable[[], T], rank: int, world: int) -> T:
+    """``fn()`` on rank 0 only, its result (or its one-line ``UserError``) shared with every rank, so that all ranks
+    go on with the same value or all raise the same error. For checks with side effects that the other ranks must not
+    see, e.g. a writability probe that makes a directory look non-empty to a rank listing it at the same moment."""
+    from flowalign.errors import UserError
+
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as err:
+            box[0] = ("error", str(err))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def device_unavailable(dev: torch.device) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import math
 import os
@@ -37,7 +38,7 @@ import torch
 
 from flowalign import config as C
 from flowalign import data as D
-from flowalign.dist import process_device, process_group
+from flowalign.dist import once_on_rank0, process_device, process_group
 from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
 from flowalign.errors import CommandParser, UserError
 from flowalign.evaluate import find_protocol, run_eval
@@ -362,7 +363,7 @@ def _tb_scalars(writer: Any, values: Mapping[str, Any], step: int) -> None:
             writer.add_scalar(k, v, step)
 
 
-def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
+def _check_run_dir(cfg: C.ExperimentConfig, world: int = 1) -> tuple[Path, Optional[Path]]:
     """Refuse to clobber an earlier run; return (run_dir, checkpoint to resume or None). Writes nothing."""
     run = Path(cfg.output.run_dir)
     if run.exists() and not run.is_dir():  # a traceback later (iterdir, rmtree, mkdir) instead of one line
@@ -379,6 +380,7 @@ def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
             logger.info("resume: no checkpoint in %s, starting fresh", run)
         else:
             _check_resume_config(cfg, run)
+            _check_resume_world(cfg, ckpt, world)
         return run, ckpt
     if run.exists() and any(run.iterdir()):
         if not cfg.output.overwrite:
@@ -386,6 +388,23 @@ def _check_run_dir(cfg: C.ExperimentConfig) -> tuple[Path, Optional[Path]]:
                             f"it, output.overwrite=true to replace it, or choose another output.run_dir")
         _check_replaceable(run)
     return run, None
+
+
+CHECKPOINT_META = "meta.json"  # in checkpoints/step-N/: {"iteration": N, "world_size": processes that wrote it}
+
+
+def _check_resume_world(cfg: C.ExperimentConfig, ckpt: Path, world: int) -> None:
+    """With ``sampler.step_noise=rank`` every process draws its own SDE-noise stream, so a run resumed with another
+    number of processes would go on with other noise than the uninterrupted run: refuse (one line). Checkpoints
+    without ``meta.json`` (older ones) are not checked."""
+    try:
+        saved = int(json.loads((ckpt / CHECKPOINT_META).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if saved != world and cfg.sampler.step_noise == "rank":
+        raise UserError(f"cannot resume {ckpt} exactly: {saved} process(es) wrote it and {world} run now, and with "
+                        f"sampler.step_noise=rank each process draws its own SDE noise; resume with {saved} "
+                        f"process(es) (runs started with sampler.step_noise=group do not depend on the count)")
 
 
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "checkpoints", "eval", "grids", "plots", "tb", "report.html"})
@@ -415,11 +434,11 @@ def _foreign_entries(run: Path) -> str:
 
 
 def _truncate_metrics(path: Path, iteration: int, rerun_end: bool = False) -> None:
-    """Drop metric lines written after the checkpoint we resume from (a killed run may have logged more).
-
-    ``rerun_end``: the checkpoint is the run's last iteration, so this session only repeats the end of the run (final
-    eval, the ranks' weight check): drop that iteration's end-of-run lines (those without ``train/`` metrics) too,
-    or they would appear twice.
+    """Drop metric lines written after the checkpoint we resume from (a killed run may have logged more), and that
+    iteration's end-of-run lines (those without ``train/`` metrics): the ranks' weight check always (it belongs to
+    the end of a run; a resume to more iterations would leave it mid-run), the final evaluation when ``rerun_end``
+    (the checkpoint is the run's last iteration, so this session repeats that evaluation). A resume to more
+    iterations keeps the earlier final evaluation: a measurement of the weights at that iteration.
     """
     if not path.exists():
         return
@@ -434,7 +453,8 @@ def _truncate_metrics(path: Path, iteration: int, rerun_end: bool = False) -> No
             continue
         if rec is None or rec.get("iteration", 0) > iteration:
             continue
-        if rerun_end and rec.get("iteration", 0) == iteration and not any(k.startswith("train/") for k in rec):
+        if (rec.get("iteration", 0) == iteration and not any(k.startswith("train/") for k in rec)
+                and (rerun_end or not any(k.startswith("eval/") for k in rec))):
             continue
         keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
@@ -477,8 +497,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
     rank, world, reduce_mean, barrier = process_group()
     C.derived(cfg, world_size=world)  # the batch shapes divide on this world size (else a one-line UserError)
     _check_components(cfg)
-    run, ckpt_dir = _check_run_dir(cfg)
-    barrier()  # every rank checks the run directory before rank 0 writes into it (a slow rank would see its files)
+    # rank 0 checks, every rank gets its verdict (the check's write probe would make the directory look non-empty to a
+    # rank listing it at the same moment), before rank 0 writes into it
+    run, ckpt_dir = once_on_rank0(lambda: _check_run_dir(cfg, world), rank, world)
     device = process_device(cfg.model.device, world)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (also broadcast below, as DDP does)
 
@@ -566,7 +587,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                 check([r.prompt for r in texts])
     sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     sigmas = model.schedule(cfg.sampler.steps).to(device)  # [T+1]
-    base_eta = _load_eta(cfg, sigmas)  # float, or a per-step [T] tensor (calibrated noise)
+    base_eta = _load_eta(cfg, sigmas, guidance=getattr(model, "guidance_scale", None))  # float, or a per-step [T] tensor (calibrated noise)
 
     # 4. resume -------------------------------------------------------------------------------------
     start, saved_steps = 0, None
@@ -602,6 +623,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
                      if cfg.reward.per_frame and getattr(model, "output_kind", "image") == "video" else {})}
 
     def evaluate(tag: str, iterations: int) -> dict:
+        """Every rank calls this: each samples its share of the batches (``run_eval``'s ``shard``), rank 0 writes,
+        logs and draws the grid. One rank evaluating while the others wait in a barrier would hit the process group's
+        timeout on a long evaluation (e.g. GenEval on SD3.5) and kill the run."""
         # which weights were evaluated: the base (no LoRA) or this run's LoRA after `iterations` iterations
         trained = {"lora": f"{run.name} after {iterations} iterations", "trained_iterations": iterations,
                    "lora_ema": cfg.train.ema} if iterations else {}
@@ -609,7 +633,10 @@ def train(cfg: C.ExperimentConfig) -> Path:
             summ = run_eval(model, eval_prompts, eval_rewards, run / "eval" / tag, steps=cfg.eval.steps,
                             guidance=cfg.eval.guidance, kernel=cfg.eval.kernel,
                             seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size,
-                            extra_settings={**eval_extra, **trained}, protocol=eval_protocol)
+                            extra_settings={**eval_extra, **trained}, protocol=eval_protocol,
+                            shard=(rank, world))
+            if rank != 0:
+                return summ
             if "benchmark" in summ["settings"]:
                 logger.info("eval/%s: %s", tag, benchmark_line(summ["settings"]["benchmark"]))
             base_summary = run / "eval" / "base" / "summary.json"
@@ -625,8 +652,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         return summ
 
     nfe_seen = dict(nfe.totals())  # forwards already in the logged tally (all ranks'; restored on resume)
-    if rank == 0 and start == 0 and cfg.eval.before:
+    if start == 0 and cfg.eval.before:
         summ = evaluate("base", 0)
+    if rank == 0 and start == 0 and cfg.eval.before:
         append_jsonl(run / "metrics.jsonl", {"iteration": 0, "time/elapsed_s": time.time() - t_run,
                                               **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
         _tb_scalars(writer, {f"eval/{k}": v for k, v in _flat_summary(summ).items()}, 0)
@@ -703,7 +731,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
         reward_vals = score(traj.final, torch.arange(traj.batch_size))  # name -> [B]
         for k, v in reward_vals.items():
-            metrics[f"reward/{k}"] = float(reduce_mean(torch.nanmean(v).reshape(1)).item())
+            metrics[f"reward/{k}"] = _mean_over_ranks(v, reduce_mean)  # NaN (not applicable) rows left out
         metrics["reward/zero_std_ratio"] = zero_std_ratio(sum(reward_vals.values()), traj.group.cpu())
         metrics["reward/group_std"] = mean_group_std(sum(reward_vals.values()), traj.group.cpu())
         # NaN = "not applicable" (REWARDS_AND_EVAL §1): the credit gives that rollout A = 0 and the filter drops it
@@ -722,8 +750,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         extras = {}
         if guide is not None:  # the PRM scores at guided states (+ post-states) for Euphonium's process head
             extras = guide.credit_extras(traj)
-            prm = extras["prm"][torch.isfinite(extras["prm"])]
-            metrics["guide/prm_mean"] = float(prm.mean()) if prm.numel() else float("nan")
+            metrics["guide/prm_mean"] = _mean_over_ranks(extras["prm"], reduce_mean)
         inp = CreditInput(
             traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
             aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
@@ -774,18 +801,18 @@ def train(cfg: C.ExperimentConfig) -> Path:
         metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})
         metrics["time/iteration_s"] = time.time() - t_start
         metrics["time/elapsed_s"] = time.time() - t_run  # wall time of this session, base eval included
+        # the last iteration's periodic eval is the final eval (phase 11), unless that is off (eval.after=false)
+        if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and (it + 1 < cfg.train.iterations or not cfg.eval.after):
+            summ = evaluate(f"step-{it + 1}", it + 1)
+            metrics.update({f"eval/{k}": v for k, v in _flat_summary(summ).items()})
         if rank == 0:
-            # the last iteration's periodic eval is the final eval (phase 11), unless that is off (eval.after=false)
-            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and (it + 1 < cfg.train.iterations or not cfg.eval.after):
-                summ = evaluate(f"step-{it + 1}", it + 1)
-                metrics.update({f"eval/{k}": v for k, v in _flat_summary(summ).items()})
             append_jsonl(run / "metrics.jsonl", metrics)
             _tb_scalars(writer, metrics, it + 1)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
                              if k.startswith("reward/") and k[len("reward/"):] in reward_vals})  # the rewards only
             if (cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0) or it + 1 == cfg.train.iterations:
                 _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints, n_opt[0],
-                                 loss_scale)
+                                 loss_scale, world=world)
         barrier()
 
     if world > 1:  # DDP sanity: every rank must hold the same weights
@@ -797,9 +824,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                                   "dist/max_weight_diff": spread})
 
     # 11. final eval and report ------------------------------------------------------------------------------
+    summ = evaluate("final", cfg.train.iterations) if cfg.eval.after else None
     if rank == 0:
-        if cfg.eval.after:
-            summ = evaluate("final", cfg.train.iterations)
+        if summ is not None:
             append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "time/elapsed_s": time.time() - t_run,
                                                   **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
             _tb_scalars(writer, {f"eval/{k}": v for k, v in _flat_summary(summ).items()}, cfg.train.iterations)
@@ -811,6 +838,14 @@ def train(cfg: C.ExperimentConfig) -> Path:
         logger.info("report: %s", path)
     barrier()
     return run
+
+
+def _mean_over_ranks(values: torch.Tensor, reduce_mean) -> float:
+    """The mean of the finite entries of every rank's ``values``, NaN if there are none: ranks weigh by how many they
+    hold (a rank whose rows are all NaN, "not applicable", adds nothing instead of making the mean NaN)."""
+    finite = values[torch.isfinite(values)].double()
+    tally = reduce_mean(torch.tensor([float(finite.sum()), float(finite.numel())], dtype=torch.float64))  # [2]
+    return float(tally[0] / tally[1]) if tally[1] > 0 else float("nan")
 
 
 def _rank_counts(n: int, reduce_mean, rank: int, world: int) -> list[int]:
@@ -1192,12 +1227,13 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
 UPDATES = {"grpo": _update, "nft": _update_nft}  # train.objective → the update of phase 9
 
 
-def _load_eta(cfg, sigmas: Optional[torch.Tensor] = None) -> float | torch.Tensor:
+def _load_eta(cfg, sigmas: Optional[torch.Tensor] = None, guidance: Optional[float] = None) -> float | torch.Tensor:
     """sampler.eta, or the per-step list in sampler.eta_file (DenseGRPO's calibrated ψ_t).
 
     A file from ``flowalign calibrate`` also names its kernel and sigma grid: ψ is the ``dance_sde`` noise of that
     grid, so another kernel (which would read ψ as its own η, e.g. Flow-GRPO's a) or another grid (model, shift,
-    steps) is refused in one line.
+    steps) is refused in one line. A file calibrated at another CFG scale than ``guidance`` (this run's) is used with
+    a warning: the balance of reward gains it was tuned to depends on the scale.
     """
     if not cfg.sampler.eta_file:
         return cfg.sampler.eta
@@ -1233,6 +1269,12 @@ def _load_eta(cfg, sigmas: Optional[torch.Tensor] = None) -> float | torch.Tenso
         if g.shape[0] != sigmas.shape[0] or not torch.allclose(g, sigmas.detach().cpu().double(), atol=1e-5):
             raise UserError(f"sampler.eta_file={str(path)!r} was calibrated on another sigma grid (another model, shift "
                             f"or step count) than this run's; calibrate for this model with --steps {cfg.sampler.steps}")
+    tuned = data.get("guidance") if isinstance(data, dict) else None
+    if (isinstance(tuned, (int, float)) and not isinstance(tuned, bool) and guidance is not None
+            and abs(float(tuned) - float(guidance)) > 1e-6):
+        logger.warning("sampler.eta_file=%s was calibrated at CFG scale %g and this run samples at %g: the balance of "
+                       "reward gains it was tuned to depends on the scale; recalibrate with `flowalign calibrate "
+                       "--guidance %g`", path, tuned, guidance, guidance)
     return torch.tensor([float(v) for v in eta], dtype=torch.float32)
 
 
@@ -1267,9 +1309,10 @@ def _tensorboard(run: Path, cfg, start: int = 0):
 
 
 def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: int,
-                     opt_steps: Optional[int] = None, loss_scale: Optional[LossScale] = None) -> Path:
-    """checkpoints/step-N/: the (EMA) LoRA in diffusers format + full training state; written atomically
-    (``io.atomic_dir``: every file fsynced before the directory appears under its name)."""
+                     opt_steps: Optional[int] = None, loss_scale: Optional[LossScale] = None, world: int = 1) -> Path:
+    """checkpoints/step-N/: the (EMA) LoRA in diffusers format + full training state + ``meta.json`` (the number of
+    processes that wrote it, checked on resume before anything loads); written atomically (``io.atomic_dir``: every
+    file fsynced before the directory appears under its name)."""
     final = run / "checkpoints" / f"step-{step}"
     for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a process killed while writing this step
         shutil.rmtree(stale, ignore_errors=True)
@@ -1282,6 +1325,7 @@ def _save_checkpoint(run: Path, step: int, model, opt, ema, sampler, nfe, keep: 
                  "sampler": sampler.state_dict(), "nfe": nfe.state_dict(), "torch_rng": torch.get_rng_state(),
                  "opt_steps": opt_steps, "loss_scale": loss_scale.state_dict() if loss_scale is not None else None}
         atomic_save(state, tmp / "state.pt")
+        atomic_write_text(tmp / CHECKPOINT_META, json.dumps({"iteration": step, "world_size": world}) + "\n")
         atomic_write_text(tmp / "COMPLETE", str(step))
     ckpts = sorted((int(p.name.split("-")[1]), p) for p in final.parent.glob("step-*") if p.name[5:].isdigit())
     for _, old in ckpts[:-keep] if keep > 0 else []:

@@ -264,8 +264,8 @@ def test_ctrl_c_of_a_real_command_exits_130(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.strip() and " INFO " not in ln]
-    assert lines == ["flowalign pretrain: interrupted; continue from the last checkpoint with --resume (same --out)"], \
-        err[-2000:]
+    assert lines == ["flowalign pretrain: interrupted; continue from the last checkpoint with --resume (same --out; "
+                     "--config and flags as before, or none)"], err[-2000:]
 
 
 def test_check_kwargs_names_the_bad_key_and_lets_var_keyword_functions_decide():
@@ -326,6 +326,17 @@ def test_sample_refuses_an_out_name_that_is_not_png(tmp_path, capsys, no_model):
     """The grid is PNG bytes: samples.jpg would hold a PNG under a JPEG name."""
     _fails(capsys, ["sample", "a red circle", "--out", str(tmp_path / "samples.jpg")], "give the file a .png name")
     assert not (tmp_path / "samples.jpg").exists()
+
+
+def test_sample_of_a_video_model_refuses_a_gif_path_that_is_a_directory(tmp_path, capsys, no_model):
+    """A video model also writes OUT.gif: with vd.gif a directory it sampled the whole grid, then crashed with
+    IsADirectoryError. An image model writes no GIF, so the directory does not concern it."""
+    (tmp_path / "vd.gif").mkdir()
+    _fails(capsys, ["sample", "a red circle", "--model", "shapes_video", "--out", str(tmp_path / "vd.png")],
+           "vd.gif", "is a directory")
+    assert _listing(tmp_path) == ["vd.gif"] and _listing(tmp_path / "vd.gif") == []
+    with pytest.raises(AssertionError, match="model was loaded"):  # every check passed: it went on to load the model
+        main(["sample", "a red circle", "--out", str(tmp_path / "vd.png")])
 
 
 @pytest.mark.parametrize("device", ["nonsense", "cuda:0"])
@@ -783,3 +794,17 @@ def test_every_device_a_command_takes_goes_through_one_check(monkeypatch):
             with pytest.raises(UserError, match=why) as e:
                 check(bad)
             assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value", ["", " ", "abc", "0", "-1"])
+@pytest.mark.parametrize("cmd", [["sample", "a red circle"], ["eval", "--prompts", "shapes-bench"]])
+def test_a_world_size_that_is_not_a_process_count_is_one_line(tmp_path, capsys, monkeypatch, no_model, value, cmd):
+    """`WORLD_SIZE=$SLURM_NTASKS` with the variable unset gave a ValueError traceback (int(''))."""
+    monkeypatch.setenv("WORLD_SIZE", value)
+    out = str(tmp_path / ("o.png" if cmd[0] == "sample" else "o"))
+    if value.strip() == "":  # empty means unset: the command goes on to load its model (refused by no_model here)
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            main([*cmd, "--out", out])
+        return
+    _fails(capsys, [*cmd, "--out", out], f"WORLD_SIZE={value!r} is not a process count")
+    assert list(tmp_path.iterdir()) == []

@@ -67,6 +67,30 @@ def test_unknown_key_override():
     assert "train.group_size" in _err(load_config, None, ["train.groupsize=4"])
 
 
+@pytest.mark.parametrize("typed, meant", [
+    ("eval.seeds=2", "eval.seeds_per_prompt"),  # `flowalign eval --seeds`; difflib's pick was eval.steps
+    ("train.learning_rate=1e-4", "train.lr"),  # difflib's pick was train.clip_range
+    ("eval.prompts=x", "data.eval_prompts"),  # difflib's pick was eval.max_prompts
+    ("train.batch_size=8", "train.micro_batch"),  # difflib's pick was train.group_size
+    ("sampler.step=3", "'sampler.steps'"),
+])
+def test_unknown_key_hint_names_the_field_meant_not_a_near_spelling(typed, meant):
+    """Following a hint must not silently change another setting: common names from other tools and keys typed
+    short map to the field they mean."""
+    msg = _err(load_config, None, [typed])
+    hint = msg.split("did you mean", 1)[1]
+    assert meant in hint, msg
+    assert not any(w in hint for w in ("eval.steps", "clip_range", "max_prompts", "group_size")), msg
+
+
+def test_a_yaml_date_is_a_string_where_the_field_is_a_string(tmp_path):
+    """YAML reads `run_dir: 2024-06-01` as a date: that was refused ("expected a string, got datetime.date"), while
+    the same value as an override was accepted."""
+    p = _write(tmp_path / "x.yaml", "output:\n  run_dir: 2024-06-01\n")
+    assert load_config(p).output.run_dir == "2024-06-01"
+    assert load_config(None, ["output.run_dir=2024-06-01"]).output.run_dir == "2024-06-01"
+
+
 def test_pyyaml_string_float_is_coerced(tmp_path):
     # YAML 1.1 (PyYAML) reads 1e-4 without a dot as the *string* '1e-4'
     import yaml

@@ -23,15 +23,26 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, config):
     cmd = [acc, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "flowalign.cli", "train", str(ROOT / "configs" / config),
            f"output.run_dir={run}", "train.iterations=2", "train.groups_per_iter=2", "train.group_size=4",
-           "sampler.steps=4", "eval.before=false", "eval.after=false", "output.tensorboard=false", "train.lr=1e-2",
+           "sampler.steps=4", "eval.after=false", "output.tensorboard=false", "train.lr=1e-2",
            "train.clip_range=0.2", "train.filter_zero_std=false", "train.checkpoint_every=2",
-           "train.optimizer_steps_per_iter=1"]
+           "train.optimizer_steps_per_iter=1", "eval.max_prompts=4", "eval.seeds_per_prompt=1", "eval.steps=2",
+           "eval.batch_size=2", "eval.grid_prompts=0",
+           # GRPO: the base evaluation runs sharded on both ranks (two batches of 2); NFT: none
+           f"eval.before={'true' if config == 'shapes_grpo.yaml' else 'false'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last = lines[-1]
     assert last["dist/world_size"] == 2 and last["dist/max_weight_diff"] == 0.0
+    if config == "shapes_grpo.yaml":  # every image of the base evaluation, gathered from both ranks, written once
+        records = (run / "eval" / "base" / "results.jsonl").read_text().splitlines()
+        assert len(records) == 4 and lines[0]["iteration"] == 0 and "eval/overall/shapes_strict" in lines[0]
+        # resuming with another process count would draw other SDE noise (step_noise=rank): refused before loading
+        resume = [sys.executable, "-m", "flowalign.cli", *cmd[cmd.index("train"):], "train.iterations=3",
+                  "output.resume=true"]
+        r = subprocess.run(resume, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 2 and "2 process(es) wrote it and 1 run now" in r.stderr, r.stderr[-2000:]
     assert all(m["train/skipped_updates"] == 0 for m in lines if "train/skipped_updates" in m)
     sd = load_file(str(run / "checkpoints" / "step-2" / "raw" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k)  # the updates really happened
@@ -109,3 +120,38 @@ def test_two_process_eval_shards_the_batches_and_equals_one_process(tmp_path):
     assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 2 and "not empty" in r.stderr
     r = _launch_eval(tmp_path, *args, "--resume", "--out", str(tmp_path / "two"))
     assert r.returncode != 0 and "--resume is not available under a multi-process launch" in r.stderr
+
+
+@pytest.mark.parametrize("value, minutes", [(None, 120.0), ("30", 30.0), ("0.5", 0.5)])
+def test_the_collective_timeout_is_read_from_the_environment(monkeypatch, value, minutes):
+    """torch's default (10 or 30 min by backend) is shorter than one evaluation or checkpoint of a large model."""
+    from flowalign.dist import TIMEOUT_ENV, _timeout
+
+    if value is None:
+        monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TIMEOUT_ENV, value)
+    assert _timeout().total_seconds() == minutes * 60
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan"])
+def test_a_bad_collective_timeout_is_one_line(monkeypatch, value):
+    from flowalign.dist import TIMEOUT_ENV, _timeout
+    from flowalign.errors import UserError
+
+    monkeypatch.setenv(TIMEOUT_ENV, value)
+    with pytest.raises(UserError, match=f"{TIMEOUT_ENV}={value!r} must be a positive number of minutes"):
+        _timeout()
+
+
+def test_once_on_rank0_in_one_process_is_the_call_itself():
+    from flowalign.dist import once_on_rank0
+    from flowalign.errors import UserError
+
+    assert once_on_rank0(lambda: 7, 0, 1) == 7
+
+    def bad():
+        raise UserError("no")
+
+    with pytest.raises(UserError, match="no"):
+        once_on_rank0(bad, 0, 1)

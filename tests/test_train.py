@@ -1,6 +1,7 @@
 """The GRPO recipe end to end on the shipped shapes model (small settings), exact resume, NaN guard, bad input."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -539,3 +540,59 @@ def test_a_reward_that_trains_and_evaluates_is_built_once(tmp_path, monkeypatch)
     train(_cfg(tmp_path / "run", "train.iterations=1", "reward.weights={saturation: 1.0}",
                "eval.rewards=[saturation, shapes_strict]"))
     assert dict(built) == {"saturation": 1, "shapes_strict": 1}
+
+
+def test_a_rank_whose_rows_are_all_not_applicable_does_not_make_the_logged_reward_nan():
+    """The logged reward is the mean over every rank's applicable rows: averaging per-rank nanmeans made it NaN when
+    one rank held only NaN rows (and weighed ranks with fewer applicable rows as much as the others)."""
+    from flowalign.train import _mean_over_ranks
+
+    ranks = [torch.tensor([float("nan"), float("nan")]), torch.tensor([0.2, 0.4]), torch.tensor([1.0, float("nan")])]
+
+    def fake_reduce(mine):  # all_reduce(SUM) / world over the three ranks' (sum, count) tallies
+        tallies = [torch.tensor([float(v[v.isfinite()].sum()), float(v.isfinite().sum())], dtype=torch.float64)
+                   for v in ranks]
+        mine.copy_(sum(tallies) / len(tallies))
+        return mine
+
+    got = _mean_over_ranks(ranks[0], fake_reduce)  # rank 0 holds no applicable row
+    assert got == pytest.approx((0.2 + 0.4 + 1.0) / 3)
+    assert _mean_over_ranks(torch.tensor([0.5, float("nan")]), lambda t: t) == 0.5  # one process: the nanmean
+    assert math.isnan(_mean_over_ranks(torch.tensor([float("nan")]), lambda t: t))
+
+
+def test_resume_drops_the_end_of_run_lines_of_its_checkpoint_iteration(tmp_path):
+    """A resume that raises train.iterations kept the earlier session's weight-check line at the old last iteration,
+    a stale mid-run line an uninterrupted run does not have; its final evaluation stays (a measurement of the weights
+    at that iteration) unless the resume repeats it. Lines after the checkpoint go too."""
+    from flowalign.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"iteration": 0, "eval/overall/shapes_strict": 0.4},
+             {"iteration": 1, "train/loss": 0.1}, {"iteration": 2, "train/loss": 0.2, "eval/overall/x": 0.5},
+             {"iteration": 2, "dist/world_size": 2, "dist/max_weight_diff": 0.0},
+             {"iteration": 2, "eval/overall/shapes_strict": 0.5}, {"iteration": 3, "train/loss": 0.3}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _truncate_metrics(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [*lines[:3], lines[4]]
+    _truncate_metrics(path, 2, rerun_end=True)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:3]
+
+
+def test_resume_with_another_process_count_is_refused_under_per_rank_noise(tmp_path):
+    """Every process draws its own SDE noise with sampler.step_noise=rank: a run resumed on another number of
+    processes would silently differ from the uninterrupted one. step_noise=group does not depend on the count."""
+    from flowalign.config import load_config
+    from flowalign.errors import UserError
+    from flowalign.train import CHECKPOINT_META, _check_resume_world
+
+    ckpt = tmp_path / "step-4"
+    ckpt.mkdir()
+    (ckpt / CHECKPOINT_META).write_text(json.dumps({"iteration": 4, "world_size": 2}))
+    rank_cfg = load_config(None, ["sampler.step_noise=rank"])
+    with pytest.raises(UserError, match=r"2 process\(es\) wrote it and 1 run now"):
+        _check_resume_world(rank_cfg, ckpt, 1)
+    _check_resume_world(rank_cfg, ckpt, 2)  # the same count: fine
+    _check_resume_world(load_config(None, ["sampler.step_noise=group"]), ckpt, 1)
+    (ckpt / CHECKPOINT_META).unlink()
+    _check_resume_world(rank_cfg, ckpt, 1)  # a checkpoint from before meta.json: not checked

@@ -529,6 +529,24 @@ def test_calibrated_eta_file_must_match_the_kernel_and_the_sigma_grid(tmp_path):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train/transitions"] > 0
 
 
+def test_an_eta_file_calibrated_at_another_cfg_scale_warns(tmp_path, caplog):
+    """ψ_t balances reward gains measured under one CFG scale (the file records it since `flowalign calibrate` writes
+    `guidance`); at another scale the file still fits the kernel and grid, so it is used, with a warning."""
+    import logging
+
+    from flowalign.config import load_config
+    from flowalign.train import _load_eta
+
+    f = tmp_path / "eta.json"
+    f.write_text(json.dumps({"kernel": "dance_sde", "eta": [0.3, 0.2, 0.1, 0.0], "guidance": 4.0}))
+    cfg = load_config(None, [f"sampler.eta_file={f}", "sampler.kernel=dance_sde", "sampler.steps=4"])
+    with caplog.at_level(logging.WARNING, logger="flowalign.train"):
+        assert _load_eta(cfg, guidance=4.0).tolist() == pytest.approx([0.3, 0.2, 0.1, 0.0])
+        assert not caplog.records
+        _load_eta(cfg, guidance=1.0)
+    assert any("calibrated at CFG scale 4 and this run samples at 1" in r.getMessage() for r in caplog.records)
+
+
 def test_options_of_a_reward_that_is_not_used_are_reported(tmp_path, caplog):
     import logging
 

@@ -177,6 +177,15 @@ def _sd3_setup(n_groups: int, workdir: Path) -> Optional[_Setup]:
                   "tiny random SD3 pipeline (tests/tiny_models.py), saturation reward")
 
 
+def trained_steps(method: str, steps: int) -> Tensor:
+    """[T] bool: the steps ``method`` trains (and a branch plan may branch at): η > 0 (the last step is deterministic)
+    and within the method's ``TRAIN_FRACTION`` of the steps."""
+    from flowalign.samplers.loop import eta_schedule
+
+    eta = eta_schedule(steps, METHODS[method][2])  # [T]
+    return (eta > 0) & (torch.arange(steps) < math.floor(TRAIN_FRACTION.get(method, 0.99) * steps + 1e-9))
+
+
 def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, children: int, seed: int,
                max_batch: Optional[int]) -> dict[str, Any]:
     """One rollout + rewards + credit iteration of ``method``; measured counts per prompt group."""
@@ -202,8 +211,7 @@ def run_method(setup: _Setup, method: str, *, steps: int, group_size: int, child
     noise = model.init_noise(n_groups * rows, torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
     opts = dict(p_opts)
-    fraction = TRAIN_FRACTION.get(method, 0.99)
-    trained = (eta > 0)[None] & (torch.arange(steps) < math.floor(fraction * steps + 1e-9))[None]  # [1, T]
+    trained = trained_steps(method, steps)[None]  # [1, T]
     if plan == "branch":
         opts.update(children=children, max_batch=max_batch, trainable=trained[0])
     guide = None
@@ -398,6 +406,9 @@ def bench_credit(argv: Sequence[str]) -> int:
     ap.add_argument("--rank-reward", default="shapes_partial",
                     help="reward whose probe values are ranked on the shapes model (shapes_partial, saturation, "
                          "jpeg_compressibility, ...); the video model ranks shapes_motion_partial")
+    ap.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="constructor argument of the --rank-reward, as for `flowalign eval`, e.g. "
+                         "pickscore.path=/weights/PickScore_v1 or remote.url=http://host:8000 (repeatable)")
     ap.add_argument("--rank-references", default="",
                     help="also rank against these references (comma list): fine:F = the same Euler ODE with every step "
                          "split in F (does ode:full's ranking survive a finer solver?), sde:K = the mean reward of K "
@@ -418,7 +429,6 @@ def bench_credit(argv: Sequence[str]) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from flowalign.bench_snr import check_json_out, check_out_file
     from flowalign.errors import UserError
-    from flowalign.rewards import resolve as resolve_reward
     from flowalign.rewards.video import for_outputs
     from flowalign.sample import check_seed
 
@@ -442,18 +452,40 @@ def bench_credit(argv: Sequence[str]) -> int:
     if ranked and (args.steps < 2 or args.group_size < 2):  # Spearman across members of states 0 … T−2
         raise UserError(f"the ranking needs --steps >= 2 and --group-size >= 2 (got {args.steps} and "
                         f"{args.group_size}): it ranks the members of a group at states 0 … T-2; or pass --rank-groups 0")
+    # a branch plan branches at a trained stochastic step: none at T = 1 (η = 0 on the last step), which raised a
+    # ValueError traceback in the middle of the table
+    no_branch = [m for m in methods if METHODS[m][0] == "branch" and not bool(trained_steps(m, args.steps).any())]
+    if no_branch:
+        raise UserError(f"--steps {args.steps}: method(s) {', '.join(no_branch)} branch at a trained stochastic step "
+                        f"and T = {args.steps} has none (the last step is deterministic); use --steps >= 2 or drop "
+                        f"them from --methods")
     for flag, value in (("--plot", args.plot), ("--rank-references", args.rank_references)):
         if value and not ranked:  # was ignored silently: no plot, no reference figures, exit code 0
             raise UserError(f"{flag} {value!r} needs the ranking, which runs only with --rank-groups >= 1 on "
                             "--models shapes or shapes_video")
-    if args.rank_groups > 0 and "shapes" in models:
-        # an unknown name, or a video reward for the image model, fails here, not after the cost runs
-        for_outputs(resolve_reward(args.rank_reward), "image")
+    if args.reward_arg and "shapes" not in ranked:  # only the shapes model's ranking scores --rank-reward
+        raise UserError(f"--reward-arg {args.reward_arg[0]!r} sets an option of --rank-reward, which only the ranking "
+                        f"on --models shapes scores (with --rank-groups >= 1)")
     check_json_out(args.json, args.overwrite)
     if args.plot and (Path(args.plot).is_dir() or not args.plot.lower().endswith(".png")):
         raise UserError(f"--plot {args.plot!r}: pass the path of a .png file, e.g. ranking.png")
-    for name in ranked if args.plot else ():
-        check_out_file(str(_plot_target(args.plot, name, len(models))), "--plot", args.overwrite, "ranking.png")
+    for name in ranked if args.plot else ():  # one file per ranked model (sd3 is never ranked)
+        check_out_file(str(_plot_target(args.plot, name, len(ranked))), "--plot", args.overwrite, "ranking.png")
+    rank_reward = None
+    if "shapes" in ranked:
+        # built here, the last check: an unknown name, a bad --reward-arg, a reward that cannot be built (remote
+        # without its url, missing weights) or a video reward for the image model is one line before any model
+        # loads, not a traceback after the cost runs; the ranking below scores with this very object
+        from types import SimpleNamespace
+
+        from flowalign.evaluate import parse_component_args
+        from flowalign.models import resolve as resolve_model
+        from flowalign.rewards.catalog import build_reward_checked
+
+        given = SimpleNamespace(reward_arg=args.reward_arg, per_frame=[], model_arg=[], model="shapes")
+        kwargs = parse_component_args(given, [args.rank_reward])[0][args.rank_reward]
+        built = build_reward_checked(args.rank_reward, kwargs, f"--rank-reward {args.rank_reward!r}")
+        rank_reward = for_outputs(built, getattr(resolve_model("shapes"), "output_kind", "image"))
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"runs": [], "ranking": {}, "notes": {}}
     with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:
@@ -477,11 +509,8 @@ def bench_credit(argv: Sequence[str]) -> int:
                       f"{r['wall_s']:>8.2f}   {r['reference']}")
             if args.rank_groups > 0 and name in ("shapes", "shapes_video"):
                 setup.prompts = setup.prompt_fn(args.rank_groups, seed=11)  # the cost runs are done; reuse the model
-                if name == "shapes" and args.rank_reward != "shapes_partial":
-                    from flowalign.rewards import build_reward
-
-                    kind = getattr(setup.model, "output_kind", "image")
-                    setup.rewards = {args.rank_reward: for_outputs(build_reward(args.rank_reward), kind)}
+                if name == "shapes":
+                    setup.rewards = {args.rank_reward: rank_reward}
                 rk = rank_agreement(setup, steps=args.steps, group_size=args.group_size, seed=args.seed + 17,
                                     modes=RANK_MODES, max_batch=args.max_batch, references=references,
                                     progress=True)
@@ -494,11 +523,12 @@ def bench_credit(argv: Sequence[str]) -> int:
                 if args.plot:
                     from flowalign.report import plot_ranking
 
-                    target = _plot_target(args.plot, name, len(models))
+                    target = _plot_target(args.plot, name, len(ranked))
                     reward = args.rank_reward if name == "shapes" else "shapes_motion_partial"
                     plot_ranking({"ode:full": rk, **refs}, target, f"{setup.name}, {reward}: {args.rank_groups} "
                                  f"groups of {args.group_size}, T = {args.steps}")
                     results.setdefault("plots", {})[setup.name] = str(target)
+                    logger.info("ranking plot of %s written to %s", setup.name, target)
                 for label, c in ref_cost.items():
                     print(f"reference {label}: {c['nfe_per_rollout']:.0f} forwards per rollout, measured "  # noqa: T201
                           f"({c['x_flow_grpo']:.2f}× Flow-GRPO's sampling)")

@@ -116,7 +116,6 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.errors import CommandParser, UserError
     from flowalign.io import atomic_write_json
     from flowalign.models import load_model
-    from flowalign.rewards import build_reward
 
     ap = CommandParser(prog="flowalign calibrate", description="DenseGRPO's reward-aware per-step noise calibration: "
                                  "adjusts each step's noise level until its reward gains balance, and writes the "
@@ -126,6 +125,12 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--prompts", default="shapes-train", help="prompt set (built-in name or file)")
     ap.add_argument("--reward", action="append", default=None, metavar="NAME[=W]",
                     help="reward and weight (repeatable; default shapes_partial=1)")
+    ap.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="reward constructor argument, as for `flowalign eval`, e.g. remote.url=http://host:8000 or "
+                         "pickscore.path=/weights/PickScore_v1 (repeatable)")
+    ap.add_argument("--per-frame", action="append", default=[], metavar="KEY=VALUE",
+                    help="video models: how image rewards score the frames, e.g. reduce=first or stride=2 (PerFrame "
+                         "options, as the trainer's reward.per_frame; default every 4th frame, mean; repeatable)")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     ap.add_argument("--n", type=int, default=48, help="trajectories per iteration N")
@@ -191,10 +196,25 @@ def cli_main(argv: Sequence[str]) -> int:
     if not any(weights.values()):  # a reward that is 0 everywhere: no step gains anything, the eta is noise
         raise UserError(f"--reward weights are all 0 ({', '.join(args.reward or [])}); give at least one reward a "
                         f"non-zero weight, e.g. --reward shapes_partial=1")
+    from flowalign.evaluate import parse_component_args
+    from flowalign.models import resolve as resolve_model
+    from flowalign.rewards.catalog import build_reward_checked
+    from flowalign.rewards.video import for_outputs
+
+    args.model_arg = []  # parse_component_args' model options: calibrate takes --guidance and --path instead
+    reward_kwargs, per_frame, _ = parse_component_args(args, list(weights))
+    outputs = getattr(resolve_model(args.model), "output_kind", "image")
+    if args.per_frame and (outputs != "video" or all(getattr(resolve_reward(n), "kind", "image") == "video"
+                                                        for n in weights)):
+        logger.warning("--per-frame is set, but no image reward scores video frames here: the options are unused")
     records = D.load_prompts(args.prompts)
+    # built before the model loads: a reward that cannot be built (remote without its url, a missing weights path)
+    # or a video reward for an image model is one line, not a traceback after the load; an image reward on a video
+    # model scores its frames (PerFrame), as in train and eval
+    rewards = {k: for_outputs(build_reward_checked(k, reward_kwargs[k], f"--reward-arg: reward {k!r}"), outputs,
+                              per_frame) for k in weights}
     kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
     model = load_model(args.model, args.path, device=args.device, **kw)
-    rewards = {k: build_reward(k) for k in weights}
     texts = list(dict.fromkeys(r.prompt for r in records))
     # prompts are drawn at random per iteration: check them all here, not mid-run (as train and eval do)
     for obj in [model, *rewards.values()]:
@@ -225,9 +245,14 @@ def cli_main(argv: Sequence[str]) -> int:
     psi, history = calibrate_noise(make_batch, model.velocity, sigmas, score, weights, psi0=psi0,
                                    iterations=args.iterations, eps1=args.eps1, eps2=args.eps2, seed=args.seed,
                                    probe=args.probe, max_batch=args.max_batch, progress=True)
+    guidance = getattr(model, "guidance_scale", None)  # the CFG scale the rollouts used (--guidance or the model's)
     out = {"kernel": "dance_sde", "eta": [round(float(p), 6) for p in psi], "sigmas": sigmas.cpu().tolist(),
-           "initial_eta": psi0.tolist(), "model": args.model, "path": args.path, "steps": args.steps,
-           "rewards": weights, "n": args.n, "group_size": args.group_size, "iterations": args.iterations,
+           "initial_eta": psi0.tolist(), "init_a": args.init_a, "model": args.model, "path": args.path,
+           "guidance": None if guidance is None else float(guidance), "steps": args.steps, "prompts": args.prompts,
+           "seed": args.seed, "rewards": weights,
+           **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
+           **({"per_frame": per_frame} if per_frame and outputs == "video" else {}),
+           "n": args.n, "group_size": args.group_size, "iterations": args.iterations,
            "eps1": args.eps1, "eps2": args.eps2, "probe": args.probe, "history": history,
            "final_imbalance": history[-1]["imbalance"] if history else None}
     atomic_write_json(args.out, out)

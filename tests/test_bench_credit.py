@@ -126,6 +126,38 @@ def test_bench_credit_ranks_against_a_finer_ode_and_the_sde_value(tmp_path, caps
     assert "ranking agreement with fine:2" in text and "ranking agreement with sde:4" in text
 
 
+
+def test_bench_credit_ranks_with_the_reward_it_checked_and_plots_the_named_file(tmp_path, monkeypatch, caplog):
+    """--rank-reward was checked by name, then built again after the cost runs; with --models shapes,sd3 (sd3 is
+    never ranked) --plot rank.png silently drew rank-shapes.png."""
+    import logging
+
+    import flowalign.bench_credit as BC
+    import flowalign.rewards.catalog as catalog
+
+    built, ranked_with = [], []
+    real_build, real_rank = catalog.build_reward_checked, BC.rank_agreement
+
+    def build(name, kwargs, what=None):
+        built.append(real_build(name, kwargs, what))
+        return built[-1]
+
+    def rank(setup, **kw):
+        ranked_with.append(dict(setup.rewards))
+        return real_rank(setup, **kw)
+
+    monkeypatch.setattr(catalog, "build_reward_checked", build)
+    monkeypatch.setattr(BC, "rank_agreement", rank)
+    out, plot = tmp_path / "b.json", tmp_path / "rank.png"
+    with caplog.at_level(logging.INFO, logger="flowalign.bench_credit"):
+        assert bench_credit(["--models", "shapes,sd3", "--methods", "flow_grpo", "--steps", "2", "--group-size", "2",
+                             "--rank-groups", "1", "--rank-reward", "saturation", "--json", str(out),
+                             "--plot", str(plot)]) == 0
+    assert len(built) == 1 and ranked_with == [{"saturation": built[0]}]  # the very object built at the checks
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "rank-shapes.png").exists()
+    assert json.loads(out.read_text())["plots"] == {"shapes": str(plot)}
+    assert f"written to {plot}" in caplog.text
+
 @pytest.mark.parametrize("spec", ["fine:1", "sde:3", "sde", "ode:4", "fine:x"])
 def test_bench_credit_refuses_a_bad_rank_reference(capsys, no_model, tmp_path, spec):
     out = tmp_path / "b.json"

@@ -82,6 +82,12 @@ def test_bench_credit_keeps_an_earlier_plot_unless_overwrite(capsys, no_model, t
     assert per_model.read_bytes() == b"earlier"
     _fails(capsys, ["bench", "credit", "--models", "shapes", "--plot", "/sys/rank.png"], "/sys/rank.png",
            "cannot be written")
+    # sd3 is never ranked: `--models shapes,sd3 --plot rank.png` draws rank.png itself, so that file is guarded (the
+    # check guarded rank-shapes.png, and the plot went there)
+    one.write_bytes(b"earlier")
+    _fails(capsys, ["bench", "credit", "--models", "shapes,sd3", "--plot", str(one)], f"--plot {str(one)!r}",
+           "--overwrite")
+    assert one.read_bytes() == b"earlier" and not (tmp_path / "rank-shapes.png").exists()
 
 
 @pytest.mark.parametrize("bench, extra", [
@@ -105,6 +111,16 @@ def test_a_video_reward_for_the_image_model_is_one_line_before_loading(capsys, n
     (["--rank-references", "fine:2", "--rank-groups", "0"], ["--rank-references", "--rank-groups"]),
     (["--steps", "1"], ["--steps", "--rank-groups 0"]),  # a ranking of no state: every figure NaN, exit 0
     (["--group-size", "1"], ["--group-size", "--rank-groups 0"]),  # Spearman of one member: all NaN, exit 0
+    # a branch plan at T = 1 has no step to branch at: a ValueError traceback after the earlier rows printed
+    (["--steps", "1", "--rank-groups", "0"], ["--steps 1", "tempflow_all, tempflow_one, g2rpo", "--steps >= 2"]),
+    (["--models", "sd3", "--steps", "1", "--methods", "tempflow_one"], ["--steps 1", "tempflow_one"]),
+    # the ranking reward was checked by name only: RemoteReward() without its url, a TypeError after the cost table
+    (["--rank-reward", "remote"], ["--rank-reward 'remote'", "url"]),
+    (["--rank-reward", "remote", "--reward-arg", "remote.url=ftp://host"], ["url must start with http"]),
+    (["--rank-reward", "aesthetic"], ["aesthetic", "head=PATH"]),  # was refused only after every cost run
+    (["--reward-arg", "saturation.x=1"], ["--reward-arg", "'shapes_partial'"]),  # not the --rank-reward
+    (["--rank-reward", "saturation", "--reward-arg", "saturation.bogus=1"], ["bogus"]),
+    (["--rank-groups", "0", "--reward-arg", "shapes_partial.x=1"], ["--reward-arg", "--rank-reward"]),  # unused
 ])
 def test_bench_credit_refuses_before_loading(capsys, no_model, tmp_path, extra, needles):
     out = tmp_path / "b.json"
@@ -210,7 +226,10 @@ def test_train_memory_arch_honours_resolution_frames_and_batch(capsys, tmp_path)
 
 
 @pytest.mark.parametrize("argv", [
-    ["credit", "--models", "shapes", "--steps", "1", "--group-size", "1", "--rank-groups", "0", "--threads", "1"],
+    ["credit", "--models", "shapes", "--steps", "1", "--group-size", "1", "--rank-groups", "0", "--threads", "1",
+     "--methods", "flow_grpo,dense_full,tp_full,euphonium_guided"],  # chains run at T = 1 (branch plans cannot)
+    ["credit", "--models", "shapes", "--steps", "2", "--methods", "tempflow_one,g2rpo", "--rank-reward", "saturation",
+     "--threads", "1"],
     ["grad-snr", "--eta", "0.3", "--adv-clip", "inf", "--seed", "-1", "--threads", "1"],
     ["noise-variance", "--guidance", "0", "--seed", "-1", "--threads", "1"],
     ["sample-gap", "--seed", "0", "--threads", "1"],

@@ -87,6 +87,45 @@ def test_calibrate_checks_prompt_text_before_any_rollout(capsys, monkeypatch, tm
     assert calls == [] and not out.exists()
 
 
+
+@pytest.mark.parametrize("extra, needles", [
+    # RemoteReward() without its url: a TypeError traceback after the model had loaded
+    (["--reward", "remote"], ["'remote'", "url"]),
+    (["--reward", "remote", "--reward-arg", "remote.url=ftp://host"], ["url must start with http"]),
+    (["--reward-arg", "pickscore.path=/w"], ["pickscore.path=/w", "shapes_partial"]),  # not a --reward
+    (["--reward", "shapes_partial", "--reward-arg", "shapes_partial.bogus=1"], ["bogus"]),
+    (["--reward", "shapes_motion_partial"], ["'shapes_motion_partial'", "videos"]),  # a video reward, image model
+    (["--model", "shapes_video", "--reward", "saturation", "--per-frame", "reduce=bogus"], ["--per-frame", "bogus"]),
+])
+def test_calibrate_builds_its_rewards_before_loading(capsys, no_model, tmp_path, extra, needles):
+    out = tmp_path / "eta.json"
+    _fails(capsys, ["calibrate", "--out", str(out), *extra], *needles)
+    assert not out.exists()
+
+
+def test_calibrate_scores_a_video_model_frame_by_frame_and_records_how_it_was_made(tmp_path):
+    """An image reward on the video model got [B, F, 3, H, W] videos (a ValueError traceback after the first rollout);
+    the file did not say which prompts, seed, CFG scale or initial a it was calibrated with."""
+    import json
+
+    from flowalign.cli import main
+
+    out = tmp_path / "v.json"
+    assert main(["calibrate", *TINY, "--model", "shapes_video", "--prompts", "shapes-motion-train", "--reward",
+                 "saturation", "--per-frame", "reduce=first", "--guidance", "3", "--seed", "5", "--init-a", "0.5",
+                 "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert len(d["eta"]) == 2 and d["rewards"] == {"saturation": 1.0} and d["per_frame"] == {"reduce": "first"}
+    assert (d["prompts"], d["seed"], d["guidance"], d["init_a"]) == ("shapes-motion-train", 5, 3.0, 0.5)
+    out2 = tmp_path / "i.json"  # without --guidance: the model's own scale, as used
+    assert main(["calibrate", *TINY, "--out", str(out2)]) == 0
+    from flowalign.models import load_model
+
+    d2 = json.loads(out2.read_text())
+    assert d2["guidance"] == load_model("shapes", "").guidance_scale and d2["prompts"] == "shapes-train"
+    assert d2["seed"] == 0 and d2["init_a"] == 0.7 and "per_frame" not in d2 and "reward_args" not in d2
+
+
 # -------------------------------------------------------------------------------------------- the calibration loop
 
 

@@ -13,6 +13,7 @@ from flowalign.samplers import eta_schedule, schedules
 from flowalign.samplers.plans import PLANS, subgrid
 from flowalign.values import make_probe, probe_nfe, probe_values_naive
 
+from cli_checks import no_model  # noqa: F401,E402  (the fixture is used by name)
 from test_credit_methods import T, gaussian_world_velocity, score  # noqa: E402  (conftest puts tests/ on sys.path)
 
 
@@ -107,11 +108,37 @@ def test_config_refuses_granular_and_branch_credit_on_chains_and_bad_strides():
         C.load_config(None, ["credit.name=branch"])
     from flowalign.train import _check_components
 
-    for bad, why in (("[0, 2]", r"expected values in \[1, inf\]"), ("[1.5]", "expected a list of integers")):
+    for bad, why in (("[0, 2]", r"expected values in \[1, inf\]"), ("[1.5]", "expected a list of integers"),
+                     ("[]", r"strides=\[\]: expected a non-empty list")):
         cfg = C.load_config(None, ["sampler.plan=branch", "credit.name=granular", f"credit.options.strides={bad}"])
         with pytest.raises(UserError, match=why):
             _check_components(cfg)
 
+
+
+def test_train_refuses_empty_granular_strides_before_writing(capsys, no_model, tmp_path):
+    """`credit.options={strides: []}` passed the per-element range check, wrote config.yaml, loaded the model and
+    failed with a ValueError traceback after the first rollout."""
+    from cli_checks import fails
+
+    run = tmp_path / "run"
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "shapes_grpo.yaml")
+    fails(capsys, ["train", config, "sampler.plan=branch", "credit.name=granular", "credit.options={strides: []}",
+                   f"output.run_dir={run}"], "credit.options.strides=[]", "non-empty", "[1, 2, 3]")
+    assert not run.exists()
+
+
+def test_non_empty_marker_is_generic():
+    """preflight reads the ``NonEmpty`` annotation of any credit's options, not a list of names."""
+    from flowalign.credit import CREDIT, _non_empty_options, preflight
+
+    assert _non_empty_options(CREDIT["granular"]) == ["strides"]
+    assert _non_empty_options(CREDIT["tree"]) == []  # prune_steps: () is a valid, empty list
+    kw = dict(reward_weights={"r": 1.0}, aggregate="reward_sum", guided=False)
+    assert preflight("granular", {"strides": [2]}, **kw) is None
+    assert preflight("tree", {"prune_steps": []}, **kw) is None
 
 def test_trainer_runs_g2rpo_on_policy(tmp_path):
     """The G²RPO recipe in the one trainer: branch in the high-noise half, granular credit; on-policy ratio 1."""

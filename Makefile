@@ -34,16 +34,19 @@ demo-video: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/flowalign train configs/shapes_video_grpo.yaml
 
 # Rebuild the shipped shapes video model from scratch (docs/shapes.md): two stages, then install it as package data.
+# --resume: a run stopped by Ctrl-C or a crash continues from its last checkpoint when the target is run again (a new
+# --out starts fresh; a finished stage only re-writes its final/ from its last checkpoint).
 shapes-video-base: $(STAMP)
-	$(BIN)/flowalign pretrain --config configs/shapes_video_pretrain.yaml --out runs/shapes_video_pretrain --threads 2
-	$(BIN)/flowalign pretrain --config configs/shapes_video_pretrain_stage2.yaml --out runs/shapes_video_pretrain_stage2 --threads 2
+	$(BIN)/flowalign pretrain --config configs/shapes_video_pretrain.yaml --out runs/shapes_video_pretrain --threads 2 --resume
+	$(BIN)/flowalign pretrain --config configs/shapes_video_pretrain_stage2.yaml --out runs/shapes_video_pretrain_stage2 --threads 2 --resume
 	mkdir -p flowalign/assets/shapes_video
 	cp runs/shapes_video_pretrain_stage2/final/config.json runs/shapes_video_pretrain_stage2/final/model.safetensors flowalign/assets/shapes_video/
 
 # Rebuild the shipped shapes base from scratch (docs/shapes.md): stage 1, stage 2, then install it as package data.
+# --resume: as for shapes-video-base, running the target again continues an interrupted stage.
 shapes-base: $(STAMP)
-	$(BIN)/flowalign pretrain --config configs/shapes_pretrain.yaml --out runs/shapes_pretrain --threads 2
-	$(BIN)/flowalign pretrain --config configs/shapes_pretrain_stage2.yaml --out runs/shapes_pretrain_stage2 --threads 2
+	$(BIN)/flowalign pretrain --config configs/shapes_pretrain.yaml --out runs/shapes_pretrain --threads 2 --resume
+	$(BIN)/flowalign pretrain --config configs/shapes_pretrain_stage2.yaml --out runs/shapes_pretrain_stage2 --threads 2 --resume
 	cp runs/shapes_pretrain_stage2/final/config.json runs/shapes_pretrain_stage2/final/model.safetensors flowalign/assets/shapes/
 
 # Credit methods at an equal rollout budget on the shapes world (docs/credit.md): 40 iterations x 64 rollouts each

@@ -128,9 +128,12 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     if "final" in sums and final_it <= 0:
         raise UserError(f"{run}: cannot place eval/final (no iterations in metrics.jsonl or train.iterations in "
                         f"config.yaml)")
+    eval_ref: dict[str, Any] = {}  # the summary whose settings stand for how this run was evaluated (base, else first)
     for label, path in sums.items():
         it = 0 if label == "base" else (final_it if label == "final" else int(label.split("-", 1)[1]))
-        overall = read_summary(path)["overall"]
+        summary = read_summary(path)
+        eval_ref = eval_ref or summary
+        overall = summary["overall"]
         available.update(overall)
         value = overall.get(reward)
         if value is None:
@@ -171,7 +174,9 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         "nfe": [nfe_after.get(p[0], float("nan")) for p in pts],
         "value": [p[1] for p in pts],
         "wall_s": wall,
+        "metrics": bool(records),  # False: no metrics.jsonl (or an empty one), so NFE and wall time are unknown
         "rewards": sorted(available),
+        "eval_summary": eval_ref,
     }
 
 
@@ -298,6 +303,9 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
 
     ``seeds_mean``: runs that differ only in ``train.seed`` become one curve (the mean, with a band from the
     lowest to the highest seed) and one table row that also lists every seed's final value (``mean_over_seeds``).
+    Runs evaluated with other settings than the first (``report.eval_mismatch`` of their eval/base summary, else their
+    first) are listed above the table and logged as a warning; a run without metrics.jsonl shows its NFE and wall
+    time as unknown (–), with a note below the table.
     """
     import matplotlib
 
@@ -310,19 +318,37 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
     curves = [run_curve(d, reward) for d in run_dirs]
     _check_curves(curves, reward)  # before anything is written
     _unique_labels(curves, run_dirs)
+    lines = []
+    # runs evaluated with other settings (steps, seeds, prompts, ...) are not compared on the same footing
+    from flowalign.report import eval_mismatch
+
+    ref = curves[0]
+    mismatched = [(c["label"], m) for c in curves[1:] if (m := eval_mismatch(ref["eval_summary"], c["eval_summary"]))]
+    for label, m in mismatched:
+        logger.warning("run %s was evaluated with other settings than %s (%s): their values are not comparable",
+                       label, ref["label"], m)
+    if mismatched:
+        lines += ["- eval settings that differ: " + "; ".join(f"{label}: {m}" for label, m in mismatched)
+                  + f" (each against {ref['label']}, first)", ""]
+    no_metrics = [c["label"] for c in curves if not c["metrics"]]
     if seeds_mean:
         curves = mean_over_seeds(curves)
     per_seed = " | seeds: final each" if seeds_mean else ""
-    lines = [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward}{' (mean)' * seeds_mean} | Δ | "
-             f"best{' (mean curve)' * seeds_mean}{per_seed} |",
-             "|---|---|---|---|---|---|---|---|---|" + "---|" * seeds_mean]
+    lines += [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward}{' (mean)' * seeds_mean} | Δ | "
+              f"best{' (mean curve)' * seeds_mean}{per_seed} |",
+              "|---|---|---|---|---|---|---|---|---|" + "---|" * seeds_mean]
     for c in curves:
         v = c["value"]
         has_base = c["iterations"][0] == 0  # without eval.before the first point is a later step, not the base
         base, delta = (f"{v[0]:.3f}", f"{v[-1] - v[0]:+.3f}") if has_base else ("–", "–")
         seeds = (" | " + ", ".join(f"{s}: {f:.3f}" for s, f in zip(c["seeds"], c["finals"]))) if seeds_mean else ""
-        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,.0f} | {c['nfe'][-1]:,.0f} | "
-                     f"{c['wall_s']:.0f} | {base} | {v[-1]:.3f} | {delta} | {max(v):.3f}{seeds} |")
+        nfe = f"{c['nfe'][-1]:,.0f}" if math.isfinite(c["nfe"][-1]) else "–"
+        wall = f"{c['wall_s']:.0f}" if c["metrics"] or c["wall_s"] else "–"
+        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,.0f} | {nfe} | "
+                     f"{wall} | {base} | {v[-1]:.3f} | {delta} | {max(v):.3f}{seeds} |")
+    if no_metrics:
+        lines += ["", f"– NFE and wall time unknown: no metrics.jsonl in {', '.join(no_metrics)} (its rollouts count "
+                      f"train.iterations from config.yaml)."]
     below = len(curves) > 6  # many runs: the legend goes under the plots instead of over the curves
     rows = -(-len(curves) // 2) if below else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.15 * rows), dpi=110)

@@ -24,6 +24,9 @@ Run directory::
     OUT/metrics.jsonl                     step, loss, lr, seconds (every ``log_every`` steps)
     OUT/checkpoints/step-N/state.pt       model + optimizer + EMA + RNG + step (atomic directory rename)
     OUT/final/{model.safetensors,config.json}   the EMA weights (what ships)
+
+(``flowalign report OUT`` adds report.html and plots/; the run stays resumable. ``--resume`` without ``--config``
+continues with OUT/config.yaml.)
 """
 
 from __future__ import annotations
@@ -221,6 +224,26 @@ DATA_SOURCES: dict[str, Callable[..., BatchFn]] = {
     "shapes": shapes_data,
     "shapes_motion": shapes_motion_data,
 }
+
+# what each data source gives, as a model's ``output_kind`` names it: "image" [B,3,H,W] or "video" [B,F,3,H,W]
+DATA_KINDS: dict[str, str] = {
+    "shapes": "image",
+    "shapes_motion": "video",
+}
+
+
+def _check_data_kind(cfg: PretrainConfig) -> None:
+    """One-line ``UserError`` before the model is built when the model's ``output_kind`` (class attribute) is not what
+    the registered data source gives (a video model on images failed with a traceback in ``encode_images``)."""
+    from flowalign.models import resolve
+
+    model_kind = getattr(resolve(cfg.model), "output_kind", "image")
+    data_kind = DATA_KINDS.get(cfg.data)
+    if data_kind is None or data_kind == model_kind:
+        return
+    fits = [name for name, kind in DATA_KINDS.items() if kind == model_kind]
+    fix = f"set data: {fits[0]}" if fits else f"use a model that takes {data_kind}s"
+    raise UserError(f"model {cfg.model} takes {model_kind}s but data {cfg.data!r} gives {data_kind}s; {fix}")
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -460,6 +483,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
         if bad:
             raise UserError(f"unknown data_config key(s) {bad} for data source {cfg.data!r} (known: {', '.join(sorted(known))}; "
                             "the seed is the top-level seed)")
+        _check_data_kind(cfg)
         data = DATA_SOURCES[cfg.data](**dict(cfg.data_config), seed=cfg.seed)
         sizes = _data_sizes(cfg)
         if any(k in cfg.model_config and cfg.model_config[k] != v for k, v in sizes.items()):
@@ -476,7 +500,13 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
     model.guidance_scale = 1.0  # training = one conditional (or dropped-caption) forward
     # a data/model size mismatch would otherwise fail inside the first forward, after the run directory is written
     with torch.no_grad():
-        got = tuple(model.encode_images(data(0, 1)[1]).shape[1:])
+        sample = data(0, 1)[1]
+        try:
+            got = tuple(model.encode_images(sample).shape[1:])
+        except (ValueError, RuntimeError) as err:  # data passed in: e.g. images for a video model
+            raise UserError(f"model {cfg.model!r} cannot encode the data (shape {list(sample.shape[1:])}: "
+                            f"{first_line(err, 200)}); give it data of its kind ({getattr(model, 'output_kind', 'image')}s)"
+                            ) from None
         want = tuple(model.init_noise(1, torch.Generator().manual_seed(0)).shape[1:])
     if got != want:
         raise UserError(f"the data's images encode to {list(got)} but model {cfg.model!r} works on {list(want)}; "
@@ -625,7 +655,8 @@ def load_config(path: Optional[str], overrides: dict[str, Any]) -> PretrainConfi
     return PretrainConfig.from_dict(d)
 
 
-RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "final"}  # what a pretraining run writes in --out
+# what a pretraining run writes in --out, and what `flowalign report` adds to it (report.html, plots/)
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "final", "report.html", "plots"}
 
 
 def is_pretrain_run(out: Path) -> bool:
@@ -672,7 +703,8 @@ def check_run_dir(out: Path, resume: bool) -> None:
 def cli_main(argv: Sequence[str]) -> int:
     ap = CommandParser(prog="flowalign pretrain", description="Flow-matching pretraining (rectified flow, "
                                  "logit-normal σ, caption dropout, EMA); writes OUT/final/ with the EMA weights.")
-    ap.add_argument("--config", default=None, help="YAML file of PretrainConfig fields (e.g. configs/shapes_pretrain.yaml)")
+    ap.add_argument("--config", default=None, help="YAML file of PretrainConfig fields (e.g. configs/shapes_pretrain.yaml); "
+                                                   "with --resume and no --config, the run's own --out/config.yaml")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/): new or empty, or a run "
                                                  "to --resume")
     ap.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
@@ -680,11 +712,18 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--lr", type=float, default=None, help="override the config's peak learning rate")
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (data, noise and initial weights)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for this run (the config default applies)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (same "
+                    "--config and flags as before, or none: the run's saved config.yaml)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(list(argv))
-    cfg = load_config(args.config, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                                    "seed": args.seed, "threads": args.threads})
-    check_run_dir(Path(args.out), args.resume)
+    out = Path(args.out)
+    config = args.config
+    if config is None and args.resume and (out / "config.yaml").is_file():
+        # --resume alone continues the run with its own settings (the resolved config it saved, flags included)
+        check_run_dir(out, args.resume)
+        config = str(out / "config.yaml")
+    cfg = load_config(config, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                               "seed": args.seed, "threads": args.threads})
+    check_run_dir(out, args.resume)
     pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     return 0

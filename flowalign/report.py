@@ -438,7 +438,42 @@ def read_summary(path: str | Path) -> dict:
         raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict) or not isinstance(data.get("overall"), dict):
         raise UserError(f"{path}: not a flowalign summary (needs an \"overall\" mapping of reward -> value)")
+    _check_summary_fields(path, data)
     return data
+
+
+def _check_summary_fields(path: Path, data: dict) -> None:
+    """One-line ``UserError`` when a part of a summary that report and compare index into is not what evaluate
+    writes (a hand-edited or truncated file): each is a mapping, or absent."""
+
+    def mapping(field: str, value: Any) -> dict:
+        if not isinstance(value, dict):
+            got = "null" if value is None else {"list": "a list", "str": "a string", "bool": "a boolean"}.get(
+                type(value).__name__, "a number" if isinstance(value, (int, float)) else type(value).__name__)
+            raise UserError(f"{path}: {field} must be a mapping, got {got}; re-run the evaluation")
+        return value
+
+    for key in ("per_task", "counts", "n_per_task", "settings", "pass_at_k"):
+        if key in data:
+            mapping(key, data[key])
+    for task, means in (data.get("per_task") or {}).items():
+        mapping(f"per_task.{task}", means)
+    for reward, table in (data.get("pass_at_k") or {}).items():
+        mapping(f"pass_at_k.{reward}", table)
+        ks = table.get("k", [])
+        if not isinstance(ks, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+            raise UserError(f"{path}: pass_at_k.{reward}.k must be a list of integers, got {ks!r}; re-run the evaluation")
+        for key in ("overall", "per_task"):
+            if key in table:
+                mapping(f"pass_at_k.{reward}.{key}", table[key])
+        for task, row in (table.get("per_task") or {}).items():
+            mapping(f"pass_at_k.{reward}.per_task.{task}", row)
+    status = (data.get("settings") or {}).get("benchmark")
+    if status is not None:
+        mapping("settings.benchmark", status)
+        if "overrides" in status:
+            for name, change in mapping("settings.benchmark.overrides", status["overrides"]).items():
+                mapping(f"settings.benchmark.overrides.{name}", change)
 
 
 def find_summaries(run_dir: str | Path) -> dict[str, Path]:
@@ -693,7 +728,8 @@ def _comparison_table(base: dict | None, final: dict | None, final_label: str) -
 
     rows = [row(t, lambda s, r, t=t: ((s.get("per_task") or {}).get(t) or {}).get(r), lambda s, t=t: count(s, t))
             for t in tasks]
-    label = "overall (mean over tasks)" if tasks else "overall"
+    over = ((final or base or {}).get("settings") or {}).get("overall", "groups")  # summarize()'s convention
+    label = f"overall (mean over {'images' if over == 'images' else 'tasks'})" if tasks else "overall"
     rows.append(row(label, lambda s, r: s.get("overall", {}).get(r), lambda s: s.get("n", s.get("n_images")), "total"))
     return f"<table>{head1}{head2}{''.join(rows)}</table>"
 
@@ -788,6 +824,7 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
 
     # 1. evaluation: base vs aligned
     sums = find_summaries(run_dir)
+    pretrain_run = not sums and _is_pretrain_run(run_dir)
     base = read_summary(sums["base"]) if "base" in sums else None
     later = [k for k in sums if k != "base"]
     final_label = later[-1] if later else None
@@ -830,6 +867,14 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
                 for lab, p in sums.items())
             parts.append(f"<details><summary>all evaluations ({len(sums)})</summary><table><tr><th>eval</th>"
                          f"<th>{html.escape(str(headline))}</th></tr>{headline_rows}</table></details>")
+    elif pretrain_run:  # `flowalign pretrain --out`: no evaluations of its own; final/ is a model directory
+        done = (run_dir / "final").is_dir()
+        parts[-1] = "<h2>Pretraining run</h2>"
+        parts.append('<p class="muted">a <code>flowalign pretrain</code> run: '
+                     + ("finished; final/ holds its EMA model (sample or evaluate it with --path "
+                        f"{html.escape(str(run_dir / 'final'))})" if done else
+                        "not finished (no final/ yet): continue it with <code>flowalign pretrain --out "
+                        f"{html.escape(str(run_dir))} --resume</code>") + ".</p>")
     else:
         parts.append('<p class="muted">no evaluation summaries (eval/*/summary.json) yet.</p>')
 
@@ -869,17 +914,20 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         plots = sorted((run_dir / "plots").glob("*.png"))
     rank = {"reward": 0, "reward_vs_nfe": 2}
     plots.sort(key=lambda p: rank.get(p.stem, 1 if p.stem.startswith("eval") else 3))
-    parts.append("<h2>Compute spent</h2>")
+    spent: list[str] = []
     if records:
         steps = [r.get(k) for r in records for k in _STEP_KEYS if _is_num(r.get(k))]
         if steps:
-            parts.append(f"<p>{len(records)} logged records, last step {_fmt(int(max(steps)))}.</p>")
+            spent.append(f"<p>{len(records)} logged records, last step {_fmt(int(max(steps)))}.</p>")
     cost = (final or base or {}).get("cost") if not records else None
     if isinstance(cost, dict) and cost:  # `flowalign steer`: per-output cost, no training metrics
-        parts.append("<p>" + ", ".join(f"{html.escape(k.replace('_', ' '))}: {format(v, '.4g') if _is_num(v) else html.escape(str(v))}"
+        spent.append("<p>" + ", ".join(f"{html.escape(k.replace('_', ' '))}: {format(v, '.4g') if _is_num(v) else html.escape(str(v))}"
                                        for k, v in cost.items()) + "</p>")
-    else:
-        parts.append(_nfe_section(records))
+    elif not pretrain_run and (metrics.is_file() or final_label != "eval"):
+        # pretraining counts no forwards, and an eval/steer directory has no metrics.jsonl to count them in
+        spent.append(_nfe_section(records))
+    if spent:
+        parts += ["<h2>Compute spent</h2>", *spent]
     if plots:
         parts.append("<h2>Training curves</h2><div class=plots>")
         parts += [f'<img src="{_img_src(p, run_dir, inline_images)}" alt="{html.escape(p.stem)}">' for p in plots]
@@ -887,7 +935,12 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
 
     # 4. configuration
     cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
+    if cfg_path.is_file() and pretrain_run:  # PretrainConfig fields, not a training config
+        raw = cfg_path.read_text(encoding="utf-8", errors="replace")
+        parts.append("<h2>Configuration</h2><p class=\"muted\">the pretraining config "
+                     "(<code>flowalign pretrain</code>; its fields: <code>flowalign pretrain --help</code>)</p>")
+        parts.append(f"<details open><summary>config.yaml</summary><pre>{html.escape(raw)}</pre></details>")
+    elif cfg_path.is_file():
         parts.append("<h2>Configuration</h2>")
         raw = cfg_path.read_text(encoding="utf-8", errors="replace")  # shown as is; load_config names a bad byte
         try:
@@ -902,6 +955,22 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     return atomic_write_text(run_dir / "report.html", page)
+
+
+def _is_pretrain_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a ``flowalign pretrain`` run (its config.yaml holds PretrainConfig fields). A training
+    config's ``model`` is a section; only a plain ``model: NAME`` goes on to the full check, which imports torch."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    if not (isinstance(saved, dict) and isinstance(saved.get("model", "shapes"), str)):
+        return False
+    from flowalign.pretrain import is_pretrain_run
+
+    return is_pretrain_run(run_dir)
 
 
 # what a run directory holds at least one of (train: config.yaml, metrics.jsonl; eval / steer: summary.json)

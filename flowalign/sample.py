@@ -307,6 +307,12 @@ def cli_main(argv: Sequence[str]) -> int:
     check_out_parent(args.out)
     if Path(args.out).suffix.lower() != ".png":  # the grid is written as PNG bytes whatever the name says
         raise UserError(f"--out {args.out!r}: the grid is a PNG image; give the file a .png name")
+    from flowalign.models import resolve
+
+    gif = Path(args.out).with_suffix(".gif")  # a video model also writes the grid there (save_grid), after sampling
+    if getattr(resolve(args.model), "output_kind", "image") == "video" and gif.is_dir():
+        raise UserError(f"--out {args.out!r}: a video model also writes the grid as {str(gif)!r}, which is a "
+                        f"directory; move it or choose another --out")
     if args.prompt_file and args.prompts:  # one of them would be silently ignored
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:

@@ -419,3 +419,62 @@ def test_steered_outputs_pair_by_prompt_and_other_pairs_keep_the_seed_check(tmp_
     assert main(["compare", str(base), str(plain), "--out", str(tmp_path / "cmp2")]) == 0
     assert "Steered outputs" not in (tmp_path / "cmp2" / "compare.md").read_text()
     _fails(capsys, ["compare", str(reseeded), str(plain), "--out", str(tmp_path / "cmp3")], "different noise seeds")
+
+
+# -------------------------------------------------------- training runs evaluated differently, runs without a log
+
+
+def _with_eval_settings(d, **settings):
+    for p in (d / "eval").glob("*/summary.json"):
+        s = json.loads(p.read_text())
+        s["settings"] = {"steps": 12, "seed": 0, "seeds_per_prompt": 2, "overall": "groups", **settings}
+        p.write_text(json.dumps(s))
+    return d
+
+
+def test_compare_lists_training_runs_evaluated_with_other_settings(tmp_path, caplog):
+    """Eval-dir mode listed the settings that differ; training runs evaluated with other steps or seeds were put in
+    one table without a word."""
+    a = _with_eval_settings(_make_run(tmp_path / "a", {"base": 0.3, "final": 0.5}))
+    b = _with_eval_settings(_make_run(tmp_path / "b", {"base": 0.4, "final": 0.6}), steps=3, seeds_per_prompt=1)
+    c = _with_eval_settings(_make_run(tmp_path / "c", {"base": 0.3, "final": 0.4}))
+    with caplog.at_level("WARNING", logger="flowalign.compare"):
+        md = compare([a, b, c], tmp_path / "out")[1].read_text().splitlines()
+    assert md[0] == "- eval settings that differ: b: seeds_per_prompt 2 vs 1, steps 12 vs 3 (each against a, first)"
+    assert md[2].startswith("| run |") and len(md) == 7  # the line, a blank line, then the table of three runs
+    assert any("run b was evaluated with other settings" in r.getMessage() for r in caplog.records)
+    # runs evaluated the same way: the table alone, as before
+    assert compare([a, c], tmp_path / "out2")[1].read_text().splitlines()[0].startswith("| run |")
+
+
+def test_compare_of_a_run_without_metrics_says_its_cost_is_unknown(tmp_path):
+    """A run without metrics.jsonl showed NFE 'nan' and wall time '0'."""
+    a = _make_run(tmp_path / "a", {"base": 0.3, "final": 0.5})
+    b = _make_run(tmp_path / "b", {"base": 0.3, "final": 0.6},
+                  cfg={"train": {"groups_per_iter": 2, "group_size": 4, "iterations": 4}, "credit": {"name": "outcome"}})
+    (b / "metrics.jsonl").unlink()
+    md = compare([a, b], tmp_path / "out")[1].read_text()
+    assert "nan" not in md
+    row = md.splitlines()[3].split("|")
+    assert row[1].strip() == "b" and row[3].strip() == "32" and row[4].strip() == "–" and row[5].strip() == "–"
+    assert "NFE and wall time unknown: no metrics.jsonl in b" in md
+
+
+@pytest.mark.parametrize("field, change", [
+    ("per_task", lambda s: s.__setitem__("per_task", [1, 2])),
+    ("per_task.a", lambda s: s["per_task"].__setitem__("a", None)),
+    ("pass_at_k.shapes_strict", lambda s: s.__setitem__("pass_at_k", {"shapes_strict": [1, 2]})),
+    ("settings.benchmark.overrides", lambda s: s["settings"].__setitem__(
+        "benchmark", {"name": "p", "version": 1, "benchmark": False, "overrides": ["steps"]})),
+])
+def test_compare_of_a_summary_with_a_broken_part_is_one_line(tmp_path, capsys, field, change):
+    """A right top-level overall but a broken part elsewhere crashed with a traceback."""
+    base = _eval_dir(tmp_path / "base", [[0, 1], [1, 0], [0, 0]])
+    other = _eval_dir(tmp_path / "other", [[1, 1], [1, 0], [0, 1]])
+    s = json.loads((other / "summary.json").read_text())
+    change(s)
+    (other / "summary.json").write_text(json.dumps(s))
+    out = tmp_path / "cmp"
+    _fails(capsys, ["compare", str(base), str(other), "--out", str(out)], f"{other / 'summary.json'}: {field} must be a "
+           f"mapping", "re-run the evaluation")
+    assert not out.exists()

@@ -511,3 +511,91 @@ def test_resume_logs_the_same_loss_when_a_checkpoint_falls_inside_a_log_window(t
 
     assert rows(tmp_path / "cut") == rows(tmp_path / "full")
     assert [s for s, _ in rows(tmp_path / "full")] == [2, 4, 6]
+
+
+def _tiny_run_cut(tmp_path, steps=2):
+    """The tiny CLI config (registered shapes data) run as `flowalign pretrain --config C --out run` that was
+    interrupted after its step-1 checkpoint."""
+    from flowalign.pretrain import load_config
+
+    conf = _tiny_yaml(tmp_path / "tiny.yaml")
+    run = tmp_path / "run"
+    pretrain(load_config(str(conf), {"steps": steps}), run, progress=False, stop_after=1)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-1"] and not (run / "final").exists()
+    return conf, run
+
+
+def test_resume_without_the_config_continues_with_the_runs_own(tmp_path, capsys):
+    """The interrupt hint said "--resume (same --out)", but `pretrain --out D --resume` without the original --config
+    compared the checkpoint with the defaults and failed with 'changed settings'; now the run's config.yaml is used."""
+    _conf, run = _tiny_run_cut(tmp_path)
+    assert main(["pretrain", "--out", str(run), "--resume", "--no-progress"]) == 0, capsys.readouterr().err
+    assert (run / "final" / "model.safetensors").is_file() and (run / "checkpoints" / "step-2").is_dir()
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 2
+    # a flag that changes the run is still refused against the saved config
+    shutil.rmtree(run / "final")
+    _fails(capsys, ["pretrain", "--out", str(run), "--resume", "--lr", "0.5", "--no-progress"], "changed settings",
+           "lr")
+    from flowalign.cli import INTERRUPT_HINTS
+
+    assert "--config and flags as before, or none" in INTERRUPT_HINTS["pretrain"]
+
+
+def test_resume_of_a_finished_run_rewrites_only_its_final_model(tmp_path, capsys):
+    """`make shapes-base` passes --resume so that running it again continues an interrupted stage: on a new --out it
+    starts fresh, on a finished run it leaves the checkpoints and metrics as they were and writes the same final/."""
+    conf = _tiny_yaml(tmp_path / "tiny.yaml")
+    run = tmp_path / "new"
+    argv = ["pretrain", "--config", str(conf), "--out", str(run), "--resume", "--no-progress"]
+    assert main(argv) == 0 and (run / "final").is_dir()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(argv) == 0
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_make_targets_that_pretrain_can_continue_after_an_interruption():
+    from pathlib import Path
+
+    lines = [ln for ln in (Path(__file__).parents[1] / "Makefile").read_text().splitlines() if "flowalign pretrain" in ln]
+    assert len(lines) == 4 and all("--resume" in ln.split() for ln in lines), lines
+
+
+def test_a_report_on_a_pretraining_run_does_not_stop_it_from_resuming(tmp_path, capsys):
+    """`flowalign report RUN` writes report.html and plots/ into the run; --resume then refused the directory as one
+    that 'holds no pretraining run', and the report said the config 'does not load with this version'."""
+    from flowalign.report import write_report
+
+    conf, run = _tiny_run_cut(tmp_path)
+    page = write_report(run).read_text()
+    assert (run / "plots").is_dir()
+    assert "does not load" not in page and "Pretraining run" in page and "--resume" in page
+    assert "no <code>nfe/*</code> counters" not in page
+    assert main(["pretrain", "--config", str(conf), "--out", str(run), "--resume", "--no-progress"]) == 0
+    page = write_report(run, make_plots=False).read_text()
+    assert "finished; final/ holds its EMA model" in page
+
+
+@pytest.mark.parametrize("model, data, needle", [
+    ("shapes_video", None, "model shapes_video takes videos but data 'shapes' gives images; set data: shapes_motion"),
+    ("shapes", "shapes_motion", "model shapes takes images but data 'shapes_motion' gives videos; set data: shapes"),
+])
+def test_a_model_of_another_kind_than_the_data_is_one_line_before_it_is_built(tmp_path, capsys, monkeypatch, model,
+                                                                              data, needle):
+    """A video model on the default (image) data crashed with a ValueError traceback in encode_images."""
+    _no_build(monkeypatch)
+    conf = tmp_path / "pt.yaml"
+    conf.write_text(yaml.safe_dump({"model": model, **({"data": data} if data else {}), "steps": 1, "batch_size": 2}))
+    out = tmp_path / "run"
+    _fails(capsys, ["pretrain", "--config", str(conf), "--out", str(out), "--no-progress"], needle)
+    assert not out.exists()
+    from flowalign.pretrain import DATA_KINDS, DATA_SOURCES
+
+    assert set(DATA_KINDS) == set(DATA_SOURCES)
+
+
+def test_data_passed_in_of_another_kind_is_one_line(tmp_path):
+    cfg = _cfg(model="shapes_video", model_config=VIDEO_MODEL, data="shapes_motion",
+               data_config={"image_size": 32, "frames": 8})
+    with pytest.raises(UserError, match=r"model 'shapes_video' cannot encode the data \(shape \[3, 8, 8\]") as e:
+        pretrain(cfg, tmp_path / "a", data=toy_data, progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "a").exists()

@@ -371,3 +371,64 @@ def test_report_warns_when_base_and_final_were_evaluated_differently(tmp_path):
     assert eval_mismatch(base, final) == "seeds_per_prompt 4 vs 1, steps 10 vs 3"
     page = write_report(_run_with(tmp_path, base, final), make_plots=False).read_text()
     assert "were evaluated with other settings (seeds_per_prompt 4 vs 1, steps 10 vs 3)" in page
+
+
+# ------------------------------------------------ the overall convention, broken summaries, eval dirs without a log
+
+
+@pytest.mark.parametrize("over, label", [("images", "overall (mean over images)"), ("groups", "overall (mean over tasks)"),
+                                         (None, "overall (mean over tasks)")])
+def test_the_overall_row_says_what_it_averages(tmp_path, over, label):
+    """A summary whose settings say overall=images was labelled 'overall (mean over tasks)'."""
+    from flowalign.report import write_report
+
+    s = _summary([0.8, 0.25, 0.125], [0.9, 0.5, 0.4])
+    if over:
+        s["settings"]["overall"] = over
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    page = write_report(tmp_path, make_plots=False).read_text()
+    assert label in page and page.count("overall (mean over") == 1
+
+
+@pytest.mark.parametrize("field, change", [
+    ("per_task", lambda s: s.__setitem__("per_task", ["counting"])),
+    ("per_task.counting", lambda s: s["per_task"].__setitem__("counting", None)),
+    ("counts", lambda s: s.__setitem__("counts", [40])),
+    ("pass_at_k.shapes_strict", lambda s: s.__setitem__("pass_at_k", {"shapes_strict": [1, 2]})),
+    ("pass_at_k.shapes_strict.per_task", lambda s: s.__setitem__(
+        "pass_at_k", {"shapes_strict": {"k": [1], "overall": {"1": 0.5}, "per_task": [0.5]}})),
+    ("settings", lambda s: s.__setitem__("settings", "steps 10")),
+    ("settings.benchmark.overrides", lambda s: s["settings"].__setitem__(
+        "benchmark", {"name": "p", "version": 1, "benchmark": False, "overrides": ["steps"]})),
+])
+def test_a_summary_with_a_broken_part_is_one_line_and_writes_nothing(tmp_path, capsys, field, change):
+    """A right top-level overall but a list, a null or a string elsewhere crashed report with a traceback."""
+    s = _summary([0.8, 0.25, 0.125], [0.9, 0.5, 0.4])
+    change(s)
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    _fails(capsys, ["report", str(tmp_path)], f"{tmp_path / 'summary.json'}: {field} must be a mapping",
+           "re-run the evaluation")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_pass_at_k_ks_must_be_integers(tmp_path):
+    from flowalign.report import read_summary
+
+    s = _summary([0.8, 0.25, 0.125], [0.9, 0.5, 0.4])
+    s["pass_at_k"] = {"shapes_strict": {"k": ["one"], "overall": {}}}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    with pytest.raises(UserError, match=r"pass_at_k.shapes_strict.k must be a list of integers"):
+        read_summary(tmp_path / "summary.json")
+
+
+def test_the_report_of_an_eval_directory_does_not_ask_for_nfe_counters(tmp_path):
+    """An eval or steer directory has no metrics.jsonl; its report said 'no nfe/* counters in metrics.jsonl'."""
+    from flowalign.report import write_report
+
+    (tmp_path / "summary.json").write_text(json.dumps(_summary([0.8, 0.25, 0.125], [0.9, 0.5, 0.4])))
+    page = write_report(tmp_path, make_plots=False).read_text()
+    assert "metrics.jsonl" not in page and "Compute spent" not in page
+    run = tmp_path / "run"  # a training run still says so
+    _synthetic_run(run)
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "reward/x": 0.5}) + "\n")
+    assert "no <code>nfe/*</code> counters in metrics.jsonl" in write_report(run, make_plots=False).read_text()

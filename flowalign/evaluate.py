@@ -737,14 +737,15 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     ``shard=(rank, world)`` (every process of a multi-process launch calls with its own; ``dist.process_group``): rank r
     samples the batches b with b mod world = r, the records and grid images are gathered, every rank returns the whole
     summary and only rank 0 writes. Batches are the same whatever the world size, so the results equal one process's.
-    Not resumable (``resumable`` must be False).
+    Resumable as one process is: each rank journals its own batches (``partial_path``), and a resume must run on as
+    many processes (the journals record it).
     """
-    import json
     from pathlib import Path
 
     from flowalign.data import HPD_STYLES
+    from flowalign.errors import UserError
     from flowalign.external import hpd_complete
-    from flowalign.io import BatchJournal, atomic_write_text
+    from flowalign.io import BatchJournal
 
     if kernel != "euler":
         raise ValueError("evaluation uses the deterministic ODE sampler (kernel 'euler')")
@@ -762,17 +763,23 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
 
     # what an interrupted run finished (whole batches: io.BatchJournal, which also checks that the prompts are the
     # same, text and metadata); the grid's batches run again for their pixels
-    journal = None
-    if resumable:
-        out.mkdir(parents=True, exist_ok=True)
-        journal = BatchJournal(out / PARTIAL, {**settings, "rewards": names, "batch_size": batch_size}, resume=resume,
-                               redo={batch_of(i, k) for i in shown for k in range(cols)}, prompts=prompt_records)
-        if resume:
-            logger.info("resuming %s: %d of %d images already scored", out, len(journal.records()), n_jobs)
-    done = journal.done if journal is not None else {}
     rank, world = shard
-    if world > 1 and resumable:
-        raise ValueError("a sharded evaluation is not resumable")
+    journal = None
+    if resumable:  # each rank journals its own batches (their assignment depends on the number of processes)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            journal = BatchJournal(partial_path(out, rank), {**settings, "rewards": names, "batch_size": batch_size,
+                                                             **({"processes": world} if world > 1 else {})},
+                                   resume=resume, redo={batch_of(i, k) for i in shown for k in range(cols)},
+                                   prompts=prompt_records)
+            failed = None
+        except UserError as err:
+            failed = str(err)
+        _all_or_none(failed, world)  # a rank that cannot resume stops every rank, with its line
+        if resume:
+            logger.info("resuming %s: %d of %d images already scored%s", out, len(journal.records()), n_jobs,
+                        f" (rank {rank})" if world > 1 else "")
+    done = journal.done if journal is not None else {}
     n_batches = -(-n_jobs // batch_size)
     others = {b for b in range(n_batches) if b % world != rank}  # the other ranks' batches
 
@@ -795,11 +802,12 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         import torch.distributed as dist
 
         parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (new, kept))
+        dist.all_gather_object(parts, ((journal.records() if journal is not None else []) + new, kept))
         new = [r for part, _ in parts for r in part]
         kept = {key: img for _, part in parts for key, img in part.items()}
-    records = sorted((journal.records() if journal is not None else []) + new,
-                     key=lambda r: (r["prompt_index"], r["sample"]))
+    elif journal is not None:
+        new = journal.records() + new
+    records = sorted(new, key=lambda r: (r["prompt_index"], r["sample"]))
     summ = summarize(records, names, overall=overall)
     passk = summarize_pass_at_k(records, names, overall=overall)
     if passk:  # several images per prompt and a pass/fail reward: how often one of k seeds passes
@@ -810,8 +818,59 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         if chunks:
             summ["chunks"] = chunks
     summ["settings"] = settings
-    if rank != 0:  # rank 0 writes what every rank now holds
-        return summ
+    if rank == 0:  # rank 0 writes what every rank now holds
+        _write_eval(out, records, summ, kept, shown, cols, names, prompt_records, model)
+    if world > 1 and journal is not None:  # every journal stays until results.jsonl is written
+        import torch.distributed as dist
+
+        dist.barrier()
+    if journal is not None:
+        journal.close()
+    return summ
+
+
+def partial_path(out, rank: int = 0):
+    """The journal of a resumable evaluation's rank: ``results.partial.jsonl`` (rank 0, and a single process), else
+    ``results.partial.rank<r>.jsonl``."""
+    from pathlib import Path
+
+    return Path(out) / (PARTIAL if rank == 0 else f"results.partial.rank{rank}.jsonl")
+
+
+def journal_processes(out) -> int:
+    """How many processes wrote the journal of an interrupted evaluation in ``out`` (its header's ``processes``; 1
+    when it has none, or there is no readable journal: ``BatchJournal`` then names what is wrong)."""
+    import json
+
+    try:
+        with open(partial_path(out), encoding="utf-8") as fh:
+            header = json.loads(fh.readline()).get("journal", {})
+        return int(header.get("processes", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
+def _all_or_none(error: Optional[str], world: int) -> None:
+    """Raise one rank's one-line error on every rank (the first rank's that has one), or nothing when none has: a
+    rank that stops alone leaves the others waiting in the next collective."""
+    from flowalign.errors import UserError
+
+    if world > 1:
+        import torch.distributed as dist
+
+        errors: list[Any] = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
+
+
+def _write_eval(out, records, summ, kept, shown, cols, names, prompt_records, model) -> None:
+    """results.jsonl, summary.json and the grid of ``run_eval`` (rank 0)."""
+    import json
+
+    from flowalign.io import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     atomic_write_text(out / "summary.json", json.dumps(summ, indent=2, default=str))  # str: e.g. a YAML date argument
@@ -826,11 +885,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
             labels += [head] + [""] * (cols - 1)
         images = torch.stack([kept[(i, k)] for i in sorted(shown) for k in range(cols)])  # [n·cols, (F,) 3, H, W]
         save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels, fps=getattr(model, "fps", None))
-    if journal is not None:
-        journal.close()
     logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()} if names else
                 f"{len(records)} images, no rewards")
-    return summ
 
 
 def add_component_args(p) -> None:
@@ -1051,10 +1107,12 @@ def cli_main(argv: Sequence[str]) -> int:
     check_device(args.device)
     # under `accelerate launch` / torchrun every process runs this command and samples its share of the batches
     rank, world, _, _ = process_group()
-    if world > 1 and args.resume:
-        raise UserError(f"--resume is not available under a multi-process launch ({world} processes); resume with "
-                        f"one process, or start the evaluation again")
     out = _check_out_dir_once(args.out, args.resume, rank, world)
+    if args.resume:  # each rank journals its own batches, assigned by the number of processes
+        held = journal_processes(out)
+        if held != world:
+            raise UserError(f"--resume: the interrupted evaluation in {str(out)!r} ran on {held} process(es) and "
+                            f"this one on {world}; resume it on {held}")
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     if not names and not (protocol is not None and protocol.external):  # an external scorer's benchmark needs none
         raise UserError("--rewards is empty; pass e.g. --rewards shapes_strict,shapes_partial")
@@ -1131,7 +1189,7 @@ def cli_main(argv: Sequence[str]) -> int:
                 None: lambda: None}[args.export]()
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
-                    resumable=world == 1, resume=args.resume, extra_settings=extra, protocol=protocol,
+                    resumable=True, resume=args.resume, extra_settings=extra, protocol=protocol,
                     on_images=exporter, shard=(rank, world))
     if rank != 0:  # rank 0 writes the results, the report and the log
         return 0

@@ -50,12 +50,14 @@ def guard_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_range: flo
     d2 = d2.mean(1) if reduce == "mean" else d2.sum(1)  # [N]
     s = torch.as_tensor(std, dtype=d2.dtype, device=d2.device)
     s = s.expand(d2.shape[0]) if s.dim() == 0 else s.reshape(d2.shape[0], -1)[:, 0]  # [N]
+    live = s > 0  # [N] a step without noise has no density (gaussian_log_prob stores 0): ratio 1, no loss
     bias = d2 / (2.0 * s.clamp_min(1e-20) ** 2)  # [N]
-    ratio = torch.exp((logp - old_logp.detach() + bias) * s)  # [N]
+    ratio = torch.where(live, torch.exp(torch.where(live, (logp - old_logp.detach() + bias) * s, 0.0)),
+                        torch.ones_like(s))  # [N]
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped) / delta.to(ratio.dtype).clamp_min(1e-20)  # [N]
-    return loss, ratio.detach()
+    return torch.where(live, loss, torch.zeros_like(loss)), ratio.detach()
 
 
 def _clipped(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_range: float, **_: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,7 +79,8 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, dt: Tensor, form: s
     msd = diff.flatten(1).mean(dim=1)  # [N]
     std = torch.as_tensor(std, dtype=msd.dtype, device=msd.device)
     s2 = (std.expand(msd.shape[0]) if std.dim() == 0 else std.reshape(msd.shape[0], -1)[:, 0]) ** 2  # [N]
-    kl = msd / (2.0 * s2.clamp_min(1e-20))
+    # a step without noise (s = 0) has no density: KL 0, as gaussian_log_prob stores log p = 0 there (§2.5)
+    kl = torch.where(s2 > 0, msd / (2.0 * s2.clamp_min(1e-20)), torch.zeros_like(msd))  # [N]
     if form == "exact":
         return kl
     if form == "flow_grpo":

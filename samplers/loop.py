@@ -36,6 +36,8 @@ def eta_schedule(steps: int, eta: float | Tensor = 0.0, *, window: Optional[tupl
         out = torch.full((steps,), float(eta), dtype=torch.float32)  # [T]
     if window is not None:
         t0, n = window
+        if n == 0:  # METHODS.md §2.6: n = 0 is the window [0, T−1), every step but the last
+            t0, n = 0, steps - 1
         mask = torch.zeros(steps, dtype=torch.bool, device=out.device)
         mask[t0:t0 + n] = True
         out = torch.where(mask, out, torch.zeros_like(out))

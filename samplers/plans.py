@@ -167,8 +167,11 @@ def chain(velocity: VelocityFn, noise: Tensor, sigmas: Tensor, cond: Cond, *, co
     """One chain per noise row: ``loop.sample`` (Flow-GRPO, DenseGRPO, TP-GRPO, VGPO, Euphonium).
 
     ``trainable`` [T] bool (the steps the trainer updates) is accepted for the plan interface and not needed:
-    a chain samples every step with its η whether or not the step is trained (Flow-GRPO).
+    a chain samples every step with its η whether or not the step is trained (Flow-GRPO). A float η means every step
+    but the deterministic last, as in the other plans (``eta_schedule``).
     """
+    if not isinstance(eta, Tensor):
+        eta = eta_schedule(sigmas.shape[0] - 1, float(eta))
     return sample(velocity, noise, sigmas, cond, eta=eta, kernel=kernel, generator=generator, cond_index=cond_index,
                   group=group, keep_velocities=keep_velocities, **options)
 

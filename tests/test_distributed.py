@@ -118,8 +118,80 @@ def test_two_process_eval_shards_the_batches_and_equals_one_process(tmp_path):
     assert (tmp_path / "two" / "report.html").is_file() and not (tmp_path / "two" / "results.partial.jsonl").exists()
     r = _launch_eval(tmp_path, *args, "--out", str(tmp_path / "two"))  # not empty: refused on both ranks
     assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 2 and "not empty" in r.stderr
+    r = _launch_eval(tmp_path, *args, "--resume", "--out", str(tmp_path / "two"))  # finished: nothing to resume
+    assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 2, r.stderr[-2000:]
+
+
+def _kill_all(needle: str) -> None:
+    """SIGKILL every process of this user whose command line holds ``needle``, and wait until they are gone."""
+    import signal
+    import time
+
+    def matching():
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    if needle in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                        pids.append(int(d.name))
+                except OSError:
+                    pass
+        return pids
+
+    for pid in matching():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{p}/status").is_file() and "zombie" not in
+                                         Path(f"/proc/{p}/status").read_text() for p in matching()):
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate CLI not installed")
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="kills the launched processes through /proc")
+def test_a_killed_two_process_eval_resumes_to_the_results_of_one_process(tmp_path):
+    """Each rank journals its own batches (results.partial.jsonl, results.partial.rank1.jsonl); killed with SIGKILL
+    once both have finished some, `--resume` on two processes samples only the rest, and the results equal an
+    uninterrupted one-process evaluation byte for byte. A resume on another number of processes is refused in one
+    line (the batches' assignment to ranks depends on it)."""
+    import time
+
+    from flowalign.cli import main
+
+    args = ["--max-prompts", "96", "--seeds", "1", "--steps", "2", "--batch-size", "2", "--grid", "2"]
+    assert main(["eval", *args, "--out", str(tmp_path / "one")]) == 0
+    acc = str(Path(sys.executable).parent / "accelerate")
+    launch = [acc, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "flowalign.cli", "eval", *args, "--out", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    journals = [tmp_path / "two" / "results.partial.jsonl", tmp_path / "two" / "results.partial.rank1.jsonl"]
+
+    def batches(p):
+        return p.read_text().count('"journal_batch"') if p.is_file() else 0
+
+    proc = subprocess.Popen(launch, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not all(batches(j) >= 2 for j in journals) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    _kill_all(str(tmp_path / "two"))  # the launcher and its workers (torchrun starts them in their own sessions)
+    proc.wait()
+    done = [batches(j) for j in journals]
+    assert not (tmp_path / "two" / "results.jsonl").exists() and all(n >= 2 for n in done), done
+    assert sum(done) < 48  # killed before the end
+
+    r = subprocess.run([sys.executable, "-m", "flowalign.cli", "eval", *args, "--resume", "--out",
+                        str(tmp_path / "two")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "ran on 2 process(es) and this one on 1; resume it on 2" in r.stderr
     r = _launch_eval(tmp_path, *args, "--resume", "--out", str(tmp_path / "two"))
-    assert r.returncode != 0 and "--resume is not available under a multi-process launch" in r.stderr
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("results.jsonl", "summary.json", "grids/eval.png"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert not any(j.exists() for j in journals)
 
 
 @pytest.mark.parametrize("value, minutes", [(None, 120.0), ("30", 30.0), ("0.5", 0.5)])

@@ -101,3 +101,18 @@ def test_guard_needs_the_exact_log_prob(tmp_path):
         _cfg(tmp_path / "r", "train.surrogate=guard", "sampler.logp_form=cps_mse", "sampler.kernel=cps")
     with pytest.raises(UserError, match="surrogate"):
         _cfg(tmp_path / "r", "train.surrogate=gaurd")
+
+
+def test_a_step_without_noise_gives_no_loss_and_no_kl():
+    """s = 0 (CPS's last step, ddim_sde at σ = 1, an η = 0 row) has no density: gaussian_log_prob stores 0 there,
+    while Guard's bias overflowed to inf (loss and ratio NaN) and the KL was msd / 2e-20 ≈ 5e17."""
+    from flowalign.loss import gaussian_kl
+
+    mean, old = torch.randn(2, 8), torch.randn(2, 8)
+    std = torch.tensor([0.0, 0.3])
+    loss, ratio = guard_surrogate(torch.zeros(2), torch.zeros(2), torch.ones(2), 2e-6, mean=mean, old_mean=old,
+                                  std=std, delta=torch.full((2,), 0.1))
+    assert torch.isfinite(loss).all() and torch.isfinite(ratio).all()
+    assert loss[0] == 0 and ratio[0] == 1 and loss[1] != 0
+    kl = gaussian_kl(mean, old, std, torch.full((2,), -0.1))
+    assert kl[0] == 0 and kl[1] == pytest.approx(float((mean[1] - old[1]).pow(2).mean() / (2 * 0.09)))

@@ -558,3 +558,21 @@ def test_no_trained_steps_error_tells_the_true_cause_for_ddim_sde():
         _cfg("unused", "sampler.kernel=ddim_sde", "sampler.train_fraction=0.25")
     msg = str(e.value)
     assert "= 0;" not in msg and "ddim_sde" in msg and "\n" not in msg
+
+
+def test_a_window_of_size_zero_is_every_step_but_the_last():
+    """METHODS.md §2.6: n = 0 means the window [0, T−1); it gave an all-ODE schedule (nothing to train, no error)."""
+    assert eta_schedule(10, 0.7, window=(0, 0)).tolist() == eta_schedule(10, 0.7).tolist()
+    assert eta_schedule(10, 0.7, window=(0, 0)).tolist() == pytest.approx([0.7] * 9 + [0.0])
+
+
+def test_a_float_eta_means_the_same_in_every_plan():
+    """`chain` gave a float η to every step, the last included; `branch` and `tree` read it as every step but the
+    deterministic last (eta_schedule, quirk Q1)."""
+    from flowalign.samplers.plans import PLANS
+
+    sig = sd3_diffusers(4)
+    args = dict(cond_index=torch.zeros(2, dtype=torch.long), group=torch.zeros(2, dtype=torch.long),
+                generator=torch.Generator().manual_seed(0))
+    chain = PLANS["chain"](gaussian_world_velocity, torch.randn(2, 3), sig, {"c": torch.zeros(1, 3)}, eta=0.7, **args)
+    assert chain.eta.tolist() == pytest.approx([0.7, 0.7, 0.7, 0.0])

@@ -44,7 +44,7 @@ class PromptRecord:
 # PROVENANCE.md (licences: MIT / Apache-2.0, see assets/prompts/benchmarks/).
 BUILTIN_PROMPTS: dict[str, tuple[str, str]] = {
     "shapes-train": ("shapes-train.jsonl", "shapes world: training specifications for RL (metadata: task)"),
-    "shapes-bench": ("shapes-bench.jsonl", "shapes world: evaluation prompts, disjoint from train (metadata: task)"),
+    "shapes-bench": ("shapes-bench.jsonl", "shapes world: evaluation prompts; two_object, position and color_attr disjoint from train, the small single_object, colors and counting spaces in train whole (metadata: task)"),
     "shapes-motion-train": ("shapes-motion-train.jsonl", "shapes world in motion: training prompts for video models (metadata: task)"),
     "shapes-motion-bench": ("shapes-motion-bench.jsonl", "shapes world in motion: evaluation prompts (metadata: task)"),
     "geneval": ("benchmarks/geneval/evaluation_metadata.jsonl", "GenEval, 553 prompts with tag/include/exclude (MIT)"),

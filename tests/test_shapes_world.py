@@ -57,6 +57,8 @@ def test_parse_examples_and_leniency():
     assert parse("  Three BLUE triangles. ") == Spec((ObjectSpec("blue", "triangle", 3),), None, "counting")
     assert parse("a orange square") == parse("an orange square")
     assert parse("a red triangle and a blue triangle").task == "color_attr"
+    # one class named twice is two of it (the verifier counts it so), not color_attr, which needs two colours
+    assert parse("a red circle and a red circle").task == "counting"
     assert parse("a green square and a yellow circle").task == "two_object"
     assert parse("a red circle to the right of a red square").relation == "right of"
 

@@ -188,7 +188,10 @@ def parse(prompt: str) -> Spec:
     if relation is not None:
         task = "position"
     else:
-        task = "color_attr" if first.shape == second.shape else "two_object"
+        if (first.color, first.shape) == (second.color, second.shape):  # "a red circle and a red circle": two red
+            task = "counting"  # circles, as the verifier counts it (color_attr needs two colours, §Tasks)
+        else:
+            task = "color_attr" if first.shape == second.shape else "two_object"
     return Spec((first, second), relation, task)
 
 

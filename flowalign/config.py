@@ -322,7 +322,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         import datetime
 
         if isinstance(value, (datetime.date, datetime.datetime)):  # YAML reads `run_dir: 2024-06-01` as a date
-            return value.isoformat()
+            return str(value)  # as typed ('2024-06-01', '2024-06-01 12:30:00'), the same as on the command line
         raise fail("a string")
     if origin in (tuple, list) or tp in (tuple, list):
         if isinstance(value, str):

@@ -15,6 +15,7 @@ T = TypeVar("T")
 
 TIMEOUT_ENV = "FLOWALIGN_DIST_TIMEOUT_MIN"  # minutes a collective may wait for the slowest rank
 DEFAULT_TIMEOUT_MIN = 120
+MAX_TIMEOUT_MIN = 1e7  # 19 years: "no timeout" in practice
 
 
 def world_size_env() -> int:
@@ -39,11 +40,11 @@ def _timeout():
     raw = os.environ.get(TIMEOUT_ENV, "").strip()
     try:
         minutes = float(raw) if raw else DEFAULT_TIMEOUT_MIN
-        if not minutes > 0:
+        if not 0 < minutes <= MAX_TIMEOUT_MIN:  # NaN fails too; torch keeps the timeout in int64 milliseconds
             raise ValueError
     except ValueError:
-        raise UserError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of minutes (default "
-                        f"{DEFAULT_TIMEOUT_MIN})") from None
+        raise UserError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of minutes, at most {MAX_TIMEOUT_MIN:g} "
+                        f"(default {DEFAULT_TIMEOUT_MIN})") from None
     return timedelta(minutes=minutes)
 
 
@@ -91,13 +92,20 @@ def once_on_rank0(fn: Callable[[], T], rank: int, world: int) -> T:
         return fn()
     import torch.distributed as dist
 
+    from flowalign.errors import first_line
+
     box: list[Any] = [None]
+    failure = None
     if rank == 0:
         try:
             box[0] = ("ok", fn())
         except UserError as err:
             box[0] = ("error", str(err))
+        except Exception as err:  # noqa: BLE001  (re-raised on rank 0 once the others know: none waits alone)
+            failure, box[0] = err, ("error", f"rank 0 failed: {first_line(err)}")
     dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
     kind, value = box[0]
     if kind == "error":
         raise UserError(value)

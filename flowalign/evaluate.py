@@ -743,7 +743,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     from pathlib import Path
 
     from flowalign.data import HPD_STYLES
-    from flowalign.errors import UserError
+    from flowalign.errors import UserError, first_line
     from flowalign.external import hpd_complete
     from flowalign.io import BatchJournal
 
@@ -767,14 +767,17 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     journal = None
     if resumable:  # each rank journals its own batches (their assignment depends on the number of processes)
         out.mkdir(parents=True, exist_ok=True)
+        mine = partial_path(out, rank)
         try:
-            journal = BatchJournal(partial_path(out, rank), {**settings, "rewards": names, "batch_size": batch_size,
-                                                             **({"processes": world} if world > 1 else {})},
-                                   resume=resume, redo={batch_of(i, k) for i in shown for k in range(cols)},
-                                   prompts=prompt_records)
+            # a rank killed before it wrote its journal has none: it resumes with nothing done (the other ranks'
+            # journals check the settings); one process must hold its journal, as before
+            journal = BatchJournal(mine, {**settings, "rewards": names, "batch_size": batch_size,
+                                          **({"processes": world} if world > 1 else {})},
+                                   resume=resume and (world == 1 or mine.is_file()),
+                                   redo={batch_of(i, k) for i in shown for k in range(cols)}, prompts=prompt_records)
             failed = None
-        except UserError as err:
-            failed = str(err)
+        except (UserError, OSError) as err:
+            failed = str(err) if isinstance(err, UserError) else f"cannot write {mine} ({first_line(err)})"
         _all_or_none(failed, world)  # a rank that cannot resume stops every rank, with its line
         if resume:
             logger.info("resuming %s: %d of %d images already scored%s", out, len(journal.records()), n_jobs,
@@ -818,12 +821,23 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         if chunks:
             summ["chunks"] = chunks
     summ["settings"] = settings
+    error = None
     if rank == 0:  # rank 0 writes what every rank now holds
-        _write_eval(out, records, summ, kept, shown, cols, names, prompt_records, model)
-    if world > 1 and journal is not None:  # every journal stays until results.jsonl is written
+        try:
+            _write_eval(out, records, summ, kept, shown, cols, names, prompt_records, model)
+        except Exception as err:  # noqa: BLE001  (re-raised below, after the other ranks know)
+            if world == 1:
+                raise
+            error = err
+    if world > 1:  # every journal stays until results.jsonl is written; a failed write stops every rank
         import torch.distributed as dist
 
-        dist.barrier()
+        verdicts: list[Any] = [None] * world
+        dist.all_gather_object(verdicts, None if error is None else first_line(error))
+        if error is not None:
+            raise error
+        if verdicts[0] is not None:
+            raise UserError(f"rank 0 could not write the evaluation to {out} ({verdicts[0]})")
     if journal is not None:
         journal.close()
     return summ
@@ -842,12 +856,16 @@ def journal_processes(out) -> int:
     when it has none, or there is no readable journal: ``BatchJournal`` then names what is wrong)."""
     import json
 
-    try:
-        with open(partial_path(out), encoding="utf-8") as fh:
-            header = json.loads(fh.readline()).get("journal", {})
-        return int(header.get("processes", 1))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 1
+    from pathlib import Path
+
+    for path in [partial_path(out), *sorted(Path(out).glob("results.partial.rank*.jsonl"))]:  # any rank's
+        try:
+            with open(path, encoding="utf-8") as fh:
+                header = json.loads(fh.readline()).get("journal", {})
+            return int(header.get("processes", 1))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return 1
 
 
 def _all_or_none(error: Optional[str], world: int) -> None:

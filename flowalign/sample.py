@@ -181,18 +181,22 @@ def check_new_dir(path: str | Path, flag: str = "--out") -> Path:
 def check_out_dir(path: str | Path, resume: bool, journal: str, flag: str = "--out") -> Path:
     """The output directory of a resumable command (``eval``, ``steer``): with ``resume``, one holding an interrupted
     run's ``journal`` file; without, a new or empty one (``check_new_dir``), and one holding a journal is refused with
-    a hint to resume it. A one-line ``UserError`` otherwise."""
+    a hint to resume it. A one-line ``UserError`` otherwise. The journals of a multi-process run's other ranks
+    (``<stem>.rank<r><suffix>``, ``evaluate.partial_path``) count as well: a run killed before rank 0 wrote its own
+    still resumes."""
     out = Path(path)
+    name = Path(journal)
+    held = [q.name for q in [out / journal, *sorted(out.glob(f"{name.stem}.rank*{name.suffix}"))] if q.is_file()]
     if resume:
-        if not (out / journal).is_file():
+        if not held:
             finished = (out / "summary.json").is_file()
             raise UserError(f"--resume: {out} holds no interrupted run (no {journal})"
                             + ("; it finished already" if finished else "; run without --resume"))
         check_out_parent(out, flag)  # the directory itself must still be writable
         return out
-    if (out / journal).is_file():
-        raise UserError(f"{out} holds an interrupted run ({journal}); continue it with --resume (same arguments), "
-                        f"or choose a new {flag}")
+    if held:
+        raise UserError(f"{out} holds an interrupted run ({', '.join(held)}); continue it with --resume (same "
+                        f"arguments), or choose a new {flag}")
     return check_new_dir(out, flag)
 
 

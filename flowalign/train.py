@@ -750,7 +750,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
         extras = {}
         if guide is not None:  # the PRM scores at guided states (+ post-states) for Euphonium's process head
             extras = guide.credit_extras(traj)
-            metrics["guide/prm_mean"] = _mean_over_ranks(extras["prm"], reduce_mean)
+            prm = extras["prm"]
+            metrics["guide/prm_mean"] = _mean_over_ranks(prm[torch.isfinite(prm)], reduce_mean)
         inp = CreditInput(
             traj=traj, rewards=reward_vals, reward_weights=dict(cfg.reward.weights), trained=trained,
             aggregate=cfg.reward.aggregate, std_scope=cfg.credit.std_scope, std_eps=cfg.credit.std_eps,
@@ -841,9 +842,10 @@ def train(cfg: C.ExperimentConfig) -> Path:
 
 
 def _mean_over_ranks(values: torch.Tensor, reduce_mean) -> float:
-    """The mean of the finite entries of every rank's ``values``, NaN if there are none: ranks weigh by how many they
-    hold (a rank whose rows are all NaN, "not applicable", adds nothing instead of making the mean NaN)."""
-    finite = values[torch.isfinite(values)].double()
+    """The mean of the non-NaN entries of every rank's ``values``, NaN if there are none: ranks weigh by how many
+    they hold (a rank whose rows are all NaN, "not applicable", adds nothing instead of making the mean NaN); an inf
+    (a broken reward, whose update is skipped) makes it inf, as the plain nanmean did."""
+    finite = values[~torch.isnan(values)].float()  # ±inf stays: a broken reward must show in the log
     tally = reduce_mean(torch.tensor([float(finite.sum()), float(finite.numel())], dtype=torch.float64))  # [2]
     return float(tally[0] / tally[1]) if tally[1] > 0 else float("nan")
 

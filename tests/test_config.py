@@ -89,6 +89,8 @@ def test_a_yaml_date_is_a_string_where_the_field_is_a_string(tmp_path):
     p = _write(tmp_path / "x.yaml", "output:\n  run_dir: 2024-06-01\n")
     assert load_config(p).output.run_dir == "2024-06-01"
     assert load_config(None, ["output.run_dir=2024-06-01"]).output.run_dir == "2024-06-01"
+    p = _write(tmp_path / "y.yaml", "output:\n  run_dir: 2024-06-01 12:30:00\n")  # a timestamp: as typed, too
+    assert load_config(p).output.run_dir == load_config(None, ["output.run_dir=2024-06-01 12:30:00"]).output.run_dir
 
 
 def test_pyyaml_string_float_is_coerced(tmp_path):

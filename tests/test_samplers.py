@@ -566,9 +566,9 @@ def test_a_window_of_size_zero_is_every_step_but_the_last():
     assert eta_schedule(10, 0.7, window=(0, 0)).tolist() == pytest.approx([0.7] * 9 + [0.0])
 
 
-def test_a_float_eta_means_the_same_in_every_plan():
-    """`chain` gave a float η to every step, the last included; `branch` and `tree` read it as every step but the
-    deterministic last (eta_schedule, quirk Q1)."""
+def test_a_float_eta_in_the_chain_plan_means_what_it_does_in_the_others():
+    """`chain` gave a float η to every step, the last included; `branch` and `tree` (``_plan_inputs``) read it as
+    every step but the deterministic last (eta_schedule, quirk Q1)."""
     from flowalign.samplers.plans import PLANS
 
     sig = sd3_diffusers(4)

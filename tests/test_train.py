@@ -559,6 +559,8 @@ def test_a_rank_whose_rows_are_all_not_applicable_does_not_make_the_logged_rewar
     assert got == pytest.approx((0.2 + 0.4 + 1.0) / 3)
     assert _mean_over_ranks(torch.tensor([0.5, float("nan")]), lambda t: t) == 0.5  # one process: the nanmean
     assert math.isnan(_mean_over_ranks(torch.tensor([float("nan")]), lambda t: t))
+    # an inf reward is broken (its update is skipped), not "not applicable": it must show in the log
+    assert _mean_over_ranks(torch.tensor([0.5, float("inf"), float("nan")]), lambda t: t) == float("inf")
 
 
 def test_resume_drops_the_end_of_run_lines_of_its_checkpoint_iteration(tmp_path):

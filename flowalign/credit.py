@@ -16,30 +16,10 @@ from typing import Annotated, Any, Callable, Literal, Mapping, Optional, Sequenc
 import torch
 from torch import Tensor
 
-from flowalign.types import Credit, Interval, Trajectory
+from flowalign.types import Credit, Interval, NonEmpty, Trajectory
 from flowalign.values import row_eta
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NonEmpty:
-    """Metadata of a list option that needs at least one element, ``Annotated[Sequence[int], Interval(1), NonEmpty()]``:
-    ``preflight`` refuses an empty list before a run starts (``Interval`` checks each element, so it passes ``[]``);
-    the function keeps its own check for direct calls."""
-
-
-def _non_empty_options(fn: Callable) -> list[str]:
-    """The options of ``fn`` annotated ``NonEmpty`` (also inside ``Optional[...]``)."""
-    import typing
-
-    out = []
-    for k, hint in typing.get_type_hints(fn, include_extras=True).items():
-        for h in (hint, *typing.get_args(hint)):  # Optional[Annotated[...]]: the union's members
-            if typing.get_origin(h) is Annotated and any(isinstance(m, NonEmpty) for m in typing.get_args(h)[1:]):
-                out.append(k)
-                break
-    return out
 
 
 @dataclass(frozen=True)
@@ -559,7 +539,7 @@ def branch(inp: CreditInput, *, probe: Optional[str] = None, noise_weights: bool
 
 
 def granular(inp: CreditInput, *,
-             strides: Annotated[Sequence[int], Interval(1), NonEmpty()] = (1, 2, 3)) -> Credit:
+             strides: Annotated[Sequence[int], Interval(1), NonEmpty("[1, 2, 3]")] = (1, 2, 3)) -> Credit:
     """G²RPO's (Granular-GRPO's) multi-granularity advantage on a branched rollout (METHODS.md §4.7, from secondary
     notes on the paper; §5.1's table).
 
@@ -990,8 +970,7 @@ def preflight(name: str, options: Mapping[str, Any], *, reward_weights: Mapping[
     ``reward.weights``, ``reward.aggregate`` and ``guided`` = ``sampler.guide`` is not "none". It checks what an option's annotation cannot see alone (each value's own
     type and range are ``flowalign.types.option_value_error``'s): Euphonium's process (PRA) head needs PRM scores,
     from a guide or from ``pra_probe``, unless ``heads: ora``; with several rewards under ``advantage_sum`` its
-    outcome head folds c_ora·w_k into one clipped term per reward, which must lie in (0, 1] for every reward; an
-    option annotated ``NonEmpty`` (G²RPO's ``strides``) must not be an empty list.
+    outcome head folds c_ora·w_k into one clipped term per reward, which must lie in (0, 1] for every reward.
     Options it cannot read as numbers are left to the annotation check.
     """
     import inspect
@@ -1003,12 +982,6 @@ def preflight(name: str, options: Mapping[str, Any], *, reward_weights: Mapping[
     defaults = {k: p.default for k, p in inspect.signature(CREDIT[name]).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     opts = {**defaults, **dict(options or {})}
-    for k in _non_empty_options(CREDIT[name]):  # [] passes the per-element Interval check, then fails mid-run
-        v = opts.get(k)
-        if isinstance(v, (list, tuple)) and not v:
-            example = list(defaults[k]) if isinstance(defaults.get(k), (list, tuple)) and defaults[k] else [1]
-            return (f"credit.options.{k}=[]: expected a non-empty list, e.g. {example} (credit {name!r}), or drop the "
-                    f"option for the default")
     if name == "euphonium":
         heads = opts.get("heads")
         if heads in ("both", "pra") and opts.get("pra_probe") is None and not guided:

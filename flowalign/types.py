@@ -135,6 +135,15 @@ class Interval:
         return above and below
 
 
+@dataclass(frozen=True)
+class NonEmpty:
+    """Metadata of a list option that needs at least one element, ``Annotated[Sequence[int], Interval(1),
+    NonEmpty("[1, 2, 3]")]`` (``Interval`` checks each element, so it passes ``[]``): ``option_value_error`` refuses
+    an empty list before a run starts, naming ``example``; the function keeps its own check for direct calls."""
+
+    example: str = ""
+
+
 def option_value_error(hint: Any, value: Any) -> Optional[str]:
     """Why ``value`` does not fit the annotation ``hint`` of a registry function's option, or None. Checks what a
     config can get wrong before a run starts: a Literal's choices, bool / int / float / str, a list of ints, and
@@ -147,6 +156,8 @@ def option_value_error(hint: Any, value: Any) -> Optional[str]:
         if err is None:
             items = value if isinstance(value, (list, tuple)) else [value]  # a list option: every element
             for meta in args[1:]:
+                if isinstance(meta, NonEmpty) and isinstance(value, (list, tuple)) and not value:
+                    return "expected a non-empty list" + (f", e.g. {meta.example}" if meta.example else "")
                 if isinstance(meta, Interval) and not all(meta.contains(v) for v in items):
                     return f"expected {'values' if items is value else 'a value'} in {meta}"
         return err

@@ -131,14 +131,21 @@ def test_train_refuses_empty_granular_strides_before_writing(capsys, no_model, t
 
 
 def test_non_empty_marker_is_generic():
-    """preflight reads the ``NonEmpty`` annotation of any credit's options, not a list of names."""
-    from flowalign.credit import CREDIT, _non_empty_options, preflight
+    """The option check (``types.option_value_error``, behind every registry's options) reads a ``NonEmpty``
+    annotation wherever it stands: no list of option names, and an unmarked list option may be empty."""
+    import typing
 
-    assert _non_empty_options(CREDIT["granular"]) == ["strides"]
-    assert _non_empty_options(CREDIT["tree"]) == []  # prune_steps: () is a valid, empty list
-    kw = dict(reward_weights={"r": 1.0}, aggregate="reward_sum", guided=False)
-    assert preflight("granular", {"strides": [2]}, **kw) is None
-    assert preflight("tree", {"prune_steps": []}, **kw) is None
+    from flowalign.credit import CREDIT
+    from flowalign.types import Interval, NonEmpty, option_value_error
+
+    strides = typing.get_type_hints(CREDIT["granular"], include_extras=True)["strides"]
+    assert option_value_error(strides, []) == "expected a non-empty list, e.g. [1, 2, 3]"
+    assert option_value_error(strides, [2]) is None
+    bare = typing.Annotated[typing.Sequence[int], Interval(0), NonEmpty()]
+    assert option_value_error(typing.Optional[bare], []) == "expected a non-empty list"
+    assert option_value_error(typing.Optional[bare], None) is None
+    unmarked = typing.Annotated[typing.Sequence[int], Interval(0)]  # e.g. tree's prune_steps: () is valid
+    assert option_value_error(unmarked, []) is None
 
 def test_trainer_runs_g2rpo_on_policy(tmp_path):
     """The G²RPO recipe in the one trainer: branch in the high-noise half, granular credit; on-policy ratio 1."""

@@ -157,12 +157,19 @@ def _video_setup(n_groups: int) -> _Setup:
                   _motion_prompts)
 
 
-def _sd3_setup(n_groups: int, workdir: Path) -> Optional[_Setup]:
+def tiny_models_file() -> Path:
+    """``tests/tiny_models.py`` next to the package: it builds the tiny SD3 pipeline, and only a source checkout has
+    it (a pip-installed wheel ships no tests/)."""
     import flowalign
+
+    return Path(flowalign.__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+
+
+def _sd3_setup(n_groups: int, workdir: Path) -> Optional[_Setup]:
     from flowalign.models import load_model
     from flowalign.rewards import build_reward
 
-    src = Path(flowalign.__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+    src = tiny_models_file()
     if not src.is_file():
         logger.warning("tiny SD3 skipped: %s not found (needs a source checkout)", src)
         return None
@@ -486,6 +493,12 @@ def bench_credit(argv: Sequence[str]) -> int:
         kwargs = parse_component_args(given, [args.rank_reward])[0][args.rank_reward]
         built = build_reward_checked(args.rank_reward, kwargs, f"--rank-reward {args.rank_reward!r}")
         rank_reward = for_outputs(built, getattr(resolve_model("shapes"), "output_kind", "image"))
+    if set(models) == {"sd3"} and not tiny_models_file().is_file():
+        # every requested model would be skipped: this exited 0 having printed nothing (and wrote a JSON of no runs)
+        raise UserError(f"--models {args.models!r}: every requested model would be skipped: sd3 is the tiny random "
+                        f"SD3 pipeline of tests/tiny_models.py, which only a flowalign source checkout has (not found: "
+                        f"{tiny_models_file()}); install flowalign from a checkout (`pip install -e .` in it), or "
+                        f"pass --models shapes or shapes_video")
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"runs": [], "ranking": {}, "notes": {}}
     with tempfile.TemporaryDirectory(prefix="flowalign-bench-") as tmp:

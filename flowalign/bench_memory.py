@@ -256,24 +256,36 @@ def _measure_modes(model: Any, params: list, device: torch.device, x: Tensor, si
     return rows
 
 
+def tiny_models_file() -> Path:
+    """``tests/tiny_models.py`` next to the package: it builds the tiny SD3 / FLUX / Wan pipelines, and only a source
+    checkout has it (a pip-installed wheel ships no tests/)."""
+    import flowalign
+
+    return Path(flowalign.__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+
+
+def _needs_tiny(family: str, path: str) -> bool:
+    """Whether :func:`_load` builds ``family`` from ``tests/tiny_models.py`` (no --path, not a shipped shapes model)."""
+    return not path and family not in ("shapes", "shapes_video")
+
+
 def _load(family: str, path: str, *, device: str, dtype: torch.dtype, resolution: int, workdir: Path, frames: int = 1
           ) -> Optional[tuple[Any, str]]:
     """(model, description) for a family: the shipped shapes models, a local checkpoint (``path``) of any family,
     or the tiny random SD3 / FLUX / Wan pipelines of ``tests/tiny_models.py`` (only from a source checkout)."""
     import importlib.util
 
-    import flowalign
     from flowalign.models import load_model
 
     kw: dict[str, Any] = {"device": device, "dtype": dtype}
-    if path or family in ("shapes", "shapes_video"):
+    if not _needs_tiny(family, path):
         if resolution and family not in ("shapes", "shapes_video"):
             kw.update(height=resolution, width=resolution)
         if family == "wan":
             kw.update(num_frames=frames)  # the adapter's default is 81 frames
         what = path or "the shipped model"
         return load_model(family, path, **kw), what
-    src = Path(flowalign.__file__).resolve().parents[1] / "tests" / "tiny_models.py"
+    src = tiny_models_file()
     if not src.is_file():
         logger.warning("%s skipped: no --path and %s not found (the tiny pipelines need a source checkout)", family, src)
         return None
@@ -402,6 +414,13 @@ def bench_train_memory(argv: Sequence[str]) -> None:
         raise UserError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     check_device(args.device)  # e.g. 'gpu' failed in the model's .to() with torch's list of device types
     check_json_out(args.json, args.overwrite)
+    if not args.arch and all(_needs_tiny(m, args.path) for m in models) and not tiny_models_file().is_file():
+        # every requested model would be skipped: this printed the table's header and exited 0 (JSON of no models)
+        raise UserError(f"--models {args.models!r}: every requested model would be skipped: {', '.join(models)} "
+                        f"{'needs' if len(models) == 1 else 'need'} --path or the tiny random pipelines of "
+                        f"tests/tiny_models.py, which only a flowalign source checkout has (not found: "
+                        f"{tiny_models_file()}); install flowalign from a checkout (`pip install -e .` in it), "
+                        f"pass --path with a local checkpoint, or use --models shapes or shapes_video")
     torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bfloat16" if args.arch else "float32")
     dtype = getattr(torch, args.dtype)

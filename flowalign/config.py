@@ -458,6 +458,21 @@ def _unique_key_loader():
     return UniqueKeyLoader
 
 
+def _not_found(what: str, path: Path) -> str:
+    """The one line for a missing config file. The example configs (``configs/*.yaml``) ship only in a source
+    checkout, not in the installed package: `flowalign train configs/shapes_grpo.yaml` run elsewhere (a pip-installed
+    wheel) said only "not found", so the line says where they live and how to fix it."""
+    if path.is_dir():
+        return f"{what} not found: {path} (it is a directory); pass the path to a YAML file"
+    shown = str(path) if path.is_absolute() else f"{path} (resolved to {Path.cwd() / path})"
+    if not path.is_absolute() and path.parts[:1] == ("configs",):
+        return (f"{what} not found: {shown}; the example configs live in the configs/ directory of a flowalign source "
+                f"checkout (not in the installed package): run from the root of a flowalign checkout, or pass the "
+                f"path to a YAML file")
+    return (f"{what} not found: {shown}; pass the path to a YAML file (the example configs, configs/*.yaml, are in "
+            f"the root of a flowalign source checkout)")
+
+
 def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
     """The YAML document in ``path`` (None when empty); every failure is one ``UserError`` line, a malformed file
     as ``FILE:LINE:COL: malformed YAML: …``, a key repeated in one mapping included. Shared by ``train`` and
@@ -466,7 +481,7 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+        raise UserError(_not_found(what, path))
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -646,7 +661,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: 
     """
     tree = to_dict(schema())
     if path is not None and str(path) != "":
-        tree = _merge(tree, _load_file(Path(path).expanduser(), schema, ()), schema)
+        path = Path(path).expanduser()
+        if not path.is_file():  # named as given (_load_file resolves it): a relative configs/… path gets its hint
+            raise UserError(_not_found("config file", path))
+        tree = _merge(tree, _load_file(path, schema, ()), schema)
     tree = _apply_overrides_tree(tree, overrides, schema)
     if schema is ExperimentConfig:  # the shell leaves '~' in `output.run_dir=~/x` alone: a literal ./~ would be made
         for section, key in _USER_PATHS:

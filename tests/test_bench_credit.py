@@ -163,3 +163,21 @@ def test_bench_credit_refuses_a_bad_rank_reference(capsys, no_model, tmp_path, s
     out = tmp_path / "b.json"
     _fails(capsys, ["bench", "credit", "--models", "shapes", "--rank-references", spec, "--json", str(out)], repr(spec))
     assert not out.exists()
+
+
+def test_bench_credit_runs_the_other_models_when_sd3_is_skipped(tmp_path, monkeypatch, capsys, caplog):
+    """Without tests/tiny_models.py (outside a source checkout) `--models shapes,sd3` runs shapes and warns about
+    sd3; only when every requested model is skipped is it refused (tests/test_bench_errors.py)."""
+    import logging
+
+    import flowalign.bench_credit as BC
+
+    monkeypatch.setattr(BC, "tiny_models_file", lambda: tmp_path / "tests" / "tiny_models.py")
+    out = tmp_path / "b.json"
+    with caplog.at_level(logging.WARNING, logger="flowalign.bench_credit"):
+        assert bench_credit(["--models", "shapes,sd3", "--methods", "flow_grpo", "--steps", "2", "--group-size", "2",
+                             "--groups", "1", "--rank-groups", "0", "--json", str(out)]) == 0
+    assert "tiny SD3 skipped" in caplog.text and "source checkout" in caplog.text
+    result = json.loads(out.read_text())
+    assert result["notes"]["sd3"] == "skipped" and [r["method"] for r in result["runs"]] == ["flow_grpo"]
+    assert "flow_grpo" in capsys.readouterr().out

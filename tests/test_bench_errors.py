@@ -240,3 +240,64 @@ def test_boundary_values_still_reach_the_model(no_model, tmp_path, argv):
     with pytest.raises(AssertionError, match="model was loaded"):
         main(["bench", *argv, "--json", str(tmp_path / "sub" / "b.json")])
     assert not (tmp_path / "sub").exists()
+
+
+@pytest.mark.parametrize("bench, models", [
+    ("credit", "sd3"),
+    ("train-memory", "sd3"),
+    ("train-memory", "sd3,flux,wan"),
+])
+def test_benches_refuse_when_every_model_needs_the_missing_tiny_pipelines(capsys, no_model, tmp_path, monkeypatch,
+                                                                         bench, models):
+    """Outside a source checkout (a pip-installed wheel has no tests/tiny_models.py) `--models sd3` skipped its only
+    model with a warning and exited 0 having printed nothing (credit) or a table header (train-memory)."""
+    import flowalign.bench_credit as BC
+    import flowalign.bench_memory as BM
+
+    missing = tmp_path / "no-checkout" / "tests" / "tiny_models.py"
+    for module in (BC, BM):
+        monkeypatch.setattr(module, "tiny_models_file", lambda: missing)
+    out = tmp_path / "b.json"
+    line = _fails(capsys, ["bench", bench, "--models", models, "--json", str(out)], f"--models {models!r}",
+                  "every requested model would be skipped", "tests/tiny_models.py", "source checkout",
+                  "pip install -e .", str(missing))
+    for name in models.split(","):
+        assert name in line
+    assert capsys.readouterr().out == "" and not out.exists()
+
+
+def test_train_memory_with_path_or_a_shapes_model_is_not_refused_without_the_tiny_pipelines(no_model, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """Only the tiny pipelines need the checkout: --path still runs, and so does a shipped shapes model next to the
+    skipped sd3, which keeps its warning."""
+    import logging
+
+    import flowalign.bench_memory as BM
+
+    monkeypatch.setattr(BM, "tiny_models_file", lambda: tmp_path / "tiny_models.py")
+    for extra in (["--models", "sd3", "--path", str(tmp_path)], ["--models", "sd3,shapes"]):
+        with caplog.at_level(logging.WARNING, logger="flowalign.bench_memory"):
+            with pytest.raises(AssertionError, match="model was loaded"):
+                main(["bench", "train-memory", *extra, "--threads", "1"])
+    assert "sd3 skipped" in caplog.text and "source checkout" in caplog.text
+
+
+def test_train_memory_still_builds_the_tiny_pipeline_in_a_source_checkout(no_model, tmp_path, monkeypatch):
+    """In a checkout (tests/tiny_models.py present, found where the bench looks) `--models sd3` is not refused: it
+    gets as far as loading the tiny pipeline (a stand-in module here: building the real one takes seconds)."""
+    from pathlib import Path
+
+    import flowalign
+    import flowalign.bench_credit as BC
+    import flowalign.bench_memory as BM
+
+    here = Path(__file__).with_name("tiny_models.py")
+    if Path(flowalign.__file__).resolve().parents[1] != here.resolve().parents[1]:
+        pytest.skip("flowalign is not imported from this source tree (an installed wheel): no tiny pipelines")
+    assert BM.tiny_models_file() == BC.tiny_models_file() == here.resolve()
+    fake = tmp_path / "tiny_models.py"
+    fake.write_text("TINY_SIZES = {'sd3': {}}\n\ndef build_tiny_sd3(path):\n    return path\n")
+    monkeypatch.setattr(BM, "tiny_models_file", lambda: fake)
+    with pytest.raises(AssertionError, match="model was loaded"):
+        main(["bench", "train-memory", "--models", "sd3", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()

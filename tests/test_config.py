@@ -442,3 +442,28 @@ def test_int_field_refuses_a_float_it_cannot_hold_exactly():
     assert (cfg.train.iterations, cfg.train.seed, cfg.train.group_size) == (1000, 2000, 4)
     assert load_config(None, ["train.seed=9007199254740993"]).train.seed == 9007199254740993  # as an int: exact
     assert ExperimentConfig().train.seed == 42
+
+
+def test_a_missing_example_config_says_it_lives_in_a_source_checkout(tmp_path, monkeypatch, capsys):
+    """`flowalign train configs/shapes_grpo.yaml` outside a source checkout (a pip-installed wheel has no configs/)
+    said only `config file not found: /abs/configs/shapes_grpo.yaml`; the line now says where the example configs
+    live and how to fix it, still one line with exit code 2."""
+    from cli_checks import fails
+
+    monkeypatch.chdir(tmp_path)
+    for argv, given in ((["train", "configs/shapes_grpo.yaml"], "configs/shapes_grpo.yaml"),
+                        (["train", "./configs/shapes_grpo.yaml"], "configs/shapes_grpo.yaml"),
+                        (["pretrain", "--config", "configs/shapes_pretrain.yaml", "--out", str(tmp_path / "o")],
+                         "configs/shapes_pretrain.yaml")):
+        fails(capsys, argv, "not found", given, str(tmp_path / given), "configs/ directory of a flowalign source "
+              "checkout", "run from the root of a flowalign checkout", "pass the path to a YAML file")
+    assert not (tmp_path / "o").exists()
+    msg = _err(load_config, "configs/shapes_grpo.yaml")
+    assert "source checkout" in msg and "run from the root of a flowalign checkout" in msg
+    # any other missing file: the fix (a YAML path), without claiming it is one of the example configs
+    for given in ("my.yaml", str(tmp_path / "configs" / "my.yaml")):
+        msg = _err(load_config, given)
+        assert given in msg and "pass the path to a YAML file" in msg and "the example configs live" not in msg
+    msg = _err(load_config, tmp_path)
+    assert "it is a directory" in msg and "pass the path to a YAML file" in msg
+

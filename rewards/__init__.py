@@ -14,6 +14,7 @@ from flowalign.errors import UserError
 REWARDS: dict[str, str] = {
     # the shapes world (verifiable, exact)
     "shapes_strict": "flowalign.rewards.shapes:ShapesStrict",
+    "shapes_strict_intact": "flowalign.rewards.shapes:ShapesStrictIntact",
     "shapes_partial": "flowalign.rewards.shapes:ShapesPartial",
     "shapes_soft": "flowalign.rewards.shapes:ShapesSoft",
     "shapes_motion_strict": "flowalign.rewards.shapes:ShapesMotionStrict",

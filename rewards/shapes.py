@@ -1,6 +1,7 @@
 """Shapes-world verifier rewards (SHAPES_WORLD.md §3; REWARDS_AND_EVAL.md §1 interface).
 
-``ShapesStrict`` is GenEval-style correctness (1 iff every clause of the prompt holds) and
+``ShapesStrict`` is GenEval-style correctness (1 iff every clause of the prompt holds),
+``ShapesStrictIntact`` the same with the integrity gate (no merged or stroke-like component) and
 ``ShapesPartial`` the mean clause score (Flow-GRPO's partial credit, the dense training reward). Both run
 the exact scene verifier of :mod:`flowalign.shapes.verify` on CPU (numpy, < 1 ms per 32×32 image) and
 are not differentiable. Prompts must be in the shapes grammar; anything else raises ``UserError``
@@ -78,6 +79,14 @@ class ShapesStrict(_ShapesVerifierReward):
 
     name = "shapes_strict"
     field = "strict"
+
+
+class ShapesStrictIntact(_ShapesVerifierReward):
+    """``shapes_strict`` with the verifier's integrity gate: 1.0 iff every clause holds and no detected object is
+    larger or more elongated than any rendered shape (merged objects, strokes; ``flowalign.shapes.verify``, step 5)."""
+
+    name = "shapes_strict_intact"
+    field = "strict_intact"
 
 
 class ShapesPartial(_ShapesVerifierReward):

@@ -54,8 +54,8 @@ def test_shapes_bench_is_what_the_main_job_evaluates():
     want = protocol_defaults(load_protocol("shapes-bench"), cfg.model.name)
     assert (cfg.data.eval_prompts, cfg.eval.max_prompts, cfg.eval.seeds_per_prompt) == (want["prompt_set"], 0,
                                                                                        want["seeds_per_prompt"])
-    assert (cfg.eval.steps, cfg.eval.guidance, sorted(cfg.eval.rewards)) == (want["steps"], want["guidance"],
-                                                                            sorted(want["rewards"]))
+    assert (cfg.eval.steps, cfg.eval.guidance) == (want["steps"], want["guidance"])
+    assert set(want["rewards"]) <= set(cfg.eval.rewards) and cfg.eval.rewards[0] == "shapes_strict"  # + the gated strict
 
 
 def _settings(proto, family):
@@ -70,7 +70,7 @@ def _settings(proto, family):
 
 @pytest.mark.parametrize("field, change", [
     ("steps", {"steps": 10}), ("guidance", {"guidance": 7.0}), ("seed", {"seed": 1}),
-    ("images_per_prompt", {"seeds_per_prompt": 4}), ("rewards", {"rewards": ["pickscore", "hpsv21"]}),
+    ("images_per_prompt", {"seeds_per_prompt": 4}), ("rewards", {"rewards": ["hpsv21"]}),
     ("model", {"model": "shapes"}), ("height", {"resolution": {"height": 1024, "width": 512}}),
     ("prompts", {"prompts_sha256": "0" * 64}),
 ])
@@ -82,6 +82,17 @@ def test_any_overridden_field_makes_a_non_benchmark_result(field, change):
     status = protocol_status(proto, {**_settings(proto, "sd3"), **change})
     assert status["benchmark"] is False and field in status["overrides"], status
     assert benchmark_line(status).startswith("not a benchmark result: protocol pickscore-sfw v1 with " + field)
+
+
+def test_extra_rewards_keep_a_benchmark_result_and_a_missing_one_does_not():
+    """Rewards beyond the protocol's score the same images (the main job adds ``shapes_strict_intact``): still the
+    benchmark; leaving one of the protocol's out is an override."""
+    proto = load_protocol("shapes-bench")
+    extra = protocol_status(proto, {**_settings(proto, "shapes"),
+                                    "rewards": ["shapes_strict", "shapes_partial", "shapes_strict_intact"]})
+    assert extra["benchmark"] is True and extra["overrides"] == {}
+    fewer = protocol_status(proto, {**_settings(proto, "shapes"), "rewards": ["shapes_strict", "shapes_strict_intact"]})
+    assert fewer["benchmark"] is False and list(fewer["overrides"]) == ["rewards"]
 
 
 def test_a_subset_of_the_prompts_is_an_override():

@@ -13,6 +13,7 @@ import torch
 
 from flowalign.errors import UserError
 from flowalign.shapes.grammar import (
+    BACKGROUND,
     COLORS,
     SHAPES,
     TASKS,
@@ -494,8 +495,8 @@ def test_every_rendered_scene_of_every_task_verifies_strict(size, stride):
         for i, spec in enumerate(enumerate_specs(task)[::stride]):
             img, _ = render_scene(spec, size, np.random.default_rng((size, t, i)))
             r = verify(img, spec)
-            if r.strict != 1.0 or r.partial != 1.0:
-                bad.append((to_prompt(spec), r.clauses))
+            if r.strict != 1.0 or r.partial != 1.0 or r.strict_intact != 1.0:  # no rendered object fails the gate
+                bad.append((to_prompt(spec), r.clauses, r.intact))
     assert not bad, bad[:5]
 
 
@@ -577,3 +578,66 @@ def test_make_prompt_sets_bad_counts_exit_2_with_one_line(tmp_path, capsys, args
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and args[0] in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ integrity gate
+
+
+def test_elongation_is_the_axis_ratio_of_the_coverage():
+    """A uniform 4 × 16 bar of pixels has variances (16² − 1)/12 and (4² − 1)/12 along its axes: elongation √17 on the
+    grid, ≈ 4 (the continuous bar's) when tilted; a disc's is 1."""
+    from flowalign.shapes.verify import _elongation
+
+    ys, xs = np.mgrid[0:40, 0:40].astype(np.float64) + 0.5
+    bar = ((np.abs(xs - 20) < 8) & (np.abs(ys - 20) < 2)).astype(np.float64)  # [40, 40]
+    for patch in (bar, bar.T):  # lying or standing
+        assert _elongation(patch, xs - 20, ys - 20, patch.sum()) == pytest.approx(17 ** 0.5, rel=1e-9)
+    big_y, big_x = np.mgrid[0:120, 0:120].astype(np.float64) + 0.5
+    for angle in (0.3, np.pi / 4, 2.0):  # a finer bar (12 × 48 px), tilted: ≈ the continuous ratio 4
+        u = (big_x - 60) * np.cos(angle) + (big_y - 60) * np.sin(angle)
+        v = -(big_x - 60) * np.sin(angle) + (big_y - 60) * np.cos(angle)
+        tilted = ((np.abs(u) < 24) & (np.abs(v) < 6)).astype(np.float64)
+        cx, cy = (tilted * big_x).sum() / tilted.sum(), (tilted * big_y).sum() / tilted.sum()
+        assert _elongation(tilted, big_x - cx, big_y - cy, tilted.sum()) == pytest.approx(4.0, rel=0.05), angle
+    disc = (((xs - 20) ** 2 + (ys - 20) ** 2) < 100).astype(np.float64)
+    assert _elongation(disc, xs - 20, ys - 20, disc.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_merged_objects_and_strokes_pass_strict_but_not_the_integrity_gate(size):
+    """Two touching circles of one colour are one component (one "circle": strict passes "a red circle"), a long bar
+    is one "square"; both fail ``intact`` at any resolution, while separate objects of rendered sizes pass it."""
+    from flowalign.shapes.verify import INTACT_MAX_AREA, INTACT_MAX_ELONGATION, detect, intact
+
+    merged = draw([_obj("red", "circle", 12, 16), _obj("red", "circle", 19, 16)], size)  # overlap by 1 px
+    r = verify(merged, "a red circle")
+    assert (r.strict, r.intact, r.strict_intact) == (1.0, 0.0, 0.0)
+    assert len(r.objects) == 1 and r.objects[0]["elongation"] > INTACT_MAX_ELONGATION
+    apart = draw([_obj("red", "circle", 8, 16), _obj("red", "circle", 24, 16)], size)
+    r = verify(apart, "two red circles")
+    assert (r.strict, r.intact, r.strict_intact) == (1.0, 1.0, 1.0)
+    bar = np.zeros((size, size, 3), np.float32) + np.asarray(BACKGROUND, np.float32)
+    k = size // 32
+    bar[15 * k:18 * k, 4 * k:28 * k] = np.asarray(COLORS["blue"], np.float32)  # 3 × 24 px: elongation ≈ 8
+    r = verify(bar, f"a blue {verify(bar, 'a blue square').objects[0]['shape']}")
+    assert r.strict == 1.0 and r.intact == 0.0 and r.as_dict()["intact"] == 0.0
+    # a compact object larger than any rendered one (the shipped base sometimes draws them) is not intact either
+    blob = draw([_obj("green", "square", 16, 16, size=13.0)], size)  # 121 px at 32×32
+    (o,) = detect(blob)
+    scale2 = (size / 32) ** 2
+    assert o["area"] > INTACT_MAX_AREA * scale2 and o["elongation"] < 1.1 and not intact(o, scale2)
+    assert verify(blob, "a green square").strict_intact == 0.0
+
+
+def test_shapes_strict_intact_reward_is_strict_times_intact():
+    from flowalign.rewards import build_reward
+
+    merged = draw([_obj("red", "circle", 12, 16), _obj("red", "circle", 19, 16)])
+    apart = draw([_obj("red", "circle", 8, 16), _obj("red", "circle", 24, 16)])
+    images = torch.from_numpy(np.stack([apart, merged, apart])).permute(0, 3, 1, 2)  # [3, 3, 32, 32]
+    prompts = ["two red circles", "a red circle", "a blue circle"]
+    assert build_reward("shapes_strict")(images, prompts).tolist() == [1.0, 1.0, 0.0]
+    assert build_reward("shapes_strict_intact")(images, prompts).tolist() == [1.0, 0.0, 0.0]
+    nan = images.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(build_reward("shapes_strict_intact")(nan, prompts)[0])

@@ -37,6 +37,13 @@ Pipeline (numpy + ``scipy.ndimage``; well under 1 ms per 32×32 image):
 
    ``partial`` = mean of the clause scores (Flow-GRPO's partial credit); ``strict`` = 1 iff every clause
    is 1 (GenEval correctness).
+5. **Integrity** (``intact``, reported beside ``strict``; it changes no clause): a connected component is one
+   object whatever its outline, so two touching objects of one color, or a long stroke, count as one
+   circle/square/triangle. No rendered scene holds a component over ``INTACT_MAX_AREA`` px (at 32×32; scaled by
+   (size/32)²; rendered maximum 63.9) or with elongation √(λmax/λmin) of its coverage covariance over
+   ``INTACT_MAX_ELONGATION`` (rendered maximum 1.18). ``intact`` = 1 iff no detected object exceeds either, and
+   ``strict_intact`` = ``strict`` · ``intact`` (the ``shapes_strict_intact`` reward). On model samples most
+   components beyond these bounds are merged or misshapen objects (docs/shapes.md, "Known limitation").
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ ALPHA_CORE = (0.5, 1.6)  # coverage range of a core pixel (>1: darker/more satur
 ALPHA_SOFT = 0.08  # coverage below this counts as background when summing soft area
 MIN_AREA = 6.0  # soft area (px at 32×32) below which a component is a speck
 MAX_AREA_FRACTION = 0.5  # a component over this share of the canvas is no object (a flat canvas is no scene)
+INTACT_MAX_AREA = 96.0  # soft area (px at 32×32) over which an object is no single rendered shape (rendered max 63.9)
+INTACT_MAX_ELONGATION = 2.0  # √(λmax/λmin) of the coverage covariance over which it is a stroke (rendered max 1.18)
 TRIANGLE_SKEW = -0.25  # vertical skewness of coverage below this → triangle (apex up; ≈ −0.5 rendered)
 SQUARE_KURT = 0.28  # diagonal − axis kurtosis above this → square (≈ 0.55 rendered; circle ≈ 0)
 BG_TOLERANCE = 0.15  # max per-channel deviation of the estimated background from the nominal gray
@@ -72,9 +81,16 @@ class VerifyRecord:
     partial: float  # mean clause score in [0, 1]
     objects: list[dict] = field(default_factory=list)  # color, shape, area, centroid (x, y), bbox (x0, y0, x1, y1)
     clauses: dict[str, float] = field(default_factory=dict)
+    intact: float = 1.0  # 1.0 iff every detected object is one rendered-like shape (module docstring, step 5)
+
+    @property
+    def strict_intact(self) -> float:
+        """``strict`` with the integrity gate: 1.0 iff every clause is met and every detected object is intact."""
+        return self.strict * self.intact
 
     def as_dict(self) -> dict[str, Any]:
-        return {"strict": self.strict, "partial": self.partial, "objects": self.objects, "clauses": self.clauses}
+        return {"strict": self.strict, "partial": self.partial, "intact": self.intact, "objects": self.objects,
+                "clauses": self.clauses}
 
 
 def _to_hwc(image: Any) -> np.ndarray:
@@ -137,6 +153,23 @@ def _shape_cues(a: np.ndarray, x: np.ndarray, y: np.ndarray, area: float) -> tup
     return fill, skew, kurt_diff
 
 
+def _elongation(a: np.ndarray, x: np.ndarray, y: np.ndarray, area: float) -> float:
+    """√(λmax/λmin) of the coverage covariance of a patch a [h,w] around its centroid (1 for a disc or a square;
+    an upright equilateral triangle ≈ 1; two touching discs ≈ 2; a stroke grows with its length)."""
+    w = a / area
+    cxx, cyy, cxy = float((w * x * x).sum()), float((w * y * y).sum()), float((w * x * y).sum())
+    half_tr, det = 0.5 * (cxx + cyy), cxx * cyy - cxy * cxy
+    root = float(np.sqrt(max(half_tr * half_tr - det, 0.0)))
+    lo, hi = half_tr - root, half_tr + root  # eigenvalues of [[cxx, cxy], [cxy, cyy]]
+    return float(np.sqrt(hi / max(lo, 1e-9)))
+
+
+def intact(obj: dict, scale2: float = 1.0) -> bool:
+    """Whether a detected object could be one rendered shape: area ≤ ``INTACT_MAX_AREA``·scale² and elongation ≤
+    ``INTACT_MAX_ELONGATION`` (``scale2`` = (H·W)/32², as in :func:`detect`)."""
+    return obj["area"] <= INTACT_MAX_AREA * scale2 and obj["elongation"] <= INTACT_MAX_ELONGATION
+
+
 def _classify_shape(skew: float, kurt_diff: float) -> str:
     if skew < TRIANGLE_SKEW:
         return "triangle"
@@ -144,7 +177,8 @@ def _classify_shape(skew: float, kurt_diff: float) -> str:
 
 
 def detect(image: Any, min_area: float = MIN_AREA) -> list[dict]:
-    """Objects in an image: [{"color", "shape", "area", "centroid", "bbox", "fill", "skew", "kurt_diff"}].
+    """Objects in an image: [{"color", "shape", "area", "centroid", "bbox", "fill", "skew", "kurt_diff",
+    "elongation"}].
 
     ``min_area`` (px at 32×32) is the speck threshold; the soft score lowers it to see near-specks too.
     """
@@ -184,6 +218,7 @@ def detect(image: Any, min_area: float = MIN_AREA) -> list[dict]:
                     "fill": fill,
                     "skew": skew,
                     "kurt_diff": kurt_diff,
+                    "elongation": _elongation(a, xs - cx, ys - cy, area),
                 }
             )
     return objects
@@ -254,7 +289,9 @@ def verify(image: Any, spec: Union[Spec, str]) -> VerifyRecord:
     """Score one image (np [H,W,3] or torch [3,H,W], values in [0,1]) against a spec or prompt."""
     if isinstance(spec, str):
         spec = parse(spec)
-    objects = detect(image)
+    img = _to_hwc(image)
+    scale2 = (img.shape[0] * img.shape[1]) / (32.0 * 32.0)
+    objects = detect(img)
     clauses = score(objects, spec)
     vals = list(clauses.values())
     return VerifyRecord(
@@ -262,6 +299,7 @@ def verify(image: Any, spec: Union[Spec, str]) -> VerifyRecord:
         partial=float(np.mean(vals)),
         objects=objects,
         clauses=clauses,
+        intact=float(all(intact(o, scale2) for o in objects)),
     )
 
 

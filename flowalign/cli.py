@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("flowalign.train", "fine-tune a model (GRPO, or DiffusionNFT with train.objective=nft) from a YAML config (+ dotted overrides)"),
     "sample": ("flowalign.sample", "sample an image grid from a model (optional LoRA, chosen sampler)"),
     "eval": ("flowalign.evaluate", "evaluate a model on a prompt set x rewards -> results.jsonl, summary.json, report"),
-    "import-scores": ("flowalign.external", "add an external evaluator's per-image results (GenEval, T2I-CompBench) to an eval directory"),
+    "import-scores": ("flowalign.external", "add an external evaluator's per-image results (GenEval, T2I-CompBench, VBench) to an eval directory"),
     "report": ("flowalign.report", "(re)build report.html for a run directory"),
     "compare": ("flowalign.compare", "compare runs (eval metric against rollouts and NFE) or evaluations (per-task change, paired intervals)"),
     "pretrain": ("flowalign.pretrain", "flow-matching pretraining (makes the built-in shapes image and video models)"),

@@ -1041,7 +1041,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--benchmark", metavar="NAME|FILE.yaml",
                    help="run a frozen benchmark protocol (--list-benchmarks): it sets the prompts, images per prompt, "
                         "seed, rewards, steps, guidance and resolution; any of these flags given with another value "
-                        "makes the run a non-benchmark evaluation, recorded as such")
+                        "makes the run a non-benchmark evaluation, recorded as such (--rewards that only adds rewards "
+                        "to the protocol's does not)")
     p.add_argument("--list-benchmarks", action="store_true", help="list the built-in benchmark protocols and exit")
     p.add_argument("--prompts", default=None, help="built-in prompt set name, a .txt/.jsonl/.json file, or the HPSv2 "
                    "benchmark's directory (HPDv2 benchmark/; default: the benchmark's, else shapes-bench for shapes "

@@ -268,7 +268,7 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
     p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
     p.add_argument("--max-prompts", type=int, default=8, help="an evenly spaced subset of N prompts from --prompt-file")
-    p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
+    p.add_argument("--model", default="shapes", help="model family (shapes, shapes_video, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N "
                    "or one written by diffusers' save_lora_weights")

@@ -855,7 +855,7 @@ def build_parser():
                         "is never guided (sigma/(1-sigma) is infinite there), even when MAX is 1")
     p.add_argument("--normalize", type=float, default=None, help="guided: per-sample gradient norm set to this")
     p.add_argument("--clip", type=float, default=None, help="guided: per-sample gradient norm clipped at this")
-    p.add_argument("--model", default="shapes", help="model family (shapes, sd3, flux, wan)")
+    p.add_argument("--model", default="shapes", help="model family (shapes, shapes_video, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="a LoRA directory, e.g. a run's checkpoints/step-N or one written by diffusers' "
                    "save_lora_weights")

@@ -255,8 +255,9 @@ def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
                         f"config ({saved}) or start a new output.run_dir")
 
 
-def _check_components(cfg: C.ExperimentConfig) -> None:
-    """Registry names and option keys the config schema cannot check: refuse them before anything is written."""
+def _check_components(cfg: C.ExperimentConfig, check_device: bool = True) -> None:
+    """Registry names and option keys the config schema cannot check: refuse them before anything is written
+    (``check_device=False`` for ``--describe``: a GPU config can be described on a machine without one)."""
     import difflib
 
     from flowalign.credit import CREDIT
@@ -324,6 +325,8 @@ def _check_components(cfg: C.ExperimentConfig) -> None:
     check_per_frame(cfg.reward.per_frame, "reward.per_frame")
     if getattr(resolve_model(cfg.model.name), "output_kind", "image") == "video":  # image models ignore per_frame
         check_temporal(cfg.reward.per_frame, [*cfg.reward.weights, *cfg.eval.rewards], "reward.per_frame")
+    if not check_device:
+        return
     from flowalign.dist import device_unavailable
 
     try:
@@ -1378,6 +1381,8 @@ def cli_main(argv: Sequence[str]) -> int:
         if config and "=" in config and not Path(config).exists():  # `--describe train.lr=1e-4`: overrides only
             config, overrides = None, [config, *overrides]
         cfg = C.load_config(config, overrides) if config or overrides else None
+        if cfg is not None:  # "(validated)": registry names and options too, as train checks them (not the device)
+            _check_components(cfg, check_device=False)
         sys.stdout.write(C.describe(C.ExperimentConfig, cfg) + "\n")
         return 0
     if not args.config:

@@ -102,6 +102,22 @@ def test_train_describe_needs_no_config_and_a_missing_config_is_one_line_exit_2(
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("flowalign train: error:"), r.stderr
 
 
+def test_train_describe_validates_what_train_validates_but_the_device(capsys):
+    """`--describe` said "(validated)" but skipped the registry checks: an unknown credit method or option printed the
+    config and exited 0, while `train` refused it. A CUDA config is still described on a machine without CUDA."""
+    from flowalign.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    for bad, words in ((["credit.name=bogus"], "unknown credit method 'bogus'"),
+                       (["credit.options={nonsense: 1}"], "credit.options: unknown option(s) ['nonsense']")):
+        assert main(["train", str(root / "configs" / "shapes_grpo.yaml"), *bad, "--describe"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and words in err, err
+    assert main(["train", str(root / "configs" / "sd35_pickscore.yaml"), "--describe"]) == 0
+    out, _ = capsys.readouterr()
+    assert "device: cuda" in out
+
+
 def test_version_is_the_installed_one():
     from importlib.metadata import version
 

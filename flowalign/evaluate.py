@@ -591,9 +591,10 @@ def protocol_status(protocol: Protocol, settings: Mapping[str, Any]) -> dict:
     ``rewards``, ``steps``, ``guidance``, ``resolution``) are ``protocol``'s; recorded as ``settings["benchmark"]``.
 
     Returns ``{"name", "version", "sha256", "benchmark": bool, "overrides": {field: {"protocol": x, "used": y}}}``:
-    ``benchmark`` is true exactly when nothing is overridden. Rewards beyond the protocol's are no override (they score
-    the same images; e.g. ``shapes_strict_intact`` beside ``shapes-bench``'s two), a protocol reward left out is. The prompts are compared by the digest of their records,
-    so a subset (``--max-prompts``), an edited copy or another file is an override whatever its name.
+    ``benchmark`` is true exactly when nothing is overridden. Rewards beyond the protocol's are no override (they
+    score the same images; e.g. ``shapes_strict_intact`` beside ``shapes-bench``'s two), a protocol reward left out
+    is. The prompts are compared by the digest of their records, so a subset (``--max-prompts``), an edited copy or
+    another file is an override whatever its name.
     """
     family = settings.get("model")
     want = protocol_defaults(protocol, str(family))

@@ -24,8 +24,6 @@ logger = logging.getLogger("flowalign.rewards")
 FALLBACK: dict[str, dict[str, Any]] = {
     "shapes_strict": {"measures": "shapes world: 1 iff every clause of the prompt holds (exact scene verifier, GenEval-style)",
                       "typical_range": "{0, 1}"},
-    "shapes_strict_intact": {"measures": "shapes world: shapes_strict and no merged or stroke-like component (area ≤ 96 px at 32×32, elongation ≤ 2)",
-                             "typical_range": "{0, 1}"},
     "shapes_partial": {"measures": "shapes world: mean clause score (counts 1 − |found − want|/want; colours, relation 0/1)",
                        "typical_range": "[0, 1]"},
     "shapes_soft": {"measures": "shapes world: shapes_partial with logistic thresholds (area, shape cues, relation); a training reward",

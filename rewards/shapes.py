@@ -19,7 +19,7 @@ from torch import Tensor
 
 from flowalign.errors import UserError
 from flowalign.shapes.grammar import Spec, parse
-from flowalign.shapes.verify import SOFT_TEMPS, VerifyRecord, verify
+from flowalign.shapes.verify import INTACT_MAX_AREA, INTACT_MAX_ELONGATION, SOFT_TEMPS, VerifyRecord, verify
 
 
 class _ShapesVerifierReward:
@@ -87,6 +87,9 @@ class ShapesStrictIntact(_ShapesVerifierReward):
 
     name = "shapes_strict_intact"
     field = "strict_intact"
+    measures = ("shapes world: shapes_strict and no merged or stroke-like component "
+                f"(area ≤ {INTACT_MAX_AREA:g} px at 32×32, elongation ≤ {INTACT_MAX_ELONGATION:g})")
+    typical_range = "{0, 1}"
 
 
 class ShapesPartial(_ShapesVerifierReward):

@@ -55,7 +55,7 @@ def test_shapes_bench_is_what_the_main_job_evaluates():
     assert (cfg.data.eval_prompts, cfg.eval.max_prompts, cfg.eval.seeds_per_prompt) == (want["prompt_set"], 0,
                                                                                        want["seeds_per_prompt"])
     assert (cfg.eval.steps, cfg.eval.guidance) == (want["steps"], want["guidance"])
-    assert set(want["rewards"]) <= set(cfg.eval.rewards) and cfg.eval.rewards[0] == "shapes_strict"  # + the gated strict
+    assert tuple(cfg.eval.rewards) == (*want["rewards"], "shapes_strict_intact")  # the protocol's, then the gated strict
 
 
 def _settings(proto, family):

@@ -155,7 +155,7 @@ def _shape_cues(a: np.ndarray, x: np.ndarray, y: np.ndarray, area: float) -> tup
 
 def _elongation(a: np.ndarray, x: np.ndarray, y: np.ndarray, area: float) -> float:
     """√(λmax/λmin) of the coverage covariance of a patch a [h,w] around its centroid (1 for a disc or a square;
-    an upright equilateral triangle ≈ 1; two touching discs ≈ 2; a stroke grows with its length)."""
+    an upright equilateral triangle ≈ 1; two touching equal discs √5 ≈ 2.24; a stroke grows with its length)."""
     w = a / area
     cxx, cyy, cxy = float((w * x * x).sum()), float((w * y * y).sum()), float((w * x * y).sum())
     half_tr, det = 0.5 * (cxx + cyy), cxx * cyy - cxy * cxy

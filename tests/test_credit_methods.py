@@ -107,6 +107,42 @@ def test_dense_gain_few_step_probe_modes_run_through_options():
         assert torch.isfinite(adv).all() and adv.abs().sum() > 0
 
 
+def test_dense_gain_value_signal_z_scores_the_post_step_value():
+    """signal="value" (DenseGRPO's weaker variant, Deng et al. 2025 §3; METHODS.md §4.1): A_it is the per-step group
+    z-score of V_{t+1}, the value of the step's post-state, not of V_t; only the post-states of trained edges are
+    probed (x_T never: its value is the reward)."""
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    eta = torch.tensor([0.3, 0.3, 0.3, 0.0])  # the last step is not trained
+    v = torch.tensor([[0.0, 1.0, 4.0, 2.0, 7.0], [3.0, 0.0, 1.0, 5.0, 1.0], [1.0, 2.0, 0.0, 9.0, 3.0],
+                      [2.0, 6.0, 1.0, 0.0, 2.0], [5.0, 1.0, 3.0, 4.0, 8.0], [0.0, 3.0, 9.0, 1.0, 0.0]],
+                     dtype=torch.float64)  # [B, T+1], every column ordered differently from its neighbours
+    eps = 1e-4
+
+    def z(x):  # per-group z-score with population std + eps
+        out = torch.zeros_like(x)
+        for g in group.unique():
+            m = group == g
+            out[m] = (x[m] - x[m].mean()) / (x[m].std(unbiased=False) + eps)
+        return out
+
+    want = torch.stack([z(v[:, t + 1]) for t in range(3)] + [torch.zeros(6, dtype=torch.float64)], 1)  # [B, T]
+    got = assign_credit("dense_gain", _inp({"r": v}, group, eta, eps=eps), {"signal": "value"}).advantages
+    assert torch.allclose(got.double(), want, atol=1e-6, rtol=0)
+    assert not torch.allclose(got[:, :3].double(), torch.stack([z(v[:, t]) for t in range(3)], 1), atol=1e-2)
+    seen = []
+
+    def probe(mode, mask):  # the engine's contract: values of the requested states, NaN elsewhere
+        seen.append((mode, mask.clone()))
+        return {"r": torch.where(mask, v, torch.full_like(v, float("nan")))}
+
+    inp = dataclasses.replace(_inp({"r": v}, group, eta, eps=eps), values=None, probe=probe)
+    assert torch.allclose(assign_credit("dense_gain", inp, {"signal": "value"}).advantages, got, atol=0, rtol=0)
+    (mode, mask), = seen
+    want_mask = torch.zeros(6, 5, dtype=torch.bool)
+    want_mask[:, 1:4] = True  # post-states t+1 of the trained steps 0..2; x_4 = x_T is the reward, not probed
+    assert mode == "ode:full" and torch.equal(mask, want_mask)
+
+
 def test_win_rates_by_hand_and_their_group_mean():
     from flowalign.credit import group_win_rates
 
@@ -561,6 +597,65 @@ def test_euphonium_outcome_head_is_one_clipped_term_per_reward():
     assert torch.allclose(got, want, atol=1e-6)
     with pytest.raises(ValueError, match="scale the reward weights"):
         assign_credit("euphonium", dataclasses.replace(inp, reward_weights={"r": 1.0, "q": 2.0}), {"heads": "ora"})
+
+
+@pytest.mark.parametrize("setup", ["one_reward", "reward_sum", "advantage_sum"])
+def test_euphonium_outcome_head_uses_its_own_eps(setup):
+    """ORA = (R − mean_group R)/(std + eps) with Euphonium's ``eps`` option (METHODS.md §4.5; 1e-8 upstream), not
+    credit.std_eps: a large eps shrinks every advantage by std/(std + eps), most in a group of tiny spread."""
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    eta = torch.tensor([0.3, 0.0])
+    r = torch.tensor([0.0, 1.0, 2.0, 3.0, 5.0, 5.001, 5.002, 5.003], dtype=torch.float64)  # group 1: std ~1.1e-3
+    q = torch.tensor([2.0, 0.0, 3.0, 1.0, 1.0, 1.0, 1.004, 1.004], dtype=torch.float64)  # group 1: std 2e-3
+
+    def z(x, eps):
+        out = torch.zeros_like(x)
+        for g in (0, 1):
+            m = group == g
+            out[m] = (x[m] - x[m].mean()) / (x[m].std(unbiased=False) + eps)
+        return out
+
+    rewards, weights, agg = {"r": r, "q": q}, {"r": 1.0, "q": 0.5}, "advantage_sum"
+    if setup == "one_reward":
+        rewards, weights = {"r": r}, {"r": 1.0}
+    elif setup == "reward_sum":
+        agg = "reward_sum"
+    inp = _inp({k: torch.zeros(8, 3) for k in rewards}, group, eta, rewards=rewards, eps=1e-4, aggregate=agg)
+    inp = dataclasses.replace(inp, reward_weights=weights)
+    for eps in (1e-8, 0.5, 2.0):
+        cr = assign_credit("euphonium", inp, {"heads": "ora", "eps": eps})
+        if agg == "reward_sum":
+            want = {"main": z(r + 0.5 * q, eps)}
+        else:
+            want = {"main": z(r, eps), **({"outcome/q": 0.5 * z(q, eps)} if "q" in weights else {})}
+        got = {"main": cr.advantages, **dict(cr.heads or {})}
+        assert set(got) == set(want)
+        for h, a in got.items():
+            assert torch.allclose(a[:, 0].double(), want[h], atol=1e-5, rtol=1e-5)
+            assert (a[:, 1] == 0).all()
+    cr = assign_credit("euphonium", inp, {"heads": "ora", "eps": 1.0})
+    for a in (cr.advantages, *dict(cr.heads or {}).values()):  # std ≤ 3e-3 ≪ eps = 1: that group is nearly silenced
+        assert a[4:, 0].abs().max() < 3e-3 and a[:4, 0].abs().max() > 0.1
+
+
+def test_euphonium_reward_sum_outcome_head_is_c_times_the_clipped_advantage():
+    """reward_sum: ORA = c_ORA·clip(A, ±A_max) (METHODS.md §4.5: clip first, then fold c, exact because ℓ_clip is
+    positively homogeneous in A), not clip(c_ORA·A, ±A_max), which would let c·A reach A_max. Here A_max = 0.5 and
+    c = 0.5: A = ±1.34 gives ±0.25, A = ±0.45 gives ±0.22."""
+    from flowalign.credit import clipped_heads
+
+    group = torch.tensor([0, 0, 0, 0])
+    eta = torch.tensor([0.3, 0.0])
+    r, q = torch.tensor([0.0, 0.0, 1.0, 2.0]), torch.tensor([0.0, 1.0, 1.0, 1.0])  # R = r + q = 0, 1, 2, 3
+    inp = _inp({"r": torch.zeros(4, 3), "q": torch.zeros(4, 3)}, group, eta, rewards={"r": r, "q": q},
+               aggregate="reward_sum", adv_clip=0.5)
+    a = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / 1.25 ** 0.5  # z-score of R: ±1.342, ±0.447
+    want = 0.5 * a.clamp(-0.5, 0.5)
+    for opts in ({}, {"adv_clip": 0.5}):  # adv_clip None = the loss's A_max (CreditInput.adv_clip)
+        cr = assign_credit("euphonium", inp, {"heads": "ora", "c_ora": 0.5, **opts})
+        assert cr.heads is None
+        assert torch.allclose(cr.advantages[:, 0], want, atol=1e-6) and (cr.advantages[:, 1] == 0).all()
+        assert torch.allclose(clipped_heads(cr, inp.trained, inp.adv_clip)["main"][:, 0], want, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ NaN ("not applicable") rewards

@@ -142,6 +142,33 @@ def test_guidance_in_chunks_equals_the_whole_batch_with_each_rows_prompt():
         RewardGuidance(prm, 0.5, chunk=0)
 
 
+@pytest.mark.parametrize("scale_dt", [True, False])
+def test_normalized_guidance_is_each_rows_own_unit_gradient(scale_dt):
+    """``normalize=True`` divides each row's ∇_x R by that row's own norm: every row's shift has norm exactly
+    λ·(σ − σ') (λ with ``scale_dt=False``) and its own gradient's direction, whatever the rows' gradient
+    magnitudes (1e-4 … 1e4 apart: a norm over the whole batch, or none, fails); a zero-gradient row stays 0,
+    not NaN."""
+    prm = lambda z, s, c: -(z - 3.0).pow(2).flatten(1).mean(1)  # noqa: E731  ∇ = −2(z − 3)/D
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-4, 1.0, 1e4, 0.0])  # [B] the last row sits at the PRM's optimum: ∇ = 0
+    x = 3.0 + scales.view(-1, 1, 1, 1) * torch.randn(4, 3, 2, 2, generator=g)  # [B, 3, 2, 2]
+    sigma, sigma_next = torch.tensor(0.8), torch.tensor(0.6)
+    lam = 2.5
+    guide = RewardGuidance(prm, lam, steps=[1], scale_dt=scale_dt, normalize=True)
+    shift = guide(x, torch.zeros_like(x), sigma, sigma_next, 1, {})  # [B, 3, 2, 2]
+    coef = lam * (0.8 - 0.6) if scale_dt else lam
+    grad = (-2.0 * (x - 3.0) / 12).flatten(1).double()  # [B, D] the analytic ∇_x R
+    norms = shift.flatten(1).double().norm(dim=1)  # [B]
+    assert norms[:3].tolist() == pytest.approx([coef] * 3, rel=1e-5)
+    want = coef * grad[:3] / grad[:3].norm(dim=1, keepdim=True)  # [3, D]
+    assert torch.allclose(shift.flatten(1)[:3].double(), want, rtol=1e-5, atol=1e-7 * coef)
+    assert torch.equal(shift[3], torch.zeros_like(shift[3]))  # 0/‖0‖ is clamped: a zero row, finite
+    # without normalize the magnitudes follow the gradients (the test's rows really differ 1e8-fold)
+    raw = RewardGuidance(prm, lam, steps=[1], scale_dt=scale_dt)(x, torch.zeros_like(x), sigma, sigma_next, 1, {})
+    r = raw.flatten(1).norm(dim=1)  # [B]
+    assert float(r[2] / r[0]) > 1e7 and torch.allclose(raw.flatten(1).double(), coef * grad, rtol=1e-5)
+
+
 # ----------------- guided rollouts in the Gaussian world: guided steps, Euphonium's process head, the probe engine
 
 from gaussian_world import gaussian_world_velocity as gw_velocity  # noqa: E402  (exact; batch-invariant)

@@ -460,6 +460,62 @@ def test_branch_at_first_and_last_step_keeps_velocities(step):
     assert tuple(z.velocities.shape) == (2, 0, 3, 2) and tuple(z.means.shape) == (2, 0, 3, 2)
 
 
+def test_branch_children_get_independent_unit_noise_scaled_by_the_kernel_std():
+    """``loop.branch``: the K children of a trunk share μ_step and s_step (recomputed here from the kernel at x_step)
+    and each gets its own ξ ~ N(0, I): (x_{step+1} − μ)/s has mean 0 and std 1 at every latent position across the
+    children, is uncorrelated between trunks and between positions, and the stored log-prob is the density of it.
+    Pins the noise draw against repeating one trunk draw to all children, dropping ``std *`` or a wrong s."""
+    k, kids = 3, 2000
+    cond = _cond()
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(1))  # [B, 3, 2]
+    sig = sd3_diffusers(T)
+    tr = branch(elementwise_velocity, x, sig, cond, step=k, children=kids, eta=0.7,
+                generator=torch.Generator().manual_seed(2))
+    assert tuple(tr.latents.shape) == (2 * kids, T + 1, 3, 2)
+    assert tr.extras["parent"].tolist() == [0] * kids + [1] * kids
+    x_k = tr.latents[::kids, k]  # [B, 3, 2] each trunk's x_step
+    assert torch.equal(tr.latents[:, k], x_k.repeat_interleave(kids, 0))  # shared by the trunk's children
+    ref = flow_sde(x_k, elementwise_velocity(x_k, sig[k].expand(2), cond), sig[k], sig[k + 1], torch.tensor(0.7))
+    assert ref.std.dim() == 0 and 0.4 < float(ref.std) < 0.6  # a scale that dropping `std *` changes ~2x
+    mean = ref.mean.repeat_interleave(kids, 0)  # [B·K, 3, 2]
+    xi = ((tr.latents[:, k + 1] - mean) / ref.std).reshape(2, kids, 6)  # [B, K, D]
+    assert abs(float(xi.mean())) < 0.03 and abs(float(xi.std()) - 1) < 0.03  # 24,000 draws: SE 0.0065 / 0.0046
+    per_pos = xi.transpose(0, 1).reshape(kids, 12)  # [K, B·D] one column per (trunk, position)
+    # 2,000 draws each: SE 0.022 (mean) / 0.016 (std)
+    assert (per_pos.mean(0).abs() < 0.1).all() and ((per_pos.std(0) - 1).abs() < 0.1).all()
+    corr = torch.corrcoef(per_pos.T)  # [B·D, B·D]
+    assert (corr - torch.eye(12)).abs().max() < 0.1  # independent across trunks and positions
+    # no two children of a trunk share a draw
+    flat = xi.reshape(2 * kids, 6)  # [B·K, D]
+    assert torch.unique(flat, dim=0).shape[0] == 2 * kids
+    # the stored log-prob is the (element-mean) Gaussian density of exactly this noise under (μ, s)
+    lp = gaussian_log_prob(tr.latents[:, k + 1], mean, ref.std)  # [B·K]
+    closed = -0.5 * flat.pow(2).mean(1) - math.log(float(ref.std)) - 0.5 * math.log(2 * math.pi)  # [B·K]
+    assert torch.allclose(tr.log_probs[:, k], lp, atol=1e-6) and torch.allclose(tr.log_probs[:, k], closed, atol=1e-5)
+
+
+def test_branch_steps_other_than_the_branch_step_are_exact_euler():
+    """``loop.branch``: every step but ``step`` is an η = 0 Euler step x_{t+1} = x_t + (σ_{t+1} − σ_t)·v(x_t,
+    σ_t) bit for bit (the ODE prefix per trunk and the ODE completion per child), with log-prob 0 and η 0 there."""
+    k, kids = 2, 4
+    cond = _cond()
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(3))  # [B, 3, 2]
+    sig = sd3_diffusers(T)
+    tr = branch(elementwise_velocity, x, sig, cond, step=k, children=kids, eta=0.7,
+                generator=torch.Generator().manual_seed(4))
+    ce = {"e": cond["e"][tr.cond_index]}  # [B·K, 3, 2]
+    assert torch.equal(tr.latents[:, 0], x.repeat_interleave(kids, 0))
+    for t in range(T):
+        xt = tr.latents[:, t]  # [B·K, 3, 2]
+        euler = xt + (sig[t + 1] - sig[t]) * elementwise_velocity(xt, sig[t].expand(2 * kids), ce)  # [B·K, 3, 2]
+        if t == k:
+            assert (tr.latents[:, t + 1] - euler).flatten(1).norm(dim=1).min() > 1e-3  # the stochastic step: not Euler
+        else:
+            assert torch.equal(tr.latents[:, t + 1], euler), t
+            assert bool((tr.log_probs[:, t] == 0).all())
+    assert tr.eta.tolist() == pytest.approx([0.0] * k + [0.7] + [0.0] * (T - k - 1))
+
+
 def _ref_transition(name, x, v, s, sn, a, s1):
     """METHODS §2.1–2.4 in float64, written independently of samplers.kernels."""
     x, v = x.double(), v.double()

@@ -739,3 +739,186 @@ def test_mean_group_std_is_the_mean_of_population_stds_over_finite_rewards():
     r = torch.tensor([0.0, 1.0, float("nan"), 2.0, 2.0, 5.0])
     g = torch.tensor([0, 0, 0, 1, 1, 2])
     assert mean_group_std(r, g) == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+
+
+# ------------------------------------------------------------------ the update against its objective written out
+
+
+def _all_steps_inputs(B=3, w=0.5, lr=0.1):
+    """``_Lin`` starting at ``w`` on a trajectory whose T = 3 steps are all stochastic, with unequal Δ_t = σ_t − σ_{t+1}
+    = 0.3, 0.25, 0.45; the stored log-probs are the policy's at ``w`` (ρ = 1 at the start) while the reference stays
+    at 0.5. Pairs: every (rollout, step), row-major. SGD without momentum, so a step moves w by −lr·grad."""
+    from flowalign.samplers import step_log_prob
+    from flowalign.values import NFECounter
+
+    T, D = 3, 4
+    model = _Lin()
+    model.w.data.fill_(w)
+    nfe = NFECounter(model)
+    opt = torch.optim.SGD([model.w], lr=lr)
+    latents = torch.randn(B, T + 1, D, generator=torch.Generator().manual_seed(1))  # [B, T+1, D]
+    sigmas = torch.tensor([1.0, 0.7, 0.45, 0.0])  # [T+1]
+    eta = torch.tensor([0.7, 0.5, 0.6])  # [T]
+    cond = {"c": torch.zeros(B, 1)}
+    pairs = torch.cartesian_prod(torch.arange(B), torch.arange(T))  # [B·T, 2] (rollout, step)
+    b, t = pairs.unbind(1)  # [B·T] each
+    with torch.no_grad():
+        logp, _ = step_log_prob(lambda x, s, c: w * x, latents[b, t], latents[b, t + 1], sigmas[t], sigmas[t + 1],
+                                eta[t], cond, kernel="flow_sde")  # [B·T]
+    traj = SimpleNamespace(latents=latents, sigmas=sigmas, eta=eta, log_probs=logp.reshape(B, T), cond=cond,
+                           cond_index=torch.arange(B), velocities=None)
+    return model, nfe, opt, traj, pairs
+
+
+def _objective(w, traj, advs, pairs, *, form="exact", clip_range=0.2):
+    """The update's per-pair terms written out for v = w·x (reference v = 0.5·x): the policy loss summed over the
+    advantage heads, Σ_h max(−Â_h[b, t]·ρ, −Â_h[b, t]·clip(ρ, 1 ± ε)), and the KL mean_D((μ_θ − μ_ref)²)/(2s²), times
+    Δ_t = σ_t − σ_{t+1} for kl_form=flow_grpo. Returns (policy [n], kl [n])."""
+    from flowalign.samplers import step_log_prob
+
+    b, t = pairs.unbind(1)  # [n] each
+    x, x_next = traj.latents[b, t], traj.latents[b, t + 1]  # [n, D]
+    sig, sig_next, eta = traj.sigmas[t], traj.sigmas[t + 1], traj.eta[t]  # [n]
+    logp, trans = step_log_prob(lambda x_, s, c: w * x_, x, x_next, sig, sig_next, eta, None, kernel="flow_sde")
+    _, ref = step_log_prob(lambda x_, s, c: 0.5 * x_, x, x_next, sig, sig_next, eta, None, kernel="flow_sde")
+    ratio = torch.exp(logp - traj.log_probs[b, t])  # [n]
+    pol = sum(torch.maximum(-a[b, t] * ratio, -a[b, t] * ratio.clamp(1 - clip_range, 1 + clip_range))
+              for a in advs.values())  # [n]
+    s2 = trans.std.reshape(len(b), -1)[:, 0] ** 2  # [n]
+    kl = ((trans.mean - ref.mean.detach()) ** 2).flatten(1).mean(1) / (2 * s2)  # [n]
+    return pol, (kl * (sig - sig_next) if form == "flow_grpo" else kl)
+
+
+def _grad(w, traj, advs, pairs, *, beta=0.0, form="exact"):
+    """d/dw of (Σ policy + β·Σ KL) / n over ``pairs`` (one optimizer step's loss, n = its pair count)."""
+    w = torch.tensor(float(w), requires_grad=True)
+    pol, kl = _objective(w, traj, advs, pairs, form=form)
+    return float(torch.autograd.grad((pol.sum() + beta * kl.sum()) / pairs.shape[0], w)[0])
+
+
+def test_each_optimizer_step_applies_only_its_own_chunks_gradient():
+    """Two optimizer steps per iteration: step 2 moves w by its own chunk's gradient at the weights step 1 left, not
+    by that plus step 1's (the gradients are zeroed before every step, not only before the first)."""
+    from flowalign.train import _update
+
+    model, nfe, opt, traj, pairs = _all_steps_inputs(B=2, lr=0.5)
+    advs = {"main": torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]])}  # [B, T]
+    seen = []
+    out = _update(_tr(optimizer_steps_per_iter=2, micro_batch=2, max_grad_norm=0.0), model, opt, traj, advs, pairs,
+                  lambda t: t, nfe, skip=False, on_step=lambda: seen.append(float(model.w.detach())))
+    first, second = pairs[:3], pairs[3:]  # tensor_split of the 6 pairs into the 2 steps
+    g1 = _grad(0.5, traj, advs, first)
+    w1 = 0.5 - 0.5 * g1
+    w2 = w1 - 0.5 * _grad(w1, traj, advs, second)
+    assert out["_steps_taken"] == 2 and abs(0.5 * g1) > 1e-2  # step 1's gradient is no rounding error
+    assert seen == pytest.approx([w1, w2], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("form", ["flow_grpo", "exact"])
+def test_the_kl_term_is_the_closed_form_and_pulls_towards_the_reference(form):
+    """β-KL alone (zero advantages), w = 0.8 against the reference's 0.5: the logged train/kl is the mean over pairs of
+    mean_D((μ_θ − μ_ref)²)/(2s²) (× Δ_t = σ_t − σ_{t+1} > 0 for flow_grpo, whose Δ_t differ per step), and the step
+    is −lr·β·∇ Σ KL / n, which moves w towards 0.5."""
+    from flowalign.loss import gaussian_kl
+    from flowalign.samplers import step_log_prob
+    from flowalign.train import _update
+
+    model, nfe, opt, traj, pairs = _all_steps_inputs(w=0.8)
+    advs = {"main": torch.zeros(3, 3)}  # [B, T]
+    out = _update(_tr(beta_kl=0.5, kl_form=form, micro_batch=4, max_grad_norm=0.0), model, opt, traj, advs, pairs,
+                  lambda t: t, nfe, skip=False)
+    _, kl = _objective(torch.tensor(0.8), traj, advs, pairs, form=form)  # [9]
+    _, exact = _objective(torch.tensor(0.8), traj, advs, pairs)  # [9]
+    assert (kl > 0).all()
+    if form == "flow_grpo":  # the factor Δ_t: 0.3, 0.25, 0.45 by step
+        assert torch.allclose(kl, exact * torch.tensor([0.3, 0.25, 0.45]).repeat(3), rtol=1e-5)
+    assert out["train/kl"] == pytest.approx(float(kl.mean()), rel=1e-5)
+    # gaussian_kl as the trainer calls it (dt = σ_{t+1} − σ_t < 0) is this closed form
+    b, t = pairs.unbind(1)  # [9] each
+    args = (traj.latents[b, t], traj.latents[b, t + 1], traj.sigmas[t], traj.sigmas[t + 1], traj.eta[t], None)
+    _, trans = step_log_prob(lambda x, s, c: 0.8 * x, *args)
+    _, ref = step_log_prob(lambda x, s, c: 0.5 * x, *args)
+    assert torch.allclose(gaussian_kl(trans.mean, ref.mean, trans.std, traj.sigmas[t + 1] - traj.sigmas[t], form=form),
+                          kl, rtol=1e-5)
+    w = float(model.w.detach())
+    assert 0.5 < w < 0.8
+    assert w == pytest.approx(0.8 - 0.1 * _grad(0.8, traj, advs, pairs, beta=0.5, form=form), rel=1e-5)
+
+
+def test_advantage_heads_add_up_in_the_loss_and_the_step():
+    """Two advantage heads: the policy loss is the sum of the heads' surrogates, so the logged policy_loss and the
+    step (SGD, one optimizer step) are the sums of those of each head alone, not the last head's."""
+    from flowalign.train import _update
+
+    heads = {"a": torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0], [-0.5, 2.0, 1.5]]),  # [B, T]
+             "b": torch.tensor([[0.3, 1.0, -1.5], [-2.0, 0.5, 2.5], [1.0, -0.75, 0.2]])}  # [B, T]
+    got = {}
+    for name, advs in (("a", {"a": heads["a"]}), ("b", {"b": heads["b"]}), ("both", heads)):
+        model, nfe, opt, traj, pairs = _all_steps_inputs()
+        out = _update(_tr(micro_batch=4, max_grad_norm=0.0), model, opt, traj, advs, pairs, lambda t: t, nfe,
+                      skip=False)
+        got[name] = (float(model.w.detach()) - 0.5, out["train/policy_loss"])
+    assert abs(got["a"][0]) > 1e-3 and abs(got["b"][0]) > 1e-3
+    assert got["both"][0] == pytest.approx(got["a"][0] + got["b"][0], rel=1e-5)
+    assert got["both"][1] == pytest.approx(got["a"][1] + got["b"][1], rel=1e-5)
+    assert got["both"][0] == pytest.approx(-0.1 * _grad(0.5, traj, heads, pairs), rel=1e-5)
+
+
+def test_the_kl_is_summed_over_pairs_whatever_the_micro_batch():
+    """loss = (Σ policy + β·Σ KL) / n: the KL of every pair counts once, so micro-batches of 1, 4 (4 + 4 + 1) or all 9
+    pairs take the same step, −lr·β·∇ Σ KL / n (a per-micro-batch mean would shrink it by the micro-batch size)."""
+    from flowalign.train import _update
+
+    steps = []
+    for micro_batch in (1, 4, 9):
+        model, nfe, opt, traj, pairs = _all_steps_inputs(w=0.8)
+        advs = {"main": torch.zeros(3, 3)}  # [B, T]
+        out = _update(_tr(beta_kl=0.5, micro_batch=micro_batch, max_grad_norm=0.0), model, opt, traj, advs, pairs,
+                      lambda t: t, nfe, skip=False)
+        steps.append(float(model.w.detach()) - 0.8)
+    expect = -0.1 * _grad(0.8, traj, advs, pairs, beta=0.5)
+    assert abs(expect) > 1e-3 and out["train/kl"] > 0
+    assert steps == pytest.approx([expect] * 3, rel=1e-5)
+
+
+def test_max_grad_norm_limits_the_applied_step_and_logs_the_norm_before_clipping():
+    """max_grad_norm = 1e-3 caps the gradient that SGD applies at norm 1e-3 (clip_grad_norm_'s g·c/(‖g‖ + 1e-6));
+    the logged grad_norm is ‖g‖ before clipping; 0 applies the whole gradient."""
+    from flowalign.train import _optimizer_step, _update
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([3.0, 0.0, 4.0])
+    opt = torch.optim.SGD([p], lr=1.0)
+    out, logs = {"train/skipped_updates": 0, "_steps_taken": 0}, {}
+    _optimizer_step(opt, True, lambda t: t, SimpleNamespace(max_grad_norm=1.0), logs, out)
+    assert torch.allclose(p.detach(), torch.tensor([-0.6, 0.0, -0.8]), rtol=1e-5)  # the unit-norm step
+    assert out["_steps_taken"] == 1 and logs["grad_norm"] == [5.0]
+
+    advs = {"main": torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0], [-0.5, 2.0, 1.5]])}  # [B, T]
+    got = {}
+    for cap in (1e-3, 0.0):
+        model, nfe, opt, traj, pairs = _all_steps_inputs(lr=1.0)
+        out = _update(_tr(micro_batch=4, max_grad_norm=cap), model, opt, traj, advs, pairs, lambda t: t, nfe,
+                      skip=False)
+        got[cap] = (float(model.w.detach()) - 0.5, out["train/grad_norm"])
+    g = _grad(0.5, traj, advs, pairs)
+    assert abs(g) > 1e-1
+    assert got[0.0][0] == pytest.approx(-g, rel=1e-5) and got[0.0][1] == pytest.approx(abs(g), rel=1e-5)
+    assert got[1e-3][0] == pytest.approx(-g * 1e-3 / (abs(g) + 1e-6), rel=1e-4)
+    assert got[1e-3][1] == pytest.approx(abs(g), rel=1e-5)
+
+
+def test_each_pair_takes_the_advantage_of_its_own_rollout_and_step():
+    """A dense advantage that differs by rollout and step: pair (b, t) is weighted by Â[b, t]. Steps 0 and 1 of each
+    rollout, in shuffled order: the logged policy_loss (−mean Â at ρ = 1) and the step are those of the objective."""
+    from flowalign.train import _update
+
+    model, nfe, opt, traj, pairs = _all_steps_inputs()
+    advs = {"main": torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0], [-0.5, 2.0, 1.5]])}  # [B, T]
+    mine = pairs[pairs[:, 1] < 2][torch.tensor([3, 0, 5, 1, 4, 2])]  # [6, 2]
+    out = _update(_tr(micro_batch=4, max_grad_norm=0.0), model, opt, traj, advs, mine, lambda t: t, nfe, skip=False)
+    b, t = mine.unbind(1)
+    assert out["train/policy_loss"] == pytest.approx(-float(advs["main"][b, t].mean()), rel=1e-5)
+    expect = -0.1 * _grad(0.5, traj, advs, mine)
+    assert abs(expect) > 1e-3
+    assert float(model.w.detach()) - 0.5 == pytest.approx(expect, rel=1e-5)

@@ -347,6 +347,41 @@ def test_softmax_backup_weights_children_by_their_split_edge_probability():
         tree_node_rewards(r, node, depth, one, backup="max")
 
 
+def test_mean_backup_averages_only_the_finite_leaves():
+    """backup=mean (BranchGRPO, arXiv:2509.06040; METHODS.md §2.8): a node's reward is the mean of its descendant
+    leaves' finite rewards, exactly: NaN ("not applicable") leaves count neither in the sum nor in the count, and a
+    node whose leaves are all NaN gets NaN. Checked by hand on a three-split tree and against a brute-force mean on a
+    sampled one."""
+    from flowalign.credit import tree_node_rewards
+
+    # one tree, T = 3, binary splits at steps 0, 1, 2: depth-1 nodes 1, 2; depth-2 nodes 3…6; leaves 7…14
+    node = torch.tensor([[1 + i // 4, 3 + i // 2, 7 + i] for i in range(8)])
+    depth = torch.tensor([[1, 2, 3]] * 8)
+    nan = float("nan")
+    r = torch.tensor([1.0, 2.0, nan, nan, 4.0, nan, 8.0, 16.0])
+    got = tree_node_rewards(r, node, depth, torch.zeros(8, dtype=torch.long))
+    n1, n2 = 1.5, 28 / 3  # (1 + 2)/2 (two NaN leaves left out), (4 + 8 + 16)/3 (one left out)
+    want = torch.tensor([[n1, 1.5, 1.0], [n1, 1.5, 2.0], [n1, nan, nan], [n1, nan, nan],
+                         [n2, 4.0, 4.0], [n2, 4.0, nan], [n2, 12.0, 8.0], [n2, 12.0, 16.0]], dtype=torch.float64)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, atol=1e-12, rtol=0, equal_nan=True)
+    # a sampled forest (3 trees × 8 leaves) with a NaN pattern that empties some subtrees
+    tr, *_ = _tree(roots=3, splits=[0, 3, 6])
+    ex = tr.extras
+    rr = torch.randn(tr.batch_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rr[[2, 3, 9, 16, 17, 18, 19, 20, 21, 22, 23]] = nan  # tree 2 has no reward at all
+    got = tree_node_rewards(rr, ex["node"], ex["depth"], tr.group)
+    want = torch.full_like(got, nan)
+    for i in range(tr.batch_size):
+        for t in range(T):
+            below = (ex["node"] == ex["node"][i, t]).any(1)  # the leaves under the node owning edge (i, t)
+            fin = rr[below & torch.isfinite(rr)]
+            if fin.numel():
+                want[i, t] = fin.mean()
+    assert torch.isnan(got[16:]).all() and torch.isfinite(got[:16, 0]).all()
+    assert torch.allclose(got, want, atol=1e-12, rtol=0, equal_nan=True)
+
+
 def test_depth_and_width_pruning_drop_edges_and_keep_the_other_advantages():
     base, tr, r = _random_tree_credit()
     ex = tr.extras

@@ -779,11 +779,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         metrics["train/kept_fraction"] = float(keep.any(1).float().mean())
         counts = _rank_counts(pairs.shape[0], reduce_mean, rank, world)  # every rank's pair count
         total = sum(counts)
-        order = torch.randperm(total, generator=torch.Generator().manual_seed(mix_seed(cfg.train.seed, it, 3))) \
-            if cfg.train.shuffle_transitions else torch.arange(total)  # one order of all ranks' pairs, on every rank
+        order = transition_order(cfg.train.seed, it, total, cfg.train.shuffle_transitions)  # [total], every rank's
         chunks = step_chunks(pairs, counts, rank, order, cfg.train.optimizer_steps_per_iter)
-        bad_input = any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
-            any(bool(v.isinf().any()) for v in reward_vals.values())  # ±inf: a broken reward, not "not applicable"
+        bad_input = nonfinite_inputs(advs, reward_vals)
         metrics["train/nonfinite_inputs"] = int(bad_input)
         gen = streams(cfg.train.seed, it, rank, positions, "update")  # the update's own draws (nft)
         lr = cfg.train.lr * LR_SCHEDULES[cfg.train.lr_schedule](it, cfg.train.iterations)  # a function of `it` alone
@@ -860,6 +858,23 @@ def _rank_counts(n: int, reduce_mean, rank: int, world: int) -> list[int]:
     vec = torch.zeros(world, dtype=torch.float64)
     vec[rank] = float(n)
     return [int(round(v)) for v in reduce_mean(vec).mul_(world).tolist()]
+
+
+def transition_order(seed: int, it: int, total: int, shuffle: bool) -> torch.Tensor:
+    """The order [total] of iteration ``it``'s (rollout, step) pairs of all ranks, the same on every rank: a fresh
+    permutation each iteration, drawn from (``train.seed``, ``it``) alone (so a resumed run draws the same one), or
+    0 … total−1 when ``train.shuffle_transitions`` is off."""
+    if not shuffle:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(mix_seed(seed, it, 3)))
+
+
+def nonfinite_inputs(advs: Mapping[str, torch.Tensor], rewards: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the update must be skipped (counted in ``train/nonfinite_inputs``): any advantage that is not finite,
+    or any reward that is ±inf in any row. A NaN reward is "not applicable" (its row's advantage is 0); an inf one
+    is a broken reward, and credit alone would hide a single such row (its advantage is set to 0 too)."""
+    return any(not bool(torch.isfinite(a).all()) for a in advs.values()) or \
+        any(bool(v.isinf().any()) for v in rewards.values())
 
 
 def step_chunks(pairs: torch.Tensor, counts: Sequence[int], rank: int, order: torch.Tensor, n_steps: int

@@ -478,3 +478,86 @@ def test_compare_of_a_summary_with_a_broken_part_is_one_line(tmp_path, capsys, f
     _fails(capsys, ["compare", str(base), str(other), "--out", str(out)], f"{other / 'summary.json'}: {field} must be a "
            f"mapping", "re-run the evaluation")
     assert not out.exists()
+
+
+# -------------------------------------------------------------------- exact contracts of the comparison's numbers
+
+
+def _row(md, name):
+    return next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+
+
+def test_compare_evaluations_star_a_significant_change_of_either_sign(tmp_path, capsys):
+    """* marks an interval that excludes 0, above or below: a model worse on every prompt is starred too."""
+    tasks = ("a", "a", "b", "b")
+    good = _eval_dir(tmp_path / "good", [[1, 1, 1, 1]] * 4, tasks=tasks)
+    worse = _eval_dir(tmp_path / "worse", [[0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], tasks=tasks)
+    same = _eval_dir(tmp_path / "same", [[1, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 1]], tasks=tasks)
+    assert main(["compare", str(good), str(worse), "--out", str(tmp_path / "down")]) == 0
+    down = (tmp_path / "down" / "compare.md").read_text()
+    assert _row(down, "a") == "| a | 1.000 | 0.125 (-0.875 [-1.000, -0.750])* |"
+    assert _row(down, "**overall**").endswith(")* |") and _row(down, "b").endswith(")* |")
+    assert main(["compare", str(worse), str(good), "--out", str(tmp_path / "up")]) == 0
+    assert _row((tmp_path / "up" / "compare.md").read_text(), "a") == "| a | 0.125 | 1.000 (+0.875 [+0.750, +1.000])* |"
+    assert main(["compare", str(good), str(same), "--out", str(tmp_path / "flat")]) == 0
+    assert ")*" not in (tmp_path / "flat" / "compare.md").read_text()  # an interval holding 0: no star
+    capsys.readouterr()
+
+
+def test_compare_evaluations_average_over_images_when_the_reference_does(tmp_path, capsys):
+    """The overall convention is the reference's settings["overall"]: evaluations summarised over images (a
+    protocol with overall: images) get the change of the image means (2/12 → 7/12), not of the task means."""
+    from flowalign.evaluate import summarize
+
+    dirs = []
+    for name, scores in (("base", [[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]),
+                         ("lora", [[1, 0, 1, 1], [1, 1, 0, 1], [0, 0, 0, 1]])):
+        d = _eval_dir(tmp_path / name, scores)
+        recs = [json.loads(x) for x in (d / "results.jsonl").read_text().splitlines()]
+        summ = summarize(recs, ["shapes_strict"], overall="images")
+        summ["settings"] = {"steps": 12, "model": "shapes", "overall": "images", "seed": 0}
+        (d / "summary.json").write_text(json.dumps(summ))
+        dirs.append(str(d))
+    assert main(["compare", *dirs, "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert _row(md, "**overall**").startswith("| **overall** | 0.167 | 0.583 (+0.417 [")  # groups: +0.375
+    assert "Overall: the mean over images" in md
+    capsys.readouterr()
+
+
+def test_a_stochastic_steer_without_a_method_pairs_by_prompt(tmp_path, capsys):
+    """`steer --method none` with η > 0 draws SDE samples, other images than the ODE's from the same seeds: it is
+    compared prompt for prompt (no seed check), as any steered output."""
+    base = _eval_dir(tmp_path / "base", [[0, 1], [1, 0], [0, 0]])
+    sde = _as_steered(_eval_dir(tmp_path / "sde", [[1, 1], [1, 0], [0, 1]], seed_offset=3), method="none", eta=0.7)
+    assert main(["compare", str(base), str(sde), "--out", str(tmp_path / "cmp")]) == 0
+    assert "Steered outputs (sde)" in (tmp_path / "cmp" / "compare.md").read_text()
+    capsys.readouterr()
+
+
+def test_nfe_counts_every_phase_but_the_evaluations(tmp_path):
+    """NFE = the sum of the cumulative nfe/* counters but nfe/other (the evaluations' forwards)."""
+    d = _run(tmp_path / "a", "outcome", {"base": 0.3, "step-2": 0.4, "final": 0.5}, (10, 5))
+    recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(dict(r, **{"nfe/other": 1000 * r["iteration"]})) + "\n"
+                                             for r in recs))
+    assert run_curve(d)["nfe"] == [0.0, 30.0, 60.0]
+
+
+def test_mean_over_seeds_band_is_the_lowest_and_highest_seed_and_costs_are_means():
+    """Per evaluation point: value the mean over seeds, lo/hi the smallest and largest seed's value (the band), and
+    rollouts, NFE and wall time the means over the seeds."""
+    from flowalign.compare import mean_over_seeds
+
+    def curve(seed, values, rollouts, nfe, wall):
+        return {"label": f"s{seed}", "setting": "x", "seed": seed, "iterations": [0, 2, 4], "value": values,
+                "rollouts": rollouts, "nfe": nfe, "wall_s": wall}
+
+    runs = [curve(1, [0.4, 0.9, 0.5], [0, 16, 32], [0.0, 20.0, 40.0], 10.0),
+            curve(2, [0.4, 0.3, 0.8], [0, 16, 40], [0.0, 30.0, 60.0], 20.0),
+            curve(3, [0.4, 0.6, 0.2], [0, 16, 24], [0.0, 40.0, 50.0], 60.0)]
+    (m,) = mean_over_seeds(runs)
+    assert m["value"] == pytest.approx([0.4, 0.6, 0.5])
+    assert m["lo"] == [0.4, 0.3, 0.2] and m["hi"] == [0.4, 0.9, 0.8]
+    assert m["rollouts"] == [0, 16, 32] and m["nfe"] == [0.0, 30.0, 50.0] and m["wall_s"] == 30.0
+    assert m["seeds"] == [1, 2, 3] and m["finals"] == [0.5, 0.8, 0.2] and m["label"] == "s1 (+2 seeds)"

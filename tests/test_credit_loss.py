@@ -229,3 +229,159 @@ def test_global_scope_all_equal_group_gets_exactly_zero():
     adv = outcome(inp).advantages
     assert bool((adv[:24] == 0).all())
     assert bool((adv[24:] != 0).any())
+
+
+# ------------------------------------------------------------------------------------------ pinned by mutation testing
+
+
+def test_global_scope_std_uses_ddof_over_every_reward():
+    """``scope="global"`` with ``ddof``: A_i = (R_i − mean_group R)/std_ddof(all R) (Flow-GRPO's global_std with
+    Bessel's correction): ss = 131 around the global mean 6.5, std = √(131/3)."""
+    g = torch.tensor([0, 0, 1, 1])
+    r = torch.tensor([0.0, 2.0, 10.0, 14.0])
+    a = group_normalize(r, g, scope="global", ddof=1, eps=0.0)
+    assert torch.allclose(a, torch.tensor([-1.0, 1.0, -2.0, 2.0]) / math.sqrt(131 / 3), atol=1e-6)
+
+
+def test_rewards_equal_up_to_rounding_or_beside_a_nan_get_exactly_zero():
+    """METHODS §3.2 "all equal → A = 0" holds exactly (zero-std filtering tests A != 0): in the group scope for
+    rewards one ulp apart (0.1 + 0.2 vs 0.3, std ≈ 3e-17), and in the global scope for a tied group that also
+    holds a NaN reward (the NaN sits out the group's max/min as well as its mean)."""
+    g = torch.tensor([0, 0, 1, 1])
+    r = torch.tensor([0.1 + 0.2, 0.3, 1.0, 2.0], dtype=torch.float64)  # [4]
+    a = group_normalize(r, g)
+    assert bool((a[:2] == 0).all()) and bool((a[2:] != 0).all())
+    assert bool((step_normalize(r[:, None], g)[:2] == 0).all())
+    g2 = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    r2 = torch.tensor([0.1, 0.1, 0.1, float("nan"), 0.0, 1.0, 3.0], dtype=torch.float64)  # mean of 3×0.1 ≠ 0.1
+    a2 = group_normalize(r2, g2, scope="global")
+    assert bool((a2[:4] == 0).all()) and bool((a2[4:] != 0).all())
+
+
+def test_state_values_never_asks_the_probe_for_x_T():
+    """``state_values``: column T is the terminal reward (V(x_T) = R(x_T), METHODS.md §4.0), so x_T is never probed
+    even when the mask selects it."""
+    from flowalign.credit import state_values
+    from flowalign.samplers import eta_schedule as sched
+    from test_credit_methods import T as T6, _engine_inp, _gw_rollout
+
+    inp = _engine_inp(_gw_rollout(sched(T6, 0.7)))
+    seen = []
+    inner = inp.probe
+
+    def spy(mode, mask):
+        seen.append(mask.clone())
+        return inner(mode, mask)
+
+    import dataclasses
+
+    vals = state_values(dataclasses.replace(inp, probe=spy), "ode:full", torch.ones(8, T6 + 1, dtype=torch.bool))
+    (mask,) = seen
+    assert mask[:, :T6].all() and not mask[:, T6].any()
+    assert torch.equal(vals["r"][:, T6], inp.rewards["r"].double())
+
+
+def test_floored_z_is_zero_where_the_std_is_below_the_floor():
+    """VGPO's ``floored_z`` (METHODS.md §4.4): z = (x − mean_g)/std where std ≥ floor, else 0 — a column whose group
+    spread is below the floor (but not exactly flat) gets 0, not (x − mean)/floor."""
+    from flowalign.credit import floored_z
+
+    x = torch.tensor([[1.0], [1.0 + 1e-8], [1.0 + 2e-8], [5.0], [6.0], [7.0]], dtype=torch.float64)  # [6, 1]
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    z = floored_z(x, group, torch.ones(6, dtype=torch.bool), floor=1e-6)  # [6, 1]
+    assert bool((z[:3] == 0).all())
+    assert torch.allclose(z[3:, 0], torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64) / math.sqrt(2 / 3))
+
+
+def test_win_rate_reward_sum_ranks_the_weighted_sum():
+    """Pref-GRPO credit (METHODS.md §4.8) with ``reward_sum``: the z-score of the win rates of Σ_k w_k·R_k (one
+    ranking), not Σ_k w_k·z(win rate of R_k) (``advantage_sum``)."""
+    from flowalign.credit import group_win_rates
+    from test_credit_methods import _inp
+
+    group = torch.zeros(4, dtype=torch.long)
+    a = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    b = torch.tensor([3.0, 2.0, 1.0, 10.0])
+    vals = {"a": a[:, None].expand(4, 3).clone(), "b": b[:, None].expand(4, 3).clone()}  # [4, T+1] each
+    eta = torch.full((2,), 0.7)
+    got = assign_credit("win_rate", _inp(vals, group, eta, aggregate="reward_sum")).advantages[:, 0]
+    want = group_normalize(group_win_rates(a + b, group), group, eps=1e-9)  # a + b = [3, 3, 3, 13]
+    assert torch.allclose(got, want, atol=1e-6)
+    per = assign_credit("win_rate", _inp(vals, group, eta)).advantages[:, 0]  # advantage_sum
+    assert not torch.allclose(per, want, atol=1e-3)
+
+
+def _one_split_tree(n):
+    """A tree of one root edge (node 0, depth 0) and ``n`` leaves split at step 1 (nodes 1 … n, depth 1)."""
+    node = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(1, n + 1)], 1)  # [n, 2]
+    depth = torch.tensor([[0, 1]]).expand(n, 2)  # [n, 2]
+    return node, depth, torch.zeros(n, dtype=torch.long)
+
+
+def test_tree_width_mask_keeps_ceil_half_ratio_at_each_end_and_breaks_ties_by_node_id():
+    """BranchGRPO width pruning (METHODS.md §2.8): of the deepest nodes keep the ⌈ratio·n/2⌉ best and as many worst
+    advantages (ties: lower node id first); shallower edges are always kept."""
+    from flowalign.credit import tree_width_mask
+
+    node, depth, tree_id = _one_split_tree(6)
+    adv = torch.tensor([3.0, 1.0, 0.0, -0.5, 2.0, -2.0])[:, None].expand(6, 2)  # [6, 2]: the leaves' advantages
+    keep = tree_width_mask(adv, node, depth, tree_id, 0.5)  # ⌈1.5⌉ = 2 at each end
+    assert keep[:, 0].all() and keep[:, 1].tolist() == [True, False, False, True, True, True]
+    tie = torch.tensor([1.0, 1.0, 0.0, -1.0, 0.5, 0.2])[:, None].expand(6, 2)  # nodes 1 and 2 tie for best
+    keep = tree_width_mask(tie, node, depth, tree_id, 1 / 3)  # ⌈1⌉ = 1 at each end
+    assert keep[:, 1].tolist() == [True, False, False, True, False, False]
+
+
+def test_turning_point_needs_a_strict_sign_change_and_ties_keep_the_earlier_step():
+    """TP-GRPO (METHODS.md §4.2): I_j needs c_{j−1} < 0 (a flat step, d = 0, is no reversal); balancing keeps the
+    m largest |Δ| per side with ties broken by the lower step index, then the lower row."""
+    from flowalign.credit import balance_turning_points, turning_point_rewards
+
+    for constraint in (False, True):
+        _, turn, d, *_ = turning_point_rewards(torch.tensor([[0.2, 0.2, 0.5, 0.9]]), constraint=constraint)
+        assert d[0, 0] == 0 and not turn.any()
+    turn = torch.tensor([[0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=torch.bool)  # P = (0, 2), (1, 0); N = (2, 1)
+    out = balance_turning_points(turn, torch.tensor([0.5, 0.5, -0.3]), torch.zeros(3, dtype=torch.long))
+    assert out.long().tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0]]  # equal |Δ|: step 0 beats step 2
+
+
+def test_turning_points_balance_scope_none_keeps_every_turning_point():
+    """``balance_scope="none"``: r_j = I_j·g_j + (1 − I_j)·d_j with every turning point, per-step z-scored; the
+    default "group" balancing keeps one of the group's three positive turning points here (one negative)."""
+    from flowalign.credit import turning_point_rewards
+    from test_credit_methods import _inp
+
+    v = torch.tensor([[0.5, 0.4, 0.6, 0.55, 0.7], [0.3, 0.2, 0.5, 0.45, 0.6],  # Δ > 0, a turning point at j = 2
+                      [0.5, 0.6, 0.4, 0.45, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5]], dtype=torch.float64)  # Δ < 0; first step
+    group = torch.zeros(4, dtype=torch.long)
+    eta = torch.full((4,), 0.7)
+    r, turn, *_ = turning_point_rewards(v)  # [4, 4]
+    assert turn[:3, 1].all() and turn[3, 0] and turn.sum() == 4
+    none = assign_credit("turning_points", _inp({"r": v}, group, eta), {"balance_scope": "none"}).advantages
+    assert torch.allclose(none, step_normalize(r, group, eps=1e-9), atol=1e-6)
+    grouped = assign_credit("turning_points", _inp({"r": v}, group, eta)).advantages
+    assert not torch.allclose(grouped, none, atol=1e-3)
+
+
+def test_vgpo_default_anchor_is_ceil_half_and_batch_omega_pools_every_row():
+    """VGPO (METHODS.md §4.4 [recon]): t_anchor = ⌈T/2⌉ (3 of T = 5), so with ω ≡ 1 the κ·Q term is on t < 3 only;
+    ``omega="batch"`` is one ω_t = mean_i Q_it / mean_{i, t′} Q_it′ for every row, whatever its group."""
+    from flowalign.credit import process_q
+    from test_credit_methods import _inp
+
+    steps = 5
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    eta = torch.full((steps,), 0.7)
+    v = torch.rand(6, steps + 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+    q = process_q(v[:, 1:])  # [6, T]
+    a1 = assign_credit("value_anchor", _inp({"r": v}, group, eta), {"kappa": 1.0, "omega": "none"}).advantages
+    a0 = assign_credit("value_anchor", _inp({"r": v}, group, eta), {"kappa": 0.0, "omega": "none"}).advantages
+    assert torch.allclose((a1 - a0)[:, :3], q[:, :3].float(), atol=1e-5) and bool(((a1 - a0)[:, 3:] == 0).all())
+    flat = v.clone()
+    flat[:3] = flat[0]
+    flat[3:] = 3 * flat[3]  # z = 0 in each group; the groups' Q differ in scale
+    qf = process_q(flat[:, 1:])  # [6, T]
+    a = assign_credit("value_anchor", _inp({"r": flat}, group, eta),
+                      {"kappa": 1.0, "t_anchor": steps, "omega": "batch"}).advantages  # Â = ω·Q
+    per_t = qf.mean(0)  # [T]
+    assert torch.allclose(a, (qf * (per_t / per_t.mean())[None]).float(), atol=1e-5)

@@ -309,3 +309,47 @@ def test_resume_over_the_same_prompts_and_from_old_checkpoints_still_works():
     PromptSampler(3, 2, seed=5).load_state_dict(state)  # built from a count: nothing to compare
     with pytest.raises(UserError, match="n=3"):  # a changed count is still reported as such
         PromptSampler(_records(["x", "y"]), 2, seed=5).load_state_dict(state)
+
+
+# ------------------------------------------------------------------ exact contracts: shares, seeds, resume position
+
+
+def test_spaced_subset_of_interleaved_tasks_gives_the_rest_by_largest_remainder():
+    """Interleaved tasks: shares n·|task|/N rounded down, the rest to the largest remainders, picks evenly spaced
+    within each task. a×5, b×3, c×2 and n = 4: quotas 2, 1.2, 0.8 → a 2, b 1, then c (remainder 0.8, not a's 0)."""
+    from flowalign.data import spaced_subset
+
+    tasks = ["a", "b", "a", "c", "a", "b", "a", "c", "a", "b"]
+    recs = [PromptRecord(f"p{i}", {"task": t}) for i, t in enumerate(tasks)]
+    picked = spaced_subset(recs, 4)
+    assert [r.prompt for r in picked] == ["p0", "p1", "p3", "p4"]  # a: 0 and 4 (of 0,2,4,6,8); b: 1; c: 3
+    assert collections.Counter(task_of(r) for r in spaced_subset(recs, 7)) == {"a": 4, "b": 2, "c": 1}  # 3.5,2.1,1.4
+
+
+def test_resume_refuses_a_position_past_the_end_of_the_epoch():
+    """The saved position is the next index within the epoch, in [0, n): a state at n is corrupt, not a resume."""
+    s = PromptSampler(5, 2, seed=1)
+    s.next_groups()
+    state = s.state_dict()
+    for bad in (5, -1):
+        msg = _err(PromptSampler(5, 2, seed=1).load_state_dict, dict(state, position=bad))
+        assert "corrupt sampler state" in msg and f"position {bad}" in msg
+    PromptSampler(5, 2, seed=1).load_state_dict(dict(state, position=4))  # the last index is valid
+
+
+def test_a_negative_seed_is_its_64_bit_word_not_its_absolute_value():
+    """train.seed = -1 shuffles as the 64-bit word 2**64 − 1 (numpy refuses negative entropy), a stream of its own:
+    not that of seed 1."""
+    def stream(seed):
+        s = PromptSampler(9, 3, seed=seed)
+        return [s.next_groups() for _ in range(6)]
+
+    assert stream(-1) == stream(2**64 - 1) != stream(1)
+    assert stream(-2) == stream(2**64 - 2) != stream(2)
+
+
+def test_shard_groups_refuses_a_rank_outside_the_world():
+    """A rank outside [0, world) is a launch error (ValueError), not an empty or wrapped-around share."""
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="invalid rank"):
+            shard_groups([1, 2, 3, 4], rank, world)

@@ -454,3 +454,185 @@ def test_paired_bootstrap_refuses_evaluations_of_other_prompts():
     other = [dict(r, prompt="another prompt") if r["prompt_index"] == 3 else r for r in other]
     with pytest.raises(ValueError, match="different prompts"):
         paired_bootstrap(base, other, "r")
+
+
+# ------------------------------------------------------------ exact contracts: seeds, N/A scores, groups, intervals
+
+
+def test_image_seed_past_1009_is_the_documented_layout():
+    """image_seed's docstring, k >= 1009 (j = k − 1009): bit 63 set, seed mod 2**31 in bits 32-62, and in the low 32
+    bits (seed·1_000_003 + 2**31 + splitmix64(seed) mod 2**30 + (i + j)(i + j + 1)/2 + j) mod 2**32, the Cantor pairing
+    of (prompt i, j). Distinctness alone does not fix these values; the noise of every image past 1009 does."""
+    from flowalign.evaluate import _splitmix64, image_seed
+
+    for seed, i, k in [(0, 0, 1009), (3, 2, 1010), (42, 7, 2000), (2**31 + 5, 1, 1500), (1, 40_000, 7_000)]:
+        v, j = image_seed(seed, i, k), k - 1009
+        assert v >> 63 == 1 and v < 2**64
+        assert (v >> 32) & (2**31 - 1) == seed % 2**31
+        pair = (i + j) * (i + j + 1) // 2 + j
+        assert v % 2**32 == (seed * 1_000_003 + 2**31 + _splitmix64(seed) % 2**30 + pair) % 2**32
+    # the pairing's order: (i, j) = (1, 0) is 1 and (0, 1) is 2
+    assert image_seed(0, 1, 1009) - image_seed(0, 0, 1009) == 1
+    assert image_seed(0, 0, 1010) - image_seed(0, 0, 1009) == 2
+
+
+def test_splitmix64_is_the_reference_mix():
+    """_splitmix64(x) is the first output of SplitMix64 (Steele et al. 2014) seeded with x: the published test
+    vectors (seed 0: 0xE220A8397B1DCDAF; seed 1234567: 6457827717110365317, 3203168211198807973, ...)."""
+    from flowalign.evaluate import _splitmix64
+
+    gamma = 0x9E3779B97F4A7C15  # the generator's state step
+    assert _splitmix64(0) == 0xE220A8397B1DCDAF
+    assert [_splitmix64((1234567 + n * gamma) % 2**64) for n in range(5)] == [
+        6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431, 16408922859458223821]
+
+
+def test_summarize_detects_rewards_and_leaves_the_jobs_own_fields_out():
+    """Without reward names every numeric field is a reward but the job's own (prompt_index, sample, seed) and
+    booleans: a summary must not average the noise seeds."""
+    recs = [{"prompt": "p", "task": "a", "prompt_index": 0, "sample": k, "seed": 1009 * k, "ok": True, "r": 0.5 * k}
+            for k in range(2)]
+    s = summarize(recs)
+    assert set(s["overall"]) == {"r"} and s["overall"]["r"] == 0.25
+
+
+def test_summarize_skips_a_group_where_the_reward_does_not_apply():
+    """N/A (NaN) scores are skipped: a group where a reward is NaN for every image has a NaN mean for it and is
+    left out of the mean over groups (a GenEval-style reward scored on some tasks only)."""
+    recs = [{"task": "a", "prompt_index": 0, "sample": 0, "r": 1.0, "q": 0.2},
+            {"task": "a", "prompt_index": 0, "sample": 1, "r": 0.0, "q": 0.4},
+            {"task": "b", "prompt_index": 1, "sample": 0, "r": math.nan, "q": 0.9}]
+    s = summarize(recs, ["r", "q"])
+    assert math.isnan(s["per_task"]["b"]["r"]) and s["per_task"]["a"]["r"] == 0.5
+    assert s["overall"]["r"] == 0.5 and s["overall"]["q"] == pytest.approx((0.3 + 0.9) / 2)
+    assert summarize(recs, ["r"], overall="images")["overall"]["r"] == 0.5
+    assert math.isnan(summarize([dict(recs[2])], ["r"])["overall"]["r"])  # nothing applies: NaN, not 0
+
+
+def test_a_records_group_is_task_then_tag_then_category():
+    """_group_of follows data.task_of's order (task, tag, category), an empty label is no label, and a record
+    without any is in group "all"."""
+    from flowalign.data import PromptRecord, task_of
+
+    metas = [{"task": "t", "tag": "g", "category": "c"}, {"tag": "g", "category": "c"}, {"task": "", "tag": "g"},
+             {"category": "c"}, {"task": ""}, {}]
+    recs = [{"prompt": "p", "prompt_index": i, "sample": 0, "r": float(i), **m} for i, m in enumerate(metas)]
+    s = summarize(recs, ["r"])
+    assert s["counts"] == {"t": 1, "g": 2, "c": 1, "all": 2}
+    assert s["per_task"]["g"]["r"] == 1.5 and s["per_task"]["all"]["r"] == 4.5
+    assert [task_of(PromptRecord("p", m)) or "all" for m in metas] == ["t", "g", "g", "c", "all", "all"]
+    # another group key is used alone
+    assert summarize(recs, ["r"], group_key="category")["counts"] == {"c": 3, "all": 3}
+
+
+def test_pass_at_k_of_a_prompt_uses_its_own_image_count():
+    """Each prompt's pass@k is pass_at_k(its scored images, its passes, k) (Chen et al. 2021, eq. 1), k up to the
+    smallest count: a prompt with 4 scored images and one with 2 (two N/A) are not both treated as 2."""
+    recs = [{"task": "a", "prompt_index": 0, "sample": k, "s": float(k == 0)} for k in range(4)]
+    recs += [{"task": "a", "prompt_index": 1, "sample": k, "s": [1.0, 0.0, math.nan, math.nan][k]} for k in range(4)]
+    pk = summarize_pass_at_k(recs, ["s"])["s"]
+    assert pk["k"] == [1, 2]
+    assert pk["per_task"]["a"][1] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert pk["per_task"]["a"][2] == pytest.approx((pass_at_k(4, 1, 2) + pass_at_k(2, 1, 2)) / 2) == 0.75
+
+
+def _two_prompt_group(level, n_boot=4000):
+    """Task a: two prompts of one image; the model change is 0 on prompt 0 and 1 on prompt 1, so a resample's mean
+    change is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4."""
+    from flowalign.evaluate import paired_bootstrap
+
+    base = [{"prompt_index": i, "sample": 0, "seed": i, "task": "a", "r": 0.0} for i in range(2)]
+    other = [dict(r, r=float(r["prompt_index"])) for r in base]
+    return paired_bootstrap(base, other, "r", n_boot=n_boot, level=level)
+
+
+def test_paired_bootstrap_interval_is_the_central_percentile_interval():
+    """Percentile interval (Efron & Tibshirani 1993, ch. 13): lo/hi are the (1 − level)/2 and (1 + level)/2
+    quantiles of the resampled changes. level 0.6: the 0.2 and 0.8 quantiles of {0: 1/4, 1/2: 1/2, 1: 1/4} are 0 and
+    1 (the 0.4 and 0.6 quantiles would both be 1/2); level 0.4: the 0.3 and 0.7 quantiles, both 1/2."""
+    wide, narrow = _two_prompt_group(0.6), _two_prompt_group(0.4)
+    assert wide["delta"] == narrow["delta"] == 0.5
+    assert (wide["lo"], wide["hi"]) == (0.0, 1.0) and wide["level"] == 0.6
+    assert (narrow["lo"], narrow["hi"]) == (0.5, 0.5)
+    assert (wide["per_task"]["a"]["lo"], wide["per_task"]["a"]["hi"]) == (0.0, 1.0)
+
+
+def test_paired_bootstrap_interval_comes_from_the_resamples_only():
+    """The unresampled data (row 0, the point estimate) is not one of the quantiles' samples: with one resample the
+    interval is that resample, of width 0, whatever the point estimate."""
+    from flowalign.evaluate import paired_bootstrap
+
+    base, other = _paired()
+    for s in range(5):
+        res = paired_bootstrap(base, other, "r", n_boot=1, seed=s)
+        assert res["lo"] == res["hi"] != res["delta"]
+        for g in ("a", "b", "c"):
+            assert res["per_task"][g]["lo"] == res["per_task"][g]["hi"]
+
+
+def test_paired_bootstrap_skips_not_applicable_scores_like_summarize():
+    """N/A (NaN) scores: a task where the reward never applies is left out of the mean over tasks (as summarize), and
+    resamples that draw only N/A prompts of a task are left out of its interval instead of making it NaN."""
+    from flowalign.evaluate import paired_bootstrap
+
+    base, other = _paired()
+    for recs in (base, other):
+        for r in recs:
+            if r["task"] == "c" or r["prompt_index"] == 0:  # task c: N/A; task a: prompt 0 N/A
+                r["r"] = math.nan
+    res = paired_bootstrap(base, other, "r", n_boot=300)
+    sa, sb = summarize(base, ["r"]), summarize(other, ["r"])
+    assert res["delta"] == pytest.approx(sb["overall"]["r"] - sa["overall"]["r"], abs=1e-12)
+    assert math.isfinite(res["lo"]) and res["lo"] < res["delta"] < res["hi"]
+    assert math.isnan(res["per_task"]["c"]["delta"])
+    # a two-prompt task with one N/A prompt: a quarter of its resamples hold only that prompt (NaN mean)
+    for recs in (base, other):
+        for r in recs:
+            r["task"] = "t" if r["prompt_index"] < 2 else "u"
+    small = paired_bootstrap(base, other, "r", n_boot=200)["per_task"]["t"]
+    assert small["lo"] == small["hi"] == pytest.approx(small["delta"], abs=1e-12)  # only prompt 1 counts
+
+
+def test_paired_bootstrap_of_steered_outputs_pairs_by_prompt_whatever_the_seeds():
+    """same_noise=False (steered outputs against plain samples): other seeds are allowed, other prompts still not."""
+    from flowalign.evaluate import paired_bootstrap
+
+    base, other = _paired()
+    reseeded = [dict(r, seed=r["seed"] + 5) for r in other]
+    res = paired_bootstrap(base, reseeded, "r", n_boot=100, same_noise=False)
+    assert res == paired_bootstrap(base, other, "r", n_boot=100)
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_bootstrap(base, [dict(r, prompt="x") for r in reseeded], "r", same_noise=False)
+
+
+def test_hpsv2_chunks_follow_the_prompt_order_not_the_record_order():
+    """summarize_chunks splits each group's images in (prompt, sample) order (HPSv2's evaluate_benchmark): records
+    given out of order (gathered from ranks, read back) give the same chunks."""
+    from flowalign.evaluate import summarize_chunks
+
+    recs = [{"task": "photo", "prompt_index": i, "sample": 0, "hps": float(i >= 2)} for i in range(4)]
+    want = {"hps": {"photo": {"mean": 0.5, "std": 0.5, "chunks": 2}}}  # chunks (0, 0) and (1, 1)
+    assert summarize_chunks(recs, ["hps"], size=2) == want
+    assert summarize_chunks([recs[i] for i in (3, 0, 2, 1)], ["hps"], size=2) == want
+
+
+def test_each_image_starts_from_the_noise_of_its_own_image_seed():
+    """sample_and_score: image k of prompt i starts from the noise of image_seed(seed, i, k) (recorded as ``seed``), so
+    it can be regenerated alone: init_noise(1, Generator().manual_seed(seed)) and the ODE give its pixels."""
+    from flowalign.data import load_prompts
+    from flowalign.evaluate import as_records, image_seed, sample_and_score
+    from flowalign.models import load_model
+    from flowalign.samplers.loop import sample
+
+    model = load_model("shapes", "")
+    records = as_records(load_prompts("shapes-bench")[:3])
+    seen = {}
+    rows = sample_and_score(model, records, {"n": lambda images, prompts, meta: images.mean((1, 2, 3))}, steps=2,
+                            seeds_per_prompt=2, batch_size=4, seed=5,
+                            on_batch=lambda chunk, images, recs: seen.update(zip(chunk, images)))
+    assert [r["seed"] for r in rows] == [image_seed(5, i, k) for i in range(3) for k in range(2)]
+    i, k = 2, 1  # image 1 of prompt 2, sampled beside image 0 of prompt 2 in the second batch
+    x = model.init_noise(1, torch.Generator().manual_seed(image_seed(5, i, k)))  # [1, *latent]
+    alone = model.decode(sample(model.velocity, x, model.schedule(2), model.encode([records[i]["prompt"]]), eta=0.0,
+                                kernel="euler", cond_index=torch.tensor([0])).final)  # [1, 3, H, W]
+    assert torch.allclose(alone[0], seen[(i, k)], atol=1e-5)

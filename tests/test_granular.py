@@ -162,3 +162,38 @@ def test_trainer_runs_g2rpo_on_policy(tmp_path):
     assert m["rollouts/iteration"] == d["rollouts_per_iter"] and m["train/transitions"] == d["transitions_per_iter"]
     assert abs(m["train/ratio_mean"] - 1) < 1e-5 and m["train/clipfrac_high"] == 0
     assert m["nfe/probing"] > 0
+
+
+def test_tempflow_weights_use_each_steps_own_noise_level():
+    """TempFlow-GRPO (METHODS.md §4.3): with a per-step a [T], s_k is the kernel std at step k with a_k (not a_0)."""
+    from flowalign.credit import tempflow_weights
+    from flowalign.samplers.kernels import flow_sde
+
+    sig = schedules.sd3_diffusers(T)
+    a = torch.tensor([0.3, 0.5, 0.7, 0.9, 1.1, 0.0])  # [T]
+    ks = [1, 2, 3, 4]
+    s = torch.stack([flow_sde(torch.zeros(1, 1), torch.zeros(1, 1), sig[k], sig[k + 1], a[k]).std.reshape(-1)[0]
+                     for k in ks]).double()  # [4]
+    assert torch.allclose(tempflow_weights(sig, a, ks).double(), s / s.mean(), atol=1e-6)
+
+
+def test_branch_weights_are_the_candidate_weights_at_each_rows_own_step():
+    """``branch`` credit: w_k = s_k / mean over the plan's candidate steps (``extras["branch_candidates"]``), read at
+    each row's branch step k, also when only some candidates were drawn (``branch_steps`` random)."""
+    from flowalign.credit import tempflow_weights
+    from flowalign.types import Trajectory
+
+    k = torch.tensor([1, 1, 3, 3])  # [4] the drawn branch steps, of candidates 0 … 4
+    trained = torch.zeros(4, T, dtype=torch.bool)
+    trained[torch.arange(4), k] = True
+    sig = schedules.sd3_diffusers(T)
+    traj = Trajectory(latents=torch.zeros(4, T + 1, 2), sigmas=sig, eta=torch.full((T,), 0.7),
+                      log_probs=torch.zeros(4, T), cond={"c": torch.zeros(1, 2)},
+                      cond_index=torch.zeros(4, dtype=torch.long), group=torch.tensor([0, 0, 1, 1]), prompts=("p",),
+                      extras={"branch_step": k, "branch_candidates": torch.arange(5),
+                              "branch_eta": torch.full((T,), 0.7), "trained": trained})
+    inp = CreditInput(traj=traj, rewards={"r": torch.tensor([0.0, 1.0, 2.0, 5.0])}, reward_weights={"r": 1.0},
+                      trained=trained)
+    w = assign_credit("branch", inp).weights  # [4, T]
+    want = tempflow_weights(sig, 0.7, range(5))  # [5]
+    assert torch.allclose(w[torch.arange(4), k], want[k]) and bool((w[~trained] == 1).all())

@@ -129,3 +129,21 @@ def test_branches_and_guides_need_a_pinned_window(setting):
     with pytest.raises(UserError, match=r"pin it with sampler.window_range=\[0, 2\]"):
         C.load_config(None, [*setting, "sampler.window_size=2", "sampler.window_range=[0, 5]"])
     C.load_config(None, [*setting, "sampler.window_size=2", "sampler.window_range=[1, 3]"])
+
+
+def test_a_size_zero_window_excludes_the_last_step_even_with_last_step_noise():
+    """loop.eta_schedule: window n = 0 is [0, T−1) (METHODS.md §2.6), so the last step stays 0 with
+    ``last_step_noise`` too (that flag keeps a noisy last step only where the window covers it)."""
+    assert eta_schedule(T, 0.7, window=(0, 0), last_step_noise=True).tolist() == pytest.approx([0.7] * (T - 1) + [0])
+    assert eta_schedule(T, 0.7, window=(T - 2, 2), last_step_noise=True).tolist() == pytest.approx([0] * (T - 2)
+                                                                                                    + [0.7, 0.7])
+    assert eta_schedule(T, 0.7, last_step_noise=True).tolist() == pytest.approx([0.7] * T)
+
+
+def test_eta_schedule_leaves_the_callers_tensor_untouched():
+    """loop.eta_schedule returns a new [T] tensor: zeroing the deterministic last step (quirk Q1) and the window must
+    not write into a per-step η the caller passed (a float32 [T] that ``.to(float32)`` would otherwise alias)."""
+    eta = torch.full((T,), 0.7)  # [T] float32
+    assert eta_schedule(T, eta).tolist() == pytest.approx([0.7] * (T - 1) + [0])
+    assert eta_schedule(T, eta, window=(2, 3)).tolist() == pytest.approx([0, 0, 0.7, 0.7, 0.7, 0, 0, 0])
+    assert eta.tolist() == pytest.approx([0.7] * T)

@@ -116,3 +116,26 @@ def test_a_step_without_noise_gives_no_loss_and_no_kl():
     assert loss[0] == 0 and ratio[0] == 1 and loss[1] != 0
     kl = gaussian_kl(mean, old, std, torch.full((2,), -0.1))
     assert kl[0] == 0 and kl[1] == pytest.approx(float((mean[1] - old[1]).pow(2).mean() / (2 * 0.09)))
+
+
+def test_guard_clips_off_policy_ratios_like_ppo_and_scales_the_gradient_by_s_over_delta():
+    """Off policy the regulated ratio is clipped as in PPO (GRPO-Guard, arXiv:2510.22319; METHODS.md §3.9):
+    loss = max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε))/Δ_t. A clipped row (ρ past the side its advantage favours) gives its
+    clipped value and no gradient; an unclipped one gives −Â·ρ/Δ_t and d/dℓ_θ = −Â·ρ·s/Δ_t (ρ = exp((ℓ_θ − ℓ_old)·s))."""
+    s, eps = 0.5, 0.2
+    rho = torch.tensor([1.5, 0.5, 1.5, 0.5, 1.05], dtype=torch.float64)  # [5] target ratios
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0], dtype=torch.float64)  # [5]
+    delta = torch.tensor([0.1, 0.2, 0.4, 0.5, 0.25], dtype=torch.float64)  # [5]
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(5, dtype=torch.float64, generator=g)  # [5]
+    logp = (old + rho.log() / s).requires_grad_(True)  # [5] so that exp((ℓ_θ − ℓ_old)·s) = ρ
+    mean = torch.randn(5, 3, dtype=torch.float64, generator=g)  # [5, 3] μ_θ = μ_old: bias 0
+    loss, ratio = guard_surrogate(logp, old, adv, eps, mean=mean, old_mean=mean, std=torch.tensor(s),
+                                  delta=delta)
+    torch.testing.assert_close(ratio, rho)
+    want = torch.tensor([-1.2, -0.5, 1.5, 0.8, -2.1], dtype=torch.float64) / delta  # rows 0, 3 clipped
+    torch.testing.assert_close(loss, want)
+    loss.sum().backward()
+    grad = -adv * rho * s / delta  # [5]
+    grad[[0, 3]] = 0.0
+    torch.testing.assert_close(logp.grad, grad)

@@ -410,3 +410,20 @@ def test_shapes_config_shift_must_be_positive(s):
     with pytest.raises(UserError) as e:
         ShapesModel.from_config({"shift": s, "num_layers": 1})
     _assert_one_line_refusal(e, "shapes model config shift=", "> 0", "config.json")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# (e) the step count: a positive integer, or a ValueError (T = 0 gave a one-point "grid" that is not 1 → 0)
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.5], ids=["zero", "negative", "fraction"])
+def test_every_grid_refuses_a_step_count_that_is_not_a_positive_integer(steps):
+    """schedules._check_steps: every grid is [T+1] from 1 to 0, so T ≥ 1; T = 0 would give [1] (shifted_linear) or
+    [0] (sd3_diffusers, flux_dynamic), a grid with no step whose first sigma is not 1 (METHODS.md §1)."""
+    from flowalign.samplers.schedules import flux_dynamic, sd3_diffusers, shifted_linear
+
+    for make in (lambda: shifted_linear(steps, 3.0), lambda: sd3_diffusers(steps), lambda: flux_dynamic(steps, 1024)):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            make()
+    one = (shifted_linear(1, 3.0), sd3_diffusers(1), flux_dynamic(1, 1024))  # T = 1 is the smallest grid: [1, 0]
+    assert all(g.tolist() == [1.0, 0.0] for g in one)

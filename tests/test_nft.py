@@ -328,6 +328,61 @@ def test_nft_noise_is_fresh_or_the_rollouts_own_initial_noise():
         assert k < 4 and torch.allclose(xt[i], lat[b, k], atol=1e-5)
 
 
+def test_nft_path_noise_draws_every_step_of_the_rollout_uniformly():
+    """``nft_noise=path``: each row's step is k ~ U{0 … T−1} (loss.nft_path_noise), so t = σ_k takes every step's σ,
+    the first (x_1, t = σ_0) included and the final sample (σ_T = 0) never, each with frequency about 1/T."""
+    from flowalign.loss import NFT_NOISE
+    from flowalign.types import Trajectory
+
+    lat = torch.randn(2, 5, 1, 2, 2, generator=torch.Generator().manual_seed(0))  # [B, T+1, *latent], T = 4
+    sig = torch.tensor([1.0, 0.8, 0.5, 0.25, 0.0])  # [T+1]
+    traj = Trajectory(latents=lat, sigmas=sig, eta=torch.zeros(4), log_probs=torch.zeros(2, 4), cond={},
+                      cond_index=torch.arange(2), group=torch.arange(2), prompts=("a", "b"))
+    rows = torch.arange(2).repeat(2000)  # [4000]
+    t, eps = NFT_NOISE["path"](traj, rows, torch.full((4000,), 0.5), torch.Generator().manual_seed(3))
+    k = (t[:, None] - sig[None, :4]).abs().argmin(1)  # [4000] step index of each row
+    assert torch.equal(t, sig[k]) and torch.isfinite(eps).all()
+    freq = torch.bincount(k, minlength=4).double() / 4000  # [4]
+    assert freq.shape[0] == 4 and (freq - 0.25).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("filter_zero_std", [True, False])
+def test_nft_update_keeps_the_nonzero_advantage_samples_and_logs_their_rows(monkeypatch, filter_zero_std):
+    """_nft_update with train.filter_zero_std drops the samples whose advantage is exactly 0 (positives and negatives
+    alike stay: DiffusionNFT, arXiv:2509.16117, pushes negatives away) and repeats each kept sample nft_times times; it logs
+    the rows, the kept fraction of samples, r's mean over the rows (½ when there are none) and mean |A| of all samples."""
+    from types import SimpleNamespace
+
+    from flowalign import train as T
+    from flowalign.values import NFECounter
+    from test_train_update import _Lin
+
+    adv = torch.tensor([1.0, 0.0, -0.5, 0.0])  # [B] terminal advantages
+    monkeypatch.setattr(T, "terminal_advantage", lambda inp: adv)
+    model = _Lin()
+    nfe, opt = NFECounter(model), torch.optim.SGD([model.w], lr=0.1)
+    final = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))  # [B, D]
+    traj = SimpleNamespace(final=final, batch_size=4, cond={"c": torch.zeros(4, 1)}, cond_index=torch.arange(4))
+    tr = SimpleNamespace(filter_zero_std=filter_zero_std, nft_times=2, nft_noise="fresh", nft_optimality="clip",
+                         micro_batch=3, beta_kl=0.0, optimizer_steps_per_iter=1, nft_beta=1.0, nft_weighting="uniform",
+                         max_grad_norm=0.0)
+    out = T._nft_update(SimpleNamespace(train=tr), model, opt, traj, {}, None, lambda t: t, nfe,
+                        skip=False, inp=None, generator=torch.Generator().manual_seed(1))
+    kept = [0, 2] if filter_zero_std else [0, 1, 2, 3]
+    r = 0.5 + 0.5 * adv[kept]  # [kept] nft_optimality
+    assert out["train/nft_rows"] == 2 * len(kept) and out["train/kept_fraction"] == len(kept) / 4
+    assert out["train/nft_r_mean"] == pytest.approx(float(r.mean()))
+    assert out["credit/main_abs_mean"] == pytest.approx(0.375) and out["_steps_taken"] == 1
+    if not filter_zero_std:
+        return
+    adv.zero_()  # every group tied: no rows, no step, r's neutral mean
+    w = model.w.detach().clone()
+    out = T._nft_update(SimpleNamespace(train=tr), model, opt, traj, {}, None, lambda t: t, nfe,
+                        skip=False, inp=None, generator=torch.Generator().manual_seed(1))
+    assert out["train/nft_rows"] == 0 and out["train/nft_r_mean"] == 0.5 and out["_steps_taken"] == 0
+    assert torch.equal(model.w.detach(), w)
+
+
 def test_nft_with_the_initial_noise_trains_and_differs_from_fresh_noise(tmp_path):
     from safetensors.torch import load_file
 

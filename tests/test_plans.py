@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowalign.loss import clipped_surrogate, gaussian_kl
-from flowalign.samplers import eta_schedule, sample, schedules, sd3_diffusers, step_log_prob
+from flowalign.samplers import eta_schedule, gaussian_log_prob, sample, schedules, sd3_diffusers, step_log_prob
 from flowalign.samplers.plans import PLANS, next_table, staggered_ode, subgrid
 from flowalign.samplers.plans import branch as plan_branch
 
@@ -214,3 +214,133 @@ def test_branch_plan_on_policy_ratio_is_exactly_one_in_shuffled_micro_batches(ke
         _, ratio = clipped_surrogate(logp, tr.log_probs[b, t], torch.ones_like(logp), 1e-5)
         assert bool((ratio == 1).all())
         assert bool((gaussian_kl(trn.mean, trn.mean, trn.std, tr.sigmas[t + 1] - tr.sigmas[t]) == 0).all())
+
+
+# ------------------------------------------------------------------ kernels and the log-density every plan stores
+
+
+def test_gaussian_log_prob_detaches_the_sample():
+    """kernels.gaussian_log_prob: ``x_next`` is detached (METHODS.md §2.5), so ∂ log p/∂μ is (x′ − μ)/(s²·D) even when
+    x′ was built from μ in the same graph; without the detach the two paths cancel and the gradient is 0."""
+    mean = torch.randn(3, 4, requires_grad=True)  # [B, D]
+    x_next = mean + 0.5  # [B, D] still attached to mean
+    std = torch.tensor([0.5, 1.0, 2.0])  # [B]
+    lp = gaussian_log_prob(x_next, mean, std)  # [B] element-mean
+    lp.sum().backward()
+    want = (0.5 / std**2 / 4)[:, None].expand(3, 4)  # [B, D] (x′ − μ)/(s²·D)
+    assert torch.allclose(mean.grad, want, atol=1e-6, rtol=0)
+
+
+def test_only_ddim_sde_is_deterministic_at_sigma_one():
+    """kernels.deterministic_at_sigma_one: std 0 at σ = 1 with η > 0 *and* > 0 inside the grid; Euler (0 everywhere)
+    and the kernels with noise at σ = 1 are not (the config counts step 0 as untrained only for ddim_sde)."""
+    from flowalign.samplers import KERNELS
+    from flowalign.samplers.kernels import deterministic_at_sigma_one
+
+    assert {k: deterministic_at_sigma_one(k) for k in KERNELS} == {
+        "euler": False, "flow_sde": False, "dance_sde": False, "cps": False, "ddim_sde": True}
+
+
+def test_a_guided_chain_keeps_the_unguided_means():
+    """loop.sample with ``mean_shift`` (Euphonium's guided SDE, METHODS.md §4.5): x_{t+1} is drawn around μ_t + shift,
+    but ``means`` (and the default log-prob) hold the kernel's unguided μ_t of the stored (x_t, v_t)."""
+    from flowalign.samplers.kernels import flow_sde
+
+    steps = 4
+    sig = sd3_diffusers(steps)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))  # [B, D]
+    ci = torch.tensor([0, 1, 1])
+    hook = lambda x_t, v, s, sn, t, c: torch.full_like(x_t, 0.3) if t in (0, 2) else None  # noqa: E731
+    tr = sample(gaussian_world_velocity, x, sig, _cond(), eta=eta_schedule(steps, 0.7), kernel="flow_sde",
+                generator=torch.Generator().manual_seed(1), cond_index=ci, keep_velocities=True, keep_means=True,
+                mean_shift=hook)
+    assert tr.extras["shifted"].tolist() == [True, False, True, False]
+    for t in range(steps):
+        kern = flow_sde(tr.latents[:, t], tr.velocities[:, t], sig[t], sig[t + 1], tr.eta[t])  # mean [B, D]
+        assert torch.allclose(tr.means[:, t], kern.mean, atol=1e-6, rtol=0), t
+        if t < steps - 1:  # stochastic steps: the stored log-prob is under the unguided Gaussian
+            lp = gaussian_log_prob(tr.latents[:, t + 1], kern.mean, kern.std)  # [B]
+            assert torch.allclose(tr.log_probs[:, t], lp, atol=1e-5, rtol=0), t
+    # the last (deterministic) step is the guided mean itself: x_T = μ_{T−1} (unshifted there)
+    assert torch.allclose(tr.latents[:, steps], tr.means[:, steps - 1], atol=1e-6, rtol=0)
+
+
+def test_branch_plan_eta_holds_only_the_steps_it_branched_at():
+    """plans.branch: ``traj.eta`` [T] is η_k at every branch step some row used and 0 elsewhere (the candidates it
+    did not pick are ODE steps of every row); ``branch_eta`` keeps the candidate η."""
+    steps = 6
+    sig = schedules.sd3_diffusers(steps)
+    x = torch.randn(2, 4)  # [S, D]
+    eta = eta_schedule(steps, 0.7)  # [T] candidates 0 … T−2
+    tr = PLANS["branch"](gaussian_world_velocity, x, sig, _cond(), cond_index=torch.tensor([0, 1]), eta=eta,
+                         generator=torch.Generator().manual_seed(0), children=2, branch_steps=[1, 3])
+    assert tr.eta.tolist() == pytest.approx([0, 0.7, 0, 0.7, 0, 0])
+    assert torch.equal(tr.extras["branch_eta"], eta)
+
+
+def test_branch_plan_random_steps_are_ordered_seed_k_child():
+    """plans.branch with ``branch_steps`` = n: each seed's n distinct random steps are sorted, so the rows are ordered
+    (seed, k, child) as documented: seed-major, k ascending within a seed, K consecutive children per (seed, k)."""
+    steps, kids = 8, 2
+    sig = schedules.sd3_diffusers(steps)
+    x = torch.randn(4, 4)  # [S, D]
+    for seed in range(4):
+        tr = PLANS["branch"](gaussian_world_velocity, x, sig, _cond(), cond_index=torch.tensor([0, 0, 1, 1]),
+                             eta=eta_schedule(steps, 0.7), generator=torch.Generator().manual_seed(seed),
+                             children=kids, branch_steps=3)
+        parent, k = tr.extras["parent"].view(4, 3, kids), tr.extras["branch_step"].view(4, 3, kids)  # [S, n, K]
+        assert torch.equal(parent, torch.arange(4)[:, None, None].expand(4, 3, kids))
+        assert (k == k[:, :, :1]).all() and (k[:, 1:, 0] > k[:, :-1, 0]).all(), k[:, :, 0]
+
+
+def test_branch_plan_shape_counts_each_branch_steps_spec():
+    """plans._branch_shape: K·n rows per seed with n = every candidate ("all"), 1 ("random"), the int, or the list's
+    length; each row trains one edge."""
+    from flowalign.samplers.plans import plan_shape
+
+    assert plan_shape("branch", {"children": 3}, 9) == (27, 1)  # default "all"
+    assert plan_shape("branch", {"children": 3, "branch_steps": "all"}, 9) == (27, 1)
+    assert plan_shape("branch", {"children": 3, "branch_steps": "random"}, 9) == (3, 1)
+    assert plan_shape("branch", {"children": 3, "branch_steps": 4}, 9) == (12, 1)
+    assert plan_shape("branch", {"branch_steps": [0, 5]}, 9) == (12, 1)  # default K = 6
+    with pytest.raises(ValueError, match="branch_steps"):
+        plan_shape("branch", {"branch_steps": "some"}, 9)
+
+
+def test_a_float_eta_leaves_the_last_step_deterministic_in_branch_and_tree():
+    """plans._plan_inputs: a float η is ``eta_schedule`` (every step but the deterministic last, quirk Q1) for the
+    branch and tree plans too; with flow_sde (std > 0 at the last step for η > 0) the last step would otherwise be a
+    branch candidate and a noisy tree step."""
+    steps = 5
+    sig = schedules.sd3_diffusers(steps)
+    x = torch.randn(2, 4)  # [S, D]
+    kw = dict(cond_index=torch.tensor([0, 1]), eta=0.7, kernel="flow_sde", generator=torch.Generator().manual_seed(0))
+    br = PLANS["branch"](gaussian_world_velocity, x, sig, _cond(), children=2, **kw)
+    assert br.extras["branch_candidates"].tolist() == list(range(steps - 1))
+    tr = PLANS["tree"](gaussian_world_velocity, x, sig, _cond(), split_steps=[0, 2], **kw)
+    assert tr.eta.tolist() == pytest.approx([0.7] * (steps - 1) + [0]) and (tr.log_probs[:, -1] == 0).all()
+
+
+def test_tree_default_splits_are_all_four_reference_steps():
+    """plans.TREE_SPLITS = (0, 3, 6, 9) (BranchGRPO's split points, METHODS.md §2.8), clipped to the allowed steps:
+    with 10 candidate steps all four are used, so 2⁴ leaves per root and 2·3 + 4·3 + 8·3 + 16·1 trained node-steps."""
+    from fractions import Fraction
+
+    from flowalign.samplers.plans import plan_shape
+
+    assert plan_shape("tree", {}, 10) == (16, Fraction(2 * 3 + 4 * 3 + 8 * 3 + 16 * 1, 16))
+    assert plan_shape("tree", {"branching": 3}, 7) == (27, Fraction(3 * 3 + 9 * 3 + 27 * 1, 27))  # 9 clipped
+
+
+def test_tree_refuses_a_split_step_where_the_kernel_has_no_noise():
+    """plans.tree: ddim_sde's std a·σ'·√(1 − σ) is 0 at σ = 1 although η > 0 there, so children split at step 0 would
+    coincide (identical leaves, a zero-variance group): the split is refused; a split inside the grid is accepted."""
+    steps = 5
+    sig = schedules.sd3_diffusers(steps)
+    x = torch.randn(2, 4)  # [S, D]
+    kw = dict(cond_index=torch.tensor([0, 1]), eta=eta_schedule(steps, 0.7), kernel="ddim_sde",
+              generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="kernel std is 0 at a split step"):
+        PLANS["tree"](gaussian_world_velocity, x, sig, _cond(), split_steps=[0, 2], **kw)
+    ok = PLANS["tree"](gaussian_world_velocity, x, sig, _cond(), split_steps=[1, 2], **kw)
+    assert ok.batch_size == 2 * 4 and not torch.equal(ok.final[0], ok.final[1])

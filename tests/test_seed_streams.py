@@ -51,3 +51,15 @@ def test_step_noise_streams_of_sample_and_steer_never_start_from_an_initial_nois
     x1 = torch.randn(8, generator=torch.Generator().manual_seed(image_seed(0, 0, 1)))
     assert not torch.allclose(eps, x1)
     assert step_noise_seed(image_seed(0, 0, 0)) != image_seed(0, 0, 1)
+
+
+def test_step_noise_seed_is_the_splitmix_hash_of_the_initial_seed_in_32_bits():
+    """step_noise_seed(init) = splitmix64(init XOR 0x5DEECE66D) mod 2**32 (evaluate.step_noise_seed): the low 32 bits
+    the CPU generator uses, a value below 2**32; `sample` and `steer` outputs are reproducible only if it stays so.
+    (evaluate._splitmix64 is pinned to the reference test vectors in tests/test_evaluate.py.)"""
+    from flowalign.evaluate import _splitmix64, image_seed, step_noise_seed
+
+    for init in (0, 1, 1009, image_seed(42, 17, 3), image_seed(3, 2, 5000), 2**64 - 1):
+        s = step_noise_seed(init)
+        assert 0 <= s < 2**32
+        assert s == _splitmix64(init ^ 0x5DEECE66D) % 2**32

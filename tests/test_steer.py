@@ -428,3 +428,138 @@ def test_tilt_guidance_refuses_a_nonpositive_gradient_scale():
         S.TiltGuidance(grad_fn=lambda *a: a[0], normalize=-0.1)
     with pytest.raises(ValueError, match="clip"):
         S.TiltGuidance(grad_fn=lambda *a: a[0], clip=float("nan"))
+
+
+# -------------------------------------------------------------------- resampler laws, potential state, final draw
+
+
+@pytest.mark.parametrize("name", list(S.RESAMPLERS))
+def test_resamplers_are_unbiased_and_draw_each_group_on_its_own(name):
+    """Both schemes give particle i k·w̄_i copies in expectation (METHODS.md §6.2), each group with its own draw:
+    systematic takes one u ~ U[0, 1/k) per group (a single u shared by 4000 identical groups gives every group the
+    same ancestors, so the mean copies of particle 0 are 0 or 1, not k·w̄_0 = 0.4), multinomial draws with replacement
+    (without it every particle gets exactly one copy)."""
+    p, w = 4000, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    k = w.numel()
+    anc = S.RESAMPLERS[name](w.expand(p, k).clone(), torch.Generator().manual_seed(0))  # [P, k]
+    assert anc.shape == (p, k) and ((anc >= 0) & (anc < k)).all()
+    counts = torch.stack([torch.bincount(a, minlength=k) for a in anc]).to(torch.float64)  # [P, k]
+    assert torch.allclose(counts.mean(0), k * w, atol=0.06), counts.mean(0)
+    assert len({tuple(a) for a in anc.tolist()}) > 1  # groups with equal weights still draw independently
+
+
+def test_max_and_sum_potentials_carry_their_running_state():
+    """METHODS.md §6.2 table, three steps r = 1, −2, 0.5 at λ = 2: ``max`` keeps the running maximum (log G = 2, 2, 2,
+    not λ·r_t = 2, −4, 1), ``sum`` the running sum (log G = λ·(r_t + a_prev) = 2, −2, −1), ``rt`` is λ·r_t."""
+    rs = [1.0, -2.0, 0.5]
+    want = {"max": [2.0, 2.0, 2.0], "sum": [2.0, -2.0, -1.0], "rt": [2.0, -4.0, 1.0], "diff": [2.0, -6.0, 5.0]}
+    for name, expect in want.items():
+        state, got = S.initial_state(1), []
+        for r in rs:
+            lg, state = S.POTENTIALS[name](torch.tensor([r], dtype=torch.float64), state, 2.0)  # [1]
+            got.append(lg.item())
+        assert got == pytest.approx(expect), name
+        assert state.log_g.item() == pytest.approx(sum(expect))
+    state = S.initial_state(1)
+    for r in rs:
+        _, state = S.potential_max(torch.tensor([r], dtype=torch.float64), state, 2.0)
+    assert state.m_prev.item() == 1.0
+    state = S.initial_state(1)
+    for r in rs:
+        _, state = S.potential_sum(torch.tensor([r], dtype=torch.float64), state, 2.0)
+    assert state.a_prev.item() == pytest.approx(-0.5)
+
+
+def test_drawn_is_a_draw_from_the_final_weights():
+    """``drawn`` samples each group's final weights ∝ exp(λ·r(x_T)) (no resampling step: ℓw = λ·r exactly). Rewards
+    0 and log 3 per pair at λ = 1 give weights 1/4, 3/4: over 2000 groups the second particle is drawn 3/4 of the time
+    (a uniform draw, ignoring the weights, gives 1/2), and ``best`` is always it."""
+    T, k, p = 2, 2, 2000
+    lr3 = math.log(3.0)
+
+    def reward(z, rows):
+        return (rows % 2).to(torch.float32) * lr3  # [n] independent of z
+
+    res = S.fk_steer(gaussian_world_velocity, _noise(p * k), schedules.shifted_linear(T, 1.0), {}, reward, k=k,
+                     lam=1.0, cond_index=torch.zeros(p * k, dtype=torch.long), steps_s=(), eta=0.0, kernel="euler",
+                     resample_generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(res.log_weight.view(p, k), torch.tensor([[0.0, lr3]], dtype=torch.float64).expand(p, k))
+    second = (res.drawn % k == 1).double().mean().item()
+    assert abs(second - 0.75) < 0.04, second
+    assert (res.best == torch.arange(p) * k + 1).all()
+
+
+# -------------------------------------------------------------------- guidance scale: β and clip
+
+
+def _linear_guide_shift(a, **kw):
+    """TiltGuidance's shift (x0 mode, Euler) at step 5 of 12 for r(z) = a·z, whose gradient is a [n, 3]."""
+    sig = schedules.shifted_linear(12, 1.0)
+    guide = S.TiltGuidance(kernel="euler", mode="x0", reward=lambda img, prompts: (img * a).sum(1),
+                           decode=lambda z: z, **kw)
+    x = torch.randn(a.shape[0], 3, generator=torch.Generator().manual_seed(0))  # [n, 3]
+    guide.prompts = [""] * a.shape[0]
+    s, sn = sig[5], sig[6]
+    shift = guide(x, gaussian_world_velocity(x, s.expand(a.shape[0]), {}), s, sn, 5, {})  # [n, 3]
+    return shift, float(s - sn) * float(s / (1 - s))
+
+
+def test_guidance_shift_is_the_gradient_over_beta_and_clip_only_shortens_it():
+    """Euler (g = 0): the shift is Δ·(σ/(1−σ))·∇r/β (METHODS.md §6.3, target exp(r/β)), so β = 2 halves it; ``clip=c``
+    is g·min(1, c/‖g‖): a row whose gradient is shorter than c keeps it, a longer one is cut to norm c."""
+    a = torch.tensor([[0.3, 0.0, -0.4], [3.0, 4.0, 0.0]])  # [2, 3] gradient norms 0.5 and 5
+    shift, scale = _linear_guide_shift(a, beta=2.0)  # [2, 3]
+    assert torch.allclose(shift, scale * a / 2.0, rtol=1e-5)
+    shift, scale = _linear_guide_shift(a, clip=1.0)
+    assert torch.allclose(shift[0], scale * a[0], rtol=1e-5)  # norm 0.5 < 1: unchanged
+    assert torch.allclose(shift[1], scale * a[1] / 5.0, rtol=1e-5)  # norm 5 > 1: cut to norm 1
+
+
+def test_x0_guidance_takes_the_gradient_at_the_clean_estimate():
+    """``mode="x0"``: ∇r at x̂0 = x − σ·v with the step's own velocity (METHODS.md §6.3, skip-Jacobian). For
+    r(z) = −½‖z − c‖², ∇r = c − x̂0, so the Euler shift is Δ·(σ/(1−σ))·(c − x + σ·v) (a linear reward's gradient is the
+    same everywhere and cannot tell where it was taken)."""
+    sig = schedules.shifted_linear(12, 1.0)
+    c = torch.tensor([[1.0, -2.0, 0.5]])  # [1, 3]
+    guide = S.TiltGuidance(kernel="euler", mode="x0", reward=lambda img, prompts: -0.5 * ((img - c) ** 2).sum(1),
+                           decode=lambda z: z)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)  # [4, 3] each (any v: the hook's own)
+    guide.prompts = [""] * 4
+    s, sn = sig[5], sig[6]
+    shift = guide(x, v, s, sn, 5, {})  # [4, 3]
+    want = float(s - sn) * float(s / (1 - s)) * (c - (x - s * v))
+    assert torch.allclose(shift, want, rtol=1e-5, atol=1e-6)
+
+
+def test_resampling_does_not_draw_from_the_step_noise_generator():
+    """With one step-noise ``generator``, the resampling is ``resample_generator``'s: the step-noise stream is exactly
+    the plain sampler's (the same draws, however often FK resamples), so the kernel's noise does not shift with the
+    resampling decisions."""
+    T, k = 10, 8
+    sig, eta = schedules.shifted_linear(T, 1.0), eta_schedule(T, 0.7)
+    g_fk, g_plain = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    res = S.fk_steer(gaussian_world_velocity, _noise(k), sig, {}, linear_reward(), k=k, lam=30.0,
+                     cond_index=torch.zeros(k, dtype=torch.long), eta=eta, generator=g_fk,
+                     resample_generator=torch.Generator().manual_seed(2))
+    assert res.resampled.sum() >= 2
+    sample(gaussian_world_velocity, _noise(k), sig, {}, eta=eta, kernel="flow_sde", generator=g_plain,
+           cond_index=torch.zeros(k, dtype=torch.long))
+    assert torch.equal(g_fk.get_state(), g_plain.get_state())
+
+
+def test_guidance_uses_the_noise_level_of_its_own_step():
+    """With a per-step η [T], the shift at step t uses η_t: for ``flow_sde`` g_t² = a_t²·σ/(1−σ), so ``tilt_shift``'s
+    factor 1 + g²(1−σ)/(2σ) is 1 + a_t²/2 (METHODS.md §6.3): Δ·u at a step with a_t = 0, Δ·(1 + 0.3²/2)·u at one with
+    a_t = 0.3, whatever η is at step 0."""
+    steps = 12
+    sig = schedules.shifted_linear(steps, 1.0)
+    eta = torch.zeros(steps)  # [T]
+    eta[0], eta[5] = 0.7, 0.3
+    u = torch.tensor([[0.2, -0.1, 0.4]])  # [1, 3]
+    guide = S.TiltGuidance(kernel="flow_sde", eta=eta, grad_fn=lambda x, s, v, c: u.expand_as(x), band=(0.0, 1.0))
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))  # [2, 3]
+    for t, factor in ((3, 1.0), (5, 1.0 + 0.3**2 / 2)):
+        s, sn = sig[t], sig[t + 1]
+        shift = guide(x, gaussian_world_velocity(x, s.expand(2), {}), s, sn, t, {})  # [2, 3]
+        assert torch.allclose(shift, float(s - sn) * factor * u.expand(2, 3), rtol=1e-5), t

@@ -486,3 +486,124 @@ def test_help_texts_say_what_the_code_does():
     for dest in ("lam", "potential", "resampler", "probe", "ess", "every", "start", "end", "proposal", "particles",
                  "batch_size"):
         assert S.build_parser().get_default(dest) is None, dest  # None = not given: refusable under other methods
+
+
+# -------------------------------------------------------------------- seeds, chosen particle, DAS wiring
+
+
+@pytest.mark.parametrize("method", ["best_of_n", "fk"])
+def test_particle_seed_regenerates_the_chosen_output(model, method):
+    """Output s of prompt i has particles seeded image_seed(seed, i, s·k + j) (``seed`` the first one's), and
+    ``particle_seed`` is the initial noise of the chosen particle's ancestor: under an ODE kernel (FK's resampled
+    copies stay identical to their ancestor) ``flowalign sample`` with that seed redraws the image and its steering
+    reward. With 2 outputs per prompt, output 1's particles are 3 … 5, not 1 … 3."""
+    from flowalign.sample import generate
+
+    steer_r, eval_r = _rewards()
+    k, seed = 3, 4
+    recs, grid, _ = steer_prompts(model, PROMPTS, steer_r, eval_r, method=method, steps=4, k=k, lam=30.0,
+                                  kernel="euler", eta=0.0, seeds_per_prompt=2, seed=seed, grid_prompts=2,
+                                  schedule=[1, 2, 3] if method == "fk" else None)
+    for rec in recs:
+        i, s = rec["prompt_index"], rec["sample"]
+        group = [image_seed(seed, i, s * k + j) for j in range(k)]
+        assert rec["seed"] == group[0] and rec["particle_seed"] in group
+        if method == "best_of_n":
+            assert rec["particle_seed"] == group[rec["particle"]]
+    ref = generate(model, [r["prompt"] for r in recs], [r["particle_seed"] for r in recs], steps=4)  # [4, 3, H, W]
+    assert torch.allclose(grid, ref, atol=1e-5)
+    r = steer_r["shapes_partial"][0](ref, [rec["prompt"] for rec in recs])
+    assert [rec["steer_reward"] for rec in recs] == pytest.approx(r.tolist(), abs=1e-6)
+
+
+def test_method_none_with_an_sde_gives_flowalign_eval_images(model):
+    """One output per (prompt, seed) with k = 1 is ``flowalign eval``'s image under a stochastic kernel too: its step
+    noise comes from step_noise_seed(image_seed(seed, i, s)), as ``generate`` draws it."""
+    from flowalign.sample import generate
+
+    steer_r, eval_r = _rewards()
+    _, grid, _ = steer_prompts(model, PROMPTS, steer_r, eval_r, method="none", steps=4, kernel="flow_sde", eta=0.7,
+                               seeds_per_prompt=2, seed=3, grid_prompts=2)
+    seeds = [image_seed(3, i, s) for i in range(2) for s in range(2)]
+    ref = generate(model, [p["prompt"] for p in PROMPTS for _ in range(2)], seeds, steps=4, kernel="flow_sde",
+                   eta=0.7)  # [4, 3, H, W]
+    assert torch.allclose(grid, ref, atol=1e-5)
+
+
+def test_fk_output_is_the_best_or_the_drawn_particle_and_das_tilts_toward_exp_lam_r(model, monkeypatch):
+    """``output="best"`` returns each group's argmax particle, ``"drawn"`` the one ``fk_steer`` drew from the final
+    weights; a guided proposal (DAS) is ``TiltGuidance`` toward the same tilt exp(λ·r), i.e. β = 1/λ (METHODS.md §6.4),
+    on the run's kernel and η, and fk_steer gets it with the run's γ."""
+    steer = {"saturation": (build_reward("saturation"), 1.0)}
+    seen, guides = [], []
+    real_fk, real_tg = S.fk_steer, S.TiltGuidance
+
+    def fk_spy(*a, **kw):
+        res = real_fk(*a, **kw)
+        seen.append((res, kw))
+        return res
+
+    def tg_spy(**kw):
+        guides.append(kw)
+        return real_tg(**kw)
+
+    monkeypatch.setattr(S, "fk_steer", fk_spy)
+    monkeypatch.setattr(S, "TiltGuidance", tg_spy)
+    kw = dict(method="fk", steps=3, k=4, lam=0.5, kernel="flow_sde", eta=0.7, seeds_per_prompt=2, seed=0)
+    for output in ("best", "drawn"):
+        recs, _, _ = steer_prompts(model, PROMPTS, steer, {}, output=output, **kw)
+        res = seen[-1][0]
+        pick = res.best if output == "best" else res.drawn  # [P]
+        assert [r["particle"] for r in recs] == (pick - torch.arange(len(recs)) * 4).tolist()
+        assert [r["steer_reward"] for r in recs] == pytest.approx(res.reward[pick].tolist())
+    assert not torch.equal(seen[0][0].best, seen[1][0].drawn)  # the two outputs differ somewhere
+    assert not guides
+    steer_prompts(model, PROMPTS[:1], steer, {}, proposal="guided", temper=0.3, **{**kw, "seeds_per_prompt": 1})
+    (g,) = guides
+    assert g["beta"] == pytest.approx(1 / 0.5) and g["kernel"] == "flow_sde"
+    assert float(g["eta"][0]) == pytest.approx(0.7)
+    res, fkw = seen[-1]
+    assert isinstance(fkw["proposal"], real_tg) and fkw["temper"] == 0.3 and fkw["lam"] == 0.5
+
+
+def test_guided_reward_sees_each_chains_own_prompt(model):
+    """Guided steering runs one chain per output and scores each with its own prompt (``_row_hook``): two outputs of
+    two prompts, guided at the same steps, give every prompt as many guidance rows."""
+    seen = []
+
+    def reward(images, prompts, meta):
+        seen.extend(prompts)
+        return images.flatten(1).mean(1)
+
+    reward.differentiable = True
+    steer_prompts(model, PROMPTS, {"m": (reward, 1.0)}, {}, method="guided", steps=6, beta=0.05)
+    guided = [p for p in seen[:-2]]  # the last call scores the two final images together
+    assert guided.count(PROMPTS[0]["prompt"]) == guided.count(PROMPTS[1]["prompt"]) > 0
+
+
+def test_the_steering_reward_is_the_weighted_sum_of_its_rewards(model):
+    """``steer_rewards`` maps names to (reward, weight) and the steering reward is Σ w·R(decode(x)): with shapes_partial
+    at weight −2 every output's ``steer_reward`` is −2 × its evaluation score, and best-of-N keeps its lowest-scoring
+    particle."""
+    from flowalign.sample import generate
+
+    partial = build_reward("shapes_partial")
+    k, seed = 3, 1
+    recs, _, _ = steer_prompts(model, PROMPTS, {"shapes_partial": (partial, -2.0)}, {"shapes_partial": partial},
+                               method="best_of_n", steps=3, k=k, seed=seed)
+    for rec in recs:
+        assert rec["steer_reward"] == pytest.approx(-2.0 * rec["shapes_partial"], abs=1e-6)
+        i = rec["prompt_index"]
+        imgs = generate(model, [rec["prompt"]] * k, [image_seed(seed, i, j) for j in range(k)], steps=3)
+        assert rec["shapes_partial"] == pytest.approx(float(partial(imgs, [rec["prompt"]] * k).min()), abs=1e-6)
+
+
+def test_grid_batches_hold_every_seed_of_the_grid_prompts():
+    """The grid shows all ``seeds_per_prompt`` outputs of the first ``grid_prompts`` prompts, so a resumed run redoes
+    every batch holding one of them (prompt-major outputs, ``per_batch`` per batch); ``outputs_per_batch`` counts
+    k-particle groups for best-of-N and FK, single rows otherwise."""
+    assert S.grid_batches(10, 2, 8, 4) == {0, 1, 2, 3}  # outputs 0 … 15
+    assert S.grid_batches(3, 2, 8, 4) == {0, 1}  # only 3 prompts: outputs 0 … 5
+    assert S.grid_batches(10, 3, 0, 4) == set()
+    assert (S.outputs_per_batch("fk", 4, 32), S.outputs_per_batch("best_of_n", 5, 32),
+            S.outputs_per_batch("guided", 4, 32), S.outputs_per_batch("fk", 40, 32)) == (8, 6, 32, 1)

@@ -18,7 +18,7 @@ from flowalign import steer as S
 from flowalign.cli import main
 from flowalign.rewards import build_reward
 from flowalign.samplers import eta_schedule, sample, schedules
-from flowalign.samplers.kernels import gaussian_log_prob
+from flowalign.samplers.kernels import gaussian_log_prob, get_kernel
 
 from gaussian_world import gaussian_world_velocity  # noqa: E402
 from test_steer import _noise, exact_u, linear_reward  # noqa: E402
@@ -249,3 +249,68 @@ def test_reward_std_from_an_unreadable_results_file_is_one_line(tmp_path, capsys
     fails(capsys, ["steer", "a red circle", "--method", "fk", "--reward-std", str(tmp_path / "r"),
                    "--out", str(tmp_path / "o")], "--reward-std")
     assert not (tmp_path / "o").exists()
+
+
+# -------------------------------------------------------------------- tempering inside fk_steer
+
+
+def test_tempering_ramps_the_intermediate_potentials_from_the_first_resampling_step():
+    """λ_t = λ·f_t in the intermediate potentials, f_t = min((1+γ)^(t−start+1) − 1, 1) from start = S[0] (METHODS.md
+    §6.4), and the guided proposal is consulted only where f_t > 0. T = 8, S = {3, 5}, γ = 0.2: f_3 = 0.2, f_5 = 0.728;
+    rewards fixed per row, ``rt`` potentials and no ESS-triggered resampling, so ℓw is λ·f_3·r at step 3 and
+    λ·(f_3 + f_5)·r at step 5, whose ESS the run must report; the proposal is called at steps 3 … 6 (η = 0 at 7)."""
+    T, k, lam, gamma = 8, 4, 2.0, 0.2
+    r = torch.arange(k, dtype=torch.float64) * 0.5  # [k] the reward of each row, whatever its latent
+    calls = []
+
+    def hook(x, v, s, sn, t, cond_b):
+        calls.append(t)
+        return None  # the kernel's own step
+
+    res = S.fk_steer(gaussian_world_velocity, _noise(k), schedules.shifted_linear(T, 1.0), {},
+                     lambda z, rows: r[rows].to(torch.float32), k=k, lam=lam,
+                     cond_index=torch.zeros(k, dtype=torch.long), steps_s=[3, 5], potential="rt",
+                     eta=eta_schedule(T, 0.7), ess_threshold=1e-6, proposal=hook, temper=gamma,
+                     generator=torch.Generator().manual_seed(0), resample_generator=torch.Generator().manual_seed(1))
+    f3, f5 = gamma, (1 + gamma) ** 3 - 1
+
+    def ess(logw):  # [k] -> 1 / Σ w̄²
+        w = torch.softmax(logw, 0)
+        return 1.0 / (w * w).sum().item()
+
+    assert res.ess[:, 0].tolist() == pytest.approx([ess(lam * f3 * r), ess(lam * (f3 + f5) * r)], rel=1e-5)
+    assert res.resampled[:, 0].tolist() == [False, True]  # only the forced last step of S
+    assert calls == [3, 4, 5, 6]
+
+
+def test_the_guided_shift_is_scaled_by_the_temper_factor_and_importance_weighted():
+    """At a stochastic step the particle is drawn from N(μ + f_t·δ, s²) (``temper`` scales the proposal's shift) and
+    ℓw gains log N(x'; μ, s²) − log N(x'; μ + f_t·δ, s²) (METHODS.md §6.4). With S = ∅ the ramp starts at step 0, so
+    at step 1 f_1 = (1.2)² − 1 = 0.44; a shift δ proposed at step 1 only must move x_2 by 0.44·δ from the unguided run
+    on the same noise, and λ = 0 leaves exactly that log ratio in ℓw."""
+    T, k = 8, 3
+    sig, eta = schedules.shifted_linear(T, 1.0), eta_schedule(T, 0.7)
+    delta = torch.tensor([[0.3], [-0.2], [0.5]])  # [k, 1]
+
+    def run(hook):
+        xs = []
+
+        def velocity(x, s, cond):
+            xs.append(x.clone())  # [k, 1] the state entering each step
+            return gaussian_world_velocity(x, s, cond)
+
+        res = S.fk_steer(velocity, _noise(k), sig, {}, linear_reward(), k=k, lam=0.0,
+                         cond_index=torch.zeros(k, dtype=torch.long), steps_s=(), eta=eta, proposal=hook, temper=0.2,
+                         generator=torch.Generator().manual_seed(4))
+        return res, xs
+
+    guided, xg = run(lambda x, v, s, sn, t, cond_b: delta if t == 1 else None)
+    plain, xp = run(None)
+    f1 = 1.2 ** 2 - 1
+    assert torch.equal(xg[1], xp[1])
+    assert torch.allclose(xg[2] - xp[2], f1 * delta, atol=1e-6)
+    tr = get_kernel("flow_sde")(xg[1], gaussian_world_velocity(xg[1], sig[1].expand(k), {}), sig[1], sig[2], eta[1])
+    want = (gaussian_log_prob(xg[2], tr.mean, tr.std, reduce="sum")
+            - gaussian_log_prob(xg[2], tr.mean + f1 * delta, tr.std, reduce="sum"))  # [k]
+    assert torch.allclose(guided.log_weight, want.double(), atol=1e-5)
+    assert (plain.log_weight == 0).all()

@@ -154,3 +154,32 @@ def test_nft_draws_refuse_generators_that_do_not_split_the_samples():
                           eta=0.0, kernel="euler")
     with pytest.raises(ValueError, match="equal contiguous blocks"):
         nft_row_draws(traj, torch.arange(6), "fresh", _gens([0, 1, 2, 3]))
+
+
+def test_a_block_with_one_active_row_draws_its_whole_block():
+    """loop.draw_rows ``active``: only a block with *no* active row skips its generator (zeros); a block with any
+    active row draws its full block from its generator, as without ``active`` (else that row's SDE step gets no
+    noise)."""
+    active = torch.tensor([False, True, False, False, False, False])  # [6]: one row of group 4's block of 3
+    got = draw_rows(torch.randn, (6, 5), _gens([4, 9]), active=active)  # [6, 5]
+    assert torch.equal(got[:3], draw_rows(torch.randn, (3, 5), _gens([4])))  # the block as drawn without ``active``
+    assert torch.equal(got[3:], torch.zeros(3, 5))  # group 9 drew nothing
+
+
+def test_mix_seed_values_are_pinned_and_read_48_bit_parts():
+    """loop.mix_seed: FNV-1a style over the parts, each read modulo 2⁴⁸, the hash kept modulo 2⁶³, so seeds are the
+    same on every machine and every documented run keeps its seeds (pinned against an independent transcription, with
+    the module's offset 1469598103934665603, not FNV's 14695981039346656037), and parts that differ above bit 32 give
+    other seeds."""
+    from flowalign.samplers.loop import mix_seed
+
+    def fnv(*parts):
+        h = 1469598103934665603
+        for p in parts:
+            h = ((h ^ (p % 2**48)) * 0x100000001B3) % 2**63
+        return h
+
+    for parts in [(42,), (42, 3, 0, 11), (7, 2**40 + 5, 1), (2**47, 0), (-1, 5)]:
+        assert mix_seed(*parts) == fnv(*parts), parts
+    assert len({mix_seed(42, 3, g) for g in (0, 2**32, 2**33, 2**40)}) == 4
+    assert mix_seed(1, 2) != mix_seed(2, 1) and 0 <= mix_seed(2**62, 2**62) < 2**63

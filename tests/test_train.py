@@ -598,3 +598,230 @@ def test_resume_with_another_process_count_is_refused_under_per_rank_noise(tmp_p
     _check_resume_world(load_config(None, ["sampler.step_noise=group"]), ckpt, 1)
     (ckpt / CHECKPOINT_META).unlink()
     _check_resume_world(rank_cfg, ckpt, 1)  # a checkpoint from before meta.json: not checked
+
+
+# -------------------- unit properties of the recipe's pieces: EMA
+
+
+def test_ema_updates_at_every_nth_optimizer_step_with_the_warmup_decay():
+    """METHODS §3.7 (Q4): the EMA moves at optimizer steps n with (n + 1) % every == 0, i.e. after the every-th step,
+    not at step 0, with d_n = min((1 + n)/(10 + n), d_max): shadow ← d_n·shadow + (1 − d_n)·θ_n."""
+    from flowalign.train import EMA
+
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # [2]
+    ema = EMA([p], decay_max=0.45, every=3)
+    expect, seen = torch.zeros(2, dtype=torch.float64), []
+    for n in range(9):
+        with torch.no_grad():
+            p.copy_(torch.tensor([n + 1.0, -2.0 * (n + 1)], dtype=torch.float64))  # θ_n
+        ema.update(n)
+        if (n + 1) % 3 == 0:  # n = 2, 5, 8
+            d = min((1 + n) / (10 + n), 0.45)
+            expect = d * expect + (1 - d) * p.detach()
+        seen.append(ema.shadow[0].clone())
+        torch.testing.assert_close(ema.shadow[0], expect)
+    assert torch.equal(seen[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(seen[1], seen[0])
+    # d_2 = 3/12, d_5 = 6/15 (warm-up), d_8 = min(9/18, 0.45) = 0.45 (the cap)
+    assert seen[2][0].item() == pytest.approx(0.75 * 3.0)
+
+
+def test_ema_applied_swaps_the_shadow_in_and_restores_the_live_weights():
+    """``EMA.applied``: inside, the parameters hold the EMA weights (evaluation, the checkpoint's user LoRA); after it,
+    and after an exception in it, the live weights are back bit for bit (training goes on from them)."""
+    from flowalign.train import EMA
+
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))  # [2]
+    ema = EMA([p], decay_max=0.9, every=1)
+    ema.shadow[0].copy_(torch.tensor([5.0, 6.0]))
+    live = p.detach().clone()
+    with ema.applied():
+        assert torch.equal(p.detach(), torch.tensor([5.0, 6.0]))
+    assert torch.equal(p.detach(), live)
+    with pytest.raises(RuntimeError):
+        with ema.applied():
+            raise RuntimeError("eval failed")
+    assert torch.equal(p.detach(), live) and torch.equal(ema.shadow[0], torch.tensor([5.0, 6.0]))
+
+
+# -------------------- unit properties of the recipe's pieces: trained steps
+
+
+def test_first_trained_steps_are_the_first_floor_f_t_stochastic_steps_and_never_the_last():
+    """sampler.train_steps=first (Flow-GRPO, METHODS §3.5): steps t < ⌊f·T⌋ with η_t > 0, capped at T − 1 so that the
+    last step is never trained even at f = 1; per-row η [B, T] gives per-row masks."""
+    from flowalign.train import TRAINED_STEPS
+
+    first = TRAINED_STEPS["first"]
+    eta = torch.full((6,), 0.5)  # [T] every step stochastic
+    m = first(eta, 1.0, 2)  # [2, 6]
+    assert m.shape == (2, 6) and torch.equal(m[0], torch.tensor([True] * 5 + [False])) and torch.equal(m[1], m[0])
+    eta[1] = 0.0  # an ODE step inside the fraction is not trained
+    assert torch.equal(first(eta, 0.5, 1)[0], torch.tensor([True, False, True, False, False, False]))  # ⌊0.5·6⌋ = 3
+    rows = torch.tensor([[0.0, 0.3, 0.3, 0.3], [0.3, 0.3, 0.0, 0.0]])  # [2, 4] per-row windows
+    torch.testing.assert_close(first(rows, 1.0, 2), torch.tensor([[False, True, True, False], [True, True, False, False]]))
+
+
+
+def test_loss_scale_doubles_after_exactly_growth_interval_clean_steps_and_an_overflow_restarts_the_count():
+    """``LossScale`` (float16): after ``growth_interval`` clean steps in a row the scale doubles (capped at 2^24); an
+    overflow halves it (floored at 1) and restarts the count of clean steps."""
+    from flowalign.train import LossScale
+
+    ls = LossScale(enabled=True, init=4.0, growth_interval=3)
+    scales = []
+    for overflow in (False, False, False, False, False, True, False, False, False):
+        ls.update(overflow)
+        scales.append(ls.scale)
+    # 3 clean → 8; 2 clean then the overflow → 4 (count restarts); 3 clean → 8
+    assert scales == [4.0, 4.0, 8.0, 8.0, 8.0, 4.0, 4.0, 4.0, 8.0] and ls.good == 0
+    low = LossScale(enabled=True, init=1.0)
+    low.update(overflow=True)
+    assert low.scale == 1.0
+    top = LossScale(enabled=True, init=2.0 ** 24, growth_interval=1)
+    top.update(overflow=False)
+    assert top.scale == 2.0 ** 24
+
+# -------------------- unit properties of the recipe's pieces: checkpoints
+
+
+class _FileLora:
+    """A model stand-in with one LoRA tensor: ``save_lora`` / ``load_lora`` write and read it in a directory."""
+
+    def __init__(self, p: torch.nn.Parameter):
+        self.p = p
+
+    def velocity(self, x, sigma, cond):
+        return x
+
+    def save_lora(self, d):
+        torch.save(self.p.detach().clone(), Path(d) / "w.pt")
+
+    def load_lora(self, d):
+        with torch.no_grad():
+            self.p.copy_(torch.load(Path(d) / "w.pt"))
+
+
+def _training_state(init: float):
+    from flowalign import data as D
+    from flowalign.train import EMA, LossScale
+    from flowalign.values import NFECounter
+
+    p = torch.nn.Parameter(torch.full((3,), init))  # [3]
+    model = _FileLora(p)
+    opt = torch.optim.AdamW([p], lr=0.1)
+    return model, p, opt, EMA([p], 0.9, 1), D.PromptSampler(7, 2, seed=3), NFECounter(model), LossScale(True)
+
+
+def test_a_checkpoint_restores_weights_optimizer_ema_data_position_counters_and_rng(tmp_path):
+    """Exact resume (DESIGN §1 step 4): ``_load_checkpoint`` of what ``_save_checkpoint`` wrote restores the live LoRA
+    (raw/), AdamW's moments, the EMA shadow, the prompt stream's position, the NFE tally, the fp16 loss scale, the
+    torch RNG and the optimizer-step count; the user-facing LoRA at the top is the EMA's, the live weights unchanged."""
+    from flowalign.train import _load_checkpoint, _save_checkpoint
+
+    model, p, opt, ema, sampler, nfe, scale = _training_state(1.0)
+    for k in range(2):  # AdamW state (step, exp_avg, exp_avg_sq) and EMA updates
+        opt.zero_grad()
+        (p * torch.tensor([1.0, -2.0, 3.0])).sum().backward()
+        opt.step()
+        ema.update(k)
+    sampler.next_groups(), sampler.next_groups(), sampler.next_groups()  # 6 of 7 prompts: mid-epoch
+    with nfe.phase("training"):
+        model.velocity(torch.zeros(5, 1), None, None)  # 5 forwards
+    scale.update(overflow=True), scale.update(overflow=False)  # scale 2^15, one clean step
+    torch.manual_seed(11)
+    live, shadow = p.detach().clone(), ema.shadow[0].clone()
+    rng = torch.get_rng_state()
+    ckpt = _save_checkpoint(tmp_path / "run", 4, model, opt, ema, sampler, nfe, 0, 7, scale)
+    assert torch.equal(p.detach(), live)  # saving under the EMA leaves the live weights in place
+    assert torch.equal(torch.load(ckpt / "w.pt"), shadow) and torch.equal(torch.load(ckpt / "raw" / "w.pt"), live)
+    torch.set_rng_state(rng)
+    want_draw, want_groups = torch.rand(4), sampler.next_groups()  # [4], what the uninterrupted run draws next
+
+    model2, p2, opt2, ema2, sampler2, nfe2, scale2 = _training_state(0.0)
+    torch.manual_seed(999)
+    assert _load_checkpoint(ckpt, model2, opt2, ema2, sampler2, nfe2, scale2) == (4, 7)
+    assert torch.equal(torch.rand(4), want_draw)
+    assert torch.equal(p2.detach(), live) and torch.equal(ema2.shadow[0], shadow)
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert float(s1["step"]) == float(s2["step"]) == 2
+    assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+    assert sampler2.next_groups() == want_groups and nfe2.totals() == {"training": 5}
+    assert scale2.state_dict() == {"scale": 2.0 ** 15, "good": 1}
+
+
+def test_checkpoints_keep_the_newest_by_step_number(tmp_path):
+    """``train.keep_checkpoints=k`` keeps the k newest checkpoints (0: all), and resume picks the highest step
+    number, numerically (step-10 after step-9, not before it as in name order)."""
+    from flowalign.train import _latest_checkpoint, _save_checkpoint
+
+    model, p, opt, ema, sampler, nfe, scale = _training_state(1.0)
+    run = tmp_path / "run"
+    for step in (8, 9, 10):
+        _save_checkpoint(run, step, model, opt, ema, sampler, nfe, 0)
+    assert _latest_checkpoint(run) == run / "checkpoints" / "step-10"
+    _save_checkpoint(run, 11, model, opt, ema, sampler, nfe, 2)
+    assert sorted(q.name for q in (run / "checkpoints").iterdir()) == ["step-10", "step-11"]
+    assert _latest_checkpoint(run) == run / "checkpoints" / "step-11"
+
+
+def test_each_iteration_shuffles_its_transitions_anew_and_a_resumed_run_draws_the_same_order():
+    """``transition_order``: with ``train.shuffle_transitions`` a permutation of the iteration's pairs that changes
+    with the iteration (not one order reused every iteration) and depends on (seed, iteration) alone, so a resumed
+    run replays it; without, 0 … total−1."""
+    from flowalign.train import transition_order
+
+    orders = [transition_order(42, it, 64, True) for it in range(4)]  # [64] each
+    for o in orders:
+        assert torch.equal(o.sort().values, torch.arange(64))
+    assert all(not torch.equal(orders[i], orders[j]) for i in range(4) for j in range(i + 1, 4))
+    torch.manual_seed(0)  # the global RNG plays no part
+    assert torch.equal(transition_order(42, 2, 64, True), orders[2])
+    assert not torch.equal(transition_order(43, 2, 64, True), orders[2])
+    assert torch.equal(transition_order(42, 2, 64, False), torch.arange(64))
+
+
+def test_a_single_inf_reward_row_skips_the_update_and_a_nan_row_does_not():
+    """``nonfinite_inputs``: one ±inf reward in one row is a broken reward and skips the update, although outcome
+    credit gives that row a finite advantage of 0 (so the advantages alone would not show it); a NaN reward is "not
+    applicable" and does not; a non-finite advantage in any head does."""
+    from flowalign.credit import group_normalize
+    from flowalign.train import nonfinite_inputs
+
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    good = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.4, 0.6])  # [B]
+    for bad in (float("inf"), float("-inf")):
+        r = good.clone()
+        r[4] = bad
+        adv = group_normalize(r, group)  # [B]
+        assert torch.isfinite(adv).all() and float(adv[4]) == 0.0  # credit hides the broken row
+        assert nonfinite_inputs({"main": adv[:, None]}, {"shapes_partial": r, "other": good})
+    r = good.clone()
+    r[4] = float("nan")
+    assert not nonfinite_inputs({"main": group_normalize(r, group)[:, None]}, {"shapes_partial": r})
+    assert not nonfinite_inputs({"main": torch.zeros(6, 3)}, {"shapes_partial": good})
+    adv2 = torch.zeros(6, 3)
+    adv2[2, 1] = float("nan")
+    assert nonfinite_inputs({"main": torch.zeros(6, 3), "process": adv2}, {"shapes_partial": good})
+
+
+def test_evaluation_scores_the_ema_weights(tmp_path, monkeypatch):
+    """With ``train.ema`` the evaluations run on the EMA weights: the LoRA in the model while the final evaluation
+    samples is the checkpoint's top-level (EMA) LoRA, not its raw (live) one, and the live weights come back after."""
+    from safetensors.torch import load_file
+
+    from flowalign import train as T
+
+    real, seen = T.run_eval, {}
+
+    def spy(model, *args, **kw):
+        seen[Path(args[2]).name] = model.save_lora(tmp_path / "at_eval")
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(T, "run_eval", spy)
+    run = T.train(_cfg(tmp_path / "run", "train.iterations=1", "train.ema=true", "eval.after=true"))
+    at_eval = load_file(str(seen["final"]))
+    ema = load_file(str(run / "checkpoints" / "step-1" / WEIGHT_NAME))
+    raw = load_file(str(run / "checkpoints" / "step-1" / "raw" / WEIGHT_NAME))
+    assert at_eval.keys() == ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA lags the live weights
+    assert all(torch.equal(at_eval[k], ema[k]) for k in ema)

@@ -402,3 +402,151 @@ def test_make_probe_bounds_the_rows_per_forward_and_per_score_call():
     assert sizes and max(sizes) <= 4 and scored and max(scored) <= 3
     for k in ("r", "s"):
         assert torch.equal(bounded[k], free[k])
+
+
+# ------------------------------------------------------------------------------ pinned by mutation testing
+
+
+def test_nfe_counter_state_round_trips_and_nested_phases_restore_the_outer_one():
+    """A resumed run restores both per-sample forwards (``counts``) and launches (``calls``), each from its own key;
+    leaving a nested phase attributes forwards to the enclosing phase again, not to "other"."""
+
+    class Model:
+        def velocity(self, x, sigma, cond):
+            return gaussian_world_velocity(x, sigma, cond)
+
+    model = Model()
+    nfe = NFECounter(model)
+    x, s, c = torch.zeros(3, 4), torch.full((3,), 0.5), {"c": torch.zeros(3, 4)}  # [3, 4], [3], cond [3, 4]
+    with nfe.phase("sampling"):
+        model.velocity(x, s, c)
+        with nfe.phase("probing"):
+            model.velocity(x[:2], s[:2], {"c": c["c"][:2]})
+        model.velocity(x, s, c)  # back in "sampling"
+    assert nfe.state_dict() == {"counts": {"sampling": 6, "probing": 2}, "calls": {"sampling": 2, "probing": 1}}
+    other = NFECounter(Model())
+    other.load_state_dict(nfe.state_dict())
+    assert other.state_dict() == nfe.state_dict()
+
+
+def test_probe_costs_are_zero_at_x_T_and_two_forwards_per_midpoint_sub_step():
+    """METHODS.md §4.0 cost table: x_T is never integrated (0 NFE in every mode, reuse or not); an explicit-midpoint
+    sub-step costs 2 forwards, one of them the reused cached velocity. The engine spends exactly Σ probe_nfe."""
+    for mode in ("x0", "ode:2", "ode:full", "ode/2", "ode2:2", "ode2:full", "ode2/3"):
+        assert probe_nfe(mode, 10, 10) == 0 and probe_nfe(mode, 10, 10, reuse=False) == 0, mode
+    assert [probe_nfe("ode2:2", t, 10) for t in (0, 8, 9)] == [3, 3, 1]  # 2 sub-steps (1 from t = 9): 2·n − 1
+    assert probe_nfe("ode2:full", 4, 10, reuse=False) == 12 and probe_nfe("ode2:full", 4, 10) == 11
+    assert probe_nfe("ode2/3", 2, 10) == 2 * 3 - 1  # grid [2, 5, 8, 10]
+    traj = _traj(eta_schedule(T, 0.7))
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    mask[:, T] = False
+    for mode in ("ode2:2", "ode2:full", "ode2/3"):
+        vel = Counting(gaussian_world_velocity)
+        probe_values(vel, traj, mask, mode, score, skip_ode=False, dedupe=False)
+        assert vel.nfe == 6 * sum(probe_nfe(mode, t, T) for t in range(T)), mode
+
+
+def test_first_equal_never_matches_a_row_holding_nan():
+    """``first_equal``: "NaN never equals itself, so a row holding a NaN is its own kind" (bit-identical NaN rows
+    included); finite duplicates still match."""
+    from flowalign.values import first_equal
+
+    rows = torch.tensor([[float("nan"), 1.0], [float("nan"), 1.0], [0.0, 1.0], [0.0, 1.0]])  # [4, 2]
+    assert first_equal(lambda idx: rows[idx], [0, 0, 0, 0]).tolist() == [0, 1, 2, 2]
+
+
+def test_dedupe_merges_equal_states_of_one_prompt_only():
+    """Group-shared work (DESIGN.md §4) dedupes identical (state, prompt) pairs: the same x_0 under two prompts is
+    two probes with two values (the velocity depends on the prompt), each equal to the one-at-a-time reference."""
+    g = torch.Generator().manual_seed(0)
+    cond = {"c": torch.tensor([[-0.3] * 4, [0.4] * 4])}
+    ci = torch.tensor([0, 0, 0, 1, 1, 1])
+    x = torch.randn(1, 4, generator=g).expand(6, 4).clone()  # [6, 4] one x_0 for every row and prompt
+    traj = sample(gaussian_world_velocity, x, schedules.sd3_diffusers(T), cond, eta=eta_schedule(T, 0.7),
+                  kernel="flow_sde", generator=g, cond_index=ci, group=ci, keep_velocities=True)
+    m0 = torch.zeros(6, T + 1, dtype=torch.bool)
+    m0[:, 0] = True
+    vel = Counting(gaussian_world_velocity)
+    got = probe_values(vel, traj, m0, "ode:full", score)["r"][:, 0]  # [6]
+    assert vel.nfe == 2 * (T - 1)  # one probe per prompt, its first velocity reused
+    ref = probe_values_naive(gaussian_world_velocity, traj, m0, "ode:full", score)["r"][:, 0]  # [6]
+    assert torch.equal(got, ref) and got[0] != got[3]
+
+
+def test_a_probe_without_a_cached_velocity_computes_its_first_step():
+    """Velocity reuse applies only where the sampler's cache is finite (NaN = not cached, e.g. a plan's unvisited
+    states): those probes spend one forward more and still equal the reference bit for bit."""
+    import dataclasses
+
+    traj = _traj(eta_schedule(T, 0.7))
+    vels = traj.velocities.clone()  # [6, T, 4]
+    vels[1, 2] = float("nan")
+    vels[4, 0] = float("nan")
+    holey = dataclasses.replace(traj, velocities=vels)
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    vel = Counting(gaussian_world_velocity)
+    got = probe_values(vel, holey, mask, "ode:full", score)
+    assert vel.nfe == 6 * sum(T - t - 1 for t in range(T - 1)) + 2  # two probes without a cached first velocity
+    ref = probe_values_naive(gaussian_world_velocity, holey, mask, "ode:full", score)
+    for k in ("r", "s"):
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_caller_terminal_rewards_are_v_of_x_T_and_of_states_whose_ode_run_ends_there():
+    """``terminal``: the caller's rewards of x_T are reused for V(x_T) and for every state the ODE-skip rule maps to
+    x_T (here x_{T−1}: the last step is ODE); x_T is then never scored again."""
+    traj = _traj(eta_schedule(T, 0.7))  # last step η = 0
+    term = {k: v + 100.0 for k, v in score(traj.final, None).items()}  # [6] each, distinguishable from score(x_T)
+    seen = []
+
+    def spy(z, rows):
+        seen.append(z.clone())
+        return score(z, rows)
+
+    mask = torch.ones(6, T + 1, dtype=torch.bool)
+    got = probe_values(gaussian_world_velocity, traj, mask, "ode:full", spy, terminal=term)
+    for k in ("r", "s"):
+        assert torch.equal(got[k][:, T], term[k]) and torch.equal(got[k][:, T - 1], term[k]), k
+        assert bool((got[k][:, :T - 1] < 50).all())  # earlier states are real probes
+    assert sum(z.shape[0] for z in seen) == 6 * (T - 1)  # states 0 … T−2 only
+
+
+def test_make_probe_returns_nan_outside_the_requested_mask_even_when_cached():
+    traj = _traj(eta_schedule(T, 0.7))
+    probe = make_probe(gaussian_world_velocity, traj, score, terminal=score(traj.final, None))
+    both = torch.zeros(6, T + 1, dtype=torch.bool)
+    both[:, 2:4] = True
+    full = probe("ode:full", both)
+    one = torch.zeros_like(both)
+    one[:, 2] = True
+    got = probe("ode:full", one)  # cached: state 3 was probed but is not asked for now
+    assert torch.equal(got["r"][:, 2], full["r"][:, 2]) and bool(got["r"][:, 3].isnan().all())
+    assert torch.equal(got["r"].isnan(), ~one)
+
+
+def test_sde_mc_completions_follow_their_seed_stream_and_the_rows_own_eta():
+    """``sde_mc_values``: completion j of row i from x_t is ``sample`` from x_t with the generator seeded by
+    ``mix_seed(seed, t, i, j)`` and the row's own η (``extras["eta_rows"]``); a row whose remaining η is 0 gets
+    the ``ode:full`` value k times."""
+    import dataclasses
+
+    from flowalign.samplers.loop import mix_seed
+    from flowalign.values import sde_mc_values
+
+    traj = _traj(eta_schedule(T, 0.7))
+    er = traj.eta[None].expand(6, -1).clone()  # [6, T]
+    er[:3] = 0.0  # rows 0-2: a pure-ODE remainder
+    traj = dataclasses.replace(traj, extras={**traj.extras, "eta_rows": er})
+    mask = torch.zeros(6, T + 1, dtype=torch.bool)
+    mask[:, [0, 3]] = True
+    got = sde_mc_values(gaussian_world_velocity, traj, mask, score, k=2, kernel="flow_sde", seed=7)["r"]  # [2, 6, T+1]
+    for t in (0, 3):
+        for i in range(6):
+            for j in range(2):
+                gen = [torch.Generator().manual_seed(mix_seed(7, t, i, j))]
+                rest = sample(gaussian_world_velocity, traj.latents[[i], t], traj.sigmas[t:], traj.cond,
+                              eta=er[[i], t:], kernel="flow_sde", generator=gen, cond_index=traj.cond_index[[i]])
+                assert torch.allclose(got[j, i, t], score(rest.final, None)["r"][0], atol=1e-6), (t, i, j)
+    ode = probe_values_naive(gaussian_world_velocity, traj, mask, "ode:full", score)["r"]  # [6, T+1]
+    assert torch.allclose(got[:, :3, 0], ode[None, :3, 0].expand(2, -1), atol=1e-6)
+    assert bool(((got[0, 3:, 0] - got[1, 3:, 0]).abs() > 1e-4).all())  # SDE rows: two different completions

@@ -460,17 +460,23 @@ def test_branch_at_first_and_last_step_keeps_velocities(step):
     assert tuple(z.velocities.shape) == (2, 0, 3, 2) and tuple(z.means.shape) == (2, 0, 3, 2)
 
 
+def _two_trunk_branch(step, kids, *, seeds):
+    """Two trunks x [2, 3, 2] (seeded) branched at ``step`` into ``kids`` children each, η = 0.7: (cond, x, σ, traj)."""
+    cond = _cond()
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(seeds[0]))  # [B, 3, 2]
+    sig = sd3_diffusers(T)
+    tr = branch(elementwise_velocity, x, sig, cond, step=step, children=kids, eta=0.7,
+                generator=torch.Generator().manual_seed(seeds[1]))
+    return cond, x, sig, tr
+
+
 def test_branch_children_get_independent_unit_noise_scaled_by_the_kernel_std():
     """``loop.branch``: the K children of a trunk share μ_step and s_step (recomputed here from the kernel at x_step)
     and each gets its own ξ ~ N(0, I): (x_{step+1} − μ)/s has mean 0 and std 1 at every latent position across the
     children, is uncorrelated between trunks and between positions, and the stored log-prob is the density of it.
     Pins the noise draw against repeating one trunk draw to all children, dropping ``std *`` or a wrong s."""
     k, kids = 3, 2000
-    cond = _cond()
-    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(1))  # [B, 3, 2]
-    sig = sd3_diffusers(T)
-    tr = branch(elementwise_velocity, x, sig, cond, step=k, children=kids, eta=0.7,
-                generator=torch.Generator().manual_seed(2))
+    cond, x, sig, tr = _two_trunk_branch(k, kids, seeds=(1, 2))
     assert tuple(tr.latents.shape) == (2 * kids, T + 1, 3, 2)
     assert tr.extras["parent"].tolist() == [0] * kids + [1] * kids
     x_k = tr.latents[::kids, k]  # [B, 3, 2] each trunk's x_step
@@ -498,11 +504,7 @@ def test_branch_steps_other_than_the_branch_step_are_exact_euler():
     """``loop.branch``: every step but ``step`` is an η = 0 Euler step x_{t+1} = x_t + (σ_{t+1} − σ_t)·v(x_t,
     σ_t) bit for bit (the ODE prefix per trunk and the ODE completion per child), with log-prob 0 and η 0 there."""
     k, kids = 2, 4
-    cond = _cond()
-    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(3))  # [B, 3, 2]
-    sig = sd3_diffusers(T)
-    tr = branch(elementwise_velocity, x, sig, cond, step=k, children=kids, eta=0.7,
-                generator=torch.Generator().manual_seed(4))
+    cond, x, sig, tr = _two_trunk_branch(k, kids, seeds=(3, 4))
     ce = {"e": cond["e"][tr.cond_index]}  # [B·K, 3, 2]
     assert torch.equal(tr.latents[:, 0], x.repeat_interleave(kids, 0))
     for t in range(T):

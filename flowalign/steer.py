@@ -431,6 +431,9 @@ def best_of_n(velocity: VelocityFn, x: Tensor, sigmas: Tensor, cond: Cond, rewar
               generator=None) -> SteerResult:
     """Best-of-N (METHODS.md §6.1): n independent samples per group, ``best`` = the argmax of r(x_T).
 
+    Ties (frequent with a discrete verifier such as ``shapes_partial``) go to the lowest particle index, so the
+    choice depends on the seeds alone; a particle with a non-finite reward never wins.
+
     ``fk_steer`` with no resampling step and λ = 0, so it runs the same loop and counts forwards the same way:
     the baseline every steering result is compared with at equal NFE. ODE by default (``kernel="euler"``).
     """

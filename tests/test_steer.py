@@ -265,6 +265,23 @@ def test_best_of_n_is_the_argmax_of_n_plain_samples():
     assert res.nfe == p * n * T and res.reward_calls == p * n and res.ess.numel() == 0
 
 
+def test_best_of_n_ties_go_to_the_lowest_particle_index():
+    """A discrete verifier (shapes_partial) ties often: the output is the first tied particle, so a group's choice
+    depends on its seeds alone, never on the order the rewards came back in; a NaN particle never wins a tie."""
+    T, n, p = 4, 4, 3
+    sig = schedules.shifted_linear(T, 1.0)
+    levels = torch.tensor([[0.5, 1.0, 1.0, 0.0],  # tie between particles 1 and 2 -> 1
+                           [1.0, 1.0, 1.0, 1.0],  # all tied -> 0
+                           [float("nan"), 0.25, 0.0, 0.25]])  # NaN first, tie between 1 and 3 -> 1
+
+    def reward(z, rows):
+        return levels.reshape(-1)[rows]  # [n] the fixed level of each particle
+
+    res = S.best_of_n(gaussian_world_velocity, _noise(p * n, 4), sig, {}, reward, n=n,
+                      cond_index=torch.zeros(p * n, dtype=torch.long))
+    assert res.best.tolist() == [0 * n + 1, 1 * n + 0, 2 * n + 1]
+
+
 def test_fk_argument_errors():
     sig = schedules.shifted_linear(4, 1.0)
     x = _noise(6)

@@ -161,12 +161,16 @@ def cli_main(argv: Sequence[str]) -> int:
         close = difflib.get_close_matches(name, list(BENCHES), n=1)
         raise UserError(f"unknown benchmark {name!r}" + (f" (did you mean {close[0]!r}?)" if close else
                                                           f" (known: {', '.join(BENCHES)})"))
-    if name in OWN_TABLE:  # these print their own table and take `--json PATH` themselves
-        BENCHES[name][0](rest)
-        return 0
-    as_json = "--json" in rest
-    rest = [a for a in rest if a != "--json"]
-    figures = BENCHES[name][0](rest)
+    try:
+        if name in OWN_TABLE:  # these print their own table and take `--json PATH` themselves
+            BENCHES[name][0](rest)
+            return 0
+        as_json = "--json" in rest
+        rest = [a for a in rest if a != "--json"]
+        figures = BENCHES[name][0](rest)
+    except UserError as err:  # the line says which benchmark, as its argument errors do
+        err.command = err.command or f"bench {name}"
+        raise
     if figures is None:  # the benchmark printed its own table
         return 0
     if as_json:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from flowalign.config import MAX_STEPS
 from flowalign.errors import CommandParser, UserError
 
 
@@ -77,8 +78,8 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
         raise UserError(f"--steps={args.steps}: every step count must be a whole number, e.g. --steps 10,40")
     steps = [int(s) for s in _floats(args.steps, "steps")]
     levels = _floats(args.levels, "levels")
-    if any(s < 1 for s in steps):
-        raise UserError(f"--steps={args.steps}: every step count must be >= 1")
+    if any(not 1 <= s <= MAX_STEPS for s in steps):
+        raise UserError(f"--steps={args.steps}: every step count must be between 1 and {MAX_STEPS}")
     if any(not 0.0 < t < 1.0 for t in levels):
         raise UserError(f"--levels={args.levels}: every noise level must lie in (0, 1)")
     if args.prompts < 1:

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from flowalign.config import MAX_STEPS
 from flowalign.errors import CommandParser, UserError
 
 
@@ -97,8 +98,8 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     ap.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the rollouts")
     add_common_args(ap)
     args = ap.parse_args(list(argv))
-    if args.steps < 2:
-        raise UserError(f"--steps={args.steps} must be >= 2")
+    if not 2 <= args.steps <= MAX_STEPS:
+        raise UserError(f"--steps={args.steps} must be between 2 and {MAX_STEPS}")
     windows = _parse_windows(args.windows, args.steps)
     if args.prompts < 1 or args.inits < 1 or args.members < 2:
         raise UserError("noise-variance needs --prompts >= 1, --inits >= 1 and --members >= 2")

@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module = importlib.import_module(COMMANDS[cmd][0])
         return int(module.cli_main(rest) or 0)
     except UserError as err:
-        sys.stderr.write(f"flowalign {cmd}: error: {err}\n")
+        sys.stderr.write(f"flowalign {err.command or cmd}: error: {err}\n")
         return 2
     except KeyboardInterrupt:
         hint = f"; {INTERRUPT_HINTS[cmd]}" if cmd in INTERRUPT_HINTS else ""

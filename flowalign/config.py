@@ -35,6 +35,11 @@ from typing import Any, Literal, Mapping, Sequence
 
 from flowalign.errors import UserError, first_line
 
+MAX_STEPS = 10_000
+"""The most sampling steps any option takes (``sampler.steps``, ``eval.steps``, ``--steps``, a protocol's steps): far
+above any schedule in use (SD3.5 and FLUX 28–50, Wan 50, fine reference solves 1,000), and it turns a typo such as
+``--steps 1000000000`` into one line before the model loads instead of an 8 GB sigma grid and an out-of-memory kill."""
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -808,7 +813,7 @@ def derived(cfg: ExperimentConfig, world_size: int = 1) -> dict[str, Any]:
         upper = -(-t.groups_per_iter // world_size) * world_size
         raise UserError(
             f"train.groups_per_iter={t.groups_per_iter} is not divisible by the world size {world_size} (groups are "
-            f"rank-local); set train.groups_per_iter to a multiple of {world_size} (e.g. {lower} or {upper}) or change the number of processes"
+            f"rank-local); set train.groups_per_iter to a multiple of {world_size} (e.g. {lower if lower == upper else f'{lower} or {upper}'}) or change the number of processes"
         )
     from flowalign.samplers.plans import plan_shape
 
@@ -917,6 +922,8 @@ def validate(cfg: ExperimentConfig) -> None:
     need(m.resolution >= 0, f"model.resolution={m.resolution} must be >= 0 (0 = model default)")
     need(s.eta >= 0, f"sampler.eta={s.eta} must be >= 0")
     need(s.steps >= 2, f"sampler.steps={s.steps} must be >= 2 (the last step is never trained)")
+    need(s.steps <= MAX_STEPS, f"sampler.steps={s.steps} is above the limit of {MAX_STEPS} steps; set sampler.steps=N, "
+                               f"e.g. 10 (shapes) or 10-50 (SD3.5, FLUX, Wan)")
     need(0 < s.train_fraction <= 1, f"sampler.train_fraction={s.train_fraction} must be in (0, 1]")
     need(s.window_size >= 0, f"sampler.window_size={s.window_size} must be >= 0 (0 = no window)")
     need(s.window_size > 0 or tuple(s.window_range) == (0, 0),
@@ -1023,12 +1030,15 @@ def validate(cfg: ExperimentConfig) -> None:
     need(t.ema_every >= 1, f"train.ema_every={t.ema_every} must be >= 1")
     need(t.checkpoint_every >= 0 and t.keep_checkpoints >= 0, "train.checkpoint_every and train.keep_checkpoints must be >= 0")
     need(e.every >= 0, f"eval.every={e.every} must be >= 0 (0 = before and after only)")
-    need(e.steps >= 1, f"eval.steps={e.steps} must be >= 1")
+    need(1 <= e.steps <= MAX_STEPS, f"eval.steps={e.steps} must be between 1 and {MAX_STEPS}")
     need(e.guidance >= 0, f"eval.guidance={e.guidance} must be >= 0 (1 = no CFG)")
     need(e.seeds_per_prompt >= 1 and e.batch_size >= 1, "eval.seeds_per_prompt and eval.batch_size must be >= 1")
     need(e.max_prompts >= 0 and e.grid_prompts >= 0, "eval.max_prompts and eval.grid_prompts must be >= 0")
     need(len(e.rewards) > 0, "eval.rewards is empty; name at least one reward, e.g. eval.rewards=[shapes_strict]")
     need(bool(cfg.output.run_dir), "output.run_dir is empty; set output.run_dir=runs/NAME")
+    need(not (cfg.output.resume and cfg.output.overwrite),
+         "output.resume=true and output.overwrite=true contradict each other (resume continues the run in "
+         "output.run_dir, overwrite deletes it first); pass one of them")
     need(bool(cfg.data.train_prompts) and bool(cfg.data.eval_prompts), "data.train_prompts and data.eval_prompts must be set")
     derived(cfg, 1)
 

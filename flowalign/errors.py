@@ -8,7 +8,13 @@ from typing import NoReturn
 
 
 class UserError(Exception):
-    """Bad input from the user (config, paths, prompts). One line: what is wrong and how to fix it."""
+    """Bad input from the user (config, paths, prompts). One line: what is wrong and how to fix it.
+
+    ``command``: the subcommand the line is prefixed with when it is more than the top-level one (e.g. ``bench
+    credit``), so an error from a command's code reads like its argument errors (``flowalign bench credit: error:``);
+    None = the top-level command."""
+
+    command: str | None = None
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from flowalign.config import MAX_STEPS
 from flowalign.report import benchmark_line
 
 logger = logging.getLogger(__name__)
@@ -447,11 +448,13 @@ def load_protocol(name_or_path: str) -> Protocol:
     import hashlib
     from pathlib import Path
 
-    import yaml
-
-    from flowalign.errors import UserError, first_line
+    from flowalign.config import read_yaml_file
+    from flowalign.errors import UserError
 
     text_name = str(name_or_path)
+    if Path(text_name).is_dir():
+        raise UserError(f"--benchmark {text_name!r} is a directory; pass a protocol YAML file or a built-in name "
+                        f"(`flowalign eval --list-benchmarks`)")
     path = Path(text_name) if text_name.endswith((".yaml", ".yml")) else protocol_dir() / f"{text_name}.yaml"
     if not path.is_file():
         if text_name.endswith((".yaml", ".yml")):
@@ -462,10 +465,7 @@ def load_protocol(name_or_path: str) -> Protocol:
     raw = path.read_bytes()
     where = f"protocol {str(path)!r}"
     builtin = path.resolve().parent == protocol_dir().resolve()
-    try:
-        data = yaml.load(raw.decode("utf-8"), Loader=_unique_key_loader())
-    except (UnicodeDecodeError, yaml.YAMLError, ValueError, TypeError, AttributeError) as err:  # !!float abc, ...
-        raise UserError(f"{where} is not valid YAML ({first_line(err)})") from None
+    data = read_yaml_file(path, "protocol")  # FILE:LINE:COL for malformed YAML; a repeated key is refused
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping with keys {', '.join(_PROTOCOL_KEYS)}")
     unknown = [k for k in data if k not in _PROTOCOL_KEYS + _OPTIONAL_PROTOCOL_KEYS]
@@ -512,8 +512,10 @@ def load_protocol(name_or_path: str) -> Protocol:
                             f"{', '.join(SAMPLING_KEYS[2:])}; got {cfg!r}")
         fixed[family] = {k: typed(f"sampling.{family}.{k}", float if k == "guidance" else int, v)
                          for k, v in cfg.items()}
-        if fixed[family]["steps"] < 1 or not (math.isfinite(fixed[family]["guidance"]) and fixed[family]["guidance"] >= 0):
-            raise UserError(f"{where}: sampling.{family} needs steps >= 1 and a finite guidance >= 0, got {cfg!r}")
+        if not 1 <= fixed[family]["steps"] <= MAX_STEPS or not (math.isfinite(fixed[family]["guidance"])
+                                                                and fixed[family]["guidance"] >= 0):
+            raise UserError(f"{where}: sampling.{family} needs steps in [1, {MAX_STEPS}] and a finite guidance >= 0, "
+                            f"got {cfg!r}")
     from flowalign.data import BUILTIN_PROMPTS
 
     prompts = typed("prompts", str)
@@ -535,26 +537,6 @@ def load_protocol(name_or_path: str) -> Protocol:
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
-
-
-def _unique_key_loader():
-    """A ``yaml.SafeLoader`` that refuses a mapping with a repeated key (plain YAML keeps the last one silently)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
-            seen.add(key)
-        return loader.construct_mapping(node, deep=deep)
-
-    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return UniqueKeyLoader
 
 
 def find_protocol(prompt_set: Any) -> Optional[Protocol]:

@@ -308,6 +308,8 @@ def _read_evaluation(eval_dir: str | Path, results_file: str | Path, what: str, 
     if not (d / "results.jsonl").is_file() or not (d / "summary.json").is_file():
         raise UserError(f"--into {str(d)!r} is not an evaluation directory (results.jsonl, summary.json); pass the "
                         f"--out of the `flowalign eval --export ...` run")
+    if src.is_dir():
+        raise UserError(f"{what} results {str(src)!r} is a directory; pass the results file in it, written by {how}")
     if not src.is_file():
         raise UserError(f"{what} results {str(src)!r} not found; write them with {how}")
     try:
@@ -397,7 +399,7 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
     d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "GenEval", "GenEval's "
                                              f"evaluation/evaluate_images.py {Path(eval_dir) / GENEVAL_DIR} --outfile {results_file}")
     try:
-        theirs = read_jsonl(src)
+        theirs = read_jsonl(src, strict=True)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the results ({first_line(err)})") from None
     scores: dict[tuple[int, int], float] = {}

@@ -207,9 +207,10 @@ def append_jsonl_records(path: PathLike, records: Sequence[dict]) -> None:
         os.fsync(fh.fileno())
 
 
-def read_jsonl(path: PathLike) -> list[dict]:
+def read_jsonl(path: PathLike, strict: bool = False) -> list[dict]:
     """Read a JSONL file; blank lines are skipped and a truncated *last* line (a crash mid-append) is ignored
-    with a warning. A corrupt line elsewhere raises ``ValueError`` naming the line."""
+    with a warning. A corrupt line elsewhere raises ``ValueError`` naming the line; with ``strict`` (a file another
+    program wrote whole, not one of our append-only logs) so does a corrupt last line."""
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     out: list[dict] = []
@@ -219,7 +220,7 @@ def read_jsonl(path: PathLike) -> list[dict]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
+            if i == len(lines) - 1 and not strict:
                 logger.warning("%s:%d: ignoring a truncated last line (%s)", path, i + 1, err.msg)
                 break
             raise ValueError(f"{path}:{i + 1}: invalid JSON line ({err.msg})") from None

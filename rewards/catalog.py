@@ -247,7 +247,11 @@ def build_reward_checked(name: str, kwargs: Mapping[str, Any], what: Optional[st
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
-        return _serve(argv[1:])
+        try:
+            return _serve(argv[1:])
+        except UserError as err:  # prefixed like serve's argument errors
+            err.command = err.command or "rewards serve"
+            raise
     p = CommandParser(prog="flowalign rewards", description="List every registered reward "
                                 "(or `flowalign rewards serve NAME ...` to serve one over HTTP).")
     p.add_argument("command", nargs="?", default="list", choices=["list", "serve"],

@@ -173,3 +173,124 @@ def test_calibrate_shows_progress(monkeypatch, capsys):
                       torch.tensor([1.0, 0.5, 0.0]), None, {"r": 1.0}, iterations=3, progress=True)
     err = capsys.readouterr().err
     assert "calibrat" in err and "3/3" in err
+
+
+def test_calibration_update_needs_an_imbalance_strictly_below_eps1():
+    """DenseGRPO §4.1 (METHODS.md): ψ_t rises only if |#pos − #neg| < ε1; |#pos − #neg| = ε1 is unbalanced and
+    falls by ε2."""
+    from flowalign.calibrate import calibration_update
+
+    psi = torch.tensor([0.5, 0.5, 0.5])
+    gains = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 0.0, -1.0]])  # [N=3, T=3]
+    new, imb = calibration_update(psi, gains, eps1=2, eps2=0.01)
+    assert imb.tolist() == [3, 0, 1]
+    torch.testing.assert_close(new, torch.tensor([0.49, 0.51, 0.51]))
+    new, imb = calibration_update(psi, gains[:2], eps1=2, eps2=0.01)  # [N=2, T=3]: imbalances 2, 0, 2
+    assert imb.tolist() == [2, 0, 2]
+    torch.testing.assert_close(new, torch.tensor([0.49, 0.51, 0.49]))
+
+
+def test_reward_gains_are_the_forward_differences_of_the_weighted_values(monkeypatch):
+    """ΔR_it = V(x_{t+1}) − V(x_t) of the weighted value Σ_k w_k·V_k (METHODS.md §4.1), of a dance_sde rollout with
+    per-step η = ψ (the ψ being calibrated)."""
+    import flowalign.calibrate as C
+
+    a = torch.tensor([[0.0, 0.2, 0.5, 0.4], [1.0, 1.0, 0.0, 2.0]])  # [N=2, T+1=4]
+    b = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.0, 0.5, 0.5, 0.5]])  # [N, T+1]
+    seen = {}
+
+    class Traj:
+        batch_size, steps = 2, 3
+
+    def fake_sample(velocity, noise, sigmas, cond, **kw):
+        seen.update(kw)
+        return Traj()
+
+    monkeypatch.setattr(C, "sample", fake_sample)
+    monkeypatch.setattr(C, "probe_values", lambda *args, **kw: {"a": a, "b": b})
+    psi = torch.tensor([0.3, 0.2, 0.0])
+    gains = C.reward_gains(None, torch.zeros(2, 1), torch.tensor([1.0, 0.6, 0.3, 0.0]), {}, torch.zeros(2), psi, None,
+                           {"a": 2.0, "b": -1.0})  # [N, T]
+    v = (2.0 * a - b).to(torch.float64)  # [N, T+1]
+    torch.testing.assert_close(gains, v[:, 1:] - v[:, :-1], rtol=0, atol=1e-12)
+    assert seen["kernel"] == "dance_sde" and seen["eta"] is psi
+
+
+def _fake_gains(monkeypatch):
+    """reward_gains replaced by constant gains [N=2, T]; records the η and generator seed of each call."""
+    import flowalign.calibrate as C
+
+    calls = []
+
+    def gains(velocity, noise, sigmas, cond, cond_index, psi, score, weights, *, generator=None, **kw):
+        calls.append((psi.clone(), generator.initial_seed()))
+        t = sigmas.shape[0] - 1
+        return torch.tensor([[1.0] * t, [-1.0] * t], dtype=torch.float64)  # balanced everywhere: ψ rises
+
+    monkeypatch.setattr(C, "reward_gains", gains)
+    return calls
+
+
+def test_calibrate_noise_starts_at_flow_grpo_g_and_keeps_the_last_step_deterministic(monkeypatch):
+    """Defaults (DenseGRPO §4.1, METHODS.md): ψ starts at Flow-GRPO's g_t with a = 0.7, every step but the last is
+    calibrated, and a step left out of ``steps`` (the last by default) is ψ = 0 throughout, whatever ``psi0`` says."""
+    from flowalign.calibrate import calibrate_noise, initial_psi
+
+    calls = _fake_gains(monkeypatch)
+    sig = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])  # T = 4
+    batch = lambda it: (torch.zeros(2, 1), {}, torch.zeros(2, dtype=torch.long))  # noqa: E731
+    psi, hist = calibrate_noise(batch, None, sig, None, {"r": 1.0}, iterations=2)
+    g = initial_psi(sig, 0.7)  # [T], last 0
+    torch.testing.assert_close(torch.tensor(hist[0]["psi"]), g)
+    torch.testing.assert_close(psi, g + torch.tensor([0.02, 0.02, 0.02, 0.0]))
+    psi, _ = calibrate_noise(batch, None, sig, None, {"r": 1.0}, psi0=torch.full((4,), 0.5), iterations=1)
+    torch.testing.assert_close(calls[-1][0], torch.tensor([0.5, 0.5, 0.5, 0.0]))  # the rollout ran the last step as ODE
+    torch.testing.assert_close(psi, torch.tensor([0.51, 0.51, 0.51, 0.0]))
+    psi, _ = calibrate_noise(batch, None, sig, None, {"r": 1.0}, psi0=torch.full((4,), 0.5), iterations=1,
+                             steps=torch.tensor([False, True, False, True]))
+    torch.testing.assert_close(psi, torch.tensor([0.0, 0.51, 0.0, 0.51]))
+
+
+def test_calibrate_noise_draws_fresh_sde_noise_each_iteration_and_per_seed(monkeypatch):
+    """Iteration i's rollout generator is seeded with seed·1000003 + i: the I iterations are I independent samples of
+    the gains (one seed for all repeated the same SDE noise), and another --seed is another calibration."""
+    from flowalign.calibrate import calibrate_noise
+
+    calls = _fake_gains(monkeypatch)
+    sig = torch.tensor([1.0, 0.5, 0.0])
+    batch = lambda it: (torch.zeros(2, 1), {}, torch.zeros(2, dtype=torch.long))  # noqa: E731
+    calibrate_noise(batch, None, sig, None, {"r": 1.0}, iterations=3, seed=0)
+    calibrate_noise(batch, None, sig, None, {"r": 1.0}, iterations=3, seed=4)
+    assert [c[1] for c in calls] == [0, 1, 2, 4 * 1000003, 4 * 1000003 + 1, 4 * 1000003 + 2]
+
+
+def test_calibrate_scores_each_rollout_against_the_prompt_it_was_conditioned_on(monkeypatch, tmp_path):
+    """Rollout r of the N = n_groups·group_size is conditioned on cond row cond_index[r] (group r // group_size) and
+    its reward must score it against that same prompt: a mismatch balances the gains of the wrong prompt."""
+    import flowalign.calibrate as C
+    import flowalign.rewards.catalog as catalog
+
+    scored = []
+
+    class Recorder:
+        def __call__(self, images, prompts):
+            scored.append(list(prompts))
+            return torch.zeros(len(prompts))
+
+    monkeypatch.setattr(catalog, "build_reward_checked", lambda *a, **k: Recorder())
+    got = {}
+
+    def fake_calibrate(make_batch, velocity, sigmas, score, weights, **kw):
+        noise, cond, cond_index = make_batch(0)
+        got["index"], got["prompts"] = cond_index.tolist(), list(make_batch.prompts)
+        score(noise, torch.arange(noise.shape[0]))  # decode + reward every rollout
+        return torch.zeros(sigmas.shape[0] - 1), []
+
+    monkeypatch.setattr(C, "calibrate_noise", fake_calibrate)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    assert C.cli_main(["--steps", "2", "--n", "6", "--group-size", "2", "--iterations", "1", "--prompts", str(prompts),
+                       "--seed", "1", "--out", str(tmp_path / "eta.json")]) == 0
+    assert got["index"] == [0, 0, 1, 1, 2, 2]  # [N]: each group's rollouts share their cond row
+    assert len(set(got["prompts"])) > 1  # the draw holds different prompts, so a mismatch shows
+    assert scored == [[got["prompts"][i] for i in got["index"]]]

@@ -684,7 +684,8 @@ def test_sample_model_args_reach_the_loader(tmp_path, tiny_sd3_dir):
 def test_single_process_commands_refuse_a_multi_process_launch(tmp_path, capsys, monkeypatch, no_model, cmd):
     """Under `accelerate launch` every process would run the whole command and write the same files."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    _fails(capsys, [*cmd, "--out", str(tmp_path / "o")], "runs in one process, but this is one of 2", "train and eval")
+    _fails(capsys, [*cmd, "--out", str(tmp_path / "o")], "runs in one process, but this is one of 2", "train and eval",
+           cmd=cmd[0])  # refused by the dispatcher, before the benchmark's code
     assert list(tmp_path.iterdir()) == []
 
 
@@ -808,3 +809,58 @@ def test_a_world_size_that_is_not_a_process_count_is_one_line(tmp_path, capsys, 
         return
     _fails(capsys, [*cmd, "--out", out], f"WORLD_SIZE={value!r} is not a process count")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- audit: a user's bad-input sweep
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "a red circle", "--out", "g.png"],
+    ["eval", "--out", "ev"],
+    ["steer", "a red circle", "--out", "st"],
+    ["calibrate", "--out", "eta.json"],
+])
+def test_a_step_count_above_the_limit_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model, argv):
+    """`--steps 1000000000` was accepted; the 8 GB sigma grid then got the process killed for memory (exit 137, no
+    message) after the model had loaded."""
+    from flowalign.config import MAX_STEPS
+
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, [*argv, "--steps", "1000000000"], "--steps 1000000000", f"limit of {MAX_STEPS}")
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("sampler.steps=1000000000", "sampler.steps=1000000000 is above the limit"),
+    ("eval.steps=1000000000", "eval.steps=1000000000 must be between 1 and"),
+    ("output.resume=true", "output.resume=true and output.overwrite=true contradict each other"),
+])
+def test_train_refuses_a_huge_step_count_and_resume_with_overwrite(tmp_path, capsys, no_model, override, needle):
+    """resume=true with overwrite=true resumed silently (overwrite ignored) and rewrote the earlier run's
+    config.yaml and report; now both together are refused, and nothing of the run is touched."""
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("keep: me\n")
+    config = Path(__file__).resolve().parents[1] / "configs" / "shapes_grpo.yaml"
+    _fails(capsys, ["train", str(config), f"output.run_dir={run}", "output.overwrite=true", override], needle)
+    assert _listing(run) == ["config.yaml"] and (run / "config.yaml").read_text() == "keep: me\n"
+
+
+def test_an_error_from_a_benchmarks_code_names_the_benchmark(capsys, no_model, tmp_path):
+    """Errors raised by a benchmark's own checks were prefixed `flowalign bench:` while its argument errors say
+    `flowalign bench NAME:`; both name it now (and `rewards serve` likewise)."""
+    _fails(capsys, ["bench", "noise-variance", "--steps", "20000"], "--steps=20000 must be between 2 and",
+           cmd="bench noise-variance")
+    _fails(capsys, ["bench", "sample-gap", "--steps", "0,20000"], "between 1 and", cmd="bench sample-gap")
+    _fails(capsys, ["bench", "nope"], "unknown benchmark 'nope'", cmd="bench")
+    _fails(capsys, ["rewards", "serve", "nope"], "nope", cmd="rewards serve")
+
+
+def test_eval_names_a_benchmark_directory_and_a_protocol_syntax_error_by_line(tmp_path, capsys, no_model):
+    _fails(capsys, ["eval", "--benchmark", str(tmp_path), "--out", str(tmp_path / "o")], "is a directory")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: mine\nversion: [1\n")
+    _fails(capsys, ["eval", "--benchmark", str(bad), "--out", str(tmp_path / "o")], f"{bad}:", "malformed YAML")
+    assert _listing(tmp_path) == ["p.yaml"]

@@ -467,3 +467,168 @@ def test_a_missing_example_config_says_it_lives_in_a_source_checkout(tmp_path, m
     msg = _err(load_config, tmp_path)
     assert "it is a directory" in msg and "pass the path to a YAML file" in msg
 
+
+
+# ------------------------------------------------------------------------------- coercion: bools are not numbers
+# Python's bool is an int subclass: without the explicit refusals `train.iterations=true` ran 1 iteration.
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.iterations=true", "expected an int, got True (bool)"),
+    ("train.lr=true", "expected a float, got True (bool)"),
+    ("train.ema=2", "expected a bool (true/false), got 2 (int)"),  # only 0 / 1 read as bools
+])
+def test_a_bool_is_not_a_number_and_a_number_other_than_0_1_is_not_a_bool(override, expected):
+    """The coercion contract of the module docstring: values take the field type, and a bool for a numeric field
+    (or 2 for a bool field) fails instead of becoming 1 / 1.0 / True."""
+    msg = _err(load_config, None, [override])
+    assert msg.startswith(f"override {override!r}: ") and expected in msg, msg
+    cfg = load_config(None, ["train.ema=0", "data.shuffle=1"])
+    assert cfg.train.ema is False and cfg.data.shuffle is True
+
+
+def test_a_yaml_bool_in_a_file_is_not_a_string(tmp_path):
+    """YAML 1.1 reads `path: yes` as True: a file's bool for a string field fails (it would become 'True'); a quoted
+    '1_000' for an int field reads as 1000, like the unquoted YAML int."""
+    p = _write(tmp_path / "x.yaml", "model:\n  path: yes\n")
+    assert "model.path: expected a string, got True (bool)" in _err(load_config, p)
+    p = _write(tmp_path / "y.yaml", "train:\n  iterations: '1_000'\n")
+    assert load_config(p).train.iterations == 1000
+
+
+# ------------------------------------------------------------------------------------------- files and includes
+
+
+def test_an_empty_section_in_a_file_takes_the_defaults(tmp_path):
+    """`train:` with every key commented out is YAML null: the section keeps its defaults (not 'needs a mapping')."""
+    p = _write(tmp_path / "x.yaml", "train:\n  # lr: 1.0e-4\nsampler:\n  steps: 12\n")
+    cfg = load_config(p)
+    assert cfg.train == ExperimentConfig().train and cfg.sampler.steps == 12
+
+
+def test_later_includes_win_over_earlier_ones(tmp_path):
+    """Includes are merged first, in order (module docstring): with `defaults: [a.yaml, b.yaml]` b's value wins over
+    a's, a's keys that b does not set survive, and the including file wins over both."""
+    _write(tmp_path / "a.yaml", "train:\n  lr: 1.0e-4\n  group_size: 4\n")
+    _write(tmp_path / "b.yaml", "train:\n  lr: 2.0e-4\n")
+    _write(tmp_path / "top.yaml", "defaults: [a.yaml, b.yaml]\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert cfg.train.lr == pytest.approx(2e-4) and cfg.train.group_size == 4
+    _write(tmp_path / "rev.yaml", "defaults: [b.yaml, a.yaml]\ntrain:\n  group_size: 6\n")
+    cfg = load_config(tmp_path / "rev.yaml")
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.train.group_size == 6
+
+
+# ------------------------------------------------------------------------------------------------ override syntax
+
+
+def test_override_splits_at_the_first_equals_sign_and_an_empty_value_is_an_empty_string():
+    """`key=value` splits at the first '=' (a value may contain '='); `--key=value` is accepted; an empty value is
+    the empty string, not YAML null (which would *remove* a mapping key)."""
+    cfg = load_config(None, ["model.path=/w/a=b", "--train.lr=1e-5", "credit.options.probe="])
+    assert cfg.model.path == "/w/a=b" and cfg.train.lr == pytest.approx(1e-5)
+    assert cfg.credit.options == {"probe": ""}
+
+
+def test_a_coercion_error_names_the_override_that_caused_it():
+    """Overrides are coerced one by one so the line names the override (not just the field) that failed."""
+    msg = _err(load_config, None, ["train.lr=1e-5", "train.group_size=2.5", "train.iterations=3"])
+    assert msg.startswith("override 'train.group_size=2.5': train.group_size: expected an int"), msg
+
+
+def test_home_relative_eta_file_is_expanded(tmp_path, monkeypatch):
+    """Every path field of _USER_PATHS (output.run_dir, model.path, sampler.eta_file) expands a leading '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["sampler.eta_file=~/eta.json", "output.run_dir=~/runs/x", "model.path=~/w"])
+    assert cfg.sampler.eta_file == str(tmp_path / "eta.json")
+    assert cfg.output.run_dir == str(tmp_path / "runs" / "x") and cfg.model.path == str(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------------------- range checks at bounds
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("train.betas=[0.9, 1.0]", "train.betas=(0.9, 1.0) must be in [0, 1)"),
+    ("train.ema_decay_max=1.0", "train.ema_decay_max=1.0 must be in [0, 1)"),
+])
+def test_half_open_ranges_refuse_their_upper_end(override, msg):
+    """AdamW's betas and the EMA decay cap are in [0, 1): 1 would freeze the moment estimate / the EMA."""
+    assert msg in _err(load_config, None, [override])
+
+
+def test_zero_iterations_is_a_valid_run():
+    """train.iterations >= 0: 0 iterations (evaluate the base model only) loads, with zero totals."""
+    d = derived(load_config(None, ["train.iterations=0"]))
+    assert d["optimizer_steps_total"] == 0 and d["rollouts_total"] == 0 and d["ema_updates_total"] == 0
+
+
+def test_window_range_must_end_before_the_last_step():
+    """METHODS §2.6: the window start range lies in [0, T-1] (the last step is never trained); hi = T-1 loads."""
+    msg = _err(load_config, None, ["sampler.window_size=3", "sampler.window_range=[5, 10]"])
+    assert "must lie in [0, steps-1=9]" in msg
+    cfg = load_config(None, ["sampler.window_size=3", "sampler.window_range=[6, 9]"])
+    assert derived(cfg)["window_starts"] == [6]
+
+
+# ------------------------------------------------------------------------------------------ derived quantities
+
+
+def test_trained_steps_floor_is_exact_for_decimal_fractions():
+    """trained = floor(frac·T) as typed (Flow-GRPO): 0.58 x 50 is 28.999999999999996 in binary floating point, and
+    the run trains 29 steps, not 28 (the + 1e-9 in trained_steps)."""
+    cfg = load_config(None, ["sampler.steps=50", "sampler.train_fraction=0.58"])
+    assert trained_steps(cfg.sampler) == 29
+
+
+def test_default_window_range_spans_every_step_but_the_last():
+    """window_range (0, 0) means (0, T-1) (METHODS §2.6): with T=10, n=3 the starts are t0 in 0..6."""
+    cfg = load_config(None, ["sampler.window_size=3"])
+    assert derived(cfg)["window_starts"] == [0, 1, 2, 3, 4, 5, 6] and trained_steps(cfg.sampler) == 3
+
+
+def test_a_window_pinned_at_step_0_of_ddim_sde_trains_one_step_less():
+    """ddim_sde draws no noise at step 0 (σ = 1): a window pinned at (0, n) holds n-1 trainable steps; pinned later,
+    or free to move (an upper bound), it counts n."""
+    pinned = ["sampler.kernel=ddim_sde", "sampler.window_size=3"]
+    assert trained_steps(load_config(None, [*pinned, "sampler.window_range=[0, 3]"]).sampler) == 2
+    assert trained_steps(load_config(None, [*pinned, "sampler.window_range=[1, 4]"]).sampler) == 3
+    assert trained_steps(load_config(None, [*pinned, "sampler.window_range=[0, 5]"]).sampler) == 3
+    # flow_sde is stochastic at step 0: the pinned window counts all n
+    assert trained_steps(load_config(None, ["sampler.window_size=3", "sampler.window_range=[0, 3]"]).sampler) == 3
+
+
+def test_derived_run_totals():
+    """The documented derived keys: totals over the run (all ranks), EMA updates only with train.ema, one sampling
+    forward per step per rollout (chain plan), (sample, noise level) rows for nft."""
+    cfg = load_config(None, ["train.iterations=10", "train.groups_per_iter=4", "train.group_size=3",
+                             "train.optimizer_steps_per_iter=3", "train.ema_every=4", "sampler.steps=6"])
+    d = derived(cfg, 2)
+    assert d["rollouts_per_rank"] == 2 * 3 and d["rollouts_per_iter"] == 12
+    assert d["rollouts_total"] == 10 * 12  # every rank's rollouts
+    assert d["optimizer_steps_total"] == 30 and d["ema_updates_total"] == 30 // 4
+    assert d["nfe_rollout_per_iter"] == 4 * 3 * 6  # T forwards per rollout, all T steps sampled
+    assert derived(apply_overrides(cfg, ["train.ema=false"]), 2)["ema_updates_total"] == 0
+    nft = derived(apply_overrides(cfg, ["train.objective=nft", "train.nft_times=5"]), 2)
+    assert nft["nft_rows_per_rank"] == 6 * 5
+
+
+def test_as_many_optimizer_steps_as_transitions_is_allowed():
+    """Each optimizer step needs >= 1 transition: 10 transitions per rank take 10 steps of one transition each."""
+    d = derived(load_config(None, ["train.groups_per_iter=1", "train.group_size=2", "sampler.steps=10",
+                                   "sampler.train_fraction=0.5", "train.optimizer_steps_per_iter=10"]))
+    assert d["transitions_per_rank"] == 10 and d["micro_batches_per_rank"] == 10
+
+
+def test_divisibility_error_suggests_positive_multiples():
+    """The world-size error names the nearest multiples of the world size, never 0 groups."""
+    assert "(e.g. 4 or 8)" in _err(derived, load_config(None, ["train.groups_per_iter=6"]), 4)
+    msg = _err(derived, load_config(None, ["train.groups_per_iter=3"]), 4)
+    assert "e.g. 4" in msg and "e.g. 0" not in msg
+
+
+def test_summary_says_a_window_moves_only_when_its_range_is_wider():
+    """Q5: each group draws its window start only when window_range is wider than the window; pinned, it does not."""
+    moving = summary(load_config(None, ["sampler.window_size=3", "sampler.window_range=[1, 6]"]))
+    pinned = summary(load_config(None, ["sampler.window_size=3", "sampler.window_range=[2, 5]"]))
+    assert "window 3 in (1, 6), start drawn per group" in moving
+    assert "window 3 in (2, 5)" in pinned and "drawn per group" not in pinned

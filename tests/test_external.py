@@ -304,3 +304,121 @@ def test_import_scores_offers_only_evaluators_with_per_image_results(capsys):
     with pytest.raises(SystemExit):
         main(["import-scores", "hpsv2", "x.json", "--into", "y"])
     assert "invalid choice: 'hpsv2'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ matching external rows to the export's images
+
+
+def test_geneval_import_refuses_an_image_scored_twice_or_not_in_the_evaluation(exported, tmp_path, capsys):
+    """Each (prompt i, image k) of the evaluation needs exactly one GenEval result: a duplicate line (one image
+    evaluated twice) or a result for an image the evaluation does not hold (another export's prompt 6) is refused
+    and nothing is written."""
+    import shutil
+
+    out = tmp_path / "eval"
+    shutil.copytree(exported, out)
+    before = (out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()
+    good = _geneval_results(out, lambda i, k: True, path=tmp_path / "good.jsonl")
+    lines = good.read_text().splitlines(keepends=True)
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text("".join(lines + lines[:1]))
+    fails(capsys, ["import-scores", "geneval", str(twice), "--into", str(out)], "image 0 of prompt 0 is scored twice")
+    extra = dict(json.loads(lines[0]), filename=str(out / "geneval" / "00006" / "samples" / "0000.png"))
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(lines) + json.dumps(extra) + "\n")
+    fails(capsys, ["import-scores", "geneval", str(more), "--into", str(out)], "0 without a GenEval result",
+          "1 not in the evaluation")
+    assert ((out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()) == before
+
+
+def test_t2i_import_refuses_a_question_id_scored_twice_or_beyond_the_export(exported_t2i, tmp_path, capsys):
+    """Image n = i·seeds + k (T2I-CompBench's numbering): question ids 0..5 cover the 3 prompts x 2 images; an id
+    given twice, or id 6 (a 4th prompt this evaluation does not hold), is refused and nothing is written."""
+    import shutil
+
+    out = tmp_path / "eval"
+    shutil.copytree(exported_t2i, out)
+    before = (out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()
+    res = tmp_path / "vqa_result.json"
+    res.write_text(json.dumps([{"question_id": n, "answer": 0.5} for n in [0, 1, 2, 3, 4, 5, 3]]))
+    fails(capsys, ["import-scores", "t2i-compbench", str(res), "--into", str(out), "--name", "blip_vqa"],
+          "image 3 is scored twice")
+    res.write_text(json.dumps([{"question_id": n, "answer": 0.5} for n in range(7)]))
+    fails(capsys, ["import-scores", "t2i-compbench", str(res), "--into", str(out), "--name", "blip_vqa"],
+          "scores 7 images", "0 without a T2I-CompBench result, 1 not in the evaluation")
+    assert ((out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()) == before
+
+
+def test_only_the_benchmarks_own_evaluator_marks_it_scored(tmp_path):
+    """settings.benchmark.scored becomes True only for an import by the protocol's own external evaluator
+    (status["external"]): VBench columns imported into a GenEval benchmark leave it pending, GenEval's complete it."""
+    from flowalign.evaluate import load_protocol, protocol_status
+    from flowalign.external import _write_columns
+
+    d = tmp_path / "ev"
+    d.mkdir()
+    rec = {"prompt": "p", "tag": "single_object", "prompt_index": 0, "sample": 0, "seed": 0}
+    (d / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    src = tmp_path / "results.json"
+    src.write_text("{}")
+    status = protocol_status(load_protocol("geneval"), {"export": "geneval"})
+    assert (status["external"], status["scored"]) == ("geneval", False)
+    summary = {"overall": {}, "per_task": {}, "settings": {"benchmark": status}}
+    for scorer, want in (("vbench", False), ("geneval", True)):
+        new = _write_columns(d, src, {(0, 0): dict(rec)}, {"geneval": {(0, 0): 1.0}}, json.loads(json.dumps(summary)),
+                             scorer, scorer=scorer)
+        assert new["settings"]["benchmark"]["scored"] is want, scorer
+
+
+def test_result_paths_and_file_names_match_exactly():
+    """geneval_job reads only ``.../<i>/samples/<k>.png`` at the end of the path (not a .png.bak copy); hpd_complete
+    needs each style's prompts 0..n−1 in order (HPSv2 reads <style>/00000.jpg onwards by position); vbench_file strips
+    the prompt as VBench strips its prompt files' lines."""
+    from flowalign.external import hpd_complete, vbench_file
+
+    for bad in ("/r/geneval/00012/samples/0003.png.bak", "/r/geneval/00012/samples/0003.pngx"):
+        with pytest.raises(ValueError):
+            geneval_job(bad)
+    assert hpd_complete([{"task": "photo", "style_index": 0}, {"task": "photo", "style_index": 1}])
+    assert not hpd_complete([{"task": "photo", "style_index": 1}, {"task": "photo", "style_index": 0}])
+    assert vbench_file("  a red circle moving up \n", 3) == "a red circle moving up-3.mp4"
+
+
+def test_imported_scores_are_summarized_in_the_evaluations_own_overall_convention(tmp_path):
+    """An evaluation recorded with overall="images" (the mean over all images) keeps that convention for an imported
+    column; "groups" (GenEval's mean over tasks) is only the default. Task a: 1 image scoring 1; task b: 3 scoring 0."""
+    from flowalign.external import _write_columns
+
+    d = tmp_path / "ev"
+    d.mkdir()
+    recs = {(i, 0): {"prompt": f"p{i}", "task": "a" if i == 0 else "b", "prompt_index": i, "sample": 0, "seed": 0}
+            for i in range(4)}
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs.values()))
+    src = tmp_path / "vqa_result.json"
+    src.write_text("[]")
+    scores = {(i, 0): float(i == 0) for i in range(4)}
+    for overall, want in (("images", 0.25), ("groups", 0.5)):
+        summary = {"overall": {}, "per_task": {}, "settings": {"overall": overall}}
+        new = _write_columns(d, src, {j: dict(r) for j, r in recs.items()}, {"x": scores}, summary, "test")
+        assert new["overall"]["x"] == pytest.approx(want), overall
+
+
+def test_geneval_import_refuses_a_truncated_results_file_and_a_directory(exported, tmp_path, capsys):
+    """GenEval writes its --outfile whole, so a corrupt last line is an error naming the line (read_jsonl's tolerance
+    of a truncated last line is for our own append-only logs); a directory given as the results file is called one,
+    not "not found"."""
+    import shutil
+
+    out = tmp_path / "eval"
+    shutil.copytree(exported, out)
+    before = (out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()
+    good = _geneval_results(out, lambda i, k: True, path=tmp_path / "good.jsonl")
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(good.read_text()[:-20])  # the last result loses its end
+    n = len(good.read_text().splitlines())
+    fails(capsys, ["import-scores", "geneval", str(cut), "--into", str(out)], f"cut.jsonl:{n}: invalid JSON line")
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"x":\n')
+    fails(capsys, ["import-scores", "geneval", str(one), "--into", str(out)], "one.jsonl:1: invalid JSON line")
+    fails(capsys, ["import-scores", "geneval", str(tmp_path), "--into", str(out)], "is a directory")
+    assert ((out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()) == before

@@ -1,6 +1,8 @@
-"""flowalign.io.BatchJournal: what an interrupted long job (eval, steer) finished, batch by batch."""
+"""flowalign.io.BatchJournal: what an interrupted long job (eval, steer) finished, batch by batch; and the atomic
+writers, the JSONL reader and the output-path check around it."""
 
 import json
+import os
 
 import pytest
 
@@ -80,3 +82,126 @@ def test_prompts_digest_depends_on_text_order_and_metadata_only():
     assert len({a, prompts_digest([{"prompt": "y"}, {"prompt": "x", "task": "t", "n": 1}]),
                 prompts_digest([{"prompt": "x", "task": "t", "n": 2}, {"prompt": "y"}]),
                 prompts_digest([{"prompt": "x ", "task": "t", "n": 1}, {"prompt": "y"}])}) == 4
+
+
+def test_resume_refuses_a_setting_that_was_dropped(tmp_path):
+    """The settings are compared over both key sets: a key in the journal but not in the resume is a difference too."""
+    path = tmp_path / "j.jsonl"
+    BatchJournal(path, {"steps": 2, "seed": 0}).add(0, [{"x": 0}])
+    with pytest.raises(UserError, match=r"other settings \(seed 0 -> None\)"):
+        BatchJournal(path, {"steps": 2}, resume=True)
+
+
+def test_records_come_in_batch_order_whatever_order_they_finished_in(tmp_path):
+    """records(): every finished batch's records in batch order, not in the order the batches were appended."""
+    path = tmp_path / "j.jsonl"
+    j = BatchJournal(path, {"steps": 2})
+    j.add(2, [{"x": 4}])
+    j.add(0, [{"x": 0}, {"x": 1}])
+    assert j.records() == []  # only a resume reads the file
+    again = BatchJournal(path, {"steps": 2}, resume=True)
+    assert again.records() == [{"x": 0}, {"x": 1}, {"x": 4}]
+    ends = [json.loads(line)["journal_batch"] for line in path.read_text().splitlines() if "journal_batch" in line]
+    assert ends == [0, 2]  # the rewritten file holds the batches in order too
+
+
+# ------------------------------------------------------------------------------------ atomic writes, JSONL, --out
+
+
+def test_an_atomic_rewrite_keeps_the_existing_files_mode(tmp_path):
+    """The replacement file takes the existing file's permissions (only a new file gets 0o666 & ~umask)."""
+    from flowalign.io import atomic_write_text
+
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, "one")
+    os.chmod(target, 0o640)
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two" and target.stat().st_mode & 0o7777 == 0o640
+
+
+@pytest.fixture
+def fsynced(monkeypatch):
+    """The paths ``os.fsync`` is called on (read from /proc, so Linux only), in order; the real fsync still runs."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names the synced files via /proc (Linux)")
+    from flowalign import io as fio
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(fio.os, "fsync", spy)
+    return synced
+
+
+def test_an_atomic_write_fsyncs_the_temp_file_before_the_rename(tmp_path, fsynced):
+    """DESIGN.md §5: the data is made durable (fsync of the temporary file) before os.replace publishes it, and the
+    directory is fsynced after it; else a power loss can leave an empty file under the final name."""
+    from flowalign import io as fio
+
+    fio.atomic_write_text(tmp_path / "x.txt", "data")
+    names = [os.path.basename(p) for p in fsynced]
+    assert any(n.startswith(".x.txt.") and n.endswith(".tmp") for n in names), names  # the temp file, pre-rename
+    assert str(tmp_path) in fsynced  # then the directory holding the rename
+
+
+def test_atomic_dir_fsyncs_the_files_written_into_it(tmp_path, fsynced):
+    """A checkpoint's files (e.g. safetensors' save_file, which does not fsync) must be durable before the rename
+    publishes the directory, else a power loss can leave a complete-looking checkpoint with empty files."""
+    from flowalign import io as fio
+
+    with fio.atomic_dir(tmp_path / "ckpt") as d:
+        (d / "weights.bin").write_bytes(b"x" * 10)  # written by another library, not fsynced by it
+        (d / "sub").mkdir()
+        (d / "sub" / "state.json").write_text("{}")
+    names = {os.path.basename(p) for p in fsynced}
+    assert {"weights.bin", "state.json"} <= names
+    assert (tmp_path / "ckpt" / "weights.bin").read_bytes() == b"x" * 10
+
+
+def test_atomic_write_json_keeps_the_key_order(tmp_path):
+    """The first reward in a summary's ``overall`` is the report's headline metric: keys are never sorted."""
+    from flowalign.io import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "summary.json", {"overall": {"shapes_strict": 0.5, "aesthetic": 0.1}, "n": 2})
+    assert list(json.loads(path.read_text())["overall"]) == ["shapes_strict", "aesthetic"]
+    assert list(json.loads(path.read_text())) == ["overall", "n"]
+
+
+def test_read_jsonl_skips_blank_lines_anywhere(tmp_path):
+    """Blank (or whitespace-only) lines are skipped, not an 'invalid JSON line' error."""
+    from flowalign.io import read_jsonl
+
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"a": 1}\n\n   \n{"a": 2}\n\n')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_check_out_parent_judges_an_existing_output_file_by_its_directory(tmp_path):
+    """An existing file at the output path is replaced (through a temp file beside it), so it is fine; a file
+    standing where a parent directory should be is a one-line UserError naming it."""
+    from flowalign.io import check_out_parent
+
+    existing = tmp_path / "grid.png"
+    existing.write_bytes(b"old")
+    check_out_parent(existing)  # no error: its directory is writable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]  # and the probe left nothing behind
+    with pytest.raises(UserError, match=r"grid.png is a file, not a directory"):
+        check_out_parent(existing / "sub" / "a.png")
+
+
+def test_read_jsonl_strict_refuses_a_truncated_last_line(tmp_path):
+    """The default skips a truncated last line (a crash mid-append of our own logs); ``strict`` (a file another
+    program wrote whole) raises naming it."""
+    from flowalign.io import read_jsonl
+
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2\n')
+    assert read_jsonl(p) == [{"a": 1}]
+    with pytest.raises(ValueError, match=r"r.jsonl:2: invalid JSON line"):
+        read_jsonl(p, strict=True)
+    p.write_text('{"a": 1}\n\n')
+    assert read_jsonl(p, strict=True) == [{"a": 1}]

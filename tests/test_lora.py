@@ -417,3 +417,47 @@ def test_a_stored_config_that_selects_modules_by_regex_loads_the_modules_the_fil
     ref.pipe.load_lora_weights(str(tmp_path))
     model.load_lora(tmp_path)
     assert torch.allclose(_v(model, cond, x), _v(ref, cond, x), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# scale alpha / r and the reference context's bookkeeping (mutation audit)
+
+
+def test_lora_adds_alpha_over_r_times_b_a_with_a_fractional_alpha():
+    """peft LoRA: W x + (α/r)·B A x (Hu et al. 2021, eq. 3's scaling). A fractional α is kept (α = 1.5, r = 2 gives
+    0.75), not truncated to an integer (which would give 0.5)."""
+    m = Tiny()
+    x = torch.randn(4, 6)  # [N, 6]
+    base = m.attn["to_q"](x)  # [N, 6]
+    L.add_lora(m, ["to_q"], rank=2, alpha=1.5)
+    assert m.peft_config["default"].lora_alpha == 1.5
+    _perturb(L.lora_parameters(m), scale=0.3)
+    a = m.attn["to_q"].lora_A["default"].weight  # [r, 6]
+    b = m.attn["to_q"].lora_B["default"].weight  # [6, r]
+    with torch.no_grad():
+        delta = m.attn["to_q"](x) - base  # [N, 6]
+        want = 0.75 * x @ a.T @ b.T  # [N, 6]
+    assert want.abs().max() > 1e-2
+    assert torch.allclose(delta, want, atol=1e-6, rtol=0), (delta - want).abs().max()
+
+
+def test_reference_context_nests_and_restores_the_state_it_found():
+    """``lora_disabled`` restores what it found, not "on": a nested reference context leaves the outer one disabled,
+    and LoRA tensors frozen before it (evaluation) stay frozen after it (peft's ``enable_adapters(True)`` would set
+    ``requires_grad`` on them)."""
+    m = Tiny()
+    x = torch.randn(4, 6)  # [N, 6]
+    base = m(x)  # [N, 3]
+    params = L.add_lora(m, ["to_q", "to_k"], rank=2, alpha=4)
+    _perturb(params)
+    tuned = m(x)  # [N, 3]
+    assert not torch.allclose(tuned, base)
+    with L.lora_disabled(m):
+        with L.lora_disabled(m):
+            assert torch.equal(m(x), base)
+        assert torch.equal(m(x), base)  # still the reference after the inner context
+    assert torch.equal(m(x), tuned)
+    params[0].requires_grad_(False)
+    with L.lora_disabled(m):
+        pass
+    assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)

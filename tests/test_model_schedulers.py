@@ -427,3 +427,16 @@ def test_every_grid_refuses_a_step_count_that_is_not_a_positive_integer(steps):
             make()
     one = (shifted_linear(1, 3.0), sd3_diffusers(1), flux_dynamic(1, 1024))  # T = 1 is the smallest grid: [1, 0]
     assert all(g.tolist() == [1.0, 0.0] for g in one)
+
+
+@pytest.mark.parametrize("family,make", [
+    ("sd3", lambda: _euler(shift=3.0, invert_sigmas=None, stochastic_sampling=0)),
+    ("wan", lambda: _unipc(shift_terminal=0.0, use_karras_sigmas=0)),
+], ids=["sd3-euler", "wan-unipc"])
+def test_off_options_written_as_none_false_or_zero_are_not_refused(srcs, family, make):
+    """``refuse_scheduler_options``: None, False and 0 are one "off" value (diffusers tests ``if config.option``), so a
+    scheduler_config.json that writes an option as null / 0 loads and gives the default grid (mutation audit)."""
+    default = {"sd3": lambda: _euler(shift=3.0), "wan": _unipc}[family]
+    got = _adapter(srcs, family, make()).schedule(10)  # [T+1]
+    want = _adapter(srcs, family, default()).schedule(10)  # [T+1]
+    assert torch.equal(got, want)

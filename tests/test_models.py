@@ -637,3 +637,67 @@ def test_each_family_declares_its_pipelines_default_steps(adapters):
     assert shapes.default_steps == shapes.config.sample_steps == resolve_steps(shapes, None) == 12
     with pytest.raises(UserError, match="--steps"):
         resolve_steps(object(), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# CFG switch and the VAE latent normalisation (mutation audit)
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_guidance_one_runs_the_conditional_branch_alone(adapters, conds, family):
+    """``uses_cfg``: w > 1 batch-doubles [uncond, cond], w = 1 runs one conditional forward (as diffusers' ``w > 1``
+    test); ``step_inputs`` counts the same rows, so the memory bench sizes what ``velocity`` runs."""
+    from flowalign.models import sd3, wan
+    from flowalign.models.base import uses_cfg
+
+    assert not uses_cfg(1.0) and uses_cfg(1.0 + 1e-6) and not uses_cfg(0.0)
+    model = adapters[0][family]
+    x = model.init_noise(2, torch.Generator().manual_seed(5))  # [2, *latent]
+    rows = []
+    hook = model.transformer.register_forward_hook(
+        lambda m, a, kw, out: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    old = model.guidance_scale
+    try:
+        for w in (1.0, 1.5):
+            model.guidance_scale = w
+            with torch.no_grad():
+                model.velocity(x, torch.full((2,), 0.5), conds[family])
+    finally:
+        model.guidance_scale = old
+        hook.remove()
+    assert rows == [2, 4]
+    step_inputs = {"sd3": sd3.step_inputs, "wan": wan.step_inputs}[family]
+    cfg = dict(in_channels=4, joint_attention_dim=8, pooled_projection_dim=8, text_dim=8)
+    for w, r in ((1.0, 3), (1.5, 6)):
+        assert step_inputs(cfg, 3, 32, 32, torch.float32, guidance_scale=w)["hidden_states"].shape[0] == r
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encode_images_is_the_inverse_of_decodes_latent_normalisation(adapters, family):
+    """``encode_images`` / ``encode_videos`` give the VAE posterior mean in the pipeline's latent space:
+    ``decode`` (pinned to the diffusers pipeline above) of it is the VAE's own reconstruction of the raw mean
+    (SD3/FLUX: (z − shift)·scale, FLUX 2×2-packed; Wan: (z − mean)/std per channel)."""
+    model = adapters[0][family]
+    vae = model.pipe.vae
+    g = torch.Generator().manual_seed(9)
+    h, w = TINY_SIZES[family]["height"], TINY_SIZES[family]["width"]
+    with torch.no_grad():
+        if family == "wan":
+            pixels = torch.rand(2, TINY_SIZES["wan"]["num_frames"], 3, h, w, generator=g)  # [B, F, 3, H, W]
+            z = model.encode_videos(pixels)  # [B, C, F', h, w]
+            raw = vae.encode(pixels.permute(0, 2, 1, 3, 4) * 2 - 1).latent_dist.mean  # [B, C, F', h, w]
+            ref = vae.decode(raw, return_dict=False)[0].permute(0, 2, 1, 3, 4)  # [B, F, 3, H, W]
+        else:
+            pixels = torch.rand(2, 3, h, w, generator=g)  # [B, 3, H, W]
+            z = model.encode_images(pixels)  # [B, C, h, w] (FLUX: [B, L, 4C])
+            raw = vae.encode(pixels * 2 - 1).latent_dist.mean  # [B, C, h, w]
+            ref = vae.decode(raw, return_dict=False)[0]  # [B, 3, H, W]
+        ref = (ref.float() / 2 + 0.5).clamp(0, 1)
+        out = model.decode(z)
+    assert z.shape == (2, *model.latent_shape) and z.dtype == torch.float32
+    if family == "flux":
+        from flowalign.models.flux import pack
+
+        raw = pack(raw)  # [B, L, 4C]
+    assert not torch.allclose(z, raw, atol=1e-3)  # the normalisation is not the identity here
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0), (out - ref).abs().max()

@@ -599,3 +599,91 @@ def test_data_passed_in_of_another_kind_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"model 'shapes_video' cannot encode the data \(shape \[3, 8, 8\]") as e:
         pretrain(cfg, tmp_path / "a", data=toy_data, progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "a").exists()
+
+
+# ------------------------------------------------------------------- the objective and its draws, pinned exactly
+
+
+class _RecordingModel:
+    """A pretrainable stand-in: identity encoder, v = w·x_σ, and a record of what the training forward was given."""
+
+    def __init__(self):
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen = {}
+
+    def encode_images(self, images):
+        return images.clone()
+
+    def encode(self, captions):
+        self.seen["captions"] = list(captions)
+        return captions
+
+    def velocity(self, x_sigma, sigma, cond):
+        self.seen["x_sigma"], self.seen["sigma"] = x_sigma.detach().clone(), sigma.detach().clone()
+        return self.w * x_sigma
+
+
+def test_train_step_regresses_onto_eps_minus_x_at_the_sd3_interpolation_of_its_own_draws():
+    """SD3 Eq. 1–3: x_σ = (1 − σ)·x + σ·ε, the model sees (x_σ, σ) and the caption or "" (dropout), loss =
+    mean ‖v − (ε − x)‖². Every draw comes from step_generator(seed, step) in the order dropout, σ, ε."""
+    from flowalign.pretrain import train_step
+
+    cfg = PretrainConfig(seed=5, batch_size=6, caption_dropout=0.5, logit_mean=0.3, logit_std=0.8,
+                         uniform_fraction=0.25, lr=0.0, warmup=0, grad_clip=0.0)
+    caps = [f"c{k}" for k in range(6)]
+    images = torch.rand(6, 3, 2, 2, generator=torch.Generator().manual_seed(1))  # [B, 3, H, W]
+    model = _RecordingModel()
+    opt = torch.optim.SGD([model.w], lr=0.0)
+    loss = train_step(model, opt, lambda step, b: (caps, images), 4, cfg)
+    g = step_generator(5, 4)
+    drop = torch.rand(6, generator=g) < 0.5  # [B]
+    sigma = logit_normal_sigmas(6, 0.3, 0.8, g, 0.25)  # [B]
+    eps = torch.randn(images.shape, generator=g)  # [B, 3, H, W]
+    assert 0 < int(drop.sum()) < 6  # both kinds of caption occur, so a flipped test shows
+    assert model.seen["captions"] == ["" if d else c for c, d in zip(caps, drop.tolist())]
+    assert torch.equal(model.seen["sigma"], sigma)  # σ itself, not 1 − σ (σ = 1 is pure noise)
+    s = sigma.view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+    torch.testing.assert_close(model.seen["x_sigma"], (1 - s) * images + s * eps, rtol=0, atol=1e-6)
+    want = ((1 - s) * images + s * eps - (eps - images)).pow(2).mean()  # v = x_σ (w = 1), target ε − x
+    assert loss == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_logit_normal_sigmas_are_sigmoid_of_mean_plus_std_normal_with_the_uniform_share_mixed_in():
+    """SD3 §3.1 lognorm(m, s): σ = sigmoid(m + s·n); each draw is replaced by U(0, 1) with probability
+    ``uniform_fraction`` (0: pure logit-normal, 1: pure uniform), drawn as n, then u, then the pick."""
+    g = torch.Generator().manual_seed(0)
+    n, u, pick = torch.randn(4000, generator=g), torch.rand(4000, generator=g), torch.rand(4000, generator=g)
+    ln = torch.sigmoid(0.7 + 1.3 * n)  # [4000]
+    for frac, want in ((0.0, ln), (1.0, u), (0.3, torch.where(pick < 0.3, u, ln))):
+        got = logit_normal_sigmas(4000, 0.7, 1.3, torch.Generator().manual_seed(0), frac)  # [4000]
+        assert torch.equal(got, want), frac
+    # the location moves the median to sigmoid(m) (the default tests use m = 0, where sigmoid(m) = 0.5)
+    s = logit_normal_sigmas(20000, 1.0, 1.0, torch.Generator().manual_seed(1))
+    assert abs(s.median().item() - 1 / (1 + math.exp(-1.0))) < 0.01
+
+
+def test_step_draws_depend_on_the_seed_and_the_lr_decays_on_a_cosine():
+    """step_generator is a function of (seed, step): another seed draws other σ, ε and dropout at the same step.
+    lr_at after warm-up is lr·(r + (1 − r)·½(1 + cos(π·frac))), not a linear ramp (which agrees at frac 0, ½, 1)."""
+    assert step_generator(1, 5).initial_seed() != step_generator(2, 5).initial_seed()
+    assert not torch.equal(torch.randn(4, generator=step_generator(1, 5)), torch.randn(4, generator=step_generator(2, 5)))
+    cfg = PretrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    for step in (10, 32, 55, 77, 99):
+        frac = (step - 10) / 90
+        assert lr_at(step, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)), rel=1e-12)
+
+
+def test_shapes_data_draws_image_k_of_step_t_from_seed_t_k():
+    """Image k of step t uses numpy.random.default_rng((seed, t, k)) (shapes_data's docstring): each image of a batch
+    is its own draw, reproducible one by one."""
+    import numpy as np
+
+    from flowalign.shapes.grammar import sample_spec, to_prompt
+
+    caps, imgs = shapes_data({"counting": 1.0}, image_size=16, seed=7)(11, 5)
+    for k in range(5):
+        rng = np.random.default_rng((7, 11, k))
+        rng.choice(1, p=[1.0])  # the task draw (one task here)
+        assert caps[k] == to_prompt(sample_spec(rng, "counting")), k
+    assert len(set(caps)) > 1 and not torch.equal(imgs[0], imgs[1])
+

@@ -244,8 +244,9 @@ def test_every_documented_eval_command_is_accepted(tmp_path, monkeypatch, no_mod
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("version: !!float abc", "is not valid YAML"),
-    ("seed: 0\nseed: 5", "key 'seed' appears twice"),
+    ("version: !!float abc", "malformed YAML: cannot construct a value"),
+    ("seed: 0\nseed: 5", "malformed YAML: duplicate key 'seed'"),
+    ("seed: [0", "malformed YAML"),
 ])
 def test_a_protocol_that_yaml_cannot_build_is_one_line(tmp_path, capsys, no_model, text, needle):
     path = _user_protocol(tmp_path)

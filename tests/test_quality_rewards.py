@@ -92,3 +92,36 @@ def test_an_image_with_a_non_finite_pixel_scores_nan(name):
     out = build_reward(name)(x, [""] * 4)
     assert torch.isnan(out[:3]).all() and torch.isfinite(out[3]), out
     torch.testing.assert_close(out[3:], build_reward(name)(x[3:], [""]), atol=1e-6, rtol=0)
+
+
+def test_jpeg_size_is_the_pil_file_size_of_the_rounded_uint8_image_in_kilobytes():
+    """REWARDS_AND_EVAL.md §2.6: uint8 HWC (round(255·clamp(x, 0, 1))) → PIL → JPEG quality 95 in memory;
+    size_kB = bytes / 1000 (not 1024)."""
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([_scenes(2), torch.rand(1, 3, 32, 32, generator=g)])  # [3, 3, 32, 32]
+    want = []
+    for img in x:
+        q = np.rint(img.permute(1, 2, 0).numpy() * np.float32(255)).astype(np.uint8)  # [H, W, 3], half to even
+        buf = io.BytesIO()
+        Image.fromarray(q).save(buf, format="JPEG", quality=95)
+        want.append(len(buf.getvalue()) / 1000.0)
+    torch.testing.assert_close(jpeg_size_kb(x), torch.tensor(want), atol=0, rtol=0)
+
+
+def test_laplacian_variance_matches_a_numpy_reference():
+    """Pech-Pacheco et al. 2000 focus measure as documented: BT.601 luminance 0.299 R + 0.587 G + 0.114 B, 4-neighbour
+    Laplacian on the valid interior, population variance (ddof = 0)."""
+    from flowalign.rewards.quality import laplacian_variance
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)  # [2, 3, 9, 11]
+    y = 0.299 * x[:, 0].numpy() + 0.587 * x[:, 1].numpy() + 0.114 * x[:, 2].numpy()  # [2, 9, 11]
+    lap = y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:] - 4 * y[:, 1:-1, 1:-1]  # [2, 7, 9]
+    want = lap.reshape(2, -1).var(axis=1, ddof=0)  # [2]
+    torch.testing.assert_close(laplacian_variance(x), torch.from_numpy(want), atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(build_reward("edge_crispness")(x.float(), [""] * 2), torch.from_numpy(want).float(),
+                               atol=1e-6, rtol=1e-5)

@@ -302,31 +302,6 @@ def test_report_shows_step_grids_in_step_order(tmp_path):
     assert re.findall(r'<img src="grids/([^"]+)\.png"', page) == ["base", "final", "step-5", "step-20", "step-100"]
 
 
-# -------------------------------------------------------------------------------------------------------------- io
-
-
-def test_atomic_dir_fsyncs_the_files_written_into_it(tmp_path, monkeypatch):
-    """A checkpoint's files (e.g. safetensors' save_file, which does not fsync) must be durable before the rename
-    publishes the directory, else a power loss can leave a complete-looking checkpoint with empty files."""
-    from flowalign import io as fio
-
-    synced: list[str] = []
-    real = os.fsync
-
-    def spy(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(fio.os, "fsync", spy)
-    with fio.atomic_dir(tmp_path / "ckpt") as d:
-        (d / "weights.bin").write_bytes(b"x" * 10)  # written by another library, not fsynced by it
-        (d / "sub").mkdir()
-        (d / "sub" / "state.json").write_text("{}")
-    names = {os.path.basename(p) for p in synced}
-    assert {"weights.bin", "state.json"} <= names
-    assert (tmp_path / "ckpt" / "weights.bin").read_bytes() == b"x" * 10
-
-
 def test_ranking_plot_range_keeps_every_state_on_the_plot():
     """The ranking plot's y-range was fixed at −0.4 … 1.02, and a probe's ρ of −0.41 fell on the frame."""
     from flowalign.report import ranking_ylim
@@ -432,3 +407,119 @@ def test_the_report_of_an_eval_directory_does_not_ask_for_nfe_counters(tmp_path)
     _synthetic_run(run)
     (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "reward/x": 0.5}) + "\n")
     assert "no <code>nfe/*</code> counters in metrics.jsonl" in write_report(run, make_plots=False).read_text()
+
+
+# ------------------------------------------------------ which number goes in which cell, order and captions of the page
+
+
+def test_the_comparison_cells_and_the_headline_give_aligned_minus_base(tmp_path):
+    """Each reward's columns are base, aligned, Δ = aligned − base; a rise is class "up", a fall "down", no change
+    neither; the headline (the first reward) says base → aligned and the signed absolute change."""
+    run = _run_with(tmp_path, {"overall": {"a": 0.2, "b": 0.5, "c": 0.7}}, {"overall": {"a": 0.3, "b": 0.5, "c": 0.4}})
+    page = write_report(run, make_plots=False).read_text()
+    row = re.search(r'<tr class="total"><td>overall</td>(.*?)</tr>', page).group(1)
+    assert row == ('<td>0.200</td><td>0.300</td><td class="up">+0.100</td>'
+                   '<td>0.500</td><td>0.500</td><td class="">+0.000</td>'
+                   '<td>0.700</td><td>0.400</td><td class="down">-0.300</td><td>—</td>')
+    assert "<p><b>a</b>: 0.200 → 0.300 (+0.100 absolute)</p>" in page
+    fell = write_report(_run_with(tmp_path / "fell", {"overall": {"a": 0.7}}, {"overall": {"a": 0.4}}),
+                        make_plots=False).read_text()
+    assert "<p><b>a</b>: 0.700 → 0.400 (-0.300 absolute)</p>" in fell
+
+
+def test_the_images_column_counts_the_aligned_evaluation_and_accepts_the_synonyms(tmp_path):
+    """The images column is the shown (aligned) summary's, read from ``counts``/``n`` or their synonyms
+    ``n_per_task``/``n_images`` (module docstring)."""
+    base = {"overall": {"r": 0.1}, "per_task": {"t1": {"r": 0.1}}, "counts": {"t1": 4}, "n": 4}
+    final = {"overall": {"r": 0.2}, "per_task": {"t1": {"r": 0.2}}, "n_per_task": {"t1": 8}, "n_images": 8}
+    page = write_report(_run_with(tmp_path, base, final), make_plots=False).read_text()
+    assert re.search(r"<td>t1</td>(?:<td[^>]*>[^<]*</td>){3}<td>8</td></tr>", page)
+    assert re.search(r"<td>overall \(mean over tasks\)</td>(?:<td[^>]*>[^<]*</td>){3}<td>8</td></tr>", page)
+
+
+def test_a_summary_without_task_labels_has_no_all_row(tmp_path):
+    """summarize() without task labels gives one group "all": it is the overall row, not a task row beside it."""
+    s = {"overall": {"r": 0.25}, "per_task": {"all": {"r": 0.25}}, "counts": {"all": 4}, "n": 4}
+    (tmp_path / "summary.json").write_text(json.dumps(s))
+    page = write_report(tmp_path, make_plots=False).read_text()
+    assert "<td>all</td>" not in page
+    assert '<tr class="total"><td>overall</td><td>0.250</td><td>4</td></tr>' in page
+
+
+def test_every_evaluation_is_listed_in_step_order_with_its_headline(tmp_path):
+    """find_summaries orders base, step-N by N (not as text: step-10 < step-100 < step-5), final; with more than
+    two evaluations the report lists them all with the headline metric."""
+    from flowalign.report import find_summaries
+
+    run = tmp_path / "run"
+    for label, v in (("base", 0.1), ("step-100", 0.4), ("step-5", 0.2), ("step-10", 0.3), ("final", 0.5)):
+        atomic_write_json(run / "eval" / label / "summary.json", {"overall": {"r": v}})
+    assert list(find_summaries(run)) == ["base", "step-5", "step-10", "step-100", "final"]
+    page = write_report(run, make_plots=False).read_text()
+    assert "<summary>all evaluations (5)</summary>" in page
+    rows = re.findall(r"<tr><td>(base|step-\d+|final)</td><td>([^<]*)</td></tr>", page)
+    assert rows == [("base", "0.100"), ("step-5", "0.200"), ("step-10", "0.300"), ("step-100", "0.400"),
+                    ("final", "0.500")]
+    (run / "eval" / "step-5" / "summary.json").unlink()
+    (run / "eval" / "step-100" / "summary.json").unlink()
+    assert "<summary>all evaluations (3)</summary>" in write_report(run, make_plots=False).read_text()
+    (run / "eval" / "step-10" / "summary.json").unlink()
+    assert "all evaluations" not in write_report(run, make_plots=False).read_text()  # two: the table says it all
+
+
+def test_pass_at_k_is_shown_for_base_and_aligned(tmp_path):
+    """Each summary's pass@k table, labelled with its model, base first."""
+    def with_pass(v):
+        return {"overall": {"r": v}, "pass_at_k": {"r": {"k": [1, 2], "overall": {"1": v, "2": v + 0.125}}}}
+
+    page = write_report(_run_with(tmp_path, with_pass(0.25), with_pass(0.5)), make_plots=False).read_text()
+    i, j = page.index("<b>r</b>, base: how often"), page.index("<b>r</b>, aligned: how often")
+    assert i < j
+    assert "<td>0.250</td><td>0.375</td>" in page[i:j] and "<td>0.500</td><td>0.625</td>" in page[j:]
+
+
+def test_grid_captions_and_eval_plots_are_each_shown_once_in_order(tmp_path):
+    """grids/base.png is captioned the base model and final.png the aligned one; the curves come reward first, then
+    the evaluations, then reward vs NFE, then the rest; with >= 2 summaries the per-reward evaluation plot is the
+    summaries' history alone (metrics.jsonl's eval group is not drawn over it and not shown twice)."""
+    run = _run_with(tmp_path, {"overall": {"r": 0.2, "q": 0.1}}, {"overall": {"r": 0.4, "q": 0.3}})
+    recs = [{"iteration": i, "reward/r": 0.1 * i, "nfe/sampling": 10 * i, "train/approx_kl": 0.01} for i in (1, 2, 3)]
+    recs[1]["eval/overall/r"] = 0.3  # a periodic evaluation logged on its iteration's line
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for name in ("final", "base"):
+        save_image_grid(torch.rand(1, 3, 4, 4), run / "grids" / f"{name}.png", nrow=1)  # [1, 3, 4, 4]
+    page = write_report(run, inline_images=False).read_text()
+    assert '<img src="grids/base.png" alt="base.png"><figcaption>base model</figcaption>' in page
+    assert '<img src="grids/final.png" alt="final.png"><figcaption>aligned model</figcaption>' in page
+    curves = page[page.index("<h2>Training curves</h2>"):]
+    alts = re.findall(r'<img src="plots/[^"]+" alt="([^"]+)"', curves)
+    assert alts == ["reward", "eval_r", "eval_q", "reward_vs_nfe", "nfe", "kl"]
+
+
+def test_the_total_nfe_counter_wins_over_the_sum_of_the_phases():
+    """reward_vs_nfe's x axis is nfe/total when logged (it may count phases not logged on their own)."""
+    from flowalign.report import _total_nfe_series
+
+    series = {"nfe/total": ([1.0, 2.0], [100.0, 250.0]), "nfe/sampling": ([1.0, 2.0], [10.0, 20.0])}
+    assert _total_nfe_series(series) == ([1.0, 2.0], [100.0, 250.0])
+    series = {"train/nfe/total": ([1.0], [7.0]), "nfe/sampling": ([1.0], [3.0])}
+    assert _total_nfe_series(series) == ([1.0], [7.0])
+
+
+def test_grid_values_outside_0_1_are_clamped_not_wrapped():
+    """grid_image takes [0, 1] images and clamps: 1.5 is white and −0.5 black, not uint8 wrap-around."""
+    from flowalign.report import grid_image
+
+    images = torch.zeros(1, 3, 2, 2)  # [N, 3, H, W]
+    images[0, 0], images[0, 1], images[0, 2] = 1.5, 0.5, -0.5
+    assert grid_image(images, nrow=1, upscale=1).getpixel((2, 2)) == (255, 128, 0)
+
+
+def test_eval_mismatch_names_other_prompts_by_their_digest():
+    """Two evaluations of the same count of prompts but other prompt texts are not comparable (prompts_sha256)."""
+    from flowalign.report import eval_mismatch
+
+    a = {"settings": {"prompts": 96, "prompts_sha256": "a" * 64}}
+    b = {"settings": {"prompts": 96, "prompts_sha256": "b" * 64}}
+    assert eval_mismatch(a, b) == f"prompts_sha256 {'a' * 12} vs {'b' * 12}"
+    assert eval_mismatch(a, {"settings": {"prompts": 96}}) == ""  # an older summary without it: not a difference

@@ -596,3 +596,57 @@ def test_open_clip_and_blip_rewards_keep_torchvisions_crop(rewards, name):
         x = quantize(synthetic_images(2, h=h, w=w, seed=14)).float() / 255
         a, b = rewards[name]._pixels(x), rewards[name + ":parity"]._pixels(x)
         assert torch.allclose(a, b, atol=1e-5, rtol=0), (name, h, w)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mutation audit: score forms, standardisation and the resize step pinned exactly
+
+
+def test_clipscore_forms_apply_their_own_weight_and_clamp(tiny_clip_dir, monkeypatch):
+    """``form=clipscore`` is w·max(cos, 0) with the given w (Hessel et al. eq. 1; torchmetrics uses w = 100), ``cos``
+    the raw cosine, ``logit`` exp(logit_scale)·cos."""
+    cos = torch.tensor([-0.3, 0.2, 0.45])  # [B]
+    imgs = synthetic_images(3, seed=15)
+    out = {}
+    for form in ("clipscore", "cos", "logit"):
+        r = build_reward("clipscore", path=str(tiny_clip_dir), form=form, w=100.0)
+        monkeypatch.setattr(r, "cosine", lambda images, prompts: cos.clone())
+        out[form] = r(imgs, PROMPTS[:3])  # [B]
+    torch.testing.assert_close(out["clipscore"], torch.tensor([0.0, 20.0, 45.0]))
+    torch.testing.assert_close(out["cos"], cos)
+    torch.testing.assert_close(out["logit"], r.clip.logit_scale.exp() * cos)
+
+
+def test_imagereward_standardises_the_head_output(rewards, monkeypatch):
+    """REWARDS_AND_EVAL.md §2.3: score = (raw − 0.16717362830052426) / 1.0333394966054072 with raw the MLP head's
+    output on the [CLS] state."""
+    r = rewards["imagereward"]
+    raw = torch.tensor([2.0, -1.0])  # [B]
+    monkeypatch.setattr(r, "head", lambda h: raw[: h.shape[0]].unsqueeze(-1))  # [n, 1]
+    out = r(synthetic_images(2, seed=16), PROMPTS[:2])  # [B]
+    torch.testing.assert_close(out, (raw - 0.16717362830052426) / 1.0333394966054072, atol=1e-6, rtol=0)
+
+
+def test_resize_shortest_truncates_the_long_side_and_clamps_the_bicubic_overshoot():
+    """Spec §1 step 1: bicubic, antialias, align_corners=False; long side int(size·long/short) (torchvision's and
+    transformers' truncation, 32·61/47 = 41.5 → 41); the bicubic overshoot at sharp edges clamped into [0, 1]."""
+    from flowalign.rewards.clip_common import resize_shortest
+
+    x = torch.zeros(2, 3, 47, 61)  # [2, 3, 47, 61]
+    x[:, :, :, 30:] = 1.0  # a step edge: bicubic overshoots on both sides
+    raw = F.interpolate(x, size=(32, 41), mode="bicubic", antialias=True, align_corners=False)  # [2, 3, 32, 41]
+    assert raw.min() < 0 and raw.max() > 1  # the input does overshoot: the clamp is exercised
+    out = resize_shortest(x, 32)
+    assert out.shape == (2, 3, 32, 41)
+    assert torch.equal(out, raw.clamp(0, 1))
+    assert resize_shortest(x.transpose(-1, -2), 32).shape == (2, 3, 41, 32)  # tall: the long side is the height
+
+
+def test_imagereward_masks_the_prompts_padding(rewards, monkeypatch):
+    """The text encoder attends only to the prompt's tokens (BERT attention mask of padding="max_length"): padding the
+    same prompts to 50 instead of 35 tokens leaves every score unchanged."""
+    r = rewards["imagereward"]
+    imgs = synthetic_images(2, seed=17)
+    a = r(imgs, PROMPTS[:2])  # [B], max_length 35
+    monkeypatch.setattr(r, "text_max_length", 50)
+    torch.testing.assert_close(r(imgs, PROMPTS[:2]), a, atol=1e-5, rtol=0)

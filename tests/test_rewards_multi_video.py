@@ -211,3 +211,84 @@ def test_devices_this_torch_cannot_use_are_refused_before_building():
             check_device("xpu", "r")
     with pytest.raises(UserError, match=r"device=0 is a bare index; pass device=cuda:0"):
         check_device(0, "r")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mutation audit: weights, reductions and temporal terms pinned exactly
+
+
+def test_combined_mapping_of_reward_weight_pairs_and_per_name_kwargs():
+    """``{key: (reward, weight)}`` keeps each weight (R = Σ w_k·R_k, METHODS.md §3.4), and the ``{name: weight}`` form
+    builds each reward with its own ``kwargs[name]`` (here JPEG quality 50, not the default 95)."""
+    imgs = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # [4, 3, 16, 16]
+    prompts = ["p"] * 4
+    c = Combined({"b": (Brightness(), 3.0), "rb": (RedMinusBlue(), -2.0)})
+    assert c.weights == {"b": 3.0, "rb": -2.0} and list(c.rewards) == ["b", "rb"]
+    ref = 3.0 * Brightness()(imgs, prompts) - 2.0 * RedMinusBlue()(imgs, prompts)  # [4]
+    torch.testing.assert_close(c(imgs, prompts), ref)
+    named = Combined({"jpeg_incompressibility": 1.0}, kwargs={"jpeg_incompressibility": {"quality": 50}})
+    assert named.rewards["jpeg_incompressibility"].quality == 50
+    torch.testing.assert_close(named(imgs, prompts), build_reward("jpeg_incompressibility", quality=50)(imgs, prompts))
+
+
+def test_per_frame_mean_positive_of_an_all_nan_video_is_nan():
+    """REWARDS_AND_EVAL.md §2.10: NaN frames are ignored and an all-NaN video gives NaN for every reduction
+    (``mean_positive`` must not turn a failed video into the 0 of "no positive frame")."""
+
+    class Fixed:
+        name, differentiable, kind = "fixed", False, "image"
+
+        def __call__(self, images, prompts, metadata=None):
+            return torch.tensor([float("nan")] * 3 + [-1.0, float("nan"), 2.0])  # [B·F′] video-major
+
+    vid = torch.zeros(2, 3, 3, 4, 4)  # [B=2, F=3, 3, 4, 4]
+    for reduce in ("mean", "min", "mean_positive"):
+        out = PerFrame(Fixed(), stride=1, reduce=reduce)(vid, ["a", "b"])  # [2]
+        assert torch.isnan(out[0]) and torch.isfinite(out[1]), (reduce, out)
+    assert PerFrame(Fixed(), stride=1, reduce="mean_positive")(vid, ["a", "b"])[1] == 2.0
+
+
+def test_temporal_terms_are_exact():
+    """Pixel term C = 1 − mean_{f,c,h,w} |x_{f+1} − x_f| over consecutive frames; embedding term = mean cosine of
+    consecutive frames, independent of the embeddings' norms (REWARDS_AND_EVAL.md §2.10)."""
+    from flowalign.rewards.video import embedding_consistency, pixel_consistency
+
+    vid = torch.zeros(1, 3, 3, 2, 2)  # [B=1, F=3, 3, 2, 2]
+    vid[0, 1] = 0.5  # |Δ| = 0.5 everywhere from frame 0 to 1
+    vid[0, 2] = 0.75  # |Δ| = 0.25 from frame 1 to 2 (0.75 from frame 0: not the term)
+    torch.testing.assert_close(pixel_consistency(vid), torch.tensor([1.0 - (0.5 + 0.25) / 2]))
+    emb = torch.tensor([[[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]]])  # [B=1, F=3, D=2], norms 1, 3, 2√2
+    want = (0.0 + 2 ** -0.5) / 2  # cos(e0, e1) = 0, cos(e1, e2) = 1/√2
+    torch.testing.assert_close(embedding_consistency(emb), torch.tensor([want]))
+
+
+def test_temporal_weight_scales_the_temporal_term():
+    """score = reduce(frame scores) + temporal_weight · C, for a weight other than 1."""
+    g = torch.Generator().manual_seed(1)
+    vid = torch.rand(2, 4, 3, 8, 8, generator=g)  # [B, F, 3, H, W]
+    prompts = ["a", "b"]
+    pf = PerFrame(Brightness(), stride=1, temporal_weight=0.25)
+    base = PerFrame(Brightness(), stride=1)(vid, prompts)  # [B]
+    torch.testing.assert_close(pf(vid, prompts), base + 0.25 * pf.temporal_consistency(vid))
+
+
+def test_per_frame_passes_each_frame_its_own_videos_prompt_and_metadata():
+    """The B·F′ batch is video-major (frames of video 0, then video 1, …): each frame is scored with its own video's
+    prompt and metadata, and the scores come back as [B, F′] in that order."""
+
+    class Echo:
+        name, differentiable, kind = "echo", False, "image"
+
+        def __call__(self, images, prompts, metadata=None):
+            # frame value (pixels hold 10·video + frame) + prompt id + metadata bonus
+            return (images[:, 0, 0, 0] + torch.tensor([100.0 * int(p) for p in prompts])
+                    + torch.tensor([1000.0 * m["k"] for m in metadata]))
+
+    b, f = 3, 5
+    vid = torch.zeros(b, f, 3, 2, 2)  # [B, F, 3, 2, 2]
+    for i in range(b):
+        for j in range(f):
+            vid[i, j] = 10.0 * i + j
+    fs = PerFrame(Echo(), stride=2).frame_scores(vid, ["1", "2", "3"], [{"k": 1}, {"k": 2}, {"k": 3}])  # [B, 3]
+    want = torch.tensor([[1100.0 * (i + 1) + 10.0 * i + j for j in (0, 2, 4)] for i in range(b)])
+    torch.testing.assert_close(fs, want)

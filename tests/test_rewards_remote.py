@@ -276,16 +276,16 @@ def test_serve_refuses_a_reward_argument_of_the_wrong_type_in_one_line(capsys, m
 
     monkeypatch.setattr("flowalign.rewards.clip_common.HFClip.__init__", no_load)
     fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "batch_size=abc", "--port", "0"],
-          "reward 'clipscore': batch_size='abc': expected an integer", cmd="rewards")
+          "reward 'clipscore': batch_size='abc': expected an integer", cmd="rewards serve")
     fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "w=high", "--port", "0"],
-          "w='high': expected a finite number", cmd="rewards")
+          "w='high': expected a finite number", cmd="rewards serve")
 
     def init(self, quality=None):  # neither annotation nor default type: only the constructor sees the bad value
         self.quality = int(quality or 95)
 
     monkeypatch.setattr(JpegCompressibility, "__init__", init)
     fails(capsys, ["rewards", "serve", "jpeg_compressibility", "quality=high", "--port", "0"],
-          "reward 'jpeg_compressibility': cannot be built with quality='high'", cmd="rewards")
+          "reward 'jpeg_compressibility': cannot be built with quality='high'", cmd="rewards serve")
 
 
 @pytest.mark.parametrize("mb", ["nan", "inf", "-inf", "0", "-1", "1e-9"])
@@ -302,7 +302,7 @@ def test_serve_refuses_a_max_mb_that_is_not_a_finite_positive_size(capsys, monke
     monkeypatch.setattr(catalog, "build_reward_checked", no_build)
     monkeypatch.setattr(catalog, "_check_bind", no_build)
     fails(capsys, ["rewards", "serve", "shapes_strict", "--port", "0", f"--max-mb={mb}"],
-          "--max-mb must be a finite number of MiB > 0", cmd="rewards")
+          "--max-mb must be a finite number of MiB > 0", cmd="rewards serve")
 
 
 def test_check_max_mb_converts_mib_to_bytes():
@@ -442,11 +442,11 @@ def test_serve_refuses_an_unavailable_or_malformed_device_in_one_line(capsys, mo
 
     monkeypatch.setattr("flowalign.rewards.clip_common.HFClip.__init__", no_load)
     fails(capsys, ["rewards", "serve", "pickscore", f"path={tmp_path}", "device=cuda", "--port", "0"],
-          "reward 'pickscore': device='cuda'", "pass device=cpu", cmd="rewards")
+          "reward 'pickscore': device='cuda'", "pass device=cpu", cmd="rewards serve")
     fails(capsys, ["rewards", "serve", "pickscore", f"path={tmp_path}", "device=mps", "--port", "0"],
-          "device='mps' but MPS is not available", cmd="rewards")
+          "device='mps' but MPS is not available", cmd="rewards serve")
     fails(capsys, ["rewards", "serve", "clipscore", f"path={tmp_path}", "device=gpu0", "--port", "0"],
-          "device='gpu0' is not a torch device", cmd="rewards")
+          "device='gpu0' is not a torch device", cmd="rewards serve")
 
 
 def test_build_reward_checked_checks_the_device_first(monkeypatch, no_cuda, tiny_clip_dir):
@@ -507,3 +507,44 @@ def test_remote_connect_shares_one_deadline_over_every_address(monkeypatch):
     finally:
         for s in [*fill, ls]:
             s.close()
+
+
+def _status_then_scores(statuses, text: bytes):
+    """Answer the i-th request with HTTP ``statuses[i]`` (a JSON error body) while any are left, then 200 ``text``."""
+    left = list(statuses)
+
+    def reply(handler):
+        code = left.pop(0) if left else 200
+        body = text if code == 200 else json.dumps({"error": f"status {code}"}).encode()
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return reply
+
+
+def test_remote_retries_502_503_504_with_doubling_backoff_but_not_other_errors(monkeypatch):
+    """RemoteReward's contract: a 502/503/504 is transient (retried, sleeping backoff·2**k before retry k = 0, 1, …);
+    any other 4xx/5xx is a one-line ``UserError`` at once (the same request would fail again)."""
+    import types
+
+    import flowalign.rewards.remote as remote
+
+    sleeps = []
+    monkeypatch.setattr(remote, "time", types.SimpleNamespace(sleep=sleeps.append, monotonic=time.monotonic))
+    fake = _FakeServer(_status_then_scores([503, 502, 504], b'{"scores": [0.5, 1.5]}'))
+    try:
+        out = RemoteReward(fake.url, retries=3, backoff=0.5, timeout=5)(torch.rand(2, 3, 8, 8), ["a", "b"])  # [2]
+        assert out.tolist() == [0.5, 1.5] and fake.calls == 4 and sleeps == [0.5, 1.0, 2.0]
+    finally:
+        fake.close()
+    for code in (400, 500):
+        fake = _FakeServer(_status_then_scores([code], b'{"scores": [0.5]}'))
+        try:
+            with pytest.raises(UserError, match=f"HTTP {code}: status {code}"):
+                RemoteReward(fake.url, retries=3, backoff=0.0, timeout=5)(torch.rand(1, 3, 8, 8), ["a"])
+            assert fake.calls == 1, code
+        finally:
+            fake.close()

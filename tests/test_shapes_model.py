@@ -246,3 +246,31 @@ def test_sde_sample_of_a_prompt_and_seed_does_not_depend_on_its_batch():
     assert torch.allclose(alone, in_batch, atol=1e-4) and torch.allclose(alone, split, atol=1e-4)
     assert torch.equal(alone, generate(m, ["a red circle"], [0], **kw))  # still reproducible
     assert not torch.allclose(alone, generate(m, ["a red circle"], [1], **kw), atol=1e-3)
+
+
+# -------------------------------------------- text encoder padding (mutation audit)
+
+
+def test_text_encoder_ignores_padding_tokens():
+    """Padding is masked out of the text encoder: the valid tokens' hidden states and the pooled vector (the masked
+    mean of the hidden states, projected) do not depend on how many ``<pad>`` tokens follow the prompt."""
+    from flowalign.models.shapes import ShapesTextEncoder
+
+    torch.manual_seed(0)
+    kw = dict(dim=16, layers=1, heads=2, pooled_dim=16)
+    short = ShapesTextEncoder(TINY["vocab"], max_len=6, **kw).eval()
+    long = ShapesTextEncoder(TINY["vocab"], max_len=10, **kw).eval()
+    state = short.state_dict()
+    long.load_state_dict({**state, "pos": torch.cat([state["pos"], torch.randn(4, 16)])})  # pos [10, D]
+    prompts = ["a red circle", "an orange square and a", ""]
+    with torch.no_grad():
+        h_s, p_s = short(*short.tokenize(prompts))  # [3, 6, D], [3, P]
+        h_l, p_l = long(*long.tokenize(prompts))  # [3, 10, D], [3, P]
+        ids, mask = short.tokenize(prompts)  # [3, 6] each
+        m = mask.float().unsqueeze(-1)  # [3, 6, 1]
+        pooled = short.pool((h_s * m).sum(1) / m.sum(1))  # [3, P]
+    for i in range(len(prompts)):
+        n = int(mask[i].sum())
+        torch.testing.assert_close(h_l[i, :n], h_s[i, :n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_l, p_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_s, pooled, rtol=1e-5, atol=1e-6)

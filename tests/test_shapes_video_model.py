@@ -324,3 +324,21 @@ def test_prompt_note_names_the_grammar_each_shapes_family_was_trained_on(tiny):
                                      "text_layers": 1, "text_heads": 2})
     assert image.prompt_note("a red circle") is None
     assert "outside the shapes grammar" in image.prompt_note("a red circles")
+
+
+def test_the_wan_denoiser_gets_timestep_1000_sigma(tiny):
+    """Timestep 1000·σ in fp32, as WanPipeline passes σ·N (N = 1000), one entry per row of the CFG batch (mutation
+    audit: only the image shapes model's timestep was pinned)."""
+    seen = []
+    h = tiny.transformer.register_forward_hook(lambda m, a, kw, out: seen.append(kw["timestep"].clone()),
+                                               with_kwargs=True)
+    cond = tiny.encode(PROMPTS)
+    x = torch.randn(2, 3, 4, 16, 16)  # [B, C, F, H, W]
+    try:
+        with torch.no_grad():
+            tiny.velocity(x, torch.tensor([0.25, 1.0]), cond)
+    finally:
+        h.remove()
+    [t] = seen  # [2B]: [uncond, cond]
+    assert t.dtype == torch.float32
+    torch.testing.assert_close(t, torch.tensor([250.0, 1000.0, 250.0, 1000.0]))

@@ -1036,9 +1036,6 @@ def validate(cfg: ExperimentConfig) -> None:
     need(e.max_prompts >= 0 and e.grid_prompts >= 0, "eval.max_prompts and eval.grid_prompts must be >= 0")
     need(len(e.rewards) > 0, "eval.rewards is empty; name at least one reward, e.g. eval.rewards=[shapes_strict]")
     need(bool(cfg.output.run_dir), "output.run_dir is empty; set output.run_dir=runs/NAME")
-    need(not (cfg.output.resume and cfg.output.overwrite),
-         "output.resume=true and output.overwrite=true contradict each other (resume continues the run in "
-         "output.run_dir, overwrite deletes it first); pass one of them")
     need(bool(cfg.data.train_prompts) and bool(cfg.data.eval_prompts), "data.train_prompts and data.eval_prompts must be set")
     derived(cfg, 1)
 

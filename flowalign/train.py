@@ -369,6 +369,11 @@ def _tb_scalars(writer: Any, values: Mapping[str, Any], step: int) -> None:
 def _check_run_dir(cfg: C.ExperimentConfig, world: int = 1) -> tuple[Path, Optional[Path]]:
     """Refuse to clobber an earlier run; return (run_dir, checkpoint to resume or None). Writes nothing."""
     run = Path(cfg.output.run_dir)
+    if cfg.output.resume and cfg.output.overwrite:  # resume won silently; a check of the command, not of the config
+        # (a run's saved config.yaml holds both flags as they were given and must still load)
+        raise UserError("output.resume=true and output.overwrite=true contradict each other (resume continues the run "
+                        "in output.run_dir, overwrite deletes it first); drop output.overwrite=true to continue the "
+                        "run, or output.resume=true to start afresh")
     if run.exists() and not run.is_dir():  # a traceback later (iterdir, rmtree, mkdir) instead of one line
         raise UserError(f"output.run_dir={str(run)!r} is a file; set output.run_dir to a directory (new, or a run to resume)")
     check_out_parent(run, "output.run_dir")

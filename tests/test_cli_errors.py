@@ -848,6 +848,15 @@ def test_train_refuses_a_huge_step_count_and_resume_with_overwrite(tmp_path, cap
     assert _listing(run) == ["config.yaml"] and (run / "config.yaml").read_text() == "keep: me\n"
 
 
+def test_a_saved_config_with_resume_and_overwrite_still_loads():
+    """The pair is refused as a command (train's run-directory check), not as a config: a run's config.yaml written
+    with both (by an earlier version) still loads for a resume's comparison and for the report."""
+    from flowalign.config import load_config
+
+    cfg = load_config(None, ["output.resume=true", "output.overwrite=true"])
+    assert cfg.output.resume and cfg.output.overwrite
+
+
 def test_an_error_from_a_benchmarks_code_names_the_benchmark(capsys, no_model, tmp_path):
     """Errors raised by a benchmark's own checks were prefixed `flowalign bench:` while its argument errors say
     `flowalign bench NAME:`; both name it now (and `rewards serve` likewise)."""

@@ -273,7 +273,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p = CommandParser(prog="flowalign sample", description="Sample an image grid from a model.")
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
     p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
-    p.add_argument("--max-prompts", type=int, default=8, help="an evenly spaced subset of N prompts from --prompt-file")
+    p.add_argument("--max-prompts", type=int, default=None, help="an evenly spaced subset of N prompts: of "
+                   "--prompt-file's (default 8) or of the prompts given as arguments (default all); 0 = all")
     p.add_argument("--model", default="shapes", help="model family (shapes, shapes_video, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
     p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N "
@@ -296,7 +297,8 @@ def cli_main(argv: Sequence[str]) -> int:
     # every argument is checked before the model loads and before anything is written
     model_kwargs = parse_model_args(args.model, args.model_arg)
     check_positive(seeds=args.seeds, steps=args.steps, batch_size=args.batch_size)
-    check_max_prompts(args.max_prompts)
+    if args.max_prompts is not None:
+        check_max_prompts(args.max_prompts)
     check_seed(args.seed)
     check_guidance(args.guidance)
     device = check_device(args.device)
@@ -326,9 +328,10 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.prompt_file and args.prompts:  # one of them would be silently ignored
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:
-        prompts = [r.prompt for r in D.spaced_subset(D.load_prompts(args.prompt_file), args.max_prompts)]
-    else:
-        prompts = check_prompt_args(args.prompts)
+        n = 8 if args.max_prompts is None else args.max_prompts
+        prompts = [r.prompt for r in D.spaced_subset(D.load_prompts(args.prompt_file), n)]
+    else:  # --max-prompts applies to arguments too (as steer's does); it was silently ignored here
+        prompts = D.spaced_subset(check_prompt_args(args.prompts), args.max_prompts or 0)
     if not prompts:
         raise UserError("no prompts given; pass prompts as arguments or --prompt-file NAME_OR_PATH")
     if args.lora:

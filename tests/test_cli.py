@@ -204,3 +204,17 @@ def test_eval_with_world_size_but_no_launcher_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flowalign.cli", "rewards", "list"], capture_output=True, text=True,
                        env={**os.environ, **env_extra}, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "shapes_strict" in r.stdout  # a listing is not refused
+
+
+def test_sample_max_prompts_applies_to_prompts_given_as_arguments(tmp_path):
+    """`--max-prompts` was silently ignored for prompts given as arguments (steer applies it to them): 4 prompts with
+    `--max-prompts 2` sample the evenly spaced 1st and 3rd, the same grid as passing those two."""
+    from flowalign.cli import main
+
+    prompts = ["a red circle", "two blue squares", "a green triangle", "a yellow circle"]
+    kw = ["--seeds", "1", "--steps", "2"]
+    assert main(["sample", *prompts, "--max-prompts", "2", *kw, "--out", str(tmp_path / "sub.png")]) == 0
+    assert main(["sample", prompts[0], prompts[2], *kw, "--out", str(tmp_path / "two.png")]) == 0
+    assert (tmp_path / "sub.png").read_bytes() == (tmp_path / "two.png").read_bytes()
+    assert main(["sample", *prompts, *kw, "--out", str(tmp_path / "all.png")]) == 0  # default: every argument
+    assert (tmp_path / "all.png").read_bytes() != (tmp_path / "two.png").read_bytes()

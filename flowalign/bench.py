@@ -34,6 +34,9 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
                              ("repeats", args.repeats, 0)):
         if value is not None and value < low:
             raise UserError(f"--{flag} must be at least {low}, got {value}")
+    from flowalign.config import check_max_steps
+
+    check_max_steps(args.steps)
     # NaN or a negative scale sampled NaN images with exit code 0 (checked here: flowalign.sample imports torch,
     # which import_torch_s times)
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):

@@ -437,6 +437,7 @@ def bench_credit(argv: Sequence[str]) -> int:
     from flowalign.bench_snr import check_json_out, check_out_file
     from flowalign.errors import UserError
     from flowalign.rewards.video import for_outputs
+    from flowalign.config import check_max_steps
     from flowalign.sample import check_seed
 
     unknown = [m for m in methods if m not in METHODS]
@@ -453,6 +454,7 @@ def bench_credit(argv: Sequence[str]) -> int:
                              ("rank-groups", args.rank_groups, 0), ("threads", args.threads, 1)):
         if value is not None and value < low:
             raise UserError(f"--{flag} must be at least {low}, got {value}")
+    check_max_steps(args.steps)
     check_seed(args.seed)
     references = parse_references(args.rank_references)
     ranked = [m for m in models if m in ("shapes", "shapes_video")] if args.rank_groups > 0 else []

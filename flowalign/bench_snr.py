@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from flowalign.config import check_max_steps
 from flowalign.errors import CommandParser, UserError
 
 SDE_KERNELS = ("flow_sde", "dance_sde", "cps", "ddim_sde")  # the stochastic kernels of flowalign.samplers.kernels
@@ -208,6 +209,7 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     for flag, value in (("steps", args.steps), ("splits", args.splits), ("lora-rank", args.lora_rank)):
         if value < 1:
             raise UserError(f"--{flag} must be at least 1, got {value}")
+    check_max_steps(args.steps)
     check_common(args)
     window = None
     if args.window is not None:

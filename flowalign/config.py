@@ -40,6 +40,13 @@ MAX_STEPS = 10_000
 above any schedule in use (SD3.5 and FLUX 28–50, Wan 50, fine reference solves 1,000), and it turns a typo such as
 ``--steps 1000000000`` into one line before the model loads instead of an 8 GB sigma grid and an out-of-memory kill."""
 
+
+def check_max_steps(value: int | None, flag: str = "--steps") -> None:
+    """A one-line ``UserError`` when a command's step count ``value`` (None = the default) is above ``MAX_STEPS``."""
+    if value is not None and value > MAX_STEPS:
+        raise UserError(f"{flag} {value} is above the limit of {MAX_STEPS} sampling steps; pass {flag} N, e.g. the "
+                        f"default (leave {flag} out)")
+
 logger = logging.getLogger(__name__)
 
 __all__ = [

@@ -253,14 +253,13 @@ def resolve_steps(model, steps: Optional[int]) -> int:
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1, or, for
     ``steps``, above ``config.MAX_STEPS``."""
-    from flowalign.config import MAX_STEPS
+    from flowalign.config import check_max_steps
 
     for name, value in values.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if name == "steps" and value is not None and value > MAX_STEPS:
-            raise UserError(f"--steps {value} is above the limit of {MAX_STEPS} sampling steps; pass --steps N, e.g. "
-                            f"the model's default (leave --steps out)")
+        if name == "steps":
+            check_max_steps(value)
 
 
 def cli_main(argv: Sequence[str]) -> int:

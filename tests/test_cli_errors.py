@@ -819,6 +819,9 @@ def test_a_world_size_that_is_not_a_process_count_is_one_line(tmp_path, capsys, 
     ["eval", "--out", "ev"],
     ["steer", "a red circle", "--out", "st"],
     ["calibrate", "--out", "eta.json"],
+    ["bench", "shapes-sample"],
+    ["bench", "credit", "--models", "shapes"],
+    ["bench", "grad-snr"],
 ])
 def test_a_step_count_above_the_limit_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model, argv):
     """`--steps 1000000000` was accepted; the 8 GB sigma grid then got the process killed for memory (exit 137, no

@@ -189,7 +189,7 @@ class EvalConfig:
 class OutputConfig:
     run_dir: str = _f("runs/shapes_grpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, eval/, grids/, plots/, tb/, report.html")
     overwrite: bool = _f(False, "start afresh in a non-empty run directory: it is deleted first (default: refuse, nothing is overwritten)")
-    resume: bool = _f(False, "resume from the latest checkpoint in run_dir (exact; only output.*, eval.*, data.eval_prompts, train.iterations, checkpointing and model.device may differ from the run's config.yaml)")
+    resume: bool = _f(False, "resume from the latest checkpoint in run_dir, or start fresh when it holds none yet, so one command starts and continues a run (exact; only output.*, eval.*, data.eval_prompts, train.iterations, checkpointing and model.device may differ from the run's config.yaml)")
     tensorboard: bool = _f(True, "also write TensorBoard event files")
 
 

@@ -713,7 +713,8 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed (data, noise and initial weights)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for this run (the config default applies)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (same "
-                    "--config and flags as before, or none: the run's saved config.yaml)")
+                    "--config and flags as before, or none: the run's saved config.yaml); with no checkpoint "
+                    "there yet, start fresh")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(list(argv))
     out = Path(args.out)

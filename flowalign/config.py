@@ -41,6 +41,19 @@ above any schedule in use (SD3.5 and FLUX 28–50, Wan 50, fine reference solves
 ``--steps 1000000000`` into one line before the model loads instead of an 8 GB sigma grid and an out-of-memory kill."""
 
 
+MAX_SEEDS = 10_000
+"""The most images per prompt any option takes (``--seeds`` of ``eval`` and ``sample``, ``eval.seeds_per_prompt``,
+``steer``'s seeds × particles): every image keeps its own noise seed (``evaluate.image_seed`` gives distinct seeds
+while prompts + k stay below about 46,000), and a typo such as ``--seeds 100000000`` is one line before the model
+loads instead of a job list that fills the memory."""
+
+
+def check_max_seeds(value: int | None, flag: str = "--seeds") -> None:
+    """A one-line ``UserError`` when ``value`` images per prompt (None = the default) is above ``MAX_SEEDS``."""
+    if value is not None and value > MAX_SEEDS:
+        raise UserError(f"{flag} {value} is above the limit of {MAX_SEEDS} images per prompt; pass a smaller {flag}")
+
+
 def check_max_steps(value: int | None, flag: str = "--steps") -> None:
     """A one-line ``UserError`` when a command's step count ``value`` (None = the default) is above ``MAX_STEPS``."""
     if value is not None and value > MAX_STEPS:
@@ -1040,6 +1053,8 @@ def validate(cfg: ExperimentConfig) -> None:
     need(1 <= e.steps <= MAX_STEPS, f"eval.steps={e.steps} must be between 1 and {MAX_STEPS}")
     need(e.guidance >= 0, f"eval.guidance={e.guidance} must be >= 0 (1 = no CFG)")
     need(e.seeds_per_prompt >= 1 and e.batch_size >= 1, "eval.seeds_per_prompt and eval.batch_size must be >= 1")
+    need(e.seeds_per_prompt <= MAX_SEEDS, f"eval.seeds_per_prompt={e.seeds_per_prompt} is above the limit of {MAX_SEEDS} "
+                                          "images per prompt")
     need(e.max_prompts >= 0 and e.grid_prompts >= 0, "eval.max_prompts and eval.grid_prompts must be >= 0")
     need(len(e.rewards) > 0, "eval.rewards is empty; name at least one reward, e.g. eval.rewards=[shapes_strict]")
     need(bool(cfg.output.run_dir), "output.run_dir is empty; set output.run_dir=runs/NAME")

@@ -252,14 +252,16 @@ def resolve_steps(model, steps: Optional[int]) -> int:
 
 def check_positive(**values: Optional[int]) -> None:
     """One-line ``UserError`` for the first ``--flag`` (keyword, ``_`` for ``-``) that is set and below 1, or, for
-    ``steps``, above ``config.MAX_STEPS``."""
-    from flowalign.config import check_max_steps
+    ``steps``, above ``config.MAX_STEPS``, or, for ``seeds``, above ``config.MAX_SEEDS``."""
+    from flowalign.config import check_max_seeds, check_max_steps
 
     for name, value in values.items():
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if name == "steps":
             check_max_steps(value)
+        if name == "seeds":
+            check_max_seeds(value)
 
 
 def cli_main(argv: Sequence[str]) -> int:

@@ -978,6 +978,12 @@ def cli_main(argv: Sequence[str]) -> int:
                        "about |S| times too strongly before the final correction), so the drawn output is a poor "
                        "sample of p*exp(lam*r); use --potential diff for a target sample", args.potential)
     args.particles = 4 if args.particles is None else args.particles
+    from flowalign.config import MAX_SEEDS
+
+    per_prompt = args.seeds * (args.particles if args.method in ("best_of_n", "fk") else 1)
+    if per_prompt > MAX_SEEDS:  # each particle is an image with its own initial noise (image_seed(seed, i, s·k + j))
+        raise UserError(f"--seeds {args.seeds} x -k {args.particles} = {per_prompt} particles per prompt is above the "
+                        f"limit of {MAX_SEEDS}; pass fewer --seeds or particles")
     if args.batch_size is None:
         args.batch_size = max(DEFAULT_BATCH_ROWS, args.particles) if args.method in ("best_of_n", "fk") \
             else DEFAULT_BATCH_ROWS

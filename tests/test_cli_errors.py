@@ -833,6 +833,37 @@ def test_a_step_count_above_the_limit_is_refused_before_the_model_loads(tmp_path
     assert _listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "a red circle", "--out", "g.png", "--seeds", "100000000"], "--seeds 100000000 is above the limit"),
+    (["eval", "--out", "ev", "--seeds", "100000000"], "--seeds 100000000 is above the limit"),
+    (["steer", "a red circle", "--out", "st", "--seeds", "100000000"], "--seeds 100000000 is above the limit"),
+    (["steer", "a red circle", "--out", "st", "--method", "fk", "--seeds", "101", "-k", "100"],
+     "--seeds 101 x -k 100 = 10100 particles per prompt"),
+])
+def test_an_image_count_above_the_limit_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model,
+                                                                          argv, needle):
+    """`eval --seeds 100000000` was accepted and then built a job list of 2.4e10 (prompt, seed) pairs before the
+    first image (killed for memory, or silent for minutes); images per prompt now stop at config.MAX_SEEDS, below
+    which every image keeps its own noise seed (evaluate.image_seed)."""
+    from flowalign.config import MAX_SEEDS
+
+    monkeypatch.chdir(tmp_path)
+    _fails(capsys, argv, needle, f"limit of {MAX_SEEDS}")
+    assert _listing(tmp_path) == []
+
+
+def test_the_image_limit_admits_its_own_value():
+    """MAX_SEEDS itself is allowed (the check is `>`), for --seeds and for eval.seeds_per_prompt."""
+    from flowalign.config import MAX_SEEDS, check_max_seeds, load_config
+    from flowalign.sample import check_positive
+
+    check_max_seeds(MAX_SEEDS)
+    check_positive(seeds=MAX_SEEDS)
+    assert load_config(None, [f"eval.seeds_per_prompt={MAX_SEEDS}"]).eval.seeds_per_prompt == MAX_SEEDS
+    with pytest.raises(UserError, match="eval.seeds_per_prompt=10001 is above the limit of 10000"):
+        load_config(None, [f"eval.seeds_per_prompt={MAX_SEEDS + 1}"])
+
+
 @pytest.mark.parametrize("override, needle", [
     ("sampler.steps=1000000000", "sampler.steps=1000000000 is above the limit"),
     ("eval.steps=1000000000", "eval.steps=1000000000 must be between 1 and"),

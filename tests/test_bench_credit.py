@@ -181,3 +181,147 @@ def test_bench_credit_runs_the_other_models_when_sd3_is_skipped(tmp_path, monkey
     result = json.loads(out.read_text())
     assert result["notes"]["sd3"] == "skipped" and [r["method"] for r in result["runs"]] == ["flow_grpo"]
     assert "flow_grpo" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- ranking and per-group figures
+
+
+def test_spearman_averages_ties_is_rank_invariant_and_undefined_for_a_constant_side():
+    """Spearman ρ = Pearson of average ranks (as scipy.stats.spearmanr): ties on both sides, invariance to any
+    strictly monotone map, and NaN (not 0, which would enter the mean as "no agreement") for a constant side."""
+    from flowalign.bench_credit import spearman
+
+    # ranks [0, 1.5, 1.5, 3] and [0.5, 0.5, 2.5, 2.5]: centred dot 3, norms √4.5·2 → 1/√2
+    assert spearman(torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 2.0, 2.0])) == pytest.approx(
+        2 ** -0.5, abs=1e-9)
+    x = torch.tensor([0.3, -1.0, 2.5, 0.7, 1.1])  # [5]
+    assert spearman(x, x.exp()) == pytest.approx(1.0, abs=1e-12)
+    assert spearman(x, -(x ** 3)) == pytest.approx(-1.0, abs=1e-12)
+    assert math.isnan(spearman(x, torch.full((5,), 0.25)))
+    assert math.isnan(spearman(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])))
+
+
+def test_agreement_ranks_members_within_each_group_and_skips_undefined_pairs():
+    """``_agreement``: Spearman across the members of one group at one state, for states 0 … T−2 only (state T−1's
+    last step is ODE for every mode), pairs with a constant side skipped (not counted as 0), min and count over the
+    counted pairs, by-state means over groups."""
+    from flowalign.bench_credit import _agreement
+
+    nan = float("nan")
+    steps = 4  # T: states 0 … 2 ranked
+    cond_index = torch.tensor([0, 0, 0, 1, 1, 1])  # [B] two groups of three
+    ref = torch.tensor([[0.0, 0.0, 0.0, 0.0, nan],  # [B, T+1]
+                        [1.0, 1.0, 1.0, 1.0, nan],
+                        [2.0, 2.0, 2.0, 2.0, nan],
+                        [100.0, 5.0, 7.0, 1.0, nan],
+                        [200.0, 5.0, 8.0, 2.0, nan],
+                        [300.0, 5.0, 9.0, 3.0, nan]])
+    vals = torch.tensor([[10.0, 10.0, 10.0, 3.0, nan],  # [B, T+1]
+                         [20.0, 20.0, 20.0, 2.0, nan],
+                         [30.0, 30.0, 30.0, 1.0, nan],
+                         [3.0, 1.0, 1.0, 3.0, nan],  # group 1, state 0: reversed; state 1: ref constant
+                         [2.0, 2.0, 2.0, 2.0, nan],
+                         [1.0, 3.0, 3.0, 1.0, nan]])
+    d = _agreement({"r": vals}, {"r": ref}, cond_index, 2, steps)
+    # counted: group 0 at states 0, 1, 2 (ρ = 1), group 1 at state 0 (ρ = −1) and 2 (ρ = 1); state 3 never
+    assert d == {"spearman_mean": 0.6, "spearman_min": -1.0, "pairs": 5, "by_state": [0.0, 1.0, 1.0]}
+    # a group whose every pair is undefined leaves its states out of the by-state means, not as NaN or 0
+    flat = _agreement({"r": vals[:3]}, {"r": torch.ones(3, steps + 1)}, cond_index[:3], 1, steps)  # [3, T+1]
+    assert flat["pairs"] == 0 and math.isnan(flat["spearman_mean"]) and all(math.isnan(v) for v in flat["by_state"])
+
+
+def test_shapes_and_motion_prompts_are_exactly_n_round_robin_over_the_tasks():
+    """``_round_robin``: n prompts, the grammar's tasks taken in turn (n = 7 over 6 tasks needs 2 per task; a
+    floor there returned 6)."""
+    from flowalign.bench_credit import _motion_prompts, _shapes_prompts
+    from flowalign.shapes import grammar, motion
+
+    for mod, fn in ((grammar, _shapes_prompts), (motion, _motion_prompts)):
+        k = len(mod.TASKS)
+        for n in range(1, 2 * k + 2):
+            rows = mod.generate_prompts(-(-n // k), seed=3)  # ⌈n/k⌉ prompts per task
+            by_task = [[r["prompt"] for r in rows if r["task"] == t] for t in mod.TASKS]
+            assert fn(n, seed=3) == [by_task[i % k][i // k] for i in range(n)]  # prompt i: task i mod k
+
+
+class _HalfConstant:
+    """A reward constant for ``prompt`` (zero within-group spread: no GRPO gradient) and image-dependent otherwise."""
+
+    name, differentiable = "half_constant", False
+
+    def __init__(self, prompt: str):
+        self.prompt = prompt
+
+    def __call__(self, images, prompts, metadata=None):
+        varying = images.float().mean((1, 2, 3))  # [B]
+        return torch.where(torch.tensor([p == self.prompt for p in prompts]), torch.full_like(varying, 0.5), varying)
+
+
+def test_run_method_reports_per_group_costs_and_skips_zero_spread_groups_in_training(monkeypatch):
+    """``run_method`` figures are per prompt group (two groups: half the totals); ``nfe_total`` adds sampling,
+    probing and guidance; the training forwards count only states of rollouts with a nonzero advantage (the
+    trainer's filter_zero_std), so a group with a constant reward costs none; the rollouts' step noise is a stream
+    of its own, not the initial noise's generator replayed."""
+    import flowalign.samplers.plans as plans
+    from flowalign.bench_credit import _Setup, _shapes_prompts, run_method
+    from flowalign.models import load_model
+
+    model = load_model("shapes", "")
+    prompts = _shapes_prompts(2, seed=3)
+    setup = _Setup("shapes", model, {"r": _HalfConstant(prompts[0])}, prompts, "test")
+    seen = {}
+    real_chain = plans.PLANS["chain"]
+
+    def chain(velocity, noise, sigmas, cond, *, generator, **kw):
+        seen.update(noise=noise.clone(), state=generator.get_state().clone())
+        return real_chain(velocity, noise, sigmas, cond, generator=generator, **kw)
+
+    monkeypatch.setitem(plans.PLANS, "chain", chain)
+    steps, g = 3, 2  # T = 3: steps 0, 1 trained (η = 0 on the last)
+    r = run_method(setup, "flow_grpo", steps=steps, group_size=g, children=2, seed=5, max_batch=None)
+    assert r["rollouts_per_group"] == g and r["nfe_sampling"] == g * steps and r["reward_calls"] == g
+    assert r["x_flow_grpo"] == 1.0 and r["nfe_total"] == g * steps
+    # only group 1 has spread: 2 rollouts × 2 trained steps, 4 distinct states, per group (÷ 2)
+    assert r["trained_transitions"] == 2.0 and r["nfe_training"] == 2.0
+    # initial noise from --seed; the SDE's generator is another stream (the same one would replay x_1 as ξ_0)
+    b = len(prompts) * g
+    assert torch.equal(seen["noise"], model.init_noise(b, torch.Generator().manual_seed(5)))  # [B, 3, H, W]
+    assert not torch.equal(seen["state"], torch.Generator().manual_seed(5).get_state())
+    gd = run_method(setup, "euphonium_guided", steps=steps, group_size=g, children=2, seed=5, max_batch=None)
+    assert gd["nfe_guidance"] > 0
+    assert gd["nfe_total"] == gd["nfe_sampling"] + gd["nfe_probing"] + gd["nfe_guidance"]
+    assert gd["x_flow_grpo"] == round(gd["nfe_total"] / (g * steps), 3)
+
+
+def test_rank_agreement_averages_the_sde_reference_and_splits_it_into_disjoint_halves(monkeypatch):
+    """``sde:K``: the reference is the mean of all K completions, its split-half agreement compares completions
+    0 … K/2−1 with K/2 … K−1, and each state's values come from that state's own call (merged, not overwritten by
+    the other states' NaN). Fake reference values make every figure exact."""
+    import flowalign.values as V
+    from flowalign.bench_credit import _Setup, _shapes_prompts, rank_agreement
+    from flowalign.models import load_model
+
+    steps, g = 3, 3
+    member = (torch.arange(2 * g) % g).float()  # [B] index within the group
+    nan = float("nan")
+
+    def fine(velocity, traj, mask, score, factor, max_batch=None):
+        return {"r": torch.where(mask, member[:, None].expand(-1, steps + 1), nan)}  # [B, T+1] rises with member
+
+    # completions k: −m, 3m | −3m, 2m → first half +m, second half −m/2, all four +m/4, the first alone −m
+    coef = torch.tensor([-1.0, 3.0, -3.0, 2.0])
+
+    def sde(velocity, traj, mask, score, *, k, kernel, max_batch=None, seed=0):
+        v = coef[:, None, None] * member[None, :, None].expand(k, -1, steps + 1)  # [K, B, T+1]
+        return {"r": torch.where(mask[None], v, nan)}
+
+    monkeypatch.setattr(V, "refined_ode_values", fine)
+    monkeypatch.setattr(V, "sde_mc_values", sde)
+    rew = lambda images, prompts: images.float().mean((1, 2, 3))  # noqa: E731
+    setup = _Setup("shapes", load_model("shapes", ""), {"r": rew}, _shapes_prompts(2, seed=11), "test")
+    rk = rank_agreement(setup, steps=steps, group_size=g, seed=0, modes=("x0",), max_batch=None,
+                        references=[("fine", 2), ("sde", 4)])
+    sde_table = rk["references"]["sde:4"]
+    halves = sde_table["split-half (2 vs 2)"]
+    assert halves == {"spearman_mean": -1.0, "spearman_min": -1.0, "pairs": 4, "by_state": [-1.0, -1.0]}
+    assert sde_table["fine:2"] == {"spearman_mean": 1.0, "spearman_min": 1.0, "pairs": 4, "by_state": [1.0, 1.0]}

@@ -64,3 +64,45 @@ def test_sample_gap_refuses_a_lora_of_another_model_in_one_line(capsys, tmp_path
     _fails(capsys, ["bench", "sample-gap", "--prompts", "1", "--steps", "1", "--levels", "0.5", "--threads", "1",
                     "--lora", str(lora), "--json", str(out)], f"--lora {str(lora)!r} does not fit this model")
     assert not out.exists()
+
+
+def test_denoise_error_noises_x0_along_the_straight_path():
+    """x_t = (1 − t)·x₀ + t·ε at σ = t (the rectified-flow path of the module doc), shared ε for every level: a
+    velocity that ignores x_t and returns the true ε − x₀ has zero error only on that path."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(3, 3, 4, 4, generator=g) * 2 - 1  # [B, 3, H, W]
+    eps = torch.randn(3, 3, 4, 4, generator=g)
+    seen = []
+
+    def const(x, s, c):
+        seen.append((x.clone(), s.clone()))
+        return eps - x0
+
+    levels = [0.1, 0.6]
+    assert denoise_error(const, x0, None, levels, eps) == pytest.approx([0.0, 0.0], abs=1e-12)
+    for (x, s), t in zip(seen, levels):
+        assert torch.allclose(x, (1 - t) * x0 + t * eps) and torch.equal(s, torch.full((3,), t))
+
+
+def test_sample_gap_scores_every_source_in_the_data_range_on_one_shared_noise(monkeypatch, tmp_path):
+    """Every source is denoised from x₀ = 2·image − 1 (the model's data range [−1, 1], not the [0, 1] pixels) with
+    the same ε, so the sources differ only in their images; the pixel figures are of the [0, 1] images."""
+    import flowalign.bench_gap as BG
+
+    seen, real = [], BG.denoise_error
+
+    def spy(velocity, x0, cond, levels, eps):
+        seen.append((x0.clone(), eps.clone()))
+        return real(velocity, x0, cond, levels, eps)
+
+    monkeypatch.setattr(BG, "denoise_error", spy)
+    out = tmp_path / "gap.json"
+    BG.bench_sample_gap(["--prompts", "2", "--steps", "1", "--levels", "0.5", "--threads", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert [s["source"] for s in res["sources"]] == ["renders", "ode 1 steps"] and len(seen) == 2
+    assert torch.equal(seen[0][1], seen[1][1])  # one ε for every source
+    for (x0, _), row in zip(seen, res["sources"]):
+        img = (x0 + 1) / 2  # [n, 3, H, W] back in [0, 1]
+        assert float(x0.min()) >= -1 and float(x0.max()) <= 1
+        assert row["pixel_mean"] == round(float(img.mean()), 4) and row["pixel_std"] == round(float(img.std()), 4)
+    assert float(seen[0][0].min()) < -0.5  # the renders' dark background sits near −1

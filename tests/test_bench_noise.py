@@ -60,3 +60,41 @@ def test_bench_noise_variance_from_the_command_line(tmp_path):
     assert not (tmp_path / "bad.json").exists()
     badk = run("--kernel", "euler")  # no step noise: every member would be the same ODE sample
     assert badk.returncode == 2 and "invalid choice: 'euler'" in badk.stderr
+
+
+def test_variance_split_needs_two_members_per_initial_noise():
+    """With M = 1 the within-x_1 variance is 0 by construction (nothing to split), not a measurement."""
+    with pytest.raises(ValueError, match="M >= 2"):
+        variance_split(torch.rand(3, 4, 1))  # [P, K, 1]
+
+
+def test_bench_noise_variance_shares_x1_in_a_cell_and_reseeds_the_step_noise_per_window(monkeypatch, tmp_path):
+    """The rollouts the split is computed on: the M members of a (prompt, x_1) cell share their initial noise and
+    form one group, the SDE noise is on exactly the window's steps LO … HI−1, and every window's step noise starts
+    from the same generator state (the module doc: windows differ only in where the noise goes), a stream other
+    than the initial noise's."""
+    import flowalign.samplers.loop as L
+    from flowalign.bench_noise import bench_noise_variance
+
+    calls, real = [], L.sample
+
+    def spy(velocity, noise, sigmas, cond, *, eta, generator, **kw):
+        calls.append({"noise": noise.clone(), "eta": eta.clone(), "state": generator.get_state().clone(),
+                      "group": kw["group"].clone()})
+        return real(velocity, noise, sigmas, cond, eta=eta, generator=generator, **kw)
+
+    monkeypatch.setattr(L, "sample", spy)
+    out = tmp_path / "nv.json"
+    p, k, m = 2, 2, 3
+    bench_noise_variance(["--prompts", str(p), "--inits", str(k), "--members", str(m), "--steps", "4", "--windows",
+                          "0,3;1,2", "--threads", "1", "--seed", "4", "--json", str(out)])
+    assert len(calls) == 2
+    for c, (lo, hi) in zip(calls, [(0, 3), (1, 2)]):
+        cells = c["noise"].flatten(1).view(p * k, m, -1)  # [P·K, M, D]
+        assert torch.equal(cells, cells[:, :1].expand_as(cells))  # members share x_1
+        assert all(not torch.equal(cells[i, 0], cells[j, 0]) for i in range(p * k) for j in range(i))
+        assert torch.equal(c["group"], torch.arange(p * k).repeat_interleave(m))  # [B] one group per cell
+        assert (c["eta"] > 0).nonzero().flatten().tolist() == list(range(lo, hi))  # [T]
+    assert torch.equal(calls[0]["state"], calls[1]["state"])
+    assert not torch.equal(calls[0]["state"], torch.Generator().manual_seed(4).get_state())
+    assert [len(w["step_std"]) for w in json.loads(out.read_text())["windows"]] == [3, 1]

@@ -178,3 +178,71 @@ def test_grad_snr_reports_no_gradient_and_the_true_half_size(monkeypatch, capsys
 ])
 def test_grad_snr_refuses_runs_without_a_gradient_to_compare(capsys, no_model, extra, needle):
     _fails(capsys, ["bench", "grad-snr", *extra], needle)
+
+
+# ------------------------------------------------------------------------------- the cosine's terms and its reading
+
+
+def test_split_half_cosine_weights_each_step_by_its_own_advantage_column():
+    """ĝ_half = Σ_i w_i Σ_h A[i, steps[h]]·G[h, i]: the advantage of the step ``steps[h]`` (not of position h), and
+    ``select`` keeps only the listed positions; checked against the sum written out."""
+    gen = torch.Generator().manual_seed(3)
+    w = group_halves(4, 2, splits=3, seed=0)  # [3, 2, 8]
+    grads = torch.randn(2, 8, 6, generator=gen)  # [S, B, D] for steps [0, 2]
+    adv = torch.randn(8, 4, generator=gen)  # [B, T]
+    steps = [0, 2]
+
+    def expected(sel):
+        out = []
+        for s in range(3):
+            g = [sum(w[s, k, i] * adv[i, steps[h]] * grads[h, i] for i in range(8) for h in sel) for k in range(2)]
+            out.append(torch.dot(g[0], g[1]) / (g[0].norm() * g[1].norm()))
+        return torch.stack(out)  # [splits]
+
+    assert torch.allclose(split_half_cosine(grads, adv, steps, w), expected([0, 1]), atol=1e-5)
+    assert torch.allclose(split_half_cosine(grads, adv, steps, w, select=[1]), expected([1]), atol=1e-5)
+
+
+def test_group_halves_draw_a_new_random_split_each_time_reproducibly():
+    """The spread over splits needs different splits; the same seed gives the same ones."""
+    w = group_halves(6, 2, splits=8, seed=0)  # [8, 2, 12]
+    assert len({tuple((w[s, 0] > 0).tolist()) for s in range(8)}) > 1
+    assert torch.equal(w, group_halves(6, 2, splits=8, seed=0))
+    assert not torch.equal(w, group_halves(6, 2, splits=8, seed=1))
+
+
+def test_grad_snr_reads_the_finite_cosines_per_step_and_shares_noise_within_a_group(monkeypatch, tmp_path):
+    """The printed figures from the split cosines: mean and std over the finite splits, n(1 − c)/c rollouts at
+    c = 0.5 with n the rollouts per half, one cosine per trained step (position h selects step h), the first
+    ⌊f·T⌋ steps trained; with --init-noise group the members of a group share x_1 and groups do not."""
+    import flowalign.bench_snr as BS
+    import flowalign.samplers.loop as L
+
+    nan = float("nan")
+    selects, noises, real = [], [], L.sample
+
+    def fake_cosine(grads, adv, steps, weights, select=None):
+        selects.append(select)
+        if select is None:
+            return torch.tensor([0.2, nan, 0.6, 0.4])  # [splits]: finite mean 0.4, std 0.2
+        return torch.full((weights.shape[0],), 0.1 * (select[0] + 1))
+
+    def spy(velocity, noise, *a, **kw):
+        noises.append(noise.clone())
+        return real(velocity, noise, *a, **kw)
+
+    monkeypatch.setattr(BS, "split_half_cosine", fake_cosine)
+    monkeypatch.setattr(L, "sample", spy)
+    out = tmp_path / "snr.json"
+    BS.bench_grad_snr(["--prompts", "2", "--groups-per-prompt", "2", "--group-size", "2", "--steps", "4",
+                       "--train-fraction", "0.6", "--init-noise", "group", "--reward", "saturation", "--methods",
+                       "flow_grpo", "--splits", "4", "--threads", "1", "--lora-rank", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["steps"] == [0, 1] and res["per_half"] == 4  # ⌊0.6·4⌋ = 2 steps; 4 groups of 2, 2 per half
+    assert res["methods"]["flow_grpo"] == {"cos": 0.4, "split_std": 0.2, "rollouts_for_c_half": 6,
+                                           "per_step": [0.1, 0.2]}  # 4·(1 − 0.4)/0.4 = 6
+    assert selects == [None, [0], [1]]
+    (noise,) = noises
+    per_group = noise.flatten(1).view(4, 2, -1)  # [groups, G, D]
+    assert torch.equal(per_group, per_group[:, :1].expand_as(per_group))
+    assert all(not torch.equal(per_group[i, 0], per_group[j, 0]) for i in range(4) for j in range(i))

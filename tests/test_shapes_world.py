@@ -641,3 +641,192 @@ def test_shapes_strict_intact_reward_is_strict_times_intact():
     nan = images.clone()
     nan[0, 0, 0, 0] = float("nan")
     assert torch.isnan(build_reward("shapes_strict_intact")(nan, prompts)[0])
+
+
+# ------------------------------------------------------------------------- pinned decision rules and geometry
+
+
+def test_background_estimate_follows_a_tint_but_is_clamped_to_the_tolerance():
+    """The background is the per-channel median, kept within ``BG_TOLERANCE`` of the nominal gray (module docstring,
+    step 1): a mild tint passes through exactly, a non-scene canvas cannot redefine it beyond the clamp."""
+    from flowalign.shapes.verify import BG_TOLERANCE, estimate_background
+
+    gray = np.asarray(BACKGROUND, np.float32)  # [3]
+    tint = np.asarray([0.05, -0.1, 0.12], np.float32)  # [3], each within the tolerance
+    img = np.zeros((32, 32, 3), np.float32) + gray + tint  # [32, 32, 3]
+    img[4:10, 4:10] = np.asarray(COLORS["red"], np.float32)  # an object: not the median
+    np.testing.assert_allclose(estimate_background(img), gray + tint, atol=1e-6)
+    for fill in ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), COLORS["blue"]):
+        flat = np.zeros((32, 32, 3), np.float32) + np.asarray(fill, np.float32)  # [32, 32, 3]
+        want = gray + np.clip(np.asarray(fill, np.float32) - gray, -BG_TOLERANCE, BG_TOLERANCE)
+        np.testing.assert_allclose(estimate_background(flat), want, atol=1e-6)
+        assert np.abs(estimate_background(flat) - gray).max() <= BG_TOLERANCE + 1e-6
+
+
+def test_object_area_is_the_soft_coverage_clipped_to_one_per_pixel():
+    """Area = Σ α over the component's core pixels and its anti-aliased edge pixels (step 2), with α clipped to 1: a
+    rendered disc's area is πr² (edges included), and a darker-than-palette object (α = 1.1) is no bigger."""
+    from flowalign.shapes.verify import detect
+
+    for size in (32, 64):
+        (o,) = detect(draw([_obj("red", "circle", 16.3, 15.8)], size))
+        assert o["area"] == pytest.approx(np.pi * 16 * (size / 32) ** 2, rel=0.02)  # core pixels alone fall short
+    gray = np.asarray(BACKGROUND, np.float32)
+    img = np.zeros((32, 32, 3), np.float32) + gray  # [32, 32, 3]
+    img[10:17, 12:19] = gray + 1.1 * (np.asarray(COLORS["purple"], np.float32) - gray)  # 7 × 7 px, α = 1.1
+    (o,) = detect(img)
+    assert o["color"] == "purple" and o["area"] == pytest.approx(49.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_speck_and_canvas_share_thresholds_scale_with_the_canvas(size):
+    """MIN_AREA and MAX_AREA_FRACTION are fractions of the canvas: a near-speck (≈ 3.8 px at 32×32) is dropped and a
+    ≈ 9.6 px disc kept at every resolution; a large disc (37% of the canvas) is still an object at 64×64."""
+    from flowalign.shapes.verify import detect
+
+    assert detect(draw([_obj("red", "circle", 16, 16, size=2.2)], size)) == []
+    assert [o["shape"] for o in detect(draw([_obj("red", "circle", 16, 16, size=3.5)], size))] == ["circle"]
+    big = draw([_obj("green", "circle", 16, 16, size=22.0)], size)
+    assert [o["color"] for o in verify(big, "a green circle").objects] == ["green"]
+    assert verify(big, "a green circle").strict == 1.0
+
+
+def test_count_clause_is_clipped_at_zero_for_far_too_many_objects():
+    """count = clip(1 − |found − want| / want, 0, 1) (step 4): three circles for "a red circle" score 0, not −1, so
+    partial stays in [0, 1]."""
+    r = verify(_scene(("red", "circle", 6, 6), ("red", "circle", 26, 6), ("red", "circle", 16, 26)), "a red circle")
+    assert r.clauses == {"count[circle]": 0.0, "color[red circle]": 1.0}
+    assert r.partial == 0.5 and r.strict == 0.0
+
+
+def test_fill_ratio_is_area_over_widest_row_times_tallest_column():
+    """fill = A / (widest row × tallest column) (step 3): a full 3 × 12 bar has fill 1 lying or standing; a rendered
+    disc ≈ π/4, a square ≈ 1, a triangle ≈ 0.6."""
+    from flowalign.shapes.verify import detect
+
+    for sl in ((slice(14, 17), slice(10, 22)), (slice(10, 22), slice(14, 17))):
+        img = np.zeros((32, 32, 3), np.float32) + np.asarray(BACKGROUND, np.float32)  # [32, 32, 3]
+        img[sl] = np.asarray(COLORS["orange"], np.float32)
+        (o,) = detect(img)
+        assert o["fill"] == pytest.approx(1.0, abs=1e-4) and o["area"] == pytest.approx(36.0, abs=1e-3)
+    fills = {s: detect(draw([_obj("blue", s, 15.6, 16.2)]))[0]["fill"] for s in SHAPES}
+    assert fills["circle"] == pytest.approx(np.pi / 4, abs=0.02)
+    assert fills["square"] == pytest.approx(1.0, abs=0.02)
+    assert fills["triangle"] == pytest.approx(0.6, abs=0.03)
+
+
+def test_soft_existence_weight_is_resolution_invariant():
+    """soft_weights: e = σ((area − MIN_AREA·scale²)/(τ_area·scale²)), so an object's weight depends on its area in
+    32×32 pixels only: the same object at 64×64 (4× the pixels, scale² = 4) gets the same e."""
+    from flowalign.shapes.verify import MIN_AREA, soft_weights
+
+    for area in (MIN_AREA - 2.0, MIN_AREA - 0.5, MIN_AREA + 1.0):
+        base = {"area": area, "skew": 0.0, "kurt_diff": 0.0}
+        e1, p1 = soft_weights(base, 1.0)
+        e4, p4 = soft_weights({**base, "area": 4 * area}, 4.0)
+        assert e4 == pytest.approx(e1, rel=1e-12) and p4 == p1
+        assert 0.05 < e1 < 0.95  # inside the ramp, where a wrong width shows
+
+
+def test_verify_soft_sees_near_specks():
+    """verify_soft detects down to SOFT_MIN_AREA (2 px), below the hard MIN_AREA (6 px): a ≈ 5.5 px near-speck beside
+    one red circle adds its existence weight to "two red circles" (the hard verifier ignores it)."""
+    lone = draw([_obj("red", "circle", 8, 16)])
+    speck = draw([_obj("red", "circle", 8, 16), _obj("red", "circle", 24, 16, size=2.6)])
+    assert verify(speck, "two red circles").clauses == verify(lone, "two red circles").clauses
+    c_lone = verify_soft(lone, "two red circles")[1]["count[circle]"]
+    c_speck = verify_soft(speck, "two red circles")[1]["count[circle]"]
+    assert c_speck > c_lone + 0.1  # ≈ 0.66 vs ≈ 0.46: e ≈ σ((5.5 − 6)/1.5) ≈ 0.42
+
+
+def test_soft_relation_is_centred_on_geneval_margin():
+    """The soft relation is e_a p_a · e_b p_b · σ((margin − 0.5)/τ): at margin 0.5 (GenEval's hard threshold) it is
+    half the pair weight; with vanishing τ it is the hard rule on either side of 0.5."""
+    from flowalign.shapes.verify import _relation_margin, soft_score, soft_weights
+
+    def obj(x0, color):  # an 8 × 8 box at height 10; area far above MIN_AREA; a confident circle
+        return {"color": color, "shape": "circle", "area": 50.0, "skew": 0.0, "kurt_diff": 0.0,
+                "bbox": (x0, 10, x0 + 8, 18), "centroid": (x0 + 4, 14.0)}
+
+    spec = parse("a red circle to the left of a blue circle")
+    ref = obj(16.0, "blue")
+    # box centres |dx| apart horizontally; GenEval shrinks by 0.1·(8 + 8): margin = (|dx| − 1.6) / |dx|
+    for dx, want in ((3.4, 1.0), (3.0, 0.0)):  # margins ≈ 0.53 and ≈ 0.47
+        subj = obj(16.0 - dx, "red")
+        assert _relation_margin(subj, ref, "left of") == pytest.approx((dx - 1.6) / dx, abs=1e-9)
+        assert soft_score([subj, ref], spec, temps=SHARP)["relation"] == pytest.approx(want, abs=1e-9)
+    subj = obj(12.8, "red")  # |dx| = 3.2: margin exactly 0.5
+    assert _relation_margin(subj, ref, "left of") == pytest.approx(0.5, abs=1e-9)
+    e, p = soft_weights(subj)
+    w = e * p["circle"]  # the pair weight of either object
+    assert soft_score([subj, ref], spec)["relation"] == pytest.approx(0.5 * w * w, rel=1e-6)
+
+
+@pytest.mark.parametrize("prompt", [
+    "a red circle to the left and a blue square",  # 'to the left' without 'of'
+    "a red circle and a blue square and a green circle",  # a third phrase
+    "two red circles and a blue square",  # a counted phrase must stand alone
+    "a red circle above a blue square above",
+])
+def test_more_known_words_in_bad_structures_raise(prompt):
+    with pytest.raises(UserError) as e:
+        parse(prompt)
+    assert "outside the shapes grammar" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_generate_prompts_excludes_in_every_task():
+    """``exclude`` removes prompts from every task's pool (the bench/train disjointness relies on it)."""
+    keep = {t: [to_prompt(s) for s in enumerate_specs(t)][:3] for t in TASKS}  # three prompts left per task
+    excl = {to_prompt(s) for t in TASKS for s in enumerate_specs(t)} - {p for ps in keep.values() for p in ps}
+    got = generate_prompts(3, seed=8, exclude=excl)
+    for task in TASKS:
+        assert sorted(r["prompt"] for r in got if r["task"] == task) == sorted(keep[task]), task
+
+
+def test_rendered_shape_areas_follow_the_geometry():
+    """Renderer geometry (render.py docstring): a circle of diameter s (πs²/4), a square of side 0.85·s (area close to
+    the circle's), an upright triangle with base and height s (s²/2) — coverage sums, at 32×32 and 64×64."""
+    for size in (32, 64):
+        k2 = (size / 32) ** 2
+        for s, (x, y) in ((8.0, (16.0, 16.0)), (7.3, (11.4, 18.6)), (9.0, (20.2, 13.7))):
+            area = {}
+            for shape in SHAPES:
+                img = draw([_obj("red", shape, x, y, size=s)], size)  # [size, size, 3]
+                cov = (0.8 - img[..., 1]) / (0.8 - COLORS["red"][1])  # [size, size] coverage from the green channel
+                area[shape] = float(cov.sum()) / k2
+            assert area["circle"] == pytest.approx(np.pi * s * s / 4, rel=0.02)
+            assert area["square"] == pytest.approx((0.85 * s) ** 2, rel=0.08)
+            assert area["square"] == pytest.approx(area["circle"], rel=0.12)
+            assert area["triangle"] == pytest.approx(s * s / 2, rel=0.04)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_draw_is_mirror_equivariant(shape):
+    """Anti-aliasing samples the k×k sub-pixel centres and touches every pixel the shape reaches: an object drawn at
+    x is the left-right mirror of the one drawn at 32 − x (circles and squares also top-bottom)."""
+    for x, y in ((16.0, 16.0), (13.3, 17.6), (9.45, 20.15)):
+        for size in (32, 64):
+            a = draw([_obj("green", shape, x, y, size=8.3)], size)  # [size, size, 3]
+            np.testing.assert_allclose(draw([_obj("green", shape, 32 - x, y, size=8.3)], size), a[:, ::-1], atol=1e-6)
+            if shape != "triangle":
+                np.testing.assert_allclose(draw([_obj("green", shape, x, 32 - y, size=8.3)], size), a[::-1], atol=1e-6)
+
+
+def test_layout_sizes_are_jittered_within_the_size_range():
+    """Object sizes are drawn per object from SIZE_RANGE (7–9 base px): within it, and spread over it."""
+    from flowalign.shapes.render import SIZE_RANGE
+
+    rng = np.random.default_rng(3)
+    sizes = [p["size"] for _ in range(100) for p in layout(parse("a red circle and a blue square"), rng)]
+    assert SIZE_RANGE[0] <= min(sizes) and max(sizes) <= SIZE_RANGE[1]
+    assert min(sizes) < SIZE_RANGE[0] + 0.3 and max(sizes) > SIZE_RANGE[1] - 0.3 and np.std(sizes) > 0.4
+
+
+def test_render_batch_seeds_each_image_with_the_pair_seed_index():
+    """render_batch: image i uses ``default_rng((seed, i))``, so batches of neighbouring seeds share no image (a
+    ``seed + i`` derivation would make image 1 of seed 0 equal image 0 of seed 1)."""
+    spec = parse("two yellow triangles")
+    b0, b1 = render_batch([spec] * 3, 32, seed=0), render_batch([spec] * 3, 32, seed=1)  # [3, 32, 32, 3] each
+    for i in range(3):
+        assert np.array_equal(b0[i], render(spec, 32, np.random.default_rng((0, i))))
+    assert not any(np.array_equal(b0[i], b1[j]) for i in range(3) for j in range(3))

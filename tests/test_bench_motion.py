@@ -79,8 +79,74 @@ def test_the_command_on_the_shipped_video_model(tmp_path, capsys):
     (["--color", "pink"], "pink"),
     (["--clips", "0"], "--clips"),
     (["--threads", "0"], "--threads"),
+    (["--mean-clips", "0"], "--mean-clips"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(1 << 32)], "--seed"),
 ])
 def test_motion_prior_refuses_bad_input_before_loading(capsys, no_model, tmp_path, extra, needle):
     out = tmp_path / "m.json"
     _fails(capsys, ["bench", "motion-prior", "--json", str(out), *extra], needle)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mutation audit: the travel formula, the noising and the batch mean pinned exactly
+
+
+def test_travel_follows_the_documented_weighting_exactly():
+    """motion_travel's docstring formula on arbitrary frames: per frame w = relu(s − q₇₅(s)), s = −‖pixel − color‖₂
+    (Euclidean over RGB), q₇₅ the frame's 75th percentile (linear interpolation); centroid = Σw·(x, y)/Σw; travel =
+    (centroid_last − centroid_first)·direction."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    frames = torch.rand(2, 4, 3, 6, 7, generator=g, dtype=torch.float64)  # [B, F, 3, H, W]
+    direction = (0.6, 0.8)
+    want = []
+    for b in range(2):
+        cent = []
+        for f in (0, 3):
+            px = frames[b, f].permute(1, 2, 0).numpy()  # [H, W, 3]
+            s = -np.sqrt(((px - np.asarray(RED)) ** 2).sum(-1))  # [H, W]
+            w = np.maximum(s - np.quantile(s, 0.75), 0.0)  # [H, W]
+            ys, xs = np.mgrid[0:6, 0:7]
+            cent.append(((w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()))
+        want.append((cent[1][0] - cent[0][0]) * 0.6 + (cent[1][1] - cent[0][1]) * 0.8)
+    torch.testing.assert_close(motion_travel(frames, RED, direction), torch.tensor(want, dtype=torch.float64))
+
+
+def test_travel_of_a_uniform_clip_is_zero_not_nan():
+    """A prediction with no colour contrast at all (a uniform x̂₀, as an untrained model may give at σ = 1) has no
+    weight anywhere: its travel is 0 (mass clamped), not the NaN that would poison the table and the --json."""
+    flat = torch.full((2, 8, 3, 16, 16), 0.5)  # [B, F, 3, H, W]
+    assert motion_travel(flat, RED, (1.0, 0.0)).tolist() == [0.0, 0.0]
+
+
+class _Recorder:
+    """The exact rectified-flow velocity v = ε − x0 (independent of the input), recording each call's x_σ and σ."""
+
+    def __init__(self, x0, eps):
+        self.x0, self.eps, self.calls = x0, eps, []
+
+    def velocity(self, x, sigma, cond):
+        self.calls.append((x.clone(), sigma.clone()))
+        return self.eps - self.x0
+
+    decode = staticmethod(_Oracle.decode)
+
+
+def test_xhat_probe_noises_to_x_sigma_and_averages_the_batch():
+    """xhat_travel feeds the model x_σ = (1 − σ)·x0 + σ·ε with σ per clip, and with the exact velocity v = ε − x0
+    (its docstring) returns the clips' own travel, averaged over the batch (here 8 px and 4 px → 6)."""
+    clip = torch.cat([_clip([4, 5, 6, 7, 9, 10, 11, 12], [10] * 8),
+                      _clip([4, 4, 5, 5, 6, 6, 7, 8], [10] * 8)])  # [2, F, 3, H, W]: 8 px and 4 px to the right
+    x0 = clip.permute(0, 2, 1, 3, 4) * 2 - 1  # [2, C, F, H, W]
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    levels = [1.0, 0.7, 0.3]
+    model = _Recorder(x0, eps)
+    out = xhat_travel(model, x0, None, levels, eps, RED, (1.0, 0.0))
+    assert out == pytest.approx([6.0] * 3, abs=1e-3)
+    assert len(model.calls) == 3
+    for (x, sigma), s in zip(model.calls, levels):
+        torch.testing.assert_close(x, (1 - s) * x0 + s * eps)
+        assert sigma.tolist() == pytest.approx([s, s])

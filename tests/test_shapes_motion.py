@@ -160,3 +160,128 @@ def test_shipped_motion_prompt_sets_are_what_the_generator_writes():
     two = {r["prompt"] for r in bench if r["task"] == "two_motion"}
     assert len(two) == 40 and not two & {r["prompt"] for r in train}
     assert "shapes-motion-bench.jsonl" in (PROMPTS_DIR / "PROVENANCE.md").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mutation audit: the renderer's geometry and the verifier's thresholds pinned exactly
+
+
+def _track(xs, ys=None, px=32, color="red", shape="circle", size=8.0):
+    """[F, px, px, 3]: one object per frame at base-px centre (xs[f], ys[f]); xs[f] = None leaves frame f empty.
+    (A circle's detected centroid is within 0.03 base px of its centre, so thresholds can be probed closely.)"""
+    from flowalign.shapes.render import draw
+
+    ys = [12.0] * len(xs) if ys is None else ys
+    return np.stack([draw([] if x is None else [{"color": color, "shape": shape, "size": size, "center": (x, y)}], px)
+                     for x, y in zip(xs, ys)])  # [F, px, px, 3]
+
+
+def test_rendered_paths_keep_speed_drift_border_and_gap():
+    """The renderer's contract (module doc): straight constant-velocity paths whose along-axis speed lies in
+    SPEED_RANGE and whose cross-axis drift is at most DRIFT_MAX of it (and present: not always 0), every frame's box
+    ≥ BORDER from the canvas edge, and two objects' boxes ≥ GAP apart (Chebyshev) in every frame."""
+    from flowalign.shapes.render import BASE, BORDER, GAP
+
+    rng = np.random.default_rng(0)
+    ratios = []
+    for s in M.enumerate_specs("motion") * 3 + M.enumerate_specs("two_motion")[::5]:
+        paths = M._paths(s, M.FRAMES, rng)
+        for o, p in zip(s.objects, paths):
+            c, half = p["centers"], p["size"] / 2  # [F, 2], scalar
+            vel = np.diff(c, axis=0)  # [F-1, 2] per-frame displacement
+            np.testing.assert_allclose(vel, np.broadcast_to(vel[0], vel.shape), atol=1e-9)  # constant velocity
+            ax = np.asarray(M.DIRECTIONS[o.direction])
+            along, cross = float(vel[0] @ ax), float(abs(vel[0] @ ax[::-1]))
+            assert M.SPEED_RANGE[0] <= along <= M.SPEED_RANGE[1], (s, along)
+            assert cross <= M.DRIFT_MAX * along + 1e-12, (s, cross / along)
+            ratios.append(cross / along)
+            assert (c - half >= BORDER - 1e-9).all() and (c + half <= BASE - BORDER + 1e-9).all(), s
+        if len(paths) == 2:
+            a, b = paths
+            gap = np.abs(a["centers"] - b["centers"]).max(-1) - (a["size"] + b["size"]) / 2  # [F]
+            assert (gap >= GAP - 1e-9).all(), (s, gap.min())
+    assert max(ratios) > 0.8 * M.DRIFT_MAX  # the drift is really drawn, up to its bound
+
+
+def test_batch_video_i_uses_the_generator_seeded_seed_i():
+    """render_motion_batch's documented seeding: video i is render_motion(spec_i, rng=default_rng((seed, i))), so
+    (seed, i) pairs never collide as seed + i would (seed 0 video 1 = seed 1 video 0)."""
+    specs = _sample_specs(3, seed=4)
+    vids = M.render_motion_batch(specs, seed=9)  # [3, F, H, W, 3]
+    for i, s in enumerate(specs):
+        assert np.array_equal(vids[i], M.render_motion(s, rng=np.random.default_rng((9, i))))
+    a, b = M.render_motion_batch([specs[0]] * 2, seed=0), M.render_motion_batch([specs[0]], seed=1)
+    assert not np.array_equal(a[1], b[0])
+
+
+def test_direction_clause_needs_half_the_frames_held_spanning_half_the_clip():
+    """Module doc: direction is judged over the frames that hold the object, which must be at least half of them
+    (exactly half is enough) with the first and last ≥ F/2 frames apart (exactly F/2 is enough)."""
+    s = M.parse("a red circle moving to the right")
+    x = [8.0 + 1.5 * f for f in range(8)]  # 1.5 base px per frame, well above MIN_TRAVEL over any 3 frames
+    cases = [
+        ([x[0], x[1], None, None, None, None, x[6], x[7]], 0.5, 1.0),  # 4 of 8 frames held (exactly half), 7 apart
+        ([x[0], x[1], x[2], x[3], x[4], None, None, None], 5 / 8, 1.0),  # held 0–4: first → last exactly F/2 = 4 apart
+        ([x[0], x[1], x[2], x[3], None, None, None, None], 0.5, 0.0),  # held 0–3: 3 < F/2 apart though 4.5 px travelled
+        ([x[0], None, None, None, None, None, None, x[7]], 0.25, 0.0),  # 2 of 8 held: fewer than half
+    ]
+    for xs, present, direction in cases:
+        r = M.verify_motion(_track(xs), s)
+        assert r.clauses["present[red circle]"] == pytest.approx(present), xs
+        assert r.clauses["direction[red circle]"] == direction, (xs, r.clauses)
+        assert r.clauses["steady[red circle]"] == direction, (xs, r.clauses)
+
+
+def test_direction_clause_thresholds_are_in_base_pixels_and_bound_the_cross_axis_both_ways():
+    """along ≥ MIN_TRAVEL base px (so a 64×64 clip's 2× pixel travel is halved before the check) and
+    |cross| ≤ CROSS_MAX·along whichever way the object drifts across the axis."""
+    right, up = M.parse("a red circle moving to the right"), M.parse("a red circle moving up")
+    for px in (32, 64):
+        slow = _track([8.0 + 2.5 * f / 7 for f in range(8)], px=px)  # 2.5 base px in all: < MIN_TRAVEL = 3
+        fast = _track([8.0 + 3.5 * f / 7 for f in range(8)], px=px)  # 3.5 base px: ≥ MIN_TRAVEL
+        assert M.verify_motion(slow, right).clauses["direction[red circle]"] == 0.0, px
+        assert M.verify_motion(fast, right).clauses["direction[red circle]"] == 1.0, px
+    for ratio, ok in ((0.4, 1.0), (-0.4, 1.0), (0.6, 0.0), (-0.6, 0.0)):  # cross / along, CROSS_MAX = 0.5
+        xs, ys = [8.0 + f for f in range(8)], [16.0 + ratio * f for f in range(8)]  # 7 px right, 7·ratio px across
+        assert M.verify_motion(_track(xs, ys), right).clauses["direction[red circle]"] == ok, ratio
+        vertical = _track(ys, [24.0 - f for f in range(8)])  # the same path turned: 7 px up, 7·ratio px across
+        assert M.verify_motion(vertical, up).clauses["direction[red circle]"] == ok, ratio
+
+
+def test_steady_clause_allows_backsteps_up_to_backstep_px_per_frame_across_gaps():
+    """steady fails only for a step back of more than BACKSTEP = 0.75 base px *per frame*: a pause or a 0.5 px step
+    back passes, a 1 px one fails, and a 1.5 px step back across a 3-frame gap of unheld frames is 0.5 px/frame."""
+    s = M.parse("a red circle moving to the right")
+    cases = [
+        ([8.0, 9.0, 10.0, 10.0, 11.0, 12.0, 13.0, 14.0], 1.0),  # a pause
+        ([8.0, 9.0, 10.0, 9.5, 11.0, 12.0, 13.0, 14.0], 1.0),  # 0.5 px back
+        ([8.0, 9.0, 10.0, 9.0, 11.0, 12.0, 13.0, 14.0], 0.0),  # 1.0 px back
+        ([8.0, 9.0, 10.0, None, None, 8.5, 13.0, 14.0], 1.0),  # 1.5 px back over 3 frames: 0.5 px/frame
+        ([8.0, 9.0, 10.0, None, None, 7.0, 13.0, 14.0], 0.0),  # 3 px back over 3 frames: 1 px/frame
+    ]
+    for xs, steady in cases:
+        r = M.verify_motion(_track(xs), s)
+        assert r.clauses["direction[red circle]"] == 1.0, xs
+        assert r.clauses["steady[red circle]"] == steady, (xs, r.clauses)
+
+
+def test_channel_first_videos_score_as_channel_last():
+    """verify_motion takes [F, H, W, 3] or [F, 3, H, W] (its docstring): the same record either way."""
+    specs = _sample_specs(4, seed=5)
+    for i, s in enumerate(specs):
+        v = M.render_motion(s, rng=np.random.default_rng(i))  # [F, H, W, 3]
+        bad = v[::-1] if i % 2 else v  # half of them reversed: direction fails, the same way in both layouts
+        a, b = M.verify_motion(bad, s), M.verify_motion(np.ascontiguousarray(bad.transpose(0, 3, 1, 2)), s)
+        assert (a.strict, a.partial, a.clauses, a.tracks) == (b.strict, b.partial, b.clauses, b.tracks)
+        assert a.strict == float(i % 2 == 0)
+
+
+def test_per_frame_wrapper_keeps_a_verifier_rewards_non_differentiability():
+    """PerFrame is differentiable iff the image reward it wraps is: the shapes verifier (numpy) is not, so a video
+    model trained with it per frame must not be given gradient-based credit (REWARDS_AND_EVAL.md §2.10)."""
+    from flowalign.rewards import build_reward
+    from flowalign.rewards.video import PerFrame, for_outputs
+
+    strict = build_reward("shapes_strict")
+    assert not strict.differentiable
+    assert PerFrame(strict).differentiable is False and for_outputs(strict, "video").differentiable is False

@@ -48,6 +48,12 @@ while prompts + k stay below about 46,000), and a typo such as ``--seeds 1000000
 loads instead of a job list that fills the memory."""
 
 
+MAX_ROLLOUTS = 100_000
+"""The most rollouts one training iteration takes (``train.groups_per_iter`` × ``train.group_size``): about 90 times
+Flow-GRPO's published recipe (48 groups × 24 = 1,152), and a typo such as ``train.group_size=100000000`` is one
+line before anything is written instead of a MemoryError traceback after the model loaded."""
+
+
 def check_max_seeds(value: int | None, flag: str = "--seeds") -> None:
     """A one-line ``UserError`` when ``value`` images per prompt (None = the default) is above ``MAX_SEEDS``."""
     if value is not None and value > MAX_SEEDS:
@@ -1030,6 +1036,9 @@ def validate(cfg: ExperimentConfig) -> None:
          f"train.seed={_short(t.seed)} must be in [-2**63, 2**63) (a 64-bit seed)")
     need(t.iterations >= 0, f"train.iterations={t.iterations} must be >= 0")
     need(t.groups_per_iter >= 1, f"train.groups_per_iter={t.groups_per_iter} must be >= 1")
+    need(t.groups_per_iter * t.group_size <= MAX_ROLLOUTS,
+         f"train.groups_per_iter={t.groups_per_iter} x train.group_size={t.group_size} = "
+         f"{t.groups_per_iter * t.group_size} rollouts per iteration is above the limit of {MAX_ROLLOUTS}; lower one of them")
     need(t.group_size >= 2 or (t.group_size == 1 and s.plan != "chain"),  # branch / tree: siblings of one seed compare
          f"train.group_size={t.group_size}: GRPO compares rollouts of the same prompt, so it needs >= 2 (e.g. train.group_size=8)"
          + ("" if s.plan == "chain" else f"; sampler.plan={s.plan} takes 1 (its samples of one seed are the group)"))

@@ -868,6 +868,7 @@ def test_the_image_limit_admits_its_own_value():
     ("sampler.steps=1000000000", "sampler.steps=1000000000 is above the limit"),
     ("eval.steps=1000000000", "eval.steps=1000000000 must be between 1 and"),
     ("output.resume=true", "output.resume=true and output.overwrite=true contradict each other"),
+    ("train.group_size=100000000", "= 800000000 rollouts per iteration is above the limit of 100000"),
 ])
 def test_train_refuses_a_huge_step_count_and_resume_with_overwrite(tmp_path, capsys, no_model, override, needle):
     """resume=true with overwrite=true resumed silently (overwrite ignored) and rewrote the earlier run's

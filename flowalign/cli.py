@@ -96,8 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as err:
         sys.stderr.write(f"flowalign {err.command or cmd}: error: {err}\n")
         return 2
-    except KeyboardInterrupt:
-        hint = f"; {INTERRUPT_HINTS[cmd]}" if cmd in INTERRUPT_HINTS else ""
+    except KeyboardInterrupt as err:  # a command may raise it again with a hint of its own (train: its checkpoint)
+        text = str(err) or INTERRUPT_HINTS.get(cmd, "")
+        hint = f"; {text}" if text else ""
         sys.stderr.write(f"\nflowalign {cmd}: interrupted{hint}\n")
         return 130
 

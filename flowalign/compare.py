@@ -28,6 +28,20 @@ def _short_value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def run_wall_s(records: Sequence[Any]) -> float:
+    """Wall time of a training run from its metrics records: the last ``time/elapsed_s``. The trainer logs it
+    cumulatively across resumed sessions; in runs of earlier versions it restarted at 0 in each session, and a value
+    below the previous one starts a new session, whose time is added to that of the sessions before."""
+    wall = done = 0.0  # done: the wall time of earlier sessions
+    for r in records:
+        elapsed = r.get("time/elapsed_s") if isinstance(r, dict) and isinstance(r.get("iteration"), int) else None
+        if isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool):
+            if elapsed < wall - done:  # a new session began
+                done = wall
+            wall = done + float(elapsed)
+    return wall
+
+
 def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, Any]:
     """Evaluation points of one run: ``{"label", "credit", "rollouts": [...], "nfe": [...], "value": [...], ...}``
     (``"rewards"``: every reward its evaluations hold; ``value`` is empty when ``reward`` is none of them).
@@ -93,9 +107,8 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
             raise UserError(f"{metrics}: record {i + 1} is a JSON {type(rec).__name__}, not an object")
     nfe_after: dict[int, float] = {0: 0.0}
     sampled: dict[int, int] = {}  # iteration -> final samples scored (plans like TempFlow branching add rows)
-    total, last_it, wall = 0.0, 0, 0.0
+    total, last_it = 0.0, 0
     final_logged = 0  # the last end-of-run eval line (eval/*, no per-iteration keys): where eval/final was taken
-    done = 0.0  # wall time of earlier sessions: ``time/elapsed_s`` restarts at 0 when a run is resumed
     for r in records:
         it = r.get("iteration")
         if not isinstance(it, int):
@@ -111,11 +124,7 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
               and not any(k.startswith(("train/", "rollouts/")) for k in r)):
             final_logged = it
         last_it = max(last_it, it)
-        elapsed = r.get("time/elapsed_s")
-        if isinstance(elapsed, (int, float)):
-            if elapsed < wall - done:  # a new session began
-                done = wall
-            wall = done + float(elapsed)
+    wall = run_wall_s(records)
     sums = find_summaries(run)
     if not sums or "eval" in sums:  # "eval": a lone `flowalign eval` summary.json, no eval/<label>/ of a run
         raise UserError(f"{run} has no evaluations (eval/*/summary.json); train with eval.before/eval.every/eval.after")

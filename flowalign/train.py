@@ -468,6 +468,25 @@ def _truncate_metrics(path: Path, iteration: int, rerun_end: bool = False) -> No
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
+def _elapsed_before(path: Path) -> float:
+    """The wall time a resumed run had spent up to its checkpoint (``metrics.jsonl`` already cut back to it), so that
+    ``time/elapsed_s`` goes on from there rather than restarting at 0; 0 without metrics."""
+    from flowalign.compare import run_wall_s
+    from flowalign.io import read_jsonl
+
+    return run_wall_s(read_jsonl(path)) if path.is_file() else 0.0
+
+
+def interrupt_hint(run: Path, checkpoint_every: int) -> str:
+    """What ``flowalign train`` tells a user who pressed Ctrl-C: where ``output.resume=true`` continues from, or that
+    there is no checkpoint yet, so a resume would start the run afresh."""
+    ckpt = _latest_checkpoint(run)
+    if ckpt is None:
+        every = f"train.checkpoint_every={checkpoint_every}" if checkpoint_every else "train.checkpoint_every=0: at the end only"
+        return f"no checkpoint yet ({every}), so output.resume=true would start afresh"
+    return f"continue from {ckpt} with output.resume=true"
+
+
 def _latest_checkpoint(run: Path) -> Optional[Path]:
     steps = sorted((int(p.name.split("-")[1]), p) for p in (run / "checkpoints").glob("step-*")
                    if p.name.split("-")[1].isdigit()) if (run / "checkpoints").is_dir() else []
@@ -598,7 +617,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     base_eta = _load_eta(cfg, sigmas, guidance=getattr(model, "guidance_scale", None))  # float, or a per-step [T] tensor (calibrated noise)
 
     # 4. resume -------------------------------------------------------------------------------------
-    start, saved_steps = 0, None
+    start, saved_steps, elapsed_before = 0, None, 0.0
     if ckpt_dir is not None:
         start, saved_steps = _load_checkpoint(ckpt_dir, model, opt, ema, sampler, nfe, loss_scale)
         if start > cfg.train.iterations:  # nothing written yet: refuse before the metrics are truncated
@@ -606,6 +625,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                             f"the run is already past it; set train.iterations >= {start}")
         logger.info("resumed from %s (iteration %d)", ckpt_dir, start)
         _truncate_metrics(run / "metrics.jsonl", start, rerun_end=start == cfg.train.iterations)
+        elapsed_before = _elapsed_before(run / "metrics.jsonl")
     if rank == 0:
         if run.exists() and cfg.output.overwrite and not cfg.output.resume:
             shutil.rmtree(run)
@@ -620,7 +640,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
     barrier()
     writer = _tensorboard(run, cfg, start) if rank == 0 else None
 
-    t_run = time.time()
+    t_run = time.time() - elapsed_before  # time/elapsed_s counts the earlier sessions' time up to the checkpoint too
 
     # 5. base eval ----------------------------------------------------------------------------------
     # a built-in evaluation set with a frozen protocol labels its numbers: benchmark or not (REWARDS_AND_EVAL §3.2)
@@ -807,7 +827,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
             _reduce_metrics(metrics, cfg.train.objective, reduce_mean, world)
         metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})
         metrics["time/iteration_s"] = time.time() - t_start
-        metrics["time/elapsed_s"] = time.time() - t_run  # wall time of this session, base eval included
+        metrics["time/elapsed_s"] = time.time() - t_run  # wall time of the run (its sessions up to here), base eval included
         # the last iteration's periodic eval is the final eval (phase 11), unless that is off (eval.after=false)
         if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and (it + 1 < cfg.train.iterations or not cfg.eval.after):
             summ = evaluate(f"step-{it + 1}", it + 1)
@@ -818,8 +838,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
                              if k.startswith("reward/") and k[len("reward/"):] in reward_vals})  # the rewards only
             if (cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0) or it + 1 == cfg.train.iterations:
-                _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints, n_opt[0],
-                                 loss_scale, world=world)
+                saved = _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints,
+                                         n_opt[0], loss_scale, world=world)
+                logger.info("checkpoint: %s", saved)
         barrier()
 
     if world > 1:  # DDP sanity: every rank must hold the same weights
@@ -1408,8 +1429,12 @@ def cli_main(argv: Sequence[str]) -> int:
     if not args.config:
         p.error("the following argument is required: config (an experiment YAML, e.g. configs/shapes_grpo.yaml)")
     cfg = C.load_config(args.config, args.overrides)
-    run = train(cfg)
-    logger.info("done: %s", run)
+    try:
+        run = train(cfg)
+    except KeyboardInterrupt:  # the hint the CLI prints says what a resume would continue from
+        raise KeyboardInterrupt(interrupt_hint(Path(cfg.output.run_dir), cfg.train.checkpoint_every)) from None
+    ckpt = _latest_checkpoint(run)
+    logger.info("done: %s (report.html%s)", run, f", LoRA: {ckpt}" if ckpt is not None else "")
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,6 +243,32 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch, cmd, module, tail)
     assert main([cmd, "whatever"]) == 130
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert lines == [f"flowalign {cmd}: interrupted{tail}"]
+
+
+@pytest.mark.parametrize("step", [None, 20])
+def test_ctrl_c_of_train_says_what_a_resume_would_continue_from(tmp_path, capsys, monkeypatch, step):
+    """"continue with output.resume=true" was printed also before the first checkpoint, where a resume starts the
+    run afresh (and removes its metrics); the line now names the checkpoint, or says there is none yet."""
+    import flowalign.train as T
+
+    run = tmp_path / "run"
+    if step is not None:
+        (run / "checkpoints" / "step-10").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step}").mkdir()
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train", interrupted)
+    config = Path(__file__).resolve().parents[1] / "configs" / "shapes_grpo.yaml"
+    assert main(["train", str(config), f"output.run_dir={run}"]) == 130
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and " INFO " not in ln]
+    if step is None:
+        assert lines == ["flowalign train: interrupted; no checkpoint yet (train.checkpoint_every=10), so "
+                         "output.resume=true would start afresh"]
+    else:
+        assert lines == [f"flowalign train: interrupted; continue from {run / 'checkpoints' / 'step-20'} with "
+                         "output.resume=true"]
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")

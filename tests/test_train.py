@@ -425,6 +425,41 @@ def test_tensorboard_drops_the_events_a_killed_run_logged_after_its_checkpoint(t
     assert [m["iteration"] for m in _lines(run)] == [1, 2, 3]
 
 
+def test_elapsed_time_goes_on_across_a_resume(tmp_path):
+    """time/elapsed_s restarted at 0 in a resumed session, so plots/time.png ran backwards; it now adds the time
+    the run had spent up to its checkpoint (the sessions' time as compare.run_wall_s sums it), and the run's wall
+    time read by `flowalign compare` is the last line's."""
+    from flowalign.compare import run_wall_s
+    from flowalign.train import train
+
+    args = ("train.iterations=2", "train.checkpoint_every=1")
+    run = train(_one_step_cfg(tmp_path / "run", *args))
+    shutil.rmtree(run / "checkpoints" / "step-2")  # as if killed after logging iteration 2, before its checkpoint
+    lines = _lines(run)
+    lines[0]["time/elapsed_s"] = 1000.0  # the first session had spent 1000 s up to the checkpoint
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    train(_one_step_cfg(tmp_path / "run", *args, "output.resume=true"))
+    lines = _lines(run)
+    assert [m["iteration"] for m in lines] == [1, 2]
+    assert lines[0]["time/elapsed_s"] == 1000.0
+    assert 1000.0 < lines[1]["time/elapsed_s"] < 1000.0 + 600  # goes on from the checkpoint's time
+    assert run_wall_s(lines) == lines[1]["time/elapsed_s"]
+
+
+def test_run_wall_s_sums_the_sessions_of_runs_that_restarted_their_clock():
+    """Runs of earlier versions restarted time/elapsed_s at 0 in each session: a drop starts a new session whose time
+    is added; a cumulative clock is read as is; lines without an integer iteration or a number are ignored."""
+    from flowalign.compare import run_wall_s
+
+    restarted = [{"iteration": 1, "time/elapsed_s": 50.0}, {"iteration": 2, "time/elapsed_s": 100.0},
+                 {"iteration": 3, "time/elapsed_s": 30.0}, {"iteration": 4, "time/elapsed_s": 60.0}]
+    assert run_wall_s(restarted) == 160.0
+    cumulative = [{"iteration": 1, "time/elapsed_s": 50.0}, {"iteration": 2, "time/elapsed_s": 100.0},
+                  {"iteration": 3, "time/elapsed_s": 130.0}]
+    assert run_wall_s(cumulative) == 130.0
+    assert run_wall_s([{"time/elapsed_s": 5.0}, {"iteration": 1, "time/elapsed_s": True}, {"iteration": 1}]) == 0.0
+
+
 def test_an_sde_window_trains_its_steps_whatever_train_fraction_says(tmp_path):
     """shapes_grpo.yaml has train_fraction 0.6: with sampler.steps=4 only steps 0, 1 passed the 'first' mask, so a
     window at step 2 trained nothing although the summary (and derived) promised window_size steps per rollout."""

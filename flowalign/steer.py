@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -1238,6 +1238,27 @@ def _reward_std(spec: str, weights: Mapping[str, float]) -> float:
     return value
 
 
+PLOT_SAME = ("prompts_sha256", "prompts", "seeds_per_prompt", "seed")  # what makes two steered outputs comparable
+
+
+def check_same_images(sums: Mapping[str, Mapping]) -> None:
+    """A one-line ``UserError`` unless every summary steered the same prompts with the same seeds (``PLOT_SAME``): a
+    plot's lines compare methods output for output, and runs on other prompts were drawn into one line unnoticed."""
+    from flowalign.errors import UserError
+
+    (first, ref), *rest = sums.items()
+    for d, s in rest:
+        diff = [f"{k} {_short(ref['settings'].get(k))} vs {_short(s['settings'].get(k))}" for k in PLOT_SAME
+                if ref["settings"].get(k) != s["settings"].get(k)]
+        if diff:
+            raise UserError(f"--plot {d!r} steered other images than {first!r} ({', '.join(diff)}); plot runs "
+                            f"made on the same prompts and seeds together")
+
+
+def _short(value: Any) -> str:
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) > 16 else str(value)
+
+
 def _plot_runs(dirs: Sequence[str], out: str, reward: str) -> int:
     """``flowalign steer --plot DIR… --out F.png``: earlier outputs' ``reward`` against forwards per image."""
     from pathlib import Path
@@ -1261,6 +1282,7 @@ def _plot_runs(dirs: Sequence[str], out: str, reward: str) -> int:
         if reward not in s["overall"]:
             raise UserError(f"--plot {d!r} has no {reward!r} (it has {', '.join(s['overall'])}); pass --plot-reward")
         sums[str(d)] = s
+    check_same_images(sums)
     for d, s in sums.items():
         logger.info("%-40s %s=%.3f  forwards/image=%.0f  (%s, k = %s)", d, reward, s["overall"][reward],
                     s["cost"]["forwards_per_image"], s["settings"].get("method"), s["cost"].get("particles"))

@@ -198,6 +198,29 @@ def test_plot_mode_draws_earlier_outputs_and_refuses_other_directories(tmp_path,
     assert not (tmp_path / "p.png").exists()
 
 
+def test_plot_mode_refuses_runs_steered_on_other_prompts_or_seeds(tmp_path, capsys):
+    """`steer --plot` of a run on other prompts drew it into the same method's line (a vertical segment at one
+    cost) with no warning; runs on other prompts or seeds are now refused in one line, and nothing is drawn."""
+    import json
+
+    from flowalign.errors import UserError
+    from flowalign.steer import check_same_images
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, prompt in ((a, "a red circle"), (b, "a blue square")):
+        assert main(["steer", prompt, "--steps", "2", "--method", "none", "--out", str(out)]) == 0
+    capsys.readouterr()
+    fails(capsys, ["steer", "--plot", str(a), str(b), "--out", str(tmp_path / "p.png")],
+          f"--plot {str(b)!r} steered other images than {str(a)!r} (prompts_sha256")
+    assert not (tmp_path / "p.png").exists()
+    same = json.loads((a / "summary.json").read_text())
+    check_same_images({"a": same, "a2": same})
+    for key, value in (("seed", 1), ("seeds_per_prompt", 2), ("prompts", 3)):
+        other = {**same, "settings": {**same["settings"], key: value}}
+        with pytest.raises(UserError, match=f"{key} "):
+            check_same_images({"a": same, "x": other})
+
+
 def test_guided_reward_sees_each_outputs_own_metadata(model):
     """Two records with the same prompt text and different metadata: the guidance must score each chain with its own
     record (it used to look the row up by prompt text, so both got the first record's)."""

@@ -1204,7 +1204,9 @@ def cli_main(argv: Sequence[str]) -> int:
     for task, vals in summ["per_task"].items() if names else ():  # no rewards: an external scorer's benchmark
         logger.info("%-14s %s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()))
     if names:
-        logger.info("overall        %s", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()))
+        mean_over = "tasks" if summ["settings"].get("overall") == "groups" else "images"
+        logger.info("overall        %s  (the mean over %s)", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()),
+                    mean_over)
     for name, per in summ.get("chunks", {}).items():  # the HPSv2 benchmark's statistic
         for style, c in per.items():
             logger.info("%-14s %s over %d chunks: %.4f ± %.4f", style, name, c["chunks"], c["mean"], c["std"])
@@ -1228,4 +1230,5 @@ def cli_main(argv: Sequence[str]) -> int:
     if "benchmark" in summ["settings"]:
         status = summ["settings"]["benchmark"]
         (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
+    logger.info("wrote %s: results.jsonl, summary.json, %sreport.html", out, "grids/eval.png, " if args.grid else "")
     return 0

@@ -351,5 +351,6 @@ def cli_main(argv: Sequence[str]) -> int:
     out = sample_grid(model, prompts, args.out, steps=steps, guidance=args.guidance, seed=args.seed,
                       seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta, batch_size=args.batch_size,
                       progress=True)
-    logger.info("wrote %s (%d prompts x %d seeds)", out, len(prompts), args.seeds)
+    logger.info("wrote %s (%d prompt%s x %d seed%s)", out, len(prompts), "" if len(prompts) == 1 else "s", args.seeds,
+                "" if args.seeds == 1 else "s")
     return 0

@@ -80,7 +80,8 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
         "images": len(prompts),
         "steps": steps,
         "guidance": model.guidance_scale,
-        "transformer_forwards_per_image": nfe,
+        "velocity_evaluations_per_image": steps,  # the NFE that train, steer and bench credit count (a CFG pair = 1)
+        "transformer_passes_per_image": nfe,  # conditional and unconditional passes counted apart
         "threads": torch.get_num_threads(),
         "params_M": round(sum(model.num_parameters().values()) / 1e6, 3),
         "import_torch_s": round(t_torch - t_start, 3),

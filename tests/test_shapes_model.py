@@ -274,3 +274,15 @@ def test_text_encoder_ignores_padding_tokens():
         torch.testing.assert_close(h_l[i, :n], h_s[i, :n], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p_l, p_s, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(p_s, pooled, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance, passes", [(4.0, 2), (1.0, 1)])
+def test_bench_shapes_sample_counts_velocity_evaluations_like_the_trainer(guidance, passes):
+    """`bench shapes-sample` printed `transformer_forwards_per_image: 24` at 12 steps, where train, steer and bench
+    credit count a guided step (its conditional and unconditional pass) as one forward: it now prints both, named."""
+    from flowalign.bench import bench_shapes_sample
+
+    figures = bench_shapes_sample(["--n", "1", "--steps", "2", "--repeats", "0", "--guidance", str(guidance)])
+    assert figures["velocity_evaluations_per_image"] == 2
+    assert figures["transformer_passes_per_image"] == 2 * passes
+    assert figures["image_shape"] == [1, 3, 32, 32]

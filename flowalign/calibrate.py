@@ -122,7 +122,8 @@ def cli_main(argv: Sequence[str]) -> int:
                                  "per-step eta file that sampler.eta_file reads.")
     ap.add_argument("--model", default="shapes", help="model family (flowalign.models.MODELS)")
     ap.add_argument("--path", default="", help="model directory or hub id ('' = the family default)")
-    ap.add_argument("--prompts", default="shapes-train", help="prompt set (built-in name or file)")
+    ap.add_argument("--prompts", "--prompt-file", dest="prompts", default="shapes-train",
+                    help="prompt set (built-in name or file; --prompt-file: the same)")
     ap.add_argument("--reward", action="append", default=None, metavar="NAME[=W]",
                     help="reward and weight (repeatable; default shapes_partial=1)")
     ap.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",

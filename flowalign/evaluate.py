@@ -1027,9 +1027,11 @@ def cli_main(argv: Sequence[str]) -> int:
                         "makes the run a non-benchmark evaluation, recorded as such (--rewards that only adds rewards "
                         "to the protocol's does not)")
     p.add_argument("--list-benchmarks", action="store_true", help="list the built-in benchmark protocols and exit")
-    p.add_argument("--prompts", default=None, help="built-in prompt set name, a .txt/.jsonl/.json file, or the HPSv2 "
+    p.add_argument("--prompts", "--prompt-file", dest="prompts", default=None,
+                   help="built-in prompt set name, a .txt/.jsonl/.json file, or the HPSv2 "
                    "benchmark's directory (HPDv2 benchmark/; default: the benchmark's, else shapes-bench for shapes "
-                   "and shapes-motion-bench for shapes_video; required for sd3, flux and wan)")
+                   "and shapes-motion-bench for shapes_video; required for sd3, flux and wan; --prompt-file: the "
+                   "same, as sample and steer name it)")
     p.add_argument("--max-prompts", type=int, default=None, help="an evenly spaced subset of N prompts (0 = all, "
                    "the default)")
     p.add_argument("--rewards", default=None, help="comma-separated reward names (default: the benchmark's, else "

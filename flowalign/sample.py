@@ -273,7 +273,8 @@ def cli_main(argv: Sequence[str]) -> int:
 
     p = CommandParser(prog="flowalign sample", description="Sample an image grid from a model.")
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
-    p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
+    p.add_argument("--prompt-file", "--prompts", dest="prompt_file",
+                   help="a built-in prompt set name or a .txt/.jsonl file (--prompts: the same, as eval names it)")
     p.add_argument("--max-prompts", type=int, default=None, help="an evenly spaced subset of N prompts: of "
                    "--prompt-file's (default 8) or of the prompts given as arguments (default all); 0 = all")
     p.add_argument("--model", default="shapes", help="model family (shapes, shapes_video, sd3, flux, wan)")

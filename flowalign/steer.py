@@ -808,7 +808,8 @@ def build_parser():
         "Steer a model toward a reward at inference (no training): best-of-N, Feynman-Kac particles or "
         "reward-gradient guidance; score the outputs with evaluation rewards."))
     p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
-    p.add_argument("--prompt-file", help="a built-in prompt set name or a .txt/.jsonl file")
+    p.add_argument("--prompt-file", "--prompts", dest="prompt_file",
+                   help="a built-in prompt set name or a .txt/.jsonl file (--prompts: the same, as eval names it)")
     p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts, of --prompt-file's "
                    "or of the arguments (0 = all)")
     p.add_argument("--method", default="best_of_n",

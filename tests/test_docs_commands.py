@@ -244,3 +244,16 @@ def test_tests_the_docs_cite_exist():
         if name and name not in defined[file]:
             missing.append(f"{where}: {file}::{name}")
     assert not missing, "the docs cite tests that do not exist:\n  " + "\n  ".join(missing)
+
+
+@pytest.mark.parametrize("cmd, dest", [(["sample"], "prompt_file"), (["steer"], "prompt_file"), (["eval"], "prompts"),
+                                       (["calibrate"], "prompts")])
+def test_a_prompt_set_is_named_alike_by_every_command(cmd, dest, monkeypatch):
+    """eval and calibrate took `--prompts`, sample and steer `--prompt-file` (where `--prompts` even suggested
+    `--max-prompts`); each now takes both for the same option."""
+    monkeypatch.chdir(ROOT)
+    got = []
+    for flag in ("--prompts", "--prompt-file"):
+        (prog, ns), _ = run_parse_only([*cmd, flag, "shapes-bench", "--out", "x"], monkeypatch)
+        got.append(getattr(ns, dest))
+    assert got == ["shapes-bench", "shapes-bench"]

@@ -766,8 +766,10 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
             failed = str(err) if isinstance(err, UserError) else f"cannot write {mine} ({first_line(err)})"
         _all_or_none(failed, world)  # a rank that cannot resume stops every rank, with its line
         if resume:
-            logger.info("resuming %s: %d of %d images already scored%s", out, len(journal.records()), n_jobs,
-                        f" (rank {rank})" if world > 1 else "")
+            again = (f"; {journal.redone} more finished ones are sampled again, in the batches that hold the grid's "
+                     f"images (for their pixels)") if journal.redone else ""
+            logger.info("resuming %s: %d of %d images already scored%s%s", out, len(journal.records()), n_jobs,
+                        f" (rank {rank})" if world > 1 else "", again)
     done = journal.done if journal is not None else {}
     n_batches = -(-n_jobs // batch_size)
     others = {b for b in range(n_batches) if b % world != rank}  # the other ranks' batches

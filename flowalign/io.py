@@ -261,8 +261,8 @@ class BatchJournal:
 
     ``resume=False`` starts a new journal (the file is replaced); ``resume=True`` reads the old one. Its settings must
     equal ``settings`` (JSON-compared), else a one-line ``UserError`` names the differences. ``done`` maps each
-    finished batch to (records, meta), leaving out the batches in ``redo``; the file is rewritten with just those, so
-    what it holds is always what is done. ``close()`` deletes it once the job's own outputs are written.
+    finished batch to (records, meta), leaving out the batches in ``redo`` (``redone`` counts their records); the file
+    is rewritten with just those, so what it holds is always what is done. ``close()`` deletes it once the job's own outputs are written.
 
     ``prompts`` (the job's prompt records, in order, as sampled: after any subset) adds their ``prompts_digest`` to the
     settings as ``prompts_sha256``, so a resume whose prompts differ (an edited prompt file, other metadata) is refused
@@ -277,6 +277,7 @@ class BatchJournal:
         if prompts is not None:
             self.settings[PROMPTS_KEY] = prompts_digest(prompts)
         self.done: dict[int, tuple[list[dict], dict]] = {}
+        self.redone = 0  # records of finished batches in ``redo``, to be produced again
         if resume:
             try:
                 rows = read_jsonl(self.path) if self.path.is_file() else []
@@ -298,6 +299,8 @@ class BatchJournal:
                     meta = {k: v for k, v in row.items() if k != "journal_batch"}
                     if isinstance(row["journal_batch"], int) and row["journal_batch"] not in redo:
                         self.done[row["journal_batch"]] = (pending, meta)
+                    elif isinstance(row["journal_batch"], int):
+                        self.redone += len(pending)
                     pending = []
                 else:
                     pending.append(row)

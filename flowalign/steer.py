@@ -1120,8 +1120,9 @@ def cli_main(argv: Sequence[str]) -> int:
     journal = BatchJournal(out / PARTIAL, {**{k: v for k, v in vars(args).items() if k not in ("out", "resume")},
                                            **resolved}, resume=args.resume, redo=redo, prompts=rows)
     if args.resume:
-        logger.info("resuming %s: %d of %d outputs already steered", out, len(journal.records()),
-                    len(rows) * args.seeds)
+        logger.info("resuming %s: %d of %d outputs already steered%s", out, len(journal.records()),
+                    len(rows) * args.seeds, f"; {journal.redone} more finished ones are steered again, in the batches "
+                    "that hold the grid's outputs (for their pixels)" if journal.redone else "")
     with torch.no_grad() if args.method != "guided" else contextlib.nullcontext():
         records_out, grid, cost = steer_prompts(
             model, rows, {n: (steer_fns[n], w) for n, w in weights.items()}, eval_fns, method=args.method,

@@ -22,8 +22,10 @@ def test_a_batch_is_done_only_with_its_end_line_and_redo_drops_batches(tmp_path)
     assert again.done == {0: ([{"x": 0}, {"x": 1}], {"forwards": 10}), 2: ([{"x": 4}], {"forwards": 5})}
     assert again.records() == [{"x": 0}, {"x": 1}, {"x": 4}]
     # the file now holds exactly what is done; redo leaves a batch out of it
+    assert again.redone == 0
     third = BatchJournal(path, {"steps": 2, "model": "shapes"}, resume=True, redo={0})
     assert sorted(third.done) == [2]
+    assert third.redone == 2  # batch 0's two records are produced again (the resume line says so)
     assert sorted(BatchJournal(path, {"steps": 2, "model": "shapes"}, resume=True).done) == [2]
     third.close()
     assert not path.exists()

@@ -84,7 +84,7 @@ def format_catalog(entries: Sequence[dict[str, Any]]) -> str:
                 given = f"default {c['default']}" if c["default"] else "required"
                 lines.append(f"    weights:  {c['arg']}= ({given}): {c['obtain']}")
         else:
-            lines.append("    weights:  none")
+            lines.append("    weights:  none needed (no checkpoint to download)")
         if "error" in e:
             lines.append(f"    (not importable here: {e['error']})")
     lines += ["", "Wrappers: Combined({name: weight}) (flowalign.rewards.multi), PerFrame(reward, stride, reduce) for video "

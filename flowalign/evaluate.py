@@ -891,7 +891,9 @@ def _write_eval(out, records, summ, kept, shown, cols, names, prompt_records, mo
             labels += [head] + [""] * (cols - 1)
         images = torch.stack([kept[(i, k)] for i in sorted(shown) for k in range(cols)])  # [n·cols, (F,) 3, H, W]
         save_grid(images, out / "grids" / "eval.png", nrow=cols, labels=labels, fps=getattr(model, "fps", None))
-    logger.info("eval %s: %s", out, {k: round(v, 4) for k, v in summ["overall"].items()} if names else
+    mean_over = "tasks" if summ.get("settings", {}).get("overall") == "groups" else "images"
+    logger.info("eval %s: %s", out, "  ".join(f"{k}={v:.4f}" for k, v in summ["overall"].items())
+                + f"  (overall, the mean over {mean_over}; {len(records)} images)" if names else
                 f"{len(records)} images, no rewards")
 
 

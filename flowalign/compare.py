@@ -544,17 +544,22 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
         ys = [mean_of(e, t) for t in tasks] + [mean_of(e, None)]
         ys = [y if isinstance(y, (int, float)) and math.isfinite(y) else 0.0 for y in ys]
         xs = [i + (j - (len(evals) - 1) / 2) * width for i in range(len(names))]
-        err = None
-        if j > 0:  # the interval of this model's change, placed around its own bar
+        ax.bar(xs, ys, width=width, label=e["label"])
+        if j > 0:  # the interval of this model's change, placed around its own bar; n/a: no bar, the text "n/a"
             r = results[j - 1]
-            iv = [r["per_task"].get(t, {"delta": 0, "lo": 0, "hi": 0}) for t in tasks] + [r]
-            span = lambda a, b: a - b if math.isfinite(a - b) else 0.0  # noqa: E731  (n/a: no bar)
-            err = [[max(0.0, span(v["delta"], v["lo"])) for v in iv], [max(0.0, span(v["hi"], v["delta"])) for v in iv]]
-        ax.bar(xs, ys, width=width, label=e["label"], yerr=err, capsize=2)
+            iv = [r["per_task"].get(t, {"delta": math.nan, "lo": math.nan, "hi": math.nan}) for t in tasks] + [r]
+            known = [i for i, v in enumerate(iv) if all(math.isfinite(v[k]) for k in ("delta", "lo", "hi"))]
+            if known:
+                ax.errorbar([xs[i] for i in known], [ys[i] for i in known], fmt="none", ecolor="black", capsize=2,
+                            elinewidth=0.8, yerr=[[max(0.0, iv[i]["delta"] - iv[i]["lo"]) for i in known],
+                                                  [max(0.0, iv[i]["hi"] - iv[i]["delta"]) for i in known]])
+            for i in sorted(set(range(len(iv))) - set(known)):
+                ax.text(xs[i], ys[i], "n/a", ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(reward)
-    ax.set_title(f"{reward} (error bars: 95 % interval of the change from {ref['label']})", fontsize=9)
+    ax.set_title(f"{reward} (error bars: 95 % interval of the change from {ref['label']}; n/a: a task of one prompt, "
+                 f"no interval)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -397,6 +397,25 @@ def test_compare_evaluations_of_one_prompt_per_task_has_no_interval(tmp_path, ca
     assert ")*" not in md  # no interval, no claim
 
 
+def test_compare_png_draws_no_error_bar_where_the_interval_is_na(tmp_path, monkeypatch):
+    """An n/a interval was drawn as a zero-height error bar, which reads as the interval [0, 0]; it now gets no bar
+    and the text "n/a" above the model's bar, while known intervals keep theirs."""
+    import matplotlib.axes
+
+    bars, texts = [], []
+    real_errorbar = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda ax, x, y, **k: (bars.append(list(x)), real_errorbar(ax, x, y, **k))[1])
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda ax, x, y, s, **k: texts.append((x, s)))
+    # task a has two prompts (an interval), task b one (n/a), and overall is n/a with it
+    base = _eval_dir(tmp_path / "base", [[0, 0], [1, 0], [0, 1]], tasks=("a", "a", "b"))
+    lora = _eval_dir(tmp_path / "lora", [[1, 1], [1, 1], [1, 1]], tasks=("a", "a", "b"))
+    assert main(["compare", str(base), str(lora), "--out", str(tmp_path / "cmp")]) == 0
+    assert len(bars) == 1 and len(bars[0]) == 1  # task a's bar only
+    assert [s for _, s in texts] == ["n/a", "n/a"]  # task b and overall
+    assert bars[0][0] < texts[0][0] < texts[1][0]  # at a, then b, then overall
+
+
 def _as_steered(d, method="best_of_n", eta=0.7):
     summ = json.loads((d / "summary.json").read_text())
     summ["settings"].update(steer_rewards={"shapes_partial": 1.0}, method=method, eta=eta)

@@ -402,7 +402,7 @@ def bench_credit(argv: Sequence[str]) -> int:
                                  "forwards, reward calls, wall time per prompt group) beside the reference "
                                  "implementations' published costs, and the few-step probes' ranking agreement.")
     ap.add_argument("--models", default="shapes,sd3", help="comma list of: shapes, shapes_video, sd3")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)} (default: all)")
     ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (the reference cost table assumes 24)")

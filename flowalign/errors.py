@@ -27,9 +27,27 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return text[:limit]
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows an option's default, ``(default: X)``, where its text does not already speak of one and the
+    default is a value (not None, False or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text.lower() and default is not argparse.SUPPRESS
+                and default is not None and default is not False and default != [] and default != ""):
+            text += " (default: %(default)s)"
+        return text
+
+
 class CommandParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are the commands' one line: ``PROG: error: WHAT (see `PROG --help`)``,
-    exit code 2, without the usage block argparse prints first. An unknown option names the closest known one."""
+    exit code 2, without the usage block argparse prints first. An unknown option names the closest known one. Its
+    help shows each option's default (``DefaultsHelpFormatter``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         hint = f"see `{self.prog} --help`"

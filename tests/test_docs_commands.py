@@ -257,3 +257,19 @@ def test_a_prompt_set_is_named_alike_by_every_command(cmd, dest, monkeypatch):
         (prog, ns), _ = run_parse_only([*cmd, flag, "shapes-bench", "--out", "x"], monkeypatch)
         got.append(getattr(ns, dest))
     assert got == ["shapes-bench", "shapes-bench"]
+
+
+def test_help_shows_each_options_default_once(capsys):
+    """`sample --help` did not say that --seeds defaults to 4 or --out to samples.png; options now show their
+    default unless their text already speaks of one (no second "default"), and options without a value show none."""
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["sample", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # argparse wraps lines
+    assert "images per prompt (seeds seed..seed+n-1) (default: 4)" in text
+    assert "(default: samples.png)" in text
+    steps = text.split("--steps STEPS", 1)[1].split("--guidance", 1)[0]
+    assert steps.count("default") == 1  # its own "(default: the model's own: ...)"
+    lora = text.split("--lora LORA", 1)[1].split("--model-arg", 1)[0]
+    assert "default" not in lora  # None: nothing to show

@@ -368,6 +368,10 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
         is_eval = name == "eval" or name.startswith("eval_")
         title = _TITLES.get(name) or (f"evaluation: {name[5:]} per task" if is_eval else name)
         fig, ax = _new_axes(title, xlabel)
+        if xlabel == "iteration":  # whole iterations only: a 2-iteration run had ticks at 1.25, 1.5, ...
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for key in gkeys:
             xs, ys = series[key]
             marker = "o" if len(xs) <= 30 else None
@@ -642,6 +646,9 @@ def plot_eval_history(run_dir: str | Path, records: Sequence[dict] = ()) -> list
     written = []
     for reward in rewards:
         fig, ax = _new_axes(f"evaluation: {reward} per task", "iteration (base = 0)")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         tasks = list(dict.fromkeys(t for s in sums.values() for t in (s.get("per_task") or {}) if t != "all"))
         labels = list(sums)
         for task in tasks:

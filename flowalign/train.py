@@ -836,7 +836,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
             append_jsonl(run / "metrics.jsonl", metrics)
             _tb_scalars(writer, metrics, it + 1)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in list(metrics)
-                             if k.startswith("reward/") and k[len("reward/"):] in reward_vals})  # the rewards only
+                             if k.startswith("reward/") and k[len("reward/"):] in reward_vals},  # the rewards only
+                            refresh=False)  # shown with the iteration's own count (the bar advances after the body)
             if (cfg.train.checkpoint_every and (it + 1) % cfg.train.checkpoint_every == 0) or it + 1 == cfg.train.iterations:
                 saved = _save_checkpoint(run, it + 1, model, opt, ema, sampler, nfe, cfg.train.keep_checkpoints,
                                          n_opt[0], loss_scale, world=world)

@@ -1208,7 +1208,9 @@ def cli_main(argv: Sequence[str]) -> int:
 
     write_report(out)
     for task, vals in summ["per_task"].items() if names else ():  # no rewards: an external scorer's benchmark
-        logger.info("%-14s %s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()))
+        n = summ.get("counts", {}).get(task)
+        logger.info("%-14s %s%s", task, "  ".join(f"{k}={v:.3f}" for k, v in vals.items()),
+                    f"  ({n} image{'' if n == 1 else 's'})" if n is not None else "")
     if names:
         mean_over = "tasks" if summ["settings"].get("overall") == "groups" else "images"
         logger.info("overall        %s  (the mean over %s)", "  ".join(f"{k}={v:.3f}" for k, v in summ["overall"].items()),

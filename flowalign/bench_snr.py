@@ -103,7 +103,8 @@ def split_half_cosine(grads: Tensor, adv: Tensor, steps: Sequence[int], weights:
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
     """The options every shapes-world diagnostic bench shares (model path, threads, seed, JSON output, --overwrite)."""
-    ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
+    ap.add_argument("--shapes-path", "--path", dest="shapes_path", default="",
+                    help="shapes model directory ('' = the shipped model; --path: the same, as sample names it)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts' noise and of every random draw")
     add_output_args(ap)

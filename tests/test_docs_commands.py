@@ -273,3 +273,15 @@ def test_help_shows_each_options_default_once(capsys):
     assert steps.count("default") == 1  # its own "(default: the model's own: ...)"
     lora = text.split("--lora LORA", 1)[1].split("--model-arg", 1)[0]
     assert "default" not in lora  # None: nothing to show
+
+
+@pytest.mark.parametrize("bench", ["grad-snr", "noise-variance", "sample-gap"])
+def test_the_shapes_benches_take_path_as_sample_does(bench, monkeypatch):
+    """The shapes-world diagnostic benches named the model directory --shapes-path where sample, bench shapes-sample
+    and motion-prior say --path; they take both."""
+    monkeypatch.chdir(ROOT)
+    got = []
+    for flag in ("--path", "--shapes-path"):
+        (prog, ns), _ = run_parse_only(["bench", bench, flag, "/some/dir"], monkeypatch)
+        got.append(ns.shapes_path)
+    assert got == ["/some/dir", "/some/dir"]

@@ -125,7 +125,7 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--prompts", "--prompt-file", dest="prompts", default="shapes-train",
                     help="prompt set (built-in name or file; --prompt-file: the same)")
     ap.add_argument("--reward", action="append", default=None, metavar="NAME[=W]",
-                    help="reward and weight (repeatable; default shapes_partial=1)")
+                    help="reward and weight, NAME=W or NAME:W (repeatable; default shapes_partial=1)")
     ap.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="reward constructor argument, as for `flowalign eval`, e.g. remote.url=http://host:8000 or "
                          "pickscore.path=/weights/PickScore_v1 (repeatable)")
@@ -186,7 +186,7 @@ def cli_main(argv: Sequence[str]) -> int:
     check_out_parent(args.out)
     weights: dict[str, float] = {}
     for spec in args.reward or ["shapes_partial=1"]:
-        name, _, w = spec.partition("=")
+        name, _, w = spec.replace(":", "=", 1).partition("=")  # NAME:W too, as steer --reward writes it
         try:
             weights[name] = float(w) if w else 1.0
             if not math.isfinite(weights[name]):

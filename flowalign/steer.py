@@ -768,14 +768,15 @@ def _row_hook(guide: TiltGuidance, row: int):
 
 
 def _parse_weights(text: str) -> dict[str, float]:
-    """``"a,b:0.5"`` → {"a": 1.0, "b": 0.5} (one-line ``UserError`` on a bad weight or a name given twice)."""
+    """``"a,b:0.5"`` → {"a": 1.0, "b": 0.5} (one-line ``UserError`` on a bad weight or a name given twice);
+    ``b=0.5`` means the same, as ``flowalign calibrate --reward`` writes it."""
     from flowalign.errors import UserError
 
     out: dict[str, float] = {}
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
-        name, _, w = item.partition(":")
+        name, _, w = item.replace("=", ":", 1).partition(":")
         try:
             weight = float(w) if w else 1.0
         except ValueError:
@@ -817,7 +818,7 @@ def build_parser():
     p.add_argument("--particles", "-k", type=int, default=None,
                    help="best_of_n: N; fk: particles per output (default 4; not with none or guided, one sample each)")
     p.add_argument("--reward", default=None,
-                   help="the steering reward(s): NAME or NAME:WEIGHT, comma-separated, each name once (guided: "
+                   help="the steering reward(s): NAME or NAME:WEIGHT (or NAME=WEIGHT), comma-separated, each name once (guided: "
                         "differentiable ones; default: the shapes models' partial credit, shapes_partial or "
                         "shapes_motion_partial; required for sd3, flux and wan)")
     p.add_argument("--eval-rewards", default=None,

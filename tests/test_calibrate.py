@@ -95,6 +95,7 @@ def test_calibrate_checks_prompt_text_before_any_rollout(capsys, monkeypatch, tm
     (["--reward-arg", "pickscore.path=/w"], ["pickscore.path=/w", "shapes_partial"]),  # not a --reward
     (["--reward", "shapes_partial", "--reward-arg", "shapes_partial.bogus=1"], ["bogus"]),
     (["--reward", "shapes_motion_partial"], ["'shapes_motion_partial'", "videos"]),  # a video reward, image model
+    (["--reward", "shapes_motion_partial:2"], ["'shapes_motion_partial'", "videos"]),  # steer's NAME:W form reads too
     (["--model", "shapes_video", "--reward", "saturation", "--per-frame", "reduce=bogus"], ["--per-frame", "bogus"]),
 ])
 def test_calibrate_builds_its_rewards_before_loading(capsys, no_model, tmp_path, extra, needles):

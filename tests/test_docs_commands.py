@@ -285,3 +285,12 @@ def test_the_shapes_benches_take_path_as_sample_does(bench, monkeypatch):
         (prog, ns), _ = run_parse_only(["bench", bench, flag, "/some/dir"], monkeypatch)
         got.append(ns.shapes_path)
     assert got == ["/some/dir", "/some/dir"]
+
+
+def test_reward_weights_read_alike_in_steer_and_calibrate():
+    """steer wrote a weight NAME:W and calibrate NAME=W, and each refused the other's form as an unknown reward
+    ('shapes_partial=1'); both now read either."""
+    from flowalign.steer import _parse_weights
+
+    assert _parse_weights("shapes_partial:0.5,saturation=2") == {"shapes_partial": 0.5, "saturation": 2.0}
+    assert _parse_weights("shapes_partial") == {"shapes_partial": 1.0}

@@ -42,8 +42,8 @@ from flowalign.dist import once_on_rank0, process_device, process_group
 from flowalign.credit import CreditInput, assign_credit, clipped_heads, terminal_advantage, zero_std_ratio
 from flowalign.errors import CommandParser, UserError
 from flowalign.evaluate import find_protocol, run_eval
-from flowalign.sample import check_out_parent, guidance, sample_grid
-from flowalign.io import append_jsonl, atomic_dir, atomic_save, atomic_write_text
+from flowalign.sample import check_out_parent, guidance
+from flowalign.io import append_jsonl, atomic_dir, atomic_save, atomic_write_bytes, atomic_write_text
 from flowalign.report import benchmark_line, eval_mismatch, read_summary
 from flowalign.loss import (LR_SCHEDULES, NFT_NOISE, NFT_OPTIMALITY, SURROGATES, gaussian_kl, nft_loss, ratio_stats,
                             velocity_kl)
@@ -662,7 +662,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                             guidance=cfg.eval.guidance, kernel=cfg.eval.kernel,
                             seeds_per_prompt=cfg.eval.seeds_per_prompt, batch_size=cfg.eval.batch_size,
                             extra_settings={**eval_extra, **trained}, protocol=eval_protocol,
-                            shard=(rank, world))
+                            shard=(rank, world), grid_prompts=cfg.eval.grid_prompts)
             if rank != 0:
                 return summ
             if "benchmark" in summ["settings"]:
@@ -674,9 +674,13 @@ def train(cfg: C.ExperimentConfig) -> Path:
                     logger.warning("eval/%s and eval/base were evaluated with other settings (%s): their difference "
                                    "is not the model's change alone", tag, mismatch)
             if cfg.eval.grid_prompts:  # 0 = no grids
-                sample_grid(model, eval_prompts[:: max(1, len(eval_prompts) // max(1, cfg.eval.grid_prompts))]
-                            [: cfg.eval.grid_prompts], run / "grids" / f"{tag}.png", steps=cfg.eval.steps,
-                            guidance=cfg.eval.guidance, seed=cfg.train.seed, kernel=cfg.eval.kernel)
+                # the grid is the evaluation's own scored images, captioned with their scores: the same prompts and
+                # noise seeds before and after (it was sampled apart, from other seeds, without scores)
+                (run / "grids").mkdir(parents=True, exist_ok=True)
+                for suffix in (".png", ".gif"):  # a video model's grid also plays as a GIF
+                    made = run / "eval" / tag / "grids" / f"eval{suffix}"
+                    if made.is_file():
+                        atomic_write_bytes(run / "grids" / f"{tag}{suffix}", made.read_bytes())
         return summ
 
     nfe_seen = dict(nfe.totals())  # forwards already in the logged tally (all ranks'; restored on resume)

@@ -45,6 +45,8 @@ def test_train_end_to_end_writes_everything(tmp_path):
     for f in ("config.yaml", "metrics.jsonl", "report.html", "eval/base/summary.json", "eval/final/summary.json",
               "grids/base.png", "grids/final.png", f"checkpoints/step-2/{WEIGHT_NAME}", "checkpoints/step-2/state.pt"):
         assert (run / f).exists(), f
+    for tag in ("base", "final"):  # the before/after grids are the evaluations' own scored images
+        assert (run / "grids" / f"{tag}.png").read_bytes() == (run / "eval" / tag / "grids" / "eval.png").read_bytes()
     assert list((run / "tb").glob("events.*"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

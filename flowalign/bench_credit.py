@@ -403,7 +403,9 @@ def bench_credit(argv: Sequence[str]) -> int:
                                  "implementations' published costs, and the few-step probes' ranking agreement.")
     ap.add_argument("--models", default="shapes,sd3", help="comma list of: shapes, shapes_video, sd3")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)} (default: all)")
-    ap.add_argument("--shapes-path", default="", help="shapes model directory ('' = the shipped model)")
+    ap.add_argument("--shapes-path", "--path", dest="shapes_path", default="",
+                    help="shapes model directory ('' = the shipped model; --path: the same, as sample names it; "
+                         "shapes_video and sd3 always use the shipped video model and the tiny built-in SD3 pipeline)")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
     ap.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (the reference cost table assumes 24)")
     ap.add_argument("--groups", type=int, default=1, help="prompt groups")

@@ -275,7 +275,7 @@ def test_help_shows_each_options_default_once(capsys):
     assert "default" not in lora  # None: nothing to show
 
 
-@pytest.mark.parametrize("bench", ["grad-snr", "noise-variance", "sample-gap"])
+@pytest.mark.parametrize("bench", ["grad-snr", "noise-variance", "sample-gap", "credit"])
 def test_the_shapes_benches_take_path_as_sample_does(bench, monkeypatch):
     """The shapes-world diagnostic benches named the model directory --shapes-path where sample, bench shapes-sample
     and motion-prior say --path; they take both."""

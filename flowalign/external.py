@@ -350,7 +350,8 @@ def _write_columns(d: Path, src: Path, jobs: Mapping, columns: Mapping[str, Mapp
                    scorer: str = "", info: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
     """Add each column ``name: {job: score}`` of ``columns`` to the records it scores (a record it does not score
     holds no such field, which ``summarize`` skips; an earlier import of the same name is replaced, on every record);
-    record the results file under ``settings["external_scores"][name]`` with ``info[name]`` beside it; rewrite
+    record the results file (its absolute path, as the import's working directory does not stay) and its SHA-256
+    under ``settings["external_scores"][name]`` with ``info[name]`` beside it; rewrite
     results.jsonl, summary.json (per task, overall in the evaluation's own convention, pass@k) and report.html.
     Returns the new summary."""
     import hashlib
@@ -375,7 +376,8 @@ def _write_columns(d: Path, src: Path, jobs: Mapping, columns: Mapping[str, Mapp
         new["pass_at_k"] = passk
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     settings["external_scores"] = {**settings.get("external_scores", {}), **{name: {
-        "tool": tool, "results": str(src), "sha256": digest, **((info or {}).get(name) or {})} for name in columns}}
+        "tool": tool, "results": str(src.resolve()), "sha256": digest, **((info or {}).get(name) or {})}
+        for name in columns}}
     status = settings.get("benchmark")
     if isinstance(status, dict) and scorer and status.get("external") == scorer:  # scored by its own evaluator now
         status["scored"] = True
@@ -390,18 +392,29 @@ def import_geneval(eval_dir: str | Path, results_file: str | Path) -> dict:
     """Add GenEval's per-image ``correct`` to an evaluation (``flowalign eval --export geneval``) as the score
     ``geneval``; rewrite its results.jsonl, summary.json and report.html. Returns the new summary.
 
-    Every image of the evaluation must have exactly one GenEval result with the same prompt, and every scored file
-    that exists on this machine must be byte for byte this export's image (GenEval may run elsewhere, on a copy);
-    else a one-line ``UserError`` and nothing is written: results of another export, or of part of one, cannot be
-    mixed in."""
+    An evaluation not exported for GenEval (``settings["export"]``) has no images GenEval could have scored: refused
+    in one line, as the other importers refuse theirs. Every image of the evaluation must have exactly one GenEval
+    result with the same prompt, and every scored file that exists on this machine must be byte for byte this
+    export's image (GenEval may run elsewhere, on a copy); else a one-line ``UserError`` and nothing is written:
+    results of another export, or of part of one, cannot be mixed in."""
     from flowalign.io import read_jsonl
 
+    # GenEval runs from its own repository: the hint names absolute paths, as `flowalign eval`'s does
     d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "GenEval", "GenEval's "
-                                             f"evaluation/evaluate_images.py {Path(eval_dir) / GENEVAL_DIR} --outfile {results_file}")
+                                             f"evaluation/evaluate_images.py {Path(eval_dir).resolve() / GENEVAL_DIR} "
+                                             f"--outfile {Path(results_file).resolve()} --model-path "
+                                             f"<OBJECT_DETECTOR_FOLDER>")
+    settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    if settings.get("export") != "geneval":  # no GenEval layout to have scored (nor to compare scored files with)
+        raise UserError(f"{d} was not exported for GenEval; evaluate with `flowalign eval --prompts geneval "
+                        f"--export geneval` (or --benchmark geneval)")
     try:
         theirs = read_jsonl(src, strict=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the results ({first_line(err)})") from None
+    except OSError as err:
+        raise UserError(f"cannot read {src} ({first_line(err)})") from None
+    except ValueError as err:  # not JSON lines (a JSON list or object over several lines, not text, ...)
+        raise UserError(f"{src} is not GenEval's results (the JSON lines, one per image, that "
+                        f"evaluation/evaluate_images.py writes to its --outfile): {first_line(err)}") from None
     scores: dict[tuple[int, int], float] = {}
     prompts: dict[tuple[int, int], Any] = {}
     files: dict[tuple[int, int], Path] = {}
@@ -441,7 +454,7 @@ def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: s
     import math
 
     d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "T2I-CompBench",
-                                             f"T2I-CompBench's evaluator on {Path(eval_dir) / T2I_DIR}")
+                                             f"T2I-CompBench's evaluator on {Path(eval_dir).resolve() / T2I_DIR}")
     settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
     _check_name(name, jobs, settings)
     seeds = settings.get("seeds_per_prompt")
@@ -452,12 +465,18 @@ def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: s
     theirs = next((a for a in src.resolve().parents if a.name == T2I_DIR), None)
     if theirs is not None and theirs != ours:
         raise UserError(f"{src} lies under {theirs}, another export than {ours}: these are results of other images")
+    what = "T2I-CompBench's vqa_result.json (a JSON list of {question_id, answer})"
     try:
         data = json.loads(src.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise UserError(f"cannot read {src} ({first_line(err)})") from None
+    except ValueError as err:  # not JSON (e.g. GenEval's JSON lines) or not text
+        raise UserError(f"{src} is not {what}: {first_line(err)}; pass a vqa_result.json of its evaluators") from None
+    if not isinstance(data, list):
+        raise UserError(f"{src} is not {what}: it holds a JSON {_json_kind(data)}, not a list; pass a "
+                        f"vqa_result.json of its evaluators")
     scores: dict[tuple[int, int], float] = {}
-    for n, r in enumerate(data if isinstance(data, list) else [None]):
+    for n, r in enumerate(data):
         try:
             qid, answer = r["question_id"], r["answer"]
             if not isinstance(qid, int) or isinstance(qid, bool) or isinstance(answer, bool) or qid < 0:
@@ -466,9 +485,11 @@ def import_t2i_compbench(eval_dir: str | Path, results_file: str | Path, name: s
         except (TypeError, KeyError, ValueError):
             raise UserError(f"{src}: entry {n} is not a T2I-CompBench result (an integer question_id, a numeric "
                             f"answer); pass a vqa_result.json of its evaluators") from None
+        if not math.isfinite(value):
+            raise UserError(f"{src}: image {qid} is scored {r['answer']!r}, not a finite number")
         job = divmod(qid, seeds)
-        if job in scores or not math.isfinite(value):
-            raise UserError(f"{src}: image {qid} is scored twice or not with a finite number ({r['answer']!r})")
+        if job in scores:
+            raise UserError(f"{src}: image {qid} is scored twice; evaluate each export once")
         scores[job] = value
     _check_coverage(src, d, jobs, scores, "T2I-CompBench", d / T2I_DIR)
     return _write_scores(d, src, jobs, scores, summary, name, f"T2I-CompBench ({src.parent.name}/{src.name})")
@@ -489,7 +510,7 @@ def import_vbench(eval_dir: str | Path, results_file: str | Path) -> dict:
     import json
 
     d, src, jobs, summary = _read_evaluation(eval_dir, results_file, "VBench", f"VBench's evaluate.py "
-                                             f"--videos_path {Path(eval_dir) / VBENCH_DIR} --dimension ...")
+                                             f"--videos_path {Path(eval_dir).resolve() / VBENCH_DIR} --dimension ...")
     settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
     if settings.get("export") != "vbench":
         raise UserError(f"{d} was not exported for VBench; evaluate a video model with `flowalign eval --export vbench`")
@@ -497,8 +518,11 @@ def import_vbench(eval_dir: str | Path, results_file: str | Path) -> dict:
     what = "pass the <name>_eval_results.json that VBench's evaluate.py writes in its --output_path"
     try:
         data = json.loads(src.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise UserError(f"cannot read {src} ({first_line(err)}); {what}") from None
+    except ValueError as err:  # not JSON (e.g. GenEval's JSON lines) or not text
+        raise UserError(f"{src} is not a VBench results file (a JSON object {{dimension: [score, per-video "
+                        f"results]}}): {first_line(err)}; {what}") from None
     if not isinstance(data, dict) or not data:
         raise UserError(f"{src} is not a VBench results file ({{dimension: [score, per-video results]}}); {what}")
     columns: dict[str, dict[tuple[int, int], float]] = {}
@@ -542,6 +566,12 @@ def import_vbench(eval_dir: str | Path, results_file: str | Path) -> dict:
         logger.info("%-32s VBench's aggregate %.4f, mean over its %d videos %.4f", name,
                     info[name]["vbench_aggregate"], len(col), mean)
     return new
+
+
+def _json_kind(value: Any) -> str:
+    """JSON's name for the kind of a parsed JSON ``value`` (object, list, string, number, boolean, null)."""
+    kinds = ((bool, "boolean"), (dict, "object"), (list, "list"), (str, "string"), ((int, float), "number"))
+    return next((name for t, name in kinds if isinstance(value, t)), "null")
 
 
 def _vbench_score(value: Any) -> float | None:

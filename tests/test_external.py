@@ -83,7 +83,7 @@ def test_import_adds_geneval_scores_with_its_task_means_and_overall(exported, tm
     assert {t: v["geneval"] for t, v in summ["per_task"].items()} == pytest.approx(want)
     assert summ["overall"]["geneval"] == pytest.approx(sum(want.values()) / len(want))  # GenEval: mean over tasks
     assert summ["pass_at_k"]["geneval"]["k"] == [1, 2]
-    assert summ["settings"]["external_scores"]["geneval"]["results"] == str(results)
+    assert summ["settings"]["external_scores"]["geneval"]["results"] == str(results.resolve())
     assert "geneval" in (out / "report.html").read_text()
 
 
@@ -110,6 +110,94 @@ def test_import_refuses_results_that_do_not_match_the_export_and_writes_nothing(
     fails(capsys, ["import-scores", "geneval", str(theirs), "--into", str(out)], "results of another export",
           "other images")
     assert ((out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()) == before
+
+
+def _tree(d):
+    """Every file under ``d`` with its bytes: equal before and after a refused import."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_geneval_import_refuses_an_evaluation_not_exported_for_geneval(exported, exported_t2i, tiny_sd3_dir, tmp_path,
+                                                                        capsys):
+    """As t2i-compbench and vbench refuse theirs: an evaluation of the same prompts and seeds without --export
+    geneval holds no images GenEval could have scored, so results written on a remote copy of another (exported)
+    run, or naming files under its nonexistent geneval/, are refused in one line and nothing is written; so is a
+    T2I-CompBench export (no talk of its nonexistent geneval/ folder)."""
+    import shutil
+
+    plain = tmp_path / "plain"
+    assert main(["eval", "--model", "sd3", "--path", str(tiny_sd3_dir), *SIZE, "--prompts", "geneval",
+                 "--max-prompts", "6", "--seeds", "2", "--steps", "1", "--rewards", "saturation", "--grid", "0",
+                 "--out", str(plain)]) == 0
+    capsys.readouterr()
+    local = _geneval_results(exported, lambda i, k: True, path=tmp_path / "local.jsonl")
+    remote = tmp_path / "remote.jsonl"
+    remote.write_text(local.read_text().replace(str(exported / "geneval"), "/remote/box/run/geneval"))
+    here = tmp_path / "here.jsonl"  # the files it would have scored, had plain been exported
+    here.write_text(local.read_text().replace(str(exported / "geneval"), str(plain / "geneval")))
+    t2i = tmp_path / "t2i"
+    shutil.copytree(exported_t2i, t2i)
+    for d in (plain, t2i):
+        before = _tree(d)
+        for res in (remote, here, local):
+            line = fails(capsys, ["import-scores", "geneval", str(res), "--into", str(d)],
+                         f"{d} was not exported for GenEval", "--export geneval")
+            assert "geneval/" not in line.split("evaluate with")[0]  # names no folder that does not exist
+        assert _tree(d) == before
+    assert not (plain / "geneval").exists()
+
+
+def test_import_records_the_results_files_absolute_path_and_hints_with_absolute_paths(exported, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A relative results path (from the working directory of the import) is recorded resolved in summary.json; the
+    "not found" hint names the export and the --outfile absolutely, as GenEval needs and `flowalign eval` prints."""
+    import shutil
+
+    shutil.copytree(exported, tmp_path / "eval")
+    _geneval_results(tmp_path / "eval", lambda i, k: True, path=tmp_path / "geneval_results.jsonl")
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path.resolve()
+    fails(capsys, ["import-scores", "geneval", "missing.jsonl", "--into", "eval"], "'missing.jsonl' not found",
+          f"evaluate_images.py {root / 'eval' / 'geneval'} --outfile {root / 'missing.jsonl'} --model-path")
+    fails(capsys, ["import-scores", "t2i-compbench", "missing.json", "--into", "eval", "--name", "x"],
+          f"T2I-CompBench's evaluator on {root / 'eval' / 't2i-compbench'}")
+    assert main(["import-scores", "geneval", "geneval_results.jsonl", "--into", "eval"]) == 0
+    recorded = json.loads((tmp_path / "eval" / "summary.json").read_text())["settings"]["external_scores"]
+    assert recorded["geneval"]["results"] == str(root / "geneval_results.jsonl")
+
+
+def test_a_file_of_another_format_is_named_for_what_was_expected(exported, exported_t2i, tmp_path, capsys):
+    """Each reader says which file it expected, keeping the parser's detail: GenEval's JSON lines given to the
+    T2I-CompBench import, a JSON object instead of its list, a JSON list over several lines given to GenEval's; a NaN
+    score and a duplicate are two distinct refusals."""
+    import shutil
+
+    gen, t2i = tmp_path / "gen", tmp_path / "t2i"
+    shutil.copytree(exported, gen)
+    shutil.copytree(exported_t2i, t2i)
+    before = _tree(gen), _tree(t2i)
+    lines = _geneval_results(gen, lambda i, k: True, path=tmp_path / "geneval_results.jsonl")
+    t2i_args = ["--into", str(t2i), "--name", "blip_vqa"]
+    fails(capsys, ["import-scores", "t2i-compbench", str(lines), *t2i_args],
+          "geneval_results.jsonl is not T2I-CompBench's vqa_result.json (a JSON list of {question_id, answer})",
+          "Extra data: line 2 column 1")
+    res = tmp_path / "vqa_result.json"
+    res.write_text(json.dumps({"0": 0.5}))
+    fails(capsys, ["import-scores", "t2i-compbench", str(res), *t2i_args], "is not T2I-CompBench's vqa_result.json",
+          "it holds a JSON object, not a list")
+    for nan in ("nan", float("nan")):
+        res.write_text(json.dumps([{"question_id": n, "answer": nan if n == 4 else 0.5} for n in range(6)]))
+        line = fails(capsys, ["import-scores", "t2i-compbench", str(res), *t2i_args],
+                     "image 4 is scored", "not a finite number")
+        assert "twice" not in line
+    res.write_text(json.dumps([{"question_id": n, "answer": 0.5} for n in [0, 1, 1]]))
+    line = fails(capsys, ["import-scores", "t2i-compbench", str(res), *t2i_args], "image 1 is scored twice")
+    assert "finite" not in line
+    res.write_text(json.dumps([{"question_id": n, "answer": 0.5} for n in range(12)], indent=1))
+    fails(capsys, ["import-scores", "geneval", str(res), "--into", str(gen)],
+          "vqa_result.json is not GenEval's results (the JSON lines, one per image, that",
+          "vqa_result.json:1: invalid JSON line")
+    assert (_tree(gen), _tree(t2i)) == before
 
 
 def test_geneval_job_reads_the_prompt_and_image_from_a_result_path():
@@ -168,6 +256,7 @@ def test_t2i_import_maps_question_ids_back_to_images(exported_t2i, tmp_path, cap
     assert all(r["blip_vqa"] == pytest.approx((2 * r["prompt_index"] + r["sample"]) / 10) for r in recs)
     summ = json.loads((out / "summary.json").read_text())
     assert summ["overall"]["blip_vqa"] == pytest.approx(0.25) and "saturation" in summ["overall"]
+    assert summ["settings"]["external_scores"]["blip_vqa"]["results"] == str(blip.resolve())
     before = (out / "results.jsonl").read_bytes()
     short = tmp_path / "short.json"
     short.write_text(json.dumps([{"question_id": n, "answer": 1.0} for n in range(5)]))

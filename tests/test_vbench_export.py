@@ -139,7 +139,8 @@ def test_import_puts_each_dimensions_score_on_the_videos_it_scored(exported, tmp
     assert summ["overall"]["vbench_dynamic_degree"] == pytest.approx(6 / 10)
     ext = summ["settings"]["external_scores"]
     assert ext["vbench_dynamic_degree"]["vbench_aggregate"] == pytest.approx(0.6)
-    assert ext["vbench_subject_consistency"]["videos"] == 5 and ext["vbench_subject_consistency"]["results"] == str(src)
+    assert ext["vbench_subject_consistency"]["videos"] == 5
+    assert ext["vbench_subject_consistency"]["results"] == str(src.resolve())  # absolute, whatever the cwd
     assert "vbench_dynamic_degree" in (out / "report.html").read_text()
     assert "vbench_subject_consistency" in caplog.text and "aggregate 0.9200, mean over its 5 videos 0.9200" in caplog.text
     # another results file (one more dimension, dynamic_degree again): added, and dynamic_degree replaced everywhere
@@ -186,6 +187,22 @@ def test_import_refuses_results_that_do_not_match_the_export_and_writes_nothing(
     elsewhere = _results(out, {"color": {(BLUE, 3): 0.5}}, tmp_path / "copy_eval_results.json",
                          root=tmp_path / "gpu-machine" / "vbench")
     assert main(["import-scores", "vbench", str(elsewhere), "--into", str(out)]) == 0
+
+
+def test_import_names_the_file_it_expected_when_given_another_format(exported, tmp_path, capsys):
+    """GenEval's JSON lines (or any text that is not JSON) given as VBench's results: the message says what VBench's
+    file is and keeps the parser's detail; a missing file's hint names the video folder absolutely."""
+    out = tmp_path / "ev"
+    shutil.copytree(exported.out, out)
+    before = (out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()
+    lines = tmp_path / "geneval_results.jsonl"
+    lines.write_text('{"filename": "a/00000/samples/0000.png", "correct": true}\n' * 2)
+    fails(capsys, ["import-scores", "vbench", str(lines), "--into", str(out)],
+          "geneval_results.jsonl is not a VBench results file (a JSON object {dimension: [score, per-video results]})",
+          "Extra data: line 2 column 1", "pass the <name>_eval_results.json")
+    fails(capsys, ["import-scores", "vbench", str(tmp_path / "none.json"), "--into", str(out)], "not found",
+          f"--videos_path {(out / 'vbench').resolve()} ")
+    assert ((out / "results.jsonl").read_bytes(), (out / "summary.json").read_bytes()) == before
 
 
 def test_import_refuses_an_evaluation_not_exported_for_vbench(tmp_path, capsys):

@@ -108,6 +108,68 @@ def calibrate_noise(make_batch: Callable[[int], tuple[Tensor, Cond, Tensor]], ve
     return psi, history
 
 
+def _setting(key: str, value, cli: bool) -> str:
+    """How a user sets ``key``: ``sampler.steps=4`` in a config override, ``--steps 4`` on a command line."""
+    return f"--{key} {value}" if cli else f"sampler.{key}={value}"
+
+
+def read_eta_file(path: str, steps: Optional[int], kernel: Optional[str], *, cli: bool = False,
+                  missing_hint: str = "write it with `flowalign calibrate`") -> tuple[list[float], dict]:
+    """The per-step ``eta`` list of a file written by ``flowalign calibrate`` (any JSON with such a list), and the
+    whole file, checked without the model: readable, finite numbers >= 0, one per step when ``steps`` is given, and
+    written for ``kernel`` when the file names one and ``kernel`` is given. Errors are one line naming the setting
+    to change, as a config override (``sampler.steps=4``) or, with ``cli``, as a flag (``--steps 4``); the sigma grid
+    needs the model (:func:`check_eta_grid`)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from flowalign.errors import UserError
+
+    what = f"--eta-file {path!r}" if cli else f"sampler.eta_file={path!r}"
+    try:
+        data = json.loads(Path(path).read_text())
+        eta = data["eta"]
+    except FileNotFoundError:
+        raise UserError(f"{what} not found (a relative path is read from the working directory, {Path.cwd()}); "
+                        f"{missing_hint}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read a per-step 'eta' list from {what} ({type(e).__name__}); write it with "
+                        f"`flowalign calibrate`") from e
+    if not isinstance(eta, list):
+        raise UserError(f"{what}: 'eta' must be a list of per-step noise levels, got {type(eta).__name__}; write it "
+                        f"with `flowalign calibrate`")
+    if steps is not None and len(eta) != steps:
+        raise UserError(f"{what} has {len(eta)} etas but {_setting('steps', steps, cli)}; they must match (set "
+                        f"{_setting('steps', len(eta), cli)}, or calibrate with --steps {steps})")
+    for t, v in enumerate(eta):  # a noise level is a finite number >= 0 (a NaN or a string would fail mid-rollout)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise UserError(f"{what}: eta[{t}] = {v!r} is not a finite number >= 0; write the file with "
+                            f"`flowalign calibrate`")
+    named = data.get("kernel") if isinstance(data, dict) else None
+    if named is not None and kernel is not None and named != kernel:
+        raise UserError(f"{what} holds {named} noise levels but {_setting('kernel', kernel, cli)}; set "
+                        f"{_setting('kernel', named, cli)}")
+    return [float(v) for v in eta], data if isinstance(data, dict) else {}
+
+
+def check_eta_grid(data: Mapping, sigmas: Tensor, what: str, steps: int) -> None:
+    """Refuse (one line) an eta file calibrated on another sigma grid than ``sigmas`` [T+1] (another model, shift or
+    step count): ψ_t is a noise level of that grid's steps. A file without ``sigmas`` is not checked."""
+    from flowalign.errors import UserError
+
+    grid = data.get("sigmas")
+    if grid is None:
+        return
+    try:
+        g = torch.tensor([float(v) for v in grid], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise UserError(f"{what}: 'sigmas' must be a list of numbers; write the file with `flowalign calibrate`") from None
+    if g.shape[0] != sigmas.shape[0] or not torch.allclose(g, sigmas.detach().cpu().double(), atol=1e-5):
+        raise UserError(f"{what} was calibrated on another sigma grid (another model, shift or step count) than this "
+                        f"one's; calibrate for this model with --steps {steps}")
+
+
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign calibrate``: DenseGRPO noise calibration → a JSON per-step η for the ``dance_sde`` kernel."""
     import math
@@ -119,7 +181,9 @@ def cli_main(argv: Sequence[str]) -> int:
 
     ap = CommandParser(prog="flowalign calibrate", description="DenseGRPO's reward-aware per-step noise calibration: "
                                  "adjusts each step's noise level until its reward gains balance, and writes the "
-                                 "per-step eta file that sampler.eta_file reads.")
+                                 "per-step eta file that `flowalign train` reads as sampler.eta_file (with "
+                                 "sampler.kernel=dance_sde and the same --steps; the run keeps a copy) and "
+                                 "`flowalign sample --eta-file` draws with.")
     ap.add_argument("--model", default="shapes", help="model family (flowalign.models.MODELS)")
     ap.add_argument("--path", default="", help="model directory or hub id ('' = the family default)")
     ap.add_argument("--prompts", "--prompt-file", dest="prompts", default="shapes-train",
@@ -168,6 +232,11 @@ def cli_main(argv: Sequence[str]) -> int:
     check_device(args.device)
     if args.n < 1 or args.group_size < 1 or args.n % args.group_size:
         raise UserError(f"--n ({args.n}) must be a positive multiple of --group-size ({args.group_size})")
+    from flowalign.config import MAX_ROLLOUTS
+
+    if args.n > MAX_ROLLOUTS:  # a typo's rollouts would be allocated at once and the process killed for memory
+        raise UserError(f"--n {args.n} trajectories per iteration is above the limit of {MAX_ROLLOUTS} (the trainer's "
+                        f"groups_per_iter x group_size limit); lower --n")
     try:
         parse_mode(args.probe)
     except ValueError:

@@ -38,8 +38,9 @@ def guidance(model, scale: Optional[float]) -> Iterator[None]:
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: Optional[float] = None,
-             kernel: str = "euler", eta: float = 0.0, batch_size: int = 64, progress: bool = False) -> Tensor:
-    """Images [N, 3, H, W] (or [N, F, 3, H, W]) in [0, 1] for prompts[i] with seeds[i] (ODE by default)."""
+             kernel: str = "euler", eta: float | Tensor = 0.0, batch_size: int = 64, progress: bool = False) -> Tensor:
+    """Images [N, 3, H, W] (or [N, F, 3, H, W]) in [0, 1] for prompts[i] with seeds[i] (ODE by default; ``eta`` is
+    one noise level for every step or a per-step [T] list, e.g. a calibrated ``flowalign calibrate`` file's)."""
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have the same length")
     sigmas = model.schedule(steps)  # [T+1]
@@ -57,7 +58,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
             cond = model.encode(uniq)
             idx = torch.tensor([uniq.index(p) for p in ps], device=model.device)
             x = torch.cat([model.init_noise(1, torch.Generator().manual_seed(int(sd))) for sd in ss])  # [n, *latent]
-            if eta > 0:
+            if bool((etas > 0).any()):
                 from flowalign.evaluate import step_noise_seed
 
                 # SDE: one step-noise stream per image, seeded by its own seed, so the image does not depend on
@@ -97,7 +98,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, labels: Optiona
 
 
 def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optional[float] = None, seed: int = 0,
-                seeds_per_prompt: int = 4, kernel: str = "euler", eta: float = 0.0, batch_size: int = 64,
+                seeds_per_prompt: int = 4, kernel: str = "euler", eta: float | Tensor = 0.0, batch_size: int = 64,
                 progress: bool = False) -> Path:
     """A PNG grid: one row per prompt (records or strings), one column per seed; captions are the prompts.
 
@@ -287,6 +288,9 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default="euler", help=f"step kernel: {' | '.join(KERNELS)}")
     p.add_argument("--eta", type=float, default=0.0, help="noise level of an SDE kernel (0 = ODE)")
+    p.add_argument("--eta-file", default=None, metavar="JSON",
+                   help="per-step noise levels from `flowalign calibrate` (its kernel, and its step count unless "
+                        "--steps is given), to look at what calibrated noise draws; instead of --eta")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds seed..seed+n-1)")
     p.add_argument("--seed", type=int, default=0, help="first noise seed: image j of every prompt starts from seed + j")
     p.add_argument("--batch-size", type=int, default=32, help="images per model forward (memory and speed; each "
@@ -316,6 +320,21 @@ def cli_main(argv: Sequence[str]) -> int:
         stochastic = [k for k in KERNELS if k != "euler"]
         raise UserError(f"--eta > 0 needs a stochastic kernel: --kernel {', '.join(stochastic[:-1])} or "
                         f"{stochastic[-1]}")
+    eta: float | torch.Tensor = args.eta
+    eta_data: dict = {}
+    if args.eta_file:  # the calibrated per-step noise: its kernel and step count unless given
+        from flowalign.calibrate import read_eta_file
+
+        if args.eta > 0:
+            raise UserError(f"pass --eta {args.eta:g} or --eta-file {args.eta_file!r}, not both")
+        explicit = args.kernel if args.kernel != "euler" else None  # euler (the default) draws no noise to scale
+        etas, eta_data = read_eta_file(args.eta_file, args.steps, explicit, cli=True)
+        args.kernel = eta_data.get("kernel") or explicit
+        if args.kernel is None or args.kernel not in KERNELS:
+            raise UserError(f"--eta-file {args.eta_file!r} names no kernel of this version "
+                            f"({eta_data.get('kernel')!r}); pass --kernel, e.g. --kernel dance_sde")
+        args.steps = len(etas) if args.steps is None else args.steps
+        eta = torch.tensor(etas, dtype=torch.float32)  # [T]
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a directory; pass the path of a PNG file, e.g. {Path(args.out) / 'samples.png'}")
     check_out_parent(args.out)
@@ -349,8 +368,15 @@ def cli_main(argv: Sequence[str]) -> int:
         if why:
             logger.warning("%s. Sampling it anyway; the model was trained on prompts of its grammar only", why)
     steps = resolve_steps(model, args.steps)
+    if args.eta_file:
+        from flowalign.calibrate import check_eta_grid
+
+        check_eta_grid(eta_data, model.schedule(steps), f"--eta-file {args.eta_file!r}", steps)
+        tuned = eta_data.get("model")
+        if tuned is not None and tuned != args.model:
+            logger.warning("--eta-file %s was calibrated for model %r, and this is %r", args.eta_file, tuned, args.model)
     out = sample_grid(model, prompts, args.out, steps=steps, guidance=args.guidance, seed=args.seed,
-                      seeds_per_prompt=args.seeds, kernel=args.kernel, eta=args.eta, batch_size=args.batch_size,
+                      seeds_per_prompt=args.seeds, kernel=args.kernel, eta=eta, batch_size=args.batch_size,
                       progress=True)
     logger.info("wrote %s (%d prompt%s x %d seed%s)", out, len(prompts), "" if len(prompts) == 1 else "s", args.seeds,
                 "" if args.seeds == 1 else "s")

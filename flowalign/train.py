@@ -248,8 +248,11 @@ def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
     except UserError as e:
         raise UserError(f"cannot resume {run}: its config.yaml is unreadable ({e})") from None
     new = _flat_config(cfg)
+    # the eta file's path may change (moved, or named from another directory) when its etas do not: those are checked
+    # against the run's copy (_check_resume_eta); a run without the copy (an older one) keeps its path fixed
+    free = RESUMABLE_CHANGES + (("sampler.eta_file",) if (run / ETA_COPY).is_file() and cfg.sampler.eta_file else ())
     diff = [f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+            if old.get(k) != new.get(k) and not k.startswith(free)]
     if diff:
         raise UserError(f"cannot resume {run} with changed settings: {', '.join(diff)}; resume with the run's "
                         f"config ({saved}) or start a new output.run_dir")
@@ -284,6 +287,8 @@ def _check_components(cfg: C.ExperimentConfig, check_device: bool = True) -> Non
                 parse_mode(str(v))
             except ValueError as e:
                 raise UserError(f"credit.options.{k}: {e}") from None
+    if cfg.sampler.eta_file:  # its etas, step count and kernel, before the model loads (and in --describe)
+        read_eta_file(cfg)
     from flowalign.credit import preflight
 
     msg = preflight(c.name, c.options, reward_weights=cfg.reward.weights, aggregate=cfg.reward.aggregate,
@@ -388,6 +393,7 @@ def _check_run_dir(cfg: C.ExperimentConfig, world: int = 1) -> tuple[Path, Optio
             logger.info("resume: no checkpoint in %s, starting fresh", run)
         else:
             _check_resume_config(cfg, run)
+            _check_resume_eta(cfg, run)
             _check_resume_world(cfg, ckpt, world)
         return run, ckpt
     if run.exists() and any(run.iterdir()):
@@ -415,7 +421,8 @@ def _check_resume_world(cfg: C.ExperimentConfig, ckpt: Path, world: int) -> None
                         f"process(es) (runs started with sampler.step_noise=group do not depend on the count)")
 
 
-RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "checkpoints", "eval", "grids", "plots", "tb", "report.html"})
+RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "checkpoints", "eval", "grids", "plots", "tb", "report.html",
+                         "eta_file.json"})
 """What a training run writes at the top of its directory: ``output.overwrite`` deletes only such a directory."""
 
 
@@ -627,6 +634,9 @@ def train(cfg: C.ExperimentConfig) -> Path:
         _truncate_metrics(run / "metrics.jsonl", start, rerun_end=start == cfg.train.iterations)
         elapsed_before = _elapsed_before(run / "metrics.jsonl")
     if rank == 0:
+        # the noise levels this run samples with, kept in the run: the file may be recalibrated in place or, as a
+        # relative path, not be found from another directory when the run is resumed (read before an overwrite)
+        eta_bytes = Path(cfg.sampler.eta_file).read_bytes() if cfg.sampler.eta_file else None
         if run.exists() and cfg.output.overwrite and not cfg.output.resume:
             shutil.rmtree(run)
         if cfg.output.resume and ckpt_dir is None:  # nothing to resume: a fresh start must not append to old logs
@@ -636,6 +646,8 @@ def train(cfg: C.ExperimentConfig) -> Path:
                     shutil.rmtree(run / stale) if (run / stale).is_dir() else (run / stale).unlink()
         run.mkdir(parents=True, exist_ok=True)
         C.dump_yaml(cfg, run / "config.yaml")
+        if eta_bytes is not None and (ckpt_dir is None or not (run / ETA_COPY).is_file()):
+            atomic_write_bytes(run / ETA_COPY, eta_bytes)
         logger.info("\n%s", C.summary(cfg, world))
     barrier()
     writer = _tensorboard(run, cfg, start) if rank == 0 else None
@@ -1278,55 +1290,74 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
 UPDATES = {"grpo": _update, "nft": _update_nft}  # train.objective → the update of phase 9
 
 
+ETA_COPY = "eta_file.json"  # a run's copy of its sampler.eta_file, as it was when the run started (exact resume)
+
+
+def read_eta_file(cfg) -> tuple[list[float], dict]:
+    """The per-step ``eta`` list of ``sampler.eta_file`` and the whole file, checked against the config without the
+    model (``calibrate.read_eta_file``): ``train`` and ``--describe`` call it before the model loads (minutes for SD3
+    or FLUX); the sigma grid and CFG scale are checked by :func:`_load_eta` once the model is there."""
+    from flowalign.calibrate import read_eta_file as read
+
+    copy = Path(cfg.output.run_dir) / ETA_COPY
+    hint = (f"resume with the run's copy, sampler.eta_file={str(copy)!r}" if cfg.output.resume and copy.is_file()
+            else "write it with `flowalign calibrate`")
+    return read(cfg.sampler.eta_file, cfg.sampler.steps, cfg.sampler.kernel, missing_hint=hint)
+
+
+def _check_resume_eta(cfg, run: Path) -> None:
+    """A resumed run must sample with the noise levels it started with: the file named by ``sampler.eta_file`` may
+    have been recalibrated in place since, or, as a relative path, not be found from another working directory. The
+    run keeps a copy (:data:`ETA_COPY`); refuse (one line) when the file's etas differ from it, naming the copy."""
+    copy = run / ETA_COPY
+    if not cfg.sampler.eta_file or not copy.is_file():
+        return
+    hint = f"resume with the run's copy, sampler.eta_file={str(copy)!r}, or start a new output.run_dir"
+    try:
+        now, _ = read_eta_file(cfg)
+    except UserError as e:
+        raise UserError(f"cannot resume {run}: {e}; {hint}") from None
+    then = [float(v) for v in json.loads(copy.read_text())["eta"]]
+    if now != then:
+        raise UserError(f"cannot resume {run} exactly: sampler.eta_file={cfg.sampler.eta_file!r} now holds other etas "
+                        f"({_short(now)}) than the run started with ({_short(then)}); {hint}")
+
+
+def _short(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values[:6]) + (" …" if len(values) > 6 else "")
+
+
 def _load_eta(cfg, sigmas: Optional[torch.Tensor] = None, guidance: Optional[float] = None) -> float | torch.Tensor:
     """sampler.eta, or the per-step list in sampler.eta_file (DenseGRPO's calibrated ψ_t).
 
     A file from ``flowalign calibrate`` also names its kernel and sigma grid: ψ is the ``dance_sde`` noise of that
     grid, so another kernel (which would read ψ as its own η, e.g. Flow-GRPO's a) or another grid (model, shift,
-    steps) is refused in one line. A file calibrated at another CFG scale than ``guidance`` (this run's) is used with
-    a warning: the balance of reward gains it was tuned to depends on the scale.
+    steps) is refused in one line (:func:`read_eta_file`, before the model loads; the grid here). A file calibrated
+    at another CFG scale than ``guidance`` (this run's), or for another model, weights or rewards, is used with a
+    warning: the balance of reward gains it was tuned to depends on them.
     """
     if not cfg.sampler.eta_file:
         return cfg.sampler.eta
-    import json
-
     path = Path(cfg.sampler.eta_file)
-    try:
-        data = json.loads(path.read_text())
-        eta = data["eta"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"cannot read a per-step 'eta' list from sampler.eta_file={str(path)!r} ({type(e).__name__}); "
-                        f"write it with `flowalign calibrate`") from e
-    if not isinstance(eta, list):
-        raise UserError(f"sampler.eta_file={str(path)!r}: 'eta' must be a list of per-step noise levels, got "
-                        f"{type(eta).__name__}; write it with `flowalign calibrate`")
-    if len(eta) != cfg.sampler.steps:
-        raise UserError(f"sampler.eta_file has {len(eta)} etas but sampler.steps={cfg.sampler.steps}; they must match")
-    for t, v in enumerate(eta):  # a noise level is a finite number >= 0 (a NaN or a string would fail mid-rollout)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise UserError(f"sampler.eta_file={str(path)!r}: eta[{t}] = {v!r} is not a finite number >= 0; "
-                            f"write the file with `flowalign calibrate`")
-    kernel = data.get("kernel") if isinstance(data, dict) else None
-    if kernel is not None and kernel != cfg.sampler.kernel:
-        raise UserError(f"sampler.eta_file={str(path)!r} holds {kernel} noise levels but sampler.kernel="
-                        f"{cfg.sampler.kernel}; set sampler.kernel={kernel}")
-    grid = data.get("sigmas") if isinstance(data, dict) else None
-    if grid is not None and sigmas is not None:
-        try:
-            g = torch.tensor([float(v) for v in grid], dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise UserError(f"sampler.eta_file={str(path)!r}: 'sigmas' must be a list of numbers; write the file with "
-                            f"`flowalign calibrate`") from None
-        if g.shape[0] != sigmas.shape[0] or not torch.allclose(g, sigmas.detach().cpu().double(), atol=1e-5):
-            raise UserError(f"sampler.eta_file={str(path)!r} was calibrated on another sigma grid (another model, shift "
-                            f"or step count) than this run's; calibrate for this model with --steps {cfg.sampler.steps}")
-    tuned = data.get("guidance") if isinstance(data, dict) else None
+    eta, data = read_eta_file(cfg)
+    if sigmas is not None:
+        from flowalign.calibrate import check_eta_grid
+
+        check_eta_grid(data, sigmas, f"sampler.eta_file={str(path)!r}", cfg.sampler.steps)
+    tuned = data.get("guidance")
     if (isinstance(tuned, (int, float)) and not isinstance(tuned, bool) and guidance is not None
             and abs(float(tuned) - float(guidance)) > 1e-6):
         logger.warning("sampler.eta_file=%s was calibrated at CFG scale %g and this run samples at %g: the balance of "
                        "reward gains it was tuned to depends on the scale; recalibrate with `flowalign calibrate "
                        "--guidance %g`", path, tuned, guidance, guidance)
-    return torch.tensor([float(v) for v in eta], dtype=torch.float32)
+    for what, theirs, ours in (("model", data.get("model"), cfg.model.name),
+                               ("weights (--path)", data.get("path"), cfg.model.path),
+                               ("rewards", data.get("rewards"), dict(cfg.reward.weights))):
+        if theirs is not None and theirs != ours:
+            logger.warning("sampler.eta_file=%s was calibrated for %s %r and this run uses %r: the noise levels were "
+                           "tuned to that model's reward gains; recalibrate with `flowalign calibrate` for this run",
+                           path, what, theirs, ours)
+    return torch.tensor(eta, dtype=torch.float32)
 
 
 def _flat_summary(summ: dict) -> dict:

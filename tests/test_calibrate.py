@@ -29,6 +29,17 @@ def test_calibrate_refuses_an_out_it_cannot_write_before_loading(capsys, no_mode
         _fails(capsys, ["calibrate", "--out", out], f"--out {out!r}", "cannot be written")
 
 
+def test_calibrate_bounds_the_trajectories_per_iteration_before_loading(capsys, no_model, tmp_path):
+    """`--n 200000` (a typo) was accepted and the process was killed for memory (rc 137) with its bar at 0/1; the
+    trainer's rollout limit (config.MAX_ROLLOUTS) now bounds --n too, before the model loads."""
+    from flowalign.config import MAX_ROLLOUTS
+
+    n = 2 * MAX_ROLLOUTS
+    _fails(capsys, ["calibrate", "--n", str(n), "--group-size", "2", "--out", str(tmp_path / "eta.json")],
+           f"--n {n} trajectories per iteration is above the limit of {MAX_ROLLOUTS}")
+    assert not (tmp_path / "eta.json").exists()
+
+
 def test_calibrate_keeps_an_earlier_calibration_unless_overwrite(capsys, no_model, tmp_path):
     """An existing --out (the result of an earlier, long calibration) was silently replaced."""
     from flowalign.cli import main
@@ -295,3 +306,46 @@ def test_calibrate_scores_each_rollout_against_the_prompt_it_was_conditioned_on(
     assert got["index"] == [0, 0, 1, 1, 2, 2]  # [N]: each group's rollouts share their cond row
     assert len(set(got["prompts"])) > 1  # the draw holds different prompts, so a mismatch shows
     assert scored == [[got["prompts"][i] for i in got["index"]]]
+
+
+# ------------------------------------------------------------------------------------ the file, read by sample
+
+
+def test_sample_draws_with_a_calibrated_eta_file(tmp_path, capsys):
+    """calibrate's file was readable by `train` alone (`sample --eta psi.json`: invalid float), so the calibrated
+    noise could not be looked at. `sample --eta-file` takes the file's kernel and step count: a file of one level on
+    every step draws exactly the grid of `--kernel dance_sde --eta` at that level, another level draws another grid,
+    and the file's grid is checked against the model's."""
+    import json
+
+    from cli_checks import fails
+    from flowalign.cli import main
+    from flowalign.models import load_model
+
+    grid = load_model("shapes").schedule(4).tolist()
+
+    def write(name, eta, **extra):
+        f = tmp_path / name
+        f.write_text(json.dumps({"kernel": "dance_sde", "eta": eta, "sigmas": grid, **extra}))
+        return str(f)
+
+    common = ["sample", "a red circle", "--seeds", "2"]
+    flat = write("flat.json", [0.5, 0.5, 0.5, 0.0])
+    assert main([*common, "--eta-file", flat, "--out", str(tmp_path / "file.png")]) == 0
+    assert main([*common, "--kernel", "dance_sde", "--eta", "0.5", "--steps", "4",
+                 "--out", str(tmp_path / "flag.png")]) == 0
+    assert (tmp_path / "file.png").read_bytes() == (tmp_path / "flag.png").read_bytes()
+    other = write("other.json", [0.9, 0.1, 0.5, 0.0])
+    assert main([*common, "--eta-file", other, "--out", str(tmp_path / "other.png")]) == 0
+    assert (tmp_path / "other.png").read_bytes() != (tmp_path / "flag.png").read_bytes()
+    capsys.readouterr()
+    fails(capsys, [*common, "--eta-file", flat, "--kernel", "flow_sde", "--out", str(tmp_path / "x.png")],
+          "holds dance_sde noise levels but --kernel flow_sde; set --kernel dance_sde")
+    fails(capsys, [*common, "--eta-file", flat, "--steps", "10", "--out", str(tmp_path / "x.png")],
+          "has 4 etas but --steps 10; they must match (set --steps 4")
+    fails(capsys, [*common, "--eta-file", flat, "--eta", "0.3", "--kernel", "dance_sde", "--out", str(tmp_path / "x.png")],
+          "not both")
+    bad = tmp_path / "grid.json"
+    bad.write_text(json.dumps({"kernel": "dance_sde", "eta": [0.5, 0.5, 0.5, 0.0], "sigmas": [1, 0.9, 0.5, 0.2, 0]}))
+    fails(capsys, [*common, "--eta-file", str(bad), "--out", str(tmp_path / "x.png")], "another sigma grid")
+    assert not (tmp_path / "x.png").exists()

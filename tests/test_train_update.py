@@ -922,3 +922,105 @@ def test_each_pair_takes_the_advantage_of_its_own_rollout_and_step():
     expect = -0.1 * _grad(0.5, traj, advs, mine)
     assert abs(expect) > 1e-3
     assert float(model.w.detach()) - 0.5 == pytest.approx(expect, rel=1e-5)
+
+
+# ------------------------------------------------------------------ the calibrated eta file across a resume
+
+
+def _eta_file(file, eta, **extra):
+    from flowalign.models import load_model
+
+    grid = load_model("shapes").schedule(len(eta)).tolist()
+    file.write_text(json.dumps({"kernel": "dance_sde", "eta": eta, "sigmas": grid, **extra}))
+    return file
+
+
+def _tree_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_refuses_an_eta_file_recalibrated_in_place_and_takes_the_runs_copy(tmp_path, monkeypatch):
+    """config.yaml held only the eta file's path: recalibrating the file in place (`calibrate --overwrite`) and
+    resuming went on silently with other noise levels, and a relative path resumed from another directory was not
+    found. The run keeps a copy of the file; a resume whose file holds other etas is refused naming the copy, the
+    copy resumes (its path may differ from the original's), and a missing relative path points at it."""
+    from flowalign.errors import UserError
+    from flowalign.train import ETA_COPY, train
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _eta_file(work / "psi.json", [0.3, 0.3, 0.2, 0.0])
+    run = train(_cfg(tmp_path / "run", "train.iterations=1", "sampler.eta_file=psi.json", "sampler.kernel=dance_sde"))
+    copy = run / ETA_COPY
+    assert json.loads(copy.read_text())["eta"] == [0.3, 0.3, 0.2, 0.0]
+    saved = C.load_config(str(run / "config.yaml"))
+    assert saved.sampler.eta_file == "psi.json"
+
+    _eta_file(work / "psi.json", [0.6, 0.5, 0.3, 0.0])  # recalibrated in place
+    before = _tree_bytes(run)
+    resume = ["output.resume=true", "train.iterations=2"]
+    with pytest.raises(UserError, match=r"now holds other etas \(0\.6, 0\.5, 0\.3, 0\) than the run started with "
+                                        r"\(0\.3, 0\.3, 0\.2, 0\)") as e:
+        train(C.apply_overrides(saved, resume))
+    assert str(copy) in str(e.value) and "\n" not in str(e.value)
+    assert _tree_bytes(run) == before
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # psi.json is not here
+    with pytest.raises(UserError, match=rf"'psi.json' not found .*resume with the run's copy, "
+                                        rf"sampler.eta_file='{re.escape(str(copy))}'"):
+        train(C.apply_overrides(saved, resume))
+    assert _tree_bytes(run) == before
+
+    done = train(C.apply_overrides(saved, [*resume, f"sampler.eta_file={copy}"]))
+    lines = [json.loads(ln) for ln in (done / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines if "train/transitions" in r] == [1, 2]
+    assert json.loads(copy.read_text())["eta"] == [0.3, 0.3, 0.2, 0.0]  # the copy is the run's, never rewritten
+
+
+def test_an_eta_file_is_checked_before_the_model_loads_and_by_describe(tmp_path, monkeypatch):
+    """A missing eta file, or one for another step count or kernel, was refused only after the model had loaded
+    (minutes for SD3 or FLUX), and `train --describe` called such a config valid."""
+    import flowalign.train as T
+    from flowalign.errors import UserError
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the eta file was checked")
+
+    monkeypatch.setattr(T, "load_model", no_load)
+    four = _eta_file(tmp_path / "four.json", [0.3, 0.3, 0.2, 0.0])
+    cases = [(["sampler.eta_file=" + str(tmp_path / "nope.json"), "sampler.kernel=dance_sde"], "not found"),
+             ([f"sampler.eta_file={four}", "sampler.kernel=dance_sde", "sampler.steps=10"],
+              "has 4 etas but sampler.steps=10; they must match (set sampler.steps=4, or calibrate with --steps 10)"),
+             ([f"sampler.eta_file={four}"], "holds dance_sde noise levels but sampler.kernel=flow_sde")]
+    for overrides, needle in cases:
+        cfg = _cfg(tmp_path / "run", *[o for o in overrides if not o.startswith("sampler.steps")],
+                   *[o for o in overrides if o.startswith("sampler.steps")])
+        with pytest.raises(UserError, match=re.escape(needle)):
+            T.train(cfg)
+        with pytest.raises(UserError, match=re.escape(needle)):
+            T._check_components(cfg, check_device=False)  # what --describe runs
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_eta_file_for_another_model_or_reward_warns(tmp_path, caplog):
+    """calibrate records the model, weights and rewards it tuned ψ_t for; only the CFG scale was compared, so a file
+    made for FLUX with PickScore drove a shapes run with shapes_partial without a word."""
+    import logging
+
+    from flowalign.train import _load_eta
+
+    f = _eta_file(tmp_path / "eta.json", [0.3, 0.2, 0.1, 0.0], model="shapes", path="",
+                  rewards={"shapes_partial": 1.0})
+    cfg = _cfg(tmp_path / "run", f"sampler.eta_file={f}", "sampler.kernel=dance_sde")
+    with caplog.at_level(logging.WARNING, logger="flowalign.train"):
+        _load_eta(cfg)
+        assert not caplog.records
+        _eta_file(f, [0.3, 0.2, 0.1, 0.0], model="flux", path="/w/flux", rewards={"pickscore": 1.0})
+        _load_eta(cfg)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "for model 'flux' and this run uses 'shapes'" in text
+    assert "for weights (--path) '/w/flux' and this run uses ''" in text
+    assert "for rewards {'pickscore': 1.0} and this run uses {'shapes_partial': 1.0}" in text

@@ -21,8 +21,9 @@ draw of step k (data, dropout, σ, ε) comes from generators seeded with (seed, 
 Run directory::
 
     OUT/config.yaml                       the resolved pretraining config
-    OUT/metrics.jsonl                     step, loss, lr, seconds (every ``log_every`` steps)
-    OUT/checkpoints/step-N/state.pt       model + optimizer + EMA + RNG + step (atomic directory rename)
+    OUT/metrics.jsonl                     step, loss, lr, seconds (wall time of the run, resumed sessions
+                                          included; every ``log_every`` steps)
+    OUT/checkpoints/step-N/state.pt       model + optimizer + EMA + RNG + step + seconds (atomic directory rename)
     OUT/final/{model.safetensors,config.json}   the EMA weights (what ships)
 
 (``flowalign report OUT`` adds report.html and plots/; the run stays resumable. ``--resume`` without ``--config``
@@ -316,11 +317,12 @@ def components(model: Any) -> dict[str, nn.Module]:
 
 
 def save_checkpoint(out: Path, step: int, model: Any, opt: torch.optim.Optimizer, ema: Sequence[Tensor],
-                    cfg: PretrainConfig, keep: int, log_acc: tuple[float, int] = (0.0, 0)) -> Path:
+                    cfg: PretrainConfig, keep: int, log_acc: tuple[float, int] = (0.0, 0), seconds: float = 0.0) -> Path:
     """Write ``checkpoints/step-N/state.pt`` atomically (temp directory + rename); prune old ones.
 
     ``log_acc`` = (loss sum, steps) of the metrics window still open at ``step`` (a checkpoint between two log rows),
-    so that a resumed run logs the same mean loss as the uninterrupted one."""
+    so that a resumed run logs the same mean loss as the uninterrupted one; ``seconds`` = the run's wall time so far,
+    from which a resumed run's metrics ``seconds`` go on."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -330,7 +332,7 @@ def save_checkpoint(out: Path, step: int, model: Any, opt: torch.optim.Optimizer
     tmp.mkdir()
     torch.save({"step": step, "model": {k: m.state_dict() for k, m in components(model).items()}, "optimizer": opt.state_dict(),
                 "ema": [t.clone() for t in ema], "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg),
-                "log_acc": [float(log_acc[0]), int(log_acc[1])]},
+                "log_acc": [float(log_acc[0]), int(log_acc[1])], "seconds": float(seconds)},
                tmp / "state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -355,6 +357,27 @@ def _check_resume_config(cfg: PretrainConfig, saved: Optional[dict[str, Any]], c
     if diff:
         raise UserError(f"cannot resume {ckpt} with changed settings: {', '.join(diff)}; resume with the run's "
                         "config.yaml and flags, or choose a new --out")
+
+
+def _seconds_at(state: dict[str, Any], metrics: Path, step: int) -> float:
+    """The run's wall time at the checkpoint ``state`` of ``step``; for a checkpoint written before it was stored,
+    the ``seconds`` of the last metrics row up to ``step`` (0 without one)."""
+    saved = state.get("seconds")
+    if isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved) and saved >= 0:
+        return float(saved)
+    best = 0.0
+    try:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    except (OSError, ValueError):
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            if int(rec["step"]) <= step and math.isfinite(float(rec["seconds"])):
+                best = max(best, float(rec["seconds"]))
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or without seconds
+            continue
+    return best
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -519,7 +542,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
     ema = [p.detach().clone() for p in params]
-    start, log_acc = 0, (0.0, 0)
+    start, log_acc, seconds = 0, (0.0, 0), 0.0
     if resume:
         if ckpts:
             try:
@@ -527,9 +550,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
                 if not isinstance(state, dict) or not {"model", "optimizer", "ema", "rng", "step"} <= set(state):
                     raise ValueError("not a pretraining checkpoint")
             except Exception as err:  # truncated / overwritten file: torch raises pickle, zip, EOF, ... errors
-                first = first_line(err, 200)
-                raise UserError(f"cannot read checkpoint {ckpts[-1] / 'state.pt'} ({first}); delete {ckpts[-1]} to "
-                                f"resume from an earlier checkpoint, or choose a new --out") from None
+                raise _unreadable_checkpoint(out, ckpts[-1], first_line(err, 200)) from None
             _check_resume_config(cfg, state.get("config"), ckpts[-1])
             for k, m in comps.items():
                 m.load_state_dict(state["model"][k])
@@ -539,6 +560,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
             torch.set_rng_state(state["rng"])
             start = int(state["step"])
             log_acc = tuple(state.get("log_acc", (0.0, 0)))  # the open metrics window (older checkpoints: none)
+            seconds = _seconds_at(state, out / "metrics.jsonl", start)  # metrics' seconds go on from here
             logger.info("resumed from %s (step %d)", ckpts[-1], start)
         else:
             logger.info("--resume: no checkpoint in %s, starting fresh", out)
@@ -556,7 +578,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="pretrain", unit="step", dynamic_ncols=True)
     metrics = (out / "metrics.jsonl").open("a")
-    t0, (loss_acc, n_acc) = time.time(), (float(log_acc[0]), int(log_acc[1]))
+    t0, (loss_acc, n_acc) = time.time() - seconds, (float(log_acc[0]), int(log_acc[1]))  # t0: as if never stopped
     try:
         for step in range(start, end):
             loss = train_step(model, opt, data, step, cfg)
@@ -571,7 +593,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, *, resume: bool, data: Optional[Ba
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
                 loss_acc, n_acc = 0.0, 0
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
-                save_checkpoint(out, done, model, opt, ema, cfg, cfg.keep_checkpoints, (loss_acc, n_acc))
+                save_checkpoint(out, done, model, opt, ema, cfg, cfg.keep_checkpoints, (loss_acc, n_acc),
+                                time.time() - t0)
     finally:
         bar.close()
         metrics.close()
@@ -658,23 +681,71 @@ def load_config(path: Optional[str], overrides: dict[str, Any]) -> PretrainConfi
 # what a pretraining run writes in --out, and what `flowalign report` adds to it (report.html, plots/)
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "checkpoints", "final", "report.html", "plots"}
 
+# what `flowalign train` writes into checkpoints/step-N/ beside its state.pt (flowalign.train._save_checkpoint: the
+# COMPLETE marker, meta.json, the LoRA and raw/); a pretraining checkpoint holds state.pt alone
+TRAIN_CHECKPOINT_ENTRIES = ("COMPLETE", "meta.json", "raw", "pytorch_lora_weights.safetensors")
+
+
+def _saved_config(out: Path) -> Any:
+    """``out/config.yaml`` as YAML data; None when it is missing, empty or unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _is_pretrain_config(saved: Any) -> bool:
+    return isinstance(saved, dict) and bool(saved) and set(saved) <= {f.name for f in dataclasses.fields(PretrainConfig)}
+
+
+def holds_training_run(out: Path) -> bool:
+    """Whether the directory ``out`` holds a ``flowalign train`` run: a config.yaml of the trainer's sections (a
+    ``model:`` mapping, ``sampler:``, ``train:`` ...) or a checkpoint with what the trainer writes beside state.pt."""
+    from flowalign.config import ExperimentConfig
+
+    saved = _saved_config(out)
+    if isinstance(saved, dict) and saved and set(saved) <= {f.name for f in dataclasses.fields(ExperimentConfig)}:
+        pretrain_fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+        if set(saved) - pretrain_fields or isinstance(saved.get("model"), dict):  # pretrain's model is a name
+            return True
+    ckpts = out / "checkpoints"
+    return ckpts.is_dir() and any((p / name).exists() for p in ckpts.glob("step-*") if p.is_dir()
+                                  for name in TRAIN_CHECKPOINT_ENTRIES)
+
+
+def _training_run_error(out: Path) -> UserError:
+    return UserError(f"{str(out)!r} holds a training run (flowalign train), not a pretraining run; choose a new --out")
+
+
+def _refuse_training_run(out: Path) -> None:
+    if out.is_dir() and holds_training_run(out):
+        raise _training_run_error(out)
+
+
+def _unreadable_checkpoint(out: Path, ckpt: Path, why: str) -> UserError:
+    """The error for a checkpoint ``--resume`` cannot load. Deleting it is advised only in a pretraining run (a
+    config.yaml of PretrainConfig fields, or none, and checkpoints as pretrain writes them), never in another's."""
+    if holds_training_run(out):
+        return _training_run_error(out)
+    saved = _saved_config(out)
+    if _is_pretrain_config(saved) or (saved is None and not (out / "config.yaml").exists()):
+        return UserError(f"cannot read checkpoint {ckpt / 'state.pt'} ({why}); delete {ckpt} to resume from an "
+                         f"earlier checkpoint, or choose a new --out")
+    return UserError(f"cannot read checkpoint {ckpt / 'state.pt'} ({why}) and {str(out)!r} holds no pretraining run "
+                     f"(its config.yaml is not a pretrain config); choose a new --out")
+
 
 def is_pretrain_run(out: Path) -> bool:
     """Whether the directory ``out`` holds (the start of) a pretraining run: only what ``pretrain`` writes there
-    (hidden files aside: its temporary files), with a ``config.yaml`` of ``PretrainConfig`` fields or a checkpoint."""
+    (hidden files aside: its temporary files), no training run, and a ``config.yaml`` of ``PretrainConfig`` fields
+    or (that file missing or unreadable) a checkpoint."""
     names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
-    if not names <= RUN_ENTRIES:
+    if not names <= RUN_ENTRIES or holds_training_run(out):
         return False
-    if _checkpoints(out):
-        return True
-    try:
-        import yaml
-
-        saved = yaml.safe_load((out / "config.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    return isinstance(saved, dict) and bool(saved) and set(saved) <= fields
+    saved = _saved_config(out)
+    return _is_pretrain_config(saved) or (saved is None and bool(_checkpoints(out)))
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
@@ -685,6 +756,7 @@ def check_run_dir(out: Path, resume: bool) -> None:
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; pass a run directory (new, or one to --resume)")
+    _refuse_training_run(out)
     if not out.is_dir() or not any(out.iterdir()):
         check_out_parent(out)
         return
@@ -700,11 +772,23 @@ def check_run_dir(out: Path, resume: bool) -> None:
     check_out_parent(out)
 
 
+# the two stages of the shipped shapes model, as the Makefile's `shapes-base` target runs them
+SHIPPED_STAGES = ("configs/shapes_pretrain.yaml", "configs/shapes_pretrain_stage2.yaml")
+
+
+def _default_recipe() -> str:
+    d = PretrainConfig()
+    return (f"{d.steps} steps, batch {d.batch_size}, lr {d.lr:g}, warm-up {d.warmup}, the {d.model} model's default "
+            f"architecture and data")
+
+
 def cli_main(argv: Sequence[str]) -> int:
     ap = CommandParser(prog="flowalign pretrain", description="Flow-matching pretraining (rectified flow, "
                                  "logit-normal σ, caption dropout, EMA); writes OUT/final/ with the EMA weights.")
     ap.add_argument("--config", default=None, help="YAML file of PretrainConfig fields (e.g. configs/shapes_pretrain.yaml); "
-                                                   "with --resume and no --config, the run's own --out/config.yaml")
+                    "with --resume and no --config, the run's own --out/config.yaml. Without it (and without a run to "
+                    f"--resume) a default recipe runs: {_default_recipe()}; it is neither shipped stage (`make "
+                    f"shapes-base` runs {SHIPPED_STAGES[0]}, then {SHIPPED_STAGES[1]})")
     ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/): new or empty, or a run "
                                                  "to --resume")
     ap.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
@@ -718,6 +802,7 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(list(argv))
     out = Path(args.out)
+    _refuse_training_run(out)  # before any other message: its checkpoints are no pretraining run's to resume or delete
     config = args.config
     if config is None and args.resume and (out / "config.yaml").is_file():
         # --resume alone continues the run with its own settings (the resolved config it saved, flags included)
@@ -726,5 +811,9 @@ def cli_main(argv: Sequence[str]) -> int:
     cfg = load_config(config, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                "seed": args.seed, "threads": args.threads})
     check_run_dir(out, args.resume)
+    if config is None:
+        logger.info("no --config: pretraining the default recipe (steps %d, batch %d, lr %g), neither shipped "
+                       "stage; the shipped model's are --config %s, then %s (make shapes-base)", cfg.steps,
+                       cfg.batch_size, cfg.lr, *SHIPPED_STAGES)
     pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from flowalign.cli import main
 from flowalign.errors import UserError
 from flowalign.pretrain import (PretrainConfig, cli_main, ema_decay_at, ema_model_from_checkpoint, ema_update,
                                 flow_matching_loss, logit_normal_sigmas, lr_at, pretrain, shapes_data, step_generator)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = dict(vocab=["a", "red", "blue", "circle", "square"], image_size=8, patch_size=4, num_layers=1,
                   num_heads=2, head_dim=8, text_dim=16, text_layers=1, text_heads=2, max_len=4, pooled_dim=16,
@@ -263,16 +266,20 @@ def _no_build(monkeypatch):
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_another_commands_directory_is_not_written_into(tmp_path, capsys, monkeypatch, resume):
+@pytest.mark.parametrize("config, needles", [
+    ("prompts: [a red circle]\n", ["not empty", "no pretraining run"]),
+    ("model: {name: shapes}\nsampler: {steps: 4}\n", ["holds a training run", "choose a new --out"]),  # a train run's
+])
+def test_another_commands_directory_is_not_written_into(tmp_path, capsys, monkeypatch, resume, config, needles):
     """--out DIR holding e.g. a sample grid and an eval summary got config.yaml, metrics.jsonl, checkpoints/ and final/
     written among them (only checkpoints or final/ were refused)."""
     _no_build(monkeypatch)
     d = tmp_path / "evals"
     d.mkdir()
     (d / "summary.json").write_text("{}")
-    (d / "config.yaml").write_text("model: {name: shapes}\nsampler: {steps: 4}\n")  # a train run's, not pretrain's
+    (d / "config.yaml").write_text(config)
     argv = ["pretrain", "--out", str(d), "--no-progress"] + (["--resume"] if resume else [])
-    _cli_fails(capsys, argv, str(d), "not empty", "no pretraining run")
+    _cli_fails(capsys, argv, str(d), *needles)
     assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "summary.json"]
 
 
@@ -687,3 +694,146 @@ def test_shapes_data_draws_image_k_of_step_t_from_seed_t_k():
         assert caps[k] == to_prompt(sample_spec(rng, "counting")), k
     assert len(set(caps)) > 1 and not torch.equal(imgs[0], imgs[1])
 
+
+
+# ------------------------------------------------------------------------- a training run's directory, the defaults
+
+
+def _training_run(d, *, config=True, checkpoints=True):
+    """A `flowalign train` run as it lies on disk (its resolved config.yaml; checkpoints/step-N/ with the LoRA, raw/,
+    state.pt, meta.json and COMPLETE, as train._save_checkpoint writes them), built without training."""
+    from flowalign import config as C
+
+    d.mkdir()
+    if config:
+        C.dump_yaml(C.load_config(str(ROOT / "configs" / "shapes_grpo.yaml"), []), d / "config.yaml")
+    (d / "metrics.jsonl").write_text('{"iteration": 1, "time/elapsed_s": 1.5}\n{"iteration": 2, "time/elapsed_s": 3.0}\n')
+    (d / "report.html").write_text("<html></html>\n")
+    for step in (1, 2) if checkpoints else ():
+        ck = d / "checkpoints" / f"step-{step}"
+        (ck / "raw").mkdir(parents=True)
+        (ck / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+        (ck / "raw" / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+        torch.save({"iteration": step, "optimizer": {}, "ema": None, "sampler": {}, "nfe": {},
+                    "torch_rng": torch.get_rng_state()}, ck / "state.pt")
+        (ck / "meta.json").write_text(json.dumps({"iteration": step, "world_size": 1}) + "\n")
+        (ck / "COMPLETE").write_text(str(step))
+    return d
+
+
+def _tree(d):
+    return {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("evidence", ["both", "config", "checkpoints"])
+@pytest.mark.parametrize("flags", [["--config", "TINY"], ["--config", "TINY", "--resume"], ["--resume"], []])
+def test_a_training_run_is_refused_in_one_line_before_any_other_message(tmp_path, capsys, monkeypatch, evidence, flags):
+    """--out RUN of `flowalign train` said 'already holds checkpoints; pass --resume', then with --resume 'cannot read
+    checkpoint .../step-2/state.pt ...; delete .../step-2' (advice that deletes a training run's checkpoints one by one);
+    --resume alone said "unknown pretrain config key 'sampler'". Now one line names it, and nothing there changes."""
+    _no_build(monkeypatch)
+    run = _training_run(tmp_path / "RUN", config=evidence != "checkpoints", checkpoints=evidence != "config")
+    before = _tree(run)
+    conf = str(_tiny_yaml(tmp_path / "tiny.yaml"))
+    argv = ["pretrain", *[conf if a == "TINY" else a for a in flags], "--out", str(run), "--no-progress"]
+    line = _cli_fails(capsys, argv, f"{str(run)!r} holds a training run (flowalign train), not a pretraining run; "
+                                    "choose a new --out")
+    assert "delete" not in line and "--resume" not in line
+    assert _tree(run) == before
+
+
+def test_resuming_into_a_training_run_never_advises_deleting_its_checkpoints(tmp_path):
+    """The library path (no CLI checks): the training run is named, the directory left as it was; the 'delete
+    step-N' advice stays for a pretraining run's own unreadable checkpoint."""
+    run = _training_run(tmp_path / "RUN")
+    before = _tree(run)
+    with pytest.raises(UserError, match="holds a training run") as info:
+        pretrain(tiny_cfg(), run, data=toy_data, progress=False, resume=True)
+    assert "delete" not in str(info.value) and _tree(run) == before
+    # a directory with another config.yaml and a checkpoint: no pretraining run either, nothing to delete there
+    other = tmp_path / "other"
+    (other / "checkpoints" / "step-1").mkdir(parents=True)
+    (other / "checkpoints" / "step-1" / "state.pt").write_bytes(b"x")
+    (other / "config.yaml").write_text("prompts: [a red circle]\n")
+    with pytest.raises(UserError, match="holds no pretraining run") as info:
+        pretrain(tiny_cfg(), other, data=toy_data, progress=False, resume=True)
+    assert "delete" not in str(info.value)
+    # a pretraining run whose newest checkpoint was cut short: deleting it resumes from the one before
+    cut = tmp_path / "cut"
+    pretrain(tiny_cfg(), cut, data=toy_data, progress=False, stop_after=6)
+    (cut / "checkpoints" / "step-6" / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*step-6.*; delete .*step-6 to resume"):
+        pretrain(tiny_cfg(), cut, data=toy_data, progress=False, resume=True)
+
+
+def test_help_states_the_default_recipe_and_a_run_without_config_logs_it(tmp_path, capsys, monkeypatch, caplog):
+    """Without --config a 3000-step, batch-64 run started silently on a recipe that is neither shipped stage."""
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    d = PretrainConfig()
+    for needle in (f"{d.steps} steps", f"batch {d.batch_size}", f"lr {d.lr:g}", "neither shipped stage",
+                   "make shapes-base", "configs/shapes_pretrain.yaml", "configs/shapes_pretrain_stage2.yaml"):
+        assert needle in text, (needle, text)
+    assert (d.steps, d.batch_size) == (3000, 64)
+    make = (ROOT / "Makefile").read_text().split("\nshapes-base:")[1].split("\n\n")[0]
+    assert "--config configs/shapes_pretrain.yaml " in make and "--config configs/shapes_pretrain_stage2.yaml " in make
+    _no_build(monkeypatch)
+
+    def logged(*flags):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="flowalign.pretrain"), pytest.raises(AssertionError, match="model was built"):
+            main(["pretrain", *flags, "--out", str(tmp_path / f"run{len(flags)}"), "--no-progress"])
+        return [r.getMessage() for r in caplog.records if "no --config" in r.getMessage()]
+
+    [line] = logged()
+    assert "default recipe (steps 3000, batch 64, lr 0.0005), neither shipped stage" in line, line
+    assert "configs/shapes_pretrain.yaml" in line and "make shapes-base" in line
+    assert logged("--config", str(_tiny_yaml(tmp_path / "tiny.yaml"))) == []
+
+
+def _rows(d):
+    return {r["step"]: r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_metrics_seconds_go_on_across_a_resume(tmp_path):
+    """`seconds` restarted at 0 after a resume (step 4: 0.32 s uninterrupted, 0.04 s resumed); it now counts from the
+    checkpoint's wall time, and the resumed weights stay bitwise those of the uninterrupted run."""
+    cfg = tiny_cfg(log_every=1)
+    full = pretrain(cfg, tmp_path / "full", data=toy_data, progress=False)
+    run = tmp_path / "cut"
+    pretrain(cfg, run, data=toy_data, progress=False, stop_after=3)
+    state = _load(run / "checkpoints" / "step-3")
+    assert state["seconds"] >= _rows(run)[3]["seconds"] > 0
+    state["seconds"] = 1000.0  # as if the first session had run for 1000 s
+    torch.save(state, run / "checkpoints" / "step-3" / "state.pt")
+    resumed = pretrain(cfg, run, data=toy_data, progress=False, resume=True)
+    rows = _rows(run)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6] and rows[3]["seconds"] < 1000
+    assert 1000 <= rows[4]["seconds"] <= rows[5]["seconds"] <= rows[6]["seconds"]
+    assert _load(run / "checkpoints" / "step-6")["seconds"] >= rows[6]["seconds"]
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_a_checkpoint_without_seconds_resumes_from_the_logged_seconds(tmp_path):
+    """A checkpoint written before `seconds` was stored: the last logged row up to it gives the run's time so far."""
+    cfg = tiny_cfg(log_every=1)
+    run = tmp_path / "cut"
+    pretrain(cfg, run, data=toy_data, progress=False, stop_after=3)
+    state = _load(run / "checkpoints" / "step-3")
+    del state["seconds"]
+    torch.save(state, run / "checkpoints" / "step-3" / "state.pt")
+    rows = [dict(r, seconds=100.0 * r["step"]) for r in _rows(run).values()]  # step 3 logged at 300 s
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pretrain(cfg, run, data=toy_data, progress=False, resume=True)
+    assert 300 <= _rows(run)[4]["seconds"] < 400
+    # and without any metrics row either: from 0, as before
+    pretrain(cfg, tmp_path / "bare", data=toy_data, progress=False, stop_after=3)
+    state = _load(tmp_path / "bare" / "checkpoints" / "step-3")
+    del state["seconds"]
+    torch.save(state, tmp_path / "bare" / "checkpoints" / "step-3" / "state.pt")
+    (tmp_path / "bare" / "metrics.jsonl").unlink()
+    pretrain(cfg, tmp_path / "bare", data=toy_data, progress=False, resume=True)
+    assert 0 <= _rows(tmp_path / "bare")[4]["seconds"] < 300

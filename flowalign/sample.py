@@ -287,7 +287,8 @@ def cli_main(argv: Sequence[str]) -> int:
                    "and flux, 50 for wan, the config's sample_steps for shapes, 12)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--kernel", default="euler", help=f"step kernel: {' | '.join(KERNELS)}")
-    p.add_argument("--eta", type=float, default=0.0, help="noise level of an SDE kernel (0 = ODE)")
+    p.add_argument("--eta", type=float, default=None, help="noise level of the kernel (default 0.7 for every kernel "
+                   "but euler, as steer's; 0 for euler, the ODE)")
     p.add_argument("--eta-file", default=None, metavar="JSON",
                    help="per-step noise levels from `flowalign calibrate` (its kernel, and its step count unless "
                         "--steps is given), to look at what calibrated noise draws; instead of --eta")
@@ -314,6 +315,9 @@ def cli_main(argv: Sequence[str]) -> int:
         close = difflib.get_close_matches(args.kernel, list(KERNELS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"--kernel {args.kernel!r} is not a kernel (choose one of {', '.join(KERNELS)}){hint}")
+    eta_given = args.eta is not None
+    if not eta_given:  # a stochastic kernel at eta 0 is Euler: `--kernel flow_sde` alone drew the ODE's grid
+        args.eta = 0.7 if args.kernel != "euler" and not args.eta_file else 0.0
     if not (math.isfinite(args.eta) and args.eta >= 0):  # NaN/inf noise gives a NaN (black) grid, no error
         raise UserError(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.eta > 0 and args.kernel == "euler":  # the registry's one ODE kernel; every other one draws noise
@@ -325,7 +329,7 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.eta_file:  # the calibrated per-step noise: its kernel and step count unless given
         from flowalign.calibrate import read_eta_file
 
-        if args.eta > 0:
+        if eta_given:
             raise UserError(f"pass --eta {args.eta:g} or --eta-file {args.eta_file!r}, not both")
         explicit = args.kernel if args.kernel != "euler" else None  # euler (the default) draws no noise to scale
         etas, eta_data = read_eta_file(args.eta_file, args.steps, explicit, cli=True)

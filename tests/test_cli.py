@@ -162,6 +162,21 @@ def test_sample_eta_without_a_stochastic_kernel_lists_every_stochastic_kernel(ca
         assert k in line, (k, line)
 
 
+def test_sample_with_a_stochastic_kernel_draws_noise_by_default_as_steer_does(tmp_path):
+    """`sample --kernel flow_sde` without --eta sampled at eta 0, i.e. the ODE: a grid byte-identical to the default
+    kernel's, without a word, while steer defaults a stochastic kernel to 0.7. Now the default is steer's, an
+    explicit --eta 0 still gives the ODE, and euler stays at 0."""
+    from flowalign.cli import main
+
+    common = ["sample", "a red circle", "--seeds", "2", "--steps", "4"]
+    grid = {}
+    for name, extra in (("sde", ["--kernel", "flow_sde"]), ("sde07", ["--kernel", "flow_sde", "--eta", "0.7"]),
+                        ("sde0", ["--kernel", "flow_sde", "--eta", "0"]), ("ode", [])):
+        assert main([*common, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        grid[name] = (tmp_path / f"{name}.png").read_bytes()
+    assert grid["sde"] == grid["sde07"] and grid["sde0"] == grid["ode"] and grid["sde"] != grid["ode"]
+
+
 def test_sample_help_says_an_existing_grid_is_replaced(capsys):
     from flowalign.cli import main
 

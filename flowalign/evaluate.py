@@ -989,6 +989,21 @@ def parse_model_args(family: str, items: Sequence[str]) -> dict:
     return model_kwargs
 
 
+def guidance_with_model_args(guidance: Optional[float], model_kwargs: Mapping[str, Any]) -> Optional[float]:
+    """The CFG scale a command samples at, given ``--guidance`` and ``--model-arg guidance_scale``: the model-arg
+    sets the model's own scale, which ``--guidance`` (or a benchmark's fixed scale) replaced at sampling time, so a
+    model-arg beside them was silently ignored. Now it counts as ``--guidance`` (a benchmark run at another scale is
+    then labelled not a benchmark), and the two given with different values are refused in one line."""
+    from flowalign.errors import UserError
+
+    scale = model_kwargs.get("guidance_scale")
+    if scale is None:
+        return guidance
+    if guidance is not None and float(guidance) != float(scale):
+        raise UserError(f"--guidance {guidance:g} and --model-arg guidance_scale={scale:g} disagree; pass one of them")
+    return float(scale)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype's values
 
 
@@ -1103,6 +1118,7 @@ def cli_main(argv: Sequence[str]) -> int:
     args.seed = fixed.get("seed", 0) if args.seed is None else args.seed
     args.max_prompts = 0 if args.max_prompts is None else args.max_prompts
     args.steps = fixed.get("steps") if args.steps is None else args.steps
+    args.guidance = guidance_with_model_args(args.guidance, parse_model_args(args.model, args.model_arg))
     args.guidance = fixed.get("guidance") if args.guidance is None else args.guidance
     if "export" in fixed:  # a benchmark scored by an external evaluator: its images in that evaluator's layout
         if args.export not in (None, fixed["export"]):

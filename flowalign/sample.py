@@ -268,7 +268,7 @@ def check_positive(**values: Optional[int]) -> None:
 def cli_main(argv: Sequence[str]) -> int:
 
     from flowalign import data as D
-    from flowalign.evaluate import add_model_arg, parse_model_args
+    from flowalign.evaluate import add_model_arg, guidance_with_model_args, parse_model_args
     from flowalign.models import load_model
     from flowalign.samplers import KERNELS
 
@@ -303,6 +303,7 @@ def cli_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     # every argument is checked before the model loads and before anything is written
     model_kwargs = parse_model_args(args.model, args.model_arg)
+    args.guidance = guidance_with_model_args(args.guidance, model_kwargs)
     check_positive(seeds=args.seeds, steps=args.steps, batch_size=args.batch_size)
     if args.max_prompts is not None:
         check_max_prompts(args.max_prompts)

@@ -161,6 +161,28 @@ def test_eval_benchmark_takes_every_setting_from_the_protocol_and_labels_the_res
     assert "with steps 2 -&gt; 3" in (other / "report.html").read_text()
 
 
+def test_a_model_arg_guidance_scale_counts_as_guidance(tmp_path, capsys):
+    """`--model-arg guidance_scale=2` beside a benchmark's fixed scale (or --guidance) was silently replaced: the
+    results were the protocol's, labelled a benchmark. It now counts as --guidance: the run samples at 2 and says it
+    is not a benchmark; beside a different --guidance it is refused in one line, in eval and in sample."""
+    from cli_checks import fails
+
+    path = _user_protocol(tmp_path)
+    base = ["eval", "--benchmark", str(path), "--grid", "0"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--model-arg", "guidance_scale=2", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in "ab")
+    assert b["settings"]["guidance"] == 2.0 and b["settings"]["benchmark"]["benchmark"] is False
+    assert b["settings"]["benchmark"]["overrides"]["guidance"] == {"protocol": 4.0, "used": 2.0}
+    assert main([*base, "--model-arg", "guidance_scale=4", "--out", str(tmp_path / "c")]) == 0  # the protocol's own
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["settings"]["benchmark"]["benchmark"] is True
+    capsys.readouterr()
+    for cmd in (base, ["sample", "a red circle"]):
+        fails(capsys, [*cmd, "--guidance", "4", "--model-arg", "guidance_scale=2", "--out", str(tmp_path / "x.png")],
+              "--guidance 4 and --model-arg guidance_scale=2 disagree; pass one of them")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_eval_benchmark_sets_the_resolution_of_the_model(tmp_path, tiny_sd3_dir):
     """A protocol's height/width reach the model (--model-arg overriding them is recorded as an override)."""
     path = _user_protocol(tmp_path, rewards=["saturation"],

@@ -1185,6 +1185,12 @@ def cli_main(argv: Sequence[str]) -> int:
         load_lora_checked(model, args.lora)
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
+    note = getattr(model, "prompt_note", None)  # a closed-grammar model: known words, a sentence it never saw
+    outside = [why for why in map(note, dict.fromkeys(r.prompt for r in records)) if why] if note else []
+    if outside:  # e.g. shapes-bench's still scenes on the shapes video model (sample warns alike)
+        logger.warning("%d of %d prompts are outside the grammar --model %s was trained on (first: %s); evaluating "
+                       "them anyway", len(outside), len(dict.fromkeys(r.prompt for r in records)), args.model,
+                       outside[0])
     outputs = getattr(model, "output_kind", "image")
     rewards = {n: for_outputs(build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}"), outputs,
                               per_frame) for n in names}

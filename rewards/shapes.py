@@ -48,7 +48,25 @@ class _ShapesVerifierReward:
         """One-line ``UserError`` for the first prompt outside the shapes grammar, before anything is sampled
         (trainer and ``flowalign eval`` call it on their prompt sets; scoring would only fail after sampling)."""
         for p in dict.fromkeys(prompts):
-            self.spec(p)
+            try:
+                self.spec(p)
+            except UserError:
+                other = self._other_world(p)
+                if other:
+                    raise UserError(other) from None
+                raise
+
+    def _other_world(self, prompt: str) -> str:
+        """The error line for a prompt of the other shapes world (a still reward given a motion prompt, e.g.
+        ``shapes_strict`` on ``shapes_video``): which reward to use; '' when the prompt is in neither grammar."""
+        from flowalign.shapes.motion import parse as parse_motion
+
+        try:
+            parse_motion(prompt)
+        except UserError:
+            return ""
+        return (f"reward {self.name!r} scores still scenes of the shapes grammar and {prompt!r} is a motion prompt; "
+                f"for videos use shapes_motion_strict or shapes_motion_partial")
 
     def _inputs(self, images: Tensor, prompts: Sequence[str]) -> tuple[list[Spec], np.ndarray, np.ndarray]:
         """(parsed specs, images as np [B, H, W, 3], finite mask [B]) after checking shapes and prompts."""
@@ -162,6 +180,14 @@ class _ShapesMotionReward(_ShapesVerifierReward):
         from flowalign.shapes.motion import parse as parse_motion
 
         return parse_motion(prompt)
+
+    def _other_world(self, prompt: str) -> str:
+        try:
+            parse(prompt)
+        except UserError:
+            return ""
+        return (f"reward {self.name!r} scores videos of motion prompts and {prompt!r} is a still scene; add a motion "
+                f"(e.g. '{prompt} moving up'), or score still images with shapes_strict or shapes_partial")
 
     def records(self, videos: Tensor, prompts: Sequence[str]) -> list:
         """Full verifier records (clauses, tracks) per video; None for a non-finite one."""

@@ -292,3 +292,41 @@ def test_per_frame_passes_each_frame_its_own_videos_prompt_and_metadata():
     fs = PerFrame(Echo(), stride=2).frame_scores(vid, ["1", "2", "3"], [{"k": 1}, {"k": 2}, {"k": 3}])  # [B, 3]
     want = torch.tensor([[1100.0 * (i + 1) + 10.0 * i + j for j in (0, 2, 4)] for i in range(b)])
     torch.testing.assert_close(fs, want)
+
+
+def test_a_shapes_verifier_given_the_other_worlds_prompt_names_the_reward_to_use(tmp_path, capsys):
+    """`eval --model shapes_video --rewards shapes_strict` blamed the prompt ("outside the shapes grammar: unknown word
+    'moving'"), though docs/rewards.md promised a line pointing at shapes_motion_strict: the still verifier, wrapped
+    per frame, parsed motion prompts. Both directions now name the reward to use; a prompt in neither grammar keeps
+    the grammar's own error. Still prompts on the video model (shapes-bench) are evaluated with a warning."""
+    import logging
+
+    from cli_checks import fails
+
+    still, motion = build_reward("shapes_strict"), build_reward("shapes_motion_partial")
+    with pytest.raises(UserError, match=r"reward 'shapes_strict' scores still scenes .* 'a red circle moving up' is a "
+                                        r"motion prompt; for videos use shapes_motion_strict or shapes_motion_partial"):
+        still.validate_prompts(["a red circle", "a red circle moving up"])
+    with pytest.raises(UserError, match=r"reward 'shapes_motion_partial' scores videos of motion prompts and 'a red "
+                                        r"circle' is a still scene; add a motion"):
+        motion.validate_prompts(["a red circle"])
+    with pytest.raises(UserError, match="outside the shapes grammar") as e:
+        still.validate_prompts(["a red elephant"])
+    assert "motion" not in str(e.value).split(":")[0]
+    fails(capsys, ["eval", "--model", "shapes_video", "--max-prompts", "1", "--rewards", "shapes_strict",
+                   "--out", str(tmp_path / "e")], "for videos use shapes_motion_strict")
+    assert not (tmp_path / "e").exists()
+
+    from flowalign.cli import main
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("flowalign").addHandler(handler)
+    try:
+        assert main(["eval", "--model", "shapes_video", "--prompts", "shapes-bench", "--max-prompts", "1", "--seeds",
+                     "1", "--steps", "2", "--rewards", "shapes_partial", "--grid", "0", "--out", str(tmp_path / "s")]) == 0
+    finally:
+        logging.getLogger("flowalign").removeHandler(handler)
+    assert any("1 of 1 prompts are outside the grammar --model shapes_video was trained on" in r.getMessage()
+               for r in records)

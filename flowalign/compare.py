@@ -42,9 +42,19 @@ def run_wall_s(records: Sequence[Any]) -> float:
     return wall
 
 
-def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, Any]:
+def first_reward(summary: dict) -> Optional[str]:
+    """The reward an evaluation's summary lists first (``settings["rewards"]``, else its overall means), or None."""
+    settings = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    listed = settings.get("rewards")
+    if isinstance(listed, list) and listed and isinstance(listed[0], str):
+        return listed[0]
+    return next(iter(summary.get("overall") or {}), None)
+
+
+def run_curve(run_dir: str | Path, reward: Optional[str] = None) -> dict[str, Any]:
     """Evaluation points of one run: ``{"label", "credit", "rollouts": [...], "nfe": [...], "value": [...], ...}``
-    (``"rewards"``: every reward its evaluations hold; ``value`` is empty when ``reward`` is none of them).
+    (``"rewards"``: every reward its evaluations hold; ``value`` is empty when ``reward`` is none of them; ``reward``
+    None: the first reward of its base evaluation, else of its first, as ``"reward"`` says).
 
     Point 0 is the base model (0 rollouts, 0 NFE); ``step-N`` is after iteration N; ``final`` after the last one.
     Rollouts after N iterations = N · groups_per_iter · group_size (the trajectories sampled, whatever the
@@ -137,11 +147,12 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
     if "final" in sums and final_it <= 0:
         raise UserError(f"{run}: cannot place eval/final (no iterations in metrics.jsonl or train.iterations in "
                         f"config.yaml)")
-    eval_ref: dict[str, Any] = {}  # the summary whose settings stand for how this run was evaluated (base, else first)
-    for label, path in sums.items():
+    summaries = {label: (path, read_summary(path)) for label, path in sums.items()}
+    eval_ref = next(iter(summaries.values()))[1]  # its settings stand for how this run was evaluated (base, else first)
+    if reward is None:
+        reward = first_reward(eval_ref) or "shapes_strict"
+    for label, (path, summary) in summaries.items():
         it = 0 if label == "base" else (final_it if label == "final" else int(label.split("-", 1)[1]))
-        summary = read_summary(path)
-        eval_ref = eval_ref or summary
         overall = summary["overall"]
         available.update(overall)
         value = overall.get(reward)
@@ -185,8 +196,16 @@ def run_curve(run_dir: str | Path, reward: str = "shapes_strict") -> dict[str, A
         "wall_s": wall,
         "metrics": bool(records),  # False: no metrics.jsonl (or an empty one), so NFE and wall time are unknown
         "rewards": sorted(available),
+        "reward": reward,
         "eval_summary": eval_ref,
     }
+
+
+def default_reward_note(reward: str, source: str, rewards: Sequence[str], flag: str = "--reward") -> str:
+    """The log line's words for a reward chosen by default: that it is the first of ``source``, how to pick another."""
+    others = [r for r in rewards if r != reward]
+    how = f"pass {flag} to pick another: {', '.join(others)}" if others else "the only one"
+    return f"{reward}, the first reward of {source} ({how})"
 
 
 def _check_curves(curves: Sequence[dict[str, Any]], reward: str) -> None:
@@ -306,9 +325,10 @@ def _write_outputs(out: Path, fig: Any, lines: Sequence[str]) -> tuple[Path, Pat
                                                                                       "\n".join(lines) + "\n")
 
 
-def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "shapes_strict", *,
+def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optional[str] = None, *,
             seeds_mean: bool = False) -> tuple[Path, Path]:
-    """Plot and tabulate ``reward`` of each run against rollouts and NFE; returns (png, md).
+    """Plot and tabulate ``reward`` of each run against rollouts and NFE; returns (png, md). ``reward`` None: the
+    first run's first evaluation reward (``run_curve``).
 
     ``seeds_mean``: runs that differ only in ``train.seed`` become one curve (the mean, with a band from the
     lowest to the highest seed) and one table row that also lists every seed's final value (``mean_over_seeds``).
@@ -324,7 +344,12 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: str = "
 
     out = Path(out_dir)
     _check_out_dir(out)
-    curves = [run_curve(d, reward) for d in run_dirs]
+    first = run_curve(run_dirs[0], reward)
+    if reward is None:
+        reward = first["reward"]
+        logger.info("comparing %s",
+                    default_reward_note(reward, f"run {first['label']}'s evaluations", first["rewards"]))
+    curves = [first, *(run_curve(d, reward) for d in run_dirs[1:])]
     _check_curves(curves, reward)  # before anything is written
     _unique_labels(curves, run_dirs)
     lines = []
@@ -442,7 +467,7 @@ def read_eval(path: str | Path, reward: str) -> dict[str, Any]:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"--reward {reward!r} is not scored in {d} (it holds: {', '.join(scored) or 'nothing'}){hint}")
     return {"label": _eval_label(d), "dir": d, "settings": settings, "summary": summary, "records": records,
-            "reward": reward}
+            "reward": reward, "rewards": scored}
 
 
 def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optional[str] = None, *,
@@ -466,7 +491,9 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
     out = Path(out_dir)
     _check_out_dir(out)
     first = read_eval(eval_dirs[0], reward)
-    reward = first["reward"]
+    if reward is None:
+        reward = first["reward"]
+        logger.info("comparing %s", default_reward_note(reward, f"{first['label']}'s evaluation", first["rewards"]))
     evals = [first, *(read_eval(d, reward) for d in eval_dirs[1:])]
     _unique_labels(evals, eval_dirs)
     ref = evals[0]
@@ -490,7 +517,8 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
                                             same_noise=not pair_steered))
         except ValueError as err:
             how = "image for image" if not pair_steered else "prompt for prompt"
-            raise UserError(f"{e['label']} and {ref['label']} cannot be compared {how}: {err}; evaluate (steer) "
+            # the error's counts and values are the reference's first, then this evaluation's
+            raise UserError(f"{ref['label']} and {e['label']} cannot be compared {how}: {err}; evaluate (steer) "
                             f"both with the same prompts, --seeds and --seed") from None
     keys = sorted({k for e in evals for k in e["settings"]} - _SUBJECT)
     differ = [k for k in keys if len({json.dumps(e["settings"].get(k), sort_keys=True, default=str) for e in evals}) > 1]
@@ -577,8 +605,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", required=True, help="output directory for compare.png and compare.md (made if missing; "
                                                 "a compare.png or compare.md already there is replaced, the rest of "
                                                 "the directory is left alone)")
-    p.add_argument("--reward", default=None, help="evaluation reward to compare (default: shapes_strict for training "
-                                                  "runs; the first evaluation's first reward for evaluations)")
+    p.add_argument("--reward", default=None, help="evaluation reward to compare (default: the first reward the first "
+                                                  "run or evaluation was evaluated with, e.g. shapes_strict)")
     p.add_argument("--mean-over-seeds", action="store_true",
                    help="merge runs whose configs differ only in train.seed: mean curve with a min-max band, and "
                         "every seed's final value in the table")
@@ -595,7 +623,7 @@ def cli_main(argv: Sequence[str]) -> int:
             raise UserError("pass at least two evaluation directories: the reference first, then the models to compare")
         png, md = compare_evals(args.runs, args.out, args.reward)
     else:
-        png, md = compare(args.runs, args.out, args.reward or "shapes_strict", seeds_mean=args.mean_over_seeds)
+        png, md = compare(args.runs, args.out, args.reward, seeds_mean=args.mean_over_seeds)
     sys.stdout.write(Path(md).read_text())
     logger.info("wrote %s and %s", png, md)
     return 0

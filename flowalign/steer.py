@@ -890,7 +890,9 @@ def build_parser():
                    help="sample nothing: plot --plot-reward of earlier `flowalign steer` outputs against the forwards "
                         "per image (one line per method, kernel and non-default settings) into --out, and print one "
                         "line per directory")
-    p.add_argument("--plot-reward", default="shapes_strict", help="the evaluation reward --plot shows")
+    p.add_argument("--plot-reward", default=None, help="the evaluation reward --plot shows (default: the first "
+                                                       "reward the first STEER_DIR was evaluated with, e.g. "
+                                                       "shapes_strict or shapes_motion_strict)")
     return p
 
 
@@ -1262,8 +1264,9 @@ def _short(value: Any) -> str:
     return f"{value[:12]}…" if isinstance(value, str) and len(value) > 16 else str(value)
 
 
-def _plot_runs(dirs: Sequence[str], out: str, reward: str) -> int:
-    """``flowalign steer --plot DIR… --out F.png``: earlier outputs' ``reward`` against forwards per image."""
+def _plot_runs(dirs: Sequence[str], out: str, reward: Optional[str]) -> int:
+    """``flowalign steer --plot DIR… --out F.png``: earlier outputs' ``reward`` against forwards per image (None: the
+    first directory's first evaluation reward)."""
     from pathlib import Path
 
     from flowalign.errors import UserError
@@ -1282,6 +1285,12 @@ def _plot_runs(dirs: Sequence[str], out: str, reward: str) -> int:
         if "cost" not in s:
             raise UserError(f"--plot {d!r}: its summary.json has no steering cost; pass directories written by "
                             f"`flowalign steer` (not `flowalign eval`)")
+        if reward is None:
+            from flowalign.compare import default_reward_note, first_reward
+
+            reward = first_reward(s) or "shapes_strict"
+            logger.info("plotting %s", default_reward_note(reward, f"{d}'s evaluation", list(s["overall"]),
+                                                           "--plot-reward"))
         if reward not in s["overall"]:
             raise UserError(f"--plot {d!r} has no {reward!r} (it has {', '.join(s['overall'])}); pass --plot-reward")
         sums[str(d)] = s

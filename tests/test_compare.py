@@ -580,3 +580,68 @@ def test_mean_over_seeds_band_is_the_lowest_and_highest_seed_and_costs_are_means
     assert m["lo"] == [0.4, 0.3, 0.2] and m["hi"] == [0.4, 0.9, 0.8]
     assert m["rollouts"] == [0, 16, 32] and m["nfe"] == [0.0, 30.0, 50.0] and m["wall_s"] == 30.0
     assert m["seeds"] == [1, 2, 3] and m["finals"] == [0.5, 0.8, 0.2] and m["label"] == "s1 (+2 seeds)"
+
+
+# ------------------------------------------------------------------ the reward compared by default, errors' order
+
+
+def test_compare_refusal_names_the_evaluations_in_the_order_of_their_counts(tmp_path, capsys):
+    """`compare ev_a st_bon` said "st_bon and ev_a ... (8 vs 4 jobs)" while ev_a held the 8: the names were in the
+    other order from the counts."""
+    big = _eval_dir(tmp_path / "big", [[0, 1], [1, 0], [0, 0]])  # 6 jobs
+    small = _eval_dir(tmp_path / "small", [[0, 1], [1, 0]], tasks=("a", "a"))  # 4 jobs
+    _fails(capsys, ["compare", str(big), str(small), "--out", str(tmp_path / "c1")],
+           "big and small cannot be compared image for image", "(6 vs 4 (prompt, sample) jobs")
+    _fails(capsys, ["compare", str(small), str(_as_steered(big)), "--out", str(tmp_path / "c2")],
+           "small and big cannot be compared prompt for prompt", "(4 vs 6 (prompt, sample) jobs")
+    assert not (tmp_path / "c1").exists() and not (tmp_path / "c2").exists()
+
+
+def _video_run(d, strict, partial):
+    """A training run of the video model: its evaluations score shapes_motion_strict first, no shapes_strict."""
+    _make_run(d, {})
+    for label, (s, p) in (("base", (0.0, 0.1)), ("final", (strict, partial))):
+        (d / "eval" / label).mkdir(parents=True)
+        (d / "eval" / label / "summary.json").write_text(json.dumps({
+            "overall": {"shapes_motion_partial": p, "shapes_motion_strict": s},
+            "settings": {"rewards": ["shapes_motion_strict", "shapes_motion_partial"]}}))
+    return d
+
+
+def test_compare_of_training_runs_defaults_to_their_first_evaluation_reward(tmp_path, capsys, caplog):
+    """Training runs of the video model were refused without --reward: the default was shapes_strict, which their
+    evaluations do not score. It is now the first reward they were evaluated with, as for evaluation directories."""
+    a, b = _video_run(tmp_path / "tr1", 0.0, 0.2), _video_run(tmp_path / "tr3", 0.5, 0.3)
+    with caplog.at_level("INFO", logger="flowalign.compare"):
+        assert main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| base shapes_motion_strict | final shapes_motion_strict |" in md
+    assert md.splitlines()[3].startswith("| tr3 | outcome | 32 | 40 | 4 | 0.000 | 0.500 | +0.500 |")
+    assert ("comparing shapes_motion_strict, the first reward of run tr1's evaluations (pass --reward to pick "
+            "another: shapes_motion_partial)") in caplog.text
+    assert main(["compare", str(a), str(b), "--reward", "shapes_motion_partial", "--out", str(tmp_path / "p")]) == 0
+    assert "| tr3 | outcome | 32 | 40 | 4 | 0.100 | 0.300 | +0.200 |" in (tmp_path / "p" / "compare.md").read_text()
+    _fails(capsys, ["compare", str(a), str(b), "--reward", "shapes_strict", "--out", str(tmp_path / "q")],
+           "--reward 'shapes_strict' is not in the evaluations of run tr1")
+    assert not (tmp_path / "q").exists()
+    capsys.readouterr()
+
+
+def test_compare_of_evaluations_logs_the_reward_it_chose_and_how_to_pick_another(tmp_path, capsys, caplog):
+    """The default reward (the first one scored) is named in the log with the others --reward can pick."""
+    dirs = []
+    for name, row in (("base", [0, 1]), ("lora", [1, 1])):
+        d = _eval_dir(tmp_path / name, [row, row, row])
+        summ = json.loads((d / "summary.json").read_text())
+        summ["settings"]["rewards"] = ["shapes_strict", "shapes_partial"]
+        (d / "summary.json").write_text(json.dumps(summ))
+        dirs.append(str(d))
+    with caplog.at_level("INFO", logger="flowalign.compare"):
+        assert main(["compare", *dirs, "--out", str(tmp_path / "cmp")]) == 0
+    assert ("comparing shapes_strict, the first reward of base's evaluation (pass --reward to pick another: "
+            "shapes_partial)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flowalign.compare"):
+        assert main(["compare", *dirs, "--reward", "shapes_strict", "--out", str(tmp_path / "cmp2")]) == 0
+    assert "comparing" not in caplog.text  # chosen by the user: nothing to explain
+    capsys.readouterr()

@@ -198,6 +198,29 @@ def test_plot_mode_draws_earlier_outputs_and_refuses_other_directories(tmp_path,
     assert not (tmp_path / "p.png").exists()
 
 
+def test_plot_mode_defaults_to_the_runs_first_evaluation_reward(tmp_path, capsys, caplog):
+    """`steer --plot` of video-model runs was refused without --plot-reward: the default was shapes_strict, which they
+    do not score. It is now the first reward the runs were evaluated with; an explicit --plot-reward still wins."""
+    a, b = tmp_path / "none", tmp_path / "bon"
+    for out, extra in ((a, ["--method", "none"]), (b, ["--method", "best_of_n", "-k", "2"])):
+        assert main(["steer", "a red circle moving up", "--model", "shapes_video", "--steps", "2", *extra,
+                     "--out", str(out)]) == 0
+    with caplog.at_level("INFO", logger="flowalign.steer"):
+        assert main(["steer", "--plot", str(a), str(b), "--out", str(tmp_path / "p.png")]) == 0
+    assert (f"plotting shapes_motion_strict, the first reward of {str(a)}'s evaluation (pass --plot-reward to pick "
+            f"another: shapes_motion_partial)") in caplog.text
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flowalign.steer"):
+        assert main(["steer", "--plot", str(a), str(b), "--plot-reward", "shapes_motion_partial",
+                     "--out", str(tmp_path / "q.png")]) == 0
+    assert "shapes_motion_partial=" in caplog.text and "plotting" not in caplog.text
+    capsys.readouterr()
+    fails(capsys, ["steer", "--plot", str(a), "--plot-reward", "shapes_strict", "--out", str(tmp_path / "r.png")],
+          "has no 'shapes_strict'", "pass --plot-reward")
+    assert not (tmp_path / "r.png").exists()
+
+
 def test_plot_mode_refuses_runs_steered_on_other_prompts_or_seeds(tmp_path, capsys):
     """`steer --plot` of a run on other prompts drew it into the same method's line (a vertical segment at one
     cost) with no warning; runs on other prompts or seeds are now refused in one line, and nothing is drawn."""

@@ -1066,6 +1066,9 @@ def cli_main(argv: Sequence[str]) -> int:
     for n in [*weights, *eval_names]:
         resolve_reward(n)  # unknown names: one line with the closest one
     reward_kwargs, per_frame, model_kwargs = parse_component_args(args, [*weights, *eval_names])
+    from flowalign.evaluate import guidance_with_model_args
+
+    args.guidance = guidance_with_model_args(args.guidance, model_kwargs)  # one scale, or a one-line refusal
     if args.prompt_file and args.prompts:
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:

@@ -164,7 +164,7 @@ def test_eval_benchmark_takes_every_setting_from_the_protocol_and_labels_the_res
 def test_a_model_arg_guidance_scale_counts_as_guidance(tmp_path, capsys):
     """`--model-arg guidance_scale=2` beside a benchmark's fixed scale (or --guidance) was silently replaced: the
     results were the protocol's, labelled a benchmark. It now counts as --guidance: the run samples at 2 and says it
-    is not a benchmark; beside a different --guidance it is refused in one line, in eval and in sample."""
+    is not a benchmark; beside a different --guidance it is refused in one line, in eval, sample and steer."""
     from cli_checks import fails
 
     path = _user_protocol(tmp_path)
@@ -177,7 +177,7 @@ def test_a_model_arg_guidance_scale_counts_as_guidance(tmp_path, capsys):
     assert main([*base, "--model-arg", "guidance_scale=4", "--out", str(tmp_path / "c")]) == 0  # the protocol's own
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["settings"]["benchmark"]["benchmark"] is True
     capsys.readouterr()
-    for cmd in (base, ["sample", "a red circle"]):
+    for cmd in (base, ["sample", "a red circle"], ["steer", "a red circle"]):
         fails(capsys, [*cmd, "--guidance", "4", "--model-arg", "guidance_scale=2", "--out", str(tmp_path / "x.png")],
               "--guidance 4 and --model-arg guidance_scale=2 disagree; pass one of them")
     assert not (tmp_path / "x.png").exists()

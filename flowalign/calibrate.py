@@ -274,9 +274,6 @@ def cli_main(argv: Sequence[str]) -> int:
     args.model_arg = []  # parse_component_args' model options: calibrate takes --guidance and --path instead
     reward_kwargs, per_frame, _ = parse_component_args(args, list(weights))
     outputs = getattr(resolve_model(args.model), "output_kind", "image")
-    if args.per_frame and (outputs != "video" or all(getattr(resolve_reward(n), "kind", "image") == "video"
-                                                        for n in weights)):
-        logger.warning("--per-frame is set, but no image reward scores video frames here: the options are unused")
     records = D.load_prompts(args.prompts)
     # built before the model loads: a reward that cannot be built (remote without its url, a missing weights path)
     # or a video reward for an image model is one line, not a traceback after the load; an image reward on a video

@@ -939,8 +939,12 @@ def parse_component_args(args, reward_names: Sequence[str]) -> tuple[dict[str, d
         check_kwarg_types(resolve_reward(n), reward_kwargs[n], f"--reward-arg: reward {n!r}")
     per_frame = dict(kv(t, "--per-frame") for t in args.per_frame)
     check_per_frame(per_frame, "--per-frame")
-    if getattr(resolve_model(args.model), "output_kind", "image") == "video":  # image models ignore --per-frame
+    video = getattr(resolve_model(args.model), "output_kind", "image") == "video"
+    if video:  # image models ignore --per-frame
         check_temporal(per_frame, names, "--per-frame")
+    if per_frame and (not video or all(getattr(resolve_reward(n), "kind", "image") == "video" for n in names)):
+        logger.warning("--per-frame is set, but no image reward scores video frames here (%s): the options are unused",
+                       "the model makes images" if not video else "every reward scores videos")
     return reward_kwargs, per_frame, parse_model_args(args.model, args.model_arg)
 
 
@@ -1161,10 +1165,6 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards import resolve as resolve_reward
 
     outputs = getattr(family, "output_kind", "image")
-    if args.per_frame and (outputs != "video" or all(getattr(resolve_reward(n), "kind", "image") == "video"
-                                                        for n in names)):
-        logger.warning("--per-frame is set, but no image reward scores video frames here (%s): the options are "
-                       "unused", "the model makes images" if outputs != "video" else "every reward scores videos")
     takes = "video" if args.export in VIDEO_EXPORTS else "image"
     if args.export and outputs != takes:  # before the load
         raise UserError(f"--export {args.export} takes {takes}s; --model {args.model} makes {outputs}s")

@@ -415,6 +415,11 @@ def test_the_video_benchmark_and_model_bring_their_own_prompts_and_rewards(tmp_p
                      "reduce=first", "--out", str(tmp_path / "img")]) == 0
     assert "--per-frame is set, but no image reward scores video frames here (the model makes images)" in caplog.text
     assert "per_frame" not in json.loads((tmp_path / "img" / "summary.json").read_text())["settings"]
+    caplog.clear()  # steer read --per-frame without a word where nothing scores frames (one check now serves all)
+    with caplog.at_level(logging.WARNING, logger="flowalign"):
+        assert main(["steer", "--model", "shapes_video", "a red circle moving up", "--method", "none", "--steps", "2",
+                     "--per-frame", "reduce=first", "--out", str(tmp_path / "st")]) == 0
+    assert "--per-frame is set, but no image reward scores video frames here (every reward scores videos)" in caplog.text
 
 
 def test_the_pending_hint_and_the_scored_mark_belong_to_the_external_scorers_own_export(tmp_path):

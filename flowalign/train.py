@@ -382,6 +382,13 @@ def _check_run_dir(cfg: C.ExperimentConfig, world: int = 1) -> tuple[Path, Optio
     if run.exists() and not run.is_dir():  # a traceback later (iterdir, rmtree, mkdir) instead of one line
         raise UserError(f"output.run_dir={str(run)!r} is a file; set output.run_dir to a directory (new, or a run to resume)")
     check_out_parent(run, "output.run_dir")
+    if run.is_dir() and (cfg.output.resume or cfg.output.overwrite):
+        from flowalign.pretrain import is_pretrain_run
+
+        if is_pretrain_run(run):  # its config.yaml failed to load as a training config: an opaque line
+            final = f"; to fine-tune its model, set model.path={str(run / 'final')!r}" if (run / "final").is_dir() else ""
+            raise UserError(f"output.run_dir={str(run)!r} holds a pretraining run (flowalign pretrain), not a training "
+                            f"run; choose another output.run_dir{final}")
     if cfg.output.resume:
         ckpt = _latest_checkpoint(run)
         if ckpt is None and run.exists() and any(run.iterdir()) and not (run / "config.yaml").is_file():

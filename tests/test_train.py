@@ -319,6 +319,32 @@ def test_resume_without_a_checkpoint_touches_only_a_training_run(tmp_path, held)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.mark.parametrize("flag", ["output.resume=true", "output.overwrite=true"])
+def test_a_pretraining_run_as_run_dir_is_named_for_what_it_is(tmp_path, flag):
+    """`output.run_dir=<a flowalign pretrain run> output.resume=true` failed with "its config.yaml is unreadable
+    ('model' is a section and needs a mapping, got 'shapes')"; now the line says what the directory holds and how to
+    fine-tune its model instead, and nothing in it changes."""
+    import dataclasses
+
+    import yaml
+
+    from flowalign.errors import UserError
+    from flowalign.pretrain import PretrainConfig
+    from flowalign.train import train
+
+    run = tmp_path / "pre"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(PretrainConfig())))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "lr": 0.001, "seconds": 1.0}\n')
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError) as e:
+        train(_cfg(run, flag))
+    assert str(e.value) == (f"output.run_dir={str(run)!r} holds a pretraining run (flowalign pretrain), not a training "
+                            f"run; choose another output.run_dir; to fine-tune its model, set "
+                            f"model.path={str(run / 'final')!r}")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_a_home_relative_run_dir_is_the_users_home(tmp_path, monkeypatch):
     """`output.run_dir=~/x` reaches the program unexpanded (the shell expands ~ only at a word's start): it made a
     directory named '~' in the working directory."""

@@ -54,6 +54,16 @@ def step_std(kernel: str, sigma: Tensor, sigma_next: Tensor, eta: Tensor) -> Ten
     return get_kernel(kernel)(zero, zero, sigma, sigma_next, eta).std.reshape(-1)[0]
 
 
+def default_windows(steps: int) -> str:
+    """The default ``--windows`` for T = ``steps``: every stochastic step, the trainer's first F = ⌊0.6·T⌋ (the
+    shapes config's ``sampler.train_fraction``) and the rest, the first three steps alone, and 3..F; windows that
+    do not fit T (HI <= T − 1) are left out, so any ``--steps`` works without the flag."""
+    f = min(max(1, math.floor(0.6 * steps + 1e-9)), steps - 1)
+    cands = [(0, steps - 1), (0, f), (f, steps - 1), (0, 1), (1, 2), (2, 3), (3, f)]
+    keep = dict.fromkeys((lo, hi) for lo, hi in cands if 0 <= lo < hi <= steps - 1)
+    return ";".join(f"{lo},{hi}" for lo, hi in keep)
+
+
 def _parse_windows(spec: str, steps: int) -> list[tuple[int, int]]:
     out = []
     for part in spec.split(";"):
@@ -90,8 +100,10 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     ap.add_argument("--kernel", default="flow_sde", choices=SDE_KERNELS, help="SDE kernel")
     ap.add_argument("--eta", type=float, default=0.7, help="kernel noise level")
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
-    ap.add_argument("--windows", default="0,9;0,6;6,9;0,1;1,2;2,3;3,6",
-                    help="';'-separated LO,HI: SDE noise only on steps LO..HI-1 (Euler elsewhere)")
+    ap.add_argument("--windows", default=None,
+                    help="';'-separated LO,HI: SDE noise only on steps LO..HI-1 (Euler elsewhere); default, with F = "
+                         "floor(0.6 T) the trainer's trained steps: all, the first F, the rest, steps 0, 1 and 2 alone, "
+                         "and 3..F (at T = 10: '0,9;0,6;6,9;0,1;1,2;2,3;3,6')")
     ap.add_argument("--prompts", type=int, default=16, help="shapes prompts (round-robin over the grammar's tasks)")
     ap.add_argument("--inits", type=int, default=4, help="initial noises per prompt (K)")
     ap.add_argument("--members", type=int, default=8, help="rollouts per initial noise (M), differing in step noise")
@@ -100,7 +112,7 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
     args = ap.parse_args(list(argv))
     if not 2 <= args.steps <= MAX_STEPS:
         raise UserError(f"--steps={args.steps} must be between 2 and {MAX_STEPS}")
-    windows = _parse_windows(args.windows, args.steps)
+    windows = _parse_windows(default_windows(args.steps) if args.windows is None else args.windows, args.steps)
     if args.prompts < 1 or args.inits < 1 or args.members < 2:
         raise UserError("noise-variance needs --prompts >= 1, --inits >= 1 and --members >= 2")
     if not (math.isfinite(args.eta) and args.eta > 0):  # NaN/inf noise gave a NaN table with exit code 0

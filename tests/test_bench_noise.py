@@ -98,3 +98,16 @@ def test_bench_noise_variance_shares_x1_in_a_cell_and_reseeds_the_step_noise_per
     assert torch.equal(calls[0]["state"], calls[1]["state"])
     assert not torch.equal(calls[0]["state"], torch.Generator().manual_seed(4).get_state())
     assert [len(w["step_std"]) for w in json.loads(out.read_text())["windows"]] == [3, 1]
+
+
+def test_the_default_windows_fit_any_step_count():
+    """`bench noise-variance --steps 4` failed on a flag the user never typed ("--windows: 0,9 must satisfy ... T-1 =
+    3"): the default windows assumed T = 10. They are now derived from T, equal to the old default at T = 10, and
+    every one of them passes the check for any T >= 2."""
+    from flowalign.bench_noise import _parse_windows, default_windows
+
+    assert default_windows(10) == "0,9;0,6;6,9;0,1;1,2;2,3;3,6"
+    assert default_windows(4) == "0,3;0,2;2,3;0,1;1,2"
+    for t in range(2, 60):
+        wins = _parse_windows(default_windows(t), t)
+        assert wins[0] == (0, t - 1) and len(set(wins)) == len(wins)

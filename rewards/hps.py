@@ -63,7 +63,7 @@ class HPSv2(Reward):
     filename = "HPS_v2_compressed.pt"
     differentiable = True
     kind = "image"
-    measures = "human preference (HPDv2): cos(image, prompt) of the HPS-tuned open_clip ViT-H/14"
+    measures = "human preference (HPDv2): cos(image, prompt) of the HPS-tuned ViT-H/14 (open_clip's checkpoint, run as a transformers CLIP: open_clip not needed)"
     typical_range = "cos ~0.2–0.35 (benchmark reports ×100)"
 
     def __init__(self, checkpoint: Optional[str] = None, arch: str = "ViT-H-14", tokenizer: str = HPS_TOKENIZER,
@@ -152,7 +152,7 @@ class HPSv21(HPSv2):
     name = "hpsv21"
     version = "v2.1"
     filename = "HPS_v2.1_compressed.pt"
-    measures = "human preference (HPDv2), v2.1 weights: cos(image, prompt) of the HPS-tuned open_clip ViT-H/14"
+    measures = "human preference (HPDv2), v2.1 weights: cos(image, prompt) of the HPS-tuned ViT-H/14 (open_clip's checkpoint, run as a transformers CLIP: open_clip not needed)"
 
 
 _TOKENIZER_CKPT = Checkpoint("tokenizer", HPS_TOKENIZER,

@@ -186,7 +186,7 @@ def test_wrappers_forward_the_prompt_check_of_the_rewards_they_wrap():
                PerFrame(Scaled(strict, 0.5)), Combined([(PerFrame(strict), 1.0)])]
     for w in wrapped:
         w.validate_prompts(good)
-        with pytest.raises(UserError, match="unknown word 'moving'"):
+        with pytest.raises(UserError, match="'a red circle moving up' is a motion prompt"):
             w.validate_prompts(bad)
     for w in (PerFrame(Brightness()), Combined([(Brightness(), 1.0)])):  # nothing to check: no error, no attribute error
         w.validate_prompts(bad)

@@ -674,7 +674,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
         logs and draws the grid. One rank evaluating while the others wait in a barrier would hit the process group's
         timeout on a long evaluation (e.g. GenEval on SD3.5) and kill the run."""
         # which weights were evaluated: the base (no LoRA) or this run's LoRA after `iterations` iterations
-        trained = {"lora": f"{run.name} after {iterations} iterations", "trained_iterations": iterations,
+        trained = {"lora": f"{run.name} after {iterations} iteration{'s' if iterations != 1 else ''}", "trained_iterations": iterations,
                    "lora_ema": cfg.train.ema} if iterations else {}
         with (ema.applied() if ema is not None else contextlib.nullcontext()):
             summ = run_eval(model, eval_prompts, eval_rewards, run / "eval" / tag, steps=cfg.eval.steps,

@@ -1184,7 +1184,13 @@ def cli_main(argv: Sequence[str]) -> int:
         from flowalign.sample import save_grid
 
         n_prompts = min(GRID_PROMPTS, len(rows))
-        labels = [r["prompt"] if j == 0 else "" for r in rows[:n_prompts] for j in range(args.seeds)]
+        # captioned as eval's grid is: the prompt and its outputs' scores under the first evaluation reward
+        score = {(r["prompt_index"], r["sample"]): r.get(eval_names[0]) for r in records_out}
+        labels = []
+        for i, r in enumerate(rows[:n_prompts]):
+            vals = " ".join(format(float(score[(i, k)]), ".3g") for k in range(args.seeds)
+                            if score.get((i, k)) is not None)
+            labels += [r["prompt"] + (f"  [{eval_names[0]}: {vals}]" if vals else "")] + [""] * (args.seeds - 1)
         save_grid(grid, out / "grids" / "steered.png", nrow=args.seeds, labels=labels,
                   fps=getattr(model, "fps", None))  # video: + steered.gif at the model's frame rate
     from flowalign.report import write_report

@@ -70,11 +70,22 @@ def test_best_of_n_picks_the_best_of_its_particles(model):
         assert rec["particle_seed"] == seeds[rec["particle"]]  # regenerates the chosen image alone
 
 
-def test_steer_command_writes_results_summary_grid_and_report(tmp_path):
+def test_steer_command_writes_results_summary_grid_and_report(tmp_path, monkeypatch):
+    import flowalign.sample as S
+
+    captions = []
+    real = S.save_grid
+    monkeypatch.setattr(S, "save_grid", lambda *a, **k: captions.append(k["labels"]) or real(*a, **k))
     out = tmp_path / "fk"
     code = main(["steer", "two red circles", "a green triangle", "--method", "fk", "-k", "2", "--steps", "4",
                  "--seeds", "2", "--out", str(out)])
     assert code == 0
+    # captioned as eval's grid: each prompt with its outputs' first evaluation reward (the grid had prompts only)
+    recs = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    first = json.loads((out / "summary.json").read_text())["settings"]["rewards"][0]
+    want = [f"{p}  [{first}: " + " ".join(format(r[first], ".3g") for r in recs if r["prompt_index"] == i) + "]"
+            for i, p in enumerate(["two red circles", "a green triangle"])]
+    assert captions == [[want[0], "", want[1], ""]]
     assert sorted(p.name for p in out.iterdir()) == ["grids", "report.html", "results.jsonl", "summary.json"]
     assert (out / "grids" / "steered.png").is_file()
     page = (out / "report.html").read_text()

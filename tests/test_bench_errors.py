@@ -301,3 +301,26 @@ def test_train_memory_still_builds_the_tiny_pipeline_in_a_source_checkout(no_mod
     with pytest.raises(AssertionError, match="model was loaded"):
         main(["bench", "train-memory", "--models", "sd3", "--threads", "1", "--json", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_shapes_sample_times_the_imports_in_a_fresh_process_and_names_the_model(monkeypatch):
+    """`import_torch_s` was always 0.0: the command times `import torch` inside flowalign's own process, which has
+    imported it already. The imports are now timed in a fresh Python process (what a first command pays), the total
+    adds them to the load and first sample, and the figures name the model they timed."""
+    import flowalign.bench as B
+
+    monkeypatch.setattr(B, "_cold_import_times", lambda: (1.5, 4.0))
+    fig = B.bench_shapes_sample(["--n", "1", "--steps", "1", "--repeats", "0"])
+    assert fig["path"] == "(the shipped model)"
+    assert (fig["import_torch_s"], fig["import_diffusers_s"]) == (1.5, 4.0)
+    assert fig["process_total_s"] == pytest.approx(5.5 + fig["load_plus_first_sample_s"], abs=2e-3)
+
+
+def test_cold_import_times_are_measured_in_a_new_process():
+    import sys
+
+    import flowalign.bench as B
+
+    torch_s, libs_s = B._cold_import_times()
+    assert torch_s > 0 and libs_s > 0
+    assert "torch" in sys.modules  # this process had it: timing here would say 0

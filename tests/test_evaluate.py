@@ -251,7 +251,7 @@ def test_an_image_verifier_on_a_video_model_refuses_the_prompts_before_sampling(
     out = tmp_path / "x"
     fails(capsys, ["eval", "--model", "shapes_video", "--prompts", "shapes-motion-bench", "--rewards", "shapes_strict",
                    "--max-prompts", "2", "--seeds", "1", "--steps", "2", "--grid", "0", "--out", str(out)],
-          "outside the shapes grammar", "unknown word 'moving'")
+          "'shapes_strict' scores still scenes", "is a motion prompt; for videos use shapes_motion_strict")
     assert not out.exists() or not any(out.iterdir())
 
 

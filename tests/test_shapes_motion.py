@@ -140,8 +140,10 @@ def test_video_rewards_score_batches_and_refuse_bad_input():
     assert p[0] == 1.0 and 0 < float(p[2]) < 1
     with pytest.raises(ValueError, match=r"\[B,F,3,H,W\]"):
         strict(vids[:, 0], prompts)
-    with pytest.raises(UserError, match="motion grammar"):
+    with pytest.raises(UserError, match="scores videos of motion prompts and 'a red circle' is a still scene"):
         strict.validate_prompts(["a red circle"])
+    with pytest.raises(UserError, match="motion grammar"):  # in neither grammar: the grammar's own line
+        strict.validate_prompts(["a red elephant moving up"])
     with pytest.raises(UserError, match="scores videos"):
         for_outputs(strict, "image")
 

@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -261,6 +262,34 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _unspaced(key: Any, value: Any, raw: str = "") -> str | None:
+    """``"saturation: 1.0"`` when the item ``key: value`` is what YAML makes of ``saturation:1.0`` written without a
+    space after ':' (one key, ``saturation:1.0``, whose value is null); else None. A key quoted in ``raw`` (the text
+    it was read from) is meant as written."""
+    if value is not None or not isinstance(key, str) or f'"{key}"' in raw or f"'{key}'" in raw:
+        return None
+    name, colon, rest = (part.strip() for part in key.partition(":"))
+    if not (colon and re.fullmatch(r"[\w.-]+", name) and rest and not rest.startswith("//")):  # no URL
+        return None
+    return f"{name}: {rest}"
+
+
+def _unspaced_keys(value: Any, raw: str = "") -> dict[str, str]:
+    """Every key of ``value`` (nested mappings and lists too) that :func:`_unspaced` reads as a missing space, with
+    its spaced form, in order."""
+    found: dict[str, str] = {}
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            spaced = _unspaced(k, v, raw)
+            if spaced is not None:
+                found.setdefault(k, spaced)
+            found.update({a: b for a, b in _unspaced_keys(v, raw).items() if a not in found})
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            found.update({a: b for a, b in _unspaced_keys(v, raw).items() if a not in found})
+    return found
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Coerce a YAML/override value to the annotated type, or raise a one-line UserError naming ``where``."""
     origin = typing.get_origin(tp)
@@ -375,6 +404,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
+            spaced = _unspaced(value, None) if isinstance(value, str) and "{" not in value else None
+            if spaced is not None:  # `weights=saturation:1.0`: one string
+                raise UserError(f"{where}: expected a mapping {{key: value}}, got {_short(value)} (str); YAML needs a "
+                                f"space after ':' — write {{{spaced}}}")
             raise fail("a mapping {key: value}")
         ktp, vtp = (args if args else (Any, Any))
         return {_coerce(k, ktp, f"{where} key"): _coerce(v, vtp, f"{where}.{k}") for k, v in value.items()}
@@ -671,11 +704,34 @@ def _apply_override(tree: dict, parts: list[str], value: Any, cls: type, text: s
     raise UserError(f"override {text!r}: '{path}' is a {_type_name(tp)} value and has no sub-keys")
 
 
+def _check_unspaced(text: str, parts: list[str], value: Any, raw: str, schema: type) -> None:
+    """Refuse an override whose YAML value has a key that lacks the space after ':' (``reward.weights={saturation:1.0}``
+    reads as the key ``saturation:1.0`` with no value), naming the fix. A string field keeps the text as typed."""
+    bad = _unspaced_keys(value, raw)
+    if not bad:
+        return
+    cls: Any = schema
+    for part in parts:  # the field the override sets: a string one takes `{a:b}` as the text it is
+        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            break
+        cls = hints[part]
+    if cls is str:
+        return
+    fixed = raw
+    for key, spaced in bad.items():
+        fixed = fixed.replace(key, spaced)
+    first = next(iter(bad))
+    raise UserError(f"override {text!r}: {first!r} reads as one key with no value; YAML needs a space after ':' — "
+                    f"write '{'.'.join(parts)}={fixed}' (quoted, for the shell)")
+
+
 def _apply_overrides_tree(tree: dict, overrides: Sequence[str], schema: type) -> dict:
     if isinstance(overrides, str):
         overrides = [overrides]
     for text in overrides:
         parts, value, raw = _parse_override(text)
+        _check_unspaced(text, parts, value, raw, schema)
         tree = _apply_override(tree, parts, value, schema, text, raw=raw)
         # coerce now so the error names the override that caused it
         try:

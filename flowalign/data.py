@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from flowalign.errors import UserError
 
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "PromptRecord", "BUILTIN_PROMPTS", "load_prompts", "builtin_path", "describe_builtins", "task_of",
     "PromptSampler", "prompt_fingerprint", "shard_groups", "expand_groups", "HPD_STYLES", "load_hpd_benchmark",
+    "source_of", "check_prompts",
 ]
 
 
@@ -38,6 +39,19 @@ class PromptRecord:
 
     prompt: str
     metadata: dict = field(default_factory=dict)
+
+
+def _at(record: PromptRecord, where: str) -> PromptRecord:
+    """``record``, remembering where it was read (see :func:`source_of`). Kept beside the fields, not as one: equality,
+    ``dataclasses.fields`` and every JSON of a record (digests, journals, results) stay text and metadata only."""
+    object.__setattr__(record, "_source", where)
+    return record
+
+
+def source_of(record: Any) -> str | None:
+    """Where :func:`load_prompts` read ``record``: ``FILE:LINE`` (.txt, .jsonl; a built-in set as ``NAME:LINE``),
+    ``FILE[INDEX]`` (.json, the HPSv2 benchmark's style files), or None (a record made in code, a plain string)."""
+    return getattr(record, "_source", None)
 
 
 # name -> (path under flowalign/assets/prompts/, description). Benchmark files are vendored verbatim with their
@@ -93,10 +107,10 @@ def _parse_txt(text: str, source: str) -> list[PromptRecord]:
     out = []
     # newlines only (the reader already turned \r\n and \r into \n): str.splitlines() also breaks at U+2028, NEL,
     # form feeds, ..., which would silently cut one prompt into two
-    for line in text.split("\n"):
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        out.append(PromptRecord(line, {}))
+        out.append(_at(PromptRecord(line, {}), f"{source}:{i}"))
     return out
 
 
@@ -129,7 +143,7 @@ def _parse_jsonl(text: str, source: str) -> list[PromptRecord]:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{source}:{i}: invalid JSON ({err.msg} at column {err.colno})") from None
-        out.append(_record_from_obj(obj, f"{source}:{i}"))
+        out.append(_at(_record_from_obj(obj, f"{source}:{i}"), f"{source}:{i}"))
     return out
 
 
@@ -142,7 +156,7 @@ def _parse_json(text: str, source: str) -> list[PromptRecord]:
         data = data["prompts"]
     if not isinstance(data, list):
         raise UserError(f"{source}: a .json prompt file must hold a list of strings or of {{\"prompt\": ...}} objects")
-    return [_record_from_obj(obj, f"{source}[{i}]") for i, obj in enumerate(data)]
+    return [_at(_record_from_obj(obj, f"{source}[{i}]"), f"{source}[{i}]") for i, obj in enumerate(data)]
 
 
 _PARSERS = {".txt": _parse_txt, ".jsonl": _parse_jsonl, ".json": _parse_json}
@@ -190,7 +204,7 @@ def load_prompts(name_or_path: str | Path) -> list[PromptRecord]:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
-    records = parser(text, str(path))
+    records = parser(text, name if name in BUILTIN_PROMPTS else str(path))  # a built-in set's lines: NAME:LINE
     if not records:
         raise UserError(f"prompt file {path} contains no prompts")
     logger.debug("loaded %d prompts from %s", len(records), path)
@@ -216,8 +230,34 @@ def load_hpd_benchmark(directory: str | Path) -> list[PromptRecord]:
             raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
         if not isinstance(data, list) or not data or not all(isinstance(x, str) and x.strip() for x in data):
             raise UserError(f"{path}: the HPSv2 benchmark's style files hold a non-empty JSON list of prompt strings")
-        out += [PromptRecord(text, {"task": style, "style_index": i}) for i, text in enumerate(data)]
+        out += [_at(PromptRecord(text, {"task": style, "style_index": i}), f"{path}[{i}]") for i, text in enumerate(data)]
     return out
+
+
+def check_prompts(records: Sequence[Any], check: Callable[[list[str]], Any], setting: str | None = None) -> None:
+    """Run ``check`` (a ``validate_prompts``: a closed-vocabulary model's, or a reward's that parses its prompts) on
+    the distinct prompts of ``records`` (``PromptRecord`` objects or strings). Its one-line ``UserError`` comes back
+    naming where the failing prompt came from: ``setting`` (e.g. ``data.train_prompts``) and the file and line of
+    :func:`source_of`, as ``data.train_prompts (typo.txt:2): prompt 'a red squar': unknown word 'squar'; ...``.
+    The set is checked whole first; only when that fails is each prompt checked alone, to find the one."""
+    texts = list(dict.fromkeys(r if isinstance(r, str) else r.prompt for r in records))
+    try:
+        check(texts)
+        return
+    except UserError as err:
+        whole = err
+    if setting is None and not any(source_of(r) for r in records):
+        raise whole  # nothing to add
+    for text in texts:
+        try:
+            check([text])
+        except UserError as err:
+            where = next((source_of(r) for r in records if not isinstance(r, str) and r.prompt == text), None)
+            label = " ".join(filter(None, [setting, f"({where})" if setting and where else where]))
+            located = UserError(f"{label}: {err}")
+            located.command = err.command
+            raise located from None
+    raise whole  # no prompt fails alone (a rule over the set): its own message
 
 
 def _not_utf8(path: Path) -> UserError:

@@ -632,3 +632,31 @@ def test_summary_says_a_window_moves_only_when_its_range_is_wider():
     pinned = summary(load_config(None, ["sampler.window_size=3", "sampler.window_range=[2, 5]"]))
     assert "window 3 in (1, 6), start drawn per group" in moving
     assert "window 3 in (2, 5)" in pinned and "drawn per group" not in pinned
+
+
+@pytest.mark.parametrize("override, key, fixed", [
+    ("reward.weights={saturation:1.0}", "saturation:1.0", "'reward.weights={saturation: 1.0}'"),
+    ("reward.weights={shapes_partial: 1, saturation:0.5}", "saturation:0.5",
+     "'reward.weights={shapes_partial: 1, saturation: 0.5}'"),
+    ("reward.weights={saturation :1}", "saturation :1", "'reward.weights={saturation: 1}'"),
+    ("reward.kwargs={pickscore: {path:/w}}", "path:/w", "'reward.kwargs={pickscore: {path: /w}}'"),
+    ("credit.options={probe:3}", "probe:3", "'credit.options={probe: 3}'"),  # a dict[str, Any]: no type error to hint
+    ("credit={name:outcome}", "name:outcome", "'credit={name: outcome}'"),  # a section
+])
+def test_a_flow_mapping_item_without_the_space_after_the_colon_says_so(override, key, fixed):
+    """YAML reads `{saturation:1.0}` as the key 'saturation:1.0' with no value: the error was `reward.weights.
+    saturation:1.0: expected a float, got None`, and for an untyped mapping (credit.options) none came at all."""
+    msg = _err(load_config, REPO / "configs" / "shapes_grpo.yaml", [override])
+    assert msg == (f"override {override!r}: {key!r} reads as one key with no value; YAML needs a space after ':' — "
+                   f"write {fixed} (quoted, for the shell)"), msg
+
+
+def test_a_colon_in_a_key_or_text_that_is_meant_is_left_alone():
+    """A quoted key is meant as written, a string field takes the text as typed, a spaced item is a mapping, and a
+    mapping field given `name:value` without braces is told the same fix."""
+    assert "space after" not in _err(load_config, None, ['reward.weights={"a:b": null}'])
+    assert load_config(None, ["output.run_dir={a:b}"]).output.run_dir == "{a:b}"
+    assert load_config(None, ["reward.weights={saturation: 1.0}"]).reward.weights == {"saturation": 1.0}
+    msg = _err(load_config, None, ["reward.weights=saturation:1.0"])
+    assert msg.endswith("YAML needs a space after ':' — write {saturation: 1.0}"), msg
+    assert "space after" not in _err(load_config, None, ["reward.weights=http://x"])

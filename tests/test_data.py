@@ -353,3 +353,107 @@ def test_shard_groups_refuses_a_rank_outside_the_world():
     for rank, world in ((2, 2), (-1, 2), (0, 0)):
         with pytest.raises(ValueError, match="invalid rank"):
             shard_groups([1, 2, 3, 4], rank, world)
+
+
+# ---------------------------------------------------------------------- where a prompt that fails a check came from
+
+
+def _parse_all(grammar_module):
+    """A ``validate_prompts`` as the shapes verifier's: every prompt must parse in ``grammar_module``."""
+    def check(prompts):
+        for p in prompts:
+            grammar_module.parse(p)
+    return check
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("typo.txt", "# motion prompts\na red circle moving up\n\na red squar moving up\n", "typo.txt:4"),
+    ("typo.jsonl", '{"prompt": "a red circle moving up"}\n{"prompt": "a red squar moving up"}\n', "typo.jsonl:2"),
+    ("typo.json", '["a red circle moving up", "a red squar moving up"]', "typo.json[1]"),
+])
+def test_a_prompt_that_fails_a_check_is_named_by_file_and_line(tmp_path, name, text, where):
+    """A .txt prompt outside the grammar used to be named by its text only (`prompt 'a red squar moving up': ...`),
+    while .jsonl parse errors named FILE:LINE: every file type now names where the prompt is, and the unknown word
+    gets a did-you-mean."""
+    from flowalign.data import check_prompts
+    from flowalign.shapes import motion
+
+    p = tmp_path / name
+    p.write_text(text)
+    msg = _err(check_prompts, load_prompts(p), _parse_all(motion))
+    assert msg.startswith(f"{tmp_path / where}: prompt 'a red squar moving up'"), msg
+    assert "did you mean 'square'?" in msg and "outside the shapes motion grammar" in msg
+
+
+def test_a_check_names_the_setting_and_the_builtin_set_line():
+    """`data.train_prompts=shapes-train` under the video model failed as `prompt 'two purple triangles': unknown word
+    'two'`, without the setting: the line names it, and the built-in set's line."""
+    from flowalign.data import check_prompts
+    from flowalign.models.shapes import ShapesTextEncoder
+    from flowalign.shapes import motion
+
+    records = load_prompts("shapes-train")
+    line = next(i for i, r in enumerate(records, start=1) if r.prompt.split()[0] == "two")
+    msg = _err(check_prompts, records, ShapesTextEncoder(motion.vocabulary()).tokenize, "data.train_prompts")
+    assert msg.startswith(f"data.train_prompts (shapes-train:{line}): prompt '{records[line - 1].prompt}'"), msg
+    msg = _err(check_prompts, ["a red circle moving up", "a red circle"], _parse_all(motion), "data.eval_prompts")
+    assert msg.startswith("data.eval_prompts: prompt 'a red circle'"), msg  # strings: the setting alone
+
+
+def test_a_check_that_passes_or_fails_only_as_a_set_is_left_as_it_was():
+    """Prompts that pass are checked once, as a set; a check that refuses only the set (no prompt alone) keeps its
+    own message, and one without any place to name is not touched."""
+    from flowalign.data import check_prompts
+    from flowalign.shapes import grammar
+
+    calls = []
+    check_prompts([PromptRecord("a red circle"), "a red circle", "a blue square"], calls.append, "data.train_prompts")
+    assert calls == [["a red circle", "a blue square"]]
+
+    def at_most_one(prompts):
+        if len(prompts) > 1:
+            raise UserError("at most one prompt")
+    assert _err(check_prompts, ["a", "b"], at_most_one, "data.eval_prompts") == "at most one prompt"
+    msg = _err(check_prompts, ["a red sqare"], _parse_all(grammar))
+    assert msg.startswith("prompt 'a red sqare' is outside the shapes grammar"), msg
+
+
+def test_where_a_record_was_read_is_not_part_of_it(tmp_path):
+    """The file and line a record was read from is no field: equal records stay equal and their JSON (prompt
+    digests, journals, results) does not change with the file's name or place; a copy keeps it."""
+    import copy
+    import dataclasses
+    import pickle
+
+    from flowalign.data import prompt_fingerprint, source_of
+    from flowalign.io import to_jsonable
+
+    (tmp_path / "a.txt").write_text("a red circle\n")
+    (tmp_path / "b.jsonl").write_text('\n{"prompt": "a red circle"}\n')
+    a, b = load_prompts(tmp_path / "a.txt")[0], load_prompts(tmp_path / "b.jsonl")[0]
+    assert (source_of(a), source_of(b)) == (f"{tmp_path / 'a.txt'}:1", f"{tmp_path / 'b.jsonl'}:2")
+    assert a == b == PromptRecord("a red circle") and source_of(PromptRecord("x")) is None and source_of("x") is None
+    assert [f.name for f in dataclasses.fields(a)] == ["prompt", "metadata"]
+    assert to_jsonable(a) == to_jsonable(b) and prompt_fingerprint([a]) == prompt_fingerprint([b])
+    assert source_of(pickle.loads(pickle.dumps(a))) == source_of(copy.deepcopy(a)) == source_of(a)
+
+
+@pytest.mark.parametrize("module, prompt, wanted, unwanted", [
+    ("grammar", "a red sqare", "unknown word 'sqare'; did you mean 'square'?", None),
+    ("grammar", "a red circle abov a blue square", "did you mean 'above'?", None),
+    ("grammar", "a big circle", "unknown word 'big' (", "did you mean"),  # nothing close: no guess
+    ("grammar", "a red circle moving up", "unknown word 'moving', a word of the shapes motion grammar", "did you mean"),
+    ("motion", "a red squar moving up", "expected a shape, got 'squar'; did you mean 'square'?", None),
+    ("motion", "a rde circle moving up", "got 'rde'; did you mean 'red'?", None),
+    ("motion", "a red circle movin up", "unknown word 'movin'; did you mean 'moving'?", None),
+    ("motion", "a red circle moving upp", "unknown word 'upp'; did you mean 'up'?", None),
+    # an image-grammar word is no typo: not 'to' for 'two' nor 'the' for 'three'
+    ("motion", "two purple triangles", "unknown word 'two', a word of the shapes image grammar", "did you mean"),
+    ("motion", "three red circles", "unknown word 'three', a word of the shapes image grammar", "did you mean"),
+])
+def test_an_unknown_prompt_word_gets_a_did_you_mean(module, prompt, wanted, unwanted):
+    """The shapes grammars name the closest known word (difflib over the grammar's vocabulary), as other errors do."""
+    import importlib
+
+    msg = _err(importlib.import_module(f"flowalign.shapes.{module}").parse, prompt)
+    assert wanted in msg and (unwanted is None or unwanted not in msg), msg

@@ -22,6 +22,7 @@ this module, so it stays free of torch.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import re
 from dataclasses import dataclass
@@ -103,6 +104,28 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def did_you_mean(word: str, words: Iterable[str]) -> str:
+    """``"; did you mean 'square'?"`` for the one of ``words`` closest to ``word`` (difflib), or ``""`` when none is
+    close. None more than a letter shorter than ``word`` is offered: a typo rarely drops two letters, and 'the' for
+    'three' would mislead more than help."""
+    candidates = [w for w in dict.fromkeys(words) if len(w) >= len(word) - 1 and w != word]
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_word(word: str, words: Iterable[str]) -> str:
+    """``"unknown word 'squar'; did you mean 'square'?"``: the phrase the shapes grammars (and the shapes models'
+    tokenizer) use for a word outside ``words``, a grammar's ``vocabulary()``. A word of the other shapes grammar
+    ('two' in a motion prompt, 'moving' in an image one) is no typo: the phrase says whose word it is instead."""
+    from flowalign.shapes import motion  # here, not at the top: motion imports this module
+
+    words = list(words)
+    for name, vocab in (("the shapes image grammar", vocabulary()), ("the shapes motion grammar", motion.vocabulary())):
+        if word in vocab and set(vocab) != set(words):
+            return f"unknown word {word!r}, a word of {name}"
+    return f"unknown word {word!r}{did_you_mean(word, words)}"
+
+
 def _outside(prompt: str, why: str) -> UserError:
     return UserError(f"prompt {prompt!r} is outside the shapes grammar: {why}")
 
@@ -156,10 +179,11 @@ def parse(prompt: str) -> Spec:
     words = re.split(r"\s+", text) if text else []
     if not words:
         raise _outside(prompt, f"it is empty ({_grammar_hint()})")
-    known = set(vocabulary())
+    vocab = vocabulary()
+    known = set(vocab)
     for w in words:
         if w not in known:
-            raise _outside(prompt, f"unknown word {w!r} ({_grammar_hint()})")
+            raise _outside(prompt, f"{unknown_word(w, vocab)} ({_grammar_hint()})")
 
     first, i = _parse_np(words, 0, prompt)
     if i == len(words):

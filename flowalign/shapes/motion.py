@@ -46,7 +46,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from flowalign.errors import UserError
-from flowalign.shapes.grammar import COLORS, SHAPES
+from flowalign.shapes.grammar import COLORS, SHAPES, did_you_mean, unknown_word
 from flowalign.shapes.render import BASE, BORDER, GAP, SIZE_RANGE, draw
 
 TASKS: tuple[str, ...] = ("motion", "two_motion")
@@ -138,15 +138,15 @@ def parse(prompt: str) -> MotionSpec:
     for part in parts:
         m = _PHRASE.match(part)
         if m is None:
-            words = part.split(" ")
-            bad = next((w for w in words if w not in set(vocabulary())), None)
-            why = f"unknown word {bad!r}" if bad else f"{part!r} is not 'a COLOR SHAPE moving DIRECTION'"
+            words, vocab = part.split(" "), vocabulary()
+            bad = next((w for w in words if w not in set(vocab)), None)
+            why = unknown_word(bad, vocab) if bad else f"{part!r} is not 'a COLOR SHAPE moving DIRECTION'"
             raise _outside(prompt, why)
         _, color, shape, direction = m.groups()
         if color not in COLORS:
-            raise _outside(prompt, f"expected a color, got {color!r}")
+            raise _outside(prompt, f"expected a color, got {color!r}{did_you_mean(color, COLORS)}")
         if shape not in SHAPES:
-            raise _outside(prompt, f"expected a shape, got {shape!r}")
+            raise _outside(prompt, f"expected a shape, got {shape!r}{did_you_mean(shape, SHAPES)}")
         objs.append(MovingObject(color, shape, direction.split(" ")[-1]))
     if len(objs) == 2 and objs[0].shape == objs[1].shape:
         raise _outside(prompt, f"two moving objects need different shapes (both are {objs[0].shape}s)")

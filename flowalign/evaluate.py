@@ -1183,6 +1183,9 @@ def cli_main(argv: Sequence[str]) -> int:
     model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
+    validate = getattr(model, "validate_prompts", None)  # a closed vocabulary (shapes): the file and line of a bad word
+    if validate is not None:
+        D.check_prompts(records, validate)
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
     note = getattr(model, "prompt_note", None)  # a closed-grammar model: known words, a sentence it never saw
@@ -1197,7 +1200,7 @@ def cli_main(argv: Sequence[str]) -> int:
     for fn in rewards.values():  # rewards that parse their prompts (the shapes verifier): before any sampling
         check = getattr(fn, "validate_prompts", None)
         if check is not None:
-            check([r.prompt for r in records])
+            D.check_prompts(records, check)
     steps = resolve_steps(model, args.steps)
     ema = lora_ema(args.lora) if args.lora else None
     extra = {"model": args.model, "path": args.path or None, "lora": args.lora,

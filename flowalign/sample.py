@@ -355,7 +355,8 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
     if args.prompt_file:
         n = 8 if args.max_prompts is None else args.max_prompts
-        prompts = [r.prompt for r in D.spaced_subset(D.load_prompts(args.prompt_file), n)]
+        records = D.spaced_subset(D.load_prompts(args.prompt_file), n)
+        prompts = [r.prompt for r in records]
     else:  # --max-prompts applies to arguments too (as steer's does); it was silently ignored here
         prompts = D.spaced_subset(check_prompt_args(args.prompts), args.max_prompts or 0)
     if not prompts:
@@ -365,6 +366,9 @@ def cli_main(argv: Sequence[str]) -> int:
     model = load_model(args.model, args.path, device=device, **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
+    validate = getattr(model, "validate_prompts", None)  # a closed vocabulary (shapes): the file and line of a bad word
+    if validate is not None and args.prompt_file:
+        D.check_prompts(records, validate)
     for pr in prompts:
         model.encode([pr])  # prompts with words the model does not know fail before any sampling
     note = getattr(model, "prompt_note", None)  # a closed-grammar model (shapes): known words, unknown sentence

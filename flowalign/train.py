@@ -619,13 +619,16 @@ def train(cfg: C.ExperimentConfig) -> Path:
                    " on those the evaluation measures fit to the training set, not generalisation", 100 * overlap,
                    cfg.data.eval_prompts, cfg.data.train_prompts)
     validate = getattr(model, "validate_prompts", None)  # adapters with a closed vocabulary (shapes) check text
-    if validate is not None:
-        validate(list(dict.fromkeys(r.prompt for r in [*prompts, *eval_prompts])))  # fail early: one line, exit 2
-    for fns, texts in ((rewards, [*prompts, *eval_prompts]), (eval_rewards, eval_prompts)):
+    prompt_sets = {"data.train_prompts": prompts, "data.eval_prompts": eval_prompts}
+    if validate is not None:  # fail early, naming the setting and the prompt's file and line: one line, exit 2
+        for setting, texts in prompt_sets.items():
+            D.check_prompts(texts, validate, setting)
+    for fns, settings in ((rewards, list(prompt_sets)), (eval_rewards, ["data.eval_prompts"])):
         for fn in fns.values():  # rewards that parse their prompts (the shapes verifier) check them before sampling
             check = getattr(fn, "validate_prompts", None)
             if check is not None:
-                check([r.prompt for r in texts])
+                for setting in settings:
+                    D.check_prompts(prompt_sets[setting], check, setting)
     sampler = D.PromptSampler(prompts, cfg.train.groups_per_iter, seed=cfg.train.seed, shuffle=cfg.data.shuffle)
     sigmas = model.schedule(cfg.sampler.steps).to(device)  # [T+1]
     base_eta = _load_eta(cfg, sigmas, guidance=getattr(model, "guidance_scale", None))  # float, or a per-step [T] tensor (calibrated noise)

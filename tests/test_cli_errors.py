@@ -935,3 +935,19 @@ def test_eval_names_a_benchmark_directory_and_a_protocol_syntax_error_by_line(tm
     bad.write_text("name: mine\nversion: [1\n")
     _fails(capsys, ["eval", "--benchmark", str(bad), "--out", str(tmp_path / "o")], f"{bad}:", "malformed YAML")
     assert _listing(tmp_path) == ["p.yaml"]
+
+
+def test_a_bad_prompt_is_named_by_its_file_and_line_in_eval_sample_and_train(tmp_path, capsys):
+    """`eval --prompts typo.txt` said only "unknown word 'sqare'" (a .jsonl's syntax errors named FILE:LINE, its
+    prompts' words did not): eval, sample and train now name the line, train also the setting, before sampling."""
+    bad = tmp_path / "typo.txt"
+    bad.write_text("a red circle\na red sqare\n")
+    _fails(capsys, ["eval", "--model", "shapes", "--prompts", str(bad), "--out", str(tmp_path / "e")],
+           f"{bad}:2: prompt 'a red sqare': unknown word 'sqare'")
+    _fails(capsys, ["sample", "--prompt-file", str(bad), "--out", str(tmp_path / "s.png")], f"{bad}:2: prompt")
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "shapes_grpo.yaml"
+    _fails(capsys, ["train", str(config), f"data.eval_prompts={bad}",
+                    f"output.run_dir={tmp_path / 'r'}"], f"data.eval_prompts ({bad}:2): prompt 'a red sqare'")
+    assert not any((tmp_path / n).exists() for n in ("e", "s.png", "r"))

@@ -88,7 +88,8 @@ def bench_sample_gap(argv: Sequence[str]) -> None:
     check_common(args, seed_min=0)  # the renders' numpy generators take no negative seed
     if args.lora:
         check_lora_dir(args.lora)  # a missing or unreadable LoRA file fails here, before the model loads
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads is not None:  # else torch's own (OMP_NUM_THREADS where set)
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     model = load_model("shapes", args.shapes_path, guidance_scale=args.guidance)

@@ -119,7 +119,8 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
         raise UserError(f"--eta={args.eta} must be a finite number > 0 (at 0 every member is the same ODE sample)")
     check_guidance(args.guidance)
     check_common(args)
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads is not None:  # else torch's own (OMP_NUM_THREADS where set)
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     # an unknown name, or a video reward for this image model, fails before the model loads (as train and eval do)

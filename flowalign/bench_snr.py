@@ -105,7 +105,8 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     """The options every shapes-world diagnostic bench shares (model path, threads, seed, JSON output, --overwrite)."""
     ap.add_argument("--shapes-path", "--path", dest="shapes_path", default="",
                     help="shapes model directory ('' = the shipped model; --path: the same, as sample names it)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own: OMP_NUM_THREADS where set, else the cores)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts' noise and of every random draw")
     add_output_args(ap)
 
@@ -150,7 +151,7 @@ def check_common(args: argparse.Namespace, *, seed_min: Optional[int] = None) ->
     ``check_json_out``."""
     from flowalign.sample import check_seed
 
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if seed_min is not None and not seed_min <= args.seed < (1 << 32):
         raise UserError(f"--seed must be between {seed_min} and 2**32 (exclusive), got {args.seed}")
@@ -233,7 +234,8 @@ def bench_grad_snr(argv: Sequence[str]) -> None:
     if not [t for t in steps if float(live_eta(args.kernel, torch.linspace(1.0, 0.0, args.steps + 1), eta)[t]) > 0]:
         raise UserError(f"no trained step has noise: --kernel {args.kernel} draws none at σ = 1 (step 0); widen --window "
                         "or raise --train-fraction")
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     # an unknown name, or a video reward for this image model, fails before the model loads (as train and eval do)

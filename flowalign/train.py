@@ -879,7 +879,11 @@ def train(cfg: C.ExperimentConfig) -> Path:
                                                   "dist/max_weight_diff": spread})
 
     # 11. final eval and report ------------------------------------------------------------------------------
-    summ = evaluate("final", cfg.train.iterations) if cfg.eval.after else None
+    # 0 iterations (evaluate the base only): the final weights are the base, already evaluated when eval.before
+    same_as_base = cfg.train.iterations == 0 and cfg.eval.before
+    if same_as_base and cfg.eval.after and rank == 0:
+        logger.info("train.iterations=0: the base evaluation (eval/base) is the run's only one; no final evaluation")
+    summ = evaluate("final", cfg.train.iterations) if cfg.eval.after and not same_as_base else None
     if rank == 0:
         if summ is not None:
             append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "time/elapsed_s": time.time() - t_run,

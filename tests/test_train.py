@@ -528,6 +528,17 @@ def test_grid_prompts_zero_means_no_grid(tmp_path):
     assert (run / "eval" / "base" / "summary.json").exists() and not list((run / "grids").glob("*.png"))
 
 
+def test_zero_iterations_evaluates_the_base_once(tmp_path):
+    """train.iterations=0 (evaluate the base only) evaluated the base twice, as eval/base and eval/final, and the
+    report showed 'base vs aligned' with a change of 0; now eval/base is the run's only evaluation."""
+    from flowalign.train import train
+
+    run = train(_one_step_cfg(tmp_path / "run", "train.iterations=0", "eval.before=true", "eval.after=true",
+                              "eval.grid_prompts=0"))
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["base"]
+    assert (run / "report.html").is_file()
+
+
 def test_resume_with_fewer_iterations_than_the_checkpoint_is_refused_before_writing(tmp_path):
     """It ran nothing and logged the checkpoint's weights as the final eval of an earlier iteration."""
     from flowalign.train import train

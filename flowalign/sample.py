@@ -122,12 +122,12 @@ def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:
     """
     from safetensors import SafetensorError
 
-    from flowalign.models.lora import WEIGHT_NAME, infer_config, read_lora
+    from flowalign.models.lora import WEIGHT_NAME, infer_config, lora_dir_hint, read_lora
 
     lora = Path(path)
-    if not (lora / WEIGHT_NAME).is_file():
-        raise UserError(f"{flag} {str(lora)!r}: no {WEIGHT_NAME} there; pass a checkpoint directory, "
-                        f"e.g. runs/NAME/checkpoints/step-N")
+    if not (lora / WEIGHT_NAME).is_file():  # e.g. a run directory: its newest checkpoint, or a model's final/
+        hint = lora_dir_hint(lora) or "pass a checkpoint directory, e.g. runs/NAME/checkpoints/step-N"
+        raise UserError(f"{flag} {str(lora)!r}: no {WEIGHT_NAME} there; {hint}")
     try:
         sd, config = read_lora(lora)
     except (SafetensorError, OSError, ValueError) as err:  # garbage / truncated file, no LoRA tensors

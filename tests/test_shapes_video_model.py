@@ -62,7 +62,7 @@ def test_save_load_round_trip_and_config_errors(tiny, tmp_path):
         ShapesVideoConfig.from_dict({"patches": 2})
     with pytest.raises(UserError, match="frames=5 of temporal_patch=2"):
         ShapesVideoConfig.from_dict({"frames": 5, "temporal_patch": 2})
-    with pytest.raises(UserError, match="no shapes model at"):
+    with pytest.raises(UserError, match="no shapes_video model at"):  # the family's own name
         ShapesVideoModel.from_pretrained(str(tmp_path / "nowhere"))
 
 

@@ -131,8 +131,17 @@ class FlowAdapter:
         return _lora.lora_state_dict(self.transformer)
 
     def save_lora(self, directory) -> Path:
-        """Write ``directory/pytorch_lora_weights.safetensors`` (loads with diffusers' ``pipe.load_lora_weights``)."""
-        return _lora.save_lora(self.transformer, directory)
+        """Write ``directory/pytorch_lora_weights.safetensors`` (loads with diffusers' ``pipe.load_lora_weights``); the
+        metadata names this model's family, so that loading it into another model says whose it is."""
+        return _lora.save_lora(self.transformer, directory, family=self.family_name())
+
+    @classmethod
+    def family_name(cls) -> Optional[str]:
+        """This adapter's name in ``flowalign.models.MODELS`` (e.g. ``"shapes_video"``); None for a class not there."""
+        from flowalign.models import MODELS
+
+        spec = f"{cls.__module__}:{cls.__qualname__}"
+        return next((name for name, s in MODELS.items() if s == spec), None)
 
     def load_lora(self, directory) -> None:
         """Load a saved LoRA (bitwise); adds the adapter first if the transformer has none."""

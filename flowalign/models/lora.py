@@ -12,6 +12,9 @@
   has none yet. A file without that config (diffusers' ``save_lora_weights`` writes none unless given
   ``transformer_lora_adapter_metadata``) is loaded as diffusers' ``load_lora_weights`` loads it (``infer_config``):
   the modules its tensors name, their rank, and alpha = rank.
+* ``lora_origin`` names the model family a LoRA was trained on (the file's ``flowalign_model`` metadata, else the
+  ``config.yaml`` of the ``flowalign train`` run it is a checkpoint of); ``lora_dir_hint`` says which directory was
+  probably meant when one without a LoRA file is given (a run directory → its newest checkpoint).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PREFIX = "transformer"  # diffusers' component prefix for the denoiser
+FAMILY_KEY = "flowalign_model"  # safetensors metadata: the family (flowalign.models.MODELS name) it was trained on
 
 
 def _tuner_layers(module: nn.Module) -> list[nn.Module]:
@@ -73,7 +77,8 @@ def add_lora(
     names = [n for n, _ in module.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:  # peft only fails when *no* target matches; a typo in one of several would pass silently
-        raise ValueError(f"no module of {type(module).__name__} matches the LoRA target(s) {missing}")
+        raise ValueError(f"no module of {type(module).__name__} matches the LoRA target(s) "
+                         f"{short_list(missing, 100)}")
     alpha = int(alpha) if float(alpha).is_integer() else float(alpha)  # peft scales by alpha / r; keep 0.5 as 0.5
     config = LoraConfig(r=int(rank), lora_alpha=alpha, init_lora_weights=init, target_modules=list(targets))
     try:
@@ -84,7 +89,8 @@ def add_lora(
     except ValueError as e:
         if "not found" not in str(e):
             raise
-        raise ValueError(f"no module of {type(module).__name__} matches the LoRA targets {list(targets)}") from e
+        raise ValueError(f"no module of {type(module).__name__} matches the LoRA targets "
+                         f"{short_list(targets, 100)}") from e
     for name, p in module.named_parameters():
         is_lora = ".lora_" in name and f".{adapter_name}." in name
         p.requires_grad_(is_lora)
@@ -136,8 +142,24 @@ def _config_dict(module: nn.Module, adapter_name: str) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
 
 
-def save_lora(module: nn.Module, directory, *, adapter_name: str = "default", prefix: str = PREFIX) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` atomically, as diffusers' ``load_lora_weights`` reads it."""
+def short_list(items: Sequence[str], budget: int = 120) -> str:
+    """``items`` as a Python list cut at whole items after ``budget`` characters (at least one item), with
+    ``(+N more)`` for the rest: a one-line message never ends inside a quoted name."""
+    items = [str(i) for i in items]
+    shown: list[str] = []
+    for item in items:
+        if shown and len(repr(shown + [item])) > budget:
+            break
+        shown.append(item)
+    rest = len(items) - len(shown)
+    return repr(shown) + (f" (+{rest} more)" if rest else "")
+
+
+def save_lora(module: nn.Module, directory, *, adapter_name: str = "default", prefix: str = PREFIX,
+              family: Optional[str] = None) -> Path:
+    """Write ``directory/pytorch_lora_weights.safetensors`` atomically, as diffusers' ``load_lora_weights`` reads it.
+    ``family``: the model family it belongs to, kept in the metadata (``FAMILY_KEY``) so that a LoRA loaded into
+    another model says whose it is (``lora_origin``)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -145,6 +167,8 @@ def save_lora(module: nn.Module, directory, *, adapter_name: str = "default", pr
     tensors = {f"{prefix}.{k}": v for k, v in lora_state_dict(module, adapter_name).items()}
     meta = {f"{prefix}.{k}": v for k, v in _config_dict(module, adapter_name).items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True, default=str)}
+    if family:
+        metadata[FAMILY_KEY] = str(family)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -236,13 +260,87 @@ def load_lora(module: nn.Module, directory, *, adapter_name: str = "default", pr
             cfg = LoraConfig(**inferred)
         # the exact modules the file holds: a stored config may select them by a regex, exclude_modules or
         # layers_to_transform, which add_lora's list of names does not reproduce
-        add_lora(module, inferred["target_modules"], cfg.r, cfg.lora_alpha, init=cfg.init_lora_weights,
-                 adapter_name=adapter_name)
+        try:
+            add_lora(module, inferred["target_modules"], cfg.r, cfg.lora_alpha, init=cfg.init_lora_weights,
+                     adapter_name=adapter_name)
+        except ValueError as err:  # its modules are not this network's: most often a LoRA of another model
+            raise ValueError(_with_origin(str(err), directory)) from err
     expected = set(lora_state_dict(module, adapter_name))
     if set(sd) != expected:
         missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        raise ValueError(f"LoRA keys do not match the module: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ValueError(_with_origin(f"LoRA keys do not match the module: missing {short_list(missing, 80)}, "
+                                      f"unexpected {short_list(extra, 80)}", directory))
     result = set_peft_model_state_dict(module, sd, adapter_name=adapter_name)
     bad = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
     if bad:
         raise ValueError(f"unexpected LoRA keys when loading {directory}: {bad[:3]}")
+
+
+def _with_origin(message: str, directory) -> str:
+    """``message`` plus the model the LoRA at ``directory`` was trained on, when known (``lora_origin``)."""
+    origin = lora_origin(directory)
+    return f"{message}: a LoRA of {origin}" if origin else message
+
+
+def _run_config_model(run: Path) -> Optional[dict]:
+    """The ``model`` section of ``run/config.yaml`` (a ``flowalign train`` run's resolved config); None if unknown."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    return model if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"] else None
+
+
+def lora_origin(directory) -> Optional[str]:
+    """The model a LoRA was trained on, e.g. ``"shapes_video"`` or ``"shapes with --path 'runs/base/final'"``: the
+    family its file records (``FAMILY_KEY``), else the ``model`` of the ``flowalign train`` run it is a checkpoint of
+    (``RUN/checkpoints/step-N[/raw]`` → ``RUN/config.yaml``); None when neither says."""
+    from safetensors import safe_open
+
+    path = Path(directory)
+    ckpt = path.parent if path.suffix == ".safetensors" else path
+    try:
+        with safe_open(str(ckpt / WEIGHT_NAME), framework="pt", device="cpu") as f:
+            family = (f.metadata() or {}).get(FAMILY_KEY)
+    except Exception:  # unreadable: read_lora has said so already, or will  # noqa: BLE001
+        family = None
+    if family:
+        return family
+    if ckpt.name == "raw":  # the live weights beside the checkpoint's EMA LoRA
+        ckpt = ckpt.parent
+    if ckpt.parent.name != "checkpoints":
+        return None
+    model = _run_config_model(ckpt.parent.parent)
+    if model is None:
+        return None
+    where = model.get("path")
+    return model["name"] + (f" with --path {str(where)!r}" if where else "")
+
+
+def latest_checkpoint(run, *needs: str) -> Optional[Path]:
+    """The newest ``run/checkpoints/step-N`` (highest N) that holds every file in ``needs``; None when there is none."""
+    found = []
+    for p in Path(run, "checkpoints").glob("step-*"):
+        n = p.name[len("step-"):]
+        if n.isdigit() and p.is_dir() and all((p / f).is_file() for f in needs):
+            found.append((int(n), p))
+    return max(found)[1] if found else None
+
+
+def lora_dir_hint(path) -> Optional[str]:
+    """What a directory that holds no ``WEIGHT_NAME`` was probably meant to be, for a ``--lora`` error: a training run
+    (or its ``checkpoints/``) → its newest checkpoint; a model directory → ``--path``. None when nothing fits."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    for run in (path, path.parent) if path.name == "checkpoints" else (path,):
+        ckpt = latest_checkpoint(run, WEIGHT_NAME)
+        if ckpt is not None:
+            return f"did you mean {str(ckpt)!r}, the newest checkpoint of that `flowalign train` run?"
+    for model in (path, path / "final"):
+        if (model / "model.safetensors").is_file() and (model / "config.json").is_file():
+            return f"{str(model)!r} holds a model, not a LoRA; pass it as --path {str(model)!r}"
+    return None

@@ -27,8 +27,9 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowalign.errors import UserError
+from flowalign.errors import UserError, first_line
 from flowalign.models.base import FlowAdapter, check_shift
+from flowalign.shapes.grammar import unknown_word
 from flowalign.types import Cond
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,12 @@ class ShapesTextEncoder(nn.Module):
     """
 
     def __init__(self, vocab: Sequence[str], dim: int = 128, layers: int = 2, heads: int = 4, max_len: int = 12,
-                 pooled_dim: int = 128):
+                 pooled_dim: int = 128, name: str = "the shapes model", grammar: str = "the shapes grammar"):
         super().__init__()
         self.tokens = list(SPECIAL_TOKENS) + [w for w in vocab if w not in SPECIAL_TOKENS]
         self.index = {w: i for i, w in enumerate(self.tokens)}
         self.max_len = max_len
+        self.name, self.grammar = name, grammar  # for the error lines: whose tokenizer, which grammar
         self.embed = nn.Embedding(len(self.tokens), dim)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
@@ -125,11 +127,12 @@ class ShapesTextEncoder(nn.Module):
                 toks = []
                 for w in words:
                     if w not in self.index or w in SPECIAL_TOKENS:
-                        raise UserError(f"prompt {p!r}: unknown word {w!r} (the shapes model knows only the "
-                                        f"shapes grammar: {', '.join(self.tokens[len(SPECIAL_TOKENS):])})")
+                        known = self.tokens[len(SPECIAL_TOKENS):]
+                        raise UserError(f"prompt {p!r}: {unknown_word(w, known)} ({self.name} knows only "
+                                        f"{self.grammar}: {', '.join(known)})")
                     toks.append(self.index[w])
             if len(toks) > self.max_len:
-                raise UserError(f"prompt {p!r} has {len(toks)} words; the shapes model takes at most {self.max_len}")
+                raise UserError(f"prompt {p!r} has {len(toks)} words; {self.name} takes at most {self.max_len}")
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, : len(toks)] = True
         return ids, mask
@@ -195,6 +198,8 @@ class ShapesModel(FlowAdapter):
     default_prompts = "shapes-bench"  # what `flowalign eval` evaluates when given no --prompts: the family's benchmark
     PRETRAIN_CONFIG = ""  # a family without a shipped checkpoint names the config that makes one
     LORA_TARGETS: tuple[str, ...] = SHAPES_LORA_TARGETS
+    WEIGHT_PREFIX = "transformer.transformer_blocks."  # keys only this family's model.safetensors has (MMDiT blocks)
+    NAMES = ("the shapes model", "the shapes grammar")  # the model and its grammar, as error lines name them
 
     def __init__(self, config: ShapesConfig, guidance_scale: Optional[float] = None):
         if not config.vocab:
@@ -206,7 +211,7 @@ class ShapesModel(FlowAdapter):
         self.config = config
         transformer, comps = self._build(config)
         self.text_encoder = ShapesTextEncoder(config.vocab, config.text_dim, config.text_layers, config.text_heads,
-                                              config.max_len, config.pooled_dim)
+                                              config.max_len, config.pooled_dim, *self.NAMES)
         super().__init__(transformer, guidance_scale=config.guidance_scale if guidance_scale is None else guidance_scale,
                          latent_shape=self._latent_shape(config), dtype=torch.float32,
                          components={"text_encoder": self.text_encoder, **comps})
@@ -293,9 +298,20 @@ class ShapesModel(FlowAdapter):
                             f"--config {cls.PRETRAIN_CONFIG} --out runs/{cls.ASSET}` and pass its final/ directory as "
                             f"the model path")
         if not cfg_file.is_file() or not w_file.is_file():
-            raise UserError(f"no shapes model at {str(root)!r} (expected config.json and model.safetensors there); "
-                            "use '' for the shipped model or a directory written by `flowalign pretrain`")
-        config = cls.CONFIG.from_dict(json.loads(cfg_file.read_text()))
+            raise UserError(f"no {cls.ASSET} model at {str(root)!r} (expected config.json and model.safetensors "
+                            f"there); {_model_dir_hint(root, cls.ASSET)}")
+        try:
+            raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {str(cfg_file)!r} as JSON ({first_line(err)}); pass a directory written "
+                            f"by `flowalign pretrain` (its final/)") from err
+        if not isinstance(raw, dict):
+            raise UserError(f"{str(cfg_file)!r} is not a {cls.ASSET} model config (a JSON object of its fields)")
+        family = checkpoint_family(raw, w_file)
+        if family is not None and family.ASSET != cls.ASSET:
+            raise UserError(f"{str(root)!r} holds a {family.ASSET} model; pass --model {family.ASSET} "
+                            f"(model.name: {family.ASSET} in a config)")
+        config = cls.CONFIG.from_dict(raw)
         model = cls(config, guidance_scale=guidance_scale)
         model.load_state_dict(load_file(str(w_file)), source=str(w_file))
         for m in model.components.values():
@@ -398,6 +414,63 @@ class ShapesModel(FlowAdapter):
 
     def num_parameters(self) -> dict[str, int]:
         return {c: sum(p.numel() for p in m.parameters()) for c, m in self.components.items()}
+
+
+def _shapes_families() -> list[type]:
+    """The built-in shapes model families (image, video)."""
+    from flowalign.models.shapes_video import ShapesVideoModel
+
+    return [ShapesModel, ShapesVideoModel]
+
+
+def checkpoint_family(config: dict[str, Any], weights: Path) -> Optional[type]:
+    """The shapes family (model class) whose checkpoint ``config.json`` (read as ``config``) and ``weights`` are: by
+    the denoiser's keys in ``weights`` (read from the header only), else by ``config``'s keys when only one family has
+    them all (the video config extends the image one); None when neither tells."""
+    from safetensors import safe_open
+
+    families = _shapes_families()
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except Exception:  # unreadable: loading the weights says why  # noqa: BLE001
+        keys = []
+    by_weights = [m for m in families if any(k.startswith(m.WEIGHT_PREFIX) for k in keys)]
+    if len(by_weights) == 1:
+        return by_weights[0]
+    by_config = [m for m in families if set(config) <= {f.name for f in dataclasses.fields(m.CONFIG)}]
+    return by_config[0] if len(by_config) == 1 else None
+
+
+def _model_dir_hint(root: Path, asset: str) -> str:
+    """What to pass instead of ``root``, a directory without a model of the family ``asset``: the model of the run it
+    is (``final/`` or a checkpoint holding one, with ``--model`` when it is the other family's), a training run's
+    LoRA, or the usual advice."""
+    from flowalign.models.lora import WEIGHT_NAME, latest_checkpoint
+
+    files = ("config.json", "model.safetensors")
+    if all((root / "final" / f).is_file() for f in files):
+        model, why = root / "final", "a `flowalign pretrain` run writes its model there"
+    else:
+        model, why = latest_checkpoint(root, *files), "the newest model checkpoint in that run"
+    if model is not None:
+        try:
+            family = checkpoint_family(json.loads((model / "config.json").read_text(encoding="utf-8")),
+                                       model / "model.safetensors")
+        except (OSError, ValueError, TypeError):
+            family = None
+        other = f"--model {family.ASSET} --path " if family is not None and family.ASSET != asset else ""
+        return f"did you mean {other}{str(model)!r}? ({why})"
+    if (root / WEIGHT_NAME).is_file():
+        return f"{str(root)!r} holds a LoRA, not a model; pass it as --lora {str(root)!r} with its base model as --path"
+    lora = latest_checkpoint(root, WEIGHT_NAME)
+    if lora is not None:
+        return (f"{str(root)!r} is a `flowalign train` run, which holds LoRAs, not a model; pass --lora "
+                f"{str(lora)!r} with its base model as --path")
+    if latest_checkpoint(root, "state.pt") is not None:
+        return (f"{str(root)!r} is an unfinished `flowalign pretrain` run (its checkpoints hold training state, not "
+                f"the model); finish it with `flowalign pretrain --out {root} --resume`, which writes {root / 'final'}")
+    return "use '' for the shipped model or a directory written by `flowalign pretrain` (its final/)"
 
 
 def _atomic(path: Path, write) -> None:

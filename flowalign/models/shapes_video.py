@@ -105,6 +105,8 @@ class ShapesVideoModel(ShapesModel):
     default_prompts = "shapes-motion-bench"
     PRETRAIN_CONFIG = "configs/shapes_video_pretrain.yaml"  # stage 1 of the recipe that made the shipped model
     LORA_TARGETS = WAN_LORA_TARGETS
+    WEIGHT_PREFIX = "transformer.blocks."  # keys only this family's model.safetensors has (Wan blocks)
+    NAMES = ("the shapes video model", "the shapes motion grammar")
     output_kind = "video"
     fps = 8.0  # nothing sets the shapes world's frame rate (SHAPES_WORLD.md §6): 8 frames play as one second
 

@@ -993,6 +993,18 @@ def parse_model_args(family: str, items: Sequence[str]) -> dict:
     return model_kwargs
 
 
+def warn_outside_grammar(model, prompts: Sequence[str], family: str, doing: str) -> None:
+    """One warning when prompts lie outside the grammar a closed-grammar model (shapes) was trained on: known words
+    in a sentence it never saw (e.g. shapes-bench's still scenes on the shapes video model) encode and sample, but
+    the model never learned them. ``sample`` warns per prompt; eval and steer once, counting them."""
+    note = getattr(model, "prompt_note", None)
+    unique = list(dict.fromkeys(prompts))
+    outside = [why for why in map(note, unique) if why] if note else []
+    if outside:
+        logger.warning("%d of %d prompts are outside the grammar --model %s was trained on (first: %s); %s them anyway",
+                       len(outside), len(unique), family, outside[0], doing)
+
+
 def guidance_with_model_args(guidance: Optional[float], model_kwargs: Mapping[str, Any]) -> Optional[float]:
     """The CFG scale a command samples at, given ``--guidance`` and ``--model-arg guidance_scale``: the model-arg
     sets the model's own scale, which ``--guidance`` (or a benchmark's fixed scale) replaced at sampling time, so a
@@ -1188,12 +1200,7 @@ def cli_main(argv: Sequence[str]) -> int:
         D.check_prompts(records, validate)
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
-    note = getattr(model, "prompt_note", None)  # a closed-grammar model: known words, a sentence it never saw
-    outside = [why for why in map(note, dict.fromkeys(r.prompt for r in records)) if why] if note else []
-    if outside:  # e.g. shapes-bench's still scenes on the shapes video model (sample warns alike)
-        logger.warning("%d of %d prompts are outside the grammar --model %s was trained on (first: %s); evaluating "
-                       "them anyway", len(outside), len(dict.fromkeys(r.prompt for r in records)), args.model,
-                       outside[0])
+    warn_outside_grammar(model, [r.prompt for r in records], args.model, "evaluating")
     outputs = getattr(model, "output_kind", "image")
     rewards = {n: for_outputs(build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}"), outputs,
                               per_frame) for n in names}

@@ -1103,8 +1103,14 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.lora:
         load_lora_checked(model, args.lora)
     rows = [{"prompt": r.prompt, **r.metadata} for r in records]
+    validate = getattr(model, "validate_prompts", None)  # a closed vocabulary (shapes): the file and line of a bad word
+    if validate is not None:
+        D.check_prompts(records, validate)
     for pr in dict.fromkeys(r["prompt"] for r in rows):
         model.encode([pr])  # out-of-grammar / unreadable prompts fail before any sampling
+    from flowalign.evaluate import warn_outside_grammar
+
+    warn_outside_grammar(model, [r["prompt"] for r in rows], args.model, "steering")
     outputs = getattr(model, "output_kind", "image")
     steer_fns = {n: for_outputs(fn, outputs, per_frame) for n, fn in steer_fns.items()}
     eval_fns = {n: steer_fns[n] if n in steer_fns else for_outputs(build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}"), outputs, per_frame)

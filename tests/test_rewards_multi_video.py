@@ -329,4 +329,13 @@ def test_a_shapes_verifier_given_the_other_worlds_prompt_names_the_reward_to_use
     finally:
         logging.getLogger("flowalign").removeHandler(handler)
     assert any("1 of 1 prompts are outside the grammar --model shapes_video was trained on" in r.getMessage()
-               for r in records)
+               and r.getMessage().endswith("evaluating them anyway") for r in records)
+    records.clear()  # steer warns alike (it said nothing)
+    logging.getLogger("flowalign").addHandler(handler)
+    try:
+        assert main(["steer", "--model", "shapes_video", "a red circle", "--method", "none", "--steps", "2",
+                     "--reward", "saturation", "--eval-rewards", "saturation", "--out", str(tmp_path / "st")]) == 0
+    finally:
+        logging.getLogger("flowalign").removeHandler(handler)
+    assert any("1 of 1 prompts are outside the grammar --model shapes_video was trained on" in r.getMessage()
+               and r.getMessage().endswith("steering them anyway") for r in records)

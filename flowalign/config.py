@@ -1168,7 +1168,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
                             f"levels = <= {d['nft_rows_per_rank']} rows/rank in micro-batches of {t.micro_batch}, "
                             f"{t.optimizer_steps_per_iter} optimizer step(s)/iter over all rows"),
         }[t.objective]()),
-        ("run", f"{t.iterations} iterations, {d['rollouts_total']} rollouts, {d['optimizer_steps_total']} optimizer steps, "
+        ("run", f"{t.iterations} iteration{'' if t.iterations == 1 else 's'}, {d['rollouts_total']} rollouts, {d['optimizer_steps_total']} optimizer steps, "
                 f"seed {t.seed}, rollout NFE/iter {d['nfe_rollout_per_iter'] or 'see nfe/sampling in metrics'}"),
         ("data", f"train {cfg.data.train_prompts} ({'shuffled' if cfg.data.shuffle else 'in order'}), eval {cfg.data.eval_prompts}"),
         ("eval", f"{', '.join(w for w, on in (('before', e.before), (f'every {e.every} iters', e.every), ('after', e.after)) if on) or 'off'}, {e.kernel} T={e.steps} cfg {e.guidance:g}, "

@@ -502,9 +502,9 @@ def interrupt_hint(run: Path, checkpoint_every: int) -> str:
 
 
 def _latest_checkpoint(run: Path) -> Optional[Path]:
-    steps = sorted((int(p.name.split("-")[1]), p) for p in (run / "checkpoints").glob("step-*")
-                   if p.name.split("-")[1].isdigit()) if (run / "checkpoints").is_dir() else []
-    return steps[-1][1] if steps else None
+    from flowalign.models.lora import latest_checkpoint
+
+    return latest_checkpoint(run)  # the highest step-N directory (one finder for train, sample's hints and models)
 
 
 def _trained_mask(eta: torch.Tensor, fraction: float, batch: int, generator: Generators = None) -> torch.Tensor:

@@ -172,6 +172,7 @@ def test_a_model_arg_guidance_scale_counts_as_guidance(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     assert main([*base, "--model-arg", "guidance_scale=2", "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in "ab")
+    assert a["settings"]["guidance"] == 4.0 and a["settings"]["benchmark"]["benchmark"] is True
     assert b["settings"]["guidance"] == 2.0 and b["settings"]["benchmark"]["benchmark"] is False
     assert b["settings"]["benchmark"]["overrides"]["guidance"] == {"protocol": 4.0, "used": 2.0}
     assert main([*base, "--model-arg", "guidance_scale=4", "--out", str(tmp_path / "c")]) == 0  # the protocol's own

@@ -78,6 +78,7 @@ def _reward_items(reward_fns: Any) -> list[tuple[str, Any]]:
 def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fns: Any, *, steps: int,
                      guidance: Optional[float] = None, seeds_per_prompt: int = 4, batch_size: int = 32, seed: int = 0,
                      progress: bool = False, skip_batches: Collection[int] = (),
+                     done_jobs: Collection[tuple[int, int]] = (),
                      on_batch: Optional[Callable[[Sequence[tuple[int, int]], Tensor, list[dict]], None]] = None
                      ) -> list[dict]:
     """ODE-sample ``seeds_per_prompt`` images per prompt and score each with every reward.
@@ -93,6 +94,8 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
         batch_size: images per sampling batch (results do not depend on it beyond the matmul kernels' last bits).
         skip_batches: indices of batches (of ``batch_size`` consecutive (prompt, k) jobs) not to sample: those an
             interrupted run finished (``run_eval``'s resume); their images get no record here.
+        done_jobs: (prompt index, k) jobs not to sample either: a batch holding some of them samples only the rest
+            (a resume with another ``batch_size``, whose finished jobs fill part of a batch).
         on_batch: called after each batch with its (prompt index, k) pairs, its decoded images [B, 3, H, W] (videos
             [B, F, 3, H, W]) in [0, 1] and its records, e.g. to save them as they come or keep a few for a grid.
 
@@ -112,14 +115,17 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
     if progress:
         from tqdm.auto import tqdm
 
-        skipped = sum(len(jobs[b * batch_size:(b + 1) * batch_size]) for b in set(skip_batches))
+        skipped = sum(1 for n, job in enumerate(jobs) if n // batch_size in skip_batches or job in done_jobs)
         bar = tqdm(total=len(jobs), initial=skipped, desc="eval", unit="img", dynamic_ncols=True)
+    done_jobs = set(done_jobs)
     try:
         with torch.no_grad():
             for start in range(0, len(jobs), batch_size):
                 if start // batch_size in skip_batches:
                     continue
-                chunk = jobs[start:start + batch_size]
+                chunk = [job for job in jobs[start:start + batch_size] if job not in done_jobs]
+                if not chunk:
+                    continue
                 prompt_ids = sorted({i for i, _ in chunk})
                 row = {i: r for r, i in enumerate(prompt_ids)}
                 cond = model.encode([records[i]["prompt"] for i in prompt_ids])  # per prompt
@@ -757,10 +763,14 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         try:
             # a rank killed before it wrote its journal has none: it resumes with nothing done (the other ranks'
             # journals check the settings); one process must hold its journal, as before
+            # one process may resume with another batch size (after running out of memory): an image's record does
+            # not depend on its batch, so the finished ones are kept whatever batch now holds them
             journal = BatchJournal(mine, {**settings, "rewards": names, "batch_size": batch_size,
                                           **({"processes": world} if world > 1 else {})},
                                    resume=resume and (world == 1 or mine.is_file()),
-                                   redo={batch_of(i, k) for i in shown for k in range(cols)}, prompts=prompt_records)
+                                   redo={batch_of(i, k) for i in shown for k in range(cols)}, prompts=prompt_records,
+                                   rebatch=("batch_size", lambda r: batch_of(r["prompt_index"], r["sample"]))
+                                   if world == 1 else None)
             failed = None
         except (UserError, OSError) as err:
             failed = str(err) if isinstance(err, UserError) else f"cannot write {mine} ({first_line(err)})"
@@ -768,9 +778,11 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
         if resume:
             again = (f"; {journal.redone} more finished ones are sampled again, in the batches that hold the grid's "
                      f"images (for their pixels)") if journal.redone else ""
-            logger.info("resuming %s: %d of %d images already scored%s%s", out, len(journal.records()), n_jobs,
-                        f" (rank {rank})" if world > 1 else "", again)
-    done = journal.done if journal is not None else {}
+            moved = (f" (they ran in batches of {journal.rebatched_from}, the rest in batches of {batch_size})"
+                     if journal.rebatched else "")
+            logger.info("resuming %s: %d of %d images already scored%s%s%s", out, len(journal.records()), n_jobs,
+                        f" (rank {rank})" if world > 1 else "", moved, again)
+    done_jobs = {(r["prompt_index"], r["sample"]) for r in journal.records()} if journal is not None else set()
     n_batches = -(-n_jobs // batch_size)
     others = {b for b in range(n_batches) if b % world != rank}  # the other ranks' batches
 
@@ -787,7 +799,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
 
     new = sample_and_score(model, prompt_records, reward_fns, steps=steps, guidance=guidance,
                            seeds_per_prompt=seeds_per_prompt, batch_size=batch_size, seed=seed,
-                           progress=progress and rank == 0, skip_batches=set(done) | others,
+                           progress=progress and rank == 0, skip_batches=others, done_jobs=done_jobs,
                            on_batch=on_batch if (shown or resumable or on_images) else None)
     if world > 1:  # every rank's records and grid images, on every rank
         import torch.distributed as dist
@@ -1095,7 +1107,8 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", help="output directory, required (must be new or empty, unless --resume)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue an interrupted evaluation in --out ({PARTIAL}) with the same arguments: batches "
-                        "it finished are not sampled again, and the results equal an uninterrupted run's")
+                        "it finished are not sampled again, and the results equal an uninterrupted run's (one process "
+                        "may change --batch-size, e.g. after running out of memory: the images already scored are kept)")
     args = p.parse_args(list(argv))
     if args.list_benchmarks:
         sys.stdout.write(format_protocols() + "\n")

@@ -249,6 +249,9 @@ def _setting_change(key: str, before: Any, now: Any) -> str:
         if now is None:
             return "the prompts cannot be checked: this command does not pass them to the journal"
         return f"the prompts differ in text, order or metadata, sha256 {before[:12]} -> {now[:12]}"
+    if isinstance(before, dict) and isinstance(now, dict):  # name the nested values that differ, not both dicts
+        return "; ".join(_setting_change(f"{key}.{k}", before.get(k), now.get(k))
+                         for k in sorted(set(before) | set(now), key=str) if before.get(k) != now.get(k))
     return f"{key} {before!r} -> {now!r}"
 
 
@@ -268,16 +271,24 @@ class BatchJournal:
     settings as ``prompts_sha256``, so a resume whose prompts differ (an edited prompt file, other metadata) is refused
     even where the path and the count are the same. A journal written without it (flowalign before this check) cannot
     show its prompts were the same, so a resume that passes ``prompts`` refuses it too (start the run again).
+
+    ``rebatch=(key, batch_of)`` lets the setting ``key`` (a batch size) differ on resume, for jobs whose records do
+    not depend on it: the finished records are then regrouped by ``batch_of(record)``, the batch of the new size that
+    holds each, so a batch may be partly done (the caller samples just its missing jobs, which ``add`` files under the
+    same batch: entries of one batch are merged on reading). ``redo`` then names batches of the new size.
     """
 
     def __init__(self, path: PathLike, settings: dict, *, resume: bool = False, redo: Collection[int] = (),
-                 prompts: Sequence[Any] | None = None):
+                 prompts: Sequence[Any] | None = None,
+                 rebatch: tuple[str, Callable[[dict], int]] | None = None):
         self.path = Path(path)
         self.settings = json.loads(json.dumps(to_jsonable(settings)))
         if prompts is not None:
             self.settings[PROMPTS_KEY] = prompts_digest(prompts)
         self.done: dict[int, tuple[list[dict], dict]] = {}
         self.redone = 0  # records of finished batches in ``redo``, to be produced again
+        self.rebatched = False  # resumed with another ``rebatch`` key value (then ``rebatched_from`` holds the old one)
+        self.rebatched_from: Any = None
         if resume:
             try:
                 rows = read_jsonl(self.path) if self.path.is_file() else []
@@ -288,22 +299,39 @@ class BatchJournal:
                 raise UserError(f"--resume: {self.path} is missing or has no settings header; start again without "
                                 "--resume")
             before = rows[0]["journal"]
+            free = rebatch[0] if rebatch is not None else None
+            self.rebatched = free is not None and before.get(free) != self.settings.get(free)
             diff = [_setting_change(k, before.get(k), self.settings.get(k))
-                    for k in sorted(set(before) | set(self.settings)) if before.get(k) != self.settings.get(k)]
+                    for k in sorted(set(before) | set(self.settings)) if before.get(k) != self.settings.get(k)
+                    and k != free]
             if diff:
                 raise UserError(f"--resume: the interrupted run in {self.path.parent} used other settings "
                                 f"({'; '.join(diff)}); pass the same arguments, or choose a new --out")
+            if self.rebatched:
+                self.rebatched_from = before.get(free)
+            entries: list[tuple[int, list[dict], dict]] = []  # (batch, its records, meta) in file order
             pending: list[dict] = []
             for row in rows[1:]:
                 if "journal_batch" in row:
-                    meta = {k: v for k, v in row.items() if k != "journal_batch"}
-                    if isinstance(row["journal_batch"], int) and row["journal_batch"] not in redo:
-                        self.done[row["journal_batch"]] = (pending, meta)
-                    elif isinstance(row["journal_batch"], int):
-                        self.redone += len(pending)
+                    if isinstance(row["journal_batch"], int):
+                        entries.append((row["journal_batch"], pending,
+                                        {k: v for k, v in row.items() if k != "journal_batch"}))
                     pending = []
                 else:
                     pending.append(row)
+            if self.rebatched:  # the finished records, filed under the batches of the new size that hold them
+                regrouped: dict[int, list[dict]] = {}
+                for _, recs, _ in entries:
+                    for r in recs:
+                        regrouped.setdefault(int(rebatch[1](r)), []).append(r)
+                entries = [(b, recs, {}) for b, recs in sorted(regrouped.items())]
+            for b, recs, meta in entries:
+                if b in redo:
+                    self.redone += len(recs)
+                elif b in self.done:  # a partly done batch finished later: one batch, its records merged
+                    self.done[b] = (self.done[b][0] + recs, {**self.done[b][1], **meta})
+                else:
+                    self.done[b] = (recs, meta)
         lines = [{"journal": self.settings}]
         for b in sorted(self.done):
             lines += [*self.done[b][0], {"journal_batch": b, **self.done[b][1]}]

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import logging
 import math
 
 import pytest
@@ -204,12 +205,76 @@ def test_an_interrupted_eval_resumes_to_the_uninterrupted_results(tmp_path, caps
     monkeypatch.setattr(IO, "append_jsonl_records", real)
     sampled = []
     real_sas = E.sample_and_score
-    monkeypatch.setattr(E, "sample_and_score", lambda *a, **k: sampled.append(sorted(k["skip_batches"]))
+    monkeypatch.setattr(E, "sample_and_score", lambda *a, **k: sampled.append(sorted(k["done_jobs"]))
                         or real_sas(*a, **k))
     assert main([*args, "--resume", "--out", str(out)]) == 0
-    assert sampled == [[1]]  # batch 0 holds the grid's images (prompt 0), so only batch 1 is skipped
+    assert sampled == [[(1, 0), (1, 1)]]  # batch 0 holds the grid's images (prompt 0), so only batch 1 is skipped
     for name in ("results.jsonl", "summary.json", "grids/eval.png"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert not (out / E.PARTIAL).exists()
+
+
+def test_a_resume_may_change_the_batch_size_and_samples_only_the_missing_images(tmp_path, capsys, monkeypatch,
+                                                                               caplog):
+    """After running out of memory a user resumes with a smaller --batch-size: the images already scored are kept
+    (an image's noise and record do not depend on its batch), only the missing ones are sampled, in batches of the
+    new size (a batch partly done samples the rest), and the results are an uninterrupted run's. A second
+    interruption and resume at yet another size still ends there; other changed settings are still refused."""
+    import flowalign.evaluate as E
+    import flowalign.io as IO
+    from cli_checks import fails
+
+    args = ["eval", "--max-prompts", "5", "--seeds", "2", "--steps", "2", "--grid", "0",
+            "--rewards", "shapes_strict,shapes_partial"]
+    ref = tmp_path / "ref"
+    assert main([*args, "--batch-size", "2", "--out", str(ref)]) == 0
+    out = tmp_path / "ev"
+    real, calls = IO.append_jsonl_records, []
+
+    def interrupt_after(n):
+        def append(path, records):
+            real(path, records)
+            calls.append(len(records))
+            if len(calls) == n:
+                raise KeyboardInterrupt
+        return append
+
+    monkeypatch.setattr(IO, "append_jsonl_records", interrupt_after(2))
+    assert main([*args, "--batch-size", "4", "--out", str(out)]) == 130  # jobs 0-7 scored (prompts 0-3)
+    sampled = []
+    real_sas = E.sample_and_score
+
+    def spy(*a, **k):
+        real_chunks = []
+        on = k["on_batch"]
+        k["on_batch"] = lambda chunk, images, recs: real_chunks.append(list(chunk)) or on(chunk, images, recs)
+        try:
+            return real_sas(*a, **k)
+        finally:
+            sampled.append(real_chunks)
+
+    monkeypatch.setattr(E, "sample_and_score", spy)
+    capsys.readouterr()
+    line = fails(capsys, [*args, "--batch-size", "3", "--steps", "3", "--resume", "--out", str(out)],
+                 "other settings", "; steps 2 -> 3", "benchmark.overrides.steps.used 2 -> 3")
+    assert "{" not in line  # the nested settings that differ, not both dicts whole
+    calls.clear()
+    monkeypatch.setattr(IO, "append_jsonl_records", interrupt_after(1))
+    with caplog.at_level(logging.INFO, logger="flowalign.evaluate"):
+        assert main([*args, "--batch-size", "3", "--resume", "--out", str(out)]) == 130
+    assert "8 of 10 images already scored (they ran in batches of 4, the rest in batches of 3)" in caplog.text
+    # batches of 3 over the 10 jobs: [0-2], [3-5], [6-8], [9]; jobs 0-7 done, so batch 2 samples just job 8
+    assert sampled[-1] == [[(4, 0)]]
+    monkeypatch.setattr(IO, "append_jsonl_records", real)
+    assert main([*args, "--batch-size", "1", "--resume", "--out", str(out)]) == 0
+    assert sampled[-1] == [[(4, 1)]]  # only the last image was missing
+    got = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (ref / "results.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample"], r["seed"]) for r in got] == \
+        [(r["prompt_index"], r["sample"], r["seed"]) for r in want]
+    for a, b in zip(got, want):
+        for name in ("shapes_strict", "shapes_partial"):
+            assert a[name] == pytest.approx(b[name], abs=1e-6)
     assert not (out / E.PARTIAL).exists()
 
 

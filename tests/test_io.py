@@ -207,3 +207,26 @@ def test_read_jsonl_strict_refuses_a_truncated_last_line(tmp_path):
         read_jsonl(p, strict=True)
     p.write_text('{"a": 1}\n\n')
     assert read_jsonl(p, strict=True) == [{"a": 1}]
+
+
+def test_a_journal_resumed_at_another_batch_size_regroups_its_records_and_merges_partial_batches(tmp_path):
+    """``rebatch``: the finished records are filed under the batches of the new size that hold them (a batch may be
+    partly done); a later entry for the same batch is merged, not lost; other changed settings are still refused and
+    leave the file as it was."""
+    path = tmp_path / "j.jsonl"
+    j = BatchJournal(path, {"steps": 2, "batch_size": 4})
+    j.add(0, [{"job": n} for n in range(4)])
+    j.add(1, [{"job": n} for n in range(4, 8)])
+    of = ("batch_size", lambda size: lambda r: r["job"] // size)
+    with pytest.raises(UserError, match="steps 2 -> 3"):
+        BatchJournal(path, {"steps": 3, "batch_size": 3}, resume=True, rebatch=(of[0], of[1](3)))
+    assert BatchJournal(path, {"steps": 2, "batch_size": 4}, resume=True).records() == [{"job": n} for n in range(8)]
+    again = BatchJournal(path, {"steps": 2, "batch_size": 3}, resume=True, rebatch=(of[0], of[1](3)), redo={0})
+    assert again.rebatched and again.rebatched_from == 4 and again.redone == 3
+    assert {b: [r["job"] for r in recs] for b, (recs, _) in again.done.items()} == {1: [3, 4, 5], 2: [6, 7]}
+    again.add(2, [{"job": 8}])  # the rest of the partly done batch 2
+    third = BatchJournal(path, {"steps": 2, "batch_size": 3}, resume=True, rebatch=(of[0], of[1](3)))
+    assert not third.rebatched
+    assert {b: [r["job"] for r in recs] for b, (recs, _) in third.done.items()} == {1: [3, 4, 5], 2: [6, 7, 8]}
+    with pytest.raises(UserError, match="batch_size 3 -> 4"):  # without rebatch the size is a setting like any other
+        BatchJournal(path, {"steps": 2, "batch_size": 4}, resume=True)

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -112,6 +112,19 @@ def sample_grid(model, records, path: str | Path, *, steps: int, guidance: Optio
                       kernel=kernel, eta=eta, batch_size=batch_size, progress=progress)
     labels = [p if j == 0 else "" for p in prompts for j in range(seeds_per_prompt)]
     return save_grid(images, path, nrow=seeds_per_prompt, labels=labels, fps=getattr(model, "fps", None))
+
+
+def default_prompt_set(family: Any, name: str) -> str:
+    """The prompt set ``sample`` and ``steer`` use when given no prompts: the family's own benchmark
+    (``default_prompts``, which ``flowalign eval`` evaluates by default), announced in one INFO line; a family with
+    none (sd3, flux, wan) gets a one-line ``UserError`` with an example."""
+    default = getattr(family, "default_prompts", None)
+    if default is None:
+        raise UserError(f"no prompts given, and --model {name} has no built-in prompt set; pass prompts as arguments "
+                        "(e.g. \"a photo of a red apple\") or --prompt-file NAME_OR_PATH (e.g. --prompt-file parti)")
+    logger.info("no prompts given: using the prompts of %s, the benchmark of --model %s (pass prompts or "
+                "--prompt-file to choose)", default, name)
+    return default
 
 
 def check_lora_dir(path: str | Path, flag: str = "--lora") -> Path:
@@ -273,7 +286,8 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.samplers import KERNELS
 
     p = CommandParser(prog="flowalign sample", description="Sample an image grid from a model.")
-    p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
+    p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file; neither: the model's own benchmark "
+                   "prompts, shapes-bench for shapes and shapes-motion-bench for shapes_video)")
     p.add_argument("--prompt-file", "--prompts", dest="prompt_file",
                    help="a built-in prompt set name or a .txt/.jsonl file (--prompts: the same, as eval names it)")
     p.add_argument("--max-prompts", type=int, default=None, help="an evenly spaced subset of N prompts: of "
@@ -353,6 +367,8 @@ def cli_main(argv: Sequence[str]) -> int:
                         f"directory; move it or choose another --out")
     if args.prompt_file and args.prompts:  # one of them would be silently ignored
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
+    if not args.prompt_file and not args.prompts:  # as eval: the family's own benchmark prompts, when it has them
+        args.prompt_file = default_prompt_set(resolve(args.model), args.model)
     if args.prompt_file:
         n = 8 if args.max_prompts is None else args.max_prompts
         records = D.spaced_subset(D.load_prompts(args.prompt_file), n)

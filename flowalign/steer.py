@@ -808,7 +808,8 @@ def build_parser():
     p = CommandParser(prog="flowalign steer", description=(
         "Steer a model toward a reward at inference (no training): best-of-N, Feynman-Kac particles or "
         "reward-gradient guidance; score the outputs with evaluation rewards."))
-    p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file)")
+    p.add_argument("prompts", nargs="*", help="prompts (or use --prompt-file; neither: the model's own benchmark "
+                   "prompts, shapes-bench for shapes and shapes-motion-bench for shapes_video, as eval)")
     p.add_argument("--prompt-file", "--prompts", dest="prompt_file",
                    help="a built-in prompt set name or a .txt/.jsonl file (--prompts: the same, as eval names it)")
     p.add_argument("--max-prompts", type=int, default=0, help="an evenly spaced subset of N prompts, of --prompt-file's "
@@ -1071,6 +1072,10 @@ def cli_main(argv: Sequence[str]) -> int:
     args.guidance = guidance_with_model_args(args.guidance, model_kwargs)  # one scale, or a one-line refusal
     if args.prompt_file and args.prompts:
         raise UserError(f"pass prompts as arguments or --prompt-file {args.prompt_file!r}, not both")
+    if not args.prompt_file and not args.prompts:  # as eval: the family's own benchmark prompts, when it has them
+        from flowalign.sample import default_prompt_set
+
+        args.prompt_file = default_prompt_set(family, args.model)
     if args.prompt_file:
         records = D.load_prompts(args.prompt_file)
     else:

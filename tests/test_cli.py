@@ -233,3 +233,25 @@ def test_sample_max_prompts_applies_to_prompts_given_as_arguments(tmp_path):
     assert (tmp_path / "sub.png").read_bytes() == (tmp_path / "two.png").read_bytes()
     assert main(["sample", *prompts, *kw, "--out", str(tmp_path / "all.png")]) == 0  # default: every argument
     assert (tmp_path / "all.png").read_bytes() != (tmp_path / "two.png").read_bytes()
+
+
+def test_sample_and_steer_without_prompts_use_the_models_own_benchmark_as_eval_does(tmp_path, capsys, caplog):
+    """With neither prompts nor --prompt-file, `sample` draws 8 evenly spaced prompts of the family's benchmark (the
+    set `eval` evaluates by default): the same grid as naming it, announced in one INFO line; a family without one
+    (sd3) is refused in one line, with an example, before any model loads; `steer` resolves the same way."""
+    import logging
+
+    from flowalign.cli import main
+
+    kw = ["--seeds", "1", "--steps", "2", "--model", "shapes_video"]
+    with caplog.at_level(logging.INFO, logger="flowalign.sample"):
+        assert main(["sample", *kw, "--out", str(tmp_path / "default.png")]) == 0
+    assert "using the prompts of shapes-motion-bench, the benchmark of --model shapes_video" in caplog.text
+    assert main(["sample", "--prompt-file", "shapes-motion-bench", *kw, "--out", str(tmp_path / "named.png")]) == 0
+    assert (tmp_path / "default.png").read_bytes() == (tmp_path / "named.png").read_bytes()
+    capsys.readouterr()
+    fails(capsys, ["sample", "--model", "sd3", "--out", str(tmp_path / "sd3.png")],
+          "no prompts given, and --model sd3 has no built-in prompt set", "--prompt-file")
+    fails(capsys, ["steer", "--model", "flux", "--reward", "pickscore", "--out", str(tmp_path / "st")],
+          "--model flux has no built-in prompt set")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default.gif", "default.png", "named.gif", "named.png"]

@@ -1129,6 +1129,10 @@ def cli_main(argv: Sequence[str]) -> int:
     family = resolve_model(args.model)  # an unknown name: one line with the closest one
     fixed = protocol_defaults(protocol, args.model) if protocol is not None else {}
     if protocol is not None and "steps" not in fixed and (args.steps is None or args.guidance is None):
+        kinds = {getattr(resolve_model(f), "output_kind", "image") for f in protocol.families()}
+        if getattr(family, "output_kind", "image") == "image" and kinds == {"video"}:  # no non-benchmark way either
+            raise UserError(f"benchmark {protocol.name!r} scores videos (of {', '.join(protocol.families())}), and "
+                            f"--model {args.model} draws images; pass --model {protocol.families()[0]}")
         raise UserError(f"benchmark {protocol.name!r} fixes sampling for {', '.join(protocol.families())}, not "
                         f"--model {args.model}; pass --model {protocol.families()[0]}, or --steps and --guidance to run "
                         f"its prompts and rewards as a non-benchmark evaluation")

@@ -799,7 +799,13 @@ def test_eval_and_steer_need_rewards_and_prompts_for_a_model_without_a_verifier(
           "--reward is required for --model wan")
     fails(capsys, ["eval", "--benchmark", "shapes-bench", "--model", "shapes_video", "--out", str(tmp_path / "d")],
           "fixes sampling for shapes, not --model shapes_video", "pass --model shapes, or --steps and --guidance")
-    assert not any((tmp_path / x).exists() for x in "abcd")
+    # an image model on a video benchmark: --steps and --guidance would not help (its prompts, its rewards)
+    line = fails(capsys, ["eval", "--benchmark", "shapes-motion-bench", "--model", "shapes", "--out",
+                          str(tmp_path / "e")], "scores videos (of shapes_video)", "pass --model shapes_video")
+    assert "--steps" not in line
+    fails(capsys, ["eval", "--benchmark", "vbench", "--model", "sd3", "--out", str(tmp_path / "f")],
+          "--model sd3 draws images; pass --model wan")
+    assert not any((tmp_path / x).exists() for x in "abcdef")
 
 
 def test_every_device_a_command_takes_goes_through_one_check(monkeypatch):

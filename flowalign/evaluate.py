@@ -703,7 +703,7 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
              grid_prompts: int = 0, resumable: bool = False, resume: bool = False,
              protocol: Optional[Protocol] = None,
              on_images: Optional[Callable[[Sequence[tuple[int, int]], Tensor, list[dict]], None]] = None,
-             shard: tuple[int, int] = (0, 1)) -> dict:
+             shard: tuple[int, int] = (0, 1), on_start: Optional[Callable[[dict], None]] = None) -> dict:
     """Evaluate and write ``out_dir/results.jsonl`` (one line per image) and ``out_dir/summary.json``.
 
     ``grid_prompts`` > 0 also writes ``out_dir/grids/eval.png``: the images of that many evenly spaced prompts
@@ -724,7 +724,9 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
     ``protocol`` (a frozen benchmark, ``load_protocol``): its ``overall`` convention is used and
     ``settings["benchmark"]`` records ``protocol_status``, whether this evaluation is a benchmark result.
     ``on_images``: called with each sampled batch (as ``sample_and_score``'s ``on_batch``), e.g. to export the images
-    for an external evaluator (``external.GenEvalExport``).
+    for an external evaluator (``external.GenEvalExport``). ``on_start``: called with the settings once a resume is
+    accepted, before any sampling (``flowalign eval`` says there whether this will be a benchmark result, so a refused
+    resume stays one line).
 
     ``shard=(rank, world)`` (every process of a multi-process launch calls with its own; ``dist.process_group``): rank r
     samples the batches b with b mod world = r, the records and grid images are gathered, every rank returns the whole
@@ -783,6 +785,8 @@ def run_eval(model: Any, prompts: Sequence[Any], reward_fns: Any, out_dir, *, st
             logger.info("resuming %s: %d of %d images already scored%s%s%s", out, len(journal.records()), n_jobs,
                         f" (rank {rank})" if world > 1 else "", moved, again)
     done_jobs = {(r["prompt_index"], r["sample"]) for r in journal.records()} if journal is not None else set()
+    if on_start is not None:
+        on_start(settings)
     n_batches = -(-n_jobs // batch_size)
     others = {b for b in range(n_batches) if b % world != rank}  # the other ranks' batches
 
@@ -1235,10 +1239,10 @@ def cli_main(argv: Sequence[str]) -> int:
              **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
              **({"per_frame": per_frame} if per_frame and outputs == "video"
                 and any(getattr(fn, "kind", "image") == "image" for fn in map(resolve_reward, names)) else {})}
-    if protocol is not None:  # say before the long part whether this will be a benchmark number
-        status = eval_settings(model, records, rewards, steps=steps, guidance=args.guidance, seeds_per_prompt=args.seeds,
-                               seed=args.seed, extra_settings=extra, protocol=protocol)["benchmark"]
-        if rank == 0:
+
+    def say_benchmark(settings: Mapping[str, Any]) -> None:  # before the long part: will this be a benchmark number?
+        status = settings.get("benchmark")
+        if status is not None and rank == 0:
             (logger.info if status["benchmark"] else logger.warning)("%s", benchmark_line(status))
     exporter = {"geneval": lambda: GenEvalExport(out / GENEVAL_DIR, as_records(records)),
                 "t2i-compbench": lambda: T2ICompBenchExport(out / T2I_DIR, as_records(records), args.seeds),
@@ -1250,7 +1254,7 @@ def cli_main(argv: Sequence[str]) -> int:
     summ = run_eval(model, records, rewards, out, steps=steps, guidance=args.guidance,
                     seeds_per_prompt=args.seeds, batch_size=args.batch_size, seed=args.seed, grid_prompts=args.grid,
                     resumable=True, resume=args.resume, extra_settings=extra, protocol=protocol,
-                    on_images=exporter, shard=(rank, world))
+                    on_images=exporter, shard=(rank, world), on_start=say_benchmark)
     if rank != 0:  # rank 0 writes the results, the report and the log
         return 0
     from flowalign.report import write_report

@@ -847,17 +847,17 @@ def train(cfg: C.ExperimentConfig) -> Path:
         if loss_scale.enabled:
             metrics["train/loss_scale"] = loss_scale.scale
 
-        # 10. log, eval, checkpoint -------------------------------------------------------------------------
-        if world > 1:  # totals over the ranks, like rollouts/iteration (METHODS §3.6: logged values reduced)
-            nfe_seen = _sync_nfe(nfe, nfe_seen, reduce_mean, world)
-            _reduce_metrics(metrics, cfg.train.objective, reduce_mean, world)
-        metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})
-        metrics["time/iteration_s"] = time.time() - t_start
-        metrics["time/elapsed_s"] = time.time() - t_run  # wall time of the run (its sessions up to here), base eval included
+        # 10. eval, log, checkpoint -------------------------------------------------------------------------
+        metrics["time/iteration_s"] = time.time() - t_start  # rollouts and update; a periodic eval comes after
         # the last iteration's periodic eval is the final eval (phase 11), unless that is off (eval.after=false)
         if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and (it + 1 < cfg.train.iterations or not cfg.eval.after):
             summ = evaluate(f"step-{it + 1}", it + 1)
             metrics.update({f"eval/{k}": v for k, v in _flat_summary(summ).items()})
+        if world > 1:  # totals over the ranks, like rollouts/iteration (METHODS §3.6: logged values reduced)
+            nfe_seen = _sync_nfe(nfe, nfe_seen, reduce_mean, world)
+            _reduce_metrics(metrics, cfg.train.objective, reduce_mean, world)
+        metrics.update({f"nfe/{k}": v for k, v in nfe.totals().items()})  # this iteration's eval (nfe/other) included
+        metrics["time/elapsed_s"] = time.time() - t_run  # wall time of the run (its sessions up to here), evals included
         if rank == 0:
             append_jsonl(run / "metrics.jsonl", metrics)
             _tb_scalars(writer, metrics, it + 1)
@@ -884,9 +884,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
     if same_as_base and cfg.eval.after and rank == 0:
         logger.info("train.iterations=0: the base evaluation (eval/base) is the run's only one; no final evaluation")
     summ = evaluate("final", cfg.train.iterations) if cfg.eval.after and not same_as_base else None
+    if world > 1 and summ is not None:  # every rank's evaluation forwards, for the final record
+        nfe_seen = _sync_nfe(nfe, nfe_seen, reduce_mean, world)
     if rank == 0:
-        if summ is not None:
+        if summ is not None:  # with the forwards so far, the final evaluation's (nfe/other) included
             append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "time/elapsed_s": time.time() - t_run,
+                                                  **{f"nfe/{k}": v for k, v in nfe.totals().items()},
                                                   **{f"eval/{k}": v for k, v in _flat_summary(summ).items()}})
             _tb_scalars(writer, {f"eval/{k}": v for k, v in _flat_summary(summ).items()}, cfg.train.iterations)
         if writer is not None:
@@ -1061,7 +1064,7 @@ def _update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: bool,
             loss = loss_sum / n  # / the ranks' mean count: after the gradient all-reduce, the mean over all pairs
             (loss * loss_scale.scale if loss_scale is not None and loss_scale.enabled else loss).backward()
             for k, v in {**ratio_stats(ratio, logp, old, tr.clip_range), "policy_loss": float(pol.detach().mean()),
-                         "kl": float(kl.detach().mean())}.items():
+                         **({"kl": float(kl.detach().mean())} if tr.beta_kl > 0 else {})}.items():  # only if computed
                 logs.setdefault(k, []).extend([v] * mb.shape[0])  # weight by size: the means are over pairs
         _optimizer_step(opt, finite, reduce_mean, tr, logs, out, loss_scale=loss_scale, on_step=on_step)
     for k, v in logs.items():
@@ -1294,7 +1297,8 @@ def _nft_update(cfg, model, opt, traj, advs, pairs, reduce_mean, nfe, *, skip: b
             loss_mb = total.sum() / mean_n  # after the all-reduce: the mean over every rank's rows of this step
             (loss_mb * loss_scale.scale if loss_scale is not None and loss_scale.enabled else loss_mb).backward()
             logs.setdefault("nft_loss", []).extend([float(loss.detach().mean())] * len(idx))  # means over rows
-            logs.setdefault("kl", []).extend([float(kl.detach().mean())] * len(idx))
+            if tr.beta_kl > 0:  # not computed otherwise: a logged 0 would read as a measured divergence
+                logs.setdefault("kl", []).extend([float(kl.detach().mean())] * len(idx))
         _optimizer_step(opt, finite, reduce_mean, tr, logs, out, loss_scale=loss_scale, on_step=on_step)
     for k, v in logs.items():
         out[f"train/{k}"] = sum(v) / len(v)

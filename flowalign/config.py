@@ -1072,8 +1072,10 @@ def validate(cfg: ExperimentConfig) -> None:
         need(t.nft_times >= 1, f"train.nft_times={t.nft_times} must be >= 1")
         need(t.nft_guidance is None or t.nft_guidance >= 0,
              f"train.nft_guidance={t.nft_guidance} must be >= 0 (1 = the conditional velocity) or null (= model.guidance)")
-    elif s.kernel == "euler" or s.eta == 0:
-        logger.warning("sampler.kernel=%r with eta=%g is deterministic: no step can be trained (use flow_sde with eta > 0)", s.kernel, s.eta)
+    elif s.kernel == "euler" or (s.eta == 0 and not s.eta_file):  # GRPO needs the log-probs of stochastic steps
+        need(False, f"sampler.kernel={s.kernel!r} with sampler.eta={s.eta:g} is deterministic: GRPO would train no step "
+                    "(set sampler.kernel=flow_sde sampler.eta=0.7, or train.objective=nft, which learns from ODE "
+                    "samples)")
     from flowalign.values import GUIDES
 
     if s.guide not in GUIDES:

@@ -571,6 +571,12 @@ def train(cfg: C.ExperimentConfig) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
                             eps=cfg.train.adam_eps)
     ema = EMA(params, cfg.train.ema_decay_max, cfg.train.ema_every) if cfg.train.ema else None
+    opt_total = cfg.train.iterations * cfg.train.optimizer_steps_per_iter
+    if ema is not None and opt_total < cfg.train.ema_every and rank == 0:  # the EMA would stay the initial adapter
+        logger.warning("train.ema=true updates the EMA every train.ema_every=%d optimizer steps, and this run takes %d: "
+                       "the evaluated and saved weights (the EMA's) would be the initial adapter, unchanged; lower "
+                       "train.ema_every or set train.ema=false (the trained weights are in each checkpoint's raw/)",
+                       cfg.train.ema_every, opt_total)
     loss_scale = LossScale(enabled=dtype == torch.float16)  # fp16 forwards: gradients would underflow unscaled
     nfe = NFECounter(model)
 

@@ -57,6 +57,10 @@ def test_train_end_to_end_writes_everything(tmp_path):
     assert lines[0]["iteration"] == 0 and "eval/overall/shapes_strict" in lines[0]
     assert lines[1]["iteration"] == 1 and "reward/shapes_partial" in lines[1] and lines[1]["nfe/sampling"] > 0
     assert "eval/overall/shapes_strict" in lines[-1]
+    # every evaluation's forwards in its own record: the base's from the first, the final's in the last
+    assert lines[1]["nfe/other"] == 2 * 4  # the base evaluation: 2 prompts x 1 seed x 4 steps
+    assert lines[-1]["nfe/other"] == 2 * lines[1]["nfe/other"] and lines[-1]["nfe/sampling"] == lines[-2]["nfe/sampling"]
+    assert "train/kl" not in lines[1]  # beta_kl = 0: no KL is computed, so none is logged (was a flat 0.0)
     # the resolved config round-trips
     assert C.load_config(str(run / "config.yaml")) == C.load_config(str(run / "config.yaml"))
     # LoRA actually moved
@@ -68,6 +72,22 @@ def test_train_end_to_end_writes_everything(tmp_path):
     assert final["trained_iterations"] == 2 and final["lora_ema"] is False and final["lora"] == "run after 2 iterations"
     assert base["benchmark"]["name"] == final["benchmark"]["name"] == "shapes-bench"  # a 2-prompt subset: an override
     assert not final["benchmark"]["benchmark"] and "prompts" in final["benchmark"]["overrides"]
+
+
+def test_an_ema_that_would_never_update_is_warned_about(tmp_path, caplog):
+    """train.ema_every=8 with 2 optimizer steps: the EMA (evaluated, saved) would stay the initial, zero adapter
+    without a word; it is now one warning naming the settings (none when the EMA updates)."""
+    import logging
+
+    from flowalign.train import train
+
+    with caplog.at_level(logging.WARNING, logger="flowalign.train"):
+        train(_cfg(tmp_path / "a", "train.iterations=1", "train.ema=true", "train.ema_every=8"))
+    assert "train.ema_every=8 optimizer steps, and this run takes 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flowalign.train"):
+        train(_cfg(tmp_path / "b", "train.iterations=1", "train.ema=true", "train.ema_every=2"))
+    assert "ema_every" not in caplog.text
 
 
 @pytest.mark.parametrize("sampler", [[], ["sampler.kernel=cps", "sampler.logp_form=cps_mse", "train.clip_range=1e-5"]],
@@ -187,6 +207,7 @@ BAD = {
     "guide_flat_reward": ("sampler:\n  guide: reward_grad\n", [], "differentiable"),  # shapes_partial has no gradient
     "nft_dense_credit": ("train:\n  objective: nft\ncredit:\n  name: dense_gain\n", [], "credit.name=outcome"),
     "duplicate_key": ("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n", [], "duplicate key 'lr'"),
+    "grpo_without_noise": ("", ["sampler.kernel=euler"], "GRPO would train no step"),  # was a warning, then 0 updates
     # registry names and options the schema cannot check: refused before anything is written
     "unknown_credit": ("", ["credit.name=outcom"], "did you mean 'outcome'"),
     "credit_option": ("", ["credit.options.foo=1"], "unknown option(s) ['foo']"),

@@ -196,6 +196,9 @@ def cli_main(argv: Sequence[str]) -> int:
     ap.add_argument("--per-frame", action="append", default=[], metavar="KEY=VALUE",
                     help="video models: how image rewards score the frames, e.g. reduce=first or stride=2 (PerFrame "
                          "options, as the trainer's reward.per_frame; default every 4th frame, mean; repeatable)")
+    from flowalign.evaluate import add_model_arg
+
+    add_model_arg(ap)  # e.g. height/width: the resolution sets FLUX's sigma grid, so calibrate at the training one
     ap.add_argument("--steps", type=int, default=10, help="rollout steps T")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     ap.add_argument("--n", type=int, default=48, help="trajectories per iteration N")
@@ -271,8 +274,10 @@ def cli_main(argv: Sequence[str]) -> int:
     from flowalign.rewards.catalog import build_reward_checked
     from flowalign.rewards.video import for_outputs
 
-    args.model_arg = []  # parse_component_args' model options: calibrate takes --guidance and --path instead
-    reward_kwargs, per_frame, _ = parse_component_args(args, list(weights))
+    from flowalign.evaluate import guidance_with_model_args, model_args_jsonable
+
+    reward_kwargs, per_frame, model_kwargs = parse_component_args(args, list(weights))
+    args.guidance = guidance_with_model_args(args.guidance, model_kwargs)  # one scale, or a one-line refusal
     outputs = getattr(resolve_model(args.model), "output_kind", "image")
     records = D.load_prompts(args.prompts)
     # built before the model loads: a reward that cannot be built (remote without its url, a missing weights path)
@@ -280,7 +285,7 @@ def cli_main(argv: Sequence[str]) -> int:
     # model scores its frames (PerFrame), as in train and eval
     rewards = {k: for_outputs(build_reward_checked(k, reward_kwargs[k], f"--reward-arg: reward {k!r}"), outputs,
                               per_frame) for k in weights}
-    kw = {} if args.guidance is None else {"guidance_scale": args.guidance}
+    kw = {**model_kwargs, **({} if args.guidance is None else {"guidance_scale": args.guidance})}
     model = load_model(args.model, args.path, device=args.device, **kw)
     texts = list(dict.fromkeys(r.prompt for r in records))
     # prompts are drawn at random per iteration: check them all here, not mid-run (as train and eval do)
@@ -317,6 +322,7 @@ def cli_main(argv: Sequence[str]) -> int:
            "initial_eta": psi0.tolist(), "init_a": args.init_a, "model": args.model, "path": args.path,
            "guidance": None if guidance is None else float(guidance), "steps": args.steps, "prompts": args.prompts,
            "seed": args.seed, "rewards": weights,
+           **({"model_args": model_args_jsonable(model_kwargs)} if model_kwargs else {}),
            **({"reward_args": reward_kwargs} if any(reward_kwargs.values()) else {}),
            **({"per_frame": per_frame} if per_frame and outputs == "video" else {}),
            "n": args.n, "group_size": args.group_size, "iterations": args.iterations,

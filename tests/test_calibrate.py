@@ -108,6 +108,8 @@ def test_calibrate_checks_prompt_text_before_any_rollout(capsys, monkeypatch, tm
     (["--reward", "shapes_motion_partial"], ["'shapes_motion_partial'", "videos"]),  # a video reward, image model
     (["--reward", "shapes_motion_partial:2"], ["'shapes_motion_partial'", "videos"]),  # steer's NAME:W form reads too
     (["--model", "shapes_video", "--reward", "saturation", "--per-frame", "reduce=bogus"], ["--per-frame", "bogus"]),
+    (["--model-arg", "bogus=1"], ["--model-arg", "bogus"]),  # the adapter's options are checked as eval checks them
+    (["--guidance", "3", "--model-arg", "guidance_scale=2"], ["disagree"]),
 ])
 def test_calibrate_builds_its_rewards_before_loading(capsys, no_model, tmp_path, extra, needles):
     out = tmp_path / "eta.json"
@@ -349,3 +351,17 @@ def test_sample_draws_with_a_calibrated_eta_file(tmp_path, capsys):
     bad.write_text(json.dumps({"kernel": "dance_sde", "eta": [0.5, 0.5, 0.5, 0.0], "sigmas": [1, 0.9, 0.5, 0.2, 0]}))
     fails(capsys, [*common, "--eta-file", str(bad), "--out", str(tmp_path / "x.png")], "another sigma grid")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_calibrate_takes_model_args_and_records_them(tmp_path):
+    """The audit's FLUX case: the sigma grid depends on the resolution, and calibrate had no --model-arg (its own
+    error advised one), so every file was made at the adapter's default size. The options reach the model (here
+    the CFG scale: the file's guidance) and are recorded in the file."""
+    import json
+
+    from flowalign.cli import main
+
+    out = tmp_path / "m.json"
+    assert main(["calibrate", *TINY, "--model-arg", "guidance_scale=2", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["guidance"] == 2.0 and d["model_args"] == {"guidance_scale": 2}

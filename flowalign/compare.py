@@ -2,8 +2,9 @@
 
 Used for the credit-method experiment (docs/credit.md): every run evaluates ``shapes-bench`` every few
 iterations (``eval.every``), and this command puts the headline metric of each run against the rollouts it
-consumed and against its cumulative transformer forwards (NFE: every ``nfe/*`` phase, sampling + probing + guidance + training), so methods are
-compared at equal rollouts *and* at equal compute. Writes ``DIR/compare.png`` and ``DIR/compare.md``.
+consumed and against its cumulative transformer forwards (NFE: every ``nfe/*`` phase, sampling + probing + guidance +
+training, but not the evaluations' ``nfe/other``; a CFG step counts once), so methods are compared at equal rollouts
+*and* at equal compute. Writes ``DIR/compare.png`` and ``DIR/compare.md``.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def run_curve(run_dir: str | Path, reward: Optional[str] = None) -> dict[str, An
     nfe_after: dict[int, float] = {0: 0.0}
     sampled: dict[int, int] = {}  # iteration -> final samples scored (plans like TempFlow branching add rows)
     total, last_it = 0.0, 0
+    phases: set[str] = set()  # the nfe/* phases summed into NFE (for the axis label)
     final_logged = 0  # the last end-of-run eval line (eval/*, no per-iteration keys): where eval/final was taken
     for r in records:
         it = r.get("iteration")
@@ -125,8 +127,10 @@ def run_curve(run_dir: str | Path, reward: Optional[str] = None) -> dict[str, An
             continue
         if isinstance(r.get("rollouts/iteration"), (int, float)):
             sampled[it] = int(r["rollouts/iteration"])  # a resumed run may repeat an iteration: keep the last
-        counters = [float(v) for k, v in r.items() if k.startswith("nfe/") and k != "nfe/other"
-                    and isinstance(v, (int, float))]
+        spent = {k[len("nfe/"):]: float(v) for k, v in r.items() if k.startswith("nfe/") and k != "nfe/other"
+                 and isinstance(v, (int, float))}
+        counters = list(spent.values())
+        phases.update(spent)
         if counters:  # the trainer logs cumulative counters per phase
             total = sum(counters)
             nfe_after[it] = total
@@ -183,6 +187,7 @@ def run_curve(run_dir: str | Path, reward: Optional[str] = None) -> dict[str, An
     from flowalign.config import DataConfig
 
     data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    planned = train.get("iterations")
     return {
         "label": run.name,
         "prompt_set": str(data.get("eval_prompts") or DataConfig().eval_prompts),  # unset: the config's default
@@ -195,6 +200,10 @@ def run_curve(run_dir: str | Path, reward: Optional[str] = None) -> dict[str, An
         "value": [p[1] for p in pts],
         "wall_s": wall,
         "metrics": bool(records),  # False: no metrics.jsonl (or an empty one), so NFE and wall time are unknown
+        "nfe_phases": sorted(phases),
+        "last_iteration": last_it,  # the last iteration metrics.jsonl logged (0: none)
+        # train.iterations, 0 when unset or not a count (only the notes on unfinished runs use it)
+        "planned_iterations": planned if isinstance(planned, int) and not isinstance(planned, bool) else 0,
         "rewards": sorted(available),
         "reward": reward,
         "eval_summary": eval_ref,
@@ -303,11 +312,83 @@ def _unique_labels(curves: Sequence[dict[str, Any]], run_dirs: Sequence[str | Pa
         c["label"] = "/".join(parts[i][-k:])
 
 
+def eval_subset(curve: dict[str, Any]) -> Optional[int]:
+    """The number of prompts a run's evaluations took of their prompt set with ``eval.max_prompts``, or None when they
+    used all of it: their settings record ``max_prompts`` = ``prompts`` > 0 and, for a set with a frozen protocol, a
+    ``prompts`` override of the protocol (without one the whole set was used)."""
+    summary = curve.get("eval_summary") or {}
+    st = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    n, limit, bench = st.get("prompts"), st.get("max_prompts"), st.get("benchmark")
+    whole_protocol = isinstance(bench, dict) and "prompts" not in (bench.get("overrides") or {})
+    if isinstance(n, int) and isinstance(limit, int) and 0 < limit == n and not whole_protocol:
+        return n
+    return None
+
+
 def y_label(curves: Sequence[dict[str, Any]], reward: str) -> str:
-    """The plots' y label: the evaluation prompt set(s) of the runs (``data.eval_prompts``; a file by its name) and
-    the reward, e.g. ``shapes-bench shapes_strict`` or ``prompts.txt, shapes-bench pickscore`` for mixed runs."""
-    sets = dict.fromkeys(Path(str(c["prompt_set"])).name for c in curves)
-    return f"{', '.join(sets)} {reward}"
+    """The plots' y label: the evaluation prompt set(s) of the runs (``data.eval_prompts``; a file by its name), each
+    with the subsets the runs evaluated (``eval_subset``), and the reward, e.g. ``shapes-bench shapes_strict``,
+    ``shapes-bench (24-prompt subset) shapes_strict`` or ``prompts.txt, shapes-bench pickscore`` for mixed runs."""
+    sets: dict[str, dict[str, None]] = {}
+    for c in curves:
+        n = eval_subset(c)
+        sets.setdefault(Path(str(c["prompt_set"])).name, {})[f"{n}-prompt subset" if n else "all prompts"] = None
+    named = [name if list(parts) == ["all prompts"] else f"{name} ({' / '.join(parts)})"
+             for name, parts in sets.items()]
+    return f"{', '.join(named)} {reward}"
+
+
+def evaluated_as(ref: dict, summary: dict) -> str:
+    """How ``summary``'s evaluation differs from ``ref``'s, in its own settings (``12 prompts, 8 steps``); '' when they
+    match on every setting ``report.eval_mismatch`` compares."""
+    from flowalign.report import _EVAL_PROTOCOL_KEYS
+
+    sa = ref.get("settings") if isinstance(ref.get("settings"), dict) else {}
+    sb = summary.get("settings") if isinstance(summary.get("settings"), dict) else {}
+    keys = [k for k in _EVAL_PROTOCOL_KEYS if k in sa and k in sb and sa[k] != sb[k]]
+    if "prompts" in keys and "prompts_sha256" in keys:  # another count: other prompts goes without saying
+        keys.remove("prompts_sha256")
+
+    def words(key: str, v: Any) -> str:
+        if key == "resolution" and isinstance(v, dict):
+            return f"{v.get('height')}x{v.get('width')}"
+        return {"prompts_sha256": "other prompts", "prompts": f"{v} prompts", "steps": f"{v} steps",
+                "seeds_per_prompt": f"{v} image{'s' * (v != 1)} per prompt", "overall": f"overall over {v}",
+                }.get(key, f"{key} {v}")
+
+    return ", ".join(words(k, sb[k]) for k in keys)
+
+
+def after_training(curve: dict[str, Any]) -> list[float]:
+    """The values of a run's evaluations after training (every point but the base model's)."""
+    return [v for it, v in zip(curve["iterations"], curve["value"]) if it > 0]
+
+
+def progress_note(curve: dict[str, Any]) -> Optional[str]:
+    """A note for the table when a run's last value is not the end of its training: no evaluation after training
+    (killed or still running before its first), or a last evaluation before ``train.iterations``; None otherwise."""
+    its = [it for it in curve["iterations"] if it > 0]
+    planned = curve.get("planned_iterations") or 0
+    of = f" of {planned}" if planned else ""
+    logged = (f"metrics.jsonl ends at iteration {curve.get('last_iteration', 0)}{of}" if curve.get("metrics")
+              else f"no metrics.jsonl{f' ({planned} iterations planned)' if planned else ''}")
+    if not its:
+        return f"{curve['label']}: no evaluation after training; {logged}"
+    if planned and its[-1] < planned:
+        return (f"{curve['label']}: last evaluation after iteration {its[-1]}{of} (its final column); "
+                f"{logged}")
+    return None
+
+
+def nfe_axis_label(curves: Sequence[dict[str, Any]]) -> str:
+    """The NFE axis's label: exactly what ``run_curve`` sums, the runs' ``nfe/*`` phases but ``nfe/other`` (the
+    evaluations and grids), one per image and step: a classifier-free-guidance step, two transformer rows, counts
+    once (``values.NFECounter`` counts the rows ``model.velocity`` is called with)."""
+    order = ["sampling", "probing", "guidance", "reference", "training"]
+    found = {p for c in curves for p in c.get("nfe_phases", ())}
+    phases = [p for p in order if p in found] + sorted(found - set(order))
+    return (f"transformer forwards, thousands ({' + '.join(phases) or 'training phases'}; "
+            f"no evaluations; a CFG step counts once)")
 
 
 def _write_outputs(out: Path, fig: Any, lines: Sequence[str]) -> tuple[Path, Path]:
@@ -358,6 +439,8 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optiona
 
     ref = curves[0]
     mismatched = [(c["label"], m) for c in curves[1:] if (m := eval_mismatch(ref["eval_summary"], c["eval_summary"]))]
+    for c in curves:  # before merging seeds, which keep their first run's entry: the legend marks these runs
+        c["evaluated_as"] = evaluated_as(ref["eval_summary"], c["eval_summary"]) if c is not ref else ""
     for label, m in mismatched:
         logger.warning("run %s was evaluated with other settings than %s (%s): their values are not comparable",
                        label, ref["label"], m)
@@ -369,20 +452,29 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optiona
         curves = mean_over_seeds(curves)
     per_seed = " | seeds: final each" if seeds_mean else ""
     lines += [f"| run | credit | rollouts | NFE | wall (s) | base {reward} | final {reward}{' (mean)' * seeds_mean} | Δ | "
-              f"best{' (mean curve)' * seeds_mean}{per_seed} |",
+              f"best after training{' (mean curve)' * seeds_mean}{per_seed} |",
               "|---|---|---|---|---|---|---|---|---|" + "---|" * seeds_mean]
     for c in curves:
-        v = c["value"]
+        v, trained = c["value"], after_training(c)
         has_base = c["iterations"][0] == 0  # without eval.before the first point is a later step, not the base
-        base, delta = (f"{v[0]:.3f}", f"{v[-1] - v[0]:+.3f}") if has_base else ("–", "–")
-        seeds = (" | " + ", ".join(f"{s}: {f:.3f}" for s, f in zip(c["seeds"], c["finals"]))) if seeds_mean else ""
-        nfe = f"{c['nfe'][-1]:,.0f}" if math.isfinite(c["nfe"][-1]) else "–"
+        base = f"{v[0]:.3f}" if has_base else "–"
+        # no evaluation after training: the base value is no final, and no rollouts or forwards led to one
+        final, best = (f"{v[-1]:.3f}", f"{max(trained):.3f}") if trained else ("none after training", "–")
+        delta = f"{v[-1] - v[0]:+.3f}" if has_base and trained else "–"
+        seeds = (" | " + ", ".join(f"{s}: {f:.3f}" if trained else f"{s}: –"
+                                   for s, f in zip(c["seeds"], c["finals"])) if seeds_mean else "")
+        nfe = f"{c['nfe'][-1]:,.0f}" if trained and math.isfinite(c["nfe"][-1]) else "–"
+        rollouts = f"{c['rollouts'][-1]:,.0f}" if trained else "–"
         wall = f"{c['wall_s']:.0f}" if c["metrics"] or c["wall_s"] else "–"
-        lines.append(f"| {c['label']} | {c['credit']} | {c['rollouts'][-1]:,.0f} | {nfe} | "
-                     f"{wall} | {base} | {v[-1]:.3f} | {delta} | {max(v):.3f}{seeds} |")
+        lines.append(f"| {c['label']} | {c['credit']} | {rollouts} | {nfe} | "
+                     f"{wall} | {base} | {final} | {delta} | {best}{seeds} |")
     if no_metrics:
         lines += ["", f"– NFE and wall time unknown: no metrics.jsonl in {', '.join(no_metrics)} (its rollouts count "
                       f"train.iterations from config.yaml)."]
+    notes = [n for c in curves if (n := progress_note(c))]
+    if notes:
+        lines += ["", "Unfinished or partly evaluated runs (the table's final and Δ are their last evaluation's; "
+                      "– where there is none after training):", *(f"- {n}" for n in notes)]
     below = len(curves) > 6  # many runs: the legend goes under the plots instead of over the curves
     rows = -(-len(curves) // 2) if below else 0
     fig, axes = plt.subplots(1, 2, figsize=(11, 4 + 0.15 * rows), dpi=110)
@@ -392,6 +484,11 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optiona
     for i, c in enumerate(curves):
         name = f"{c['label']}: {c['credit']}"
         ls, mk = styles[(i // len(colours)) % len(styles)]
+        if c.get("evaluated_as"):  # dashed: its values are not on the same footing as the first run's
+            name += f" (evaluated differently: {c['evaluated_as']})"
+            ls = "--"
+        if not after_training(c):
+            name += " (no evaluation after training)"
         kw = dict(color=colours[i % len(colours)], linestyle=ls, marker=mk, markersize=3, label=name)
         axes[0].plot(c["rollouts"], c["value"], **kw)
         axes[1].plot([n / 1e3 for n in c["nfe"]], c["value"], **kw)
@@ -400,8 +497,10 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optiona
             axes[1].fill_between([n / 1e3 for n in c["nfe"]], c["lo"], c["hi"], color=kw["color"], alpha=0.12,
                                  linewidth=0)
     axes[0].set_xlabel("rollouts (trajectories sampled)")
-    axes[1].set_xlabel("transformer forwards, thousands (all phases)")
-    ylabel = y_label(curves, reward)
+    import textwrap
+
+    axes[1].set_xlabel(textwrap.fill(nfe_axis_label(curves), 60))
+    ylabel = textwrap.fill(y_label(curves, reward), 40)  # a subset or several sets: on two lines
     for ax in axes:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -416,6 +515,19 @@ def compare(run_dirs: Sequence[str | Path], out_dir: str | Path, reward: Optiona
 
 
 # ---- evaluations of several models on the same prompts and seeds -------------------------------------------------
+
+# A paired-bootstrap interval over fewer prompts than this is unreliable (never starred, marked †): the percentile
+# bootstrap undercovers on small samples, and with 2 prompts its 95 % interval is just the range of their 2 changes,
+# which excludes 0 whenever both changed the same way.
+MIN_INTERVAL_PROMPTS = 10
+
+
+def interval_reliable(r: dict, n_prompts: int) -> bool:
+    """Whether a finite paired-bootstrap interval (``r``: ``delta``, ``lo``, ``hi``) may back a significance claim: it
+    was resampled from at least ``MIN_INTERVAL_PROMPTS`` prompts and has a width (a zero-width interval means every
+    resample gave the same change, e.g. every prompt changed by as much: no spread was measured, not certainty)."""
+    return n_prompts >= MIN_INTERVAL_PROMPTS and r["hi"] > r["lo"]
+
 
 # settings that say which model was evaluated (a comparison's subject) or that every evaluation repeats anyway
 _SUBJECT = {"model", "path", "lora", "lora_ema", "trained_iterations", "model_args", "reward_args", "benchmark",
@@ -538,13 +650,21 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
             f"{k}: " + " / ".join(str(e["settings"].get(k)) for e in evals) for k in differ))
     lines += ["", f"Δ: change from {ref['label']} with its {int(100 * results[0]['level']) if results else 95} % "
                   f"paired-bootstrap interval over prompts ({n_boot} resamples); * the interval excludes 0. "
+                  f"† the interval is unreliable and never starred: fewer than {MIN_INTERVAL_PROMPTS} prompts (in the "
+                  f"task; overall: in all), too few for a bootstrap, or zero width (every resample gave the same "
+                  f"change, e.g. every prompt changed by as much). "
                   f"Overall: the mean over {'tasks' if overall == 'groups' else 'images'}. n/a: a task of one prompt "
                   f"(nothing to resample; overall too when there is one).", ""]
     tasks = list(ref["summary"].get("per_task", {}))
+    from flowalign.evaluate import _group_of  # the tasks paired_bootstrap resamples within
+
+    prompts_in: dict[Optional[str], set] = {None: {r["prompt_index"] for r in ref["records"]}}
+    for r in ref["records"]:
+        prompts_in.setdefault(_group_of(r, "task"), set()).add(r["prompt_index"])
     lines.append("| task | " + " | ".join(e["label"] for e in evals) + " |")
     lines.append("|---|" + "---|" * len(evals))
 
-    def cell(mean: Any, r: Optional[dict]) -> str:
+    def cell(mean: Any, r: Optional[dict], task: Optional[str]) -> str:
         m = f"{mean:.3f}" if isinstance(mean, (int, float)) and math.isfinite(mean) else "–"
         if r is None:
             return m
@@ -552,6 +672,8 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
             return f"{m} (–)"
         if not (math.isfinite(r["lo"]) and math.isfinite(r["hi"])):  # one prompt: nothing to resample
             return f"{m} ({r['delta']:+.3f} [n/a])"
+        if not interval_reliable(r, len(prompts_in.get(task, ()))):
+            return f"{m} ({r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}])†"
         star = "*" if r["lo"] > 0 or r["hi"] < 0 else ""
         return f"{m} ({r['delta']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]){star}"
 
@@ -560,36 +682,54 @@ def compare_evals(eval_dirs: Sequence[str | Path], out_dir: str | Path, reward: 
         return (s.get("overall", {}) if task is None else s.get("per_task", {}).get(task, {})).get(reward)
 
     for task in [*tasks, None]:
-        row = [cell(mean_of(ref, task), None)]
-        row += [cell(mean_of(e, task), r if task is None else r["per_task"].get(task)) for e, r in zip(evals[1:], results)]
+        row = [cell(mean_of(ref, task), None, task)]
+        row += [cell(mean_of(e, task), r if task is None else r["per_task"].get(task), task)
+                for e, r in zip(evals[1:], results)]
         name = "**overall**" if task is None else task
         lines.append(f"| {name} | " + " | ".join(row) + " |")
 
+    # values above, changes with their intervals below: an interval of the change drawn around a mean would reach
+    # values the reward cannot take
     names = [*tasks, "overall"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) * max(1, len(evals)) ** 0.5 + 2), 4), dpi=110)
+    fig, (ax, ax_d) = plt.subplots(2, 1, sharex=True, dpi=110, gridspec_kw={"height_ratios": (3, 2)},
+                                   figsize=(max(6.0, 1.1 * len(names) * max(1, len(evals)) ** 0.5 + 2), 6))
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     width = 0.8 / len(evals)
+    no_interval = {"delta": math.nan, "lo": math.nan, "hi": math.nan}
     for j, e in enumerate(evals):
+        colour = colours[j % len(colours)]
         ys = [mean_of(e, t) for t in tasks] + [mean_of(e, None)]
         ys = [y if isinstance(y, (int, float)) and math.isfinite(y) else 0.0 for y in ys]
         xs = [i + (j - (len(evals) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, ys, width=width, label=e["label"])
-        if j > 0:  # the interval of this model's change, placed around its own bar; n/a: no bar, the text "n/a"
-            r = results[j - 1]
-            iv = [r["per_task"].get(t, {"delta": math.nan, "lo": math.nan, "hi": math.nan}) for t in tasks] + [r]
-            known = [i for i, v in enumerate(iv) if all(math.isfinite(v[k]) for k in ("delta", "lo", "hi"))]
-            if known:
-                ax.errorbar([xs[i] for i in known], [ys[i] for i in known], fmt="none", ecolor="black", capsize=2,
-                            elinewidth=0.8, yerr=[[max(0.0, iv[i]["delta"] - iv[i]["lo"]) for i in known],
-                                                  [max(0.0, iv[i]["hi"] - iv[i]["delta"]) for i in known]])
-            for i in sorted(set(range(len(iv))) - set(known)):
-                ax.text(xs[i], ys[i], "n/a", ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.bar(xs, ys, width=width, label=e["label"], color=colour)
+        if j == 0:
+            continue
+        r = results[j - 1]
+        iv = [r["per_task"].get(t, no_interval) for t in tasks] + [r]
+        ds = [v["delta"] if math.isfinite(v["delta"]) else 0.0 for v in iv]
+        ax_d.bar(xs, ds, width=width, color=colour)
+        known = [i for i, v in enumerate(iv) if all(math.isfinite(v[k]) for k in ("delta", "lo", "hi"))]
+        n_of = [len(prompts_in.get(t, ())) for t in [*tasks, None]]
+        for ok, colour_bar in ((True, "black"), (False, "0.6")):  # grey: the unreliable intervals (†)
+            shown = [i for i in known if interval_reliable(iv[i], n_of[i]) is ok]
+            if shown:
+                ax_d.errorbar([xs[i] for i in shown], [ds[i] for i in shown], fmt="none", ecolor=colour_bar,
+                              capsize=2, elinewidth=0.8,
+                              yerr=[[max(0.0, iv[i]["delta"] - iv[i]["lo"]) for i in shown],
+                                    [max(0.0, iv[i]["hi"] - iv[i]["delta"]) for i in shown]])
+        for i in sorted(set(range(len(iv))) - set(known)):  # n/a: no bar, the text "n/a"
+            ax_d.text(xs[i], ds[i], "n/a", ha="center", va="bottom", fontsize=6)
+    ax_d.axhline(0.0, color="black", linewidth=0.6)
+    ax_d.set_xticks(range(len(names)))
+    ax_d.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(reward)
-    ax.set_title(f"{reward} (error bars: 95 % interval of the change from {ref['label']}; n/a: a task of one prompt, "
-                 f"no interval)", fontsize=9)
+    ax.set_title(f"{reward}: mean per task and overall", fontsize=9)
+    ax_d.set_ylabel(f"change from {ref['label']}", fontsize=8)
+    ax_d.set_title(f"change from {ref['label']} with its 95 % paired-bootstrap interval (grey: unreliable, fewer than "
+                   f"{MIN_INTERVAL_PROMPTS} prompts or zero width; n/a: a task of one prompt)", fontsize=8)
     ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
+    for a in (ax, ax_d):
+        a.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _write_outputs(out, fig, lines)
 

@@ -507,17 +507,19 @@ def _row(md, name):
 
 
 def test_compare_evaluations_star_a_significant_change_of_either_sign(tmp_path, capsys):
-    """* marks an interval that excludes 0, above or below: a model worse on every prompt is starred too."""
-    tasks = ("a", "a", "b", "b")
-    good = _eval_dir(tmp_path / "good", [[1, 1, 1, 1]] * 4, tasks=tasks)
-    worse = _eval_dir(tmp_path / "worse", [[0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]], tasks=tasks)
-    same = _eval_dir(tmp_path / "same", [[1, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 1]], tasks=tasks)
+    """* marks an interval that excludes 0, above or below: a model worse on every prompt is starred too (tasks of 10
+    prompts: fewer give an unreliable interval, never starred)."""
+    tasks = ("a",) * 10 + ("b",) * 10
+    good = _eval_dir(tmp_path / "good", [[1, 1, 1, 1]] * 20, tasks=tasks)
+    worse = _eval_dir(tmp_path / "worse", [[0, 0, 0, 0], [0, 0, 1, 0]] * 5 + [[0, 1, 0, 0], [0, 0, 0, 0]] * 5,
+                      tasks=tasks)
+    same = _eval_dir(tmp_path / "same", [[1, 0, 1, 1]] + [[1, 1, 1, 1]] * 18 + [[1, 1, 0, 1]], tasks=tasks)
     assert main(["compare", str(good), str(worse), "--out", str(tmp_path / "down")]) == 0
     down = (tmp_path / "down" / "compare.md").read_text()
-    assert _row(down, "a") == "| a | 1.000 | 0.125 (-0.875 [-1.000, -0.750])* |"
+    assert _row(down, "a") == "| a | 1.000 | 0.125 (-0.875 [-0.950, -0.800])* |"
     assert _row(down, "**overall**").endswith(")* |") and _row(down, "b").endswith(")* |")
     assert main(["compare", str(worse), str(good), "--out", str(tmp_path / "up")]) == 0
-    assert _row((tmp_path / "up" / "compare.md").read_text(), "a") == "| a | 0.125 | 1.000 (+0.875 [+0.750, +1.000])* |"
+    assert _row((tmp_path / "up" / "compare.md").read_text(), "a") == "| a | 0.125 | 1.000 (+0.875 [+0.800, +0.950])* |"
     assert main(["compare", str(good), str(same), "--out", str(tmp_path / "flat")]) == 0
     assert ")*" not in (tmp_path / "flat" / "compare.md").read_text()  # an interval holding 0: no star
     capsys.readouterr()

@@ -1213,6 +1213,9 @@ def cli_main(argv: Sequence[str]) -> int:
                         "once and scored for every dimension that lists it): %d of %d prompts", dropped, len(records),
                         source_n)
             unique = {"unique_prompts": {"dropped": dropped, "prompts": source_n, "prompts_sha256": source_sha256}}
+    # the rewards before the model: a wrong reward path is one line, not one after a (long) model load
+    rewards = {n: for_outputs(build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}"), outputs,
+                              per_frame) for n in names}
     model = load_model(args.model, args.path, device=str(process_device(args.device, world)), **model_kwargs)
     if args.lora:
         load_lora_checked(model, args.lora)
@@ -1222,9 +1225,6 @@ def cli_main(argv: Sequence[str]) -> int:
     for r in dict.fromkeys(r.prompt for r in records):
         model.encode([r])  # unreadable prompts fail before any work
     warn_outside_grammar(model, [r.prompt for r in records], args.model, "evaluating")
-    outputs = getattr(model, "output_kind", "image")
-    rewards = {n: for_outputs(build_reward_checked(n, reward_kwargs[n], f"--reward-arg: reward {n!r}"), outputs,
-                              per_frame) for n in names}
     for fn in rewards.values():  # rewards that parse their prompts (the shapes verifier): before any sampling
         check = getattr(fn, "validate_prompts", None)
         if check is not None:

@@ -544,7 +544,26 @@ def train(cfg: C.ExperimentConfig) -> Path:
     device = process_device(cfg.model.device, world)
     torch.manual_seed(cfg.train.seed)  # identical LoRA init on every rank (also broadcast below, as DDP does)
 
-    # 1. model --------------------------------------------------------------------------------------
+    # 1. rewards (built before the model: a wrong weights path is one line, not one after a long model load) --------
+    from flowalign.models import resolve as resolve_family
+    from flowalign.rewards.video import for_outputs
+
+    outputs = getattr(resolve_family(cfg.model.name), "output_kind", "image")
+
+    def make(name: str):  # image rewards score a video model's frames (reward.per_frame)
+        reward = build_reward_checked(name, dict(cfg.reward.kwargs.get(name, {})), f"reward.kwargs.{name}")
+        return for_outputs(reward, outputs, cfg.reward.per_frame)
+
+    if cfg.reward.per_frame and outputs != "video":
+        logger.warning("reward.per_frame is set, but %s makes images, not videos: the option is ignored",
+                       cfg.model.name)
+    with torch.random.fork_rng(devices=[]):  # loading reward weights must not move the seed of the LoRA's init
+        rewards = {name: make(name) for name in cfg.reward.weights}
+        # a training reward that also evaluates is the same object: built (and its weights loaded) once
+        eval_rewards = {name: rewards[name] if name in rewards else make(name)
+                        for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
+
+    # 2. model --------------------------------------------------------------------------------------
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
     model = load_model(cfg.model.name, cfg.model.path, device=device, dtype=dtype, guidance_scale=cfg.model.guidance,
                        **_resolution_kwargs(cfg.model), **dict(cfg.model.kwargs))
@@ -580,20 +599,6 @@ def train(cfg: C.ExperimentConfig) -> Path:
     loss_scale = LossScale(enabled=dtype == torch.float16)  # fp16 forwards: gradients would underflow unscaled
     nfe = NFECounter(model)
 
-    # 2. rewards ------------------------------------------------------------------------------------
-    from flowalign.rewards.video import for_outputs
-
-    def make(name: str):  # image rewards score a video model's frames (reward.per_frame)
-        reward = build_reward_checked(name, dict(cfg.reward.kwargs.get(name, {})), f"reward.kwargs.{name}")
-        return for_outputs(reward, getattr(model, "output_kind", "image"), cfg.reward.per_frame)
-
-    if cfg.reward.per_frame and getattr(model, "output_kind", "image") != "video":
-        logger.warning("reward.per_frame is set, but %s makes images, not videos: the option is ignored",
-                       cfg.model.name)
-    rewards = {name: make(name) for name in cfg.reward.weights}
-    # a training reward that also evaluates is the same object: built (and its weights loaded) once
-    eval_rewards = {name: rewards[name] if name in rewards else make(name)
-                    for name in dict.fromkeys([*cfg.eval.rewards, *cfg.reward.weights])}
     guide = None  # a rollout mean shift (Euphonium's reward-gradient guidance), flowalign.values.GUIDES
     if GUIDES[cfg.sampler.guide] is not None:
         g_opts = dict(cfg.sampler.guide_options)

@@ -957,3 +957,12 @@ def test_a_bad_prompt_is_named_by_its_file_and_line_in_eval_sample_and_train(tmp
     _fails(capsys, ["train", str(config), f"data.eval_prompts={bad}",
                     f"output.run_dir={tmp_path / 'r'}"], f"data.eval_prompts ({bad}:2): prompt 'a red sqare'")
     assert not any((tmp_path / n).exists() for n in ("e", "s.png", "r"))
+
+
+def test_eval_builds_its_rewards_before_loading_the_model(tmp_path, capsys, no_model):
+    """A wrong reward weights path cost a whole model load (minutes for FLUX or Wan) before its one-line error: eval
+    now builds the rewards first (as steer and calibrate do); `no_model` fails the test if the model loads."""
+    line = _fails(capsys, ["eval", "--model", "sd3", "--prompts", "parti", "--rewards", "pickscore", "--reward-arg",
+                           f"pickscore.path={tmp_path / 'nope'}", "--out", str(tmp_path / "e")], "pickscore")
+    assert "nope" in line
+    assert not (tmp_path / "e").exists()

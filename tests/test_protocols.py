@@ -243,7 +243,8 @@ def test_eval_benchmark_refusals_before_the_model_loads(tmp_path, capsys, no_mod
 
 def test_every_documented_eval_command_is_accepted(tmp_path, monkeypatch, no_model):
     """The `flowalign eval` command lines of README.md and docs/benchmarks.md pass every argument check (they reach
-    the model load, which `no_model` stops); a user's own protocol file is the one line that needs a file."""
+    the reward and model loads, which this test and `no_model` stop: the rewards are built first, so a wrong weights
+    path fails before the model loads); a user's own protocol file is the one line that needs a file."""
     import re
     import shlex
     from pathlib import Path
@@ -261,8 +262,14 @@ def test_every_documented_eval_command_is_accepted(tmp_path, monkeypatch, no_mod
     for style in ("anime", "concept-art", "paintings", "photo"):
         (hpd / f"{style}.json").write_text('["a cat"]')
     cmds = [[str(hpd) if a == "/data/HPDv2/benchmark" else a for a in argv] for argv in cmds]
+    import flowalign.rewards.catalog as catalog
+
+    def built(*a, **k):
+        raise AssertionError("the rewards were built")
+
+    monkeypatch.setattr(catalog, "build_reward_checked", built)
     for argv in cmds:
-        with pytest.raises(AssertionError, match="the model was loaded"):
+        with pytest.raises(AssertionError, match="the rewards were built|the model was loaded"):
             main(argv)
 
 

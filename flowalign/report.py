@@ -45,7 +45,9 @@ import json
 import logging
 import math
 import re
+import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -116,6 +118,23 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
     return out
 
 
+# a caption's trailing score, "[shapes_strict: 1 0]" (evaluate / steer captions): kept whole when the caption is cut
+_SCORE_TAIL = re.compile(r"(.*\S)\s+(\[[^\[\]]*\])", re.DOTALL)
+
+
+def _caption_lines(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """``text`` wrapped to ``width`` in at most ``max_lines`` lines. When it does not fit, a trailing score in
+    brackets keeps the last line(s) and the text before it is shortened with an ellipsis (the score was what got
+    cut)."""
+    match = _SCORE_TAIL.fullmatch(text.strip())
+    fits = len(_wrap(draw, text, font, width, max_lines + 1)) <= max_lines
+    if fits or match is None or max_lines < 2:
+        return _wrap(draw, text, font, width, max_lines)
+    head, score = match.groups()
+    tail = _wrap(draw, score, font, width, max_lines - 1)
+    return _wrap(draw, head, font, width, max_lines - len(tail)) + tail
+
+
 def grid_image(images, nrow: int, upscale: int = 4, labels: Sequence[str] | None = None, pad: int = 2,
                max_label_lines: int = 3):
     """Compose ``images`` [N,3,H,W] in [0,1] into a PIL image, ``nrow`` tiles per row (torchvision's convention).
@@ -163,7 +182,7 @@ def grid_image(images, nrow: int, upscale: int = 4, labels: Sequence[str] | None
             while (i + span) % ncol and i + span < n and not labels[i + span]:
                 span += 1
             widths[i] = span * tw + (span - 1) * pad
-    wrapped = [_wrap(scratch, lab, font, wd, max_label_lines) for lab, wd in zip(labels, widths)] if labels else []
+    wrapped = [_caption_lines(scratch, lab, font, wd, max_label_lines) for lab, wd in zip(labels, widths)] if labels else []
     cap_h = (max(len(x) for x in wrapped) * line_h + 2) if (per_tile and wrapped) else 0
     head_h = (max(len(x) for x in wrapped) * line_h + 2) if (per_col and wrapped) else 0
 
@@ -307,6 +326,9 @@ def _smooth(ys: list[float], alpha: float = 0.2) -> list[float]:
     return out
 
 
+_TITLE_CHARS = 60  # characters per title line: what fits the 6.4-inch figure at the default title size
+
+
 def _new_axes(title: str, xlabel: str, ylabel: str = ""):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -315,12 +337,37 @@ def _new_axes(title: str, xlabel: str, ylabel: str = ""):
     fig = Figure(figsize=(6.4, 3.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, _TITLE_CHARS))  # a longer one line ran off both sides of the figure
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     return fig, ax
+
+
+def _whole_iterations(ax, xs: Sequence[float]) -> None:
+    """Integer x ticks only (a 2-iteration run had ticks at 1.25, 1.5, ...), also for a single point: matplotlib
+    then spans ±0.05 around it, where no integer but the point fits, and fell back to fractional ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    if xs and min(xs) == max(xs):
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+
+
+_LEGEND_INSIDE = 3  # entries that "best" can place inside the axes; more go to the right of them, off the data
+
+
+def _legend(ax) -> None:
+    """The axes' legend: inside where it covers the fewest points for a few lines, else beside the axes (a
+    legend of 7 tasks over a [0, 1] plot covered lines wherever it went)."""
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) <= _LEGEND_INSIDE:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _save_fig(fig, path: Path) -> Path:
@@ -335,8 +382,57 @@ _TITLES = {
     "nfe": "model forwards spent (cumulative)", "kl": "KL", "clipfrac": "clipped fraction of ratios",
     "loss": "losses", "groups": "group statistics", "grad_norm": "gradient norm", "time": "wall time",
     "counts": "NaN reward rows, non-finite inputs, skipped updates (counts)",
-    "credit": "credit: mean |advantage| per head (over the trained transitions; NFT: over the samples)",
+    "credit": "credit: mean |advantage| per head (NFT: over samples)",
 }
+
+
+def _plot_groups(series: Mapping[str, tuple[list[float], list[float]]],
+                 keys: Sequence[str] | Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """``{plot name: its keys}`` of :func:`plot_metrics` (``keys`` as there), in drawing order within a plot: an
+    evaluation's ``overall`` line last, as in :func:`plot_eval_history`; a ``counts`` plot only when a count is
+    not 0."""
+    if isinstance(keys, Mapping):
+        groups = _group_keys(sorted(series), keys, keep_unmatched=False)
+    elif keys is not None:
+        wanted = [k for k in series if any(fnmatch.fnmatchcase(k, p) for p in keys)]
+        groups = _group_keys(wanted, DEFAULT_PLOT_GROUPS, keep_unmatched=True)
+    else:
+        groups = _group_keys(list(series), DEFAULT_PLOT_GROUPS, keep_unmatched=False)
+    if "counts" in groups and not any(y for k in groups["counts"] for y in series[k][1]):
+        del groups["counts"]  # nothing went wrong: no plot
+    return {name: sorted(ks, key=lambda k: k.count("/") >= 2 and k.split("/")[1] == "overall")
+            if _is_eval_group(name) else ks for name, ks in groups.items()}
+
+
+def _is_eval_group(name: str) -> bool:
+    return name == "eval" or name.startswith("eval_")
+
+
+def _reward_vs_nfe(series: Mapping[str, tuple[list[float], list[float]]],
+                   groups: Mapping[str, Sequence[str]]) -> dict[str, list[tuple[float, float]]]:
+    """Per reward key of ``groups``: its (cumulative NFE, reward) points, for the keys with at least two."""
+    nfe = _total_nfe_series(series)
+    if not (groups.get("reward") and nfe and "nfe" in groups):
+        return {}
+    steps_nfe = dict(zip(*nfe))
+    out = {}
+    for key in groups["reward"]:
+        pts = [(steps_nfe[x], y) for x, y in zip(*series[key]) if x in steps_nfe]
+        if len(pts) >= 2:
+            out[key] = pts
+    return out
+
+
+_SMOOTH_OVER = 20  # points: longer reward curves are drawn EMA-smoothed (over the raw ones, faint)
+
+
+def _plot_reward_line(ax, key: str, xs: Sequence[float], ys: Sequence[float], marker: str | None) -> None:
+    """A reward curve: as is, or with more than ``_SMOOTH_OVER`` points its EMA (labelled so) over the raw one."""
+    if len(xs) > _SMOOTH_OVER:
+        line, = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, _smooth(list(ys)), color=line.get_color(), label=f"{key} (EMA 0.2)")
+    else:
+        ax.plot(xs, ys, marker=marker, markersize=3, label=key)
 
 
 def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
@@ -350,35 +446,23 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
     path = Path(metrics_jsonl_path)
     if not path.is_file():
         raise UserError(f"metrics file not found: {path}")
-    records = _read_metrics(path)
-    step_key, series = _series(records)
-    if isinstance(keys, Mapping):
-        groups = _group_keys(sorted(series), keys, keep_unmatched=False)
-    elif keys is not None:
-        wanted = [k for k in series if any(fnmatch.fnmatchcase(k, p) for p in keys)]
-        groups = _group_keys(wanted, DEFAULT_PLOT_GROUPS, keep_unmatched=True)
-    else:
-        groups = _group_keys(list(series), DEFAULT_PLOT_GROUPS, keep_unmatched=False)
+    step_key, series = _series(_read_metrics(path))
+    groups = _plot_groups(series, keys)
     out_dir = Path(out_dir)
     xlabel = step_key or "record"
     written: list[Path] = []
     for name, gkeys in groups.items():
-        if name == "counts" and not any(y for k in gkeys for y in series[k][1]):
-            continue  # nothing went wrong: no plot
-        is_eval = name == "eval" or name.startswith("eval_")
+        is_eval = _is_eval_group(name)
         title = _TITLES.get(name) or (f"evaluation: {name[5:]} per task" if is_eval else name)
         fig, ax = _new_axes(title, xlabel)
-        if xlabel == "iteration":  # whole iterations only: a 2-iteration run had ticks at 1.25, 1.5, ...
-            from matplotlib.ticker import MaxNLocator
-
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if xlabel == "iteration":
+            _whole_iterations(ax, [x for k in gkeys for x in series[k][0]])
         for key in gkeys:
             xs, ys = series[key]
             marker = "o" if len(xs) <= 30 else None
             label = key.split("/")[1] if (is_eval and key.count("/") >= 2) else key
-            if name == "reward" and len(xs) > 20:
-                line, = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
-                ax.plot(xs, _smooth(ys), color=line.get_color(), label=f"{key} (EMA 0.2)")
+            if name == "reward":
+                _plot_reward_line(ax, key, xs, ys, marker)
             elif is_eval and label == "overall":
                 ax.plot(xs, ys, marker=marker, markersize=4, label=label, color="black", linewidth=2.2)
             else:
@@ -387,24 +471,16 @@ def plot_metrics(metrics_jsonl_path: str | Path, out_dir: str | Path,
             ax.set_ylim(-0.02, 1.02)
         if name == "nfe":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
-        ax.legend(fontsize=7, loc="best")
+        _legend(ax)
         written.append(_save_fig(fig, out_dir / f"{name}.png"))
-    nfe = _total_nfe_series(series)
-    reward_keys = groups.get("reward", [])
-    if reward_keys and nfe and "nfe" in groups:
-        steps_nfe = dict(zip(*nfe))
+    by_nfe = _reward_vs_nfe(series, groups)
+    if by_nfe:
         fig, ax = _new_axes("reward vs model forwards spent", "NFE (cumulative: sampling, probing, training)")
-        drawn = 0
-        for key in reward_keys:
-            pts = [(steps_nfe[x], y) for x, y in zip(*series[key]) if x in steps_nfe]
-            if len(pts) >= 2:
-                ys = [p[1] for p in pts]
-                ax.plot([p[0] for p in pts], _smooth(ys) if len(pts) > 20 else ys, label=key)
-                drawn += 1
-        if drawn:
-            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-            ax.legend(fontsize=7, loc="best")
-            written.append(_save_fig(fig, out_dir / "reward_vs_nfe.png"))
+        for key, pts in by_nfe.items():
+            _plot_reward_line(ax, key, [p[0] for p in pts], [p[1] for p in pts], "o" if len(pts) <= 30 else None)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+        _legend(ax)
+        written.append(_save_fig(fig, out_dir / "reward_vs_nfe.png"))
     return written
 
 
@@ -570,7 +646,7 @@ def plot_steering(summaries: Mapping[str, dict], path: str | Path, reward: str) 
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=label)
         for x, y, k in pts:
             ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6, color="#555")
-    ax.legend(fontsize=7, loc="best")
+    _legend(ax)
     return _save_fig(fig, Path(path))
 
 
@@ -646,9 +722,7 @@ def plot_eval_history(run_dir: str | Path, records: Sequence[dict] = ()) -> list
     written = []
     for reward in rewards:
         fig, ax = _new_axes(f"evaluation: {reward} per task", "iteration (base = 0)")
-        from matplotlib.ticker import MaxNLocator
-
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _whole_iterations(ax, list(xs.values()))
         tasks = list(dict.fromkeys(t for s in sums.values() for t in (s.get("per_task") or {}) if t != "all"))
         labels = list(sums)
         for task in tasks:
@@ -663,7 +737,7 @@ def plot_eval_history(run_dir: str | Path, records: Sequence[dict] = ()) -> list
         values = [y for line in ax.get_lines() for y in line.get_ydata()]
         if values and all(0 <= v <= 1 for v in values):
             ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7, loc="best")
+        _legend(ax)
         written.append(_save_fig(fig, run_dir / "plots" / f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', reward)}.png"))
     return written
 
@@ -709,13 +783,30 @@ def _comparison_table(base: dict | None, final: dict | None, final_label: str) -
         for t in s.get("per_task", {}) or {}:
             if t not in tasks:
                 tasks.append(t)
+    if tasks == ["all"]:  # summarize() without task labels: the single group is the overall row
+        tasks = []
     both = base is not None and final is not None
     cols = (["base", final_label, "Δ"] if both else (["base"] if base else [final_label]))
-    head1 = "<tr><th rowspan=2>task</th>" + "".join(f'<th colspan="{len(cols)}">{html.escape(r)}</th>' for r in rewards)
-    head1 += "<th rowspan=2>images</th></tr>"
-    head2 = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for _ in rewards for c in cols) + "</tr>"
 
-    def row(label: str, get, n_get, cls: str = "") -> str:
+    def count(s: dict, t: str | None) -> Any:  # t None: all images
+        if t is None:
+            return s.get("n", s.get("n_images"))
+        return (s.get("counts") or s.get("n_per_task") or {}).get(t)
+
+    # each evaluation's own image counts: one column when they agree, else one per evaluation (e.g. a resume that
+    # changed eval.max_prompts evaluated fewer images after training than before)
+    counted = [s for s in (base, final) if s]
+    if len(counted) == 2 and any(count(base, t) != count(final, t) for t in [*tasks, None]):
+        n_cols = ["base", final_label]
+    else:
+        counted = [final or base]
+        n_cols = []
+    head1 = "<tr><th rowspan=2>task</th>" + "".join(f'<th colspan="{len(cols)}">{html.escape(r)}</th>' for r in rewards)
+    head1 += f'<th colspan="{len(n_cols)}">images</th></tr>' if n_cols else "<th rowspan=2>images</th></tr>"
+    subheads = [*(c for _ in rewards for c in cols), *n_cols]
+    head2 = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in subheads) + "</tr>"
+
+    def row(label: str, get, task: str | None, cls: str = "") -> str:
         cells = []
         for r in rewards:
             a = get(base, r) if base else None
@@ -724,20 +815,13 @@ def _comparison_table(base: dict | None, final: dict | None, final_label: str) -
                 cells += [f"<td>{_fmt(a)}</td>", f"<td>{_fmt(b)}</td>", _delta_cell(a, b)]
             else:
                 cells.append(f"<td>{_fmt(a if base else b)}</td>")
-        n = n_get(final or base)
-        return f'<tr class="{cls}"><td>{html.escape(label)}</td>' + "".join(cells) + f"<td>{_fmt(n)}</td></tr>"
+        cells += [f"<td>{_fmt(count(s, task))}</td>" for s in counted]
+        return f'<tr class="{cls}"><td>{html.escape(label)}</td>' + "".join(cells) + "</tr>"
 
-    if tasks == ["all"]:  # summarize() without task labels: the single group is the overall row
-        tasks = []
-
-    def count(s: dict, t: str) -> Any:
-        return (s.get("counts") or s.get("n_per_task") or {}).get(t)
-
-    rows = [row(t, lambda s, r, t=t: ((s.get("per_task") or {}).get(t) or {}).get(r), lambda s, t=t: count(s, t))
-            for t in tasks]
+    rows = [row(t, lambda s, r, t=t: ((s.get("per_task") or {}).get(t) or {}).get(r), t) for t in tasks]
     over = ((final or base or {}).get("settings") or {}).get("overall", "groups")  # summarize()'s convention
     label = f"overall (mean over {'images' if over == 'images' else 'tasks'})" if tasks else "overall"
-    rows.append(row(label, lambda s, r: s.get("overall", {}).get(r), lambda s: s.get("n", s.get("n_images")), "total"))
+    rows.append(row(label, lambda s, r: s.get("overall", {}).get(r), None, "total"))
     return f"<table>{head1}{head2}{''.join(rows)}</table>"
 
 
@@ -748,7 +832,10 @@ def _pass_at_k_table(summary: dict, label: str) -> str:
         ks = [str(k) for k in d.get("k", [])]
         if not ks:
             continue
-        rows = [("overall", d.get("overall") or {})] + list((d.get("per_task") or {}).items())
+        per_task = d.get("per_task") or {}
+        if list(per_task) == ["all"]:  # a prompt file without tasks: its one group is the overall row
+            per_task = {}
+        rows = [("overall", d.get("overall") or {})] + list(per_task.items())
         body = "".join(f"<tr><td>{html.escape(str(t))}</td>" + "".join(
             f"<td>{_fmt((v or {}).get(k, (v or {}).get(int(k))))}</td>" for k in ks) + "</tr>" for t, v in rows)
         head = "".join(f"<th>pass@{k}</th>" for k in ks)
@@ -800,18 +887,146 @@ def benchmark_line(status: Mapping[str, Any]) -> str:
 # what makes two evaluations' numbers comparable (the model aside): the images' jobs, noise and sampler, the scores
 _EVAL_PROTOCOL_KEYS = ("prompts_sha256", "prompts", "seeds_per_prompt", "seed", "steps", "guidance", "kernel",
                        "resolution", "overall")
+# what makes two evaluations' images the same prompts and seeds (their grids comparable tile for tile)
+_SAMPLE_KEYS = tuple(k for k in _EVAL_PROTOCOL_KEYS if k != "overall")
 
 
-def eval_mismatch(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
-    """'' when two summaries were evaluated the same way, else the differing settings ('steps 12 vs 3, ...')."""
+def _setting_text(key: str, value: Any) -> str:
+    """A summary setting as a reader writes it: a resolution as 32×32 (×F frames), a digest by its first 12
+    characters, a list comma-separated, a mapping as (k v, ...), None as none, numbers with %g."""
+    if key == "resolution" and isinstance(value, dict) and {"height", "width"} <= set(value):
+        frames = value.get("num_frames")
+        return f"{value['height']}×{value['width']}" + (f"×{frames} frames" if frames else "")
+    if key == "prompts_sha256" and isinstance(value, str):
+        return value[:12]
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_setting_text(str(k), v)}" for k, v in value.items()) + ")"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_setting_text(key, v) for v in value)
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    return format(value, "g") if _is_num(value) else str(value)
+
+
+def eval_mismatch(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str] = _EVAL_PROTOCOL_KEYS) -> str:
+    """'' when two summaries were evaluated the same way (in ``keys``, each compared where both record it), else the
+    differing settings ('steps 12 vs 3, ...')."""
     sa = a.get("settings") if isinstance(a.get("settings"), dict) else {}
     sb = b.get("settings") if isinstance(b.get("settings"), dict) else {}
-    diff = []
-    for k in _EVAL_PROTOCOL_KEYS:
-        if k in sa and k in sb and sa[k] != sb[k]:
-            va, vb = (str(v)[:12] if k == "prompts_sha256" else v for v in (sa[k], sb[k]))
-            diff.append(f"{k} {va} vs {vb}")
-    return ", ".join(diff)
+    return ", ".join(f"{k} {_setting_text(k, sa[k])} vs {_setting_text(k, sb[k])}"
+                     for k in keys if k in sa and k in sb and sa[k] != sb[k])
+
+
+def _summary_settings(summ: Mapping[str, Any]) -> dict:
+    """A summary's ``settings`` (an older one's settings at its top level)."""
+    if isinstance(summ.get("settings"), dict):
+        return summ["settings"]
+    return {k: summ[k] for k in ("steps", "guidance", "kernel", "seeds_per_prompt", "seed", "prompts") if k in summ}
+
+
+def _settings_line(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_setting_text(k, v)}" for k, v in settings.items() if k != "benchmark")
+
+
+def _saved_train_config(run_dir: Path) -> dict | None:
+    """``config.yaml`` of a training run as plain data (its ``train`` section a mapping), else None."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("train"), dict) else None
+
+
+def _unfinished_training(run_dir: Path, records: Sequence[dict], has_final: bool) -> str:
+    """For a training run that stopped before its end (killed, preempted, or still running): at which iteration of
+    how many, and the command that continues it (README: ``output.resume=true``); '' for a finished run."""
+    saved = _saved_train_config(run_dir)
+    total = (saved or {}).get("train", {}).get("iterations")
+    if not (_is_num(total) and total >= 0):
+        return ""
+    total = int(total)
+    done = int(max([r["iteration"] for r in records if _is_num(r.get("iteration"))], default=0))
+    evaluate_after = saved["eval"].get("after", True) if isinstance(saved.get("eval"), dict) else True
+    if done < total:
+        what = f"Training stopped at iteration {done} of {total} (or is still running)"
+    elif evaluate_after and total > 0 and not has_final:
+        what = f"Training ran its {total} iterations but stopped before its final evaluation"
+    else:
+        return ""
+    from flowalign.models.lora import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    cmd = (f"flowalign train {shlex.quote(str(run_dir / 'config.yaml'))} "
+           f"output.run_dir={shlex.quote(str(run_dir))} output.resume=true")
+    if ckpt is None:
+        where = "it wrote no checkpoint, so this starts it afresh"
+    else:
+        step = int(ckpt.name[len("step-"):])
+        where = f"it continues from its last checkpoint, {ckpt.name}" + (
+            f" (iterations {step + 1}–{done} are run again)" if step < done else "")
+    return (f"{what}: the numbers and curves below are of an unfinished run. Continue it with "
+            f"<code>{html.escape(cmd)}</code>; {html.escape(where)}.")
+
+
+def _grid_order(grid_dir: Path) -> list[Path]:
+    """``grids/*.png`` in the order of the run: base, then the others by name with numbers as numbers (step-5
+    before step-10), final last."""
+    if not grid_dir.is_dir():
+        return []
+    natural = lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", p.stem)]  # noqa: E731
+    rank = {"base": 0, "final": 2}
+    return sorted(grid_dir.glob("*.png"), key=lambda p: (rank.get(p.stem, 1), natural(p)))
+
+
+def _samples_heading(stems: Sequence[str], summaries: Mapping[str, dict]) -> tuple[str, list[str]]:
+    """The grids' heading and the sampling settings that differ between them: 'same prompts and seeds' only for two
+    or more evaluations' grids whose summaries record the same prompts, seeds and sampler (else what differs); a
+    single grid (eval, steer) is just Samples."""
+    scored = [s for s in stems if s in summaries]
+    if len(scored) < 2:
+        return "Samples", []
+    first = summaries[scored[0]]
+    diffs = [f"{scored[0]} vs {s}: {d}" for s in scored[1:] if (d := eval_mismatch(first, summaries[s], _SAMPLE_KEYS))]
+    if diffs:
+        keys = [k for k in _SAMPLE_KEYS if len({json.dumps(_summary_settings(summaries[s]).get(k), sort_keys=True)
+                                                for s in scored}) > 1]
+        return f"Samples (not the same prompts and seeds: {'; '.join(diffs)})", keys
+    if all(isinstance(summaries[s].get("settings"), dict) for s in scored):
+        return "Samples (same prompts and seeds)", []
+    return "Samples", []
+
+
+def _grid_caption(stem: str, summary: dict | None, settings: Sequence[str] = ()) -> str:
+    """A grid's caption: which model or run it shows, and its values of the sampling ``settings`` named."""
+    if stem == "steered" and summary is not None:
+        st, k = _summary_settings(summary), (summary.get("cost") or {}).get("particles", "?")
+        reward = next(iter(summary["overall"]), "the first evaluation reward")
+        cap = (f"steered outputs ({steer_line_label(st)}, k = {k} particles per output; each row: its prompt and "
+               f"its outputs' {reward} scores)")
+    else:
+        cap = {"base": "base model", "final": "aligned model",
+               "eval": "evaluated images (each row: its prompt and the first reward's score per seed)"}.get(stem, stem)
+    st = _summary_settings(summary) if summary is not None else {}
+    shown = [f"{k} {_setting_text(k, st[k])}" for k in settings if k in st]
+    return cap + (f" ({', '.join(shown)})" if shown else "")
+
+
+# plots/ names that report draws (a plot of another name, e.g. of plot_metrics' custom keys, is always shown)
+def _is_report_plot(stem: str) -> bool:
+    return stem in DEFAULT_PLOT_GROUPS or stem == "reward_vs_nfe" or _is_eval_group(stem)
+
+
+def _report_plot_names(records: Sequence[dict], summaries: Mapping[str, dict]) -> set[str]:
+    """The plots/ names that ``write_report`` draws from these metrics and summaries."""
+    history = len(summaries) >= 2
+    _, series = _series(list(records))
+    groups = _plot_groups(series, {k: v for k, v in DEFAULT_PLOT_GROUPS.items() if not (history and k == "eval")})
+    names = set(groups) | ({"reward_vs_nfe"} if _reward_vs_nfe(series, groups) else set())
+    if history:
+        names |= {"eval_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", r) for s in summaries.values() for r in s["overall"]}
+    return names
 
 
 def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots: bool = True) -> Path:
@@ -829,17 +1044,29 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
     parts.append(f'<p class="muted">{html.escape(str(run_dir.resolve()))} · generated '
                  f'{_dt.datetime.now().strftime("%Y-%m-%d %H:%M")}</p>')
 
-    # 1. evaluation: base vs aligned
     sums = find_summaries(run_dir)
+    loaded = {label: read_summary(p) for label, p in sums.items()}
+    metrics = run_dir / "metrics.jsonl"
+    records = _read_metrics(metrics) if metrics.is_file() else []
     pretrain_run = not sums and _is_pretrain_run(run_dir)
-    base = read_summary(sums["base"]) if "base" in sums else None
+    if not pretrain_run and "eval" not in loaded:  # near the top: every number below is of an unfinished run
+        unfinished = _unfinished_training(run_dir, records, "final" in loaded)
+        if unfinished:
+            parts.append(f'<p class="warn">{unfinished}</p>')
+
+    # 1. evaluation: base vs aligned
+    base = loaded.get("base")
     later = [k for k in sums if k != "base"]
     final_label = later[-1] if later else None
-    final = read_summary(sums[final_label]) if final_label else None
+    final = loaded[final_label] if final_label else None
     shown_label = "aligned" if final_label == "final" else (f"aligned ({final_label})" if final_label else "")
     if final_label == "eval":  # `flowalign eval --out D`: one model, often the base one; do not call it aligned
         shown_label = "model"
-    parts.append("<h2>Evaluation</h2>" if final_label == "eval" else "<h2>Evaluation: base vs aligned</h2>")
+    heading = ("Evaluation" if final_label == "eval" else
+               "Evaluation: base model (no evaluation of the aligned one yet)" if base and not final else
+               "Evaluation: base vs aligned")
+    parts.append(f"<h2>{heading}</h2>")
+    mismatch = eval_mismatch(base, final) if base and final else ""
     if base or final:
         headline = next(iter((final or base)["overall"]), None)
         if base and final and headline:
@@ -847,31 +1074,31 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
             if _is_num(a) and _is_num(b) and math.isfinite(a) and math.isfinite(b):
                 parts.append(f"<p><b>{html.escape(headline)}</b>: {_fmt(a)} → {_fmt(b)} "
                              f"({'+' if b >= a else ''}{b - a:.3f} absolute)</p>")
-        mismatch = eval_mismatch(base, final) if base and final else ""
         if mismatch:  # e.g. a resume that changed eval.*: the change is not the model's alone
             parts.append(f'<p class="warn">base and {html.escape(shown_label or "aligned")} were evaluated with other '
                          f'settings ({html.escape(mismatch)}): their difference is not the model\'s change alone; '
                          f'evaluate both the same way (`flowalign eval`) to compare them</p>')
         parts.append(_comparison_table(base, final, shown_label or "aligned"))
-        ref = final or base
-        settings = ref.get("settings") if isinstance(ref.get("settings"), dict) else {
-            k: ref[k] for k in ("steps", "guidance", "kernel", "seeds_per_prompt", "seed", "prompts") if k in ref}
-        status = settings.get("benchmark") if settings else None
-        if isinstance(status, dict):  # a frozen protocol's set: say whether these are benchmark numbers
-            cls = "ok" if status.get("benchmark") else "warn"
-            parts.append(f'<p class="{cls}">{html.escape(benchmark_line(status))}</p>')
-        if settings:
-            shown_settings = {k: (v[:12] if k == "prompts_sha256" and isinstance(v, str) else v)
-                              for k, v in settings.items() if k != "benchmark"}
-            desc = ", ".join(f"{k}={format(v, 'g') if _is_num(v) else v}" for k, v in shown_settings.items())
-            parts.append(f'<p class="muted">evaluation settings: {html.escape(desc)}</p>')
+        sides = [(lab, sm) for lab, sm in (("base", base), (shown_label or "aligned", final)) if sm]
+        if len(sides) == 2 and not mismatch:
+            sides = sides[1:]  # evaluated alike: one line, the later evaluation's (it also names the LoRA)
+        for lab, sm in sides:
+            settings = _summary_settings(sm)
+            status = settings.get("benchmark")
+            which = f" ({html.escape(lab)})" if len(sides) == 2 else ""
+            if isinstance(status, dict):  # a frozen protocol's set: say whether these are benchmark numbers
+                cls = "ok" if status.get("benchmark") else "warn"
+                parts.append(f'<p class="{cls}">{html.escape(lab + ": " if which else "")}'
+                             f'{html.escape(benchmark_line(status))}</p>')
+            if _settings_line(settings):
+                line = html.escape(_settings_line(settings))
+                parts.append(f'<p class="muted">evaluation settings{which}: {line}</p>')
         for lab, sm in (("base", base), (shown_label or "aligned", final)):
             if sm:
                 parts.append(_pass_at_k_table(sm, lab))
         if len(sums) > 2:
-            headline_rows = "".join(
-                f"<tr><td>{html.escape(lab)}</td><td>{_fmt(read_summary(p)['overall'].get(headline))}</td></tr>"
-                for lab, p in sums.items())
+            headline_rows = "".join(f"<tr><td>{html.escape(lab)}</td><td>{_fmt(sm['overall'].get(headline))}</td></tr>"
+                                    for lab, sm in loaded.items())
             parts.append(f"<details><summary>all evaluations ({len(sums)})</summary><table><tr><th>eval</th>"
                          f"<th>{html.escape(str(headline))}</th></tr>{headline_rows}</table></details>")
     elif pretrain_run:  # `flowalign pretrain --out`: no evaluations of its own; final/ is a model directory
@@ -886,18 +1113,12 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         parts.append('<p class="muted">no evaluation summaries (eval/*/summary.json) yet.</p>')
 
     # 2. image grids
-    grid_dir = run_dir / "grids"
-    grids = []
-    if grid_dir.is_dir():
-        named = [grid_dir / "base.png", grid_dir / "final.png"]
-        # step-5 before step-10 (not by characters: step-10, step-100, step-20)
-        natural = lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", p.stem)]  # noqa: E731
-        grids = [p for p in named if p.is_file()] + sorted((p for p in grid_dir.glob("*.png") if p not in named), key=natural)
+    grids = _grid_order(run_dir / "grids")
     if grids:
-        parts.append("<h2>Samples (same prompts and seeds)</h2><div class=grids>")
+        heading, differ = _samples_heading([p.stem for p in grids], loaded)
+        parts.append(f"<h2>{html.escape(heading)}</h2><div class=grids>")
         for p in grids:
-            cap = {"base": "base model", "final": "aligned model",
-                   "eval": "evaluated images (each row: its prompt and the first reward's score per seed)"}.get(p.stem, p.stem)
+            cap = _grid_caption(p.stem, loaded.get(p.stem) or (final if final_label == "eval" else None), differ)
             gif = p.with_suffix(".gif")  # a video model's grid plays beside its film strip (sample.sample_grid)
             shown = [gif, p] if gif.is_file() else [p]
             imgs = "".join(f'<img src="{_img_src(q, run_dir, inline_images)}" alt="{html.escape(q.name)}">' for q in shown)
@@ -906,9 +1127,8 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         parts.append("</div>")
 
     # 3. training curves and cost
-    metrics = run_dir / "metrics.jsonl"
-    records = _read_metrics(metrics) if metrics.is_file() else []
     plots: list[Path] = []
+    stale: list[Path] = []
     if make_plots:
         history = len(sums) >= 2
         if metrics.is_file():
@@ -917,8 +1137,10 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
             plots = plot_metrics(metrics, run_dir / "plots", keys=groups)
         if history:
             plots += plot_eval_history(run_dir, records)
-    elif (run_dir / "plots").is_dir():
-        plots = sorted((run_dir / "plots").glob("*.png"))
+    elif (run_dir / "plots").is_dir():  # the existing files, less those of metrics the run no longer has
+        expected = _report_plot_names(records, loaded)
+        for q in sorted((run_dir / "plots").glob("*.png")):
+            (plots if q.stem in expected or not _is_report_plot(q.stem) else stale).append(q)
     rank = {"reward": 0, "reward_vs_nfe": 2}
     plots.sort(key=lambda p: rank.get(p.stem, 1 if p.stem.startswith("eval") else 3))
     spent: list[str] = []
@@ -935,10 +1157,15 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         spent.append(_nfe_section(records))
     if spent:
         parts += ["<h2>Compute spent</h2>", *spent]
-    if plots:
+    if plots or stale:
         parts.append("<h2>Training curves</h2><div class=plots>")
         parts += [f'<img src="{_img_src(p, run_dir, inline_images)}" alt="{html.escape(p.stem)}">' for p in plots]
         parts.append("</div>")
+    if stale:
+        names = ", ".join(f"plots/{q.name}" for q in stale)
+        parts.append(f'<p class="muted">not shown: {html.escape(names)}, from an earlier build (this run\'s metrics and '
+                     f'evaluations no longer have their values); run <code>flowalign report</code> without '
+                     f'<code>--no-plots</code> to redraw the plots.</p>')
 
     # 4. configuration
     cfg_path = run_dir / "config.yaml"
@@ -950,6 +1177,9 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
     elif cfg_path.is_file():
         parts.append("<h2>Configuration</h2>")
         raw = cfg_path.read_text(encoding="utf-8", errors="replace")  # shown as is; load_config names a bad byte
+        if mismatch:  # a resume rewrote config.yaml with its eval.*; eval/base was made with the earlier ones
+            parts.append(f'<p class="warn">config.yaml holds the last session\'s settings: its eval line is that of '
+                         f'the later evaluations, not of eval/base ({html.escape(mismatch)}; base first)</p>')
         try:
             from flowalign.config import load_config, summary
 
@@ -984,6 +1214,22 @@ def _is_pretrain_run(run_dir: Path) -> bool:
 _RUN_MARKERS = ("config.yaml", "metrics.jsonl", "eval", "grids", "summary.json")
 
 
+def _interrupted_job(run: Path) -> str | None:
+    """Which command's run ``run`` holds the journal of, interrupted (``results.partial.jsonl``, or a rank's
+    ``results.partial.rank<r>.jsonl``; a steer journal's settings name its ``method``), else None."""
+    journals = sorted(run.glob("results.partial*.jsonl"))
+    if not journals:
+        return None
+    try:
+        with open(journals[0], encoding="utf-8") as fh:
+            header = json.loads(fh.readline()).get("journal")
+    except (OSError, ValueError, AttributeError):  # unreadable: --resume names what is wrong with it
+        return "`flowalign eval` or `flowalign steer`"
+    if not isinstance(header, dict):
+        return "`flowalign eval` or `flowalign steer`"
+    return "`flowalign steer`" if "method" in header else "`flowalign eval`"
+
+
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign report RUN_DIR``: rebuild the plots and report.html of a run directory."""
     parser = CommandParser(prog="flowalign report", description="(re)build plots and report.html for a run directory")
@@ -996,6 +1242,11 @@ def cli_main(argv: Sequence[str]) -> int:
         raise UserError(f"{args.run_dir!r} is a file, not a run directory; pass the --out of `flowalign train`, "
                         f"`eval` or `steer`")
     if run.is_dir() and not any((run / name).exists() for name in _RUN_MARKERS):
+        interrupted = _interrupted_job(run)
+        if interrupted:  # nothing to report yet: say how to finish it
+            raise UserError(f"{args.run_dir!r} holds an interrupted {interrupted} run (results.partial*.jsonl, "
+                            f"no summary.json yet); continue it with the same command plus --resume, which writes "
+                            f"its report")
         # e.g. a typo'd parent directory: a report.html (and plots/) of nothing would be written into it
         raise UserError(f"{args.run_dir!r} is not a run directory (none of {', '.join(_RUN_MARKERS)} there); pass the "
                         f"--out of `flowalign train`, `eval` or `steer`")

@@ -27,6 +27,8 @@ from flowalign.errors import UserError
 logger = logging.getLogger("flowalign.rewards")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_BARE_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # the hub's ids without an owner: bert-base-uncased, gpt2
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,9}$")  # .pt, .json, .safetensors; not gpt-neo-1.3B's ".3B"
 
 
 @dataclass(frozen=True)
@@ -122,39 +124,65 @@ def _looks_local(source: str) -> bool:
     return os.path.isdir(os.path.expanduser(head))
 
 
+TOKENIZER_FILES = ("*.json", "*.txt")  # what a tokenizer or processor is read from (``hf download --include``)
+
+
 def is_hub_id(source: str) -> bool:
+    """Whether ``source``, which is no local path here, names a Hugging Face hub id: ``owner/name`` (unless ``owner``
+    is a directory here), or a bare ``name`` (the hub's ids without an owner, e.g. ImageReward's default tokenizer
+    ``bert-base-uncased``). A bare string that looks like a path (starts with ``.`` or ``~``, ends with a file suffix
+    such as ``.pt``) is a missing path, not an id."""
     s = str(source)
-    return bool(_HUB_ID.match(s)) and not os.path.exists(os.path.expanduser(s)) and not _looks_local(s)
+    if os.path.exists(os.path.expanduser(s)):
+        return False
+    if _HUB_ID.match(s):
+        return not _looks_local(s)
+    return bool(_BARE_HUB_ID.match(s)) and not _FILE_SUFFIX.search(s)
 
 
-def resolve_source(source, what: str) -> str:
-    """A local path (expanded) or a hub id; anything else is a ``UserError``."""
+def setting(arg: str, value: str, reward: Optional[str] = None) -> str:
+    """How a user passes ``arg=value``: with ``reward`` (the name the reward was asked for by) both as a train config
+    sets it and as ``flowalign eval``/``steer`` take it; without, the constructor keyword."""
+    if not reward:
+        return f"{arg}={value}"
+    return (f"reward.kwargs.{reward}.{arg}={value} (train config) or --reward-arg {reward}.{arg}={value} "
+            f"(flowalign eval/steer)")
+
+
+def resolve_source(source, what: str, arg: Optional[str] = None, reward: Optional[str] = None) -> str:
+    """A local path (expanded) or a hub id; anything else is a ``UserError`` naming the setting (``arg`` of
+    ``reward``) to pass it with."""
+    how = f" with {setting(arg, 'PATH', reward)}" if arg else ""
     if source is None:
-        raise UserError(f"{what}: no path given (pass a local directory/file or a Hugging Face hub id)")
+        raise UserError(f"{what}: no path given (pass a local directory/file or a Hugging Face hub id{how})")
     s = os.path.expanduser(str(source))
     if os.path.exists(s):
         return s
     if is_hub_id(str(source)):
         return str(source)
-    raise UserError(f"{what}: {source!r} does not exist (pass a local directory/file or a Hugging Face hub id)")
+    raise UserError(f"{what}: {source!r} does not exist (pass a local directory/file or a Hugging Face hub id{how})")
 
 
 def _offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def hub_hint(repo: str, what: str, arg: str, filename: Optional[str] = None, reward: Optional[str] = None) -> str:
-    """One line: the checkpoint is missing, how to download it, and how to pass it. With ``reward`` (its registry
-    name) the argument is named as a train config sets it and as ``flowalign eval`` takes it."""
+def hub_hint(repo: str, what: str, arg: str, filename: Optional[str] = None, reward: Optional[str] = None,
+             include: Sequence[str] = ()) -> str:
+    """One line: the checkpoint is missing, how to download it, and how to pass it. With ``reward`` (the name the
+    reward was asked for by) the argument is named as a train config sets it and as ``flowalign eval``/``steer`` take
+    it. ``include``: the file patterns that suffice (a tokenizer needs its ``*.json``/``*.txt``, not the weights)."""
     mode = "downloads are off (HF_HUB_OFFLINE=1)" if _offline() else "it could not be downloaded"
     item = f"file {filename!r} of {repo!r}" if filename else repo
+    if "/" not in repo:  # a bare name is read as a hub id only when no such path exists: say so
+        item += " (a hub id: no local path of that name here)"
     files = f" {filename}" if filename else ""
+    only = " --include " + " ".join(f"'{pattern}'" for pattern in include) if include and not filename else ""
     where = f"DIR/{filename}" if filename else "DIR"
-    how = (f"set reward.kwargs.{reward}.{arg}={where} (train config) or pass --reward-arg {reward}.{arg}={where} "
-           f"(flowalign eval)" if reward else f"pass {arg}={where}")
+    how = f"pass it as {setting(arg, where, reward)}" if reward else f"pass {arg}={where}"
     return (
         f"{what}: checkpoint {item} is not in the local Hugging Face cache and {mode}; on a machine with network run "
-        f"`hf download {repo}{files} --local-dir DIR`, copy DIR here and {how}"
+        f"`hf download {repo}{files}{only} --local-dir DIR`, copy DIR here and {how}"
     )
 
 
@@ -211,43 +239,49 @@ def _check_reachable(repo: str, filename: Optional[str], hint: str) -> None:
 
 
 @contextlib.contextmanager
-def hub_errors(source: str, what: str, arg: str = "path", reward: Optional[str] = None) -> Iterator[None]:
+def hub_errors(source: str, what: str, arg: str = "path", reward: Optional[str] = None,
+               include: Sequence[str] = ()) -> Iterator[None]:
     """Turn a loader's failure on an uncached hub id into a one-line ``UserError`` (local paths re-raise as is). A hub
-    id that is neither cached nor reachable is refused before the loader runs (``hub_unreachable``)."""
+    id that is neither cached nor reachable is refused before the loader runs (``hub_unreachable``). ``reward`` and
+    ``include`` as for ``hub_hint``."""
+    hint = hub_hint(source, what, arg, reward=reward, include=include)
     if is_hub_id(source):
-        _check_reachable(source, None, hub_hint(source, what, arg, reward=reward))
+        _check_reachable(source, None, hint)
     try:
         yield
     except UserError:
         raise
     except (OSError, ValueError) as err:  # transformers/huggingface_hub raise OSError subclasses when offline
         if is_hub_id(source):
-            raise UserError(hub_hint(source, what, arg, reward=reward)) from err
+            raise UserError(hint) from err
         raise
 
 
-def hub_file(source: Optional[str], repo: str, filename: str, what: str, arg: str) -> str:
+def hub_file(source: Optional[str], repo: str, filename: str, what: str, arg: str, reward: Optional[str] = None) -> str:
     """A local file: ``source`` if it exists (a directory is searched for ``filename``), else ``repo/filename`` from the
-    hub: the cached file, or a download when the hub answers (``hub_unreachable``), else a one-line ``UserError``."""
+    hub: the cached file, or a download when the hub answers (``hub_unreachable``), else a one-line ``UserError``.
+    ``reward`` as for ``hub_hint``."""
     if source is not None:
         s = os.path.expanduser(str(source))
         if os.path.isdir(s):
             if os.path.isfile(os.path.join(s, filename)):
                 return os.path.join(s, filename)
             raise UserError(f"{what}: {source!r} holds no {filename!r} (pass the directory holding it, or the file "
-                            f"itself, with {arg}=PATH)")
+                            f"itself, with {setting(arg, 'PATH', reward)})")
         if os.path.isfile(s):
             return s
         if not is_hub_id(str(source)):
-            raise UserError(f"{what}: {source!r} does not exist (pass the local file {filename!r} with {arg}=PATH)")
+            raise UserError(f"{what}: {source!r} does not exist (pass the local file {filename!r} with "
+                            f"{setting(arg, 'PATH', reward)})")
         repo = str(source)
-    _check_reachable(repo, filename, hub_hint(repo, what, arg, filename))
+    hint = hub_hint(repo, what, arg, filename, reward=reward)
+    _check_reachable(repo, filename, hint)
     try:
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(repo_id=repo, filename=filename)
     except Exception as err:  # offline / not found / no network: all mean "get the file yourself"
-        raise UserError(hub_hint(repo, what, arg, filename)) from err
+        raise UserError(hint) from err
 
 
 def torch_dtype(dtype) -> torch.dtype:

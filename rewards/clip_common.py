@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowalign.rewards.base import finite_images, freeze, hub_errors, resolve_source, torch_dtype
+from flowalign.rewards.base import TOKENIZER_FILES, finite_images, freeze, hub_errors, resolve_source, torch_dtype
 
 logger = logging.getLogger("flowalign.rewards")
 
@@ -188,15 +188,17 @@ class HFClip:
 
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
-        path = resolve_source(path, f"{what} model")
-        processor_path = resolve_source(processor_path or path, f"{what} processor")
+        given = processor_path is not None  # else the processor is read from ``path``: a missing one is path's fault
+        path = resolve_source(path, f"{what} model", "path", reward=what)
+        processor_path = resolve_source(processor_path or path, f"{what} processor",
+                                        "processor_path" if given else "path", reward=what)
         with hub_errors(path, f"{what} model", "path", reward=what):  # ``what`` is the reward's registry name
             model = CLIPModel.from_pretrained(path, dtype=torch.float32)  # cast below, after logit_scale is read
         # exp(logit_scale) ≈ 100 multiplies every score: read in fp32 before the cast (bf16 rounds log 100 = 4.6052
         # to 4.59375, i.e. every PickScore 1.1% low)
         self.logit_scale = model.logit_scale.detach().float().clone().to(self.device)  # [] fp32
         self.model = freeze(model).to(self.device, self.dtype)
-        with hub_errors(processor_path, f"{what} processor", "processor_path", reward=what):
+        with hub_errors(processor_path, f"{what} processor", "processor_path", reward=what, include=TOKENIZER_FILES):
             self.tokenizer = None if vision_only else AutoTokenizer.from_pretrained(processor_path)
             self.image_processor = image_processor_cls.from_pretrained(processor_path)
         self.processor_path = processor_path

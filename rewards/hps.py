@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, nan_unless_finite,
-                                    resolve_source, torch_dtype)
+from flowalign.rewards.base import (TOKENIZER_FILES, Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file,
+                                    nan_unless_finite, resolve_source, setting, torch_dtype)
 from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, features, l2n, pil_pixels, \
     unique_index
 from flowalign.rewards.open_clip_convert import build_hf_clip, load_arch
@@ -75,19 +75,23 @@ class HPSv2(Reward):
             raise UserError("hps: pass the checkpoint once (checkpoint= or path=, not both)")
         source = checkpoint if checkpoint is not None else path
         self._refuse_other_version(source)
-        file = hub_file(source, HPS_REPO, self.filename, f"hps {self.version}", "checkpoint")
+        # hints name the reward as asked for (hps or hpsv21): its settings are reward.kwargs.<name>.*
+        file = hub_file(source, HPS_REPO, self.filename, self.name, "checkpoint", reward=self.name)
         self.device = torch.device(device)
         self.dtype = torch_dtype(dtype)
         cfg = load_arch(arch)
         model = build_hf_clip(load_hps_state(file), cfg, what=f"hps {self.version}", label=str(arch))
         self.model = freeze(model).to(self.device, self.dtype)
-        tp = resolve_source(tokenizer, "hps tokenizer")
-        with hub_errors(tp, "hps tokenizer", "tokenizer"):  # AutoTokenizer: CLIPTokenizer builds an empty one offline
+        what = f"{self.name} tokenizer"
+        tp = resolve_source(tokenizer, what, "tokenizer", reward=self.name)
+        # AutoTokenizer: CLIPTokenizer builds an empty one offline
+        with hub_errors(tp, what, "tokenizer", reward=self.name, include=TOKENIZER_FILES):
             self.tokenizer = AutoTokenizer.from_pretrained(tp)
         vocab = int(model.config.text_config.vocab_size)
         if len(self.tokenizer) != vocab:
-            raise UserError(f"hps: tokenizer {tp!r} has {len(self.tokenizer)} tokens, the text tower {vocab}: pass the "
-                            f"CLIP tokenizer of the checkpoint with tokenizer= (default {HPS_TOKENIZER})")
+            raise UserError(f"{self.name}: tokenizer {tp!r} has {len(self.tokenizer)} tokens, the text tower {vocab}: "
+                            f"pass the CLIP tokenizer of the checkpoint (default {HPS_TOKENIZER}) with "
+                            f"{setting('tokenizer', 'DIR', self.name)}")
         self.size = int(model.config.vision_config.image_size)
         self.context_length = int(model.config.text_config.max_position_embeddings)
         pre = cfg.get("preprocess_cfg") or {}  # open_clip configs may set it; ViT-H-14 uses the OpenAI mean / std

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from flowalign.errors import UserError
-from flowalign.rewards.base import (Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file, nan_unless_finite,
-                                    resolve_source, torch_dtype)
+from flowalign.rewards.base import (TOKENIZER_FILES, Checkpoint, Reward, check_inputs, freeze, hub_errors, hub_file,
+                                    nan_unless_finite, resolve_source, torch_dtype)
 from flowalign.rewards.clip_common import CLIP_MEAN, CLIP_STD, batched, clip_preprocess, pil_pixels, unique_index
 
 logger = logging.getLogger("flowalign.rewards")
@@ -152,8 +152,8 @@ class ImageReward(Reward):
         if os.path.isfile(src):
             ckpt_file, med_file = src, os.path.join(os.path.dirname(src), MED_FILE)
         else:
-            ckpt_file = hub_file(path, IR_REPO, IR_FILE, "imagereward", "path")
-            med_file = hub_file(path, IR_REPO, MED_FILE, "imagereward", "path")
+            ckpt_file = hub_file(path, IR_REPO, IR_FILE, "imagereward", "path", reward=self.name)
+            med_file = hub_file(path, IR_REPO, MED_FILE, "imagereward", "path", reward=self.name)
         if not os.path.isfile(med_file):
             raise UserError(f"imagereward: {MED_FILE} not found next to {ckpt_file!r} (download it from {IR_REPO})")
         with open(med_file) as f:
@@ -180,8 +180,8 @@ class ImageReward(Reward):
         self.head = mlp_head(mlp, "imagereward").to(self.device)
         self.vision = freeze(self.vision).to(self.device, self.dtype)
         self.text = freeze(self.text).to(self.device, self.dtype)
-        tp = resolve_source(tokenizer_path, "imagereward tokenizer")
-        with hub_errors(tp, "imagereward tokenizer", "tokenizer_path"):
+        tp = resolve_source(tokenizer_path, "imagereward tokenizer", "tokenizer_path", reward=self.name)
+        with hub_errors(tp, "imagereward tokenizer", "tokenizer_path", reward=self.name, include=TOKENIZER_FILES):
             self.tokenizer = AutoTokenizer.from_pretrained(tp)
         self.size = int(vcfg.image_size)
         self.text_max_length = int(text_max_length)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from flowalign.errors import UserError
+from flowalign.errors import UserError, first_line
 from flowalign.models import lora as _lora
 
 logger = logging.getLogger(__name__)
@@ -308,6 +308,58 @@ def _use_family(owner: str) -> str:
     return f"load it as {owner} (--model {owner}, or model.name: {owner} in a config)"
 
 
+def path_hint(path: Any, family: str) -> Optional[str]:
+    """What a local ``path`` that holds no ``family`` model holds instead, and what to pass: a LoRA or a ``flowalign
+    train`` run (``lora.lora_as_model_hint``), a diffusers pipeline of another family (from its ``model_index.json``),
+    one component folder of a pipeline (``transformer/``), flowalign's built-in model given to a diffusers family, or
+    a single file. None when it is none of these (the caller's own advice applies)."""
+    root = Path(path)
+    diffusers_family = family in _families()
+    want = "the pipeline directory (with model_index.json)" if diffusers_family else \
+        "the model directory (with config.json and model.safetensors)"
+    if root.is_file():
+        if root.name == _lora.WEIGHT_NAME:
+            return _lora.lora_as_model_hint(root.parent)
+        home = next((d for d in (root.parent, root.parent.parent) if (d / "model_index.json").is_file()), None)
+        if home is None and (root.parent / "config.json").is_file() and (root.parent / "model.safetensors").is_file():
+            home = root.parent  # a shapes model's file
+        if home is None:
+            plain = " (flowalign loads diffusers-format directories, not single-file checkpoints)" if diffusers_family \
+                else ""
+            return f"{str(root)!r} is a single file; pass {want}{plain}"
+        other = path_hint(home, family)  # the directory it is in may be another family's
+        return f"{str(root)!r} is a single file; " + (other or f"pass {want}: did you mean {str(home)!r}?")
+    if not root.is_dir():
+        return None
+    hint = _lora.lora_as_model_hint(root)
+    if hint is not None:
+        return hint
+    found = checkpoint_class(str(root))
+    if found is not None:
+        owner = _pipeline_family(found, _families())
+        if owner is None:
+            return f"{str(root)!r} holds a {found}, which no flowalign model family loads"
+        return None if owner == family else f"{str(root)!r} holds a {found}; pass --model {owner} --path {str(root)!r}"
+    parent = _checkpoint_json(str(root.parent), "model_index.json")
+    if parent is not None and root.name in parent:
+        return f"{str(root)!r} is the {root.name}/ folder of the pipeline at {str(root.parent)!r}; pass its parent " \
+               f"{str(root.parent)!r}"
+    config = _checkpoint_json(str(root), "config.json")
+    if config is not None and isinstance(config.get("_class_name"), str):
+        return f"{str(root)!r} holds only a {config['_class_name']} (one component of a diffusers pipeline); " \
+               f"pass {want}"
+    if config is not None and diffusers_family and (root / "model.safetensors").is_file():
+        from flowalign.models.shapes import checkpoint_family
+
+        shapes = checkpoint_family(config, root / "model.safetensors")
+        if shapes is not None:
+            return (f"{str(root)!r} holds a {shapes.ASSET} model (flowalign's built-in); pass --model {shapes.ASSET} "
+                    f"--path {str(root)!r}")
+    if diffusers_family and (root / "final" / "config.json").is_file():  # a `flowalign pretrain` run
+        return path_hint(root / "final", family)
+    return None
+
+
 def check_checkpoint_family(path: str, pipeline_cls: Any, family: str, revision: Optional[str] = None) -> Optional[str]:
     """Before loading: one-line ``UserError`` when the checkpoint's ``model_index.json`` names another family's pipeline
     (naming the right family) or a pipeline no family loads. Returns the class name of a variant of the family's own
@@ -394,6 +446,10 @@ def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: A
     import diffusers.pipelines.pipeline_utils as pu
 
     revision = kwargs.get("revision")
+    if Path(path).exists() and not (Path(path) / "model_index.json").is_file():  # diffusers would say only that
+        hint = path_hint(path, family)
+        if hint is not None:
+            raise UserError(f"no {family} pipeline at {path!r} (no model_index.json there); {hint}")
     variant_of = check_checkpoint_family(path, pipeline_cls, family, revision)
     if check is not None:
         configs = [checkpoint_config(path, c, revision) for c in ("transformer", "vae")]
@@ -418,12 +474,7 @@ def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: A
         with _library_logs_held("diffusers"):
             pipe = pipeline_cls.from_pretrained(path, **{dtype_key: dtypes}, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        missing = re.search(r"no file named (\S+) found in directory (\S+?)\.?$", first)
-        if missing:  # diffusers tried .safetensors, then .bin, and names only the last
-            first = f"no weights file ({missing.group(1).rsplit('.', 1)[0]}.safetensors or .bin) in {missing.group(2)}"
-        msg = f"cannot load the {family} pipeline from {path!r} ({first}); pass a local diffusers directory"
-        raise UserError(msg) from e
+        raise UserError(_load_failure(path, family, e, kwargs)) from e
     check_transformer(pipe, path, family)
     pipe.set_progress_bar_config(disable=True)
     if getattr(pipe, "vae", None) is not None and pipe.vae.dtype != torch.float32:
@@ -434,6 +485,59 @@ def load_pipeline(pipeline_cls: Any, path: str, *, dtype: torch.dtype, device: A
             module.requires_grad_(False)
             module.eval()
     return pipe
+
+
+def _load_failure(path: str, family: str, err: BaseException, options: Mapping[str, Any]) -> str:
+    """The one-line reason ``from_pretrained(path)`` failed, with the fix: a hub id that is not in the local cache
+    (offline, or no network) is said plainly; another error keeps its first line, shortened at a sentence or word
+    boundary with its parentheses closed."""
+    path = str(path)
+    chain, e = [], err
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(c) for c in chain)
+    if not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") > 1
+                                    or "neither a valid local path nor a valid repo id" in text):
+        return f"cannot load the {family} pipeline: there is no directory {path!r}; pass a local diffusers " \
+               f"directory (with model_index.json) as --path DIR (model.path: DIR in a config)"
+    if not Path(path).exists() and re.search(r"not (fully )?cached|cached snapshot|outgoing traffic has been disabled",
+                                             text):
+        if options.get("local_files_only"):
+            why = "local_files_only is set"
+        elif any(type(c).__name__ == "OfflineModeIsEnabled" for c in chain) or "offline mode" in text:
+            why = "offline mode is on (HF_HUB_OFFLINE)"
+        else:
+            why = "the hub cannot be reached (no network)"
+        rev = f" --revision {options['revision']}" if options.get("revision") else ""
+        return (f"cannot load the {family} pipeline: {path!r} is not a local directory, and as a Hugging Face hub id "
+                f"it is not (fully) in the local cache and {why}; download it on a machine with network (hf download "
+                f"{path}{rev} --local-dir DIR) and pass --path DIR (model.path: DIR in a config)")
+    first = first_line(err, limit=10_000)
+    missing = re.search(r"no file named (\S+) found in directory (\S+?)\.?$", first)
+    if missing:  # diffusers tried .safetensors, then .bin, and names only the last
+        first = f"no weights file ({missing.group(1).rsplit('.', 1)[0]}.safetensors or .bin) in {missing.group(2)}"
+    return f"cannot load the {family} pipeline from {path!r} ({_clip(first)}); pass a local diffusers directory"
+
+
+def _clip(text: str, limit: int = 240) -> str:
+    """``text`` cut to about ``limit`` characters at the end of a sentence, else of a word (marked "…"), with any
+    parenthesis or bracket the cut left open closed, so the line around it still reads."""
+    if len(text) > limit:
+        cut = text[:limit]
+        sentence, word = cut.rfind(". "), cut.rfind(" ")
+        if sentence >= limit // 3:
+            cut = cut[: sentence + 1]
+        else:
+            cut = (cut[:word].rstrip(",;:(") if word > 0 else cut) + " …"
+        opened = []
+        for ch in cut:
+            if ch in "([{":
+                opened.append(ch)
+            elif ch in ")]}" and opened:
+                opened.pop()
+        text = cut + "".join({"(": ")", "[": "]", "{": "}"}[c] for c in reversed(opened))
+    return text
 
 
 def pipeline_modules(pipe: Any) -> dict[str, nn.Module]:

@@ -14,7 +14,8 @@
   the modules its tensors name, their rank, and alpha = rank.
 * ``lora_origin`` names the model family a LoRA was trained on (the file's ``flowalign_model`` metadata, else the
   ``config.yaml`` of the ``flowalign train`` run it is a checkpoint of); ``lora_dir_hint`` says which directory was
-  probably meant when one without a LoRA file is given (a run directory → its newest checkpoint).
+  probably meant when one without a LoRA file is given (a run directory → its newest checkpoint), and
+  ``lora_as_model_hint`` what to pass when a LoRA or a training run is given as the model.
 """
 
 from __future__ import annotations
@@ -344,3 +345,32 @@ def lora_dir_hint(path) -> Optional[str]:
         if (model / "model.safetensors").is_file() and (model / "config.json").is_file():
             return f"{str(model)!r} holds a model, not a LoRA; pass it as --path {str(model)!r}"
     return None
+
+
+def lora_as_model_hint(path) -> Optional[str]:
+    """What to pass when ``path``, given as a model (``--path`` / ``model.path``), is a LoRA directory or a
+    ``flowalign train`` run (or its ``checkpoints/``): the LoRA as ``--lora`` with its base model as ``--path``, named
+    from the run's ``config.yaml`` when it has one, else from the LoRA (``lora_origin``). None when it is neither."""
+    path = Path(path)
+    if (path / WEIGHT_NAME).is_file():
+        ckpt = path.parent if path.name == "raw" else path
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+        return _with_base(f"{str(path)!r} holds a LoRA, not a model ({WEIGHT_NAME}); pass it as --lora "
+                          f"{str(path)!r} with its base model as --path (model.path in a config)", run, path)
+    run = path.parent if path.name == "checkpoints" else path
+    ckpt = latest_checkpoint(run, WEIGHT_NAME)
+    if ckpt is None:
+        return None
+    return _with_base(f"{str(run)!r} is a `flowalign train` run, which holds LoRAs, not a model; pass --lora "
+                      f"{str(ckpt)!r} (its newest checkpoints/step-N) with the run's base model as --path (model.path "
+                      f"in a config)", run, ckpt)
+
+
+def _with_base(message: str, run: Optional[Path], lora: Path) -> str:
+    """``message`` plus the base model: ``--model NAME --path P`` from the training run's ``config.yaml``, else the
+    family the LoRA names (``_with_origin``)."""
+    model = _run_config_model(run) if run is not None else None
+    if model is None:
+        return _with_origin(message, lora)
+    where = f" --path {str(model['path'])!r}" if model.get("path") else " (its default --path)"
+    return f"{message}: the run trained --model {model['name']}{where}"

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from flowalign.errors import UserError, first_line
-from flowalign.models.base import FlowAdapter, check_shift
+from flowalign.models.base import FlowAdapter, check_shift, path_hint
 from flowalign.shapes.grammar import unknown_word
 from flowalign.types import Cond
 
@@ -444,9 +444,9 @@ def checkpoint_family(config: dict[str, Any], weights: Path) -> Optional[type]:
 
 def _model_dir_hint(root: Path, asset: str) -> str:
     """What to pass instead of ``root``, a directory without a model of the family ``asset``: the model of the run it
-    is (``final/`` or a checkpoint holding one, with ``--model`` when it is the other family's), a training run's
-    LoRA, or the usual advice."""
-    from flowalign.models.lora import WEIGHT_NAME, latest_checkpoint
+    is (``final/`` or a checkpoint holding one, with ``--model`` when it is the other family's), what else it holds
+    (``base.path_hint``: a training run's LoRA, a diffusers pipeline's ``--model``), or the usual advice."""
+    from flowalign.models.lora import latest_checkpoint
 
     files = ("config.json", "model.safetensors")
     if all((root / "final" / f).is_file() for f in files):
@@ -461,12 +461,9 @@ def _model_dir_hint(root: Path, asset: str) -> str:
             family = None
         other = f"--model {family.ASSET} --path " if family is not None and family.ASSET != asset else ""
         return f"did you mean {other}{str(model)!r}? ({why})"
-    if (root / WEIGHT_NAME).is_file():
-        return f"{str(root)!r} holds a LoRA, not a model; pass it as --lora {str(root)!r} with its base model as --path"
-    lora = latest_checkpoint(root, WEIGHT_NAME)
-    if lora is not None:
-        return (f"{str(root)!r} is a `flowalign train` run, which holds LoRAs, not a model; pass --lora "
-                f"{str(lora)!r} with its base model as --path")
+    other = path_hint(root, asset)  # a LoRA, a training run, a diffusers pipeline or one of its folders, a file
+    if other is not None:
+        return other
     if latest_checkpoint(root, "state.pt") is not None:
         return (f"{str(root)!r} is an unfinished `flowalign pretrain` run (its checkpoints hold training state, not "
                 f"the model); finish it with `flowalign pretrain --out {root} --resume`, which writes {root / 'final'}")

@@ -1128,6 +1128,16 @@ def cli_main(argv: Sequence[str]) -> int:
     protocol = load_protocol(args.benchmark) if args.benchmark else None
     if args.model is None:  # a benchmark of one family (shapes-motion-bench: shapes_video) runs on that family
         args.model = protocol.families()[0] if protocol is not None and len(protocol.families()) == 1 else "shapes"
+        if protocol is not None and len(protocol.families()) > 1:  # several: the one --path holds, else ask
+            from flowalign.models.base import pipeline_family
+
+            held = pipeline_family(args.path) if args.path else None
+            if held not in protocol.families():
+                choices = " or ".join(f"--model {f}" for f in protocol.families())
+                raise UserError(f"benchmark {protocol.name!r} runs on {', '.join(protocol.families())}; pass "
+                                f"{choices} (with --path to its weights)")
+            args.model = held
+            logger.info("--model %s: the family of the pipeline in --path %s", held, args.path)
     from flowalign.models import resolve as resolve_model
 
     family = resolve_model(args.model)  # an unknown name: one line with the closest one
@@ -1205,7 +1215,8 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.export == "vbench":  # VBench names videos by prompt: a repeated prompt is sampled once
         from flowalign.io import prompts_digest
 
-        check_vbench_export(as_records(records), args.seeds)
+        check_vbench_export(as_records(records), args.seeds, "--export vbench" if protocol is None or
+                            protocol.external != "vbench" else f"--benchmark {args.benchmark} (its --export vbench)")
         source_sha256, source_n = prompts_digest(as_records(records)), len(records)
         records, dropped = unique_vbench_prompts(records)
         if dropped:

@@ -192,11 +192,13 @@ def vbench_file(prompt: str, k: int) -> str:
     return f"{prompt.strip()}-{k}.mp4"
 
 
-def check_vbench_export(records: Sequence[Mapping[str, Any]], seeds_per_prompt: int) -> None:
+def check_vbench_export(records: Sequence[Mapping[str, Any]], seeds_per_prompt: int,
+                        source: str = "--export vbench") -> None:
     """One-line ``UserError`` unless ``--export vbench`` can write these prompts' videos where VBench reads them:
     PyAV with the libx264 encoder is installed, there are exactly ``VBENCH_VIDEOS`` videos per prompt, and every
     prompt can be a file name (not empty, no '/', '\\', NUL or control character, ``<prompt>-<k>.mp4`` at most
-    241 bytes: the 255 of a file name less the export's temporary name)."""
+    241 bytes: the 255 of a file name less the export's temporary name). ``source`` names what asked for the export
+    in the messages (``--benchmark vbench`` implies it)."""
     try:
         import av
 
@@ -208,7 +210,7 @@ def check_vbench_export(records: Sequence[Mapping[str, Any]], seeds_per_prompt: 
         raise UserError(f"--export vbench needs PyAV's libx264 (H.264) encoder, which this PyAV lacks "
                         f"({first_line(err)}); pip install --force-reinstall av") from None
     if seeds_per_prompt != VBENCH_VIDEOS:
-        raise UserError(f"--export vbench writes {VBENCH_VIDEOS} videos per prompt, the <prompt>-0.mp4 ... "
+        raise UserError(f"{source} writes {VBENCH_VIDEOS} videos per prompt, the <prompt>-0.mp4 ... "
                         f"<prompt>-{VBENCH_VIDEOS - 1}.mp4 VBench reads (no more, no fewer); pass --seeds "
                         f"{VBENCH_VIDEOS} (got {seeds_per_prompt})")
     for r in records:

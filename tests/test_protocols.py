@@ -234,7 +234,7 @@ def test_eval_benchmark_refusals_before_the_model_loads(tmp_path, capsys, no_mod
     out = tmp_path / "out"
     fails(capsys, ["eval", "--benchmark", "shapes-bnch", "--out", str(out)], "unknown benchmark 'shapes-bnch'",
           "did you mean 'shapes-bench'?")
-    fails(capsys, ["eval", "--benchmark", "pickscore-sfw", "--out", str(out)],
+    fails(capsys, ["eval", "--benchmark", "pickscore-sfw", "--model", "shapes", "--out", str(out)],
           "fixes sampling for sd3, flux, not --model shapes", "pass --model sd3, or --steps and --guidance")
     fails(capsys, ["eval", "--benchmark", str(tmp_path / "missing.yaml"), "--out", str(out)], "no such protocol file")
     fails(capsys, ["eval", "--benchmark", "shapes-bench"], "--out is required")
@@ -452,3 +452,20 @@ def test_the_pending_hint_and_the_scored_mark_belong_to_the_external_scorers_own
     new = _write_scores(d, src, jobs, {(0, 0): 1.0}, json.loads(json.dumps(summary)), "geneval", "GenEval",
                         scorer="geneval")
     assert new["settings"]["benchmark"]["scored"] is True
+
+
+def test_a_benchmark_of_several_families_takes_the_family_of_path_or_asks(tmp_path, capsys, caplog, no_model):
+    """`eval --benchmark pickscore-sfw --path SD3_DIR` without --model ran --model shapes (and then blamed --model
+    shapes, a flag never typed): the family now comes from --path's model_index.json, or the line asks for it."""
+    import logging
+
+    fails(capsys, ["eval", "--benchmark", "pickscore-sfw", "--out", str(tmp_path / "a")],
+          "benchmark 'pickscore-sfw' runs on sd3, flux; pass --model sd3 or --model flux")
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with caplog.at_level(logging.INFO, logger="flowalign.evaluate"):
+        fails(capsys, ["eval", "--benchmark", "pickscore-sfw", "--path", str(pipe), "--reward-arg",
+                       f"pickscore.path={tmp_path / 'nope'}", "--out", str(tmp_path / "b")], "nope")
+    assert "--model flux: the family of the pipeline in --path" in caplog.text
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

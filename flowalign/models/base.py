@@ -269,6 +269,14 @@ def checkpoint_class(path: str, revision: Optional[str] = None) -> Optional[str]
     return name if isinstance(name, str) else None
 
 
+def pipeline_family(path: str) -> Optional[str]:
+    """The flowalign family whose pipeline a checkpoint holds (from its ``model_index.json``, read locally or from the
+    hub cache, no network): e.g. "sd3" for a StableDiffusion3Pipeline; None when there is none to read or no family
+    loads it."""
+    found = checkpoint_class(path)
+    return _pipeline_family(found, _families()) if found is not None else None
+
+
 def checkpoint_config(path: str, component: str, revision: Optional[str] = None) -> Optional[dict]:
     """The ``config.json`` of a checkpoint's component (``transformer``, ``vae``) as a dict, read before anything loads
     (``_checkpoint_json``); None when there is none to read."""

@@ -40,6 +40,24 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+class Once(argparse.Action):
+    """An option that takes one value and refuses a second in one line (argparse keeps the last, silently: ``--lora A
+    --lora B`` applied only B). ``once_hint``: the refusal's advice. One parser per command call, so the action's own
+    flag is the call's."""
+
+    def __init__(self, *args, once_hint: str = "pass it once", **kwargs) -> None:
+        self.once_hint = once_hint
+        self.seen = False
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self.seen:
+            parser.error(f"{option_string} is given twice ({getattr(namespace, self.dest)!r}, {values!r}); "
+                         f"{self.once_hint}")
+        self.seen = True
+        setattr(namespace, self.dest, values)
+
+
 class CommandParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are the commands' one line: ``PROG: error: WHAT (see `PROG --help`)``,
     exit code 2, without the usage block argparse prints first. An unknown option names the closest known one. Its

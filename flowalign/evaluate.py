@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import sys
@@ -993,11 +994,22 @@ def parse_model_args(family: str, items: Sequence[str]) -> dict:
     from flowalign.models import resolve as resolve_model
     from flowalign.rewards.catalog import check_kwarg_types, check_kwargs
 
-    model_kwargs = dict(_key_value(t, "--model-arg") for t in items)
+    pairs = [_key_value(t, "--model-arg") for t in items]
+    model_kwargs = dict(pairs)
+    for k in model_kwargs:  # a repeated key: the last value won without a word
+        values = [v for key, v in pairs if key == k]
+        if len(values) > 1 and any(v != values[0] for v in values):
+            raise UserError(f"--model-arg {k} is given {len(values)} times with different values "
+                            f"({', '.join(map(repr, values))}); pass it once")
     for k in ("path", "device"):
         if k in model_kwargs:
             raise UserError(f"--model-arg {k}=...: pass --{k} instead")
     loader = resolve_model(family).from_pretrained
+    takes = inspect.signature(loader).parameters
+    for k in ("resolution", "size", "image_size"):  # a config's model.resolution; the loaders take height and width
+        if k in model_kwargs and k not in takes and "height" in takes:
+            raise UserError(f"--model-arg {k}=...: model {family!r} takes --model-arg height=N --model-arg width=N "
+                            f"(model.resolution in a train config)")
     check_kwargs(loader, model_kwargs, f"--model-arg: model {family!r}", reserved=("path", "device"))
     if "dtype" in model_kwargs:  # the loaders take a torch.dtype; the command line names it as the train config does
         model_kwargs["dtype"] = model_dtype(model_kwargs["dtype"], "--model-arg dtype")
@@ -1058,7 +1070,7 @@ def model_args_jsonable(model_kwargs: Mapping[str, Any]) -> dict:
 def cli_main(argv: Sequence[str]) -> int:
     """``flowalign eval``: a prompt set × rewards → results.jsonl, summary.json and report.html in --out."""
     from flowalign import data as D
-    from flowalign.errors import CommandParser, UserError
+    from flowalign.errors import CommandParser, Once, UserError
     from flowalign.dist import process_device, process_group
     from flowalign.external import (EXPORTS, GENEVAL_DIR, HPSV2_DIR, T2I_DIR, VBENCH_DIR, VIDEO_EXPORTS, GenEvalExport,
                                     HPSv2Export, T2ICompBenchExport, VBenchExport, check_geneval_records,
@@ -1070,7 +1082,7 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--model", default=None, help="model family (shapes, shapes_video, sd3, flux, wan; default "
                    "shapes, or the --benchmark's family when it has one)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
-    p.add_argument("--lora", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N, or one written by "
+    p.add_argument("--lora", action=Once, once_hint="one LoRA is applied; merge them first or pass one", help="LoRA directory to apply (e.g. runs/x/checkpoints/step-N, or one written by "
                    "diffusers' save_lora_weights)")
     p.add_argument("--benchmark", metavar="NAME|FILE.yaml",
                    help="run a frozen benchmark protocol (--list-benchmarks): it sets the prompts, images per prompt, "

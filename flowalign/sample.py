@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from flowalign.errors import CommandParser, UserError, first_line
+from flowalign.errors import CommandParser, Once, UserError, first_line
 from flowalign.io import check_out_parent  # re-exported: the commands import it from here (it lives in io, a lower layer)
 from flowalign.samplers import eta_schedule, sample
 
@@ -294,7 +294,7 @@ def cli_main(argv: Sequence[str]) -> int:
                    "--prompt-file's (default 8) or of the prompts given as arguments (default all); 0 = all")
     p.add_argument("--model", default="shapes", help="model family (shapes, shapes_video, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
-    p.add_argument("--lora", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N "
+    p.add_argument("--lora", action=Once, once_hint="one LoRA is applied; merge them first or pass one", help="a LoRA directory (pytorch_lora_weights.safetensors), e.g. a run's checkpoints/step-N "
                    "or one written by diffusers' save_lora_weights")
     add_model_arg(p)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: 28 for sd3 "
@@ -331,6 +331,8 @@ def cli_main(argv: Sequence[str]) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UserError(f"--kernel {args.kernel!r} is not a kernel (choose one of {', '.join(KERNELS)}){hint}")
     eta_given = args.eta is not None
+    if eta_given and args.eta_file:  # before the kernel checks: the file fixes the kernel, so they would mislead
+        raise UserError(f"pass --eta {args.eta:g} or --eta-file {args.eta_file!r}, not both")
     if not eta_given:  # a stochastic kernel at eta 0 is Euler: `--kernel flow_sde` alone drew the ODE's grid
         args.eta = 0.7 if args.kernel != "euler" and not args.eta_file else 0.0
     if not (math.isfinite(args.eta) and args.eta >= 0):  # NaN/inf noise gives a NaN (black) grid, no error
@@ -344,8 +346,6 @@ def cli_main(argv: Sequence[str]) -> int:
     if args.eta_file:  # the calibrated per-step noise: its kernel and step count unless given
         from flowalign.calibrate import read_eta_file
 
-        if eta_given:
-            raise UserError(f"pass --eta {args.eta:g} or --eta-file {args.eta_file!r}, not both")
         explicit = args.kernel if args.kernel != "euler" else None  # euler (the default) draws no noise to scale
         etas, eta_data = read_eta_file(args.eta_file, args.steps, explicit, cli=True)
         args.kernel = eta_data.get("kernel") or explicit

@@ -801,7 +801,7 @@ DEFAULT_BATCH_ROWS = 32
 
 def build_parser():
     """The ``flowalign steer`` argument parser."""
-    from flowalign.errors import CommandParser
+    from flowalign.errors import CommandParser, Once
     from flowalign.evaluate import add_component_args
     from flowalign.samplers import KERNELS
 
@@ -863,7 +863,7 @@ def build_parser():
     p.add_argument("--clip", type=float, default=None, help="guided: per-sample gradient norm clipped at this")
     p.add_argument("--model", default="shapes", help="model family (shapes, shapes_video, sd3, flux, wan)")
     p.add_argument("--path", default="", help="weights directory or hub id ('' = the family default)")
-    p.add_argument("--lora", help="a LoRA directory, e.g. a run's checkpoints/step-N or one written by diffusers' "
+    p.add_argument("--lora", action=Once, once_hint="one LoRA is applied; merge them first or pass one", help="a LoRA directory, e.g. a run's checkpoints/step-N or one written by diffusers' "
                    "save_lora_weights")
     add_component_args(p)  # --reward-arg (steering and evaluation rewards), --per-frame, --model-arg
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own: 28 for sd3 "

@@ -347,6 +347,9 @@ def test_sample_draws_with_a_calibrated_eta_file(tmp_path, capsys):
           "has 4 etas but --steps 10; they must match (set --steps 4")
     fails(capsys, [*common, "--eta-file", flat, "--eta", "0.3", "--kernel", "dance_sde", "--out", str(tmp_path / "x.png")],
           "not both")
+    # without --kernel too: the conflict is named, not '--eta > 0 needs a stochastic kernel' (the file fixes it)
+    fails(capsys, [*common, "--eta-file", flat, "--eta", "0.3", "--out", str(tmp_path / "x.png")],
+          "pass --eta 0.3 or --eta-file", "not both")
     bad = tmp_path / "grid.json"
     bad.write_text(json.dumps({"kernel": "dance_sde", "eta": [0.5, 0.5, 0.5, 0.0], "sigmas": [1, 0.9, 0.5, 0.2, 0]}))
     fails(capsys, [*common, "--eta-file", str(bad), "--out", str(tmp_path / "x.png")], "another sigma grid")

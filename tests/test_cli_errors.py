@@ -966,3 +966,22 @@ def test_eval_builds_its_rewards_before_loading_the_model(tmp_path, capsys, no_m
                            f"pickscore.path={tmp_path / 'nope'}", "--out", str(tmp_path / "e")], "pickscore")
     assert "nope" in line
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("cmd", ["sample", "eval", "steer"])
+def test_a_second_lora_or_a_repeated_model_arg_is_refused_not_silently_dropped(tmp_path, capsys, no_model, cmd):
+    """`--lora A --lora B` applied only B and `--model-arg height=32 --model-arg height=64` kept 64, without a word;
+    `--model-arg resolution=32` on sd3 suggested 'revision'."""
+    out = ["--out", str(tmp_path / ("o.png" if cmd == "sample" else "o"))]
+    prompt = ["a red circle"] if cmd != "eval" else []
+    with pytest.raises(SystemExit) as info:  # an argument error, as argparse's own
+        main([cmd, *prompt, "--lora", "a", "--lora", "b", *out])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and "--lora is given twice ('a', 'b')" in lines[0], lines
+    _fails(capsys, [cmd, *prompt, "--model-arg", "guidance_scale=2", "--model-arg", "guidance_scale=3", *out],
+           "--model-arg guidance_scale is given 2 times with different values (2, 3)")
+    _fails(capsys, [cmd, *prompt, "--model", "sd3", "--model-arg", "resolution=32", *out,
+                    *(["--reward", "pickscore"] if cmd == "steer" else []),
+                    *(["--rewards", "pickscore", "--prompts", "parti"] if cmd == "eval" else [])],
+           "takes --model-arg height=N --model-arg width=N")
+    assert list(tmp_path.iterdir()) == []

@@ -1173,7 +1173,7 @@ def summary(cfg: ExperimentConfig, world_size: int = 1) -> str:
         ("run", f"{t.iterations} iteration{'' if t.iterations == 1 else 's'}, {d['rollouts_total']} rollouts, {d['optimizer_steps_total']} optimizer steps, "
                 f"seed {t.seed}, rollout NFE/iter {d['nfe_rollout_per_iter'] or 'see nfe/sampling in metrics'}"),
         ("data", f"train {cfg.data.train_prompts} ({'shuffled' if cfg.data.shuffle else 'in order'}), eval {cfg.data.eval_prompts}"),
-        ("eval", f"{', '.join(w for w, on in (('before', e.before), (f'every {e.every} iters', e.every), ('after', e.after)) if on) or 'off'}, {e.kernel} T={e.steps} cfg {e.guidance:g}, "
+        ("eval", f"{', '.join(w for w, on in (('before', e.before), (f'every {e.every} iters', e.every and (e.every < t.iterations or (e.every == t.iterations and not e.after))), ('after', e.after)) if on) or 'off'}, {e.kernel} T={e.steps} cfg {e.guidance:g}, "
                  f"{e.seeds_per_prompt} seeds/prompt{', ' + str(e.max_prompts) + ' prompts' if e.max_prompts else ''}, rewards {', '.join(e.rewards)}"),
         ("output", f"{cfg.output.run_dir}" + (" (resume)" if cfg.output.resume else "") + (" (overwrite)" if cfg.output.overwrite else "")),
     ]

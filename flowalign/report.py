@@ -880,7 +880,11 @@ def benchmark_line(status: Mapping[str, Any]) -> str:
     if status.get("benchmark"):
         done = f"; {status['external']} scores imported" if status.get("scored") else ""
         return f"benchmark {head} (every setting as the frozen protocol{done}){pending}"
-    changes = ", ".join(f"{k} {v.get('protocol')} -> {v.get('used')}" for k, v in (status.get("overrides") or {}).items())
+    def said(k: str, v: Any) -> str:  # an export the run did not make (training's evaluations): "none", not None
+        return "none" if v is None else str(v)
+
+    changes = ", ".join(f"{k} {said(k, v.get('protocol'))} -> {said(k, v.get('used'))}"
+                        for k, v in (status.get("overrides") or {}).items())
     return f"not a benchmark result: protocol {head} with {changes}{pending}"
 
 

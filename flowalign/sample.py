@@ -92,7 +92,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, labels: Optiona
 
     if images.dim() == 5:
         gif = save_video_grid(images, Path(path).with_suffix(".gif"), nrow=nrow, labels=labels, fps=fps)
-        logger.info("wrote %s (%d frames)", gif, images.shape[1])
+        logger.info("wrote %s (%d frame%s)", gif, images.shape[1], "" if images.shape[1] == 1 else "s")
         images = film_strip(images)
     return save_image_grid(images, path, nrow=nrow, labels=labels)
 

@@ -405,6 +405,13 @@ def _check_run_dir(cfg: C.ExperimentConfig, world: int = 1) -> tuple[Path, Optio
         return run, ckpt
     if run.exists() and any(run.iterdir()):
         if not cfg.output.overwrite:
+            foreign = _foreign_entries(run)  # what overwrite would refuse to delete (and resume to start beside)
+            if not (run / "config.yaml").is_file():  # not a training run: resume and overwrite would both be refused
+                raise UserError(f"run directory {run} already exists, is not empty and holds no training run "
+                                f"({foreign}); choose another output.run_dir")
+            if foreign:  # a run with files of the user's beside it: overwrite deletes only a run's own
+                raise UserError(f"run directory {run} already holds a training run, and other files ({foreign}); "
+                                f"pass output.resume=true to continue it, or choose another output.run_dir")
             raise UserError(f"run directory {run} already exists and is not empty; pass output.resume=true to continue "
                             f"it, output.overwrite=true to replace it, or choose another output.run_dir")
         _check_replaceable(run)
@@ -1479,7 +1486,10 @@ def cli_main(argv: Sequence[str]) -> int:
     p.add_argument("--describe", action="store_true",
                    help="print every config field with its doc and exit: the values of CONFIG and its overrides when "
                         "given (validated), else the defaults")
-    args = p.parse_args(list(argv))
+    argv = list(argv)
+    if "--describe" in argv:  # anywhere among the positionals: argparse takes it only before or after all of them
+        argv = ["--describe", *(a for a in argv if a != "--describe")]
+    args = p.parse_args(argv)
     if args.describe:
         import sys
 
@@ -1499,7 +1509,8 @@ def cli_main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:  # the hint the CLI prints says what a resume would continue from
         raise KeyboardInterrupt(interrupt_hint(Path(cfg.output.run_dir), cfg.train.checkpoint_every)) from None
     ckpt = _latest_checkpoint(run)
-    logger.info("done: %s (report.html%s)", run, f", LoRA: {ckpt}" if ckpt is not None else "")
+    if process_group()[0] == 0:  # once, not per rank under accelerate launch
+        logger.info("done: %s (report.html%s)", run, f", LoRA: {ckpt}" if ckpt is not None else "")
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

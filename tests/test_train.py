@@ -920,3 +920,37 @@ def test_evaluation_scores_the_ema_weights(tmp_path, monkeypatch):
     assert at_eval.keys() == ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA lags the live weights
     assert all(torch.equal(at_eval[k], ema[k]) for k in ema)
+
+
+@pytest.mark.parametrize("case", ["foreign_dir", "run_with_notes", "plain_run"])
+def test_a_non_empty_run_dir_is_refused_with_advice_that_works(tmp_path, case):
+    """A directory holding only notes.txt got 'pass output.resume=true ... output.overwrite=true ...', and both were
+    then refused; the advice now fits what the directory holds."""
+    from flowalign.errors import UserError
+    from flowalign.train import _check_run_dir
+
+    run = tmp_path / "r"
+    run.mkdir()
+    if case != "plain_run":
+        (run / "notes.txt").write_text("mine")
+    if case != "foreign_dir":
+        (run / "config.yaml").write_text("{}\n")
+        (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError) as e:
+        _check_run_dir(_cfg(run))
+    line = str(e.value)
+    if case == "foreign_dir":
+        assert "holds no training run (it holds notes.txt)" in line and "output.resume" not in line
+    elif case == "run_with_notes":
+        assert "output.resume=true" in line and "output.overwrite" not in line and "notes.txt" in line
+    else:
+        assert "output.resume=true" in line and "output.overwrite=true" in line
+
+
+def test_describe_is_taken_between_the_config_and_its_overrides(capsys):
+    """`flowalign train CONFIG --describe OVERRIDES` failed ('unrecognized arguments: OVERRIDES'): argparse takes an
+    option only before or after all the positionals."""
+    from flowalign.cli import main
+
+    assert main(["train", str(ROOT / "configs" / "shapes_grpo.yaml"), "--describe", "train.lr=3e-4"]) == 0
+    assert "lr: 0.0003" in capsys.readouterr().out

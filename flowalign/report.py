@@ -633,6 +633,7 @@ def plot_steering(summaries: Mapping[str, dict], path: str | Path, reward: str) 
     non-default settings (``steer_line_label``) over its particle counts (``summaries``: label → ``summary.json`` with
     ``settings`` and ``cost``)."""
     lines: dict[str, list[tuple[float, float, int]]] = {}
+    plain: dict[str, list[bool]] = {}  # per line: which points are `--method none` (no steering)
     for s in summaries.values():
         st, cost = s.get("settings") or {}, s.get("cost") or {}
         y, x = (s.get("overall") or {}).get(reward), cost.get("forwards_per_image")
@@ -640,10 +641,16 @@ def plot_steering(summaries: Mapping[str, dict], path: str | Path, reward: str) 
             continue
         label = steer_line_label(st)
         lines.setdefault(label, []).append((float(x), float(y), int(cost.get("particles", 1))))
+        plain.setdefault(label, []).append(st.get("method") == "none")
     fig, ax = _new_axes(f"steering: {reward} against cost", "model forwards per output image", reward)
     for label, pts in sorted(lines.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=label)
+        shown = label  # best-of-1 shares the best-of-N line of its kernel; alone it is no steering at all
+        if all(plain[label]):
+            shown = label.replace("best-of-N", "no steering (1 sample)", 1)
+        elif any(plain[label]):
+            shown = label.replace("best-of-N", "best-of-N (k=1: no steering)", 1)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=shown)
         for x, y, k in pts:
             ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6, color="#555")
     _legend(ax)

@@ -666,3 +666,28 @@ def test_grid_batches_hold_every_seed_of_the_grid_prompts():
     assert S.grid_batches(10, 3, 0, 4) == set()
     assert (S.outputs_per_batch("fk", 4, 32), S.outputs_per_batch("best_of_n", 5, 32),
             S.outputs_per_batch("guided", 4, 32), S.outputs_per_batch("fk", 40, 32)) == (8, 6, 32, 1)
+
+
+def test_plot_labels_a_line_of_unsteered_runs_as_no_steering(tmp_path, monkeypatch):
+    """`--method none` runs were drawn as "best-of-N, euler": alone they are now "no steering (1 sample)", and on the
+    best-of-N line of their kernel (best-of-1) the line says so."""
+    import flowalign.report as R
+
+    drawn = []
+    real = R._new_axes
+
+    def spy(*a, **k):
+        fig, ax = real(*a, **k)
+        plot = ax.plot
+        ax.plot = lambda xs, ys, **kw: (drawn.append(kw["label"]), plot(xs, ys, **kw))[1]
+        return fig, ax
+
+    monkeypatch.setattr(R, "_new_axes", spy)
+
+    def run(method, kernel, k):
+        return {"overall": {"s": 0.1 * k}, "cost": {"forwards_per_image": 12 * k, "particles": k},
+                "settings": {"method": method, "kernel": kernel, "eta": 0.0 if kernel == "euler" else 0.7}}
+
+    R.plot_steering({"none": run("none", "euler", 1), "bon_sde": run("best_of_n", "flow_sde", 4),
+                     "none_sde": run("none", "flow_sde", 1)}, tmp_path / "p.png", "s")
+    assert sorted(drawn) == ["best-of-N (k=1: no steering), flow_sde 0.7", "no steering (1 sample), euler"]

@@ -30,7 +30,11 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=3, help="timed sampling repeats after the first")
+    from flowalign.bench_snr import add_output_args, check_json_out
+
+    add_output_args(ap)  # --json PATH and --overwrite, as every bench (a bare --json prints the JSON instead)
     args = ap.parse_args(list(argv))
+    check_json_out(args.json, args.overwrite)
     for flag, value, low in (("n", args.n, 1), ("steps", args.steps, 1), ("threads", args.threads, 1),
                              ("repeats", args.repeats, 0)):
         if value is not None and value < low:
@@ -76,7 +80,7 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
         run_once(r + 1)
         times.append(time.perf_counter() - t0)
     nfe = steps * (1 if model.guidance_scale == 1.0 else 2)
-    return {
+    figures = {
         "path": args.path or "(the shipped model)",
         "images": len(prompts),
         "steps": steps,
@@ -94,6 +98,11 @@ def bench_shapes_sample(argv: Sequence[str]) -> dict:
         "warm_sample_s_median": round(sorted(times)[len(times) // 2], 3) if times else None,
         "image_shape": list(images.shape),
     }
+    if args.json:
+        from flowalign.io import atomic_write_json
+
+        atomic_write_json(args.json, figures)
+    return figures
 
 
 def _cold_import_times() -> tuple[float, float]:
@@ -185,8 +194,11 @@ def cli_main(argv: Sequence[str]) -> int:
         if name in OWN_TABLE:  # these print their own table and take `--json PATH` themselves
             BENCHES[name][0](rest)
             return 0
-        as_json = "--json" in rest
-        rest = [a for a in rest if a != "--json"]
+        # a bare `--json` (last, or before another option) prints the figures as JSON; `--json PATH` writes a file
+        at = rest.index("--json") if "--json" in rest else -1
+        as_json = at >= 0 and (at + 1 == len(rest) or rest[at + 1].startswith("-"))
+        if as_json:
+            rest = rest[:at] + rest[at + 1:]
         figures = BENCHES[name][0](rest)
     except UserError as err:  # the line says which benchmark, as its argument errors do
         err.command = err.command or f"bench {name}"

@@ -30,6 +30,7 @@ def test_shapes_sample_refuses_a_bad_guidance(capsys, no_model, extra, needles):
 
 
 BENCHES_WITH_JSON = [
+    ("shapes-sample", []),  # took only a bare --json (printing); `--json PATH` was "unrecognized arguments"
     ("credit", ["--models", "shapes"]),
     ("grad-snr", []),
     ("noise-variance", []),

@@ -161,6 +161,7 @@ def bench_noise_variance(argv: Sequence[str]) -> None:
         from flowalign.io import atomic_write_json
 
         atomic_write_json(args.json, {"prompts": P, "inits": K, "members": M, "kernel": args.kernel, "eta": args.eta,
-                                      "steps": args.steps, "reward": args.reward, "windows": rows,
+                                      "steps": args.steps, "reward": args.reward, "seed": args.seed,
+                                      "guidance": args.guidance, "path": args.shapes_path or None, "windows": rows,
                                       "wall_s": round(wall, 1)})
     sys.stdout.flush()

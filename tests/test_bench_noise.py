@@ -50,6 +50,7 @@ def test_bench_noise_variance_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert [w["window"] for w in res["windows"]] == [[0, 3], [2, 3]]
+    assert (res["seed"], res["guidance"], res["path"]) == (0, 4.0, None)  # what a rerun needs (they were missing)
     for w in res["windows"]:
         assert w["within"] + w["between"] == pytest.approx(w["total"], abs=1e-4)
         assert len(w["step_std"]) == w["window"][1] - w["window"][0]

@@ -489,6 +489,21 @@ def test_every_documented_steer_command_is_accepted(tmp_path, monkeypatch, no_mo
             pytest.fail(f"{doc}: `flowalign steer {line}` was refused")
 
 
+def _drawn_labels(R, monkeypatch) -> list:
+    """The labels of the lines ``R.plot_steering`` draws, as it draws them (its axes' ``plot`` wrapped)."""
+    drawn = []
+    real = R._new_axes
+
+    def spy(*a, **k):
+        fig, ax = real(*a, **k)
+        plot = ax.plot
+        ax.plot = lambda xs, ys, **kw: (drawn.append(kw["label"]), plot(xs, ys, **kw))[1]
+        return fig, ax
+
+    monkeypatch.setattr(R, "_new_axes", spy)
+    return drawn
+
+
 def test_plot_labels_separate_fk_das_tempered_das_and_lambda_per_std(tmp_path, monkeypatch):
     """FK, DAS and tempered DAS at equal cost were one line (the label named neither proposal nor temper), and so
     were λ = 30 raw and λ = 30 per reward std."""
@@ -515,16 +530,7 @@ def test_plot_labels_separate_fk_das_tempered_das_and_lambda_per_std(tmp_path, m
         == "fk from step 2, flow_sde 0.7"
     assert R.steer_line_label({"method": "guided", "kernel": "euler", "eta": 0.0, "beta": 1e-3, "guide_mode": "x0",
                                "band": [0.05, 0.8], "normalize": None, "clip": None}) == "guided beta=0.001, euler"
-    drawn = []
-    real = R._new_axes
-
-    def spy(*a, **k):
-        fig, ax = real(*a, **k)
-        plot = ax.plot
-        ax.plot = lambda xs, ys, **kw: (drawn.append(kw["label"]), plot(xs, ys, **kw))[1]
-        return fig, ax
-
-    monkeypatch.setattr(R, "_new_axes", spy)
+    drawn = _drawn_labels(R, monkeypatch)
     sums = {n: {"overall": {"saturation": 0.1}, "cost": {"forwards_per_image": 48, "particles": 4}, "settings": st}
             for n, st in settings.items()}
     R.plot_steering(sums, tmp_path / "p.png", "saturation")
@@ -673,16 +679,7 @@ def test_plot_labels_a_line_of_unsteered_runs_as_no_steering(tmp_path, monkeypat
     best-of-N line of their kernel (best-of-1) the line says so."""
     import flowalign.report as R
 
-    drawn = []
-    real = R._new_axes
-
-    def spy(*a, **k):
-        fig, ax = real(*a, **k)
-        plot = ax.plot
-        ax.plot = lambda xs, ys, **kw: (drawn.append(kw["label"]), plot(xs, ys, **kw))[1]
-        return fig, ax
-
-    monkeypatch.setattr(R, "_new_axes", spy)
+    drawn = _drawn_labels(R, monkeypatch)
 
     def run(method, kernel, k):
         return {"overall": {"s": 0.1 * k}, "cost": {"forwards_per_image": 12 * k, "particles": k},

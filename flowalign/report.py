@@ -969,8 +969,10 @@ def _unfinished_training(run_dir: Path, records: Sequence[dict], has_final: bool
     from flowalign.models.lora import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
+    # a run started with output.overwrite=true saved it: resume and overwrite together are refused, so turn it off
+    overwrite = isinstance(saved.get("output"), dict) and saved["output"].get("overwrite") is True
     cmd = (f"flowalign train {shlex.quote(str(run_dir / 'config.yaml'))} "
-           f"output.run_dir={shlex.quote(str(run_dir))} output.resume=true")
+           f"output.run_dir={shlex.quote(str(run_dir))} output.resume=true" + (" output.overwrite=false" * overwrite))
     if ckpt is None:
         where = "it wrote no checkpoint, so this starts it afresh"
     else:

@@ -142,6 +142,17 @@ def test_an_interrupted_training_run_says_where_it_stopped_and_how_to_resume(tmp
     assert "Training stopped" not in page and "output.resume=true" not in page and "base vs aligned" in page
 
 
+def test_the_resume_command_of_a_run_started_with_overwrite_turns_it_off(tmp_path):
+    """A run started with output.overwrite=true saved it in config.yaml, and resume and overwrite together are
+    refused: the report's command adds output.overwrite=false (run for real by hand: it continues)."""
+    run = _training_run(tmp_path / "run", "train.iterations=4", "output.overwrite=true")
+    atomic_write_json(run / "eval" / "base" / "summary.json", _summary())
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    _metrics(run, [{"iteration": 0, "eval/overall/r": 0.5}] + [{"iteration": i, "reward/r": 0.5} for i in (1, 2)])
+    page = write_report(run, make_plots=False).read_text()
+    assert f"output.run_dir={run} output.resume=true output.overwrite=false</code>" in page
+
+
 # 4 --------------------------------------------------------------------------------------------------------------
 
 

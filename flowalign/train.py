@@ -498,14 +498,16 @@ def _elapsed_before(path: Path) -> float:
     return run_wall_s(read_jsonl(path)) if path.is_file() else 0.0
 
 
-def interrupt_hint(run: Path, checkpoint_every: int) -> str:
+def interrupt_hint(run: Path, checkpoint_every: int, overwrite: bool = False) -> str:
     """What ``flowalign train`` tells a user who pressed Ctrl-C: where ``output.resume=true`` continues from, or that
-    there is no checkpoint yet, so a resume would start the run afresh."""
+    there is no checkpoint yet, so a resume would start the run afresh. A run started with ``output.overwrite=true``
+    must drop it (the two together are refused)."""
+    flag = "output.resume=true output.overwrite=false" if overwrite else "output.resume=true"
     ckpt = _latest_checkpoint(run)
     if ckpt is None:
         every = f"train.checkpoint_every={checkpoint_every}" if checkpoint_every else "train.checkpoint_every=0: at the end only"
-        return f"no checkpoint yet ({every}), so output.resume=true would start afresh"
-    return f"continue from {ckpt} with output.resume=true"
+        return f"no checkpoint yet ({every}), so {flag} would start afresh"
+    return f"continue from {ckpt} with {flag}"
 
 
 def _latest_checkpoint(run: Path) -> Optional[Path]:
@@ -1507,7 +1509,8 @@ def cli_main(argv: Sequence[str]) -> int:
     try:
         run = train(cfg)
     except KeyboardInterrupt:  # the hint the CLI prints says what a resume would continue from
-        raise KeyboardInterrupt(interrupt_hint(Path(cfg.output.run_dir), cfg.train.checkpoint_every)) from None
+        raise KeyboardInterrupt(interrupt_hint(Path(cfg.output.run_dir), cfg.train.checkpoint_every,
+                                               cfg.output.overwrite)) from None
     ckpt = _latest_checkpoint(run)
     if process_group()[0] == 0:  # once, not per rank under accelerate launch
         logger.info("done: %s (report.html%s)", run, f", LoRA: {ckpt}" if ckpt is not None else "")

@@ -269,6 +269,9 @@ def test_ctrl_c_of_train_says_what_a_resume_would_continue_from(tmp_path, capsys
     else:
         assert lines == [f"flowalign train: interrupted; continue from {run / 'checkpoints' / 'step-20'} with "
                          "output.resume=true"]
+        # started with output.overwrite=true: a resume must drop it (the two together are refused)
+        assert main(["train", str(config), f"output.run_dir={run}", "output.overwrite=true"]) == 130
+        assert "with output.resume=true output.overwrite=false" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.name != "posix", reason="sends SIGINT")

@@ -255,6 +255,36 @@ def _setting_change(key: str, before: Any, now: Any) -> str:
     return f"{key} {before!r} -> {now!r}"
 
 
+def path_fingerprint(path: PathLike, edge: int = 1 << 20) -> str | None:
+    """A SHA-256 standing for the files at a local ``path`` (a file, or a directory's files, hidden ones left out:
+    ``hf download``'s ``.cache`` holds timestamps), so a resume can tell weights that were moved from other weights:
+    each file's relative name, size and first and last ``edge`` bytes (a fine-tune of the same architecture has the
+    same names and sizes but other bytes). Cheap for multi-GB checkpoints; None when ``path`` is no local file or
+    directory (a hub id)."""
+    import hashlib
+
+    root = Path(os.path.expanduser(str(path)))
+    if root.is_file():
+        files = [(root.name, root)]
+    elif root.is_dir():
+        files = sorted((str(f.relative_to(root)), f) for f in root.rglob("*")
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    else:
+        return None
+    digest = hashlib.sha256()
+    for name, f in files:
+        size = f.stat().st_size
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(edge))
+            if size > 2 * edge:
+                fh.seek(size - edge)
+                digest.update(fh.read(edge))
+            elif size > edge:
+                digest.update(fh.read())
+    return digest.hexdigest()
+
+
 class BatchJournal:
     """The finished batches of a long job (``flowalign eval``, ``flowalign steer``), so an interrupted run can resume.
 

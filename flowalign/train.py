@@ -238,8 +238,51 @@ def _flat_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+PATHS_FILE = "paths.json"  # the fingerprints of a run's local weights paths (io.path_fingerprint), for resumes
+
+
+def _path_settings(cfg: C.ExperimentConfig) -> dict[str, str]:
+    """The settings that name weights on disk: ``model.path`` and every string of ``reward.kwargs`` (a reward's
+    path, checkpoint or tokenizer), by their dotted names."""
+    out = {"model.path": cfg.model.path} if cfg.model.path else {}
+    for name, kw in cfg.reward.kwargs.items():
+        out.update({f"reward.kwargs.{name}.{k}": v for k, v in dict(kw).items() if isinstance(v, str) and v})
+    return out
+
+
+def _fingerprint_paths(cfg: C.ExperimentConfig, run: Path) -> None:
+    """Write ``PATHS_FILE``: each local path of ``_path_settings`` with its fingerprint (hub ids have none)."""
+    from flowalign.io import atomic_write_json, path_fingerprint
+
+    found = {k: {"value": v, "sha256": fp} for k, v in _path_settings(cfg).items()
+             if (fp := path_fingerprint(v)) is not None}
+    if found:
+        atomic_write_json(run / PATHS_FILE, found)
+    else:
+        (run / PATHS_FILE).unlink(missing_ok=True)
+
+
+def _moved_paths(cfg: C.ExperimentConfig, run: Path) -> dict[str, str]:
+    """{setting: its value when the run started} for the path settings a resume changed to a path that holds the
+    same files (``PATHS_FILE``'s fingerprint): weights copied to node-local disk, say. A run without the file (an
+    older one), or a path whose files differ, has none."""
+    from flowalign.io import path_fingerprint
+
+    try:
+        known = json.loads((run / PATHS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    moved = {}
+    for k, v in _path_settings(cfg).items():
+        was = known.get(k) if isinstance(known, dict) else None
+        if isinstance(was, dict) and was.get("value") != v and was.get("sha256") == path_fingerprint(v):
+            moved[k] = was["value"]
+    return moved
+
+
 def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
-    """Exact resume needs the run's own settings: refuse (one line) when a trajectory-deciding field changed."""
+    """Exact resume needs the run's own settings: refuse (one line) when a trajectory-deciding field changed. A
+    weights path may change when it holds the same files (``_moved_paths``)."""
     saved = run / "config.yaml"
     if not saved.is_file():
         return
@@ -247,6 +290,10 @@ def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
         old = _flat_config(C.load_config(str(saved)))
     except UserError as e:
         raise UserError(f"cannot resume {run}: its config.yaml is unreadable ({e})") from None
+    moved = _moved_paths(cfg, run)
+    for k, was in moved.items():  # compare as if unmoved; say so
+        logger.info("resume: %s moved (%r -> %r), the same files", k, was, _path_settings(cfg)[k])
+    cfg = _with_paths(cfg, moved)
     new = _flat_config(cfg)
     # the eta file's path may change (moved, or named from another directory) when its etas do not: those are checked
     # against the run's copy (_check_resume_eta); a run without the copy (an older one) keeps its path fixed
@@ -256,6 +303,23 @@ def _check_resume_config(cfg: C.ExperimentConfig, run: Path) -> None:
     if diff:
         raise UserError(f"cannot resume {run} with changed settings: {', '.join(diff)}; resume with the run's "
                         f"config ({saved}) or start a new output.run_dir")
+
+
+def _with_paths(cfg: C.ExperimentConfig, values: Mapping[str, str]) -> C.ExperimentConfig:
+    """``cfg`` with the path settings of ``values`` (``_path_settings`` names) set: a copy, for comparing."""
+    import dataclasses
+
+    if not values:
+        return cfg
+    model = cfg.model
+    if "model.path" in values:
+        model = dataclasses.replace(model, path=values["model.path"])
+    kwargs = {name: dict(kw) for name, kw in cfg.reward.kwargs.items()}
+    for key, v in values.items():
+        if key.startswith("reward.kwargs."):
+            name, arg = key[len("reward.kwargs."):].split(".", 1)
+            kwargs[name][arg] = v
+    return dataclasses.replace(cfg, model=model, reward=dataclasses.replace(cfg.reward, kwargs=kwargs))
 
 
 def _check_components(cfg: C.ExperimentConfig, check_device: bool = True) -> None:
@@ -436,7 +500,7 @@ def _check_resume_world(cfg: C.ExperimentConfig, ckpt: Path, world: int) -> None
 
 
 RUN_ENTRIES = frozenset({"config.yaml", "metrics.jsonl", "checkpoints", "eval", "grids", "plots", "tb", "report.html",
-                         "eta_file.json"})
+                         "eta_file.json", "paths.json"})
 """What a training run writes at the top of its directory: ``output.overwrite`` deletes only such a directory."""
 
 
@@ -676,6 +740,7 @@ def train(cfg: C.ExperimentConfig) -> Path:
                     shutil.rmtree(run / stale) if (run / stale).is_dir() else (run / stale).unlink()
         run.mkdir(parents=True, exist_ok=True)
         C.dump_yaml(cfg, run / "config.yaml")
+        _fingerprint_paths(cfg, run)  # a resume may then name the same weights at another path
         if eta_bytes is not None and (ckpt_dir is None or not (run / ETA_COPY).is_file()):
             atomic_write_bytes(run / ETA_COPY, eta_bytes)
         logger.info("\n%s", C.summary(cfg, world))

@@ -954,3 +954,37 @@ def test_describe_is_taken_between_the_config_and_its_overrides(capsys):
 
     assert main(["train", str(ROOT / "configs" / "shapes_grpo.yaml"), "--describe", "train.lr=3e-4"]) == 0
     assert "lr: 0.0003" in capsys.readouterr().out
+
+
+def test_a_resume_takes_moved_weights_that_hold_the_same_files_and_refuses_other_ones(tmp_path, caplog):
+    """Weights copied to node-local disk (or a reward checkpoint moved) changed model.path, and the resume was
+    refused as a changed setting. The run now keeps a fingerprint of each local weights path (paths.json: names,
+    sizes, first and last MiB): the same files at another path resume, with an INFO line, and end as an
+    uninterrupted run; other weights at the new path (one byte changed) are still refused."""
+    import logging
+
+    from flowalign.models.shapes import ShapesModel, _asset_dir
+    from flowalign.train import PATHS_FILE, train
+
+    first = tmp_path / "w1"
+    shutil.copytree(_asset_dir(ShapesModel.ASSET), first)
+    ref = train(_cfg(tmp_path / "ref", f"model.path={first}", "train.iterations=2"))
+    run = tmp_path / "run"
+    train(_cfg(run, f"model.path={first}", "train.iterations=1"))
+    assert json.loads((run / PATHS_FILE).read_text())["model.path"]["value"] == str(first)
+    other = tmp_path / "w3"
+    shutil.copytree(first, other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # another checkpoint of the same shape
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="model.path"):
+        train(_cfg(run, f"model.path={other}", "train.iterations=2", "output.resume=true"))
+    moved = tmp_path / "w2"
+    first.rename(moved)
+    with caplog.at_level(logging.INFO, logger="flowalign.train"):
+        train(_cfg(run, f"model.path={moved}", "train.iterations=2", "output.resume=true"))
+    assert "model.path moved" in caplog.text and "the same files" in caplog.text
+    assert _lora(run, 2).keys() == _lora(ref, 2).keys()
+    assert all(torch.equal(_lora(run, 2)[k], _lora(ref, 2)[k]) for k in _lora(ref, 2))  # exact, as uninterrupted
+    assert json.loads((run / PATHS_FILE).read_text())["model.path"]["value"] == str(moved)

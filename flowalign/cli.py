@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -32,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # commands that split their work over the processes of `accelerate launch` / torchrun
 MULTI_PROCESS = ("train", "eval")
 # commands that, launched so, would each do all of the work and write the same files at once
-SINGLE_PROCESS = ("sample", "steer", "pretrain", "calibrate", "bench")
+SINGLE_PROCESS = ("sample", "steer", "pretrain", "calibrate", "bench", "report", "compare", "import-scores")
 
 # what to tell a user who pressed Ctrl-C, after "interrupted" (commands that can pick up where they stopped)
 INTERRUPT_HINTS: dict[str, str] = {
@@ -84,22 +85,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet = logging.getLogger("transformers.utils.import_utils")
     if not any(isinstance(f, TorchvisionFallbackFilter) for f in quiet.filters):
         quiet.addFilter(TorchvisionFallbackFilter())
+    rank = os.environ.get("RANK", "0").strip() or "0"  # under a launcher: rank 0 speaks for all (the error is the same)
+    if rank != "0":  # the other ranks keep their warnings; their INFO lines repeated rank 0's
+        logging.getLogger("flowalign").setLevel(logging.WARNING)
     try:
-        from flowalign.dist import world_size_env
+        from flowalign.dist import world_size_env, die_with_launcher
 
         world = world_size_env()
+        die_with_launcher(world)
         if cmd in SINGLE_PROCESS and rest and world > 1 and not {"-h", "--help"} & set(rest):
             raise UserError(f"{cmd} runs in one process, but this is one of {world} (accelerate launch / torchrun "
                             f"sets WORLD_SIZE); run it without the launcher ({' and '.join(MULTI_PROCESS)} use several)")
         module = importlib.import_module(COMMANDS[cmd][0])
         return int(module.cli_main(rest) or 0)
     except UserError as err:
-        sys.stderr.write(f"flowalign {err.command or cmd}: error: {err}\n")
+        if rank == "0":
+            sys.stderr.write(f"flowalign {err.command or cmd}: error: {err}\n")
         return 2
     except KeyboardInterrupt as err:  # a command may raise it again with a hint of its own (train: its checkpoint)
         text = str(err) or INTERRUPT_HINTS.get(cmd, "")
         hint = f"; {text}" if text else ""
-        sys.stderr.write(f"\nflowalign {cmd}: interrupted{hint}\n")
+        if rank == "0":
+            sys.stderr.write(f"\nflowalign {cmd}: interrupted{hint}\n")
         return 130
 
 

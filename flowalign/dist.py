@@ -30,6 +30,28 @@ def world_size_env() -> int:
     return int(raw)
 
 
+def die_with_launcher(world: int) -> None:
+    """Under ``accelerate launch`` / torchrun (``world`` > 1, ``TORCHELASTIC_RUN_ID`` set), end this process when the
+    launcher's agent, its parent, dies (Linux ``PR_SET_PDEATHSIG``): a launcher killed with SIGKILL left its workers
+    training on, and a resume started then ran beside them in the same run directory, interleaving its metrics and
+    checkpoints. A no-op for one process (a run under nohup outlives its shell) and where prctl is unavailable."""
+    import signal
+    import sys
+
+    if world <= 1 or "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _timeout():
     """The process group's collective timeout: ``FLOWALIGN_DIST_TIMEOUT_MIN`` minutes (default 120; torch's own
     default, 10 or 30 min by backend, is shorter than one evaluation or checkpoint of a large model can take)."""

@@ -112,13 +112,15 @@ def sample_and_score(model: Any, records: Sequence[Mapping[str, Any]], reward_fn
         model.guidance_scale = float(guidance)
     sigmas = model.schedule(steps)  # [T+1]
     out: list[dict] = []
+    done_jobs = set(done_jobs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        skipped = sum(1 for n, job in enumerate(jobs) if n // batch_size in skip_batches or job in done_jobs)
-        bar = tqdm(total=len(jobs), initial=skipped, desc="eval", unit="img", dynamic_ncols=True)
-    done_jobs = set(done_jobs)
+        # this process's share: the batches of the other ranks of a launch (skip_batches) are not its progress
+        mine = [job for n, job in enumerate(jobs) if n // batch_size not in skip_batches]
+        bar = tqdm(total=len(mine), initial=sum(job in done_jobs for job in mine), unit="img", dynamic_ncols=True,
+                   desc="eval" if len(mine) == len(jobs) else f"eval (this process's {len(mine)} of {len(jobs)})")
     try:
         with torch.no_grad():
             for start in range(0, len(jobs), batch_size):

@@ -28,17 +28,32 @@ PathLike = Union[str, "os.PathLike[str]"]
 _UMASK: int | None = None
 
 
+def _umask() -> int:
+    """The process's umask (read once: reading it means setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return _UMASK
+
+
 def _new_file_mode(path: Path) -> int:
     """Mode for the replacement file: the existing file's, else what open() would give (0o666 & ~umask)."""
-    global _UMASK
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
         pass
-    if _UMASK is None:
-        _UMASK = os.umask(0)
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
+    return 0o666 & ~_umask()
+
+
+def new_file_mode() -> int:
+    """What ``open`` would give a new file: 0o666 & ~umask (``tempfile.mkstemp`` gives 0o600)."""
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """What ``mkdir`` would give a new directory: 0o777 & ~umask (``tempfile.mkdtemp`` gives 0o700)."""
+    return 0o777 & ~_umask()
 
 
 def _tmp_path(path: Path) -> Path:
@@ -145,6 +160,10 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:  # mkdtemp makes 0700: a checkpoint gets what mkdir would give (others on a shared machine may read it)
+        os.chmod(tmp, new_dir_mode())
+    except OSError:  # pragma: no cover - Windows
+        pass
     try:
         yield tmp
     except BaseException:

@@ -950,6 +950,21 @@ def _saved_train_config(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) and isinstance(saved.get("train"), dict) else None
 
 
+def _run_world_size(run_dir: Path, records: Sequence[dict]) -> int:
+    """How many processes trained the run, for its batch layout (groups and transitions per rank): the last
+    ``dist/world_size`` of metrics.jsonl, else the newest checkpoint's ``meta.json``, else 1."""
+    sizes = [r["dist/world_size"] for r in records if isinstance(r.get("dist/world_size"), int)]
+    if sizes:
+        return max(1, sizes[-1])
+    from flowalign.models.lora import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    try:
+        return max(1, int(json.loads((ckpt / "meta.json").read_text())["world_size"])) if ckpt is not None else 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
 def _unfinished_training(run_dir: Path, records: Sequence[dict], has_final: bool) -> str:
     """For a training run that stopped before its end (killed, preempted, or still running): at which iteration of
     how many, and the command that continues it (README: ``output.resume=true``); '' for a finished run."""
@@ -1196,7 +1211,7 @@ def write_report(run_dir: str | Path, *, inline_images: bool = True, make_plots:
         try:
             from flowalign.config import load_config, summary
 
-            parts.append(f"<pre>{html.escape(summary(load_config(cfg_path)))}</pre>")
+            parts.append(f"<pre>{html.escape(summary(load_config(cfg_path), _run_world_size(run_dir, records)))}</pre>")
         except UserError as err:
             parts.append(f'<p class="muted">config.yaml does not load with this version ({html.escape(str(err))}); raw file below.</p>')
         parts.append(f"<details><summary>config.yaml</summary><pre>{html.escape(raw)}</pre></details>")

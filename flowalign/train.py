@@ -956,9 +956,16 @@ def train(cfg: C.ExperimentConfig) -> Path:
         barrier()
 
     if world > 1:  # DDP sanity: every rank must hold the same weights
+        import torch.distributed as dist
+
         flat = torch.cat([p.detach().reshape(-1).float() for p in params])
-        spread = reduce_mean((flat - reduce_mean(flat.clone())).abs().max().reshape(1)).item()
-        logger.info("max |weight difference| across %d ranks: %.3g", world, spread)
+        first = flat.clone()
+        dist.broadcast(first, src=0)  # rank 0's weights; the largest difference of any rank's from them
+        spread_t = (flat - first).abs().max().reshape(1)
+        dist.all_reduce(spread_t, op=dist.ReduceOp.MAX)
+        spread = spread_t.item()
+        if rank == 0:
+            logger.info("max |weight difference| across %d ranks: %.3g", world, spread)
         if rank == 0:
             append_jsonl(run / "metrics.jsonl", {"iteration": cfg.train.iterations, "dist/world_size": world,
                                                   "dist/max_weight_diff": spread})

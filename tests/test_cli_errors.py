@@ -988,3 +988,25 @@ def test_a_second_lora_or_a_repeated_model_arg_is_refused_not_silently_dropped(t
                     *(["--rewards", "pickscore", "--prompts", "parti"] if cmd == "eval" else [])],
            "takes --model-arg height=N --model-arg width=N")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_under_a_launcher_only_rank_0_prints_the_error_line(capsys, monkeypatch):
+    """Every rank printed the same one-line error (and Ctrl-C hint) under accelerate launch: the line came N times.
+    Rank 0 speaks for all (the ranks share one verdict); every rank still exits 2. report and compare, which would
+    each write the same files N times at once, are refused under a launcher as sample and steer are."""
+    import logging
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    flowalign_logger = logging.getLogger("flowalign")
+    before = flowalign_logger.level
+    try:
+        assert main(["report", "/nonexistent"]) == 2
+        assert capsys.readouterr().err == "" and flowalign_logger.level == logging.WARNING  # its INFO lines quiet
+    finally:
+        flowalign_logger.setLevel(before)  # setLevel: also clears the loggers' cached levels
+    monkeypatch.setenv("RANK", "0")
+    for cmd in (["report", "/nonexistent"], ["compare", "a", "b", "--out", "c"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{cmd[0]} runs in one process, but this is one of 2" in err[0], err

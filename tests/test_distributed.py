@@ -106,7 +106,8 @@ def _launch_eval(tmp_path, *args):
                     reason="accelerate CLI not installed")
 def test_two_process_eval_shards_the_batches_and_equals_one_process(tmp_path):
     """Each rank samples every other batch; rank 0 gathers and writes: results, summary and grid are byte for byte
-    those of one process (the batches, hence the images, are the same). Errors are one line on every rank, no hang."""
+    those of one process (the batches, hence the images, are the same). An error is one line, printed once (by rank
+    0: every rank stops with the same verdict), no hang."""
     from flowalign.cli import main
 
     args = ["--max-prompts", "12", "--seeds", "2", "--steps", "2", "--batch-size", "5"]
@@ -117,9 +118,9 @@ def test_two_process_eval_shards_the_batches_and_equals_one_process(tmp_path):
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     assert (tmp_path / "two" / "report.html").is_file() and not (tmp_path / "two" / "results.partial.jsonl").exists()
     r = _launch_eval(tmp_path, *args, "--out", str(tmp_path / "two"))  # not empty: refused on both ranks
-    assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 2 and "not empty" in r.stderr
+    assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 1 and "not empty" in r.stderr
     r = _launch_eval(tmp_path, *args, "--resume", "--out", str(tmp_path / "two"))  # finished: nothing to resume
-    assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 2, r.stderr[-2000:]
+    assert r.returncode != 0 and r.stderr.count("flowalign eval: error: ") == 1, r.stderr[-2000:]
 
 
 def _kill_all(needle: str) -> None:
@@ -232,3 +233,43 @@ def test_once_on_rank0_in_one_process_is_the_call_itself():
         once_on_rank0(bad, 0, 1)
     with pytest.raises(OSError):  # any other error of the call, as it is
         once_on_rank0(lambda: (_ for _ in ()).throw(OSError("disk")), 0, 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_ends_when_its_launcher_is_killed(tmp_path):
+    """A launcher killed with SIGKILL left its workers training (reparented to init), and a resume started then ran
+    beside them in the same run directory. A worker of a launch (WORLD_SIZE > 1, TORCHELASTIC_RUN_ID set) now asks
+    the kernel for SIGTERM when its parent dies; a lone process (nohup) is left alone."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    worker = ("import os, time; from flowalign.dist import die_with_launcher; die_with_launcher(int(os.environ["
+              f"'WORLD_SIZE'])); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:  # a zombie (reaped by init soon) counts as ended
+                return fh.read().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    for world, launched in (("2", True), ("1", False)):
+        pid_file.unlink(missing_ok=True)
+        env = {**os.environ, "WORLD_SIZE": world, "TORCHELASTIC_RUN_ID": "x"}
+        launcher = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                                     f"'-c', {worker!r}]); time.sleep(60)"], env=env)
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        for _ in range(100):
+            if not alive(pid):
+                break
+            time.sleep(0.05)
+        assert alive(pid) is not launched, (world, launched)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)

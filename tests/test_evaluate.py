@@ -701,3 +701,33 @@ def test_each_image_starts_from_the_noise_of_its_own_image_seed():
     alone = model.decode(sample(model.velocity, x, model.schedule(2), model.encode([records[i]["prompt"]]), eta=0.0,
                                 kernel="euler", cond_index=torch.tensor([0])).final)  # [1, 3, H, W]
     assert torch.allclose(alone[0], seen[(i, k)], atol=1e-5)
+
+
+def test_the_progress_bar_counts_this_processs_share(monkeypatch):
+    """Under a 2-process launch rank 0's bar started at 50 %: the other rank's batches counted as done. It now
+    counts this process's images only (and a resume's finished ones among them)."""
+    import tqdm.auto
+
+    from flowalign.evaluate import sample_and_score
+    from flowalign.models import load_model
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            bars.append(kw)
+            self.n = kw["initial"]
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            bars[-1]["end"] = self.n
+
+    model = load_model("shapes", "")  # before the patch: the hub client's imports subclass tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    recs = [{"prompt": "a red circle"}, {"prompt": "a blue square"}]
+    sample_and_score(model, recs, {}, steps=1, seeds_per_prompt=2, batch_size=1, progress=True,
+                     skip_batches={1, 3}, done_jobs={(0, 0)})
+    assert bars[-1]["total"] == 2 and bars[-1]["initial"] == 1 and bars[-1]["end"] == 2  # jobs (0,0) and (1,0)
+    assert "of 4" in bars[-1]["desc"]

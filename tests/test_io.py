@@ -230,3 +230,31 @@ def test_a_journal_resumed_at_another_batch_size_regroups_its_records_and_merges
     assert {b: [r["job"] for r in recs] for b, (recs, _) in third.done.items()} == {1: [3, 4, 5], 2: [6, 7, 8]}
     with pytest.raises(UserError, match="batch_size 3 -> 4"):  # without rebatch the size is a setting like any other
         BatchJournal(path, {"steps": 2, "batch_size": 4}, resume=True)
+
+
+def test_a_checkpoint_directory_and_its_lora_get_the_modes_mkdir_and_open_would_give(tmp_path, monkeypatch):
+    """mkdtemp and mkstemp make 0700 directories and 0600 files: checkpoints/step-N and its LoRA were unreadable to
+    other users of a shared machine whatever the umask. They now get 0o777 / 0o666 less the umask."""
+    import torch
+
+    import flowalign.io as IO
+    from flowalign.io import atomic_dir
+    from flowalign.models.lora import WEIGHT_NAME, save_lora
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = torch.nn.Linear(4, 4)
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    module = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]), Tiny())
+    old = os.umask(0o027)
+    monkeypatch.setattr(IO, "_UMASK", None)
+    try:
+        with atomic_dir(tmp_path / "step-1") as tmp:
+            save_lora(module, tmp)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "step-1").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "step-1" / WEIGHT_NAME).stat().st_mode & 0o777 == 0o640

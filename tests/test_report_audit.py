@@ -274,3 +274,16 @@ def test_pass_at_k_without_tasks_has_no_all_row_and_settings_read_plainly(tmp_pa
     line = re.search(r"evaluation settings: ([^<]*)</p>", page).group(1)
     assert "resolution=32×32" in line and "rewards=r," in line and "path=none" in line
     assert not re.search(r"[{}\[\]]|None", line)
+
+
+def test_the_configuration_of_a_multi_process_run_shows_its_own_batch_layout(tmp_path):
+    """A 2-process run's report said '2 groups/rank on 1 rank(s)' (the summary at world size 1), where the run
+    itself printed '1 groups/rank on 2 rank(s)': the world size now comes from metrics.jsonl or a checkpoint."""
+    run = _training_run(tmp_path / "run", "train.iterations=1", "train.groups_per_iter=2")
+    _metrics(run, [{"iteration": 1, "reward/r": 0.5}, {"iteration": 1, "dist/world_size": 2}])
+    page = write_report(run, make_plots=False).read_text()
+    assert "1 groups/rank on 2 rank(s)" in page and "on 1 rank(s)" not in page
+    run1 = _training_run(tmp_path / "one", "train.iterations=1", "train.groups_per_iter=2")
+    (run1 / "checkpoints" / "step-1").mkdir(parents=True)
+    (run1 / "checkpoints" / "step-1" / "meta.json").write_text('{"iteration": 1, "world_size": 2}')
+    assert "1 groups/rank on 2 rank(s)" in write_report(run1, make_plots=False).read_text()

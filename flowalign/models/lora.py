@@ -172,8 +172,11 @@ def save_lora(module: nn.Module, directory, *, adapter_name: str = "default", pr
         metadata[FAMILY_KEY] = str(family)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
+    from flowalign.io import new_file_mode
+
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; a LoRA is meant to be shared (others may read it)
         os.replace(tmp, directory / WEIGHT_NAME)
     finally:
         if os.path.exists(tmp):
